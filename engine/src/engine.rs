@@ -1,0 +1,792 @@
+//! The engine handle: starts the shard actors and offers every operation as an async call.
+//!
+//! A request's path: stateless checks (decode, keyed-hash verification, batched across cores)
+//! on the caller's side, then the owning shard's checks and state change, then the provider
+//! adapter, then the shard again to record the outcome, then the user's notice stream.
+
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::dev::SendError;
+use actix::{Actor, Addr, Arbiter, System};
+use futures::future::join_all;
+use rustc_hash::FxHasher;
+use settlegate_adapters::{
+    AdapterError, AuthorizationRequest, DeclineReason, Guarded, ProviderReply,
+};
+use tokio::sync::{broadcast, oneshot};
+use tokio::time::Instant;
+
+use crate::clock::{Clock, SystemClock};
+use crate::config::EngineConfig;
+use crate::error::EngineError;
+use crate::keys::{DeviceIndex, DeviceKey, Verified};
+use crate::limits::{BATCH_SIZE_MAX, VERIFY_PARALLEL_MIN};
+use crate::means::MeansInput;
+use crate::notices::{Notice, Notices};
+use crate::password::PasswordHasher;
+use crate::providers::{Provider, Registry, TerminalConfirmation, TerminalEntry};
+use crate::shard::state::{Dispatch, MeansView, Shared, StateConfig};
+use crate::shard::{Batch, Command, Envelope, Op, Query, Reply, Shard, ShardState, Sizes};
+use crate::types::{Approval, AuthOutcome, ClientRequestId, Idm, ReasonCode, UserKey};
+use crate::vault::Vault;
+
+/// A settlement request: the signed inherent ID exactly as the user terminal built it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthorizeRequest {
+    /// Makes retries safe: the same ID and bytes always get the first outcome.
+    pub client_request_id: ClientRequestId,
+    /// The signed inherent ID (see [`crate::InherentId`]).
+    pub inherent_id: Vec<u8>,
+}
+
+/// Enrollment of a new user with their first device (G1).
+#[derive(Clone)]
+pub struct EnrollRequest {
+    /// Idempotency key.
+    pub client_request_id: ClientRequestId,
+    /// The user.
+    pub user: UserKey,
+    /// The password; hashed with Argon2id, never stored or logged in the clear.
+    pub password: String,
+    /// The card IDm of the user's terminal.
+    pub card_idm: Idm,
+}
+
+impl std::fmt::Debug for EnrollRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrollRequest")
+            .field("client_request_id", &self.client_request_id)
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .field("card_idm", &hex::encode(self.card_idm))
+            .finish()
+    }
+}
+
+/// A device key handed out at provisioning or rotation. Give it to the device, then drop it.
+#[derive(Debug, Clone)]
+pub struct DeviceCredential {
+    /// The device.
+    pub card_idm: Idm,
+    /// Version to put in inherent IDs signed with this key.
+    pub key_version: u16,
+    /// The key.
+    pub device_key: DeviceKey,
+}
+
+/// A registered means.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeansAdded {
+    /// The new means' ID within the user.
+    pub means_id: u32,
+    /// Last four digits of its card or account number, if it has one.
+    pub last4: Option<String>,
+}
+
+/// The order of a means listing (C1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MeansOrder {
+    /// Oldest registration first.
+    #[default]
+    Registration,
+    /// Most used first.
+    Frequency,
+    /// Most recently used first; never-used last.
+    Recency,
+}
+
+struct ActorRuntime {
+    system: System,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+struct Inner {
+    shards: Vec<Addr<Shard>>,
+    shared: Shared,
+    notices: Notices,
+    clock: Arc<dyn Clock>,
+    hasher: PasswordHasher,
+    /// A PHC string verified against when the user is unknown, so a login for an unknown
+    /// user takes as long as one for a known user (no user enumeration by timing).
+    dummy_phc: String,
+    config: EngineConfig,
+    runtime: Mutex<Option<ActorRuntime>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        stop_runtime(&self.runtime);
+    }
+}
+
+fn stop_runtime(runtime: &Mutex<Option<ActorRuntime>>) {
+    let taken = runtime.lock().map(|mut guard| guard.take());
+    if let Ok(Some(mut runtime)) = taken {
+        runtime.system.stop();
+        if let Some(thread) = runtime.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The embeddable engine. Cheap to clone; all clones share one set of shards.
+///
+/// Its async methods need a Tokio runtime (timers bound provider calls; password hashing runs
+/// on Tokio's blocking pool). The shard actors run on their own threads.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl Engine {
+    /// Starts an engine on the system clock.
+    pub fn start(config: EngineConfig) -> Result<Engine, EngineError> {
+        Engine::start_with_clock(config, Arc::new(SystemClock))
+    }
+
+    /// Starts an engine reading time from `clock`.
+    pub fn start_with_clock(
+        config: EngineConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Engine, EngineError> {
+        config.validate().map_err(EngineError::Config)?;
+        let vault_key = match config.vault_key().map_err(EngineError::Config)? {
+            Some(key) => key,
+            None => {
+                tracing::warn!(
+                    "no vault key configured: using an ephemeral key; sealed card numbers \
+                     will not survive a restart (set SETTLEGATE_VAULT_KEY)"
+                );
+                *DeviceKey::random().expose()
+            }
+        };
+        let hasher = PasswordHasher::new(config.password).map_err(EngineError::Config)?;
+        let registry = Arc::new(build_registry(&config)?);
+        let shared = Shared {
+            devices: Arc::new(DeviceIndex::default()),
+            vault: Arc::new(Vault::new(&vault_key)),
+            registry,
+        };
+        let state_config = StateConfig {
+            timestamp_window_ms: config.timestamp_window_ms,
+            key_grace_ms: config.key_grace_ms,
+            login_failures_max: config.login_failures_max,
+            lockout_ms: config.lockout_ms,
+            idempotency_ttl_ms: config.idempotency_ttl_ms,
+            idempotency_records_max: config.idempotency_records_max,
+        };
+        let (shards, runtime) = start_shards(&config, &shared, state_config)?;
+        let dummy_phc = hasher.hash("settlegate-timing-equalizer");
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                shards,
+                shared,
+                notices: Notices::default(),
+                clock,
+                hasher,
+                dummy_phc,
+                config,
+                runtime: Mutex::new(Some(runtime)),
+            }),
+        })
+    }
+
+    /// Stops the shard actors. Requests after this fail with [`EngineError::Stopped`].
+    pub fn shutdown(&self) {
+        stop_runtime(&self.inner.runtime);
+    }
+
+    /// Number of shards.
+    pub fn shard_count(&self) -> usize {
+        self.inner.shards.len()
+    }
+
+    /// The config in force.
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    /// The providers.
+    pub fn registry(&self) -> &Registry {
+        &self.inner.shared.registry
+    }
+
+    /// The card vault (for adapters that must detokenize).
+    pub fn vault(&self) -> &Arc<Vault> {
+        &self.inner.shared.vault
+    }
+
+    /// The engine's clock reading.
+    pub fn now_ms(&self) -> i64 {
+        self.inner.clock.now_ms()
+    }
+
+    // ---- G1: accounts -------------------------------------------------------------------
+
+    /// Enrolls a user with a password and their first device; returns the device key.
+    pub async fn enroll(&self, request: EnrollRequest) -> Result<DeviceCredential, EngineError> {
+        PasswordHasher::policy_check(&request.password).map_err(EngineError::Refused)?;
+        let hasher = self.inner.hasher.clone();
+        let password = zeroize::Zeroizing::new(request.password);
+        let password_phc = tokio::task::spawn_blocking(move || hasher.hash(&password))
+            .await
+            .map_err(|_| EngineError::Stopped)?;
+        let digest = digest_of(&("enroll", &request.user, request.card_idm));
+        let command = Command::Enroll {
+            user: request.user.clone(),
+            password_phc,
+            idm: request.card_idm,
+            key: DeviceKey::random(),
+        };
+        let reply = self
+            .apply_for_user(&request.user, Some(request.client_request_id), digest, command)
+            .await?;
+        credential_from(reply, request.card_idm)
+    }
+
+    /// Provisions another device for a user, after checking their password.
+    pub async fn provision_device(
+        &self,
+        client_request_id: ClientRequestId,
+        user: &UserKey,
+        password: &str,
+        card_idm: Idm,
+    ) -> Result<DeviceCredential, EngineError> {
+        self.login(user, password).await?;
+        let digest = digest_of(&("provision", user, card_idm));
+        let command = Command::ProvisionDevice {
+            user: user.clone(),
+            idm: card_idm,
+            key: DeviceKey::random(),
+        };
+        let reply = self.apply_for_user(user, Some(client_request_id), digest, command).await?;
+        credential_from(reply, card_idm)
+    }
+
+    /// Replaces a device's key. The previous key stays valid for `key_grace_ms`.
+    pub async fn rotate_device_key(
+        &self,
+        client_request_id: ClientRequestId,
+        user: &UserKey,
+        card_idm: Idm,
+    ) -> Result<DeviceCredential, EngineError> {
+        let digest = digest_of(&("rotate", user, card_idm));
+        let command = Command::RotateDeviceKey {
+            user: user.clone(),
+            idm: card_idm,
+            key: DeviceKey::random(),
+        };
+        let reply = self.apply_for_user(user, Some(client_request_id), digest, command).await?;
+        credential_from(reply, card_idm)
+    }
+
+    /// Checks a password. Too many consecutive failures lock the account for `lockout_ms`.
+    pub async fn login(&self, user: &UserKey, password: &str) -> Result<(), EngineError> {
+        let now_ms = self.now_ms();
+        let query = Query::Credentials { user: user.clone(), now_ms };
+        let (phc, known) = match self.query_for_user(user, query).await? {
+            Reply::Credentials { password_phc } => (password_phc, true),
+            Reply::Refused(ReasonCode::UnknownUser) => (self.inner.dummy_phc.clone(), false),
+            other => return Err(unexpected(other)),
+        };
+        let hasher = self.inner.hasher.clone();
+        let password = zeroize::Zeroizing::new(password.to_owned());
+        let success = tokio::task::spawn_blocking(move || hasher.verify(&password, &phc))
+            .await
+            .map_err(|_| EngineError::Stopped)?;
+        if !known {
+            return Err(EngineError::Refused(ReasonCode::UnknownUser));
+        }
+        let command = Command::LoginAttempt { user: user.clone(), success };
+        match self.apply_for_user(user, None, 0, command).await? {
+            Reply::Ok => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Registers a settlement means; a card or account number goes to the vault.
+    pub async fn add_means(
+        &self,
+        client_request_id: ClientRequestId,
+        user: &UserKey,
+        means: &MeansInput,
+        make_default: bool,
+    ) -> Result<MeansAdded, EngineError> {
+        let prepared = means.prepare(&self.inner.shared.vault).map_err(EngineError::Refused)?;
+        let digest = digest_of(&("means", user, means.public_parts(), make_default));
+        let command = Command::AddMeans { user: user.clone(), means: prepared, make_default };
+        match self.apply_for_user(user, Some(client_request_id), digest, command).await? {
+            Reply::MeansAdded { means_id, last4 } => Ok(MeansAdded {
+                means_id,
+                last4: last4.map(|l| String::from_utf8_lossy(&l).into_owned()),
+            }),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Makes a registered means the user's default.
+    pub async fn set_default_means(
+        &self,
+        client_request_id: ClientRequestId,
+        user: &UserKey,
+        means_id: u32,
+    ) -> Result<(), EngineError> {
+        let digest = digest_of(&("default", user, means_id));
+        let command = Command::SetDefaultMeans { user: user.clone(), means_id };
+        match self.apply_for_user(user, Some(client_request_id), digest, command).await? {
+            Reply::Ok => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The user's registered means, in the asked order.
+    pub async fn list_means(
+        &self,
+        user: &UserKey,
+        order: MeansOrder,
+    ) -> Result<Vec<MeansView>, EngineError> {
+        let query = Query::Means { user: user.clone() };
+        let mut means = match self.query_for_user(user, query).await? {
+            Reply::Means(means) => means,
+            other => return Err(unexpected(other)),
+        };
+        match order {
+            MeansOrder::Registration => {}
+            MeansOrder::Frequency => {
+                means.sort_by(|a, b| b.uses.cmp(&a.uses).then(a.means_id.cmp(&b.means_id)))
+            }
+            MeansOrder::Recency => means.sort_by(|a, b| {
+                b.last_used_ms.cmp(&a.last_used_ms).then(a.means_id.cmp(&b.means_id))
+            }),
+        }
+        Ok(means)
+    }
+
+    /// Subscribes to the user's completion notices.
+    pub fn subscribe(&self, user: &UserKey) -> broadcast::Receiver<Notice> {
+        self.inner.notices.subscribe(user)
+    }
+
+    // ---- G2: providers ------------------------------------------------------------------
+
+    /// Lists terminals (with their services) for a provider; the whole request or nothing.
+    pub async fn register_terminals(
+        &self,
+        client_request_id: ClientRequestId,
+        provider_code: u32,
+        terminals: Vec<TerminalEntry>,
+    ) -> Result<(), EngineError> {
+        let digest = digest_of(&("terminals", provider_code, format!("{terminals:?}")));
+        let command = Command::RegisterTerminals { provider_code, terminals };
+        let reply = self
+            .apply_for_provider(provider_code, Some(client_request_id), digest, command)
+            .await?;
+        match reply {
+            Reply::Ok => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Removes terminals from a provider's list.
+    pub async fn remove_terminals(
+        &self,
+        client_request_id: ClientRequestId,
+        provider_code: u32,
+        terminal_ids: Vec<String>,
+    ) -> Result<(), EngineError> {
+        let digest = digest_of(&("remove-terminals", provider_code, &terminal_ids));
+        let command = Command::RemoveTerminals { provider_code, terminal_ids };
+        let reply = self
+            .apply_for_provider(provider_code, Some(client_request_id), digest, command)
+            .await?;
+        match reply {
+            Reply::Ok => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Seed steps S38–S39: is this terminal on the provider's list, and with which service?
+    pub fn confirm_terminal(
+        &self,
+        provider_code: u32,
+        terminal_id: &str,
+    ) -> Result<TerminalConfirmation, EngineError> {
+        let provider = self
+            .registry()
+            .provider(provider_code)
+            .ok_or(EngineError::Refused(ReasonCode::UnknownProvider))?;
+        Ok(provider.confirm(terminal_id, self.now_ms()))
+    }
+
+    // ---- G3: settlement -----------------------------------------------------------------
+
+    /// Authorizes one settlement.
+    pub async fn authorize(&self, request: AuthorizeRequest) -> Result<AuthOutcome, EngineError> {
+        let mut results = self.authorize_batch(vec![request]).await;
+        results.pop().expect("one result per request")
+    }
+
+    /// Authorizes a batch: tags are verified together (across cores when the batch is large),
+    /// each shard receives its part in one message, and providers are called concurrently.
+    /// Results come back in request order.
+    pub async fn authorize_batch(
+        &self,
+        requests: Vec<AuthorizeRequest>,
+    ) -> Vec<Result<AuthOutcome, EngineError>> {
+        let count = requests.len();
+        if count > BATCH_SIZE_MAX {
+            let error = EngineError::BatchTooLarge { len: count, max: BATCH_SIZE_MAX };
+            return vec![Err(error); count];
+        }
+        let now_ms = self.now_ms();
+        let deadline =
+            Instant::now() + Duration::from_millis(self.inner.config.request_deadline_ms);
+        let (ids, verified) = self.verify_batch(requests, now_ms).await;
+        let mut results: Vec<Option<Result<AuthOutcome, EngineError>>> = vec![None; count];
+        let mut per_shard: Vec<(Vec<usize>, Vec<Op>)> =
+            (0..self.shard_count()).map(|_| Default::default()).collect();
+        for (index, (client_request_id, verified)) in ids.into_iter().zip(verified).enumerate() {
+            match verified {
+                Err(reason) => results[index] = Some(Ok(AuthOutcome::Declined(reason))),
+                Ok(verified) => {
+                    let owner_hash = user_hash(&verified.record.user);
+                    let digest = u64::from_be_bytes(verified.digest[..8].try_into().expect("8"));
+                    let shard = self.shard_of(owner_hash);
+                    per_shard[shard].0.push(index);
+                    per_shard[shard].1.push(Op::Apply(Envelope {
+                        owner_hash,
+                        client_request_id: Some(client_request_id),
+                        digest,
+                        now_ms,
+                        command: Command::AuthReserve { verified },
+                    }));
+                }
+            }
+        }
+        let dispatches = self.reserve(per_shard, &mut results).await;
+        self.dispatch_all(dispatches, deadline, &mut results).await;
+        results.into_iter().map(|r| r.expect("every request has a result")).collect()
+    }
+
+    async fn verify_batch(
+        &self,
+        requests: Vec<AuthorizeRequest>,
+        now_ms: i64,
+    ) -> (Vec<ClientRequestId>, Vec<Result<Verified, ReasonCode>>) {
+        let (ids, records): (Vec<_>, Vec<_>) =
+            requests.into_iter().map(|r| (r.client_request_id, r.inherent_id)).unzip();
+        if records.len() < VERIFY_PARALLEL_MIN {
+            return (ids, self.inner.shared.devices.verify_batch(&records, now_ms));
+        }
+        // Keyed hashing is CPU work: keep it off the async executor, on the rayon pool.
+        let devices = Arc::clone(&self.inner.shared.devices);
+        let (tx, rx) = oneshot::channel();
+        rayon::spawn(move || {
+            let _ = tx.send(devices.verify_batch(&records, now_ms));
+        });
+        let verified = rx.await.expect("rayon verification task finished");
+        (ids, verified)
+    }
+
+    /// Sends each shard its reservations and collects declines and work for providers.
+    async fn reserve(
+        &self,
+        per_shard: Vec<(Vec<usize>, Vec<Op>)>,
+        results: &mut [Option<Result<AuthOutcome, EngineError>>],
+    ) -> Vec<(usize, Box<Dispatch>)> {
+        let mut pending = Vec::new();
+        for (shard, (indices, ops)) in per_shard.into_iter().enumerate() {
+            if ops.is_empty() {
+                continue;
+            }
+            match self.submit(shard, ops) {
+                Ok(receiver) => pending.push((indices, receiver)),
+                Err(error) => indices.iter().for_each(|&i| results[i] = Some(Err(error.clone()))),
+            }
+        }
+        let mut dispatches = Vec::new();
+        for (indices, receiver) in pending {
+            let Ok(replies) = receiver.await else {
+                indices.iter().for_each(|&i| results[i] = Some(Err(EngineError::Stopped)));
+                continue;
+            };
+            for (index, reply) in indices.into_iter().zip(replies) {
+                results[index] = Some(match reply {
+                    Reply::Dispatch(dispatch) => {
+                        dispatches.push((index, dispatch));
+                        continue;
+                    }
+                    Reply::Auth(outcome) => Ok(outcome),
+                    Reply::InFlight => Err(EngineError::InFlight),
+                    Reply::Refused(reason) => Ok(AuthOutcome::Declined(reason)),
+                    other => Err(unexpected(other)),
+                });
+            }
+        }
+        dispatches
+    }
+
+    /// Calls the providers, records every outcome in its shard, then publishes notices.
+    async fn dispatch_all(
+        &self,
+        dispatches: Vec<(usize, Box<Dispatch>)>,
+        deadline: Instant,
+        results: &mut [Option<Result<AuthOutcome, EngineError>>],
+    ) {
+        if dispatches.is_empty() {
+            return;
+        }
+        let outcomes =
+            join_all(dispatches.iter().map(|(_, d)| self.call_provider(d, deadline))).await;
+        let now_ms = self.now_ms();
+        let mut completions: Vec<Vec<Op>> = (0..self.shard_count()).map(|_| Vec::new()).collect();
+        for ((_, dispatch), outcome) in dispatches.iter().zip(&outcomes) {
+            completions[self.shard_of(dispatch.key.0)].push(Op::Apply(Envelope {
+                owner_hash: dispatch.key.0,
+                client_request_id: None,
+                digest: 0,
+                now_ms,
+                command: Command::AuthComplete {
+                    key: dispatch.key,
+                    user: dispatch.user.clone(),
+                    means_id: dispatch.means_id,
+                    outcome: *outcome,
+                },
+            }));
+        }
+        // Completions are never refused as busy: dropping one would lose an outcome.
+        let receivers: Vec<_> = completions
+            .into_iter()
+            .enumerate()
+            .filter(|(_, ops)| !ops.is_empty())
+            .map(|(shard, ops)| self.submit_always(shard, ops))
+            .collect();
+        let recorded = join_all(receivers).await.iter().all(Result::is_ok);
+        for ((index, dispatch), outcome) in dispatches.into_iter().zip(outcomes) {
+            results[index] = Some(if recorded { Ok(outcome) } else { Err(EngineError::Stopped) });
+            self.inner.notices.publish(Notice {
+                user: dispatch.user,
+                client_request_id: dispatch.key.1,
+                terminal_id: dispatch.terminal_id,
+                outcome,
+                at_ms: now_ms,
+            });
+        }
+    }
+
+    async fn call_provider(&self, dispatch: &Dispatch, deadline: Instant) -> AuthOutcome {
+        let provider = self
+            .registry()
+            .provider(dispatch.provider_code)
+            .expect("shard checked the provider; the provider set is fixed");
+        let amount_final_minor = dispatch.amount_requested_minor - dispatch.discount_minor;
+        let request = AuthorizationRequest {
+            dispatch_id: dispatch.dispatch_id,
+            provider_code: dispatch.provider_code,
+            means: dispatch.means,
+            card_token: dispatch.card_token,
+            terminal_id: dispatch.terminal_id.clone(),
+            amount_minor: amount_final_minor,
+            currency: dispatch.currency,
+        };
+        match provider.adapter.authorize(request, deadline).await {
+            Ok(ProviderReply::Approved { auth_code }) => AuthOutcome::Approved(Approval {
+                auth_code,
+                provider_code: dispatch.provider_code,
+                amount_requested_minor: dispatch.amount_requested_minor,
+                discount_minor: dispatch.discount_minor,
+                amount_final_minor,
+                currency: dispatch.currency,
+            }),
+            Ok(ProviderReply::Declined { reason }) => AuthOutcome::Declined(decline_reason(reason)),
+            Err(AdapterError::Timeout) => AuthOutcome::Declined(ReasonCode::ProviderTimeout),
+            Err(_) => AuthOutcome::Declined(ReasonCode::ProviderUnavailable),
+        }
+    }
+
+    // ---- routing ------------------------------------------------------------------------
+
+    fn shard_of(&self, owner_hash: u64) -> usize {
+        // Multiply-shift: uses the hash's high bits, which FxHash mixes best.
+        ((owner_hash as u128 * self.inner.shards.len() as u128) >> 64) as usize
+    }
+
+    fn submit(
+        &self,
+        shard: usize,
+        ops: Vec<Op>,
+    ) -> Result<oneshot::Receiver<Vec<Reply>>, EngineError> {
+        let (reply, receiver) = oneshot::channel();
+        match self.inner.shards[shard].try_send(Batch { ops, reply }) {
+            Ok(()) => Ok(receiver),
+            Err(SendError::Full(_)) => {
+                Err(EngineError::Busy { retry_after_ms: self.inner.config.busy_retry_after_ms })
+            }
+            Err(SendError::Closed(_)) => Err(EngineError::Stopped),
+        }
+    }
+
+    fn submit_always(&self, shard: usize, ops: Vec<Op>) -> oneshot::Receiver<Vec<Reply>> {
+        let (reply, receiver) = oneshot::channel();
+        self.inner.shards[shard].do_send(Batch { ops, reply });
+        receiver
+    }
+
+    async fn call(&self, shard: usize, op: Op) -> Result<Reply, EngineError> {
+        let receiver = self.submit(shard, vec![op])?;
+        let mut replies = receiver.await.map_err(|_| EngineError::Stopped)?;
+        let reply = replies.pop().expect("one reply per op");
+        match reply {
+            Reply::InFlight => Err(EngineError::InFlight),
+            Reply::Refused(reason) => Err(EngineError::Refused(reason)),
+            reply => Ok(reply),
+        }
+    }
+
+    async fn apply_for_user(
+        &self,
+        user: &UserKey,
+        client_request_id: Option<ClientRequestId>,
+        digest: u64,
+        command: Command,
+    ) -> Result<Reply, EngineError> {
+        let owner_hash = user_hash(user);
+        let envelope =
+            Envelope { owner_hash, client_request_id, digest, now_ms: self.now_ms(), command };
+        self.call(self.shard_of(owner_hash), Op::Apply(envelope)).await
+    }
+
+    async fn apply_for_provider(
+        &self,
+        provider_code: u32,
+        client_request_id: Option<ClientRequestId>,
+        digest: u64,
+        command: Command,
+    ) -> Result<Reply, EngineError> {
+        let owner_hash = digest_of(&("provider", provider_code));
+        let envelope =
+            Envelope { owner_hash, client_request_id, digest, now_ms: self.now_ms(), command };
+        self.call(self.shard_of(owner_hash), Op::Apply(envelope)).await
+    }
+
+    async fn query_for_user(&self, user: &UserKey, query: Query) -> Result<Reply, EngineError> {
+        let shard = self.shard_of(user_hash(user));
+        match self.call(shard, Op::Query(query)).await {
+            Err(EngineError::Refused(ReasonCode::UnknownUser)) => {
+                Ok(Reply::Refused(ReasonCode::UnknownUser))
+            }
+            other => other,
+        }
+    }
+
+    /// Users and idempotency records held by each shard.
+    pub async fn shard_sizes(&self) -> Vec<(usize, usize)> {
+        let sizes = join_all(self.inner.shards.iter().map(|s| s.send(Sizes))).await;
+        sizes.into_iter().map(|s| s.unwrap_or((0, 0))).collect()
+    }
+
+    /// Test hook: blocks the shard that owns `user` until the returned guard is dropped.
+    #[cfg(feature = "test-hooks")]
+    pub fn stall_shard_of(&self, user: &UserKey) -> std::sync::mpsc::Sender<()> {
+        let (release, stalled) = std::sync::mpsc::channel();
+        let shard = self.shard_of(user_hash(user));
+        self.inner.shards[shard].do_send(crate::shard::Stall(stalled));
+        release
+    }
+}
+
+fn build_registry(config: &EngineConfig) -> Result<Registry, EngineError> {
+    let mut providers = Vec::with_capacity(config.providers.len());
+    for p in &config.providers {
+        let adapter = settlegate_adapters::build(&p.adapter)
+            .map_err(|e| EngineError::Config(format!("provider {}: {e}", p.code)))?;
+        let provider = Provider::new(p.code, p.name.clone(), Guarded::new(adapter, p.limits));
+        provider
+            .register_terminals(p.terminals.clone())
+            .map_err(|r| EngineError::Config(format!("provider {} terminals: {r}", p.code)))?;
+        providers.push(provider);
+    }
+    Ok(Registry::new(providers))
+}
+
+fn start_shards(
+    config: &EngineConfig,
+    shared: &Shared,
+    state_config: StateConfig,
+) -> Result<(Vec<Addr<Shard>>, ActorRuntime), EngineError> {
+    let count = config.shard_count();
+    let mailbox_capacity = config.mailbox_capacity;
+    let shared = shared.clone();
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let thread = std::thread::Builder::new()
+        .name("settlegate-actors".into())
+        .spawn(move || {
+            let system = System::new();
+            let (arbiters, addrs): (Vec<Arbiter>, Vec<Addr<Shard>>) = system.block_on(async move {
+                (0..count)
+                    .map(|index| {
+                        let arbiter = Arbiter::new();
+                        let state = ShardState::new(index as u8, shared.clone(), state_config);
+                        let addr = Shard::start_in_arbiter(&arbiter.handle(), move |_| {
+                            Shard::new(state, mailbox_capacity)
+                        });
+                        (arbiter, addr)
+                    })
+                    .unzip()
+            });
+            let _ = tx.send((addrs, System::current()));
+            let _ = system.run();
+            for arbiter in arbiters {
+                arbiter.stop();
+                let _ = arbiter.join();
+            }
+        })
+        .map_err(|e| EngineError::Config(format!("cannot start actor thread: {e}")))?;
+    let (addrs, system) =
+        rx.recv().map_err(|_| EngineError::Config("actor system failed to start".into()))?;
+    Ok((addrs, ActorRuntime { system, thread: Some(thread) }))
+}
+
+fn user_hash(user: &UserKey) -> u64 {
+    digest_of(user)
+}
+
+/// A stable 64-bit digest (FxHash: deterministic across runs and machines).
+fn digest_of<T: Hash + ?Sized>(value: &T) -> u64 {
+    let mut hasher = FxHasher::default();
+    value.hash(&mut hasher);
+    hasher.finish()
+}
+
+fn credential_from(reply: Reply, card_idm: Idm) -> Result<DeviceCredential, EngineError> {
+    match reply {
+        Reply::KeyIssued { key_version, key } => {
+            Ok(DeviceCredential { card_idm, key_version, device_key: key })
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+fn decline_reason(reason: DeclineReason) -> ReasonCode {
+    match reason {
+        DeclineReason::InsufficientFunds => ReasonCode::ProviderInsufficientFunds,
+        DeclineReason::DoNotHonor => ReasonCode::ProviderDoNotHonor,
+        DeclineReason::LimitExceeded => ReasonCode::ProviderLimitExceeded,
+        DeclineReason::InvalidAccount => ReasonCode::ProviderInvalidAccount,
+    }
+}
+
+/// A shard answered with a reply of the wrong kind: a bug. Logged, and surfaced as stopped
+/// rather than panicking the caller.
+fn unexpected(reply: Reply) -> EngineError {
+    match reply {
+        Reply::Refused(reason) => EngineError::Refused(reason),
+        Reply::InFlight => EngineError::InFlight,
+        other => {
+            tracing::error!(reply = ?std::mem::discriminant(&other), "unexpected shard reply");
+            EngineError::Stopped
+        }
+    }
+}

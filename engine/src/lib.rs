@@ -1,0 +1,44 @@
+//! settlegate-engine: an embeddable payment authorization engine on sharded actors.
+//!
+//! Start one with [`Engine::start`] from an [`EngineConfig`], then call its async methods:
+//! enrollment and settlement means (G1), providers' terminal lists and the terminal
+//! confirmation query (G2), and settlement authorization (G3), one by one or in batches.
+//!
+//! Layout, from the bytes inwards:
+//! - [`inherent`]: the signed binary record a user terminal builds;
+//! - [`keys`]: device keys and batch verification of their HMAC-SHA256 tags (rayon);
+//! - `shard`: actix actors, each owning a slice of users, applying commands in order;
+//! - [`providers`]: providers, terminal lists and services, and the adapters behind them;
+//! - [`vault`] and [`password`]: the only places a card number or password is handled;
+//! - [`engine`]: the facade that routes requests through all of the above.
+#![deny(missing_docs)]
+
+pub mod clock;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod inherent;
+pub mod keys;
+pub mod limits;
+pub mod means;
+pub mod notices;
+pub mod password;
+pub mod providers;
+mod shard;
+pub mod types;
+pub mod vault;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use config::{EngineConfig, ProviderConfig};
+pub use engine::{
+    AuthorizeRequest, DeviceCredential, Engine, EnrollRequest, MeansAdded, MeansOrder,
+};
+pub use error::EngineError;
+pub use inherent::InherentId;
+pub use keys::DeviceKey;
+pub use means::MeansInput;
+pub use notices::Notice;
+pub use providers::{TerminalConfirmation, TerminalEntry};
+pub use settlegate_adapters as adapters;
+pub use shard::state::MeansView;
+pub use types::*;

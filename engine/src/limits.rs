@@ -1,0 +1,47 @@
+//! Every limit the engine enforces, in one place, checked against each other at compile time.
+
+/// Longest user ID, in bytes (a mail address or an inherent number).
+pub const USER_ID_LEN_MAX: usize = 64;
+/// Longest store-terminal ID, in bytes (ISO 8583 field 41 holds 8; we allow 16).
+pub const TERMINAL_ID_LEN_MAX: usize = 16;
+/// Shortest password accepted at enrollment, in bytes.
+pub const PASSWORD_LEN_MIN: usize = 8;
+/// Longest password accepted, in bytes (bounds the hashing work a request can cause).
+pub const PASSWORD_LEN_MAX: usize = 128;
+/// Settlement means a user may register.
+pub const MEANS_PER_USER_MAX: usize = 16;
+/// Devices a user may have provisioned.
+pub const DEVICES_PER_USER_MAX: usize = 8;
+/// Longest free-text field of a means (e-money type, scheme name, bank code, label).
+pub const MEANS_TEXT_LEN_MAX: usize = 32;
+/// Largest amount, in minor units, of one authorization (10^15: beyond any real payment).
+pub const AMOUNT_MINOR_MAX: u64 = 1_000_000_000_000_000;
+/// Requests in one batch submission (embedded `authorize_batch`, or one protocol read).
+pub const BATCH_SIZE_MAX: usize = 4096;
+/// Terminals a provider may list.
+pub const TERMINALS_PER_PROVIDER_MAX: usize = 1_000_000;
+/// Terminals registered by one request.
+pub const TERMINALS_PER_REQUEST_MAX: usize = 1024;
+/// Longest description of a terminal-unique service.
+pub const SERVICE_DESCRIPTION_LEN_MAX: usize = 64;
+/// Providers the engine serves.
+pub const PROVIDERS_MAX: usize = 1024;
+/// Width of the per-device anti-replay window: counters this far below the highest seen are
+/// still accepted once (reordering across pipelined connections), older ones are replays.
+pub const REPLAY_WINDOW: u64 = 64;
+/// Shards the engine may run.
+pub const SHARDS_MAX: usize = 256;
+/// Batches queued in one shard's mailbox before admission answers "busy".
+pub const MAILBOX_CAPACITY_MAX: usize = 65_536;
+/// Notices buffered per subscriber before the oldest are dropped (the subscriber sees a lag).
+pub const NOTICE_BUFFER: usize = 256;
+/// Batches at or above this size are verified on the rayon pool, smaller ones inline.
+pub const VERIFY_PARALLEL_MIN: usize = 32;
+
+const _: () = assert!(REPLAY_WINDOW == 64, "the replay window is one u64 bitmap");
+const _: () = assert!(VERIFY_PARALLEL_MIN <= BATCH_SIZE_MAX);
+const _: () =
+    assert!(USER_ID_LEN_MAX <= u8::MAX as usize, "user ID length is one byte on the wire");
+const _: () = assert!(TERMINAL_ID_LEN_MAX <= u8::MAX as usize, "terminal ID length is one byte");
+const _: () = assert!(PASSWORD_LEN_MIN < PASSWORD_LEN_MAX);
+const _: () = assert!(SHARDS_MAX <= 256, "dispatch IDs carry the shard in 8 bits");

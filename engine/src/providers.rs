@@ -1,0 +1,142 @@
+//! Settlement providers (G2): designation codes, adapters, and each provider's list of
+//! store terminals with their terminal-unique services.
+//!
+//! The provider set comes from config and is fixed for the engine's life; terminal lists
+//! change at run time through commands applied by the provider's shard, and are read from
+//! any thread (read-mostly, in a `DashMap`).
+
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
+use settlegate_adapters::Guarded;
+
+use crate::limits::{
+    SERVICE_DESCRIPTION_LEN_MAX, TERMINALS_PER_PROVIDER_MAX, TERMINALS_PER_REQUEST_MAX,
+};
+use crate::types::{terminal_id_valid, ReasonCode, TerminalService};
+
+/// A terminal a provider serves, with its terminal-unique service if it has one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TerminalEntry {
+    /// Store-terminal ID.
+    pub terminal_id: String,
+    /// The service (discount) offered at this terminal.
+    #[serde(default)]
+    pub service: Option<TerminalService>,
+}
+
+impl TerminalEntry {
+    fn validate(&self) -> Result<(), ReasonCode> {
+        if !terminal_id_valid(&self.terminal_id) {
+            return Err(ReasonCode::InvalidTerminal);
+        }
+        if let Some(service) = &self.service {
+            let ok = service.discount.valid()
+                && service.valid_from_ms < service.valid_until_ms
+                && service.description.len() <= SERVICE_DESCRIPTION_LEN_MAX;
+            if !ok {
+                return Err(ReasonCode::InvalidService);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The answer to a store terminal asking whether it is on a provider's list (S38–S39).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TerminalConfirmation {
+    /// The terminal is not on the provider's list.
+    NotListed,
+    /// The terminal is listed; `service` is its unique service if one is active now.
+    Listed {
+        /// The active service, if any.
+        service: Option<TerminalService>,
+    },
+}
+
+/// One provider.
+pub struct Provider {
+    /// Designation code.
+    pub code: u32,
+    /// Display name.
+    pub name: String,
+    pub(crate) adapter: Guarded,
+    terminals: DashMap<String, Option<TerminalService>>,
+}
+
+impl Provider {
+    pub(crate) fn new(code: u32, name: String, adapter: Guarded) -> Provider {
+        Provider { code, name, adapter, terminals: DashMap::new() }
+    }
+
+    /// Validates every entry first, so a request is applied whole or not at all.
+    pub(crate) fn register_terminals(&self, entries: Vec<TerminalEntry>) -> Result<(), ReasonCode> {
+        if entries.len() > TERMINALS_PER_REQUEST_MAX {
+            return Err(ReasonCode::TooManyTerminals);
+        }
+        entries.iter().try_for_each(TerminalEntry::validate)?;
+        let new_count =
+            entries.iter().filter(|e| !self.terminals.contains_key(&e.terminal_id)).count();
+        if self.terminals.len() + new_count > TERMINALS_PER_PROVIDER_MAX {
+            return Err(ReasonCode::TooManyTerminals);
+        }
+        for entry in entries {
+            self.terminals.insert(entry.terminal_id, entry.service);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn remove_terminals(&self, terminal_ids: &[String]) {
+        for id in terminal_ids {
+            self.terminals.remove(id);
+        }
+    }
+
+    /// The terminal's service if it is listed and the service is active at `now_ms`.
+    pub fn active_service(&self, terminal_id: &str, now_ms: i64) -> Option<TerminalService> {
+        let entry = self.terminals.get(terminal_id)?;
+        entry.as_ref().filter(|s| s.active_at(now_ms)).cloned()
+    }
+
+    /// The S38–S39 confirmation for `terminal_id` at `now_ms`.
+    pub fn confirm(&self, terminal_id: &str, now_ms: i64) -> TerminalConfirmation {
+        match self.terminals.get(terminal_id) {
+            None => TerminalConfirmation::NotListed,
+            Some(entry) => TerminalConfirmation::Listed {
+                service: entry.as_ref().filter(|s| s.active_at(now_ms)).cloned(),
+            },
+        }
+    }
+
+    /// Terminals listed.
+    pub fn terminal_count(&self) -> usize {
+        self.terminals.len()
+    }
+}
+
+/// All providers by designation code.
+#[derive(Default)]
+pub struct Registry {
+    providers: FxHashMap<u32, Arc<Provider>>,
+}
+
+impl Registry {
+    pub(crate) fn new(providers: Vec<Provider>) -> Registry {
+        Registry { providers: providers.into_iter().map(|p| (p.code, Arc::new(p))).collect() }
+    }
+
+    /// The provider with this designation code.
+    pub fn provider(&self, code: u32) -> Option<&Arc<Provider>> {
+        self.providers.get(&code)
+    }
+
+    /// Designation codes, sorted.
+    pub fn codes(&self) -> Vec<u32> {
+        let mut codes: Vec<u32> = self.providers.keys().copied().collect();
+        codes.sort_unstable();
+        codes
+    }
+}

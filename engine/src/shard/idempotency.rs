@@ -1,0 +1,89 @@
+//! Idempotency records: a retry with the same client request ID gets the first outcome.
+//!
+//! Bounded by a retention time and a record count per shard; the oldest records go first.
+//! Authorizations stay safe past eviction too: the replay window and the timestamp window
+//! refuse an old inherent ID presented again.
+
+use std::collections::VecDeque;
+
+use rustc_hash::FxHashMap;
+
+use super::state::Reply;
+use crate::types::ClientRequestId;
+
+/// A record's key: the owner's routing hash and the client's request ID.
+pub(crate) type IdemKey = (u64, ClientRequestId);
+
+#[derive(Debug, Clone)]
+pub(crate) enum IdemState {
+    /// The request is with its provider.
+    Pending,
+    /// The request finished with this reply.
+    Done(Reply),
+}
+
+#[derive(Debug)]
+struct Entry {
+    digest: u64,
+    state: IdemState,
+}
+
+/// What a lookup found.
+pub(crate) enum Seen {
+    /// No record: process the request.
+    New,
+    /// Same request seen before.
+    Same(IdemState),
+    /// The ID was used with a different request.
+    Conflict,
+}
+
+pub(crate) struct Idempotency {
+    entries: FxHashMap<IdemKey, Entry>,
+    expiry: VecDeque<(i64, IdemKey)>,
+    ttl_ms: i64,
+    records_max: usize,
+}
+
+impl Idempotency {
+    pub(crate) fn new(ttl_ms: i64, records_max: usize) -> Idempotency {
+        assert!(records_max > 0);
+        Idempotency { entries: FxHashMap::default(), expiry: VecDeque::new(), ttl_ms, records_max }
+    }
+
+    pub(crate) fn lookup(&self, key: &IdemKey, digest: u64) -> Seen {
+        match self.entries.get(key) {
+            None => Seen::New,
+            Some(entry) if entry.digest == digest => Seen::Same(entry.state.clone()),
+            Some(_) => Seen::Conflict,
+        }
+    }
+
+    pub(crate) fn insert(&mut self, key: IdemKey, digest: u64, state: IdemState, now_ms: i64) {
+        self.evict(now_ms);
+        let previous = self.entries.insert(key, Entry { digest, state });
+        assert!(previous.is_none(), "idempotency key inserted twice");
+        self.expiry.push_back((now_ms.saturating_add(self.ttl_ms), key));
+    }
+
+    /// Finishes a pending record. A record evicted meanwhile is not recreated.
+    pub(crate) fn complete(&mut self, key: &IdemKey, reply: Reply) {
+        if let Some(entry) = self.entries.get_mut(key) {
+            entry.state = IdemState::Done(reply);
+        }
+    }
+
+    fn evict(&mut self, now_ms: i64) {
+        while let Some(&(expires_ms, key)) = self.expiry.front() {
+            if expires_ms > now_ms && self.entries.len() < self.records_max {
+                break;
+            }
+            self.expiry.pop_front();
+            self.entries.remove(&key);
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+}

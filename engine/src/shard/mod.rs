@@ -1,0 +1,104 @@
+//! Shard actors: each owns the users (and providers' terminal lists) whose key hashes to it,
+//! and applies their commands one at a time on its own arbiter thread.
+//!
+//! Admission uses `try_send` into a bounded mailbox: a full mailbox becomes an explicit busy
+//! answer, never an unbounded queue. Completions of already-admitted work use `do_send`
+//! (always queued) because dropping them would lose an outcome; they are bounded by the
+//! admitted work itself.
+
+mod idempotency;
+mod replay;
+pub(crate) mod state;
+
+use actix::{Actor, Context, Handler, Message, MessageResult};
+use tokio::sync::oneshot;
+
+pub(crate) use state::{Command, Envelope, Query, Reply, ShardState};
+
+/// One unit of shard work.
+#[derive(Debug)]
+pub(crate) enum Op {
+    Apply(Envelope),
+    Query(Query),
+}
+
+/// Ops applied in order, with one reply for the whole batch.
+pub(crate) struct Batch {
+    pub(crate) ops: Vec<Op>,
+    pub(crate) reply: oneshot::Sender<Vec<Reply>>,
+}
+
+impl Message for Batch {
+    type Result = ();
+}
+
+/// The actor around a [`ShardState`].
+pub(crate) struct Shard {
+    state: ShardState,
+    mailbox_capacity: usize,
+}
+
+impl Shard {
+    pub(crate) fn new(state: ShardState, mailbox_capacity: usize) -> Shard {
+        Shard { state, mailbox_capacity }
+    }
+}
+
+impl Actor for Shard {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(self.mailbox_capacity);
+    }
+}
+
+impl Handler<Batch> for Shard {
+    type Result = ();
+
+    fn handle(&mut self, batch: Batch, _ctx: &mut Context<Self>) {
+        let replies = batch
+            .ops
+            .into_iter()
+            .map(|op| match op {
+                Op::Apply(envelope) => self.state.apply(envelope),
+                Op::Query(query) => self.state.query(query),
+            })
+            .collect();
+        // The requester may have gone away (its task was cancelled); the state change stands.
+        let _ = batch.reply.send(replies);
+    }
+}
+
+/// Sizes of a shard, for metrics and tests.
+pub(crate) struct Sizes;
+
+impl Message for Sizes {
+    type Result = (usize, usize);
+}
+
+impl Handler<Sizes> for Shard {
+    type Result = MessageResult<Sizes>;
+
+    fn handle(&mut self, _: Sizes, _ctx: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.state.sizes())
+    }
+}
+
+/// Test hook: blocks the shard's thread until the sender side is dropped or signalled, so a
+/// test can fill the mailbox deterministically.
+#[cfg(feature = "test-hooks")]
+pub(crate) struct Stall(pub(crate) std::sync::mpsc::Receiver<()>);
+
+#[cfg(feature = "test-hooks")]
+impl Message for Stall {
+    type Result = ();
+}
+
+#[cfg(feature = "test-hooks")]
+impl Handler<Stall> for Shard {
+    type Result = ();
+
+    fn handle(&mut self, stall: Stall, _ctx: &mut Context<Self>) {
+        let _ = stall.0.recv();
+    }
+}

@@ -1,0 +1,484 @@
+//! A shard's state and the commands that change it: pure and deterministic, no I/O, no clock,
+//! no randomness. Everything nondeterministic (time, keys, tokens) arrives inside the command,
+//! so that a log of commands replays to the same state.
+
+use std::sync::Arc;
+
+use rustc_hash::FxHashMap;
+
+use super::idempotency::{IdemKey, IdemState, Idempotency, Seen};
+use super::replay::ReplayWindow;
+use crate::keys::{DeviceIndex, DeviceKey, Verified};
+use crate::limits::{DEVICES_PER_USER_MAX, MEANS_PER_USER_MAX};
+use crate::providers::{Registry, TerminalEntry};
+use crate::types::{
+    AuthOutcome, CardToken, ClientRequestId, Currency, Idm, MeansKind, ReasonCode, UserKey,
+};
+use crate::vault::{SealedNumber, Vault};
+
+/// State shared by all shards, written only by applying commands.
+#[derive(Clone)]
+pub(crate) struct Shared {
+    pub(crate) devices: Arc<DeviceIndex>,
+    pub(crate) vault: Arc<Vault>,
+    pub(crate) registry: Arc<Registry>,
+}
+
+/// The parts of the engine config a shard applies.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StateConfig {
+    pub(crate) timestamp_window_ms: i64,
+    pub(crate) key_grace_ms: i64,
+    pub(crate) login_failures_max: u32,
+    pub(crate) lockout_ms: i64,
+    pub(crate) idempotency_ttl_ms: i64,
+    pub(crate) idempotency_records_max: usize,
+}
+
+/// One registered settlement means, as a client sees it (never a card number).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeansView {
+    /// The means' ID within the user (1, 2, ...).
+    pub means_id: u32,
+    /// Its kind.
+    pub kind: MeansKind,
+    /// Display text: scheme, e-money type, or a masked number.
+    pub label: String,
+    /// Last four digits of a card or account number.
+    pub last4: Option<String>,
+    /// The vault token of a card or account number.
+    pub token: Option<CardToken>,
+    /// Whether this is the user's default means.
+    pub is_default: bool,
+    /// Approved settlements made with it.
+    pub uses: u64,
+    /// When it was last used (ms since the epoch).
+    pub last_used_ms: Option<i64>,
+    /// When it was registered (ms since the epoch).
+    pub registered_ms: i64,
+}
+
+/// A means ready to store: validated and, for numbers, already sealed by the vault.
+#[derive(Debug, Clone)]
+pub(crate) struct NewMeans {
+    pub(crate) kind: MeansKind,
+    pub(crate) label: String,
+    pub(crate) sealed: Option<(CardToken, [u8; 4], SealedNumber)>,
+}
+
+#[derive(Debug, Clone)]
+struct StoredMeans {
+    means_id: u32,
+    kind: MeansKind,
+    label: String,
+    number: Option<(CardToken, [u8; 4])>,
+    uses: u64,
+    last_used_ms: Option<i64>,
+    registered_ms: i64,
+}
+
+#[derive(Debug, Clone)]
+struct Device {
+    idm: Idm,
+    key_version: u16,
+    replay: ReplayWindow,
+}
+
+#[derive(Debug, Clone)]
+struct User {
+    password_phc: String,
+    devices: Vec<Device>,
+    means: Vec<StoredMeans>,
+    default_means: Option<u32>,
+    next_means_id: u32,
+    failed_logins: u32,
+    locked_until_ms: i64,
+}
+
+/// Work for a provider, produced when an authorization passes every check of its shard.
+#[derive(Debug, Clone)]
+pub(crate) struct Dispatch {
+    pub(crate) key: IdemKey,
+    pub(crate) user: UserKey,
+    pub(crate) dispatch_id: u64,
+    pub(crate) provider_code: u32,
+    pub(crate) means_id: u32,
+    pub(crate) means: MeansKind,
+    pub(crate) card_token: Option<CardToken>,
+    pub(crate) terminal_id: String,
+    pub(crate) amount_requested_minor: u64,
+    pub(crate) discount_minor: u64,
+    pub(crate) currency: Currency,
+}
+
+/// A state change. Applied only by the shard that owns it.
+#[derive(Debug, Clone)]
+pub(crate) enum Command {
+    Enroll { user: UserKey, password_phc: String, idm: Idm, key: DeviceKey },
+    ProvisionDevice { user: UserKey, idm: Idm, key: DeviceKey },
+    RotateDeviceKey { user: UserKey, idm: Idm, key: DeviceKey },
+    AddMeans { user: UserKey, means: NewMeans, make_default: bool },
+    SetDefaultMeans { user: UserKey, means_id: u32 },
+    LoginAttempt { user: UserKey, success: bool },
+    AuthReserve { verified: Verified },
+    AuthComplete { key: IdemKey, user: UserKey, means_id: u32, outcome: AuthOutcome },
+    RegisterTerminals { provider_code: u32, terminals: Vec<TerminalEntry> },
+    RemoveTerminals { provider_code: u32, terminal_ids: Vec<String> },
+}
+
+/// A command with its routing, idempotency and time context.
+#[derive(Debug, Clone)]
+pub(crate) struct Envelope {
+    /// Routing hash of the owning key (user or provider).
+    pub(crate) owner_hash: u64,
+    /// The client's request ID, for idempotent commands.
+    pub(crate) client_request_id: Option<ClientRequestId>,
+    /// Digest of the request's content, to tell a retry from a reuse of the ID.
+    pub(crate) digest: u64,
+    /// The engine's clock when the command was made.
+    pub(crate) now_ms: i64,
+    pub(crate) command: Command,
+}
+
+/// A read that changes nothing.
+#[derive(Debug, Clone)]
+pub(crate) enum Query {
+    Means { user: UserKey },
+    Credentials { user: UserKey, now_ms: i64 },
+}
+
+/// What applying a command or answering a query gives.
+#[derive(Debug, Clone)]
+pub(crate) enum Reply {
+    Ok,
+    Refused(ReasonCode),
+    KeyIssued { key_version: u16, key: DeviceKey },
+    MeansAdded { means_id: u32, last4: Option<[u8; 4]> },
+    Auth(AuthOutcome),
+    Dispatch(Box<Dispatch>),
+    InFlight,
+    Means(Vec<MeansView>),
+    Credentials { password_phc: String },
+}
+
+/// One shard's users, devices' replay state and idempotency records.
+pub(crate) struct ShardState {
+    index: u8,
+    users: FxHashMap<UserKey, User>,
+    idem: Idempotency,
+    dispatch_seq: u64,
+    shared: Shared,
+    config: StateConfig,
+}
+
+impl ShardState {
+    pub(crate) fn new(index: u8, shared: Shared, config: StateConfig) -> ShardState {
+        ShardState {
+            index,
+            users: FxHashMap::default(),
+            idem: Idempotency::new(config.idempotency_ttl_ms, config.idempotency_records_max),
+            dispatch_seq: 0,
+            shared,
+            config,
+        }
+    }
+
+    /// Applies a command, answering a retry from its idempotency record.
+    pub(crate) fn apply(&mut self, envelope: Envelope) -> Reply {
+        let Some(client_request_id) = envelope.client_request_id else {
+            return self.execute(envelope.command, envelope.now_ms, (envelope.owner_hash, 0));
+        };
+        let key = (envelope.owner_hash, client_request_id);
+        match self.idem.lookup(&key, envelope.digest) {
+            Seen::Same(IdemState::Done(reply)) => return reply,
+            Seen::Same(IdemState::Pending) => return Reply::InFlight,
+            Seen::Conflict => return Reply::Refused(ReasonCode::IdempotencyConflict),
+            Seen::New => {}
+        }
+        let reply = self.execute(envelope.command, envelope.now_ms, key);
+        let state = match &reply {
+            Reply::Dispatch(_) => IdemState::Pending,
+            done => IdemState::Done(done.clone()),
+        };
+        self.idem.insert(key, envelope.digest, state, envelope.now_ms);
+        reply
+    }
+
+    /// Answers a query.
+    pub(crate) fn query(&self, query: Query) -> Reply {
+        match query {
+            Query::Means { user } => match self.users.get(&user) {
+                Some(account) => Reply::Means(means_views(account)),
+                None => Reply::Refused(ReasonCode::UnknownUser),
+            },
+            Query::Credentials { user, now_ms } => match self.users.get(&user) {
+                None => Reply::Refused(ReasonCode::UnknownUser),
+                Some(account) if now_ms < account.locked_until_ms => {
+                    Reply::Refused(ReasonCode::UserLocked)
+                }
+                Some(account) => Reply::Credentials { password_phc: account.password_phc.clone() },
+            },
+        }
+    }
+
+    fn execute(&mut self, command: Command, now_ms: i64, key: IdemKey) -> Reply {
+        match command {
+            Command::Enroll { user, password_phc, idm, key: device_key } => {
+                self.enroll(user, password_phc, idm, device_key)
+            }
+            Command::ProvisionDevice { user, idm, key: device_key } => {
+                self.provision_device(user, idm, device_key)
+            }
+            Command::RotateDeviceKey { user, idm, key: device_key } => {
+                self.rotate_device_key(&user, idm, device_key, now_ms)
+            }
+            Command::AddMeans { user, means, make_default } => {
+                self.add_means(&user, means, make_default, now_ms)
+            }
+            Command::SetDefaultMeans { user, means_id } => self.set_default_means(&user, means_id),
+            Command::LoginAttempt { user, success } => self.login_attempt(&user, success, now_ms),
+            Command::AuthReserve { verified } => self.auth_reserve(verified, now_ms, key),
+            Command::AuthComplete { key, user, means_id, outcome } => {
+                self.auth_complete(key, &user, means_id, outcome, now_ms)
+            }
+            Command::RegisterTerminals { provider_code, terminals } => {
+                self.register_terminals(provider_code, terminals)
+            }
+            Command::RemoveTerminals { provider_code, terminal_ids } => {
+                match self.shared.registry.provider(provider_code) {
+                    Some(provider) => {
+                        provider.remove_terminals(&terminal_ids);
+                        Reply::Ok
+                    }
+                    None => Reply::Refused(ReasonCode::UnknownProvider),
+                }
+            }
+        }
+    }
+
+    fn enroll(&mut self, user: UserKey, password_phc: String, idm: Idm, key: DeviceKey) -> Reply {
+        if self.users.contains_key(&user) {
+            return Reply::Refused(ReasonCode::UserExists);
+        }
+        if !self.shared.devices.provision(idm, user.clone(), 1, &key) {
+            return Reply::Refused(ReasonCode::DeviceInUse);
+        }
+        let account = User {
+            password_phc,
+            devices: vec![Device { idm, key_version: 1, replay: ReplayWindow::default() }],
+            means: Vec::new(),
+            default_means: None,
+            next_means_id: 1,
+            failed_logins: 0,
+            locked_until_ms: i64::MIN,
+        };
+        self.users.insert(user, account);
+        Reply::KeyIssued { key_version: 1, key }
+    }
+
+    fn provision_device(&mut self, user: UserKey, idm: Idm, key: DeviceKey) -> Reply {
+        let Some(account) = self.users.get_mut(&user) else {
+            return Reply::Refused(ReasonCode::UnknownUser);
+        };
+        if account.devices.len() >= DEVICES_PER_USER_MAX {
+            return Reply::Refused(ReasonCode::TooManyDevices);
+        }
+        if !self.shared.devices.provision(idm, user, 1, &key) {
+            return Reply::Refused(ReasonCode::DeviceInUse);
+        }
+        account.devices.push(Device { idm, key_version: 1, replay: ReplayWindow::default() });
+        Reply::KeyIssued { key_version: 1, key }
+    }
+
+    fn rotate_device_key(
+        &mut self,
+        user: &UserKey,
+        idm: Idm,
+        key: DeviceKey,
+        now_ms: i64,
+    ) -> Reply {
+        let Some(account) = self.users.get_mut(user) else {
+            return Reply::Refused(ReasonCode::UnknownUser);
+        };
+        let Some(device) = account.devices.iter_mut().find(|d| d.idm == idm) else {
+            return Reply::Refused(ReasonCode::UnknownDevice);
+        };
+        let Some(version) = device.key_version.checked_add(1) else {
+            return Reply::Refused(ReasonCode::KeyVersionInvalid);
+        };
+        device.key_version = version;
+        let grace_until_ms = now_ms.saturating_add(self.config.key_grace_ms);
+        self.shared.devices.rotate(&idm, version, &key, grace_until_ms);
+        Reply::KeyIssued { key_version: version, key }
+    }
+
+    fn add_means(
+        &mut self,
+        user: &UserKey,
+        means: NewMeans,
+        make_default: bool,
+        now_ms: i64,
+    ) -> Reply {
+        let Some(account) = self.users.get_mut(user) else {
+            return Reply::Refused(ReasonCode::UnknownUser);
+        };
+        if account.means.len() >= MEANS_PER_USER_MAX {
+            return Reply::Refused(ReasonCode::TooManyMeans);
+        }
+        let means_id = account.next_means_id;
+        account.next_means_id += 1;
+        let number = means.sealed.map(|(token, last4, sealed)| {
+            self.shared.vault.store(token, sealed);
+            (token, last4)
+        });
+        account.means.push(StoredMeans {
+            means_id,
+            kind: means.kind,
+            label: means.label,
+            number,
+            uses: 0,
+            last_used_ms: None,
+            registered_ms: now_ms,
+        });
+        if make_default || account.default_means.is_none() {
+            account.default_means = Some(means_id);
+        }
+        Reply::MeansAdded { means_id, last4: number.map(|(_, last4)| last4) }
+    }
+
+    fn set_default_means(&mut self, user: &UserKey, means_id: u32) -> Reply {
+        let Some(account) = self.users.get_mut(user) else {
+            return Reply::Refused(ReasonCode::UnknownUser);
+        };
+        if !account.means.iter().any(|m| m.means_id == means_id) {
+            return Reply::Refused(ReasonCode::MeansNotRegistered);
+        }
+        account.default_means = Some(means_id);
+        Reply::Ok
+    }
+
+    fn login_attempt(&mut self, user: &UserKey, success: bool, now_ms: i64) -> Reply {
+        let Some(account) = self.users.get_mut(user) else {
+            return Reply::Refused(ReasonCode::UnknownUser);
+        };
+        if now_ms < account.locked_until_ms {
+            return Reply::Refused(ReasonCode::UserLocked);
+        }
+        if success {
+            account.failed_logins = 0;
+            return Reply::Ok;
+        }
+        account.failed_logins += 1;
+        if account.failed_logins >= self.config.login_failures_max {
+            account.failed_logins = 0;
+            account.locked_until_ms = now_ms.saturating_add(self.config.lockout_ms);
+        }
+        Reply::Refused(ReasonCode::WrongPassword)
+    }
+
+    /// Every check of an authorization that needs the user's state; on success, the nonce is
+    /// consumed and the work is handed back for dispatch to the provider.
+    fn auth_reserve(&mut self, verified: Verified, now_ms: i64, key: IdemKey) -> Reply {
+        let record = verified.record;
+        let declined = |reason| Reply::Auth(AuthOutcome::Declined(reason));
+        let Some(account) = self.users.get_mut(&record.user) else {
+            return declined(ReasonCode::UnknownUser);
+        };
+        let Some(device) = account.devices.iter_mut().find(|d| d.idm == record.card_idm) else {
+            return declined(ReasonCode::UserDeviceMismatch);
+        };
+        if (now_ms - record.timestamp_ms).abs() > self.config.timestamp_window_ms {
+            return declined(ReasonCode::StaleTimestamp);
+        }
+        if !device.replay.fresh(record.counter) {
+            return declined(ReasonCode::ReplayedNonce);
+        }
+        // From here on the nonce is spent, whatever the outcome.
+        device.replay.record(record.counter);
+        let means_id =
+            if record.means_id == 0 { account.default_means.unwrap_or(0) } else { record.means_id };
+        let Some(means) = account.means.iter().find(|m| m.means_id == means_id) else {
+            return declined(ReasonCode::MeansNotRegistered);
+        };
+        if means.kind != record.means {
+            return declined(ReasonCode::MeansMismatch);
+        }
+        let Some(provider) = self.shared.registry.provider(record.provider_code) else {
+            return declined(ReasonCode::UnknownProvider);
+        };
+        let discount_minor =
+            provider.active_service(&record.terminal_id, now_ms).map_or(0, |service| {
+                service.discount.discount_minor(record.amount_minor, record.currency)
+            });
+        assert!(discount_minor <= record.amount_minor, "discount above amount");
+        self.dispatch_seq += 1;
+        Reply::Dispatch(Box::new(Dispatch {
+            key,
+            user: record.user,
+            dispatch_id: (u64::from(self.index) << 56) | self.dispatch_seq,
+            provider_code: record.provider_code,
+            means_id,
+            means: means.kind,
+            card_token: means.number.map(|(token, _)| token),
+            terminal_id: record.terminal_id,
+            amount_requested_minor: record.amount_minor,
+            discount_minor,
+            currency: record.currency,
+        }))
+    }
+
+    fn auth_complete(
+        &mut self,
+        key: IdemKey,
+        user: &UserKey,
+        means_id: u32,
+        outcome: AuthOutcome,
+        now_ms: i64,
+    ) -> Reply {
+        self.idem.complete(&key, Reply::Auth(outcome));
+        if let AuthOutcome::Approved(_) = outcome {
+            let means = self
+                .users
+                .get_mut(user)
+                .and_then(|account| account.means.iter_mut().find(|m| m.means_id == means_id));
+            if let Some(means) = means {
+                means.uses += 1;
+                means.last_used_ms = Some(now_ms);
+            }
+        }
+        Reply::Ok
+    }
+
+    fn register_terminals(&mut self, provider_code: u32, terminals: Vec<TerminalEntry>) -> Reply {
+        match self.shared.registry.provider(provider_code) {
+            Some(provider) => match provider.register_terminals(terminals) {
+                Ok(()) => Reply::Ok,
+                Err(reason) => Reply::Refused(reason),
+            },
+            None => Reply::Refused(ReasonCode::UnknownProvider),
+        }
+    }
+
+    /// Users held, idempotency records held (for metrics and tests).
+    pub(crate) fn sizes(&self) -> (usize, usize) {
+        (self.users.len(), self.idem.len())
+    }
+}
+
+fn means_views(account: &User) -> Vec<MeansView> {
+    account
+        .means
+        .iter()
+        .map(|m| MeansView {
+            means_id: m.means_id,
+            kind: m.kind,
+            label: m.label.clone(),
+            last4: m.number.map(|(_, last4)| String::from_utf8_lossy(&last4).into_owned()),
+            token: m.number.map(|(token, _)| token),
+            is_default: account.default_means == Some(m.means_id),
+            uses: m.uses,
+            last_used_ms: m.last_used_ms,
+            registered_ms: m.registered_ms,
+        })
+        .collect()
+}

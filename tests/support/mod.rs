@@ -1,0 +1,166 @@
+//! Shared test harness: an engine on a manual clock with cheap password hashing, three
+//! simulated providers, and helpers that build signed inherent IDs.
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use settlegate_engine::adapters::simulated::SimulatedConfig;
+use settlegate_engine::adapters::{AdapterConfig, GuardConfig};
+use settlegate_engine::password::PasswordConfig;
+use settlegate_engine::{
+    AuthOutcome, AuthorizeRequest, Currency, DeviceCredential, Engine, EngineConfig, EnrollRequest,
+    InherentId, ManualClock, MeansInput, MeansKind, ProviderConfig, UserIdType, UserKey,
+};
+
+/// 2026-11-22T00:00:00Z.
+pub const T0_MS: i64 = 1_795_305_600_000;
+/// Approves everything up to 1,000,000 minor units, instantly.
+pub const PROVIDER_OK: u32 = 100;
+/// Declines every request (`do_not_honor`).
+pub const PROVIDER_DECLINE: u32 = 200;
+/// Answers after 30 s; its timeout is 100 ms.
+pub const PROVIDER_SLOW: u32 = 300;
+pub const APPROVE_LIMIT: u64 = 1_000_000;
+pub const PASSWORD: &str = "correct horse battery";
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+static NEXT_IDM: AtomicU64 = AtomicU64::new(1);
+
+/// A fresh client request ID.
+pub fn request_id() -> u128 {
+    u128::from(NEXT_ID.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A fresh card IDm.
+pub fn fresh_idm() -> [u8; 8] {
+    NEXT_IDM.fetch_add(1, Ordering::Relaxed).to_be_bytes()
+}
+
+pub fn jpy() -> Currency {
+    Currency::try_from("JPY").unwrap()
+}
+
+fn simulated(seed: u64, decline_rate: f64, latency_us: u64) -> AdapterConfig {
+    AdapterConfig::Simulated(SimulatedConfig {
+        seed,
+        decline_rate,
+        latency_us_min: latency_us,
+        latency_us_max: latency_us,
+        approve_limit_minor: APPROVE_LIMIT,
+        ..SimulatedConfig::default()
+    })
+}
+
+/// The test config: cheap Argon2 (tests only), small mailboxes, three providers.
+pub fn config() -> EngineConfig {
+    EngineConfig {
+        shards: 2,
+        mailbox_capacity: 4,
+        password: PasswordConfig { memory_kib: 64, iterations: 1, parallelism: 1 },
+        vault: settlegate_engine::config::VaultConfig { key_hex: Some("11".repeat(32)) },
+        providers: vec![
+            ProviderConfig {
+                code: PROVIDER_OK,
+                name: "ok".into(),
+                adapter: simulated(1, 0.0, 0),
+                limits: GuardConfig::default(),
+                terminals: Vec::new(),
+            },
+            ProviderConfig {
+                code: PROVIDER_DECLINE,
+                name: "decline".into(),
+                adapter: simulated(2, 1.0, 0),
+                limits: GuardConfig::default(),
+                terminals: Vec::new(),
+            },
+            ProviderConfig {
+                code: PROVIDER_SLOW,
+                name: "slow".into(),
+                adapter: simulated(3, 0.0, 30_000_000),
+                limits: GuardConfig { concurrency_max: 16, timeout_ms: 100 },
+                terminals: Vec::new(),
+            },
+        ],
+        ..EngineConfig::default()
+    }
+}
+
+pub struct Harness {
+    pub engine: Engine,
+    pub clock: Arc<ManualClock>,
+}
+
+impl Harness {
+    pub fn new() -> Harness {
+        Harness::with_config(config())
+    }
+
+    pub fn with_config(config: EngineConfig) -> Harness {
+        let clock = Arc::new(ManualClock::new(T0_MS));
+        let engine = Engine::start_with_clock(config, clock.clone()).expect("engine starts");
+        Harness { engine, clock }
+    }
+
+    /// Enrolls `name@example.com` with a card as default means.
+    pub async fn user(&self, name: &str) -> TestUser {
+        let user = UserKey::new(UserIdType::Mail, format!("{name}@example.com")).unwrap();
+        let credential = self
+            .engine
+            .enroll(EnrollRequest {
+                client_request_id: request_id(),
+                user: user.clone(),
+                password: PASSWORD.into(),
+                card_idm: fresh_idm(),
+            })
+            .await
+            .expect("enroll");
+        let card = MeansInput::CreditCard { pan: "4111111111111111".into() };
+        self.engine.add_means(request_id(), &user, &card, true).await.expect("add card");
+        TestUser { user, credential, counter: AtomicU64::new(1) }
+    }
+
+    pub async fn authorize(&self, bytes: Vec<u8>) -> AuthOutcome {
+        self.engine
+            .authorize(AuthorizeRequest { client_request_id: request_id(), inherent_id: bytes })
+            .await
+            .expect("an outcome")
+    }
+}
+
+pub struct TestUser {
+    pub user: UserKey,
+    pub credential: DeviceCredential,
+    pub counter: AtomicU64,
+}
+
+impl TestUser {
+    /// An inherent ID for `amount` JPY at `terminal` via `provider`, with a fresh counter.
+    pub fn record(&self, now_ms: i64, amount: u64, provider: u32, terminal: &str) -> InherentId {
+        InherentId {
+            key_version: self.credential.key_version,
+            amount_minor: amount,
+            currency: jpy(),
+            means: MeansKind::CreditCard,
+            means_id: 0,
+            provider_code: provider,
+            card_idm: self.credential.card_idm,
+            user: self.user.clone(),
+            terminal_id: terminal.into(),
+            counter: self.counter.fetch_add(1, Ordering::Relaxed),
+            timestamp_ms: now_ms,
+        }
+    }
+
+    /// The same, signed with the device key.
+    pub fn signed(&self, now_ms: i64, amount: u64, provider: u32, terminal: &str) -> Vec<u8> {
+        self.record(now_ms, amount, provider, terminal).sign(self.credential.device_key.expose())
+    }
+}
+
+pub fn approved(outcome: AuthOutcome) -> settlegate_engine::Approval {
+    match outcome {
+        AuthOutcome::Approved(approval) => approval,
+        other => panic!("expected approval, got {other:?}"),
+    }
+}

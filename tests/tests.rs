@@ -1,0 +1,8 @@
+//! settlegate's integration tests: one binary, one module per area (as ripgrep does).
+
+mod support;
+
+mod engine_accounts;
+mod engine_model;
+mod engine_providers;
+mod engine_settlement;
