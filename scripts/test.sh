@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # The test command (README "Test"): formatting, lints, every Rust test, the benches in test
 # mode (each benchmark once, so they do not rot), and the Python spec client when present.
+# Ends with one summary line, "tests: N passed, M failed".
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
@@ -13,11 +17,17 @@ cargo clippy --workspace --all-targets -- -D warnings
 echo "== rustdoc -D warnings"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 
-echo "== cargo test (unit, integration, doc, examples, benches once)"
-cargo test --workspace --all-targets
-cargo test --workspace --doc
+echo "== cargo test: doc tests"
+cargo test --workspace --doc 2>&1 | tee -a "$log"
+echo "== cargo test: unit, integration, property, examples, benches once"
+cargo test --workspace --all-targets 2>&1 | tee -a "$log"
 
 if [ -d tests/python ]; then
   echo "== python spec client"
-  bash tests/python/run.sh
+  bash tests/python/run.sh 2>&1 | tee -a "$log"
 fi
+
+passed=$(grep -Eo '(test result: ok\. |^)[0-9]+ passed' "$log" | grep -Eo '[0-9]+' | awk '{s+=$1} END {print s+0}')
+failed=$(grep -Eo '[0-9]+ failed' "$log" | grep -Eo '[0-9]+' | awk '{s+=$1} END {print s+0}')
+echo "tests: ${passed} passed, ${failed} failed"
+[ "$failed" -eq 0 ]

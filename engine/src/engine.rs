@@ -213,6 +213,11 @@ impl Engine {
         &self.inner.shared.registry
     }
 
+    /// The device key index (batch tag verification without the rest of the path).
+    pub fn devices(&self) -> &DeviceIndex {
+        &self.inner.shared.devices
+    }
+
     /// The card vault (for adapters that must detokenize).
     pub fn vault(&self) -> &Arc<Vault> {
         &self.inner.shared.vault
