@@ -1,17 +1,14 @@
 //! `settlegate`: the server binary.
 //!
-//! `settlegate serve` starts the engine on the embedded default config (`src/default.toml`)
-//! with demo data, or on the TOML file given with `--config`.
+//! `settlegate serve` (or just `settlegate`) starts on the embedded default config and demo
+//! data; `--config FILE` takes a TOML file of the same shape. `default-config` prints the
+//! embedded one. Stops gracefully on SIGTERM or SIGINT.
 
 use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use serde::Deserialize;
-use settlegate_engine::{Engine, EngineConfig};
-
-/// The embedded default config.
-const DEFAULT_CONFIG: &str = include_str!("default.toml");
+use settlegate::config::{Config, DEFAULT_CONFIG};
 
 #[derive(Parser)]
 #[command(name = "settlegate", version, about = "settlegate payment authorization engine")]
@@ -22,7 +19,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the engine (the default when no command is given).
+    /// Run the server (the default).
     Serve {
         /// TOML config file; without it the embedded default config and demo data are used.
         #[arg(long)]
@@ -30,14 +27,6 @@ enum Command {
     },
     /// Print the embedded default config.
     DefaultConfig,
-}
-
-/// The server's config file.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    #[serde(default)]
-    engine: EngineConfig,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -51,33 +40,60 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+fn load(path: &Option<PathBuf>) -> anyhow::Result<(Config, String)> {
+    match path {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let config = Config::from_toml(&text)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("in {}", path.display()))?;
+            Ok((config, path.display().to_string()))
+        }
+        None => Ok((Config::embedded(), "embedded default config".into())),
+    }
+}
+
+fn init_logs(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.server.log_level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if config.server.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
 fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    let (text, source) = match &path {
-        Some(path) => (
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
-            path.display().to_string(),
-        ),
-        None => (DEFAULT_CONFIG.to_owned(), "embedded default config".to_owned()),
-    };
-    let config: FileConfig = toml::from_str(&text).with_context(|| format!("parsing {source}"))?;
+    let (config, source) = load(&path)?;
+    init_logs(&config);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
-        let engine = Engine::start(config.engine).context("starting the engine")?;
-        tracing::info!(
-            source = %source,
-            shards = engine.shard_count(),
-            providers = ?engine.registry().codes(),
-            "settlegate engine running; Ctrl-C to stop"
-        );
-        tokio::signal::ctrl_c().await?;
-        tracing::info!("stopping");
-        engine.shutdown();
+        let server = settlegate::server::start(config).await?;
+        let scheme = if server.tls { "tls" } else { "tcp" };
+        println!("settlegate {} ({source})", env!("CARGO_PKG_VERSION"));
+        println!("  protocol  {scheme}://{}", server.addr);
+        println!("  http      http://{}/metrics /healthz /readyz", server.http_addr);
+        println!("  shards    {}", server.engine.shard_count());
+        println!("  providers {:?}", server.engine.registry().codes());
+        println!("  data      in memory only (no data directory: durability is not configured)");
+        tracing::info!(addr = %server.addr, http = %server.http_addr, "listening");
+        wait_for_signal().await?;
+        tracing::info!("shutting down: no new connections, finishing in-flight requests");
+        server.shutdown().await;
+        tracing::info!("stopped");
         Ok(())
     })
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    Ok(())
 }

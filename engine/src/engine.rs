@@ -66,7 +66,7 @@ impl std::fmt::Debug for EnrollRequest {
 }
 
 /// A device key handed out at provisioning or rotation. Give it to the device, then drop it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceCredential {
     /// The device.
     pub card_idm: Idm,

@@ -173,6 +173,17 @@ impl InherentId {
     }
 }
 
+/// The store-terminal ID of a record, read without decoding or allocating the rest; `None`
+/// when the bytes are too short or the ID is not valid. Lets a server check which terminal a
+/// request acts for before the engine verifies it.
+pub fn peek_terminal_id(bytes: &[u8]) -> Option<&str> {
+    let user_len = *bytes.get(32)? as usize;
+    let term_len = *bytes.get(33 + user_len)? as usize;
+    let start = 34 + user_len;
+    let terminal = std::str::from_utf8(bytes.get(start..start + term_len)?).ok()?;
+    terminal_id_valid(terminal).then_some(terminal)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,6 +220,13 @@ mod tests {
         for len in 0..bytes.len() {
             assert!(InherentId::decode(&bytes[..len]).is_err(), "len {len}");
         }
+    }
+
+    #[test]
+    fn peek_finds_the_terminal() {
+        let bytes = sample().sign(&[9; 32]);
+        assert_eq!(peek_terminal_id(&bytes), Some("TERM-0001"));
+        assert_eq!(peek_terminal_id(&bytes[..40]), None);
     }
 
     #[test]

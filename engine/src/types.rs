@@ -163,9 +163,50 @@ pub enum ReasonCode {
 }
 
 impl ReasonCode {
+    /// Every reason code, in numeric order.
+    pub const ALL: [ReasonCode; 32] = [
+        ReasonCode::Malformed,
+        ReasonCode::UnknownDevice,
+        ReasonCode::ForgedTag,
+        ReasonCode::KeyVersionInvalid,
+        ReasonCode::UserDeviceMismatch,
+        ReasonCode::UnknownUser,
+        ReasonCode::StaleTimestamp,
+        ReasonCode::ReplayedNonce,
+        ReasonCode::MeansNotRegistered,
+        ReasonCode::MeansMismatch,
+        ReasonCode::UnknownProvider,
+        ReasonCode::InvalidAmount,
+        ReasonCode::ProviderInsufficientFunds,
+        ReasonCode::ProviderDoNotHonor,
+        ReasonCode::ProviderLimitExceeded,
+        ReasonCode::ProviderInvalidAccount,
+        ReasonCode::ProviderTimeout,
+        ReasonCode::ProviderUnavailable,
+        ReasonCode::IdempotencyConflict,
+        ReasonCode::UserExists,
+        ReasonCode::InvalidUserId,
+        ReasonCode::PasswordPolicy,
+        ReasonCode::WrongPassword,
+        ReasonCode::UserLocked,
+        ReasonCode::InvalidCardNumber,
+        ReasonCode::InvalidMeans,
+        ReasonCode::TooManyMeans,
+        ReasonCode::TooManyDevices,
+        ReasonCode::DeviceInUse,
+        ReasonCode::InvalidTerminal,
+        ReasonCode::InvalidService,
+        ReasonCode::TooManyTerminals,
+    ];
+
     /// The wire value.
     pub fn code(self) -> u16 {
         self as u16
+    }
+
+    /// From the wire value.
+    pub fn from_code(code: u16) -> Option<ReasonCode> {
+        ReasonCode::ALL.iter().copied().find(|reason| reason.code() == code)
     }
 }
 

@@ -1,0 +1,235 @@
+//! An async, pipelined client: many requests in flight on one connection, responses matched
+//! by request ID, writes batched into one flush per burst.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use settlegate_engine::{AuthOutcome, Notice, UserKey};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, ToSocketAddrs};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::frame::{self, FLAG_PUSH};
+use crate::messages::{opcode, Reply, Request, Response};
+
+/// Frames queued for the writer before `call` waits.
+const OUTGOING_QUEUE: usize = 4096;
+/// Notices buffered per subscription before the connection's reader waits.
+const NOTICE_QUEUE: usize = 256;
+
+/// Why a call did not produce a response.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    /// The connection closed (or failed) before the response arrived.
+    #[error("connection closed: {0}")]
+    Closed(String),
+    /// The server sent something that does not follow the protocol.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// The server answered with a status other than OK, or an unexpected reply.
+    #[error("unexpected response: {0:?}")]
+    Unexpected(Box<Response>),
+}
+
+enum Waiter {
+    Once {
+        opcode: u16,
+        reply: oneshot::Sender<Result<Response, ClientError>>,
+    },
+    Subscription {
+        first: Option<oneshot::Sender<Result<Response, ClientError>>>,
+        notices: mpsc::Sender<Notice>,
+    },
+}
+
+type Pending = Arc<Mutex<HashMap<u64, Waiter>>>;
+
+/// A connection to a settlegate server. Cheap to share: wrap in an `Arc` and call from many
+/// tasks at once.
+pub struct Client {
+    outgoing: mpsc::Sender<Vec<u8>>,
+    pending: Pending,
+    next_id: AtomicU64,
+}
+
+impl Client {
+    /// Connects over TCP (no TLS).
+    pub async fn connect(addr: impl ToSocketAddrs) -> std::io::Result<Client> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(Client::from_stream(stream))
+    }
+
+    /// Runs the protocol over any byte stream (a TLS stream, for example). Spawns a reader and a
+    /// writer task on the current Tokio runtime.
+    pub fn from_stream<S>(stream: S) -> Client
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (read_half, write_half) = tokio::io::split(stream);
+        let (outgoing, queue) = mpsc::channel(OUTGOING_QUEUE);
+        let pending: Pending = Arc::default();
+        tokio::spawn(write_loop(write_half, queue));
+        tokio::spawn(read_loop(read_half, Arc::clone(&pending)));
+        Client { outgoing, pending, next_id: AtomicU64::new(1) }
+    }
+
+    /// Sends `request` and waits for its response, whatever its status.
+    pub async fn call(&self, request: &Request) -> Result<Response, ClientError> {
+        let (reply, receiver) = oneshot::channel();
+        self.send(request, Waiter::Once { opcode: request.opcode(), reply }).await?;
+        receiver.await.map_err(|_| ClientError::Closed("reader stopped".into()))?
+    }
+
+    /// Sends `request` and returns its `OK` reply; any other status is an error.
+    pub async fn call_ok(&self, request: &Request) -> Result<Reply, ClientError> {
+        match self.call(request).await? {
+            Response::Ok(reply) => Ok(reply),
+            other => Err(ClientError::Unexpected(Box::new(other))),
+        }
+    }
+
+    /// Authenticates with an API key.
+    pub async fn authenticate(&self, key: &str) -> Result<(), ClientError> {
+        self.call_ok(&Request::Auth { key: key.to_owned() }).await.map(|_| ())
+    }
+
+    /// Authorizes a signed inherent ID.
+    pub async fn authorize(
+        &self,
+        client_request_id: u128,
+        inherent_id: Vec<u8>,
+    ) -> Result<AuthOutcome, ClientError> {
+        match self.call_ok(&Request::Authorize { client_request_id, inherent_id }).await? {
+            Reply::Outcome(outcome) => Ok(outcome),
+            other => Err(ClientError::Unexpected(Box::new(Response::Ok(other)))),
+        }
+    }
+
+    /// Subscribes to a user's completion notices; they arrive on the returned channel.
+    pub async fn subscribe_notices(
+        &self,
+        user: &UserKey,
+        password: &str,
+    ) -> Result<mpsc::Receiver<Notice>, ClientError> {
+        let request =
+            Request::SubscribeNotices { user: user.clone(), password: password.to_owned() };
+        let (first, receiver) = oneshot::channel();
+        let (notices, stream) = mpsc::channel(NOTICE_QUEUE);
+        self.send(&request, Waiter::Subscription { first: Some(first), notices }).await?;
+        match receiver.await.map_err(|_| ClientError::Closed("reader stopped".into()))?? {
+            Response::Ok(_) => Ok(stream),
+            other => Err(ClientError::Unexpected(Box::new(other))),
+        }
+    }
+
+    async fn send(&self, request: &Request, waiter: Waiter) -> Result<(), ClientError> {
+        let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let bytes = request.to_frame(request_id).to_bytes();
+        self.pending.lock().expect("pending lock").insert(request_id, waiter);
+        if self.outgoing.send(bytes).await.is_err() {
+            self.pending.lock().expect("pending lock").remove(&request_id);
+            return Err(ClientError::Closed("writer stopped".into()));
+        }
+        Ok(())
+    }
+}
+
+async fn write_loop<W: AsyncWrite>(write_half: W, mut queue: mpsc::Receiver<Vec<u8>>) {
+    tokio::pin!(write_half);
+    let mut buffer = Vec::with_capacity(64 * 1024);
+    while let Some(first) = queue.recv().await {
+        buffer.clear();
+        buffer.extend_from_slice(&first);
+        // Everything already queued goes out in the same write.
+        while buffer.len() < 256 * 1024 {
+            match queue.try_recv() {
+                Ok(more) => buffer.extend_from_slice(&more),
+                Err(_) => break,
+            }
+        }
+        if write_half.write_all(&buffer).await.is_err() || write_half.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = write_half.shutdown().await;
+}
+
+async fn read_loop<R: AsyncRead>(read_half: R, pending: Pending) {
+    tokio::pin!(read_half);
+    let mut buffer = Vec::with_capacity(64 * 1024);
+    let reason = loop {
+        match frame::decode(&buffer) {
+            Ok(Some((frame, used))) => {
+                buffer.drain(..used);
+                if let Err(error) = deliver(&pending, frame) {
+                    break error;
+                }
+                continue;
+            }
+            Ok(None) => {}
+            Err(error) => break ClientError::Protocol(format!("bad frame from server: {error}")),
+        }
+        let mut chunk = [0u8; 16 * 1024];
+        match read_half.read(&mut chunk).await {
+            Ok(0) => break ClientError::Closed("server closed the connection".into()),
+            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+            Err(error) => break ClientError::Closed(error.to_string()),
+        }
+    };
+    for (_, waiter) in pending.lock().expect("pending lock").drain() {
+        if let Waiter::Once { reply, .. } | Waiter::Subscription { first: Some(reply), .. } = waiter
+        {
+            let _ = reply.send(Err(reason.clone()));
+        }
+    }
+}
+
+fn deliver(pending: &Pending, frame: crate::Frame) -> Result<(), ClientError> {
+    if frame.request_id == 0 && frame.opcode == 0 {
+        // A FRAME_ERROR: the server is about to close; report it to everyone waiting.
+        let response = Response::decode(0, frame.status, &frame.body)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        return Err(ClientError::Unexpected(Box::new(response)));
+    }
+    let mut pending = pending.lock().expect("pending lock");
+    if frame.flags & FLAG_PUSH != 0 {
+        let Some(Waiter::Subscription { notices, .. }) = pending.get(&frame.request_id) else {
+            return Ok(()); // A notice for a subscription nobody holds any more.
+        };
+        let response = Response::decode(opcode::NOTICE, frame.status, &frame.body)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        if let Response::Ok(Reply::Notice(notice)) = response {
+            if notices.try_send(notice).is_err() {
+                pending.remove(&frame.request_id); // Receiver gone or too far behind.
+            }
+        }
+        return Ok(());
+    }
+    match pending.remove(&frame.request_id) {
+        Some(Waiter::Once { opcode, reply }) => {
+            let response = Response::decode(opcode, frame.status, &frame.body)
+                .map_err(|e| ClientError::Protocol(format!("response to {opcode:#06x}: {e}")));
+            let _ = reply.send(response);
+        }
+        Some(Waiter::Subscription { first, notices }) => {
+            let response = Response::decode(opcode::SUBSCRIBE_NOTICES, frame.status, &frame.body)
+                .map_err(|e| ClientError::Protocol(e.to_string()));
+            let subscribed = matches!(response, Ok(Response::Ok(_)));
+            if let Some(first) = first {
+                let _ = first.send(response);
+            }
+            if subscribed {
+                pending.insert(frame.request_id, Waiter::Subscription { first: None, notices });
+            }
+        }
+        None => {
+            return Err(ClientError::Protocol(format!(
+                "response for unknown request ID {}",
+                frame.request_id
+            )))
+        }
+    }
+    Ok(())
+}

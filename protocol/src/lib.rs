@@ -1,0 +1,16 @@
+//! settlegate-protocol: the binary wire protocol of `docs/PROTOCOL.md`.
+//!
+//! - [`frame`]: the 28-byte header and frame validation (pure, no I/O);
+//! - [`wire`]: bounds-checked body reading and writing;
+//! - [`messages`]: typed requests and responses;
+//! - [`client`]: an async, pipelined client for processors and the load generator.
+#![deny(missing_docs)]
+
+pub mod client;
+pub mod frame;
+pub mod messages;
+pub mod wire;
+
+pub use client::{Client, ClientError};
+pub use frame::{Frame, FrameError};
+pub use messages::{opcode, status, DecodeError, Reply, Request, Response, ServerInfo};

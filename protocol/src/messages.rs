@@ -1,0 +1,696 @@
+//! Typed requests and responses, and their body layouts (`docs/PROTOCOL.md` section 5).
+
+use settlegate_engine::engine::DeviceCredential;
+use settlegate_engine::{
+    Approval, AuthCode, AuthOutcome, CardToken, Currency, DeviceKey, Discount, MeansAdded,
+    MeansInput, MeansKind, MeansOrder, MeansView, Notice, ReasonCode, TerminalConfirmation,
+    TerminalEntry, TerminalService, UserKey,
+};
+
+use crate::wire::{BodyError, Reader, Writer};
+
+/// Operation codes.
+pub mod opcode {
+    /// Authenticate with an API key.
+    pub const AUTH: u16 = 0x0001;
+    /// Echo.
+    pub const PING: u16 = 0x0002;
+    /// Server facts.
+    pub const SERVER_INFO: u16 = 0x0003;
+    /// Enroll a user and their first device.
+    pub const ENROLL: u16 = 0x0010;
+    /// Check a password.
+    pub const LOGIN: u16 = 0x0011;
+    /// Register a settlement means.
+    pub const ADD_MEANS: u16 = 0x0012;
+    /// Choose the default means.
+    pub const SET_DEFAULT_MEANS: u16 = 0x0013;
+    /// List a user's means.
+    pub const LIST_MEANS: u16 = 0x0014;
+    /// Provision another device.
+    pub const PROVISION_DEVICE: u16 = 0x0015;
+    /// Rotate a device key.
+    pub const ROTATE_DEVICE_KEY: u16 = 0x0016;
+    /// Subscribe to a user's completion notices.
+    pub const SUBSCRIBE_NOTICES: u16 = 0x0017;
+    /// A pushed completion notice.
+    pub const NOTICE: u16 = 0x0018;
+    /// List terminals for a provider.
+    pub const REGISTER_TERMINALS: u16 = 0x0020;
+    /// Remove terminals from a provider.
+    pub const REMOVE_TERMINALS: u16 = 0x0021;
+    /// Terminal confirmation (S38–S39).
+    pub const CONFIRM_TERMINAL: u16 = 0x0022;
+    /// Authorize a settlement.
+    pub const AUTHORIZE: u16 = 0x0030;
+}
+
+/// Response statuses.
+pub mod status {
+    /// Success; the body is the reply.
+    pub const OK: u16 = 0;
+    /// The engine refused; body `u16 reason`.
+    pub const REFUSED: u16 = 1;
+    /// Busy; body `u32 retry_after_ms`.
+    pub const BUSY: u16 = 2;
+    /// Same client request ID still in flight.
+    pub const IN_FLIGHT: u16 = 3;
+    /// Not authenticated.
+    pub const UNAUTHENTICATED: u16 = 4;
+    /// Not permitted.
+    pub const FORBIDDEN: u16 = 5;
+    /// Body did not parse.
+    pub const BAD_REQUEST: u16 = 6;
+    /// Unknown opcode.
+    pub const UNKNOWN_OPCODE: u16 = 7;
+    /// Server shutting down.
+    pub const SHUTTING_DOWN: u16 = 8;
+    /// Server fault.
+    pub const INTERNAL: u16 = 9;
+    /// Framing broken; the server closes.
+    pub const FRAME_ERROR: u16 = 16;
+}
+
+/// A request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(missing_docs)] // Fields mirror docs/PROTOCOL.md section 5 one to one.
+pub enum Request {
+    Auth { key: String },
+    Ping { payload: Vec<u8> },
+    ServerInfo,
+    Enroll { client_request_id: u128, user: UserKey, password: String, card_idm: [u8; 8] },
+    Login { user: UserKey, password: String },
+    AddMeans { client_request_id: u128, user: UserKey, make_default: bool, means: MeansInput },
+    SetDefaultMeans { client_request_id: u128, user: UserKey, means_id: u32 },
+    ListMeans { user: UserKey, order: MeansOrder },
+    ProvisionDevice { client_request_id: u128, user: UserKey, password: String, card_idm: [u8; 8] },
+    RotateDeviceKey { client_request_id: u128, user: UserKey, card_idm: [u8; 8] },
+    SubscribeNotices { user: UserKey, password: String },
+    RegisterTerminals { client_request_id: u128, provider_code: u32, terminals: Vec<TerminalEntry> },
+    RemoveTerminals { client_request_id: u128, provider_code: u32, terminal_ids: Vec<String> },
+    ConfirmTerminal { provider_code: u32, terminal_id: String },
+    Authorize { client_request_id: u128, inherent_id: Vec<u8> },
+}
+
+/// Largest `PING` payload.
+pub const PING_PAYLOAD_MAX: usize = 64;
+/// Most terminals in one register or remove request.
+pub const TERMINALS_PER_REQUEST_MAX: usize = settlegate_engine::limits::TERMINALS_PER_REQUEST_MAX;
+
+/// Why a request body was not understood.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// No such opcode.
+    #[error("unknown opcode {0:#06x}")]
+    UnknownOpcode(u16),
+    /// The body does not parse.
+    #[error("{0}")]
+    Body(#[from] BodyError),
+}
+
+impl Request {
+    /// The request's opcode.
+    pub fn opcode(&self) -> u16 {
+        use opcode::*;
+        match self {
+            Request::Auth { .. } => AUTH,
+            Request::Ping { .. } => PING,
+            Request::ServerInfo => SERVER_INFO,
+            Request::Enroll { .. } => ENROLL,
+            Request::Login { .. } => LOGIN,
+            Request::AddMeans { .. } => ADD_MEANS,
+            Request::SetDefaultMeans { .. } => SET_DEFAULT_MEANS,
+            Request::ListMeans { .. } => LIST_MEANS,
+            Request::ProvisionDevice { .. } => PROVISION_DEVICE,
+            Request::RotateDeviceKey { .. } => ROTATE_DEVICE_KEY,
+            Request::SubscribeNotices { .. } => SUBSCRIBE_NOTICES,
+            Request::RegisterTerminals { .. } => REGISTER_TERMINALS,
+            Request::RemoveTerminals { .. } => REMOVE_TERMINALS,
+            Request::ConfirmTerminal { .. } => CONFIRM_TERMINAL,
+            Request::Authorize { .. } => AUTHORIZE,
+        }
+    }
+
+    /// Appends the body.
+    pub fn encode_body(&self, out: &mut Vec<u8>) {
+        let mut w = Writer(out);
+        match self {
+            Request::Auth { key } => {
+                w.u8(1).str8(key);
+            }
+            Request::Ping { payload } => {
+                w.raw(payload);
+            }
+            Request::ServerInfo => {}
+            Request::Enroll { client_request_id, user, password, card_idm }
+            | Request::ProvisionDevice { client_request_id, user, password, card_idm } => {
+                w.u128(*client_request_id).user(user).str8(password).raw(card_idm);
+            }
+            Request::Login { user, password } | Request::SubscribeNotices { user, password } => {
+                w.user(user).str8(password);
+            }
+            Request::AddMeans { client_request_id, user, make_default, means } => {
+                w.u128(*client_request_id).user(user).u8(u8::from(*make_default));
+                encode_means(&mut w, means);
+            }
+            Request::SetDefaultMeans { client_request_id, user, means_id } => {
+                w.u128(*client_request_id).user(user).u32(*means_id);
+            }
+            Request::ListMeans { user, order } => {
+                let order = match order {
+                    MeansOrder::Registration => 0,
+                    MeansOrder::Frequency => 1,
+                    MeansOrder::Recency => 2,
+                };
+                w.user(user).u8(order);
+            }
+            Request::RotateDeviceKey { client_request_id, user, card_idm } => {
+                w.u128(*client_request_id).user(user).raw(card_idm);
+            }
+            Request::RegisterTerminals { client_request_id, provider_code, terminals } => {
+                w.u128(*client_request_id).u32(*provider_code).u16(terminals.len() as u16);
+                for entry in terminals {
+                    w.str8(&entry.terminal_id);
+                    encode_optional_service(&mut w, entry.service.as_ref());
+                }
+            }
+            Request::RemoveTerminals { client_request_id, provider_code, terminal_ids } => {
+                w.u128(*client_request_id).u32(*provider_code).u16(terminal_ids.len() as u16);
+                for id in terminal_ids {
+                    w.str8(id);
+                }
+            }
+            Request::ConfirmTerminal { provider_code, terminal_id } => {
+                w.u32(*provider_code).str8(terminal_id);
+            }
+            Request::Authorize { client_request_id, inherent_id } => {
+                w.u128(*client_request_id).bytes16(inherent_id);
+            }
+        }
+    }
+
+    /// The request as a frame.
+    pub fn to_frame(&self, request_id: u64) -> crate::Frame {
+        let mut body = Vec::new();
+        self.encode_body(&mut body);
+        crate::Frame::request(self.opcode(), request_id, body)
+    }
+
+    /// Parses a request body. Never allocates more than the body holds.
+    pub fn decode(opcode: u16, body: &[u8]) -> Result<Request, DecodeError> {
+        let mut r = Reader::new(body);
+        let request = match opcode {
+            opcode::AUTH => {
+                if r.u8("auth_method")? != 1 {
+                    return Err(BodyError::Invalid("auth_method").into());
+                }
+                Request::Auth { key: r.str8("key")?.to_owned() }
+            }
+            opcode::PING => {
+                let payload = r.rest();
+                if payload.len() > PING_PAYLOAD_MAX {
+                    return Err(BodyError::Invalid("ping payload over 64 bytes").into());
+                }
+                Request::Ping { payload: payload.to_vec() }
+            }
+            opcode::SERVER_INFO => Request::ServerInfo,
+            opcode::ENROLL | opcode::PROVISION_DEVICE => {
+                let client_request_id = r.u128("client_request_id")?;
+                let user = r.user()?;
+                let password = r.str8("password")?.to_owned();
+                let card_idm = r.array("card_idm")?;
+                if opcode == opcode::ENROLL {
+                    Request::Enroll { client_request_id, user, password, card_idm }
+                } else {
+                    Request::ProvisionDevice { client_request_id, user, password, card_idm }
+                }
+            }
+            opcode::LOGIN | opcode::SUBSCRIBE_NOTICES => {
+                let user = r.user()?;
+                let password = r.str8("password")?.to_owned();
+                if opcode == opcode::LOGIN {
+                    Request::Login { user, password }
+                } else {
+                    Request::SubscribeNotices { user, password }
+                }
+            }
+            opcode::ADD_MEANS => Request::AddMeans {
+                client_request_id: r.u128("client_request_id")?,
+                user: r.user()?,
+                make_default: r.flag("make_default")?,
+                means: decode_means(&mut r)?,
+            },
+            opcode::SET_DEFAULT_MEANS => Request::SetDefaultMeans {
+                client_request_id: r.u128("client_request_id")?,
+                user: r.user()?,
+                means_id: r.u32("means_id")?,
+            },
+            opcode::LIST_MEANS => Request::ListMeans {
+                user: r.user()?,
+                order: match r.u8("order")? {
+                    0 => MeansOrder::Registration,
+                    1 => MeansOrder::Frequency,
+                    2 => MeansOrder::Recency,
+                    _ => return Err(BodyError::Invalid("order").into()),
+                },
+            },
+            opcode::ROTATE_DEVICE_KEY => Request::RotateDeviceKey {
+                client_request_id: r.u128("client_request_id")?,
+                user: r.user()?,
+                card_idm: r.array("card_idm")?,
+            },
+            opcode::REGISTER_TERMINALS => {
+                let client_request_id = r.u128("client_request_id")?;
+                let provider_code = r.u32("provider_code")?;
+                let count = terminal_count(&mut r)?;
+                let mut terminals = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let terminal_id = r.str8("terminal_id")?.to_owned();
+                    let service = decode_optional_service(&mut r)?;
+                    terminals.push(TerminalEntry { terminal_id, service });
+                }
+                Request::RegisterTerminals { client_request_id, provider_code, terminals }
+            }
+            opcode::REMOVE_TERMINALS => {
+                let client_request_id = r.u128("client_request_id")?;
+                let provider_code = r.u32("provider_code")?;
+                let count = terminal_count(&mut r)?;
+                let mut terminal_ids = Vec::with_capacity(count);
+                for _ in 0..count {
+                    terminal_ids.push(r.str8("terminal_id")?.to_owned());
+                }
+                Request::RemoveTerminals { client_request_id, provider_code, terminal_ids }
+            }
+            opcode::CONFIRM_TERMINAL => Request::ConfirmTerminal {
+                provider_code: r.u32("provider_code")?,
+                terminal_id: r.str8("terminal_id")?.to_owned(),
+            },
+            opcode::AUTHORIZE => Request::Authorize {
+                client_request_id: r.u128("client_request_id")?,
+                inherent_id: r.bytes16("inherent_id")?.to_vec(),
+            },
+            other => return Err(DecodeError::UnknownOpcode(other)),
+        };
+        r.finish()?;
+        Ok(request)
+    }
+}
+
+/// Reads a terminal count and checks it against the limit before anything is allocated.
+fn terminal_count(r: &mut Reader<'_>) -> Result<usize, BodyError> {
+    let count = r.u16("count")? as usize;
+    if count == 0 || count > TERMINALS_PER_REQUEST_MAX {
+        return Err(BodyError::Invalid("count (1..=1024)"));
+    }
+    Ok(count)
+}
+
+fn encode_means(w: &mut Writer<'_>, means: &MeansInput) {
+    w.u8(means.kind() as u8);
+    match means {
+        MeansInput::CreditCard { pan } => w.str8(pan),
+        MeansInput::EMoney { emoney_type } => w.str8(emoney_type),
+        MeansInput::QrCode { scheme, settlement_number } => w.str8(scheme).str8(settlement_number),
+        MeansInput::BankAccount { bank_code, account_number } => {
+            w.str8(bank_code).str8(account_number)
+        }
+    };
+}
+
+fn decode_means(r: &mut Reader<'_>) -> Result<MeansInput, BodyError> {
+    let kind = MeansKind::from_u8(r.u8("means_kind")?).ok_or(BodyError::Invalid("means_kind"))?;
+    let mut text = |what| r.str8(what).map(str::to_owned);
+    Ok(match kind {
+        MeansKind::CreditCard => MeansInput::CreditCard { pan: text("pan")? },
+        MeansKind::EMoney => MeansInput::EMoney { emoney_type: text("emoney_type")? },
+        MeansKind::QrCode => MeansInput::QrCode {
+            scheme: text("scheme")?,
+            settlement_number: text("settlement_number")?,
+        },
+        MeansKind::BankAccount => MeansInput::BankAccount {
+            bank_code: text("bank_code")?,
+            account_number: text("account_number")?,
+        },
+    })
+}
+
+fn encode_optional_service(w: &mut Writer<'_>, service: Option<&TerminalService>) {
+    let Some(service) = service else {
+        w.u8(0);
+        return;
+    };
+    w.u8(1);
+    match service.discount {
+        Discount::Percent { bps } => w.u8(1).u16(bps),
+        Discount::Fixed { amount_minor, currency } => {
+            w.u8(2).u64(amount_minor).raw(&currency.bytes())
+        }
+    };
+    w.i64(service.valid_from_ms).i64(service.valid_until_ms).str8(&service.description);
+}
+
+fn decode_optional_service(r: &mut Reader<'_>) -> Result<Option<TerminalService>, BodyError> {
+    if !r.flag("has_service")? {
+        return Ok(None);
+    }
+    let discount = match r.u8("discount_kind")? {
+        1 => Discount::Percent { bps: r.u16("bps")? },
+        2 => Discount::Fixed { amount_minor: r.u64("amount_minor")?, currency: currency(r)? },
+        _ => return Err(BodyError::Invalid("discount_kind")),
+    };
+    Ok(Some(TerminalService {
+        discount,
+        valid_from_ms: r.i64("valid_from_ms")?,
+        valid_until_ms: r.i64("valid_until_ms")?,
+        description: r.str8("description")?.to_owned(),
+    }))
+}
+
+fn currency(r: &mut Reader<'_>) -> Result<Currency, BodyError> {
+    Currency::from_bytes(r.array("currency")?).map_err(|_| BodyError::Invalid("currency"))
+}
+
+/// Facts about the server (`SERVER_INFO`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerInfo {
+    /// settlegate version.
+    pub server_version: String,
+    /// Protocol version (1).
+    pub protocol_version: u16,
+    /// Engine shards.
+    pub shards: u16,
+    /// Largest body.
+    pub body_length_max: u32,
+    /// Requests in flight per connection.
+    pub in_flight_max: u16,
+    /// Providers: code and name.
+    pub providers: Vec<(u32, String)>,
+}
+
+/// The body of an `OK` response, by the request that asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub enum Reply {
+    Authenticated { identity: String, permissions: u32 },
+    Pong(Vec<u8>),
+    ServerInfo(ServerInfo),
+    Credential(DeviceCredential),
+    Empty,
+    MeansAdded(MeansAdded),
+    Means(Vec<MeansView>),
+    Confirmation(TerminalConfirmation),
+    Outcome(AuthOutcome),
+    Notice(Notice),
+}
+
+/// A response: a status and its body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub enum Response {
+    Ok(Reply),
+    Refused(ReasonCode),
+    Busy { retry_after_ms: u32 },
+    InFlight,
+    Unauthenticated(String),
+    Forbidden(String),
+    BadRequest(String),
+    UnknownOpcode,
+    ShuttingDown,
+    Internal(String),
+    FrameError { kind: u16, detail: String },
+}
+
+impl Response {
+    /// Status and body.
+    pub fn encode(&self) -> (u16, Vec<u8>) {
+        let mut body = Vec::new();
+        let mut w = Writer(&mut body);
+        let status = match self {
+            Response::Ok(reply) => {
+                encode_reply(&mut w, reply);
+                status::OK
+            }
+            Response::Refused(reason) => {
+                w.u16(reason.code());
+                status::REFUSED
+            }
+            Response::Busy { retry_after_ms } => {
+                w.u32(*retry_after_ms);
+                status::BUSY
+            }
+            Response::InFlight => status::IN_FLIGHT,
+            Response::Unauthenticated(detail) => {
+                w.str8(detail);
+                status::UNAUTHENTICATED
+            }
+            Response::Forbidden(detail) => {
+                w.str8(detail);
+                status::FORBIDDEN
+            }
+            Response::BadRequest(detail) => {
+                w.str8(detail);
+                status::BAD_REQUEST
+            }
+            Response::UnknownOpcode => status::UNKNOWN_OPCODE,
+            Response::ShuttingDown => status::SHUTTING_DOWN,
+            Response::Internal(detail) => {
+                w.str8(detail);
+                status::INTERNAL
+            }
+            Response::FrameError { kind, detail } => {
+                w.u16(*kind).str8(detail);
+                status::FRAME_ERROR
+            }
+        };
+        (status, body)
+    }
+
+    /// The response to a request with `opcode` and `request_id`, as a frame.
+    pub fn to_frame(&self, opcode: u16, request_id: u64) -> crate::Frame {
+        let (status, body) = self.encode();
+        let push = matches!(self, Response::Ok(Reply::Notice(_)));
+        let flags = crate::frame::FLAG_RESPONSE | if push { crate::frame::FLAG_PUSH } else { 0 };
+        crate::Frame { flags, opcode, status, request_id, body }
+    }
+
+    /// Parses a response to a request of `opcode`.
+    pub fn decode(opcode: u16, status: u16, body: &[u8]) -> Result<Response, BodyError> {
+        let mut r = Reader::new(body);
+        let response = match status {
+            status::OK => Response::Ok(decode_reply(opcode, &mut r)?),
+            status::REFUSED => Response::Refused(
+                ReasonCode::from_code(r.u16("reason")?).ok_or(BodyError::Invalid("reason"))?,
+            ),
+            status::BUSY => Response::Busy { retry_after_ms: r.u32("retry_after_ms")? },
+            status::IN_FLIGHT => Response::InFlight,
+            status::UNAUTHENTICATED => Response::Unauthenticated(r.str8("detail")?.to_owned()),
+            status::FORBIDDEN => Response::Forbidden(r.str8("detail")?.to_owned()),
+            status::BAD_REQUEST => Response::BadRequest(r.str8("detail")?.to_owned()),
+            status::UNKNOWN_OPCODE => Response::UnknownOpcode,
+            status::SHUTTING_DOWN => Response::ShuttingDown,
+            status::INTERNAL => Response::Internal(r.str8("detail")?.to_owned()),
+            status::FRAME_ERROR => {
+                Response::FrameError { kind: r.u16("kind")?, detail: r.str8("detail")?.to_owned() }
+            }
+            _ => return Err(BodyError::Invalid("status")),
+        };
+        r.finish()?;
+        Ok(response)
+    }
+}
+
+fn encode_reply(w: &mut Writer<'_>, reply: &Reply) {
+    match reply {
+        Reply::Authenticated { identity, permissions } => {
+            w.str8(identity).u32(*permissions);
+        }
+        Reply::Pong(payload) => {
+            w.raw(payload);
+        }
+        Reply::ServerInfo(info) => {
+            w.str8(&info.server_version)
+                .u16(info.protocol_version)
+                .u16(info.shards)
+                .u32(info.body_length_max)
+                .u16(info.in_flight_max)
+                .u16(info.providers.len() as u16);
+            for (code, name) in &info.providers {
+                w.u32(*code).str8(name);
+            }
+        }
+        Reply::Credential(c) => {
+            w.raw(&c.card_idm).u16(c.key_version).raw(c.device_key.expose());
+        }
+        Reply::Empty => {}
+        Reply::MeansAdded(added) => {
+            w.u32(added.means_id).str8(added.last4.as_deref().unwrap_or(""));
+        }
+        Reply::Means(means) => {
+            w.u8(means.len() as u8);
+            for m in means {
+                w.u32(m.means_id)
+                    .u8(m.kind as u8)
+                    .u8(u8::from(m.is_default))
+                    .str8(&m.label)
+                    .str8(m.last4.as_deref().unwrap_or(""))
+                    .raw(&m.token.map_or([0; 16], |t| t.0))
+                    .u64(m.uses)
+                    .u8(u8::from(m.last_used_ms.is_some()))
+                    .i64(m.last_used_ms.unwrap_or(0))
+                    .i64(m.registered_ms);
+            }
+        }
+        Reply::Confirmation(confirmation) => match confirmation {
+            TerminalConfirmation::NotListed => {
+                w.u8(0).u8(0);
+            }
+            TerminalConfirmation::Listed { service } => {
+                w.u8(1);
+                encode_optional_service(w, service.as_ref());
+            }
+        },
+        Reply::Outcome(outcome) => encode_outcome(w, outcome),
+        Reply::Notice(notice) => {
+            w.user(&notice.user)
+                .u128(notice.client_request_id)
+                .str8(&notice.terminal_id)
+                .i64(notice.at_ms);
+            encode_outcome(w, &notice.outcome);
+        }
+    }
+}
+
+fn encode_outcome(w: &mut Writer<'_>, outcome: &AuthOutcome) {
+    match outcome {
+        AuthOutcome::Approved(a) => {
+            w.u8(0)
+                .raw(&a.auth_code.0)
+                .u32(a.provider_code)
+                .u64(a.amount_requested_minor)
+                .u64(a.discount_minor)
+                .u64(a.amount_final_minor)
+                .raw(&a.currency.bytes());
+        }
+        AuthOutcome::Declined(reason) => {
+            w.u8(1).u16(reason.code());
+        }
+    }
+}
+
+fn decode_outcome(r: &mut Reader<'_>) -> Result<AuthOutcome, BodyError> {
+    match r.u8("result")? {
+        0 => Ok(AuthOutcome::Approved(Approval {
+            auth_code: AuthCode(r.array("auth_code")?),
+            provider_code: r.u32("provider_code")?,
+            amount_requested_minor: r.u64("amount_requested_minor")?,
+            discount_minor: r.u64("discount_minor")?,
+            amount_final_minor: r.u64("amount_final_minor")?,
+            currency: currency(r)?,
+        })),
+        1 => Ok(AuthOutcome::Declined(
+            ReasonCode::from_code(r.u16("reason")?).ok_or(BodyError::Invalid("reason"))?,
+        )),
+        _ => Err(BodyError::Invalid("result")),
+    }
+}
+
+fn decode_credential(r: &mut Reader<'_>) -> Result<DeviceCredential, BodyError> {
+    Ok(DeviceCredential {
+        card_idm: r.array("card_idm")?,
+        key_version: r.u16("key_version")?,
+        device_key: DeviceKey::from_bytes(r.array("device_key")?),
+    })
+}
+
+fn decode_reply(opcode: u16, r: &mut Reader<'_>) -> Result<Reply, BodyError> {
+    use opcode::*;
+    Ok(match opcode {
+        AUTH => Reply::Authenticated {
+            identity: r.str8("identity")?.to_owned(),
+            permissions: r.u32("permissions")?,
+        },
+        PING => Reply::Pong(r.rest().to_vec()),
+        SERVER_INFO => {
+            let server_version = r.str8("server_version")?.to_owned();
+            let protocol_version = r.u16("protocol_version")?;
+            let shards = r.u16("shards")?;
+            let body_length_max = r.u32("body_length_max")?;
+            let in_flight_max = r.u16("in_flight_max")?;
+            let count = r.u16("provider_count")?;
+            let mut providers = Vec::new();
+            for _ in 0..count {
+                providers.push((r.u32("code")?, r.str8("name")?.to_owned()));
+            }
+            Reply::ServerInfo(ServerInfo {
+                server_version,
+                protocol_version,
+                shards,
+                body_length_max,
+                in_flight_max,
+                providers,
+            })
+        }
+        ENROLL | PROVISION_DEVICE | ROTATE_DEVICE_KEY => Reply::Credential(decode_credential(r)?),
+        LOGIN | SET_DEFAULT_MEANS | SUBSCRIBE_NOTICES | REGISTER_TERMINALS | REMOVE_TERMINALS => {
+            Reply::Empty
+        }
+        ADD_MEANS => {
+            let means_id = r.u32("means_id")?;
+            let last4 = r.str8("last4")?;
+            Reply::MeansAdded(MeansAdded {
+                means_id,
+                last4: (!last4.is_empty()).then(|| last4.to_owned()),
+            })
+        }
+        LIST_MEANS => {
+            let count = r.u8("count")?;
+            let mut means = Vec::new();
+            for _ in 0..count {
+                means.push(decode_means_view(r)?);
+            }
+            Reply::Means(means)
+        }
+        CONFIRM_TERMINAL => {
+            let listed = r.flag("listed")?;
+            let service = decode_optional_service(r)?;
+            Reply::Confirmation(if listed {
+                TerminalConfirmation::Listed { service }
+            } else {
+                TerminalConfirmation::NotListed
+            })
+        }
+        AUTHORIZE => Reply::Outcome(decode_outcome(r)?),
+        NOTICE => {
+            let user = r.user()?;
+            let client_request_id = r.u128("client_request_id")?;
+            let terminal_id = r.str8("terminal_id")?.to_owned();
+            let at_ms = r.i64("at_ms")?;
+            let outcome = decode_outcome(r)?;
+            Reply::Notice(Notice { user, client_request_id, terminal_id, outcome, at_ms })
+        }
+        _ => return Err(BodyError::Invalid("opcode")),
+    })
+}
+
+fn decode_means_view(r: &mut Reader<'_>) -> Result<MeansView, BodyError> {
+    let means_id = r.u32("means_id")?;
+    let kind = MeansKind::from_u8(r.u8("kind")?).ok_or(BodyError::Invalid("kind"))?;
+    let is_default = r.flag("is_default")?;
+    let label = r.str8("label")?.to_owned();
+    let last4 = r.str8("last4")?;
+    let token: [u8; 16] = r.array("token")?;
+    let uses = r.u64("uses")?;
+    let has_last_used = r.flag("has_last_used")?;
+    let last_used_ms = r.i64("last_used_ms")?;
+    Ok(MeansView {
+        means_id,
+        kind,
+        label,
+        last4: (!last4.is_empty()).then(|| last4.to_owned()),
+        token: (token != [0; 16]).then_some(CardToken(token)),
+        is_default,
+        uses,
+        last_used_ms: has_last_used.then_some(last_used_ms),
+        registered_ms: r.i64("registered_ms")?,
+    })
+}

@@ -1,0 +1,176 @@
+//! The example frames in docs/PROTOCOL.md section 7 are produced by this codec.
+//!
+//! `SETTLEGATE_BLESS=1 cargo test -p settlegate-protocol --test spec_examples` rewrites them.
+
+use settlegate_engine::{
+    Approval, AuthCode, AuthOutcome, Currency, InherentId, MeansKind, ReasonCode, UserIdType,
+    UserKey,
+};
+use settlegate_protocol::messages::{opcode, Reply, Request, Response};
+use settlegate_protocol::Frame;
+
+const DOC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/PROTOCOL.md");
+const START: &str = "<!-- examples:start -->";
+const END: &str = "<!-- examples:end -->";
+
+/// The device key of the example inherent ID: bytes 0x00, 0x01, ..., 0x1f.
+fn example_key() -> [u8; 32] {
+    std::array::from_fn(|i| i as u8)
+}
+
+fn example_inherent_id() -> Vec<u8> {
+    InherentId {
+        key_version: 1,
+        amount_minor: 1_980,
+        currency: Currency::try_from("JPY").unwrap(),
+        means: MeansKind::CreditCard,
+        means_id: 0,
+        provider_code: 1,
+        card_idm: [0x01, 0x2e, 0, 0, 0, 0, 0, 0x01],
+        user: UserKey::new(UserIdType::Mail, "hanako@example.jp").unwrap(),
+        terminal_id: "DEMO-SHIBUYA-01".into(),
+        counter: 1,
+        timestamp_ms: 1_795_305_600_000,
+    }
+    .sign(&example_key())
+}
+
+fn examples() -> Vec<(&'static str, String, Vec<u8>)> {
+    let approval = AuthOutcome::Approved(Approval {
+        auth_code: AuthCode(*b"A1B2C3"),
+        provider_code: 1,
+        amount_requested_minor: 1_980,
+        discount_minor: 99,
+        amount_final_minor: 1_881,
+        currency: Currency::try_from("JPY").unwrap(),
+    });
+    let response = |r: Response, op: u16, id: u64| r.to_frame(op, id).to_bytes();
+    vec![
+        (
+            "ping-request",
+            "`PING`, request ID 1, payload `hi`.".into(),
+            Request::Ping { payload: b"hi".to_vec() }.to_frame(1).to_bytes(),
+        ),
+        (
+            "ping-response",
+            "Its response.".into(),
+            response(Response::Ok(Reply::Pong(b"hi".to_vec())), opcode::PING, 1),
+        ),
+        (
+            "auth-request",
+            "`AUTH` with the demo API key `sg-demo-key`, request ID 2.".into(),
+            Request::Auth { key: "sg-demo-key".into() }.to_frame(2).to_bytes(),
+        ),
+        (
+            "inherent-id",
+            "An inherent ID (not a frame): 1,980 JPY by credit card (default means) via provider \
+             1, card IDm `012e000000000001`, user `hanako@example.jp` (mail), terminal \
+             `DEMO-SHIBUYA-01`, key version 1, counter 1, timestamp 1795305600000, signed with \
+             the device key 000102…1f (bytes 0 to 31)."
+                .into(),
+            example_inherent_id(),
+        ),
+        (
+            "authorize-request",
+            "`AUTHORIZE` of that inherent ID, client request ID 7, request ID 3.".into(),
+            Request::Authorize { client_request_id: 7, inherent_id: example_inherent_id() }
+                .to_frame(3)
+                .to_bytes(),
+        ),
+        (
+            "authorize-approved",
+            "An approval: code `A1B2C3`, provider 1, 1,980 requested, 99 off, 1,881 final, JPY."
+                .into(),
+            response(Response::Ok(Reply::Outcome(approval)), opcode::AUTHORIZE, 3),
+        ),
+        (
+            "authorize-declined",
+            "A decline, reason 8 (ReplayedNonce).".into(),
+            response(
+                Response::Ok(Reply::Outcome(AuthOutcome::Declined(ReasonCode::ReplayedNonce))),
+                opcode::AUTHORIZE,
+                3,
+            ),
+        ),
+        (
+            "login-refused",
+            "`LOGIN` refused, reason 53 (WrongPassword), request ID 4.".into(),
+            response(Response::Refused(ReasonCode::WrongPassword), opcode::LOGIN, 4),
+        ),
+        (
+            "busy",
+            "`BUSY` with a retry-after of 5 ms, to request ID 5.".into(),
+            response(Response::Busy { retry_after_ms: 5 }, opcode::AUTHORIZE, 5),
+        ),
+        (
+            "frame-error",
+            "The `FRAME_ERROR` sent before closing a connection whose header checksum failed."
+                .into(),
+            response(
+                Response::FrameError { kind: 3, detail: "header checksum mismatch".into() },
+                0,
+                0,
+            ),
+        ),
+    ]
+}
+
+fn hex_block(bytes: &[u8]) -> String {
+    bytes
+        .chunks(16)
+        .map(|row| row.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" "))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn render() -> String {
+    let mut out = String::from(START);
+    out.push('\n');
+    for (name, description, bytes) in examples() {
+        out.push_str(&format!(
+            "\n#### {name}\n\n{description}\n\n```hex\n{}\n```\n",
+            hex_block(&bytes)
+        ));
+    }
+    out.push('\n');
+    out.push_str(END);
+    out
+}
+
+#[test]
+fn protocol_doc_examples_match_the_codec() {
+    let doc = std::fs::read_to_string(DOC).expect("docs/PROTOCOL.md");
+    let rendered = render();
+    let (Some(start), Some(end)) = (doc.find(START), doc.find(END)) else {
+        panic!("docs/PROTOCOL.md lacks the examples markers");
+    };
+    let current = &doc[start..end + END.len()];
+    if std::env::var_os("SETTLEGATE_BLESS").is_some() {
+        let updated = doc.replace(current, &rendered);
+        std::fs::write(DOC, updated).unwrap();
+        return;
+    }
+    assert_eq!(current, rendered, "run with SETTLEGATE_BLESS=1 to update the doc");
+}
+
+#[test]
+fn examples_decode_and_reencode_to_the_same_bytes() {
+    for (name, _, bytes) in examples() {
+        if name == "inherent-id" {
+            let (record, _, _) = InherentId::decode(&bytes).unwrap();
+            assert_eq!(record.terminal_id, "DEMO-SHIBUYA-01");
+            continue;
+        }
+        let (frame, used): (Frame, usize) =
+            settlegate_protocol::frame::decode(&bytes).unwrap().unwrap();
+        assert_eq!(used, bytes.len(), "{name}");
+        let again = if frame.flags & settlegate_protocol::frame::FLAG_RESPONSE != 0 {
+            Response::decode(frame.opcode, frame.status, &frame.body)
+                .unwrap()
+                .to_frame(frame.opcode, frame.request_id)
+        } else {
+            Request::decode(frame.opcode, &frame.body).unwrap().to_frame(frame.request_id)
+        };
+        assert_eq!(again.to_bytes(), bytes, "{name}");
+    }
+}

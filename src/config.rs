@@ -1,0 +1,182 @@
+//! The server's TOML config: `[server]` (listeners, limits, identities, TLS), `[engine]`
+//! (see `settlegate_engine::EngineConfig`) and `[demo]`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use settlegate_engine::EngineConfig;
+
+/// The embedded default config (`src/default.toml`).
+pub const DEFAULT_CONFIG: &str = include_str!("default.toml");
+
+/// The whole config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Listeners, limits, identities.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// The engine.
+    #[serde(default)]
+    pub engine: EngineConfig,
+    /// Demo data loaded at start.
+    #[serde(default)]
+    pub demo: DemoConfig,
+}
+
+impl Config {
+    /// Parses TOML and checks it.
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        let config: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        config.server.validate()?;
+        config.engine.validate()?;
+        Ok(config)
+    }
+
+    /// The embedded default.
+    pub fn embedded() -> Config {
+        Config::from_toml(DEFAULT_CONFIG).expect("the embedded config is valid")
+    }
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Protocol listener.
+    pub listen: SocketAddr,
+    /// HTTP listener (`/metrics`, `/healthz`, `/readyz`).
+    pub http_listen: SocketAddr,
+    /// Open connections at most; more are closed at once.
+    pub connections_max: usize,
+    /// Requests in flight per connection; reading pauses at the limit.
+    pub in_flight_max: usize,
+    /// A connection with no frame for this long is closed.
+    pub idle_timeout_ms: u64,
+    /// A started frame must be complete within this.
+    pub frame_read_timeout_ms: u64,
+    /// A connection must authenticate within this.
+    pub auth_timeout_ms: u64,
+    /// How long shutdown waits for connections to finish their in-flight requests.
+    pub shutdown_grace_ms: u64,
+    /// Log filter (`RUST_LOG` wins), e.g. `info` or `settlegate=debug`.
+    pub log_level: String,
+    /// Log format: `text` or `json`.
+    pub log_format: String,
+    /// API keys (stored as SHA-256) and TLS client-certificate identities.
+    pub identities: Vec<IdentityConfig>,
+    /// TLS on the protocol port.
+    pub tls: Option<TlsConfig>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:7878".parse().expect("address"),
+            http_listen: "127.0.0.1:9898".parse().expect("address"),
+            connections_max: 1024,
+            in_flight_max: 1024,
+            idle_timeout_ms: 60_000,
+            frame_read_timeout_ms: 10_000,
+            auth_timeout_ms: 10_000,
+            shutdown_grace_ms: 10_000,
+            log_level: "info".into(),
+            log_format: "text".into(),
+            identities: Vec::new(),
+            tls: None,
+        }
+    }
+}
+
+impl ServerConfig {
+    fn validate(&self) -> Result<(), String> {
+        let check = |ok: bool, what: &str| if ok { Ok(()) } else { Err(what.to_owned()) };
+        check(
+            (1..=65_536).contains(&self.connections_max),
+            "server.connections_max must be 1..=65536",
+        )?;
+        check(
+            (1..=65_535).contains(&self.in_flight_max),
+            "server.in_flight_max must be 1..=65535",
+        )?;
+        check(self.idle_timeout_ms > 0, "server.idle_timeout_ms must be positive")?;
+        check(self.frame_read_timeout_ms > 0, "server.frame_read_timeout_ms must be positive")?;
+        check(self.auth_timeout_ms > 0, "server.auth_timeout_ms must be positive")?;
+        check(
+            matches!(self.log_format.as_str(), "text" | "json"),
+            "server.log_format must be text or json",
+        )?;
+        for identity in &self.identities {
+            identity.validate()?;
+        }
+        Ok(())
+    }
+}
+
+/// One identity a connection can authenticate as.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// Name for logs and metrics.
+    pub name: String,
+    /// SHA-256 (hex) of the API key; the key itself is never stored.
+    #[serde(default)]
+    pub api_key_sha256: Option<String>,
+    /// SHA-256 (hex) of the DER of the TLS client certificate that authenticates as it.
+    #[serde(default)]
+    pub cert_sha256: Option<String>,
+    /// `authorize`, `accounts`, `providers`.
+    #[serde(default)]
+    pub permissions: Vec<String>,
+    /// Store-terminal IDs it may act for: exact IDs, or prefixes ending in `*`.
+    #[serde(default)]
+    pub terminals: Vec<String>,
+    /// Provider codes whose terminal lists it may change.
+    #[serde(default)]
+    pub providers: Vec<u32>,
+}
+
+impl IdentityConfig {
+    fn validate(&self) -> Result<(), String> {
+        let hex32 = |v: &Option<String>| {
+            v.as_ref().is_none_or(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+        };
+        if !hex32(&self.api_key_sha256) || !hex32(&self.cert_sha256) {
+            return Err(format!("identity {}: digests must be 64 hex digits", self.name));
+        }
+        if self.api_key_sha256.is_none() && self.cert_sha256.is_none() {
+            return Err(format!("identity {}: needs api_key_sha256 or cert_sha256", self.name));
+        }
+        for permission in &self.permissions {
+            if !["authorize", "accounts", "providers"].contains(&permission.as_str()) {
+                return Err(format!("identity {}: unknown permission {permission}", self.name));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `[server.tls]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert_pem: PathBuf,
+    /// PEM private key.
+    pub key_pem: PathBuf,
+    /// PEM CA certificates that sign client certificates; with it, clients are asked for one.
+    #[serde(default)]
+    pub client_ca_pem: Option<PathBuf>,
+    /// Whether a client certificate is required (else optional, and `AUTH` still works).
+    #[serde(default)]
+    pub client_cert_required: bool,
+}
+
+/// `[demo]`: data loaded at start so the engine has something to show.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DemoConfig {
+    /// Demo users to enroll (`demo0001@example.com`...), each with a card and a device.
+    pub users: usize,
+}

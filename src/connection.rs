@@ -1,0 +1,393 @@
+//! One protocol connection: bytes to frames, frames to the handler in batches, responses back
+//! with one flush per burst.
+//!
+//! Limits: a started frame must complete within `frame_read_timeout`; a connection must
+//! authenticate within `auth_timeout` and sends something within `idle_timeout`; at most
+//! `in_flight_max` requests are being processed (reading pauses at the limit). A framing error
+//! gets a `FRAME_ERROR` frame and closes this connection only.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+use settlegate_engine::Notice;
+use settlegate_protocol::frame::{self, Frame, FrameError};
+use settlegate_protocol::messages::{opcode, DecodeError, Reply, Request, Response};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{broadcast, mpsc, watch, Semaphore};
+use tokio::time::Instant;
+
+use crate::handler::{self, Context, PendingAuthorize};
+use crate::identity::{Identities, Identity};
+use crate::metrics::FrameErrorLabels;
+
+/// Frames decoded from one read before they are handed on as a batch.
+const FRAMES_PER_BATCH_MAX: usize = 1024;
+/// Notice subscriptions one connection may hold.
+const SUBSCRIPTIONS_MAX: usize = 16;
+/// Bytes asked of the socket per read.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Per-connection limits, from `[server]`.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Requests in flight.
+    pub in_flight_max: usize,
+    /// Silence before the connection is closed.
+    pub idle_timeout: Duration,
+    /// Time to complete a started frame.
+    pub frame_read_timeout: Duration,
+    /// Time to authenticate.
+    pub auth_timeout: Duration,
+}
+
+/// Everything a connection shares with the server.
+pub struct Shared {
+    /// The handler context.
+    pub ctx: Context,
+    /// Identities for `AUTH`.
+    pub identities: Identities,
+    /// Limits.
+    pub limits: ConnectionLimits,
+}
+
+struct Connection {
+    shared: Arc<Shared>,
+    identity: Option<Identity>,
+    out: mpsc::Sender<Vec<u8>>,
+    permits: Arc<Semaphore>,
+    closed: watch::Receiver<bool>,
+    subscriptions: usize,
+    /// Set when the connection must close once the current responses are out.
+    closing: bool,
+}
+
+/// Serves one connection until the peer leaves, a limit or error closes it, or shutdown.
+/// `identity` is set when TLS client authentication already established it.
+pub async fn serve<S>(
+    stream: S,
+    shared: Arc<Shared>,
+    identity: Option<Identity>,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let limits = shared.limits;
+    let (mut reader, writer) = tokio::io::split(stream);
+    let (out, queue) = mpsc::channel(limits.in_flight_max + SUBSCRIPTIONS_MAX + 8);
+    let writer_task = tokio::spawn(write_loop(writer, queue));
+    let (closed_tx, closed) = watch::channel(false);
+    let permits = Arc::new(Semaphore::new(limits.in_flight_max));
+    let mut conn = Connection {
+        shared,
+        identity,
+        out,
+        permits: Arc::clone(&permits),
+        closed,
+        subscriptions: 0,
+        closing: false,
+    };
+    let auth_deadline = Instant::now() + limits.auth_timeout;
+    let mut buffer: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+    loop {
+        let (frames, used, error) = decode_available(&buffer);
+        buffer.drain(..used);
+        if !frames.is_empty() {
+            conn.dispatch(frames).await;
+        }
+        if let Some(error) = error {
+            conn.send_frame_error(error).await;
+            break;
+        }
+        if conn.closing {
+            break;
+        }
+        let wait = if !buffer.is_empty() {
+            limits.frame_read_timeout
+        } else if conn.identity.is_none() {
+            auth_deadline.saturating_duration_since(Instant::now())
+        } else {
+            limits.idle_timeout
+        };
+        buffer.reserve(READ_CHUNK);
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            read = tokio::time::timeout(wait, reader.read_buf(&mut buffer)) => match read {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(_)) => {}
+                Err(_elapsed) => {
+                    if !buffer.is_empty() {
+                        conn.send_frame_error(FrameError::ReadTimeout).await;
+                    }
+                    break;
+                }
+            },
+        }
+    }
+    // Finish what was read: every admitted request gets its response before the close.
+    let _all = permits.acquire_many(limits.in_flight_max as u32).await;
+    let _ = closed_tx.send(true);
+    drop(conn);
+    let _ = writer_task.await;
+}
+
+/// Decodes every complete frame at the front of `buffer`; returns them, the bytes used, and
+/// the framing error that stopped decoding, if any.
+fn decode_available(buffer: &[u8]) -> (Vec<Frame>, usize, Option<FrameError>) {
+    let mut frames = Vec::new();
+    let mut used = 0;
+    while frames.len() < FRAMES_PER_BATCH_MAX {
+        match frame::decode(&buffer[used..]) {
+            Ok(Some((frame, len))) => {
+                used += len;
+                frames.push(frame);
+            }
+            Ok(None) => break,
+            Err(error) => return (frames, used, Some(error)),
+        }
+    }
+    (frames, used, None)
+}
+
+impl Connection {
+    /// Sorts a batch of frames: connection-level requests are answered now, `AUTHORIZE`s go to
+    /// the engine together, other requests run concurrently beside them.
+    async fn dispatch(&mut self, frames: Vec<Frame>) {
+        let mut now = Vec::new();
+        let mut authorizes = Vec::new();
+        let mut others = Vec::new();
+        for frame in frames {
+            let request = match Request::decode(frame.opcode, &frame.body) {
+                Ok(request) => request,
+                Err(DecodeError::UnknownOpcode(_)) => {
+                    now.push((frame.opcode, frame.request_id, Response::UnknownOpcode));
+                    continue;
+                }
+                Err(DecodeError::Body(error)) => {
+                    now.push((
+                        frame.opcode,
+                        frame.request_id,
+                        Response::BadRequest(error.to_string()),
+                    ));
+                    continue;
+                }
+            };
+            match request {
+                Request::Auth { key } => {
+                    let response = self.authenticate(&key);
+                    now.push((frame.opcode, frame.request_id, response));
+                }
+                Request::Ping { .. } | Request::ServerInfo => {
+                    others.push((frame.request_id, request))
+                }
+                _ if self.identity.is_none() => now.push((
+                    frame.opcode,
+                    frame.request_id,
+                    Response::Unauthenticated(
+                        "authenticate first (AUTH or a TLS client certificate)".into(),
+                    ),
+                )),
+                Request::Authorize { client_request_id, inherent_id } => {
+                    authorizes.push(PendingAuthorize {
+                        request_id: frame.request_id,
+                        client_request_id,
+                        inherent_id,
+                    })
+                }
+                Request::SubscribeNotices { .. } => self.subscribe(frame.request_id, request).await,
+                other => others.push((frame.request_id, other)),
+            }
+        }
+        if !now.is_empty() {
+            let mut bytes = Vec::new();
+            for (op, request_id, response) in now {
+                self.encode(op, request_id, &response, &mut bytes);
+            }
+            let _ = self.out.send(bytes).await;
+        }
+        self.spawn_work(authorizes, others).await;
+    }
+
+    fn authenticate(&mut self, key: &str) -> Response {
+        match self.shared.identities.by_api_key(key) {
+            Some(identity) => {
+                let reply = Reply::Authenticated {
+                    identity: identity.name.clone(),
+                    permissions: identity.permissions,
+                };
+                tracing::debug!(identity = %identity.name, "connection authenticated");
+                self.identity = Some(identity);
+                Response::Ok(reply)
+            }
+            None => {
+                self.closing = true;
+                Response::Unauthenticated("unknown API key".into())
+            }
+        }
+    }
+
+    /// Admits the batch's work against the in-flight limit (waiting, and so not reading, while
+    /// the connection is at its limit), then runs it on its own task.
+    async fn spawn_work(&mut self, authorizes: Vec<PendingAuthorize>, others: Vec<(u64, Request)>) {
+        let admitted = (authorizes.len() + others.len()) as u32;
+        if admitted == 0 {
+            return;
+        }
+        let Ok(permit) = Arc::clone(&self.permits).acquire_many_owned(admitted).await else {
+            return;
+        };
+        let shared = Arc::clone(&self.shared);
+        let identity = self.identity.clone();
+        let out = self.out.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let ctx = &shared.ctx;
+            let authorize = async {
+                if authorizes.is_empty() {
+                    return;
+                }
+                let identity =
+                    identity.as_ref().expect("authorize admitted only when authenticated");
+                let responses = handler::authorize_batch(ctx, identity, authorizes).await;
+                let mut bytes = Vec::new();
+                for (request_id, response) in responses {
+                    encode_response(ctx, opcode::AUTHORIZE, request_id, &response, &mut bytes);
+                }
+                let _ = out.send(bytes).await;
+            };
+            let rest = join_all(others.into_iter().map(|(request_id, request)| {
+                let out = out.clone();
+                let identity = identity.clone();
+                async move {
+                    let op = request.opcode();
+                    let anonymous = Identity::anonymous();
+                    let response =
+                        handler::handle(ctx, identity.as_ref().unwrap_or(&anonymous), request)
+                            .await;
+                    let mut bytes = Vec::new();
+                    encode_response(ctx, op, request_id, &response, &mut bytes);
+                    let _ = out.send(bytes).await;
+                }
+            }));
+            futures::join!(authorize, rest);
+        });
+    }
+
+    /// `SUBSCRIBE_NOTICES`: checks the password, answers, then forwards the user's notices as
+    /// `NOTICE` frames until the connection closes.
+    async fn subscribe(&mut self, request_id: u64, request: Request) {
+        let Request::SubscribeNotices { user, password } = request else { return };
+        let identity = self.identity.clone().expect("authenticated");
+        let refusal = if self.subscriptions >= SUBSCRIPTIONS_MAX {
+            Some(Response::BadRequest("too many subscriptions on this connection".into()))
+        } else {
+            handler::forbidden(
+                &identity,
+                &Request::SubscribeNotices { user: user.clone(), password: String::new() },
+            )
+        };
+        if let Some(response) = refusal {
+            let mut bytes = Vec::new();
+            self.encode(opcode::SUBSCRIBE_NOTICES, request_id, &response, &mut bytes);
+            let _ = self.out.send(bytes).await;
+            return;
+        }
+        self.subscriptions += 1;
+        let shared = Arc::clone(&self.shared);
+        let out = self.out.clone();
+        let closed = self.closed.clone();
+        tokio::spawn(async move {
+            let engine = &shared.ctx.engine;
+            let response = match engine.login(&user, &password).await {
+                Ok(()) => Response::Ok(Reply::Empty),
+                Err(error) => handler::error_response(error),
+            };
+            let subscribed = matches!(response, Response::Ok(_));
+            let notices = subscribed.then(|| engine.subscribe(&user));
+            let mut bytes = Vec::new();
+            encode_response(
+                &shared.ctx,
+                opcode::SUBSCRIBE_NOTICES,
+                request_id,
+                &response,
+                &mut bytes,
+            );
+            if out.send(bytes).await.is_err() {
+                return;
+            }
+            if let Some(notices) = notices {
+                forward_notices(notices, request_id, out, closed).await;
+            }
+        });
+    }
+
+    async fn send_frame_error(&mut self, error: FrameError) {
+        let kind = error as u16;
+        self.shared.ctx.metrics.frame_errors.get_or_create(&FrameErrorLabels { kind }).inc();
+        let response = Response::FrameError { kind, detail: error.to_string() };
+        let mut bytes = Vec::new();
+        self.encode(0, 0, &response, &mut bytes);
+        let _ = self.out.send(bytes).await;
+    }
+
+    fn encode(&self, op: u16, request_id: u64, response: &Response, out: &mut Vec<u8>) {
+        encode_response(&self.shared.ctx, op, request_id, response, out);
+    }
+}
+
+fn encode_response(
+    ctx: &Context,
+    op: u16,
+    request_id: u64,
+    response: &Response,
+    out: &mut Vec<u8>,
+) {
+    let frame = response.to_frame(op, request_id);
+    handler::count_request(&ctx.metrics, op, frame.status);
+    frame.encode(out);
+}
+
+async fn forward_notices(
+    mut notices: broadcast::Receiver<Notice>,
+    request_id: u64,
+    out: mpsc::Sender<Vec<u8>>,
+    mut closed: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = closed.changed() => return,
+            notice = notices.recv() => match notice {
+                Ok(notice) => {
+                    let frame = Response::Ok(Reply::Notice(notice)).to_frame(opcode::NOTICE, request_id);
+                    if out.send(frame.to_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::debug!(missed, "notice subscriber lagged");
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+        }
+    }
+}
+
+/// Writes whatever is queued with one write and one flush per burst.
+async fn write_loop<W: AsyncWrite>(writer: W, mut queue: mpsc::Receiver<Vec<u8>>) {
+    tokio::pin!(writer);
+    let mut buffer = Vec::with_capacity(READ_CHUNK);
+    while let Some(first) = queue.recv().await {
+        buffer.clear();
+        buffer.extend_from_slice(&first);
+        while buffer.len() < 4 * READ_CHUNK {
+            match queue.try_recv() {
+                Ok(more) => buffer.extend_from_slice(&more),
+                Err(_) => break,
+            }
+        }
+        if writer.write_all(&buffer).await.is_err() || writer.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = writer.shutdown().await;
+}

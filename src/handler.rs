@@ -1,0 +1,236 @@
+//! One request in, one response out: permission checks, then the engine.
+//!
+//! `AUTHORIZE` requests are handled a batch at a time by [`authorize_batch`] so the engine can
+//! verify their tags together; every other request goes through [`handle`].
+
+use settlegate_engine::inherent::peek_terminal_id;
+use settlegate_engine::{
+    AuthOutcome, AuthorizeRequest, Engine, EngineError, EnrollRequest, ReasonCode,
+};
+use settlegate_protocol::messages::{status, Reply, Request, Response, ServerInfo};
+
+use crate::identity::{permission, Identity};
+use crate::metrics::{Metrics, OutcomeLabels, RequestLabels};
+
+/// What a handler needs.
+pub struct Context {
+    /// The engine.
+    pub engine: Engine,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// The `SERVER_INFO` reply.
+    pub info: ServerInfo,
+}
+
+/// An `AUTHORIZE` waiting for its batch.
+pub struct PendingAuthorize {
+    /// Frame request ID.
+    pub request_id: u64,
+    /// Client request ID.
+    pub client_request_id: u128,
+    /// Signed inherent ID.
+    pub inherent_id: Vec<u8>,
+}
+
+/// Handles a request other than `AUTH`, `AUTHORIZE` and `SUBSCRIBE_NOTICES` (which need the
+/// connection's state and are handled there).
+pub async fn handle(ctx: &Context, identity: &Identity, request: Request) -> Response {
+    if let Some(refusal) = forbidden(identity, &request) {
+        return refusal;
+    }
+    let engine = &ctx.engine;
+    let result = match request {
+        Request::Ping { payload } => Ok(Reply::Pong(payload)),
+        Request::ServerInfo => Ok(Reply::ServerInfo(ctx.info.clone())),
+        Request::Enroll { client_request_id, user, password, card_idm } => engine
+            .enroll(EnrollRequest { client_request_id, user, password, card_idm })
+            .await
+            .map(Reply::Credential),
+        Request::Login { user, password } => {
+            engine.login(&user, &password).await.map(|()| Reply::Empty)
+        }
+        Request::AddMeans { client_request_id, user, make_default, means } => engine
+            .add_means(client_request_id, &user, &means, make_default)
+            .await
+            .map(Reply::MeansAdded),
+        Request::SetDefaultMeans { client_request_id, user, means_id } => engine
+            .set_default_means(client_request_id, &user, means_id)
+            .await
+            .map(|()| Reply::Empty),
+        Request::ListMeans { user, order } => {
+            engine.list_means(&user, order).await.map(Reply::Means)
+        }
+        Request::ProvisionDevice { client_request_id, user, password, card_idm } => engine
+            .provision_device(client_request_id, &user, &password, card_idm)
+            .await
+            .map(Reply::Credential),
+        Request::RotateDeviceKey { client_request_id, user, card_idm } => engine
+            .rotate_device_key(client_request_id, &user, card_idm)
+            .await
+            .map(Reply::Credential),
+        Request::RegisterTerminals { client_request_id, provider_code, terminals } => engine
+            .register_terminals(client_request_id, provider_code, terminals)
+            .await
+            .map(|()| Reply::Empty),
+        Request::RemoveTerminals { client_request_id, provider_code, terminal_ids } => engine
+            .remove_terminals(client_request_id, provider_code, terminal_ids)
+            .await
+            .map(|()| Reply::Empty),
+        Request::ConfirmTerminal { provider_code, terminal_id } => {
+            engine.confirm_terminal(provider_code, &terminal_id).map(Reply::Confirmation)
+        }
+        Request::Auth { .. } | Request::Authorize { .. } | Request::SubscribeNotices { .. } => {
+            return Response::Internal("request routed to the wrong handler".into());
+        }
+    };
+    match result {
+        Ok(reply) => Response::Ok(reply),
+        Err(error) => error_response(error),
+    }
+}
+
+/// The permission check of every request but `AUTHORIZE` (checked per record).
+pub fn forbidden(identity: &Identity, request: &Request) -> Option<Response> {
+    let deny = |what: &str| Some(Response::Forbidden(format!("identity may not {what}")));
+    match request {
+        Request::Auth { .. } | Request::Ping { .. } | Request::ServerInfo => None,
+        Request::Enroll { .. }
+        | Request::Login { .. }
+        | Request::AddMeans { .. }
+        | Request::SetDefaultMeans { .. }
+        | Request::ListMeans { .. }
+        | Request::ProvisionDevice { .. }
+        | Request::RotateDeviceKey { .. }
+        | Request::SubscribeNotices { .. } => {
+            (!identity.may(permission::ACCOUNTS)).then(|| deny("use account operations")).flatten()
+        }
+        Request::RegisterTerminals { provider_code, .. }
+        | Request::RemoveTerminals { provider_code, .. } => {
+            let allowed =
+                identity.may(permission::PROVIDERS) && identity.may_manage_provider(*provider_code);
+            (!allowed).then(|| deny("manage this provider's terminals")).flatten()
+        }
+        Request::ConfirmTerminal { terminal_id, .. } => {
+            let allowed =
+                identity.may(permission::AUTHORIZE) && identity.may_act_for_terminal(terminal_id);
+            (!allowed).then(|| deny("act for this terminal")).flatten()
+        }
+        Request::Authorize { .. } => None,
+    }
+}
+
+/// Authorizes a batch: records this identity may not act for are refused; records too broken
+/// to name a terminal are declined as malformed; the rest go to the engine together.
+pub async fn authorize_batch(
+    ctx: &Context,
+    identity: &Identity,
+    batch: Vec<PendingAuthorize>,
+) -> Vec<(u64, Response)> {
+    let mut responses = Vec::with_capacity(batch.len());
+    let mut ids = Vec::with_capacity(batch.len());
+    let mut requests = Vec::with_capacity(batch.len());
+    for pending in batch {
+        match peek_terminal_id(&pending.inherent_id) {
+            None => responses.push((
+                pending.request_id,
+                Response::Ok(Reply::Outcome(AuthOutcome::Declined(ReasonCode::Malformed))),
+            )),
+            Some(terminal)
+                if !(identity.may(permission::AUTHORIZE)
+                    && identity.may_act_for_terminal(terminal)) =>
+            {
+                responses.push((
+                    pending.request_id,
+                    Response::Forbidden("identity may not act for this terminal".into()),
+                ))
+            }
+            Some(_) => {
+                ids.push(pending.request_id);
+                requests.push(AuthorizeRequest {
+                    client_request_id: pending.client_request_id,
+                    inherent_id: pending.inherent_id,
+                });
+            }
+        }
+    }
+    if !requests.is_empty() {
+        ctx.metrics.authorize_batch_size.observe(requests.len() as f64);
+        let results = ctx.engine.authorize_batch(requests).await;
+        for (request_id, result) in ids.into_iter().zip(results) {
+            let response = match result {
+                Ok(outcome) => {
+                    count_outcome(&ctx.metrics, &outcome);
+                    Response::Ok(Reply::Outcome(outcome))
+                }
+                Err(error) => error_response(error),
+            };
+            responses.push((request_id, response));
+        }
+    }
+    responses
+}
+
+fn count_outcome(metrics: &Metrics, outcome: &AuthOutcome) {
+    let labels = match outcome {
+        AuthOutcome::Approved(_) => OutcomeLabels { result: "approved", reason: 0 },
+        AuthOutcome::Declined(reason) => {
+            OutcomeLabels { result: "declined", reason: reason.code() }
+        }
+    };
+    metrics.outcomes.get_or_create(&labels).inc();
+}
+
+/// The response for an engine error.
+pub fn error_response(error: EngineError) -> Response {
+    match error {
+        EngineError::Refused(reason) => Response::Refused(reason),
+        EngineError::Busy { retry_after_ms } => Response::Busy { retry_after_ms },
+        EngineError::InFlight => Response::InFlight,
+        EngineError::Stopped => Response::ShuttingDown,
+        other => Response::Internal(other.to_string()),
+    }
+}
+
+/// Counts a response in the metrics.
+pub fn count_request(metrics: &Metrics, opcode: u16, status_code: u16) {
+    let labels = RequestLabels { op: op_name(opcode), status: status_name(status_code) };
+    metrics.requests.get_or_create(&labels).inc();
+}
+
+fn op_name(opcode: u16) -> &'static str {
+    use settlegate_protocol::opcode::*;
+    match opcode {
+        AUTH => "auth",
+        PING => "ping",
+        SERVER_INFO => "server_info",
+        ENROLL => "enroll",
+        LOGIN => "login",
+        ADD_MEANS => "add_means",
+        SET_DEFAULT_MEANS => "set_default_means",
+        LIST_MEANS => "list_means",
+        PROVISION_DEVICE => "provision_device",
+        ROTATE_DEVICE_KEY => "rotate_device_key",
+        SUBSCRIBE_NOTICES => "subscribe_notices",
+        REGISTER_TERMINALS => "register_terminals",
+        REMOVE_TERMINALS => "remove_terminals",
+        CONFIRM_TERMINAL => "confirm_terminal",
+        AUTHORIZE => "authorize",
+        _ => "unknown",
+    }
+}
+
+fn status_name(code: u16) -> &'static str {
+    match code {
+        status::OK => "ok",
+        status::REFUSED => "refused",
+        status::BUSY => "busy",
+        status::IN_FLIGHT => "in_flight",
+        status::UNAUTHENTICATED => "unauthenticated",
+        status::FORBIDDEN => "forbidden",
+        status::BAD_REQUEST => "bad_request",
+        status::UNKNOWN_OPCODE => "unknown_opcode",
+        status::SHUTTING_DOWN => "shutting_down",
+        status::FRAME_ERROR => "frame_error",
+        _ => "internal",
+    }
+}

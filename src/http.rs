@@ -1,0 +1,63 @@
+//! The HTTP port: `/metrics` (Prometheus text), `/healthz` (the process is up), `/readyz`
+//! (the engine accepts work; 503 while starting or shutting down).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::metrics::Metrics;
+
+/// What the HTTP handlers read.
+pub struct HttpState {
+    /// Metrics to render.
+    pub metrics: Arc<crate::connection::Shared>,
+    /// Whether the server takes work.
+    pub ready: AtomicBool,
+}
+
+impl HttpState {
+    fn metrics(&self) -> &Metrics {
+        &self.metrics.ctx.metrics
+    }
+}
+
+/// Serves until `shutdown` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<HttpState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let router = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .with_state(state);
+    let stop = async move {
+        let _ = shutdown.wait_for(|stopping| *stopping).await;
+    };
+    if let Err(error) = axum::serve(listener, router).with_graceful_shutdown(stop).await {
+        tracing::error!(%error, "HTTP server failed");
+    }
+}
+
+async fn metrics(State(state): State<Arc<HttpState>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        state.metrics().render(),
+    )
+}
+
+async fn ready(State(state): State<Arc<HttpState>>) -> impl IntoResponse {
+    if state.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}

@@ -1,0 +1,103 @@
+//! Prometheus metrics, served as text on `/metrics`.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Labels of a request counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Operation name.
+    pub op: &'static str,
+    /// Response status name.
+    pub status: &'static str,
+}
+
+/// Labels of an authorization outcome counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `approved` or `declined`.
+    pub result: &'static str,
+    /// Reason code number, `0` for approvals.
+    pub reason: u16,
+}
+
+/// Labels of a frame error counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FrameErrorLabels {
+    /// Frame error kind number.
+    pub kind: u16,
+}
+
+/// Every metric the server exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by operation and status.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Authorization outcomes.
+    pub outcomes: Family<OutcomeLabels, Counter>,
+    /// Connections open now.
+    pub connections_open: Gauge,
+    /// Connections closed at once because the limit was reached.
+    pub connections_rejected: Counter,
+    /// Frames rejected, by error kind.
+    pub frame_errors: Family<FrameErrorLabels, Counter>,
+    /// Authorize requests per engine batch.
+    pub authorize_batch_size: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("settlegate");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let outcomes = Family::<OutcomeLabels, Counter>::default();
+        let connections_open = Gauge::default();
+        let connections_rejected = Counter::default();
+        let frame_errors = Family::<FrameErrorLabels, Counter>::default();
+        let authorize_batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 13));
+        registry.register(
+            "requests",
+            "Protocol requests by operation and status",
+            requests.clone(),
+        );
+        registry.register("authorizations", "Authorization outcomes", outcomes.clone());
+        registry.register(
+            "connections_open",
+            "Open protocol connections",
+            connections_open.clone(),
+        );
+        registry.register(
+            "connections_rejected",
+            "Connections closed at once at the connection limit",
+            connections_rejected.clone(),
+        );
+        registry.register("frame_errors", "Frames rejected, by kind", frame_errors.clone());
+        registry.register(
+            "authorize_batch_size",
+            "Authorize requests handed to the engine together",
+            authorize_batch_size.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            outcomes,
+            connections_open,
+            connections_rejected,
+            frame_errors,
+            authorize_batch_size,
+        }
+    }
+}
+
+impl Metrics {
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String does not fail");
+        out
+    }
+}

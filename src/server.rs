@@ -1,0 +1,193 @@
+//! The server: binds the listeners, accepts connections under a cap, runs TLS handshakes,
+//! and shuts down gracefully (stop accepting, let connections finish their in-flight work).
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use settlegate_engine::Engine;
+use settlegate_protocol::frame::BODY_LEN_MAX;
+use settlegate_protocol::ServerInfo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::Config;
+use crate::connection::{self, ConnectionLimits, Shared};
+use crate::handler::Context;
+use crate::http::{self, HttpState};
+use crate::identity::Identities;
+use crate::metrics::Metrics;
+
+/// A running server.
+pub struct RunningServer {
+    /// Where the protocol listens.
+    pub addr: SocketAddr,
+    /// Where HTTP listens.
+    pub http_addr: SocketAddr,
+    /// Whether TLS is on.
+    pub tls: bool,
+    /// The engine (shared with in-process callers).
+    pub engine: Engine,
+    shutdown: watch::Sender<bool>,
+    accept_task: tokio::task::JoinHandle<()>,
+    http_task: tokio::task::JoinHandle<()>,
+    http_state: Arc<HttpState>,
+}
+
+/// Starts the engine and both listeners.
+pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
+    let server_config = config.server.clone();
+    let engine = Engine::start(config.engine.clone()).context("starting the engine")?;
+    crate::demo::load(&engine, config.demo.users).await.context("loading demo data")?;
+    let tls = server_config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
+    let listener = TcpListener::bind(server_config.listen)
+        .await
+        .with_context(|| format!("binding {}", server_config.listen))?;
+    let http_listener = TcpListener::bind(server_config.http_listen)
+        .await
+        .with_context(|| format!("binding {}", server_config.http_listen))?;
+    let limits = ConnectionLimits {
+        in_flight_max: server_config.in_flight_max,
+        idle_timeout: Duration::from_millis(server_config.idle_timeout_ms),
+        frame_read_timeout: Duration::from_millis(server_config.frame_read_timeout_ms),
+        auth_timeout: Duration::from_millis(server_config.auth_timeout_ms),
+    };
+    let info = ServerInfo {
+        server_version: env!("CARGO_PKG_VERSION").into(),
+        protocol_version: 1,
+        shards: engine.shard_count() as u16,
+        body_length_max: BODY_LEN_MAX as u32,
+        in_flight_max: server_config.in_flight_max as u16,
+        providers: engine
+            .registry()
+            .codes()
+            .into_iter()
+            .filter_map(|code| engine.registry().provider(code).map(|p| (code, p.name.clone())))
+            .collect(),
+    };
+    let shared = Arc::new(Shared {
+        ctx: Context { engine: engine.clone(), metrics: Metrics::default(), info },
+        identities: Identities::new(&server_config.identities),
+        limits,
+    });
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let addr = listener.local_addr()?;
+    let http_addr = http_listener.local_addr()?;
+    let http_state = Arc::new(HttpState { metrics: Arc::clone(&shared), ready: true.into() });
+    let http_task =
+        tokio::spawn(http::serve(http_listener, Arc::clone(&http_state), shutdown_rx.clone()));
+    let accept_task = tokio::spawn(accept_loop(
+        listener,
+        tls.clone(),
+        shared,
+        server_config.connections_max,
+        Duration::from_millis(server_config.shutdown_grace_ms),
+        shutdown_rx,
+    ));
+    Ok(RunningServer {
+        addr,
+        http_addr,
+        tls: tls.is_some(),
+        engine,
+        shutdown,
+        accept_task,
+        http_task,
+        http_state,
+    })
+}
+
+impl RunningServer {
+    /// Stops accepting, lets connections finish their in-flight requests (up to the grace
+    /// time), stops HTTP and the engine.
+    pub async fn shutdown(self) {
+        self.http_state.ready.store(false, Ordering::Release);
+        let _ = self.shutdown.send(true);
+        let _ = self.accept_task.await;
+        let _ = self.http_task.await;
+        self.engine.shutdown();
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    connections_max: usize,
+    grace: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(connections_max));
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        // Out of descriptors and the like: back off instead of spinning.
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                    shared.ctx.metrics.connections_rejected.inc();
+                    tracing::warn!(%peer, "connection limit reached; closing");
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let shared = Arc::clone(&shared);
+                let tls = tls.clone();
+                let shutdown = shutdown.clone();
+                connections.spawn(async move {
+                    shared.ctx.metrics.connections_open.inc();
+                    open_connection(stream, tls, Arc::clone(&shared), shutdown).await;
+                    shared.ctx.metrics.connections_open.dec();
+                    drop(slot);
+                });
+            }
+        }
+    }
+    drop(listener);
+    let drained =
+        tokio::time::timeout(grace, async { while connections.join_next().await.is_some() {} })
+            .await;
+    if drained.is_err() {
+        tracing::warn!("shutdown grace ran out; aborting the remaining connections");
+        connections.abort_all();
+    }
+}
+
+async fn open_connection(
+    stream: TcpStream,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let Some(tls) = tls else {
+        connection::serve(stream, shared, None, shutdown).await;
+        return;
+    };
+    let handshake = tokio::time::timeout(shared.limits.auth_timeout, tls.accept(stream)).await;
+    let stream = match handshake {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "TLS handshake failed");
+            return;
+        }
+        Err(_) => return,
+    };
+    let identity = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .and_then(|cert| shared.identities.by_certificate(cert.as_ref()));
+    connection::serve(stream, shared, identity, shutdown).await;
+}
