@@ -6,3 +6,5 @@ mod engine_accounts;
 mod engine_model;
 mod engine_providers;
 mod engine_settlement;
+mod server_malformed;
+mod server_ops;

@@ -43,7 +43,15 @@ enum Waiter {
     },
 }
 
-type Pending = Arc<Mutex<HashMap<u64, Waiter>>>;
+/// Waiters by request ID, and why the connection closed once it has: a call that registers
+/// after the reader stopped must fail at once instead of waiting forever.
+#[derive(Default)]
+struct PendingMap {
+    waiters: HashMap<u64, Waiter>,
+    closed: Option<ClientError>,
+}
+
+type Pending = Arc<Mutex<PendingMap>>;
 
 /// A connection to a settlegate server. Cheap to share: wrap in an `Arc` and call from many
 /// tasks at once.
@@ -127,9 +135,15 @@ impl Client {
     async fn send(&self, request: &Request, waiter: Waiter) -> Result<(), ClientError> {
         let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let bytes = request.to_frame(request_id).to_bytes();
-        self.pending.lock().expect("pending lock").insert(request_id, waiter);
+        {
+            let mut pending = self.pending.lock().expect("pending lock");
+            if let Some(reason) = &pending.closed {
+                return Err(reason.clone());
+            }
+            pending.waiters.insert(request_id, waiter);
+        }
         if self.outgoing.send(bytes).await.is_err() {
-            self.pending.lock().expect("pending lock").remove(&request_id);
+            self.pending.lock().expect("pending lock").waiters.remove(&request_id);
             return Err(ClientError::Closed("writer stopped".into()));
         }
         Ok(())
@@ -178,7 +192,9 @@ async fn read_loop<R: AsyncRead>(read_half: R, pending: Pending) {
             Err(error) => break ClientError::Closed(error.to_string()),
         }
     };
-    for (_, waiter) in pending.lock().expect("pending lock").drain() {
+    let mut pending = pending.lock().expect("pending lock");
+    pending.closed = Some(reason.clone());
+    for (_, waiter) in pending.waiters.drain() {
         if let Waiter::Once { reply, .. } | Waiter::Subscription { first: Some(reply), .. } = waiter
         {
             let _ = reply.send(Err(reason.clone()));
@@ -195,19 +211,20 @@ fn deliver(pending: &Pending, frame: crate::Frame) -> Result<(), ClientError> {
     }
     let mut pending = pending.lock().expect("pending lock");
     if frame.flags & FLAG_PUSH != 0 {
-        let Some(Waiter::Subscription { notices, .. }) = pending.get(&frame.request_id) else {
+        let Some(Waiter::Subscription { notices, .. }) = pending.waiters.get(&frame.request_id)
+        else {
             return Ok(()); // A notice for a subscription nobody holds any more.
         };
         let response = Response::decode(opcode::NOTICE, frame.status, &frame.body)
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         if let Response::Ok(Reply::Notice(notice)) = response {
             if notices.try_send(notice).is_err() {
-                pending.remove(&frame.request_id); // Receiver gone or too far behind.
+                pending.waiters.remove(&frame.request_id); // Receiver gone or too far behind.
             }
         }
         return Ok(());
     }
-    match pending.remove(&frame.request_id) {
+    match pending.waiters.remove(&frame.request_id) {
         Some(Waiter::Once { opcode, reply }) => {
             let response = Response::decode(opcode, frame.status, &frame.body)
                 .map_err(|e| ClientError::Protocol(format!("response to {opcode:#06x}: {e}")));
@@ -221,7 +238,9 @@ fn deliver(pending: &Pending, frame: crate::Frame) -> Result<(), ClientError> {
                 let _ = first.send(response);
             }
             if subscribed {
-                pending.insert(frame.request_id, Waiter::Subscription { first: None, notices });
+                pending
+                    .waiters
+                    .insert(frame.request_id, Waiter::Subscription { first: None, notices });
             }
         }
         None => {

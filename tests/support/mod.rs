@@ -2,6 +2,8 @@
 //! simulated providers, and helpers that build signed inherent IDs.
 #![allow(dead_code)]
 
+pub mod server;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 

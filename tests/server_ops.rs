@@ -1,0 +1,365 @@
+//! Every protocol operation, black-box over 127.0.0.1:0 through the Rust client.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use settlegate_engine::{
+    AuthOutcome, Discount, InherentId, MeansInput, MeansKind, MeansOrder, ReasonCode,
+    TerminalConfirmation, TerminalEntry, TerminalService, UserIdType, UserKey,
+};
+use settlegate_protocol::messages::{Reply, Request, Response};
+use settlegate_protocol::Client;
+
+use crate::support::server::*;
+use crate::support::*;
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+struct Payer {
+    user: UserKey,
+    credential: settlegate_engine::DeviceCredential,
+    counter: u64,
+}
+
+impl Payer {
+    fn sign(&mut self, amount: u64, provider: u32, terminal: &str) -> Vec<u8> {
+        self.counter += 1;
+        InherentId {
+            key_version: self.credential.key_version,
+            amount_minor: amount,
+            currency: jpy(),
+            means: MeansKind::CreditCard,
+            means_id: 0,
+            provider_code: provider,
+            card_idm: self.credential.card_idm,
+            user: self.user.clone(),
+            terminal_id: terminal.into(),
+            counter: self.counter,
+            timestamp_ms: now_ms(),
+        }
+        .sign(self.credential.device_key.expose())
+    }
+}
+
+async fn enroll(client: &Client, name: &str) -> Payer {
+    let user = UserKey::new(UserIdType::Mail, format!("{name}@example.com")).unwrap();
+    let request = Request::Enroll {
+        client_request_id: request_id(),
+        user: user.clone(),
+        password: PASSWORD.into(),
+        card_idm: fresh_idm(),
+    };
+    let Reply::Credential(credential) = client.call_ok(&request).await.unwrap() else { panic!() };
+    let card = Request::AddMeans {
+        client_request_id: request_id(),
+        user: user.clone(),
+        make_default: true,
+        means: MeansInput::CreditCard { pan: "5555555555554444".into() },
+    };
+    let Reply::MeansAdded(added) = client.call_ok(&card).await.unwrap() else { panic!() };
+    assert_eq!(added.last4.as_deref(), Some("4444"));
+    Payer { user, credential, counter: 0 }
+}
+
+#[tokio::test]
+async fn connection_level_operations_and_authentication() {
+    let server = start().await;
+    let client = Client::connect(server.addr).await.unwrap();
+    // PING and SERVER_INFO need no authentication.
+    assert_eq!(
+        client.call_ok(&Request::Ping { payload: b"abc".to_vec() }).await.unwrap(),
+        Reply::Pong(b"abc".to_vec())
+    );
+    let Reply::ServerInfo(info) = client.call_ok(&Request::ServerInfo).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(info.protocol_version, 1);
+    assert_eq!(info.providers.iter().map(|p| p.0).collect::<Vec<_>>(), vec![100, 200, 300]);
+    // Anything else needs it.
+    let listing = Request::ListMeans {
+        user: UserKey::new(UserIdType::Mail, "x@example.com").unwrap(),
+        order: MeansOrder::Registration,
+    };
+    assert!(matches!(client.call(&listing).await.unwrap(), Response::Unauthenticated(_)));
+    client.authenticate(ADMIN_KEY).await.unwrap();
+    assert_eq!(client.call(&listing).await.unwrap(), Response::Refused(ReasonCode::UnknownUser));
+    // A wrong key is refused and the connection closed.
+    let other = Client::connect(server.addr).await.unwrap();
+    let refused = other.call(&Request::Auth { key: "nope".into() }).await.unwrap();
+    assert!(matches!(refused, Response::Unauthenticated(_)));
+    assert!(
+        other.call(&Request::Ping { payload: vec![] }).await.is_err(),
+        "closed after a failed AUTH"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn account_operations() {
+    let server = start().await;
+    let client = client(&server, ADMIN_KEY).await;
+    let payer = enroll(&client, "ops-accounts").await;
+    let login =
+        |password: &str| Request::Login { user: payer.user.clone(), password: password.into() };
+    assert_eq!(client.call_ok(&login(PASSWORD)).await.unwrap(), Reply::Empty);
+    assert_eq!(
+        client.call(&login("wrong password")).await.unwrap(),
+        Response::Refused(ReasonCode::WrongPassword)
+    );
+    let emoney = Request::AddMeans {
+        client_request_id: request_id(),
+        user: payer.user.clone(),
+        make_default: false,
+        means: MeansInput::EMoney { emoney_type: "Suica".into() },
+    };
+    let Reply::MeansAdded(added) = client.call_ok(&emoney).await.unwrap() else { panic!() };
+    assert_eq!(added.last4, None);
+    let set_default = Request::SetDefaultMeans {
+        client_request_id: request_id(),
+        user: payer.user.clone(),
+        means_id: added.means_id,
+    };
+    assert_eq!(client.call_ok(&set_default).await.unwrap(), Reply::Empty);
+    let listing = Request::ListMeans { user: payer.user.clone(), order: MeansOrder::Registration };
+    let Reply::Means(means) = client.call_ok(&listing).await.unwrap() else { panic!() };
+    assert_eq!(means.len(), 2);
+    assert_eq!(means.iter().find(|m| m.is_default).unwrap().kind, MeansKind::EMoney);
+    assert!(means[0].token.is_some());
+    // The listing's bytes never carry the card number.
+    let raw = listing.to_frame(1).to_bytes();
+    assert!(!String::from_utf8_lossy(&raw).contains("5555555555554444"));
+    let provision = Request::ProvisionDevice {
+        client_request_id: request_id(),
+        user: payer.user.clone(),
+        password: PASSWORD.into(),
+        card_idm: fresh_idm(),
+    };
+    let Reply::Credential(second) = client.call_ok(&provision).await.unwrap() else { panic!() };
+    assert_eq!(second.key_version, 1);
+    let rotate = Request::RotateDeviceKey {
+        client_request_id: request_id(),
+        user: payer.user.clone(),
+        card_idm: payer.credential.card_idm,
+    };
+    let Reply::Credential(rotated) = client.call_ok(&rotate).await.unwrap() else { panic!() };
+    assert_eq!(rotated.key_version, 2);
+    assert_ne!(rotated.device_key, payer.credential.device_key);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn provider_terminals_and_confirmation() {
+    let server = start().await;
+    let client = client(&server, ADMIN_KEY).await;
+    let service = TerminalService {
+        discount: Discount::Fixed { amount_minor: 100, currency: jpy() },
+        valid_from_ms: 0,
+        valid_until_ms: i64::MAX,
+        description: "100 yen off".into(),
+    };
+    let register = Request::RegisterTerminals {
+        client_request_id: request_id(),
+        provider_code: PROVIDER_OK,
+        terminals: vec![
+            TerminalEntry { terminal_id: "SHOP-A-1".into(), service: Some(service.clone()) },
+            TerminalEntry { terminal_id: "SHOP-A-2".into(), service: None },
+        ],
+    };
+    assert_eq!(client.call_ok(&register).await.unwrap(), Reply::Empty);
+    let confirm =
+        |id: &str| Request::ConfirmTerminal { provider_code: PROVIDER_OK, terminal_id: id.into() };
+    assert_eq!(
+        client.call_ok(&confirm("SHOP-A-1")).await.unwrap(),
+        Reply::Confirmation(TerminalConfirmation::Listed { service: Some(service) })
+    );
+    assert_eq!(
+        client.call_ok(&confirm("SHOP-A-2")).await.unwrap(),
+        Reply::Confirmation(TerminalConfirmation::Listed { service: None })
+    );
+    let remove = Request::RemoveTerminals {
+        client_request_id: request_id(),
+        provider_code: PROVIDER_OK,
+        terminal_ids: vec!["SHOP-A-2".into()],
+    };
+    assert_eq!(client.call_ok(&remove).await.unwrap(), Reply::Empty);
+    assert_eq!(
+        client.call_ok(&confirm("SHOP-A-2")).await.unwrap(),
+        Reply::Confirmation(TerminalConfirmation::NotListed)
+    );
+    let unknown = Request::ConfirmTerminal { provider_code: 4_242, terminal_id: "SHOP-A-1".into() };
+    assert_eq!(
+        client.call(&unknown).await.unwrap(),
+        Response::Refused(ReasonCode::UnknownProvider)
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn authorize_with_discount_retry_replay_and_notice() {
+    let server = start().await;
+    let client = client(&server, ADMIN_KEY).await;
+    let mut payer = enroll(&client, "ops-authorize").await;
+    let register = Request::RegisterTerminals {
+        client_request_id: request_id(),
+        provider_code: PROVIDER_OK,
+        terminals: vec![TerminalEntry {
+            terminal_id: "SHOP-A-9".into(),
+            service: Some(TerminalService {
+                discount: Discount::Percent { bps: 1_000 },
+                valid_from_ms: 0,
+                valid_until_ms: i64::MAX,
+                description: String::new(),
+            }),
+        }],
+    };
+    client.call_ok(&register).await.unwrap();
+    let listener = Client::connect(server.addr).await.unwrap();
+    listener.authenticate(ADMIN_KEY).await.unwrap();
+    let mut notices = listener.subscribe_notices(&payer.user, PASSWORD).await.unwrap();
+
+    let bytes = payer.sign(2_000, PROVIDER_OK, "SHOP-A-9");
+    let id = request_id();
+    let outcome = client.authorize(id, bytes.clone()).await.unwrap();
+    let approval = approved(outcome);
+    assert_eq!((approval.discount_minor, approval.amount_final_minor), (200, 1_800));
+    assert_eq!(client.authorize(id, bytes.clone()).await.unwrap(), outcome, "retry: same outcome");
+    assert_eq!(
+        client.authorize(request_id(), bytes).await.unwrap(),
+        AuthOutcome::Declined(ReasonCode::ReplayedNonce)
+    );
+    let notice =
+        tokio::time::timeout(Duration::from_secs(5), notices.recv()).await.unwrap().unwrap();
+    assert_eq!((notice.client_request_id, notice.outcome), (id, outcome));
+    // A wrong password does not subscribe.
+    let refused = listener.subscribe_notices(&payer.user, "wrong password").await;
+    assert!(refused.is_err());
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_matched_by_id() {
+    let server = start().await;
+    let client = std::sync::Arc::new(client(&server, ADMIN_KEY).await);
+    // 30 devices with 10 payments each in flight: a device's counters stay within the replay
+    // window however the server's batches interleave.
+    let mut payers = Vec::new();
+    for i in 0..30 {
+        payers.push(enroll(&client, &format!("ops-pipeline-{i}")).await);
+    }
+    let requests: Vec<(u64, Vec<u8>)> = (0..300)
+        .map(|i| (1_000 + i, payers[i as usize % 30].sign(1_000 + i, PROVIDER_OK, "T-1")))
+        .collect();
+    let calls = requests.into_iter().map(|(amount, bytes)| {
+        let client = client.clone();
+        async move { (amount, client.authorize(request_id(), bytes).await.unwrap()) }
+    });
+    let results = futures::future::join_all(calls).await;
+    for (amount, outcome) in results {
+        assert_eq!(
+            approved(outcome).amount_final_minor,
+            amount,
+            "each reply belongs to its request"
+        );
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn identities_are_held_to_their_permissions_and_scopes() {
+    let server = start().await;
+    let admin = client(&server, ADMIN_KEY).await;
+    let mut payer = enroll(&admin, "ops-scopes").await;
+    let shop = client(&server, TERMINAL_KEY).await;
+    // Its own terminals: fine.
+    approved(
+        shop.authorize(request_id(), payer.sign(500, PROVIDER_OK, "SHOP-A-77")).await.unwrap(),
+    );
+    // Another merchant's terminal: forbidden.
+    let other = Request::Authorize {
+        client_request_id: request_id(),
+        inherent_id: payer.sign(500, PROVIDER_OK, "SHOP-B-1"),
+    };
+    assert!(matches!(shop.call(&other).await.unwrap(), Response::Forbidden(_)));
+    // No account or provider permissions.
+    let listing = Request::ListMeans { user: payer.user.clone(), order: MeansOrder::Registration };
+    assert!(matches!(shop.call(&listing).await.unwrap(), Response::Forbidden(_)));
+    let register = Request::RegisterTerminals {
+        client_request_id: request_id(),
+        provider_code: PROVIDER_OK,
+        terminals: vec![TerminalEntry { terminal_id: "SHOP-A-1".into(), service: None }],
+    };
+    assert!(matches!(shop.call(&register).await.unwrap(), Response::Forbidden(_)));
+    // The admin identity may not manage a provider outside its list either.
+    let foreign = Request::RegisterTerminals {
+        client_request_id: request_id(),
+        provider_code: 4_242,
+        terminals: vec![TerminalEntry { terminal_id: "X".into(), service: None }],
+    };
+    assert!(matches!(admin.call(&foreign).await.unwrap(), Response::Forbidden(_)));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn busy_engine_answers_busy_with_a_retry_hint() {
+    let mut config = server_config();
+    config.engine.mailbox_capacity = 1;
+    let server = start_with(config).await;
+    let admin = client(&server, ADMIN_KEY).await;
+    let mut payer = enroll(&admin, "ops-busy").await;
+    // One batch per connection reaches the shard as one message: use several connections.
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(std::sync::Arc::new(client(&server, ADMIN_KEY).await));
+    }
+    let release = server.engine.stall_shard_of(&payer.user);
+    let calls: Vec<_> = (0..8)
+        .map(|i| {
+            let client = clients[i].clone();
+            let bytes = payer.sign(100, PROVIDER_OK, "T-1");
+            tokio::spawn(async move {
+                client
+                    .call(&Request::Authorize {
+                        client_request_id: request_id(),
+                        inherent_id: bytes,
+                    })
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(release);
+    let mut busy = 0;
+    for call in calls {
+        match call.await.unwrap() {
+            Response::Busy { retry_after_ms } => {
+                assert!(retry_after_ms > 0);
+                busy += 1;
+            }
+            Response::Ok(Reply::Outcome(outcome)) => {
+                approved(outcome);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(busy > 0, "a full shard mailbox must surface as BUSY");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn health_readiness_and_metrics() {
+    let server = start().await;
+    let client = client(&server, ADMIN_KEY).await;
+    client.call_ok(&Request::Ping { payload: vec![] }).await.unwrap();
+    let (status, body) = http_get(&server, "/healthz").await;
+    assert!(status.contains("200"), "{status}");
+    assert_eq!(body.trim(), "ok");
+    let (status, _) = http_get(&server, "/readyz").await;
+    assert!(status.contains("200"), "{status}");
+    let (status, body) = http_get(&server, "/metrics").await;
+    assert!(status.contains("200"));
+    assert!(body.contains("settlegate_requests_total{op=\"ping\",status=\"ok\"} 1"), "{body}");
+    assert!(body.contains("settlegate_connections_open"), "{body}");
+    server.shutdown().await;
+}

@@ -1,0 +1,108 @@
+//! A server on 127.0.0.1:0 with test identities, for black-box tests over real sockets.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use settlegate::config::{Config, IdentityConfig};
+use settlegate::server::RunningServer;
+use settlegate_protocol::Client;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// All permissions, every terminal, providers 100, 200, 300.
+pub const ADMIN_KEY: &str = "test-admin-key";
+/// `authorize` only, for terminals `SHOP-A-*`.
+pub const TERMINAL_KEY: &str = "test-terminal-key";
+
+pub fn identity(
+    name: &str,
+    key: &str,
+    permissions: &[&str],
+    terminals: &[&str],
+    providers: &[u32],
+) -> IdentityConfig {
+    IdentityConfig {
+        name: name.into(),
+        api_key_sha256: Some(hex::encode(Sha256::digest(key.as_bytes()))),
+        cert_sha256: None,
+        permissions: permissions.iter().map(|p| p.to_string()).collect(),
+        terminals: terminals.iter().map(|t| t.to_string()).collect(),
+        providers: providers.to_vec(),
+    }
+}
+
+/// The test server config: the engine of `support::config()`, ephemeral ports, short
+/// timeouts so timeout behaviour is quick to observe.
+pub fn server_config() -> Config {
+    let mut config = Config::embedded();
+    config.engine = super::config();
+    config.engine.mailbox_capacity = 64;
+    config.demo.users = 0;
+    config.server.listen = "127.0.0.1:0".parse().unwrap();
+    config.server.http_listen = "127.0.0.1:0".parse().unwrap();
+    config.server.frame_read_timeout_ms = 300;
+    config.server.auth_timeout_ms = 2_000;
+    config.server.idle_timeout_ms = 5_000;
+    config.server.identities = vec![
+        identity(
+            "admin",
+            ADMIN_KEY,
+            &["authorize", "accounts", "providers"],
+            &["*"],
+            &[100, 200, 300],
+        ),
+        identity("shop-a", TERMINAL_KEY, &["authorize"], &["SHOP-A-*"], &[]),
+    ];
+    config
+}
+
+pub async fn start() -> RunningServer {
+    start_with(server_config()).await
+}
+
+pub async fn start_with(config: Config) -> RunningServer {
+    settlegate::server::start(config).await.expect("server starts")
+}
+
+/// A client authenticated with `key`.
+pub async fn client(server: &RunningServer, key: &str) -> Client {
+    let client = Client::connect(server.addr).await.expect("connect");
+    client.authenticate(key).await.expect("auth");
+    client
+}
+
+/// Reads until EOF or `limit`, returning what came.
+pub async fn read_until_close(stream: &mut TcpStream, limit: Duration) -> (Vec<u8>, bool) {
+    let mut out = Vec::new();
+    let result = tokio::time::timeout(limit, async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return true,
+                Ok(n) => out.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    (out, result.unwrap_or(false))
+}
+
+/// A raw connection that sent `bytes`.
+pub async fn raw(server: &RunningServer, bytes: &[u8]) -> TcpStream {
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    stream
+}
+
+/// A plain HTTP/1.1 GET against the server's HTTP port: (status line, body).
+pub async fn http_get(server: &RunningServer, path: &str) -> (String, String) {
+    let mut stream = TcpStream::connect(server.http_addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let (bytes, _) = read_until_close(&mut stream, Duration::from_secs(5)).await;
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    let status = text.lines().next().unwrap_or("").to_owned();
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (status, body)
+}
