@@ -17,6 +17,9 @@ cargo clippy --workspace --all-targets -- -D warnings
 echo "== rustdoc -D warnings"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 
+echo "== fuzz targets compile (cargo-fuzz layout; fuzzing itself needs nightly)"
+(cd fuzz && cargo check --quiet)
+
 echo "== cargo test: doc tests"
 cargo test --workspace --doc 2>&1 | tee -a "$log"
 echo "== cargo test: unit, integration, property, examples, benches once"

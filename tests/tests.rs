@@ -6,5 +6,6 @@ mod engine_accounts;
 mod engine_model;
 mod engine_providers;
 mod engine_settlement;
+mod server_lifecycle;
 mod server_malformed;
 mod server_ops;

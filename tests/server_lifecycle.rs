@@ -1,0 +1,254 @@
+//! The real binary: graceful shutdown on SIGTERM with requests in flight, and TLS with a
+//! client certificate.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use settlegate_engine::{InherentId, MeansInput, MeansKind, UserIdType, UserKey};
+use settlegate_protocol::messages::{Reply, Request, Response};
+use settlegate_protocol::Client;
+use sha2::{Digest, Sha256};
+
+use crate::support::server::*;
+use crate::support::*;
+
+/// Writes `config` as TOML the binary reads (the test config, rendered through its parts).
+fn write_config(
+    dir: &tempfile::TempDir,
+    extra_server: &str,
+    slow_provider_ms: u64,
+) -> std::path::PathBuf {
+    let admin = hex::encode(Sha256::digest(ADMIN_KEY.as_bytes()));
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+http_listen = "127.0.0.1:0"
+shutdown_grace_ms = 10000
+{extra_server}
+
+[[server.identities]]
+name = "admin"
+api_key_sha256 = "{admin}"
+permissions = ["authorize", "accounts", "providers"]
+terminals = ["*"]
+providers = [1]
+
+[engine]
+password = {{ memory_kib = 64, iterations = 1, parallelism = 1 }}
+vault = {{ key_hex = "{vault}" }}
+
+[[engine.providers]]
+code = 1
+name = "slow"
+adapter = {{ kind = "simulated", latency_us_min = {latency}, latency_us_max = {latency} }}
+"#,
+        vault = "33".repeat(32),
+        latency = slow_provider_ms * 1000,
+    );
+    let path = dir.path().join("settlegate.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+struct Child {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+}
+
+/// Starts the binary and reads the protocol address it prints.
+fn spawn(config: &std::path::Path) -> Child {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_settlegate"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn settlegate");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        let line = lines.next().expect("settlegate printed its address").unwrap();
+        if let Some(rest) = line.trim().strip_prefix("protocol") {
+            let addr = rest.trim().split("://").nth(1).unwrap();
+            break addr.parse().unwrap();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    Child { child, addr }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+#[tokio::test]
+async fn sigterm_finishes_in_flight_requests_then_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(&dir, "", 400);
+    let mut server = spawn(&config);
+    let client = Arc::new(Client::connect(server.addr).await.unwrap());
+    client.authenticate(ADMIN_KEY).await.unwrap();
+    let user = UserKey::new(UserIdType::Mail, "shutdown@example.com").unwrap();
+    let enroll = Request::Enroll {
+        client_request_id: 1,
+        user: user.clone(),
+        password: PASSWORD.into(),
+        card_idm: [5; 8],
+    };
+    let Reply::Credential(credential) = client.call_ok(&enroll).await.unwrap() else { panic!() };
+    let card = Request::AddMeans {
+        client_request_id: 2,
+        user: user.clone(),
+        make_default: true,
+        means: MeansInput::CreditCard { pan: "4111111111111111".into() },
+    };
+    client.call_ok(&card).await.unwrap();
+    // Ten authorizations that each take 400 ms at the provider.
+    let calls: Vec<_> = (0..10u64)
+        .map(|i| {
+            let bytes = InherentId {
+                key_version: credential.key_version,
+                amount_minor: 100 + i,
+                currency: jpy(),
+                means: MeansKind::CreditCard,
+                means_id: 0,
+                provider_code: 1,
+                card_idm: credential.card_idm,
+                user: user.clone(),
+                terminal_id: "T-1".into(),
+                counter: i + 1,
+                timestamp_ms: now_ms(),
+            }
+            .sign(credential.device_key.expose());
+            let client = client.clone();
+            tokio::spawn(async move { client.authorize(u128::from(100 + i), bytes).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let status =
+        Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    for call in calls {
+        let outcome = call.await.unwrap().expect("in-flight request answered before the close");
+        approved(outcome);
+    }
+    let exit = tokio::task::spawn_blocking(move || server.child.wait()).await.unwrap().unwrap();
+    assert!(exit.success(), "exit status {exit:?}");
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files.
+struct Pki {
+    dir: tempfile::TempDir,
+    ca_der: Vec<u8>,
+    client_cert_der: Vec<u8>,
+    client_key_der: Vec<u8>,
+}
+
+fn pki() -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let server_key = KeyPair::generate().unwrap();
+    let server_cert = CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])
+        .unwrap()
+        .signed_by(&server_key, &ca, &ca_key)
+        .unwrap();
+    let client_key = KeyPair::generate().unwrap();
+    let client_cert = CertificateParams::new(vec!["terminal-vendor".into()])
+        .unwrap()
+        .signed_by(&client_key, &ca, &ca_key)
+        .unwrap();
+    std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(dir.path().join("server.pem"), server_cert.pem()).unwrap();
+    std::fs::write(dir.path().join("server.key"), server_key.serialize_pem()).unwrap();
+    Pki {
+        dir,
+        ca_der: ca.der().to_vec(),
+        client_cert_der: client_cert.der().to_vec(),
+        client_key_der: client_key.serialize_der(),
+    }
+}
+
+async fn tls_connect(
+    addr: std::net::SocketAddr,
+    pki: &Pki,
+    with_client_cert: bool,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from(pki.ca_der.clone())).unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = if with_client_cert {
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pki.client_key_der.clone()));
+        builder
+            .with_client_auth_cert(vec![CertificateDer::from(pki.client_cert_der.clone())], key)
+            .unwrap()
+    } else {
+        builder.with_no_client_auth()
+    };
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    connector.connect(ServerName::try_from("127.0.0.1").unwrap(), tcp).await
+}
+
+#[tokio::test]
+async fn tls_with_a_client_certificate_authenticates_the_connection() {
+    let pki = pki();
+    let mut config = server_config();
+    config.server.tls = Some(settlegate::config::TlsConfig {
+        cert_pem: pki.dir.path().join("server.pem"),
+        key_pem: pki.dir.path().join("server.key"),
+        client_ca_pem: Some(pki.dir.path().join("ca.pem")),
+        client_cert_required: true,
+    });
+    let mut vendor = identity("vendor-cert", "unused-key", &["accounts"], &[], &[]);
+    vendor.api_key_sha256 = None;
+    vendor.cert_sha256 = Some(hex::encode(Sha256::digest(&pki.client_cert_der)));
+    config.server.identities.push(vendor);
+    let server = start_with(config).await;
+    assert!(server.tls);
+
+    let stream =
+        tls_connect(server.addr, &pki, true).await.expect("TLS handshake with a client cert");
+    let client = Client::from_stream(stream);
+    // Authenticated by the certificate: an account operation works without AUTH.
+    let user = UserKey::new(UserIdType::Mail, "nobody@example.com").unwrap();
+    let listing = Request::ListMeans { user, order: settlegate_engine::MeansOrder::Registration };
+    assert_eq!(
+        client.call(&listing).await.unwrap(),
+        Response::Refused(settlegate_engine::ReasonCode::UnknownUser)
+    );
+    // The certificate's identity has no authorize permission.
+    let confirm =
+        Request::ConfirmTerminal { provider_code: PROVIDER_OK, terminal_id: "T-1".into() };
+    assert!(matches!(client.call(&confirm).await.unwrap(), Response::Forbidden(_)));
+
+    // Without a client certificate the handshake (or the first exchange) fails.
+    let refused = match tls_connect(server.addr, &pki, false).await {
+        Err(_) => true,
+        Ok(stream) => {
+            Client::from_stream(stream).call(&Request::Ping { payload: vec![] }).await.is_err()
+        }
+    };
+    assert!(refused, "a client without a certificate is refused");
+    // Plain TCP to the TLS port gets nowhere either.
+    let plain = Client::connect(server.addr).await.unwrap();
+    let result = tokio::time::timeout(
+        Duration::from_secs(5),
+        plain.call(&Request::Ping { payload: vec![] }),
+    )
+    .await;
+    assert!(!matches!(result, Ok(Ok(Response::Ok(_)))));
+    server.shutdown().await;
+}
