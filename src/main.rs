@@ -77,7 +77,13 @@ fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
         println!("  http      http://{}/metrics /healthz /readyz", server.http_addr);
         println!("  shards    {}", server.engine.shard_count());
         println!("  providers {:?}", server.engine.registry().codes());
-        println!("  data      in memory only (no data directory: durability is not configured)");
+        let durability = &server.engine.config().durability;
+        match &durability.data_dir {
+            Some(dir) => println!("  data      {} (fsync: {:?})", dir.display(), durability.fsync),
+            None => {
+                println!("  data      in memory only (set [engine.durability] data_dir to keep it)")
+            }
+        }
         tracing::info!(addr = %server.addr, http = %server.http_addr, "listening");
         wait_for_signal().await?;
         tracing::info!("shutting down: no new connections, finishing in-flight requests");

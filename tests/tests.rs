@@ -3,9 +3,11 @@
 mod support;
 
 mod engine_accounts;
+mod engine_durability;
 mod engine_model;
 mod engine_providers;
 mod engine_settlement;
+mod server_crash;
 mod server_lifecycle;
 mod server_malformed;
 mod server_ops;

@@ -6,6 +6,7 @@ use settlegate_adapters::{AdapterConfig, GuardConfig};
 use crate::limits::{MAILBOX_CAPACITY_MAX, PROVIDERS_MAX, SHARDS_MAX};
 use crate::password::PasswordConfig;
 use crate::providers::TerminalEntry;
+use crate::wal::DurabilityConfig;
 
 /// The environment variable that carries the vault key (64 hex digits); it wins over config.
 pub const VAULT_KEY_ENV: &str = "SETTLEGATE_VAULT_KEY";
@@ -40,6 +41,8 @@ pub struct EngineConfig {
     pub vault: VaultConfig,
     /// Settlement providers.
     pub providers: Vec<ProviderConfig>,
+    /// The write-ahead log.
+    pub durability: DurabilityConfig,
 }
 
 /// Vault key source. `SETTLEGATE_VAULT_KEY` in the environment overrides `key_hex`; with
@@ -87,6 +90,7 @@ impl Default for EngineConfig {
             password: PasswordConfig::default(),
             vault: VaultConfig::default(),
             providers: Vec::new(),
+            durability: DurabilityConfig::default(),
         }
     }
 }
@@ -121,6 +125,10 @@ impl EngineConfig {
         check(self.idempotency_records_max > 0, "idempotency_records_max must be positive")?;
         check(self.login_failures_max > 0, "login_failures_max must be positive")?;
         check(self.lockout_ms >= 0, "lockout_ms must not be negative")?;
+        check(
+            self.durability.fsync_interval_ms > 0,
+            "durability.fsync_interval_ms must be positive",
+        )?;
         check(self.providers.len() <= PROVIDERS_MAX, "at most 1024 providers")?;
         let mut codes: Vec<u32> = self.providers.iter().map(|p| p.code).collect();
         codes.sort_unstable();

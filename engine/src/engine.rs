@@ -31,6 +31,8 @@ use crate::shard::state::{Dispatch, MeansView, Shared, StateConfig};
 use crate::shard::{Batch, Command, Envelope, Op, Query, Reply, Shard, ShardState, Sizes};
 use crate::types::{Approval, AuthOutcome, ClientRequestId, Idm, ReasonCode, UserKey};
 use crate::vault::Vault;
+use crate::wal::record::LogEnvelope;
+use crate::wal::{self, StorageError, WalHandle};
 
 /// A settlement request: the signed inherent ID exactly as the user terminal built it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +102,8 @@ pub enum MeansOrder {
 struct ActorRuntime {
     system: System,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Log writer threads; they finish (flush, sync) once the shards holding them are gone.
+    wal_threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 struct Inner {
@@ -126,6 +130,9 @@ fn stop_runtime(runtime: &Mutex<Option<ActorRuntime>>) {
     if let Ok(Some(mut runtime)) = taken {
         runtime.system.stop();
         if let Some(thread) = runtime.thread.take() {
+            let _ = thread.join();
+        }
+        for thread in runtime.wal_threads.drain(..) {
             let _ = thread.join();
         }
     }
@@ -177,7 +184,8 @@ impl Engine {
             idempotency_ttl_ms: config.idempotency_ttl_ms,
             idempotency_records_max: config.idempotency_records_max,
         };
-        let (shards, runtime) = start_shards(&config, &shared, state_config)?;
+        let prepared = recover_shards(&config, &shared, state_config, clock.now_ms())?;
+        let (shards, runtime) = start_shards(&config, prepared)?;
         let dummy_phc = hasher.hash("settlegate-timing-equalizer");
         Ok(Engine {
             inner: Arc::new(Inner {
@@ -716,26 +724,115 @@ fn build_registry(config: &EngineConfig) -> Result<Registry, EngineError> {
     Ok(Registry::new(providers))
 }
 
-fn start_shards(
+/// Shard states ready to run: recovered from their logs when durability is configured.
+struct Prepared {
+    states: Vec<(ShardState, Option<WalHandle>)>,
+    wal_threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// Builds every shard's state: fresh, or replayed from the data directory's logs, with the
+/// authorizations a crash left at their providers resolved (and that resolution logged) before
+/// any new request is taken.
+fn recover_shards(
     config: &EngineConfig,
     shared: &Shared,
     state_config: StateConfig,
-) -> Result<(Vec<Addr<Shard>>, ActorRuntime), EngineError> {
+    now_ms: i64,
+) -> Result<Prepared, EngineError> {
     let count = config.shard_count();
+    let mut states: Vec<ShardState> =
+        (0..count).map(|i| ShardState::new(i as u8, shared.clone(), state_config)).collect();
+    let Some(dir) = &config.durability.data_dir else {
+        let states = states.into_iter().map(|state| (state, None)).collect();
+        return Ok(Prepared { states, wal_threads: Vec::new() });
+    };
+    let storage = |e: StorageError| EngineError::Storage(e.to_string());
+    std::fs::create_dir_all(dir)
+        .map_err(|e| EngineError::Storage(format!("{}: {e}", dir.display())))?;
+    let started = std::time::Instant::now();
+    let logs = (0..count)
+        .map(|i| wal::read_log(&wal::shard_log_path(dir, i), i, count))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(storage)?;
+    let replayed = replay(&mut states, &logs, &shared.vault)?;
+    let mut prepared = Prepared { states: Vec::with_capacity(count), wal_threads: Vec::new() };
+    for (index, (mut state, log)) in states.into_iter().zip(&logs).enumerate() {
+        let path = wal::shard_log_path(dir, index);
+        if log.torn_bytes > 0 {
+            tracing::warn!(path = %path.display(), bytes = log.torn_bytes, "discarding a torn last record");
+        }
+        let (handle, thread) =
+            wal::open_writer(&path, log.valid_len, index, count, &config.durability)
+                .map_err(storage)?;
+        let resolved = state.resolve_pending(now_ms);
+        if !resolved.is_empty() {
+            tracing::warn!(
+                shard = index,
+                count = resolved.len(),
+                "authorizations in flight at the crash declined as provider timeouts"
+            );
+            let records = resolved
+                .iter()
+                .map(|e| LogEnvelope::from_envelope(e, &shared.vault).to_bytes())
+                .collect();
+            let (reply, durable) = oneshot::channel();
+            handle.submit(wal::Job { records, reply, replies: Vec::new() });
+            // Engine::start may run inside a Tokio runtime; the writer is its own OS thread, so
+            // blocking on its answer here cannot deadlock.
+            futures::executor::block_on(durable)
+                .map_err(|_| EngineError::Storage(format!("{}: write failed", path.display())))?;
+        }
+        prepared.states.push((state, Some(handle)));
+        prepared.wal_threads.push(thread);
+    }
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    tracing::info!(records = replayed, elapsed_ms, dir = %dir.display(), "recovered");
+    Ok(prepared)
+}
+
+/// Applies every shard's records, each shard in its own order, shards interleaved by the
+/// commands' timestamps so cross-shard effects (a device IDm claimed first) replay as they
+/// happened. Returns the number of records applied.
+fn replay(
+    states: &mut [ShardState],
+    logs: &[wal::ReadLog],
+    vault: &Vault,
+) -> Result<usize, EngineError> {
+    let mut cursors = vec![0usize; logs.len()];
+    let mut applied = 0;
+    loop {
+        let next = (0..logs.len())
+            .filter(|&i| cursors[i] < logs[i].records.len())
+            .min_by_key(|&i| (logs[i].records[cursors[i]].now_ms(), i));
+        let Some(shard) = next else { return Ok(applied) };
+        let record = &logs[shard].records[cursors[shard]];
+        let envelope = record.to_envelope(vault).map_err(|e| {
+            EngineError::Storage(format!("shard {shard} record {}: {e}", cursors[shard]))
+        })?;
+        states[shard].apply(envelope);
+        cursors[shard] += 1;
+        applied += 1;
+    }
+}
+
+fn start_shards(
+    config: &EngineConfig,
+    prepared: Prepared,
+) -> Result<(Vec<Addr<Shard>>, ActorRuntime), EngineError> {
     let mailbox_capacity = config.mailbox_capacity;
-    let shared = shared.clone();
+    let states = prepared.states;
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     let thread = std::thread::Builder::new()
         .name("settlegate-actors".into())
         .spawn(move || {
             let system = System::new();
             let (arbiters, addrs): (Vec<Arbiter>, Vec<Addr<Shard>>) = system.block_on(async move {
-                (0..count)
-                    .map(|index| {
+                states
+                    .into_iter()
+                    .map(|(state, wal)| {
                         let arbiter = Arbiter::new();
-                        let state = ShardState::new(index as u8, shared.clone(), state_config);
                         let addr = Shard::start_in_arbiter(&arbiter.handle(), move |_| {
-                            Shard::new(state, mailbox_capacity)
+                            Shard::new(state, mailbox_capacity, wal)
                         });
                         (arbiter, addr)
                     })
@@ -751,7 +848,7 @@ fn start_shards(
         .map_err(|e| EngineError::Config(format!("cannot start actor thread: {e}")))?;
     let (addrs, system) =
         rx.recv().map_err(|_| EngineError::Config("actor system failed to start".into()))?;
-    Ok((addrs, ActorRuntime { system, thread: Some(thread) }))
+    Ok((addrs, ActorRuntime { system, thread: Some(thread), wal_threads: prepared.wal_threads }))
 }
 
 fn user_hash(user: &UserKey) -> u64 {

@@ -30,6 +30,9 @@ pub enum EngineError {
     /// The configuration is invalid.
     #[error("invalid config: {0}")]
     Config(String),
+    /// The data directory cannot be read or written; names the file and what is wrong.
+    #[error("storage: {0}")]
+    Storage(String),
     /// The engine is shutting down.
     #[error("engine stopped")]
     Stopped,

@@ -27,6 +27,7 @@ pub mod providers;
 mod shard;
 pub mod types;
 pub mod vault;
+pub mod wal;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{EngineConfig, ProviderConfig};

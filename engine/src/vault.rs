@@ -17,11 +17,11 @@ use zeroize::Zeroizing;
 
 use crate::types::{CardToken, ReasonCode};
 
-/// An account number sealed under the vault key.
+/// An account number (or other secret) sealed under the vault key.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SealedNumber {
-    nonce: [u8; 24],
-    ciphertext: Vec<u8>,
+    pub(crate) nonce: [u8; 24],
+    pub(crate) ciphertext: Vec<u8>,
 }
 
 impl fmt::Debug for SealedNumber {
@@ -81,18 +81,29 @@ impl Vault {
         let mut token = [0u8; 16];
         rand::rngs::OsRng.fill_bytes(&mut token);
         let token = CardToken(token);
+        let sealed = self.seal(number.as_bytes(), &token.0);
+        let tail = &number.as_bytes()[number.len() - 4..];
+        Ok(Tokenized { token, last4: tail.try_into().expect("4 bytes"), sealed })
+    }
+
+    /// Seals any secret (a device key on its way to disk, say) bound to `aad`.
+    pub fn seal(&self, secret: &[u8], aad: &[u8]) -> SealedNumber {
         let mut nonce = [0u8; 24];
         rand::rngs::OsRng.fill_bytes(&mut nonce);
         let ciphertext = self
             .cipher
-            .encrypt(XNonce::from_slice(&nonce), Payload { msg: number.as_bytes(), aad: &token.0 })
+            .encrypt(XNonce::from_slice(&nonce), Payload { msg: secret, aad })
             .expect("XChaCha20-Poly1305 encryption does not fail for short inputs");
-        let tail = &number.as_bytes()[number.len() - 4..];
-        Ok(Tokenized {
-            token,
-            last4: tail.try_into().expect("4 bytes"),
-            sealed: SealedNumber { nonce, ciphertext },
-        })
+        SealedNumber { nonce, ciphertext }
+    }
+
+    /// Opens what [`Vault::seal`] sealed with the same `aad`; `None` under another key or
+    /// associated data, or if the ciphertext was altered.
+    pub fn open(&self, sealed: &SealedNumber, aad: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+        self.cipher
+            .decrypt(XNonce::from_slice(&sealed.nonce), Payload { msg: &sealed.ciphertext, aad })
+            .ok()
+            .map(Zeroizing::new)
     }
 
     /// Stores a sealed number under its token.
@@ -104,14 +115,8 @@ impl Vault {
     /// The result is zeroed on drop; never log it.
     pub fn reveal(&self, token: &CardToken) -> Option<Zeroizing<String>> {
         let sealed = self.sealed.get(token)?;
-        let plain = self
-            .cipher
-            .decrypt(
-                XNonce::from_slice(&sealed.nonce),
-                Payload { msg: &sealed.ciphertext, aad: &token.0 },
-            )
-            .ok()?;
-        String::from_utf8(plain).ok().map(Zeroizing::new)
+        let plain = self.open(&sealed, &token.0)?;
+        String::from_utf8(plain.to_vec()).ok().map(Zeroizing::new)
     }
 
     /// Number of sealed numbers held.

@@ -17,7 +17,12 @@ pub(crate) type IdemKey = (u64, ClientRequestId);
 #[derive(Debug, Clone)]
 pub(crate) enum IdemState {
     /// The request is with its provider.
-    Pending,
+    Pending {
+        /// Who pays (to record the outcome if recovery must resolve it).
+        user: crate::types::UserKey,
+        /// With which means.
+        means_id: u32,
+    },
     /// The request finished with this reply.
     Done(Reply),
 }
@@ -81,6 +86,20 @@ impl Idempotency {
             self.expiry.pop_front();
             self.entries.remove(&key);
         }
+    }
+
+    /// Records still waiting for their provider's outcome.
+    pub(crate) fn pending(&self) -> Vec<(IdemKey, crate::types::UserKey, u32)> {
+        let mut pending: Vec<_> = self
+            .entries
+            .iter()
+            .filter_map(|(key, entry)| match &entry.state {
+                IdemState::Pending { user, means_id } => Some((*key, user.clone(), *means_id)),
+                IdemState::Done(_) => None,
+            })
+            .collect();
+        pending.sort_by_key(|(key, _, _)| *key);
+        pending
     }
 
     pub(crate) fn len(&self) -> usize {

@@ -13,6 +13,9 @@ pub(crate) mod state;
 use actix::{Actor, Context, Handler, Message, MessageResult};
 use tokio::sync::oneshot;
 
+use crate::wal::record::LogEnvelope;
+use crate::wal::{Job, WalHandle};
+
 pub(crate) use state::{Command, Envelope, Query, Reply, ShardState};
 
 /// One unit of shard work.
@@ -36,11 +39,13 @@ impl Message for Batch {
 pub(crate) struct Shard {
     state: ShardState,
     mailbox_capacity: usize,
+    /// The shard's log writer; none when state is in memory only.
+    wal: Option<WalHandle>,
 }
 
 impl Shard {
-    pub(crate) fn new(state: ShardState, mailbox_capacity: usize) -> Shard {
-        Shard { state, mailbox_capacity }
+    pub(crate) fn new(state: ShardState, mailbox_capacity: usize, wal: Option<WalHandle>) -> Shard {
+        Shard { state, mailbox_capacity, wal }
     }
 }
 
@@ -56,16 +61,29 @@ impl Handler<Batch> for Shard {
     type Result = ();
 
     fn handle(&mut self, batch: Batch, _ctx: &mut Context<Self>) {
+        let mut records = Vec::new();
         let replies = batch
             .ops
             .into_iter()
             .map(|op| match op {
-                Op::Apply(envelope) => self.state.apply(envelope),
+                Op::Apply(envelope) => {
+                    if self.wal.is_some() {
+                        let record = LogEnvelope::from_envelope(&envelope, self.state.vault());
+                        records.push(record.to_bytes());
+                    }
+                    self.state.apply(envelope)
+                }
                 Op::Query(query) => self.state.query(query),
             })
             .collect();
-        // The requester may have gone away (its task was cancelled); the state change stands.
-        let _ = batch.reply.send(replies);
+        match &self.wal {
+            // The writer releases the replies once the records are durable.
+            Some(wal) => wal.submit(Job { records, reply: batch.reply, replies }),
+            // The requester may have gone away (its task was cancelled); the change stands.
+            None => {
+                let _ = batch.reply.send(replies);
+            }
+        }
     }
 }
 

@@ -191,13 +191,15 @@ impl ShardState {
         let key = (envelope.owner_hash, client_request_id);
         match self.idem.lookup(&key, envelope.digest) {
             Seen::Same(IdemState::Done(reply)) => return reply,
-            Seen::Same(IdemState::Pending) => return Reply::InFlight,
+            Seen::Same(IdemState::Pending { .. }) => return Reply::InFlight,
             Seen::Conflict => return Reply::Refused(ReasonCode::IdempotencyConflict),
             Seen::New => {}
         }
         let reply = self.execute(envelope.command, envelope.now_ms, key);
         let state = match &reply {
-            Reply::Dispatch(_) => IdemState::Pending,
+            Reply::Dispatch(dispatch) => {
+                IdemState::Pending { user: dispatch.user.clone(), means_id: dispatch.means_id }
+            }
             done => IdemState::Done(done.clone()),
         };
         self.idem.insert(key, envelope.digest, state, envelope.now_ms);
@@ -457,6 +459,35 @@ impl ShardState {
             },
             None => Reply::Refused(ReasonCode::UnknownProvider),
         }
+    }
+
+    /// Completes every authorization left with its provider when the engine stopped: the
+    /// outcome is unknown, so it is declined as a provider timeout (an adapter that can reverse
+    /// must reverse these dispatches). Returns the applied completions, for the log.
+    pub(crate) fn resolve_pending(&mut self, now_ms: i64) -> Vec<Envelope> {
+        let mut applied = Vec::new();
+        for (key, user, means_id) in self.idem.pending() {
+            let envelope = Envelope {
+                owner_hash: key.0,
+                client_request_id: None,
+                digest: 0,
+                now_ms,
+                command: Command::AuthComplete {
+                    key,
+                    user,
+                    means_id,
+                    outcome: AuthOutcome::Declined(ReasonCode::ProviderTimeout),
+                },
+            };
+            self.apply(envelope.clone());
+            applied.push(envelope);
+        }
+        applied
+    }
+
+    /// The vault (to seal secrets on their way to the log).
+    pub(crate) fn vault(&self) -> &Vault {
+        &self.shared.vault
     }
 
     /// Users held, idempotency records held (for metrics and tests).

@@ -1,0 +1,344 @@
+//! The write-ahead log: every state change a shard applies is appended to that shard's log
+//! before the reply that depends on it leaves the engine.
+//!
+//! File `shard-NNN.wal` in the data directory: a 16-byte header (magic `SGWAL\0\0\0`, `u16`
+//! format version, `u16` shard index, `u32` shard count, big-endian), then records: `u32`
+//! payload length, `u32` CRC-32 of the payload, the payload (an rkyv archive of
+//! `LogEnvelope`, the log's own record type in `wal/record.rs`).
+//!
+//! **Group commit.** Each shard hands its batch's records *and its replies* to a writer
+//! thread over a crossbeam channel. The writer takes everything queued, writes it, syncs once
+//! (policy `always`), and only then releases the replies, so many changes share one `fsync`
+//! and no reply can reveal a change that is not on disk. Replies of queries travel the same
+//! queue, so they cannot overtake a write they observed either.
+//!
+//! **Recovery** reads every shard's log, keeps each shard's order, interleaves shards by the
+//! commands' timestamps, and applies the commands through the same pure `ShardState::apply`.
+//! A torn last record (a crash mid-write) is cut off; a record that fails its checksum or does
+//! not decode anywhere else stops recovery with an error naming the file and offset.
+
+pub(crate) mod record;
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use crate::shard::Reply;
+use record::LogEnvelope;
+
+/// The log format this build writes and the newest it reads.
+pub const FORMAT_VERSION: u16 = 1;
+const MAGIC: [u8; 8] = *b"SGWAL\0\0\0";
+const FILE_HEADER_LEN: usize = 16;
+const RECORD_HEADER_LEN: usize = 8;
+/// Largest record payload accepted when reading (a command is far smaller).
+pub const RECORD_LEN_MAX: usize = 1 << 20;
+/// Jobs the writer takes into one group commit at most.
+const GROUP_JOBS_MAX: usize = 4096;
+
+/// When the log is forced to disk (Redis's `appendfsync`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FsyncPolicy {
+    /// Sync before any reply that depends on a change (group commit). Nothing acknowledged is
+    /// lost, even by a power failure.
+    #[default]
+    Always,
+    /// Sync every `fsync_interval_ms`: a crash of the machine loses at most that window; a
+    /// crash of the process alone loses nothing (writes are in the OS already).
+    Interval,
+    /// Never sync; the OS writes back when it likes. A process crash loses nothing, a machine
+    /// crash may lose recent changes.
+    Off,
+}
+
+/// `[engine.durability]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DurabilityConfig {
+    /// Where the logs live; none: state is in memory only.
+    pub data_dir: Option<PathBuf>,
+    /// The sync policy.
+    pub fsync: FsyncPolicy,
+    /// The period of the `interval` policy.
+    pub fsync_interval_ms: u64,
+}
+
+impl Default for DurabilityConfig {
+    fn default() -> Self {
+        DurabilityConfig { data_dir: None, fsync: FsyncPolicy::Always, fsync_interval_ms: 100 }
+    }
+}
+
+/// A data directory that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StorageError {
+    /// Reading or writing failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// A record in the middle of a log is damaged.
+    #[error("{path}: corrupt record at byte offset {offset}: {detail}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// Where the bad record starts.
+        offset: u64,
+        /// What is wrong.
+        detail: String,
+    },
+    /// Written by a newer settlegate.
+    #[error("{path}: log format version {found} is newer than this build supports ({supported}); upgrade settlegate")]
+    NewerFormat {
+        /// The file.
+        path: PathBuf,
+        /// Its version.
+        found: u16,
+        /// Ours.
+        supported: u16,
+    },
+    /// Not a settlegate log, or one of another shard layout.
+    #[error("{path}: {detail}")]
+    Mismatch {
+        /// The file.
+        path: PathBuf,
+        /// What does not match.
+        detail: String,
+    },
+}
+
+/// The log file of shard `index`.
+pub fn shard_log_path(dir: &Path, index: usize) -> PathBuf {
+    dir.join(format!("shard-{index:03}.wal"))
+}
+
+/// A shard log as read back.
+#[derive(Debug)]
+pub(crate) struct ReadLog {
+    pub(crate) records: Vec<LogEnvelope>,
+    /// Bytes of the file that hold the header and whole records.
+    pub(crate) valid_len: u64,
+    /// Bytes of a torn last record, cut off.
+    pub(crate) torn_bytes: u64,
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> StorageError + '_ {
+    move |source| StorageError::Io { path: path.to_owned(), source }
+}
+
+fn file_header(index: usize, count: usize) -> [u8; FILE_HEADER_LEN] {
+    let mut header = [0u8; FILE_HEADER_LEN];
+    header[..8].copy_from_slice(&MAGIC);
+    header[8..10].copy_from_slice(&FORMAT_VERSION.to_be_bytes());
+    header[10..12].copy_from_slice(&(index as u16).to_be_bytes());
+    header[12..16].copy_from_slice(&(count as u32).to_be_bytes());
+    header
+}
+
+fn check_file_header(
+    path: &Path,
+    bytes: &[u8],
+    index: usize,
+    count: usize,
+) -> Result<(), StorageError> {
+    let mismatch = |detail: String| StorageError::Mismatch { path: path.to_owned(), detail };
+    if bytes[..8] != MAGIC {
+        return Err(mismatch("not a settlegate log (bad magic)".into()));
+    }
+    let version = u16::from_be_bytes([bytes[8], bytes[9]]);
+    if version > FORMAT_VERSION {
+        return Err(StorageError::NewerFormat {
+            path: path.to_owned(),
+            found: version,
+            supported: FORMAT_VERSION,
+        });
+    }
+    let file_index = u16::from_be_bytes([bytes[10], bytes[11]]) as usize;
+    let file_count = u32::from_be_bytes(bytes[12..16].try_into().expect("4")) as usize;
+    if (file_index, file_count) != (index, count) {
+        return Err(mismatch(format!(
+            "written as shard {file_index} of {file_count}, opened as shard {index} of {count}: \
+             the shard count must not change across restarts"
+        )));
+    }
+    Ok(())
+}
+
+/// Reads shard `index`'s log. A missing or empty file is an empty log.
+pub(crate) fn read_log(path: &Path, index: usize, count: usize) -> Result<ReadLog, StorageError> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(error) => return Err(io_error(path)(error)),
+    };
+    if bytes.len() < FILE_HEADER_LEN {
+        // Nothing, or a header torn while the file was created: nothing was ever acknowledged.
+        return Ok(ReadLog { records: Vec::new(), valid_len: 0, torn_bytes: bytes.len() as u64 });
+    }
+    check_file_header(path, &bytes, index, count)?;
+    let mut records = Vec::new();
+    let mut offset = FILE_HEADER_LEN;
+    while offset < bytes.len() {
+        let rest = &bytes[offset..];
+        let Some(head) = rest.get(..RECORD_HEADER_LEN) else { break };
+        let len = u32::from_be_bytes(head[..4].try_into().expect("4")) as usize;
+        let crc = u32::from_be_bytes(head[4..8].try_into().expect("4"));
+        let Some(payload) = rest.get(RECORD_HEADER_LEN..RECORD_HEADER_LEN + len) else { break };
+        let is_last = offset + RECORD_HEADER_LEN + len == bytes.len();
+        let corrupt = |detail: &str| StorageError::Corrupt {
+            path: path.to_owned(),
+            offset: offset as u64,
+            detail: detail.to_owned(),
+        };
+        if len > RECORD_LEN_MAX {
+            return Err(corrupt("record length over the maximum"));
+        }
+        if crc32fast::hash(payload) != crc {
+            if is_last {
+                break; // A torn final write: its bytes reached the file only in part.
+            }
+            return Err(corrupt("checksum mismatch"));
+        }
+        let record = LogEnvelope::from_bytes(payload).map_err(|e| corrupt(&e.to_string()))?;
+        records.push(record);
+        offset += RECORD_HEADER_LEN + len;
+    }
+    Ok(ReadLog { records, valid_len: offset as u64, torn_bytes: (bytes.len() - offset) as u64 })
+}
+
+/// Replies released by the writer once their records are durable.
+pub(crate) struct Job {
+    pub(crate) records: Vec<rkyv::util::AlignedVec>,
+    pub(crate) reply: oneshot::Sender<Vec<Reply>>,
+    pub(crate) replies: Vec<Reply>,
+}
+
+/// The sending side of a shard's log writer.
+#[derive(Clone)]
+pub(crate) struct WalHandle {
+    jobs: Sender<Job>,
+}
+
+impl WalHandle {
+    /// Queues a job; if the writer has failed, the job is dropped and its caller sees the
+    /// engine as stopped (nothing unlogged is ever acknowledged).
+    pub(crate) fn submit(&self, job: Job) {
+        let _ = self.jobs.send(job);
+    }
+}
+
+/// Opens shard `index`'s log for appending after `valid_len` (cutting off a torn tail) and
+/// starts its writer thread.
+pub(crate) fn open_writer(
+    path: &Path,
+    valid_len: u64,
+    index: usize,
+    count: usize,
+    config: &DurabilityConfig,
+) -> Result<(WalHandle, std::thread::JoinHandle<()>), StorageError> {
+    let mut file = OpenOptions::new()
+        .create(true)
+        .read(true)
+        .write(true)
+        .truncate(false)
+        .open(path)
+        .map_err(io_error(path))?;
+    if valid_len < FILE_HEADER_LEN as u64 {
+        file.set_len(0).map_err(io_error(path))?;
+        file.write_all(&file_header(index, count)).map_err(io_error(path))?;
+    } else {
+        file.set_len(valid_len).map_err(io_error(path))?;
+        file.seek(SeekFrom::End(0)).map_err(io_error(path))?;
+    }
+    file.sync_all().map_err(io_error(path))?;
+    if let Some(dir) = path.parent() {
+        // Make the file's creation itself durable.
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io_error(dir))?;
+    }
+    let (jobs, queue) = channel::unbounded();
+    let policy = config.fsync;
+    let interval = Duration::from_millis(config.fsync_interval_ms.max(1));
+    let path = path.to_owned();
+    let thread = std::thread::Builder::new()
+        .name(format!("settlegate-wal-{index}"))
+        .spawn(move || {
+            write_loop(BufWriter::with_capacity(1 << 20, file), &path, &queue, policy, interval)
+        })
+        .map_err(|e| StorageError::Io { path: PathBuf::from("<thread>"), source: e })?;
+    Ok((WalHandle { jobs }, thread))
+}
+
+fn write_loop(
+    mut out: BufWriter<File>,
+    path: &Path,
+    queue: &Receiver<Job>,
+    policy: FsyncPolicy,
+    interval: Duration,
+) {
+    let mut last_sync = Instant::now();
+    let mut unsynced = false;
+    loop {
+        let first = match policy {
+            FsyncPolicy::Interval => match queue.recv_timeout(interval) {
+                Ok(job) => Some(job),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => break,
+            },
+            _ => match queue.recv() {
+                Ok(job) => Some(job),
+                Err(_) => break,
+            },
+        };
+        let mut jobs: Vec<Job> = first.into_iter().collect();
+        while jobs.len() < GROUP_JOBS_MAX {
+            match queue.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        let wrote = jobs.iter().any(|job| !job.records.is_empty());
+        let result = write_group(&mut out, &jobs).and_then(|()| {
+            unsynced |= wrote;
+            let due = match policy {
+                FsyncPolicy::Always => unsynced,
+                FsyncPolicy::Interval => unsynced && last_sync.elapsed() >= interval,
+                FsyncPolicy::Off => false,
+            };
+            if due {
+                out.get_ref().sync_data()?;
+                last_sync = Instant::now();
+                unsynced = false;
+            }
+            Ok(())
+        });
+        if let Err(error) = result {
+            // Without a log nothing more may be acknowledged: drop every queued reply (callers
+            // see the engine stopped) and stop.
+            tracing::error!(path = %path.display(), %error, "write-ahead log failed; shard stops acknowledging");
+            return;
+        }
+        for job in jobs {
+            let _ = job.reply.send(job.replies);
+        }
+    }
+    let _ = out.flush().and_then(|()| out.get_ref().sync_data());
+}
+
+fn write_group(out: &mut BufWriter<File>, jobs: &[Job]) -> std::io::Result<()> {
+    for record in jobs.iter().flat_map(|job| &job.records) {
+        out.write_all(&(record.len() as u32).to_be_bytes())?;
+        out.write_all(&crc32fast::hash(record).to_be_bytes())?;
+        out.write_all(record)?;
+    }
+    out.flush()
+}

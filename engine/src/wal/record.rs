@@ -1,0 +1,408 @@
+//! The log's record format: rkyv-archived types of their own, so the in-memory types can
+//! change without changing what is on disk (the format version in the file header moves
+//! instead). Secrets arrive here sealed: device keys under the vault key, card numbers as the
+//! vault sealed them. Passwords only ever exist as Argon2id PHC strings.
+
+use rkyv::{Archive, Deserialize, Serialize};
+
+use crate::inherent::InherentId;
+use crate::keys::{DeviceKey, Verified};
+use crate::providers::TerminalEntry;
+use crate::shard::state::NewMeans;
+use crate::shard::{Command, Envelope};
+use crate::types::{
+    Approval, AuthCode, AuthOutcome, CardToken, Currency, Discount, MeansKind, ReasonCode,
+    TerminalService, UserIdType, UserKey,
+};
+use crate::vault::{SealedNumber, Vault};
+
+/// One logged command with its context.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub(crate) struct LogEnvelope {
+    owner_hash: u64,
+    client_request_id: Option<u128>,
+    digest: u64,
+    now_ms: i64,
+    command: LogCommand,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+enum LogCommand {
+    Enroll {
+        user: LogUser,
+        password_phc: String,
+        idm: [u8; 8],
+        key: LogSealed,
+    },
+    ProvisionDevice {
+        user: LogUser,
+        idm: [u8; 8],
+        key: LogSealed,
+    },
+    RotateDeviceKey {
+        user: LogUser,
+        idm: [u8; 8],
+        key: LogSealed,
+    },
+    AddMeans {
+        user: LogUser,
+        kind: u8,
+        label: String,
+        number: Option<LogNumber>,
+        make_default: bool,
+    },
+    SetDefaultMeans {
+        user: LogUser,
+        means_id: u32,
+    },
+    LoginAttempt {
+        user: LogUser,
+        success: bool,
+    },
+    /// The signed inherent ID, re-encoded from the verified record and its tag.
+    AuthReserve {
+        inherent_id: Vec<u8>,
+    },
+    AuthComplete {
+        owner_hash: u64,
+        client_request_id: u128,
+        user: LogUser,
+        means_id: u32,
+        outcome: LogOutcome,
+    },
+    RegisterTerminals {
+        provider_code: u32,
+        terminals: Vec<LogTerminal>,
+    },
+    RemoveTerminals {
+        provider_code: u32,
+        terminal_ids: Vec<String>,
+    },
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+struct LogUser {
+    id_type: u8,
+    id: String,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+struct LogSealed {
+    nonce: [u8; 24],
+    ciphertext: Vec<u8>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+struct LogNumber {
+    token: [u8; 16],
+    last4: [u8; 4],
+    sealed: LogSealed,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+enum LogOutcome {
+    Approved {
+        auth_code: [u8; 6],
+        provider_code: u32,
+        amount_requested_minor: u64,
+        discount_minor: u64,
+        amount_final_minor: u64,
+        currency: [u8; 3],
+    },
+    Declined {
+        reason: u16,
+    },
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+struct LogTerminal {
+    terminal_id: String,
+    service: Option<LogService>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+struct LogService {
+    /// 1 percent (`value` = bps), 2 fixed (`value` = minor units in `currency`).
+    discount_kind: u8,
+    value: u64,
+    currency: [u8; 3],
+    valid_from_ms: i64,
+    valid_until_ms: i64,
+    description: String,
+}
+
+/// A record that does not map back to a command: written by a newer or broken writer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid log record: {0}")]
+pub(crate) struct RecordError(pub(crate) &'static str);
+
+fn user_out(user: &UserKey) -> LogUser {
+    LogUser { id_type: user.id_type() as u8, id: user.id().to_owned() }
+}
+
+fn user_in(user: &LogUser) -> Result<UserKey, RecordError> {
+    let id_type = UserIdType::from_u8(user.id_type).ok_or(RecordError("user id type"))?;
+    UserKey::new(id_type, user.id.clone()).map_err(|_| RecordError("user id"))
+}
+
+fn sealed_out(sealed: &SealedNumber) -> LogSealed {
+    LogSealed { nonce: sealed.nonce, ciphertext: sealed.ciphertext.clone() }
+}
+
+fn sealed_in(sealed: &LogSealed) -> SealedNumber {
+    SealedNumber { nonce: sealed.nonce, ciphertext: sealed.ciphertext.clone() }
+}
+
+fn key_out(vault: &Vault, key: &DeviceKey, idm: &[u8; 8]) -> LogSealed {
+    sealed_out(&vault.seal(key.expose(), idm))
+}
+
+fn key_in(vault: &Vault, sealed: &LogSealed, idm: &[u8; 8]) -> Result<DeviceKey, RecordError> {
+    let plain = vault.open(&sealed_in(sealed), idm).ok_or(RecordError(
+        "a sealed device key does not open: is this the vault key the data was written with?",
+    ))?;
+    let bytes: [u8; 32] =
+        plain.as_slice().try_into().map_err(|_| RecordError("device key length"))?;
+    Ok(DeviceKey::from_bytes(bytes))
+}
+
+fn currency_in(bytes: [u8; 3]) -> Result<Currency, RecordError> {
+    Currency::from_bytes(bytes).map_err(|_| RecordError("currency"))
+}
+
+fn outcome_out(outcome: &AuthOutcome) -> LogOutcome {
+    match *outcome {
+        AuthOutcome::Approved(a) => LogOutcome::Approved {
+            auth_code: a.auth_code.0,
+            provider_code: a.provider_code,
+            amount_requested_minor: a.amount_requested_minor,
+            discount_minor: a.discount_minor,
+            amount_final_minor: a.amount_final_minor,
+            currency: a.currency.bytes(),
+        },
+        AuthOutcome::Declined(reason) => LogOutcome::Declined { reason: reason.code() },
+    }
+}
+
+fn outcome_in(outcome: &LogOutcome) -> Result<AuthOutcome, RecordError> {
+    Ok(match *outcome {
+        LogOutcome::Approved {
+            auth_code,
+            provider_code,
+            amount_requested_minor,
+            discount_minor,
+            amount_final_minor,
+            currency,
+        } => AuthOutcome::Approved(Approval {
+            auth_code: AuthCode(auth_code),
+            provider_code,
+            amount_requested_minor,
+            discount_minor,
+            amount_final_minor,
+            currency: currency_in(currency)?,
+        }),
+        LogOutcome::Declined { reason } => {
+            AuthOutcome::Declined(ReasonCode::from_code(reason).ok_or(RecordError("reason code"))?)
+        }
+    })
+}
+
+fn terminal_out(entry: &TerminalEntry) -> LogTerminal {
+    let service = entry.service.as_ref().map(|s| {
+        let (discount_kind, value, currency) = match s.discount {
+            Discount::Percent { bps } => (1, u64::from(bps), [0; 3]),
+            Discount::Fixed { amount_minor, currency } => (2, amount_minor, currency.bytes()),
+        };
+        LogService {
+            discount_kind,
+            value,
+            currency,
+            valid_from_ms: s.valid_from_ms,
+            valid_until_ms: s.valid_until_ms,
+            description: s.description.clone(),
+        }
+    });
+    LogTerminal { terminal_id: entry.terminal_id.clone(), service }
+}
+
+fn terminal_in(entry: &LogTerminal) -> Result<TerminalEntry, RecordError> {
+    let service = match &entry.service {
+        None => None,
+        Some(s) => {
+            let discount = match s.discount_kind {
+                1 => Discount::Percent {
+                    bps: u16::try_from(s.value).map_err(|_| RecordError("bps"))?,
+                },
+                2 => Discount::Fixed { amount_minor: s.value, currency: currency_in(s.currency)? },
+                _ => return Err(RecordError("discount kind")),
+            };
+            Some(TerminalService {
+                discount,
+                valid_from_ms: s.valid_from_ms,
+                valid_until_ms: s.valid_until_ms,
+                description: s.description.clone(),
+            })
+        }
+    };
+    Ok(TerminalEntry { terminal_id: entry.terminal_id.clone(), service })
+}
+
+impl LogEnvelope {
+    /// The record of `envelope`, sealing device keys with `vault`.
+    pub(crate) fn from_envelope(envelope: &Envelope, vault: &Vault) -> LogEnvelope {
+        LogEnvelope {
+            owner_hash: envelope.owner_hash,
+            client_request_id: envelope.client_request_id,
+            digest: envelope.digest,
+            now_ms: envelope.now_ms,
+            command: command_out(&envelope.command, vault),
+        }
+    }
+
+    /// The envelope back, opening sealed device keys with `vault`.
+    pub(crate) fn to_envelope(&self, vault: &Vault) -> Result<Envelope, RecordError> {
+        Ok(Envelope {
+            owner_hash: self.owner_hash,
+            client_request_id: self.client_request_id,
+            digest: self.digest,
+            now_ms: self.now_ms,
+            command: command_in(&self.command, vault)?,
+        })
+    }
+
+    /// When the command was made (ms since the epoch).
+    pub(crate) fn now_ms(&self) -> i64 {
+        self.now_ms
+    }
+
+    /// Serializes for the log.
+    pub(crate) fn to_bytes(&self) -> rkyv::util::AlignedVec {
+        rkyv::to_bytes::<rkyv::rancor::Error>(self).expect("log records always serialize")
+    }
+
+    /// Validates and deserializes a record's payload.
+    pub(crate) fn from_bytes(payload: &[u8]) -> Result<LogEnvelope, RecordError> {
+        let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(payload.len());
+        aligned.extend_from_slice(payload);
+        rkyv::from_bytes::<LogEnvelope, rkyv::rancor::Error>(&aligned)
+            .map_err(|_| RecordError("archive"))
+    }
+}
+
+fn command_out(command: &Command, vault: &Vault) -> LogCommand {
+    match command {
+        Command::Enroll { user, password_phc, idm, key } => LogCommand::Enroll {
+            user: user_out(user),
+            password_phc: password_phc.clone(),
+            idm: *idm,
+            key: key_out(vault, key, idm),
+        },
+        Command::ProvisionDevice { user, idm, key } => LogCommand::ProvisionDevice {
+            user: user_out(user),
+            idm: *idm,
+            key: key_out(vault, key, idm),
+        },
+        Command::RotateDeviceKey { user, idm, key } => LogCommand::RotateDeviceKey {
+            user: user_out(user),
+            idm: *idm,
+            key: key_out(vault, key, idm),
+        },
+        Command::AddMeans { user, means, make_default } => LogCommand::AddMeans {
+            user: user_out(user),
+            kind: means.kind as u8,
+            label: means.label.clone(),
+            number: means.sealed.as_ref().map(|(token, last4, sealed)| LogNumber {
+                token: token.0,
+                last4: *last4,
+                sealed: sealed_out(sealed),
+            }),
+            make_default: *make_default,
+        },
+        Command::SetDefaultMeans { user, means_id } => {
+            LogCommand::SetDefaultMeans { user: user_out(user), means_id: *means_id }
+        }
+        Command::LoginAttempt { user, success } => {
+            LogCommand::LoginAttempt { user: user_out(user), success: *success }
+        }
+        Command::AuthReserve { verified } => {
+            let mut inherent_id = Vec::with_capacity(crate::inherent::RECORD_LEN_MAX);
+            verified.record.encode_body(&mut inherent_id);
+            inherent_id.extend_from_slice(&verified.digest);
+            LogCommand::AuthReserve { inherent_id }
+        }
+        Command::AuthComplete { key, user, means_id, outcome } => LogCommand::AuthComplete {
+            owner_hash: key.0,
+            client_request_id: key.1,
+            user: user_out(user),
+            means_id: *means_id,
+            outcome: outcome_out(outcome),
+        },
+        Command::RegisterTerminals { provider_code, terminals } => LogCommand::RegisterTerminals {
+            provider_code: *provider_code,
+            terminals: terminals.iter().map(terminal_out).collect(),
+        },
+        Command::RemoveTerminals { provider_code, terminal_ids } => LogCommand::RemoveTerminals {
+            provider_code: *provider_code,
+            terminal_ids: terminal_ids.clone(),
+        },
+    }
+}
+
+fn command_in(command: &LogCommand, vault: &Vault) -> Result<Command, RecordError> {
+    Ok(match command {
+        LogCommand::Enroll { user, password_phc, idm, key } => Command::Enroll {
+            user: user_in(user)?,
+            password_phc: password_phc.clone(),
+            idm: *idm,
+            key: key_in(vault, key, idm)?,
+        },
+        LogCommand::ProvisionDevice { user, idm, key } => Command::ProvisionDevice {
+            user: user_in(user)?,
+            idm: *idm,
+            key: key_in(vault, key, idm)?,
+        },
+        LogCommand::RotateDeviceKey { user, idm, key } => Command::RotateDeviceKey {
+            user: user_in(user)?,
+            idm: *idm,
+            key: key_in(vault, key, idm)?,
+        },
+        LogCommand::AddMeans { user, kind, label, number, make_default } => Command::AddMeans {
+            user: user_in(user)?,
+            means: NewMeans {
+                kind: MeansKind::from_u8(*kind).ok_or(RecordError("means kind"))?,
+                label: label.clone(),
+                sealed: number
+                    .as_ref()
+                    .map(|n| (CardToken(n.token), n.last4, sealed_in(&n.sealed))),
+            },
+            make_default: *make_default,
+        },
+        LogCommand::SetDefaultMeans { user, means_id } => {
+            Command::SetDefaultMeans { user: user_in(user)?, means_id: *means_id }
+        }
+        LogCommand::LoginAttempt { user, success } => {
+            Command::LoginAttempt { user: user_in(user)?, success: *success }
+        }
+        LogCommand::AuthReserve { inherent_id } => {
+            let (record, _, tag) =
+                InherentId::decode(inherent_id).map_err(|_| RecordError("inherent id"))?;
+            Command::AuthReserve { verified: Verified { record, digest: *tag } }
+        }
+        LogCommand::AuthComplete { owner_hash, client_request_id, user, means_id, outcome } => {
+            Command::AuthComplete {
+                key: (*owner_hash, *client_request_id),
+                user: user_in(user)?,
+                means_id: *means_id,
+                outcome: outcome_in(outcome)?,
+            }
+        }
+        LogCommand::RegisterTerminals { provider_code, terminals } => Command::RegisterTerminals {
+            provider_code: *provider_code,
+            terminals: terminals.iter().map(terminal_in).collect::<Result<_, _>>()?,
+        },
+        LogCommand::RemoveTerminals { provider_code, terminal_ids } => Command::RemoveTerminals {
+            provider_code: *provider_code,
+            terminal_ids: terminal_ids.clone(),
+        },
+    })
+}

@@ -1,0 +1,185 @@
+//! Durability: what an engine acknowledged is there after a restart; damaged logs are cut or
+//! refused exactly as docs/ARCHITECTURE.md says.
+
+use std::path::Path;
+use std::time::Duration;
+
+use settlegate_engine::wal::{shard_log_path, FsyncPolicy};
+use settlegate_engine::{
+    AuthOutcome, AuthorizeRequest, EngineError, MeansOrder, ReasonCode, TerminalConfirmation,
+    TerminalEntry,
+};
+
+use crate::support::*;
+
+fn durable_config(dir: &Path) -> settlegate_engine::EngineConfig {
+    let mut config = config();
+    config.durability.data_dir = Some(dir.to_owned());
+    config.durability.fsync = FsyncPolicy::Always;
+    config
+}
+
+fn restart(dir: &Path) -> Harness {
+    Harness::with_config(durable_config(dir))
+}
+
+fn start_error(config: settlegate_engine::EngineConfig) -> String {
+    match settlegate_engine::Engine::start(config) {
+        Err(EngineError::Storage(message)) => message,
+        Err(other) => panic!("expected a storage error, got {other:?}"),
+        Ok(_) => panic!("expected the engine to refuse the data directory"),
+    }
+}
+
+#[tokio::test]
+async fn everything_acknowledged_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = restart(dir.path());
+    let alice = h.user("alice").await;
+    let terminal = TerminalEntry { terminal_id: "KEEP-1".into(), service: None };
+    h.engine.register_terminals(request_id(), PROVIDER_OK, vec![terminal]).await.unwrap();
+    let request = AuthorizeRequest {
+        client_request_id: request_id(),
+        inherent_id: alice.signed(T0_MS, 4_321, PROVIDER_OK, "KEEP-1"),
+    };
+    let first = h.engine.authorize(request.clone()).await.unwrap();
+    approved(first);
+    let means_before = h.engine.list_means(&alice.user, MeansOrder::Registration).await.unwrap();
+    h.engine.shutdown();
+    drop(h);
+
+    let h = restart(dir.path());
+    // Accounts, means (with usage) and the password.
+    h.engine.login(&alice.user, PASSWORD).await.unwrap();
+    assert_eq!(
+        h.engine.list_means(&alice.user, MeansOrder::Registration).await.unwrap(),
+        means_before
+    );
+    // The idempotency record: the retry gets the first outcome, auth code and all.
+    assert_eq!(h.engine.authorize(request.clone()).await.unwrap(), first);
+    // The replay window: the same record under a new ID is a replay.
+    let replay =
+        AuthorizeRequest { client_request_id: request_id(), inherent_id: request.inherent_id };
+    assert_eq!(
+        h.engine.authorize(replay).await.unwrap(),
+        AuthOutcome::Declined(ReasonCode::ReplayedNonce)
+    );
+    // The device key (sealed in the log) still verifies new records.
+    approved(h.authorize(alice.signed(T0_MS, 10, PROVIDER_OK, "KEEP-1")).await);
+    // The provider's terminal list.
+    assert_eq!(
+        h.engine.confirm_terminal(PROVIDER_OK, "KEEP-1").unwrap(),
+        TerminalConfirmation::Listed { service: None }
+    );
+    // The card number, sealed in the log, opens with the same vault key.
+    let token = means_before[0].token.unwrap();
+    assert_eq!(h.engine.vault().reveal(&token).unwrap().as_str(), "4111111111111111");
+    h.engine.shutdown();
+}
+
+#[tokio::test]
+async fn an_authorization_cut_off_at_its_provider_is_resolved_at_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = restart(dir.path());
+    let bob = h.user("bob").await;
+    let request = AuthorizeRequest {
+        client_request_id: request_id(),
+        inherent_id: bob.signed(T0_MS, 100, PROVIDER_SLOW, "T-1"),
+    };
+    let engine = h.engine.clone();
+    let in_flight = tokio::spawn({
+        let request = request.clone();
+        async move { engine.authorize(request).await }
+    });
+    // The reservation is logged; the provider takes 30 s: stop the engine meanwhile.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    h.engine.shutdown();
+    in_flight.abort();
+    drop(h);
+
+    let h = restart(dir.path());
+    assert_eq!(
+        h.engine.authorize(request).await.unwrap(),
+        AuthOutcome::Declined(ReasonCode::ProviderTimeout),
+        "the unknown outcome is settled as a timeout, not left in flight forever"
+    );
+    h.engine.shutdown();
+}
+
+/// Writes a few records, stops, and returns shard 0's log path (every test user hashes where it
+/// hashes; the test damages whichever shard log has records).
+async fn populated(dir: &Path) -> std::path::PathBuf {
+    let h = restart(dir);
+    for name in ["p1", "p2", "p3", "p4"] {
+        h.user(name).await;
+    }
+    h.engine.shutdown();
+    drop(h);
+    let count = config().shard_count();
+    (0..count)
+        .map(|i| shard_log_path(dir, i))
+        .max_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_torn_last_record_is_discarded() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = populated(dir.path()).await;
+    let len = std::fs::metadata(&log).unwrap().len();
+    let file = std::fs::OpenOptions::new().write(true).open(&log).unwrap();
+    file.set_len(len - 3).unwrap();
+    drop(file);
+    let h = restart(dir.path());
+    assert!(std::fs::metadata(&log).unwrap().len() < len - 3, "the torn bytes were cut off");
+    // Users whose records are whole are all there (the torn one was never acknowledged).
+    let mut present = 0;
+    for name in ["p1", "p2", "p3", "p4"] {
+        let user = settlegate_engine::UserKey::new(
+            settlegate_engine::UserIdType::Mail,
+            format!("{name}@example.com"),
+        )
+        .unwrap();
+        if h.engine.login(&user, PASSWORD).await.is_ok() {
+            present += 1;
+        }
+    }
+    assert!(present >= 3, "only the last record may be lost, {present} of 4 users present");
+    h.engine.shutdown();
+}
+
+#[tokio::test]
+async fn a_corrupt_middle_record_stops_recovery_naming_file_and_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = populated(dir.path()).await;
+    let mut bytes = std::fs::read(&log).unwrap();
+    // Inside the first record's payload: header 16 bytes, record header 8.
+    bytes[16 + 8 + 20] ^= 0xff;
+    std::fs::write(&log, &bytes).unwrap();
+    let message = start_error(durable_config(dir.path()));
+    assert!(message.contains(&log.display().to_string()), "{message}");
+    assert!(message.contains("offset 16"), "{message}");
+}
+
+#[tokio::test]
+async fn a_log_from_a_newer_format_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = populated(dir.path()).await;
+    let mut bytes = std::fs::read(&log).unwrap();
+    bytes[8..10].copy_from_slice(&(settlegate_engine::wal::FORMAT_VERSION + 1).to_be_bytes());
+    std::fs::write(&log, &bytes).unwrap();
+    let message = start_error(durable_config(dir.path()));
+    assert!(message.contains("newer"), "{message}");
+}
+
+#[tokio::test]
+async fn the_wrong_vault_key_or_shard_count_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    populated(dir.path()).await;
+    let mut wrong_key = durable_config(dir.path());
+    wrong_key.vault.key_hex = Some("44".repeat(32));
+    assert!(start_error(wrong_key).contains("vault key"));
+    let mut more_shards = durable_config(dir.path());
+    more_shards.shards = 3;
+    assert!(start_error(more_shards).contains("shard count"));
+}

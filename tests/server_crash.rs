@@ -1,0 +1,242 @@
+//! Crash test: the real binary under load is killed with SIGKILL at random moments, restarted
+//! on the same data directory, and every acknowledged operation must still be there.
+//!
+//! `SETTLEGATE_CRASH_ROUNDS` (default 5) sets the number of kills; `scripts/crash.sh` runs a
+//! long version.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use rand::{Rng, SeedableRng};
+use settlegate_engine::{
+    AuthOutcome, InherentId, MeansInput, MeansKind, ReasonCode, UserIdType, UserKey,
+};
+use settlegate_protocol::messages::{Reply, Request};
+use settlegate_protocol::Client;
+use sha2::{Digest, Sha256};
+use tokio::sync::Mutex;
+
+use crate::support::server::ADMIN_KEY;
+use crate::support::{jpy, PASSWORD};
+
+const USERS: usize = 8;
+
+fn config_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let admin = hex::encode(Sha256::digest(ADMIN_KEY.as_bytes()));
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+http_listen = "127.0.0.1:0"
+
+[[server.identities]]
+name = "admin"
+api_key_sha256 = "{admin}"
+permissions = ["authorize", "accounts", "providers"]
+terminals = ["*"]
+providers = [1]
+
+[engine]
+shards = 2
+password = {{ memory_kib = 64, iterations = 1, parallelism = 1 }}
+vault = {{ key_hex = "{vault}" }}
+durability = {{ data_dir = "{data}", fsync = "always" }}
+
+[[engine.providers]]
+code = 1
+name = "sim"
+adapter = {{ kind = "simulated", latency_us_min = 0, latency_us_max = 2000 }}
+"#,
+        vault = "55".repeat(32),
+        data = dir.join("data").display(),
+    );
+    let path = dir.join("settlegate.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn spawn(config: &std::path::Path) -> (std::process::Child, std::net::SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_settlegate"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn settlegate");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("the server printed its address").unwrap();
+        if let Some(rest) = line.trim().strip_prefix("protocol") {
+            break rest.trim().split("://").nth(1).unwrap().parse().unwrap();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    (child, addr)
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+struct Payer {
+    user: UserKey,
+    credential: settlegate_engine::DeviceCredential,
+}
+
+/// What the client saw acknowledged: (client request ID, inherent ID, outcome).
+type Acked = Arc<Mutex<Vec<(u128, Vec<u8>, AuthOutcome)>>>;
+
+async fn connect(addr: std::net::SocketAddr) -> Option<Client> {
+    let client = Client::connect(addr).await.ok()?;
+    client.authenticate(ADMIN_KEY).await.ok()?;
+    Some(client)
+}
+
+/// Sends authorizations until the connection dies, recording every acknowledged one.
+async fn load(
+    client: Arc<Client>,
+    payers: Arc<Vec<Payer>>,
+    counters: Arc<Mutex<Vec<u64>>>,
+    acked: Acked,
+    seed: u64,
+) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    loop {
+        let index = rng.gen_range(0..payers.len());
+        let counter = {
+            let mut counters = counters.lock().await;
+            counters[index] += 1;
+            counters[index]
+        };
+        let payer = &payers[index];
+        let bytes = InherentId {
+            key_version: payer.credential.key_version,
+            amount_minor: rng.gen_range(1..10_000),
+            currency: jpy(),
+            means: MeansKind::CreditCard,
+            means_id: 0,
+            provider_code: 1,
+            card_idm: payer.credential.card_idm,
+            user: payer.user.clone(),
+            terminal_id: "CRASH-1".into(),
+            counter,
+            timestamp_ms: now_ms(),
+        }
+        .sign(payer.credential.device_key.expose());
+        let id: u128 = rng.gen();
+        match client.authorize(id, bytes.clone()).await {
+            Ok(outcome) => acked.lock().await.push((id, bytes, outcome)),
+            Err(_) => return,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_operations_survive_sigkill() {
+    let rounds: usize =
+        std::env::var("SETTLEGATE_CRASH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let seed: u64 = std::env::var("SETTLEGATE_CRASH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("crash test: {rounds} rounds, seed {seed} (SETTLEGATE_CRASH_SEED={seed} to replay)");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_file(dir.path());
+    let (mut child, mut addr) = spawn(&config);
+    let client = connect(addr).await.unwrap();
+    let mut payers = Vec::new();
+    for i in 0..USERS {
+        let user = UserKey::new(UserIdType::Mail, format!("crash{i}@example.com")).unwrap();
+        let enroll = Request::Enroll {
+            client_request_id: 10_000 + i as u128,
+            user: user.clone(),
+            password: PASSWORD.into(),
+            card_idm: [9, 9, 9, 9, 0, 0, 0, i as u8],
+        };
+        let Reply::Credential(credential) = client.call_ok(&enroll).await.unwrap() else {
+            panic!()
+        };
+        let card = Request::AddMeans {
+            client_request_id: 20_000 + i as u128,
+            user: user.clone(),
+            make_default: true,
+            means: MeansInput::CreditCard { pan: "4111111111111111".into() },
+        };
+        client.call_ok(&card).await.unwrap();
+        payers.push(Payer { user, credential });
+    }
+    drop(client);
+    let payers = Arc::new(payers);
+    let counters = Arc::new(Mutex::new(vec![0u64; USERS]));
+    let acked: Acked = Arc::default();
+    for round in 0..rounds {
+        let client = Arc::new(connect(addr).await.expect("server up"));
+        let workers: Vec<_> = (0..4u64)
+            .map(|w| {
+                let worker_seed = seed ^ (round as u64 * 8 + w);
+                tokio::spawn(load(
+                    client.clone(),
+                    payers.clone(),
+                    counters.clone(),
+                    acked.clone(),
+                    worker_seed,
+                ))
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(50..400))).await;
+        child.kill().expect("SIGKILL");
+        let _ = child.wait();
+        for worker in workers {
+            let _ = worker.await;
+        }
+        drop(client);
+        (child, addr) = spawn(&config);
+        verify(addr, &payers, &acked).await;
+        // Counters move past anything sent before the crash, acknowledged or not.
+        for counter in counters.lock().await.iter_mut() {
+            *counter += 1_000;
+        }
+    }
+    child.kill().ok();
+    let _ = child.wait();
+    let total = acked.lock().await.len();
+    assert!(total > 0, "the load produced acknowledged operations");
+    eprintln!("crash test: {total} acknowledged authorizations verified across {rounds} restarts");
+}
+
+/// Every acknowledged authorization is still there: its retry returns the very same outcome
+/// (auth code included), and presenting it anew is a replay, never a second settlement. Every
+/// enrolled user can still log in.
+async fn verify(addr: std::net::SocketAddr, payers: &[Payer], acked: &Acked) {
+    let client = connect(addr).await.expect("restarted server answers");
+    for payer in payers {
+        let login = Request::Login { user: payer.user.clone(), password: PASSWORD.into() };
+        assert_eq!(client.call_ok(&login).await.unwrap(), Reply::Empty, "enrollment survived");
+    }
+    let acked = acked.lock().await.clone();
+    let client = Arc::new(client);
+    let checks = futures::stream::iter(acked).map(|(id, bytes, outcome)| {
+        let client = client.clone();
+        async move {
+            let again = client.authorize(id, bytes.clone()).await.unwrap();
+            assert_eq!(
+                again, outcome,
+                "acknowledged outcome of request {id} changed after a crash"
+            );
+            let replayed = client.authorize(rand::random(), bytes).await.unwrap();
+            let expected = [
+                AuthOutcome::Declined(ReasonCode::ReplayedNonce),
+                AuthOutcome::Declined(ReasonCode::StaleTimestamp),
+            ];
+            assert!(
+                expected.contains(&replayed),
+                "an acknowledged record must never settle again: {replayed:?}"
+            );
+        }
+    });
+    checks.buffer_unordered(32).collect::<Vec<()>>().await;
+}
