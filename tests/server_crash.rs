@@ -4,8 +4,6 @@
 //! `SETTLEGATE_CRASH_ROUNDS` (default 5) sets the number of kills; `scripts/crash.sh` runs a
 //! long version.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -16,65 +14,24 @@ use settlegate_engine::{
 };
 use settlegate_protocol::messages::{Reply, Request};
 use settlegate_protocol::Client;
-use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 
-use crate::support::server::ADMIN_KEY;
+use crate::support::server::{binary_config, spawn_binary, ADMIN_KEY};
 use crate::support::{jpy, PASSWORD};
 
 const USERS: usize = 8;
 
 fn config_file(dir: &std::path::Path) -> std::path::PathBuf {
-    let admin = hex::encode(Sha256::digest(ADMIN_KEY.as_bytes()));
-    let text = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-http_listen = "127.0.0.1:0"
-
-[[server.identities]]
-name = "admin"
-api_key_sha256 = "{admin}"
-permissions = ["authorize", "accounts", "providers"]
-terminals = ["*"]
-providers = [1]
-
-[engine]
-shards = 2
-password = {{ memory_kib = 64, iterations = 1, parallelism = 1 }}
-vault = {{ key_hex = "{vault}" }}
-durability = {{ data_dir = "{data}", fsync = "always" }}
-
-[[engine.providers]]
-code = 1
-name = "sim"
-adapter = {{ kind = "simulated", latency_us_min = 0, latency_us_max = 2000 }}
-"#,
-        vault = "55".repeat(32),
-        data = dir.join("data").display(),
+    let data = dir.join("data");
+    let engine = format!(
+        "shards = 2\ndurability = {{ data_dir = \"{}\", fsync = \"always\" }}",
+        data.display()
     );
-    let path = dir.join("settlegate.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-fn spawn(config: &std::path::Path) -> (std::process::Child, std::net::SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_settlegate"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn settlegate");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("the server printed its address").unwrap();
-        if let Some(rest) = line.trim().strip_prefix("protocol") {
-            break rest.trim().split("://").nth(1).unwrap().parse().unwrap();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    (child, addr)
+    binary_config(
+        dir,
+        "{ kind = \"simulated\", latency_us_min = 0, latency_us_max = 2000 }",
+        &engine,
+    )
 }
 
 fn now_ms() -> i64 {
@@ -146,7 +103,7 @@ async fn acknowledged_operations_survive_sigkill() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
     let config = config_file(dir.path());
-    let (mut child, mut addr) = spawn(&config);
+    let (mut child, mut addr) = spawn_binary(&config);
     let client = connect(addr).await.unwrap();
     let mut payers = Vec::new();
     for i in 0..USERS {
@@ -194,7 +151,7 @@ async fn acknowledged_operations_survive_sigkill() {
             let _ = worker.await;
         }
         drop(client);
-        (child, addr) = spawn(&config);
+        (child, addr) = spawn_binary(&config);
         verify(addr, &payers, &acked).await;
         // Counters move past anything sent before the crash, acknowledged or not.
         for counter in counters.lock().await.iter_mut() {

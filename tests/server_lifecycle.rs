@@ -1,8 +1,7 @@
 //! The real binary: graceful shutdown on SIGTERM with requests in flight, and TLS with a
 //! client certificate.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -14,73 +13,6 @@ use sha2::{Digest, Sha256};
 use crate::support::server::*;
 use crate::support::*;
 
-/// Writes `config` as TOML the binary reads (the test config, rendered through its parts).
-fn write_config(
-    dir: &tempfile::TempDir,
-    extra_server: &str,
-    slow_provider_ms: u64,
-) -> std::path::PathBuf {
-    let admin = hex::encode(Sha256::digest(ADMIN_KEY.as_bytes()));
-    let text = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-http_listen = "127.0.0.1:0"
-shutdown_grace_ms = 10000
-{extra_server}
-
-[[server.identities]]
-name = "admin"
-api_key_sha256 = "{admin}"
-permissions = ["authorize", "accounts", "providers"]
-terminals = ["*"]
-providers = [1]
-
-[engine]
-password = {{ memory_kib = 64, iterations = 1, parallelism = 1 }}
-vault = {{ key_hex = "{vault}" }}
-
-[[engine.providers]]
-code = 1
-name = "slow"
-adapter = {{ kind = "simulated", latency_us_min = {latency}, latency_us_max = {latency} }}
-"#,
-        vault = "33".repeat(32),
-        latency = slow_provider_ms * 1000,
-    );
-    let path = dir.path().join("settlegate.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-struct Child {
-    child: std::process::Child,
-    addr: std::net::SocketAddr,
-}
-
-/// Starts the binary and reads the protocol address it prints.
-fn spawn(config: &std::path::Path) -> Child {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_settlegate"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn settlegate");
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let addr = loop {
-        let line = lines.next().expect("settlegate printed its address").unwrap();
-        if let Some(rest) = line.trim().strip_prefix("protocol") {
-            let addr = rest.trim().split("://").nth(1).unwrap();
-            break addr.parse().unwrap();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    Child { child, addr }
-}
-
 fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
 }
@@ -88,9 +20,10 @@ fn now_ms() -> i64 {
 #[tokio::test]
 async fn sigterm_finishes_in_flight_requests_then_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(&dir, "", 400);
-    let mut server = spawn(&config);
-    let client = Arc::new(Client::connect(server.addr).await.unwrap());
+    let slow = "{ kind = \"simulated\", latency_us_min = 400000, latency_us_max = 400000 }";
+    let config = binary_config(dir.path(), slow, "");
+    let (mut child, addr) = spawn_binary(&config);
+    let client = Arc::new(Client::connect(addr).await.unwrap());
     client.authenticate(ADMIN_KEY).await.unwrap();
     let user = UserKey::new(UserIdType::Mail, "shutdown@example.com").unwrap();
     let enroll = Request::Enroll {
@@ -129,14 +62,13 @@ async fn sigterm_finishes_in_flight_requests_then_exits_zero() {
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(150)).await;
-    let status =
-        Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
     for call in calls {
         let outcome = call.await.unwrap().expect("in-flight request answered before the close");
         approved(outcome);
     }
-    let exit = tokio::task::spawn_blocking(move || server.child.wait()).await.unwrap().unwrap();
+    let exit = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
     assert!(exit.success(), "exit status {exit:?}");
 }
 

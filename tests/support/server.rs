@@ -106,3 +106,65 @@ pub async fn http_get(server: &RunningServer, path: &str) -> (String, String) {
     let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
     (status, body)
 }
+
+/// A config file for the real binary: ephemeral ports, the admin identity (provider 1), cheap
+/// Argon2 (tests only), a fixed vault key, `engine_extra` lines in `[engine]`, and provider 1
+/// with the inline `adapter` table.
+pub fn binary_config(
+    dir: &std::path::Path,
+    adapter: &str,
+    engine_extra: &str,
+) -> std::path::PathBuf {
+    let admin = hex::encode(Sha256::digest(ADMIN_KEY.as_bytes()));
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+http_listen = "127.0.0.1:0"
+
+[[server.identities]]
+name = "admin"
+api_key_sha256 = "{admin}"
+permissions = ["authorize", "accounts", "providers"]
+terminals = ["*"]
+providers = [1]
+
+[engine]
+password = {{ memory_kib = 64, iterations = 1, parallelism = 1 }}
+vault = {{ key_hex = "{vault}" }}
+{engine_extra}
+
+[[engine.providers]]
+code = 1
+name = "sim"
+adapter = {adapter}
+"#,
+        vault = "55".repeat(32),
+    );
+    let path = dir.join("settlegate.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Starts the `settlegate` binary on `config` and returns it with the protocol address it
+/// printed.
+pub fn spawn_binary(config: &std::path::Path) -> (std::process::Child, std::net::SocketAddr) {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_settlegate"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn settlegate");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("settlegate printed its address").unwrap();
+        if let Some(rest) = line.trim().strip_prefix("protocol") {
+            break rest.trim().split("://").nth(1).unwrap().parse().unwrap();
+        }
+    };
+    // Keep draining stdout so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, addr)
+}
