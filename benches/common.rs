@@ -47,25 +47,23 @@ pub fn config() -> EngineConfig {
 
 impl Bench {
     pub fn new(runtime: &tokio::runtime::Runtime, users: usize) -> Bench {
+        Bench::with_config(runtime, users, config())
+    }
+
+    pub fn with_config(
+        runtime: &tokio::runtime::Runtime,
+        users: usize,
+        config: EngineConfig,
+    ) -> Bench {
         let clock = Arc::new(ManualClock::new(NOW_MS));
-        let engine = Engine::start_with_clock(config(), clock).expect("engine");
+        let engine = Engine::start_with_clock(config, clock).expect("engine");
         let payers = runtime.block_on(async {
             let mut payers = Vec::with_capacity(users);
-            for i in 0..users {
-                let user =
-                    UserKey::new(UserIdType::Mail, format!("user{i:06}@example.com")).unwrap();
-                let credential = engine
-                    .enroll(EnrollRequest {
-                        client_request_id: i as u128 + 1,
-                        user: user.clone(),
-                        password: "bench password".into(),
-                        card_idm: (i as u64 + 1).to_be_bytes(),
-                    })
-                    .await
-                    .expect("enroll");
-                let card = MeansInput::CreditCard { pan: "4111111111111111".into() };
-                engine.add_means(1 << 64 | i as u128, &user, &card, true).await.expect("card");
-                payers.push(Payer { user, credential, counter: AtomicU64::new(1) });
+            // Enroll in concurrent chunks: a million users is a realistic dataset.
+            for chunk in (0..users).collect::<Vec<_>>().chunks(512) {
+                let enrolled =
+                    futures::future::join_all(chunk.iter().map(|&i| enroll(&engine, i))).await;
+                payers.extend(enrolled);
             }
             payers
         });
@@ -100,4 +98,20 @@ impl Bench {
             })
             .collect()
     }
+}
+
+async fn enroll(engine: &Engine, i: usize) -> Payer {
+    let user = UserKey::new(UserIdType::Mail, format!("user{i:07}@example.com")).unwrap();
+    let credential = engine
+        .enroll(EnrollRequest {
+            client_request_id: i as u128 + 1,
+            user: user.clone(),
+            password: "bench password".into(),
+            card_idm: (i as u64 + 1).to_be_bytes(),
+        })
+        .await
+        .expect("enroll");
+    let card = MeansInput::CreditCard { pan: "4111111111111111".into() };
+    engine.add_means(1 << 64 | i as u128, &user, &card, true).await.expect("card");
+    Payer { user, credential, counter: AtomicU64::new(1) }
 }
