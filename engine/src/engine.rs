@@ -161,6 +161,13 @@ impl Engine {
         config.validate().map_err(EngineError::Config)?;
         let vault_key = match config.vault_key().map_err(EngineError::Config)? {
             Some(key) => key,
+            None if config.durability.data_dir.is_some() => {
+                return Err(EngineError::Config(
+                    "a data directory needs a lasting vault key (set SETTLEGATE_VAULT_KEY or \
+                     engine.vault.key_hex): what is logged is sealed with it"
+                        .into(),
+                ));
+            }
             None => {
                 tracing::warn!(
                     "no vault key configured: using an ephemeral key; sealed card numbers \
