@@ -153,23 +153,37 @@ async fn a_corrupt_middle_record_stops_recovery_naming_file_and_offset() {
     let dir = tempfile::tempdir().unwrap();
     let log = populated(dir.path()).await;
     let mut bytes = std::fs::read(&log).unwrap();
-    // Inside the first record's payload: header 16 bytes, record header 8.
-    bytes[16 + 8 + 20] ^= 0xff;
+    // Inside the first record's payload: file header 24 bytes, record header 8.
+    bytes[24 + 8 + 20] ^= 0xff;
     std::fs::write(&log, &bytes).unwrap();
     let message = start_error(durable_config(dir.path()));
     assert!(message.contains(&log.display().to_string()), "{message}");
-    assert!(message.contains("offset 16"), "{message}");
+    assert!(message.contains("offset 24"), "{message}");
+}
+
+/// Stamps `file` (a log or a snapshot: both keep their format version at bytes 8..10) with a
+/// version newer than this build's and checks that `config` is refused for it.
+fn assert_newer_format_refused(file: &Path, config: settlegate_engine::EngineConfig) {
+    let mut bytes = std::fs::read(file).unwrap();
+    bytes[8..10].copy_from_slice(&(settlegate_engine::wal::FORMAT_VERSION + 1).to_be_bytes());
+    std::fs::write(file, &bytes).unwrap();
+    let message = start_error(config);
+    assert!(message.contains("newer"), "{message}");
+}
+
+/// The first shard snapshot that exists.
+fn first_snapshot(dir: &Path) -> std::path::PathBuf {
+    (0..config().shard_count())
+        .map(|i| settlegate_engine::wal::shard_snapshot_path(dir, i))
+        .find(|p| p.exists())
+        .expect("a snapshot was written")
 }
 
 #[tokio::test]
 async fn a_log_from_a_newer_format_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let log = populated(dir.path()).await;
-    let mut bytes = std::fs::read(&log).unwrap();
-    bytes[8..10].copy_from_slice(&(settlegate_engine::wal::FORMAT_VERSION + 1).to_be_bytes());
-    std::fs::write(&log, &bytes).unwrap();
-    let message = start_error(durable_config(dir.path()));
-    assert!(message.contains("newer"), "{message}");
+    assert_newer_format_refused(&log, durable_config(dir.path()));
 }
 
 #[tokio::test]
@@ -196,4 +210,127 @@ async fn a_data_directory_without_a_lasting_vault_key_is_refused() {
         Err(EngineError::Config(message)) => assert!(message.contains("vault key"), "{message}"),
         other => panic!("expected a config error, got {:?}", other.map(|_| ())),
     }
+}
+
+fn snapshotting_config(dir: &Path) -> settlegate_engine::EngineConfig {
+    let mut config = durable_config(dir);
+    config.durability.snapshot_every_records = 5;
+    config
+}
+
+/// Enrolls users, authorizes once per user and shuts down, with snapshots every 5 records.
+async fn with_snapshots(dir: &Path) -> Vec<(AuthorizeRequest, AuthOutcome)> {
+    let h = Harness::with_config(snapshotting_config(dir));
+    let mut done = Vec::new();
+    for name in ["s1", "s2", "s3", "s4", "s5", "s6"] {
+        let user = h.user(name).await;
+        let request = AuthorizeRequest {
+            client_request_id: request_id(),
+            inherent_id: user.signed(T0_MS, 700, PROVIDER_OK, "T-1"),
+        };
+        let outcome = h.engine.authorize(request.clone()).await.unwrap();
+        done.push((request, outcome));
+    }
+    let terminal = TerminalEntry { terminal_id: "SNAP-1".into(), service: None };
+    h.engine.register_terminals(request_id(), PROVIDER_OK, vec![terminal]).await.unwrap();
+    h.engine.shutdown();
+    done
+}
+
+#[tokio::test]
+async fn snapshots_plus_the_log_after_them_restore_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let done = with_snapshots(dir.path()).await;
+    let snapshots = (0..config().shard_count())
+        .filter(|i| settlegate_engine::wal::shard_snapshot_path(dir.path(), *i).exists())
+        .count();
+    assert!(snapshots > 0, "snapshots were written");
+    let h = Harness::with_config(snapshotting_config(dir.path()));
+    for (request, outcome) in &done {
+        assert_eq!(
+            &h.engine.authorize(request.clone()).await.unwrap(),
+            outcome,
+            "idempotency record restored"
+        );
+        let again = AuthorizeRequest {
+            client_request_id: request_id(),
+            inherent_id: request.inherent_id.clone(),
+        };
+        assert_eq!(
+            h.engine.authorize(again).await.unwrap(),
+            AuthOutcome::Declined(ReasonCode::ReplayedNonce)
+        );
+    }
+    for name in ["s1", "s6"] {
+        let user = settlegate_engine::UserKey::new(
+            settlegate_engine::UserIdType::Mail,
+            format!("{name}@example.com"),
+        )
+        .unwrap();
+        h.engine.login(&user, PASSWORD).await.unwrap();
+        let means = h.engine.list_means(&user, MeansOrder::Registration).await.unwrap();
+        assert_eq!(means[0].uses, 1, "usage restored, counted once");
+        let token = means[0].token.unwrap();
+        assert_eq!(h.engine.vault().reveal(&token).unwrap().as_str(), "4111111111111111");
+    }
+    assert_eq!(
+        h.engine.confirm_terminal(PROVIDER_OK, "SNAP-1").unwrap(),
+        TerminalConfirmation::Listed { service: None }
+    );
+    h.engine.shutdown();
+}
+
+#[tokio::test]
+async fn a_missing_snapshot_is_refused_not_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    with_snapshots(dir.path()).await;
+    let snapshot = first_snapshot(dir.path());
+    std::fs::remove_file(&snapshot).unwrap();
+    let message = start_error(snapshotting_config(dir.path()));
+    assert!(message.contains("missing"), "{message}");
+    assert!(message.contains(&snapshot.display().to_string()), "{message}");
+}
+
+#[tokio::test]
+async fn a_snapshot_from_a_newer_format_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    with_snapshots(dir.path()).await;
+    let snapshot = first_snapshot(dir.path());
+    assert_newer_format_refused(&snapshot, snapshotting_config(dir.path()));
+}
+
+#[tokio::test]
+async fn a_crash_between_snapshot_and_new_log_does_not_apply_records_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    // Snapshots off: everything in generation-0 logs.
+    let h = restart(dir.path());
+    let user = h.user("twice").await;
+    approved(h.authorize(user.signed(T0_MS, 100, PROVIDER_OK, "T-1")).await);
+    h.engine.shutdown();
+    drop(h);
+    let old_logs: Vec<_> = (0..config().shard_count())
+        .map(|i| {
+            let p = shard_log_path(dir.path(), i);
+            (p.clone(), std::fs::read(&p).ok())
+        })
+        .collect();
+    // Restart with snapshots after every record: the first command writes a snapshot of
+    // everything (generation 1) and starts a new log.
+    let mut config = durable_config(dir.path());
+    config.durability.snapshot_every_records = 1;
+    let h = Harness::with_config(config.clone());
+    h.engine.login(&user.user, PASSWORD).await.unwrap();
+    h.engine.shutdown();
+    drop(h);
+    // Simulate the crash: the snapshot is in place but the old generation-0 log is back.
+    for (path, bytes) in old_logs {
+        if let Some(bytes) = bytes {
+            std::fs::write(path, bytes).unwrap();
+        }
+    }
+    let h = Harness::with_config(config);
+    let means = h.engine.list_means(&user.user, MeansOrder::Registration).await.unwrap();
+    assert_eq!(means.len(), 1, "the card was not added twice");
+    assert_eq!(means[0].uses, 1, "the settlement was not counted twice");
+    h.engine.shutdown();
 }

@@ -28,11 +28,13 @@ use crate::notices::{Notice, Notices};
 use crate::password::PasswordHasher;
 use crate::providers::{Provider, Registry, TerminalConfirmation, TerminalEntry};
 use crate::shard::state::{Dispatch, MeansView, Shared, StateConfig};
+use crate::shard::ShardWal;
 use crate::shard::{Batch, Command, Envelope, Op, Query, Reply, Shard, ShardState, Sizes};
 use crate::types::{Approval, AuthOutcome, ClientRequestId, Idm, ReasonCode, UserKey};
 use crate::vault::Vault;
 use crate::wal::record::LogEnvelope;
-use crate::wal::{self, StorageError, WalHandle};
+use crate::wal::snapshot::{self, SnapShard};
+use crate::wal::{self, StorageError};
 
 /// A settlement request: the signed inherent ID exactly as the user terminal built it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -733,7 +735,7 @@ fn build_registry(config: &EngineConfig) -> Result<Registry, EngineError> {
 
 /// Shard states ready to run: recovered from their logs when durability is configured.
 struct Prepared {
-    states: Vec<(ShardState, Option<WalHandle>)>,
+    states: Vec<(ShardState, Option<ShardWal>)>,
     wal_threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -757,10 +759,13 @@ fn recover_shards(
     std::fs::create_dir_all(dir)
         .map_err(|e| EngineError::Storage(format!("{}: {e}", dir.display())))?;
     let started = std::time::Instant::now();
-    let logs = (0..count)
-        .map(|i| wal::read_log(&wal::shard_log_path(dir, i), i, count))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(storage)?;
+    let mut logs = Vec::with_capacity(count);
+    let mut generations = Vec::with_capacity(count);
+    for (index, state) in states.iter_mut().enumerate() {
+        let (log, generation) = load_shard(dir, index, count, state)?;
+        logs.push(log);
+        generations.push(generation);
+    }
     let replayed = replay(&mut states, &logs, &shared.vault)?;
     let mut prepared = Prepared { states: Vec::with_capacity(count), wal_threads: Vec::new() };
     for (index, (mut state, log)) in states.into_iter().zip(&logs).enumerate() {
@@ -768,8 +773,9 @@ fn recover_shards(
         if log.torn_bytes > 0 {
             tracing::warn!(path = %path.display(), bytes = log.torn_bytes, "discarding a torn last record");
         }
+        let generation = generations[index];
         let (handle, thread) =
-            wal::open_writer(&path, log.valid_len, index, count, &config.durability)
+            wal::open_writer(dir, log.valid_len, index, count, generation, &config.durability)
                 .map_err(storage)?;
         let resolved = state.resolve_pending(now_ms);
         if !resolved.is_empty() {
@@ -783,18 +789,76 @@ fn recover_shards(
                 .map(|e| LogEnvelope::from_envelope(e, &shared.vault).to_bytes())
                 .collect();
             let (reply, durable) = oneshot::channel();
-            handle.submit(wal::Job { records, reply, replies: Vec::new() });
+            handle.submit(wal::Job::Records { records, reply, replies: Vec::new() });
             // Engine::start may run inside a Tokio runtime; the writer is its own OS thread, so
             // blocking on its answer here cannot deadlock.
             futures::executor::block_on(durable)
                 .map_err(|_| EngineError::Storage(format!("{}: write failed", path.display())))?;
         }
-        prepared.states.push((state, Some(handle)));
+        let shard_wal = ShardWal {
+            handle,
+            generation,
+            since_snapshot: log.records.len() as u64,
+            snapshot_every: config.durability.snapshot_every_records,
+        };
+        prepared.states.push((state, Some(shard_wal)));
         prepared.wal_threads.push(thread);
     }
     let elapsed_ms = started.elapsed().as_millis() as u64;
     tracing::info!(records = replayed, elapsed_ms, dir = %dir.display(), "recovered");
     Ok(prepared)
+}
+
+/// Loads shard `index`'s snapshot into `state` and reads the log that follows it. Returns the
+/// log (its records are what remains to replay; `valid_len` 0 when it must start afresh) and
+/// the generation to keep writing.
+fn load_shard(
+    dir: &std::path::Path,
+    index: usize,
+    count: usize,
+    state: &mut ShardState,
+) -> Result<(wal::ReadLog, u64), EngineError> {
+    let storage = |e: StorageError| EngineError::Storage(e.to_string());
+    let snapshot_path = wal::shard_snapshot_path(dir, index);
+    let log_path = wal::shard_log_path(dir, index);
+    let snapshot = snapshot::read(&snapshot_path, index, count).map_err(storage)?;
+    let mut log = wal::read_log(&log_path, index, count).map_err(storage)?;
+    let Some((snapshot_generation, snap)) = snapshot else {
+        return match log.generation {
+            None | Some(0) => Ok((log, 0)),
+            Some(generation) => Err(EngineError::Storage(format!(
+                "{}: log generation {generation} follows a snapshot, but {} is missing",
+                log_path.display(),
+                snapshot_path.display()
+            ))),
+        };
+    };
+    restore(&snap, state, &snapshot_path)?;
+    match log.generation {
+        Some(generation) if generation == snapshot_generation => {}
+        Some(generation) if generation > snapshot_generation => {
+            return Err(EngineError::Storage(format!(
+                "{}: log generation {generation} is newer than snapshot generation {snapshot_generation}: a newer snapshot is missing",
+                log_path.display()
+            )));
+        }
+        // No log, or an older one that the snapshot already covers (a crash between writing
+        // the snapshot and starting the new log): start the log afresh.
+        _ => {
+            log.records.clear();
+            log.valid_len = 0;
+            log.torn_bytes = 0;
+        }
+    }
+    Ok((log, snapshot_generation))
+}
+
+fn restore(
+    snap: &SnapShard,
+    state: &mut ShardState,
+    path: &std::path::Path,
+) -> Result<(), EngineError> {
+    snap.restore(state).map_err(|e| EngineError::Storage(format!("{}: {e}", path.display())))
 }
 
 /// Applies every shard's records, each shard in its own order, shards interleaved by the

@@ -50,13 +50,23 @@ impl fmt::Debug for DeviceKey {
 struct KeySlot {
     version: u16,
     mac: Hmac<Sha256>,
+    /// The key itself, kept for snapshots (which seal it before it leaves memory).
+    key: DeviceKey,
 }
 
 impl KeySlot {
     fn new(version: u16, key: &DeviceKey) -> KeySlot {
         let mac = Hmac::<Sha256>::new_from_slice(key.expose()).expect("HMAC takes any key");
-        KeySlot { version, mac }
+        KeySlot { version, mac, key: key.clone() }
     }
+}
+
+/// A device's keys, as a snapshot carries them.
+#[derive(Debug, Clone)]
+pub(crate) struct DeviceKeys {
+    pub(crate) user: UserKey,
+    pub(crate) current: (u16, DeviceKey),
+    pub(crate) previous: Option<(u16, DeviceKey, i64)>,
 }
 
 struct DeviceEntry {
@@ -106,6 +116,29 @@ impl DeviceIndex {
             let old = std::mem::replace(&mut entry.current, KeySlot::new(version, key));
             entry.previous = Some((old, grace_until_ms));
         }
+    }
+
+    /// A device's keys, for a snapshot.
+    pub(crate) fn export(&self, idm: &Idm) -> Option<DeviceKeys> {
+        let entry = self.devices.get(idm)?;
+        Some(DeviceKeys {
+            user: entry.user.clone(),
+            current: (entry.current.version, entry.current.key.clone()),
+            previous: entry
+                .previous
+                .as_ref()
+                .map(|(slot, until)| (slot.version, slot.key.clone(), *until)),
+        })
+    }
+
+    /// Installs a device's keys from a snapshot.
+    pub(crate) fn import(&self, idm: Idm, keys: &DeviceKeys) {
+        let entry = DeviceEntry {
+            user: keys.user.clone(),
+            current: KeySlot::new(keys.current.0, &keys.current.1),
+            previous: keys.previous.as_ref().map(|(v, key, until)| (KeySlot::new(*v, key), *until)),
+        };
+        self.devices.insert(idm, entry);
     }
 
     /// Whether a device with this IDm exists.

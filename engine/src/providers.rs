@@ -95,6 +95,24 @@ impl Provider {
         }
     }
 
+    /// Every listed terminal, for a snapshot (sorted by ID).
+    pub(crate) fn export_terminals(&self) -> Vec<TerminalEntry> {
+        let mut entries: Vec<TerminalEntry> = self
+            .terminals
+            .iter()
+            .map(|e| TerminalEntry { terminal_id: e.key().clone(), service: e.value().clone() })
+            .collect();
+        entries.sort_by(|a, b| a.terminal_id.cmp(&b.terminal_id));
+        entries
+    }
+
+    /// Restores terminals from a snapshot (already validated when first registered).
+    pub(crate) fn restore_terminals(&self, entries: Vec<TerminalEntry>) {
+        for entry in entries {
+            self.terminals.insert(entry.terminal_id, entry.service);
+        }
+    }
+
     /// The terminal's service if it is listed and the service is active at `now_ms`.
     pub fn active_service(&self, terminal_id: &str, now_ms: i64) -> Option<TerminalService> {
         let entry = self.terminals.get(terminal_id)?;

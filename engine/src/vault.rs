@@ -111,6 +111,11 @@ impl Vault {
         self.sealed.insert(token, sealed);
     }
 
+    /// The sealed form of the number behind `token` (for snapshots).
+    pub(crate) fn sealed_number(&self, token: &CardToken) -> Option<SealedNumber> {
+        self.sealed.get(token).map(|s| s.clone())
+    }
+
     /// Opens the number behind `token`, for an adapter that must send it to its provider.
     /// The result is zeroed on drop; never log it.
     pub fn reveal(&self, token: &CardToken) -> Option<Zeroizing<String>> {

@@ -88,6 +88,23 @@ impl Idempotency {
         }
     }
 
+    /// Every record in expiry order: (expires at, key, digest, state), for a snapshot.
+    pub(crate) fn export(&self) -> Vec<(i64, IdemKey, u64, IdemState)> {
+        self.expiry
+            .iter()
+            .filter_map(|(expires_ms, key)| {
+                let entry = self.entries.get(key)?;
+                Some((*expires_ms, *key, entry.digest, entry.state.clone()))
+            })
+            .collect()
+    }
+
+    /// Restores one record from a snapshot, in expiry order.
+    pub(crate) fn restore(&mut self, expires_ms: i64, key: IdemKey, digest: u64, state: IdemState) {
+        self.entries.insert(key, Entry { digest, state });
+        self.expiry.push_back((expires_ms, key));
+    }
+
     /// Records still waiting for their provider's outcome.
     pub(crate) fn pending(&self) -> Vec<(IdemKey, crate::types::UserKey, u32)> {
         let mut pending: Vec<_> = self

@@ -6,15 +6,27 @@
 //! (always queued) because dropping them would lose an outcome; they are bounded by the
 //! admitted work itself.
 
-mod idempotency;
-mod replay;
+pub(crate) mod idempotency;
+pub(crate) mod replay;
 pub(crate) mod state;
 
 use actix::{Actor, Context, Handler, Message, MessageResult};
 use tokio::sync::oneshot;
 
 use crate::wal::record::LogEnvelope;
+use crate::wal::snapshot::{self, SnapShard};
 use crate::wal::{Job, WalHandle};
+
+/// A shard's side of durability: its writer and when to snapshot.
+pub(crate) struct ShardWal {
+    pub(crate) handle: WalHandle,
+    /// Generation of the log being written (that of the last snapshot).
+    pub(crate) generation: u64,
+    /// Records since that snapshot.
+    pub(crate) since_snapshot: u64,
+    /// Snapshot after this many records; 0: never.
+    pub(crate) snapshot_every: u64,
+}
 
 pub(crate) use state::{Command, Envelope, Query, Reply, ShardState};
 
@@ -40,11 +52,11 @@ pub(crate) struct Shard {
     state: ShardState,
     mailbox_capacity: usize,
     /// The shard's log writer; none when state is in memory only.
-    wal: Option<WalHandle>,
+    wal: Option<ShardWal>,
 }
 
 impl Shard {
-    pub(crate) fn new(state: ShardState, mailbox_capacity: usize, wal: Option<WalHandle>) -> Shard {
+    pub(crate) fn new(state: ShardState, mailbox_capacity: usize, wal: Option<ShardWal>) -> Shard {
         Shard { state, mailbox_capacity, wal }
     }
 }
@@ -76,9 +88,22 @@ impl Handler<Batch> for Shard {
                 Op::Query(query) => self.state.query(query),
             })
             .collect();
-        match &self.wal {
+        match &mut self.wal {
             // The writer releases the replies once the records are durable.
-            Some(wal) => wal.submit(Job { records, reply: batch.reply, replies }),
+            Some(wal) => {
+                wal.since_snapshot += records.len() as u64;
+                wal.handle.submit(Job::Records { records, reply: batch.reply, replies });
+                if wal.snapshot_every > 0 && wal.since_snapshot >= wal.snapshot_every {
+                    // Captured between batches, so it holds exactly the records queued before it.
+                    let generation = wal.generation + 1;
+                    let capture = SnapShard::capture(&self.state);
+                    let bytes =
+                        snapshot::encode(&capture, wal.handle.index, wal.handle.count, generation);
+                    wal.handle.submit(Job::Snapshot { bytes, generation });
+                    wal.generation = generation;
+                    wal.since_snapshot = 0;
+                }
+            }
             // The requester may have gone away (its task was cancelled); the change stands.
             None => {
                 let _ = batch.reply.send(replies);

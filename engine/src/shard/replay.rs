@@ -18,6 +18,16 @@ pub struct ReplayWindow {
 }
 
 impl ReplayWindow {
+    /// Highest counter, bitmap, whether any was seen: for snapshots.
+    pub(crate) fn parts(&self) -> (u64, u64, bool) {
+        (self.high, self.bits, self.seen)
+    }
+
+    /// The window a snapshot recorded.
+    pub(crate) fn from_parts(high: u64, bits: u64, seen: bool) -> ReplayWindow {
+        ReplayWindow { high, bits, seen }
+    }
+
     /// Whether `counter` would be accepted (does not record it).
     pub fn fresh(&self, counter: u64) -> bool {
         if !self.seen || counter > self.high {

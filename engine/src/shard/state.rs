@@ -67,32 +67,32 @@ pub(crate) struct NewMeans {
 }
 
 #[derive(Debug, Clone)]
-struct StoredMeans {
-    means_id: u32,
-    kind: MeansKind,
-    label: String,
-    number: Option<(CardToken, [u8; 4])>,
-    uses: u64,
-    last_used_ms: Option<i64>,
-    registered_ms: i64,
+pub(crate) struct StoredMeans {
+    pub(crate) means_id: u32,
+    pub(crate) kind: MeansKind,
+    pub(crate) label: String,
+    pub(crate) number: Option<(CardToken, [u8; 4])>,
+    pub(crate) uses: u64,
+    pub(crate) last_used_ms: Option<i64>,
+    pub(crate) registered_ms: i64,
 }
 
 #[derive(Debug, Clone)]
-struct Device {
-    idm: Idm,
-    key_version: u16,
-    replay: ReplayWindow,
+pub(crate) struct Device {
+    pub(crate) idm: Idm,
+    pub(crate) key_version: u16,
+    pub(crate) replay: ReplayWindow,
 }
 
 #[derive(Debug, Clone)]
-struct User {
-    password_phc: String,
-    devices: Vec<Device>,
-    means: Vec<StoredMeans>,
-    default_means: Option<u32>,
-    next_means_id: u32,
-    failed_logins: u32,
-    locked_until_ms: i64,
+pub(crate) struct User {
+    pub(crate) password_phc: String,
+    pub(crate) devices: Vec<Device>,
+    pub(crate) means: Vec<StoredMeans>,
+    pub(crate) default_means: Option<u32>,
+    pub(crate) next_means_id: u32,
+    pub(crate) failed_logins: u32,
+    pub(crate) locked_until_ms: i64,
 }
 
 /// Work for a provider, produced when an authorization passes every check of its shard.
@@ -163,12 +163,14 @@ pub(crate) enum Reply {
 
 /// One shard's users, devices' replay state and idempotency records.
 pub(crate) struct ShardState {
-    index: u8,
-    users: FxHashMap<UserKey, User>,
-    idem: Idempotency,
-    dispatch_seq: u64,
-    shared: Shared,
-    config: StateConfig,
+    pub(crate) index: u8,
+    pub(crate) users: FxHashMap<UserKey, User>,
+    pub(crate) idem: Idempotency,
+    pub(crate) dispatch_seq: u64,
+    pub(crate) shared: Shared,
+    pub(crate) config: StateConfig,
+    /// Providers whose terminal lists this shard changes (their snapshot lives here).
+    pub(crate) owned_providers: std::collections::BTreeSet<u32>,
 }
 
 impl ShardState {
@@ -180,6 +182,7 @@ impl ShardState {
             dispatch_seq: 0,
             shared,
             config,
+            owned_providers: std::collections::BTreeSet::new(),
         }
     }
 
@@ -452,12 +455,13 @@ impl ShardState {
     }
 
     fn register_terminals(&mut self, provider_code: u32, terminals: Vec<TerminalEntry>) -> Reply {
-        match self.shared.registry.provider(provider_code) {
-            Some(provider) => match provider.register_terminals(terminals) {
-                Ok(()) => Reply::Ok,
-                Err(reason) => Reply::Refused(reason),
-            },
-            None => Reply::Refused(ReasonCode::UnknownProvider),
+        let Some(provider) = self.shared.registry.provider(provider_code) else {
+            return Reply::Refused(ReasonCode::UnknownProvider);
+        };
+        self.owned_providers.insert(provider_code);
+        match provider.register_terminals(terminals) {
+            Ok(()) => Reply::Ok,
+            Err(reason) => Reply::Refused(reason),
         }
     }
 

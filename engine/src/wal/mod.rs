@@ -1,8 +1,9 @@
 //! The write-ahead log: every state change a shard applies is appended to that shard's log
 //! before the reply that depends on it leaves the engine.
 //!
-//! File `shard-NNN.wal` in the data directory: a 16-byte header (magic `SGWAL\0\0\0`, `u16`
-//! format version, `u16` shard index, `u32` shard count, big-endian), then records: `u32`
+//! File `shard-NNN.wal` in the data directory: a 24-byte header (magic `SGWAL\0\0\0`, `u16`
+//! format version, `u16` shard index, `u32` shard count, `u64` generation, big-endian), then
+//! records: `u32`
 //! payload length, `u32` CRC-32 of the payload, the payload (an rkyv archive of
 //! `LogEnvelope`, the log's own record type in `wal/record.rs`).
 //!
@@ -18,6 +19,9 @@
 //! not decode anywhere else stops recovery with an error naming the file and offset.
 
 pub(crate) mod record;
+pub(crate) mod snapshot;
+
+pub use snapshot::shard_snapshot_path;
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Seek, SeekFrom, Write};
@@ -34,7 +38,7 @@ use record::LogEnvelope;
 /// The log format this build writes and the newest it reads.
 pub const FORMAT_VERSION: u16 = 1;
 const MAGIC: [u8; 8] = *b"SGWAL\0\0\0";
-const FILE_HEADER_LEN: usize = 16;
+const FILE_HEADER_LEN: usize = 24;
 const RECORD_HEADER_LEN: usize = 8;
 /// Largest record payload accepted when reading (a command is far smaller).
 pub const RECORD_LEN_MAX: usize = 1 << 20;
@@ -67,11 +71,18 @@ pub struct DurabilityConfig {
     pub fsync: FsyncPolicy,
     /// The period of the `interval` policy.
     pub fsync_interval_ms: u64,
+    /// A shard writes a snapshot (and starts a fresh log) after this many records; 0: never.
+    pub snapshot_every_records: u64,
 }
 
 impl Default for DurabilityConfig {
     fn default() -> Self {
-        DurabilityConfig { data_dir: None, fsync: FsyncPolicy::Always, fsync_interval_ms: 100 }
+        DurabilityConfig {
+            data_dir: None,
+            fsync: FsyncPolicy::Always,
+            fsync_interval_ms: 100,
+            snapshot_every_records: 1_000_000,
+        }
     }
 }
 
@@ -130,18 +141,21 @@ pub(crate) struct ReadLog {
     pub(crate) valid_len: u64,
     /// Bytes of a torn last record, cut off.
     pub(crate) torn_bytes: u64,
+    /// The log's generation (the snapshot it follows); none for a missing or empty file.
+    pub(crate) generation: Option<u64>,
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> StorageError + '_ {
     move |source| StorageError::Io { path: path.to_owned(), source }
 }
 
-fn file_header(index: usize, count: usize) -> [u8; FILE_HEADER_LEN] {
+fn file_header(index: usize, count: usize, generation: u64) -> [u8; FILE_HEADER_LEN] {
     let mut header = [0u8; FILE_HEADER_LEN];
     header[..8].copy_from_slice(&MAGIC);
     header[8..10].copy_from_slice(&FORMAT_VERSION.to_be_bytes());
     header[10..12].copy_from_slice(&(index as u16).to_be_bytes());
     header[12..16].copy_from_slice(&(count as u32).to_be_bytes());
+    header[16..24].copy_from_slice(&generation.to_be_bytes());
     header
 }
 
@@ -183,9 +197,11 @@ pub(crate) fn read_log(path: &Path, index: usize, count: usize) -> Result<ReadLo
     };
     if bytes.len() < FILE_HEADER_LEN {
         // Nothing, or a header torn while the file was created: nothing was ever acknowledged.
-        return Ok(ReadLog { records: Vec::new(), valid_len: 0, torn_bytes: bytes.len() as u64 });
+        let torn_bytes = bytes.len() as u64;
+        return Ok(ReadLog { records: Vec::new(), valid_len: 0, torn_bytes, generation: None });
     }
     check_file_header(path, &bytes, index, count)?;
+    let generation = u64::from_be_bytes(bytes[16..24].try_into().expect("8"));
     let mut records = Vec::new();
     let mut offset = FILE_HEADER_LEN;
     while offset < bytes.len() {
@@ -213,20 +229,32 @@ pub(crate) fn read_log(path: &Path, index: usize, count: usize) -> Result<ReadLo
         records.push(record);
         offset += RECORD_HEADER_LEN + len;
     }
-    Ok(ReadLog { records, valid_len: offset as u64, torn_bytes: (bytes.len() - offset) as u64 })
+    Ok(ReadLog {
+        records,
+        valid_len: offset as u64,
+        torn_bytes: (bytes.len() - offset) as u64,
+        generation: Some(generation),
+    })
 }
 
-/// Replies released by the writer once their records are durable.
-pub(crate) struct Job {
-    pub(crate) records: Vec<rkyv::util::AlignedVec>,
-    pub(crate) reply: oneshot::Sender<Vec<Reply>>,
-    pub(crate) replies: Vec<Reply>,
+/// Work for a shard's writer, done in the order queued.
+pub(crate) enum Job {
+    /// Records to append; the replies are released once they are durable.
+    Records {
+        records: Vec<rkyv::util::AlignedVec>,
+        reply: oneshot::Sender<Vec<Reply>>,
+        replies: Vec<Reply>,
+    },
+    /// A snapshot of everything queued before it: written, then the log starts afresh.
+    Snapshot { bytes: Vec<u8>, generation: u64 },
 }
 
 /// The sending side of a shard's log writer.
 #[derive(Clone)]
 pub(crate) struct WalHandle {
     jobs: Sender<Job>,
+    pub(crate) index: usize,
+    pub(crate) count: usize,
 }
 
 impl WalHandle {
@@ -240,12 +268,14 @@ impl WalHandle {
 /// Opens shard `index`'s log for appending after `valid_len` (cutting off a torn tail) and
 /// starts its writer thread.
 pub(crate) fn open_writer(
-    path: &Path,
+    dir: &Path,
     valid_len: u64,
     index: usize,
     count: usize,
+    generation: u64,
     config: &DurabilityConfig,
 ) -> Result<(WalHandle, std::thread::JoinHandle<()>), StorageError> {
+    let path = &shard_log_path(dir, index);
     let mut file = OpenOptions::new()
         .create(true)
         .read(true)
@@ -255,7 +285,7 @@ pub(crate) fn open_writer(
         .map_err(io_error(path))?;
     if valid_len < FILE_HEADER_LEN as u64 {
         file.set_len(0).map_err(io_error(path))?;
-        file.write_all(&file_header(index, count)).map_err(io_error(path))?;
+        file.write_all(&file_header(index, count, generation)).map_err(io_error(path))?;
     } else {
         file.set_len(valid_len).map_err(io_error(path))?;
         file.seek(SeekFrom::End(0)).map_err(io_error(path))?;
@@ -268,25 +298,64 @@ pub(crate) fn open_writer(
     let (jobs, queue) = channel::unbounded();
     let policy = config.fsync;
     let interval = Duration::from_millis(config.fsync_interval_ms.max(1));
-    let path = path.to_owned();
+    let files =
+        Files { log: path.to_owned(), snapshot: shard_snapshot_path(dir, index), index, count };
     let thread = std::thread::Builder::new()
         .name(format!("settlegate-wal-{index}"))
         .spawn(move || {
-            write_loop(BufWriter::with_capacity(1 << 20, file), &path, &queue, policy, interval)
+            write_loop(BufWriter::with_capacity(1 << 20, file), &files, &queue, policy, interval)
         })
         .map_err(|e| StorageError::Io { path: PathBuf::from("<thread>"), source: e })?;
-    Ok((WalHandle { jobs }, thread))
+    Ok((WalHandle { jobs, index, count }, thread))
+}
+
+/// A shard's files, for the writer.
+struct Files {
+    log: PathBuf,
+    snapshot: PathBuf,
+    index: usize,
+    count: usize,
+}
+
+/// Writes `bytes` to `path` so that a crash leaves the old file or the new, whole one.
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut file = File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Everything before the snapshot is synced; the snapshot is put in place; the log restarts
+/// empty at the snapshot's generation (a crash between the two leaves an older log, which
+/// recovery recognises by its generation and ignores).
+fn rotate(
+    out: &mut BufWriter<File>,
+    files: &Files,
+    bytes: &[u8],
+    generation: u64,
+) -> std::io::Result<()> {
+    out.flush()?;
+    out.get_ref().sync_data()?;
+    write_atomic(&files.snapshot, bytes)?;
+    write_atomic(&files.log, &file_header(files.index, files.count, generation))?;
+    let file = OpenOptions::new().append(true).open(&files.log)?;
+    *out = BufWriter::with_capacity(1 << 20, file);
+    Ok(())
 }
 
 fn write_loop(
     mut out: BufWriter<File>,
-    path: &Path,
+    files: &Files,
     queue: &Receiver<Job>,
     policy: FsyncPolicy,
     interval: Duration,
 ) {
-    let mut last_sync = Instant::now();
-    let mut unsynced = false;
+    let mut sync = SyncState { policy, interval, last: Instant::now(), unsynced: false };
     loop {
         let first = match policy {
             FsyncPolicy::Interval => match queue.recv_timeout(interval) {
@@ -306,36 +375,78 @@ fn write_loop(
                 Err(_) => break,
             }
         }
-        let wrote = jobs.iter().any(|job| !job.records.is_empty());
-        let result = write_group(&mut out, &jobs).and_then(|()| {
-            unsynced |= wrote;
-            let due = match policy {
-                FsyncPolicy::Always => unsynced,
-                FsyncPolicy::Interval => unsynced && last_sync.elapsed() >= interval,
-                FsyncPolicy::Off => false,
-            };
-            if due {
-                out.get_ref().sync_data()?;
-                last_sync = Instant::now();
-                unsynced = false;
-            }
-            Ok(())
-        });
-        if let Err(error) = result {
+        if let Err(error) = process(&mut out, files, jobs, &mut sync) {
             // Without a log nothing more may be acknowledged: drop every queued reply (callers
             // see the engine stopped) and stop.
-            tracing::error!(path = %path.display(), %error, "write-ahead log failed; shard stops acknowledging");
+            tracing::error!(path = %files.log.display(), %error, "write-ahead log failed; shard stops acknowledging");
             return;
-        }
-        for job in jobs {
-            let _ = job.reply.send(job.replies);
         }
     }
     let _ = out.flush().and_then(|()| out.get_ref().sync_data());
 }
 
-fn write_group(out: &mut BufWriter<File>, jobs: &[Job]) -> std::io::Result<()> {
-    for record in jobs.iter().flat_map(|job| &job.records) {
+struct SyncState {
+    policy: FsyncPolicy,
+    interval: Duration,
+    last: Instant,
+    unsynced: bool,
+}
+
+type Pending = (Vec<rkyv::util::AlignedVec>, oneshot::Sender<Vec<Reply>>, Vec<Reply>);
+
+/// Runs of record jobs are group-committed; a snapshot job ends a run and rotates the files.
+fn process(
+    out: &mut BufWriter<File>,
+    files: &Files,
+    jobs: Vec<Job>,
+    sync: &mut SyncState,
+) -> std::io::Result<()> {
+    let mut group: Vec<Pending> = Vec::new();
+    for job in jobs {
+        match job {
+            Job::Records { records, reply, replies } => group.push((records, reply, replies)),
+            Job::Snapshot { bytes, generation } => {
+                commit(out, &mut group, sync)?;
+                rotate(out, files, &bytes, generation)?;
+                sync.unsynced = false;
+            }
+        }
+    }
+    commit(out, &mut group, sync)
+}
+
+/// Writes a group of record jobs, syncs as the policy says, then releases their replies.
+fn commit(
+    out: &mut BufWriter<File>,
+    group: &mut Vec<Pending>,
+    sync: &mut SyncState,
+) -> std::io::Result<()> {
+    if group.is_empty() {
+        return Ok(());
+    }
+    write_group(out, group.iter().flat_map(|(records, _, _)| records))?;
+    sync.unsynced |= group.iter().any(|(records, _, _)| !records.is_empty());
+    let due = match sync.policy {
+        FsyncPolicy::Always => sync.unsynced,
+        FsyncPolicy::Interval => sync.unsynced && sync.last.elapsed() >= sync.interval,
+        FsyncPolicy::Off => false,
+    };
+    if due {
+        out.get_ref().sync_data()?;
+        sync.last = Instant::now();
+        sync.unsynced = false;
+    }
+    for (_, reply, replies) in group.drain(..) {
+        let _ = reply.send(replies);
+    }
+    Ok(())
+}
+
+fn write_group<'a>(
+    out: &mut BufWriter<File>,
+    records: impl Iterator<Item = &'a rkyv::util::AlignedVec>,
+) -> std::io::Result<()> {
+    for record in records {
         out.write_all(&(record.len() as u32).to_be_bytes())?;
         out.write_all(&crc32fast::hash(record).to_be_bytes())?;
         out.write_all(record)?;

@@ -81,26 +81,26 @@ enum LogCommand {
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
-struct LogUser {
-    id_type: u8,
-    id: String,
+pub(crate) struct LogUser {
+    pub(crate) id_type: u8,
+    pub(crate) id: String,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
-struct LogSealed {
+pub(crate) struct LogSealed {
     nonce: [u8; 24],
     ciphertext: Vec<u8>,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
-struct LogNumber {
-    token: [u8; 16],
-    last4: [u8; 4],
-    sealed: LogSealed,
+pub(crate) struct LogNumber {
+    pub(crate) token: [u8; 16],
+    pub(crate) last4: [u8; 4],
+    pub(crate) sealed: LogSealed,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
-enum LogOutcome {
+pub(crate) enum LogOutcome {
     Approved {
         auth_code: [u8; 6],
         provider_code: u32,
@@ -115,7 +115,7 @@ enum LogOutcome {
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
-struct LogTerminal {
+pub(crate) struct LogTerminal {
     terminal_id: String,
     service: Option<LogService>,
 }
@@ -136,28 +136,32 @@ struct LogService {
 #[error("invalid log record: {0}")]
 pub(crate) struct RecordError(pub(crate) &'static str);
 
-fn user_out(user: &UserKey) -> LogUser {
+pub(crate) fn user_out(user: &UserKey) -> LogUser {
     LogUser { id_type: user.id_type() as u8, id: user.id().to_owned() }
 }
 
-fn user_in(user: &LogUser) -> Result<UserKey, RecordError> {
+pub(crate) fn user_in(user: &LogUser) -> Result<UserKey, RecordError> {
     let id_type = UserIdType::from_u8(user.id_type).ok_or(RecordError("user id type"))?;
     UserKey::new(id_type, user.id.clone()).map_err(|_| RecordError("user id"))
 }
 
-fn sealed_out(sealed: &SealedNumber) -> LogSealed {
+pub(crate) fn sealed_out(sealed: &SealedNumber) -> LogSealed {
     LogSealed { nonce: sealed.nonce, ciphertext: sealed.ciphertext.clone() }
 }
 
-fn sealed_in(sealed: &LogSealed) -> SealedNumber {
+pub(crate) fn sealed_in(sealed: &LogSealed) -> SealedNumber {
     SealedNumber { nonce: sealed.nonce, ciphertext: sealed.ciphertext.clone() }
 }
 
-fn key_out(vault: &Vault, key: &DeviceKey, idm: &[u8; 8]) -> LogSealed {
+pub(crate) fn key_out(vault: &Vault, key: &DeviceKey, idm: &[u8; 8]) -> LogSealed {
     sealed_out(&vault.seal(key.expose(), idm))
 }
 
-fn key_in(vault: &Vault, sealed: &LogSealed, idm: &[u8; 8]) -> Result<DeviceKey, RecordError> {
+pub(crate) fn key_in(
+    vault: &Vault,
+    sealed: &LogSealed,
+    idm: &[u8; 8],
+) -> Result<DeviceKey, RecordError> {
     let plain = vault.open(&sealed_in(sealed), idm).ok_or(RecordError(
         "a sealed device key does not open: is this the vault key the data was written with?",
     ))?;
@@ -166,11 +170,11 @@ fn key_in(vault: &Vault, sealed: &LogSealed, idm: &[u8; 8]) -> Result<DeviceKey,
     Ok(DeviceKey::from_bytes(bytes))
 }
 
-fn currency_in(bytes: [u8; 3]) -> Result<Currency, RecordError> {
+pub(crate) fn currency_in(bytes: [u8; 3]) -> Result<Currency, RecordError> {
     Currency::from_bytes(bytes).map_err(|_| RecordError("currency"))
 }
 
-fn outcome_out(outcome: &AuthOutcome) -> LogOutcome {
+pub(crate) fn outcome_out(outcome: &AuthOutcome) -> LogOutcome {
     match *outcome {
         AuthOutcome::Approved(a) => LogOutcome::Approved {
             auth_code: a.auth_code.0,
@@ -184,7 +188,7 @@ fn outcome_out(outcome: &AuthOutcome) -> LogOutcome {
     }
 }
 
-fn outcome_in(outcome: &LogOutcome) -> Result<AuthOutcome, RecordError> {
+pub(crate) fn outcome_in(outcome: &LogOutcome) -> Result<AuthOutcome, RecordError> {
     Ok(match *outcome {
         LogOutcome::Approved {
             auth_code,
@@ -207,7 +211,7 @@ fn outcome_in(outcome: &LogOutcome) -> Result<AuthOutcome, RecordError> {
     })
 }
 
-fn terminal_out(entry: &TerminalEntry) -> LogTerminal {
+pub(crate) fn terminal_out(entry: &TerminalEntry) -> LogTerminal {
     let service = entry.service.as_ref().map(|s| {
         let (discount_kind, value, currency) = match s.discount {
             Discount::Percent { bps } => (1, u64::from(bps), [0; 3]),
@@ -225,7 +229,7 @@ fn terminal_out(entry: &TerminalEntry) -> LogTerminal {
     LogTerminal { terminal_id: entry.terminal_id.clone(), service }
 }
 
-fn terminal_in(entry: &LogTerminal) -> Result<TerminalEntry, RecordError> {
+pub(crate) fn terminal_in(entry: &LogTerminal) -> Result<TerminalEntry, RecordError> {
     let service = match &entry.service {
         None => None,
         Some(s) => {

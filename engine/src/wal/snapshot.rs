@@ -1,0 +1,376 @@
+//! Shard snapshots: a shard's whole state in one rkyv archive, so recovery starts from it and
+//! replays only the log written after it.
+//!
+//! File `shard-NNN.snap`: a 36-byte header (magic `SGSNAP\0\0`, `u16` format version, `u16`
+//! shard index, `u32` shard count, `u64` generation, `u64` payload length, `u32` CRC-32 of the
+//! payload), then the payload. A snapshot of generation G holds everything before the log of
+//! generation G. Written to a temporary file, synced, renamed: a crash leaves the old one or
+//! the new one, never half of one. Secrets are sealed as in the log.
+
+use std::path::{Path, PathBuf};
+
+use rkyv::{Archive, Deserialize, Serialize};
+
+use super::record::{
+    key_in, key_out, outcome_in, outcome_out, sealed_in, sealed_out, terminal_in, terminal_out,
+    user_in, user_out, LogNumber, LogOutcome, LogSealed, LogTerminal, LogUser, RecordError,
+};
+use super::{StorageError, FORMAT_VERSION};
+use crate::keys::DeviceKeys;
+use crate::shard::idempotency::IdemState;
+use crate::shard::replay::ReplayWindow;
+use crate::shard::state::{Device, Reply, ShardState, StoredMeans, User};
+use crate::types::{CardToken, MeansKind, ReasonCode};
+
+const MAGIC: [u8; 8] = *b"SGSNAP\0\0";
+const HEADER_LEN: usize = 36;
+
+#[derive(Archive, Serialize, Deserialize, Debug)]
+pub(crate) struct SnapShard {
+    dispatch_seq: u64,
+    users: Vec<SnapUser>,
+    idem: Vec<SnapIdem>,
+    providers: Vec<SnapProvider>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug)]
+struct SnapUser {
+    user: LogUser,
+    password_phc: String,
+    devices: Vec<SnapDevice>,
+    means: Vec<SnapMeans>,
+    default_means: Option<u32>,
+    next_means_id: u32,
+    failed_logins: u32,
+    locked_until_ms: i64,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug)]
+struct SnapDevice {
+    idm: [u8; 8],
+    key_version: u16,
+    replay: (u64, u64, bool),
+    current: (u16, LogSealed),
+    previous: Option<(u16, LogSealed, i64)>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug)]
+struct SnapMeans {
+    means_id: u32,
+    kind: u8,
+    label: String,
+    number: Option<LogNumber>,
+    uses: u64,
+    last_used_ms: Option<i64>,
+    registered_ms: i64,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug)]
+struct SnapIdem {
+    expires_ms: i64,
+    owner_hash: u64,
+    client_request_id: u128,
+    digest: u64,
+    state: SnapIdemState,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug)]
+enum SnapIdemState {
+    Pending { user: LogUser, means_id: u32 },
+    Ok,
+    Refused { reason: u16 },
+    KeyIssued { key_version: u16, key: LogSealed },
+    MeansAdded { means_id: u32, last4: Option<[u8; 4]> },
+    Auth { outcome: LogOutcome },
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug)]
+struct SnapProvider {
+    code: u32,
+    terminals: Vec<LogTerminal>,
+}
+
+/// Associated data sealing a key kept in an idempotency record (no IDm at hand there).
+fn idem_aad(owner_hash: u64, client_request_id: u128) -> Vec<u8> {
+    let mut aad = b"idem".to_vec();
+    aad.extend_from_slice(&owner_hash.to_be_bytes());
+    aad.extend_from_slice(&client_request_id.to_be_bytes());
+    aad
+}
+
+impl SnapShard {
+    /// Captures `state` (and its slice of the shared indexes), sealing every secret.
+    pub(crate) fn capture(state: &ShardState) -> SnapShard {
+        let vault = &state.shared.vault;
+        let mut users: Vec<SnapUser> =
+            state.users.iter().map(|(key, user)| capture_user(state, key, user)).collect();
+        users.sort_by(|a, b| (a.user.id_type, &a.user.id).cmp(&(b.user.id_type, &b.user.id)));
+        let idem = state
+            .idem
+            .export()
+            .into_iter()
+            .map(|(expires_ms, (owner_hash, client_request_id), digest, idem_state)| SnapIdem {
+                expires_ms,
+                owner_hash,
+                client_request_id,
+                digest,
+                state: match idem_state {
+                    IdemState::Pending { user, means_id } => {
+                        SnapIdemState::Pending { user: user_out(&user), means_id }
+                    }
+                    IdemState::Done(reply) => {
+                        capture_reply(vault, &reply, owner_hash, client_request_id)
+                    }
+                },
+            })
+            .collect();
+        let providers = state
+            .owned_providers
+            .iter()
+            .filter_map(|code| state.shared.registry.provider(*code))
+            .map(|p| SnapProvider {
+                code: p.code,
+                terminals: p.export_terminals().iter().map(terminal_out).collect(),
+            })
+            .collect();
+        SnapShard { dispatch_seq: state.dispatch_seq, users, idem, providers }
+    }
+
+    /// Restores into a fresh `state` (and the shared indexes).
+    pub(crate) fn restore(&self, state: &mut ShardState) -> Result<(), RecordError> {
+        let vault = std::sync::Arc::clone(&state.shared.vault);
+        state.dispatch_seq = self.dispatch_seq;
+        for snap in &self.users {
+            let user_key = user_in(&snap.user)?;
+            let mut devices = Vec::with_capacity(snap.devices.len());
+            for d in &snap.devices {
+                let keys = DeviceKeys {
+                    user: user_key.clone(),
+                    current: (d.current.0, key_in(&vault, &d.current.1, &d.idm)?),
+                    previous: match &d.previous {
+                        Some((v, sealed, until)) => {
+                            Some((*v, key_in(&vault, sealed, &d.idm)?, *until))
+                        }
+                        None => None,
+                    },
+                };
+                state.shared.devices.import(d.idm, &keys);
+                let (high, bits, seen) = d.replay;
+                devices.push(Device {
+                    idm: d.idm,
+                    key_version: d.key_version,
+                    replay: ReplayWindow::from_parts(high, bits, seen),
+                });
+            }
+            let mut means = Vec::with_capacity(snap.means.len());
+            for m in &snap.means {
+                let number = m.number.as_ref().map(|n| {
+                    vault.store(CardToken(n.token), sealed_in(&n.sealed));
+                    (CardToken(n.token), n.last4)
+                });
+                means.push(StoredMeans {
+                    means_id: m.means_id,
+                    kind: MeansKind::from_u8(m.kind).ok_or(RecordError("means kind"))?,
+                    label: m.label.clone(),
+                    number,
+                    uses: m.uses,
+                    last_used_ms: m.last_used_ms,
+                    registered_ms: m.registered_ms,
+                });
+            }
+            let user = User {
+                password_phc: snap.password_phc.clone(),
+                devices,
+                means,
+                default_means: snap.default_means,
+                next_means_id: snap.next_means_id,
+                failed_logins: snap.failed_logins,
+                locked_until_ms: snap.locked_until_ms,
+            };
+            state.users.insert(user_key, user);
+        }
+        for i in &self.idem {
+            let idem_state = restore_idem(&vault, i)?;
+            state.idem.restore(
+                i.expires_ms,
+                (i.owner_hash, i.client_request_id),
+                i.digest,
+                idem_state,
+            );
+        }
+        for p in &self.providers {
+            if let Some(provider) = state.shared.registry.provider(p.code) {
+                provider.restore_terminals(
+                    p.terminals.iter().map(terminal_in).collect::<Result<_, _>>()?,
+                );
+                state.owned_providers.insert(p.code);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn capture_user(state: &ShardState, key: &crate::types::UserKey, user: &User) -> SnapUser {
+    let vault = &state.shared.vault;
+    let devices = user
+        .devices
+        .iter()
+        .filter_map(|d| {
+            let keys = state.shared.devices.export(&d.idm)?;
+            Some(SnapDevice {
+                idm: d.idm,
+                key_version: d.key_version,
+                replay: d.replay.parts(),
+                current: (keys.current.0, key_out(vault, &keys.current.1, &d.idm)),
+                previous: keys.previous.map(|(v, k, until)| (v, key_out(vault, &k, &d.idm), until)),
+            })
+        })
+        .collect();
+    let means = user
+        .means
+        .iter()
+        .map(|m| SnapMeans {
+            means_id: m.means_id,
+            kind: m.kind as u8,
+            label: m.label.clone(),
+            number: m.number.and_then(|(token, last4)| {
+                let sealed = vault.sealed_number(&token)?;
+                Some(LogNumber { token: token.0, last4, sealed: sealed_out(&sealed) })
+            }),
+            uses: m.uses,
+            last_used_ms: m.last_used_ms,
+            registered_ms: m.registered_ms,
+        })
+        .collect();
+    SnapUser {
+        user: user_out(key),
+        password_phc: user.password_phc.clone(),
+        devices,
+        means,
+        default_means: user.default_means,
+        next_means_id: user.next_means_id,
+        failed_logins: user.failed_logins,
+        locked_until_ms: user.locked_until_ms,
+    }
+}
+
+fn capture_reply(
+    vault: &crate::vault::Vault,
+    reply: &Reply,
+    owner_hash: u64,
+    crid: u128,
+) -> SnapIdemState {
+    match reply {
+        Reply::Refused(reason) => SnapIdemState::Refused { reason: reason.code() },
+        Reply::KeyIssued { key_version, key } => SnapIdemState::KeyIssued {
+            key_version: *key_version,
+            key: sealed_out(&vault.seal(key.expose(), &idem_aad(owner_hash, crid))),
+        },
+        Reply::MeansAdded { means_id, last4 } => {
+            SnapIdemState::MeansAdded { means_id: *means_id, last4: *last4 }
+        }
+        Reply::Auth(outcome) => SnapIdemState::Auth { outcome: outcome_out(outcome) },
+        // Only the replies above are ever stored as done.
+        _ => SnapIdemState::Ok,
+    }
+}
+
+fn restore_idem(vault: &crate::vault::Vault, i: &SnapIdem) -> Result<IdemState, RecordError> {
+    Ok(match &i.state {
+        SnapIdemState::Pending { user, means_id } => {
+            IdemState::Pending { user: user_in(user)?, means_id: *means_id }
+        }
+        SnapIdemState::Ok => IdemState::Done(Reply::Ok),
+        SnapIdemState::Refused { reason } => IdemState::Done(Reply::Refused(
+            ReasonCode::from_code(*reason).ok_or(RecordError("reason"))?,
+        )),
+        SnapIdemState::KeyIssued { key_version, key } => {
+            let plain =
+                vault
+                    .open(&sealed_in(key), &idem_aad(i.owner_hash, i.client_request_id))
+                    .ok_or(RecordError("a sealed key in an idempotency record does not open"))?;
+            let bytes: [u8; 32] =
+                plain.as_slice().try_into().map_err(|_| RecordError("key length"))?;
+            IdemState::Done(Reply::KeyIssued {
+                key_version: *key_version,
+                key: crate::keys::DeviceKey::from_bytes(bytes),
+            })
+        }
+        SnapIdemState::MeansAdded { means_id, last4 } => {
+            IdemState::Done(Reply::MeansAdded { means_id: *means_id, last4: *last4 })
+        }
+        SnapIdemState::Auth { outcome } => IdemState::Done(Reply::Auth(outcome_in(outcome)?)),
+    })
+}
+
+/// The snapshot file of shard `index`.
+pub fn shard_snapshot_path(dir: &Path, index: usize) -> PathBuf {
+    dir.join(format!("shard-{index:03}.snap"))
+}
+
+/// Encodes a snapshot file: header and payload.
+pub(crate) fn encode(snapshot: &SnapShard, index: usize, count: usize, generation: u64) -> Vec<u8> {
+    let payload =
+        rkyv::to_bytes::<rkyv::rancor::Error>(snapshot).expect("snapshots always serialize");
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_be_bytes());
+    out.extend_from_slice(&(index as u16).to_be_bytes());
+    out.extend_from_slice(&(count as u32).to_be_bytes());
+    out.extend_from_slice(&generation.to_be_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+    out.extend_from_slice(&crc32fast::hash(&payload).to_be_bytes());
+    out.extend_from_slice(&payload);
+    out
+}
+
+/// Reads shard `index`'s snapshot: `None` if there is none, else its generation and content.
+pub(crate) fn read(
+    path: &Path,
+    index: usize,
+    count: usize,
+) -> Result<Option<(u64, SnapShard)>, StorageError> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(StorageError::Io { path: path.to_owned(), source }),
+    };
+    let corrupt = |detail: &str| StorageError::Corrupt {
+        path: path.to_owned(),
+        offset: 0,
+        detail: detail.to_owned(),
+    };
+    if bytes.len() < HEADER_LEN || bytes[..8] != MAGIC {
+        return Err(corrupt("not a settlegate snapshot"));
+    }
+    let be16 = |at: usize| u16::from_be_bytes([bytes[at], bytes[at + 1]]);
+    let be64 = |at: usize| u64::from_be_bytes(bytes[at..at + 8].try_into().expect("8"));
+    let version = be16(8);
+    if version > FORMAT_VERSION {
+        return Err(StorageError::NewerFormat {
+            path: path.to_owned(),
+            found: version,
+            supported: FORMAT_VERSION,
+        });
+    }
+    let file_count = u32::from_be_bytes(bytes[12..16].try_into().expect("4")) as usize;
+    if (be16(10) as usize, file_count) != (index, count) {
+        return Err(StorageError::Mismatch {
+            path: path.to_owned(),
+            detail: "snapshot of another shard layout: the shard count must not change".into(),
+        });
+    }
+    let generation = be64(16);
+    let len = be64(24) as usize;
+    let crc = u32::from_be_bytes(bytes[32..36].try_into().expect("4"));
+    let payload =
+        bytes.get(HEADER_LEN..HEADER_LEN + len).ok_or_else(|| corrupt("snapshot truncated"))?;
+    if crc32fast::hash(payload) != crc {
+        return Err(corrupt("snapshot checksum mismatch"));
+    }
+    let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(payload.len());
+    aligned.extend_from_slice(payload);
+    let snapshot = rkyv::from_bytes::<SnapShard, rkyv::rancor::Error>(&aligned)
+        .map_err(|_| corrupt("snapshot does not decode"))?;
+    Ok(Some((generation, snapshot)))
+}
