@@ -759,13 +759,18 @@ fn recover_shards(
     std::fs::create_dir_all(dir)
         .map_err(|e| EngineError::Storage(format!("{}: {e}", dir.display())))?;
     let started = std::time::Instant::now();
-    let mut logs = Vec::with_capacity(count);
-    let mut generations = Vec::with_capacity(count);
-    for (index, state) in states.iter_mut().enumerate() {
-        let (log, generation) = load_shard(dir, index, count, state)?;
-        logs.push(log);
-        generations.push(generation);
-    }
+    // Snapshots load in parallel, one thread per shard: they share nothing but the
+    // concurrent device and vault maps. The logs after them replay in order below.
+    let loaded: Vec<Result<(wal::ReadLog, u64), EngineError>> = std::thread::scope(|scope| {
+        let loaders: Vec<_> = states
+            .iter_mut()
+            .enumerate()
+            .map(|(index, state)| scope.spawn(move || load_shard(dir, index, count, state)))
+            .collect();
+        loaders.into_iter().map(|l| l.join().expect("snapshot loader panicked")).collect()
+    });
+    let (logs, generations): (Vec<_>, Vec<_>) =
+        loaded.into_iter().collect::<Result<Vec<_>, _>>()?.into_iter().unzip();
     let replayed = replay(&mut states, &logs, &shared.vault)?;
     let mut prepared = Prepared { states: Vec::with_capacity(count), wal_threads: Vec::new() };
     for (index, (mut state, log)) in states.into_iter().zip(&logs).enumerate() {
