@@ -24,7 +24,8 @@ const USERS: usize = 8;
 fn config_file(dir: &std::path::Path) -> std::path::PathBuf {
     let data = dir.join("data");
     let engine = format!(
-        "shards = 2\ndurability = {{ data_dir = \"{}\", fsync = \"always\" }}",
+        // Snapshots every 200 records: kills also land during snapshot and log rotation.
+        "shards = 2\ndurability = {{ data_dir = \"{}\", fsync = \"always\", snapshot_every_records = 200 }}",
         data.display()
     );
     binary_config(

@@ -587,7 +587,12 @@ impl Engine {
             .collect();
         let recorded = join_all(receivers).await.iter().all(Result::is_ok);
         for ((index, dispatch), outcome) in dispatches.into_iter().zip(outcomes) {
-            results[index] = Some(if recorded { Ok(outcome) } else { Err(EngineError::Stopped) });
+            if !recorded {
+                // Not recorded, not acknowledged: no reply and no notice may claim it.
+                results[index] = Some(Err(EngineError::Stopped));
+                continue;
+            }
+            results[index] = Some(Ok(outcome));
             self.inner.notices.publish(Notice {
                 user: dispatch.user,
                 client_request_id: dispatch.key.1,
