@@ -57,7 +57,8 @@ fn load(path: &Option<PathBuf>) -> anyhow::Result<(Config, String)> {
 fn init_logs(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.server.log_level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Logs go to stderr; stdout carries only the start banner (addresses, data directory).
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if config.server.log_format == "json" {
         builder.json().init();
     } else {

@@ -184,3 +184,69 @@ async fn tls_with_a_client_certificate_authenticates_the_connection() {
     assert!(!matches!(result, Ok(Ok(Response::Ok(_)))));
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn no_secret_reaches_a_log_line_even_at_trace_level() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = binary_config(dir.path(), "{ kind = \"simulated\" }", "");
+    let log_path = dir.path().join("settlegate.log");
+    let log_file = std::fs::File::create(&log_path).unwrap();
+    let (mut child, addr) = spawn_binary_logging(&config, "trace", log_file.into());
+    let client = Client::connect(addr).await.unwrap();
+    client.authenticate(ADMIN_KEY).await.unwrap();
+    let password = "a very secret passphrase";
+    let pan = "4012888888881881";
+    let user = UserKey::new(UserIdType::Mail, "secrets@example.com").unwrap();
+    let enroll = Request::Enroll {
+        client_request_id: 1,
+        user: user.clone(),
+        password: password.into(),
+        card_idm: [7; 8],
+    };
+    let Reply::Credential(credential) = client.call_ok(&enroll).await.unwrap() else { panic!() };
+    let card = Request::AddMeans {
+        client_request_id: 2,
+        user: user.clone(),
+        make_default: true,
+        means: MeansInput::CreditCard { pan: pan.into() },
+    };
+    client.call_ok(&card).await.unwrap();
+    client
+        .call(&Request::Login { user: user.clone(), password: "wrong passphrase!".into() })
+        .await
+        .unwrap();
+    let record = InherentId {
+        key_version: credential.key_version,
+        amount_minor: 500,
+        currency: jpy(),
+        means: MeansKind::CreditCard,
+        means_id: 0,
+        provider_code: 1,
+        card_idm: credential.card_idm,
+        user: user.clone(),
+        terminal_id: "T-1".into(),
+        counter: 1,
+        timestamp_ms: now_ms(),
+    };
+    approved(client.authorize(3, record.sign(credential.device_key.expose())).await.unwrap());
+    let rotate =
+        Request::RotateDeviceKey { client_request_id: 4, user, card_idm: credential.card_idm };
+    let Reply::Credential(rotated) = client.call_ok(&rotate).await.unwrap() else { panic!() };
+    drop(client);
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("listening") && log.contains("authenticated"), "the log was captured: {log}");
+    let secrets = [
+        password.to_owned(),
+        "wrong passphrase!".to_owned(),
+        pan.to_owned(),
+        ADMIN_KEY.to_owned(),
+        hex::encode(credential.device_key.expose()),
+        hex::encode(rotated.device_key.expose()),
+        format!("{:?}", credential.device_key.expose()),
+    ];
+    for secret in secrets {
+        assert!(!log.contains(&secret), "a secret reached the log");
+    }
+}

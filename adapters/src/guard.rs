@@ -86,3 +86,69 @@ impl Guarded {
         result
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::simulated::{Simulated, SimulatedConfig};
+    use crate::{Currency, MeansKind};
+
+    fn request() -> AuthorizationRequest {
+        AuthorizationRequest {
+            dispatch_id: 1,
+            provider_code: 1,
+            means: MeansKind::CreditCard,
+            card_token: None,
+            terminal_id: "T".into(),
+            amount_minor: 1,
+            currency: Currency::try_from("JPY").unwrap(),
+        }
+    }
+
+    fn slow(latency_ms: u64) -> Arc<dyn ProviderAdapter> {
+        let us = latency_ms * 1000;
+        let config = SimulatedConfig {
+            latency_us_min: us,
+            latency_us_max: us,
+            ..SimulatedConfig::default()
+        };
+        Arc::new(Simulated::new(config).unwrap())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrency_limit_makes_the_next_request_wait_then_fail_at_its_deadline() {
+        let guarded = Arc::new(Guarded::new(
+            slow(1_000),
+            GuardConfig { concurrency_max: 1, timeout_ms: 5_000 },
+        ));
+        let first = tokio::spawn({
+            let guarded = Arc::clone(&guarded);
+            async move { guarded.authorize(request(), Instant::now() + Duration::from_secs(5)).await }
+        });
+        tokio::task::yield_now().await;
+        // The only permit is taken for a second: a request with a 100 ms deadline cannot get it.
+        let second =
+            guarded.authorize(request(), Instant::now() + Duration::from_millis(100)).await;
+        assert!(matches!(second, Err(AdapterError::Unavailable(_))), "{second:?}");
+        assert!(matches!(first.await.unwrap(), Ok(ProviderReply::Approved { .. })));
+        // The permit is back: the next request goes through.
+        let third = guarded.authorize(request(), Instant::now() + Duration::from_secs(5)).await;
+        assert!(matches!(third, Ok(ProviderReply::Approved { .. })));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn provider_timeout_bounds_the_wait_even_with_a_later_deadline() {
+        let guarded =
+            Guarded::new(slow(10_000), GuardConfig { concurrency_max: 4, timeout_ms: 200 });
+        let started = Instant::now();
+        let result = guarded.authorize(request(), Instant::now() + Duration::from_secs(60)).await;
+        assert_eq!(result, Err(AdapterError::Timeout));
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_millis(200),
+            "paused clock: exactly the timeout"
+        );
+    }
+}

@@ -149,12 +149,22 @@ adapter = {adapter}
 /// Starts the `settlegate` binary on `config` and returns it with the protocol address it
 /// printed.
 pub fn spawn_binary(config: &std::path::Path) -> (std::process::Child, std::net::SocketAddr) {
+    spawn_binary_logging(config, "error", std::process::Stdio::inherit())
+}
+
+/// Like [`spawn_binary`], with the log filter `rust_log` and the log going to `stderr`.
+pub fn spawn_binary_logging(
+    config: &std::path::Path,
+    rust_log: &str,
+    stderr: std::process::Stdio,
+) -> (std::process::Child, std::net::SocketAddr) {
     use std::io::{BufRead, BufReader};
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_settlegate"))
         .args(["serve", "--config"])
         .arg(config)
-        .env("RUST_LOG", "error")
+        .env("RUST_LOG", rust_log)
         .stdout(std::process::Stdio::piped())
+        .stderr(stderr)
         .spawn()
         .expect("spawn settlegate");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
