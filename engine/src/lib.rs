@@ -25,6 +25,7 @@ pub mod notices;
 pub mod password;
 pub mod providers;
 mod shard;
+mod startup;
 pub mod types;
 pub mod vault;
 pub mod wal;

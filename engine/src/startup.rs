@@ -1,0 +1,249 @@
+//! Starting an engine: the provider registry from config, every shard's state (fresh, or
+//! recovered from the data directory: snapshots, then the logs after them), and the actix
+//! system with one arbiter thread per shard.
+
+use std::sync::Mutex;
+
+use actix::{Actor, Addr, Arbiter, System};
+use settlegate_adapters::Guarded;
+use tokio::sync::oneshot;
+
+use crate::config::EngineConfig;
+use crate::error::EngineError;
+use crate::providers::{Provider, Registry};
+use crate::shard::state::{Shared, StateConfig};
+use crate::shard::{Shard, ShardState, ShardWal};
+use crate::vault::Vault;
+use crate::wal::record::LogEnvelope;
+use crate::wal::snapshot::{self, SnapShard};
+use crate::wal::{self, StorageError};
+
+/// The actor system and the threads to join when it stops.
+pub(crate) struct ActorRuntime {
+    system: System,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// Log writer threads; they finish (flush, sync) once the shards holding them are gone.
+    wal_threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// Stops the actor system (if running) and joins its threads, log writers last so they flush.
+pub(crate) fn stop_runtime(runtime: &Mutex<Option<ActorRuntime>>) {
+    let taken = runtime.lock().map(|mut guard| guard.take());
+    if let Ok(Some(mut runtime)) = taken {
+        runtime.system.stop();
+        if let Some(thread) = runtime.thread.take() {
+            let _ = thread.join();
+        }
+        for thread in runtime.wal_threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+pub(crate) fn build_registry(config: &EngineConfig) -> Result<Registry, EngineError> {
+    let mut providers = Vec::with_capacity(config.providers.len());
+    for p in &config.providers {
+        let adapter = settlegate_adapters::build(&p.adapter)
+            .map_err(|e| EngineError::Config(format!("provider {}: {e}", p.code)))?;
+        let provider = Provider::new(p.code, p.name.clone(), Guarded::new(adapter, p.limits));
+        provider
+            .register_terminals(p.terminals.clone())
+            .map_err(|r| EngineError::Config(format!("provider {} terminals: {r}", p.code)))?;
+        providers.push(provider);
+    }
+    Ok(Registry::new(providers))
+}
+
+/// Shard states ready to run: recovered from their logs when durability is configured.
+pub(crate) struct Prepared {
+    states: Vec<(ShardState, Option<ShardWal>)>,
+    wal_threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// Builds every shard's state: fresh, or replayed from the data directory's logs, with the
+/// authorizations a crash left at their providers resolved (and that resolution logged) before
+/// any new request is taken.
+pub(crate) fn recover_shards(
+    config: &EngineConfig,
+    shared: &Shared,
+    state_config: StateConfig,
+    now_ms: i64,
+) -> Result<Prepared, EngineError> {
+    let count = config.shard_count();
+    let mut states: Vec<ShardState> =
+        (0..count).map(|i| ShardState::new(i as u8, shared.clone(), state_config)).collect();
+    let Some(dir) = &config.durability.data_dir else {
+        let states = states.into_iter().map(|state| (state, None)).collect();
+        return Ok(Prepared { states, wal_threads: Vec::new() });
+    };
+    let storage = |e: StorageError| EngineError::Storage(e.to_string());
+    std::fs::create_dir_all(dir)
+        .map_err(|e| EngineError::Storage(format!("{}: {e}", dir.display())))?;
+    let started = std::time::Instant::now();
+    // Snapshots load in parallel, one thread per shard: they share nothing but the
+    // concurrent device and vault maps. The logs after them replay in order below.
+    let loaded: Vec<Result<(wal::ReadLog, u64), EngineError>> = std::thread::scope(|scope| {
+        let loaders: Vec<_> = states
+            .iter_mut()
+            .enumerate()
+            .map(|(index, state)| scope.spawn(move || load_shard(dir, index, count, state)))
+            .collect();
+        loaders.into_iter().map(|l| l.join().expect("snapshot loader panicked")).collect()
+    });
+    let (logs, generations): (Vec<_>, Vec<_>) =
+        loaded.into_iter().collect::<Result<Vec<_>, _>>()?.into_iter().unzip();
+    let replayed = replay(&mut states, &logs, &shared.vault)?;
+    let mut prepared = Prepared { states: Vec::with_capacity(count), wal_threads: Vec::new() };
+    for (index, (mut state, log)) in states.into_iter().zip(&logs).enumerate() {
+        let path = wal::shard_log_path(dir, index);
+        if log.torn_bytes > 0 {
+            tracing::warn!(path = %path.display(), bytes = log.torn_bytes, "discarding a torn last record");
+        }
+        let generation = generations[index];
+        let (handle, thread) =
+            wal::open_writer(dir, log.valid_len, index, count, generation, &config.durability)
+                .map_err(storage)?;
+        let resolved = state.resolve_pending(now_ms);
+        if !resolved.is_empty() {
+            tracing::warn!(
+                shard = index,
+                count = resolved.len(),
+                "authorizations in flight at the crash declined as provider timeouts"
+            );
+            let records = resolved
+                .iter()
+                .map(|e| LogEnvelope::from_envelope(e, &shared.vault).to_bytes())
+                .collect();
+            let (reply, durable) = oneshot::channel();
+            handle.submit(wal::Job::Records { records, reply, replies: Vec::new() });
+            // Engine::start may run inside a Tokio runtime; the writer is its own OS thread, so
+            // blocking on its answer here cannot deadlock.
+            futures::executor::block_on(durable)
+                .map_err(|_| EngineError::Storage(format!("{}: write failed", path.display())))?;
+        }
+        let shard_wal = ShardWal {
+            handle,
+            generation,
+            since_snapshot: log.records.len() as u64,
+            snapshot_every: config.durability.snapshot_every_records,
+        };
+        prepared.states.push((state, Some(shard_wal)));
+        prepared.wal_threads.push(thread);
+    }
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    tracing::info!(records = replayed, elapsed_ms, dir = %dir.display(), "recovered");
+    Ok(prepared)
+}
+
+/// Loads shard `index`'s snapshot into `state` and reads the log that follows it. Returns the
+/// log (its records are what remains to replay; `valid_len` 0 when it must start afresh) and
+/// the generation to keep writing.
+fn load_shard(
+    dir: &std::path::Path,
+    index: usize,
+    count: usize,
+    state: &mut ShardState,
+) -> Result<(wal::ReadLog, u64), EngineError> {
+    let storage = |e: StorageError| EngineError::Storage(e.to_string());
+    let snapshot_path = wal::shard_snapshot_path(dir, index);
+    let log_path = wal::shard_log_path(dir, index);
+    let snapshot = snapshot::read(&snapshot_path, index, count).map_err(storage)?;
+    let mut log = wal::read_log(&log_path, index, count).map_err(storage)?;
+    let Some((snapshot_generation, snap)) = snapshot else {
+        return match log.generation {
+            None | Some(0) => Ok((log, 0)),
+            Some(generation) => Err(EngineError::Storage(format!(
+                "{}: log generation {generation} follows a snapshot, but {} is missing",
+                log_path.display(),
+                snapshot_path.display()
+            ))),
+        };
+    };
+    restore(&snap, state, &snapshot_path)?;
+    match log.generation {
+        Some(generation) if generation == snapshot_generation => {}
+        Some(generation) if generation > snapshot_generation => {
+            return Err(EngineError::Storage(format!(
+                "{}: log generation {generation} is newer than snapshot generation {snapshot_generation}: a newer snapshot is missing",
+                log_path.display()
+            )));
+        }
+        // No log, or an older one that the snapshot already covers (a crash between writing
+        // the snapshot and starting the new log): start the log afresh.
+        _ => {
+            log.records.clear();
+            log.valid_len = 0;
+            log.torn_bytes = 0;
+        }
+    }
+    Ok((log, snapshot_generation))
+}
+
+fn restore(
+    snap: &SnapShard,
+    state: &mut ShardState,
+    path: &std::path::Path,
+) -> Result<(), EngineError> {
+    snap.restore(state).map_err(|e| EngineError::Storage(format!("{}: {e}", path.display())))
+}
+
+/// Applies every shard's records, each shard in its own order, shards interleaved by the
+/// commands' timestamps so cross-shard effects (a device IDm claimed first) replay as they
+/// happened. Returns the number of records applied.
+fn replay(
+    states: &mut [ShardState],
+    logs: &[wal::ReadLog],
+    vault: &Vault,
+) -> Result<usize, EngineError> {
+    let mut cursors = vec![0usize; logs.len()];
+    let mut applied = 0;
+    loop {
+        let next = (0..logs.len())
+            .filter(|&i| cursors[i] < logs[i].records.len())
+            .min_by_key(|&i| (logs[i].records[cursors[i]].now_ms(), i));
+        let Some(shard) = next else { return Ok(applied) };
+        let record = &logs[shard].records[cursors[shard]];
+        let envelope = record.to_envelope(vault).map_err(|e| {
+            EngineError::Storage(format!("shard {shard} record {}: {e}", cursors[shard]))
+        })?;
+        states[shard].apply(envelope);
+        cursors[shard] += 1;
+        applied += 1;
+    }
+}
+
+pub(crate) fn start_shards(
+    config: &EngineConfig,
+    prepared: Prepared,
+) -> Result<(Vec<Addr<Shard>>, ActorRuntime), EngineError> {
+    let mailbox_capacity = config.mailbox_capacity;
+    let states = prepared.states;
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let thread = std::thread::Builder::new()
+        .name("settlegate-actors".into())
+        .spawn(move || {
+            let system = System::new();
+            let (arbiters, addrs): (Vec<Arbiter>, Vec<Addr<Shard>>) = system.block_on(async move {
+                states
+                    .into_iter()
+                    .map(|(state, wal)| {
+                        let arbiter = Arbiter::new();
+                        let addr = Shard::start_in_arbiter(&arbiter.handle(), move |_| {
+                            Shard::new(state, mailbox_capacity, wal)
+                        });
+                        (arbiter, addr)
+                    })
+                    .unzip()
+            });
+            let _ = tx.send((addrs, System::current()));
+            let _ = system.run();
+            for arbiter in arbiters {
+                arbiter.stop();
+                let _ = arbiter.join();
+            }
+        })
+        .map_err(|e| EngineError::Config(format!("cannot start actor thread: {e}")))?;
+    let (addrs, system) =
+        rx.recv().map_err(|_| EngineError::Config("actor system failed to start".into()))?;
+    Ok((addrs, ActorRuntime { system, thread: Some(thread), wal_threads: prepared.wal_threads }))
+}
