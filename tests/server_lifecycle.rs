@@ -236,7 +236,10 @@ async fn no_secret_reaches_a_log_line_even_at_trace_level() {
     Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
     let log = std::fs::read_to_string(&log_path).unwrap();
-    assert!(log.contains("listening") && log.contains("authenticated"), "the log was captured: {log}");
+    assert!(
+        log.contains("listening") && log.contains("authenticated"),
+        "the log was captured: {log}"
+    );
     let secrets = [
         password.to_owned(),
         "wrong passphrase!".to_owned(),
