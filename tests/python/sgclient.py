@@ -1,0 +1,1504 @@
+"""A client for the settlegate wire protocol, version 1.
+
+Written from ``docs/PROTOCOL.md`` alone (no server source was read), as an
+independent check of that document. Standard library only.
+
+Layers, bottom up:
+
+* framing: :func:`encode_frame`, :func:`parse_header`, :func:`decode_frame`
+  (28-byte header, CRC-32 checksums, validation in the order of section 2);
+* body primitives: :class:`BodyWriter` / :class:`BodyReader` (section 1);
+* status bodies (section 4), operation bodies (section 5) and the signed
+  inherent ID (section 5, "The inherent ID");
+* :class:`SettlegateClient`: a blocking TCP connection with request-ID
+  matching, pipelining, BUSY retries and NOTICE push handling.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import os
+import socket
+import struct
+import time
+import zlib
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
+
+# --------------------------------------------------------------------------
+# Constants (sections 1-3)
+# --------------------------------------------------------------------------
+
+MAGIC = b"SG"
+PROTOCOL_VERSION = 1
+HEADER_LEN = 28
+BODY_LENGTH_MAX = 65_536
+PING_PAYLOAD_MAX = 64
+IN_FLIGHT_MAX = 1_024
+
+FLAG_RESPONSE = 0x01
+FLAG_PUSH = 0x02
+KNOWN_FLAGS = FLAG_RESPONSE | FLAG_PUSH
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7878
+
+INHERENT_ID_FORMAT = 1
+DEVICE_KEY_LEN = 32
+CARD_IDM_LEN = 8
+TAG_LEN = 32
+
+# magic, version, flags, opcode, status, request ID, body length, body CRC
+_HEADER_PREFIX = struct.Struct(">2sBBHHQII")
+
+
+class Op(enum.IntEnum):
+    """Opcodes of section 5."""
+
+    AUTH = 0x0001
+    PING = 0x0002
+    SERVER_INFO = 0x0003
+    ENROLL = 0x0010
+    LOGIN = 0x0011
+    ADD_MEANS = 0x0012
+    SET_DEFAULT_MEANS = 0x0013
+    LIST_MEANS = 0x0014
+    PROVISION_DEVICE = 0x0015
+    ROTATE_DEVICE_KEY = 0x0016
+    SUBSCRIBE_NOTICES = 0x0017
+    NOTICE = 0x0018
+    REGISTER_TERMINALS = 0x0020
+    REMOVE_TERMINALS = 0x0021
+    CONFIRM_TERMINAL = 0x0022
+    AUTHORIZE = 0x0030
+
+
+class Status(enum.IntEnum):
+    """Response status codes of section 4."""
+
+    OK = 0
+    REFUSED = 1
+    BUSY = 2
+    IN_FLIGHT = 3
+    UNAUTHENTICATED = 4
+    FORBIDDEN = 5
+    BAD_REQUEST = 6
+    UNKNOWN_OPCODE = 7
+    SHUTTING_DOWN = 8
+    INTERNAL = 9
+    FRAME_ERROR = 16
+
+
+class FrameErrorKind(enum.IntEnum):
+    """``FRAME_ERROR`` kinds of section 4."""
+
+    BAD_MAGIC = 1
+    UNSUPPORTED_VERSION = 2
+    HEADER_CHECKSUM = 3
+    BODY_TOO_LARGE = 4
+    BODY_CHECKSUM = 5
+    READ_TIMEOUT = 6
+    RESERVED_FLAGS = 7
+
+
+class Reason(enum.IntEnum):
+    """Reason codes of section 6 (declines and ``REFUSED``)."""
+
+    MALFORMED = 1
+    UNKNOWN_DEVICE = 2
+    FORGED_TAG = 3
+    KEY_VERSION_INVALID = 4
+    USER_DEVICE_MISMATCH = 5
+    UNKNOWN_USER = 6
+    STALE_TIMESTAMP = 7
+    REPLAYED_NONCE = 8
+    MEANS_NOT_REGISTERED = 9
+    MEANS_MISMATCH = 10
+    UNKNOWN_PROVIDER = 11
+    INVALID_AMOUNT = 12
+    PROVIDER_INSUFFICIENT_FUNDS = 20
+    PROVIDER_DO_NOT_HONOR = 21
+    PROVIDER_LIMIT_EXCEEDED = 22
+    PROVIDER_INVALID_ACCOUNT = 23
+    PROVIDER_TIMEOUT = 30
+    PROVIDER_UNAVAILABLE = 31
+    IDEMPOTENCY_CONFLICT = 40
+    USER_EXISTS = 50
+    INVALID_USER_ID = 51
+    PASSWORD_POLICY = 52
+    WRONG_PASSWORD = 53
+    USER_LOCKED = 54
+    INVALID_CARD_NUMBER = 55
+    INVALID_MEANS = 56
+    TOO_MANY_MEANS = 57
+    TOO_MANY_DEVICES = 58
+    DEVICE_IN_USE = 59
+    INVALID_TERMINAL = 60
+    INVALID_SERVICE = 61
+    TOO_MANY_TERMINALS = 62
+
+
+class Permission(enum.IntFlag):
+    """Identity permission bits of section 3."""
+
+    AUTHORIZE = 0x1
+    ACCOUNTS = 0x2
+    PROVIDERS = 0x4
+
+
+class AuthMethod(enum.IntEnum):
+    """``AUTH`` methods."""
+
+    API_KEY = 1
+
+
+class UserIdType(enum.IntEnum):
+    """Kinds of user ID (section 1, ``user``)."""
+
+    MAIL = 1
+    INHERENT_NUMBER = 2
+
+
+class MeansKind(enum.IntEnum):
+    """Settlement means kinds (``ADD_MEANS`` and the inherent ID)."""
+
+    CREDIT_CARD = 1
+    E_MONEY = 2
+    QR_CODE = 3
+    BANK_ACCOUNT = 4
+
+
+class ListOrder(enum.IntEnum):
+    """``LIST_MEANS`` orders."""
+
+    REGISTRATION = 0
+    MOST_USED = 1
+    MOST_RECENTLY_USED = 2
+
+
+class DiscountKind(enum.IntEnum):
+    """Discount kinds of a terminal ``service``."""
+
+    PERCENT = 1
+    FIXED = 2
+
+
+class Result(enum.IntEnum):
+    """``outcome`` result byte."""
+
+    APPROVED = 0
+    DECLINED = 1
+
+
+def _maybe_enum(enum_cls, value: int):
+    """Return ``enum_cls(value)`` when defined, else the plain integer."""
+    try:
+        return enum_cls(value)
+    except ValueError:
+        return value
+
+
+# --------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------
+
+
+class ProtocolError(Exception):
+    """The peer sent something this document does not allow."""
+
+
+class DecodeError(ProtocolError):
+    """A body does not parse as the document describes."""
+
+
+class FrameValidationError(ProtocolError):
+    """A received frame fails the checks of section 2.
+
+    ``kind`` is the :class:`FrameErrorKind` the server would report for the
+    same fault, or ``None`` for client-side-only checks (e.g. a missing
+    ``RESPONSE`` flag).
+    """
+
+    def __init__(self, message: str, kind: Optional[FrameErrorKind] = None):
+        super().__init__(message)
+        self.kind = kind
+
+
+class ConnectionClosed(ConnectionError):
+    """The server closed the connection."""
+
+
+class StatusError(Exception):
+    """A response with a status other than ``OK``."""
+
+    def __init__(self, opcode: int, reply: "StatusReply"):
+        self.opcode = opcode
+        self.reply = reply
+        super().__init__(f"opcode 0x{opcode:04x}: {reply.describe()}")
+
+    @property
+    def status(self):
+        """The response status."""
+        return self.reply.status
+
+    @property
+    def reason(self):
+        """The reason code of a ``REFUSED`` response (else ``None``)."""
+        return self.reply.reason
+
+
+# --------------------------------------------------------------------------
+# Checksums and framing (section 2)
+# --------------------------------------------------------------------------
+
+
+def crc32(data: bytes) -> int:
+    """CRC-32/ISO-HDLC as computed by zlib (section 1)."""
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One decoded frame."""
+
+    opcode: int
+    status: int
+    request_id: int
+    body: bytes = b""
+    flags: int = 0
+
+    @property
+    def is_response(self) -> bool:
+        """Whether the ``RESPONSE`` flag is set."""
+        return bool(self.flags & FLAG_RESPONSE)
+
+    @property
+    def is_push(self) -> bool:
+        """Whether the ``PUSH`` flag is set (a server-initiated notice)."""
+        return bool(self.flags & FLAG_PUSH)
+
+    def encode(self) -> bytes:
+        """Serialize this frame (see :func:`encode_frame`)."""
+        return encode_frame(self.opcode, self.request_id, self.body,
+                            status=self.status, flags=self.flags)
+
+
+@dataclass(frozen=True)
+class Header:
+    """A validated frame header."""
+
+    flags: int
+    opcode: int
+    status: int
+    request_id: int
+    body_length: int
+    body_crc: int
+
+
+def encode_frame(opcode: int, request_id: int, body: bytes = b"", *,
+                 status: int = 0, flags: int = 0) -> bytes:
+    """Build a complete frame: the 28-byte header followed by ``body``."""
+    body = bytes(body)
+    if len(body) > BODY_LENGTH_MAX:
+        raise ValueError(f"body of {len(body)} bytes exceeds {BODY_LENGTH_MAX}")
+    prefix = _HEADER_PREFIX.pack(MAGIC, PROTOCOL_VERSION, flags, opcode,
+                                 status, request_id, len(body), crc32(body))
+    return prefix + struct.pack(">I", crc32(prefix)) + body
+
+
+def parse_header(data: bytes, *, require_response: bool = False,
+                 body_length_max: int = BODY_LENGTH_MAX) -> Header:
+    """Validate and decode a 28-byte header.
+
+    Checks run in the server's order (section 2): header checksum, magic,
+    version, flags, body length. ``require_response`` additionally demands
+    the ``RESPONSE`` flag, which every server-sent frame carries.
+    """
+    if len(data) != HEADER_LEN:
+        raise FrameValidationError(f"header must be {HEADER_LEN} bytes, got {len(data)}")
+    (stored_crc,) = struct.unpack(">I", data[24:28])
+    if crc32(data[:24]) != stored_crc:
+        raise FrameValidationError("header checksum mismatch", FrameErrorKind.HEADER_CHECKSUM)
+    magic, version, flags, opcode, status, request_id, length, body_crc = (
+        _HEADER_PREFIX.unpack(data[:24]))
+    if magic != MAGIC:
+        raise FrameValidationError(f"bad magic {magic!r}", FrameErrorKind.BAD_MAGIC)
+    if version != PROTOCOL_VERSION:
+        raise FrameValidationError(f"unsupported version {version}",
+                                   FrameErrorKind.UNSUPPORTED_VERSION)
+    if flags & ~KNOWN_FLAGS:
+        raise FrameValidationError(f"reserved flag bits set: 0x{flags:02x}",
+                                   FrameErrorKind.RESERVED_FLAGS)
+    if length > body_length_max:
+        raise FrameValidationError(f"body length {length} exceeds {body_length_max}",
+                                   FrameErrorKind.BODY_TOO_LARGE)
+    if require_response and not flags & FLAG_RESPONSE:
+        raise FrameValidationError("server frame without the RESPONSE flag")
+    return Header(flags, opcode, status, request_id, length, body_crc)
+
+
+def check_body(header: Header, body: bytes) -> Frame:
+    """Check ``body`` against ``header`` and return the whole frame."""
+    if len(body) != header.body_length:
+        raise FrameValidationError(
+            f"body is {len(body)} bytes, header says {header.body_length}")
+    if crc32(body) != header.body_crc:
+        raise FrameValidationError("body checksum mismatch", FrameErrorKind.BODY_CHECKSUM)
+    return Frame(header.opcode, header.status, header.request_id, bytes(body), header.flags)
+
+
+def decode_frame(data: bytes, *, require_response: bool = False) -> Frame:
+    """Decode exactly one complete frame from ``data``."""
+    header = parse_header(bytes(data[:HEADER_LEN]), require_response=require_response)
+    return check_body(header, bytes(data[HEADER_LEN:]))
+
+
+# --------------------------------------------------------------------------
+# Body primitives (section 1)
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class User:
+    """A ``user``: ID type and ID (mail address or inherent number)."""
+
+    id_type: int
+    user_id: str
+
+    @classmethod
+    def mail(cls, address: str) -> "User":
+        """A user identified by mail address."""
+        return cls(UserIdType.MAIL, address)
+
+    @classmethod
+    def number(cls, digits: str) -> "User":
+        """A user identified by inherent number."""
+        return cls(UserIdType.INHERENT_NUMBER, digits)
+
+
+class BodyWriter:
+    """Accumulates big-endian body fields. Every method returns ``self``."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def _pack(self, fmt: str, value: int) -> "BodyWriter":
+        try:
+            self._buf += struct.pack(fmt, value)
+        except struct.error as exc:
+            raise ValueError(f"{value!r} does not fit {fmt}: {exc}") from None
+        return self
+
+    def u8(self, value: int) -> "BodyWriter":
+        """Append a ``u8``."""
+        return self._pack(">B", value)
+
+    def u16(self, value: int) -> "BodyWriter":
+        """Append a ``u16``."""
+        return self._pack(">H", value)
+
+    def u32(self, value: int) -> "BodyWriter":
+        """Append a ``u32``."""
+        return self._pack(">I", value)
+
+    def u64(self, value: int) -> "BodyWriter":
+        """Append a ``u64``."""
+        return self._pack(">Q", value)
+
+    def i64(self, value: int) -> "BodyWriter":
+        """Append a signed ``i64``."""
+        return self._pack(">q", value)
+
+    def u128(self, value: int) -> "BodyWriter":
+        """Append a ``u128`` (16 bytes, big-endian)."""
+        if not 0 <= value < 1 << 128:
+            raise ValueError(f"{value!r} does not fit u128")
+        self._buf += value.to_bytes(16, "big")
+        return self
+
+    def raw(self, data: bytes, size: Optional[int] = None) -> "BodyWriter":
+        """Append raw bytes; with ``size``, require exactly that many."""
+        if size is not None and len(data) != size:
+            raise ValueError(f"expected exactly {size} bytes, got {len(data)}")
+        self._buf += data
+        return self
+
+    def ascii(self, text: str, size: int) -> "BodyWriter":
+        """Append a fixed-size ASCII field such as ``[3] currency``."""
+        return self.raw(text.encode("ascii"), size)
+
+    def str8(self, text: Union[str, bytes]) -> "BodyWriter":
+        """Append a ``str8``: length byte then UTF-8 bytes."""
+        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        if len(data) > 255:
+            raise ValueError(f"str8 of {len(data)} bytes exceeds 255")
+        return self.u8(len(data)).raw(data)
+
+    def bytes16(self, data: bytes) -> "BodyWriter":
+        """Append a ``bytes16``: ``u16`` length then the bytes."""
+        return self.u16(len(data)).raw(bytes(data))
+
+    def user(self, user: User) -> "BodyWriter":
+        """Append a ``user``: ``u8`` ID type then ``str8`` ID."""
+        return self.u8(user.id_type).str8(user.user_id)
+
+    def getvalue(self) -> bytes:
+        """The bytes written so far."""
+        return bytes(self._buf)
+
+
+class BodyReader:
+    """Consumes big-endian body fields; raises :class:`DecodeError` on underrun."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = bytes(data)
+        self._pos = 0
+
+    def take(self, size: int) -> bytes:
+        """Consume exactly ``size`` raw bytes."""
+        end = self._pos + size
+        if end > len(self._data):
+            raise DecodeError(f"body ends at {len(self._data)}, need {end} bytes")
+        chunk = self._data[self._pos:end]
+        self._pos = end
+        return chunk
+
+    def _unpack(self, fmt: str) -> int:
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def u8(self) -> int:
+        """Read a ``u8``."""
+        return self._unpack(">B")
+
+    def u16(self) -> int:
+        """Read a ``u16``."""
+        return self._unpack(">H")
+
+    def u32(self) -> int:
+        """Read a ``u32``."""
+        return self._unpack(">I")
+
+    def u64(self) -> int:
+        """Read a ``u64``."""
+        return self._unpack(">Q")
+
+    def i64(self) -> int:
+        """Read a signed ``i64``."""
+        return self._unpack(">q")
+
+    def u128(self) -> int:
+        """Read a ``u128``."""
+        return int.from_bytes(self.take(16), "big")
+
+    def flag(self) -> bool:
+        """Read a ``u8`` that must be 0 or 1."""
+        value = self.u8()
+        if value not in (0, 1):
+            raise DecodeError(f"boolean byte must be 0 or 1, got {value}")
+        return bool(value)
+
+    def ascii(self, size: int) -> str:
+        """Read a fixed-size ASCII field."""
+        try:
+            return self.take(size).decode("ascii")
+        except UnicodeDecodeError as exc:
+            raise DecodeError(f"not ASCII: {exc}") from None
+
+    def str8(self) -> str:
+        """Read a ``str8`` as text."""
+        try:
+            return self.take(self.u8()).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DecodeError(f"str8 is not UTF-8: {exc}") from None
+
+    def bytes16(self) -> bytes:
+        """Read a ``bytes16``."""
+        return self.take(self.u16())
+
+    def user(self) -> User:
+        """Read a ``user``."""
+        id_type = _maybe_enum(UserIdType, self.u8())
+        return User(id_type, self.str8())
+
+    def remaining(self) -> int:
+        """Bytes not yet consumed."""
+        return len(self._data) - self._pos
+
+    def rest(self) -> bytes:
+        """Consume and return everything left."""
+        return self.take(self.remaining())
+
+    def finish(self) -> None:
+        """Require that the whole body was consumed."""
+        if self.remaining():
+            raise DecodeError(f"{self.remaining()} trailing bytes in body")
+
+
+# --------------------------------------------------------------------------
+# Status bodies (section 4)
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StatusReply:
+    """The decoded body of a non-``OK`` response."""
+
+    status: int
+    reason: Optional[int] = None
+    retry_after_ms: Optional[int] = None
+    detail: Optional[str] = None
+    frame_error_kind: Optional[int] = None
+
+    def describe(self) -> str:
+        """A one-line human description (never contains request data)."""
+        name = getattr(self.status, "name", str(self.status))
+        parts = [name]
+        if self.reason is not None:
+            parts.append(f"reason {int(self.reason)} ({getattr(self.reason, 'name', '?')})")
+        if self.retry_after_ms is not None:
+            parts.append(f"retry after {self.retry_after_ms} ms")
+        if self.frame_error_kind is not None:
+            parts.append(f"kind {int(self.frame_error_kind)}")
+        if self.detail:
+            parts.append(repr(self.detail))
+        return ", ".join(parts)
+
+
+_DETAIL_STATUSES = {Status.UNAUTHENTICATED, Status.FORBIDDEN,
+                    Status.BAD_REQUEST, Status.INTERNAL}
+_EMPTY_STATUSES = {Status.OK, Status.IN_FLIGHT, Status.UNKNOWN_OPCODE,
+                   Status.SHUTTING_DOWN}
+
+
+def decode_status_body(status: int, body: bytes) -> StatusReply:
+    """Decode the body of a response with a non-``OK`` status.
+
+    For ``OK`` the body is operation-specific; this returns an empty reply.
+    """
+    try:
+        status = Status(status)
+    except ValueError:
+        raise DecodeError(f"unknown status {status}") from None
+    if status == Status.OK:
+        return StatusReply(status)
+    reader = BodyReader(body)
+    if status == Status.REFUSED:
+        reply = StatusReply(status, reason=_maybe_enum(Reason, reader.u16()))
+    elif status == Status.BUSY:
+        reply = StatusReply(status, retry_after_ms=reader.u32())
+    elif status in _DETAIL_STATUSES:
+        reply = StatusReply(status, detail=reader.str8())
+    elif status == Status.FRAME_ERROR:
+        kind = _maybe_enum(FrameErrorKind, reader.u16())
+        reply = StatusReply(status, frame_error_kind=kind, detail=reader.str8())
+    else:
+        reply = StatusReply(status)
+    reader.finish()
+    return reply
+
+
+def encode_status_body(reply: StatusReply) -> bytes:
+    """Encode a non-``OK`` status body (the inverse of :func:`decode_status_body`)."""
+    writer = BodyWriter()
+    status = Status(reply.status)
+    if status == Status.REFUSED:
+        writer.u16(reply.reason)
+    elif status == Status.BUSY:
+        writer.u32(reply.retry_after_ms)
+    elif status in _DETAIL_STATUSES:
+        writer.str8(reply.detail or "")
+    elif status == Status.FRAME_ERROR:
+        writer.u16(reply.frame_error_kind).str8(reply.detail or "")
+    return writer.getvalue()
+
+
+# --------------------------------------------------------------------------
+# Operation bodies (section 5)
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AuthReply:
+    """``AUTH`` reply."""
+
+    identity_name: str
+    permissions: Permission
+
+
+@dataclass(frozen=True)
+class ProviderInfo:
+    """One provider listed by ``SERVER_INFO``."""
+
+    code: int
+    name: str
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """``SERVER_INFO`` reply."""
+
+    server_version: str
+    protocol_version: int
+    shards: int
+    body_length_max: int
+    in_flight_max: int
+    providers: Tuple[ProviderInfo, ...]
+
+
+@dataclass(frozen=True)
+class DeviceCredential:
+    """``device_credential``: what a device needs to sign inherent IDs."""
+
+    card_idm: bytes
+    key_version: int
+    device_key: bytes
+
+    def __repr__(self) -> str:  # never leak the key into logs
+        return (f"DeviceCredential(card_idm={self.card_idm.hex()}, "
+                f"key_version={self.key_version}, device_key=<redacted>)")
+
+
+@dataclass(frozen=True)
+class CreditCard:
+    """``ADD_MEANS`` kind 1."""
+
+    pan: str
+    kind = MeansKind.CREDIT_CARD
+
+    def __repr__(self) -> str:  # never leak the card number into logs
+        return "CreditCard(pan=<redacted>)"
+
+
+@dataclass(frozen=True)
+class EMoney:
+    """``ADD_MEANS`` kind 2."""
+
+    emoney_type: str
+    kind = MeansKind.E_MONEY
+
+
+@dataclass(frozen=True)
+class QrCode:
+    """``ADD_MEANS`` kind 3."""
+
+    scheme: str
+    settlement_number: str
+    kind = MeansKind.QR_CODE
+
+
+@dataclass(frozen=True)
+class BankAccount:
+    """``ADD_MEANS`` kind 4."""
+
+    bank_code: str
+    account_number: str
+    kind = MeansKind.BANK_ACCOUNT
+
+
+Means = Union[CreditCard, EMoney, QrCode, BankAccount]
+
+
+@dataclass(frozen=True)
+class AddedMeans:
+    """``ADD_MEANS`` reply."""
+
+    means_id: int
+    last4: str
+
+
+@dataclass(frozen=True)
+class MeansEntry:
+    """One entry of a ``LIST_MEANS`` reply."""
+
+    means_id: int
+    kind: int
+    is_default: bool
+    label: str
+    last4: str
+    token: bytes
+    uses: int
+    last_used_ms: Optional[int]
+    registered_ms: int
+
+
+@dataclass(frozen=True)
+class Service:
+    """A terminal ``service``: a discount valid in ``[valid_from_ms, valid_until_ms)``.
+
+    Percent discounts set ``bps``; fixed discounts set ``amount_minor`` and
+    ``currency``.
+    """
+
+    discount_kind: int
+    valid_from_ms: int
+    valid_until_ms: int
+    description: str = ""
+    bps: Optional[int] = None
+    amount_minor: Optional[int] = None
+    currency: Optional[str] = None
+
+    @classmethod
+    def percent(cls, bps: int, valid_from_ms: int, valid_until_ms: int,
+                description: str = "") -> "Service":
+        """A percentage discount in basis points."""
+        return cls(DiscountKind.PERCENT, valid_from_ms, valid_until_ms, description, bps=bps)
+
+    @classmethod
+    def fixed(cls, amount_minor: int, currency: str, valid_from_ms: int,
+              valid_until_ms: int, description: str = "") -> "Service":
+        """A fixed discount in minor units."""
+        return cls(DiscountKind.FIXED, valid_from_ms, valid_until_ms, description,
+                   amount_minor=amount_minor, currency=currency)
+
+
+@dataclass(frozen=True)
+class TerminalEntry:
+    """One terminal of ``REGISTER_TERMINALS``."""
+
+    terminal_id: str
+    service: Optional[Service] = None
+
+
+@dataclass(frozen=True)
+class TerminalStatus:
+    """``CONFIRM_TERMINAL`` reply."""
+
+    listed: bool
+    service: Optional[Service]
+
+
+@dataclass(frozen=True)
+class Approved:
+    """An approved ``outcome``."""
+
+    auth_code: str
+    provider_code: int
+    amount_requested_minor: int
+    discount_minor: int
+    amount_final_minor: int
+    currency: str
+    approved = True
+
+
+@dataclass(frozen=True)
+class Declined:
+    """A declined ``outcome``."""
+
+    reason: int
+    approved = False
+
+
+Outcome = Union[Approved, Declined]
+
+
+@dataclass(frozen=True)
+class Notice:
+    """A ``NOTICE`` push body."""
+
+    user: User
+    client_request_id: int
+    terminal_id: str
+    at_ms: int
+    outcome: Outcome
+
+
+def new_client_request_id() -> int:
+    """A random, practically unique ``u128`` client request ID."""
+    return int.from_bytes(os.urandom(16), "big") or 1
+
+
+# AUTH ---------------------------------------------------------------------
+
+def encode_auth(key: str, method: int = AuthMethod.API_KEY) -> bytes:
+    """``AUTH`` request body."""
+    return BodyWriter().u8(method).str8(key).getvalue()
+
+
+def decode_auth_reply(body: bytes) -> AuthReply:
+    """``AUTH`` reply body."""
+    reader = BodyReader(body)
+    reply = AuthReply(reader.str8(), Permission(reader.u32()))
+    reader.finish()
+    return reply
+
+
+# PING / SERVER_INFO -------------------------------------------------------
+
+def encode_ping(payload: bytes = b"") -> bytes:
+    """``PING`` request body (0-64 bytes, returned unchanged)."""
+    return bytes(payload)
+
+
+def decode_server_info(body: bytes) -> ServerInfo:
+    """``SERVER_INFO`` reply body."""
+    reader = BodyReader(body)
+    version, protocol, shards = reader.str8(), reader.u16(), reader.u16()
+    body_max, in_flight, count = reader.u32(), reader.u16(), reader.u16()
+    providers = tuple(ProviderInfo(reader.u32(), reader.str8()) for _ in range(count))
+    reader.finish()
+    return ServerInfo(version, protocol, shards, body_max, in_flight, providers)
+
+
+def encode_server_info(info: ServerInfo) -> bytes:
+    """``SERVER_INFO`` reply body (used by offline round-trip tests)."""
+    writer = (BodyWriter().str8(info.server_version).u16(info.protocol_version)
+              .u16(info.shards).u32(info.body_length_max).u16(info.in_flight_max)
+              .u16(len(info.providers)))
+    for provider in info.providers:
+        writer.u32(provider.code).str8(provider.name)
+    return writer.getvalue()
+
+
+# Accounts -----------------------------------------------------------------
+
+def encode_enroll(client_request_id: int, user: User, password: str, card_idm: bytes) -> bytes:
+    """``ENROLL`` request body."""
+    return (BodyWriter().u128(client_request_id).user(user).str8(password)
+            .raw(card_idm, CARD_IDM_LEN).getvalue())
+
+
+def encode_device_credential(credential: DeviceCredential) -> bytes:
+    """``device_credential`` body."""
+    return (BodyWriter().raw(credential.card_idm, CARD_IDM_LEN).u16(credential.key_version)
+            .raw(credential.device_key, DEVICE_KEY_LEN).getvalue())
+
+
+def decode_device_credential(body: bytes) -> DeviceCredential:
+    """``device_credential`` reply body (``ENROLL``, ``PROVISION_DEVICE``, ``ROTATE_DEVICE_KEY``)."""
+    reader = BodyReader(body)
+    credential = DeviceCredential(reader.take(CARD_IDM_LEN), reader.u16(),
+                                  reader.take(DEVICE_KEY_LEN))
+    reader.finish()
+    return credential
+
+
+def encode_login(user: User, password: str) -> bytes:
+    """``LOGIN`` request body."""
+    return BodyWriter().user(user).str8(password).getvalue()
+
+
+def _write_means(writer: BodyWriter, means: Means) -> None:
+    """Append ``u8 kind`` and the kind's fields."""
+    writer.u8(means.kind)
+    if isinstance(means, CreditCard):
+        writer.str8(means.pan)
+    elif isinstance(means, EMoney):
+        writer.str8(means.emoney_type)
+    elif isinstance(means, QrCode):
+        writer.str8(means.scheme).str8(means.settlement_number)
+    elif isinstance(means, BankAccount):
+        writer.str8(means.bank_code).str8(means.account_number)
+    else:
+        raise TypeError(f"not a means: {type(means).__name__}")
+
+
+def encode_add_means(client_request_id: int, user: User, means: Means,
+                     make_default: bool = False) -> bytes:
+    """``ADD_MEANS`` request body."""
+    writer = BodyWriter().u128(client_request_id).user(user).u8(int(make_default))
+    _write_means(writer, means)
+    return writer.getvalue()
+
+
+def decode_add_means_reply(body: bytes) -> AddedMeans:
+    """``ADD_MEANS`` reply body."""
+    reader = BodyReader(body)
+    reply = AddedMeans(reader.u32(), reader.str8())
+    reader.finish()
+    return reply
+
+
+def encode_set_default_means(client_request_id: int, user: User, means_id: int) -> bytes:
+    """``SET_DEFAULT_MEANS`` request body."""
+    return BodyWriter().u128(client_request_id).user(user).u32(means_id).getvalue()
+
+
+def encode_list_means(user: User, order: int = ListOrder.REGISTRATION) -> bytes:
+    """``LIST_MEANS`` request body."""
+    return BodyWriter().user(user).u8(order).getvalue()
+
+
+def _read_means_entry(reader: BodyReader) -> MeansEntry:
+    """One ``LIST_MEANS`` entry."""
+    means_id, kind = reader.u32(), _maybe_enum(MeansKind, reader.u8())
+    is_default, label, last4 = reader.flag(), reader.str8(), reader.str8()
+    token, uses, has_last_used = reader.take(16), reader.u64(), reader.flag()
+    last_used_ms, registered_ms = reader.i64(), reader.i64()
+    if not has_last_used and last_used_ms != 0:
+        raise DecodeError("last_used_ms must be 0 when has_last_used is 0")
+    return MeansEntry(means_id, kind, is_default, label, last4, token, uses,
+                      last_used_ms if has_last_used else None, registered_ms)
+
+
+def decode_list_means(body: bytes) -> List[MeansEntry]:
+    """``LIST_MEANS`` reply body."""
+    reader = BodyReader(body)
+    entries = [_read_means_entry(reader) for _ in range(reader.u8())]
+    reader.finish()
+    return entries
+
+
+def encode_list_means_reply(entries: Sequence[MeansEntry]) -> bytes:
+    """``LIST_MEANS`` reply body (used by offline round-trip tests)."""
+    writer = BodyWriter().u8(len(entries))
+    for entry in entries:
+        (writer.u32(entry.means_id).u8(entry.kind).u8(int(entry.is_default))
+         .str8(entry.label).str8(entry.last4).raw(entry.token, 16).u64(entry.uses)
+         .u8(int(entry.last_used_ms is not None)).i64(entry.last_used_ms or 0)
+         .i64(entry.registered_ms))
+    return writer.getvalue()
+
+
+def encode_provision_device(client_request_id: int, user: User, password: str,
+                            card_idm: bytes) -> bytes:
+    """``PROVISION_DEVICE`` request body."""
+    return (BodyWriter().u128(client_request_id).user(user).str8(password)
+            .raw(card_idm, CARD_IDM_LEN).getvalue())
+
+
+def encode_rotate_device_key(client_request_id: int, user: User, card_idm: bytes) -> bytes:
+    """``ROTATE_DEVICE_KEY`` request body."""
+    return BodyWriter().u128(client_request_id).user(user).raw(card_idm, CARD_IDM_LEN).getvalue()
+
+
+def encode_subscribe_notices(user: User, password: str) -> bytes:
+    """``SUBSCRIBE_NOTICES`` request body."""
+    return BodyWriter().user(user).str8(password).getvalue()
+
+
+# Terminals ----------------------------------------------------------------
+
+def _write_service(writer: BodyWriter, service: Service) -> None:
+    """Append a ``service``."""
+    writer.u8(service.discount_kind)
+    if service.discount_kind == DiscountKind.PERCENT:
+        writer.u16(service.bps)
+    elif service.discount_kind == DiscountKind.FIXED:
+        writer.u64(service.amount_minor).ascii(service.currency, 3)
+    else:
+        raise ValueError(f"unknown discount kind {service.discount_kind}")
+    writer.i64(service.valid_from_ms).i64(service.valid_until_ms).str8(service.description)
+
+
+def _read_service(reader: BodyReader) -> Service:
+    """Read a ``service``."""
+    kind = reader.u8()
+    bps = amount = currency = None
+    if kind == DiscountKind.PERCENT:
+        bps = reader.u16()
+    elif kind == DiscountKind.FIXED:
+        amount, currency = reader.u64(), reader.ascii(3)
+    else:
+        raise DecodeError(f"unknown discount kind {kind}")
+    valid_from, valid_until, description = reader.i64(), reader.i64(), reader.str8()
+    return Service(DiscountKind(kind), valid_from, valid_until, description,
+                   bps=bps, amount_minor=amount, currency=currency)
+
+
+def encode_register_terminals(client_request_id: int, provider_code: int,
+                              terminals: Sequence[TerminalEntry]) -> bytes:
+    """``REGISTER_TERMINALS`` request body."""
+    writer = BodyWriter().u128(client_request_id).u32(provider_code).u16(len(terminals))
+    for terminal in terminals:
+        writer.str8(terminal.terminal_id).u8(int(terminal.service is not None))
+        if terminal.service is not None:
+            _write_service(writer, terminal.service)
+    return writer.getvalue()
+
+
+def encode_remove_terminals(client_request_id: int, provider_code: int,
+                            terminal_ids: Sequence[str]) -> bytes:
+    """``REMOVE_TERMINALS`` request body."""
+    writer = BodyWriter().u128(client_request_id).u32(provider_code).u16(len(terminal_ids))
+    for terminal_id in terminal_ids:
+        writer.str8(terminal_id)
+    return writer.getvalue()
+
+
+def encode_confirm_terminal(provider_code: int, terminal_id: str) -> bytes:
+    """``CONFIRM_TERMINAL`` request body."""
+    return BodyWriter().u32(provider_code).str8(terminal_id).getvalue()
+
+
+def decode_confirm_terminal(body: bytes) -> TerminalStatus:
+    """``CONFIRM_TERMINAL`` reply body."""
+    reader = BodyReader(body)
+    listed, has_service = reader.flag(), reader.flag()
+    service = _read_service(reader) if has_service else None
+    reader.finish()
+    return TerminalStatus(listed, service)
+
+
+def encode_confirm_terminal_reply(status: TerminalStatus) -> bytes:
+    """``CONFIRM_TERMINAL`` reply body (used by offline round-trip tests)."""
+    writer = BodyWriter().u8(int(status.listed)).u8(int(status.service is not None))
+    if status.service is not None:
+        _write_service(writer, status.service)
+    return writer.getvalue()
+
+
+# AUTHORIZE / outcome / NOTICE --------------------------------------------
+
+def encode_authorize(client_request_id: int, inherent_id: bytes) -> bytes:
+    """``AUTHORIZE`` request body."""
+    return BodyWriter().u128(client_request_id).bytes16(inherent_id).getvalue()
+
+
+def _write_outcome(writer: BodyWriter, outcome: Outcome) -> None:
+    """Append an ``outcome``."""
+    if isinstance(outcome, Approved):
+        (writer.u8(Result.APPROVED).ascii(outcome.auth_code, 6).u32(outcome.provider_code)
+         .u64(outcome.amount_requested_minor).u64(outcome.discount_minor)
+         .u64(outcome.amount_final_minor).ascii(outcome.currency, 3))
+    else:
+        writer.u8(Result.DECLINED).u16(outcome.reason)
+
+
+def _read_outcome(reader: BodyReader) -> Outcome:
+    """Read an ``outcome``."""
+    result = reader.u8()
+    if result == Result.APPROVED:
+        return Approved(reader.ascii(6), reader.u32(), reader.u64(), reader.u64(),
+                        reader.u64(), reader.ascii(3))
+    if result == Result.DECLINED:
+        return Declined(_maybe_enum(Reason, reader.u16()))
+    raise DecodeError(f"unknown outcome result {result}")
+
+
+def encode_outcome(outcome: Outcome) -> bytes:
+    """``AUTHORIZE`` reply body."""
+    writer = BodyWriter()
+    _write_outcome(writer, outcome)
+    return writer.getvalue()
+
+
+def decode_outcome(body: bytes) -> Outcome:
+    """``AUTHORIZE`` reply body."""
+    reader = BodyReader(body)
+    outcome = _read_outcome(reader)
+    reader.finish()
+    return outcome
+
+
+def encode_notice(notice: Notice) -> bytes:
+    """``NOTICE`` push body (used by offline round-trip tests)."""
+    writer = (BodyWriter().user(notice.user).u128(notice.client_request_id)
+              .str8(notice.terminal_id).i64(notice.at_ms))
+    _write_outcome(writer, notice.outcome)
+    return writer.getvalue()
+
+
+def decode_notice(body: bytes) -> Notice:
+    """``NOTICE`` push body."""
+    reader = BodyReader(body)
+    notice = Notice(reader.user(), reader.u128(), reader.str8(), reader.i64(),
+                    _read_outcome(reader))
+    reader.finish()
+    return notice
+
+
+# --------------------------------------------------------------------------
+# The inherent ID (section 5)
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InherentIdFields:
+    """The signed fields of an inherent ID, in wire order."""
+
+    key_version: int
+    amount_minor: int
+    currency: str
+    means_kind: int
+    means_id: int
+    provider_code: int
+    card_idm: bytes
+    user: User
+    terminal_id: str
+    counter: int
+    timestamp_ms: int
+    format_version: int = INHERENT_ID_FORMAT
+
+
+def inherent_id_signed_part(fields: InherentIdFields) -> bytes:
+    """Every byte of the record that the HMAC tag covers (offsets 0 to 50+L+T)."""
+    return (BodyWriter().u8(fields.format_version).u16(fields.key_version)
+            .u64(fields.amount_minor).ascii(fields.currency, 3).u8(fields.means_kind)
+            .u32(fields.means_id).u32(fields.provider_code)
+            .raw(fields.card_idm, CARD_IDM_LEN).u8(fields.user.id_type)
+            .str8(fields.user.user_id).str8(fields.terminal_id.encode("ascii"))
+            .u64(fields.counter).i64(fields.timestamp_ms).getvalue())
+
+
+def inherent_id_tag(signed_part: bytes, device_key: bytes) -> bytes:
+    """HMAC-SHA256 of ``signed_part`` under ``device_key``."""
+    return hmac.new(device_key, signed_part, hashlib.sha256).digest()
+
+
+def sign_inherent_id(fields: InherentIdFields, device_key: bytes) -> bytes:
+    """Build a complete inherent ID record: the fields plus their HMAC tag."""
+    signed = inherent_id_signed_part(fields)
+    return signed + inherent_id_tag(signed, device_key)
+
+
+def parse_inherent_id(record: bytes) -> Tuple[InherentIdFields, bytes]:
+    """Split a record into its fields and its 32-byte tag (no verification)."""
+    reader = BodyReader(record)
+    format_version, key_version, amount = reader.u8(), reader.u16(), reader.u64()
+    currency, means_kind, means_id = reader.ascii(3), reader.u8(), reader.u32()
+    provider, card_idm, user = reader.u32(), reader.take(CARD_IDM_LEN), reader.user()
+    terminal_id = reader.take(reader.u8()).decode("ascii", errors="replace")
+    counter, timestamp, tag = reader.u64(), reader.i64(), reader.take(TAG_LEN)
+    reader.finish()
+    fields = InherentIdFields(key_version, amount, currency, means_kind, means_id,
+                              provider, card_idm, user, terminal_id, counter,
+                              timestamp, format_version)
+    return fields, tag
+
+
+def verify_inherent_id(record: bytes, device_key: bytes) -> bool:
+    """Whether the record's tag verifies under ``device_key`` (constant time)."""
+    if len(record) < TAG_LEN:
+        return False
+    expected = inherent_id_tag(record[:-TAG_LEN], device_key)
+    return hmac.compare_digest(expected, record[-TAG_LEN:])
+
+
+# --------------------------------------------------------------------------
+# The connection
+# --------------------------------------------------------------------------
+
+
+def parse_addr(text: Optional[str]) -> Tuple[str, int]:
+    """Parse ``host:port`` (default ``127.0.0.1:7878``)."""
+    if not text:
+        return DEFAULT_HOST, DEFAULT_PORT
+    host, _, port = text.rpartition(":")
+    return host.strip("[]") or DEFAULT_HOST, int(port)
+
+
+Request = Tuple[int, bytes]  # (opcode, body)
+
+
+class SettlegateClient:
+    """A blocking protocol connection.
+
+    Request IDs are allocated from 1 upwards (0 is what ``FRAME_ERROR``
+    frames carry). Frames that arrive while waiting for another request are
+    kept until asked for; ``PUSH`` frames go to a notice queue.
+    """
+
+    def __init__(self, sock: socket.socket, timeout: float = 10.0) -> None:
+        self.sock = sock
+        self.timeout = timeout
+        self._rbuf = bytearray()
+        self._next_request_id = 1
+        self._pending: dict = {}
+        self._pushes: deque = deque()
+        self.closed_by_peer = False
+
+    # -- lifecycle ---------------------------------------------------------
+
+    @classmethod
+    def connect(cls, addr: Union[str, Tuple[str, int], None] = None,
+                timeout: float = 10.0) -> "SettlegateClient":
+        """Open a TCP connection to ``addr`` (``host:port`` or a tuple)."""
+        if addr is None or isinstance(addr, str):
+            addr = parse_addr(addr)
+        sock = socket.create_connection(addr, timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return cls(sock, timeout)
+
+    def close(self) -> None:
+        """Close the socket."""
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def __enter__(self) -> "SettlegateClient":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # -- raw I/O ------------------------------------------------------------
+
+    def next_request_id(self) -> int:
+        """Allocate a fresh request ID."""
+        request_id = self._next_request_id
+        self._next_request_id += 1
+        return request_id
+
+    def send_raw(self, data: bytes) -> None:
+        """Write raw bytes (for malformed-input tests)."""
+        self.sock.sendall(data)
+
+    def send(self, opcode: int, body: bytes = b"", request_id: Optional[int] = None) -> int:
+        """Send one request frame and return its request ID."""
+        if request_id is None:
+            request_id = self.next_request_id()
+        self.sock.sendall(encode_frame(opcode, request_id, body))
+        return request_id
+
+    def send_many(self, requests: Iterable[Request]) -> List[int]:
+        """Send several request frames in one write; return their request IDs."""
+        ids, data = [], bytearray()
+        for opcode, body in requests:
+            request_id = self.next_request_id()
+            ids.append(request_id)
+            data += encode_frame(opcode, request_id, body)
+        self.sock.sendall(bytes(data))
+        return ids
+
+    def _fill(self, size: int, deadline: float) -> None:
+        """Read until the buffer holds ``size`` bytes or the deadline passes."""
+        while len(self._rbuf) < size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("timed out waiting for a frame")
+            self.sock.settimeout(remaining)
+            chunk = self.sock.recv(65_536)
+            if not chunk:
+                self.closed_by_peer = True
+                raise ConnectionClosed("server closed the connection")
+            self._rbuf += chunk
+
+    def _take(self, size: int) -> bytes:
+        chunk = bytes(self._rbuf[:size])
+        del self._rbuf[:size]
+        return chunk
+
+    def recv_frame(self, timeout: Optional[float] = None) -> Frame:
+        """Read and validate the next frame from the wire."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        self._fill(HEADER_LEN, deadline)
+        header = parse_header(bytes(self._rbuf[:HEADER_LEN]), require_response=True)
+        self._fill(HEADER_LEN + header.body_length, deadline)
+        self._take(HEADER_LEN)
+        return check_body(header, self._take(header.body_length))
+
+    def wait_closed(self, timeout: float = 5.0) -> bool:
+        """Whether the peer closes the connection (EOF or reset) within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                self._fill(len(self._rbuf) + 1, deadline)
+        except (ConnectionClosed, ConnectionResetError):
+            return True
+        except socket.timeout:
+            return False
+
+    # -- request/response matching -----------------------------------------
+
+    def _dispatch(self, frame: Frame) -> None:
+        """File a received frame: pushes to the notice queue, others by request ID."""
+        if frame.status == Status.FRAME_ERROR:
+            raise StatusError(frame.opcode, decode_status_body(frame.status, frame.body))
+        if frame.is_push:
+            self._pushes.append(frame)
+        else:
+            self._pending[frame.request_id] = frame
+
+    def wait_for(self, request_id: int, timeout: Optional[float] = None) -> Frame:
+        """Return the response to ``request_id``, keeping other frames for later."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while request_id not in self._pending:
+            self._dispatch(self.recv_frame(max(0.0, deadline - time.monotonic())))
+        return self._pending.pop(request_id)
+
+    def request(self, opcode: int, body: bytes = b"", *, retry_busy: bool = True,
+                max_retries: int = 50) -> Frame:
+        """Send one request and return its response frame (any status).
+
+        ``BUSY`` answers are retried after their hint with the same frame, as
+        section 3 asks, unless ``retry_busy`` is false.
+        """
+        return self.pipeline([(opcode, body)], retry_busy=retry_busy,
+                             max_retries=max_retries)[0]
+
+    def pipeline(self, requests: Sequence[Request], *, retry_busy: bool = True,
+                 max_retries: int = 50, timeout: Optional[float] = None) -> List[Frame]:
+        """Send all ``requests`` back to back, then collect every response.
+
+        Responses are matched by request ID and returned in request order.
+        """
+        ids = self.send_many(requests)
+        frames: dict = {}
+        outstanding = list(zip(ids, requests))
+        for _ in range(max_retries + 1):
+            busy, longest_hint = [], 0
+            for request_id, req in outstanding:
+                frame = self.wait_for(request_id, timeout)
+                frames[request_id] = frame
+                if retry_busy and frame.status == Status.BUSY:
+                    busy.append((request_id, req))
+                    hint = decode_status_body(frame.status, frame.body).retry_after_ms
+                    longest_hint = max(longest_hint, hint)
+            if not busy:
+                break
+            time.sleep(longest_hint / 1000.0)
+            for request_id, (opcode, body) in busy:
+                self.send(opcode, body, request_id)
+            outstanding = busy
+        return [frames[request_id] for request_id in ids]
+
+    def call(self, opcode: int, body: bytes = b"") -> bytes:
+        """Send one request; return the ``OK`` body or raise :class:`StatusError`."""
+        return ok_body(self.request(opcode, body))
+
+    def next_push(self, timeout: Optional[float] = None) -> Frame:
+        """Return the next ``PUSH`` frame, reading from the wire if needed."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while not self._pushes:
+            self._dispatch(self.recv_frame(max(0.0, deadline - time.monotonic())))
+        return self._pushes.popleft()
+
+    def next_notice(self, timeout: Optional[float] = None) -> Notice:
+        """Return the next ``NOTICE`` push, decoded."""
+        frame = self.next_push(timeout)
+        if frame.opcode != Op.NOTICE or frame.status != Status.OK:
+            raise ProtocolError(f"unexpected push opcode 0x{frame.opcode:04x} "
+                                f"status {frame.status}")
+        return decode_notice(frame.body)
+
+    # -- operations ----------------------------------------------------------
+
+    def ping(self, payload: bytes = b"") -> bytes:
+        """``PING``: returns the echoed payload."""
+        return self.call(Op.PING, encode_ping(payload))
+
+    def server_info(self) -> ServerInfo:
+        """``SERVER_INFO``."""
+        return decode_server_info(self.call(Op.SERVER_INFO))
+
+    def auth(self, key: str) -> AuthReply:
+        """``AUTH`` with an API key."""
+        return decode_auth_reply(self.call(Op.AUTH, encode_auth(key)))
+
+    def enroll(self, client_request_id: int, user: User, password: str,
+               card_idm: bytes) -> DeviceCredential:
+        """``ENROLL`` a user with a first device."""
+        body = encode_enroll(client_request_id, user, password, card_idm)
+        return decode_device_credential(self.call(Op.ENROLL, body))
+
+    def login(self, user: User, password: str) -> None:
+        """``LOGIN``: raises :class:`StatusError` (``REFUSED`` 53/54) on failure."""
+        _expect_empty(self.call(Op.LOGIN, encode_login(user, password)))
+
+    def add_means(self, client_request_id: int, user: User, means: Means,
+                  make_default: bool = False) -> AddedMeans:
+        """``ADD_MEANS``."""
+        body = encode_add_means(client_request_id, user, means, make_default)
+        return decode_add_means_reply(self.call(Op.ADD_MEANS, body))
+
+    def set_default_means(self, client_request_id: int, user: User, means_id: int) -> None:
+        """``SET_DEFAULT_MEANS``."""
+        body = encode_set_default_means(client_request_id, user, means_id)
+        _expect_empty(self.call(Op.SET_DEFAULT_MEANS, body))
+
+    def list_means(self, user: User, order: int = ListOrder.REGISTRATION) -> List[MeansEntry]:
+        """``LIST_MEANS``."""
+        return decode_list_means(self.call(Op.LIST_MEANS, encode_list_means(user, order)))
+
+    def provision_device(self, client_request_id: int, user: User, password: str,
+                         card_idm: bytes) -> DeviceCredential:
+        """``PROVISION_DEVICE``: add a device to an existing user."""
+        body = encode_provision_device(client_request_id, user, password, card_idm)
+        return decode_device_credential(self.call(Op.PROVISION_DEVICE, body))
+
+    def rotate_device_key(self, client_request_id: int, user: User,
+                          card_idm: bytes) -> DeviceCredential:
+        """``ROTATE_DEVICE_KEY``."""
+        body = encode_rotate_device_key(client_request_id, user, card_idm)
+        return decode_device_credential(self.call(Op.ROTATE_DEVICE_KEY, body))
+
+    def subscribe_notices(self, user: User, password: str) -> int:
+        """``SUBSCRIBE_NOTICES``; returns the subscription's request ID."""
+        request_id = self.send(Op.SUBSCRIBE_NOTICES, encode_subscribe_notices(user, password))
+        _expect_empty(ok_body(self.wait_for(request_id)))
+        return request_id
+
+    def register_terminals(self, client_request_id: int, provider_code: int,
+                           terminals: Sequence[TerminalEntry]) -> None:
+        """``REGISTER_TERMINALS`` (all or nothing)."""
+        body = encode_register_terminals(client_request_id, provider_code, terminals)
+        _expect_empty(self.call(Op.REGISTER_TERMINALS, body))
+
+    def remove_terminals(self, client_request_id: int, provider_code: int,
+                         terminal_ids: Sequence[str]) -> None:
+        """``REMOVE_TERMINALS``."""
+        body = encode_remove_terminals(client_request_id, provider_code, terminal_ids)
+        _expect_empty(self.call(Op.REMOVE_TERMINALS, body))
+
+    def confirm_terminal(self, provider_code: int, terminal_id: str) -> TerminalStatus:
+        """``CONFIRM_TERMINAL``."""
+        body = encode_confirm_terminal(provider_code, terminal_id)
+        return decode_confirm_terminal(self.call(Op.CONFIRM_TERMINAL, body))
+
+    def authorize(self, client_request_id: int, inherent_id: bytes) -> Outcome:
+        """``AUTHORIZE``: returns :class:`Approved` or :class:`Declined`."""
+        body = encode_authorize(client_request_id, inherent_id)
+        return decode_outcome(self.call(Op.AUTHORIZE, body))
+
+
+def ok_body(frame: Frame) -> bytes:
+    """The body of an ``OK`` response, else raise :class:`StatusError`."""
+    if frame.status != Status.OK:
+        raise StatusError(frame.opcode, decode_status_body(frame.status, frame.body))
+    return frame.body
+
+
+def _expect_empty(body: bytes) -> None:
+    """Require an empty ``OK`` body."""
+    if body:
+        raise DecodeError(f"expected an empty body, got {len(body)} bytes")
+
+
+# --------------------------------------------------------------------------
+# A device: holds a credential and signs records with fresh counters
+# --------------------------------------------------------------------------
+
+
+class Device:
+    """A user's terminal: signs inherent IDs with its device key.
+
+    Each :meth:`sign` uses the next device counter, so every record is a new
+    nonce.
+    """
+
+    def __init__(self, user: User, credential: DeviceCredential, first_counter: int = 1):
+        self.user = user
+        self.credential = credential
+        self._counter = first_counter
+
+    def next_counter(self) -> int:
+        """Allocate the next device counter."""
+        counter = self._counter
+        self._counter += 1
+        return counter
+
+    def fields(self, *, amount_minor: int, provider_code: int, terminal_id: str,
+               currency: str = "JPY", means_kind: int = MeansKind.CREDIT_CARD,
+               means_id: int = 0, counter: Optional[int] = None,
+               timestamp_ms: Optional[int] = None) -> InherentIdFields:
+        """The fields of a new record (fresh counter, current time by default)."""
+        return InherentIdFields(
+            key_version=self.credential.key_version, amount_minor=amount_minor,
+            currency=currency, means_kind=means_kind, means_id=means_id,
+            provider_code=provider_code, card_idm=self.credential.card_idm,
+            user=self.user, terminal_id=terminal_id,
+            counter=self.next_counter() if counter is None else counter,
+            timestamp_ms=now_ms() if timestamp_ms is None else timestamp_ms)
+
+    def sign(self, **kwargs) -> bytes:
+        """Build and sign a new record; see :meth:`fields` for the arguments."""
+        return sign_inherent_id(self.fields(**kwargs), self.credential.device_key)
+
+
+def now_ms() -> int:
+    """The current time in milliseconds since the UNIX epoch."""
+    return time.time_ns() // 1_000_000

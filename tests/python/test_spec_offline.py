@@ -1,0 +1,409 @@
+"""Offline checks of docs/PROTOCOL.md against sgclient (no server needed).
+
+The example frames of section 7 are parsed out of the document at test time,
+so these tests follow the document: each example must be reproduced byte for
+byte by the encoder from the values its description states, and must decode
+back to those values.
+"""
+
+import pathlib
+import re
+import unittest
+
+import sgclient as sg
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+PROTOCOL_MD = REPO_ROOT / "docs" / "PROTOCOL.md"
+
+EXAMPLE_SECTION = re.compile(r"<!-- examples:start -->(.*?)<!-- examples:end -->", re.S)
+EXAMPLE_BLOCK = re.compile(r"^#### +(\S+)[ \t]*\n(.*?)```hex[ \t]*\n(.*?)```", re.S | re.M)
+
+# The inherent-id example, as its description states it.
+EXAMPLE_DEVICE_KEY = bytes(range(32))
+EXAMPLE_FIELDS = sg.InherentIdFields(
+    key_version=1, amount_minor=1980, currency="JPY",
+    means_kind=sg.MeansKind.CREDIT_CARD, means_id=0, provider_code=1,
+    card_idm=bytes.fromhex("012e000000000001"),
+    user=sg.User.mail("hanako@example.jp"), terminal_id="DEMO-SHIBUYA-01",
+    counter=1, timestamp_ms=1795305600000)
+EXAMPLE_APPROVAL = sg.Approved("A1B2C3", 1, 1980, 99, 1881, "JPY")
+
+
+def load_examples():
+    """Return ``{name: (description, frame_bytes)}`` from section 7."""
+    text = PROTOCOL_MD.read_text(encoding="utf-8")
+    section = EXAMPLE_SECTION.search(text)
+    if section is None:
+        raise AssertionError("examples markers not found in PROTOCOL.md")
+    examples = {}
+    for name, description, hex_text in EXAMPLE_BLOCK.findall(section.group(1)):
+        if name in examples:
+            raise AssertionError(f"duplicate example {name}")
+        examples[name] = (description.strip(), bytes.fromhex("".join(hex_text.split())))
+    return examples
+
+
+def example_inherent_id():
+    """The inherent-id example, signed by our signer."""
+    return sg.sign_inherent_id(EXAMPLE_FIELDS, EXAMPLE_DEVICE_KEY)
+
+
+def response(opcode, request_id, body, status=sg.Status.OK):
+    """A server response frame."""
+    return sg.encode_frame(opcode, request_id, body, status=status, flags=sg.FLAG_RESPONSE)
+
+
+# name -> builder of the example from the values in its description
+BUILDERS = {
+    "ping-request": lambda: sg.encode_frame(sg.Op.PING, 1, sg.encode_ping(b"hi")),
+    "ping-response": lambda: response(sg.Op.PING, 1, b"hi"),
+    "auth-request": lambda: sg.encode_frame(sg.Op.AUTH, 2, sg.encode_auth("sg-demo-key")),
+    "inherent-id": example_inherent_id,
+    "authorize-request": lambda: sg.encode_frame(
+        sg.Op.AUTHORIZE, 3, sg.encode_authorize(7, example_inherent_id())),
+    "authorize-approved": lambda: response(
+        sg.Op.AUTHORIZE, 3, sg.encode_outcome(EXAMPLE_APPROVAL)),
+    # Description gives only the reason; opcode and request ID come from context.
+    "authorize-declined": lambda: response(
+        sg.Op.AUTHORIZE, 3, sg.encode_outcome(sg.Declined(sg.Reason.REPLAYED_NONCE))),
+    "login-refused": lambda: response(
+        sg.Op.LOGIN, 4, sg.encode_status_body(sg.StatusReply(
+            sg.Status.REFUSED, reason=sg.Reason.WRONG_PASSWORD)), sg.Status.REFUSED),
+    # Description does not say the opcode; the hex has AUTHORIZE.
+    "busy": lambda: response(
+        sg.Op.AUTHORIZE, 5, sg.encode_status_body(sg.StatusReply(
+            sg.Status.BUSY, retry_after_ms=5)), sg.Status.BUSY),
+    # The detail text appears only in the hex, not in the description.
+    "frame-error": lambda: response(
+        0, 0, sg.encode_status_body(sg.StatusReply(
+            sg.Status.FRAME_ERROR, frame_error_kind=sg.FrameErrorKind.HEADER_CHECKSUM,
+            detail="header checksum mismatch")), sg.Status.FRAME_ERROR),
+}
+
+
+class ExampleFramesTest(unittest.TestCase):
+    """Section 7: every example is reproduced byte for byte and decodes back."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.examples = load_examples()
+
+    def example(self, name):
+        """The bytes of example ``name``."""
+        self.assertIn(name, self.examples, f"example {name} missing from PROTOCOL.md")
+        return self.examples[name][1]
+
+    def test_every_example_has_a_builder(self):
+        self.assertTrue(self.examples, "no examples parsed")
+        self.assertEqual(set(self.examples) - set(BUILDERS), set(),
+                         "examples without an encoder check")
+
+    def test_examples_reproduced_byte_for_byte(self):
+        for name, (_, expected) in self.examples.items():
+            if name not in BUILDERS:
+                continue
+            with self.subTest(example=name):
+                self.assertEqual(BUILDERS[name]().hex(" "), expected.hex(" "))
+
+    def test_frame_examples_pass_validation(self):
+        for name, (_, data) in self.examples.items():
+            if name == "inherent-id":
+                continue
+            with self.subTest(example=name):
+                frame = sg.decode_frame(data)
+                self.assertEqual(frame.encode(), data)
+
+    def test_ping_request_decodes(self):
+        frame = sg.decode_frame(self.example("ping-request"))
+        self.assertEqual((frame.opcode, frame.status, frame.request_id, frame.flags),
+                         (sg.Op.PING, 0, 1, 0))
+        self.assertEqual(frame.body, b"hi")
+
+    def test_ping_response_decodes(self):
+        frame = sg.decode_frame(self.example("ping-response"), require_response=True)
+        self.assertTrue(frame.is_response)
+        self.assertFalse(frame.is_push)
+        self.assertEqual((frame.opcode, frame.status, frame.request_id), (sg.Op.PING, 0, 1))
+        self.assertEqual(frame.body, b"hi")
+
+    def test_auth_request_decodes(self):
+        frame = sg.decode_frame(self.example("auth-request"))
+        self.assertEqual((frame.opcode, frame.request_id), (sg.Op.AUTH, 2))
+        reader = sg.BodyReader(frame.body)
+        self.assertEqual(reader.u8(), sg.AuthMethod.API_KEY)
+        self.assertEqual(reader.str8(), "sg-demo-key")
+        reader.finish()
+
+    def test_inherent_id_signed_by_our_signer(self):
+        record = self.example("inherent-id")
+        self.assertEqual(example_inherent_id(), record)
+        self.assertTrue(sg.verify_inherent_id(record, EXAMPLE_DEVICE_KEY))
+
+    def test_inherent_id_decodes(self):
+        fields, tag = sg.parse_inherent_id(self.example("inherent-id"))
+        self.assertEqual(fields, EXAMPLE_FIELDS)
+        self.assertEqual(len(tag), 32)
+
+    def test_inherent_id_layout_matches_offsets(self):
+        record = self.example("inherent-id")
+        user_len, terminal_len = len("hanako@example.jp"), len("DEMO-SHIBUYA-01")
+        self.assertEqual(len(record), 50 + user_len + terminal_len + 32)
+        self.assertEqual(record[32], user_len)
+        self.assertEqual(record[33 + user_len], terminal_len)
+
+    def test_inherent_id_tamper_detected(self):
+        record = bytearray(self.example("inherent-id"))
+        for index in (0, 10, 40, len(record) - 1):
+            with self.subTest(byte=index):
+                tampered = bytearray(record)
+                tampered[index] ^= 0x01
+                self.assertFalse(sg.verify_inherent_id(bytes(tampered), EXAMPLE_DEVICE_KEY))
+        self.assertFalse(sg.verify_inherent_id(bytes(record), bytes(32)))
+
+    def test_authorize_request_decodes(self):
+        frame = sg.decode_frame(self.example("authorize-request"))
+        self.assertEqual((frame.opcode, frame.request_id), (sg.Op.AUTHORIZE, 3))
+        reader = sg.BodyReader(frame.body)
+        self.assertEqual(reader.u128(), 7)
+        self.assertEqual(reader.bytes16(), self.example("inherent-id"))
+        reader.finish()
+
+    def test_authorize_approved_decodes(self):
+        frame = sg.decode_frame(self.example("authorize-approved"), require_response=True)
+        self.assertEqual((frame.opcode, frame.status, frame.request_id),
+                         (sg.Op.AUTHORIZE, sg.Status.OK, 3))
+        self.assertEqual(sg.decode_outcome(frame.body), EXAMPLE_APPROVAL)
+
+    def test_authorize_declined_decodes(self):
+        frame = sg.decode_frame(self.example("authorize-declined"), require_response=True)
+        self.assertEqual(frame.status, sg.Status.OK)
+        outcome = sg.decode_outcome(frame.body)
+        self.assertEqual(outcome, sg.Declined(8))
+        self.assertEqual(outcome.reason, sg.Reason.REPLAYED_NONCE)
+
+    def test_login_refused_decodes(self):
+        frame = sg.decode_frame(self.example("login-refused"), require_response=True)
+        self.assertEqual((frame.opcode, frame.status, frame.request_id),
+                         (sg.Op.LOGIN, sg.Status.REFUSED, 4))
+        with self.assertRaises(sg.StatusError) as caught:
+            sg.ok_body(frame)
+        self.assertEqual(caught.exception.reason, sg.Reason.WRONG_PASSWORD)
+
+    def test_busy_decodes(self):
+        frame = sg.decode_frame(self.example("busy"), require_response=True)
+        self.assertEqual((frame.status, frame.request_id), (sg.Status.BUSY, 5))
+        reply = sg.decode_status_body(frame.status, frame.body)
+        self.assertEqual(reply.retry_after_ms, 5)
+
+    def test_frame_error_decodes(self):
+        frame = sg.decode_frame(self.example("frame-error"), require_response=True)
+        self.assertEqual((frame.opcode, frame.status, frame.request_id),
+                         (0, sg.Status.FRAME_ERROR, 0))
+        reply = sg.decode_status_body(frame.status, frame.body)
+        self.assertEqual(reply.frame_error_kind, sg.FrameErrorKind.HEADER_CHECKSUM)
+        self.assertTrue(reply.detail)
+
+
+class ChecksumAndFramingTest(unittest.TestCase):
+    """Sections 1 and 2: CRC-32 and header validation."""
+
+    def test_crc32_check_value(self):
+        self.assertEqual(sg.crc32(b"123456789"), 0xCBF43926)
+
+    def test_empty_body_checksum_is_zero(self):
+        frame = sg.encode_frame(sg.Op.SERVER_INFO, 9)
+        self.assertEqual(len(frame), sg.HEADER_LEN)
+        self.assertEqual(frame[20:24], b"\x00\x00\x00\x00")
+
+    def valid_header(self):
+        """A valid PING frame header, as a mutable buffer."""
+        return bytearray(sg.encode_frame(sg.Op.PING, 1, b"")[:sg.HEADER_LEN])
+
+    def reseal(self, header):
+        """Recompute the header checksum after editing bytes 0-23."""
+        header[24:28] = sg.crc32(bytes(header[:24])).to_bytes(4, "big")
+        return bytes(header)
+
+    def assert_kind(self, header, kind, **kwargs):
+        with self.assertRaises(sg.FrameValidationError) as caught:
+            sg.parse_header(header, **kwargs)
+        self.assertEqual(caught.exception.kind, kind)
+
+    def test_header_checksum_checked_first(self):
+        header = self.valid_header()
+        header[0] = 0x00  # bad magic, stale checksum: checksum wins
+        self.assert_kind(bytes(header), sg.FrameErrorKind.HEADER_CHECKSUM)
+
+    def test_bad_magic(self):
+        header = self.valid_header()
+        header[0:2] = b"XX"
+        self.assert_kind(self.reseal(header), sg.FrameErrorKind.BAD_MAGIC)
+
+    def test_bad_version(self):
+        header = self.valid_header()
+        header[2] = 2
+        self.assert_kind(self.reseal(header), sg.FrameErrorKind.UNSUPPORTED_VERSION)
+
+    def test_reserved_flags(self):
+        header = self.valid_header()
+        header[3] = 0x04
+        self.assert_kind(self.reseal(header), sg.FrameErrorKind.RESERVED_FLAGS)
+
+    def test_body_too_large(self):
+        header = self.valid_header()
+        header[16:20] = (sg.BODY_LENGTH_MAX + 1).to_bytes(4, "big")
+        self.assert_kind(self.reseal(header), sg.FrameErrorKind.BODY_TOO_LARGE)
+
+    def test_body_at_maximum_is_accepted(self):
+        body = bytes(sg.BODY_LENGTH_MAX)
+        self.assertEqual(sg.decode_frame(sg.encode_frame(1, 1, body)).body, body)
+        with self.assertRaises(ValueError):
+            sg.encode_frame(1, 1, body + b"\x00")
+
+    def test_body_checksum(self):
+        data = bytearray(sg.encode_frame(sg.Op.PING, 1, b"hi"))
+        data[-1] ^= 0xFF
+        with self.assertRaises(sg.FrameValidationError) as caught:
+            sg.decode_frame(bytes(data))
+        self.assertEqual(caught.exception.kind, sg.FrameErrorKind.BODY_CHECKSUM)
+
+    def test_server_frames_need_response_flag(self):
+        header = sg.encode_frame(sg.Op.PING, 1)[:sg.HEADER_LEN]
+        self.assert_kind(header, None, require_response=True)
+
+
+class BodyCodecTest(unittest.TestCase):
+    """Section 5: request encodings and response decodings."""
+
+    USER = sg.User.mail("taro@example.jp")
+    IDM = bytes.fromhex("0102030405060708")
+
+    def test_user_encoding(self):
+        self.assertEqual(sg.BodyWriter().user(self.USER).getvalue(),
+                         b"\x01\x0ftaro@example.jp")
+
+    def test_enroll_layout(self):
+        body = sg.encode_enroll(5, self.USER, "password1", self.IDM)
+        reader = sg.BodyReader(body)
+        self.assertEqual(reader.u128(), 5)
+        self.assertEqual(reader.user(), self.USER)
+        self.assertEqual(reader.str8(), "password1")
+        self.assertEqual(reader.take(8), self.IDM)
+        reader.finish()
+
+    def test_add_means_layouts(self):
+        cases = [
+            (sg.CreditCard("4111111111111111"), [b"\x10" + b"4111111111111111"]),
+            (sg.EMoney("suica"), [b"\x05suica"]),
+            (sg.QrCode("paypay", "123"), [b"\x06paypay", b"\x03123"]),
+            (sg.BankAccount("0001", "1234567"), [b"\x040001", b"\x071234567"]),
+        ]
+        prefix = sg.BodyWriter().u128(1).user(self.USER).u8(1).getvalue()
+        for means, tail in cases:
+            with self.subTest(kind=means.kind):
+                body = sg.encode_add_means(1, self.USER, means, make_default=True)
+                self.assertEqual(body, prefix + bytes([means.kind]) + b"".join(tail))
+
+    def test_credit_card_repr_hides_pan(self):
+        self.assertNotIn("4111", repr(sg.CreditCard("4111111111111111")))
+
+    def test_device_credential_round_trip_and_repr(self):
+        credential = sg.DeviceCredential(self.IDM, 3, bytes(range(32)))
+        body = sg.encode_device_credential(credential)
+        self.assertEqual(len(body), 42)
+        self.assertEqual(sg.decode_device_credential(body), credential)
+        self.assertNotIn(bytes(range(32)).hex(), repr(credential))
+
+    def test_server_info_round_trip(self):
+        info = sg.ServerInfo("0.1.0", 1, 4, 65536, 1024,
+                             (sg.ProviderInfo(1, "card"), sg.ProviderInfo(2, "emoney")))
+        self.assertEqual(sg.decode_server_info(sg.encode_server_info(info)), info)
+
+    def test_list_means_round_trip(self):
+        entries = [
+            sg.MeansEntry(1, sg.MeansKind.CREDIT_CARD, True, "VISA", "1111",
+                          bytes(16), 0, None, 1_700_000_000_000),
+            sg.MeansEntry(2, sg.MeansKind.E_MONEY, False, "suica", "",
+                          bytes(range(16)), 3, 1_700_000_100_000, 1_700_000_000_001),
+        ]
+        body = sg.encode_list_means_reply(entries)
+        self.assertEqual(sg.decode_list_means(body), entries)
+
+    def test_list_means_rejects_last_used_without_flag(self):
+        entry = sg.MeansEntry(1, 1, True, "", "", bytes(16), 0, None, 0)
+        body = bytearray(sg.encode_list_means_reply([entry]))
+        body[-9] = 1  # last_used_ms low byte, with has_last_used 0
+        with self.assertRaises(sg.DecodeError):
+            sg.decode_list_means(bytes(body))
+
+    def test_register_terminals_layout(self):
+        service = sg.Service.fixed(50, "JPY", 0, 10, "fifty off")
+        body = sg.encode_register_terminals(
+            9, 2, [sg.TerminalEntry("T-1", service), sg.TerminalEntry("T-2")])
+        expected = (sg.BodyWriter().u128(9).u32(2).u16(2)
+                    .str8("T-1").u8(1).u8(2).u64(50).raw(b"JPY").i64(0).i64(10)
+                    .str8("fifty off").str8("T-2").u8(0).getvalue())
+        self.assertEqual(body, expected)
+
+    def test_remove_terminals_layout(self):
+        body = sg.encode_remove_terminals(9, 3, ["A", "BC"])
+        self.assertEqual(body, sg.BodyWriter().u128(9).u32(3).u16(2).str8("A")
+                         .str8("BC").getvalue())
+
+    def test_confirm_terminal_round_trip(self):
+        for status in (sg.TerminalStatus(False, None), sg.TerminalStatus(True, None),
+                       sg.TerminalStatus(True, sg.Service.percent(500, 1, 2, "5%")),
+                       sg.TerminalStatus(True, sg.Service.fixed(50, "JPY", 1, 2))):
+            with self.subTest(status=status):
+                body = sg.encode_confirm_terminal_reply(status)
+                self.assertEqual(sg.decode_confirm_terminal(body), status)
+
+    def test_notice_round_trip(self):
+        notice = sg.Notice(self.USER, 2**127 + 5, "DEMO-SHIBUYA-01",
+                           1_795_305_600_000, EXAMPLE_APPROVAL)
+        self.assertEqual(sg.decode_notice(sg.encode_notice(notice)), notice)
+
+    def test_status_bodies_round_trip(self):
+        replies = [
+            sg.StatusReply(sg.Status.REFUSED, reason=sg.Reason.USER_EXISTS),
+            sg.StatusReply(sg.Status.BUSY, retry_after_ms=25),
+            sg.StatusReply(sg.Status.IN_FLIGHT),
+            sg.StatusReply(sg.Status.UNAUTHENTICATED, detail="no"),
+            sg.StatusReply(sg.Status.FORBIDDEN, detail="scope"),
+            sg.StatusReply(sg.Status.BAD_REQUEST, detail="short"),
+            sg.StatusReply(sg.Status.UNKNOWN_OPCODE),
+            sg.StatusReply(sg.Status.SHUTTING_DOWN),
+            sg.StatusReply(sg.Status.INTERNAL, detail="oops"),
+            sg.StatusReply(sg.Status.FRAME_ERROR,
+                           frame_error_kind=sg.FrameErrorKind.READ_TIMEOUT, detail="slow"),
+        ]
+        for reply in replies:
+            with self.subTest(status=reply.status):
+                body = sg.encode_status_body(reply)
+                self.assertEqual(sg.decode_status_body(reply.status, body), reply)
+
+    def test_empty_statuses_reject_trailing_bytes(self):
+        with self.assertRaises(sg.DecodeError):
+            sg.decode_status_body(sg.Status.UNKNOWN_OPCODE, b"\x00")
+
+    def test_all_reason_codes_defined(self):
+        self.assertEqual(sorted(int(r) for r in sg.Reason),
+                         list(range(1, 13)) + [20, 21, 22, 23, 30, 31, 40]
+                         + list(range(50, 63)))
+
+    def test_u128_limits(self):
+        self.assertEqual(sg.BodyWriter().u128(2**128 - 1).getvalue(), b"\xff" * 16)
+        with self.assertRaises(ValueError):
+            sg.BodyWriter().u128(2**128)
+
+    def test_device_signs_fresh_counters(self):
+        device = sg.Device(self.USER, sg.DeviceCredential(self.IDM, 1, bytes(32)))
+        first = device.sign(amount_minor=1, provider_code=1, terminal_id="T")
+        second = device.sign(amount_minor=1, provider_code=1, terminal_id="T")
+        counters = [sg.parse_inherent_id(r)[0].counter for r in (first, second)]
+        self.assertEqual(counters, [1, 2])
+        self.assertTrue(sg.verify_inherent_id(first, bytes(32)))
+
+
+if __name__ == "__main__":
+    unittest.main()
