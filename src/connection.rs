@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use settlegate_engine::Notice;
-use settlegate_protocol::frame::{self, Frame, FrameError};
+use settlegate_protocol::frame::{self, Frame, FrameError, FLAG_RESPONSE};
 use settlegate_protocol::messages::{opcode, DecodeError, Reply, Request, Response};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc, watch, Semaphore};
@@ -157,6 +157,11 @@ impl Connection {
         let mut authorizes = Vec::new();
         let mut others = Vec::new();
         for frame in frames {
+            if frame.request_id == 0 || frame.status != 0 || frame.flags & FLAG_RESPONSE != 0 {
+                let detail = "a request has a nonzero request ID, status 0 and no RESPONSE flag";
+                now.push((frame.opcode, frame.request_id, Response::BadRequest(detail.into())));
+                continue;
+            }
             let request = match Request::decode(frame.opcode, &frame.body) {
                 Ok(request) => request,
                 Err(DecodeError::UnknownOpcode(_)) => {

@@ -64,8 +64,8 @@ pub async fn handle(ctx: &Context, identity: &Identity, request: Request) -> Res
             .provision_device(client_request_id, &user, &password, card_idm)
             .await
             .map(Reply::Credential),
-        Request::RotateDeviceKey { client_request_id, user, card_idm } => engine
-            .rotate_device_key(client_request_id, &user, card_idm)
+        Request::RotateDeviceKey { client_request_id, user, password, card_idm } => engine
+            .rotate_device_key(client_request_id, &user, &password, card_idm)
             .await
             .map(Reply::Credential),
         Request::RegisterTerminals { client_request_id, provider_code, terminals } => engine

@@ -177,7 +177,7 @@ async fn rotated_key_keeps_working_until_the_grace_window_ends() {
     let frank = h.user("frank").await;
     let rotated = h
         .engine
-        .rotate_device_key(request_id(), &frank.user, frank.credential.card_idm)
+        .rotate_device_key(request_id(), &frank.user, PASSWORD, frank.credential.card_idm)
         .await
         .unwrap();
     assert_eq!(rotated.key_version, 2);

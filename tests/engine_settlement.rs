@@ -92,6 +92,16 @@ async fn malformed_record_is_declined() {
 }
 
 #[tokio::test]
+async fn amount_out_of_range_is_declined_as_invalid_amount() {
+    let h = Harness::new();
+    let alice = h.user("alice").await;
+    for amount in [0, settlegate_engine::limits::AMOUNT_MINOR_MAX + 1] {
+        let bytes = alice.signed(T0_MS, amount, PROVIDER_OK, "T-1");
+        assert_eq!(h.authorize(bytes).await, AuthOutcome::Declined(ReasonCode::InvalidAmount));
+    }
+}
+
+#[tokio::test]
 async fn unknown_provider_is_declined() {
     let h = Harness::new();
     let alice = h.user("alice").await;

@@ -229,8 +229,12 @@ async fn no_secret_reaches_a_log_line_even_at_trace_level() {
         timestamp_ms: now_ms(),
     };
     approved(client.authorize(3, record.sign(credential.device_key.expose())).await.unwrap());
-    let rotate =
-        Request::RotateDeviceKey { client_request_id: 4, user, card_idm: credential.card_idm };
+    let rotate = Request::RotateDeviceKey {
+        client_request_id: 4,
+        user,
+        password: password.into(),
+        card_idm: credential.card_idm,
+    };
     let Reply::Credential(rotated) = client.call_ok(&rotate).await.unwrap() else { panic!() };
     drop(client);
     Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();

@@ -176,6 +176,34 @@ async fn malformed_body_is_a_bad_request_and_the_connection_stays_open() {
 }
 
 #[tokio::test]
+async fn request_id_zero_a_status_or_the_response_flag_make_a_bad_request() {
+    let server = start().await;
+    let mut zero_id = Request::Ping { payload: vec![] }.to_frame(0);
+    let mut with_status = Request::Ping { payload: vec![] }.to_frame(7);
+    with_status.status = 3;
+    let mut flagged = Request::Ping { payload: vec![] }.to_frame(8);
+    flagged.flags = settlegate_protocol::frame::FLAG_RESPONSE;
+    zero_id.body.clear();
+    let mut bytes = Vec::new();
+    for frame in [&zero_id, &with_status, &flagged] {
+        frame.encode(&mut bytes);
+    }
+    bytes.extend_from_slice(&ping(9));
+    let mut stream = raw(&server, &bytes).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stream.shutdown().await.unwrap();
+    let (bytes, _) = read_until_close(&mut stream, Duration::from_secs(5)).await;
+    let frames = frames(&bytes);
+    let status_of =
+        |id| frames.iter().find(|f| f.request_id == id && f.opcode != 0).map(|f| f.status);
+    assert_eq!(status_of(0), Some(status::BAD_REQUEST));
+    assert_eq!(status_of(7), Some(status::BAD_REQUEST));
+    assert_eq!(status_of(8), Some(status::BAD_REQUEST));
+    assert_eq!(status_of(9), Some(status::OK), "the connection stays open");
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn silent_connection_is_closed_at_the_auth_deadline() {
     let mut config = server_config();
     config.server.auth_timeout_ms = 200;

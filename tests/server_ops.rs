@@ -137,9 +137,21 @@ async fn account_operations() {
     };
     let Reply::Credential(second) = client.call_ok(&provision).await.unwrap() else { panic!() };
     assert_eq!(second.key_version, 1);
+    let stolen = Request::RotateDeviceKey {
+        client_request_id: request_id(),
+        user: payer.user.clone(),
+        password: "not the password".into(),
+        card_idm: payer.credential.card_idm,
+    };
+    assert_eq!(
+        client.call(&stolen).await.unwrap(),
+        Response::Refused(ReasonCode::WrongPassword),
+        "a device key is rotated only for someone who knows the password"
+    );
     let rotate = Request::RotateDeviceKey {
         client_request_id: request_id(),
         user: payer.user.clone(),
+        password: PASSWORD.into(),
         card_idm: payer.credential.card_idm,
     };
     let Reply::Credential(rotated) = client.call_ok(&rotate).await.unwrap() else { panic!() };

@@ -262,13 +262,16 @@ impl Engine {
         credential_from(reply, card_idm)
     }
 
-    /// Replaces a device's key. The previous key stays valid for `key_grace_ms`.
+    /// Replaces a device's key, after checking the user's password. The previous key stays
+    /// valid for `key_grace_ms`.
     pub async fn rotate_device_key(
         &self,
         client_request_id: ClientRequestId,
         user: &UserKey,
+        password: &str,
         card_idm: Idm,
     ) -> Result<DeviceCredential, EngineError> {
+        self.login(user, password).await?;
         let digest = digest_of(&("rotate", user, card_idm));
         let command = Command::RotateDeviceKey {
             user: user.clone(),

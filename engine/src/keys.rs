@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
-use crate::inherent::InherentId;
+use crate::inherent::{InherentId, RecordError};
 use crate::limits::VERIFY_PARALLEL_MIN;
 use crate::types::{Idm, ReasonCode, UserKey};
 
@@ -149,7 +149,10 @@ impl DeviceIndex {
     /// Verifies one signed record at `now_ms`: decodes it, finds the device key by card IDm
     /// and key version, and checks the HMAC-SHA256 tag in constant time.
     pub fn verify(&self, bytes: &[u8], now_ms: i64) -> Result<Verified, ReasonCode> {
-        let (record, body, tag) = InherentId::decode(bytes).map_err(|_| ReasonCode::Malformed)?;
+        let (record, body, tag) = InherentId::decode(bytes).map_err(|error| match error {
+            RecordError::Field("amount") => ReasonCode::InvalidAmount,
+            _ => ReasonCode::Malformed,
+        })?;
         let mut mac = {
             let entry = self.devices.get(&record.card_idm).ok_or(ReasonCode::UnknownDevice)?;
             if entry.user != record.user {

@@ -84,7 +84,7 @@ pub enum Request {
     SetDefaultMeans { client_request_id: u128, user: UserKey, means_id: u32 },
     ListMeans { user: UserKey, order: MeansOrder },
     ProvisionDevice { client_request_id: u128, user: UserKey, password: String, card_idm: [u8; 8] },
-    RotateDeviceKey { client_request_id: u128, user: UserKey, card_idm: [u8; 8] },
+    RotateDeviceKey { client_request_id: u128, user: UserKey, password: String, card_idm: [u8; 8] },
     SubscribeNotices { user: UserKey, password: String },
     RegisterTerminals { client_request_id: u128, provider_code: u32, terminals: Vec<TerminalEntry> },
     RemoveTerminals { client_request_id: u128, provider_code: u32, terminal_ids: Vec<String> },
@@ -143,7 +143,8 @@ impl Request {
             }
             Request::ServerInfo => {}
             Request::Enroll { client_request_id, user, password, card_idm }
-            | Request::ProvisionDevice { client_request_id, user, password, card_idm } => {
+            | Request::ProvisionDevice { client_request_id, user, password, card_idm }
+            | Request::RotateDeviceKey { client_request_id, user, password, card_idm } => {
                 w.u128(*client_request_id).user(user).str8(password).raw(card_idm);
             }
             Request::Login { user, password } | Request::SubscribeNotices { user, password } => {
@@ -163,9 +164,6 @@ impl Request {
                     MeansOrder::Recency => 2,
                 };
                 w.user(user).u8(order);
-            }
-            Request::RotateDeviceKey { client_request_id, user, card_idm } => {
-                w.u128(*client_request_id).user(user).raw(card_idm);
             }
             Request::RegisterTerminals { client_request_id, provider_code, terminals } => {
                 w.u128(*client_request_id).u32(*provider_code).u16(terminals.len() as u16);
@@ -214,15 +212,19 @@ impl Request {
                 Request::Ping { payload: payload.to_vec() }
             }
             opcode::SERVER_INFO => Request::ServerInfo,
-            opcode::ENROLL | opcode::PROVISION_DEVICE => {
+            opcode::ENROLL | opcode::PROVISION_DEVICE | opcode::ROTATE_DEVICE_KEY => {
                 let client_request_id = r.u128("client_request_id")?;
                 let user = r.user()?;
                 let password = r.str8("password")?.to_owned();
                 let card_idm = r.array("card_idm")?;
-                if opcode == opcode::ENROLL {
-                    Request::Enroll { client_request_id, user, password, card_idm }
-                } else {
-                    Request::ProvisionDevice { client_request_id, user, password, card_idm }
+                match opcode {
+                    opcode::ENROLL => {
+                        Request::Enroll { client_request_id, user, password, card_idm }
+                    }
+                    opcode::PROVISION_DEVICE => {
+                        Request::ProvisionDevice { client_request_id, user, password, card_idm }
+                    }
+                    _ => Request::RotateDeviceKey { client_request_id, user, password, card_idm },
                 }
             }
             opcode::LOGIN | opcode::SUBSCRIBE_NOTICES => {
@@ -253,11 +255,6 @@ impl Request {
                     2 => MeansOrder::Recency,
                     _ => return Err(BodyError::Invalid("order").into()),
                 },
-            },
-            opcode::ROTATE_DEVICE_KEY => Request::RotateDeviceKey {
-                client_request_id: r.u128("client_request_id")?,
-                user: r.user()?,
-                card_idm: r.array("card_idm")?,
             },
             opcode::REGISTER_TERMINALS => {
                 let client_request_id = r.u128("client_request_id")?;

@@ -85,7 +85,7 @@ fn examples() -> Vec<(&'static str, String, Vec<u8>)> {
         ),
         (
             "authorize-declined",
-            "A decline, reason 8 (ReplayedNonce).".into(),
+            "The response to request ID 3 (`AUTHORIZE`, opcode 0x0030) declining with reason 8 (ReplayedNonce).".into(),
             response(
                 Response::Ok(Reply::Outcome(AuthOutcome::Declined(ReasonCode::ReplayedNonce))),
                 opcode::AUTHORIZE,
@@ -99,12 +99,12 @@ fn examples() -> Vec<(&'static str, String, Vec<u8>)> {
         ),
         (
             "busy",
-            "`BUSY` with a retry-after of 5 ms, to request ID 5.".into(),
+            "`BUSY` with a retry-after of 5 ms, the response to an `AUTHORIZE` (opcode 0x0030) with request ID 5.".into(),
             response(Response::Busy { retry_after_ms: 5 }, opcode::AUTHORIZE, 5),
         ),
         (
             "frame-error",
-            "The `FRAME_ERROR` sent before closing a connection whose header checksum failed."
+            "The `FRAME_ERROR` sent before closing a connection whose header checksum failed: kind 3, detail `header checksum mismatch`."
                 .into(),
             response(
                 Response::FrameError { kind: 3, detail: "header checksum mismatch".into() },

@@ -959,9 +959,11 @@ def encode_provision_device(client_request_id: int, user: User, password: str,
             .raw(card_idm, CARD_IDM_LEN).getvalue())
 
 
-def encode_rotate_device_key(client_request_id: int, user: User, card_idm: bytes) -> bytes:
-    """``ROTATE_DEVICE_KEY`` request body."""
-    return BodyWriter().u128(client_request_id).user(user).raw(card_idm, CARD_IDM_LEN).getvalue()
+def encode_rotate_device_key(client_request_id: int, user: User, password: str,
+                             card_idm: bytes) -> bytes:
+    """``ROTATE_DEVICE_KEY`` request body (the same layout as ``PROVISION_DEVICE``)."""
+    return (BodyWriter().u128(client_request_id).user(user).str8(password)
+            .raw(card_idm, CARD_IDM_LEN).getvalue())
 
 
 def encode_subscribe_notices(user: User, password: str) -> bytes:
@@ -1410,10 +1412,10 @@ class SettlegateClient:
         body = encode_provision_device(client_request_id, user, password, card_idm)
         return decode_device_credential(self.call(Op.PROVISION_DEVICE, body))
 
-    def rotate_device_key(self, client_request_id: int, user: User,
+    def rotate_device_key(self, client_request_id: int, user: User, password: str,
                           card_idm: bytes) -> DeviceCredential:
         """``ROTATE_DEVICE_KEY``."""
-        body = encode_rotate_device_key(client_request_id, user, card_idm)
+        body = encode_rotate_device_key(client_request_id, user, password, card_idm)
         return decode_device_credential(self.call(Op.ROTATE_DEVICE_KEY, body))
 
     def subscribe_notices(self, user: User, password: str) -> int:
