@@ -39,6 +39,16 @@ async fn bystander_still_served(bystander: &Client) {
     assert!(pong.is_ok(), "other connections are unaffected: {pong:?}");
 }
 
+/// Sends `bytes` on a fresh connection, half-closes it, and decodes every frame that comes back
+/// before the server closes (the connection is expected to stay usable until then).
+async fn exchange(server: &settlegate::server::RunningServer, bytes: &[u8]) -> Vec<Frame> {
+    let mut stream = raw(server, bytes).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stream.shutdown().await.unwrap();
+    let (bytes, _) = read_until_close(&mut stream, Duration::from_secs(5)).await;
+    frames(&bytes)
+}
+
 fn ping(request_id: u64) -> Vec<u8> {
     Request::Ping { payload: b"x".to_vec() }.to_frame(request_id).to_bytes()
 }
@@ -141,11 +151,7 @@ async fn unknown_opcode_is_answered_and_the_connection_stays_open() {
     let server = start().await;
     let mut bytes = Frame::request(0x7777, 5, vec![1, 2, 3]).to_bytes();
     bytes.extend_from_slice(&ping(6));
-    let mut stream = raw(&server, &bytes).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    stream.shutdown().await.unwrap();
-    let (bytes, _) = read_until_close(&mut stream, Duration::from_secs(5)).await;
-    let frames = frames(&bytes);
+    let frames = exchange(&server, &bytes).await;
     let unknown = frames.iter().find(|f| f.request_id == 5).expect("reply to the unknown opcode");
     assert_eq!(unknown.status, status::UNKNOWN_OPCODE);
     let pong = frames.iter().find(|f| f.request_id == 6).expect("the next request is served");
@@ -163,11 +169,7 @@ async fn malformed_body_is_a_bad_request_and_the_connection_stays_open() {
     bytes.extend_from_slice(
         &Frame::request(settlegate_protocol::opcode::ENROLL, 7, vec![0; 5]).to_bytes(),
     );
-    let mut stream = raw(&server, &bytes).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    stream.shutdown().await.unwrap();
-    let (bytes, _) = read_until_close(&mut stream, Duration::from_secs(5)).await;
-    let frames = frames(&bytes);
+    let frames = exchange(&server, &bytes).await;
     let status_of = |id| frames.iter().find(|f| f.request_id == id).map(|f| f.status);
     assert_eq!(status_of(5), Some(status::BAD_REQUEST));
     assert_eq!(status_of(6), Some(status::OK));
@@ -189,11 +191,7 @@ async fn request_id_zero_a_status_or_the_response_flag_make_a_bad_request() {
         frame.encode(&mut bytes);
     }
     bytes.extend_from_slice(&ping(9));
-    let mut stream = raw(&server, &bytes).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    stream.shutdown().await.unwrap();
-    let (bytes, _) = read_until_close(&mut stream, Duration::from_secs(5)).await;
-    let frames = frames(&bytes);
+    let frames = exchange(&server, &bytes).await;
     let status_of =
         |id| frames.iter().find(|f| f.request_id == id && f.opcode != 0).map(|f| f.status);
     assert_eq!(status_of(0), Some(status::BAD_REQUEST));
