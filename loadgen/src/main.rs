@@ -7,7 +7,12 @@
 //! ```text
 //! loadgen --embedded --users 1000 --connections 4 --pipeline 64 --duration 10
 //! loadgen --target 127.0.0.1:7878 --api-key sg-demo-key --provider 2 --json report.json
+//! loadgen redis --target 127.0.0.1:6379 --connections 50 --pipeline 16   # the baseline
 //! ```
+//!
+//! `redis` mode drives Redis `SET` (100-byte values) over RESP with the same connections,
+//! depth and durations, writing `--pipeline` commands then reading their replies (as
+//! `redis-benchmark -P` does), so a run can be set beside a reference server's.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -36,7 +41,10 @@ const USERS_MAX: usize = 10_000_000;
 #[derive(Parser, Debug, Clone)]
 #[command(name = "loadgen", about = "settlegate load generator (authorize workload)")]
 struct Args {
-    /// A running server's protocol address.
+    /// `redis` for the Redis SET baseline; none for settlegate.
+    #[arg(value_parser = ["redis"])]
+    mode: Option<String>,
+    /// A running server's protocol address (or Redis's, in `redis` mode).
     #[arg(long, conflicts_with = "embedded")]
     target: Option<String>,
     /// Run an engine in this process instead (zero-latency simulated provider).
@@ -82,7 +90,7 @@ impl Args {
         if !(1..=PIPELINE_MAX).contains(&self.pipeline) {
             bail!("--pipeline must be 1..={PIPELINE_MAX}");
         }
-        if self.users < self.connections || self.users > USERS_MAX {
+        if self.mode.is_none() && (self.users < self.connections || self.users > USERS_MAX) {
             bail!("--users must be at least --connections and at most {USERS_MAX}");
         }
         if !(self.duration > 0.0 && self.warmup >= 0.0) {
@@ -120,6 +128,9 @@ fn now_ms() -> i64 {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     args.check()?;
+    if args.mode.as_deref() == Some("redis") {
+        return redis_baseline(&args).await;
+    }
     let target = connect(&args).await?;
     let prepared = Instant::now();
     let payers = Arc::new(prepare(&target, args.users).await?);
@@ -140,6 +151,11 @@ async fn main() -> anyhow::Result<()> {
             lanes.push(tokio::spawn(ctx.run(measure_from, stop_at)));
         }
     }
+    report(&args, "authorize", &merge(lanes).await?)
+}
+
+/// Adds up the lanes' tallies.
+async fn merge(lanes: Vec<tokio::task::JoinHandle<Tally>>) -> anyhow::Result<Tally> {
     let mut total =
         Tally { latency_us: Histogram::new(3)?, errors: 0, declines: Default::default() };
     for lane in lanes {
@@ -150,7 +166,78 @@ async fn main() -> anyhow::Result<()> {
             *total.declines.entry(reason).or_default() += n;
         }
     }
-    report(&args, &total)
+    Ok(total)
+}
+
+/// The baseline: Redis SET with the same connections, depth and durations.
+async fn redis_baseline(args: &Args) -> anyhow::Result<()> {
+    let addr = args.target.clone().context("redis mode needs --target")?;
+    let measure_from = Instant::now() + Duration::from_secs_f64(args.warmup);
+    let stop_at = measure_from + Duration::from_secs_f64(args.duration);
+    let mut lanes = Vec::new();
+    for connection in 0..args.connections {
+        let stream = tokio::net::TcpStream::connect(&addr)
+            .await
+            .with_context(|| format!("connecting to {addr}"))?;
+        stream.set_nodelay(true)?;
+        lanes.push(tokio::spawn(redis_lane(
+            stream,
+            connection,
+            args.pipeline,
+            measure_from,
+            stop_at,
+        )));
+    }
+    report(args, "redis_set", &merge(lanes).await?)
+}
+
+async fn redis_lane(
+    mut stream: tokio::net::TcpStream,
+    connection: usize,
+    depth: usize,
+    measure_from: Instant,
+    stop_at: Instant,
+) -> Tally {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tally = Tally {
+        latency_us: Histogram::new(3).expect("sigfig 3"),
+        errors: 0,
+        declines: Default::default(),
+    };
+    let value = "v".repeat(100);
+    let mut batch = Vec::with_capacity(depth * 160);
+    let mut replies = vec![0u8; depth * 5];
+    let mut key = 0u64;
+    while Instant::now() < stop_at {
+        batch.clear();
+        for _ in 0..depth {
+            key += 1;
+            batch.extend_from_slice(&resp_set(&format!("lg:{connection}:{key}"), &value));
+        }
+        let sent = Instant::now();
+        let exchanged = async {
+            stream.write_all(&batch).await?;
+            stream.read_exact(&mut replies).await
+        };
+        if exchanged.await.is_err() {
+            tally.errors += depth as u64;
+            return tally;
+        }
+        if sent < measure_from {
+            continue;
+        }
+        let micros = sent.elapsed().as_micros() as u64;
+        let ok = replies.chunks(5).filter(|reply| *reply == b"+OK\r\n").count();
+        tally.errors += (depth - ok) as u64;
+        let _ = tally.latency_us.record_n(micros.max(1), depth as u64);
+    }
+    tally
+}
+
+/// A RESP `SET key value` command.
+fn resp_set(key: &str, value: &str) -> Vec<u8> {
+    format!("*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${}\r\n{value}\r\n", key.len(), value.len())
+        .into_bytes()
 }
 
 async fn connect(args: &Args) -> anyhow::Result<Target> {
@@ -317,12 +404,12 @@ impl Lane {
     }
 }
 
-fn report(args: &Args, total: &Tally) -> anyhow::Result<()> {
+fn report(args: &Args, operation: &str, total: &Tally) -> anyhow::Result<()> {
     let h = &total.latency_us;
     let count = h.len();
     let throughput = count as f64 / args.duration;
     let declines: u64 = total.declines.values().sum();
-    println!("authorize: {count} requests in {:.1} s = {throughput:.0}/s", args.duration);
+    println!("{operation}: {count} requests in {:.1} s = {throughput:.0}/s", args.duration);
     println!(
         "latency us: p50 {} p90 {} p99 {} p99.9 {} max {}",
         h.value_at_quantile(0.50),
@@ -345,7 +432,7 @@ fn report(args: &Args, total: &Tally) -> anyhow::Result<()> {
             },
             "errors": total.errors,
             "declines_by_reason": total.declines,
-            "operations": { "authorize": { "throughput_per_s": throughput } },
+            "operation": operation,
             "settings": {
                 "connections": args.connections,
                 "pipeline": args.pipeline,
@@ -358,4 +445,58 @@ fn report(args: &Args, total: &Tally) -> anyhow::Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resp_set_is_well_formed() {
+        assert_eq!(resp_set("k1", "vv"), b"*3\r\n$3\r\nSET\r\n$2\r\nk1\r\n$2\r\nvv\r\n".to_vec());
+    }
+
+    #[test]
+    fn flags_are_checked() {
+        let parse = |line: &str| Args::try_parse_from(line.split_whitespace()).unwrap();
+        assert!(parse("loadgen --embedded").check().is_ok());
+        assert!(parse("loadgen").check().is_err(), "a target is required");
+        assert!(parse("loadgen --embedded --connections 0").check().is_err());
+        assert!(parse("loadgen --embedded --pipeline 5000").check().is_err());
+        assert!(parse("loadgen --embedded --users 2 --connections 4").check().is_err());
+        assert!(parse("loadgen redis --target 127.0.0.1:6379").check().is_ok());
+    }
+
+    #[tokio::test]
+    async fn embedded_run_produces_a_report() {
+        let dir = std::env::temp_dir().join(format!("loadgen-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let json = dir.join("report.json");
+        let line =
+            ["loadgen", "--embedded", "--users", "8", "--connections", "2", "--pipeline", "2"];
+        let mut args = Args::try_parse_from(line).unwrap();
+        args.duration = 0.5;
+        args.warmup = 0.1;
+        args.json = Some(json.clone());
+        let target = connect(&args).await.unwrap();
+        let payers = Arc::new(prepare(&target, args.users).await.unwrap());
+        let measure_from = Instant::now() + Duration::from_secs_f64(args.warmup);
+        let stop_at = measure_from + Duration::from_secs_f64(args.duration);
+        let lanes = (0..args.connections * args.pipeline)
+            .map(|i| {
+                let (target, payers, args) = (target.clone(), payers.clone(), args.clone());
+                let lane = Lane { target, payers, connection: i / 2, lane: i % 2, args };
+                tokio::spawn(lane.run(measure_from, stop_at))
+            })
+            .collect();
+        let total = merge(lanes).await.unwrap();
+        report(&args, "authorize", &total).unwrap();
+        let text = std::fs::read_to_string(&json).unwrap();
+        let report: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert!(report["throughput_per_s"].as_f64().unwrap() > 0.0);
+        assert!(report["latency_us"]["p99"].as_u64().unwrap() > 0);
+        assert_eq!(report["errors"], 0);
+        assert_eq!(report["declines_by_reason"], serde_json::json!({}));
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }
