@@ -3,6 +3,7 @@
 mod support;
 
 mod engine_accounts;
+mod engine_age;
 mod engine_durability;
 mod engine_model;
 mod engine_providers;

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 use settlegate_adapters::{AdapterConfig, GuardConfig};
 
+use crate::age::AgeConfig;
 use crate::limits::{MAILBOX_CAPACITY_MAX, PROVIDERS_MAX, SHARDS_MAX};
 use crate::password::PasswordConfig;
 use crate::providers::TerminalEntry;
@@ -43,6 +44,8 @@ pub struct EngineConfig {
     pub providers: Vec<ProviderConfig>,
     /// The write-ahead log.
     pub durability: DurabilityConfig,
+    /// Age rules and the default store age policy (A1–A3).
+    pub age: AgeConfig,
 }
 
 /// Vault key source. `SETTLEGATE_VAULT_KEY` in the environment overrides `key_hex`; with
@@ -91,6 +94,7 @@ impl Default for EngineConfig {
             vault: VaultConfig::default(),
             providers: Vec::new(),
             durability: DurabilityConfig::default(),
+            age: AgeConfig::default(),
         }
     }
 }
@@ -140,6 +144,7 @@ impl EngineConfig {
             )?;
             check(provider.limits.timeout_ms > 0, "provider timeout_ms must be positive")?;
         }
+        self.age.validate()?;
         Ok(())
     }
 

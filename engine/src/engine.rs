@@ -16,6 +16,7 @@ use settlegate_adapters::{AdapterError, AuthorizationRequest, DeclineReason, Pro
 use tokio::sync::{broadcast, oneshot};
 use tokio::time::Instant;
 
+use crate::age::{AgePolicy, AgeRecord, AgeRules, AgeVerdict, Basket};
 use crate::clock::{Clock, SystemClock};
 use crate::config::EngineConfig;
 use crate::error::EngineError;
@@ -38,6 +39,17 @@ pub struct AuthorizeRequest {
     pub client_request_id: ClientRequestId,
     /// The signed inherent ID (see [`crate::InherentId`]).
     pub inherent_id: Vec<u8>,
+}
+
+/// The outcome of a payment made with a basket (A2): the authorization outcome, and what the
+/// age check found when the shard got as far as checking it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BasketOutcome {
+    /// Approved or declined.
+    pub outcome: AuthOutcome,
+    /// The basket's verdict; `None` when the payment was declined before the basket was
+    /// looked at (a forged tag, a replay, an unknown means...).
+    pub verdict: Option<AgeVerdict>,
 }
 
 /// Enrollment of a new user with their first device (G1).
@@ -159,6 +171,7 @@ impl Engine {
             devices: Arc::new(DeviceIndex::default()),
             vault: Arc::new(Vault::new(&vault_key)),
             registry,
+            age: Arc::new(AgeRules::new(config.age.clone()).map_err(EngineError::Config)?),
         };
         let state_config = StateConfig {
             timestamp_window_ms: config.timestamp_window_ms,
@@ -380,13 +393,7 @@ impl Engine {
     ) -> Result<(), EngineError> {
         let digest = digest_of(&("terminals", provider_code, format!("{terminals:?}")));
         let command = Command::RegisterTerminals { provider_code, terminals };
-        let reply = self
-            .apply_for_provider(provider_code, Some(client_request_id), digest, command)
-            .await?;
-        match reply {
-            Reply::Ok => Ok(()),
-            other => Err(unexpected(other)),
-        }
+        self.change_provider(provider_code, client_request_id, digest, command).await
     }
 
     /// Removes terminals from a provider's list.
@@ -398,13 +405,7 @@ impl Engine {
     ) -> Result<(), EngineError> {
         let digest = digest_of(&("remove-terminals", provider_code, &terminal_ids));
         let command = Command::RemoveTerminals { provider_code, terminal_ids };
-        let reply = self
-            .apply_for_provider(provider_code, Some(client_request_id), digest, command)
-            .await?;
-        match reply {
-            Reply::Ok => Ok(()),
-            other => Err(unexpected(other)),
-        }
+        self.change_provider(provider_code, client_request_id, digest, command).await
     }
 
     /// Seed steps S38–S39: is this terminal on the provider's list, and with which service?
@@ -418,6 +419,51 @@ impl Engine {
             .provider(provider_code)
             .ok_or(EngineError::Refused(ReasonCode::UnknownProvider))?;
         Ok(provider.confirm(terminal_id, self.now_ms()))
+    }
+
+    // ---- A1: age registry ----------------------------------------------------------------
+
+    /// Registers a terminal's age information (A1): `record` is an [`AgeRecord`] signed by the
+    /// terminal's device key after the user passed biometric authentication on it. The tag is
+    /// checked in constant time; the owning shard checks the counter, the timestamp window
+    /// and the validity window, then keeps the registration (replacing an older one).
+    pub async fn register_age(
+        &self,
+        client_request_id: ClientRequestId,
+        record: &[u8],
+    ) -> Result<(), EngineError> {
+        let now_ms = self.now_ms();
+        let (decoded, body, tag) = AgeRecord::decode(record).map_err(EngineError::Refused)?;
+        self.inner
+            .shared
+            .devices
+            .verify_tag(&decoded.card_idm, &decoded.user, decoded.key_version, body, tag, now_ms)
+            .map_err(EngineError::Refused)?;
+        let digest = u64::from_be_bytes(tag[..8].try_into().expect("8"));
+        let user = decoded.user.clone();
+        let command = Command::RegisterAge { record: decoded, tag: *tag };
+        match self.apply_for_user(&user, Some(client_request_id), digest, command).await? {
+            Reply::Ok => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Sets a listed store terminal's own age policy (A2, A3); `None` clears it, so the
+    /// terminal follows its provider's policy, or the engine's default.
+    pub async fn set_age_policy(
+        &self,
+        client_request_id: ClientRequestId,
+        provider_code: u32,
+        terminal_id: &str,
+        policy: Option<AgePolicy>,
+    ) -> Result<(), EngineError> {
+        if let Some(policy) = &policy {
+            self.inner.shared.age.config.resolve(policy).map_err(EngineError::Refused)?;
+        }
+        let digest = digest_of(&("age-policy", provider_code, terminal_id, &policy));
+        let command =
+            Command::SetAgePolicy { provider_code, terminal_id: terminal_id.to_owned(), policy };
+        self.change_provider(provider_code, client_request_id, digest, command).await
     }
 
     // ---- G3: settlement -----------------------------------------------------------------
@@ -435,6 +481,18 @@ impl Engine {
         &self,
         requests: Vec<AuthorizeRequest>,
     ) -> Vec<Result<AuthOutcome, EngineError>> {
+        let requests = requests.into_iter().map(|request| (request, None)).collect();
+        let results = self.authorize_baskets(requests).await;
+        results.into_iter().map(|result| result.map(|r| r.outcome)).collect()
+    }
+
+    /// Authorizes a batch of payments, each with its basket or without one (A2, A3). A basket
+    /// must add up to the amount the user signed; its age-restricted items are checked against
+    /// the paying terminal's age registration under the store's age policy.
+    pub async fn authorize_baskets(
+        &self,
+        requests: Vec<(AuthorizeRequest, Option<Basket>)>,
+    ) -> Vec<Result<BasketOutcome, EngineError>> {
         let count = requests.len();
         if count > BATCH_SIZE_MAX {
             let error = EngineError::BatchTooLarge { len: count, max: BATCH_SIZE_MAX };
@@ -443,16 +501,23 @@ impl Engine {
         let now_ms = self.now_ms();
         let deadline =
             Instant::now() + Duration::from_millis(self.inner.config.request_deadline_ms);
+        let (requests, baskets): (Vec<_>, Vec<_>) = requests.into_iter().unzip();
         let (ids, verified) = self.verify_batch(requests, now_ms).await;
-        let mut results: Vec<Option<Result<AuthOutcome, EngineError>>> = vec![None; count];
+        let mut results: Vec<Option<Result<BasketOutcome, EngineError>>> = vec![None; count];
         let mut per_shard: Vec<(Vec<usize>, Vec<Op>)> =
             (0..self.shard_count()).map(|_| Default::default()).collect();
-        for (index, (client_request_id, verified)) in ids.into_iter().zip(verified).enumerate() {
+        let requests = ids.into_iter().zip(verified).zip(baskets).enumerate();
+        for (index, ((client_request_id, verified), basket)) in requests {
             match verified {
-                Err(reason) => results[index] = Some(Ok(AuthOutcome::Declined(reason))),
+                Err(reason) => results[index] = Some(Ok(declined(reason))),
                 Ok(verified) => {
                     let owner_hash = user_hash(&verified.record.user);
-                    let digest = u64::from_be_bytes(verified.digest[..8].try_into().expect("8"));
+                    // The tag is a MAC over the record; the basket joins it in the digest so
+                    // that reusing a request ID with another basket is a conflict.
+                    let digest = match &basket {
+                        None => u64::from_be_bytes(verified.digest[..8].try_into().expect("8")),
+                        Some(basket) => digest_of(&(verified.digest, basket)),
+                    };
                     let shard = self.shard_of(owner_hash);
                     per_shard[shard].0.push(index);
                     per_shard[shard].1.push(Op::Apply(Envelope {
@@ -460,7 +525,7 @@ impl Engine {
                         client_request_id: Some(client_request_id),
                         digest,
                         now_ms,
-                        command: Command::AuthReserve { verified },
+                        command: Command::AuthReserve { verified, basket: basket.map(Box::new) },
                     }));
                 }
             }
@@ -494,7 +559,7 @@ impl Engine {
     async fn reserve(
         &self,
         per_shard: Vec<(Vec<usize>, Vec<Op>)>,
-        results: &mut [Option<Result<AuthOutcome, EngineError>>],
+        results: &mut [Option<Result<BasketOutcome, EngineError>>],
     ) -> Vec<(usize, Box<Dispatch>)> {
         let mut pending = Vec::new();
         for (shard, (indices, ops)) in per_shard.into_iter().enumerate() {
@@ -518,9 +583,12 @@ impl Engine {
                         dispatches.push((index, dispatch));
                         continue;
                     }
-                    Reply::Auth(outcome) => Ok(outcome),
+                    Reply::Auth(outcome) => Ok(BasketOutcome { outcome, verdict: None }),
+                    Reply::BasketAuth(outcome, verdict) => {
+                        Ok(BasketOutcome { outcome, verdict: Some(*verdict) })
+                    }
                     Reply::InFlight => Err(EngineError::InFlight),
-                    Reply::Refused(reason) => Ok(AuthOutcome::Declined(reason)),
+                    Reply::Refused(reason) => Ok(declined(reason)),
                     other => Err(unexpected(other)),
                 });
             }
@@ -533,7 +601,7 @@ impl Engine {
         &self,
         dispatches: Vec<(usize, Box<Dispatch>)>,
         deadline: Instant,
-        results: &mut [Option<Result<AuthOutcome, EngineError>>],
+        results: &mut [Option<Result<BasketOutcome, EngineError>>],
     ) {
         if dispatches.is_empty() {
             return;
@@ -553,6 +621,7 @@ impl Engine {
                     user: dispatch.user.clone(),
                     means_id: dispatch.means_id,
                     outcome: *outcome,
+                    verdict: dispatch.verdict.clone(),
                 },
             }));
         }
@@ -570,7 +639,8 @@ impl Engine {
                 results[index] = Some(Err(EngineError::Stopped));
                 continue;
             }
-            results[index] = Some(Ok(outcome));
+            let verdict = dispatch.verdict.map(|v| *v);
+            results[index] = Some(Ok(BasketOutcome { outcome, verdict }));
             self.inner.notices.publish(Notice {
                 user: dispatch.user,
                 client_request_id: dispatch.key.1,
@@ -676,6 +746,23 @@ impl Engine {
         self.call(self.shard_of(owner_hash), Op::Apply(envelope)).await
     }
 
+    /// Applies an idempotent change to a provider's state whose reply is `Ok` or a refusal.
+    async fn change_provider(
+        &self,
+        provider_code: u32,
+        client_request_id: ClientRequestId,
+        digest: u64,
+        command: Command,
+    ) -> Result<(), EngineError> {
+        let reply = self
+            .apply_for_provider(provider_code, Some(client_request_id), digest, command)
+            .await?;
+        match reply {
+            Reply::Ok => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
     async fn query_for_user(&self, user: &UserKey, query: Query) -> Result<Reply, EngineError> {
         let shard = self.shard_of(user_hash(user));
         match self.call(shard, Op::Query(query)).await {
@@ -700,6 +787,10 @@ impl Engine {
         self.inner.shards[shard].do_send(crate::shard::Stall(stalled));
         release
     }
+}
+
+fn declined(reason: ReasonCode) -> BasketOutcome {
+    BasketOutcome { outcome: AuthOutcome::Declined(reason), verdict: None }
 }
 
 fn user_hash(user: &UserKey) -> u64 {

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
-use crate::inherent::{InherentId, RecordError};
+use crate::inherent::{InherentId, RecordError, TAG_LEN};
 use crate::limits::VERIFY_PARALLEL_MIN;
 use crate::types::{Idm, ReasonCode, UserKey};
 
@@ -153,16 +153,32 @@ impl DeviceIndex {
             RecordError::Field("amount") => ReasonCode::InvalidAmount,
             _ => ReasonCode::Malformed,
         })?;
+        self.verify_tag(&record.card_idm, &record.user, record.key_version, body, tag, now_ms)?;
+        Ok(Verified { record, digest: *tag })
+    }
+
+    /// Checks `tag` over `body` with the key of device `idm` at `key_version`, in constant
+    /// time: the device must belong to `user`, and a rotated-out key must be within its grace
+    /// window. Every signed record type (inherent IDs, age registrations) goes through here.
+    pub(crate) fn verify_tag(
+        &self,
+        idm: &Idm,
+        user: &UserKey,
+        key_version: u16,
+        body: &[u8],
+        tag: &[u8; TAG_LEN],
+        now_ms: i64,
+    ) -> Result<(), ReasonCode> {
         let mut mac = {
-            let entry = self.devices.get(&record.card_idm).ok_or(ReasonCode::UnknownDevice)?;
-            if entry.user != record.user {
+            let entry = self.devices.get(idm).ok_or(ReasonCode::UnknownDevice)?;
+            if entry.user != *user {
                 return Err(ReasonCode::UserDeviceMismatch);
             }
-            if entry.current.version == record.key_version {
+            if entry.current.version == key_version {
                 entry.current.mac.clone()
             } else {
                 match &entry.previous {
-                    Some((slot, until_ms)) if slot.version == record.key_version => {
+                    Some((slot, until_ms)) if slot.version == key_version => {
                         if now_ms >= *until_ms {
                             return Err(ReasonCode::KeyVersionInvalid);
                         }
@@ -174,8 +190,7 @@ impl DeviceIndex {
         };
         mac.update(body);
         // `verify_slice` compares in constant time (the `subtle` crate underneath).
-        mac.verify_slice(tag).map_err(|_| ReasonCode::ForgedTag)?;
-        Ok(Verified { record, digest: *tag })
+        mac.verify_slice(tag).map_err(|_| ReasonCode::ForgedTag)
     }
 
     /// Verifies a batch; large batches are spread over the rayon pool's cores.

@@ -9,10 +9,12 @@
 //! - [`keys`]: device keys and batch verification of their HMAC-SHA256 tags (rayon);
 //! - `shard`: actix actors, each owning a slice of users, applying commands in order;
 //! - [`providers`]: providers, terminal lists and services, and the adapters behind them;
+//! - [`age`]: age registrations, rules per jurisdiction and the basket check (A1–A3);
 //! - [`vault`] and [`password`]: the only places a card number or password is handled;
 //! - [`engine`]: the facade that routes requests through all of the above.
 #![deny(missing_docs)]
 
+pub mod age;
 pub mod clock;
 pub mod config;
 pub mod engine;
@@ -30,6 +32,7 @@ pub mod types;
 pub mod vault;
 pub mod wal;
 
+pub use age::{AgeCheck, AgePolicy, AgeRecord, AgeVerdict, Basket, BasketItem, OnAgeFailure};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{EngineConfig, ProviderConfig};
 pub use engine::{

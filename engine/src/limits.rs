@@ -35,6 +35,18 @@ pub const SHARDS_MAX: usize = 256;
 pub const MAILBOX_CAPACITY_MAX: usize = 65_536;
 /// Notices buffered per subscriber before the oldest are dropped (the subscriber sees a lag).
 pub const NOTICE_BUFFER: usize = 256;
+/// Items in one basket (A2).
+pub const BASKET_ITEMS_MAX: usize = 256;
+/// Longest item ID in a basket.
+pub const ITEM_ID_LEN_MAX: usize = 32;
+/// Longest item category name (`alcohol`, `tobacco`, ...).
+pub const CATEGORY_LEN_MAX: usize = 16;
+/// Largest quantity of one basket line.
+pub const ITEM_QUANTITY_MAX: u32 = 1_000_000;
+/// Longest IANA time-zone name in an age policy.
+pub const TIME_ZONE_LEN_MAX: usize = 64;
+/// Longest jurisdiction code in an age policy.
+pub const JURISDICTION_LEN_MAX: usize = 8;
 /// Batches at or above this size are verified on the rayon pool, smaller ones inline.
 pub const VERIFY_PARALLEL_MIN: usize = 32;
 

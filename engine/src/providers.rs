@@ -12,6 +12,7 @@ use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use settlegate_adapters::Guarded;
 
+use crate::age::ResolvedPolicy;
 use crate::limits::{
     SERVICE_DESCRIPTION_LEN_MAX, TERMINALS_PER_PROVIDER_MAX, TERMINALS_PER_REQUEST_MAX,
 };
@@ -65,11 +66,13 @@ pub struct Provider {
     pub name: String,
     pub(crate) adapter: Guarded,
     terminals: DashMap<String, Option<TerminalService>>,
+    /// Store age policies set per terminal (A2); a terminal without one follows its provider's.
+    age_policies: DashMap<String, ResolvedPolicy>,
 }
 
 impl Provider {
     pub(crate) fn new(code: u32, name: String, adapter: Guarded) -> Provider {
-        Provider { code, name, adapter, terminals: DashMap::new() }
+        Provider { code, name, adapter, terminals: DashMap::new(), age_policies: DashMap::new() }
     }
 
     /// Validates every entry first, so a request is applied whole or not at all.
@@ -92,6 +95,7 @@ impl Provider {
     pub(crate) fn remove_terminals(&self, terminal_ids: &[String]) {
         for id in terminal_ids {
             self.terminals.remove(id);
+            self.age_policies.remove(id);
         }
     }
 
@@ -127,6 +131,35 @@ impl Provider {
                 service: entry.as_ref().filter(|s| s.active_at(now_ms)).cloned(),
             },
         }
+    }
+
+    /// Sets (or with `None` clears) a listed terminal's own age policy.
+    pub(crate) fn set_age_policy(
+        &self,
+        terminal_id: &str,
+        policy: Option<ResolvedPolicy>,
+    ) -> Result<(), ReasonCode> {
+        if !self.terminals.contains_key(terminal_id) {
+            return Err(ReasonCode::InvalidTerminal);
+        }
+        match policy {
+            Some(policy) => self.age_policies.insert(terminal_id.to_owned(), policy),
+            None => self.age_policies.remove(terminal_id).map(|(_, p)| p),
+        };
+        Ok(())
+    }
+
+    /// A terminal's own age policy, if it set one.
+    pub fn age_policy(&self, terminal_id: &str) -> Option<ResolvedPolicy> {
+        self.age_policies.get(terminal_id).map(|p| p.clone())
+    }
+
+    /// Every terminal's own age policy, for a snapshot (sorted by terminal ID).
+    pub(crate) fn export_age_policies(&self) -> Vec<(String, ResolvedPolicy)> {
+        let mut policies: Vec<(String, ResolvedPolicy)> =
+            self.age_policies.iter().map(|e| (e.key().clone(), e.value().clone())).collect();
+        policies.sort_by(|a, b| a.0.cmp(&b.0));
+        policies
     }
 
     /// Terminals listed.

@@ -160,11 +160,20 @@ pub enum ReasonCode {
     InvalidService = 61,
     /// Too many terminals for the provider or the request.
     TooManyTerminals = 62,
+    /// The age condition of restricted items does not hold (no registration, an expired one,
+    /// or too young); the store learns nothing more (A2).
+    AgeConditionNotMet = 70,
+    /// The basket is invalid or its total differs from the amount the user signed.
+    BasketMismatch = 71,
+    /// An age registration is invalid (birth date, validity window or verification method).
+    InvalidAgeRegistration = 72,
+    /// An age policy names an unknown jurisdiction or time zone.
+    InvalidAgePolicy = 73,
 }
 
 impl ReasonCode {
     /// Every reason code, in numeric order.
-    pub const ALL: [ReasonCode; 32] = [
+    pub const ALL: [ReasonCode; 36] = [
         ReasonCode::Malformed,
         ReasonCode::UnknownDevice,
         ReasonCode::ForgedTag,
@@ -197,6 +206,10 @@ impl ReasonCode {
         ReasonCode::InvalidTerminal,
         ReasonCode::InvalidService,
         ReasonCode::TooManyTerminals,
+        ReasonCode::AgeConditionNotMet,
+        ReasonCode::BasketMismatch,
+        ReasonCode::InvalidAgeRegistration,
+        ReasonCode::InvalidAgePolicy,
     ];
 
     /// The wire value.

@@ -8,6 +8,7 @@ use rustc_hash::FxHashMap;
 
 use super::idempotency::{IdemKey, IdemState, Idempotency, Seen};
 use super::replay::ReplayWindow;
+use crate::age::{self, AgePolicy, AgeRecord, AgeRegistration, AgeRules, AgeVerdict, Basket};
 use crate::keys::{DeviceIndex, DeviceKey, Verified};
 use crate::limits::{DEVICES_PER_USER_MAX, MEANS_PER_USER_MAX};
 use crate::providers::{Registry, TerminalEntry};
@@ -22,6 +23,7 @@ pub(crate) struct Shared {
     pub(crate) devices: Arc<DeviceIndex>,
     pub(crate) vault: Arc<Vault>,
     pub(crate) registry: Arc<Registry>,
+    pub(crate) age: Arc<AgeRules>,
 }
 
 /// The parts of the engine config a shard applies.
@@ -109,21 +111,72 @@ pub(crate) struct Dispatch {
     pub(crate) amount_requested_minor: u64,
     pub(crate) discount_minor: u64,
     pub(crate) currency: Currency,
+    /// The basket's age verdict, for a payment made with a basket.
+    pub(crate) verdict: Option<Box<AgeVerdict>>,
 }
 
 /// A state change. Applied only by the shard that owns it.
 #[derive(Debug, Clone)]
 pub(crate) enum Command {
-    Enroll { user: UserKey, password_phc: String, idm: Idm, key: DeviceKey },
-    ProvisionDevice { user: UserKey, idm: Idm, key: DeviceKey },
-    RotateDeviceKey { user: UserKey, idm: Idm, key: DeviceKey },
-    AddMeans { user: UserKey, means: NewMeans, make_default: bool },
-    SetDefaultMeans { user: UserKey, means_id: u32 },
-    LoginAttempt { user: UserKey, success: bool },
-    AuthReserve { verified: Verified },
-    AuthComplete { key: IdemKey, user: UserKey, means_id: u32, outcome: AuthOutcome },
-    RegisterTerminals { provider_code: u32, terminals: Vec<TerminalEntry> },
-    RemoveTerminals { provider_code: u32, terminal_ids: Vec<String> },
+    Enroll {
+        user: UserKey,
+        password_phc: String,
+        idm: Idm,
+        key: DeviceKey,
+    },
+    ProvisionDevice {
+        user: UserKey,
+        idm: Idm,
+        key: DeviceKey,
+    },
+    RotateDeviceKey {
+        user: UserKey,
+        idm: Idm,
+        key: DeviceKey,
+    },
+    AddMeans {
+        user: UserKey,
+        means: NewMeans,
+        make_default: bool,
+    },
+    SetDefaultMeans {
+        user: UserKey,
+        means_id: u32,
+    },
+    LoginAttempt {
+        user: UserKey,
+        success: bool,
+    },
+    AuthReserve {
+        verified: Verified,
+        basket: Option<Box<Basket>>,
+    },
+    AuthComplete {
+        key: IdemKey,
+        user: UserKey,
+        means_id: u32,
+        outcome: AuthOutcome,
+        verdict: Option<Box<AgeVerdict>>,
+    },
+    /// A1: a verified age registration of one of the user's terminals.
+    RegisterAge {
+        record: AgeRecord,
+        tag: [u8; 32],
+    },
+    /// A store terminal's own age policy (`None` clears it).
+    SetAgePolicy {
+        provider_code: u32,
+        terminal_id: String,
+        policy: Option<AgePolicy>,
+    },
+    RegisterTerminals {
+        provider_code: u32,
+        terminals: Vec<TerminalEntry>,
+    },
+    RemoveTerminals {
+        provider_code: u32,
+        terminal_ids: Vec<String>,
+    },
 }
 
 /// A command with its routing, idempotency and time context.
@@ -152,19 +205,31 @@ pub(crate) enum Query {
 pub(crate) enum Reply {
     Ok,
     Refused(ReasonCode),
-    KeyIssued { key_version: u16, key: DeviceKey },
-    MeansAdded { means_id: u32, last4: Option<[u8; 4]> },
+    KeyIssued {
+        key_version: u16,
+        key: DeviceKey,
+    },
+    MeansAdded {
+        means_id: u32,
+        last4: Option<[u8; 4]>,
+    },
     Auth(AuthOutcome),
+    /// The outcome of a payment made with a basket, and what its age check found.
+    BasketAuth(AuthOutcome, Box<AgeVerdict>),
     Dispatch(Box<Dispatch>),
     InFlight,
     Means(Vec<MeansView>),
-    Credentials { password_phc: String },
+    Credentials {
+        password_phc: String,
+    },
 }
 
 /// One shard's users, devices' replay state and idempotency records.
 pub(crate) struct ShardState {
     pub(crate) index: u8,
     pub(crate) users: FxHashMap<UserKey, User>,
+    /// Age registrations of this shard's users' terminals, by card IDm (A1).
+    pub(crate) ages: FxHashMap<Idm, AgeRegistration>,
     pub(crate) idem: Idempotency,
     pub(crate) dispatch_seq: u64,
     pub(crate) shared: Shared,
@@ -178,6 +243,7 @@ impl ShardState {
         ShardState {
             index,
             users: FxHashMap::default(),
+            ages: FxHashMap::default(),
             idem: Idempotency::new(config.idempotency_ttl_ms, config.idempotency_records_max),
             dispatch_seq: 0,
             shared,
@@ -242,9 +308,15 @@ impl ShardState {
             }
             Command::SetDefaultMeans { user, means_id } => self.set_default_means(&user, means_id),
             Command::LoginAttempt { user, success } => self.login_attempt(&user, success, now_ms),
-            Command::AuthReserve { verified } => self.auth_reserve(verified, now_ms, key),
-            Command::AuthComplete { key, user, means_id, outcome } => {
-                self.auth_complete(key, &user, means_id, outcome, now_ms)
+            Command::AuthReserve { verified, basket } => {
+                self.auth_reserve(verified, basket.as_deref(), now_ms, key)
+            }
+            Command::AuthComplete { key, user, means_id, outcome, verdict } => {
+                self.auth_complete(key, &user, means_id, outcome, verdict, now_ms)
+            }
+            Command::RegisterAge { record, tag: _ } => self.register_age(record, now_ms),
+            Command::SetAgePolicy { provider_code, terminal_id, policy } => {
+                self.set_age_policy(provider_code, &terminal_id, policy.as_ref())
             }
             Command::RegisterTerminals { provider_code, terminals } => {
                 self.register_terminals(provider_code, terminals)
@@ -383,7 +455,13 @@ impl ShardState {
 
     /// Every check of an authorization that needs the user's state; on success, the nonce is
     /// consumed and the work is handed back for dispatch to the provider.
-    fn auth_reserve(&mut self, verified: Verified, now_ms: i64, key: IdemKey) -> Reply {
+    fn auth_reserve(
+        &mut self,
+        verified: Verified,
+        basket: Option<&Basket>,
+        now_ms: i64,
+        key: IdemKey,
+    ) -> Reply {
         let record = verified.record;
         let declined = |reason| Reply::Auth(AuthOutcome::Declined(reason));
         let Some(account) = self.users.get_mut(&record.user) else {
@@ -411,11 +489,37 @@ impl ShardState {
         let Some(provider) = self.shared.registry.provider(record.provider_code) else {
             return declined(ReasonCode::UnknownProvider);
         };
-        let discount_minor =
-            provider.active_service(&record.terminal_id, now_ms).map_or(0, |service| {
-                service.discount.discount_minor(record.amount_minor, record.currency)
-            });
-        assert!(discount_minor <= record.amount_minor, "discount above amount");
+        let terminal_policy = provider.age_policy(&record.terminal_id);
+        let policy = self.shared.age.policy_for(record.provider_code, terminal_policy.as_ref());
+        let (amount_minor, verdict) = match basket {
+            // A strict store checks item categories itself: a payment without items would
+            // bypass that, so it must carry a basket.
+            None if policy.policy.strict => return declined(ReasonCode::BasketMismatch),
+            None => (record.amount_minor, None),
+            Some(basket) => {
+                let registration = self.ages.get(&record.card_idm);
+                let decision = match age::decide(
+                    basket,
+                    record.amount_minor,
+                    registration,
+                    policy,
+                    &self.shared.age.config,
+                    now_ms,
+                ) {
+                    Ok(decision) => decision,
+                    Err(reason) => return declined(reason),
+                };
+                if let Some(reason) = decision.decline {
+                    let outcome = AuthOutcome::Declined(reason);
+                    return Reply::BasketAuth(outcome, Box::new(decision.verdict));
+                }
+                (decision.verdict.amount_minor, Some(Box::new(decision.verdict)))
+            }
+        };
+        let discount_minor = provider
+            .active_service(&record.terminal_id, now_ms)
+            .map_or(0, |service| service.discount.discount_minor(amount_minor, record.currency));
+        assert!(discount_minor <= amount_minor, "discount above amount");
         self.dispatch_seq += 1;
         Reply::Dispatch(Box::new(Dispatch {
             key,
@@ -426,9 +530,10 @@ impl ShardState {
             means: means.kind,
             card_token: means.number.map(|(token, _)| token),
             terminal_id: record.terminal_id,
-            amount_requested_minor: record.amount_minor,
+            amount_requested_minor: amount_minor,
             discount_minor,
             currency: record.currency,
+            verdict,
         }))
     }
 
@@ -438,9 +543,14 @@ impl ShardState {
         user: &UserKey,
         means_id: u32,
         outcome: AuthOutcome,
+        verdict: Option<Box<AgeVerdict>>,
         now_ms: i64,
     ) -> Reply {
-        self.idem.complete(&key, Reply::Auth(outcome));
+        let reply = match verdict {
+            Some(verdict) => Reply::BasketAuth(outcome, verdict),
+            None => Reply::Auth(outcome),
+        };
+        self.idem.complete(&key, reply);
         if let AuthOutcome::Approved(_) = outcome {
             let means = self
                 .users
@@ -452,6 +562,62 @@ impl ShardState {
             }
         }
         Reply::Ok
+    }
+
+    /// A1: keeps a terminal's age registration, after the checks that need the user's state
+    /// (the tag was verified before the command was made).
+    fn register_age(&mut self, record: AgeRecord, now_ms: i64) -> Reply {
+        let Some(account) = self.users.get_mut(&record.user) else {
+            return Reply::Refused(ReasonCode::UnknownUser);
+        };
+        let Some(device) = account.devices.iter_mut().find(|d| d.idm == record.card_idm) else {
+            return Reply::Refused(ReasonCode::UserDeviceMismatch);
+        };
+        if (now_ms - record.timestamp_ms).abs() > self.config.timestamp_window_ms {
+            return Reply::Refused(ReasonCode::StaleTimestamp);
+        }
+        if !device.replay.fresh(record.counter) {
+            return Reply::Refused(ReasonCode::ReplayedNonce);
+        }
+        device.replay.record(record.counter);
+        let validity_max_ms = self.shared.age.config.validity_max_ms();
+        let too_long = record.valid_until_ms.saturating_sub(now_ms) > validity_max_ms;
+        if too_long {
+            return Reply::Refused(ReasonCode::InvalidAgeRegistration);
+        }
+        if let Err(reason) = record.validate(now_ms, self.config.timestamp_window_ms) {
+            return Reply::Refused(reason);
+        }
+        self.ages.insert(
+            record.card_idm,
+            AgeRegistration {
+                birth_date: record.birth_date,
+                method: record.method,
+                verified_at_ms: record.verified_at_ms,
+                valid_until_ms: record.valid_until_ms,
+            },
+        );
+        Reply::Ok
+    }
+
+    fn set_age_policy(
+        &mut self,
+        provider_code: u32,
+        terminal_id: &str,
+        policy: Option<&AgePolicy>,
+    ) -> Reply {
+        let Some(provider) = self.shared.registry.provider(provider_code) else {
+            return Reply::Refused(ReasonCode::UnknownProvider);
+        };
+        let resolved = match policy.map(|p| self.shared.age.config.resolve(p)).transpose() {
+            Ok(resolved) => resolved,
+            Err(reason) => return Reply::Refused(reason),
+        };
+        self.owned_providers.insert(provider_code);
+        match provider.set_age_policy(terminal_id, resolved) {
+            Ok(()) => Reply::Ok,
+            Err(reason) => Reply::Refused(reason),
+        }
     }
 
     fn register_terminals(&mut self, provider_code: u32, terminals: Vec<TerminalEntry>) -> Reply {
@@ -481,6 +647,7 @@ impl ShardState {
                     user,
                     means_id,
                     outcome: AuthOutcome::Declined(ReasonCode::ProviderTimeout),
+                    verdict: None,
                 },
             };
             self.apply(envelope.clone());

@@ -35,8 +35,10 @@ use tokio::sync::oneshot;
 use crate::shard::Reply;
 use record::LogEnvelope;
 
-/// The log format this build writes and the newest it reads.
-pub const FORMAT_VERSION: u16 = 1;
+/// The log and snapshot format this build writes and the newest it reads. Version 2 added the
+/// age registry (log record kinds appended; snapshots gained an age section). Version 1 files
+/// are still read.
+pub const FORMAT_VERSION: u16 = 2;
 const MAGIC: [u8; 8] = *b"SGWAL\0\0\0";
 const FILE_HEADER_LEN: usize = 24;
 const RECORD_HEADER_LEN: usize = 8;

@@ -5,6 +5,7 @@
 
 use rkyv::{Archive, Deserialize, Serialize};
 
+use crate::age::{AgeCheck, AgePolicy, AgeRecord, AgeVerdict, Basket, BasketItem, OnAgeFailure};
 use crate::inherent::InherentId;
 use crate::keys::{DeviceKey, Verified};
 use crate::providers::TerminalEntry;
@@ -78,6 +79,58 @@ enum LogCommand {
         provider_code: u32,
         terminal_ids: Vec<String>,
     },
+    // Format version 2 appends the variants below; version-1 logs never hold them.
+    /// An authorization with its basket (A2).
+    AuthReserveBasket {
+        inherent_id: Vec<u8>,
+        basket: LogBasket,
+    },
+    AuthCompleteBasket {
+        owner_hash: u64,
+        client_request_id: u128,
+        user: LogUser,
+        means_id: u32,
+        outcome: LogOutcome,
+        verdict: LogVerdict,
+    },
+    /// The signed age record, body and tag (A1).
+    RegisterAge {
+        record: Vec<u8>,
+    },
+    SetAgePolicy {
+        provider_code: u32,
+        terminal_id: String,
+        policy: Option<LogAgePolicy>,
+    },
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub(crate) struct LogBasket {
+    age_confirmation: bool,
+    items: Vec<LogItem>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+struct LogItem {
+    item_id: String,
+    category: String,
+    quantity: u32,
+    unit_amount_minor: u64,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub(crate) struct LogVerdict {
+    check: u8,
+    items: Vec<String>,
+    amount_minor: u64,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub(crate) struct LogAgePolicy {
+    pub(crate) jurisdiction: String,
+    pub(crate) time_zone: String,
+    pub(crate) on_failure: u8,
+    pub(crate) strict: bool,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -251,6 +304,86 @@ pub(crate) fn terminal_in(entry: &LogTerminal) -> Result<TerminalEntry, RecordEr
     Ok(TerminalEntry { terminal_id: entry.terminal_id.clone(), service })
 }
 
+fn basket_out(basket: &Basket) -> LogBasket {
+    LogBasket {
+        age_confirmation: basket.age_confirmation,
+        items: basket
+            .items
+            .iter()
+            .map(|i| LogItem {
+                item_id: i.item_id.clone(),
+                category: i.category.clone(),
+                quantity: i.quantity,
+                unit_amount_minor: i.unit_amount_minor,
+            })
+            .collect(),
+    }
+}
+
+fn basket_in(basket: &LogBasket) -> Basket {
+    Basket {
+        age_confirmation: basket.age_confirmation,
+        items: basket
+            .items
+            .iter()
+            .map(|i| BasketItem {
+                item_id: i.item_id.clone(),
+                category: i.category.clone(),
+                quantity: i.quantity,
+                unit_amount_minor: i.unit_amount_minor,
+            })
+            .collect(),
+    }
+}
+
+pub(crate) fn verdict_out(verdict: &AgeVerdict) -> LogVerdict {
+    LogVerdict {
+        check: verdict.check as u8,
+        items: verdict.items.clone(),
+        amount_minor: verdict.amount_minor,
+    }
+}
+
+pub(crate) fn verdict_in(verdict: &LogVerdict) -> Result<AgeVerdict, RecordError> {
+    Ok(AgeVerdict {
+        check: AgeCheck::from_u8(verdict.check).ok_or(RecordError("age check"))?,
+        items: verdict.items.clone(),
+        amount_minor: verdict.amount_minor,
+    })
+}
+
+pub(crate) fn policy_out(policy: &AgePolicy) -> LogAgePolicy {
+    LogAgePolicy {
+        jurisdiction: policy.jurisdiction.clone(),
+        time_zone: policy.time_zone.clone(),
+        on_failure: policy.on_failure as u8,
+        strict: policy.strict,
+    }
+}
+
+pub(crate) fn policy_in(policy: &LogAgePolicy) -> Result<AgePolicy, RecordError> {
+    Ok(AgePolicy {
+        jurisdiction: policy.jurisdiction.clone(),
+        time_zone: policy.time_zone.clone(),
+        on_failure: OnAgeFailure::from_u8(policy.on_failure)
+            .ok_or(RecordError("age policy on_failure"))?,
+        strict: policy.strict,
+    })
+}
+
+fn inherent_out(verified: &Verified) -> Vec<u8> {
+    let mut inherent_id = Vec::with_capacity(crate::inherent::RECORD_LEN_MAX);
+    verified.record.encode_body(&mut inherent_id);
+    inherent_id.extend_from_slice(&verified.digest);
+    inherent_id
+}
+
+fn inherent_in(inherent_id: &[u8]) -> Result<Verified, RecordError> {
+    let (record, _, tag) =
+        InherentId::decode(inherent_id).map_err(|_| RecordError("inherent id"))?;
+    Ok(Verified { record, digest: *tag })
+}
+
 impl LogEnvelope {
     /// The record of `envelope`, sealing device keys with `vault`.
     pub(crate) fn from_envelope(envelope: &Envelope, vault: &Vault) -> LogEnvelope {
@@ -328,18 +461,42 @@ fn command_out(command: &Command, vault: &Vault) -> LogCommand {
         Command::LoginAttempt { user, success } => {
             LogCommand::LoginAttempt { user: user_out(user), success: *success }
         }
-        Command::AuthReserve { verified } => {
-            let mut inherent_id = Vec::with_capacity(crate::inherent::RECORD_LEN_MAX);
-            verified.record.encode_body(&mut inherent_id);
-            inherent_id.extend_from_slice(&verified.digest);
-            LogCommand::AuthReserve { inherent_id }
+        Command::AuthReserve { verified, basket: None } => {
+            LogCommand::AuthReserve { inherent_id: inherent_out(verified) }
         }
-        Command::AuthComplete { key, user, means_id, outcome } => LogCommand::AuthComplete {
-            owner_hash: key.0,
-            client_request_id: key.1,
-            user: user_out(user),
-            means_id: *means_id,
-            outcome: outcome_out(outcome),
+        Command::AuthReserve { verified, basket: Some(basket) } => LogCommand::AuthReserveBasket {
+            inherent_id: inherent_out(verified),
+            basket: basket_out(basket),
+        },
+        Command::AuthComplete { key, user, means_id, outcome, verdict: None } => {
+            LogCommand::AuthComplete {
+                owner_hash: key.0,
+                client_request_id: key.1,
+                user: user_out(user),
+                means_id: *means_id,
+                outcome: outcome_out(outcome),
+            }
+        }
+        Command::AuthComplete { key, user, means_id, outcome, verdict: Some(verdict) } => {
+            LogCommand::AuthCompleteBasket {
+                owner_hash: key.0,
+                client_request_id: key.1,
+                user: user_out(user),
+                means_id: *means_id,
+                outcome: outcome_out(outcome),
+                verdict: verdict_out(verdict),
+            }
+        }
+        Command::RegisterAge { record, tag } => {
+            let mut bytes = Vec::with_capacity(crate::age::AGE_RECORD_LEN_MAX);
+            record.encode_body(&mut bytes);
+            bytes.extend_from_slice(tag);
+            LogCommand::RegisterAge { record: bytes }
+        }
+        Command::SetAgePolicy { provider_code, terminal_id, policy } => LogCommand::SetAgePolicy {
+            provider_code: *provider_code,
+            terminal_id: terminal_id.clone(),
+            policy: policy.as_ref().map(policy_out),
         },
         Command::RegisterTerminals { provider_code, terminals } => LogCommand::RegisterTerminals {
             provider_code: *provider_code,
@@ -388,16 +545,43 @@ fn command_in(command: &LogCommand, vault: &Vault) -> Result<Command, RecordErro
             Command::LoginAttempt { user: user_in(user)?, success: *success }
         }
         LogCommand::AuthReserve { inherent_id } => {
-            let (record, _, tag) =
-                InherentId::decode(inherent_id).map_err(|_| RecordError("inherent id"))?;
-            Command::AuthReserve { verified: Verified { record, digest: *tag } }
+            Command::AuthReserve { verified: inherent_in(inherent_id)?, basket: None }
         }
+        LogCommand::AuthReserveBasket { inherent_id, basket } => Command::AuthReserve {
+            verified: inherent_in(inherent_id)?,
+            basket: Some(Box::new(basket_in(basket))),
+        },
+        LogCommand::AuthCompleteBasket {
+            owner_hash,
+            client_request_id,
+            user,
+            means_id,
+            outcome,
+            verdict,
+        } => Command::AuthComplete {
+            key: (*owner_hash, *client_request_id),
+            user: user_in(user)?,
+            means_id: *means_id,
+            outcome: outcome_in(outcome)?,
+            verdict: Some(Box::new(verdict_in(verdict)?)),
+        },
+        LogCommand::RegisterAge { record } => {
+            let (record, _, tag) =
+                AgeRecord::decode(record).map_err(|_| RecordError("age record"))?;
+            Command::RegisterAge { record, tag: *tag }
+        }
+        LogCommand::SetAgePolicy { provider_code, terminal_id, policy } => Command::SetAgePolicy {
+            provider_code: *provider_code,
+            terminal_id: terminal_id.clone(),
+            policy: policy.as_ref().map(policy_in).transpose()?,
+        },
         LogCommand::AuthComplete { owner_hash, client_request_id, user, means_id, outcome } => {
             Command::AuthComplete {
                 key: (*owner_hash, *client_request_id),
                 user: user_in(user)?,
                 means_id: *means_id,
                 outcome: outcome_in(outcome)?,
+                verdict: None,
             }
         }
         LogCommand::RegisterTerminals { provider_code, terminals } => Command::RegisterTerminals {

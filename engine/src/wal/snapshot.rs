@@ -15,7 +15,9 @@ use super::record::{
     key_in, key_out, outcome_in, outcome_out, sealed_in, sealed_out, terminal_in, terminal_out,
     user_in, user_out, LogNumber, LogOutcome, LogSealed, LogTerminal, LogUser, RecordError,
 };
+use super::record::{policy_in, policy_out, verdict_in, verdict_out, LogAgePolicy, LogVerdict};
 use super::{StorageError, FORMAT_VERSION};
+use crate::age::{AgeRegistration, VerificationMethod};
 use crate::keys::DeviceKeys;
 use crate::shard::idempotency::IdemState;
 use crate::shard::replay::ReplayWindow;
@@ -31,6 +33,34 @@ pub(crate) struct SnapShard {
     users: Vec<SnapUser>,
     idem: Vec<SnapIdem>,
     providers: Vec<SnapProvider>,
+    /// Since format version 2.
+    age: SnapAge,
+}
+
+/// The payload of a format-version-1 snapshot: version 2 without the age section.
+#[derive(Archive, Serialize, Deserialize, Debug)]
+struct SnapShardV1 {
+    dispatch_seq: u64,
+    users: Vec<SnapUser>,
+    idem: Vec<SnapIdem>,
+    providers: Vec<SnapProvider>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Default)]
+struct SnapAge {
+    registrations: Vec<SnapAgeRegistration>,
+    /// Terminal age policies of the providers this shard owns: code, terminal, policy.
+    policies: Vec<(u32, String, LogAgePolicy)>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug)]
+struct SnapAgeRegistration {
+    idm: [u8; 8],
+    /// Year, month, day.
+    birth_date: (i16, i8, i8),
+    method: u8,
+    verified_at_ms: i64,
+    valid_until_ms: i64,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug)]
@@ -76,12 +106,30 @@ struct SnapIdem {
 
 #[derive(Archive, Serialize, Deserialize, Debug)]
 enum SnapIdemState {
-    Pending { user: LogUser, means_id: u32 },
+    Pending {
+        user: LogUser,
+        means_id: u32,
+    },
     Ok,
-    Refused { reason: u16 },
-    KeyIssued { key_version: u16, key: LogSealed },
-    MeansAdded { means_id: u32, last4: Option<[u8; 4]> },
-    Auth { outcome: LogOutcome },
+    Refused {
+        reason: u16,
+    },
+    KeyIssued {
+        key_version: u16,
+        key: LogSealed,
+    },
+    MeansAdded {
+        means_id: u32,
+        last4: Option<[u8; 4]>,
+    },
+    Auth {
+        outcome: LogOutcome,
+    },
+    /// Since format version 2.
+    BasketAuth {
+        outcome: LogOutcome,
+        verdict: LogVerdict,
+    },
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug)]
@@ -133,7 +181,30 @@ impl SnapShard {
                 terminals: p.export_terminals().iter().map(terminal_out).collect(),
             })
             .collect();
-        SnapShard { dispatch_seq: state.dispatch_seq, users, idem, providers }
+        let mut registrations: Vec<SnapAgeRegistration> = state
+            .ages
+            .iter()
+            .map(|(idm, r)| SnapAgeRegistration {
+                idm: *idm,
+                birth_date: (r.birth_date.year(), r.birth_date.month(), r.birth_date.day()),
+                method: r.method as u8,
+                verified_at_ms: r.verified_at_ms,
+                valid_until_ms: r.valid_until_ms,
+            })
+            .collect();
+        registrations.sort_by_key(|r| r.idm);
+        let policies = state
+            .owned_providers
+            .iter()
+            .filter_map(|code| state.shared.registry.provider(*code))
+            .flat_map(|p| {
+                p.export_age_policies()
+                    .into_iter()
+                    .map(|(terminal, policy)| (p.code, terminal, policy_out(&policy.policy)))
+            })
+            .collect();
+        let age = SnapAge { registrations, policies };
+        SnapShard { dispatch_seq: state.dispatch_seq, users, idem, providers, age }
     }
 
     /// Restores into a fresh `state` (and the shared indexes).
@@ -206,7 +277,46 @@ impl SnapShard {
                 state.owned_providers.insert(p.code);
             }
         }
+        for r in &self.age.registrations {
+            let (year, month, day) = r.birth_date;
+            let registration = AgeRegistration {
+                birth_date: jiff::civil::Date::new(year, month, day)
+                    .map_err(|_| RecordError("age registration birth date"))?,
+                method: VerificationMethod::from_u8(r.method)
+                    .ok_or(RecordError("age verification method"))?,
+                verified_at_ms: r.verified_at_ms,
+                valid_until_ms: r.valid_until_ms,
+            };
+            state.ages.insert(r.idm, registration);
+        }
+        for (code, terminal_id, policy) in &self.age.policies {
+            let policy = policy_in(policy)?;
+            let resolved = state.shared.age.config.resolve(&policy).map_err(|_| {
+                RecordError(
+                    "a stored store age policy names a jurisdiction or time zone the config no \
+                     longer has",
+                )
+            })?;
+            if let Some(provider) = state.shared.registry.provider(*code) {
+                provider
+                    .set_age_policy(terminal_id, Some(resolved))
+                    .map_err(|_| RecordError("age policy of an unlisted terminal"))?;
+                state.owned_providers.insert(*code);
+            }
+        }
         Ok(())
+    }
+}
+
+impl From<SnapShardV1> for SnapShard {
+    fn from(v1: SnapShardV1) -> SnapShard {
+        SnapShard {
+            dispatch_seq: v1.dispatch_seq,
+            users: v1.users,
+            idem: v1.idem,
+            providers: v1.providers,
+            age: SnapAge::default(),
+        }
     }
 }
 
@@ -270,6 +380,10 @@ fn capture_reply(
             SnapIdemState::MeansAdded { means_id: *means_id, last4: *last4 }
         }
         Reply::Auth(outcome) => SnapIdemState::Auth { outcome: outcome_out(outcome) },
+        Reply::BasketAuth(outcome, verdict) => SnapIdemState::BasketAuth {
+            outcome: outcome_out(outcome),
+            verdict: verdict_out(verdict),
+        },
         // Only the replies above are ever stored as done.
         _ => SnapIdemState::Ok,
     }
@@ -300,6 +414,9 @@ fn restore_idem(vault: &crate::vault::Vault, i: &SnapIdem) -> Result<IdemState, 
             IdemState::Done(Reply::MeansAdded { means_id: *means_id, last4: *last4 })
         }
         SnapIdemState::Auth { outcome } => IdemState::Done(Reply::Auth(outcome_in(outcome)?)),
+        SnapIdemState::BasketAuth { outcome, verdict } => {
+            IdemState::Done(Reply::BasketAuth(outcome_in(outcome)?, Box::new(verdict_in(verdict)?)))
+        }
     })
 }
 
@@ -370,7 +487,11 @@ pub(crate) fn read(
     }
     let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(payload.len());
     aligned.extend_from_slice(payload);
-    let snapshot = rkyv::from_bytes::<SnapShard, rkyv::rancor::Error>(&aligned)
-        .map_err(|_| corrupt("snapshot does not decode"))?;
+    let snapshot = if version == 1 {
+        rkyv::from_bytes::<SnapShardV1, rkyv::rancor::Error>(&aligned).map(SnapShard::from)
+    } else {
+        rkyv::from_bytes::<SnapShard, rkyv::rancor::Error>(&aligned)
+    }
+    .map_err(|_| corrupt("snapshot does not decode"))?;
     Ok(Some((generation, snapshot)))
 }
