@@ -197,8 +197,16 @@ impl Connection {
                         request_id: frame.request_id,
                         client_request_id,
                         inherent_id,
+                        basket: None,
                     })
                 }
+                Request::AuthorizeBasket { client_request_id, inherent_id, basket } => authorizes
+                    .push(PendingAuthorize {
+                        request_id: frame.request_id,
+                        client_request_id,
+                        inherent_id,
+                        basket: Some(basket),
+                    }),
                 Request::SubscribeNotices { .. } => self.subscribe(frame.request_id, request).await,
                 other => others.push((frame.request_id, other)),
             }
@@ -255,8 +263,8 @@ impl Connection {
                     identity.as_ref().expect("authorize admitted only when authenticated");
                 let responses = handler::authorize_batch(ctx, identity, authorizes).await;
                 let mut bytes = Vec::new();
-                for (request_id, response) in responses {
-                    encode_response(ctx, opcode::AUTHORIZE, request_id, &response, &mut bytes);
+                for (request_id, op, response) in responses {
+                    encode_response(ctx, op, request_id, &response, &mut bytes);
                 }
                 let _ = out.send(bytes).await;
             };

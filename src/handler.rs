@@ -3,11 +3,12 @@
 //! `AUTHORIZE` requests are handled a batch at a time by [`authorize_batch`] so the engine can
 //! verify their tags together; every other request goes through [`handle`].
 
+use settlegate_engine::engine::BasketOutcome;
 use settlegate_engine::inherent::peek_terminal_id;
 use settlegate_engine::{
-    AuthOutcome, AuthorizeRequest, Engine, EngineError, EnrollRequest, ReasonCode,
+    AuthOutcome, AuthorizeRequest, Basket, Engine, EngineError, EnrollRequest, ReasonCode,
 };
-use settlegate_protocol::messages::{status, Reply, Request, Response, ServerInfo};
+use settlegate_protocol::messages::{opcode, status, Reply, Request, Response, ServerInfo};
 
 use crate::identity::{permission, Identity};
 use crate::metrics::{Metrics, OutcomeLabels, RequestLabels};
@@ -22,7 +23,7 @@ pub struct Context {
     pub info: ServerInfo,
 }
 
-/// An `AUTHORIZE` waiting for its batch.
+/// An `AUTHORIZE` or `AUTHORIZE_BASKET` waiting for its batch.
 pub struct PendingAuthorize {
     /// Frame request ID.
     pub request_id: u64,
@@ -30,10 +31,23 @@ pub struct PendingAuthorize {
     pub client_request_id: u128,
     /// Signed inherent ID.
     pub inherent_id: Vec<u8>,
+    /// The basket of an `AUTHORIZE_BASKET`.
+    pub basket: Option<Basket>,
 }
 
-/// Handles a request other than `AUTH`, `AUTHORIZE` and `SUBSCRIBE_NOTICES` (which need the
-/// connection's state and are handled there).
+impl PendingAuthorize {
+    /// The opcode its response answers.
+    pub fn opcode(&self) -> u16 {
+        if self.basket.is_some() {
+            opcode::AUTHORIZE_BASKET
+        } else {
+            opcode::AUTHORIZE
+        }
+    }
+}
+
+/// Handles a request other than `AUTH`, `AUTHORIZE`, `AUTHORIZE_BASKET` and
+/// `SUBSCRIBE_NOTICES` (which need the connection's state and are handled there).
 pub async fn handle(ctx: &Context, identity: &Identity, request: Request) -> Response {
     if let Some(refusal) = forbidden(identity, &request) {
         return refusal;
@@ -79,7 +93,17 @@ pub async fn handle(ctx: &Context, identity: &Identity, request: Request) -> Res
         Request::ConfirmTerminal { provider_code, terminal_id } => {
             engine.confirm_terminal(provider_code, &terminal_id).map(Reply::Confirmation)
         }
-        Request::Auth { .. } | Request::Authorize { .. } | Request::SubscribeNotices { .. } => {
+        Request::RegisterAge { client_request_id, record } => {
+            engine.register_age(client_request_id, &record).await.map(|()| Reply::Empty)
+        }
+        Request::SetAgePolicy { client_request_id, provider_code, terminal_id, policy } => engine
+            .set_age_policy(client_request_id, provider_code, &terminal_id, policy)
+            .await
+            .map(|()| Reply::Empty),
+        Request::Auth { .. }
+        | Request::Authorize { .. }
+        | Request::AuthorizeBasket { .. }
+        | Request::SubscribeNotices { .. } => {
             return Response::Internal("request routed to the wrong handler".into());
         }
     };
@@ -101,11 +125,13 @@ pub fn forbidden(identity: &Identity, request: &Request) -> Option<Response> {
         | Request::ListMeans { .. }
         | Request::ProvisionDevice { .. }
         | Request::RotateDeviceKey { .. }
+        | Request::RegisterAge { .. }
         | Request::SubscribeNotices { .. } => {
             (!identity.may(permission::ACCOUNTS)).then(|| deny("use account operations")).flatten()
         }
         Request::RegisterTerminals { provider_code, .. }
-        | Request::RemoveTerminals { provider_code, .. } => {
+        | Request::RemoveTerminals { provider_code, .. }
+        | Request::SetAgePolicy { provider_code, .. } => {
             let allowed =
                 identity.may(permission::PROVIDERS) && identity.may_manage_provider(*provider_code);
             (!allowed).then(|| deny("manage this provider's terminals")).flatten()
@@ -115,59 +141,75 @@ pub fn forbidden(identity: &Identity, request: &Request) -> Option<Response> {
                 identity.may(permission::AUTHORIZE) && identity.may_act_for_terminal(terminal_id);
             (!allowed).then(|| deny("act for this terminal")).flatten()
         }
-        Request::Authorize { .. } => None,
+        Request::Authorize { .. } | Request::AuthorizeBasket { .. } => None,
     }
 }
 
 /// Authorizes a batch: records this identity may not act for are refused; records too broken
-/// to name a terminal are declined as malformed; the rest go to the engine together.
+/// to name a terminal are declined as malformed; the rest go to the engine together. Each
+/// response comes with its request ID and the opcode it answers.
 pub async fn authorize_batch(
     ctx: &Context,
     identity: &Identity,
     batch: Vec<PendingAuthorize>,
-) -> Vec<(u64, Response)> {
+) -> Vec<(u64, u16, Response)> {
     let mut responses = Vec::with_capacity(batch.len());
     let mut ids = Vec::with_capacity(batch.len());
     let mut requests = Vec::with_capacity(batch.len());
     for pending in batch {
+        let op = pending.opcode();
         match peek_terminal_id(&pending.inherent_id) {
-            None => responses.push((
-                pending.request_id,
-                Response::Ok(Reply::Outcome(AuthOutcome::Declined(ReasonCode::Malformed))),
-            )),
+            None => {
+                let malformed = BasketOutcome {
+                    outcome: AuthOutcome::Declined(ReasonCode::Malformed),
+                    verdict: None,
+                };
+                responses.push((pending.request_id, op, outcome_response(op, malformed)))
+            }
             Some(terminal)
                 if !(identity.may(permission::AUTHORIZE)
                     && identity.may_act_for_terminal(terminal)) =>
             {
                 responses.push((
                     pending.request_id,
+                    op,
                     Response::Forbidden("identity may not act for this terminal".into()),
                 ))
             }
             Some(_) => {
-                ids.push(pending.request_id);
-                requests.push(AuthorizeRequest {
+                ids.push((pending.request_id, op));
+                let request = AuthorizeRequest {
                     client_request_id: pending.client_request_id,
                     inherent_id: pending.inherent_id,
-                });
+                };
+                requests.push((request, pending.basket));
             }
         }
     }
     if !requests.is_empty() {
         ctx.metrics.authorize_batch_size.observe(requests.len() as f64);
-        let results = ctx.engine.authorize_batch(requests).await;
-        for (request_id, result) in ids.into_iter().zip(results) {
+        let results = ctx.engine.authorize_baskets(requests).await;
+        for ((request_id, op), result) in ids.into_iter().zip(results) {
             let response = match result {
                 Ok(outcome) => {
-                    count_outcome(&ctx.metrics, &outcome);
-                    Response::Ok(Reply::Outcome(outcome))
+                    count_outcome(&ctx.metrics, &outcome.outcome);
+                    outcome_response(op, outcome)
                 }
                 Err(error) => error_response(error),
             };
-            responses.push((request_id, response));
+            responses.push((request_id, op, response));
         }
     }
     responses
+}
+
+/// The `OK` response of an `AUTHORIZE` (the outcome) or `AUTHORIZE_BASKET` (with the verdict).
+fn outcome_response(op: u16, outcome: BasketOutcome) -> Response {
+    if op == opcode::AUTHORIZE_BASKET {
+        Response::Ok(Reply::BasketOutcome(outcome.outcome, outcome.verdict))
+    } else {
+        Response::Ok(Reply::Outcome(outcome.outcome))
+    }
 }
 
 fn count_outcome(metrics: &Metrics, outcome: &AuthOutcome) {
@@ -215,6 +257,9 @@ fn op_name(opcode: u16) -> &'static str {
         REMOVE_TERMINALS => "remove_terminals",
         CONFIRM_TERMINAL => "confirm_terminal",
         AUTHORIZE => "authorize",
+        AUTHORIZE_BASKET => "authorize_basket",
+        REGISTER_AGE => "register_age",
+        SET_AGE_POLICY => "set_age_policy",
         _ => "unknown",
     }
 }

@@ -375,3 +375,99 @@ async fn health_readiness_and_metrics() {
     assert!(body.contains("settlegate_connections_open"), "{body}");
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn age_registry_over_the_wire() {
+    use settlegate_engine::age::{Date, VerificationMethod};
+    use settlegate_engine::{AgeCheck, AgePolicy, AgeRecord, Basket, BasketItem, OnAgeFailure};
+
+    let server = start().await;
+    let admin = client(&server, ADMIN_KEY).await;
+    let mut payer = enroll(&admin, "age-wire").await;
+    let terminals = Request::RegisterTerminals {
+        client_request_id: request_id(),
+        provider_code: PROVIDER_OK,
+        terminals: vec![TerminalEntry { terminal_id: "SHOP-A-AGE".into(), service: None }],
+    };
+    admin.call_ok(&terminals).await.unwrap();
+    let policy = AgePolicy {
+        jurisdiction: "JP".into(),
+        time_zone: "Asia/Tokyo".into(),
+        on_failure: OnAgeFailure::RemoveItems,
+        strict: false,
+    };
+    let set = |policy| Request::SetAgePolicy {
+        client_request_id: request_id(),
+        provider_code: PROVIDER_OK,
+        terminal_id: "SHOP-A-AGE".into(),
+        policy,
+    };
+    assert_eq!(admin.call_ok(&set(Some(policy.clone()))).await.unwrap(), Reply::Empty);
+    let bad = AgePolicy { time_zone: "Nowhere/Land".into(), ..policy };
+    assert_eq!(
+        admin.call(&set(Some(bad))).await.unwrap(),
+        Response::Refused(ReasonCode::InvalidAgePolicy)
+    );
+
+    // A1: the terminal registers a 17-year-old after biometric authentication.
+    payer.counter += 1;
+    let record = AgeRecord {
+        key_version: payer.credential.key_version,
+        card_idm: payer.credential.card_idm,
+        user: payer.user.clone(),
+        birth_date: Date::new(2009, 6, 1).unwrap(),
+        method: VerificationMethod::Ekyc,
+        verified_at_ms: now_ms() - 60_000,
+        valid_until_ms: now_ms() + 86_400_000,
+        counter: payer.counter,
+        timestamp_ms: now_ms(),
+    }
+    .sign(payer.credential.device_key.expose());
+    let register = Request::RegisterAge { client_request_id: request_id(), record };
+    assert_eq!(admin.call_ok(&register).await.unwrap(), Reply::Empty);
+
+    // A2: a store terminal identity (authorize only) pays for beer and bread; the beer goes.
+    let shop = client(&server, TERMINAL_KEY).await;
+    let basket = Basket {
+        age_confirmation: true,
+        items: vec![
+            BasketItem {
+                item_id: "BEER".into(),
+                category: "alcohol".into(),
+                quantity: 2,
+                unit_amount_minor: 300,
+            },
+            BasketItem {
+                item_id: "BREAD".into(),
+                category: String::new(),
+                quantity: 1,
+                unit_amount_minor: 250,
+            },
+        ],
+    };
+    let pay = Request::AuthorizeBasket {
+        client_request_id: request_id(),
+        inherent_id: payer.sign(850, PROVIDER_OK, "SHOP-A-AGE"),
+        basket: basket.clone(),
+    };
+    let Reply::BasketOutcome(AuthOutcome::Approved(approval), Some(verdict)) =
+        shop.call_ok(&pay).await.unwrap()
+    else {
+        panic!("expected an approval with a verdict")
+    };
+    assert_eq!(approval.amount_final_minor, 250);
+    assert_eq!(verdict.check, AgeCheck::NotHeld);
+    assert_eq!(verdict.items, vec!["BEER".to_owned()]);
+    // The shop may not change age policies or register ages.
+    assert!(matches!(shop.call(&set(None)).await.unwrap(), Response::Forbidden(_)));
+    // A basket that does not add up to the signed amount: no verdict.
+    let mismatch = Request::AuthorizeBasket {
+        client_request_id: request_id(),
+        inherent_id: payer.sign(999, PROVIDER_OK, "SHOP-A-AGE"),
+        basket,
+    };
+    assert_eq!(
+        shop.call_ok(&mismatch).await.unwrap(),
+        Reply::BasketOutcome(AuthOutcome::Declined(ReasonCode::BasketMismatch), None)
+    );
+}

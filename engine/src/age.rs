@@ -670,4 +670,31 @@ mod tests {
         assert_eq!(AgeRecord::decode(&bad_day).unwrap_err(), ReasonCode::InvalidAgeRegistration);
         assert_eq!(AgeRecord::decode(&signed[..40]).unwrap_err(), ReasonCode::Malformed);
     }
+
+    #[test]
+    fn config_from_toml_and_its_checks() {
+        let text = r#"
+            [age.jurisdictions.DE]
+            minimum_ages = { beer = 16, spirits = 18 }
+            leap_day_birthday = "february28"
+            [age.default_policy]
+            jurisdiction = "DE"
+            time_zone = "Europe/Berlin"
+            on_failure = "remove_items"
+            [[age.provider_policies]]
+            provider_code = 7
+            policy = { jurisdiction = "DE", time_zone = "Europe/Berlin", strict = true }
+        "#;
+        let config = crate::EngineConfig::from_toml(text).unwrap();
+        config.validate().unwrap();
+        let rules = AgeRules::new(config.age.clone()).unwrap();
+        assert!(rules.policy_for(7, None).policy.strict);
+        assert_eq!(rules.policy_for(8, None).policy.on_failure, OnAgeFailure::RemoveItems);
+        let mut bad = config.clone();
+        bad.age.default_policy.time_zone = "Europe/Atlantis".into();
+        assert!(bad.validate().unwrap_err().contains("default_policy"));
+        let mut bad = config;
+        bad.age.jurisdictions.get_mut("DE").unwrap().minimum_ages.insert("Beer!".into(), 1);
+        assert!(bad.validate().unwrap_err().contains("Beer!"));
+    }
 }

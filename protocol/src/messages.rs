@@ -1,10 +1,12 @@
 //! Typed requests and responses, and their body layouts (`docs/PROTOCOL.md` section 5).
 
 use settlegate_engine::engine::DeviceCredential;
+use settlegate_engine::limits::BASKET_ITEMS_MAX;
 use settlegate_engine::{
-    Approval, AuthCode, AuthOutcome, CardToken, Currency, DeviceKey, Discount, MeansAdded,
-    MeansInput, MeansKind, MeansOrder, MeansView, Notice, ReasonCode, TerminalConfirmation,
-    TerminalEntry, TerminalService, UserKey,
+    AgeCheck, AgePolicy, AgeVerdict, Approval, AuthCode, AuthOutcome, Basket, BasketItem,
+    CardToken, Currency, DeviceKey, Discount, MeansAdded, MeansInput, MeansKind, MeansOrder,
+    MeansView, Notice, OnAgeFailure, ReasonCode, TerminalConfirmation, TerminalEntry,
+    TerminalService, UserKey,
 };
 
 use crate::wire::{BodyError, Reader, Writer};
@@ -43,6 +45,12 @@ pub mod opcode {
     pub const CONFIRM_TERMINAL: u16 = 0x0022;
     /// Authorize a settlement.
     pub const AUTHORIZE: u16 = 0x0030;
+    /// Authorize a settlement with its basket of items (age check, A2–A3).
+    pub const AUTHORIZE_BASKET: u16 = 0x0031;
+    /// Register a user terminal's age information (A1).
+    pub const REGISTER_AGE: u16 = 0x0040;
+    /// Set or clear a store terminal's age policy.
+    pub const SET_AGE_POLICY: u16 = 0x0041;
 }
 
 /// Response statuses.
@@ -75,21 +83,87 @@ pub mod status {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[allow(missing_docs)] // Fields mirror docs/PROTOCOL.md section 5 one to one.
 pub enum Request {
-    Auth { key: String },
-    Ping { payload: Vec<u8> },
+    Auth {
+        key: String,
+    },
+    Ping {
+        payload: Vec<u8>,
+    },
     ServerInfo,
-    Enroll { client_request_id: u128, user: UserKey, password: String, card_idm: [u8; 8] },
-    Login { user: UserKey, password: String },
-    AddMeans { client_request_id: u128, user: UserKey, make_default: bool, means: MeansInput },
-    SetDefaultMeans { client_request_id: u128, user: UserKey, means_id: u32 },
-    ListMeans { user: UserKey, order: MeansOrder },
-    ProvisionDevice { client_request_id: u128, user: UserKey, password: String, card_idm: [u8; 8] },
-    RotateDeviceKey { client_request_id: u128, user: UserKey, password: String, card_idm: [u8; 8] },
-    SubscribeNotices { user: UserKey, password: String },
-    RegisterTerminals { client_request_id: u128, provider_code: u32, terminals: Vec<TerminalEntry> },
-    RemoveTerminals { client_request_id: u128, provider_code: u32, terminal_ids: Vec<String> },
-    ConfirmTerminal { provider_code: u32, terminal_id: String },
-    Authorize { client_request_id: u128, inherent_id: Vec<u8> },
+    Enroll {
+        client_request_id: u128,
+        user: UserKey,
+        password: String,
+        card_idm: [u8; 8],
+    },
+    Login {
+        user: UserKey,
+        password: String,
+    },
+    AddMeans {
+        client_request_id: u128,
+        user: UserKey,
+        make_default: bool,
+        means: MeansInput,
+    },
+    SetDefaultMeans {
+        client_request_id: u128,
+        user: UserKey,
+        means_id: u32,
+    },
+    ListMeans {
+        user: UserKey,
+        order: MeansOrder,
+    },
+    ProvisionDevice {
+        client_request_id: u128,
+        user: UserKey,
+        password: String,
+        card_idm: [u8; 8],
+    },
+    RotateDeviceKey {
+        client_request_id: u128,
+        user: UserKey,
+        password: String,
+        card_idm: [u8; 8],
+    },
+    SubscribeNotices {
+        user: UserKey,
+        password: String,
+    },
+    RegisterTerminals {
+        client_request_id: u128,
+        provider_code: u32,
+        terminals: Vec<TerminalEntry>,
+    },
+    RemoveTerminals {
+        client_request_id: u128,
+        provider_code: u32,
+        terminal_ids: Vec<String>,
+    },
+    ConfirmTerminal {
+        provider_code: u32,
+        terminal_id: String,
+    },
+    Authorize {
+        client_request_id: u128,
+        inherent_id: Vec<u8>,
+    },
+    AuthorizeBasket {
+        client_request_id: u128,
+        inherent_id: Vec<u8>,
+        basket: Basket,
+    },
+    RegisterAge {
+        client_request_id: u128,
+        record: Vec<u8>,
+    },
+    SetAgePolicy {
+        client_request_id: u128,
+        provider_code: u32,
+        terminal_id: String,
+        policy: Option<AgePolicy>,
+    },
 }
 
 /// Largest `PING` payload.
@@ -128,6 +202,9 @@ impl Request {
             Request::RemoveTerminals { .. } => REMOVE_TERMINALS,
             Request::ConfirmTerminal { .. } => CONFIRM_TERMINAL,
             Request::Authorize { .. } => AUTHORIZE,
+            Request::AuthorizeBasket { .. } => AUTHORIZE_BASKET,
+            Request::RegisterAge { .. } => REGISTER_AGE,
+            Request::SetAgePolicy { .. } => SET_AGE_POLICY,
         }
     }
 
@@ -183,6 +260,33 @@ impl Request {
             }
             Request::Authorize { client_request_id, inherent_id } => {
                 w.u128(*client_request_id).bytes16(inherent_id);
+            }
+            Request::AuthorizeBasket { client_request_id, inherent_id, basket } => {
+                w.u128(*client_request_id)
+                    .bytes16(inherent_id)
+                    .u8(u8::from(basket.age_confirmation))
+                    .u16(basket.items.len() as u16);
+                for item in &basket.items {
+                    w.str8(&item.item_id)
+                        .str8(&item.category)
+                        .u32(item.quantity)
+                        .u64(item.unit_amount_minor);
+                }
+            }
+            Request::RegisterAge { client_request_id, record } => {
+                w.u128(*client_request_id).bytes16(record);
+            }
+            Request::SetAgePolicy { client_request_id, provider_code, terminal_id, policy } => {
+                w.u128(*client_request_id).u32(*provider_code).str8(terminal_id);
+                match policy {
+                    None => w.u8(0),
+                    Some(p) => w
+                        .u8(1)
+                        .str8(&p.jurisdiction)
+                        .str8(&p.time_zone)
+                        .u8(p.on_failure as u8)
+                        .u8(u8::from(p.strict)),
+                };
             }
         }
     }
@@ -286,11 +390,59 @@ impl Request {
                 client_request_id: r.u128("client_request_id")?,
                 inherent_id: r.bytes16("inherent_id")?.to_vec(),
             },
+            opcode::AUTHORIZE_BASKET => Request::AuthorizeBasket {
+                client_request_id: r.u128("client_request_id")?,
+                inherent_id: r.bytes16("inherent_id")?.to_vec(),
+                basket: decode_basket(&mut r)?,
+            },
+            opcode::REGISTER_AGE => Request::RegisterAge {
+                client_request_id: r.u128("client_request_id")?,
+                record: r.bytes16("age_record")?.to_vec(),
+            },
+            opcode::SET_AGE_POLICY => Request::SetAgePolicy {
+                client_request_id: r.u128("client_request_id")?,
+                provider_code: r.u32("provider_code")?,
+                terminal_id: r.str8("terminal_id")?.to_owned(),
+                policy: if r.flag("has_policy")? {
+                    Some(AgePolicy {
+                        jurisdiction: r.str8("jurisdiction")?.to_owned(),
+                        time_zone: r.str8("time_zone")?.to_owned(),
+                        on_failure: OnAgeFailure::from_u8(r.u8("on_failure")?)
+                            .ok_or(BodyError::Invalid("on_failure"))?,
+                        strict: r.flag("strict")?,
+                    })
+                } else {
+                    None
+                },
+            },
             other => return Err(DecodeError::UnknownOpcode(other)),
         };
         r.finish()?;
         Ok(request)
     }
+}
+
+/// Reads a basket; the item count is checked against the limit before anything is allocated.
+fn decode_basket(r: &mut Reader<'_>) -> Result<Basket, BodyError> {
+    let age_confirmation = match r.u8("flags")? {
+        0 => false,
+        1 => true,
+        _ => return Err(BodyError::Invalid("flags (only bit 0 is defined)")),
+    };
+    let count = r.u16("item_count")? as usize;
+    if count == 0 || count > BASKET_ITEMS_MAX {
+        return Err(BodyError::Invalid("item_count (1..=256)"));
+    }
+    let mut items = Vec::with_capacity(count);
+    for _ in 0..count {
+        items.push(BasketItem {
+            item_id: r.str8("item_id")?.to_owned(),
+            category: r.str8("category")?.to_owned(),
+            quantity: r.u32("quantity")?,
+            unit_amount_minor: r.u64("unit_amount_minor")?,
+        });
+    }
+    Ok(Basket { age_confirmation, items })
 }
 
 /// Reads a terminal count and checks it against the limit before anything is allocated.
@@ -397,6 +549,7 @@ pub enum Reply {
     Means(Vec<MeansView>),
     Confirmation(TerminalConfirmation),
     Outcome(AuthOutcome),
+    BasketOutcome(AuthOutcome, Option<AgeVerdict>),
     Notice(Notice),
 }
 
@@ -547,6 +700,20 @@ fn encode_reply(w: &mut Writer<'_>, reply: &Reply) {
             }
         },
         Reply::Outcome(outcome) => encode_outcome(w, outcome),
+        Reply::BasketOutcome(outcome, verdict) => {
+            encode_outcome(w, outcome);
+            match verdict {
+                None => {
+                    w.u8(0);
+                }
+                Some(v) => {
+                    w.u8(1).u8(v.check as u8).u64(v.amount_minor).u16(v.items.len() as u16);
+                    for item in &v.items {
+                        w.str8(item);
+                    }
+                }
+            }
+        }
         Reply::Notice(notice) => {
             w.user(&notice.user)
                 .u128(notice.client_request_id)
@@ -628,9 +795,8 @@ fn decode_reply(opcode: u16, r: &mut Reader<'_>) -> Result<Reply, BodyError> {
             })
         }
         ENROLL | PROVISION_DEVICE | ROTATE_DEVICE_KEY => Reply::Credential(decode_credential(r)?),
-        LOGIN | SET_DEFAULT_MEANS | SUBSCRIBE_NOTICES | REGISTER_TERMINALS | REMOVE_TERMINALS => {
-            Reply::Empty
-        }
+        LOGIN | SET_DEFAULT_MEANS | SUBSCRIBE_NOTICES | REGISTER_TERMINALS | REMOVE_TERMINALS
+        | REGISTER_AGE | SET_AGE_POLICY => Reply::Empty,
         ADD_MEANS => {
             let means_id = r.u32("means_id")?;
             let last4 = r.str8("last4")?;
@@ -657,6 +823,26 @@ fn decode_reply(opcode: u16, r: &mut Reader<'_>) -> Result<Reply, BodyError> {
             })
         }
         AUTHORIZE => Reply::Outcome(decode_outcome(r)?),
+        AUTHORIZE_BASKET => {
+            let outcome = decode_outcome(r)?;
+            let verdict = if r.flag("has_verdict")? {
+                let check =
+                    AgeCheck::from_u8(r.u8("age_check")?).ok_or(BodyError::Invalid("age_check"))?;
+                let amount_minor = r.u64("amount_minor")?;
+                let count = r.u16("item_count")? as usize;
+                if count > BASKET_ITEMS_MAX {
+                    return Err(BodyError::Invalid("item_count"));
+                }
+                let mut items = Vec::with_capacity(count);
+                for _ in 0..count {
+                    items.push(r.str8("item_id")?.to_owned());
+                }
+                Some(AgeVerdict { check, items, amount_minor })
+            } else {
+                None
+            };
+            Reply::BasketOutcome(outcome, verdict)
+        }
         NOTICE => {
             let user = r.user()?;
             let client_request_id = r.u128("client_request_id")?;

@@ -2,6 +2,7 @@
 
 use proptest::prelude::*;
 use settlegate_engine::inherent::{peek_terminal_id, InherentId};
+use settlegate_engine::AgeRecord;
 use settlegate_protocol::frame::{self, Frame};
 use settlegate_protocol::messages::{Request, Response};
 
@@ -17,7 +18,7 @@ proptest! {
 
     #[test]
     fn random_bodies_never_panic_the_message_decoders(
-        opcode in prop_oneof![0u16..0x40, any::<u16>()],
+        opcode in prop_oneof![0u16..0x48, any::<u16>()],
         status in prop_oneof![0u16..20, any::<u16>()],
         body in prop::collection::vec(any::<u8>(), 0..300),
     ) {
@@ -29,7 +30,7 @@ proptest! {
 
     #[test]
     fn valid_frames_with_random_bodies_decode_as_framed(
-        opcode in 0u16..0x40,
+        opcode in 0u16..0x48,
         request_id in any::<u64>(),
         body in prop::collection::vec(any::<u8>(), 0..300),
     ) {
@@ -47,4 +48,33 @@ proptest! {
             prop_assert_eq!(peeked, Some(record.terminal_id.as_str()));
         }
     }
+
+    #[test]
+    fn random_bytes_never_panic_the_age_record_decoder(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
+        if let Ok((record, body, tag)) = AgeRecord::decode(&bytes) {
+            let mut again = Vec::new();
+            record.encode_body(&mut again);
+            prop_assert_eq!(again.as_slice(), body);
+            prop_assert_eq!(body.len() + tag.len(), bytes.len());
+        }
+    }
+}
+
+#[test]
+fn basket_item_counts_are_bounded_before_allocation() {
+    use settlegate_protocol::messages::opcode::AUTHORIZE_BASKET;
+    let body = |count: u16| {
+        let mut body = vec![0u8; 16]; // client request ID
+        body.extend_from_slice(&[0, 0]); // empty inherent ID (bytes16)
+        body.push(1); // flags: age confirmation
+        body.extend_from_slice(&count.to_be_bytes());
+        body
+    };
+    for count in [0u16, 257, u16::MAX] {
+        let error = Request::decode(AUTHORIZE_BASKET, &body(count)).unwrap_err();
+        assert!(error.to_string().contains("item_count"), "{error}");
+    }
+    let mut flags = body(1);
+    flags[18] = 2;
+    assert!(Request::decode(AUTHORIZE_BASKET, &flags).unwrap_err().to_string().contains("flags"));
 }

@@ -2,9 +2,10 @@
 //!
 //! `SETTLEGATE_BLESS=1 cargo test -p settlegate-protocol --test spec_examples` rewrites them.
 
+use settlegate_engine::age::{Date, VerificationMethod};
 use settlegate_engine::{
-    Approval, AuthCode, AuthOutcome, Currency, InherentId, MeansKind, ReasonCode, UserIdType,
-    UserKey,
+    AgeCheck, AgeRecord, AgeVerdict, Approval, AuthCode, AuthOutcome, Basket, BasketItem, Currency,
+    InherentId, MeansKind, ReasonCode, UserIdType, UserKey,
 };
 use settlegate_protocol::messages::{opcode, Reply, Request, Response};
 use settlegate_protocol::Frame;
@@ -33,6 +34,34 @@ fn example_inherent_id() -> Vec<u8> {
         timestamp_ms: 1_795_305_600_000,
     }
     .sign(&example_key())
+}
+
+fn example_age_record() -> Vec<u8> {
+    AgeRecord {
+        key_version: 1,
+        card_idm: [0x01, 0x2e, 0, 0, 0, 0, 0, 0x01],
+        user: UserKey::new(UserIdType::Mail, "hanako@example.jp").unwrap(),
+        birth_date: Date::new(2000, 4, 2).unwrap(),
+        method: VerificationMethod::DocumentChip,
+        verified_at_ms: 1_795_305_000_000,
+        valid_until_ms: 1_826_841_600_000,
+        counter: 2,
+        timestamp_ms: 1_795_305_600_000,
+    }
+    .sign(&example_key())
+}
+
+fn example_basket() -> Basket {
+    let item = |id: &str, category: &str, quantity, unit| BasketItem {
+        item_id: id.into(),
+        category: category.into(),
+        quantity,
+        unit_amount_minor: unit,
+    };
+    Basket {
+        age_confirmation: true,
+        items: vec![item("BEER-350", "alcohol", 2, 490), item("BENTO-01", "", 1, 1_000)],
+    }
 }
 
 fn examples() -> Vec<(&'static str, String, Vec<u8>)> {
@@ -90,6 +119,61 @@ fn examples() -> Vec<(&'static str, String, Vec<u8>)> {
                 Response::Ok(Reply::Outcome(AuthOutcome::Declined(ReasonCode::ReplayedNonce))),
                 opcode::AUTHORIZE,
                 3,
+            ),
+        ),
+        (
+            "age-record",
+            "An age record (not a frame) for the same terminal and user: born 2000-04-02, \
+             verified by the identity document's chip (method 2) at 1795305000000, valid until \
+             1826841600000, counter 2, timestamp 1795305600000, signed with the same device key."
+                .into(),
+            example_age_record(),
+        ),
+        (
+            "register-age-request",
+            "`REGISTER_AGE` of that record, client request ID 8, request ID 6.".into(),
+            Request::RegisterAge { client_request_id: 8, record: example_age_record() }
+                .to_frame(6)
+                .to_bytes(),
+        ),
+        (
+            "authorize-basket-request",
+            "`AUTHORIZE_BASKET` of the inherent ID above (1,980 JPY), client request ID 9, \
+             request ID 7, with the age-confirmation flag and two lines: `BEER-350` (category \
+             `alcohol`) 2 × 490, `BENTO-01` (no category) 1 × 1,000."
+                .into(),
+            Request::AuthorizeBasket {
+                client_request_id: 9,
+                inherent_id: example_inherent_id(),
+                basket: example_basket(),
+            }
+            .to_frame(7)
+            .to_bytes(),
+        ),
+        (
+            "authorize-basket-removed",
+            "Its response at a store with the policy `remove_items`, for a user under the age: \
+             the beer is removed, 1,000 is settled with the terminal's 5% off (50), 950 final; \
+             `age_check` 3, `amount_minor` 1,000, item `BEER-350`."
+                .into(),
+            response(
+                Response::Ok(Reply::BasketOutcome(
+                    AuthOutcome::Approved(Approval {
+                        auth_code: AuthCode(*b"Z9Y8X7"),
+                        provider_code: 1,
+                        amount_requested_minor: 1_000,
+                        discount_minor: 50,
+                        amount_final_minor: 950,
+                        currency: Currency::try_from("JPY").unwrap(),
+                    }),
+                    Some(AgeVerdict {
+                        check: AgeCheck::NotHeld,
+                        items: vec!["BEER-350".into()],
+                        amount_minor: 1_000,
+                    }),
+                )),
+                opcode::AUTHORIZE_BASKET,
+                7,
             ),
         ),
         (
@@ -159,6 +243,11 @@ fn examples_decode_and_reencode_to_the_same_bytes() {
         if name == "inherent-id" {
             let (record, _, _) = InherentId::decode(&bytes).unwrap();
             assert_eq!(record.terminal_id, "DEMO-SHIBUYA-01");
+            continue;
+        }
+        if name == "age-record" {
+            let (record, _, _) = AgeRecord::decode(&bytes).unwrap();
+            assert_eq!(record.birth_date, Date::new(2000, 4, 2).unwrap());
             continue;
         }
         let (frame, used): (Frame, usize) =
