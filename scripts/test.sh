@@ -20,6 +20,10 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 echo "== fuzz targets compile (cargo-fuzz layout; fuzzing itself needs nightly)"
 (cd fuzz && cargo check --quiet)
 
+# The ISO 8583 adapter's tests talk to a Python issuer host built on pyiso8583.
+echo "== python test dependencies (ISO 8583 host simulator)"
+python3 -m pip install -q -r tests/iso_host/requirements.txt
+
 echo "== cargo test: doc tests"
 cargo test --workspace --doc 2>&1 | tee -a "$log"
 echo "== cargo test: unit, integration, property, examples, benches once"

@@ -378,3 +378,22 @@ async fn age_state_survives_a_restart() {
         h.engine.shutdown();
     }
 }
+
+#[tokio::test]
+async fn a_store_terminal_without_a_policy_follows_the_default() {
+    let h = Harness::new();
+    stores(&h).await;
+    let teen = h.user("teen").await;
+    register(&h, &teen, date(2010, 1, 1)).await;
+    // Listed without a policy of its own, or not listed at all: the engine's default policy
+    // (JP, Asia/Tokyo, refuse) applies.
+    for terminal in ["JP-DEFAULT", "NOT-LISTED-1"] {
+        let paid = pay(&h, &teen, terminal, mixed_basket(true)).await;
+        assert_eq!(paid.outcome, AuthOutcome::Declined(ReasonCode::AgeConditionNotMet));
+        assert_eq!(paid.verdict.unwrap().items.len(), 2);
+    }
+    // Clearing a terminal's own policy returns it to the default.
+    h.engine.set_age_policy(request_id(), PROVIDER_OK, "JP-REMOVE", None).await.unwrap();
+    let paid = pay(&h, &teen, "JP-REMOVE", mixed_basket(true)).await;
+    assert_eq!(paid.outcome, AuthOutcome::Declined(ReasonCode::AgeConditionNotMet));
+}

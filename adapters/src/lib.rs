@@ -7,12 +7,17 @@
 //! - [`simulated`]: a seeded provider with a latency distribution, a decline rate and a failure
 //!   rate, for the demo, the tests and load generation. The same seed and request ID always
 //!   give the same outcome, whatever the concurrency.
+//! - [`iso8583`]: an ISO 8583 (1987) host over TCP, many requests in flight on one connection,
+//!   reversals on timeout, reconnection, echo tests and a circuit breaker
+//!   (`docs/ADAPTERS.md`).
 //!
-//! Adapters are built from configuration with [`build`], so that a provider's adapter is
-//! chosen per provider in the engine's TOML config.
+//! Adapters are built from configuration with [`build`] (or [`build_with`], which also hands
+//! them the [`Detokenizer`] that card adapters need), so that a provider's adapter is chosen
+//! per provider in the engine's TOML config.
 #![deny(missing_docs)]
 
 mod guard;
+pub mod iso8583;
 pub mod simulated;
 mod types;
 
@@ -20,6 +25,7 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
 
 pub use guard::{GuardConfig, Guarded};
 pub use types::{
@@ -52,6 +58,8 @@ pub trait ProviderAdapter: Send + Sync + 'static {
 pub enum AdapterConfig {
     /// The seeded simulator.
     Simulated(simulated::SimulatedConfig),
+    /// An ISO 8583 host over TCP.
+    Iso8583(iso8583::Iso8583Config),
 }
 
 impl Default for AdapterConfig {
@@ -60,9 +68,50 @@ impl Default for AdapterConfig {
     }
 }
 
-/// Builds the adapter a config names.
+/// Maps a card token back to its card number (PAN), for adapters whose protocol carries it.
+///
+/// Implemented by the engine's vault. An implementation must not log or keep the number; the
+/// adapter drops (and so zeroizes) it as soon as it is encoded.
+pub trait Detokenizer: Send + Sync {
+    /// The PAN behind `token`, or `None` if the token is unknown.
+    fn reveal(&self, token: &CardToken) -> Option<Zeroizing<String>>;
+}
+
+/// A detokenizer that knows no token: card adapters built with it decline every card as
+/// [`DeclineReason::InvalidAccount`] without contacting their host.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoDetokenizer;
+
+impl Detokenizer for NoDetokenizer {
+    fn reveal(&self, _token: &CardToken) -> Option<Zeroizing<String>> {
+        None
+    }
+}
+
+/// Builds the adapter a config names, for adapters that need no card numbers.
+///
+/// A `kind = "iso8583"` config is refused here: it needs the vault, through [`build_with`].
 pub fn build(config: &AdapterConfig) -> Result<Arc<dyn ProviderAdapter>, AdapterError> {
     match config {
+        AdapterConfig::Iso8583(_) => Err(AdapterError::Config(
+            "iso8583: the adapter needs the card vault to detokenize; build it with build_with"
+                .into(),
+        )),
+        _ => build_with(config, Arc::new(NoDetokenizer)),
+    }
+}
+
+/// Builds the adapter a config names, giving it `detokenizer` to reveal card numbers.
+///
+/// An ISO 8583 adapter starts its connection thread here and signs on in the background.
+pub fn build_with(
+    config: &AdapterConfig,
+    detokenizer: Arc<dyn Detokenizer>,
+) -> Result<Arc<dyn ProviderAdapter>, AdapterError> {
+    match config {
         AdapterConfig::Simulated(sim) => Ok(Arc::new(simulated::Simulated::new(sim.clone())?)),
+        AdapterConfig::Iso8583(iso) => {
+            Ok(Arc::new(iso8583::Iso8583Adapter::start(iso.clone(), detokenizer)?))
+        }
     }
 }

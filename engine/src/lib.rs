@@ -9,6 +9,7 @@
 //! - [`keys`]: device keys and batch verification of their HMAC-SHA256 tags (rayon);
 //! - `shard`: actix actors, each owning a slice of users, applying commands in order;
 //! - [`providers`]: providers, terminal lists and services, and the adapters behind them;
+//! - [`geo`] and [`emvqr`]: stores, the store-geo index and QR posters (W1–W2);
 //! - [`age`]: age registrations, rules per jurisdiction and the basket check (A1–A3);
 //! - [`vault`] and [`password`]: the only places a card number or password is handled;
 //! - [`engine`]: the facade that routes requests through all of the above.
@@ -17,8 +18,10 @@
 pub mod age;
 pub mod clock;
 pub mod config;
+pub mod emvqr;
 pub mod engine;
 pub mod error;
+pub mod geo;
 pub mod inherent;
 pub mod keys;
 pub mod limits;
@@ -36,9 +39,11 @@ pub use age::{AgeCheck, AgePolicy, AgeRecord, AgeVerdict, Basket, BasketItem, On
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{EngineConfig, ProviderConfig};
 pub use engine::{
-    AuthorizeRequest, DeviceCredential, Engine, EnrollRequest, MeansAdded, MeansOrder,
+    AuthorizeRequest, BasketOutcome, DeviceCredential, Engine, EnrollRequest, EnteredStore,
+    MeansAdded, MeansOrder,
 };
 pub use error::EngineError;
+pub use geo::{AcceptedMethod, Signal, Store};
 pub use inherent::InherentId;
 pub use keys::DeviceKey;
 pub use means::MeansInput;

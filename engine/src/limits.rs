@@ -47,6 +47,24 @@ pub const ITEM_QUANTITY_MAX: u32 = 1_000_000;
 pub const TIME_ZONE_LEN_MAX: usize = 64;
 /// Longest jurisdiction code in an age policy.
 pub const JURISDICTION_LEN_MAX: usize = 8;
+/// Longest store ID, industry, or accepted-method brand.
+pub const STORE_TEXT_LEN_MAX: usize = 32;
+/// Longest store name.
+pub const STORE_NAME_LEN_MAX: usize = 64;
+/// Longest store address.
+pub const STORE_ADDRESS_LEN_MAX: usize = 128;
+/// Beacon IDs, and Wi-Fi IDs, per store.
+pub const STORE_IDS_PER_KIND_MAX: usize = 16;
+/// Longest beacon or Wi-Fi ID.
+pub const BEACON_ID_LEN_MAX: usize = 64;
+/// Settlement methods a store lists as accepted.
+pub const ACCEPTED_METHODS_MAX: usize = 16;
+/// Stores one shard holds.
+pub const STORES_PER_SHARD_MAX: usize = 4_000_000;
+/// Largest search radius of a nearest-store query, metres.
+pub const STORE_RADIUS_MAX_M: u32 = 50_000;
+/// Largest stored-value balance, minor units.
+pub const BALANCE_MAX_MINOR: u64 = 1_000_000_000_000;
 /// Batches at or above this size are verified on the rayon pool, smaller ones inline.
 pub const VERIFY_PARALLEL_MIN: usize = 32;
 

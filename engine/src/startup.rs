@@ -2,7 +2,7 @@
 //! recovered from the data directory: snapshots, then the logs after them), and the actix
 //! system with one arbiter thread per shard.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use actix::{Actor, Addr, Arbiter, System};
 use settlegate_adapters::Guarded;
@@ -40,10 +40,15 @@ pub(crate) fn stop_runtime(runtime: &Mutex<Option<ActorRuntime>>) {
     }
 }
 
-pub(crate) fn build_registry(config: &EngineConfig) -> Result<Registry, EngineError> {
+/// Builds the registry, handing the adapters the vault: a card adapter (`kind = "iso8583"`)
+/// detokenizes with it, inside the adapter only.
+pub(crate) fn build_registry(
+    config: &EngineConfig,
+    vault: &Arc<Vault>,
+) -> Result<Registry, EngineError> {
     let mut providers = Vec::with_capacity(config.providers.len());
     for p in &config.providers {
-        let adapter = settlegate_adapters::build(&p.adapter)
+        let adapter = settlegate_adapters::build_with(&p.adapter, Arc::clone(vault) as _)
             .map_err(|e| EngineError::Config(format!("provider {}: {e}", p.code)))?;
         let provider = Provider::new(p.code, p.name.clone(), Guarded::new(adapter, p.limits));
         provider
@@ -92,7 +97,9 @@ pub(crate) fn recover_shards(
     });
     let (logs, generations): (Vec<_>, Vec<_>) =
         loaded.into_iter().collect::<Result<Vec<_>, _>>()?.into_iter().unzip();
+    rebuild_store_directory(shared, &mut states);
     let replayed = replay(&mut states, &logs, &shared.vault)?;
+    rebuild_store_directory(shared, &mut states);
     let mut prepared = Prepared { states: Vec::with_capacity(count), wal_threads: Vec::new() };
     for (index, (mut state, log)) in states.into_iter().zip(&logs).enumerate() {
         let path = wal::shard_log_path(dir, index);
@@ -133,6 +140,14 @@ pub(crate) fn recover_shards(
     let elapsed_ms = started.elapsed().as_millis() as u64;
     tracing::info!(records = replayed, elapsed_ms, dir = %dir.display(), "recovered");
     Ok(prepared)
+}
+
+/// Rebuilds the directory of stores from every shard's store index (see
+/// [`crate::geo::rebuild_directory`]).
+fn rebuild_store_directory(shared: &Shared, states: &mut [ShardState]) {
+    let mut indexes: Vec<&mut crate::geo::StoreIndex> =
+        states.iter_mut().map(|state| &mut state.stores).collect();
+    crate::geo::rebuild_directory(&shared.stores, &mut indexes);
 }
 
 /// Loads shard `index`'s snapshot into `state` and reads the log that follows it. Returns the

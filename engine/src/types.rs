@@ -169,11 +169,32 @@ pub enum ReasonCode {
     InvalidAgeRegistration = 72,
     /// An age policy names an unknown jurisdiction or time zone.
     InvalidAgePolicy = 73,
+    /// A store's fields break a limit (ID, name, position, IDs, accepted methods).
+    InvalidStore = 80,
+    /// A QR payload in EMVCo merchant-presented format is malformed or its CRC does not match.
+    InvalidQrCode = 81,
+    /// No store has this ID, beacon, Wi-Fi ID or QR poster.
+    UnknownStore = 82,
+    /// No store lies within the radius of the point.
+    NoStoreInRange = 83,
+    /// A stored-value means lacks the balance for the payment.
+    InsufficientBalance = 84,
+    /// A top-up names a means that keeps no balance in the engine (not stored value).
+    NotStoredValue = 85,
+    /// A top-up would take the balance above the maximum.
+    BalanceLimit = 86,
+    /// A beacon, Wi-Fi ID or QR poster belongs to another store already.
+    StoreIdInUse = 87,
+    /// The shard holds the maximum number of stores.
+    TooManyStores = 88,
+    /// A position is not a latitude in -90..=90 and a longitude in -180..=180, or the radius is
+    /// not 1..=50,000 m.
+    InvalidPosition = 89,
 }
 
 impl ReasonCode {
     /// Every reason code, in numeric order.
-    pub const ALL: [ReasonCode; 36] = [
+    pub const ALL: [ReasonCode; 46] = [
         ReasonCode::Malformed,
         ReasonCode::UnknownDevice,
         ReasonCode::ForgedTag,
@@ -210,6 +231,16 @@ impl ReasonCode {
         ReasonCode::BasketMismatch,
         ReasonCode::InvalidAgeRegistration,
         ReasonCode::InvalidAgePolicy,
+        ReasonCode::InvalidStore,
+        ReasonCode::InvalidQrCode,
+        ReasonCode::UnknownStore,
+        ReasonCode::NoStoreInRange,
+        ReasonCode::InsufficientBalance,
+        ReasonCode::NotStoredValue,
+        ReasonCode::BalanceLimit,
+        ReasonCode::StoreIdInUse,
+        ReasonCode::TooManyStores,
+        ReasonCode::InvalidPosition,
     ];
 
     /// The wire value.

@@ -135,6 +135,13 @@ impl Vault {
     }
 }
 
+/// Card adapters (ISO 8583) reveal the PAN through this trait, and only inside the adapter.
+impl settlegate_adapters::Detokenizer for Vault {
+    fn reveal(&self, token: &CardToken) -> Option<Zeroizing<String>> {
+        Vault::reveal(self, token)
+    }
+}
+
 /// A PAN is 12–19 ASCII digits whose Luhn checksum is zero.
 fn pan_valid(pan: &str) -> bool {
     let bytes = pan.as_bytes();

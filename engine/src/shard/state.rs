@@ -9,8 +9,9 @@ use rustc_hash::FxHashMap;
 use super::idempotency::{IdemKey, IdemState, Idempotency, Seen};
 use super::replay::ReplayWindow;
 use crate::age::{self, AgePolicy, AgeRecord, AgeRegistration, AgeRules, AgeVerdict, Basket};
+use crate::geo::{Candidate, Store, StoreDirectory, StoreIndex};
 use crate::keys::{DeviceIndex, DeviceKey, Verified};
-use crate::limits::{DEVICES_PER_USER_MAX, MEANS_PER_USER_MAX};
+use crate::limits::{DEVICES_PER_USER_MAX, MEANS_PER_USER_MAX, STORES_PER_SHARD_MAX};
 use crate::providers::{Registry, TerminalEntry};
 use crate::types::{
     AuthOutcome, CardToken, ClientRequestId, Currency, Idm, MeansKind, ReasonCode, UserKey,
@@ -24,6 +25,7 @@ pub(crate) struct Shared {
     pub(crate) vault: Arc<Vault>,
     pub(crate) registry: Arc<Registry>,
     pub(crate) age: Arc<AgeRules>,
+    pub(crate) stores: Arc<StoreDirectory>,
 }
 
 /// The parts of the engine config a shard applies.
@@ -169,6 +171,15 @@ pub(crate) enum Command {
         terminal_id: String,
         policy: Option<AgePolicy>,
     },
+    /// W1: adds or replaces a store in the shard owning its cell.
+    UpsertStore {
+        store: Box<Store>,
+    },
+    /// W1: removes a store; `moved` when it only left this shard for another cell's.
+    RemoveStore {
+        store_id: String,
+        moved: bool,
+    },
     RegisterTerminals {
         provider_code: u32,
         terminals: Vec<TerminalEntry>,
@@ -196,8 +207,22 @@ pub(crate) struct Envelope {
 /// A read that changes nothing.
 #[derive(Debug, Clone)]
 pub(crate) enum Query {
-    Means { user: UserKey },
-    Credentials { user: UserKey, now_ms: i64 },
+    Means {
+        user: UserKey,
+    },
+    Credentials {
+        user: UserKey,
+        now_ms: i64,
+    },
+    /// W2: the stores nearest a point (unit vector) within a chord.
+    NearestStores {
+        position: [f64; 3],
+        max_chord: f64,
+    },
+    /// A store by ID.
+    Store {
+        store_id: String,
+    },
 }
 
 /// What applying a command or answering a query gives.
@@ -222,6 +247,7 @@ pub(crate) enum Reply {
     Credentials {
         password_phc: String,
     },
+    Stores(Vec<Candidate>),
 }
 
 /// One shard's users, devices' replay state and idempotency records.
@@ -230,6 +256,8 @@ pub(crate) struct ShardState {
     pub(crate) users: FxHashMap<UserKey, User>,
     /// Age registrations of this shard's users' terminals, by card IDm (A1).
     pub(crate) ages: FxHashMap<Idm, AgeRegistration>,
+    /// The stores of this shard's cells (W1).
+    pub(crate) stores: StoreIndex,
     pub(crate) idem: Idempotency,
     pub(crate) dispatch_seq: u64,
     pub(crate) shared: Shared,
@@ -244,6 +272,7 @@ impl ShardState {
             index,
             users: FxHashMap::default(),
             ages: FxHashMap::default(),
+            stores: StoreIndex::default(),
             idem: Idempotency::new(config.idempotency_ttl_ms, config.idempotency_records_max),
             dispatch_seq: 0,
             shared,
@@ -289,6 +318,13 @@ impl ShardState {
                 }
                 Some(account) => Reply::Credentials { password_phc: account.password_phc.clone() },
             },
+            Query::NearestStores { position, max_chord } => {
+                Reply::Stores(self.stores.nearest(position, max_chord))
+            }
+            Query::Store { store_id } => match self.stores.get(&store_id) {
+                Some(store) => Reply::Stores(vec![Candidate { store: store.clone(), chord: 0.0 }]),
+                None => Reply::Refused(ReasonCode::UnknownStore),
+            },
         }
     }
 
@@ -318,6 +354,15 @@ impl ShardState {
             Command::SetAgePolicy { provider_code, terminal_id, policy } => {
                 self.set_age_policy(provider_code, &terminal_id, policy.as_ref())
             }
+            Command::UpsertStore { store } => self.upsert_store(*store, now_ms),
+            Command::RemoveStore { store_id, moved } => match self.stores.remove(&store_id) {
+                Some(_) if !moved => {
+                    self.shared.stores.remove(&store_id);
+                    Reply::Ok
+                }
+                Some(_) => Reply::Ok,
+                None => Reply::Refused(ReasonCode::UnknownStore),
+            },
             Command::RegisterTerminals { provider_code, terminals } => {
                 self.register_terminals(provider_code, terminals)
             }
@@ -618,6 +663,18 @@ impl ShardState {
             Ok(()) => Reply::Ok,
             Err(reason) => Reply::Refused(reason),
         }
+    }
+
+    fn upsert_store(&mut self, store: Store, now_ms: i64) -> Reply {
+        if self.stores.get(&store.store_id).is_none() && self.stores.len() >= STORES_PER_SHARD_MAX {
+            return Reply::Refused(ReasonCode::TooManyStores);
+        }
+        if !self.shared.stores.signals_free(&store) {
+            return Reply::Refused(ReasonCode::StoreIdInUse);
+        }
+        self.shared.stores.set(&store, now_ms);
+        self.stores.upsert(store, now_ms);
+        Reply::Ok
     }
 
     fn register_terminals(&mut self, provider_code: u32, terminals: Vec<TerminalEntry>) -> Reply {

@@ -36,9 +36,9 @@ use crate::shard::Reply;
 use record::LogEnvelope;
 
 /// The log and snapshot format this build writes and the newest it reads. Version 2 added the
-/// age registry (log record kinds appended; snapshots gained an age section). Version 1 files
-/// are still read.
-pub const FORMAT_VERSION: u16 = 2;
+/// age registry, version 3 the stores (each appended log record kinds and a snapshot
+/// section). Older files are still read.
+pub const FORMAT_VERSION: u16 = 3;
 const MAGIC: [u8; 8] = *b"SGWAL\0\0\0";
 const FILE_HEADER_LEN: usize = 24;
 const RECORD_HEADER_LEN: usize = 8;

@@ -6,6 +6,7 @@
 use rkyv::{Archive, Deserialize, Serialize};
 
 use crate::age::{AgeCheck, AgePolicy, AgeRecord, AgeVerdict, Basket, BasketItem, OnAgeFailure};
+use crate::geo::{AcceptedMethod, Store};
 use crate::inherent::InherentId;
 use crate::keys::{DeviceKey, Verified};
 use crate::providers::TerminalEntry;
@@ -102,6 +103,67 @@ enum LogCommand {
         terminal_id: String,
         policy: Option<LogAgePolicy>,
     },
+    // Format version 3 appends the variants below.
+    UpsertStore {
+        store: LogStore,
+    },
+    RemoveStore {
+        store_id: String,
+        moved: bool,
+    },
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub(crate) struct LogStore {
+    store_id: String,
+    name: String,
+    industry: String,
+    address: String,
+    latitude: f64,
+    longitude: f64,
+    beacons: Vec<String>,
+    wifi: Vec<String>,
+    qr_code: Option<String>,
+    /// Means kind and brand.
+    accepts: Vec<(u8, String)>,
+}
+
+pub(crate) fn store_out(store: &Store) -> LogStore {
+    LogStore {
+        store_id: store.store_id.clone(),
+        name: store.name.clone(),
+        industry: store.industry.clone(),
+        address: store.address.clone(),
+        latitude: store.latitude,
+        longitude: store.longitude,
+        beacons: store.beacons.clone(),
+        wifi: store.wifi.clone(),
+        qr_code: store.qr_code.clone(),
+        accepts: store.accepts.iter().map(|a| (a.kind as u8, a.brand.clone())).collect(),
+    }
+}
+
+pub(crate) fn store_in(store: &LogStore) -> Result<Store, RecordError> {
+    let accepts = store
+        .accepts
+        .iter()
+        .map(|(kind, brand)| {
+            let kind = MeansKind::from_u8(*kind).ok_or(RecordError("accepted means kind"))?;
+            Ok(AcceptedMethod { kind, brand: brand.clone() })
+        })
+        .collect::<Result<_, RecordError>>()?;
+    Ok(Store {
+        store_id: store.store_id.clone(),
+        name: store.name.clone(),
+        industry: store.industry.clone(),
+        address: store.address.clone(),
+        latitude: store.latitude,
+        longitude: store.longitude,
+        beacons: store.beacons.clone(),
+        wifi: store.wifi.clone(),
+        qr_code: store.qr_code.clone(),
+        accepts,
+    })
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -498,6 +560,10 @@ fn command_out(command: &Command, vault: &Vault) -> LogCommand {
             terminal_id: terminal_id.clone(),
             policy: policy.as_ref().map(policy_out),
         },
+        Command::UpsertStore { store } => LogCommand::UpsertStore { store: store_out(store) },
+        Command::RemoveStore { store_id, moved } => {
+            LogCommand::RemoveStore { store_id: store_id.clone(), moved: *moved }
+        }
         Command::RegisterTerminals { provider_code, terminals } => LogCommand::RegisterTerminals {
             provider_code: *provider_code,
             terminals: terminals.iter().map(terminal_out).collect(),
@@ -575,6 +641,12 @@ fn command_in(command: &LogCommand, vault: &Vault) -> Result<Command, RecordErro
             terminal_id: terminal_id.clone(),
             policy: policy.as_ref().map(policy_in).transpose()?,
         },
+        LogCommand::UpsertStore { store } => {
+            Command::UpsertStore { store: Box::new(store_in(store)?) }
+        }
+        LogCommand::RemoveStore { store_id, moved } => {
+            Command::RemoveStore { store_id: store_id.clone(), moved: *moved }
+        }
         LogCommand::AuthComplete { owner_hash, client_request_id, user, means_id, outcome } => {
             Command::AuthComplete {
                 key: (*owner_hash, *client_request_id),

@@ -15,7 +15,10 @@ use super::record::{
     key_in, key_out, outcome_in, outcome_out, sealed_in, sealed_out, terminal_in, terminal_out,
     user_in, user_out, LogNumber, LogOutcome, LogSealed, LogTerminal, LogUser, RecordError,
 };
-use super::record::{policy_in, policy_out, verdict_in, verdict_out, LogAgePolicy, LogVerdict};
+use super::record::{
+    policy_in, policy_out, store_in, store_out, verdict_in, verdict_out, LogAgePolicy, LogStore,
+    LogVerdict,
+};
 use super::{StorageError, FORMAT_VERSION};
 use crate::age::{AgeRegistration, VerificationMethod};
 use crate::keys::DeviceKeys;
@@ -34,6 +37,24 @@ pub(crate) struct SnapShard {
     idem: Vec<SnapIdem>,
     providers: Vec<SnapProvider>,
     /// Since format version 2.
+    age: SnapAge,
+    /// Since format version 3: the stores of this shard's cells.
+    stores: Vec<SnapStore>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug)]
+struct SnapStore {
+    store: LogStore,
+    updated_ms: i64,
+}
+
+/// The payload of a format-version-2 snapshot: version 3 without the stores.
+#[derive(Archive, Serialize, Deserialize, Debug)]
+struct SnapShardV2 {
+    dispatch_seq: u64,
+    users: Vec<SnapUser>,
+    idem: Vec<SnapIdem>,
+    providers: Vec<SnapProvider>,
     age: SnapAge,
 }
 
@@ -204,7 +225,13 @@ impl SnapShard {
             })
             .collect();
         let age = SnapAge { registrations, policies };
-        SnapShard { dispatch_seq: state.dispatch_seq, users, idem, providers, age }
+        let mut stores: Vec<SnapStore> = state
+            .stores
+            .stores()
+            .map(|(store, updated_ms)| SnapStore { store: store_out(store), updated_ms })
+            .collect();
+        stores.sort_by_key(|s| s.updated_ms);
+        SnapShard { dispatch_seq: state.dispatch_seq, users, idem, providers, age, stores }
     }
 
     /// Restores into a fresh `state` (and the shared indexes).
@@ -289,6 +316,9 @@ impl SnapShard {
             };
             state.ages.insert(r.idm, registration);
         }
+        for s in &self.stores {
+            state.stores.upsert(store_in(&s.store)?, s.updated_ms);
+        }
         for (code, terminal_id, policy) in &self.age.policies {
             let policy = policy_in(policy)?;
             let resolved = state.shared.age.config.resolve(&policy).map_err(|_| {
@@ -316,6 +346,20 @@ impl From<SnapShardV1> for SnapShard {
             idem: v1.idem,
             providers: v1.providers,
             age: SnapAge::default(),
+            stores: Vec::new(),
+        }
+    }
+}
+
+impl From<SnapShardV2> for SnapShard {
+    fn from(v2: SnapShardV2) -> SnapShard {
+        SnapShard {
+            dispatch_seq: v2.dispatch_seq,
+            users: v2.users,
+            idem: v2.idem,
+            providers: v2.providers,
+            age: v2.age,
+            stores: Vec::new(),
         }
     }
 }
@@ -487,10 +531,10 @@ pub(crate) fn read(
     }
     let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(payload.len());
     aligned.extend_from_slice(payload);
-    let snapshot = if version == 1 {
-        rkyv::from_bytes::<SnapShardV1, rkyv::rancor::Error>(&aligned).map(SnapShard::from)
-    } else {
-        rkyv::from_bytes::<SnapShard, rkyv::rancor::Error>(&aligned)
+    let snapshot = match version {
+        1 => rkyv::from_bytes::<SnapShardV1, rkyv::rancor::Error>(&aligned).map(SnapShard::from),
+        2 => rkyv::from_bytes::<SnapShardV2, rkyv::rancor::Error>(&aligned).map(SnapShard::from),
+        _ => rkyv::from_bytes::<SnapShard, rkyv::rancor::Error>(&aligned),
     }
     .map_err(|_| corrupt("snapshot does not decode"))?;
     Ok(Some((generation, snapshot)))

@@ -1,0 +1,234 @@
+"""An ISO 8583 issuer-host simulator: the test peer of settlegate's ISO 8583 adapter.
+
+Written against the `pyiso8583` library (its `iso8583.specs.default` spec: ASCII fields,
+binary bitmap), not against settlegate's Rust codec, so the adapter's tests exercise an
+independent implementation of the format. Used by `adapters/tests/iso8583.rs`.
+
+Usage:
+    python3 iso_host.py [--host 127.0.0.1] [--port 0] [--ledger PATH] [--approve-limit N]
+
+Once listening it prints one line, `PORT <n>`, on stdout (`--port 0` picks a free port).
+
+Framing: every message is preceded by a 2-byte big-endian length header.
+
+Behaviour, by message type:
+
+- 0800 network management: answered 0810 with response code (39) `00`, fields 7, 11 and 70
+  echoed (70: `001` sign-on, `301` echo test).
+- 0100 / 0200 authorization / financial request: answered 0110 / 0210 with fields 3, 4, 7,
+  11, 37, 41, 42 and 49 echoed (never field 2), and 39 (and 38 when approved) chosen by the
+  amount in field 4, in minor units (the triggers):
+
+  ============== ====================================================================
+  amount         behaviour
+  ============== ====================================================================
+  500..=599      decline `05` (do not honor)
+  1400..=1499    decline `14` (invalid card number)
+  6100..=6199    decline `61` (exceeds amount limit)
+  9600..=9699    `96` (system malfunction)
+  7000..=7999    approve after a delay of (amount - 7000) * 10 ms: a late reply when the
+                 delay exceeds the adapter's response timeout
+  8000..=8099    drop: never answered
+  9000..=9099    three malformed but well-framed frames first (an undecodable field 2
+                 length, a reply for this STAN without field 39, a body with a bad MTI),
+                 then the real approval 50 ms later
+  > limit        decline `51` (insufficient funds) above `--approve-limit`
+                 (default 1,000,000)
+  otherwise      approve, authorization code (38) = the amount modulo 10^6 in six digits
+  ============== ====================================================================
+
+- 0400 / 0401 reversal: answered 0410 `00`; the original (field 90's STAN) is noted reversed.
+- A frame whose body starts with `ECHO` is written back unchanged, without decoding: a raw
+  round trip for benchmark baselines.
+
+Ledger (`--ledger PATH`): one JSON object per message received or sent, flushed after each
+batch of input, so a test can check what the host saw:
+`{"dir": "in"|"out", "mti", "stan", "rrn", "amount", "code", "nmi", "orig_stan",
+"pan_last4", "delay_ms", "reversed"}` (absent fields omitted). Only the last four digits of
+a PAN are written.
+"""
+
+import argparse
+import asyncio
+import json
+import sys
+
+import iso8583
+from iso8583.specs import default as SPEC
+
+ECHOED_FIELDS = ("3", "4", "7", "11", "37", "41", "42", "49")
+
+
+def frame(body):
+    return len(body).to_bytes(2, "big") + bytes(body)
+
+
+def encode(doc):
+    body, _ = iso8583.encode(doc, SPEC)
+    return frame(body)
+
+
+def malformed_frames(request):
+    """Well-framed messages the adapter must reject without losing the connection."""
+    bitmap_pan_only = bytes([0x40, 0, 0, 0, 0, 0, 0, 0])
+    undecodable = b"0110" + bitmap_pan_only + b"99" + b"4" * 99
+    no_response_code = {"t": "0110", "11": request["11"], "37": request.get("37", "0" * 12)}
+    bad_mti = b"01X0" + bytes(8) + b"garbage!"
+    return [frame(undecodable), encode(no_response_code), frame(bad_mti)]
+
+
+def decide(amount, limit):
+    """Response code and reply delay for an authorization of `amount`, or None to drop it."""
+    if 500 <= amount <= 599:
+        return "05", 0.0
+    if 1400 <= amount <= 1499:
+        return "14", 0.0
+    if 6100 <= amount <= 6199:
+        return "61", 0.0
+    if 9600 <= amount <= 9699:
+        return "96", 0.0
+    if 7000 <= amount <= 7999:
+        return "00", (amount - 7000) * 0.010
+    if 8000 <= amount <= 8099:
+        return None
+    if amount > limit:
+        return "51", 0.0
+    return "00", 0.0
+
+
+class Host(asyncio.Protocol):
+    def __init__(self, state):
+        self.state = state
+        self.buf = bytearray()
+        self.transport = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.buf += data
+        out = []
+        while len(self.buf) >= 2:
+            length = int.from_bytes(self.buf[:2], "big")
+            if len(self.buf) < 2 + length:
+                break
+            body = bytes(self.buf[2 : 2 + length])
+            del self.buf[: 2 + length]
+            if body.startswith(b"ECHO"):
+                out.append(frame(body))
+                continue
+            try:
+                doc, _ = iso8583.decode(body, SPEC)
+            except iso8583.DecodeError as error:
+                print(f"iso_host: undecodable request: {error}", file=sys.stderr)
+                continue
+            self.handle(doc, out)
+        # The ledger first: once a reply is out, a test may read the ledger.
+        self.state.flush()
+        if out:
+            self.transport.write(b"".join(out))
+
+    def send_later(self, delay, frames, reply, **extra):
+        def send():
+            if not self.transport.is_closing():
+                self.state.record("out", reply, **extra)
+                self.state.flush()
+                self.transport.write(b"".join(frames))
+
+        asyncio.get_running_loop().call_later(delay, send)
+
+    def handle(self, doc, out):
+        state = self.state
+        mti = doc["t"]
+        state.record("in", doc)
+        if mti == "0800":
+            reply = {"t": "0810", "39": "00"}
+            reply.update({k: doc[k] for k in ("7", "11", "70") if k in doc})
+            out.append(encode(reply))
+            state.record("out", reply)
+        elif mti in ("0100", "0200"):
+            self.authorize(doc, out)
+        elif mti in ("0400", "0401"):
+            original = doc.get("90", "")[4:10]
+            state.reversed.add(original)
+            reply = {"t": "0410", "39": "00"}
+            reply.update({k: doc[k] for k in ECHOED_FIELDS if k in doc})
+            out.append(encode(reply))
+            state.record("out", reply)
+
+    def authorize(self, doc, out):
+        state = self.state
+        amount = int(doc.get("4", "0"))
+        decision = decide(amount, state.limit)
+        if decision is None:
+            state.record("drop", doc)
+            return
+        code, delay = decision
+        reply = {"t": "0110" if doc["t"] == "0100" else "0210", "39": code}
+        reply.update({k: doc[k] for k in ECHOED_FIELDS if k in doc})
+        if code == "00":
+            reply["38"] = f"{amount % 1_000_000:06d}"
+        frames = [encode(reply)]
+        if 9000 <= amount <= 9099:
+            out.extend(malformed_frames(doc))
+            state.record("malformed", doc)
+            self.send_later(0.05, frames, reply)
+        elif delay > 0:
+            self.send_later(delay, frames, reply, delay_ms=int(delay * 1000))
+        else:
+            out.extend(frames)
+            state.record("out", reply)
+
+
+class State:
+    def __init__(self, ledger_path, limit):
+        self.ledger = open(ledger_path, "a", encoding="utf-8") if ledger_path else None
+        self.limit = limit
+        self.reversed = set()
+
+    def record(self, direction, doc, **extra):
+        if self.ledger is None:
+            return
+        entry = {"dir": direction, "mti": doc.get("t")}
+        for key, name in (("11", "stan"), ("37", "rrn"), ("39", "code"), ("70", "nmi")):
+            if key in doc:
+                entry[name] = doc[key]
+        if "4" in doc:
+            entry["amount"] = int(doc["4"])
+        if "90" in doc:
+            entry["orig_stan"] = doc["90"][4:10]
+        if "2" in doc:
+            entry["pan_last4"] = doc["2"][-4:]
+        if doc.get("11") in self.reversed and doc.get("t") in ("0110", "0210"):
+            entry["reversed"] = True
+        entry.update(extra)
+        self.ledger.write(json.dumps(entry) + "\n")
+
+    def flush(self):
+        if self.ledger is not None:
+            self.ledger.flush()
+
+
+async def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--ledger")
+    parser.add_argument("--approve-limit", type=int, default=1_000_000)
+    args = parser.parse_args()
+    state = State(args.ledger, args.approve_limit)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: Host(state), args.host, args.port, reuse_address=True
+    )
+    port = server.sockets[0].getsockname()[1]
+    print(f"PORT {port}", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass
