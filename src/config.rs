@@ -149,7 +149,7 @@ impl IdentityConfig {
             return Err(format!("identity {}: needs api_key_sha256 or cert_sha256", self.name));
         }
         for permission in &self.permissions {
-            if !["authorize", "accounts", "providers"].contains(&permission.as_str()) {
+            if !["authorize", "accounts", "providers", "stores"].contains(&permission.as_str()) {
                 return Err(format!("identity {}: unknown permission {permission}", self.name));
             }
         }

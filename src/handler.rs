@@ -100,6 +100,35 @@ pub async fn handle(ctx: &Context, identity: &Identity, request: Request) -> Res
             .set_age_policy(client_request_id, provider_code, &terminal_id, policy)
             .await
             .map(|()| Reply::Empty),
+        Request::UpsertStore { client_request_id, store } => {
+            engine.upsert_store(client_request_id, store).await.map(|()| Reply::Empty)
+        }
+        Request::RemoveStore { client_request_id, store_id } => {
+            engine.remove_store(client_request_id, &store_id).await.map(|()| Reply::Empty)
+        }
+        Request::StoreAt { latitude_e7, longitude_e7, radius_m } => {
+            let (latitude, longitude) =
+                (f64::from(latitude_e7) / 1e7, f64::from(longitude_e7) / 1e7);
+            engine
+                .store_at(latitude, longitude, radius_m)
+                .await
+                .map(|e| Reply::Entered(Box::new(e)))
+        }
+        Request::StoreBySignal { signal, id } => {
+            engine.store_by_signal(signal, &id).await.map(|e| Reply::Entered(Box::new(e)))
+        }
+        Request::TopUp { client_request_id, user, means_id, amount_minor, currency } => engine
+            .top_up(client_request_id, &user, means_id, amount_minor, currency)
+            .await
+            .map(Reply::Balance),
+        Request::UsableMethods { user, store_id, best_by } => engine
+            .usable_methods(&user, &store_id, best_by)
+            .await
+            .map(|u| Reply::Usable(Box::new(u))),
+        Request::Wallet { user } => engine
+            .list_means(&user, settlegate_engine::MeansOrder::Registration)
+            .await
+            .map(Reply::Wallet),
         Request::Auth { .. }
         | Request::Authorize { .. }
         | Request::AuthorizeBasket { .. }
@@ -126,6 +155,11 @@ pub fn forbidden(identity: &Identity, request: &Request) -> Option<Response> {
         | Request::ProvisionDevice { .. }
         | Request::RotateDeviceKey { .. }
         | Request::RegisterAge { .. }
+        | Request::StoreAt { .. }
+        | Request::StoreBySignal { .. }
+        | Request::TopUp { .. }
+        | Request::UsableMethods { .. }
+        | Request::Wallet { .. }
         | Request::SubscribeNotices { .. } => {
             (!identity.may(permission::ACCOUNTS)).then(|| deny("use account operations")).flatten()
         }
@@ -140,6 +174,9 @@ pub fn forbidden(identity: &Identity, request: &Request) -> Option<Response> {
             let allowed =
                 identity.may(permission::AUTHORIZE) && identity.may_act_for_terminal(terminal_id);
             (!allowed).then(|| deny("act for this terminal")).flatten()
+        }
+        Request::UpsertStore { .. } | Request::RemoveStore { .. } => {
+            (!identity.may(permission::STORES)).then(|| deny("manage stores")).flatten()
         }
         Request::Authorize { .. } | Request::AuthorizeBasket { .. } => None,
     }
@@ -260,6 +297,13 @@ fn op_name(opcode: u16) -> &'static str {
         AUTHORIZE_BASKET => "authorize_basket",
         REGISTER_AGE => "register_age",
         SET_AGE_POLICY => "set_age_policy",
+        UPSERT_STORE => "upsert_store",
+        REMOVE_STORE => "remove_store",
+        STORE_AT => "store_at",
+        STORE_BY_SIGNAL => "store_by_signal",
+        TOP_UP => "top_up",
+        USABLE_METHODS => "usable_methods",
+        WALLET => "wallet",
         _ => "unknown",
     }
 }

@@ -13,6 +13,8 @@ pub mod permission {
     pub const ACCOUNTS: u32 = 0x2;
     /// Terminal-list changes for the identity's providers.
     pub const PROVIDERS: u32 = 0x4;
+    /// Store registration and removal (W1).
+    pub const STORES: u32 = 0x8;
 }
 
 /// An authenticated identity.
@@ -84,6 +86,7 @@ impl Identities {
                     .map(|p| match p.as_str() {
                         "authorize" => permission::AUTHORIZE,
                         "accounts" => permission::ACCOUNTS,
+                        "stores" => permission::STORES,
                         _ => permission::PROVIDERS,
                     })
                     .fold(0, |bits, bit| bits | bit);

@@ -200,6 +200,7 @@ async fn means_listing_orders() {
     let gina = h.user("gina").await;
     let emoney = MeansInput::EMoney { emoney_type: "nanaco".into() };
     let second = h.engine.add_means(request_id(), &gina.user, &emoney, false).await.unwrap();
+    h.engine.top_up(request_id(), &gina.user, second.means_id, 1_000, jpy()).await.unwrap();
     // Use the e-money twice, the card once, later.
     for _ in 0..2 {
         let mut record = gina.record(h.engine.now_ms(), 100, PROVIDER_OK, "T-1");

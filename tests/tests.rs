@@ -9,6 +9,7 @@ mod engine_iso;
 mod engine_model;
 mod engine_providers;
 mod engine_settlement;
+mod engine_wallet;
 mod server_crash;
 mod server_lifecycle;
 mod server_malformed;

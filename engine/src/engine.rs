@@ -20,7 +20,7 @@ use crate::age::{AgePolicy, AgeRecord, AgeRules, AgeVerdict, Basket};
 use crate::clock::{Clock, SystemClock};
 use crate::config::EngineConfig;
 use crate::error::EngineError;
-use crate::geo::{self, Candidate, Signal, Store, StoreDirectory};
+use crate::geo::{self, AcceptedMethod, Candidate, Signal, Store, StoreDirectory};
 use crate::keys::{DeviceIndex, DeviceKey, Verified};
 use crate::limits::STORE_RADIUS_MAX_M;
 use crate::limits::{BATCH_SIZE_MAX, VERIFY_PARALLEL_MIN};
@@ -28,10 +28,10 @@ use crate::means::MeansInput;
 use crate::notices::{Notice, Notices};
 use crate::password::PasswordHasher;
 use crate::providers::{Registry, TerminalConfirmation, TerminalEntry};
-use crate::shard::state::{Dispatch, MeansView, Shared, StateConfig};
+use crate::shard::state::{Balance, Dispatch, MeansView, Shared, StateConfig};
 use crate::shard::{Batch, Command, Envelope, Op, Query, Reply, Shard, Sizes};
 use crate::startup::{build_registry, recover_shards, start_shards, stop_runtime, ActorRuntime};
-use crate::types::{Approval, AuthOutcome, ClientRequestId, Idm, ReasonCode, UserKey};
+use crate::types::{Approval, AuthOutcome, ClientRequestId, Currency, Idm, ReasonCode, UserKey};
 use crate::vault::Vault;
 
 /// A settlement request: the signed inherent ID exactly as the user terminal built it.
@@ -65,6 +65,39 @@ pub struct EnteredStore {
     pub tied: Vec<String>,
     /// The networks an EMVCo merchant-presented poster names (tags 26–51), when found by one.
     pub qr_networks: Vec<String>,
+}
+
+/// How the single best usable method is chosen (W3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BestBy {
+    /// The most used (then the most recently used, then the oldest).
+    #[default]
+    MostUsed,
+    /// The stored-value method with the largest available balance; when no usable method
+    /// keeps a balance, the most used.
+    LargestBalance,
+}
+
+/// One of the user's methods at a store (W3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MethodAtStore {
+    /// The method, with its balance, uses and last use.
+    pub means: MeansView,
+    /// Whether the store accepts it (and, for stored value, whether it has a balance).
+    pub usable: bool,
+}
+
+/// What a user can pay with at a store (W3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsableMethods {
+    /// The store.
+    pub store_id: String,
+    /// Every registered method, marked usable or not.
+    pub methods: Vec<MethodAtStore>,
+    /// The best usable method by the asked policy, if any is usable.
+    pub best: Option<u32>,
+    /// When nothing is usable: the methods the store accepts, to suggest registering one.
+    pub accepted: Vec<AcceptedMethod>,
 }
 
 /// Enrollment of a new user with their first device (G1).
@@ -648,6 +681,69 @@ impl Engine {
             Reply::Stores(mut found) if !found.is_empty() => Ok(found.swap_remove(0).store),
             other => Err(unexpected(other)),
         }
+    }
+
+    // ---- W3: the wallet and what is usable where ----------------------------------------
+
+    /// Loads a stored-value (e-money) means; the first top-up fixes the purse's currency.
+    /// Returns the new balance.
+    pub async fn top_up(
+        &self,
+        client_request_id: ClientRequestId,
+        user: &UserKey,
+        means_id: u32,
+        amount_minor: u64,
+        currency: Currency,
+    ) -> Result<Balance, EngineError> {
+        if amount_minor == 0 || amount_minor > crate::limits::BALANCE_MAX_MINOR {
+            return Err(EngineError::Refused(ReasonCode::InvalidAmount));
+        }
+        let digest = digest_of(&("top-up", user, means_id, amount_minor, currency));
+        let command = Command::TopUp { user: user.clone(), means_id, amount_minor, currency };
+        match self.apply_for_user(user, Some(client_request_id), digest, command).await? {
+            Reply::Balance(balance) => Ok(balance),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Every method of the user at a store, marked usable or not, with balances; the best one
+    /// by `best_by`; and, when none is usable, what the store accepts (W3).
+    pub async fn usable_methods(
+        &self,
+        user: &UserKey,
+        store_id: &str,
+        best_by: BestBy,
+    ) -> Result<UsableMethods, EngineError> {
+        let (store, means) = futures::try_join!(
+            self.store(store_id),
+            self.list_means(user, MeansOrder::Registration)
+        )?;
+        let methods: Vec<MethodAtStore> = means
+            .into_iter()
+            .map(|means| {
+                let accepted = store.accepts.iter().any(|a| a.accepts(means.kind, &means.label));
+                let funded = means.balance.is_none_or(|b| b.available_minor > 0);
+                MethodAtStore { usable: accepted && funded, means }
+            })
+            .collect();
+        let usable = || methods.iter().filter(|m| m.usable).map(|m| &m.means);
+        let most_used = usable()
+            .max_by(|a, b| {
+                (a.uses, a.last_used_ms)
+                    .cmp(&(b.uses, b.last_used_ms))
+                    .then(b.means_id.cmp(&a.means_id))
+            })
+            .map(|m| m.means_id);
+        let best = match best_by {
+            BestBy::MostUsed => most_used,
+            BestBy::LargestBalance => usable()
+                .filter_map(|m| Some((m.balance?.available_minor, m.means_id)))
+                .max_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)))
+                .map(|(_, id)| id)
+                .or(most_used),
+        };
+        let accepted = if best.is_none() { store.accepts.clone() } else { Vec::new() };
+        Ok(UsableMethods { store_id: store.store_id, methods, best, accepted })
     }
 
     // ---- G3: settlement -----------------------------------------------------------------

@@ -39,8 +39,8 @@ pub use age::{AgeCheck, AgePolicy, AgeRecord, AgeVerdict, Basket, BasketItem, On
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{EngineConfig, ProviderConfig};
 pub use engine::{
-    AuthorizeRequest, BasketOutcome, DeviceCredential, Engine, EnrollRequest, EnteredStore,
-    MeansAdded, MeansOrder,
+    AuthorizeRequest, BasketOutcome, BestBy, DeviceCredential, Engine, EnrollRequest, EnteredStore,
+    MeansAdded, MeansOrder, MethodAtStore, UsableMethods,
 };
 pub use error::EngineError;
 pub use geo::{AcceptedMethod, Signal, Store};
@@ -50,5 +50,5 @@ pub use means::MeansInput;
 pub use notices::Notice;
 pub use providers::{TerminalConfirmation, TerminalEntry};
 pub use settlegate_adapters as adapters;
-pub use shard::state::MeansView;
+pub use shard::state::{Balance, MeansView};
 pub use types::*;

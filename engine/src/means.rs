@@ -71,7 +71,8 @@ impl MeansInput {
         let (label, sealed) = match self {
             MeansInput::CreditCard { pan } => {
                 let t = vault.tokenize(NumberKind::Pan, pan)?;
-                let label = format!("card ****{}", String::from_utf8_lossy(&t.last4));
+                let label =
+                    format!("{} ****{}", card_brand(pan), String::from_utf8_lossy(&t.last4));
                 (label, Some((t.token, t.last4, t.sealed)))
             }
             MeansInput::EMoney { emoney_type } => {
@@ -110,6 +111,22 @@ impl MeansInput {
                 (self.kind(), bank_code, tail(account_number))
             }
         }
+    }
+}
+
+/// The card scheme of a PAN by its issuer identification number, for labels and for a store's
+/// accepted methods (`brand = "visa"`); `card` when unknown.
+pub fn card_brand(pan: &str) -> &'static str {
+    let prefix = |n: usize| pan.get(..n).and_then(|p| p.parse::<u32>().ok()).unwrap_or(0);
+    match (prefix(1), prefix(2), prefix(3), prefix(4)) {
+        (4, _, _, _) => "visa",
+        (_, 51..=55, _, _) | (_, _, _, 2221..=2720) => "mastercard",
+        (_, 34 | 37, _, _) => "amex",
+        (_, _, _, 3528..=3589) => "jcb",
+        (_, 36 | 38 | 39, _, _) | (_, _, 300..=305, _) => "diners",
+        (_, 65, _, _) | (_, _, 644..=649, _) | (_, _, _, 6011) => "discover",
+        (_, 62, _, _) => "unionpay",
+        _ => "card",
     }
 }
 

@@ -190,11 +190,13 @@ pub enum ReasonCode {
     /// A position is not a latitude in -90..=90 and a longitude in -180..=180, or the radius is
     /// not 1..=50,000 m.
     InvalidPosition = 89,
+    /// A stored-value payment or top-up in another currency than the purse's.
+    CurrencyMismatch = 90,
 }
 
 impl ReasonCode {
     /// Every reason code, in numeric order.
-    pub const ALL: [ReasonCode; 46] = [
+    pub const ALL: [ReasonCode; 47] = [
         ReasonCode::Malformed,
         ReasonCode::UnknownDevice,
         ReasonCode::ForgedTag,
@@ -241,6 +243,7 @@ impl ReasonCode {
         ReasonCode::StoreIdInUse,
         ReasonCode::TooManyStores,
         ReasonCode::InvalidPosition,
+        ReasonCode::CurrencyMismatch,
     ];
 
     /// The wire value.

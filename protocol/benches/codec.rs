@@ -28,7 +28,7 @@ fn inherent_id() -> Vec<u8> {
         means_id: 0,
         provider_code: 1,
         card_idm: *b"IDM00001",
-        user: UserKey::new(UserIdType::Mail, "bench@example.com".into()).expect("a valid user"),
+        user: UserKey::new(UserIdType::Mail, "bench@example.com").expect("a valid user"),
         terminal_id: "LOADGEN-1".into(),
         counter: 1,
         timestamp_ms: 1_795_305_600_000,

@@ -19,7 +19,7 @@ const OUTGOING_QUEUE: usize = 4096;
 const NOTICE_QUEUE: usize = 256;
 
 /// Why a call did not produce a response.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ClientError {
     /// The connection closed (or failed) before the response arrived.
     #[error("connection closed: {0}")]

@@ -1,7 +1,10 @@
 //! Typed requests and responses, and their body layouts (`docs/PROTOCOL.md` section 5).
 
 use settlegate_engine::engine::DeviceCredential;
-use settlegate_engine::limits::BASKET_ITEMS_MAX;
+use settlegate_engine::limits::{ACCEPTED_METHODS_MAX, BASKET_ITEMS_MAX, STORE_IDS_PER_KIND_MAX};
+use settlegate_engine::{
+    AcceptedMethod, Balance, BestBy, EnteredStore, MethodAtStore, Signal, Store, UsableMethods,
+};
 use settlegate_engine::{
     AgeCheck, AgePolicy, AgeVerdict, Approval, AuthCode, AuthOutcome, Basket, BasketItem,
     CardToken, Currency, DeviceKey, Discount, MeansAdded, MeansInput, MeansKind, MeansOrder,
@@ -51,6 +54,20 @@ pub mod opcode {
     pub const REGISTER_AGE: u16 = 0x0040;
     /// Set or clear a store terminal's age policy.
     pub const SET_AGE_POLICY: u16 = 0x0041;
+    /// Add or replace a store (W1).
+    pub const UPSERT_STORE: u16 = 0x0050;
+    /// Remove a store (W1).
+    pub const REMOVE_STORE: u16 = 0x0051;
+    /// The store at a GPS position (W2).
+    pub const STORE_AT: u16 = 0x0052;
+    /// The store a beacon, Wi-Fi ID or QR poster names (W2).
+    pub const STORE_BY_SIGNAL: u16 = 0x0053;
+    /// Load a stored-value means.
+    pub const TOP_UP: u16 = 0x0054;
+    /// What the user can pay with at a store (W3).
+    pub const USABLE_METHODS: u16 = 0x0055;
+    /// The user's methods with balances and use.
+    pub const WALLET: u16 = 0x0056;
 }
 
 /// Response statuses.
@@ -80,7 +97,7 @@ pub mod status {
 }
 
 /// A request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 #[allow(missing_docs)] // Fields mirror docs/PROTOCOL.md section 5 one to one.
 pub enum Request {
     Auth {
@@ -164,6 +181,38 @@ pub enum Request {
         terminal_id: String,
         policy: Option<AgePolicy>,
     },
+    UpsertStore {
+        client_request_id: u128,
+        store: Store,
+    },
+    RemoveStore {
+        client_request_id: u128,
+        store_id: String,
+    },
+    StoreAt {
+        latitude_e7: i32,
+        longitude_e7: i32,
+        radius_m: u32,
+    },
+    StoreBySignal {
+        signal: Signal,
+        id: String,
+    },
+    TopUp {
+        client_request_id: u128,
+        user: UserKey,
+        means_id: u32,
+        amount_minor: u64,
+        currency: Currency,
+    },
+    UsableMethods {
+        user: UserKey,
+        store_id: String,
+        best_by: BestBy,
+    },
+    Wallet {
+        user: UserKey,
+    },
 }
 
 /// Largest `PING` payload.
@@ -205,6 +254,13 @@ impl Request {
             Request::AuthorizeBasket { .. } => AUTHORIZE_BASKET,
             Request::RegisterAge { .. } => REGISTER_AGE,
             Request::SetAgePolicy { .. } => SET_AGE_POLICY,
+            Request::UpsertStore { .. } => UPSERT_STORE,
+            Request::RemoveStore { .. } => REMOVE_STORE,
+            Request::StoreAt { .. } => STORE_AT,
+            Request::StoreBySignal { .. } => STORE_BY_SIGNAL,
+            Request::TopUp { .. } => TOP_UP,
+            Request::UsableMethods { .. } => USABLE_METHODS,
+            Request::Wallet { .. } => WALLET,
         }
     }
 
@@ -287,6 +343,36 @@ impl Request {
                         .u8(p.on_failure as u8)
                         .u8(u8::from(p.strict)),
                 };
+            }
+            Request::UpsertStore { client_request_id, store } => {
+                w.u128(*client_request_id);
+                encode_store(&mut w, store);
+            }
+            Request::RemoveStore { client_request_id, store_id } => {
+                w.u128(*client_request_id).str8(store_id);
+            }
+            Request::StoreAt { latitude_e7, longitude_e7, radius_m } => {
+                w.u32(*latitude_e7 as u32).u32(*longitude_e7 as u32).u32(*radius_m);
+            }
+            Request::StoreBySignal { signal, id } => {
+                w.u8(*signal as u8).bytes16(id.as_bytes());
+            }
+            Request::TopUp { client_request_id, user, means_id, amount_minor, currency } => {
+                w.u128(*client_request_id)
+                    .user(user)
+                    .u32(*means_id)
+                    .u64(*amount_minor)
+                    .raw(&currency.bytes());
+            }
+            Request::UsableMethods { user, store_id, best_by } => {
+                let best_by = match best_by {
+                    BestBy::MostUsed => 0,
+                    BestBy::LargestBalance => 1,
+                };
+                w.user(user).str8(store_id).u8(best_by);
+            }
+            Request::Wallet { user } => {
+                w.user(user);
             }
         }
     }
@@ -399,6 +485,42 @@ impl Request {
                 client_request_id: r.u128("client_request_id")?,
                 record: r.bytes16("age_record")?.to_vec(),
             },
+            opcode::UPSERT_STORE => Request::UpsertStore {
+                client_request_id: r.u128("client_request_id")?,
+                store: decode_store(&mut r)?,
+            },
+            opcode::REMOVE_STORE => Request::RemoveStore {
+                client_request_id: r.u128("client_request_id")?,
+                store_id: r.str8("store_id")?.to_owned(),
+            },
+            opcode::STORE_AT => Request::StoreAt {
+                latitude_e7: r.u32("latitude_e7")? as i32,
+                longitude_e7: r.u32("longitude_e7")? as i32,
+                radius_m: r.u32("radius_m")?,
+            },
+            opcode::STORE_BY_SIGNAL => Request::StoreBySignal {
+                signal: Signal::from_u8(r.u8("signal")?).ok_or(BodyError::Invalid("signal"))?,
+                id: std::str::from_utf8(r.bytes16("id")?)
+                    .map_err(|_| BodyError::Invalid("id is not UTF-8"))?
+                    .to_owned(),
+            },
+            opcode::TOP_UP => Request::TopUp {
+                client_request_id: r.u128("client_request_id")?,
+                user: r.user()?,
+                means_id: r.u32("means_id")?,
+                amount_minor: r.u64("amount_minor")?,
+                currency: currency(&mut r)?,
+            },
+            opcode::USABLE_METHODS => Request::UsableMethods {
+                user: r.user()?,
+                store_id: r.str8("store_id")?.to_owned(),
+                best_by: match r.u8("best_by")? {
+                    0 => BestBy::MostUsed,
+                    1 => BestBy::LargestBalance,
+                    _ => return Err(BodyError::Invalid("best_by").into()),
+                },
+            },
+            opcode::WALLET => Request::Wallet { user: r.user()? },
             opcode::SET_AGE_POLICY => Request::SetAgePolicy {
                 client_request_id: r.u128("client_request_id")?,
                 provider_code: r.u32("provider_code")?,
@@ -420,6 +542,148 @@ impl Request {
         r.finish()?;
         Ok(request)
     }
+}
+
+/// Degrees as the wire's signed 10^-7 degrees (about 1 cm).
+pub fn degrees_to_e7(degrees: f64) -> i32 {
+    (degrees * 1e7).round() as i32
+}
+
+fn encode_store(w: &mut Writer<'_>, store: &Store) {
+    w.str8(&store.store_id)
+        .str8(&store.name)
+        .str8(&store.industry)
+        .str8(&store.address)
+        .u32(degrees_to_e7(store.latitude) as u32)
+        .u32(degrees_to_e7(store.longitude) as u32);
+    for ids in [&store.beacons, &store.wifi] {
+        w.u8(ids.len() as u8);
+        for id in ids {
+            w.str8(id);
+        }
+    }
+    w.bytes16(store.qr_code.as_deref().unwrap_or("").as_bytes()).u8(store.accepts.len() as u8);
+    for accepted in &store.accepts {
+        w.u8(accepted.kind as u8).str8(&accepted.brand);
+    }
+}
+
+/// Reads a count and checks it against `max` before anything is allocated.
+fn count8(r: &mut Reader<'_>, what: &'static str, max: usize) -> Result<usize, BodyError> {
+    let count = r.u8(what)? as usize;
+    if count > max {
+        return Err(BodyError::Invalid(what));
+    }
+    Ok(count)
+}
+
+fn decode_store(r: &mut Reader<'_>) -> Result<Store, BodyError> {
+    let store_id = r.str8("store_id")?.to_owned();
+    let name = r.str8("name")?.to_owned();
+    let industry = r.str8("industry")?.to_owned();
+    let address = r.str8("address")?.to_owned();
+    let latitude = f64::from(r.u32("latitude_e7")? as i32) / 1e7;
+    let longitude = f64::from(r.u32("longitude_e7")? as i32) / 1e7;
+    let mut ids = |what| -> Result<Vec<String>, BodyError> {
+        let count = count8(r, what, STORE_IDS_PER_KIND_MAX)?;
+        (0..count).map(|_| r.str8(what).map(str::to_owned)).collect()
+    };
+    let beacons = ids("beacon_count")?;
+    let wifi = ids("wifi_count")?;
+    let qr = std::str::from_utf8(r.bytes16("qr_code")?)
+        .map_err(|_| BodyError::Invalid("qr_code is not UTF-8"))?;
+    let qr_code = (!qr.is_empty()).then(|| qr.to_owned());
+    let count = count8(r, "accepted_count", ACCEPTED_METHODS_MAX)?;
+    let mut accepts = Vec::with_capacity(count);
+    for _ in 0..count {
+        let kind = MeansKind::from_u8(r.u8("kind")?).ok_or(BodyError::Invalid("kind"))?;
+        accepts.push(AcceptedMethod { kind, brand: r.str8("brand")?.to_owned() });
+    }
+    Ok(Store {
+        store_id,
+        name,
+        industry,
+        address,
+        latitude,
+        longitude,
+        beacons,
+        wifi,
+        qr_code,
+        accepts,
+    })
+}
+
+fn encode_means_view(w: &mut Writer<'_>, m: &MeansView) {
+    w.u32(m.means_id)
+        .u8(m.kind as u8)
+        .u8(u8::from(m.is_default))
+        .str8(&m.label)
+        .str8(m.last4.as_deref().unwrap_or(""))
+        .raw(&m.token.map_or([0; 16], |t| t.0))
+        .u64(m.uses)
+        .u8(u8::from(m.last_used_ms.is_some()))
+        .i64(m.last_used_ms.unwrap_or(0))
+        .i64(m.registered_ms);
+}
+
+/// A means view followed by its balance (`WALLET`, `USABLE_METHODS`).
+fn encode_wallet_entry(w: &mut Writer<'_>, m: &MeansView) {
+    encode_means_view(w, m);
+    match &m.balance {
+        None => w.u8(0).u64(0).u64(0).raw(&[0; 3]),
+        Some(b) => w
+            .u8(1)
+            .u64(b.balance_minor)
+            .u64(b.available_minor)
+            .raw(&b.currency.map_or([0; 3], |c| c.bytes())),
+    };
+}
+
+fn decode_wallet_entry(r: &mut Reader<'_>) -> Result<MeansView, BodyError> {
+    let mut view = decode_means_view(r)?;
+    let has_balance = r.flag("has_balance")?;
+    let balance_minor = r.u64("balance_minor")?;
+    let available_minor = r.u64("available_minor")?;
+    let currency_bytes: [u8; 3] = r.array("currency")?;
+    let currency = if currency_bytes == [0; 3] {
+        None
+    } else {
+        Some(Currency::from_bytes(currency_bytes).map_err(|_| BodyError::Invalid("currency"))?)
+    };
+    view.balance = has_balance.then_some(Balance { balance_minor, available_minor, currency });
+    Ok(view)
+}
+
+fn encode_entered(w: &mut Writer<'_>, entered: &EnteredStore) {
+    encode_store(w, &entered.store);
+    match entered.distance_m {
+        None => w.u8(0).u64(0),
+        Some(metres) => w.u8(1).u64((metres * 1000.0).round() as u64),
+    };
+    for list in [&entered.tied, &entered.qr_networks] {
+        w.u8(list.len().min(255) as u8);
+        for item in list.iter().take(255) {
+            w.str8(item);
+        }
+    }
+}
+
+fn decode_entered(r: &mut Reader<'_>) -> Result<EnteredStore, BodyError> {
+    let store = decode_store(r)?;
+    let has_distance = r.flag("has_distance")?;
+    let distance_mm = r.u64("distance_mm")?;
+    let mut list = |what| -> Result<Vec<String>, BodyError> {
+        let count = r.u8(what)?;
+        (0..count).map(|_| r.str8(what).map(str::to_owned)).collect()
+    };
+    let tied = list("tied_count")?;
+    let qr_networks = list("network_count")?;
+    Ok(EnteredStore {
+        store,
+        distance_m: has_distance.then_some(distance_mm as f64 / 1000.0),
+        tied,
+        qr_networks,
+    })
 }
 
 /// Reads a basket; the item count is checked against the limit before anything is allocated.
@@ -537,7 +801,7 @@ pub struct ServerInfo {
 }
 
 /// The body of an `OK` response, by the request that asked.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 #[allow(missing_docs)]
 pub enum Reply {
     Authenticated { identity: String, permissions: u32 },
@@ -551,10 +815,14 @@ pub enum Reply {
     Outcome(AuthOutcome),
     BasketOutcome(AuthOutcome, Option<AgeVerdict>),
     Notice(Notice),
+    Wallet(Vec<MeansView>),
+    Entered(Box<EnteredStore>),
+    Balance(Balance),
+    Usable(Box<UsableMethods>),
 }
 
 /// A response: a status and its body.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 #[allow(missing_docs)]
 pub enum Response {
     Ok(Reply),
@@ -678,16 +946,31 @@ fn encode_reply(w: &mut Writer<'_>, reply: &Reply) {
         Reply::Means(means) => {
             w.u8(means.len() as u8);
             for m in means {
-                w.u32(m.means_id)
-                    .u8(m.kind as u8)
-                    .u8(u8::from(m.is_default))
-                    .str8(&m.label)
-                    .str8(m.last4.as_deref().unwrap_or(""))
-                    .raw(&m.token.map_or([0; 16], |t| t.0))
-                    .u64(m.uses)
-                    .u8(u8::from(m.last_used_ms.is_some()))
-                    .i64(m.last_used_ms.unwrap_or(0))
-                    .i64(m.registered_ms);
+                encode_means_view(w, m);
+            }
+        }
+        Reply::Wallet(means) => {
+            w.u8(means.len() as u8);
+            for m in means {
+                encode_wallet_entry(w, m);
+            }
+        }
+        Reply::Entered(entered) => encode_entered(w, entered),
+        Reply::Balance(b) => {
+            w.u64(b.balance_minor)
+                .u64(b.available_minor)
+                .raw(&b.currency.map_or([0; 3], |c| c.bytes()));
+        }
+        Reply::Usable(usable) => {
+            w.str8(&usable.store_id).u8(usable.methods.len() as u8);
+            for m in &usable.methods {
+                encode_wallet_entry(w, &m.means);
+                w.u8(u8::from(m.usable));
+            }
+            w.u8(u8::from(usable.best.is_some())).u32(usable.best.unwrap_or(0));
+            w.u8(usable.accepted.len() as u8);
+            for accepted in &usable.accepted {
+                w.u8(accepted.kind as u8).str8(&accepted.brand);
             }
         }
         Reply::Confirmation(confirmation) => match confirmation {
@@ -796,7 +1079,45 @@ fn decode_reply(opcode: u16, r: &mut Reader<'_>) -> Result<Reply, BodyError> {
         }
         ENROLL | PROVISION_DEVICE | ROTATE_DEVICE_KEY => Reply::Credential(decode_credential(r)?),
         LOGIN | SET_DEFAULT_MEANS | SUBSCRIBE_NOTICES | REGISTER_TERMINALS | REMOVE_TERMINALS
-        | REGISTER_AGE | SET_AGE_POLICY => Reply::Empty,
+        | REGISTER_AGE | SET_AGE_POLICY | UPSERT_STORE | REMOVE_STORE => Reply::Empty,
+        STORE_AT | STORE_BY_SIGNAL => Reply::Entered(Box::new(decode_entered(r)?)),
+        TOP_UP => {
+            let balance_minor = r.u64("balance_minor")?;
+            let available_minor = r.u64("available_minor")?;
+            let currency = currency(r)?;
+            Reply::Balance(Balance { balance_minor, available_minor, currency: Some(currency) })
+        }
+        WALLET => {
+            let count = r.u8("count")?;
+            let mut means = Vec::new();
+            for _ in 0..count {
+                means.push(decode_wallet_entry(r)?);
+            }
+            Reply::Wallet(means)
+        }
+        USABLE_METHODS => {
+            let store_id = r.str8("store_id")?.to_owned();
+            let count = r.u8("count")?;
+            let mut methods = Vec::new();
+            for _ in 0..count {
+                let means = decode_wallet_entry(r)?;
+                methods.push(MethodAtStore { means, usable: r.flag("usable")? });
+            }
+            let has_best = r.flag("has_best")?;
+            let best = r.u32("best")?;
+            let count = count8(r, "accepted_count", ACCEPTED_METHODS_MAX)?;
+            let mut accepted = Vec::with_capacity(count);
+            for _ in 0..count {
+                let kind = MeansKind::from_u8(r.u8("kind")?).ok_or(BodyError::Invalid("kind"))?;
+                accepted.push(AcceptedMethod { kind, brand: r.str8("brand")?.to_owned() });
+            }
+            Reply::Usable(Box::new(UsableMethods {
+                store_id,
+                methods,
+                best: has_best.then_some(best),
+                accepted,
+            }))
+        }
         ADD_MEANS => {
             let means_id = r.u32("means_id")?;
             let last4 = r.str8("last4")?;
@@ -875,5 +1196,6 @@ fn decode_means_view(r: &mut Reader<'_>) -> Result<MeansView, BodyError> {
         uses,
         last_used_ms: has_last_used.then_some(last_used_ms),
         registered_ms: r.i64("registered_ms")?,
+        balance: None,
     })
 }

@@ -48,7 +48,7 @@ pub fn server_config() -> Config {
         identity(
             "admin",
             ADMIN_KEY,
-            &["authorize", "accounts", "providers"],
+            &["authorize", "accounts", "providers", "stores"],
             &["*"],
             &[100, 200, 300],
         ),

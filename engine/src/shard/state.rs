@@ -11,7 +11,9 @@ use super::replay::ReplayWindow;
 use crate::age::{self, AgePolicy, AgeRecord, AgeRegistration, AgeRules, AgeVerdict, Basket};
 use crate::geo::{Candidate, Store, StoreDirectory, StoreIndex};
 use crate::keys::{DeviceIndex, DeviceKey, Verified};
-use crate::limits::{DEVICES_PER_USER_MAX, MEANS_PER_USER_MAX, STORES_PER_SHARD_MAX};
+use crate::limits::{
+    BALANCE_MAX_MINOR, DEVICES_PER_USER_MAX, MEANS_PER_USER_MAX, STORES_PER_SHARD_MAX,
+};
 use crate::providers::{Registry, TerminalEntry};
 use crate::types::{
     AuthOutcome, CardToken, ClientRequestId, Currency, Idm, MeansKind, ReasonCode, UserKey,
@@ -60,6 +62,8 @@ pub struct MeansView {
     pub last_used_ms: Option<i64>,
     /// When it was registered (ms since the epoch).
     pub registered_ms: i64,
+    /// The balance, for a stored-value means (e-money); `None` for cards and accounts.
+    pub balance: Option<Balance>,
 }
 
 /// A means ready to store: validated and, for numbers, already sealed by the vault.
@@ -79,6 +83,36 @@ pub(crate) struct StoredMeans {
     pub(crate) uses: u64,
     pub(crate) last_used_ms: Option<i64>,
     pub(crate) registered_ms: i64,
+    /// The balance of a stored-value means (e-money), kept by the engine.
+    pub(crate) purse: Option<Purse>,
+}
+
+/// A stored-value balance: what is loaded, in which currency (fixed by the first top-up), and
+/// the holds of payments waiting for their provider.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Purse {
+    pub(crate) balance_minor: u64,
+    pub(crate) currency: Option<Currency>,
+    pub(crate) holds: Vec<(IdemKey, u64)>,
+}
+
+impl Purse {
+    /// The balance less every hold.
+    pub(crate) fn available_minor(&self) -> u64 {
+        let held: u64 = self.holds.iter().map(|(_, amount)| amount).sum();
+        self.balance_minor.saturating_sub(held)
+    }
+}
+
+/// A stored-value means' balance, as a client sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Balance {
+    /// Loaded and not yet spent, minor units.
+    pub balance_minor: u64,
+    /// The balance less the holds of payments in flight.
+    pub available_minor: u64,
+    /// The purse's currency (none before the first top-up).
+    pub currency: Option<Currency>,
 }
 
 #[derive(Debug, Clone)]
@@ -175,6 +209,13 @@ pub(crate) enum Command {
     UpsertStore {
         store: Box<Store>,
     },
+    /// Loads a stored-value means.
+    TopUp {
+        user: UserKey,
+        means_id: u32,
+        amount_minor: u64,
+        currency: Currency,
+    },
     /// W1: removes a store; `moved` when it only left this shard for another cell's.
     RemoveStore {
         store_id: String,
@@ -248,6 +289,7 @@ pub(crate) enum Reply {
         password_phc: String,
     },
     Stores(Vec<Candidate>),
+    Balance(Balance),
 }
 
 /// One shard's users, devices' replay state and idempotency records.
@@ -355,6 +397,9 @@ impl ShardState {
                 self.set_age_policy(provider_code, &terminal_id, policy.as_ref())
             }
             Command::UpsertStore { store } => self.upsert_store(*store, now_ms),
+            Command::TopUp { user, means_id, amount_minor, currency } => {
+                self.top_up(&user, means_id, amount_minor, currency)
+            }
             Command::RemoveStore { store_id, moved } => match self.stores.remove(&store_id) {
                 Some(_) if !moved => {
                     self.shared.stores.remove(&store_id);
@@ -461,6 +506,7 @@ impl ShardState {
             uses: 0,
             last_used_ms: None,
             registered_ms: now_ms,
+            purse: (means.kind == MeansKind::EMoney).then(Purse::default),
         });
         if make_default || account.default_means.is_none() {
             account.default_means = Some(means_id);
@@ -525,9 +571,10 @@ impl ShardState {
         device.replay.record(record.counter);
         let means_id =
             if record.means_id == 0 { account.default_means.unwrap_or(0) } else { record.means_id };
-        let Some(means) = account.means.iter().find(|m| m.means_id == means_id) else {
+        let Some(means_index) = account.means.iter().position(|m| m.means_id == means_id) else {
             return declined(ReasonCode::MeansNotRegistered);
         };
+        let means = &account.means[means_index];
         if means.kind != record.means {
             return declined(ReasonCode::MeansMismatch);
         }
@@ -565,6 +612,19 @@ impl ShardState {
             .active_service(&record.terminal_id, now_ms)
             .map_or(0, |service| service.discount.discount_minor(amount_minor, record.currency));
         assert!(discount_minor <= amount_minor, "discount above amount");
+        let kind = means.kind;
+        let card_token = means.number.map(|(token, _)| token);
+        if let Some(purse) = &mut account.means[means_index].purse {
+            // Stored value: the payment's amount is held until its provider answers.
+            let final_minor = amount_minor - discount_minor;
+            if purse.currency.is_some_and(|c| c != record.currency) {
+                return declined(ReasonCode::CurrencyMismatch);
+            }
+            if purse.available_minor() < final_minor {
+                return declined(ReasonCode::InsufficientBalance);
+            }
+            purse.holds.push((key, final_minor));
+        }
         self.dispatch_seq += 1;
         Reply::Dispatch(Box::new(Dispatch {
             key,
@@ -572,8 +632,8 @@ impl ShardState {
             dispatch_id: (u64::from(self.index) << 56) | self.dispatch_seq,
             provider_code: record.provider_code,
             means_id,
-            means: means.kind,
-            card_token: means.number.map(|(token, _)| token),
+            means: kind,
+            card_token,
             terminal_id: record.terminal_id,
             amount_requested_minor: amount_minor,
             discount_minor,
@@ -596,15 +656,24 @@ impl ShardState {
             None => Reply::Auth(outcome),
         };
         self.idem.complete(&key, reply);
-        if let AuthOutcome::Approved(_) = outcome {
-            let means = self
-                .users
-                .get_mut(user)
-                .and_then(|account| account.means.iter_mut().find(|m| m.means_id == means_id));
-            if let Some(means) = means {
-                means.uses += 1;
-                means.last_used_ms = Some(now_ms);
+        let means = self
+            .users
+            .get_mut(user)
+            .and_then(|account| account.means.iter_mut().find(|m| m.means_id == means_id));
+        let Some(means) = means else { return Reply::Ok };
+        let approved = matches!(outcome, AuthOutcome::Approved(_));
+        if let Some(purse) = &mut means.purse {
+            // Release the hold; an approval turns it into a debit.
+            if let Some(at) = purse.holds.iter().position(|(held_key, _)| *held_key == key) {
+                let (_, amount) = purse.holds.swap_remove(at);
+                if approved {
+                    purse.balance_minor = purse.balance_minor.saturating_sub(amount);
+                }
             }
+        }
+        if approved {
+            means.uses += 1;
+            means.last_used_ms = Some(now_ms);
         }
         Reply::Ok
     }
@@ -663,6 +732,35 @@ impl ShardState {
             Ok(()) => Reply::Ok,
             Err(reason) => Reply::Refused(reason),
         }
+    }
+
+    fn top_up(
+        &mut self,
+        user: &UserKey,
+        means_id: u32,
+        amount_minor: u64,
+        currency: Currency,
+    ) -> Reply {
+        let Some(account) = self.users.get_mut(user) else {
+            return Reply::Refused(ReasonCode::UnknownUser);
+        };
+        let Some(means) = account.means.iter_mut().find(|m| m.means_id == means_id) else {
+            return Reply::Refused(ReasonCode::MeansNotRegistered);
+        };
+        let Some(purse) = &mut means.purse else {
+            return Reply::Refused(ReasonCode::NotStoredValue);
+        };
+        if purse.currency.is_some_and(|c| c != currency) {
+            return Reply::Refused(ReasonCode::CurrencyMismatch);
+        }
+        let Some(balance) =
+            purse.balance_minor.checked_add(amount_minor).filter(|b| *b <= BALANCE_MAX_MINOR)
+        else {
+            return Reply::Refused(ReasonCode::BalanceLimit);
+        };
+        purse.balance_minor = balance;
+        purse.currency = Some(currency);
+        Reply::Balance(balance_of(purse))
     }
 
     fn upsert_store(&mut self, store: Store, now_ms: i64) -> Reply {
@@ -738,6 +836,15 @@ fn means_views(account: &User) -> Vec<MeansView> {
             uses: m.uses,
             last_used_ms: m.last_used_ms,
             registered_ms: m.registered_ms,
+            balance: m.purse.as_ref().map(balance_of),
         })
         .collect()
+}
+
+fn balance_of(purse: &Purse) -> Balance {
+    Balance {
+        balance_minor: purse.balance_minor,
+        available_minor: purse.available_minor(),
+        currency: purse.currency,
+    }
 }

@@ -111,6 +111,12 @@ enum LogCommand {
         store_id: String,
         moved: bool,
     },
+    TopUp {
+        user: LogUser,
+        means_id: u32,
+        amount_minor: u64,
+        currency: [u8; 3],
+    },
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -564,6 +570,12 @@ fn command_out(command: &Command, vault: &Vault) -> LogCommand {
         Command::RemoveStore { store_id, moved } => {
             LogCommand::RemoveStore { store_id: store_id.clone(), moved: *moved }
         }
+        Command::TopUp { user, means_id, amount_minor, currency } => LogCommand::TopUp {
+            user: user_out(user),
+            means_id: *means_id,
+            amount_minor: *amount_minor,
+            currency: currency.bytes(),
+        },
         Command::RegisterTerminals { provider_code, terminals } => LogCommand::RegisterTerminals {
             provider_code: *provider_code,
             terminals: terminals.iter().map(terminal_out).collect(),
@@ -647,6 +659,12 @@ fn command_in(command: &LogCommand, vault: &Vault) -> Result<Command, RecordErro
         LogCommand::RemoveStore { store_id, moved } => {
             Command::RemoveStore { store_id: store_id.clone(), moved: *moved }
         }
+        LogCommand::TopUp { user, means_id, amount_minor, currency } => Command::TopUp {
+            user: user_in(user)?,
+            means_id: *means_id,
+            amount_minor: *amount_minor,
+            currency: currency_in(*currency)?,
+        },
         LogCommand::AuthComplete { owner_hash, client_request_id, user, means_id, outcome } => {
             Command::AuthComplete {
                 key: (*owner_hash, *client_request_id),

@@ -12,19 +12,19 @@ use std::path::{Path, PathBuf};
 use rkyv::{Archive, Deserialize, Serialize};
 
 use super::record::{
-    key_in, key_out, outcome_in, outcome_out, sealed_in, sealed_out, terminal_in, terminal_out,
-    user_in, user_out, LogNumber, LogOutcome, LogSealed, LogTerminal, LogUser, RecordError,
+    currency_in, policy_in, policy_out, store_in, store_out, verdict_in, verdict_out, LogAgePolicy,
+    LogStore, LogVerdict,
 };
 use super::record::{
-    policy_in, policy_out, store_in, store_out, verdict_in, verdict_out, LogAgePolicy, LogStore,
-    LogVerdict,
+    key_in, key_out, outcome_in, outcome_out, sealed_in, sealed_out, terminal_in, terminal_out,
+    user_in, user_out, LogNumber, LogOutcome, LogSealed, LogTerminal, LogUser, RecordError,
 };
 use super::{StorageError, FORMAT_VERSION};
 use crate::age::{AgeRegistration, VerificationMethod};
 use crate::keys::DeviceKeys;
 use crate::shard::idempotency::IdemState;
 use crate::shard::replay::ReplayWindow;
-use crate::shard::state::{Device, Reply, ShardState, StoredMeans, User};
+use crate::shard::state::{Balance, Device, Purse, Reply, ShardState, StoredMeans, User};
 use crate::types::{CardToken, MeansKind, ReasonCode};
 
 const MAGIC: [u8; 8] = *b"SGSNAP\0\0";
@@ -40,6 +40,18 @@ pub(crate) struct SnapShard {
     age: SnapAge,
     /// Since format version 3: the stores of this shard's cells.
     stores: Vec<SnapStore>,
+    /// Since format version 3: stored-value balances and their holds.
+    wallet: Vec<SnapPurse>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug)]
+struct SnapPurse {
+    user: LogUser,
+    means_id: u32,
+    balance_minor: u64,
+    currency: Option<[u8; 3]>,
+    /// Owner hash, client request ID, amount.
+    holds: Vec<(u64, u128, u64)>,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug)]
@@ -151,6 +163,12 @@ enum SnapIdemState {
         outcome: LogOutcome,
         verdict: LogVerdict,
     },
+    /// Since format version 3: a top-up's answer.
+    Balance {
+        balance_minor: u64,
+        available_minor: u64,
+        currency: Option<[u8; 3]>,
+    },
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug)]
@@ -231,7 +249,22 @@ impl SnapShard {
             .map(|(store, updated_ms)| SnapStore { store: store_out(store), updated_ms })
             .collect();
         stores.sort_by_key(|s| s.updated_ms);
-        SnapShard { dispatch_seq: state.dispatch_seq, users, idem, providers, age, stores }
+        let mut wallet = Vec::new();
+        for (key, user) in &state.users {
+            for means in &user.means {
+                if let Some(purse) = &means.purse {
+                    wallet.push(SnapPurse {
+                        user: user_out(key),
+                        means_id: means.means_id,
+                        balance_minor: purse.balance_minor,
+                        currency: purse.currency.map(|c| c.bytes()),
+                        holds: purse.holds.iter().map(|&((o, c), a)| (o, c, a)).collect(),
+                    });
+                }
+            }
+        }
+        wallet.sort_by(|a, b| (&a.user.id, a.means_id).cmp(&(&b.user.id, b.means_id)));
+        SnapShard { dispatch_seq: state.dispatch_seq, users, idem, providers, age, stores, wallet }
     }
 
     /// Restores into a fresh `state` (and the shared indexes).
@@ -274,6 +307,7 @@ impl SnapShard {
                     uses: m.uses,
                     last_used_ms: m.last_used_ms,
                     registered_ms: m.registered_ms,
+                    purse: (m.kind == MeansKind::EMoney as u8).then(Purse::default),
                 });
             }
             let user = User {
@@ -316,6 +350,19 @@ impl SnapShard {
             };
             state.ages.insert(r.idm, registration);
         }
+        for p in &self.wallet {
+            let user = user_in(&p.user)?;
+            let purse = state
+                .users
+                .get_mut(&user)
+                .and_then(|u| u.means.iter_mut().find(|m| m.means_id == p.means_id))
+                .and_then(|m| m.purse.as_mut())
+                .ok_or(RecordError("a balance for a means that keeps none"))?;
+            purse.balance_minor = p.balance_minor;
+            purse.currency = p.currency.map(currency_in).transpose()?;
+            purse.holds =
+                p.holds.iter().map(|&(owner, crid, amount)| ((owner, crid), amount)).collect();
+        }
         for s in &self.stores {
             state.stores.upsert(store_in(&s.store)?, s.updated_ms);
         }
@@ -347,6 +394,7 @@ impl From<SnapShardV1> for SnapShard {
             providers: v1.providers,
             age: SnapAge::default(),
             stores: Vec::new(),
+            wallet: Vec::new(),
         }
     }
 }
@@ -360,6 +408,7 @@ impl From<SnapShardV2> for SnapShard {
             providers: v2.providers,
             age: v2.age,
             stores: Vec::new(),
+            wallet: Vec::new(),
         }
     }
 }
@@ -424,6 +473,11 @@ fn capture_reply(
             SnapIdemState::MeansAdded { means_id: *means_id, last4: *last4 }
         }
         Reply::Auth(outcome) => SnapIdemState::Auth { outcome: outcome_out(outcome) },
+        Reply::Balance(b) => SnapIdemState::Balance {
+            balance_minor: b.balance_minor,
+            available_minor: b.available_minor,
+            currency: b.currency.map(|c| c.bytes()),
+        },
         Reply::BasketAuth(outcome, verdict) => SnapIdemState::BasketAuth {
             outcome: outcome_out(outcome),
             verdict: verdict_out(verdict),
@@ -458,6 +512,13 @@ fn restore_idem(vault: &crate::vault::Vault, i: &SnapIdem) -> Result<IdemState, 
             IdemState::Done(Reply::MeansAdded { means_id: *means_id, last4: *last4 })
         }
         SnapIdemState::Auth { outcome } => IdemState::Done(Reply::Auth(outcome_in(outcome)?)),
+        SnapIdemState::Balance { balance_minor, available_minor, currency } => {
+            IdemState::Done(Reply::Balance(Balance {
+                balance_minor: *balance_minor,
+                available_minor: *available_minor,
+                currency: currency.map(currency_in).transpose()?,
+            }))
+        }
         SnapIdemState::BasketAuth { outcome, verdict } => {
             IdemState::Done(Reply::BasketAuth(outcome_in(outcome)?, Box::new(verdict_in(verdict)?)))
         }
