@@ -471,3 +471,80 @@ async fn age_registry_over_the_wire() {
         Reply::BasketOutcome(AuthOutcome::Declined(ReasonCode::BasketMismatch), None)
     );
 }
+
+#[tokio::test]
+async fn stores_and_wallet_over_the_wire() {
+    use settlegate_engine::{AcceptedMethod, BestBy, Signal, Store};
+    use settlegate_protocol::messages::degrees_to_e7;
+
+    let server = start().await;
+    let admin = client(&server, ADMIN_KEY).await;
+    let store = Store {
+        store_id: "WIRE-STORE".into(),
+        name: "Wire Mart".into(),
+        industry: "5411".into(),
+        address: "1 Wire St".into(),
+        latitude: 35.6812,
+        longitude: 139.7671,
+        beacons: vec!["wire-beacon".into()],
+        wifi: Vec::new(),
+        qr_code: None,
+        accepts: vec![AcceptedMethod { kind: MeansKind::EMoney, brand: "suica".into() }],
+    };
+    let upsert = Request::UpsertStore { client_request_id: request_id(), store: store.clone() };
+    assert_eq!(admin.call_ok(&upsert).await.unwrap(), Reply::Empty);
+    // A terminal-only identity may not manage stores.
+    let shop = client(&server, TERMINAL_KEY).await;
+    assert!(matches!(shop.call(&upsert).await.unwrap(), Response::Forbidden(_)));
+
+    let at = Request::StoreAt {
+        latitude_e7: degrees_to_e7(35.6815),
+        longitude_e7: degrees_to_e7(139.7671),
+        radius_m: 100,
+    };
+    let Reply::Entered(entered) = admin.call_ok(&at).await.unwrap() else { panic!() };
+    assert_eq!(entered.store, store);
+    let metres = entered.distance_m.unwrap();
+    assert!((33.0..34.0).contains(&metres), "{metres}");
+    let far = Request::StoreAt { latitude_e7: 0, longitude_e7: 0, radius_m: 100 };
+    assert_eq!(admin.call(&far).await.unwrap(), Response::Refused(ReasonCode::NoStoreInRange));
+    let by_beacon = Request::StoreBySignal { signal: Signal::Beacon, id: "wire-beacon".into() };
+    let Reply::Entered(entered) = admin.call_ok(&by_beacon).await.unwrap() else { panic!() };
+    assert_eq!(entered.store.store_id, "WIRE-STORE");
+
+    // A payer with a card (not accepted there) and a topped-up suica.
+    let payer = enroll(&admin, "wallet-wire").await;
+    let suica = Request::AddMeans {
+        client_request_id: request_id(),
+        user: payer.user.clone(),
+        make_default: false,
+        means: MeansInput::EMoney { emoney_type: "Suica".into() },
+    };
+    let Reply::MeansAdded(added) = admin.call_ok(&suica).await.unwrap() else { panic!() };
+    let top_up = Request::TopUp {
+        client_request_id: request_id(),
+        user: payer.user.clone(),
+        means_id: added.means_id,
+        amount_minor: 3_000,
+        currency: jpy(),
+    };
+    let Reply::Balance(balance) = admin.call_ok(&top_up).await.unwrap() else { panic!() };
+    assert_eq!((balance.balance_minor, balance.currency), (3_000, Some(jpy())));
+    let usable = Request::UsableMethods {
+        user: payer.user.clone(),
+        store_id: "WIRE-STORE".into(),
+        best_by: BestBy::LargestBalance,
+    };
+    let Reply::Usable(usable) = admin.call_ok(&usable).await.unwrap() else { panic!() };
+    let marks: Vec<bool> = usable.methods.iter().map(|m| m.usable).collect();
+    assert_eq!(marks, vec![false, true], "the mastercard is not accepted, the suica is");
+    assert_eq!(usable.best, Some(added.means_id));
+    let Reply::Wallet(wallet) =
+        admin.call_ok(&Request::Wallet { user: payer.user.clone() }).await.unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(wallet[1].balance.unwrap().available_minor, 3_000);
+    assert!(wallet[0].balance.is_none());
+    assert!(wallet[0].label.starts_with("mastercard "), "{}", wallet[0].label);
+}

@@ -466,10 +466,15 @@ pub struct Basket {
 }
 
 impl Basket {
-    /// The basket's total after validating every line, or `BasketMismatch`.
+    /// The basket's total after validating every line (item IDs unique), or `BasketMismatch`.
     pub fn total(&self) -> Result<u64, ReasonCode> {
         const BAD: ReasonCode = ReasonCode::BasketMismatch;
         if self.items.is_empty() || self.items.len() > BASKET_ITEMS_MAX {
+            return Err(BAD);
+        }
+        let mut ids: Vec<&str> = self.items.iter().map(|item| item.item_id.as_str()).collect();
+        ids.sort_unstable();
+        if ids.windows(2).any(|pair| pair[0] == pair[1]) {
             return Err(BAD);
         }
         let mut total: u64 = 0;

@@ -4,8 +4,9 @@
 
 use settlegate_engine::age::{Date, VerificationMethod};
 use settlegate_engine::{
-    AgeCheck, AgeRecord, AgeVerdict, Approval, AuthCode, AuthOutcome, Basket, BasketItem, Currency,
-    InherentId, MeansKind, ReasonCode, UserIdType, UserKey,
+    AcceptedMethod, AgeCheck, AgeRecord, AgeVerdict, Approval, AuthCode, AuthOutcome, Basket,
+    BasketItem, Currency, EnteredStore, InherentId, MeansKind, ReasonCode, Store, UserIdType,
+    UserKey,
 };
 use settlegate_protocol::messages::{opcode, Reply, Request, Response};
 use settlegate_protocol::Frame;
@@ -61,6 +62,24 @@ fn example_basket() -> Basket {
     Basket {
         age_confirmation: true,
         items: vec![item("BEER-350", "alcohol", 2, 490), item("BENTO-01", "", 1, 1_000)],
+    }
+}
+
+fn example_store() -> Store {
+    Store {
+        store_id: "SHOP-0042".into(),
+        name: "Demo Mart Shibuya".into(),
+        industry: "5411".into(),
+        address: "2-1 Dogenzaka, Shibuya".into(),
+        latitude: 35.659_05,
+        longitude: 139.700_63,
+        beacons: vec!["beacon-0042".into()],
+        wifi: Vec::new(),
+        qr_code: Some("POSTER-0042".into()),
+        accepts: vec![
+            AcceptedMethod { kind: MeansKind::CreditCard, brand: "visa".into() },
+            AcceptedMethod { kind: MeansKind::EMoney, brand: String::new() },
+        ],
     }
 }
 
@@ -152,9 +171,11 @@ fn examples() -> Vec<(&'static str, String, Vec<u8>)> {
         ),
         (
             "authorize-basket-removed",
-            "Its response at a store with the policy `remove_items`, for a user under the age: \
-             the beer is removed, 1,000 is settled with the terminal's 5% off (50), 950 final; \
-             `age_check` 3, `amount_minor` 1,000, item `BEER-350`."
+            "Its response when the store terminal's policy was set to `remove_items` \
+             (`SET_AGE_POLICY`; the demo default is `refuse`) and the user is under 20: the beer \
+             is removed, 1,000 is settled with the terminal's 5% off (50), 950 final, \
+             authorization code `Z9Y8X7`; `age_check` 3, `amount_minor` 1,000, item \
+             `BEER-350`."
                 .into(),
             response(
                 Response::Ok(Reply::BasketOutcome(
@@ -174,6 +195,38 @@ fn examples() -> Vec<(&'static str, String, Vec<u8>)> {
                 )),
                 opcode::AUTHORIZE_BASKET,
                 7,
+            ),
+        ),
+        (
+            "upsert-store-request",
+            "`UPSERT_STORE`, client request ID 10, request ID 8: store `SHOP-0042`, \
+             `Demo Mart Shibuya`, industry `5411`, address `2-1 Dogenzaka, Shibuya`, at \
+             35.6590500, 139.7006300, beacon `beacon-0042`, no Wi-Fi IDs, QR poster \
+             `POSTER-0042`, accepting visa cards and any e-money."
+                .into(),
+            Request::UpsertStore { client_request_id: 10, store: example_store() }
+                .to_frame(8)
+                .to_bytes(),
+        ),
+        (
+            "store-at-request",
+            "`STORE_AT` 35.6595000, 139.7005000 within 200 m, request ID 9.".into(),
+            Request::StoreAt { latitude_e7: 356_595_000, longitude_e7: 1_397_005_000, radius_m: 200 }
+                .to_frame(9)
+                .to_bytes(),
+        ),
+        (
+            "store-at-response",
+            "Its response: that store, 51.234 m away, no ties, no networks.".into(),
+            response(
+                Response::Ok(Reply::Entered(Box::new(EnteredStore {
+                    store: example_store(),
+                    distance_m: Some(51.234),
+                    tied: Vec::new(),
+                    qr_networks: Vec::new(),
+                }))),
+                opcode::STORE_AT,
+                9,
             ),
         ),
         (
