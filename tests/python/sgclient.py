@@ -8,8 +8,10 @@ Layers, bottom up:
 * framing: :func:`encode_frame`, :func:`parse_header`, :func:`decode_frame`
   (28-byte header, CRC-32 checksums, validation in the order of section 2);
 * body primitives: :class:`BodyWriter` / :class:`BodyReader` (section 1);
-* status bodies (section 4), operation bodies (section 5) and the signed
-  inherent ID (section 5, "The inherent ID");
+* status bodies (section 4), operation bodies (section 5), the signed
+  inherent ID (section 5, "The inherent ID") and the signed age record
+  (``REGISTER_AGE``); ``AUTHORIZE_BASKET`` requests and verdicts and
+  ``SET_AGE_POLICY``;
 * :class:`SettlegateClient`: a blocking TCP connection with request-ID
   matching, pipelining, BUSY retries and NOTICE push handling.
 """
@@ -51,6 +53,15 @@ DEVICE_KEY_LEN = 32
 CARD_IDM_LEN = 8
 TAG_LEN = 32
 
+AGE_RECORD_FORMAT = 0xA1
+BASKET_ITEMS_MIN = 1
+BASKET_ITEMS_MAX = 256
+ITEM_ID_MAX = 32
+CATEGORY_MAX = 16
+QUANTITY_MAX = 1_000_000
+BASKET_FLAG_AGE_CONFIRMATION = 0x01
+KNOWN_BASKET_FLAGS = BASKET_FLAG_AGE_CONFIRMATION
+
 # magic, version, flags, opcode, status, request ID, body length, body CRC
 _HEADER_PREFIX = struct.Struct(">2sBBHHQII")
 
@@ -74,6 +85,9 @@ class Op(enum.IntEnum):
     REMOVE_TERMINALS = 0x0021
     CONFIRM_TERMINAL = 0x0022
     AUTHORIZE = 0x0030
+    AUTHORIZE_BASKET = 0x0031
+    REGISTER_AGE = 0x0040
+    SET_AGE_POLICY = 0x0041
 
 
 class Status(enum.IntEnum):
@@ -139,6 +153,34 @@ class Reason(enum.IntEnum):
     INVALID_TERMINAL = 60
     INVALID_SERVICE = 61
     TOO_MANY_TERMINALS = 62
+    AGE_CONDITION_NOT_MET = 70
+    BASKET_MISMATCH = 71
+    INVALID_AGE_REGISTRATION = 72
+    INVALID_AGE_POLICY = 73
+
+
+class AgeCheck(enum.IntEnum):
+    """``age_check`` of an ``AUTHORIZE_BASKET`` verdict."""
+
+    NOT_CHECKED = 0
+    NO_RESTRICTED_ITEMS = 1
+    PASSED = 2
+    FAILED = 3
+
+
+class VerificationMethod(enum.IntEnum):
+    """How an age record's birth date was verified (``REGISTER_AGE``)."""
+
+    DOCUMENT_IN_PERSON = 1
+    DOCUMENT_CHIP = 2
+    EKYC = 3
+
+
+class OnFailure(enum.IntEnum):
+    """``SET_AGE_POLICY`` ``on_failure``."""
+
+    REFUSE = 1
+    REMOVE_ITEMS = 2
 
 
 class Permission(enum.IntFlag):
@@ -1170,6 +1212,293 @@ def verify_inherent_id(record: bytes, device_key: bytes) -> bool:
 
 
 # --------------------------------------------------------------------------
+# The age record (section 5, REGISTER_AGE)
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AgeRecordFields:
+    """The signed fields of an age record, in wire order."""
+
+    key_version: int
+    card_idm: bytes
+    user: User
+    birth_year: int
+    birth_month: int
+    birth_day: int
+    method: int
+    verified_at_ms: int
+    valid_until_ms: int
+    counter: int
+    timestamp_ms: int
+    format: int = AGE_RECORD_FORMAT
+
+    @property
+    def birth_date(self) -> Tuple[int, int, int]:
+        """``(year, month, day)``."""
+        return self.birth_year, self.birth_month, self.birth_day
+
+
+def age_record_signed_part(fields: AgeRecordFields) -> bytes:
+    """Every byte of the age record that the HMAC tag covers (offsets 0 to 50+L)."""
+    return (BodyWriter().u8(fields.format).u16(fields.key_version)
+            .raw(fields.card_idm, CARD_IDM_LEN).u8(fields.user.id_type)
+            .str8(fields.user.user_id).u16(fields.birth_year).u8(fields.birth_month)
+            .u8(fields.birth_day).u8(fields.method).i64(fields.verified_at_ms)
+            .i64(fields.valid_until_ms).u64(fields.counter).i64(fields.timestamp_ms)
+            .getvalue())
+
+
+def sign_age_record(fields: AgeRecordFields, device_key: bytes) -> bytes:
+    """Build a complete age record: the fields plus their HMAC-SHA256 tag."""
+    signed = age_record_signed_part(fields)
+    return signed + inherent_id_tag(signed, device_key)
+
+
+def parse_age_record(record: bytes) -> Tuple[AgeRecordFields, bytes]:
+    """Split an age record into its fields and its 32-byte tag (no verification)."""
+    reader = BodyReader(record)
+    record_format, key_version = reader.u8(), reader.u16()
+    if record_format != AGE_RECORD_FORMAT:
+        raise DecodeError(f"age record format must be 0xA1, got 0x{record_format:02x}")
+    card_idm, user = reader.take(CARD_IDM_LEN), reader.user()
+    year, month, day, method = reader.u16(), reader.u8(), reader.u8(), reader.u8()
+    verified_at, valid_until = reader.i64(), reader.i64()
+    counter, timestamp, tag = reader.u64(), reader.i64(), reader.take(TAG_LEN)
+    reader.finish()
+    fields = AgeRecordFields(key_version, card_idm, user, year, month, day,
+                             _maybe_enum(VerificationMethod, method), verified_at,
+                             valid_until, counter, timestamp, record_format)
+    return fields, tag
+
+
+def verify_age_record(record: bytes, device_key: bytes) -> bool:
+    """Whether the age record's tag verifies under ``device_key``."""
+    return verify_inherent_id(record, device_key)
+
+
+def encode_register_age(client_request_id: int, age_record: bytes) -> bytes:
+    """``REGISTER_AGE`` request body."""
+    return BodyWriter().u128(client_request_id).bytes16(age_record).getvalue()
+
+
+def decode_register_age(body: bytes) -> Tuple[int, bytes]:
+    """``REGISTER_AGE`` request body: ``(client_request_id, age_record)``."""
+    reader = BodyReader(body)
+    result = reader.u128(), reader.bytes16()
+    reader.finish()
+    return result
+
+
+# --------------------------------------------------------------------------
+# AUTHORIZE_BASKET (section 5)
+# --------------------------------------------------------------------------
+
+_CATEGORY_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789_")
+
+
+@dataclass(frozen=True)
+class BasketItem:
+    """One basket line: ``quantity`` × ``unit_amount_minor``."""
+
+    item_id: str
+    category: str
+    quantity: int
+    unit_amount_minor: int
+
+    @property
+    def total_minor(self) -> int:
+        """``quantity × unit_amount_minor``."""
+        return self.quantity * self.unit_amount_minor
+
+
+@dataclass(frozen=True)
+class BasketRequest:
+    """A decoded ``AUTHORIZE_BASKET`` request body."""
+
+    client_request_id: int
+    inherent_id: bytes
+    flags: int
+    items: Tuple[BasketItem, ...]
+
+    @property
+    def age_confirmation(self) -> bool:
+        """The age-confirmation flag (bit 0)."""
+        return bool(self.flags & BASKET_FLAG_AGE_CONFIRMATION)
+
+
+@dataclass(frozen=True)
+class AgeVerdict:
+    """The verdict of an ``AUTHORIZE_BASKET`` reply."""
+
+    age_check: int
+    amount_minor: int
+    item_ids: Tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class BasketReply:
+    """``AUTHORIZE_BASKET`` reply: the outcome and, when present, the verdict."""
+
+    outcome: Outcome
+    verdict: Optional[AgeVerdict]
+
+
+def validate_basket_item(item: BasketItem) -> None:
+    """Raise ``ValueError`` when ``item`` breaks a limit of section 5."""
+    raw_id = item.item_id.encode("utf-8")
+    if not 1 <= len(raw_id) <= ITEM_ID_MAX:
+        raise ValueError(f"item ID must be 1-{ITEM_ID_MAX} bytes, got {len(raw_id)}")
+    # "printable ASCII": the document does not say whether the space counts
+    # (it says so only for terminal IDs); the server declines an item ID
+    # with a space (reason 71), so we keep to 0x21-0x7E.
+    if any(not 0x21 <= byte <= 0x7E for byte in raw_id):
+        raise ValueError("item ID must be printable ASCII without the space")
+    raw_category = item.category.encode("utf-8")
+    if len(raw_category) > CATEGORY_MAX:
+        raise ValueError(f"category must be 0-{CATEGORY_MAX} bytes, got {len(raw_category)}")
+    if any(byte not in _CATEGORY_CHARS for byte in raw_category):
+        raise ValueError("category may hold only a-z, 0-9 and _")
+    if not 1 <= item.quantity <= QUANTITY_MAX:
+        raise ValueError(f"quantity must be 1-{QUANTITY_MAX}, got {item.quantity}")
+    if not 0 <= item.unit_amount_minor < 1 << 64:
+        raise ValueError(f"unit amount {item.unit_amount_minor} does not fit u64")
+
+
+def _check_basket_shape(flags: int, count: int) -> None:
+    if flags & ~KNOWN_BASKET_FLAGS:
+        raise ValueError(f"basket flags 0x{flags:02x}: only bit 0 is defined")
+    if not BASKET_ITEMS_MIN <= count <= BASKET_ITEMS_MAX:
+        raise ValueError(f"item count must be {BASKET_ITEMS_MIN}-{BASKET_ITEMS_MAX}, got {count}")
+
+
+def encode_authorize_basket(client_request_id: int, inherent_id: bytes,
+                            items: Sequence[BasketItem], *, age_confirmation: bool = False,
+                            flags: Optional[int] = None, validate: bool = True) -> bytes:
+    """``AUTHORIZE_BASKET`` request body.
+
+    ``flags`` overrides ``age_confirmation`` (for tests of reserved bits);
+    ``validate=False`` skips the client-side limit checks so that a test can
+    send what the server must reject.
+    """
+    if flags is None:
+        flags = BASKET_FLAG_AGE_CONFIRMATION if age_confirmation else 0
+    if validate:
+        _check_basket_shape(flags, len(items))
+        for item in items:
+            validate_basket_item(item)
+    writer = (BodyWriter().u128(client_request_id).bytes16(inherent_id).u8(flags)
+              .u16(len(items)))
+    for item in items:
+        (writer.str8(item.item_id).str8(item.category).u32(item.quantity)
+         .u64(item.unit_amount_minor))
+    return writer.getvalue()
+
+
+def decode_authorize_basket(body: bytes, *, validate: bool = True) -> BasketRequest:
+    """``AUTHORIZE_BASKET`` request body (offline tests; a server's view)."""
+    reader = BodyReader(body)
+    client_request_id, inherent_id = reader.u128(), reader.bytes16()
+    flags, count = reader.u8(), reader.u16()
+    if validate:
+        try:
+            _check_basket_shape(flags, count)
+        except ValueError as exc:
+            raise DecodeError(str(exc)) from None
+    items = []
+    for _ in range(count):
+        item = BasketItem(reader.str8(), reader.str8(), reader.u32(), reader.u64())
+        if validate:
+            try:
+                validate_basket_item(item)
+            except ValueError as exc:
+                raise DecodeError(str(exc)) from None
+        items.append(item)
+    reader.finish()
+    return BasketRequest(client_request_id, inherent_id, flags, tuple(items))
+
+
+def encode_basket_reply(reply: BasketReply) -> bytes:
+    """``AUTHORIZE_BASKET`` reply body."""
+    writer = BodyWriter()
+    _write_outcome(writer, reply.outcome)
+    if reply.verdict is None:
+        writer.u8(0)
+    else:
+        verdict = reply.verdict
+        writer.u8(1).u8(verdict.age_check).u64(verdict.amount_minor).u16(len(verdict.item_ids))
+        for item_id in verdict.item_ids:
+            writer.str8(item_id)
+    return writer.getvalue()
+
+
+def decode_basket_reply(body: bytes) -> BasketReply:
+    """``AUTHORIZE_BASKET`` reply body."""
+    reader = BodyReader(body)
+    outcome = _read_outcome(reader)
+    verdict = None
+    if reader.flag():
+        age_check = reader.u8()
+        if age_check not in tuple(AgeCheck):
+            raise DecodeError(f"unknown age_check {age_check}")
+        amount, count = reader.u64(), reader.u16()
+        verdict = AgeVerdict(AgeCheck(age_check), amount,
+                             tuple(reader.str8() for _ in range(count)))
+    reader.finish()
+    return BasketReply(outcome, verdict)
+
+
+# --------------------------------------------------------------------------
+# SET_AGE_POLICY (section 5)
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AgePolicy:
+    """A store terminal's own age policy."""
+
+    jurisdiction: str
+    time_zone: str
+    on_failure: int = OnFailure.REFUSE
+    strict: bool = False
+
+
+@dataclass(frozen=True)
+class SetAgePolicyRequest:
+    """A decoded ``SET_AGE_POLICY`` request body."""
+
+    client_request_id: int
+    provider_code: int
+    terminal_id: str
+    policy: Optional[AgePolicy]
+
+
+def encode_set_age_policy(client_request_id: int, provider_code: int, terminal_id: str,
+                          policy: Optional[AgePolicy]) -> bytes:
+    """``SET_AGE_POLICY`` request body (``policy`` ``None``: clear it)."""
+    writer = (BodyWriter().u128(client_request_id).u32(provider_code).str8(terminal_id)
+              .u8(int(policy is not None)))
+    if policy is not None:
+        (writer.str8(policy.jurisdiction).str8(policy.time_zone).u8(policy.on_failure)
+         .u8(int(policy.strict)))
+    return writer.getvalue()
+
+
+def decode_set_age_policy(body: bytes) -> SetAgePolicyRequest:
+    """``SET_AGE_POLICY`` request body (offline round-trip tests)."""
+    reader = BodyReader(body)
+    client_request_id, provider_code, terminal_id = reader.u128(), reader.u32(), reader.str8()
+    policy = None
+    if reader.flag():
+        jurisdiction, time_zone, on_failure = reader.str8(), reader.str8(), reader.u8()
+        if on_failure not in tuple(OnFailure):
+            raise DecodeError(f"on_failure must be 1 or 2, got {on_failure}")
+        policy = AgePolicy(jurisdiction, time_zone, OnFailure(on_failure), reader.flag())
+    reader.finish()
+    return SetAgePolicyRequest(client_request_id, provider_code, terminal_id, policy)
+
+
+# --------------------------------------------------------------------------
 # The connection
 # --------------------------------------------------------------------------
 
@@ -1446,6 +1775,26 @@ class SettlegateClient:
         body = encode_authorize(client_request_id, inherent_id)
         return decode_outcome(self.call(Op.AUTHORIZE, body))
 
+    def authorize_basket(self, client_request_id: int, inherent_id: bytes,
+                         items: Sequence["BasketItem"], *, age_confirmation: bool = False,
+                         flags: Optional[int] = None, validate: bool = True) -> "BasketReply":
+        """``AUTHORIZE_BASKET``: the outcome plus the age verdict (if any)."""
+        body = encode_authorize_basket(client_request_id, inherent_id, items,
+                                       age_confirmation=age_confirmation, flags=flags,
+                                       validate=validate)
+        return decode_basket_reply(self.call(Op.AUTHORIZE_BASKET, body))
+
+    def register_age(self, client_request_id: int, age_record: bytes) -> None:
+        """``REGISTER_AGE``: raises :class:`StatusError` (``REFUSED``) on refusal."""
+        _expect_empty(self.call(Op.REGISTER_AGE, encode_register_age(client_request_id,
+                                                                     age_record)))
+
+    def set_age_policy(self, client_request_id: int, provider_code: int, terminal_id: str,
+                       policy: Optional["AgePolicy"]) -> None:
+        """``SET_AGE_POLICY``; ``policy`` ``None`` clears the terminal's own policy."""
+        body = encode_set_age_policy(client_request_id, provider_code, terminal_id, policy)
+        _expect_empty(self.call(Op.SET_AGE_POLICY, body))
+
 
 def ok_body(frame: Frame) -> bytes:
     """The body of an ``OK`` response, else raise :class:`StatusError`."""
@@ -1499,6 +1848,33 @@ class Device:
     def sign(self, **kwargs) -> bytes:
         """Build and sign a new record; see :meth:`fields` for the arguments."""
         return sign_inherent_id(self.fields(**kwargs), self.credential.device_key)
+
+    def age_fields(self, *, birth_date: Tuple[int, int, int],
+                   method: int = VerificationMethod.DOCUMENT_CHIP,
+                   verified_at_ms: Optional[int] = None,
+                   valid_until_ms: Optional[int] = None,
+                   counter: Optional[int] = None,
+                   timestamp_ms: Optional[int] = None) -> "AgeRecordFields":
+        """The fields of a new age record for this device.
+
+        ``birth_date`` is ``(year, month, day)``. By default the record was
+        verified a minute ago and is valid for 30 days. The counter is the
+        device's shared counter (the same one as its inherent IDs).
+        """
+        now = now_ms()
+        return AgeRecordFields(
+            key_version=self.credential.key_version, card_idm=self.credential.card_idm,
+            user=self.user, birth_year=birth_date[0], birth_month=birth_date[1],
+            birth_day=birth_date[2], method=method,
+            verified_at_ms=now - 60_000 if verified_at_ms is None else verified_at_ms,
+            valid_until_ms=(now + 30 * 86_400_000 if valid_until_ms is None
+                            else valid_until_ms),
+            counter=self.next_counter() if counter is None else counter,
+            timestamp_ms=now if timestamp_ms is None else timestamp_ms)
+
+    def sign_age(self, **kwargs) -> bytes:
+        """Build and sign a new age record; see :meth:`age_fields`."""
+        return sign_age_record(self.age_fields(**kwargs), self.credential.device_key)
 
 
 def now_ms() -> int:

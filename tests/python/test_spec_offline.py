@@ -28,6 +28,22 @@ EXAMPLE_FIELDS = sg.InherentIdFields(
     counter=1, timestamp_ms=1795305600000)
 EXAMPLE_APPROVAL = sg.Approved("A1B2C3", 1, 1980, 99, 1881, "JPY")
 
+# The age-record example, as its description states it ("the same terminal
+# and user", so key version 1, card IDm and user of the inherent-id example).
+EXAMPLE_AGE_FIELDS = sg.AgeRecordFields(
+    key_version=1, card_idm=bytes.fromhex("012e000000000001"),
+    user=sg.User.mail("hanako@example.jp"), birth_year=2000, birth_month=4, birth_day=2,
+    method=sg.VerificationMethod.DOCUMENT_CHIP, verified_at_ms=1795305000000,
+    valid_until_ms=1826841600000, counter=2, timestamp_ms=1795305600000)
+# The authorize-basket-request example's lines.
+EXAMPLE_BASKET = (sg.BasketItem("BEER-350", "alcohol", 2, 490),
+                  sg.BasketItem("BENTO-01", "", 1, 1000))
+# The authorize-basket-removed example. The auth code Z9Y8X7 appears only in
+# the hex, not in the description (see the spec findings).
+EXAMPLE_BASKET_REPLY = sg.BasketReply(
+    sg.Approved("Z9Y8X7", 1, 1000, 50, 950, "JPY"),
+    sg.AgeVerdict(sg.AgeCheck.FAILED, 1000, ("BEER-350",)))
+
 
 def load_examples():
     """Return ``{name: (description, frame_bytes)}`` from section 7."""
@@ -48,6 +64,11 @@ def example_inherent_id():
     return sg.sign_inherent_id(EXAMPLE_FIELDS, EXAMPLE_DEVICE_KEY)
 
 
+def example_age_record():
+    """The age-record example, signed by our signer."""
+    return sg.sign_age_record(EXAMPLE_AGE_FIELDS, EXAMPLE_DEVICE_KEY)
+
+
 def response(opcode, request_id, body, status=sg.Status.OK):
     """A server response frame."""
     return sg.encode_frame(opcode, request_id, body, status=status, flags=sg.FLAG_RESPONSE)
@@ -66,6 +87,14 @@ BUILDERS = {
     # Description gives only the reason; opcode and request ID come from context.
     "authorize-declined": lambda: response(
         sg.Op.AUTHORIZE, 3, sg.encode_outcome(sg.Declined(sg.Reason.REPLAYED_NONCE))),
+    "age-record": example_age_record,
+    "register-age-request": lambda: sg.encode_frame(
+        sg.Op.REGISTER_AGE, 6, sg.encode_register_age(8, example_age_record())),
+    "authorize-basket-request": lambda: sg.encode_frame(
+        sg.Op.AUTHORIZE_BASKET, 7, sg.encode_authorize_basket(
+            9, example_inherent_id(), EXAMPLE_BASKET, age_confirmation=True)),
+    "authorize-basket-removed": lambda: response(
+        sg.Op.AUTHORIZE_BASKET, 7, sg.encode_basket_reply(EXAMPLE_BASKET_REPLY)),
     "login-refused": lambda: response(
         sg.Op.LOGIN, 4, sg.encode_status_body(sg.StatusReply(
             sg.Status.REFUSED, reason=sg.Reason.WRONG_PASSWORD)), sg.Status.REFUSED),
@@ -79,6 +108,10 @@ BUILDERS = {
             sg.Status.FRAME_ERROR, frame_error_kind=sg.FrameErrorKind.HEADER_CHECKSUM,
             detail="header checksum mismatch")), sg.Status.FRAME_ERROR),
 }
+
+
+# Examples that are signed records, not frames.
+RECORD_EXAMPLES = {"inherent-id", "age-record"}
 
 
 class ExampleFramesTest(unittest.TestCase):
@@ -107,7 +140,7 @@ class ExampleFramesTest(unittest.TestCase):
 
     def test_frame_examples_pass_validation(self):
         for name, (_, data) in self.examples.items():
-            if name == "inherent-id":
+            if name in RECORD_EXAMPLES:
                 continue
             with self.subTest(example=name):
                 frame = sg.decode_frame(data)
@@ -389,7 +422,15 @@ class BodyCodecTest(unittest.TestCase):
     def test_all_reason_codes_defined(self):
         self.assertEqual(sorted(int(r) for r in sg.Reason),
                          list(range(1, 13)) + [20, 21, 22, 23, 30, 31, 40]
-                         + list(range(50, 63)))
+                         + list(range(50, 63)) + [70, 71, 72, 73])
+
+    def test_reason_codes_match_section_6_table(self):
+        text = PROTOCOL_MD.read_text(encoding="utf-8")
+        section = text.split("## 6. Reason codes", 1)[1].split("## 7.", 1)[0]
+        table = {int(code): name for code, name in
+                 re.findall(r"^\| (\d+) \| (\w+) \|", section, re.M)}
+        ours = {int(r): r.name.replace("_", "").lower() for r in sg.Reason}
+        self.assertEqual({code: name.lower() for code, name in table.items()}, ours)
 
     def test_u128_limits(self):
         self.assertEqual(sg.BodyWriter().u128(2**128 - 1).getvalue(), b"\xff" * 16)
@@ -403,6 +444,270 @@ class BodyCodecTest(unittest.TestCase):
         counters = [sg.parse_inherent_id(r)[0].counter for r in (first, second)]
         self.assertEqual(counters, [1, 2])
         self.assertTrue(sg.verify_inherent_id(first, bytes(32)))
+
+
+class AgeExamplesTest(unittest.TestCase):
+    """Section 7: the age-record, register-age and basket examples decode back."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.examples = load_examples()
+
+    def example(self, name):
+        """The bytes of example ``name``."""
+        self.assertIn(name, self.examples, f"example {name} missing from PROTOCOL.md")
+        return self.examples[name][1]
+
+    def test_new_examples_present(self):
+        for name in ("age-record", "register-age-request", "authorize-basket-request",
+                     "authorize-basket-removed"):
+            with self.subTest(example=name):
+                self.assertIn(name, self.examples)
+
+    def test_age_record_signed_by_our_signer(self):
+        record = self.example("age-record")
+        self.assertEqual(example_age_record().hex(" "), record.hex(" "))
+        self.assertTrue(sg.verify_age_record(record, EXAMPLE_DEVICE_KEY))
+        self.assertFalse(sg.verify_age_record(record, bytes(32)))
+
+    def test_age_record_decodes(self):
+        fields, tag = sg.parse_age_record(self.example("age-record"))
+        self.assertEqual(fields, EXAMPLE_AGE_FIELDS)
+        self.assertEqual(fields.birth_date, (2000, 4, 2))
+        self.assertEqual(len(tag), sg.TAG_LEN)
+
+    def test_age_record_layout_matches_offsets(self):
+        record = self.example("age-record")
+        user_len = len("hanako@example.jp")
+        self.assertEqual(len(record), 50 + user_len + 32)
+        self.assertEqual(record[0], 0xA1)
+        self.assertEqual(record[12], user_len)
+        self.assertEqual(int.from_bytes(record[13 + user_len:15 + user_len], "big"), 2000)
+        self.assertEqual(record[15 + user_len], 4)
+        self.assertEqual(record[16 + user_len], 2)
+        self.assertEqual(record[17 + user_len], sg.VerificationMethod.DOCUMENT_CHIP)
+        self.assertEqual(int.from_bytes(record[34 + user_len:42 + user_len], "big"), 2)
+
+    def test_age_record_shares_the_inherent_id_signer(self):
+        # Same device, same key: the age record and the inherent ID example
+        # use counters 1 and 2 of one counter sequence.
+        inherent, _ = sg.parse_inherent_id(self.example("inherent-id"))
+        age, _ = sg.parse_age_record(self.example("age-record"))
+        self.assertEqual((inherent.card_idm, inherent.user, inherent.key_version),
+                         (age.card_idm, age.user, age.key_version))
+        self.assertEqual((inherent.counter, age.counter), (1, 2))
+
+    def test_age_record_tamper_detected(self):
+        record = self.example("age-record")
+        for index in (0, 13 + 17, 13 + 17 + 2, len(record) - 1):
+            with self.subTest(byte=index):
+                tampered = bytearray(record)
+                tampered[index] ^= 0x01
+                self.assertFalse(sg.verify_age_record(bytes(tampered), EXAMPLE_DEVICE_KEY))
+
+    def test_age_record_wrong_format_byte(self):
+        record = bytearray(self.example("age-record"))
+        record[0] = 0x01
+        with self.assertRaises(sg.DecodeError):
+            sg.parse_age_record(bytes(record))
+
+    def test_register_age_request_decodes(self):
+        frame = sg.decode_frame(self.example("register-age-request"))
+        self.assertEqual((frame.opcode, frame.status, frame.request_id, frame.flags),
+                         (sg.Op.REGISTER_AGE, 0, 6, 0))
+        self.assertEqual(sg.decode_register_age(frame.body), (8, self.example("age-record")))
+
+    def test_authorize_basket_request_decodes(self):
+        frame = sg.decode_frame(self.example("authorize-basket-request"))
+        self.assertEqual((frame.opcode, frame.request_id), (sg.Op.AUTHORIZE_BASKET, 7))
+        request = sg.decode_authorize_basket(frame.body)
+        self.assertEqual(request.client_request_id, 9)
+        self.assertEqual(request.inherent_id, self.example("inherent-id"))
+        self.assertTrue(request.age_confirmation)
+        self.assertEqual(request.flags, 1)
+        self.assertEqual(request.items, EXAMPLE_BASKET)
+        fields, _ = sg.parse_inherent_id(request.inherent_id)
+        self.assertEqual(sum(item.total_minor for item in request.items), fields.amount_minor,
+                         "the example basket adds up to the signed amount")
+
+    def test_authorize_basket_request_shares_authorize_prefix(self):
+        basket = self.example("authorize-basket-request")[sg.HEADER_LEN:]
+        plain = self.example("authorize-request")[sg.HEADER_LEN:]
+        self.assertEqual(basket[:16], (9).to_bytes(16, "big"))
+        self.assertEqual(basket[16:len(plain)], plain[16:])
+
+    def test_authorize_basket_removed_decodes(self):
+        frame = sg.decode_frame(self.example("authorize-basket-removed"), require_response=True)
+        self.assertEqual((frame.opcode, frame.status, frame.request_id),
+                         (sg.Op.AUTHORIZE_BASKET, sg.Status.OK, 7))
+        reply = sg.decode_basket_reply(frame.body)
+        self.assertEqual(reply, EXAMPLE_BASKET_REPLY)
+        outcome = reply.outcome
+        # 5% of the 1,000 left after the beer was removed.
+        self.assertEqual(outcome.discount_minor, 1000 * 500 // 10000)
+        self.assertEqual(outcome.amount_final_minor,
+                         outcome.amount_requested_minor - outcome.discount_minor)
+        self.assertEqual(reply.verdict.amount_minor, outcome.amount_requested_minor)
+
+
+class AgeCodecTest(unittest.TestCase):
+    """Section 5: AUTHORIZE_BASKET, REGISTER_AGE, SET_AGE_POLICY codecs and limits."""
+
+    RECORD = b"\x01" * 40
+    ITEM = sg.BasketItem("ITEM-1", "", 1, 100)
+
+    def basket_body(self, items, flags=0):
+        """A basket body built without client-side checks."""
+        return sg.encode_authorize_basket(1, self.RECORD, items, flags=flags, validate=False)
+
+    def test_basket_request_round_trip(self):
+        items = (sg.BasketItem("A", "alcohol", 1_000_000, 2**64 - 1),
+                 sg.BasketItem("x" * 32, "a_b_0123456789zz", 1, 0),
+                 sg.BasketItem("~!#", "", 7, 3))
+        for flag in (False, True):
+            with self.subTest(flag=flag):
+                body = sg.encode_authorize_basket(2**128 - 1, self.RECORD, items,
+                                                  age_confirmation=flag)
+                request = sg.decode_authorize_basket(body)
+                self.assertEqual(request, sg.BasketRequest(2**128 - 1, self.RECORD,
+                                                           int(flag), items))
+
+    def test_basket_item_count_bounds(self):
+        for count in (1, 256):
+            with self.subTest(count=count):
+                items = [self.ITEM] * count
+                body = sg.encode_authorize_basket(1, self.RECORD, items)
+                self.assertEqual(len(sg.decode_authorize_basket(body).items), count)
+        for count in (0, 257):
+            with self.subTest(count=count):
+                items = [self.ITEM] * count
+                with self.assertRaises(ValueError):
+                    sg.encode_authorize_basket(1, self.RECORD, items)
+                with self.assertRaises(sg.DecodeError):
+                    sg.decode_authorize_basket(self.basket_body(items))
+
+    def test_basket_flags_only_bit_0(self):
+        for flags in (0x02, 0x04, 0x80, 0xFF):
+            with self.subTest(flags=flags):
+                with self.assertRaises(ValueError):
+                    sg.encode_authorize_basket(1, self.RECORD, [self.ITEM], flags=flags)
+                with self.assertRaises(sg.DecodeError):
+                    sg.decode_authorize_basket(self.basket_body([self.ITEM], flags))
+
+    def test_basket_item_limits(self):
+        bad_items = {
+            "empty item ID": sg.BasketItem("", "", 1, 1),
+            "33-byte item ID": sg.BasketItem("x" * 33, "", 1, 1),
+            "control char in item ID": sg.BasketItem("A\x01", "", 1, 1),
+            "non-ASCII item ID": sg.BasketItem("ビール", "", 1, 1),
+            "17-byte category": sg.BasketItem("A", "a" * 17, 1, 1),
+            "upper-case category": sg.BasketItem("A", "Alcohol", 1, 1),
+            "dash in category": sg.BasketItem("A", "soft-drink", 1, 1),
+            "quantity 0": sg.BasketItem("A", "", 0, 1),
+            "quantity 1,000,001": sg.BasketItem("A", "", 1_000_001, 1),
+        }
+        for label, item in bad_items.items():
+            with self.subTest(label):
+                with self.assertRaises(ValueError):
+                    sg.encode_authorize_basket(1, self.RECORD, [item])
+                with self.assertRaises(sg.DecodeError):
+                    sg.decode_authorize_basket(self.basket_body([item]))
+
+    def test_basket_body_truncated(self):
+        body = sg.encode_authorize_basket(1, self.RECORD, [self.ITEM, self.ITEM])
+        for cut in (1, 8, 9, len(body) - 1):
+            with self.subTest(cut=cut):
+                with self.assertRaises(sg.DecodeError):
+                    sg.decode_authorize_basket(body[:-cut])
+
+    def test_basket_reply_round_trip(self):
+        replies = [
+            sg.BasketReply(EXAMPLE_APPROVAL, sg.AgeVerdict(sg.AgeCheck.NOT_CHECKED, 1980)),
+            sg.BasketReply(EXAMPLE_APPROVAL, sg.AgeVerdict(sg.AgeCheck.PASSED, 1980)),
+            sg.BasketReply(EXAMPLE_APPROVAL,
+                           sg.AgeVerdict(sg.AgeCheck.NO_RESTRICTED_ITEMS, 1980)),
+            sg.BasketReply(sg.Declined(sg.Reason.AGE_CONDITION_NOT_MET),
+                           sg.AgeVerdict(sg.AgeCheck.FAILED, 0, ("BEER-350", "CIG-20"))),
+            sg.BasketReply(sg.Declined(sg.Reason.BASKET_MISMATCH), None),
+            sg.BasketReply(sg.Declined(sg.Reason.FORGED_TAG), None),
+        ]
+        for reply in replies:
+            with self.subTest(reply=reply):
+                self.assertEqual(sg.decode_basket_reply(sg.encode_basket_reply(reply)), reply)
+
+    def test_basket_reply_without_verdict_is_outcome_plus_zero(self):
+        body = sg.encode_basket_reply(sg.BasketReply(sg.Declined(71), None))
+        self.assertEqual(body, b"\x01\x00\x47\x00")
+
+    def test_basket_reply_rejects_bad_bytes(self):
+        good = sg.encode_basket_reply(
+            sg.BasketReply(sg.Declined(70), sg.AgeVerdict(3, 0, ("A",))))
+        cases = {
+            "has_verdict 2": good[:3] + b"\x02" + good[4:],
+            "age_check 4": good[:4] + b"\x04" + good[5:],
+            "trailing byte": good + b"\x00",
+            "missing item": good[:-2],
+        }
+        for label, body in cases.items():
+            with self.subTest(label):
+                with self.assertRaises(sg.DecodeError):
+                    sg.decode_basket_reply(body)
+
+    def test_register_age_round_trip(self):
+        body = sg.encode_register_age(42, self.RECORD)
+        self.assertEqual(body[:16], (42).to_bytes(16, "big"))
+        self.assertEqual(body[16:18], len(self.RECORD).to_bytes(2, "big"))
+        self.assertEqual(sg.decode_register_age(body), (42, self.RECORD))
+
+    def test_age_record_round_trip(self):
+        fields = sg.AgeRecordFields(
+            key_version=3, card_idm=bytes(range(8)), user=sg.User.number("0123456789"),
+            birth_year=1900, birth_month=12, birth_day=31, method=sg.VerificationMethod.EKYC,
+            verified_at_ms=-1, valid_until_ms=2**63 - 1, counter=2**64 - 1, timestamp_ms=0)
+        record = sg.sign_age_record(fields, b"k" * 32)
+        self.assertEqual(len(record), 50 + 10 + 32)
+        self.assertEqual(sg.parse_age_record(record), (fields, record[-32:]))
+
+    def test_device_shares_counter_between_records(self):
+        device = sg.Device(sg.User.mail("a@b.c"),
+                           sg.DeviceCredential(bytes(8), 1, bytes(32)))
+        first = device.sign(amount_minor=1, provider_code=1, terminal_id="T")
+        age = device.sign_age(birth_date=(1980, 1, 1))
+        second = device.sign(amount_minor=1, provider_code=1, terminal_id="T")
+        self.assertEqual([sg.parse_inherent_id(first)[0].counter,
+                          sg.parse_age_record(age)[0].counter,
+                          sg.parse_inherent_id(second)[0].counter], [1, 2, 3])
+
+    def test_set_age_policy_layout(self):
+        policy = sg.AgePolicy("JP", "Asia/Tokyo", sg.OnFailure.REMOVE_ITEMS, True)
+        body = sg.encode_set_age_policy(5, 1, "T-1", policy)
+        expected = (sg.BodyWriter().u128(5).u32(1).str8("T-1").u8(1).str8("JP")
+                    .str8("Asia/Tokyo").u8(2).u8(1).getvalue())
+        self.assertEqual(body, expected)
+        cleared = sg.encode_set_age_policy(5, 1, "T-1", None)
+        self.assertEqual(cleared, sg.BodyWriter().u128(5).u32(1).str8("T-1").u8(0).getvalue())
+
+    def test_set_age_policy_round_trip(self):
+        for policy in (None, sg.AgePolicy("US", "America/New_York"),
+                       sg.AgePolicy("JP", "Asia/Tokyo", sg.OnFailure.REMOVE_ITEMS, True)):
+            with self.subTest(policy=policy):
+                body = sg.encode_set_age_policy(7, 3, "STORE-9", policy)
+                self.assertEqual(sg.decode_set_age_policy(body),
+                                 sg.SetAgePolicyRequest(7, 3, "STORE-9", policy))
+
+    def test_set_age_policy_rejects_bad_enums(self):
+        body = bytearray(sg.encode_set_age_policy(
+            7, 3, "S", sg.AgePolicy("JP", "Asia/Tokyo", sg.OnFailure.REFUSE, False)))
+        for index, value in ((-2, 0), (-2, 3), (-1, 2)):
+            with self.subTest(index=index, value=value):
+                bad = bytearray(body)
+                bad[index] = value
+                with self.assertRaises(sg.DecodeError):
+                    sg.decode_set_age_policy(bytes(bad))
+
+    def test_new_opcodes(self):
+        self.assertEqual((sg.Op.AUTHORIZE_BASKET, sg.Op.REGISTER_AGE, sg.Op.SET_AGE_POLICY),
+                         (0x0031, 0x0040, 0x0041))
 
 
 if __name__ == "__main__":
