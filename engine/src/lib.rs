@@ -40,7 +40,7 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{EngineConfig, ProviderConfig};
 pub use engine::{
     AuthorizeRequest, BasketOutcome, BestBy, DeviceCredential, Engine, EnrollRequest, EnteredStore,
-    MeansAdded, MeansOrder, MethodAtStore, UsableMethods,
+    MeansAdded, MeansOrder, MethodAtStore, UsableMethods, UsableQuery,
 };
 pub use error::EngineError;
 pub use geo::{AcceptedMethod, Signal, Store};

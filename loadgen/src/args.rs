@@ -1,0 +1,270 @@
+//! The command line, and its checks against the limits.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::bail;
+use clap::Parser;
+use settlegate_engine::limits::{
+    MEANS_PER_USER_MAX, PROVIDERS_MAX, TERMINALS_PER_PROVIDER_MAX, TERMINAL_ID_LEN_MAX,
+};
+
+use crate::dataset::Sizes;
+use crate::driver::Plan;
+use crate::mix::Mix;
+use crate::slo::Slo;
+use crate::units::parse_duration;
+
+/// Most connections (or embedded submitters).
+pub const CONNECTIONS_MAX: usize = 1024;
+/// Most requests in flight per connection.
+pub const PIPELINE_MAX: usize = 1024;
+/// Most users in the dataset.
+pub const USERS_MAX: usize = 10_000_000;
+/// Most stores in the dataset (each is listed with every provider).
+pub const STORES_MAX: usize = 1_000_000;
+/// Highest open-loop rate, requests per second.
+pub const RATE_MAX: f64 = 10_000_000.0;
+/// The operation name of the Redis baseline.
+pub const REDIS_OPERATION: &str = "redis_set";
+
+const _: () = assert!(STORES_MAX <= TERMINALS_PER_PROVIDER_MAX);
+
+/// `loadgen`'s flags.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "loadgen", about = "settlegate load generator", version)]
+pub struct Args {
+    /// `redis` for the Redis SET baseline; none for settlegate.
+    #[arg(value_parser = ["redis"])]
+    pub mode: Option<String>,
+    /// A running server's protocol address (or Redis's, in `redis` mode).
+    #[arg(long, conflicts_with = "embedded")]
+    pub target: Option<String>,
+    /// Run an engine in this process instead (zero-latency simulated providers).
+    #[arg(long)]
+    pub embedded: bool,
+    /// API key for `--target`.
+    #[arg(long, default_value = "sg-demo-key")]
+    pub api_key: String,
+    /// Operations and their weights, e.g. `authorize=70,list_means=20,ping=10`.
+    #[arg(long, default_value = "authorize")]
+    pub mix: Mix,
+    /// Seed of the operation, user and store choices (same seed, same sequence).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Users in the dataset (each gets a device key and `--means-per-user` means).
+    #[arg(long, default_value_t = 1_000)]
+    pub users: usize,
+    /// Means per user: a card (the default, which authorizations use), then e-money purses.
+    #[arg(long, default_value_t = 1)]
+    pub means_per_user: usize,
+    /// Store terminals (`TERMINAL-1` ...), listed with every provider.
+    #[arg(long, default_value_t = 16)]
+    pub stores: usize,
+    /// Providers payments spread over: codes `--provider`, `--provider`+1, ... (embedded: the
+    /// engine gets exactly these; a server must have them configured).
+    #[arg(long, default_value_t = 1)]
+    pub providers: usize,
+    /// First provider designation code.
+    #[arg(long, default_value_t = 1)]
+    pub provider: u32,
+    /// Prefix of the stores' terminal IDs.
+    #[arg(long, default_value = "LOADGEN")]
+    pub terminal: String,
+    /// Connections (embedded: concurrent submitters); each is one task of the load generator.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Requests in flight per connection.
+    #[arg(long, default_value_t = 16)]
+    pub pipeline: usize,
+    /// Measured time (`10`, `10s`, `500ms`, `1m`).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Time run before measuring; its samples are discarded.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub warmup: Duration,
+    /// Open loop: send this many requests per second overall, on a fixed schedule, and
+    /// measure latency from when each was due (coordinated-omission corrected). Closed loop
+    /// (as fast as answers come) without it.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// A request unanswered after this counts as a `timeout` error.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Latency objective(s), e.g. `p99=1ms` or `authorize:p999=5ms,max=50ms` (repeatable);
+    /// exit status 1 when one is missed.
+    #[arg(long, value_delimiter = ',')]
+    pub slo: Vec<Slo>,
+    /// Write a JSON report here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write the latency-percentile plot here: SVG if the name ends in `.svg`, else an HTML
+    /// page with the summary.
+    #[arg(long)]
+    pub html: Option<PathBuf>,
+    /// No live progress line (it is hidden anyway when stderr is not a terminal).
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+impl Args {
+    /// Whether this is the Redis baseline.
+    pub fn redis(&self) -> bool {
+        self.mode.as_deref() == Some("redis")
+    }
+
+    /// Checks the flags against each other and the limits.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.redis() {
+            if self.target.is_none() {
+                bail!("redis mode needs --target ADDR");
+            }
+            if self.mix != Mix::parse("authorize").expect("valid") {
+                bail!("--mix does not apply to redis mode (it runs {REDIS_OPERATION} only)");
+            }
+        } else {
+            if self.target.is_none() && !self.embedded {
+                bail!("give --target ADDR or --embedded");
+            }
+            self.check_dataset()?;
+        }
+        if !(1..=CONNECTIONS_MAX).contains(&self.connections) {
+            bail!("--connections must be 1..={CONNECTIONS_MAX}");
+        }
+        if !(1..=PIPELINE_MAX).contains(&self.pipeline) {
+            bail!("--pipeline must be 1..={PIPELINE_MAX}");
+        }
+        if self.duration.is_zero() || self.timeout.is_zero() {
+            bail!("--duration and --timeout must be positive");
+        }
+        if let Some(rate) = self.rate {
+            if !(rate > 0.0 && rate <= RATE_MAX) {
+                bail!("--rate must be above 0 and at most {RATE_MAX} requests/s");
+            }
+        }
+        let names = self.operation_names();
+        for slo in &self.slo {
+            if let Some(operation) = &slo.operation {
+                if !names.contains(&operation.as_str()) {
+                    bail!("--slo {slo}: `{operation}` is not in this run (it runs {names:?})");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_dataset(&self) -> anyhow::Result<()> {
+        if self.users < self.connections || self.users > USERS_MAX {
+            bail!("--users must be at least --connections and at most {USERS_MAX}");
+        }
+        if !(1..=MEANS_PER_USER_MAX).contains(&self.means_per_user) {
+            bail!("--means-per-user must be 1..={MEANS_PER_USER_MAX}");
+        }
+        if !(1..=STORES_MAX).contains(&self.stores) {
+            bail!("--stores must be 1..={STORES_MAX}");
+        }
+        let longest = format!("{}-{}", self.terminal, self.stores);
+        if longest.len() > TERMINAL_ID_LEN_MAX || !longest.bytes().all(|b| b.is_ascii_graphic()) {
+            bail!(
+                "terminal IDs like `{longest}` must be printable ASCII of at most \
+                 {TERMINAL_ID_LEN_MAX} bytes: shorten --terminal or use fewer --stores"
+            );
+        }
+        let last = u64::from(self.provider) + self.providers as u64 - 1;
+        if !(1..=PROVIDERS_MAX).contains(&self.providers) || last > u64::from(u32::MAX) {
+            bail!("--providers must be 1..={PROVIDERS_MAX}, with codes that fit in 32 bits");
+        }
+        Ok(())
+    }
+
+    /// The operations' names, in the mix's order.
+    pub fn operation_names(&self) -> Vec<&'static str> {
+        if self.redis() {
+            vec![REDIS_OPERATION]
+        } else {
+            self.mix.operations().iter().map(|op| op.name()).collect()
+        }
+    }
+
+    /// The run's shape.
+    pub fn plan(&self) -> Plan {
+        Plan {
+            connections: self.connections,
+            pipeline: self.pipeline,
+            warmup: self.warmup,
+            duration: self.duration,
+            rate_per_s: self.rate,
+            timeout: self.timeout,
+            seed: self.seed,
+            weights: if self.redis() { vec![1] } else { self.mix.weights() },
+        }
+    }
+
+    /// The dataset's sizes.
+    pub fn sizes(&self) -> Sizes {
+        Sizes {
+            users: self.users,
+            means_per_user: self.means_per_user,
+            stores: self.stores,
+            terminal_prefix: self.terminal.clone(),
+            providers: (0..self.providers as u32).map(|p| self.provider + p).collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(line: &str) -> Args {
+        Args::try_parse_from(line.split_whitespace()).unwrap()
+    }
+
+    #[test]
+    fn flags_are_checked() {
+        assert!(parse("loadgen --embedded").check().is_ok());
+        assert!(parse("loadgen").check().is_err(), "a target is required");
+        assert!(parse("loadgen --embedded --connections 0").check().is_err());
+        assert!(parse("loadgen --embedded --pipeline 5000").check().is_err());
+        assert!(parse("loadgen --embedded --users 2 --connections 4").check().is_err());
+        assert!(parse("loadgen --embedded --means-per-user 17").check().is_err());
+        assert!(parse("loadgen --embedded --stores 0").check().is_err());
+        assert!(parse("loadgen --embedded --terminal VERY-LONG-PREFIX").check().is_err());
+        assert!(parse("loadgen --embedded --rate 0").check().is_err());
+        assert!(parse("loadgen --embedded --duration 0s").check().is_err());
+        assert!(parse("loadgen redis --target 127.0.0.1:6379").check().is_ok());
+        assert!(parse("loadgen redis").check().is_err());
+        assert!(parse("loadgen redis --target x:1 --mix ping").check().is_err());
+        assert!(parse("loadgen redis --target x:1 --slo redis_set:p99=1ms").check().is_ok());
+    }
+
+    #[test]
+    fn flags_parse_units_mixes_and_slos() {
+        let args = parse(
+            "loadgen --embedded --duration 3s --warmup 500ms --rate 2000 --mix authorize=3,ping=1 \
+             --slo p99=1ms,max=20ms --slo authorize:p999=5ms",
+        );
+        args.check().unwrap();
+        assert_eq!(
+            (args.duration, args.warmup),
+            (Duration::from_secs(3), Duration::from_millis(500))
+        );
+        assert_eq!(args.slo.len(), 3);
+        assert_eq!(args.plan().weights, [3, 1]);
+        assert_eq!(args.operation_names(), ["authorize", "ping"]);
+        assert_eq!(parse("loadgen --embedded --duration 10").duration, Duration::from_secs(10));
+        let error =
+            Args::try_parse_from(["loadgen", "--embedded", "--mix", "authorize=70,usable=20"])
+                .unwrap_err()
+                .to_string();
+        assert!(error.contains("not supported by loadgen yet"), "{error}");
+        let error = Args::try_parse_from(["loadgen", "--embedded", "--slo", "p99=fast"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("bad SLO"), "{error}");
+        let stray = parse("loadgen --embedded --mix ping --slo authorize:p99=1ms");
+        assert!(stray.check().unwrap_err().to_string().contains("not in this run"));
+        let sizes = parse("loadgen --embedded --provider 3 --providers 2").sizes();
+        assert_eq!(sizes.providers, [3, 4]);
+    }
+}

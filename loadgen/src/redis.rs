@@ -1,0 +1,285 @@
+//! The baseline: Redis `SET` of 100-byte values over RESP, with the same connections, depth,
+//! durations and loop as a settlegate run, so a run can be set beside a reference server's.
+//!
+//! Closed loop: each connection writes `--pipeline` SETs, then reads their replies, as
+//! `redis-benchmark -P` does (the method behind docs/BENCHMARKS.md's figures). Open loop
+//! (`--rate`): the same scheduler as settlegate runs, each SET its own request on a pipelined
+//! connection whose replies are matched in order, like settlegate's protocol client.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context as _;
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::driver::{drive, Execute, Live, Plan};
+use crate::tally::{Outcome, Tally};
+
+/// Bytes of each value.
+const VALUE_LEN: usize = 100;
+/// Most bytes the open-loop writer gathers into one write.
+const WRITE_BATCH_MAX: usize = 256 * 1024;
+
+/// Runs the baseline against the Redis at `addr`.
+pub async fn baseline(addr: &str, plan: Arc<Plan>, live: Arc<Live>) -> anyhow::Result<Tally> {
+    if plan.rate_per_s.is_some() {
+        let mut connections = Vec::with_capacity(plan.connections);
+        for _ in 0..plan.connections {
+            connections.push(RespConnection::connect(addr).await?);
+        }
+        let workload = Arc::new(RedisSet { connections, value: "v".repeat(VALUE_LEN) });
+        return Ok(drive(workload, plan, live).await);
+    }
+    let measure_from = Instant::now() + plan.warmup;
+    let stop_at = measure_from + plan.duration;
+    let mut lanes = Vec::new();
+    for connection in 0..plan.connections {
+        let stream = connect(addr).await?;
+        let window = (measure_from, stop_at);
+        lanes.push(tokio::spawn(batches(stream, connection, plan.pipeline, window, live.clone())));
+    }
+    let mut total = Tally::new(1);
+    for lane in lanes {
+        total.add(&lane.await?);
+    }
+    Ok(total)
+}
+
+async fn connect(addr: &str) -> anyhow::Result<TcpStream> {
+    let stream = TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Closed loop, `redis-benchmark -P` style: `depth` SETs written at once, then their replies.
+async fn batches(
+    mut stream: TcpStream,
+    connection: usize,
+    depth: usize,
+    (measure_from, stop_at): (Instant, Instant),
+    live: Arc<Live>,
+) -> Tally {
+    let mut tally = Tally::new(1);
+    let value = "v".repeat(VALUE_LEN);
+    let mut batch = Vec::with_capacity(depth * 160);
+    let mut replies = vec![0u8; depth * 5];
+    let mut key = 0u64;
+    while Instant::now() < stop_at {
+        batch.clear();
+        for _ in 0..depth {
+            key += 1;
+            batch.extend_from_slice(&resp_set(&format!("lg:{connection}:{key}"), &value));
+        }
+        let sent = Instant::now();
+        let exchanged = async {
+            stream.write_all(&batch).await?;
+            stream.read_exact(&mut replies).await
+        };
+        if exchanged.await.is_err() {
+            let lost = Outcome::Error("connection closed".into());
+            for _ in 0..depth {
+                tally.record(0, 0, 0, &lost);
+            }
+            return tally;
+        }
+        live.completed.fetch_add(depth as u64, Ordering::Relaxed);
+        if sent < measure_from {
+            continue;
+        }
+        let micros = sent.elapsed().as_micros() as u64;
+        for reply in replies.chunks(5) {
+            let outcome = if reply == b"+OK\r\n" {
+                Outcome::Ok
+            } else {
+                Outcome::Error("redis error reply".into())
+            };
+            tally.record(0, micros, micros, &outcome);
+        }
+    }
+    tally
+}
+
+/// A RESP `SET key value` command.
+pub fn resp_set(key: &str, value: &str) -> Vec<u8> {
+    format!("*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${}\r\n{value}\r\n", key.len(), value.len())
+        .into_bytes()
+}
+
+/// Reply waiters in send order, and the writer's queue.
+type Sending = (VecDeque<oneshot::Sender<bool>>, mpsc::UnboundedSender<Vec<u8>>);
+
+/// A pipelined RESP connection: commands go out in order through one writer task, and the
+/// reader answers the oldest waiter with each reply line (SET replies are one line).
+struct RespConnection {
+    /// Waiters in send order, and the writer's queue: pushed together under the lock so the
+    /// order of the queue is the order of the waiters.
+    sending: Mutex<Sending>,
+}
+
+impl RespConnection {
+    async fn connect(addr: &str) -> anyhow::Result<Arc<RespConnection>> {
+        let (read_half, mut write_half) = connect(addr).await?.into_split();
+        let (outgoing, mut queue) = mpsc::unbounded_channel::<Vec<u8>>();
+        let connection =
+            Arc::new(RespConnection { sending: Mutex::new((VecDeque::new(), outgoing)) });
+        tokio::spawn(async move {
+            let mut buffer = Vec::with_capacity(64 * 1024);
+            while let Some(first) = queue.recv().await {
+                buffer.clear();
+                buffer.extend_from_slice(&first);
+                while buffer.len() < WRITE_BATCH_MAX {
+                    match queue.try_recv() {
+                        Ok(more) => buffer.extend_from_slice(&more),
+                        Err(_) => break,
+                    }
+                }
+                if write_half.write_all(&buffer).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let reader = Arc::downgrade(&connection);
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(read_half).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let Some(connection) = reader.upgrade() else { return };
+                let waiter = connection.sending.lock().expect("lock").0.pop_front();
+                if let Some(waiter) = waiter {
+                    let _ = waiter.send(line == "+OK");
+                }
+            }
+            // Closed: dropping the waiters tells every caller.
+            if let Some(connection) = reader.upgrade() {
+                connection.sending.lock().expect("lock").0.clear();
+            }
+        });
+        Ok(connection)
+    }
+
+    async fn send(&self, command: Vec<u8>) -> Outcome {
+        let (reply, answer) = oneshot::channel();
+        {
+            let mut sending = self.sending.lock().expect("lock");
+            if sending.1.send(command).is_err() {
+                return Outcome::Error("connection closed".into());
+            }
+            sending.0.push_back(reply);
+        }
+        match answer.await {
+            Ok(true) => Outcome::Ok,
+            Ok(false) => Outcome::Error("redis error reply".into()),
+            Err(_) => Outcome::Error("connection closed".into()),
+        }
+    }
+}
+
+/// The open-loop Redis workload: one operation, SET.
+struct RedisSet {
+    connections: Vec<Arc<RespConnection>>,
+    value: String,
+}
+
+/// A slot's connection and key counter.
+struct RedisSlot {
+    connection: usize,
+    key_prefix: String,
+    key: AtomicU64,
+}
+
+impl Execute for RedisSet {
+    type Slot = RedisSlot;
+
+    fn slot(&self, connection: usize, slot: usize) -> RedisSlot {
+        let key_prefix = format!("lg:{connection}:{slot}:");
+        RedisSlot { connection, key_prefix, key: AtomicU64::new(0) }
+    }
+
+    fn execute<'a>(
+        &'a self,
+        _op: usize,
+        slot: &'a mut RedisSlot,
+    ) -> impl Future<Output = Outcome> + Send + 'a {
+        let key = slot.key.fetch_add(1, Ordering::Relaxed);
+        let command = resp_set(&format!("{}{key}", slot.key_prefix), &self.value);
+        self.connections[slot.connection].send(command)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// How long the tests wait for a fake Redis.
+    const TEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn resp_set_is_well_formed() {
+        assert_eq!(resp_set("k1", "vv"), b"*3\r\n$3\r\nSET\r\n$2\r\nk1\r\n$2\r\nvv\r\n".to_vec());
+    }
+
+    /// A fake Redis answering `+OK` to every command (counting `*3` headers), and `-ERR` to
+    /// every tenth.
+    async fn fake_redis() -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buffer = [0u8; 64 * 1024];
+                    let mut seen = 0u64;
+                    let mut carry = Vec::new();
+                    while let Ok(n) = stream.read(&mut buffer).await {
+                        if n == 0 {
+                            return;
+                        }
+                        carry.extend_from_slice(&buffer[..n]);
+                        let mut replies = Vec::new();
+                        while let Some(at) = carry.windows(4).position(|w| w == b"SET\r") {
+                            carry.drain(..at + 4);
+                            seen += 1;
+                            replies.extend_from_slice(if seen.is_multiple_of(10) {
+                                b"-ERR x\r\n"
+                            } else {
+                                b"+OK\r\n"
+                            });
+                        }
+                        if stream.write_all(&replies).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn open_loop_baseline_matches_replies_in_order() {
+        let addr = fake_redis().await;
+        let plan = Arc::new(Plan {
+            connections: 2,
+            pipeline: 4,
+            warmup: Duration::ZERO,
+            duration: Duration::from_millis(300),
+            rate_per_s: Some(1_000.0),
+            timeout: Duration::from_secs(5),
+            seed: 1,
+            weights: vec![1],
+        });
+        let run = baseline(&addr, plan, Arc::default());
+        let tally = tokio::time::timeout(TEST_TIMEOUT, run).await.unwrap().unwrap();
+        let op = &tally.ops[0];
+        let errors = op.errors.get("redis error reply").copied().unwrap_or(0);
+        let total = op.corrected_us.len() + errors;
+        // 300 due; a loaded machine may leave a few unsent at the end.
+        assert!((100..=300).contains(&total), "{total}");
+        // Every tenth reply of each connection is an error, and each reply reached its caller.
+        assert!(errors + 2 >= total / 10 && errors <= total / 10, "{errors} of {total}");
+    }
+}
