@@ -1,14 +1,16 @@
 //! The dataset, prepared before anything is measured: providers (checked to exist), stores
 //! (terminal IDs listed with every provider), and users, each with a device key and means.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context as _};
 use indicatif::ProgressBar;
+use settlegate_engine::age::{Date, VerificationMethod};
 use settlegate_engine::limits::TERMINALS_PER_REQUEST_MAX;
 use settlegate_engine::{
-    DeviceCredential, EnrollRequest, MeansInput, TerminalEntry, UserIdType, UserKey,
+    AcceptedMethod, AgeRecord, DeviceCredential, EnrollRequest, MeansInput, MeansKind, Store,
+    TerminalEntry, UserIdType, UserKey,
 };
 use settlegate_protocol::messages::{Reply, Request};
 
@@ -68,6 +70,7 @@ pub async fn prepare(
     let stores: Vec<String> =
         (1..=sizes.stores).map(|k| format!("{}-{k}", sizes.terminal_prefix)).collect();
     list_stores(target, run, &sizes.providers, &stores).await?;
+    upsert_stores(target, run, &stores).await;
     let mut payers = Vec::with_capacity(sizes.users);
     for chunk in (0..sizes.users).collect::<Vec<_>>().chunks(ENROLL_CONCURRENCY) {
         let enrolled = futures::future::join_all(
@@ -170,7 +173,74 @@ async fn enroll(target: &Target, run: u64, i: usize, means: usize) -> anyhow::Re
     for m in 0..means {
         add_means(target, base | (m as u128 + 1), &user, m, i).await.context("adding means")?;
     }
-    Ok(Payer { user, credential, counter: AtomicU64::new(0) })
+    let payer = Payer { user, credential, counter: AtomicU64::new(0) };
+    register_age(target, base | 31, &payer, i).await.context("registering an age")?;
+    Ok(payer)
+}
+
+/// Registers the payer's terminal with a birth date (A1), as after biometric authentication:
+/// nine in ten users are adults, one in ten is 16, so age-checked payments see both answers.
+async fn register_age(target: &Target, id: u128, payer: &Payer, i: usize) -> anyhow::Result<()> {
+    let now = now_ms();
+    let birth_year = if i % 10 == 9 { 2010 } else { 1990 };
+    let record = AgeRecord {
+        key_version: payer.credential.key_version,
+        card_idm: payer.credential.card_idm,
+        user: payer.user.clone(),
+        birth_date: Date::new(birth_year, 1, 1).expect("a date"),
+        method: VerificationMethod::DocumentChip,
+        verified_at_ms: now - 60_000,
+        valid_until_ms: now + 30 * 86_400_000,
+        counter: payer.counter.fetch_add(1, Ordering::Relaxed) + 1,
+        timestamp_ms: now,
+    }
+    .sign(payer.credential.device_key.expose());
+    match target {
+        Target::Embedded(engine) => engine.register_age(id, &record).await?,
+        Target::Remote(clients) => {
+            let request = Request::RegisterAge { client_request_id: id, record };
+            clients[i % clients.len()].call_ok(&request).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Registers every store terminal as a store (W1) at a random spot in Japan, accepting cards
+/// and e-money, for the usable-methods query. An identity without the `stores` permission
+/// cannot: a warning says so and `usable` requests will be refused.
+async fn upsert_stores(target: &Target, run: u64, stores: &[String]) {
+    for (n, store_id) in stores.iter().enumerate() {
+        let spread = (n as f64 * 0.618_033_988_75).fract();
+        let store = Store {
+            store_id: store_id.clone(),
+            name: format!("Load store {n}"),
+            industry: "5411".into(),
+            address: String::new(),
+            latitude: 31.0 + 14.0 * spread,
+            longitude: 129.0 + 17.0 * (spread * 7.0).fract(),
+            beacons: Vec::new(),
+            wifi: Vec::new(),
+            qr_code: None,
+            accepts: vec![
+                AcceptedMethod { kind: MeansKind::CreditCard, brand: String::new() },
+                AcceptedMethod { kind: MeansKind::EMoney, brand: String::new() },
+            ],
+        };
+        let id = (u128::from(run) << 64) | (1 << 62) | n as u128;
+        let result = match target {
+            Target::Embedded(engine) => {
+                engine.upsert_store(id, store).await.map_err(anyhow::Error::new)
+            }
+            Target::Remote(clients) => {
+                let request = Request::UpsertStore { client_request_id: id, store };
+                clients[0].call_ok(&request).await.map(|_| ()).map_err(anyhow::Error::new)
+            }
+        };
+        if let Err(error) = result {
+            eprintln!("warning: stores not registered (usable-methods queries will fail): {error}");
+            return;
+        }
+    }
 }
 
 /// The user's `m`-th means: a card first (the default, which authorizations use), then purses.

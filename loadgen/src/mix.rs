@@ -163,7 +163,7 @@ mod tests {
     fn mix_errors_name_the_supported_operations() {
         let planned = Mix::parse("authorize=70,usable=20,code=10").unwrap_err();
         assert!(
-            planned.contains("`usable`") && planned.contains("not supported by loadgen yet"),
+            planned.contains("`code`") && planned.contains("not supported by loadgen yet"),
             "{planned}"
         );
         assert!(planned.contains("supported: authorize, list_means"), "{planned}");

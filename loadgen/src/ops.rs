@@ -9,7 +9,8 @@ use std::future::Future;
 use std::sync::atomic::Ordering;
 
 use settlegate_engine::{
-    AuthOutcome, AuthorizeRequest, Currency, EngineError, InherentId, MeansKind, MeansOrder,
+    AuthOutcome, AuthorizeRequest, Basket, BasketItem, BestBy, Currency, EngineError, InherentId,
+    MeansKind, MeansOrder,
 };
 use settlegate_protocol::messages::{Reply, Request};
 use settlegate_protocol::{ClientError, Response};
@@ -60,13 +61,16 @@ operations! {
     /// Echo: the protocol round trip alone. Embedded, there is nothing to call (it measures the
     /// load generator's own overhead).
     Ping => "ping", ping;
+    /// What a random user can pay with at a random store (W3: a store and a means lookup).
+    Usable => "usable", usable;
+    /// An age-checked payment: a basket with an alcohol line and the age-confirmation flag,
+    /// paid from a terminal whose age registration the dataset made (A2).
+    Age => "age", age_checked;
 }
 
 /// Flows issue #5 names that loadgen does not drive yet, by their `--mix` name: `--mix` says
-/// so instead of calling them unknown. (Usable methods and the age-checked basket reached the
-/// protocol while this was written; each needs its dataset step, then a line in the table.)
-pub const PLANNED: &[(&str, &str)] =
-    &[("usable", "usable-methods query"), ("code", "payment code"), ("age", "age-checked payment")];
+/// so instead of calling them unknown (payment codes do not exist in the engine yet).
+pub const PLANNED: &[(&str, &str)] = &[("code", "payment code")];
 
 /// The settlegate workload: a target, its dataset and the mix's operations.
 pub struct Workload {
@@ -150,7 +154,9 @@ impl Execute for Workload {
     }
 }
 
-async fn authorize(w: &Workload, slot: &mut SlotCursor) -> Outcome {
+/// The slot's next payment: a fresh client request ID and an inherent ID of the slot's next
+/// payer's, for 1,000 JPY at a random store.
+fn next_payment(w: &Workload, slot: &mut SlotCursor) -> (u128, Vec<u8>) {
     let index = slot.next_payer(w.dataset.payers.len());
     let provider = w.dataset.providers[index % w.dataset.providers.len()];
     let store = &w.dataset.stores[slot.below(w.dataset.stores.len())];
@@ -158,6 +164,11 @@ async fn authorize(w: &Workload, slot: &mut SlotCursor) -> Outcome {
     slot.sequence += 1;
     let id =
         (u128::from(w.run_ms) << 64) | ((slot.global as u128) << 32) | u128::from(slot.sequence);
+    (id, inherent_id)
+}
+
+async fn authorize(w: &Workload, slot: &mut SlotCursor) -> Outcome {
+    let (id, inherent_id) = next_payment(w, slot);
     match &w.target {
         Target::Embedded(engine) => {
             let request = AuthorizeRequest { client_request_id: id, inherent_id };
@@ -166,6 +177,56 @@ async fn authorize(w: &Workload, slot: &mut SlotCursor) -> Outcome {
         Target::Remote(clients) => auth_outcome(
             clients[slot.connection].authorize(id, inherent_id).await.map_err(client_error),
         ),
+    }
+}
+
+/// 1,000 JPY: two beers (alcohol) and a bento, with the age-confirmation flag.
+fn basket() -> Basket {
+    let line = |id: &str, category: &str, quantity, unit| BasketItem {
+        item_id: id.into(),
+        category: category.into(),
+        quantity,
+        unit_amount_minor: unit,
+    };
+    Basket {
+        age_confirmation: true,
+        items: vec![line("BEER", "alcohol", 2, 250), line("BENTO", "", 1, 500)],
+    }
+}
+
+async fn age_checked(w: &Workload, slot: &mut SlotCursor) -> Outcome {
+    let (id, inherent_id) = next_payment(w, slot);
+    match &w.target {
+        Target::Embedded(engine) => {
+            let request = AuthorizeRequest { client_request_id: id, inherent_id };
+            let mut results = engine.authorize_baskets(vec![(request, Some(basket()))]).await;
+            let result = results.pop().expect("one result");
+            auth_outcome(result.map(|r| r.outcome).map_err(engine_error))
+        }
+        Target::Remote(clients) => {
+            let request =
+                Request::AuthorizeBasket { client_request_id: id, inherent_id, basket: basket() };
+            match clients[slot.connection].call_ok(&request).await {
+                Ok(Reply::BasketOutcome(outcome, _)) => auth_outcome(Ok(outcome)),
+                Ok(_) => Outcome::Error("unexpected reply".into()),
+                Err(error) => Outcome::Error(client_error(error)),
+            }
+        }
+    }
+}
+
+async fn usable(w: &Workload, slot: &mut SlotCursor) -> Outcome {
+    let user = w.dataset.payers[slot.below(w.dataset.payers.len())].user.clone();
+    let store_id = w.dataset.stores[slot.below(w.dataset.stores.len())].clone();
+    let best_by = if slot.below(2) == 0 { BestBy::MostUsed } else { BestBy::LargestBalance };
+    match &w.target {
+        Target::Embedded(engine) => {
+            ok_or_error(engine.usable_methods(&user, &store_id, best_by).await, engine_error)
+        }
+        Target::Remote(clients) => {
+            let request = Request::UsableMethods { user, store_id, best_by };
+            ok_or_error(clients[slot.connection].call_ok(&request).await, client_error)
+        }
     }
 }
 
