@@ -75,6 +75,12 @@ async fn a_tie_goes_to_the_lowest_id_and_lists_the_others() {
     let found = h.engine.store_at(0.0, 0.0, 1_000).await.unwrap();
     assert_eq!(found.store.store_id, "TIE-A");
     assert_eq!(found.tied, vec!["TIE-B".to_owned()]);
+    // Mirrored along a meridian away from the equator: equal to the millimetre, a tie too,
+    // whatever the last bits of the floating-point arithmetic say.
+    add(&h, vec![store("MIRROR-N", 10.001, 20.0), store("MIRROR-S", 9.999, 20.0)]).await;
+    let found = h.engine.store_at(10.0, 20.0, 1_000).await.unwrap();
+    assert_eq!(found.store.store_id, "MIRROR-N");
+    assert_eq!(found.tied, vec!["MIRROR-S".to_owned()]);
 }
 
 #[tokio::test]

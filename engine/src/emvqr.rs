@@ -100,7 +100,7 @@ pub fn parse(payload: &str) -> Result<MerchantQr, MpmError> {
     match objects.last() {
         Some((63, crc)) if crc.len() == 4 => {
             let covered = &payload[..payload.len() - 4];
-            if !crc.eq_ignore_ascii_case(&crc_hex(covered)) {
+            if *crc != crc_hex(covered) {
                 return Err(MpmError::Crc);
             }
         }
@@ -154,6 +154,9 @@ mod tests {
         let mut altered = PROMPTPAY.to_owned();
         altered.replace_range(70..71, "9"); // one digit of the amount
         assert_eq!(parse(&altered), Err(MpmError::Crc));
+        // The CRC is four upper-case hex digits: lower case is refused.
+        let lower = PROMPTPAY.replace("42BE", "42be");
+        assert_eq!(parse(&lower), Err(MpmError::Crc));
     }
 
     #[test]

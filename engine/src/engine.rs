@@ -670,9 +670,12 @@ impl Engine {
                 other => return Err(unexpected(other)),
             }
         }
-        let best = candidates.iter().map(|c| c.chord).fold(f64::INFINITY, f64::min);
+        // Distances are compared as the protocol reports them, in whole millimetres, so that
+        // stores placed symmetrically tie whatever the last bits of the arithmetic say.
+        let millimetres = |c: &Candidate| (geo::chord_to_metres(c.chord) * 1000.0).round() as u64;
+        let best = candidates.iter().map(millimetres).min();
         let mut nearest: Vec<Candidate> =
-            candidates.into_iter().filter(|c| c.chord == best).collect();
+            candidates.into_iter().filter(|c| Some(millimetres(c)) == best).collect();
         nearest.sort_by(|a, b| a.store.store_id.cmp(&b.store.store_id));
         let mut nearest = nearest.into_iter();
         let chosen = nearest.next().ok_or(EngineError::Refused(ReasonCode::NoStoreInRange))?;

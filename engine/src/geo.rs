@@ -427,7 +427,8 @@ pub fn rebuild_directory(directory: &StoreDirectory, shards: &mut [&mut StoreInd
     }
 }
 
-/// The IDs and chords of the entries nearest to `position` within `max_chord`, ties included.
+/// The IDs and chords of the entries nearest to `position` within `max_chord`: the nearest,
+/// and any within about 2 mm of it (candidate ties).
 pub fn nearest_in(
     tree: &RTree<GeomWithData<[f64; 3], Box<str>>>,
     position: [f64; 3],
@@ -435,16 +436,22 @@ pub fn nearest_in(
 ) -> Vec<(&str, f64)> {
     let max_d2 = max_chord * max_chord;
     let mut found = Vec::new();
-    let mut best = None;
+    let mut limit = None;
     for (entry, d2) in tree.nearest_neighbor_iter_with_distance_2(&position) {
-        if d2 > max_d2 || best.is_some_and(|best| d2 > best) {
+        let chord = d2.sqrt();
+        if d2 > max_d2 || limit.is_some_and(|limit| chord > limit) {
             break;
         }
-        best = Some(d2);
-        found.push((&*entry.data, d2.sqrt()));
+        // Everything within a few millimetres of the nearest comes along: the caller decides
+        // ties at the millimetre, as the distance is reported.
+        limit.get_or_insert(chord + TIE_CHORD);
+        found.push((&*entry.data, chord));
     }
     found
 }
+
+/// The chord of about 2 mm on the Earth's surface.
+const TIE_CHORD: f64 = 2e-3 / EARTH_RADIUS_M;
 
 /// Builds an R-tree of `(id, latitude, longitude)` at once (bulk loading), as the benchmark
 /// and a large recovery do.

@@ -12,6 +12,9 @@ Layers, bottom up:
   inherent ID (section 5, "The inherent ID") and the signed age record
   (``REGISTER_AGE``); ``AUTHORIZE_BASKET`` requests and verdicts and
   ``SET_AGE_POLICY``;
+* stores and the wallet (``UPSERT_STORE`` ... ``WALLET``), the EMVCo
+  merchant-presented QR payload (TLV + CRC-16/CCITT-FALSE) and great-circle
+  distances;
 * :class:`SettlegateClient`: a blocking TCP connection with request-ID
   matching, pipelining, BUSY retries and NOTICE push handling.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+import math
 import os
 import socket
 import struct
@@ -88,6 +92,13 @@ class Op(enum.IntEnum):
     AUTHORIZE_BASKET = 0x0031
     REGISTER_AGE = 0x0040
     SET_AGE_POLICY = 0x0041
+    UPSERT_STORE = 0x0050
+    REMOVE_STORE = 0x0051
+    STORE_AT = 0x0052
+    STORE_BY_SIGNAL = 0x0053
+    TOP_UP = 0x0054
+    USABLE_METHODS = 0x0055
+    WALLET = 0x0056
 
 
 class Status(enum.IntEnum):
@@ -157,6 +168,17 @@ class Reason(enum.IntEnum):
     BASKET_MISMATCH = 71
     INVALID_AGE_REGISTRATION = 72
     INVALID_AGE_POLICY = 73
+    INVALID_STORE = 80
+    INVALID_QR_CODE = 81
+    UNKNOWN_STORE = 82
+    NO_STORE_IN_RANGE = 83
+    INSUFFICIENT_BALANCE = 84
+    NOT_STORED_VALUE = 85
+    BALANCE_LIMIT = 86
+    STORE_ID_IN_USE = 87
+    TOO_MANY_STORES = 88
+    INVALID_POSITION = 89
+    CURRENCY_MISMATCH = 90
 
 
 class AgeCheck(enum.IntEnum):
@@ -189,6 +211,7 @@ class Permission(enum.IntFlag):
     AUTHORIZE = 0x1
     ACCOUNTS = 0x2
     PROVIDERS = 0x4
+    STORES = 0x8
 
 
 class AuthMethod(enum.IntEnum):
@@ -450,6 +473,10 @@ class BodyWriter:
         """Append a ``u64``."""
         return self._pack(">Q", value)
 
+    def i32(self, value: int) -> "BodyWriter":
+        """Append a signed ``i32``."""
+        return self._pack(">i", value)
+
     def i64(self, value: int) -> "BodyWriter":
         """Append a signed ``i64``."""
         return self._pack(">q", value)
@@ -526,6 +553,10 @@ class BodyReader:
     def u64(self) -> int:
         """Read a ``u64``."""
         return self._unpack(">Q")
+
+    def i32(self) -> int:
+        """Read a signed ``i32``."""
+        return self._unpack(">i")
 
     def i64(self) -> int:
         """Read a signed ``i64``."""
@@ -975,6 +1006,14 @@ def _read_means_entry(reader: BodyReader) -> MeansEntry:
                       last_used_ms if has_last_used else None, registered_ms)
 
 
+def _write_means_entry(writer: BodyWriter, entry: MeansEntry) -> None:
+    """Append one ``LIST_MEANS`` entry."""
+    (writer.u32(entry.means_id).u8(entry.kind).u8(int(entry.is_default))
+     .str8(entry.label).str8(entry.last4).raw(entry.token, 16).u64(entry.uses)
+     .u8(int(entry.last_used_ms is not None)).i64(entry.last_used_ms or 0)
+     .i64(entry.registered_ms))
+
+
 def decode_list_means(body: bytes) -> List[MeansEntry]:
     """``LIST_MEANS`` reply body."""
     reader = BodyReader(body)
@@ -987,10 +1026,7 @@ def encode_list_means_reply(entries: Sequence[MeansEntry]) -> bytes:
     """``LIST_MEANS`` reply body (used by offline round-trip tests)."""
     writer = BodyWriter().u8(len(entries))
     for entry in entries:
-        (writer.u32(entry.means_id).u8(entry.kind).u8(int(entry.is_default))
-         .str8(entry.label).str8(entry.last4).raw(entry.token, 16).u64(entry.uses)
-         .u8(int(entry.last_used_ms is not None)).i64(entry.last_used_ms or 0)
-         .i64(entry.registered_ms))
+        _write_means_entry(writer, entry)
     return writer.getvalue()
 
 
@@ -1365,6 +1401,15 @@ def validate_basket_item(item: BasketItem) -> None:
         raise ValueError(f"unit amount {item.unit_amount_minor} does not fit u64")
 
 
+def _check_unique_item_ids(items: Sequence[BasketItem]) -> None:
+    """Item IDs must be unique within a basket (a duplicate is reason 71)."""
+    seen = set()
+    for item in items:
+        if item.item_id in seen:
+            raise ValueError(f"duplicate item ID {item.item_id!r}")
+        seen.add(item.item_id)
+
+
 def _check_basket_shape(flags: int, count: int) -> None:
     if flags & ~KNOWN_BASKET_FLAGS:
         raise ValueError(f"basket flags 0x{flags:02x}: only bit 0 is defined")
@@ -1387,6 +1432,7 @@ def encode_authorize_basket(client_request_id: int, inherent_id: bytes,
         _check_basket_shape(flags, len(items))
         for item in items:
             validate_basket_item(item)
+        _check_unique_item_ids(items)
     writer = (BodyWriter().u128(client_request_id).bytes16(inherent_id).u8(flags)
               .u16(len(items)))
     for item in items:
@@ -1415,6 +1461,11 @@ def decode_authorize_basket(body: bytes, *, validate: bool = True) -> BasketRequ
                 raise DecodeError(str(exc)) from None
         items.append(item)
     reader.finish()
+    if validate:
+        try:
+            _check_unique_item_ids(items)
+        except ValueError as exc:
+            raise DecodeError(str(exc)) from None
     return BasketRequest(client_request_id, inherent_id, flags, tuple(items))
 
 
@@ -1496,6 +1547,570 @@ def decode_set_age_policy(body: bytes) -> SetAgePolicyRequest:
         policy = AgePolicy(jurisdiction, time_zone, OnFailure(on_failure), reader.flag())
     reader.finish()
     return SetAgePolicyRequest(client_request_id, provider_code, terminal_id, policy)
+
+
+# --------------------------------------------------------------------------
+# Stores and the wallet (section 5, W1-W3)
+# --------------------------------------------------------------------------
+
+STORE_ID_MAX = 32
+STORE_NAME_MAX = 64
+STORE_INDUSTRY_MAX = 32
+STORE_ADDRESS_MAX = 128
+STORE_SIGNALS_MAX = 16          # beacons, and Wi-Fi IDs, per store
+SIGNAL_ID_MAX = 64
+QR_CODE_MAX = 512
+ACCEPTED_MAX = 16
+BRAND_MAX = 32
+RADIUS_MIN_M = 1
+RADIUS_MAX_M = 50_000
+LATITUDE_E7_MAX = 900_000_000
+LONGITUDE_E7_MAX = 1_800_000_000
+TOP_UP_MAX = 10 ** 12
+BALANCE_MAX = 10 ** 12
+EARTH_RADIUS_M = 6_371_008.8
+MPM_PREFIX = "000201"
+MPM_CRC_TAG = "6304"
+MPM_MAX = 512
+MPM_NETWORK_TEMPLATES = range(26, 52)   # merchant account templates 26-51
+
+
+class Signal(enum.IntEnum):
+    """``STORE_BY_SIGNAL`` signal kinds."""
+
+    BEACON = 1
+    WIFI = 2
+    QR_POSTER = 3
+
+
+class BestBy(enum.IntEnum):
+    """``USABLE_METHODS`` ``best_by``."""
+
+    MOST_USED = 0
+    LARGEST_BALANCE = 1
+
+
+@dataclass(frozen=True)
+class AcceptedMethod:
+    """A store's accepted method: a means kind and a brand (empty: any)."""
+
+    means_kind: int
+    brand: str = ""
+
+
+@dataclass(frozen=True)
+class Store:
+    """A ``store`` (section 5, "Stores and the wallet")."""
+
+    store_id: str
+    name: str
+    latitude_e7: int
+    longitude_e7: int
+    industry: str = ""
+    address: str = ""
+    beacons: Tuple[str, ...] = ()
+    wifi_ids: Tuple[str, ...] = ()
+    qr_code: bytes = b""
+    accepted: Tuple[AcceptedMethod, ...] = ()
+
+
+@dataclass(frozen=True)
+class Entered:
+    """``entered``: the store found and how (distance, ties, MPM networks)."""
+
+    store: Store
+    distance_mm: Optional[int] = None
+    tied: Tuple[str, ...] = ()
+    networks: Tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Balance:
+    """``balance``: a stored-value purse (``TOP_UP`` reply)."""
+
+    balance_minor: int
+    available_minor: int
+    currency: str
+
+
+@dataclass(frozen=True)
+class WalletEntry:
+    """``wallet_entry``: a ``LIST_MEANS`` entry plus its purse.
+
+    ``balance`` is ``None`` when ``has_balance`` is 0. A purse that never had
+    a top-up has zeros; its currency (three zero bytes) decodes as ``""``.
+    """
+
+    means: MeansEntry
+    balance: Optional[Balance]
+
+
+@dataclass(frozen=True)
+class UsableMethods:
+    """``USABLE_METHODS`` reply."""
+
+    store_id: str
+    methods: Tuple[Tuple[WalletEntry, bool], ...]
+    best_means_id: Optional[int]
+    accepted: Tuple[AcceptedMethod, ...]
+
+    @property
+    def usable_ids(self) -> List[int]:
+        """Means IDs marked usable, in reply order."""
+        return [entry.means.means_id for entry, usable in self.methods if usable]
+
+
+def degrees_to_e7(degrees: float) -> int:
+    """Degrees to the wire's ``degrees × 10^7`` (rounded)."""
+    return int(round(degrees * 10_000_000))
+
+
+def e7_to_degrees(value: int) -> float:
+    """The wire's ``degrees × 10^7`` to degrees."""
+    return value / 10_000_000
+
+
+def great_circle_m(lat1_e7: int, lon1_e7: int, lat2_e7: int, lon2_e7: int) -> float:
+    """Great-circle distance in metres on a sphere of radius 6,371,008.8 m.
+
+    Haversine form, numerically sound for the short distances of the tests.
+    """
+    phi1, phi2 = math.radians(e7_to_degrees(lat1_e7)), math.radians(e7_to_degrees(lat2_e7))
+    dphi = phi2 - phi1
+    dlam = math.radians(e7_to_degrees(lon2_e7) - e7_to_degrees(lon1_e7))
+    h = math.sin(dphi / 2) ** 2 + math.cos(phi1) * math.cos(phi2) * math.sin(dlam / 2) ** 2
+    return 2 * EARTH_RADIUS_M * math.asin(min(1.0, math.sqrt(h)))
+
+
+# CRC-16/CCITT-FALSE and the EMVCo merchant-presented payload -------------
+
+def crc16_ccitt_false(data: Union[bytes, str]) -> int:
+    """CRC-16/CCITT-FALSE: polynomial 0x1021, init 0xFFFF, no reflection, no xorout.
+
+    ``crc16_ccitt_false(b"123456789") == 0x29B1``.
+    """
+    if isinstance(data, str):
+        data = data.encode("ascii")
+    crc = 0xFFFF
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else (crc << 1)
+            crc &= 0xFFFF
+    return crc
+
+
+class MpmError(ValueError):
+    """An MPM payload with a bad structure or CRC (the server's reason 81)."""
+
+
+def mpm_object(tag: Union[int, str], value: str) -> str:
+    """One data object ``ID LEN VALUE`` (two digits, two digits, value)."""
+    tag = f"{int(tag):02d}" if not isinstance(tag, str) else tag
+    if len(tag) != 2 or not tag.isdigit():
+        raise ValueError(f"MPM object ID must be two digits, got {tag!r}")
+    if len(value) > 99:
+        raise ValueError(f"MPM object value of {len(value)} characters exceeds 99")
+    return f"{tag}{len(value):02d}{value}"
+
+
+def mpm_with_crc(body: str) -> str:
+    """Append the CRC object: ``6304`` and four upper-case hex digits over
+    every character before them (``6304`` included)."""
+    head = body + MPM_CRC_TAG
+    return head + f"{crc16_ccitt_false(head):04X}"
+
+
+def build_mpm(objects: Sequence[Tuple[Union[int, str], str]]) -> str:
+    """An MPM payload from ``(ID, value)`` objects, with ``00`` = ``01`` first
+    when absent, and the CRC object appended."""
+    objects = list(objects)
+    if not objects or f"{int(objects[0][0]):02d}" != "00":
+        objects.insert(0, ("00", "01"))
+    return mpm_with_crc("".join(mpm_object(tag, value) for tag, value in objects))
+
+
+def build_merchant_mpm(networks: Sequence[str], *, name: str = "PY SPEC SHOP",
+                       city: str = "TOKYO", mcc: str = "5411", currency: str = "392",
+                       country: str = "JP", dynamic: bool = False,
+                       extra: Sequence[Tuple[Union[int, str], str]] = ()) -> str:
+    """A typical merchant-presented payload naming ``networks`` (templates
+    26, 27, ... each with sub-object ``00`` = the network and ``01`` = a
+    merchant number)."""
+    objects: List[Tuple[Union[int, str], str]] = [("00", "01"), ("01", "12" if dynamic else "11")]
+    for index, network in enumerate(networks):
+        template = mpm_object("00", network) + mpm_object("01", f"M{index:04d}")
+        objects.append((26 + index, template))
+    objects += [("52", mcc), ("53", currency), ("58", country), ("59", name), ("60", city)]
+    objects += list(extra)
+    return build_mpm(objects)
+
+
+def parse_tlv(text: str) -> List[Tuple[str, str]]:
+    """Split ``text`` into ``(ID, value)`` objects; :class:`MpmError` if it
+    is not a sequence of ``ID LEN VALUE``."""
+    objects, pos = [], 0
+    while pos < len(text):
+        if pos + 4 > len(text):
+            raise MpmError(f"truncated object header at {pos}")
+        tag, length = text[pos:pos + 2], text[pos + 2:pos + 4]
+        if not (tag.isdigit() and tag.isascii() and length.isdigit() and length.isascii()):
+            raise MpmError(f"object ID/length not digits at {pos}: {text[pos:pos + 4]!r}")
+        end = pos + 4 + int(length)
+        if end > len(text):
+            raise MpmError(f"object {tag} runs past the end")
+        objects.append((tag, text[pos + 4:end]))
+        pos = end
+    return objects
+
+
+def is_mpm(payload: Union[bytes, str]) -> bool:
+    """Whether a poster payload is an EMVCo MPM payload (starts with ``000201``)."""
+    if isinstance(payload, bytes):
+        return payload.startswith(MPM_PREFIX.encode("ascii"))
+    return payload.startswith(MPM_PREFIX)
+
+
+def parse_mpm(payload: Union[bytes, str]) -> Tuple[List[Tuple[str, str]], List[str]]:
+    """Check an MPM payload as section 5 describes; return its objects and
+    the networks its templates 26-51 name (in payload order).
+
+    Raises :class:`MpmError` for a bad structure or CRC.
+    """
+    if isinstance(payload, bytes):
+        try:
+            payload = payload.decode("ascii")
+        except UnicodeDecodeError:
+            raise MpmError("MPM payload is not ASCII") from None
+    if not payload.isascii():
+        raise MpmError("MPM payload is not ASCII")
+    if not payload.startswith(MPM_PREFIX):
+        raise MpmError("MPM payload must start with 000201")
+    if len(payload) > MPM_MAX:
+        raise MpmError(f"MPM payload of {len(payload)} characters exceeds {MPM_MAX}")
+    objects = parse_tlv(payload)
+    if not objects or objects[-1][0] != "63" or len(objects[-1][1]) != 4:
+        raise MpmError("MPM payload must end with the CRC object 6304")
+    crc_text = objects[-1][1]
+    if any(c not in "0123456789ABCDEF" for c in crc_text):
+        raise MpmError(f"CRC {crc_text!r} is not four upper-case hex digits")
+    if int(crc_text, 16) != crc16_ccitt_false(payload[:-4]):
+        raise MpmError(f"CRC {crc_text} does not match "
+                       f"{crc16_ccitt_false(payload[:-4]):04X}")
+    networks = []
+    for tag, value in objects:
+        if int(tag) in MPM_NETWORK_TEMPLATES:
+            subs = dict(parse_tlv(value))
+            if "00" in subs:
+                networks.append(subs["00"])
+    return objects, networks
+
+
+def mpm_networks(payload: Union[bytes, str]) -> List[str]:
+    """The networks an MPM payload names (see :func:`parse_mpm`)."""
+    return parse_mpm(payload)[1]
+
+
+# Store validation ----------------------------------------------------------
+
+def _visible_ascii(data: bytes) -> bool:
+    return all(0x21 <= byte <= 0x7E for byte in data)
+
+
+def _no_controls(text: str) -> bool:
+    return not any(ord(ch) < 0x20 or ord(ch) == 0x7F or 0x80 <= ord(ch) < 0xA0 for ch in text)
+
+
+def validate_store(store: Store) -> None:
+    """Raise ``ValueError`` when ``store`` breaks a limit of section 5
+    (the server's reason 80, or 81 for a bad MPM poster)."""
+    def check_text(label, text, low, high):
+        size = len(text.encode("utf-8"))
+        if not low <= size <= high:
+            raise ValueError(f"{label} must be {low}-{high} bytes, got {size}")
+        if not _no_controls(text):
+            raise ValueError(f"{label} holds a control character")
+
+    raw_id = store.store_id.encode("utf-8")
+    if not 1 <= len(raw_id) <= STORE_ID_MAX or not _visible_ascii(raw_id):
+        raise ValueError(f"store ID must be 1-{STORE_ID_MAX} bytes of 0x21-0x7E")
+    check_text("name", store.name, 1, STORE_NAME_MAX)
+    check_text("industry", store.industry, 0, STORE_INDUSTRY_MAX)
+    check_text("address", store.address, 0, STORE_ADDRESS_MAX)
+    if not -LATITUDE_E7_MAX <= store.latitude_e7 <= LATITUDE_E7_MAX:
+        raise ValueError(f"latitude_e7 {store.latitude_e7} out of -90..90 degrees")
+    if not -LONGITUDE_E7_MAX <= store.longitude_e7 <= LONGITUDE_E7_MAX:
+        raise ValueError(f"longitude_e7 {store.longitude_e7} out of -180..180 degrees")
+    for label, ids in (("beacon", store.beacons), ("Wi-Fi ID", store.wifi_ids)):
+        if len(ids) > STORE_SIGNALS_MAX:
+            raise ValueError(f"at most {STORE_SIGNALS_MAX} {label}s, got {len(ids)}")
+        for signal_id in ids:
+            raw = signal_id.encode("utf-8")
+            if not 1 <= len(raw) <= SIGNAL_ID_MAX or not _visible_ascii(raw):
+                raise ValueError(f"{label} must be 1-{SIGNAL_ID_MAX} bytes of 0x21-0x7E")
+    if store.qr_code:
+        if is_mpm(store.qr_code):
+            parse_mpm(store.qr_code)       # MpmError is a ValueError
+        elif len(store.qr_code) > QR_CODE_MAX or not _visible_ascii(store.qr_code):
+            raise ValueError(f"plain poster code must be 1-{QR_CODE_MAX} bytes of 0x21-0x7E")
+    if len(store.accepted) > ACCEPTED_MAX:
+        raise ValueError(f"at most {ACCEPTED_MAX} accepted methods, got {len(store.accepted)}")
+    for method in store.accepted:
+        if method.means_kind not in tuple(MeansKind):
+            raise ValueError(f"unknown means kind {method.means_kind}")
+        check_text("brand", method.brand, 0, BRAND_MAX)
+
+
+def _write_store(writer: BodyWriter, store: Store) -> None:
+    """Append a ``store``."""
+    writer.str8(store.store_id).str8(store.name).str8(store.industry).str8(store.address)
+    writer.i32(store.latitude_e7).i32(store.longitude_e7)
+    writer.u8(len(store.beacons))
+    for beacon in store.beacons:
+        writer.str8(beacon)
+    writer.u8(len(store.wifi_ids))
+    for wifi_id in store.wifi_ids:
+        writer.str8(wifi_id)
+    writer.bytes16(store.qr_code)
+    writer.u8(len(store.accepted))
+    for method in store.accepted:
+        writer.u8(method.means_kind).str8(method.brand)
+
+
+def _read_store(reader: BodyReader) -> Store:
+    """Read a ``store``."""
+    store_id, name, industry, address = reader.str8(), reader.str8(), reader.str8(), reader.str8()
+    lat, lon = reader.i32(), reader.i32()
+    beacons = tuple(reader.str8() for _ in range(reader.u8()))
+    wifi_ids = tuple(reader.str8() for _ in range(reader.u8()))
+    qr_code = reader.bytes16()
+    accepted = tuple(AcceptedMethod(_maybe_enum(MeansKind, reader.u8()), reader.str8())
+                     for _ in range(reader.u8()))
+    return Store(store_id, name, lat, lon, industry, address, beacons, wifi_ids,
+                 qr_code, accepted)
+
+
+def encode_store(store: Store) -> bytes:
+    """A ``store`` on its own."""
+    writer = BodyWriter()
+    _write_store(writer, store)
+    return writer.getvalue()
+
+
+def decode_store(body: bytes) -> Store:
+    """A ``store`` on its own."""
+    reader = BodyReader(body)
+    store = _read_store(reader)
+    reader.finish()
+    return store
+
+
+# UPSERT_STORE / REMOVE_STORE ------------------------------------------------
+
+def encode_upsert_store(client_request_id: int, store: Store, *, validate: bool = True) -> bytes:
+    """``UPSERT_STORE`` request body (``validate=False`` to send what the
+    server must refuse)."""
+    if validate:
+        validate_store(store)
+    writer = BodyWriter().u128(client_request_id)
+    _write_store(writer, store)
+    return writer.getvalue()
+
+
+def decode_upsert_store(body: bytes) -> Tuple[int, Store]:
+    """``UPSERT_STORE`` request body: ``(client_request_id, store)``."""
+    reader = BodyReader(body)
+    client_request_id = reader.u128()
+    store = _read_store(reader)
+    reader.finish()
+    return client_request_id, store
+
+
+def encode_remove_store(client_request_id: int, store_id: str) -> bytes:
+    """``REMOVE_STORE`` request body."""
+    return BodyWriter().u128(client_request_id).str8(store_id).getvalue()
+
+
+# STORE_AT / STORE_BY_SIGNAL / entered --------------------------------------
+
+def encode_store_at(latitude_e7: int, longitude_e7: int, radius_m: int) -> bytes:
+    """``STORE_AT`` request body (no client-side range checks: the server
+    answers reason 89 for a coordinate or radius out of range)."""
+    return BodyWriter().i32(latitude_e7).i32(longitude_e7).u32(radius_m).getvalue()
+
+
+def decode_store_at(body: bytes) -> Tuple[int, int, int]:
+    """``STORE_AT`` request body: ``(latitude_e7, longitude_e7, radius_m)``."""
+    reader = BodyReader(body)
+    result = reader.i32(), reader.i32(), reader.u32()
+    reader.finish()
+    return result
+
+
+def encode_store_by_signal(signal: int, signal_id: Union[str, bytes], *,
+                           validate: bool = True) -> bytes:
+    """``STORE_BY_SIGNAL`` request body (``signal`` 1-3 unless ``validate``
+    is false)."""
+    if validate and signal not in tuple(Signal):
+        raise ValueError(f"signal must be 1-3, got {signal}")
+    data = signal_id.encode("utf-8") if isinstance(signal_id, str) else bytes(signal_id)
+    return BodyWriter().u8(signal).bytes16(data).getvalue()
+
+
+def decode_store_by_signal(body: bytes) -> Tuple[int, bytes]:
+    """``STORE_BY_SIGNAL`` request body: ``(signal, id)``; a signal byte
+    other than 1-3 is a :class:`DecodeError`."""
+    reader = BodyReader(body)
+    signal = reader.u8()
+    if signal not in tuple(Signal):
+        raise DecodeError(f"signal must be 1-3, got {signal}")
+    data = reader.bytes16()
+    reader.finish()
+    return Signal(signal), data
+
+
+def encode_entered(entered: Entered) -> bytes:
+    """``entered`` reply body (``STORE_AT``, ``STORE_BY_SIGNAL``)."""
+    writer = BodyWriter()
+    _write_store(writer, entered.store)
+    writer.u8(int(entered.distance_mm is not None)).u64(entered.distance_mm or 0)
+    writer.u8(len(entered.tied))
+    for store_id in entered.tied:
+        writer.str8(store_id)
+    writer.u8(len(entered.networks))
+    for network in entered.networks:
+        writer.str8(network)
+    return writer.getvalue()
+
+
+def decode_entered(body: bytes) -> Entered:
+    """``entered`` reply body."""
+    reader = BodyReader(body)
+    store = _read_store(reader)
+    has_distance, distance = reader.flag(), reader.u64()
+    if not has_distance and distance != 0:
+        raise DecodeError("distance_mm must be 0 when has_distance is 0")
+    tied = tuple(reader.str8() for _ in range(reader.u8()))
+    networks = tuple(reader.str8() for _ in range(reader.u8()))
+    reader.finish()
+    return Entered(store, distance if has_distance else None, tied, networks)
+
+
+# TOP_UP / balance ------------------------------------------------------------
+
+def encode_top_up(client_request_id: int, user: User, means_id: int, amount_minor: int,
+                  currency: str) -> bytes:
+    """``TOP_UP`` request body."""
+    return (BodyWriter().u128(client_request_id).user(user).u32(means_id).u64(amount_minor)
+            .ascii(currency, 3).getvalue())
+
+
+def _read_currency(reader: BodyReader) -> str:
+    raw = reader.take(3)
+    if raw == b"\x00\x00\x00":
+        return ""
+    try:
+        return raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise DecodeError(f"currency {raw!r} is not ASCII") from None
+
+
+def _write_currency(writer: BodyWriter, currency: str) -> None:
+    writer.raw(currency.encode("ascii") if currency else b"\x00\x00\x00", 3)
+
+
+def encode_balance(balance: Balance) -> bytes:
+    """``balance`` reply body."""
+    writer = BodyWriter().u64(balance.balance_minor).u64(balance.available_minor)
+    _write_currency(writer, balance.currency)
+    return writer.getvalue()
+
+
+def decode_balance(body: bytes) -> Balance:
+    """``balance`` reply body (``TOP_UP``)."""
+    reader = BodyReader(body)
+    balance = Balance(reader.u64(), reader.u64(), _read_currency(reader))
+    reader.finish()
+    return balance
+
+
+# WALLET / USABLE_METHODS -------------------------------------------------
+
+def _write_wallet_entry(writer: BodyWriter, entry: WalletEntry) -> None:
+    _write_means_entry(writer, entry.means)
+    balance = entry.balance or Balance(0, 0, "")
+    writer.u8(int(entry.balance is not None)).u64(balance.balance_minor)
+    writer.u64(balance.available_minor)
+    _write_currency(writer, balance.currency)
+
+
+def _read_wallet_entry(reader: BodyReader) -> WalletEntry:
+    means = _read_means_entry(reader)
+    has_balance, balance = reader.flag(), Balance(reader.u64(), reader.u64(),
+                                                  _read_currency(reader))
+    if not has_balance and balance != Balance(0, 0, ""):
+        raise DecodeError("balance fields must be zeros when has_balance is 0")
+    return WalletEntry(means, balance if has_balance else None)
+
+
+def encode_user_request(user: User) -> bytes:
+    """``WALLET`` request body: a ``user``."""
+    return BodyWriter().user(user).getvalue()
+
+
+encode_wallet = encode_user_request
+
+
+def encode_wallet_reply(entries: Sequence[WalletEntry]) -> bytes:
+    """``WALLET`` reply body."""
+    writer = BodyWriter().u8(len(entries))
+    for entry in entries:
+        _write_wallet_entry(writer, entry)
+    return writer.getvalue()
+
+
+def decode_wallet(body: bytes) -> List[WalletEntry]:
+    """``WALLET`` reply body."""
+    reader = BodyReader(body)
+    entries = [_read_wallet_entry(reader) for _ in range(reader.u8())]
+    reader.finish()
+    return entries
+
+
+def encode_usable_methods(user: User, store_id: str, best_by: int = BestBy.MOST_USED, *,
+                          validate: bool = True) -> bytes:
+    """``USABLE_METHODS`` request body (``best_by`` 0 or 1 unless ``validate``
+    is false)."""
+    if validate and best_by not in tuple(BestBy):
+        raise ValueError(f"best_by must be 0 or 1, got {best_by}")
+    return BodyWriter().user(user).str8(store_id).u8(best_by).getvalue()
+
+
+def encode_usable_methods_reply(reply: UsableMethods) -> bytes:
+    """``USABLE_METHODS`` reply body."""
+    writer = BodyWriter().str8(reply.store_id).u8(len(reply.methods))
+    for entry, usable in reply.methods:
+        _write_wallet_entry(writer, entry)
+        writer.u8(int(usable))
+    writer.u8(int(reply.best_means_id is not None)).u32(reply.best_means_id or 0)
+    writer.u8(len(reply.accepted))
+    for method in reply.accepted:
+        writer.u8(method.means_kind).str8(method.brand)
+    return writer.getvalue()
+
+
+def decode_usable_methods(body: bytes) -> UsableMethods:
+    """``USABLE_METHODS`` reply body."""
+    reader = BodyReader(body)
+    store_id = reader.str8()
+    methods = tuple((_read_wallet_entry(reader), reader.flag()) for _ in range(reader.u8()))
+    has_best, best = reader.flag(), reader.u32()
+    if not has_best and best != 0:
+        raise DecodeError("best_means_id must be 0 when has_best is 0")
+    accepted = tuple(AcceptedMethod(_maybe_enum(MeansKind, reader.u8()), reader.str8())
+                     for _ in range(reader.u8()))
+    reader.finish()
+    return UsableMethods(store_id, methods, best if has_best else None, accepted)
 
 
 # --------------------------------------------------------------------------
@@ -1794,6 +2409,45 @@ class SettlegateClient:
         """``SET_AGE_POLICY``; ``policy`` ``None`` clears the terminal's own policy."""
         body = encode_set_age_policy(client_request_id, provider_code, terminal_id, policy)
         _expect_empty(self.call(Op.SET_AGE_POLICY, body))
+
+    # -- stores and the wallet ------------------------------------------------
+
+    def upsert_store(self, client_request_id: int, store: "Store", *,
+                     validate: bool = True) -> None:
+        """``UPSERT_STORE``: add or replace a store."""
+        body = encode_upsert_store(client_request_id, store, validate=validate)
+        _expect_empty(self.call(Op.UPSERT_STORE, body))
+
+    def remove_store(self, client_request_id: int, store_id: str) -> None:
+        """``REMOVE_STORE``."""
+        _expect_empty(self.call(Op.REMOVE_STORE, encode_remove_store(client_request_id,
+                                                                     store_id)))
+
+    def store_at(self, latitude_e7: int, longitude_e7: int, radius_m: int) -> "Entered":
+        """``STORE_AT``: the nearest store within ``radius_m``."""
+        body = encode_store_at(latitude_e7, longitude_e7, radius_m)
+        return decode_entered(self.call(Op.STORE_AT, body))
+
+    def store_by_signal(self, signal: int, signal_id: Union[str, bytes]) -> "Entered":
+        """``STORE_BY_SIGNAL``: a beacon, Wi-Fi ID or QR poster payload."""
+        return decode_entered(self.call(Op.STORE_BY_SIGNAL,
+                                         encode_store_by_signal(signal, signal_id)))
+
+    def top_up(self, client_request_id: int, user: User, means_id: int, amount_minor: int,
+               currency: str) -> "Balance":
+        """``TOP_UP`` a stored-value means."""
+        body = encode_top_up(client_request_id, user, means_id, amount_minor, currency)
+        return decode_balance(self.call(Op.TOP_UP, body))
+
+    def usable_methods(self, user: User, store_id: str,
+                       best_by: int = 0) -> "UsableMethods":
+        """``USABLE_METHODS``."""
+        body = encode_usable_methods(user, store_id, best_by)
+        return decode_usable_methods(self.call(Op.USABLE_METHODS, body))
+
+    def wallet(self, user: User) -> List["WalletEntry"]:
+        """``WALLET``."""
+        return decode_wallet(self.call(Op.WALLET, encode_wallet(user)))
 
 
 def ok_body(frame: Frame) -> bytes:

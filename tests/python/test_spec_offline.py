@@ -6,6 +6,8 @@ byte by the encoder from the values its description states, and must decode
 back to those values.
 """
 
+import dataclasses
+import math
 import pathlib
 import re
 import unittest
@@ -43,6 +45,23 @@ EXAMPLE_BASKET = (sg.BasketItem("BEER-350", "alcohol", 2, 490),
 EXAMPLE_BASKET_REPLY = sg.BasketReply(
     sg.Approved("Z9Y8X7", 1, 1000, 50, 950, "JPY"),
     sg.AgeVerdict(sg.AgeCheck.FAILED, 1000, ("BEER-350",)))
+
+# The upsert-store-request example, as its description states it: store
+# `SHOP-0042`, at 35.6590500, 139.7006300, beacon, no Wi-Fi, plain poster,
+# accepting visa cards (kind 1, brand "visa") and any e-money (kind 2, "").
+EXAMPLE_STORE = sg.Store(
+    store_id="SHOP-0042", name="Demo Mart Shibuya",
+    latitude_e7=sg.degrees_to_e7(35.6590500), longitude_e7=sg.degrees_to_e7(139.7006300),
+    industry="5411", address="2-1 Dogenzaka, Shibuya", beacons=("beacon-0042",),
+    wifi_ids=(), qr_code=b"POSTER-0042",
+    accepted=(sg.AcceptedMethod(sg.MeansKind.CREDIT_CARD, "visa"),
+              sg.AcceptedMethod(sg.MeansKind.E_MONEY, "")))
+EXAMPLE_STORE_AT = (sg.degrees_to_e7(35.6595000), sg.degrees_to_e7(139.7005000), 200)
+EXAMPLE_ENTERED = sg.Entered(EXAMPLE_STORE, distance_mm=51_234, tied=(), networks=())
+# An independently published PromptPay (Thailand) payload: its CRC 42BE was
+# computed by another implementation.
+PROMPTPAY_PAYLOAD = ("00020101021229370016A0000006770101110113006680111111153037645802TH"
+                     "540520.15630442BE")
 
 
 def load_examples():
@@ -95,6 +114,12 @@ BUILDERS = {
             9, example_inherent_id(), EXAMPLE_BASKET, age_confirmation=True)),
     "authorize-basket-removed": lambda: response(
         sg.Op.AUTHORIZE_BASKET, 7, sg.encode_basket_reply(EXAMPLE_BASKET_REPLY)),
+    "upsert-store-request": lambda: sg.encode_frame(
+        sg.Op.UPSERT_STORE, 8, sg.encode_upsert_store(10, EXAMPLE_STORE)),
+    "store-at-request": lambda: sg.encode_frame(
+        sg.Op.STORE_AT, 9, sg.encode_store_at(*EXAMPLE_STORE_AT)),
+    "store-at-response": lambda: response(
+        sg.Op.STORE_AT, 9, sg.encode_entered(EXAMPLE_ENTERED)),
     "login-refused": lambda: response(
         sg.Op.LOGIN, 4, sg.encode_status_body(sg.StatusReply(
             sg.Status.REFUSED, reason=sg.Reason.WRONG_PASSWORD)), sg.Status.REFUSED),
@@ -422,7 +447,8 @@ class BodyCodecTest(unittest.TestCase):
     def test_all_reason_codes_defined(self):
         self.assertEqual(sorted(int(r) for r in sg.Reason),
                          list(range(1, 13)) + [20, 21, 22, 23, 30, 31, 40]
-                         + list(range(50, 63)) + [70, 71, 72, 73])
+                         + list(range(50, 63)) + [70, 71, 72, 73]
+                         + list(range(80, 91)))
 
     def test_reason_codes_match_section_6_table(self):
         text = PROTOCOL_MD.read_text(encoding="utf-8")
@@ -572,15 +598,20 @@ class AgeCodecTest(unittest.TestCase):
                 self.assertEqual(request, sg.BasketRequest(2**128 - 1, self.RECORD,
                                                            int(flag), items))
 
+    @staticmethod
+    def distinct_items(count):
+        """``count`` items with distinct IDs (duplicates are reason 71)."""
+        return [sg.BasketItem(f"ITEM-{index}", "", 1, 100) for index in range(count)]
+
     def test_basket_item_count_bounds(self):
         for count in (1, 256):
             with self.subTest(count=count):
-                items = [self.ITEM] * count
+                items = self.distinct_items(count)
                 body = sg.encode_authorize_basket(1, self.RECORD, items)
                 self.assertEqual(len(sg.decode_authorize_basket(body).items), count)
         for count in (0, 257):
             with self.subTest(count=count):
-                items = [self.ITEM] * count
+                items = self.distinct_items(count)
                 with self.assertRaises(ValueError):
                     sg.encode_authorize_basket(1, self.RECORD, items)
                 with self.assertRaises(sg.DecodeError):
@@ -613,8 +644,19 @@ class AgeCodecTest(unittest.TestCase):
                 with self.assertRaises(sg.DecodeError):
                     sg.decode_authorize_basket(self.basket_body([item]))
 
+    def test_basket_duplicate_item_ids_refused(self):
+        # Item IDs must be unique within a basket (the server declines 71).
+        items = [sg.BasketItem("SAME", "", 1, 100), sg.BasketItem("SAME", "alcohol", 2, 5)]
+        with self.assertRaises(ValueError):
+            sg.encode_authorize_basket(1, self.RECORD, items)
+        with self.assertRaises(sg.DecodeError):
+            sg.decode_authorize_basket(self.basket_body(items))
+        # Not a parse error: without validation both ends take it.
+        self.assertEqual(len(sg.decode_authorize_basket(self.basket_body(items),
+                                                        validate=False).items), 2)
+
     def test_basket_body_truncated(self):
-        body = sg.encode_authorize_basket(1, self.RECORD, [self.ITEM, self.ITEM])
+        body = sg.encode_authorize_basket(1, self.RECORD, self.distinct_items(2))
         for cut in (1, 8, 9, len(body) - 1):
             with self.subTest(cut=cut):
                 with self.assertRaises(sg.DecodeError):
@@ -708,6 +750,385 @@ class AgeCodecTest(unittest.TestCase):
     def test_new_opcodes(self):
         self.assertEqual((sg.Op.AUTHORIZE_BASKET, sg.Op.REGISTER_AGE, sg.Op.SET_AGE_POLICY),
                          (0x0031, 0x0040, 0x0041))
+
+
+class StoreExamplesTest(unittest.TestCase):
+    """Section 7: the upsert-store, store-at examples decode back."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.examples = load_examples()
+
+    def example(self, name):
+        """The bytes of example ``name``."""
+        self.assertIn(name, self.examples, f"example {name} missing from PROTOCOL.md")
+        return self.examples[name][1]
+
+    def test_new_examples_present(self):
+        for name in ("upsert-store-request", "store-at-request", "store-at-response"):
+            with self.subTest(example=name):
+                self.assertIn(name, self.examples)
+
+    def test_upsert_store_request_decodes(self):
+        frame = sg.decode_frame(self.example("upsert-store-request"))
+        self.assertEqual((frame.opcode, frame.status, frame.request_id, frame.flags),
+                         (sg.Op.UPSERT_STORE, 0, 8, 0))
+        self.assertEqual(sg.decode_upsert_store(frame.body), (10, EXAMPLE_STORE))
+        sg.validate_store(EXAMPLE_STORE)
+
+    def test_upsert_store_coordinates_are_e7(self):
+        body = sg.decode_frame(self.example("upsert-store-request")).body
+        _, store = sg.decode_upsert_store(body)
+        self.assertEqual((store.latitude_e7, store.longitude_e7), (356_590_500, 1_397_006_300))
+        offset = 16 + sum(1 + len(text) for text in (
+            "SHOP-0042", "Demo Mart Shibuya", "5411", "2-1 Dogenzaka, Shibuya"))
+        self.assertEqual(body[offset:offset + 8], bytes.fromhex("154123a453449fdc"))
+
+    def test_store_at_request_decodes(self):
+        frame = sg.decode_frame(self.example("store-at-request"))
+        self.assertEqual((frame.opcode, frame.request_id), (sg.Op.STORE_AT, 9))
+        self.assertEqual(sg.decode_store_at(frame.body), EXAMPLE_STORE_AT)
+
+    def test_store_at_response_decodes(self):
+        frame = sg.decode_frame(self.example("store-at-response"), require_response=True)
+        self.assertEqual((frame.opcode, frame.status, frame.request_id),
+                         (sg.Op.STORE_AT, sg.Status.OK, 9))
+        self.assertEqual(sg.decode_entered(frame.body), EXAMPLE_ENTERED)
+
+    def test_store_at_response_carries_the_requested_store(self):
+        request = sg.decode_frame(self.example("upsert-store-request")).body[16:]
+        answer = sg.decode_frame(self.example("store-at-response")).body
+        self.assertEqual(answer[:len(request)], request)
+        self.assertEqual(answer[len(request):], bytes.fromhex("01 000000000000c822 00 00"))
+
+    def test_example_distance_matches_great_circle(self):
+        lat, lon, _ = EXAMPLE_STORE_AT
+        ours = sg.great_circle_m(lat, lon, EXAMPLE_STORE.latitude_e7, EXAMPLE_STORE.longitude_e7)
+        self.assertAlmostEqual(ours, EXAMPLE_ENTERED.distance_mm / 1000, delta=1.0)
+
+
+class Crc16AndMpmTest(unittest.TestCase):
+    """Section 5: the EMVCo merchant-presented payload and CRC-16/CCITT-FALSE."""
+
+    def test_crc16_check_value(self):
+        self.assertEqual(sg.crc16_ccitt_false(b"123456789"), 0x29B1)
+        self.assertEqual(sg.crc16_ccitt_false(b""), 0xFFFF)
+        self.assertEqual(sg.crc16_ccitt_false("123456789"), 0x29B1)
+
+    def test_crc16_against_bitwise_definition(self):
+        # An independent (table-driven) formulation of the same CRC.
+        table = []
+        for byte in range(256):
+            crc = byte << 8
+            for _ in range(8):
+                crc = ((crc << 1) ^ 0x1021) & 0xFFFF if crc & 0x8000 else (crc << 1) & 0xFFFF
+            table.append(crc)
+
+        def table_crc(data):
+            crc = 0xFFFF
+            for byte in data:
+                crc = ((crc << 8) & 0xFFFF) ^ table[((crc >> 8) ^ byte) & 0xFF]
+            return crc
+
+        for data in (b"", b"A", b"000201", bytes(range(256)), PROMPTPAY_PAYLOAD.encode()):
+            with self.subTest(data=data[:12]):
+                self.assertEqual(sg.crc16_ccitt_false(data), table_crc(data))
+
+    def test_promptpay_payload_published_crc(self):
+        self.assertEqual(sg.crc16_ccitt_false(PROMPTPAY_PAYLOAD[:-4]), 0x42BE)
+        objects, networks = sg.parse_mpm(PROMPTPAY_PAYLOAD)
+        self.assertEqual([tag for tag, _ in objects], ["00", "01", "29", "53", "58", "54", "63"])
+        self.assertEqual(dict(objects)["63"], "42BE")
+        self.assertEqual(networks, ["A000000677010111"])
+        self.assertEqual(sg.mpm_with_crc(PROMPTPAY_PAYLOAD[:-8]), PROMPTPAY_PAYLOAD)
+
+    def test_build_and_check_payload(self):
+        payload = sg.build_merchant_mpm(["jp.or.paypay", "A000000677010111"],
+                                        name="PY SPEC SHOP", city="TOKYO")
+        self.assertTrue(payload.startswith("000201"))
+        self.assertTrue(sg.is_mpm(payload) and sg.is_mpm(payload.encode()))
+        self.assertEqual(payload[-8:-4], "6304")
+        self.assertRegex(payload[-4:], r"^[0-9A-F]{4}$")
+        self.assertEqual(int(payload[-4:], 16), sg.crc16_ccitt_false(payload[:-4]))
+        objects, networks = sg.parse_mpm(payload)
+        self.assertEqual(networks, ["jp.or.paypay", "A000000677010111"])
+        self.assertEqual(dict(objects)["59"], "PY SPEC SHOP")
+        # every network template has its sub-object 00
+        for tag, value in objects:
+            if 26 <= int(tag) <= 51:
+                self.assertEqual(sg.parse_tlv(value)[0][0], "00")
+
+    def test_build_mpm_objects(self):
+        payload = sg.build_mpm([("01", "11"), (26, sg.mpm_object("00", "com.example"))])
+        self.assertEqual(payload[:-4], "000201010211261500" + "11com.example" + "6304")
+        self.assertEqual(sg.mpm_networks(payload), ["com.example"])
+
+    def test_templates_outside_26_to_51_name_no_network(self):
+        sub = sg.mpm_object("00", "com.example")
+        payload = sg.build_mpm([(25, sub), (52, "5411"), (62, sub), (51, sub)])
+        self.assertEqual(sg.mpm_networks(payload), ["com.example"])
+
+    def test_bad_payloads(self):
+        good = sg.build_merchant_mpm(["jp.or.paypay"])
+        wrong_crc = f"{(int(good[-4:], 16) ^ 1):04X}"
+        cases = {
+            "wrong CRC": good[:-4] + wrong_crc,
+            "lower-case CRC": good[:-4] + "abcd" if good[-4:] != "ABCD" else good[:-4] + "abce",
+            "CRC of PromptPay flipped": PROMPTPAY_PAYLOAD[:-1] + "F",
+            "no CRC object": good[:-8],
+            "CRC object not last": good + "0000",
+            "short CRC": good[:-8] + "63033AB",
+            "length runs past the end": good[:-8].replace("5204", "5299", 1) + "6304",
+            "non-digit length": "0002010" + "1X2" + "6304" + "0000",
+            "too long": sg.build_mpm([("01", "11")] + [("62", "x" * 99)] * 5),
+            "non-ASCII": "000201" + "5904ショップ" + "63040000",
+        }
+        for label, payload in cases.items():
+            with self.subTest(label):
+                with self.assertRaises(sg.MpmError):
+                    sg.parse_mpm(payload)
+        self.assertEqual(sg.parse_mpm(PROMPTPAY_PAYLOAD.lower().upper())[1],
+                         ["A000000677010111"])
+
+    def test_too_long_payload_is_over_512(self):
+        payload = sg.build_mpm([("01", "11")] + [("62", "x" * 99)] * 5)
+        self.assertGreater(len(payload), sg.MPM_MAX)
+        self.assertEqual(int(payload[-4:], 16), sg.crc16_ccitt_false(payload[:-4]))
+
+    def test_store_with_bad_mpm_poster_fails_validation(self):
+        good = sg.build_merchant_mpm(["jp.or.paypay"])
+        store = dataclasses.replace(EXAMPLE_STORE, qr_code=good.encode())
+        sg.validate_store(store)
+        bad = dataclasses.replace(store, qr_code=(good[:-4] + "0000").encode())
+        with self.assertRaises(sg.MpmError):
+            sg.validate_store(bad)
+
+
+class StoreCodecTest(unittest.TestCase):
+    """Section 5: store and wallet codecs, limits, negative cases."""
+
+    USER = sg.User.mail("taro@example.jp")
+
+    def test_new_opcodes(self):
+        self.assertEqual([int(op) for op in (
+            sg.Op.UPSERT_STORE, sg.Op.REMOVE_STORE, sg.Op.STORE_AT, sg.Op.STORE_BY_SIGNAL,
+            sg.Op.TOP_UP, sg.Op.USABLE_METHODS, sg.Op.WALLET)], list(range(0x50, 0x57)))
+
+    def test_stores_permission_bit(self):
+        self.assertEqual(sg.Permission.STORES, 0x8)
+        text = PROTOCOL_MD.read_text(encoding="utf-8")
+        self.assertRegex(text, r"\| 3 \(`0x8`\) \| `stores` \| `UPSERT_STORE`, `REMOVE_STORE` \|")
+
+    def test_store_round_trip(self):
+        store = sg.Store("~" * 32, "名" * 21, -900_000_000, 1_800_000_000, "i" * 32, "a" * 128,
+                         tuple(f"{index:x}" * 4 for index in range(16)),
+                         ("AA:BB:CC:DD:EE:FF",), b"!" * 512,
+                         tuple(sg.AcceptedMethod(kind, "") for kind in sg.MeansKind))
+        sg.validate_store(store)
+        self.assertEqual(sg.decode_store(sg.encode_store(store)), store)
+        minimal = sg.Store("S", "N", 0, -1_800_000_000)
+        self.assertEqual(sg.decode_store(sg.encode_store(minimal)), minimal)
+        self.assertEqual(sg.encode_store(minimal),
+                         b"\x01S\x01N\x00\x00" + bytes(4) + bytes.fromhex("94b62e00")
+                         + b"\x00\x00\x00\x00\x00")
+
+    def test_negative_coordinates_are_twos_complement(self):
+        body = sg.encode_store_at(-1, -1_800_000_000, 1)
+        self.assertEqual(body, bytes.fromhex("ffffffff 94b62e00 00000001"))
+        self.assertEqual(sg.decode_store_at(body), (-1, -1_800_000_000, 1))
+
+    def test_store_limits(self):
+        base = sg.Store("S-1", "Name", 0, 0)
+        bad = {
+            "empty store ID": dict(store_id=""),
+            "33-byte store ID": dict(store_id="S" * 33),
+            "space in store ID": dict(store_id="S 1"),
+            "empty name": dict(name=""),
+            "65-byte name": dict(name="n" * 65),
+            "control char in name": dict(name="a\nb"),
+            "33-byte industry": dict(industry="i" * 33),
+            "129-byte address": dict(address="a" * 129),
+            "latitude 90.0000001": dict(latitude_e7=900_000_001),
+            "latitude -90.0000001": dict(latitude_e7=-900_000_001),
+            "longitude 180.0000001": dict(longitude_e7=1_800_000_001),
+            "17 beacons": dict(beacons=tuple(f"B{index}" for index in range(17))),
+            "17 Wi-Fi IDs": dict(wifi_ids=tuple(f"W{index}" for index in range(17))),
+            "empty beacon": dict(beacons=("",)),
+            "65-byte beacon": dict(beacons=("b" * 65,)),
+            "space in Wi-Fi ID": dict(wifi_ids=("AA BB",)),
+            "513-byte plain poster": dict(qr_code=b"Q" * 513),
+            "space in plain poster": dict(qr_code=b"POSTER 1"),
+            "17 accepted methods": dict(accepted=(sg.AcceptedMethod(1, ""),) * 17),
+            "33-byte brand": dict(accepted=(sg.AcceptedMethod(1, "b" * 33),)),
+            "means kind 0": dict(accepted=(sg.AcceptedMethod(0, ""),)),
+            "means kind 5": dict(accepted=(sg.AcceptedMethod(5, ""),)),
+        }
+        for label, changes in bad.items():
+            with self.subTest(label):
+                store = dataclasses.replace(base, **changes)
+                with self.assertRaises(ValueError):
+                    sg.validate_store(store)
+                with self.assertRaises(ValueError):
+                    sg.encode_upsert_store(1, store)
+                # without validation it is still encodable (to test the server)
+                body = sg.encode_upsert_store(1, store, validate=False)
+                self.assertEqual(sg.decode_upsert_store(body), (1, store))
+
+    def test_store_limits_edges_accepted(self):
+        base = sg.Store("S-1", "Name", 0, 0)
+        for label, changes in {
+                "latitude 90": dict(latitude_e7=900_000_000),
+                "latitude -90": dict(latitude_e7=-900_000_000),
+                "longitude -180": dict(longitude_e7=-1_800_000_000),
+                "16 beacons and Wi-Fi IDs": dict(
+                    beacons=tuple(f"B{index}" for index in range(16)),
+                    wifi_ids=tuple(f"W{index}" for index in range(16))),
+                "16 accepted": dict(accepted=(sg.AcceptedMethod(2, "x"),) * 16),
+                "64-byte beacon": dict(beacons=("b" * 64,)),
+                "32-byte brand": dict(accepted=(sg.AcceptedMethod(1, "b" * 32),)),
+                "MPM poster": dict(qr_code=PROMPTPAY_PAYLOAD.encode())}.items():
+            with self.subTest(label):
+                sg.validate_store(dataclasses.replace(base, **changes))
+
+    def test_store_decode_rejects_truncation(self):
+        body = sg.encode_upsert_store(10, EXAMPLE_STORE)
+        for cut in (1, 2, 5, 20, len(body) - 17):
+            with self.subTest(cut=cut):
+                with self.assertRaises(sg.DecodeError):
+                    sg.decode_upsert_store(body[:-cut])
+        with self.assertRaises(sg.DecodeError):
+            sg.decode_upsert_store(body + b"\x00")
+
+    def test_store_by_signal_layout(self):
+        body = sg.encode_store_by_signal(sg.Signal.WIFI, "AA:BB")
+        self.assertEqual(body, b"\x02\x00\x05AA:BB")
+        self.assertEqual(sg.decode_store_by_signal(body), (sg.Signal.WIFI, b"AA:BB"))
+        long_payload = "0" * 300
+        body = sg.encode_store_by_signal(sg.Signal.QR_POSTER, long_payload)
+        self.assertEqual(body[:3], b"\x03\x01\x2c")
+
+    def test_bad_signal_byte(self):
+        for signal in (0, 4, 255):
+            with self.subTest(signal=signal):
+                with self.assertRaises(ValueError):
+                    sg.encode_store_by_signal(signal, "X")
+                body = sg.encode_store_by_signal(signal, "X", validate=False)
+                with self.assertRaises(sg.DecodeError):
+                    sg.decode_store_by_signal(body)
+
+    def test_entered_round_trip(self):
+        for entered in (
+                EXAMPLE_ENTERED,
+                sg.Entered(EXAMPLE_STORE, 0, ("SHOP-0043", "SHOP-0044"), ()),
+                sg.Entered(EXAMPLE_STORE, None, (), ("jp.or.paypay", "A000000677010111"))):
+            with self.subTest(entered=entered):
+                self.assertEqual(sg.decode_entered(sg.encode_entered(entered)), entered)
+
+    def test_entered_rejects_distance_without_flag(self):
+        body = bytearray(sg.encode_entered(sg.Entered(EXAMPLE_STORE, None)))
+        body[-3] = 1  # distance low byte with has_distance 0
+        with self.assertRaises(sg.DecodeError):
+            sg.decode_entered(bytes(body))
+        body = bytearray(sg.encode_entered(sg.Entered(EXAMPLE_STORE, None)))
+        body[-11] = 2  # has_distance 2
+        with self.assertRaises(sg.DecodeError):
+            sg.decode_entered(bytes(body))
+
+    def test_top_up_layout(self):
+        body = sg.encode_top_up(3, self.USER, 7, 10 ** 12, "JPY")
+        expected = (sg.BodyWriter().u128(3).user(self.USER).u32(7).u64(10 ** 12).raw(b"JPY")
+                    .getvalue())
+        self.assertEqual(body, expected)
+        with self.assertRaises(ValueError):
+            sg.encode_top_up(3, self.USER, 7, 1, "JPYX")
+
+    def test_balance_round_trip(self):
+        balance = sg.Balance(1000, 950, "JPY")
+        body = sg.encode_balance(balance)
+        self.assertEqual(body, bytes.fromhex("00000000000003e8 00000000000003b6") + b"JPY")
+        self.assertEqual(sg.decode_balance(body), balance)
+
+    def entry(self, means_id, kind=sg.MeansKind.E_MONEY, label="Suica"):
+        """A wallet's means entry."""
+        return sg.MeansEntry(means_id, kind, means_id == 1, label, "", bytes(16), 2,
+                             1_700_000_100_000, 1_700_000_000_000)
+
+    def test_wallet_round_trip(self):
+        entries = [
+            sg.WalletEntry(self.entry(1, sg.MeansKind.CREDIT_CARD, "visa ****1111"), None),
+            sg.WalletEntry(self.entry(2), sg.Balance(0, 0, "")),      # never topped up
+            sg.WalletEntry(self.entry(3), sg.Balance(5000, 4000, "JPY")),
+        ]
+        body = sg.encode_wallet_reply(entries)
+        self.assertEqual(sg.decode_wallet(body), entries)
+        self.assertEqual(sg.decode_wallet(b"\x00"), [])
+        self.assertEqual(sg.encode_wallet(self.USER), b"\x01\x0ftaro@example.jp")
+
+    def test_wallet_entry_extends_list_means_entry(self):
+        means = self.entry(3)
+        listed = sg.encode_list_means_reply([means])
+        wallet = sg.encode_wallet_reply([sg.WalletEntry(means, sg.Balance(5, 4, "JPY"))])
+        self.assertEqual(wallet[:len(listed)], listed)
+        self.assertEqual(wallet[len(listed):], b"\x01" + (5).to_bytes(8, "big")
+                         + (4).to_bytes(8, "big") + b"JPY")
+
+    def test_wallet_rejects_balance_without_flag(self):
+        body = bytearray(sg.encode_wallet_reply([sg.WalletEntry(self.entry(1), None)]))
+        body[-4] = 9  # available_minor low byte, has_balance 0
+        with self.assertRaises(sg.DecodeError):
+            sg.decode_wallet(bytes(body))
+
+    def test_usable_methods_layout(self):
+        body = sg.encode_usable_methods(self.USER, "SHOP-1", sg.BestBy.LARGEST_BALANCE)
+        self.assertEqual(body, b"\x01\x0ftaro@example.jp\x06SHOP-1\x01")
+
+    def test_bad_best_by(self):
+        for best_by in (2, 255):
+            with self.subTest(best_by=best_by):
+                with self.assertRaises(ValueError):
+                    sg.encode_usable_methods(self.USER, "S", best_by)
+                self.assertEqual(sg.encode_usable_methods(self.USER, "S", best_by,
+                                                          validate=False)[-1], best_by)
+
+    def test_usable_methods_round_trip(self):
+        card = sg.WalletEntry(self.entry(1, sg.MeansKind.CREDIT_CARD, "visa ****1111"), None)
+        suica = sg.WalletEntry(self.entry(2), sg.Balance(500, 500, "JPY"))
+        replies = [
+            sg.UsableMethods("SHOP-1", ((card, True), (suica, False)), 1, ()),
+            sg.UsableMethods("SHOP-1", ((card, False),), None,
+                             (sg.AcceptedMethod(sg.MeansKind.E_MONEY, "suica"),
+                              sg.AcceptedMethod(sg.MeansKind.QR_CODE, ""))),
+            sg.UsableMethods("SHOP-2", (), None, ()),
+        ]
+        for reply in replies:
+            with self.subTest(reply=reply):
+                body = sg.encode_usable_methods_reply(reply)
+                self.assertEqual(sg.decode_usable_methods(body), reply)
+        self.assertEqual(replies[0].usable_ids, [1])
+
+    def test_usable_methods_rejects_bad_bytes(self):
+        reply = sg.UsableMethods("S", (), None, ())
+        body = sg.encode_usable_methods_reply(reply)
+        self.assertEqual(body, b"\x01S\x00\x00\x00\x00\x00\x00\x00")
+        for label, bad in {"best id without has_best": b"\x01S\x00\x00\x00\x00\x00\x07\x00",
+                           "has_best 2": b"\x01S\x00\x02\x00\x00\x00\x01\x00",
+                           "trailing byte": body + b"\x00",
+                           "truncated": body[:-1]}.items():
+            with self.subTest(label):
+                with self.assertRaises(sg.DecodeError):
+                    sg.decode_usable_methods(bad)
+
+    def test_great_circle(self):
+        # a quarter of the equator, a degree of latitude, across the antimeridian
+        self.assertAlmostEqual(sg.great_circle_m(0, 0, 0, 900_000_000),
+                               math.pi / 2 * sg.EARTH_RADIUS_M, places=3)
+        self.assertAlmostEqual(sg.great_circle_m(0, 0, 10_000_000, 0),
+                               math.pi / 180 * sg.EARTH_RADIUS_M, places=3)
+        self.assertAlmostEqual(sg.great_circle_m(0, 1_799_999_000, 0, -1_799_999_000),
+                               sg.great_circle_m(0, 0, 0, 2_000), places=6)
+        self.assertAlmostEqual(sg.great_circle_m(899_999_000, 0, 899_999_000, 1_800_000_000),
+                               sg.great_circle_m(0, 0, 2_000, 0), places=6)
+        self.assertEqual(sg.degrees_to_e7(-45.1234567), -451_234_567)
 
 
 if __name__ == "__main__":
