@@ -46,6 +46,8 @@ pub struct EngineConfig {
     pub durability: DurabilityConfig,
     /// Age rules and the default store age policy (A1–A3).
     pub age: AgeConfig,
+    /// The issuer number payment codes and coupons carry (C2).
+    pub code_issuer: u16,
 }
 
 /// Vault key source. `SETTLEGATE_VAULT_KEY` in the environment overrides `key_hex`; with
@@ -95,6 +97,7 @@ impl Default for EngineConfig {
             providers: Vec::new(),
             durability: DurabilityConfig::default(),
             age: AgeConfig::default(),
+            code_issuer: 1,
         }
     }
 }

@@ -10,6 +10,7 @@
 //! - `shard`: actix actors, each owning a slice of users, applying commands in order;
 //! - [`providers`]: providers, terminal lists and services, and the adapters behind them;
 //! - [`geo`] and [`emvqr`]: stores, the store-geo index and QR posters (W1–W2);
+//! - [`codes`]: payment codes and coupons, their format and tags (C1–C5, T1);
 //! - [`age`]: age registrations, rules per jurisdiction and the basket check (A1–A3);
 //! - [`vault`] and [`password`]: the only places a card number or password is handled;
 //! - [`engine`]: the facade that routes requests through all of the above.
@@ -17,6 +18,7 @@
 
 pub mod age;
 pub mod clock;
+pub mod codes;
 pub mod config;
 pub mod emvqr;
 pub mod engine;
@@ -39,16 +41,19 @@ pub use age::{AgeCheck, AgePolicy, AgeRecord, AgeVerdict, Basket, BasketItem, On
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{EngineConfig, ProviderConfig};
 pub use engine::{
-    AuthorizeRequest, BasketOutcome, BestBy, DeviceCredential, Engine, EnrollRequest, EnteredStore,
-    MeansAdded, MeansOrder, MethodAtStore, UsableMethods, UsableQuery,
+    AuthorizeRequest, BasketOutcome, BestBy, CodeOutcome, DeviceCredential, Engine, EnrollRequest,
+    EnteredStore, IssueCodeRequest, MeansAdded, MeansOrder, MethodAtStore, RedeemRequest,
+    UsableMethods, UsableQuery,
 };
 pub use error::EngineError;
 pub use geo::{AcceptedMethod, Signal, Store};
 pub use inherent::InherentId;
 pub use keys::DeviceKey;
 pub use means::MeansInput;
-pub use notices::Notice;
+pub use notices::{DeliveryNotice, DeviceMessage, Notice};
 pub use providers::{TerminalConfirmation, TerminalEntry};
 pub use settlegate_adapters as adapters;
-pub use shard::state::{Balance, MeansView};
+pub use shard::state::{
+    Balance, CodeSpec, CodeState, IssuedCode, IssuedCoupon, MeansView, Redemption,
+};
 pub use types::*;

@@ -65,6 +65,18 @@ pub const STORES_PER_SHARD_MAX: usize = 4_000_000;
 pub const STORE_RADIUS_MAX_M: u32 = 50_000;
 /// Largest stored-value balance, minor units.
 pub const BALANCE_MAX_MINOR: u64 = 1_000_000_000_000;
+/// Uses of one coupon at most.
+pub const COUPON_USES_MAX: u32 = 1_000;
+/// Users one coupon request may name.
+pub const COUPON_USERS_MAX: usize = 1_000;
+/// Shortest and longest validity of a payment code, ms.
+pub const CODE_VALIDITY_MIN_MS: i64 = 10_000;
+/// Longest validity of a payment code (its hold): 7 days.
+pub const CODE_VALIDITY_MAX_MS: i64 = 7 * 86_400_000;
+/// Longest order reference of a cash-on-delivery code.
+pub const ORDER_REF_LEN_MAX: usize = 32;
+/// Items in a redemption's sales information.
+pub const SALE_ITEMS_MAX: usize = 256;
 /// Batches at or above this size are verified on the rayon pool, smaller ones inline.
 pub const VERIFY_PARALLEL_MIN: usize = 32;
 

@@ -25,10 +25,38 @@ pub struct Notice {
     pub at_ms: i64,
 }
 
-/// Subscriptions by user.
+/// A cash-on-delivery notice: a merchant tells the user a parcel is on its way and what is
+/// due at the door (C4).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryNotice {
+    /// The user.
+    pub user: UserKey,
+    /// The merchant's order reference (a code issued for it must name it).
+    pub order_ref: String,
+    /// The amount due.
+    pub amount_minor: u64,
+    /// Its currency.
+    pub currency: crate::types::Currency,
+    /// The merchant, for display.
+    pub merchant: String,
+}
+
+/// What reaches one device (C2, C4, C5).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceMessage {
+    /// A payment code issued to this device.
+    Code(crate::shard::state::IssuedCode),
+    /// A coupon issued to the device's user.
+    Coupon(crate::shard::state::IssuedCoupon),
+    /// A cash-on-delivery notice for the device's user.
+    Delivery(DeliveryNotice),
+}
+
+/// Subscriptions by user, and by device.
 #[derive(Default)]
 pub(crate) struct Notices {
     channels: DashMap<UserKey, broadcast::Sender<Notice>>,
+    devices: DashMap<crate::types::Idm, broadcast::Sender<DeviceMessage>>,
 }
 
 impl Notices {
@@ -37,6 +65,25 @@ impl Notices {
             .entry(user.clone())
             .or_insert_with(|| broadcast::channel(NOTICE_BUFFER).0)
             .subscribe()
+    }
+
+    pub(crate) fn subscribe_device(
+        &self,
+        idm: crate::types::Idm,
+    ) -> broadcast::Receiver<DeviceMessage> {
+        self.devices.entry(idm).or_insert_with(|| broadcast::channel(NOTICE_BUFFER).0).subscribe()
+    }
+
+    /// Sends `message` to a device; returns whether anyone was listening.
+    pub(crate) fn publish_device(&self, idm: crate::types::Idm, message: DeviceMessage) -> bool {
+        let delivered = match self.devices.get(&idm) {
+            None => return false,
+            Some(sender) => sender.send(message).is_ok(),
+        };
+        if !delivered {
+            self.devices.remove_if(&idm, |_, sender| sender.receiver_count() == 0);
+        }
+        delivered
     }
 
     pub(crate) fn publish(&self, notice: Notice) {

@@ -192,11 +192,33 @@ pub enum ReasonCode {
     InvalidPosition = 89,
     /// A stored-value payment or top-up in another currency than the purse's.
     CurrencyMismatch = 90,
+    /// The text is not a settlegate code (prefix, length, alphabet, kind).
+    InvalidCode = 100,
+    /// The code's tag does not verify: forged, altered, or issued by another engine.
+    ForgedCode = 101,
+    /// No such code or coupon was issued here.
+    UnknownCode = 102,
+    /// The code or coupon has expired.
+    CodeExpired = 103,
+    /// The code was redeemed already.
+    CodeRedeemed = 104,
+    /// The sales information does not match the code (issuer, number, currency, order).
+    CodeMismatch = 105,
+    /// The sale (less any coupon) is above the authorized amount.
+    AmountAboveAuthorized = 106,
+    /// The coupon has no uses left.
+    CouponUsedUp = 107,
+    /// The coupon was issued to another user, or is of another currency than the sale.
+    CouponNotApplicable = 108,
+    /// A coupon's effect, uses or expiry is invalid.
+    InvalidCoupon = 109,
+    /// A code's validity is out of range (10 s to 7 days), or its order reference too long.
+    InvalidCodeRequest = 110,
 }
 
 impl ReasonCode {
     /// Every reason code, in numeric order.
-    pub const ALL: [ReasonCode; 47] = [
+    pub const ALL: [ReasonCode; 58] = [
         ReasonCode::Malformed,
         ReasonCode::UnknownDevice,
         ReasonCode::ForgedTag,
@@ -244,6 +266,17 @@ impl ReasonCode {
         ReasonCode::TooManyStores,
         ReasonCode::InvalidPosition,
         ReasonCode::CurrencyMismatch,
+        ReasonCode::InvalidCode,
+        ReasonCode::ForgedCode,
+        ReasonCode::UnknownCode,
+        ReasonCode::CodeExpired,
+        ReasonCode::CodeRedeemed,
+        ReasonCode::CodeMismatch,
+        ReasonCode::AmountAboveAuthorized,
+        ReasonCode::CouponUsedUp,
+        ReasonCode::CouponNotApplicable,
+        ReasonCode::InvalidCoupon,
+        ReasonCode::InvalidCodeRequest,
     ];
 
     /// The wire value.

@@ -9,14 +9,17 @@ use rustc_hash::FxHashMap;
 use super::idempotency::{IdemKey, IdemState, Idempotency, Seen};
 use super::replay::ReplayWindow;
 use crate::age::{self, AgePolicy, AgeRecord, AgeRegistration, AgeRules, AgeVerdict, Basket};
+use crate::codes::{issue_number, CodeKey, CodeKind, CodePayload, CouponEffect};
 use crate::geo::{Candidate, Store, StoreDirectory, StoreIndex};
 use crate::keys::{DeviceIndex, DeviceKey, Verified};
 use crate::limits::{
-    BALANCE_MAX_MINOR, DEVICES_PER_USER_MAX, MEANS_PER_USER_MAX, STORES_PER_SHARD_MAX,
+    BALANCE_MAX_MINOR, COUPON_USES_MAX, DEVICES_PER_USER_MAX, MEANS_PER_USER_MAX,
+    STORES_PER_SHARD_MAX,
 };
 use crate::providers::{Registry, TerminalEntry};
 use crate::types::{
-    AuthOutcome, CardToken, ClientRequestId, Currency, Idm, MeansKind, ReasonCode, UserKey,
+    AuthCode, AuthOutcome, CardToken, ClientRequestId, Currency, Idm, MeansKind, ReasonCode,
+    UserKey,
 };
 use crate::vault::{SealedNumber, Vault};
 
@@ -28,6 +31,8 @@ pub(crate) struct Shared {
     pub(crate) registry: Arc<Registry>,
     pub(crate) age: Arc<AgeRules>,
     pub(crate) stores: Arc<StoreDirectory>,
+    pub(crate) codes: Arc<CodeKey>,
+    pub(crate) code_issuer: u16,
 }
 
 /// The parts of the engine config a shard applies.
@@ -93,13 +98,30 @@ pub(crate) struct StoredMeans {
 pub(crate) struct Purse {
     pub(crate) balance_minor: u64,
     pub(crate) currency: Option<Currency>,
-    pub(crate) holds: Vec<(IdemKey, u64)>,
+    pub(crate) holds: Vec<PurseHold>,
+}
+
+/// An amount held on a purse: for a payment with its provider (no expiry), or behind an issued
+/// payment code (until the code expires).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PurseHold {
+    pub(crate) key: IdemKey,
+    pub(crate) amount_minor: u64,
+    pub(crate) expires_ms: i64,
+}
+
+/// The key of the purse hold behind payment code `number`.
+pub(crate) fn code_hold_key(number: u64) -> IdemKey {
+    (u64::MAX, u128::from(number))
 }
 
 impl Purse {
     /// The balance less every hold.
-    pub(crate) fn available_minor(&self) -> u64 {
-        let held: u64 = self.holds.iter().map(|(_, amount)| amount).sum();
+    /// The balance less every hold still in force at `now_ms` (a code's hold past its expiry
+    /// counts for nothing, even before the sweeper releases it).
+    pub(crate) fn available_minor(&self, now_ms: i64) -> u64 {
+        let held: u64 =
+            self.holds.iter().filter(|h| h.expires_ms > now_ms).map(|h| h.amount_minor).sum();
         self.balance_minor.saturating_sub(held)
     }
 }
@@ -149,6 +171,134 @@ pub(crate) struct Dispatch {
     pub(crate) currency: Currency,
     /// The basket's age verdict, for a payment made with a basket.
     pub(crate) verdict: Option<Box<AgeVerdict>>,
+    /// What to issue once the provider approves, for a payment-code authorization (C1–C2).
+    pub(crate) code: Option<Box<CodeSpec>>,
+}
+
+/// How a payment code is to be issued (C2, C4).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CodeSpec {
+    /// How long the code (and its hold) stays valid, in ms.
+    pub validity_ms: i64,
+    /// The device it is delivered to; `None`: the requesting device.
+    pub deliver_to: Option<Idm>,
+    /// The order a cash-on-delivery code pays for; empty for none (C4).
+    pub order_ref: String,
+}
+
+/// An issued payment code, as its holder receives it (C2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedCode {
+    /// The code's text (a QR code or Code 128 barcode of it is what the POS reads).
+    pub text: String,
+    /// Its issue number.
+    pub number: u64,
+    /// The authorized (and held) amount.
+    pub amount_minor: u64,
+    /// Its currency.
+    pub currency: Currency,
+    /// When it expires, ms since the epoch.
+    pub expires_ms: i64,
+    /// The device it is delivered to.
+    pub deliver_to: Idm,
+    /// The user.
+    pub user: UserKey,
+    /// The order it pays for (cash on delivery), if any.
+    pub order_ref: String,
+}
+
+/// A code's redemption: the capture, what was released, and the remittance due to the
+/// merchant (C3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Redemption {
+    /// The code's issue number.
+    pub number: u64,
+    /// Captured from the hold: the sale less any coupon discount.
+    pub captured_minor: u64,
+    /// Released: the authorized amount less the capture.
+    pub released_minor: u64,
+    /// The coupon's discount, if a coupon was applied.
+    pub coupon_discount_minor: u64,
+    /// Currency.
+    pub currency: Currency,
+    /// The store terminal (or courier handheld) that redeemed it: whose merchant is owed.
+    pub terminal_id: String,
+    /// The provider that authorized the hold.
+    pub provider_code: u32,
+    /// The provider's authorization code.
+    pub auth_code: AuthCode,
+    /// The sale's date-time as the POS gave it.
+    pub sale_at_ms: i64,
+    /// When the engine redeemed it.
+    pub redeemed_at_ms: i64,
+    /// Lines sold: item ID, quantity, unit amount.
+    pub items: Vec<(String, u32, u64)>,
+}
+
+/// Where a payment code stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CodeState {
+    /// Issued; its hold stands until it is redeemed or expires.
+    Issued,
+    /// Redeemed once: captured and the rest released.
+    Redeemed(Box<Redemption>),
+    /// Expired unused: its hold released.
+    Expired,
+}
+
+/// A payment code's record, kept by the shard that issued it (the second tier, T1).
+#[derive(Debug, Clone)]
+pub(crate) struct CodeRecord {
+    pub(crate) user: UserKey,
+    pub(crate) means_id: u32,
+    pub(crate) provider_code: u32,
+    pub(crate) amount_minor: u64,
+    pub(crate) currency: Currency,
+    pub(crate) expires_ms: i64,
+    pub(crate) auth_code: AuthCode,
+    pub(crate) order_ref: String,
+    pub(crate) deliver_to: Idm,
+    pub(crate) state: CodeState,
+}
+
+/// A coupon issued to a user (C5).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CouponRecord {
+    pub(crate) user: UserKey,
+    pub(crate) provider_code: u32,
+    pub(crate) effect: CouponEffect,
+    pub(crate) uses_left: u32,
+    pub(crate) expires_ms: i64,
+}
+
+/// A coupon as its holder receives it (C5).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedCoupon {
+    /// The coupon's text.
+    pub text: String,
+    /// Its issue number.
+    pub number: u64,
+    /// The user it was issued to.
+    pub user: UserKey,
+    /// Its effect.
+    pub effect: CouponEffect,
+    /// How many times it can be used.
+    pub uses: u32,
+    /// When it expires.
+    pub expires_ms: i64,
+}
+
+/// A POS's redemption request, as the shard applies it (C3).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct RedeemSpec {
+    pub(crate) number: u64,
+    pub(crate) amount_minor: u64,
+    pub(crate) currency: Currency,
+    pub(crate) terminal_id: String,
+    pub(crate) sale_at_ms: i64,
+    pub(crate) items: Vec<(String, u32, u64)>,
+    pub(crate) coupon: Option<u64>,
+    pub(crate) order_ref: String,
 }
 
 /// A state change. Applied only by the shard that owns it.
@@ -216,6 +366,33 @@ pub(crate) enum Command {
         amount_minor: u64,
         currency: Currency,
     },
+    /// C1: checks a payment-code request like a payment and holds its amount.
+    CodeReserve {
+        verified: Verified,
+        spec: Box<CodeSpec>,
+    },
+    /// C2: the provider's answer to a payment-code request: issue the code, or release.
+    CodeComplete {
+        key: IdemKey,
+        user: UserKey,
+        means_id: u32,
+        outcome: AuthOutcome,
+        spec: Box<CodeSpec>,
+    },
+    /// C3: a POS redeems a code.
+    RedeemCode {
+        spec: Box<RedeemSpec>,
+    },
+    /// Releases the holds of codes expired unused.
+    SweepCodes,
+    /// C5: a coupon for a user.
+    IssueCoupon {
+        user: UserKey,
+        provider_code: u32,
+        effect: CouponEffect,
+        uses: u32,
+        expires_ms: i64,
+    },
     /// W1: removes a store; `moved` when it only left this shard for another cell's.
     RemoveStore {
         store_id: String,
@@ -249,6 +426,15 @@ pub(crate) struct Envelope {
 #[derive(Debug, Clone)]
 pub(crate) enum Query {
     Means {
+        user: UserKey,
+        now_ms: i64,
+    },
+    /// A payment code's record (its redemption and remittance, C3).
+    Code {
+        number: u64,
+    },
+    /// The card IDms of a user's devices.
+    Devices {
         user: UserKey,
     },
     Credentials {
@@ -290,6 +476,12 @@ pub(crate) enum Reply {
     },
     Stores(Vec<Candidate>),
     Balance(Balance),
+    CodeIssued(Box<IssuedCode>),
+    Redeemed(Box<Redemption>),
+    CodeState(Box<CodeState>),
+    CouponIssued(Box<IssuedCoupon>),
+    Swept(u32),
+    Devices(Vec<Idm>),
 }
 
 /// One shard's users, devices' replay state and idempotency records.
@@ -300,6 +492,14 @@ pub(crate) struct ShardState {
     pub(crate) ages: FxHashMap<Idm, AgeRegistration>,
     /// The stores of this shard's cells (W1).
     pub(crate) stores: StoreIndex,
+    /// Payment codes this shard issued, by issue number (C2, T1's second tier).
+    pub(crate) codes: std::collections::BTreeMap<u64, CodeRecord>,
+    /// Issued codes by expiry, for the sweeper.
+    pub(crate) code_expiry: std::collections::BTreeSet<(i64, u64)>,
+    /// Coupons this shard issued, by issue number (C5).
+    pub(crate) coupons: FxHashMap<u64, CouponRecord>,
+    /// The last code or coupon sequence number used.
+    pub(crate) code_seq: u64,
     pub(crate) idem: Idempotency,
     pub(crate) dispatch_seq: u64,
     pub(crate) shared: Shared,
@@ -315,6 +515,10 @@ impl ShardState {
             users: FxHashMap::default(),
             ages: FxHashMap::default(),
             stores: StoreIndex::default(),
+            codes: std::collections::BTreeMap::new(),
+            code_expiry: std::collections::BTreeSet::new(),
+            coupons: FxHashMap::default(),
+            code_seq: 0,
             idem: Idempotency::new(config.idempotency_ttl_ms, config.idempotency_records_max),
             dispatch_seq: 0,
             shared,
@@ -349,8 +553,16 @@ impl ShardState {
     /// Answers a query.
     pub(crate) fn query(&self, query: Query) -> Reply {
         match query {
-            Query::Means { user } => match self.users.get(&user) {
-                Some(account) => Reply::Means(means_views(account)),
+            Query::Code { number } => match self.codes.get(&number) {
+                Some(record) => Reply::CodeState(Box::new(record.state.clone())),
+                None => Reply::Refused(ReasonCode::UnknownCode),
+            },
+            Query::Devices { user } => match self.users.get(&user) {
+                Some(account) => Reply::Devices(account.devices.iter().map(|d| d.idm).collect()),
+                None => Reply::Refused(ReasonCode::UnknownUser),
+            },
+            Query::Means { user, now_ms } => match self.users.get(&user) {
+                Some(account) => Reply::Means(means_views(account, now_ms)),
                 None => Reply::Refused(ReasonCode::UnknownUser),
             },
             Query::Credentials { user, now_ms } => match self.users.get(&user) {
@@ -397,8 +609,19 @@ impl ShardState {
                 self.set_age_policy(provider_code, &terminal_id, policy.as_ref())
             }
             Command::UpsertStore { store } => self.upsert_store(*store, now_ms),
+            Command::CodeReserve { verified, spec } => {
+                self.code_reserve(verified, spec, now_ms, key)
+            }
+            Command::CodeComplete { key, user, means_id, outcome, spec } => {
+                self.code_complete(key, &user, means_id, outcome, &spec, now_ms)
+            }
+            Command::RedeemCode { spec } => self.redeem_code(&spec, now_ms),
+            Command::SweepCodes => Reply::Swept(self.sweep_codes(now_ms)),
+            Command::IssueCoupon { user, provider_code, effect, uses, expires_ms } => {
+                self.issue_coupon(user, provider_code, effect, uses, expires_ms)
+            }
             Command::TopUp { user, means_id, amount_minor, currency } => {
-                self.top_up(&user, means_id, amount_minor, currency)
+                self.top_up(&user, means_id, amount_minor, currency, now_ms)
             }
             Command::RemoveStore { store_id, moved } => match self.stores.remove(&store_id) {
                 Some(_) if !moved => {
@@ -620,10 +843,10 @@ impl ShardState {
             if purse.currency.is_some_and(|c| c != record.currency) {
                 return declined(ReasonCode::CurrencyMismatch);
             }
-            if purse.available_minor() < final_minor {
+            if purse.available_minor(now_ms) < final_minor {
                 return declined(ReasonCode::InsufficientBalance);
             }
-            purse.holds.push((key, final_minor));
+            purse.holds.push(PurseHold { key, amount_minor: final_minor, expires_ms: i64::MAX });
         }
         self.dispatch_seq += 1;
         Reply::Dispatch(Box::new(Dispatch {
@@ -639,6 +862,7 @@ impl ShardState {
             discount_minor,
             currency: record.currency,
             verdict,
+            code: None,
         }))
     }
 
@@ -664,8 +888,8 @@ impl ShardState {
         let approved = matches!(outcome, AuthOutcome::Approved(_));
         if let Some(purse) = &mut means.purse {
             // Release the hold; an approval turns it into a debit.
-            if let Some(at) = purse.holds.iter().position(|(held_key, _)| *held_key == key) {
-                let (_, amount) = purse.holds.swap_remove(at);
+            if let Some(at) = purse.holds.iter().position(|hold| hold.key == key) {
+                let amount = purse.holds.swap_remove(at).amount_minor;
                 if approved {
                     purse.balance_minor = purse.balance_minor.saturating_sub(amount);
                 }
@@ -740,6 +964,7 @@ impl ShardState {
         means_id: u32,
         amount_minor: u64,
         currency: Currency,
+        now_ms: i64,
     ) -> Reply {
         let Some(account) = self.users.get_mut(user) else {
             return Reply::Refused(ReasonCode::UnknownUser);
@@ -760,7 +985,232 @@ impl ShardState {
         };
         purse.balance_minor = balance;
         purse.currency = Some(currency);
-        Reply::Balance(balance_of(purse))
+        Reply::Balance(balance_of(purse, now_ms))
+    }
+
+    /// C1: a payment-code request is checked exactly like a payment (device, counter, means,
+    /// provider; a purse's amount held); the code itself is issued on the provider's approval.
+    fn code_reserve(
+        &mut self,
+        verified: Verified,
+        mut spec: Box<CodeSpec>,
+        now_ms: i64,
+        key: IdemKey,
+    ) -> Reply {
+        let record = &verified.record;
+        let requesting = record.card_idm;
+        if let Some(target) = spec.deliver_to {
+            let owns = self
+                .users
+                .get(&record.user)
+                .is_some_and(|account| account.devices.iter().any(|d| d.idm == target));
+            if !owns {
+                return Reply::Auth(AuthOutcome::Declined(ReasonCode::UserDeviceMismatch));
+            }
+        }
+        spec.deliver_to = Some(spec.deliver_to.unwrap_or(requesting));
+        match self.auth_reserve(verified, None, now_ms, key) {
+            Reply::Dispatch(mut dispatch) => {
+                dispatch.code = Some(spec);
+                Reply::Dispatch(dispatch)
+            }
+            other => other,
+        }
+    }
+
+    /// C2: on approval, issues the code: the purse's hold (stored value) now lasts until the
+    /// code expires; otherwise releases, as a declined payment does.
+    fn code_complete(
+        &mut self,
+        key: IdemKey,
+        user: &UserKey,
+        means_id: u32,
+        outcome: AuthOutcome,
+        spec: &CodeSpec,
+        now_ms: i64,
+    ) -> Reply {
+        let AuthOutcome::Approved(approval) = outcome else {
+            return self.auth_complete(key, user, means_id, outcome, None, now_ms);
+        };
+        self.code_seq += 1;
+        let number = issue_number(self.index, self.code_seq);
+        // Codes carry whole seconds.
+        let expires_ms = (now_ms.saturating_add(spec.validity_ms) / 1000) * 1000;
+        let means = self
+            .users
+            .get_mut(user)
+            .and_then(|account| account.means.iter_mut().find(|m| m.means_id == means_id));
+        if let Some(purse) = means.and_then(|means| means.purse.as_mut()) {
+            if let Some(hold) = purse.holds.iter_mut().find(|hold| hold.key == key) {
+                hold.key = code_hold_key(number);
+                hold.expires_ms = expires_ms;
+            }
+        }
+        let deliver_to = spec.deliver_to.unwrap_or_default();
+        let record = CodeRecord {
+            user: user.clone(),
+            means_id,
+            provider_code: approval.provider_code,
+            amount_minor: approval.amount_final_minor,
+            currency: approval.currency,
+            expires_ms,
+            auth_code: approval.auth_code,
+            order_ref: spec.order_ref.clone(),
+            deliver_to,
+            state: CodeState::Issued,
+        };
+        let payload = CodePayload {
+            kind: CodeKind::Payment,
+            issuer: self.shared.code_issuer,
+            number,
+            value: record.amount_minor,
+            currency: record.currency,
+            expires_s: (expires_ms / 1000).clamp(0, i64::from(u32::MAX)) as u32,
+            flags: 0,
+        };
+        let issued = IssuedCode {
+            text: payload.seal(&self.shared.codes),
+            number,
+            amount_minor: record.amount_minor,
+            currency: record.currency,
+            expires_ms,
+            deliver_to,
+            user: user.clone(),
+            order_ref: spec.order_ref.clone(),
+        };
+        self.code_expiry.insert((expires_ms, number));
+        self.codes.insert(number, record);
+        let reply = Reply::CodeIssued(Box::new(issued));
+        self.idem.complete(&key, reply.clone());
+        reply
+    }
+
+    /// C3: redeems a code at most once: checks it, applies a coupon, captures the sale (at most
+    /// the authorized amount), releases the rest, debits a purse and records the remittance.
+    fn redeem_code(&mut self, spec: &RedeemSpec, now_ms: i64) -> Reply {
+        let refuse = |reason| Reply::Refused(reason);
+        let Some(record) = self.codes.get(&spec.number) else {
+            return refuse(ReasonCode::UnknownCode);
+        };
+        match record.state {
+            CodeState::Redeemed(_) => return refuse(ReasonCode::CodeRedeemed),
+            CodeState::Expired => return refuse(ReasonCode::CodeExpired),
+            CodeState::Issued => {}
+        }
+        if now_ms >= record.expires_ms {
+            self.expire_code(spec.number);
+            return refuse(ReasonCode::CodeExpired);
+        }
+        let order_ok = record.order_ref.is_empty() || record.order_ref == spec.order_ref;
+        if spec.currency != record.currency || !order_ok {
+            return refuse(ReasonCode::CodeMismatch);
+        }
+        let discount_minor = match spec.coupon {
+            None => 0,
+            Some(coupon) => match self.coupons.get(&coupon) {
+                None => return refuse(ReasonCode::UnknownCode),
+                Some(c) if c.user != record.user => return refuse(ReasonCode::CouponNotApplicable),
+                Some(c) if now_ms >= c.expires_ms => return refuse(ReasonCode::CodeExpired),
+                Some(c) if c.uses_left == 0 => return refuse(ReasonCode::CouponUsedUp),
+                Some(c) => c.effect.discount_minor(spec.amount_minor, spec.currency),
+            },
+        };
+        let captured_minor = spec.amount_minor - discount_minor;
+        if captured_minor > record.amount_minor {
+            return refuse(ReasonCode::AmountAboveAuthorized);
+        }
+        // Every check passed: commit.
+        if let Some(coupon) = spec.coupon.and_then(|c| self.coupons.get_mut(&c)) {
+            coupon.uses_left -= 1;
+        }
+        let record = self.codes.get_mut(&spec.number).expect("checked above");
+        let redemption = Redemption {
+            number: spec.number,
+            captured_minor,
+            released_minor: record.amount_minor - captured_minor,
+            coupon_discount_minor: discount_minor,
+            currency: record.currency,
+            terminal_id: spec.terminal_id.clone(),
+            provider_code: record.provider_code,
+            auth_code: record.auth_code,
+            sale_at_ms: spec.sale_at_ms,
+            redeemed_at_ms: now_ms,
+            items: spec.items.clone(),
+        };
+        record.state = CodeState::Redeemed(Box::new(redemption.clone()));
+        let (user, means_id, expires_ms) =
+            (record.user.clone(), record.means_id, record.expires_ms);
+        self.code_expiry.remove(&(expires_ms, spec.number));
+        let means = self
+            .users
+            .get_mut(&user)
+            .and_then(|account| account.means.iter_mut().find(|m| m.means_id == means_id));
+        if let Some(means) = means {
+            if let Some(purse) = &mut means.purse {
+                purse.holds.retain(|hold| hold.key != code_hold_key(spec.number));
+                purse.balance_minor = purse.balance_minor.saturating_sub(captured_minor);
+            }
+            means.uses += 1;
+            means.last_used_ms = Some(now_ms);
+        }
+        Reply::Redeemed(Box::new(redemption))
+    }
+
+    /// Marks an issued code expired and releases its hold.
+    fn expire_code(&mut self, number: u64) {
+        let Some(record) = self.codes.get_mut(&number) else { return };
+        if record.state != CodeState::Issued {
+            return;
+        }
+        record.state = CodeState::Expired;
+        self.code_expiry.remove(&(record.expires_ms, number));
+        let (user, means_id) = (record.user.clone(), record.means_id);
+        let purse = self
+            .users
+            .get_mut(&user)
+            .and_then(|account| account.means.iter_mut().find(|m| m.means_id == means_id))
+            .and_then(|means| means.purse.as_mut());
+        if let Some(purse) = purse {
+            purse.holds.retain(|hold| hold.key != code_hold_key(number));
+        }
+    }
+
+    /// Expires every code past its expiry at `now_ms`, releasing its hold; returns how many.
+    fn sweep_codes(&mut self, now_ms: i64) -> u32 {
+        let due: Vec<u64> =
+            self.code_expiry.range(..=(now_ms, u64::MAX)).map(|&(_, number)| number).collect();
+        for &number in &due {
+            self.expire_code(number);
+        }
+        due.len() as u32
+    }
+
+    /// C5: a coupon for one user, kept in the user's shard so that it applies in the same
+    /// shard as the user's payment codes.
+    fn issue_coupon(
+        &mut self,
+        user: UserKey,
+        provider_code: u32,
+        effect: CouponEffect,
+        uses: u32,
+        expires_ms: i64,
+    ) -> Reply {
+        if !self.users.contains_key(&user) {
+            return Reply::Refused(ReasonCode::UnknownUser);
+        }
+        if !effect.valid() || !(1..=COUPON_USES_MAX).contains(&uses) {
+            return Reply::Refused(ReasonCode::InvalidCoupon);
+        }
+        self.code_seq += 1;
+        let number = issue_number(self.index, self.code_seq);
+        let expires_ms = (expires_ms / 1000) * 1000;
+        let expires_s = (expires_ms / 1000).clamp(0, i64::from(u32::MAX)) as u32;
+        let text = CodePayload::coupon(self.shared.code_issuer, number, effect, expires_s)
+            .seal(&self.shared.codes);
+        let record =
+            CouponRecord { user: user.clone(), provider_code, effect, uses_left: uses, expires_ms };
+        self.coupons.insert(number, record);
+        Reply::CouponIssued(Box::new(IssuedCoupon { text, number, user, effect, uses, expires_ms }))
     }
 
     fn upsert_store(&mut self, store: Store, now_ms: i64) -> Reply {
@@ -822,7 +1272,7 @@ impl ShardState {
     }
 }
 
-fn means_views(account: &User) -> Vec<MeansView> {
+fn means_views(account: &User, now_ms: i64) -> Vec<MeansView> {
     account
         .means
         .iter()
@@ -836,15 +1286,15 @@ fn means_views(account: &User) -> Vec<MeansView> {
             uses: m.uses,
             last_used_ms: m.last_used_ms,
             registered_ms: m.registered_ms,
-            balance: m.purse.as_ref().map(balance_of),
+            balance: m.purse.as_ref().map(|purse| balance_of(purse, now_ms)),
         })
         .collect()
 }
 
-fn balance_of(purse: &Purse) -> Balance {
+fn balance_of(purse: &Purse, now_ms: i64) -> Balance {
     Balance {
         balance_minor: purse.balance_minor,
-        available_minor: purse.available_minor(),
+        available_minor: purse.available_minor(now_ms),
         currency: purse.currency,
     }
 }

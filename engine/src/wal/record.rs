@@ -6,11 +6,13 @@
 use rkyv::{Archive, Deserialize, Serialize};
 
 use crate::age::{AgeCheck, AgePolicy, AgeRecord, AgeVerdict, Basket, BasketItem, OnAgeFailure};
+use crate::codes::CouponEffect;
 use crate::geo::{AcceptedMethod, Store};
 use crate::inherent::InherentId;
 use crate::keys::{DeviceKey, Verified};
 use crate::providers::TerminalEntry;
 use crate::shard::state::NewMeans;
+use crate::shard::state::{CodeSpec, RedeemSpec};
 use crate::shard::{Command, Envelope};
 use crate::types::{
     Approval, AuthCode, AuthOutcome, CardToken, Currency, Discount, MeansKind, ReasonCode,
@@ -117,6 +119,93 @@ enum LogCommand {
         amount_minor: u64,
         currency: [u8; 3],
     },
+    CodeReserve {
+        inherent_id: Vec<u8>,
+        spec: LogCodeSpec,
+    },
+    CodeComplete {
+        owner_hash: u64,
+        client_request_id: u128,
+        user: LogUser,
+        means_id: u32,
+        outcome: LogOutcome,
+        spec: LogCodeSpec,
+    },
+    RedeemCode {
+        number: u64,
+        amount_minor: u64,
+        currency: [u8; 3],
+        terminal_id: String,
+        sale_at_ms: i64,
+        items: Vec<(String, u32, u64)>,
+        coupon: Option<u64>,
+        order_ref: String,
+    },
+    SweepCodes,
+    IssueCoupon {
+        user: LogUser,
+        provider_code: u32,
+        effect: LogCoupon,
+        uses: u32,
+        expires_ms: i64,
+    },
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub(crate) struct LogCodeSpec {
+    validity_ms: i64,
+    deliver_to: Option<[u8; 8]>,
+    order_ref: String,
+}
+
+/// A coupon's effect: kind (1 percent, 2 fixed, 3 order code), value, currency.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub(crate) struct LogCoupon {
+    kind: u8,
+    value: u64,
+    currency: [u8; 3],
+}
+
+pub(crate) fn coupon_out(effect: &CouponEffect) -> LogCoupon {
+    match *effect {
+        CouponEffect::Percent { bps } => {
+            LogCoupon { kind: 1, value: u64::from(bps), currency: *b"XXX" }
+        }
+        CouponEffect::Fixed { amount_minor, currency } => {
+            LogCoupon { kind: 2, value: amount_minor, currency: currency.bytes() }
+        }
+        CouponEffect::OrderCode => LogCoupon { kind: 3, value: 0, currency: *b"XXX" },
+    }
+}
+
+pub(crate) fn coupon_in(coupon: &LogCoupon) -> Result<CouponEffect, RecordError> {
+    Ok(match coupon.kind {
+        1 => CouponEffect::Percent {
+            bps: u16::try_from(coupon.value).map_err(|_| RecordError("coupon bps"))?,
+        },
+        2 => CouponEffect::Fixed {
+            amount_minor: coupon.value,
+            currency: currency_in(coupon.currency)?,
+        },
+        3 => CouponEffect::OrderCode,
+        _ => return Err(RecordError("coupon kind")),
+    })
+}
+
+fn code_spec_out(spec: &CodeSpec) -> LogCodeSpec {
+    LogCodeSpec {
+        validity_ms: spec.validity_ms,
+        deliver_to: spec.deliver_to,
+        order_ref: spec.order_ref.clone(),
+    }
+}
+
+fn code_spec_in(spec: &LogCodeSpec) -> Box<CodeSpec> {
+    Box::new(CodeSpec {
+        validity_ms: spec.validity_ms,
+        deliver_to: spec.deliver_to,
+        order_ref: spec.order_ref.clone(),
+    })
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -570,6 +659,38 @@ fn command_out(command: &Command, vault: &Vault) -> LogCommand {
         Command::RemoveStore { store_id, moved } => {
             LogCommand::RemoveStore { store_id: store_id.clone(), moved: *moved }
         }
+        Command::CodeReserve { verified, spec } => LogCommand::CodeReserve {
+            inherent_id: inherent_out(verified),
+            spec: code_spec_out(spec),
+        },
+        Command::CodeComplete { key, user, means_id, outcome, spec } => LogCommand::CodeComplete {
+            owner_hash: key.0,
+            client_request_id: key.1,
+            user: user_out(user),
+            means_id: *means_id,
+            outcome: outcome_out(outcome),
+            spec: code_spec_out(spec),
+        },
+        Command::RedeemCode { spec } => LogCommand::RedeemCode {
+            number: spec.number,
+            amount_minor: spec.amount_minor,
+            currency: spec.currency.bytes(),
+            terminal_id: spec.terminal_id.clone(),
+            sale_at_ms: spec.sale_at_ms,
+            items: spec.items.clone(),
+            coupon: spec.coupon,
+            order_ref: spec.order_ref.clone(),
+        },
+        Command::SweepCodes => LogCommand::SweepCodes,
+        Command::IssueCoupon { user, provider_code, effect, uses, expires_ms } => {
+            LogCommand::IssueCoupon {
+                user: user_out(user),
+                provider_code: *provider_code,
+                effect: coupon_out(effect),
+                uses: *uses,
+                expires_ms: *expires_ms,
+            }
+        }
         Command::TopUp { user, means_id, amount_minor, currency } => LogCommand::TopUp {
             user: user_out(user),
             means_id: *means_id,
@@ -658,6 +779,54 @@ fn command_in(command: &LogCommand, vault: &Vault) -> Result<Command, RecordErro
         }
         LogCommand::RemoveStore { store_id, moved } => {
             Command::RemoveStore { store_id: store_id.clone(), moved: *moved }
+        }
+        LogCommand::CodeReserve { inherent_id, spec } => {
+            Command::CodeReserve { verified: inherent_in(inherent_id)?, spec: code_spec_in(spec) }
+        }
+        LogCommand::CodeComplete {
+            owner_hash,
+            client_request_id,
+            user,
+            means_id,
+            outcome,
+            spec,
+        } => Command::CodeComplete {
+            key: (*owner_hash, *client_request_id),
+            user: user_in(user)?,
+            means_id: *means_id,
+            outcome: outcome_in(outcome)?,
+            spec: code_spec_in(spec),
+        },
+        LogCommand::RedeemCode {
+            number,
+            amount_minor,
+            currency,
+            terminal_id,
+            sale_at_ms,
+            items,
+            coupon,
+            order_ref,
+        } => Command::RedeemCode {
+            spec: Box::new(RedeemSpec {
+                number: *number,
+                amount_minor: *amount_minor,
+                currency: currency_in(*currency)?,
+                terminal_id: terminal_id.clone(),
+                sale_at_ms: *sale_at_ms,
+                items: items.clone(),
+                coupon: *coupon,
+                order_ref: order_ref.clone(),
+            }),
+        },
+        LogCommand::SweepCodes => Command::SweepCodes,
+        LogCommand::IssueCoupon { user, provider_code, effect, uses, expires_ms } => {
+            Command::IssueCoupon {
+                user: user_in(user)?,
+                provider_code: *provider_code,
+                effect: coupon_in(effect)?,
+                uses: *uses,
+                expires_ms: *expires_ms,
+            }
         }
         LogCommand::TopUp { user, means_id, amount_minor, currency } => Command::TopUp {
             user: user_in(user)?,

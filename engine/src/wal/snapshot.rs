@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use rkyv::{Archive, Deserialize, Serialize};
 
 use super::record::{
-    currency_in, policy_in, policy_out, store_in, store_out, verdict_in, verdict_out, LogAgePolicy,
-    LogStore, LogVerdict,
+    coupon_in, coupon_out, currency_in, policy_in, policy_out, store_in, store_out, verdict_in,
+    verdict_out, LogAgePolicy, LogCoupon, LogStore, LogVerdict,
 };
 use super::record::{
     key_in, key_out, outcome_in, outcome_out, sealed_in, sealed_out, terminal_in, terminal_out,
@@ -24,7 +24,11 @@ use crate::age::{AgeRegistration, VerificationMethod};
 use crate::keys::DeviceKeys;
 use crate::shard::idempotency::IdemState;
 use crate::shard::replay::ReplayWindow;
-use crate::shard::state::{Balance, Device, Purse, Reply, ShardState, StoredMeans, User};
+use crate::shard::state::{
+    Balance, CodeRecord, CodeState, CouponRecord, Device, IssuedCode, IssuedCoupon, Purse,
+    PurseHold, Redemption, Reply, ShardState, StoredMeans, User,
+};
+use crate::types::AuthCode;
 use crate::types::{CardToken, MeansKind, ReasonCode};
 
 const MAGIC: [u8; 8] = *b"SGSNAP\0\0";
@@ -42,6 +46,48 @@ pub(crate) struct SnapShard {
     stores: Vec<SnapStore>,
     /// Since format version 3: stored-value balances and their holds.
     wallet: Vec<SnapPurse>,
+    /// Since format version 3: payment codes and coupons, and the sequence they come from.
+    code_seq: u64,
+    codes: Vec<SnapCode>,
+    coupons: Vec<SnapCoupon>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug)]
+struct SnapCode {
+    number: u64,
+    user: LogUser,
+    means_id: u32,
+    provider_code: u32,
+    amount_minor: u64,
+    currency: [u8; 3],
+    expires_ms: i64,
+    auth_code: [u8; 6],
+    order_ref: String,
+    deliver_to: [u8; 8],
+    /// 0 issued, 1 redeemed, 2 expired.
+    state: u8,
+    redemption: Option<SnapRedemption>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug)]
+struct SnapRedemption {
+    captured_minor: u64,
+    released_minor: u64,
+    coupon_discount_minor: u64,
+    terminal_id: String,
+    sale_at_ms: i64,
+    redeemed_at_ms: i64,
+    items: Vec<(String, u32, u64)>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug)]
+struct SnapCoupon {
+    number: u64,
+    user: LogUser,
+    provider_code: u32,
+    effect: LogCoupon,
+    uses_left: u32,
+    expires_ms: i64,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug)]
@@ -50,8 +96,8 @@ struct SnapPurse {
     means_id: u32,
     balance_minor: u64,
     currency: Option<[u8; 3]>,
-    /// Owner hash, client request ID, amount.
-    holds: Vec<(u64, u128, u64)>,
+    /// Owner hash, client request ID (or the code hold key), amount, expiry.
+    holds: Vec<(u64, u128, u64, i64)>,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug)]
@@ -163,6 +209,34 @@ enum SnapIdemState {
         outcome: LogOutcome,
         verdict: LogVerdict,
     },
+    /// Since format version 3: a payment code's issue (its text is derived again on restore).
+    CodeIssued {
+        number: u64,
+        text: String,
+        amount_minor: u64,
+        currency: [u8; 3],
+        expires_ms: i64,
+        deliver_to: [u8; 8],
+        user: LogUser,
+        order_ref: String,
+    },
+    /// Since format version 3: a redemption's answer.
+    Redeemed {
+        number: u64,
+        currency: [u8; 3],
+        provider_code: u32,
+        auth_code: [u8; 6],
+        redemption: SnapRedemption,
+    },
+    /// Since format version 3: a coupon's issue.
+    CouponIssued {
+        number: u64,
+        text: String,
+        user: LogUser,
+        effect: LogCoupon,
+        uses: u32,
+        expires_ms: i64,
+    },
     /// Since format version 3: a top-up's answer.
     Balance {
         balance_minor: u64,
@@ -258,13 +332,77 @@ impl SnapShard {
                         means_id: means.means_id,
                         balance_minor: purse.balance_minor,
                         currency: purse.currency.map(|c| c.bytes()),
-                        holds: purse.holds.iter().map(|&((o, c), a)| (o, c, a)).collect(),
+                        holds: purse
+                            .holds
+                            .iter()
+                            .map(|h| (h.key.0, h.key.1, h.amount_minor, h.expires_ms))
+                            .collect(),
                     });
                 }
             }
         }
         wallet.sort_by(|a, b| (&a.user.id, a.means_id).cmp(&(&b.user.id, b.means_id)));
-        SnapShard { dispatch_seq: state.dispatch_seq, users, idem, providers, age, stores, wallet }
+        let codes = state
+            .codes
+            .iter()
+            .map(|(&number, c)| {
+                let (state_byte, redemption) = match &c.state {
+                    CodeState::Issued => (0, None),
+                    CodeState::Redeemed(r) => (
+                        1,
+                        Some(SnapRedemption {
+                            captured_minor: r.captured_minor,
+                            released_minor: r.released_minor,
+                            coupon_discount_minor: r.coupon_discount_minor,
+                            terminal_id: r.terminal_id.clone(),
+                            sale_at_ms: r.sale_at_ms,
+                            redeemed_at_ms: r.redeemed_at_ms,
+                            items: r.items.clone(),
+                        }),
+                    ),
+                    CodeState::Expired => (2, None),
+                };
+                SnapCode {
+                    number,
+                    user: user_out(&c.user),
+                    means_id: c.means_id,
+                    provider_code: c.provider_code,
+                    amount_minor: c.amount_minor,
+                    currency: c.currency.bytes(),
+                    expires_ms: c.expires_ms,
+                    auth_code: c.auth_code.0,
+                    order_ref: c.order_ref.clone(),
+                    deliver_to: c.deliver_to,
+                    state: state_byte,
+                    redemption,
+                }
+            })
+            .collect();
+        let mut coupons: Vec<SnapCoupon> = state
+            .coupons
+            .iter()
+            .map(|(&number, c)| SnapCoupon {
+                number,
+                user: user_out(&c.user),
+                provider_code: c.provider_code,
+                effect: coupon_out(&c.effect),
+                uses_left: c.uses_left,
+                expires_ms: c.expires_ms,
+            })
+            .collect();
+        coupons.sort_by_key(|c| c.number);
+        SnapShard {
+            dispatch_seq: state.dispatch_seq,
+            users,
+            idem,
+            providers,
+            age,
+            stores,
+            wallet,
+            code_seq: state.code_seq,
+            codes,
+            coupons,
+        }
     }
 
     /// Restores into a fresh `state` (and the shared indexes).
@@ -360,8 +498,65 @@ impl SnapShard {
                 .ok_or(RecordError("a balance for a means that keeps none"))?;
             purse.balance_minor = p.balance_minor;
             purse.currency = p.currency.map(currency_in).transpose()?;
-            purse.holds =
-                p.holds.iter().map(|&(owner, crid, amount)| ((owner, crid), amount)).collect();
+            purse.holds = p
+                .holds
+                .iter()
+                .map(|&(owner, crid, amount_minor, expires_ms)| PurseHold {
+                    key: (owner, crid),
+                    amount_minor,
+                    expires_ms,
+                })
+                .collect();
+        }
+        state.code_seq = self.code_seq;
+        for c in &self.codes {
+            let currency = currency_in(c.currency)?;
+            let record_state = match (c.state, &c.redemption) {
+                (0, _) => CodeState::Issued,
+                (1, Some(r)) => CodeState::Redeemed(Box::new(Redemption {
+                    number: c.number,
+                    captured_minor: r.captured_minor,
+                    released_minor: r.released_minor,
+                    coupon_discount_minor: r.coupon_discount_minor,
+                    currency,
+                    terminal_id: r.terminal_id.clone(),
+                    provider_code: c.provider_code,
+                    auth_code: AuthCode(c.auth_code),
+                    sale_at_ms: r.sale_at_ms,
+                    redeemed_at_ms: r.redeemed_at_ms,
+                    items: r.items.clone(),
+                })),
+                (2, _) => CodeState::Expired,
+                _ => return Err(RecordError("code state")),
+            };
+            if record_state == CodeState::Issued {
+                state.code_expiry.insert((c.expires_ms, c.number));
+            }
+            state.codes.insert(
+                c.number,
+                CodeRecord {
+                    user: user_in(&c.user)?,
+                    means_id: c.means_id,
+                    provider_code: c.provider_code,
+                    amount_minor: c.amount_minor,
+                    currency,
+                    expires_ms: c.expires_ms,
+                    auth_code: AuthCode(c.auth_code),
+                    order_ref: c.order_ref.clone(),
+                    deliver_to: c.deliver_to,
+                    state: record_state,
+                },
+            );
+        }
+        for c in &self.coupons {
+            let record = CouponRecord {
+                user: user_in(&c.user)?,
+                provider_code: c.provider_code,
+                effect: coupon_in(&c.effect)?,
+                uses_left: c.uses_left,
+                expires_ms: c.expires_ms,
+            };
+            state.coupons.insert(c.number, record);
         }
         for s in &self.stores {
             state.stores.upsert(store_in(&s.store)?, s.updated_ms);
@@ -395,6 +590,9 @@ impl From<SnapShardV1> for SnapShard {
             age: SnapAge::default(),
             stores: Vec::new(),
             wallet: Vec::new(),
+            code_seq: 0,
+            codes: Vec::new(),
+            coupons: Vec::new(),
         }
     }
 }
@@ -409,6 +607,9 @@ impl From<SnapShardV2> for SnapShard {
             age: v2.age,
             stores: Vec::new(),
             wallet: Vec::new(),
+            code_seq: 0,
+            codes: Vec::new(),
+            coupons: Vec::new(),
         }
     }
 }
@@ -473,6 +674,39 @@ fn capture_reply(
             SnapIdemState::MeansAdded { means_id: *means_id, last4: *last4 }
         }
         Reply::Auth(outcome) => SnapIdemState::Auth { outcome: outcome_out(outcome) },
+        Reply::CodeIssued(c) => SnapIdemState::CodeIssued {
+            number: c.number,
+            text: c.text.clone(),
+            amount_minor: c.amount_minor,
+            currency: c.currency.bytes(),
+            expires_ms: c.expires_ms,
+            deliver_to: c.deliver_to,
+            user: user_out(&c.user),
+            order_ref: c.order_ref.clone(),
+        },
+        Reply::Redeemed(r) => SnapIdemState::Redeemed {
+            number: r.number,
+            currency: r.currency.bytes(),
+            provider_code: r.provider_code,
+            auth_code: r.auth_code.0,
+            redemption: SnapRedemption {
+                captured_minor: r.captured_minor,
+                released_minor: r.released_minor,
+                coupon_discount_minor: r.coupon_discount_minor,
+                terminal_id: r.terminal_id.clone(),
+                sale_at_ms: r.sale_at_ms,
+                redeemed_at_ms: r.redeemed_at_ms,
+                items: r.items.clone(),
+            },
+        },
+        Reply::CouponIssued(c) => SnapIdemState::CouponIssued {
+            number: c.number,
+            text: c.text.clone(),
+            user: user_out(&c.user),
+            effect: coupon_out(&c.effect),
+            uses: c.uses,
+            expires_ms: c.expires_ms,
+        },
         Reply::Balance(b) => SnapIdemState::Balance {
             balance_minor: b.balance_minor,
             available_minor: b.available_minor,
@@ -512,6 +746,50 @@ fn restore_idem(vault: &crate::vault::Vault, i: &SnapIdem) -> Result<IdemState, 
             IdemState::Done(Reply::MeansAdded { means_id: *means_id, last4: *last4 })
         }
         SnapIdemState::Auth { outcome } => IdemState::Done(Reply::Auth(outcome_in(outcome)?)),
+        SnapIdemState::CodeIssued {
+            number,
+            text,
+            amount_minor,
+            currency,
+            expires_ms,
+            deliver_to,
+            user,
+            order_ref,
+        } => IdemState::Done(Reply::CodeIssued(Box::new(IssuedCode {
+            text: text.clone(),
+            number: *number,
+            amount_minor: *amount_minor,
+            currency: currency_in(*currency)?,
+            expires_ms: *expires_ms,
+            deliver_to: *deliver_to,
+            user: user_in(user)?,
+            order_ref: order_ref.clone(),
+        }))),
+        SnapIdemState::Redeemed { number, currency, provider_code, auth_code, redemption: r } => {
+            IdemState::Done(Reply::Redeemed(Box::new(Redemption {
+                number: *number,
+                captured_minor: r.captured_minor,
+                released_minor: r.released_minor,
+                coupon_discount_minor: r.coupon_discount_minor,
+                currency: currency_in(*currency)?,
+                terminal_id: r.terminal_id.clone(),
+                provider_code: *provider_code,
+                auth_code: AuthCode(*auth_code),
+                sale_at_ms: r.sale_at_ms,
+                redeemed_at_ms: r.redeemed_at_ms,
+                items: r.items.clone(),
+            })))
+        }
+        SnapIdemState::CouponIssued { number, text, user, effect, uses, expires_ms } => {
+            IdemState::Done(Reply::CouponIssued(Box::new(IssuedCoupon {
+                text: text.clone(),
+                number: *number,
+                user: user_in(user)?,
+                effect: coupon_in(effect)?,
+                uses: *uses,
+                expires_ms: *expires_ms,
+            })))
+        }
         SnapIdemState::Balance { balance_minor, available_minor, currency } => {
             IdemState::Done(Reply::Balance(Balance {
                 balance_minor: *balance_minor,
