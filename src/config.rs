@@ -68,6 +68,8 @@ pub struct ServerConfig {
     pub identities: Vec<IdentityConfig>,
     /// TLS on the protocol port.
     pub tls: Option<TlsConfig>,
+    /// How often expired payment codes are swept and their holds released, ms.
+    pub code_sweep_interval_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -85,6 +87,7 @@ impl Default for ServerConfig {
             log_format: "text".into(),
             identities: Vec::new(),
             tls: None,
+            code_sweep_interval_ms: 1_000,
         }
     }
 }

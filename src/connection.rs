@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::join_all;
-use settlegate_engine::Notice;
+use settlegate_engine::{DeviceMessage, Notice, ReasonCode};
 use settlegate_protocol::frame::{self, Frame, FrameError, FLAG_RESPONSE};
 use settlegate_protocol::messages::{opcode, DecodeError, Reply, Request, Response};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -207,7 +207,9 @@ impl Connection {
                         inherent_id,
                         basket: Some(basket),
                     }),
-                Request::SubscribeNotices { .. } => self.subscribe(frame.request_id, request).await,
+                Request::SubscribeNotices { .. } | Request::SubscribeDevice { .. } => {
+                    self.subscribe(frame.request_id, request).await
+                }
                 other => others.push((frame.request_id, other)),
             }
         }
@@ -288,8 +290,18 @@ impl Connection {
 
     /// `SUBSCRIBE_NOTICES`: checks the password, answers, then forwards the user's notices as
     /// `NOTICE` frames until the connection closes.
+    /// `SUBSCRIBE_NOTICES` (a user's settlement notices) and `SUBSCRIBE_DEVICE` (one device's
+    /// codes, coupons and delivery notices): the password is checked, then pushes follow
+    /// under the subscription's request ID until the connection closes.
     async fn subscribe(&mut self, request_id: u64, request: Request) {
-        let Request::SubscribeNotices { user, password } = request else { return };
+        let op = request.opcode();
+        let (user, password, device) = match request {
+            Request::SubscribeNotices { user, password } => (user, password, None),
+            Request::SubscribeDevice { user, password, card_idm } => {
+                (user, password, Some(card_idm))
+            }
+            _ => return,
+        };
         let identity = self.identity.clone().expect("authenticated");
         let refusal = if self.subscriptions >= SUBSCRIPTIONS_MAX {
             Some(Response::BadRequest("too many subscriptions on this connection".into()))
@@ -301,7 +313,7 @@ impl Connection {
         };
         if let Some(response) = refusal {
             let mut bytes = Vec::new();
-            self.encode(opcode::SUBSCRIBE_NOTICES, request_id, &response, &mut bytes);
+            self.encode(op, request_id, &response, &mut bytes);
             let _ = self.out.send(bytes).await;
             return;
         }
@@ -311,25 +323,43 @@ impl Connection {
         let closed = self.closed.clone();
         tokio::spawn(async move {
             let engine = &shared.ctx.engine;
-            let response = match engine.login(&user, &password).await {
+            let mut response = match engine.login(&user, &password).await {
                 Ok(()) => Response::Ok(Reply::Empty),
                 Err(error) => handler::error_response(error),
             };
+            if let (Some(idm), Response::Ok(_)) = (device, &response) {
+                match engine.devices_of(&user).await {
+                    Ok(devices) if devices.contains(&idm) => {}
+                    Ok(_) => response = Response::Refused(ReasonCode::UserDeviceMismatch),
+                    Err(error) => response = handler::error_response(error),
+                }
+            }
             let subscribed = matches!(response, Response::Ok(_));
-            let notices = subscribed.then(|| engine.subscribe(&user));
             let mut bytes = Vec::new();
-            encode_response(
-                &shared.ctx,
-                opcode::SUBSCRIBE_NOTICES,
-                request_id,
-                &response,
-                &mut bytes,
-            );
+            encode_response(&shared.ctx, op, request_id, &response, &mut bytes);
+            // Subscribe before the answer leaves, so nothing published after it is missed.
+            let receiver = subscribed.then(|| match device {
+                None => Stream::Notices(engine.subscribe(&user)),
+                Some(idm) => Stream::Device(engine.subscribe_device(idm)),
+            });
             if out.send(bytes).await.is_err() {
                 return;
             }
-            if let Some(notices) = notices {
-                forward_notices(notices, request_id, out, closed).await;
+            match receiver {
+                Some(Stream::Notices(notices)) => {
+                    forward(notices, out, closed, |notice| {
+                        Response::Ok(Reply::Notice(notice)).to_frame(opcode::NOTICE, request_id)
+                    })
+                    .await
+                }
+                Some(Stream::Device(messages)) => {
+                    forward(messages, out, closed, |message| {
+                        Response::Ok(Reply::DeviceMessage(Box::new(message)))
+                            .to_frame(opcode::DEVICE_MESSAGE, request_id)
+                    })
+                    .await
+                }
+                None => {}
             }
         });
     }
@@ -360,24 +390,31 @@ fn encode_response(
     frame.encode(out);
 }
 
-async fn forward_notices(
-    mut notices: broadcast::Receiver<Notice>,
-    request_id: u64,
+/// A subscription's stream.
+enum Stream {
+    Notices(broadcast::Receiver<Notice>),
+    Device(broadcast::Receiver<DeviceMessage>),
+}
+
+/// Pushes every message of `stream` as a frame until the connection closes. A subscriber that
+/// falls behind loses the oldest messages (logged), never blocks the publisher.
+async fn forward<T: Clone>(
+    mut stream: broadcast::Receiver<T>,
     out: mpsc::Sender<Vec<u8>>,
     mut closed: watch::Receiver<bool>,
+    to_frame: impl Fn(T) -> settlegate_protocol::Frame,
 ) {
     loop {
         tokio::select! {
             _ = closed.changed() => return,
-            notice = notices.recv() => match notice {
-                Ok(notice) => {
-                    let frame = Response::Ok(Reply::Notice(notice)).to_frame(opcode::NOTICE, request_id);
-                    if out.send(frame.to_bytes()).await.is_err() {
+            message = stream.recv() => match message {
+                Ok(message) => {
+                    if out.send(to_frame(message).to_bytes()).await.is_err() {
                         return;
                     }
                 }
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
-                    tracing::debug!(missed, "notice subscriber lagged");
+                    tracing::debug!(missed, "subscriber lagged");
                 }
                 Err(broadcast::error::RecvError::Closed) => return,
             },

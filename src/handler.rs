@@ -129,9 +129,41 @@ pub async fn handle(ctx: &Context, identity: &Identity, request: Request) -> Res
             .list_means(&user, settlegate_engine::MeansOrder::Registration)
             .await
             .map(Reply::Wallet),
+        Request::IssueCode { request } => engine.issue_code(request).await.map(Reply::Code),
+        Request::RedeemCode { request } => {
+            engine.redeem_code(request).await.map(|r| Reply::Redeemed(Box::new(r)))
+        }
+        Request::CodeState { number } => {
+            engine.code_state(number).await.map(|s| Reply::CodeState(Box::new(s)))
+        }
+        Request::IssueCoupons {
+            client_request_id,
+            provider_code,
+            effect,
+            uses,
+            expires_ms,
+            users,
+        } => {
+            let results = engine
+                .issue_coupons(client_request_id, provider_code, users, effect, uses, expires_ms)
+                .await;
+            let mut answers = Vec::with_capacity(results.len());
+            for result in results {
+                answers.push(match result {
+                    Ok(coupon) => Ok(coupon),
+                    Err(EngineError::Refused(reason)) => Err(reason),
+                    Err(other) => return error_response(other),
+                });
+            }
+            Ok(Reply::Coupons(answers))
+        }
+        Request::NotifyDelivery { notice } => {
+            engine.notify_delivery(notice).await.map(|n| Reply::Delivered(n as u32))
+        }
         Request::Auth { .. }
         | Request::Authorize { .. }
         | Request::AuthorizeBasket { .. }
+        | Request::SubscribeDevice { .. }
         | Request::SubscribeNotices { .. } => {
             return Response::Internal("request routed to the wrong handler".into());
         }
@@ -160,6 +192,8 @@ pub fn forbidden(identity: &Identity, request: &Request) -> Option<Response> {
         | Request::TopUp { .. }
         | Request::UsableMethods { .. }
         | Request::Wallet { .. }
+        | Request::IssueCode { .. }
+        | Request::SubscribeDevice { .. }
         | Request::SubscribeNotices { .. } => {
             (!identity.may(permission::ACCOUNTS)).then(|| deny("use account operations")).flatten()
         }
@@ -175,7 +209,22 @@ pub fn forbidden(identity: &Identity, request: &Request) -> Option<Response> {
                 identity.may(permission::AUTHORIZE) && identity.may_act_for_terminal(terminal_id);
             (!allowed).then(|| deny("act for this terminal")).flatten()
         }
-        Request::UpsertStore { .. } | Request::RemoveStore { .. } => {
+        Request::RedeemCode { request } => {
+            let allowed = identity.may(permission::AUTHORIZE)
+                && identity.may_act_for_terminal(&request.terminal_id);
+            (!allowed).then(|| deny("act for this terminal")).flatten()
+        }
+        Request::CodeState { .. } => {
+            (!identity.may(permission::AUTHORIZE)).then(|| deny("read codes")).flatten()
+        }
+        Request::IssueCoupons { provider_code, .. } => {
+            let allowed =
+                identity.may(permission::PROVIDERS) && identity.may_manage_provider(*provider_code);
+            (!allowed).then(|| deny("issue this provider's coupons")).flatten()
+        }
+        Request::UpsertStore { .. }
+        | Request::RemoveStore { .. }
+        | Request::NotifyDelivery { .. } => {
             (!identity.may(permission::STORES)).then(|| deny("manage stores")).flatten()
         }
         Request::Authorize { .. } | Request::AuthorizeBasket { .. } => None,
@@ -304,6 +353,12 @@ fn op_name(opcode: u16) -> &'static str {
         TOP_UP => "top_up",
         USABLE_METHODS => "usable_methods",
         WALLET => "wallet",
+        ISSUE_CODE => "issue_code",
+        REDEEM_CODE => "redeem_code",
+        CODE_STATE => "code_state",
+        ISSUE_COUPONS => "issue_coupons",
+        NOTIFY_DELIVERY => "notify_delivery",
+        SUBSCRIBE_DEVICE => "subscribe_device",
         _ => "unknown",
     }
 }

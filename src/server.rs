@@ -80,6 +80,11 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let http_state = Arc::new(HttpState { metrics: Arc::clone(&shared), ready: true.into() });
     let http_task =
         tokio::spawn(http::serve(http_listener, Arc::clone(&http_state), shutdown_rx.clone()));
+    tokio::spawn(sweep_codes(
+        engine.clone(),
+        Duration::from_millis(server_config.code_sweep_interval_ms.max(10)),
+        shutdown_rx.clone(),
+    ));
     let accept_task = tokio::spawn(accept_loop(
         listener,
         tls.clone(),
@@ -190,4 +195,28 @@ async fn open_connection(
         .and_then(|certs| certs.first())
         .and_then(|cert| shared.identities.by_certificate(cert.as_ref()));
     connection::serve(stream, shared, identity, shutdown).await;
+}
+
+/// Expires payment codes past their expiry and releases their holds, every `interval`, until
+/// shutdown.
+async fn sweep_codes(
+    engine: settlegate_engine::Engine,
+    interval: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = ticker.tick() => match engine.sweep_codes().await {
+                Ok(0) => {}
+                Ok(count) => tracing::info!(count, "payment codes expired; holds released"),
+                Err(error) => {
+                    tracing::debug!(%error, "code sweep stopped");
+                    return;
+                }
+            },
+        }
+    }
 }

@@ -548,3 +548,75 @@ async fn stores_and_wallet_over_the_wire() {
     assert!(wallet[0].balance.is_none());
     assert!(wallet[0].label.starts_with("mastercard "), "{}", wallet[0].label);
 }
+
+#[tokio::test]
+async fn payment_codes_over_the_wire() {
+    use settlegate_engine::{
+        CodeOutcome, CodeState, DeviceMessage, IssueCodeRequest, RedeemRequest,
+    };
+
+    let server = start().await;
+    let admin = client(&server, ADMIN_KEY).await;
+    let mut payer = enroll(&admin, "code-wire").await;
+    // The device subscribes to its own stream.
+    let device = Client::connect(server.addr).await.unwrap();
+    device.authenticate(ADMIN_KEY).await.unwrap();
+    let subscribe = Request::SubscribeDevice {
+        user: payer.user.clone(),
+        password: PASSWORD.into(),
+        card_idm: payer.credential.card_idm,
+    };
+    let (reply, mut pushes) = device.subscribe_device(&subscribe).await.unwrap();
+    assert_eq!(reply, Reply::Empty);
+
+    let issue = Request::IssueCode {
+        request: IssueCodeRequest {
+            client_request_id: request_id(),
+            inherent_id: payer.sign(6_000, PROVIDER_OK, "*"),
+            validity_ms: 300_000,
+            deliver_to: None,
+            order_ref: String::new(),
+        },
+    };
+    let Reply::Code(CodeOutcome::Issued(code)) = admin.call_ok(&issue).await.unwrap() else {
+        panic!("code issued")
+    };
+    let pushed =
+        tokio::time::timeout(Duration::from_secs(5), pushes.recv()).await.unwrap().unwrap();
+    assert_eq!(pushed, Reply::DeviceMessage(Box::new(DeviceMessage::Code((*code).clone()))));
+
+    // A store terminal redeems it for less; a second attempt is refused.
+    let shop = client(&server, TERMINAL_KEY).await;
+    let redeem = |client_request_id| Request::RedeemCode {
+        request: RedeemRequest {
+            client_request_id,
+            code: code.text.clone(),
+            issuer: 1,
+            number: code.number,
+            amount_minor: 5_500,
+            currency: jpy(),
+            sale_at_ms: now_ms(),
+            terminal_id: "SHOP-A-POS1".into(),
+            items: vec![("ITEM".into(), 1, 5_500)],
+            coupon: None,
+            order_ref: String::new(),
+        },
+    };
+    let Reply::Redeemed(redemption) = shop.call_ok(&redeem(request_id())).await.unwrap() else {
+        panic!("redeemed")
+    };
+    assert_eq!((redemption.captured_minor, redemption.released_minor), (5_500, 500));
+    assert_eq!(
+        shop.call(&redeem(request_id())).await.unwrap(),
+        Response::Refused(ReasonCode::CodeRedeemed)
+    );
+    let state = Request::CodeState { number: code.number };
+    let Reply::CodeState(state) = shop.call_ok(&state).await.unwrap() else { panic!() };
+    assert!(matches!(*state, CodeState::Redeemed(_)));
+    // The shop identity may act only for its own terminals.
+    let mut elsewhere = redeem(request_id());
+    if let Request::RedeemCode { request } = &mut elsewhere {
+        request.terminal_id = "OTHER-POS".into();
+    }
+    assert!(matches!(shop.call(&elsewhere).await.unwrap(), Response::Forbidden(_)));
+}

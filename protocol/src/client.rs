@@ -38,9 +38,19 @@ enum Waiter {
         reply: oneshot::Sender<Result<Response, ClientError>>,
     },
     Subscription {
+        /// The subscribing request's opcode, to decode its first answer.
+        opcode: u16,
         first: Option<oneshot::Sender<Result<Response, ClientError>>>,
-        notices: mpsc::Sender<Notice>,
+        pushes: PushSink,
     },
+}
+
+/// Where a subscription's pushes go.
+enum PushSink {
+    /// `SUBSCRIBE_NOTICES`: settlement notices.
+    Notices(mpsc::Sender<Notice>),
+    /// Any other subscription: the pushed replies as decoded.
+    Replies(mpsc::Sender<Reply>),
 }
 
 /// Waiters by request ID, and why the connection closed once it has: a call that registers
@@ -125,9 +135,34 @@ impl Client {
             Request::SubscribeNotices { user: user.clone(), password: password.to_owned() };
         let (first, receiver) = oneshot::channel();
         let (notices, stream) = mpsc::channel(NOTICE_QUEUE);
-        self.send(&request, Waiter::Subscription { first: Some(first), notices }).await?;
+        let waiter = Waiter::Subscription {
+            opcode: opcode::SUBSCRIBE_NOTICES,
+            first: Some(first),
+            pushes: PushSink::Notices(notices),
+        };
+        self.send(&request, waiter).await?;
         match receiver.await.map_err(|_| ClientError::Closed("reader stopped".into()))?? {
             Response::Ok(_) => Ok(stream),
+            other => Err(ClientError::Unexpected(Box::new(other))),
+        }
+    }
+
+    /// Sends a subscribing request (`SUBSCRIBE_DEVICE`) and returns its first answer and the
+    /// stream of what is pushed under it (`DEVICE_MESSAGE` replies).
+    pub async fn subscribe_device(
+        &self,
+        request: &Request,
+    ) -> Result<(Reply, mpsc::Receiver<Reply>), ClientError> {
+        let (first, receiver) = oneshot::channel();
+        let (pushes, stream) = mpsc::channel(NOTICE_QUEUE);
+        let waiter = Waiter::Subscription {
+            opcode: request.opcode(),
+            first: Some(first),
+            pushes: PushSink::Replies(pushes),
+        };
+        self.send(request, waiter).await?;
+        match receiver.await.map_err(|_| ClientError::Closed("reader stopped".into()))?? {
+            Response::Ok(reply) => Ok((reply, stream)),
             other => Err(ClientError::Unexpected(Box::new(other))),
         }
     }
@@ -211,16 +246,21 @@ fn deliver(pending: &Pending, frame: crate::Frame) -> Result<(), ClientError> {
     }
     let mut pending = pending.lock().expect("pending lock");
     if frame.flags & FLAG_PUSH != 0 {
-        let Some(Waiter::Subscription { notices, .. }) = pending.waiters.get(&frame.request_id)
+        let Some(Waiter::Subscription { pushes, .. }) = pending.waiters.get(&frame.request_id)
         else {
-            return Ok(()); // A notice for a subscription nobody holds any more.
+            return Ok(()); // A push for a subscription nobody holds any more.
         };
-        let response = Response::decode(opcode::NOTICE, frame.status, &frame.body)
+        let response = Response::decode(frame.opcode, frame.status, &frame.body)
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        if let Response::Ok(Reply::Notice(notice)) = response {
-            if notices.try_send(notice).is_err() {
-                pending.waiters.remove(&frame.request_id); // Receiver gone or too far behind.
+        let delivered = match (pushes, response) {
+            (PushSink::Notices(notices), Response::Ok(Reply::Notice(notice))) => {
+                notices.try_send(notice).is_ok()
             }
+            (PushSink::Replies(replies), Response::Ok(reply)) => replies.try_send(reply).is_ok(),
+            _ => true,
+        };
+        if !delivered {
+            pending.waiters.remove(&frame.request_id); // Receiver gone or too far behind.
         }
         return Ok(());
     }
@@ -230,17 +270,16 @@ fn deliver(pending: &Pending, frame: crate::Frame) -> Result<(), ClientError> {
                 .map_err(|e| ClientError::Protocol(format!("response to {opcode:#06x}: {e}")));
             let _ = reply.send(response);
         }
-        Some(Waiter::Subscription { first, notices }) => {
-            let response = Response::decode(opcode::SUBSCRIBE_NOTICES, frame.status, &frame.body)
+        Some(Waiter::Subscription { opcode, first, pushes }) => {
+            let response = Response::decode(opcode, frame.status, &frame.body)
                 .map_err(|e| ClientError::Protocol(e.to_string()));
             let subscribed = matches!(response, Ok(Response::Ok(_)));
             if let Some(first) = first {
                 let _ = first.send(response);
             }
             if subscribed {
-                pending
-                    .waiters
-                    .insert(frame.request_id, Waiter::Subscription { first: None, notices });
+                let waiter = Waiter::Subscription { opcode, first: None, pushes };
+                pending.waiters.insert(frame.request_id, waiter);
             }
         }
         None => {

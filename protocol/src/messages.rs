@@ -1,7 +1,11 @@
 //! Typed requests and responses, and their body layouts (`docs/PROTOCOL.md` section 5).
 
+use settlegate_engine::codes::CouponEffect;
 use settlegate_engine::engine::DeviceCredential;
-use settlegate_engine::limits::{ACCEPTED_METHODS_MAX, BASKET_ITEMS_MAX, STORE_IDS_PER_KIND_MAX};
+use settlegate_engine::limits::{
+    ACCEPTED_METHODS_MAX, BASKET_ITEMS_MAX, COUPON_USERS_MAX, SALE_ITEMS_MAX,
+    STORE_IDS_PER_KIND_MAX,
+};
 use settlegate_engine::{
     AcceptedMethod, Balance, BestBy, EnteredStore, MethodAtStore, Signal, Store, UsableMethods,
 };
@@ -10,6 +14,10 @@ use settlegate_engine::{
     CardToken, Currency, DeviceKey, Discount, MeansAdded, MeansInput, MeansKind, MeansOrder,
     MeansView, Notice, OnAgeFailure, ReasonCode, TerminalConfirmation, TerminalEntry,
     TerminalService, UserKey,
+};
+use settlegate_engine::{
+    CodeOutcome, CodeState, DeliveryNotice, DeviceMessage, IssueCodeRequest, IssuedCode,
+    IssuedCoupon, RedeemRequest, Redemption,
 };
 
 use crate::wire::{BodyError, Reader, Writer};
@@ -68,6 +76,20 @@ pub mod opcode {
     pub const USABLE_METHODS: u16 = 0x0055;
     /// The user's methods with balances and use.
     pub const WALLET: u16 = 0x0056;
+    /// Request a payment code (C1–C2, C4).
+    pub const ISSUE_CODE: u16 = 0x0060;
+    /// Redeem a payment code at a POS (C3).
+    pub const REDEEM_CODE: u16 = 0x0061;
+    /// A payment code's state and remittance record.
+    pub const CODE_STATE: u16 = 0x0062;
+    /// Issue coupons or service codes to users (C5).
+    pub const ISSUE_COUPONS: u16 = 0x0063;
+    /// Tell a user a cash-on-delivery parcel is coming (C4).
+    pub const NOTIFY_DELIVERY: u16 = 0x0064;
+    /// Subscribe to one device's messages.
+    pub const SUBSCRIBE_DEVICE: u16 = 0x0065;
+    /// A pushed device message.
+    pub const DEVICE_MESSAGE: u16 = 0x0066;
 }
 
 /// Response statuses.
@@ -213,6 +235,31 @@ pub enum Request {
     Wallet {
         user: UserKey,
     },
+    IssueCode {
+        request: IssueCodeRequest,
+    },
+    RedeemCode {
+        request: RedeemRequest,
+    },
+    CodeState {
+        number: u64,
+    },
+    IssueCoupons {
+        client_request_id: u128,
+        provider_code: u32,
+        effect: CouponEffect,
+        uses: u32,
+        expires_ms: i64,
+        users: Vec<UserKey>,
+    },
+    NotifyDelivery {
+        notice: DeliveryNotice,
+    },
+    SubscribeDevice {
+        user: UserKey,
+        password: String,
+        card_idm: [u8; 8],
+    },
 }
 
 /// Largest `PING` payload.
@@ -261,6 +308,12 @@ impl Request {
             Request::TopUp { .. } => TOP_UP,
             Request::UsableMethods { .. } => USABLE_METHODS,
             Request::Wallet { .. } => WALLET,
+            Request::IssueCode { .. } => ISSUE_CODE,
+            Request::RedeemCode { .. } => REDEEM_CODE,
+            Request::CodeState { .. } => CODE_STATE,
+            Request::IssueCoupons { .. } => ISSUE_COUPONS,
+            Request::NotifyDelivery { .. } => NOTIFY_DELIVERY,
+            Request::SubscribeDevice { .. } => SUBSCRIBE_DEVICE,
         }
     }
 
@@ -373,6 +426,48 @@ impl Request {
             }
             Request::Wallet { user } => {
                 w.user(user);
+            }
+            Request::IssueCode { request: r } => {
+                w.u128(r.client_request_id)
+                    .bytes16(&r.inherent_id)
+                    .u32((r.validity_ms / 1000) as u32)
+                    .u8(u8::from(r.deliver_to.is_some()))
+                    .raw(&r.deliver_to.unwrap_or([0; 8]))
+                    .str8(&r.order_ref);
+            }
+            Request::RedeemCode { request: r } => {
+                w.u128(r.client_request_id)
+                    .str8(&r.code)
+                    .u16(r.issuer)
+                    .u64(r.number)
+                    .u64(r.amount_minor)
+                    .raw(&r.currency.bytes())
+                    .i64(r.sale_at_ms)
+                    .str8(&r.terminal_id);
+                encode_items(&mut w, &r.items);
+                w.str8(r.coupon.as_deref().unwrap_or("")).str8(&r.order_ref);
+            }
+            Request::CodeState { number } => {
+                w.u64(*number);
+            }
+            Request::IssueCoupons {
+                client_request_id,
+                provider_code,
+                effect,
+                uses,
+                expires_ms,
+                users,
+            } => {
+                w.u128(*client_request_id).u32(*provider_code);
+                encode_effect(&mut w, effect);
+                w.u32(*uses).i64(*expires_ms).u16(users.len() as u16);
+                for user in users {
+                    w.user(user);
+                }
+            }
+            Request::NotifyDelivery { notice } => encode_delivery(&mut w, notice),
+            Request::SubscribeDevice { user, password, card_idm } => {
+                w.user(user).str8(password).raw(card_idm);
             }
         }
     }
@@ -521,6 +616,67 @@ impl Request {
                 },
             },
             opcode::WALLET => Request::Wallet { user: r.user()? },
+            opcode::ISSUE_CODE => Request::IssueCode {
+                request: IssueCodeRequest {
+                    client_request_id: r.u128("client_request_id")?,
+                    inherent_id: r.bytes16("inherent_id")?.to_vec(),
+                    validity_ms: i64::from(r.u32("validity_s")?) * 1000,
+                    deliver_to: {
+                        let has = r.flag("has_deliver_to")?;
+                        let idm: [u8; 8] = r.array("deliver_to")?;
+                        has.then_some(idm)
+                    },
+                    order_ref: r.str8("order_ref")?.to_owned(),
+                },
+            },
+            opcode::REDEEM_CODE => Request::RedeemCode {
+                request: RedeemRequest {
+                    client_request_id: r.u128("client_request_id")?,
+                    code: r.str8("code")?.to_owned(),
+                    issuer: r.u16("issuer")?,
+                    number: r.u64("number")?,
+                    amount_minor: r.u64("amount_minor")?,
+                    currency: currency(&mut r)?,
+                    sale_at_ms: r.i64("sale_at_ms")?,
+                    terminal_id: r.str8("terminal_id")?.to_owned(),
+                    items: decode_items(&mut r)?,
+                    coupon: {
+                        let coupon = r.str8("coupon")?;
+                        (!coupon.is_empty()).then(|| coupon.to_owned())
+                    },
+                    order_ref: r.str8("order_ref")?.to_owned(),
+                },
+            },
+            opcode::CODE_STATE => Request::CodeState { number: r.u64("number")? },
+            opcode::ISSUE_COUPONS => {
+                let client_request_id = r.u128("client_request_id")?;
+                let provider_code = r.u32("provider_code")?;
+                let effect = decode_effect(&mut r)?;
+                let uses = r.u32("uses")?;
+                let expires_ms = r.i64("expires_ms")?;
+                let count = r.u16("user_count")? as usize;
+                if count == 0 || count > COUPON_USERS_MAX {
+                    return Err(BodyError::Invalid("user_count (1..=1000)").into());
+                }
+                let mut users = Vec::with_capacity(count);
+                for _ in 0..count {
+                    users.push(r.user()?);
+                }
+                Request::IssueCoupons {
+                    client_request_id,
+                    provider_code,
+                    effect,
+                    uses,
+                    expires_ms,
+                    users,
+                }
+            }
+            opcode::NOTIFY_DELIVERY => Request::NotifyDelivery { notice: decode_delivery(&mut r)? },
+            opcode::SUBSCRIBE_DEVICE => Request::SubscribeDevice {
+                user: r.user()?,
+                password: r.str8("password")?.to_owned(),
+                card_idm: r.array("card_idm")?,
+            },
             opcode::SET_AGE_POLICY => Request::SetAgePolicy {
                 client_request_id: r.u128("client_request_id")?,
                 provider_code: r.u32("provider_code")?,
@@ -542,6 +698,142 @@ impl Request {
         r.finish()?;
         Ok(request)
     }
+}
+
+fn encode_items(w: &mut Writer<'_>, items: &[(String, u32, u64)]) {
+    w.u16(items.len() as u16);
+    for (item_id, quantity, unit) in items {
+        w.str8(item_id).u32(*quantity).u64(*unit);
+    }
+}
+
+fn decode_items(r: &mut Reader<'_>) -> Result<Vec<(String, u32, u64)>, BodyError> {
+    let count = r.u16("item_count")? as usize;
+    if count > SALE_ITEMS_MAX {
+        return Err(BodyError::Invalid("item_count (0..=256)"));
+    }
+    let mut items = Vec::with_capacity(count);
+    for _ in 0..count {
+        items.push((
+            r.str8("item_id")?.to_owned(),
+            r.u32("quantity")?,
+            r.u64("unit_amount_minor")?,
+        ));
+    }
+    Ok(items)
+}
+
+fn encode_effect(w: &mut Writer<'_>, effect: &CouponEffect) {
+    match *effect {
+        CouponEffect::Percent { bps } => w.u8(1).u64(u64::from(bps)).raw(b"XXX"),
+        CouponEffect::Fixed { amount_minor, currency } => {
+            w.u8(2).u64(amount_minor).raw(&currency.bytes())
+        }
+        CouponEffect::OrderCode => w.u8(3).u64(0).raw(b"XXX"),
+    };
+}
+
+fn decode_effect(r: &mut Reader<'_>) -> Result<CouponEffect, BodyError> {
+    let kind = r.u8("coupon_kind")?;
+    let value = r.u64("value")?;
+    let currency = currency(r)?;
+    Ok(match kind {
+        1 => CouponEffect::Percent {
+            bps: u16::try_from(value).map_err(|_| BodyError::Invalid("bps"))?,
+        },
+        2 => CouponEffect::Fixed { amount_minor: value, currency },
+        3 => CouponEffect::OrderCode,
+        _ => return Err(BodyError::Invalid("coupon_kind")),
+    })
+}
+
+fn encode_delivery(w: &mut Writer<'_>, notice: &DeliveryNotice) {
+    w.user(&notice.user)
+        .str8(&notice.order_ref)
+        .u64(notice.amount_minor)
+        .raw(&notice.currency.bytes())
+        .str8(&notice.merchant);
+}
+
+fn decode_delivery(r: &mut Reader<'_>) -> Result<DeliveryNotice, BodyError> {
+    Ok(DeliveryNotice {
+        user: r.user()?,
+        order_ref: r.str8("order_ref")?.to_owned(),
+        amount_minor: r.u64("amount_minor")?,
+        currency: currency(r)?,
+        merchant: r.str8("merchant")?.to_owned(),
+    })
+}
+
+fn encode_issued_code(w: &mut Writer<'_>, code: &IssuedCode) {
+    w.str8(&code.text)
+        .u64(code.number)
+        .u64(code.amount_minor)
+        .raw(&code.currency.bytes())
+        .i64(code.expires_ms)
+        .raw(&code.deliver_to)
+        .user(&code.user)
+        .str8(&code.order_ref);
+}
+
+fn decode_issued_code(r: &mut Reader<'_>) -> Result<IssuedCode, BodyError> {
+    Ok(IssuedCode {
+        text: r.str8("text")?.to_owned(),
+        number: r.u64("number")?,
+        amount_minor: r.u64("amount_minor")?,
+        currency: currency(r)?,
+        expires_ms: r.i64("expires_ms")?,
+        deliver_to: r.array("deliver_to")?,
+        user: r.user()?,
+        order_ref: r.str8("order_ref")?.to_owned(),
+    })
+}
+
+fn encode_issued_coupon(w: &mut Writer<'_>, coupon: &IssuedCoupon) {
+    w.str8(&coupon.text).u64(coupon.number).user(&coupon.user);
+    encode_effect(w, &coupon.effect);
+    w.u32(coupon.uses).i64(coupon.expires_ms);
+}
+
+fn decode_issued_coupon(r: &mut Reader<'_>) -> Result<IssuedCoupon, BodyError> {
+    Ok(IssuedCoupon {
+        text: r.str8("text")?.to_owned(),
+        number: r.u64("number")?,
+        user: r.user()?,
+        effect: decode_effect(r)?,
+        uses: r.u32("uses")?,
+        expires_ms: r.i64("expires_ms")?,
+    })
+}
+
+fn encode_redemption(w: &mut Writer<'_>, x: &Redemption) {
+    w.u64(x.number)
+        .u64(x.captured_minor)
+        .u64(x.released_minor)
+        .u64(x.coupon_discount_minor)
+        .raw(&x.currency.bytes())
+        .str8(&x.terminal_id)
+        .u32(x.provider_code)
+        .raw(&x.auth_code.0)
+        .i64(x.sale_at_ms)
+        .i64(x.redeemed_at_ms);
+    encode_items(w, &x.items);
+}
+
+fn decode_redemption(r: &mut Reader<'_>) -> Result<Redemption, BodyError> {
+    Ok(Redemption {
+        number: r.u64("number")?,
+        captured_minor: r.u64("captured_minor")?,
+        released_minor: r.u64("released_minor")?,
+        coupon_discount_minor: r.u64("coupon_discount_minor")?,
+        currency: currency(r)?,
+        terminal_id: r.str8("terminal_id")?.to_owned(),
+        provider_code: r.u32("provider_code")?,
+        auth_code: AuthCode(r.array("auth_code")?),
+        sale_at_ms: r.i64("sale_at_ms")?,
+        redeemed_at_ms: r.i64("redeemed_at_ms")?,
+        items: decode_items(r)?,
+    })
 }
 
 /// Degrees as the wire's signed 10^-7 degrees (about 1 cm).
@@ -819,6 +1111,12 @@ pub enum Reply {
     Entered(Box<EnteredStore>),
     Balance(Balance),
     Usable(Box<UsableMethods>),
+    Code(CodeOutcome),
+    Redeemed(Box<Redemption>),
+    CodeState(Box<CodeState>),
+    Coupons(Vec<Result<IssuedCoupon, ReasonCode>>),
+    Delivered(u32),
+    DeviceMessage(Box<DeviceMessage>),
 }
 
 /// A response: a status and its body.
@@ -886,7 +1184,7 @@ impl Response {
     /// The response to a request with `opcode` and `request_id`, as a frame.
     pub fn to_frame(&self, opcode: u16, request_id: u64) -> crate::Frame {
         let (status, body) = self.encode();
-        let push = matches!(self, Response::Ok(Reply::Notice(_)));
+        let push = matches!(self, Response::Ok(Reply::Notice(_) | Reply::DeviceMessage(_)));
         let flags = crate::frame::FLAG_RESPONSE | if push { crate::frame::FLAG_PUSH } else { 0 };
         crate::Frame { flags, opcode, status, request_id, body }
     }
@@ -956,6 +1254,59 @@ fn encode_reply(w: &mut Writer<'_>, reply: &Reply) {
             }
         }
         Reply::Entered(entered) => encode_entered(w, entered),
+        Reply::Code(outcome) => match outcome {
+            CodeOutcome::Issued(code) => {
+                w.u8(0);
+                encode_issued_code(w, code);
+            }
+            CodeOutcome::Declined(reason) => {
+                w.u8(1).u16(reason.code());
+            }
+        },
+        Reply::Redeemed(x) => encode_redemption(w, x),
+        Reply::CodeState(state) => match state.as_ref() {
+            CodeState::Issued => {
+                w.u8(0);
+            }
+            CodeState::Redeemed(x) => {
+                w.u8(1);
+                encode_redemption(w, x);
+            }
+            CodeState::Expired => {
+                w.u8(2);
+            }
+        },
+        Reply::Coupons(results) => {
+            w.u16(results.len() as u16);
+            for result in results {
+                match result {
+                    Ok(coupon) => {
+                        w.u8(0);
+                        encode_issued_coupon(w, coupon);
+                    }
+                    Err(reason) => {
+                        w.u8(1).u16(reason.code());
+                    }
+                }
+            }
+        }
+        Reply::Delivered(devices) => {
+            w.u32(*devices);
+        }
+        Reply::DeviceMessage(message) => match message.as_ref() {
+            DeviceMessage::Code(code) => {
+                w.u8(1);
+                encode_issued_code(w, code);
+            }
+            DeviceMessage::Coupon(coupon) => {
+                w.u8(2);
+                encode_issued_coupon(w, coupon);
+            }
+            DeviceMessage::Delivery(notice) => {
+                w.u8(3);
+                encode_delivery(w, notice);
+            }
+        },
         Reply::Balance(b) => {
             w.u64(b.balance_minor)
                 .u64(b.available_minor)
@@ -1081,6 +1432,44 @@ fn decode_reply(opcode: u16, r: &mut Reader<'_>) -> Result<Reply, BodyError> {
         LOGIN | SET_DEFAULT_MEANS | SUBSCRIBE_NOTICES | REGISTER_TERMINALS | REMOVE_TERMINALS
         | REGISTER_AGE | SET_AGE_POLICY | UPSERT_STORE | REMOVE_STORE => Reply::Empty,
         STORE_AT | STORE_BY_SIGNAL => Reply::Entered(Box::new(decode_entered(r)?)),
+        SUBSCRIBE_DEVICE => Reply::Empty,
+        ISSUE_CODE => Reply::Code(match r.u8("result")? {
+            0 => CodeOutcome::Issued(Box::new(decode_issued_code(r)?)),
+            1 => CodeOutcome::Declined(
+                ReasonCode::from_code(r.u16("reason")?).ok_or(BodyError::Invalid("reason"))?,
+            ),
+            _ => return Err(BodyError::Invalid("result")),
+        }),
+        REDEEM_CODE => Reply::Redeemed(Box::new(decode_redemption(r)?)),
+        CODE_STATE => Reply::CodeState(Box::new(match r.u8("state")? {
+            0 => CodeState::Issued,
+            1 => CodeState::Redeemed(Box::new(decode_redemption(r)?)),
+            2 => CodeState::Expired,
+            _ => return Err(BodyError::Invalid("state")),
+        })),
+        ISSUE_COUPONS => {
+            let count = r.u16("count")? as usize;
+            if count > COUPON_USERS_MAX {
+                return Err(BodyError::Invalid("count"));
+            }
+            let mut results = Vec::with_capacity(count);
+            for _ in 0..count {
+                results.push(match r.u8("result")? {
+                    0 => Ok(decode_issued_coupon(r)?),
+                    1 => Err(ReasonCode::from_code(r.u16("reason")?)
+                        .ok_or(BodyError::Invalid("reason"))?),
+                    _ => return Err(BodyError::Invalid("result")),
+                });
+            }
+            Reply::Coupons(results)
+        }
+        NOTIFY_DELIVERY => Reply::Delivered(r.u32("devices")?),
+        DEVICE_MESSAGE => Reply::DeviceMessage(Box::new(match r.u8("kind")? {
+            1 => DeviceMessage::Code(decode_issued_code(r)?),
+            2 => DeviceMessage::Coupon(decode_issued_coupon(r)?),
+            3 => DeviceMessage::Delivery(decode_delivery(r)?),
+            _ => return Err(BodyError::Invalid("kind")),
+        })),
         TOP_UP => {
             let balance_minor = r.u64("balance_minor")?;
             let available_minor = r.u64("available_minor")?;

@@ -18,7 +18,7 @@ proptest! {
 
     #[test]
     fn random_bodies_never_panic_the_message_decoders(
-        opcode in prop_oneof![0u16..0x58, any::<u16>()],
+        opcode in prop_oneof![0u16..0x68, any::<u16>()],
         status in prop_oneof![0u16..20, any::<u16>()],
         body in prop::collection::vec(any::<u8>(), 0..300),
     ) {
@@ -30,7 +30,7 @@ proptest! {
 
     #[test]
     fn valid_frames_with_random_bodies_decode_as_framed(
-        opcode in 0u16..0x58,
+        opcode in 0u16..0x68,
         request_id in any::<u64>(),
         body in prop::collection::vec(any::<u8>(), 0..300),
     ) {

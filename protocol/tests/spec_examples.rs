@@ -3,10 +3,11 @@
 //! `SETTLEGATE_BLESS=1 cargo test -p settlegate-protocol --test spec_examples` rewrites them.
 
 use settlegate_engine::age::{Date, VerificationMethod};
+use settlegate_engine::codes::{issue_number, CodeKey, CodeKind, CodePayload};
 use settlegate_engine::{
     AcceptedMethod, AgeCheck, AgeRecord, AgeVerdict, Approval, AuthCode, AuthOutcome, Basket,
-    BasketItem, Currency, EnteredStore, InherentId, MeansKind, ReasonCode, Store, UserIdType,
-    UserKey,
+    BasketItem, Currency, EnteredStore, InherentId, MeansKind, ReasonCode, RedeemRequest, Store,
+    UserIdType, UserKey,
 };
 use settlegate_protocol::messages::{opcode, Reply, Request, Response};
 use settlegate_protocol::Frame;
@@ -81,6 +82,21 @@ fn example_store() -> Store {
             AcceptedMethod { kind: MeansKind::EMoney, brand: String::new() },
         ],
     }
+}
+
+/// The example payment code: 5,000 JPY, issue number 1·42, expiring at 1795306200 s, tagged
+/// with the code key of the vault key 00 01 … 1f.
+fn example_code() -> String {
+    CodePayload {
+        kind: CodeKind::Payment,
+        issuer: 1,
+        number: issue_number(1, 42),
+        value: 5_000,
+        currency: Currency::try_from("JPY").unwrap(),
+        expires_s: 1_795_306_200,
+        flags: 0,
+    }
+    .seal(&CodeKey::derive(&example_key()))
 }
 
 fn examples() -> Vec<(&'static str, String, Vec<u8>)> {
@@ -230,6 +246,40 @@ fn examples() -> Vec<(&'static str, String, Vec<u8>)> {
             ),
         ),
         (
+            "code-text",
+            format!(
+                "A payment code's text (not a frame), as ASCII: kind 0xC1, issuer 1, issue number \
+                 0x010000000000002a (shard 1, sequence 42), 5,000 JPY, expiry 1795306200 s, flags \
+                 0, tagged with the code key derived from the vault key 000102…1f. As text: `{}`.",
+                example_code()
+            ),
+            example_code().into_bytes(),
+        ),
+        (
+            "redeem-code-request",
+            "`REDEEM_CODE` of that code, client request ID 11, request ID 10: issuer 1, number \
+             0x010000000000002a, a sale of 4,200 JPY at 1795305900000 on terminal `POS-7`, one \
+             item `BENTO-01` 1 × 4,200, no coupon, no order."
+                .into(),
+            Request::RedeemCode {
+                request: RedeemRequest {
+                    client_request_id: 11,
+                    code: example_code(),
+                    issuer: 1,
+                    number: issue_number(1, 42),
+                    amount_minor: 4_200,
+                    currency: Currency::try_from("JPY").unwrap(),
+                    sale_at_ms: 1_795_305_900_000,
+                    terminal_id: "POS-7".into(),
+                    items: vec![("BENTO-01".into(), 1, 4_200)],
+                    coupon: None,
+                    order_ref: String::new(),
+                },
+            }
+            .to_frame(10)
+            .to_bytes(),
+        ),
+        (
             "login-refused",
             "`LOGIN` refused, reason 53 (WrongPassword), request ID 4.".into(),
             response(Response::Refused(ReasonCode::WrongPassword), opcode::LOGIN, 4),
@@ -296,6 +346,12 @@ fn examples_decode_and_reencode_to_the_same_bytes() {
         if name == "inherent-id" {
             let (record, _, _) = InherentId::decode(&bytes).unwrap();
             assert_eq!(record.terminal_id, "DEMO-SHIBUYA-01");
+            continue;
+        }
+        if name == "code-text" {
+            let text = String::from_utf8(bytes).unwrap();
+            let payload = CodePayload::open(&text, &CodeKey::derive(&example_key())).unwrap();
+            assert_eq!(payload.value, 5_000);
             continue;
         }
         if name == "age-record" {
