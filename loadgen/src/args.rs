@@ -254,10 +254,10 @@ mod tests {
         assert_eq!(args.operation_names(), ["authorize", "ping"]);
         assert_eq!(parse("loadgen --embedded --duration 10").duration, Duration::from_secs(10));
         let error =
-            Args::try_parse_from(["loadgen", "--embedded", "--mix", "authorize=70,code=20"])
+            Args::try_parse_from(["loadgen", "--embedded", "--mix", "authorize=70,coupon=20"])
                 .unwrap_err()
                 .to_string();
-        assert!(error.contains("not supported by loadgen yet"), "{error}");
+        assert!(error.contains("unknown operation `coupon`"), "{error}");
         let error = Args::try_parse_from(["loadgen", "--embedded", "--slo", "p99=fast"])
             .unwrap_err()
             .to_string();

@@ -9,8 +9,8 @@ use std::future::Future;
 use std::sync::atomic::Ordering;
 
 use settlegate_engine::{
-    AuthOutcome, AuthorizeRequest, Basket, BasketItem, BestBy, Currency, EngineError, InherentId,
-    MeansKind, MeansOrder,
+    AuthOutcome, AuthorizeRequest, Basket, BasketItem, BestBy, CodeOutcome, Currency, EngineError,
+    InherentId, IssueCodeRequest, IssuedCode, MeansKind, MeansOrder, RedeemRequest,
 };
 use settlegate_protocol::messages::{Reply, Request};
 use settlegate_protocol::{ClientError, Response};
@@ -66,11 +66,10 @@ operations! {
     /// An age-checked payment: a basket with an alcohol line and the age-confirmation flag,
     /// paid from a terminal whose age registration the dataset made (A2).
     Age => "age", age_checked;
+    /// A payment code issued (held authorization) and then redeemed by a store terminal for
+    /// less: two requests, timed together (C1–C3).
+    Code => "code", code;
 }
-
-/// Flows issue #5 names that loadgen does not drive yet, by their `--mix` name: `--mix` says
-/// so instead of calling them unknown (payment codes do not exist in the engine yet).
-pub const PLANNED: &[(&str, &str)] = &[("code", "payment code")];
 
 /// The settlegate workload: a target, its dataset and the mix's operations.
 pub struct Workload {
@@ -208,6 +207,52 @@ async fn age_checked(w: &Workload, slot: &mut SlotCursor) -> Outcome {
                 Request::AuthorizeBasket { client_request_id: id, inherent_id, basket: basket() };
             match clients[slot.connection].call_ok(&request).await {
                 Ok(Reply::BasketOutcome(outcome, _)) => auth_outcome(Ok(outcome)),
+                Ok(_) => Outcome::Error("unexpected reply".into()),
+                Err(error) => Outcome::Error(client_error(error)),
+            }
+        }
+    }
+}
+
+async fn code(w: &Workload, slot: &mut SlotCursor) -> Outcome {
+    let (id, inherent_id) = next_payment(w, slot);
+    let store = w.dataset.stores[slot.below(w.dataset.stores.len())].clone();
+    let issue = IssueCodeRequest {
+        client_request_id: id,
+        inherent_id,
+        validity_ms: 300_000,
+        deliver_to: None,
+        order_ref: String::new(),
+    };
+    let redeem = |code: &IssuedCode| RedeemRequest {
+        client_request_id: id | (1 << 31),
+        code: code.text.clone(),
+        issuer: 1,
+        number: code.number,
+        amount_minor: 900,
+        currency: code.currency,
+        sale_at_ms: now_ms(),
+        terminal_id: store.clone(),
+        items: vec![("ITEM".into(), 1, 900)],
+        coupon: None,
+        order_ref: String::new(),
+    };
+    match &w.target {
+        Target::Embedded(engine) => match engine.issue_code(issue).await {
+            Ok(CodeOutcome::Issued(code)) => {
+                ok_or_error(engine.redeem_code(redeem(&code)).await, engine_error)
+            }
+            Ok(CodeOutcome::Declined(reason)) => Outcome::Declined(reason.code()),
+            Err(error) => Outcome::Error(engine_error(error)),
+        },
+        Target::Remote(clients) => {
+            let client = &clients[slot.connection];
+            match client.call_ok(&Request::IssueCode { request: issue }).await {
+                Ok(Reply::Code(CodeOutcome::Issued(code))) => {
+                    let request = Request::RedeemCode { request: redeem(&code) };
+                    ok_or_error(client.call_ok(&request).await, client_error)
+                }
+                Ok(Reply::Code(CodeOutcome::Declined(reason))) => Outcome::Declined(reason.code()),
                 Ok(_) => Outcome::Error("unexpected reply".into()),
                 Err(error) => Outcome::Error(client_error(error)),
             }
