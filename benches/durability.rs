@@ -1,5 +1,5 @@
 //! Durability costs: the authorize path with the write-ahead log under each fsync policy (and
-//! without a log), and the time to recover a data directory of N users.
+//! without a log), and the time to recover a data directory of N users with one payment code each.
 //!
 //! `cargo bench --bench durability`. `SETTLEGATE_RECOVERY_USERS=1000000` sets the large
 //! recovery size (default 10,000; the test suite runs 200).
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use futures::future::join_all;
 use settlegate_engine::wal::FsyncPolicy;
-use settlegate_engine::{AuthOutcome, Engine};
+use settlegate_engine::{AuthOutcome, CodeOutcome, Engine, IssueCodeRequest};
 
 fn durable(dir: &std::path::Path, fsync: FsyncPolicy) -> settlegate_engine::EngineConfig {
     let mut config = common::config();
@@ -75,11 +75,28 @@ fn recovery(c: &mut Criterion) {
         let setup = Instant::now();
         let bench =
             common::Bench::with_config(&runtime, users, durable(dir.path(), FsyncPolicy::Off));
+        // One payment code per user (issued, so held): the other half of the data set.
+        runtime.block_on(async {
+            for chunk in (0..users).collect::<Vec<_>>().chunks(512) {
+                let issues = chunk.iter().map(|&i| {
+                    bench.engine.issue_code(IssueCodeRequest {
+                        client_request_id: (7 << 100) | i as u128,
+                        inherent_id: bench.signed(i),
+                        validity_ms: 86_400_000,
+                        deliver_to: None,
+                        order_ref: String::new(),
+                    })
+                });
+                for outcome in futures::future::join_all(issues).await {
+                    assert!(matches!(outcome, Ok(CodeOutcome::Issued(_))), "{outcome:?}");
+                }
+            }
+        });
         bench.engine.shutdown();
         drop(bench);
         eprintln!("recovery/{users}: data directory written in {:?}", setup.elapsed());
         group.throughput(Throughput::Elements(users as u64));
-        group.bench_function(BenchmarkId::new("users", users), |b| {
+        group.bench_function(BenchmarkId::new("users_and_codes", users), |b| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
