@@ -10,9 +10,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures::StreamExt;
 use rand::{Rng, SeedableRng};
 use settlegate_engine::{
-    AuthOutcome, InherentId, MeansInput, MeansKind, ReasonCode, UserIdType, UserKey,
+    AuthOutcome, CodeOutcome, CodeState, InherentId, IssueCodeRequest, IssuedCode, MeansInput,
+    MeansKind, ReasonCode, RedeemRequest, Redemption, UserIdType, UserKey,
 };
-use settlegate_protocol::messages::{Reply, Request};
+use settlegate_protocol::messages::{Reply, Request, Response};
 use settlegate_protocol::Client;
 use tokio::sync::Mutex;
 
@@ -46,6 +47,98 @@ struct Payer {
 
 /// What the client saw acknowledged: (client request ID, inherent ID, outcome).
 type Acked = Arc<Mutex<Vec<(u128, Vec<u8>, AuthOutcome)>>>;
+
+/// Payment codes the client saw issued, and the redemptions it saw acknowledged.
+#[derive(Default)]
+struct CodesSeen {
+    issued: Vec<IssuedCode>,
+    /// Issue number → the acknowledged redemptions (client request ID, redemption).
+    redeemed: std::collections::HashMap<u64, Vec<(u128, Redemption)>>,
+}
+
+type Codes = Arc<Mutex<CodesSeen>>;
+
+/// Issues payment codes and redeems each with two concurrent requests, until the connection
+/// dies, recording what was acknowledged.
+async fn load_codes(
+    client: Arc<Client>,
+    payers: Arc<Vec<Payer>>,
+    counters: Arc<Mutex<Vec<u64>>>,
+    codes: Codes,
+    seed: u64,
+) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    loop {
+        let index = rng.gen_range(0..payers.len());
+        let counter = {
+            let mut counters = counters.lock().await;
+            counters[index] += 1;
+            counters[index]
+        };
+        let payer = &payers[index];
+        let amount = rng.gen_range(100..10_000);
+        let inherent_id = InherentId {
+            key_version: payer.credential.key_version,
+            amount_minor: amount,
+            currency: jpy(),
+            means: MeansKind::CreditCard,
+            means_id: 0,
+            provider_code: 1,
+            card_idm: payer.credential.card_idm,
+            user: payer.user.clone(),
+            terminal_id: "*".into(),
+            counter,
+            timestamp_ms: now_ms(),
+        }
+        .sign(payer.credential.device_key.expose());
+        let issue = Request::IssueCode {
+            request: IssueCodeRequest {
+                client_request_id: rng.gen(),
+                inherent_id,
+                validity_ms: 3_600_000,
+                deliver_to: None,
+                order_ref: String::new(),
+            },
+        };
+        let code = match client.call_ok(&issue).await {
+            Ok(Reply::Code(CodeOutcome::Issued(code))) => *code,
+            Ok(_) => continue,
+            Err(_) => return,
+        };
+        codes.lock().await.issued.push(code.clone());
+        let redeem = |id: u128| Request::RedeemCode {
+            request: RedeemRequest {
+                client_request_id: id,
+                code: code.text.clone(),
+                issuer: 1,
+                number: code.number,
+                amount_minor: amount,
+                currency: jpy(),
+                sale_at_ms: now_ms(),
+                terminal_id: "CRASH-1".into(),
+                items: Vec::new(),
+                coupon: None,
+                order_ref: String::new(),
+            },
+        };
+        let (a, b): (u128, u128) = (rng.gen(), rng.gen());
+        let (request_a, request_b) = (redeem(a), redeem(b));
+        let (first, second) = tokio::join!(client.call(&request_a), client.call(&request_b));
+        for (id, response) in [(a, first), (b, second)] {
+            match response {
+                Ok(Response::Ok(Reply::Redeemed(redemption))) => codes
+                    .lock()
+                    .await
+                    .redeemed
+                    .entry(code.number)
+                    .or_default()
+                    .push((id, *redemption)),
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    }
+}
 
 async fn connect(addr: std::net::SocketAddr) -> Option<Client> {
     let client = Client::connect(addr).await.ok()?;
@@ -131,6 +224,7 @@ async fn acknowledged_operations_survive_sigkill() {
     let payers = Arc::new(payers);
     let counters = Arc::new(Mutex::new(vec![0u64; USERS]));
     let acked: Acked = Arc::default();
+    let codes: Codes = Arc::default();
     for round in 0..rounds {
         let client = Arc::new(connect(addr).await.expect("server up"));
         let workers: Vec<_> = (0..4u64)
@@ -144,6 +238,13 @@ async fn acknowledged_operations_survive_sigkill() {
                     worker_seed,
                 ))
             })
+            .chain(std::iter::once(tokio::spawn(load_codes(
+                client.clone(),
+                payers.clone(),
+                counters.clone(),
+                codes.clone(),
+                seed ^ (round as u64 * 8 + 7),
+            ))))
             .collect();
         tokio::time::sleep(Duration::from_millis(rng.gen_range(50..400))).await;
         child.kill().expect("SIGKILL");
@@ -154,6 +255,7 @@ async fn acknowledged_operations_survive_sigkill() {
         drop(client);
         (child, addr) = spawn_binary(&config);
         verify(addr, &payers, &acked).await;
+        verify_codes(addr, &codes).await;
         // Counters move past anything sent before the crash, acknowledged or not.
         for counter in counters.lock().await.iter_mut() {
             *counter += 1_000;
@@ -163,7 +265,68 @@ async fn acknowledged_operations_survive_sigkill() {
     let _ = child.wait();
     let total = acked.lock().await.len();
     assert!(total > 0, "the load produced acknowledged operations");
-    eprintln!("crash test: {total} acknowledged authorizations verified across {rounds} restarts");
+    let seen = codes.lock().await;
+    let redeemed = seen.redeemed.len();
+    assert!(redeemed > 0, "the load redeemed codes");
+    eprintln!(
+        "crash test: {total} acknowledged authorizations, {} codes issued and {redeemed} \
+         redeemed, verified across {rounds} restarts",
+        seen.issued.len()
+    );
+}
+
+/// No code was ever redeemed twice; every acknowledged redemption is still there (its retry
+/// returns it, a new attempt is refused as redeemed), and every acknowledged code is known.
+async fn verify_codes(addr: std::net::SocketAddr, codes: &Codes) {
+    let client = connect(addr).await.expect("restarted server answers");
+    let seen = codes.lock().await;
+    for (number, redemptions) in &seen.redeemed {
+        assert_eq!(redemptions.len(), 1, "code {number} redeemed {} times", redemptions.len());
+        let (id, redemption) = &redemptions[0];
+        let state = client.call_ok(&Request::CodeState { number: *number }).await.unwrap();
+        assert_eq!(
+            state,
+            Reply::CodeState(Box::new(CodeState::Redeemed(Box::new(redemption.clone())))),
+            "an acknowledged redemption changed after a crash"
+        );
+        let code = seen.issued.iter().find(|c| c.number == *number).expect("issued");
+        let retry = Request::RedeemCode {
+            request: RedeemRequest {
+                client_request_id: *id,
+                code: code.text.clone(),
+                issuer: 1,
+                number: *number,
+                amount_minor: redemption.captured_minor,
+                currency: jpy(),
+                sale_at_ms: redemption.sale_at_ms,
+                terminal_id: "CRASH-1".into(),
+                items: Vec::new(),
+                coupon: None,
+                order_ref: String::new(),
+            },
+        };
+        assert_eq!(
+            client.call_ok(&retry).await.unwrap(),
+            Reply::Redeemed(Box::new(redemption.clone()))
+        );
+        let mut again = retry.clone();
+        if let Request::RedeemCode { request } = &mut again {
+            request.client_request_id = rand::random();
+        }
+        assert_eq!(
+            client.call(&again).await.unwrap(),
+            Response::Refused(ReasonCode::CodeRedeemed),
+            "a redeemed code must never be redeemed again"
+        );
+    }
+    for code in &seen.issued {
+        let state = client.call_ok(&Request::CodeState { number: code.number }).await;
+        assert!(
+            matches!(state, Ok(Reply::CodeState(_))),
+            "issued code {} lost: {state:?}",
+            code.number
+        );
+    }
 }
 
 /// Every acknowledged authorization is still there: its retry returns the very same outcome
