@@ -182,4 +182,7 @@ pub struct TlsConfig {
 pub struct DemoConfig {
     /// Demo users to enroll (`demo0001@example.com`...), each with a card and a device.
     pub users: usize,
+    /// Register the demo stores (`DEMO-SHIBUYA-01`, `DEMO-SHINJUKU-01`) with their beacons and
+    /// QR posters.
+    pub stores: bool,
 }

@@ -43,6 +43,9 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let server_config = config.server.clone();
     let engine = Engine::start(config.engine.clone()).context("starting the engine")?;
     crate::demo::load(&engine, config.demo.users).await.context("loading demo data")?;
+    if config.demo.stores {
+        crate::demo::load_stores(&engine).await.context("loading demo stores")?;
+    }
     let tls = server_config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
     let listener = TcpListener::bind(server_config.listen)
         .await

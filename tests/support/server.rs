@@ -39,6 +39,7 @@ pub fn server_config() -> Config {
     config.engine = super::config();
     config.engine.mailbox_capacity = 64;
     config.demo.users = 0;
+    config.demo.stores = false;
     config.server.listen = "127.0.0.1:0".parse().unwrap();
     config.server.http_listen = "127.0.0.1:0".parse().unwrap();
     config.server.frame_read_timeout_ms = 300;
