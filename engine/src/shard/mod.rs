@@ -14,7 +14,7 @@ use actix::{Actor, Context, Handler, Message, MessageResult};
 use tokio::sync::oneshot;
 
 use crate::wal::record::LogEnvelope;
-use crate::wal::snapshot::{self, SnapShard};
+use crate::wal::snapshot::SnapShard;
 use crate::wal::{Job, WalHandle};
 
 /// A shard's side of durability: its writer and when to snapshot.
@@ -96,10 +96,10 @@ impl Handler<Batch> for Shard {
                 if wal.snapshot_every > 0 && wal.since_snapshot >= wal.snapshot_every {
                     // Captured between batches, so it holds exactly the records queued before it.
                     let generation = wal.generation + 1;
-                    let capture = SnapShard::capture(&self.state);
-                    let bytes =
-                        snapshot::encode(&capture, wal.handle.index, wal.handle.count, generation);
-                    wal.handle.submit(Job::Snapshot { bytes, generation });
+                    // The shard pays only for the capture; encoding and writing are the writer's.
+                    let snapshot = Box::new(SnapShard::capture(&self.state));
+                    let (index, count) = (wal.handle.index, wal.handle.count);
+                    wal.handle.submit(Job::Snapshot { snapshot, index, count, generation });
                     wal.generation = generation;
                     wal.since_snapshot = 0;
                 }

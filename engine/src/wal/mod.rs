@@ -247,8 +247,9 @@ pub(crate) enum Job {
         reply: oneshot::Sender<Vec<Reply>>,
         replies: Vec<Reply>,
     },
-    /// A snapshot of everything queued before it: written, then the log starts afresh.
-    Snapshot { bytes: Vec<u8>, generation: u64 },
+    /// A snapshot of everything queued before it: encoded here, on the writer's thread (not
+    /// the shard's), written, then the log starts afresh.
+    Snapshot { snapshot: Box<snapshot::SnapShard>, index: usize, count: usize, generation: u64 },
 }
 
 /// The sending side of a shard's log writer.
@@ -407,8 +408,9 @@ fn process(
     for job in jobs {
         match job {
             Job::Records { records, reply, replies } => group.push((records, reply, replies)),
-            Job::Snapshot { bytes, generation } => {
+            Job::Snapshot { snapshot, index, count, generation } => {
                 commit(out, &mut group, sync)?;
+                let bytes = snapshot::encode(&snapshot, index, count, generation);
                 rotate(out, files, &bytes, generation)?;
                 sync.unsynced = false;
             }
