@@ -21,6 +21,9 @@ Layers, bottom up:
 
 from __future__ import annotations
 
+import base64
+import binascii
+import dataclasses
 import enum
 import hashlib
 import hmac
@@ -99,6 +102,13 @@ class Op(enum.IntEnum):
     TOP_UP = 0x0054
     USABLE_METHODS = 0x0055
     WALLET = 0x0056
+    ISSUE_CODE = 0x0060
+    REDEEM_CODE = 0x0061
+    CODE_STATE = 0x0062
+    ISSUE_COUPONS = 0x0063
+    NOTIFY_DELIVERY = 0x0064
+    SUBSCRIBE_DEVICE = 0x0065
+    DEVICE_MESSAGE = 0x0066
 
 
 class Status(enum.IntEnum):
@@ -179,6 +189,17 @@ class Reason(enum.IntEnum):
     TOO_MANY_STORES = 88
     INVALID_POSITION = 89
     CURRENCY_MISMATCH = 90
+    INVALID_CODE = 100
+    FORGED_CODE = 101
+    UNKNOWN_CODE = 102
+    CODE_EXPIRED = 103
+    CODE_REDEEMED = 104
+    CODE_MISMATCH = 105
+    AMOUNT_ABOVE_AUTHORIZED = 106
+    COUPON_USED_UP = 107
+    COUPON_NOT_APPLICABLE = 108
+    INVALID_COUPON = 109
+    INVALID_CODE_REQUEST = 110
 
 
 class AgeCheck(enum.IntEnum):
@@ -2534,3 +2555,245 @@ class Device:
 def now_ms() -> int:
     """The current time in milliseconds since the UNIX epoch."""
     return time.time_ns() // 1_000_000
+
+
+# Payment codes and coupons (section 5, "Payment codes and coupons") -------------
+
+CODE_PREFIX = "SG"
+CODE_PAYLOAD_LEN = 39
+CODE_TEXT_LEN = 65
+CODE_KEY_LABEL = b"settlegate payment code key v1"
+
+
+class CodeKind(enum.IntEnum):
+    """Byte 0 of a code's payload."""
+    PAYMENT = 0xC1
+    COUPON = 0xC5
+
+
+@dataclasses.dataclass(frozen=True)
+class CodePayload:
+    """The fields of a code's 39-byte payload (the tag excluded)."""
+    kind: int
+    issuer: int
+    number: int
+    value: int
+    currency: str
+    expires_s: int
+    flags: int
+
+
+def derive_code_key(vault_key: bytes) -> bytes:
+    """The code key: HMAC-SHA256 of the label, keyed with the vault key (section 5)."""
+    return hmac.new(vault_key, CODE_KEY_LABEL, hashlib.sha256).digest()
+
+
+def _code_body(payload: CodePayload) -> bytes:
+    return (BodyWriter().u8(payload.kind).u16(payload.issuer).u64(payload.number)
+            .u64(payload.value).ascii(payload.currency, 3).u32(payload.expires_s)
+            .u8(payload.flags).getvalue())
+
+
+def seal_code(payload: CodePayload, code_key: bytes) -> str:
+    """A code's text: ``SG`` + base32 (no padding) of the body and its 12-byte tag."""
+    body = _code_body(payload)
+    tag = hmac.new(code_key, body, hashlib.sha256).digest()[:12]
+    return CODE_PREFIX + base64.b32encode(body + tag).decode("ascii").rstrip("=")
+
+
+def parse_code(text: str) -> Tuple[CodePayload, bytes]:
+    """Split a code's text into its payload fields and its tag (no tag check)."""
+    if len(text) != CODE_TEXT_LEN or not text.startswith(CODE_PREFIX):
+        raise DecodeError("not a settlegate code (prefix or length)")
+    encoded = text[2:]
+    try:
+        raw = base64.b32decode(encoded + "=" * (-len(encoded) % 8))
+    except (ValueError, binascii.Error):
+        raise DecodeError("code is not base32") from None
+    if len(raw) != CODE_PAYLOAD_LEN:
+        raise DecodeError("code payload length")
+    reader = BodyReader(raw[:27])
+    payload = CodePayload(reader.u8(), reader.u16(), reader.u64(), reader.u64(),
+                          reader.take(3).decode("ascii"), reader.u32(), reader.u8())
+    return payload, raw[27:]
+
+
+def verify_code(text: str, code_key: bytes) -> bool:
+    """Whether the code's tag verifies under ``code_key`` (constant-time compare)."""
+    payload, tag = parse_code(text)
+    expected = hmac.new(code_key, _code_body(payload), hashlib.sha256).digest()[:12]
+    return hmac.compare_digest(expected, tag)
+
+
+@dataclasses.dataclass(frozen=True)
+class IssuedCode:
+    """An ``issued_code``."""
+    text: str
+    number: int
+    amount_minor: int
+    currency: str
+    expires_ms: int
+    deliver_to: bytes
+    user: User
+    order_ref: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Redemption:
+    """A ``redemption`` (the remittance record)."""
+    number: int
+    captured_minor: int
+    released_minor: int
+    coupon_discount_minor: int
+    currency: str
+    terminal_id: str
+    provider_code: int
+    auth_code: str
+    sale_at_ms: int
+    redeemed_at_ms: int
+    items: Tuple[Tuple[str, int, int], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class IssuedCoupon:
+    """An ``issued_coupon``."""
+    text: str
+    number: int
+    user: User
+    kind: int
+    value: int
+    currency: str
+    uses: int
+    expires_ms: int
+
+
+def encode_issue_code(client_request_id: int, inherent_id: bytes, validity_s: int,
+                      deliver_to: Optional[bytes] = None, order_ref: str = "") -> bytes:
+    """``ISSUE_CODE`` request body."""
+    return (BodyWriter().u128(client_request_id).bytes16(inherent_id).u32(validity_s)
+            .u8(1 if deliver_to else 0).raw(deliver_to or bytes(8), 8).str8(order_ref)
+            .getvalue())
+
+
+def encode_redeem_code(client_request_id: int, code: str, issuer: int, number: int,
+                       amount_minor: int, currency: str, sale_at_ms: int, terminal_id: str,
+                       items: Sequence[Tuple[str, int, int]] = (), coupon: str = "",
+                       order_ref: str = "") -> bytes:
+    """``REDEEM_CODE`` request body."""
+    writer = (BodyWriter().u128(client_request_id).str8(code).u16(issuer).u64(number)
+              .u64(amount_minor).ascii(currency, 3).i64(sale_at_ms).str8(terminal_id)
+              .u16(len(items)))
+    for item_id, quantity, unit in items:
+        writer.str8(item_id).u32(quantity).u64(unit)
+    return writer.str8(coupon).str8(order_ref).getvalue()
+
+
+def encode_issue_coupons(client_request_id: int, provider_code: int, kind: int, value: int,
+                         currency: str, uses: int, expires_ms: int,
+                         users: Sequence[User]) -> bytes:
+    """``ISSUE_COUPONS`` request body."""
+    writer = (BodyWriter().u128(client_request_id).u32(provider_code).u8(kind).u64(value)
+              .ascii(currency, 3).u32(uses).i64(expires_ms).u16(len(users)))
+    for user in users:
+        writer.user(user)
+    return writer.getvalue()
+
+
+def encode_notify_delivery(user: User, order_ref: str, amount_minor: int, currency: str,
+                           merchant: str) -> bytes:
+    """``NOTIFY_DELIVERY`` request body (also the delivery notice push's body)."""
+    return (BodyWriter().user(user).str8(order_ref).u64(amount_minor).ascii(currency, 3)
+            .str8(merchant).getvalue())
+
+
+def encode_subscribe_device(user: User, password: str, card_idm: bytes) -> bytes:
+    """``SUBSCRIBE_DEVICE`` request body."""
+    return BodyWriter().user(user).str8(password).raw(card_idm, 8).getvalue()
+
+
+def _read_issued_code(reader: BodyReader) -> IssuedCode:
+    return IssuedCode(reader.str8(), reader.u64(), reader.u64(), reader.take(3).decode("ascii"),
+                      reader.i64(), reader.take(8), reader.user(), reader.str8())
+
+
+def _read_items(reader: BodyReader) -> Tuple[Tuple[str, int, int], ...]:
+    return tuple((reader.str8(), reader.u32(), reader.u64()) for _ in range(reader.u16()))
+
+
+def _read_redemption(reader: BodyReader) -> Redemption:
+    return Redemption(reader.u64(), reader.u64(), reader.u64(), reader.u64(),
+                      reader.take(3).decode("ascii"), reader.str8(), reader.u32(),
+                      reader.take(6).decode("ascii"), reader.i64(), reader.i64(),
+                      _read_items(reader))
+
+
+def _read_issued_coupon(reader: BodyReader) -> IssuedCoupon:
+    return IssuedCoupon(reader.str8(), reader.u64(), reader.user(), reader.u8(), reader.u64(),
+                        reader.take(3).decode("ascii"), reader.u32(), reader.i64())
+
+
+def decode_code_reply(body: bytes) -> Union[IssuedCode, "Declined"]:
+    """An ``ISSUE_CODE`` reply: an :class:`IssuedCode` or a :class:`Declined`."""
+    reader = BodyReader(body)
+    result = reader.u8()
+    if result == 0:
+        value: Union[IssuedCode, Declined] = _read_issued_code(reader)
+    elif result == 1:
+        value = Declined(Reason(reader.u16()))
+    else:
+        raise DecodeError(f"result {result}")
+    reader.finish()
+    return value
+
+
+def decode_redemption(body: bytes) -> Redemption:
+    """A ``REDEEM_CODE`` reply."""
+    reader = BodyReader(body)
+    value = _read_redemption(reader)
+    reader.finish()
+    return value
+
+
+def decode_code_state(body: bytes) -> Tuple[int, Optional[Redemption]]:
+    """A ``CODE_STATE`` reply: (state, redemption when redeemed)."""
+    reader = BodyReader(body)
+    state = reader.u8()
+    redemption = _read_redemption(reader) if state == 1 else None
+    if state not in (0, 1, 2):
+        raise DecodeError(f"code state {state}")
+    reader.finish()
+    return state, redemption
+
+
+def decode_coupons_reply(body: bytes) -> List[Union[IssuedCoupon, int]]:
+    """An ``ISSUE_COUPONS`` reply: per user an :class:`IssuedCoupon` or a reason code."""
+    reader = BodyReader(body)
+    results: List[Union[IssuedCoupon, int]] = []
+    for _ in range(reader.u16()):
+        result = reader.u8()
+        if result == 0:
+            results.append(_read_issued_coupon(reader))
+        elif result == 1:
+            results.append(reader.u16())
+        else:
+            raise DecodeError(f"result {result}")
+    reader.finish()
+    return results
+
+
+def decode_device_message(body: bytes) -> Tuple[int, object]:
+    """A ``DEVICE_MESSAGE`` push: (kind, issued code | issued coupon | delivery fields)."""
+    reader = BodyReader(body)
+    kind = reader.u8()
+    if kind == 1:
+        value: object = _read_issued_code(reader)
+    elif kind == 2:
+        value = _read_issued_coupon(reader)
+    elif kind == 3:
+        value = (reader.user(), reader.str8(), reader.u64(), reader.take(3).decode("ascii"),
+                 reader.str8())
+    else:
+        raise DecodeError(f"device message kind {kind}")
+    reader.finish()
+    return kind, value
+

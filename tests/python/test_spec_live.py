@@ -1051,7 +1051,7 @@ class StoreLookupTest(StoreTestCase):
 
     def test_store_near_the_pole(self):
         lat = 89.99 + random.uniform(0.0, 0.005)
-        lon = random.uniform(-170.0, 10.0)
+        lon = random.uniform(-170.0, -0.1)  # lon + 180 stays within -180..180
         query = (sg.degrees_to_e7(lat), sg.degrees_to_e7(lon))
         # across the pole (longitude + 180) about 2 x 0.001..0.01 degrees away
         across = upsert(self.client, store_at((query[0], sg.degrees_to_e7(lon + 180.0))))
@@ -1586,3 +1586,169 @@ class UsableMethodsTest(StoreTestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class PaymentCodeTest(LiveTestCase):
+    """Section 5, payment codes (C1–C5): issue, deliver, redeem once, expire, COD, coupons.
+
+    Payments go through provider 2 (Demo E-Money), which approves everything.
+    """
+
+    PROVIDER = 2
+
+    def issue(self, account, amount, *, validity_s=300, deliver_to=None, order_ref="",
+              means_kind=sg.MeansKind.CREDIT_CARD, means_id=0):
+        record = account.device.sign(amount_minor=amount, provider_code=self.PROVIDER,
+                                     terminal_id="*", means_kind=means_kind, means_id=means_id)
+        body = sg.encode_issue_code(sg.new_client_request_id(), record, validity_s,
+                                    deliver_to, order_ref)
+        return sg.decode_code_reply(self.client.call(sg.Op.ISSUE_CODE, body))
+
+    def redeem(self, code, amount, *, client=None, coupon="", order_ref="",
+               terminal="PY-POS-1", number=None):
+        body = sg.encode_redeem_code(sg.new_client_request_id(), code.text, 1,
+                                     code.number if number is None else number, amount, "JPY",
+                                     sg.now_ms(), terminal, [("ITEM-1", 1, amount)], coupon,
+                                     order_ref)
+        return (client or self.client).request(sg.Op.REDEEM_CODE, body)
+
+    def assert_refused(self, frame, reason):
+        self.assertEqual(frame.status, sg.Status.REFUSED, frame)
+        self.assertEqual(sg.decode_status_body(frame.status, frame.body).reason, reason)
+
+    def subscribe_device(self, account, card_idm=None):
+        listener = connect()
+        self.addCleanup(listener.close)
+        body = sg.encode_subscribe_device(account.user, PASSWORD,
+                                          card_idm or account.card_idm)
+        request_id = listener.send(sg.Op.SUBSCRIBE_DEVICE, body)
+        self.assertEqual(sg.ok_body(listener.wait_for(request_id)), b"")
+        return listener
+
+    def next_message(self, listener):
+        frame = listener.next_push(timeout=5.0)
+        self.assertEqual(frame.opcode, sg.Op.DEVICE_MESSAGE)
+        return sg.decode_device_message(frame.body)
+
+    def test_issue_deliver_redeem_once(self):
+        account = Account(self.client)
+        listener = self.subscribe_device(account)
+        code = self.issue(account, 6_000)
+        self.assertIsInstance(code, sg.IssuedCode)
+        self.assertRegex(code.text, r"^SG[A-Z2-7]{63}$")
+        payload, _ = sg.parse_code(code.text)
+        self.assertEqual((payload.kind, payload.number, payload.value),
+                         (sg.CodeKind.PAYMENT, code.number, 6_000))
+        self.assertEqual(self.next_message(listener), (1, code))
+        state, _ = sg.decode_code_state(self.client.call(sg.Op.CODE_STATE,
+                                                         sg.BodyWriter().u64(code.number).getvalue()))
+        self.assertEqual(state, 0)
+        # Two terminals at the same instant, on two connections: exactly one wins.
+        other = connect()
+        self.addCleanup(other.close)
+        first_body = sg.encode_redeem_code(sg.new_client_request_id(), code.text, 1, code.number,
+                                           5_000, "JPY", sg.now_ms(), "PY-POS-1")
+        second_body = sg.encode_redeem_code(sg.new_client_request_id(), code.text, 1, code.number,
+                                            5_000, "JPY", sg.now_ms(), "PY-POS-2")
+        first_id = self.client.send(sg.Op.REDEEM_CODE, first_body)
+        second_id = other.send(sg.Op.REDEEM_CODE, second_body)
+        answers = [self.client.wait_for(first_id), other.wait_for(second_id)]
+        self.assertEqual(sorted(frame.status for frame in answers),
+                         [sg.Status.OK, sg.Status.REFUSED])
+        winner = next(frame for frame in answers if frame.status == sg.Status.OK)
+        redemption = sg.decode_redemption(winner.body)
+        self.assertEqual((redemption.captured_minor, redemption.released_minor), (5_000, 1_000))
+        loser = next(frame for frame in answers if frame.status == sg.Status.REFUSED)
+        self.assertEqual(sg.decode_status_body(loser.status, loser.body).reason,
+                         sg.Reason.CODE_REDEEMED)
+        state, record = sg.decode_code_state(self.client.call(
+            sg.Op.CODE_STATE, sg.BodyWriter().u64(code.number).getvalue()))
+        self.assertEqual((state, record), (1, redemption))
+
+    def test_forged_malformed_and_over_amount(self):
+        account = Account(self.client)
+        code = self.issue(account, 2_000)
+        position = 20
+        changed = code.text[:position] + ("A" if code.text[position] != "A" else "B") \
+            + code.text[position + 1:]
+        forged = dataclasses.replace(code, text=changed)
+        self.assert_refused(self.redeem(forged, 2_000), sg.Reason.FORGED_CODE)
+        self.assert_refused(self.redeem(dataclasses.replace(code, text="SG1234"), 2_000),
+                            sg.Reason.INVALID_CODE)
+        self.assert_refused(self.redeem(code, 2_001), sg.Reason.AMOUNT_ABOVE_AUTHORIZED)
+        self.assert_refused(self.redeem(code, 2_000, number=code.number + 1),
+                            sg.Reason.CODE_MISMATCH)
+
+    def test_delivery_to_another_device(self):
+        account = Account(self.client)
+        watch = fresh_card_idm()
+        self.client.provision_device(sg.new_client_request_id(), account.user, PASSWORD, watch)
+        watch_listener = self.subscribe_device(account, watch)
+        phone_listener = self.subscribe_device(account)
+        code = self.issue(account, 1_500, deliver_to=watch)
+        self.assertEqual(code.deliver_to, watch)
+        self.assertEqual(self.next_message(watch_listener), (1, code))
+        with self.assertRaises((socket.timeout, TimeoutError, OSError)):
+            phone_listener.next_push(timeout=0.5)
+        stranger = Account(self.client)
+        declined = self.issue(account, 1_500, deliver_to=stranger.card_idm)
+        self.assertEqual(declined, sg.Declined(sg.Reason.USER_DEVICE_MISMATCH))
+
+    def test_cash_on_delivery(self):
+        account = Account(self.client)
+        listener = self.subscribe_device(account)
+        order = f"ORD-{uuid.uuid4().hex[:12]}"
+        notice = sg.encode_notify_delivery(account.user, order, 4_980, "JPY", "Py Books")
+        reached = sg.BodyReader(self.client.call(sg.Op.NOTIFY_DELIVERY, notice)).u32()
+        self.assertEqual(reached, 1)
+        kind, delivery = self.next_message(listener)
+        self.assertEqual((kind, delivery[1], delivery[2]), (3, order, 4_980))
+        code = self.issue(account, 4_980, order_ref=order)
+        self.assertEqual(self.next_message(listener)[0], 1)
+        self.assert_refused(self.redeem(code, 4_980, order_ref="ORD-WRONG", terminal="COURIER-1"),
+                            sg.Reason.CODE_MISMATCH)
+        frame = self.redeem(code, 4_980, order_ref=order, terminal="COURIER-1")
+        self.assertEqual(sg.decode_redemption(sg.ok_body(frame)).terminal_id, "COURIER-1")
+
+    def test_coupons(self):
+        account = Account(self.client)
+        stranger = Account(self.client)
+        expires = sg.now_ms() + 3_600_000
+        body = sg.encode_issue_coupons(sg.new_client_request_id(), self.PROVIDER, 2, 300, "JPY",
+                                       1, expires, [account.user, stranger.user])
+        coupon, other_coupon = sg.decode_coupons_reply(self.client.call(sg.Op.ISSUE_COUPONS, body))
+        self.assertIsInstance(coupon, sg.IssuedCoupon)
+        self.assertEqual(sg.parse_code(coupon.text)[0].kind, sg.CodeKind.COUPON)
+        first = self.issue(account, 2_000)
+        redemption = sg.decode_redemption(sg.ok_body(self.redeem(first, 2_000, coupon=coupon.text)))
+        self.assertEqual((redemption.coupon_discount_minor, redemption.captured_minor), (300, 1_700))
+        second = self.issue(account, 2_000)
+        self.assert_refused(self.redeem(second, 2_000, coupon=coupon.text), sg.Reason.COUPON_USED_UP)
+        self.assert_refused(self.redeem(second, 2_000, coupon=other_coupon.text),
+                            sg.Reason.COUPON_NOT_APPLICABLE)
+
+    def test_emoney_hold_capture_and_expiry(self):
+        account = Account(self.client)
+        emoney_id = account.emoney.means_id
+        body = sg.encode_top_up(sg.new_client_request_id(), account.user, emoney_id, 5_000, "JPY")
+        self.client.call(sg.Op.TOP_UP, body)
+
+        def available():
+            for entry in self.client.wallet(account.user):
+                if entry.means.means_id == emoney_id:
+                    return entry.balance.balance_minor, entry.balance.available_minor
+            raise AssertionError("no purse")
+
+        held = self.issue(account, 2_000, means_kind=sg.MeansKind.E_MONEY, means_id=emoney_id)
+        self.assertEqual(available(), (5_000, 3_000))
+        sg.decode_redemption(sg.ok_body(self.redeem(held, 1_200)))
+        self.assertEqual(available(), (3_800, 3_800))
+        short = self.issue(account, 1_000, validity_s=10, means_kind=sg.MeansKind.E_MONEY,
+                           means_id=emoney_id)
+        self.assertEqual(available(), (3_800, 2_800))
+        time.sleep(12)
+        self.assertEqual(available(), (3_800, 3_800))
+        self.assert_refused(self.redeem(short, 1_000), sg.Reason.CODE_EXPIRED)
+        state, _ = sg.decode_code_state(self.client.call(
+            sg.Op.CODE_STATE, sg.BodyWriter().u64(short.number).getvalue()))
+        self.assertEqual(state, 2)

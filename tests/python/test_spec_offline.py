@@ -64,6 +64,16 @@ PROMPTPAY_PAYLOAD = ("00020101021229370016A0000006770101110113006680111111153037
                      "540520.15630442BE")
 
 
+# The code-text example, as its description states it: the vault key is bytes 0..31.
+EXAMPLE_CODE = sg.CodePayload(kind=sg.CodeKind.PAYMENT, issuer=1, number=(1 << 56) | 42,
+                              value=5000, currency="JPY", expires_s=1795306200, flags=0)
+
+
+def example_code_text():
+    """The code-text example, tagged with the key derived as section 5 says."""
+    return sg.seal_code(EXAMPLE_CODE, sg.derive_code_key(bytes(range(32))))
+
+
 def load_examples():
     """Return ``{name: (description, frame_bytes)}`` from section 7."""
     text = PROTOCOL_MD.read_text(encoding="utf-8")
@@ -120,6 +130,11 @@ BUILDERS = {
         sg.Op.STORE_AT, 9, sg.encode_store_at(*EXAMPLE_STORE_AT)),
     "store-at-response": lambda: response(
         sg.Op.STORE_AT, 9, sg.encode_entered(EXAMPLE_ENTERED)),
+    "code-text": lambda: example_code_text().encode("ascii"),
+    "redeem-code-request": lambda: sg.encode_frame(
+        sg.Op.REDEEM_CODE, 10, sg.encode_redeem_code(
+            11, example_code_text(), 1, (1 << 56) | 42, 4200, "JPY", 1795305900000, "POS-7",
+            [("BENTO-01", 1, 4200)])),
     "login-refused": lambda: response(
         sg.Op.LOGIN, 4, sg.encode_status_body(sg.StatusReply(
             sg.Status.REFUSED, reason=sg.Reason.WRONG_PASSWORD)), sg.Status.REFUSED),
@@ -136,7 +151,7 @@ BUILDERS = {
 
 
 # Examples that are signed records, not frames.
-RECORD_EXAMPLES = {"inherent-id", "age-record"}
+RECORD_EXAMPLES = {"inherent-id", "age-record", "code-text"}
 
 
 class ExampleFramesTest(unittest.TestCase):
@@ -448,7 +463,7 @@ class BodyCodecTest(unittest.TestCase):
         self.assertEqual(sorted(int(r) for r in sg.Reason),
                          list(range(1, 13)) + [20, 21, 22, 23, 30, 31, 40]
                          + list(range(50, 63)) + [70, 71, 72, 73]
-                         + list(range(80, 91)))
+                         + list(range(80, 91)) + list(range(100, 111)))
 
     def test_reason_codes_match_section_6_table(self):
         text = PROTOCOL_MD.read_text(encoding="utf-8")
@@ -917,7 +932,7 @@ class StoreCodecTest(unittest.TestCase):
     def test_stores_permission_bit(self):
         self.assertEqual(sg.Permission.STORES, 0x8)
         text = PROTOCOL_MD.read_text(encoding="utf-8")
-        self.assertRegex(text, r"\| 3 \(`0x8`\) \| `stores` \| `UPSERT_STORE`, `REMOVE_STORE` \|")
+        self.assertRegex(text, r"\| 3 \(`0x8`\) \| `stores` \| `UPSERT_STORE`, `REMOVE_STORE`")
 
     def test_store_round_trip(self):
         store = sg.Store("~" * 32, "名" * 21, -900_000_000, 1_800_000_000, "i" * 32, "a" * 128,
@@ -1133,3 +1148,51 @@ class StoreCodecTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class CodeTest(unittest.TestCase):
+    """Section 5, payment codes: the text format, the tag, the request layouts."""
+
+    KEY = sg.derive_code_key(bytes(range(32)))
+
+    def test_example_text_is_stated_in_the_description(self):
+        description = load_examples()["code-text"][0]
+        self.assertIn(example_code_text(), description)
+
+    def test_text_alphabet_and_length(self):
+        text = example_code_text()
+        self.assertEqual(len(text), sg.CODE_TEXT_LEN)
+        self.assertRegex(text, r"^SG[A-Z2-7]{63}$")
+        payload, tag = sg.parse_code(text)
+        self.assertEqual(payload, EXAMPLE_CODE)
+        self.assertEqual(len(tag), 12)
+        self.assertTrue(sg.verify_code(text, self.KEY))
+
+    def test_any_changed_character_fails_the_tag(self):
+        text = example_code_text()
+        for position in range(2, len(text) - 1):
+            changed = text[:position] + ("A" if text[position] != "A" else "B") + text[position + 1:]
+            with self.subTest(position=position):
+                try:
+                    self.assertFalse(sg.verify_code(changed, self.KEY))
+                except sg.DecodeError:
+                    pass  # not even well-formed: also refused
+
+    def test_malformed_texts(self):
+        for bad in ["", "SG", "XX" + example_code_text()[2:], example_code_text()[:-1],
+                    example_code_text() + "A", "SG" + "1" * 63]:
+            with self.subTest(text=bad):
+                with self.assertRaises(sg.DecodeError):
+                    sg.parse_code(bad)
+
+    def test_another_key_does_not_verify(self):
+        self.assertFalse(sg.verify_code(example_code_text(), sg.derive_code_key(bytes(32))))
+
+    def test_redeem_request_decodes_back(self):
+        frame = sg.decode_frame(load_examples()["redeem-code-request"][1])
+        self.assertEqual(frame.opcode, sg.Op.REDEEM_CODE)
+        reader = sg.BodyReader(frame.body)
+        self.assertEqual(reader.u128(), 11)
+        self.assertEqual(reader.str8(), example_code_text())
+        self.assertEqual((reader.u16(), reader.u64(), reader.u64()), (1, (1 << 56) | 42, 4200))
+
