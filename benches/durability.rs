@@ -8,7 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use futures::future::join_all;
 use settlegate_engine::wal::FsyncPolicy;
 use settlegate_engine::{AuthOutcome, CodeOutcome, Engine, IssueCodeRequest};
@@ -71,30 +71,12 @@ fn recovery(c: &mut Criterion) {
     let measuring = std::env::args().any(|arg| arg == "--bench");
     let sizes: &[usize] = if measuring { &[200, large] } else { &[200] };
     for &users in sizes {
-        let dir = tempfile::tempdir().unwrap();
-        let setup = Instant::now();
-        let bench =
-            common::Bench::with_config(&runtime, users, durable(dir.path(), FsyncPolicy::Off));
-        // One payment code per user (issued, so held): the other half of the data set.
-        runtime.block_on(async {
-            for chunk in (0..users).collect::<Vec<_>>().chunks(512) {
-                let issues = chunk.iter().map(|&i| {
-                    bench.engine.issue_code(IssueCodeRequest {
-                        client_request_id: (7 << 100) | i as u128,
-                        inherent_id: bench.signed(i),
-                        validity_ms: 86_400_000,
-                        deliver_to: None,
-                        order_ref: String::new(),
-                    })
-                });
-                for outcome in futures::future::join_all(issues).await {
-                    assert!(matches!(outcome, Ok(CodeOutcome::Issued(_))), "{outcome:?}");
-                }
-            }
-        });
-        bench.engine.shutdown();
-        drop(bench);
-        eprintln!("recovery/{users}: data directory written in {:?}", setup.elapsed());
+        let dir = RecoveryDir::new(users);
+        if dir.reused {
+            eprintln!("recovery/{users}: reusing {}", dir.path().display());
+        } else {
+            write_data_set(&runtime, dir.path(), users);
+        }
         group.throughput(Throughput::Elements(users as u64));
         group.bench_function(BenchmarkId::new("users_and_codes", users), |b| {
             b.iter_custom(|iters| {
@@ -109,9 +91,104 @@ fn recovery(c: &mut Criterion) {
                 total
             })
         });
+        // The same in a fresh process each time, as a restart after a crash is: nothing of an
+        // earlier engine's memory to reuse or to free. The child times `Engine::start` only.
+        group.bench_function(BenchmarkId::new("users_and_codes_fresh_process", users), |b| {
+            b.iter_custom(|iters| (0..iters).map(|_| recover_in_child(dir.path())).sum())
+        });
     }
     group.finish();
 }
 
+/// Where a recovery data set lives: a fresh temporary directory, or the directory named by
+/// `SETTLEGATE_RECOVERY_DIR` (suffixed with the size), kept between runs so profiling does not
+/// pay for writing a million users every time.
+struct RecoveryDir {
+    _temp: Option<tempfile::TempDir>,
+    path: std::path::PathBuf,
+    reused: bool,
+}
+
+impl RecoveryDir {
+    fn new(users: usize) -> RecoveryDir {
+        match std::env::var_os("SETTLEGATE_RECOVERY_DIR") {
+            Some(base) => {
+                let path = std::path::Path::new(&base).join(format!("users-{users}"));
+                let reused = path.join("shard-000.wal").exists();
+                if !reused {
+                    std::fs::create_dir_all(&path).unwrap();
+                }
+                RecoveryDir { _temp: None, path, reused }
+            }
+            None => {
+                let temp = tempfile::tempdir().unwrap();
+                let path = temp.path().to_owned();
+                RecoveryDir { _temp: Some(temp), path, reused: false }
+            }
+        }
+    }
+
+    fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+/// Writes `users` users, each enrolled with a card and holding one issued payment code.
+fn write_data_set(runtime: &tokio::runtime::Runtime, dir: &std::path::Path, users: usize) {
+    let setup = Instant::now();
+    let bench = common::Bench::with_config(runtime, users, durable(dir, FsyncPolicy::Off));
+    // One payment code per user (issued, so held): the other half of the data set.
+    runtime.block_on(async {
+        for chunk in (0..users).collect::<Vec<_>>().chunks(512) {
+            let issues = chunk.iter().map(|&i| {
+                bench.engine.issue_code(IssueCodeRequest {
+                    client_request_id: (7 << 100) | i as u128,
+                    inherent_id: bench.signed(i),
+                    validity_ms: 86_400_000,
+                    deliver_to: None,
+                    order_ref: String::new(),
+                })
+            });
+            for outcome in futures::future::join_all(issues).await {
+                assert!(matches!(outcome, Ok(CodeOutcome::Issued(_))), "{outcome:?}");
+            }
+        }
+    });
+    bench.engine.shutdown();
+    drop(bench);
+    eprintln!("recovery/{users}: data directory written in {:?}", setup.elapsed());
+}
+
+/// Environment variable that makes this binary recover one data directory and report the time.
+const RECOVER_ONCE: &str = "SETTLEGATE_BENCH_RECOVER_ONCE";
+
+/// Runs this bench binary again to recover `dir` in a fresh process; returns its start time.
+fn recover_in_child(dir: &std::path::Path) -> Duration {
+    let exe = std::env::current_exe().expect("the bench binary's path");
+    let output = std::process::Command::new(exe)
+        .env(RECOVER_ONCE, dir)
+        .output()
+        .expect("the bench binary runs again");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let nanos: u64 = String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .expect("the child prints the nanoseconds Engine::start took");
+    Duration::from_nanos(nanos)
+}
+
 criterion_group!(benches, authorize_by_policy, recovery);
-criterion_main!(benches);
+
+fn main() {
+    if let Some(dir) = std::env::var_os(RECOVER_ONCE) {
+        let started = Instant::now();
+        let engine =
+            Engine::start(durable(std::path::Path::new(&dir), FsyncPolicy::Off)).expect("recovers");
+        println!("{}", started.elapsed().as_nanos());
+        engine.shutdown();
+        // Leave without freeing the recovered state: the parent timed the start only.
+        std::process::exit(0);
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -281,6 +281,51 @@ async fn snapshots_plus_the_log_after_them_restore_everything() {
 }
 
 #[tokio::test]
+async fn keys_restored_sealed_from_a_snapshot_open_when_first_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let enroll = settlegate_engine::EnrollRequest {
+        client_request_id: request_id(),
+        user: settlegate_engine::UserKey::new(
+            settlegate_engine::UserIdType::Mail,
+            "sealed@example.com",
+        )
+        .unwrap(),
+        password: PASSWORD.into(),
+        card_idm: fresh_idm(),
+    };
+    let h = Harness::with_config(snapshotting_config(dir.path()));
+    let credential = h.engine.enroll(enroll.clone()).await.unwrap();
+    // Enough records after it that a snapshot holds the enrollment.
+    with_more_records(&h).await;
+    h.engine.shutdown();
+    drop(h);
+
+    let h = Harness::with_config(snapshotting_config(dir.path()));
+    // The retried enrollment answers with the key it issued, opened from its sealed record.
+    let retried = h.engine.enroll(enroll.clone()).await.unwrap();
+    assert_eq!(retried.device_key, credential.device_key);
+    assert_eq!(retried.key_version, credential.key_version);
+    // The device key, restored sealed, opens on the device's first request and verifies it.
+    let user = TestUser { user: enroll.user.clone(), credential, counter: 1.into() };
+    let card = settlegate_engine::MeansInput::CreditCard { pan: "4111111111111111".into() };
+    h.engine.add_means(request_id(), &user.user, &card, true).await.unwrap();
+    let outcome = h.authorize(user.signed(T0_MS, 700, PROVIDER_OK, "T-1")).await;
+    assert!(matches!(outcome, AuthOutcome::Approved(_)), "{outcome:?}");
+    // A forged tag is still refused by the opened key.
+    let mut forged = user.signed(T0_MS, 700, PROVIDER_OK, "T-1");
+    *forged.last_mut().unwrap() ^= 1;
+    assert_eq!(h.authorize(forged).await, AuthOutcome::Declined(ReasonCode::ForgedTag));
+    h.engine.shutdown();
+}
+
+/// Enrolls a few more users so that every shard passes its snapshot threshold.
+async fn with_more_records(h: &Harness) {
+    for name in ["m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8"] {
+        h.user(name).await;
+    }
+}
+
+#[tokio::test]
 async fn a_missing_snapshot_is_refused_not_skipped() {
     let dir = tempfile::tempdir().unwrap();
     with_snapshots(dir.path()).await;

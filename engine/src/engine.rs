@@ -322,7 +322,7 @@ impl Engine {
         let vault = Arc::new(Vault::new(&vault_key));
         let registry = Arc::new(build_registry(&config, &vault)?);
         let shared = Shared {
-            devices: Arc::new(DeviceIndex::default()),
+            devices: Arc::new(DeviceIndex::new(Arc::clone(&vault))),
             vault,
             registry,
             age: Arc::new(AgeRules::new(config.age.clone()).map_err(EngineError::Config)?),

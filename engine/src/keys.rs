@@ -6,6 +6,7 @@
 //! message blocks, not the two key blocks.
 
 use std::fmt;
+use std::sync::{Arc, OnceLock};
 
 use dashmap::DashMap;
 use hmac::{Hmac, Mac};
@@ -16,6 +17,7 @@ use zeroize::Zeroizing;
 use crate::inherent::{InherentId, RecordError, TAG_LEN};
 use crate::limits::VERIFY_PARALLEL_MIN;
 use crate::types::{Idm, ReasonCode, UserKey};
+use crate::vault::{SealedNumber, Vault};
 
 /// A 256-bit device key. Its `Debug` never shows the bytes, and it is zeroed on drop.
 #[derive(Clone, PartialEq, Eq)]
@@ -46,40 +48,96 @@ impl fmt::Debug for DeviceKey {
     }
 }
 
-#[derive(Clone)]
+/// One key version of a device. A key installed by a command is open at once; a key loaded from
+/// a snapshot stays sealed (as the snapshot holds it) until the device is first used, so that
+/// recovery does not decrypt a million keys nobody may present before the next restart.
 struct KeySlot {
     version: u16,
+    /// The key and its pre-keyed HMAC state, once opened; `None` inside if it would not open.
+    /// Boxed, as the HMAC state is large: a million devices restored sealed then take a
+    /// fraction of the memory (and of the page faults) until they are used.
+    open: OnceLock<Option<Box<OpenKey>>>,
+    /// The key sealed to the IDm, once sealed (for a snapshot) or as a snapshot gave it.
+    sealed: OnceLock<SealedNumber>,
+}
+
+struct OpenKey {
     mac: Hmac<Sha256>,
-    /// The key itself, kept for snapshots (which seal it before it leaves memory).
     key: DeviceKey,
 }
 
 impl KeySlot {
     fn new(version: u16, key: &DeviceKey) -> KeySlot {
         let mac = Hmac::<Sha256>::new_from_slice(key.expose()).expect("HMAC takes any key");
-        KeySlot { version, mac, key: key.clone() }
+        let open = OnceLock::from(Some(Box::new(OpenKey { mac, key: key.clone() })));
+        KeySlot { version, open, sealed: OnceLock::new() }
+    }
+
+    fn sealed(version: u16, sealed: SealedNumber) -> KeySlot {
+        KeySlot { version, open: OnceLock::new(), sealed: OnceLock::from(sealed) }
+    }
+
+    /// The HMAC state, opening the sealed key on first use.
+    fn mac(&self, vault: &Vault, idm: &Idm) -> Option<&Hmac<Sha256>> {
+        let open = self.open.get_or_init(|| {
+            let sealed = self.sealed.get()?;
+            let key = open_device_key(vault, sealed, idm)?;
+            let mac = Hmac::<Sha256>::new_from_slice(key.expose()).expect("HMAC takes any key");
+            Some(Box::new(OpenKey { mac, key }))
+        });
+        match open {
+            Some(open) => Some(&open.mac),
+            None => {
+                tracing::error!("a device key from the snapshot does not open under the vault key");
+                None
+            }
+        }
+    }
+
+    /// The key sealed to the IDm, sealing it on first use.
+    fn sealed_key(&self, vault: &Vault, idm: &Idm) -> SealedNumber {
+        self.sealed
+            .get_or_init(|| {
+                let open = self.open.get().and_then(Option::as_ref);
+                let open = open.expect("a slot holds its key open, sealed, or both");
+                vault.seal(open.key.expose(), idm)
+            })
+            .clone()
     }
 }
 
-/// A device's keys, as a snapshot carries them.
+/// Opens a device key sealed to its card IDm.
+pub(crate) fn open_device_key(
+    vault: &Vault,
+    sealed: &SealedNumber,
+    idm: &Idm,
+) -> Option<DeviceKey> {
+    let plain = vault.open(sealed, idm)?;
+    let bytes: [u8; 32] = plain.as_slice().try_into().ok()?;
+    Some(DeviceKey::from_bytes(bytes))
+}
+
+/// A device's keys as a snapshot carries them: sealed to the device's IDm.
 #[derive(Debug, Clone)]
-pub(crate) struct DeviceKeys {
+pub(crate) struct SealedDeviceKeys {
     pub(crate) user: UserKey,
-    pub(crate) current: (u16, DeviceKey),
-    pub(crate) previous: Option<(u16, DeviceKey, i64)>,
+    pub(crate) current: (u16, SealedNumber),
+    pub(crate) previous: Option<(u16, SealedNumber, i64)>,
 }
 
 struct DeviceEntry {
     user: UserKey,
     current: KeySlot,
-    /// The rotated-out key and the instant (ms) after which it is refused.
-    previous: Option<(KeySlot, i64)>,
+    /// The rotated-out key and the instant (ms) after which it is refused (boxed: rare).
+    previous: Option<Box<(KeySlot, i64)>>,
 }
 
 /// Card IDm to device keys, shared by the shards (writers) and the verifiers (readers).
-#[derive(Default)]
 pub struct DeviceIndex {
-    devices: DashMap<Idm, DeviceEntry>,
+    /// Boxed: an entry holds two HMAC states, and a growing table moves only the pointers.
+    devices: DashMap<Idm, Box<DeviceEntry>>,
+    /// Opens keys loaded sealed from a snapshot, and seals keys for the next one.
+    vault: Arc<Vault>,
 }
 
 /// A record whose tag verified: its fields and the body it was computed over.
@@ -93,6 +151,11 @@ pub struct Verified {
 }
 
 impl DeviceIndex {
+    /// An empty index; `vault` opens and seals the keys that snapshots carry.
+    pub fn new(vault: Arc<Vault>) -> DeviceIndex {
+        DeviceIndex { devices: DashMap::new(), vault }
+    }
+
     /// Installs the first key of a device (applied by the owning user's shard). Returns false,
     /// changing nothing, if the IDm is provisioned already (atomically: two shards racing for
     /// one IDm cannot both win).
@@ -100,11 +163,11 @@ impl DeviceIndex {
         match self.devices.entry(idm) {
             dashmap::Entry::Occupied(_) => false,
             dashmap::Entry::Vacant(vacant) => {
-                vacant.insert(DeviceEntry {
+                vacant.insert(Box::new(DeviceEntry {
                     user,
                     current: KeySlot::new(version, key),
                     previous: None,
-                });
+                }));
                 true
             }
         }
@@ -114,31 +177,34 @@ impl DeviceIndex {
     pub(crate) fn rotate(&self, idm: &Idm, version: u16, key: &DeviceKey, grace_until_ms: i64) {
         if let Some(mut entry) = self.devices.get_mut(idm) {
             let old = std::mem::replace(&mut entry.current, KeySlot::new(version, key));
-            entry.previous = Some((old, grace_until_ms));
+            entry.previous = Some(Box::new((old, grace_until_ms)));
         }
     }
 
-    /// A device's keys, for a snapshot.
-    pub(crate) fn export(&self, idm: &Idm) -> Option<DeviceKeys> {
+    /// A device's keys, sealed, for a snapshot.
+    pub(crate) fn export_sealed(&self, idm: &Idm) -> Option<SealedDeviceKeys> {
         let entry = self.devices.get(idm)?;
-        Some(DeviceKeys {
+        let vault = &self.vault;
+        Some(SealedDeviceKeys {
             user: entry.user.clone(),
-            current: (entry.current.version, entry.current.key.clone()),
+            current: (entry.current.version, entry.current.sealed_key(vault, idm)),
             previous: entry
                 .previous
-                .as_ref()
-                .map(|(slot, until)| (slot.version, slot.key.clone(), *until)),
+                .as_deref()
+                .map(|(slot, until)| (slot.version, slot.sealed_key(vault, idm), *until)),
         })
     }
 
-    /// Installs a device's keys from a snapshot.
-    pub(crate) fn import(&self, idm: Idm, keys: &DeviceKeys) {
+    /// Installs a device's keys from a snapshot, still sealed: each opens on first use.
+    pub(crate) fn import_sealed(&self, idm: Idm, keys: SealedDeviceKeys) {
         let entry = DeviceEntry {
-            user: keys.user.clone(),
-            current: KeySlot::new(keys.current.0, &keys.current.1),
-            previous: keys.previous.as_ref().map(|(v, key, until)| (KeySlot::new(*v, key), *until)),
+            user: keys.user,
+            current: KeySlot::sealed(keys.current.0, keys.current.1),
+            previous: keys
+                .previous
+                .map(|(v, sealed, until)| Box::new((KeySlot::sealed(v, sealed), until))),
         };
-        self.devices.insert(idm, entry);
+        self.devices.insert(idm, Box::new(entry));
     }
 
     /// Whether a device with this IDm exists.
@@ -174,19 +240,21 @@ impl DeviceIndex {
             if entry.user != *user {
                 return Err(ReasonCode::UserDeviceMismatch);
             }
-            if entry.current.version == key_version {
-                entry.current.mac.clone()
+            let slot = if entry.current.version == key_version {
+                &entry.current
             } else {
-                match &entry.previous {
+                match entry.previous.as_deref() {
                     Some((slot, until_ms)) if slot.version == key_version => {
                         if now_ms >= *until_ms {
                             return Err(ReasonCode::KeyVersionInvalid);
                         }
-                        slot.mac.clone()
+                        slot
                     }
                     _ => return Err(ReasonCode::KeyVersionInvalid),
                 }
-            }
+            };
+            // A key that does not open cannot verify anything: as good as no key.
+            slot.mac(&self.vault, idm).ok_or(ReasonCode::UnknownDevice)?.clone()
         };
         mac.update(body);
         // `verify_slice` compares in constant time (the `subtle` crate underneath).

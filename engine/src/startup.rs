@@ -12,10 +12,10 @@ use crate::config::EngineConfig;
 use crate::error::EngineError;
 use crate::providers::{Provider, Registry};
 use crate::shard::state::{Shared, StateConfig};
-use crate::shard::{Shard, ShardState, ShardWal};
+use crate::shard::{Envelope, Shard, ShardState, ShardWal};
 use crate::vault::Vault;
 use crate::wal::record::LogEnvelope;
-use crate::wal::snapshot::{self, SnapShard};
+use crate::wal::snapshot;
 use crate::wal::{self, StorageError};
 
 /// The actor system and the threads to join when it stops.
@@ -87,7 +87,7 @@ pub(crate) fn recover_shards(
     let started = std::time::Instant::now();
     // Snapshots load in parallel, one thread per shard: they share nothing but the
     // concurrent device and vault maps. The logs after them replay in order below.
-    let loaded: Vec<Result<(wal::ReadLog, u64), EngineError>> = std::thread::scope(|scope| {
+    let loaded: Vec<Result<LoadedShard, EngineError>> = std::thread::scope(|scope| {
         let loaders: Vec<_> = states
             .iter_mut()
             .enumerate()
@@ -95,10 +95,18 @@ pub(crate) fn recover_shards(
             .collect();
         loaders.into_iter().map(|l| l.join().expect("snapshot loader panicked")).collect()
     });
-    let (logs, generations): (Vec<_>, Vec<_>) =
-        loaded.into_iter().collect::<Result<Vec<_>, _>>()?.into_iter().unzip();
+    let loaded = loaded.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let mut logs = Vec::with_capacity(count);
+    let mut generations = Vec::with_capacity(count);
+    let mut envelopes = Vec::with_capacity(count);
+    for shard in loaded {
+        logs.push(shard.log);
+        generations.push(shard.generation);
+        envelopes.push(shard.envelopes);
+    }
     rebuild_store_directory(shared, &mut states);
-    let replayed = replay(&mut states, &logs, &shared.vault)?;
+    let loaded_ms = started.elapsed().as_millis() as u64;
+    let replayed = replay(&mut states, envelopes);
     rebuild_store_directory(shared, &mut states);
     let mut prepared = Prepared { states: Vec::with_capacity(count), wal_threads: Vec::new() };
     for (index, (mut state, log)) in states.into_iter().zip(&logs).enumerate() {
@@ -131,14 +139,20 @@ pub(crate) fn recover_shards(
         let shard_wal = ShardWal {
             handle,
             generation,
-            since_snapshot: log.records.len() as u64,
+            since_snapshot: log.records_after_snapshot,
             snapshot_every: config.durability.snapshot_every_records,
         };
         prepared.states.push((state, Some(shard_wal)));
         prepared.wal_threads.push(thread);
     }
     let elapsed_ms = started.elapsed().as_millis() as u64;
-    tracing::info!(records = replayed, elapsed_ms, dir = %dir.display(), "recovered");
+    tracing::info!(
+        records = replayed,
+        snapshots_loaded_ms = loaded_ms,
+        elapsed_ms,
+        dir = %dir.display(),
+        "recovered"
+    );
     Ok(prepared)
 }
 
@@ -150,23 +164,43 @@ fn rebuild_store_directory(shared: &Shared, states: &mut [ShardState]) {
     crate::geo::rebuild_directory(&shared.stores, &mut indexes);
 }
 
-/// Loads shard `index`'s snapshot into `state` and reads the log that follows it. Returns the
-/// log (its records are what remains to replay; `valid_len` 0 when it must start afresh) and
-/// the generation to keep writing.
+/// A shard's snapshot loaded, and the log after it read.
+struct LoadedShard {
+    /// The log's extent (`valid_len` 0 when it must start afresh).
+    log: wal::ReadLog,
+    /// The log's records as commands, in order: what remains to replay.
+    envelopes: Vec<Envelope>,
+    /// The generation to keep writing.
+    generation: u64,
+}
+
+/// Loads shard `index`'s snapshot into `state` and reads the log that follows it.
 fn load_shard(
     dir: &std::path::Path,
     index: usize,
     count: usize,
     state: &mut ShardState,
-) -> Result<(wal::ReadLog, u64), EngineError> {
+) -> Result<LoadedShard, EngineError> {
     let storage = |e: StorageError| EngineError::Storage(e.to_string());
     let snapshot_path = wal::shard_snapshot_path(dir, index);
     let log_path = wal::shard_log_path(dir, index);
-    let snapshot = snapshot::read(&snapshot_path, index, count).map_err(storage)?;
-    let mut log = wal::read_log(&log_path, index, count).map_err(storage)?;
-    let Some((snapshot_generation, snap)) = snapshot else {
+    // The log is read (and checked) on its own thread while the snapshot loads: for a shard
+    // whose log is long, the two together take as long as the longer one.
+    let vault = Arc::clone(&state.shared.vault);
+    let (snapshot, restored, log) = std::thread::scope(|scope| {
+        let log_reader = scope.spawn(|| read_commands(&log_path, index, count, &vault));
+        let snapshot = snapshot::read(&snapshot_path, index, count).map_err(storage);
+        let restored = match &snapshot {
+            Ok(Some((_, snap))) => restore(snap, state, &snapshot_path),
+            _ => Ok(()),
+        };
+        let log = log_reader.join().expect("log reader panicked");
+        (snapshot, restored, log)
+    });
+    let (mut log, mut envelopes) = log?;
+    let Some((snapshot_generation, snap)) = snapshot? else {
         return match log.generation {
-            None | Some(0) => Ok((log, 0)),
+            None | Some(0) => Ok(LoadedShard { log, envelopes, generation: 0 }),
             Some(generation) => Err(EngineError::Storage(format!(
                 "{}: log generation {generation} follows a snapshot, but {} is missing",
                 log_path.display(),
@@ -174,7 +208,9 @@ fn load_shard(
             ))),
         };
     };
-    restore(&snap, state, &snapshot_path)?;
+    restored?;
+    // The payload is no longer needed: free it before the replay allocates.
+    drop(snap);
     match log.generation {
         Some(generation) if generation == snapshot_generation => {}
         Some(generation) if generation > snapshot_generation => {
@@ -186,43 +222,59 @@ fn load_shard(
         // No log, or an older one that the snapshot already covers (a crash between writing
         // the snapshot and starting the new log): start the log afresh.
         _ => {
-            log.records.clear();
+            envelopes.clear();
+            log.records_after_snapshot = 0;
             log.valid_len = 0;
             log.torn_bytes = 0;
         }
     }
-    Ok((log, snapshot_generation))
+    Ok(LoadedShard { log, envelopes, generation: snapshot_generation })
+}
+
+/// Reads a shard's log and turns its records into commands (opening the keys they carry
+/// sealed), so that the replay, which must run shard by shard in time order, only applies.
+fn read_commands(
+    path: &std::path::Path,
+    index: usize,
+    count: usize,
+    vault: &Vault,
+) -> Result<(wal::ReadLog, Vec<Envelope>), EngineError> {
+    let mut log =
+        wal::read_log(path, index, count).map_err(|e| EngineError::Storage(e.to_string()))?;
+    let records = std::mem::take(&mut log.records);
+    let envelopes = records
+        .iter()
+        .enumerate()
+        .map(|(i, record)| {
+            record
+                .to_envelope(vault)
+                .map_err(|e| EngineError::Storage(format!("{}: record {i}: {e}", path.display())))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((log, envelopes))
 }
 
 fn restore(
-    snap: &SnapShard,
+    snap: &snapshot::Snapshot,
     state: &mut ShardState,
     path: &std::path::Path,
 ) -> Result<(), EngineError> {
     snap.restore(state).map_err(|e| EngineError::Storage(format!("{}: {e}", path.display())))
 }
 
-/// Applies every shard's records, each shard in its own order, shards interleaved by the
+/// Applies every shard's commands, each shard in its own order, shards interleaved by the
 /// commands' timestamps so cross-shard effects (a device IDm claimed first) replay as they
-/// happened. Returns the number of records applied.
-fn replay(
-    states: &mut [ShardState],
-    logs: &[wal::ReadLog],
-    vault: &Vault,
-) -> Result<usize, EngineError> {
-    let mut cursors = vec![0usize; logs.len()];
+/// happened. Returns the number of commands applied.
+fn replay(states: &mut [ShardState], logs: Vec<Vec<Envelope>>) -> usize {
+    let mut logs: Vec<_> = logs.into_iter().map(|log| log.into_iter().peekable()).collect();
     let mut applied = 0;
     loop {
         let next = (0..logs.len())
-            .filter(|&i| cursors[i] < logs[i].records.len())
-            .min_by_key(|&i| (logs[i].records[cursors[i]].now_ms(), i));
-        let Some(shard) = next else { return Ok(applied) };
-        let record = &logs[shard].records[cursors[shard]];
-        let envelope = record.to_envelope(vault).map_err(|e| {
-            EngineError::Storage(format!("shard {shard} record {}: {e}", cursors[shard]))
-        })?;
+            .filter_map(|i| logs[i].peek().map(|envelope| (envelope.now_ms, i)))
+            .min();
+        let Some((_, shard)) = next else { return applied };
+        let envelope = logs[shard].next().expect("peeked");
         states[shard].apply(envelope);
-        cursors[shard] += 1;
         applied += 1;
     }
 }

@@ -25,6 +25,14 @@ pub(crate) enum IdemState {
     },
     /// The request finished with this reply.
     Done(Reply),
+    /// A key issue's reply as a snapshot holds it: the key stays sealed (to the record's key)
+    /// until a retry asks for it, so recovery does not decrypt every enrollment's key.
+    SealedKey {
+        /// The issued key's version.
+        key_version: u16,
+        /// The key, sealed.
+        sealed: crate::vault::SealedNumber,
+    },
 }
 
 #[derive(Debug)]
@@ -54,6 +62,12 @@ impl Idempotency {
     pub(crate) fn new(ttl_ms: i64, records_max: usize) -> Idempotency {
         assert!(records_max > 0);
         Idempotency { entries: FxHashMap::default(), expiry: VecDeque::new(), ttl_ms, records_max }
+    }
+
+    /// Makes room for `additional` records restored from a snapshot.
+    pub(crate) fn reserve(&mut self, additional: usize) {
+        self.entries.reserve(additional);
+        self.expiry.reserve(additional);
     }
 
     pub(crate) fn lookup(&self, key: &IdemKey, digest: u64) -> Seen {
@@ -112,7 +126,7 @@ impl Idempotency {
             .iter()
             .filter_map(|(key, entry)| match &entry.state {
                 IdemState::Pending { user, means_id } => Some((*key, user.clone(), *means_id)),
-                IdemState::Done(_) => None,
+                IdemState::Done(_) | IdemState::SealedKey { .. } => None,
             })
             .collect();
         pending.sort_by_key(|(key, _, _)| *key);

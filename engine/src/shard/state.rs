@@ -535,6 +535,14 @@ impl ShardState {
         let key = (envelope.owner_hash, client_request_id);
         match self.idem.lookup(&key, envelope.digest) {
             Seen::Same(IdemState::Done(reply)) => return reply,
+            Seen::Same(IdemState::SealedKey { key_version, sealed }) => {
+                return crate::wal::snapshot::open_issued_key(
+                    &self.shared.vault,
+                    key,
+                    key_version,
+                    &sealed,
+                );
+            }
             Seen::Same(IdemState::Pending { .. }) => return Reply::InFlight,
             Seen::Conflict => return Reply::Refused(ReasonCode::IdempotencyConflict),
             Seen::New => {}

@@ -355,6 +355,17 @@ pub(crate) fn user_in(user: &LogUser) -> Result<UserKey, RecordError> {
     UserKey::new(id_type, user.id.clone()).map_err(|_| RecordError("user id"))
 }
 
+/// [`user_in`], read in place from an archive.
+pub(crate) fn archived_user_in(user: &ArchivedLogUser) -> Result<UserKey, RecordError> {
+    let id_type = UserIdType::from_u8(user.id_type).ok_or(RecordError("user id type"))?;
+    UserKey::new(id_type, user.id.as_str()).map_err(|_| RecordError("user id"))
+}
+
+/// [`sealed_in`], read in place from an archive.
+pub(crate) fn archived_sealed_in(sealed: &ArchivedLogSealed) -> SealedNumber {
+    SealedNumber { nonce: sealed.nonce, ciphertext: sealed.ciphertext.to_vec() }
+}
+
 pub(crate) fn sealed_out(sealed: &SealedNumber) -> LogSealed {
     LogSealed { nonce: sealed.nonce, ciphertext: sealed.ciphertext.clone() }
 }
@@ -562,11 +573,6 @@ impl LogEnvelope {
             now_ms: self.now_ms,
             command: command_in(&self.command, vault)?,
         })
-    }
-
-    /// When the command was made (ms since the epoch).
-    pub(crate) fn now_ms(&self) -> i64 {
-        self.now_ms
     }
 
     /// Serializes for the log.

@@ -7,29 +7,33 @@
 //! generation G. Written to a temporary file, synced, renamed: a crash leaves the old one or
 //! the new one, never half of one. Secrets are sealed as in the log.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+
+use rustc_hash::FxHashMap;
 
 use rkyv::{Archive, Deserialize, Serialize};
 
+use super::record::{archived_sealed_in, archived_user_in};
 use super::record::{
     coupon_in, coupon_out, currency_in, policy_in, policy_out, store_in, store_out, verdict_in,
     verdict_out, LogAgePolicy, LogCoupon, LogStore, LogVerdict,
 };
 use super::record::{
-    key_in, key_out, outcome_in, outcome_out, sealed_in, sealed_out, terminal_in, terminal_out,
-    user_in, user_out, LogNumber, LogOutcome, LogSealed, LogTerminal, LogUser, RecordError,
+    outcome_in, outcome_out, sealed_out, terminal_in, terminal_out, user_out, LogNumber,
+    LogOutcome, LogSealed, LogTerminal, LogUser, RecordError,
 };
 use super::{StorageError, FORMAT_VERSION};
 use crate::age::{AgeRegistration, VerificationMethod};
-use crate::keys::DeviceKeys;
-use crate::shard::idempotency::IdemState;
+use crate::keys::{open_device_key, SealedDeviceKeys};
+use crate::shard::idempotency::{IdemState, Idempotency};
 use crate::shard::replay::ReplayWindow;
 use crate::shard::state::{
     Balance, CodeRecord, CodeState, CouponRecord, Device, IssuedCode, IssuedCoupon, Purse,
-    PurseHold, Redemption, Reply, ShardState, StoredMeans, User,
+    PurseHold, Redemption, Reply, ShardState, Shared, StoredMeans, User,
 };
 use crate::types::AuthCode;
-use crate::types::{CardToken, MeansKind, ReasonCode};
+use crate::types::{CardToken, MeansKind, ReasonCode, UserKey};
 
 const MAGIC: [u8; 8] = *b"SGSNAP\0\0";
 const HEADER_LEN: usize = 36;
@@ -282,6 +286,9 @@ impl SnapShard {
                     IdemState::Done(reply) => {
                         capture_reply(vault, &reply, owner_hash, client_request_id)
                     }
+                    IdemState::SealedKey { key_version, sealed } => {
+                        SnapIdemState::KeyIssued { key_version, key: sealed_out(&sealed) }
+                    }
                 },
             })
             .collect();
@@ -404,180 +411,255 @@ impl SnapShard {
             coupons,
         }
     }
+}
 
-    /// Restores into a fresh `state` (and the shared indexes).
-    pub(crate) fn restore(&self, state: &mut ShardState) -> Result<(), RecordError> {
-        let vault = std::sync::Arc::clone(&state.shared.vault);
-        state.dispatch_seq = self.dispatch_seq;
-        for snap in &self.users {
-            let user_key = user_in(&snap.user)?;
-            let mut devices = Vec::with_capacity(snap.devices.len());
-            for d in &snap.devices {
-                let keys = DeviceKeys {
-                    user: user_key.clone(),
-                    current: (d.current.0, key_in(&vault, &d.current.1, &d.idm)?),
-                    previous: match &d.previous {
-                        Some((v, sealed, until)) => {
-                            Some((*v, key_in(&vault, sealed, &d.idm)?, *until))
-                        }
-                        None => None,
-                    },
-                };
-                state.shared.devices.import(d.idm, &keys);
-                let (high, bits, seen) = d.replay;
-                devices.push(Device {
-                    idm: d.idm,
-                    key_version: d.key_version,
-                    replay: ReplayWindow::from_parts(high, bits, seen),
-                });
+/// Restores a snapshot, read in place from its archive, into a fresh `state` (and the shared
+/// indexes). Device keys and the keys in enrollment records stay sealed until first used.
+fn restore_archived(snap: &ArchivedSnapShard, state: &mut ShardState) -> Result<(), RecordError> {
+    state.dispatch_seq = snap.dispatch_seq.to_native();
+    state.code_seq = snap.code_seq.to_native();
+    // Users, idempotency records and codes are independent maps: each is built on its own
+    // thread, so a shard holding all three takes as long as its largest, not their sum.
+    let ShardState { users, idem, codes, code_expiry, coupons, shared, .. } = &mut *state;
+    let shared: &Shared = shared;
+    std::thread::scope(|scope| {
+        let idem = scope.spawn(|| restore_idem_records(snap, idem));
+        let codes = scope.spawn(|| restore_codes(snap, codes, code_expiry, coupons));
+        let users = restore_users(snap, users, shared);
+        users?;
+        idem.join().expect("idempotency restore panicked")?;
+        codes.join().expect("code restore panicked")
+    })?;
+    for p in snap.providers.iter() {
+        if let Some(provider) = state.shared.registry.provider(p.code.to_native()) {
+            let terminals: Vec<LogTerminal> = owned(&p.terminals)?;
+            provider
+                .restore_terminals(terminals.iter().map(terminal_in).collect::<Result<_, _>>()?);
+            state.owned_providers.insert(p.code.to_native());
+        }
+    }
+    for r in snap.age.registrations.iter() {
+        let registration = AgeRegistration {
+            birth_date: jiff::civil::Date::new(
+                r.birth_date.0.to_native(),
+                r.birth_date.1,
+                r.birth_date.2,
+            )
+            .map_err(|_| RecordError("age registration birth date"))?,
+            method: VerificationMethod::from_u8(r.method)
+                .ok_or(RecordError("age verification method"))?,
+            verified_at_ms: r.verified_at_ms.to_native(),
+            valid_until_ms: r.valid_until_ms.to_native(),
+        };
+        state.ages.insert(r.idm, registration);
+    }
+    for s in snap.stores.iter() {
+        state.stores.upsert(store_in(&owned(&s.store)?)?, s.updated_ms.to_native());
+    }
+    for policy in snap.age.policies.iter() {
+        let (code, terminal_id, policy): (u32, String, LogAgePolicy) = owned(policy)?;
+        let policy = policy_in(&policy)?;
+        let resolved = state.shared.age.config.resolve(&policy).map_err(|_| {
+            RecordError(
+                "a stored store age policy names a jurisdiction or time zone the config no \
+                 longer has",
+            )
+        })?;
+        if let Some(provider) = state.shared.registry.provider(code) {
+            provider
+                .set_age_policy(&terminal_id, Some(resolved))
+                .map_err(|_| RecordError("age policy of an unlisted terminal"))?;
+            state.owned_providers.insert(code);
+        }
+    }
+    Ok(())
+}
+
+/// Users with their devices (whose keys stay sealed) and means, then their balances.
+fn restore_users(
+    snap: &ArchivedSnapShard,
+    users: &mut FxHashMap<UserKey, User>,
+    shared: &Shared,
+) -> Result<(), RecordError> {
+    let vault = &shared.vault;
+    users.reserve(snap.users.len());
+    let mut vault_checked = false;
+    for snap_user in snap.users.iter() {
+        let user_key = archived_user_in(&snap_user.user)?;
+        let mut devices = Vec::with_capacity(snap_user.devices.len());
+        for d in snap_user.devices.iter() {
+            let current = archived_sealed_in(&d.current.1);
+            if !vault_checked {
+                // One key opening proves the vault key is the one the data was written with;
+                // the others open on first use.
+                open_device_key(vault, &current, &d.idm).ok_or(RecordError(
+                    "a sealed device key does not open: is this the vault key the data was \
+                     written with?",
+                ))?;
+                vault_checked = true;
             }
-            let mut means = Vec::with_capacity(snap.means.len());
-            for m in &snap.means {
-                let number = m.number.as_ref().map(|n| {
-                    vault.store(CardToken(n.token), sealed_in(&n.sealed));
-                    (CardToken(n.token), n.last4)
-                });
-                means.push(StoredMeans {
-                    means_id: m.means_id,
-                    kind: MeansKind::from_u8(m.kind).ok_or(RecordError("means kind"))?,
-                    label: m.label.clone(),
+            let keys = SealedDeviceKeys {
+                user: user_key.clone(),
+                current: (d.current.0.to_native(), current),
+                previous: d
+                    .previous
+                    .as_ref()
+                    .map(|p| (p.0.to_native(), archived_sealed_in(&p.1), p.2.to_native())),
+            };
+            shared.devices.import_sealed(d.idm, keys);
+            devices.push(Device {
+                idm: d.idm,
+                key_version: d.key_version.to_native(),
+                replay: ReplayWindow::from_parts(
+                    d.replay.0.to_native(),
+                    d.replay.1.to_native(),
+                    d.replay.2,
+                ),
+            });
+        }
+        let mut means = Vec::with_capacity(snap_user.means.len());
+        for m in snap_user.means.iter() {
+            let number = m.number.as_ref().map(|n| {
+                vault.store(CardToken(n.token), archived_sealed_in(&n.sealed));
+                (CardToken(n.token), n.last4)
+            });
+            means.push(StoredMeans {
+                means_id: m.means_id.to_native(),
+                kind: MeansKind::from_u8(m.kind).ok_or(RecordError("means kind"))?,
+                label: m.label.as_str().to_owned(),
+                number,
+                uses: m.uses.to_native(),
+                last_used_ms: m.last_used_ms.as_ref().map(|t| t.to_native()),
+                registered_ms: m.registered_ms.to_native(),
+                purse: (m.kind == MeansKind::EMoney as u8).then(Purse::default),
+            });
+        }
+        let user = User {
+            password_phc: snap_user.password_phc.as_str().to_owned(),
+            devices,
+            means,
+            default_means: snap_user.default_means.as_ref().map(|m| m.to_native()),
+            next_means_id: snap_user.next_means_id.to_native(),
+            failed_logins: snap_user.failed_logins.to_native(),
+            locked_until_ms: snap_user.locked_until_ms.to_native(),
+        };
+        users.insert(user_key, user);
+    }
+    for p in snap.wallet.iter() {
+        let user = archived_user_in(&p.user)?;
+        let means_id = p.means_id.to_native();
+        let purse = users
+            .get_mut(&user)
+            .and_then(|u| u.means.iter_mut().find(|m| m.means_id == means_id))
+            .and_then(|m| m.purse.as_mut())
+            .ok_or(RecordError("a balance for a means that keeps none"))?;
+        purse.balance_minor = p.balance_minor.to_native();
+        purse.currency = p.currency.as_ref().map(|c| currency_in(*c)).transpose()?;
+        purse.holds = p
+            .holds
+            .iter()
+            .map(|h| PurseHold {
+                key: (h.0.to_native(), h.1.to_native()),
+                amount_minor: h.2.to_native(),
+                expires_ms: h.3.to_native(),
+            })
+            .collect();
+    }
+    Ok(())
+}
+
+fn restore_idem_records(
+    snap: &ArchivedSnapShard,
+    idem: &mut Idempotency,
+) -> Result<(), RecordError> {
+    idem.reserve(snap.idem.len());
+    for i in snap.idem.iter() {
+        let idem_state = restore_idem(i)?;
+        idem.restore(
+            i.expires_ms.to_native(),
+            (i.owner_hash.to_native(), i.client_request_id.to_native()),
+            i.digest.to_native(),
+            idem_state,
+        );
+    }
+    Ok(())
+}
+
+fn restore_codes(
+    snap: &ArchivedSnapShard,
+    codes_out: &mut BTreeMap<u64, CodeRecord>,
+    expiry_out: &mut BTreeSet<(i64, u64)>,
+    coupons: &mut FxHashMap<u64, CouponRecord>,
+) -> Result<(), RecordError> {
+    // Codes come in issue-number order: collected first, the maps are built in bulk.
+    let mut codes = Vec::with_capacity(snap.codes.len());
+    let mut expiry = Vec::new();
+    for c in snap.codes.iter() {
+        let number = c.number.to_native();
+        let currency = currency_in(c.currency)?;
+        let record_state = match (c.state, c.redemption.as_ref()) {
+            (0, _) => CodeState::Issued,
+            (1, Some(r)) => {
+                let r: SnapRedemption = owned(r)?;
+                CodeState::Redeemed(Box::new(Redemption {
                     number,
-                    uses: m.uses,
-                    last_used_ms: m.last_used_ms,
-                    registered_ms: m.registered_ms,
-                    purse: (m.kind == MeansKind::EMoney as u8).then(Purse::default),
-                });
-            }
-            let user = User {
-                password_phc: snap.password_phc.clone(),
-                devices,
-                means,
-                default_means: snap.default_means,
-                next_means_id: snap.next_means_id,
-                failed_logins: snap.failed_logins,
-                locked_until_ms: snap.locked_until_ms,
-            };
-            state.users.insert(user_key, user);
-        }
-        for i in &self.idem {
-            let idem_state = restore_idem(&vault, i)?;
-            state.idem.restore(
-                i.expires_ms,
-                (i.owner_hash, i.client_request_id),
-                i.digest,
-                idem_state,
-            );
-        }
-        for p in &self.providers {
-            if let Some(provider) = state.shared.registry.provider(p.code) {
-                provider.restore_terminals(
-                    p.terminals.iter().map(terminal_in).collect::<Result<_, _>>()?,
-                );
-                state.owned_providers.insert(p.code);
-            }
-        }
-        for r in &self.age.registrations {
-            let (year, month, day) = r.birth_date;
-            let registration = AgeRegistration {
-                birth_date: jiff::civil::Date::new(year, month, day)
-                    .map_err(|_| RecordError("age registration birth date"))?,
-                method: VerificationMethod::from_u8(r.method)
-                    .ok_or(RecordError("age verification method"))?,
-                verified_at_ms: r.verified_at_ms,
-                valid_until_ms: r.valid_until_ms,
-            };
-            state.ages.insert(r.idm, registration);
-        }
-        for p in &self.wallet {
-            let user = user_in(&p.user)?;
-            let purse = state
-                .users
-                .get_mut(&user)
-                .and_then(|u| u.means.iter_mut().find(|m| m.means_id == p.means_id))
-                .and_then(|m| m.purse.as_mut())
-                .ok_or(RecordError("a balance for a means that keeps none"))?;
-            purse.balance_minor = p.balance_minor;
-            purse.currency = p.currency.map(currency_in).transpose()?;
-            purse.holds = p
-                .holds
-                .iter()
-                .map(|&(owner, crid, amount_minor, expires_ms)| PurseHold {
-                    key: (owner, crid),
-                    amount_minor,
-                    expires_ms,
-                })
-                .collect();
-        }
-        state.code_seq = self.code_seq;
-        for c in &self.codes {
-            let currency = currency_in(c.currency)?;
-            let record_state = match (c.state, &c.redemption) {
-                (0, _) => CodeState::Issued,
-                (1, Some(r)) => CodeState::Redeemed(Box::new(Redemption {
-                    number: c.number,
                     captured_minor: r.captured_minor,
                     released_minor: r.released_minor,
                     coupon_discount_minor: r.coupon_discount_minor,
                     currency,
-                    terminal_id: r.terminal_id.clone(),
-                    provider_code: c.provider_code,
+                    terminal_id: r.terminal_id,
+                    provider_code: c.provider_code.to_native(),
                     auth_code: AuthCode(c.auth_code),
                     sale_at_ms: r.sale_at_ms,
                     redeemed_at_ms: r.redeemed_at_ms,
-                    items: r.items.clone(),
-                })),
-                (2, _) => CodeState::Expired,
-                _ => return Err(RecordError("code state")),
-            };
-            if record_state == CodeState::Issued {
-                state.code_expiry.insert((c.expires_ms, c.number));
+                    items: r.items,
+                }))
             }
-            state.codes.insert(
-                c.number,
-                CodeRecord {
-                    user: user_in(&c.user)?,
-                    means_id: c.means_id,
-                    provider_code: c.provider_code,
-                    amount_minor: c.amount_minor,
-                    currency,
-                    expires_ms: c.expires_ms,
-                    auth_code: AuthCode(c.auth_code),
-                    order_ref: c.order_ref.clone(),
-                    deliver_to: c.deliver_to,
-                    state: record_state,
-                },
-            );
+            (2, _) => CodeState::Expired,
+            _ => return Err(RecordError("code state")),
+        };
+        if record_state == CodeState::Issued {
+            expiry.push((c.expires_ms.to_native(), number));
         }
-        for c in &self.coupons {
-            let record = CouponRecord {
-                user: user_in(&c.user)?,
-                provider_code: c.provider_code,
-                effect: coupon_in(&c.effect)?,
-                uses_left: c.uses_left,
-                expires_ms: c.expires_ms,
-            };
-            state.coupons.insert(c.number, record);
-        }
-        for s in &self.stores {
-            state.stores.upsert(store_in(&s.store)?, s.updated_ms);
-        }
-        for (code, terminal_id, policy) in &self.age.policies {
-            let policy = policy_in(policy)?;
-            let resolved = state.shared.age.config.resolve(&policy).map_err(|_| {
-                RecordError(
-                    "a stored store age policy names a jurisdiction or time zone the config no \
-                     longer has",
-                )
-            })?;
-            if let Some(provider) = state.shared.registry.provider(*code) {
-                provider
-                    .set_age_policy(terminal_id, Some(resolved))
-                    .map_err(|_| RecordError("age policy of an unlisted terminal"))?;
-                state.owned_providers.insert(*code);
-            }
-        }
-        Ok(())
+        codes.push((
+            number,
+            CodeRecord {
+                user: archived_user_in(&c.user)?,
+                means_id: c.means_id.to_native(),
+                provider_code: c.provider_code.to_native(),
+                amount_minor: c.amount_minor.to_native(),
+                currency,
+                expires_ms: c.expires_ms.to_native(),
+                auth_code: AuthCode(c.auth_code),
+                order_ref: c.order_ref.as_str().to_owned(),
+                deliver_to: c.deliver_to,
+                state: record_state,
+            },
+        ));
     }
+    // A fresh state: collecting builds each tree in bulk, much faster than inserting.
+    *codes_out = codes.into_iter().collect();
+    *expiry_out = expiry.into_iter().collect();
+    for c in snap.coupons.iter() {
+        let record = CouponRecord {
+            user: archived_user_in(&c.user)?,
+            provider_code: c.provider_code.to_native(),
+            effect: coupon_in(&owned(&c.effect)?)?,
+            uses_left: c.uses_left.to_native(),
+            expires_ms: c.expires_ms.to_native(),
+        };
+        coupons.insert(c.number.to_native(), record);
+    }
+    Ok(())
+}
+
+/// Deserializes a small, rarely present part of an archive into its owned form.
+fn owned<T: Archive>(archived: &T::Archived) -> Result<T, RecordError>
+where
+    T::Archived: rkyv::Deserialize<T, rkyv::api::high::HighDeserializer<rkyv::rancor::Error>>,
+{
+    rkyv::deserialize::<T, rkyv::rancor::Error>(archived)
+        .map_err(|_| RecordError("a snapshot field does not decode"))
 }
 
 impl From<SnapShardV1> for SnapShard {
@@ -620,13 +702,13 @@ fn capture_user(state: &ShardState, key: &crate::types::UserKey, user: &User) ->
         .devices
         .iter()
         .filter_map(|d| {
-            let keys = state.shared.devices.export(&d.idm)?;
+            let keys = state.shared.devices.export_sealed(&d.idm)?;
             Some(SnapDevice {
                 idm: d.idm,
                 key_version: d.key_version,
                 replay: d.replay.parts(),
-                current: (keys.current.0, key_out(vault, &keys.current.1, &d.idm)),
-                previous: keys.previous.map(|(v, k, until)| (v, key_out(vault, &k, &d.idm), until)),
+                current: (keys.current.0, sealed_out(&keys.current.1)),
+                previous: keys.previous.map(|(v, k, until)| (v, sealed_out(&k), until)),
             })
         })
         .collect();
@@ -721,32 +803,50 @@ fn capture_reply(
     }
 }
 
-fn restore_idem(vault: &crate::vault::Vault, i: &SnapIdem) -> Result<IdemState, RecordError> {
-    Ok(match &i.state {
-        SnapIdemState::Pending { user, means_id } => {
-            IdemState::Pending { user: user_in(user)?, means_id: *means_id }
+/// A retried key issue whose reply a snapshot restored sealed: opens the key for the answer.
+pub(crate) fn open_issued_key(
+    vault: &crate::vault::Vault,
+    (owner_hash, crid): (u64, u128),
+    key_version: u16,
+    sealed: &crate::vault::SealedNumber,
+) -> Reply {
+    let opened = vault
+        .open(sealed, &idem_aad(owner_hash, crid))
+        .and_then(|plain| <[u8; 32]>::try_from(plain.as_slice()).ok());
+    match opened {
+        Some(bytes) => {
+            Reply::KeyIssued { key_version, key: crate::keys::DeviceKey::from_bytes(bytes) }
         }
-        SnapIdemState::Ok => IdemState::Done(Reply::Ok),
-        SnapIdemState::Refused { reason } => IdemState::Done(Reply::Refused(
-            ReasonCode::from_code(*reason).ok_or(RecordError("reason"))?,
+        None => {
+            tracing::error!("the sealed key of a restored enrollment record does not open");
+            Reply::Refused(ReasonCode::IdempotencyConflict)
+        }
+    }
+}
+
+fn restore_idem(i: &ArchivedSnapIdem) -> Result<IdemState, RecordError> {
+    Ok(match &i.state {
+        ArchivedSnapIdemState::Pending { user, means_id } => {
+            IdemState::Pending { user: archived_user_in(user)?, means_id: means_id.to_native() }
+        }
+        ArchivedSnapIdemState::Ok => IdemState::Done(Reply::Ok),
+        ArchivedSnapIdemState::Refused { reason } => IdemState::Done(Reply::Refused(
+            ReasonCode::from_code(reason.to_native()).ok_or(RecordError("reason"))?,
         )),
-        SnapIdemState::KeyIssued { key_version, key } => {
-            let plain =
-                vault
-                    .open(&sealed_in(key), &idem_aad(i.owner_hash, i.client_request_id))
-                    .ok_or(RecordError("a sealed key in an idempotency record does not open"))?;
-            let bytes: [u8; 32] =
-                plain.as_slice().try_into().map_err(|_| RecordError("key length"))?;
-            IdemState::Done(Reply::KeyIssued {
-                key_version: *key_version,
-                key: crate::keys::DeviceKey::from_bytes(bytes),
+        ArchivedSnapIdemState::KeyIssued { key_version, key } => IdemState::SealedKey {
+            key_version: key_version.to_native(),
+            sealed: archived_sealed_in(key),
+        },
+        ArchivedSnapIdemState::MeansAdded { means_id, last4 } => {
+            IdemState::Done(Reply::MeansAdded {
+                means_id: means_id.to_native(),
+                last4: last4.as_ref().copied(),
             })
         }
-        SnapIdemState::MeansAdded { means_id, last4 } => {
-            IdemState::Done(Reply::MeansAdded { means_id: *means_id, last4: *last4 })
+        ArchivedSnapIdemState::Auth { outcome } => {
+            IdemState::Done(Reply::Auth(outcome_in(&owned(outcome)?)?))
         }
-        SnapIdemState::Auth { outcome } => IdemState::Done(Reply::Auth(outcome_in(outcome)?)),
-        SnapIdemState::CodeIssued {
+        ArchivedSnapIdemState::CodeIssued {
             number,
             text,
             amount_minor,
@@ -756,49 +856,59 @@ fn restore_idem(vault: &crate::vault::Vault, i: &SnapIdem) -> Result<IdemState, 
             user,
             order_ref,
         } => IdemState::Done(Reply::CodeIssued(Box::new(IssuedCode {
-            text: text.clone(),
-            number: *number,
-            amount_minor: *amount_minor,
+            text: text.as_str().to_owned(),
+            number: number.to_native(),
+            amount_minor: amount_minor.to_native(),
             currency: currency_in(*currency)?,
-            expires_ms: *expires_ms,
+            expires_ms: expires_ms.to_native(),
             deliver_to: *deliver_to,
-            user: user_in(user)?,
-            order_ref: order_ref.clone(),
+            user: archived_user_in(user)?,
+            order_ref: order_ref.as_str().to_owned(),
         }))),
-        SnapIdemState::Redeemed { number, currency, provider_code, auth_code, redemption: r } => {
+        ArchivedSnapIdemState::Redeemed {
+            number,
+            currency,
+            provider_code,
+            auth_code,
+            redemption,
+        } => {
+            let r: SnapRedemption = owned(redemption)?;
             IdemState::Done(Reply::Redeemed(Box::new(Redemption {
-                number: *number,
+                number: number.to_native(),
                 captured_minor: r.captured_minor,
                 released_minor: r.released_minor,
                 coupon_discount_minor: r.coupon_discount_minor,
                 currency: currency_in(*currency)?,
-                terminal_id: r.terminal_id.clone(),
-                provider_code: *provider_code,
+                terminal_id: r.terminal_id,
+                provider_code: provider_code.to_native(),
                 auth_code: AuthCode(*auth_code),
                 sale_at_ms: r.sale_at_ms,
                 redeemed_at_ms: r.redeemed_at_ms,
-                items: r.items.clone(),
+                items: r.items,
             })))
         }
-        SnapIdemState::CouponIssued { number, text, user, effect, uses, expires_ms } => {
+        ArchivedSnapIdemState::CouponIssued { number, text, user, effect, uses, expires_ms } => {
             IdemState::Done(Reply::CouponIssued(Box::new(IssuedCoupon {
-                text: text.clone(),
-                number: *number,
-                user: user_in(user)?,
-                effect: coupon_in(effect)?,
-                uses: *uses,
-                expires_ms: *expires_ms,
+                text: text.as_str().to_owned(),
+                number: number.to_native(),
+                user: archived_user_in(user)?,
+                effect: coupon_in(&owned(effect)?)?,
+                uses: uses.to_native(),
+                expires_ms: expires_ms.to_native(),
             })))
         }
-        SnapIdemState::Balance { balance_minor, available_minor, currency } => {
+        ArchivedSnapIdemState::Balance { balance_minor, available_minor, currency } => {
             IdemState::Done(Reply::Balance(Balance {
-                balance_minor: *balance_minor,
-                available_minor: *available_minor,
-                currency: currency.map(currency_in).transpose()?,
+                balance_minor: balance_minor.to_native(),
+                available_minor: available_minor.to_native(),
+                currency: currency.as_ref().map(|c| currency_in(*c)).transpose()?,
             }))
         }
-        SnapIdemState::BasketAuth { outcome, verdict } => {
-            IdemState::Done(Reply::BasketAuth(outcome_in(outcome)?, Box::new(verdict_in(verdict)?)))
+        ArchivedSnapIdemState::BasketAuth { outcome, verdict } => {
+            IdemState::Done(Reply::BasketAuth(
+                outcome_in(&owned(outcome)?)?,
+                Box::new(verdict_in(&owned(verdict)?)?),
+            ))
         }
     })
 }
@@ -824,27 +934,52 @@ pub(crate) fn encode(snapshot: &SnapShard, index: usize, count: usize, generatio
     out
 }
 
-/// Reads shard `index`'s snapshot: `None` if there is none, else its generation and content.
+/// A snapshot file's payload, its checksum verified, in an aligned buffer: restored by reading
+/// the archive in place, without first deserializing it into owned values.
+pub(crate) struct Snapshot {
+    payload: rkyv::util::AlignedVec<16>,
+}
+
+impl Snapshot {
+    /// Restores into a fresh `state` (and the shared indexes). The archive is validated first:
+    /// a payload that passed its checksum but does not decode is refused, never trusted.
+    pub(crate) fn restore(&self, state: &mut ShardState) -> Result<(), RecordError> {
+        let archived = rkyv::access::<ArchivedSnapShard, rkyv::rancor::Error>(&self.payload)
+            .map_err(|_| RecordError("snapshot does not decode"))?;
+        restore_archived(archived, state)
+    }
+}
+
+/// Reads shard `index`'s snapshot: `None` if there is none, else its generation and payload.
+/// Snapshots of older format versions are converted to the current layout.
 pub(crate) fn read(
     path: &Path,
     index: usize,
     count: usize,
-) -> Result<Option<(u64, SnapShard)>, StorageError> {
-    let bytes = match std::fs::read(path) {
-        Ok(bytes) => bytes,
+) -> Result<Option<(u64, Snapshot)>, StorageError> {
+    use std::io::Read;
+    let io = |source| StorageError::Io { path: path.to_owned(), source };
+    let mut file = match std::fs::File::open(path) {
+        Ok(file) => file,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => return Err(StorageError::Io { path: path.to_owned(), source }),
+        Err(source) => return Err(io(source)),
     };
+    let file_len = file.metadata().map_err(io)?.len();
     let corrupt = |detail: &str| StorageError::Corrupt {
         path: path.to_owned(),
         offset: 0,
         detail: detail.to_owned(),
     };
-    if bytes.len() < HEADER_LEN || bytes[..8] != MAGIC {
+    let mut header = [0u8; HEADER_LEN];
+    if file_len < HEADER_LEN as u64 {
         return Err(corrupt("not a settlegate snapshot"));
     }
-    let be16 = |at: usize| u16::from_be_bytes([bytes[at], bytes[at + 1]]);
-    let be64 = |at: usize| u64::from_be_bytes(bytes[at..at + 8].try_into().expect("8"));
+    file.read_exact(&mut header).map_err(io)?;
+    if header[..8] != MAGIC {
+        return Err(corrupt("not a settlegate snapshot"));
+    }
+    let be16 = |at: usize| u16::from_be_bytes([header[at], header[at + 1]]);
+    let be64 = |at: usize| u64::from_be_bytes(header[at..at + 8].try_into().expect("8"));
     let version = be16(8);
     if version > FORMAT_VERSION {
         return Err(StorageError::NewerFormat {
@@ -853,7 +988,7 @@ pub(crate) fn read(
             supported: FORMAT_VERSION,
         });
     }
-    let file_count = u32::from_be_bytes(bytes[12..16].try_into().expect("4")) as usize;
+    let file_count = u32::from_be_bytes(header[12..16].try_into().expect("4")) as usize;
     if (be16(10) as usize, file_count) != (index, count) {
         return Err(StorageError::Mismatch {
             path: path.to_owned(),
@@ -861,20 +996,34 @@ pub(crate) fn read(
         });
     }
     let generation = be64(16);
-    let len = be64(24) as usize;
-    let crc = u32::from_be_bytes(bytes[32..36].try_into().expect("4"));
-    let payload =
-        bytes.get(HEADER_LEN..HEADER_LEN + len).ok_or_else(|| corrupt("snapshot truncated"))?;
-    if crc32fast::hash(payload) != crc {
+    let len = be64(24);
+    let crc = u32::from_be_bytes(header[32..36].try_into().expect("4"));
+    // The length is checked against the file before anything that size is allocated.
+    if len > file_len - HEADER_LEN as u64 {
+        return Err(corrupt("snapshot truncated"));
+    }
+    // Read straight into an aligned buffer: rkyv reads the archive in place from there.
+    let mut payload = rkyv::util::AlignedVec::<16>::with_capacity(len as usize);
+    payload.resize(len as usize, 0);
+    file.read_exact(&mut payload).map_err(io)?;
+    if crc32fast::hash(&payload) != crc {
         return Err(corrupt("snapshot checksum mismatch"));
     }
-    let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(payload.len());
-    aligned.extend_from_slice(payload);
-    let snapshot = match version {
-        1 => rkyv::from_bytes::<SnapShardV1, rkyv::rancor::Error>(&aligned).map(SnapShard::from),
-        2 => rkyv::from_bytes::<SnapShardV2, rkyv::rancor::Error>(&aligned).map(SnapShard::from),
-        _ => rkyv::from_bytes::<SnapShard, rkyv::rancor::Error>(&aligned),
-    }
-    .map_err(|_| corrupt("snapshot does not decode"))?;
-    Ok(Some((generation, snapshot)))
+    let upgrade = |old: SnapShard| {
+        rkyv::to_bytes::<rkyv::rancor::Error>(&old).expect("snapshots always serialize")
+    };
+    let payload = match version {
+        1 => upgrade(
+            rkyv::from_bytes::<SnapShardV1, rkyv::rancor::Error>(&payload)
+                .map_err(|_| corrupt("snapshot does not decode"))?
+                .into(),
+        ),
+        2 => upgrade(
+            rkyv::from_bytes::<SnapShardV2, rkyv::rancor::Error>(&payload)
+                .map_err(|_| corrupt("snapshot does not decode"))?
+                .into(),
+        ),
+        _ => payload,
+    };
+    Ok(Some((generation, Snapshot { payload })))
 }
