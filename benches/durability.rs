@@ -135,6 +135,11 @@ impl RecoveryDir {
 
 /// Writes `users` users, each enrolled with a card and holding one issued payment code.
 fn write_data_set(runtime: &tokio::runtime::Runtime, dir: &std::path::Path, users: usize) {
+    // The engine reports each snapshot's capture (the shard's pause) at info level.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("settlegate_engine=info")
+        .with_writer(std::io::stderr)
+        .try_init();
     let setup = Instant::now();
     let bench = common::Bench::with_config(runtime, users, durable(dir, FsyncPolicy::Off));
     // One payment code per user (issued, so held): the other half of the data set.

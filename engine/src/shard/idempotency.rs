@@ -111,14 +111,11 @@ impl Idempotency {
     }
 
     /// Every record in expiry order: (expires at, key, digest, state), for a snapshot.
-    pub(crate) fn export(&self) -> Vec<(i64, IdemKey, u64, IdemState)> {
-        self.expiry
-            .iter()
-            .filter_map(|(expires_ms, key)| {
-                let entry = self.entries.get(key)?;
-                Some((*expires_ms, *key, entry.digest, entry.state.clone()))
-            })
-            .collect()
+    pub(crate) fn export(&self) -> impl Iterator<Item = (i64, IdemKey, u64, &IdemState)> + '_ {
+        self.expiry.iter().filter_map(|(expires_ms, key)| {
+            let entry = self.entries.get(key)?;
+            Some((*expires_ms, *key, entry.digest, &entry.state))
+        })
     }
 
     /// Restores one record from a snapshot, in expiry order.

@@ -97,7 +97,14 @@ impl Handler<Batch> for Shard {
                     // Captured between batches, so it holds exactly the records queued before it.
                     let generation = wal.generation + 1;
                     // The shard pays only for the capture; encoding and writing are the writer's.
+                    let started = std::time::Instant::now();
                     let snapshot = Box::new(SnapShard::capture(&self.state));
+                    tracing::info!(
+                        shard = self.state.index,
+                        generation,
+                        paused_ms = started.elapsed().as_millis() as u64,
+                        "snapshot captured; the shard paused for the capture only"
+                    );
                     let (index, count) = (wal.handle.index, wal.handle.count);
                     wal.handle.submit(Job::Snapshot { snapshot, index, count, generation });
                     wal.generation = generation;

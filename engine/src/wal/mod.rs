@@ -417,9 +417,9 @@ fn process(
     for job in jobs {
         match job {
             Job::Records { records, reply, replies } => group.push((records, reply, replies)),
-            Job::Snapshot { snapshot, index, count, generation } => {
+            Job::Snapshot { mut snapshot, index, count, generation } => {
                 commit(out, &mut group, sync)?;
-                let bytes = snapshot::encode(&snapshot, index, count, generation);
+                let bytes = snapshot::encode(&mut snapshot, index, count, generation);
                 rotate(out, files, &bytes, generation)?;
                 sync.unsynced = false;
             }

@@ -264,16 +264,25 @@ fn idem_aad(owner_hash: u64, client_request_id: u128) -> Vec<u8> {
 }
 
 impl SnapShard {
+    /// Puts every list in a fixed order (users and balances by user ID, stores by the time
+    /// they changed, registrations by IDm, coupons by number), so that the same state always
+    /// encodes to the same bytes. Runs on the writer's thread, not the shard's.
+    pub(crate) fn sort(&mut self) {
+        self.users.sort_by(|a, b| (a.user.id_type, &a.user.id).cmp(&(b.user.id_type, &b.user.id)));
+        self.age.registrations.sort_by_key(|r| r.idm);
+        self.stores.sort_by_key(|s| s.updated_ms);
+        self.wallet.sort_by(|a, b| (&a.user.id, a.means_id).cmp(&(&b.user.id, b.means_id)));
+        self.coupons.sort_by_key(|c| c.number);
+    }
+
     /// Captures `state` (and its slice of the shared indexes), sealing every secret.
     pub(crate) fn capture(state: &ShardState) -> SnapShard {
         let vault = &state.shared.vault;
-        let mut users: Vec<SnapUser> =
+        let users: Vec<SnapUser> =
             state.users.iter().map(|(key, user)| capture_user(state, key, user)).collect();
-        users.sort_by(|a, b| (a.user.id_type, &a.user.id).cmp(&(b.user.id_type, &b.user.id)));
         let idem = state
             .idem
             .export()
-            .into_iter()
             .map(|(expires_ms, (owner_hash, client_request_id), digest, idem_state)| SnapIdem {
                 expires_ms,
                 owner_hash,
@@ -281,14 +290,15 @@ impl SnapShard {
                 digest,
                 state: match idem_state {
                     IdemState::Pending { user, means_id } => {
-                        SnapIdemState::Pending { user: user_out(&user), means_id }
+                        SnapIdemState::Pending { user: user_out(user), means_id: *means_id }
                     }
                     IdemState::Done(reply) => {
-                        capture_reply(vault, &reply, owner_hash, client_request_id)
+                        capture_reply(vault, reply, owner_hash, client_request_id)
                     }
-                    IdemState::SealedKey { key_version, sealed } => {
-                        SnapIdemState::KeyIssued { key_version, key: sealed_out(&sealed) }
-                    }
+                    IdemState::SealedKey { key_version, sealed } => SnapIdemState::KeyIssued {
+                        key_version: *key_version,
+                        key: sealed_out(sealed),
+                    },
                 },
             })
             .collect();
@@ -301,7 +311,7 @@ impl SnapShard {
                 terminals: p.export_terminals().iter().map(terminal_out).collect(),
             })
             .collect();
-        let mut registrations: Vec<SnapAgeRegistration> = state
+        let registrations: Vec<SnapAgeRegistration> = state
             .ages
             .iter()
             .map(|(idm, r)| SnapAgeRegistration {
@@ -312,7 +322,6 @@ impl SnapShard {
                 valid_until_ms: r.valid_until_ms,
             })
             .collect();
-        registrations.sort_by_key(|r| r.idm);
         let policies = state
             .owned_providers
             .iter()
@@ -324,12 +333,11 @@ impl SnapShard {
             })
             .collect();
         let age = SnapAge { registrations, policies };
-        let mut stores: Vec<SnapStore> = state
+        let stores: Vec<SnapStore> = state
             .stores
             .stores()
             .map(|(store, updated_ms)| SnapStore { store: store_out(store), updated_ms })
             .collect();
-        stores.sort_by_key(|s| s.updated_ms);
         let mut wallet = Vec::new();
         for (key, user) in &state.users {
             for means in &user.means {
@@ -348,7 +356,6 @@ impl SnapShard {
                 }
             }
         }
-        wallet.sort_by(|a, b| (&a.user.id, a.means_id).cmp(&(&b.user.id, b.means_id)));
         let codes = state
             .codes
             .iter()
@@ -385,7 +392,7 @@ impl SnapShard {
                 }
             })
             .collect();
-        let mut coupons: Vec<SnapCoupon> = state
+        let coupons: Vec<SnapCoupon> = state
             .coupons
             .iter()
             .map(|(&number, c)| SnapCoupon {
@@ -397,7 +404,6 @@ impl SnapShard {
                 expires_ms: c.expires_ms,
             })
             .collect();
-        coupons.sort_by_key(|c| c.number);
         SnapShard {
             dispatch_seq: state.dispatch_seq,
             users,
@@ -919,7 +925,13 @@ pub fn shard_snapshot_path(dir: &Path, index: usize) -> PathBuf {
 }
 
 /// Encodes a snapshot file: header and payload.
-pub(crate) fn encode(snapshot: &SnapShard, index: usize, count: usize, generation: u64) -> Vec<u8> {
+pub(crate) fn encode(
+    snapshot: &mut SnapShard,
+    index: usize,
+    count: usize,
+    generation: u64,
+) -> Vec<u8> {
+    snapshot.sort();
     let payload =
         rkyv::to_bytes::<rkyv::rancor::Error>(snapshot).expect("snapshots always serialize");
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
