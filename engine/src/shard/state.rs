@@ -552,6 +552,12 @@ impl ShardState {
             Reply::Dispatch(dispatch) => {
                 IdemState::Pending { user: dispatch.user.clone(), means_id: dispatch.means_id }
             }
+            // An issued device key is kept sealed: a retry opens it, and a snapshot copies the
+            // sealed bytes instead of sealing again while the shard waits.
+            Reply::KeyIssued { key_version, key: device_key } => IdemState::SealedKey {
+                key_version: *key_version,
+                sealed: crate::wal::snapshot::seal_issued_key(&self.shared.vault, key, device_key),
+            },
             done => IdemState::Done(done.clone()),
         };
         self.idem.insert(key, envelope.digest, state, envelope.now_ms);

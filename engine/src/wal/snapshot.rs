@@ -809,7 +809,16 @@ fn capture_reply(
     }
 }
 
-/// A retried key issue whose reply a snapshot restored sealed: opens the key for the answer.
+/// Seals a key issue's device key for its idempotency record (bound to the record's key).
+pub(crate) fn seal_issued_key(
+    vault: &crate::vault::Vault,
+    (owner_hash, crid): (u64, u128),
+    key: &crate::keys::DeviceKey,
+) -> crate::vault::SealedNumber {
+    vault.seal(key.expose(), &idem_aad(owner_hash, crid))
+}
+
+/// A retried key issue, whose record keeps the key sealed: opens the key for the answer.
 pub(crate) fn open_issued_key(
     vault: &crate::vault::Vault,
     (owner_hash, crid): (u64, u128),
