@@ -318,6 +318,31 @@ async fn keys_restored_sealed_from_a_snapshot_open_when_first_used() {
     h.engine.shutdown();
 }
 
+#[tokio::test]
+async fn a_rotated_key_and_its_grace_window_survive_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Harness::with_config(snapshotting_config(dir.path()));
+    let rita = h.user("rita").await;
+    let rotated = h
+        .engine
+        .rotate_device_key(request_id(), &rita.user, PASSWORD, rita.credential.card_idm)
+        .await
+        .unwrap();
+    with_more_records(&h).await;
+    h.engine.shutdown();
+    drop(h);
+
+    let h = Harness::with_config(snapshotting_config(dir.path()));
+    // The new key verifies, and so does the old one inside its grace window.
+    let mut record = rita.record(T0_MS, 500, PROVIDER_OK, "T-1");
+    record.key_version = rotated.key_version;
+    let outcome = h.authorize(record.sign(rotated.device_key.expose())).await;
+    assert!(matches!(outcome, AuthOutcome::Approved(_)), "{outcome:?}");
+    let outcome = h.authorize(rita.signed(T0_MS, 500, PROVIDER_OK, "T-1")).await;
+    assert!(matches!(outcome, AuthOutcome::Approved(_)), "{outcome:?}");
+    h.engine.shutdown();
+}
+
 /// Enrolls a few more users so that every shard passes its snapshot threshold.
 async fn with_more_records(h: &Harness) {
     for name in ["m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8"] {

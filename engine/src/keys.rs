@@ -53,56 +53,41 @@ impl fmt::Debug for DeviceKey {
 /// recovery does not decrypt a million keys nobody may present before the next restart.
 struct KeySlot {
     version: u16,
-    /// The key and its pre-keyed HMAC state, once opened; `None` inside if it would not open.
+    /// The key's pre-keyed HMAC state, once opened; `None` inside if it would not open.
     /// Boxed, as the HMAC state is large: a million devices restored sealed then take a
     /// fraction of the memory (and of the page faults) until they are used.
-    open: OnceLock<Option<Box<OpenKey>>>,
-    /// The key sealed to the IDm, once sealed (for a snapshot) or as a snapshot gave it.
-    sealed: OnceLock<SealedNumber>,
-}
-
-struct OpenKey {
-    mac: Hmac<Sha256>,
-    key: DeviceKey,
+    open: OnceLock<Option<Box<Hmac<Sha256>>>>,
+    /// The key sealed to the IDm as a snapshot gave it (shared with the shard's device), to
+    /// open on first use.
+    sealed: Option<Arc<SealedNumber>>,
 }
 
 impl KeySlot {
     fn new(version: u16, key: &DeviceKey) -> KeySlot {
         let mac = Hmac::<Sha256>::new_from_slice(key.expose()).expect("HMAC takes any key");
-        let open = OnceLock::from(Some(Box::new(OpenKey { mac, key: key.clone() })));
-        KeySlot { version, open, sealed: OnceLock::new() }
+        let open = OnceLock::from(Some(Box::new(mac)));
+        KeySlot { version, open, sealed: None }
     }
 
-    fn sealed(version: u16, sealed: SealedNumber) -> KeySlot {
-        KeySlot { version, open: OnceLock::new(), sealed: OnceLock::from(sealed) }
+    fn sealed(version: u16, sealed: &Arc<SealedNumber>) -> KeySlot {
+        KeySlot { version, open: OnceLock::new(), sealed: Some(Arc::clone(sealed)) }
     }
 
     /// The HMAC state, opening the sealed key on first use.
     fn mac(&self, vault: &Vault, idm: &Idm) -> Option<&Hmac<Sha256>> {
         let open = self.open.get_or_init(|| {
-            let sealed = self.sealed.get()?;
+            let sealed = self.sealed.as_ref()?;
             let key = open_device_key(vault, sealed, idm)?;
             let mac = Hmac::<Sha256>::new_from_slice(key.expose()).expect("HMAC takes any key");
-            Some(Box::new(OpenKey { mac, key }))
+            Some(Box::new(mac))
         });
         match open {
-            Some(open) => Some(&open.mac),
+            Some(mac) => Some(mac),
             None => {
                 tracing::error!("a device key from the snapshot does not open under the vault key");
                 None
             }
         }
-    }
-
-    /// The key sealed to the IDm, sealing it on first use.
-    fn sealed_key(&self, vault: &Vault, idm: &Idm) -> SealedNumber {
-        self.sealed
-            .get_or_init(|| {
-                let open = self.open.get().and_then(Option::as_ref);
-                let open = open.expect("a slot holds its key open, sealed, or both");
-                vault.seal(open.key.expose(), idm)
-            })
-            .clone()
     }
 }
 
@@ -117,12 +102,35 @@ pub(crate) fn open_device_key(
     Some(DeviceKey::from_bytes(bytes))
 }
 
-/// A device's keys as a snapshot carries them: sealed to the device's IDm.
+/// A device's keys sealed to its IDm, as its shard keeps them for snapshots: the current
+/// version, and the rotated-out one with the instant (ms) after which it is refused.
 #[derive(Debug, Clone)]
-pub(crate) struct SealedDeviceKeys {
-    pub(crate) user: UserKey,
-    pub(crate) current: (u16, SealedNumber),
-    pub(crate) previous: Option<(u16, SealedNumber, i64)>,
+pub(crate) struct SealedKeys {
+    pub(crate) current: (u16, Arc<SealedNumber>),
+    pub(crate) previous: Option<(u16, Arc<SealedNumber>, i64)>,
+}
+
+impl SealedKeys {
+    /// A device's first key.
+    pub(crate) fn first(vault: &Vault, idm: &Idm, key: &DeviceKey) -> SealedKeys {
+        SealedKeys { current: (1, Arc::new(vault.seal(key.expose(), idm))), previous: None }
+    }
+
+    /// After a rotation to `key` at `version`: the current key becomes the previous one.
+    pub(crate) fn rotated(
+        &self,
+        vault: &Vault,
+        idm: &Idm,
+        version: u16,
+        key: &DeviceKey,
+        grace_until_ms: i64,
+    ) -> SealedKeys {
+        let (old_version, old) = &self.current;
+        SealedKeys {
+            current: (version, Arc::new(vault.seal(key.expose(), idm))),
+            previous: Some((*old_version, Arc::clone(old), grace_until_ms)),
+        }
+    }
 }
 
 struct DeviceEntry {
@@ -136,7 +144,7 @@ struct DeviceEntry {
 pub struct DeviceIndex {
     /// Boxed: an entry holds two HMAC states, and a growing table moves only the pointers.
     devices: DashMap<Idm, Box<DeviceEntry>>,
-    /// Opens keys loaded sealed from a snapshot, and seals keys for the next one.
+    /// Opens keys loaded sealed from a snapshot.
     vault: Arc<Vault>,
 }
 
@@ -151,7 +159,7 @@ pub struct Verified {
 }
 
 impl DeviceIndex {
-    /// An empty index; `vault` opens and seals the keys that snapshots carry.
+    /// An empty index; `vault` opens the keys that snapshots carry.
     pub fn new(vault: Arc<Vault>) -> DeviceIndex {
         DeviceIndex { devices: DashMap::new(), vault }
     }
@@ -181,28 +189,15 @@ impl DeviceIndex {
         }
     }
 
-    /// A device's keys, sealed, for a snapshot.
-    pub(crate) fn export_sealed(&self, idm: &Idm) -> Option<SealedDeviceKeys> {
-        let entry = self.devices.get(idm)?;
-        let vault = &self.vault;
-        Some(SealedDeviceKeys {
-            user: entry.user.clone(),
-            current: (entry.current.version, entry.current.sealed_key(vault, idm)),
-            previous: entry
-                .previous
-                .as_deref()
-                .map(|(slot, until)| (slot.version, slot.sealed_key(vault, idm), *until)),
-        })
-    }
-
     /// Installs a device's keys from a snapshot, still sealed: each opens on first use.
-    pub(crate) fn import_sealed(&self, idm: Idm, keys: SealedDeviceKeys) {
+    pub(crate) fn import_sealed(&self, idm: Idm, user: UserKey, keys: &SealedKeys) {
         let entry = DeviceEntry {
-            user: keys.user,
-            current: KeySlot::sealed(keys.current.0, keys.current.1),
+            user,
+            current: KeySlot::sealed(keys.current.0, &keys.current.1),
             previous: keys
                 .previous
-                .map(|(v, sealed, until)| Box::new((KeySlot::sealed(v, sealed), until))),
+                .as_ref()
+                .map(|(v, sealed, until)| Box::new((KeySlot::sealed(*v, sealed), *until))),
         };
         self.devices.insert(idm, Box::new(entry));
     }

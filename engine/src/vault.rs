@@ -7,6 +7,7 @@
 //! number on the wire to a provider.
 
 use std::fmt;
+use std::sync::Arc;
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
@@ -53,7 +54,8 @@ pub enum NumberKind {
 /// The vault.
 pub struct Vault {
     cipher: XChaCha20Poly1305,
-    sealed: DashMap<CardToken, SealedNumber>,
+    /// Shared with the means that hold each number, which a snapshot reads from.
+    sealed: DashMap<CardToken, Arc<SealedNumber>>,
 }
 
 impl Vault {
@@ -89,7 +91,9 @@ impl Vault {
     /// Seals any secret (a device key on its way to disk, say) bound to `aad`.
     pub fn seal(&self, secret: &[u8], aad: &[u8]) -> SealedNumber {
         let mut nonce = [0u8; 24];
-        rand::rngs::OsRng.fill_bytes(&mut nonce);
+        // A CSPRNG in user space (ChaCha, seeded and reseeded from the OS): random 192-bit
+        // nonces need only be unique, and a system call per seal would cost more than the seal.
+        rand::thread_rng().fill_bytes(&mut nonce);
         let ciphertext = self
             .cipher
             .encrypt(XNonce::from_slice(&nonce), Payload { msg: secret, aad })
@@ -107,13 +111,8 @@ impl Vault {
     }
 
     /// Stores a sealed number under its token.
-    pub(crate) fn store(&self, token: CardToken, sealed: SealedNumber) {
+    pub(crate) fn store(&self, token: CardToken, sealed: Arc<SealedNumber>) {
         self.sealed.insert(token, sealed);
-    }
-
-    /// The sealed form of the number behind `token` (for snapshots).
-    pub(crate) fn sealed_number(&self, token: &CardToken) -> Option<SealedNumber> {
-        self.sealed.get(token).map(|s| s.clone())
     }
 
     /// Opens the number behind `token`, for an adapter that must send it to its provider.
@@ -189,11 +188,11 @@ mod tests {
         assert_eq!(&tokenized.last4, b"1111");
         let debug = format!("{tokenized:?}");
         assert!(!debug.contains("4111111111111111"), "{debug}");
-        vault.store(tokenized.token, tokenized.sealed.clone());
+        vault.store(tokenized.token, Arc::new(tokenized.sealed.clone()));
         assert_eq!(vault.reveal(&tokenized.token).unwrap().as_str(), "4111111111111111");
         // The ciphertext is bound to its token.
         let other = CardToken([0; 16]);
-        vault.store(other, tokenized.sealed);
+        vault.store(other, Arc::new(tokenized.sealed));
         assert!(vault.reveal(&other).is_none());
     }
 
@@ -202,7 +201,7 @@ mod tests {
         let vault = Vault::new(&[7; 32]);
         let tokenized = vault.tokenize(NumberKind::Pan, "4111111111111111").unwrap();
         let thief = Vault::new(&[8; 32]);
-        thief.store(tokenized.token, tokenized.sealed);
+        thief.store(tokenized.token, Arc::new(tokenized.sealed));
         assert!(thief.reveal(&tokenized.token).is_none());
     }
 }

@@ -5,6 +5,7 @@
 //! refuse an old inherent ID presented again.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 
@@ -13,6 +14,9 @@ use crate::types::ClientRequestId;
 
 /// A record's key: the owner's routing hash and the client's request ID.
 pub(crate) type IdemKey = (u64, ClientRequestId);
+
+/// A record as a snapshot takes it: expires at, key, digest, state (shared).
+pub(crate) type ExportedRecord = (i64, IdemKey, u64, Arc<IdemState>);
 
 #[derive(Debug, Clone)]
 pub(crate) enum IdemState {
@@ -38,7 +42,8 @@ pub(crate) enum IdemState {
 #[derive(Debug)]
 struct Entry {
     digest: u64,
-    state: IdemState,
+    /// Shared with a snapshot being written; a record is replaced, never changed in place.
+    state: Arc<IdemState>,
 }
 
 /// What a lookup found.
@@ -46,7 +51,7 @@ pub(crate) enum Seen {
     /// No record: process the request.
     New,
     /// Same request seen before.
-    Same(IdemState),
+    Same(Arc<IdemState>),
     /// The ID was used with a different request.
     Conflict,
 }
@@ -81,14 +86,14 @@ impl Idempotency {
     pub(crate) fn lookup(&self, key: &IdemKey, digest: u64) -> Seen {
         match self.entries.get(key) {
             None => Seen::New,
-            Some(entry) if entry.digest == digest => Seen::Same(entry.state.clone()),
+            Some(entry) if entry.digest == digest => Seen::Same(Arc::clone(&entry.state)),
             Some(_) => Seen::Conflict,
         }
     }
 
     pub(crate) fn insert(&mut self, key: IdemKey, digest: u64, state: IdemState, now_ms: i64) {
         self.evict(now_ms);
-        let previous = self.entries.insert(key, Entry { digest, state });
+        let previous = self.entries.insert(key, Entry { digest, state: Arc::new(state) });
         assert!(previous.is_none(), "idempotency key inserted twice");
         self.expiry.push_back((now_ms.saturating_add(self.ttl_ms), key));
     }
@@ -96,7 +101,7 @@ impl Idempotency {
     /// Finishes a pending record. A record evicted meanwhile is not recreated.
     pub(crate) fn complete(&mut self, key: &IdemKey, reply: Reply) {
         if let Some(entry) = self.entries.get_mut(key) {
-            entry.state = IdemState::Done(reply);
+            entry.state = Arc::new(IdemState::Done(reply));
         }
     }
 
@@ -111,16 +116,19 @@ impl Idempotency {
     }
 
     /// Every record in expiry order: (expires at, key, digest, state), for a snapshot.
-    pub(crate) fn export(&self) -> impl Iterator<Item = (i64, IdemKey, u64, &IdemState)> + '_ {
-        self.expiry.iter().filter_map(|(expires_ms, key)| {
-            let entry = self.entries.get(key)?;
-            Some((*expires_ms, *key, entry.digest, &entry.state))
-        })
+    pub(crate) fn export(&self) -> Vec<ExportedRecord> {
+        self.expiry
+            .iter()
+            .filter_map(|(expires_ms, key)| {
+                let entry = self.entries.get(key)?;
+                Some((*expires_ms, *key, entry.digest, Arc::clone(&entry.state)))
+            })
+            .collect()
     }
 
     /// Restores one record from a snapshot, in expiry order.
     pub(crate) fn restore(&mut self, expires_ms: i64, key: IdemKey, digest: u64, state: IdemState) {
-        self.entries.insert(key, Entry { digest, state });
+        self.entries.insert(key, Entry { digest, state: Arc::new(state) });
         self.expiry.push_back((expires_ms, key));
     }
 
@@ -129,7 +137,7 @@ impl Idempotency {
         let mut pending: Vec<_> = self
             .entries
             .iter()
-            .filter_map(|(key, entry)| match &entry.state {
+            .filter_map(|(key, entry)| match &*entry.state {
                 IdemState::Pending { user, means_id } => Some((*key, user.clone(), *means_id)),
                 IdemState::Done(_) | IdemState::SealedKey { .. } => None,
             })

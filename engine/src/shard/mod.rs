@@ -14,7 +14,7 @@ use actix::{Actor, Context, Handler, Message, MessageResult};
 use tokio::sync::oneshot;
 
 use crate::wal::record::LogEnvelope;
-use crate::wal::snapshot::SnapShard;
+use crate::wal::snapshot::Capture;
 use crate::wal::{Job, WalHandle};
 
 /// A shard's side of durability: its writer and when to snapshot.
@@ -98,7 +98,7 @@ impl Handler<Batch> for Shard {
                     let generation = wal.generation + 1;
                     // The shard pays only for the capture; encoding and writing are the writer's.
                     let started = std::time::Instant::now();
-                    let snapshot = Box::new(SnapShard::capture(&self.state));
+                    let snapshot = Box::new(Capture::take(&self.state));
                     tracing::info!(
                         shard = self.state.index,
                         generation,

@@ -11,7 +11,7 @@ use super::replay::ReplayWindow;
 use crate::age::{self, AgePolicy, AgeRecord, AgeRegistration, AgeRules, AgeVerdict, Basket};
 use crate::codes::{issue_number, CodeKey, CodeKind, CodePayload, CouponEffect};
 use crate::geo::{Candidate, Store, StoreDirectory, StoreIndex};
-use crate::keys::{DeviceIndex, DeviceKey, Verified};
+use crate::keys::{DeviceIndex, DeviceKey, SealedKeys, Verified};
 use crate::limits::{
     BALANCE_MAX_MINOR, COUPON_USES_MAX, DEVICES_PER_USER_MAX, MEANS_PER_USER_MAX,
     STORES_PER_SHARD_MAX,
@@ -85,6 +85,8 @@ pub(crate) struct StoredMeans {
     pub(crate) kind: MeansKind,
     pub(crate) label: String,
     pub(crate) number: Option<(CardToken, [u8; 4])>,
+    /// The number as the vault sealed it (shared with the vault), for snapshots.
+    pub(crate) sealed_number: Option<Arc<SealedNumber>>,
     pub(crate) uses: u64,
     pub(crate) last_used_ms: Option<i64>,
     pub(crate) registered_ms: i64,
@@ -142,6 +144,9 @@ pub(crate) struct Device {
     pub(crate) idm: Idm,
     pub(crate) key_version: u16,
     pub(crate) replay: ReplayWindow,
+    /// The device's keys sealed to its IDm, kept here so a snapshot needs nothing but the
+    /// shard's own state (the key index holds them open).
+    pub(crate) sealed: SealedKeys,
 }
 
 #[derive(Debug, Clone)]
@@ -487,7 +492,8 @@ pub(crate) enum Reply {
 /// One shard's users, devices' replay state and idempotency records.
 pub(crate) struct ShardState {
     pub(crate) index: u8,
-    pub(crate) users: FxHashMap<UserKey, User>,
+    /// Shared with a snapshot being written: a change copies the user first (`Arc::make_mut`).
+    pub(crate) users: FxHashMap<UserKey, Arc<User>>,
     /// Age registrations of this shard's users' terminals, by card IDm (A1).
     pub(crate) ages: FxHashMap<Idm, AgeRegistration>,
     /// The stores of this shard's cells (W1).
@@ -534,16 +540,20 @@ impl ShardState {
         };
         let key = (envelope.owner_hash, client_request_id);
         match self.idem.lookup(&key, envelope.digest) {
-            Seen::Same(IdemState::Done(reply)) => return reply,
-            Seen::Same(IdemState::SealedKey { key_version, sealed }) => {
-                return crate::wal::snapshot::open_issued_key(
-                    &self.shared.vault,
-                    key,
-                    key_version,
-                    &sealed,
-                );
+            Seen::Same(state) => {
+                return match &*state {
+                    IdemState::Done(reply) => reply.clone(),
+                    IdemState::SealedKey { key_version, sealed } => {
+                        crate::wal::snapshot::open_issued_key(
+                            &self.shared.vault,
+                            key,
+                            *key_version,
+                            sealed,
+                        )
+                    }
+                    IdemState::Pending { .. } => Reply::InFlight,
+                }
             }
-            Seen::Same(IdemState::Pending { .. }) => return Reply::InFlight,
             Seen::Conflict => return Reply::Refused(ReasonCode::IdempotencyConflict),
             Seen::New => {}
         }
@@ -667,21 +677,22 @@ impl ShardState {
         if !self.shared.devices.provision(idm, user.clone(), 1, &key) {
             return Reply::Refused(ReasonCode::DeviceInUse);
         }
+        let sealed = SealedKeys::first(&self.shared.vault, &idm, &key);
         let account = User {
             password_phc,
-            devices: vec![Device { idm, key_version: 1, replay: ReplayWindow::default() }],
+            devices: vec![Device { idm, key_version: 1, replay: ReplayWindow::default(), sealed }],
             means: Vec::new(),
             default_means: None,
             next_means_id: 1,
             failed_logins: 0,
             locked_until_ms: i64::MIN,
         };
-        self.users.insert(user, account);
+        self.users.insert(user, Arc::new(account));
         Reply::KeyIssued { key_version: 1, key }
     }
 
     fn provision_device(&mut self, user: UserKey, idm: Idm, key: DeviceKey) -> Reply {
-        let Some(account) = self.users.get_mut(&user) else {
+        let Some(account) = self.users.get_mut(&user).map(Arc::make_mut) else {
             return Reply::Refused(ReasonCode::UnknownUser);
         };
         if account.devices.len() >= DEVICES_PER_USER_MAX {
@@ -690,7 +701,13 @@ impl ShardState {
         if !self.shared.devices.provision(idm, user, 1, &key) {
             return Reply::Refused(ReasonCode::DeviceInUse);
         }
-        account.devices.push(Device { idm, key_version: 1, replay: ReplayWindow::default() });
+        let sealed = SealedKeys::first(&self.shared.vault, &idm, &key);
+        account.devices.push(Device {
+            idm,
+            key_version: 1,
+            replay: ReplayWindow::default(),
+            sealed,
+        });
         Reply::KeyIssued { key_version: 1, key }
     }
 
@@ -701,7 +718,7 @@ impl ShardState {
         key: DeviceKey,
         now_ms: i64,
     ) -> Reply {
-        let Some(account) = self.users.get_mut(user) else {
+        let Some(account) = self.users.get_mut(user).map(Arc::make_mut) else {
             return Reply::Refused(ReasonCode::UnknownUser);
         };
         let Some(device) = account.devices.iter_mut().find(|d| d.idm == idm) else {
@@ -712,6 +729,8 @@ impl ShardState {
         };
         device.key_version = version;
         let grace_until_ms = now_ms.saturating_add(self.config.key_grace_ms);
+        device.sealed =
+            device.sealed.rotated(&self.shared.vault, &idm, version, &key, grace_until_ms);
         self.shared.devices.rotate(&idm, version, &key, grace_until_ms);
         Reply::KeyIssued { key_version: version, key }
     }
@@ -723,7 +742,7 @@ impl ShardState {
         make_default: bool,
         now_ms: i64,
     ) -> Reply {
-        let Some(account) = self.users.get_mut(user) else {
+        let Some(account) = self.users.get_mut(user).map(Arc::make_mut) else {
             return Reply::Refused(ReasonCode::UnknownUser);
         };
         if account.means.len() >= MEANS_PER_USER_MAX {
@@ -731,8 +750,11 @@ impl ShardState {
         }
         let means_id = account.next_means_id;
         account.next_means_id += 1;
+        let mut sealed_number = None;
         let number = means.sealed.map(|(token, last4, sealed)| {
-            self.shared.vault.store(token, sealed);
+            let sealed = Arc::new(sealed);
+            self.shared.vault.store(token, Arc::clone(&sealed));
+            sealed_number = Some(sealed);
             (token, last4)
         });
         account.means.push(StoredMeans {
@@ -740,6 +762,7 @@ impl ShardState {
             kind: means.kind,
             label: means.label,
             number,
+            sealed_number,
             uses: 0,
             last_used_ms: None,
             registered_ms: now_ms,
@@ -752,7 +775,7 @@ impl ShardState {
     }
 
     fn set_default_means(&mut self, user: &UserKey, means_id: u32) -> Reply {
-        let Some(account) = self.users.get_mut(user) else {
+        let Some(account) = self.users.get_mut(user).map(Arc::make_mut) else {
             return Reply::Refused(ReasonCode::UnknownUser);
         };
         if !account.means.iter().any(|m| m.means_id == means_id) {
@@ -763,7 +786,7 @@ impl ShardState {
     }
 
     fn login_attempt(&mut self, user: &UserKey, success: bool, now_ms: i64) -> Reply {
-        let Some(account) = self.users.get_mut(user) else {
+        let Some(account) = self.users.get_mut(user).map(Arc::make_mut) else {
             return Reply::Refused(ReasonCode::UnknownUser);
         };
         if now_ms < account.locked_until_ms {
@@ -792,7 +815,7 @@ impl ShardState {
     ) -> Reply {
         let record = verified.record;
         let declined = |reason| Reply::Auth(AuthOutcome::Declined(reason));
-        let Some(account) = self.users.get_mut(&record.user) else {
+        let Some(account) = self.users.get_mut(&record.user).map(Arc::make_mut) else {
             return declined(ReasonCode::UnknownUser);
         };
         let Some(device) = account.devices.iter_mut().find(|d| d.idm == record.card_idm) else {
@@ -897,6 +920,7 @@ impl ShardState {
         let means = self
             .users
             .get_mut(user)
+            .map(Arc::make_mut)
             .and_then(|account| account.means.iter_mut().find(|m| m.means_id == means_id));
         let Some(means) = means else { return Reply::Ok };
         let approved = matches!(outcome, AuthOutcome::Approved(_));
@@ -919,7 +943,7 @@ impl ShardState {
     /// A1: keeps a terminal's age registration, after the checks that need the user's state
     /// (the tag was verified before the command was made).
     fn register_age(&mut self, record: AgeRecord, now_ms: i64) -> Reply {
-        let Some(account) = self.users.get_mut(&record.user) else {
+        let Some(account) = self.users.get_mut(&record.user).map(Arc::make_mut) else {
             return Reply::Refused(ReasonCode::UnknownUser);
         };
         let Some(device) = account.devices.iter_mut().find(|d| d.idm == record.card_idm) else {
@@ -980,7 +1004,7 @@ impl ShardState {
         currency: Currency,
         now_ms: i64,
     ) -> Reply {
-        let Some(account) = self.users.get_mut(user) else {
+        let Some(account) = self.users.get_mut(user).map(Arc::make_mut) else {
             return Reply::Refused(ReasonCode::UnknownUser);
         };
         let Some(means) = account.means.iter_mut().find(|m| m.means_id == means_id) else {
@@ -1053,6 +1077,7 @@ impl ShardState {
         let means = self
             .users
             .get_mut(user)
+            .map(Arc::make_mut)
             .and_then(|account| account.means.iter_mut().find(|m| m.means_id == means_id));
         if let Some(purse) = means.and_then(|means| means.purse.as_mut()) {
             if let Some(hold) = purse.holds.iter_mut().find(|hold| hold.key == key) {
@@ -1158,6 +1183,7 @@ impl ShardState {
         let means = self
             .users
             .get_mut(&user)
+            .map(Arc::make_mut)
             .and_then(|account| account.means.iter_mut().find(|m| m.means_id == means_id));
         if let Some(means) = means {
             if let Some(purse) = &mut means.purse {
@@ -1182,6 +1208,7 @@ impl ShardState {
         let purse = self
             .users
             .get_mut(&user)
+            .map(Arc::make_mut)
             .and_then(|account| account.means.iter_mut().find(|m| m.means_id == means_id))
             .and_then(|means| means.purse.as_mut());
         if let Some(purse) = purse {

@@ -258,7 +258,7 @@ pub(crate) enum Job {
     },
     /// A snapshot of everything queued before it: encoded here, on the writer's thread (not
     /// the shard's), written, then the log starts afresh.
-    Snapshot { snapshot: Box<snapshot::SnapShard>, index: usize, count: usize, generation: u64 },
+    Snapshot { snapshot: Box<snapshot::Capture>, index: usize, count: usize, generation: u64 },
 }
 
 /// The sending side of a shard's log writer.
@@ -417,8 +417,9 @@ fn process(
     for job in jobs {
         match job {
             Job::Records { records, reply, replies } => group.push((records, reply, replies)),
-            Job::Snapshot { mut snapshot, index, count, generation } => {
+            Job::Snapshot { snapshot, index, count, generation } => {
                 commit(out, &mut group, sync)?;
+                let mut snapshot = snapshot.into_snapshot();
                 let bytes = snapshot::encode(&mut snapshot, index, count, generation);
                 rotate(out, files, &bytes, generation)?;
                 sync.unsynced = false;

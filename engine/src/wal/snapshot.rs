@@ -25,7 +25,7 @@ use super::record::{
 };
 use super::{StorageError, FORMAT_VERSION};
 use crate::age::{AgeRegistration, VerificationMethod};
-use crate::keys::{open_device_key, SealedDeviceKeys};
+use crate::keys::{open_device_key, SealedKeys};
 use crate::shard::idempotency::{IdemState, Idempotency};
 use crate::shard::replay::ReplayWindow;
 use crate::shard::state::{
@@ -274,34 +274,28 @@ impl SnapShard {
         self.wallet.sort_by(|a, b| (&a.user.id, a.means_id).cmp(&(&b.user.id, b.means_id)));
         self.coupons.sort_by_key(|c| c.number);
     }
+}
 
-    /// Captures `state` (and its slice of the shared indexes), sealing every secret.
-    pub(crate) fn capture(state: &ShardState) -> SnapShard {
-        let vault = &state.shared.vault;
-        let users: Vec<SnapUser> =
-            state.users.iter().map(|(key, user)| capture_user(state, key, user)).collect();
-        let idem = state
-            .idem
-            .export()
-            .map(|(expires_ms, (owner_hash, client_request_id), digest, idem_state)| SnapIdem {
-                expires_ms,
-                owner_hash,
-                client_request_id,
-                digest,
-                state: match idem_state {
-                    IdemState::Pending { user, means_id } => {
-                        SnapIdemState::Pending { user: user_out(user), means_id: *means_id }
-                    }
-                    IdemState::Done(reply) => {
-                        capture_reply(vault, reply, owner_hash, client_request_id)
-                    }
-                    IdemState::SealedKey { key_version, sealed } => SnapIdemState::KeyIssued {
-                        key_version: *key_version,
-                        key: sealed_out(sealed),
-                    },
-                },
-            })
-            .collect();
+/// A shard's state as its writer needs it for a snapshot, taken on the shard's thread between
+/// two batches. Users and idempotency records are taken by reference count: a change the shard
+/// makes afterwards copies the one record it changes (`Arc::make_mut`, or a new record), so the
+/// shard pauses only to count references, and the writer's thread does the copying and
+/// encoding. The rest (codes, coupons, stores, age registrations and policies, terminals) is
+/// copied here.
+pub(crate) struct Capture {
+    users: Vec<(UserKey, std::sync::Arc<User>)>,
+    idem: Vec<crate::shard::idempotency::ExportedRecord>,
+    vault: std::sync::Arc<crate::vault::Vault>,
+    /// Everything else, ready: its users, idempotency records and balances still empty.
+    rest: SnapShard,
+}
+
+impl Capture {
+    /// Takes the capture of `state` (and of its slice of the shared indexes).
+    pub(crate) fn take(state: &ShardState) -> Capture {
+        let users =
+            state.users.iter().map(|(k, u)| (k.clone(), std::sync::Arc::clone(u))).collect();
+        let idem = state.idem.export();
         let providers = state
             .owned_providers
             .iter()
@@ -338,24 +332,6 @@ impl SnapShard {
             .stores()
             .map(|(store, updated_ms)| SnapStore { store: store_out(store), updated_ms })
             .collect();
-        let mut wallet = Vec::new();
-        for (key, user) in &state.users {
-            for means in &user.means {
-                if let Some(purse) = &means.purse {
-                    wallet.push(SnapPurse {
-                        user: user_out(key),
-                        means_id: means.means_id,
-                        balance_minor: purse.balance_minor,
-                        currency: purse.currency.map(|c| c.bytes()),
-                        holds: purse
-                            .holds
-                            .iter()
-                            .map(|h| (h.key.0, h.key.1, h.amount_minor, h.expires_ms))
-                            .collect(),
-                    });
-                }
-            }
-        }
         let codes = state
             .codes
             .iter()
@@ -404,18 +380,64 @@ impl SnapShard {
                 expires_ms: c.expires_ms,
             })
             .collect();
-        SnapShard {
+        let rest = SnapShard {
             dispatch_seq: state.dispatch_seq,
-            users,
-            idem,
+            users: Vec::new(),
+            idem: Vec::new(),
             providers,
             age,
             stores,
-            wallet,
+            wallet: Vec::new(),
             code_seq: state.code_seq,
             codes,
             coupons,
+        };
+        Capture { users, idem, vault: std::sync::Arc::clone(&state.shared.vault), rest }
+    }
+
+    /// Builds the snapshot (on the writer's thread), sealing what is not sealed yet.
+    pub(crate) fn into_snapshot(self) -> SnapShard {
+        let Capture { users, idem, vault, mut rest } = self;
+        for (key, user) in &users {
+            for means in &user.means {
+                if let Some(purse) = &means.purse {
+                    rest.wallet.push(SnapPurse {
+                        user: user_out(key),
+                        means_id: means.means_id,
+                        balance_minor: purse.balance_minor,
+                        currency: purse.currency.map(|c| c.bytes()),
+                        holds: purse
+                            .holds
+                            .iter()
+                            .map(|h| (h.key.0, h.key.1, h.amount_minor, h.expires_ms))
+                            .collect(),
+                    });
+                }
+            }
         }
+        rest.users = users.iter().map(|(key, user)| capture_user(key, user)).collect();
+        rest.idem = idem
+            .iter()
+            .map(|(expires_ms, (owner_hash, client_request_id), digest, idem_state)| SnapIdem {
+                expires_ms: *expires_ms,
+                owner_hash: *owner_hash,
+                client_request_id: *client_request_id,
+                digest: *digest,
+                state: match &**idem_state {
+                    IdemState::Pending { user, means_id } => {
+                        SnapIdemState::Pending { user: user_out(user), means_id: *means_id }
+                    }
+                    IdemState::Done(reply) => {
+                        capture_reply(&vault, reply, *owner_hash, *client_request_id)
+                    }
+                    IdemState::SealedKey { key_version, sealed } => SnapIdemState::KeyIssued {
+                        key_version: *key_version,
+                        key: sealed_out(sealed),
+                    },
+                },
+            })
+            .collect();
+        rest
     }
 }
 
@@ -484,7 +506,7 @@ fn restore_archived(snap: &ArchivedSnapShard, state: &mut ShardState) -> Result<
 /// Users with their devices (whose keys stay sealed) and means, then their balances.
 fn restore_users(
     snap: &ArchivedSnapShard,
-    users: &mut FxHashMap<UserKey, User>,
+    users: &mut FxHashMap<UserKey, std::sync::Arc<User>>,
     shared: &Shared,
 ) -> Result<(), RecordError> {
     let vault = &shared.vault;
@@ -504,15 +526,17 @@ fn restore_users(
                 ))?;
                 vault_checked = true;
             }
-            let keys = SealedDeviceKeys {
-                user: user_key.clone(),
-                current: (d.current.0.to_native(), current),
-                previous: d
-                    .previous
-                    .as_ref()
-                    .map(|p| (p.0.to_native(), archived_sealed_in(&p.1), p.2.to_native())),
+            let sealed = SealedKeys {
+                current: (d.current.0.to_native(), std::sync::Arc::new(current)),
+                previous: d.previous.as_ref().map(|p| {
+                    (
+                        p.0.to_native(),
+                        std::sync::Arc::new(archived_sealed_in(&p.1)),
+                        p.2.to_native(),
+                    )
+                }),
             };
-            shared.devices.import_sealed(d.idm, keys);
+            shared.devices.import_sealed(d.idm, user_key.clone(), &sealed);
             devices.push(Device {
                 idm: d.idm,
                 key_version: d.key_version.to_native(),
@@ -521,12 +545,16 @@ fn restore_users(
                     d.replay.1.to_native(),
                     d.replay.2,
                 ),
+                sealed,
             });
         }
         let mut means = Vec::with_capacity(snap_user.means.len());
         for m in snap_user.means.iter() {
+            let mut sealed_number = None;
             let number = m.number.as_ref().map(|n| {
-                vault.store(CardToken(n.token), archived_sealed_in(&n.sealed));
+                let sealed = std::sync::Arc::new(archived_sealed_in(&n.sealed));
+                vault.store(CardToken(n.token), std::sync::Arc::clone(&sealed));
+                sealed_number = Some(sealed);
                 (CardToken(n.token), n.last4)
             });
             means.push(StoredMeans {
@@ -534,6 +562,7 @@ fn restore_users(
                 kind: MeansKind::from_u8(m.kind).ok_or(RecordError("means kind"))?,
                 label: m.label.as_str().to_owned(),
                 number,
+                sealed_number,
                 uses: m.uses.to_native(),
                 last_used_ms: m.last_used_ms.as_ref().map(|t| t.to_native()),
                 registered_ms: m.registered_ms.to_native(),
@@ -549,13 +578,14 @@ fn restore_users(
             failed_logins: snap_user.failed_logins.to_native(),
             locked_until_ms: snap_user.locked_until_ms.to_native(),
         };
-        users.insert(user_key, user);
+        users.insert(user_key, std::sync::Arc::new(user));
     }
     for p in snap.wallet.iter() {
         let user = archived_user_in(&p.user)?;
         let means_id = p.means_id.to_native();
         let purse = users
             .get_mut(&user)
+            .map(std::sync::Arc::make_mut)
             .and_then(|u| u.means.iter_mut().find(|m| m.means_id == means_id))
             .and_then(|m| m.purse.as_mut())
             .ok_or(RecordError("a balance for a means that keeps none"))?;
@@ -702,20 +732,16 @@ impl From<SnapShardV2> for SnapShard {
     }
 }
 
-fn capture_user(state: &ShardState, key: &crate::types::UserKey, user: &User) -> SnapUser {
-    let vault = &state.shared.vault;
+fn capture_user(key: &UserKey, user: &User) -> SnapUser {
     let devices = user
         .devices
         .iter()
-        .filter_map(|d| {
-            let keys = state.shared.devices.export_sealed(&d.idm)?;
-            Some(SnapDevice {
-                idm: d.idm,
-                key_version: d.key_version,
-                replay: d.replay.parts(),
-                current: (keys.current.0, sealed_out(&keys.current.1)),
-                previous: keys.previous.map(|(v, k, until)| (v, sealed_out(&k), until)),
-            })
+        .map(|d| SnapDevice {
+            idm: d.idm,
+            key_version: d.key_version,
+            replay: d.replay.parts(),
+            current: (d.sealed.current.0, sealed_out(&d.sealed.current.1)),
+            previous: d.sealed.previous.as_ref().map(|(v, k, until)| (*v, sealed_out(k), *until)),
         })
         .collect();
     let means = user
@@ -725,9 +751,8 @@ fn capture_user(state: &ShardState, key: &crate::types::UserKey, user: &User) ->
             means_id: m.means_id,
             kind: m.kind as u8,
             label: m.label.clone(),
-            number: m.number.and_then(|(token, last4)| {
-                let sealed = vault.sealed_number(&token)?;
-                Some(LogNumber { token: token.0, last4, sealed: sealed_out(&sealed) })
+            number: m.number.zip(m.sealed_number.as_ref()).map(|((token, last4), sealed)| {
+                LogNumber { token: token.0, last4, sealed: sealed_out(sealed) }
             }),
             uses: m.uses,
             last_used_ms: m.last_used_ms,
