@@ -499,7 +499,8 @@ pub(crate) struct ShardState {
     /// The stores of this shard's cells (W1).
     pub(crate) stores: StoreIndex,
     /// Payment codes this shard issued, by issue number (C2, T1's second tier).
-    pub(crate) codes: std::collections::BTreeMap<u64, CodeRecord>,
+    /// Shared with a snapshot being written: a change copies the record first.
+    pub(crate) codes: std::collections::BTreeMap<u64, Arc<CodeRecord>>,
     /// Issued codes by expiry, for the sweeper.
     pub(crate) code_expiry: std::collections::BTreeSet<(i64, u64)>,
     /// Coupons this shard issued, by issue number (C5).
@@ -1118,7 +1119,7 @@ impl ShardState {
             order_ref: spec.order_ref.clone(),
         };
         self.code_expiry.insert((expires_ms, number));
-        self.codes.insert(number, record);
+        self.codes.insert(number, Arc::new(record));
         let reply = Reply::CodeIssued(Box::new(issued));
         self.idem.complete(&key, reply.clone());
         reply
@@ -1162,7 +1163,7 @@ impl ShardState {
         if let Some(coupon) = spec.coupon.and_then(|c| self.coupons.get_mut(&c)) {
             coupon.uses_left -= 1;
         }
-        let record = self.codes.get_mut(&spec.number).expect("checked above");
+        let record = self.codes.get_mut(&spec.number).map(Arc::make_mut).expect("checked above");
         let redemption = Redemption {
             number: spec.number,
             captured_minor,
@@ -1198,7 +1199,7 @@ impl ShardState {
 
     /// Marks an issued code expired and releases its hold.
     fn expire_code(&mut self, number: u64) {
-        let Some(record) = self.codes.get_mut(&number) else { return };
+        let Some(record) = self.codes.get_mut(&number).map(Arc::make_mut) else { return };
         if record.state != CodeState::Issued {
             return;
         }

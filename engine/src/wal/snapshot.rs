@@ -277,16 +277,17 @@ impl SnapShard {
 }
 
 /// A shard's state as its writer needs it for a snapshot, taken on the shard's thread between
-/// two batches. Users and idempotency records are taken by reference count: a change the shard
-/// makes afterwards copies the one record it changes (`Arc::make_mut`, or a new record), so the
-/// shard pauses only to count references, and the writer's thread does the copying and
-/// encoding. The rest (codes, coupons, stores, age registrations and policies, terminals) is
-/// copied here.
+/// two batches. Users, idempotency records and payment codes are taken by reference count: a
+/// change the shard makes afterwards copies the one record it changes (`Arc::make_mut`, or a
+/// new record), so the shard pauses only to count references, and the writer's thread does the
+/// copying and encoding. The rest (coupons, stores, age registrations and policies, terminals)
+/// is small and copied here.
 pub(crate) struct Capture {
     users: Vec<(UserKey, std::sync::Arc<User>)>,
     idem: Vec<crate::shard::idempotency::ExportedRecord>,
+    codes: Vec<(u64, std::sync::Arc<CodeRecord>)>,
     vault: std::sync::Arc<crate::vault::Vault>,
-    /// Everything else, ready: its users, idempotency records and balances still empty.
+    /// Everything else, ready: its users, idempotency records, codes and balances still empty.
     rest: SnapShard,
 }
 
@@ -332,10 +333,61 @@ impl Capture {
             .stores()
             .map(|(store, updated_ms)| SnapStore { store: store_out(store), updated_ms })
             .collect();
-        let codes = state
-            .codes
+        let codes =
+            state.codes.iter().map(|(&number, c)| (number, std::sync::Arc::clone(c))).collect();
+        let coupons: Vec<SnapCoupon> = state
+            .coupons
             .iter()
-            .map(|(&number, c)| {
+            .map(|(&number, c)| SnapCoupon {
+                number,
+                user: user_out(&c.user),
+                provider_code: c.provider_code,
+                effect: coupon_out(&c.effect),
+                uses_left: c.uses_left,
+                expires_ms: c.expires_ms,
+            })
+            .collect();
+        let rest = SnapShard {
+            dispatch_seq: state.dispatch_seq,
+            users: Vec::new(),
+            idem: Vec::new(),
+            providers,
+            age,
+            stores,
+            wallet: Vec::new(),
+            code_seq: state.code_seq,
+            codes: Vec::new(),
+            coupons,
+        };
+        let vault = std::sync::Arc::clone(&state.shared.vault);
+        Capture { users, idem, codes, vault, rest }
+    }
+
+    /// Builds the snapshot (on the writer's thread), sealing what is not sealed yet.
+    pub(crate) fn into_snapshot(self) -> SnapShard {
+        let Capture { users, idem, codes, vault, mut rest } = self;
+        for (key, user) in &users {
+            for means in &user.means {
+                if let Some(purse) = &means.purse {
+                    rest.wallet.push(SnapPurse {
+                        user: user_out(key),
+                        means_id: means.means_id,
+                        balance_minor: purse.balance_minor,
+                        currency: purse.currency.map(|c| c.bytes()),
+                        holds: purse
+                            .holds
+                            .iter()
+                            .map(|h| (h.key.0, h.key.1, h.amount_minor, h.expires_ms))
+                            .collect(),
+                    });
+                }
+            }
+        }
+        rest.users = users.iter().map(|(key, user)| capture_user(key, user)).collect();
+        rest.codes = codes
+            .iter()
+            .map(|(number, c)| {
+                let number = *number;
                 let (state_byte, redemption) = match &c.state {
                     CodeState::Issued => (0, None),
                     CodeState::Redeemed(r) => (
@@ -368,54 +420,7 @@ impl Capture {
                 }
             })
             .collect();
-        let coupons: Vec<SnapCoupon> = state
-            .coupons
-            .iter()
-            .map(|(&number, c)| SnapCoupon {
-                number,
-                user: user_out(&c.user),
-                provider_code: c.provider_code,
-                effect: coupon_out(&c.effect),
-                uses_left: c.uses_left,
-                expires_ms: c.expires_ms,
-            })
-            .collect();
-        let rest = SnapShard {
-            dispatch_seq: state.dispatch_seq,
-            users: Vec::new(),
-            idem: Vec::new(),
-            providers,
-            age,
-            stores,
-            wallet: Vec::new(),
-            code_seq: state.code_seq,
-            codes,
-            coupons,
-        };
-        Capture { users, idem, vault: std::sync::Arc::clone(&state.shared.vault), rest }
-    }
 
-    /// Builds the snapshot (on the writer's thread), sealing what is not sealed yet.
-    pub(crate) fn into_snapshot(self) -> SnapShard {
-        let Capture { users, idem, vault, mut rest } = self;
-        for (key, user) in &users {
-            for means in &user.means {
-                if let Some(purse) = &means.purse {
-                    rest.wallet.push(SnapPurse {
-                        user: user_out(key),
-                        means_id: means.means_id,
-                        balance_minor: purse.balance_minor,
-                        currency: purse.currency.map(|c| c.bytes()),
-                        holds: purse
-                            .holds
-                            .iter()
-                            .map(|h| (h.key.0, h.key.1, h.amount_minor, h.expires_ms))
-                            .collect(),
-                    });
-                }
-            }
-        }
-        rest.users = users.iter().map(|(key, user)| capture_user(key, user)).collect();
         rest.idem = idem
             .iter()
             .map(|(expires_ms, (owner_hash, client_request_id), digest, idem_state)| SnapIdem {
@@ -623,7 +628,7 @@ fn restore_idem_records(
 
 fn restore_codes(
     snap: &ArchivedSnapShard,
-    codes_out: &mut BTreeMap<u64, CodeRecord>,
+    codes_out: &mut BTreeMap<u64, std::sync::Arc<CodeRecord>>,
     expiry_out: &mut BTreeSet<(i64, u64)>,
     coupons: &mut FxHashMap<u64, CouponRecord>,
 ) -> Result<(), RecordError> {
@@ -674,7 +679,7 @@ fn restore_codes(
         ));
     }
     // A fresh state: collecting builds each tree in bulk, much faster than inserting.
-    *codes_out = codes.into_iter().collect();
+    *codes_out = codes.into_iter().map(|(n, c)| (n, std::sync::Arc::new(c))).collect();
     *expiry_out = expiry.into_iter().collect();
     for c in snap.coupons.iter() {
         let record = CouponRecord {
