@@ -106,6 +106,8 @@ pub(crate) fn recover_shards(
     }
     rebuild_store_directory(shared, &mut states);
     let loaded_ms = started.elapsed().as_millis() as u64;
+    // What each shard's log holds after its snapshot: where its count toward the next starts.
+    let since_snapshot: Vec<u64> = envelopes.iter().map(|e| e.len() as u64).collect();
     let replayed = replay(&mut states, envelopes);
     rebuild_store_directory(shared, &mut states);
     let mut prepared = Prepared { states: Vec::with_capacity(count), wal_threads: Vec::new() };
@@ -139,7 +141,7 @@ pub(crate) fn recover_shards(
         let shard_wal = ShardWal {
             handle,
             generation,
-            since_snapshot: log.records_after_snapshot,
+            since_snapshot: since_snapshot[index],
             snapshot_every: config.durability.snapshot_every_records,
         };
         prepared.states.push((state, Some(shard_wal)));
@@ -223,7 +225,6 @@ fn load_shard(
         // the snapshot and starting the new log): start the log afresh.
         _ => {
             envelopes.clear();
-            log.records_after_snapshot = 0;
             log.valid_len = 0;
             log.torn_bytes = 0;
         }

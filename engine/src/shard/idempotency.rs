@@ -10,7 +10,9 @@ use std::sync::Arc;
 use rustc_hash::FxHashMap;
 
 use super::state::Reply;
-use crate::types::ClientRequestId;
+use crate::keys::DeviceKey;
+use crate::types::{ClientRequestId, ReasonCode};
+use crate::vault::{SealedNumber, Vault};
 
 /// A record's key: the owner's routing hash and the client's request ID.
 pub(crate) type IdemKey = (u64, ClientRequestId);
@@ -35,8 +37,58 @@ pub(crate) enum IdemState {
         /// The issued key's version.
         key_version: u16,
         /// The key, sealed.
-        sealed: crate::vault::SealedNumber,
+        sealed: SealedNumber,
     },
+}
+
+impl IdemState {
+    /// How a finished request's `reply` is kept: an issued device key sealed to the record's
+    /// key (a retry opens it; a snapshot copies the sealed bytes), any other reply as it is.
+    pub(crate) fn done(vault: &Vault, key: IdemKey, reply: &Reply) -> IdemState {
+        match reply {
+            Reply::KeyIssued { key_version, key: device_key } => IdemState::SealedKey {
+                key_version: *key_version,
+                sealed: seal_issued_key(vault, key, device_key),
+            },
+            done => IdemState::Done(done.clone()),
+        }
+    }
+
+    /// The answer to a retry of the request this record is for.
+    pub(crate) fn reply(&self, vault: &Vault, key: IdemKey) -> Reply {
+        match self {
+            IdemState::Pending { .. } => Reply::InFlight,
+            IdemState::Done(reply) => reply.clone(),
+            IdemState::SealedKey { key_version, sealed } => {
+                let opened = vault
+                    .open(sealed, &idem_aad(key))
+                    .and_then(|plain| <[u8; 32]>::try_from(plain.as_slice()).ok());
+                match opened {
+                    Some(bytes) => Reply::KeyIssued {
+                        key_version: *key_version,
+                        key: DeviceKey::from_bytes(bytes),
+                    },
+                    None => {
+                        tracing::error!("the sealed key of an enrollment record does not open");
+                        Reply::Refused(ReasonCode::IdempotencyConflict)
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Seals an issued device key for the idempotency record `key` (bound to it).
+pub(crate) fn seal_issued_key(vault: &Vault, key: IdemKey, device_key: &DeviceKey) -> SealedNumber {
+    vault.seal(device_key.expose(), &idem_aad(key))
+}
+
+/// Associated data sealing a key kept in an idempotency record (no IDm at hand there).
+fn idem_aad((owner_hash, client_request_id): IdemKey) -> Vec<u8> {
+    let mut aad = b"idem".to_vec();
+    aad.extend_from_slice(&owner_hash.to_be_bytes());
+    aad.extend_from_slice(&client_request_id.to_be_bytes());
+    aad
 }
 
 #[derive(Debug)]
@@ -75,12 +127,6 @@ impl Idempotency {
             ttl_ms,
             records_max,
         }
-    }
-
-    /// Makes room for `additional` records restored from a snapshot.
-    pub(crate) fn reserve(&mut self, additional: usize) {
-        self.entries.reserve(additional);
-        self.expiry.reserve(additional);
     }
 
     pub(crate) fn lookup(&self, key: &IdemKey, digest: u64) -> Seen {

@@ -541,20 +541,7 @@ impl ShardState {
         };
         let key = (envelope.owner_hash, client_request_id);
         match self.idem.lookup(&key, envelope.digest) {
-            Seen::Same(state) => {
-                return match &*state {
-                    IdemState::Done(reply) => reply.clone(),
-                    IdemState::SealedKey { key_version, sealed } => {
-                        crate::wal::snapshot::open_issued_key(
-                            &self.shared.vault,
-                            key,
-                            *key_version,
-                            sealed,
-                        )
-                    }
-                    IdemState::Pending { .. } => Reply::InFlight,
-                }
-            }
+            Seen::Same(state) => return state.reply(&self.shared.vault, key),
             Seen::Conflict => return Reply::Refused(ReasonCode::IdempotencyConflict),
             Seen::New => {}
         }
@@ -563,13 +550,7 @@ impl ShardState {
             Reply::Dispatch(dispatch) => {
                 IdemState::Pending { user: dispatch.user.clone(), means_id: dispatch.means_id }
             }
-            // An issued device key is kept sealed: a retry opens it, and a snapshot copies the
-            // sealed bytes instead of sealing again while the shard waits.
-            Reply::KeyIssued { key_version, key: device_key } => IdemState::SealedKey {
-                key_version: *key_version,
-                sealed: crate::wal::snapshot::seal_issued_key(&self.shared.vault, key, device_key),
-            },
-            done => IdemState::Done(done.clone()),
+            done => IdemState::done(&self.shared.vault, key, done),
         };
         self.idem.insert(key, envelope.digest, state, envelope.now_ms);
         reply

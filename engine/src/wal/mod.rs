@@ -139,8 +139,6 @@ pub fn shard_log_path(dir: &Path, index: usize) -> PathBuf {
 #[derive(Debug)]
 pub(crate) struct ReadLog {
     pub(crate) records: Vec<LogEnvelope>,
-    /// How many records the log holds (they follow the snapshot of its generation).
-    pub(crate) records_after_snapshot: u64,
     /// Bytes of the file that hold the header and whole records.
     pub(crate) valid_len: u64,
     /// Bytes of a torn last record, cut off.
@@ -202,13 +200,7 @@ pub(crate) fn read_log(path: &Path, index: usize, count: usize) -> Result<ReadLo
     if bytes.len() < FILE_HEADER_LEN {
         // Nothing, or a header torn while the file was created: nothing was ever acknowledged.
         let torn_bytes = bytes.len() as u64;
-        return Ok(ReadLog {
-            records: Vec::new(),
-            records_after_snapshot: 0,
-            valid_len: 0,
-            torn_bytes,
-            generation: None,
-        });
+        return Ok(ReadLog { records: Vec::new(), valid_len: 0, torn_bytes, generation: None });
     }
     check_file_header(path, &bytes, index, count)?;
     let generation = u64::from_be_bytes(bytes[16..24].try_into().expect("8"));
@@ -240,7 +232,6 @@ pub(crate) fn read_log(path: &Path, index: usize, count: usize) -> Result<ReadLo
         offset += RECORD_HEADER_LEN + len;
     }
     Ok(ReadLog {
-        records_after_snapshot: records.len() as u64,
         records,
         valid_len: offset as u64,
         torn_bytes: (bytes.len() - offset) as u64,

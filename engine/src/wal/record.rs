@@ -351,14 +351,17 @@ pub(crate) fn user_out(user: &UserKey) -> LogUser {
 }
 
 pub(crate) fn user_in(user: &LogUser) -> Result<UserKey, RecordError> {
-    let id_type = UserIdType::from_u8(user.id_type).ok_or(RecordError("user id type"))?;
-    UserKey::new(id_type, user.id.clone()).map_err(|_| RecordError("user id"))
+    user_key_in(user.id_type, &user.id)
 }
 
 /// [`user_in`], read in place from an archive.
 pub(crate) fn archived_user_in(user: &ArchivedLogUser) -> Result<UserKey, RecordError> {
-    let id_type = UserIdType::from_u8(user.id_type).ok_or(RecordError("user id type"))?;
-    UserKey::new(id_type, user.id.as_str()).map_err(|_| RecordError("user id"))
+    user_key_in(user.id_type, user.id.as_str())
+}
+
+fn user_key_in(id_type: u8, id: &str) -> Result<UserKey, RecordError> {
+    let id_type = UserIdType::from_u8(id_type).ok_or(RecordError("user id type"))?;
+    UserKey::new(id_type, id).map_err(|_| RecordError("user id"))
 }
 
 /// [`sealed_in`], read in place from an archive.

@@ -26,7 +26,7 @@ use super::record::{
 use super::{StorageError, FORMAT_VERSION};
 use crate::age::{AgeRegistration, VerificationMethod};
 use crate::keys::{open_device_key, SealedKeys};
-use crate::shard::idempotency::{IdemState, Idempotency};
+use crate::shard::idempotency::{seal_issued_key, IdemState, Idempotency};
 use crate::shard::replay::ReplayWindow;
 use crate::shard::state::{
     Balance, CodeRecord, CodeState, CouponRecord, Device, IssuedCode, IssuedCoupon, Purse,
@@ -82,6 +82,45 @@ struct SnapRedemption {
     sale_at_ms: i64,
     redeemed_at_ms: i64,
     items: Vec<(String, u32, u64)>,
+}
+
+impl From<&Redemption> for SnapRedemption {
+    fn from(r: &Redemption) -> SnapRedemption {
+        SnapRedemption {
+            captured_minor: r.captured_minor,
+            released_minor: r.released_minor,
+            coupon_discount_minor: r.coupon_discount_minor,
+            terminal_id: r.terminal_id.clone(),
+            sale_at_ms: r.sale_at_ms,
+            redeemed_at_ms: r.redeemed_at_ms,
+            items: r.items.clone(),
+        }
+    }
+}
+
+impl SnapRedemption {
+    /// The redemption, with what the code (or the idempotency record) holds beside it.
+    fn into_redemption(
+        self,
+        number: u64,
+        currency: crate::types::Currency,
+        provider_code: u32,
+        auth_code: AuthCode,
+    ) -> Redemption {
+        Redemption {
+            number,
+            captured_minor: self.captured_minor,
+            released_minor: self.released_minor,
+            coupon_discount_minor: self.coupon_discount_minor,
+            currency,
+            terminal_id: self.terminal_id,
+            provider_code,
+            auth_code,
+            sale_at_ms: self.sale_at_ms,
+            redeemed_at_ms: self.redeemed_at_ms,
+            items: self.items,
+        }
+    }
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug)]
@@ -255,14 +294,6 @@ struct SnapProvider {
     terminals: Vec<LogTerminal>,
 }
 
-/// Associated data sealing a key kept in an idempotency record (no IDm at hand there).
-fn idem_aad(owner_hash: u64, client_request_id: u128) -> Vec<u8> {
-    let mut aad = b"idem".to_vec();
-    aad.extend_from_slice(&owner_hash.to_be_bytes());
-    aad.extend_from_slice(&client_request_id.to_be_bytes());
-    aad
-}
-
 impl SnapShard {
     /// Puts every list in a fixed order (users and balances by user ID, stores by the time
     /// they changed, registrations by IDm, coupons by number), so that the same state always
@@ -390,18 +421,7 @@ impl Capture {
                 let number = *number;
                 let (state_byte, redemption) = match &c.state {
                     CodeState::Issued => (0, None),
-                    CodeState::Redeemed(r) => (
-                        1,
-                        Some(SnapRedemption {
-                            captured_minor: r.captured_minor,
-                            released_minor: r.released_minor,
-                            coupon_discount_minor: r.coupon_discount_minor,
-                            terminal_id: r.terminal_id.clone(),
-                            sale_at_ms: r.sale_at_ms,
-                            redeemed_at_ms: r.redeemed_at_ms,
-                            items: r.items.clone(),
-                        }),
-                    ),
+                    CodeState::Redeemed(r) => (1, Some(SnapRedemption::from(&**r))),
                     CodeState::Expired => (2, None),
                 };
                 SnapCode {
@@ -613,7 +633,6 @@ fn restore_idem_records(
     snap: &ArchivedSnapShard,
     idem: &mut Idempotency,
 ) -> Result<(), RecordError> {
-    idem.reserve(snap.idem.len());
     for i in snap.idem.iter() {
         let idem_state = restore_idem(i)?;
         idem.restore(
@@ -642,19 +661,13 @@ fn restore_codes(
             (0, _) => CodeState::Issued,
             (1, Some(r)) => {
                 let r: SnapRedemption = owned(r)?;
-                CodeState::Redeemed(Box::new(Redemption {
+                let provider_code = c.provider_code.to_native();
+                CodeState::Redeemed(Box::new(r.into_redemption(
                     number,
-                    captured_minor: r.captured_minor,
-                    released_minor: r.released_minor,
-                    coupon_discount_minor: r.coupon_discount_minor,
                     currency,
-                    terminal_id: r.terminal_id,
-                    provider_code: c.provider_code.to_native(),
-                    auth_code: AuthCode(c.auth_code),
-                    sale_at_ms: r.sale_at_ms,
-                    redeemed_at_ms: r.redeemed_at_ms,
-                    items: r.items,
-                }))
+                    provider_code,
+                    AuthCode(c.auth_code),
+                )))
             }
             (2, _) => CodeState::Expired,
             _ => return Err(RecordError("code state")),
@@ -786,7 +799,7 @@ fn capture_reply(
         Reply::Refused(reason) => SnapIdemState::Refused { reason: reason.code() },
         Reply::KeyIssued { key_version, key } => SnapIdemState::KeyIssued {
             key_version: *key_version,
-            key: sealed_out(&vault.seal(key.expose(), &idem_aad(owner_hash, crid))),
+            key: sealed_out(&seal_issued_key(vault, (owner_hash, crid), key)),
         },
         Reply::MeansAdded { means_id, last4 } => {
             SnapIdemState::MeansAdded { means_id: *means_id, last4: *last4 }
@@ -807,15 +820,7 @@ fn capture_reply(
             currency: r.currency.bytes(),
             provider_code: r.provider_code,
             auth_code: r.auth_code.0,
-            redemption: SnapRedemption {
-                captured_minor: r.captured_minor,
-                released_minor: r.released_minor,
-                coupon_discount_minor: r.coupon_discount_minor,
-                terminal_id: r.terminal_id.clone(),
-                sale_at_ms: r.sale_at_ms,
-                redeemed_at_ms: r.redeemed_at_ms,
-                items: r.items.clone(),
-            },
+            redemption: SnapRedemption::from(&**r),
         },
         Reply::CouponIssued(c) => SnapIdemState::CouponIssued {
             number: c.number,
@@ -836,36 +841,6 @@ fn capture_reply(
         },
         // Only the replies above are ever stored as done.
         _ => SnapIdemState::Ok,
-    }
-}
-
-/// Seals a key issue's device key for its idempotency record (bound to the record's key).
-pub(crate) fn seal_issued_key(
-    vault: &crate::vault::Vault,
-    (owner_hash, crid): (u64, u128),
-    key: &crate::keys::DeviceKey,
-) -> crate::vault::SealedNumber {
-    vault.seal(key.expose(), &idem_aad(owner_hash, crid))
-}
-
-/// A retried key issue, whose record keeps the key sealed: opens the key for the answer.
-pub(crate) fn open_issued_key(
-    vault: &crate::vault::Vault,
-    (owner_hash, crid): (u64, u128),
-    key_version: u16,
-    sealed: &crate::vault::SealedNumber,
-) -> Reply {
-    let opened = vault
-        .open(sealed, &idem_aad(owner_hash, crid))
-        .and_then(|plain| <[u8; 32]>::try_from(plain.as_slice()).ok());
-    match opened {
-        Some(bytes) => {
-            Reply::KeyIssued { key_version, key: crate::keys::DeviceKey::from_bytes(bytes) }
-        }
-        None => {
-            tracing::error!("the sealed key of a restored enrollment record does not open");
-            Reply::Refused(ReasonCode::IdempotencyConflict)
-        }
     }
 }
 
@@ -918,19 +893,12 @@ fn restore_idem(i: &ArchivedSnapIdem) -> Result<IdemState, RecordError> {
             redemption,
         } => {
             let r: SnapRedemption = owned(redemption)?;
-            IdemState::Done(Reply::Redeemed(Box::new(Redemption {
-                number: number.to_native(),
-                captured_minor: r.captured_minor,
-                released_minor: r.released_minor,
-                coupon_discount_minor: r.coupon_discount_minor,
-                currency: currency_in(*currency)?,
-                terminal_id: r.terminal_id,
-                provider_code: provider_code.to_native(),
-                auth_code: AuthCode(*auth_code),
-                sale_at_ms: r.sale_at_ms,
-                redeemed_at_ms: r.redeemed_at_ms,
-                items: r.items,
-            })))
+            IdemState::Done(Reply::Redeemed(Box::new(r.into_redemption(
+                number.to_native(),
+                currency_in(*currency)?,
+                provider_code.to_native(),
+                AuthCode(*auth_code),
+            ))))
         }
         ArchivedSnapIdemState::CouponIssued { number, text, user, effect, uses, expires_ms } => {
             IdemState::Done(Reply::CouponIssued(Box::new(IssuedCoupon {
