@@ -186,6 +186,12 @@ criterion_group!(benches, authorize_by_policy, recovery);
 
 fn main() {
     if let Some(dir) = std::env::var_os(RECOVER_ONCE) {
+        // The engine's `recovered` line (snapshot load and replay times) goes to stderr, which
+        // the parent shows only if the child fails; run the child by hand to read it.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("settlegate_engine=info")
+            .with_writer(std::io::stderr)
+            .try_init();
         let started = Instant::now();
         let engine =
             Engine::start(durable(std::path::Path::new(&dir), FsyncPolicy::Off)).expect("recovers");

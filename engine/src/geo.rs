@@ -15,6 +15,7 @@ use rstar::RTree;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
+use crate::cow::{CowMap, Frozen, CHUNK_BITS_LARGE};
 use crate::emvqr;
 use crate::limits::{
     ACCEPTED_METHODS_MAX, BEACON_ID_LEN_MAX, STORE_ADDRESS_LEN_MAX, STORE_IDS_PER_KIND_MAX,
@@ -209,11 +210,16 @@ pub fn covering_cells(latitude: f64, longitude: f64, radius_m: f64) -> Vec<u32> 
 type Entry = GeomWithData<[f64; 3], Box<str>>;
 
 /// One shard's stores: the records (with the engine time of their last change) and their
-/// R-tree.
-#[derive(Default)]
+/// R-tree. A snapshot takes the records (a [`CowMap`]) and rebuilds the tree on restore.
 pub struct StoreIndex {
     tree: RTree<Entry>,
-    stores: FxHashMap<String, (Store, i64)>,
+    stores: CowMap<String, (Store, i64)>,
+}
+
+impl Default for StoreIndex {
+    fn default() -> StoreIndex {
+        StoreIndex { tree: RTree::new(), stores: CowMap::new(CHUNK_BITS_LARGE) }
+    }
 }
 
 /// A nearest-store candidate: the store, and the chord to it.
@@ -256,9 +262,14 @@ impl StoreIndex {
         self.stores.is_empty()
     }
 
-    /// Every store with the time of its last change, for a snapshot.
+    /// Every store with the time of its last change.
     pub fn stores(&self) -> impl Iterator<Item = (&Store, i64)> {
         self.stores.values().map(|(store, at)| (store, *at))
+    }
+
+    /// Every store with the time of its last change, frozen for a snapshot.
+    pub fn freeze(&mut self) -> Frozen<String, (Store, i64)> {
+        self.stores.freeze()
     }
 
     /// The nearest stores within `max_chord` of `position`: every store at the smallest

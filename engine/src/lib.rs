@@ -20,6 +20,7 @@ pub mod age;
 pub mod clock;
 pub mod codes;
 pub mod config;
+pub mod cow;
 pub mod emvqr;
 pub mod engine;
 pub mod error;

@@ -7,18 +7,14 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use rustc_hash::FxHashMap;
-
 use super::state::Reply;
+use crate::cow::{CowMap, Frozen, CHUNK_BITS_LARGE};
 use crate::keys::DeviceKey;
 use crate::types::{ClientRequestId, ReasonCode};
 use crate::vault::{SealedNumber, Vault};
 
 /// A record's key: the owner's routing hash and the client's request ID.
 pub(crate) type IdemKey = (u64, ClientRequestId);
-
-/// A record as a snapshot takes it: expires at, key, digest, state (shared).
-pub(crate) type ExportedRecord = (i64, IdemKey, u64, Arc<IdemState>);
 
 #[derive(Debug, Clone)]
 pub(crate) enum IdemState {
@@ -91,11 +87,15 @@ fn idem_aad((owner_hash, client_request_id): IdemKey) -> Vec<u8> {
     aad
 }
 
-#[derive(Debug)]
-struct Entry {
-    digest: u64,
-    /// Shared with a snapshot being written; a record is replaced, never changed in place.
-    state: Arc<IdemState>,
+/// One record. Cheap to clone: a snapshot's frozen copy shares the state.
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    /// Until when the record is kept.
+    pub(crate) expires_ms: i64,
+    /// The request's digest: the same ID with another digest is a conflict.
+    pub(crate) digest: u64,
+    /// A record's state is replaced, never changed in place.
+    pub(crate) state: Arc<IdemState>,
 }
 
 /// What a lookup found.
@@ -109,7 +109,7 @@ pub(crate) enum Seen {
 }
 
 pub(crate) struct Idempotency {
-    entries: FxHashMap<IdemKey, Entry>,
+    entries: CowMap<IdemKey, Entry>,
     expiry: VecDeque<(i64, IdemKey)>,
     ttl_ms: i64,
     records_max: usize,
@@ -118,15 +118,13 @@ pub(crate) struct Idempotency {
 impl Idempotency {
     pub(crate) fn new(ttl_ms: i64, records_max: usize) -> Idempotency {
         assert!(records_max > 0);
-        // Sized for the cap from the start: growing a table of a million records doubles and
-        // moves all of them at once, a pause of tens of milliseconds for every request queued
-        // behind it. Untouched capacity costs address space, not memory.
-        Idempotency {
-            entries: FxHashMap::with_capacity_and_hasher(records_max, Default::default()),
-            expiry: VecDeque::with_capacity(records_max),
-            ttl_ms,
-            records_max,
-        }
+        // Sized for the cap from the start, the table chunk by chunk and the expiry queue as
+        // one ring: growing the queue moves every key at once, and growing chunks while
+        // replaying a long log costs recovery time. Untouched capacity costs address space,
+        // not memory.
+        let mut entries = CowMap::new(CHUNK_BITS_LARGE);
+        entries.reserve(records_max);
+        Idempotency { entries, expiry: VecDeque::with_capacity(records_max), ttl_ms, records_max }
     }
 
     pub(crate) fn lookup(&self, key: &IdemKey, digest: u64) -> Seen {
@@ -139,9 +137,11 @@ impl Idempotency {
 
     pub(crate) fn insert(&mut self, key: IdemKey, digest: u64, state: IdemState, now_ms: i64) {
         self.evict(now_ms);
-        let previous = self.entries.insert(key, Entry { digest, state: Arc::new(state) });
+        let expires_ms = now_ms.saturating_add(self.ttl_ms);
+        let previous =
+            self.entries.insert(key, Entry { expires_ms, digest, state: Arc::new(state) });
         assert!(previous.is_none(), "idempotency key inserted twice");
-        self.expiry.push_back((now_ms.saturating_add(self.ttl_ms), key));
+        self.expiry.push_back((expires_ms, key));
     }
 
     /// Finishes a pending record. A record evicted meanwhile is not recreated.
@@ -161,20 +161,14 @@ impl Idempotency {
         }
     }
 
-    /// Every record in expiry order: (expires at, key, digest, state), for a snapshot.
-    pub(crate) fn export(&self) -> Vec<ExportedRecord> {
-        self.expiry
-            .iter()
-            .filter_map(|(expires_ms, key)| {
-                let entry = self.entries.get(key)?;
-                Some((*expires_ms, *key, entry.digest, Arc::clone(&entry.state)))
-            })
-            .collect()
+    /// Every record, frozen for a snapshot (in no order: the writer sorts them by expiry).
+    pub(crate) fn freeze(&mut self) -> Frozen<IdemKey, Entry> {
+        self.entries.freeze()
     }
 
     /// Restores one record from a snapshot, in expiry order.
     pub(crate) fn restore(&mut self, expires_ms: i64, key: IdemKey, digest: u64, state: IdemState) {
-        self.entries.insert(key, Entry { digest, state: Arc::new(state) });
+        self.entries.insert(key, Entry { expires_ms, digest, state: Arc::new(state) });
         self.expiry.push_back((expires_ms, key));
     }
 

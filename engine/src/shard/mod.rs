@@ -98,11 +98,11 @@ impl Handler<Batch> for Shard {
                     let generation = wal.generation + 1;
                     // The shard pays only for the capture; encoding and writing are the writer's.
                     let started = std::time::Instant::now();
-                    let snapshot = Box::new(Capture::take(&self.state));
+                    let snapshot = Box::new(Capture::take(&mut self.state));
                     tracing::info!(
                         shard = self.state.index,
                         generation,
-                        paused_ms = started.elapsed().as_millis() as u64,
+                        paused_us = started.elapsed().as_micros() as u64,
                         "snapshot captured; the shard paused for the capture only"
                     );
                     let (index, count) = (wal.handle.index, wal.handle.count);

@@ -4,12 +4,11 @@
 
 use std::sync::Arc;
 
-use rustc_hash::FxHashMap;
-
 use super::idempotency::{IdemKey, IdemState, Idempotency, Seen};
 use super::replay::ReplayWindow;
 use crate::age::{self, AgePolicy, AgeRecord, AgeRegistration, AgeRules, AgeVerdict, Basket};
 use crate::codes::{issue_number, CodeKey, CodeKind, CodePayload, CouponEffect};
+use crate::cow::{CowMap, CHUNK_BITS_LARGE, CHUNK_BITS_SMALL};
 use crate::geo::{Candidate, Store, StoreDirectory, StoreIndex};
 use crate::keys::{DeviceIndex, DeviceKey, SealedKeys, Verified};
 use crate::limits::{
@@ -489,22 +488,23 @@ pub(crate) enum Reply {
     Devices(Vec<Idm>),
 }
 
-/// One shard's users, devices' replay state and idempotency records.
+/// One shard's users, devices' replay state and idempotency records. The maps are
+/// [`CowMap`]s, so that a snapshot takes them without stopping the shard for long.
 pub(crate) struct ShardState {
     pub(crate) index: u8,
     /// Shared with a snapshot being written: a change copies the user first (`Arc::make_mut`).
-    pub(crate) users: FxHashMap<UserKey, Arc<User>>,
+    pub(crate) users: CowMap<UserKey, Arc<User>>,
     /// Age registrations of this shard's users' terminals, by card IDm (A1).
-    pub(crate) ages: FxHashMap<Idm, AgeRegistration>,
+    pub(crate) ages: CowMap<Idm, AgeRegistration>,
     /// The stores of this shard's cells (W1).
     pub(crate) stores: StoreIndex,
     /// Payment codes this shard issued, by issue number (C2, T1's second tier).
     /// Shared with a snapshot being written: a change copies the record first.
-    pub(crate) codes: std::collections::BTreeMap<u64, Arc<CodeRecord>>,
+    pub(crate) codes: CowMap<u64, Arc<CodeRecord>>,
     /// Issued codes by expiry, for the sweeper.
     pub(crate) code_expiry: std::collections::BTreeSet<(i64, u64)>,
     /// Coupons this shard issued, by issue number (C5).
-    pub(crate) coupons: FxHashMap<u64, CouponRecord>,
+    pub(crate) coupons: CowMap<u64, CouponRecord>,
     /// The last code or coupon sequence number used.
     pub(crate) code_seq: u64,
     pub(crate) idem: Idempotency,
@@ -519,12 +519,12 @@ impl ShardState {
     pub(crate) fn new(index: u8, shared: Shared, config: StateConfig) -> ShardState {
         ShardState {
             index,
-            users: FxHashMap::default(),
-            ages: FxHashMap::default(),
+            users: CowMap::new(CHUNK_BITS_LARGE),
+            ages: CowMap::new(CHUNK_BITS_SMALL),
             stores: StoreIndex::default(),
-            codes: std::collections::BTreeMap::new(),
+            codes: CowMap::new(CHUNK_BITS_LARGE),
             code_expiry: std::collections::BTreeSet::new(),
-            coupons: FxHashMap::default(),
+            coupons: CowMap::new(CHUNK_BITS_SMALL),
             code_seq: 0,
             idem: Idempotency::new(config.idempotency_ttl_ms, config.idempotency_records_max),
             dispatch_seq: 0,

@@ -7,10 +7,8 @@
 //! generation G. Written to a temporary file, synced, renamed: a crash leaves the old one or
 //! the new one, never half of one. Secrets are sealed as in the log.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-
-use rustc_hash::FxHashMap;
 
 use rkyv::{Archive, Deserialize, Serialize};
 
@@ -25,14 +23,19 @@ use super::record::{
 };
 use super::{StorageError, FORMAT_VERSION};
 use crate::age::{AgeRegistration, VerificationMethod};
+use crate::cow::{CowMap, Frozen};
+use crate::geo::Store;
 use crate::keys::{open_device_key, SealedKeys};
-use crate::shard::idempotency::{seal_issued_key, IdemState, Idempotency};
+use crate::shard::idempotency::{
+    seal_issued_key, Entry as IdemEntry, IdemKey, IdemState, Idempotency,
+};
 use crate::shard::replay::ReplayWindow;
 use crate::shard::state::{
     Balance, CodeRecord, CodeState, CouponRecord, Device, IssuedCode, IssuedCoupon, Purse,
     PurseHold, Redemption, Reply, ShardState, Shared, StoredMeans, User,
 };
 use crate::types::AuthCode;
+use crate::types::Idm;
 use crate::types::{CardToken, MeansKind, ReasonCode, UserKey};
 
 const MAGIC: [u8; 8] = *b"SGSNAP\0\0";
@@ -304,6 +307,8 @@ impl SnapShard {
         self.stores.sort_by_key(|s| s.updated_ms);
         self.wallet.sort_by(|a, b| (&a.user.id, a.means_id).cmp(&(&b.user.id, b.means_id)));
         self.coupons.sort_by_key(|c| c.number);
+        self.codes.sort_by_key(|c| c.number);
+        self.idem.sort_by_key(|i| (i.expires_ms, i.owner_hash, i.client_request_id));
     }
 }
 
@@ -314,9 +319,12 @@ impl SnapShard {
 /// copying and encoding. The rest (coupons, stores, age registrations and policies, terminals)
 /// is small and copied here.
 pub(crate) struct Capture {
-    users: Vec<(UserKey, std::sync::Arc<User>)>,
-    idem: Vec<crate::shard::idempotency::ExportedRecord>,
-    codes: Vec<(u64, std::sync::Arc<CodeRecord>)>,
+    users: Frozen<UserKey, std::sync::Arc<User>>,
+    idem: Frozen<IdemKey, IdemEntry>,
+    codes: Frozen<u64, std::sync::Arc<CodeRecord>>,
+    ages: Frozen<Idm, AgeRegistration>,
+    coupons: Frozen<u64, CouponRecord>,
+    stores: Frozen<String, (Store, i64)>,
     vault: std::sync::Arc<crate::vault::Vault>,
     /// Everything else, ready: its users, idempotency records, codes and balances still empty.
     rest: SnapShard,
@@ -324,10 +332,9 @@ pub(crate) struct Capture {
 
 impl Capture {
     /// Takes the capture of `state` (and of its slice of the shared indexes).
-    pub(crate) fn take(state: &ShardState) -> Capture {
-        let users =
-            state.users.iter().map(|(k, u)| (k.clone(), std::sync::Arc::clone(u))).collect();
-        let idem = state.idem.export();
+    pub(crate) fn take(state: &mut ShardState) -> Capture {
+        let users = state.users.freeze();
+        let idem = state.idem.freeze();
         let providers = state
             .owned_providers
             .iter()
@@ -335,17 +342,6 @@ impl Capture {
             .map(|p| SnapProvider {
                 code: p.code,
                 terminals: p.export_terminals().iter().map(terminal_out).collect(),
-            })
-            .collect();
-        let registrations: Vec<SnapAgeRegistration> = state
-            .ages
-            .iter()
-            .map(|(idm, r)| SnapAgeRegistration {
-                idm: *idm,
-                birth_date: (r.birth_date.year(), r.birth_date.month(), r.birth_date.day()),
-                method: r.method as u8,
-                verified_at_ms: r.verified_at_ms,
-                valid_until_ms: r.valid_until_ms,
             })
             .collect();
         let policies = state
@@ -358,16 +354,52 @@ impl Capture {
                     .map(|(terminal, policy)| (p.code, terminal, policy_out(&policy.policy)))
             })
             .collect();
-        let age = SnapAge { registrations, policies };
-        let stores: Vec<SnapStore> = state
-            .stores
-            .stores()
-            .map(|(store, updated_ms)| SnapStore { store: store_out(store), updated_ms })
+        let age = SnapAge { registrations: Vec::new(), policies };
+        let rest = SnapShard {
+            dispatch_seq: state.dispatch_seq,
+            users: Vec::new(),
+            idem: Vec::new(),
+            providers,
+            age,
+            stores: Vec::new(),
+            wallet: Vec::new(),
+            code_seq: state.code_seq,
+            codes: Vec::new(),
+            coupons: Vec::new(),
+        };
+        Capture {
+            users,
+            idem,
+            codes: state.codes.freeze(),
+            ages: state.ages.freeze(),
+            coupons: state.coupons.freeze(),
+            stores: state.stores.freeze(),
+            vault: std::sync::Arc::clone(&state.shared.vault),
+            rest,
+        }
+    }
+
+    /// Builds the snapshot (on the writer's thread), sealing what is not sealed yet.
+    pub(crate) fn into_snapshot(self) -> SnapShard {
+        let Capture { users, idem, codes, ages, coupons, stores, vault, mut rest } = self;
+        rest.age.registrations = ages
+            .iter()
+            .map(|(idm, r)| SnapAgeRegistration {
+                idm: *idm,
+                birth_date: (r.birth_date.year(), r.birth_date.month(), r.birth_date.day()),
+                method: r.method as u8,
+                verified_at_ms: r.verified_at_ms,
+                valid_until_ms: r.valid_until_ms,
+            })
             .collect();
-        let codes =
-            state.codes.iter().map(|(&number, c)| (number, std::sync::Arc::clone(c))).collect();
-        let coupons: Vec<SnapCoupon> = state
-            .coupons
+        rest.stores = stores
+            .iter()
+            .map(|(_, (store, updated_ms))| SnapStore {
+                store: store_out(store),
+                updated_ms: *updated_ms,
+            })
+            .collect();
+        rest.coupons = coupons
             .iter()
             .map(|(&number, c)| SnapCoupon {
                 number,
@@ -378,26 +410,7 @@ impl Capture {
                 expires_ms: c.expires_ms,
             })
             .collect();
-        let rest = SnapShard {
-            dispatch_seq: state.dispatch_seq,
-            users: Vec::new(),
-            idem: Vec::new(),
-            providers,
-            age,
-            stores,
-            wallet: Vec::new(),
-            code_seq: state.code_seq,
-            codes: Vec::new(),
-            coupons,
-        };
-        let vault = std::sync::Arc::clone(&state.shared.vault);
-        Capture { users, idem, codes, vault, rest }
-    }
-
-    /// Builds the snapshot (on the writer's thread), sealing what is not sealed yet.
-    pub(crate) fn into_snapshot(self) -> SnapShard {
-        let Capture { users, idem, codes, vault, mut rest } = self;
-        for (key, user) in &users {
+        for (key, user) in users.iter() {
             for means in &user.means {
                 if let Some(purse) = &means.purse {
                     rest.wallet.push(SnapPurse {
@@ -443,17 +456,17 @@ impl Capture {
 
         rest.idem = idem
             .iter()
-            .map(|(expires_ms, (owner_hash, client_request_id), digest, idem_state)| SnapIdem {
-                expires_ms: *expires_ms,
-                owner_hash: *owner_hash,
-                client_request_id: *client_request_id,
-                digest: *digest,
-                state: match &**idem_state {
+            .map(|(&(owner_hash, client_request_id), entry)| SnapIdem {
+                expires_ms: entry.expires_ms,
+                owner_hash,
+                client_request_id,
+                digest: entry.digest,
+                state: match &*entry.state {
                     IdemState::Pending { user, means_id } => {
                         SnapIdemState::Pending { user: user_out(user), means_id: *means_id }
                     }
                     IdemState::Done(reply) => {
-                        capture_reply(&vault, reply, *owner_hash, *client_request_id)
+                        capture_reply(&vault, reply, owner_hash, client_request_id)
                     }
                     IdemState::SealedKey { key_version, sealed } => SnapIdemState::KeyIssued {
                         key_version: *key_version,
@@ -531,7 +544,7 @@ fn restore_archived(snap: &ArchivedSnapShard, state: &mut ShardState) -> Result<
 /// Users with their devices (whose keys stay sealed) and means, then their balances.
 fn restore_users(
     snap: &ArchivedSnapShard,
-    users: &mut FxHashMap<UserKey, std::sync::Arc<User>>,
+    users: &mut CowMap<UserKey, std::sync::Arc<User>>,
     shared: &Shared,
 ) -> Result<(), RecordError> {
     let vault = &shared.vault;
@@ -647,12 +660,12 @@ fn restore_idem_records(
 
 fn restore_codes(
     snap: &ArchivedSnapShard,
-    codes_out: &mut BTreeMap<u64, std::sync::Arc<CodeRecord>>,
+    codes_out: &mut CowMap<u64, std::sync::Arc<CodeRecord>>,
     expiry_out: &mut BTreeSet<(i64, u64)>,
-    coupons: &mut FxHashMap<u64, CouponRecord>,
+    coupons: &mut CowMap<u64, CouponRecord>,
 ) -> Result<(), RecordError> {
-    // Codes come in issue-number order: collected first, the maps are built in bulk.
-    let mut codes = Vec::with_capacity(snap.codes.len());
+    // Codes come in issue-number order: their expiry index is built in bulk.
+    codes_out.reserve(snap.codes.len());
     let mut expiry = Vec::new();
     for c in snap.codes.iter() {
         let number = c.number.to_native();
@@ -675,9 +688,9 @@ fn restore_codes(
         if record_state == CodeState::Issued {
             expiry.push((c.expires_ms.to_native(), number));
         }
-        codes.push((
+        codes_out.insert(
             number,
-            CodeRecord {
+            std::sync::Arc::new(CodeRecord {
                 user: archived_user_in(&c.user)?,
                 means_id: c.means_id.to_native(),
                 provider_code: c.provider_code.to_native(),
@@ -688,11 +701,10 @@ fn restore_codes(
                 order_ref: c.order_ref.as_str().to_owned(),
                 deliver_to: c.deliver_to,
                 state: record_state,
-            },
-        ));
+            }),
+        );
     }
-    // A fresh state: collecting builds each tree in bulk, much faster than inserting.
-    *codes_out = codes.into_iter().map(|(n, c)| (n, std::sync::Arc::new(c))).collect();
+    // A fresh state: collecting builds the tree in bulk, much faster than inserting.
     *expiry_out = expiry.into_iter().collect();
     for c in snap.coupons.iter() {
         let record = CouponRecord {

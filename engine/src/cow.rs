@@ -1,0 +1,341 @@
+//! A hash map a snapshot takes in the time of a few thousand small moves: [`CowMap`].
+//!
+//! The map is split into a fixed number of chunks by key hash, each an `FxHashMap` of its own.
+//! [`CowMap::freeze`] moves each chunk's table header (not its entries) behind an `Arc` and
+//! hands the [`Frozen`] copy a reference to each, whatever the map holds; the copy is read on
+//! another thread (the snapshot writer's). A change afterwards takes back only the chunk it
+//! touches, the first time it touches it: moved out of its `Arc` if the frozen copy is gone,
+//! copied if it is still held. The copying a snapshot needs is thus paid a chunk at a time, by
+//! the changes that need it, instead of all at once by a stopped shard. Keep values cheap to
+//! clone (an `Arc` for anything large): a chunk's copy clones its values.
+//!
+//! An owned chunk is written in place, with no atomic operation: a reference count checked on
+//! every write (`Arc::make_mut`) is a locked instruction that stops the processor from
+//! overlapping one request's cache misses with the next one's, which cost a third more per
+//! request on the shard's tables.
+//!
+//! Why not a persistent map (a hash array mapped trie, as `imbl` has)? Its clone is O(1) as
+//! well, but a lookup among a million entries walks four or five nodes, each a dependent cache
+//! miss, and the shard's hot path is bound by exactly those misses. Here a lookup is one step
+//! to the chunk (whose array stays in cache) and then `FxHashMap`'s own probe.
+//! `docs/BENCHMARKS.md` has the comparison (`cargo bench --bench maps`).
+
+use std::borrow::Borrow;
+use std::hash::{BuildHasher, Hash};
+use std::sync::Arc;
+
+use rustc_hash::{FxBuildHasher, FxHashMap};
+
+/// Chunk bits for a map that reaches a million entries per shard (users, codes, idempotency
+/// records, stores): 1,024 chunks, so a write after a snapshot copies a chunk of about a
+/// thousand entries (tens of microseconds), and the chunk array (40 KiB) stays in the core's
+/// cache. 4,096 chunks made each request slower (the array fell out of cache under the tables'
+/// own misses); 256 make each chunk's copy four times longer.
+pub const CHUNK_BITS_LARGE: u32 = 10;
+
+/// Chunk bits for a map that stays smaller (age registrations, coupons).
+pub const CHUNK_BITS_SMALL: u32 = 8;
+
+/// The first of the top seven hash bits `hashbrown` keeps in a table's control bytes.
+const TAG_BITS_START: u32 = 57;
+
+/// A chunked copy-on-write hash map. See the module docs.
+pub struct CowMap<K, V> {
+    chunks: Box<[Chunk<K, V>]>,
+    /// Where the chunk's bits start in the key's hash (see `chunk_index`).
+    shift: u32,
+    len: usize,
+}
+
+/// A chunk: owned by the map alone (written in place, no atomic operation), or shared with a
+/// frozen copy since the last freeze (written only after taking it back: moved out of its `Arc`
+/// if the copy is gone, copied if not).
+enum Chunk<K, V> {
+    Owned(FxHashMap<K, V>),
+    Shared(Arc<FxHashMap<K, V>>),
+}
+
+impl<K, V> Chunk<K, V> {
+    fn map(&self) -> &FxHashMap<K, V> {
+        match self {
+            Chunk::Owned(map) => map,
+            Chunk::Shared(map) => map,
+        }
+    }
+}
+
+impl<K, V> Default for Chunk<K, V> {
+    fn default() -> Self {
+        Chunk::Owned(FxHashMap::default())
+    }
+}
+
+impl<K: Hash + Eq + Clone, V: Clone> Chunk<K, V> {
+    /// The chunk's map, writable: a shared chunk is taken back first.
+    fn map_mut(&mut self) -> &mut FxHashMap<K, V> {
+        if let Chunk::Shared(_) = self {
+            let Chunk::Shared(shared) = std::mem::take(self) else { unreachable!() };
+            *self = Chunk::Owned(Arc::unwrap_or_clone(shared));
+        }
+        match self {
+            Chunk::Owned(map) => map,
+            Chunk::Shared(_) => unreachable!("taken back above"),
+        }
+    }
+}
+
+/// A frozen copy of a [`CowMap`]: read-only, and `Send` to another thread.
+pub struct Frozen<K, V> {
+    chunks: Box<[Arc<FxHashMap<K, V>>]>,
+    len: usize,
+}
+
+impl<K: Hash + Eq + Clone, V: Clone> CowMap<K, V> {
+    /// An empty map of `2^chunk_bits` chunks (1..=16 bits). An empty chunk allocates nothing.
+    pub fn new(chunk_bits: u32) -> CowMap<K, V> {
+        assert!((1..=16).contains(&chunk_bits), "chunk bits out of range");
+        CowMap {
+            chunks: (0..1usize << chunk_bits).map(|_| Chunk::default()).collect(),
+            shift: TAG_BITS_START - chunk_bits,
+            len: 0,
+        }
+    }
+
+    /// Makes room for `additional` more entries, spread evenly over the chunks (with room for
+    /// the unevenness of a hash), so that filling the map moves no entry.
+    pub fn reserve(&mut self, additional: usize) {
+        let per_chunk = additional / self.chunks.len();
+        if per_chunk == 0 {
+            return;
+        }
+        // A chunk of n entries expected holds about n ± 4·√n at the extremes.
+        let slack = 4 * (per_chunk as f64).sqrt() as usize + 4;
+        for chunk in self.chunks.iter_mut() {
+            chunk.map_mut().reserve(per_chunk + slack);
+        }
+    }
+
+    fn chunk_index<Q: Hash + ?Sized>(&self, key: &Q) -> usize {
+        // The chunk's own table hashes the key the same way and uses the low bits (the bucket)
+        // and the top seven (the control byte). The chunk takes the bits just below those
+        // seven, so keys in one chunk share none of the bits their table looks at; a chunk
+        // chosen by a mix of all bits made keys of one chunk cluster in its table.
+        let hash = FxBuildHasher.hash_one(key);
+        (hash >> self.shift) as usize & (self.chunks.len() - 1)
+    }
+
+    /// The number of entries.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the map is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The value of `key`.
+    pub fn get<Q: Hash + Eq + ?Sized>(&self, key: &Q) -> Option<&V>
+    where
+        K: Borrow<Q>,
+    {
+        self.chunks[self.chunk_index(key)].map().get(key)
+    }
+
+    /// Whether `key` has a value.
+    pub fn contains_key<Q: Hash + Eq + ?Sized>(&self, key: &Q) -> bool
+    where
+        K: Borrow<Q>,
+    {
+        self.get(key).is_some()
+    }
+
+    /// The chunk for `key`, writable; none if it is shared and does not hold `key` (a miss
+    /// must not copy a chunk).
+    fn chunk_holding_mut<Q: Hash + Eq + ?Sized>(&mut self, key: &Q) -> Option<&mut FxHashMap<K, V>>
+    where
+        K: Borrow<Q>,
+    {
+        let index = self.chunk_index(key);
+        let chunk = &mut self.chunks[index];
+        if matches!(chunk, Chunk::Shared(_)) && !chunk.map().contains_key(key) {
+            return None;
+        }
+        Some(chunk.map_mut())
+    }
+
+    /// The value of `key`, writable. A shared chunk is taken back only if it holds `key`.
+    pub fn get_mut<Q: Hash + Eq + ?Sized>(&mut self, key: &Q) -> Option<&mut V>
+    where
+        K: Borrow<Q>,
+    {
+        self.chunk_holding_mut(key)?.get_mut(key)
+    }
+
+    /// Sets the value of `key`, returning the one it replaces.
+    pub fn insert(&mut self, key: K, value: V) -> Option<V> {
+        let index = self.chunk_index(&key);
+        let previous = self.chunks[index].map_mut().insert(key, value);
+        if previous.is_none() {
+            self.len += 1;
+        }
+        previous
+    }
+
+    /// Removes `key`, returning its value. A shared chunk is taken back only if it holds `key`.
+    pub fn remove<Q: Hash + Eq + ?Sized>(&mut self, key: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+    {
+        let removed = self.chunk_holding_mut(key)?.remove(key);
+        if removed.is_some() {
+            self.len -= 1;
+        }
+        removed
+    }
+
+    /// Every entry, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
+        self.chunks.iter().flat_map(|chunk| chunk.map().iter())
+    }
+
+    /// Every value, in no particular order.
+    pub fn values(&self) -> impl Iterator<Item = &V> {
+        self.chunks.iter().flat_map(|chunk| chunk.map().values())
+    }
+
+    /// A frozen copy: every chunk becomes shared (its table moved behind an `Arc`, not
+    /// copied) and the copy takes a reference to each.
+    pub fn freeze(&mut self) -> Frozen<K, V> {
+        let chunks = self
+            .chunks
+            .iter_mut()
+            .map(|chunk| {
+                if let Chunk::Owned(map) = chunk {
+                    *chunk = Chunk::Shared(Arc::new(std::mem::take(map)));
+                }
+                match chunk {
+                    Chunk::Shared(map) => Arc::clone(map),
+                    Chunk::Owned(_) => unreachable!("shared above"),
+                }
+            })
+            .collect();
+        Frozen { chunks, len: self.len }
+    }
+}
+
+impl<K, V> Frozen<K, V> {
+    /// The number of entries.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the copy is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Every entry, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
+        self.chunks.iter().flat_map(|chunk| chunk.iter())
+    }
+}
+
+impl<K, V> std::fmt::Debug for CowMap<K, V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CowMap")
+            .field("len", &self.len)
+            .field("chunks", &self.chunks.len())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    /// A small deterministic generator (xorshift), so a failure replays.
+    fn next(state: &mut u64) -> u64 {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        *state
+    }
+
+    /// Random inserts, removals and changes against a `BTreeMap` model, freezing now and then:
+    /// every frozen copy must still read exactly as the model did when it was frozen.
+    #[test]
+    fn matches_a_model_and_frozen_copies_do_not_change() {
+        for seed in 1..=20u64 {
+            let mut rng = seed.wrapping_mul(0x2545_f491_4f6c_dd1d) | 1;
+            let mut map: CowMap<u32, u64> = CowMap::new(4);
+            let mut model = BTreeMap::new();
+            let mut frozen: Vec<(Frozen<u32, u64>, BTreeMap<u32, u64>)> = Vec::new();
+            for step in 0..3000u64 {
+                let key = (next(&mut rng) % 300) as u32;
+                match next(&mut rng) % 6 {
+                    0 | 1 => assert_eq!(map.insert(key, step), model.insert(key, step)),
+                    2 => assert_eq!(map.remove(&key), model.remove(&key)),
+                    3 => {
+                        if let Some(v) = map.get_mut(&key) {
+                            *v += 1;
+                        }
+                        if let Some(v) = model.get_mut(&key) {
+                            *v += 1;
+                        }
+                    }
+                    4 => assert_eq!(map.get(&key), model.get(&key)),
+                    _ => {
+                        if next(&mut rng).is_multiple_of(50) {
+                            frozen.push((map.freeze(), model.clone()));
+                        }
+                    }
+                }
+                assert_eq!(map.len(), model.len());
+            }
+            let live: BTreeMap<u32, u64> = map.iter().map(|(k, v)| (*k, *v)).collect();
+            assert_eq!(live, model);
+            for (copy, then) in &frozen {
+                let read: BTreeMap<u32, u64> = copy.iter().map(|(k, v)| (*k, *v)).collect();
+                assert_eq!(&read, then);
+                assert_eq!(copy.len(), then.len());
+            }
+        }
+    }
+
+    #[test]
+    fn keys_spread_over_every_chunk() {
+        let mut map: CowMap<u64, ()> = CowMap::new(8);
+        for key in 0..100_000u64 {
+            map.insert(key, ());
+        }
+        let sizes: Vec<usize> = map.chunks.iter().map(|c| c.map().len()).collect();
+        let (min, max) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
+        // 390 expected per chunk; a sound spread stays well within a factor of two.
+        assert!(*min > 250 && *max < 550, "chunk sizes from {min} to {max}");
+    }
+
+    #[test]
+    fn a_write_copies_only_the_chunk_it_touches() {
+        let mut map: CowMap<u64, u64> = CowMap::new(6);
+        map.reserve(10_000);
+        for key in 0..10_000u64 {
+            map.insert(key, key);
+        }
+        let frozen = map.freeze();
+        // Reads and misses copy nothing.
+        assert_eq!(map.get(&5), Some(&5));
+        assert_eq!(map.get_mut(&20_000), None);
+        assert_eq!(map.remove(&20_000), None);
+        let shared = |map: &CowMap<u64, u64>| {
+            let shared_with = |chunk: &Chunk<u64, u64>, frozen: &Arc<FxHashMap<u64, u64>>| matches!(chunk, Chunk::Shared(map) if Arc::ptr_eq(map, frozen));
+            map.chunks.iter().zip(frozen.chunks.iter()).filter(|(a, b)| shared_with(a, b)).count()
+        };
+        assert_eq!(shared(&map), 64);
+        *map.get_mut(&5).unwrap() = 6;
+        assert_eq!(shared(&map), 63);
+        assert_eq!(frozen.iter().find(|(k, _)| **k == 5).map(|(_, v)| *v), Some(5));
+    }
+}
