@@ -36,13 +36,10 @@ pub const CHUNK_BITS_LARGE: u32 = 10;
 /// Chunk bits for a map that stays smaller (age registrations, coupons).
 pub const CHUNK_BITS_SMALL: u32 = 8;
 
-/// The first of the top seven hash bits `hashbrown` keeps in a table's control bytes.
-const TAG_BITS_START: u32 = 57;
-
 /// A chunked copy-on-write hash map. See the module docs.
 pub struct CowMap<K, V> {
     chunks: Box<[Chunk<K, V>]>,
-    /// Where the chunk's bits start in the key's hash (see `chunk_index`).
+    /// `64 - log2(chunks)`: the chunk is the top bits of the mixed hash (see `chunk_index`).
     shift: u32,
     len: usize,
 }
@@ -96,7 +93,7 @@ impl<K: Hash + Eq + Clone, V: Clone> CowMap<K, V> {
         assert!((1..=16).contains(&chunk_bits), "chunk bits out of range");
         CowMap {
             chunks: (0..1usize << chunk_bits).map(|_| Chunk::default()).collect(),
-            shift: TAG_BITS_START - chunk_bits,
+            shift: 64 - chunk_bits,
             len: 0,
         }
     }
@@ -116,12 +113,19 @@ impl<K: Hash + Eq + Clone, V: Clone> CowMap<K, V> {
     }
 
     fn chunk_index<Q: Hash + ?Sized>(&self, key: &Q) -> usize {
-        // The chunk's own table hashes the key the same way and uses the low bits (the bucket)
-        // and the top seven (the control byte). The chunk takes the bits just below those
-        // seven, so keys in one chunk share none of the bits their table looks at; a chunk
-        // chosen by a mix of all bits made keys of one chunk cluster in its table.
-        let hash = FxBuildHasher.hash_one(key);
-        (hash >> self.shift) as usize & (self.chunks.len() - 1)
+        // The chunk's own table hashes the key the same way and uses its low bits (the bucket)
+        // and top seven (the control byte), so the chunk must not be those bits. Nor may it be
+        // a slice of the Fx hash: for the engine's keys (a user's routing hash, then a request
+        // counter shifted left) the middle bits depend on the user alone, which would put all
+        // of one user's records in one chunk. A full avalanche (MurmurHash3's finalizer) makes
+        // every bit of the chunk depend on every bit of the hash.
+        let mut hash = FxBuildHasher.hash_one(key);
+        hash ^= hash >> 33;
+        hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        hash ^= hash >> 33;
+        hash = hash.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        hash ^= hash >> 33;
+        (hash >> self.shift) as usize
     }
 
     /// The number of entries.
@@ -307,9 +311,10 @@ mod tests {
 
     #[test]
     fn keys_spread_over_every_chunk() {
-        let mut map: CowMap<u64, ()> = CowMap::new(8);
-        for key in 0..100_000u64 {
-            map.insert(key, ());
+        // Shaped as idempotency keys: 100 users' routing hashes, request IDs from a counter.
+        let mut map: CowMap<(u64, u128), ()> = CowMap::new(8);
+        for i in 0..100_000u64 {
+            map.insert(((i % 100).wrapping_mul(0x9e37_79b9_7f4a_7c15), u128::from(i) << 32), ());
         }
         let sizes: Vec<usize> = map.chunks.iter().map(|c| c.map().len()).collect();
         let (min, max) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());

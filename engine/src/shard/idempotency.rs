@@ -118,13 +118,16 @@ pub(crate) struct Idempotency {
 impl Idempotency {
     pub(crate) fn new(ttl_ms: i64, records_max: usize) -> Idempotency {
         assert!(records_max > 0);
-        // Sized for the cap from the start, the table chunk by chunk and the expiry queue as
-        // one ring: growing the queue moves every key at once, and growing chunks while
-        // replaying a long log costs recovery time. Untouched capacity costs address space,
-        // not memory.
-        let mut entries = CowMap::new(CHUNK_BITS_LARGE);
-        entries.reserve(records_max);
-        Idempotency { entries, expiry: VecDeque::with_capacity(records_max), ttl_ms, records_max }
+        // The table grows a chunk at a time (a thousand records moved, not a million), so it
+        // starts empty; a restore sizes it for the snapshot's records. The expiry queue is one
+        // ring, whose growth would move every key at once: it is sized for the cap from the
+        // start (untouched capacity costs address space, not memory).
+        Idempotency {
+            entries: CowMap::new(CHUNK_BITS_LARGE),
+            expiry: VecDeque::with_capacity(records_max),
+            ttl_ms,
+            records_max,
+        }
     }
 
     pub(crate) fn lookup(&self, key: &IdemKey, digest: u64) -> Seen {
@@ -164,6 +167,11 @@ impl Idempotency {
     /// Every record, frozen for a snapshot (in no order: the writer sorts them by expiry).
     pub(crate) fn freeze(&mut self) -> Frozen<IdemKey, Entry> {
         self.entries.freeze()
+    }
+
+    /// Makes room for `additional` records about to be restored.
+    pub(crate) fn reserve(&mut self, additional: usize) {
+        self.entries.reserve(additional);
     }
 
     /// Restores one record from a snapshot, in expiry order.

@@ -646,6 +646,7 @@ fn restore_idem_records(
     snap: &ArchivedSnapShard,
     idem: &mut Idempotency,
 ) -> Result<(), RecordError> {
+    idem.reserve(snap.idem.len());
     for i in snap.idem.iter() {
         let idem_state = restore_idem(i)?;
         idem.restore(
