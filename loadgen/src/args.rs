@@ -10,7 +10,7 @@ use settlegate_engine::limits::{
 };
 
 use crate::dataset::Sizes;
-use crate::driver::Plan;
+use crate::driver::{Pacing, Plan};
 use crate::mix::Mix;
 use crate::slo::Slo;
 use crate::units::parse_duration;
@@ -88,6 +88,11 @@ pub struct Args {
     /// (as fast as answers come) without it.
     #[arg(long)]
     pub rate: Option<f64>,
+    /// How the open loop waits for each request's due time: `timer` (tokio's millisecond
+    /// ticks, so the rate arrives in one burst per millisecond) or `spin` (yield until due:
+    /// evenly spaced sends, but loadgen keeps its core busy; pin it apart from the server).
+    #[arg(long, value_enum, default_value_t = Pacing::Timer, requires = "rate")]
+    pub pacing: Pacing,
     /// A request unanswered after this counts as a `timeout` error.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub timeout: Duration,
@@ -194,6 +199,7 @@ impl Args {
             warmup: self.warmup,
             duration: self.duration,
             rate_per_s: self.rate,
+            pacing: self.pacing,
             timeout: self.timeout,
             seed: self.seed,
             weights: if self.redis() { vec![1] } else { self.mix.weights() },

@@ -17,6 +17,16 @@
 //! due time wakes up to a millisecond late; that lateness is the load generator's, not the
 //! server's, and would otherwise put a floor of about 1 ms under every corrected percentile.
 //! Both histograms are recorded; the corrected one is the headline.
+//!
+//! # Pacing
+//!
+//! With [`Pacing::Timer`] (the default) every connection whose request falls due within the
+//! same millisecond wakes on the same timer tick, so the server receives the rate as one burst
+//! per millisecond, and requests late in a burst wait for the ones before them on both sides.
+//! [`Pacing::Spin`] instead yields to the runtime until the due time when it is less than
+//! [`SPIN_WITHIN`] away, so requests go out within microseconds of when they are due, evenly
+//! spread; it keeps the load generator's core busy, so give loadgen a core of its own
+//! (`taskset`) or it takes CPU from the server it measures.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,6 +41,41 @@ use crate::tally::{Outcome, Tally};
 
 /// After the measured window, a connection still behind schedule stops sending this late.
 const OVERRUN_MAX: Duration = Duration::from_millis(100);
+
+/// With [`Pacing::Spin`], a due time nearer than this is waited for by yielding, not by a timer.
+pub const SPIN_WITHIN: Duration = Duration::from_millis(2);
+
+/// How an open-loop connection waits for its next request's due time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Pacing {
+    /// Tokio's timer (millisecond ticks: the rate arrives in bursts, one per millisecond).
+    #[default]
+    Timer,
+    /// Yield until due (microsecond spacing, a busy core); see the module docs.
+    Spin,
+}
+
+impl Pacing {
+    /// The flag's value, as reports give it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Pacing::Timer => "timer",
+            Pacing::Spin => "spin",
+        }
+    }
+
+    /// Waits until `at` (already past: returns at once).
+    async fn until(self, at: Instant) {
+        match self {
+            Pacing::Spin if at.saturating_duration_since(Instant::now()) < SPIN_WITHIN => {
+                while Instant::now() < at {
+                    tokio::task::yield_now().await;
+                }
+            }
+            Pacing::Spin | Pacing::Timer => tokio::time::sleep_until(at).await,
+        }
+    }
+}
 
 /// What a workload does for one request. A slot is the state of one in-flight position of a
 /// connection (for authorize: the users it owns, so a device never has two requests in flight).
@@ -62,6 +107,8 @@ pub struct Plan {
     pub duration: Duration,
     /// Open loop at this many requests per second overall; closed loop when `None`.
     pub rate_per_s: Option<f64>,
+    /// How the open loop waits for due times.
+    pub pacing: Pacing,
     /// A request without an answer by then counts as a `timeout` error.
     pub timeout: Duration,
     /// Seed of the operation choice.
@@ -207,7 +254,7 @@ async fn connection<E: Execute>(
                 }
                 free.push(done.slot);
             }
-            () = tokio::time::sleep_until(timer.unwrap_or(now)), if timer.is_some() => {}
+            () = plan.pacing.until(timer.unwrap_or(now)), if timer.is_some() => {}
         }
     }
     if let Some(schedule) = schedule {
@@ -279,6 +326,7 @@ mod tests {
             warmup: Duration::from_millis(500),
             duration: Duration::from_secs(5),
             rate_per_s,
+            pacing: Pacing::Timer,
             timeout: Duration::from_secs(10),
             seed: 1,
             weights: vec![1],
@@ -321,6 +369,44 @@ mod tests {
         assert!((100..=115).contains(&late), "corrected: every request due in the stall: {late}");
         assert!(op.corrected_us.value_at_quantile(0.99) >= 900_000);
         assert!(op.corrected_us.max() >= 1_000_000);
+    }
+
+    /// Spin pacing (on the real clock: a paused clock never advances while a task spins)
+    /// sends every request of the schedule, and never one before it is due.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn spin_pacing_sends_the_whole_schedule_and_never_early() {
+        struct Recording(std::sync::Mutex<Vec<Instant>>);
+        impl Execute for Recording {
+            type Slot = ();
+            fn slot(&self, _connection: usize, _slot: usize) {}
+            fn execute<'a>(
+                &'a self,
+                _op: usize,
+                _slot: &'a mut (),
+            ) -> impl Future<Output = Outcome> + Send + 'a {
+                self.0.lock().expect("lock").push(Instant::now());
+                async { Outcome::Ok }
+            }
+        }
+        let rate = 2_000.0;
+        let plan = Arc::new(Plan {
+            warmup: Duration::from_millis(100),
+            duration: Duration::from_millis(400),
+            pacing: Pacing::Spin,
+            pipeline: 4,
+            ..(*plan(Some(rate))).clone()
+        });
+        let sends = Arc::new(Recording(std::sync::Mutex::new(Vec::new())));
+        let before = Instant::now();
+        let tally = drive(Arc::clone(&sends), plan, Arc::default()).await;
+        assert_eq!(tally.unsent, 0);
+        assert_eq!(tally.ops[0].corrected_us.len(), 800, "400 ms at 2,000/s");
+        let sends = sends.0.lock().expect("lock");
+        assert_eq!(sends.len(), 1_000, "warm-up and measured window");
+        for (k, sent) in sends.iter().enumerate() {
+            let due = Schedule::new(rate, 1, 0).due_after_start(k as u64);
+            assert!(sent.duration_since(before) >= due, "request {k} went out before it was due");
+        }
     }
 
     /// A closed loop cannot see the stall: it stops sending while it waits.

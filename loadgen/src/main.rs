@@ -4,13 +4,16 @@
 //! loadgen --embedded --users 1000 --connections 4 --pipeline 64 --duration 10s
 //! loadgen --target 127.0.0.1:7878 --mix authorize=70,list_means=20,ping=10 --json run.json
 //! loadgen --target 127.0.0.1:7878 --rate 40000 --slo authorize:p99=1ms --html run.html
+//! taskset -c 0 loadgen --target 127.0.0.1:7878 --rate 40000 --pacing spin
 //! loadgen redis --target 127.0.0.1:6379 --connections 50 --pipeline 16   # the baseline
 //! ```
 //!
 //! A run prepares its dataset first (providers, stores, users with device keys and means;
 //! never measured), then drives `--connections` connections with up to `--pipeline` requests
 //! in flight each: closed loop (as fast as answers come) or open loop at `--rate` requests/s
-//! with latency corrected for coordinated omission (see [`driver`]). Samples of the `--warmup`
+//! with latency corrected for coordinated omission (see [`driver`]; `--pacing spin` spaces
+//! the sends to the microsecond instead of the timer's millisecond bursts, for a loadgen
+//! pinned to its own core). Samples of the `--warmup`
 //! are discarded; `--duration` is measured. It prints a table per operation, can write JSON
 //! (`--json`) and a percentile plot (`--html`), and exits 1 when a `--slo` is missed (2 on
 //! an error).
@@ -119,6 +122,7 @@ fn settings(args: &Args, target: String) -> Settings {
         target,
         mix: if args.redis() { args::REDIS_OPERATION.to_owned() } else { args.mix.to_string() },
         rate_per_s: args.rate,
+        pacing: args.pacing,
         connections: args.connections,
         pipeline: args.pipeline,
         warmup_s: args.warmup.as_secs_f64(),

@@ -268,6 +268,7 @@ mod tests {
             warmup: Duration::ZERO,
             duration: Duration::from_millis(300),
             rate_per_s: Some(1_000.0),
+            pacing: crate::driver::Pacing::Spin,
             timeout: Duration::from_secs(5),
             seed: 1,
             weights: vec![1],

@@ -136,6 +136,8 @@ pub struct Settings {
     pub mix: String,
     /// Open loop at this rate; closed loop when `None`.
     pub rate_per_s: Option<f64>,
+    /// How the open loop waited for due times.
+    pub pacing: crate::driver::Pacing,
     #[allow(missing_docs)]
     pub connections: usize,
     #[allow(missing_docs)]
@@ -222,6 +224,7 @@ impl Summary {
             "settings": {
                 "target": s.target,
                 "mix": s.mix,
+                "pacing": if s.rate_per_s.is_some() { Some(s.pacing.label()) } else { None },
                 "connections": s.connections,
                 "pipeline": s.pipeline,
                 "duration_s": s.duration_s,
@@ -242,7 +245,11 @@ impl Summary {
         let s = &self.settings;
         let mut out = String::new();
         let mode = match s.rate_per_s {
-            Some(rate) => format!("open loop at {}/s", thousands(rate.round() as u64)),
+            Some(rate) => format!(
+                "open loop at {}/s ({} pacing)",
+                thousands(rate.round() as u64),
+                s.pacing.label()
+            ),
             None => "closed loop".to_owned(),
         };
         let _ = writeln!(
