@@ -294,12 +294,13 @@ mod tests {
     use super::*;
 
     /// A server answering every request after `service`, except request number `stall_at`,
-    /// which takes `stall`.
+    /// which takes `stall`. It notes when each request went out.
     struct Stalling {
         calls: AtomicU64,
         stall_at: u64,
         stall: Duration,
         service: Duration,
+        sends: std::sync::Mutex<Vec<Instant>>,
     }
 
     impl Execute for Stalling {
@@ -311,9 +312,12 @@ mod tests {
             _slot: &'a mut (),
         ) -> impl Future<Output = Outcome> + Send + 'a {
             let n = self.calls.fetch_add(1, Ordering::Relaxed);
+            self.sends.lock().expect("lock").push(Instant::now());
             let wait = if n == self.stall_at { self.stall } else { self.service };
             async move {
-                tokio::time::sleep(wait).await;
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
                 Outcome::Ok
             }
         }
@@ -333,13 +337,19 @@ mod tests {
         })
     }
 
-    fn stalling(stall_at: u64) -> Arc<Stalling> {
+    /// A server answering in `service`, except request `stall_at`, which takes `stall`.
+    fn server(service: Duration, stall_at: u64, stall: Duration) -> Arc<Stalling> {
         Arc::new(Stalling {
             calls: AtomicU64::new(0),
             stall_at,
-            stall: Duration::from_secs(1),
-            service: Duration::from_millis(1),
+            stall,
+            service,
+            sends: std::sync::Mutex::default(),
         })
+    }
+
+    fn stalling(stall_at: u64) -> Arc<Stalling> {
+        server(Duration::from_millis(1), stall_at, Duration::from_secs(1))
     }
 
     fn above(histogram: &hdrhistogram::Histogram<u64>, micros: u64) -> u64 {
@@ -375,19 +385,6 @@ mod tests {
     /// sends every request of the schedule, and never one before it is due.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn spin_pacing_sends_the_whole_schedule_and_never_early() {
-        struct Recording(std::sync::Mutex<Vec<Instant>>);
-        impl Execute for Recording {
-            type Slot = ();
-            fn slot(&self, _connection: usize, _slot: usize) {}
-            fn execute<'a>(
-                &'a self,
-                _op: usize,
-                _slot: &'a mut (),
-            ) -> impl Future<Output = Outcome> + Send + 'a {
-                self.0.lock().expect("lock").push(Instant::now());
-                async { Outcome::Ok }
-            }
-        }
         let rate = 2_000.0;
         let plan = Arc::new(Plan {
             warmup: Duration::from_millis(100),
@@ -396,12 +393,12 @@ mod tests {
             pipeline: 4,
             ..(*plan(Some(rate))).clone()
         });
-        let sends = Arc::new(Recording(std::sync::Mutex::new(Vec::new())));
+        let server = server(Duration::ZERO, u64::MAX, Duration::ZERO);
         let before = Instant::now();
-        let tally = drive(Arc::clone(&sends), plan, Arc::default()).await;
+        let tally = drive(Arc::clone(&server), plan, Arc::default()).await;
         assert_eq!(tally.unsent, 0);
         assert_eq!(tally.ops[0].corrected_us.len(), 800, "400 ms at 2,000/s");
-        let sends = sends.0.lock().expect("lock");
+        let sends = server.sends.lock().expect("lock");
         assert_eq!(sends.len(), 1_000, "warm-up and measured window");
         for (k, sent) in sends.iter().enumerate() {
             let due = Schedule::new(rate, 1, 0).due_after_start(k as u64);
@@ -423,12 +420,7 @@ mod tests {
     /// A server too slow for the rate leaves requests unsent at the end, and says so.
     #[tokio::test(start_paused = true)]
     async fn open_loop_counts_what_it_could_not_send() {
-        let slow = Arc::new(Stalling {
-            calls: AtomicU64::new(0),
-            stall_at: u64::MAX,
-            stall: Duration::ZERO,
-            service: Duration::from_millis(20),
-        });
+        let slow = server(Duration::from_millis(20), u64::MAX, Duration::ZERO);
         let tally = drive(slow, plan(Some(100.0)), Arc::default()).await;
         assert!(tally.unsent > 200, "{}", tally.unsent);
         assert!(tally.ops[0].corrected_us.value_at_quantile(0.5) > 1_000_000);
