@@ -169,15 +169,17 @@ impl Idempotency {
         self.entries.freeze()
     }
 
-    /// Makes room for `additional` records about to be restored.
-    pub(crate) fn reserve(&mut self, additional: usize) {
-        self.entries.reserve(additional);
-    }
-
-    /// Restores one record from a snapshot, in expiry order.
-    pub(crate) fn restore(&mut self, expires_ms: i64, key: IdemKey, digest: u64, state: IdemState) {
-        self.entries.insert(key, Entry { expires_ms, digest, state: Arc::new(state) });
-        self.expiry.push_back((expires_ms, key));
+    /// Restores a snapshot's records (expires at, key, digest, state), in expiry order.
+    pub(crate) fn restore(&mut self, records: Vec<(i64, IdemKey, u64, IdemState)>) {
+        self.expiry.extend(records.iter().map(|(expires_ms, key, _, _)| (*expires_ms, *key)));
+        self.entries.insert_in_bulk(
+            records
+                .into_iter()
+                .map(|(expires_ms, key, digest, state)| {
+                    (key, Entry { expires_ms, digest, state: Arc::new(state) })
+                })
+                .collect(),
+        );
     }
 
     /// Records still waiting for their provider's outcome.

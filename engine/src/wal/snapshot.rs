@@ -548,7 +548,7 @@ fn restore_users(
     shared: &Shared,
 ) -> Result<(), RecordError> {
     let vault = &shared.vault;
-    users.reserve(snap.users.len());
+    let mut restored = Vec::with_capacity(snap.users.len());
     let mut vault_checked = false;
     for snap_user in snap.users.iter() {
         let user_key = archived_user_in(&snap_user.user)?;
@@ -616,8 +616,9 @@ fn restore_users(
             failed_logins: snap_user.failed_logins.to_native(),
             locked_until_ms: snap_user.locked_until_ms.to_native(),
         };
-        users.insert(user_key, std::sync::Arc::new(user));
+        restored.push((user_key, std::sync::Arc::new(user)));
     }
+    users.insert_in_bulk(restored);
     for p in snap.wallet.iter() {
         let user = archived_user_in(&p.user)?;
         let means_id = p.means_id.to_native();
@@ -646,16 +647,16 @@ fn restore_idem_records(
     snap: &ArchivedSnapShard,
     idem: &mut Idempotency,
 ) -> Result<(), RecordError> {
-    idem.reserve(snap.idem.len());
+    let mut records = Vec::with_capacity(snap.idem.len());
     for i in snap.idem.iter() {
-        let idem_state = restore_idem(i)?;
-        idem.restore(
+        records.push((
             i.expires_ms.to_native(),
             (i.owner_hash.to_native(), i.client_request_id.to_native()),
             i.digest.to_native(),
-            idem_state,
-        );
+            restore_idem(i)?,
+        ));
     }
+    idem.restore(records);
     Ok(())
 }
 
@@ -666,7 +667,7 @@ fn restore_codes(
     coupons: &mut CowMap<u64, CouponRecord>,
 ) -> Result<(), RecordError> {
     // Codes come in issue-number order: their expiry index is built in bulk.
-    codes_out.reserve(snap.codes.len());
+    let mut codes = Vec::with_capacity(snap.codes.len());
     let mut expiry = Vec::new();
     for c in snap.codes.iter() {
         let number = c.number.to_native();
@@ -689,7 +690,7 @@ fn restore_codes(
         if record_state == CodeState::Issued {
             expiry.push((c.expires_ms.to_native(), number));
         }
-        codes_out.insert(
+        codes.push((
             number,
             std::sync::Arc::new(CodeRecord {
                 user: archived_user_in(&c.user)?,
@@ -703,8 +704,9 @@ fn restore_codes(
                 deliver_to: c.deliver_to,
                 state: record_state,
             }),
-        );
+        ));
     }
+    codes_out.insert_in_bulk(codes);
     // A fresh state: collecting builds the tree in bulk, much faster than inserting.
     *expiry_out = expiry.into_iter().collect();
     for c in snap.coupons.iter() {
