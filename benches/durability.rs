@@ -136,10 +136,7 @@ impl RecoveryDir {
 /// Writes `users` users, each enrolled with a card and holding one issued payment code.
 fn write_data_set(runtime: &tokio::runtime::Runtime, dir: &std::path::Path, users: usize) {
     // The engine reports each snapshot's capture (the shard's pause) at info level.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("settlegate_engine=info")
-        .with_writer(std::io::stderr)
-        .try_init();
+    log_engine_info();
     let setup = Instant::now();
     let bench = common::Bench::with_config(runtime, users, durable(dir, FsyncPolicy::Off));
     // One payment code per user (issued, so held): the other half of the data set.
@@ -162,6 +159,14 @@ fn write_data_set(runtime: &tokio::runtime::Runtime, dir: &std::path::Path, user
     bench.engine.shutdown();
     drop(bench);
     eprintln!("recovery/{users}: data directory written in {:?}", setup.elapsed());
+}
+
+/// Shows the engine's info lines (snapshot pauses, recovery times) on stderr.
+fn log_engine_info() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("settlegate_engine=info")
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// Environment variable that makes this binary recover one data directory and report the time.
@@ -188,10 +193,7 @@ fn main() {
     if let Some(dir) = std::env::var_os(RECOVER_ONCE) {
         // The engine's `recovered` line (snapshot load and replay times) goes to stderr, which
         // the parent shows only if the child fails; run the child by hand to read it.
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter("settlegate_engine=info")
-            .with_writer(std::io::stderr)
-            .try_init();
+        log_engine_info();
         let started = Instant::now();
         let engine =
             Engine::start(durable(std::path::Path::new(&dir), FsyncPolicy::Off)).expect("recovers");

@@ -175,11 +175,7 @@ async fn secrets_never_reach_debug_output() {
 async fn rotated_key_keeps_working_until_the_grace_window_ends() {
     let h = Harness::new();
     let frank = h.user("frank").await;
-    let rotated = h
-        .engine
-        .rotate_device_key(request_id(), &frank.user, PASSWORD, frank.credential.card_idm)
-        .await
-        .unwrap();
+    let rotated = h.rotate_key(&frank).await;
     assert_eq!(rotated.key_version, 2);
     // The old key (version 1) still verifies inside the grace window.
     let old = frank.signed(h.engine.now_ms(), 500, PROVIDER_OK, "T-1");

@@ -323,11 +323,7 @@ async fn a_rotated_key_and_its_grace_window_survive_a_snapshot() {
     let dir = tempfile::tempdir().unwrap();
     let h = Harness::with_config(snapshotting_config(dir.path()));
     let rita = h.user("rita").await;
-    let rotated = h
-        .engine
-        .rotate_device_key(request_id(), &rita.user, PASSWORD, rita.credential.card_idm)
-        .await
-        .unwrap();
+    let rotated = h.rotate_key(&rita).await;
     with_more_records(&h).await;
     h.engine.shutdown();
     drop(h);

@@ -9,10 +9,9 @@
 //! the changes that need it, instead of all at once by a stopped shard. Keep values cheap to
 //! clone (an `Arc` for anything large): a chunk's copy clones its values.
 //!
-//! An owned chunk is written in place, with no atomic operation: a reference count checked on
-//! every write (`Arc::make_mut`) is a locked instruction that stops the processor from
-//! overlapping one request's cache misses with the next one's, which cost a third more per
-//! request on the shard's tables.
+//! An owned chunk is written in place, with no atomic operation: checking a reference count on
+//! every write (`Arc::make_mut`, a locked instruction) cost the in-process authorize path
+//! 6–13%.
 //!
 //! Why not a persistent map (a hash array mapped trie, as `imbl` has)? Its clone is O(1) as
 //! well, but a lookup among a million entries walks four or five nodes, each a dependent cache
@@ -28,9 +27,8 @@ use rustc_hash::{FxBuildHasher, FxHashMap};
 
 /// Chunk bits for a map that reaches a million entries per shard (users, codes, idempotency
 /// records, stores): 1,024 chunks, so a write after a snapshot copies a chunk of about a
-/// thousand entries (tens of microseconds), and the chunk array (40 KiB) stays in the core's
-/// cache. 4,096 chunks made each request slower (the array fell out of cache under the tables'
-/// own misses); 256 make each chunk's copy four times longer.
+/// thousand entries (tens of microseconds). 4,096 chunks measured slower per request in
+/// `benches/maps.rs`; 256 make each chunk's copy four times longer.
 pub const CHUNK_BITS_LARGE: u32 = 10;
 
 /// Chunk bits for a map that stays smaller (age registrations, coupons).

@@ -73,31 +73,33 @@ impl KeySlot {
         KeySlot { version, open: OnceLock::new(), sealed: Some(Arc::clone(sealed)) }
     }
 
-    /// The HMAC state, opening the sealed key on first use.
+    /// The HMAC state, opening the sealed key on first use (a key that does not open is
+    /// reported once, when first tried).
     fn mac(&self, vault: &Vault, idm: &Idm) -> Option<&Hmac<Sha256>> {
-        let open = self.open.get_or_init(|| {
-            let sealed = self.sealed.as_ref()?;
-            let key = open_device_key(vault, sealed, idm)?;
-            let mac = Hmac::<Sha256>::new_from_slice(key.expose()).expect("HMAC takes any key");
-            Some(Box::new(mac))
-        });
-        match open {
-            Some(mac) => Some(mac),
-            None => {
-                tracing::error!("a device key from the snapshot does not open under the vault key");
-                None
-            }
-        }
+        self.open
+            .get_or_init(|| {
+                let key =
+                    self.sealed.as_ref().and_then(|sealed| open_device_key(vault, sealed, idm));
+                if key.is_none() {
+                    tracing::error!(
+                        "a device key from the snapshot does not open under the vault key"
+                    );
+                }
+                let mac =
+                    Hmac::<Sha256>::new_from_slice(key?.expose()).expect("HMAC takes any key");
+                Some(Box::new(mac))
+            })
+            .as_deref()
     }
 }
 
-/// Opens a device key sealed to its card IDm.
+/// Opens a device key sealed to `aad` (a device's card IDm, or an enrollment record's key).
 pub(crate) fn open_device_key(
     vault: &Vault,
     sealed: &SealedNumber,
-    idm: &Idm,
+    aad: &[u8],
 ) -> Option<DeviceKey> {
-    let plain = vault.open(sealed, idm)?;
+    let plain = vault.open(sealed, aad)?;
     let bytes: [u8; 32] = plain.as_slice().try_into().ok()?;
     Some(DeviceKey::from_bytes(bytes))
 }

@@ -122,6 +122,14 @@ impl Harness {
         TestUser { user, credential, counter: AtomicU64::new(1) }
     }
 
+    /// Rotates the key of `user`'s enrolled device; returns the new key.
+    pub async fn rotate_key(&self, user: &TestUser) -> DeviceCredential {
+        self.engine
+            .rotate_device_key(request_id(), &user.user, PASSWORD, user.credential.card_idm)
+            .await
+            .expect("rotate")
+    }
+
     pub async fn authorize(&self, bytes: Vec<u8>) -> AuthOutcome {
         self.engine
             .authorize(AuthorizeRequest { client_request_id: request_id(), inherent_id: bytes })

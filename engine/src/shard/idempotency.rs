@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use super::state::Reply;
 use crate::cow::{CowMap, Frozen, CHUNK_BITS_LARGE};
-use crate::keys::DeviceKey;
+use crate::keys::{open_device_key, DeviceKey};
 use crate::types::{ClientRequestId, ReasonCode};
 use crate::vault::{SealedNumber, Vault};
 
@@ -56,14 +56,8 @@ impl IdemState {
             IdemState::Pending { .. } => Reply::InFlight,
             IdemState::Done(reply) => reply.clone(),
             IdemState::SealedKey { key_version, sealed } => {
-                let opened = vault
-                    .open(sealed, &idem_aad(key))
-                    .and_then(|plain| <[u8; 32]>::try_from(plain.as_slice()).ok());
-                match opened {
-                    Some(bytes) => Reply::KeyIssued {
-                        key_version: *key_version,
-                        key: DeviceKey::from_bytes(bytes),
-                    },
+                match open_device_key(vault, sealed, &idem_aad(key)) {
+                    Some(key) => Reply::KeyIssued { key_version: *key_version, key },
                     None => {
                         tracing::error!("the sealed key of an enrollment record does not open");
                         Reply::Refused(ReasonCode::IdempotencyConflict)

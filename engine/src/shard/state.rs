@@ -78,14 +78,35 @@ pub(crate) struct NewMeans {
     pub(crate) sealed: Option<(CardToken, [u8; 4], SealedNumber)>,
 }
 
+/// A card number as a means keeps it: its token, last four digits, and the number as the vault
+/// sealed it (shared with the vault, so a snapshot reads it from the shard's own state).
+#[derive(Debug, Clone)]
+pub(crate) struct StoredNumber {
+    pub(crate) token: CardToken,
+    pub(crate) last4: [u8; 4],
+    pub(crate) sealed: Arc<SealedNumber>,
+}
+
+impl StoredNumber {
+    /// Keeps a sealed number, registering it with the vault (which opens it for adapters).
+    pub(crate) fn kept(
+        vault: &Vault,
+        token: CardToken,
+        last4: [u8; 4],
+        sealed: SealedNumber,
+    ) -> StoredNumber {
+        let sealed = Arc::new(sealed);
+        vault.store(token, Arc::clone(&sealed));
+        StoredNumber { token, last4, sealed }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct StoredMeans {
     pub(crate) means_id: u32,
     pub(crate) kind: MeansKind,
     pub(crate) label: String,
-    pub(crate) number: Option<(CardToken, [u8; 4])>,
-    /// The number as the vault sealed it (shared with the vault), for snapshots.
-    pub(crate) sealed_number: Option<Arc<SealedNumber>>,
+    pub(crate) number: Option<StoredNumber>,
     pub(crate) uses: u64,
     pub(crate) last_used_ms: Option<i64>,
     pub(crate) registered_ms: i64,
@@ -732,19 +753,15 @@ impl ShardState {
         }
         let means_id = account.next_means_id;
         account.next_means_id += 1;
-        let mut sealed_number = None;
         let number = means.sealed.map(|(token, last4, sealed)| {
-            let sealed = Arc::new(sealed);
-            self.shared.vault.store(token, Arc::clone(&sealed));
-            sealed_number = Some(sealed);
-            (token, last4)
+            StoredNumber::kept(&self.shared.vault, token, last4, sealed)
         });
+        let last4 = number.as_ref().map(|n| n.last4);
         account.means.push(StoredMeans {
             means_id,
             kind: means.kind,
             label: means.label,
             number,
-            sealed_number,
             uses: 0,
             last_used_ms: None,
             registered_ms: now_ms,
@@ -753,7 +770,7 @@ impl ShardState {
         if make_default || account.default_means.is_none() {
             account.default_means = Some(means_id);
         }
-        Reply::MeansAdded { means_id, last4: number.map(|(_, last4)| last4) }
+        Reply::MeansAdded { means_id, last4 }
     }
 
     fn set_default_means(&mut self, user: &UserKey, means_id: u32) -> Reply {
@@ -855,7 +872,7 @@ impl ShardState {
             .map_or(0, |service| service.discount.discount_minor(amount_minor, record.currency));
         assert!(discount_minor <= amount_minor, "discount above amount");
         let kind = means.kind;
-        let card_token = means.number.map(|(token, _)| token);
+        let card_token = means.number.as_ref().map(|n| n.token);
         if let Some(purse) = &mut account.means[means_index].purse {
             // Stored value: the payment's amount is held until its provider answers.
             let final_minor = amount_minor - discount_minor;
@@ -1303,8 +1320,8 @@ fn means_views(account: &User, now_ms: i64) -> Vec<MeansView> {
             means_id: m.means_id,
             kind: m.kind,
             label: m.label.clone(),
-            last4: m.number.map(|(_, last4)| String::from_utf8_lossy(&last4).into_owned()),
-            token: m.number.map(|(token, _)| token),
+            last4: m.number.as_ref().map(|n| String::from_utf8_lossy(&n.last4).into_owned()),
+            token: m.number.as_ref().map(|n| n.token),
             is_default: account.default_means == Some(m.means_id),
             uses: m.uses,
             last_used_ms: m.last_used_ms,

@@ -32,7 +32,7 @@ use crate::shard::idempotency::{
 use crate::shard::replay::ReplayWindow;
 use crate::shard::state::{
     Balance, CodeRecord, CodeState, CouponRecord, Device, IssuedCode, IssuedCoupon, Purse,
-    PurseHold, Redemption, Reply, ShardState, Shared, StoredMeans, User,
+    PurseHold, Redemption, Reply, ShardState, Shared, StoredMeans, StoredNumber, User,
 };
 use crate::types::AuthCode;
 use crate::types::Idm;
@@ -299,8 +299,8 @@ struct SnapProvider {
 
 impl SnapShard {
     /// Puts every list in a fixed order (users and balances by user ID, stores by the time
-    /// they changed, registrations by IDm, coupons by number), so that the same state always
-    /// encodes to the same bytes. Runs on the writer's thread, not the shard's.
+    /// they changed, registrations by IDm, coupons and codes by number, idempotency records by
+    /// expiry), since the maps they come from have none. Runs on the writer's thread.
     pub(crate) fn sort(&mut self) {
         self.users.sort_by(|a, b| (a.user.id_type, &a.user.id).cmp(&(b.user.id_type, &b.user.id)));
         self.age.registrations.sort_by_key(|r| r.idm);
@@ -313,11 +313,11 @@ impl SnapShard {
 }
 
 /// A shard's state as its writer needs it for a snapshot, taken on the shard's thread between
-/// two batches. Users, idempotency records and payment codes are taken by reference count: a
-/// change the shard makes afterwards copies the one record it changes (`Arc::make_mut`, or a
-/// new record), so the shard pauses only to count references, and the writer's thread does the
-/// copying and encoding. The rest (coupons, stores, age registrations and policies, terminals)
-/// is small and copied here.
+/// two batches. Every map of shard state is frozen ([`CowMap::freeze`]: a reference per chunk,
+/// whatever the map holds), so the shard pauses for microseconds and a change it makes
+/// afterwards copies only the chunk it touches; the writer's thread builds, sorts and encodes
+/// the archive. Only the providers' terminal lists and age policies (held by the shared
+/// registry, small) are copied here.
 pub(crate) struct Capture {
     users: Frozen<UserKey, std::sync::Arc<User>>,
     idem: Frozen<IdemKey, IdemEntry>,
@@ -430,8 +430,7 @@ impl Capture {
         rest.users = users.iter().map(|(key, user)| capture_user(key, user)).collect();
         rest.codes = codes
             .iter()
-            .map(|(number, c)| {
-                let number = *number;
+            .map(|(&number, c)| {
                 let (state_byte, redemption) = match &c.state {
                     CodeState::Issued => (0, None),
                     CodeState::Redeemed(r) => (1, Some(SnapRedemption::from(&**r))),
@@ -588,19 +587,19 @@ fn restore_users(
         }
         let mut means = Vec::with_capacity(snap_user.means.len());
         for m in snap_user.means.iter() {
-            let mut sealed_number = None;
             let number = m.number.as_ref().map(|n| {
-                let sealed = std::sync::Arc::new(archived_sealed_in(&n.sealed));
-                vault.store(CardToken(n.token), std::sync::Arc::clone(&sealed));
-                sealed_number = Some(sealed);
-                (CardToken(n.token), n.last4)
+                StoredNumber::kept(
+                    vault,
+                    CardToken(n.token),
+                    n.last4,
+                    archived_sealed_in(&n.sealed),
+                )
             });
             means.push(StoredMeans {
                 means_id: m.means_id.to_native(),
                 kind: MeansKind::from_u8(m.kind).ok_or(RecordError("means kind"))?,
                 label: m.label.as_str().to_owned(),
                 number,
-                sealed_number,
                 uses: m.uses.to_native(),
                 last_used_ms: m.last_used_ms.as_ref().map(|t| t.to_native()),
                 registered_ms: m.registered_ms.to_native(),
@@ -784,8 +783,10 @@ fn capture_user(key: &UserKey, user: &User) -> SnapUser {
             means_id: m.means_id,
             kind: m.kind as u8,
             label: m.label.clone(),
-            number: m.number.zip(m.sealed_number.as_ref()).map(|((token, last4), sealed)| {
-                LogNumber { token: token.0, last4, sealed: sealed_out(sealed) }
+            number: m.number.as_ref().map(|n| LogNumber {
+                token: n.token.0,
+                last4: n.last4,
+                sealed: sealed_out(&n.sealed),
             }),
             uses: m.uses,
             last_used_ms: m.last_used_ms,
