@@ -33,8 +33,24 @@ fn start_error(config: settlegate_engine::EngineConfig) -> String {
 
 #[tokio::test]
 async fn everything_acknowledged_survives_a_restart() {
+    everything_acknowledged_survives_a_restart_with(0).await;
+}
+
+/// The same, with a provider that answers later: the payment's completion comes back from the
+/// caller as its own command instead of being recorded in the reserving step.
+#[tokio::test]
+async fn everything_acknowledged_survives_a_restart_when_the_provider_answers_later() {
+    everything_acknowledged_survives_a_restart_with(300).await;
+}
+
+async fn everything_acknowledged_survives_a_restart_with(provider_latency_us: u64) {
     let dir = tempfile::tempdir().unwrap();
-    let h = restart(dir.path());
+    let durable = |dir: &Path| {
+        let mut config = config_answering_after(provider_latency_us);
+        config.durability = durable_config(dir).durability;
+        Harness::with_config(config)
+    };
+    let h = durable(dir.path());
     let alice = h.user("alice").await;
     let terminal = TerminalEntry { terminal_id: "KEEP-1".into(), service: None };
     h.engine.register_terminals(request_id(), PROVIDER_OK, vec![terminal]).await.unwrap();
@@ -48,7 +64,7 @@ async fn everything_acknowledged_survives_a_restart() {
     h.engine.shutdown();
     drop(h);
 
-    let h = restart(dir.path());
+    let h = durable(dir.path());
     // Accounts, means (with usage) and the password.
     h.engine.login(&alice.user, PASSWORD).await.unwrap();
     assert_eq!(

@@ -195,8 +195,10 @@ fn same(engine: &AuthOutcome, model: &AuthOutcome) -> bool {
     }
 }
 
-async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
-    let h = Harness::new();
+/// `provider_latency_us`: 0 has the shard complete each payment at once; more takes the path
+/// through the caller and the provider's future (both must agree with the model).
+async fn run(ops: Vec<Op>, provider_latency_us: u64) -> Result<(), TestCaseError> {
+    let h = Harness::with_config(config_answering_after(provider_latency_us));
     let config = h.engine.config().clone();
     let mut model = Model {
         users: (0..USERS).map(|_| ModelUser::default()).collect(),
@@ -360,8 +362,11 @@ proptest! {
     })]
 
     #[test]
-    fn engine_matches_reference_model(ops in prop::collection::vec(op(), 1..60)) {
+    fn engine_matches_reference_model(
+        ops in prop::collection::vec(op(), 1..60),
+        provider_latency_us in prop_oneof![Just(0u64), Just(200u64)],
+    ) {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        runtime.block_on(run(ops))?;
+        runtime.block_on(run(ops, provider_latency_us))?;
     }
 }

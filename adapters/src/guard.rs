@@ -52,6 +52,15 @@ impl Guarded {
         self.adapter.name()
     }
 
+    /// The adapter's immediate answer, if it decides in process
+    /// ([`ProviderAdapter::decide_now`]). No permit is taken: nothing stays in flight.
+    pub fn decide_now(
+        &self,
+        request: &AuthorizationRequest,
+    ) -> Option<Result<ProviderReply, AdapterError>> {
+        self.adapter.decide_now(request)
+    }
+
     /// Dispatches `request`, waiting for a permit and the answer no later than `deadline`.
     pub async fn authorize(
         &self,

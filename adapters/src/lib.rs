@@ -49,6 +49,18 @@ pub trait ProviderAdapter: Send + Sync + 'static {
         &self,
         request: AuthorizationRequest,
     ) -> BoxFuture<'static, Result<ProviderReply, AdapterError>>;
+
+    /// Answers at once, when this adapter decides in process with no I/O and no waiting (the
+    /// zero-latency simulator); `None` otherwise (the default), and the engine calls
+    /// [`authorize`](ProviderAdapter::authorize). An answer here must be the one `authorize`
+    /// would have given: the engine then records the outcome in the same shard step as the
+    /// reservation, without a trip back through the caller.
+    fn decide_now(
+        &self,
+        _request: &AuthorizationRequest,
+    ) -> Option<Result<ProviderReply, AdapterError>> {
+        None
+    }
 }
 
 /// Which adapter serves a provider, as written in the engine's TOML config

@@ -110,6 +110,14 @@ impl ProviderAdapter for Simulated {
         &self.name
     }
 
+    fn decide_now(
+        &self,
+        request: &AuthorizationRequest,
+    ) -> Option<Result<ProviderReply, AdapterError>> {
+        // Only with no latency configured: a latency is what a test or bench wants to see.
+        (self.config.latency_us_max == 0).then(|| self.decide(request).1)
+    }
+
     fn authorize(
         &self,
         request: AuthorizationRequest,
@@ -180,6 +188,20 @@ mod tests {
             sim.decide(&request(1, 1_001)).1,
             Ok(ProviderReply::Declined { reason: DeclineReason::InsufficientFunds })
         );
+    }
+
+    #[test]
+    fn answers_at_once_exactly_as_authorize_would_and_only_without_latency() {
+        let config =
+            SimulatedConfig { seed: 3, decline_rate: 0.3, failure_rate: 0.1, ..Default::default() };
+        let sim = Simulated::new(config.clone()).unwrap();
+        for i in 0..100 {
+            let now = sim.decide_now(&request(i, 100)).expect("zero latency answers at once");
+            let later = futures::executor::block_on(sim.authorize(request(i, 100)));
+            assert_eq!(now, later, "dispatch {i}");
+        }
+        let slow = Simulated::new(SimulatedConfig { latency_us_max: 10, ..config }).unwrap();
+        assert_eq!(slow.decide_now(&request(1, 100)), None);
     }
 
     #[test]

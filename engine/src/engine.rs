@@ -12,7 +12,6 @@ use actix::dev::SendError;
 use actix::Addr;
 use futures::future::join_all;
 use rustc_hash::FxHasher;
-use settlegate_adapters::{AdapterError, AuthorizationRequest, DeclineReason, ProviderReply};
 use tokio::sync::{broadcast, oneshot};
 use tokio::time::Instant;
 
@@ -39,7 +38,7 @@ use crate::shard::state::{
 };
 use crate::shard::{Batch, Command, Envelope, Op, Query, Reply, Shard, Sizes};
 use crate::startup::{build_registry, recover_shards, start_shards, stop_runtime, ActorRuntime};
-use crate::types::{Approval, AuthOutcome, ClientRequestId, Currency, Idm, ReasonCode, UserKey};
+use crate::types::{AuthOutcome, ClientRequestId, Currency, Idm, ReasonCode, UserKey};
 use crate::vault::Vault;
 
 /// A settlement request: the signed inherent ID exactly as the user terminal built it.
@@ -1230,7 +1229,7 @@ impl Engine {
                 }
             }
         }
-        let dispatches = self.reserve(per_shard, &mut results).await;
+        let dispatches = self.reserve(per_shard, now_ms, &mut results).await;
         self.dispatch_all(dispatches, deadline, &mut results).await;
         results.into_iter().map(|r| r.expect("every request has a result")).collect()
     }
@@ -1255,10 +1254,12 @@ impl Engine {
         (ids, verified)
     }
 
-    /// Sends each shard its reservations and collects declines and work for providers.
+    /// Sends each shard its reservations and collects declines, outcomes the shard could
+    /// decide at once (`now_ms` is theirs), and work for providers.
     async fn reserve(
         &self,
         per_shard: Vec<(Vec<usize>, Vec<Op>)>,
+        now_ms: i64,
         results: &mut [Option<Result<BasketOutcome, EngineError>>],
     ) -> Vec<(usize, Box<Dispatch>)> {
         let mut pending = Vec::new();
@@ -1282,6 +1283,9 @@ impl Engine {
                     Reply::Dispatch(dispatch) => {
                         dispatches.push((index, dispatch));
                         continue;
+                    }
+                    Reply::Decided(dispatch, outcome) => {
+                        Ok(self.publish_outcome(*dispatch, outcome, now_ms))
                     }
                     Reply::Auth(outcome) => Ok(BasketOutcome { outcome, verdict: None }),
                     Reply::BasketAuth(outcome, verdict) => {
@@ -1311,19 +1315,8 @@ impl Engine {
         let now_ms = self.now_ms();
         let mut completions: Vec<Vec<Op>> = (0..self.shard_count()).map(|_| Vec::new()).collect();
         for ((_, dispatch), outcome) in dispatches.iter().zip(&outcomes) {
-            completions[self.shard_of(dispatch.key.0)].push(Op::Apply(Envelope {
-                owner_hash: dispatch.key.0,
-                client_request_id: None,
-                digest: 0,
-                now_ms,
-                command: Command::AuthComplete {
-                    key: dispatch.key,
-                    user: dispatch.user.clone(),
-                    means_id: dispatch.means_id,
-                    outcome: *outcome,
-                    verdict: dispatch.verdict.clone(),
-                },
-            }));
+            completions[self.shard_of(dispatch.key.0)]
+                .push(Op::Apply(dispatch.completion(*outcome, now_ms)));
         }
         // Completions are never refused as busy: dropping one would lose an outcome.
         let receivers: Vec<_> = completions
@@ -1339,16 +1332,25 @@ impl Engine {
                 results[index] = Some(Err(EngineError::Stopped));
                 continue;
             }
-            let verdict = dispatch.verdict.map(|v| *v);
-            results[index] = Some(Ok(BasketOutcome { outcome, verdict }));
-            self.inner.notices.publish(Notice {
-                user: dispatch.user,
-                client_request_id: dispatch.key.1,
-                terminal_id: dispatch.terminal_id,
-                outcome,
-                at_ms: now_ms,
-            });
+            results[index] = Some(Ok(self.publish_outcome(*dispatch, outcome, now_ms)));
         }
+    }
+
+    /// Publishes a recorded payment's notice and returns its outcome for the caller.
+    fn publish_outcome(
+        &self,
+        dispatch: Dispatch,
+        outcome: AuthOutcome,
+        now_ms: i64,
+    ) -> BasketOutcome {
+        self.inner.notices.publish(Notice {
+            user: dispatch.user,
+            client_request_id: dispatch.key.1,
+            terminal_id: dispatch.terminal_id,
+            outcome,
+            at_ms: now_ms,
+        });
+        BasketOutcome { outcome, verdict: dispatch.verdict.map(|v| *v) }
     }
 
     async fn call_provider(&self, dispatch: &Dispatch, deadline: Instant) -> AuthOutcome {
@@ -1356,29 +1358,7 @@ impl Engine {
             .registry()
             .provider(dispatch.provider_code)
             .expect("shard checked the provider; the provider set is fixed");
-        let amount_final_minor = dispatch.amount_requested_minor - dispatch.discount_minor;
-        let request = AuthorizationRequest {
-            dispatch_id: dispatch.dispatch_id,
-            provider_code: dispatch.provider_code,
-            means: dispatch.means,
-            card_token: dispatch.card_token,
-            terminal_id: dispatch.terminal_id.clone(),
-            amount_minor: amount_final_minor,
-            currency: dispatch.currency,
-        };
-        match provider.adapter.authorize(request, deadline).await {
-            Ok(ProviderReply::Approved { auth_code }) => AuthOutcome::Approved(Approval {
-                auth_code,
-                provider_code: dispatch.provider_code,
-                amount_requested_minor: dispatch.amount_requested_minor,
-                discount_minor: dispatch.discount_minor,
-                amount_final_minor,
-                currency: dispatch.currency,
-            }),
-            Ok(ProviderReply::Declined { reason }) => AuthOutcome::Declined(decline_reason(reason)),
-            Err(AdapterError::Timeout) => AuthOutcome::Declined(ReasonCode::ProviderTimeout),
-            Err(_) => AuthOutcome::Declined(ReasonCode::ProviderUnavailable),
-        }
+        dispatch.outcome_of(provider.adapter.authorize(dispatch.provider_request(), deadline).await)
     }
 
     // ---- routing ------------------------------------------------------------------------
@@ -1515,15 +1495,6 @@ fn credential_from(reply: Reply, card_idm: Idm) -> Result<DeviceCredential, Engi
             Ok(DeviceCredential { card_idm, key_version, device_key: key })
         }
         other => Err(unexpected(other)),
-    }
-}
-
-fn decline_reason(reason: DeclineReason) -> ReasonCode {
-    match reason {
-        DeclineReason::InsufficientFunds => ReasonCode::ProviderInsufficientFunds,
-        DeclineReason::DoNotHonor => ReasonCode::ProviderDoNotHonor,
-        DeclineReason::LimitExceeded => ReasonCode::ProviderLimitExceeded,
-        DeclineReason::InvalidAccount => ReasonCode::ProviderInvalidAccount,
     }
 }
 

@@ -56,6 +56,13 @@ fn simulated(seed: u64, decline_rate: f64, latency_us: u64) -> AdapterConfig {
 
 /// The test config: cheap Argon2 (tests only), small mailboxes, three providers.
 pub fn config() -> EngineConfig {
+    config_answering_after(0)
+}
+
+/// [`config`], with the approving and declining providers answering after `latency_us`: 0
+/// answers at once, so the shard completes each payment in the step that reserves it; more
+/// sends each payment back through the caller to its provider and into the shard again.
+pub fn config_answering_after(latency_us: u64) -> EngineConfig {
     EngineConfig {
         shards: 2,
         mailbox_capacity: 4,
@@ -65,14 +72,14 @@ pub fn config() -> EngineConfig {
             ProviderConfig {
                 code: PROVIDER_OK,
                 name: "ok".into(),
-                adapter: simulated(1, 0.0, 0),
+                adapter: simulated(1, 0.0, latency_us),
                 limits: GuardConfig::default(),
                 terminals: Vec::new(),
             },
             ProviderConfig {
                 code: PROVIDER_DECLINE,
                 name: "decline".into(),
-                adapter: simulated(2, 1.0, 0),
+                adapter: simulated(2, 1.0, latency_us),
                 limits: GuardConfig::default(),
                 terminals: Vec::new(),
             },

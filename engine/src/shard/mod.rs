@@ -28,7 +28,7 @@ pub(crate) struct ShardWal {
     pub(crate) snapshot_every: u64,
 }
 
-pub(crate) use state::{Command, Envelope, Query, Reply, ShardState};
+pub(crate) use state::{Command, Dispatch, Envelope, Query, Reply, ShardState};
 
 /// One unit of shard work.
 #[derive(Debug)]
@@ -69,6 +69,34 @@ impl Actor for Shard {
     }
 }
 
+impl Shard {
+    /// Applies one command, first encoding its log record when the shard has a log.
+    fn apply(&mut self, envelope: Envelope, records: &mut Vec<rkyv::util::AlignedVec>) -> Reply {
+        if self.wal.is_some() {
+            records.push(LogEnvelope::from_envelope(&envelope, self.state.vault()).to_bytes());
+        }
+        self.state.apply(envelope)
+    }
+
+    /// A payment whose provider answers at once (an adapter that decides in process, such as
+    /// the zero-latency simulator) is completed here, in the same step as its reservation: no
+    /// trip back to the caller and into this shard again. Both commands are logged, in order,
+    /// as if the caller had sent the completion. Any other dispatch goes back to the caller.
+    fn decide_now(
+        &mut self,
+        dispatch: Box<Dispatch>,
+        now_ms: i64,
+        records: &mut Vec<rkyv::util::AlignedVec>,
+    ) -> Reply {
+        let provider = self.state.shared.registry.provider(dispatch.provider_code);
+        let answer = provider.and_then(|p| p.adapter.decide_now(&dispatch.provider_request()));
+        let Some(answer) = answer else { return Reply::Dispatch(dispatch) };
+        let outcome = dispatch.outcome_of(answer);
+        self.apply(dispatch.completion(outcome, now_ms), records);
+        Reply::Decided(dispatch, outcome)
+    }
+}
+
 impl Handler<Batch> for Shard {
     type Result = ();
 
@@ -79,11 +107,14 @@ impl Handler<Batch> for Shard {
             .into_iter()
             .map(|op| match op {
                 Op::Apply(envelope) => {
-                    if self.wal.is_some() {
-                        let record = LogEnvelope::from_envelope(&envelope, self.state.vault());
-                        records.push(record.to_bytes());
+                    let now_ms = envelope.now_ms;
+                    let payment = matches!(envelope.command, Command::AuthReserve { .. });
+                    match self.apply(envelope, &mut records) {
+                        Reply::Dispatch(dispatch) if payment => {
+                            self.decide_now(dispatch, now_ms, &mut records)
+                        }
+                        reply => reply,
                     }
-                    self.state.apply(envelope)
                 }
                 Op::Query(query) => self.state.query(query),
             })

@@ -4,6 +4,8 @@
 
 use std::sync::Arc;
 
+use settlegate_adapters::{AdapterError, AuthorizationRequest, DeclineReason, ProviderReply};
+
 use super::idempotency::{IdemKey, IdemState, Idempotency, Seen};
 use super::replay::ReplayWindow;
 use crate::age::{self, AgePolicy, AgeRecord, AgeRegistration, AgeRules, AgeVerdict, Basket};
@@ -17,8 +19,8 @@ use crate::limits::{
 };
 use crate::providers::{Registry, TerminalEntry};
 use crate::types::{
-    AuthCode, AuthOutcome, CardToken, ClientRequestId, Currency, Idm, MeansKind, ReasonCode,
-    UserKey,
+    Approval, AuthCode, AuthOutcome, CardToken, ClientRequestId, Currency, Idm, MeansKind,
+    ReasonCode, UserKey,
 };
 use crate::vault::{SealedNumber, Vault};
 
@@ -198,6 +200,60 @@ pub(crate) struct Dispatch {
     pub(crate) verdict: Option<Box<AgeVerdict>>,
     /// What to issue once the provider approves, for a payment-code authorization (C1–C2).
     pub(crate) code: Option<Box<CodeSpec>>,
+}
+
+impl Dispatch {
+    /// What the provider's adapter is asked: the final amount, after the terminal's discount.
+    pub(crate) fn provider_request(&self) -> AuthorizationRequest {
+        AuthorizationRequest {
+            dispatch_id: self.dispatch_id,
+            provider_code: self.provider_code,
+            means: self.means,
+            card_token: self.card_token,
+            terminal_id: self.terminal_id.clone(),
+            amount_minor: self.amount_requested_minor - self.discount_minor,
+            currency: self.currency,
+        }
+    }
+
+    /// The payment's outcome from the adapter's answer (a timeout or failure is a decline).
+    pub(crate) fn outcome_of(&self, answer: Result<ProviderReply, AdapterError>) -> AuthOutcome {
+        match answer {
+            Ok(ProviderReply::Approved { auth_code }) => AuthOutcome::Approved(Approval {
+                auth_code,
+                provider_code: self.provider_code,
+                amount_requested_minor: self.amount_requested_minor,
+                discount_minor: self.discount_minor,
+                amount_final_minor: self.amount_requested_minor - self.discount_minor,
+                currency: self.currency,
+            }),
+            Ok(ProviderReply::Declined { reason }) => AuthOutcome::Declined(match reason {
+                DeclineReason::InsufficientFunds => ReasonCode::ProviderInsufficientFunds,
+                DeclineReason::DoNotHonor => ReasonCode::ProviderDoNotHonor,
+                DeclineReason::LimitExceeded => ReasonCode::ProviderLimitExceeded,
+                DeclineReason::InvalidAccount => ReasonCode::ProviderInvalidAccount,
+            }),
+            Err(AdapterError::Timeout) => AuthOutcome::Declined(ReasonCode::ProviderTimeout),
+            Err(_) => AuthOutcome::Declined(ReasonCode::ProviderUnavailable),
+        }
+    }
+
+    /// The command that records a payment's `outcome` in its shard.
+    pub(crate) fn completion(&self, outcome: AuthOutcome, now_ms: i64) -> Envelope {
+        Envelope {
+            owner_hash: self.key.0,
+            client_request_id: None,
+            digest: 0,
+            now_ms,
+            command: Command::AuthComplete {
+                key: self.key,
+                user: self.user.clone(),
+                means_id: self.means_id,
+                outcome,
+                verdict: self.verdict.clone(),
+            },
+        }
+    }
 }
 
 /// How a payment code is to be issued (C2, C4).
@@ -494,6 +550,9 @@ pub(crate) enum Reply {
     /// The outcome of a payment made with a basket, and what its age check found.
     BasketAuth(AuthOutcome, Box<AgeVerdict>),
     Dispatch(Box<Dispatch>),
+    /// A payment reserved and completed in one step, its provider having answered at once
+    /// (`Shard::decide_now`): the outcome is recorded; the caller publishes its notice.
+    Decided(Box<Dispatch>, AuthOutcome),
     InFlight,
     Means(Vec<MeansView>),
     Credentials {
