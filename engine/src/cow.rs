@@ -196,6 +196,30 @@ impl<K: Hash + Eq + Clone, V: Clone> CowMap<K, V> {
         removed
     }
 
+    /// The number of chunks (see [`CowMap::retain_chunk`]).
+    pub fn chunk_count(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// Keeps only the entries of chunk `index` (below [`CowMap::chunk_count`]) for which `keep`
+    /// is true; returns how many went. One chunk's entries lie together in memory, so a sweep
+    /// of a chunk reads them in order instead of missing the cache once per entry. A shared
+    /// chunk is read first and taken back only if something goes; an owned one is swept in one pass.
+    pub fn retain_chunk(&mut self, index: usize, mut keep: impl FnMut(&K, &V) -> bool) -> usize {
+        let chunk = &mut self.chunks[index];
+        if let Chunk::Shared(map) = chunk {
+            if map.iter().all(|(key, value)| keep(key, value)) {
+                return 0;
+            }
+        }
+        let map = chunk.map_mut();
+        let before = map.len();
+        map.retain(|key, value| keep(key, value));
+        let removed = before - map.len();
+        self.len -= removed;
+        removed
+    }
+
     /// Inserts `entries` a chunk at a time (a later entry with the same key replaces an
     /// earlier one). They are first sorted into their chunks, so each chunk's table is filled
     /// while it is in cache, instead of one random write to memory per entry; restoring a
@@ -319,6 +343,15 @@ mod tests {
                         }
                     }
                     4 => assert_eq!(map.get(&key), model.get(&key)),
+                    5 if next(&mut rng).is_multiple_of(8) => {
+                        // Sweep one chunk of the keys with a bit set by this step.
+                        let bit = step % 9;
+                        let index = map.chunk_index(&key);
+                        let before = model.len();
+                        model.retain(|k, _| map.chunk_index(k) != index || (k >> bit) & 1 == 0);
+                        let removed = map.retain_chunk(index, |k, _| (k >> bit) & 1 == 0);
+                        assert_eq!(removed, before - model.len());
+                    }
                     _ => {
                         if next(&mut rng).is_multiple_of(50) {
                             frozen.push((map.freeze(), model.clone()));

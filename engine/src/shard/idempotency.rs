@@ -1,10 +1,18 @@
 //! Idempotency records: a retry with the same client request ID gets the first outcome.
 //!
-//! Bounded by a retention time and a record count per shard; the oldest records go first.
-//! Authorizations stay safe past eviction too: the replay window and the timestamp window
-//! refuse an old inherent ID presented again.
+//! Bounded by a retention time and a record count per shard: a record answers retries while
+//! it is younger than the retention time and among the newest `records_max` of its shard.
+//! Authorizations stay safe past that too: the replay window and the timestamp window refuse
+//! an old inherent ID presented again.
+//!
+//! A record past retention is not removed when it dies (that removal would be one more cache
+//! miss in a table of a million records on every request); lookups ignore it, and a sweep
+//! visits one chunk of the table every few inserts and drops what has died there. A chunk's
+//! records lie together in memory, so the sweep reads them in order. One full pass takes
+//! about a quarter of `records_max` inserts, so the table holds at most `records_max` live
+//! records plus that quarter. (A pass every eighth cost twice the memory traffic: the sweep
+//! streams the whole table once per pass.)
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 use super::state::Reply;
@@ -86,6 +94,8 @@ fn idem_aad((owner_hash, client_request_id): IdemKey) -> Vec<u8> {
 pub(crate) struct Entry {
     /// Until when the record is kept.
     pub(crate) expires_ms: i64,
+    /// Its place in the shard's sequence of records (for the count limit).
+    seq: u64,
     /// The request's digest: the same ID with another digest is a conflict.
     pub(crate) digest: u64,
     /// A record's state is replaced, never changed in place.
@@ -104,83 +114,133 @@ pub(crate) enum Seen {
 
 pub(crate) struct Idempotency {
     entries: CowMap<IdemKey, Entry>,
-    expiry: VecDeque<(i64, IdemKey)>,
+    /// The sequence number the next record gets.
+    next_seq: u64,
     ttl_ms: i64,
     records_max: usize,
+    /// Inserts between two sweep steps, and how many are left before the next.
+    sweep_every: usize,
+    sweep_countdown: usize,
+    /// The chunk the next sweep step visits.
+    sweep_chunk: usize,
+}
+
+/// The records of a snapshot: a frozen copy of the table and which of its records are live.
+pub(crate) struct FrozenRecords {
+    entries: Frozen<IdemKey, Entry>,
+    live_from_seq: u64,
+}
+
+impl FrozenRecords {
+    /// The records within the count limit when frozen, in no order (the writer sorts them by
+    /// expiry). Those past their retention time are kept: a lookup after restore ignores them
+    /// for the same reason a lookup before did.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&IdemKey, &Entry)> {
+        self.entries.iter().filter(|(_, entry)| entry.seq >= self.live_from_seq)
+    }
 }
 
 impl Idempotency {
     pub(crate) fn new(ttl_ms: i64, records_max: usize) -> Idempotency {
         assert!(records_max > 0);
         // The table grows a chunk at a time (a thousand records moved, not a million), so it
-        // starts empty; a restore sizes it for the snapshot's records. The expiry queue is one
-        // ring, whose growth would move every key at once: it is sized for the cap from the
-        // start (untouched capacity costs address space, not memory).
+        // starts empty.
+        let entries = CowMap::new(CHUNK_BITS_LARGE);
+        let sweep_every = (records_max / 4 / entries.chunk_count()).max(1);
         Idempotency {
-            entries: CowMap::new(CHUNK_BITS_LARGE),
-            expiry: VecDeque::with_capacity(records_max),
+            entries,
+            next_seq: 0,
             ttl_ms,
             records_max,
+            sweep_every,
+            sweep_countdown: sweep_every,
+            sweep_chunk: 0,
         }
     }
 
-    pub(crate) fn lookup(&self, key: &IdemKey, digest: u64) -> Seen {
+    /// Sequence numbers from this one on are within the count limit.
+    fn live_from_seq(&self) -> u64 {
+        self.next_seq.saturating_sub(self.records_max as u64)
+    }
+
+    /// Whether `entry` still answers retries at `now_ms`.
+    fn live(&self, entry: &Entry, now_ms: i64) -> bool {
+        entry.expires_ms > now_ms && entry.seq >= self.live_from_seq()
+    }
+
+    pub(crate) fn lookup(&self, key: &IdemKey, digest: u64, now_ms: i64) -> Seen {
         match self.entries.get(key) {
+            Some(entry) if !self.live(entry, now_ms) => Seen::New,
             None => Seen::New,
             Some(entry) if entry.digest == digest => Seen::Same(Arc::clone(&entry.state)),
             Some(_) => Seen::Conflict,
         }
     }
 
+    /// Records a new request's state (the lookup found no live record for `key`).
     pub(crate) fn insert(&mut self, key: IdemKey, digest: u64, state: IdemState, now_ms: i64) {
-        self.evict(now_ms);
+        self.sweep_step(now_ms);
         let expires_ms = now_ms.saturating_add(self.ttl_ms);
-        let previous =
-            self.entries.insert(key, Entry { expires_ms, digest, state: Arc::new(state) });
-        assert!(previous.is_none(), "idempotency key inserted twice");
-        self.expiry.push_back((expires_ms, key));
+        let seq = self.next_seq;
+        let entry = Entry { expires_ms, seq, digest, state: Arc::new(state) };
+        if let Some(previous) = self.entries.insert(key, entry) {
+            // Only a dead record may be replaced (its key used again after retention).
+            assert!(!self.live(&previous, now_ms), "idempotency key inserted twice");
+        }
+        self.next_seq += 1;
     }
 
-    /// Finishes a pending record. A record evicted meanwhile is not recreated.
+    /// Finishes a pending record. A record swept meanwhile is not recreated.
     pub(crate) fn complete(&mut self, key: &IdemKey, reply: Reply) {
         if let Some(entry) = self.entries.get_mut(key) {
             entry.state = Arc::new(IdemState::Done(reply));
         }
     }
 
-    fn evict(&mut self, now_ms: i64) {
-        while let Some(&(expires_ms, key)) = self.expiry.front() {
-            if expires_ms > now_ms && self.entries.len() < self.records_max {
-                break;
-            }
-            self.expiry.pop_front();
-            self.entries.remove(&key);
+    /// Every `sweep_every` inserts, drops the dead records of the next chunk.
+    fn sweep_step(&mut self, now_ms: i64) {
+        self.sweep_countdown -= 1;
+        if self.sweep_countdown > 0 {
+            return;
         }
+        self.sweep_countdown = self.sweep_every;
+        let live_from_seq = self.live_from_seq();
+        let chunk = self.sweep_chunk;
+        self.sweep_chunk = (chunk + 1) % self.entries.chunk_count();
+        self.entries.retain_chunk(chunk, |_, entry| {
+            entry.expires_ms > now_ms && entry.seq >= live_from_seq
+        });
     }
 
-    /// Every record, frozen for a snapshot (in no order: the writer sorts them by expiry).
-    pub(crate) fn freeze(&mut self) -> Frozen<IdemKey, Entry> {
-        self.entries.freeze()
+    /// The live records (by the count limit), frozen for a snapshot.
+    pub(crate) fn freeze(&mut self) -> FrozenRecords {
+        FrozenRecords { entries: self.entries.freeze(), live_from_seq: self.live_from_seq() }
     }
 
-    /// Restores a snapshot's records (expires at, key, digest, state), in expiry order.
+    /// Restores a snapshot's records (expires at, key, digest, state) into an empty table, in
+    /// expiry order: that order stands for the order they were recorded in (the count limit
+    /// drops the first of them first).
     pub(crate) fn restore(&mut self, records: Vec<(i64, IdemKey, u64, IdemState)>) {
-        self.expiry.extend(records.iter().map(|(expires_ms, key, _, _)| (*expires_ms, *key)));
+        let first_seq = self.next_seq;
+        self.next_seq += records.len() as u64;
         self.entries.insert_in_bulk(
             records
                 .into_iter()
-                .map(|(expires_ms, key, digest, state)| {
-                    (key, Entry { expires_ms, digest, state: Arc::new(state) })
+                .zip(first_seq..)
+                .map(|((expires_ms, key, digest, state), seq)| {
+                    (key, Entry { expires_ms, seq, digest, state: Arc::new(state) })
                 })
                 .collect(),
         );
     }
 
-    /// Records still waiting for their provider's outcome.
+    /// Records still waiting for their provider's outcome (within the count limit).
     pub(crate) fn pending(&self) -> Vec<(IdemKey, crate::types::UserKey, u32)> {
+        let live_from_seq = self.live_from_seq();
         let mut pending: Vec<_> = self
             .entries
             .iter()
+            .filter(|(_, entry)| entry.seq >= live_from_seq)
             .filter_map(|(key, entry)| match &*entry.state {
                 IdemState::Pending { user, means_id } => Some((*key, user.clone(), *means_id)),
                 IdemState::Done(_) | IdemState::SealedKey { .. } => None,
@@ -190,7 +250,101 @@ impl Idempotency {
         pending
     }
 
+    /// Records held, counting dead ones not yet swept.
     pub(crate) fn len(&self) -> usize {
         self.entries.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::AuthOutcome;
+
+    fn done(n: u64) -> IdemState {
+        IdemState::Done(Reply::Swept(n as u32))
+    }
+
+    fn key(n: u64) -> IdemKey {
+        (n.wrapping_mul(0x9e37_79b9_7f4a_7c15), n.into())
+    }
+
+    fn found(table: &Idempotency, n: u64, now_ms: i64) -> bool {
+        matches!(table.lookup(&key(n), n, now_ms), Seen::Same(_))
+    }
+
+    /// The count limit: exactly the newest `records_max` records answer, whatever has been
+    /// swept; the table never holds more than the limit plus one sweep pass.
+    #[test]
+    fn the_newest_records_max_answer_and_the_table_stays_bounded() {
+        let records_max = 20_000;
+        let mut table = Idempotency::new(i64::MAX / 2, records_max);
+        let bound = records_max + records_max / 4 + table.entries.chunk_count();
+        for n in 0..100_000u64 {
+            assert!(matches!(table.lookup(&key(n), n, 0), Seen::New));
+            table.insert(key(n), n, done(n), 0);
+            assert!(table.len() <= bound, "{} records held after {n}", table.len());
+            if n % 997 == 0 {
+                let oldest_live = (n + 1).saturating_sub(records_max as u64);
+                assert!(found(&table, oldest_live, 0), "{oldest_live} is among the newest");
+                if oldest_live > 0 {
+                    assert!(!found(&table, oldest_live - 1, 0), "{} is past the limit", n);
+                }
+            }
+        }
+    }
+
+    /// The retention time: a record answers until it expires, then not, swept or not; its ID
+    /// may then be used again.
+    #[test]
+    fn a_record_answers_until_it_expires_and_its_id_can_then_be_reused() {
+        let mut table = Idempotency::new(1_000, 100);
+        table.insert(key(1), 1, done(1), 0);
+        assert!(found(&table, 1, 999));
+        assert!(matches!(table.lookup(&key(1), 2, 999), Seen::Conflict));
+        assert!(!found(&table, 1, 1_000));
+        assert!(matches!(table.lookup(&key(1), 2, 1_000), Seen::New));
+        table.insert(key(1), 2, done(2), 1_000);
+        assert!(matches!(table.lookup(&key(1), 2, 1_500), Seen::Same(_)));
+        // Expired records go when the sweep passes, with no later insert touching them.
+        for n in 10..10 + 2 * table.entries.chunk_count() as u64 {
+            table.insert(key(n), n, done(n), 5_000);
+        }
+        assert!(table.len() <= 100 + table.entries.chunk_count());
+        assert!(table.entries.iter().all(|(_, entry)| entry.expires_ms > 5_000));
+    }
+
+    /// A snapshot holds only records within the count limit, and a restored table answers as
+    /// the original did.
+    #[test]
+    fn frozen_records_are_the_live_ones_and_restore_answers_the_same() {
+        let mut table = Idempotency::new(1_000_000, 500);
+        for n in 0..2_000u64 {
+            table.insert(key(n), n, done(n), n as i64);
+        }
+        let frozen = table.freeze();
+        let mut records: Vec<_> =
+            frozen.iter().map(|(k, e)| (e.expires_ms, *k, e.digest, (*e.state).clone())).collect();
+        assert_eq!(records.len(), 500);
+        records.sort_by_key(|(expires, k, _, _)| (*expires, *k));
+        let mut restored = Idempotency::new(1_000_000, 500);
+        restored.restore(records);
+        for n in 0..2_000u64 {
+            assert_eq!(found(&restored, n, 3_000), found(&table, n, 3_000), "record {n}");
+        }
+        // The next insert pushes the oldest restored record out, as it would have the original's.
+        table.insert(key(5_000), 5_000, done(0), 3_000);
+        restored.insert(key(5_000), 5_000, done(0), 3_000);
+        assert!(!found(&table, 1_500, 3_000) && !found(&restored, 1_500, 3_000));
+        assert!(found(&restored, 1_501, 3_000));
+        let pending = IdemState::Pending {
+            user: crate::types::UserKey::new(crate::types::UserIdType::Mail, "a@b.c").unwrap(),
+            means_id: 1,
+        };
+        restored.insert(key(6_000), 6_000, pending, 3_000);
+        assert_eq!(restored.pending().len(), 1);
+        restored
+            .complete(&key(6_000), Reply::Auth(AuthOutcome::Declined(ReasonCode::ProviderTimeout)));
+        assert!(restored.pending().is_empty());
     }
 }

@@ -620,7 +620,7 @@ impl ShardState {
             return self.execute(envelope.command, envelope.now_ms, (envelope.owner_hash, 0));
         };
         let key = (envelope.owner_hash, client_request_id);
-        match self.idem.lookup(&key, envelope.digest) {
+        match self.idem.lookup(&key, envelope.digest, envelope.now_ms) {
             Seen::Same(state) => return state.reply(&self.shared.vault, key),
             Seen::Conflict => return Reply::Refused(ReasonCode::IdempotencyConflict),
             Seen::New => {}

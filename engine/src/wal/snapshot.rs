@@ -26,9 +26,7 @@ use crate::age::{AgeRegistration, VerificationMethod};
 use crate::cow::{CowMap, Frozen};
 use crate::geo::Store;
 use crate::keys::{open_device_key, SealedKeys};
-use crate::shard::idempotency::{
-    seal_issued_key, Entry as IdemEntry, IdemKey, IdemState, Idempotency,
-};
+use crate::shard::idempotency::{seal_issued_key, FrozenRecords, IdemState, Idempotency};
 use crate::shard::replay::ReplayWindow;
 use crate::shard::state::{
     Balance, CodeRecord, CodeState, CouponRecord, Device, IssuedCode, IssuedCoupon, Purse,
@@ -320,7 +318,7 @@ impl SnapShard {
 /// registry, small) are copied here.
 pub(crate) struct Capture {
     users: Frozen<UserKey, std::sync::Arc<User>>,
-    idem: Frozen<IdemKey, IdemEntry>,
+    idem: FrozenRecords,
     codes: Frozen<u64, std::sync::Arc<CodeRecord>>,
     ages: Frozen<Idm, AgeRegistration>,
     coupons: Frozen<u64, CouponRecord>,
