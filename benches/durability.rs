@@ -190,6 +190,8 @@ fn recover_in_child(dir: &std::path::Path) -> Duration {
 criterion_group!(benches, authorize_by_policy, recovery);
 
 fn main() {
+    // As `settlegate serve` does, so that recovery is measured as a restart of the server.
+    settlegate_engine::alloc::tune_allocator();
     if let Some(dir) = std::env::var_os(RECOVER_ONCE) {
         // The engine's `recovered` line (snapshot load and replay times) goes to stderr, which
         // the parent shows only if the child fails; run the child by hand to read it.

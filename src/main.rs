@@ -69,6 +69,8 @@ fn init_logs(config: &Config) {
 fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
     let (config, source) = load(&path)?;
     init_logs(&config);
+    // Before any other thread: recovery builds the state on several (see the function's docs).
+    settlegate_engine::alloc::tune_allocator();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let server = settlegate::server::start(config).await?;

@@ -13,10 +13,12 @@
 //! - [`codes`]: payment codes and coupons, their format and tags (C1–C5, T1);
 //! - [`age`]: age registrations, rules per jurisdiction and the basket check (A1–A3);
 //! - [`vault`] and [`password`]: the only places a card number or password is handled;
-//! - [`engine`]: the facade that routes requests through all of the above.
+//! - [`engine`]: the facade that routes requests through all of the above;
+//! - [`alloc`]: allocator tuning for the process that holds the state.
 #![deny(missing_docs)]
 
 pub mod age;
+pub mod alloc;
 pub mod clock;
 pub mod codes;
 pub mod config;
