@@ -1,11 +1,14 @@
 //! Shard snapshots: a shard's whole state in one rkyv archive, so recovery starts from it and
 //! replays only the log written after it.
 //!
-//! File `shard-NNN.snap`: a 36-byte header (magic `SGSNAP\0\0`, `u16` format version, `u16`
+//! File `shard-NNN.snap`: a 48-byte header (magic `SGSNAP\0\0`, `u16` format version, `u16`
 //! shard index, `u32` shard count, `u64` generation, `u64` payload length, `u32` CRC-32 of the
-//! payload), then the payload. A snapshot of generation G holds everything before the log of
-//! generation G. Written to a temporary file, synced, renamed: a crash leaves the old one or
-//! the new one, never half of one. Secrets are sealed as in the log.
+//! payload, 12 zero bytes), then the payload, which thus starts 16-byte aligned: recovery maps
+//! the file and reads the archive in place, with no copy. Before format version 4 the header
+//! was those 36 bytes without the padding; such files are read into an aligned buffer.
+//! A snapshot of generation G holds everything before the log of generation G. Written to a
+//! temporary file, synced, renamed: a crash leaves the old one or the new one, never half of
+//! one. Secrets are sealed as in the log.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -37,7 +40,10 @@ use crate::types::Idm;
 use crate::types::{CardToken, MeansKind, ReasonCode, UserKey};
 
 const MAGIC: [u8; 8] = *b"SGSNAP\0\0";
-const HEADER_LEN: usize = 36;
+/// The header's length since format version 4 (a multiple of the archive's alignment).
+const HEADER_LEN: usize = 48;
+/// The header's length before format version 4.
+const HEADER_LEN_V3: usize = 36;
 
 #[derive(Archive, Serialize, Deserialize, Debug)]
 pub(crate) struct SnapShard {
@@ -963,21 +969,39 @@ pub(crate) fn encode(
     out.extend_from_slice(&generation.to_be_bytes());
     out.extend_from_slice(&(payload.len() as u64).to_be_bytes());
     out.extend_from_slice(&crc32fast::hash(&payload).to_be_bytes());
+    out.resize(HEADER_LEN, 0);
     out.extend_from_slice(&payload);
     out
 }
 
-/// A snapshot file's payload, its checksum verified, in an aligned buffer: restored by reading
-/// the archive in place, without first deserializing it into owned values.
+/// A snapshot file's payload, its checksum verified, aligned: restored by reading the archive
+/// in place, without first deserializing it into owned values.
 pub(crate) struct Snapshot {
-    payload: rkyv::util::AlignedVec<16>,
+    payload: Payload,
+}
+
+/// Where a snapshot's payload lies.
+enum Payload {
+    /// The file mapped into memory; the payload is `range` of it.
+    Mapped { map: memmap2::Mmap, range: std::ops::Range<usize> },
+    /// Read into a buffer (files from before format version 4, and converted older payloads).
+    Read(rkyv::util::AlignedVec<16>),
+}
+
+impl Payload {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Payload::Mapped { map, range } => &map[range.clone()],
+            Payload::Read(buffer) => buffer,
+        }
+    }
 }
 
 impl Snapshot {
     /// Restores into a fresh `state` (and the shared indexes). The archive is validated first:
     /// a payload that passed its checksum but does not decode is refused, never trusted.
     pub(crate) fn restore(&self, state: &mut ShardState) -> Result<(), RecordError> {
-        let archived = rkyv::access::<ArchivedSnapShard, rkyv::rancor::Error>(&self.payload)
+        let archived = rkyv::access::<ArchivedSnapShard, rkyv::rancor::Error>(self.payload.bytes())
             .map_err(|_| RecordError("snapshot does not decode"))?;
         restore_archived(archived, state)
     }
@@ -1003,8 +1027,8 @@ pub(crate) fn read(
         offset: 0,
         detail: detail.to_owned(),
     };
-    let mut header = [0u8; HEADER_LEN];
-    if file_len < HEADER_LEN as u64 {
+    let mut header = [0u8; HEADER_LEN_V3];
+    if file_len < HEADER_LEN_V3 as u64 {
         return Err(corrupt("not a settlegate snapshot"));
     }
     file.read_exact(&mut header).map_err(io)?;
@@ -1031,32 +1055,59 @@ pub(crate) fn read(
     let generation = be64(16);
     let len = be64(24);
     let crc = u32::from_be_bytes(header[32..36].try_into().expect("4"));
-    // The length is checked against the file before anything that size is allocated.
-    if len > file_len - HEADER_LEN as u64 {
+    let header_len = if version >= 4 { HEADER_LEN } else { HEADER_LEN_V3 };
+    // The length is checked against the file before anything that size is allocated or mapped.
+    if file_len < header_len as u64 || len > file_len - header_len as u64 {
         return Err(corrupt("snapshot truncated"));
     }
-    // Read straight into an aligned buffer: rkyv reads the archive in place from there.
-    let mut payload = rkyv::util::AlignedVec::<16>::with_capacity(len as usize);
-    payload.resize(len as usize, 0);
-    file.read_exact(&mut payload).map_err(io)?;
-    if crc32fast::hash(&payload) != crc {
+    let len = len as usize;
+    let payload = if version >= 4 {
+        // SAFETY: a snapshot file is written whole to a temporary file and renamed into place,
+        // never written again, and the data directory is the engine's alone: the mapping does
+        // not change under the reader. Populated at once: recovery reads all of it.
+        let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }.map_err(io)?;
+        let range = header_len..header_len + len;
+        let aligned = (map.as_ptr() as usize + range.start).is_multiple_of(16);
+        if aligned {
+            Payload::Mapped { map, range }
+        } else {
+            // A mapping starts on a page; this cannot happen, and costs only a copy if it did.
+            Payload::Read(aligned_copy(&map[range]))
+        }
+    } else {
+        // Read straight into an aligned buffer: rkyv reads the archive in place from there.
+        let mut payload = rkyv::util::AlignedVec::<16>::with_capacity(len);
+        payload.resize(len, 0);
+        file.read_exact(&mut payload).map_err(io)?;
+        Payload::Read(payload)
+    };
+    if crc32fast::hash(payload.bytes()) != crc {
         return Err(corrupt("snapshot checksum mismatch"));
     }
     let upgrade = |old: SnapShard| {
-        rkyv::to_bytes::<rkyv::rancor::Error>(&old).expect("snapshots always serialize")
+        Payload::Read(
+            rkyv::to_bytes::<rkyv::rancor::Error>(&old).expect("snapshots always serialize"),
+        )
     };
     let payload = match version {
         1 => upgrade(
-            rkyv::from_bytes::<SnapShardV1, rkyv::rancor::Error>(&payload)
+            rkyv::from_bytes::<SnapShardV1, rkyv::rancor::Error>(payload.bytes())
                 .map_err(|_| corrupt("snapshot does not decode"))?
                 .into(),
         ),
         2 => upgrade(
-            rkyv::from_bytes::<SnapShardV2, rkyv::rancor::Error>(&payload)
+            rkyv::from_bytes::<SnapShardV2, rkyv::rancor::Error>(payload.bytes())
                 .map_err(|_| corrupt("snapshot does not decode"))?
                 .into(),
         ),
         _ => payload,
     };
     Ok(Some((generation, Snapshot { payload })))
+}
+
+/// `bytes` in a buffer aligned for the archive.
+fn aligned_copy(bytes: &[u8]) -> rkyv::util::AlignedVec<16> {
+    let mut buffer = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len());
+    buffer.extend_from_slice(bytes);
+    buffer
 }
