@@ -173,7 +173,18 @@ async fn the_sweeper_releases_expired_holds_which_never_count_after_expiry() {
 
 #[tokio::test]
 async fn a_code_reaches_the_device_the_user_designates() {
-    let h = Harness::new();
+    a_code_reaches_the_device_the_user_designates_with(0).await;
+}
+
+/// The same, with a provider that answers later: the code is issued by a second trip through
+/// the shard instead of in the reserving step.
+#[tokio::test]
+async fn a_code_reaches_the_device_the_user_designates_when_the_provider_answers_later() {
+    a_code_reaches_the_device_the_user_designates_with(300).await;
+}
+
+async fn a_code_reaches_the_device_the_user_designates_with(provider_latency_us: u64) {
+    let h = Harness::with_config(config_answering_after(provider_latency_us));
     let erin = h.user("erin").await;
     let watch = fresh_idm();
     h.engine.provision_device(request_id(), &erin.user, PASSWORD, watch).await.unwrap();
@@ -357,8 +368,8 @@ fn code_op() -> impl Strategy<Value = CodeOp> {
 
 /// Random interleavings of issue, redeem (sometimes two at once), expiry and sweep: no code
 /// is redeemed twice, no hold is both captured and released, and the purse always adds up.
-async fn run_codes(ops: Vec<CodeOp>) -> Result<(), TestCaseError> {
-    let h = Harness::new();
+async fn run_codes(ops: Vec<CodeOp>, provider_latency_us: u64) -> Result<(), TestCaseError> {
+    let h = Harness::with_config(config_answering_after(provider_latency_us));
     let user = purse_user(&h, "prop", 20_000).await;
     let mut codes: Vec<IssuedCode> = Vec::new();
     let mut wins = std::collections::HashMap::<u64, u32>::new();
@@ -427,8 +438,11 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
-    fn codes_are_redeemed_at_most_once_and_holds_settle_once(ops in prop::collection::vec(code_op(), 1..40)) {
+    fn codes_are_redeemed_at_most_once_and_holds_settle_once(
+        ops in prop::collection::vec(code_op(), 1..40),
+        provider_latency_us in prop_oneof![Just(0u64), Just(200u64)],
+    ) {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        runtime.block_on(run_codes(ops))?;
+        runtime.block_on(run_codes(ops, provider_latency_us))?;
     }
 }

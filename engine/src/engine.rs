@@ -942,26 +942,14 @@ impl Engine {
             self.apply_for_user(&user, Some(request.client_request_id), digest, command).await?;
         let dispatch = match reply {
             Reply::Dispatch(dispatch) => dispatch,
+            // Approved at once by an in-process provider: issued in the same shard step.
+            Reply::CodeDecided(issued) => return Ok(self.deliver_code(issued)),
             Reply::CodeIssued(issued) => return Ok(CodeOutcome::Issued(issued)),
             Reply::Auth(AuthOutcome::Declined(reason)) => return Ok(CodeOutcome::Declined(reason)),
             other => return Err(unexpected(other)),
         };
         let outcome = self.call_provider(&dispatch, deadline).await;
-        let spec = dispatch.code.clone().expect("a code reservation carries its spec");
-        let completion = Command::CodeComplete {
-            key: dispatch.key,
-            user: dispatch.user.clone(),
-            means_id: dispatch.means_id,
-            outcome,
-            spec,
-        };
-        let envelope = Envelope {
-            owner_hash: dispatch.key.0,
-            client_request_id: None,
-            digest: 0,
-            now_ms: self.now_ms(),
-            command: completion,
-        };
+        let envelope = dispatch.completion(outcome, self.now_ms());
         // Like a payment's completion, never refused as busy.
         let shard = self.shard_of(dispatch.key.0);
         let mut replies = self
@@ -969,11 +957,7 @@ impl Engine {
             .await
             .map_err(|_| EngineError::Stopped)?;
         match replies.pop() {
-            Some(Reply::CodeIssued(issued)) => {
-                let message = DeviceMessage::Code((*issued).clone());
-                self.inner.notices.publish_device(issued.deliver_to, message);
-                Ok(CodeOutcome::Issued(issued))
-            }
+            Some(Reply::CodeIssued(issued)) => Ok(self.deliver_code(issued)),
             Some(Reply::Ok) => match outcome {
                 AuthOutcome::Declined(reason) => Ok(CodeOutcome::Declined(reason)),
                 AuthOutcome::Approved(_) => Err(EngineError::Stopped),
@@ -981,6 +965,13 @@ impl Engine {
             Some(other) => Err(unexpected(other)),
             None => Err(EngineError::Stopped),
         }
+    }
+
+    /// Delivers a newly issued code to its device's stream.
+    fn deliver_code(&self, issued: Box<IssuedCode>) -> CodeOutcome {
+        let message = DeviceMessage::Code((*issued).clone());
+        self.inner.notices.publish_device(issued.deliver_to, message);
+        CodeOutcome::Issued(issued)
     }
 
     /// Redeems a code at a POS (C3): checks its tag (constant time) and that it is what the

@@ -13,6 +13,7 @@ pub(crate) mod state;
 use actix::{Actor, Context, Handler, Message, MessageResult};
 use tokio::sync::oneshot;
 
+use crate::types::AuthOutcome;
 use crate::wal::record::LogEnvelope;
 use crate::wal::snapshot::Capture;
 use crate::wal::{Job, WalHandle};
@@ -78,10 +79,11 @@ impl Shard {
         self.state.apply(envelope)
     }
 
-    /// A payment whose provider answers at once (an adapter that decides in process, such as
-    /// the zero-latency simulator) is completed here, in the same step as its reservation: no
-    /// trip back to the caller and into this shard again. Both commands are logged, in order,
-    /// as if the caller had sent the completion. Any other dispatch goes back to the caller.
+    /// A payment (or payment-code request) whose provider answers at once (an adapter that
+    /// decides in process, such as the zero-latency simulator) is completed here, in the same
+    /// step as its reservation: no trip back to the caller and into this shard again. Both
+    /// commands are logged, in order, as if the caller had sent the completion. Any other
+    /// dispatch goes back to the caller.
     fn decide_now(
         &mut self,
         dispatch: Box<Dispatch>,
@@ -92,8 +94,15 @@ impl Shard {
         let answer = provider.and_then(|p| p.adapter.decide_now(&dispatch.provider_request()));
         let Some(answer) = answer else { return Reply::Dispatch(dispatch) };
         let outcome = dispatch.outcome_of(answer);
-        self.apply(dispatch.completion(outcome, now_ms), records);
-        Reply::Decided(dispatch, outcome)
+        let completed = self.apply(dispatch.completion(outcome, now_ms), records);
+        match (dispatch.code.is_some(), completed, outcome) {
+            (false, _, outcome) => Reply::Decided(dispatch, outcome),
+            (true, Reply::CodeIssued(issued), _) => Reply::CodeDecided(issued),
+            // A declined code request: released, answered as a declined payment is.
+            (true, _, AuthOutcome::Declined(reason)) => Reply::Auth(AuthOutcome::Declined(reason)),
+            // Not expected (an approval always issues): the caller reports it as unexpected.
+            (true, other, AuthOutcome::Approved(_)) => other,
+        }
     }
 }
 
@@ -108,7 +117,10 @@ impl Handler<Batch> for Shard {
             .map(|op| match op {
                 Op::Apply(envelope) => {
                     let now_ms = envelope.now_ms;
-                    let payment = matches!(envelope.command, Command::AuthReserve { .. });
+                    let payment = matches!(
+                        envelope.command,
+                        Command::AuthReserve { .. } | Command::CodeReserve { .. }
+                    );
                     match self.apply(envelope, &mut records) {
                         Reply::Dispatch(dispatch) if payment => {
                             self.decide_now(dispatch, now_ms, &mut records)

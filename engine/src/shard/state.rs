@@ -238,21 +238,23 @@ impl Dispatch {
         }
     }
 
-    /// The command that records a payment's `outcome` in its shard.
+    /// The command that records the provider's `outcome` in the shard: a payment's completion,
+    /// or for a payment-code request the code's issue (or release, if declined).
     pub(crate) fn completion(&self, outcome: AuthOutcome, now_ms: i64) -> Envelope {
-        Envelope {
-            owner_hash: self.key.0,
-            client_request_id: None,
-            digest: 0,
-            now_ms,
-            command: Command::AuthComplete {
-                key: self.key,
-                user: self.user.clone(),
-                means_id: self.means_id,
+        let (key, user, means_id) = (self.key, self.user.clone(), self.means_id);
+        let command = match &self.code {
+            Some(spec) => {
+                Command::CodeComplete { key, user, means_id, outcome, spec: spec.clone() }
+            }
+            None => Command::AuthComplete {
+                key,
+                user,
+                means_id,
                 outcome,
                 verdict: self.verdict.clone(),
             },
-        }
+        };
+        Envelope { owner_hash: self.key.0, client_request_id: None, digest: 0, now_ms, command }
     }
 }
 
@@ -553,6 +555,9 @@ pub(crate) enum Reply {
     /// A payment reserved and completed in one step, its provider having answered at once
     /// (`Shard::decide_now`): the outcome is recorded; the caller publishes its notice.
     Decided(Box<Dispatch>, AuthOutcome),
+    /// A payment code requested and issued in one step, its provider having approved at once:
+    /// the caller delivers it to its device.
+    CodeDecided(Box<IssuedCode>),
     InFlight,
     Means(Vec<MeansView>),
     Credentials {
