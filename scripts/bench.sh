@@ -5,7 +5,8 @@
 #
 #   tcp        settlegate's authorize path against Redis SET over loopback, closed loop, same
 #              connections, pipeline depth and durations (the "Over TCP against Redis" table;
-#              RUNS=3 gives the three runs and their median).
+#              RUNS=3 gives the three runs and their median), and each server's CPU per
+#              request over the middle of its run (from /proc).
 #   open       then open loop at half the measured maximum authorize rate (OPEN_RATE=N to set
 #              it), latency corrected for coordinated omission, against the issue #5 target
 #              authorize p99 <= 1 ms (measured and printed; the script does not fail on it),
@@ -93,13 +94,30 @@ sg_pid=$!
 for _ in $(seq 100); do curl -fs "127.0.0.1:$SG_HTTP/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
 
 common=(--connections "$CONNECTIONS" --pipeline "$PIPELINE" --warmup "$WARMUP" --duration "$DURATION")
+# Server CPU over the middle of a measured run (from 1 s after the warm-up until 1 s before the
+# end), read from /proc: "ticks_before ticks_after seconds" into $2. CPU per request is a steadier
+# measure of a server's own cost than throughput on a shared machine.
+redis_pid=$(redis-cli -p "$REDIS_PORT" info server | tr -d '\r' | sed -n 's/^process_id://p')
+clk_tck=$(getconf CLK_TCK)
+sample_cpu() {
+  local pid=$1 out=$2 window=$((DURATION - 2)) t0
+  [ "$window" -ge 1 ] || return 0
+  sleep $((WARMUP + 1))
+  t0=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+  sleep "$window"
+  echo "$t0 $(awk '{print $14 + $15}' "/proc/$pid/stat") $window $clk_tck" > "$out"
+}
 for run in $(seq "$RUNS"); do
   echo "== run $run: redis SET"
+  sample_cpu "$redis_pid" "$OUT/redis-$run.cpu" & sampler=$!
   "${client_pin[@]}" "$BIN/loadgen" redis --target "127.0.0.1:$REDIS_PORT" "${common[@]}" \
     --json "$OUT/redis-$run.json" --html "$OUT/redis-$run.html"
+  wait "$sampler"
   echo "== run $run: settlegate authorize (closed loop)"
+  sample_cpu "$sg_pid" "$OUT/authorize-$run.cpu" & sampler=$!
   "${client_pin[@]}" "$BIN/loadgen" --target "127.0.0.1:$SG_PORT" --users "$USERS" "${common[@]}" \
     --json "$OUT/authorize-$run.json" --html "$OUT/authorize-$run.html"
+  wait "$sampler"
 done
 # The table: each run, then the median (of throughputs and of the ratio).
 max_rate=$(python3 - "$OUT" "$RUNS" <<'PY'
@@ -114,6 +132,24 @@ for run in range(1, runs + 1):
           f"{sg['throughput_per_s']:>10.0f}/s  ratio {sg['throughput_per_s'] / redis['throughput_per_s']:.2f}  "
           f"p50 / p99 / p99.9 {l['p50'] / 1e3:.1f} / {l['p99'] / 1e3:.1f} / {l['p999'] / 1e3:.1f} ms",
           file=sys.stderr)
+def cpu_us(name, run, throughput):
+    # Server CPU per request over the sampled window (see sample_cpu), or None.
+    try:
+        t0, t1, window, tck = (float(x) for x in open(f"{out}/{name}-{run}.cpu").read().split())
+    except (OSError, ValueError):
+        return None
+    return (t1 - t0) / tck / window / throughput * 1e6 if throughput else None
+cpu_rows = []
+for run, (redis_tp, sg_tp) in enumerate(rows, start=1):
+    r, s = cpu_us("redis", run, redis_tp), cpu_us("authorize", run, sg_tp)
+    if r and s:
+        cpu_rows.append((r, s))
+        print(f"run {run}: server CPU per request: redis SET {r:.2f} us  settlegate authorize "
+              f"{s:.2f} us  ratio {s / r:.2f}", file=sys.stderr)
+if cpu_rows:
+    print(f"median server CPU per request: redis SET {statistics.median(r for r, _ in cpu_rows):.2f} us  "
+          f"settlegate authorize {statistics.median(s for _, s in cpu_rows):.2f} us  "
+          f"ratio {statistics.median(s / r for r, s in cpu_rows):.2f}", file=sys.stderr)
 redis_med = statistics.median(r for r, _ in rows)
 sg_med = statistics.median(s for _, s in rows)
 ratio_med = statistics.median(s / r for r, s in rows)
