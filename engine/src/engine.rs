@@ -958,10 +958,7 @@ impl Engine {
             .map_err(|_| EngineError::Stopped)?;
         match replies.pop() {
             Some(Reply::CodeIssued(issued)) => Ok(self.deliver_code(issued)),
-            Some(Reply::Ok) => match outcome {
-                AuthOutcome::Declined(reason) => Ok(CodeOutcome::Declined(reason)),
-                AuthOutcome::Approved(_) => Err(EngineError::Stopped),
-            },
+            Some(Reply::Auth(AuthOutcome::Declined(reason))) => Ok(CodeOutcome::Declined(reason)),
             Some(other) => Err(unexpected(other)),
             None => Err(EngineError::Stopped),
         }

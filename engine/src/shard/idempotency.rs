@@ -102,6 +102,14 @@ pub(crate) struct Entry {
     pub(crate) state: Arc<IdemState>,
 }
 
+impl Entry {
+    /// Whether the record is within the count limit (`live_from_seq`, see
+    /// `Idempotency::live_from_seq`) and its retention time at `now_ms`.
+    fn live(&self, now_ms: i64, live_from_seq: u64) -> bool {
+        self.expires_ms > now_ms && self.seq >= live_from_seq
+    }
+}
+
 /// What a lookup found.
 pub(crate) enum Seen {
     /// No record: process the request.
@@ -163,14 +171,9 @@ impl Idempotency {
         self.next_seq.saturating_sub(self.records_max as u64)
     }
 
-    /// Whether `entry` still answers retries at `now_ms`.
-    fn live(&self, entry: &Entry, now_ms: i64) -> bool {
-        entry.expires_ms > now_ms && entry.seq >= self.live_from_seq()
-    }
-
     pub(crate) fn lookup(&self, key: &IdemKey, digest: u64, now_ms: i64) -> Seen {
-        match self.entries.get(key) {
-            Some(entry) if !self.live(entry, now_ms) => Seen::New,
+        let live_from_seq = self.live_from_seq();
+        match self.entries.get(key).filter(|entry| entry.live(now_ms, live_from_seq)) {
             None => Seen::New,
             Some(entry) if entry.digest == digest => Seen::Same(Arc::clone(&entry.state)),
             Some(_) => Seen::Conflict,
@@ -185,7 +188,8 @@ impl Idempotency {
         let entry = Entry { expires_ms, seq, digest, state: Arc::new(state) };
         if let Some(previous) = self.entries.insert(key, entry) {
             // Only a dead record may be replaced (its key used again after retention).
-            assert!(!self.live(&previous, now_ms), "idempotency key inserted twice");
+            let live = previous.live(now_ms, self.live_from_seq());
+            assert!(!live, "idempotency key inserted twice");
         }
         self.next_seq += 1;
     }
@@ -207,9 +211,7 @@ impl Idempotency {
         let live_from_seq = self.live_from_seq();
         let chunk = self.sweep_chunk;
         self.sweep_chunk = (chunk + 1) % self.entries.chunk_count();
-        self.entries.retain_chunk(chunk, |_, entry| {
-            entry.expires_ms > now_ms && entry.seq >= live_from_seq
-        });
+        self.entries.retain_chunk(chunk, |_, entry| entry.live(now_ms, live_from_seq));
     }
 
     /// The live records (by the count limit), frozen for a snapshot.

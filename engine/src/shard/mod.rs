@@ -13,7 +13,6 @@ pub(crate) mod state;
 use actix::{Actor, Context, Handler, Message, MessageResult};
 use tokio::sync::oneshot;
 
-use crate::types::AuthOutcome;
 use crate::wal::record::LogEnvelope;
 use crate::wal::snapshot::Capture;
 use crate::wal::{Job, WalHandle};
@@ -95,13 +94,11 @@ impl Shard {
         let Some(answer) = answer else { return Reply::Dispatch(dispatch) };
         let outcome = dispatch.outcome_of(answer);
         let completed = self.apply(dispatch.completion(outcome, now_ms), records);
-        match (dispatch.code.is_some(), completed, outcome) {
-            (false, _, outcome) => Reply::Decided(dispatch, outcome),
-            (true, Reply::CodeIssued(issued), _) => Reply::CodeDecided(issued),
-            // A declined code request: released, answered as a declined payment is.
-            (true, _, AuthOutcome::Declined(reason)) => Reply::Auth(AuthOutcome::Declined(reason)),
-            // Not expected (an approval always issues): the caller reports it as unexpected.
-            (true, other, AuthOutcome::Approved(_)) => other,
+        match completed {
+            Reply::CodeIssued(issued) => Reply::CodeDecided(issued),
+            // A declined code request is answered as its completion answers it.
+            other if dispatch.code.is_some() => other,
+            _ => Reply::Decided(dispatch, outcome),
         }
     }
 }

@@ -203,6 +203,11 @@ pub(crate) struct Dispatch {
 }
 
 impl Dispatch {
+    /// The amount charged: the requested amount less the terminal's discount.
+    fn amount_final_minor(&self) -> u64 {
+        self.amount_requested_minor - self.discount_minor
+    }
+
     /// What the provider's adapter is asked: the final amount, after the terminal's discount.
     pub(crate) fn provider_request(&self) -> AuthorizationRequest {
         AuthorizationRequest {
@@ -211,7 +216,7 @@ impl Dispatch {
             means: self.means,
             card_token: self.card_token,
             terminal_id: self.terminal_id.clone(),
-            amount_minor: self.amount_requested_minor - self.discount_minor,
+            amount_minor: self.amount_final_minor(),
             currency: self.currency,
         }
     }
@@ -224,7 +229,7 @@ impl Dispatch {
                 provider_code: self.provider_code,
                 amount_requested_minor: self.amount_requested_minor,
                 discount_minor: self.discount_minor,
-                amount_final_minor: self.amount_requested_minor - self.discount_minor,
+                amount_final_minor: self.amount_final_minor(),
                 currency: self.currency,
             }),
             Ok(ProviderReply::Declined { reason }) => AuthOutcome::Declined(match reason {
@@ -1131,7 +1136,9 @@ impl ShardState {
         now_ms: i64,
     ) -> Reply {
         let AuthOutcome::Approved(approval) = outcome else {
-            return self.auth_complete(key, user, means_id, outcome, None, now_ms);
+            // Released as a declined payment is, and answered the same way.
+            self.auth_complete(key, user, means_id, outcome, None, now_ms);
+            return Reply::Auth(outcome);
         };
         self.code_seq += 1;
         let number = issue_number(self.index, self.code_seq);

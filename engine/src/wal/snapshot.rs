@@ -1062,18 +1062,13 @@ pub(crate) fn read(
     }
     let len = len as usize;
     let payload = if version >= 4 {
+        // A mapping starts on a page and the header is 48 bytes, so the payload is aligned for
+        // the archive (and `rkyv::access` checks it). Populated at once: recovery reads it all.
         // SAFETY: a snapshot file is written whole to a temporary file and renamed into place,
         // never written again, and the data directory is the engine's alone: the mapping does
-        // not change under the reader. Populated at once: recovery reads all of it.
+        // not change under the reader.
         let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }.map_err(io)?;
-        let range = header_len..header_len + len;
-        let aligned = (map.as_ptr() as usize + range.start).is_multiple_of(16);
-        if aligned {
-            Payload::Mapped { map, range }
-        } else {
-            // A mapping starts on a page; this cannot happen, and costs only a copy if it did.
-            Payload::Read(aligned_copy(&map[range]))
-        }
+        Payload::Mapped { map, range: header_len..header_len + len }
     } else {
         // Read straight into an aligned buffer: rkyv reads the archive in place from there.
         let mut payload = rkyv::util::AlignedVec::<16>::with_capacity(len);
@@ -1103,11 +1098,4 @@ pub(crate) fn read(
         _ => payload,
     };
     Ok(Some((generation, Snapshot { payload })))
-}
-
-/// `bytes` in a buffer aligned for the archive.
-fn aligned_copy(bytes: &[u8]) -> rkyv::util::AlignedVec<16> {
-    let mut buffer = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len());
-    buffer.extend_from_slice(bytes);
-    buffer
 }
