@@ -6,6 +6,10 @@
 
 mod common;
 
+/// The server's allocator (`src/main.rs`), so that recovery is measured as the server does it.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
@@ -190,8 +194,6 @@ fn recover_in_child(dir: &std::path::Path) -> Duration {
 criterion_group!(benches, authorize_by_policy, recovery);
 
 fn main() {
-    // As `settlegate serve` does, so that recovery is measured as a restart of the server.
-    settlegate_engine::alloc::tune_allocator();
     if let Some(dir) = std::env::var_os(RECOVER_ONCE) {
         // The engine's `recovered` line (snapshot load and replay times) goes to stderr, which
         // the parent shows only if the child fails; run the child by hand to read it.

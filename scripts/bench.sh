@@ -3,7 +3,9 @@
 #
 #   scripts/bench.sh [tcp] [open] [criterion] [all]      (default: tcp open)
 #
-#   tcp        settlegate's authorize path against Redis SET over loopback, closed loop, same
+#   tcp        settlegate's authorize path against Redis SET over loopback, closed loop in
+#              batches for both (each connection writes PIPELINE requests, reads their answers,
+#              writes the next batch: redis-benchmark -P's way), same
 #              connections, pipeline depth and durations (the "Over TCP against Redis" table;
 #              RUNS=3 gives the three runs and their median), and each server's CPU per
 #              request over the middle of its run (from /proc).
@@ -94,6 +96,7 @@ sg_pid=$!
 for _ in $(seq 100); do curl -fs "127.0.0.1:$SG_HTTP/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
 
 common=(--connections "$CONNECTIONS" --pipeline "$PIPELINE" --warmup "$WARMUP" --duration "$DURATION")
+closed=(--closed-loop batch)
 # Server CPU over the middle of a measured run (from 1 s after the warm-up until 1 s before the
 # end), read from /proc: "ticks_before ticks_after seconds" into $2. CPU per request is a steadier
 # measure of a server's own cost than throughput on a shared machine.
@@ -111,12 +114,12 @@ for run in $(seq "$RUNS"); do
   echo "== run $run: redis SET"
   sample_cpu "$redis_pid" "$OUT/redis-$run.cpu" & sampler=$!
   "${client_pin[@]}" "$BIN/loadgen" redis --target "127.0.0.1:$REDIS_PORT" "${common[@]}" \
-    --json "$OUT/redis-$run.json" --html "$OUT/redis-$run.html"
+    "${closed[@]}" --json "$OUT/redis-$run.json" --html "$OUT/redis-$run.html"
   wait "$sampler"
   echo "== run $run: settlegate authorize (closed loop)"
   sample_cpu "$sg_pid" "$OUT/authorize-$run.cpu" & sampler=$!
   "${client_pin[@]}" "$BIN/loadgen" --target "127.0.0.1:$SG_PORT" --users "$USERS" "${common[@]}" \
-    --json "$OUT/authorize-$run.json" --html "$OUT/authorize-$run.html"
+    "${closed[@]}" --json "$OUT/authorize-$run.json" --html "$OUT/authorize-$run.html"
   wait "$sampler"
 done
 # The table: each run, then the median (of throughputs and of the ratio).

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use settlegate_engine::{DeviceMessage, Notice, ReasonCode};
-use settlegate_protocol::frame::{self, Frame, FrameError, FLAG_RESPONSE};
+use settlegate_protocol::frame::{self, FrameError, FrameRef, FLAG_RESPONSE};
 use settlegate_protocol::messages::{opcode, DecodeError, Reply, Request, Response};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc, watch, Semaphore};
@@ -131,49 +131,62 @@ pub async fn serve<S>(
     let _ = writer_task.await;
 }
 
-/// Decodes every complete frame at the front of `buffer`; returns them, the bytes used, and
-/// the framing error that stopped decoding, if any.
-fn decode_available(buffer: &[u8]) -> (Vec<Frame>, usize, Option<FrameError>) {
-    let mut frames = Vec::new();
+/// A request as read: its frame's opcode and request ID, and the request, or the response it
+/// gets at once when it is not one (bad header fields, unknown opcode, bad body).
+struct Incoming {
+    opcode: u16,
+    request_id: u64,
+    request: Result<Request, Box<Response>>,
+}
+
+/// Decodes every complete frame at the front of `buffer`, and each one's request straight from
+/// the buffer; returns them, the bytes used, and the framing error that stopped decoding, if
+/// any.
+fn decode_available(buffer: &[u8]) -> (Vec<Incoming>, usize, Option<FrameError>) {
+    let mut incoming = Vec::new();
     let mut used = 0;
-    while frames.len() < FRAMES_PER_BATCH_MAX {
-        match frame::decode(&buffer[used..]) {
+    while incoming.len() < FRAMES_PER_BATCH_MAX {
+        match frame::decode_ref(&buffer[used..]) {
             Ok(Some((frame, len))) => {
                 used += len;
-                frames.push(frame);
+                incoming.push(Incoming {
+                    opcode: frame.opcode,
+                    request_id: frame.request_id,
+                    request: decode_request(&frame),
+                });
             }
             Ok(None) => break,
-            Err(error) => return (frames, used, Some(error)),
+            Err(error) => return (incoming, used, Some(error)),
         }
     }
-    (frames, used, None)
+    (incoming, used, None)
+}
+
+fn decode_request(frame: &FrameRef<'_>) -> Result<Request, Box<Response>> {
+    if frame.request_id == 0 || frame.status != 0 || frame.flags & FLAG_RESPONSE != 0 {
+        let detail = "a request has a nonzero request ID, status 0 and no RESPONSE flag";
+        return Err(Box::new(Response::BadRequest(detail.into())));
+    }
+    Request::decode(frame.opcode, frame.body).map_err(|error| {
+        Box::new(match error {
+            DecodeError::UnknownOpcode(_) => Response::UnknownOpcode,
+            DecodeError::Body(error) => Response::BadRequest(error.to_string()),
+        })
+    })
 }
 
 impl Connection {
     /// Sorts a batch of frames: connection-level requests are answered now, `AUTHORIZE`s go to
     /// the engine together, other requests run concurrently beside them.
-    async fn dispatch(&mut self, frames: Vec<Frame>) {
+    async fn dispatch(&mut self, frames: Vec<Incoming>) {
         let mut now = Vec::new();
         let mut authorizes = Vec::new();
         let mut others = Vec::new();
         for frame in frames {
-            if frame.request_id == 0 || frame.status != 0 || frame.flags & FLAG_RESPONSE != 0 {
-                let detail = "a request has a nonzero request ID, status 0 and no RESPONSE flag";
-                now.push((frame.opcode, frame.request_id, Response::BadRequest(detail.into())));
-                continue;
-            }
-            let request = match Request::decode(frame.opcode, &frame.body) {
+            let request = match frame.request {
                 Ok(request) => request,
-                Err(DecodeError::UnknownOpcode(_)) => {
-                    now.push((frame.opcode, frame.request_id, Response::UnknownOpcode));
-                    continue;
-                }
-                Err(DecodeError::Body(error)) => {
-                    now.push((
-                        frame.opcode,
-                        frame.request_id,
-                        Response::BadRequest(error.to_string()),
-                    ));
+                Err(response) => {
+                    now.push((frame.opcode, frame.request_id, *response));
                     continue;
                 }
             };
@@ -385,9 +398,8 @@ fn encode_response(
     response: &Response,
     out: &mut Vec<u8>,
 ) {
-    let frame = response.to_frame(op, request_id);
-    handler::count_request(&ctx.metrics, op, frame.status);
-    frame.encode(out);
+    let status = response.encode_frame(op, request_id, out);
+    handler::count_request(&ctx.metrics, op, status);
 }
 
 /// A subscription's stream.

@@ -87,11 +87,11 @@ impl Notices {
     }
 
     pub(crate) fn publish(&self, notice: Notice) {
+        // Most payments have no subscriber: that costs one lookup, no copy of the user.
+        let Some(sender) = self.channels.get(&notice.user) else { return };
         let user = notice.user.clone();
-        let gone = match self.channels.get(&user) {
-            None => return,
-            Some(sender) => sender.send(notice).is_err(),
-        };
+        let gone = sender.send(notice).is_err();
+        drop(sender);
         if gone {
             // Nobody listens any more; drop the channel unless someone subscribed meanwhile.
             self.channels.remove_if(&user, |_, sender| sender.receiver_count() == 0);

@@ -10,7 +10,7 @@ use settlegate_engine::limits::{
 };
 
 use crate::dataset::Sizes;
-use crate::driver::{Pacing, Plan};
+use crate::driver::{ClosedLoop, Pacing, Plan};
 use crate::mix::Mix;
 use crate::slo::Slo;
 use crate::units::parse_duration;
@@ -93,6 +93,12 @@ pub struct Args {
     /// evenly spaced sends, but loadgen keeps its core busy; pin it apart from the server).
     #[arg(long, value_enum, default_value_t = Pacing::Timer, requires = "rate")]
     pub pacing: Pacing,
+    /// The closed loop: `batch` (each connection writes `--pipeline` requests at once and
+    /// waits for all their answers, as `redis-benchmark -P` does) or `window` (each keeps
+    /// `--pipeline` in flight, sending one as each answer arrives). Default: `batch` against a
+    /// server (or Redis) when every operation of the mix is one request, else `window`.
+    #[arg(long, value_enum, conflicts_with = "rate")]
+    pub closed_loop: Option<ClosedLoop>,
     /// A request unanswered after this counts as a `timeout` error.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub timeout: Duration,
@@ -147,6 +153,9 @@ impl Args {
                 bail!("--rate must be above 0 and at most {RATE_MAX} requests/s");
             }
         }
+        if self.closed_loop == Some(ClosedLoop::Batch) && !self.batchable() {
+            bail!("--closed-loop batch needs --target (or redis mode) and a mix of one-request operations (not code)");
+        }
         let names = self.operation_names();
         for slo in &self.slo {
             if let Some(operation) = &slo.operation {
@@ -191,6 +200,24 @@ impl Args {
         }
     }
 
+    /// Whether the run can go in batches: against a server, every operation one request.
+    fn batchable(&self) -> bool {
+        self.redis()
+            || (self.target.is_some() && self.mix.operations().iter().all(|op| op.is_single()))
+    }
+
+    /// The closed loop this run uses, `None` for an open loop.
+    pub fn closed_loop(&self) -> Option<ClosedLoop> {
+        if self.rate.is_some() {
+            return None;
+        }
+        Some(self.closed_loop.unwrap_or(if self.batchable() {
+            ClosedLoop::Batch
+        } else {
+            ClosedLoop::Window
+        }))
+    }
+
     /// The run's shape.
     pub fn plan(&self) -> Plan {
         Plan {
@@ -200,6 +227,7 @@ impl Args {
             duration: self.duration,
             rate_per_s: self.rate,
             pacing: self.pacing,
+            closed_loop: self.closed_loop(),
             timeout: self.timeout,
             seed: self.seed,
             weights: if self.redis() { vec![1] } else { self.mix.weights() },
@@ -242,6 +270,23 @@ mod tests {
         assert!(parse("loadgen redis").check().is_err());
         assert!(parse("loadgen redis --target x:1 --mix ping").check().is_err());
         assert!(parse("loadgen redis --target x:1 --slo redis_set:p99=1ms").check().is_ok());
+        assert!(parse("loadgen --embedded --closed-loop batch").check().is_err());
+        assert!(parse("loadgen --target x:1 --mix code --closed-loop batch").check().is_err());
+        assert!(Args::try_parse_from(
+            "loadgen --target x:1 --rate 5 --closed-loop batch".split(' ')
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn the_closed_loop_is_batch_where_it_can_be() {
+        let closed = |line| parse(line).closed_loop();
+        assert_eq!(closed("loadgen --target x:1"), Some(ClosedLoop::Batch));
+        assert_eq!(closed("loadgen redis --target x:1"), Some(ClosedLoop::Batch));
+        assert_eq!(closed("loadgen --target x:1 --mix authorize,code"), Some(ClosedLoop::Window));
+        assert_eq!(closed("loadgen --embedded"), Some(ClosedLoop::Window));
+        assert_eq!(closed("loadgen --target x:1 --closed-loop window"), Some(ClosedLoop::Window));
+        assert_eq!(closed("loadgen --target x:1 --rate 100"), None);
     }
 
     #[test]

@@ -77,6 +77,27 @@ impl Pacing {
     }
 }
 
+/// How a closed loop keeps its connections busy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ClosedLoop {
+    /// Each connection writes `--pipeline` requests in one write, waits for all their
+    /// responses, then writes the next batch (`redis-benchmark -P`; [`crate::batch`]).
+    Batch,
+    /// Each connection keeps `--pipeline` requests in flight, sending one as each answer
+    /// arrives (this module's per-request loop).
+    Window,
+}
+
+impl ClosedLoop {
+    /// The flag's value, as reports give it.
+    pub fn label(self) -> &'static str {
+        match self {
+            ClosedLoop::Batch => "batch",
+            ClosedLoop::Window => "window",
+        }
+    }
+}
+
 /// What a workload does for one request. A slot is the state of one in-flight position of a
 /// connection (for authorize: the users it owns, so a device never has two requests in flight).
 pub trait Execute: Send + Sync + 'static {
@@ -109,6 +130,9 @@ pub struct Plan {
     pub rate_per_s: Option<f64>,
     /// How the open loop waits for due times.
     pub pacing: Pacing,
+    /// The closed loop's kind (`None` with a rate). This module runs [`ClosedLoop::Window`];
+    /// the caller sends [`ClosedLoop::Batch`] runs to [`crate::batch`] (or the Redis batches).
+    pub closed_loop: Option<ClosedLoop>,
     /// A request without an answer by then counts as a `timeout` error.
     pub timeout: Duration,
     /// Seed of the operation choice.
@@ -276,7 +300,8 @@ fn unsent(schedule: &Schedule, window: Window, mut next_k: u64) -> u64 {
     }
 }
 
-fn count_live(live: &Live, outcome: &Outcome) {
+/// Counts an answer on the progress line's counters.
+pub fn count_live(live: &Live, outcome: &Outcome) {
     live.completed.fetch_add(1, Ordering::Relaxed);
     match outcome {
         Outcome::Ok => {}
@@ -331,6 +356,7 @@ mod tests {
             duration: Duration::from_secs(5),
             rate_per_s,
             pacing: Pacing::Timer,
+            closed_loop: rate_per_s.is_none().then_some(ClosedLoop::Window),
             timeout: Duration::from_secs(10),
             seed: 1,
             weights: vec![1],

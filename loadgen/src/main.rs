@@ -24,6 +24,7 @@
 //! the baseline.
 
 mod args;
+mod batch;
 mod dataset;
 mod driver;
 mod mix;
@@ -45,7 +46,7 @@ use anyhow::Context as _;
 use clap::Parser as _;
 
 use crate::args::Args;
-use crate::driver::{drive, Live};
+use crate::driver::{drive, ClosedLoop, Live};
 use crate::ops::Workload;
 use crate::progress::RunProgress;
 use crate::report::{Settings, Summary};
@@ -100,8 +101,14 @@ async fn run(args: Args) -> anyhow::Result<Vec<Verdict>> {
         let operations = args.mix.operations();
         let workload =
             Workload::new(target, dataset, operations, args.connections, args.pipeline, args.seed);
+        let workload = Arc::new(workload);
         let line = progress(&live);
-        let tally = drive(Arc::new(workload), plan, live).await;
+        let tally = match (plan.closed_loop, args.target.as_deref()) {
+            (Some(ClosedLoop::Batch), Some(addr)) => {
+                batch::drive(addr, &args.api_key, workload, plan, live).await?
+            }
+            _ => drive(workload, plan, live).await,
+        };
         line.finish();
         (tally, label)
     };
@@ -123,6 +130,7 @@ fn settings(args: &Args, target: String) -> Settings {
         mix: if args.redis() { args::REDIS_OPERATION.to_owned() } else { args.mix.to_string() },
         rate_per_s: args.rate,
         pacing: args.pacing,
+        closed_loop: args.closed_loop(),
         connections: args.connections,
         pipeline: args.pipeline,
         warmup_s: args.warmup.as_secs_f64(),
@@ -179,6 +187,52 @@ mod tests {
         }
         let page = std::fs::read_to_string(&html).unwrap();
         assert_eq!(page.matches("stroke-width=\"2\"").count(), 8, "a line (and key) per operation");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// Over TCP against a real server: the batch closed loop (the default for one-request
+    /// operations) and the window one (which a mix with `code` needs) both get an answer to
+    /// every request they send, and the report says which loop ran.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn server_runs_in_batches_and_in_windows() {
+        let mut config = settlegate::config::Config::embedded();
+        config.server.listen = "127.0.0.1:0".parse().unwrap();
+        config.server.http_listen = "127.0.0.1:0".parse().unwrap();
+        config.demo.users = 0;
+        config.engine.password = settlegate_engine::password::PasswordConfig {
+            memory_kib: 64,
+            iterations: 1,
+            parallelism: 1,
+        };
+        let server = settlegate::server::start(config).await.unwrap();
+        let dir = std::env::temp_dir().join(format!("loadgen-tcp-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let runs = [
+            ("batch", "authorize=4,usable=1,list_means=1,confirm_terminal=1,ping=1", None),
+            ("window", "authorize=2,code=1", None),
+            ("batch", "authorize", Some("--closed-loop batch")),
+        ];
+        for (closed_loop, mix, flag) in runs {
+            let json = dir.join(format!("{closed_loop}.json"));
+            let line = format!(
+                "loadgen --target {} --users 8 --stores 3 --providers 3 --connections 2 \
+                 --pipeline 4 --warmup 100ms --duration 400ms --no-progress --mix {mix} \
+                 --json {} {}",
+                server.addr,
+                json.display(),
+                flag.unwrap_or_default(),
+            );
+            let args = Args::try_parse_from(line.split_whitespace()).unwrap();
+            run(args).await.unwrap();
+            let report: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+            assert_eq!(report["settings"]["closed_loop"], closed_loop, "{mix}");
+            assert_eq!(report["errors"], 0, "{mix}: {report:#}");
+            for (name, op) in report["operations"].as_object().unwrap() {
+                assert!(op["requests"].as_u64().unwrap() > 0, "{mix}: {name}: {op}");
+            }
+        }
+        server.shutdown().await;
         std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -1,19 +1,23 @@
-//! The operations a settlegate run can mix, one function each.
+//! The operations a settlegate run can mix.
 //!
-//! Adding an operation is one line in the `operations!` table below (its variant, its
-//! `--mix` name and its function) and that function: `async fn(&Workload, &mut SlotCursor)
-//! -> Outcome`, sending one request to either target.
+//! Adding an operation is one line in the `operations!` table below (its variant and its
+//! `--mix` name), then its wire request and the judging of its reply
+//! ([`Operation::request`], [`Operation::judge`]: a server target) and its engine call
+//! ([`Operation::run`]: an embedded target). Single-request operations are sent either by the
+//! per-request driver ([`crate::driver`], through the protocol client) or in whole batches
+//! ([`crate::batch`]); both build and judge them with the same two functions.
 
 use std::borrow::Cow;
 use std::future::Future;
 use std::sync::atomic::Ordering;
 
 use settlegate_engine::{
-    AuthOutcome, AuthorizeRequest, Basket, BasketItem, BestBy, CodeOutcome, Currency, EngineError,
-    InherentId, IssueCodeRequest, IssuedCode, MeansKind, MeansOrder, RedeemRequest,
+    AuthOutcome, AuthorizeRequest, Basket, BasketItem, BestBy, CodeOutcome, Currency, Engine,
+    EngineError, InherentId, IssueCodeRequest, IssuedCode, MeansKind, MeansOrder, RedeemRequest,
+    UserKey,
 };
 use settlegate_protocol::messages::{Reply, Request};
-use settlegate_protocol::{ClientError, Response};
+use settlegate_protocol::{Client, ClientError, Response};
 
 use crate::dataset::{now_ms, Dataset, Payer};
 use crate::driver::Execute;
@@ -23,7 +27,7 @@ use crate::target::Target;
 
 /// Declares [`Operation`]: its variants, `--mix` names and functions.
 macro_rules! operations {
-    ($($(#[doc = $doc:literal])* $variant:ident => $name:literal, $run:ident;)+) => {
+    ($($(#[doc = $doc:literal])* $variant:ident => $name:literal;)+) => {
         /// A request kind the load generator can send.
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
         pub enum Operation {
@@ -41,34 +45,28 @@ macro_rules! operations {
                 }
             }
 
-            /// Sends one request of this kind.
-            pub async fn run(self, workload: &Workload, slot: &mut SlotCursor) -> Outcome {
-                match self {
-                    $(Operation::$variant => $run(workload, slot).await,)+
-                }
-            }
         }
     };
 }
 
 operations! {
     /// Authorize a payment signed with the slot's next user's device key (the hot path).
-    Authorize => "authorize", authorize;
+    Authorize => "authorize";
     /// List a random user's means (read-only: one query to the user's shard).
-    ListMeans => "list_means", list_means;
+    ListMeans => "list_means";
     /// Confirm a random store terminal with a provider (read-only, S38–S39).
-    ConfirmTerminal => "confirm_terminal", confirm_terminal;
+    ConfirmTerminal => "confirm_terminal";
     /// Echo: the protocol round trip alone. Embedded, there is nothing to call (it measures the
     /// load generator's own overhead).
-    Ping => "ping", ping;
+    Ping => "ping";
     /// What a random user can pay with at a random store (W3: a store and a means lookup).
-    Usable => "usable", usable;
+    Usable => "usable";
     /// An age-checked payment: a basket with an alcohol line and the age-confirmation flag,
     /// paid from a terminal whose age registration the dataset made (A2).
-    Age => "age", age_checked;
+    Age => "age";
     /// A payment code issued (held authorization) and then redeemed by a store terminal for
     /// less: two requests, timed together (C1–C3).
-    Code => "code", code;
+    Code => "code";
 }
 
 /// The settlegate workload: a target, its dataset and the mix's operations.
@@ -97,6 +95,11 @@ impl Workload {
     ) -> Workload {
         let run_ms = now_ms() as u64;
         Workload { target, dataset, operations, pipeline, connections, seed, run_ms }
+    }
+
+    /// The mix's operations, index for index with its weights.
+    pub fn operations(&self) -> &[Operation] {
+        &self.operations
     }
 }
 
@@ -166,17 +169,96 @@ fn next_payment(w: &Workload, slot: &mut SlotCursor) -> (u128, Vec<u8>) {
     (id, inherent_id)
 }
 
-async fn authorize(w: &Workload, slot: &mut SlotCursor) -> Outcome {
-    let (id, inherent_id) = next_payment(w, slot);
-    match &w.target {
-        Target::Embedded(engine) => {
-            let request = AuthorizeRequest { client_request_id: id, inherent_id };
-            auth_outcome(engine.authorize(request).await.map_err(engine_error))
-        }
-        Target::Remote(clients) => auth_outcome(
-            clients[slot.connection].authorize(id, inherent_id).await.map_err(client_error),
-        ),
+impl Operation {
+    /// Whether this operation is one request and one response, so that a batch of them can
+    /// go out in one write ([`crate::batch`]); `code` is two requests, the second built from
+    /// the first's answer.
+    pub fn is_single(self) -> bool {
+        self != Operation::Code
     }
+
+    /// The one request a single-request operation sends to a server (`None` for `code`).
+    pub fn request(self, w: &Workload, slot: &mut SlotCursor) -> Option<Request> {
+        Some(match self {
+            Operation::Authorize => {
+                let (client_request_id, inherent_id) = next_payment(w, slot);
+                Request::Authorize { client_request_id, inherent_id }
+            }
+            Operation::Age => {
+                let (client_request_id, inherent_id) = next_payment(w, slot);
+                Request::AuthorizeBasket { client_request_id, inherent_id, basket: basket() }
+            }
+            Operation::Usable => {
+                let (user, store_id, best_by) = usable_query(w, slot);
+                Request::UsableMethods { user: user.clone(), store_id: store_id.clone(), best_by }
+            }
+            Operation::ListMeans => {
+                let user = random_user(w, slot);
+                Request::ListMeans { user: user.clone(), order: MeansOrder::Registration }
+            }
+            Operation::ConfirmTerminal => {
+                let (provider_code, terminal_id) = random_terminal(w, slot);
+                Request::ConfirmTerminal { provider_code, terminal_id: terminal_id.clone() }
+            }
+            Operation::Ping => Request::Ping { payload: Vec::new() },
+            Operation::Code => return None,
+        })
+    }
+
+    /// How a server's answer to [`Operation::request`] counts.
+    pub fn judge(self, answer: Result<Response, ClientError>) -> Outcome {
+        let reply = match answer {
+            Ok(Response::Ok(reply)) => reply,
+            Ok(other) => {
+                return Outcome::Error(client_error(ClientError::Unexpected(Box::new(other))))
+            }
+            Err(error) => return Outcome::Error(client_error(error)),
+        };
+        match (self, reply) {
+            (Operation::Authorize, Reply::Outcome(outcome))
+            | (Operation::Age, Reply::BasketOutcome(outcome, _)) => auth_outcome(Ok(outcome)),
+            (Operation::Ping, Reply::Pong(_)) => Outcome::Ok,
+            (Operation::Authorize | Operation::Age | Operation::Ping, _) => {
+                Outcome::Error("unexpected reply".into())
+            }
+            _ => Outcome::Ok,
+        }
+    }
+
+    /// Sends one request of this kind (two for `code`) to the workload's target.
+    pub async fn run(self, w: &Workload, slot: &mut SlotCursor) -> Outcome {
+        match &w.target {
+            Target::Remote(clients) => {
+                let client = &clients[slot.connection];
+                match self.request(w, slot) {
+                    Some(request) => self.judge(client.call(&request).await),
+                    None => code_remote(w, slot, client).await,
+                }
+            }
+            Target::Embedded(engine) => match self {
+                Operation::Authorize => authorize(w, slot, engine).await,
+                Operation::Age => age_checked(w, slot, engine).await,
+                Operation::Usable => usable(w, slot, engine).await,
+                Operation::ListMeans => {
+                    let user = random_user(w, slot);
+                    ok_or_error(engine.list_means(user, MeansOrder::Registration).await)
+                }
+                Operation::ConfirmTerminal => {
+                    let (provider_code, terminal_id) = random_terminal(w, slot);
+                    ok_or_error(engine.confirm_terminal(provider_code, terminal_id))
+                }
+                // Embedded, there is nothing to call: it measures the load generator itself.
+                Operation::Ping => Outcome::Ok,
+                Operation::Code => code_embedded(w, slot, engine).await,
+            },
+        }
+    }
+}
+
+async fn authorize(w: &Workload, slot: &mut SlotCursor, engine: &Engine) -> Outcome {
+    let (client_request_id, inherent_id) = next_payment(w, slot);
+    let request = AuthorizeRequest { client_request_id, inherent_id };
+    auth_outcome(engine.authorize(request).await.map_err(engine_error))
 }
 
 /// 1,000 JPY: two beers (alcohol) and a bento, with the age-confirmation flag.
@@ -193,28 +275,20 @@ fn basket() -> Basket {
     }
 }
 
-async fn age_checked(w: &Workload, slot: &mut SlotCursor) -> Outcome {
-    let (id, inherent_id) = next_payment(w, slot);
-    match &w.target {
-        Target::Embedded(engine) => {
-            let request = AuthorizeRequest { client_request_id: id, inherent_id };
-            let mut results = engine.authorize_baskets(vec![(request, Some(basket()))]).await;
-            let result = results.pop().expect("one result");
-            auth_outcome(result.map(|r| r.outcome).map_err(engine_error))
-        }
-        Target::Remote(clients) => {
-            let request =
-                Request::AuthorizeBasket { client_request_id: id, inherent_id, basket: basket() };
-            match clients[slot.connection].call_ok(&request).await {
-                Ok(Reply::BasketOutcome(outcome, _)) => auth_outcome(Ok(outcome)),
-                Ok(_) => Outcome::Error("unexpected reply".into()),
-                Err(error) => Outcome::Error(client_error(error)),
-            }
-        }
-    }
+async fn age_checked(w: &Workload, slot: &mut SlotCursor, engine: &Engine) -> Outcome {
+    let (client_request_id, inherent_id) = next_payment(w, slot);
+    let request = AuthorizeRequest { client_request_id, inherent_id };
+    let mut results = engine.authorize_baskets(vec![(request, Some(basket()))]).await;
+    let result = results.pop().expect("one result");
+    auth_outcome(result.map(|r| r.outcome).map_err(engine_error))
 }
 
-async fn code(w: &Workload, slot: &mut SlotCursor) -> Outcome {
+/// The code operation's two requests: the issue (a held authorization) and the redemption
+/// of the issued code, for less, at a random store.
+fn code_requests(
+    w: &Workload,
+    slot: &mut SlotCursor,
+) -> (IssueCodeRequest, impl Fn(&IssuedCode) -> RedeemRequest) {
     let (id, inherent_id) = next_payment(w, slot);
     let store = w.dataset.stores[slot.below(w.dataset.stores.len())].clone();
     let issue = IssueCodeRequest {
@@ -224,7 +298,7 @@ async fn code(w: &Workload, slot: &mut SlotCursor) -> Outcome {
         deliver_to: None,
         order_ref: String::new(),
     };
-    let redeem = |code: &IssuedCode| RedeemRequest {
+    let redeem = move |code: &IssuedCode| RedeemRequest {
         client_request_id: id | (1 << 31),
         code: code.text.clone(),
         issuer: 1,
@@ -237,83 +311,52 @@ async fn code(w: &Workload, slot: &mut SlotCursor) -> Outcome {
         coupon: None,
         order_ref: String::new(),
     };
-    match &w.target {
-        Target::Embedded(engine) => match engine.issue_code(issue).await {
-            Ok(CodeOutcome::Issued(code)) => {
-                ok_or_error(engine.redeem_code(redeem(&code)).await, engine_error)
-            }
-            Ok(CodeOutcome::Declined(reason)) => Outcome::Declined(reason.code()),
-            Err(error) => Outcome::Error(engine_error(error)),
-        },
-        Target::Remote(clients) => {
-            let client = &clients[slot.connection];
-            match client.call_ok(&Request::IssueCode { request: issue }).await {
-                Ok(Reply::Code(CodeOutcome::Issued(code))) => {
-                    let request = Request::RedeemCode { request: redeem(&code) };
-                    ok_or_error(client.call_ok(&request).await, client_error)
-                }
-                Ok(Reply::Code(CodeOutcome::Declined(reason))) => Outcome::Declined(reason.code()),
-                Ok(_) => Outcome::Error("unexpected reply".into()),
-                Err(error) => Outcome::Error(client_error(error)),
-            }
-        }
+    (issue, redeem)
+}
+
+async fn code_embedded(w: &Workload, slot: &mut SlotCursor, engine: &Engine) -> Outcome {
+    let (issue, redeem) = code_requests(w, slot);
+    match engine.issue_code(issue).await {
+        Ok(CodeOutcome::Issued(code)) => ok_or_error(engine.redeem_code(redeem(&code)).await),
+        Ok(CodeOutcome::Declined(reason)) => Outcome::Declined(reason.code()),
+        Err(error) => Outcome::Error(engine_error(error)),
     }
 }
 
-async fn usable(w: &Workload, slot: &mut SlotCursor) -> Outcome {
-    let user = w.dataset.payers[slot.below(w.dataset.payers.len())].user.clone();
-    let store_id = w.dataset.stores[slot.below(w.dataset.stores.len())].clone();
+async fn code_remote(w: &Workload, slot: &mut SlotCursor, client: &Client) -> Outcome {
+    let (issue, redeem) = code_requests(w, slot);
+    match client.call_ok(&Request::IssueCode { request: issue }).await {
+        Ok(Reply::Code(CodeOutcome::Issued(code))) => {
+            let request = Request::RedeemCode { request: redeem(&code) };
+            Operation::Code.judge(client.call(&request).await)
+        }
+        Ok(Reply::Code(CodeOutcome::Declined(reason))) => Outcome::Declined(reason.code()),
+        Ok(_) => Outcome::Error("unexpected reply".into()),
+        Err(error) => Outcome::Error(client_error(error)),
+    }
+}
+
+/// A random user, store and ranking: what a usable-methods query asks (W3).
+fn usable_query<'w>(w: &'w Workload, slot: &mut SlotCursor) -> (&'w UserKey, &'w String, BestBy) {
+    let user = random_user(w, slot);
+    let store_id = &w.dataset.stores[slot.below(w.dataset.stores.len())];
     let best_by = if slot.below(2) == 0 { BestBy::MostUsed } else { BestBy::LargestBalance };
-    match &w.target {
-        Target::Embedded(engine) => {
-            ok_or_error(engine.usable_methods(&user, &store_id, best_by).await, engine_error)
-        }
-        Target::Remote(clients) => {
-            let request = Request::UsableMethods { user, store_id, best_by };
-            ok_or_error(clients[slot.connection].call_ok(&request).await, client_error)
-        }
-    }
+    (user, store_id, best_by)
 }
 
-async fn list_means(w: &Workload, slot: &mut SlotCursor) -> Outcome {
-    let user = &w.dataset.payers[slot.below(w.dataset.payers.len())].user;
-    let order = MeansOrder::Registration;
-    match &w.target {
-        Target::Embedded(engine) => ok_or_error(engine.list_means(user, order).await, engine_error),
-        Target::Remote(clients) => {
-            let request = Request::ListMeans { user: user.clone(), order };
-            ok_or_error(clients[slot.connection].call_ok(&request).await, client_error)
-        }
-    }
+async fn usable(w: &Workload, slot: &mut SlotCursor, engine: &Engine) -> Outcome {
+    let (user, store_id, best_by) = usable_query(w, slot);
+    ok_or_error(engine.usable_methods(user, store_id, best_by).await)
 }
 
-async fn confirm_terminal(w: &Workload, slot: &mut SlotCursor) -> Outcome {
+fn random_user<'w>(w: &'w Workload, slot: &mut SlotCursor) -> &'w UserKey {
+    &w.dataset.payers[slot.below(w.dataset.payers.len())].user
+}
+
+/// A random provider and one of the dataset's store terminals.
+fn random_terminal<'w>(w: &'w Workload, slot: &mut SlotCursor) -> (u32, &'w String) {
     let provider_code = w.dataset.providers[slot.below(w.dataset.providers.len())];
-    let terminal_id = &w.dataset.stores[slot.below(w.dataset.stores.len())];
-    match &w.target {
-        Target::Embedded(engine) => {
-            ok_or_error(engine.confirm_terminal(provider_code, terminal_id), engine_error)
-        }
-        Target::Remote(clients) => {
-            let request =
-                Request::ConfirmTerminal { provider_code, terminal_id: terminal_id.clone() };
-            ok_or_error(clients[slot.connection].call_ok(&request).await, client_error)
-        }
-    }
-}
-
-async fn ping(w: &Workload, slot: &mut SlotCursor) -> Outcome {
-    match &w.target {
-        Target::Embedded(_) => Outcome::Ok,
-        Target::Remote(clients) => {
-            let request = Request::Ping { payload: Vec::new() };
-            match clients[slot.connection].call_ok(&request).await {
-                Ok(Reply::Pong(_)) => Outcome::Ok,
-                Ok(_) => Outcome::Error("unexpected reply".into()),
-                Err(error) => Outcome::Error(client_error(error)),
-            }
-        }
-    }
+    (provider_code, &w.dataset.stores[slot.below(w.dataset.stores.len())])
 }
 
 /// A fresh inherent ID of `payer`'s, as their phone would sign it.
@@ -342,10 +385,10 @@ fn auth_outcome(result: Result<AuthOutcome, Cow<'static, str>>) -> Outcome {
     }
 }
 
-fn ok_or_error<T, E>(result: Result<T, E>, kind: fn(E) -> Cow<'static, str>) -> Outcome {
+fn ok_or_error<T>(result: Result<T, EngineError>) -> Outcome {
     match result {
         Ok(_) => Outcome::Ok,
-        Err(error) => Outcome::Error(kind(error)),
+        Err(error) => Outcome::Error(engine_error(error)),
     }
 }
 

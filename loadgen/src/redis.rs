@@ -1,10 +1,11 @@
 //! The baseline: Redis `SET` of 100-byte values over RESP, with the same connections, depth,
 //! durations and loop as a settlegate run, so a run can be set beside a reference server's.
 //!
-//! Closed loop: each connection writes `--pipeline` SETs, then reads their replies, as
-//! `redis-benchmark -P` does (the method behind docs/BENCHMARKS.md's figures). Open loop
-//! (`--rate`): the same scheduler as settlegate runs, each SET its own request on a pipelined
-//! connection whose replies are matched in order, like settlegate's protocol client.
+//! Closed loop in batches (the default): each connection writes `--pipeline` SETs, then reads
+//! their replies, as `redis-benchmark -P` does and as settlegate runs go ([`crate::batch`]).
+//! Open loop (`--rate`) and the `window` closed loop: the same scheduler as settlegate runs,
+//! each SET its own request on a pipelined connection whose replies are matched in order, like
+//! settlegate's protocol client.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -17,7 +18,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::driver::{drive, Execute, Live, Plan};
+use crate::driver::{drive, ClosedLoop, Execute, Live, Plan};
 use crate::tally::{Outcome, Tally};
 
 /// Bytes of each value.
@@ -27,7 +28,7 @@ const WRITE_BATCH_MAX: usize = 256 * 1024;
 
 /// Runs the baseline against the Redis at `addr`.
 pub async fn baseline(addr: &str, plan: Arc<Plan>, live: Arc<Live>) -> anyhow::Result<Tally> {
-    if plan.rate_per_s.is_some() {
+    if plan.closed_loop != Some(ClosedLoop::Batch) {
         let mut connections = Vec::with_capacity(plan.connections);
         for _ in 0..plan.connections {
             connections.push(RespConnection::connect(addr).await?);
@@ -269,6 +270,7 @@ mod tests {
             duration: Duration::from_millis(300),
             rate_per_s: Some(1_000.0),
             pacing: crate::driver::Pacing::Spin,
+            closed_loop: None,
             timeout: Duration::from_secs(5),
             seed: 1,
             weights: vec![1],

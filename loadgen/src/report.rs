@@ -138,6 +138,8 @@ pub struct Settings {
     pub rate_per_s: Option<f64>,
     /// How the open loop waited for due times.
     pub pacing: crate::driver::Pacing,
+    /// The closed loop's kind; `None` for an open loop.
+    pub closed_loop: Option<crate::driver::ClosedLoop>,
     #[allow(missing_docs)]
     pub connections: usize,
     #[allow(missing_docs)]
@@ -225,6 +227,7 @@ impl Summary {
                 "target": s.target,
                 "mix": s.mix,
                 "pacing": if s.rate_per_s.is_some() { Some(s.pacing.label()) } else { None },
+                "closed_loop": s.closed_loop.map(|c| c.label()),
                 "connections": s.connections,
                 "pipeline": s.pipeline,
                 "duration_s": s.duration_s,
@@ -250,7 +253,10 @@ impl Summary {
                 thousands(rate.round() as u64),
                 s.pacing.label()
             ),
-            None => "closed loop".to_owned(),
+            None => match s.closed_loop {
+                Some(kind) => format!("closed loop ({})", kind.label()),
+                None => "closed loop".to_owned(),
+            },
         };
         let _ = writeln!(
             out,

@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, ToSocketAddrs};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::frame::{self, FLAG_PUSH};
+use crate::frame::{self, FrameRef, FLAG_PUSH};
 use crate::messages::{opcode, Reply, Request, Response};
 
 /// Frames queued for the writer before `call` waits.
@@ -169,7 +169,8 @@ impl Client {
 
     async fn send(&self, request: &Request, waiter: Waiter) -> Result<(), ClientError> {
         let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let bytes = request.to_frame(request_id).to_bytes();
+        let mut bytes = Vec::new();
+        request.encode_frame(request_id, &mut bytes);
         {
             let mut pending = self.pending.lock().expect("pending lock");
             if let Some(reason) = &pending.closed {
@@ -209,21 +210,30 @@ async fn read_loop<R: AsyncRead>(read_half: R, pending: Pending) {
     tokio::pin!(read_half);
     let mut buffer = Vec::with_capacity(64 * 1024);
     let reason = loop {
-        match frame::decode(&buffer) {
-            Ok(Some((frame, used))) => {
-                buffer.drain(..used);
-                if let Err(error) = deliver(&pending, frame) {
-                    break error;
+        let mut used = 0;
+        let stop = loop {
+            match frame::decode_ref(&buffer[used..]) {
+                Ok(Some((frame, len))) => {
+                    used += len;
+                    if let Err(error) = deliver(&pending, frame) {
+                        break Some(error);
+                    }
                 }
-                continue;
+                Ok(None) => break None,
+                Err(error) => {
+                    break Some(ClientError::Protocol(format!("bad frame from server: {error}")))
+                }
             }
-            Ok(None) => {}
-            Err(error) => break ClientError::Protocol(format!("bad frame from server: {error}")),
+        };
+        if let Some(error) = stop {
+            break error;
         }
-        let mut chunk = [0u8; 16 * 1024];
-        match read_half.read(&mut chunk).await {
+        // Only the partial frame at the end (if any) moves to the front.
+        buffer.drain(..used);
+        buffer.reserve(16 * 1024);
+        match read_half.read_buf(&mut buffer).await {
             Ok(0) => break ClientError::Closed("server closed the connection".into()),
-            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+            Ok(_) => {}
             Err(error) => break ClientError::Closed(error.to_string()),
         }
     };
@@ -237,10 +247,10 @@ async fn read_loop<R: AsyncRead>(read_half: R, pending: Pending) {
     }
 }
 
-fn deliver(pending: &Pending, frame: crate::Frame) -> Result<(), ClientError> {
+fn deliver(pending: &Pending, frame: FrameRef<'_>) -> Result<(), ClientError> {
     if frame.request_id == 0 && frame.opcode == 0 {
         // A FRAME_ERROR: the server is about to close; report it to everyone waiting.
-        let response = Response::decode(0, frame.status, &frame.body)
+        let response = Response::decode(0, frame.status, frame.body)
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         return Err(ClientError::Unexpected(Box::new(response)));
     }
@@ -250,7 +260,7 @@ fn deliver(pending: &Pending, frame: crate::Frame) -> Result<(), ClientError> {
         else {
             return Ok(()); // A push for a subscription nobody holds any more.
         };
-        let response = Response::decode(frame.opcode, frame.status, &frame.body)
+        let response = Response::decode(frame.opcode, frame.status, frame.body)
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         let delivered = match (pushes, response) {
             (PushSink::Notices(notices), Response::Ok(Reply::Notice(notice))) => {
@@ -266,12 +276,12 @@ fn deliver(pending: &Pending, frame: crate::Frame) -> Result<(), ClientError> {
     }
     match pending.waiters.remove(&frame.request_id) {
         Some(Waiter::Once { opcode, reply }) => {
-            let response = Response::decode(opcode, frame.status, &frame.body)
+            let response = Response::decode(opcode, frame.status, frame.body)
                 .map_err(|e| ClientError::Protocol(format!("response to {opcode:#06x}: {e}")));
             let _ = reply.send(response);
         }
         Some(Waiter::Subscription { opcode, first, pushes }) => {
-            let response = Response::decode(opcode, frame.status, &frame.body)
+            let response = Response::decode(opcode, frame.status, frame.body)
                 .map_err(|e| ClientError::Protocol(e.to_string()));
             let subscribed = matches!(response, Ok(Response::Ok(_)));
             if let Some(first) = first {

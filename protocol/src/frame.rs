@@ -94,19 +94,8 @@ impl Frame {
     /// # Panics
     /// If the body is longer than [`BODY_LEN_MAX`]: message encoders never build one.
     pub fn encode(&self, out: &mut Vec<u8>) {
-        assert!(self.body.len() <= BODY_LEN_MAX, "frame body over the maximum");
-        let start = out.len();
-        out.extend_from_slice(&MAGIC);
-        out.push(VERSION);
-        out.push(self.flags);
-        out.extend_from_slice(&self.opcode.to_be_bytes());
-        out.extend_from_slice(&self.status.to_be_bytes());
-        out.extend_from_slice(&self.request_id.to_be_bytes());
-        out.extend_from_slice(&(self.body.len() as u32).to_be_bytes());
-        out.extend_from_slice(&crc32(&self.body).to_be_bytes());
-        let header_crc = crc32(&out[start..start + 24]);
-        out.extend_from_slice(&header_crc.to_be_bytes());
-        out.extend_from_slice(&self.body);
+        let head = Head { flags: self.flags, opcode: self.opcode, status: self.status };
+        encode_with(out, head, self.request_id, |out| out.extend_from_slice(&self.body));
     }
 
     /// The encoded frame.
@@ -115,6 +104,47 @@ impl Frame {
         self.encode(&mut out);
         out
     }
+}
+
+/// A frame's header fields other than its request ID and lengths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    /// Flag bits.
+    pub flags: u8,
+    /// Operation code.
+    pub opcode: u16,
+    /// Status (0 in requests).
+    pub status: u16,
+}
+
+/// Appends a frame to `out` whose body `body` writes straight after the header: no body is
+/// built apart and copied. The header's lengths and checksums are filled in after.
+///
+/// # Panics
+/// If the body is longer than [`BODY_LEN_MAX`]: message encoders never build one.
+pub fn encode_with(
+    out: &mut Vec<u8>,
+    head: Head,
+    request_id: u64,
+    body: impl FnOnce(&mut Vec<u8>),
+) {
+    let start = out.len();
+    out.extend_from_slice(&MAGIC);
+    out.push(VERSION);
+    out.push(head.flags);
+    out.extend_from_slice(&head.opcode.to_be_bytes());
+    out.extend_from_slice(&head.status.to_be_bytes());
+    out.extend_from_slice(&request_id.to_be_bytes());
+    out.extend_from_slice(&[0; 12]); // body length, body CRC, header CRC
+    body(out);
+    let body_len = out.len() - start - HEADER_LEN;
+    assert!(body_len <= BODY_LEN_MAX, "frame body over the maximum");
+    let body_crc = crc32(&out[start + HEADER_LEN..]);
+    let header = &mut out[start..start + HEADER_LEN];
+    header[16..20].copy_from_slice(&(body_len as u32).to_be_bytes());
+    header[20..24].copy_from_slice(&body_crc.to_be_bytes());
+    let header_crc = crc32(&header[..24]);
+    header[24..28].copy_from_slice(&header_crc.to_be_bytes());
 }
 
 /// Checks a complete header and returns the body length it announces.
@@ -139,9 +169,42 @@ pub fn check_header(header: &[u8; HEADER_LEN]) -> Result<usize, FrameError> {
     Ok(body_len)
 }
 
+/// A decoded frame whose body is still in the buffer it was read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameRef<'a> {
+    /// Flag bits.
+    pub flags: u8,
+    /// Operation code.
+    pub opcode: u16,
+    /// Status (0 in requests).
+    pub status: u16,
+    /// Client-chosen request ID, echoed in responses.
+    pub request_id: u64,
+    /// The body.
+    pub body: &'a [u8],
+}
+
+impl FrameRef<'_> {
+    /// An owned copy.
+    pub fn to_owned(&self) -> Frame {
+        Frame {
+            flags: self.flags,
+            opcode: self.opcode,
+            status: self.status,
+            request_id: self.request_id,
+            body: self.body.to_vec(),
+        }
+    }
+}
+
 /// Decodes the frame at the front of `buf`: `Ok(None)` while it is incomplete, else the frame
 /// and the bytes it used. The header is validated as soon as it is complete.
 pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, FrameError> {
+    Ok(decode_ref(buf)?.map(|(frame, used)| (frame.to_owned(), used)))
+}
+
+/// [`decode`] without copying the body out of `buf`.
+pub fn decode_ref(buf: &[u8]) -> Result<Option<(FrameRef<'_>, usize)>, FrameError> {
     let Some(header) = buf.get(..HEADER_LEN) else { return Ok(None) };
     let header: &[u8; HEADER_LEN] = header.try_into().expect("header length");
     let body_len = check_header(header)?;
@@ -150,12 +213,12 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, FrameError> {
     if crc32(body) != be32(20) {
         return Err(FrameError::BodyChecksum);
     }
-    let frame = Frame {
+    let frame = FrameRef {
         flags: header[3],
         opcode: u16::from_be_bytes([header[4], header[5]]),
         status: u16::from_be_bytes([header[6], header[7]]),
         request_id: u64::from_be_bytes(header[8..16].try_into().expect("8")),
-        body: body.to_vec(),
+        body,
     };
     Ok(Some((frame, HEADER_LEN + body_len)))
 }

@@ -472,6 +472,12 @@ impl Request {
         }
     }
 
+    /// Appends the request, as a frame with `request_id`, to `out` (the body encoded in place).
+    pub fn encode_frame(&self, request_id: u64, out: &mut Vec<u8>) {
+        let head = crate::frame::Head { flags: 0, opcode: self.opcode(), status: 0 };
+        crate::frame::encode_with(out, head, request_id, |out| self.encode_body(out));
+    }
+
     /// The request as a frame.
     pub fn to_frame(&self, request_id: u64) -> crate::Frame {
         let mut body = Vec::new();
@@ -1140,7 +1146,48 @@ impl Response {
     /// Status and body.
     pub fn encode(&self) -> (u16, Vec<u8>) {
         let mut body = Vec::new();
-        let mut w = Writer(&mut body);
+        let status = self.encode_body(&mut body);
+        (status, body)
+    }
+
+    /// The response as a frame answering a request with `opcode` and `request_id`, appended
+    /// to `out` (the body encoded in place); returns its status.
+    pub fn encode_frame(&self, opcode: u16, request_id: u64, out: &mut Vec<u8>) -> u16 {
+        let status = self.status();
+        let head = crate::frame::Head { flags: self.flags(), opcode, status };
+        crate::frame::encode_with(out, head, request_id, |out| {
+            self.encode_body(out);
+        });
+        status
+    }
+
+    /// The frame flags this response is sent with: a response, and a push for what a
+    /// subscription delivers.
+    fn flags(&self) -> u8 {
+        let push = matches!(self, Response::Ok(Reply::Notice(_) | Reply::DeviceMessage(_)));
+        crate::frame::FLAG_RESPONSE | if push { crate::frame::FLAG_PUSH } else { 0 }
+    }
+
+    /// The status code this response is sent with.
+    pub fn status(&self) -> u16 {
+        match self {
+            Response::Ok(_) => status::OK,
+            Response::Refused(_) => status::REFUSED,
+            Response::Busy { .. } => status::BUSY,
+            Response::InFlight => status::IN_FLIGHT,
+            Response::Unauthenticated(_) => status::UNAUTHENTICATED,
+            Response::Forbidden(_) => status::FORBIDDEN,
+            Response::BadRequest(_) => status::BAD_REQUEST,
+            Response::UnknownOpcode => status::UNKNOWN_OPCODE,
+            Response::ShuttingDown => status::SHUTTING_DOWN,
+            Response::Internal(_) => status::INTERNAL,
+            Response::FrameError { .. } => status::FRAME_ERROR,
+        }
+    }
+
+    /// Appends the body to `out`; returns the status.
+    fn encode_body(&self, out: &mut Vec<u8>) -> u16 {
+        let mut w = Writer(out);
         let status = match self {
             Response::Ok(reply) => {
                 encode_reply(&mut w, reply);
@@ -1178,15 +1225,14 @@ impl Response {
                 status::FRAME_ERROR
             }
         };
-        (status, body)
+        debug_assert_eq!(status, self.status());
+        status
     }
 
     /// The response to a request with `opcode` and `request_id`, as a frame.
     pub fn to_frame(&self, opcode: u16, request_id: u64) -> crate::Frame {
         let (status, body) = self.encode();
-        let push = matches!(self, Response::Ok(Reply::Notice(_) | Reply::DeviceMessage(_)));
-        let flags = crate::frame::FLAG_RESPONSE | if push { crate::frame::FLAG_PUSH } else { 0 };
-        crate::Frame { flags, opcode, status, request_id, body }
+        crate::Frame { flags: self.flags(), opcode, status, request_id, body }
     }
 
     /// Parses a response to a request of `opcode`.

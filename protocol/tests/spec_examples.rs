@@ -362,13 +362,19 @@ fn examples_decode_and_reencode_to_the_same_bytes() {
         let (frame, used): (Frame, usize) =
             settlegate_protocol::frame::decode(&bytes).unwrap().unwrap();
         assert_eq!(used, bytes.len(), "{name}");
+        // Built apart and copied (`to_frame`), and encoded in place (`encode_frame`).
+        let mut in_place = Vec::new();
         let again = if frame.flags & settlegate_protocol::frame::FLAG_RESPONSE != 0 {
-            Response::decode(frame.opcode, frame.status, &frame.body)
-                .unwrap()
-                .to_frame(frame.opcode, frame.request_id)
+            let response = Response::decode(frame.opcode, frame.status, &frame.body).unwrap();
+            let status = response.encode_frame(frame.opcode, frame.request_id, &mut in_place);
+            assert_eq!(status, frame.status, "{name}");
+            response.to_frame(frame.opcode, frame.request_id)
         } else {
-            Request::decode(frame.opcode, &frame.body).unwrap().to_frame(frame.request_id)
+            let request = Request::decode(frame.opcode, &frame.body).unwrap();
+            request.encode_frame(frame.request_id, &mut in_place);
+            request.to_frame(frame.request_id)
         };
         assert_eq!(again.to_bytes(), bytes, "{name}");
+        assert_eq!(in_place, bytes, "{name}: encoded in place");
     }
 }

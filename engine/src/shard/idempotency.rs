@@ -197,7 +197,12 @@ impl Idempotency {
     /// Finishes a pending record. A record swept meanwhile is not recreated.
     pub(crate) fn complete(&mut self, key: &IdemKey, reply: Reply) {
         if let Some(entry) = self.entries.get_mut(key) {
-            entry.state = Arc::new(IdemState::Done(reply));
+            let done = IdemState::Done(reply);
+            match Arc::get_mut(&mut entry.state) {
+                // Not shared with a snapshot's frozen copy: replaced in place, no allocation.
+                Some(state) => *state = done,
+                None => entry.state = Arc::new(done),
+            }
         }
     }
 
