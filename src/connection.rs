@@ -6,6 +6,7 @@
 //! `in_flight_max` requests are being processed (reading pauses at the limit). A framing error
 //! gets a `FRAME_ERROR` frame and closes this connection only.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use settlegate_engine::{DeviceMessage, Notice, ReasonCode};
 use settlegate_protocol::frame::{self, FrameError, FrameRef, FLAG_RESPONSE};
 use settlegate_protocol::messages::{opcode, DecodeError, Reply, Request, Response};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{broadcast, mpsc, watch, Semaphore};
+use tokio::sync::{broadcast, mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::handler::{self, Context, PendingAuthorize};
@@ -51,9 +52,14 @@ pub struct Shared {
     pub limits: ConnectionLimits,
 }
 
+/// The socket's writing half, shared by the writer task (responses to other requests, pushes,
+/// errors) and the connection's own task (a batch of `AUTHORIZE` answers, written at once).
+type SharedWriter = Arc<tokio::sync::Mutex<Pin<Box<dyn AsyncWrite + Send>>>>;
+
 struct Connection {
     shared: Arc<Shared>,
     identity: Option<Identity>,
+    writer: SharedWriter,
     out: mpsc::Sender<Vec<u8>>,
     permits: Arc<Semaphore>,
     closed: watch::Receiver<bool>,
@@ -74,13 +80,15 @@ pub async fn serve<S>(
 {
     let limits = shared.limits;
     let (mut reader, writer) = tokio::io::split(stream);
+    let writer: SharedWriter = Arc::new(tokio::sync::Mutex::new(Box::pin(writer)));
     let (out, queue) = mpsc::channel(limits.in_flight_max + SUBSCRIPTIONS_MAX + 8);
-    let writer_task = tokio::spawn(write_loop(writer, queue));
+    let writer_task = tokio::spawn(write_loop(Arc::clone(&writer), queue));
     let (closed_tx, closed) = watch::channel(false);
     let permits = Arc::new(Semaphore::new(limits.in_flight_max));
     let mut conn = Connection {
         shared,
         identity,
+        writer,
         out,
         permits: Arc::clone(&permits),
         closed,
@@ -88,10 +96,14 @@ pub async fn serve<S>(
         closing: false,
     };
     let auth_deadline = Instant::now() + limits.auth_timeout;
+    // A batch is admitted whole, so it can be no larger than the in-flight limit.
+    let batch_max = FRAMES_PER_BATCH_MAX.min(limits.in_flight_max);
     let mut buffer: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     loop {
-        let (frames, used, error) = decode_available(&buffer);
+        let (frames, used, error) = decode_available(&buffer, batch_max);
         buffer.drain(..used);
+        // A full batch may have left complete frames behind: they go before the next read.
+        let full = frames.len() == batch_max;
         if !frames.is_empty() {
             conn.dispatch(frames).await;
         }
@@ -101,6 +113,9 @@ pub async fn serve<S>(
         }
         if conn.closing {
             break;
+        }
+        if full {
+            continue;
         }
         let wait = if !buffer.is_empty() {
             limits.frame_read_timeout
@@ -142,10 +157,10 @@ struct Incoming {
 /// Decodes every complete frame at the front of `buffer`, and each one's request straight from
 /// the buffer; returns them, the bytes used, and the framing error that stopped decoding, if
 /// any.
-fn decode_available(buffer: &[u8]) -> (Vec<Incoming>, usize, Option<FrameError>) {
+fn decode_available(buffer: &[u8], max: usize) -> (Vec<Incoming>, usize, Option<FrameError>) {
     let mut incoming = Vec::new();
     let mut used = 0;
-    while incoming.len() < FRAMES_PER_BATCH_MAX {
+    while incoming.len() < max {
         match frame::decode_ref(&buffer[used..]) {
             Ok(Some((frame, len))) => {
                 used += len;
@@ -233,7 +248,7 @@ impl Connection {
             }
             let _ = self.out.send(bytes).await;
         }
-        self.spawn_work(authorizes, others).await;
+        self.run_work(authorizes, others).await;
     }
 
     fn authenticate(&mut self, key: &str) -> Response {
@@ -255,35 +270,51 @@ impl Connection {
     }
 
     /// Admits the batch's work against the in-flight limit (waiting, and so not reading, while
-    /// the connection is at its limit), then runs it on its own task.
-    async fn spawn_work(&mut self, authorizes: Vec<PendingAuthorize>, others: Vec<(u64, Request)>) {
+    /// the connection is at its limit), then runs it on tasks of its own, so that the
+    /// connection reads on meanwhile (a slow provider must not hold up the next batch). The
+    /// batch's `AUTHORIZE`s go to the engine together and their answers are written by their
+    /// task at once, with no hand-over to the writer task.
+    async fn run_work(&mut self, authorizes: Vec<PendingAuthorize>, others: Vec<(u64, Request)>) {
         let admitted = (authorizes.len() + others.len()) as u32;
         if admitted == 0 {
             return;
         }
-        let Ok(permit) = Arc::clone(&self.permits).acquire_many_owned(admitted).await else {
+        let Ok(mut permit) = Arc::clone(&self.permits).acquire_many_owned(admitted).await else {
             return;
         };
+        if !others.is_empty() {
+            let others_permit = permit.split(others.len()).expect("admitted above");
+            self.spawn_others(others, others_permit);
+        }
+        if authorizes.is_empty() {
+            return;
+        }
+        let shared = Arc::clone(&self.shared);
+        let identity = self.identity.clone().expect("authorize admitted only when authenticated");
+        let writer = Arc::clone(&self.writer);
+        tokio::spawn(async move {
+            let ctx = &shared.ctx;
+            let responses = handler::authorize_batch(ctx, &identity, authorizes).await;
+            let mut bytes = Vec::with_capacity(responses.len() * 128);
+            for (request_id, op, response) in responses {
+                encode_response(ctx, op, request_id, &response, &mut bytes);
+            }
+            // A failed write means the peer is gone; the read side sees it too.
+            let _ = write_all(&writer, &bytes).await;
+            drop(permit);
+        });
+    }
+
+    /// Runs requests other than `AUTHORIZE` concurrently on a task of their own; each answer is
+    /// queued for the writer as it comes.
+    fn spawn_others(&self, others: Vec<(u64, Request)>, permit: OwnedSemaphorePermit) {
         let shared = Arc::clone(&self.shared);
         let identity = self.identity.clone();
         let out = self.out.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let ctx = &shared.ctx;
-            let authorize = async {
-                if authorizes.is_empty() {
-                    return;
-                }
-                let identity =
-                    identity.as_ref().expect("authorize admitted only when authenticated");
-                let responses = handler::authorize_batch(ctx, identity, authorizes).await;
-                let mut bytes = Vec::new();
-                for (request_id, op, response) in responses {
-                    encode_response(ctx, op, request_id, &response, &mut bytes);
-                }
-                let _ = out.send(bytes).await;
-            };
-            let rest = join_all(others.into_iter().map(|(request_id, request)| {
+            join_all(others.into_iter().map(|(request_id, request)| {
                 let out = out.clone();
                 let identity = identity.clone();
                 async move {
@@ -296,8 +327,8 @@ impl Connection {
                     encode_response(ctx, op, request_id, &response, &mut bytes);
                     let _ = out.send(bytes).await;
                 }
-            }));
-            futures::join!(authorize, rest);
+            }))
+            .await;
         });
     }
 
@@ -435,8 +466,7 @@ async fn forward<T: Clone>(
 }
 
 /// Writes whatever is queued with one write and one flush per burst.
-async fn write_loop<W: AsyncWrite>(writer: W, mut queue: mpsc::Receiver<Vec<u8>>) {
-    tokio::pin!(writer);
+async fn write_loop(writer: SharedWriter, mut queue: mpsc::Receiver<Vec<u8>>) {
     let mut buffer = Vec::with_capacity(READ_CHUNK);
     while let Some(first) = queue.recv().await {
         buffer.clear();
@@ -447,9 +477,16 @@ async fn write_loop<W: AsyncWrite>(writer: W, mut queue: mpsc::Receiver<Vec<u8>>
                 Err(_) => break,
             }
         }
-        if writer.write_all(&buffer).await.is_err() || writer.flush().await.is_err() {
+        if write_all(&writer, &buffer).await.is_err() {
             return;
         }
     }
-    let _ = writer.shutdown().await;
+    let _ = writer.lock().await.shutdown().await;
+}
+
+/// Writes `bytes` and flushes, holding the writing half for both.
+async fn write_all(writer: &SharedWriter, bytes: &[u8]) -> std::io::Result<()> {
+    let mut writer = writer.lock().await;
+    writer.write_all(bytes).await?;
+    writer.flush().await
 }

@@ -277,6 +277,41 @@ async fn pipelined_requests_are_matched_by_id() {
     server.shutdown().await;
 }
 
+/// More complete frames in one read than the connection's in-flight limit: they are taken
+/// a limit's worth at a time, and every one is answered (none waits for another read).
+#[tokio::test]
+async fn a_read_of_more_frames_than_the_in_flight_limit_is_answered_whole() {
+    let mut config = server_config();
+    config.server.in_flight_max = 4;
+    let server = start_with(config).await;
+    let mut bytes = Vec::new();
+    Request::Auth { key: ADMIN_KEY.into() }.encode_frame(1, &mut bytes);
+    for id in 2..=41u64 {
+        Request::Ping { payload: id.to_be_bytes().to_vec() }.encode_frame(id, &mut bytes);
+    }
+    let mut stream = raw(&server, &bytes).await;
+    let mut input = Vec::new();
+    let mut answered = std::collections::BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while answered.len() < 41 {
+        let mut chunk = [0u8; 4096];
+        let read = tokio::time::timeout_at(
+            deadline,
+            tokio::io::AsyncReadExt::read(&mut stream, &mut chunk),
+        );
+        let n = read.await.expect("every frame answered within 5 s").unwrap();
+        assert!(n > 0, "closed after {} answers", answered.len());
+        input.extend_from_slice(&chunk[..n]);
+        while let Some((frame, used)) = settlegate_protocol::frame::decode(&input).unwrap() {
+            input.drain(..used);
+            assert_eq!(frame.status, 0, "request {}", frame.request_id);
+            assert!(answered.insert(frame.request_id), "answered twice");
+        }
+    }
+    assert_eq!(answered, (1..=41).collect());
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn identities_are_held_to_their_permissions_and_scopes() {
     let server = start().await;
