@@ -95,8 +95,9 @@ pub struct Args {
     pub pacing: Pacing,
     /// The closed loop: `batch` (each connection writes `--pipeline` requests at once and
     /// waits for all their answers, as `redis-benchmark -P` does) or `window` (each keeps
-    /// `--pipeline` in flight, sending one as each answer arrives). Default: `batch` against a
-    /// server (or Redis) when every operation of the mix is one request, else `window`.
+    /// `--pipeline` in flight, sending one as each answer arrives, through the protocol
+    /// client). Default: `batch` against a server (or Redis) when every operation of the mix
+    /// is one request, else `window`.
     #[arg(long, value_enum, conflicts_with = "rate")]
     pub closed_loop: Option<ClosedLoop>,
     /// A request unanswered after this counts as a `timeout` error.
@@ -153,7 +154,7 @@ impl Args {
                 bail!("--rate must be above 0 and at most {RATE_MAX} requests/s");
             }
         }
-        if self.closed_loop == Some(ClosedLoop::Batch) && !self.batchable() {
+        if self.closed_loop == Some(ClosedLoop::Batch) && !self.lanes_fit() {
             bail!("--closed-loop batch needs --target (or redis mode) and a mix of one-request operations (not code)");
         }
         let names = self.operation_names();
@@ -200,8 +201,9 @@ impl Args {
         }
     }
 
-    /// Whether the run can go in batches: against a server, every operation one request.
-    fn batchable(&self) -> bool {
+    /// Whether the run can go through lanes ([`crate::lanes`]: the open loop and the batch
+    /// closed loop): against a server, every operation one request.
+    pub fn lanes_fit(&self) -> bool {
         self.redis()
             || (self.target.is_some() && self.mix.operations().iter().all(|op| op.is_single()))
     }
@@ -211,7 +213,7 @@ impl Args {
         if self.rate.is_some() {
             return None;
         }
-        Some(self.closed_loop.unwrap_or(if self.batchable() {
+        Some(self.closed_loop.unwrap_or(if self.lanes_fit() {
             ClosedLoop::Batch
         } else {
             ClosedLoop::Window

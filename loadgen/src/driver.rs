@@ -40,7 +40,7 @@ use crate::mix::Chooser;
 use crate::tally::{Outcome, Tally};
 
 /// After the measured window, a connection still behind schedule stops sending this late.
-const OVERRUN_MAX: Duration = Duration::from_millis(100);
+pub(crate) const OVERRUN_MAX: Duration = Duration::from_millis(100);
 
 /// With [`Pacing::Spin`], a due time nearer than this is waited for by yielding, not by a timer.
 pub const SPIN_WITHIN: Duration = Duration::from_millis(2);
@@ -65,7 +65,7 @@ impl Pacing {
     }
 
     /// Waits until `at` (already past: returns at once).
-    async fn until(self, at: Instant) {
+    pub(crate) async fn until(self, at: Instant) {
         match self {
             Pacing::Spin if at.saturating_duration_since(Instant::now()) < SPIN_WITHIN => {
                 while Instant::now() < at {
@@ -154,17 +154,27 @@ pub struct Live {
 
 /// The run's time line.
 #[derive(Debug, Clone, Copy)]
-struct Window {
-    start: Instant,
-    measure_from: Instant,
-    stop_at: Instant,
+pub(crate) struct Window {
+    /// When the run (its warm-up first) started: the open loop's schedule starts here.
+    pub(crate) start: Instant,
+    /// Answers to requests sent (closed loop) or due (open loop) from here on are measured.
+    pub(crate) measure_from: Instant,
+    /// Nothing is sent (closed loop) or due (open loop) from here on.
+    pub(crate) stop_at: Instant,
+}
+
+impl Window {
+    /// The time line of `plan`, starting now.
+    pub(crate) fn starting_now(plan: &Plan) -> Window {
+        let start = Instant::now();
+        let measure_from = start + plan.warmup;
+        Window { start, measure_from, stop_at: measure_from + plan.duration }
+    }
 }
 
 /// Runs `plan` against `exec` and returns what every connection measured, added up.
 pub async fn drive<E: Execute>(exec: Arc<E>, plan: Arc<Plan>, live: Arc<Live>) -> Tally {
-    let start = Instant::now();
-    let measure_from = start + plan.warmup;
-    let window = Window { start, measure_from, stop_at: measure_from + plan.duration };
+    let window = Window::starting_now(&plan);
     let tasks: Vec<_> = (0..plan.connections)
         .map(|c| tokio::spawn(connection(exec.clone(), plan.clone(), window, c, live.clone())))
         .collect();
@@ -288,7 +298,7 @@ async fn connection<E: Execute>(
 }
 
 /// Requests due in the measured window from the `next_k`-th on, never sent.
-fn unsent(schedule: &Schedule, window: Window, mut next_k: u64) -> u64 {
+pub(crate) fn unsent(schedule: &Schedule, window: Window, mut next_k: u64) -> u64 {
     let mut count = 0;
     loop {
         let due = window.start + schedule.due_after_start(next_k);

@@ -24,9 +24,9 @@
 //! the baseline.
 
 mod args;
-mod batch;
 mod dataset;
 mod driver;
+mod lanes;
 mod mix;
 mod ops;
 mod plot;
@@ -103,9 +103,11 @@ async fn run(args: Args) -> anyhow::Result<Vec<Verdict>> {
             Workload::new(target, dataset, operations, args.connections, args.pipeline, args.seed);
         let workload = Arc::new(workload);
         let line = progress(&live);
-        let tally = match (plan.closed_loop, args.target.as_deref()) {
-            (Some(ClosedLoop::Batch), Some(addr)) => {
-                batch::drive(addr, &args.api_key, workload, plan, live).await?
+        let tally = match args.target.as_deref() {
+            Some(addr) if args.lanes_fit() && plan.closed_loop != Some(ClosedLoop::Window) => {
+                let (key, timeout) = (args.api_key.as_str(), args.timeout);
+                let wire = Arc::new(lanes::Settlegate { workload });
+                lanes::drive(wire, plan, live, || lanes::connect(addr, key, timeout)).await?
             }
             _ => drive(workload, plan, live).await,
         };
@@ -191,10 +193,12 @@ mod tests {
     }
 
     /// Over TCP against a real server: the batch closed loop (the default for one-request
-    /// operations) and the window one (which a mix with `code` needs) both get an answer to
-    /// every request they send, and the report says which loop ran.
+    /// operations), the window one (which a mix with `code` needs) and the open loop (through
+    /// lanes, or the per-request driver with `code`) all get an answer to every request they
+    /// send, and the report says which loop ran.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn server_runs_in_batches_and_in_windows() {
+    async fn server_runs_in_every_loop() {
+        use serde_json::json;
         let mut config = settlegate::config::Config::embedded();
         config.server.listen = "127.0.0.1:0".parse().unwrap();
         config.server.http_listen = "127.0.0.1:0".parse().unwrap();
@@ -208,12 +212,15 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("loadgen-tcp-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let runs = [
-            ("batch", "authorize=4,usable=1,list_means=1,confirm_terminal=1,ping=1", None),
-            ("window", "authorize=2,code=1", None),
-            ("batch", "authorize", Some("--closed-loop batch")),
+            (json!("batch"), "authorize=4,usable=1,list_means=1,confirm_terminal=1,ping=1", None),
+            (json!("window"), "authorize=2,code=1", None),
+            (json!("batch"), "authorize", Some("--closed-loop batch")),
+            // The open loop: through lanes, and through the per-request driver with `code`.
+            (json!(null), "authorize=3,usable=1", Some("--rate 2000 --pacing spin")),
+            (json!(null), "authorize=3,code=1", Some("--rate 1000")),
         ];
-        for (closed_loop, mix, flag) in runs {
-            let json = dir.join(format!("{closed_loop}.json"));
+        for (i, (closed_loop, mix, flag)) in runs.into_iter().enumerate() {
+            let json = dir.join(format!("run-{i}.json"));
             let line = format!(
                 "loadgen --target {} --users 8 --stores 3 --providers 3 --connections 2 \
                  --pipeline 4 --warmup 100ms --duration 400ms --no-progress --mix {mix} \
@@ -228,6 +235,7 @@ mod tests {
                 serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
             assert_eq!(report["settings"]["closed_loop"], closed_loop, "{mix}");
             assert_eq!(report["errors"], 0, "{mix}: {report:#}");
+            assert_eq!(report["unsent"], 0, "{mix}: {report:#}");
             for (name, op) in report["operations"].as_object().unwrap() {
                 assert!(op["requests"].as_u64().unwrap() > 0, "{mix}: {name}: {op}");
             }

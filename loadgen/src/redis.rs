@@ -1,24 +1,24 @@
 //! The baseline: Redis `SET` of 100-byte values over RESP, with the same connections, depth,
 //! durations and loop as a settlegate run, so a run can be set beside a reference server's.
 //!
-//! Closed loop in batches (the default): each connection writes `--pipeline` SETs, then reads
-//! their replies, as `redis-benchmark -P` does and as settlegate runs go ([`crate::batch`]).
-//! Open loop (`--rate`) and the `window` closed loop: the same scheduler as settlegate runs,
-//! each SET its own request on a pipelined connection whose replies are matched in order, like
-//! settlegate's protocol client.
+//! The open loop (`--rate`) and the closed loop in batches (the default, `redis-benchmark -P`'s
+//! way) run through lanes ([`crate::lanes`]), exactly as settlegate runs do: the same schedule,
+//! the same timing, the same client cost. The `window` closed loop runs each SET as its own
+//! request on a pipelined connection whose replies are matched in order, like settlegate's
+//! protocol client.
 
 use std::collections::VecDeque;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
-use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use settlegate_protocol::ClientError;
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::Instant;
 
 use crate::driver::{drive, ClosedLoop, Execute, Live, Plan};
+use crate::lanes::{self, Wire};
 use crate::tally::{Outcome, Tally};
 
 /// Bytes of each value.
@@ -26,29 +26,20 @@ const VALUE_LEN: usize = 100;
 /// Most bytes the open-loop writer gathers into one write.
 const WRITE_BATCH_MAX: usize = 256 * 1024;
 
-/// Runs the baseline against the Redis at `addr`.
+/// Runs the baseline against the Redis at `addr`: through lanes ([`crate::lanes`]) in the
+/// open loop and the batch closed loop, as settlegate runs go; through the per-request driver
+/// for `--closed-loop window`.
 pub async fn baseline(addr: &str, plan: Arc<Plan>, live: Arc<Live>) -> anyhow::Result<Tally> {
-    if plan.closed_loop != Some(ClosedLoop::Batch) {
+    let value = "v".repeat(VALUE_LEN);
+    if plan.closed_loop == Some(ClosedLoop::Window) {
         let mut connections = Vec::with_capacity(plan.connections);
         for _ in 0..plan.connections {
             connections.push(RespConnection::connect(addr).await?);
         }
-        let workload = Arc::new(RedisSet { connections, value: "v".repeat(VALUE_LEN) });
+        let workload = Arc::new(RedisSet { connections, value });
         return Ok(drive(workload, plan, live).await);
     }
-    let measure_from = Instant::now() + plan.warmup;
-    let stop_at = measure_from + plan.duration;
-    let mut lanes = Vec::new();
-    for connection in 0..plan.connections {
-        let stream = connect(addr).await?;
-        let window = (measure_from, stop_at);
-        lanes.push(tokio::spawn(batches(stream, connection, plan.pipeline, window, live.clone())));
-    }
-    let mut total = Tally::new(1);
-    for lane in lanes {
-        total.add(&lane.await?);
-    }
-    Ok(total)
+    lanes::drive(Arc::new(RespWire { value }), plan, live, || connect(addr)).await
 }
 
 async fn connect(addr: &str) -> anyhow::Result<TcpStream> {
@@ -57,58 +48,76 @@ async fn connect(addr: &str) -> anyhow::Result<TcpStream> {
     Ok(stream)
 }
 
-/// Closed loop, `redis-benchmark -P` style: `depth` SETs written at once, then their replies.
-async fn batches(
-    mut stream: TcpStream,
-    connection: usize,
-    depth: usize,
-    (measure_from, stop_at): (Instant, Instant),
-    live: Arc<Live>,
-) -> Tally {
-    let mut tally = Tally::new(1);
-    let value = "v".repeat(VALUE_LEN);
-    let mut batch = Vec::with_capacity(depth * 160);
-    let mut replies = vec![0u8; depth * 5];
-    let mut key = 0u64;
-    while Instant::now() < stop_at {
-        batch.clear();
-        for _ in 0..depth {
-            key += 1;
-            batch.extend_from_slice(&resp_set(&format!("lg:{connection}:{key}"), &value));
-        }
-        let sent = Instant::now();
-        let exchanged = async {
-            stream.write_all(&batch).await?;
-            stream.read_exact(&mut replies).await
-        };
-        if exchanged.await.is_err() {
-            let lost = Outcome::Error("connection closed".into());
-            for _ in 0..depth {
-                tally.record(0, 0, 0, &lost);
-            }
-            return tally;
-        }
-        live.completed.fetch_add(depth as u64, Ordering::Relaxed);
-        if sent < measure_from {
-            continue;
-        }
-        let micros = sent.elapsed().as_micros() as u64;
-        for reply in replies.chunks(5) {
-            let outcome = if reply == b"+OK\r\n" {
-                Outcome::Ok
-            } else {
-                Outcome::Error("redis error reply".into())
-            };
-            tally.record(0, micros, micros, &outcome);
-        }
-    }
-    tally
-}
-
 /// A RESP `SET key value` command.
 pub fn resp_set(key: &str, value: &str) -> Vec<u8> {
-    format!("*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${}\r\n{value}\r\n", key.len(), value.len())
-        .into_bytes()
+    let mut out = Vec::new();
+    resp_set_into(&mut out, key, value);
+    out
+}
+
+/// Appends a RESP `SET key value` command to `out`.
+fn resp_set_into(out: &mut Vec<u8>, key: &str, value: &str) {
+    use std::io::Write as _;
+    let _ = write!(
+        out,
+        "*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${}\r\n{value}\r\n",
+        key.len(),
+        value.len()
+    );
+}
+
+/// Redis SET over RESP for a lane: answers come in order, one line each.
+struct RespWire {
+    value: String,
+}
+
+/// A slot's connection, its key prefix and counter, and the key being built.
+struct RespSlot {
+    connection: usize,
+    prefix: String,
+    next: u64,
+    key: String,
+}
+
+impl RespSlot {
+    fn new(connection: usize, slot: usize) -> RespSlot {
+        let prefix = format!("lg:{connection}:{slot}:");
+        RespSlot { connection, prefix, next: 0, key: String::new() }
+    }
+
+    /// The slot's next key: every SET writes a new one.
+    fn next_key(&mut self) -> &str {
+        use std::fmt::Write as _;
+        self.next += 1;
+        self.key.clear();
+        let _ = write!(self.key, "{}{}", self.prefix, self.next);
+        &self.key
+    }
+}
+
+impl Wire for RespWire {
+    type Slot = RespSlot;
+
+    fn slot(&self, connection: usize, slot: usize) -> RespSlot {
+        RespSlot::new(connection, slot)
+    }
+
+    fn encode(&self, _op: usize, slot: &mut RespSlot, _id: u64, out: &mut Vec<u8>) -> u16 {
+        resp_set_into(out, slot.next_key(), &self.value);
+        0
+    }
+
+    fn split(&self, input: &[u8]) -> Result<Option<(Option<u64>, usize)>, ClientError> {
+        Ok(input.windows(2).position(|w| w == b"\r\n").map(|at| (None, at + 2)))
+    }
+
+    fn judge(&self, _op: usize, _tag: u16, answer: &[u8]) -> Outcome {
+        if answer == b"+OK\r\n" {
+            Outcome::Ok
+        } else {
+            Outcome::Error("redis error reply".into())
+        }
+    }
 }
 
 /// Reply waiters in send order, and the writer's queue.
@@ -185,29 +194,20 @@ struct RedisSet {
     value: String,
 }
 
-/// A slot's connection and key counter.
-struct RedisSlot {
-    connection: usize,
-    key_prefix: String,
-    key: AtomicU64,
-}
-
 impl Execute for RedisSet {
-    type Slot = RedisSlot;
+    type Slot = RespSlot;
 
-    fn slot(&self, connection: usize, slot: usize) -> RedisSlot {
-        let key_prefix = format!("lg:{connection}:{slot}:");
-        RedisSlot { connection, key_prefix, key: AtomicU64::new(0) }
+    fn slot(&self, connection: usize, slot: usize) -> RespSlot {
+        RespSlot::new(connection, slot)
     }
 
     fn execute<'a>(
         &'a self,
         _op: usize,
-        slot: &'a mut RedisSlot,
+        slot: &'a mut RespSlot,
     ) -> impl Future<Output = Outcome> + Send + 'a {
-        let key = slot.key.fetch_add(1, Ordering::Relaxed);
-        let command = resp_set(&format!("{}{key}", slot.key_prefix), &self.value);
-        self.connections[slot.connection].send(command)
+        let connection = &self.connections[slot.connection];
+        connection.send(resp_set(slot.next_key(), &self.value))
     }
 }
 
@@ -215,6 +215,7 @@ impl Execute for RedisSet {
 mod tests {
     use super::*;
     use std::time::Duration;
+    use tokio::io::AsyncReadExt as _;
 
     /// How long the tests wait for a fake Redis.
     const TEST_TIMEOUT: Duration = Duration::from_secs(10);

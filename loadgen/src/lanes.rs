@@ -1,0 +1,316 @@
+//! Lanes: one task per connection that writes requests straight into its socket and reads the
+//! answers back, with no per-request task, channel or lock. Both the settlegate runs and the
+//! Redis baseline go through here (a [`Wire`] each), in both loops where they can:
+//!
+//! - **closed loop in batches** (`redis-benchmark -P`'s way): the lane writes `--pipeline`
+//!   requests in one write, reads all their answers, then writes the next batch;
+//! - **open loop** (`--rate`): the lane sends each request when it falls due (those due
+//!   together go out in one write) while a slot of its `--pipeline` is free, and times it from
+//!   when it was due, with the same schedule and the same coordinated-omission correction as the
+//!   per-request driver ([`crate::driver`]).
+//!
+//! Every request is timed to the arrival of its own answer. The point of a lane is that the load
+//! generator's own cost per request stays small and alike for both servers: at a few hundred
+//! thousand requests a second on the machine the server runs on, a per-request future, channel
+//! and lock in the client cost as much as the server's work, and a run would measure the client.
+//!
+//! Only operations of one request and one response can go in a lane
+//! ([`crate::ops::Operation::is_single`]); a mix with `code` runs on the per-request driver.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use anyhow::{bail, Context as _};
+use settlegate_protocol::frame::{self, FLAG_RESPONSE};
+use settlegate_protocol::messages::{Reply, Request, Response};
+use settlegate_protocol::ClientError;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio::time::{Duration, Instant};
+
+use crate::driver::{count_live, latency_start, Execute as _, Live, Plan, Schedule, Window};
+use crate::mix::Chooser;
+use crate::ops::{SlotCursor, Workload};
+use crate::tally::{Outcome, Tally};
+
+/// A protocol as a lane speaks it.
+pub trait Wire: Send + Sync + 'static {
+    /// Per-slot state (settlegate: the slot's users, so a device never has two requests in
+    /// flight).
+    type Slot: Send;
+
+    /// The state of slot `slot` of connection `connection`.
+    fn slot(&self, connection: usize, slot: usize) -> Self::Slot;
+
+    /// Appends request `op` of `slot`, with request ID `id` where the protocol has one, to
+    /// `out`; returns what [`Wire::judge`] needs to read its answer (settlegate: the opcode).
+    fn encode(&self, op: usize, slot: &mut Self::Slot, id: u64, out: &mut Vec<u8>) -> u16;
+
+    /// Finds the answer at the front of `input`: `Ok(None)` while it is incomplete, else the
+    /// request ID it answers (`None`: the oldest request, for a protocol answering in order)
+    /// and its length.
+    fn split(&self, input: &[u8]) -> Result<Option<(Option<u64>, usize)>, ClientError>;
+
+    /// How the complete `answer` (as [`Wire::split`] delimited it) to a request of `op` counts.
+    fn judge(&self, op: usize, tag: u16, answer: &[u8]) -> Outcome;
+}
+
+/// Opens `plan.connections` connections with `connect` and runs a lane on each.
+pub async fn drive<W, F, Fut>(
+    wire: Arc<W>,
+    plan: Arc<Plan>,
+    live: Arc<Live>,
+    connect: F,
+) -> anyhow::Result<Tally>
+where
+    W: Wire,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<TcpStream>>,
+{
+    let mut streams = Vec::with_capacity(plan.connections);
+    for _ in 0..plan.connections {
+        streams.push(connect().await?);
+    }
+    let window = Window::starting_now(&plan);
+    let lanes: Vec<_> = streams
+        .into_iter()
+        .enumerate()
+        .map(|(c, stream)| {
+            let (wire, plan, live) = (wire.clone(), plan.clone(), live.clone());
+            tokio::spawn(async move { lane(&*wire, stream, c, &plan, window, &live).await })
+        })
+        .collect();
+    let mut total = Tally::new(plan.weights.len());
+    for lane in lanes {
+        total.add(&lane.await.context("a connection task panicked")?);
+    }
+    Ok(total)
+}
+
+/// A request between its write and its answer.
+struct InFlight<S> {
+    id: u64,
+    slot: S,
+    op: usize,
+    tag: u16,
+    /// Where its latency counts from (its send; in the open loop, possibly when it was due).
+    start: Instant,
+    sent: Instant,
+    measured: bool,
+}
+
+async fn lane<W: Wire>(
+    wire: &W,
+    mut stream: TcpStream,
+    c: usize,
+    plan: &Plan,
+    window: Window,
+    live: &Live,
+) -> Tally {
+    let schedule = plan.rate_per_s.map(|rate| Schedule::new(rate, plan.connections, c));
+    let mut chooser = Chooser::new(&plan.weights, plan.seed, c as u64);
+    let mut tally = Tally::new(plan.weights.len());
+    let mut free: Vec<W::Slot> = (0..plan.pipeline).rev().map(|s| wire.slot(c, s)).collect();
+    let mut in_flight: VecDeque<InFlight<W::Slot>> = VecDeque::with_capacity(plan.pipeline);
+    let mut free_since = Some(window.start);
+    let (mut out, mut input) = (Vec::with_capacity(64 * 1024), Vec::with_capacity(64 * 1024));
+    let (mut next_id, mut next_k) = (1u64, 0u64);
+    let lost = loop {
+        let now = Instant::now();
+        // What is due now, if a slot is free for it.
+        let due = match &schedule {
+            // Closed loop: a whole batch once the previous one is answered.
+            None => (now < window.stop_at && in_flight.is_empty()).then_some(now),
+            Some(schedule) => {
+                let due = window.start + schedule.due_after_start(next_k);
+                let live =
+                    due < window.stop_at && now < window.stop_at + crate::driver::OVERRUN_MAX;
+                live.then_some(due)
+            }
+        };
+        out.clear();
+        let mut due = due;
+        while let Some(at) = due.filter(|at| *at <= now && !free.is_empty()) {
+            let mut slot = free.pop().expect("checked");
+            let op = chooser.next_index();
+            let tag = wire.encode(op, &mut slot, next_id, &mut out);
+            let (start, measured) = match &schedule {
+                None => (now, now >= window.measure_from),
+                Some(_) => (latency_start(at, free_since, now), at >= window.measure_from),
+            };
+            in_flight.push_back(InFlight {
+                id: next_id,
+                slot,
+                op,
+                tag,
+                start,
+                sent: now,
+                measured,
+            });
+            next_id += 1;
+            if free.is_empty() {
+                free_since = None;
+            }
+            due = match &schedule {
+                None => Some(now),
+                Some(schedule) => {
+                    next_k += 1;
+                    Some(window.start + schedule.due_after_start(next_k))
+                        .filter(|due| *due < window.stop_at)
+                }
+            };
+        }
+        if !out.is_empty() {
+            if let Err(error) = stream.write_all(&out).await {
+                break Some(ClientError::Closed(error.to_string()));
+            }
+        }
+        let next_due = due.filter(|_| !free.is_empty() && schedule.is_some());
+        if in_flight.is_empty() && next_due.is_none() {
+            break None;
+        }
+        let give_up = in_flight.front().map(|oldest| oldest.sent + plan.timeout);
+        tokio::select! {
+            read = stream.read_buf(&mut input), if !in_flight.is_empty() => match read {
+                Ok(0) => break Some(ClientError::Closed("server closed the connection".into())),
+                Err(error) => break Some(ClientError::Closed(error.to_string())),
+                Ok(_) => {
+                    let finished = Instant::now();
+                    let answered = match take_answers(wire, &mut input, &mut in_flight) {
+                        Ok(answered) => answered,
+                        Err(error) => break Some(error),
+                    };
+                    for (request, outcome) in answered {
+                        count_live(live, &outcome);
+                        if request.measured {
+                            let micros = |from: Instant| finished.duration_since(from).as_micros() as u64;
+                            tally.record(request.op, micros(request.start), micros(request.sent), &outcome);
+                        }
+                        if free.is_empty() {
+                            free_since = Some(finished);
+                        }
+                        free.push(request.slot);
+                    }
+                }
+            },
+            () = plan.pacing.until(next_due.unwrap_or(now)), if next_due.is_some() => {}
+            () = tokio::time::sleep_until(give_up.unwrap_or(now)), if give_up.is_some() => {
+                break Some(ClientError::Closed("timeout".into()));
+            }
+        }
+    };
+    if let Some(schedule) = &schedule {
+        tally.unsent = crate::driver::unsent(schedule, window, next_k);
+    }
+    if let Some(error) = lost {
+        // The connection is in an unknown state: what is still in flight is lost, and the
+        // lane stops.
+        let kind = match &error {
+            ClientError::Closed(detail) if detail == "timeout" => "timeout",
+            ClientError::Closed(_) => "connection closed",
+            _ => "protocol violation",
+        };
+        for request in in_flight {
+            let outcome = Outcome::Error(kind.into());
+            count_live(live, &outcome);
+            tally.record(request.op, 0, 0, &outcome);
+        }
+    }
+    tally
+}
+
+/// Requests answered, each with how its answer counts.
+type Answered<S> = Vec<(InFlight<S>, Outcome)>;
+
+/// Takes every complete answer off the front of `input` and out of `in_flight`, each with how
+/// it counts.
+fn take_answers<W: Wire>(
+    wire: &W,
+    input: &mut Vec<u8>,
+    in_flight: &mut VecDeque<InFlight<W::Slot>>,
+) -> Result<Answered<W::Slot>, ClientError> {
+    let mut answered = Vec::new();
+    let mut used = 0;
+    while let Some((id, len)) = wire.split(&input[used..])? {
+        let position = match id {
+            None => Some(0),
+            Some(id) => in_flight.iter().position(|request| request.id == id),
+        };
+        let request = position
+            .and_then(|at| in_flight.remove(at))
+            .ok_or_else(|| ClientError::Protocol(format!("an answer to no request ({id:?})")))?;
+        let outcome = wire.judge(request.op, request.tag, &input[used..used + len]);
+        used += len;
+        answered.push((request, outcome));
+    }
+    input.drain(..used);
+    Ok(answered)
+}
+
+/// settlegate's protocol: frames matched to requests by request ID.
+pub struct Settlegate {
+    /// What to send and how to judge it.
+    pub workload: Arc<Workload>,
+}
+
+impl Wire for Settlegate {
+    type Slot = SlotCursor;
+
+    fn slot(&self, connection: usize, slot: usize) -> SlotCursor {
+        self.workload.slot(connection, slot)
+    }
+
+    fn encode(&self, op: usize, slot: &mut SlotCursor, id: u64, out: &mut Vec<u8>) -> u16 {
+        let operation = self.workload.operations()[op];
+        let request =
+            operation.request(&self.workload, slot).expect("a mix of one-request operations");
+        request.encode_frame(id, out);
+        request.opcode()
+    }
+
+    fn split(&self, input: &[u8]) -> Result<Option<(Option<u64>, usize)>, ClientError> {
+        match frame::decode_ref(input) {
+            Ok(Some((frame, _))) if frame.flags & FLAG_RESPONSE == 0 => {
+                Err(ClientError::Protocol("a frame without the RESPONSE flag".into()))
+            }
+            Ok(found) => Ok(found.map(|(frame, len)| (Some(frame.request_id), len))),
+            Err(error) => Err(ClientError::Protocol(format!("bad frame from server: {error}"))),
+        }
+    }
+
+    fn judge(&self, op: usize, opcode: u16, answer: &[u8]) -> Outcome {
+        let operation = self.workload.operations()[op];
+        let (frame, _) = frame::decode_ref(answer).ok().flatten().expect("split found a frame");
+        let answer = Response::decode(opcode, frame.status, frame.body)
+            .map_err(|error| ClientError::Protocol(format!("response to {operation:?}: {error}")));
+        operation.judge(answer)
+    }
+}
+
+/// Opens a settlegate connection and authenticates it.
+pub async fn connect(addr: &str, api_key: &str, timeout: Duration) -> anyhow::Result<TcpStream> {
+    let mut stream =
+        TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
+    stream.set_nodelay(true)?;
+    let mut bytes = Vec::new();
+    Request::Auth { key: api_key.to_owned() }.encode_frame(1, &mut bytes);
+    stream.write_all(&bytes).await?;
+    let mut buffer = Vec::new();
+    let answer = tokio::time::timeout(timeout, async {
+        loop {
+            if let Some((frame, _)) = frame::decode_ref(&buffer)? {
+                return anyhow::Ok(Response::decode(frame.opcode, frame.status, frame.body)?);
+            }
+            if stream.read_buf(&mut buffer).await? == 0 {
+                bail!("the server closed the connection");
+            }
+        }
+    })
+    .await
+    .context("no answer to AUTH")?
+    .context("authenticating")?;
+    match answer {
+        Response::Ok(Reply::Authenticated { .. }) => Ok(stream),
+        other => bail!("authenticating: {other:?}"),
+    }
+}
