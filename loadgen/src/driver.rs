@@ -81,7 +81,7 @@ impl Pacing {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ClosedLoop {
     /// Each connection writes `--pipeline` requests in one write, waits for all their
-    /// responses, then writes the next batch (`redis-benchmark -P`; [`crate::batch`]).
+    /// responses, then writes the next batch (`redis-benchmark -P`; [`crate::lanes`]).
     Batch,
     /// Each connection keeps `--pipeline` requests in flight, sending one as each answer
     /// arrives (this module's per-request loop).
@@ -131,7 +131,7 @@ pub struct Plan {
     /// How the open loop waits for due times.
     pub pacing: Pacing,
     /// The closed loop's kind (`None` with a rate). This module runs [`ClosedLoop::Window`];
-    /// the caller sends [`ClosedLoop::Batch`] runs to [`crate::batch`] (or the Redis batches).
+    /// the caller sends [`ClosedLoop::Batch`] runs (and open loops that fit) to [`crate::lanes`].
     pub closed_loop: Option<ClosedLoop>,
     /// A request without an answer by then counts as a `timeout` error.
     pub timeout: Duration,

@@ -18,8 +18,9 @@
 //! (`--json`) and a percentile plot (`--html`), and exits 1 when a `--slo` is missed (2 on
 //! an error).
 //!
-//! Layout: [`args`] the flags; [`mix`] the weighted, seeded operation choice; [`ops`] one
-//! function per operation; [`dataset`] the preparation; [`driver`] the loops and the
+//! Layout: [`args`] the flags; [`mix`] the weighted, seeded operation choice; [`ops`] the
+//! operations; [`dataset`] the preparation; [`lanes`] the loops over raw sockets (open loop,
+//! closed loop in batches) and [`driver`] the per-request loop, with the schedule and the
 //! correction; [`tally`] the histograms; [`report`], [`plot`], [`slo`] the output; [`redis`]
 //! the baseline.
 

@@ -5,7 +5,7 @@
 //! ([`Operation::request`], [`Operation::judge`]: a server target) and its engine call
 //! ([`Operation::run`]: an embedded target). Single-request operations are sent either by the
 //! per-request driver ([`crate::driver`], through the protocol client) or in whole batches
-//! ([`crate::batch`]); both build and judge them with the same two functions.
+//! ([`crate::lanes`]); both build and judge them with the same two functions.
 
 use std::borrow::Cow;
 use std::future::Future;
@@ -171,7 +171,7 @@ fn next_payment(w: &Workload, slot: &mut SlotCursor) -> (u128, Vec<u8>) {
 
 impl Operation {
     /// Whether this operation is one request and one response, so that a batch of them can
-    /// go out in one write ([`crate::batch`]); `code` is two requests, the second built from
+    /// go out in one write ([`crate::lanes`]); `code` is two requests, the second built from
     /// the first's answer.
     pub fn is_single(self) -> bool {
         self != Operation::Code
