@@ -123,9 +123,9 @@ async fn lane<W: Wire>(
             None => (now < window.stop_at && in_flight.is_empty()).then_some(now),
             Some(schedule) => {
                 let due = window.start + schedule.due_after_start(next_k);
-                let live =
+                let scheduled =
                     due < window.stop_at && now < window.stop_at + crate::driver::OVERRUN_MAX;
-                live.then_some(due)
+                scheduled.then_some(due)
             }
         };
         out.clear();
