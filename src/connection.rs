@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 use crate::handler::{self, Context, PendingAuthorize};
 use crate::identity::{Identities, Identity};
-use crate::metrics::FrameErrorLabels;
+use crate::metrics::{BatchCounts, FrameErrorLabels};
 
 /// Frames decoded from one read before they are handed on as a batch.
 const FRAMES_PER_BATCH_MAX: usize = 1024;
@@ -296,9 +296,12 @@ impl Connection {
             let ctx = &shared.ctx;
             let responses = handler::authorize_batch(ctx, &identity, authorizes).await;
             let mut bytes = Vec::with_capacity(responses.len() * 128);
+            let mut counts = BatchCounts::default();
             for (request_id, op, response) in responses {
-                encode_response(ctx, op, request_id, &response, &mut bytes);
+                let status = response.encode_frame(op, request_id, &mut bytes);
+                counts.add(handler::request_labels(op, status));
             }
+            counts.flush(&ctx.metrics.requests);
             // A failed write means the peer is gone; the read side sees it too.
             let _ = write_all(&writer, &bytes).await;
             drop(permit);

@@ -11,7 +11,7 @@ use settlegate_engine::{
 use settlegate_protocol::messages::{opcode, status, Reply, Request, Response, ServerInfo};
 
 use crate::identity::{permission, Identity};
-use crate::metrics::{Metrics, OutcomeLabels, RequestLabels};
+use crate::metrics::{BatchCounts, Metrics, OutcomeLabels, RequestLabels};
 
 /// What a handler needs.
 pub struct Context {
@@ -275,16 +275,18 @@ pub async fn authorize_batch(
     if !requests.is_empty() {
         ctx.metrics.authorize_batch_size.observe(requests.len() as f64);
         let results = ctx.engine.authorize_baskets(requests).await;
+        let mut outcomes = BatchCounts::default();
         for ((request_id, op), result) in ids.into_iter().zip(results) {
             let response = match result {
                 Ok(outcome) => {
-                    count_outcome(&ctx.metrics, &outcome.outcome);
+                    outcomes.add(outcome_labels(&outcome.outcome));
                     outcome_response(op, outcome)
                 }
                 Err(error) => error_response(error),
             };
             responses.push((request_id, op, response));
         }
+        outcomes.flush(&ctx.metrics.outcomes);
     }
     responses
 }
@@ -298,14 +300,13 @@ fn outcome_response(op: u16, outcome: BasketOutcome) -> Response {
     }
 }
 
-fn count_outcome(metrics: &Metrics, outcome: &AuthOutcome) {
-    let labels = match outcome {
+fn outcome_labels(outcome: &AuthOutcome) -> OutcomeLabels {
+    match outcome {
         AuthOutcome::Approved(_) => OutcomeLabels { result: "approved", reason: 0 },
         AuthOutcome::Declined(reason) => {
             OutcomeLabels { result: "declined", reason: reason.code() }
         }
-    };
-    metrics.outcomes.get_or_create(&labels).inc();
+    }
 }
 
 /// The response for an engine error.
@@ -321,8 +322,12 @@ pub fn error_response(error: EngineError) -> Response {
 
 /// Counts a response in the metrics.
 pub fn count_request(metrics: &Metrics, opcode: u16, status_code: u16) {
-    let labels = RequestLabels { op: op_name(opcode), status: status_name(status_code) };
-    metrics.requests.get_or_create(&labels).inc();
+    metrics.requests.get_or_create(&request_labels(opcode, status_code)).inc();
+}
+
+/// The labels a response is counted under.
+pub fn request_labels(opcode: u16, status_code: u16) -> RequestLabels {
+    RequestLabels { op: op_name(opcode), status: status_name(status_code) }
 }
 
 fn op_name(opcode: u16) -> &'static str {
