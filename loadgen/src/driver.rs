@@ -40,7 +40,7 @@ use crate::mix::Chooser;
 use crate::tally::{Outcome, Tally};
 
 /// After the measured window, a connection still behind schedule stops sending this late.
-pub(crate) const OVERRUN_MAX: Duration = Duration::from_millis(100);
+const OVERRUN_MAX: Duration = Duration::from_millis(100);
 
 /// With [`Pacing::Spin`], a due time nearer than this is waited for by yielding, not by a timer.
 pub const SPIN_WITHIN: Duration = Duration::from_millis(2);
@@ -216,14 +216,129 @@ pub fn latency_start(due: Instant, free_since: Option<Instant>, sent: Instant) -
     }
 }
 
+/// One connection's sending rule, shared by this module's loop and [`crate::lanes`]: when the
+/// next request may go, which slot it takes, and where its latency counts from (the
+/// coordinated-omission correction).
+pub(crate) struct Cadence<S> {
+    /// Open loop: the connection's schedule; closed loop: none.
+    schedule: Option<Schedule>,
+    window: Window,
+    /// Closed loop in batches: a batch starts only once every slot is back.
+    batch: bool,
+    /// Closed loop in batches: a batch is being sent (slots are still being taken).
+    filling: bool,
+    slots: usize,
+    free: Vec<S>,
+    /// Since when a slot has been free (none while every slot is taken).
+    free_since: Option<Instant>,
+    /// The open loop's next request, by number.
+    next_k: u64,
+}
+
+/// What a request carries from its send to its answer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ticket {
+    /// Where its latency counts from (its send; in the open loop, possibly when it was due).
+    start: Instant,
+    sent: Instant,
+    measured: bool,
+}
+
+impl<S> Cadence<S> {
+    /// Connection `c` of `plan`, its slots made by `slot`.
+    pub(crate) fn new(plan: &Plan, window: Window, c: usize, slot: impl FnMut(usize) -> S) -> Self {
+        Cadence {
+            schedule: plan.rate_per_s.map(|rate| Schedule::new(rate, plan.connections, c)),
+            window,
+            batch: plan.closed_loop == Some(ClosedLoop::Batch),
+            filling: false,
+            slots: plan.pipeline,
+            free: (0..plan.pipeline).rev().map(slot).collect(),
+            free_since: Some(window.start),
+            next_k: 0,
+        }
+    }
+
+    /// When the next request is due, while the run still sends one.
+    fn due(&self, now: Instant) -> Option<Instant> {
+        let stop_at = self.window.stop_at;
+        match &self.schedule {
+            None => {
+                let batch_ready = !self.batch || self.filling || self.free.len() == self.slots;
+                (now < stop_at && batch_ready).then_some(now)
+            }
+            Some(schedule) => {
+                let due = self.window.start + schedule.due_after_start(self.next_k);
+                (due < stop_at && now < stop_at + OVERRUN_MAX).then_some(due)
+            }
+        }
+    }
+
+    /// The slot and ticket of the request to send now, if one is due and a slot is free.
+    pub(crate) fn take(&mut self, now: Instant) -> Option<(S, Ticket)> {
+        let due = self.due(now).filter(|due| *due <= now)?;
+        let slot = self.free.pop()?;
+        let (start, measured) = match self.schedule {
+            None => (now, now >= self.window.measure_from),
+            Some(_) => (latency_start(due, self.free_since, now), due >= self.window.measure_from),
+        };
+        self.filling = !self.free.is_empty();
+        if self.free.is_empty() {
+            self.free_since = None;
+        }
+        self.next_k += 1;
+        Some((slot, Ticket { start, sent: now, measured }))
+    }
+
+    /// Until when to wait for the next request's due time, if one is still to come and a slot
+    /// is free for it.
+    pub(crate) fn timer(&self, now: Instant) -> Option<Instant> {
+        self.due(now).filter(|_| !self.free.is_empty())
+    }
+
+    /// A slot back, its request answered at `at`.
+    pub(crate) fn give_back(&mut self, slot: S, at: Instant) {
+        if self.free.is_empty() {
+            self.free_since = Some(at);
+        }
+        self.free.push(slot);
+    }
+
+    /// Open loop: requests due in the measured window that were never sent.
+    pub(crate) fn unsent(&self) -> u64 {
+        self.schedule.map_or(0, |schedule| unsent(&schedule, self.window, self.next_k))
+    }
+}
+
+impl Ticket {
+    /// When the request went out.
+    pub(crate) fn sent(&self) -> Instant {
+        self.sent
+    }
+
+    /// Counts `outcome` of operation `op`, answered at `finished`, and records it if measured.
+    pub(crate) fn settle(
+        self,
+        tally: &mut Tally,
+        live: &Live,
+        op: usize,
+        outcome: &Outcome,
+        finished: Instant,
+    ) {
+        count_live(live, outcome);
+        if self.measured {
+            let micros = |from: Instant| finished.duration_since(from).as_micros() as u64;
+            tally.record(op, micros(self.start), micros(self.sent), outcome);
+        }
+    }
+}
+
 /// What a request that went out carries until its answer.
 struct Sent<S> {
     slot: S,
     op: usize,
     outcome: Outcome,
-    start: Instant,
-    sent: Instant,
-    measured: bool,
+    ticket: Ticket,
 }
 
 async fn connection<E: Execute>(
@@ -234,32 +349,13 @@ async fn connection<E: Execute>(
     live: Arc<Live>,
 ) -> Tally {
     let exec = &*exec;
-    let schedule = plan.rate_per_s.map(|rate| Schedule::new(rate, plan.connections, c));
+    let mut cadence = Cadence::new(&plan, window, c, |s| exec.slot(c, s));
     let mut chooser = Chooser::new(&plan.weights, plan.seed, c as u64);
     let mut tally = Tally::new(plan.weights.len());
-    let mut free: Vec<E::Slot> = (0..plan.pipeline).rev().map(|s| exec.slot(c, s)).collect();
-    let mut free_since = Some(window.start);
     let mut in_flight = FuturesUnordered::new();
-    let mut next_k = 0u64;
     loop {
         let now = Instant::now();
-        let due = match &schedule {
-            None => (now < window.stop_at).then_some(now),
-            Some(schedule) => {
-                let due = window.start + schedule.due_after_start(next_k);
-                (due < window.stop_at && now < window.stop_at + OVERRUN_MAX).then_some(due)
-            }
-        };
-        if let Some(due) = due.filter(|due| *due <= now && !free.is_empty()) {
-            let slot = free.pop().expect("checked");
-            let (start, measured) = match schedule {
-                None => (now, now >= window.measure_from),
-                Some(_) => (latency_start(due, free_since, now), due >= window.measure_from),
-            };
-            if free.is_empty() {
-                free_since = None;
-            }
-            next_k += 1;
+        if let Some((slot, ticket)) = cadence.take(now) {
             let op = chooser.next_index();
             let timeout = plan.timeout;
             in_flight.push(async move {
@@ -267,38 +363,29 @@ async fn connection<E: Execute>(
                 let outcome = tokio::time::timeout(timeout, exec.execute(op, &mut slot))
                     .await
                     .unwrap_or(Outcome::Error("timeout".into()));
-                Sent { slot, op, outcome, start, sent: now, measured }
+                Sent { slot, op, outcome, ticket }
             });
             continue;
         }
-        let timer = due.filter(|_| !free.is_empty());
+        let timer = cadence.timer(now);
         if timer.is_none() && in_flight.is_empty() {
             break;
         }
         tokio::select! {
             Some(done) = in_flight.next(), if !in_flight.is_empty() => {
                 let finished = Instant::now();
-                count_live(&live, &done.outcome);
-                if done.measured {
-                    let micros = |from: Instant| finished.duration_since(from).as_micros() as u64;
-                    tally.record(done.op, micros(done.start), micros(done.sent), &done.outcome);
-                }
-                if free.is_empty() {
-                    free_since = Some(finished);
-                }
-                free.push(done.slot);
+                done.ticket.settle(&mut tally, &live, done.op, &done.outcome, finished);
+                cadence.give_back(done.slot, finished);
             }
             () = plan.pacing.until(timer.unwrap_or(now)), if timer.is_some() => {}
         }
     }
-    if let Some(schedule) = schedule {
-        tally.unsent = unsent(&schedule, window, next_k);
-    }
+    tally.unsent = cadence.unsent();
     tally
 }
 
 /// Requests due in the measured window from the `next_k`-th on, never sent.
-pub(crate) fn unsent(schedule: &Schedule, window: Window, mut next_k: u64) -> u64 {
+fn unsent(schedule: &Schedule, window: Window, mut next_k: u64) -> u64 {
     let mut count = 0;
     loop {
         let due = window.start + schedule.due_after_start(next_k);

@@ -17,20 +17,21 @@
 //! Only operations of one request and one response can go in a lane
 //! ([`crate::ops::Operation::is_single`]); a mix with `code` runs on the per-request driver.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::sync::Arc;
 
 use anyhow::{bail, Context as _};
-use settlegate_protocol::frame::{self, FLAG_RESPONSE};
+use settlegate_protocol::frame::{self, FrameRef, FLAG_RESPONSE};
 use settlegate_protocol::messages::{Reply, Request, Response};
 use settlegate_protocol::ClientError;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::time::{Duration, Instant};
 
-use crate::driver::{count_live, latency_start, Execute as _, Live, Plan, Schedule, Window};
+use crate::driver::{Cadence, Execute as _, Live, Plan, Ticket, Window};
 use crate::mix::Chooser;
-use crate::ops::{SlotCursor, Workload};
+use crate::ops::{client_error, SlotCursor, Workload};
 use crate::tally::{Outcome, Tally};
 
 /// A protocol as a lane speaks it.
@@ -46,13 +47,24 @@ pub trait Wire: Send + Sync + 'static {
     /// `out`; returns what [`Wire::judge`] needs to read its answer (settlegate: the opcode).
     fn encode(&self, op: usize, slot: &mut Self::Slot, id: u64, out: &mut Vec<u8>) -> u16;
 
-    /// Finds the answer at the front of `input`: `Ok(None)` while it is incomplete, else the
-    /// request ID it answers (`None`: the oldest request, for a protocol answering in order)
-    /// and its length.
-    fn split(&self, input: &[u8]) -> Result<Option<(Option<u64>, usize)>, ClientError>;
+    /// An answer as [`Wire::split`] finds it, still in the read buffer.
+    type Answer<'a>;
 
-    /// How the complete `answer` (as [`Wire::split`] delimited it) to a request of `op` counts.
-    fn judge(&self, op: usize, tag: u16, answer: &[u8]) -> Outcome;
+    /// Finds the answer at the front of `input`: `Ok(None)` while it is incomplete.
+    fn split<'a>(&self, input: &'a [u8]) -> Result<Option<Found<Self::Answer<'a>>>, ClientError>;
+
+    /// How `answer` to a request of `op` (with `tag`, see [`Wire::encode`]) counts.
+    fn judge(&self, op: usize, tag: u16, answer: Self::Answer<'_>) -> Outcome;
+}
+
+/// An answer found at the front of the read buffer.
+pub struct Found<A> {
+    /// The request it answers; `None`: the oldest, for a protocol answering in order.
+    pub id: Option<u64>,
+    /// Its length.
+    pub len: usize,
+    /// The answer.
+    pub answer: A,
 }
 
 /// Opens `plan.connections` connections with `connect` and runs a lane on each.
@@ -93,10 +105,7 @@ struct InFlight<S> {
     slot: S,
     op: usize,
     tag: u16,
-    /// Where its latency counts from (its send; in the open loop, possibly when it was due).
-    start: Instant,
-    sent: Instant,
-    measured: bool,
+    ticket: Ticket,
 }
 
 async fn lane<W: Wire>(
@@ -107,113 +116,63 @@ async fn lane<W: Wire>(
     window: Window,
     live: &Live,
 ) -> Tally {
-    let schedule = plan.rate_per_s.map(|rate| Schedule::new(rate, plan.connections, c));
+    let mut cadence = Cadence::new(plan, window, c, |s| wire.slot(c, s));
     let mut chooser = Chooser::new(&plan.weights, plan.seed, c as u64);
     let mut tally = Tally::new(plan.weights.len());
-    let mut free: Vec<W::Slot> = (0..plan.pipeline).rev().map(|s| wire.slot(c, s)).collect();
     let mut in_flight: VecDeque<InFlight<W::Slot>> = VecDeque::with_capacity(plan.pipeline);
-    let mut free_since = Some(window.start);
     let (mut out, mut input) = (Vec::with_capacity(64 * 1024), Vec::with_capacity(64 * 1024));
-    let (mut next_id, mut next_k) = (1u64, 0u64);
-    let lost = loop {
+    let mut next_id = 1u64;
+    // Why the lane stopped short, as an error kind; `None` when it ran to the end.
+    let lost: Option<Cow<'static, str>> = loop {
         let now = Instant::now();
-        // What is due now, if a slot is free for it.
-        let due = match &schedule {
-            // Closed loop: a whole batch once the previous one is answered.
-            None => (now < window.stop_at && in_flight.is_empty()).then_some(now),
-            Some(schedule) => {
-                let due = window.start + schedule.due_after_start(next_k);
-                let scheduled =
-                    due < window.stop_at && now < window.stop_at + crate::driver::OVERRUN_MAX;
-                scheduled.then_some(due)
-            }
-        };
+        // Everything due now that has a free slot goes out in one write.
         out.clear();
-        let mut due = due;
-        while let Some(at) = due.filter(|at| *at <= now && !free.is_empty()) {
-            let mut slot = free.pop().expect("checked");
+        while let Some((mut slot, ticket)) = cadence.take(now) {
             let op = chooser.next_index();
             let tag = wire.encode(op, &mut slot, next_id, &mut out);
-            let (start, measured) = match &schedule {
-                None => (now, now >= window.measure_from),
-                Some(_) => (latency_start(at, free_since, now), at >= window.measure_from),
-            };
-            in_flight.push_back(InFlight {
-                id: next_id,
-                slot,
-                op,
-                tag,
-                start,
-                sent: now,
-                measured,
-            });
+            in_flight.push_back(InFlight { id: next_id, slot, op, tag, ticket });
             next_id += 1;
-            if free.is_empty() {
-                free_since = None;
-            }
-            due = match &schedule {
-                None => Some(now),
-                Some(schedule) => {
-                    next_k += 1;
-                    Some(window.start + schedule.due_after_start(next_k))
-                        .filter(|due| *due < window.stop_at)
-                }
-            };
         }
         if !out.is_empty() {
             if let Err(error) = stream.write_all(&out).await {
-                break Some(ClientError::Closed(error.to_string()));
+                break Some(client_error(ClientError::Closed(error.to_string())));
             }
         }
-        let next_due = due.filter(|_| !free.is_empty() && schedule.is_some());
-        if in_flight.is_empty() && next_due.is_none() {
+        let timer = cadence.timer(now);
+        if in_flight.is_empty() && timer.is_none() {
             break None;
         }
-        let give_up = in_flight.front().map(|oldest| oldest.sent + plan.timeout);
+        let give_up = in_flight.front().map(|oldest| oldest.ticket.sent() + plan.timeout);
         tokio::select! {
             read = stream.read_buf(&mut input), if !in_flight.is_empty() => match read {
-                Ok(0) => break Some(ClientError::Closed("server closed the connection".into())),
-                Err(error) => break Some(ClientError::Closed(error.to_string())),
+                Ok(0) => break Some(client_error(ClientError::Closed("server closed".into()))),
+                Err(error) => break Some(client_error(ClientError::Closed(error.to_string()))),
                 Ok(_) => {
                     let finished = Instant::now();
                     let answered = match take_answers(wire, &mut input, &mut in_flight) {
                         Ok(answered) => answered,
-                        Err(error) => break Some(error),
+                        Err(error) => break Some(client_error(error)),
                     };
                     for (request, outcome) in answered {
-                        count_live(live, &outcome);
-                        if request.measured {
-                            let micros = |from: Instant| finished.duration_since(from).as_micros() as u64;
-                            tally.record(request.op, micros(request.start), micros(request.sent), &outcome);
-                        }
-                        if free.is_empty() {
-                            free_since = Some(finished);
-                        }
-                        free.push(request.slot);
+                        request.ticket.settle(&mut tally, live, request.op, &outcome, finished);
+                        cadence.give_back(request.slot, finished);
                     }
                 }
             },
-            () = plan.pacing.until(next_due.unwrap_or(now)), if next_due.is_some() => {}
+            () = plan.pacing.until(timer.unwrap_or(now)), if timer.is_some() => {}
             () = tokio::time::sleep_until(give_up.unwrap_or(now)), if give_up.is_some() => {
-                break Some(ClientError::Closed("timeout".into()));
+                break Some("timeout".into());
             }
         }
     };
-    if let Some(schedule) = &schedule {
-        tally.unsent = crate::driver::unsent(schedule, window, next_k);
-    }
-    if let Some(error) = lost {
+    tally.unsent = cadence.unsent();
+    if let Some(kind) = lost {
         // The connection is in an unknown state: what is still in flight is lost, and the
         // lane stops.
-        let kind = match &error {
-            ClientError::Closed(detail) if detail == "timeout" => "timeout",
-            ClientError::Closed(_) => "connection closed",
-            _ => "protocol violation",
-        };
+        let finished = Instant::now();
         for request in in_flight {
-            let outcome = Outcome::Error(kind.into());
-            count_live(live, &outcome);
-            tally.record(request.op, 0, 0, &outcome);
+            let outcome = Outcome::Error(kind.clone());
+            request.ticket.settle(&mut tally, live, request.op, &outcome, finished);
         }
     }
     tally
@@ -231,7 +190,7 @@ fn take_answers<W: Wire>(
 ) -> Result<Answered<W::Slot>, ClientError> {
     let mut answered = Vec::new();
     let mut used = 0;
-    while let Some((id, len)) = wire.split(&input[used..])? {
+    while let Some(Found { id, len, answer }) = wire.split(&input[used..])? {
         let position = match id {
             None => Some(0),
             Some(id) => in_flight.iter().position(|request| request.id == id),
@@ -239,7 +198,7 @@ fn take_answers<W: Wire>(
         let request = position
             .and_then(|at| in_flight.remove(at))
             .ok_or_else(|| ClientError::Protocol(format!("an answer to no request ({id:?})")))?;
-        let outcome = wire.judge(request.op, request.tag, &input[used..used + len]);
+        let outcome = wire.judge(request.op, request.tag, answer);
         used += len;
         answered.push((request, outcome));
     }
@@ -268,19 +227,24 @@ impl Wire for Settlegate {
         request.opcode()
     }
 
-    fn split(&self, input: &[u8]) -> Result<Option<(Option<u64>, usize)>, ClientError> {
+    type Answer<'a> = FrameRef<'a>;
+
+    fn split<'a>(&self, input: &'a [u8]) -> Result<Option<Found<FrameRef<'a>>>, ClientError> {
         match frame::decode_ref(input) {
             Ok(Some((frame, _))) if frame.flags & FLAG_RESPONSE == 0 => {
                 Err(ClientError::Protocol("a frame without the RESPONSE flag".into()))
             }
-            Ok(found) => Ok(found.map(|(frame, len)| (Some(frame.request_id), len))),
+            Ok(found) => Ok(found.map(|(frame, len)| Found {
+                id: Some(frame.request_id),
+                len,
+                answer: frame,
+            })),
             Err(error) => Err(ClientError::Protocol(format!("bad frame from server: {error}"))),
         }
     }
 
-    fn judge(&self, op: usize, opcode: u16, answer: &[u8]) -> Outcome {
+    fn judge(&self, op: usize, opcode: u16, frame: FrameRef<'_>) -> Outcome {
         let operation = self.workload.operations()[op];
-        let (frame, _) = frame::decode_ref(answer).ok().flatten().expect("split found a frame");
         let answer = Response::decode(opcode, frame.status, frame.body)
             .map_err(|error| ClientError::Protocol(format!("response to {operation:?}: {error}")));
         operation.judge(answer)

@@ -404,7 +404,7 @@ fn engine_error(error: EngineError) -> Cow<'static, str> {
 }
 
 /// A client error's kind, as errors are counted.
-fn client_error(error: ClientError) -> Cow<'static, str> {
+pub(crate) fn client_error(error: ClientError) -> Cow<'static, str> {
     match error {
         ClientError::Closed(_) => "connection closed".into(),
         ClientError::Protocol(_) => "protocol violation".into(),

@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::driver::{drive, ClosedLoop, Execute, Live, Plan};
-use crate::lanes::{self, Wire};
+use crate::lanes::{self, Found, Wire};
 use crate::tally::{Outcome, Tally};
 
 /// Bytes of each value.
@@ -107,8 +107,11 @@ impl Wire for RespWire {
         0
     }
 
-    fn split(&self, input: &[u8]) -> Result<Option<(Option<u64>, usize)>, ClientError> {
-        Ok(input.windows(2).position(|w| w == b"\r\n").map(|at| (None, at + 2)))
+    type Answer<'a> = &'a [u8];
+
+    fn split<'a>(&self, input: &'a [u8]) -> Result<Option<Found<&'a [u8]>>, ClientError> {
+        let line = input.windows(2).position(|w| w == b"\r\n");
+        Ok(line.map(|at| Found { id: None, len: at + 2, answer: &input[..at + 2] }))
     }
 
     fn judge(&self, _op: usize, _tag: u16, answer: &[u8]) -> Outcome {
