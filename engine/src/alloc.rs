@@ -13,9 +13,9 @@ pub const ARENA_TOP_PAD: usize = 64 << 20;
 /// Tunes the allocator for an engine's process (see [`ARENA_TOP_PAD`]). Call once at process
 /// start, before the engine starts, in a process that keeps glibc's allocator. (`settlegate
 /// serve` does not need it: it runs on jemalloc, which recovered and served faster still.)
-/// Does nothing where the allocator is not glibc's. It also fixes glibc's threshold for serving a request from `mmap` at its
-/// default (128 KiB) instead of letting it rise: the engine's large buffers (snapshots, log
-/// batches) are few.
+/// Does nothing where the allocator is not glibc's. It also fixes glibc's threshold for
+/// serving a request from `mmap` at its default (128 KiB) instead of letting it rise: the
+/// engine's large buffers (snapshots, log batches) are few.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {

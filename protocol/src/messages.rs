@@ -1146,8 +1146,8 @@ impl Response {
     /// Status and body.
     pub fn encode(&self) -> (u16, Vec<u8>) {
         let mut body = Vec::new();
-        let status = self.encode_body(&mut body);
-        (status, body)
+        self.encode_body(&mut body);
+        (self.status(), body)
     }
 
     /// The response as a frame answering a request with `opcode` and `request_id`, appended
@@ -1185,48 +1185,28 @@ impl Response {
         }
     }
 
-    /// Appends the body to `out`; returns the status.
-    fn encode_body(&self, out: &mut Vec<u8>) -> u16 {
+    /// Appends the body to `out` (its status is [`Response::status`]).
+    fn encode_body(&self, out: &mut Vec<u8>) {
         let mut w = Writer(out);
-        let status = match self {
-            Response::Ok(reply) => {
-                encode_reply(&mut w, reply);
-                status::OK
-            }
+        match self {
+            Response::Ok(reply) => encode_reply(&mut w, reply),
             Response::Refused(reason) => {
                 w.u16(reason.code());
-                status::REFUSED
             }
             Response::Busy { retry_after_ms } => {
                 w.u32(*retry_after_ms);
-                status::BUSY
             }
-            Response::InFlight => status::IN_FLIGHT,
-            Response::Unauthenticated(detail) => {
+            Response::InFlight | Response::UnknownOpcode | Response::ShuttingDown => {}
+            Response::Unauthenticated(detail)
+            | Response::Forbidden(detail)
+            | Response::BadRequest(detail)
+            | Response::Internal(detail) => {
                 w.str8(detail);
-                status::UNAUTHENTICATED
-            }
-            Response::Forbidden(detail) => {
-                w.str8(detail);
-                status::FORBIDDEN
-            }
-            Response::BadRequest(detail) => {
-                w.str8(detail);
-                status::BAD_REQUEST
-            }
-            Response::UnknownOpcode => status::UNKNOWN_OPCODE,
-            Response::ShuttingDown => status::SHUTTING_DOWN,
-            Response::Internal(detail) => {
-                w.str8(detail);
-                status::INTERNAL
             }
             Response::FrameError { kind, detail } => {
                 w.u16(*kind).str8(detail);
-                status::FRAME_ERROR
             }
-        };
-        debug_assert_eq!(status, self.status());
-        status
+        }
     }
 
     /// The response to a request with `opcode` and `request_id`, as a frame.

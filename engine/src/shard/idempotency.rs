@@ -98,7 +98,7 @@ pub(crate) struct Entry {
     seq: u64,
     /// The request's digest: the same ID with another digest is a conflict.
     pub(crate) digest: u64,
-    /// A record's state is replaced, never changed in place.
+    /// Replaced whole when the request finishes (in its `Arc` when no snapshot shares it).
     pub(crate) state: Arc<IdemState>,
 }
 

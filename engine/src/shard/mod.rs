@@ -114,12 +114,9 @@ impl Handler<Batch> for Shard {
             .map(|op| match op {
                 Op::Apply(envelope) => {
                     let now_ms = envelope.now_ms;
-                    let payment = matches!(
-                        envelope.command,
-                        Command::AuthReserve { .. } | Command::CodeReserve { .. }
-                    );
+                    // Only a payment's (or code request's) reservation dispatches.
                     match self.apply(envelope, &mut records) {
-                        Reply::Dispatch(dispatch) if payment => {
+                        Reply::Dispatch(dispatch) => {
                             self.decide_now(dispatch, now_ms, &mut records)
                         }
                         reply => reply,
