@@ -13,12 +13,13 @@
 //! records plus that quarter. (A pass every eighth cost twice the memory traffic: the sweep
 //! streams the whole table once per pass.)
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use super::state::Reply;
 use crate::cow::{CowMap, Frozen, CHUNK_BITS_LARGE};
 use crate::keys::{open_device_key, DeviceKey};
-use crate::types::{ClientRequestId, ReasonCode};
+use crate::types::{AuthOutcome, ClientRequestId, ReasonCode, UserKey};
 use crate::vault::{SealedNumber, Vault};
 
 /// A record's key: the owner's routing hash and the client's request ID.
@@ -29,7 +30,7 @@ pub(crate) enum IdemState {
     /// The request is with its provider.
     Pending {
         /// Who pays (to record the outcome if recovery must resolve it).
-        user: crate::types::UserKey,
+        user: UserKey,
         /// With which means.
         means_id: u32,
     },
@@ -89,7 +90,52 @@ fn idem_aad((owner_hash, client_request_id): IdemKey) -> Vec<u8> {
     aad
 }
 
-/// One record. Cheap to clone: a snapshot's frozen copy shares the state.
+/// How a record holds its state. A payment's record (by far the most, one per authorization)
+/// holds it inline: nothing is allocated for it, and nothing is followed when it dies, where a
+/// pointer to a state of its own cost the sweep one cache miss per record in a table of a
+/// million. Any other state is behind an `Arc`, so a snapshot's copy of a chunk shares it.
+#[derive(Debug, Clone)]
+enum Stored {
+    /// The payment is with its provider.
+    Pending { user: UserKey, means_id: u32 },
+    /// A payment (without a basket) finished with this outcome.
+    Auth(AuthOutcome),
+    /// Anything else.
+    Shared(Arc<IdemState>),
+}
+
+impl Stored {
+    fn new(state: IdemState) -> Stored {
+        match state {
+            IdemState::Pending { user, means_id } => Stored::Pending { user, means_id },
+            IdemState::Done(Reply::Auth(outcome)) => Stored::Auth(outcome),
+            state => Stored::Shared(Arc::new(state)),
+        }
+    }
+
+    /// The state, as the snapshot and recovery see it.
+    fn state(&self) -> Cow<'_, IdemState> {
+        match self {
+            Stored::Pending { user, means_id } => {
+                Cow::Owned(IdemState::Pending { user: user.clone(), means_id: *means_id })
+            }
+            Stored::Auth(outcome) => Cow::Owned(IdemState::Done(Reply::Auth(*outcome))),
+            Stored::Shared(state) => Cow::Borrowed(state),
+        }
+    }
+
+    /// The answer to a retry.
+    fn reply(&self, vault: &Vault, key: IdemKey) -> Reply {
+        match self {
+            Stored::Pending { .. } => Reply::InFlight,
+            Stored::Auth(outcome) => Reply::Auth(*outcome),
+            Stored::Shared(state) => state.reply(vault, key),
+        }
+    }
+}
+
+/// One record. Cheap to clone (a snapshot's frozen copy of its chunk clones it): its state is
+/// small or shared.
 #[derive(Debug, Clone)]
 pub(crate) struct Entry {
     /// Until when the record is kept.
@@ -98,11 +144,16 @@ pub(crate) struct Entry {
     seq: u64,
     /// The request's digest: the same ID with another digest is a conflict.
     pub(crate) digest: u64,
-    /// Replaced whole when the request finishes (in its `Arc` when no snapshot shares it).
-    pub(crate) state: Arc<IdemState>,
+    /// Replaced whole when the request finishes.
+    state: Stored,
 }
 
 impl Entry {
+    /// The record's state.
+    pub(crate) fn state(&self) -> Cow<'_, IdemState> {
+        self.state.state()
+    }
+
     /// Whether the record is within the count limit (`live_from_seq`, see
     /// `Idempotency::live_from_seq`) and its retention time at `now_ms`.
     fn live(&self, now_ms: i64, live_from_seq: u64) -> bool {
@@ -114,8 +165,8 @@ impl Entry {
 pub(crate) enum Seen {
     /// No record: process the request.
     New,
-    /// Same request seen before.
-    Same(Arc<IdemState>),
+    /// Same request seen before: the answer its retry gets.
+    Same(Reply),
     /// The ID was used with a different request.
     Conflict,
 }
@@ -171,11 +222,11 @@ impl Idempotency {
         self.next_seq.saturating_sub(self.records_max as u64)
     }
 
-    pub(crate) fn lookup(&self, key: &IdemKey, digest: u64, now_ms: i64) -> Seen {
+    pub(crate) fn lookup(&self, vault: &Vault, key: &IdemKey, digest: u64, now_ms: i64) -> Seen {
         let live_from_seq = self.live_from_seq();
         match self.entries.get(key).filter(|entry| entry.live(now_ms, live_from_seq)) {
             None => Seen::New,
-            Some(entry) if entry.digest == digest => Seen::Same(Arc::clone(&entry.state)),
+            Some(entry) if entry.digest == digest => Seen::Same(entry.state.reply(vault, *key)),
             Some(_) => Seen::Conflict,
         }
     }
@@ -185,7 +236,7 @@ impl Idempotency {
         self.sweep_step(now_ms);
         let expires_ms = now_ms.saturating_add(self.ttl_ms);
         let seq = self.next_seq;
-        let entry = Entry { expires_ms, seq, digest, state: Arc::new(state) };
+        let entry = Entry { expires_ms, seq, digest, state: Stored::new(state) };
         if let Some(previous) = self.entries.insert(key, entry) {
             // Only a dead record may be replaced (its key used again after retention).
             let live = previous.live(now_ms, self.live_from_seq());
@@ -197,12 +248,7 @@ impl Idempotency {
     /// Finishes a pending record. A record swept meanwhile is not recreated.
     pub(crate) fn complete(&mut self, key: &IdemKey, reply: Reply) {
         if let Some(entry) = self.entries.get_mut(key) {
-            let done = IdemState::Done(reply);
-            match Arc::get_mut(&mut entry.state) {
-                // Not shared with a snapshot's frozen copy: replaced in place, no allocation.
-                Some(state) => *state = done,
-                None => entry.state = Arc::new(done),
-            }
+            entry.state = Stored::new(IdemState::Done(reply));
         }
     }
 
@@ -235,22 +281,22 @@ impl Idempotency {
                 .into_iter()
                 .zip(first_seq..)
                 .map(|((expires_ms, key, digest, state), seq)| {
-                    (key, Entry { expires_ms, seq, digest, state: Arc::new(state) })
+                    (key, Entry { expires_ms, seq, digest, state: Stored::new(state) })
                 })
                 .collect(),
         );
     }
 
     /// Records still waiting for their provider's outcome (within the count limit).
-    pub(crate) fn pending(&self) -> Vec<(IdemKey, crate::types::UserKey, u32)> {
+    pub(crate) fn pending(&self) -> Vec<(IdemKey, UserKey, u32)> {
         let live_from_seq = self.live_from_seq();
         let mut pending: Vec<_> = self
             .entries
             .iter()
             .filter(|(_, entry)| entry.seq >= live_from_seq)
-            .filter_map(|(key, entry)| match &*entry.state {
-                IdemState::Pending { user, means_id } => Some((*key, user.clone(), *means_id)),
-                IdemState::Done(_) | IdemState::SealedKey { .. } => None,
+            .filter_map(|(key, entry)| match &entry.state {
+                Stored::Pending { user, means_id } => Some((*key, user.clone(), *means_id)),
+                Stored::Auth(_) | Stored::Shared(_) => None,
             })
             .collect();
         pending.sort_by_key(|(key, _, _)| *key);
@@ -272,12 +318,16 @@ mod tests {
         IdemState::Done(Reply::Swept(n as u32))
     }
 
+    fn vault() -> Vault {
+        Vault::new(&[7; 32])
+    }
+
     fn key(n: u64) -> IdemKey {
         (n.wrapping_mul(0x9e37_79b9_7f4a_7c15), n.into())
     }
 
     fn found(table: &Idempotency, n: u64, now_ms: i64) -> bool {
-        matches!(table.lookup(&key(n), n, now_ms), Seen::Same(_))
+        matches!(table.lookup(&vault(), &key(n), n, now_ms), Seen::Same(_))
     }
 
     /// The count limit: exactly the newest `records_max` records answer, whatever has been
@@ -288,7 +338,7 @@ mod tests {
         let mut table = Idempotency::new(i64::MAX / 2, records_max);
         let bound = records_max + records_max / 4 + table.entries.chunk_count();
         for n in 0..100_000u64 {
-            assert!(matches!(table.lookup(&key(n), n, 0), Seen::New));
+            assert!(matches!(table.lookup(&vault(), &key(n), n, 0), Seen::New));
             table.insert(key(n), n, done(n), 0);
             assert!(table.len() <= bound, "{} records held after {n}", table.len());
             if n % 997 == 0 {
@@ -308,11 +358,11 @@ mod tests {
         let mut table = Idempotency::new(1_000, 100);
         table.insert(key(1), 1, done(1), 0);
         assert!(found(&table, 1, 999));
-        assert!(matches!(table.lookup(&key(1), 2, 999), Seen::Conflict));
+        assert!(matches!(table.lookup(&vault(), &key(1), 2, 999), Seen::Conflict));
         assert!(!found(&table, 1, 1_000));
-        assert!(matches!(table.lookup(&key(1), 2, 1_000), Seen::New));
+        assert!(matches!(table.lookup(&vault(), &key(1), 2, 1_000), Seen::New));
         table.insert(key(1), 2, done(2), 1_000);
-        assert!(matches!(table.lookup(&key(1), 2, 1_500), Seen::Same(_)));
+        assert!(matches!(table.lookup(&vault(), &key(1), 2, 1_500), Seen::Same(_)));
         // Expired records go when the sweep passes, with no later insert touching them.
         for n in 10..10 + 2 * table.entries.chunk_count() as u64 {
             table.insert(key(n), n, done(n), 5_000);
@@ -330,8 +380,10 @@ mod tests {
             table.insert(key(n), n, done(n), n as i64);
         }
         let frozen = table.freeze();
-        let mut records: Vec<_> =
-            frozen.iter().map(|(k, e)| (e.expires_ms, *k, e.digest, (*e.state).clone())).collect();
+        let mut records: Vec<_> = frozen
+            .iter()
+            .map(|(k, e)| (e.expires_ms, *k, e.digest, e.state().into_owned()))
+            .collect();
         assert_eq!(records.len(), 500);
         records.sort_by_key(|(expires, k, _, _)| (*expires, *k));
         let mut restored = Idempotency::new(1_000_000, 500);
@@ -353,5 +405,35 @@ mod tests {
         restored
             .complete(&key(6_000), Reply::Auth(AuthOutcome::Declined(ReasonCode::ProviderTimeout)));
         assert!(restored.pending().is_empty());
+    }
+
+    /// A payment's record, kept inline, goes from pending to its outcome, answers a retry with
+    /// it, and goes through a snapshot as any other record does.
+    #[test]
+    fn a_payment_record_answers_in_flight_then_its_outcome_and_survives_a_snapshot() {
+        let vault = vault();
+        let user = crate::types::UserKey::new(crate::types::UserIdType::Mail, "a@b.c").unwrap();
+        let outcome = AuthOutcome::Declined(ReasonCode::ProviderDoNotHonor);
+        let mut table = Idempotency::new(1_000_000, 100);
+        table.insert(key(1), 11, IdemState::Pending { user, means_id: 3 }, 0);
+        assert!(matches!(table.lookup(&vault, &key(1), 11, 1), Seen::Same(Reply::InFlight)));
+        assert_eq!(table.pending().len(), 1);
+        table.complete(&key(1), Reply::Auth(outcome));
+        assert!(table.pending().is_empty());
+        let answer = |table: &Idempotency| match table.lookup(&vault, &key(1), 11, 2) {
+            Seen::Same(Reply::Auth(answered)) => Some(answered),
+            _ => None,
+        };
+        assert_eq!(answer(&table), Some(outcome));
+        assert!(matches!(table.lookup(&vault, &key(1), 12, 2), Seen::Conflict));
+        let frozen = table.freeze();
+        let records: Vec<_> = frozen
+            .iter()
+            .map(|(k, e)| (e.expires_ms, *k, e.digest, e.state().into_owned()))
+            .collect();
+        assert!(matches!(&records[0].3, IdemState::Done(Reply::Auth(kept)) if *kept == outcome));
+        let mut restored = Idempotency::new(1_000_000, 100);
+        restored.restore(records);
+        assert_eq!(answer(&restored), Some(outcome));
     }
 }

@@ -630,8 +630,8 @@ impl ShardState {
             return self.execute(envelope.command, envelope.now_ms, (envelope.owner_hash, 0));
         };
         let key = (envelope.owner_hash, client_request_id);
-        match self.idem.lookup(&key, envelope.digest, envelope.now_ms) {
-            Seen::Same(state) => return state.reply(&self.shared.vault, key),
+        match self.idem.lookup(&self.shared.vault, &key, envelope.digest, envelope.now_ms) {
+            Seen::Same(reply) => return reply,
             Seen::Conflict => return Reply::Refused(ReasonCode::IdempotencyConflict),
             Seen::New => {}
         }

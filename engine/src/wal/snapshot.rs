@@ -464,7 +464,7 @@ impl Capture {
                 owner_hash,
                 client_request_id,
                 digest: entry.digest,
-                state: match &*entry.state {
+                state: match &*entry.state() {
                     IdemState::Pending { user, means_id } => {
                         SnapIdemState::Pending { user: user_out(user), means_id: *means_id }
                     }
