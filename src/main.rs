@@ -11,23 +11,6 @@
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// jemalloc's built-in options (`_RJEM_MALLOC_CONF` in the environment overrides them):
-/// transparent huge pages for its memory. The shard's tables (a million idempotency records,
-/// users, codes) are read at random, one record per request; with 4 KiB pages nearly every such
-/// read also missed the TLB, and under a hypervisor a TLB miss walks two page tables. Measured
-/// (`docs/BENCHMARKS.md`): server CPU per authorization about 12% lower. No fork, so huge pages
-/// cost no copy-on-write pause; the price is some resident memory.
-#[used]
-#[export_name = "_rjem_malloc_conf"]
-static MALLOC_CONF: MallocConf = MallocConf(c"thp:always,metadata_thp:always".as_ptr());
-
-/// A C string pointer jemalloc reads at start (`malloc_conf`).
-#[repr(transparent)]
-struct MallocConf(*const std::ffi::c_char);
-
-// SAFETY: the pointer is to a static, immutable C string.
-unsafe impl Sync for MallocConf {}
-
 use std::path::PathBuf;
 
 use anyhow::Context as _;
