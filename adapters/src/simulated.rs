@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use rand::{Rng, SeedableRng};
+use rand::{Rng, RngCore, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 use serde::{Deserialize, Serialize};
 
@@ -101,9 +101,12 @@ impl Simulated {
 
 fn auth_code_random(rng: &mut Xoshiro256PlusPlus) -> AuthCode {
     const ALPHABET: &[u8; 36] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ";
+    // Six base-36 digits of one draw (36^6 is about 2^31, so the bias is about 2^-33).
+    let mut draw = rng.next_u64();
     let mut code = [0u8; 6];
     for byte in &mut code {
-        *byte = ALPHABET[rng.gen_range(0..ALPHABET.len())];
+        *byte = ALPHABET[(draw % 36) as usize];
+        draw /= 36;
     }
     AuthCode(code)
 }

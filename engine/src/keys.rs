@@ -5,10 +5,10 @@
 //! shard. Each key is kept as a pre-keyed HMAC state so that verifying a tag costs only the
 //! message blocks, not the two key blocks.
 
+use crate::SharedMap;
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 
-use dashmap::DashMap;
 use hmac::{Hmac, Mac};
 use rayon::prelude::*;
 use sha2::Sha256;
@@ -145,10 +145,7 @@ struct DeviceEntry {
 /// Card IDm to device keys, shared by the shards (writers) and the verifiers (readers).
 pub struct DeviceIndex {
     /// Boxed: an entry holds two HMAC states, and a growing table moves only the pointers.
-    /// Hashed with foldhash, seeded at random per process: an IDm from the network cannot be
-    /// chosen to collide, and hashing one costs a few instructions where SipHash (the default)
-    /// was 2% of the server's time in the authorize benchmark.
-    devices: DashMap<Idm, Box<DeviceEntry>, foldhash::fast::RandomState>,
+    devices: SharedMap<Idm, Box<DeviceEntry>>,
     /// Opens keys loaded sealed from a snapshot.
     vault: Arc<Vault>,
 }
@@ -166,7 +163,7 @@ pub struct Verified {
 impl DeviceIndex {
     /// An empty index; `vault` opens the keys that snapshots carry.
     pub fn new(vault: Arc<Vault>) -> DeviceIndex {
-        DeviceIndex { devices: DashMap::default(), vault }
+        DeviceIndex { devices: SharedMap::default(), vault }
     }
 
     /// Installs the first key of a device (applied by the owning user's shard). Returns false,

@@ -4,7 +4,7 @@
 //! [`NOTICE_BUFFER`] notices behind loses the oldest and is told how many it missed
 //! (`RecvError::Lagged`). Publishing never blocks the authorization path.
 
-use dashmap::DashMap;
+use crate::SharedMap;
 use tokio::sync::broadcast;
 
 use crate::limits::NOTICE_BUFFER;
@@ -55,8 +55,8 @@ pub enum DeviceMessage {
 /// Subscriptions by user, and by device.
 #[derive(Default)]
 pub(crate) struct Notices {
-    channels: DashMap<UserKey, broadcast::Sender<Notice>>,
-    devices: DashMap<crate::types::Idm, broadcast::Sender<DeviceMessage>>,
+    channels: SharedMap<UserKey, broadcast::Sender<Notice>>,
+    devices: SharedMap<crate::types::Idm, broadcast::Sender<DeviceMessage>>,
 }
 
 impl Notices {

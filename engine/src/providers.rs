@@ -5,9 +5,9 @@
 //! change at run time through commands applied by the provider's shard, and are read from
 //! any thread (read-mostly, in a `DashMap`).
 
+use crate::SharedMap;
 use std::sync::Arc;
 
-use dashmap::DashMap;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use settlegate_adapters::Guarded;
@@ -65,14 +65,20 @@ pub struct Provider {
     /// Display name.
     pub name: String,
     pub(crate) adapter: Guarded,
-    terminals: DashMap<String, Option<TerminalService>>,
+    terminals: SharedMap<String, Option<TerminalService>>,
     /// Store age policies set per terminal (A2); a terminal without one follows its provider's.
-    age_policies: DashMap<String, ResolvedPolicy>,
+    age_policies: SharedMap<String, ResolvedPolicy>,
 }
 
 impl Provider {
     pub(crate) fn new(code: u32, name: String, adapter: Guarded) -> Provider {
-        Provider { code, name, adapter, terminals: DashMap::new(), age_policies: DashMap::new() }
+        Provider {
+            code,
+            name,
+            adapter,
+            terminals: SharedMap::default(),
+            age_policies: SharedMap::default(),
+        }
     }
 
     /// Validates every entry first, so a request is applied whole or not at all.

@@ -6,12 +6,12 @@
 //! the token and the last four digits; [`Vault::reveal`] exists for adapters that must put the
 //! number on the wire to a provider.
 
+use crate::SharedMap;
 use std::fmt;
 use std::sync::Arc;
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
-use dashmap::DashMap;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
@@ -55,13 +55,13 @@ pub enum NumberKind {
 pub struct Vault {
     cipher: XChaCha20Poly1305,
     /// Shared with the means that hold each number, which a snapshot reads from.
-    sealed: DashMap<CardToken, Arc<SealedNumber>>,
+    sealed: SharedMap<CardToken, Arc<SealedNumber>>,
 }
 
 impl Vault {
     /// A vault under a 256-bit key.
     pub fn new(key: &[u8; 32]) -> Vault {
-        Vault { cipher: XChaCha20Poly1305::new(key.into()), sealed: DashMap::new() }
+        Vault { cipher: XChaCha20Poly1305::new(key.into()), sealed: SharedMap::default() }
     }
 
     /// Validates and seals `number`. Does not store it: the owning shard stores it by

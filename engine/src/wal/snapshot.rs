@@ -459,7 +459,7 @@ impl Capture {
 
         rest.idem = idem
             .iter()
-            .map(|(&(owner_hash, client_request_id), entry)| SnapIdem {
+            .map(|((owner_hash, client_request_id), entry)| SnapIdem {
                 expires_ms: entry.expires_ms,
                 owner_hash,
                 client_request_id,
