@@ -36,6 +36,20 @@ impl UserIdType {
     }
 }
 
+/// Whether `id` is shaped as a mail address: one `@` with text on both sides, no whitespace or
+/// control character.
+fn mail_shape_ok(id: &str) -> bool {
+    let Some(at) = id.find('@') else { return false };
+    let (local, domain) = (&id[..at], &id[at + 1..]);
+    let clean = if id.is_ascii() {
+        // The ASCII whitespace and control characters are exactly these bytes.
+        id.bytes().all(|b| b > b' ' && b != 0x7f)
+    } else {
+        !id.chars().any(|c| c.is_whitespace() || c.is_control())
+    };
+    !local.is_empty() && !domain.is_empty() && !domain.contains('@') && clean
+}
+
 /// A user's identity: ID type and ID. Validated on construction.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct UserKey {
@@ -46,23 +60,19 @@ pub struct UserKey {
 impl UserKey {
     /// Validates `id` for `id_type`: 1..=64 bytes; a mail address has one `@` with text on
     /// both sides and no whitespace; an inherent number is ASCII digits.
-    pub fn new(id_type: UserIdType, id: impl Into<String>) -> Result<UserKey, ReasonCode> {
-        let id = id.into();
-        let len_ok = !id.is_empty() && id.len() <= USER_ID_LEN_MAX;
+    pub fn new<S>(id_type: UserIdType, id: S) -> Result<UserKey, ReasonCode>
+    where
+        S: AsRef<str> + Into<String>,
+    {
+        // Checked before it is copied: a key is built from every request's record.
+        let text = id.as_ref();
+        let len_ok = !text.is_empty() && text.len() <= USER_ID_LEN_MAX;
         let shape_ok = match id_type {
-            UserIdType::Mail => {
-                let mut parts = id.splitn(2, '@');
-                let local = parts.next().unwrap_or("");
-                let domain = parts.next().unwrap_or("");
-                !local.is_empty()
-                    && !domain.is_empty()
-                    && !domain.contains('@')
-                    && !id.chars().any(|c| c.is_whitespace() || c.is_control())
-            }
-            UserIdType::InherentNumber => id.bytes().all(|b| b.is_ascii_digit()),
+            UserIdType::Mail => mail_shape_ok(text),
+            UserIdType::InherentNumber => text.bytes().all(|b| b.is_ascii_digit()),
         };
         if len_ok && shape_ok {
-            Ok(UserKey { id_type, id })
+            Ok(UserKey { id_type, id: id.into() })
         } else {
             Err(ReasonCode::InvalidUserId)
         }
@@ -391,4 +401,56 @@ pub enum AuthOutcome {
     Approved(Approval),
     /// Declined, with the documented reason.
     Declined(ReasonCode),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The definition `mail_shape_ok` implements, written the plain way.
+    fn mail_shape_reference(id: &str) -> bool {
+        let mut parts = id.splitn(2, '@');
+        let local = parts.next().unwrap_or("");
+        let domain = parts.next().unwrap_or("");
+        !local.is_empty()
+            && !domain.is_empty()
+            && !domain.contains('@')
+            && !id.chars().any(|c| c.is_whitespace() || c.is_control())
+    }
+
+    proptest! {
+        /// The ASCII fast path and the general one agree with the definition, on text built
+        /// mostly of the characters that decide it (`@`, ASCII and Unicode whitespace and
+        /// controls, DEL, non-ASCII letters).
+        #[test]
+        fn mail_shape_matches_its_definition(
+            id in proptest::collection::vec(
+                prop_oneof![
+                    Just('@'), Just(' '), Just('\t'), Just('\u{7f}'), Just('\u{85}'),
+                    Just('\u{a0}'), Just('\u{2003}'), Just('é'), Just('\0'), any::<char>(),
+                    proptest::char::range('!', '~'),
+                ],
+                0..12,
+            ).prop_map(|chars| chars.into_iter().collect::<String>())
+        ) {
+            prop_assert_eq!(mail_shape_ok(&id), mail_shape_reference(&id), "{:?}", id);
+        }
+    }
+
+    #[test]
+    fn user_keys_are_checked_before_they_are_kept() {
+        assert!(UserKey::new(UserIdType::Mail, "a@b.c").is_ok());
+        assert!(UserKey::new(UserIdType::Mail, String::from("a@b")).is_ok());
+        for bad in ["", "ab", "@b", "a@", "a@b@c", "a @b", "a@b\u{a0}", "a@b\u{7f}"] {
+            assert_eq!(
+                UserKey::new(UserIdType::Mail, bad),
+                Err(ReasonCode::InvalidUserId),
+                "{bad:?}"
+            );
+        }
+        assert!(UserKey::new(UserIdType::Mail, "a".repeat(USER_ID_LEN_MAX + 1) + "@b").is_err());
+        assert!(UserKey::new(UserIdType::InherentNumber, "0123").is_ok());
+        assert!(UserKey::new(UserIdType::InherentNumber, "12a").is_err());
+    }
 }
