@@ -7,7 +7,7 @@ use std::time::Duration;
 use settlegate_engine::wal::{shard_log_path, FsyncPolicy};
 use settlegate_engine::{
     AuthOutcome, AuthorizeRequest, EngineError, MeansOrder, ReasonCode, TerminalConfirmation,
-    TerminalEntry,
+    TerminalEntry, UserIdType, UserKey,
 };
 
 use crate::support::*;
@@ -212,6 +212,40 @@ async fn the_wrong_vault_key_or_shard_count_is_refused() {
     let mut more_shards = durable_config(dir.path());
     more_shards.shards = 3;
     assert!(start_error(more_shards).contains("shard count"));
+}
+
+/// `shards = 0` (the default: one per two cores) opens a data directory with the count it was
+/// written with, whatever the machine's core count says, and its data is all there.
+#[tokio::test]
+async fn shards_zero_keeps_the_count_the_data_was_written_with() {
+    for written_with in [3, 1] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = durable_config(dir.path());
+        config.shards = written_with;
+        let h = Harness::with_config(config);
+        let names = ["k1", "k2", "k3", "k4", "k5"];
+        for name in names {
+            h.user(name).await;
+        }
+        h.engine.shutdown();
+        drop(h);
+        let mut auto = durable_config(dir.path());
+        auto.shards = 0;
+        let h = Harness::with_config(auto);
+        assert_eq!(h.engine.shard_count(), written_with);
+        for name in names {
+            let user = UserKey::new(UserIdType::Mail, format!("{name}@example.com")).unwrap();
+            assert!(h.engine.devices_of(&user).await.is_ok(), "{name} recovered");
+        }
+        h.engine.shutdown();
+    }
+    // A fresh directory takes the default count.
+    let dir = tempfile::tempdir().unwrap();
+    let mut auto = durable_config(dir.path());
+    auto.shards = 0;
+    let h = Harness::with_config(auto.clone());
+    assert_eq!(h.engine.shard_count(), auto.shard_count());
+    h.engine.shutdown();
 }
 
 #[tokio::test]

@@ -16,7 +16,7 @@ pub const VAULT_KEY_ENV: &str = "SETTLEGATE_VAULT_KEY";
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct EngineConfig {
-    /// Shard actors; `0` means one per core.
+    /// Shard actors; `0` means one per two cores (see [`EngineConfig::shard_count`]).
     pub shards: usize,
     /// Batches queued per shard before admission answers busy.
     pub mailbox_capacity: usize,
@@ -108,10 +108,17 @@ impl EngineConfig {
         toml::from_str(text).map_err(|e| e.to_string())
     }
 
-    /// The shard count in force: `shards`, or the number of cores when it is 0.
+    /// The shard count in force: `shards`, or when it is 0 one per two cores (at least one).
+    /// A shard's thread applies state changes; the connections' threads around it decode,
+    /// verify tags and encode, about as much work again on the authorize path, so half the
+    /// cores go to shards. On two cores one shard served the same load with 7–10% less CPU
+    /// per request than two (`docs/BENCHMARKS.md`): each shard a batch touches costs a message
+    /// and a wake-up. An engine with a data directory keeps the count its data was written
+    /// with (the count must not change across restarts).
     pub fn shard_count(&self) -> usize {
         if self.shards == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get()).min(SHARDS_MAX)
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (cores / 2).clamp(1, SHARDS_MAX)
         } else {
             self.shards
         }

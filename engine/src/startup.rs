@@ -74,14 +74,20 @@ pub(crate) fn recover_shards(
     state_config: StateConfig,
     now_ms: i64,
 ) -> Result<Prepared, EngineError> {
-    let count = config.shard_count();
+    let storage = |e: StorageError| EngineError::Storage(e.to_string());
+    // `shards = 0` (one per core pair) adopts the count of the data already written, so that
+    // the same data directory opens on a machine of another size.
+    let recorded = match (&config.durability.data_dir, config.shards) {
+        (Some(dir), 0) => crate::wal::recorded_shard_count(dir).map_err(storage)?,
+        _ => None,
+    };
+    let count = recorded.unwrap_or_else(|| config.shard_count());
     let mut states: Vec<ShardState> =
         (0..count).map(|i| ShardState::new(i as u8, shared.clone(), state_config)).collect();
     let Some(dir) = &config.durability.data_dir else {
         let states = states.into_iter().map(|state| (state, None)).collect();
         return Ok(Prepared { states, wal_threads: Vec::new() });
     };
-    let storage = |e: StorageError| EngineError::Storage(e.to_string());
     std::fs::create_dir_all(dir)
         .map_err(|e| EngineError::Storage(format!("{}: {e}", dir.display())))?;
     let started = std::time::Instant::now();

@@ -137,6 +137,38 @@ pub fn shard_log_path(dir: &Path, index: usize) -> PathBuf {
     dir.join(format!("shard-{index:03}.wal"))
 }
 
+/// The shard count a data directory was written with: read from shard 0's log, or failing
+/// that its snapshot (both headers hold it at the same place); none for a directory with
+/// neither. Lets an engine configured with `shards = 0` keep the layout its data has, since
+/// the count must not change across restarts.
+pub(crate) fn recorded_shard_count(dir: &Path) -> Result<Option<usize>, StorageError> {
+    let paths = [
+        (shard_log_path(dir, 0), &MAGIC),
+        (snapshot::shard_snapshot_path(dir, 0), &snapshot::MAGIC),
+    ];
+    for (path, magic) in paths {
+        let mut header = [0u8; 16];
+        let read = std::fs::File::open(&path).and_then(|mut file| {
+            use std::io::Read;
+            file.read(&mut header)
+        });
+        match read {
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(error) => return Err(io_error(&path)(error)),
+            // An empty (or torn at its header) file says nothing.
+            Ok(len) if len < header.len() => continue,
+            Ok(_) if header[..8] != magic[..] => {
+                let detail = "not a settlegate file (bad magic)".to_owned();
+                return Err(StorageError::Mismatch { path, detail });
+            }
+            Ok(_) => {
+                return Ok(Some(u32::from_be_bytes(header[12..16].try_into().expect("4")) as usize))
+            }
+        }
+    }
+    Ok(None)
+}
+
 /// A shard log as read back.
 #[derive(Debug)]
 pub(crate) struct ReadLog {

@@ -39,7 +39,7 @@ use crate::types::AuthCode;
 use crate::types::Idm;
 use crate::types::{CardToken, MeansKind, ReasonCode, UserKey};
 
-const MAGIC: [u8; 8] = *b"SGSNAP\0\0";
+pub(crate) const MAGIC: [u8; 8] = *b"SGSNAP\0\0";
 /// The header's length since format version 4 (a multiple of the archive's alignment).
 const HEADER_LEN: usize = 48;
 /// The header's length before format version 4.
