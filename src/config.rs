@@ -52,6 +52,10 @@ pub struct ServerConfig {
     pub connections_max: usize,
     /// Requests in flight per connection; reading pauses at the limit.
     pub in_flight_max: usize,
+    /// Threads serving connections (the async runtime's workers: reading, decoding, tag
+    /// verification, writing); 0: the cores the shards leave, at least one. See
+    /// [`ServerConfig::io_thread_count`].
+    pub io_threads: usize,
     /// A connection with no frame for this long is closed.
     pub idle_timeout_ms: u64,
     /// A started frame must be complete within this.
@@ -79,6 +83,7 @@ impl Default for ServerConfig {
             http_listen: "127.0.0.1:9898".parse().expect("address"),
             connections_max: 1024,
             in_flight_max: 1024,
+            io_threads: 0,
             idle_timeout_ms: 60_000,
             frame_read_timeout_ms: 10_000,
             auth_timeout_ms: 10_000,
@@ -93,6 +98,20 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
+    /// The connection threads in force beside `shards` shard threads: `io_threads`, or when it
+    /// is 0 the cores the shards leave (at least one), so that the server runs one busy thread
+    /// per core. More threads than cores made the authorize path's requests wait on the
+    /// scheduler at every hand-over between a connection's thread and its shard's: on two
+    /// cores with one shard, one connection thread spent 6% less CPU per request than two and
+    /// halved the open loop's tail (`docs/BENCHMARKS.md`).
+    pub fn io_thread_count(&self, shards: usize) -> usize {
+        if self.io_threads > 0 {
+            return self.io_threads;
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        cores.saturating_sub(shards).max(1)
+    }
+
     fn validate(&self) -> Result<(), String> {
         let check = |ok: bool, what: &str| if ok { Ok(()) } else { Err(what.to_owned()) };
         check(
@@ -103,6 +122,7 @@ impl ServerConfig {
             (1..=65_535).contains(&self.in_flight_max),
             "server.in_flight_max must be 1..=65535",
         )?;
+        check(self.io_threads <= 1024, "server.io_threads must be 0..=1024")?;
         check(self.idle_timeout_ms > 0, "server.idle_timeout_ms must be positive")?;
         check(self.frame_read_timeout_ms > 0, "server.frame_read_timeout_ms must be positive")?;
         check(self.auth_timeout_ms > 0, "server.auth_timeout_ms must be positive")?;

@@ -76,14 +76,18 @@ fn init_logs(config: &Config) {
 fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
     let (config, source) = load(&path)?;
     init_logs(&config);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let io_threads = config.server.io_thread_count(config.engine.shard_count());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(io_threads)
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let server = settlegate::server::start(config).await?;
         let scheme = if server.tls { "tls" } else { "tcp" };
         println!("settlegate {} ({source})", env!("CARGO_PKG_VERSION"));
         println!("  protocol  {scheme}://{}", server.addr);
         println!("  http      http://{}/metrics /healthz /readyz", server.http_addr);
-        println!("  shards    {}", server.engine.shard_count());
+        println!("  shards    {} (connection threads: {io_threads})", server.engine.shard_count());
         println!("  providers {:?}", server.engine.registry().codes());
         let durability = &server.engine.config().durability;
         match &durability.data_dir {
