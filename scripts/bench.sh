@@ -66,29 +66,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Bench config: zero-latency provider so the engine is what is measured (as Redis is), and
-# Argon2 costs lowered because enrolling the dataset is setup, not measurement (bench only).
-key_sha=$(printf %s sg-demo-key | sha256sum | cut -d' ' -f1)
-cat > "$work/bench.toml" <<TOML
-[server]
-listen = "127.0.0.1:$SG_PORT"
-http_listen = "127.0.0.1:$SG_HTTP"
-log_level = "warn"
-[[server.identities]]
-name = "bench"
-api_key_sha256 = "$key_sha"
-permissions = ["authorize", "accounts", "providers"]
-terminals = ["*"]
-providers = [1]
-[engine]
-password = { memory_kib = 64, iterations = 1, parallelism = 1 }
-vault = { key_hex = "$(printf '77%.0s' $(seq 32))" }
-[[engine.providers]]
-code = 1
-name = "zero-latency"
-adapter = { kind = "simulated" }
-limits = { concurrency_max = 1000000, timeout_ms = 5000 }
-TOML
+# shellcheck source=scripts/bench-config.sh
+. scripts/bench-config.sh
+bench_config "$SG_PORT" "$SG_HTTP" > "$work/bench.toml"
 
 "${server_pin[@]}" redis-server --port "$REDIS_PORT" --save '' --appendonly no --daemonize yes --logfile "$work/redis.log"
 "${server_pin[@]}" "$BIN/settlegate" serve --config "$work/bench.toml" > "$work/sg.out" 2> "$work/sg.err" &

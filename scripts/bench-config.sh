@@ -1,0 +1,32 @@
+# Sourced by bench.sh and ab.sh: the settlegate config both benchmark with.
+#
+#   bench_config PORT HTTP_PORT [ENGINE_LINES] > bench.toml
+#
+# A zero-latency simulated provider, so the engine is what is measured (as Redis is), and Argon2
+# costs lowered, because enrolling the dataset is setup, not measurement (bench only).
+# ENGINE_LINES (e.g. "shards = 2") go into [engine]; the rest is the embedded default.
+bench_config() {
+  local port=$1 http=$2 engine_lines=${3:-} key_sha
+  key_sha=$(printf %s sg-demo-key | sha256sum | cut -d' ' -f1)
+  cat <<TOML
+[server]
+listen = "127.0.0.1:$port"
+http_listen = "127.0.0.1:$http"
+log_level = "warn"
+[[server.identities]]
+name = "bench"
+api_key_sha256 = "$key_sha"
+permissions = ["authorize", "accounts", "providers"]
+terminals = ["*"]
+providers = [1]
+[engine]
+$engine_lines
+password = { memory_kib = 64, iterations = 1, parallelism = 1 }
+vault = { key_hex = "$(printf '77%.0s' $(seq 32))" }
+[[engine.providers]]
+code = 1
+name = "zero-latency"
+adapter = { kind = "simulated" }
+limits = { concurrency_max = 1000000, timeout_ms = 5000 }
+TOML
+}
