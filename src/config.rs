@@ -102,8 +102,8 @@ impl ServerConfig {
     /// is 0 the cores the shards leave (at least one), so that the server runs one busy thread
     /// per core. More threads than cores made the authorize path's requests wait on the
     /// scheduler at every hand-over between a connection's thread and its shard's: on two
-    /// cores with one shard, one connection thread spent 6% less CPU per request than two and
-    /// halved the open loop's tail (`docs/BENCHMARKS.md`).
+    /// cores with one shard, one connection thread spent 6% less CPU per request than two, and
+    /// the open loop's tail was mostly lower (`docs/BENCHMARKS.md`).
     pub fn io_thread_count(&self, shards: usize) -> usize {
         if self.io_threads > 0 {
             return self.io_threads;
