@@ -81,9 +81,8 @@ impl Shard {
     /// A payment (or payment-code request) whose provider answers at once (an adapter that
     /// decides in process, such as the zero-latency simulator) is completed here, in the same
     /// step as its reservation: no trip back to the caller and into this shard again. Both
-    /// commands are logged, in order, as if the caller had sent the completion (and replay
-    /// applies that completion as `ShardState::complete` did). Any other dispatch goes back to
-    /// the caller.
+    /// commands are logged, in order, as if the caller had sent the completion. Any other
+    /// dispatch goes back to the caller.
     fn decide_now(
         &mut self,
         dispatch: Box<Dispatch>,
@@ -94,11 +93,7 @@ impl Shard {
         let answer = provider.and_then(|p| p.adapter.decide_now(&dispatch.provider_request()));
         let Some(answer) = answer else { return Reply::Dispatch(dispatch) };
         let outcome = dispatch.outcome_of(answer);
-        if self.wal.is_some() {
-            let completion = dispatch.completion(outcome, now_ms);
-            records.push(LogEnvelope::from_envelope(&completion, self.state.vault()).to_bytes());
-        }
-        let completed = self.state.complete(&dispatch, outcome, now_ms);
+        let completed = self.apply(dispatch.completion(outcome, now_ms), records);
         match completed {
             Reply::CodeIssued(issued) => Reply::CodeDecided(issued),
             // A declined code request is answered as its completion answers it.

@@ -646,25 +646,6 @@ impl ShardState {
         reply
     }
 
-    /// Records a dispatched payment's (or code request's) `outcome`: what applying
-    /// `dispatch.completion(outcome, now_ms)` does, without building that command (no copy of
-    /// the user's key), for the shard completing a payment in the step that reserved it.
-    pub(crate) fn complete(
-        &mut self,
-        dispatch: &Dispatch,
-        outcome: AuthOutcome,
-        now_ms: i64,
-    ) -> Reply {
-        let (key, user, means_id) = (dispatch.key, &dispatch.user, dispatch.means_id);
-        match &dispatch.code {
-            Some(spec) => self.code_complete(key, user, means_id, outcome, spec, now_ms),
-            None => {
-                let verdict = dispatch.verdict.clone();
-                self.auth_complete(key, user, means_id, outcome, verdict, now_ms)
-            }
-        }
-    }
-
     /// Answers a query.
     pub(crate) fn query(&self, query: Query) -> Reply {
         match query {
