@@ -124,6 +124,18 @@ impl EngineConfig {
         }
     }
 
+    /// The shard count an engine started with this config runs: [`EngineConfig::shard_count`],
+    /// except that with `shards = 0` and a data directory already written, the count that
+    /// data was written with (the count must not change across restarts, and a machine of
+    /// another size must still open its data).
+    pub fn shard_count_in_force(&self) -> Result<usize, crate::wal::StorageError> {
+        let recorded = match (&self.durability.data_dir, self.shards) {
+            (Some(dir), 0) => crate::wal::recorded_shard_count(dir)?,
+            _ => None,
+        };
+        Ok(recorded.unwrap_or_else(|| self.shard_count()))
+    }
+
     /// Checks every value against its limits; names the first that is wrong.
     pub fn validate(&self) -> Result<(), String> {
         let check = |ok: bool, what: &str| if ok { Ok(()) } else { Err(what.to_owned()) };

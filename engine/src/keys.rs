@@ -5,7 +5,6 @@
 //! shard. Each key is kept as a pre-keyed HMAC state so that verifying a tag costs only the
 //! message blocks, not the two key blocks.
 
-use crate::SharedMap;
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 
@@ -18,6 +17,7 @@ use crate::inherent::{InherentId, RecordError, TAG_LEN};
 use crate::limits::VERIFY_PARALLEL_MIN;
 use crate::types::{Idm, ReasonCode, UserKey};
 use crate::vault::{SealedNumber, Vault};
+use crate::SharedMap;
 
 /// A 256-bit device key. Its `Debug` never shows the bytes, and it is zeroed on drop.
 #[derive(Clone, PartialEq, Eq)]

@@ -4,11 +4,11 @@
 //! [`NOTICE_BUFFER`] notices behind loses the oldest and is told how many it missed
 //! (`RecvError::Lagged`). Publishing never blocks the authorization path.
 
-use crate::SharedMap;
 use tokio::sync::broadcast;
 
 use crate::limits::NOTICE_BUFFER;
 use crate::types::{AuthOutcome, ClientRequestId, UserKey};
+use crate::SharedMap;
 
 /// A settlement finished.
 #[derive(Debug, Clone, PartialEq, Eq)]

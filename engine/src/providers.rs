@@ -5,7 +5,6 @@
 //! change at run time through commands applied by the provider's shard, and are read from
 //! any thread (read-mostly, in a `DashMap`).
 
-use crate::SharedMap;
 use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
@@ -17,6 +16,7 @@ use crate::limits::{
     SERVICE_DESCRIPTION_LEN_MAX, TERMINALS_PER_PROVIDER_MAX, TERMINALS_PER_REQUEST_MAX,
 };
 use crate::types::{terminal_id_valid, ReasonCode, TerminalService};
+use crate::SharedMap;
 
 /// A terminal a provider serves, with its terminal-unique service if it has one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -75,13 +75,7 @@ pub(crate) fn recover_shards(
     now_ms: i64,
 ) -> Result<Prepared, EngineError> {
     let storage = |e: StorageError| EngineError::Storage(e.to_string());
-    // `shards = 0` (one per core pair) adopts the count of the data already written, so that
-    // the same data directory opens on a machine of another size.
-    let recorded = match (&config.durability.data_dir, config.shards) {
-        (Some(dir), 0) => crate::wal::recorded_shard_count(dir).map_err(storage)?,
-        _ => None,
-    };
-    let count = recorded.unwrap_or_else(|| config.shard_count());
+    let count = config.shard_count_in_force().map_err(storage)?;
     let mut states: Vec<ShardState> =
         (0..count).map(|i| ShardState::new(i as u8, shared.clone(), state_config)).collect();
     let Some(dir) = &config.durability.data_dir else {

@@ -6,7 +6,6 @@
 //! the token and the last four digits; [`Vault::reveal`] exists for adapters that must put the
 //! number on the wire to a provider.
 
-use crate::SharedMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -17,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use crate::types::{CardToken, ReasonCode};
+use crate::SharedMap;
 
 /// An account number (or other secret) sealed under the vault key.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
