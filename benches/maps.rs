@@ -1,6 +1,6 @@
 //! Why the shard's maps are [`CowMap`]s: the hot-path cost and the snapshot cost of three maps
-//! holding what an idempotency table holds (a 16-byte key; a record of two integers and a
-//! shared state), at the size of a busy shard.
+//! holding what the idempotency table held before it became a ring (a 16-byte key; a record of
+//! two integers and a shared state), at the size of a busy shard.
 //!
 //! - `std`: `FxHashMap`, the map the shard used before: fastest, but a snapshot must walk it
 //!   (one reference count per record, hundreds of milliseconds at a million).

@@ -148,7 +148,11 @@ impl EngineConfig {
         check(self.key_grace_ms >= 0, "key_grace_ms must not be negative")?;
         check(self.request_deadline_ms > 0, "request_deadline_ms must be positive")?;
         check(self.idempotency_ttl_ms > 0, "idempotency_ttl_ms must be positive")?;
-        check(self.idempotency_records_max > 0, "idempotency_records_max must be positive")?;
+        check(
+            (1..=crate::shard::idempotency::RECORDS_MAX_LIMIT)
+                .contains(&(self.idempotency_records_max as u64)),
+            "idempotency_records_max must be 1..=4294967296",
+        )?;
         check(self.login_failures_max > 0, "login_failures_max must be positive")?;
         check(self.lockout_ms >= 0, "lockout_ms must not be negative")?;
         check(

@@ -25,10 +25,10 @@ use std::sync::Arc;
 
 use rustc_hash::{FxBuildHasher, FxHashMap};
 
-/// Chunk bits for a map that reaches a million entries per shard (users, codes, idempotency
-/// records, stores): 1,024 chunks, so a write after a snapshot copies a chunk of about a
-/// thousand entries (tens of microseconds). 4,096 chunks measured slower per request in
-/// `benches/maps.rs`; 256 make each chunk's copy four times longer.
+/// Chunk bits for a map that reaches a million entries per shard (users, codes, stores):
+/// 1,024 chunks, so a write after a snapshot copies a chunk of about a thousand entries (tens
+/// of microseconds). 4,096 chunks measured slower per request in `benches/maps.rs`; 256 make
+/// each chunk's copy four times longer.
 pub const CHUNK_BITS_LARGE: u32 = 10;
 
 /// Chunk bits for a map that stays smaller (age registrations, coupons).
@@ -36,45 +36,66 @@ pub const CHUNK_BITS_SMALL: u32 = 8;
 
 /// A chunked copy-on-write hash map. See the module docs.
 pub struct CowMap<K, V> {
-    chunks: Box<[Chunk<K, V>]>,
+    chunks: Box<[CowCell<FxHashMap<K, V>>]>,
     /// `64 - log2(chunks)`: the chunk is the top bits of the mixed hash (see `chunk_index`).
     shift: u32,
     len: usize,
 }
 
-/// A chunk: owned by the map alone (written in place, no atomic operation), or shared with a
-/// frozen copy since the last freeze (written only after taking it back: moved out of its `Arc`
-/// if the copy is gone, copied if not).
-enum Chunk<K, V> {
-    Owned(FxHashMap<K, V>),
-    Shared(Arc<FxHashMap<K, V>>),
+/// A value owned alone (written in place, with no atomic operation), or shared with a frozen
+/// copy since the last [`CowCell::freeze`] (written only after taking it back: moved out of
+/// its `Arc` if the copy is gone, copied if not). A [`CowMap`]'s chunk is one, and so is a
+/// chunk of the idempotency records' ring.
+pub enum CowCell<T> {
+    /// Held by this cell alone.
+    Owned(T),
+    /// Shared with a frozen copy.
+    Shared(Arc<T>),
 }
 
-impl<K, V> Chunk<K, V> {
-    fn map(&self) -> &FxHashMap<K, V> {
+impl<T> CowCell<T> {
+    /// The value, to read.
+    pub fn get(&self) -> &T {
         match self {
-            Chunk::Owned(map) => map,
-            Chunk::Shared(map) => map,
+            CowCell::Owned(value) => value,
+            CowCell::Shared(value) => value,
         }
+    }
+
+    /// Whether a frozen copy may still share the value (a write would take it back first).
+    pub fn is_shared(&self) -> bool {
+        matches!(self, CowCell::Shared(_))
     }
 }
 
-impl<K, V> Default for Chunk<K, V> {
+impl<T: Default> Default for CowCell<T> {
     fn default() -> Self {
-        Chunk::Owned(FxHashMap::default())
+        CowCell::Owned(T::default())
     }
 }
 
-impl<K: Hash + Eq + Clone, V: Clone> Chunk<K, V> {
-    /// The chunk's map, writable: a shared chunk is taken back first.
-    fn map_mut(&mut self) -> &mut FxHashMap<K, V> {
-        if let Chunk::Shared(_) = self {
-            let Chunk::Shared(shared) = std::mem::take(self) else { unreachable!() };
-            *self = Chunk::Owned(Arc::unwrap_or_clone(shared));
+impl<T: Clone + Default> CowCell<T> {
+    /// The value, writable: a shared value is taken back first.
+    pub fn get_mut(&mut self) -> &mut T {
+        if let CowCell::Shared(_) = self {
+            let CowCell::Shared(shared) = std::mem::take(self) else { unreachable!() };
+            *self = CowCell::Owned(Arc::unwrap_or_clone(shared));
         }
         match self {
-            Chunk::Owned(map) => map,
-            Chunk::Shared(_) => unreachable!("taken back above"),
+            CowCell::Owned(value) => value,
+            CowCell::Shared(_) => unreachable!("taken back above"),
+        }
+    }
+
+    /// A frozen copy of the value: it becomes shared (moved behind an `Arc`, not copied) and
+    /// the copy takes a reference to it.
+    pub fn freeze(&mut self) -> Arc<T> {
+        if let CowCell::Owned(value) = self {
+            *self = CowCell::Shared(Arc::new(std::mem::take(value)));
+        }
+        match self {
+            CowCell::Shared(value) => Arc::clone(value),
+            CowCell::Owned(_) => unreachable!("shared above"),
         }
     }
 }
@@ -90,7 +111,7 @@ impl<K: Hash + Eq + Clone, V: Clone> CowMap<K, V> {
     pub fn new(chunk_bits: u32) -> CowMap<K, V> {
         assert!((1..=16).contains(&chunk_bits), "chunk bits out of range");
         CowMap {
-            chunks: (0..1usize << chunk_bits).map(|_| Chunk::default()).collect(),
+            chunks: (0..1usize << chunk_bits).map(|_| CowCell::default()).collect(),
             shift: 64 - chunk_bits,
             len: 0,
         }
@@ -106,7 +127,7 @@ impl<K: Hash + Eq + Clone, V: Clone> CowMap<K, V> {
         // A chunk of n entries expected holds about n ± 4·√n at the extremes.
         let slack = 4 * (per_chunk as f64).sqrt() as usize + 4;
         for chunk in self.chunks.iter_mut() {
-            chunk.map_mut().reserve(per_chunk + slack);
+            chunk.get_mut().reserve(per_chunk + slack);
         }
     }
 
@@ -141,7 +162,7 @@ impl<K: Hash + Eq + Clone, V: Clone> CowMap<K, V> {
     where
         K: Borrow<Q>,
     {
-        self.chunks[self.chunk_index(key)].map().get(key)
+        self.chunks[self.chunk_index(key)].get().get(key)
     }
 
     /// Whether `key` has a value.
@@ -160,10 +181,10 @@ impl<K: Hash + Eq + Clone, V: Clone> CowMap<K, V> {
     {
         let index = self.chunk_index(key);
         let chunk = &mut self.chunks[index];
-        if matches!(chunk, Chunk::Shared(_)) && !chunk.map().contains_key(key) {
+        if chunk.is_shared() && !chunk.get().contains_key(key) {
             return None;
         }
-        Some(chunk.map_mut())
+        Some(chunk.get_mut())
     }
 
     /// The value of `key`, writable. A shared chunk is taken back only if it holds `key`.
@@ -177,7 +198,7 @@ impl<K: Hash + Eq + Clone, V: Clone> CowMap<K, V> {
     /// Sets the value of `key`, returning the one it replaces.
     pub fn insert(&mut self, key: K, value: V) -> Option<V> {
         let index = self.chunk_index(&key);
-        let previous = self.chunks[index].map_mut().insert(key, value);
+        let previous = self.chunks[index].get_mut().insert(key, value);
         if previous.is_none() {
             self.len += 1;
         }
@@ -193,30 +214,6 @@ impl<K: Hash + Eq + Clone, V: Clone> CowMap<K, V> {
         if removed.is_some() {
             self.len -= 1;
         }
-        removed
-    }
-
-    /// The number of chunks (see [`CowMap::retain_chunk`]).
-    pub fn chunk_count(&self) -> usize {
-        self.chunks.len()
-    }
-
-    /// Keeps only the entries of chunk `index` (below [`CowMap::chunk_count`]) for which `keep`
-    /// is true; returns how many went. One chunk's entries lie together in memory, so a sweep
-    /// of a chunk reads them in order instead of missing the cache once per entry. A shared
-    /// chunk is read first and taken back only if something goes; an owned one is swept in one pass.
-    pub fn retain_chunk(&mut self, index: usize, mut keep: impl FnMut(&K, &V) -> bool) -> usize {
-        let chunk = &mut self.chunks[index];
-        if let Chunk::Shared(map) = chunk {
-            if map.iter().all(|(key, value)| keep(key, value)) {
-                return 0;
-            }
-        }
-        let map = chunk.map_mut();
-        let before = map.len();
-        map.retain(|key, value| keep(key, value));
-        let removed = before - map.len();
-        self.len -= removed;
         removed
     }
 
@@ -241,7 +238,7 @@ impl<K: Hash + Eq + Clone, V: Clone> CowMap<K, V> {
             if entries.is_empty() {
                 continue;
             }
-            let map = chunk.map_mut();
+            let map = chunk.get_mut();
             map.reserve(entries.len());
             for (key, value) in entries {
                 added += usize::from(map.insert(key, value).is_none());
@@ -252,30 +249,18 @@ impl<K: Hash + Eq + Clone, V: Clone> CowMap<K, V> {
 
     /// Every entry, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
-        self.chunks.iter().flat_map(|chunk| chunk.map().iter())
+        self.chunks.iter().flat_map(|chunk| chunk.get().iter())
     }
 
     /// Every value, in no particular order.
     pub fn values(&self) -> impl Iterator<Item = &V> {
-        self.chunks.iter().flat_map(|chunk| chunk.map().values())
+        self.chunks.iter().flat_map(|chunk| chunk.get().values())
     }
 
     /// A frozen copy: every chunk becomes shared (its table moved behind an `Arc`, not
     /// copied) and the copy takes a reference to each.
     pub fn freeze(&mut self) -> Frozen<K, V> {
-        let chunks = self
-            .chunks
-            .iter_mut()
-            .map(|chunk| {
-                if let Chunk::Owned(map) = chunk {
-                    *chunk = Chunk::Shared(Arc::new(std::mem::take(map)));
-                }
-                match chunk {
-                    Chunk::Shared(map) => Arc::clone(map),
-                    Chunk::Owned(_) => unreachable!("shared above"),
-                }
-            })
-            .collect();
+        let chunks = self.chunks.iter_mut().map(CowCell::freeze).collect();
         Frozen { chunks, len: self.len }
     }
 }
@@ -343,15 +328,6 @@ mod tests {
                         }
                     }
                     4 => assert_eq!(map.get(&key), model.get(&key)),
-                    5 if next(&mut rng).is_multiple_of(8) => {
-                        // Sweep one chunk of the keys with a bit set by this step.
-                        let bit = step % 9;
-                        let index = map.chunk_index(&key);
-                        let before = model.len();
-                        model.retain(|k, _| map.chunk_index(k) != index || (k >> bit) & 1 == 0);
-                        let removed = map.retain_chunk(index, |k, _| (k >> bit) & 1 == 0);
-                        assert_eq!(removed, before - model.len());
-                    }
                     _ => {
                         if next(&mut rng).is_multiple_of(50) {
                             frozen.push((map.freeze(), model.clone()));
@@ -400,7 +376,7 @@ mod tests {
         for i in 0..100_000u64 {
             map.insert(((i % 100).wrapping_mul(0x9e37_79b9_7f4a_7c15), u128::from(i) << 32), ());
         }
-        let sizes: Vec<usize> = map.chunks.iter().map(|c| c.map().len()).collect();
+        let sizes: Vec<usize> = map.chunks.iter().map(|c| c.get().len()).collect();
         let (min, max) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
         // 390 expected per chunk; a sound spread stays well within a factor of two.
         assert!(*min > 250 && *max < 550, "chunk sizes from {min} to {max}");
@@ -419,7 +395,8 @@ mod tests {
         assert_eq!(map.get_mut(&20_000), None);
         assert_eq!(map.remove(&20_000), None);
         let shared = |map: &CowMap<u64, u64>| {
-            let shared_with = |chunk: &Chunk<u64, u64>, frozen: &Arc<FxHashMap<u64, u64>>| matches!(chunk, Chunk::Shared(map) if Arc::ptr_eq(map, frozen));
+            let shared_with = |chunk: &CowCell<FxHashMap<u64, u64>>,
+                               frozen: &Arc<FxHashMap<u64, u64>>| matches!(chunk, CowCell::Shared(map) if Arc::ptr_eq(map, frozen));
             map.chunks.iter().zip(frozen.chunks.iter()).filter(|(a, b)| shared_with(a, b)).count()
         };
         assert_eq!(shared(&map), 64);

@@ -6,18 +6,17 @@
 //! an old inherent ID presented again.
 //!
 //! A record past retention is not removed when it dies (that removal would be one more cache
-//! miss in a table of a million records on every request); lookups ignore it, and a sweep
-//! visits one chunk of the table every few inserts and drops what has died there. A chunk's
-//! records lie together in memory, so the sweep reads them in order. One full pass takes
-//! about a quarter of `records_max` inserts, so the table holds at most `records_max` live
-//! records plus that quarter. (A pass every eighth cost twice the memory traffic: the sweep
-//! streams the whole table once per pass.)
+//! miss among a million records on every request): lookups ignore it, and it stays in the ring
+//! (see [`Idempotency`]) until the count limit reaches it. So a shard holds exactly its newest
+//! `records_max` records, and nothing sweeps.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use super::state::Reply;
-use crate::cow::{CowMap, Frozen, CHUNK_BITS_LARGE};
+use crate::cow::CowCell;
 use crate::keys::{open_device_key, DeviceKey};
 use crate::types::{AuthOutcome, ClientRequestId, ReasonCode, UserKey};
 use crate::vault::{SealedNumber, Vault};
@@ -152,13 +151,16 @@ impl Stored {
     }
 }
 
-/// One record. Cheap to clone (a snapshot's frozen copy of its chunk clones it): its state is
-/// small or shared.
+/// One record. Cheap to clone (a snapshot's frozen copy of its ring chunk clones it): its state
+/// is small or shared.
 #[derive(Debug, Clone)]
 pub(crate) struct Entry {
-    /// Until when the record is kept.
+    /// The record's key (the index holds only a fingerprint of it).
+    key: PackedKey,
+    /// Until when the record answers; [`REPLACED`] once a later record took its key.
     pub(crate) expires_ms: i64,
-    /// Its place in the shard's sequence of records (for the count limit).
+    /// Its place in the shard's sequence of records: it sits at `seq % records_max` in the
+    /// ring.
     seq: u64,
     /// The request's digest: the same ID with another digest is a conflict.
     pub(crate) digest: u64,
@@ -166,16 +168,14 @@ pub(crate) struct Entry {
     state: Stored,
 }
 
+/// The expiry of a record whose key a later record took (its ID used again after retention):
+/// no lookup reaches it, and a snapshot leaves it out.
+const REPLACED: i64 = i64::MIN;
+
 impl Entry {
     /// The record's state.
     pub(crate) fn state(&self) -> Cow<'_, IdemState> {
         self.state.state()
-    }
-
-    /// Whether the record is within the count limit (`live_from_seq`, see
-    /// `Idempotency::live_from_seq`) and its retention time at `now_ms`.
-    fn live(&self, now_ms: i64, live_from_seq: u64) -> bool {
-        self.expires_ms > now_ms && self.seq >= live_from_seq
     }
 }
 
@@ -189,53 +189,191 @@ pub(crate) enum Seen {
     Conflict,
 }
 
+/// Records per chunk of the ring: a write after a snapshot copies one chunk (about 100 KB).
+const RING_CHUNK_BITS: u32 = 10;
+const RING_CHUNK_MASK: usize = (1 << RING_CHUNK_BITS) - 1;
+
+/// Slots per index bucket; the eighth word of the bucket counts its records in the overflow
+/// map.
+const SLOTS: usize = 7;
+/// Records per bucket the index is sized for, at most: with seven slots, a bucket overflows
+/// about once in a thousand (Poisson with mean 2, more than 7).
+const RECORDS_PER_BUCKET: usize = 2;
+/// A slot is `fingerprint << SEQ_BITS | seq mod 2^SEQ_BITS`; 0 is an empty slot.
+const SEQ_BITS: u32 = 40;
+const SEQ_MASK: u64 = (1 << SEQ_BITS) - 1;
+/// The fingerprint: 24 bits of the key's hash, never 0.
+const FINGERPRINT_MASK: u64 = (1 << (64 - SEQ_BITS)) - 1;
+/// The overflow map is swept of dead records when it reaches this many, or twice what the last
+/// sweep left.
+const OVERFLOW_SWEEP_MIN: usize = 256;
+
+/// The largest `records_max` the index's slots can tell apart (their sequence numbers are
+/// kept modulo 2^40).
+pub(crate) const RECORDS_MAX_LIMIT: u64 = 1 << 32;
+
+/// An index bucket: one cache line.
+#[derive(Debug, Clone, Copy, bytemuck::Zeroable)]
+#[repr(C, align(64))]
+struct Bucket {
+    slots: [u64; SLOTS],
+    /// How many records of this bucket the overflow map holds (live or not yet swept).
+    overflowed: u64,
+}
+
+/// Where a record's index entry is.
+#[derive(Clone, Copy)]
+enum Place {
+    /// In slot `.1` of bucket `.0`.
+    Slot(usize, usize),
+    /// In the overflow map.
+    Overflow,
+}
+
+/// The idempotency records of a shard.
+///
+/// The records themselves are in a ring in the order they were made: record `seq` sits at
+/// `seq % records_max`, so the newest `records_max` are exactly the ring's content, and each
+/// new record takes the place of the one the count limit drops. Writing them is sequential;
+/// nothing sweeps them.
+///
+/// An index finds a record by key: a table of buckets, one cache line each, of seven slots
+/// holding a 24-bit fingerprint of the key's hash and the record's sequence number. A lookup
+/// reads one bucket (the one cache miss a request pays here) and follows a slot to the ring
+/// only when its fingerprint matches, that is, for a retry, or once in about two million
+/// lookups otherwise. The insert that follows writes the same bucket, still in cache. A slot
+/// whose record the count limit dropped is free, known from its sequence number alone, so the
+/// index too needs no sweep. A bucket with all seven slots taken by live records (about one
+/// in a thousand) puts the next in a small overflow map, which a lookup reads only for such a
+/// bucket.
+///
+/// The index holds `records_max / 2` buckets (32 bytes a record), allocated zeroed at start:
+/// the system maps its pages as they are first written, and it never grows, so serving never
+/// pauses to rebuild it.
 pub(crate) struct Idempotency {
-    entries: CowMap<PackedKey, Entry>,
+    /// Chunks of `2^RING_CHUNK_BITS` records; the last one fills up as the ring grows to
+    /// `records_max`.
+    ring: Vec<CowCell<Vec<Entry>>>,
+    /// Records in the ring: `min(next_seq, records_max)`.
+    ring_len: usize,
+    index: Box<[Bucket]>,
+    /// Records of full buckets, by key: their sequence number.
+    overflow: HashMap<PackedKey, u64, foldhash::fast::RandomState>,
+    overflow_sweep_at: usize,
+    /// Seeded at random per process, so that no client can choose request IDs that fall in
+    /// one bucket.
+    hasher: foldhash::fast::RandomState,
     /// The sequence number the next record gets.
     next_seq: u64,
     ttl_ms: i64,
     records_max: usize,
-    /// Inserts between two sweep steps, and how many are left before the next.
-    sweep_every: usize,
-    sweep_countdown: usize,
-    /// The chunk the next sweep step visits.
-    sweep_chunk: usize,
 }
 
-/// The records of a snapshot: a frozen copy of the table and which of its records are live.
+/// The records of a snapshot: a frozen copy of the ring.
 pub(crate) struct FrozenRecords {
-    entries: Frozen<PackedKey, Entry>,
-    live_from_seq: u64,
+    chunks: Vec<Arc<Vec<Entry>>>,
+    /// The ring position of the oldest record.
+    start: usize,
 }
 
 impl FrozenRecords {
-    /// The records within the count limit when frozen, in no order (the writer sorts them by
-    /// expiry). Those past their retention time are kept: a lookup after restore ignores them
-    /// for the same reason a lookup before did.
+    /// The records within the count limit when frozen, oldest first. Those past their
+    /// retention time are kept: a lookup after restore ignores them for the same reason a
+    /// lookup before did.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (IdemKey, &Entry)> {
-        self.entries
-            .iter()
-            .filter(|(_, entry)| entry.seq >= self.live_from_seq)
-            .map(|(key, entry)| (key.unpack(), entry))
+        oldest_first(self.chunks.iter().map(|chunk| &**chunk), self.start)
+            .map(|entry| (entry.key.unpack(), entry))
+    }
+}
+
+/// A ring's records (its chunks in order, the oldest at `start`), oldest first, but for those a
+/// later record of the same key replaced.
+fn oldest_first<'a>(
+    chunks: impl Iterator<Item = &'a Vec<Entry>> + Clone,
+    start: usize,
+) -> impl Iterator<Item = &'a Entry> {
+    let all = chunks.flat_map(|chunk| chunk.iter());
+    all.clone().skip(start).chain(all.take(start)).filter(|entry| entry.expires_ms != REPLACED)
+}
+
+/// The sequence number of a slot's record if the count limit still keeps it (`next_seq` and
+/// `records_max` as in [`Idempotency`]); none for an empty or free slot.
+fn slot_seq(slot: u64, next_seq: u64, records_max: usize) -> Option<u64> {
+    if slot == 0 {
+        return None;
+    }
+    let age = next_seq.wrapping_sub(slot & SEQ_MASK) & SEQ_MASK;
+    if (1..=records_max as u64).contains(&age) {
+        next_seq.checked_sub(age)
+    } else {
+        None
     }
 }
 
 impl Idempotency {
     pub(crate) fn new(ttl_ms: i64, records_max: usize) -> Idempotency {
-        assert!(records_max > 0);
-        // The table grows a chunk at a time (a thousand records moved, not a million), so it
-        // starts empty.
-        let entries = CowMap::new(CHUNK_BITS_LARGE);
-        let sweep_every = (records_max / 4 / entries.chunk_count()).max(1);
+        let buckets = records_max.div_ceil(RECORDS_PER_BUCKET).next_power_of_two();
+        Idempotency::with_buckets(ttl_ms, records_max, buckets)
+    }
+
+    /// A table whose index has `buckets` buckets (a power of two).
+    fn with_buckets(ttl_ms: i64, records_max: usize, buckets: usize) -> Idempotency {
+        assert!(records_max > 0 && records_max as u64 <= RECORDS_MAX_LIMIT);
+        assert!(buckets.is_power_of_two());
         Idempotency {
-            entries,
+            ring: Vec::new(),
+            ring_len: 0,
+            index: bytemuck::allocation::zeroed_slice_box(buckets),
+            overflow: HashMap::default(),
+            overflow_sweep_at: OVERFLOW_SWEEP_MIN,
+            hasher: foldhash::fast::RandomState::default(),
             next_seq: 0,
             ttl_ms,
             records_max,
-            sweep_every,
-            sweep_countdown: sweep_every,
-            sweep_chunk: 0,
         }
+    }
+
+    /// The bucket and fingerprint of a key's hash.
+    fn locate(&self, hash: u64) -> (usize, u64) {
+        let fingerprint = (hash & FINGERPRINT_MASK).max(1);
+        let bucket = (hash >> (64 - SEQ_BITS)) as usize & (self.index.len() - 1);
+        (bucket, fingerprint)
+    }
+
+    fn ring_pos(&self, seq: u64) -> usize {
+        (seq % self.records_max as u64) as usize
+    }
+
+    fn entry(&self, seq: u64) -> &Entry {
+        let pos = self.ring_pos(seq);
+        &self.ring[pos >> RING_CHUNK_BITS].get()[pos & RING_CHUNK_MASK]
+    }
+
+    fn entry_mut(&mut self, seq: u64) -> &mut Entry {
+        let pos = self.ring_pos(seq);
+        &mut self.ring[pos >> RING_CHUNK_BITS].get_mut()[pos & RING_CHUNK_MASK]
+    }
+
+    /// Where the index holds `key`'s record within the count limit, and its sequence number.
+    fn find(&self, key: PackedKey, hash: u64) -> Option<(Place, u64)> {
+        let (bucket_index, fingerprint) = self.locate(hash);
+        let bucket = &self.index[bucket_index];
+        for (slot_index, &slot) in bucket.slots.iter().enumerate() {
+            if slot >> SEQ_BITS != fingerprint {
+                continue;
+            }
+            let Some(seq) = slot_seq(slot, self.next_seq, self.records_max) else { continue };
+            // A slot left from long ago may name a live sequence number (they wrap at 2^40):
+            // the record there must be this key's.
+            if self.entry(seq).key == key {
+                return Some((Place::Slot(bucket_index, slot_index), seq));
+            }
+        }
+        if bucket.overflowed == 0 {
+            return None;
+        }
+        let &seq = self.overflow.get(&key)?;
+        (seq >= self.live_from_seq()).then_some((Place::Overflow, seq))
     }
 
     /// Sequence numbers from this one on are within the count limit.
@@ -243,81 +381,162 @@ impl Idempotency {
         self.next_seq.saturating_sub(self.records_max as u64)
     }
 
+    /// Starts loading `key`'s index bucket into the cache, without waiting for it. A shard
+    /// calls it for each command of a batch before applying the first, so the batch's cache
+    /// misses overlap instead of following one another.
+    pub(crate) fn prefetch(&self, key: &IdemKey) {
+        let (bucket, _) = self.locate(self.hasher.hash_one(PackedKey::pack(*key)));
+        let line: *const Bucket = &self.index[bucket];
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a prefetch is a hint: it reads nothing into the program and cannot fault (and
+        // the address is a live bucket's anyway). SSE is part of x86-64.
+        unsafe {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            _mm_prefetch::<_MM_HINT_T0>(line.cast());
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = line;
+    }
+
     pub(crate) fn lookup(&self, vault: &Vault, key: &IdemKey, digest: u64, now_ms: i64) -> Seen {
-        let live_from_seq = self.live_from_seq();
-        match self.entries.get(&PackedKey::pack(*key)).filter(|e| e.live(now_ms, live_from_seq)) {
-            None => Seen::New,
-            Some(entry) if entry.digest == digest => Seen::Same(entry.state.reply(vault, *key)),
-            Some(_) => Seen::Conflict,
+        let packed = PackedKey::pack(*key);
+        let Some((_, seq)) = self.find(packed, self.hasher.hash_one(packed)) else {
+            return Seen::New;
+        };
+        match self.entry(seq) {
+            entry if entry.expires_ms <= now_ms => Seen::New,
+            entry if entry.digest == digest => Seen::Same(entry.state.reply(vault, *key)),
+            _ => Seen::Conflict,
         }
     }
 
     /// Records a new request's state (the lookup found no live record for `key`).
     pub(crate) fn insert(&mut self, key: IdemKey, digest: u64, state: IdemState, now_ms: i64) {
-        self.sweep_step(now_ms);
         let expires_ms = now_ms.saturating_add(self.ttl_ms);
+        let replaced = self.record(PackedKey::pack(key), digest, Stored::new(state), expires_ms);
+        assert!(replaced.is_none_or(|expired| expired <= now_ms), "idempotency key inserted twice");
+    }
+
+    /// Adds a record as the newest; returns the expiry of the record of the same key it
+    /// replaces, if the count limit kept one.
+    fn record(
+        &mut self,
+        key: PackedKey,
+        digest: u64,
+        state: Stored,
+        expires_ms: i64,
+    ) -> Option<i64> {
+        let hash = self.hasher.hash_one(key);
+        let found = self.find(key, hash);
+        let replaced = found.map(|(_, old)| {
+            let entry = self.entry_mut(old);
+            std::mem::replace(&mut entry.expires_ms, REPLACED)
+        });
         let seq = self.next_seq;
-        let entry = Entry { expires_ms, seq, digest, state: Stored::new(state) };
-        if let Some(previous) = self.entries.insert(PackedKey::pack(key), entry) {
-            // Only a dead record may be replaced (its key used again after retention).
-            let live = previous.live(now_ms, self.live_from_seq());
-            assert!(!live, "idempotency key inserted twice");
-        }
+        self.push(Entry { key, expires_ms, seq, digest, state });
         self.next_seq += 1;
-    }
-
-    /// Finishes a pending record. A record swept meanwhile is not recreated.
-    pub(crate) fn complete(&mut self, key: &IdemKey, reply: Reply) {
-        if let Some(entry) = self.entries.get_mut(&PackedKey::pack(*key)) {
-            entry.state = Stored::new(IdemState::Done(reply));
+        let (bucket_index, fingerprint) = self.locate(hash);
+        let slot = fingerprint << SEQ_BITS | (seq & SEQ_MASK);
+        match found {
+            Some((Place::Slot(bucket, slot_index), _)) => {
+                self.index[bucket].slots[slot_index] = slot
+            }
+            Some((Place::Overflow, _)) => {
+                self.overflow.insert(key, seq);
+            }
+            None => {
+                let (next_seq, records_max) = (self.next_seq, self.records_max);
+                let bucket = &mut self.index[bucket_index];
+                match bucket
+                    .slots
+                    .iter()
+                    .position(|&s| slot_seq(s, next_seq, records_max).is_none())
+                {
+                    Some(free) => bucket.slots[free] = slot,
+                    None => {
+                        if self.overflow.insert(key, seq).is_none() {
+                            bucket.overflowed += 1;
+                        }
+                        self.sweep_overflow();
+                    }
+                }
+            }
         }
+        replaced
     }
 
-    /// Every `sweep_every` inserts, drops the dead records of the next chunk.
-    fn sweep_step(&mut self, now_ms: i64) {
-        self.sweep_countdown -= 1;
-        if self.sweep_countdown > 0 {
+    /// Puts the newest record in the ring, in the place of the one the count limit drops.
+    fn push(&mut self, entry: Entry) {
+        let pos = self.ring_pos(entry.seq);
+        debug_assert!(pos <= self.ring_len, "the ring fills in order");
+        if pos < self.ring_len {
+            let seq = entry.seq;
+            *self.entry_mut(seq) = entry;
             return;
         }
-        self.sweep_countdown = self.sweep_every;
-        let live_from_seq = self.live_from_seq();
-        let chunk = self.sweep_chunk;
-        self.sweep_chunk = (chunk + 1) % self.entries.chunk_count();
-        self.entries.retain_chunk(chunk, |_, entry| entry.live(now_ms, live_from_seq));
+        if pos & RING_CHUNK_MASK == 0 {
+            let room = (self.records_max - pos).min(RING_CHUNK_MASK + 1);
+            self.ring.push(CowCell::Owned(Vec::with_capacity(room)));
+        }
+        self.ring.last_mut().expect("a chunk was pushed").get_mut().push(entry);
+        self.ring_len += 1;
     }
 
-    /// The live records (by the count limit), frozen for a snapshot.
+    /// Drops the overflow map's records past the count limit, when it has grown enough since
+    /// the last sweep for the sweep to be paid for.
+    fn sweep_overflow(&mut self) {
+        if self.overflow.len() < self.overflow_sweep_at {
+            return;
+        }
+        let live_from_seq = self.live_from_seq();
+        let dead: Vec<PackedKey> = (self.overflow.iter())
+            .filter(|(_, &seq)| seq < live_from_seq)
+            .map(|(&key, _)| key)
+            .collect();
+        for key in dead {
+            self.overflow.remove(&key);
+            let (bucket, _) = self.locate(self.hasher.hash_one(key));
+            self.index[bucket].overflowed -= 1;
+        }
+        self.overflow_sweep_at = OVERFLOW_SWEEP_MIN.max(2 * self.overflow.len());
+    }
+
+    /// Finishes a pending record. A record the count limit dropped meanwhile is not recreated.
+    pub(crate) fn complete(&mut self, key: &IdemKey, reply: Reply) {
+        let packed = PackedKey::pack(*key);
+        if let Some((_, seq)) = self.find(packed, self.hasher.hash_one(packed)) {
+            self.entry_mut(seq).state = Stored::new(IdemState::Done(reply));
+        }
+    }
+
+    /// The records within the count limit, frozen for a snapshot.
     pub(crate) fn freeze(&mut self) -> FrozenRecords {
-        FrozenRecords { entries: self.entries.freeze(), live_from_seq: self.live_from_seq() }
+        let start = self.ring_pos(self.live_from_seq());
+        FrozenRecords { chunks: self.ring.iter_mut().map(CowCell::freeze).collect(), start }
     }
 
     /// Restores a snapshot's records (expires at, key, digest, state) into an empty table, in
-    /// expiry order: that order stands for the order they were recorded in (the count limit
-    /// drops the first of them first).
+    /// the order they were recorded in (the count limit drops the first of them first).
     pub(crate) fn restore(&mut self, records: Vec<(i64, IdemKey, u64, IdemState)>) {
-        let first_seq = self.next_seq;
-        self.next_seq += records.len() as u64;
-        self.entries.insert_in_bulk(
-            records
-                .into_iter()
-                .zip(first_seq..)
-                .map(|((expires_ms, key, digest, state), seq)| {
-                    let entry = Entry { expires_ms, seq, digest, state: Stored::new(state) };
-                    (PackedKey::pack(key), entry)
-                })
-                .collect(),
-        );
+        for (expires_ms, key, digest, state) in records {
+            self.record(PackedKey::pack(key), digest, Stored::new(state), expires_ms);
+        }
+    }
+
+    /// The records in the ring (within the count limit), oldest first, but for those a later
+    /// record of the same key replaced.
+    fn records(&self) -> impl Iterator<Item = &Entry> {
+        oldest_first(self.ring.iter().map(CowCell::get), self.ring_pos(self.live_from_seq()))
     }
 
     /// Records still waiting for their provider's outcome (within the count limit).
     pub(crate) fn pending(&self) -> Vec<(IdemKey, UserKey, u32)> {
-        let live_from_seq = self.live_from_seq();
         let mut pending: Vec<_> = self
-            .entries
-            .iter()
-            .filter(|(_, entry)| entry.seq >= live_from_seq)
-            .filter_map(|(key, entry)| match &entry.state {
-                Stored::Pending { user, means_id } => Some((key.unpack(), user.clone(), *means_id)),
+            .records()
+            .filter_map(|entry| match &entry.state {
+                Stored::Pending { user, means_id } => {
+                    Some((entry.key.unpack(), user.clone(), *means_id))
+                }
                 Stored::Auth(_) | Stored::Shared(_) => None,
             })
             .collect();
@@ -325,9 +544,9 @@ impl Idempotency {
         pending
     }
 
-    /// Records held, counting dead ones not yet swept.
+    /// Records held: the newest `records_max`, answering or not.
     pub(crate) fn len(&self) -> usize {
-        self.entries.len()
+        self.ring_len
     }
 }
 
@@ -352,45 +571,71 @@ mod tests {
         matches!(table.lookup(&vault(), &key(n), n, now_ms), Seen::Same(_))
     }
 
-    /// The count limit: exactly the newest `records_max` records answer, whatever has been
-    /// swept; the table never holds more than the limit plus one sweep pass.
+    /// The count limit: exactly the newest `records_max` records answer, and the table never
+    /// holds more; with the index as sized and with a single bucket (every record past seven in
+    /// the overflow map, which stays bounded).
     #[test]
     fn the_newest_records_max_answer_and_the_table_stays_bounded() {
         let records_max = 20_000;
-        let mut table = Idempotency::new(i64::MAX / 2, records_max);
-        let bound = records_max + records_max / 4 + table.entries.chunk_count();
-        for n in 0..100_000u64 {
-            assert!(matches!(table.lookup(&vault(), &key(n), n, 0), Seen::New));
-            table.insert(key(n), n, done(n), 0);
-            assert!(table.len() <= bound, "{} records held after {n}", table.len());
-            if n % 997 == 0 {
-                let oldest_live = (n + 1).saturating_sub(records_max as u64);
-                assert!(found(&table, oldest_live, 0), "{oldest_live} is among the newest");
-                if oldest_live > 0 {
-                    assert!(!found(&table, oldest_live - 1, 0), "{} is past the limit", n);
+        for mut table in [
+            Idempotency::new(i64::MAX / 2, records_max),
+            Idempotency::with_buckets(i64::MAX / 2, records_max, 1),
+        ] {
+            for n in 0..60_000u64 {
+                assert!(matches!(table.lookup(&vault(), &key(n), n, 0), Seen::New));
+                table.insert(key(n), n, done(n), 0);
+                assert!(table.len() <= records_max, "{} records held after {n}", table.len());
+                assert!(table.overflow.len() <= 2 * records_max + OVERFLOW_SWEEP_MIN);
+                if n % 997 == 0 {
+                    let oldest_live = (n + 1).saturating_sub(records_max as u64);
+                    assert!(found(&table, oldest_live, 0), "{oldest_live} is among the newest");
+                    assert!(found(&table, n, 0), "{n} is the newest");
+                    if oldest_live > 0 {
+                        assert!(!found(&table, oldest_live - 1, 0), "{} is past the limit", n);
+                    }
                 }
             }
         }
     }
 
-    /// The retention time: a record answers until it expires, then not, swept or not; its ID
-    /// may then be used again.
+    /// The retention time: a record answers until it expires, then not; its ID may then be
+    /// used again, and the record it replaces is gone from snapshots and from recovery's list.
     #[test]
     fn a_record_answers_until_it_expires_and_its_id_can_then_be_reused() {
         let mut table = Idempotency::new(1_000, 100);
-        table.insert(key(1), 1, done(1), 0);
-        assert!(found(&table, 1, 999));
+        let user = crate::types::UserKey::new(crate::types::UserIdType::Mail, "a@b.c").unwrap();
+        table.insert(key(1), 1, IdemState::Pending { user, means_id: 1 }, 0);
+        assert!(matches!(table.lookup(&vault(), &key(1), 1, 999), Seen::Same(Reply::InFlight)));
         assert!(matches!(table.lookup(&vault(), &key(1), 2, 999), Seen::Conflict));
-        assert!(!found(&table, 1, 1_000));
+        assert!(matches!(table.lookup(&vault(), &key(1), 1, 1_000), Seen::New));
         assert!(matches!(table.lookup(&vault(), &key(1), 2, 1_000), Seen::New));
         table.insert(key(1), 2, done(2), 1_000);
-        assert!(matches!(table.lookup(&vault(), &key(1), 2, 1_500), Seen::Same(_)));
-        // Expired records go when the sweep passes, with no later insert touching them.
-        for n in 10..10 + 2 * table.entries.chunk_count() as u64 {
-            table.insert(key(n), n, done(n), 5_000);
+        assert!(matches!(table.lookup(&vault(), &key(1), 2, 1_500), Seen::Same(Reply::Swept(2))));
+        assert!(table.pending().is_empty(), "the replaced pending record is not recovery's");
+        let frozen = table.freeze();
+        let kept: Vec<_> = frozen.iter().map(|(k, e)| (k, e.digest)).collect();
+        assert_eq!(kept, vec![(key(1), 2)]);
+    }
+
+    /// Sequence numbers are kept in the index modulo 2^40: across the wrap, the newest records
+    /// still answer and the dropped ones do not.
+    #[test]
+    fn records_answer_across_the_index_sequence_wrap() {
+        let records_max = 50;
+        for mut table in [
+            Idempotency::new(i64::MAX / 2, records_max),
+            Idempotency::with_buckets(i64::MAX / 2, records_max, 2),
+        ] {
+            // An empty ring fills from position 0: start at a multiple of `records_max`.
+            table.next_seq = ((1 << SEQ_BITS) - 120) / records_max as u64 * records_max as u64;
+            for n in 0..300u64 {
+                table.insert(key(n), n, done(n), 0);
+                for m in n.saturating_sub(60)..=n {
+                    let live = m + records_max as u64 > n;
+                    assert_eq!(found(&table, m, 0), live, "record {m} after {n}");
+                }
+            }
         }
-        assert!(table.len() <= 100 + table.entries.chunk_count());
-        assert!(table.entries.iter().all(|(_, entry)| entry.expires_ms > 5_000));
     }
 
     /// A snapshot holds only records within the count limit, and a restored table answers as
@@ -429,8 +674,8 @@ mod tests {
         assert!(restored.pending().is_empty());
     }
 
-    /// A packed key unpacks to the key it was packed from, and a table slot is the 96 bytes the
-    /// packing is for.
+    /// A packed key unpacks to the key it was packed from, a record is the 96 bytes the packing
+    /// is for, and an index bucket is one cache line.
     #[test]
     fn a_packed_key_unpacks_to_itself_and_a_slot_is_96_bytes() {
         for key in [(0, 0), (u64::MAX, u128::MAX), (7, 1u128 << 64), (1, (1u128 << 64) - 1), key(9)]
@@ -438,7 +683,9 @@ mod tests {
             assert_eq!(PackedKey::pack(key).unpack(), key);
         }
         #[cfg(target_pointer_width = "64")]
-        assert_eq!(std::mem::size_of::<(PackedKey, Entry)>(), 96);
+        assert_eq!(std::mem::size_of::<Entry>(), 96);
+        assert_eq!(std::mem::size_of::<Bucket>(), 64);
+        assert_eq!(std::mem::align_of::<Bucket>(), 64);
     }
 
     /// A payment's record, kept inline, goes from pending to its outcome, answers a retry with
@@ -469,5 +716,133 @@ mod tests {
         let mut restored = Idempotency::new(1_000_000, 100);
         restored.restore(records);
         assert_eq!(answer(&restored), Some(outcome));
+    }
+
+    /// What the model knows of one key's newest record.
+    #[derive(Debug, Clone, Copy)]
+    struct Modelled {
+        seq: u64,
+        expires_ms: i64,
+        digest: u64,
+        pending: bool,
+    }
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// A request with this key and digest, recorded if the lookup finds no live record.
+        Request { key: u64, digest: u64, pending: bool },
+        /// The provider's answer for this key.
+        Complete { key: u64 },
+        /// Time passes.
+        Wait { ms: i64 },
+        /// A snapshot, restored into a fresh table.
+        Restore,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            6 => (0..40u64, 0..2u64, any::<bool>())
+                .prop_map(|(key, digest, pending)| Step::Request { key, digest, pending }),
+            2 => (0..40u64).prop_map(|key| Step::Complete { key }),
+            2 => (0..400i64).prop_map(|ms| Step::Wait { ms }),
+            1 => Just(Step::Restore),
+        ]
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The table against a model that keeps every key's newest record and its sequence
+        /// number: after every step, every key answers as the model says (a record answers
+        /// while it is among the newest `records_max` and unexpired), with the index as sized,
+        /// with one bucket (so most records go through the overflow map) and with two.
+        #[test]
+        fn answers_as_a_model_of_the_limits_does(
+            records_max in 1..30usize,
+            buckets in prop_oneof![Just(0usize), Just(1), Just(2)],
+            steps in proptest::collection::vec(step(), 1..300),
+        ) {
+            let ttl_ms = 1_000;
+            let fresh = || match buckets {
+                0 => Idempotency::new(ttl_ms, records_max),
+                n => Idempotency::with_buckets(ttl_ms, records_max, n),
+            };
+            let user = crate::types::UserKey::new(crate::types::UserIdType::Mail, "a@b.c").unwrap();
+            let vault = vault();
+            let mut table = fresh();
+            let mut model: std::collections::HashMap<u64, Modelled> = Default::default();
+            let (mut next_seq, mut now_ms) = (0u64, 0i64);
+            for step in steps {
+                let live = |m: &Modelled, next_seq: u64| m.seq + records_max as u64 >= next_seq;
+                match step {
+                    Step::Request { key: k, digest, pending } => {
+                        let seen = table.lookup(&vault, &key(k), digest, now_ms);
+                        match model.get(&k).filter(|m| live(m, next_seq) && m.expires_ms > now_ms) {
+                            Some(m) if m.digest != digest => {
+                                prop_assert!(matches!(seen, Seen::Conflict));
+                            }
+                            Some(_) => prop_assert!(matches!(seen, Seen::Same(_))),
+                            None => {
+                                prop_assert!(matches!(seen, Seen::New));
+                                let state = if pending {
+                                    IdemState::Pending { user: user.clone(), means_id: 1 }
+                                } else {
+                                    done(digest)
+                                };
+                                table.insert(key(k), digest, state, now_ms);
+                                let expires_ms = now_ms + ttl_ms;
+                                model.insert(k, Modelled { seq: next_seq, expires_ms, digest, pending });
+                                next_seq += 1;
+                            }
+                        }
+                    }
+                    Step::Complete { key: k } => {
+                        table.complete(&key(k), Reply::Swept(7));
+                        if let Some(m) = model.get_mut(&k).filter(|m| live(m, next_seq)) {
+                            m.pending = false;
+                        }
+                    }
+                    Step::Wait { ms } => now_ms += ms,
+                    Step::Restore => {
+                        let records: Vec<_> = table
+                            .freeze()
+                            .iter()
+                            .map(|(k, e)| (e.expires_ms, k, e.digest, e.state().into_owned()))
+                            .collect();
+                        table = fresh();
+                        table.restore(records);
+                        // The restored records are renumbered from 0 in their order.
+                        let mut kept: Vec<(u64, Modelled)> =
+                            model.drain().filter(|(_, m)| live(m, next_seq)).collect();
+                        kept.sort_by_key(|(_, m)| m.seq);
+                        next_seq = kept.len() as u64;
+                        for (seq, (k, m)) in kept.into_iter().enumerate() {
+                            model.insert(k, Modelled { seq: seq as u64, ..m });
+                        }
+                    }
+                }
+                prop_assert!(table.len() <= records_max);
+                for k in 0..40u64 {
+                    let expected = model.get(&k).filter(|m| live(m, next_seq) && m.expires_ms > now_ms);
+                    for digest in 0..2u64 {
+                        let seen = table.lookup(&vault, &key(k), digest, now_ms);
+                        match expected {
+                            None => prop_assert!(matches!(seen, Seen::New), "key {} digest {}", k, digest),
+                            Some(m) if m.digest != digest => prop_assert!(matches!(seen, Seen::Conflict)),
+                            Some(m) if m.pending => prop_assert!(matches!(seen, Seen::Same(Reply::InFlight))),
+                            Some(_) => prop_assert!(matches!(seen, Seen::Same(Reply::Swept(_)))),
+                        }
+                    }
+                }
+                let pending: Vec<IdemKey> = table.pending().into_iter().map(|(k, _, _)| k).collect();
+                let mut expected: Vec<IdemKey> = model
+                    .iter()
+                    .filter(|(_, m)| live(m, next_seq) && m.pending)
+                    .map(|(&k, _)| key(k))
+                    .collect();
+                expected.sort();
+                prop_assert_eq!(pending, expected);
+            }
+        }
     }
 }

@@ -107,6 +107,11 @@ impl Handler<Batch> for Shard {
     type Result = ();
 
     fn handle(&mut self, batch: Batch, _ctx: &mut Context<Self>) {
+        for op in &batch.ops {
+            if let Op::Apply(Envelope { owner_hash, client_request_id: Some(id), .. }) = op {
+                self.state.idem.prefetch(&(*owner_hash, *id));
+            }
+        }
         let mut records = Vec::new();
         let replies = batch
             .ops
