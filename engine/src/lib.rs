@@ -57,7 +57,7 @@ pub use engine::{
 };
 pub use error::EngineError;
 pub use geo::{AcceptedMethod, Signal, Store};
-pub use inherent::InherentId;
+pub use inherent::{InherentId, SigningKey};
 pub use keys::DeviceKey;
 pub use means::MeansInput;
 pub use notices::{DeliveryNotice, DeviceMessage, Notice};

@@ -9,8 +9,8 @@ use indicatif::ProgressBar;
 use settlegate_engine::age::{Date, VerificationMethod};
 use settlegate_engine::limits::TERMINALS_PER_REQUEST_MAX;
 use settlegate_engine::{
-    AcceptedMethod, AgeRecord, DeviceCredential, EnrollRequest, MeansInput, MeansKind, Store,
-    TerminalEntry, UserIdType, UserKey,
+    AcceptedMethod, AgeRecord, DeviceCredential, EnrollRequest, MeansInput, MeansKind, SigningKey,
+    Store, TerminalEntry, UserIdType, UserKey,
 };
 use settlegate_protocol::messages::{Reply, Request};
 
@@ -40,6 +40,8 @@ pub struct Payer {
     pub user: UserKey,
     /// Their device's key.
     pub credential: DeviceCredential,
+    /// The same key, prepared for signing.
+    pub signing: SigningKey,
     /// The device counter last used.
     pub counter: AtomicU64,
 }
@@ -173,7 +175,8 @@ async fn enroll(target: &Target, run: u64, i: usize, means: usize) -> anyhow::Re
     for m in 0..means {
         add_means(target, base | (m as u128 + 1), &user, m, i).await.context("adding means")?;
     }
-    let payer = Payer { user, credential, counter: AtomicU64::new(0) };
+    let signing = SigningKey::new(credential.device_key.expose());
+    let payer = Payer { user, credential, signing, counter: AtomicU64::new(0) };
     register_age(target, base | 31, &payer, i).await.context("registering an age")?;
     Ok(payer)
 }

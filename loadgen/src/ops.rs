@@ -374,7 +374,7 @@ fn sign(payer: &Payer, provider_code: u32, terminal_id: &str) -> Vec<u8> {
         counter: payer.counter.fetch_add(1, Ordering::Relaxed) + 1,
         timestamp_ms: now_ms(),
     }
-    .sign(payer.credential.device_key.expose())
+    .sign_with(&payer.signing)
 }
 
 fn auth_outcome(result: Result<AuthOutcome, Cow<'static, str>>) -> Outcome {
