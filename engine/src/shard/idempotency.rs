@@ -239,9 +239,9 @@ enum Place {
 ///
 /// An index finds a record by key: a table of buckets, one cache line each, of seven slots
 /// holding a 24-bit fingerprint of the key's hash and the record's sequence number. A lookup
-/// reads one bucket (the one cache miss a request pays here) and follows a slot to the ring
-/// only when its fingerprint matches, that is, for a retry, or once in about two million
-/// lookups otherwise. The insert that follows writes the same bucket, still in cache. A slot
+/// reads one bucket (the one cache miss a request pays here) and follows a live slot to the
+/// ring only when its fingerprint matches: for a retry, or once in about eight million lookups
+/// otherwise. The insert that follows writes the same bucket, still in cache. A slot
 /// whose record the count limit dropped is free, known from its sequence number alone, so the
 /// index too needs no sweep. A bucket with all seven slots taken by live records (about one
 /// in a thousand) puts the next in a small overflow map, which a lookup reads only for such a
