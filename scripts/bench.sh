@@ -13,7 +13,8 @@
 #              it), latency corrected for coordinated omission, against the issue #5 target
 #              authorize p99 <= 1 ms (measured and printed; the script does not fail on it),
 #              and Redis SET open loop at the same rate with the same settings: the baseline
-#              (and loadgen's own floor) for those percentiles.
+#              (and loadgen's own floor) for those percentiles; for each, the cores the server
+#              and loadgen used over the middle of the run (how near the machine was to full).
 #   criterion  the criterion sections: tag verification (and the openssl baseline), the
 #              in-process authorize path, durability, and the protocol codec.
 #
@@ -144,25 +145,51 @@ PY
 want open || exit 0
 
 rate="${OPEN_RATE:-$((max_rate / 2))}"
+# The cores a server and its load generator use over the middle of an open-loop run, as
+# sample_cpu measures them: "server_cores loadgen_cores cores" into $3. At a fixed rate, how
+# near the machine is to full says much of what the tail latency will be.
+sample_cores() {
+  local server=$1 client=$2 out=$3 window=$((DURATION - 2)) s0 c0
+  [ "$window" -ge 1 ] || return 0
+  sleep $((WARMUP + 1))
+  s0=$(awk '{print $14 + $15}' "/proc/$server/stat") c0=$(awk '{print $14 + $15}' "/proc/$client/stat")
+  sleep "$window"
+  awk -v s0="$s0" -v c0="$c0" -v w="$window" -v t="$clk_tck" -v n="$(nproc)" \
+    'NR == 1 { s = $14 + $15 } NR == 2 { c = $14 + $15 }
+     END { printf "%.2f %.2f %d\n", (s - s0) / t / w, (c - c0) / t / w, n }' \
+    "/proc/$server/stat" "/proc/$client/stat" > "$out"
+}
 echo "== settlegate authorize, open loop at $rate/s (half of the measured maximum $max_rate/s), $PACING pacing"
 status=0
 "${client_pin[@]}" "$BIN/loadgen" --target "127.0.0.1:$SG_PORT" --users "$USERS" "${common[@]}" \
   --rate "$rate" --pacing "$PACING" \
-  --slo authorize:p99=1ms --json "$OUT/authorize-open.json" --html "$OUT/authorize-open.html" \
-  || status=$?
+  --slo authorize:p99=1ms --json "$OUT/authorize-open.json" --html "$OUT/authorize-open.html" &
+client=$!
+sample_cores "$sg_pid" "$client" "$OUT/authorize-open.cores" & sampler=$!
+wait "$client" || status=$?
+wait "$sampler" || true
 [ "$status" -gt 1 ] && exit "$status"
 echo "== redis SET, open loop at $rate/s, $PACING pacing (the baseline for these percentiles)"
 "${client_pin[@]}" "$BIN/loadgen" redis --target "127.0.0.1:$REDIS_PORT" "${common[@]}" \
-  --rate "$rate" --pacing "$PACING" --json "$OUT/redis-open.json" --html "$OUT/redis-open.html"
-python3 - "$OUT/authorize-open.json" "$OUT/redis-open.json" <<'PY'
+  --rate "$rate" --pacing "$PACING" --json "$OUT/redis-open.json" --html "$OUT/redis-open.html" &
+client=$!
+sample_cores "$redis_pid" "$client" "$OUT/redis-open.cores" & sampler=$!
+wait "$client"
+wait "$sampler" || true
+python3 - "$OUT/authorize-open" "$OUT/redis-open" <<'PY'
 import json, sys
-sg, redis = (json.load(open(path)) for path in sys.argv[1:3])
-for name, r in (("settlegate authorize", sg), ("redis SET", redis)):
+sg, redis = (json.load(open(f"{path}.json")) for path in sys.argv[1:3])
+for path, name, r in ((sys.argv[1], "settlegate authorize", sg), (sys.argv[2], "redis SET", redis)):
     l, u = r["latency_us"], r["latency_us_uncorrected"]
     print(f"{name}: open loop at {r['rate_per_s']:.0f}/s: served {r['throughput_per_s']:.0f}/s, "
           f"errors {r['errors']}, unsent {r['unsent']}")
     print(f"  corrected   p50 {l['p50']}us p90 {l['p90']}us p99 {l['p99']}us p99.9 {l['p999']}us max {l['max']}us")
     print(f"  uncorrected p50 {u['p50']}us p90 {u['p90']}us p99 {u['p99']}us p99.9 {u['p999']}us max {u['max']}us")
+    try:
+        server, client, cores = open(f"{path}.cores").read().split()
+        print(f"  cores used over the middle of the run: server {server}, loadgen {client} (of {cores})")
+    except (OSError, ValueError):
+        pass
 print(f"corrected p99, settlegate / redis at the same rate: "
       f"{sg['latency_us']['p99'] / max(redis['latency_us']['p99'], 1):.2f}")
 verdict = "met" if all(s["met"] for s in sg["slo"]) else "NOT met"
