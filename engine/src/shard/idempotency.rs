@@ -254,8 +254,6 @@ pub(crate) struct Idempotency {
     /// Chunks of `2^RING_CHUNK_BITS` records; the last one fills up as the ring grows to
     /// `records_max`.
     ring: Vec<CowCell<Vec<Entry>>>,
-    /// Records in the ring: `min(next_seq, records_max)`.
-    ring_len: usize,
     index: Box<[Bucket]>,
     /// Records of full buckets, by key: their sequence number.
     overflow: HashMap<PackedKey, u64, foldhash::fast::RandomState>,
@@ -322,7 +320,6 @@ impl Idempotency {
         assert!(buckets.is_power_of_two());
         Idempotency {
             ring: Vec::new(),
-            ring_len: 0,
             index: bytemuck::allocation::zeroed_slice_box(buckets),
             overflow: HashMap::default(),
             overflow_sweep_at: OVERFLOW_SWEEP_MIN,
@@ -468,8 +465,9 @@ impl Idempotency {
     /// Puts the newest record in the ring, in the place of the one the count limit drops.
     fn push(&mut self, entry: Entry) {
         let pos = self.ring_pos(entry.seq);
-        debug_assert!(pos <= self.ring_len, "the ring fills in order");
-        if pos < self.ring_len {
+        let len = self.len();
+        debug_assert!(pos <= len, "the ring fills in order");
+        if pos < len {
             let seq = entry.seq;
             *self.entry_mut(seq) = entry;
             return;
@@ -479,7 +477,6 @@ impl Idempotency {
             self.ring.push(CowCell::Owned(Vec::with_capacity(room)));
         }
         self.ring.last_mut().expect("a chunk was pushed").get_mut().push(entry);
-        self.ring_len += 1;
     }
 
     /// Drops the overflow map's records past the count limit, when it has grown enough since
@@ -489,7 +486,9 @@ impl Idempotency {
             return;
         }
         let live_from_seq = self.live_from_seq();
-        let dead: Vec<PackedKey> = (self.overflow.iter())
+        let dead: Vec<PackedKey> = self
+            .overflow
+            .iter()
             .filter(|(_, &seq)| seq < live_from_seq)
             .map(|(&key, _)| key)
             .collect();
@@ -544,9 +543,12 @@ impl Idempotency {
         pending
     }
 
-    /// Records held: the newest `records_max`, answering or not.
+    /// Records held: the newest `records_max`, answering or not (every chunk but the last is
+    /// full).
     pub(crate) fn len(&self) -> usize {
-        self.ring_len
+        self.ring
+            .last()
+            .map_or(0, |last| ((self.ring.len() - 1) << RING_CHUNK_BITS) + last.get().len())
     }
 }
 
