@@ -93,6 +93,28 @@ async fn everything_acknowledged_survives_a_restart_with(provider_latency_us: u6
     h.engine.shutdown();
 }
 
+/// After shutdown no shard applies anything, on its own thread or on a caller's: every request
+/// is refused as stopped, so nothing is acknowledged that the (finished) log does not hold.
+#[tokio::test]
+async fn after_shutdown_every_request_is_refused_as_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = restart(dir.path());
+    let alice = h.user("alice").await;
+    let request = AuthorizeRequest {
+        client_request_id: request_id(),
+        inherent_id: alice.signed(T0_MS, 700, PROVIDER_OK, "T-1"),
+    };
+    h.engine.shutdown();
+    assert!(matches!(h.engine.authorize(request.clone()).await, Err(EngineError::Stopped)));
+    assert!(matches!(h.engine.login(&alice.user, PASSWORD).await, Err(EngineError::Stopped)));
+    drop(h);
+
+    // The refused request was not recorded: on a restart it is approved as new.
+    let h = restart(dir.path());
+    approved(h.engine.authorize(request).await.unwrap());
+    h.engine.shutdown();
+}
+
 #[tokio::test]
 async fn an_authorization_cut_off_at_its_provider_is_resolved_at_restart() {
     let dir = tempfile::tempdir().unwrap();

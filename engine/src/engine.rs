@@ -9,7 +9,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::dev::SendError;
-use actix::Addr;
 use futures::future::join_all;
 use rustc_hash::FxHasher;
 use tokio::sync::{broadcast, oneshot};
@@ -36,7 +35,7 @@ use crate::shard::state::{
     Balance, CodeSpec, CodeState, Dispatch, IssuedCode, IssuedCoupon, MeansView, RedeemSpec,
     Redemption, Shared, StateConfig,
 };
-use crate::shard::{Batch, Command, Envelope, Op, Query, Reply, Shard, Sizes};
+use crate::shard::{Batch, Command, Envelope, Op, Query, Reply, ShardHandle, Sizes, Turn};
 use crate::startup::{build_registry, recover_shards, start_shards, stop_runtime, ActorRuntime};
 use crate::types::{AuthOutcome, ClientRequestId, Currency, Idm, ReasonCode, UserKey};
 use crate::vault::Vault;
@@ -261,7 +260,7 @@ pub enum MeansOrder {
 }
 
 struct Inner {
-    shards: Vec<Addr<Shard>>,
+    shards: Vec<ShardHandle>,
     shared: Shared,
     notices: Notices,
     clock: Arc<dyn Clock>,
@@ -275,7 +274,7 @@ struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        stop_runtime(&self.runtime);
+        stop_runtime(&self.runtime, &self.shards);
     }
 }
 
@@ -356,7 +355,7 @@ impl Engine {
 
     /// Stops the shard actors. Requests after this fail with [`EngineError::Stopped`].
     pub fn shutdown(&self) {
-        stop_runtime(&self.inner.runtime);
+        stop_runtime(&self.inner.runtime, &self.inner.shards);
     }
 
     /// Number of shards.
@@ -1362,7 +1361,13 @@ impl Engine {
         ops: Vec<Op>,
     ) -> Result<oneshot::Receiver<Vec<Reply>>, EngineError> {
         let (reply, receiver) = oneshot::channel();
-        match self.inner.shards[shard].try_send(Batch { ops, reply }) {
+        let shard = &self.inner.shards[shard];
+        let batch = match shard.apply_if_idle(Batch { ops, reply }) {
+            Turn::Applied => return Ok(receiver),
+            Turn::Stopped => return Err(EngineError::Stopped),
+            Turn::Busy(batch) => batch,
+        };
+        match shard.addr.try_send(batch) {
             Ok(()) => Ok(receiver),
             Err(SendError::Full(_)) => {
                 Err(EngineError::Busy { retry_after_ms: self.inner.config.busy_retry_after_ms })
@@ -1373,7 +1378,11 @@ impl Engine {
 
     fn submit_always(&self, shard: usize, ops: Vec<Op>) -> oneshot::Receiver<Vec<Reply>> {
         let (reply, receiver) = oneshot::channel();
-        self.inner.shards[shard].do_send(Batch { ops, reply });
+        let shard = &self.inner.shards[shard];
+        // A stopped shard drops the batch, and the receiver sees it closed.
+        if let Turn::Busy(batch) = shard.apply_if_idle(Batch { ops, reply }) {
+            shard.addr.do_send(batch);
+        }
         receiver
     }
 
@@ -1443,16 +1452,19 @@ impl Engine {
 
     /// Users and idempotency records held by each shard.
     pub async fn shard_sizes(&self) -> Vec<(usize, usize)> {
-        let sizes = join_all(self.inner.shards.iter().map(|s| s.send(Sizes))).await;
+        let sizes = join_all(self.inner.shards.iter().map(|s| s.addr.send(Sizes))).await;
         sizes.into_iter().map(|s| s.unwrap_or((0, 0))).collect()
     }
 
-    /// Test hook: blocks the shard that owns `user` until the returned guard is dropped.
+    /// Test hook: blocks the shard that owns `user` until the returned guard is dropped. It
+    /// returns once the shard is blocked, so that every batch for it then goes to its mailbox.
     #[cfg(feature = "test-hooks")]
     pub fn stall_shard_of(&self, user: &UserKey) -> std::sync::mpsc::Sender<()> {
         let (release, stalled) = std::sync::mpsc::channel();
+        let (held, holding) = std::sync::mpsc::channel();
         let shard = self.shard_of(user_hash(user));
-        self.inner.shards[shard].do_send(crate::shard::Stall(stalled));
+        self.inner.shards[shard].addr.do_send(crate::shard::Stall(held, stalled));
+        holding.recv().expect("the shard's actor runs");
         release
     }
 }

@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use actix::{Actor, Addr, Arbiter, System};
+use actix::{Arbiter, System};
 use settlegate_adapters::Guarded;
 use tokio::sync::oneshot;
 
@@ -12,7 +12,7 @@ use crate::config::EngineConfig;
 use crate::error::EngineError;
 use crate::providers::{Provider, Registry};
 use crate::shard::state::{Shared, StateConfig};
-use crate::shard::{Envelope, Shard, ShardState, ShardWal};
+use crate::shard::{Envelope, ShardCore, ShardHandle, ShardState, ShardWal};
 use crate::vault::Vault;
 use crate::wal::record::LogEnvelope;
 use crate::wal::snapshot;
@@ -26,14 +26,17 @@ pub(crate) struct ActorRuntime {
     wal_threads: Vec<std::thread::JoinHandle<()>>,
 }
 
-/// Stops the actor system (if running) and joins its threads, log writers last so they flush.
-pub(crate) fn stop_runtime(runtime: &Mutex<Option<ActorRuntime>>) {
+/// Stops the actor system (if running) and joins its threads, then stops every shard (a batch
+/// being applied on a caller's thread finishes first), then joins the log writers, which flush
+/// what was queued once their shards are gone.
+pub(crate) fn stop_runtime(runtime: &Mutex<Option<ActorRuntime>>, shards: &[ShardHandle]) {
     let taken = runtime.lock().map(|mut guard| guard.take());
     if let Ok(Some(mut runtime)) = taken {
         runtime.system.stop();
         if let Some(thread) = runtime.thread.take() {
             let _ = thread.join();
         }
+        shards.iter().for_each(ShardHandle::stop);
         for thread in runtime.wal_threads.drain(..) {
             let _ = thread.join();
         }
@@ -283,7 +286,7 @@ fn replay(states: &mut [ShardState], logs: Vec<Vec<Envelope>>) -> usize {
 pub(crate) fn start_shards(
     config: &EngineConfig,
     prepared: Prepared,
-) -> Result<(Vec<Addr<Shard>>, ActorRuntime), EngineError> {
+) -> Result<(Vec<ShardHandle>, ActorRuntime), EngineError> {
     let mailbox_capacity = config.mailbox_capacity;
     let states = prepared.states;
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
@@ -291,15 +294,14 @@ pub(crate) fn start_shards(
         .name("settlegate-actors".into())
         .spawn(move || {
             let system = System::new();
-            let (arbiters, addrs): (Vec<Arbiter>, Vec<Addr<Shard>>) = system.block_on(async move {
+            let (arbiters, addrs): (Vec<Arbiter>, Vec<ShardHandle>) = system.block_on(async move {
                 states
                     .into_iter()
                     .map(|(state, wal)| {
                         let arbiter = Arbiter::new();
-                        let addr = Shard::start_in_arbiter(&arbiter.handle(), move |_| {
-                            Shard::new(state, mailbox_capacity, wal)
-                        });
-                        (arbiter, addr)
+                        let core = ShardCore::new(state, wal);
+                        let shard = ShardHandle::start(&arbiter.handle(), core, mailbox_capacity);
+                        (arbiter, shard)
                     })
                     .unzip()
             });

@@ -1,16 +1,28 @@
 //! Shard actors: each owns the users (and providers' terminal lists) whose key hashes to it,
-//! and applies their commands one at a time on its own arbiter thread.
+//! and applies their commands one at a time.
 //!
-//! Admission uses `try_send` into a bounded mailbox: a full mailbox becomes an explicit busy
-//! answer, never an unbounded queue. Completions of already-admitted work use `do_send`
-//! (always queued) because dropping them would lose an outcome; they are bounded by the
-//! admitted work itself.
+//! A shard's state and log writer (its [`ShardCore`]) sit behind a lock that says whose turn it
+//! is to apply. A caller that finds its shard idle takes the turn and applies its batch on its
+//! own thread, with no hand-over to the shard's thread and back: that hand-over cost two thread
+//! wake-ups per batch and about a quarter of the server's CPU (`docs/BENCHMARKS.md`). When the
+//! shard is busy, the batch goes to the actor's mailbox, and the actor applies it on its own
+//! arbiter thread when its turn comes. Either way commands are applied one at a time, and a
+//! caller never waits for another's batch: it queues. A batch applied at once may overtake
+//! batches queued in the mailbox; batches in flight together were never ordered (pipelined
+//! requests are answered in any order).
+//!
+//! Admission into the mailbox uses `try_send` into a bounded mailbox: a full mailbox becomes an
+//! explicit busy answer, never an unbounded queue. Completions of already-admitted work use
+//! `do_send` (always queued) because dropping them would lose an outcome; they are bounded by
+//! the admitted work itself.
 
 pub(crate) mod idempotency;
 pub(crate) mod replay;
 pub(crate) mod state;
 
-use actix::{Actor, Context, Handler, Message, MessageResult};
+use std::sync::{Arc, Mutex, TryLockError};
+
+use actix::{Actor, Addr, Context, Handler, Message, MessageResult};
 use tokio::sync::oneshot;
 
 use crate::wal::record::LogEnvelope;
@@ -47,17 +59,88 @@ impl Message for Batch {
     type Result = ();
 }
 
-/// The actor around a [`ShardState`].
-pub(crate) struct Shard {
+/// A shard's core behind the lock that says whose turn it is; `None` once the engine stopped.
+type CoreCell = Arc<Mutex<Option<ShardCore>>>;
+
+/// A shard as the engine holds it: its actor's address and its core.
+pub(crate) struct ShardHandle {
+    pub(crate) addr: Addr<Shard>,
+    core: CoreCell,
+}
+
+/// What became of a batch offered to an idle shard.
+pub(crate) enum Turn {
+    /// Applied on the caller's thread; its replies are in its reply channel.
+    Applied,
+    /// The shard is applying another batch: this one is handed back, for the mailbox.
+    Busy(Batch),
+    /// The engine stopped, or a batch panicked while being applied (so the state may be
+    /// half-changed): the shard takes no more work.
+    Stopped,
+}
+
+impl ShardHandle {
+    /// Starts shard actor over `core` in `arbiter`.
+    pub(crate) fn start(
+        arbiter: &actix::ArbiterHandle,
+        core: ShardCore,
+        mailbox_capacity: usize,
+    ) -> ShardHandle {
+        let core = Arc::new(Mutex::new(Some(core)));
+        let actor = Shard { core: Arc::clone(&core), mailbox_capacity };
+        let addr = Shard::start_in_arbiter(arbiter, move |_| actor);
+        ShardHandle { addr, core }
+    }
+
+    /// Applies `batch` on the calling thread if the shard is idle.
+    pub(crate) fn apply_if_idle(&self, batch: Batch) -> Turn {
+        match self.core.try_lock() {
+            Ok(mut core) => match core.as_mut() {
+                Some(core) => {
+                    core.run(batch);
+                    Turn::Applied
+                }
+                None => Turn::Stopped,
+            },
+            Err(TryLockError::WouldBlock) => Turn::Busy(batch),
+            Err(TryLockError::Poisoned(_)) => Turn::Stopped,
+        }
+    }
+
+    /// Stops the shard once the batch being applied is done: its state and log writer are
+    /// dropped (the writer then finishes what was queued), and later batches are refused.
+    pub(crate) fn stop(&self) {
+        let core = match self.core.lock() {
+            Ok(mut core) => core.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        drop(core);
+    }
+}
+
+/// A shard's state and log writer: what applies its commands.
+pub(crate) struct ShardCore {
     state: ShardState,
-    mailbox_capacity: usize,
     /// The shard's log writer; none when state is in memory only.
     wal: Option<ShardWal>,
 }
 
+impl ShardCore {
+    pub(crate) fn new(state: ShardState, wal: Option<ShardWal>) -> ShardCore {
+        ShardCore { state, wal }
+    }
+}
+
+/// The actor around a [`ShardCore`]: applies what callers could not apply themselves.
+pub(crate) struct Shard {
+    core: CoreCell,
+    mailbox_capacity: usize,
+}
+
 impl Shard {
-    pub(crate) fn new(state: ShardState, mailbox_capacity: usize, wal: Option<ShardWal>) -> Shard {
-        Shard { state, mailbox_capacity, wal }
+    /// Waits for the shard's turn and runs `f` on its core; `None` once the shard stopped.
+    fn with_core<T>(&self, f: impl FnOnce(&mut ShardCore) -> T) -> Option<T> {
+        self.core.lock().ok()?.as_mut().map(f)
     }
 }
 
@@ -69,7 +152,7 @@ impl Actor for Shard {
     }
 }
 
-impl Shard {
+impl ShardCore {
     /// Applies one command, first encoding its log record when the shard has a log.
     fn apply(&mut self, envelope: Envelope, records: &mut Vec<rkyv::util::AlignedVec>) -> Reply {
         if self.wal.is_some() {
@@ -107,6 +190,14 @@ impl Handler<Batch> for Shard {
     type Result = ();
 
     fn handle(&mut self, batch: Batch, _ctx: &mut Context<Self>) {
+        // A stopped shard drops the batch: its caller sees the engine as stopped.
+        self.with_core(|core| core.run(batch));
+    }
+}
+
+impl ShardCore {
+    /// Applies `batch` and sends its replies (through the log writer, when there is one).
+    fn run(&mut self, batch: Batch) {
         for op in &batch.ops {
             if let Op::Apply(Envelope { owner_hash, client_request_id: Some(id), .. }) = op {
                 self.state.idem.prefetch(&(*owner_hash, *id));
@@ -172,14 +263,18 @@ impl Handler<Sizes> for Shard {
     type Result = MessageResult<Sizes>;
 
     fn handle(&mut self, _: Sizes, _ctx: &mut Context<Self>) -> Self::Result {
-        MessageResult(self.state.sizes())
+        MessageResult(self.with_core(|core| core.state.sizes()).unwrap_or((0, 0)))
     }
 }
 
-/// Test hook: blocks the shard's thread until the sender side is dropped or signalled, so a
-/// test can fill the mailbox deterministically.
+/// Test hook: holds the shard's turn on its thread until the sender side is dropped or
+/// signalled, so a test can fill the mailbox deterministically. The first sender is told once
+/// the turn is held.
 #[cfg(feature = "test-hooks")]
-pub(crate) struct Stall(pub(crate) std::sync::mpsc::Receiver<()>);
+pub(crate) struct Stall(
+    pub(crate) std::sync::mpsc::Sender<()>,
+    pub(crate) std::sync::mpsc::Receiver<()>,
+);
 
 #[cfg(feature = "test-hooks")]
 impl Message for Stall {
@@ -191,6 +286,8 @@ impl Handler<Stall> for Shard {
     type Result = ();
 
     fn handle(&mut self, stall: Stall, _ctx: &mut Context<Self>) {
-        let _ = stall.0.recv();
+        let _turn = self.core.lock();
+        let _ = stall.0.send(());
+        let _ = stall.1.recv();
     }
 }
