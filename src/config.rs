@@ -53,7 +53,7 @@ pub struct ServerConfig {
     /// Requests in flight per connection; reading pauses at the limit.
     pub in_flight_max: usize,
     /// Threads serving connections (the async runtime's workers: reading, decoding, tag
-    /// verification, writing); 0: the cores the shards leave, at least one. See
+    /// verification, applying to idle shards, writing); 0: one per core. See
     /// [`ServerConfig::io_thread_count`].
     pub io_threads: usize,
     /// A connection with no frame for this long is closed.
@@ -98,18 +98,18 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
-    /// The connection threads in force beside `shards` shard threads: `io_threads`, or when it
-    /// is 0 the cores the shards leave (at least one), so that the server runs one busy thread
-    /// per core. More threads than cores made the authorize path's requests wait on the
-    /// scheduler at every hand-over between a connection's thread and its shard's: on two
-    /// cores with one shard, one connection thread spent 6% less CPU per request than two, and
-    /// the open loop's tail was mostly lower (`docs/BENCHMARKS.md`).
-    pub fn io_thread_count(&self, shards: usize) -> usize {
+    /// The connection threads in force: `io_threads`, or when it is 0 one per core. A
+    /// connection's thread applies its batches to their shards itself whenever the shard is
+    /// idle (`settlegate_engine`'s shard module), so the shard threads take only what arrives
+    /// while their shard is busy, and the connection threads are the ones that need the
+    /// cores. On two cores, one connection thread spends less CPU per request than two in the
+    /// closed loop, but saturates in the open loop at half the closed loop's rate; two keep the
+    /// open loop's median and tail lower (`docs/BENCHMARKS.md`).
+    pub fn io_thread_count(&self) -> usize {
         if self.io_threads > 0 {
             return self.io_threads;
         }
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        cores.saturating_sub(shards).max(1)
+        std::thread::available_parallelism().map_or(1, |n| n.get())
     }
 
     fn validate(&self) -> Result<(), String> {

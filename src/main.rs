@@ -76,9 +76,7 @@ fn init_logs(config: &Config) {
 fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
     let (config, source) = load(&path)?;
     init_logs(&config);
-    // A data directory the count cannot be read from is the engine's to report, at its start.
-    let shards = config.engine.shard_count_in_force().unwrap_or(config.engine.shard_count());
-    let io_threads = config.server.io_thread_count(shards);
+    let io_threads = config.server.io_thread_count();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(io_threads)
         .enable_all()
