@@ -1365,7 +1365,7 @@ impl Engine {
         let batch = match shard.apply_if_idle(Batch { ops, reply }) {
             Turn::Applied => return Ok(receiver),
             Turn::Stopped => return Err(EngineError::Stopped),
-            Turn::Busy(batch) => batch,
+            Turn::Queue(batch) => batch,
         };
         match shard.addr.try_send(batch) {
             Ok(()) => Ok(receiver),
@@ -1380,7 +1380,7 @@ impl Engine {
         let (reply, receiver) = oneshot::channel();
         let shard = &self.inner.shards[shard];
         // A stopped shard drops the batch, and the receiver sees it closed.
-        if let Turn::Busy(batch) = shard.apply_if_idle(Batch { ops, reply }) {
+        if let Turn::Queue(batch) = shard.apply_if_idle(Batch { ops, reply }) {
             shard.addr.do_send(batch);
         }
         receiver

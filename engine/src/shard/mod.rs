@@ -5,8 +5,8 @@
 //! is to apply. A caller that finds its shard idle takes the turn and applies its batch on its
 //! own thread, with no hand-over to the shard's thread and back: that hand-over cost two thread
 //! wake-ups per batch and about a quarter of the server's CPU (`docs/BENCHMARKS.md`). When the
-//! shard is busy, the batch goes to the actor's mailbox, and the actor applies it on its own
-//! arbiter thread when its turn comes. Either way commands are applied one at a time, and a
+//! shard is busy, or the batch is large ([`APPLY_IN_PLACE_MAX`]), the batch goes to the actor's
+//! mailbox, and the actor applies it on its own arbiter thread when its turn comes. Either way commands are applied one at a time, and a
 //! caller never waits for another's batch: it queues. A batch applied at once may overtake
 //! batches queued in the mailbox; batches in flight together were never ordered (pipelined
 //! requests are answered in any order).
@@ -68,12 +68,20 @@ pub(crate) struct ShardHandle {
     core: CoreCell,
 }
 
-/// What became of a batch offered to an idle shard.
+/// The largest batch a caller applies on its own thread. A larger one goes to the shard's own
+/// thread even when the shard is idle: the hand-over costs two thread wake-ups, tens of
+/// microseconds, against about half a microsecond per operation, so it pays once a batch has
+/// about this many operations, and a large batch spread over several shards is then applied by
+/// their threads at the same time rather than one shard after another on the caller's.
+pub(crate) const APPLY_IN_PLACE_MAX: usize = 64;
+
+/// What became of a batch offered to a shard.
 pub(crate) enum Turn {
     /// Applied on the caller's thread; its replies are in its reply channel.
     Applied,
-    /// The shard is applying another batch: this one is handed back, for the mailbox.
-    Busy(Batch),
+    /// For the mailbox: the shard is applying another batch, or this one is larger than
+    /// [`APPLY_IN_PLACE_MAX`].
+    Queue(Batch),
     /// The engine stopped, or a batch panicked while being applied (so the state may be
     /// half-changed): the shard takes no more work.
     Stopped,
@@ -92,8 +100,11 @@ impl ShardHandle {
         ShardHandle { addr, core }
     }
 
-    /// Applies `batch` on the calling thread if the shard is idle.
+    /// Applies `batch` on the calling thread if the shard is idle and the batch is small.
     pub(crate) fn apply_if_idle(&self, batch: Batch) -> Turn {
+        if batch.ops.len() > APPLY_IN_PLACE_MAX {
+            return Turn::Queue(batch);
+        }
         match self.core.try_lock() {
             Ok(mut core) => match core.as_mut() {
                 Some(core) => {
@@ -102,7 +113,7 @@ impl ShardHandle {
                 }
                 None => Turn::Stopped,
             },
-            Err(TryLockError::WouldBlock) => Turn::Busy(batch),
+            Err(TryLockError::WouldBlock) => Turn::Queue(batch),
             Err(TryLockError::Poisoned(_)) => Turn::Stopped,
         }
     }
