@@ -109,12 +109,12 @@ impl EngineConfig {
     }
 
     /// The shard count in force: `shards`, or when it is 0 one per two cores (at least one).
-    /// A shard's thread applies state changes; the connections' threads around it decode,
-    /// verify tags and encode, about as much work again on the authorize path, so half the
-    /// cores go to shards. On two cores one shard served the same load with 7–10% less CPU
-    /// per request than two (`docs/BENCHMARKS.md`): each shard a batch touches costs a message
-    /// and a wake-up. An engine with a data directory keeps the count its data was written
-    /// with (the count must not change across restarts).
+    /// Shards are the units that apply state changes one at a time (on a caller's thread when
+    /// idle, else on their own); more shards let more batches apply at once, but each shard a
+    /// batch touches costs it a turn of its own. On two cores one shard served the same load
+    /// with 7–10% less CPU per request than two (`docs/BENCHMARKS.md`). An engine with a data
+    /// directory keeps the count its data was written with (the count must not change across
+    /// restarts).
     pub fn shard_count(&self) -> usize {
         if self.shards == 0 {
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
