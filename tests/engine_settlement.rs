@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use settlegate_engine::{
-    AuthOutcome, AuthorizeRequest, Discount, EngineError, ReasonCode, TerminalEntry,
+    AuthOutcome, AuthorizeRequest, Discount, EngineError, MeansOrder, ReasonCode, TerminalEntry,
     TerminalService,
 };
 
@@ -326,4 +326,62 @@ async fn completion_notice_reaches_the_subscriber() {
     assert_eq!(notice.client_request_id, request.client_request_id);
     assert_eq!(notice.terminal_id, "T-9");
     assert_eq!(notice.outcome, outcome);
+}
+
+/// Submitters on four threads at once, all on one shard: a batch is applied on its submitter's
+/// thread when the shard is idle and by the shard's actor when it is busy. Either way each
+/// request is applied exactly once: every user's count of approved settlements equals the
+/// approvals it was told of, and the same requests again get the same answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_submitters_on_one_shard_apply_each_request_once() {
+    const SUBMITTERS: usize = 8;
+    const ROUNDS: usize = 150;
+    let mut config = config();
+    config.shards = 1;
+    // Room for every batch in flight: this test is about turns, not about refusals.
+    config.mailbox_capacity = 4096;
+    let h = std::sync::Arc::new(Harness::with_config(config));
+    let mut users = Vec::new();
+    for i in 0..SUBMITTERS {
+        users.push(std::sync::Arc::new(h.user(&format!("turns{i}")).await));
+    }
+    let tasks: Vec<_> = users
+        .iter()
+        .enumerate()
+        .map(|(i, user)| {
+            let (h, user) = (h.clone(), user.clone());
+            tokio::spawn(async move {
+                let mut answered = Vec::new();
+                for round in 0..ROUNDS {
+                    // Batches of 1 to 9 requests, a different size on each submitter.
+                    let batch: Vec<AuthorizeRequest> = (0..(round + i) % 9 + 1)
+                        .map(|_| AuthorizeRequest {
+                            client_request_id: request_id(),
+                            inherent_id: user.signed(T0_MS, 10, PROVIDER_OK, "T-1"),
+                        })
+                        .collect();
+                    let outcomes = h.engine.authorize_batch(batch.clone()).await;
+                    for (request, outcome) in batch.into_iter().zip(outcomes) {
+                        answered.push((request, approved(outcome.expect("an outcome"))));
+                    }
+                }
+                answered
+            })
+        })
+        .collect();
+    let mut answered = Vec::new();
+    for task in tasks {
+        answered.push(task.await.expect("a submitter"));
+    }
+    for (user, answers) in users.iter().zip(&answered) {
+        let means = h.engine.list_means(&user.user, MeansOrder::Registration).await.unwrap();
+        assert_eq!(means[0].uses, answers.len() as u64, "{:?}", user.user);
+        for chunk in answers.chunks(16) {
+            let again: Vec<AuthorizeRequest> = chunk.iter().map(|(r, _)| r.clone()).collect();
+            let outcomes = h.engine.authorize_batch(again).await;
+            for ((_, first), outcome) in chunk.iter().zip(outcomes) {
+                assert_eq!(approved(outcome.unwrap()), *first);
+            }
+        }
+    }
 }
