@@ -78,32 +78,21 @@ bench_config "$SG_PORT" "$SG_HTTP" > "$work/bench.toml"
 sg_pid=$!
 for _ in $(seq 100); do curl -fs "127.0.0.1:$SG_HTTP/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
 
-# The share of the machine's time the hypervisor took (steal, in per cent) since the "cpu"
-# line of /proc/stat read as $1: above a few per cent, a run measures the host more than the
-# servers.
-steal_since() {
-  awk -v t0="$1" 'NR == 1 {
-    split(t0, then); for (i = 2; i <= 9; i++) total += $i - then[i]
-    steal = (total > 0) ? 100 * ($9 - then[9]) / total : 0
-    printf "%.0f\n", steal; exit
-  }' /proc/stat
-}
 
 common=(--connections "$CONNECTIONS" --pipeline "$PIPELINE" --warmup "$WARMUP" --duration "$DURATION")
 closed=(--closed-loop batch)
 # Server CPU over the middle of a measured run (from 1 s after the warm-up until 1 s before the
-# end), read from /proc: "ticks_before ticks_after seconds ticks_per_second steal_percent" into
-# $2. CPU per request is a steadier measure of a server's own cost than throughput on a shared
-# machine.
+# end), read from /proc: "ticks_before ticks_after seconds ticks_per_second" into $2. CPU per
+# request is a steadier measure of a server's own cost than throughput on a shared machine.
 redis_pid=$(redis-cli -p "$REDIS_PORT" info server | tr -d '\r' | sed -n 's/^process_id://p')
 clk_tck=$(getconf CLK_TCK)
 sample_cpu() {
-  local pid=$1 out=$2 window=$((DURATION - 2)) t0 stat0
+  local pid=$1 out=$2 window=$((DURATION - 2)) t0
   [ "$window" -ge 1 ] || return 0
   sleep $((WARMUP + 1))
-  t0=$(awk '{print $14 + $15}' "/proc/$pid/stat") stat0=$(head -1 /proc/stat)
+  t0=$(awk '{print $14 + $15}' "/proc/$pid/stat")
   sleep "$window"
-  echo "$t0 $(awk '{print $14 + $15}' "/proc/$pid/stat") $window $clk_tck $(steal_since "$stat0")" > "$out"
+  echo "$t0 $(awk '{print $14 + $15}' "/proc/$pid/stat") $window $clk_tck" > "$out"
 }
 for run in $(seq "$RUNS"); do
   echo "== run $run: redis SET"
@@ -133,18 +122,22 @@ for run in range(1, runs + 1):
 def cpu_us(name, run, throughput):
     # Server CPU per request over the sampled window (see sample_cpu), or None.
     try:
-        t0, t1, window, tck, steal = (float(x) for x in open(f"{out}/{name}-{run}.cpu").read().split())
+        t0, t1, window, tck = (float(x) for x in open(f"{out}/{name}-{run}.cpu").read().split())
     except (OSError, ValueError):
-        return None, None
-    return ((t1 - t0) / tck / window / throughput * 1e6 if throughput else None), steal
+        return None
+    return (t1 - t0) / tck / window / throughput * 1e6 if throughput else None
+def steal(name, run):
+    # The share of the machine the hypervisor took over the run, as loadgen's report has it.
+    host = json.load(open(f"{out}/{name}-{run}.json")).get("host") or {}
+    return f"{host['steal_percent']:.0f}%" if "steal_percent" in host else "?"
 cpu_rows = []
 for run, (redis_tp, sg_tp) in enumerate(rows, start=1):
-    (r, r_steal), (s, s_steal) = cpu_us("redis", run, redis_tp), cpu_us("authorize", run, sg_tp)
+    r, s = cpu_us("redis", run, redis_tp), cpu_us("authorize", run, sg_tp)
     if r and s:
         cpu_rows.append((r, s))
         print(f"run {run}: server CPU per request: redis SET {r:.2f} us  settlegate authorize "
-              f"{s:.2f} us  ratio {s / r:.2f}  (steal {r_steal:.0f}% / {s_steal:.0f}%)",
-              file=sys.stderr)
+              f"{s:.2f} us  ratio {s / r:.2f}  (steal {steal('redis', run)} / "
+              f"{steal('authorize', run)})", file=sys.stderr)
 if cpu_rows:
     print(f"median server CPU per request: redis SET {statistics.median(r for r, _ in cpu_rows):.2f} us  "
           f"settlegate authorize {statistics.median(s for _, s in cpu_rows):.2f} us  "
@@ -161,21 +154,17 @@ want open || exit 0
 
 rate="${OPEN_RATE:-$((max_rate / 2))}"
 # The cores a server and its load generator use over the middle of an open-loop run, as
-# sample_cpu measures them, and the share of the machine's time the hypervisor took meanwhile
-# (steal, from /proc/stat): "server_cores loadgen_cores cores steal_percent" into $3. At a fixed
-# rate, how near the machine is to full says much of what the tail latency will be; with steal
-# above a few per cent, the tail measures the host more than the servers.
+# sample_cpu measures them: "server_cores loadgen_cores cores" into $3. At a fixed rate, how
+# near the machine is to full says much of what the tail latency will be.
 sample_cores() {
-  local server=$1 client=$2 out=$3 window=$((DURATION - 2)) s0 c0 t0
+  local server=$1 client=$2 out=$3 window=$((DURATION - 2)) s0 c0
   [ "$window" -ge 1 ] || return 0
   sleep $((WARMUP + 1))
   s0=$(awk '{print $14 + $15}' "/proc/$server/stat") c0=$(awk '{print $14 + $15}' "/proc/$client/stat")
-  t0=$(head -1 /proc/stat)
   sleep "$window"
   awk -v s0="$s0" -v c0="$c0" -v w="$window" -v t="$clk_tck" -v n="$(nproc)" \
-    -v steal="$(steal_since "$t0")" \
     'NR == 1 { s = $14 + $15 } NR == 2 { c = $14 + $15 }
-     END { printf "%.2f %.2f %d %d\n", (s - s0) / t / w, (c - c0) / t / w, n, steal }' \
+     END { printf "%.2f %.2f %d\n", (s - s0) / t / w, (c - c0) / t / w, n }' \
     "/proc/$server/stat" "/proc/$client/stat" > "$out"
 }
 echo "== settlegate authorize, open loop at $rate/s (half of the measured maximum $max_rate/s), $PACING pacing"
@@ -205,11 +194,12 @@ for path, name, r in ((sys.argv[1], "settlegate authorize", sg), (sys.argv[2], "
     print(f"  corrected   p50 {l['p50']}us p90 {l['p90']}us p99 {l['p99']}us p99.9 {l['p999']}us max {l['max']}us")
     print(f"  uncorrected p50 {u['p50']}us p90 {u['p90']}us p99 {u['p99']}us p99.9 {u['p999']}us max {u['max']}us")
     try:
-        server, client, cores, steal = open(f"{path}.cores").read().split()
-        print(f"  cores used over the middle of the run: server {server}, loadgen {client} (of {cores});"
-              f" taken by the hypervisor (steal): {steal}%")
+        server, client, cores = open(f"{path}.cores").read().split()
+        print(f"  cores used over the middle of the run: server {server}, loadgen {client} (of {cores})")
     except (OSError, ValueError):
         pass
+    if r.get("host"):
+        print(f"  taken by the hypervisor over the run (steal): {r['host']['steal_percent']:.0f}%")
 print(f"corrected p99, settlegate / redis at the same rate: "
       f"{sg['latency_us']['p99'] / max(redis['latency_us']['p99'], 1):.2f}")
 verdict = "met" if all(s["met"] for s in sg["slo"]) else "NOT met"

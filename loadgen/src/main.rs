@@ -16,17 +16,20 @@
 //! pinned to its own core). Samples of the `--warmup`
 //! are discarded; `--duration` is measured. It prints a table per operation, can write JSON
 //! (`--json`) and a percentile plot (`--html`), and exits 1 when a `--slo` is missed (2 on
-//! an error).
+//! an error). On Linux it also reports how busy the machine was over the measured window and
+//! how much of it the hypervisor took (steal), with a warning from 5%: a run in such a spell
+//! measures the host as much as the target ([`host`]).
 //!
 //! Layout: [`args`] the flags; [`mix`] the weighted, seeded operation choice; [`ops`] the
 //! operations; [`dataset`] the preparation; [`lanes`] the loops over raw sockets (open loop,
 //! closed loop in batches) and [`driver`] the per-request loop, with the schedule and the
-//! correction; [`tally`] the histograms; [`report`], [`plot`], [`slo`] the output; [`redis`]
-//! the baseline.
+//! correction; [`tally`] the histograms; [`report`], [`plot`], [`slo`] the output; [`host`]
+//! the machine's load; [`redis`] the baseline.
 
 mod args;
 mod dataset;
 mod driver;
+mod host;
 mod lanes;
 mod mix;
 mod ops;
@@ -74,12 +77,15 @@ async fn run(args: Args) -> anyhow::Result<Vec<Verdict>> {
     let progress = |live: &Arc<Live>| {
         RunProgress::start(live.clone(), args.warmup, args.duration, !args.no_progress)
     };
-    let (tally, target) = if args.redis() {
+    // The machine's load over the measured window, watched beside the run.
+    let watch_host = || tokio::spawn(host::watch(args.warmup, args.duration));
+    let (tally, target, host) = if args.redis() {
         let addr = args.target.as_deref().expect("checked");
         let line = progress(&live);
+        let host = watch_host();
         let tally = redis::baseline(addr, plan, live).await?;
         line.finish();
-        (tally, format!("redis {addr}"))
+        (tally, format!("redis {addr}"), host)
     } else {
         let (target, label) = match args.target.as_deref() {
             Some(addr) => {
@@ -104,6 +110,7 @@ async fn run(args: Args) -> anyhow::Result<Vec<Verdict>> {
             Workload::new(target, dataset, operations, args.connections, args.pipeline, args.seed);
         let workload = Arc::new(workload);
         let line = progress(&live);
+        let host = watch_host();
         let tally = match args.target.as_deref() {
             Some(addr) if args.lanes_fit() && plan.closed_loop != Some(ClosedLoop::Window) => {
                 let (key, timeout) = (args.api_key.as_str(), args.timeout);
@@ -113,9 +120,10 @@ async fn run(args: Args) -> anyhow::Result<Vec<Verdict>> {
             _ => drive(workload, plan, live).await,
         };
         line.finish();
-        (tally, label)
+        (tally, label, host)
     };
-    let summary = Summary::new(&args.operation_names(), &tally, settings(&args, target));
+    let mut summary = Summary::new(&args.operation_names(), &tally, settings(&args, target));
+    summary.host = host.await.ok().flatten();
     let verdicts = slo::check(&args.slo, &summary);
     print!("{}", summary.text());
     for verdict in &verdicts {

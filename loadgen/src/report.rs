@@ -8,6 +8,7 @@ use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use settlegate_engine::ReasonCode;
 
+use crate::host::{HostLoad, STEAL_NOTICE_PERCENT};
 use crate::slo::{Metric, Verdict};
 use crate::tally::{OpTally, Tally};
 
@@ -165,6 +166,8 @@ pub struct Summary {
     pub unsent: u64,
     /// How the run was set up.
     pub settings: Settings,
+    /// The machine's load over the measured window, where it could be read.
+    pub host: Option<HostLoad>,
 }
 
 impl Summary {
@@ -180,6 +183,7 @@ impl Summary {
                 .collect(),
             unsent: tally.unsent,
             settings,
+            host: None,
         }
     }
 
@@ -221,6 +225,11 @@ impl Summary {
             "mode": if s.rate_per_s.is_some() { "open_loop" } else { "closed_loop" },
             "rate_per_s": s.rate_per_s,
             "unsent": self.unsent,
+            "host": self.host.map(|h| json!({
+                "cpus": h.cpus,
+                "busy_percent": h.busy_percent,
+                "steal_percent": h.steal_percent,
+            })),
             "operations": operations,
             "slo": slo,
             "settings": {
@@ -287,6 +296,22 @@ impl Summary {
                     out,
                     "behind schedule: {} requests due in the window were never sent",
                     thousands(self.unsent)
+                );
+            }
+        }
+        if let Some(host) = &self.host {
+            let _ = writeln!(
+                out,
+                "machine over the measured window: {} CPUs, {:.0}% busy, {:.0}% taken by the \
+                 hypervisor (steal)",
+                host.cpus, host.busy_percent, host.steal_percent
+            );
+            if host.noisy() {
+                let _ = writeln!(
+                    out,
+                    "warning: with steal at {:.0}% (at least {:.0}%), these figures measure the \
+                     host as much as the target",
+                    host.steal_percent, STEAL_NOTICE_PERCENT
                 );
             }
         }
@@ -414,5 +439,22 @@ mod tests {
         }
         assert_eq!(thousands(1_234_567), "1,234,567");
         assert_eq!(thousands(12), "12");
+    }
+
+    #[test]
+    fn the_machines_load_is_reported_and_heavy_steal_is_called_out() {
+        let mut summary = summary();
+        assert_eq!(summary.json(&[])["host"], Value::Null, "not read: null");
+        assert!(!summary.text().contains("machine over"));
+        summary.host = Some(HostLoad { cpus: 2, busy_percent: 61.0, steal_percent: 2.0 });
+        let text = summary.text();
+        assert!(text.contains("2 CPUs, 61% busy, 2% taken by the hypervisor"), "{text}");
+        assert!(!text.contains("warning"), "{text}");
+        summary.host = Some(HostLoad { cpus: 2, busy_percent: 55.0, steal_percent: 38.0 });
+        assert!(summary.text().contains("warning: with steal at 38%"));
+        let report = summary.json(&[]);
+        assert_eq!(report["host"]["steal_percent"], 38.0);
+        assert_eq!(report["host"]["busy_percent"], 55.0);
+        assert_eq!(report["host"]["cpus"], 2);
     }
 }
