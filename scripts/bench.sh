@@ -78,7 +78,6 @@ bench_config "$SG_PORT" "$SG_HTTP" > "$work/bench.toml"
 sg_pid=$!
 for _ in $(seq 100); do curl -fs "127.0.0.1:$SG_HTTP/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
 
-
 common=(--connections "$CONNECTIONS" --pipeline "$PIPELINE" --warmup "$WARMUP" --duration "$DURATION")
 closed=(--closed-loop batch)
 # Server CPU over the middle of a measured run (from 1 s after the warm-up until 1 s before the
@@ -86,13 +85,15 @@ closed=(--closed-loop batch)
 # request is a steadier measure of a server's own cost than throughput on a shared machine.
 redis_pid=$(redis-cli -p "$REDIS_PORT" info server | tr -d '\r' | sed -n 's/^process_id://p')
 clk_tck=$(getconf CLK_TCK)
+# CPU ticks (user + system) process $1 has used.
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 sample_cpu() {
   local pid=$1 out=$2 window=$((DURATION - 2)) t0
   [ "$window" -ge 1 ] || return 0
   sleep $((WARMUP + 1))
-  t0=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+  t0=$(ticks "$pid")
   sleep "$window"
-  echo "$t0 $(awk '{print $14 + $15}' "/proc/$pid/stat") $window $clk_tck" > "$out"
+  echo "$t0 $(ticks "$pid") $window $clk_tck" > "$out"
 }
 for run in $(seq "$RUNS"); do
   echo "== run $run: redis SET"
@@ -160,12 +161,11 @@ sample_cores() {
   local server=$1 client=$2 out=$3 window=$((DURATION - 2)) s0 c0
   [ "$window" -ge 1 ] || return 0
   sleep $((WARMUP + 1))
-  s0=$(awk '{print $14 + $15}' "/proc/$server/stat") c0=$(awk '{print $14 + $15}' "/proc/$client/stat")
+  s0=$(ticks "$server") c0=$(ticks "$client")
   sleep "$window"
-  awk -v s0="$s0" -v c0="$c0" -v w="$window" -v t="$clk_tck" -v n="$(nproc)" \
-    'NR == 1 { s = $14 + $15 } NR == 2 { c = $14 + $15 }
-     END { printf "%.2f %.2f %d\n", (s - s0) / t / w, (c - c0) / t / w, n }' \
-    "/proc/$server/stat" "/proc/$client/stat" > "$out"
+  awk -v s="$(( $(ticks "$server") - s0 ))" -v c="$(( $(ticks "$client") - c0 ))" \
+    -v w="$window" -v t="$clk_tck" -v n="$(nproc)" \
+    'BEGIN { printf "%.2f %.2f %d\n", s / t / w, c / t / w, n }' > "$out"
 }
 echo "== settlegate authorize, open loop at $rate/s (half of the measured maximum $max_rate/s), $PACING pacing"
 status=0

@@ -6,10 +6,10 @@
 //! own thread, with no hand-over to the shard's thread and back: that hand-over cost two thread
 //! wake-ups per batch and about a quarter of the server's CPU (`docs/BENCHMARKS.md`). When the
 //! shard is busy, or the batch is large ([`APPLY_IN_PLACE_MAX`]), the batch goes to the actor's
-//! mailbox, and the actor applies it on its own arbiter thread when its turn comes. Either way commands are applied one at a time, and a
-//! caller never waits for another's batch: it queues. A batch applied at once may overtake
-//! batches queued in the mailbox; batches in flight together were never ordered (pipelined
-//! requests are answered in any order).
+//! mailbox, and the actor applies it on its own arbiter thread when its turn comes. Either way
+//! commands are applied one at a time, and a caller never waits for another's batch: it
+//! queues. A batch applied at once may overtake batches queued in the mailbox; batches in
+//! flight together were never ordered (pipelined requests are answered in any order).
 //!
 //! Admission into the mailbox uses `try_send` into a bounded mailbox: a full mailbox becomes an
 //! explicit busy answer, never an unbounded queue. Completions of already-admitted work use
@@ -20,7 +20,7 @@ pub(crate) mod idempotency;
 pub(crate) mod replay;
 pub(crate) mod state;
 
-use std::sync::{Arc, Mutex, TryLockError};
+use std::sync::{Arc, Mutex, PoisonError, TryLockError};
 
 use actix::{Actor, Addr, Context, Handler, Message, MessageResult};
 use tokio::sync::oneshot;
@@ -121,10 +121,8 @@ impl ShardHandle {
     /// Stops the shard once the batch being applied is done: its state and log writer are
     /// dropped (the writer then finishes what was queued), and later batches are refused.
     pub(crate) fn stop(&self) {
-        let core = match self.core.lock() {
-            Ok(mut core) => core.take(),
-            Err(poisoned) => poisoned.into_inner().take(),
-        };
+        // Taken under the lock, dropped (closing the log writer) after it.
+        let core = self.core.lock().unwrap_or_else(PoisonError::into_inner).take();
         drop(core);
     }
 }
@@ -140,30 +138,7 @@ impl ShardCore {
     pub(crate) fn new(state: ShardState, wal: Option<ShardWal>) -> ShardCore {
         ShardCore { state, wal }
     }
-}
 
-/// The actor around a [`ShardCore`]: applies what callers could not apply themselves.
-pub(crate) struct Shard {
-    core: CoreCell,
-    mailbox_capacity: usize,
-}
-
-impl Shard {
-    /// Waits for the shard's turn and runs `f` on its core; `None` once the shard stopped.
-    fn with_core<T>(&self, f: impl FnOnce(&mut ShardCore) -> T) -> Option<T> {
-        self.core.lock().ok()?.as_mut().map(f)
-    }
-}
-
-impl Actor for Shard {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Context<Self>) {
-        ctx.set_mailbox_capacity(self.mailbox_capacity);
-    }
-}
-
-impl ShardCore {
     /// Applies one command, first encoding its log record when the shard has a log.
     fn apply(&mut self, envelope: Envelope, records: &mut Vec<rkyv::util::AlignedVec>) -> Reply {
         if self.wal.is_some() {
@@ -195,18 +170,7 @@ impl ShardCore {
             _ => Reply::Decided(dispatch, outcome),
         }
     }
-}
 
-impl Handler<Batch> for Shard {
-    type Result = ();
-
-    fn handle(&mut self, batch: Batch, _ctx: &mut Context<Self>) {
-        // A stopped shard drops the batch: its caller sees the engine as stopped.
-        self.with_core(|core| core.run(batch));
-    }
-}
-
-impl ShardCore {
     /// Applies `batch` and sends its replies (through the log writer, when there is one).
     fn run(&mut self, batch: Batch) {
         for op in &batch.ops {
@@ -260,6 +224,36 @@ impl ShardCore {
                 let _ = batch.reply.send(replies);
             }
         }
+    }
+}
+
+/// The actor around a [`ShardCore`]: applies what callers could not apply themselves.
+pub(crate) struct Shard {
+    core: CoreCell,
+    mailbox_capacity: usize,
+}
+
+impl Shard {
+    /// Waits for the shard's turn and runs `f` on its core; `None` once the shard stopped.
+    fn with_core<T>(&self, f: impl FnOnce(&mut ShardCore) -> T) -> Option<T> {
+        self.core.lock().ok()?.as_mut().map(f)
+    }
+}
+
+impl Actor for Shard {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(self.mailbox_capacity);
+    }
+}
+
+impl Handler<Batch> for Shard {
+    type Result = ();
+
+    fn handle(&mut self, batch: Batch, _ctx: &mut Context<Self>) {
+        // A stopped shard drops the batch: its caller sees the engine as stopped.
+        self.with_core(|core| core.run(batch));
     }
 }
 
