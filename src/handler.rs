@@ -360,6 +360,7 @@ fn op_name(opcode: u16) -> &'static str {
         WALLET => "wallet",
         ISSUE_CODE => "issue_code",
         REDEEM_CODE => "redeem_code",
+        REDEEM_CODE_BASKET => "redeem_code_basket",
         CODE_STATE => "code_state",
         ISSUE_COUPONS => "issue_coupons",
         NOTIFY_DELIVERY => "notify_delivery",

@@ -6,8 +6,9 @@ use std::sync::atomic::Ordering;
 
 use settlegate_engine::age::{Date, VerificationMethod};
 use settlegate_engine::{
-    AgeCheck, AgePolicy, AgeRecord, AuthOutcome, AuthorizeRequest, Basket, BasketItem, EngineError,
-    OnAgeFailure, ReasonCode, TerminalEntry,
+    AgeCheck, AgePolicy, AgeRecord, AuthOutcome, AuthorizeRequest, Basket, BasketItem, CodeOutcome,
+    CodeState, EngineError, IssueCodeRequest, IssuedCode, OnAgeFailure, ReasonCode, RedeemRequest,
+    Redemption, TerminalEntry,
 };
 
 use crate::support::*;
@@ -61,6 +62,15 @@ async fn register(h: &Harness, user: &TestUser, birth: Date) {
     let signed =
         age_record(user, birth, T0_MS + 30 * DAY_MS).sign(user.credential.device_key.expose());
     h.engine.register_age(request_id(), &signed).await.expect("registration accepted");
+}
+
+/// A harness with the test stores and a user whose device is registered as born on `birth`.
+async fn registered(name: &str, birth: Date) -> (Harness, TestUser) {
+    let h = Harness::new();
+    stores(&h).await;
+    let user = h.user(name).await;
+    register(&h, &user, birth).await;
+    (h, user)
 }
 
 fn item(id: &str, category: &str, amount: u64) -> BasketItem {
@@ -176,10 +186,7 @@ async fn the_store_time_zone_decides_the_local_date() {
 
 #[tokio::test]
 async fn remove_policy_settles_the_rest_and_names_what_was_removed() {
-    let h = Harness::new();
-    stores(&h).await;
-    let teen = h.user("teen").await;
-    register(&h, &teen, date(2010, 1, 1)).await;
+    let (h, teen) = registered("teen", date(2010, 1, 1)).await;
     let paid = pay(&h, &teen, "JP-REMOVE", mixed_basket(true)).await;
     let approval = approved(paid.outcome);
     assert_eq!(approval.amount_requested_minor, 300, "only the bread is settled");
@@ -192,10 +199,7 @@ async fn remove_policy_settles_the_rest_and_names_what_was_removed() {
 
 #[tokio::test]
 async fn a_basket_of_only_restricted_items_is_declined_under_either_policy() {
-    let h = Harness::new();
-    stores(&h).await;
-    let teen = h.user("teen").await;
-    register(&h, &teen, date(2010, 1, 1)).await;
+    let (h, teen) = registered("teen", date(2010, 1, 1)).await;
     for terminal in ["JP-REMOVE", "JP-REFUSE"] {
         let basket = Basket {
             age_confirmation: true,
@@ -211,10 +215,7 @@ async fn a_basket_of_only_restricted_items_is_declined_under_either_policy() {
 
 #[tokio::test]
 async fn without_the_flag_the_basket_is_settled_as_it_is() {
-    let h = Harness::new();
-    stores(&h).await;
-    let teen = h.user("teen").await;
-    register(&h, &teen, date(2010, 1, 1)).await;
+    let (h, teen) = registered("teen", date(2010, 1, 1)).await;
     let paid = pay(&h, &teen, "JP-REFUSE", mixed_basket(false)).await;
     assert_eq!(approved(paid.outcome).amount_final_minor, 1_400);
     assert_eq!(paid.verdict.unwrap().check, AgeCheck::NotChecked);
@@ -227,10 +228,7 @@ async fn without_the_flag_the_basket_is_settled_as_it_is() {
 
 #[tokio::test]
 async fn strict_mode_checks_categories_whatever_the_flag_says() {
-    let h = Harness::new();
-    stores(&h).await;
-    let teen = h.user("teen").await;
-    register(&h, &teen, date(2010, 1, 1)).await;
+    let (h, teen) = registered("teen", date(2010, 1, 1)).await;
     let paid = pay(&h, &teen, "JP-STRICT", mixed_basket(false)).await;
     assert_eq!(approved(paid.outcome).amount_final_minor, 300);
     assert_eq!(paid.verdict.unwrap().check, AgeCheck::NotHeld);
@@ -340,12 +338,7 @@ async fn a_basket_must_add_up_to_the_signed_amount() {
 async fn age_state_survives_a_restart() {
     for snapshot_every_records in [0, 3] {
         let dir = tempfile::tempdir().unwrap();
-        let durable = || {
-            let mut config = config();
-            config.durability.data_dir = Some(dir.path().to_owned());
-            config.durability.snapshot_every_records = snapshot_every_records;
-            config
-        };
+        let durable = || durable_config(dir.path(), snapshot_every_records);
         let h = Harness::with_config(durable());
         stores(&h).await;
         let teen = h.user("teen").await;
@@ -381,10 +374,7 @@ async fn age_state_survives_a_restart() {
 
 #[tokio::test]
 async fn a_store_terminal_without_a_policy_follows_the_default() {
-    let h = Harness::new();
-    stores(&h).await;
-    let teen = h.user("teen").await;
-    register(&h, &teen, date(2010, 1, 1)).await;
+    let (h, teen) = registered("teen", date(2010, 1, 1)).await;
     // Listed without a policy of its own, or not listed at all: the engine's default policy
     // (JP, Asia/Tokyo, refuse) applies.
     for terminal in ["JP-DEFAULT", "NOT-LISTED-1"] {
@@ -396,4 +386,150 @@ async fn a_store_terminal_without_a_policy_follows_the_default() {
     h.engine.set_age_policy(request_id(), PROVIDER_OK, "JP-REMOVE", None).await.unwrap();
     let paid = pay(&h, &teen, "JP-REMOVE", mixed_basket(true)).await;
     assert_eq!(paid.outcome, AuthOutcome::Declined(ReasonCode::AgeConditionNotMet));
+}
+
+// A2 on a code payment (C3): `REDEEM_CODE_BASKET`.
+
+/// A payment code of 2,000 issued to `user`'s own device, by the test stores' provider.
+async fn code_for(h: &Harness, user: &TestUser) -> IssuedCode {
+    let request = IssueCodeRequest {
+        client_request_id: request_id(),
+        inherent_id: user.signed(T0_MS, 2_000, PROVIDER_OK, "*"),
+        validity_ms: 600_000,
+        deliver_to: None,
+        order_ref: String::new(),
+    };
+    match h.engine.issue_code(request).await.expect("an answer") {
+        CodeOutcome::Issued(code) => *code,
+        CodeOutcome::Declined(reason) => panic!("code declined: {reason}"),
+    }
+}
+
+/// Redeeming `code` at `terminal` for the sale of `basket`.
+fn redeem_with(code: &IssuedCode, terminal: &str, basket: Basket) -> RedeemRequest {
+    RedeemRequest {
+        client_request_id: request_id(),
+        code: code.text.clone(),
+        issuer: 1,
+        number: code.number,
+        amount_minor: basket.total().unwrap(),
+        currency: jpy(),
+        sale_at_ms: T0_MS,
+        terminal_id: terminal.into(),
+        items: Vec::new(),
+        basket: Some(basket),
+        coupon: None,
+        order_ref: String::new(),
+    }
+}
+
+fn lines(redemption: &Redemption) -> Vec<&str> {
+    redemption.items.iter().map(|(id, _, _)| id.as_str()).collect()
+}
+
+fn refusal<T: std::fmt::Debug>(result: Result<T, EngineError>) -> ReasonCode {
+    match result {
+        Err(EngineError::Refused(reason)) => reason,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_code_carries_the_age_registration_of_the_device_it_was_delivered_to() {
+    let (h, adult) = registered("adult", date(1990, 5, 5)).await;
+    let code = code_for(&h, &adult).await;
+    let redeemed = h.engine.redeem_code(redeem_with(&code, "JP-REFUSE", mixed_basket(true))).await;
+    let redeemed = redeemed.expect("of age: the whole basket is settled");
+    assert_eq!((redeemed.captured_minor, redeemed.released_minor), (1_400, 600));
+    assert_eq!(lines(&redeemed), ["BEER", "BREAD", "CIGS"]);
+}
+
+#[tokio::test]
+async fn refused_for_age_the_code_stays_issued_and_redeems_without_the_restricted_items() {
+    let (h, teen) = registered("teen", date(2010, 1, 1)).await;
+    let unregistered = h.user("unregistered").await;
+    for user in [&teen, &unregistered] {
+        let code = code_for(&h, user).await;
+        let refused = h.engine.redeem_code(redeem_with(&code, "JP-REFUSE", mixed_basket(true)));
+        assert_eq!(refusal(refused.await), ReasonCode::AgeConditionNotMet);
+        assert_eq!(h.engine.code_state(code.number).await.unwrap(), CodeState::Issued);
+        let bread = Basket { age_confirmation: true, items: vec![item("BREAD", "", 300)] };
+        let redeemed = h.engine.redeem_code(redeem_with(&code, "JP-REFUSE", bread)).await.unwrap();
+        assert_eq!((redeemed.captured_minor, redeemed.released_minor), (300, 1_700));
+    }
+}
+
+#[tokio::test]
+async fn remove_policy_at_redemption_captures_the_rest_and_releases_the_remainder() {
+    let (h, teen) = registered("teen", date(2010, 1, 1)).await;
+    let code = code_for(&h, &teen).await;
+    let redeemed = h.engine.redeem_code(redeem_with(&code, "JP-REMOVE", mixed_basket(true))).await;
+    let redeemed = redeemed.expect("the bread is settled");
+    assert_eq!((redeemed.captured_minor, redeemed.released_minor), (300, 1_700));
+    assert_eq!(lines(&redeemed), ["BREAD"]);
+    // Only restricted items, under either policy: nothing left to settle.
+    for terminal in ["JP-REMOVE", "JP-REFUSE"] {
+        let code = code_for(&h, &teen).await;
+        let basket = Basket {
+            age_confirmation: true,
+            items: vec![item("BEER", "alcohol", 600), item("CIGS", "tobacco", 500)],
+        };
+        let refused = h.engine.redeem_code(redeem_with(&code, terminal, basket)).await;
+        assert_eq!(refusal(refused), ReasonCode::AgeConditionNotMet, "{terminal}");
+    }
+}
+
+#[tokio::test]
+async fn a_strict_store_redeems_only_with_a_basket_and_checks_it_whatever_the_flag() {
+    let (h, teen) = registered("teen", date(2010, 1, 1)).await;
+    let code = code_for(&h, &teen).await;
+    let mut plain = redeem_with(&code, "JP-STRICT", mixed_basket(false));
+    plain.basket = None;
+    plain.items = vec![("ANYTHING".into(), 1, 1_400)];
+    assert_eq!(refusal(h.engine.redeem_code(plain).await), ReasonCode::BasketMismatch);
+    // Without the flag a store that is not strict settles the basket as it is.
+    let unflagged = h.engine.redeem_code(redeem_with(&code, "JP-REFUSE", mixed_basket(false)));
+    assert_eq!(unflagged.await.unwrap().captured_minor, 1_400);
+    // The strict store (remove_items) checks the categories though the flag is off.
+    let code = code_for(&h, &teen).await;
+    let redeemed = h.engine.redeem_code(redeem_with(&code, "JP-STRICT", mixed_basket(false)));
+    assert_eq!(lines(&redeemed.await.unwrap()), ["BREAD"]);
+}
+
+#[tokio::test]
+async fn a_redemption_basket_must_add_up_and_is_part_of_the_idempotency_key() {
+    let (h, adult) = registered("adult", date(1990, 5, 5)).await;
+    let code = code_for(&h, &adult).await;
+    let mut wrong = redeem_with(&code, "JP-REFUSE", mixed_basket(true));
+    wrong.amount_minor += 1;
+    assert_eq!(refusal(h.engine.redeem_code(wrong).await), ReasonCode::BasketMismatch);
+    let request = redeem_with(&code, "JP-REFUSE", mixed_basket(true));
+    let first = h.engine.redeem_code(request.clone()).await.unwrap();
+    assert_eq!(h.engine.redeem_code(request.clone()).await.unwrap(), first, "the same answer");
+    let mut other = request;
+    other.basket = Some(Basket { age_confirmation: true, items: vec![item("BREAD", "", 1_400)] });
+    assert_eq!(refusal(h.engine.redeem_code(other).await), ReasonCode::IdempotencyConflict);
+}
+
+#[tokio::test]
+async fn a_basket_redemption_survives_a_restart() {
+    for snapshot_every_records in [0, 3] {
+        let dir = tempfile::tempdir().unwrap();
+        let durable = || durable_config(dir.path(), snapshot_every_records);
+        let h = Harness::with_config(durable());
+        stores(&h).await;
+        let teen = h.user("teen").await;
+        register(&h, &teen, date(2010, 1, 1)).await;
+        let code = code_for(&h, &teen).await;
+        let request = redeem_with(&code, "JP-REMOVE", mixed_basket(true));
+        let first = h.engine.redeem_code(request.clone()).await.unwrap();
+        h.engine.shutdown();
+        drop(h);
+
+        let h = Harness::with_config(durable());
+        let state = h.engine.code_state(code.number).await.unwrap();
+        assert_eq!(state, CodeState::Redeemed(Box::new(first.clone())), "{snapshot_every_records}");
+        assert_eq!(h.engine.redeem_code(request).await.unwrap(), first, "the retry's answer");
+        h.engine.shutdown();
+    }
 }

@@ -56,6 +56,7 @@ fn redeem(code: &IssuedCode, amount: u64, terminal: &str) -> RedeemRequest {
         sale_at_ms: T0_MS,
         terminal_id: terminal.into(),
         items: vec![("ITEM-1".into(), 1, amount)],
+        basket: None,
         coupon: None,
         order_ref: code.order_ref.clone(),
     }
@@ -301,12 +302,7 @@ async fn the_second_tier_permits_what_it_issued_and_refuses_the_rest() {
 async fn codes_survive_a_restart() {
     for snapshot_every_records in [0, 3] {
         let dir = tempfile::tempdir().unwrap();
-        let durable = || {
-            let mut config = config();
-            config.durability.data_dir = Some(dir.path().to_owned());
-            config.durability.snapshot_every_records = snapshot_every_records;
-            config
-        };
+        let durable = || durable_config(dir.path(), snapshot_every_records);
         let h = Harness::with_config(durable());
         let user = purse_user(&h, "jo", 9_000).await;
         let redeemed = issue(&h, code_request(&h, &user, 2_000, (MeansKind::EMoney, 2))).await;

@@ -338,12 +338,7 @@ async fn nothing_usable_lists_what_the_store_takes() {
 async fn stores_and_balances_survive_a_restart() {
     for snapshot_every_records in [0, 4] {
         let dir = tempfile::tempdir().unwrap();
-        let durable = || {
-            let mut config = config();
-            config.durability.data_dir = Some(dir.path().to_owned());
-            config.durability.snapshot_every_records = snapshot_every_records;
-            config
-        };
+        let durable = || durable_config(dir.path(), snapshot_every_records);
         let h = Harness::with_config(durable());
         let mut kiosk = store("KIOSK", 35.68, 139.76);
         kiosk.beacons = vec!["kiosk-beacon".into()];

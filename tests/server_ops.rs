@@ -633,6 +633,7 @@ async fn payment_codes_over_the_wire() {
             sale_at_ms: now_ms(),
             terminal_id: "SHOP-A-POS1".into(),
             items: vec![("ITEM".into(), 1, 5_500)],
+            basket: None,
             coupon: None,
             order_ref: String::new(),
         },

@@ -151,8 +151,13 @@ pub struct RedeemRequest {
     pub sale_at_ms: i64,
     /// The store terminal (or courier handheld) redeeming it.
     pub terminal_id: String,
-    /// Lines sold: item ID, quantity, unit amount.
+    /// Lines sold: item ID, quantity, unit amount. Empty when `basket` carries them.
     pub items: Vec<(String, u32, u64)>,
+    /// The lines sold with their categories, for the age check of a code payment (A2,
+    /// `REDEEM_CODE_BASKET`): checked against the age registration of the device the code was
+    /// delivered to. When set, `items` is empty and the redemption's items are the lines
+    /// settled (those the age check did not remove).
+    pub basket: Option<Basket>,
     /// A coupon to apply in the same settlement (C5), as read.
     pub coupon: Option<String>,
     /// The order a cash-on-delivery code pays for.
@@ -974,6 +979,8 @@ impl Engine {
     /// POS expects, then routes it by its issue number to the shard that issued it (T1), which
     /// captures at most the authorized amount once, releases the rest and records the
     /// remittance. A coupon issued to the same user may be applied in the same settlement.
+    /// With a basket, its age-restricted items are checked first against the age registration
+    /// of the device the code was delivered to (A1–A2), under the store terminal's policy.
     pub async fn redeem_code(&self, request: RedeemRequest) -> Result<Redemption, EngineError> {
         let refused = |reason| EngineError::Refused(reason);
         let code = CodePayload::open(&request.code, &self.inner.shared.codes).map_err(refused)?;
@@ -1005,6 +1012,7 @@ impl Engine {
             && request.amount_minor <= crate::limits::AMOUNT_MINOR_MAX
             && crate::types::terminal_id_valid(&request.terminal_id)
             && request.items.len() <= SALE_ITEMS_MAX
+            && (request.basket.is_none() || request.items.is_empty())
             && request.order_ref.len() <= ORDER_REF_LEN_MAX;
         if !valid_sale {
             return Err(refused(ReasonCode::CodeMismatch));
@@ -1020,6 +1028,7 @@ impl Engine {
             terminal_id: request.terminal_id,
             sale_at_ms: request.sale_at_ms,
             items: request.items,
+            basket: request.basket,
             coupon,
             order_ref: request.order_ref,
         };

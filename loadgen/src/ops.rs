@@ -308,6 +308,7 @@ fn code_requests(
         sale_at_ms: now_ms(),
         terminal_id: store.clone(),
         items: vec![("ITEM".into(), 1, 900)],
+        basket: None,
         coupon: None,
         order_ref: String::new(),
     };

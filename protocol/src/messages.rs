@@ -90,6 +90,8 @@ pub mod opcode {
     pub const SUBSCRIBE_DEVICE: u16 = 0x0065;
     /// A pushed device message.
     pub const DEVICE_MESSAGE: u16 = 0x0066;
+    /// Redeem a payment code with the sale's basket, for the age check (C3 with A2).
+    pub const REDEEM_CODE_BASKET: u16 = 0x0067;
 }
 
 /// Response statuses.
@@ -309,6 +311,7 @@ impl Request {
             Request::UsableMethods { .. } => USABLE_METHODS,
             Request::Wallet { .. } => WALLET,
             Request::IssueCode { .. } => ISSUE_CODE,
+            Request::RedeemCode { request } if request.basket.is_some() => REDEEM_CODE_BASKET,
             Request::RedeemCode { .. } => REDEEM_CODE,
             Request::CodeState { .. } => CODE_STATE,
             Request::IssueCoupons { .. } => ISSUE_COUPONS,
@@ -371,16 +374,8 @@ impl Request {
                 w.u128(*client_request_id).bytes16(inherent_id);
             }
             Request::AuthorizeBasket { client_request_id, inherent_id, basket } => {
-                w.u128(*client_request_id)
-                    .bytes16(inherent_id)
-                    .u8(u8::from(basket.age_confirmation))
-                    .u16(basket.items.len() as u16);
-                for item in &basket.items {
-                    w.str8(&item.item_id)
-                        .str8(&item.category)
-                        .u32(item.quantity)
-                        .u64(item.unit_amount_minor);
-                }
+                w.u128(*client_request_id).bytes16(inherent_id);
+                encode_basket(&mut w, basket);
             }
             Request::RegisterAge { client_request_id, record } => {
                 w.u128(*client_request_id).bytes16(record);
@@ -444,7 +439,10 @@ impl Request {
                     .raw(&r.currency.bytes())
                     .i64(r.sale_at_ms)
                     .str8(&r.terminal_id);
-                encode_items(&mut w, &r.items);
+                match &r.basket {
+                    Some(basket) => encode_basket(&mut w, basket),
+                    None => encode_items(&mut w, &r.items),
+                }
                 w.str8(r.coupon.as_deref().unwrap_or("")).str8(&r.order_ref);
             }
             Request::CodeState { number } => {
@@ -635,7 +633,7 @@ impl Request {
                     order_ref: r.str8("order_ref")?.to_owned(),
                 },
             },
-            opcode::REDEEM_CODE => Request::RedeemCode {
+            opcode::REDEEM_CODE | opcode::REDEEM_CODE_BASKET => Request::RedeemCode {
                 request: RedeemRequest {
                     client_request_id: r.u128("client_request_id")?,
                     code: r.str8("code")?.to_owned(),
@@ -645,7 +643,15 @@ impl Request {
                     currency: currency(&mut r)?,
                     sale_at_ms: r.i64("sale_at_ms")?,
                     terminal_id: r.str8("terminal_id")?.to_owned(),
-                    items: decode_items(&mut r)?,
+                    // Fields are read in the order written: the lines, then the coupon.
+                    items: match opcode {
+                        opcode::REDEEM_CODE => decode_items(&mut r)?,
+                        _ => Vec::new(),
+                    },
+                    basket: match opcode {
+                        opcode::REDEEM_CODE_BASKET => Some(decode_basket(&mut r)?),
+                        _ => None,
+                    },
                     coupon: {
                         let coupon = r.str8("coupon")?;
                         (!coupon.is_empty()).then(|| coupon.to_owned())
@@ -982,6 +988,13 @@ fn decode_entered(r: &mut Reader<'_>) -> Result<EnteredStore, BodyError> {
         tied,
         qr_networks,
     })
+}
+
+fn encode_basket(w: &mut Writer<'_>, basket: &Basket) {
+    w.u8(u8::from(basket.age_confirmation)).u16(basket.items.len() as u16);
+    for item in &basket.items {
+        w.str8(&item.item_id).str8(&item.category).u32(item.quantity).u64(item.unit_amount_minor);
+    }
 }
 
 /// Reads a basket; the item count is checked against the limit before anything is allocated.
@@ -1466,7 +1479,7 @@ fn decode_reply(opcode: u16, r: &mut Reader<'_>) -> Result<Reply, BodyError> {
             ),
             _ => return Err(BodyError::Invalid("result")),
         }),
-        REDEEM_CODE => Reply::Redeemed(Box::new(decode_redemption(r)?)),
+        REDEEM_CODE | REDEEM_CODE_BASKET => Reply::Redeemed(Box::new(decode_redemption(r)?)),
         CODE_STATE => Reply::CodeState(Box::new(match r.u8("state")? {
             0 => CodeState::Issued,
             1 => CodeState::Redeemed(Box::new(decode_redemption(r)?)),

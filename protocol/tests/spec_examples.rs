@@ -272,11 +272,39 @@ fn examples() -> Vec<(&'static str, String, Vec<u8>)> {
                     sale_at_ms: 1_795_305_900_000,
                     terminal_id: "POS-7".into(),
                     items: vec![("BENTO-01".into(), 1, 4_200)],
+                    basket: None,
                     coupon: None,
                     order_ref: String::new(),
                 },
             }
             .to_frame(10)
+            .to_bytes(),
+        ),
+        (
+            "redeem-code-basket-request",
+            "`REDEEM_CODE_BASKET` of that code, client request ID 12, request ID 11: issuer 1, \
+             number 0x010000000000002a, a sale of 1,980 JPY at 1795305900000 on terminal `POS-7`, \
+             with the age-confirmation flag and the basket of the `AUTHORIZE_BASKET` example \
+             (`BEER-350`, category `alcohol`, 2 × 490; `BENTO-01`, no category, 1 × 1,000), no \
+             coupon, no order."
+                .into(),
+            Request::RedeemCode {
+                request: RedeemRequest {
+                    client_request_id: 12,
+                    code: example_code(),
+                    issuer: 1,
+                    number: issue_number(1, 42),
+                    amount_minor: 1_980,
+                    currency: Currency::try_from("JPY").unwrap(),
+                    sale_at_ms: 1_795_305_900_000,
+                    terminal_id: "POS-7".into(),
+                    items: Vec::new(),
+                    basket: Some(example_basket()),
+                    coupon: None,
+                    order_ref: String::new(),
+                },
+            }
+            .to_frame(11)
             .to_bytes(),
         ),
         (

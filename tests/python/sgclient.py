@@ -15,6 +15,8 @@ Layers, bottom up:
 * stores and the wallet (``UPSERT_STORE`` ... ``WALLET``), the EMVCo
   merchant-presented QR payload (TLV + CRC-16/CCITT-FALSE) and great-circle
   distances;
+* payment codes and coupons (``ISSUE_CODE`` ... ``SUBSCRIBE_DEVICE``,
+  ``REDEEM_CODE_BASKET``): the code text and its tag, requests and replies;
 * :class:`SettlegateClient`: a blocking TCP connection with request-ID
   matching, pipelining, BUSY retries and NOTICE push handling.
 """
@@ -109,6 +111,7 @@ class Op(enum.IntEnum):
     NOTIFY_DELIVERY = 0x0064
     SUBSCRIBE_DEVICE = 0x0065
     DEVICE_MESSAGE = 0x0066
+    REDEEM_CODE_BASKET = 0x0067
 
 
 class Status(enum.IntEnum):
@@ -1438,10 +1441,10 @@ def _check_basket_shape(flags: int, count: int) -> None:
         raise ValueError(f"item count must be {BASKET_ITEMS_MIN}-{BASKET_ITEMS_MAX}, got {count}")
 
 
-def encode_authorize_basket(client_request_id: int, inherent_id: bytes,
-                            items: Sequence[BasketItem], *, age_confirmation: bool = False,
-                            flags: Optional[int] = None, validate: bool = True) -> bytes:
-    """``AUTHORIZE_BASKET`` request body.
+def _write_basket(writer: BodyWriter, items: Sequence[BasketItem], age_confirmation: bool,
+                  flags: Optional[int], validate: bool) -> BodyWriter:
+    """Append ``u8 flags``, ``u16 item_count`` and the lines, as ``AUTHORIZE_BASKET``
+    lays them out (``REDEEM_CODE_BASKET`` reuses the layout).
 
     ``flags`` overrides ``age_confirmation`` (for tests of reserved bits);
     ``validate=False`` skips the client-side limit checks so that a test can
@@ -1454,12 +1457,20 @@ def encode_authorize_basket(client_request_id: int, inherent_id: bytes,
         for item in items:
             validate_basket_item(item)
         _check_unique_item_ids(items)
-    writer = (BodyWriter().u128(client_request_id).bytes16(inherent_id).u8(flags)
-              .u16(len(items)))
+    writer.u8(flags).u16(len(items))
     for item in items:
         (writer.str8(item.item_id).str8(item.category).u32(item.quantity)
          .u64(item.unit_amount_minor))
-    return writer.getvalue()
+    return writer
+
+
+def encode_authorize_basket(client_request_id: int, inherent_id: bytes,
+                            items: Sequence[BasketItem], *, age_confirmation: bool = False,
+                            flags: Optional[int] = None, validate: bool = True) -> bytes:
+    """``AUTHORIZE_BASKET`` request body (see :func:`_write_basket` for the
+    keyword arguments)."""
+    writer = BodyWriter().u128(client_request_id).bytes16(inherent_id)
+    return _write_basket(writer, items, age_confirmation, flags, validate).getvalue()
 
 
 def decode_authorize_basket(body: bytes, *, validate: bool = True) -> BasketRequest:
@@ -2431,6 +2442,22 @@ class SettlegateClient:
         body = encode_set_age_policy(client_request_id, provider_code, terminal_id, policy)
         _expect_empty(self.call(Op.SET_AGE_POLICY, body))
 
+    # -- payment codes --------------------------------------------------------
+
+    def redeem_code_basket(self, client_request_id: int, code: str, issuer: int, number: int,
+                           amount_minor: int, currency: str, sale_at_ms: int,
+                           terminal_id: str, items: Sequence["BasketItem"], coupon: str = "",
+                           order_ref: str = "", *, age_confirmation: bool = False,
+                           flags: Optional[int] = None,
+                           validate: bool = True) -> "Redemption":
+        """``REDEEM_CODE_BASKET``: the ``redemption``, as for ``REDEEM_CODE``;
+        raises :class:`StatusError` (``REFUSED``) on refusal."""
+        body = encode_redeem_code_basket(client_request_id, code, issuer, number, amount_minor,
+                                         currency, sale_at_ms, terminal_id, items, coupon,
+                                         order_ref, age_confirmation=age_confirmation,
+                                         flags=flags, validate=validate)
+        return decode_redemption(self.call(Op.REDEEM_CODE_BASKET, body))
+
     # -- stores and the wallet ------------------------------------------------
 
     def upsert_store(self, client_request_id: int, store: "Store", *,
@@ -2675,16 +2702,38 @@ def encode_issue_code(client_request_id: int, inherent_id: bytes, validity_s: in
             .getvalue())
 
 
+def _redeem_head(client_request_id: int, code: str, issuer: int, number: int,
+                 amount_minor: int, currency: str, sale_at_ms: int,
+                 terminal_id: str) -> BodyWriter:
+    """The fields ``REDEEM_CODE`` and ``REDEEM_CODE_BASKET`` share before the items."""
+    return (BodyWriter().u128(client_request_id).str8(code).u16(issuer).u64(number)
+            .u64(amount_minor).ascii(currency, 3).i64(sale_at_ms).str8(terminal_id))
+
+
 def encode_redeem_code(client_request_id: int, code: str, issuer: int, number: int,
                        amount_minor: int, currency: str, sale_at_ms: int, terminal_id: str,
                        items: Sequence[Tuple[str, int, int]] = (), coupon: str = "",
                        order_ref: str = "") -> bytes:
     """``REDEEM_CODE`` request body."""
-    writer = (BodyWriter().u128(client_request_id).str8(code).u16(issuer).u64(number)
-              .u64(amount_minor).ascii(currency, 3).i64(sale_at_ms).str8(terminal_id)
-              .u16(len(items)))
+    writer = _redeem_head(client_request_id, code, issuer, number, amount_minor, currency,
+                          sale_at_ms, terminal_id).u16(len(items))
     for item_id, quantity, unit in items:
         writer.str8(item_id).u32(quantity).u64(unit)
+    return writer.str8(coupon).str8(order_ref).getvalue()
+
+
+def encode_redeem_code_basket(client_request_id: int, code: str, issuer: int, number: int,
+                              amount_minor: int, currency: str, sale_at_ms: int,
+                              terminal_id: str, items: Sequence[BasketItem], coupon: str = "",
+                              order_ref: str = "", *, age_confirmation: bool = False,
+                              flags: Optional[int] = None, validate: bool = True) -> bytes:
+    """``REDEEM_CODE_BASKET`` request body: ``REDEEM_CODE``'s with the items
+    replaced by an ``AUTHORIZE_BASKET`` basket (flags, then lines with a
+    category). The reply is a ``redemption`` (:func:`decode_redemption`).
+    Keyword arguments as for :func:`encode_authorize_basket`."""
+    writer = _redeem_head(client_request_id, code, issuer, number, amount_minor, currency,
+                          sale_at_ms, terminal_id)
+    _write_basket(writer, items, age_confirmation, flags, validate)
     return writer.str8(coupon).str8(order_ref).getvalue()
 
 
@@ -2747,7 +2796,11 @@ def decode_code_reply(body: bytes) -> Union[IssuedCode, "Declined"]:
 
 
 def decode_redemption(body: bytes) -> Redemption:
-    """A ``REDEEM_CODE`` reply."""
+    """A ``REDEEM_CODE`` or ``REDEEM_CODE_BASKET`` reply.
+
+    A basket redemption lists the lines settled (``item_id``, ``quantity``,
+    ``unit_amount_minor``: no category), the removed ones left out.
+    """
     reader = BodyReader(body)
     value = _read_redemption(reader)
     reader.finish()

@@ -1584,10 +1584,6 @@ class UsableMethodsTest(StoreTestCase):
 
 
 
-if __name__ == "__main__":
-    unittest.main()
-
-
 class PaymentCodeTest(LiveTestCase):
     """Section 5, payment codes (C1–C5): issue, deliver, redeem once, expire, COD, coupons.
 
@@ -1752,3 +1748,356 @@ class PaymentCodeTest(LiveTestCase):
         state, _ = sg.decode_code_state(self.client.call(
             sg.Op.CODE_STATE, sg.BodyWriter().u64(short.number).getvalue()))
         self.assertEqual(state, 2)
+
+
+# --------------------------------------------------------------------------
+# REDEEM_CODE_BASKET (section 5, 0x0067): a code redeemed with an age check
+# --------------------------------------------------------------------------
+
+CODE_PROVIDER = 2       # Demo E-Money: approves everything (no random declines)
+CODE_AMOUNT = 5_000     # every code here authorizes this much
+
+
+def new_code_store(client, policy):
+    """A fresh store terminal listed at the codes' provider (no service), with ``policy``.
+
+    The policy of a redemption is that of (the code's provider, ``terminal_id``).
+    """
+    terminal_id = f"PY-RCB-{uuid.uuid4().hex[:8].upper()}"
+    client.register_terminals(sg.new_client_request_id(), CODE_PROVIDER,
+                              [sg.TerminalEntry(terminal_id)])
+    client.set_age_policy(sg.new_client_request_id(), CODE_PROVIDER, terminal_id, policy)
+    return terminal_id
+
+
+def lines(items):
+    """The ``redemption`` items for basket lines: (item_id, quantity, unit_amount_minor)."""
+    return tuple((item.item_id, item.quantity, item.unit_amount_minor) for item in items)
+
+
+class RedeemCodeBasketTest(LiveTestCase):
+    """REDEEM_CODE_BASKET: a code redeemed with a basket, checked as AUTHORIZE_BASKET's.
+
+    Codes are issued for ``CODE_AMOUNT`` through provider 2 by freshly enrolled
+    devices; the age registration checked is that of the device the code was
+    delivered to.
+    """
+
+    @classmethod
+    def setUpClass(cls):
+        with connect() as client:
+            cls.refuse_store = new_code_store(client, REFUSE_JP)
+            cls.remove_store = new_code_store(client, REMOVE_JP)
+            cls.strict_store = new_code_store(client, STRICT_JP)
+
+    # helpers
+
+    def issue(self, device, *, deliver_to=None, amount=CODE_AMOUNT):
+        """ISSUE_CODE signed by ``device`` (store not known yet: ``*``)."""
+        record = device.sign(amount_minor=amount, provider_code=CODE_PROVIDER, terminal_id="*")
+        body = sg.encode_issue_code(sg.new_client_request_id(), record, 300, deliver_to)
+        code = sg.decode_code_reply(self.client.call(sg.Op.ISSUE_CODE, body))
+        self.assertIsInstance(code, sg.IssuedCode, f"not issued: {code}")
+        return code
+
+    def redeem_basket(self, code, terminal_id, items, *, flag=True, amount=None,
+                      client_request_id=None, coupon="", text=None, sale_at_ms=None):
+        """REDEEM_CODE_BASKET of ``code`` for ``items`` (the sale: their total, now);
+        the frame."""
+        body = sg.encode_redeem_code_basket(
+            client_request_id or sg.new_client_request_id(), text or code.text, 1, code.number,
+            basket_total(items) if amount is None else amount, "JPY",
+            sg.now_ms() if sale_at_ms is None else sale_at_ms, terminal_id, items, coupon,
+            age_confirmation=flag, validate=False)
+        return self.client.request(sg.Op.REDEEM_CODE_BASKET, body)
+
+    def redeem_plain(self, code, terminal_id, items):
+        """REDEEM_CODE of ``code`` for ``items`` (no categories); the frame."""
+        body = sg.encode_redeem_code(sg.new_client_request_id(), code.text, 1, code.number,
+                                     basket_total(items), "JPY", sg.now_ms(), terminal_id,
+                                     lines(items))
+        return self.client.request(sg.Op.REDEEM_CODE, body)
+
+    def assert_refused(self, frame, reason):
+        """``frame`` is a REFUSED with ``reason``."""
+        self.assertEqual((frame.status, sg.decode_status_body(frame.status, frame.body).reason),
+                         (sg.Status.REFUSED, reason), frame)
+
+    def assert_redeemed(self, frame, code, terminal_id, captured, settled, coupon_discount=0):
+        """``frame`` is a redemption capturing ``captured`` for the lines ``settled``."""
+        self.assertEqual(frame.status, sg.Status.OK,
+                         sg.decode_status_body(frame.status, frame.body).describe())
+        redemption = sg.decode_redemption(frame.body)
+        self.assertEqual(
+            (redemption.number, redemption.captured_minor, redemption.released_minor,
+             redemption.coupon_discount_minor, redemption.currency, redemption.terminal_id,
+             redemption.provider_code, redemption.items),
+            (code.number, captured, CODE_AMOUNT - captured, coupon_discount, "JPY",
+             terminal_id, CODE_PROVIDER, lines(settled)))
+        return redemption
+
+    def code_state(self, code):
+        """CODE_STATE of ``code``: (state, redemption or None)."""
+        return sg.decode_code_state(self.client.call(
+            sg.Op.CODE_STATE, sg.BodyWriter().u64(code.number).getvalue()))
+
+    def assert_still_issued(self, code):
+        """A refused redemption changed nothing: the code is still issued."""
+        self.assertEqual(self.code_state(code), (0, None))
+
+    # policy refuse
+
+    def test_adult_redeems_restricted_basket(self):
+        adult = new_device(self.client, ADULT_BIRTH)
+        code = self.issue(adult)
+        items = [BEER, BENTO, CIGARETTES]
+        redemption = self.assert_redeemed(
+            self.redeem_basket(code, self.refuse_store, items), code, self.refuse_store,
+            basket_total(items), items)
+        self.assertEqual(self.code_state(code), (1, redemption))
+
+    def test_unregistered_refused_code_stays_redeemable(self):
+        unregistered = new_device(self.client)
+        code = self.issue(unregistered)
+        self.assert_refused(self.redeem_basket(code, self.refuse_store, [BEER, BENTO]),
+                            sg.Reason.AGE_CONDITION_NOT_MET)
+        self.assert_still_issued(code)
+        self.assert_redeemed(self.redeem_basket(code, self.refuse_store, [BENTO]), code,
+                             self.refuse_store, BENTO.total_minor, [BENTO])
+
+    def test_minor_refused_then_plain_redeem(self):
+        minor = new_device(self.client, MINOR_BIRTH)
+        code = self.issue(minor)
+        self.assert_refused(self.redeem_basket(code, self.refuse_store, [BENTO, BEER]),
+                            sg.Reason.AGE_CONDITION_NOT_MET)
+        self.assert_still_issued(code)
+        self.assert_redeemed(self.redeem_plain(code, self.refuse_store, [BENTO, WATER]), code,
+                             self.refuse_store, basket_total([BENTO, WATER]), [BENTO, WATER])
+
+    def test_without_flag_settled_as_redeem_code(self):
+        minor = new_device(self.client, MINOR_BIRTH)
+        code = self.issue(minor)
+        self.assert_redeemed(self.redeem_basket(code, self.refuse_store, [BEER, BENTO],
+                                                flag=False),
+                             code, self.refuse_store, basket_total([BEER, BENTO]),
+                             [BEER, BENTO])
+
+    # policy remove_items
+
+    def test_remove_items_minor(self):
+        minor = new_device(self.client, MINOR_BIRTH)
+        code = self.issue(minor)
+        frame = self.redeem_basket(code, self.remove_store, [BEER, BENTO, CIGARETTES, WATER])
+        self.assert_redeemed(frame, code, self.remove_store, basket_total([BENTO, WATER]),
+                             [BENTO, WATER])
+
+    def test_remove_items_nothing_left(self):
+        minor = new_device(self.client, MINOR_BIRTH)
+        code = self.issue(minor)
+        self.assert_refused(self.redeem_basket(code, self.remove_store, [BEER, CIGARETTES]),
+                            sg.Reason.AGE_CONDITION_NOT_MET)
+        self.assert_still_issued(code)
+
+    def test_remove_items_coupon_applies_to_what_is_left(self):
+        minor = new_device(self.client, MINOR_BIRTH)
+        body = sg.encode_issue_coupons(sg.new_client_request_id(), CODE_PROVIDER, 1, 1000,
+                                       "XXX", 1, sg.now_ms() + 3_600_000, [minor.user])
+        (coupon,) = sg.decode_coupons_reply(self.client.call(sg.Op.ISSUE_COUPONS, body))
+        self.assertIsInstance(coupon, sg.IssuedCoupon, f"not issued: {coupon}")
+        code = self.issue(minor)
+        frame = self.redeem_basket(code, self.remove_store, [BEER, BENTO], coupon=coupon.text)
+        left = BENTO.total_minor
+        discount = left * 1000 // 10000        # 10% of what is left, not of the sale
+        self.assert_redeemed(frame, code, self.remove_store, left - discount, [BENTO],
+                             coupon_discount=discount)
+
+    # strict mode
+
+    def test_strict_store_needs_the_basket(self):
+        adult = new_device(self.client, ADULT_BIRTH)
+        code = self.issue(adult)
+        self.assert_refused(self.redeem_plain(code, self.strict_store, [BENTO]),
+                            sg.Reason.BASKET_MISMATCH)
+        self.assert_still_issued(code)
+        self.assert_redeemed(self.redeem_basket(code, self.strict_store, [BEER, BENTO]),
+                             code, self.strict_store, basket_total([BEER, BENTO]),
+                             [BEER, BENTO])
+
+    def test_strict_store_checks_without_flag(self):
+        minor = new_device(self.client, MINOR_BIRTH)
+        code = self.issue(minor)
+        self.assert_refused(self.redeem_basket(code, self.strict_store, [BEER, BENTO],
+                                               flag=False),
+                            sg.Reason.AGE_CONDITION_NOT_MET)
+        self.assert_redeemed(self.redeem_basket(code, self.strict_store, [BENTO], flag=False),
+                             code, self.strict_store, BENTO.total_minor, [BENTO])
+
+    # whose policy
+
+    def test_unlisted_terminal_follows_the_default(self):
+        minor = new_device(self.client, MINOR_BIRTH)
+        code = self.issue(minor)
+        unlisted = f"PY-POS-{uuid.uuid4().hex[:8].upper()}"   # default: refuse, not strict
+        self.assert_refused(self.redeem_basket(code, unlisted, [BEER, BENTO]),
+                            sg.Reason.AGE_CONDITION_NOT_MET)
+        self.assert_redeemed(self.redeem_plain(code, unlisted, [BENTO]), code, unlisted,
+                             BENTO.total_minor, [BENTO])
+
+    def test_policy_of_the_codes_provider(self):
+        # remove_items for (provider 1, terminal); the code's provider is 2, where the
+        # terminal is not listed: the default (refuse) applies.
+        other_provider_store = new_store(self.client, REMOVE_JP)
+        minor = new_device(self.client, MINOR_BIRTH)
+        code = self.issue(minor)
+        self.assert_refused(self.redeem_basket(code, other_provider_store, [BEER, BENTO]),
+                            sg.Reason.AGE_CONDITION_NOT_MET)
+        self.assert_still_issued(code)
+
+    # whose registration
+
+    def test_registration_of_the_device_delivered_to(self):
+        cases = {"adult phone, minor watch": (ADULT_BIRTH, MINOR_BIRTH, False),
+                 "unregistered phone, adult watch": (None, ADULT_BIRTH, True)}
+        for label, (phone_birth, watch_birth, passes) in cases.items():
+            with self.subTest(label):
+                phone = new_device(self.client, phone_birth)
+                watch_idm = fresh_card_idm()
+                watch = sg.Device(phone.user, self.client.provision_device(
+                    sg.new_client_request_id(), phone.user, PASSWORD, watch_idm))
+                self.client.register_age(sg.new_client_request_id(),
+                                         watch.sign_age(birth_date=watch_birth))
+                code = self.issue(phone, deliver_to=watch_idm)
+                frame = self.redeem_basket(code, self.refuse_store, [BEER])
+                if passes:
+                    self.assert_redeemed(frame, code, self.refuse_store, BEER.total_minor,
+                                         [BEER])
+                else:
+                    self.assert_refused(frame, sg.Reason.AGE_CONDITION_NOT_MET)
+
+    # the basket itself
+
+    def test_basket_that_does_not_add_up(self):
+        adult = new_device(self.client, ADULT_BIRTH)
+        code = self.issue(adult)
+        total = basket_total([BEER, BENTO])
+        for amount in (total - 1, total + 1):
+            with self.subTest(amount=amount):
+                self.assert_refused(self.redeem_basket(code, self.refuse_store, [BEER, BENTO],
+                                                       amount=amount),
+                                    sg.Reason.BASKET_MISMATCH)
+        self.assert_still_issued(code)
+
+    def test_item_limits_refused(self):
+        adult = new_device(self.client, ADULT_BIRTH)
+        code = self.issue(adult)
+        cases = {
+            "empty item ID": [sg.BasketItem("", "", 1, 100)],
+            "33-byte item ID": [sg.BasketItem("I" * 33, "", 1, 100)],
+            "upper-case category": [sg.BasketItem("A", "Alcohol", 1, 100)],
+            "quantity 0": [sg.BasketItem("A", "", 0, 100)],
+            "duplicate item ID": [sg.BasketItem("SAME-1", "", 1, 50)] * 2,
+        }
+        for label, items in cases.items():
+            with self.subTest(label):
+                self.assert_refused(self.redeem_basket(code, self.refuse_store, items,
+                                                       amount=max(basket_total(items), 100)),
+                                    sg.Reason.BASKET_MISMATCH)
+        self.assert_still_issued(code)
+
+    def test_bad_shape_is_bad_request(self):
+        adult = new_device(self.client, ADULT_BIRTH)
+        code = self.issue(adult)
+        item = sg.BasketItem("ONE", "", 1, 1)
+        cases = {
+            "item_count 0": dict(items=[], flags=1),
+            "item_count 257": dict(items=[sg.BasketItem(f"I-{index}", "", 1, 1)
+                                          for index in range(257)], flags=1),
+            "flags bit 1": dict(items=[item], flags=0x03),
+        }
+        for label, case in cases.items():
+            with self.subTest(label):
+                body = sg.encode_redeem_code_basket(
+                    sg.new_client_request_id(), code.text, 1, code.number,
+                    basket_total(case["items"]), "JPY", sg.now_ms(), self.refuse_store,
+                    case["items"], flags=case["flags"], validate=False)
+                frame = self.client.request(sg.Op.REDEEM_CODE_BASKET, body)
+                self.assertEqual(frame.status, sg.Status.BAD_REQUEST)
+        self.assertEqual(self.client.ping(b"still open"), b"still open")
+        self.assert_still_issued(code)
+
+    # order of the refusals
+
+    def test_refusal_order(self):
+        minor = new_device(self.client, MINOR_BIRTH)
+        code = self.issue(minor)
+        changed = code.text[:20] + ("A" if code.text[20] != "A" else "B") + code.text[21:]
+        total = basket_total([BEER, BENTO])
+        # the code's own checks first, then the basket (71, 70), then the amount (106)
+        self.assert_refused(self.redeem_basket(code, self.refuse_store, [BEER, BENTO],
+                                               amount=total + 1, text=changed),
+                            sg.Reason.FORGED_CODE)
+        big = [sg.BasketItem("TV-1", "", 1, CODE_AMOUNT + 1000), BEER]
+        self.assert_refused(self.redeem_basket(code, self.refuse_store, big,
+                                               amount=basket_total(big) + 1),
+                            sg.Reason.BASKET_MISMATCH)
+        self.assert_refused(self.redeem_basket(code, self.refuse_store, big),
+                            sg.Reason.AGE_CONDITION_NOT_MET)
+        self.assert_refused(self.redeem_basket(code, self.refuse_store, big, flag=False),
+                            sg.Reason.AMOUNT_ABOVE_AUTHORIZED)
+        self.assert_redeemed(self.redeem_basket(code, self.refuse_store, [BENTO]), code,
+                             self.refuse_store, BENTO.total_minor, [BENTO])
+        self.assert_refused(self.redeem_basket(code, self.refuse_store, [BEER, BENTO],
+                                               amount=total + 1),
+                            sg.Reason.CODE_REDEEMED)
+
+    # idempotency
+
+    def test_same_request_id(self):
+        adult = new_device(self.client, ADULT_BIRTH)
+        code = self.issue(adult)
+        # Only the basket differs between the attempts: same ID, sale time, terminal.
+        same = dict(client_request_id=sg.new_client_request_id(), sale_at_ms=sg.now_ms())
+        items = [BEER, BENTO]
+        first = self.redeem_basket(code, self.refuse_store, items, **same)
+        redemption = self.assert_redeemed(first, code, self.refuse_store, basket_total(items),
+                                          items)
+        others = {
+            "other lines, same total": [sg.BasketItem("OTHER-1", "", 1, basket_total(items))],
+            "fewer lines": [BENTO],
+        }
+        for label, other in others.items():
+            with self.subTest(label):
+                self.assert_refused(self.redeem_basket(code, self.refuse_store, other, **same),
+                                    sg.Reason.IDEMPOTENCY_CONFLICT)
+        again = self.redeem_basket(code, self.refuse_store, items, **same)
+        self.assertEqual((again.status, sg.decode_redemption(again.body)),
+                         (sg.Status.OK, redemption))
+
+    def test_refusal_kept_under_its_request_id(self):
+        # "Idempotent by client request ID, the basket included": a refusal is the
+        # first answer too, so the redemption without the restricted item needs a
+        # new client request ID.
+        minor = new_device(self.client, MINOR_BIRTH)
+        code = self.issue(minor)
+        same = dict(client_request_id=sg.new_client_request_id(), sale_at_ms=sg.now_ms())
+        for attempt in ("first", "retry"):
+            with self.subTest(attempt):
+                self.assert_refused(self.redeem_basket(code, self.refuse_store, [BEER, BENTO],
+                                                       **same),
+                                    sg.Reason.AGE_CONDITION_NOT_MET)
+        self.assert_refused(self.redeem_basket(code, self.refuse_store, [BENTO], **same),
+                            sg.Reason.IDEMPOTENCY_CONFLICT)
+        self.assert_still_issued(code)
+        self.assert_redeemed(self.redeem_basket(code, self.refuse_store, [BENTO]), code,
+                             self.refuse_store, BENTO.total_minor, [BENTO])
+
+    def test_needs_authentication(self):
+        with connect(authenticated=False) as anonymous:
+            body = sg.encode_redeem_code_basket(1, "SG", 1, 1, 1000, "JPY", sg.now_ms(),
+                                                self.refuse_store, [BENTO])
+            self.assertEqual(anonymous.request(sg.Op.REDEEM_CODE_BASKET, body).status,
+                             sg.Status.UNAUTHENTICATED)
+
+
+if __name__ == "__main__":
+    unittest.main()

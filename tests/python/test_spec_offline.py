@@ -135,6 +135,10 @@ BUILDERS = {
         sg.Op.REDEEM_CODE, 10, sg.encode_redeem_code(
             11, example_code_text(), 1, (1 << 56) | 42, 4200, "JPY", 1795305900000, "POS-7",
             [("BENTO-01", 1, 4200)])),
+    "redeem-code-basket-request": lambda: sg.encode_frame(
+        sg.Op.REDEEM_CODE_BASKET, 11, sg.encode_redeem_code_basket(
+            12, example_code_text(), 1, (1 << 56) | 42, 1980, "JPY", 1795305900000, "POS-7",
+            EXAMPLE_BASKET, age_confirmation=True)),
     "login-refused": lambda: response(
         sg.Op.LOGIN, 4, sg.encode_status_body(sg.StatusReply(
             sg.Status.REFUSED, reason=sg.Reason.WRONG_PASSWORD)), sg.Status.REFUSED),
@@ -1146,9 +1150,6 @@ class StoreCodecTest(unittest.TestCase):
         self.assertEqual(sg.degrees_to_e7(-45.1234567), -451_234_567)
 
 
-if __name__ == "__main__":
-    unittest.main()
-
 
 class CodeTest(unittest.TestCase):
     """Section 5, payment codes: the text format, the tag, the request layouts."""
@@ -1196,3 +1197,100 @@ class CodeTest(unittest.TestCase):
         self.assertEqual(reader.str8(), example_code_text())
         self.assertEqual((reader.u16(), reader.u64(), reader.u64()), (1, (1 << 56) | 42, 4200))
 
+
+class RedeemCodeBasketTest(unittest.TestCase):
+    """Section 5, 0x0067 REDEEM_CODE_BASKET: REDEEM_CODE's body with the items
+    replaced by an AUTHORIZE_BASKET basket; the reply is a ``redemption``."""
+
+    NUMBER = (1 << 56) | 42
+    SALE_AT_MS = 1795305900000
+
+    def encode(self, items=EXAMPLE_BASKET, **kwargs):
+        """The example code redeemed for ``items`` at POS-7 (client request ID 12)."""
+        kwargs.setdefault("age_confirmation", True)
+        return sg.encode_redeem_code_basket(
+            12, example_code_text(), 1, self.NUMBER, sum(item.total_minor for item in items),
+            "JPY", self.SALE_AT_MS, "POS-7", items, kwargs.pop("coupon", ""),
+            kwargs.pop("order_ref", "ORD-1"), **kwargs)
+
+    def test_opcode(self):
+        self.assertEqual(sg.Op.REDEEM_CODE_BASKET, 0x0067)
+        frame = sg.encode_frame(sg.Op.REDEEM_CODE_BASKET, 1, self.encode())
+        self.assertEqual(frame[4:6], b"\x00\x67")
+
+    def test_body_layout(self):
+        code = example_code_text().encode("ascii")
+        expected = b"".join([
+            bytes(15) + b"\x0c",                            # u128 client_request_id 12
+            b"\x41" + code,                                  # str8 code (65 bytes)
+            b"\x00\x01",                                     # u16 issuer 1
+            bytes.fromhex("010000000000002a"),               # u64 number
+            bytes.fromhex("00000000000007bc"),               # u64 amount_minor 1,980
+            b"JPY",                                          # [3] currency
+            bytes.fromhex("000001a2009207e0"),               # i64 sale_at_ms
+            b"\x05POS-7",                                    # str8 terminal_id
+            b"\x01",                                         # u8 flags: age confirmation
+            b"\x00\x02",                                     # u16 item_count
+            b"\x08BEER-350", b"\x07alcohol",                  # str8 item_id, str8 category
+            bytes.fromhex("00000002"), bytes.fromhex("00000000000001ea"),  # 2 x 490
+            b"\x08BENTO-01", b"\x00",                         # no category
+            bytes.fromhex("00000001"), bytes.fromhex("00000000000003e8"),  # 1 x 1,000
+            b"\x00",                                         # str8 coupon (none)
+            b"\x05ORD-1",                                    # str8 order_ref
+        ])
+        self.assertEqual(self.encode().hex(" "), expected.hex(" "))
+
+    def test_example_frame(self):
+        frame = sg.decode_frame(load_examples()["redeem-code-basket-request"][1])
+        self.assertEqual((frame.opcode, frame.status, frame.request_id),
+                         (sg.Op.REDEEM_CODE_BASKET, 0, 11))
+        self.assertEqual(frame.body, self.encode(order_ref=""))
+
+    def test_flag_byte(self):
+        head = len(sg.encode_redeem_code(12, example_code_text(), 1, self.NUMBER, 1980, "JPY",
+                                         self.SALE_AT_MS, "POS-7")) - 4  # u16 count, 2 str8
+        self.assertEqual(self.encode(age_confirmation=False)[head], 0x00)
+        self.assertEqual(self.encode(age_confirmation=True)[head], 0x01)
+
+    def test_shares_redeem_code_head_and_basket_tail(self):
+        redeem = sg.encode_redeem_code(12, example_code_text(), 1, self.NUMBER, 1980, "JPY",
+                                       self.SALE_AT_MS, "POS-7", [], "", "ORD-1")
+        head = redeem[:-len(b"\x00\x00" + b"\x00" + b"\x05ORD-1")]
+        basket = sg.encode_authorize_basket(9, b"", EXAMPLE_BASKET, age_confirmation=True)
+        basket = basket[16 + 2:]   # drop u128 client_request_id and an empty bytes16
+        body = self.encode(coupon="SGCOUPON")
+        self.assertEqual(body, head + basket + b"\x08SGCOUPON" + b"\x05ORD-1")
+
+    def test_client_side_limits(self):
+        item = sg.BasketItem("ONE", "", 1, 1)
+        cases = {
+            "no items": dict(items=()),
+            "257 items": dict(items=tuple(sg.BasketItem(f"I-{index}", "", 1, 1)
+                                          for index in range(257))),
+            "flags bit 1": dict(items=(item,), flags=0x03),
+            "duplicate item ID": dict(items=(item, item)),
+            "upper-case category": dict(items=(sg.BasketItem("A", "Alcohol", 1, 1),)),
+        }
+        for label, case in cases.items():
+            with self.subTest(label):
+                with self.assertRaises(ValueError):
+                    self.encode(**case)
+                self.assertTrue(self.encode(validate=False, **case))
+
+    def test_reply_is_a_redemption(self):
+        body = b"".join([
+            bytes.fromhex("010000000000002a"),               # u64 number
+            (1000).to_bytes(8, "big"),                       # captured_minor
+            (4000).to_bytes(8, "big"),                       # released_minor
+            bytes(8), b"JPY", b"\x05POS-7",                  # coupon discount, currency
+            (2).to_bytes(4, "big"), b"Z9Y8X7",               # provider_code, auth_code
+            self.SALE_AT_MS.to_bytes(8, "big"), (self.SALE_AT_MS + 5).to_bytes(8, "big"),
+            b"\x00\x01", b"\x08BENTO-01", (1).to_bytes(4, "big"), (1000).to_bytes(8, "big"),
+        ])
+        self.assertEqual(sg.decode_redemption(body), sg.Redemption(
+            self.NUMBER, 1000, 4000, 0, "JPY", "POS-7", 2, "Z9Y8X7", self.SALE_AT_MS,
+            self.SALE_AT_MS + 5, (("BENTO-01", 1, 1000),)))
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -59,6 +59,15 @@ pub fn config() -> EngineConfig {
     config_answering_after(0)
 }
 
+/// [`config`], keeping its state in `dir`, with a snapshot every `snapshot_every_records`
+/// records (0: none, so a restart replays the whole log).
+pub fn durable_config(dir: &std::path::Path, snapshot_every_records: u64) -> EngineConfig {
+    let mut config = config();
+    config.durability.data_dir = Some(dir.to_owned());
+    config.durability.snapshot_every_records = snapshot_every_records;
+    config
+}
+
 /// [`config`], with the approving and declining providers answering after `latency_us`: 0
 /// answers at once, so the shard completes each payment in the step that reserves it; more
 /// sends each payment back through the caller to its provider and into the shard again.

@@ -376,6 +376,9 @@ pub struct IssuedCoupon {
     pub expires_ms: i64,
 }
 
+/// A line of a sale: item ID, quantity, unit amount in minor units.
+pub(crate) type SaleLine = (String, u32, u64);
+
 /// A POS's redemption request, as the shard applies it (C3).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct RedeemSpec {
@@ -384,7 +387,9 @@ pub(crate) struct RedeemSpec {
     pub(crate) currency: Currency,
     pub(crate) terminal_id: String,
     pub(crate) sale_at_ms: i64,
-    pub(crate) items: Vec<(String, u32, u64)>,
+    pub(crate) items: Vec<SaleLine>,
+    /// The lines with their categories, for the age check (`items` is then empty).
+    pub(crate) basket: Option<Basket>,
     pub(crate) coupon: Option<u64>,
     pub(crate) order_ref: String,
 }
@@ -1214,6 +1219,10 @@ impl ShardState {
         if spec.currency != record.currency || !order_ok {
             return refuse(ReasonCode::CodeMismatch);
         }
+        let (sale_minor, items) = match self.age_check_sale(spec, record, now_ms) {
+            Ok(sale) => sale,
+            Err(reason) => return refuse(reason),
+        };
         let discount_minor = match spec.coupon {
             None => 0,
             Some(coupon) => match self.coupons.get(&coupon) {
@@ -1221,10 +1230,10 @@ impl ShardState {
                 Some(c) if c.user != record.user => return refuse(ReasonCode::CouponNotApplicable),
                 Some(c) if now_ms >= c.expires_ms => return refuse(ReasonCode::CodeExpired),
                 Some(c) if c.uses_left == 0 => return refuse(ReasonCode::CouponUsedUp),
-                Some(c) => c.effect.discount_minor(spec.amount_minor, spec.currency),
+                Some(c) => c.effect.discount_minor(sale_minor, spec.currency),
             },
         };
-        let captured_minor = spec.amount_minor - discount_minor;
+        let captured_minor = sale_minor - discount_minor;
         if captured_minor > record.amount_minor {
             return refuse(ReasonCode::AmountAboveAuthorized);
         }
@@ -1244,7 +1253,7 @@ impl ShardState {
             auth_code: record.auth_code,
             sale_at_ms: spec.sale_at_ms,
             redeemed_at_ms: now_ms,
-            items: spec.items.clone(),
+            items,
         };
         record.state = CodeState::Redeemed(Box::new(redemption.clone()));
         let (user, means_id, expires_ms) =
@@ -1264,6 +1273,47 @@ impl ShardState {
             means.last_used_ms = Some(now_ms);
         }
         Reply::Redeemed(Box::new(redemption))
+    }
+
+    /// A2 on a code payment: the sale's amount and lines to settle, after the age check of its
+    /// basket against the registration of the device the code was delivered to, under the
+    /// store terminal's policy; or why the redemption is refused. Without a basket the sale is
+    /// settled as sent, except at a strict store, which cannot check a sale without items.
+    fn age_check_sale(
+        &self,
+        spec: &RedeemSpec,
+        code: &CodeRecord,
+        now_ms: i64,
+    ) -> Result<(u64, Vec<SaleLine>), ReasonCode> {
+        let provider = self.shared.registry.provider(code.provider_code);
+        let terminal_policy = provider.and_then(|p| p.age_policy(&spec.terminal_id));
+        let policy = self.shared.age.policy_for(code.provider_code, terminal_policy.as_ref());
+        let Some(basket) = &spec.basket else {
+            if policy.policy.strict {
+                return Err(ReasonCode::BasketMismatch);
+            }
+            return Ok((spec.amount_minor, spec.items.clone()));
+        };
+        let decision = age::decide(
+            basket,
+            spec.amount_minor,
+            self.ages.get(&code.deliver_to),
+            policy,
+            &self.shared.age.config,
+            now_ms,
+        )?;
+        if let Some(reason) = decision.decline {
+            return Err(reason);
+        }
+        // Under `remove_items` the verdict names the lines taken out; otherwise it names none.
+        let removed = &decision.verdict.items;
+        let items = basket
+            .items
+            .iter()
+            .filter(|item| !removed.contains(&item.item_id))
+            .map(|item| (item.item_id.clone(), item.quantity, item.unit_amount_minor))
+            .collect();
+        Ok((decision.verdict.amount_minor, items))
     }
 
     /// Marks an issued code expired and releases its hold.

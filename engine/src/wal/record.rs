@@ -12,7 +12,7 @@ use crate::inherent::InherentId;
 use crate::keys::{DeviceKey, Verified};
 use crate::providers::TerminalEntry;
 use crate::shard::state::NewMeans;
-use crate::shard::state::{CodeSpec, RedeemSpec};
+use crate::shard::state::{CodeSpec, RedeemSpec, SaleLine};
 use crate::shard::{Command, Envelope};
 use crate::types::{
     Approval, AuthCode, AuthOutcome, CardToken, Currency, Discount, MeansKind, ReasonCode,
@@ -149,6 +149,53 @@ enum LogCommand {
         uses: u32,
         expires_ms: i64,
     },
+    // Format version 5 appends the variants below.
+    RedeemCodeBasket {
+        sale: LogSale,
+        basket: LogBasket,
+    },
+}
+
+/// A redemption's sale, but for its lines.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub(crate) struct LogSale {
+    number: u64,
+    amount_minor: u64,
+    currency: [u8; 3],
+    terminal_id: String,
+    sale_at_ms: i64,
+    coupon: Option<u64>,
+    order_ref: String,
+}
+
+impl LogSale {
+    fn of(spec: &RedeemSpec) -> LogSale {
+        LogSale {
+            number: spec.number,
+            amount_minor: spec.amount_minor,
+            currency: spec.currency.bytes(),
+            terminal_id: spec.terminal_id.clone(),
+            sale_at_ms: spec.sale_at_ms,
+            coupon: spec.coupon,
+            order_ref: spec.order_ref.clone(),
+        }
+    }
+
+    /// The redemption of this sale of `items`, or of `basket`.
+    fn redeem(self, items: Vec<SaleLine>, basket: Option<Basket>) -> Result<Command, RecordError> {
+        let spec = RedeemSpec {
+            number: self.number,
+            amount_minor: self.amount_minor,
+            currency: currency_in(self.currency)?,
+            terminal_id: self.terminal_id,
+            sale_at_ms: self.sale_at_ms,
+            items,
+            basket,
+            coupon: self.coupon,
+            order_ref: self.order_ref,
+        };
+        Ok(Command::RedeemCode { spec: Box::new(spec) })
+    }
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -680,6 +727,10 @@ fn command_out(command: &Command, vault: &Vault) -> LogCommand {
             outcome: outcome_out(outcome),
             spec: code_spec_out(spec),
         },
+        Command::RedeemCode { spec } if spec.basket.is_some() => LogCommand::RedeemCodeBasket {
+            sale: LogSale::of(spec),
+            basket: spec.basket.as_ref().map(basket_out).expect("matched a basket"),
+        },
         Command::RedeemCode { spec } => LogCommand::RedeemCode {
             number: spec.number,
             amount_minor: spec.amount_minor,
@@ -815,18 +866,21 @@ fn command_in(command: &LogCommand, vault: &Vault) -> Result<Command, RecordErro
             items,
             coupon,
             order_ref,
-        } => Command::RedeemCode {
-            spec: Box::new(RedeemSpec {
+        } => {
+            let sale = LogSale {
                 number: *number,
                 amount_minor: *amount_minor,
-                currency: currency_in(*currency)?,
+                currency: *currency,
                 terminal_id: terminal_id.clone(),
                 sale_at_ms: *sale_at_ms,
-                items: items.clone(),
                 coupon: *coupon,
                 order_ref: order_ref.clone(),
-            }),
-        },
+            };
+            sale.redeem(items.clone(), None)?
+        }
+        LogCommand::RedeemCodeBasket { sale, basket } => {
+            sale.clone().redeem(Vec::new(), Some(basket_in(basket)))?
+        }
         LogCommand::SweepCodes => Command::SweepCodes,
         LogCommand::IssueCoupon { user, provider_code, effect, uses, expires_ms } => {
             Command::IssueCoupon {
