@@ -52,8 +52,9 @@ pub struct ServerConfig {
     pub connections_max: usize,
     /// Requests in flight per connection; reading pauses at the limit.
     pub in_flight_max: usize,
-    /// Threads serving connections (the async runtime's workers: reading, decoding, tag
-    /// verification, applying to idle shards, writing); 0: one per core. See
+    /// Connection threads, each a single-threaded runtime serving the connections handed to
+    /// it (reading, decoding, tag verification, applying to idle shards, writing); 0: one per
+    /// core. See
     /// [`ServerConfig::io_thread_count`].
     pub io_threads: usize,
     /// A connection with no frame for this long is closed.

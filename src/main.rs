@@ -77,10 +77,10 @@ fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
     let (config, source) = load(&path)?;
     init_logs(&config);
     let io_threads = config.server.io_thread_count();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(io_threads)
-        .enable_all()
-        .build()?;
+    // The connections have threads of their own (`server`); this runtime accepts them, serves
+    // HTTP and sweeps codes.
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     runtime.block_on(async move {
         let server = settlegate::server::start(config).await?;
         let scheme = if server.tls { "tls" } else { "tcp" };

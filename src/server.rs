@@ -1,5 +1,13 @@
 //! The server: binds the listeners, accepts connections under a cap, runs TLS handshakes,
 //! and shuts down gracefully (stop accepting, let connections finish their in-flight work).
+//!
+//! Connections live on the connection threads (`io_threads`), each running a single-threaded
+//! runtime of its own: a connection is handed to one thread when it is accepted (round robin)
+//! and stays there, with its socket registered in that thread's poller and every task it
+//! spawns (its writer, its batches) on that thread. Nothing is stolen or woken across
+//! threads, as in the multi-threaded runtime it replaced, where each connection's wake-ups
+//! went to whichever worker was free (`docs/BENCHMARKS.md`). The accept loop, HTTP and the
+//! code sweeper run on the caller's runtime.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -36,6 +44,7 @@ pub struct RunningServer {
     accept_task: tokio::task::JoinHandle<()>,
     http_task: tokio::task::JoinHandle<()>,
     http_state: Arc<HttpState>,
+    threads: ConnectionThreads,
 }
 
 /// Starts the engine and both listeners.
@@ -88,8 +97,11 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         Duration::from_millis(server_config.code_sweep_interval_ms.max(10)),
         shutdown_rx.clone(),
     ));
+    let threads = ConnectionThreads::start(server_config.io_thread_count())
+        .context("starting the connection threads")?;
     let accept_task = tokio::spawn(accept_loop(
         listener,
+        threads.handles(),
         tls.clone(),
         shared,
         server_config.connections_max,
@@ -105,6 +117,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         accept_task,
         http_task,
         http_state,
+        threads,
     })
 }
 
@@ -116,12 +129,71 @@ impl RunningServer {
         let _ = self.shutdown.send(true);
         let _ = self.accept_task.await;
         let _ = self.http_task.await;
+        // Every connection has finished or been aborted: the threads have nothing left to run.
+        let threads = self.threads;
+        let _ = tokio::task::spawn_blocking(move || threads.stop()).await;
         self.engine.shutdown();
+    }
+}
+
+/// The connection threads: each runs a single-threaded runtime until it is stopped.
+struct ConnectionThreads {
+    runtimes: Vec<tokio::runtime::Handle>,
+    stops: Vec<tokio::sync::oneshot::Sender<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl ConnectionThreads {
+    fn start(count: usize) -> std::io::Result<ConnectionThreads> {
+        let mut pool =
+            ConnectionThreads { runtimes: Vec::new(), stops: Vec::new(), threads: Vec::new() };
+        for index in 0..count {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            pool.runtimes.push(runtime.handle().clone());
+            pool.stops.push(stop);
+            pool.threads.push(std::thread::Builder::new().name(format!("sg-conn-{index}")).spawn(
+                move || {
+                    runtime.block_on(async move {
+                        let _ = stopped.await;
+                    })
+                },
+            )?);
+        }
+        Ok(pool)
+    }
+
+    /// Where connections go, in turn.
+    fn handles(&self) -> RoundRobin {
+        RoundRobin { runtimes: self.runtimes.clone(), next: 0 }
+    }
+
+    /// Stops every thread (dropping what its runtime still holds) and waits for it.
+    fn stop(self) {
+        drop(self.stops);
+        for thread in self.threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The connection threads' runtimes, taken in turn.
+struct RoundRobin {
+    runtimes: Vec<tokio::runtime::Handle>,
+    next: usize,
+}
+
+impl RoundRobin {
+    fn next(&mut self) -> &tokio::runtime::Handle {
+        let runtime = &self.runtimes[self.next];
+        self.next = (self.next + 1) % self.runtimes.len();
+        runtime
     }
 }
 
 async fn accept_loop(
     listener: TcpListener,
+    mut threads: RoundRobin,
     tls: Option<TlsAcceptor>,
     shared: Arc<Shared>,
     connections_max: usize,
@@ -150,15 +222,19 @@ async fn accept_loop(
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
+                // Out of this runtime's poller, into the connection thread's.
+                let Ok(stream) = stream.into_std() else { continue };
                 let shared = Arc::clone(&shared);
                 let tls = tls.clone();
                 let shutdown = shutdown.clone();
-                connections.spawn(async move {
+                let connection = async move {
+                    let Ok(stream) = TcpStream::from_std(stream) else { return };
                     shared.ctx.metrics.connections_open.inc();
                     open_connection(stream, tls, Arc::clone(&shared), shutdown).await;
                     shared.ctx.metrics.connections_open.dec();
                     drop(slot);
-                });
+                };
+                connections.spawn_on(connection, threads.next());
             }
         }
     }
