@@ -17,6 +17,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use settlegate_engine::Engine;
 use settlegate_protocol::frame::BODY_LEN_MAX;
+use settlegate_protocol::threads::{self, RuntimeThreads};
 use settlegate_protocol::ServerInfo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
@@ -44,7 +45,6 @@ pub struct RunningServer {
     accept_task: tokio::task::JoinHandle<()>,
     http_task: tokio::task::JoinHandle<()>,
     http_state: Arc<HttpState>,
-    threads: ConnectionThreads,
 }
 
 /// Starts the engine and both listeners.
@@ -97,11 +97,11 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         Duration::from_millis(server_config.code_sweep_interval_ms.max(10)),
         shutdown_rx.clone(),
     ));
-    let threads = ConnectionThreads::start(server_config.io_thread_count())
+    let threads = RuntimeThreads::start("sg-conn", server_config.io_thread_count())
         .context("starting the connection threads")?;
     let accept_task = tokio::spawn(accept_loop(
         listener,
-        threads.handles(),
+        threads,
         tls.clone(),
         shared,
         server_config.connections_max,
@@ -117,7 +117,6 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         accept_task,
         http_task,
         http_state,
-        threads,
     })
 }
 
@@ -129,71 +128,13 @@ impl RunningServer {
         let _ = self.shutdown.send(true);
         let _ = self.accept_task.await;
         let _ = self.http_task.await;
-        // Every connection has finished or been aborted: the threads have nothing left to run.
-        let threads = self.threads;
-        let _ = tokio::task::spawn_blocking(move || threads.stop()).await;
         self.engine.shutdown();
-    }
-}
-
-/// The connection threads: each runs a single-threaded runtime until it is stopped.
-struct ConnectionThreads {
-    runtimes: Vec<tokio::runtime::Handle>,
-    stops: Vec<tokio::sync::oneshot::Sender<()>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl ConnectionThreads {
-    fn start(count: usize) -> std::io::Result<ConnectionThreads> {
-        let mut pool =
-            ConnectionThreads { runtimes: Vec::new(), stops: Vec::new(), threads: Vec::new() };
-        for index in 0..count {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            pool.runtimes.push(runtime.handle().clone());
-            pool.stops.push(stop);
-            pool.threads.push(std::thread::Builder::new().name(format!("sg-conn-{index}")).spawn(
-                move || {
-                    runtime.block_on(async move {
-                        let _ = stopped.await;
-                    })
-                },
-            )?);
-        }
-        Ok(pool)
-    }
-
-    /// Where connections go, in turn.
-    fn handles(&self) -> RoundRobin {
-        RoundRobin { runtimes: self.runtimes.clone(), next: 0 }
-    }
-
-    /// Stops every thread (dropping what its runtime still holds) and waits for it.
-    fn stop(self) {
-        drop(self.stops);
-        for thread in self.threads {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// The connection threads' runtimes, taken in turn.
-struct RoundRobin {
-    runtimes: Vec<tokio::runtime::Handle>,
-    next: usize,
-}
-
-impl RoundRobin {
-    fn next(&mut self) -> &tokio::runtime::Handle {
-        let runtime = &self.runtimes[self.next];
-        self.next = (self.next + 1) % self.runtimes.len();
-        runtime
     }
 }
 
 async fn accept_loop(
     listener: TcpListener,
-    mut threads: RoundRobin,
+    mut threads: RuntimeThreads,
     tls: Option<TlsAcceptor>,
     shared: Arc<Shared>,
     connections_max: usize,
@@ -223,18 +164,18 @@ async fn accept_loop(
                 };
                 let _ = stream.set_nodelay(true);
                 // Out of this runtime's poller, into the connection thread's.
-                let Ok(stream) = stream.into_std() else { continue };
+                let Ok(stream) = threads::release(stream) else { continue };
                 let shared = Arc::clone(&shared);
                 let tls = tls.clone();
                 let shutdown = shutdown.clone();
                 let connection = async move {
-                    let Ok(stream) = TcpStream::from_std(stream) else { return };
+                    let Ok(stream) = threads::adopt(stream) else { return };
                     shared.ctx.metrics.connections_open.inc();
                     open_connection(stream, tls, Arc::clone(&shared), shutdown).await;
                     shared.ctx.metrics.connections_open.dec();
                     drop(slot);
                 };
-                connections.spawn_on(connection, threads.next());
+                connections.spawn_on(connection, threads.next_runtime());
             }
         }
     }
@@ -245,7 +186,10 @@ async fn accept_loop(
     if drained.is_err() {
         tracing::warn!("shutdown grace ran out; aborting the remaining connections");
         connections.abort_all();
+        while connections.join_next().await.is_some() {}
     }
+    // Every connection has finished: the threads have nothing left to run.
+    let _ = tokio::task::spawn_blocking(move || threads.stop()).await;
 }
 
 async fn open_connection(

@@ -9,6 +9,10 @@
 //!   when it was due, with the same schedule and the same coordinated-omission correction as the
 //!   per-request driver ([`crate::driver`]).
 //!
+//! The lanes are spread, in turn, over one single-threaded runtime per core
+//! ([`settlegate_protocol::threads`]): a lane's socket, timer and reads stay on one thread, and
+//! nothing is stolen or woken across threads.
+//!
 //! Every request is timed to the arrival of its own answer. The point of a lane is that the load
 //! generator's own cost per request stays small and alike for both servers: at a few hundred
 //! thousand requests a second on the machine the server runs on, a per-request future, channel
@@ -24,6 +28,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context as _};
 use settlegate_protocol::frame::{self, FrameRef, FLAG_RESPONSE};
 use settlegate_protocol::messages::{Reply, Request, Response};
+use settlegate_protocol::threads::{self, RuntimeThreads};
 use settlegate_protocol::ClientError;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -83,20 +88,35 @@ where
     for _ in 0..plan.connections {
         streams.push(connect().await?);
     }
+    // The lanes on threads of their own, in turn: a lane's socket, timer and reads stay on one
+    // thread, with nothing stolen or woken across threads (as the server's connections do).
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut threads = RuntimeThreads::start("lane", cores)?;
     let window = Window::starting_now(&plan);
-    let lanes: Vec<_> = streams
-        .into_iter()
-        .enumerate()
-        .map(|(c, stream)| {
-            let (wire, plan, live) = (wire.clone(), plan.clone(), live.clone());
-            tokio::spawn(async move { lane(&*wire, stream, c, &plan, window, &live).await })
-        })
-        .collect();
-    let mut total = Tally::new(plan.weights.len());
-    for lane in lanes {
-        total.add(&lane.await.context("a connection task panicked")?);
+    let mut lanes = Vec::with_capacity(streams.len());
+    for (c, stream) in streams.into_iter().enumerate() {
+        let (wire, plan, live) = (wire.clone(), plan.clone(), live.clone());
+        let stream = threads::release(stream)?;
+        lanes.push(threads.spawn(async move {
+            match threads::adopt(stream) {
+                Ok(stream) => Ok(lane(&*wire, stream, c, &plan, window, &live).await),
+                Err(error) => Err(error),
+            }
+        }));
     }
-    Ok(total)
+    let mut total = Tally::new(plan.weights.len());
+    let mut failed = None;
+    for lane in lanes {
+        match lane.await.context("a connection task panicked")? {
+            Ok(tally) => total.add(&tally),
+            Err(error) => failed = Some(error),
+        }
+    }
+    tokio::task::spawn_blocking(move || threads.stop()).await?;
+    match failed {
+        Some(error) => Err(error).context("moving a connection to its thread"),
+        None => Ok(total),
+    }
 }
 
 /// A request between its write and its answer.
