@@ -8,7 +8,7 @@
 #
 #   scripts/ab.sh BIN_A BIN_B [PAIRS]                  (PAIRS: 3)
 #   A_ENGINE="shards = 2" B_ENGINE="shards = 1" scripts/ab.sh BIN BIN
-#   A_ENV="TOKIO_WORKER_THREADS=2" scripts/ab.sh BIN BIN       (environment of A's server)
+#   A_ENV="RUST_LOG=debug" scripts/ab.sh BIN BIN              (environment of A's server)
 #
 # BIN is a `settlegate` binary (for example a copy of target/release/settlegate built at another
 # commit); loadgen is this tree's, built here.
