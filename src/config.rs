@@ -54,8 +54,7 @@ pub struct ServerConfig {
     pub in_flight_max: usize,
     /// Connection threads, each a single-threaded runtime serving the connections handed to
     /// it (reading, decoding, tag verification, applying to idle shards, writing); 0: one per
-    /// core. See
-    /// [`ServerConfig::io_thread_count`].
+    /// core. See [`ServerConfig::io_thread_count`].
     pub io_threads: usize,
     /// A connection with no frame for this long is closed.
     pub idle_timeout_ms: u64,

@@ -98,10 +98,8 @@ where
         let (wire, plan, live) = (wire.clone(), plan.clone(), live.clone());
         let stream = threads::release(stream)?;
         lanes.push(threads.spawn(async move {
-            match threads::adopt(stream) {
-                Ok(stream) => Ok(lane(&*wire, stream, c, &plan, window, &live).await),
-                Err(error) => Err(error),
-            }
+            let stream = threads::adopt(stream)?;
+            std::io::Result::Ok(lane(&*wire, stream, c, &plan, window, &live).await)
         }));
     }
     let mut total = Tally::new(plan.weights.len());
