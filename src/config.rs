@@ -50,6 +50,10 @@ pub struct ServerConfig {
     pub http_listen: SocketAddr,
     /// Open connections at most; more are closed at once.
     pub connections_max: usize,
+    /// Of those, connections not yet authenticated at most (more are closed at once), so that
+    /// connections without a key never hold every place; `None`: a quarter of
+    /// `connections_max`. See [`ServerConfig::unauthenticated_cap`].
+    pub unauthenticated_max: Option<usize>,
     /// Requests in flight per connection; reading pauses at the limit.
     pub in_flight_max: usize,
     /// Connection threads, each a single-threaded runtime serving the connections handed to
@@ -82,6 +86,7 @@ impl Default for ServerConfig {
             listen: "127.0.0.1:7878".parse().expect("address"),
             http_listen: "127.0.0.1:9898".parse().expect("address"),
             connections_max: 1024,
+            unauthenticated_max: None,
             in_flight_max: 1024,
             io_threads: 0,
             idle_timeout_ms: 60_000,
@@ -98,6 +103,12 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
+    /// The cap on unauthenticated connections in force: `unauthenticated_max`, or a quarter of
+    /// `connections_max` (at least one).
+    pub fn unauthenticated_cap(&self) -> usize {
+        self.unauthenticated_max.unwrap_or((self.connections_max / 4).max(1))
+    }
+
     /// The connection threads in force: `io_threads`, or when it is 0 one per core. A
     /// connection's thread applies its batches to their shards itself whenever the shard is
     /// idle (`settlegate_engine`'s shard module), so the shard threads take only what arrives
@@ -117,6 +128,10 @@ impl ServerConfig {
         check(
             (1..=65_536).contains(&self.connections_max),
             "server.connections_max must be 1..=65536",
+        )?;
+        check(
+            (1..=self.connections_max).contains(&self.unauthenticated_cap()),
+            "server.unauthenticated_max must be 1..=connections_max",
         )?;
         check(
             (1..=65_535).contains(&self.in_flight_max),

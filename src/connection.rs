@@ -1,10 +1,12 @@
 //! One protocol connection: bytes to frames, frames to the handler in batches, responses back
 //! with one flush per burst.
 //!
-//! Limits: a started frame must complete within `frame_read_timeout`; a connection must
-//! authenticate within `auth_timeout` and sends something within `idle_timeout`; at most
-//! `in_flight_max` requests are being processed (reading pauses at the limit). A framing error
-//! gets a `FRAME_ERROR` frame and closes this connection only.
+//! Limits: a started frame must complete within `frame_read_timeout` of its first byte (the
+//! bytes after it do not move the deadline); a connection must authenticate within
+//! `auth_timeout` of its accept, whatever it has buffered, and sends something within
+//! `idle_timeout`; at most `in_flight_max` requests are being processed (reading pauses at the
+//! limit). Before authentication only `AUTH`, `PING` and `SERVER_INFO` bodies are parsed. A
+//! framing error gets a `FRAME_ERROR` frame and closes this connection only.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -66,14 +68,19 @@ struct Connection {
     subscriptions: usize,
     /// Set when the connection must close once the current responses are out.
     closing: bool,
+    /// The connection's place among the unauthenticated ones (`unauthenticated_max`), given
+    /// up when it authenticates.
+    unauthenticated_slot: Option<OwnedSemaphorePermit>,
 }
 
 /// Serves one connection until the peer leaves, a limit or error closes it, or shutdown.
-/// `identity` is set when TLS client authentication already established it.
+/// `identity` is set when TLS client authentication already established it;
+/// `unauthenticated_slot` is held until the connection authenticates.
 pub async fn serve<S>(
     stream: S,
     shared: Arc<Shared>,
     identity: Option<Identity>,
+    unauthenticated_slot: Option<OwnedSemaphorePermit>,
     mut shutdown: watch::Receiver<bool>,
 ) where
     S: AsyncRead + AsyncWrite + Send + 'static,
@@ -94,18 +101,39 @@ pub async fn serve<S>(
         closed,
         subscriptions: 0,
         closing: false,
+        unauthenticated_slot: None,
     };
+    if conn.identity.is_none() {
+        conn.unauthenticated_slot = unauthenticated_slot;
+    }
     let auth_deadline = Instant::now() + limits.auth_timeout;
     // A batch is admitted whole, so it can be no larger than the in-flight limit.
     let batch_max = FRAMES_PER_BATCH_MAX.min(limits.in_flight_max);
     let mut buffer: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+    // When the frame at the front of `buffer` must be complete: set when its first byte
+    // arrives, never moved by the bytes that follow it (a trickle of one byte a second does
+    // not keep a frame open), cleared when the buffer empties.
+    let mut frame_deadline: Option<Instant> = None;
+    let mut last_read = Instant::now();
     loop {
-        let (frames, used, error) = decode_available(&buffer, batch_max);
+        let (frames, used, error) = decode_available(&buffer, batch_max, conn.identity.is_some());
         buffer.drain(..used);
-        // A full batch may have left complete frames behind: they go before the next read.
-        let full = frames.len() == batch_max;
+        if buffer.is_empty() {
+            frame_deadline = None;
+        } else if used > 0 {
+            // Frames were completed by the last read, so what is left began in it.
+            frame_deadline = Some(last_read + limits.frame_read_timeout);
+        }
+        // A full batch, or one cut short after an `AUTH`, may have left complete frames
+        // behind: they go before the next read.
+        let more = !frames.is_empty() && !buffer.is_empty();
         if !frames.is_empty() {
+            let paused = Instant::now();
             conn.dispatch(frames).await;
+            // Time spent waiting for the server's own in-flight limit is not the peer's.
+            if let Some(deadline) = frame_deadline.as_mut() {
+                *deadline += paused.elapsed();
+            }
         }
         if let Some(error) = error {
             conn.send_frame_error(error).await;
@@ -114,24 +142,28 @@ pub async fn serve<S>(
         if conn.closing {
             break;
         }
-        if full {
+        if more && frame_complete(&buffer) {
             continue;
         }
-        let wait = if !buffer.is_empty() {
-            limits.frame_read_timeout
-        } else if conn.identity.is_none() {
-            auth_deadline.saturating_duration_since(Instant::now())
-        } else {
-            limits.idle_timeout
+        let deadline = match (frame_deadline, conn.identity.is_some()) {
+            (Some(frame), true) => frame,
+            (Some(frame), false) => frame.min(auth_deadline),
+            (None, true) => Instant::now() + limits.idle_timeout,
+            (None, false) => auth_deadline,
         };
         buffer.reserve(READ_CHUNK);
         tokio::select! {
             _ = shutdown.changed() => break,
-            read = tokio::time::timeout(wait, reader.read_buf(&mut buffer)) => match read {
+            read = tokio::time::timeout_at(deadline, reader.read_buf(&mut buffer)) => match read {
                 Ok(Ok(0)) | Ok(Err(_)) => break,
-                Ok(Ok(_)) => {}
+                Ok(Ok(_)) => {
+                    last_read = Instant::now();
+                    frame_deadline.get_or_insert(last_read + limits.frame_read_timeout);
+                }
                 Err(_elapsed) => {
-                    if !buffer.is_empty() {
+                    // A frame past its deadline gets a FRAME_ERROR; the authentication
+                    // deadline and the idle time close without one (PROTOCOL.md section 3).
+                    if frame_deadline.is_some_and(|frame| frame <= Instant::now()) {
                         conn.send_frame_error(FrameError::ReadTimeout).await;
                     }
                     break;
@@ -156,8 +188,13 @@ struct Incoming {
 
 /// Decodes every complete frame at the front of `buffer`, and each one's request straight from
 /// the buffer; returns them, the bytes used, and the framing error that stopped decoding, if
-/// any.
-fn decode_available(buffer: &[u8], max: usize) -> (Vec<Incoming>, usize, Option<FrameError>) {
+/// any. Before authentication only `AUTH`, `PING` and `SERVER_INFO` bodies are parsed, and
+/// decoding stops after an `AUTH`, so that the frames behind it are read under its outcome.
+fn decode_available(
+    buffer: &[u8],
+    max: usize,
+    authenticated: bool,
+) -> (Vec<Incoming>, usize, Option<FrameError>) {
     let mut incoming = Vec::new();
     let mut used = 0;
     while incoming.len() < max {
@@ -167,8 +204,11 @@ fn decode_available(buffer: &[u8], max: usize) -> (Vec<Incoming>, usize, Option<
                 incoming.push(Incoming {
                     opcode: frame.opcode,
                     request_id: frame.request_id,
-                    request: decode_request(&frame),
+                    request: decode_request(&frame, authenticated),
                 });
+                if !authenticated && frame.opcode == opcode::AUTH {
+                    break;
+                }
             }
             Ok(None) => break,
             Err(error) => return (incoming, used, Some(error)),
@@ -177,10 +217,23 @@ fn decode_available(buffer: &[u8], max: usize) -> (Vec<Incoming>, usize, Option<
     (incoming, used, None)
 }
 
-fn decode_request(frame: &FrameRef<'_>) -> Result<Request, Box<Response>> {
+/// Whether `buffer` starts with a complete frame (or a framing error, which is just as final).
+fn frame_complete(buffer: &[u8]) -> bool {
+    !matches!(frame::decode_ref(buffer), Ok(None))
+}
+
+fn decode_request(frame: &FrameRef<'_>, authenticated: bool) -> Result<Request, Box<Response>> {
     if frame.request_id == 0 || frame.status != 0 || frame.flags & FLAG_RESPONSE != 0 {
         let detail = "a request has a nonzero request ID, status 0 and no RESPONSE flag";
         return Err(Box::new(Response::BadRequest(detail.into())));
+    }
+    if !authenticated && !opcode::allowed_unauthenticated(frame.opcode) {
+        // The body is not looked at: its parser and its errors are for identified callers.
+        return Err(Box::new(if opcode::is_request(frame.opcode) {
+            Response::Unauthenticated(UNAUTHENTICATED_DETAIL.into())
+        } else {
+            Response::UnknownOpcode
+        }));
     }
     Request::decode(frame.opcode, frame.body).map_err(|error| {
         Box::new(match error {
@@ -189,6 +242,9 @@ fn decode_request(frame: &FrameRef<'_>) -> Result<Request, Box<Response>> {
         })
     })
 }
+
+/// The detail of the answer to a request sent before authentication.
+const UNAUTHENTICATED_DETAIL: &str = "authenticate first (AUTH or a TLS client certificate)";
 
 impl Connection {
     /// Sorts a batch of frames: connection-level requests are answered now, `AUTHORIZE`s go to
@@ -216,9 +272,7 @@ impl Connection {
                 _ if self.identity.is_none() => now.push((
                     frame.opcode,
                     frame.request_id,
-                    Response::Unauthenticated(
-                        "authenticate first (AUTH or a TLS client certificate)".into(),
-                    ),
+                    Response::Unauthenticated(UNAUTHENTICATED_DETAIL.into()),
                 )),
                 Request::Authorize { client_request_id, inherent_id } => {
                     authorizes.push(PendingAuthorize {
@@ -260,6 +314,7 @@ impl Connection {
                 };
                 tracing::debug!(identity = %identity.name, "connection authenticated");
                 self.identity = Some(identity);
+                self.unauthenticated_slot = None;
                 Response::Ok(reply)
             }
             None => {
@@ -394,15 +449,22 @@ impl Connection {
             }
             match receiver {
                 Some(Stream::Notices(notices)) => {
-                    forward(notices, out, closed, |notice| {
-                        Response::Ok(Reply::Notice(notice)).to_frame(opcode::NOTICE, request_id)
+                    forward(notices, out, closed, |notice, bytes| {
+                        Response::Ok(Reply::Notice(notice)).encode_frame(
+                            opcode::NOTICE,
+                            request_id,
+                            bytes,
+                        );
                     })
                     .await
                 }
                 Some(Stream::Device(messages)) => {
-                    forward(messages, out, closed, |message| {
-                        Response::Ok(Reply::DeviceMessage(Box::new(message)))
-                            .to_frame(opcode::DEVICE_MESSAGE, request_id)
+                    forward(messages, out, closed, |message, bytes| {
+                        Response::Ok(Reply::DeviceMessage(Box::new(message))).encode_frame(
+                            opcode::DEVICE_MESSAGE,
+                            request_id,
+                            bytes,
+                        );
                     })
                     .await
                 }
@@ -448,14 +510,16 @@ async fn forward<T: Clone>(
     mut stream: broadcast::Receiver<T>,
     out: mpsc::Sender<Vec<u8>>,
     mut closed: watch::Receiver<bool>,
-    to_frame: impl Fn(T) -> settlegate_protocol::Frame,
+    encode: impl Fn(T, &mut Vec<u8>),
 ) {
     loop {
         tokio::select! {
             _ = closed.changed() => return,
             message = stream.recv() => match message {
                 Ok(message) => {
-                    if out.send(to_frame(message).to_bytes()).await.is_err() {
+                    let mut bytes = Vec::new();
+                    encode(message, &mut bytes);
+                    if out.send(bytes).await.is_err() {
                         return;
                     }
                 }

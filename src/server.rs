@@ -20,7 +20,7 @@ use settlegate_protocol::frame::BODY_LEN_MAX;
 use settlegate_protocol::threads::{self, RuntimeThreads};
 use settlegate_protocol::ServerInfo;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
@@ -104,7 +104,10 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         threads,
         tls.clone(),
         shared,
-        server_config.connections_max,
+        Slots {
+            connections: Arc::new(Semaphore::new(server_config.connections_max)),
+            unauthenticated: Arc::new(Semaphore::new(server_config.unauthenticated_cap())),
+        },
         Duration::from_millis(server_config.shutdown_grace_ms),
         shutdown_rx,
     ));
@@ -132,16 +135,24 @@ impl RunningServer {
     }
 }
 
+/// The connection caps: every open connection holds a place in `connections`, and until it
+/// authenticates one in `unauthenticated` too, so that connections without a key (slow
+/// senders among them) never hold more than `unauthenticated_max` of the places and cannot
+/// keep authenticated partners out.
+struct Slots {
+    connections: Arc<Semaphore>,
+    unauthenticated: Arc<Semaphore>,
+}
+
 async fn accept_loop(
     listener: TcpListener,
     mut threads: RuntimeThreads,
     tls: Option<TlsAcceptor>,
     shared: Arc<Shared>,
-    connections_max: usize,
+    slots: Slots,
     grace: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let slots = Arc::new(Semaphore::new(connections_max));
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
@@ -157,9 +168,15 @@ async fn accept_loop(
                         continue;
                     }
                 };
-                let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                let Ok(slot) = Arc::clone(&slots.connections).try_acquire_owned() else {
                     shared.ctx.metrics.connections_rejected.inc();
                     tracing::warn!(%peer, "connection limit reached; closing");
+                    continue;
+                };
+                let Ok(unauthenticated) = Arc::clone(&slots.unauthenticated).try_acquire_owned()
+                else {
+                    shared.ctx.metrics.connections_rejected.inc();
+                    tracing::warn!(%peer, "unauthenticated connection limit reached; closing");
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
@@ -171,7 +188,8 @@ async fn accept_loop(
                 let connection = async move {
                     let Ok(stream) = threads::adopt(stream) else { return };
                     shared.ctx.metrics.connections_open.inc();
-                    open_connection(stream, tls, Arc::clone(&shared), shutdown).await;
+                    open_connection(stream, tls, Arc::clone(&shared), unauthenticated, shutdown)
+                        .await;
                     shared.ctx.metrics.connections_open.dec();
                     drop(slot);
                 };
@@ -196,10 +214,11 @@ async fn open_connection(
     stream: TcpStream,
     tls: Option<TlsAcceptor>,
     shared: Arc<Shared>,
+    unauthenticated: OwnedSemaphorePermit,
     shutdown: watch::Receiver<bool>,
 ) {
     let Some(tls) = tls else {
-        connection::serve(stream, shared, None, shutdown).await;
+        connection::serve(stream, shared, None, Some(unauthenticated), shutdown).await;
         return;
     };
     let handshake = tokio::time::timeout(shared.limits.auth_timeout, tls.accept(stream)).await;
@@ -217,7 +236,7 @@ async fn open_connection(
         .peer_certificates()
         .and_then(|certs| certs.first())
         .and_then(|cert| shared.identities.by_certificate(cert.as_ref()));
-    connection::serve(stream, shared, identity, shutdown).await;
+    connection::serve(stream, shared, identity, Some(unauthenticated), shutdown).await;
 }
 
 /// Expires payment codes past their expiry and releases their holds, every `interval`, until

@@ -285,9 +285,9 @@ async fn a_read_of_more_frames_than_the_in_flight_limit_is_answered_whole() {
     config.server.in_flight_max = 4;
     let server = start_with(config).await;
     let mut bytes = Vec::new();
-    Request::Auth { key: ADMIN_KEY.into() }.encode_frame(1, &mut bytes);
+    Request::Auth { key: ADMIN_KEY.into() }.encode_frame(1, &mut bytes).unwrap();
     for id in 2..=41u64 {
-        Request::Ping { payload: id.to_be_bytes().to_vec() }.encode_frame(id, &mut bytes);
+        Request::Ping { payload: id.to_be_bytes().to_vec() }.encode_frame(id, &mut bytes).unwrap();
     }
     let mut stream = raw(&server, &bytes).await;
     let mut input = Vec::new();

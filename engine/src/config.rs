@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use settlegate_adapters::{AdapterConfig, GuardConfig};
 
 use crate::age::AgeConfig;
-use crate::limits::{MAILBOX_CAPACITY_MAX, PROVIDERS_MAX, SHARDS_MAX};
+use crate::limits::{MAILBOX_CAPACITY_MAX, PROVIDERS_MAX, PROVIDER_NAME_LEN_MAX, SHARDS_MAX};
 use crate::password::PasswordConfig;
 use crate::providers::TerminalEntry;
 use crate::wal::DurabilityConfig;
@@ -169,6 +169,10 @@ impl EngineConfig {
                 "provider concurrency_max must be positive",
             )?;
             check(provider.limits.timeout_ms > 0, "provider timeout_ms must be positive")?;
+            check(
+                !provider.name.is_empty() && provider.name.len() <= PROVIDER_NAME_LEN_MAX,
+                "provider name must be 1..=48 bytes",
+            )?;
         }
         self.age.validate()?;
         Ok(())

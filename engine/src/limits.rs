@@ -26,6 +26,9 @@ pub const TERMINALS_PER_REQUEST_MAX: usize = 1024;
 pub const SERVICE_DESCRIPTION_LEN_MAX: usize = 64;
 /// Providers the engine serves.
 pub const PROVIDERS_MAX: usize = 1024;
+/// Longest provider display name, bytes: `SERVER_INFO` lists every provider's, and the
+/// longest such list must fit one frame body.
+pub const PROVIDER_NAME_LEN_MAX: usize = 48;
 /// Width of the per-device anti-replay window: counters this far below the highest seen are
 /// still accepted once (reordering across pipelined connections), older ones are replays.
 pub const REPLAY_WINDOW: u64 = 64;
@@ -67,8 +70,10 @@ pub const STORE_RADIUS_MAX_M: u32 = 50_000;
 pub const BALANCE_MAX_MINOR: u64 = 1_000_000_000_000;
 /// Uses of one coupon at most.
 pub const COUPON_USES_MAX: u32 = 1_000;
-/// Users one coupon request may name.
-pub const COUPON_USERS_MAX: usize = 1_000;
+/// Users one coupon request may name: its reply, an `issued_coupon` per user (at most 164
+/// bytes each), must fit one frame body (65,536 bytes), as a test in `settlegate-protocol`
+/// checks for every reply.
+pub const COUPON_USERS_MAX: usize = 256;
 /// Shortest and longest validity of a payment code, ms.
 pub const CODE_VALIDITY_MIN_MS: i64 = 10_000;
 /// Longest validity of a payment code (its hold): 7 days.

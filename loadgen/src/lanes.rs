@@ -241,7 +241,7 @@ impl Wire for Settlegate {
         let operation = self.workload.operations()[op];
         let request =
             operation.request(&self.workload, slot).expect("a mix of one-request operations");
-        request.encode_frame(id, out);
+        request.encode_frame(id, out).expect("loadgen's requests fit a frame");
         request.opcode()
     }
 
@@ -275,7 +275,9 @@ pub async fn connect(addr: &str, api_key: &str, timeout: Duration) -> anyhow::Re
         TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
     stream.set_nodelay(true)?;
     let mut bytes = Vec::new();
-    Request::Auth { key: api_key.to_owned() }.encode_frame(1, &mut bytes);
+    Request::Auth { key: api_key.to_owned() }
+        .encode_frame(1, &mut bytes)
+        .context("the API key does not fit a frame")?;
     stream.write_all(&bytes).await?;
     let mut buffer = Vec::new();
     let answer = tokio::time::timeout(timeout, async {

@@ -409,6 +409,7 @@ pub(crate) fn client_error(error: ClientError) -> Cow<'static, str> {
     match error {
         ClientError::Closed(_) => "connection closed".into(),
         ClientError::Protocol(_) => "protocol violation".into(),
+        ClientError::Request(_) => "request too large".into(),
         ClientError::Unexpected(response) => match *response {
             Response::Refused(reason) => format!("refused {reason}").into(),
             Response::Busy { .. } => "busy".into(),

@@ -27,6 +27,9 @@ pub enum ClientError {
     /// The server sent something that does not follow the protocol.
     #[error("protocol violation: {0}")]
     Protocol(String),
+    /// The request cannot be sent as it is (its body is over the frame limit).
+    #[error("request not sent: {0}")]
+    Request(String),
     /// The server answered with a status other than OK, or an unexpected reply.
     #[error("unexpected response: {0:?}")]
     Unexpected(Box<Response>),
@@ -170,7 +173,9 @@ impl Client {
     async fn send(&self, request: &Request, waiter: Waiter) -> Result<(), ClientError> {
         let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut bytes = Vec::new();
-        request.encode_frame(request_id, &mut bytes);
+        request
+            .encode_frame(request_id, &mut bytes)
+            .map_err(|too_large| ClientError::Request(too_large.to_string()))?;
         {
             let mut pending = self.pending.lock().expect("pending lock");
             if let Some(reason) = &pending.closed {

@@ -92,10 +92,13 @@ impl Frame {
     /// Appends the encoded frame to `out`.
     ///
     /// # Panics
-    /// If the body is longer than [`BODY_LEN_MAX`]: message encoders never build one.
+    /// If the body is longer than [`BODY_LEN_MAX`]. This is for frames built by hand (tests,
+    /// tools); the server encodes its replies with `Response::encode_frame`, which answers
+    /// `INTERNAL` instead.
     pub fn encode(&self, out: &mut Vec<u8>) {
         let head = Head { flags: self.flags, opcode: self.opcode, status: self.status };
-        encode_with(out, head, self.request_id, |out| out.extend_from_slice(&self.body));
+        encode_with(out, head, self.request_id, |out| out.extend_from_slice(&self.body))
+            .expect("a hand-built frame's body over the maximum");
     }
 
     /// The encoded frame.
@@ -117,17 +120,21 @@ pub struct Head {
     pub status: u16,
 }
 
+/// A frame body longer than [`BODY_LEN_MAX`]: nothing was encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a frame body of {0} bytes is over the maximum of {BODY_LEN_MAX}")]
+pub struct BodyTooLarge(pub usize);
+
 /// Appends a frame to `out` whose body `body` writes straight after the header: no body is
-/// built apart and copied. The header's lengths and checksums are filled in after.
-///
-/// # Panics
-/// If the body is longer than [`BODY_LEN_MAX`]: message encoders never build one.
+/// built apart and copied. The header's lengths and checksums are filled in after. A body
+/// longer than [`BODY_LEN_MAX`] is taken back out of `out`, which is left as it was, and is
+/// an error: never a frame the peer would refuse, never a panic.
 pub fn encode_with(
     out: &mut Vec<u8>,
     head: Head,
     request_id: u64,
     body: impl FnOnce(&mut Vec<u8>),
-) {
+) -> Result<(), BodyTooLarge> {
     let start = out.len();
     out.extend_from_slice(&MAGIC);
     out.push(VERSION);
@@ -138,13 +145,17 @@ pub fn encode_with(
     out.extend_from_slice(&[0; 12]); // body length, body CRC, header CRC
     body(out);
     let body_len = out.len() - start - HEADER_LEN;
-    assert!(body_len <= BODY_LEN_MAX, "frame body over the maximum");
+    if body_len > BODY_LEN_MAX {
+        out.truncate(start);
+        return Err(BodyTooLarge(body_len));
+    }
     let body_crc = crc32(&out[start + HEADER_LEN..]);
     let header = &mut out[start..start + HEADER_LEN];
     header[16..20].copy_from_slice(&(body_len as u32).to_be_bytes());
     header[20..24].copy_from_slice(&body_crc.to_be_bytes());
     let header_crc = crc32(&header[..24]);
     header[24..28].copy_from_slice(&header_crc.to_be_bytes());
+    Ok(())
 }
 
 /// Checks a complete header and returns the body length it announces.

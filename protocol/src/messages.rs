@@ -92,6 +92,54 @@ pub mod opcode {
     pub const DEVICE_MESSAGE: u16 = 0x0066;
     /// Redeem a payment code with the sale's basket, for the age check (C3 with A2).
     pub const REDEEM_CODE_BASKET: u16 = 0x0067;
+
+    /// Every request opcode (pushes such as [`NOTICE`] and [`DEVICE_MESSAGE`] are not
+    /// requests). A test checks it against [`Request::decode`](super::Request::decode).
+    pub const REQUESTS: &[u16] = &[
+        AUTH,
+        PING,
+        SERVER_INFO,
+        ENROLL,
+        LOGIN,
+        ADD_MEANS,
+        SET_DEFAULT_MEANS,
+        LIST_MEANS,
+        PROVISION_DEVICE,
+        ROTATE_DEVICE_KEY,
+        SUBSCRIBE_NOTICES,
+        REGISTER_TERMINALS,
+        REMOVE_TERMINALS,
+        CONFIRM_TERMINAL,
+        AUTHORIZE,
+        AUTHORIZE_BASKET,
+        REGISTER_AGE,
+        SET_AGE_POLICY,
+        UPSERT_STORE,
+        REMOVE_STORE,
+        STORE_AT,
+        STORE_BY_SIGNAL,
+        TOP_UP,
+        USABLE_METHODS,
+        WALLET,
+        ISSUE_CODE,
+        REDEEM_CODE,
+        CODE_STATE,
+        ISSUE_COUPONS,
+        NOTIFY_DELIVERY,
+        SUBSCRIBE_DEVICE,
+        REDEEM_CODE_BASKET,
+    ];
+
+    /// Whether `op` names a request.
+    pub fn is_request(op: u16) -> bool {
+        REQUESTS.contains(&op)
+    }
+
+    /// Whether a request of `op` may be sent before the connection authenticates
+    /// (`docs/PROTOCOL.md` section 3): its body is not even parsed otherwise.
+    pub fn allowed_unauthenticated(op: u16) -> bool {
+        matches!(op, AUTH | PING | SERVER_INFO)
+    }
 }
 
 /// Response statuses.
@@ -471,9 +519,14 @@ impl Request {
     }
 
     /// Appends the request, as a frame with `request_id`, to `out` (the body encoded in place).
-    pub fn encode_frame(&self, request_id: u64, out: &mut Vec<u8>) {
+    /// A body over the frame limit is an error, and `out` is left as it was.
+    pub fn encode_frame(
+        &self,
+        request_id: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<(), crate::frame::BodyTooLarge> {
         let head = crate::frame::Head { flags: 0, opcode: self.opcode(), status: 0 };
-        crate::frame::encode_with(out, head, request_id, |out| self.encode_body(out));
+        crate::frame::encode_with(out, head, request_id, |out| self.encode_body(out))
     }
 
     /// The request as a frame.
@@ -1164,14 +1217,20 @@ impl Response {
     }
 
     /// The response as a frame answering a request with `opcode` and `request_id`, appended
-    /// to `out` (the body encoded in place); returns its status.
+    /// to `out` (the body encoded in place); returns its status. A body over the frame limit
+    /// is sent as `INTERNAL` instead (never a panic).
     pub fn encode_frame(&self, opcode: u16, request_id: u64, out: &mut Vec<u8>) -> u16 {
         let status = self.status();
         let head = crate::frame::Head { flags: self.flags(), opcode, status };
-        crate::frame::encode_with(out, head, request_id, |out| {
-            self.encode_body(out);
-        });
-        status
+        match crate::frame::encode_with(out, head, request_id, |out| self.encode_body(out)) {
+            Ok(()) => status,
+            // Every reply fits by its operation's limits (a test builds each one's largest);
+            // should one not, the caller still gets an answer and the connection lives.
+            Err(too_large) => {
+                Response::Internal(format!("the reply does not fit a frame: {too_large}"))
+                    .encode_frame(opcode, request_id, out)
+            }
+        }
     }
 
     /// The frame flags this response is sent with: a response, and a push for what a

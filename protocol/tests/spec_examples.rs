@@ -399,7 +399,7 @@ fn examples_decode_and_reencode_to_the_same_bytes() {
             response.to_frame(frame.opcode, frame.request_id)
         } else {
             let request = Request::decode(frame.opcode, &frame.body).unwrap();
-            request.encode_frame(frame.request_id, &mut in_place);
+            request.encode_frame(frame.request_id, &mut in_place).unwrap();
             request.to_frame(frame.request_id)
         };
         assert_eq!(again.to_bytes(), bytes, "{name}");
