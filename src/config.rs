@@ -56,6 +56,12 @@ pub struct ServerConfig {
     pub unauthenticated_max: Option<usize>,
     /// Requests in flight per connection; reading pauses at the limit.
     pub in_flight_max: usize,
+    /// Unsent reply bytes per connection past which it stops reading requests (a peer that
+    /// pipelines without reading); one that makes no room within `idle_timeout_ms` is closed.
+    pub reply_backlog_max_bytes: usize,
+    /// Unsent reply bytes of the whole server past which every connection holding more than
+    /// 64 KiB of them stops reading too.
+    pub reply_backlog_total_max_bytes: usize,
     /// Connection threads, each a single-threaded runtime serving the connections handed to
     /// it (reading, decoding, tag verification, applying to idle shards, writing); 0: one per
     /// core. See [`ServerConfig::io_thread_count`].
@@ -88,6 +94,8 @@ impl Default for ServerConfig {
             connections_max: 1024,
             unauthenticated_max: None,
             in_flight_max: 1024,
+            reply_backlog_max_bytes: 1 << 20,
+            reply_backlog_total_max_bytes: 256 << 20,
             io_threads: 0,
             idle_timeout_ms: 60_000,
             frame_read_timeout_ms: 10_000,
@@ -132,6 +140,14 @@ impl ServerConfig {
         check(
             (1..=self.connections_max).contains(&self.unauthenticated_cap()),
             "server.unauthenticated_max must be 1..=connections_max",
+        )?;
+        check(
+            self.reply_backlog_max_bytes >= 65_536,
+            "server.reply_backlog_max_bytes must be at least 65536",
+        )?;
+        check(
+            self.reply_backlog_total_max_bytes >= self.reply_backlog_max_bytes,
+            "server.reply_backlog_total_max_bytes must be at least reply_backlog_max_bytes",
         )?;
         check(
             (1..=65_535).contains(&self.in_flight_max),

@@ -18,6 +18,8 @@ use settlegate_protocol::frame::{self, FrameError, FrameRef, FLAG_RESPONSE};
 use settlegate_protocol::messages::{opcode, DecodeError, Reply, Request, Response};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc, watch, OwnedSemaphorePermit, Semaphore};
+
+use crate::outbox::{self, Backlog, Outbox, Queued};
 use tokio::time::Instant;
 
 use crate::handler::{self, Context, PendingAuthorize};
@@ -26,10 +28,14 @@ use crate::metrics::{BatchCounts, FrameErrorLabels};
 
 /// Frames decoded from one read before they are handed on as a batch.
 const FRAMES_PER_BATCH_MAX: usize = 1024;
+/// A deadline that does not come.
+const FOREVER: Duration = Duration::from_secs(100 * 365 * 86_400);
 /// Notice subscriptions one connection may hold.
 const SUBSCRIPTIONS_MAX: usize = 16;
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 64 * 1024;
+/// Queued replies written together at most.
+const WRITE_BURST_MAX: usize = 4 * READ_CHUNK;
 
 /// Per-connection limits, from `[server]`.
 #[derive(Debug, Clone, Copy)]
@@ -42,6 +48,8 @@ pub struct ConnectionLimits {
     pub frame_read_timeout: Duration,
     /// Time to authenticate.
     pub auth_timeout: Duration,
+    /// Unsent reply bytes before reading pauses.
+    pub replies: outbox::Budget,
 }
 
 /// Everything a connection shares with the server.
@@ -52,6 +60,8 @@ pub struct Shared {
     pub identities: Identities,
     /// Limits.
     pub limits: ConnectionLimits,
+    /// Every connection's unsent reply bytes together.
+    pub replies: Arc<Backlog>,
 }
 
 /// The socket's writing half, shared by the writer task (responses to other requests, pushes,
@@ -62,7 +72,7 @@ struct Connection {
     shared: Arc<Shared>,
     identity: Option<Identity>,
     writer: SharedWriter,
-    out: mpsc::Sender<Vec<u8>>,
+    out: Outbox,
     permits: Arc<Semaphore>,
     closed: watch::Receiver<bool>,
     subscriptions: usize,
@@ -88,8 +98,8 @@ pub async fn serve<S>(
     let limits = shared.limits;
     let (mut reader, writer) = tokio::io::split(stream);
     let writer: SharedWriter = Arc::new(tokio::sync::Mutex::new(Box::pin(writer)));
-    let (out, queue) = mpsc::channel(limits.in_flight_max + SUBSCRIPTIONS_MAX + 8);
-    let writer_task = tokio::spawn(write_loop(Arc::clone(&writer), queue));
+    let (out, queue) = Outbox::new(Arc::clone(&shared.replies), limits.replies);
+    let mut writer_task = tokio::spawn(write_loop(Arc::clone(&writer), queue, out.counter()));
     let (closed_tx, closed) = watch::channel(false);
     let permits = Arc::new(Semaphore::new(limits.in_flight_max));
     let mut conn = Connection {
@@ -115,6 +125,8 @@ pub async fn serve<S>(
     // not keep a frame open), cleared when the buffer empties.
     let mut frame_deadline: Option<Instant> = None;
     let mut last_read = Instant::now();
+    // Set when the peer has taken no reply for the idle time: the close then waits no more.
+    let mut stalled = false;
     loop {
         let (frames, used, error) = decode_available(&buffer, batch_max, conn.identity.is_some());
         buffer.drain(..used);
@@ -145,6 +157,23 @@ pub async fn serve<S>(
         if more && frame_complete(&buffer) {
             continue;
         }
+        if conn.out.over() {
+            // The peer is not taking its replies: read no more requests until it does, and
+            // close if it has not made room within the idle time.
+            let paused = Instant::now();
+            let drained = tokio::select! {
+                _ = shutdown.changed() => break,
+                drained = conn.out.room(paused + limits.idle_timeout) => drained,
+            };
+            if !drained {
+                tracing::debug!("the peer does not read its replies; closing");
+                stalled = true;
+                break;
+            }
+            if let Some(deadline) = frame_deadline.as_mut() {
+                *deadline += paused.elapsed();
+            }
+        }
         let deadline = match (frame_deadline, conn.identity.is_some()) {
             (Some(frame), true) => frame,
             (Some(frame), false) => frame.min(auth_deadline),
@@ -171,11 +200,17 @@ pub async fn serve<S>(
             },
         }
     }
-    // Finish what was read: every admitted request gets its response before the close.
-    let _all = permits.acquire_many(limits.in_flight_max as u32).await;
+    // Finish what was read: every admitted request gets its response before the close, unless
+    // the peer has not taken its replies within the idle time. The signal then stops the
+    // subscriptions and any write still waiting on the peer.
+    let patience = if stalled { Duration::ZERO } else { limits.idle_timeout };
+    let all = limits.in_flight_max as u32;
+    let _all = tokio::time::timeout(patience, permits.acquire_many(all)).await;
     let _ = closed_tx.send(true);
     drop(conn);
-    let _ = writer_task.await;
+    if tokio::time::timeout(patience, &mut writer_task).await.is_err() {
+        writer_task.abort();
+    }
 }
 
 /// A request as read: its frame's opcode and request ID, and the request, or the response it
@@ -300,7 +335,7 @@ impl Connection {
             for (op, request_id, response) in now {
                 self.encode(op, request_id, &response, &mut bytes);
             }
-            let _ = self.out.send(bytes).await;
+            self.out.push(bytes);
         }
         self.run_work(authorizes, others).await;
     }
@@ -347,6 +382,8 @@ impl Connection {
         let shared = Arc::clone(&self.shared);
         let identity = self.identity.clone().expect("authorize admitted only when authenticated");
         let writer = Arc::clone(&self.writer);
+        let out = self.out.clone();
+        let mut closed = self.closed.clone();
         tokio::spawn(async move {
             let ctx = &shared.ctx;
             let responses = handler::authorize_batch(ctx, &identity, authorizes).await;
@@ -357,8 +394,13 @@ impl Connection {
                 counts.add(handler::request_labels(op, status));
             }
             counts.flush(&ctx.metrics.requests);
-            // A failed write means the peer is gone; the read side sees it too.
-            let _ = write_all(&writer, &bytes).await;
+            // A failed write means the peer is gone; the read side sees it too. A write the
+            // peer never takes ends when the connection gives up on it.
+            let _charge = out.charge(bytes.len());
+            tokio::select! {
+                _ = write_all(&writer, &bytes) => {}
+                _ = closed.changed() => {}
+            }
             drop(permit);
         });
     }
@@ -383,7 +425,7 @@ impl Connection {
                             .await;
                     let mut bytes = Vec::new();
                     encode_response(ctx, op, request_id, &response, &mut bytes);
-                    let _ = out.send(bytes).await;
+                    out.push(bytes);
                 }
             }))
             .await;
@@ -416,7 +458,7 @@ impl Connection {
         if let Some(response) = refusal {
             let mut bytes = Vec::new();
             self.encode(op, request_id, &response, &mut bytes);
-            let _ = self.out.send(bytes).await;
+            self.out.push(bytes);
             return;
         }
         self.subscriptions += 1;
@@ -444,7 +486,7 @@ impl Connection {
                 None => Stream::Notices(engine.subscribe(&user)),
                 Some(idm) => Stream::Device(engine.subscribe_device(idm)),
             });
-            if out.send(bytes).await.is_err() {
+            if !out.push(bytes) {
                 return;
             }
             match receiver {
@@ -479,7 +521,7 @@ impl Connection {
         let response = Response::FrameError { kind, detail: error.to_string() };
         let mut bytes = Vec::new();
         self.encode(0, 0, &response, &mut bytes);
-        let _ = self.out.send(bytes).await;
+        self.out.push(bytes);
     }
 
     fn encode(&self, op: u16, request_id: u64, response: &Response, out: &mut Vec<u8>) {
@@ -508,7 +550,7 @@ enum Stream {
 /// falls behind loses the oldest messages (logged), never blocks the publisher.
 async fn forward<T: Clone>(
     mut stream: broadcast::Receiver<T>,
-    out: mpsc::Sender<Vec<u8>>,
+    out: Outbox,
     mut closed: watch::Receiver<bool>,
     encode: impl Fn(T, &mut Vec<u8>),
 ) {
@@ -517,9 +559,15 @@ async fn forward<T: Clone>(
             _ = closed.changed() => return,
             message = stream.recv() => match message {
                 Ok(message) => {
+                    // A subscriber that does not read waits here, and the oldest messages
+                    // past the stream's buffer are dropped for it (Lagged), not queued.
+                    tokio::select! {
+                        _ = closed.changed() => return,
+                        _ = out.room(Instant::now() + FOREVER) => {}
+                    }
                     let mut bytes = Vec::new();
                     encode(message, &mut bytes);
-                    if out.send(bytes).await.is_err() {
+                    if !out.push(bytes) {
                         return;
                     }
                 }
@@ -532,20 +580,33 @@ async fn forward<T: Clone>(
     }
 }
 
-/// Writes whatever is queued with one write and one flush per burst.
-async fn write_loop(writer: SharedWriter, mut queue: mpsc::Receiver<Vec<u8>>) {
+/// Writes whatever is queued with one write and one flush per burst. A burst's bytes stay
+/// counted against the backlog until they are written.
+async fn write_loop(
+    writer: SharedWriter,
+    mut queue: mpsc::UnboundedReceiver<Queued>,
+    counter: outbox::Counter,
+) {
     let mut buffer = Vec::with_capacity(READ_CHUNK);
     while let Some(first) = queue.recv().await {
         buffer.clear();
-        buffer.extend_from_slice(&first);
-        while buffer.len() < 4 * READ_CHUNK {
+        buffer.extend_from_slice(&first.bytes);
+        drop(first);
+        while buffer.len() < WRITE_BURST_MAX {
             match queue.try_recv() {
-                Ok(more) => buffer.extend_from_slice(&more),
+                Ok(more) => buffer.extend_from_slice(&more.bytes),
                 Err(_) => break,
             }
         }
+        // The replies copied in gave their bytes back as they were dropped; the burst holds
+        // them until the peer has taken them.
+        let _charge = counter.charge(buffer.len());
         if write_all(&writer, &buffer).await.is_err() {
             return;
+        }
+        if buffer.capacity() > READ_CHUNK {
+            // A burst after a backlog: do not keep its memory for the connection's life.
+            buffer = Vec::with_capacity(READ_CHUNK);
         }
     }
     let _ = writer.lock().await.shutdown().await;

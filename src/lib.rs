@@ -13,5 +13,6 @@ pub mod handler;
 pub mod http;
 pub mod identity;
 pub mod metrics;
+pub mod outbox;
 pub mod server;
 pub mod tls;

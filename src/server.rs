@@ -67,6 +67,10 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         idle_timeout: Duration::from_millis(server_config.idle_timeout_ms),
         frame_read_timeout: Duration::from_millis(server_config.frame_read_timeout_ms),
         auth_timeout: Duration::from_millis(server_config.auth_timeout_ms),
+        replies: crate::outbox::Budget {
+            own_max: server_config.reply_backlog_max_bytes,
+            total_max: server_config.reply_backlog_total_max_bytes,
+        },
     };
     let info = ServerInfo {
         server_version: env!("CARGO_PKG_VERSION").into(),
@@ -85,6 +89,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         ctx: Context { engine: engine.clone(), metrics: Metrics::default(), info },
         identities: Identities::new(&server_config.identities),
         limits,
+        replies: Arc::default(),
     });
     let (shutdown, shutdown_rx) = watch::channel(false);
     let addr = listener.local_addr()?;
