@@ -3,6 +3,7 @@
 
 use proptest::prelude::*;
 use settlegate_engine::codes::{issue_number, CodeKey, CodeKind, CodePayload, CouponEffect};
+use settlegate_engine::limits::ITEM_ID_LEN_MAX;
 use settlegate_engine::{
     CodeOutcome, CodeState, DeliveryNotice, DeviceMessage, EngineError, IssueCodeRequest,
     IssuedCode, MeansInput, MeansKind, ReasonCode, RedeemRequest,
@@ -115,6 +116,32 @@ async fn capture_below_the_authorized_amount_releases_the_rest() {
     let over = h.engine.redeem_code(redeem(&bigger, 1_001, "POS-A")).await;
     assert_eq!(refusal(over), ReasonCode::AmountAboveAuthorized);
     assert_eq!(h.engine.code_state(bigger.number).await.unwrap(), CodeState::Issued);
+}
+
+#[tokio::test]
+async fn a_sale_line_whose_item_id_breaks_its_limit_is_refused() {
+    let h = Harness::new();
+    let dave = h.user("dave").await;
+    let code = issue(&h, code_request(&h, &dave, 2_000, (MeansKind::CreditCard, 0))).await;
+    // Item IDs are bounded as a basket's are (1..=32 bytes of 0x21-0x7E): the redemption lists
+    // them back, and 256 lines of 255-byte IDs would not fit one frame.
+    let too_long = "I".repeat(ITEM_ID_LEN_MAX + 1);
+    for bad in ["", "ITEM 1", "ITEM\u{e9}", too_long.as_str()] {
+        let mut request = redeem(&code, 2_000, "POS-A");
+        request.items = vec![("ITEM-0".into(), 1, 1_000), (bad.into(), 1, 1_000)];
+        assert_eq!(
+            refusal(h.engine.redeem_code(request).await),
+            ReasonCode::CodeMismatch,
+            "{bad:?}"
+        );
+    }
+    assert_eq!(h.engine.code_state(code.number).await.unwrap(), CodeState::Issued);
+    // At the limit it redeems.
+    let longest = "I".repeat(ITEM_ID_LEN_MAX);
+    let mut request = redeem(&code, 2_000, "POS-A");
+    request.items = vec![(longest.clone(), 2, 1_000)];
+    let redemption = h.engine.redeem_code(request).await.unwrap();
+    assert_eq!(redemption.items, vec![(longest, 2, 1_000)]);
 }
 
 #[tokio::test]

@@ -443,6 +443,14 @@ pub fn category_valid(category: &str) -> bool {
         && category.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
+/// Whether `item_id` is a valid item ID: 1..=[`ITEM_ID_LEN_MAX`] bytes of 0x21–0x7E, in a
+/// basket and in a redemption's sale lines alike.
+pub fn item_id_valid(item_id: &str) -> bool {
+    !item_id.is_empty()
+        && item_id.len() <= ITEM_ID_LEN_MAX
+        && item_id.bytes().all(|b| b.is_ascii_graphic())
+}
+
 /// One line of a basket.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct BasketItem {
@@ -479,10 +487,7 @@ impl Basket {
         }
         let mut total: u64 = 0;
         for item in &self.items {
-            let id_ok = !item.item_id.is_empty()
-                && item.item_id.len() <= ITEM_ID_LEN_MAX
-                && item.item_id.bytes().all(|b| b.is_ascii_graphic());
-            if !id_ok || !category_valid(&item.category) {
+            if !item_id_valid(&item.item_id) || !category_valid(&item.category) {
                 return Err(BAD);
             }
             if item.quantity == 0 || item.quantity > ITEM_QUANTITY_MAX {

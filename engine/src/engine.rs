@@ -151,7 +151,8 @@ pub struct RedeemRequest {
     pub sale_at_ms: i64,
     /// The store terminal (or courier handheld) redeeming it.
     pub terminal_id: String,
-    /// Lines sold: item ID, quantity, unit amount. Empty when `basket` carries them.
+    /// Lines sold: item ID (1..=32 bytes of 0x21–0x7E, as in a basket), quantity, unit
+    /// amount. Empty when `basket` carries them.
     pub items: Vec<(String, u32, u64)>,
     /// The lines sold with their categories, for the age check of a code payment (A2,
     /// `REDEEM_CODE_BASKET`): checked against the age registration of the device the code was
@@ -1012,6 +1013,7 @@ impl Engine {
             && request.amount_minor <= crate::limits::AMOUNT_MINOR_MAX
             && crate::types::terminal_id_valid(&request.terminal_id)
             && request.items.len() <= SALE_ITEMS_MAX
+            && request.items.iter().all(|(item_id, _, _)| crate::age::item_id_valid(item_id))
             && (request.basket.is_none() || request.items.is_empty())
             && request.order_ref.len() <= ORDER_REF_LEN_MAX;
         if !valid_sale {

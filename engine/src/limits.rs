@@ -40,7 +40,9 @@ pub const MAILBOX_CAPACITY_MAX: usize = 65_536;
 pub const NOTICE_BUFFER: usize = 256;
 /// Items in one basket (A2).
 pub const BASKET_ITEMS_MAX: usize = 256;
-/// Longest item ID in a basket.
+/// Longest item ID, in a basket and in a redemption's sale lines (`REDEEM_CODE`): a
+/// redemption's reply lists up to [`SALE_ITEMS_MAX`] of them and must fit one frame body
+/// (65,536 bytes), as a test in `settlegate-protocol` checks for every reply.
 pub const ITEM_ID_LEN_MAX: usize = 32;
 /// Longest item category name (`alcohol`, `tobacco`, ...).
 pub const CATEGORY_LEN_MAX: usize = 16;

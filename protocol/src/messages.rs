@@ -721,7 +721,7 @@ impl Request {
                 let expires_ms = r.i64("expires_ms")?;
                 let count = r.u16("user_count")? as usize;
                 if count == 0 || count > COUPON_USERS_MAX {
-                    return Err(BodyError::Invalid("user_count (1..=1000)").into());
+                    return Err(BodyError::Invalid("user_count (1..=256)").into());
                 }
                 let mut users = Vec::with_capacity(count);
                 for _ in 0..count {
@@ -1685,4 +1685,23 @@ fn decode_means_view(r: &mut Reader<'_>) -> Result<MeansView, BodyError> {
         registered_ms: r.i64("registered_ms")?,
         balance: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// [`opcode::REQUESTS`] is what the server answers `UNAUTHENTICATED` or `UNKNOWN_OPCODE`
+    /// by: it must name exactly the opcodes [`Request::decode`] knows, no more, no fewer.
+    #[test]
+    fn requests_lists_exactly_the_opcodes_request_decode_knows() {
+        for op in 0..=u16::MAX {
+            let known = !matches!(Request::decode(op, &[]), Err(DecodeError::UnknownOpcode(_)));
+            assert_eq!(known, opcode::is_request(op), "opcode {op:#06x}");
+        }
+        let mut sorted = opcode::REQUESTS.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), opcode::REQUESTS.len(), "an opcode listed twice");
+    }
 }
