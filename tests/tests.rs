@@ -15,3 +15,4 @@ mod server_crash;
 mod server_lifecycle;
 mod server_malformed;
 mod server_ops;
+mod server_review;

@@ -456,6 +456,11 @@ impl Engine {
     }
 
     /// Checks a password. Too many consecutive failures lock the account for `lockout_ms`.
+    ///
+    /// An unknown user is answered exactly as a wrong password (`WrongPassword`), after the
+    /// same work: a verification against a dummy hash, and a logged login attempt through the
+    /// user's shard (which finds no user), so that neither the answer nor its timing tells
+    /// which users exist. Every operation that takes a password checks it here.
     pub async fn login(&self, user: &UserKey, password: &str) -> Result<(), EngineError> {
         let now_ms = self.now_ms();
         let query = Query::Credentials { user: user.clone(), now_ms };
@@ -466,16 +471,18 @@ impl Engine {
         };
         let hasher = self.inner.hasher.clone();
         let password = zeroize::Zeroizing::new(password.to_owned());
-        let success = tokio::task::spawn_blocking(move || hasher.verify(&password, &phc))
+        let verified = tokio::task::spawn_blocking(move || hasher.verify(&password, &phc))
             .await
             .map_err(|_| EngineError::Stopped)?;
-        if !known {
-            return Err(EngineError::Refused(ReasonCode::UnknownUser));
-        }
-        let command = Command::LoginAttempt { user: user.clone(), success };
-        match self.apply_for_user(user, None, 0, command).await? {
-            Reply::Ok => Ok(()),
-            other => Err(unexpected(other)),
+        // The dummy hash's password never logs anyone in.
+        let command = Command::LoginAttempt { user: user.clone(), success: verified && known };
+        match self.apply_for_user(user, None, 0, command).await {
+            Ok(Reply::Ok) => Ok(()),
+            Ok(other) => Err(unexpected(other)),
+            Err(EngineError::Refused(ReasonCode::UnknownUser)) => {
+                Err(EngineError::Refused(ReasonCode::WrongPassword))
+            }
+            Err(error) => Err(error),
         }
     }
 
