@@ -46,8 +46,10 @@ impl PendingAuthorize {
     }
 }
 
-/// Handles a request other than `AUTH`, `AUTHORIZE`, `AUTHORIZE_BASKET` and
-/// `SUBSCRIBE_NOTICES` (which need the connection's state and are handled there).
+/// Handles a request other than `AUTH`, `AUTHORIZE`, `AUTHORIZE_BASKET`, `SUBSCRIBE_NOTICES`
+/// and `SUBSCRIBE_DEVICE` (which need the connection's state and are handled there). A request
+/// with a user ID that does not fit its type (`Request::MisfitUserId`, any opcode) comes here:
+/// checked against the identity's permissions as the request it is, then refused with 51.
 pub async fn handle(ctx: &Context, identity: &Identity, request: Request) -> Response {
     if let Some(refusal) = forbidden(identity, &request) {
         return refusal;
@@ -160,6 +162,8 @@ pub async fn handle(ctx: &Context, identity: &Identity, request: Request) -> Res
         Request::NotifyDelivery { notice } => {
             engine.notify_delivery(notice).await.map(|n| Reply::Delivered(n as u32))
         }
+        // Permitted as the request it is: refused for its user ID.
+        Request::MisfitUserId { .. } => Err(EngineError::Refused(ReasonCode::InvalidUserId)),
         Request::Auth { .. }
         | Request::Authorize { .. }
         | Request::AuthorizeBasket { .. }
@@ -228,6 +232,7 @@ pub fn forbidden(identity: &Identity, request: &Request) -> Option<Response> {
             (!identity.may(permission::STORES)).then(|| deny("manage stores")).flatten()
         }
         Request::Authorize { .. } | Request::AuthorizeBasket { .. } => None,
+        Request::MisfitUserId { request, .. } => forbidden(identity, request),
     }
 }
 

@@ -170,3 +170,143 @@ async fn an_unknown_user_costs_the_work_of_a_wrong_password() {
     assert_eq!(grew, vec![grew[0]; 4], "bytes logged by: known, unknown, known, unknown");
     server.shutdown().await;
 }
+
+// ---- 12: a user ID that does not fit its type is refused with 51 --------------------------
+
+/// A digits-only ID: a fine inherent number, and not a mail address.
+const DIGITS: &str = "0123456789012345";
+
+/// Every request that carries a `user` (in the layout of `docs/PROTOCOL.md`), for `user`.
+fn user_requests(user: &UserKey) -> Vec<Request> {
+    use settlegate_engine::codes::CouponEffect;
+    use settlegate_engine::{BestBy, DeliveryNotice, MeansOrder};
+    let idm = [9; 8];
+    let mut requests = password_requests(user, PASSWORD, idm);
+    requests.extend([
+        Request::Enroll {
+            client_request_id: 1,
+            user: user.clone(),
+            password: PASSWORD.into(),
+            card_idm: idm,
+        },
+        Request::AddMeans {
+            client_request_id: 2,
+            user: user.clone(),
+            make_default: false,
+            means: MeansInput::EMoney { emoney_type: "Suica".into() },
+        },
+        Request::SetDefaultMeans { client_request_id: 3, user: user.clone(), means_id: 1 },
+        Request::ListMeans { user: user.clone(), order: MeansOrder::Registration },
+        Request::TopUp {
+            client_request_id: 4,
+            user: user.clone(),
+            means_id: 1,
+            amount_minor: 100,
+            currency: jpy(),
+        },
+        Request::UsableMethods {
+            user: user.clone(),
+            store_id: "S-1".into(),
+            best_by: BestBy::MostUsed,
+        },
+        Request::Wallet { user: user.clone() },
+        Request::IssueCoupons {
+            client_request_id: 5,
+            provider_code: PROVIDER_OK,
+            effect: CouponEffect::Percent { bps: 100 },
+            uses: 1,
+            expires_ms: i64::MAX,
+            users: vec![user.clone()],
+        },
+        Request::NotifyDelivery {
+            notice: DeliveryNotice {
+                user: user.clone(),
+                order_ref: "ORDER-1".into(),
+                amount_minor: 100,
+                currency: jpy(),
+                merchant: "M".into(),
+            },
+        },
+    ]);
+    requests
+}
+
+/// `request`'s frame body with its `user` (the only one) of type `from` retyped as `to`.
+fn retyped(request: &Request, id: &str, from: UserIdType, to: UserIdType) -> Vec<u8> {
+    let mut body = Vec::new();
+    request.encode_body(&mut body);
+    let mut field = vec![from as u8, id.len() as u8];
+    field.extend_from_slice(id.as_bytes());
+    let at = body.windows(field.len()).position(|w| w == field).expect("the user is in the body");
+    body[at] = to as u8;
+    body
+}
+
+/// A well-formed request whose user ID does not fit its type is refused with reason 51, for
+/// every operation that takes a user ID; a body that does not parse stays a `BAD_REQUEST`; an
+/// identity that may not make the request is still told `FORBIDDEN`, and an unauthenticated
+/// connection `UNAUTHENTICATED`.
+#[tokio::test]
+async fn a_user_id_that_does_not_fit_its_type_is_refused_with_51() {
+    let server = start().await;
+    let mut admin = Raw::connect(&server, ADMIN_KEY).await;
+    let refused_51 = (settlegate_protocol::status::REFUSED, vec![0, 51]);
+    let status_body = |frame: &Frame| (frame.status, frame.body.clone());
+
+    // The issue's example: ENROLL of the mail address `no-at.example.com`.
+    let mail = UserKey::new(UserIdType::Mail, "no@at.example.com").unwrap();
+    let enroll = Request::Enroll {
+        client_request_id: request_id(),
+        user: mail,
+        password: PASSWORD.into(),
+        card_idm: fresh_idm(),
+    };
+    let mut body = Vec::new();
+    enroll.encode_body(&mut body);
+    let at = body.windows(2).position(|w| w == b"o@").unwrap() + 1;
+    body[at] = b'-';
+    assert!(body.windows(17).any(|w| w == b"no-at.example.com"));
+    assert_eq!(status_body(&admin.send(enroll.opcode(), body.clone()).await), refused_51);
+    // The same with a byte too many: it does not parse.
+    body.push(0);
+    let answer = admin.send(enroll.opcode(), body).await;
+    assert_eq!(answer.status, settlegate_protocol::status::BAD_REQUEST);
+
+    // Every operation with a user: digits as a mail address, a mail address as a number.
+    let number = UserKey::new(UserIdType::InherentNumber, DIGITS).unwrap();
+    let address = UserKey::new(UserIdType::Mail, "someone@example.com").unwrap();
+    for (user, from, to) in [
+        (&number, UserIdType::InherentNumber, UserIdType::Mail),
+        (&address, UserIdType::Mail, UserIdType::InherentNumber),
+    ] {
+        for request in user_requests(user) {
+            let body = retyped(&request, user.id(), from, to);
+            let answer = admin.send(request.opcode(), body).await;
+            assert_eq!(status_body(&answer), refused_51, "opcode {:#06x}", request.opcode());
+        }
+    }
+    // A mail address with nothing before its `@`, and one too long: 51 as well.
+    let long = format!("{}@example.com", "a".repeat(60));
+    for id in ["@example.com", long.as_str()] {
+        let mut body = vec![1, id.len() as u8];
+        body.extend_from_slice(id.as_bytes()); // WALLET: a user and nothing else
+        let answer = admin.send(settlegate_protocol::opcode::WALLET, body).await;
+        assert_eq!(status_body(&answer), refused_51, "{id}");
+    }
+    // An unknown user-ID type does not parse.
+    let answer = admin.send(settlegate_protocol::opcode::WALLET, vec![3, 1, b'1']).await;
+    assert_eq!(answer.status, settlegate_protocol::status::BAD_REQUEST);
+
+    // Permissions and authentication come first.
+    let mut shop = Raw::connect(&server, TERMINAL_KEY).await;
+    let wallet = Request::Wallet { user: number.clone() };
+    let body = retyped(&wallet, DIGITS, UserIdType::InherentNumber, UserIdType::Mail);
+    let answer = shop.send(wallet.opcode(), body.clone()).await;
+    assert_eq!(answer.status, settlegate_protocol::status::FORBIDDEN);
+    let mut stranger = TcpStream::connect(server.addr).await.unwrap();
+    stranger.write_all(&Frame::request(wallet.opcode(), 9, body).to_bytes()).await.unwrap();
+    let (bytes, _) = read_until_close(&mut stranger, Duration::from_millis(500)).await;
+    let (answer, _) = frame::decode(&bytes).unwrap().expect("an answer");
+    assert_eq!(answer.status, settlegate_protocol::status::UNAUTHENTICATED);
+    server.shutdown().await;
+}

@@ -262,6 +262,14 @@ pub enum Request {
         password: String,
         card_idm: [u8; 8],
     },
+    /// A request whose body parsed, but one of whose `user` IDs does not fit its type (or is
+    /// not 1–64 bytes): it is authenticated and permission-checked as `request`, then refused
+    /// with reason 51 (`InvalidUserId`). `request` holds a placeholder user in place of each
+    /// such ID; `body` is the body as it came, which is what this request encodes to.
+    MisfitUserId {
+        request: Box<Request>,
+        body: Vec<u8>,
+    },
 }
 
 /// Largest `PING` payload.
@@ -317,6 +325,7 @@ impl Request {
             Request::IssueCoupons { .. } => ISSUE_COUPONS,
             Request::NotifyDelivery { .. } => NOTIFY_DELIVERY,
             Request::SubscribeDevice { .. } => SUBSCRIBE_DEVICE,
+            Request::MisfitUserId { request, .. } => request.opcode(),
         }
     }
 
@@ -466,6 +475,9 @@ impl Request {
             Request::NotifyDelivery { notice } => encode_delivery(&mut w, notice),
             Request::SubscribeDevice { user, password, card_idm } => {
                 w.user(user).str8(password).raw(card_idm);
+            }
+            Request::MisfitUserId { body, .. } => {
+                w.raw(body);
             }
         }
     }
@@ -707,7 +719,11 @@ impl Request {
             },
             other => return Err(DecodeError::UnknownOpcode(other)),
         };
+        let misfit_user = r.misfit_user();
         r.finish()?;
+        if misfit_user {
+            return Ok(Request::MisfitUserId { request: Box::new(request), body: body.to_vec() });
+        }
         Ok(request)
     }
 }
@@ -1249,6 +1265,9 @@ impl Response {
             }
             _ => return Err(BodyError::Invalid("status")),
         };
+        if r.misfit_user() {
+            return Err(BodyError::Invalid("user_id"));
+        }
         r.finish()?;
         Ok(response)
     }
