@@ -135,9 +135,11 @@ pub async fn handle(ctx: &Context, identity: &Identity, request: Request) -> Res
         Request::RedeemCode { request } => {
             engine.redeem_code(request).await.map(|r| Reply::Redeemed(Box::new(r)))
         }
-        Request::CodeState { number } => {
-            engine.code_state(number).await.map(|s| Reply::CodeState(Box::new(s)))
-        }
+        // Only the codes of the identity's own terminals: any other is "no such code".
+        Request::CodeState { number } => engine
+            .code_state_for(number, |terminal| identity.may_act_for_terminal(terminal))
+            .await
+            .map(|s| Reply::CodeState(Box::new(s))),
         Request::IssueCoupons {
             client_request_id,
             provider_code,

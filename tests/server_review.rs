@@ -1,9 +1,12 @@
 //! Hardening issue #19 (independent hostile review), over real sockets: what an identity can
 //! learn or do that it should not, and what a retry may not repeat.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use settlegate_engine::{MeansInput, ReasonCode, UserIdType, UserKey};
+use settlegate_engine::{
+    CodeOutcome, CodeState, DeviceCredential, InherentId, IssueCodeRequest, IssuedCode, MeansInput,
+    MeansKind, ReasonCode, RedeemRequest, UserIdType, UserKey,
+};
 use settlegate_protocol::frame::{self, Frame};
 use settlegate_protocol::messages::{Reply, Request, Response};
 use settlegate_protocol::Client;
@@ -12,6 +15,79 @@ use tokio::net::TcpStream;
 
 use crate::support::server::*;
 use crate::support::*;
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+/// A user with a device that signs inherent IDs.
+struct Payer {
+    user: UserKey,
+    credential: DeviceCredential,
+    counter: u64,
+}
+
+impl Payer {
+    async fn enroll(client: &Client, name: &str) -> Payer {
+        let (user, credential) = enroll(client, name).await;
+        Payer { user, credential, counter: 0 }
+    }
+
+    fn sign(&mut self, amount: u64, terminal: &str) -> Vec<u8> {
+        self.counter += 1;
+        InherentId {
+            key_version: self.credential.key_version,
+            amount_minor: amount,
+            currency: jpy(),
+            means: MeansKind::CreditCard,
+            means_id: 0,
+            provider_code: PROVIDER_OK,
+            card_idm: self.credential.card_idm,
+            user: self.user.clone(),
+            terminal_id: terminal.into(),
+            counter: self.counter,
+            timestamp_ms: now_ms(),
+        }
+        .sign(self.credential.device_key.expose())
+    }
+
+    /// A payment code of `amount` requested for store terminal `terminal`.
+    async fn code(&mut self, client: &Client, amount: u64, terminal: &str) -> IssuedCode {
+        let issue = Request::IssueCode {
+            request: IssueCodeRequest {
+                client_request_id: request_id(),
+                inherent_id: self.sign(amount, terminal),
+                validity_ms: 300_000,
+                deliver_to: None,
+                order_ref: String::new(),
+            },
+        };
+        match client.call_ok(&issue).await.unwrap() {
+            Reply::Code(CodeOutcome::Issued(code)) => *code,
+            other => panic!("no code: {other:?}"),
+        }
+    }
+}
+
+/// The redemption of `code` for `amount` at `terminal`.
+fn redeem(code: &IssuedCode, amount: u64, terminal: &str) -> Request {
+    Request::RedeemCode {
+        request: RedeemRequest {
+            client_request_id: request_id(),
+            code: code.text.clone(),
+            issuer: 1,
+            number: code.number,
+            amount_minor: amount,
+            currency: jpy(),
+            sale_at_ms: now_ms(),
+            terminal_id: terminal.into(),
+            items: vec![("ITEM-7".into(), 1, amount)],
+            basket: None,
+            coupon: None,
+            order_ref: String::new(),
+        },
+    }
+}
 
 /// A raw connection, authenticated with `key`, that sends frames as given and reads the
 /// response frames as they come (bytes and all).
@@ -309,4 +385,84 @@ async fn a_user_id_that_does_not_fit_its_type_is_refused_with_51() {
     let (answer, _) = frame::decode(&bytes).unwrap().expect("an answer");
     assert_eq!(answer.status, settlegate_protocol::status::UNAUTHENTICATED);
     server.shutdown().await;
+}
+
+// ---- 6: CODE_STATE tells a merchant about its own codes only -------------------------------
+
+/// An identity that acts for terminals `SHOP-A-*` reads the state of the codes its terminals
+/// redeemed, or (before redemption) were requested for; any other code, another merchant's
+/// redemption above all, is answered with the very bytes of a code that does not exist
+/// (`REFUSED` 102). The same after a restart, from the log and from a snapshot.
+#[tokio::test]
+async fn code_state_answers_only_for_the_identitys_own_terminals() {
+    use settlegate_protocol::messages::opcode::CODE_STATE;
+    let dir = tempfile::tempdir().unwrap();
+    let config = |snapshot_every_records| {
+        let mut config = server_config();
+        config.engine.durability.data_dir = Some(dir.path().to_owned());
+        config.engine.durability.snapshot_every_records = snapshot_every_records;
+        config
+    };
+    let server = start_with(config(0)).await;
+    let admin = client(&server, ADMIN_KEY).await;
+    let mut payer = Payer::enroll(&admin, "review-codes").await;
+    // Redeemed at another merchant's terminal (the issue's case).
+    let theirs = payer.code(&admin, 3_000, "SHOP-B-1").await;
+    admin.call_ok(&redeem(&theirs, 2_500, "SHOP-B-1")).await.unwrap();
+    // Requested for one of SHOP-A's terminals, not redeemed yet.
+    let waiting = payer.code(&admin, 1_000, "SHOP-A-1").await;
+    // Requested with no store named, redeemed at SHOP-A.
+    let ours = payer.code(&admin, 2_000, "*").await;
+    let shop = client(&server, TERMINAL_KEY).await;
+    shop.call_ok(&redeem(&ours, 1_500, "SHOP-A-2")).await.unwrap();
+    // Requested with no store named, not redeemed: nobody's yet.
+    let loose = payer.code(&admin, 500, "*").await;
+    server.shutdown().await;
+
+    // Before and after restarts: from the log alone, then from a snapshot.
+    for snapshot_every_records in [0, 1, 1] {
+        let server = start_with(config(snapshot_every_records)).await;
+        let mut shop = Raw::connect(&server, TERMINAL_KEY).await;
+        let mut admin = Raw::connect(&server, ADMIN_KEY).await;
+        let state = |number: u64| number.to_be_bytes().to_vec();
+        let none = shop.send(CODE_STATE, state(theirs.number + 1_000)).await;
+        assert_eq!(
+            Response::decode(CODE_STATE, none.status, &none.body),
+            Ok(Response::Refused(ReasonCode::UnknownCode))
+        );
+        for hidden in [&theirs, &loose] {
+            let answer = shop.send(CODE_STATE, state(hidden.number)).await;
+            assert_eq!(seen(&answer), seen(&none), "code {:#x}", hidden.number);
+            // The admin identity (terminal pattern `*`) sees it.
+            assert_eq!(admin.send(CODE_STATE, state(hidden.number)).await.status, 0);
+        }
+        let answer = shop.send(CODE_STATE, state(waiting.number)).await;
+        assert_eq!(
+            Response::decode(CODE_STATE, answer.status, &answer.body),
+            Ok(Response::Ok(Reply::CodeState(Box::new(CodeState::Issued))))
+        );
+        let answer = shop.send(CODE_STATE, state(ours.number)).await;
+        let Ok(Response::Ok(Reply::CodeState(state))) =
+            Response::decode(CODE_STATE, answer.status, &answer.body)
+        else {
+            panic!("SHOP-A reads its own redemption")
+        };
+        let CodeState::Redeemed(redemption) = *state else { panic!("redeemed") };
+        assert_eq!(
+            (redemption.terminal_id.as_str(), redemption.captured_minor),
+            ("SHOP-A-2", 1_500)
+        );
+        if snapshot_every_records > 0 {
+            // A record in the codes' shard, so it writes a snapshot: the next restart reads it.
+            let admin = client(&server, ADMIN_KEY).await;
+            let login = Request::Login { user: payer.user.clone(), password: PASSWORD.into() };
+            admin.call_ok(&login).await.unwrap();
+        }
+        server.shutdown().await;
+    }
+    let snapshots = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".snap"))
+        .count();
+    assert!(snapshots > 0, "the last restart read a snapshot");
 }

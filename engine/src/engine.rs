@@ -1055,12 +1055,27 @@ impl Engine {
     /// A payment code's state: issued, expired, or redeemed with its capture and the
     /// remittance due to the merchant (C3).
     pub async fn code_state(&self, number: u64) -> Result<CodeState, EngineError> {
+        self.code_state_for(number, |_| true).await
+    }
+
+    /// [`Engine::code_state`] for a reader that may see the codes of some store terminals only
+    /// (`may_see` says which): a code's state concerns the terminal that redeemed it, or before
+    /// its redemption the terminal it was requested for (`*` when the store was not known). A
+    /// code of a terminal `may_see` refuses is answered exactly as a code that does not exist
+    /// (`UnknownCode`).
+    pub async fn code_state_for(
+        &self,
+        number: u64,
+        may_see: impl Fn(&str) -> bool,
+    ) -> Result<CodeState, EngineError> {
+        let unknown = EngineError::Refused(ReasonCode::UnknownCode);
         let shard = codes::shard_of_number(number);
         if shard >= self.shard_count() {
-            return Err(EngineError::Refused(ReasonCode::UnknownCode));
+            return Err(unknown);
         }
         match self.call(shard, Op::Query(Query::Code { number })).await? {
-            Reply::CodeState(state) => Ok(*state),
+            Reply::CodeState(state, terminal_id) if may_see(&terminal_id) => Ok(*state),
+            Reply::CodeState(..) => Err(unknown),
             other => Err(unexpected(other)),
         }
     }

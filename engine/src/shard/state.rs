@@ -248,9 +248,14 @@ impl Dispatch {
     pub(crate) fn completion(&self, outcome: AuthOutcome, now_ms: i64) -> Envelope {
         let (key, user, means_id) = (self.key, self.user.clone(), self.means_id);
         let command = match &self.code {
-            Some(spec) => {
-                Command::CodeComplete { key, user, means_id, outcome, spec: spec.clone() }
-            }
+            Some(spec) => Command::CodeComplete {
+                key,
+                user,
+                means_id,
+                outcome,
+                spec: spec.clone(),
+                terminal_id: self.terminal_id.clone(),
+            },
             None => Command::AuthComplete {
                 key,
                 user,
@@ -347,6 +352,21 @@ pub(crate) struct CodeRecord {
     pub(crate) order_ref: String,
     pub(crate) deliver_to: Idm,
     pub(crate) state: CodeState,
+    /// The store terminal the code was requested for (the inherent ID's; `*` when the store
+    /// was not known), which alone may read the code's state until it is redeemed; empty for a
+    /// code issued before format version 6 recorded it.
+    pub(crate) terminal_id: String,
+}
+
+impl CodeRecord {
+    /// The store terminal whose merchant the code's state concerns: the one that redeemed it,
+    /// or before that the one it was requested for.
+    pub(crate) fn merchant_terminal(&self) -> &str {
+        match &self.state {
+            CodeState::Redeemed(redemption) => &redemption.terminal_id,
+            CodeState::Issued | CodeState::Expired => &self.terminal_id,
+        }
+    }
 }
 
 /// A coupon issued to a user (C5).
@@ -471,6 +491,8 @@ pub(crate) enum Command {
         means_id: u32,
         outcome: AuthOutcome,
         spec: Box<CodeSpec>,
+        /// The store terminal of the request's inherent ID.
+        terminal_id: String,
     },
     /// C3: a POS redeems a code.
     RedeemCode {
@@ -577,7 +599,8 @@ pub(crate) enum Reply {
     Balance(Balance),
     CodeIssued(Box<IssuedCode>),
     Redeemed(Box<Redemption>),
-    CodeState(Box<CodeState>),
+    /// A code's state, and the store terminal it concerns (`CodeRecord::merchant_terminal`).
+    CodeState(Box<CodeState>, String),
     CouponIssued(Box<IssuedCoupon>),
     Swept(u32),
     Devices(Vec<Idm>),
@@ -655,7 +678,10 @@ impl ShardState {
     pub(crate) fn query(&self, query: Query) -> Reply {
         match query {
             Query::Code { number } => match self.codes.get(&number) {
-                Some(record) => Reply::CodeState(Box::new(record.state.clone())),
+                Some(record) => Reply::CodeState(
+                    Box::new(record.state.clone()),
+                    record.merchant_terminal().to_owned(),
+                ),
                 None => Reply::Refused(ReasonCode::UnknownCode),
             },
             Query::Devices { user } => match self.users.get(&user) {
@@ -713,8 +739,8 @@ impl ShardState {
             Command::CodeReserve { verified, spec } => {
                 self.code_reserve(verified, spec, now_ms, key)
             }
-            Command::CodeComplete { key, user, means_id, outcome, spec } => {
-                self.code_complete(key, &user, means_id, outcome, &spec, now_ms)
+            Command::CodeComplete { key, user, means_id, outcome, spec, terminal_id } => {
+                self.code_complete(key, &user, means_id, outcome, &spec, terminal_id, now_ms)
             }
             Command::RedeemCode { spec } => self.redeem_code(&spec, now_ms),
             Command::SweepCodes => Reply::Swept(self.sweep_codes(now_ms)),
@@ -1131,6 +1157,8 @@ impl ShardState {
 
     /// C2: on approval, issues the code: the purse's hold (stored value) now lasts until the
     /// code expires; otherwise releases, as a declined payment does.
+    // The fields of `Command::CodeComplete`, as they come.
+    #[allow(clippy::too_many_arguments)]
     fn code_complete(
         &mut self,
         key: IdemKey,
@@ -1138,6 +1166,7 @@ impl ShardState {
         means_id: u32,
         outcome: AuthOutcome,
         spec: &CodeSpec,
+        terminal_id: String,
         now_ms: i64,
     ) -> Reply {
         let AuthOutcome::Approved(approval) = outcome else {
@@ -1172,6 +1201,7 @@ impl ShardState {
             order_ref: spec.order_ref.clone(),
             deliver_to,
             state: CodeState::Issued,
+            terminal_id,
         };
         let payload = CodePayload {
             kind: CodeKind::Payment,

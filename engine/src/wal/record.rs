@@ -154,6 +154,24 @@ enum LogCommand {
         sale: LogSale,
         basket: LogBasket,
     },
+    // Format version 6 appends the variants below (none may make the archived command larger
+    // than its 128 bytes: a record is read from the end of its payload).
+    /// A code's issue with the store terminal it was requested for (`CodeComplete` before).
+    CodeCompleteAt {
+        complete: Box<LogCodeComplete>,
+    },
+}
+
+/// A payment-code request's completion (C2), with the request's store terminal.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub(crate) struct LogCodeComplete {
+    owner_hash: u64,
+    client_request_id: u128,
+    user: LogUser,
+    means_id: u32,
+    outcome: LogOutcome,
+    spec: LogCodeSpec,
+    terminal_id: String,
 }
 
 /// A redemption's sale, but for its lines.
@@ -719,14 +737,19 @@ fn command_out(command: &Command, vault: &Vault) -> LogCommand {
             inherent_id: inherent_out(verified),
             spec: code_spec_out(spec),
         },
-        Command::CodeComplete { key, user, means_id, outcome, spec } => LogCommand::CodeComplete {
-            owner_hash: key.0,
-            client_request_id: key.1,
-            user: user_out(user),
-            means_id: *means_id,
-            outcome: outcome_out(outcome),
-            spec: code_spec_out(spec),
-        },
+        Command::CodeComplete { key, user, means_id, outcome, spec, terminal_id } => {
+            LogCommand::CodeCompleteAt {
+                complete: Box::new(LogCodeComplete {
+                    owner_hash: key.0,
+                    client_request_id: key.1,
+                    user: user_out(user),
+                    means_id: *means_id,
+                    outcome: outcome_out(outcome),
+                    spec: code_spec_out(spec),
+                    terminal_id: terminal_id.clone(),
+                }),
+            }
+        }
         Command::RedeemCode { spec } if spec.basket.is_some() => LogCommand::RedeemCodeBasket {
             sale: LogSale::of(spec),
             basket: spec.basket.as_ref().map(basket_out).expect("matched a basket"),
@@ -856,6 +879,16 @@ fn command_in(command: &LogCommand, vault: &Vault) -> Result<Command, RecordErro
             means_id: *means_id,
             outcome: outcome_in(outcome)?,
             spec: code_spec_in(spec),
+            // Not recorded before format version 6.
+            terminal_id: String::new(),
+        },
+        LogCommand::CodeCompleteAt { complete } => Command::CodeComplete {
+            key: (complete.owner_hash, complete.client_request_id),
+            user: user_in(&complete.user)?,
+            means_id: complete.means_id,
+            outcome: outcome_in(&complete.outcome)?,
+            spec: code_spec_in(&complete.spec),
+            terminal_id: complete.terminal_id.clone(),
         },
         LogCommand::RedeemCode {
             number,
@@ -915,4 +948,15 @@ fn command_in(command: &LogCommand, vault: &Vault) -> Result<Command, RecordErro
             terminal_ids: terminal_ids.clone(),
         },
     })
+}
+
+#[cfg(test)]
+mod layout {
+    /// A record's archive is read from the end of its payload, so every format version's
+    /// records read only while the archived command keeps its size: a variant appended later
+    /// must fit in it (box what does not).
+    #[test]
+    fn the_archived_command_keeps_its_size() {
+        assert_eq!(std::mem::size_of::<super::ArchivedLogCommand>(), 128);
+    }
 }
