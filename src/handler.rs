@@ -84,6 +84,10 @@ pub async fn handle(ctx: &Context, identity: &Identity, request: Request) -> Res
             .rotate_device_key(client_request_id, &user, &password, card_idm)
             .await
             .map(Reply::Credential),
+        Request::RevokeDeviceKey { client_request_id, user, password, card_idm } => engine
+            .revoke_device_key(client_request_id, &user, &password, card_idm)
+            .await
+            .map(|()| Reply::Empty),
         Request::RegisterTerminals { client_request_id, provider_code, terminals } => engine
             .register_terminals(client_request_id, provider_code, terminals)
             .await
@@ -192,6 +196,7 @@ pub fn forbidden(identity: &Identity, request: &Request) -> Option<Response> {
         | Request::ListMeans { .. }
         | Request::ProvisionDevice { .. }
         | Request::RotateDeviceKey { .. }
+        | Request::RevokeDeviceKey { .. }
         | Request::RegisterAge { .. }
         | Request::StoreAt { .. }
         | Request::StoreBySignal { .. }
@@ -350,6 +355,7 @@ fn op_name(opcode: u16) -> &'static str {
         LIST_MEANS => "list_means",
         PROVISION_DEVICE => "provision_device",
         ROTATE_DEVICE_KEY => "rotate_device_key",
+        REVOKE_DEVICE_KEY => "revoke_device_key",
         SUBSCRIBE_NOTICES => "subscribe_notices",
         REGISTER_TERMINALS => "register_terminals",
         REMOVE_TERMINALS => "remove_terminals",

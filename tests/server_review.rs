@@ -176,6 +176,12 @@ fn password_requests(user: &UserKey, password: &str, card_idm: [u8; 8]) -> Vec<R
             password: password.into(),
             card_idm,
         },
+        Request::RevokeDeviceKey {
+            client_request_id: 79,
+            user: user.clone(),
+            password: password.into(),
+            card_idm,
+        },
         Request::SubscribeNotices { user: user.clone(), password: password.into() },
         Request::SubscribeDevice { user: user.clone(), password: password.into(), card_idm },
     ]
@@ -185,7 +191,10 @@ fn password_requests(user: &UserKey, password: &str, card_idm: [u8; 8]) -> Vec<R
 /// bytes it answers a wrong password with: `REFUSED` 53.
 #[tokio::test]
 async fn an_unknown_user_is_answered_as_a_wrong_password() {
-    let server = start().await;
+    let mut config = server_config();
+    // One failure per operation, without locking the known user.
+    config.engine.login_failures_max = 100;
+    let server = start_with(config).await;
     let admin = client(&server, ADMIN_KEY).await;
     let (known, credential) = enroll(&admin, "review-login").await;
     let ghost = UserKey::new(UserIdType::Mail, "nobody-here@example.com").unwrap();
@@ -465,4 +474,97 @@ async fn code_state_answers_only_for_the_identitys_own_terminals() {
         .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".snap"))
         .count();
     assert!(snapshots > 0, "the last restart read a snapshot");
+}
+
+// ---- 9: a lost or stolen device's keys are revoked at once, durably ------------------------
+
+/// `REVOKE_DEVICE_KEY` refuses the device's current key at once, and a rotated-out key still
+/// in its grace window with it; the revocation survives a restart (from the log, then from a
+/// snapshot); a later rotation gives the device a working key again.
+#[tokio::test]
+async fn a_revoked_device_key_is_refused_at_once_and_after_a_restart() {
+    use settlegate_engine::AuthOutcome;
+    let dir = tempfile::tempdir().unwrap();
+    let config = |snapshot_every_records| {
+        let mut config = server_config();
+        config.engine.durability.data_dir = Some(dir.path().to_owned());
+        config.engine.durability.snapshot_every_records = snapshot_every_records;
+        config
+    };
+    let server = start_with(config(0)).await;
+    let admin = client(&server, ADMIN_KEY).await;
+    let mut payer = Payer::enroll(&admin, "review-revoke").await;
+    let pay = |payer: &mut Payer| Request::Authorize {
+        client_request_id: request_id(),
+        inherent_id: payer.sign(100, "SHOP-A-1"),
+    };
+    let outcome = |reply| match reply {
+        Reply::Outcome(outcome) => outcome,
+        other => panic!("not an outcome: {other:?}"),
+    };
+    approved(outcome(admin.call_ok(&pay(&mut payer)).await.unwrap()));
+    // A rotation leaves the old key valid for the grace window (a day): that is the problem.
+    let (user, card_idm) = (payer.user.clone(), payer.credential.card_idm);
+    let rotate = |password: &str| Request::RotateDeviceKey {
+        client_request_id: request_id(),
+        user: user.clone(),
+        password: password.into(),
+        card_idm,
+    };
+    let Reply::Credential(rotated) = admin.call_ok(&rotate(PASSWORD)).await.unwrap() else {
+        panic!()
+    };
+    let stolen = payer.credential.clone();
+    approved(outcome(admin.call_ok(&pay(&mut payer)).await.unwrap()));
+    // Revocation needs the password, and is idempotent.
+    let revoke = |client_request_id, password: &str| Request::RevokeDeviceKey {
+        client_request_id,
+        user: user.clone(),
+        password: password.into(),
+        card_idm,
+    };
+    assert_eq!(
+        admin.call(&revoke(request_id(), "not the password")).await.unwrap(),
+        Response::Refused(ReasonCode::WrongPassword)
+    );
+    let id = request_id();
+    assert_eq!(admin.call_ok(&revoke(id, PASSWORD)).await.unwrap(), Reply::Empty);
+    assert_eq!(admin.call_ok(&revoke(id, PASSWORD)).await.unwrap(), Reply::Empty);
+    let refused = AuthOutcome::Declined(ReasonCode::KeyVersionInvalid);
+    // Neither the rotated-out key (the thief's) nor the current one signs anything now.
+    for credential in [&stolen, &rotated] {
+        payer.credential = credential.clone();
+        assert_eq!(outcome(admin.call_ok(&pay(&mut payer)).await.unwrap()), refused);
+    }
+    server.shutdown().await;
+
+    // After restarts: from the log alone, then from a snapshot.
+    for snapshot_every_records in [0, 1, 1] {
+        let server = start_with(config(snapshot_every_records)).await;
+        let admin = client(&server, ADMIN_KEY).await;
+        for credential in [&stolen, &rotated] {
+            payer.credential = credential.clone();
+            assert_eq!(outcome(admin.call_ok(&pay(&mut payer)).await.unwrap()), refused);
+        }
+        if snapshot_every_records > 0 {
+            // A record in the user's shard, so it writes a snapshot for the next restart.
+            let login = Request::Login { user: payer.user.clone(), password: PASSWORD.into() };
+            admin.call_ok(&login).await.unwrap();
+        }
+        server.shutdown().await;
+    }
+    // The device found again: a rotation gives it a key that works.
+    let server = start_with(config(0)).await;
+    let admin = client(&server, ADMIN_KEY).await;
+    let Reply::Credential(fresh) = admin.call_ok(&rotate(PASSWORD)).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(fresh.key_version, rotated.key_version + 2, "the revocation took a version");
+    payer.credential = fresh;
+    approved(outcome(admin.call_ok(&pay(&mut payer)).await.unwrap()));
+    for credential in [&stolen, &rotated] {
+        payer.credential = credential.clone();
+        assert_eq!(outcome(admin.call_ok(&pay(&mut payer)).await.unwrap()), refused);
+    }
+    server.shutdown().await;
 }

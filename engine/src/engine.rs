@@ -455,6 +455,31 @@ impl Engine {
         credential_from(reply, card_idm)
     }
 
+    /// Revokes every key of a user's device at once, after checking the user's password: for a
+    /// lost or stolen device. Its current key and any rotated-out key still in its grace window
+    /// are refused from then on (reason `KeyVersionInvalid`), durably; the device stays the
+    /// user's, and `rotate_device_key` gives it a new key if it is found again.
+    pub async fn revoke_device_key(
+        &self,
+        client_request_id: ClientRequestId,
+        user: &UserKey,
+        password: &str,
+        card_idm: Idm,
+    ) -> Result<(), EngineError> {
+        self.login(user, password).await?;
+        let digest = digest_of(&("revoke", user, card_idm));
+        // The device's key from now on: one nobody is given, so nothing it signs verifies.
+        let command = Command::RevokeDeviceKey {
+            user: user.clone(),
+            idm: card_idm,
+            key: DeviceKey::random(),
+        };
+        match self.apply_for_user(user, Some(client_request_id), digest, command).await? {
+            Reply::Ok => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Checks a password. Too many consecutive failures lock the account for `lockout_ms`.
     ///
     /// An unknown user is answered exactly as a wrong password (`WrongPassword`), after the

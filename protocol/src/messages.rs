@@ -46,6 +46,8 @@ pub mod opcode {
     pub const ROTATE_DEVICE_KEY: u16 = 0x0016;
     /// Subscribe to a user's completion notices.
     pub const SUBSCRIBE_NOTICES: u16 = 0x0017;
+    /// Revoke every key of a device at once (a lost or stolen phone).
+    pub const REVOKE_DEVICE_KEY: u16 = 0x0019;
     /// A pushed completion notice.
     pub const NOTICE: u16 = 0x0018;
     /// List terminals for a provider.
@@ -163,6 +165,12 @@ pub enum Request {
         card_idm: [u8; 8],
     },
     RotateDeviceKey {
+        client_request_id: u128,
+        user: UserKey,
+        password: String,
+        card_idm: [u8; 8],
+    },
+    RevokeDeviceKey {
         client_request_id: u128,
         user: UserKey,
         password: String,
@@ -303,6 +311,7 @@ impl Request {
             Request::ListMeans { .. } => LIST_MEANS,
             Request::ProvisionDevice { .. } => PROVISION_DEVICE,
             Request::RotateDeviceKey { .. } => ROTATE_DEVICE_KEY,
+            Request::RevokeDeviceKey { .. } => REVOKE_DEVICE_KEY,
             Request::SubscribeNotices { .. } => SUBSCRIBE_NOTICES,
             Request::RegisterTerminals { .. } => REGISTER_TERMINALS,
             Request::RemoveTerminals { .. } => REMOVE_TERMINALS,
@@ -342,7 +351,8 @@ impl Request {
             Request::ServerInfo => {}
             Request::Enroll { client_request_id, user, password, card_idm }
             | Request::ProvisionDevice { client_request_id, user, password, card_idm }
-            | Request::RotateDeviceKey { client_request_id, user, password, card_idm } => {
+            | Request::RotateDeviceKey { client_request_id, user, password, card_idm }
+            | Request::RevokeDeviceKey { client_request_id, user, password, card_idm } => {
                 w.u128(*client_request_id).user(user).str8(password).raw(card_idm);
             }
             Request::Login { user, password } | Request::SubscribeNotices { user, password } => {
@@ -513,7 +523,10 @@ impl Request {
                 Request::Ping { payload: payload.to_vec() }
             }
             opcode::SERVER_INFO => Request::ServerInfo,
-            opcode::ENROLL | opcode::PROVISION_DEVICE | opcode::ROTATE_DEVICE_KEY => {
+            opcode::ENROLL
+            | opcode::PROVISION_DEVICE
+            | opcode::ROTATE_DEVICE_KEY
+            | opcode::REVOKE_DEVICE_KEY => {
                 let client_request_id = r.u128("client_request_id")?;
                 let user = r.user()?;
                 let password = r.str8("password")?.to_owned();
@@ -525,7 +538,10 @@ impl Request {
                     opcode::PROVISION_DEVICE => {
                         Request::ProvisionDevice { client_request_id, user, password, card_idm }
                     }
-                    _ => Request::RotateDeviceKey { client_request_id, user, password, card_idm },
+                    opcode::ROTATE_DEVICE_KEY => {
+                        Request::RotateDeviceKey { client_request_id, user, password, card_idm }
+                    }
+                    _ => Request::RevokeDeviceKey { client_request_id, user, password, card_idm },
                 }
             }
             opcode::LOGIN | opcode::SUBSCRIBE_NOTICES => {
@@ -1488,7 +1504,9 @@ fn decode_reply(opcode: u16, r: &mut Reader<'_>) -> Result<Reply, BodyError> {
         }
         ENROLL | PROVISION_DEVICE | ROTATE_DEVICE_KEY => Reply::Credential(decode_credential(r)?),
         LOGIN | SET_DEFAULT_MEANS | SUBSCRIBE_NOTICES | REGISTER_TERMINALS | REMOVE_TERMINALS
-        | REGISTER_AGE | SET_AGE_POLICY | UPSERT_STORE | REMOVE_STORE => Reply::Empty,
+        | REGISTER_AGE | SET_AGE_POLICY | UPSERT_STORE | REMOVE_STORE | REVOKE_DEVICE_KEY => {
+            Reply::Empty
+        }
         STORE_AT | STORE_BY_SIGNAL => Reply::Entered(Box::new(decode_entered(r)?)),
         SUBSCRIBE_DEVICE => Reply::Empty,
         ISSUE_CODE => Reply::Code(match r.u8("result")? {

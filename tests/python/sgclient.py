@@ -90,6 +90,7 @@ class Op(enum.IntEnum):
     ROTATE_DEVICE_KEY = 0x0016
     SUBSCRIBE_NOTICES = 0x0017
     NOTICE = 0x0018
+    REVOKE_DEVICE_KEY = 0x0019
     REGISTER_TERMINALS = 0x0020
     REMOVE_TERMINALS = 0x0021
     CONFIRM_TERMINAL = 0x0022
@@ -1064,6 +1065,13 @@ def encode_provision_device(client_request_id: int, user: User, password: str,
 def encode_rotate_device_key(client_request_id: int, user: User, password: str,
                              card_idm: bytes) -> bytes:
     """``ROTATE_DEVICE_KEY`` request body (the same layout as ``PROVISION_DEVICE``)."""
+    return (BodyWriter().u128(client_request_id).user(user).str8(password)
+            .raw(card_idm, CARD_IDM_LEN).getvalue())
+
+
+def encode_revoke_device_key(client_request_id: int, user: User, password: str,
+                             card_idm: bytes) -> bytes:
+    """``REVOKE_DEVICE_KEY`` request body (the same layout as ``ROTATE_DEVICE_KEY``)."""
     return (BodyWriter().u128(client_request_id).user(user).str8(password)
             .raw(card_idm, CARD_IDM_LEN).getvalue())
 
@@ -2393,6 +2401,12 @@ class SettlegateClient:
         """``ROTATE_DEVICE_KEY``."""
         body = encode_rotate_device_key(client_request_id, user, password, card_idm)
         return decode_device_credential(self.call(Op.ROTATE_DEVICE_KEY, body))
+
+    def revoke_device_key(self, client_request_id: int, user: User, password: str,
+                          card_idm: bytes) -> None:
+        """``REVOKE_DEVICE_KEY``: every key of the device is refused from now on."""
+        body = encode_revoke_device_key(client_request_id, user, password, card_idm)
+        _expect_empty(self.call(Op.REVOKE_DEVICE_KEY, body))
 
     def subscribe_notices(self, user: User, password: str) -> int:
         """``SUBSCRIBE_NOTICES``; returns the subscription's request ID."""

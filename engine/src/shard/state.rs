@@ -12,7 +12,7 @@ use crate::age::{self, AgePolicy, AgeRecord, AgeRegistration, AgeRules, AgeVerdi
 use crate::codes::{issue_number, CodeKey, CodeKind, CodePayload, CouponEffect};
 use crate::cow::{CowMap, CHUNK_BITS_LARGE, CHUNK_BITS_SMALL};
 use crate::geo::{Candidate, Store, StoreDirectory, StoreIndex};
-use crate::keys::{DeviceIndex, DeviceKey, SealedKeys, Verified};
+use crate::keys::{DeviceIndex, DeviceKey, SealedKeys, Verified, REVOKED};
 use crate::limits::{
     BALANCE_MAX_MINOR, COUPON_USES_MAX, DEVICES_PER_USER_MAX, MEANS_PER_USER_MAX,
     STORES_PER_SHARD_MAX,
@@ -433,6 +433,13 @@ pub(crate) enum Command {
         idm: Idm,
         key: DeviceKey,
     },
+    /// Revokes a device's keys at once: `key` (given to nobody) replaces the current one,
+    /// which is refused from then on, as is any rotated-out one.
+    RevokeDeviceKey {
+        user: UserKey,
+        idm: Idm,
+        key: DeviceKey,
+    },
     AddMeans {
         user: UserKey,
         means: NewMeans,
@@ -718,7 +725,14 @@ impl ShardState {
                 self.provision_device(user, idm, device_key)
             }
             Command::RotateDeviceKey { user, idm, key: device_key } => {
-                self.rotate_device_key(&user, idm, device_key, now_ms)
+                let grace_until_ms = now_ms.saturating_add(self.config.key_grace_ms);
+                self.rotate_device_key(&user, idm, device_key, grace_until_ms)
+            }
+            Command::RevokeDeviceKey { user, idm, key: device_key } => {
+                match self.rotate_device_key(&user, idm, device_key, REVOKED) {
+                    Reply::KeyIssued { .. } => Reply::Ok,
+                    refused => refused,
+                }
             }
             Command::AddMeans { user, means, make_default } => {
                 self.add_means(&user, means, make_default, now_ms)
@@ -814,12 +828,14 @@ impl ShardState {
         Reply::KeyIssued { key_version: 1, key }
     }
 
+    /// Replaces a device's key with `key`; the previous one is accepted until
+    /// `grace_until_ms` ([`REVOKED`]: never again).
     fn rotate_device_key(
         &mut self,
         user: &UserKey,
         idm: Idm,
         key: DeviceKey,
-        now_ms: i64,
+        grace_until_ms: i64,
     ) -> Reply {
         let Some(account) = self.users.get_mut(user).map(Arc::make_mut) else {
             return Reply::Refused(ReasonCode::UnknownUser);
@@ -831,7 +847,6 @@ impl ShardState {
             return Reply::Refused(ReasonCode::KeyVersionInvalid);
         };
         device.key_version = version;
-        let grace_until_ms = now_ms.saturating_add(self.config.key_grace_ms);
         device.sealed =
             device.sealed.rotated(&self.shared.vault, &idm, version, &key, grace_until_ms);
         self.shared.devices.rotate(&idm, version, &key, grace_until_ms);
@@ -920,6 +935,11 @@ impl ShardState {
         let Some(device) = account.devices.iter_mut().find(|d| d.idm == record.card_idm) else {
             return declined(ReasonCode::UserDeviceMismatch);
         };
+        // Verified against the key index before this command was applied: a revocation (or two
+        // rotations) applied since then refuses its key here.
+        if !device.sealed.accepts(record.key_version) {
+            return declined(ReasonCode::KeyVersionInvalid);
+        }
         if (now_ms - record.timestamp_ms).abs() > self.config.timestamp_window_ms {
             return declined(ReasonCode::StaleTimestamp);
         }

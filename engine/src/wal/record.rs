@@ -160,6 +160,12 @@ enum LogCommand {
     CodeCompleteAt {
         complete: Box<LogCodeComplete>,
     },
+    /// A device's keys revoked at once; `key` is the one given to nobody that replaces them.
+    RevokeDeviceKey {
+        user: LogUser,
+        idm: [u8; 8],
+        key: LogSealed,
+    },
 }
 
 /// A payment-code request's completion (C2), with the request's store terminal.
@@ -675,6 +681,11 @@ fn command_out(command: &Command, vault: &Vault) -> LogCommand {
             idm: *idm,
             key: key_out(vault, key, idm),
         },
+        Command::RevokeDeviceKey { user, idm, key } => LogCommand::RevokeDeviceKey {
+            user: user_out(user),
+            idm: *idm,
+            key: key_out(vault, key, idm),
+        },
         Command::AddMeans { user, means, make_default } => LogCommand::AddMeans {
             user: user_out(user),
             kind: means.kind as u8,
@@ -805,6 +816,11 @@ fn command_in(command: &LogCommand, vault: &Vault) -> Result<Command, RecordErro
             key: key_in(vault, key, idm)?,
         },
         LogCommand::RotateDeviceKey { user, idm, key } => Command::RotateDeviceKey {
+            user: user_in(user)?,
+            idm: *idm,
+            key: key_in(vault, key, idm)?,
+        },
+        LogCommand::RevokeDeviceKey { user, idm, key } => Command::RevokeDeviceKey {
             user: user_in(user)?,
             idm: *idm,
             key: key_in(vault, key, idm)?,
