@@ -165,9 +165,10 @@ pub async fn handle(ctx: &Context, identity: &Identity, request: Request) -> Res
             }
             Ok(Reply::Coupons(answers))
         }
-        Request::NotifyDelivery { notice } => {
-            engine.notify_delivery(notice).await.map(|n| Reply::Delivered(n as u32))
-        }
+        Request::NotifyDelivery { client_request_id, notice } => engine
+            .notify_delivery(client_request_id, notice)
+            .await
+            .map(|n| Reply::Delivered(n as u32)),
         // Permitted as the request it is: refused for its user ID.
         Request::MisfitUserId { .. } => Err(EngineError::Refused(ReasonCode::InvalidUserId)),
         Request::Auth { .. }

@@ -304,6 +304,7 @@ fn user_requests(user: &UserKey) -> Vec<Request> {
             users: vec![user.clone()],
         },
         Request::NotifyDelivery {
+            client_request_id: 6,
             notice: DeliveryNotice {
                 user: user.clone(),
                 order_ref: "ORDER-1".into(),
@@ -566,5 +567,70 @@ async fn a_revoked_device_key_is_refused_at_once_and_after_a_restart() {
         payer.credential = credential.clone();
         assert_eq!(outcome(admin.call_ok(&pay(&mut payer)).await.unwrap()), refused);
     }
+    server.shutdown().await;
+}
+
+// ---- 13: NOTIFY_DELIVERY is idempotent by client request ID -------------------------------
+
+/// A retried `NOTIFY_DELIVERY` (same client request ID, same notice) is answered as the first
+/// was and notifies nobody again, also after a restart; the same ID with another notice is
+/// refused with 40.
+#[tokio::test]
+async fn a_retried_delivery_notice_notifies_once() {
+    use settlegate_engine::{DeliveryNotice, DeviceMessage};
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = server_config();
+    config.engine.durability.data_dir = Some(dir.path().to_owned());
+    let server = start_with(config.clone()).await;
+    let admin = client(&server, ADMIN_KEY).await;
+    let (user, credential) = enroll(&admin, "review-delivery").await;
+    let subscribe = Request::SubscribeDevice {
+        user: user.clone(),
+        password: PASSWORD.into(),
+        card_idm: credential.card_idm,
+    };
+    let device = client(&server, ADMIN_KEY).await;
+    let (_, mut pushes) = device.subscribe_device(&subscribe).await.unwrap();
+    let notice = DeliveryNotice {
+        user: user.clone(),
+        order_ref: "ORDER-4411".into(),
+        amount_minor: 4_980,
+        currency: jpy(),
+        merchant: "Review Books".into(),
+    };
+    let id = request_id();
+    let notify = |client_request_id, notice: &DeliveryNotice| Request::NotifyDelivery {
+        client_request_id,
+        notice: notice.clone(),
+    };
+    assert_eq!(admin.call_ok(&notify(id, &notice)).await.unwrap(), Reply::Delivered(1));
+    let pushed = tokio::time::timeout(Duration::from_secs(5), pushes.recv()).await.unwrap();
+    assert_eq!(
+        pushed.unwrap(),
+        Reply::DeviceMessage(Box::new(DeviceMessage::Delivery(notice.clone())))
+    );
+    // The retry: the first answer, and nothing pushed.
+    assert_eq!(admin.call_ok(&notify(id, &notice)).await.unwrap(), Reply::Delivered(1));
+    let again = tokio::time::timeout(Duration::from_millis(500), pushes.recv()).await;
+    assert!(again.is_err(), "a retry notifies nobody: {again:?}");
+    // The same ID for another notice.
+    let other = DeliveryNotice { amount_minor: 1, ..notice.clone() };
+    assert_eq!(
+        admin.call(&notify(id, &other)).await.unwrap(),
+        Response::Refused(ReasonCode::IdempotencyConflict)
+    );
+    server.shutdown().await;
+
+    // After a restart the retry is still answered from its first answer, and pushes nothing.
+    let server = start_with(config).await;
+    let admin = client(&server, ADMIN_KEY).await;
+    let device = client(&server, ADMIN_KEY).await;
+    let (_, mut pushes) = device.subscribe_device(&subscribe).await.unwrap();
+    assert_eq!(admin.call_ok(&notify(id, &notice)).await.unwrap(), Reply::Delivered(1));
+    let again = tokio::time::timeout(Duration::from_millis(500), pushes.recv()).await;
+    assert!(again.is_err(), "a retry after a restart notifies nobody: {again:?}");
+    // A new ID is a new notice.
+    assert_eq!(admin.call_ok(&notify(request_id(), &notice)).await.unwrap(), Reply::Delivered(1));
+    assert!(tokio::time::timeout(Duration::from_secs(5), pushes.recv()).await.is_ok());
     server.shutdown().await;
 }

@@ -1173,8 +1173,15 @@ impl Engine {
     }
 
     /// Tells a user a cash-on-delivery parcel is on its way (C4): the notice reaches every
-    /// device of theirs that is subscribed. Returns how many devices received it.
-    pub async fn notify_delivery(&self, notice: DeliveryNotice) -> Result<usize, EngineError> {
+    /// device of theirs that is subscribed. Returns how many devices were subscribed when it
+    /// was accepted. Idempotent by client request ID, as every change is: the user's shard
+    /// keeps the answer, a retry gets it and publishes nothing (the same ID with another
+    /// notice is `IdempotencyConflict`).
+    pub async fn notify_delivery(
+        &self,
+        client_request_id: ClientRequestId,
+        notice: DeliveryNotice,
+    ) -> Result<usize, EngineError> {
         let valid = notice.amount_minor > 0
             && notice.amount_minor <= crate::limits::AMOUNT_MINOR_MAX
             && !notice.order_ref.is_empty()
@@ -1185,12 +1192,30 @@ impl Engine {
             return Err(EngineError::Refused(ReasonCode::InvalidCodeRequest));
         }
         let devices = self.devices_of(&notice.user).await?;
-        Ok(devices
-            .into_iter()
-            .filter(|idm| {
-                self.inner.notices.publish_device(*idm, DeviceMessage::Delivery(notice.clone()))
-            })
-            .count())
+        let listened = devices.iter().filter(|idm| self.inner.notices.device_listened(idm));
+        let count = u32::try_from(listened.count()).unwrap_or(u32::MAX);
+        let digest = digest_of(&(
+            "delivery",
+            &notice.user,
+            &notice.order_ref,
+            notice.amount_minor,
+            notice.currency,
+            &notice.merchant,
+        ));
+        let command = Command::NotifyDelivery { user: notice.user.clone(), devices: count };
+        let reply = self.apply_for_user(&notice.user, Some(client_request_id), digest, command);
+        match reply.await? {
+            // The first answer: the notice goes out now, once.
+            Reply::DeliveryAccepted(count) => {
+                for idm in devices {
+                    self.inner.notices.publish_device(idm, DeviceMessage::Delivery(notice.clone()));
+                }
+                Ok(count as usize)
+            }
+            // A retry: answered as the first was, nothing sent again.
+            Reply::Delivered(count) => Ok(count as usize),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// Subscribes to what reaches one device: its payment codes, its user's coupons and

@@ -263,6 +263,7 @@ pub enum Request {
         users: Vec<UserKey>,
     },
     NotifyDelivery {
+        client_request_id: u128,
         notice: DeliveryNotice,
     },
     SubscribeDevice {
@@ -482,7 +483,10 @@ impl Request {
                     w.user(user);
                 }
             }
-            Request::NotifyDelivery { notice } => encode_delivery(&mut w, notice),
+            Request::NotifyDelivery { client_request_id, notice } => {
+                w.u128(*client_request_id);
+                encode_delivery(&mut w, notice);
+            }
             Request::SubscribeDevice { user, password, card_idm } => {
                 w.user(user).str8(password).raw(card_idm);
             }
@@ -711,7 +715,10 @@ impl Request {
                     users,
                 }
             }
-            opcode::NOTIFY_DELIVERY => Request::NotifyDelivery { notice: decode_delivery(&mut r)? },
+            opcode::NOTIFY_DELIVERY => Request::NotifyDelivery {
+                client_request_id: r.u128("client_request_id")?,
+                notice: decode_delivery(&mut r)?,
+            },
             opcode::SUBSCRIBE_DEVICE => Request::SubscribeDevice {
                 user: r.user()?,
                 password: r.str8("password")?.to_owned(),

@@ -2762,11 +2762,19 @@ def encode_issue_coupons(client_request_id: int, provider_code: int, kind: int, 
     return writer.getvalue()
 
 
-def encode_notify_delivery(user: User, order_ref: str, amount_minor: int, currency: str,
+def encode_delivery_notice(user: User, order_ref: str, amount_minor: int, currency: str,
                            merchant: str) -> bytes:
-    """``NOTIFY_DELIVERY`` request body (also the delivery notice push's body)."""
+    """A delivery notice: the ``NOTIFY_DELIVERY`` body after its client request ID, and the
+    body of a ``DEVICE_MESSAGE`` push of kind 3 after its kind byte."""
     return (BodyWriter().user(user).str8(order_ref).u64(amount_minor).ascii(currency, 3)
             .str8(merchant).getvalue())
+
+
+def encode_notify_delivery(client_request_id: int, user: User, order_ref: str,
+                           amount_minor: int, currency: str, merchant: str) -> bytes:
+    """``NOTIFY_DELIVERY`` request body."""
+    return (BodyWriter().u128(client_request_id).getvalue()
+            + encode_delivery_notice(user, order_ref, amount_minor, currency, merchant))
 
 
 def encode_subscribe_device(user: User, password: str, card_idm: bytes) -> bytes:

@@ -1743,11 +1743,24 @@ class PaymentCodeTest(LiveTestCase):
         account = Account(self.client)
         listener = self.subscribe_device(account)
         order = f"ORD-{uuid.uuid4().hex[:12]}"
-        notice = sg.encode_notify_delivery(account.user, order, 4_980, "JPY", "Py Books")
+        client_request_id = sg.new_client_request_id()
+        notice = sg.encode_notify_delivery(client_request_id, account.user, order, 4_980, "JPY",
+                                           "Py Books")
         reached = sg.BodyReader(self.client.call(sg.Op.NOTIFY_DELIVERY, notice)).u32()
         self.assertEqual(reached, 1)
         kind, delivery = self.next_message(listener)
         self.assertEqual((kind, delivery[1], delivery[2]), (3, order, 4_980))
+        # A retry (same client request ID and notice) gets the first answer and sends nothing.
+        again = sg.BodyReader(self.client.call(sg.Op.NOTIFY_DELIVERY, notice)).u32()
+        self.assertEqual(again, 1)
+        with self.assertRaises((socket.timeout, TimeoutError, OSError)):
+            listener.next_push(timeout=0.5)
+        other = sg.encode_notify_delivery(client_request_id, account.user, order, 1, "JPY",
+                                          "Py Books")
+        frame = self.client.request(sg.Op.NOTIFY_DELIVERY, other)
+        self.assertEqual((frame.status, frame.body),
+                         (sg.Status.REFUSED,
+                          sg.Reason.IDEMPOTENCY_CONFLICT.to_bytes(2, "big")))
         code = self.issue(account, 4_980, order_ref=order)
         self.assertEqual(self.next_message(listener)[0], 1)
         self.assert_refused(self.redeem(code, 4_980, order_ref="ORD-WRONG", terminal="COURIER-1"),

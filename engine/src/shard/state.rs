@@ -507,6 +507,12 @@ pub(crate) enum Command {
     },
     /// Releases the holds of codes expired unused.
     SweepCodes,
+    /// C4: a delivery notice accepted for `user`, then subscribed on `devices` of theirs (the
+    /// engine publishes it on a first answer only: this command is what makes it idempotent).
+    NotifyDelivery {
+        user: UserKey,
+        devices: u32,
+    },
     /// C5: a coupon for a user.
     IssueCoupon {
         user: UserKey,
@@ -611,6 +617,10 @@ pub(crate) enum Reply {
     CouponIssued(Box<IssuedCoupon>),
     Swept(u32),
     Devices(Vec<Idm>),
+    /// A delivery notice accepted now: publish it (it reached this many subscribed devices).
+    DeliveryAccepted(u32),
+    /// A delivery notice accepted before (a retry's answer): publish nothing.
+    Delivered(u32),
 }
 
 /// One shard's users, devices' replay state and idempotency records. The maps are
@@ -675,6 +685,8 @@ impl ShardState {
             Reply::Dispatch(dispatch) => {
                 IdemState::Pending { user: dispatch.user.clone(), means_id: dispatch.means_id }
             }
+            // Kept as delivered, so that a retry does not publish the notice again.
+            Reply::DeliveryAccepted(devices) => IdemState::Done(Reply::Delivered(*devices)),
             done => IdemState::done(&self.shared.vault, key, done),
         };
         self.idem.insert(key, envelope.digest, state, envelope.now_ms);
@@ -758,6 +770,10 @@ impl ShardState {
             }
             Command::RedeemCode { spec } => self.redeem_code(&spec, now_ms),
             Command::SweepCodes => Reply::Swept(self.sweep_codes(now_ms)),
+            Command::NotifyDelivery { user, devices } => match self.users.contains_key(&user) {
+                true => Reply::DeliveryAccepted(devices),
+                false => Reply::Refused(ReasonCode::UnknownUser),
+            },
             Command::IssueCoupon { user, provider_code, effect, uses, expires_ms } => {
                 self.issue_coupon(user, provider_code, effect, uses, expires_ms)
             }

@@ -166,6 +166,11 @@ enum LogCommand {
         idm: [u8; 8],
         key: LogSealed,
     },
+    /// A delivery notice accepted (C4), and how many devices were subscribed.
+    NotifyDelivery {
+        user: LogUser,
+        devices: u32,
+    },
 }
 
 /// A payment-code request's completion (C2), with the request's store terminal.
@@ -686,6 +691,9 @@ fn command_out(command: &Command, vault: &Vault) -> LogCommand {
             idm: *idm,
             key: key_out(vault, key, idm),
         },
+        Command::NotifyDelivery { user, devices } => {
+            LogCommand::NotifyDelivery { user: user_out(user), devices: *devices }
+        }
         Command::AddMeans { user, means, make_default } => LogCommand::AddMeans {
             user: user_out(user),
             kind: means.kind as u8,
@@ -825,6 +833,9 @@ fn command_in(command: &LogCommand, vault: &Vault) -> Result<Command, RecordErro
             idm: *idm,
             key: key_in(vault, key, idm)?,
         },
+        LogCommand::NotifyDelivery { user, devices } => {
+            Command::NotifyDelivery { user: user_in(user)?, devices: *devices }
+        }
         LogCommand::AddMeans { user, kind, label, number, make_default } => Command::AddMeans {
             user: user_in(user)?,
             means: NewMeans {

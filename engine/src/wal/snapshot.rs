@@ -328,6 +328,10 @@ enum SnapIdemState {
         available_minor: u64,
         currency: Option<[u8; 3]>,
     },
+    /// Since format version 6: a delivery notice's answer.
+    Delivered {
+        devices: u32,
+    },
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug)]
@@ -909,6 +913,7 @@ fn capture_reply(
             verdict: verdict_out(verdict),
         },
         // Only the replies above are ever stored as done.
+        Reply::Delivered(devices) => SnapIdemState::Delivered { devices: *devices },
         _ => SnapIdemState::Ok,
     }
 }
@@ -985,6 +990,9 @@ fn restore_idem(i: &ArchivedSnapIdem) -> Result<IdemState, RecordError> {
                 available_minor: available_minor.to_native(),
                 currency: currency.as_ref().map(|c| currency_in(*c)).transpose()?,
             }))
+        }
+        ArchivedSnapIdemState::Delivered { devices } => {
+            IdemState::Done(Reply::Delivered(devices.to_native()))
         }
         ArchivedSnapIdemState::BasketAuth { outcome, verdict } => {
             IdemState::Done(Reply::BasketAuth(
