@@ -979,11 +979,58 @@ fn command_in(command: &LogCommand, vault: &Vault) -> Result<Command, RecordErro
 
 #[cfg(test)]
 mod layout {
+    use super::*;
+
     /// A record's archive is read from the end of its payload, so every format version's
     /// records read only while the archived command keeps its size: a variant appended later
     /// must fit in it (box what does not).
     #[test]
     fn the_archived_command_keeps_its_size() {
-        assert_eq!(std::mem::size_of::<super::ArchivedLogCommand>(), 128);
+        assert_eq!(std::mem::size_of::<ArchivedLogCommand>(), 128);
+    }
+
+    /// A code's issue as format version 5 logged it (no terminal) still reads, with no
+    /// terminal; as version 6 logs it, with its terminal.
+    #[test]
+    fn a_code_issue_reads_from_either_format() {
+        let vault = Vault::new(&[3; 32]);
+        let user = LogUser { id_type: 1, id: "a@example.com".into() };
+        let outcome = LogOutcome::Declined { reason: ReasonCode::ProviderDoNotHonor.code() };
+        let spec = LogCodeSpec { validity_ms: 60_000, deliver_to: None, order_ref: String::new() };
+        let envelope = |command| LogEnvelope {
+            owner_hash: 7,
+            client_request_id: None,
+            digest: 0,
+            now_ms: 1,
+            command,
+        };
+        let v5 = envelope(LogCommand::CodeComplete {
+            owner_hash: 7,
+            client_request_id: 9,
+            user: user.clone(),
+            means_id: 1,
+            outcome: outcome.clone(),
+            spec: spec.clone(),
+        });
+        let v6 = envelope(LogCommand::CodeCompleteAt {
+            complete: Box::new(LogCodeComplete {
+                owner_hash: 7,
+                client_request_id: 9,
+                user,
+                means_id: 1,
+                outcome,
+                spec,
+                terminal_id: "SHOP-A-1".into(),
+            }),
+        });
+        for (record, terminal) in [(v5, ""), (v6, "SHOP-A-1")] {
+            let read = LogEnvelope::from_bytes(&record.to_bytes()).unwrap();
+            let Command::CodeComplete { key, terminal_id, .. } =
+                read.to_envelope(&vault).unwrap().command
+            else {
+                panic!("a code's completion")
+            };
+            assert_eq!((key, terminal_id.as_str()), ((7, 9), terminal));
+        }
     }
 }
