@@ -770,10 +770,13 @@ impl ShardState {
             }
             Command::RedeemCode { spec } => self.redeem_code(&spec, now_ms),
             Command::SweepCodes => Reply::Swept(self.sweep_codes(now_ms)),
-            Command::NotifyDelivery { user, devices } => match self.users.contains_key(&user) {
-                true => Reply::DeliveryAccepted(devices),
-                false => Reply::Refused(ReasonCode::UnknownUser),
-            },
+            Command::NotifyDelivery { user, devices } => {
+                if self.users.contains_key(&user) {
+                    Reply::DeliveryAccepted(devices)
+                } else {
+                    Reply::Refused(ReasonCode::UnknownUser)
+                }
+            }
             Command::IssueCoupon { user, provider_code, effect, uses, expires_ms } => {
                 self.issue_coupon(user, provider_code, effect, uses, expires_ms)
             }
