@@ -46,8 +46,10 @@ impl PendingAuthorize {
     }
 }
 
-/// Handles a request other than `AUTH`, `AUTHORIZE`, `AUTHORIZE_BASKET` and
-/// `SUBSCRIBE_NOTICES` (which need the connection's state and are handled there).
+/// Handles a request other than `AUTH`, `AUTHORIZE`, `AUTHORIZE_BASKET`, `SUBSCRIBE_NOTICES`
+/// and `SUBSCRIBE_DEVICE` (which need the connection's state and are handled there). A request
+/// with a user ID that does not fit its type (`Request::MisfitUserId`, any opcode) comes here:
+/// checked against the identity's permissions as the request it is, then refused with 51.
 pub async fn handle(ctx: &Context, identity: &Identity, request: Request) -> Response {
     if let Some(refusal) = forbidden(identity, &request) {
         return refusal;
@@ -82,6 +84,10 @@ pub async fn handle(ctx: &Context, identity: &Identity, request: Request) -> Res
             .rotate_device_key(client_request_id, &user, &password, card_idm)
             .await
             .map(Reply::Credential),
+        Request::RevokeDeviceKey { client_request_id, user, password, card_idm } => engine
+            .revoke_device_key(client_request_id, &user, &password, card_idm)
+            .await
+            .map(|()| Reply::Empty),
         Request::RegisterTerminals { client_request_id, provider_code, terminals } => engine
             .register_terminals(client_request_id, provider_code, terminals)
             .await
@@ -133,9 +139,11 @@ pub async fn handle(ctx: &Context, identity: &Identity, request: Request) -> Res
         Request::RedeemCode { request } => {
             engine.redeem_code(request).await.map(|r| Reply::Redeemed(Box::new(r)))
         }
-        Request::CodeState { number } => {
-            engine.code_state(number).await.map(|s| Reply::CodeState(Box::new(s)))
-        }
+        // Only the codes of the identity's own terminals: any other is "no such code".
+        Request::CodeState { number } => engine
+            .code_state_for(number, |terminal| identity.may_act_for_terminal(terminal))
+            .await
+            .map(|s| Reply::CodeState(Box::new(s))),
         Request::IssueCoupons {
             client_request_id,
             provider_code,
@@ -157,9 +165,12 @@ pub async fn handle(ctx: &Context, identity: &Identity, request: Request) -> Res
             }
             Ok(Reply::Coupons(answers))
         }
-        Request::NotifyDelivery { notice } => {
-            engine.notify_delivery(notice).await.map(|n| Reply::Delivered(n as u32))
-        }
+        Request::NotifyDelivery { client_request_id, notice } => engine
+            .notify_delivery(client_request_id, notice)
+            .await
+            .map(|n| Reply::Delivered(n as u32)),
+        // Permitted as the request it is: refused for its user ID.
+        Request::MisfitUserId { .. } => Err(EngineError::Refused(ReasonCode::InvalidUserId)),
         Request::Auth { .. }
         | Request::Authorize { .. }
         | Request::AuthorizeBasket { .. }
@@ -186,6 +197,7 @@ pub fn forbidden(identity: &Identity, request: &Request) -> Option<Response> {
         | Request::ListMeans { .. }
         | Request::ProvisionDevice { .. }
         | Request::RotateDeviceKey { .. }
+        | Request::RevokeDeviceKey { .. }
         | Request::RegisterAge { .. }
         | Request::StoreAt { .. }
         | Request::StoreBySignal { .. }
@@ -228,6 +240,7 @@ pub fn forbidden(identity: &Identity, request: &Request) -> Option<Response> {
             (!identity.may(permission::STORES)).then(|| deny("manage stores")).flatten()
         }
         Request::Authorize { .. } | Request::AuthorizeBasket { .. } => None,
+        Request::MisfitUserId { request, .. } => forbidden(identity, request),
     }
 }
 
@@ -343,6 +356,7 @@ fn op_name(opcode: u16) -> &'static str {
         LIST_MEANS => "list_means",
         PROVISION_DEVICE => "provision_device",
         ROTATE_DEVICE_KEY => "rotate_device_key",
+        REVOKE_DEVICE_KEY => "revoke_device_key",
         SUBSCRIBE_NOTICES => "subscribe_notices",
         REGISTER_TERMINALS => "register_terminals",
         REMOVE_TERMINALS => "remove_terminals",

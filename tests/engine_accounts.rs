@@ -19,12 +19,13 @@ async fn enrollment_then_login() {
 }
 
 #[tokio::test]
-async fn unknown_user_login_is_refused() {
+async fn unknown_user_login_is_refused_as_a_wrong_password() {
     let h = Harness::new();
     let ghost = UserKey::new(UserIdType::InherentNumber, "0000123").unwrap();
+    // As a wrong password would be: a login does not tell who exists.
     assert_eq!(
         h.engine.login(&ghost, PASSWORD).await,
-        Err(EngineError::Refused(ReasonCode::UnknownUser))
+        Err(EngineError::Refused(ReasonCode::WrongPassword))
     );
     assert_eq!(
         h.engine.list_means(&ghost, MeansOrder::Registration).await,

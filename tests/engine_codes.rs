@@ -245,7 +245,7 @@ async fn cash_on_delivery_end_to_end() {
         currency: jpy(),
         merchant: "Demo Books".into(),
     };
-    assert_eq!(h.engine.notify_delivery(notice.clone()).await.unwrap(), 1);
+    assert_eq!(h.engine.notify_delivery(request_id(), notice.clone()).await.unwrap(), 1);
     assert_eq!(phone.try_recv().unwrap(), DeviceMessage::Delivery(notice));
     // The user authorizes and receives a code for that order.
     let mut request = code_request(&h, &gina, 4_980, (MeansKind::CreditCard, 0));

@@ -325,11 +325,9 @@ async fn a_data_directory_of_format_version_3_still_restores() {
     let done = with_snapshots(dir.path()).await;
     for index in 0..config().shard_count() {
         let snapshot = settlegate_engine::wal::shard_snapshot_path(dir.path(), index);
-        if let Ok(mut bytes) = std::fs::read(&snapshot) {
+        if let Ok(bytes) = std::fs::read(&snapshot) {
             assert!(bytes[36..48].iter().all(|&b| b == 0), "version 4 pads its header");
-            bytes.drain(36..48);
-            bytes[8..10].copy_from_slice(&3u16.to_be_bytes());
-            std::fs::write(&snapshot, bytes).unwrap();
+            settlegate_engine::wal::rewrite_as_version(&snapshot, 3).unwrap();
         }
         let log = settlegate_engine::wal::shard_log_path(dir.path(), index);
         let mut bytes = std::fs::read(&log).unwrap();

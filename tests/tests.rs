@@ -16,3 +16,4 @@ mod server_hardening;
 mod server_lifecycle;
 mod server_malformed;
 mod server_ops;
+mod server_review;

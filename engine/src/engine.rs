@@ -456,7 +456,37 @@ impl Engine {
         credential_from(reply, card_idm)
     }
 
+    /// Revokes every key of a user's device at once, after checking the user's password: for a
+    /// lost or stolen device. Its current key and any rotated-out key still in its grace window
+    /// are refused from then on (reason `KeyVersionInvalid`), durably; the device stays the
+    /// user's, and `rotate_device_key` gives it a new key if it is found again.
+    pub async fn revoke_device_key(
+        &self,
+        client_request_id: ClientRequestId,
+        user: &UserKey,
+        password: &str,
+        card_idm: Idm,
+    ) -> Result<(), EngineError> {
+        self.login(user, password).await?;
+        let digest = digest_of(&("revoke", user, card_idm));
+        // The device's key from now on: one nobody is given, so nothing it signs verifies.
+        let command = Command::RevokeDeviceKey {
+            user: user.clone(),
+            idm: card_idm,
+            key: DeviceKey::random(),
+        };
+        match self.apply_for_user(user, Some(client_request_id), digest, command).await? {
+            Reply::Ok => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Checks a password. Too many consecutive failures lock the account for `lockout_ms`.
+    ///
+    /// An unknown user is answered exactly as a wrong password (`WrongPassword`), after the
+    /// same work: a verification against a dummy hash, and a logged login attempt through the
+    /// user's shard (which finds no user), so that neither the answer nor its timing tells
+    /// which users exist. Every operation that takes a password checks it here.
     pub async fn login(&self, user: &UserKey, password: &str) -> Result<(), EngineError> {
         let now_ms = self.now_ms();
         let query = Query::Credentials { user: user.clone(), now_ms };
@@ -467,16 +497,18 @@ impl Engine {
         };
         let hasher = self.inner.hasher.clone();
         let password = zeroize::Zeroizing::new(password.to_owned());
-        let success = tokio::task::spawn_blocking(move || hasher.verify(&password, &phc))
+        let verified = tokio::task::spawn_blocking(move || hasher.verify(&password, &phc))
             .await
             .map_err(|_| EngineError::Stopped)?;
-        if !known {
-            return Err(EngineError::Refused(ReasonCode::UnknownUser));
-        }
-        let command = Command::LoginAttempt { user: user.clone(), success };
-        match self.apply_for_user(user, None, 0, command).await? {
-            Reply::Ok => Ok(()),
-            other => Err(unexpected(other)),
+        // The dummy hash's password never logs anyone in.
+        let command = Command::LoginAttempt { user: user.clone(), success: verified && known };
+        match self.apply_for_user(user, None, 0, command).await {
+            Ok(Reply::Ok) => Ok(()),
+            Ok(other) => Err(unexpected(other)),
+            Err(EngineError::Refused(ReasonCode::UnknownUser)) => {
+                Err(EngineError::Refused(ReasonCode::WrongPassword))
+            }
+            Err(error) => Err(error),
         }
     }
 
@@ -1050,12 +1082,27 @@ impl Engine {
     /// A payment code's state: issued, expired, or redeemed with its capture and the
     /// remittance due to the merchant (C3).
     pub async fn code_state(&self, number: u64) -> Result<CodeState, EngineError> {
+        self.code_state_for(number, |_| true).await
+    }
+
+    /// [`Engine::code_state`] for a reader that may see the codes of some store terminals only
+    /// (`may_see` says which): a code's state concerns the terminal that redeemed it, or before
+    /// its redemption the terminal it was requested for (`*` when the store was not known). A
+    /// code of a terminal `may_see` refuses is answered exactly as a code that does not exist
+    /// (`UnknownCode`).
+    pub async fn code_state_for(
+        &self,
+        number: u64,
+        may_see: impl Fn(&str) -> bool,
+    ) -> Result<CodeState, EngineError> {
+        let unknown = EngineError::Refused(ReasonCode::UnknownCode);
         let shard = codes::shard_of_number(number);
         if shard >= self.shard_count() {
-            return Err(EngineError::Refused(ReasonCode::UnknownCode));
+            return Err(unknown);
         }
         match self.call(shard, Op::Query(Query::Code { number })).await? {
-            Reply::CodeState(state) => Ok(*state),
+            Reply::CodeState(state, terminal_id) if may_see(&terminal_id) => Ok(*state),
+            Reply::CodeState(..) => Err(unknown),
             other => Err(unexpected(other)),
         }
     }
@@ -1128,8 +1175,15 @@ impl Engine {
     }
 
     /// Tells a user a cash-on-delivery parcel is on its way (C4): the notice reaches every
-    /// device of theirs that is subscribed. Returns how many devices received it.
-    pub async fn notify_delivery(&self, notice: DeliveryNotice) -> Result<usize, EngineError> {
+    /// device of theirs that is subscribed. Returns how many devices were subscribed when it
+    /// was accepted. Idempotent by client request ID, as every change is: the user's shard
+    /// keeps the answer, a retry gets it and publishes nothing (the same ID with another
+    /// notice is `IdempotencyConflict`).
+    pub async fn notify_delivery(
+        &self,
+        client_request_id: ClientRequestId,
+        notice: DeliveryNotice,
+    ) -> Result<usize, EngineError> {
         let valid = notice.amount_minor > 0
             && notice.amount_minor <= crate::limits::AMOUNT_MINOR_MAX
             && !notice.order_ref.is_empty()
@@ -1140,12 +1194,30 @@ impl Engine {
             return Err(EngineError::Refused(ReasonCode::InvalidCodeRequest));
         }
         let devices = self.devices_of(&notice.user).await?;
-        Ok(devices
-            .into_iter()
-            .filter(|idm| {
-                self.inner.notices.publish_device(*idm, DeviceMessage::Delivery(notice.clone()))
-            })
-            .count())
+        let listened = devices.iter().filter(|idm| self.inner.notices.device_listened(idm));
+        let count = u32::try_from(listened.count()).unwrap_or(u32::MAX);
+        let digest = digest_of(&(
+            "delivery",
+            &notice.user,
+            &notice.order_ref,
+            notice.amount_minor,
+            notice.currency,
+            &notice.merchant,
+        ));
+        let command = Command::NotifyDelivery { user: notice.user.clone(), devices: count };
+        let reply = self.apply_for_user(&notice.user, Some(client_request_id), digest, command);
+        match reply.await? {
+            // The first answer: the notice goes out now, once.
+            Reply::DeliveryAccepted(count) => {
+                for idm in devices {
+                    self.inner.notices.publish_device(idm, DeviceMessage::Delivery(notice.clone()));
+                }
+                Ok(count as usize)
+            }
+            // A retry: answered as the first was, nothing sent again.
+            Reply::Delivered(count) => Ok(count as usize),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// Subscribes to what reaches one device: its payment codes, its user's coupons and

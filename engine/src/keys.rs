@@ -104,8 +104,12 @@ pub(crate) fn open_device_key(
     Some(DeviceKey::from_bytes(bytes))
 }
 
+/// The end of the grace window of a revoked key: refused from the start, whatever the clock.
+pub(crate) const REVOKED: i64 = i64::MIN;
+
 /// A device's keys sealed to its IDm, as its shard keeps them for snapshots: the current
-/// version, and the rotated-out one with the instant (ms) after which it is refused.
+/// version, and the rotated-out one with the instant (ms) after which it is refused
+/// ([`REVOKED`] for a key revoked at once).
 #[derive(Debug, Clone)]
 pub(crate) struct SealedKeys {
     pub(crate) current: (u16, Arc<SealedNumber>),
@@ -116,6 +120,18 @@ impl SealedKeys {
     /// A device's first key.
     pub(crate) fn first(vault: &Vault, idm: &Idm, key: &DeviceKey) -> SealedKeys {
         SealedKeys { current: (1, Arc::new(vault.seal(key.expose(), idm))), previous: None }
+    }
+
+    /// Whether a record signed with key `version` may still be accepted: the current key, or
+    /// the rotated-out one unless it was revoked. (The grace window's end is checked against
+    /// the clock by the verifier; this is for the shard, which applies in order with
+    /// revocations, so that a payment verified just before its key was revoked is refused.)
+    pub(crate) fn accepts(&self, version: u16) -> bool {
+        self.current.0 == version
+            || self
+                .previous
+                .as_ref()
+                .is_some_and(|(v, _, until)| *v == version && *until != REVOKED)
     }
 
     /// After a rotation to `key` at `version`: the current key becomes the previous one.

@@ -83,6 +83,11 @@ impl Notices {
         self.devices.entry(idm).or_insert_with(|| broadcast::channel(NOTICE_BUFFER).0).subscribe()
     }
 
+    /// Whether anyone listens to a device's messages.
+    pub(crate) fn device_listened(&self, idm: &crate::types::Idm) -> bool {
+        self.devices.get(idm).is_some_and(|sender| sender.receiver_count() > 0)
+    }
+
     /// Sends `message` to a device; returns whether anyone was listening.
     pub(crate) fn publish_device(&self, idm: crate::types::Idm, message: DeviceMessage) -> bool {
         let delivered = match self.devices.get(&idm) {

@@ -46,6 +46,8 @@ pub mod opcode {
     pub const ROTATE_DEVICE_KEY: u16 = 0x0016;
     /// Subscribe to a user's completion notices.
     pub const SUBSCRIBE_NOTICES: u16 = 0x0017;
+    /// Revoke every key of a device at once (a lost or stolen phone).
+    pub const REVOKE_DEVICE_KEY: u16 = 0x0019;
     /// A pushed completion notice.
     pub const NOTICE: u16 = 0x0018;
     /// List terminals for a provider.
@@ -216,6 +218,12 @@ pub enum Request {
         password: String,
         card_idm: [u8; 8],
     },
+    RevokeDeviceKey {
+        client_request_id: u128,
+        user: UserKey,
+        password: String,
+        card_idm: [u8; 8],
+    },
     SubscribeNotices {
         user: UserKey,
         password: String,
@@ -303,12 +311,21 @@ pub enum Request {
         users: Vec<UserKey>,
     },
     NotifyDelivery {
+        client_request_id: u128,
         notice: DeliveryNotice,
     },
     SubscribeDevice {
         user: UserKey,
         password: String,
         card_idm: [u8; 8],
+    },
+    /// A request whose body parsed, but one of whose `user` IDs does not fit its type (or is
+    /// not 1–64 bytes): it is authenticated and permission-checked as `request`, then refused
+    /// with reason 51 (`InvalidUserId`). `request` holds a placeholder user in place of each
+    /// such ID; `body` is the body as it came, which is what this request encodes to.
+    MisfitUserId {
+        request: Box<Request>,
+        body: Vec<u8>,
     },
 }
 
@@ -343,6 +360,7 @@ impl Request {
             Request::ListMeans { .. } => LIST_MEANS,
             Request::ProvisionDevice { .. } => PROVISION_DEVICE,
             Request::RotateDeviceKey { .. } => ROTATE_DEVICE_KEY,
+            Request::RevokeDeviceKey { .. } => REVOKE_DEVICE_KEY,
             Request::SubscribeNotices { .. } => SUBSCRIBE_NOTICES,
             Request::RegisterTerminals { .. } => REGISTER_TERMINALS,
             Request::RemoveTerminals { .. } => REMOVE_TERMINALS,
@@ -365,6 +383,7 @@ impl Request {
             Request::IssueCoupons { .. } => ISSUE_COUPONS,
             Request::NotifyDelivery { .. } => NOTIFY_DELIVERY,
             Request::SubscribeDevice { .. } => SUBSCRIBE_DEVICE,
+            Request::MisfitUserId { request, .. } => request.opcode(),
         }
     }
 
@@ -381,7 +400,8 @@ impl Request {
             Request::ServerInfo => {}
             Request::Enroll { client_request_id, user, password, card_idm }
             | Request::ProvisionDevice { client_request_id, user, password, card_idm }
-            | Request::RotateDeviceKey { client_request_id, user, password, card_idm } => {
+            | Request::RotateDeviceKey { client_request_id, user, password, card_idm }
+            | Request::RevokeDeviceKey { client_request_id, user, password, card_idm } => {
                 w.u128(*client_request_id).user(user).str8(password).raw(card_idm);
             }
             Request::Login { user, password } | Request::SubscribeNotices { user, password } => {
@@ -511,9 +531,15 @@ impl Request {
                     w.user(user);
                 }
             }
-            Request::NotifyDelivery { notice } => encode_delivery(&mut w, notice),
+            Request::NotifyDelivery { client_request_id, notice } => {
+                w.u128(*client_request_id);
+                encode_delivery(&mut w, notice);
+            }
             Request::SubscribeDevice { user, password, card_idm } => {
                 w.user(user).str8(password).raw(card_idm);
+            }
+            Request::MisfitUserId { body, .. } => {
+                w.raw(body);
             }
         }
     }
@@ -554,7 +580,10 @@ impl Request {
                 Request::Ping { payload: payload.to_vec() }
             }
             opcode::SERVER_INFO => Request::ServerInfo,
-            opcode::ENROLL | opcode::PROVISION_DEVICE | opcode::ROTATE_DEVICE_KEY => {
+            opcode::ENROLL
+            | opcode::PROVISION_DEVICE
+            | opcode::ROTATE_DEVICE_KEY
+            | opcode::REVOKE_DEVICE_KEY => {
                 let client_request_id = r.u128("client_request_id")?;
                 let user = r.user()?;
                 let password = r.str8("password")?.to_owned();
@@ -566,7 +595,10 @@ impl Request {
                     opcode::PROVISION_DEVICE => {
                         Request::ProvisionDevice { client_request_id, user, password, card_idm }
                     }
-                    _ => Request::RotateDeviceKey { client_request_id, user, password, card_idm },
+                    opcode::ROTATE_DEVICE_KEY => {
+                        Request::RotateDeviceKey { client_request_id, user, password, card_idm }
+                    }
+                    _ => Request::RevokeDeviceKey { client_request_id, user, password, card_idm },
                 }
             }
             opcode::LOGIN | opcode::SUBSCRIBE_NOTICES => {
@@ -736,7 +768,10 @@ impl Request {
                     users,
                 }
             }
-            opcode::NOTIFY_DELIVERY => Request::NotifyDelivery { notice: decode_delivery(&mut r)? },
+            opcode::NOTIFY_DELIVERY => Request::NotifyDelivery {
+                client_request_id: r.u128("client_request_id")?,
+                notice: decode_delivery(&mut r)?,
+            },
             opcode::SUBSCRIBE_DEVICE => Request::SubscribeDevice {
                 user: r.user()?,
                 password: r.str8("password")?.to_owned(),
@@ -760,7 +795,11 @@ impl Request {
             },
             other => return Err(DecodeError::UnknownOpcode(other)),
         };
+        let misfit_user = r.misfit_user();
         r.finish()?;
+        if misfit_user {
+            return Ok(Request::MisfitUserId { request: Box::new(request), body: body.to_vec() });
+        }
         Ok(request)
     }
 }
@@ -1308,6 +1347,9 @@ impl Response {
             }
             _ => return Err(BodyError::Invalid("status")),
         };
+        if r.misfit_user() {
+            return Err(BodyError::Invalid("user_id"));
+        }
         r.finish()?;
         Ok(response)
     }
@@ -1528,7 +1570,9 @@ fn decode_reply(opcode: u16, r: &mut Reader<'_>) -> Result<Reply, BodyError> {
         }
         ENROLL | PROVISION_DEVICE | ROTATE_DEVICE_KEY => Reply::Credential(decode_credential(r)?),
         LOGIN | SET_DEFAULT_MEANS | SUBSCRIBE_NOTICES | REGISTER_TERMINALS | REMOVE_TERMINALS
-        | REGISTER_AGE | SET_AGE_POLICY | UPSERT_STORE | REMOVE_STORE => Reply::Empty,
+        | REGISTER_AGE | SET_AGE_POLICY | UPSERT_STORE | REMOVE_STORE | REVOKE_DEVICE_KEY => {
+            Reply::Empty
+        }
         STORE_AT | STORE_BY_SIGNAL => Reply::Entered(Box::new(decode_entered(r)?)),
         SUBSCRIBE_DEVICE => Reply::Empty,
         ISSUE_CODE => Reply::Code(match r.u8("result")? {

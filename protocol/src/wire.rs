@@ -19,12 +19,14 @@ pub enum BodyError {
 /// Reads fields from a body, never past its end.
 pub struct Reader<'a> {
     buf: &'a [u8],
+    /// Whether a `user` read so far had an ID that does not fit its type (see [`Reader::user`]).
+    misfit_user: bool,
 }
 
 impl<'a> Reader<'a> {
     /// Reads from `buf`.
     pub fn new(buf: &'a [u8]) -> Reader<'a> {
-        Reader { buf }
+        Reader { buf, misfit_user: false }
     }
 
     /// `n` raw bytes.
@@ -84,12 +86,26 @@ impl<'a> Reader<'a> {
         let len = self.u16(what)? as usize;
         self.take(len, what)
     }
-    /// A `user`: type byte and `str8` ID, validated.
+    /// A `user`: type byte and `str8` ID. An unknown type byte, or an ID that is not UTF-8,
+    /// does not parse. An ID that parses but does not fit its type (or is not 1–64 bytes) is
+    /// a well-formed field with a wrong value: it reads as a placeholder user, and
+    /// [`Reader::misfit_user`] then says so, for the caller to refuse the request once the
+    /// whole body parsed (`REFUSED` 51, `InvalidUserId`).
     pub fn user(&mut self) -> Result<UserKey, BodyError> {
         let id_type = UserIdType::from_u8(self.u8("user_id_type")?)
             .ok_or(BodyError::Invalid("user_id_type"))?;
         let id = self.str8("user_id")?;
-        UserKey::new(id_type, id).map_err(|_| BodyError::Invalid("user_id"))
+        match UserKey::new(id_type, id) {
+            Ok(user) => Ok(user),
+            Err(_) => {
+                self.misfit_user = true;
+                Ok(UserKey::new(UserIdType::InherentNumber, "0").expect("a valid user ID"))
+            }
+        }
+    }
+    /// Whether a `user` read so far had an ID that does not fit its type.
+    pub fn misfit_user(&self) -> bool {
+        self.misfit_user
     }
     /// Everything left.
     pub fn rest(&mut self) -> &'a [u8] {

@@ -90,6 +90,7 @@ class Op(enum.IntEnum):
     ROTATE_DEVICE_KEY = 0x0016
     SUBSCRIBE_NOTICES = 0x0017
     NOTICE = 0x0018
+    REVOKE_DEVICE_KEY = 0x0019
     REGISTER_TERMINALS = 0x0020
     REMOVE_TERMINALS = 0x0021
     CONFIRM_TERMINAL = 0x0022
@@ -1064,6 +1065,13 @@ def encode_provision_device(client_request_id: int, user: User, password: str,
 def encode_rotate_device_key(client_request_id: int, user: User, password: str,
                              card_idm: bytes) -> bytes:
     """``ROTATE_DEVICE_KEY`` request body (the same layout as ``PROVISION_DEVICE``)."""
+    return (BodyWriter().u128(client_request_id).user(user).str8(password)
+            .raw(card_idm, CARD_IDM_LEN).getvalue())
+
+
+def encode_revoke_device_key(client_request_id: int, user: User, password: str,
+                             card_idm: bytes) -> bytes:
+    """``REVOKE_DEVICE_KEY`` request body (the same layout as ``ROTATE_DEVICE_KEY``)."""
     return (BodyWriter().u128(client_request_id).user(user).str8(password)
             .raw(card_idm, CARD_IDM_LEN).getvalue())
 
@@ -2394,6 +2402,12 @@ class SettlegateClient:
         body = encode_rotate_device_key(client_request_id, user, password, card_idm)
         return decode_device_credential(self.call(Op.ROTATE_DEVICE_KEY, body))
 
+    def revoke_device_key(self, client_request_id: int, user: User, password: str,
+                          card_idm: bytes) -> None:
+        """``REVOKE_DEVICE_KEY``: every key of the device is refused from now on."""
+        body = encode_revoke_device_key(client_request_id, user, password, card_idm)
+        _expect_empty(self.call(Op.REVOKE_DEVICE_KEY, body))
+
     def subscribe_notices(self, user: User, password: str) -> int:
         """``SUBSCRIBE_NOTICES``; returns the subscription's request ID."""
         request_id = self.send(Op.SUBSCRIBE_NOTICES, encode_subscribe_notices(user, password))
@@ -2748,11 +2762,19 @@ def encode_issue_coupons(client_request_id: int, provider_code: int, kind: int, 
     return writer.getvalue()
 
 
-def encode_notify_delivery(user: User, order_ref: str, amount_minor: int, currency: str,
+def encode_delivery_notice(user: User, order_ref: str, amount_minor: int, currency: str,
                            merchant: str) -> bytes:
-    """``NOTIFY_DELIVERY`` request body (also the delivery notice push's body)."""
+    """A delivery notice: the ``NOTIFY_DELIVERY`` body after its client request ID, and the
+    body of a ``DEVICE_MESSAGE`` push of kind 3 after its kind byte."""
     return (BodyWriter().user(user).str8(order_ref).u64(amount_minor).ascii(currency, 3)
             .str8(merchant).getvalue())
+
+
+def encode_notify_delivery(client_request_id: int, user: User, order_ref: str,
+                           amount_minor: int, currency: str, merchant: str) -> bytes:
+    """``NOTIFY_DELIVERY`` request body."""
+    return (BodyWriter().u128(client_request_id).getvalue()
+            + encode_delivery_notice(user, order_ref, amount_minor, currency, merchant))
 
 
 def encode_subscribe_device(user: User, password: str, card_idm: bytes) -> bytes:

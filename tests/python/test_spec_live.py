@@ -179,6 +179,55 @@ class AccountOperationsTest(LiveTestCase):
         self.assertEqual(caught.exception.status, sg.Status.REFUSED)
         self.assertEqual(caught.exception.reason, sg.Reason.WRONG_PASSWORD)
 
+    def test_login_unknown_user_is_a_wrong_password(self):
+        # Section 5, LOGIN: the same answer, byte for byte, as a wrong password.
+        wrong = self.client.request(sg.Op.LOGIN, sg.encode_login(self.account.user,
+                                                                 WRONG_PASSWORD))
+        unknown = self.client.request(sg.Op.LOGIN, sg.encode_login(fresh_user(),
+                                                                   WRONG_PASSWORD))
+        self.assertEqual((unknown.status, unknown.body), (wrong.status, wrong.body))
+        self.assertEqual((wrong.status, wrong.body),
+                         (sg.Status.REFUSED, sg.Reason.WRONG_PASSWORD.to_bytes(2, "big")))
+
+    def test_user_id_not_fitting_its_type_is_refused_51(self):
+        # Section 1: a mail address without "@", in a body that parses.
+        body = sg.encode_login(sg.User.mail("no-at.example.com"), PASSWORD)
+        frame = self.client.request(sg.Op.LOGIN, body)
+        self.assertEqual((frame.status, frame.body),
+                         (sg.Status.REFUSED, sg.Reason.INVALID_USER_ID.to_bytes(2, "big")))
+        frame = self.client.request(sg.Op.ENROLL, sg.encode_enroll(
+            sg.new_client_request_id(), sg.User.number("12ab"), PASSWORD, fresh_card_idm()))
+        self.assertEqual((frame.status, frame.body),
+                         (sg.Status.REFUSED, sg.Reason.INVALID_USER_ID.to_bytes(2, "big")))
+
+    def test_revoke_device_key(self):
+        # Section 5, REVOKE_DEVICE_KEY: a lost phone's keys stop working at once.
+        account = Account(self.client)
+        thief = sg.Device(account.user, account.credential)
+        record = thief.sign(amount_minor=100, provider_code=2, terminal_id=DEMO_TERMINAL)
+        self.assertIsInstance(self.client.authorize(sg.new_client_request_id(), record),
+                              sg.Approved)
+        with self.assertRaises(sg.StatusError) as caught:
+            self.client.revoke_device_key(sg.new_client_request_id(), account.user,
+                                          WRONG_PASSWORD, account.card_idm)
+        self.assertEqual(caught.exception.reason, sg.Reason.WRONG_PASSWORD)
+        client_request_id = sg.new_client_request_id()
+        self.client.revoke_device_key(client_request_id, account.user, PASSWORD,
+                                      account.card_idm)
+        # A retry answers the same.
+        self.client.revoke_device_key(client_request_id, account.user, PASSWORD,
+                                      account.card_idm)
+        record = thief.sign(amount_minor=100, provider_code=2, terminal_id=DEMO_TERMINAL)
+        self.assertEqual(self.client.authorize(sg.new_client_request_id(), record),
+                         sg.Declined(sg.Reason.KEY_VERSION_INVALID))
+        # Found again: a rotation gives it a key that works.
+        credential = self.client.rotate_device_key(sg.new_client_request_id(), account.user,
+                                                   PASSWORD, account.card_idm)
+        found = sg.Device(account.user, credential, first_counter=100)
+        record = found.sign(amount_minor=100, provider_code=2, terminal_id=DEMO_TERMINAL)
+        self.assertIsInstance(self.client.authorize(sg.new_client_request_id(), record),
+                              sg.Approved)
+
     def test_add_credit_card(self):
         self.assertEqual(self.account.card.last4, "1111")
 
@@ -1694,11 +1743,24 @@ class PaymentCodeTest(LiveTestCase):
         account = Account(self.client)
         listener = self.subscribe_device(account)
         order = f"ORD-{uuid.uuid4().hex[:12]}"
-        notice = sg.encode_notify_delivery(account.user, order, 4_980, "JPY", "Py Books")
+        client_request_id = sg.new_client_request_id()
+        notice = sg.encode_notify_delivery(client_request_id, account.user, order, 4_980, "JPY",
+                                           "Py Books")
         reached = sg.BodyReader(self.client.call(sg.Op.NOTIFY_DELIVERY, notice)).u32()
         self.assertEqual(reached, 1)
         kind, delivery = self.next_message(listener)
         self.assertEqual((kind, delivery[1], delivery[2]), (3, order, 4_980))
+        # A retry (same client request ID and notice) gets the first answer and sends nothing.
+        again = sg.BodyReader(self.client.call(sg.Op.NOTIFY_DELIVERY, notice)).u32()
+        self.assertEqual(again, 1)
+        with self.assertRaises((socket.timeout, TimeoutError, OSError)):
+            listener.next_push(timeout=0.5)
+        other = sg.encode_notify_delivery(client_request_id, account.user, order, 1, "JPY",
+                                          "Py Books")
+        frame = self.client.request(sg.Op.NOTIFY_DELIVERY, other)
+        self.assertEqual((frame.status, frame.body),
+                         (sg.Status.REFUSED,
+                          sg.Reason.IDEMPOTENCY_CONFLICT.to_bytes(2, "big")))
         code = self.issue(account, 4_980, order_ref=order)
         self.assertEqual(self.next_message(listener)[0], 1)
         self.assert_refused(self.redeem(code, 4_980, order_ref="ORD-WRONG", terminal="COURIER-1"),

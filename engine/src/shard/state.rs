@@ -12,7 +12,7 @@ use crate::age::{self, AgePolicy, AgeRecord, AgeRegistration, AgeRules, AgeVerdi
 use crate::codes::{issue_number, CodeKey, CodeKind, CodePayload, CouponEffect};
 use crate::cow::{CowMap, CHUNK_BITS_LARGE, CHUNK_BITS_SMALL};
 use crate::geo::{Candidate, Store, StoreDirectory, StoreIndex};
-use crate::keys::{DeviceIndex, DeviceKey, SealedKeys, Verified};
+use crate::keys::{DeviceIndex, DeviceKey, SealedKeys, Verified, REVOKED};
 use crate::limits::{
     BALANCE_MAX_MINOR, COUPON_USES_MAX, DEVICES_PER_USER_MAX, MEANS_PER_USER_MAX,
     STORES_PER_SHARD_MAX,
@@ -248,9 +248,14 @@ impl Dispatch {
     pub(crate) fn completion(&self, outcome: AuthOutcome, now_ms: i64) -> Envelope {
         let (key, user, means_id) = (self.key, self.user.clone(), self.means_id);
         let command = match &self.code {
-            Some(spec) => {
-                Command::CodeComplete { key, user, means_id, outcome, spec: spec.clone() }
-            }
+            Some(spec) => Command::CodeComplete {
+                key,
+                user,
+                means_id,
+                outcome,
+                spec: spec.clone(),
+                terminal_id: self.terminal_id.clone(),
+            },
             None => Command::AuthComplete {
                 key,
                 user,
@@ -347,6 +352,21 @@ pub(crate) struct CodeRecord {
     pub(crate) order_ref: String,
     pub(crate) deliver_to: Idm,
     pub(crate) state: CodeState,
+    /// The store terminal the code was requested for (the inherent ID's; `*` when the store
+    /// was not known), which alone may read the code's state until it is redeemed; empty for a
+    /// code issued before format version 6 recorded it.
+    pub(crate) terminal_id: String,
+}
+
+impl CodeRecord {
+    /// The store terminal whose merchant the code's state concerns: the one that redeemed it,
+    /// or before that the one it was requested for.
+    pub(crate) fn merchant_terminal(&self) -> &str {
+        match &self.state {
+            CodeState::Redeemed(redemption) => &redemption.terminal_id,
+            CodeState::Issued | CodeState::Expired => &self.terminal_id,
+        }
+    }
 }
 
 /// A coupon issued to a user (C5).
@@ -413,6 +433,13 @@ pub(crate) enum Command {
         idm: Idm,
         key: DeviceKey,
     },
+    /// Revokes a device's keys at once: `key` (given to nobody) replaces the current one,
+    /// which is refused from then on, as is any rotated-out one.
+    RevokeDeviceKey {
+        user: UserKey,
+        idm: Idm,
+        key: DeviceKey,
+    },
     AddMeans {
         user: UserKey,
         means: NewMeans,
@@ -471,6 +498,8 @@ pub(crate) enum Command {
         means_id: u32,
         outcome: AuthOutcome,
         spec: Box<CodeSpec>,
+        /// The store terminal of the request's inherent ID.
+        terminal_id: String,
     },
     /// C3: a POS redeems a code.
     RedeemCode {
@@ -478,6 +507,12 @@ pub(crate) enum Command {
     },
     /// Releases the holds of codes expired unused.
     SweepCodes,
+    /// C4: a delivery notice accepted for `user`, then subscribed on `devices` of theirs (the
+    /// engine publishes it on a first answer only: this command is what makes it idempotent).
+    NotifyDelivery {
+        user: UserKey,
+        devices: u32,
+    },
     /// C5: a coupon for a user.
     IssueCoupon {
         user: UserKey,
@@ -577,10 +612,15 @@ pub(crate) enum Reply {
     Balance(Balance),
     CodeIssued(Box<IssuedCode>),
     Redeemed(Box<Redemption>),
-    CodeState(Box<CodeState>),
+    /// A code's state, and the store terminal it concerns (`CodeRecord::merchant_terminal`).
+    CodeState(Box<CodeState>, String),
     CouponIssued(Box<IssuedCoupon>),
     Swept(u32),
     Devices(Vec<Idm>),
+    /// A delivery notice accepted now: publish it (it reached this many subscribed devices).
+    DeliveryAccepted(u32),
+    /// A delivery notice accepted before (a retry's answer): publish nothing.
+    Delivered(u32),
 }
 
 /// One shard's users, devices' replay state and idempotency records. The maps are
@@ -645,6 +685,8 @@ impl ShardState {
             Reply::Dispatch(dispatch) => {
                 IdemState::Pending { user: dispatch.user.clone(), means_id: dispatch.means_id }
             }
+            // Kept as delivered, so that a retry does not publish the notice again.
+            Reply::DeliveryAccepted(devices) => IdemState::Done(Reply::Delivered(*devices)),
             done => IdemState::done(&self.shared.vault, key, done),
         };
         self.idem.insert(key, envelope.digest, state, envelope.now_ms);
@@ -655,7 +697,10 @@ impl ShardState {
     pub(crate) fn query(&self, query: Query) -> Reply {
         match query {
             Query::Code { number } => match self.codes.get(&number) {
-                Some(record) => Reply::CodeState(Box::new(record.state.clone())),
+                Some(record) => Reply::CodeState(
+                    Box::new(record.state.clone()),
+                    record.merchant_terminal().to_owned(),
+                ),
                 None => Reply::Refused(ReasonCode::UnknownCode),
             },
             Query::Devices { user } => match self.users.get(&user) {
@@ -692,7 +737,14 @@ impl ShardState {
                 self.provision_device(user, idm, device_key)
             }
             Command::RotateDeviceKey { user, idm, key: device_key } => {
-                self.rotate_device_key(&user, idm, device_key, now_ms)
+                let grace_until_ms = now_ms.saturating_add(self.config.key_grace_ms);
+                self.rotate_device_key(&user, idm, device_key, grace_until_ms)
+            }
+            Command::RevokeDeviceKey { user, idm, key: device_key } => {
+                match self.rotate_device_key(&user, idm, device_key, REVOKED) {
+                    Reply::KeyIssued { .. } => Reply::Ok,
+                    refused => refused,
+                }
             }
             Command::AddMeans { user, means, make_default } => {
                 self.add_means(&user, means, make_default, now_ms)
@@ -713,11 +765,18 @@ impl ShardState {
             Command::CodeReserve { verified, spec } => {
                 self.code_reserve(verified, spec, now_ms, key)
             }
-            Command::CodeComplete { key, user, means_id, outcome, spec } => {
-                self.code_complete(key, &user, means_id, outcome, &spec, now_ms)
+            Command::CodeComplete { key, user, means_id, outcome, spec, terminal_id } => {
+                self.code_complete(key, &user, means_id, outcome, &spec, terminal_id, now_ms)
             }
             Command::RedeemCode { spec } => self.redeem_code(&spec, now_ms),
             Command::SweepCodes => Reply::Swept(self.sweep_codes(now_ms)),
+            Command::NotifyDelivery { user, devices } => {
+                if self.users.contains_key(&user) {
+                    Reply::DeliveryAccepted(devices)
+                } else {
+                    Reply::Refused(ReasonCode::UnknownUser)
+                }
+            }
             Command::IssueCoupon { user, provider_code, effect, uses, expires_ms } => {
                 self.issue_coupon(user, provider_code, effect, uses, expires_ms)
             }
@@ -788,12 +847,14 @@ impl ShardState {
         Reply::KeyIssued { key_version: 1, key }
     }
 
+    /// Replaces a device's key with `key`; the previous one is accepted until
+    /// `grace_until_ms` ([`REVOKED`]: never again).
     fn rotate_device_key(
         &mut self,
         user: &UserKey,
         idm: Idm,
         key: DeviceKey,
-        now_ms: i64,
+        grace_until_ms: i64,
     ) -> Reply {
         let Some(account) = self.users.get_mut(user).map(Arc::make_mut) else {
             return Reply::Refused(ReasonCode::UnknownUser);
@@ -805,7 +866,6 @@ impl ShardState {
             return Reply::Refused(ReasonCode::KeyVersionInvalid);
         };
         device.key_version = version;
-        let grace_until_ms = now_ms.saturating_add(self.config.key_grace_ms);
         device.sealed =
             device.sealed.rotated(&self.shared.vault, &idm, version, &key, grace_until_ms);
         self.shared.devices.rotate(&idm, version, &key, grace_until_ms);
@@ -894,6 +954,11 @@ impl ShardState {
         let Some(device) = account.devices.iter_mut().find(|d| d.idm == record.card_idm) else {
             return declined(ReasonCode::UserDeviceMismatch);
         };
+        // Verified against the key index before this command was applied: a revocation (or two
+        // rotations) applied since then refuses its key here.
+        if !device.sealed.accepts(record.key_version) {
+            return declined(ReasonCode::KeyVersionInvalid);
+        }
         if (now_ms - record.timestamp_ms).abs() > self.config.timestamp_window_ms {
             return declined(ReasonCode::StaleTimestamp);
         }
@@ -1131,6 +1196,8 @@ impl ShardState {
 
     /// C2: on approval, issues the code: the purse's hold (stored value) now lasts until the
     /// code expires; otherwise releases, as a declined payment does.
+    // The fields of `Command::CodeComplete`, as they come.
+    #[allow(clippy::too_many_arguments)]
     fn code_complete(
         &mut self,
         key: IdemKey,
@@ -1138,6 +1205,7 @@ impl ShardState {
         means_id: u32,
         outcome: AuthOutcome,
         spec: &CodeSpec,
+        terminal_id: String,
         now_ms: i64,
     ) -> Reply {
         let AuthOutcome::Approved(approval) = outcome else {
@@ -1172,6 +1240,7 @@ impl ShardState {
             order_ref: spec.order_ref.clone(),
             deliver_to,
             state: CodeState::Issued,
+            terminal_id,
         };
         let payload = CodePayload {
             kind: CodeKind::Payment,

@@ -154,6 +154,35 @@ enum LogCommand {
         sale: LogSale,
         basket: LogBasket,
     },
+    // Format version 6 appends the variants below (none may make the archived command larger
+    // than its 128 bytes: a record is read from the end of its payload).
+    /// A code's issue with the store terminal it was requested for (`CodeComplete` before).
+    CodeCompleteAt {
+        complete: Box<LogCodeComplete>,
+    },
+    /// A device's keys revoked at once; `key` is the one given to nobody that replaces them.
+    RevokeDeviceKey {
+        user: LogUser,
+        idm: [u8; 8],
+        key: LogSealed,
+    },
+    /// A delivery notice accepted (C4), and how many devices were subscribed.
+    NotifyDelivery {
+        user: LogUser,
+        devices: u32,
+    },
+}
+
+/// A payment-code request's completion (C2), with the request's store terminal.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub(crate) struct LogCodeComplete {
+    owner_hash: u64,
+    client_request_id: u128,
+    user: LogUser,
+    means_id: u32,
+    outcome: LogOutcome,
+    spec: LogCodeSpec,
+    terminal_id: String,
 }
 
 /// A redemption's sale, but for its lines.
@@ -657,6 +686,14 @@ fn command_out(command: &Command, vault: &Vault) -> LogCommand {
             idm: *idm,
             key: key_out(vault, key, idm),
         },
+        Command::RevokeDeviceKey { user, idm, key } => LogCommand::RevokeDeviceKey {
+            user: user_out(user),
+            idm: *idm,
+            key: key_out(vault, key, idm),
+        },
+        Command::NotifyDelivery { user, devices } => {
+            LogCommand::NotifyDelivery { user: user_out(user), devices: *devices }
+        }
         Command::AddMeans { user, means, make_default } => LogCommand::AddMeans {
             user: user_out(user),
             kind: means.kind as u8,
@@ -719,14 +756,19 @@ fn command_out(command: &Command, vault: &Vault) -> LogCommand {
             inherent_id: inherent_out(verified),
             spec: code_spec_out(spec),
         },
-        Command::CodeComplete { key, user, means_id, outcome, spec } => LogCommand::CodeComplete {
-            owner_hash: key.0,
-            client_request_id: key.1,
-            user: user_out(user),
-            means_id: *means_id,
-            outcome: outcome_out(outcome),
-            spec: code_spec_out(spec),
-        },
+        Command::CodeComplete { key, user, means_id, outcome, spec, terminal_id } => {
+            LogCommand::CodeCompleteAt {
+                complete: Box::new(LogCodeComplete {
+                    owner_hash: key.0,
+                    client_request_id: key.1,
+                    user: user_out(user),
+                    means_id: *means_id,
+                    outcome: outcome_out(outcome),
+                    spec: code_spec_out(spec),
+                    terminal_id: terminal_id.clone(),
+                }),
+            }
+        }
         Command::RedeemCode { spec } if spec.basket.is_some() => LogCommand::RedeemCodeBasket {
             sale: LogSale::of(spec),
             basket: spec.basket.as_ref().map(basket_out).expect("matched a basket"),
@@ -786,6 +828,14 @@ fn command_in(command: &LogCommand, vault: &Vault) -> Result<Command, RecordErro
             idm: *idm,
             key: key_in(vault, key, idm)?,
         },
+        LogCommand::RevokeDeviceKey { user, idm, key } => Command::RevokeDeviceKey {
+            user: user_in(user)?,
+            idm: *idm,
+            key: key_in(vault, key, idm)?,
+        },
+        LogCommand::NotifyDelivery { user, devices } => {
+            Command::NotifyDelivery { user: user_in(user)?, devices: *devices }
+        }
         LogCommand::AddMeans { user, kind, label, number, make_default } => Command::AddMeans {
             user: user_in(user)?,
             means: NewMeans {
@@ -856,6 +906,16 @@ fn command_in(command: &LogCommand, vault: &Vault) -> Result<Command, RecordErro
             means_id: *means_id,
             outcome: outcome_in(outcome)?,
             spec: code_spec_in(spec),
+            // Not recorded before format version 6.
+            terminal_id: String::new(),
+        },
+        LogCommand::CodeCompleteAt { complete } => Command::CodeComplete {
+            key: (complete.owner_hash, complete.client_request_id),
+            user: user_in(&complete.user)?,
+            means_id: complete.means_id,
+            outcome: outcome_in(&complete.outcome)?,
+            spec: code_spec_in(&complete.spec),
+            terminal_id: complete.terminal_id.clone(),
         },
         LogCommand::RedeemCode {
             number,
@@ -915,4 +975,62 @@ fn command_in(command: &LogCommand, vault: &Vault) -> Result<Command, RecordErro
             terminal_ids: terminal_ids.clone(),
         },
     })
+}
+
+#[cfg(test)]
+mod layout {
+    use super::*;
+
+    /// A record's archive is read from the end of its payload, so every format version's
+    /// records read only while the archived command keeps its size: a variant appended later
+    /// must fit in it (box what does not).
+    #[test]
+    fn the_archived_command_keeps_its_size() {
+        assert_eq!(std::mem::size_of::<ArchivedLogCommand>(), 128);
+    }
+
+    /// A code's issue as format version 5 logged it (no terminal) still reads, with no
+    /// terminal; as version 6 logs it, with its terminal.
+    #[test]
+    fn a_code_issue_reads_from_either_format() {
+        let vault = Vault::new(&[3; 32]);
+        let user = LogUser { id_type: 1, id: "a@example.com".into() };
+        let outcome = LogOutcome::Declined { reason: ReasonCode::ProviderDoNotHonor.code() };
+        let spec = LogCodeSpec { validity_ms: 60_000, deliver_to: None, order_ref: String::new() };
+        let envelope = |command| LogEnvelope {
+            owner_hash: 7,
+            client_request_id: None,
+            digest: 0,
+            now_ms: 1,
+            command,
+        };
+        let v5 = envelope(LogCommand::CodeComplete {
+            owner_hash: 7,
+            client_request_id: 9,
+            user: user.clone(),
+            means_id: 1,
+            outcome: outcome.clone(),
+            spec: spec.clone(),
+        });
+        let v6 = envelope(LogCommand::CodeCompleteAt {
+            complete: Box::new(LogCodeComplete {
+                owner_hash: 7,
+                client_request_id: 9,
+                user,
+                means_id: 1,
+                outcome,
+                spec,
+                terminal_id: "SHOP-A-1".into(),
+            }),
+        });
+        for (record, terminal) in [(v5, ""), (v6, "SHOP-A-1")] {
+            let read = LogEnvelope::from_bytes(&record.to_bytes()).unwrap();
+            let Command::CodeComplete { key, terminal_id, .. } =
+                read.to_envelope(&vault).unwrap().command
+            else {
+                panic!("a code's completion")
+            };
+            assert_eq!((key, terminal_id.as_str()), ((7, 9), terminal));
+        }
+    }
 }

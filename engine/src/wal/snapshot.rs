@@ -61,6 +61,41 @@ pub(crate) struct SnapShard {
     code_seq: u64,
     codes: Vec<SnapCode>,
     coupons: Vec<SnapCoupon>,
+    /// Since format version 6: the store terminal each code was requested for, by number.
+    code_terminals: Vec<(u64, String)>,
+}
+
+/// The payload of a format-version-3 to -5 snapshot: version 6 without the codes' terminals.
+#[derive(Archive, Serialize, Deserialize, Debug)]
+struct SnapShardV5 {
+    dispatch_seq: u64,
+    users: Vec<SnapUser>,
+    idem: Vec<SnapIdem>,
+    providers: Vec<SnapProvider>,
+    age: SnapAge,
+    stores: Vec<SnapStore>,
+    wallet: Vec<SnapPurse>,
+    code_seq: u64,
+    codes: Vec<SnapCode>,
+    coupons: Vec<SnapCoupon>,
+}
+
+impl From<SnapShardV5> for SnapShard {
+    fn from(v5: SnapShardV5) -> SnapShard {
+        SnapShard {
+            dispatch_seq: v5.dispatch_seq,
+            users: v5.users,
+            idem: v5.idem,
+            providers: v5.providers,
+            age: v5.age,
+            stores: v5.stores,
+            wallet: v5.wallet,
+            code_seq: v5.code_seq,
+            codes: v5.codes,
+            coupons: v5.coupons,
+            code_terminals: Vec::new(),
+        }
+    }
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug)]
@@ -293,6 +328,10 @@ enum SnapIdemState {
         available_minor: u64,
         currency: Option<[u8; 3]>,
     },
+    /// Since format version 6: a delivery notice's answer.
+    Delivered {
+        devices: u32,
+    },
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug)]
@@ -312,6 +351,7 @@ impl SnapShard {
         self.wallet.sort_by(|a, b| (&a.user.id, a.means_id).cmp(&(&b.user.id, b.means_id)));
         self.coupons.sort_by_key(|c| c.number);
         self.codes.sort_by_key(|c| c.number);
+        self.code_terminals.sort_by_key(|(number, _)| *number);
         self.idem.sort_by_key(|i| (i.expires_ms, i.owner_hash, i.client_request_id));
     }
 }
@@ -370,6 +410,7 @@ impl Capture {
             code_seq: state.code_seq,
             codes: Vec::new(),
             coupons: Vec::new(),
+            code_terminals: Vec::new(),
         };
         Capture {
             users,
@@ -456,6 +497,8 @@ impl Capture {
                 }
             })
             .collect();
+        rest.code_terminals =
+            codes.iter().map(|(&number, c)| (number, c.terminal_id.clone())).collect();
 
         rest.idem = idem
             .iter()
@@ -672,8 +715,15 @@ fn restore_codes(
     // Codes come in issue-number order: their expiry index is built in bulk.
     let mut codes = Vec::with_capacity(snap.codes.len());
     let mut expiry = Vec::new();
+    // Both by number; a code without one (snapshots before format version 6) gets none.
+    let mut terminals = snap.code_terminals.iter().peekable();
     for c in snap.codes.iter() {
         let number = c.number.to_native();
+        while terminals.next_if(|t| t.0.to_native() < number).is_some() {}
+        let terminal_id = match terminals.next_if(|t| t.0.to_native() == number) {
+            Some(t) => t.1.as_str().to_owned(),
+            None => String::new(),
+        };
         let currency = currency_in(c.currency)?;
         let record_state = match (c.state, c.redemption.as_ref()) {
             (0, _) => CodeState::Issued,
@@ -706,6 +756,7 @@ fn restore_codes(
                 order_ref: c.order_ref.as_str().to_owned(),
                 deliver_to: c.deliver_to,
                 state: record_state,
+                terminal_id,
             }),
         ));
     }
@@ -747,6 +798,7 @@ impl From<SnapShardV1> for SnapShard {
             code_seq: 0,
             codes: Vec::new(),
             coupons: Vec::new(),
+            code_terminals: Vec::new(),
         }
     }
 }
@@ -764,6 +816,7 @@ impl From<SnapShardV2> for SnapShard {
             code_seq: 0,
             codes: Vec::new(),
             coupons: Vec::new(),
+            code_terminals: Vec::new(),
         }
     }
 }
@@ -860,6 +913,7 @@ fn capture_reply(
             verdict: verdict_out(verdict),
         },
         // Only the replies above are ever stored as done.
+        Reply::Delivered(devices) => SnapIdemState::Delivered { devices: *devices },
         _ => SnapIdemState::Ok,
     }
 }
@@ -937,6 +991,9 @@ fn restore_idem(i: &ArchivedSnapIdem) -> Result<IdemState, RecordError> {
                 currency: currency.as_ref().map(|c| currency_in(*c)).transpose()?,
             }))
         }
+        ArchivedSnapIdemState::Delivered { devices } => {
+            IdemState::Done(Reply::Delivered(devices.to_native()))
+        }
         ArchivedSnapIdemState::BasketAuth { outcome, verdict } => {
             IdemState::Done(Reply::BasketAuth(
                 outcome_in(&owned(outcome)?)?,
@@ -972,6 +1029,40 @@ pub(crate) fn encode(
     out.resize(HEADER_LEN, 0);
     out.extend_from_slice(&payload);
     out
+}
+
+/// Test hook: rewrites the snapshot file at `path` as format version `version` (3 to 5) wrote
+/// it: the payload without what version 6 added (the codes' terminals), and for version 3 the
+/// 36-byte header. Recovery must read it as it reads such a file from an older build.
+#[cfg(feature = "test-hooks")]
+pub fn rewrite_as_version(path: &Path, version: u16) -> std::io::Result<()> {
+    assert!((3..FORMAT_VERSION).contains(&version), "versions 3 to 5 share this layout");
+    let bytes = std::fs::read(path)?;
+    let mut payload = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len() - HEADER_LEN);
+    payload.extend_from_slice(&bytes[HEADER_LEN..]);
+    let current = rkyv::from_bytes::<SnapShard, rkyv::rancor::Error>(&payload)
+        .map_err(|_| std::io::Error::other("snapshot does not decode"))?;
+    let old = SnapShardV5 {
+        dispatch_seq: current.dispatch_seq,
+        users: current.users,
+        idem: current.idem,
+        providers: current.providers,
+        age: current.age,
+        stores: current.stores,
+        wallet: current.wallet,
+        code_seq: current.code_seq,
+        codes: current.codes,
+        coupons: current.coupons,
+    };
+    let payload = rkyv::to_bytes::<rkyv::rancor::Error>(&old).expect("snapshots always serialize");
+    let header_len = if version >= 4 { HEADER_LEN } else { HEADER_LEN_V3 };
+    let mut out = bytes[..HEADER_LEN_V3].to_vec();
+    out[8..10].copy_from_slice(&version.to_be_bytes());
+    out[24..32].copy_from_slice(&(payload.len() as u64).to_be_bytes());
+    out[32..36].copy_from_slice(&crc32fast::hash(&payload).to_be_bytes());
+    out.resize(header_len, 0);
+    out.extend_from_slice(&payload);
+    std::fs::write(path, out)
 }
 
 /// A snapshot file's payload, its checksum verified, aligned: restored by reading the archive
@@ -1092,6 +1183,11 @@ pub(crate) fn read(
         ),
         2 => upgrade(
             rkyv::from_bytes::<SnapShardV2, rkyv::rancor::Error>(payload.bytes())
+                .map_err(|_| corrupt("snapshot does not decode"))?
+                .into(),
+        ),
+        3..=5 => upgrade(
+            rkyv::from_bytes::<SnapShardV5, rkyv::rancor::Error>(payload.bytes())
                 .map_err(|_| corrupt("snapshot does not decode"))?
                 .into(),
         ),
