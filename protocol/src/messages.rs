@@ -108,6 +108,7 @@ pub mod opcode {
         LIST_MEANS,
         PROVISION_DEVICE,
         ROTATE_DEVICE_KEY,
+        REVOKE_DEVICE_KEY,
         SUBSCRIBE_NOTICES,
         REGISTER_TERMINALS,
         REMOVE_TERMINALS,

@@ -382,6 +382,7 @@ fn maximal_reply(witness: &Reply) -> Vec<Case> {
             LOGIN,
             SET_DEFAULT_MEANS,
             SUBSCRIBE_NOTICES,
+            REVOKE_DEVICE_KEY,
             REGISTER_TERMINALS,
             REMOVE_TERMINALS,
             REGISTER_AGE,
