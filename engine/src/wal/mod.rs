@@ -39,9 +39,10 @@ use record::LogEnvelope;
 /// age registry, version 3 the stores (each appended log record kinds and a snapshot
 /// section), version 4 padded the snapshot header to 48 bytes so that the payload is aligned
 /// in the file and can be mapped in place (its logs are as version 3's), version 5 appended the
-/// record of a code redeemed with a basket (its snapshots are as version 4's). Older files are
-/// still read.
-pub const FORMAT_VERSION: u16 = 5;
+/// record of a code redeemed with a basket (its snapshots are as version 4's), version 6 the
+/// completion that names its idempotency record by key and digest (and a snapshot's purse holds
+/// keep that digest). Older files are still read.
+pub const FORMAT_VERSION: u16 = 6;
 const MAGIC: [u8; 8] = *b"SGWAL\0\0\0";
 const FILE_HEADER_LEN: usize = 24;
 const RECORD_HEADER_LEN: usize = 8;
