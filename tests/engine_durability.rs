@@ -595,3 +595,56 @@ async fn a_crash_between_snapshot_and_new_log_does_not_apply_records_twice() {
     assert_eq!(means[0].uses, 1, "the settlement was not counted twice");
     h.engine.shutdown();
 }
+
+/// A data directory written by format version 5 (`tests/fixtures/data-v5`, by the build before
+/// completions named their record's digest): a snapshot taken while an e-money payment was with
+/// its provider (the payment's record and purse hold in it), and the logs after it. This build
+/// reads it: the snapshot is converted, the payment is resolved as a provider timeout and its
+/// hold released, the payment completed before keeps its record and its debit; and a second
+/// restart reads the old records and the new ones appended after them.
+#[tokio::test]
+async fn a_version_5_data_directory_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data-v5");
+    for entry in std::fs::read_dir(&fixture).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    let user = UserKey::new(UserIdType::Mail, "fixture@example.com").unwrap();
+    let request = |id: u128, inherent_hex: &str| AuthorizeRequest {
+        client_request_id: id,
+        inherent_id: hex::decode(inherent_hex).unwrap(),
+    };
+    // As the fixture's writer recorded them: a payment approved, one left with its provider.
+    let done = request(
+        20_001,
+        "01000100000000000003e84a50590200000002000000640000000000000001011366697874757265406578\
+         616d706c652e636f6d0446582d310000000000000001000001a2008d7400b17af849c7936a89ec2ed5f37f\
+         57982ea20f46b7f79bfacbe3a293ee9e616260",
+    );
+    let pending = request(
+        20_002,
+        "01000100000000000007d04a505902000000020000012c0000000000000001011366697874757265406578\
+         616d706c652e636f6d0446582d310000000000000002000001a2008d74000f4cd946d97be8c6e8fb21de2c\
+         b0c3f6d1661c45e9af21c4fd6e0592c68d744c",
+    );
+    for restart_count in 0..2 {
+        let h = restart(dir.path());
+        h.engine.login(&user, PASSWORD).await.unwrap();
+        let approval = approved(h.engine.authorize(done.clone()).await.unwrap());
+        assert_eq!((approval.auth_code.0, approval.amount_final_minor), (*b"UAR9TT", 1_000));
+        assert_eq!(
+            h.engine.authorize(pending.clone()).await.unwrap(),
+            AuthOutcome::Declined(ReasonCode::ProviderTimeout),
+            "restart {restart_count}"
+        );
+        let means = h.engine.list_means(&user, MeansOrder::Registration).await.unwrap();
+        let balance = means[1].balance.unwrap();
+        assert_eq!(
+            (balance.balance_minor, balance.available_minor, means[1].uses),
+            (8_000, 8_000, 1),
+            "one debit, and the pending payment's hold released (restart {restart_count})"
+        );
+        h.engine.shutdown();
+    }
+}
