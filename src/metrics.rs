@@ -1,8 +1,9 @@
 //! Prometheus metrics, served as text on `/metrics`.
 
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::encode;
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
@@ -124,11 +125,41 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Every metric, with those `engine` keeps itself read on each scrape.
+    pub fn for_engine(engine: &settlegate_engine::Engine) -> Metrics {
+        let mut metrics = Metrics::default();
+        metrics.registry.register_collector(Box::new(EngineCounters(engine.clone())));
+        metrics
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String does not fail");
         out
+    }
+}
+
+/// The counters the engine keeps, read when scraped.
+struct EngineCounters(settlegate_engine::Engine);
+
+impl std::fmt::Debug for EngineCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EngineCounters")
+    }
+}
+
+impl Collector for EngineCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let dropped = ConstCounter::new(self.0.completions_dropped());
+        let metric = encoder.encode_descriptor(
+            "completions_dropped",
+            "Providers' completions dropped because their idempotency record was gone or \
+             replaced (each payment declined as a provider timeout; an approval must be reversed)",
+            None,
+            dropped.metric_type(),
+        )?;
+        dropped.encode(metric)
     }
 }
 

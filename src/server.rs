@@ -86,7 +86,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             .collect(),
     };
     let shared = Arc::new(Shared {
-        ctx: Context { engine: engine.clone(), metrics: Metrics::default(), info },
+        ctx: Context { engine: engine.clone(), metrics: Metrics::for_engine(&engine), info },
         identities: Identities::new(&server_config.identities),
         limits,
         replies: Arc::default(),

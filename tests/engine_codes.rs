@@ -390,12 +390,15 @@ fn code_op() -> impl Strategy<Value = CodeOp> {
 }
 
 /// Random interleavings of issue, redeem (sometimes two at once), expiry and sweep: no code
-/// is redeemed twice, no hold is both captured and released, and the purse always adds up.
+/// is redeemed twice, a redemption captures exactly the amount the POS asked (and releases the
+/// rest of the hold, nothing more), and the purse always adds up.
 async fn run_codes(ops: Vec<CodeOp>, provider_latency_us: u64) -> Result<(), TestCaseError> {
     let h = Harness::with_config(config_answering_after(provider_latency_us));
     let user = purse_user(&h, "prop", 20_000).await;
     let mut codes: Vec<IssuedCode> = Vec::new();
     let mut wins = std::collections::HashMap::<u64, u32>::new();
+    // The amount each winning redemption asked to capture, by issue number.
+    let mut asked = std::collections::HashMap::<u64, u64>::new();
     for op in ops {
         match op {
             CodeOp::Issue { amount } => {
@@ -415,8 +418,10 @@ async fn run_codes(ops: Vec<CodeOp>, provider_latency_us: u64) -> Result<(), Tes
                 for result in results {
                     match result {
                         Ok(r) => {
+                            prop_assert_eq!(r.captured_minor, amount, "captured what was asked");
                             prop_assert_eq!(r.captured_minor + r.released_minor, code.amount_minor);
                             *wins.entry(code.number).or_default() += 1;
+                            asked.insert(code.number, amount);
                         }
                         Err(EngineError::Refused(_)) => {}
                         Err(other) => return Err(TestCaseError::fail(format!("{other:?}"))),
@@ -439,6 +444,7 @@ async fn run_codes(ops: Vec<CodeOp>, provider_latency_us: u64) -> Result<(), Tes
         match state {
             CodeState::Redeemed(r) => {
                 prop_assert_eq!(won, 1);
+                prop_assert_eq!(Some(r.captured_minor), asked.get(&code.number).copied());
                 captured += r.captured_minor;
             }
             CodeState::Expired => prop_assert_eq!(won, 0),

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use settlegate_engine::wal::{shard_log_path, FsyncPolicy};
 use settlegate_engine::{
-    AuthOutcome, AuthorizeRequest, EngineError, MeansOrder, ReasonCode, TerminalConfirmation,
-    TerminalEntry, UserIdType, UserKey,
+    AuthOutcome, AuthorizeRequest, EngineError, InherentId, MeansInput, MeansKind, MeansOrder,
+    ReasonCode, TerminalConfirmation, TerminalEntry, UserIdType, UserKey,
 };
 
 use crate::support::*;
@@ -115,33 +115,129 @@ async fn after_shutdown_every_request_is_refused_as_stopped() {
     h.engine.shutdown();
 }
 
+/// A payment with its provider when the engine stops is resolved at restart from its logged
+/// reservation, not lost and run again as new: the same inherent ID under another client
+/// request ID is a replay (its nonce was spent), the retry gets the resolution
+/// (`ProviderTimeout`), the provider is not asked a second time, and the e-money hold the
+/// payment took is released with nothing debited.
 #[tokio::test]
 async fn an_authorization_cut_off_at_its_provider_is_resolved_at_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let h = restart(dir.path());
+    let gated = |dir: &Path| Harness::gated(durable_config(dir));
+    let (h, gate) = gated(dir.path());
     let bob = h.user("bob").await;
+    let suica = MeansInput::EMoney { emoney_type: "suica".into() };
+    h.engine.add_means(request_id(), &bob.user, &suica, false).await.unwrap();
+    h.engine.top_up(request_id(), &bob.user, 2, 5_000, jpy()).await.unwrap();
+    let record = InherentId {
+        means: MeansKind::EMoney,
+        means_id: 2,
+        ..bob.record(T0_MS, 1_200, PROVIDER_GATED, "T-1")
+    };
     let request = AuthorizeRequest {
         client_request_id: request_id(),
-        inherent_id: bob.signed(T0_MS, 100, PROVIDER_SLOW, "T-1"),
+        inherent_id: record.sign(bob.credential.device_key.expose()),
     };
-    let engine = h.engine.clone();
     let in_flight = tokio::spawn({
+        let engine = h.engine.clone();
         let request = request.clone();
         async move { engine.authorize(request).await }
     });
-    // The reservation is logged; the provider takes 30 s: stop the engine meanwhile.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The provider is asked only once the reservation is durable (its reply waits for the log).
+    let asked = gate.next().await;
+    assert_eq!(asked.request.amount_minor, 1_200);
+    assert_eq!(purse_of(&h, &bob).await, (5_000, 3_800), "the payment's amount is held");
     h.engine.shutdown();
-    in_flight.abort();
+    // The provider's answer comes too late: nothing more is recorded or acknowledged.
+    asked.approve(*b"LATE01");
+    assert!(matches!(in_flight.await.unwrap(), Err(EngineError::Stopped)));
+    assert_eq!(gate.calls(), 1);
     drop(h);
 
-    let h = restart(dir.path());
+    let (h, gate) = gated(dir.path());
+    // Were the reservation lost, each of these would reserve afresh and wait for the provider:
+    // bounded, so that such a loss fails here instead of hanging.
+    let within = |call| async move {
+        tokio::time::timeout(Duration::from_secs(5), call)
+            .await
+            .expect("answered without asking the provider")
+    };
     assert_eq!(
-        h.engine.authorize(request).await.unwrap(),
+        within(h.engine.authorize(request.clone())).await.unwrap(),
         AuthOutcome::Declined(ReasonCode::ProviderTimeout),
         "the unknown outcome is settled as a timeout, not left in flight forever"
     );
+    let replay =
+        AuthorizeRequest { client_request_id: request_id(), inherent_id: request.inherent_id };
+    assert_eq!(
+        within(h.engine.authorize(replay)).await.unwrap(),
+        AuthOutcome::Declined(ReasonCode::ReplayedNonce),
+        "the reservation was logged: its nonce is spent"
+    );
+    assert_eq!(gate.calls(), 0, "the provider was not asked a second time");
+    assert_eq!(purse_of(&h, &bob).await, (5_000, 5_000), "the hold is released, nothing debited");
+    let means = h.engine.list_means(&bob.user, MeansOrder::Registration).await.unwrap();
+    assert_eq!(means[1].uses, 0);
     h.engine.shutdown();
+}
+
+/// The e-money purse (means 2) of `user`: balance and available.
+async fn purse_of(h: &Harness, user: &TestUser) -> (u64, u64) {
+    let means = h.engine.list_means(&user.user, MeansOrder::Registration).await.unwrap();
+    let balance = means.iter().find(|m| m.means_id == 2).unwrap().balance.unwrap();
+    (balance.balance_minor, balance.available_minor)
+}
+
+/// Idempotency keys are (owner, client request ID): two users' requests under one ID are two
+/// records, each answering its own retries, before and after a restart (log replay, then a
+/// snapshot). One shard, so that both users' records share a table.
+#[tokio::test]
+async fn two_users_requests_with_one_id_stay_apart() {
+    for snapshot_every in [0, 3] {
+        let dir = tempfile::tempdir().unwrap();
+        let one_shard = |dir: &Path| {
+            let mut config = durable_config(dir);
+            config.shards = 1;
+            config.durability.snapshot_every_records = snapshot_every;
+            Harness::with_config(config)
+        };
+        let h = one_shard(dir.path());
+        let (alice, bob) = (h.user("alice").await, h.user("bob").await);
+        let id = request_id();
+        let requests = [(&alice, 1_111), (&bob, 2_222)].map(|(user, amount)| AuthorizeRequest {
+            client_request_id: id,
+            inherent_id: user.signed(T0_MS, amount, PROVIDER_OK, "T-1"),
+        });
+        let mut outcomes = Vec::new();
+        for (request, amount) in requests.iter().zip([1_111, 2_222]) {
+            let outcome = h.engine.authorize(request.clone()).await.unwrap();
+            assert_eq!(approved(outcome).amount_final_minor, amount, "its own payment");
+            outcomes.push(outcome);
+        }
+        for (request, outcome) in requests.iter().zip(&outcomes) {
+            assert_eq!(h.engine.authorize(request.clone()).await.unwrap(), *outcome);
+        }
+        h.engine.shutdown();
+        drop(h);
+
+        for restart in 0..2 {
+            let h = one_shard(dir.path());
+            for (request, outcome) in requests.iter().zip(&outcomes) {
+                assert_eq!(
+                    h.engine.authorize(request.clone()).await.unwrap(),
+                    *outcome,
+                    "restart {restart}, snapshots every {snapshot_every}"
+                );
+            }
+            for user in [&alice, &bob] {
+                let means = h.engine.list_means(&user.user, MeansOrder::Registration).await;
+                assert_eq!(means.unwrap()[0].uses, 1, "each user paid once");
+            }
+            // A record written at this restart, so that the next one starts from a snapshot.
+            h.engine.login(&alice.user, PASSWORD).await.unwrap();
+            h.engine.shutdown();
+        }
+    }
 }
 
 /// Writes a few records, stops, and returns shard 0's log path (every test user hashes where it
@@ -496,4 +592,57 @@ async fn a_crash_between_snapshot_and_new_log_does_not_apply_records_twice() {
     assert_eq!(means.len(), 1, "the card was not added twice");
     assert_eq!(means[0].uses, 1, "the settlement was not counted twice");
     h.engine.shutdown();
+}
+
+/// A data directory written by format version 5 (`tests/fixtures/data-v5`, by the build before
+/// completions named their record's digest): a snapshot taken while an e-money payment was with
+/// its provider (the payment's record and purse hold in it), and the logs after it. This build
+/// reads it: the snapshot is converted, the payment is resolved as a provider timeout and its
+/// hold released, the payment completed before keeps its record and its debit; and a second
+/// restart reads the old records and the new ones appended after them.
+#[tokio::test]
+async fn a_version_5_data_directory_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data-v5");
+    for entry in std::fs::read_dir(&fixture).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    let user = UserKey::new(UserIdType::Mail, "fixture@example.com").unwrap();
+    let request = |id: u128, inherent_hex: &str| AuthorizeRequest {
+        client_request_id: id,
+        inherent_id: hex::decode(inherent_hex).unwrap(),
+    };
+    // As the fixture's writer recorded them: a payment approved, one left with its provider.
+    let done = request(
+        20_001,
+        "01000100000000000003e84a50590200000002000000640000000000000001011366697874757265406578\
+         616d706c652e636f6d0446582d310000000000000001000001a2008d7400b17af849c7936a89ec2ed5f37f\
+         57982ea20f46b7f79bfacbe3a293ee9e616260",
+    );
+    let pending = request(
+        20_002,
+        "01000100000000000007d04a505902000000020000012c0000000000000001011366697874757265406578\
+         616d706c652e636f6d0446582d310000000000000002000001a2008d74000f4cd946d97be8c6e8fb21de2c\
+         b0c3f6d1661c45e9af21c4fd6e0592c68d744c",
+    );
+    for restart_count in 0..2 {
+        let h = restart(dir.path());
+        h.engine.login(&user, PASSWORD).await.unwrap();
+        let approval = approved(h.engine.authorize(done.clone()).await.unwrap());
+        assert_eq!((approval.auth_code.0, approval.amount_final_minor), (*b"UAR9TT", 1_000));
+        assert_eq!(
+            h.engine.authorize(pending.clone()).await.unwrap(),
+            AuthOutcome::Declined(ReasonCode::ProviderTimeout),
+            "restart {restart_count}"
+        );
+        let means = h.engine.list_means(&user, MeansOrder::Registration).await.unwrap();
+        let balance = means[1].balance.unwrap();
+        assert_eq!(
+            (balance.balance_minor, balance.available_minor, means[1].uses),
+            (8_000, 8_000, 1),
+            "one debit, and the pending payment's hold released (restart {restart_count})"
+        );
+        h.engine.shutdown();
+    }
 }

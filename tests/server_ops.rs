@@ -408,6 +408,8 @@ async fn health_readiness_and_metrics() {
     assert!(status.contains("200"));
     assert!(body.contains("settlegate_requests_total{op=\"ping\",status=\"ok\"} 1"), "{body}");
     assert!(body.contains("settlegate_connections_open"), "{body}");
+    // Counted by the engine itself, read at the scrape.
+    assert!(body.contains("settlegate_completions_dropped_total 0"), "{body}");
     server.shutdown().await;
 }
 

@@ -5,6 +5,7 @@ mod support;
 mod engine_accounts;
 mod engine_age;
 mod engine_codes;
+mod engine_completions;
 mod engine_durability;
 mod engine_iso;
 mod engine_model;

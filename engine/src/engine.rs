@@ -304,6 +304,26 @@ impl Engine {
         config: EngineConfig,
         clock: Arc<dyn Clock>,
     ) -> Result<Engine, EngineError> {
+        Engine::start_with(config, clock, Vec::new())
+    }
+
+    /// Test hook: starts an engine whose providers named in `adapters` are served by the
+    /// adapter given there instead of the one their config names (a test's provider that
+    /// answers when the test says).
+    #[cfg(feature = "test-hooks")]
+    pub fn start_with_adapters(
+        config: EngineConfig,
+        clock: Arc<dyn Clock>,
+        adapters: Vec<(u32, Arc<dyn settlegate_adapters::ProviderAdapter>)>,
+    ) -> Result<Engine, EngineError> {
+        Engine::start_with(config, clock, adapters)
+    }
+
+    fn start_with(
+        config: EngineConfig,
+        clock: Arc<dyn Clock>,
+        adapters: Vec<(u32, Arc<dyn settlegate_adapters::ProviderAdapter>)>,
+    ) -> Result<Engine, EngineError> {
         config.validate().map_err(EngineError::Config)?;
         let vault_key = match config.vault_key().map_err(EngineError::Config)? {
             Some(key) => key,
@@ -324,7 +344,7 @@ impl Engine {
         };
         let hasher = PasswordHasher::new(config.password).map_err(EngineError::Config)?;
         let vault = Arc::new(Vault::new(&vault_key));
-        let registry = Arc::new(build_registry(&config, &vault)?);
+        let registry = Arc::new(build_registry(&config, &vault, adapters)?);
         let shared = Shared {
             devices: Arc::new(DeviceIndex::new(Arc::clone(&vault))),
             vault,
@@ -333,6 +353,7 @@ impl Engine {
             stores: Arc::new(StoreDirectory::default()),
             codes: Arc::new(CodeKey::derive(&vault_key)),
             code_issuer: config.code_issuer,
+            completions_dropped: Arc::default(),
         };
         let state_config = StateConfig {
             timestamp_window_ms: config.timestamp_window_ms,
@@ -996,6 +1017,10 @@ impl Engine {
         match replies.pop() {
             Some(Reply::CodeIssued(issued)) => Ok(self.deliver_code(issued)),
             Some(Reply::Auth(AuthOutcome::Declined(reason))) => Ok(CodeOutcome::Declined(reason)),
+            Some(Reply::CompletionDropped) => {
+                self.inner.shared.completion_dropped(&dispatch, &outcome);
+                Ok(CodeOutcome::Declined(ReasonCode::ProviderTimeout))
+            }
             Some(other) => Err(unexpected(other)),
             None => Err(EngineError::Stopped),
         }
@@ -1383,20 +1408,35 @@ impl Engine {
         let outcomes =
             join_all(dispatches.iter().map(|(_, d)| self.call_provider(d, deadline))).await;
         let now_ms = self.now_ms();
-        let mut completions: Vec<Vec<Op>> = (0..self.shard_count()).map(|_| Vec::new()).collect();
-        for ((_, dispatch), outcome) in dispatches.iter().zip(&outcomes) {
-            completions[self.shard_of(dispatch.key.0)]
-                .push(Op::Apply(dispatch.completion(*outcome, now_ms)));
+        // Per shard: the dispatches (by position) whose completions it applies, and those.
+        let mut completions: Vec<(Vec<usize>, Vec<Op>)> =
+            (0..self.shard_count()).map(|_| Default::default()).collect();
+        for (at, ((_, dispatch), outcome)) in dispatches.iter().zip(&outcomes).enumerate() {
+            let (positions, ops) = &mut completions[self.shard_of(dispatch.key.0)];
+            positions.push(at);
+            ops.push(Op::Apply(dispatch.completion(*outcome, now_ms)));
         }
         // Completions are never refused as busy: dropping one would lose an outcome.
-        let receivers: Vec<_> = completions
+        let (positions, receivers): (Vec<_>, Vec<_>) = completions
             .into_iter()
             .enumerate()
-            .filter(|(_, ops)| !ops.is_empty())
-            .map(|(shard, ops)| self.submit_always(shard, ops))
-            .collect();
-        let recorded = join_all(receivers).await.iter().all(Result::is_ok);
-        for ((index, dispatch), outcome) in dispatches.into_iter().zip(outcomes) {
+            .filter(|(_, (_, ops))| !ops.is_empty())
+            .map(|(shard, (positions, ops))| (positions, self.submit_always(shard, ops)))
+            .unzip();
+        let answers = join_all(receivers).await;
+        let recorded = answers.iter().all(Result::is_ok);
+        // What stands of each outcome: the provider's, or a decline where the completion found
+        // its record gone or replaced.
+        let mut standing = outcomes;
+        for (positions, replies) in positions.into_iter().zip(answers) {
+            for (at, reply) in positions.into_iter().zip(replies.unwrap_or_default()) {
+                if let Reply::CompletionDropped = reply {
+                    self.inner.shared.completion_dropped(&dispatches[at].1, &standing[at]);
+                    standing[at] = AuthOutcome::Declined(ReasonCode::ProviderTimeout);
+                }
+            }
+        }
+        for ((index, dispatch), outcome) in dispatches.into_iter().zip(standing) {
             if !recorded {
                 // Not recorded, not acknowledged: no reply and no notice may claim it.
                 results[index] = Some(Err(EngineError::Stopped));
@@ -1531,6 +1571,15 @@ impl Engine {
             }
             other => other,
         }
+    }
+
+    /// Providers' completions dropped since the engine started because the idempotency record
+    /// they were for was gone (the count limit dropped it while its provider answered) or
+    /// replaced (its client request ID used again after that): each such payment stands
+    /// declined as a provider timeout, and an approval among them must be reversed, as after a
+    /// crash. Each is also logged as a warning.
+    pub fn completions_dropped(&self) -> u64 {
+        self.inner.shared.completions_dropped.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Users and idempotency records held by each shard.

@@ -44,15 +44,21 @@ pub(crate) fn stop_runtime(runtime: &Mutex<Option<ActorRuntime>>, shards: &[Shar
 }
 
 /// Builds the registry, handing the adapters the vault: a card adapter (`kind = "iso8583"`)
-/// detokenizes with it, inside the adapter only.
+/// detokenizes with it, inside the adapter only. A provider named in `adapters` is served by
+/// the adapter given there (a test hook; empty otherwise).
 pub(crate) fn build_registry(
     config: &EngineConfig,
     vault: &Arc<Vault>,
+    mut adapters: Vec<(u32, Arc<dyn settlegate_adapters::ProviderAdapter>)>,
 ) -> Result<Registry, EngineError> {
     let mut providers = Vec::with_capacity(config.providers.len());
     for p in &config.providers {
-        let adapter = settlegate_adapters::build_with(&p.adapter, Arc::clone(vault) as _)
-            .map_err(|e| EngineError::Config(format!("provider {}: {e}", p.code)))?;
+        let given = adapters.iter().position(|(code, _)| *code == p.code);
+        let adapter = match given {
+            Some(at) => adapters.swap_remove(at).1,
+            None => settlegate_adapters::build_with(&p.adapter, Arc::clone(vault) as _)
+                .map_err(|e| EngineError::Config(format!("provider {}: {e}", p.code)))?,
+        };
         let provider = Provider::new(p.code, p.name.clone(), Guarded::new(adapter, p.limits));
         provider
             .register_terminals(p.terminals.clone())

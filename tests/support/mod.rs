@@ -2,6 +2,7 @@
 //! simulated providers, and helpers that build signed inherent IDs.
 #![allow(dead_code)]
 
+pub mod gate;
 pub mod server;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +24,9 @@ pub const PROVIDER_OK: u32 = 100;
 pub const PROVIDER_DECLINE: u32 = 200;
 /// Answers after 30 s; its timeout is 100 ms.
 pub const PROVIDER_SLOW: u32 = 300;
+/// Answers when the test says ([`gate::Gate`]), with a timeout of a minute; only in engines
+/// started with [`Harness::gated`].
+pub const PROVIDER_GATED: u32 = 400;
 pub const APPROVE_LIMIT: u64 = 1_000_000;
 pub const PASSWORD: &str = "correct horse battery";
 
@@ -118,6 +122,25 @@ impl Harness {
         let clock = Arc::new(ManualClock::new(T0_MS));
         let engine = Engine::start_with_clock(config, clock.clone()).expect("engine starts");
         Harness { engine, clock }
+    }
+
+    /// An engine on `config`, with [`PROVIDER_GATED`] added to it and served by a gated
+    /// provider whose answers the test gives; the request deadline is a minute.
+    pub fn gated(mut config: EngineConfig) -> (Harness, Arc<gate::Gate>) {
+        config.request_deadline_ms = 60_000;
+        config.providers.push(ProviderConfig {
+            code: PROVIDER_GATED,
+            name: "gated".into(),
+            adapter: AdapterConfig::default(),
+            limits: GuardConfig { concurrency_max: 16, timeout_ms: 60_000 },
+            terminals: Vec::new(),
+        });
+        let (adapter, gate) = gate::Gate::new();
+        let clock = Arc::new(ManualClock::new(T0_MS));
+        let engine =
+            Engine::start_with_adapters(config, clock.clone(), vec![(PROVIDER_GATED, adapter)])
+                .expect("engine starts");
+        (Harness { engine, clock }, gate)
     }
 
     /// Enrolls `name@example.com` with a card as default means.

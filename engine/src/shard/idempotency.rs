@@ -179,6 +179,26 @@ impl Entry {
     }
 }
 
+/// Which record a provider's completion is for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Completes<'a> {
+    /// The record of the completion's key made for the request with this digest (every
+    /// completion since log format version 6).
+    Record {
+        /// The request's digest, as its record holds it.
+        digest: u64,
+    },
+    /// A completion read from an older log, which names the key alone: it completes the
+    /// pending record of its key only if that record is for the same payer and means (the only
+    /// record it could have been for).
+    Legacy {
+        /// Who paid.
+        user: &'a UserKey,
+        /// With which means.
+        means_id: u32,
+    },
+}
+
 /// What a lookup found.
 pub(crate) enum Seen {
     /// No record: process the request.
@@ -500,12 +520,38 @@ impl Idempotency {
         self.overflow_sweep_at = OVERFLOW_SWEEP_MIN.max(2 * self.overflow.len());
     }
 
-    /// Finishes a pending record. A record the count limit dropped meanwhile is not recreated.
-    pub(crate) fn complete(&mut self, key: &IdemKey, reply: Reply) {
+    /// The sequence number of the pending record `of` names under `key`, if the table still
+    /// holds it: within the count limit, not replaced by a later record of the same key, still
+    /// waiting for its provider, and the one the completion is for. A record past its retention
+    /// time but not yet replaced is still its payment's: recovery would resolve it too.
+    fn pending_record(&self, key: &IdemKey, of: Completes<'_>) -> Option<u64> {
         let packed = PackedKey::pack(*key);
-        if let Some((_, seq)) = self.find(packed, self.hasher.hash_one(packed)) {
-            self.entry_mut(seq).state = Stored::new(IdemState::Done(reply));
-        }
+        let (_, seq) = self.find(packed, self.hasher.hash_one(packed))?;
+        let entry = self.entry(seq);
+        let Stored::Pending { user, means_id } = &entry.state else { return None };
+        let same = match of {
+            Completes::Record { digest } => entry.digest == digest,
+            Completes::Legacy { user: payer, means_id: means } => {
+                user == payer && *means_id == means
+            }
+        };
+        same.then_some(seq)
+    }
+
+    /// Whether a completion `of` the record of `key` would land (see [`Idempotency::complete`]).
+    pub(crate) fn completes(&self, key: &IdemKey, of: Completes<'_>) -> bool {
+        self.pending_record(key, of).is_some()
+    }
+
+    /// Finishes the pending record a provider's completion is for, and only that one: a
+    /// completion whose record the count limit dropped, or a later record of the same key
+    /// replaced, or that is no longer pending, changes nothing (the record is not recreated,
+    /// and a newer request of the same ID is not given this one's outcome). Returns whether it
+    /// landed.
+    pub(crate) fn complete(&mut self, key: &IdemKey, of: Completes<'_>, reply: Reply) -> bool {
+        let Some(seq) = self.pending_record(key, of) else { return false };
+        self.entry_mut(seq).state = Stored::new(IdemState::Done(reply));
+        true
     }
 
     /// The records within the count limit, frozen for a snapshot.
@@ -528,18 +574,19 @@ impl Idempotency {
         oldest_first(self.ring.iter().map(CowCell::get), self.ring_pos(self.live_from_seq()))
     }
 
-    /// Records still waiting for their provider's outcome (within the count limit).
-    pub(crate) fn pending(&self) -> Vec<(IdemKey, UserKey, u32)> {
+    /// Records still waiting for their provider's outcome (within the count limit): key,
+    /// digest, payer and means.
+    pub(crate) fn pending(&self) -> Vec<(IdemKey, u64, UserKey, u32)> {
         let mut pending: Vec<_> = self
             .records()
             .filter_map(|entry| match &entry.state {
                 Stored::Pending { user, means_id } => {
-                    Some((entry.key.unpack(), user.clone(), *means_id))
+                    Some((entry.key.unpack(), entry.digest, user.clone(), *means_id))
                 }
                 Stored::Auth(_) | Stored::Shared(_) => None,
             })
             .collect();
-        pending.sort_by_key(|(key, _, _)| *key);
+        pending.sort_by_key(|(key, _, _, _)| *key);
         pending
     }
 
@@ -671,8 +718,8 @@ mod tests {
         };
         restored.insert(key(6_000), 6_000, pending, 3_000);
         assert_eq!(restored.pending().len(), 1);
-        restored
-            .complete(&key(6_000), Reply::Auth(AuthOutcome::Declined(ReasonCode::ProviderTimeout)));
+        let timeout = Reply::Auth(AuthOutcome::Declined(ReasonCode::ProviderTimeout));
+        assert!(restored.complete(&key(6_000), Completes::Record { digest: 6_000 }, timeout));
         assert!(restored.pending().is_empty());
     }
 
@@ -698,11 +745,20 @@ mod tests {
         let user = crate::types::UserKey::new(crate::types::UserIdType::Mail, "a@b.c").unwrap();
         let outcome = AuthOutcome::Declined(ReasonCode::ProviderDoNotHonor);
         let mut table = Idempotency::new(1_000_000, 100);
-        table.insert(key(1), 11, IdemState::Pending { user, means_id: 3 }, 0);
+        table.insert(key(1), 11, IdemState::Pending { user: user.clone(), means_id: 3 }, 0);
         assert!(matches!(table.lookup(&vault, &key(1), 11, 1), Seen::Same(Reply::InFlight)));
         assert_eq!(table.pending().len(), 1);
-        table.complete(&key(1), Reply::Auth(outcome));
+        // A completion for another request of the key, or from an older log for another means,
+        // is not this record's.
+        assert!(!table.complete(&key(1), Completes::Record { digest: 12 }, Reply::Auth(outcome)));
+        let other_means = Completes::Legacy { user: &user, means_id: 4 };
+        assert!(!table.complete(&key(1), other_means, Reply::Auth(outcome)));
+        assert_eq!(table.pending().len(), 1);
+        assert!(table.complete(&key(1), Completes::Record { digest: 11 }, Reply::Auth(outcome)));
         assert!(table.pending().is_empty());
+        // Done: a second completion changes nothing.
+        let timeout = Reply::Auth(AuthOutcome::Declined(ReasonCode::ProviderTimeout));
+        assert!(!table.complete(&key(1), Completes::Record { digest: 11 }, timeout));
         let answer = |table: &Idempotency| match table.lookup(&vault, &key(1), 11, 2) {
             Seen::Same(Reply::Auth(answered)) => Some(answered),
             _ => None,
@@ -720,21 +776,32 @@ mod tests {
         assert_eq!(answer(&restored), Some(outcome));
     }
 
-    /// What the model knows of one key's newest record.
+    /// What the model knows of one record the table was given.
     #[derive(Debug, Clone, Copy)]
-    struct Modelled {
-        seq: u64,
-        expires_ms: i64,
+    struct Made {
+        key: u64,
+        /// Unique to the record, as a payment's tag is: no two records share one.
         digest: u64,
+        means_id: u32,
+        /// Its sequence number; none once a restore left it out.
+        seq: Option<u64>,
+        expires_ms: i64,
         pending: bool,
+        /// The reply it holds once done: the one it was made with, or its completion's.
+        answer: u32,
     }
 
     #[derive(Debug, Clone)]
     enum Step {
-        /// A request with this key and digest, recorded if the lookup finds no live record.
-        Request { key: u64, digest: u64, pending: bool },
-        /// The provider's answer for this key.
-        Complete { key: u64 },
+        /// A request with this key: a retry of the key's record (same digest, if there is
+        /// one) or a new request (a digest never used), recorded if the lookup finds no live
+        /// record; pending (a payment with its provider) or done at once. As in the engine,
+        /// where a payment's digest is its tag, no two pending records share a digest.
+        Request { key: u64, retry: bool, pending: bool, means_id: u32 },
+        /// A provider's completion of a record made earlier, whether the table still holds it,
+        /// dropped it or replaced it: named by key and digest, or (`legacy`, a completion from
+        /// an older log) by key, payer and means.
+        Complete { record: prop::sample::Index, legacy: bool },
         /// Time passes.
         Wait { ms: i64 },
         /// A snapshot, restored into a fresh table.
@@ -743,9 +810,10 @@ mod tests {
 
     fn step() -> impl Strategy<Value = Step> {
         prop_oneof![
-            6 => (0..40u64, 0..2u64, any::<bool>())
-                .prop_map(|(key, digest, pending)| Step::Request { key, digest, pending }),
-            2 => (0..40u64).prop_map(|key| Step::Complete { key }),
+            6 => (0..12u64, any::<bool>(), any::<bool>(), 1..3u32)
+                .prop_map(|(key, retry, pending, means_id)| Step::Request { key, retry, pending, means_id }),
+            3 => (any::<prop::sample::Index>(), prop::bool::weighted(0.2))
+                .prop_map(|(record, legacy)| Step::Complete { record, legacy }),
             2 => (0..400i64).prop_map(|ms| Step::Wait { ms }),
             1 => Just(Step::Restore),
         ]
@@ -754,12 +822,16 @@ mod tests {
     use proptest::prelude::*;
 
     proptest! {
-        /// The table against a model that keeps every key's newest record and its sequence
-        /// number: after every step, every key answers as the model says (a record answers
-        /// while it is among the newest `records_max` and unexpired), with the index as sized,
-        /// with one bucket (so most records go through the overflow map) and with two.
+        /// The table against a model of every record it was given: reservations, records the
+        /// count limit drops, IDs used again once their record expired, and completions that
+        /// come late (for records dropped, replaced or done). After every step each key answers
+        /// as the model says (a record answers while it is among the newest `records_max` and
+        /// unexpired), a completion lands exactly when the record it names is its key's record
+        /// in the table and still pending, and a done record answers with its own completion's
+        /// reply, never another record's. With the index as sized, with one bucket (so most
+        /// records go through the overflow map) and with two.
         #[test]
-        fn answers_as_a_model_of_the_limits_does(
+        fn every_completion_lands_on_its_own_record_only(
             records_max in 1..30usize,
             buckets in prop_oneof![Just(0usize), Just(1), Just(2)],
             steps in proptest::collection::vec(step(), 1..300),
@@ -772,36 +844,82 @@ mod tests {
             let user = crate::types::UserKey::new(crate::types::UserIdType::Mail, "a@b.c").unwrap();
             let vault = vault();
             let mut table = fresh();
-            let mut model: std::collections::HashMap<u64, Modelled> = Default::default();
-            let (mut next_seq, mut now_ms) = (0u64, 0i64);
-            for step in steps {
-                let live = |m: &Modelled, next_seq: u64| m.seq + records_max as u64 >= next_seq;
+            let mut made: Vec<Made> = Vec::new();
+            let mut newest: std::collections::HashMap<u64, usize> = Default::default();
+            let (mut next_seq, mut now_ms, mut next_digest) = (0u64, 0i64, 0u64);
+            for (at, step) in steps.into_iter().enumerate() {
+                let live = |m: &Made, next_seq: u64| {
+                    m.seq.is_some_and(|seq| seq + records_max as u64 >= next_seq)
+                };
+                // The key's record the table holds (answering or not), by index into `made`.
+                let current = |made: &[Made], newest: &std::collections::HashMap<u64, usize>, k: u64, next_seq: u64| {
+                    newest.get(&k).copied().filter(|&i| live(&made[i], next_seq))
+                };
                 match step {
-                    Step::Request { key: k, digest, pending } => {
+                    Step::Request { key: k, retry, mut pending, means_id } => {
+                        let held = current(&made, &newest, k, next_seq);
+                        let digest = match held {
+                            Some(i) if retry => {
+                                // A request presented again past its record's retention is
+                                // refused at once (the replay window), never with a provider.
+                                pending &= made[i].expires_ms > now_ms;
+                                made[i].digest
+                            }
+                            _ => {
+                                next_digest += 1;
+                                next_digest
+                            }
+                        };
                         let seen = table.lookup(&vault, &key(k), digest, now_ms);
-                        match model.get(&k).filter(|m| live(m, next_seq) && m.expires_ms > now_ms) {
-                            Some(m) if m.digest != digest => {
+                        match held.filter(|&i| made[i].expires_ms > now_ms) {
+                            Some(i) if made[i].digest != digest => {
                                 prop_assert!(matches!(seen, Seen::Conflict));
                             }
                             Some(_) => prop_assert!(matches!(seen, Seen::Same(_))),
                             None => {
                                 prop_assert!(matches!(seen, Seen::New));
                                 let state = if pending {
-                                    IdemState::Pending { user: user.clone(), means_id: 1 }
+                                    IdemState::Pending { user: user.clone(), means_id }
                                 } else {
                                     done(digest)
                                 };
                                 table.insert(key(k), digest, state, now_ms);
-                                let expires_ms = now_ms + ttl_ms;
-                                model.insert(k, Modelled { seq: next_seq, expires_ms, digest, pending });
+                                newest.insert(k, made.len());
+                                made.push(Made {
+                                    key: k,
+                                    digest,
+                                    means_id,
+                                    seq: Some(next_seq),
+                                    expires_ms: now_ms + ttl_ms,
+                                    pending,
+                                    answer: digest as u32,
+                                });
                                 next_seq += 1;
                             }
                         }
                     }
-                    Step::Complete { key: k } => {
-                        table.complete(&key(k), Reply::Swept(7));
-                        if let Some(m) = model.get_mut(&k).filter(|m| live(m, next_seq)) {
-                            m.pending = false;
+                    Step::Complete { record, legacy } => {
+                        if made.is_empty() {
+                            continue;
+                        }
+                        let named = record.index(made.len());
+                        let Made { key: k, digest, means_id, .. } = made[named];
+                        let answer = 1_000_000 + at as u32;
+                        let held = current(&made, &newest, k, next_seq).filter(|&i| made[i].pending);
+                        let (of, target) = if legacy {
+                            // An older log's completion takes the key's pending record if it is
+                            // for the same payer and means.
+                            let target = held.filter(|&i| made[i].means_id == means_id);
+                            (Completes::Legacy { user: &user, means_id }, target)
+                        } else {
+                            // Its own record, and no other.
+                            (Completes::Record { digest }, held.filter(|&i| i == named))
+                        };
+                        let landed = table.complete(&key(k), of, Reply::Swept(answer));
+                        prop_assert_eq!(landed, target.is_some(), "completion of record {}", named);
+                        if let Some(i) = target {
+                            made[i].pending = false;
+                            made[i].answer = answer;
                         }
                     }
                     Step::Wait { ms } => now_ms += ms,
@@ -813,34 +931,46 @@ mod tests {
                             .collect();
                         table = fresh();
                         table.restore(records);
-                        // The restored records are renumbered from 0 in their order.
-                        let mut kept: Vec<(u64, Modelled)> =
-                            model.drain().filter(|(_, m)| live(m, next_seq)).collect();
-                        kept.sort_by_key(|(_, m)| m.seq);
+                        // The records the table held are renumbered from 0 in their order;
+                        // the others are gone for good.
+                        let mut kept: Vec<usize> = newest
+                            .values()
+                            .copied()
+                            .filter(|&i| live(&made[i], next_seq))
+                            .collect();
+                        kept.sort_by_key(|&i| made[i].seq);
+                        made.iter_mut().for_each(|m| m.seq = None);
                         next_seq = kept.len() as u64;
-                        for (seq, (k, m)) in kept.into_iter().enumerate() {
-                            model.insert(k, Modelled { seq: seq as u64, ..m });
+                        for (seq, i) in kept.into_iter().enumerate() {
+                            made[i].seq = Some(seq as u64);
                         }
                     }
                 }
                 prop_assert!(table.len() <= records_max);
-                for k in 0..40u64 {
-                    let expected = model.get(&k).filter(|m| live(m, next_seq) && m.expires_ms > now_ms);
-                    for digest in 0..2u64 {
+                for k in 0..12u64 {
+                    let answering = current(&made, &newest, k, next_seq)
+                        .map(|i| made[i])
+                        .filter(|m| m.expires_ms > now_ms);
+                    for digest in [answering.map_or(0, |m| m.digest), u64::MAX] {
                         let seen = table.lookup(&vault, &key(k), digest, now_ms);
-                        match expected {
+                        match answering {
                             None => prop_assert!(matches!(seen, Seen::New), "key {} digest {}", k, digest),
                             Some(m) if m.digest != digest => prop_assert!(matches!(seen, Seen::Conflict)),
                             Some(m) if m.pending => prop_assert!(matches!(seen, Seen::Same(Reply::InFlight))),
-                            Some(_) => prop_assert!(matches!(seen, Seen::Same(Reply::Swept(_)))),
+                            Some(m) => prop_assert!(
+                                matches!(seen, Seen::Same(Reply::Swept(n)) if n == m.answer),
+                                "key {} answers with another record's reply", k
+                            ),
                         }
                     }
                 }
-                let pending: Vec<IdemKey> = table.pending().into_iter().map(|(k, _, _)| k).collect();
-                let mut expected: Vec<IdemKey> = model
-                    .iter()
-                    .filter(|(_, m)| live(m, next_seq) && m.pending)
-                    .map(|(&k, _)| key(k))
+                let pending: Vec<(IdemKey, u64)> =
+                    table.pending().into_iter().map(|(k, digest, _, _)| (k, digest)).collect();
+                let mut expected: Vec<(IdemKey, u64)> = newest
+                    .values()
+                    .map(|&i| made[i])
+                    .filter(|m| live(m, next_seq) && m.pending)
+                    .map(|m| (key(m.key), m.digest))
                     .collect();
                 expected.sort();
                 prop_assert_eq!(pending, expected);

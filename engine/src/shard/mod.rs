@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex, PoisonError, TryLockError};
 use actix::{Actor, Addr, Context, Handler, Message, MessageResult};
 use tokio::sync::oneshot;
 
+use crate::types::{AuthOutcome, ReasonCode};
 use crate::wal::record::LogEnvelope;
 use crate::wal::snapshot::Capture;
 use crate::wal::{Job, WalHandle};
@@ -165,6 +166,16 @@ impl ShardCore {
         let completed = self.apply(dispatch.completion(outcome, now_ms), records);
         match completed {
             Reply::CodeIssued(issued) => Reply::CodeDecided(issued),
+            // Not expected (the record was made in this step), but a completion that found no
+            // record stands declined whatever the provider said.
+            Reply::CompletionDropped => {
+                self.state.shared.completion_dropped(&dispatch, &outcome);
+                let declined = AuthOutcome::Declined(ReasonCode::ProviderTimeout);
+                match dispatch.code {
+                    Some(_) => Reply::Auth(declined),
+                    None => Reply::Decided(dispatch, declined),
+                }
+            }
             // A declined code request is answered as its completion answers it.
             other if dispatch.code.is_some() => other,
             _ => Reply::Decided(dispatch, outcome),

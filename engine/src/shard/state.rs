@@ -2,11 +2,12 @@
 //! no randomness. Everything nondeterministic (time, keys, tokens) arrives inside the command,
 //! so that a log of commands replays to the same state.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use settlegate_adapters::{AdapterError, AuthorizationRequest, DeclineReason, ProviderReply};
 
-use super::idempotency::{IdemKey, IdemState, Idempotency, Seen};
+use super::idempotency::{Completes, IdemKey, IdemState, Idempotency, Seen};
 use super::replay::ReplayWindow;
 use crate::age::{self, AgePolicy, AgeRecord, AgeRegistration, AgeRules, AgeVerdict, Basket};
 use crate::codes::{issue_number, CodeKey, CodeKind, CodePayload, CouponEffect};
@@ -34,6 +35,28 @@ pub(crate) struct Shared {
     pub(crate) stores: Arc<StoreDirectory>,
     pub(crate) codes: Arc<CodeKey>,
     pub(crate) code_issuer: u16,
+    /// Providers' completions dropped because their record was gone or replaced (applied live;
+    /// a replay does not count them again).
+    pub(crate) completions_dropped: Arc<AtomicU64>,
+}
+
+impl Shared {
+    /// Counts and reports a completion of `dispatch` that found its idempotency record gone
+    /// (the count limit dropped it) or replaced (its client request ID used again): its outcome
+    /// was not recorded, and the payment stands declined as a provider timeout, as one cut off
+    /// by a crash does (an approval there must be reversed).
+    pub(crate) fn completion_dropped(&self, dispatch: &Dispatch, outcome: &AuthOutcome) {
+        self.completions_dropped.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            dispatch_id = dispatch.dispatch_id,
+            provider = dispatch.provider_code,
+            client_request_id = %dispatch.key.1,
+            approved = matches!(outcome, AuthOutcome::Approved(_)),
+            "a provider's completion found its idempotency record gone or replaced; its outcome \
+             is dropped and the payment declined as a provider timeout (an approval must be \
+             reversed, as after a crash)"
+        );
+    }
 }
 
 /// The parts of the engine config a shard applies.
@@ -130,6 +153,11 @@ pub(crate) struct Purse {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct PurseHold {
     pub(crate) key: IdemKey,
+    /// The digest of the payment's request, as its idempotency record holds it: a payment's
+    /// completion releases its own hold, not that of a later payment given the same client
+    /// request ID. None for a hold restored from a snapshot of a format before version 6 (the
+    /// first completion of its key takes it, as before) and for a code's hold.
+    pub(crate) digest: Option<u64>,
     pub(crate) amount_minor: u64,
     pub(crate) expires_ms: i64,
 }
@@ -137,6 +165,27 @@ pub(crate) struct PurseHold {
 /// The key of the purse hold behind payment code `number`.
 pub(crate) fn code_hold_key(number: u64) -> IdemKey {
     (u64::MAX, u128::from(number))
+}
+
+impl PurseHold {
+    /// Whether this is the hold of the payment whose record is `key`'s with `digest` (a
+    /// completion from an older log gives no digest and takes the first hold of its key, as
+    /// it did; so does a hold restored from an older snapshot).
+    fn is_of(&self, key: IdemKey, digest: Option<u64>) -> bool {
+        self.key == key
+            && match (self.digest, digest) {
+                (Some(held), Some(named)) => held == named,
+                _ => true,
+            }
+    }
+}
+
+/// How a completion names its record (none: read from a log older than format version 6).
+fn completes(digest: Option<u64>, user: &UserKey, means_id: u32) -> Completes<'_> {
+    match digest {
+        Some(digest) => Completes::Record { digest },
+        None => Completes::Legacy { user, means_id },
+    }
 }
 
 impl Purse {
@@ -186,6 +235,9 @@ pub(crate) struct User {
 #[derive(Debug, Clone)]
 pub(crate) struct Dispatch {
     pub(crate) key: IdemKey,
+    /// The digest of the request, as its idempotency record holds it: the completion names the
+    /// record by key and digest.
+    pub(crate) digest: u64,
     pub(crate) user: UserKey,
     pub(crate) dispatch_id: u64,
     pub(crate) provider_code: u32,
@@ -247,9 +299,11 @@ impl Dispatch {
     /// or for a payment-code request the code's issue (or release, if declined).
     pub(crate) fn completion(&self, outcome: AuthOutcome, now_ms: i64) -> Envelope {
         let (key, user, means_id) = (self.key, self.user.clone(), self.means_id);
+        let digest = Some(self.digest);
         let command = match &self.code {
             Some(spec) => Command::CodeComplete {
                 key,
+                digest,
                 user,
                 means_id,
                 outcome,
@@ -258,6 +312,7 @@ impl Dispatch {
             },
             None => Command::AuthComplete {
                 key,
+                digest,
                 user,
                 means_id,
                 outcome,
@@ -457,8 +512,11 @@ pub(crate) enum Command {
         verified: Verified,
         basket: Option<Box<Basket>>,
     },
+    /// A provider's answer to the payment whose record is `key`'s with `digest` (none: read
+    /// from a log older than format version 6, which names the key alone).
     AuthComplete {
         key: IdemKey,
+        digest: Option<u64>,
         user: UserKey,
         means_id: u32,
         outcome: AuthOutcome,
@@ -494,6 +552,8 @@ pub(crate) enum Command {
     /// C2: the provider's answer to a payment-code request: issue the code, or release.
     CodeComplete {
         key: IdemKey,
+        /// As [`Command::AuthComplete`]'s.
+        digest: Option<u64>,
         user: UserKey,
         means_id: u32,
         outcome: AuthOutcome,
@@ -604,6 +664,10 @@ pub(crate) enum Reply {
     /// the caller delivers it to its device.
     CodeDecided(Box<IssuedCode>),
     InFlight,
+    /// A provider's completion whose idempotency record was gone or replaced: nothing was
+    /// recorded but the release of its payment's hold; the payment stands declined as a
+    /// provider timeout ([`Shared::completion_dropped`]).
+    CompletionDropped,
     Means(Vec<MeansView>),
     Credentials {
         password_phc: String,
@@ -672,7 +736,8 @@ impl ShardState {
     /// Applies a command, answering a retry from its idempotency record.
     pub(crate) fn apply(&mut self, envelope: Envelope) -> Reply {
         let Some(client_request_id) = envelope.client_request_id else {
-            return self.execute(envelope.command, envelope.now_ms, (envelope.owner_hash, 0));
+            let key = (envelope.owner_hash, 0);
+            return self.execute(envelope.command, envelope.now_ms, key, envelope.digest);
         };
         let key = (envelope.owner_hash, client_request_id);
         match self.idem.lookup(&self.shared.vault, &key, envelope.digest, envelope.now_ms) {
@@ -680,7 +745,7 @@ impl ShardState {
             Seen::Conflict => return Reply::Refused(ReasonCode::IdempotencyConflict),
             Seen::New => {}
         }
-        let reply = self.execute(envelope.command, envelope.now_ms, key);
+        let reply = self.execute(envelope.command, envelope.now_ms, key, envelope.digest);
         let state = match &reply {
             Reply::Dispatch(dispatch) => {
                 IdemState::Pending { user: dispatch.user.clone(), means_id: dispatch.means_id }
@@ -728,7 +793,8 @@ impl ShardState {
         }
     }
 
-    fn execute(&mut self, command: Command, now_ms: i64, key: IdemKey) -> Reply {
+    /// Applies `command`, for the idempotency record `key` of a request with `digest`.
+    fn execute(&mut self, command: Command, now_ms: i64, key: IdemKey, digest: u64) -> Reply {
         match command {
             Command::Enroll { user, password_phc, idm, key: device_key } => {
                 self.enroll(user, password_phc, idm, device_key)
@@ -752,10 +818,10 @@ impl ShardState {
             Command::SetDefaultMeans { user, means_id } => self.set_default_means(&user, means_id),
             Command::LoginAttempt { user, success } => self.login_attempt(&user, success, now_ms),
             Command::AuthReserve { verified, basket } => {
-                self.auth_reserve(verified, basket.as_deref(), now_ms, key)
+                self.auth_reserve(verified, basket.as_deref(), now_ms, (key, digest))
             }
-            Command::AuthComplete { key, user, means_id, outcome, verdict } => {
-                self.auth_complete(key, &user, means_id, outcome, verdict, now_ms)
+            Command::AuthComplete { key, digest, user, means_id, outcome, verdict } => {
+                self.auth_complete(key, digest, &user, means_id, outcome, verdict, now_ms)
             }
             Command::RegisterAge { record, tag: _ } => self.register_age(record, now_ms),
             Command::SetAgePolicy { provider_code, terminal_id, policy } => {
@@ -763,10 +829,19 @@ impl ShardState {
             }
             Command::UpsertStore { store } => self.upsert_store(*store, now_ms),
             Command::CodeReserve { verified, spec } => {
-                self.code_reserve(verified, spec, now_ms, key)
+                self.code_reserve(verified, spec, now_ms, (key, digest))
             }
-            Command::CodeComplete { key, user, means_id, outcome, spec, terminal_id } => {
-                self.code_complete(key, &user, means_id, outcome, &spec, terminal_id, now_ms)
+            Command::CodeComplete { key, digest, user, means_id, outcome, spec, terminal_id } => {
+                self.code_complete(
+                    key,
+                    digest,
+                    &user,
+                    means_id,
+                    outcome,
+                    &spec,
+                    terminal_id,
+                    now_ms,
+                )
             }
             Command::RedeemCode { spec } => self.redeem_code(&spec, now_ms),
             Command::SweepCodes => Reply::Swept(self.sweep_codes(now_ms)),
@@ -938,13 +1013,14 @@ impl ShardState {
     }
 
     /// Every check of an authorization that needs the user's state; on success, the nonce is
-    /// consumed and the work is handed back for dispatch to the provider.
+    /// consumed and the work is handed back for dispatch to the provider, for the payment's
+    /// idempotency record: its key and its request's digest.
     fn auth_reserve(
         &mut self,
         verified: Verified,
         basket: Option<&Basket>,
         now_ms: i64,
-        key: IdemKey,
+        (key, digest): (IdemKey, u64),
     ) -> Reply {
         let record = verified.record;
         let declined = |reason| Reply::Auth(AuthOutcome::Declined(reason));
@@ -1021,11 +1097,18 @@ impl ShardState {
             if purse.available_minor(now_ms) < final_minor {
                 return declined(ReasonCode::InsufficientBalance);
             }
-            purse.holds.push(PurseHold { key, amount_minor: final_minor, expires_ms: i64::MAX });
+            let hold = PurseHold {
+                key,
+                digest: Some(digest),
+                amount_minor: final_minor,
+                expires_ms: i64::MAX,
+            };
+            purse.holds.push(hold);
         }
         self.dispatch_seq += 1;
         Reply::Dispatch(Box::new(Dispatch {
             key,
+            digest,
             user: record.user,
             dispatch_id: (u64::from(self.index) << 56) | self.dispatch_seq,
             provider_code: record.provider_code,
@@ -1041,9 +1124,16 @@ impl ShardState {
         }))
     }
 
+    /// Records a provider's answer on the payment's own idempotency record, and settles its
+    /// hold and usage. A completion whose record is gone or replaced (see
+    /// [`Idempotency::complete`]) records nothing but the release of its own hold: the payment
+    /// stands declined ([`Reply::CompletionDropped`]). One read from an older log, which names
+    /// its record by key alone, settles the hold and usage as it did when it was written.
+    #[allow(clippy::too_many_arguments)]
     fn auth_complete(
         &mut self,
         key: IdemKey,
+        digest: Option<u64>,
         user: &UserKey,
         means_id: u32,
         outcome: AuthOutcome,
@@ -1054,22 +1144,29 @@ impl ShardState {
             Some(verdict) => Reply::BasketAuth(outcome, verdict),
             None => Reply::Auth(outcome),
         };
-        self.idem.complete(&key, reply);
+        let of = completes(digest, user, means_id);
+        let landed = self.idem.complete(&key, of, reply);
+        let dropped = !landed && digest.is_some();
         let means = self
             .users
             .get_mut(user)
             .map(Arc::make_mut)
             .and_then(|account| account.means.iter_mut().find(|m| m.means_id == means_id));
-        let Some(means) = means else { return Reply::Ok };
-        let approved = matches!(outcome, AuthOutcome::Approved(_));
+        let Some(means) = means else {
+            return if dropped { Reply::CompletionDropped } else { Reply::Ok };
+        };
+        let approved = !dropped && matches!(outcome, AuthOutcome::Approved(_));
         if let Some(purse) = &mut means.purse {
-            // Release the hold; an approval turns it into a debit.
-            if let Some(at) = purse.holds.iter().position(|hold| hold.key == key) {
+            // Release the payment's own hold; an approval turns it into a debit.
+            if let Some(at) = purse.holds.iter().position(|hold| hold.is_of(key, digest)) {
                 let amount = purse.holds.swap_remove(at).amount_minor;
                 if approved {
                     purse.balance_minor = purse.balance_minor.saturating_sub(amount);
                 }
             }
+        }
+        if dropped {
+            return Reply::CompletionDropped;
         }
         if approved {
             means.uses += 1;
@@ -1171,7 +1268,7 @@ impl ShardState {
         verified: Verified,
         mut spec: Box<CodeSpec>,
         now_ms: i64,
-        key: IdemKey,
+        idem_record: (IdemKey, u64),
     ) -> Reply {
         let record = &verified.record;
         let requesting = record.card_idm;
@@ -1185,7 +1282,7 @@ impl ShardState {
             }
         }
         spec.deliver_to = Some(spec.deliver_to.unwrap_or(requesting));
-        match self.auth_reserve(verified, None, now_ms, key) {
+        match self.auth_reserve(verified, None, now_ms, idem_record) {
             Reply::Dispatch(mut dispatch) => {
                 dispatch.code = Some(spec);
                 Reply::Dispatch(dispatch)
@@ -1201,6 +1298,7 @@ impl ShardState {
     fn code_complete(
         &mut self,
         key: IdemKey,
+        digest: Option<u64>,
         user: &UserKey,
         means_id: u32,
         outcome: AuthOutcome,
@@ -1208,10 +1306,19 @@ impl ShardState {
         terminal_id: String,
         now_ms: i64,
     ) -> Reply {
-        let AuthOutcome::Approved(approval) = outcome else {
-            // Released as a declined payment is, and answered the same way.
-            self.auth_complete(key, user, means_id, outcome, None, now_ms);
-            return Reply::Auth(outcome);
+        let dropped =
+            digest.is_some() && !self.idem.completes(&key, completes(digest, user, means_id));
+        let approval = match outcome {
+            AuthOutcome::Approved(approval) if !dropped => approval,
+            // Released as a declined payment is, and answered the same way; no code is issued
+            // for a completion whose record is gone.
+            _ => {
+                return match self.auth_complete(key, digest, user, means_id, outcome, None, now_ms)
+                {
+                    Reply::CompletionDropped => Reply::CompletionDropped,
+                    _ => Reply::Auth(outcome),
+                };
+            }
         };
         self.code_seq += 1;
         let number = issue_number(self.index, self.code_seq);
@@ -1223,8 +1330,9 @@ impl ShardState {
             .map(Arc::make_mut)
             .and_then(|account| account.means.iter_mut().find(|m| m.means_id == means_id));
         if let Some(purse) = means.and_then(|means| means.purse.as_mut()) {
-            if let Some(hold) = purse.holds.iter_mut().find(|hold| hold.key == key) {
+            if let Some(hold) = purse.holds.iter_mut().find(|hold| hold.is_of(key, digest)) {
                 hold.key = code_hold_key(number);
+                hold.digest = None;
                 hold.expires_ms = expires_ms;
             }
         }
@@ -1264,7 +1372,7 @@ impl ShardState {
         self.code_expiry.insert((expires_ms, number));
         self.codes.insert(number, Arc::new(record));
         let reply = Reply::CodeIssued(Box::new(issued));
-        self.idem.complete(&key, reply.clone());
+        self.idem.complete(&key, completes(digest, user, means_id), reply.clone());
         reply
     }
 
@@ -1471,7 +1579,7 @@ impl ShardState {
     /// must reverse these dispatches). Returns the applied completions, for the log.
     pub(crate) fn resolve_pending(&mut self, now_ms: i64) -> Vec<Envelope> {
         let mut applied = Vec::new();
-        for (key, user, means_id) in self.idem.pending() {
+        for (key, digest, user, means_id) in self.idem.pending() {
             let envelope = Envelope {
                 owner_hash: key.0,
                 client_request_id: None,
@@ -1479,6 +1587,7 @@ impl ShardState {
                 now_ms,
                 command: Command::AuthComplete {
                     key,
+                    digest: Some(digest),
                     user,
                     means_id,
                     outcome: AuthOutcome::Declined(ReasonCode::ProviderTimeout),

@@ -42,10 +42,10 @@ use record::LogEnvelope;
 /// section), version 4 padded the snapshot header to 48 bytes so that the payload is aligned
 /// in the file and can be mapped in place (its logs are as version 3's), version 5 appended the
 /// record of a code redeemed with a basket (its snapshots are as version 4's), version 6 the
-/// store terminal a payment code was requested for (a log record kind and a snapshot section)
-/// and the records of a device's keys revoked at once and of a delivery notice (and its answer
-/// in the snapshot's idempotency records).
-/// Older files are still read.
+/// store terminal a payment code was requested for, the records of a device's keys revoked at
+/// once and of a delivery notice (and its answer in the snapshot's idempotency records), and
+/// the completion that names its idempotency record by key and digest (and a snapshot's purse
+/// holds keep that digest). Older files are still read.
 pub const FORMAT_VERSION: u16 = 6;
 const MAGIC: [u8; 8] = *b"SGWAL\0\0\0";
 const FILE_HEADER_LEN: usize = 24;

@@ -155,11 +155,9 @@ enum LogCommand {
         basket: LogBasket,
     },
     // Format version 6 appends the variants below (none may make the archived command larger
-    // than its 128 bytes: a record is read from the end of its payload).
-    /// A code's issue with the store terminal it was requested for (`CodeComplete` before).
-    CodeCompleteAt {
-        complete: Box<LogCodeComplete>,
-    },
+    // than its 128 bytes: a record is read from the end of its payload). The completions above
+    // name their record by key alone; `Completion` names it by key and digest, and a code's
+    // the store terminal it was requested for.
     /// A device's keys revoked at once; `key` is the one given to nobody that replaces them.
     RevokeDeviceKey {
         user: LogUser,
@@ -171,17 +169,24 @@ enum LogCommand {
         user: LogUser,
         devices: u32,
     },
+    /// A provider's answer to a payment or payment-code request.
+    Completion(Box<LogCompletion>),
 }
 
-/// A payment-code request's completion (C2), with the request's store terminal.
+/// A provider's answer, and the idempotency record it is for: key and the request's digest.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
-pub(crate) struct LogCodeComplete {
+pub(crate) struct LogCompletion {
     owner_hash: u64,
     client_request_id: u128,
+    digest: u64,
     user: LogUser,
     means_id: u32,
     outcome: LogOutcome,
-    spec: LogCodeSpec,
+    /// A payment with a basket: its age verdict.
+    verdict: Option<LogVerdict>,
+    /// A payment-code request: the code to issue.
+    code: Option<LogCodeSpec>,
+    /// A payment-code request: the store terminal it was requested for.
     terminal_id: String,
 }
 
@@ -718,7 +723,40 @@ fn command_out(command: &Command, vault: &Vault) -> LogCommand {
             inherent_id: inherent_out(verified),
             basket: basket_out(basket),
         },
-        Command::AuthComplete { key, user, means_id, outcome, verdict: None } => {
+        Command::AuthComplete { key, digest: Some(digest), user, means_id, outcome, verdict } => {
+            LogCommand::Completion(Box::new(LogCompletion {
+                owner_hash: key.0,
+                client_request_id: key.1,
+                digest: *digest,
+                user: user_out(user),
+                means_id: *means_id,
+                outcome: outcome_out(outcome),
+                verdict: verdict.as_deref().map(verdict_out),
+                code: None,
+                terminal_id: String::new(),
+            }))
+        }
+        Command::CodeComplete {
+            key,
+            digest: Some(digest),
+            user,
+            means_id,
+            outcome,
+            spec,
+            terminal_id,
+        } => LogCommand::Completion(Box::new(LogCompletion {
+            owner_hash: key.0,
+            client_request_id: key.1,
+            digest: *digest,
+            user: user_out(user),
+            means_id: *means_id,
+            outcome: outcome_out(outcome),
+            verdict: None,
+            code: Some(code_spec_out(spec)),
+            terminal_id: terminal_id.clone(),
+        })),
+        // Completions read from an older log are written back as they were.
+        Command::AuthComplete { key, digest: None, user, means_id, outcome, verdict: None } => {
             LogCommand::AuthComplete {
                 owner_hash: key.0,
                 client_request_id: key.1,
@@ -727,16 +765,21 @@ fn command_out(command: &Command, vault: &Vault) -> LogCommand {
                 outcome: outcome_out(outcome),
             }
         }
-        Command::AuthComplete { key, user, means_id, outcome, verdict: Some(verdict) } => {
-            LogCommand::AuthCompleteBasket {
-                owner_hash: key.0,
-                client_request_id: key.1,
-                user: user_out(user),
-                means_id: *means_id,
-                outcome: outcome_out(outcome),
-                verdict: verdict_out(verdict),
-            }
-        }
+        Command::AuthComplete {
+            key,
+            digest: None,
+            user,
+            means_id,
+            outcome,
+            verdict: Some(verdict),
+        } => LogCommand::AuthCompleteBasket {
+            owner_hash: key.0,
+            client_request_id: key.1,
+            user: user_out(user),
+            means_id: *means_id,
+            outcome: outcome_out(outcome),
+            verdict: verdict_out(verdict),
+        },
         Command::RegisterAge { record, tag } => {
             let mut bytes = Vec::with_capacity(crate::age::AGE_RECORD_LEN_MAX);
             record.encode_body(&mut bytes);
@@ -756,17 +799,15 @@ fn command_out(command: &Command, vault: &Vault) -> LogCommand {
             inherent_id: inherent_out(verified),
             spec: code_spec_out(spec),
         },
-        Command::CodeComplete { key, user, means_id, outcome, spec, terminal_id } => {
-            LogCommand::CodeCompleteAt {
-                complete: Box::new(LogCodeComplete {
-                    owner_hash: key.0,
-                    client_request_id: key.1,
-                    user: user_out(user),
-                    means_id: *means_id,
-                    outcome: outcome_out(outcome),
-                    spec: code_spec_out(spec),
-                    terminal_id: terminal_id.clone(),
-                }),
+        // Read from an older log (no digest, no terminal): written back as it was.
+        Command::CodeComplete { key, digest: None, user, means_id, outcome, spec, .. } => {
+            LogCommand::CodeComplete {
+                owner_hash: key.0,
+                client_request_id: key.1,
+                user: user_out(user),
+                means_id: *means_id,
+                outcome: outcome_out(outcome),
+                spec: code_spec_out(spec),
             }
         }
         Command::RedeemCode { spec } if spec.basket.is_some() => LogCommand::RedeemCodeBasket {
@@ -869,6 +910,7 @@ fn command_in(command: &LogCommand, vault: &Vault) -> Result<Command, RecordErro
             verdict,
         } => Command::AuthComplete {
             key: (*owner_hash, *client_request_id),
+            digest: None,
             user: user_in(user)?,
             means_id: *means_id,
             outcome: outcome_in(outcome)?,
@@ -902,20 +944,13 @@ fn command_in(command: &LogCommand, vault: &Vault) -> Result<Command, RecordErro
             spec,
         } => Command::CodeComplete {
             key: (*owner_hash, *client_request_id),
+            digest: None,
             user: user_in(user)?,
             means_id: *means_id,
             outcome: outcome_in(outcome)?,
             spec: code_spec_in(spec),
             // Not recorded before format version 6.
             terminal_id: String::new(),
-        },
-        LogCommand::CodeCompleteAt { complete } => Command::CodeComplete {
-            key: (complete.owner_hash, complete.client_request_id),
-            user: user_in(&complete.user)?,
-            means_id: complete.means_id,
-            outcome: outcome_in(&complete.outcome)?,
-            spec: code_spec_in(&complete.spec),
-            terminal_id: complete.terminal_id.clone(),
         },
         LogCommand::RedeemCode {
             number,
@@ -960,10 +995,35 @@ fn command_in(command: &LogCommand, vault: &Vault) -> Result<Command, RecordErro
         LogCommand::AuthComplete { owner_hash, client_request_id, user, means_id, outcome } => {
             Command::AuthComplete {
                 key: (*owner_hash, *client_request_id),
+                digest: None,
                 user: user_in(user)?,
                 means_id: *means_id,
                 outcome: outcome_in(outcome)?,
                 verdict: None,
+            }
+        }
+        LogCommand::Completion(c) => {
+            let key = (c.owner_hash, c.client_request_id);
+            let (digest, user, means_id) = (Some(c.digest), user_in(&c.user)?, c.means_id);
+            let outcome = outcome_in(&c.outcome)?;
+            match &c.code {
+                Some(spec) => Command::CodeComplete {
+                    key,
+                    digest,
+                    user,
+                    means_id,
+                    outcome,
+                    spec: code_spec_in(spec),
+                    terminal_id: c.terminal_id.clone(),
+                },
+                None => Command::AuthComplete {
+                    key,
+                    digest,
+                    user,
+                    means_id,
+                    outcome,
+                    verdict: c.verdict.as_ref().map(verdict_in).transpose()?.map(Box::new),
+                },
             }
         }
         LogCommand::RegisterTerminals { provider_code, terminals } => Command::RegisterTerminals {
@@ -1012,17 +1072,17 @@ mod layout {
             outcome: outcome.clone(),
             spec: spec.clone(),
         });
-        let v6 = envelope(LogCommand::CodeCompleteAt {
-            complete: Box::new(LogCodeComplete {
-                owner_hash: 7,
-                client_request_id: 9,
-                user,
-                means_id: 1,
-                outcome,
-                spec,
-                terminal_id: "SHOP-A-1".into(),
-            }),
-        });
+        let v6 = envelope(LogCommand::Completion(Box::new(LogCompletion {
+            owner_hash: 7,
+            client_request_id: 9,
+            digest: 11,
+            user,
+            means_id: 1,
+            outcome,
+            verdict: None,
+            code: Some(spec),
+            terminal_id: "SHOP-A-1".into(),
+        })));
         for (record, terminal) in [(v5, ""), (v6, "SHOP-A-1")] {
             let read = LogEnvelope::from_bytes(&record.to_bytes()).unwrap();
             let Command::CodeComplete { key, terminal_id, .. } =
@@ -1031,6 +1091,152 @@ mod layout {
                 panic!("a code's completion")
             };
             assert_eq!((key, terminal_id.as_str()), ((7, 9), terminal));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records written by format version 5 (before completions named their record's digest),
+    /// as that build encoded them: an authorization's completion, one with a basket, a code
+    /// request's.
+    const V5_COMPLETIONS: [&str; 3] = [
+        "616c696365406578616d706c652e636f6d000000000000000000000000000000887766554433221100000000\
+         0000000000000000000000000000000000000000000000000000000000000000000000000000000000000000\
+         00748d00a2010000070000000000000088776655443322112a00000000000000000000000000000001000000\
+         910000007cffffff0100000000413142324333006400000000000000b0040000000000000000000000000000\
+         b0040000000000004a5059000000000000000000000000000000000000000000000000000000000000000000\
+         00000000",
+        "616c696365406578616d706c652e636f6d00000062656572ffffffff00000000887766554433221100000000\
+         0000000000000000000000000000000000000000000000000000000000000000000000000000000000000000\
+         01748d00a20100000b0000000000000088776655443322112b00000000000000000000000000000001000000\
+         910000007cffffff0200000001001e0000000000000000000000000000000000000000000000000000000000\
+         000000000000000000000000000000000100000050ffffff0100000000000000840300000000000000000000\
+         00000000",
+        "616c696365406578616d706c652e636f6d000000000000000000000000000000887766554433221100000000\
+         0000000000000000000000000000000000000000000000000000000000000000000000000000000000000000\
+         02748d00a2010000120000000000000088776655443322112c00000000000000000000000000000001000000\
+         910000007cffffff0300000000413142324333006400000000000000b0040000000000000000000000000000\
+         b0040000000000004a5059000000000060ea0000000000000109090909090909090000004f524445522d31ff\
+         00000000",
+    ];
+
+    fn hex(text: &str) -> Vec<u8> {
+        (0..text.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// An older log's completions still read, as completions that name their record by key
+    /// alone; the archived envelope keeps its size, so the root of every older record is
+    /// where its reader looks for it.
+    #[test]
+    fn version_5_completions_read_as_completions_by_key() {
+        assert_eq!(std::mem::size_of::<ArchivedLogEnvelope>(), 192, "the envelope's layout moved");
+        let vault = Vault::new(&[7; 32]);
+        let commands: Vec<Command> = V5_COMPLETIONS
+            .iter()
+            .map(|text| LogEnvelope::from_bytes(&hex(text)).unwrap().to_envelope(&vault).unwrap())
+            .map(|envelope| envelope.command)
+            .collect();
+        let owner = 0x1122_3344_5566_7788;
+        match &commands[0] {
+            Command::AuthComplete {
+                key,
+                digest: None,
+                means_id: 1,
+                outcome,
+                verdict: None,
+                ..
+            } => {
+                assert_eq!(*key, (owner, 42));
+                assert!(
+                    matches!(outcome, AuthOutcome::Approved(a) if a.amount_final_minor == 1200)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        match &commands[1] {
+            Command::AuthComplete { key, digest: None, means_id: 2, verdict: Some(v), .. } => {
+                assert_eq!((*key, v.amount_minor), ((owner, 43), 900));
+            }
+            other => panic!("{other:?}"),
+        }
+        match &commands[2] {
+            Command::CodeComplete { key, digest: None, means_id: 3, spec, .. } => {
+                assert_eq!((*key, spec.order_ref.as_str()), ((owner, 44), "ORDER-1"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A completion is logged with its record's digest and reads back the same, for a payment
+    /// with or without a basket and for a code request; one read from an older log is written
+    /// back as it was.
+    #[test]
+    fn completions_round_trip_with_their_record_digest() {
+        let vault = Vault::new(&[7; 32]);
+        let user = UserKey::new(UserIdType::Mail, "a@b.c").unwrap();
+        let outcome = AuthOutcome::Declined(ReasonCode::ProviderDoNotHonor);
+        let verdict = AgeVerdict {
+            check: AgeCheck::from_u8(1).unwrap(),
+            items: vec!["x".into()],
+            amount_minor: 5,
+        };
+        let spec = CodeSpec { validity_ms: 60_000, deliver_to: None, order_ref: String::new() };
+        let commands = [
+            Command::AuthComplete {
+                key: (9, 10),
+                digest: Some(77),
+                user: user.clone(),
+                means_id: 1,
+                outcome,
+                verdict: None,
+            },
+            Command::AuthComplete {
+                key: (9, 11),
+                digest: Some(78),
+                user: user.clone(),
+                means_id: 2,
+                outcome,
+                verdict: Some(Box::new(verdict)),
+            },
+            Command::CodeComplete {
+                key: (9, 12),
+                digest: Some(79),
+                user: user.clone(),
+                means_id: 3,
+                outcome,
+                spec: Box::new(spec),
+                terminal_id: "SHOP-A-1".into(),
+            },
+            Command::AuthComplete {
+                key: (9, 13),
+                digest: None,
+                user,
+                means_id: 4,
+                outcome,
+                verdict: None,
+            },
+        ];
+        for command in commands {
+            let envelope =
+                Envelope { owner_hash: 9, client_request_id: None, digest: 0, now_ms: 1, command };
+            let record = LogEnvelope::from_envelope(&envelope, &vault);
+            let back = LogEnvelope::from_bytes(&record.to_bytes()).unwrap();
+            assert_eq!(back, record);
+            let again = LogEnvelope::from_envelope(&back.to_envelope(&vault).unwrap(), &vault);
+            assert_eq!(again, record, "{:?}", envelope.command);
+            let new_kind = matches!(record.command, LogCommand::Completion(_));
+            let has_digest = matches!(
+                envelope.command,
+                Command::AuthComplete { digest: Some(_), .. }
+                    | Command::CodeComplete { digest: Some(_), .. }
+            );
+            assert_eq!(new_kind, has_digest);
         }
     }
 }

@@ -65,39 +65,6 @@ pub(crate) struct SnapShard {
     code_terminals: Vec<(u64, String)>,
 }
 
-/// The payload of a format-version-3 to -5 snapshot: version 6 without the codes' terminals.
-#[derive(Archive, Serialize, Deserialize, Debug)]
-struct SnapShardV5 {
-    dispatch_seq: u64,
-    users: Vec<SnapUser>,
-    idem: Vec<SnapIdem>,
-    providers: Vec<SnapProvider>,
-    age: SnapAge,
-    stores: Vec<SnapStore>,
-    wallet: Vec<SnapPurse>,
-    code_seq: u64,
-    codes: Vec<SnapCode>,
-    coupons: Vec<SnapCoupon>,
-}
-
-impl From<SnapShardV5> for SnapShard {
-    fn from(v5: SnapShardV5) -> SnapShard {
-        SnapShard {
-            dispatch_seq: v5.dispatch_seq,
-            users: v5.users,
-            idem: v5.idem,
-            providers: v5.providers,
-            age: v5.age,
-            stores: v5.stores,
-            wallet: v5.wallet,
-            code_seq: v5.code_seq,
-            codes: v5.codes,
-            coupons: v5.coupons,
-            code_terminals: Vec::new(),
-        }
-    }
-}
-
 #[derive(Archive, Serialize, Deserialize, Debug)]
 struct SnapCode {
     number: u64,
@@ -181,8 +148,46 @@ struct SnapPurse {
     means_id: u32,
     balance_minor: u64,
     currency: Option<[u8; 3]>,
+    /// Since format version 6 with the digest of each hold's payment.
+    holds: Vec<SnapHold>,
+}
+
+/// A purse's hold.
+#[derive(Archive, Serialize, Deserialize, Debug)]
+struct SnapHold {
+    /// Owner hash and client request ID (or the code hold key).
+    key: (u64, u128),
+    /// The digest of the payment's request (none for a code's hold).
+    digest: Option<u64>,
+    amount_minor: u64,
+    expires_ms: i64,
+}
+
+/// A purse as format versions 3 to 5 keep it: its holds without their payments' digests.
+#[derive(Archive, Serialize, Deserialize, Debug)]
+struct SnapPurseV5 {
+    user: LogUser,
+    means_id: u32,
+    balance_minor: u64,
+    currency: Option<[u8; 3]>,
     /// Owner hash, client request ID (or the code hold key), amount, expiry.
     holds: Vec<(u64, u128, u64, i64)>,
+}
+
+/// The payload of a snapshot of format versions 3 to 5: version 6 but for its purses' holds'
+/// digests and the codes' terminals.
+#[derive(Archive, Serialize, Deserialize, Debug)]
+struct SnapShardV5 {
+    dispatch_seq: u64,
+    users: Vec<SnapUser>,
+    idem: Vec<SnapIdem>,
+    providers: Vec<SnapProvider>,
+    age: SnapAge,
+    stores: Vec<SnapStore>,
+    wallet: Vec<SnapPurseV5>,
+    code_seq: u64,
+    codes: Vec<SnapCode>,
+    coupons: Vec<SnapCoupon>,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug)]
@@ -466,7 +471,12 @@ impl Capture {
                         holds: purse
                             .holds
                             .iter()
-                            .map(|h| (h.key.0, h.key.1, h.amount_minor, h.expires_ms))
+                            .map(|h| SnapHold {
+                                key: h.key,
+                                digest: h.digest,
+                                amount_minor: h.amount_minor,
+                                expires_ms: h.expires_ms,
+                            })
                             .collect(),
                     });
                 }
@@ -680,9 +690,10 @@ fn restore_users(
             .holds
             .iter()
             .map(|h| PurseHold {
-                key: (h.0.to_native(), h.1.to_native()),
-                amount_minor: h.2.to_native(),
-                expires_ms: h.3.to_native(),
+                key: (h.key.0.to_native(), h.key.1.to_native()),
+                digest: h.digest.as_ref().map(|d| d.to_native()),
+                amount_minor: h.amount_minor.to_native(),
+                expires_ms: h.expires_ms.to_native(),
             })
             .collect();
     }
@@ -816,6 +827,46 @@ impl From<SnapShardV2> for SnapShard {
             code_seq: 0,
             codes: Vec::new(),
             coupons: Vec::new(),
+            code_terminals: Vec::new(),
+        }
+    }
+}
+
+impl From<SnapShardV5> for SnapShard {
+    /// Holds from before format version 6 carry no digest: the first completion of their key
+    /// takes them, as it did.
+    fn from(v5: SnapShardV5) -> SnapShard {
+        let wallet = v5
+            .wallet
+            .into_iter()
+            .map(|p| SnapPurse {
+                user: p.user,
+                means_id: p.means_id,
+                balance_minor: p.balance_minor,
+                currency: p.currency,
+                holds: p
+                    .holds
+                    .into_iter()
+                    .map(|(owner_hash, client_request_id, amount_minor, expires_ms)| SnapHold {
+                        key: (owner_hash, client_request_id),
+                        digest: None,
+                        amount_minor,
+                        expires_ms,
+                    })
+                    .collect(),
+            })
+            .collect();
+        SnapShard {
+            dispatch_seq: v5.dispatch_seq,
+            users: v5.users,
+            idem: v5.idem,
+            providers: v5.providers,
+            age: v5.age,
+            stores: v5.stores,
+            wallet,
+            code_seq: v5.code_seq,
+            codes: v5.codes,
+            coupons: v5.coupons,
             code_terminals: Vec::new(),
         }
     }
@@ -1032,7 +1083,8 @@ pub(crate) fn encode(
 }
 
 /// Test hook: rewrites the snapshot file at `path` as format version `version` (3 to 5) wrote
-/// it: the payload without what version 6 added (the codes' terminals), and for version 3 the
+/// it: the payload without what version 6 added (the codes' terminals, the holds' digests),
+/// and for version 3 the
 /// 36-byte header. Recovery must read it as it reads such a file from an older build.
 #[cfg(feature = "test-hooks")]
 pub fn rewrite_as_version(path: &Path, version: u16) -> std::io::Result<()> {
@@ -1049,7 +1101,21 @@ pub fn rewrite_as_version(path: &Path, version: u16) -> std::io::Result<()> {
         providers: current.providers,
         age: current.age,
         stores: current.stores,
-        wallet: current.wallet,
+        wallet: current
+            .wallet
+            .into_iter()
+            .map(|p| SnapPurseV5 {
+                user: p.user,
+                means_id: p.means_id,
+                balance_minor: p.balance_minor,
+                currency: p.currency,
+                holds: p
+                    .holds
+                    .into_iter()
+                    .map(|h| (h.key.0, h.key.1, h.amount_minor, h.expires_ms))
+                    .collect(),
+            })
+            .collect(),
         code_seq: current.code_seq,
         codes: current.codes,
         coupons: current.coupons,
@@ -1075,7 +1141,8 @@ pub(crate) struct Snapshot {
 enum Payload {
     /// The file mapped into memory; the payload is `range` of it.
     Mapped { map: memmap2::Mmap, range: std::ops::Range<usize> },
-    /// Read into a buffer (files from before format version 4, and converted older payloads).
+    /// Read into a buffer (files from before format version 4, and payloads converted from
+    /// before version 6).
     Read(rkyv::util::AlignedVec<16>),
 }
 
