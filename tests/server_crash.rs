@@ -12,7 +12,7 @@
 //! long version.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures::StreamExt;
 use rand::{Rng, SeedableRng};
@@ -25,7 +25,7 @@ use settlegate_protocol::messages::{Reply, Request, Response};
 use settlegate_protocol::Client;
 use tokio::sync::Mutex;
 
-use crate::support::server::{binary_config, spawn_binary, ADMIN_KEY};
+use crate::support::server::{binary_config, now_ms, spawn_binary, ADMIN_KEY};
 use crate::support::{jpy, PASSWORD};
 
 const USERS: usize = 8;
@@ -54,10 +54,6 @@ impl Drop for Server {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
 }
 
 struct Payer {

@@ -7,23 +7,13 @@ use std::time::Duration;
 use settlegate_engine::codes::CouponEffect;
 use settlegate_engine::limits::{COUPON_USERS_MAX, COUPON_USES_MAX, USER_ID_LEN_MAX};
 use settlegate_engine::{UserIdType, UserKey};
-use settlegate_protocol::frame::{self, Frame, FrameError};
+use settlegate_protocol::frame::{Frame, FrameError};
 use settlegate_protocol::messages::{opcode, status, Reply, Request, Response};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::support::server::*;
-
-/// Decodes every frame in `bytes`.
-fn frames(mut bytes: &[u8]) -> Vec<Frame> {
-    let mut out = Vec::new();
-    while let Ok(Some((frame, used))) = frame::decode(bytes) {
-        out.push(frame);
-        bytes = &bytes[used..];
-    }
-    out
-}
 
 fn auth_frame(key: &str, request_id: u64) -> Vec<u8> {
     Request::Auth { key: key.into() }.to_frame(request_id).to_bytes()

@@ -3,7 +3,7 @@
 
 use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use settlegate_engine::{InherentId, MeansInput, MeansKind, UserIdType, UserKey};
 use settlegate_protocol::messages::{Reply, Request, Response};
@@ -12,10 +12,6 @@ use sha2::{Digest, Sha256};
 
 use crate::support::server::*;
 use crate::support::*;
-
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
-}
 
 #[tokio::test]
 async fn sigterm_finishes_in_flight_requests_then_exits_zero() {

@@ -10,16 +10,6 @@ use tokio::io::AsyncWriteExt;
 
 use crate::support::server::*;
 
-/// Decodes every frame in `bytes`.
-fn frames(mut bytes: &[u8]) -> Vec<Frame> {
-    let mut out = Vec::new();
-    while let Ok(Some((frame, used))) = frame::decode(bytes) {
-        out.push(frame);
-        bytes = &bytes[used..];
-    }
-    out
-}
-
 /// Asserts the server answered with one FRAME_ERROR of `kind` and closed.
 async fn expect_frame_error(stream: &mut tokio::net::TcpStream, kind: u16) {
     let (bytes, closed) = read_until_close(stream, Duration::from_secs(5)).await;

@@ -1,6 +1,6 @@
 //! Every protocol operation, black-box over 127.0.0.1:0 through the Rust client.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use settlegate_engine::{
     AuthOutcome, Discount, InherentId, MeansInput, MeansKind, MeansOrder, ReasonCode,
@@ -11,10 +11,6 @@ use settlegate_protocol::Client;
 
 use crate::support::server::*;
 use crate::support::*;
-
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
-}
 
 struct Payer {
     user: UserKey,

@@ -1,7 +1,7 @@
 //! Hardening issue #19 (independent hostile review), over real sockets: what an identity can
 //! learn or do that it should not, and what a retry may not repeat.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use settlegate_engine::{
     CodeOutcome, CodeState, DeviceCredential, InherentId, IssueCodeRequest, IssuedCode, MeansInput,
@@ -15,10 +15,6 @@ use tokio::net::TcpStream;
 
 use crate::support::server::*;
 use crate::support::*;
-
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
-}
 
 /// A user with a device that signs inherent IDs.
 struct Payer {

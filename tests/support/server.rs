@@ -179,3 +179,19 @@ pub fn spawn_binary_logging(
     std::thread::spawn(move || for _ in lines {});
     (child, addr)
 }
+
+/// Decodes every complete frame in `bytes`.
+pub fn frames(mut bytes: &[u8]) -> Vec<settlegate_protocol::Frame> {
+    let mut out = Vec::new();
+    while let Ok(Some((frame, used))) = settlegate_protocol::frame::decode(bytes) {
+        out.push(frame);
+        bytes = &bytes[used..];
+    }
+    out
+}
+
+/// Now, in milliseconds since the UNIX epoch.
+pub fn now_ms() -> i64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
+}
