@@ -856,6 +856,12 @@ fn decode_redemption(r: &mut Reader<'_>) -> Result<Redemption, BodyError> {
     })
 }
 
+/// Largest `distance_mm` in an `entered` reply: half the circumference of the sphere
+/// distances are measured on (radius 6,371,008.8 m), rounded up. A larger one is refused: no
+/// two points are farther apart, and past 2^53 the distance would not survive its round trip
+/// through metres as `f64`.
+pub const DISTANCE_MM_MAX: u64 = 20_015_116_000;
+
 /// Degrees as the wire's signed 10^-7 degrees (about 1 cm).
 pub fn degrees_to_e7(degrees: f64) -> i32 {
     (degrees * 1e7).round() as i32
@@ -1008,6 +1014,9 @@ fn decode_entered(r: &mut Reader<'_>) -> Result<EnteredStore, BodyError> {
         r.u64("distance_mm")?,
         "distance_mm (0 when has_distance is 0)",
     )?;
+    if distance_mm.is_some_and(|mm| mm > DISTANCE_MM_MAX) {
+        return Err(BodyError::Invalid("distance_mm (at most 20,015,116,000)"));
+    }
     let mut list = |what| -> Result<Vec<String>, BodyError> {
         let count = r.u8(what)?;
         (0..count).map(|_| r.str8(what).map(str::to_owned)).collect()

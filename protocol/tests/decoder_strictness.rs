@@ -180,6 +180,24 @@ fn entered_distance_must_be_zero_without_has_distance() {
     response_refused(opcode::STORE_BY_SIGNAL, &body(0, 51_234), "distance_mm");
 }
 
+/// Found by `response_body` (minimized input `7a 00`, then this body: `STORE_AT`, status OK):
+/// a `distance_mm` of about 3.7 * 10^18 decoded, and came back another number from its trip
+/// through metres as `f64`. No distance on the sphere is above `DISTANCE_MM_MAX`.
+#[test]
+fn entered_distance_is_at_most_half_the_circumference() {
+    let found = "01 00 00 01 00 00 00 72 00 01 00 00 00 00 01 00                  00 00 00 00 01 33 5b 00 00 33 00 00 5d 00 00";
+    response_refused(opcode::STORE_AT, &hex(found), "distance_mm");
+    let with_distance = |mm: u64| {
+        let mut body = hex(found);
+        body[21..29].copy_from_slice(&mm.to_be_bytes());
+        body
+    };
+    let max = settlegate_protocol::messages::DISTANCE_MM_MAX;
+    response_round_trips(opcode::STORE_AT, &with_distance(max));
+    response_round_trips(opcode::STORE_AT, &with_distance(12_345_678_901));
+    response_refused(opcode::STORE_AT, &with_distance(max + 1), "distance_mm");
+}
+
 /// `CONFIRM_TERMINAL`: a terminal that is not listed has no service; a service after
 /// `listed` 0 was accepted and dropped.
 #[test]
