@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every fuzz target in turn, one process each, for SECONDS (default 60) or, with RUNS
+# Runs every fuzz target in turn, one process each, for SECONDS_EACH (default 60) or, with RUNS
 # set, for that many executions; then prints each target's executions and coverage. Needs
 # nightly and cargo-fuzz (`cargo install cargo-fuzz`). Crashes are left in
 # fuzz/artifacts/<target>/; the corpus grows in fuzz/corpus/<target>/ (not committed), from the
@@ -36,8 +36,9 @@ for target in "${targets[@]}"; do
     echo "   FAILED: see $logs/$target.log and fuzz/artifacts/$target/"
   fi
   execs=$(grep -Eo 'stat::number_of_executed_units: *[0-9]+' "$logs/$target.log" | grep -Eo '[0-9]+$')
-  cov=$(grep -E '^#[0-9]+.*(DONE|cov:)' "$logs/$target.log" | tail -1 | grep -Eo 'cov: [0-9]+' | grep -Eo '[0-9]+')
-  corpus=$(find "corpus/$target" -type f 2>/dev/null | wc -l)
-  echo "   executions ${execs:-?}, cov ${cov:-?}, corpus $corpus files"
+  last=$(grep -E '^#[0-9]+.*cov:' "$logs/$target.log" | tail -1)
+  cov=$(grep -Eo 'cov: [0-9]+' <<<"$last" | grep -Eo '[0-9]+')
+  corp=$(grep -Eo 'corp: [^ ]+' <<<"$last" | cut -d' ' -f2)
+  echo "   executions ${execs:-?}, cov ${cov:-?}, corpus ${corp:-?} (units/bytes)"
 done
 exit $status
