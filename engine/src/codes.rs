@@ -187,7 +187,9 @@ impl CodePayload {
     }
 
     /// Reads a code's text and checks its tag in constant time: `InvalidCode` when the text is
-    /// not a code at all, `ForgedCode` when the tag does not match (forged or altered).
+    /// not a code at all (or its payload is not one a server makes: a payment code with flags,
+    /// a coupon whose kind, value and currency are no effect), `ForgedCode` when the tag does
+    /// not match (forged or altered).
     pub fn open(text: &str, key: &CodeKey) -> Result<CodePayload, ReasonCode> {
         let encoded = text
             .strip_prefix(CODE_PREFIX)
@@ -208,7 +210,7 @@ impl CodePayload {
         let be_u64 = |at: usize| u64::from_be_bytes(body[at..at + 8].try_into().expect("8"));
         let currency = Currency::from_bytes([body[19], body[20], body[21]])
             .map_err(|_| ReasonCode::InvalidCode)?;
-        Ok(CodePayload {
+        let payload = CodePayload {
             kind,
             issuer: u16::from_be_bytes([body[1], body[2]]),
             number: be_u64(3),
@@ -216,7 +218,20 @@ impl CodePayload {
             currency,
             expires_s: u32::from_be_bytes(body[22..26].try_into().expect("4")),
             flags: body[26],
-        })
+        };
+        // Strict, as every decoder: a payment code's flags are 0, and a coupon's kind, value
+        // and currency are one of the effects (a percent coupon and an order code in `XXX`,
+        // an order code of value 0), so that each code has one payload.
+        let canonical = match kind {
+            CodeKind::Payment => payload.flags == 0,
+            CodeKind::Coupon => payload.coupon_effect().is_some_and(|effect| {
+                effect.encode() == (payload.flags, payload.value, payload.currency.bytes())
+            }),
+        };
+        if !canonical {
+            return Err(ReasonCode::InvalidCode);
+        }
+        Ok(payload)
     }
 }
 
@@ -277,6 +292,46 @@ mod tests {
             CodePayload::open(&text.replace("SG", "XX"), &key()),
             Err(ReasonCode::InvalidCode)
         );
+    }
+
+    /// Payloads a server never makes, properly tagged: each is refused as `InvalidCode`, so
+    /// every code that opens has one payload (issue #25's audit of the decoders).
+    #[test]
+    fn non_canonical_payloads_are_invalid() {
+        let xxx = Currency::try_from("XXX").unwrap();
+        let jpy = Currency::try_from("JPY").unwrap();
+        let coupon = |flags, value, currency| CodePayload {
+            kind: CodeKind::Coupon,
+            flags,
+            value,
+            currency,
+            ..payload()
+        };
+        let refused = [
+            CodePayload { flags: 1, ..payload() }, // a payment code with flags
+            coupon(0, 500, xxx),                   // a coupon of no kind
+            coupon(4, 500, xxx),
+            coupon(1, 500, jpy),    // a percent coupon in a currency
+            coupon(1, 70_000, xxx), // basis points past u16
+            coupon(3, 1, xxx),      // an order code with a value
+            coupon(3, 0, jpy),      // an order code in a currency
+        ];
+        for payload in refused {
+            let text = payload.seal(&key());
+            assert_eq!(
+                CodePayload::open(&text, &key()),
+                Err(ReasonCode::InvalidCode),
+                "{payload:?}"
+            );
+        }
+        for effect in [
+            CouponEffect::Percent { bps: 500 },
+            CouponEffect::Fixed { amount_minor: 300, currency: jpy },
+            CouponEffect::OrderCode,
+        ] {
+            let payload = CodePayload::coupon(1, 7, effect, 1_800_000_000);
+            assert_eq!(CodePayload::open(&payload.seal(&key()), &key()), Ok(payload));
+        }
     }
 
     #[test]

@@ -30,6 +30,10 @@ pub enum MpmError {
     /// A data object's ID or length is not two digits, or runs past the end.
     #[error("data object at offset {0} is malformed")]
     Object(usize),
+    /// A data object's ID appears a second time in the same template (or at the top level):
+    /// the payload would name two values, or two networks, for one field.
+    #[error("data object at offset {0} repeats an ID")]
+    Duplicate(usize),
     /// The first object is not the payload format indicator `000201`.
     #[error("payload does not start with the format indicator 000201")]
     FormatIndicator,
@@ -63,12 +67,13 @@ pub fn is_mpm(payload: &str) -> bool {
     payload.starts_with("000201")
 }
 
-/// Splits `data` into `(id, value)` objects; `base` is `data`'s offset in the payload, for
-/// error positions.
+/// Splits `data` into `(id, value)` objects, each ID at most once; `base` is `data`'s offset
+/// in the payload, for error positions.
 fn objects(data: &str, base: usize) -> Result<Vec<(u8, &str)>, MpmError> {
     let bytes = data.as_bytes();
     let mut out = Vec::new();
     let mut at = 0;
+    let mut seen = [false; 100];
     let two_digits = |at: usize| -> Option<u8> {
         let pair = bytes.get(at..at + 2)?;
         pair.iter().all(u8::is_ascii_digit).then(|| (pair[0] - b'0') * 10 + (pair[1] - b'0'))
@@ -77,6 +82,9 @@ fn objects(data: &str, base: usize) -> Result<Vec<(u8, &str)>, MpmError> {
         let id = two_digits(at).ok_or(MpmError::Object(base + at))?;
         let len = two_digits(at + 2).ok_or(MpmError::Object(base + at))? as usize;
         let value = data.get(at + 4..at + 4 + len).ok_or(MpmError::Object(base + at))?;
+        if std::mem::replace(&mut seen[usize::from(id)], true) {
+            return Err(MpmError::Duplicate(base + at));
+        }
         out.push((id, value));
         at += 4 + len;
     }
@@ -175,6 +183,28 @@ mod tests {
         assert_eq!(parse("0002016304"), Err(MpmError::Object(6)));
         assert_eq!(parse("000201"), Err(MpmError::MissingCrc));
         assert_eq!(parse(&"0".repeat(513)), Err(MpmError::Length));
+        // An ID twice, at the top level or inside a template, CRC correct.
+        let twice = |body: &str| parse(&format!("{body}{}", crc_hex(body)));
+        assert_eq!(twice("0002010002016304"), Err(MpmError::Duplicate(6)));
+        assert_eq!(
+            twice("00020126120002ab0002cd6304"),
+            Err(MpmError::Duplicate(16)),
+            "two network IDs in one template"
+        );
+        assert!(twice("00020126060002ab27060002cd6304").is_ok(), "two templates, one each");
         assert_eq!(parse("000201ü"), Err(MpmError::Length));
+    }
+
+    /// Found by the `emv_mpm` fuzz target (minimized; the harness appends `6304` and the
+    /// CRC): 27 objects with ID 40, each a template holding `00`, parsed as 27 networks.
+    #[test]
+    fn a_repeated_template_is_refused() {
+        let found = "000201400600020140060002004006000201400600020940060002014006\
+                     000201400600020040060002014006000200400600020140060002014006\
+                     000201400600020140060002004006000201400600020140060002014006\
+                     000200400600020140060002014006000201400600020140060002014006\
+                     000201400600020040060002014006000200";
+        let payload = format!("{found}6304{}", crc_hex(&format!("{found}6304")));
+        assert_eq!(parse(&payload), Err(MpmError::Duplicate(16)));
     }
 }

@@ -714,7 +714,7 @@ impl Request {
                     deliver_to: {
                         let has = r.flag("has_deliver_to")?;
                         let idm: [u8; 8] = r.array("deliver_to")?;
-                        has.then_some(idm)
+                        present_or_zero(has, idm, "deliver_to (zeros when has_deliver_to is 0)")?
                     },
                     order_ref: r.str8("order_ref")?.to_owned(),
                 },
@@ -838,15 +838,23 @@ fn encode_effect(w: &mut Writer<'_>, effect: &CouponEffect) {
     };
 }
 
+/// Reads a coupon's kind, value and currency. A percent coupon and an order code carry the
+/// currency `XXX` (an order code also the value 0): anything else there is refused, so that
+/// every effect has one encoding.
 fn decode_effect(r: &mut Reader<'_>) -> Result<CouponEffect, BodyError> {
     let kind = r.u8("coupon_kind")?;
     let value = r.u64("value")?;
     let currency = currency(r)?;
+    let no_currency = currency.bytes() == *b"XXX";
     Ok(match kind {
+        1 if !no_currency => return Err(BodyError::Invalid("currency (XXX for a percent coupon)")),
         1 => CouponEffect::Percent {
             bps: u16::try_from(value).map_err(|_| BodyError::Invalid("bps"))?,
         },
         2 => CouponEffect::Fixed { amount_minor: value, currency },
+        3 if value != 0 || !no_currency => {
+            return Err(BodyError::Invalid("value and currency (0 and XXX for an order code)"));
+        }
         3 => CouponEffect::OrderCode,
         _ => return Err(BodyError::Invalid("coupon_kind")),
     })
@@ -941,6 +949,12 @@ fn decode_redemption(r: &mut Reader<'_>) -> Result<Redemption, BodyError> {
     })
 }
 
+/// Largest `distance_mm` in an `entered` reply: half the circumference of the sphere
+/// distances are measured on (radius 6,371,008.8 m), rounded up. A larger one is refused: no
+/// two points are farther apart, and past 2^53 the distance would not survive its round trip
+/// through metres as `f64`.
+pub const DISTANCE_MM_MAX: u64 = 20_015_116_000;
+
 /// Degrees as the wire's signed 10^-7 degrees (about 1 cm).
 pub fn degrees_to_e7(degrees: f64) -> i32 {
     (degrees * 1e7).round() as i32
@@ -962,6 +976,23 @@ fn encode_store(w: &mut Writer<'_>, store: &Store) {
     w.bytes16(store.qr_code.as_deref().unwrap_or("").as_bytes()).u8(store.accepts.len() as u8);
     for accepted in &store.accepts {
         w.u8(accepted.kind as u8).str8(&accepted.brand);
+    }
+}
+
+/// A field that is present only when its flag says so: `Some(value)` when `has`, else `None`,
+/// provided the value is then the zero the protocol puts in its place. A non-zero value under
+/// a cleared flag is refused: the body would not re-encode to the same bytes.
+fn present_or_zero<T: PartialEq + Default>(
+    has: bool,
+    value: T,
+    what: &'static str,
+) -> Result<Option<T>, BodyError> {
+    if has {
+        Ok(Some(value))
+    } else if value == T::default() {
+        Ok(None)
+    } else {
+        Err(BodyError::Invalid(what))
     }
 }
 
@@ -1042,6 +1073,9 @@ fn decode_wallet_entry(r: &mut Reader<'_>) -> Result<MeansView, BodyError> {
     let balance_minor = r.u64("balance_minor")?;
     let available_minor = r.u64("available_minor")?;
     let currency_bytes: [u8; 3] = r.array("currency")?;
+    if !has_balance && (balance_minor, available_minor, currency_bytes) != (0, 0, [0; 3]) {
+        return Err(BodyError::Invalid("balance (zeros when has_balance is 0)"));
+    }
     let currency = if currency_bytes == [0; 3] {
         None
     } else {
@@ -1068,7 +1102,14 @@ fn encode_entered(w: &mut Writer<'_>, entered: &EnteredStore) {
 fn decode_entered(r: &mut Reader<'_>) -> Result<EnteredStore, BodyError> {
     let store = decode_store(r)?;
     let has_distance = r.flag("has_distance")?;
-    let distance_mm = r.u64("distance_mm")?;
+    let distance_mm = present_or_zero(
+        has_distance,
+        r.u64("distance_mm")?,
+        "distance_mm (0 when has_distance is 0)",
+    )?;
+    if distance_mm.is_some_and(|mm| mm > DISTANCE_MM_MAX) {
+        return Err(BodyError::Invalid("distance_mm (at most 20,015,116,000)"));
+    }
     let mut list = |what| -> Result<Vec<String>, BodyError> {
         let count = r.u8(what)?;
         (0..count).map(|_| r.str8(what).map(str::to_owned)).collect()
@@ -1077,7 +1118,7 @@ fn decode_entered(r: &mut Reader<'_>) -> Result<EnteredStore, BodyError> {
     let qr_networks = list("network_count")?;
     Ok(EnteredStore {
         store,
-        distance_m: has_distance.then_some(distance_mm as f64 / 1000.0),
+        distance_m: distance_mm.map(|mm| mm as f64 / 1000.0),
         tied,
         qr_networks,
     })
@@ -1636,19 +1677,15 @@ fn decode_reply(opcode: u16, r: &mut Reader<'_>) -> Result<Reply, BodyError> {
                 methods.push(MethodAtStore { means, usable: r.flag("usable")? });
             }
             let has_best = r.flag("has_best")?;
-            let best = r.u32("best")?;
+            let best =
+                present_or_zero(has_best, r.u32("best")?, "best_means_id (0 when has_best is 0)")?;
             let count = count8(r, "accepted_count", ACCEPTED_METHODS_MAX)?;
             let mut accepted = Vec::with_capacity(count);
             for _ in 0..count {
                 let kind = MeansKind::from_u8(r.u8("kind")?).ok_or(BodyError::Invalid("kind"))?;
                 accepted.push(AcceptedMethod { kind, brand: r.str8("brand")?.to_owned() });
             }
-            Reply::Usable(Box::new(UsableMethods {
-                store_id,
-                methods,
-                best: has_best.then_some(best),
-                accepted,
-            }))
+            Reply::Usable(Box::new(UsableMethods { store_id, methods, best, accepted }))
         }
         ADD_MEANS => {
             let means_id = r.u32("means_id")?;
@@ -1669,11 +1706,13 @@ fn decode_reply(opcode: u16, r: &mut Reader<'_>) -> Result<Reply, BodyError> {
         CONFIRM_TERMINAL => {
             let listed = r.flag("listed")?;
             let service = decode_optional_service(r)?;
-            Reply::Confirmation(if listed {
-                TerminalConfirmation::Listed { service }
-            } else {
-                TerminalConfirmation::NotListed
-            })
+            match (listed, service) {
+                (true, service) => Reply::Confirmation(TerminalConfirmation::Listed { service }),
+                (false, None) => Reply::Confirmation(TerminalConfirmation::NotListed),
+                (false, Some(_)) => {
+                    return Err(BodyError::Invalid("has_service (0 when listed is 0)"));
+                }
+            }
         }
         AUTHORIZE => Reply::Outcome(decode_outcome(r)?),
         AUTHORIZE_BASKET => {
@@ -1717,7 +1756,11 @@ fn decode_means_view(r: &mut Reader<'_>) -> Result<MeansView, BodyError> {
     let token: [u8; 16] = r.array("token")?;
     let uses = r.u64("uses")?;
     let has_last_used = r.flag("has_last_used")?;
-    let last_used_ms = r.i64("last_used_ms")?;
+    let last_used_ms = present_or_zero(
+        has_last_used,
+        r.i64("last_used_ms")?,
+        "last_used_ms (0 when has_last_used is 0)",
+    )?;
     Ok(MeansView {
         means_id,
         kind,
@@ -1726,7 +1769,7 @@ fn decode_means_view(r: &mut Reader<'_>) -> Result<MeansView, BodyError> {
         token: (token != [0; 16]).then_some(CardToken(token)),
         is_default,
         uses,
-        last_used_ms: has_last_used.then_some(last_used_ms),
+        last_used_ms,
         registered_ms: r.i64("registered_ms")?,
         balance: None,
     })

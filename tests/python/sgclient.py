@@ -1811,6 +1811,13 @@ def is_mpm(payload: Union[bytes, str]) -> bool:
     return payload.startswith(MPM_PREFIX)
 
 
+def _unique_ids(objects: List[Tuple[str, str]]) -> None:
+    """An ID appears at most once at the top level and within a template."""
+    tags = [tag for tag, _ in objects]
+    if len(set(tags)) != len(tags):
+        raise MpmError("MPM data object ID repeated")
+
+
 def parse_mpm(payload: Union[bytes, str]) -> Tuple[List[Tuple[str, str]], List[str]]:
     """Check an MPM payload as section 5 describes; return its objects and
     the networks its templates 26-51 name (in payload order).
@@ -1829,6 +1836,7 @@ def parse_mpm(payload: Union[bytes, str]) -> Tuple[List[Tuple[str, str]], List[s
     if len(payload) > MPM_MAX:
         raise MpmError(f"MPM payload of {len(payload)} characters exceeds {MPM_MAX}")
     objects = parse_tlv(payload)
+    _unique_ids(objects)
     if not objects or objects[-1][0] != "63" or len(objects[-1][1]) != 4:
         raise MpmError("MPM payload must end with the CRC object 6304")
     crc_text = objects[-1][1]
@@ -1840,7 +1848,9 @@ def parse_mpm(payload: Union[bytes, str]) -> Tuple[List[Tuple[str, str]], List[s
     networks = []
     for tag, value in objects:
         if int(tag) in MPM_NETWORK_TEMPLATES:
-            subs = dict(parse_tlv(value))
+            subs = parse_tlv(value)
+            _unique_ids(subs)
+            subs = dict(subs)
             if "00" in subs:
                 networks.append(subs["00"])
     return objects, networks

@@ -285,6 +285,10 @@ pub enum CodecError {
         /// The field number.
         field: u8,
     },
+    /// Bit 1 announces a secondary bitmap that announces no field: the encoder writes a
+    /// secondary bitmap only for fields 65..=128, so such a message has another encoding.
+    #[error("secondary bitmap announces no field")]
+    EmptySecondaryBitmap,
     /// Bytes remain after the last field the bitmaps announce.
     #[error("{count} bytes after the last field")]
     TrailingBytes {
@@ -469,6 +473,9 @@ pub fn decode(body: &[u8]) -> Result<Message, CodecError> {
     bitmap[..8].copy_from_slice(reader.take(0, BITMAP_LEN)?);
     let bits = if bitmap[0] & 0x80 != 0 {
         bitmap[8..].copy_from_slice(reader.take(1, BITMAP_LEN)?);
+        if bitmap[8..] == [0; BITMAP_LEN] {
+            return Err(CodecError::EmptySecondaryBitmap);
+        }
         128
     } else {
         64

@@ -160,6 +160,22 @@ fn message_strategy() -> impl Strategy<Value = Message> {
     })
 }
 
+/// A secondary bitmap (bit 1) that announces no field decoded, and re-encoded without it: a
+/// second encoding of the same message, refused since (issue #25's audit of the decoders).
+#[test]
+fn an_empty_secondary_bitmap_is_refused() {
+    let mut body = b"0800".to_vec();
+    body.extend_from_slice(&[0x80, 0, 0, 0, 0, 0, 0, 0]);
+    body.extend_from_slice(&[0; 8]);
+    assert_eq!(decode(&body), Err(CodecError::EmptySecondaryBitmap));
+    // With a field behind it (70, network management), the same bitmap is the encoding.
+    let mut message = Message::new(*b"0800").unwrap();
+    message.set(70, *b"301").unwrap();
+    let frame = frame_of(&message);
+    assert_eq!(&frame[6..22], &[0x80, 0, 0, 0, 0, 0, 0, 0, 0x04, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(decode(&frame[2..]).unwrap(), message);
+}
+
 proptest! {
     #[test]
     fn round_trip(message in message_strategy()) {
