@@ -6,12 +6,12 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use settlegate_fuzz::{pick_opcode, pick_status, RESPONSE_OPCODES};
+use settlegate_fuzz::{pick_opcode, pick_status, response_opcodes};
 use settlegate_protocol::frame;
 use settlegate_protocol::messages::Response;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((opcode, rest)) = pick_opcode(data, RESPONSE_OPCODES) else { return };
+    let Some((opcode, rest)) = pick_opcode(data, response_opcodes()) else { return };
     let Some((status, body)) = pick_status(rest) else { return };
     if let Ok(response) = Response::decode(opcode, status, body) {
         let (status_again, body_again) = response.encode();
