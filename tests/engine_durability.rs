@@ -499,3 +499,22 @@ async fn a_crash_between_snapshot_and_new_log_does_not_apply_records_twice() {
     assert_eq!(means[0].uses, 1, "the settlement was not counted twice");
     h.engine.shutdown();
 }
+
+/// Issue #19, item 10: a record's length that stays under the maximum but runs past the end of
+/// the file looks like a torn write; with whole records after it, it is damage, and the start
+/// is refused naming the record's offset (before, everything from it on was cut).
+#[tokio::test]
+async fn a_length_running_past_the_end_with_records_after_it_is_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = populated(dir.path()).await;
+    let mut bytes = std::fs::read(&log).unwrap();
+    let first_len = u32::from_be_bytes(bytes[24..28].try_into().unwrap()) as usize;
+    assert!(24 + 8 + first_len < bytes.len(), "more than one record");
+    let past_the_end = (bytes.len() - 24) as u32; // Under RECORD_LEN_MAX for a test log.
+    bytes[24..28].copy_from_slice(&past_the_end.to_be_bytes());
+    std::fs::write(&log, &bytes).unwrap();
+    let message = start_error(durable_config(dir.path()));
+    assert!(message.contains(&log.display().to_string()), "{message}");
+    assert!(message.contains("offset 24"), "{message}");
+    assert_eq!(std::fs::read(&log).unwrap(), bytes, "the log is left as it was");
+}

@@ -12,6 +12,7 @@ mod engine_providers;
 mod engine_settlement;
 mod engine_wallet;
 mod server_crash;
+mod server_durability;
 mod server_lifecycle;
 mod server_malformed;
 mod server_ops;
