@@ -70,7 +70,7 @@ fn spawn(config: &Path, env: &[(&str, &str)]) -> (Server, Option<(SocketAddr, So
             addr = rest.trim().split("://").nth(1).map(|a| a.parse().unwrap());
         }
         if let Some(rest) = line.strip_prefix("http") {
-            let url = rest.trim().split_whitespace().next().unwrap();
+            let url = rest.split_whitespace().next().unwrap();
             let host = url.trim_start_matches("http://").split('/').next().unwrap();
             http = Some(host.parse().unwrap());
         }
