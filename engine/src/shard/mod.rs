@@ -86,8 +86,8 @@ pub(crate) enum Turn {
     /// For the mailbox: the shard is applying another batch, or this one is larger than
     /// [`APPLY_IN_PLACE_MAX`].
     Queue(Batch),
-    /// The engine stopped, or a batch panicked while being applied (so the state may be
-    /// half-changed): the shard takes no more work.
+    /// The engine stopped: the shard takes no more work. (A batch that panics while being
+    /// applied ends the process, [`fail_fast`]; a poisoned lock is refused the same way.)
     Stopped,
 }
 
