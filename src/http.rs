@@ -1,5 +1,6 @@
 //! The HTTP port: `/metrics` (Prometheus text), `/healthz` (the process is up), `/readyz`
-//! (the engine accepts work; 503 while starting or shutting down).
+//! (the engine accepts work; 503 while starting or shutting down, or while any shard is
+//! down).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -54,10 +55,16 @@ async fn metrics(State(state): State<Arc<HttpState>>) -> impl IntoResponse {
     )
 }
 
+/// Ready while the server takes work and every shard does: a shard whose log writer failed
+/// (or that stopped) makes the whole server not ready, naming the shards.
 async fn ready(State(state): State<Arc<HttpState>>) -> impl IntoResponse {
-    if state.ready.load(Ordering::Acquire) {
-        (StatusCode::OK, "ready\n")
+    if !state.ready.load(Ordering::Acquire) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_owned());
+    }
+    let down = state.metrics.ctx.engine.unavailable_shards();
+    if down.is_empty() {
+        (StatusCode::OK, "ready\n".to_owned())
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: shards down {down:?}\n"))
     }
 }

@@ -646,3 +646,63 @@ async fn a_version_5_data_directory_is_read() {
         h.engine.shutdown();
     }
 }
+
+/// Issue #19, item 10: a record's length that stays under the maximum but runs past the end of
+/// the file looks like a torn write; with whole records after it, it is damage, and the start
+/// is refused naming the record's offset (before, everything from it on was cut).
+#[tokio::test]
+async fn a_length_running_past_the_end_with_records_after_it_is_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = populated(dir.path()).await;
+    let mut bytes = std::fs::read(&log).unwrap();
+    let first_len = u32::from_be_bytes(bytes[24..28].try_into().unwrap()) as usize;
+    assert!(24 + 8 + first_len < bytes.len(), "more than one record");
+    let past_the_end = (bytes.len() - 24) as u32; // Under RECORD_LEN_MAX for a test log.
+    bytes[24..28].copy_from_slice(&past_the_end.to_be_bytes());
+    std::fs::write(&log, &bytes).unwrap();
+    let message = start_error(durable_config(dir.path()));
+    assert!(message.contains(&log.display().to_string()), "{message}");
+    assert!(message.contains("offset 24"), "{message}");
+    assert_eq!(std::fs::read(&log).unwrap(), bytes, "the log is left as it was");
+}
+
+/// The reader's rules, exhaustively on a small log (the property the `wal_mutate` fuzz target
+/// checks at random): cut anywhere, a log reads as the records wholly before the cut; a bit
+/// flipped in any record but the last is corruption at or before it; flipped in the last, the
+/// log reads without that record (a torn tail) or is refused, never shorter by more.
+#[test]
+fn the_log_reader_is_never_silently_shorter() {
+    use settlegate_engine::fuzzing::{read_log, sample_log, Refusal};
+    let texts: Vec<String> = ["T-1", "a longer terminal name", "", "T-4"].map(String::from).into();
+    let log = sample_log(2, &texts);
+    let b = &log.boundaries;
+    let whole = read_log(&log.bytes).unwrap();
+    assert_eq!((whole.records, whole.torn_bytes), (texts.len(), 0));
+    for cut in 24..log.bytes.len() {
+        let read = read_log(&log.bytes[..cut]).unwrap();
+        let kept = b.iter().skip(1).filter(|&&end| end <= cut as u64).count();
+        assert_eq!((read.records, read.valid_len), (kept, b[kept]), "cut at {cut}");
+    }
+    let last = b[texts.len() - 1] as usize;
+    for at in 24..log.bytes.len() {
+        for bit in 0..8 {
+            let mut bytes = log.bytes.clone();
+            bytes[at] ^= 1 << bit;
+            match read_log(&bytes) {
+                Ok(read) => {
+                    assert!(at >= last, "flip at {at}: read {read:?}");
+                    assert_eq!(read.records, texts.len() - 1, "flip at {at}");
+                }
+                Err(Refusal::Corrupt { offset }) => {
+                    assert!(offset <= at as u64, "flip at {at}: corrupt at {offset}")
+                }
+                Err(Refusal::Header) => panic!("flip at {at}: a record byte is not the header"),
+            }
+        }
+    }
+    // The reviewer's case at the tail: bit 30 of the last record's length runs past the end of
+    // the file, yet a length over the maximum is never a torn write.
+    let mut bytes = log.bytes.clone();
+    bytes[last] |= 0x40;
+    assert_eq!(read_log(&bytes), Err(Refusal::Corrupt { offset: last as u64 }));
+}

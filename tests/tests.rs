@@ -13,6 +13,7 @@ mod engine_providers;
 mod engine_settlement;
 mod engine_wallet;
 mod server_crash;
+mod server_durability;
 mod server_hardening;
 mod server_lifecycle;
 mod server_malformed;

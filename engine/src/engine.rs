@@ -385,6 +385,14 @@ impl Engine {
         stop_runtime(&self.inner.runtime, &self.inner.shards);
     }
 
+    /// The shards that take no more work: stopped (after [`Engine::shutdown`]), or whose log
+    /// writer failed (a write or sync error: nothing more may be acknowledged). A server is
+    /// ready only while this is empty. A shard that panics is not listed for long: the process
+    /// aborts (see `docs/ARCHITECTURE.md`, "Failing fast").
+    pub fn unavailable_shards(&self) -> Vec<usize> {
+        (0..self.inner.shards.len()).filter(|&i| !self.inner.shards[i].is_available()).collect()
+    }
+
     /// Number of shards.
     pub fn shard_count(&self) -> usize {
         self.inner.shards.len()

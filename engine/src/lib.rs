@@ -26,6 +26,8 @@ pub mod cow;
 pub mod emvqr;
 pub mod engine;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod geo;
 pub mod inherent;
 pub mod keys;

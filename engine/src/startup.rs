@@ -91,8 +91,8 @@ pub(crate) fn recover_shards(
         let states = states.into_iter().map(|state| (state, None)).collect();
         return Ok(Prepared { states, wal_threads: Vec::new() });
     };
-    std::fs::create_dir_all(dir)
-        .map_err(|e| EngineError::Storage(format!("{}: {e}", dir.display())))?;
+    // Created private (a warning if it is open to every user); stale temporary files removed.
+    wal::prepare_dir(dir, count).map_err(storage)?;
     let started = std::time::Instant::now();
     // Snapshots load in parallel, one thread per shard: they share nothing but the
     // concurrent device and vault maps. The logs after them replay in order below.
@@ -123,7 +123,17 @@ pub(crate) fn recover_shards(
     for (index, (mut state, log)) in states.into_iter().zip(&logs).enumerate() {
         let path = wal::shard_log_path(dir, index);
         if log.torn_bytes > 0 {
-            tracing::warn!(path = %path.display(), bytes = log.torn_bytes, "discarding a torn last record");
+            // Cut from the log, but never destroyed: kept beside it, for whoever looks.
+            let kept = wal::keep_cut_tail(dir, index, log.valid_len, now_ms).map_err(storage)?;
+            if let Some((side, bytes)) = kept {
+                tracing::error!(
+                    path = %path.display(),
+                    offset = log.valid_len,
+                    bytes,
+                    kept_in = %side.display(),
+                    "a torn last record was cut off the log (a write the crash interrupted, never acknowledged); its bytes are kept in a side file"
+                );
+            }
         }
         let generation = generations[index];
         let (handle, thread) =

@@ -20,6 +20,8 @@ pub(crate) mod idempotency;
 pub(crate) mod replay;
 pub(crate) mod state;
 
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, TryLockError};
 
 use actix::{Actor, Addr, Context, Handler, Message, MessageResult};
@@ -67,6 +69,8 @@ type CoreCell = Arc<Mutex<Option<ShardCore>>>;
 pub(crate) struct ShardHandle {
     pub(crate) addr: Addr<Shard>,
     core: CoreCell,
+    /// Set by the shard's log writer if it fails (none without a log).
+    wal_failed: Option<Arc<AtomicBool>>,
 }
 
 /// The largest batch a caller applies on its own thread. A larger one goes to the shard's own
@@ -83,8 +87,8 @@ pub(crate) enum Turn {
     /// For the mailbox: the shard is applying another batch, or this one is larger than
     /// [`APPLY_IN_PLACE_MAX`].
     Queue(Batch),
-    /// The engine stopped, or a batch panicked while being applied (so the state may be
-    /// half-changed): the shard takes no more work.
+    /// The engine stopped: the shard takes no more work. (A batch that panics while being
+    /// applied ends the process, [`fail_fast`]; a poisoned lock is refused the same way.)
     Stopped,
 }
 
@@ -95,10 +99,25 @@ impl ShardHandle {
         core: ShardCore,
         mailbox_capacity: usize,
     ) -> ShardHandle {
+        let wal_failed = core.wal.as_ref().map(|wal| Arc::clone(&wal.handle.failed));
         let core = Arc::new(Mutex::new(Some(core)));
         let actor = Shard { core: Arc::clone(&core), mailbox_capacity };
         let addr = Shard::start_in_arbiter(arbiter, move |_| actor);
-        ShardHandle { addr, core }
+        ShardHandle { addr, core, wal_failed }
+    }
+
+    /// Whether the shard takes work: not stopped, its lock not poisoned, its log writer (if
+    /// any) alive. Does not wait for a batch being applied.
+    pub(crate) fn is_available(&self) -> bool {
+        if self.wal_failed.as_ref().is_some_and(|failed| failed.load(Ordering::Acquire)) {
+            return false;
+        }
+        match self.core.try_lock() {
+            Ok(core) => core.is_some(),
+            // Busy applying a batch: alive.
+            Err(TryLockError::WouldBlock) => true,
+            Err(TryLockError::Poisoned(_)) => false,
+        }
     }
 
     /// Applies `batch` on the calling thread if the shard is idle and the batch is small.
@@ -109,7 +128,7 @@ impl ShardHandle {
         match self.core.try_lock() {
             Ok(mut core) => match core.as_mut() {
                 Some(core) => {
-                    core.run(batch);
+                    core.run_or_abort(batch);
                     Turn::Applied
                 }
                 None => Turn::Stopped,
@@ -140,8 +159,19 @@ impl ShardCore {
         ShardCore { state, wal }
     }
 
+    /// Applies `batch` ([`ShardCore::run`]); a panic while doing so ends the process (see
+    /// [`fail_fast`]).
+    fn run_or_abort(&mut self, batch: Batch) {
+        let index = self.state.index;
+        if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(|| self.run(batch))) {
+            fail_fast(&format!("shard {index}"), panic.as_ref());
+        }
+    }
+
     /// Applies one command, first encoding its log record when the shard has a log.
     fn apply(&mut self, envelope: Envelope, records: &mut Vec<rkyv::util::AlignedVec>) -> Reply {
+        #[cfg(all(feature = "test-hooks", debug_assertions))]
+        test_hooks::panic_if_asked(&envelope);
         if self.wal.is_some() {
             records.push(LogEnvelope::from_envelope(&envelope, self.state.vault()).to_bytes());
         }
@@ -238,6 +268,47 @@ impl ShardCore {
     }
 }
 
+/// Ends the process after a panic in a shard (or its log writer): the shard's state may be
+/// half-changed, with an invariant broken, so nothing more may be applied or acknowledged. The
+/// panic is logged at ERROR, then the process aborts (status: killed by `SIGABRT`); a
+/// supervisor restarts it and recovery rebuilds every shard from its snapshot and log. Nothing
+/// of the batch that panicked was logged or answered: its records are handed to the writer
+/// only after the whole batch is applied. (Keeping the process up with the shard stopped for
+/// good, as before, left a dead shard behind a ready server.)
+pub(crate) fn fail_fast(what: &str, panic: &(dyn std::any::Any + Send)) -> ! {
+    let message = panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(a panic without a message)");
+    tracing::error!(
+        part = what,
+        panic = message,
+        "panicked; its state may be half-changed: aborting the process so that a restart recovers it from the log"
+    );
+    std::process::abort();
+}
+
+/// Test hook, only in debug builds with the `test-hooks` feature (the integration tests'
+/// build): a shard panics on the command whose client request ID is
+/// `SETTLEGATE_TEST_PANIC_ON_REQUEST` (hexadecimal), read once. Release builds, and builds
+/// without the feature, hold no such code, so no request and no environment can reach it.
+#[cfg(all(feature = "test-hooks", debug_assertions))]
+mod test_hooks {
+    use std::sync::OnceLock;
+
+    pub(super) fn panic_if_asked(envelope: &super::Envelope) {
+        static PANIC_ON: OnceLock<Option<u128>> = OnceLock::new();
+        let panic_on = PANIC_ON.get_or_init(|| {
+            let hex = std::env::var("SETTLEGATE_TEST_PANIC_ON_REQUEST").ok()?;
+            u128::from_str_radix(&hex, 16).ok()
+        });
+        if panic_on.is_some() && envelope.client_request_id == *panic_on {
+            panic!("test hook: shard panics on client request ID {:x}", panic_on.unwrap());
+        }
+    }
+}
+
 /// The actor around a [`ShardCore`]: applies what callers could not apply themselves.
 pub(crate) struct Shard {
     core: CoreCell,
@@ -264,7 +335,7 @@ impl Handler<Batch> for Shard {
 
     fn handle(&mut self, batch: Batch, _ctx: &mut Context<Self>) {
         // A stopped shard drops the batch: its caller sees the engine as stopped.
-        self.with_core(|core| core.run(batch));
+        self.with_core(|core| core.run_or_abort(batch));
     }
 }
 

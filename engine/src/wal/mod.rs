@@ -15,8 +15,10 @@
 //!
 //! **Recovery** reads every shard's log, keeps each shard's order, interleaves shards by the
 //! commands' timestamps, and applies the commands through the same pure `ShardState::apply`.
-//! A torn last record (a crash mid-write) is cut off; a record that fails its checksum or does
-//! not decode anywhere else stops recovery with an error naming the file and offset.
+//! A torn last record (a crash mid-write) is cut off, and its bytes kept in a side file
+//! beside the log; a record that fails its checksum or does not decode anywhere else, a length
+//! over the maximum, or a record that looks torn but has a whole record after it stops
+//! recovery with an error naming the file and offset (`parse_log`).
 
 pub(crate) mod record;
 pub(crate) mod snapshot;
@@ -28,6 +30,8 @@ pub use snapshot::shard_snapshot_path;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender};
@@ -143,6 +147,159 @@ pub fn shard_log_path(dir: &Path, index: usize) -> PathBuf {
     dir.join(format!("shard-{index:03}.wal"))
 }
 
+/// The permissions of every file the engine creates in a data directory, whatever the umask:
+/// logs and snapshots hold sealed device keys and card numbers.
+pub const FILE_MODE: u32 = 0o600;
+/// The permissions a data directory is created with, whatever the umask.
+pub const DIR_MODE: u32 = 0o700;
+
+/// The temporary file a snapshot (or a fresh log header) is written to before its rename.
+fn shard_tmp_path(dir: &Path, index: usize) -> PathBuf {
+    dir.join(format!("shard-{index:03}.tmp"))
+}
+
+/// Makes a data directory ready for a start with `count` shards: creates it (mode
+/// [`DIR_MODE`]) if it does not exist; warns about one that every user may read, write or
+/// enter; sets the shard files it holds to [`FILE_MODE`]; removes the temporary files a crash
+/// during a snapshot left.
+pub(crate) fn prepare_dir(dir: &Path, count: usize) -> Result<(), StorageError> {
+    match std::fs::metadata(dir) {
+        Ok(meta) if !meta.is_dir() => {
+            let detail = "the data directory is not a directory".to_owned();
+            return Err(StorageError::Mismatch { path: dir.to_owned(), detail });
+        }
+        Ok(meta) => check_dir_mode(dir, &meta)?,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => create_dir(dir)?,
+        Err(error) => return Err(io_error(dir)(error)),
+    }
+    for index in 0..count {
+        for path in [shard_log_path(dir, index), shard_snapshot_path(dir, index)] {
+            restrict_existing(&path)?;
+        }
+        let tmp = shard_tmp_path(dir, index);
+        match std::fs::metadata(&tmp) {
+            Ok(meta) => {
+                // A snapshot (or a log header) that a crash kept from its rename: the file it
+                // was to replace is still in place, so nothing in it is needed.
+                std::fs::remove_file(&tmp).map_err(io_error(&tmp))?;
+                tracing::warn!(path = %tmp.display(), bytes = meta.len(), "removed a temporary file a crash left behind");
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(io_error(&tmp)(error)),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(unix)]
+fn create_dir(dir: &Path) -> Result<(), StorageError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(io_error(parent))?;
+    }
+    std::fs::DirBuilder::new().mode(DIR_MODE).create(dir).map_err(io_error(dir))?;
+    // The mode given at creation passes through the umask; this does not.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(DIR_MODE)).map_err(io_error(dir))
+}
+
+#[cfg(not(unix))]
+fn create_dir(dir: &Path) -> Result<(), StorageError> {
+    std::fs::create_dir_all(dir).map_err(io_error(dir))
+}
+
+#[cfg(unix)]
+fn check_dir_mode(dir: &Path, meta: &std::fs::Metadata) -> Result<(), StorageError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o007 != 0 {
+        // Warned, not refused: the files in it are 0600 whatever the directory says (they are
+        // set so at start), so others see only their names and sizes.
+        tracing::warn!(
+            dir = %dir.display(),
+            mode = format!("{mode:03o}"),
+            "the data directory is open to every user; its files are private (600), but run `chmod 700` on it"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn check_dir_mode(_dir: &Path, _meta: &std::fs::Metadata) -> Result<(), StorageError> {
+    Ok(())
+}
+
+/// Sets an existing file (one written by an older build, or copied in) to [`FILE_MODE`].
+fn restrict_existing(path: &Path) -> Result<(), StorageError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        match std::fs::metadata(path) {
+            Ok(meta) if meta.permissions().mode() & 0o777 != FILE_MODE => {
+                let mode = std::fs::Permissions::from_mode(FILE_MODE);
+                std::fs::set_permissions(path, mode).map_err(io_error(path))?;
+                tracing::warn!(path = %path.display(), was = format!("{:03o}", meta.permissions().mode() & 0o777), "file permissions set to 600");
+            }
+            Ok(_) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(io_error(path)(error)),
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
+/// Opens `path` for writing, created with [`FILE_MODE`] if missing, and sets that mode on it
+/// whatever the umask or the mode it had.
+fn open_private(path: &Path, options: &mut OpenOptions) -> std::io::Result<File> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let file = options.mode(FILE_MODE).open(path)?;
+        file.set_permissions(std::fs::Permissions::from_mode(FILE_MODE))?;
+        Ok(file)
+    }
+    #[cfg(not(unix))]
+    options.open(path)
+}
+
+/// Keeps the bytes of shard `index`'s log from `from` to its end (a torn tail recovery is about
+/// to cut) in a side file beside it, `shard-NNN.wal.cut-<offset>-<unix ms>`, synced before the
+/// log is truncated. Returns the side file and the bytes kept.
+pub(crate) fn keep_cut_tail(
+    dir: &Path,
+    index: usize,
+    from: u64,
+    now_ms: i64,
+) -> Result<Option<(PathBuf, u64)>, StorageError> {
+    use std::io::Read;
+    let log = shard_log_path(dir, index);
+    let mut file = File::open(&log).map_err(io_error(&log))?;
+    file.seek(SeekFrom::Start(from)).map_err(io_error(&log))?;
+    let mut tail = Vec::new();
+    file.read_to_end(&mut tail).map_err(io_error(&log))?;
+    if tail.is_empty() {
+        return Ok(None);
+    }
+    let name = |n: u32| {
+        let suffix = if n == 0 { String::new() } else { format!(".{n}") };
+        dir.join(format!("shard-{index:03}.wal.cut-{from}-{now_ms}{suffix}"))
+    };
+    // Never overwrites: a name taken already gets a counter.
+    let mut n = 0;
+    let (path, mut side) = loop {
+        let path = name(n);
+        match open_private(&path, OpenOptions::new().write(true).create_new(true)) {
+            Ok(side) => break (path, side),
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => n += 1,
+            Err(error) => return Err(io_error(&path)(error)),
+        }
+    };
+    side.write_all(&tail).and_then(|()| side.sync_all()).map_err(io_error(&path))?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_error(dir))?;
+    Ok(Some((path, tail.len() as u64)))
+}
+
 /// The shard count a data directory was written with: read from shard 0's log, or failing
 /// that its snapshot (both headers hold it at the same place); none for a directory with
 /// neither. Lets an engine configured with `shards = 0` keep the layout its data has, since
@@ -191,7 +348,7 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> StorageError + '_ {
     move |source| StorageError::Io { path: path.to_owned(), source }
 }
 
-fn file_header(index: usize, count: usize, generation: u64) -> [u8; FILE_HEADER_LEN] {
+pub(crate) fn file_header(index: usize, count: usize, generation: u64) -> [u8; FILE_HEADER_LEN] {
     let mut header = [0u8; FILE_HEADER_LEN];
     header[..8].copy_from_slice(&MAGIC);
     header[8..10].copy_from_slice(&FORMAT_VERSION.to_be_bytes());
@@ -237,39 +394,84 @@ pub(crate) fn read_log(path: &Path, index: usize, count: usize) -> Result<ReadLo
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(error) => return Err(io_error(path)(error)),
     };
+    parse_log(path, &bytes, index, count)
+}
+
+/// Reads a log from its bytes (`path` only names it in errors).
+///
+/// A torn tail is only what a partial write can leave: a last record whose header or payload
+/// the end of the file cuts short, or a last record that fails its checksum, with no whole,
+/// valid record anywhere after the point where it starts. A length over [`RECORD_LEN_MAX`],
+/// a checksum mismatch or a record that does not decode before the last, and a "torn" record
+/// with a valid record after it are corruption: an error naming the file and the offset of
+/// the bad record, never a shorter log.
+pub(crate) fn parse_log(
+    path: &Path,
+    bytes: &[u8],
+    index: usize,
+    count: usize,
+) -> Result<ReadLog, StorageError> {
     if bytes.len() < FILE_HEADER_LEN {
         // Nothing, or a header torn while the file was created: nothing was ever acknowledged.
-        let torn_bytes = bytes.len() as u64;
-        return Ok(ReadLog { records: Vec::new(), valid_len: 0, torn_bytes, generation: None });
+        return Ok(ReadLog {
+            records: Vec::new(),
+            valid_len: 0,
+            torn_bytes: bytes.len() as u64,
+            generation: None,
+        });
     }
-    check_file_header(path, &bytes, index, count)?;
+    check_file_header(path, bytes, index, count)?;
     let generation = u64::from_be_bytes(bytes[16..24].try_into().expect("8"));
     let mut records = Vec::new();
     let mut offset = FILE_HEADER_LEN;
+    let corrupt = |offset: usize, detail: String| StorageError::Corrupt {
+        path: path.to_owned(),
+        offset: offset as u64,
+        detail,
+    };
+    // Why the record at `offset` may be a torn last write, if it may be.
+    let mut suspect = None;
     while offset < bytes.len() {
         let rest = &bytes[offset..];
-        let Some(head) = rest.get(..RECORD_HEADER_LEN) else { break };
+        let Some(head) = rest.get(..RECORD_HEADER_LEN) else {
+            suspect = Some("its header is cut short by the end of the file");
+            break;
+        };
         let len = u32::from_be_bytes(head[..4].try_into().expect("4")) as usize;
         let crc = u32::from_be_bytes(head[4..8].try_into().expect("4"));
-        let Some(payload) = rest.get(RECORD_HEADER_LEN..RECORD_HEADER_LEN + len) else { break };
-        let is_last = offset + RECORD_HEADER_LEN + len == bytes.len();
-        let corrupt = |detail: &str| StorageError::Corrupt {
-            path: path.to_owned(),
-            offset: offset as u64,
-            detail: detail.to_owned(),
-        };
+        // Checked first: a partial write never leaves a wrong length, so a length over the
+        // maximum is corruption even where it also runs past the end of the file.
         if len > RECORD_LEN_MAX {
-            return Err(corrupt("record length over the maximum"));
+            return Err(corrupt(offset, format!("record length {len} over the maximum")));
         }
+        let Some(payload) = rest.get(RECORD_HEADER_LEN..RECORD_HEADER_LEN + len) else {
+            suspect = Some("its length runs past the end of the file");
+            break;
+        };
+        let is_last = offset + RECORD_HEADER_LEN + len == bytes.len();
         if crc32fast::hash(payload) != crc {
             if is_last {
-                break; // A torn final write: its bytes reached the file only in part.
+                suspect = Some("the last record fails its checksum");
+                break;
             }
-            return Err(corrupt("checksum mismatch"));
+            return Err(corrupt(offset, "checksum mismatch".into()));
         }
-        let record = LogEnvelope::from_bytes(payload).map_err(|e| corrupt(&e.to_string()))?;
+        let record =
+            LogEnvelope::from_bytes(payload).map_err(|e| corrupt(offset, e.to_string()))?;
         records.push(record);
         offset += RECORD_HEADER_LEN + len;
+    }
+    if let Some(reason) = suspect {
+        // A partial write leaves nothing whole after it.
+        if let Some(next) = next_valid_record(bytes, offset + 1) {
+            return Err(corrupt(
+                offset,
+                format!(
+                    "{reason}, yet a whole record follows at byte offset {next}: not a torn \
+                     write but damage, and the records after it were acknowledged"
+                ),
+            ));
+        }
     }
     Ok(ReadLog {
         records,
@@ -277,6 +479,25 @@ pub(crate) fn read_log(path: &Path, index: usize, count: usize) -> Result<ReadLo
         torn_bytes: (bytes.len() - offset) as u64,
         generation: Some(generation),
     })
+}
+
+/// The offset of the first whole, valid record starting at `from` or later: a length within
+/// the maximum, a payload inside the file whose checksum matches, and which decodes.
+fn next_valid_record(bytes: &[u8], from: usize) -> Option<usize> {
+    let mut at = from;
+    while at + RECORD_HEADER_LEN <= bytes.len() {
+        let len = u32::from_be_bytes(bytes[at..at + 4].try_into().expect("4")) as usize;
+        let crc = u32::from_be_bytes(bytes[at + 4..at + 8].try_into().expect("4"));
+        let room = bytes.len() - at - RECORD_HEADER_LEN;
+        if len <= RECORD_LEN_MAX && len <= room {
+            let payload = &bytes[at + RECORD_HEADER_LEN..at + RECORD_HEADER_LEN + len];
+            if crc32fast::hash(payload) == crc && LogEnvelope::from_bytes(payload).is_ok() {
+                return Some(at);
+            }
+        }
+        at += 1;
+    }
+    None
 }
 
 /// Work for a shard's writer, done in the order queued.
@@ -296,6 +517,8 @@ pub(crate) enum Job {
 #[derive(Clone)]
 pub(crate) struct WalHandle {
     jobs: Sender<Job>,
+    /// Set once the writer has failed and stopped.
+    pub(crate) failed: Arc<AtomicBool>,
     pub(crate) index: usize,
     pub(crate) count: usize,
 }
@@ -319,13 +542,9 @@ pub(crate) fn open_writer(
     config: &DurabilityConfig,
 ) -> Result<(WalHandle, std::thread::JoinHandle<()>), StorageError> {
     let path = &shard_log_path(dir, index);
-    let mut file = OpenOptions::new()
-        .create(true)
-        .read(true)
-        .write(true)
-        .truncate(false)
-        .open(path)
-        .map_err(io_error(path))?;
+    let mut file =
+        open_private(path, OpenOptions::new().create(true).read(true).write(true).truncate(false))
+            .map_err(io_error(path))?;
     if valid_len < FILE_HEADER_LEN as u64 {
         file.set_len(0).map_err(io_error(path))?;
         file.write_all(&file_header(index, count, generation)).map_err(io_error(path))?;
@@ -343,13 +562,20 @@ pub(crate) fn open_writer(
     let interval = Duration::from_millis(config.fsync_interval_ms.max(1));
     let files =
         Files { log: path.to_owned(), snapshot: shard_snapshot_path(dir, index), index, count };
+    let failed = Arc::new(AtomicBool::new(false));
+    let writer_failed = Arc::clone(&failed);
     let thread = std::thread::Builder::new()
         .name(format!("settlegate-wal-{index}"))
         .spawn(move || {
-            write_loop(BufWriter::with_capacity(1 << 20, file), &files, &queue, policy, interval)
+            let out = BufWriter::with_capacity(1 << 20, file);
+            let run = || write_loop(out, &files, &queue, policy, interval, &writer_failed);
+            // A panic here (encoding a snapshot, say) is a broken invariant: fail fast.
+            if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+                crate::shard::fail_fast(&format!("log writer of shard {index}"), panic.as_ref());
+            }
         })
         .map_err(|e| StorageError::Io { path: PathBuf::from("<thread>"), source: e })?;
-    Ok((WalHandle { jobs, index, count }, thread))
+    Ok((WalHandle { jobs, failed, index, count }, thread))
 }
 
 /// A shard's files, for the writer.
@@ -363,7 +589,7 @@ struct Files {
 /// Writes `bytes` to `path` so that a crash leaves the old file or the new, whole one.
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
-    let mut file = File::create(&tmp)?;
+    let mut file = open_private(&tmp, OpenOptions::new().write(true).create(true).truncate(true))?;
     file.write_all(bytes)?;
     file.sync_all()?;
     std::fs::rename(&tmp, path)?;
@@ -397,6 +623,7 @@ fn write_loop(
     queue: &Receiver<Job>,
     policy: FsyncPolicy,
     interval: Duration,
+    failed: &AtomicBool,
 ) {
     let mut sync = SyncState { policy, interval, last: Instant::now(), unsynced: false };
     loop {
@@ -421,6 +648,9 @@ fn write_loop(
         if let Err(error) = process(&mut out, files, jobs, &mut sync) {
             // Without a log nothing more may be acknowledged: drop every queued reply (callers
             // see the engine stopped) and stop.
+            // The flag is set first: from then on the engine reports the shard unavailable
+            // (and a server, not ready).
+            failed.store(true, Ordering::Release);
             tracing::error!(path = %files.log.display(), %error, "write-ahead log failed; shard stops acknowledging");
             return;
         }

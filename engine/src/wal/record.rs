@@ -1037,6 +1037,20 @@ fn command_in(command: &LogCommand, vault: &Vault) -> Result<Command, RecordErro
     })
 }
 
+/// A small, valid record for the fuzz targets' logs: provider `n`'s terminal `text` removed.
+pub(crate) fn sample(n: u64, text: &str) -> LogEnvelope {
+    LogEnvelope {
+        owner_hash: n.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        client_request_id: Some(u128::from(n) << 64 | 7),
+        digest: n ^ 0x5555,
+        now_ms: 1_700_000_000_000 + n as i64,
+        command: LogCommand::RemoveTerminals {
+            provider_code: n as u32,
+            terminal_ids: vec![text.to_owned()],
+        },
+    }
+}
+
 #[cfg(test)]
 mod layout {
     use super::*;

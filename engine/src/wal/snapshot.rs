@@ -1165,31 +1165,34 @@ impl Snapshot {
     }
 }
 
-/// Reads shard `index`'s snapshot: `None` if there is none, else its generation and payload.
-/// Snapshots of older format versions are converted to the current layout.
-pub(crate) fn read(
+/// A snapshot file's header, checked.
+struct Header {
+    version: u16,
+    generation: u64,
+    /// Where the payload starts.
+    header_len: usize,
+    /// The payload's length, within the file.
+    len: usize,
+    crc: u32,
+}
+
+/// Checks a snapshot's first [`HEADER_LEN_V3`] bytes (`header`) against the shard it is read
+/// for and the length of its file.
+fn parse_header(
     path: &Path,
+    header: &[u8],
+    file_len: u64,
     index: usize,
     count: usize,
-) -> Result<Option<(u64, Snapshot)>, StorageError> {
-    use std::io::Read;
-    let io = |source| StorageError::Io { path: path.to_owned(), source };
-    let mut file = match std::fs::File::open(path) {
-        Ok(file) => file,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => return Err(io(source)),
-    };
-    let file_len = file.metadata().map_err(io)?.len();
+) -> Result<Header, StorageError> {
     let corrupt = |detail: &str| StorageError::Corrupt {
         path: path.to_owned(),
         offset: 0,
         detail: detail.to_owned(),
     };
-    let mut header = [0u8; HEADER_LEN_V3];
-    if file_len < HEADER_LEN_V3 as u64 {
+    let Some(header) = header.get(..HEADER_LEN_V3) else {
         return Err(corrupt("not a settlegate snapshot"));
-    }
-    file.read_exact(&mut header).map_err(io)?;
+    };
     if header[..8] != MAGIC {
         return Err(corrupt("not a settlegate snapshot"));
     }
@@ -1218,23 +1221,17 @@ pub(crate) fn read(
     if file_len < header_len as u64 || len > file_len - header_len as u64 {
         return Err(corrupt("snapshot truncated"));
     }
-    let len = len as usize;
-    let payload = if version >= 4 {
-        // A mapping starts on a page and the header is 48 bytes, so the payload is aligned for
-        // the archive (and `rkyv::access` checks it). Populated at once: recovery reads it all.
-        // SAFETY: a snapshot file is written whole to a temporary file and renamed into place,
-        // never written again, and the data directory is the engine's alone: the mapping does
-        // not change under the reader.
-        let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }.map_err(io)?;
-        Payload::Mapped { map, range: header_len..header_len + len }
-    } else {
-        // Read straight into an aligned buffer: rkyv reads the archive in place from there.
-        let mut payload = rkyv::util::AlignedVec::<16>::with_capacity(len);
-        payload.resize(len, 0);
-        file.read_exact(&mut payload).map_err(io)?;
-        Payload::Read(payload)
+    Ok(Header { version, generation, header_len, len: len as usize, crc })
+}
+
+/// Checks a payload's checksum and converts one of an older layout to the current one.
+fn finish(path: &Path, header: &Header, payload: Payload) -> Result<Snapshot, StorageError> {
+    let corrupt = |detail: &str| StorageError::Corrupt {
+        path: path.to_owned(),
+        offset: 0,
+        detail: detail.to_owned(),
     };
-    if crc32fast::hash(payload.bytes()) != crc {
+    if crc32fast::hash(payload.bytes()) != header.crc {
         return Err(corrupt("snapshot checksum mismatch"));
     }
     let upgrade = |old: SnapShard| {
@@ -1242,7 +1239,7 @@ pub(crate) fn read(
             rkyv::to_bytes::<rkyv::rancor::Error>(&old).expect("snapshots always serialize"),
         )
     };
-    let payload = match version {
+    let payload = match header.version {
         1 => upgrade(
             rkyv::from_bytes::<SnapShardV1, rkyv::rancor::Error>(payload.bytes())
                 .map_err(|_| corrupt("snapshot does not decode"))?
@@ -1260,5 +1257,65 @@ pub(crate) fn read(
         ),
         _ => payload,
     };
-    Ok(Some((generation, Snapshot { payload })))
+    Ok(Snapshot { payload })
+}
+
+/// Reads a snapshot from its bytes (`path` only names it in errors): its generation and
+/// payload, as [`read`] does from a file.
+pub(crate) fn read_bytes(
+    path: &Path,
+    bytes: &[u8],
+    index: usize,
+    count: usize,
+) -> Result<(u64, Snapshot), StorageError> {
+    let header = parse_header(path, bytes, bytes.len() as u64, index, count)?;
+    let mut payload = rkyv::util::AlignedVec::<16>::with_capacity(header.len);
+    payload.extend_from_slice(&bytes[header.header_len..header.header_len + header.len]);
+    let snapshot = finish(path, &header, Payload::Read(payload))?;
+    Ok((header.generation, snapshot))
+}
+
+/// Reads shard `index`'s snapshot: `None` if there is none, else its generation and payload.
+/// Snapshots of older format versions are converted to the current layout.
+pub(crate) fn read(
+    path: &Path,
+    index: usize,
+    count: usize,
+) -> Result<Option<(u64, Snapshot)>, StorageError> {
+    use std::io::Read;
+    let io = |source| StorageError::Io { path: path.to_owned(), source };
+    let mut file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(io(source)),
+    };
+    let file_len = file.metadata().map_err(io)?.len();
+    let mut header = [0u8; HEADER_LEN_V3];
+    if file_len < HEADER_LEN_V3 as u64 {
+        return Err(StorageError::Corrupt {
+            path: path.to_owned(),
+            offset: 0,
+            detail: "not a settlegate snapshot".into(),
+        });
+    }
+    file.read_exact(&mut header).map_err(io)?;
+    let header = parse_header(path, &header, file_len, index, count)?;
+    let (header_len, len) = (header.header_len, header.len);
+    let payload = if header.version >= 4 {
+        // A mapping starts on a page and the header is 48 bytes, so the payload is aligned for
+        // the archive (and `rkyv::access` checks it). Populated at once: recovery reads it all.
+        // SAFETY: a snapshot file is written whole to a temporary file and renamed into place,
+        // never written again, and the data directory is the engine's alone: the mapping does
+        // not change under the reader.
+        let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }.map_err(io)?;
+        Payload::Mapped { map, range: header_len..header_len + len }
+    } else {
+        // Read straight into an aligned buffer: rkyv reads the archive in place from there.
+        let mut payload = rkyv::util::AlignedVec::<16>::with_capacity(len);
+        payload.resize(len, 0);
+        file.read_exact(&mut payload).map_err(io)?;
+        Payload::Read(payload)
+    };
+    let snapshot = finish(path, &header, payload)?;
+    Ok(Some((header.generation, snapshot)))
 }
