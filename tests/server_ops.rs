@@ -3,40 +3,14 @@
 use std::time::Duration;
 
 use settlegate_engine::{
-    AuthOutcome, Discount, InherentId, MeansInput, MeansKind, MeansOrder, ReasonCode,
-    TerminalConfirmation, TerminalEntry, TerminalService, UserIdType, UserKey,
+    AuthOutcome, Discount, MeansInput, MeansKind, MeansOrder, ReasonCode, TerminalConfirmation,
+    TerminalEntry, TerminalService, UserIdType, UserKey,
 };
 use settlegate_protocol::messages::{Reply, Request, Response};
 use settlegate_protocol::Client;
 
 use crate::support::server::*;
 use crate::support::*;
-
-struct Payer {
-    user: UserKey,
-    credential: settlegate_engine::DeviceCredential,
-    counter: u64,
-}
-
-impl Payer {
-    fn sign(&mut self, amount: u64, provider: u32, terminal: &str) -> Vec<u8> {
-        self.counter += 1;
-        InherentId {
-            key_version: self.credential.key_version,
-            amount_minor: amount,
-            currency: jpy(),
-            means: MeansKind::CreditCard,
-            means_id: 0,
-            provider_code: provider,
-            card_idm: self.credential.card_idm,
-            user: self.user.clone(),
-            terminal_id: terminal.into(),
-            counter: self.counter,
-            timestamp_ms: now_ms(),
-        }
-        .sign(self.credential.device_key.expose())
-    }
-}
 
 async fn enroll(client: &Client, name: &str) -> Payer {
     let user = UserKey::new(UserIdType::Mail, format!("{name}@example.com")).unwrap();

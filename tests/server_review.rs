@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use settlegate_engine::{
-    CodeOutcome, CodeState, DeviceCredential, InherentId, IssueCodeRequest, IssuedCode, MeansInput,
-    MeansKind, ReasonCode, RedeemRequest, UserIdType, UserKey,
+    CodeOutcome, CodeState, IssueCodeRequest, IssuedCode, MeansInput, ReasonCode, RedeemRequest,
+    UserIdType, UserKey,
 };
 use settlegate_protocol::frame::{self, Frame};
 use settlegate_protocol::messages::{Reply, Request, Response};
@@ -16,52 +16,26 @@ use tokio::net::TcpStream;
 use crate::support::server::*;
 use crate::support::*;
 
-/// A user with a device that signs inherent IDs.
-struct Payer {
-    user: UserKey,
-    credential: DeviceCredential,
-    counter: u64,
+/// A new user with a device, enrolled over the wire.
+async fn payer(client: &Client, name: &str) -> Payer {
+    let (user, credential) = enroll(client, name).await;
+    Payer { user, credential, counter: 0 }
 }
 
-impl Payer {
-    async fn enroll(client: &Client, name: &str) -> Payer {
-        let (user, credential) = enroll(client, name).await;
-        Payer { user, credential, counter: 0 }
-    }
-
-    fn sign(&mut self, amount: u64, terminal: &str) -> Vec<u8> {
-        self.counter += 1;
-        InherentId {
-            key_version: self.credential.key_version,
-            amount_minor: amount,
-            currency: jpy(),
-            means: MeansKind::CreditCard,
-            means_id: 0,
-            provider_code: PROVIDER_OK,
-            card_idm: self.credential.card_idm,
-            user: self.user.clone(),
-            terminal_id: terminal.into(),
-            counter: self.counter,
-            timestamp_ms: now_ms(),
-        }
-        .sign(self.credential.device_key.expose())
-    }
-
-    /// A payment code of `amount` requested for store terminal `terminal`.
-    async fn code(&mut self, client: &Client, amount: u64, terminal: &str) -> IssuedCode {
-        let issue = Request::IssueCode {
-            request: IssueCodeRequest {
-                client_request_id: request_id(),
-                inherent_id: self.sign(amount, terminal),
-                validity_ms: 300_000,
-                deliver_to: None,
-                order_ref: String::new(),
-            },
-        };
-        match client.call_ok(&issue).await.unwrap() {
-            Reply::Code(CodeOutcome::Issued(code)) => *code,
-            other => panic!("no code: {other:?}"),
-        }
+/// A payment code of `amount` for `payer`, requested for store terminal `terminal`.
+async fn issue_code(payer: &mut Payer, client: &Client, amount: u64, terminal: &str) -> IssuedCode {
+    let issue = Request::IssueCode {
+        request: IssueCodeRequest {
+            client_request_id: request_id(),
+            inherent_id: payer.sign(amount, PROVIDER_OK, terminal),
+            validity_ms: 300_000,
+            deliver_to: None,
+            order_ref: String::new(),
+        },
+    };
+    match client.call_ok(&issue).await.unwrap() {
+        Reply::Code(CodeOutcome::Issued(code)) => *code,
+        other => panic!("no code: {other:?}"),
     }
 }
 
@@ -411,18 +385,18 @@ async fn code_state_answers_only_for_the_identitys_own_terminals() {
     };
     let server = start_with(config(0)).await;
     let admin = client(&server, ADMIN_KEY).await;
-    let mut payer = Payer::enroll(&admin, "review-codes").await;
+    let mut payer = payer(&admin, "review-codes").await;
     // Redeemed at another merchant's terminal (the issue's case).
-    let theirs = payer.code(&admin, 3_000, "SHOP-B-1").await;
+    let theirs = issue_code(&mut payer, &admin, 3_000, "SHOP-B-1").await;
     admin.call_ok(&redeem(&theirs, 2_500, "SHOP-B-1")).await.unwrap();
     // Requested for one of SHOP-A's terminals, not redeemed yet.
-    let waiting = payer.code(&admin, 1_000, "SHOP-A-1").await;
+    let waiting = issue_code(&mut payer, &admin, 1_000, "SHOP-A-1").await;
     // Requested with no store named, redeemed at SHOP-A.
-    let ours = payer.code(&admin, 2_000, "*").await;
+    let ours = issue_code(&mut payer, &admin, 2_000, "*").await;
     let shop = client(&server, TERMINAL_KEY).await;
     shop.call_ok(&redeem(&ours, 1_500, "SHOP-A-2")).await.unwrap();
     // Requested with no store named, not redeemed: nobody's yet.
-    let loose = payer.code(&admin, 500, "*").await;
+    let loose = issue_code(&mut payer, &admin, 500, "*").await;
     server.shutdown().await;
 
     // Before and after restarts: from the log alone, then from a snapshot.
@@ -490,10 +464,10 @@ async fn a_revoked_device_key_is_refused_at_once_and_after_a_restart() {
     };
     let server = start_with(config(0)).await;
     let admin = client(&server, ADMIN_KEY).await;
-    let mut payer = Payer::enroll(&admin, "review-revoke").await;
+    let mut payer = payer(&admin, "review-revoke").await;
     let pay = |payer: &mut Payer| Request::Authorize {
         client_request_id: request_id(),
-        inherent_id: payer.sign(100, "SHOP-A-1"),
+        inherent_id: payer.sign(100, PROVIDER_OK, "SHOP-A-1"),
     };
     let outcome = |reply| match reply {
         Reply::Outcome(outcome) => outcome,

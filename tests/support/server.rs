@@ -195,3 +195,35 @@ pub fn now_ms() -> i64 {
     use std::time::{SystemTime, UNIX_EPOCH};
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
 }
+
+/// A user with a device that signs inherent IDs, as a phone would, for the server tests.
+pub struct Payer {
+    /// The user.
+    pub user: settlegate_engine::UserKey,
+    /// The device's credential.
+    pub credential: settlegate_engine::DeviceCredential,
+    /// The last counter signed.
+    pub counter: u64,
+}
+
+impl Payer {
+    /// An inherent ID for `amount` JPY by credit card with `provider` at store terminal
+    /// `terminal`, signed now with the next counter.
+    pub fn sign(&mut self, amount: u64, provider: u32, terminal: &str) -> Vec<u8> {
+        self.counter += 1;
+        settlegate_engine::InherentId {
+            key_version: self.credential.key_version,
+            amount_minor: amount,
+            currency: super::jpy(),
+            means: settlegate_engine::MeansKind::CreditCard,
+            means_id: 0,
+            provider_code: provider,
+            card_idm: self.credential.card_idm,
+            user: self.user.clone(),
+            terminal_id: terminal.into(),
+            counter: self.counter,
+            timestamp_ms: now_ms(),
+        }
+        .sign(self.credential.device_key.expose())
+    }
+}
