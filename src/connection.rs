@@ -18,13 +18,12 @@ use settlegate_protocol::frame::{self, FrameError, FrameRef, FLAG_RESPONSE};
 use settlegate_protocol::messages::{opcode, DecodeError, Reply, Request, Response};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc, watch, OwnedSemaphorePermit, Semaphore};
-
-use crate::outbox::{self, Backlog, Outbox, Queued};
 use tokio::time::Instant;
 
 use crate::handler::{self, Context, PendingAuthorize};
 use crate::identity::{Identities, Identity};
 use crate::metrics::{BatchCounts, FrameErrorLabels};
+use crate::outbox::{self, Backlog, Outbox, Queued};
 
 /// Frames decoded from one read before they are handed on as a batch.
 const FRAMES_PER_BATCH_MAX: usize = 1024;
@@ -96,6 +95,7 @@ pub async fn serve<S>(
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let limits = shared.limits;
+    let unauthenticated_slot = unauthenticated_slot.filter(|_| identity.is_none());
     let (mut reader, writer) = tokio::io::split(stream);
     let writer: SharedWriter = Arc::new(tokio::sync::Mutex::new(Box::pin(writer)));
     let (out, queue) = Outbox::new(Arc::clone(&shared.replies), limits.replies);
@@ -111,11 +111,8 @@ pub async fn serve<S>(
         closed,
         subscriptions: 0,
         closing: false,
-        unauthenticated_slot: None,
+        unauthenticated_slot,
     };
-    if conn.identity.is_none() {
-        conn.unauthenticated_slot = unauthenticated_slot;
-    }
     let auth_deadline = Instant::now() + limits.auth_timeout;
     // A batch is admitted whole, so it can be no larger than the in-flight limit.
     let batch_max = FRAMES_PER_BATCH_MAX.min(limits.in_flight_max);
@@ -128,7 +125,8 @@ pub async fn serve<S>(
     // Set when the peer has taken no reply for the idle time: the close then waits no more.
     let mut stalled = false;
     loop {
-        let (frames, used, error) = decode_available(&buffer, batch_max, conn.identity.is_some());
+        let (frames, used, error, more) =
+            decode_available(&buffer, batch_max, conn.identity.is_some());
         buffer.drain(..used);
         if buffer.is_empty() {
             frame_deadline = None;
@@ -136,9 +134,6 @@ pub async fn serve<S>(
             // Frames were completed by the last read, so what is left began in it.
             frame_deadline = Some(last_read + limits.frame_read_timeout);
         }
-        // A full batch, or one cut short after an `AUTH`, may have left complete frames
-        // behind: they go before the next read.
-        let more = !frames.is_empty() && !buffer.is_empty();
         if !frames.is_empty() {
             let paused = Instant::now();
             conn.dispatch(frames).await;
@@ -154,7 +149,9 @@ pub async fn serve<S>(
         if conn.closing {
             break;
         }
-        if more && frame_complete(&buffer) {
+        if more {
+            // A full batch, or one cut short after an `AUTH`, left frames behind: they go
+            // before the next read.
             continue;
         }
         if conn.out.over() {
@@ -223,13 +220,14 @@ struct Incoming {
 
 /// Decodes every complete frame at the front of `buffer`, and each one's request straight from
 /// the buffer; returns them, the bytes used, and the framing error that stopped decoding, if
-/// any. Before authentication only `AUTH`, `PING` and `SERVER_INFO` bodies are parsed, and
-/// decoding stops after an `AUTH`, so that the frames behind it are read under its outcome.
+/// any, and whether decoding stopped with more frames to read (a batch of `max`). Before
+/// authentication only `AUTH`, `PING` and `SERVER_INFO` bodies are parsed, and decoding stops
+/// after an `AUTH`, so that the frames behind it are read under its outcome.
 fn decode_available(
     buffer: &[u8],
     max: usize,
     authenticated: bool,
-) -> (Vec<Incoming>, usize, Option<FrameError>) {
+) -> (Vec<Incoming>, usize, Option<FrameError>, bool) {
     let mut incoming = Vec::new();
     let mut used = 0;
     while incoming.len() < max {
@@ -242,19 +240,14 @@ fn decode_available(
                     request: decode_request(&frame, authenticated),
                 });
                 if !authenticated && frame.opcode == opcode::AUTH {
-                    break;
+                    return (incoming, used, None, used < buffer.len());
                 }
             }
-            Ok(None) => break,
-            Err(error) => return (incoming, used, Some(error)),
+            Ok(None) => return (incoming, used, None, false),
+            Err(error) => return (incoming, used, Some(error), false),
         }
     }
-    (incoming, used, None)
-}
-
-/// Whether `buffer` starts with a complete frame (or a framing error, which is just as final).
-fn frame_complete(buffer: &[u8]) -> bool {
-    !matches!(frame::decode_ref(buffer), Ok(None))
+    (incoming, used, None, used < buffer.len())
 }
 
 fn decode_request(frame: &FrameRef<'_>, authenticated: bool) -> Result<Request, Box<Response>> {

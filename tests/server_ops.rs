@@ -12,26 +12,6 @@ use settlegate_protocol::Client;
 use crate::support::server::*;
 use crate::support::*;
 
-async fn enroll(client: &Client, name: &str) -> Payer {
-    let user = UserKey::new(UserIdType::Mail, format!("{name}@example.com")).unwrap();
-    let request = Request::Enroll {
-        client_request_id: request_id(),
-        user: user.clone(),
-        password: PASSWORD.into(),
-        card_idm: fresh_idm(),
-    };
-    let Reply::Credential(credential) = client.call_ok(&request).await.unwrap() else { panic!() };
-    let card = Request::AddMeans {
-        client_request_id: request_id(),
-        user: user.clone(),
-        make_default: true,
-        means: MeansInput::CreditCard { pan: "5555555555554444".into() },
-    };
-    let Reply::MeansAdded(added) = client.call_ok(&card).await.unwrap() else { panic!() };
-    assert_eq!(added.last4.as_deref(), Some("4444"));
-    Payer { user, credential, counter: 0 }
-}
-
 #[tokio::test]
 async fn connection_level_operations_and_authentication() {
     let server = start().await;

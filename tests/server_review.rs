@@ -16,12 +16,6 @@ use tokio::net::TcpStream;
 use crate::support::server::*;
 use crate::support::*;
 
-/// A new user with a device, enrolled over the wire.
-async fn payer(client: &Client, name: &str) -> Payer {
-    let (user, credential) = enroll(client, name).await;
-    Payer { user, credential, counter: 0 }
-}
-
 /// A payment code of `amount` for `payer`, requested for store terminal `terminal`.
 async fn issue_code(payer: &mut Payer, client: &Client, amount: u64, terminal: &str) -> IssuedCode {
     let issue = Request::IssueCode {
@@ -109,25 +103,6 @@ fn seen(frame: &Frame) -> (u16, u16, u8, Vec<u8>) {
     (frame.opcode, frame.status, frame.flags, frame.body.clone())
 }
 
-async fn enroll(client: &Client, name: &str) -> (UserKey, settlegate_engine::DeviceCredential) {
-    let user = UserKey::new(UserIdType::Mail, format!("{name}@example.com")).unwrap();
-    let request = Request::Enroll {
-        client_request_id: request_id(),
-        user: user.clone(),
-        password: PASSWORD.into(),
-        card_idm: fresh_idm(),
-    };
-    let Reply::Credential(credential) = client.call_ok(&request).await.unwrap() else { panic!() };
-    let card = Request::AddMeans {
-        client_request_id: request_id(),
-        user: user.clone(),
-        make_default: true,
-        means: MeansInput::CreditCard { pan: "4111111111111111".into() },
-    };
-    client.call_ok(&card).await.unwrap();
-    (user, credential)
-}
-
 // ---- 7: operations that take a password do not tell who exists --------------------------
 
 /// Every password-taking request, for `user` with `password`.
@@ -166,7 +141,7 @@ async fn an_unknown_user_is_answered_as_a_wrong_password() {
     config.engine.login_failures_max = 100;
     let server = start_with(config).await;
     let admin = client(&server, ADMIN_KEY).await;
-    let (known, credential) = enroll(&admin, "review-login").await;
+    let Payer { user: known, credential, .. } = enroll(&admin, "review-login").await;
     let ghost = UserKey::new(UserIdType::Mail, "nobody-here@example.com").unwrap();
     let mut raw = Raw::connect(&server, ADMIN_KEY).await;
     let wrong = password_requests(&known, "wrong password", credential.card_idm);
@@ -200,7 +175,7 @@ async fn an_unknown_user_costs_the_work_of_a_wrong_password() {
     let server = start_with(config).await;
     let admin = client(&server, ADMIN_KEY).await;
     // IDs of the same length, so that their records are too.
-    let (known, _) = enroll(&admin, "known-user1").await;
+    let Payer { user: known, .. } = enroll(&admin, "known-user1").await;
     let ghost = UserKey::new(UserIdType::Mail, "ghost-user1@example.com").unwrap();
     assert_eq!(known.id().len(), ghost.id().len());
     let logged = || -> u64 {
@@ -385,7 +360,7 @@ async fn code_state_answers_only_for_the_identitys_own_terminals() {
     };
     let server = start_with(config(0)).await;
     let admin = client(&server, ADMIN_KEY).await;
-    let mut payer = payer(&admin, "review-codes").await;
+    let mut payer = enroll(&admin, "review-codes").await;
     // Redeemed at another merchant's terminal (the issue's case).
     let theirs = issue_code(&mut payer, &admin, 3_000, "SHOP-B-1").await;
     admin.call_ok(&redeem(&theirs, 2_500, "SHOP-B-1")).await.unwrap();
@@ -464,7 +439,7 @@ async fn a_revoked_device_key_is_refused_at_once_and_after_a_restart() {
     };
     let server = start_with(config(0)).await;
     let admin = client(&server, ADMIN_KEY).await;
-    let mut payer = payer(&admin, "review-revoke").await;
+    let mut payer = enroll(&admin, "review-revoke").await;
     let pay = |payer: &mut Payer| Request::Authorize {
         client_request_id: request_id(),
         inherent_id: payer.sign(100, PROVIDER_OK, "SHOP-A-1"),
@@ -553,7 +528,7 @@ async fn a_retried_delivery_notice_notifies_once() {
     config.engine.durability.data_dir = Some(dir.path().to_owned());
     let server = start_with(config.clone()).await;
     let admin = client(&server, ADMIN_KEY).await;
-    let (user, credential) = enroll(&admin, "review-delivery").await;
+    let Payer { user, credential, .. } = enroll(&admin, "review-delivery").await;
     let subscribe = Request::SubscribeDevice {
         user: user.clone(),
         password: PASSWORD.into(),

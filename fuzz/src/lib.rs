@@ -15,19 +15,7 @@ pub fn response_opcodes() -> &'static [u16] {
 }
 
 /// Every status of `docs/PROTOCOL.md` section 4.
-pub const STATUSES: &[u16] = &[
-    status::OK,
-    status::REFUSED,
-    status::BUSY,
-    status::IN_FLIGHT,
-    status::UNAUTHENTICATED,
-    status::FORBIDDEN,
-    status::BAD_REQUEST,
-    status::UNKNOWN_OPCODE,
-    status::SHUTTING_DOWN,
-    status::INTERNAL,
-    status::FRAME_ERROR,
-];
+pub const STATUSES: &[u16] = status::ALL;
 
 /// Splits `data` into a value and the rest: the first byte indexes `table` (modulo its
 /// length), except 0xFF, which takes the next two bytes as the value itself (so that values

@@ -169,6 +169,21 @@ pub mod status {
     pub const INTERNAL: u16 = 9;
     /// Framing broken; the server closes.
     pub const FRAME_ERROR: u16 = 16;
+
+    /// Every status of `docs/PROTOCOL.md` section 4.
+    pub const ALL: &[u16] = &[
+        OK,
+        REFUSED,
+        BUSY,
+        IN_FLIGHT,
+        UNAUTHENTICATED,
+        FORBIDDEN,
+        BAD_REQUEST,
+        UNKNOWN_OPCODE,
+        SHUTTING_DOWN,
+        INTERNAL,
+        FRAME_ERROR,
+    ];
 }
 
 /// A request.

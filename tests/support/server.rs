@@ -227,3 +227,36 @@ impl Payer {
         .sign(self.credential.device_key.expose())
     }
 }
+
+/// A new user `name@example.com` with a device and a default card, enrolled over the wire.
+pub async fn enroll(client: &Client, name: &str) -> Payer {
+    let user = settlegate_engine::UserKey::new(
+        settlegate_engine::UserIdType::Mail,
+        format!("{name}@example.com"),
+    )
+    .unwrap();
+    let request = settlegate_protocol::messages::Request::Enroll {
+        client_request_id: super::request_id(),
+        user: user.clone(),
+        password: super::PASSWORD.into(),
+        card_idm: super::fresh_idm(),
+    };
+    let settlegate_protocol::messages::Reply::Credential(credential) =
+        client.call_ok(&request).await.unwrap()
+    else {
+        panic!()
+    };
+    let card = settlegate_protocol::messages::Request::AddMeans {
+        client_request_id: super::request_id(),
+        user: user.clone(),
+        make_default: true,
+        means: settlegate_engine::MeansInput::CreditCard { pan: "5555555555554444".into() },
+    };
+    let settlegate_protocol::messages::Reply::MeansAdded(added) =
+        client.call_ok(&card).await.unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(added.last4.as_deref(), Some("4444"));
+    Payer { user, credential, counter: 0 }
+}
