@@ -32,8 +32,8 @@ use crate::notices::{Notice, Notices};
 use crate::password::PasswordHasher;
 use crate::providers::{Registry, TerminalConfirmation, TerminalEntry};
 use crate::shard::state::{
-    Balance, CodeSpec, CodeState, Dispatch, IssuedCode, IssuedCoupon, MeansView, RedeemSpec,
-    Redemption, Shared, StateConfig,
+    terminal_policies, Balance, CodeSpec, CodeState, Dispatch, IssuedCode, IssuedCoupon, MeansView,
+    RedeemSpec, Redemption, Shared, StateConfig, TerminalContext,
 };
 use crate::shard::{Batch, Command, Envelope, Op, Query, Reply, ShardHandle, Sizes, Turn};
 use crate::startup::{build_registry, recover_shards, start_shards, stop_runtime, ActorRuntime};
@@ -434,16 +434,17 @@ impl Engine {
             .await
             .map_err(|_| EngineError::Stopped)?;
         let digest = digest_of(&("enroll", &request.user, request.card_idm));
+        let claim = self.claim_device(request.card_idm, &request.user);
         let command = Command::Enroll {
             user: request.user.clone(),
             password_phc,
             idm: request.card_idm,
             key: DeviceKey::random(),
+            device_free: Some(claim.won),
         };
-        let reply = self
-            .apply_for_user(&request.user, Some(request.client_request_id), digest, command)
-            .await?;
-        credential_from(reply, request.card_idm)
+        let reply =
+            self.apply_for_user(&request.user, Some(request.client_request_id), digest, command);
+        credential_from(claim.held_over(reply).await?, request.card_idm)
     }
 
     /// Provisions another device for a user, after checking their password.
@@ -456,13 +457,15 @@ impl Engine {
     ) -> Result<DeviceCredential, EngineError> {
         self.login(user, password).await?;
         let digest = digest_of(&("provision", user, card_idm));
+        let claim = self.claim_device(card_idm, user);
         let command = Command::ProvisionDevice {
             user: user.clone(),
             idm: card_idm,
             key: DeviceKey::random(),
+            device_free: Some(claim.won),
         };
-        let reply = self.apply_for_user(user, Some(client_request_id), digest, command).await?;
-        credential_from(reply, card_idm)
+        let reply = self.apply_for_user(user, Some(client_request_id), digest, command);
+        credential_from(claim.held_over(reply).await?, card_idm)
     }
 
     /// Replaces a device's key, after checking the user's password. The previous key stays
@@ -703,7 +706,10 @@ impl Engine {
         let owner_hash = cell_hash(store.cell());
         let digest = digest_of(&("store", format!("{store:?}")));
         let store_id = store.store_id.clone();
-        let command = Command::UpsertStore { store: Box::new(store) };
+        // Resolved here, from the directory all shards share, so that the store's shard reads
+        // nothing outside itself (two upserts racing for one signal can both pass, as before).
+        let signals_free = Some(self.inner.shared.stores.signals_free(&store));
+        let command = Command::UpsertStore { store: Box::new(store), signals_free };
         let envelope = Envelope {
             owner_hash,
             client_request_id: Some(client_request_id),
@@ -1003,7 +1009,8 @@ impl Engine {
         };
         let user = verified.record.user.clone();
         let digest = digest_of(&("code", verified.digest, &spec));
-        let command = Command::CodeReserve { verified, spec: Box::new(spec) };
+        let terminal = Some(Box::new(self.terminal_context(&verified, now_ms)));
+        let command = Command::CodeReserve { verified, spec: Box::new(spec), terminal };
         let reply =
             self.apply_for_user(&user, Some(request.client_request_id), digest, command).await?;
         let dispatch = match reply {
@@ -1099,12 +1106,13 @@ impl Engine {
             coupon,
             order_ref: request.order_ref,
         };
+        let policies = Some(terminal_policies(&self.inner.shared.registry, &spec.terminal_id));
         let envelope = Envelope {
             owner_hash: digest_of(&("code", code.number)),
             client_request_id: Some(request.client_request_id),
             digest: digest_of(&spec),
             now_ms: self.now_ms(),
-            command: Command::RedeemCode { spec: Box::new(spec) },
+            command: Command::RedeemCode { spec: Box::new(spec), policies },
         };
         match self.call(shard, Op::Apply(envelope)).await? {
             Reply::Redeemed(redemption) => Ok(*redemption),
@@ -1321,13 +1329,15 @@ impl Engine {
                         Some(basket) => digest_of(&(verified.digest, basket)),
                     };
                     let shard = self.shard_of(owner_hash);
+                    let terminal = Some(Box::new(self.terminal_context(&verified, now_ms)));
+                    let basket = basket.map(Box::new);
                     per_shard[shard].0.push(index);
                     per_shard[shard].1.push(Op::Apply(Envelope {
                         owner_hash,
                         client_request_id: Some(client_request_id),
                         digest,
                         now_ms,
-                        command: Command::AuthReserve { verified, basket: basket.map(Box::new) },
+                        command: Command::AuthReserve { verified, basket, terminal },
                     }));
                 }
             }
@@ -1481,6 +1491,23 @@ impl Engine {
 
     // ---- routing ------------------------------------------------------------------------
 
+    /// The store terminal of a verified request, from the registry (see [`TerminalContext`]).
+    fn terminal_context(&self, verified: &Verified, now_ms: i64) -> TerminalContext {
+        let record = &verified.record;
+        TerminalContext::resolve(
+            &self.inner.shared.registry,
+            record.provider_code,
+            &record.terminal_id,
+            now_ms,
+        )
+    }
+
+    /// Claims `idm` for a device of `user` about to be provisioned ([`DeviceIndex::claim`]).
+    fn claim_device(&self, idm: Idm, user: &UserKey) -> DeviceClaim<'_> {
+        let devices = &self.inner.shared.devices;
+        DeviceClaim { devices, idm, won: devices.claim(idm, user) }
+    }
+
     fn shard_of(&self, owner_hash: u64) -> usize {
         // Multiply-shift: uses the hash's high bits, which FxHash mixes best.
         ((owner_hash as u128 * self.inner.shards.len() as u128) >> 64) as usize
@@ -1606,6 +1633,29 @@ impl Engine {
         self.inner.shards[shard].addr.do_send(crate::shard::Stall(held, stalled));
         holding.recv().expect("the shard's actor runs");
         release
+    }
+}
+
+/// An IDm claimed for a device being provisioned, held until its command is applied.
+struct DeviceClaim<'a> {
+    devices: &'a DeviceIndex,
+    idm: Idm,
+    /// Whether the IDm was free (the command carries it).
+    won: bool,
+}
+
+impl DeviceClaim<'_> {
+    /// Awaits the command's reply, then releases the claim if it was won (by then the device
+    /// is in the index, or its provisioning was refused).
+    async fn held_over(
+        self,
+        reply: impl std::future::Future<Output = Result<Reply, EngineError>>,
+    ) -> Result<Reply, EngineError> {
+        let reply = reply.await;
+        if self.won {
+            self.devices.release(&self.idm);
+        }
+        reply
     }
 }
 

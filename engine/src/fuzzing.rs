@@ -56,10 +56,11 @@ fn refusal(error: StorageError) -> Refusal {
 pub fn read_log(bytes: &[u8]) -> Result<LogRead, Refusal> {
     let log = wal::parse_log(Path::new("fuzz.wal"), bytes, 0, 1).map_err(refusal)?;
     let vault = Vault::new(&VAULT_KEY);
+    let age = crate::age::AgeRules::new(crate::age::AgeConfig::default()).expect("default");
     for record in &log.records {
         // A record may pass its checksum and decode yet name no command (a newer writer's):
         // recovery refuses that; here it only must not panic.
-        let _ = record.to_envelope(&vault);
+        let _ = record.to_envelope(&vault, &age);
     }
     Ok(LogRead {
         records: log.records.len(),

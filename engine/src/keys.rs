@@ -162,6 +162,9 @@ struct DeviceEntry {
 pub struct DeviceIndex {
     /// Boxed: an entry holds two HMAC states, and a growing table moves only the pointers.
     devices: SharedMap<Idm, Box<DeviceEntry>>,
+    /// IDms claimed for a device being provisioned, not yet in `devices`
+    /// ([`DeviceIndex::claim`]).
+    claims: SharedMap<Idm, UserKey>,
     /// Opens keys loaded sealed from a snapshot.
     vault: Arc<Vault>,
 }
@@ -179,23 +182,46 @@ pub struct Verified {
 impl DeviceIndex {
     /// An empty index; `vault` opens the keys that snapshots carry.
     pub fn new(vault: Arc<Vault>) -> DeviceIndex {
-        DeviceIndex { devices: SharedMap::default(), vault }
+        DeviceIndex { devices: SharedMap::default(), claims: SharedMap::default(), vault }
     }
 
-    /// Installs the first key of a device (applied by the owning user's shard). Returns false,
-    /// changing nothing, if the IDm is provisioned already (atomically: two shards racing for
-    /// one IDm cannot both win).
-    pub(crate) fn provision(&self, idm: Idm, user: UserKey, version: u16, key: &DeviceKey) -> bool {
-        match self.devices.entry(idm) {
+    /// Claims `idm` for a device of `user` about to be provisioned: true if no device has it
+    /// and no other provisioning holds it (atomically: two shards racing for one IDm cannot
+    /// both win). The claim's outcome goes into the command, so the shard applying it reads
+    /// nothing outside itself; the caller [`release`](Self::release)s a claim it won once the
+    /// command is applied, whatever its outcome.
+    pub(crate) fn claim(&self, idm: Idm, user: &UserKey) -> bool {
+        if self.devices.contains_key(&idm) {
+            return false;
+        }
+        match self.claims.entry(idm) {
             dashmap::Entry::Occupied(_) => false,
             dashmap::Entry::Vacant(vacant) => {
-                vacant.insert(Box::new(DeviceEntry {
-                    user,
-                    current: KeySlot::new(version, key),
-                    previous: None,
-                }));
+                vacant.insert(user.clone());
+                // Provisioned between the check above and the claim: not free.
+                if self.devices.contains_key(&idm) {
+                    self.claims.remove(&idm);
+                    return false;
+                }
                 true
             }
+        }
+    }
+
+    /// Ends a claim won by [`claim`](Self::claim).
+    pub(crate) fn release(&self, idm: &Idm) {
+        self.claims.remove(idm);
+    }
+
+    /// Installs the first key of a device (applied by the owning user's shard, once the IDm
+    /// was claimed for it). An IDm provisioned already is left as it is.
+    pub(crate) fn provision(&self, idm: Idm, user: UserKey, version: u16, key: &DeviceKey) {
+        if let dashmap::Entry::Vacant(vacant) = self.devices.entry(idm) {
+            vacant.insert(Box::new(DeviceEntry {
+                user,
+                current: KeySlot::new(version, key),
+                previous: None,
+            }));
         }
     }
 

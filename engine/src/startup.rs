@@ -8,6 +8,7 @@ use actix::{Arbiter, System};
 use settlegate_adapters::Guarded;
 use tokio::sync::oneshot;
 
+use crate::age::AgeRules;
 use crate::config::EngineConfig;
 use crate::error::EngineError;
 use crate::providers::{Provider, Registry};
@@ -207,9 +208,9 @@ fn load_shard(
     let log_path = wal::shard_log_path(dir, index);
     // The log is read (and checked) on its own thread while the snapshot loads: for a shard
     // whose log is long, the two together take as long as the longer one.
-    let vault = Arc::clone(&state.shared.vault);
+    let (vault, age) = (Arc::clone(&state.shared.vault), Arc::clone(&state.shared.age));
     let (snapshot, restored, log) = std::thread::scope(|scope| {
-        let log_reader = scope.spawn(|| read_commands(&log_path, index, count, &vault));
+        let log_reader = scope.spawn(|| read_commands(&log_path, index, count, &vault, &age));
         let snapshot = snapshot::read(&snapshot_path, index, count).map_err(storage);
         let restored = match &snapshot {
             Ok(Some((_, snap))) => restore(snap, state, &snapshot_path),
@@ -258,6 +259,7 @@ fn read_commands(
     index: usize,
     count: usize,
     vault: &Vault,
+    age: &AgeRules,
 ) -> Result<(wal::ReadLog, Vec<Envelope>), EngineError> {
     let mut log =
         wal::read_log(path, index, count).map_err(|e| EngineError::Storage(e.to_string()))?;
@@ -267,7 +269,7 @@ fn read_commands(
         .enumerate()
         .map(|(i, record)| {
             record
-                .to_envelope(vault)
+                .to_envelope(vault, age)
                 .map_err(|e| EngineError::Storage(format!("{}: record {i}: {e}", path.display())))
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -282,20 +284,32 @@ fn restore(
     snap.restore(state).map_err(|e| EngineError::Storage(format!("{}: {e}", path.display())))
 }
 
-/// Applies every shard's commands, each shard in its own order, shards interleaved by the
-/// commands' timestamps so cross-shard effects (a device IDm claimed first) replay as they
-/// happened. Returns the number of commands applied.
+/// Applies every shard's commands. A command of format version 7 or later carries all it
+/// reads outside its shard, so each shard replays its own log on a thread of its own, in
+/// parallel. Records older than that lack some of it (whether an IDm or a store's signals were
+/// free, a store terminal's registry entry); while any log holds one, the shards replay on one
+/// thread, interleaved by the commands' timestamps so that cross-shard effects (a device IDm
+/// claimed first) replay as they happened, and what such a command lacks is resolved from the
+/// registries just before it is applied. Returns the number of commands applied.
 fn replay(states: &mut [ShardState], logs: Vec<Vec<Envelope>>) -> usize {
+    let applied = logs.iter().map(Vec::len).sum();
+    if logs.iter().flatten().all(|envelope| envelope.command.is_resolved()) {
+        std::thread::scope(|scope| {
+            for (state, log) in states.iter_mut().zip(logs) {
+                scope.spawn(move || log.into_iter().for_each(|envelope| _ = state.apply(envelope)));
+            }
+        });
+        return applied;
+    }
     let mut logs: Vec<_> = logs.into_iter().map(|log| log.into_iter().peekable()).collect();
-    let mut applied = 0;
     loop {
         let next = (0..logs.len())
             .filter_map(|i| logs[i].peek().map(|envelope| (envelope.now_ms, i)))
             .min();
         let Some((_, shard)) = next else { return applied };
-        let envelope = logs[shard].next().expect("peeked");
+        let mut envelope = logs[shard].next().expect("peeked");
+        envelope.command.resolve(&states[shard].shared, envelope.now_ms);
         states[shard].apply(envelope);
-        applied += 1;
     }
 }
 

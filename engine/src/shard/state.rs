@@ -9,7 +9,9 @@ use settlegate_adapters::{AdapterError, AuthorizationRequest, DeclineReason, Pro
 
 use super::idempotency::{Completes, IdemKey, IdemState, Idempotency, Seen};
 use super::replay::ReplayWindow;
-use crate::age::{self, AgePolicy, AgeRecord, AgeRegistration, AgeRules, AgeVerdict, Basket};
+use crate::age::{
+    self, AgePolicy, AgeRecord, AgeRegistration, AgeRules, AgeVerdict, Basket, ResolvedPolicy,
+};
 use crate::codes::{issue_number, CodeKey, CodeKind, CodePayload, CouponEffect};
 use crate::cow::{CowMap, CHUNK_BITS_LARGE, CHUNK_BITS_SMALL};
 use crate::geo::{Candidate, Store, StoreDirectory, StoreIndex};
@@ -20,8 +22,8 @@ use crate::limits::{
 };
 use crate::providers::{Registry, TerminalEntry};
 use crate::types::{
-    Approval, AuthCode, AuthOutcome, CardToken, ClientRequestId, Currency, Idm, MeansKind,
-    ReasonCode, UserKey,
+    Approval, AuthCode, AuthOutcome, CardToken, ClientRequestId, Currency, Discount, Idm,
+    MeansKind, ReasonCode, UserKey,
 };
 use crate::vault::{SealedNumber, Vault};
 
@@ -469,19 +471,68 @@ pub(crate) struct RedeemSpec {
     pub(crate) order_ref: String,
 }
 
+/// What a payment needs to know of its store terminal, which lives in the registry of
+/// another shard's provider: resolved by the engine before submission and carried in the
+/// command and its log record, so that applying the command reads nothing outside its shard.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct TerminalContext {
+    /// Whether the provider is configured.
+    pub(crate) provider_known: bool,
+    /// The terminal's own age policy (else the provider's or the default, from the config).
+    pub(crate) policy: Option<ResolvedPolicy>,
+    /// The discount of the terminal's service active when the command was made.
+    pub(crate) discount: Option<Discount>,
+}
+
+impl TerminalContext {
+    /// `terminal_id` of `provider_code` in `registry` at `now_ms`.
+    pub(crate) fn resolve(
+        registry: &Registry,
+        provider_code: u32,
+        terminal_id: &str,
+        now_ms: i64,
+    ) -> TerminalContext {
+        let Some(provider) = registry.provider(provider_code) else {
+            return TerminalContext::default();
+        };
+        TerminalContext {
+            provider_known: true,
+            policy: provider.age_policy(terminal_id),
+            discount: provider.active_service(terminal_id, now_ms).map(|s| s.discount),
+        }
+    }
+}
+
+/// The own age policies of `terminal_id` under every provider that set one.
+pub(crate) fn terminal_policies(
+    registry: &Registry,
+    terminal_id: &str,
+) -> Vec<(u32, ResolvedPolicy)> {
+    registry
+        .codes()
+        .into_iter()
+        .filter_map(|code| Some((code, registry.provider(code)?.age_policy(terminal_id)?)))
+        .collect()
+}
+
 /// A state change. Applied only by the shard that owns it.
 #[derive(Debug, Clone)]
 pub(crate) enum Command {
+    /// `device_free`: whether the engine's claim of the IDm succeeded before submission
+    /// ([`DeviceIndex::claim`]); none only in a record older than format version 7.
     Enroll {
         user: UserKey,
         password_phc: String,
         idm: Idm,
         key: DeviceKey,
+        device_free: Option<bool>,
     },
+    /// As [`Command::Enroll`]'s `device_free`.
     ProvisionDevice {
         user: UserKey,
         idm: Idm,
         key: DeviceKey,
+        device_free: Option<bool>,
     },
     RotateDeviceKey {
         user: UserKey,
@@ -511,6 +562,8 @@ pub(crate) enum Command {
     AuthReserve {
         verified: Verified,
         basket: Option<Box<Basket>>,
+        /// The store terminal, as the registry had it when the command was made.
+        terminal: Option<Box<TerminalContext>>,
     },
     /// A provider's answer to the payment whose record is `key`'s with `digest` (none: read
     /// from a log older than format version 6, which names the key alone).
@@ -533,9 +586,12 @@ pub(crate) enum Command {
         terminal_id: String,
         policy: Option<AgePolicy>,
     },
-    /// W1: adds or replaces a store in the shard owning its cell.
+    /// W1: adds or replaces a store in the shard owning its cell. `signals_free`: whether
+    /// the store directory had its beacons, Wi-Fi and QR poster free (or the store's own) when
+    /// the command was made; none only in a record older than format version 7.
     UpsertStore {
         store: Box<Store>,
+        signals_free: Option<bool>,
     },
     /// Loads a stored-value means.
     TopUp {
@@ -548,6 +604,8 @@ pub(crate) enum Command {
     CodeReserve {
         verified: Verified,
         spec: Box<CodeSpec>,
+        /// As [`Command::AuthReserve`]'s.
+        terminal: Option<Box<TerminalContext>>,
     },
     /// C2: the provider's answer to a payment-code request: issue the code, or release.
     CodeComplete {
@@ -564,6 +622,10 @@ pub(crate) enum Command {
     /// C3: a POS redeems a code.
     RedeemCode {
         spec: Box<RedeemSpec>,
+        /// The redeeming terminal's own age policies, by provider, as the registry had them
+        /// when the command was made (the code's provider is known only here); none only in a
+        /// record older than format version 7.
+        policies: Option<Vec<(u32, ResolvedPolicy)>>,
     },
     /// Releases the holds of codes expired unused.
     SweepCodes,
@@ -594,6 +656,54 @@ pub(crate) enum Command {
         provider_code: u32,
         terminal_ids: Vec<String>,
     },
+}
+
+impl Command {
+    /// Whether the command carries everything applying it reads outside its shard: always,
+    /// but for a command read from a log older than format version 7.
+    pub(crate) fn is_resolved(&self) -> bool {
+        match self {
+            Command::Enroll { device_free, .. } | Command::ProvisionDevice { device_free, .. } => {
+                device_free.is_some()
+            }
+            Command::UpsertStore { signals_free, .. } => signals_free.is_some(),
+            Command::AuthReserve { terminal, .. } | Command::CodeReserve { terminal, .. } => {
+                terminal.is_some()
+            }
+            Command::RedeemCode { policies, .. } => policies.is_some(),
+            _ => true,
+        }
+    }
+
+    /// Fills in what a command read from a log older than format version 7 lacks, from the
+    /// registries as they stand (`now_ms`: the command's time), as the engine does before it
+    /// submits a command. Recovery calls it with the shards replaying in time order.
+    pub(crate) fn resolve(&mut self, shared: &Shared, now_ms: i64) {
+        match self {
+            Command::Enroll { idm, device_free: free @ None, .. }
+            | Command::ProvisionDevice { idm, device_free: free @ None, .. } => {
+                *free = Some(!shared.devices.contains(idm));
+            }
+            Command::UpsertStore { store, signals_free: free @ None } => {
+                *free = Some(shared.stores.signals_free(store));
+            }
+            Command::AuthReserve { verified, terminal: terminal @ None, .. }
+            | Command::CodeReserve { verified, terminal: terminal @ None, .. } => {
+                let record = &verified.record;
+                let context = TerminalContext::resolve(
+                    &shared.registry,
+                    record.provider_code,
+                    &record.terminal_id,
+                    now_ms,
+                );
+                *terminal = Some(Box::new(context));
+            }
+            Command::RedeemCode { spec, policies: policies @ None } => {
+                *policies = Some(terminal_policies(&shared.registry, &spec.terminal_id));
+            }
+            _ => {}
+        }
+    }
 }
 
 /// A command with its routing, idempotency and time context.
@@ -796,11 +906,11 @@ impl ShardState {
     /// Applies `command`, for the idempotency record `key` of a request with `digest`.
     fn execute(&mut self, command: Command, now_ms: i64, key: IdemKey, digest: u64) -> Reply {
         match command {
-            Command::Enroll { user, password_phc, idm, key: device_key } => {
-                self.enroll(user, password_phc, idm, device_key)
+            Command::Enroll { user, password_phc, idm, key: device_key, device_free } => {
+                self.enroll(user, password_phc, idm, device_key, device_free == Some(true))
             }
-            Command::ProvisionDevice { user, idm, key: device_key } => {
-                self.provision_device(user, idm, device_key)
+            Command::ProvisionDevice { user, idm, key: device_key, device_free } => {
+                self.provision_device(user, idm, device_key, device_free == Some(true))
             }
             Command::RotateDeviceKey { user, idm, key: device_key } => {
                 let grace_until_ms = now_ms.saturating_add(self.config.key_grace_ms);
@@ -817,8 +927,9 @@ impl ShardState {
             }
             Command::SetDefaultMeans { user, means_id } => self.set_default_means(&user, means_id),
             Command::LoginAttempt { user, success } => self.login_attempt(&user, success, now_ms),
-            Command::AuthReserve { verified, basket } => {
-                self.auth_reserve(verified, basket.as_deref(), now_ms, (key, digest))
+            Command::AuthReserve { verified, basket, terminal } => {
+                let terminal = terminal.unwrap_or_default();
+                self.auth_reserve(verified, basket.as_deref(), &terminal, now_ms, (key, digest))
             }
             Command::AuthComplete { key, digest, user, means_id, outcome, verdict } => {
                 self.auth_complete(key, digest, &user, means_id, outcome, verdict, now_ms)
@@ -827,9 +938,12 @@ impl ShardState {
             Command::SetAgePolicy { provider_code, terminal_id, policy } => {
                 self.set_age_policy(provider_code, &terminal_id, policy.as_ref())
             }
-            Command::UpsertStore { store } => self.upsert_store(*store, now_ms),
-            Command::CodeReserve { verified, spec } => {
-                self.code_reserve(verified, spec, now_ms, (key, digest))
+            Command::UpsertStore { store, signals_free } => {
+                self.upsert_store(*store, signals_free == Some(true), now_ms)
+            }
+            Command::CodeReserve { verified, spec, terminal } => {
+                let terminal = terminal.unwrap_or_default();
+                self.code_reserve(verified, spec, &terminal, now_ms, (key, digest))
             }
             Command::CodeComplete { key, digest, user, means_id, outcome, spec, terminal_id } => {
                 self.code_complete(
@@ -843,7 +957,9 @@ impl ShardState {
                     now_ms,
                 )
             }
-            Command::RedeemCode { spec } => self.redeem_code(&spec, now_ms),
+            Command::RedeemCode { spec, policies } => {
+                self.redeem_code(&spec, &policies.unwrap_or_default(), now_ms)
+            }
             Command::SweepCodes => Reply::Swept(self.sweep_codes(now_ms)),
             Command::NotifyDelivery { user, devices } => {
                 if self.users.contains_key(&user) {
@@ -881,13 +997,21 @@ impl ShardState {
         }
     }
 
-    fn enroll(&mut self, user: UserKey, password_phc: String, idm: Idm, key: DeviceKey) -> Reply {
+    fn enroll(
+        &mut self,
+        user: UserKey,
+        password_phc: String,
+        idm: Idm,
+        key: DeviceKey,
+        device_free: bool,
+    ) -> Reply {
         if self.users.contains_key(&user) {
             return Reply::Refused(ReasonCode::UserExists);
         }
-        if !self.shared.devices.provision(idm, user.clone(), 1, &key) {
+        if !device_free {
             return Reply::Refused(ReasonCode::DeviceInUse);
         }
+        self.shared.devices.provision(idm, user.clone(), 1, &key);
         let sealed = SealedKeys::first(&self.shared.vault, &idm, &key);
         let account = User {
             password_phc,
@@ -902,16 +1026,23 @@ impl ShardState {
         Reply::KeyIssued { key_version: 1, key }
     }
 
-    fn provision_device(&mut self, user: UserKey, idm: Idm, key: DeviceKey) -> Reply {
+    fn provision_device(
+        &mut self,
+        user: UserKey,
+        idm: Idm,
+        key: DeviceKey,
+        device_free: bool,
+    ) -> Reply {
         let Some(account) = self.users.get_mut(&user).map(Arc::make_mut) else {
             return Reply::Refused(ReasonCode::UnknownUser);
         };
         if account.devices.len() >= DEVICES_PER_USER_MAX {
             return Reply::Refused(ReasonCode::TooManyDevices);
         }
-        if !self.shared.devices.provision(idm, user, 1, &key) {
+        if !device_free {
             return Reply::Refused(ReasonCode::DeviceInUse);
         }
+        self.shared.devices.provision(idm, user, 1, &key);
         let sealed = SealedKeys::first(&self.shared.vault, &idm, &key);
         account.devices.push(Device {
             idm,
@@ -1019,6 +1150,7 @@ impl ShardState {
         &mut self,
         verified: Verified,
         basket: Option<&Basket>,
+        terminal: &TerminalContext,
         now_ms: i64,
         (key, digest): (IdemKey, u64),
     ) -> Reply {
@@ -1052,11 +1184,10 @@ impl ShardState {
         if means.kind != record.means {
             return declined(ReasonCode::MeansMismatch);
         }
-        let Some(provider) = self.shared.registry.provider(record.provider_code) else {
+        if !terminal.provider_known {
             return declined(ReasonCode::UnknownProvider);
-        };
-        let terminal_policy = provider.age_policy(&record.terminal_id);
-        let policy = self.shared.age.policy_for(record.provider_code, terminal_policy.as_ref());
+        }
+        let policy = self.shared.age.policy_for(record.provider_code, terminal.policy.as_ref());
         let (amount_minor, verdict) = match basket {
             // A strict store checks item categories itself: a payment without items would
             // bypass that, so it must carry a basket.
@@ -1082,9 +1213,9 @@ impl ShardState {
                 (decision.verdict.amount_minor, Some(Box::new(decision.verdict)))
             }
         };
-        let discount_minor = provider
-            .active_service(&record.terminal_id, now_ms)
-            .map_or(0, |service| service.discount.discount_minor(amount_minor, record.currency));
+        let discount_minor = terminal
+            .discount
+            .map_or(0, |discount| discount.discount_minor(amount_minor, record.currency));
         assert!(discount_minor <= amount_minor, "discount above amount");
         let kind = means.kind;
         let card_token = means.number.as_ref().map(|n| n.token);
@@ -1267,6 +1398,7 @@ impl ShardState {
         &mut self,
         verified: Verified,
         mut spec: Box<CodeSpec>,
+        terminal: &TerminalContext,
         now_ms: i64,
         idem_record: (IdemKey, u64),
     ) -> Reply {
@@ -1282,7 +1414,7 @@ impl ShardState {
             }
         }
         spec.deliver_to = Some(spec.deliver_to.unwrap_or(requesting));
-        match self.auth_reserve(verified, None, now_ms, idem_record) {
+        match self.auth_reserve(verified, None, terminal, now_ms, idem_record) {
             Reply::Dispatch(mut dispatch) => {
                 dispatch.code = Some(spec);
                 Reply::Dispatch(dispatch)
@@ -1378,7 +1510,12 @@ impl ShardState {
 
     /// C3: redeems a code at most once: checks it, applies a coupon, captures the sale (at most
     /// the authorized amount), releases the rest, debits a purse and records the remittance.
-    fn redeem_code(&mut self, spec: &RedeemSpec, now_ms: i64) -> Reply {
+    fn redeem_code(
+        &mut self,
+        spec: &RedeemSpec,
+        policies: &[(u32, ResolvedPolicy)],
+        now_ms: i64,
+    ) -> Reply {
         let refuse = |reason| Reply::Refused(reason);
         let Some(record) = self.codes.get(&spec.number) else {
             return refuse(ReasonCode::UnknownCode);
@@ -1396,7 +1533,9 @@ impl ShardState {
         if spec.currency != record.currency || !order_ok {
             return refuse(ReasonCode::CodeMismatch);
         }
-        let (sale_minor, items) = match self.age_check_sale(spec, record, now_ms) {
+        let terminal_policy =
+            policies.iter().find(|(code, _)| *code == record.provider_code).map(|(_, p)| p);
+        let (sale_minor, items) = match self.age_check_sale(spec, record, terminal_policy, now_ms) {
             Ok(sale) => sale,
             Err(reason) => return refuse(reason),
         };
@@ -1460,11 +1599,10 @@ impl ShardState {
         &self,
         spec: &RedeemSpec,
         code: &CodeRecord,
+        terminal_policy: Option<&ResolvedPolicy>,
         now_ms: i64,
     ) -> Result<(u64, Vec<SaleLine>), ReasonCode> {
-        let provider = self.shared.registry.provider(code.provider_code);
-        let terminal_policy = provider.and_then(|p| p.age_policy(&spec.terminal_id));
-        let policy = self.shared.age.policy_for(code.provider_code, terminal_policy.as_ref());
+        let policy = self.shared.age.policy_for(code.provider_code, terminal_policy);
         let Some(basket) = &spec.basket else {
             if policy.policy.strict {
                 return Err(ReasonCode::BasketMismatch);
@@ -1551,11 +1689,11 @@ impl ShardState {
         Reply::CouponIssued(Box::new(IssuedCoupon { text, number, user, effect, uses, expires_ms }))
     }
 
-    fn upsert_store(&mut self, store: Store, now_ms: i64) -> Reply {
+    fn upsert_store(&mut self, store: Store, signals_free: bool, now_ms: i64) -> Reply {
         if self.stores.get(&store.store_id).is_none() && self.stores.len() >= STORES_PER_SHARD_MAX {
             return Reply::Refused(ReasonCode::TooManyStores);
         }
-        if !self.shared.stores.signals_free(&store) {
+        if !signals_free {
             return Reply::Refused(ReasonCode::StoreIdInUse);
         }
         self.shared.stores.set(&store, now_ms);

@@ -49,8 +49,11 @@ use record::LogEnvelope;
 /// store terminal a payment code was requested for, the records of a device's keys revoked at
 /// once and of a delivery notice (and its answer in the snapshot's idempotency records), and
 /// the completion that names its idempotency record by key and digest (and a snapshot's purse
-/// holds keep that digest). Older files are still read.
-pub const FORMAT_VERSION: u16 = 6;
+/// holds keep that digest), version 7 the records of commands that carry what applying them
+/// once read outside their shard (an IDm or a store's signals free, a store terminal's
+/// registry entry), so that each shard replays from its own log alone. Older files are still
+/// read.
+pub const FORMAT_VERSION: u16 = 7;
 const MAGIC: [u8; 8] = *b"SGWAL\0\0\0";
 const FILE_HEADER_LEN: usize = 24;
 const RECORD_HEADER_LEN: usize = 8;
