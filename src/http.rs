@@ -1,6 +1,7 @@
 //! The HTTP port: `/metrics` (Prometheus text), `/healthz` (the process is up), `/readyz`
 //! (the engine accepts work; 503 while starting or shutting down, or while any shard is
-//! down).
+//! down), `/digests` (each shard's state digest, to compare copies of a shard: see
+//! `settlegate replay-shard`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -39,6 +40,7 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
+        .route("/digests", get(digests))
         .with_state(state);
     let stop = async move {
         let _ = shutdown.wait_for(|stopping| *stopping).await;
@@ -67,4 +69,22 @@ async fn ready(State(state): State<Arc<HttpState>>) -> impl IntoResponse {
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: shards down {down:?}\n"))
     }
+}
+
+/// Each shard's state digest, as JSON: `{"digests":[{"shard":0,"digest":"<16 hex digits>"},
+/// ...]}` (`null` for a shard that stopped). Taken in each shard's turn.
+async fn digests(State(state): State<Arc<HttpState>>) -> impl IntoResponse {
+    let digests = state.metrics.ctx.engine.shard_digests().await;
+    let entries: Vec<String> = digests
+        .iter()
+        .enumerate()
+        .map(|(shard, digest)| match digest {
+            Some(digest) => format!("{{\"shard\":{shard},\"digest\":\"{digest:016x}\"}}"),
+            None => format!("{{\"shard\":{shard},\"digest\":null}}"),
+        })
+        .collect();
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        format!("{{\"digests\":[{}]}}\n", entries.join(",")),
+    )
 }

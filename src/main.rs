@@ -34,6 +34,16 @@ enum Command {
     },
     /// Print the embedded default config.
     DefaultConfig,
+    /// Rebuild one shard of a data directory from its own snapshot and log alone, writing
+    /// nothing, and print its state digest as JSON (compare with the server's `/digests`).
+    ReplayShard {
+        /// TOML config file naming the data directory (`engine.durability.data_dir`).
+        #[arg(long)]
+        config: PathBuf,
+        /// The shard's index.
+        #[arg(long)]
+        shard: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -44,6 +54,15 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve { config } => serve(config),
+        Command::ReplayShard { config, shard } => {
+            let (config, _) = load(&Some(config))?;
+            let replay = settlegate_engine::replay_shard(&config.engine, shard)?;
+            println!(
+                "{{\"shard\":{},\"records\":{},\"digest\":\"{:016x}\"}}",
+                replay.shard, replay.records, replay.digest
+            );
+            Ok(())
+        }
     }
 }
 
@@ -86,7 +105,7 @@ fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
         let scheme = if server.tls { "tls" } else { "tcp" };
         println!("settlegate {} ({source})", env!("CARGO_PKG_VERSION"));
         println!("  protocol  {scheme}://{}", server.addr);
-        println!("  http      http://{}/metrics /healthz /readyz", server.http_addr);
+        println!("  http      http://{}/metrics /healthz /readyz /digests", server.http_addr);
         println!("  shards    {} (connection threads: {io_threads})", server.engine.shard_count());
         println!("  providers {:?}", server.engine.registry().codes());
         let durability = &server.engine.config().durability;

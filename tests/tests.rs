@@ -18,4 +18,5 @@ mod server_hardening;
 mod server_lifecycle;
 mod server_malformed;
 mod server_ops;
+mod server_replay;
 mod server_review;

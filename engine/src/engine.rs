@@ -35,7 +35,7 @@ use crate::shard::state::{
     terminal_policies, Balance, CodeSpec, CodeState, Dispatch, IssuedCode, IssuedCoupon, MeansView,
     RedeemSpec, Redemption, Shared, StateConfig, TerminalContext,
 };
-use crate::shard::{Batch, Command, Envelope, Op, Query, Reply, ShardHandle, Sizes, Turn};
+use crate::shard::{Batch, Command, Digest, Envelope, Op, Query, Reply, ShardHandle, Sizes, Turn};
 use crate::startup::{build_registry, recover_shards, start_shards, stop_runtime, ActorRuntime};
 use crate::types::{AuthOutcome, ClientRequestId, Currency, Idm, ReasonCode, UserKey};
 use crate::vault::Vault;
@@ -324,45 +324,7 @@ impl Engine {
         clock: Arc<dyn Clock>,
         adapters: Vec<(u32, Arc<dyn settlegate_adapters::ProviderAdapter>)>,
     ) -> Result<Engine, EngineError> {
-        config.validate().map_err(EngineError::Config)?;
-        let vault_key = match config.vault_key().map_err(EngineError::Config)? {
-            Some(key) => key,
-            None if config.durability.data_dir.is_some() => {
-                return Err(EngineError::Config(
-                    "a data directory needs a lasting vault key (set SETTLEGATE_VAULT_KEY or \
-                     engine.vault.key_hex): what is logged is sealed with it"
-                        .into(),
-                ));
-            }
-            None => {
-                tracing::warn!(
-                    "no vault key configured: using an ephemeral key; sealed card numbers \
-                     will not survive a restart (set SETTLEGATE_VAULT_KEY)"
-                );
-                *DeviceKey::random().expose()
-            }
-        };
-        let hasher = PasswordHasher::new(config.password).map_err(EngineError::Config)?;
-        let vault = Arc::new(Vault::new(&vault_key));
-        let registry = Arc::new(build_registry(&config, &vault, adapters)?);
-        let shared = Shared {
-            devices: Arc::new(DeviceIndex::new(Arc::clone(&vault))),
-            vault,
-            registry,
-            age: Arc::new(AgeRules::new(config.age.clone()).map_err(EngineError::Config)?),
-            stores: Arc::new(StoreDirectory::default()),
-            codes: Arc::new(CodeKey::derive(&vault_key)),
-            code_issuer: config.code_issuer,
-            completions_dropped: Arc::default(),
-        };
-        let state_config = StateConfig {
-            timestamp_window_ms: config.timestamp_window_ms,
-            key_grace_ms: config.key_grace_ms,
-            login_failures_max: config.login_failures_max,
-            lockout_ms: config.lockout_ms,
-            idempotency_ttl_ms: config.idempotency_ttl_ms,
-            idempotency_records_max: config.idempotency_records_max,
-        };
+        let (shared, state_config, hasher) = prepare(&config, adapters)?;
         let prepared = recover_shards(&config, &shared, state_config, clock.now_ms())?;
         let (shards, runtime) = start_shards(&config, prepared)?;
         let dummy_phc = hasher.hash("settlegate-timing-equalizer");
@@ -1623,6 +1585,16 @@ impl Engine {
         sizes.into_iter().map(|s| s.unwrap_or((0, 0))).collect()
     }
 
+    /// Each shard's state digest, in shard order: a hash of everything the shard holds,
+    /// independent of the order its maps were filled in (`shard/digest.rs`). Two copies of a
+    /// shard with the same digest hold the same state; [`replay_shard`] computes it for a shard
+    /// rebuilt from its own log alone. Each is taken in its shard's turn, after the commands
+    /// applied before it. `None` for a shard that stopped.
+    pub async fn shard_digests(&self) -> Vec<Option<u64>> {
+        let digests = join_all(self.inner.shards.iter().map(|s| s.addr.send(Digest))).await;
+        digests.into_iter().map(|d| d.ok().flatten()).collect()
+    }
+
     /// Test hook: blocks the shard that owns `user` until the returned guard is dropped. It
     /// returns once the shard is blocked, so that every batch for it then goes to its mailbox.
     #[cfg(feature = "test-hooks")]
@@ -1657,6 +1629,77 @@ impl DeviceClaim<'_> {
         }
         reply
     }
+}
+
+/// Checks `config` and builds what the shards share (registry, indexes, vault) and the part of
+/// the config they apply.
+fn prepare(
+    config: &EngineConfig,
+    adapters: Vec<(u32, Arc<dyn settlegate_adapters::ProviderAdapter>)>,
+) -> Result<(Shared, StateConfig, PasswordHasher), EngineError> {
+    config.validate().map_err(EngineError::Config)?;
+    let vault_key = match config.vault_key().map_err(EngineError::Config)? {
+        Some(key) => key,
+        None if config.durability.data_dir.is_some() => {
+            return Err(EngineError::Config(
+                "a data directory needs a lasting vault key (set SETTLEGATE_VAULT_KEY or \
+                 engine.vault.key_hex): what is logged is sealed with it"
+                    .into(),
+            ));
+        }
+        None => {
+            tracing::warn!(
+                "no vault key configured: using an ephemeral key; sealed card numbers \
+                 will not survive a restart (set SETTLEGATE_VAULT_KEY)"
+            );
+            *DeviceKey::random().expose()
+        }
+    };
+    let vault = Arc::new(Vault::new(&vault_key));
+    let registry = Arc::new(build_registry(config, &vault, adapters)?);
+    let shared = Shared {
+        devices: Arc::new(DeviceIndex::new(Arc::clone(&vault))),
+        vault,
+        registry,
+        age: Arc::new(AgeRules::new(config.age.clone()).map_err(EngineError::Config)?),
+        stores: Arc::new(StoreDirectory::default()),
+        codes: Arc::new(CodeKey::derive(&vault_key)),
+        code_issuer: config.code_issuer,
+        completions_dropped: Arc::default(),
+    };
+    let state_config = StateConfig {
+        timestamp_window_ms: config.timestamp_window_ms,
+        key_grace_ms: config.key_grace_ms,
+        login_failures_max: config.login_failures_max,
+        lockout_ms: config.lockout_ms,
+        idempotency_ttl_ms: config.idempotency_ttl_ms,
+        idempotency_records_max: config.idempotency_records_max,
+    };
+    let hasher = PasswordHasher::new(config.password).map_err(EngineError::Config)?;
+    Ok((shared, state_config, hasher))
+}
+
+/// What [`replay_shard`] rebuilt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardReplay {
+    /// The shard's index.
+    pub shard: usize,
+    /// Records applied from its log (after its snapshot, if any).
+    pub records: usize,
+    /// Its state digest ([`Engine::shard_digests`]).
+    pub digest: u64,
+}
+
+/// Rebuilds shard `index` of the data directory in `config` from its own snapshot and log
+/// alone, in this process, with no other shard loaded and nothing written (a torn tail is
+/// skipped, not cut; stale files are left), and returns its digest: a replica rebuilding the
+/// shard from its log reaches the state of the shard that wrote it. A log older than format
+/// version 7 replays too, resolving what its records lack from the registries this shard alone
+/// fills, so its digest may then differ from the engine's.
+pub fn replay_shard(config: &EngineConfig, index: usize) -> Result<ShardReplay, EngineError> {
+    let (shared, state_config, _) = prepare(config, Vec::new())?;
+    let (state, records) = crate::startup::replay_one(config, &shared, state_config, index)?;
+    Ok(ShardReplay { shard: index, records, digest: state.digest() })
 }
 
 fn declined(reason: ReasonCode) -> BasketOutcome {

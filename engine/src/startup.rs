@@ -313,6 +313,34 @@ fn replay(states: &mut [ShardState], logs: Vec<Vec<Envelope>>) -> usize {
     }
 }
 
+/// Rebuilds shard `index` alone from its snapshot and log (see [`crate::replay_shard`]):
+/// nothing is written to the data directory. Returns the state and the records applied.
+pub(crate) fn replay_one(
+    config: &EngineConfig,
+    shared: &Shared,
+    state_config: StateConfig,
+    index: usize,
+) -> Result<(ShardState, usize), EngineError> {
+    let storage = |e: StorageError| EngineError::Storage(e.to_string());
+    let Some(dir) = &config.durability.data_dir else {
+        return Err(EngineError::Config(
+            "replaying a shard needs engine.durability.data_dir".into(),
+        ));
+    };
+    let count = config.shard_count_in_force().map_err(storage)?;
+    if index >= count {
+        return Err(EngineError::Config(format!(
+            "shard {index} does not exist: the data directory has {count} shards"
+        )));
+    }
+    let mut state = ShardState::new(index as u8, shared.clone(), state_config);
+    let loaded = load_shard(dir, index, count, &mut state)?;
+    let mut states = [state];
+    let applied = replay(&mut states, vec![loaded.envelopes]);
+    let [state] = states;
+    Ok((state, applied))
+}
+
 pub(crate) fn start_shards(
     config: &EngineConfig,
     prepared: Prepared,

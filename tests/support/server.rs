@@ -159,6 +159,16 @@ pub fn spawn_binary_logging(
     rust_log: &str,
     stderr: std::process::Stdio,
 ) -> (std::process::Child, std::net::SocketAddr) {
+    let (child, addr, _) = spawn_binary_serving(config, rust_log, stderr);
+    (child, addr)
+}
+
+/// Like [`spawn_binary_logging`], also returning the HTTP address the binary printed.
+pub fn spawn_binary_serving(
+    config: &std::path::Path,
+    rust_log: &str,
+    stderr: std::process::Stdio,
+) -> (std::process::Child, std::net::SocketAddr, std::net::SocketAddr) {
     use std::io::{BufRead, BufReader};
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_settlegate"))
         .args(["serve", "--config"])
@@ -169,15 +179,22 @@ pub fn spawn_binary_logging(
         .spawn()
         .expect("spawn settlegate");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("settlegate printed its address").unwrap();
-        if let Some(rest) = line.trim().strip_prefix("protocol") {
-            break rest.trim().split("://").nth(1).unwrap().parse().unwrap();
+    let (mut addr, mut http) = (None, None);
+    while addr.is_none() || http.is_none() {
+        let line = lines.next().expect("settlegate printed its addresses").unwrap();
+        let line = line.trim();
+        if let Some(rest) = line.strip_prefix("protocol") {
+            addr = Some(rest.trim().split("://").nth(1).unwrap().parse().unwrap());
         }
-    };
+        if let Some(rest) = line.strip_prefix("http") {
+            let url = rest.split_whitespace().next().unwrap();
+            let host = url.trim_start_matches("http://").split('/').next().unwrap();
+            http = Some(host.parse().unwrap());
+        }
+    }
     // Keep draining stdout so the child never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
-    (child, addr)
+    (child, addr.unwrap(), http.unwrap())
 }
 
 /// Decodes every complete frame in `bytes`.

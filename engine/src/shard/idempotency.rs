@@ -173,6 +173,11 @@ pub(crate) struct Entry {
 const REPLACED: i64 = i64::MIN;
 
 impl Entry {
+    /// The record's key.
+    pub(crate) fn key(&self) -> IdemKey {
+        self.key.unpack()
+    }
+
     /// The record's state.
     pub(crate) fn state(&self) -> Cow<'_, IdemState> {
         self.state.state()
@@ -570,7 +575,7 @@ impl Idempotency {
 
     /// The records in the ring (within the count limit), oldest first, but for those a later
     /// record of the same key replaced.
-    fn records(&self) -> impl Iterator<Item = &Entry> {
+    pub(crate) fn records(&self) -> impl Iterator<Item = &Entry> {
         oldest_first(self.ring.iter().map(CowCell::get), self.ring_pos(self.live_from_seq()))
     }
 

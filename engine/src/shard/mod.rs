@@ -16,6 +16,7 @@
 //! `do_send` (always queued) because dropping them would lose an outcome; they are bounded by
 //! the admitted work itself.
 
+mod digest;
 pub(crate) mod idempotency;
 pub(crate) mod replay;
 pub(crate) mod state;
@@ -351,6 +352,21 @@ impl Handler<Sizes> for Shard {
 
     fn handle(&mut self, _: Sizes, _ctx: &mut Context<Self>) -> Self::Result {
         MessageResult(self.with_core(|core| core.state.sizes()).unwrap_or((0, 0)))
+    }
+}
+
+/// A shard's state digest (`shard/digest.rs`); none once the shard stopped.
+pub(crate) struct Digest;
+
+impl Message for Digest {
+    type Result = Option<u64>;
+}
+
+impl Handler<Digest> for Shard {
+    type Result = MessageResult<Digest>;
+
+    fn handle(&mut self, _: Digest, _ctx: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.with_core(|core| core.state.digest()))
     }
 }
 
