@@ -48,7 +48,7 @@ impl ShardState {
             hash_of("index", self.index),
             unordered("user", self.users.iter()),
             unordered("age", self.ages.iter()),
-            unordered("store", self.stores.stores().map(|(store, updated_ms)| (store, updated_ms))),
+            unordered("store", self.stores.stores()),
             unordered("code", self.codes.iter()),
             unordered("coupon", self.coupons.iter()),
             hash_of("sequences", (self.code_seq, self.dispatch_seq)),
