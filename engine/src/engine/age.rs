@@ -1,0 +1,48 @@
+//! A1–A3 age: registrations of user terminals and store terminals' age policies.
+
+use super::*;
+
+impl Engine {
+    /// Registers a terminal's age information (A1): `record` is an [`AgeRecord`] signed by the
+    /// terminal's device key after the user passed biometric authentication on it. The tag is
+    /// checked in constant time; the owning shard checks the counter, the timestamp window
+    /// and the validity window, then keeps the registration (replacing an older one).
+    pub async fn register_age(
+        &self,
+        client_request_id: ClientRequestId,
+        record: &[u8],
+    ) -> Result<(), EngineError> {
+        let now_ms = self.now_ms();
+        let (decoded, body, tag) = AgeRecord::decode(record).map_err(EngineError::Refused)?;
+        self.inner
+            .shared
+            .devices
+            .verify_tag(&decoded.card_idm, &decoded.user, decoded.key_version, body, tag, now_ms)
+            .map_err(EngineError::Refused)?;
+        let digest = u64::from_be_bytes(tag[..8].try_into().expect("8"));
+        let user = decoded.user.clone();
+        let command = Command::RegisterAge { record: decoded, tag: *tag };
+        match self.apply_for_user(&user, Some(client_request_id), digest, command).await? {
+            Reply::Ok => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Sets a listed store terminal's own age policy (A2, A3); `None` clears it, so the
+    /// terminal follows its provider's policy, or the engine's default.
+    pub async fn set_age_policy(
+        &self,
+        client_request_id: ClientRequestId,
+        provider_code: u32,
+        terminal_id: &str,
+        policy: Option<AgePolicy>,
+    ) -> Result<(), EngineError> {
+        if let Some(policy) = &policy {
+            self.inner.shared.age.config.resolve(policy).map_err(EngineError::Refused)?;
+        }
+        let digest = digest_of(&("age-policy", provider_code, terminal_id, &policy));
+        let command =
+            Command::SetAgePolicy { provider_code, terminal_id: terminal_id.to_owned(), policy };
+        self.change_provider(provider_code, client_request_id, digest, command).await
+    }
+}

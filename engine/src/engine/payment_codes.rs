@@ -1,0 +1,356 @@
+//! C1–C5 payment codes and coupons: issue, redeem, state, sweep, delivery notices.
+
+use super::*;
+
+/// A payment-code request (C1–C2, C4): the user terminal's signed inherent ID (its store
+/// terminal may be `*`: any store) for the amount, means and provider; how long the code is
+/// valid; where to deliver it; and, for cash on delivery, the order it pays for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssueCodeRequest {
+    /// Idempotency key.
+    pub client_request_id: ClientRequestId,
+    /// The signed inherent ID.
+    pub inherent_id: Vec<u8>,
+    /// Validity of the code and its hold, ms (10 s to 7 days).
+    pub validity_ms: i64,
+    /// Another device of the user's to deliver the code to; `None`: the requesting device.
+    pub deliver_to: Option<Idm>,
+    /// The order a cash-on-delivery code pays for (at most 32 bytes); empty for none.
+    pub order_ref: String,
+}
+
+/// The answer to a payment-code request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CodeOutcome {
+    /// Authorized and held; the code issued.
+    Issued(Box<IssuedCode>),
+    /// Declined, with the reason (as a payment would be).
+    Declined(ReasonCode),
+}
+
+/// A POS redeeming a code with its sales information (C3, C4).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedeemRequest {
+    /// Idempotency key.
+    pub client_request_id: ClientRequestId,
+    /// The code as read.
+    pub code: String,
+    /// The issuer the POS expects (the number printed beside the barcode).
+    pub issuer: u16,
+    /// The issue number the POS expects.
+    pub number: u64,
+    /// The sale's amount before any coupon.
+    pub amount_minor: u64,
+    /// The sale's currency.
+    pub currency: Currency,
+    /// The sale's date-time, ms since the epoch.
+    pub sale_at_ms: i64,
+    /// The store terminal (or courier handheld) redeeming it.
+    pub terminal_id: String,
+    /// Lines sold: item ID (1..=32 bytes of 0x21–0x7E, as in a basket), quantity, unit
+    /// amount. Empty when `basket` carries them.
+    pub items: Vec<(String, u32, u64)>,
+    /// The lines sold with their categories, for the age check of a code payment (A2,
+    /// `REDEEM_CODE_BASKET`): checked against the age registration of the device the code was
+    /// delivered to. When set, `items` is empty and the redemption's items are the lines
+    /// settled (those the age check did not remove).
+    pub basket: Option<Basket>,
+    /// A coupon to apply in the same settlement (C5), as read.
+    pub coupon: Option<String>,
+    /// The order a cash-on-delivery code pays for.
+    pub order_ref: String,
+}
+
+impl Engine {
+    /// Issues a payment code (C1–C2): the request is checked like a payment and the provider
+    /// asked for the authorization, which is held; on approval the code is issued by the
+    /// user's shard (the second tier that will answer its redemption) and delivered to the
+    /// designated device's stream.
+    pub async fn issue_code(&self, request: IssueCodeRequest) -> Result<CodeOutcome, EngineError> {
+        let valid = (CODE_VALIDITY_MIN_MS..=CODE_VALIDITY_MAX_MS).contains(&request.validity_ms)
+            && request.order_ref.len() <= ORDER_REF_LEN_MAX
+            && request.order_ref.bytes().all(|b| b.is_ascii_graphic());
+        if !valid {
+            return Err(EngineError::Refused(ReasonCode::InvalidCodeRequest));
+        }
+        let now_ms = self.now_ms();
+        let deadline =
+            Instant::now() + Duration::from_millis(self.inner.config.request_deadline_ms);
+        let verified = match self.inner.shared.devices.verify(&request.inherent_id, now_ms) {
+            Ok(verified) => verified,
+            Err(reason) => return Ok(CodeOutcome::Declined(reason)),
+        };
+        let spec = CodeSpec {
+            validity_ms: request.validity_ms,
+            deliver_to: request.deliver_to,
+            order_ref: request.order_ref,
+        };
+        let user = verified.record.user.clone();
+        let digest = digest_of(&("code", verified.digest, &spec));
+        let terminal = Some(Box::new(self.terminal_context(&verified, now_ms)));
+        let command = Command::CodeReserve { verified, spec: Box::new(spec), terminal };
+        let reply =
+            self.apply_for_user(&user, Some(request.client_request_id), digest, command).await?;
+        let dispatch = match reply {
+            Reply::Dispatch(dispatch) => dispatch,
+            // Approved at once by an in-process provider: issued in the same shard step.
+            Reply::CodeDecided(issued) => return Ok(self.deliver_code(issued)),
+            Reply::CodeIssued(issued) => return Ok(CodeOutcome::Issued(issued)),
+            Reply::Auth(AuthOutcome::Declined(reason)) => return Ok(CodeOutcome::Declined(reason)),
+            other => return Err(unexpected(other)),
+        };
+        let outcome = self.call_provider(&dispatch, deadline).await;
+        let envelope = dispatch.completion(outcome, self.now_ms());
+        // Like a payment's completion, never refused as busy.
+        let shard = self.shard_of(dispatch.key.0);
+        let mut replies = self
+            .submit_always(shard, vec![Op::Apply(envelope)])
+            .await
+            .map_err(|_| EngineError::Stopped)?;
+        match replies.pop() {
+            Some(Reply::CodeIssued(issued)) => Ok(self.deliver_code(issued)),
+            Some(Reply::Auth(AuthOutcome::Declined(reason))) => Ok(CodeOutcome::Declined(reason)),
+            Some(Reply::CompletionDropped) => {
+                self.inner.shared.completion_dropped(&dispatch, &outcome);
+                Ok(CodeOutcome::Declined(ReasonCode::ProviderTimeout))
+            }
+            Some(other) => Err(unexpected(other)),
+            None => Err(EngineError::Stopped),
+        }
+    }
+
+    /// Delivers a newly issued code to its device's stream.
+    fn deliver_code(&self, issued: Box<IssuedCode>) -> CodeOutcome {
+        let message = DeviceMessage::Code((*issued).clone());
+        self.inner.notices.publish_device(issued.deliver_to, message);
+        CodeOutcome::Issued(issued)
+    }
+
+    /// Redeems a code at a POS (C3): checks its tag (constant time) and that it is what the
+    /// POS expects, then routes it by its issue number to the shard that issued it (T1), which
+    /// captures at most the authorized amount once, releases the rest and records the
+    /// remittance. A coupon issued to the same user may be applied in the same settlement.
+    /// With a basket, its age-restricted items are checked first against the age registration
+    /// of the device the code was delivered to (A1–A2), under the store terminal's policy.
+    pub async fn redeem_code(&self, request: RedeemRequest) -> Result<Redemption, EngineError> {
+        let refused = |reason| EngineError::Refused(reason);
+        let code = CodePayload::open(&request.code, &self.inner.shared.codes).map_err(refused)?;
+        if code.kind != CodeKind::Payment {
+            return Err(refused(ReasonCode::InvalidCode));
+        }
+        if code.issuer != self.inner.config.code_issuer
+            || code.issuer != request.issuer
+            || code.number != request.number
+        {
+            return Err(refused(ReasonCode::CodeMismatch));
+        }
+        let coupon = match &request.coupon {
+            None => None,
+            Some(text) => {
+                let coupon = CodePayload::open(text, &self.inner.shared.codes).map_err(refused)?;
+                if coupon.kind != CodeKind::Coupon {
+                    return Err(refused(ReasonCode::InvalidCode));
+                }
+                // A coupon applies with the payment codes of its own user, whose shard holds
+                // both: another shard's coupon is another user's.
+                if codes::shard_of_number(coupon.number) != codes::shard_of_number(code.number) {
+                    return Err(refused(ReasonCode::CouponNotApplicable));
+                }
+                Some(coupon.number)
+            }
+        };
+        let valid_sale = request.amount_minor > 0
+            && request.amount_minor <= crate::limits::AMOUNT_MINOR_MAX
+            && crate::types::terminal_id_valid(&request.terminal_id)
+            && request.items.len() <= SALE_ITEMS_MAX
+            && request.items.iter().all(|(item_id, _, _)| crate::age::item_id_valid(item_id))
+            && (request.basket.is_none() || request.items.is_empty())
+            && request.order_ref.len() <= ORDER_REF_LEN_MAX;
+        if !valid_sale {
+            return Err(refused(ReasonCode::CodeMismatch));
+        }
+        let shard = codes::shard_of_number(code.number);
+        if shard >= self.shard_count() {
+            return Err(refused(ReasonCode::UnknownCode));
+        }
+        let spec = RedeemSpec {
+            number: code.number,
+            amount_minor: request.amount_minor,
+            currency: request.currency,
+            terminal_id: request.terminal_id,
+            sale_at_ms: request.sale_at_ms,
+            items: request.items,
+            basket: request.basket,
+            coupon,
+            order_ref: request.order_ref,
+        };
+        let policies = Some(terminal_policies(&self.inner.shared.registry, &spec.terminal_id));
+        let envelope = Envelope {
+            owner_hash: digest_of(&("code", code.number)),
+            client_request_id: Some(request.client_request_id),
+            digest: digest_of(&spec),
+            now_ms: self.now_ms(),
+            command: Command::RedeemCode { spec: Box::new(spec), policies },
+        };
+        match self.call(shard, Op::Apply(envelope)).await? {
+            Reply::Redeemed(redemption) => Ok(*redemption),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// A payment code's state: issued, expired, or redeemed with its capture and the
+    /// remittance due to the merchant (C3).
+    pub async fn code_state(&self, number: u64) -> Result<CodeState, EngineError> {
+        self.code_state_for(number, |_| true).await
+    }
+
+    /// [`Engine::code_state`] for a reader that may see the codes of some store terminals only
+    /// (`may_see` says which): a code's state concerns the terminal that redeemed it, or before
+    /// its redemption the terminal it was requested for (`*` when the store was not known). A
+    /// code of a terminal `may_see` refuses is answered exactly as a code that does not exist
+    /// (`UnknownCode`).
+    pub async fn code_state_for(
+        &self,
+        number: u64,
+        may_see: impl Fn(&str) -> bool,
+    ) -> Result<CodeState, EngineError> {
+        let unknown = EngineError::Refused(ReasonCode::UnknownCode);
+        let shard = codes::shard_of_number(number);
+        if shard >= self.shard_count() {
+            return Err(unknown);
+        }
+        match self.call(shard, Op::Query(Query::Code { number })).await? {
+            Reply::CodeState(state, terminal_id) if may_see(&terminal_id) => Ok(*state),
+            Reply::CodeState(..) => Err(unknown),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Expires every payment code past its expiry and releases its hold, in every shard;
+    /// returns how many. The server runs it periodically; an embedding application should too.
+    pub async fn sweep_codes(&self) -> Result<u32, EngineError> {
+        let now_ms = self.now_ms();
+        let sweeps = (0..self.shard_count()).map(|shard| {
+            let envelope = Envelope {
+                owner_hash: 0,
+                client_request_id: None,
+                digest: 0,
+                now_ms,
+                command: Command::SweepCodes,
+            };
+            self.submit_always(shard, vec![Op::Apply(envelope)])
+        });
+        let mut swept = 0;
+        for replies in join_all(sweeps).await {
+            match replies.map_err(|_| EngineError::Stopped)?.pop() {
+                Some(Reply::Swept(count)) => swept += count,
+                Some(other) => return Err(unexpected(other)),
+                None => return Err(EngineError::Stopped),
+            }
+        }
+        Ok(swept)
+    }
+
+    /// Issues coupons or service codes for a provider to each of `users` (C5), each delivered
+    /// to the user's devices. Results come back in user order.
+    pub async fn issue_coupons(
+        &self,
+        client_request_id: ClientRequestId,
+        provider_code: u32,
+        users: Vec<UserKey>,
+        effect: CouponEffect,
+        uses: u32,
+        expires_ms: i64,
+    ) -> Vec<Result<IssuedCoupon, EngineError>> {
+        if users.is_empty() || users.len() > COUPON_USERS_MAX {
+            return vec![Err(EngineError::Refused(ReasonCode::InvalidCoupon)); users.len().max(1)];
+        }
+        if self.registry().provider(provider_code).is_none() {
+            return vec![Err(EngineError::Refused(ReasonCode::UnknownProvider)); users.len()];
+        }
+        if expires_ms <= self.now_ms() {
+            return vec![Err(EngineError::Refused(ReasonCode::InvalidCoupon)); users.len()];
+        }
+        let issues = users.into_iter().map(|user| async move {
+            let digest = digest_of(&("coupon", provider_code, &user, effect, uses, expires_ms));
+            let command = Command::IssueCoupon {
+                user: user.clone(),
+                provider_code,
+                effect,
+                uses,
+                expires_ms,
+            };
+            let coupon =
+                match self.apply_for_user(&user, Some(client_request_id), digest, command).await? {
+                    Reply::CouponIssued(coupon) => *coupon,
+                    other => return Err(unexpected(other)),
+                };
+            for idm in self.devices_of(&user).await.unwrap_or_default() {
+                self.inner.notices.publish_device(idm, DeviceMessage::Coupon(coupon.clone()));
+            }
+            Ok(coupon)
+        });
+        join_all(issues).await
+    }
+
+    /// Tells a user a cash-on-delivery parcel is on its way (C4): the notice reaches every
+    /// device of theirs that is subscribed. Returns how many devices were subscribed when it
+    /// was accepted. Idempotent by client request ID, as every change is: the user's shard
+    /// keeps the answer, a retry gets it and publishes nothing (the same ID with another
+    /// notice is `IdempotencyConflict`).
+    pub async fn notify_delivery(
+        &self,
+        client_request_id: ClientRequestId,
+        notice: DeliveryNotice,
+    ) -> Result<usize, EngineError> {
+        let valid = notice.amount_minor > 0
+            && notice.amount_minor <= crate::limits::AMOUNT_MINOR_MAX
+            && !notice.order_ref.is_empty()
+            && notice.order_ref.len() <= ORDER_REF_LEN_MAX
+            && notice.order_ref.bytes().all(|b| b.is_ascii_graphic())
+            && notice.merchant.len() <= crate::limits::STORE_NAME_LEN_MAX;
+        if !valid {
+            return Err(EngineError::Refused(ReasonCode::InvalidCodeRequest));
+        }
+        let devices = self.devices_of(&notice.user).await?;
+        let listened = devices.iter().filter(|idm| self.inner.notices.device_listened(idm));
+        let count = u32::try_from(listened.count()).unwrap_or(u32::MAX);
+        let digest = digest_of(&(
+            "delivery",
+            &notice.user,
+            &notice.order_ref,
+            notice.amount_minor,
+            notice.currency,
+            &notice.merchant,
+        ));
+        let command = Command::NotifyDelivery { user: notice.user.clone(), devices: count };
+        let reply = self.apply_for_user(&notice.user, Some(client_request_id), digest, command);
+        match reply.await? {
+            // The first answer: the notice goes out now, once.
+            Reply::DeliveryAccepted(count) => {
+                for idm in devices {
+                    self.inner.notices.publish_device(idm, DeviceMessage::Delivery(notice.clone()));
+                }
+                Ok(count as usize)
+            }
+            // A retry: answered as the first was, nothing sent again.
+            Reply::Delivered(count) => Ok(count as usize),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Subscribes to what reaches one device: its payment codes, its user's coupons and
+    /// delivery notices (check the device's owner before handing the stream out).
+    pub fn subscribe_device(&self, card_idm: Idm) -> broadcast::Receiver<DeviceMessage> {
+        self.inner.notices.subscribe_device(card_idm)
+    }
+
+    /// The card IDms of a user's devices.
+    pub async fn devices_of(&self, user: &UserKey) -> Result<Vec<Idm>, EngineError> {
+        match self.query_for_user(user, Query::Devices { user: user.clone() }).await? {
+            Reply::Devices(devices) => Ok(devices),
+            Reply::Refused(reason) => Err(EngineError::Refused(reason)),
+            other => Err(unexpected(other)),
+        }
+    }
+}
