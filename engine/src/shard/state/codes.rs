@@ -1,0 +1,302 @@
+//! C1–C5 payment codes and coupons, in the shard that issued them: issue on the provider's approval, redemption with its age check and coupon, expiry and the sweeper, coupons.
+
+use super::*;
+
+impl ShardState {
+    /// C1: a payment-code request is checked exactly like a payment (device, counter, means,
+    /// provider; a purse's amount held); the code itself is issued on the provider's approval.
+    pub(super) fn code_reserve(
+        &mut self,
+        verified: Verified,
+        mut spec: Box<CodeSpec>,
+        terminal: &TerminalContext,
+        now_ms: i64,
+        idem_record: (IdemKey, u64),
+    ) -> Reply {
+        let record = &verified.record;
+        let requesting = record.card_idm;
+        if let Some(target) = spec.deliver_to {
+            let owns = self
+                .users
+                .get(&record.user)
+                .is_some_and(|account| account.devices.iter().any(|d| d.idm == target));
+            if !owns {
+                return Reply::Auth(AuthOutcome::Declined(ReasonCode::UserDeviceMismatch));
+            }
+        }
+        spec.deliver_to = Some(spec.deliver_to.unwrap_or(requesting));
+        match self.auth_reserve(verified, None, terminal, now_ms, idem_record) {
+            Reply::Dispatch(mut dispatch) => {
+                dispatch.code = Some(spec);
+                Reply::Dispatch(dispatch)
+            }
+            other => other,
+        }
+    }
+
+    /// C2: on approval, issues the code: the purse's hold (stored value) now lasts until the
+    /// code expires; otherwise releases, as a declined payment does.
+    // The fields of `Command::CodeComplete`, as they come.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn code_complete(
+        &mut self,
+        key: IdemKey,
+        digest: Option<u64>,
+        user: &UserKey,
+        means_id: u32,
+        outcome: AuthOutcome,
+        spec: &CodeSpec,
+        terminal_id: String,
+        now_ms: i64,
+    ) -> Reply {
+        let dropped =
+            digest.is_some() && !self.idem.completes(&key, completes(digest, user, means_id));
+        let approval = match outcome {
+            AuthOutcome::Approved(approval) if !dropped => approval,
+            // Released as a declined payment is, and answered the same way; no code is issued
+            // for a completion whose record is gone.
+            _ => {
+                return match self.auth_complete(key, digest, user, means_id, outcome, None, now_ms)
+                {
+                    Reply::CompletionDropped => Reply::CompletionDropped,
+                    _ => Reply::Auth(outcome),
+                };
+            }
+        };
+        self.code_seq += 1;
+        let number = issue_number(self.index, self.code_seq);
+        // Codes carry whole seconds.
+        let expires_ms = (now_ms.saturating_add(spec.validity_ms) / 1000) * 1000;
+        let means = self
+            .users
+            .get_mut(user)
+            .map(Arc::make_mut)
+            .and_then(|account| account.means.iter_mut().find(|m| m.means_id == means_id));
+        if let Some(purse) = means.and_then(|means| means.purse.as_mut()) {
+            if let Some(hold) = purse.holds.iter_mut().find(|hold| hold.is_of(key, digest)) {
+                hold.key = code_hold_key(number);
+                hold.digest = None;
+                hold.expires_ms = expires_ms;
+            }
+        }
+        let deliver_to = spec.deliver_to.unwrap_or_default();
+        let record = CodeRecord {
+            user: user.clone(),
+            means_id,
+            provider_code: approval.provider_code,
+            amount_minor: approval.amount_final_minor,
+            currency: approval.currency,
+            expires_ms,
+            auth_code: approval.auth_code,
+            order_ref: spec.order_ref.clone(),
+            deliver_to,
+            state: CodeState::Issued,
+            terminal_id,
+        };
+        let payload = CodePayload {
+            kind: CodeKind::Payment,
+            issuer: self.shared.code_issuer,
+            number,
+            value: record.amount_minor,
+            currency: record.currency,
+            expires_s: (expires_ms / 1000).clamp(0, i64::from(u32::MAX)) as u32,
+            flags: 0,
+        };
+        let issued = IssuedCode {
+            text: payload.seal(&self.shared.codes),
+            number,
+            amount_minor: record.amount_minor,
+            currency: record.currency,
+            expires_ms,
+            deliver_to,
+            user: user.clone(),
+            order_ref: spec.order_ref.clone(),
+        };
+        self.code_expiry.insert((expires_ms, number));
+        self.codes.insert(number, Arc::new(record));
+        let reply = Reply::CodeIssued(Box::new(issued));
+        self.idem.complete(&key, completes(digest, user, means_id), reply.clone());
+        reply
+    }
+
+    /// C3: redeems a code at most once: checks it, applies a coupon, captures the sale (at most
+    /// the authorized amount), releases the rest, debits a purse and records the remittance.
+    pub(super) fn redeem_code(
+        &mut self,
+        spec: &RedeemSpec,
+        policies: &[(u32, ResolvedPolicy)],
+        now_ms: i64,
+    ) -> Reply {
+        let refuse = |reason| Reply::Refused(reason);
+        let Some(record) = self.codes.get(&spec.number) else {
+            return refuse(ReasonCode::UnknownCode);
+        };
+        match record.state {
+            CodeState::Redeemed(_) => return refuse(ReasonCode::CodeRedeemed),
+            CodeState::Expired => return refuse(ReasonCode::CodeExpired),
+            CodeState::Issued => {}
+        }
+        if now_ms >= record.expires_ms {
+            self.expire_code(spec.number);
+            return refuse(ReasonCode::CodeExpired);
+        }
+        let order_ok = record.order_ref.is_empty() || record.order_ref == spec.order_ref;
+        if spec.currency != record.currency || !order_ok {
+            return refuse(ReasonCode::CodeMismatch);
+        }
+        let terminal_policy =
+            policies.iter().find(|(code, _)| *code == record.provider_code).map(|(_, p)| p);
+        let (sale_minor, items) = match self.age_check_sale(spec, record, terminal_policy, now_ms) {
+            Ok(sale) => sale,
+            Err(reason) => return refuse(reason),
+        };
+        let discount_minor = match spec.coupon {
+            None => 0,
+            Some(coupon) => match self.coupons.get(&coupon) {
+                None => return refuse(ReasonCode::UnknownCode),
+                Some(c) if c.user != record.user => return refuse(ReasonCode::CouponNotApplicable),
+                Some(c) if now_ms >= c.expires_ms => return refuse(ReasonCode::CodeExpired),
+                Some(c) if c.uses_left == 0 => return refuse(ReasonCode::CouponUsedUp),
+                Some(c) => c.effect.discount_minor(sale_minor, spec.currency),
+            },
+        };
+        let captured_minor = sale_minor - discount_minor;
+        if captured_minor > record.amount_minor {
+            return refuse(ReasonCode::AmountAboveAuthorized);
+        }
+        // Every check passed: commit.
+        if let Some(coupon) = spec.coupon.and_then(|c| self.coupons.get_mut(&c)) {
+            coupon.uses_left -= 1;
+        }
+        let record = self.codes.get_mut(&spec.number).map(Arc::make_mut).expect("checked above");
+        let redemption = Redemption {
+            number: spec.number,
+            captured_minor,
+            released_minor: record.amount_minor - captured_minor,
+            coupon_discount_minor: discount_minor,
+            currency: record.currency,
+            terminal_id: spec.terminal_id.clone(),
+            provider_code: record.provider_code,
+            auth_code: record.auth_code,
+            sale_at_ms: spec.sale_at_ms,
+            redeemed_at_ms: now_ms,
+            items,
+        };
+        record.state = CodeState::Redeemed(Box::new(redemption.clone()));
+        let (user, means_id, expires_ms) =
+            (record.user.clone(), record.means_id, record.expires_ms);
+        self.code_expiry.remove(&(expires_ms, spec.number));
+        let means = self
+            .users
+            .get_mut(&user)
+            .map(Arc::make_mut)
+            .and_then(|account| account.means.iter_mut().find(|m| m.means_id == means_id));
+        if let Some(means) = means {
+            if let Some(purse) = &mut means.purse {
+                purse.holds.retain(|hold| hold.key != code_hold_key(spec.number));
+                purse.balance_minor = purse.balance_minor.saturating_sub(captured_minor);
+            }
+            means.uses += 1;
+            means.last_used_ms = Some(now_ms);
+        }
+        Reply::Redeemed(Box::new(redemption))
+    }
+
+    /// A2 on a code payment: the sale's amount and lines to settle, after the age check of its
+    /// basket against the registration of the device the code was delivered to, under the
+    /// store terminal's policy; or why the redemption is refused. Without a basket the sale is
+    /// settled as sent, except at a strict store, which cannot check a sale without items.
+    pub(super) fn age_check_sale(
+        &self,
+        spec: &RedeemSpec,
+        code: &CodeRecord,
+        terminal_policy: Option<&ResolvedPolicy>,
+        now_ms: i64,
+    ) -> Result<(u64, Vec<SaleLine>), ReasonCode> {
+        let policy = self.shared.age.policy_for(code.provider_code, terminal_policy);
+        let Some(basket) = &spec.basket else {
+            if policy.policy.strict {
+                return Err(ReasonCode::BasketMismatch);
+            }
+            return Ok((spec.amount_minor, spec.items.clone()));
+        };
+        let decision = age::decide(
+            basket,
+            spec.amount_minor,
+            self.ages.get(&code.deliver_to),
+            policy,
+            &self.shared.age.config,
+            now_ms,
+        )?;
+        if let Some(reason) = decision.decline {
+            return Err(reason);
+        }
+        // Under `remove_items` the verdict names the lines taken out; otherwise it names none.
+        let removed = &decision.verdict.items;
+        let items = basket
+            .items
+            .iter()
+            .filter(|item| !removed.contains(&item.item_id))
+            .map(|item| (item.item_id.clone(), item.quantity, item.unit_amount_minor))
+            .collect();
+        Ok((decision.verdict.amount_minor, items))
+    }
+
+    /// Marks an issued code expired and releases its hold.
+    pub(super) fn expire_code(&mut self, number: u64) {
+        let Some(record) = self.codes.get_mut(&number).map(Arc::make_mut) else { return };
+        if record.state != CodeState::Issued {
+            return;
+        }
+        record.state = CodeState::Expired;
+        self.code_expiry.remove(&(record.expires_ms, number));
+        let (user, means_id) = (record.user.clone(), record.means_id);
+        let purse = self
+            .users
+            .get_mut(&user)
+            .map(Arc::make_mut)
+            .and_then(|account| account.means.iter_mut().find(|m| m.means_id == means_id))
+            .and_then(|means| means.purse.as_mut());
+        if let Some(purse) = purse {
+            purse.holds.retain(|hold| hold.key != code_hold_key(number));
+        }
+    }
+
+    /// Expires every code past its expiry at `now_ms`, releasing its hold; returns how many.
+    pub(super) fn sweep_codes(&mut self, now_ms: i64) -> u32 {
+        let due: Vec<u64> =
+            self.code_expiry.range(..=(now_ms, u64::MAX)).map(|&(_, number)| number).collect();
+        for &number in &due {
+            self.expire_code(number);
+        }
+        due.len() as u32
+    }
+
+    /// C5: a coupon for one user, kept in the user's shard so that it applies in the same
+    /// shard as the user's payment codes.
+    pub(super) fn issue_coupon(
+        &mut self,
+        user: UserKey,
+        provider_code: u32,
+        effect: CouponEffect,
+        uses: u32,
+        expires_ms: i64,
+    ) -> Reply {
+        if !self.users.contains_key(&user) {
+            return Reply::Refused(ReasonCode::UnknownUser);
+        }
+        if !effect.valid() || !(1..=COUPON_USES_MAX).contains(&uses) {
+            return Reply::Refused(ReasonCode::InvalidCoupon);
+        }
+        self.code_seq += 1;
+        let number = issue_number(self.index, self.code_seq);
+        let expires_ms = (expires_ms / 1000) * 1000;
+        let expires_s = (expires_ms / 1000).clamp(0, i64::from(u32::MAX)) as u32;
+        let text = CodePayload::coupon(self.shared.code_issuer, number, effect, expires_s)
+            .seal(&self.shared.codes);
+        let record =
+            CouponRecord { user: user.clone(), provider_code, effect, uses_left: uses, expires_ms };
+        self.coupons.insert(number, record);
+        Reply::CouponIssued(Box::new(IssuedCoupon { text, number, user, effect, uses, expires_ms }))
+    }
+}

@@ -1,0 +1,194 @@
+//! G3 settlement, applied in the payer's shard: a payment's reservation (every check that needs the user's state) and its completion with the provider's answer; what recovery resolves of payments left with their provider.
+
+use super::*;
+
+impl ShardState {
+    /// Every check of an authorization that needs the user's state; on success, the nonce is
+    /// consumed and the work is handed back for dispatch to the provider, for the payment's
+    /// idempotency record: its key and its request's digest.
+    pub(super) fn auth_reserve(
+        &mut self,
+        verified: Verified,
+        basket: Option<&Basket>,
+        terminal: &TerminalContext,
+        now_ms: i64,
+        (key, digest): (IdemKey, u64),
+    ) -> Reply {
+        let record = verified.record;
+        let declined = |reason| Reply::Auth(AuthOutcome::Declined(reason));
+        let Some(account) = self.users.get_mut(&record.user).map(Arc::make_mut) else {
+            return declined(ReasonCode::UnknownUser);
+        };
+        let Some(device) = account.devices.iter_mut().find(|d| d.idm == record.card_idm) else {
+            return declined(ReasonCode::UserDeviceMismatch);
+        };
+        // Verified against the key index before this command was applied: a revocation (or two
+        // rotations) applied since then refuses its key here.
+        if !device.sealed.accepts(record.key_version) {
+            return declined(ReasonCode::KeyVersionInvalid);
+        }
+        if (now_ms - record.timestamp_ms).abs() > self.config.timestamp_window_ms {
+            return declined(ReasonCode::StaleTimestamp);
+        }
+        if !device.replay.fresh(record.counter) {
+            return declined(ReasonCode::ReplayedNonce);
+        }
+        // From here on the nonce is spent, whatever the outcome.
+        device.replay.record(record.counter);
+        let means_id =
+            if record.means_id == 0 { account.default_means.unwrap_or(0) } else { record.means_id };
+        let Some(means_index) = account.means.iter().position(|m| m.means_id == means_id) else {
+            return declined(ReasonCode::MeansNotRegistered);
+        };
+        let means = &account.means[means_index];
+        if means.kind != record.means {
+            return declined(ReasonCode::MeansMismatch);
+        }
+        if !terminal.provider_known {
+            return declined(ReasonCode::UnknownProvider);
+        }
+        let policy = self.shared.age.policy_for(record.provider_code, terminal.policy.as_ref());
+        let (amount_minor, verdict) = match basket {
+            // A strict store checks item categories itself: a payment without items would
+            // bypass that, so it must carry a basket.
+            None if policy.policy.strict => return declined(ReasonCode::BasketMismatch),
+            None => (record.amount_minor, None),
+            Some(basket) => {
+                let registration = self.ages.get(&record.card_idm);
+                let decision = match age::decide(
+                    basket,
+                    record.amount_minor,
+                    registration,
+                    policy,
+                    &self.shared.age.config,
+                    now_ms,
+                ) {
+                    Ok(decision) => decision,
+                    Err(reason) => return declined(reason),
+                };
+                if let Some(reason) = decision.decline {
+                    let outcome = AuthOutcome::Declined(reason);
+                    return Reply::BasketAuth(outcome, Box::new(decision.verdict));
+                }
+                (decision.verdict.amount_minor, Some(Box::new(decision.verdict)))
+            }
+        };
+        let discount_minor = terminal
+            .discount
+            .map_or(0, |discount| discount.discount_minor(amount_minor, record.currency));
+        assert!(discount_minor <= amount_minor, "discount above amount");
+        let kind = means.kind;
+        let card_token = means.number.as_ref().map(|n| n.token);
+        if let Some(purse) = &mut account.means[means_index].purse {
+            // Stored value: the payment's amount is held until its provider answers.
+            let final_minor = amount_minor - discount_minor;
+            if purse.currency.is_some_and(|c| c != record.currency) {
+                return declined(ReasonCode::CurrencyMismatch);
+            }
+            if purse.available_minor(now_ms) < final_minor {
+                return declined(ReasonCode::InsufficientBalance);
+            }
+            let hold = PurseHold {
+                key,
+                digest: Some(digest),
+                amount_minor: final_minor,
+                expires_ms: i64::MAX,
+            };
+            purse.holds.push(hold);
+        }
+        self.dispatch_seq += 1;
+        Reply::Dispatch(Box::new(Dispatch {
+            key,
+            digest,
+            user: record.user,
+            dispatch_id: (u64::from(self.index) << 56) | self.dispatch_seq,
+            provider_code: record.provider_code,
+            means_id,
+            means: kind,
+            card_token,
+            terminal_id: record.terminal_id,
+            amount_requested_minor: amount_minor,
+            discount_minor,
+            currency: record.currency,
+            verdict,
+            code: None,
+        }))
+    }
+
+    /// Records a provider's answer on the payment's own idempotency record, and settles its
+    /// hold and usage. A completion whose record is gone or replaced (see
+    /// [`Idempotency::complete`]) records nothing but the release of its own hold: the payment
+    /// stands declined ([`Reply::CompletionDropped`]). One read from an older log, which names
+    /// its record by key alone, settles the hold and usage as it did when it was written.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn auth_complete(
+        &mut self,
+        key: IdemKey,
+        digest: Option<u64>,
+        user: &UserKey,
+        means_id: u32,
+        outcome: AuthOutcome,
+        verdict: Option<Box<AgeVerdict>>,
+        now_ms: i64,
+    ) -> Reply {
+        let reply = match verdict {
+            Some(verdict) => Reply::BasketAuth(outcome, verdict),
+            None => Reply::Auth(outcome),
+        };
+        let of = completes(digest, user, means_id);
+        let landed = self.idem.complete(&key, of, reply);
+        let dropped = !landed && digest.is_some();
+        let means = self
+            .users
+            .get_mut(user)
+            .map(Arc::make_mut)
+            .and_then(|account| account.means.iter_mut().find(|m| m.means_id == means_id));
+        let Some(means) = means else {
+            return if dropped { Reply::CompletionDropped } else { Reply::Ok };
+        };
+        let approved = !dropped && matches!(outcome, AuthOutcome::Approved(_));
+        if let Some(purse) = &mut means.purse {
+            // Release the payment's own hold; an approval turns it into a debit.
+            if let Some(at) = purse.holds.iter().position(|hold| hold.is_of(key, digest)) {
+                let amount = purse.holds.swap_remove(at).amount_minor;
+                if approved {
+                    purse.balance_minor = purse.balance_minor.saturating_sub(amount);
+                }
+            }
+        }
+        if dropped {
+            return Reply::CompletionDropped;
+        }
+        if approved {
+            means.uses += 1;
+            means.last_used_ms = Some(now_ms);
+        }
+        Reply::Ok
+    }
+
+    /// Completes every authorization left with its provider when the engine stopped: the
+    /// outcome is unknown, so it is declined as a provider timeout (an adapter that can reverse
+    /// must reverse these dispatches). Returns the applied completions, for the log.
+    pub(crate) fn resolve_pending(&mut self, now_ms: i64) -> Vec<Envelope> {
+        let mut applied = Vec::new();
+        for (key, digest, user, means_id) in self.idem.pending() {
+            let envelope = Envelope {
+                owner_hash: key.0,
+                client_request_id: None,
+                digest: 0,
+                now_ms,
+                command: Command::AuthComplete {
+                    key,
+                    digest: Some(digest),
+                    user,
+                    means_id,
+                    outcome: AuthOutcome::Declined(ReasonCode::ProviderTimeout),
+                    verdict: None,
+                },
+            };
+            self.apply(envelope.clone());
+            applied.push(envelope);
+        }
+        applied
+    }
+}
