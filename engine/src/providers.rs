@@ -15,7 +15,7 @@ use crate::age::ResolvedPolicy;
 use crate::limits::{
     SERVICE_DESCRIPTION_LEN_MAX, TERMINALS_PER_PROVIDER_MAX, TERMINALS_PER_REQUEST_MAX,
 };
-use crate::types::{terminal_id_valid, ReasonCode, TerminalService};
+use crate::types::{terminal_id_valid, Discount, ReasonCode, TerminalService};
 use crate::SharedMap;
 
 /// A terminal a provider serves, with its terminal-unique service if it has one.
@@ -121,6 +121,13 @@ impl Provider {
         for entry in entries {
             self.terminals.insert(entry.terminal_id, entry.service);
         }
+    }
+
+    /// The discount of the terminal's service if it is listed and the service is active at
+    /// `now_ms` (a payment's path: nothing cloned).
+    pub fn active_discount(&self, terminal_id: &str, now_ms: i64) -> Option<Discount> {
+        let entry = self.terminals.get(terminal_id)?;
+        entry.as_ref().filter(|s| s.active_at(now_ms)).map(|s| s.discount)
     }
 
     /// The terminal's service if it is listed and the service is active at `now_ms`.

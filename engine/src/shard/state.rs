@@ -506,7 +506,7 @@ impl TerminalContext {
         TerminalContext {
             provider_known: true,
             policy: provider.age_policy(terminal_id),
-            discount: provider.active_service(terminal_id, now_ms).map(|s| s.discount),
+            discount: provider.active_discount(terminal_id, now_ms),
         }
     }
 }
