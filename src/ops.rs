@@ -95,7 +95,10 @@ pub(crate) trait Serve: Operation {
 macro_rules! dispatch {
     (
         requests {
-            $($(#[doc = $doc:literal])* $variant:ident($module:ident::$ty:ident) = $opcode:ident;)+
+            $(
+                $(#[doc = $doc:literal])*
+                $variant:ident($module:ident::$ty:ident) = $opcode:ident $(, also $also:ident)*;
+            )+
         }
         pushes { $($pushes:tt)* }
     ) => {

@@ -49,7 +49,10 @@ pub trait Push: crate::values::Codec {
 macro_rules! operations {
     (
         requests {
-            $($(#[doc = $doc:literal])* $variant:ident($module:ident::$ty:ident) = $opcode:ident;)+
+            $(
+                $(#[doc = $doc:literal])*
+                $variant:ident($module:ident::$ty:ident) = $opcode:ident $(, also $also:ident)*;
+            )+
         }
         pushes {
             $($(#[doc = $pdoc:literal])* $pvariant:ident($pmodule:ident::$pty:ident) = $popcode:ident;)+
@@ -66,7 +69,7 @@ macro_rules! operations {
 
             $($(#[doc = $doc])* pub const $opcode: u16 = <super::$module::$ty as Operation>::OPCODE;)+
             $($(#[doc = $pdoc])* pub const $popcode: u16 = <super::$pmodule::$pty as Push>::OPCODE;)+
-            pub use super::redeem_code::REDEEM_CODE_BASKET;
+            $($(pub use super::$module::$also;)*)+
 
             const REQUEST_COUNT: usize = 0 $(+ 1 + <super::$module::$ty as Operation>::ALSO.len())+;
             const REQUEST_ARRAY: [u16; REQUEST_COUNT] = {
@@ -222,11 +225,13 @@ use opcode::*;
 /// dispatch are generated from. It is called with
 ///
 /// ```text
-/// requests { $( /// doc  Variant(module::RequestType) = OPCODE_CONSTANT; )+ }
-/// pushes { $( /// doc  Variant(module::PushType) = OPCODE_CONSTANT; )+ }
+/// requests { $( /// doc  Variant(module::RequestType) = OPCODE $(, also OTHER_OPCODE)*; )+ }
+/// pushes { $( /// doc  Variant(module::PushType) = OPCODE; )+ }
 /// ```
 ///
-/// where `module` is a module of [`ops`](crate::ops) (`settlegate_protocol::ops::module`).
+/// where `module` is a module of [`ops`](crate::ops) (`settlegate_protocol::ops::module`), and
+/// each `also` names another opcode the same request type is sent under (a constant of that
+/// module, listed in [`Operation::ALSO`]).
 #[macro_export]
 macro_rules! with_operations {
     ($callback:ident) => {
@@ -288,7 +293,7 @@ macro_rules! with_operations {
                 IssueCode(issue_code::IssueCode) = ISSUE_CODE;
                 /// Redeem a payment code at a POS (C3), with the sale's items or, for the age check,
                 /// its basket (`REDEEM_CODE_BASKET`, C3 with A2).
-                RedeemCode(redeem_code::RedeemCode) = REDEEM_CODE;
+                RedeemCode(redeem_code::RedeemCode) = REDEEM_CODE, also REDEEM_CODE_BASKET;
                 /// A payment code's state and remittance record.
                 CodeState(code_state::GetCodeState) = CODE_STATE;
                 /// Issue coupons or service codes to users (C5).
