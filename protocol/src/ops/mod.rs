@@ -14,7 +14,9 @@ pub trait Operation: Sized {
     /// Its name, as metrics and logs show it.
     const NAME: &'static str;
     /// Other opcodes the same request type is sent under, with their names: the body's form
-    /// decides which (`REDEEM_CODE_BASKET` is a `REDEEM_CODE` whose lines are a basket).
+    /// decides which (`REDEEM_CODE_BASKET` is a `REDEEM_CODE` whose lines are a basket). The
+    /// list of operations names them too (`also`); `opcode::REQUESTS` is built from these, and
+    /// a test checks it against what `Request::decode` knows.
     const ALSO: &'static [(u16, &'static str)] = &[];
     /// Whether it may be sent before the connection authenticates (`docs/PROTOCOL.md`
     /// section 3).
@@ -26,13 +28,9 @@ pub trait Operation: Sized {
     fn opcode(&self) -> u16 {
         Self::OPCODE
     }
-    /// Whether a request of `opcode` is of this type.
-    fn answers(opcode: u16) -> bool {
-        opcode == Self::OPCODE || Self::ALSO.iter().any(|&(also, _)| also == opcode)
-    }
     /// Appends the request's body.
     fn encode(&self, w: &mut Writer<'_>);
-    /// Reads a body sent under `opcode` (one of [`Operation::answers`]).
+    /// Reads a body sent under `opcode` ([`Operation::OPCODE`] or one of [`Operation::ALSO`]).
     fn decode(opcode: u16, r: &mut Reader<'_>) -> Result<Self, BodyError>;
 }
 
@@ -95,34 +93,29 @@ macro_rules! operations {
 
             /// Whether `op` names a request.
             pub fn is_request(op: u16) -> bool {
-                REQUESTS.contains(&op)
+                matches!(op, $($opcode $(| $also)*)|+)
             }
 
             /// Whether a request of `op` may be sent before the connection authenticates
             /// (`docs/PROTOCOL.md` section 3): its body is not even parsed otherwise.
             pub fn allowed_unauthenticated(op: u16) -> bool {
-                $(if <super::$module::$ty as Operation>::answers(op) {
-                    return <super::$module::$ty as Operation>::UNAUTHENTICATED;
-                })+
-                false
+                match op {
+                    $($opcode $(| $also)* => <super::$module::$ty as Operation>::UNAUTHENTICATED,)+
+                    _ => false,
+                }
             }
 
             /// The name of the request or push `op`, if it is one.
             pub fn name(op: u16) -> Option<&'static str> {
-                $(
-                    if op == $opcode {
-                        return Some(<super::$module::$ty as Operation>::NAME);
-                    }
-                    for &(also, name) in <super::$module::$ty as Operation>::ALSO {
-                        if op == also {
-                            return Some(name);
-                        }
-                    }
-                )+
-                $(if op == $popcode {
-                    return Some(<super::$pmodule::$pty as Push>::NAME);
-                })+
-                None
+                match op {
+                    $($opcode => Some(<super::$module::$ty as Operation>::NAME),)+
+                    $($($also => <super::$module::$ty as Operation>::ALSO
+                        .iter()
+                        .find(|&&(also, _)| also == op)
+                        .map(|&(_, name)| name),)*)+
+                    $($popcode => Some(<super::$pmodule::$pty as Push>::NAME),)+
+                    _ => None,
+                }
             }
         }
 
@@ -174,10 +167,12 @@ macro_rules! operations {
                 opcode: u16,
                 r: &mut Reader<'_>,
             ) -> Option<Result<Request, BodyError>> {
-                $(if <$module::$ty as Operation>::answers(opcode) {
-                    return Some(<$module::$ty as Operation>::decode(opcode, r).map(Request::$variant));
-                })+
-                None
+                match opcode {
+                    $(opcode::$opcode $(| opcode::$also)* => {
+                        Some(<$module::$ty as Operation>::decode(opcode, r).map(Request::$variant))
+                    })+
+                    _ => None,
+                }
             }
         }
 
@@ -201,13 +196,11 @@ macro_rules! operations {
             /// Parses the reply to a request of `opcode`, or the push of that opcode.
             pub(crate) fn decode(opcode: u16, r: &mut Reader<'_>) -> Result<Reply, BodyError> {
                 use crate::values::Codec;
-                $(if <$module::$ty as Operation>::answers(opcode) {
-                    return Codec::decode(r).map(Reply::$variant);
-                })+
-                $(if opcode == $popcode {
-                    return Codec::decode(r).map(Reply::$pvariant);
-                })+
-                Err(BodyError::Invalid("opcode"))
+                match opcode {
+                    $(opcode::$opcode $(| opcode::$also)* => Codec::decode(r).map(Reply::$variant),)+
+                    $(opcode::$popcode => Codec::decode(r).map(Reply::$pvariant),)+
+                    _ => Err(BodyError::Invalid("opcode")),
+                }
             }
 
             /// Whether it is pushed under a subscription rather than answering a request.
@@ -217,8 +210,6 @@ macro_rules! operations {
         }
     };
 }
-
-use opcode::*;
 
 /// Hands the list of operations to `$callback`, a `macro_rules!` macro of the caller's: the
 /// one list the protocol's tables ([`Request`], [`Reply`], [`opcode`]) and the server's
