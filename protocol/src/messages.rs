@@ -251,4 +251,23 @@ mod tests {
         sorted.dedup();
         assert_eq!(sorted.len(), opcode::REQUESTS.len(), "an opcode listed twice");
     }
+
+    /// Every request and push has a name of its own (metrics label requests by it), and
+    /// nothing else has one; each decodes back as a request of its opcode.
+    #[test]
+    fn every_request_and_push_has_a_name_of_its_own() {
+        let named: Vec<u16> = (0..=u16::MAX).filter(|&op| opcode::name(op).is_some()).collect();
+        let mut expected: Vec<u16> = opcode::REQUESTS
+            .iter()
+            .copied()
+            .chain([opcode::NOTICE, opcode::DEVICE_MESSAGE])
+            .collect();
+        expected.sort_unstable();
+        assert_eq!(named, expected);
+        let mut names: Vec<&str> = named.iter().filter_map(|&op| opcode::name(op)).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), named.len(), "a name given twice");
+        assert_eq!(opcode::name(opcode::REDEEM_CODE_BASKET), Some("redeem_code_basket"));
+    }
 }
