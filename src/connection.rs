@@ -16,6 +16,7 @@ use futures::future::join_all;
 use settlegate_engine::{DeviceMessage, Notice, ReasonCode};
 use settlegate_protocol::frame::{self, FrameError, FrameRef, FLAG_RESPONSE};
 use settlegate_protocol::messages::{opcode, DecodeError, Reply, Request, Response};
+use settlegate_protocol::ops::{Authorize, AuthorizeBasket, SubscribeDevice, SubscribeNotices};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -23,7 +24,9 @@ use tokio::time::Instant;
 use crate::handler::{self, Context, PendingAuthorize};
 use crate::identity::{Identities, Identity};
 use crate::metrics::{BatchCounts, FrameErrorLabels};
+use crate::ops;
 use crate::outbox::{self, Backlog, Outbox, Queued};
+use crate::wire_map::{ToEngine as _, ToWire as _};
 
 /// Frames decoded from one read before they are handed on as a batch.
 const FRAMES_PER_BATCH_MAX: usize = 1024;
@@ -290,11 +293,11 @@ impl Connection {
                 }
             };
             match request {
-                Request::Auth { key } => {
-                    let response = self.authenticate(&key);
+                Request::Auth(auth) => {
+                    let response = self.authenticate(&auth.key);
                     now.push((frame.opcode, frame.request_id, response));
                 }
-                Request::Ping { .. } | Request::ServerInfo => {
+                Request::Ping(_) | Request::ServerInfo(_) => {
                     others.push((frame.request_id, request))
                 }
                 _ if self.identity.is_none() => now.push((
@@ -302,22 +305,24 @@ impl Connection {
                     frame.request_id,
                     Response::Unauthenticated(UNAUTHENTICATED_DETAIL.into()),
                 )),
-                Request::Authorize { client_request_id, inherent_id } => {
-                    authorizes.push(PendingAuthorize {
-                        request_id: frame.request_id,
-                        client_request_id,
-                        inherent_id,
-                        basket: None,
-                    })
-                }
-                Request::AuthorizeBasket { client_request_id, inherent_id, basket } => authorizes
+                Request::Authorize(Authorize { client_request_id, inherent_id }) => authorizes
                     .push(PendingAuthorize {
                         request_id: frame.request_id,
                         client_request_id,
                         inherent_id,
-                        basket: Some(basket),
+                        basket: None,
                     }),
-                Request::SubscribeNotices { .. } | Request::SubscribeDevice { .. } => {
+                Request::AuthorizeBasket(AuthorizeBasket {
+                    client_request_id,
+                    inherent_id,
+                    basket,
+                }) => authorizes.push(PendingAuthorize {
+                    request_id: frame.request_id,
+                    client_request_id,
+                    inherent_id,
+                    basket: Some(basket.to_engine()),
+                }),
+                Request::SubscribeNotices(_) | Request::SubscribeDevice(_) => {
                     self.subscribe(frame.request_id, request).await
                 }
                 other => others.push((frame.request_id, other)),
@@ -336,10 +341,10 @@ impl Connection {
     fn authenticate(&mut self, key: &str) -> Response {
         match self.shared.identities.by_api_key(key) {
             Some(identity) => {
-                let reply = Reply::Authenticated {
+                let reply = Reply::Auth(settlegate_protocol::ops::auth::Authenticated {
                     identity: identity.name.clone(),
                     permissions: identity.permissions,
-                };
+                });
                 tracing::debug!(identity = %identity.name, "connection authenticated");
                 self.identity = Some(identity);
                 self.unauthenticated_slot = None;
@@ -414,8 +419,7 @@ impl Connection {
                     let op = request.opcode();
                     let anonymous = Identity::anonymous();
                     let response =
-                        handler::handle(ctx, identity.as_ref().unwrap_or(&anonymous), request)
-                            .await;
+                        ops::handle(ctx, identity.as_ref().unwrap_or(&anonymous), request).await;
                     let mut bytes = Vec::new();
                     encode_response(ctx, op, request_id, &response, &mut bytes);
                     out.push(bytes);
@@ -433,8 +437,10 @@ impl Connection {
     async fn subscribe(&mut self, request_id: u64, request: Request) {
         let op = request.opcode();
         let (user, password, device) = match request {
-            Request::SubscribeNotices { user, password } => (user, password, None),
-            Request::SubscribeDevice { user, password, card_idm } => {
+            Request::SubscribeNotices(SubscribeNotices { user, password }) => {
+                (user, password, None)
+            }
+            Request::SubscribeDevice(SubscribeDevice { user, password, card_idm }) => {
                 (user, password, Some(card_idm))
             }
             _ => return,
@@ -443,9 +449,9 @@ impl Connection {
         let refusal = if self.subscriptions >= SUBSCRIPTIONS_MAX {
             Some(Response::BadRequest("too many subscriptions on this connection".into()))
         } else {
-            handler::forbidden(
+            ops::forbidden(
                 &identity,
-                &Request::SubscribeNotices { user: user.clone(), password: String::new() },
+                &SubscribeNotices { user: user.clone(), password: String::new() }.into(),
             )
         };
         if let Some(response) = refusal {
@@ -461,7 +467,8 @@ impl Connection {
         tokio::spawn(async move {
             let engine = &shared.ctx.engine;
             let mut response = match engine.login(&user, &password).await {
-                Ok(()) => Response::Ok(Reply::Empty),
+                Ok(()) if device.is_some() => Response::Ok(Reply::SubscribeDevice(())),
+                Ok(()) => Response::Ok(Reply::SubscribeNotices(())),
                 Err(error) => handler::error_response(error),
             };
             if let (Some(idm), Response::Ok(_)) = (device, &response) {
@@ -485,7 +492,7 @@ impl Connection {
             match receiver {
                 Some(Stream::Notices(notices)) => {
                     forward(notices, out, closed, |notice, bytes| {
-                        Response::Ok(Reply::Notice(notice)).encode_frame(
+                        Response::Ok(Reply::Notice(notice.to_wire())).encode_frame(
                             opcode::NOTICE,
                             request_id,
                             bytes,
@@ -495,7 +502,7 @@ impl Connection {
                 }
                 Some(Stream::Device(messages)) => {
                     forward(messages, out, closed, |message, bytes| {
-                        Response::Ok(Reply::DeviceMessage(Box::new(message))).encode_frame(
+                        Response::Ok(Reply::DeviceMessage(message.to_wire())).encode_frame(
                             opcode::DEVICE_MESSAGE,
                             request_id,
                             bytes,

@@ -1,8 +1,10 @@
 //! settlegate: the server around `settlegate-engine`.
 //!
 //! Layers, from the socket inwards (mini-redis style): [`server`] accepts and caps connections;
-//! [`connection`] turns bytes into frames and frames into batches; [`handler`] checks
-//! permissions and calls the engine; `settlegate-protocol` holds the pure codec. [`http`]
+//! [`connection`] turns bytes into frames and frames into batches; [`ops`] checks each
+//! operation's permission and calls the engine, mapping the wire's types to the engine's
+//! ([`wire_map`]); [`handler`] holds what they share and the batched authorizations;
+//! `settlegate-protocol` holds the pure codec. [`http`]
 //! serves metrics and health; [`config`] reads the TOML file.
 #![deny(missing_docs)]
 
@@ -13,6 +15,8 @@ pub mod handler;
 pub mod http;
 pub mod identity;
 pub mod metrics;
+pub mod ops;
 pub mod outbox;
 pub mod server;
 pub mod tls;
+pub mod wire_map;

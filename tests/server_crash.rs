@@ -11,17 +11,20 @@
 //! `SETTLEGATE_CRASH_ROUNDS` (default 5) sets the number of kills; `scripts/crash.sh` runs a
 //! long version.
 
+use settlegate_protocol::messages::{MeansList, SaleLines};
+use settlegate_protocol::ops::code_state::GetCodeState;
+use settlegate_protocol::ops::{
+    AddMeans, Enroll, IssueCode, ListMeans, Login, ProvisionDevice, RedeemCode,
+};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use rand::{Rng, SeedableRng};
-use settlegate_engine::{
-    AuthOutcome, CodeOutcome, CodeState, DeviceCredential, InherentId, IssueCodeRequest,
-    IssuedCode, MeansInput, MeansKind, MeansOrder, ReasonCode, RedeemRequest, Redemption,
-    UserIdType, UserKey,
-};
+use settlegate_engine::{AuthOutcome, InherentId, MeansKind, ReasonCode, UserIdType, UserKey};
+use settlegate_protocol::messages::{CodeOutcome, CodeState, MeansInput, MeansOrder};
 use settlegate_protocol::messages::{Reply, Request, Response};
+use settlegate_protocol::values::{DeviceCredential, IssuedCode, Redemption};
 use settlegate_protocol::Client;
 use tokio::sync::Mutex;
 
@@ -131,18 +134,16 @@ async fn load_codes(
             timestamp_ms: now_ms(),
         }
         .sign(payer.credential.device_key.expose());
-        let issue = Request::IssueCode {
-            request: IssueCodeRequest {
-                client_request_id: rng.gen(),
-                inherent_id,
-                validity_ms: 3_600_000,
-                deliver_to: None,
-                order_ref: String::new(),
-            },
-        };
+        let issue = Request::IssueCode(IssueCode {
+            client_request_id: rng.gen(),
+            inherent_id,
+            validity_ms: 3_600_000,
+            deliver_to: None,
+            order_ref: String::new(),
+        });
         let code = match client.call_ok(&issue).await {
-            Ok(Reply::Code(CodeOutcome::Issued(code))) => *code,
-            Ok(Reply::Code(CodeOutcome::Declined(reason))) => {
+            Ok(Reply::IssueCode(CodeOutcome::Issued(code))) => *code,
+            Ok(Reply::IssueCode(CodeOutcome::Declined(reason))) => {
                 codes.lock().await.declined.push(reason);
                 continue;
             }
@@ -150,8 +151,8 @@ async fn load_codes(
             Err(_) => return,
         };
         codes.lock().await.issued.push(code.clone());
-        let redeem = |id: u128| Request::RedeemCode {
-            request: RedeemRequest {
+        let redeem = |id: u128| {
+            Request::RedeemCode(RedeemCode {
                 client_request_id: id,
                 code: code.text.clone(),
                 issuer: 1,
@@ -160,18 +161,17 @@ async fn load_codes(
                 currency: jpy(),
                 sale_at_ms: now_ms(),
                 terminal_id: "CRASH-1".into(),
-                items: Vec::new(),
-                basket: None,
+                lines: SaleLines::Items(Vec::new()),
                 coupon: None,
                 order_ref: String::new(),
-            },
+            })
         };
         let (a, b): (u128, u128) = (rng.gen(), rng.gen());
         let (request_a, request_b) = (redeem(a), redeem(b));
         let (first, second) = tokio::join!(client.call(&request_a), client.call(&request_b));
         for (id, response) in [(a, first), (b, second)] {
             match response {
-                Ok(Response::Ok(Reply::Redeemed(redemption))) => codes
+                Ok(Response::Ok(Reply::RedeemCode(redemption))) => codes
                     .lock()
                     .await
                     .redeemed
@@ -257,19 +257,29 @@ async fn load_accounts(
         let user = payers[index].user.clone();
         let request = if rng.gen_bool(0.5) {
             let means = MeansInput::EMoney { emoney_type: "suica".into() };
-            Request::AddMeans { client_request_id: rng.gen(), user, make_default: false, means }
+            Request::AddMeans(AddMeans {
+                client_request_id: rng.gen(),
+                user,
+                make_default: false,
+                means,
+            })
         } else {
             let [_, _, r1, r0] = (round as u32).to_be_bytes();
             let [_, n2, n1, n0] = n.to_be_bytes();
             let card_idm = [7, r1, r0, index as u8, n2, n1, n0, 0xd0];
             let password = PASSWORD.into();
-            Request::ProvisionDevice { client_request_id: rng.gen(), user, password, card_idm }
+            Request::ProvisionDevice(ProvisionDevice {
+                client_request_id: rng.gen(),
+                user,
+                password,
+                card_idm,
+            })
         };
         match client.call(&request).await {
-            Ok(Response::Ok(Reply::MeansAdded(added))) => {
+            Ok(Response::Ok(Reply::AddMeans(added))) => {
                 accounts.lock().await.means.push((index, added.means_id, MeansKind::EMoney));
             }
-            Ok(Response::Ok(Reply::Credential(credential))) => {
+            Ok(Response::Ok(Reply::ProvisionDevice(credential))) => {
                 accounts.lock().await.devices.push((index, credential, 1));
             }
             Ok(_) => {}
@@ -297,22 +307,20 @@ async fn acknowledged_operations_survive_sigkill() {
     let accounts: Accounts = Arc::default();
     for i in 0..USERS {
         let user = UserKey::new(UserIdType::Mail, format!("crash{i}@example.com")).unwrap();
-        let enroll = Request::Enroll {
+        let enroll = Request::Enroll(Enroll {
             client_request_id: 10_000 + i as u128,
             user: user.clone(),
             password: PASSWORD.into(),
             card_idm: [9, 9, 9, 9, 0, 0, 0, i as u8],
-        };
-        let Reply::Credential(credential) = client.call_ok(&enroll).await.unwrap() else {
-            panic!()
-        };
-        let card = Request::AddMeans {
+        });
+        let Reply::Enroll(credential) = client.call_ok(&enroll).await.unwrap() else { panic!() };
+        let card = Request::AddMeans(AddMeans {
             client_request_id: 20_000 + i as u128,
             user: user.clone(),
             make_default: true,
             means: MeansInput::CreditCard { pan: "4111111111111111".into() },
-        };
-        let Reply::MeansAdded(card) = client.call_ok(&card).await.unwrap() else { panic!() };
+        });
+        let Reply::AddMeans(card) = client.call_ok(&card).await.unwrap() else { panic!() };
         accounts.lock().await.means.push((i, card.means_id, MeansKind::CreditCard));
         payers.push(Payer { user, credential });
     }
@@ -401,8 +409,13 @@ async fn verify_accounts(
     let client = connect(addr).await.expect("restarted server answers");
     let mut accounts = accounts.lock().await;
     for (index, payer) in payers.iter().enumerate() {
-        let list = Request::ListMeans { user: payer.user.clone(), order: MeansOrder::Registration };
-        let Reply::Means(listed) = client.call_ok(&list).await.unwrap() else { panic!() };
+        let list = Request::ListMeans(ListMeans {
+            user: payer.user.clone(),
+            order: MeansOrder::Registration,
+        });
+        let Reply::ListMeans(MeansList(listed)) = client.call_ok(&list).await.unwrap() else {
+            panic!()
+        };
         for (_, means_id, kind) in accounts.means.iter().filter(|(owner, _, _)| *owner == index) {
             assert!(
                 listed.iter().any(|m| m.means_id == *means_id && m.kind == *kind),
@@ -447,35 +460,33 @@ async fn verify_codes(addr: std::net::SocketAddr, codes: &Codes) {
     for (number, redemptions) in &seen.redeemed {
         assert_eq!(redemptions.len(), 1, "code {number} redeemed {} times", redemptions.len());
         let (id, redemption) = &redemptions[0];
-        let state = client.call_ok(&Request::CodeState { number: *number }).await.unwrap();
+        let state =
+            client.call_ok(&Request::CodeState(GetCodeState { number: *number })).await.unwrap();
         assert_eq!(
             state,
-            Reply::CodeState(Box::new(CodeState::Redeemed(Box::new(redemption.clone())))),
+            Reply::CodeState(CodeState::Redeemed(Box::new(redemption.clone()))),
             "an acknowledged redemption changed after a crash"
         );
         let code = seen.issued.iter().find(|c| c.number == *number).expect("issued");
-        let retry = Request::RedeemCode {
-            request: RedeemRequest {
-                client_request_id: *id,
-                code: code.text.clone(),
-                issuer: 1,
-                number: *number,
-                amount_minor: redemption.captured_minor,
-                currency: jpy(),
-                sale_at_ms: redemption.sale_at_ms,
-                terminal_id: "CRASH-1".into(),
-                items: Vec::new(),
-                basket: None,
-                coupon: None,
-                order_ref: String::new(),
-            },
-        };
+        let retry = Request::RedeemCode(RedeemCode {
+            client_request_id: *id,
+            code: code.text.clone(),
+            issuer: 1,
+            number: *number,
+            amount_minor: redemption.captured_minor,
+            currency: jpy(),
+            sale_at_ms: redemption.sale_at_ms,
+            terminal_id: "CRASH-1".into(),
+            lines: SaleLines::Items(Vec::new()),
+            coupon: None,
+            order_ref: String::new(),
+        });
         assert_eq!(
             client.call_ok(&retry).await.unwrap(),
-            Reply::Redeemed(Box::new(redemption.clone()))
+            Reply::RedeemCode(Box::new(redemption.clone()))
         );
         let mut again = retry.clone();
-        if let Request::RedeemCode { request } = &mut again {
+        if let Request::RedeemCode(request) = &mut again {
             request.client_request_id = rand::random();
         }
         assert_eq!(
@@ -485,7 +496,7 @@ async fn verify_codes(addr: std::net::SocketAddr, codes: &Codes) {
         );
     }
     for code in &seen.issued {
-        let state = client.call_ok(&Request::CodeState { number: code.number }).await;
+        let state = client.call_ok(&Request::CodeState(GetCodeState { number: code.number })).await;
         assert!(
             matches!(state, Ok(Reply::CodeState(_))),
             "issued code {} lost: {state:?}",
@@ -502,8 +513,8 @@ async fn verify_codes(addr: std::net::SocketAddr, codes: &Codes) {
 async fn verify(addr: std::net::SocketAddr, payers: &[Payer], acked: &Acked) {
     let client = connect(addr).await.expect("restarted server answers");
     for payer in payers {
-        let login = Request::Login { user: payer.user.clone(), password: PASSWORD.into() };
-        assert_eq!(client.call_ok(&login).await.unwrap(), Reply::Empty, "enrollment survived");
+        let login = Request::Login(Login { user: payer.user.clone(), password: PASSWORD.into() });
+        assert_eq!(client.call_ok(&login).await.unwrap(), Reply::Login(()), "enrollment survived");
     }
     let acked = acked.lock().await.clone();
     let client = Arc::new(client);

@@ -3,6 +3,7 @@
 //! private whatever the umask, a stale snapshot temporary file goes, a damaged log is refused
 //! (not cut), and what recovery does cut is kept beside the log.
 
+use settlegate_protocol::ops::{ConfirmTerminal, RegisterTerminals};
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -12,7 +13,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use settlegate_engine::wal::{shard_log_path, shard_snapshot_path};
-use settlegate_engine::TerminalEntry;
+use settlegate_protocol::messages::TerminalEntry;
 use settlegate_protocol::messages::{Request, Response};
 use settlegate_protocol::Client;
 
@@ -136,15 +137,18 @@ async fn admin(addr: SocketAddr) -> Client {
 }
 
 fn register(id: u128, terminal: &str) -> Request {
-    Request::RegisterTerminals {
+    Request::RegisterTerminals(RegisterTerminals {
         client_request_id: id,
         provider_code: 1,
         terminals: vec![TerminalEntry { terminal_id: terminal.into(), service: None }],
-    }
+    })
 }
 
 async fn listed(client: &Client, terminal: &str) -> bool {
-    let query = Request::ConfirmTerminal { provider_code: 1, terminal_id: terminal.into() };
+    let query = Request::ConfirmTerminal(ConfirmTerminal {
+        provider_code: 1,
+        terminal_id: terminal.into(),
+    });
     let reply = format!("{:?}", client.call_ok(&query).await.unwrap());
     reply.contains("Listed") && !reply.contains("NotListed")
 }
@@ -226,11 +230,11 @@ async fn readyz_is_not_ready_while_a_shard_is_down() {
     let client = crate::support::server::client(&server, ADMIN_KEY).await;
     let mut refused = false;
     for id in 1..=10u128 {
-        let request = Request::RegisterTerminals {
+        let request = Request::RegisterTerminals(RegisterTerminals {
             client_request_id: id,
             provider_code: 100,
             terminals: vec![TerminalEntry { terminal_id: format!("T-{id}"), service: None }],
-        };
+        });
         if !matches!(client.call(&request).await, Ok(Response::Ok(_))) {
             refused = true;
             break;

@@ -2,13 +2,14 @@
 //! sockets: slow senders, parsing before `AUTH`, clients that do not read, replies too large
 //! for a frame.
 
+use settlegate_protocol::ops::{Auth, Enroll, IssueCoupons, Ping};
 use std::time::Duration;
 
-use settlegate_engine::codes::CouponEffect;
 use settlegate_engine::limits::{COUPON_USERS_MAX, COUPON_USES_MAX, USER_ID_LEN_MAX};
 use settlegate_engine::{UserIdType, UserKey};
 use settlegate_protocol::frame::{Frame, FrameError};
 use settlegate_protocol::messages::{opcode, status, Reply, Request, Response};
+use settlegate_protocol::values::CouponEffect;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -16,7 +17,7 @@ use tokio::time::Instant;
 use crate::support::server::*;
 
 fn auth_frame(key: &str, request_id: u64) -> Vec<u8> {
-    Request::Auth { key: key.into() }.to_frame(request_id).to_bytes()
+    Request::Auth(Auth { key: key.into() }).to_frame(request_id).to_bytes()
 }
 
 /// Sends `bytes` one byte every `every`, until the bytes run out or the server closes; returns
@@ -36,7 +37,7 @@ async fn trickle(stream: &mut TcpStream, bytes: &[u8], every: Duration) -> (Dura
 
 /// A frame long enough that trickling it takes well past every deadline under test.
 fn long_ping() -> Vec<u8> {
-    Request::Ping { payload: vec![b'x'; 64] }.to_frame(7).to_bytes()
+    Request::Ping(Ping { payload: vec![b'x'; 64] }).to_frame(7).to_bytes()
 }
 
 #[tokio::test]
@@ -106,7 +107,7 @@ async fn tricklers_without_a_key_cannot_lock_out_partners() {
     let tricklers: Vec<_> = (0..16).map(|_| trickler(&server)).collect();
     tokio::time::sleep(Duration::from_millis(100)).await;
     // Connected partners are served, and places remain for new authenticated ones.
-    assert!(partner.call_ok(&Request::Ping { payload: vec![] }).await.is_ok());
+    assert!(partner.call_ok(&Request::Ping(Ping { payload: vec![] })).await.is_ok());
     // Once the authentication deadline has passed, a new partner gets in and is served.
     tokio::time::sleep(Duration::from_millis(700)).await;
     let late = tokio::time::timeout(Duration::from_secs(5), async {
@@ -120,7 +121,7 @@ async fn tricklers_without_a_key_cannot_lock_out_partners() {
     })
     .await
     .expect("a partner gets in once the deadlines pass");
-    assert!(late.call_ok(&Request::Ping { payload: vec![] }).await.is_ok());
+    assert!(late.call_ok(&Request::Ping(Ping { payload: vec![] })).await.is_ok());
     for trickler in tricklers {
         assert!(trickler.await.unwrap(), "every trickler was closed by the server");
     }
@@ -169,25 +170,25 @@ async fn enroll_longest(client: &settlegate_protocol::Client) -> UserKey {
     let id = format!("{local}@{}", "e".repeat(64 - local.len() - 1));
     let user = UserKey::new(UserIdType::Mail, id).unwrap();
     assert_eq!(user.id().len(), USER_ID_LEN_MAX);
-    let request = Request::Enroll {
+    let request = Request::Enroll(Enroll {
         client_request_id: crate::support::request_id(),
         user: user.clone(),
         password: "a long enough password".into(),
         card_idm: crate::support::fresh_idm(),
-    };
+    });
     client.call_ok(&request).await.expect("enrolled");
     user
 }
 
 fn issue_coupons(users: Vec<UserKey>) -> Request {
-    Request::IssueCoupons {
+    Request::IssueCoupons(IssueCoupons {
         client_request_id: crate::support::request_id(),
         provider_code: 100,
         effect: CouponEffect::Fixed { amount_minor: u64::MAX / 2, currency: crate::support::jpy() },
         uses: COUPON_USES_MAX,
         expires_ms: i64::MAX / 2,
         users,
-    }
+    })
 }
 
 #[tokio::test]
@@ -198,7 +199,7 @@ async fn the_largest_issue_coupons_is_answered_and_a_larger_one_refused() {
     // The largest request the limits allow: its reply is the largest ISSUE_COUPONS reply.
     let request = issue_coupons(vec![user; COUPON_USERS_MAX]);
     match client.call_ok(&request).await.expect("answered") {
-        Reply::Coupons(results) => {
+        Reply::IssueCoupons(results) => {
             assert_eq!(results.len(), COUPON_USERS_MAX);
             assert!(results.iter().all(Result::is_ok), "{:?}", results[0]);
         }
@@ -210,7 +211,7 @@ async fn the_largest_issue_coupons_is_answered_and_a_larger_one_refused() {
     let short = UserKey::new(UserIdType::Mail, "a@b.example".to_owned()).unwrap();
     let over = client.call(&issue_coupons(vec![short; 1_000])).await.unwrap();
     assert!(matches!(over, Response::BadRequest(_)), "{over:?}");
-    assert!(client.call_ok(&Request::Ping { payload: vec![] }).await.is_ok());
+    assert!(client.call_ok(&Request::Ping(Ping { payload: vec![] })).await.is_ok());
     server.shutdown().await;
 }
 
@@ -225,7 +226,7 @@ fn rss_mib(pid: u32) -> u64 {
 async fn pipeline_without_reading(stream: TcpStream, span: Duration) -> (TcpStream, usize) {
     let mut chunk = auth_frame(ADMIN_KEY, 1);
     for id in 2..700u64 {
-        chunk.extend(Request::Ping { payload: vec![b'p'; 64] }.to_frame(id).to_bytes());
+        chunk.extend(Request::Ping(Ping { payload: vec![b'p'; 64] }).to_frame(id).to_bytes());
     }
     let until = Instant::now() + span;
     let mut sent = 0;
@@ -298,7 +299,7 @@ async fn clients_that_do_not_read_are_held_to_their_reply_budget() {
     let streams = non_readers(addr, CLIENTS, Duration::from_secs(2)).await;
     let partner = settlegate_protocol::Client::connect(addr).await.unwrap();
     partner.authenticate(ADMIN_KEY).await.unwrap();
-    let pong = partner.call_ok(&Request::Ping { payload: b"still here".to_vec() }).await;
+    let pong = partner.call_ok(&Request::Ping(Ping { payload: b"still here".to_vec() })).await;
     assert!(pong.is_ok(), "a reading partner is served meanwhile: {pong:?}");
     let during = rss_mib(child.0.id());
     // docs/CONFIG.md: a connection that does not read costs its budget plus under 1 MiB of
@@ -324,13 +325,13 @@ async fn a_client_that_never_reads_is_closed_after_the_idle_time() {
     partner.authenticate(ADMIN_KEY).await.unwrap();
     let sockets_before = sockets(child.0.id());
     let streams = non_readers(addr, CLIENTS, Duration::from_secs(2)).await;
-    let pong = partner.call_ok(&Request::Ping { payload: b"still here".to_vec() }).await;
+    let pong = partner.call_ok(&Request::Ping(Ping { payload: b"still here".to_vec() })).await;
     assert!(pong.is_ok(), "a reading partner is served meanwhile: {pong:?}");
     let deadline = Instant::now() + Duration::from_secs(30);
     while sockets(child.0.id()) > sockets_before && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;
         // The partner keeps its connection from idling out meanwhile.
-        let _ = partner.call_ok(&Request::Ping { payload: vec![] }).await;
+        let _ = partner.call_ok(&Request::Ping(Ping { payload: vec![] })).await;
     }
     let after = sockets(child.0.id());
     assert!(

@@ -1,11 +1,15 @@
 //! The real binary: graceful shutdown on SIGTERM with requests in flight, and TLS with a
 //! client certificate.
 
+use settlegate_protocol::ops::{
+    AddMeans, ConfirmTerminal, Enroll, ListMeans, Login, Ping, RotateDeviceKey,
+};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use settlegate_engine::{InherentId, MeansInput, MeansKind, UserIdType, UserKey};
+use settlegate_engine::{InherentId, MeansKind, UserIdType, UserKey};
+use settlegate_protocol::messages::{MeansInput, MeansOrder};
 use settlegate_protocol::messages::{Reply, Request, Response};
 use settlegate_protocol::Client;
 use sha2::{Digest, Sha256};
@@ -22,19 +26,19 @@ async fn sigterm_finishes_in_flight_requests_then_exits_zero() {
     let client = Arc::new(Client::connect(addr).await.unwrap());
     client.authenticate(ADMIN_KEY).await.unwrap();
     let user = UserKey::new(UserIdType::Mail, "shutdown@example.com").unwrap();
-    let enroll = Request::Enroll {
+    let enroll = Request::Enroll(Enroll {
         client_request_id: 1,
         user: user.clone(),
         password: PASSWORD.into(),
         card_idm: [5; 8],
-    };
-    let Reply::Credential(credential) = client.call_ok(&enroll).await.unwrap() else { panic!() };
-    let card = Request::AddMeans {
+    });
+    let Reply::Enroll(credential) = client.call_ok(&enroll).await.unwrap() else { panic!() };
+    let card = Request::AddMeans(AddMeans {
         client_request_id: 2,
         user: user.clone(),
         make_default: true,
         means: MeansInput::CreditCard { pan: "4111111111111111".into() },
-    };
+    });
     client.call_ok(&card).await.unwrap();
     // Ten authorizations that each take 400 ms at the provider.
     let calls: Vec<_> = (0..10u64)
@@ -152,29 +156,32 @@ async fn tls_with_a_client_certificate_authenticates_the_connection() {
     let client = Client::from_stream(stream);
     // Authenticated by the certificate: an account operation works without AUTH.
     let user = UserKey::new(UserIdType::Mail, "nobody@example.com").unwrap();
-    let listing = Request::ListMeans { user, order: settlegate_engine::MeansOrder::Registration };
+    let listing = Request::ListMeans(ListMeans { user, order: MeansOrder::Registration });
     assert_eq!(
         client.call(&listing).await.unwrap(),
         Response::Refused(settlegate_engine::ReasonCode::UnknownUser)
     );
     // The certificate's identity has no authorize permission.
-    let confirm =
-        Request::ConfirmTerminal { provider_code: PROVIDER_OK, terminal_id: "T-1".into() };
+    let confirm = Request::ConfirmTerminal(ConfirmTerminal {
+        provider_code: PROVIDER_OK,
+        terminal_id: "T-1".into(),
+    });
     assert!(matches!(client.call(&confirm).await.unwrap(), Response::Forbidden(_)));
 
     // Without a client certificate the handshake (or the first exchange) fails.
     let refused = match tls_connect(server.addr, &pki, false).await {
         Err(_) => true,
-        Ok(stream) => {
-            Client::from_stream(stream).call(&Request::Ping { payload: vec![] }).await.is_err()
-        }
+        Ok(stream) => Client::from_stream(stream)
+            .call(&Request::Ping(Ping { payload: vec![] }))
+            .await
+            .is_err(),
     };
     assert!(refused, "a client without a certificate is refused");
     // Plain TCP to the TLS port gets nowhere either.
     let plain = Client::connect(server.addr).await.unwrap();
     let result = tokio::time::timeout(
         Duration::from_secs(5),
-        plain.call(&Request::Ping { payload: vec![] }),
+        plain.call(&Request::Ping(Ping { payload: vec![] })),
     )
     .await;
     assert!(!matches!(result, Ok(Ok(Response::Ok(_)))));
@@ -193,22 +200,22 @@ async fn no_secret_reaches_a_log_line_even_at_trace_level() {
     let password = "a very secret passphrase";
     let pan = "4012888888881881";
     let user = UserKey::new(UserIdType::Mail, "secrets@example.com").unwrap();
-    let enroll = Request::Enroll {
+    let enroll = Request::Enroll(Enroll {
         client_request_id: 1,
         user: user.clone(),
         password: password.into(),
         card_idm: [7; 8],
-    };
-    let Reply::Credential(credential) = client.call_ok(&enroll).await.unwrap() else { panic!() };
-    let card = Request::AddMeans {
+    });
+    let Reply::Enroll(credential) = client.call_ok(&enroll).await.unwrap() else { panic!() };
+    let card = Request::AddMeans(AddMeans {
         client_request_id: 2,
         user: user.clone(),
         make_default: true,
         means: MeansInput::CreditCard { pan: pan.into() },
-    };
+    });
     client.call_ok(&card).await.unwrap();
     client
-        .call(&Request::Login { user: user.clone(), password: "wrong passphrase!".into() })
+        .call(&Request::Login(Login { user: user.clone(), password: "wrong passphrase!".into() }))
         .await
         .unwrap();
     let record = InherentId {
@@ -225,13 +232,13 @@ async fn no_secret_reaches_a_log_line_even_at_trace_level() {
         timestamp_ms: now_ms(),
     };
     approved(client.authorize(3, record.sign(credential.device_key.expose())).await.unwrap());
-    let rotate = Request::RotateDeviceKey {
+    let rotate = Request::RotateDeviceKey(RotateDeviceKey {
         client_request_id: 4,
         user,
         password: password.into(),
         card_idm: credential.card_idm,
-    };
-    let Reply::Credential(rotated) = client.call_ok(&rotate).await.unwrap() else { panic!() };
+    });
+    let Reply::RotateDeviceKey(rotated) = client.call_ok(&rotate).await.unwrap() else { panic!() };
     drop(client);
     Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();

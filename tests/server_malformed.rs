@@ -1,6 +1,7 @@
 //! Malformed input over raw sockets: each gets its error reply, closes (or not) as the spec
 //! says, and never disturbs another connection.
 
+use settlegate_protocol::ops::{Auth, Ping};
 use std::time::Duration;
 
 use settlegate_protocol::frame::{self, Frame, BODY_LEN_MAX, HEADER_LEN};
@@ -25,7 +26,7 @@ async fn expect_frame_error(stream: &mut tokio::net::TcpStream, kind: u16) {
 
 /// A second, healthy connection still works.
 async fn bystander_still_served(bystander: &Client) {
-    let pong = bystander.call_ok(&Request::Ping { payload: b"ok".to_vec() }).await;
+    let pong = bystander.call_ok(&Request::Ping(Ping { payload: b"ok".to_vec() })).await;
     assert!(pong.is_ok(), "other connections are unaffected: {pong:?}");
 }
 
@@ -40,7 +41,7 @@ async fn exchange(server: &settlegate::server::RunningServer, bytes: &[u8]) -> V
 }
 
 fn ping(request_id: u64) -> Vec<u8> {
-    Request::Ping { payload: b"x".to_vec() }.to_frame(request_id).to_bytes()
+    Request::Ping(Ping { payload: b"x".to_vec() }).to_frame(request_id).to_bytes()
 }
 
 /// Rewrites the header checksum after a test edits header fields.
@@ -114,7 +115,7 @@ async fn truncated_header_times_out_with_a_frame_error() {
 #[tokio::test]
 async fn truncated_body_times_out_with_a_frame_error() {
     let server = start().await;
-    let bytes = Request::Ping { payload: vec![7; 40] }.to_frame(1).to_bytes();
+    let bytes = Request::Ping(Ping { payload: vec![7; 40] }).to_frame(1).to_bytes();
     let mut stream = raw(&server, &bytes[..HEADER_LEN + 5]).await;
     expect_frame_error(&mut stream, 6).await;
     server.shutdown().await;
@@ -156,7 +157,7 @@ async fn malformed_body_is_a_bad_request_and_the_connection_stays_open() {
     let mut bytes = Frame::request(settlegate_protocol::opcode::AUTH, 5, vec![9, 0]).to_bytes();
     bytes.extend_from_slice(&ping(6));
     // Authenticated (a body is parsed only then), an ENROLL with a truncated body.
-    bytes.extend_from_slice(&Request::Auth { key: ADMIN_KEY.into() }.to_frame(8).to_bytes());
+    bytes.extend_from_slice(&Request::Auth(Auth { key: ADMIN_KEY.into() }).to_frame(8).to_bytes());
     bytes.extend_from_slice(
         &Frame::request(settlegate_protocol::opcode::ENROLL, 7, vec![0; 5]).to_bytes(),
     );
@@ -172,10 +173,10 @@ async fn malformed_body_is_a_bad_request_and_the_connection_stays_open() {
 #[tokio::test]
 async fn request_id_zero_a_status_or_the_response_flag_make_a_bad_request() {
     let server = start().await;
-    let mut zero_id = Request::Ping { payload: vec![] }.to_frame(0);
-    let mut with_status = Request::Ping { payload: vec![] }.to_frame(7);
+    let mut zero_id = Request::Ping(Ping { payload: vec![] }).to_frame(0);
+    let mut with_status = Request::Ping(Ping { payload: vec![] }).to_frame(7);
     with_status.status = 3;
-    let mut flagged = Request::Ping { payload: vec![] }.to_frame(8);
+    let mut flagged = Request::Ping(Ping { payload: vec![] }).to_frame(8);
     flagged.flags = settlegate_protocol::frame::FLAG_RESPONSE;
     zero_id.body.clear();
     let mut bytes = Vec::new();

@@ -1,12 +1,21 @@
 //! Every protocol operation, black-box over 127.0.0.1:0 through the Rust client.
 
+use settlegate_protocol::messages::{BasketOutcome, MeansList, SaleLines, WalletEntries};
+use settlegate_protocol::ops::code_state::GetCodeState;
+use settlegate_protocol::ops::ping::Pong;
+use settlegate_protocol::ops::server_info::GetServerInfo;
+use settlegate_protocol::ops::{
+    AddMeans, Auth, Authorize, AuthorizeBasket, ConfirmTerminal, IssueCode, ListMeans, Login, Ping,
+    ProvisionDevice, RedeemCode, RegisterAge, RegisterTerminals, RemoveTerminals, RotateDeviceKey,
+    SetAgePolicy, SetDefaultMeans, StoreAt, StoreBySignal, SubscribeDevice, TopUp, UpsertStore,
+    UsableMethods, Wallet,
+};
 use std::time::Duration;
 
-use settlegate_engine::{
-    AuthOutcome, Discount, MeansInput, MeansKind, MeansOrder, ReasonCode, TerminalConfirmation,
-    TerminalEntry, TerminalService, UserIdType, UserKey,
-};
+use settlegate_engine::{AuthOutcome, MeansKind, ReasonCode, UserIdType, UserKey};
+use settlegate_protocol::messages::{MeansInput, MeansOrder, TerminalConfirmation, TerminalEntry};
 use settlegate_protocol::messages::{Reply, Request, Response};
+use settlegate_protocol::values::{Discount, TerminalService};
 use settlegate_protocol::Client;
 
 use crate::support::server::*;
@@ -18,28 +27,30 @@ async fn connection_level_operations_and_authentication() {
     let client = Client::connect(server.addr).await.unwrap();
     // PING and SERVER_INFO need no authentication.
     assert_eq!(
-        client.call_ok(&Request::Ping { payload: b"abc".to_vec() }).await.unwrap(),
-        Reply::Pong(b"abc".to_vec())
+        client.call_ok(&Request::Ping(Ping { payload: b"abc".to_vec() })).await.unwrap(),
+        Reply::Ping(Pong(b"abc".to_vec()))
     );
-    let Reply::ServerInfo(info) = client.call_ok(&Request::ServerInfo).await.unwrap() else {
+    let Reply::ServerInfo(info) =
+        client.call_ok(&Request::ServerInfo(GetServerInfo)).await.unwrap()
+    else {
         panic!()
     };
     assert_eq!(info.protocol_version, 1);
     assert_eq!(info.providers.iter().map(|p| p.0).collect::<Vec<_>>(), vec![100, 200, 300]);
     // Anything else needs it.
-    let listing = Request::ListMeans {
+    let listing = Request::ListMeans(ListMeans {
         user: UserKey::new(UserIdType::Mail, "x@example.com").unwrap(),
         order: MeansOrder::Registration,
-    };
+    });
     assert!(matches!(client.call(&listing).await.unwrap(), Response::Unauthenticated(_)));
     client.authenticate(ADMIN_KEY).await.unwrap();
     assert_eq!(client.call(&listing).await.unwrap(), Response::Refused(ReasonCode::UnknownUser));
     // A wrong key is refused and the connection closed.
     let other = Client::connect(server.addr).await.unwrap();
-    let refused = other.call(&Request::Auth { key: "nope".into() }).await.unwrap();
+    let refused = other.call(&Request::Auth(Auth { key: "nope".into() })).await.unwrap();
     assert!(matches!(refused, Response::Unauthenticated(_)));
     assert!(
-        other.call(&Request::Ping { payload: vec![] }).await.is_err(),
+        other.call(&Request::Ping(Ping { payload: vec![] })).await.is_err(),
         "closed after a failed AUTH"
     );
     server.shutdown().await;
@@ -50,61 +61,67 @@ async fn account_operations() {
     let server = start().await;
     let client = client(&server, ADMIN_KEY).await;
     let payer = enroll(&client, "ops-accounts").await;
-    let login =
-        |password: &str| Request::Login { user: payer.user.clone(), password: password.into() };
-    assert_eq!(client.call_ok(&login(PASSWORD)).await.unwrap(), Reply::Empty);
+    let login = |password: &str| {
+        Request::Login(Login { user: payer.user.clone(), password: password.into() })
+    };
+    assert_eq!(client.call_ok(&login(PASSWORD)).await.unwrap(), Reply::Login(()));
     assert_eq!(
         client.call(&login("wrong password")).await.unwrap(),
         Response::Refused(ReasonCode::WrongPassword)
     );
-    let emoney = Request::AddMeans {
+    let emoney = Request::AddMeans(AddMeans {
         client_request_id: request_id(),
         user: payer.user.clone(),
         make_default: false,
         means: MeansInput::EMoney { emoney_type: "Suica".into() },
-    };
-    let Reply::MeansAdded(added) = client.call_ok(&emoney).await.unwrap() else { panic!() };
+    });
+    let Reply::AddMeans(added) = client.call_ok(&emoney).await.unwrap() else { panic!() };
     assert_eq!(added.last4, None);
-    let set_default = Request::SetDefaultMeans {
+    let set_default = Request::SetDefaultMeans(SetDefaultMeans {
         client_request_id: request_id(),
         user: payer.user.clone(),
         means_id: added.means_id,
+    });
+    assert_eq!(client.call_ok(&set_default).await.unwrap(), Reply::SetDefaultMeans(()));
+    let listing =
+        Request::ListMeans(ListMeans { user: payer.user.clone(), order: MeansOrder::Registration });
+    let Reply::ListMeans(MeansList(means)) = client.call_ok(&listing).await.unwrap() else {
+        panic!()
     };
-    assert_eq!(client.call_ok(&set_default).await.unwrap(), Reply::Empty);
-    let listing = Request::ListMeans { user: payer.user.clone(), order: MeansOrder::Registration };
-    let Reply::Means(means) = client.call_ok(&listing).await.unwrap() else { panic!() };
     assert_eq!(means.len(), 2);
     assert_eq!(means.iter().find(|m| m.is_default).unwrap().kind, MeansKind::EMoney);
     assert!(means[0].token.is_some());
     // The listing's bytes never carry the card number.
     let raw = listing.to_frame(1).to_bytes();
     assert!(!String::from_utf8_lossy(&raw).contains("5555555555554444"));
-    let provision = Request::ProvisionDevice {
+    let provision = Request::ProvisionDevice(ProvisionDevice {
         client_request_id: request_id(),
         user: payer.user.clone(),
         password: PASSWORD.into(),
         card_idm: fresh_idm(),
+    });
+    let Reply::ProvisionDevice(second) = client.call_ok(&provision).await.unwrap() else {
+        panic!()
     };
-    let Reply::Credential(second) = client.call_ok(&provision).await.unwrap() else { panic!() };
     assert_eq!(second.key_version, 1);
-    let stolen = Request::RotateDeviceKey {
+    let stolen = Request::RotateDeviceKey(RotateDeviceKey {
         client_request_id: request_id(),
         user: payer.user.clone(),
         password: "not the password".into(),
         card_idm: payer.credential.card_idm,
-    };
+    });
     assert_eq!(
         client.call(&stolen).await.unwrap(),
         Response::Refused(ReasonCode::WrongPassword),
         "a device key is rotated only for someone who knows the password"
     );
-    let rotate = Request::RotateDeviceKey {
+    let rotate = Request::RotateDeviceKey(RotateDeviceKey {
         client_request_id: request_id(),
         user: payer.user.clone(),
         password: PASSWORD.into(),
         card_idm: payer.credential.card_idm,
-    };
-    let Reply::Credential(rotated) = client.call_ok(&rotate).await.unwrap() else { panic!() };
+    });
+    let Reply::RotateDeviceKey(rotated) = client.call_ok(&rotate).await.unwrap() else { panic!() };
     assert_eq!(rotated.key_version, 2);
     assert_ne!(rotated.device_key, payer.credential.device_key);
     server.shutdown().await;
@@ -120,36 +137,43 @@ async fn provider_terminals_and_confirmation() {
         valid_until_ms: i64::MAX,
         description: "100 yen off".into(),
     };
-    let register = Request::RegisterTerminals {
+    let register = Request::RegisterTerminals(RegisterTerminals {
         client_request_id: request_id(),
         provider_code: PROVIDER_OK,
         terminals: vec![
             TerminalEntry { terminal_id: "SHOP-A-1".into(), service: Some(service.clone()) },
             TerminalEntry { terminal_id: "SHOP-A-2".into(), service: None },
         ],
+    });
+    assert_eq!(client.call_ok(&register).await.unwrap(), Reply::RegisterTerminals(()));
+    let confirm = |id: &str| {
+        Request::ConfirmTerminal(ConfirmTerminal {
+            provider_code: PROVIDER_OK,
+            terminal_id: id.into(),
+        })
     };
-    assert_eq!(client.call_ok(&register).await.unwrap(), Reply::Empty);
-    let confirm =
-        |id: &str| Request::ConfirmTerminal { provider_code: PROVIDER_OK, terminal_id: id.into() };
     assert_eq!(
         client.call_ok(&confirm("SHOP-A-1")).await.unwrap(),
-        Reply::Confirmation(TerminalConfirmation::Listed { service: Some(service) })
+        Reply::ConfirmTerminal(TerminalConfirmation::Listed { service: Some(service) })
     );
     assert_eq!(
         client.call_ok(&confirm("SHOP-A-2")).await.unwrap(),
-        Reply::Confirmation(TerminalConfirmation::Listed { service: None })
+        Reply::ConfirmTerminal(TerminalConfirmation::Listed { service: None })
     );
-    let remove = Request::RemoveTerminals {
+    let remove = Request::RemoveTerminals(RemoveTerminals {
         client_request_id: request_id(),
         provider_code: PROVIDER_OK,
         terminal_ids: vec!["SHOP-A-2".into()],
-    };
-    assert_eq!(client.call_ok(&remove).await.unwrap(), Reply::Empty);
+    });
+    assert_eq!(client.call_ok(&remove).await.unwrap(), Reply::RemoveTerminals(()));
     assert_eq!(
         client.call_ok(&confirm("SHOP-A-2")).await.unwrap(),
-        Reply::Confirmation(TerminalConfirmation::NotListed)
+        Reply::ConfirmTerminal(TerminalConfirmation::NotListed)
     );
-    let unknown = Request::ConfirmTerminal { provider_code: 4_242, terminal_id: "SHOP-A-1".into() };
+    let unknown = Request::ConfirmTerminal(ConfirmTerminal {
+        provider_code: 4_242,
+        terminal_id: "SHOP-A-1".into(),
+    });
     assert_eq!(
         client.call(&unknown).await.unwrap(),
         Response::Refused(ReasonCode::UnknownProvider)
@@ -162,7 +186,7 @@ async fn authorize_with_discount_retry_replay_and_notice() {
     let server = start().await;
     let client = client(&server, ADMIN_KEY).await;
     let mut payer = enroll(&client, "ops-authorize").await;
-    let register = Request::RegisterTerminals {
+    let register = Request::RegisterTerminals(RegisterTerminals {
         client_request_id: request_id(),
         provider_code: PROVIDER_OK,
         terminals: vec![TerminalEntry {
@@ -174,7 +198,7 @@ async fn authorize_with_discount_retry_replay_and_notice() {
                 description: String::new(),
             }),
         }],
-    };
+    });
     client.call_ok(&register).await.unwrap();
     let listener = Client::connect(server.addr).await.unwrap();
     listener.authenticate(ADMIN_KEY).await.unwrap();
@@ -235,9 +259,11 @@ async fn a_read_of_more_frames_than_the_in_flight_limit_is_answered_whole() {
     config.server.in_flight_max = 4;
     let server = start_with(config).await;
     let mut bytes = Vec::new();
-    Request::Auth { key: ADMIN_KEY.into() }.encode_frame(1, &mut bytes).unwrap();
+    Request::Auth(Auth { key: ADMIN_KEY.into() }).encode_frame(1, &mut bytes).unwrap();
     for id in 2..=41u64 {
-        Request::Ping { payload: id.to_be_bytes().to_vec() }.encode_frame(id, &mut bytes).unwrap();
+        Request::Ping(Ping { payload: id.to_be_bytes().to_vec() })
+            .encode_frame(id, &mut bytes)
+            .unwrap();
     }
     let mut stream = raw(&server, &bytes).await;
     let mut input = Vec::new();
@@ -273,26 +299,27 @@ async fn identities_are_held_to_their_permissions_and_scopes() {
         shop.authorize(request_id(), payer.sign(500, PROVIDER_OK, "SHOP-A-77")).await.unwrap(),
     );
     // Another merchant's terminal: forbidden.
-    let other = Request::Authorize {
+    let other = Request::Authorize(Authorize {
         client_request_id: request_id(),
         inherent_id: payer.sign(500, PROVIDER_OK, "SHOP-B-1"),
-    };
+    });
     assert!(matches!(shop.call(&other).await.unwrap(), Response::Forbidden(_)));
     // No account or provider permissions.
-    let listing = Request::ListMeans { user: payer.user.clone(), order: MeansOrder::Registration };
+    let listing =
+        Request::ListMeans(ListMeans { user: payer.user.clone(), order: MeansOrder::Registration });
     assert!(matches!(shop.call(&listing).await.unwrap(), Response::Forbidden(_)));
-    let register = Request::RegisterTerminals {
+    let register = Request::RegisterTerminals(RegisterTerminals {
         client_request_id: request_id(),
         provider_code: PROVIDER_OK,
         terminals: vec![TerminalEntry { terminal_id: "SHOP-A-1".into(), service: None }],
-    };
+    });
     assert!(matches!(shop.call(&register).await.unwrap(), Response::Forbidden(_)));
     // The admin identity may not manage a provider outside its list either.
-    let foreign = Request::RegisterTerminals {
+    let foreign = Request::RegisterTerminals(RegisterTerminals {
         client_request_id: request_id(),
         provider_code: 4_242,
         terminals: vec![TerminalEntry { terminal_id: "X".into(), service: None }],
-    };
+    });
     assert!(matches!(admin.call(&foreign).await.unwrap(), Response::Forbidden(_)));
     server.shutdown().await;
 }
@@ -316,10 +343,10 @@ async fn busy_engine_answers_busy_with_a_retry_hint() {
             let bytes = payer.sign(100, PROVIDER_OK, "T-1");
             tokio::spawn(async move {
                 client
-                    .call(&Request::Authorize {
+                    .call(&Request::Authorize(Authorize {
                         client_request_id: request_id(),
                         inherent_id: bytes,
-                    })
+                    }))
                     .await
                     .unwrap()
             })
@@ -334,7 +361,7 @@ async fn busy_engine_answers_busy_with_a_retry_hint() {
                 assert!(retry_after_ms > 0);
                 busy += 1;
             }
-            Response::Ok(Reply::Outcome(outcome)) => {
+            Response::Ok(Reply::Authorize(outcome)) => {
                 approved(outcome);
             }
             other => panic!("unexpected {other:?}"),
@@ -348,7 +375,7 @@ async fn busy_engine_answers_busy_with_a_retry_hint() {
 async fn health_readiness_and_metrics() {
     let server = start().await;
     let client = client(&server, ADMIN_KEY).await;
-    client.call_ok(&Request::Ping { payload: vec![] }).await.unwrap();
+    client.call_ok(&Request::Ping(Ping { payload: vec![] })).await.unwrap();
     let (status, body) = http_get(&server, "/healthz").await;
     assert!(status.contains("200"), "{status}");
     assert_eq!(body.trim(), "ok");
@@ -366,16 +393,18 @@ async fn health_readiness_and_metrics() {
 #[tokio::test]
 async fn age_registry_over_the_wire() {
     use settlegate_engine::age::{Date, VerificationMethod};
-    use settlegate_engine::{AgeCheck, AgePolicy, AgeRecord, Basket, BasketItem, OnAgeFailure};
+    use settlegate_engine::AgeRecord;
+    use settlegate_protocol::messages::{AgeCheck, AgePolicy, OnAgeFailure};
+    use settlegate_protocol::values::{Basket, BasketItem};
 
     let server = start().await;
     let admin = client(&server, ADMIN_KEY).await;
     let mut payer = enroll(&admin, "age-wire").await;
-    let terminals = Request::RegisterTerminals {
+    let terminals = Request::RegisterTerminals(RegisterTerminals {
         client_request_id: request_id(),
         provider_code: PROVIDER_OK,
         terminals: vec![TerminalEntry { terminal_id: "SHOP-A-AGE".into(), service: None }],
-    };
+    });
     admin.call_ok(&terminals).await.unwrap();
     let policy = AgePolicy {
         jurisdiction: "JP".into(),
@@ -383,13 +412,15 @@ async fn age_registry_over_the_wire() {
         on_failure: OnAgeFailure::RemoveItems,
         strict: false,
     };
-    let set = |policy| Request::SetAgePolicy {
-        client_request_id: request_id(),
-        provider_code: PROVIDER_OK,
-        terminal_id: "SHOP-A-AGE".into(),
-        policy,
+    let set = |policy| {
+        Request::SetAgePolicy(SetAgePolicy {
+            client_request_id: request_id(),
+            provider_code: PROVIDER_OK,
+            terminal_id: "SHOP-A-AGE".into(),
+            policy,
+        })
     };
-    assert_eq!(admin.call_ok(&set(Some(policy.clone()))).await.unwrap(), Reply::Empty);
+    assert_eq!(admin.call_ok(&set(Some(policy.clone()))).await.unwrap(), Reply::SetAgePolicy(()));
     let bad = AgePolicy { time_zone: "Nowhere/Land".into(), ..policy };
     assert_eq!(
         admin.call(&set(Some(bad))).await.unwrap(),
@@ -410,8 +441,8 @@ async fn age_registry_over_the_wire() {
         timestamp_ms: now_ms(),
     }
     .sign(payer.credential.device_key.expose());
-    let register = Request::RegisterAge { client_request_id: request_id(), record };
-    assert_eq!(admin.call_ok(&register).await.unwrap(), Reply::Empty);
+    let register = Request::RegisterAge(RegisterAge { client_request_id: request_id(), record });
+    assert_eq!(admin.call_ok(&register).await.unwrap(), Reply::RegisterAge(()));
 
     // A2: a store terminal identity (authorize only) pays for beer and bread; the beer goes.
     let shop = client(&server, TERMINAL_KEY).await;
@@ -432,13 +463,15 @@ async fn age_registry_over_the_wire() {
             },
         ],
     };
-    let pay = Request::AuthorizeBasket {
+    let pay = Request::AuthorizeBasket(AuthorizeBasket {
         client_request_id: request_id(),
         inherent_id: payer.sign(850, PROVIDER_OK, "SHOP-A-AGE"),
         basket: basket.clone(),
-    };
-    let Reply::BasketOutcome(AuthOutcome::Approved(approval), Some(verdict)) =
-        shop.call_ok(&pay).await.unwrap()
+    });
+    let Reply::AuthorizeBasket(BasketOutcome {
+        outcome: AuthOutcome::Approved(approval),
+        verdict: Some(verdict),
+    }) = shop.call_ok(&pay).await.unwrap()
     else {
         panic!("expected an approval with a verdict")
     };
@@ -448,21 +481,25 @@ async fn age_registry_over_the_wire() {
     // The shop may not change age policies or register ages.
     assert!(matches!(shop.call(&set(None)).await.unwrap(), Response::Forbidden(_)));
     // A basket that does not add up to the signed amount: no verdict.
-    let mismatch = Request::AuthorizeBasket {
+    let mismatch = Request::AuthorizeBasket(AuthorizeBasket {
         client_request_id: request_id(),
         inherent_id: payer.sign(999, PROVIDER_OK, "SHOP-A-AGE"),
         basket,
-    };
+    });
     assert_eq!(
         shop.call_ok(&mismatch).await.unwrap(),
-        Reply::BasketOutcome(AuthOutcome::Declined(ReasonCode::BasketMismatch), None)
+        Reply::AuthorizeBasket(BasketOutcome {
+            outcome: AuthOutcome::Declined(ReasonCode::BasketMismatch),
+            verdict: None
+        })
     );
 }
 
 #[tokio::test]
 async fn stores_and_wallet_over_the_wire() {
-    use settlegate_engine::{AcceptedMethod, BestBy, Signal, Store};
     use settlegate_protocol::messages::degrees_to_e7;
+    use settlegate_protocol::messages::{BestBy, Signal};
+    use settlegate_protocol::values::{AcceptedMethod, Store};
 
     let server = start().await;
     let admin = client(&server, ADMIN_KEY).await;
@@ -478,56 +515,58 @@ async fn stores_and_wallet_over_the_wire() {
         qr_code: None,
         accepts: vec![AcceptedMethod { kind: MeansKind::EMoney, brand: "suica".into() }],
     };
-    let upsert = Request::UpsertStore { client_request_id: request_id(), store: store.clone() };
-    assert_eq!(admin.call_ok(&upsert).await.unwrap(), Reply::Empty);
+    let upsert =
+        Request::UpsertStore(UpsertStore { client_request_id: request_id(), store: store.clone() });
+    assert_eq!(admin.call_ok(&upsert).await.unwrap(), Reply::UpsertStore(()));
     // A terminal-only identity may not manage stores.
     let shop = client(&server, TERMINAL_KEY).await;
     assert!(matches!(shop.call(&upsert).await.unwrap(), Response::Forbidden(_)));
 
-    let at = Request::StoreAt {
+    let at = Request::StoreAt(StoreAt {
         latitude_e7: degrees_to_e7(35.6815),
         longitude_e7: degrees_to_e7(139.7671),
         radius_m: 100,
-    };
-    let Reply::Entered(entered) = admin.call_ok(&at).await.unwrap() else { panic!() };
+    });
+    let Reply::StoreAt(entered) = admin.call_ok(&at).await.unwrap() else { panic!() };
     assert_eq!(entered.store, store);
     let metres = entered.distance_m.unwrap();
     assert!((33.0..34.0).contains(&metres), "{metres}");
-    let far = Request::StoreAt { latitude_e7: 0, longitude_e7: 0, radius_m: 100 };
+    let far = Request::StoreAt(StoreAt { latitude_e7: 0, longitude_e7: 0, radius_m: 100 });
     assert_eq!(admin.call(&far).await.unwrap(), Response::Refused(ReasonCode::NoStoreInRange));
-    let by_beacon = Request::StoreBySignal { signal: Signal::Beacon, id: "wire-beacon".into() };
-    let Reply::Entered(entered) = admin.call_ok(&by_beacon).await.unwrap() else { panic!() };
+    let by_beacon =
+        Request::StoreBySignal(StoreBySignal { signal: Signal::Beacon, id: "wire-beacon".into() });
+    let Reply::StoreBySignal(entered) = admin.call_ok(&by_beacon).await.unwrap() else { panic!() };
     assert_eq!(entered.store.store_id, "WIRE-STORE");
 
     // A payer with a card (not accepted there) and a topped-up suica.
     let payer = enroll(&admin, "wallet-wire").await;
-    let suica = Request::AddMeans {
+    let suica = Request::AddMeans(AddMeans {
         client_request_id: request_id(),
         user: payer.user.clone(),
         make_default: false,
         means: MeansInput::EMoney { emoney_type: "Suica".into() },
-    };
-    let Reply::MeansAdded(added) = admin.call_ok(&suica).await.unwrap() else { panic!() };
-    let top_up = Request::TopUp {
+    });
+    let Reply::AddMeans(added) = admin.call_ok(&suica).await.unwrap() else { panic!() };
+    let top_up = Request::TopUp(TopUp {
         client_request_id: request_id(),
         user: payer.user.clone(),
         means_id: added.means_id,
         amount_minor: 3_000,
         currency: jpy(),
-    };
-    let Reply::Balance(balance) = admin.call_ok(&top_up).await.unwrap() else { panic!() };
+    });
+    let Reply::TopUp(balance) = admin.call_ok(&top_up).await.unwrap() else { panic!() };
     assert_eq!((balance.balance_minor, balance.currency), (3_000, Some(jpy())));
-    let usable = Request::UsableMethods {
+    let usable = Request::UsableMethods(UsableMethods {
         user: payer.user.clone(),
         store_id: "WIRE-STORE".into(),
         best_by: BestBy::LargestBalance,
-    };
-    let Reply::Usable(usable) = admin.call_ok(&usable).await.unwrap() else { panic!() };
+    });
+    let Reply::UsableMethods(usable) = admin.call_ok(&usable).await.unwrap() else { panic!() };
     let marks: Vec<bool> = usable.methods.iter().map(|m| m.usable).collect();
     assert_eq!(marks, vec![false, true], "the mastercard is not accepted, the suica is");
     assert_eq!(usable.best, Some(added.means_id));
-    let Reply::Wallet(wallet) =
-        admin.call_ok(&Request::Wallet { user: payer.user.clone() }).await.unwrap()
+    let Reply::Wallet(WalletEntries(wallet)) =
+        admin.call_ok(&Request::Wallet(Wallet { user: payer.user.clone() })).await.unwrap()
     else {
         panic!()
     };
@@ -538,9 +577,7 @@ async fn stores_and_wallet_over_the_wire() {
 
 #[tokio::test]
 async fn payment_codes_over_the_wire() {
-    use settlegate_engine::{
-        CodeOutcome, CodeState, DeviceMessage, IssueCodeRequest, RedeemRequest,
-    };
+    use settlegate_protocol::messages::{CodeOutcome, CodeState, DeviceMessage};
 
     let server = start().await;
     let admin = client(&server, ADMIN_KEY).await;
@@ -548,34 +585,32 @@ async fn payment_codes_over_the_wire() {
     // The device subscribes to its own stream.
     let device = Client::connect(server.addr).await.unwrap();
     device.authenticate(ADMIN_KEY).await.unwrap();
-    let subscribe = Request::SubscribeDevice {
+    let subscribe = Request::SubscribeDevice(SubscribeDevice {
         user: payer.user.clone(),
         password: PASSWORD.into(),
         card_idm: payer.credential.card_idm,
-    };
+    });
     let (reply, mut pushes) = device.subscribe_device(&subscribe).await.unwrap();
-    assert_eq!(reply, Reply::Empty);
+    assert_eq!(reply, Reply::SubscribeDevice(()));
 
-    let issue = Request::IssueCode {
-        request: IssueCodeRequest {
-            client_request_id: request_id(),
-            inherent_id: payer.sign(6_000, PROVIDER_OK, "*"),
-            validity_ms: 300_000,
-            deliver_to: None,
-            order_ref: String::new(),
-        },
-    };
-    let Reply::Code(CodeOutcome::Issued(code)) = admin.call_ok(&issue).await.unwrap() else {
+    let issue = Request::IssueCode(IssueCode {
+        client_request_id: request_id(),
+        inherent_id: payer.sign(6_000, PROVIDER_OK, "*"),
+        validity_ms: 300_000,
+        deliver_to: None,
+        order_ref: String::new(),
+    });
+    let Reply::IssueCode(CodeOutcome::Issued(code)) = admin.call_ok(&issue).await.unwrap() else {
         panic!("code issued")
     };
     let pushed =
         tokio::time::timeout(Duration::from_secs(5), pushes.recv()).await.unwrap().unwrap();
-    assert_eq!(pushed, Reply::DeviceMessage(Box::new(DeviceMessage::Code((*code).clone()))));
+    assert_eq!(pushed, Reply::DeviceMessage(DeviceMessage::Code((*code).clone())));
 
     // A store terminal redeems it for less; a second attempt is refused.
     let shop = client(&server, TERMINAL_KEY).await;
-    let redeem = |client_request_id| Request::RedeemCode {
-        request: RedeemRequest {
+    let redeem = |client_request_id| {
+        Request::RedeemCode(RedeemCode {
             client_request_id,
             code: code.text.clone(),
             issuer: 1,
@@ -584,13 +619,12 @@ async fn payment_codes_over_the_wire() {
             currency: jpy(),
             sale_at_ms: now_ms(),
             terminal_id: "SHOP-A-POS1".into(),
-            items: vec![("ITEM".into(), 1, 5_500)],
-            basket: None,
+            lines: SaleLines::Items(vec![("ITEM".into(), 1, 5_500)]),
             coupon: None,
             order_ref: String::new(),
-        },
+        })
     };
-    let Reply::Redeemed(redemption) = shop.call_ok(&redeem(request_id())).await.unwrap() else {
+    let Reply::RedeemCode(redemption) = shop.call_ok(&redeem(request_id())).await.unwrap() else {
         panic!("redeemed")
     };
     assert_eq!((redemption.captured_minor, redemption.released_minor), (5_500, 500));
@@ -598,12 +632,12 @@ async fn payment_codes_over_the_wire() {
         shop.call(&redeem(request_id())).await.unwrap(),
         Response::Refused(ReasonCode::CodeRedeemed)
     );
-    let state = Request::CodeState { number: code.number };
+    let state = Request::CodeState(GetCodeState { number: code.number });
     let Reply::CodeState(state) = shop.call_ok(&state).await.unwrap() else { panic!() };
-    assert!(matches!(*state, CodeState::Redeemed(_)));
+    assert!(matches!(state, CodeState::Redeemed(_)));
     // The shop identity may act only for its own terminals.
     let mut elsewhere = redeem(request_id());
-    if let Request::RedeemCode { request } = &mut elsewhere {
+    if let Request::RedeemCode(request) = &mut elsewhere {
         request.terminal_id = "OTHER-POS".into();
     }
     assert!(matches!(shop.call(&elsewhere).await.unwrap(), Response::Forbidden(_)));

@@ -1,14 +1,20 @@
 //! Hardening issue #19 (independent hostile review), over real sockets: what an identity can
 //! learn or do that it should not, and what a retry may not repeat.
 
+use settlegate_protocol::messages::SaleLines;
+use settlegate_protocol::ops::notify_delivery::Delivered;
+use settlegate_protocol::ops::{
+    AddMeans, Auth, Authorize, Enroll, IssueCode, IssueCoupons, ListMeans, Login, NotifyDelivery,
+    ProvisionDevice, RedeemCode, RevokeDeviceKey, RotateDeviceKey, SetDefaultMeans,
+    SubscribeDevice, SubscribeNotices, TopUp, UsableMethods, Wallet,
+};
 use std::time::Duration;
 
-use settlegate_engine::{
-    CodeOutcome, CodeState, IssueCodeRequest, IssuedCode, MeansInput, ReasonCode, RedeemRequest,
-    UserIdType, UserKey,
-};
+use settlegate_engine::{ReasonCode, UserIdType, UserKey};
 use settlegate_protocol::frame::{self, Frame};
+use settlegate_protocol::messages::{CodeOutcome, CodeState, MeansInput};
 use settlegate_protocol::messages::{Reply, Request, Response};
+use settlegate_protocol::values::IssuedCode;
 use settlegate_protocol::Client;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -18,39 +24,34 @@ use crate::support::*;
 
 /// A payment code of `amount` for `payer`, requested for store terminal `terminal`.
 async fn issue_code(payer: &mut Payer, client: &Client, amount: u64, terminal: &str) -> IssuedCode {
-    let issue = Request::IssueCode {
-        request: IssueCodeRequest {
-            client_request_id: request_id(),
-            inherent_id: payer.sign(amount, PROVIDER_OK, terminal),
-            validity_ms: 300_000,
-            deliver_to: None,
-            order_ref: String::new(),
-        },
-    };
+    let issue = Request::IssueCode(IssueCode {
+        client_request_id: request_id(),
+        inherent_id: payer.sign(amount, PROVIDER_OK, terminal),
+        validity_ms: 300_000,
+        deliver_to: None,
+        order_ref: String::new(),
+    });
     match client.call_ok(&issue).await.unwrap() {
-        Reply::Code(CodeOutcome::Issued(code)) => *code,
+        Reply::IssueCode(CodeOutcome::Issued(code)) => *code,
         other => panic!("no code: {other:?}"),
     }
 }
 
 /// The redemption of `code` for `amount` at `terminal`.
 fn redeem(code: &IssuedCode, amount: u64, terminal: &str) -> Request {
-    Request::RedeemCode {
-        request: RedeemRequest {
-            client_request_id: request_id(),
-            code: code.text.clone(),
-            issuer: 1,
-            number: code.number,
-            amount_minor: amount,
-            currency: jpy(),
-            sale_at_ms: now_ms(),
-            terminal_id: terminal.into(),
-            items: vec![("ITEM-7".into(), 1, amount)],
-            basket: None,
-            coupon: None,
-            order_ref: String::new(),
-        },
-    }
+    Request::RedeemCode(RedeemCode {
+        client_request_id: request_id(),
+        code: code.text.clone(),
+        issuer: 1,
+        number: code.number,
+        amount_minor: amount,
+        currency: jpy(),
+        sale_at_ms: now_ms(),
+        terminal_id: terminal.into(),
+        lines: SaleLines::Items(vec![("ITEM-7".into(), 1, amount)]),
+        coupon: None,
+        order_ref: String::new(),
+    })
 }
 
 /// A raw connection, authenticated with `key`, that sends frames as given and reads the
@@ -65,7 +66,7 @@ impl Raw {
     async fn connect(server: &settlegate::server::RunningServer, key: &str) -> Raw {
         let stream = TcpStream::connect(server.addr).await.unwrap();
         let mut raw = Raw { stream, input: Vec::new(), next_id: 1 };
-        let auth = raw.request(&Request::Auth { key: key.into() }).await;
+        let auth = raw.request(&Request::Auth(Auth { key: key.into() })).await;
         assert_eq!(auth.status, 0, "authenticated");
         raw
     }
@@ -108,27 +109,34 @@ fn seen(frame: &Frame) -> (u16, u16, u8, Vec<u8>) {
 /// Every password-taking request, for `user` with `password`.
 fn password_requests(user: &UserKey, password: &str, card_idm: [u8; 8]) -> Vec<Request> {
     vec![
-        Request::Login { user: user.clone(), password: password.into() },
-        Request::ProvisionDevice {
+        Request::Login(Login { user: user.clone(), password: password.into() }),
+        Request::ProvisionDevice(ProvisionDevice {
             client_request_id: 77,
             user: user.clone(),
             password: password.into(),
             card_idm,
-        },
-        Request::RotateDeviceKey {
+        }),
+        Request::RotateDeviceKey(RotateDeviceKey {
             client_request_id: 78,
             user: user.clone(),
             password: password.into(),
             card_idm,
-        },
-        Request::RevokeDeviceKey {
+        }),
+        Request::RevokeDeviceKey(RevokeDeviceKey {
             client_request_id: 79,
             user: user.clone(),
             password: password.into(),
             card_idm,
-        },
-        Request::SubscribeNotices { user: user.clone(), password: password.into() },
-        Request::SubscribeDevice { user: user.clone(), password: password.into(), card_idm },
+        }),
+        Request::SubscribeNotices(SubscribeNotices {
+            user: user.clone(),
+            password: password.into(),
+        }),
+        Request::SubscribeDevice(SubscribeDevice {
+            user: user.clone(),
+            password: password.into(),
+            card_idm,
+        }),
     ]
 }
 
@@ -188,7 +196,7 @@ async fn an_unknown_user_costs_the_work_of_a_wrong_password() {
     };
     let mut raw = Raw::connect(&server, ADMIN_KEY).await;
     let login =
-        |user: &UserKey| Request::Login { user: user.clone(), password: "wrong!!!!".into() };
+        |user: &UserKey| Request::Login(Login { user: user.clone(), password: "wrong!!!!".into() });
     let mut grew = Vec::new();
     for user in [&known, &ghost, &known, &ghost] {
         let before = logged();
@@ -208,47 +216,51 @@ const DIGITS: &str = "0123456789012345";
 
 /// Every request that carries a `user` (in the layout of `docs/PROTOCOL.md`), for `user`.
 fn user_requests(user: &UserKey) -> Vec<Request> {
-    use settlegate_engine::codes::CouponEffect;
-    use settlegate_engine::{BestBy, DeliveryNotice, MeansOrder};
+    use settlegate_protocol::messages::{BestBy, MeansOrder};
+    use settlegate_protocol::values::{CouponEffect, DeliveryNotice};
     let idm = [9; 8];
     let mut requests = password_requests(user, PASSWORD, idm);
     requests.extend([
-        Request::Enroll {
+        Request::Enroll(Enroll {
             client_request_id: 1,
             user: user.clone(),
             password: PASSWORD.into(),
             card_idm: idm,
-        },
-        Request::AddMeans {
+        }),
+        Request::AddMeans(AddMeans {
             client_request_id: 2,
             user: user.clone(),
             make_default: false,
             means: MeansInput::EMoney { emoney_type: "Suica".into() },
-        },
-        Request::SetDefaultMeans { client_request_id: 3, user: user.clone(), means_id: 1 },
-        Request::ListMeans { user: user.clone(), order: MeansOrder::Registration },
-        Request::TopUp {
+        }),
+        Request::SetDefaultMeans(SetDefaultMeans {
+            client_request_id: 3,
+            user: user.clone(),
+            means_id: 1,
+        }),
+        Request::ListMeans(ListMeans { user: user.clone(), order: MeansOrder::Registration }),
+        Request::TopUp(TopUp {
             client_request_id: 4,
             user: user.clone(),
             means_id: 1,
             amount_minor: 100,
             currency: jpy(),
-        },
-        Request::UsableMethods {
+        }),
+        Request::UsableMethods(UsableMethods {
             user: user.clone(),
             store_id: "S-1".into(),
             best_by: BestBy::MostUsed,
-        },
-        Request::Wallet { user: user.clone() },
-        Request::IssueCoupons {
+        }),
+        Request::Wallet(Wallet { user: user.clone() }),
+        Request::IssueCoupons(IssueCoupons {
             client_request_id: 5,
             provider_code: PROVIDER_OK,
             effect: CouponEffect::Percent { bps: 100 },
             uses: 1,
             expires_ms: i64::MAX,
             users: vec![user.clone()],
-        },
-        Request::NotifyDelivery {
+        }),
+        Request::NotifyDelivery(NotifyDelivery {
             client_request_id: 6,
             notice: DeliveryNotice {
                 user: user.clone(),
@@ -257,7 +269,7 @@ fn user_requests(user: &UserKey) -> Vec<Request> {
                 currency: jpy(),
                 merchant: "M".into(),
             },
-        },
+        }),
     ]);
     requests
 }
@@ -286,12 +298,12 @@ async fn a_user_id_that_does_not_fit_its_type_is_refused_with_51() {
 
     // The issue's example: ENROLL of the mail address `no-at.example.com`.
     let mail = UserKey::new(UserIdType::Mail, "no@at.example.com").unwrap();
-    let enroll = Request::Enroll {
+    let enroll = Request::Enroll(Enroll {
         client_request_id: request_id(),
         user: mail,
         password: PASSWORD.into(),
         card_idm: fresh_idm(),
-    };
+    });
     let mut body = Vec::new();
     enroll.encode_body(&mut body);
     let at = body.windows(2).position(|w| w == b"o@").unwrap() + 1;
@@ -330,7 +342,7 @@ async fn a_user_id_that_does_not_fit_its_type_is_refused_with_51() {
 
     // Permissions and authentication come first.
     let mut shop = Raw::connect(&server, TERMINAL_KEY).await;
-    let wallet = Request::Wallet { user: number.clone() };
+    let wallet = Request::Wallet(Wallet { user: number.clone() });
     let body = retyped(&wallet, DIGITS, UserIdType::InherentNumber, UserIdType::Mail);
     let answer = shop.send(wallet.opcode(), body.clone()).await;
     assert_eq!(answer.status, settlegate_protocol::status::FORBIDDEN);
@@ -394,7 +406,7 @@ async fn code_state_answers_only_for_the_identitys_own_terminals() {
         let answer = shop.send(CODE_STATE, state(waiting.number)).await;
         assert_eq!(
             Response::decode(CODE_STATE, answer.status, &answer.body),
-            Ok(Response::Ok(Reply::CodeState(Box::new(CodeState::Issued))))
+            Ok(Response::Ok(Reply::CodeState(CodeState::Issued)))
         );
         let answer = shop.send(CODE_STATE, state(ours.number)).await;
         let Ok(Response::Ok(Reply::CodeState(state))) =
@@ -402,7 +414,7 @@ async fn code_state_answers_only_for_the_identitys_own_terminals() {
         else {
             panic!("SHOP-A reads its own redemption")
         };
-        let CodeState::Redeemed(redemption) = *state else { panic!("redeemed") };
+        let CodeState::Redeemed(redemption) = state else { panic!("redeemed") };
         assert_eq!(
             (redemption.terminal_id.as_str(), redemption.captured_minor),
             ("SHOP-A-2", 1_500)
@@ -410,7 +422,8 @@ async fn code_state_answers_only_for_the_identitys_own_terminals() {
         if snapshot_every_records > 0 {
             // A record in the codes' shard, so it writes a snapshot: the next restart reads it.
             let admin = client(&server, ADMIN_KEY).await;
-            let login = Request::Login { user: payer.user.clone(), password: PASSWORD.into() };
+            let login =
+                Request::Login(Login { user: payer.user.clone(), password: PASSWORD.into() });
             admin.call_ok(&login).await.unwrap();
         }
         server.shutdown().await;
@@ -440,42 +453,48 @@ async fn a_revoked_device_key_is_refused_at_once_and_after_a_restart() {
     let server = start_with(config(0)).await;
     let admin = client(&server, ADMIN_KEY).await;
     let mut payer = enroll(&admin, "review-revoke").await;
-    let pay = |payer: &mut Payer| Request::Authorize {
-        client_request_id: request_id(),
-        inherent_id: payer.sign(100, PROVIDER_OK, "SHOP-A-1"),
+    let pay = |payer: &mut Payer| {
+        Request::Authorize(Authorize {
+            client_request_id: request_id(),
+            inherent_id: payer.sign(100, PROVIDER_OK, "SHOP-A-1"),
+        })
     };
     let outcome = |reply| match reply {
-        Reply::Outcome(outcome) => outcome,
+        Reply::Authorize(outcome) => outcome,
         other => panic!("not an outcome: {other:?}"),
     };
     approved(outcome(admin.call_ok(&pay(&mut payer)).await.unwrap()));
     // A rotation leaves the old key valid for the grace window (a day): that is the problem.
     let (user, card_idm) = (payer.user.clone(), payer.credential.card_idm);
-    let rotate = |password: &str| Request::RotateDeviceKey {
-        client_request_id: request_id(),
-        user: user.clone(),
-        password: password.into(),
-        card_idm,
+    let rotate = |password: &str| {
+        Request::RotateDeviceKey(RotateDeviceKey {
+            client_request_id: request_id(),
+            user: user.clone(),
+            password: password.into(),
+            card_idm,
+        })
     };
-    let Reply::Credential(rotated) = admin.call_ok(&rotate(PASSWORD)).await.unwrap() else {
+    let Reply::RotateDeviceKey(rotated) = admin.call_ok(&rotate(PASSWORD)).await.unwrap() else {
         panic!()
     };
     let stolen = payer.credential.clone();
     approved(outcome(admin.call_ok(&pay(&mut payer)).await.unwrap()));
     // Revocation needs the password, and is idempotent.
-    let revoke = |client_request_id, password: &str| Request::RevokeDeviceKey {
-        client_request_id,
-        user: user.clone(),
-        password: password.into(),
-        card_idm,
+    let revoke = |client_request_id, password: &str| {
+        Request::RevokeDeviceKey(RevokeDeviceKey {
+            client_request_id,
+            user: user.clone(),
+            password: password.into(),
+            card_idm,
+        })
     };
     assert_eq!(
         admin.call(&revoke(request_id(), "not the password")).await.unwrap(),
         Response::Refused(ReasonCode::WrongPassword)
     );
     let id = request_id();
-    assert_eq!(admin.call_ok(&revoke(id, PASSWORD)).await.unwrap(), Reply::Empty);
-    assert_eq!(admin.call_ok(&revoke(id, PASSWORD)).await.unwrap(), Reply::Empty);
+    assert_eq!(admin.call_ok(&revoke(id, PASSWORD)).await.unwrap(), Reply::RevokeDeviceKey(()));
+    assert_eq!(admin.call_ok(&revoke(id, PASSWORD)).await.unwrap(), Reply::RevokeDeviceKey(()));
     let refused = AuthOutcome::Declined(ReasonCode::KeyVersionInvalid);
     // Neither the rotated-out key (the thief's) nor the current one signs anything now.
     for credential in [&stolen, &rotated] {
@@ -494,7 +513,8 @@ async fn a_revoked_device_key_is_refused_at_once_and_after_a_restart() {
         }
         if snapshot_every_records > 0 {
             // A record in the user's shard, so it writes a snapshot for the next restart.
-            let login = Request::Login { user: payer.user.clone(), password: PASSWORD.into() };
+            let login =
+                Request::Login(Login { user: payer.user.clone(), password: PASSWORD.into() });
             admin.call_ok(&login).await.unwrap();
         }
         server.shutdown().await;
@@ -502,7 +522,7 @@ async fn a_revoked_device_key_is_refused_at_once_and_after_a_restart() {
     // The device found again: a rotation gives it a key that works.
     let server = start_with(config(0)).await;
     let admin = client(&server, ADMIN_KEY).await;
-    let Reply::Credential(fresh) = admin.call_ok(&rotate(PASSWORD)).await.unwrap() else {
+    let Reply::RotateDeviceKey(fresh) = admin.call_ok(&rotate(PASSWORD)).await.unwrap() else {
         panic!()
     };
     assert_eq!(fresh.key_version, rotated.key_version + 2, "the revocation took a version");
@@ -522,18 +542,19 @@ async fn a_revoked_device_key_is_refused_at_once_and_after_a_restart() {
 /// refused with 40.
 #[tokio::test]
 async fn a_retried_delivery_notice_notifies_once() {
-    use settlegate_engine::{DeliveryNotice, DeviceMessage};
+    use settlegate_protocol::messages::DeviceMessage;
+    use settlegate_protocol::values::DeliveryNotice;
     let dir = tempfile::tempdir().unwrap();
     let mut config = server_config();
     config.engine.durability.data_dir = Some(dir.path().to_owned());
     let server = start_with(config.clone()).await;
     let admin = client(&server, ADMIN_KEY).await;
     let Payer { user, credential, .. } = enroll(&admin, "review-delivery").await;
-    let subscribe = Request::SubscribeDevice {
+    let subscribe = Request::SubscribeDevice(SubscribeDevice {
         user: user.clone(),
         password: PASSWORD.into(),
         card_idm: credential.card_idm,
-    };
+    });
     let device = client(&server, ADMIN_KEY).await;
     let (_, mut pushes) = device.subscribe_device(&subscribe).await.unwrap();
     let notice = DeliveryNotice {
@@ -544,18 +565,20 @@ async fn a_retried_delivery_notice_notifies_once() {
         merchant: "Review Books".into(),
     };
     let id = request_id();
-    let notify = |client_request_id, notice: &DeliveryNotice| Request::NotifyDelivery {
-        client_request_id,
-        notice: notice.clone(),
+    let notify = |client_request_id, notice: &DeliveryNotice| {
+        Request::NotifyDelivery(NotifyDelivery { client_request_id, notice: notice.clone() })
     };
-    assert_eq!(admin.call_ok(&notify(id, &notice)).await.unwrap(), Reply::Delivered(1));
-    let pushed = tokio::time::timeout(Duration::from_secs(5), pushes.recv()).await.unwrap();
     assert_eq!(
-        pushed.unwrap(),
-        Reply::DeviceMessage(Box::new(DeviceMessage::Delivery(notice.clone())))
+        admin.call_ok(&notify(id, &notice)).await.unwrap(),
+        Reply::NotifyDelivery(Delivered { devices: 1 })
     );
+    let pushed = tokio::time::timeout(Duration::from_secs(5), pushes.recv()).await.unwrap();
+    assert_eq!(pushed.unwrap(), Reply::DeviceMessage(DeviceMessage::Delivery(notice.clone())));
     // The retry: the first answer, and nothing pushed.
-    assert_eq!(admin.call_ok(&notify(id, &notice)).await.unwrap(), Reply::Delivered(1));
+    assert_eq!(
+        admin.call_ok(&notify(id, &notice)).await.unwrap(),
+        Reply::NotifyDelivery(Delivered { devices: 1 })
+    );
     let again = tokio::time::timeout(Duration::from_millis(500), pushes.recv()).await;
     assert!(again.is_err(), "a retry notifies nobody: {again:?}");
     // The same ID for another notice.
@@ -571,11 +594,17 @@ async fn a_retried_delivery_notice_notifies_once() {
     let admin = client(&server, ADMIN_KEY).await;
     let device = client(&server, ADMIN_KEY).await;
     let (_, mut pushes) = device.subscribe_device(&subscribe).await.unwrap();
-    assert_eq!(admin.call_ok(&notify(id, &notice)).await.unwrap(), Reply::Delivered(1));
+    assert_eq!(
+        admin.call_ok(&notify(id, &notice)).await.unwrap(),
+        Reply::NotifyDelivery(Delivered { devices: 1 })
+    );
     let again = tokio::time::timeout(Duration::from_millis(500), pushes.recv()).await;
     assert!(again.is_err(), "a retry after a restart notifies nobody: {again:?}");
     // A new ID is a new notice.
-    assert_eq!(admin.call_ok(&notify(request_id(), &notice)).await.unwrap(), Reply::Delivered(1));
+    assert_eq!(
+        admin.call_ok(&notify(request_id(), &notice)).await.unwrap(),
+        Reply::NotifyDelivery(Delivered { devices: 1 })
+    );
     assert!(tokio::time::timeout(Duration::from_secs(5), pushes.recv()).await.is_ok());
     server.shutdown().await;
 }

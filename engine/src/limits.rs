@@ -1,34 +1,16 @@
 //! Every limit the engine enforces, in one place, checked against each other at compile time.
+//!
+//! The limits a client can see on the wire are defined in `settlegate-types` (shared with the
+//! wire codec) and re-exported here; the engine's own follow.
 
-/// Longest user ID, in bytes (a mail address or an inherent number).
-pub const USER_ID_LEN_MAX: usize = 64;
-/// Longest store-terminal ID, in bytes (ISO 8583 field 41 holds 8; we allow 16).
-pub const TERMINAL_ID_LEN_MAX: usize = 16;
-/// Shortest password accepted at enrollment, in bytes.
-pub const PASSWORD_LEN_MIN: usize = 8;
-/// Longest password accepted, in bytes (bounds the hashing work a request can cause).
-pub const PASSWORD_LEN_MAX: usize = 128;
-/// Settlement means a user may register.
-pub const MEANS_PER_USER_MAX: usize = 16;
-/// Devices a user may have provisioned.
-pub const DEVICES_PER_USER_MAX: usize = 8;
-/// Longest free-text field of a means (e-money type, scheme name, bank code, label).
-pub const MEANS_TEXT_LEN_MAX: usize = 32;
-/// Largest amount, in minor units, of one authorization (10^15: beyond any real payment).
-pub const AMOUNT_MINOR_MAX: u64 = 1_000_000_000_000_000;
+pub use settlegate_types::limits::*;
+
 /// Requests in one batch submission (embedded `authorize_batch`, or one protocol read).
 pub const BATCH_SIZE_MAX: usize = 4096;
 /// Terminals a provider may list.
 pub const TERMINALS_PER_PROVIDER_MAX: usize = 1_000_000;
-/// Terminals registered by one request.
-pub const TERMINALS_PER_REQUEST_MAX: usize = 1024;
-/// Longest description of a terminal-unique service.
-pub const SERVICE_DESCRIPTION_LEN_MAX: usize = 64;
 /// Providers the engine serves.
 pub const PROVIDERS_MAX: usize = 1024;
-/// Longest provider display name, bytes: `SERVER_INFO` lists every provider's, and the
-/// longest such list must fit one frame body.
-pub const PROVIDER_NAME_LEN_MAX: usize = 48;
 /// Width of the per-device anti-replay window: counters this far below the highest seen are
 /// still accepted once (reordering across pipelined connections), older ones are replays.
 pub const REPLAY_WINDOW: u64 = 64;
@@ -38,59 +20,11 @@ pub const SHARDS_MAX: usize = 256;
 pub const MAILBOX_CAPACITY_MAX: usize = 65_536;
 /// Notices buffered per subscriber before the oldest are dropped (the subscriber sees a lag).
 pub const NOTICE_BUFFER: usize = 256;
-/// Items in one basket (A2).
-pub const BASKET_ITEMS_MAX: usize = 256;
-/// Longest item ID, in a basket and in a redemption's sale lines (`REDEEM_CODE`): a
-/// redemption's reply lists up to [`SALE_ITEMS_MAX`] of them and must fit one frame body
-/// (65,536 bytes), as a test in `settlegate-protocol` checks for every reply.
-pub const ITEM_ID_LEN_MAX: usize = 32;
-/// Longest item category name (`alcohol`, `tobacco`, ...).
-pub const CATEGORY_LEN_MAX: usize = 16;
-/// Largest quantity of one basket line.
-pub const ITEM_QUANTITY_MAX: u32 = 1_000_000;
-/// Longest IANA time-zone name in an age policy.
-pub const TIME_ZONE_LEN_MAX: usize = 64;
-/// Longest jurisdiction code in an age policy.
-pub const JURISDICTION_LEN_MAX: usize = 8;
-/// Longest store ID, industry, or accepted-method brand.
-pub const STORE_TEXT_LEN_MAX: usize = 32;
-/// Longest store name.
-pub const STORE_NAME_LEN_MAX: usize = 64;
-/// Longest store address.
-pub const STORE_ADDRESS_LEN_MAX: usize = 128;
-/// Beacon IDs, and Wi-Fi IDs, per store.
-pub const STORE_IDS_PER_KIND_MAX: usize = 16;
-/// Longest beacon or Wi-Fi ID.
-pub const BEACON_ID_LEN_MAX: usize = 64;
-/// Settlement methods a store lists as accepted.
-pub const ACCEPTED_METHODS_MAX: usize = 16;
 /// Stores one shard holds.
 pub const STORES_PER_SHARD_MAX: usize = 4_000_000;
-/// Largest search radius of a nearest-store query, metres.
-pub const STORE_RADIUS_MAX_M: u32 = 50_000;
-/// Largest stored-value balance, minor units.
-pub const BALANCE_MAX_MINOR: u64 = 1_000_000_000_000;
-/// Uses of one coupon at most.
-pub const COUPON_USES_MAX: u32 = 1_000;
-/// Users one coupon request may name: its reply, an `issued_coupon` per user (at most 164
-/// bytes each), must fit one frame body (65,536 bytes), as a test in `settlegate-protocol`
-/// checks for every reply.
-pub const COUPON_USERS_MAX: usize = 256;
-/// Shortest and longest validity of a payment code, ms.
-pub const CODE_VALIDITY_MIN_MS: i64 = 10_000;
-/// Longest validity of a payment code (its hold): 7 days.
-pub const CODE_VALIDITY_MAX_MS: i64 = 7 * 86_400_000;
-/// Longest order reference of a cash-on-delivery code.
-pub const ORDER_REF_LEN_MAX: usize = 32;
-/// Items in a redemption's sales information.
-pub const SALE_ITEMS_MAX: usize = 256;
 /// Batches at or above this size are verified on the rayon pool, smaller ones inline.
 pub const VERIFY_PARALLEL_MIN: usize = 32;
 
 const _: () = assert!(REPLAY_WINDOW == 64, "the replay window is one u64 bitmap");
 const _: () = assert!(VERIFY_PARALLEL_MIN <= BATCH_SIZE_MAX);
-const _: () =
-    assert!(USER_ID_LEN_MAX <= u8::MAX as usize, "user ID length is one byte on the wire");
-const _: () = assert!(TERMINAL_ID_LEN_MAX <= u8::MAX as usize, "terminal ID length is one byte");
-const _: () = assert!(PASSWORD_LEN_MIN < PASSWORD_LEN_MAX);
 const _: () = assert!(SHARDS_MAX <= 256, "dispatch IDs carry the shard in 8 bits");

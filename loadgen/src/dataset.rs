@@ -9,10 +9,13 @@ use indicatif::ProgressBar;
 use settlegate_engine::age::{Date, VerificationMethod};
 use settlegate_engine::limits::TERMINALS_PER_REQUEST_MAX;
 use settlegate_engine::{
-    AcceptedMethod, AgeRecord, DeviceCredential, EnrollRequest, MeansInput, MeansKind, SigningKey,
-    Store, TerminalEntry, UserIdType, UserKey,
+    AcceptedMethod, AgeRecord, DeviceCredential, DeviceKey, EnrollRequest, MeansInput, MeansKind,
+    SigningKey, Store, TerminalEntry, UserIdType, UserKey,
 };
-use settlegate_protocol::messages::{Reply, Request};
+use settlegate_protocol::messages::{self as wire, Reply, Request};
+use settlegate_protocol::ops::server_info::GetServerInfo;
+use settlegate_protocol::ops::{AddMeans, Enroll, RegisterAge, RegisterTerminals, UpsertStore};
+use settlegate_protocol::values;
 
 use crate::target::Target;
 
@@ -90,7 +93,7 @@ pub async fn prepare(
 /// A server must already have the providers (they are configured, not created over the wire).
 async fn check_providers(target: &Target, codes: &[u32]) -> anyhow::Result<()> {
     let Target::Remote(clients) = target else { return Ok(()) };
-    let Reply::ServerInfo(info) = clients[0].call_ok(&Request::ServerInfo).await? else {
+    let Reply::ServerInfo(info) = clients[0].call_ok(&GetServerInfo.into()).await? else {
         bail!("unexpected SERVER_INFO reply")
     };
     let known: Vec<u32> = info.providers.iter().map(|(code, _)| *code).collect();
@@ -113,22 +116,29 @@ async fn list_stores(
 ) -> anyhow::Result<()> {
     for (p, &provider) in providers.iter().enumerate() {
         for (n, chunk) in stores.chunks(TERMINALS_PER_REQUEST_MAX).enumerate() {
-            let terminals: Vec<TerminalEntry> = chunk
-                .iter()
-                .map(|id| TerminalEntry { terminal_id: id.clone(), service: None })
-                .collect();
             let id = (u128::from(run) << 64) | (1 << 63) | ((p as u128) << 32) | n as u128;
             let listed = match target {
-                Target::Embedded(engine) => engine
-                    .register_terminals(id, provider, terminals)
-                    .await
-                    .map_err(anyhow::Error::new),
+                Target::Embedded(engine) => {
+                    let terminals: Vec<TerminalEntry> = chunk
+                        .iter()
+                        .map(|id| TerminalEntry { terminal_id: id.clone(), service: None })
+                        .collect();
+                    engine
+                        .register_terminals(id, provider, terminals)
+                        .await
+                        .map_err(anyhow::Error::new)
+                }
                 Target::Remote(clients) => {
-                    let request = Request::RegisterTerminals {
+                    let terminals = chunk
+                        .iter()
+                        .map(|id| wire::TerminalEntry { terminal_id: id.clone(), service: None })
+                        .collect();
+                    let request: Request = RegisterTerminals {
                         client_request_id: id,
                         provider_code: provider,
                         terminals,
-                    };
+                    }
+                    .into();
                     clients[0].call_ok(&request).await.map(|_| ()).map_err(anyhow::Error::new)
                 }
             };
@@ -158,18 +168,18 @@ async fn enroll(target: &Target, run: u64, i: usize, means: usize) -> anyhow::Re
             engine.enroll(request).await?
         }
         Target::Remote(clients) => {
-            let request = Request::Enroll {
-                client_request_id: base,
-                user: user.clone(),
-                password,
-                card_idm: idm,
-            };
-            let Reply::Credential(credential) =
-                clients[i % clients.len()].call_ok(&request).await?
+            let request: Request =
+                Enroll { client_request_id: base, user: user.clone(), password, card_idm: idm }
+                    .into();
+            let Reply::Enroll(credential) = clients[i % clients.len()].call_ok(&request).await?
             else {
                 bail!("unexpected enroll reply")
             };
-            credential
+            DeviceCredential {
+                card_idm: credential.card_idm,
+                key_version: credential.key_version,
+                device_key: DeviceKey::from_bytes(*credential.device_key.expose()),
+            }
         }
     };
     for m in 0..means {
@@ -201,7 +211,7 @@ async fn register_age(target: &Target, id: u128, payer: &Payer, i: usize) -> any
     match target {
         Target::Embedded(engine) => engine.register_age(id, &record).await?,
         Target::Remote(clients) => {
-            let request = Request::RegisterAge { client_request_id: id, record };
+            let request = RegisterAge { client_request_id: id, record }.into();
             clients[i % clients.len()].call_ok(&request).await?;
         }
     }
@@ -235,7 +245,23 @@ async fn upsert_stores(target: &Target, run: u64, stores: &[String]) {
                 engine.upsert_store(id, store).await.map_err(anyhow::Error::new)
             }
             Target::Remote(clients) => {
-                let request = Request::UpsertStore { client_request_id: id, store };
+                let store = values::Store {
+                    store_id: store.store_id,
+                    name: store.name,
+                    industry: store.industry,
+                    address: store.address,
+                    latitude: store.latitude,
+                    longitude: store.longitude,
+                    beacons: store.beacons,
+                    wifi: store.wifi,
+                    qr_code: store.qr_code,
+                    accepts: store
+                        .accepts
+                        .into_iter()
+                        .map(|a| values::AcceptedMethod { kind: a.kind, brand: a.brand })
+                        .collect(),
+                };
+                let request = UpsertStore { client_request_id: id, store }.into();
                 clients[0].call_ok(&request).await.map(|_| ()).map_err(anyhow::Error::new)
             }
         };
@@ -254,22 +280,24 @@ async fn add_means(
     m: usize,
     i: usize,
 ) -> anyhow::Result<()> {
-    let means = match m {
-        0 => MeansInput::CreditCard { pan: "4111111111111111".into() },
-        _ => MeansInput::EMoney { emoney_type: format!("purse-{m}") },
-    };
+    const CARD: &str = "4111111111111111";
+    let purse = format!("purse-{m}");
     let make_default = m == 0;
     match target {
         Target::Embedded(engine) => {
+            let means = match m {
+                0 => MeansInput::CreditCard { pan: CARD.into() },
+                _ => MeansInput::EMoney { emoney_type: purse },
+            };
             engine.add_means(id, user, &means, make_default).await?;
         }
         Target::Remote(clients) => {
-            let request = Request::AddMeans {
-                client_request_id: id,
-                user: user.clone(),
-                make_default,
-                means,
+            let means = match m {
+                0 => wire::MeansInput::CreditCard { pan: CARD.into() },
+                _ => wire::MeansInput::EMoney { emoney_type: purse },
             };
+            let request: Request =
+                AddMeans { client_request_id: id, user: user.clone(), make_default, means }.into();
             clients[i % clients.len()].call_ok(&request).await?;
         }
     }

@@ -275,7 +275,7 @@ pub async fn connect(addr: &str, api_key: &str, timeout: Duration) -> anyhow::Re
         TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
     stream.set_nodelay(true)?;
     let mut bytes = Vec::new();
-    Request::Auth { key: api_key.to_owned() }
+    Request::from(settlegate_protocol::ops::Auth { key: api_key.to_owned() })
         .encode_frame(1, &mut bytes)
         .context("the API key does not fit a frame")?;
     stream.write_all(&bytes).await?;
@@ -294,7 +294,7 @@ pub async fn connect(addr: &str, api_key: &str, timeout: Duration) -> anyhow::Re
     .context("no answer to AUTH")?
     .context("authenticating")?;
     match answer {
-        Response::Ok(Reply::Authenticated { .. }) => Ok(stream),
+        Response::Ok(Reply::Auth(_)) => Ok(stream),
         other => bail!("authenticating: {other:?}"),
     }
 }

@@ -13,11 +13,14 @@ use std::sync::atomic::Ordering;
 
 use settlegate_engine::{
     AuthOutcome, AuthorizeRequest, Basket, BasketItem, BestBy, CodeOutcome, Currency, Engine,
-    EngineError, InherentId, IssueCodeRequest, IssuedCode, MeansKind, MeansOrder, RedeemRequest,
-    UserKey,
+    EngineError, InherentId, IssueCodeRequest, MeansKind, MeansOrder, RedeemRequest, UserKey,
 };
-use settlegate_protocol::messages::{Reply, Request};
-use settlegate_protocol::{Client, ClientError, Response};
+use settlegate_protocol::messages::{self as wire, Reply, Request};
+use settlegate_protocol::ops::{
+    Authorize, AuthorizeBasket, ConfirmTerminal, IssueCode, ListMeans, Ping, RedeemCode,
+    UsableMethods,
+};
+use settlegate_protocol::{values, Client, ClientError, Response};
 
 use crate::dataset::{now_ms, Dataset, Payer};
 use crate::driver::Execute;
@@ -182,25 +185,29 @@ impl Operation {
         Some(match self {
             Operation::Authorize => {
                 let (client_request_id, inherent_id) = next_payment(w, slot);
-                Request::Authorize { client_request_id, inherent_id }
+                Authorize { client_request_id, inherent_id }.into()
             }
             Operation::Age => {
                 let (client_request_id, inherent_id) = next_payment(w, slot);
-                Request::AuthorizeBasket { client_request_id, inherent_id, basket: basket() }
+                AuthorizeBasket { client_request_id, inherent_id, basket: wire_basket() }.into()
             }
             Operation::Usable => {
                 let (user, store_id, best_by) = usable_query(w, slot);
-                Request::UsableMethods { user: user.clone(), store_id: store_id.clone(), best_by }
+                let best_by = match best_by {
+                    BestBy::MostUsed => wire::BestBy::MostUsed,
+                    BestBy::LargestBalance => wire::BestBy::LargestBalance,
+                };
+                UsableMethods { user: user.clone(), store_id: store_id.clone(), best_by }.into()
             }
             Operation::ListMeans => {
                 let user = random_user(w, slot);
-                Request::ListMeans { user: user.clone(), order: MeansOrder::Registration }
+                ListMeans { user: user.clone(), order: wire::MeansOrder::Registration }.into()
             }
             Operation::ConfirmTerminal => {
                 let (provider_code, terminal_id) = random_terminal(w, slot);
-                Request::ConfirmTerminal { provider_code, terminal_id: terminal_id.clone() }
+                ConfirmTerminal { provider_code, terminal_id: terminal_id.clone() }.into()
             }
-            Operation::Ping => Request::Ping { payload: Vec::new() },
+            Operation::Ping => Ping { payload: Vec::new() }.into(),
             Operation::Code => return None,
         })
     }
@@ -215,9 +222,11 @@ impl Operation {
             Err(error) => return Outcome::Error(client_error(error)),
         };
         match (self, reply) {
-            (Operation::Authorize, Reply::Outcome(outcome))
-            | (Operation::Age, Reply::BasketOutcome(outcome, _)) => auth_outcome(Ok(outcome)),
-            (Operation::Ping, Reply::Pong(_)) => Outcome::Ok,
+            (Operation::Authorize, Reply::Authorize(outcome))
+            | (Operation::Age, Reply::AuthorizeBasket(wire::BasketOutcome { outcome, .. })) => {
+                auth_outcome(Ok(outcome))
+            }
+            (Operation::Ping, Reply::Ping(_)) => Outcome::Ok,
             (Operation::Authorize | Operation::Age | Operation::Ping, _) => {
                 Outcome::Error("unexpected reply".into())
             }
@@ -261,18 +270,30 @@ async fn authorize(w: &Workload, slot: &mut SlotCursor, engine: &Engine) -> Outc
     auth_outcome(engine.authorize(request).await.map_err(engine_error))
 }
 
-/// 1,000 JPY: two beers (alcohol) and a bento, with the age-confirmation flag.
+/// 1,000 JPY: two beers (alcohol) and a bento: item, category, quantity, unit price.
+const BASKET_LINES: [(&str, &str, u32, u64); 2] =
+    [("BEER", "alcohol", 2, 250), ("BENTO", "", 1, 500)];
+
+/// [`BASKET_LINES`] with the age-confirmation flag, for the engine.
 fn basket() -> Basket {
-    let line = |id: &str, category: &str, quantity, unit| BasketItem {
+    let line = |(id, category, quantity, unit): (&str, &str, u32, u64)| BasketItem {
         item_id: id.into(),
         category: category.into(),
         quantity,
         unit_amount_minor: unit,
     };
-    Basket {
-        age_confirmation: true,
-        items: vec![line("BEER", "alcohol", 2, 250), line("BENTO", "", 1, 500)],
-    }
+    Basket { age_confirmation: true, items: BASKET_LINES.into_iter().map(line).collect() }
+}
+
+/// [`BASKET_LINES`] with the age-confirmation flag, for the wire.
+fn wire_basket() -> values::Basket {
+    let line = |(id, category, quantity, unit): (&str, &str, u32, u64)| values::BasketItem {
+        item_id: id.into(),
+        category: category.into(),
+        quantity,
+        unit_amount_minor: unit,
+    };
+    values::Basket { age_confirmation: true, items: BASKET_LINES.into_iter().map(line).collect() }
 }
 
 async fn age_checked(w: &Workload, slot: &mut SlotCursor, engine: &Engine) -> Outcome {
@@ -288,7 +309,7 @@ async fn age_checked(w: &Workload, slot: &mut SlotCursor, engine: &Engine) -> Ou
 fn code_requests(
     w: &Workload,
     slot: &mut SlotCursor,
-) -> (IssueCodeRequest, impl Fn(&IssuedCode) -> RedeemRequest) {
+) -> (IssueCodeRequest, impl Fn(&str, u64, Currency) -> RedeemRequest) {
     let (id, inherent_id) = next_payment(w, slot);
     let store = w.dataset.stores[slot.below(w.dataset.stores.len())].clone();
     let issue = IssueCodeRequest {
@@ -298,13 +319,13 @@ fn code_requests(
         deliver_to: None,
         order_ref: String::new(),
     };
-    let redeem = move |code: &IssuedCode| RedeemRequest {
+    let redeem = move |text: &str, number: u64, currency: Currency| RedeemRequest {
         client_request_id: id | (1 << 31),
-        code: code.text.clone(),
+        code: text.to_owned(),
         issuer: 1,
-        number: code.number,
+        number,
         amount_minor: 900,
-        currency: code.currency,
+        currency,
         sale_at_ms: now_ms(),
         terminal_id: store.clone(),
         items: vec![("ITEM".into(), 1, 900)],
@@ -318,7 +339,9 @@ fn code_requests(
 async fn code_embedded(w: &Workload, slot: &mut SlotCursor, engine: &Engine) -> Outcome {
     let (issue, redeem) = code_requests(w, slot);
     match engine.issue_code(issue).await {
-        Ok(CodeOutcome::Issued(code)) => ok_or_error(engine.redeem_code(redeem(&code)).await),
+        Ok(CodeOutcome::Issued(code)) => {
+            ok_or_error(engine.redeem_code(redeem(&code.text, code.number, code.currency)).await)
+        }
         Ok(CodeOutcome::Declined(reason)) => Outcome::Declined(reason.code()),
         Err(error) => Outcome::Error(engine_error(error)),
     }
@@ -326,12 +349,35 @@ async fn code_embedded(w: &Workload, slot: &mut SlotCursor, engine: &Engine) -> 
 
 async fn code_remote(w: &Workload, slot: &mut SlotCursor, client: &Client) -> Outcome {
     let (issue, redeem) = code_requests(w, slot);
-    match client.call_ok(&Request::IssueCode { request: issue }).await {
-        Ok(Reply::Code(CodeOutcome::Issued(code))) => {
-            let request = Request::RedeemCode { request: redeem(&code) };
+    let issue = IssueCode {
+        client_request_id: issue.client_request_id,
+        inherent_id: issue.inherent_id,
+        validity_ms: issue.validity_ms,
+        deliver_to: issue.deliver_to,
+        order_ref: issue.order_ref,
+    };
+    match client.call_ok(&issue.into()).await {
+        Ok(Reply::IssueCode(wire::CodeOutcome::Issued(code))) => {
+            let redeem = redeem(&code.text, code.number, code.currency);
+            let request: Request = RedeemCode {
+                client_request_id: redeem.client_request_id,
+                code: redeem.code,
+                issuer: redeem.issuer,
+                number: redeem.number,
+                amount_minor: redeem.amount_minor,
+                currency: redeem.currency,
+                sale_at_ms: redeem.sale_at_ms,
+                terminal_id: redeem.terminal_id,
+                lines: wire::SaleLines::Items(redeem.items),
+                coupon: redeem.coupon,
+                order_ref: redeem.order_ref,
+            }
+            .into();
             Operation::Code.judge(client.call(&request).await)
         }
-        Ok(Reply::Code(CodeOutcome::Declined(reason))) => Outcome::Declined(reason.code()),
+        Ok(Reply::IssueCode(wire::CodeOutcome::Declined(reason))) => {
+            Outcome::Declined(reason.code())
+        }
         Ok(_) => Outcome::Error("unexpected reply".into()),
         Err(error) => Outcome::Error(client_error(error)),
     }

@@ -12,6 +12,7 @@ use settlegate_engine::{
 };
 use settlegate_protocol::frame::{self, Frame};
 use settlegate_protocol::messages::{opcode, Reply, Request, Response};
+use settlegate_protocol::ops::Authorize;
 
 /// Frame body sizes.
 const BODY_SIZES: [usize; 3] = [0, 113, 4_096];
@@ -37,10 +38,10 @@ fn inherent_id() -> Vec<u8> {
 }
 
 fn authorize_request(request_id: u64) -> Frame {
-    let request = Request::Authorize {
+    let request = Request::Authorize(Authorize {
         client_request_id: u128::from(request_id),
         inherent_id: inherent_id(),
-    };
+    });
     request.to_frame(request_id)
 }
 
@@ -53,7 +54,7 @@ fn approval_response(request_id: u64) -> Frame {
         amount_final_minor: 1_000,
         currency: Currency::try_from("JPY").expect("JPY"),
     });
-    Response::Ok(Reply::Outcome(approval)).to_frame(opcode::AUTHORIZE, request_id)
+    Response::Ok(Reply::Authorize(approval)).to_frame(opcode::AUTHORIZE, request_id)
 }
 
 /// Raw frames: header, checksums and body copy, each way.
@@ -84,9 +85,11 @@ fn authorize(c: &mut Criterion) {
     let mut group = c.benchmark_group("authorize");
     for burst in BURSTS {
         let requests: Vec<Request> = (0..burst as u64)
-            .map(|id| Request::Authorize {
-                client_request_id: u128::from(id),
-                inherent_id: inherent_id(),
+            .map(|id| {
+                Request::Authorize(Authorize {
+                    client_request_id: u128::from(id),
+                    inherent_id: inherent_id(),
+                })
             })
             .collect();
         let request_bytes: Vec<u8> =

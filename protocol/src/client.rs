@@ -5,13 +5,14 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use settlegate_engine::{AuthOutcome, Notice, UserKey};
+use settlegate_types::{AuthOutcome, UserKey};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, ToSocketAddrs};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::frame::{self, FrameRef, FLAG_PUSH};
-use crate::messages::{opcode, Reply, Request, Response};
+use crate::messages::{opcode, Notice, Reply, Request, Response};
+use crate::ops::{auth::Auth, authorize::Authorize, subscribe_notices::SubscribeNotices};
 
 /// Frames queued for the writer before `call` waits.
 const OUTGOING_QUEUE: usize = 4096;
@@ -113,7 +114,7 @@ impl Client {
 
     /// Authenticates with an API key.
     pub async fn authenticate(&self, key: &str) -> Result<(), ClientError> {
-        self.call_ok(&Request::Auth { key: key.to_owned() }).await.map(|_| ())
+        self.call_ok(&Auth { key: key.to_owned() }.into()).await.map(|_| ())
     }
 
     /// Authorizes a signed inherent ID.
@@ -122,8 +123,8 @@ impl Client {
         client_request_id: u128,
         inherent_id: Vec<u8>,
     ) -> Result<AuthOutcome, ClientError> {
-        match self.call_ok(&Request::Authorize { client_request_id, inherent_id }).await? {
-            Reply::Outcome(outcome) => Ok(outcome),
+        match self.call_ok(&Authorize { client_request_id, inherent_id }.into()).await? {
+            Reply::Authorize(outcome) => Ok(outcome),
             other => Err(ClientError::Unexpected(Box::new(Response::Ok(other)))),
         }
     }
@@ -134,8 +135,8 @@ impl Client {
         user: &UserKey,
         password: &str,
     ) -> Result<mpsc::Receiver<Notice>, ClientError> {
-        let request =
-            Request::SubscribeNotices { user: user.clone(), password: password.to_owned() };
+        let request: Request =
+            SubscribeNotices { user: user.clone(), password: password.to_owned() }.into();
         let (first, receiver) = oneshot::channel();
         let (notices, stream) = mpsc::channel(NOTICE_QUEUE);
         let waiter = Waiter::Subscription {

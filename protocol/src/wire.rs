@@ -1,6 +1,6 @@
 //! Body encoding primitives: a bounds-checked reader and an appending writer.
 
-use settlegate_engine::{UserIdType, UserKey};
+use settlegate_types::{Currency, UserIdType, UserKey};
 
 /// A body that does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -103,6 +103,18 @@ impl<'a> Reader<'a> {
             }
         }
     }
+    /// A currency: three upper-case ASCII letters.
+    pub fn currency(&mut self) -> Result<Currency, BodyError> {
+        Currency::from_bytes(self.array("currency")?).map_err(|_| BodyError::Invalid("currency"))
+    }
+    /// A `u8` count, checked against `max` before anything is allocated.
+    pub fn count8(&mut self, what: &'static str, max: usize) -> Result<usize, BodyError> {
+        let count = self.u8(what)? as usize;
+        if count > max {
+            return Err(BodyError::Invalid(what));
+        }
+        Ok(count)
+    }
     /// Whether a `user` read so far had an ID that does not fit its type.
     pub fn misfit_user(&self) -> bool {
         self.misfit_user
@@ -180,5 +192,30 @@ impl Writer<'_> {
     /// A `user`.
     pub fn user(&mut self, user: &UserKey) -> &mut Self {
         self.u8(user.id_type() as u8).str8(user.id())
+    }
+    /// A currency.
+    pub fn currency(&mut self, currency: Currency) -> &mut Self {
+        self.raw(&currency.bytes())
+    }
+    /// A flag.
+    pub fn flag(&mut self, v: bool) -> &mut Self {
+        self.u8(u8::from(v))
+    }
+}
+
+/// A field that is present only when its flag says so: `Some(value)` when `has`, else `None`,
+/// provided the value is then the zero the protocol puts in its place. A non-zero value under
+/// a cleared flag is refused: the body would not re-encode to the same bytes.
+pub fn present_or_zero<T: PartialEq + Default>(
+    has: bool,
+    value: T,
+    what: &'static str,
+) -> Result<Option<T>, BodyError> {
+    if has {
+        Ok(Some(value))
+    } else if value == T::default() {
+        Ok(None)
+    } else {
+        Err(BodyError::Invalid(what))
     }
 }

@@ -19,7 +19,7 @@
 use std::collections::BTreeSet;
 use std::mem::discriminant;
 
-use settlegate_engine::codes::{CodeKey, CodeKind, CodePayload, CouponEffect, CODE_TEXT_LEN};
+use settlegate_engine::codes::{CodeKey, CodeKind, CodePayload, CODE_TEXT_LEN};
 use settlegate_engine::emvqr;
 use settlegate_engine::limits::{
     ACCEPTED_METHODS_MAX, BALANCE_MAX_MINOR, BASKET_ITEMS_MAX, BEACON_ID_LEN_MAX, COUPON_USERS_MAX,
@@ -28,15 +28,24 @@ use settlegate_engine::limits::{
     SERVICE_DESCRIPTION_LEN_MAX, STORE_ADDRESS_LEN_MAX, STORE_IDS_PER_KIND_MAX, STORE_NAME_LEN_MAX,
     STORE_RADIUS_MAX_M, STORE_TEXT_LEN_MAX, TERMINAL_ID_LEN_MAX, USER_ID_LEN_MAX,
 };
-use settlegate_engine::{
-    age::item_id_valid, terminal_id_valid, AcceptedMethod, AgeCheck, AgeVerdict, Approval,
-    AuthCode, AuthOutcome, Balance, Basket, BasketItem, CardToken, CodeOutcome, CodeState,
-    Currency, DeliveryNotice, DeviceCredential, DeviceKey, DeviceMessage, Discount, EnteredStore,
-    IssuedCode, IssuedCoupon, MeansAdded, MeansKind, MeansView, MethodAtStore, Notice, ReasonCode,
-    Redemption, Store, TerminalConfirmation, TerminalService, UsableMethods, UserIdType, UserKey,
-};
+use settlegate_engine::{age::item_id_valid, terminal_id_valid};
 use settlegate_protocol::frame::{self, BODY_LEN_MAX, FLAG_PUSH, FLAG_RESPONSE};
-use settlegate_protocol::messages::{opcode, status, Reply, Response, ServerInfo};
+use settlegate_protocol::messages::{
+    opcode, status, AgeCheck, AgeVerdict, BasketOutcome, CodeOutcome, CodeState, DeviceMessage,
+    MeansAdded, MeansList, MethodAtStore, Notice, Reply, Response, ServerInfo,
+    TerminalConfirmation, UsableAtStore, WalletEntries,
+};
+use settlegate_protocol::ops::auth::Authenticated;
+use settlegate_protocol::ops::notify_delivery::Delivered;
+use settlegate_protocol::ops::ping::Pong;
+use settlegate_protocol::values::{
+    AcceptedMethod, Balance, CouponEffect, DeliveryNotice, DeviceCredential, DeviceKey, Discount,
+    EnteredStore, IssuedCode, IssuedCoupon, MeansView, Redemption, Store, TerminalService,
+};
+use settlegate_types::{
+    Approval, AuthCode, AuthOutcome, CardToken, Currency, MeansKind, ReasonCode, UserIdType,
+    UserKey,
+};
 
 /// A str8 carries at most this many bytes; `Writer::str8` cuts longer text, so a field with no
 /// limit of its own is at most this long on the wire.
@@ -204,7 +213,7 @@ fn longest_store(qr_code: String) -> Store {
     let ids = |prefix| {
         (0..STORE_IDS_PER_KIND_MAX).map(|i| id(prefix, i, BEACON_ID_LEN_MAX)).collect::<Vec<_>>()
     };
-    let store = Store {
+    let store = settlegate_engine::Store {
         store_id: text(STORE_TEXT_LEN_MAX, 'S'),
         name: text(STORE_NAME_LEN_MAX, 'N'),
         industry: text(STORE_TEXT_LEN_MAX, 'I'),
@@ -214,10 +223,25 @@ fn longest_store(qr_code: String) -> Store {
         beacons: ids('b'),
         wifi: ids('w'),
         qr_code: Some(qr_code),
-        accepts: all_accepted(),
+        accepts: all_accepted()
+            .into_iter()
+            .map(|a| settlegate_engine::AcceptedMethod { kind: a.kind, brand: a.brand })
+            .collect(),
     };
     store.validate().expect("the largest store is valid");
-    store
+    // The same store as the wire carries it.
+    Store {
+        store_id: store.store_id,
+        name: store.name,
+        industry: store.industry,
+        address: store.address,
+        latitude: store.latitude,
+        longitude: store.longitude,
+        beacons: store.beacons,
+        wifi: store.wifi,
+        qr_code: store.qr_code,
+        accepts: all_accepted(),
+    }
 }
 
 /// The EMVCo poster whose networks take the most bytes in `entered`. Each network is a
@@ -279,9 +303,22 @@ fn redemption() -> Redemption {
 
 /// One value of every `Reply` variant, its contents aside: `maximal_reply` is run on each.
 fn reply_witnesses() -> Vec<Reply> {
+    let credential = || DeviceCredential {
+        card_idm: [0; 8],
+        key_version: 0,
+        device_key: DeviceKey::from_bytes([0; 32]),
+    };
+    let entered = || {
+        Box::new(EnteredStore {
+            store: longest_store(String::from("P")),
+            distance_m: None,
+            tied: Vec::new(),
+            qr_networks: Vec::new(),
+        })
+    };
     vec![
-        Reply::Authenticated { identity: String::new(), permissions: 0 },
-        Reply::Pong(Vec::new()),
+        Reply::Auth(Authenticated { identity: String::new(), permissions: 0 }),
+        Reply::Ping(Pong(Vec::new())),
         Reply::ServerInfo(ServerInfo {
             server_version: String::new(),
             protocol_version: 1,
@@ -290,17 +327,28 @@ fn reply_witnesses() -> Vec<Reply> {
             in_flight_max: 0,
             providers: Vec::new(),
         }),
-        Reply::Credential(DeviceCredential {
-            card_idm: [0; 8],
-            key_version: 0,
-            device_key: DeviceKey::from_bytes([0; 32]),
+        Reply::Enroll(credential()),
+        Reply::ProvisionDevice(credential()),
+        Reply::RotateDeviceKey(credential()),
+        Reply::Login(()),
+        Reply::SetDefaultMeans(()),
+        Reply::SubscribeNotices(()),
+        Reply::RevokeDeviceKey(()),
+        Reply::RegisterTerminals(()),
+        Reply::RemoveTerminals(()),
+        Reply::RegisterAge(()),
+        Reply::SetAgePolicy(()),
+        Reply::UpsertStore(()),
+        Reply::RemoveStore(()),
+        Reply::SubscribeDevice(()),
+        Reply::AddMeans(MeansAdded { means_id: 1, last4: None }),
+        Reply::ListMeans(MeansList(Vec::new())),
+        Reply::ConfirmTerminal(TerminalConfirmation::NotListed),
+        Reply::Authorize(AuthOutcome::Declined(ReasonCode::Malformed)),
+        Reply::AuthorizeBasket(BasketOutcome {
+            outcome: AuthOutcome::Declined(ReasonCode::Malformed),
+            verdict: None,
         }),
-        Reply::Empty,
-        Reply::MeansAdded(MeansAdded { means_id: 1, last4: None }),
-        Reply::Means(Vec::new()),
-        Reply::Confirmation(TerminalConfirmation::NotListed),
-        Reply::Outcome(AuthOutcome::Declined(ReasonCode::Malformed)),
-        Reply::BasketOutcome(AuthOutcome::Declined(ReasonCode::Malformed), None),
         Reply::Notice(Notice {
             user: longest_user(),
             client_request_id: 0,
@@ -308,26 +356,22 @@ fn reply_witnesses() -> Vec<Reply> {
             outcome: AuthOutcome::Declined(ReasonCode::Malformed),
             at_ms: 0,
         }),
-        Reply::Wallet(Vec::new()),
-        Reply::Entered(Box::new(EnteredStore {
-            store: longest_store(String::from("P")),
-            distance_m: None,
-            tied: Vec::new(),
-            qr_networks: Vec::new(),
-        })),
-        Reply::Balance(purse()),
-        Reply::Usable(Box::new(UsableMethods {
+        Reply::Wallet(WalletEntries(Vec::new())),
+        Reply::StoreAt(entered()),
+        Reply::StoreBySignal(entered()),
+        Reply::TopUp(purse()),
+        Reply::UsableMethods(Box::new(UsableAtStore {
             store_id: String::new(),
             methods: Vec::new(),
             best: None,
             accepted: Vec::new(),
         })),
-        Reply::Code(CodeOutcome::Declined(ReasonCode::Malformed)),
-        Reply::Redeemed(Box::new(redemption())),
-        Reply::CodeState(Box::new(CodeState::Issued)),
-        Reply::Coupons(Vec::new()),
-        Reply::Delivered(0),
-        Reply::DeviceMessage(Box::new(DeviceMessage::Delivery(delivery()))),
+        Reply::IssueCode(CodeOutcome::Declined(ReasonCode::Malformed)),
+        Reply::RedeemCode(Box::new(redemption())),
+        Reply::CodeState(CodeState::Issued),
+        Reply::IssueCoupons(Vec::new()),
+        Reply::NotifyDelivery(Delivered { devices: 0 }),
+        Reply::DeviceMessage(DeviceMessage::Delivery(delivery())),
     ]
 }
 
@@ -335,19 +379,30 @@ fn reply_witnesses() -> Vec<Reply> {
 /// a new variant does not compile until its case is here.
 fn maximal_reply(witness: &Reply) -> Vec<Case> {
     use opcode::*;
+    // Fixed-width: card IDm, key version, 32-byte key.
+    let credential = || DeviceCredential {
+        card_idm: [0xFF; 8],
+        key_version: u16::MAX,
+        device_key: DeviceKey::from_bytes([0x5A; 32]),
+    };
+    let fixed_credential = "fixed-width device credential";
+    // The largest valid store (every text at its limit, STORE_IDS_PER_KIND_MAX beacons and
+    // Wi-Fi IDs of BEACON_ID_LEN_MAX, a 512-byte poster, ACCEPTED_METHODS_MAX methods).
+    // SALE_ITEMS_MAX lines of ITEM_ID_LEN_MAX item IDs, the longest terminal ID.
+    let sale_lines = "SALE_ITEMS_MAX lines of ITEM_ID_LEN_MAX";
     match witness {
         // The identity's name comes from the server's config, which bounds it by nothing: a
         // str8 carries STR8_MAX bytes (longer is cut). `permissions` is fixed-width.
-        Reply::Authenticated { .. } => vec![ok(
+        Reply::Auth(_) => vec![ok(
             AUTH,
             "identity name at the str8 maximum",
-            Reply::Authenticated { identity: text(STR8_MAX, 'I'), permissions: u32::MAX },
+            Reply::Auth(Authenticated { identity: text(STR8_MAX, 'I'), permissions: u32::MAX }),
         )],
         // `Request::decode` refuses a PING payload over PING_PAYLOAD_MAX; the reply echoes it.
-        Reply::Pong(_) => vec![ok(
+        Reply::Ping(_) => vec![ok(
             PING,
             "PING_PAYLOAD_MAX payload",
-            Reply::Pong(vec![0xA5; settlegate_protocol::messages::PING_PAYLOAD_MAX]),
+            Reply::Ping(Pong(vec![0xA5; settlegate_protocol::messages::PING_PAYLOAD_MAX])),
         )],
         // PROVIDERS_MAX providers (config), each name PROVIDER_NAME_LEN_MAX bytes (config);
         // the version is the crate's, bounded here by the str8 maximum only.
@@ -365,54 +420,56 @@ fn maximal_reply(witness: &Reply) -> Vec<Case> {
                     .collect(),
             }),
         )],
-        // Fixed-width: card IDm, key version, 32-byte key.
-        Reply::Credential(_) => [ENROLL, PROVISION_DEVICE, ROTATE_DEVICE_KEY]
-            .into_iter()
-            .map(|op| {
-                let credential = DeviceCredential {
-                    card_idm: [0xFF; 8],
-                    key_version: u16::MAX,
-                    device_key: DeviceKey::from_bytes([0x5A; 32]),
-                };
-                ok(op, "fixed-width device credential", Reply::Credential(credential))
-            })
-            .collect(),
+        Reply::Enroll(_) => vec![ok(ENROLL, fixed_credential, Reply::Enroll(credential()))],
+        Reply::ProvisionDevice(_) => {
+            vec![ok(PROVISION_DEVICE, fixed_credential, Reply::ProvisionDevice(credential()))]
+        }
+        Reply::RotateDeviceKey(_) => {
+            vec![ok(ROTATE_DEVICE_KEY, fixed_credential, Reply::RotateDeviceKey(credential()))]
+        }
         // No body.
-        Reply::Empty => [
-            LOGIN,
-            SET_DEFAULT_MEANS,
-            SUBSCRIBE_NOTICES,
-            REVOKE_DEVICE_KEY,
-            REGISTER_TERMINALS,
-            REMOVE_TERMINALS,
-            REGISTER_AGE,
-            SET_AGE_POLICY,
-            UPSERT_STORE,
-            REMOVE_STORE,
-            SUBSCRIBE_DEVICE,
-        ]
-        .into_iter()
-        .map(|op| ok(op, "empty", Reply::Empty))
-        .collect(),
+        Reply::Login(()) => vec![ok(LOGIN, "empty", Reply::Login(()))],
+        Reply::SetDefaultMeans(()) => {
+            vec![ok(SET_DEFAULT_MEANS, "empty", Reply::SetDefaultMeans(()))]
+        }
+        Reply::SubscribeNotices(()) => {
+            vec![ok(SUBSCRIBE_NOTICES, "empty", Reply::SubscribeNotices(()))]
+        }
+        Reply::RevokeDeviceKey(()) => {
+            vec![ok(REVOKE_DEVICE_KEY, "empty", Reply::RevokeDeviceKey(()))]
+        }
+        Reply::RegisterTerminals(()) => {
+            vec![ok(REGISTER_TERMINALS, "empty", Reply::RegisterTerminals(()))]
+        }
+        Reply::RemoveTerminals(()) => {
+            vec![ok(REMOVE_TERMINALS, "empty", Reply::RemoveTerminals(()))]
+        }
+        Reply::RegisterAge(()) => vec![ok(REGISTER_AGE, "empty", Reply::RegisterAge(()))],
+        Reply::SetAgePolicy(()) => vec![ok(SET_AGE_POLICY, "empty", Reply::SetAgePolicy(()))],
+        Reply::UpsertStore(()) => vec![ok(UPSERT_STORE, "empty", Reply::UpsertStore(()))],
+        Reply::RemoveStore(()) => vec![ok(REMOVE_STORE, "empty", Reply::RemoveStore(()))],
+        Reply::SubscribeDevice(()) => {
+            vec![ok(SUBSCRIBE_DEVICE, "empty", Reply::SubscribeDevice(()))]
+        }
         // The vault's last four digits, 4 bytes.
-        Reply::MeansAdded(_) => vec![ok(
+        Reply::AddMeans(_) => vec![ok(
             ADD_MEANS,
             "last4 of 4 digits",
-            Reply::MeansAdded(MeansAdded { means_id: u32::MAX, last4: Some("1234".into()) }),
+            Reply::AddMeans(MeansAdded { means_id: u32::MAX, last4: Some("1234".into()) }),
         )],
         // MEANS_PER_USER_MAX means, labels 2 x MEANS_TEXT_LEN_MAX + 1 (a QR means'), last4,
         // token. LIST_MEANS carries no balance.
-        Reply::Means(_) => vec![ok(
+        Reply::ListMeans(_) => vec![ok(
             LIST_MEANS,
             "MEANS_PER_USER_MAX means, longest labels",
-            Reply::Means(all_means(None)),
+            Reply::ListMeans(MeansList(all_means(None))),
         )],
         // Listed with a fixed discount (wider than a percentage) and a description of
         // SERVICE_DESCRIPTION_LEN_MAX bytes (`register_terminals` refuses longer).
-        Reply::Confirmation(_) => vec![ok(
+        Reply::ConfirmTerminal(_) => vec![ok(
             CONFIRM_TERMINAL,
             "listed, fixed discount, SERVICE_DESCRIPTION_LEN_MAX description",
-            Reply::Confirmation(TerminalConfirmation::Listed {
+            Reply::ConfirmTerminal(TerminalConfirmation::Listed {
                 service: Some(TerminalService {
                     discount: Discount::Fixed { amount_minor: u64::MAX, currency: jpy() },
                     valid_from_ms: i64::MIN,
@@ -422,18 +479,18 @@ fn maximal_reply(witness: &Reply) -> Vec<Case> {
             }),
         )],
         // An approval: fixed-width.
-        Reply::Outcome(_) => vec![ok(AUTHORIZE, "approval", Reply::Outcome(approved()))],
+        Reply::Authorize(_) => vec![ok(AUTHORIZE, "approval", Reply::Authorize(approved()))],
         // An approval and a verdict naming BASKET_ITEMS_MAX items (the decoder refuses more)
         // of ITEM_ID_LEN_MAX bytes (`Basket::total` checks every one before a verdict is
         // made). A real approval names at most BASKET_ITEMS_MAX - 1: removing every item
         // leaves nothing to settle, a decline.
-        Reply::BasketOutcome(..) => {
+        Reply::AuthorizeBasket(_) => {
             let ids = item_ids(BASKET_ITEMS_MAX);
-            let basket = Basket {
+            let basket = settlegate_engine::Basket {
                 age_confirmation: true,
                 items: ids
                     .iter()
-                    .map(|id| BasketItem {
+                    .map(|id| settlegate_engine::BasketItem {
                         item_id: id.clone(),
                         category: text(settlegate_engine::limits::CATEGORY_LEN_MAX, 'a'),
                         quantity: 1,
@@ -447,7 +504,10 @@ fn maximal_reply(witness: &Reply) -> Vec<Case> {
             vec![ok(
                 AUTHORIZE_BASKET,
                 "approval, verdict of BASKET_ITEMS_MAX items of ITEM_ID_LEN_MAX",
-                Reply::BasketOutcome(approved(), Some(verdict)),
+                Reply::AuthorizeBasket(BasketOutcome {
+                    outcome: approved(),
+                    verdict: Some(verdict),
+                }),
             )]
         }
         // The longest user, terminal ID (TERMINAL_ID_LEN_MAX, from the signed inherent ID), an
@@ -467,50 +527,46 @@ fn maximal_reply(witness: &Reply) -> Vec<Case> {
         Reply::Wallet(_) => vec![ok(
             WALLET,
             "MEANS_PER_USER_MAX means with balances, longest labels",
-            Reply::Wallet(all_means(Some(purse()))),
+            Reply::Wallet(WalletEntries(all_means(Some(purse())))),
         )],
-        // The largest valid store (every text at its limit, STORE_IDS_PER_KIND_MAX beacons and
-        // Wi-Fi IDs of BEACON_ID_LEN_MAX, a 512-byte poster, ACCEPTED_METHODS_MAX methods).
         // STORE_AT adds a distance and the tied stores: the engine bounds their number by
         // nothing, the encoder lists at most COUNT8_MAX (STORE_TEXT_LEN_MAX bytes each).
+        Reply::StoreAt(_) => vec![ok(
+            STORE_AT,
+            "largest store, COUNT8_MAX tied stores",
+            Reply::StoreAt(Box::new(EnteredStore {
+                store: longest_store(text(emvqr::PAYLOAD_LEN_MAX, 'P')),
+                distance_m: Some(f64::from(STORE_RADIUS_MAX_M)),
+                tied: (0..COUNT8_MAX).map(|i| id('s', i, STORE_TEXT_LEN_MAX)).collect(),
+                qr_networks: Vec::new(),
+            })),
+        )],
         // STORE_BY_SIGNAL adds the networks of its MPM poster: at most 463 bytes of them
         // (`poster_with_most_networks`).
-        Reply::Entered(_) => {
+        Reply::StoreBySignal(_) => {
             let poster = poster_with_most_networks();
             let networks = emvqr::parse(&poster).expect("a valid poster").networks;
             assert_eq!(networks.iter().map(|n| 1 + n.len()).sum::<usize>(), 463);
-            vec![
-                ok(
-                    STORE_AT,
-                    "largest store, COUNT8_MAX tied stores",
-                    Reply::Entered(Box::new(EnteredStore {
-                        store: longest_store(text(emvqr::PAYLOAD_LEN_MAX, 'P')),
-                        distance_m: Some(f64::from(STORE_RADIUS_MAX_M)),
-                        tied: (0..COUNT8_MAX).map(|i| id('s', i, STORE_TEXT_LEN_MAX)).collect(),
-                        qr_networks: Vec::new(),
-                    })),
-                ),
-                ok(
-                    STORE_BY_SIGNAL,
-                    "largest store, its MPM poster's networks",
-                    Reply::Entered(Box::new(EnteredStore {
-                        store: longest_store(poster),
-                        distance_m: None,
-                        tied: Vec::new(),
-                        qr_networks: networks,
-                    })),
-                ),
-            ]
+            vec![ok(
+                STORE_BY_SIGNAL,
+                "largest store, its MPM poster's networks",
+                Reply::StoreBySignal(Box::new(EnteredStore {
+                    store: longest_store(poster),
+                    distance_m: None,
+                    tied: Vec::new(),
+                    qr_networks: networks,
+                })),
+            )]
         }
         // Fixed-width.
-        Reply::Balance(_) => vec![ok(TOP_UP, "fixed-width balance", Reply::Balance(purse()))],
+        Reply::TopUp(_) => vec![ok(TOP_UP, "fixed-width balance", Reply::TopUp(purse()))],
         // The store's ID (STORE_TEXT_LEN_MAX), every means of the user with its balance, a
         // best method, and ACCEPTED_METHODS_MAX accepted methods (listed only when nothing is
         // usable, so never with a best: both are here).
-        Reply::Usable(_) => vec![ok(
+        Reply::UsableMethods(_) => vec![ok(
             USABLE_METHODS,
             "MEANS_PER_USER_MAX methods, ACCEPTED_METHODS_MAX accepted",
-            Reply::Usable(Box::new(UsableMethods {
+            Reply::UsableMethods(Box::new(UsableAtStore {
                 store_id: text(STORE_TEXT_LEN_MAX, 'S'),
                 methods: all_means(Some(purse()))
                     .into_iter()
@@ -521,53 +577,54 @@ fn maximal_reply(witness: &Reply) -> Vec<Case> {
             })),
         )],
         // An issued code: CODE_TEXT_LEN text, the longest user, ORDER_REF_LEN_MAX order.
-        Reply::Code(_) => vec![ok(
+        Reply::IssueCode(_) => vec![ok(
             ISSUE_CODE,
             "issued code, longest user and order",
-            Reply::Code(CodeOutcome::Issued(Box::new(issued_code()))),
+            Reply::IssueCode(CodeOutcome::Issued(Box::new(issued_code()))),
         )],
-        // SALE_ITEMS_MAX lines of ITEM_ID_LEN_MAX item IDs, the longest terminal ID.
-        Reply::Redeemed(_) => [REDEEM_CODE, REDEEM_CODE_BASKET]
+        // Both opcodes of the redemption.
+        Reply::RedeemCode(_) => [REDEEM_CODE, REDEEM_CODE_BASKET]
             .into_iter()
-            .map(|op| {
-                let reply = Reply::Redeemed(Box::new(redemption()));
-                ok(op, "SALE_ITEMS_MAX lines of ITEM_ID_LEN_MAX", reply)
-            })
+            .map(|op| ok(op, sale_lines, Reply::RedeemCode(Box::new(redemption()))))
             .collect(),
         // Redeemed, with the largest redemption.
         Reply::CodeState(_) => vec![ok(
             CODE_STATE,
             "redeemed, SALE_ITEMS_MAX lines of ITEM_ID_LEN_MAX",
-            Reply::CodeState(Box::new(CodeState::Redeemed(Box::new(redemption())))),
+            Reply::CodeState(CodeState::Redeemed(Box::new(redemption()))),
         )],
         // COUPON_USERS_MAX users (the decoder and `issue_coupons` refuse more), each issued a
         // coupon (a refusal is 3 bytes): CODE_TEXT_LEN text, the longest user.
-        Reply::Coupons(_) => vec![ok(
+        Reply::IssueCoupons(_) => vec![ok(
             ISSUE_COUPONS,
             "COUPON_USERS_MAX coupons, longest users",
-            Reply::Coupons((0..COUPON_USERS_MAX as u64).map(|n| Ok(issued_coupon(n))).collect()),
+            Reply::IssueCoupons(
+                (0..COUPON_USERS_MAX as u64).map(|n| Ok(issued_coupon(n))).collect(),
+            ),
         )],
         // Fixed-width.
-        Reply::Delivered(_) => {
-            vec![ok(NOTIFY_DELIVERY, "fixed-width count", Reply::Delivered(u32::MAX))]
-        }
+        Reply::NotifyDelivery(_) => vec![ok(
+            NOTIFY_DELIVERY,
+            "fixed-width count",
+            Reply::NotifyDelivery(Delivered { devices: u32::MAX }),
+        )],
         // Each kind at its largest: a code and a coupon as above, a delivery notice with the
         // longest user, order reference and merchant (STORE_NAME_LEN_MAX).
         Reply::DeviceMessage(_) => vec![
             ok(
                 DEVICE_MESSAGE,
                 "issued code, longest user and order",
-                Reply::DeviceMessage(Box::new(DeviceMessage::Code(issued_code()))),
+                Reply::DeviceMessage(DeviceMessage::Code(issued_code())),
             ),
             ok(
                 DEVICE_MESSAGE,
                 "coupon, longest user",
-                Reply::DeviceMessage(Box::new(DeviceMessage::Coupon(issued_coupon(u64::MAX)))),
+                Reply::DeviceMessage(DeviceMessage::Coupon(issued_coupon(u64::MAX))),
             ),
             ok(
                 DEVICE_MESSAGE,
                 "delivery, longest user, order and merchant",
-                Reply::DeviceMessage(Box::new(DeviceMessage::Delivery(delivery()))),
+                Reply::DeviceMessage(DeviceMessage::Delivery(delivery())),
             ),
         ],
     }
@@ -576,7 +633,7 @@ fn maximal_reply(witness: &Reply) -> Vec<Case> {
 /// One value of every `Response` variant, its contents aside.
 fn response_witnesses() -> Vec<Response> {
     vec![
-        Response::Ok(Reply::Empty),
+        Response::Ok(Reply::Login(())),
         Response::Refused(ReasonCode::Malformed),
         Response::Busy { retry_after_ms: 0 },
         Response::InFlight,
@@ -729,8 +786,11 @@ fn an_oversize_reply_is_answered_internal_in_one_frame() {
     // 256), and a redemption of item IDs at the str8 maximum (what REDEEM_CODE allowed before
     // its item IDs were bounded).
     let oversize = [
-        (opcode::ISSUE_COUPONS, Reply::Coupons((0..1_000).map(|n| Ok(issued_coupon(n))).collect())),
-        (opcode::REDEEM_CODE, Reply::Redeemed(Box::new(redemption_with(STR8_MAX)))),
+        (
+            opcode::ISSUE_COUPONS,
+            Reply::IssueCoupons((0..1_000).map(|n| Ok(issued_coupon(n))).collect()),
+        ),
+        (opcode::REDEEM_CODE, Reply::RedeemCode(Box::new(redemption_with(STR8_MAX)))),
     ];
     for (op, reply) in oversize {
         let response = Response::Ok(reply);
@@ -741,7 +801,7 @@ fn an_oversize_reply_is_answered_internal_in_one_frame() {
         assert_one_internal_frame(&out, op);
         // After frames already in the buffer: those stay as they were.
         let mut out = Vec::new();
-        Response::Ok(Reply::Pong(b"hi".to_vec())).encode_frame(opcode::PING, 41, &mut out);
+        Response::Ok(Reply::Ping(Pong(b"hi".to_vec()))).encode_frame(opcode::PING, 41, &mut out);
         let before = out.clone();
         assert_eq!(response.encode_frame(op, 42, &mut out), status::INTERNAL);
         assert_eq!(out[..before.len()], before[..]);

@@ -4,13 +4,19 @@
 
 use settlegate_engine::age::{Date, VerificationMethod};
 use settlegate_engine::codes::{issue_number, CodeKey, CodeKind, CodePayload};
-use settlegate_engine::{
-    AcceptedMethod, AgeCheck, AgeRecord, AgeVerdict, Approval, AuthCode, AuthOutcome, Basket,
-    BasketItem, Currency, EnteredStore, InherentId, MeansKind, ReasonCode, RedeemRequest, Store,
-    UserIdType, UserKey,
+use settlegate_engine::{AgeRecord, InherentId};
+use settlegate_protocol::messages::{
+    opcode, AgeCheck, AgeVerdict, BasketOutcome, Reply, Request, Response, SaleLines,
 };
-use settlegate_protocol::messages::{opcode, Reply, Request, Response};
+use settlegate_protocol::ops::ping::Pong;
+use settlegate_protocol::ops::{
+    Auth, Authorize, AuthorizeBasket, Ping, RedeemCode, RegisterAge, StoreAt, UpsertStore,
+};
+use settlegate_protocol::values::{AcceptedMethod, Basket, BasketItem, EnteredStore, Store};
 use settlegate_protocol::Frame;
+use settlegate_types::{
+    Approval, AuthCode, AuthOutcome, Currency, MeansKind, ReasonCode, UserIdType, UserKey,
+};
 
 const DOC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/PROTOCOL.md");
 const START: &str = "<!-- examples:start -->";
@@ -113,17 +119,17 @@ fn examples() -> Vec<(&'static str, String, Vec<u8>)> {
         (
             "ping-request",
             "`PING`, request ID 1, payload `hi`.".into(),
-            Request::Ping { payload: b"hi".to_vec() }.to_frame(1).to_bytes(),
+            Request::Ping(Ping { payload: b"hi".to_vec() }).to_frame(1).to_bytes(),
         ),
         (
             "ping-response",
             "Its response.".into(),
-            response(Response::Ok(Reply::Pong(b"hi".to_vec())), opcode::PING, 1),
+            response(Response::Ok(Reply::Ping(Pong(b"hi".to_vec()))), opcode::PING, 1),
         ),
         (
             "auth-request",
             "`AUTH` with the demo API key `sg-demo-key`, request ID 2.".into(),
-            Request::Auth { key: "sg-demo-key".into() }.to_frame(2).to_bytes(),
+            Request::Auth(Auth { key: "sg-demo-key".into() }).to_frame(2).to_bytes(),
         ),
         (
             "inherent-id",
@@ -137,7 +143,7 @@ fn examples() -> Vec<(&'static str, String, Vec<u8>)> {
         (
             "authorize-request",
             "`AUTHORIZE` of that inherent ID, client request ID 7, request ID 3.".into(),
-            Request::Authorize { client_request_id: 7, inherent_id: example_inherent_id() }
+            Request::Authorize(Authorize { client_request_id: 7, inherent_id: example_inherent_id() })
                 .to_frame(3)
                 .to_bytes(),
         ),
@@ -145,13 +151,13 @@ fn examples() -> Vec<(&'static str, String, Vec<u8>)> {
             "authorize-approved",
             "An approval: code `A1B2C3`, provider 1, 1,980 requested, 99 off, 1,881 final, JPY."
                 .into(),
-            response(Response::Ok(Reply::Outcome(approval)), opcode::AUTHORIZE, 3),
+            response(Response::Ok(Reply::Authorize(approval)), opcode::AUTHORIZE, 3),
         ),
         (
             "authorize-declined",
             "The response to request ID 3 (`AUTHORIZE`, opcode 0x0030) declining with reason 8 (ReplayedNonce).".into(),
             response(
-                Response::Ok(Reply::Outcome(AuthOutcome::Declined(ReasonCode::ReplayedNonce))),
+                Response::Ok(Reply::Authorize(AuthOutcome::Declined(ReasonCode::ReplayedNonce))),
                 opcode::AUTHORIZE,
                 3,
             ),
@@ -167,7 +173,7 @@ fn examples() -> Vec<(&'static str, String, Vec<u8>)> {
         (
             "register-age-request",
             "`REGISTER_AGE` of that record, client request ID 8, request ID 6.".into(),
-            Request::RegisterAge { client_request_id: 8, record: example_age_record() }
+            Request::RegisterAge(RegisterAge { client_request_id: 8, record: example_age_record() })
                 .to_frame(6)
                 .to_bytes(),
         ),
@@ -177,11 +183,11 @@ fn examples() -> Vec<(&'static str, String, Vec<u8>)> {
              request ID 7, with the age-confirmation flag and two lines: `BEER-350` (category \
              `alcohol`) 2 × 490, `BENTO-01` (no category) 1 × 1,000."
                 .into(),
-            Request::AuthorizeBasket {
+            Request::AuthorizeBasket(AuthorizeBasket {
                 client_request_id: 9,
                 inherent_id: example_inherent_id(),
                 basket: example_basket(),
-            }
+            })
             .to_frame(7)
             .to_bytes(),
         ),
@@ -194,8 +200,8 @@ fn examples() -> Vec<(&'static str, String, Vec<u8>)> {
              `BEER-350`."
                 .into(),
             response(
-                Response::Ok(Reply::BasketOutcome(
-                    AuthOutcome::Approved(Approval {
+                Response::Ok(Reply::AuthorizeBasket(BasketOutcome {
+                    outcome: AuthOutcome::Approved(Approval {
                         auth_code: AuthCode(*b"Z9Y8X7"),
                         provider_code: 1,
                         amount_requested_minor: 1_000,
@@ -203,12 +209,12 @@ fn examples() -> Vec<(&'static str, String, Vec<u8>)> {
                         amount_final_minor: 950,
                         currency: Currency::try_from("JPY").unwrap(),
                     }),
-                    Some(AgeVerdict {
+                    verdict: Some(AgeVerdict {
                         check: AgeCheck::NotHeld,
                         items: vec!["BEER-350".into()],
                         amount_minor: 1_000,
                     }),
-                )),
+                })),
                 opcode::AUTHORIZE_BASKET,
                 7,
             ),
@@ -220,14 +226,14 @@ fn examples() -> Vec<(&'static str, String, Vec<u8>)> {
              35.6590500, 139.7006300, beacon `beacon-0042`, no Wi-Fi IDs, QR poster \
              `POSTER-0042`, accepting visa cards and any e-money."
                 .into(),
-            Request::UpsertStore { client_request_id: 10, store: example_store() }
+            Request::UpsertStore(UpsertStore { client_request_id: 10, store: example_store() })
                 .to_frame(8)
                 .to_bytes(),
         ),
         (
             "store-at-request",
             "`STORE_AT` 35.6595000, 139.7005000 within 200 m, request ID 9.".into(),
-            Request::StoreAt { latitude_e7: 356_595_000, longitude_e7: 1_397_005_000, radius_m: 200 }
+            Request::StoreAt(StoreAt { latitude_e7: 356_595_000, longitude_e7: 1_397_005_000, radius_m: 200 })
                 .to_frame(9)
                 .to_bytes(),
         ),
@@ -235,7 +241,7 @@ fn examples() -> Vec<(&'static str, String, Vec<u8>)> {
             "store-at-response",
             "Its response: that store, 51.234 m away, no ties, no networks.".into(),
             response(
-                Response::Ok(Reply::Entered(Box::new(EnteredStore {
+                Response::Ok(Reply::StoreAt(Box::new(EnteredStore {
                     store: example_store(),
                     distance_m: Some(51.234),
                     tied: Vec::new(),
@@ -261,9 +267,8 @@ fn examples() -> Vec<(&'static str, String, Vec<u8>)> {
              0x010000000000002a, a sale of 4,200 JPY at 1795305900000 on terminal `POS-7`, one \
              item `BENTO-01` 1 × 4,200, no coupon, no order."
                 .into(),
-            Request::RedeemCode {
-                request: RedeemRequest {
-                    client_request_id: 11,
+            Request::RedeemCode(RedeemCode {
+                client_request_id: 11,
                     code: example_code(),
                     issuer: 1,
                     number: issue_number(1, 42),
@@ -271,12 +276,10 @@ fn examples() -> Vec<(&'static str, String, Vec<u8>)> {
                     currency: Currency::try_from("JPY").unwrap(),
                     sale_at_ms: 1_795_305_900_000,
                     terminal_id: "POS-7".into(),
-                    items: vec![("BENTO-01".into(), 1, 4_200)],
-                    basket: None,
+                    lines: SaleLines::Items(vec![("BENTO-01".into(), 1, 4_200)]),
                     coupon: None,
                     order_ref: String::new(),
-                },
-            }
+            })
             .to_frame(10)
             .to_bytes(),
         ),
@@ -288,9 +291,8 @@ fn examples() -> Vec<(&'static str, String, Vec<u8>)> {
              (`BEER-350`, category `alcohol`, 2 × 490; `BENTO-01`, no category, 1 × 1,000), no \
              coupon, no order."
                 .into(),
-            Request::RedeemCode {
-                request: RedeemRequest {
-                    client_request_id: 12,
+            Request::RedeemCode(RedeemCode {
+                client_request_id: 12,
                     code: example_code(),
                     issuer: 1,
                     number: issue_number(1, 42),
@@ -298,12 +300,10 @@ fn examples() -> Vec<(&'static str, String, Vec<u8>)> {
                     currency: Currency::try_from("JPY").unwrap(),
                     sale_at_ms: 1_795_305_900_000,
                     terminal_id: "POS-7".into(),
-                    items: Vec::new(),
-                    basket: Some(example_basket()),
+                    lines: SaleLines::Basket(example_basket()),
                     coupon: None,
                     order_ref: String::new(),
-                },
-            }
+            })
             .to_frame(11)
             .to_bytes(),
         ),

@@ -1,6 +1,7 @@
 //! A server on 127.0.0.1:0 with test identities, for black-box tests over real sockets.
 #![allow(dead_code)]
 
+use settlegate_protocol::ops::{AddMeans, Enroll};
 use std::time::Duration;
 
 use settlegate::config::{Config, IdentityConfig};
@@ -218,7 +219,7 @@ pub struct Payer {
     /// The user.
     pub user: settlegate_engine::UserKey,
     /// The device's credential.
-    pub credential: settlegate_engine::DeviceCredential,
+    pub credential: settlegate_protocol::values::DeviceCredential,
     /// The last counter signed.
     pub counter: u64,
 }
@@ -252,24 +253,26 @@ pub async fn enroll(client: &Client, name: &str) -> Payer {
         format!("{name}@example.com"),
     )
     .unwrap();
-    let request = settlegate_protocol::messages::Request::Enroll {
+    let request = settlegate_protocol::messages::Request::Enroll(Enroll {
         client_request_id: super::request_id(),
         user: user.clone(),
         password: super::PASSWORD.into(),
         card_idm: super::fresh_idm(),
-    };
-    let settlegate_protocol::messages::Reply::Credential(credential) =
+    });
+    let settlegate_protocol::messages::Reply::Enroll(credential) =
         client.call_ok(&request).await.unwrap()
     else {
         panic!()
     };
-    let card = settlegate_protocol::messages::Request::AddMeans {
+    let card = settlegate_protocol::messages::Request::AddMeans(AddMeans {
         client_request_id: super::request_id(),
         user: user.clone(),
         make_default: true,
-        means: settlegate_engine::MeansInput::CreditCard { pan: "5555555555554444".into() },
-    };
-    let settlegate_protocol::messages::Reply::MeansAdded(added) =
+        means: settlegate_protocol::messages::MeansInput::CreditCard {
+            pan: "5555555555554444".into(),
+        },
+    });
+    let settlegate_protocol::messages::Reply::AddMeans(added) =
         client.call_ok(&card).await.unwrap()
     else {
         panic!()
