@@ -8,8 +8,10 @@
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use settlegate_engine::{Discount, TerminalEntry, TerminalService};
+use settlegate_protocol::messages::TerminalEntry;
 use settlegate_protocol::messages::{Request, Response};
+use settlegate_protocol::ops::{Authorize, RegisterTerminals};
+use settlegate_protocol::values::{Discount, TerminalService};
 use settlegate_protocol::Client;
 
 use crate::support::request_id;
@@ -74,33 +76,33 @@ async fn workload(client: &Client) {
         valid_until_ms: i64::MAX,
         description: "five percent".into(),
     };
-    let terminals = Request::RegisterTerminals {
+    let terminals = Request::RegisterTerminals(RegisterTerminals {
         client_request_id: request_id(),
         provider_code: 1,
         terminals: vec![
             TerminalEntry { terminal_id: "SHOP-1".into(), service: Some(service) },
             TerminalEntry { terminal_id: "SHOP-2".into(), service: None },
         ],
-    };
+    });
     client.call_ok(&terminals).await.unwrap();
     for n in 0..12 {
         let mut payer = enroll(client, &format!("replay-{n}-{}", now_ms())).await;
         for (amount, terminal) in [(1_000, "SHOP-1"), (2_500, "SHOP-2"), (700, "SHOP-1")] {
             let id = request_id();
-            let request = Request::Authorize {
+            let request = Request::Authorize(Authorize {
                 client_request_id: id,
                 inherent_id: payer.sign(amount, 1, terminal),
-            };
+            });
             let first = client.call(&request).await.unwrap();
             // A retry is answered from the idempotency record, and changes nothing.
             let again = client.call(&request).await.unwrap();
             assert_eq!(format!("{first:?}"), format!("{again:?}"));
         }
         // A payment to a provider that does not exist is declined in its shard.
-        let unknown = Request::Authorize {
+        let unknown = Request::Authorize(Authorize {
             client_request_id: request_id(),
             inherent_id: payer.sign(100, 9, "SHOP-1"),
-        };
+        });
         assert!(matches!(client.call(&unknown).await.unwrap(), Response::Ok(_)));
     }
 }
@@ -126,10 +128,10 @@ async fn digests_match_replays(snapshot_every: u64) {
     }
     // The digest sees a change: one more payment moves its shard's digest.
     let mut payer = enroll(&client, &format!("replay-last-{}", now_ms())).await;
-    let request = Request::Authorize {
+    let request = Request::Authorize(Authorize {
         client_request_id: request_id(),
         inherent_id: payer.sign(10, 1, "SHOP-2"),
-    };
+    });
     client.call(&request).await.unwrap();
     let after = digests_over_http(http);
     assert_ne!(after, live, "a payment changes its shard's digest");
