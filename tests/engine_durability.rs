@@ -296,10 +296,12 @@ async fn a_corrupt_middle_record_stops_recovery_naming_file_and_offset() {
 }
 
 /// Stamps `file` (a log or a snapshot: both keep their format version at bytes 8..10) with a
-/// version newer than this build's and checks that `config` is refused for it.
+/// version newer than this build's (logs' and snapshots') and checks that `config` is refused
+/// for it.
 fn assert_newer_format_refused(file: &Path, config: settlegate_engine::EngineConfig) {
+    use settlegate_engine::wal::{FORMAT_VERSION, SNAPSHOT_VERSION};
     let mut bytes = std::fs::read(file).unwrap();
-    bytes[8..10].copy_from_slice(&(settlegate_engine::wal::FORMAT_VERSION + 1).to_be_bytes());
+    bytes[8..10].copy_from_slice(&(FORMAT_VERSION.max(SNAPSHOT_VERSION) + 1).to_be_bytes());
     std::fs::write(file, &bytes).unwrap();
     let message = start_error(config);
     assert!(message.contains("newer"), "{message}");
@@ -409,27 +411,6 @@ async fn with_snapshots(dir: &Path) -> Vec<(AuthorizeRequest, AuthOutcome)> {
 async fn snapshots_plus_the_log_after_them_restore_everything() {
     let dir = tempfile::tempdir().unwrap();
     let done = with_snapshots(dir.path()).await;
-    assert_restored(dir.path(), &done).await;
-}
-
-/// A data directory written before format version 4 (snapshot header of 36 bytes, so the
-/// payload is not aligned in the file and is read into a buffer instead of mapped) restores
-/// the same.
-#[tokio::test]
-async fn a_data_directory_of_format_version_3_still_restores() {
-    let dir = tempfile::tempdir().unwrap();
-    let done = with_snapshots(dir.path()).await;
-    for index in 0..config().shard_count() {
-        let snapshot = settlegate_engine::wal::shard_snapshot_path(dir.path(), index);
-        if let Ok(bytes) = std::fs::read(&snapshot) {
-            assert!(bytes[36..48].iter().all(|&b| b == 0), "version 4 pads its header");
-            settlegate_engine::wal::rewrite_as_version(&snapshot, 3).unwrap();
-        }
-        let log = settlegate_engine::wal::shard_log_path(dir.path(), index);
-        let mut bytes = std::fs::read(&log).unwrap();
-        bytes[8..10].copy_from_slice(&3u16.to_be_bytes());
-        std::fs::write(&log, bytes).unwrap();
-    }
     assert_restored(dir.path(), &done).await;
 }
 
@@ -614,6 +595,26 @@ fn copy_of_fixture(name: &str) -> tempfile::TempDir {
 #[tokio::test]
 async fn a_version_5_data_directory_is_read() {
     let dir = copy_of_fixture("data-v5");
+    assert_the_version_5_fixture_reads(dir.path()).await;
+}
+
+/// A data directory written before format version 4 (snapshot header of 36 bytes, so the
+/// payload is not aligned in the file and is read into a buffer instead of mapped) restores
+/// the same: the version-5 fixture with its snapshot as version 3 wrote it (versions 3 to 5
+/// share the payload's layout).
+#[tokio::test]
+async fn a_data_directory_of_format_version_3_still_restores() {
+    let dir = copy_of_fixture("data-v5");
+    let snapshot = settlegate_engine::wal::shard_snapshot_path(dir.path(), 1);
+    let bytes = std::fs::read(&snapshot).unwrap();
+    assert_eq!(u16::from_be_bytes([bytes[8], bytes[9]]), 5);
+    assert!(bytes[36..48].iter().all(|&b| b == 0), "version 4 pads its header");
+    settlegate_engine::wal::rewrite_as_version_3(&snapshot).unwrap();
+    assert_eq!(std::fs::read(&snapshot).unwrap().len(), bytes.len() - 12);
+    assert_the_version_5_fixture_reads(dir.path()).await;
+}
+
+async fn assert_the_version_5_fixture_reads(dir: &Path) {
     let user = UserKey::new(UserIdType::Mail, "fixture@example.com").unwrap();
     let request = |id: u128, inherent_hex: &str| AuthorizeRequest {
         client_request_id: id,
@@ -633,7 +634,7 @@ async fn a_version_5_data_directory_is_read() {
          b0c3f6d1661c45e9af21c4fd6e0592c68d744c",
     );
     for restart_count in 0..2 {
-        let h = restart(dir.path());
+        let h = restart(dir);
         h.engine.login(&user, PASSWORD).await.unwrap();
         let approval = approved(h.engine.authorize(done.clone()).await.unwrap());
         assert_eq!((approval.auth_code.0, approval.amount_final_minor), (*b"UAR9TT", 1_000));
@@ -974,16 +975,28 @@ async fn write_the_version_6_fixture() {
 /// A format-version-6 data directory (written by the build before the snapshots held the
 /// shard's state types, see [`write_the_version_6_fixture`]) is read: its snapshot, with state
 /// of every kind and an e-money payment with its provider, and the log after it; then again
-/// with this build's records appended after the old ones.
+/// with this build's records appended after the old ones; then from a snapshot of this
+/// build's format taken of it all.
 #[tokio::test]
 async fn a_version_6_data_directory_is_read() {
     use fixture_v6::*;
+    use settlegate_engine::wal::SNAPSHOT_VERSION;
     use settlegate_engine::{CodeOutcome, CodeState, MeansInput, Signal};
     let dir = copy_of_fixture("data-v6");
     let mut first_answers = None;
-    for restart_count in 0..2 {
+    let snapshot = settlegate_engine::wal::shard_snapshot_path(dir.path(), 0);
+    let snapshot_version = || {
+        let bytes = std::fs::read(&snapshot).unwrap();
+        u16::from_be_bytes([bytes[8], bytes[9]])
+    };
+    for restart_count in 0..3 {
         let mut config = durable_config(dir.path());
         config.shards = 0; // The layout the data has: one shard.
+                           // The second start takes a snapshot after every record: the third starts from a
+                           // snapshot of this build's format, holding everything the old one did.
+        config.durability.snapshot_every_records = if restart_count == 1 { 1 } else { 0 };
+        let expected_version = if restart_count < 2 { 6 } else { SNAPSHOT_VERSION };
+        assert_eq!(snapshot_version(), expected_version, "restart {restart_count}");
         let h = Harness::with_config(config);
         assert_eq!(h.engine.shard_count(), 1);
         h.engine.login(&user(), PASSWORD).await.unwrap();
@@ -1113,7 +1126,9 @@ async fn a_version_6_data_directory_is_read() {
         );
         match &first_answers {
             None => first_answers = Some(answers),
-            Some(first) => assert_eq!(&answers, first, "the same answers at the second restart"),
+            Some(first) => {
+                assert_eq!(&answers, first, "the same answers at restart {restart_count}")
+            }
         }
         h.engine.shutdown();
     }
