@@ -112,7 +112,9 @@ pub(crate) const REVOKED: i64 = i64::MIN;
 /// ([`REVOKED`] for a key revoked at once).
 #[derive(Debug, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub(crate) struct SealedKeys {
+    #[rkyv(with = crate::shard::archive::Via<(u16, SealedNumber)>)]
     pub(crate) current: (u16, Arc<SealedNumber>),
+    #[rkyv(with = rkyv::with::Map<crate::shard::archive::Via<(u16, SealedNumber, i64)>>)]
     pub(crate) previous: Option<(u16, Arc<SealedNumber>, i64)>,
 }
 

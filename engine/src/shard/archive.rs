@@ -17,11 +17,14 @@ use rkyv::rancor::{Fallible, Source};
 use rkyv::with::{ArchiveWith, DeserializeWith, SerializeWith};
 use rkyv::{Archive, Deserialize, Place, Serialize};
 
+use std::sync::Arc;
+
 use crate::codes::CouponEffect;
 use crate::types::{
     Approval, AuthCode, AuthOutcome, CardToken, Currency, Discount, MeansKind, ReasonCode,
     TerminalService, UserIdType, UserKey,
 };
+use crate::vault::{ArchivedSealedNumber, SealedNumber};
 
 /// A value read back from an archive that is not a valid value of its type.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -280,4 +283,33 @@ impl Leaf<CouponEffect> for CouponLeaf {
             ArchivedCouponLeaf::OrderCode => CouponEffect::OrderCode,
         })
     }
+}
+
+/// A sealed key as a device's keys hold it (version, and the key sealed, shared with the key
+/// index), archived inline: an archived shared pointer would cost a validation and a
+/// deserialization table entry per device on restore.
+impl Leaf<(u16, Arc<SealedNumber>)> for (u16, SealedNumber) {
+    fn leaf((version, sealed): &(u16, Arc<SealedNumber>)) -> Self {
+        (*version, SealedNumber::clone(sealed))
+    }
+
+    fn value(archived: &Self::Archived) -> Result<(u16, Arc<SealedNumber>), LeafError> {
+        Ok((archived.0.to_native(), Arc::new(sealed_value(&archived.1))))
+    }
+}
+
+/// A rotated-out sealed key and the instant it is refused after, archived inline.
+impl Leaf<(u16, Arc<SealedNumber>, i64)> for (u16, SealedNumber, i64) {
+    fn leaf((version, sealed, until): &(u16, Arc<SealedNumber>, i64)) -> Self {
+        (*version, SealedNumber::clone(sealed), *until)
+    }
+
+    fn value(archived: &Self::Archived) -> Result<(u16, Arc<SealedNumber>, i64), LeafError> {
+        let sealed = Arc::new(sealed_value(&archived.1));
+        Ok((archived.0.to_native(), sealed, archived.2.to_native()))
+    }
+}
+
+fn sealed_value(archived: &ArchivedSealedNumber) -> SealedNumber {
+    SealedNumber { nonce: archived.nonce, ciphertext: archived.ciphertext.to_vec() }
 }
