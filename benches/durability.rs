@@ -2,7 +2,8 @@
 //! without a log), and the time to recover a data directory of N users with one payment code each.
 //!
 //! `cargo bench --bench durability`. `SETTLEGATE_RECOVERY_USERS=1000000` sets the large
-//! recovery size (default 10,000; the test suite runs 200).
+//! recovery size (default 10,000; the test suite runs 200); `SETTLEGATE_RECOVERY_SNAPSHOTS_ONLY=1`
+//! writes the data set as snapshots alone, so that recovery restores them and replays nothing.
 
 mod common;
 
@@ -162,8 +163,20 @@ fn write_data_set(runtime: &tokio::runtime::Runtime, dir: &std::path::Path, user
     });
     bench.engine.shutdown();
     drop(bench);
+    if std::env::var_os(SNAPSHOTS_ONLY).is_some() {
+        // A start that snapshots after every record, and a sweep (one record in each shard):
+        // every shard's snapshot then holds everything, and its log nothing.
+        let mut config = durable(dir, FsyncPolicy::Off);
+        config.durability.snapshot_every_records = 1;
+        let engine = Engine::start(config).expect("recovers");
+        runtime.block_on(engine.sweep_codes()).expect("sweeps");
+        engine.shutdown();
+    }
     eprintln!("recovery/{users}: data directory written in {:?}", setup.elapsed());
 }
+
+/// Environment variable that makes the recovery data set snapshots alone (no log after them).
+const SNAPSHOTS_ONLY: &str = "SETTLEGATE_RECOVERY_SNAPSHOTS_ONLY";
 
 /// Shows the engine's info lines (snapshot pauses, recovery times) on stderr.
 fn log_engine_info() {

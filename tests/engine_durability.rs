@@ -296,10 +296,12 @@ async fn a_corrupt_middle_record_stops_recovery_naming_file_and_offset() {
 }
 
 /// Stamps `file` (a log or a snapshot: both keep their format version at bytes 8..10) with a
-/// version newer than this build's and checks that `config` is refused for it.
+/// version newer than this build's (logs' and snapshots') and checks that `config` is refused
+/// for it.
 fn assert_newer_format_refused(file: &Path, config: settlegate_engine::EngineConfig) {
+    use settlegate_engine::wal::{FORMAT_VERSION, SNAPSHOT_VERSION};
     let mut bytes = std::fs::read(file).unwrap();
-    bytes[8..10].copy_from_slice(&(settlegate_engine::wal::FORMAT_VERSION + 1).to_be_bytes());
+    bytes[8..10].copy_from_slice(&(FORMAT_VERSION.max(SNAPSHOT_VERSION) + 1).to_be_bytes());
     std::fs::write(file, &bytes).unwrap();
     let message = start_error(config);
     assert!(message.contains("newer"), "{message}");
@@ -409,27 +411,6 @@ async fn with_snapshots(dir: &Path) -> Vec<(AuthorizeRequest, AuthOutcome)> {
 async fn snapshots_plus_the_log_after_them_restore_everything() {
     let dir = tempfile::tempdir().unwrap();
     let done = with_snapshots(dir.path()).await;
-    assert_restored(dir.path(), &done).await;
-}
-
-/// A data directory written before format version 4 (snapshot header of 36 bytes, so the
-/// payload is not aligned in the file and is read into a buffer instead of mapped) restores
-/// the same.
-#[tokio::test]
-async fn a_data_directory_of_format_version_3_still_restores() {
-    let dir = tempfile::tempdir().unwrap();
-    let done = with_snapshots(dir.path()).await;
-    for index in 0..config().shard_count() {
-        let snapshot = settlegate_engine::wal::shard_snapshot_path(dir.path(), index);
-        if let Ok(bytes) = std::fs::read(&snapshot) {
-            assert!(bytes[36..48].iter().all(|&b| b == 0), "version 4 pads its header");
-            settlegate_engine::wal::rewrite_as_version(&snapshot, 3).unwrap();
-        }
-        let log = settlegate_engine::wal::shard_log_path(dir.path(), index);
-        let mut bytes = std::fs::read(&log).unwrap();
-        bytes[8..10].copy_from_slice(&3u16.to_be_bytes());
-        std::fs::write(&log, bytes).unwrap();
-    }
     assert_restored(dir.path(), &done).await;
 }
 
@@ -594,6 +575,17 @@ async fn a_crash_between_snapshot_and_new_log_does_not_apply_records_twice() {
     h.engine.shutdown();
 }
 
+/// A temporary copy of the checked-in data directory `tests/fixtures/<name>`.
+fn copy_of_fixture(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    for entry in std::fs::read_dir(&fixture).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    dir
+}
+
 /// A data directory written by format version 5 (`tests/fixtures/data-v5`, by the build before
 /// completions named their record's digest): a snapshot taken while an e-money payment was with
 /// its provider (the payment's record and purse hold in it), and the logs after it. This build
@@ -602,12 +594,27 @@ async fn a_crash_between_snapshot_and_new_log_does_not_apply_records_twice() {
 /// restart reads the old records and the new ones appended after them.
 #[tokio::test]
 async fn a_version_5_data_directory_is_read() {
-    let dir = tempfile::tempdir().unwrap();
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data-v5");
-    for entry in std::fs::read_dir(&fixture).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
-    }
+    let dir = copy_of_fixture("data-v5");
+    assert_the_version_5_fixture_reads(dir.path()).await;
+}
+
+/// A data directory written before format version 4 (snapshot header of 36 bytes, so the
+/// payload is not aligned in the file and is read into a buffer instead of mapped) restores
+/// the same: the version-5 fixture with its snapshot as version 3 wrote it (versions 3 to 5
+/// share the payload's layout).
+#[tokio::test]
+async fn a_data_directory_of_format_version_3_still_restores() {
+    let dir = copy_of_fixture("data-v5");
+    let snapshot = settlegate_engine::wal::shard_snapshot_path(dir.path(), 1);
+    let bytes = std::fs::read(&snapshot).unwrap();
+    assert_eq!(u16::from_be_bytes([bytes[8], bytes[9]]), 5);
+    assert!(bytes[36..48].iter().all(|&b| b == 0), "version 4 pads its header");
+    settlegate_engine::wal::rewrite_as_version_3(&snapshot).unwrap();
+    assert_eq!(std::fs::read(&snapshot).unwrap().len(), bytes.len() - 12);
+    assert_the_version_5_fixture_reads(dir.path()).await;
+}
+
+async fn assert_the_version_5_fixture_reads(dir: &Path) {
     let user = UserKey::new(UserIdType::Mail, "fixture@example.com").unwrap();
     let request = |id: u128, inherent_hex: &str| AuthorizeRequest {
         client_request_id: id,
@@ -627,7 +634,7 @@ async fn a_version_5_data_directory_is_read() {
          b0c3f6d1661c45e9af21c4fd6e0592c68d744c",
     );
     for restart_count in 0..2 {
-        let h = restart(dir.path());
+        let h = restart(dir);
         h.engine.login(&user, PASSWORD).await.unwrap();
         let approval = approved(h.engine.authorize(done.clone()).await.unwrap());
         assert_eq!((approval.auth_code.0, approval.amount_final_minor), (*b"UAR9TT", 1_000));
@@ -705,4 +712,424 @@ fn the_log_reader_is_never_silently_shorter() {
     let mut bytes = log.bytes.clone();
     bytes[last] |= 0x40;
     assert_eq!(read_log(&bytes), Err(Refusal::Corrupt { offset: last as u64 }));
+}
+
+/// The requests of the format-version-6 fixture (`tests/fixtures/data-v6`), rebuilt the same
+/// for its writer and its reader: fixed client request IDs, and inherent IDs signed with the
+/// device key that the enrollment's idempotency record gives back (HMAC: the same bytes).
+mod fixture_v6 {
+    use settlegate_engine::age::{Date, VerificationMethod};
+    use settlegate_engine::codes::CouponEffect;
+    use settlegate_engine::{
+        AcceptedMethod, AgePolicy, AgeRecord, AuthorizeRequest, Basket, BasketItem,
+        DeviceCredential, Discount, EnrollRequest, InherentId, IssueCodeRequest, MeansKind,
+        OnAgeFailure, RedeemRequest, Store, TerminalEntry, TerminalService, UserIdType, UserKey,
+    };
+
+    use crate::support::*;
+
+    pub const IDM: [u8; 8] = [0xF6; 8];
+    pub const SHOP: &str = "V6-SHOP";
+    pub const AGE_SHOP: &str = "V6-AGE";
+    pub const STORE: &str = "V6-STORE";
+    pub const DAY_MS: i64 = 86_400_000;
+
+    pub fn user() -> UserKey {
+        UserKey::new(UserIdType::Mail, "fixture-v6@example.com").unwrap()
+    }
+
+    pub fn enroll() -> EnrollRequest {
+        EnrollRequest {
+            client_request_id: 60_001,
+            user: user(),
+            password: PASSWORD.into(),
+            card_idm: IDM,
+        }
+    }
+
+    pub fn terminals() -> Vec<TerminalEntry> {
+        let service = TerminalService {
+            discount: Discount::Percent { bps: 500 },
+            valid_from_ms: T0_MS - DAY_MS,
+            valid_until_ms: T0_MS + 365 * DAY_MS,
+            description: "5% off".into(),
+        };
+        vec![
+            TerminalEntry { terminal_id: SHOP.into(), service: Some(service) },
+            TerminalEntry { terminal_id: AGE_SHOP.into(), service: None },
+        ]
+    }
+
+    pub fn age_policy() -> AgePolicy {
+        AgePolicy {
+            jurisdiction: "JP".into(),
+            time_zone: "Asia/Tokyo".into(),
+            on_failure: OnAgeFailure::RemoveItems,
+            strict: false,
+        }
+    }
+
+    pub fn store() -> Store {
+        Store {
+            store_id: STORE.into(),
+            name: "Store six".into(),
+            industry: "convenience".into(),
+            address: "6-6 Somewhere".into(),
+            latitude: 35.68,
+            longitude: 139.76,
+            beacons: vec!["v6-beacon".into()],
+            wifi: Vec::new(),
+            qr_code: None,
+            accepts: vec![AcceptedMethod { kind: MeansKind::EMoney, brand: "suica".into() }],
+        }
+    }
+
+    /// An inherent ID of `amount` JPY with `means` at `terminal`, counter `counter`.
+    pub fn record(
+        credential: &DeviceCredential,
+        counter: u64,
+        amount: u64,
+        means: (MeansKind, u32),
+        provider: u32,
+        terminal: &str,
+    ) -> Vec<u8> {
+        InherentId {
+            key_version: credential.key_version,
+            amount_minor: amount,
+            currency: jpy(),
+            means: means.0,
+            means_id: means.1,
+            provider_code: provider,
+            card_idm: IDM,
+            user: user(),
+            terminal_id: terminal.into(),
+            counter,
+            timestamp_ms: T0_MS,
+        }
+        .sign(credential.device_key.expose())
+    }
+
+    pub fn age_record(credential: &DeviceCredential) -> Vec<u8> {
+        AgeRecord {
+            key_version: credential.key_version,
+            card_idm: IDM,
+            user: user(),
+            birth_date: Date::new(1990, 5, 5).unwrap(),
+            method: VerificationMethod::DocumentChip,
+            verified_at_ms: T0_MS - DAY_MS,
+            valid_until_ms: T0_MS + 30 * DAY_MS,
+            counter: 7,
+            timestamp_ms: T0_MS,
+        }
+        .sign(credential.device_key.expose())
+    }
+
+    /// Beer (alcohol) and bread.
+    pub fn basket() -> Basket {
+        let item = |id: &str, category: &str, amount| BasketItem {
+            item_id: id.into(),
+            category: category.into(),
+            quantity: 1,
+            unit_amount_minor: amount,
+        };
+        Basket {
+            age_confirmation: true,
+            items: vec![item("BEER", "alcohol", 600), item("BREAD", "", 300)],
+        }
+    }
+
+    /// A card payment of 1,000 at the shop with the service (approved).
+    pub fn card_payment(c: &DeviceCredential) -> AuthorizeRequest {
+        let inherent_id = record(c, 10, 1_000, (MeansKind::CreditCard, 1), PROVIDER_OK, SHOP);
+        AuthorizeRequest { client_request_id: 60_010, inherent_id }
+    }
+
+    /// A payment its provider declines.
+    pub fn declined_payment(c: &DeviceCredential) -> AuthorizeRequest {
+        let inherent_id = record(c, 11, 500, (MeansKind::CreditCard, 1), PROVIDER_DECLINE, SHOP);
+        AuthorizeRequest { client_request_id: 60_011, inherent_id }
+    }
+
+    /// The basket payment at the age-policy terminal.
+    pub fn basket_payment(c: &DeviceCredential) -> AuthorizeRequest {
+        let inherent_id = record(c, 12, 900, (MeansKind::CreditCard, 1), PROVIDER_OK, AGE_SHOP);
+        AuthorizeRequest { client_request_id: 60_012, inherent_id }
+    }
+
+    /// An e-money payment of 2,000 with the slow provider: with it when the snapshot is taken.
+    pub fn pending_payment(c: &DeviceCredential) -> AuthorizeRequest {
+        let inherent_id = record(c, 20, 2_000, (MeansKind::EMoney, 2), PROVIDER_SLOW, SHOP);
+        AuthorizeRequest { client_request_id: 60_020, inherent_id }
+    }
+
+    /// An e-money payment of 300, logged after the snapshot.
+    pub fn later_payment(c: &DeviceCredential) -> AuthorizeRequest {
+        let inherent_id = record(c, 22, 300, (MeansKind::EMoney, 2), PROVIDER_OK, SHOP);
+        AuthorizeRequest { client_request_id: 60_022, inherent_id }
+    }
+
+    /// Code requests: `counter` 13 stays issued, 14 is redeemed.
+    pub fn code_request(c: &DeviceCredential, counter: u64) -> IssueCodeRequest {
+        IssueCodeRequest {
+            client_request_id: 60_000 + u128::from(counter),
+            inherent_id: record(c, counter, 1_500, (MeansKind::CreditCard, 1), PROVIDER_OK, SHOP),
+            validity_ms: 7 * DAY_MS,
+            deliver_to: None,
+            order_ref: format!("ORDER-{counter}"),
+        }
+    }
+
+    pub fn redeem(code: &settlegate_engine::IssuedCode) -> RedeemRequest {
+        RedeemRequest {
+            client_request_id: 60_015,
+            code: code.text.clone(),
+            issuer: 1,
+            number: code.number,
+            amount_minor: 1_400,
+            currency: jpy(),
+            sale_at_ms: T0_MS,
+            terminal_id: SHOP.into(),
+            items: vec![("ITEM-1".into(), 1, 1_400)],
+            basket: None,
+            coupon: None,
+            order_ref: code.order_ref.clone(),
+        }
+    }
+
+    pub const COUPON: CouponEffect = CouponEffect::Percent { bps: 1_000 };
+    pub const COUPON_EXPIRES_MS: i64 = T0_MS + 30 * DAY_MS;
+}
+
+/// Writes the format-version-6 fixture into `$SETTLEGATE_FIXTURE_DIR` (an empty directory):
+/// run once with the build of that format (commit 6b6da24) as
+/// `SETTLEGATE_FIXTURE_DIR=/tmp/v6 cargo test --test tests write_the_version_6_fixture -- --ignored`.
+/// One shard. Everything is logged first; a restart with a snapshot after every record takes
+/// one when the e-money payment is with its (slow) provider, so the snapshot holds every kind
+/// of state and the hold; a last restart logs a top-up and a payment after it.
+#[tokio::test]
+#[ignore = "writes the checked-in fixture tests/fixtures/data-v6"]
+async fn write_the_version_6_fixture() {
+    use fixture_v6::*;
+    use settlegate_engine::{CodeOutcome, DeliveryNotice, MeansInput};
+    let dir = std::path::PathBuf::from(std::env::var("SETTLEGATE_FIXTURE_DIR").unwrap());
+    let engine = |snapshot_every| {
+        let mut config = durable_config(&dir);
+        config.shards = 1;
+        config.durability.snapshot_every_records = snapshot_every;
+        Harness::with_config(config)
+    };
+    let h = engine(0);
+    let c = h.engine.enroll(enroll()).await.unwrap();
+    let card = MeansInput::CreditCard { pan: "4111111111111111".into() };
+    h.engine.add_means(60_002, &user(), &card, true).await.unwrap();
+    let purse = MeansInput::EMoney { emoney_type: "suica".into() };
+    h.engine.add_means(60_003, &user(), &purse, false).await.unwrap();
+    h.engine.top_up(60_004, &user(), 2, 5_000, jpy()).await.unwrap();
+    h.engine.register_terminals(60_005, PROVIDER_OK, terminals()).await.unwrap();
+    h.engine.set_age_policy(60_006, PROVIDER_OK, AGE_SHOP, Some(age_policy())).await.unwrap();
+    h.engine.register_age(60_007, &age_record(&c)).await.unwrap();
+    h.engine.upsert_store(60_008, store()).await.unwrap();
+    // A refusal kept as an answer: a card keeps no balance.
+    assert!(h.engine.top_up(60_009, &user(), 1, 100, jpy()).await.is_err());
+    approved(h.engine.authorize(card_payment(&c)).await.unwrap());
+    h.engine.authorize(declined_payment(&c)).await.unwrap();
+    let basket = h.engine.authorize_baskets(vec![(basket_payment(&c), Some(basket()))]).await;
+    approved(basket.into_iter().next().unwrap().unwrap().outcome);
+    let CodeOutcome::Issued(_) = h.engine.issue_code(code_request(&c, 13)).await.unwrap() else {
+        panic!("code 13 declined")
+    };
+    let CodeOutcome::Issued(code) = h.engine.issue_code(code_request(&c, 14)).await.unwrap() else {
+        panic!("code 14 declined")
+    };
+    h.engine.redeem_code(redeem(&code)).await.unwrap();
+    let coupons =
+        h.engine.issue_coupons(60_016, PROVIDER_OK, vec![user()], COUPON, 2, COUPON_EXPIRES_MS);
+    coupons.await.into_iter().next().unwrap().unwrap();
+    let notice = DeliveryNotice {
+        user: user(),
+        order_ref: "ORDER-13".into(),
+        amount_minor: 1_500,
+        currency: jpy(),
+        merchant: "Store six".into(),
+    };
+    h.engine.notify_delivery(60_017, notice).await.unwrap();
+    h.engine.shutdown();
+    drop(h);
+
+    let h = engine(1);
+    let engine_handle = h.engine.clone();
+    let c2 = c.clone();
+    let pending = tokio::spawn(async move { engine_handle.authorize(pending_payment(&c2)).await });
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    h.engine.shutdown();
+    drop(h);
+    let _ = pending.await;
+    assert!(dir.join("shard-000.snap").exists(), "a snapshot was taken");
+
+    let h = engine(0);
+    h.engine.top_up(60_021, &user(), 2, 1_000, jpy()).await.unwrap();
+    approved(h.engine.authorize(later_payment(&c)).await.unwrap());
+    h.engine.shutdown();
+}
+
+/// A format-version-6 data directory (written by the build before the snapshots held the
+/// shard's state types, see [`write_the_version_6_fixture`]) is read: its snapshot, with state
+/// of every kind and an e-money payment with its provider, and the log after it; then again
+/// with this build's records appended after the old ones; then from a snapshot of this
+/// build's format taken of it all.
+#[tokio::test]
+async fn a_version_6_data_directory_is_read() {
+    use fixture_v6::*;
+    use settlegate_engine::wal::SNAPSHOT_VERSION;
+    use settlegate_engine::{CodeOutcome, CodeState, MeansInput, Signal};
+    let dir = copy_of_fixture("data-v6");
+    let mut first_answers = None;
+    let snapshot = settlegate_engine::wal::shard_snapshot_path(dir.path(), 0);
+    let snapshot_version = || {
+        let bytes = std::fs::read(&snapshot).unwrap();
+        u16::from_be_bytes([bytes[8], bytes[9]])
+    };
+    for restart_count in 0..3 {
+        let mut config = durable_config(dir.path());
+        config.shards = 0; // The layout the data has: one shard.
+                           // The second start takes a snapshot after every record: the third starts from a
+                           // snapshot of this build's format, holding everything the old one did.
+        config.durability.snapshot_every_records = if restart_count == 1 { 1 } else { 0 };
+        let expected_version = if restart_count < 2 { 6 } else { SNAPSHOT_VERSION };
+        assert_eq!(snapshot_version(), expected_version, "restart {restart_count}");
+        let h = Harness::with_config(config);
+        assert_eq!(h.engine.shard_count(), 1);
+        h.engine.login(&user(), PASSWORD).await.unwrap();
+        // The enrollment's answer, its key sealed in the snapshot: the same key again.
+        let c = h.engine.enroll(enroll()).await.unwrap();
+        assert_eq!((c.card_idm, c.key_version), (IDM, 1));
+        // Means: the card (its number sealed) and the purse, with their answers.
+        let card = MeansInput::CreditCard { pan: "4111111111111111".into() };
+        let added = h.engine.add_means(60_002, &user(), &card, true).await.unwrap();
+        assert_eq!((added.means_id, added.last4.as_deref()), (1, Some("1111")));
+        let purse = MeansInput::EMoney { emoney_type: "suica".into() };
+        assert_eq!(h.engine.add_means(60_003, &user(), &purse, false).await.unwrap().means_id, 2);
+        let means = h.engine.list_means(&user(), MeansOrder::Registration).await.unwrap();
+        assert_eq!(means.len(), 2);
+        // Three settlements (a payment, a basket, a code), and one more per earlier restart.
+        let card_uses = 3 + restart_count;
+        assert_eq!(
+            (means[0].kind, means[0].is_default, means[0].uses),
+            (MeansKind::CreditCard, true, card_uses)
+        );
+        let token = means[0].token.unwrap();
+        assert_eq!(h.engine.vault().reveal(&token).unwrap().as_str(), "4111111111111111");
+        // 5,000 + 1,000 topped up, 300 paid at the shop's 5% off; the pending payment's 2,000
+        // released.
+        let balance = means[1].balance.unwrap();
+        assert_eq!(
+            (balance.balance_minor, balance.available_minor, means[1].uses),
+            (5_715, 5_715, 1),
+            "restart {restart_count}"
+        );
+        let top_up = h.engine.top_up(60_004, &user(), 2, 5_000, jpy()).await.unwrap();
+        assert_eq!(top_up.balance_minor, 5_000, "the first top-up's own answer");
+        assert_eq!(
+            h.engine.top_up(60_009, &user(), 1, 100, jpy()).await,
+            Err(EngineError::Refused(ReasonCode::NotStoredValue))
+        );
+        // Payments: each retry gets its first answer; the one with its provider at the
+        // snapshot was resolved as timed out.
+        let paid_by_card = h.engine.authorize(card_payment(&c)).await.unwrap();
+        assert_eq!(approved(paid_by_card).amount_final_minor, 950, "5% off");
+        assert_eq!(
+            h.engine.authorize(declined_payment(&c)).await.unwrap(),
+            AuthOutcome::Declined(ReasonCode::ProviderDoNotHonor)
+        );
+        assert_eq!(
+            h.engine.authorize(pending_payment(&c)).await.unwrap(),
+            AuthOutcome::Declined(ReasonCode::ProviderTimeout)
+        );
+        let later = h.engine.authorize(later_payment(&c)).await.unwrap();
+        assert_eq!(approved(later).amount_final_minor, 285);
+        let basket_paid =
+            h.engine.authorize_baskets(vec![(basket_payment(&c), Some(basket()))]).await;
+        let basket_paid = basket_paid.into_iter().next().unwrap().unwrap();
+        assert_eq!(approved(basket_paid.outcome).amount_final_minor, 900);
+        // The replay window: a spent record under a new ID is a replay.
+        let replay = AuthorizeRequest { client_request_id: 61_000, ..card_payment(&c) };
+        assert_eq!(
+            h.engine.authorize(replay).await.unwrap(),
+            AuthOutcome::Declined(ReasonCode::ReplayedNonce)
+        );
+        // The terminal list with its service, and the age policy with the registration.
+        let TerminalConfirmation::Listed { service: Some(service) } =
+            h.engine.confirm_terminal(PROVIDER_OK, SHOP).unwrap()
+        else {
+            panic!("the shop's service")
+        };
+        assert_eq!(service.description, "5% off");
+        let counter = 100 + restart_count;
+        let request = AuthorizeRequest {
+            client_request_id: 61_001 + u128::from(counter),
+            inherent_id: record(
+                &c,
+                counter,
+                900,
+                (MeansKind::CreditCard, 1),
+                PROVIDER_OK,
+                AGE_SHOP,
+            ),
+        };
+        let paid = h.engine.authorize_baskets(vec![(request, Some(basket()))]).await;
+        let verdict = paid.into_iter().next().unwrap().unwrap().verdict.unwrap();
+        assert_eq!(verdict.check, settlegate_engine::AgeCheck::Held, "registered as adult");
+        // The store.
+        let found = h.engine.store_by_signal(Signal::Beacon, "v6-beacon").await.unwrap();
+        assert_eq!(found.store, store());
+        // Codes: one issued, one redeemed, each with its answer.
+        let CodeOutcome::Issued(issued) = h.engine.issue_code(code_request(&c, 13)).await.unwrap()
+        else {
+            panic!("code 13")
+        };
+        assert_eq!(h.engine.code_state(issued.number).await.unwrap(), CodeState::Issued);
+        let CodeOutcome::Issued(code) = h.engine.issue_code(code_request(&c, 14)).await.unwrap()
+        else {
+            panic!("code 14")
+        };
+        let redemption = h.engine.redeem_code(redeem(&code)).await.unwrap();
+        assert_eq!((redemption.captured_minor, redemption.terminal_id.as_str()), (1_400, SHOP));
+        assert_eq!(
+            h.engine.code_state(code.number).await.unwrap(),
+            CodeState::Redeemed(Box::new(redemption.clone()))
+        );
+        // The coupon's answer.
+        let coupons =
+            h.engine.issue_coupons(60_016, PROVIDER_OK, vec![user()], COUPON, 2, COUPON_EXPIRES_MS);
+        let coupon = coupons.await.into_iter().next().unwrap().unwrap();
+        assert_eq!((coupon.uses, coupon.effect), (2, COUPON));
+        // The delivery notice's answer (no device was listening).
+        let notice = settlegate_engine::DeliveryNotice {
+            user: user(),
+            order_ref: "ORDER-13".into(),
+            amount_minor: 1_500,
+            currency: jpy(),
+            merchant: "Store six".into(),
+        };
+        assert_eq!(h.engine.notify_delivery(60_017, notice).await.unwrap(), 0);
+        // As the fixture's writer recorded them.
+        let auth_code = |outcome: &AuthOutcome| approved(*outcome).auth_code.0;
+        assert_eq!(
+            [auth_code(&paid_by_card), auth_code(&later), auth_code(&basket_paid.outcome)],
+            [*b"SB7BHA", *b"MBYP0C", *b"LUEF2S"]
+        );
+        assert_eq!((issued.number, code.number, coupon.number), (1, 2, 3));
+        assert_eq!(redemption.auth_code.0, *b"C202CK");
+        let answers = format!(
+            "{paid_by_card:?} {later:?} {basket_paid:?} {issued:?} {code:?} {redemption:?} \
+             {coupon:?}"
+        );
+        match &first_answers {
+            None => first_answers = Some(answers),
+            Some(first) => {
+                assert_eq!(&answers, first, "the same answers at restart {restart_count}")
+            }
+        }
+        h.engine.shutdown();
+    }
 }

@@ -49,7 +49,19 @@ pub const AGE_RECORD_LEN_MAX: usize = AGE_FIXED_LEN + USER_ID_LEN_MAX;
 const BIRTH_YEAR_MIN: i16 = 1900;
 
 /// How the birth date was verified before the terminal registered it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 #[repr(u8)]
 pub enum VerificationMethod {
@@ -209,9 +221,10 @@ impl AgeRecord {
 }
 
 /// A registration a shard keeps, per card IDm.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct AgeRegistration {
     /// Birth date.
+    #[rkyv(with = crate::shard::archive::Via<(i16, i8, i8)>)]
     pub birth_date: Date,
     /// How it was verified.
     pub method: VerificationMethod,
@@ -252,7 +265,20 @@ pub struct JurisdictionRules {
 }
 
 /// What a store does when the age condition fails (A2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Default,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 #[repr(u8)]
 pub enum OnAgeFailure {
@@ -276,7 +302,18 @@ impl OnAgeFailure {
 
 /// A store's age policy: where it is, what it does on failure, and whether it checks item
 /// categories itself (the strict mode, A3).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 #[serde(deny_unknown_fields)]
 pub struct AgePolicy {
     /// The jurisdiction whose minimum ages apply (a key of `[engine.age.jurisdictions]`).
@@ -501,7 +538,9 @@ impl Basket {
 }
 
 /// What the age check found, as the store may learn it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
 #[repr(u8)]
 pub enum AgeCheck {
     /// Not checked: no age-confirmation flag and the store is not strict (A3).
@@ -529,7 +568,7 @@ impl AgeCheck {
 
 /// The basket's verdict: what was checked, which items were removed (or, when refused, which
 /// cannot be paid for), and the amount left to settle before any terminal discount.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct AgeVerdict {
     /// The check's result.
     pub check: AgeCheck,

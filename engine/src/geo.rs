@@ -32,9 +32,21 @@ const CELL_COLUMNS: u32 = 360;
 
 /// A settlement method a store accepts: a means kind and, optionally, a brand (`suica`,
 /// `paypay`, `visa`); an empty brand accepts every means of the kind.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 pub struct AcceptedMethod {
     /// The means kind.
+    #[rkyv(with = crate::shard::archive::Via<u8>)]
     pub kind: MeansKind,
     /// The brand, compared case-insensitively with a means' label; empty for any.
     pub brand: String,
@@ -53,7 +65,16 @@ fn label_has_brand(label: &str, brand: &str) -> bool {
 }
 
 /// A store (W1).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 pub struct Store {
     /// Store ID (1..=32 printable ASCII).
     pub store_id: String,

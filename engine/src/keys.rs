@@ -110,9 +110,11 @@ pub(crate) const REVOKED: i64 = i64::MIN;
 /// A device's keys sealed to its IDm, as its shard keeps them for snapshots: the current
 /// version, and the rotated-out one with the instant (ms) after which it is refused
 /// ([`REVOKED`] for a key revoked at once).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub(crate) struct SealedKeys {
+    #[rkyv(with = crate::shard::archive::Via<(u16, SealedNumber)>)]
     pub(crate) current: (u16, Arc<SealedNumber>),
+    #[rkyv(with = rkyv::with::Map<crate::shard::archive::Via<(u16, SealedNumber, i64)>>)]
     pub(crate) previous: Option<(u16, Arc<SealedNumber>, i64)>,
 }
 

@@ -19,13 +19,24 @@ use crate::types::{terminal_id_valid, Discount, ReasonCode, TerminalService};
 use crate::SharedMap;
 
 /// A terminal a provider serves, with its terminal-unique service if it has one.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 #[serde(deny_unknown_fields)]
 pub struct TerminalEntry {
     /// Store-terminal ID.
     pub terminal_id: String,
     /// The service (discount) offered at this terminal.
     #[serde(default)]
+    #[rkyv(with = rkyv::with::Map<crate::shard::archive::Via<crate::shard::archive::ServiceLeaf>>)]
     pub service: Option<TerminalService>,
 }
 

@@ -19,7 +19,9 @@ use crate::types::{CardToken, ReasonCode};
 use crate::SharedMap;
 
 /// An account number (or other secret) sealed under the vault key.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Clone, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
 pub struct SealedNumber {
     pub(crate) nonce: [u8; 24],
     pub(crate) ciphertext: Vec<u8>,

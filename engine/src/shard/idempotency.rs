@@ -15,7 +15,9 @@ use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::Arc;
 
-use super::state::Reply;
+use super::archive::{OutcomeLeaf, Via};
+use super::state::{Balance, IssuedCode, IssuedCoupon, Redemption, Reply};
+use crate::age::AgeVerdict;
 use crate::cow::CowCell;
 use crate::keys::{open_device_key, DeviceKey};
 use crate::types::{AuthOutcome, ClientRequestId, ReasonCode, UserKey};
@@ -42,17 +44,18 @@ impl PackedKey {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub(crate) enum IdemState {
     /// The request is with its provider.
     Pending {
         /// Who pays (to record the outcome if recovery must resolve it).
+        #[rkyv(with = Via<(u8, String)>)]
         user: UserKey,
         /// With which means.
         means_id: u32,
     },
     /// The request finished with this reply.
-    Done(Reply),
+    Done(#[rkyv(with = Kept)] Reply),
     /// A key issue's reply as a snapshot holds it: the key stays sealed (to the record's key)
     /// until a retry asks for it, so recovery does not decrypt every enrollment's key.
     SealedKey {
@@ -91,6 +94,124 @@ impl IdemState {
                 }
             }
         }
+    }
+}
+
+/// The replies a finished request's record keeps, as a snapshot archives them: every reply
+/// [`IdemState::Done`] may hold, and no other. A reply of a kind no record keeps (an issued key
+/// is kept sealed, as [`IdemState::SealedKey`]; a dispatch, a query's answer...) is refused
+/// when a snapshot is written, never mapped to another: a new kind of answer must be added
+/// here before its records can be written.
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+enum KeptReply {
+    Ok,
+    Refused(#[rkyv(with = Via<u16>)] ReasonCode),
+    MeansAdded { means_id: u32, last4: Option<[u8; 4]> },
+    Auth(#[rkyv(with = Via<OutcomeLeaf>)] AuthOutcome),
+    BasketAuth(#[rkyv(with = Via<OutcomeLeaf>)] AuthOutcome, AgeVerdict),
+    CodeIssued(IssuedCode),
+    Redeemed(Redemption),
+    CouponIssued(IssuedCoupon),
+    Balance(Balance),
+    Delivered(u32),
+}
+
+impl KeptReply {
+    /// The kept form of `reply`; none for a reply no record keeps.
+    fn of(reply: &Reply) -> Option<KeptReply> {
+        Some(match reply {
+            Reply::Ok => KeptReply::Ok,
+            Reply::Refused(reason) => KeptReply::Refused(*reason),
+            Reply::MeansAdded { means_id, last4 } => {
+                KeptReply::MeansAdded { means_id: *means_id, last4: *last4 }
+            }
+            Reply::Auth(outcome) => KeptReply::Auth(*outcome),
+            Reply::BasketAuth(outcome, verdict) => {
+                KeptReply::BasketAuth(*outcome, (**verdict).clone())
+            }
+            Reply::CodeIssued(code) => KeptReply::CodeIssued((**code).clone()),
+            Reply::Redeemed(redemption) => KeptReply::Redeemed((**redemption).clone()),
+            Reply::CouponIssued(coupon) => KeptReply::CouponIssued((**coupon).clone()),
+            Reply::Balance(balance) => KeptReply::Balance(*balance),
+            Reply::Delivered(devices) => KeptReply::Delivered(*devices),
+            Reply::KeyIssued { .. }
+            | Reply::Dispatch(_)
+            | Reply::Decided(..)
+            | Reply::CodeDecided(_)
+            | Reply::InFlight
+            | Reply::CompletionDropped
+            | Reply::Means(_)
+            | Reply::Credentials { .. }
+            | Reply::Stores(_)
+            | Reply::CodeState(..)
+            | Reply::Swept(_)
+            | Reply::Devices(_)
+            | Reply::DeliveryAccepted(_) => return None,
+        })
+    }
+
+    fn into_reply(self) -> Reply {
+        match self {
+            KeptReply::Ok => Reply::Ok,
+            KeptReply::Refused(reason) => Reply::Refused(reason),
+            KeptReply::MeansAdded { means_id, last4 } => Reply::MeansAdded { means_id, last4 },
+            KeptReply::Auth(outcome) => Reply::Auth(outcome),
+            KeptReply::BasketAuth(outcome, verdict) => {
+                Reply::BasketAuth(outcome, Box::new(verdict))
+            }
+            KeptReply::CodeIssued(code) => Reply::CodeIssued(Box::new(code)),
+            KeptReply::Redeemed(redemption) => Reply::Redeemed(Box::new(redemption)),
+            KeptReply::CouponIssued(coupon) => Reply::CouponIssued(Box::new(coupon)),
+            KeptReply::Balance(balance) => Reply::Balance(balance),
+            KeptReply::Delivered(devices) => Reply::Delivered(devices),
+        }
+    }
+}
+
+/// The rkyv wrapper that archives a record's [`Reply`] as its [`KeptReply`].
+struct Kept;
+
+/// A reply of a kind no idempotency record keeps, met while writing a snapshot.
+#[derive(Debug, thiserror::Error)]
+#[error("an idempotency record holds a reply of a kind no record keeps")]
+struct NotKept;
+
+impl rkyv::with::ArchiveWith<Reply> for Kept {
+    type Archived = ArchivedKeptReply;
+    type Resolver = KeptReplyResolver;
+
+    fn resolve_with(reply: &Reply, resolver: KeptReplyResolver, out: rkyv::Place<Self::Archived>) {
+        use rkyv::Archive;
+        // `serialize_with` made the same kept reply, or failed.
+        KeptReply::of(reply).expect("serialized first").resolve(resolver, out)
+    }
+}
+
+impl<S> rkyv::with::SerializeWith<Reply, S> for Kept
+where
+    S: rkyv::rancor::Fallible + rkyv::ser::Writer + rkyv::ser::Allocator + ?Sized,
+    S::Error: rkyv::rancor::Source,
+{
+    fn serialize_with(reply: &Reply, serializer: &mut S) -> Result<KeptReplyResolver, S::Error> {
+        use rkyv::rancor::Source;
+        match KeptReply::of(reply) {
+            Some(kept) => rkyv::Serialize::serialize(&kept, serializer),
+            None => Err(S::Error::new(NotKept)),
+        }
+    }
+}
+
+impl<D> rkyv::with::DeserializeWith<ArchivedKeptReply, Reply, D> for Kept
+where
+    D: rkyv::rancor::Fallible + ?Sized,
+    D::Error: rkyv::rancor::Source,
+{
+    fn deserialize_with(
+        archived: &ArchivedKeptReply,
+        deserializer: &mut D,
+    ) -> Result<Reply, D::Error> {
+        let kept: KeptReply = rkyv::Deserialize::deserialize(archived, deserializer)?;
+        Ok(kept.into_reply())
     }
 }
 

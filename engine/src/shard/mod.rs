@@ -16,8 +16,11 @@
 //! `do_send` (always queued) because dropping them would lose an outcome; they are bounded by
 //! the admitted work itself.
 
+pub(crate) mod archive;
 mod digest;
 pub(crate) mod idempotency;
+pub(crate) mod image;
+pub(crate) mod legacy;
 pub(crate) mod replay;
 pub(crate) mod state;
 
@@ -30,7 +33,6 @@ use tokio::sync::oneshot;
 
 use crate::types::{AuthOutcome, ReasonCode};
 use crate::wal::record::LogEnvelope;
-use crate::wal::snapshot::Capture;
 use crate::wal::{Job, WalHandle};
 
 /// A shard's side of durability: its writer and when to snapshot.
@@ -44,6 +46,7 @@ pub(crate) struct ShardWal {
     pub(crate) snapshot_every: u64,
 }
 
+use image::Capture;
 pub(crate) use state::{Command, Dispatch, Envelope, Query, Reply, ShardState};
 
 /// One unit of shard work.
@@ -248,7 +251,7 @@ impl ShardCore {
                     let generation = wal.generation + 1;
                     // The shard pays only for the capture; encoding and writing are the writer's.
                     let started = std::time::Instant::now();
-                    let snapshot = Box::new(Capture::take(&mut self.state));
+                    let capture = Capture::take(&mut self.state);
                     tracing::info!(
                         shard = self.state.index,
                         generation,
@@ -256,7 +259,8 @@ impl ShardCore {
                         "snapshot captured; the shard paused for the capture only"
                     );
                     let (index, count) = (wal.handle.index, wal.handle.count);
-                    wal.handle.submit(Job::Snapshot { snapshot, index, count, generation });
+                    let payload = Box::new(move || capture.encode());
+                    wal.handle.submit(Job::Snapshot { payload, index, count, generation });
                     wal.generation = generation;
                     wal.since_snapshot = 0;
                 }

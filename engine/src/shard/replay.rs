@@ -8,7 +8,19 @@ use serde::{Deserialize, Serialize};
 use crate::limits::REPLAY_WINDOW;
 
 /// The highest counter seen and a bitmap of the [`REPLAY_WINDOW`] counters below it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 pub struct ReplayWindow {
     /// Highest counter accepted so far (meaningful once `seen` is set).
     high: u64,
@@ -18,11 +30,6 @@ pub struct ReplayWindow {
 }
 
 impl ReplayWindow {
-    /// Highest counter, bitmap, whether any was seen: for snapshots.
-    pub(crate) fn parts(&self) -> (u64, u64, bool) {
-        (self.high, self.bits, self.seen)
-    }
-
     /// The window a snapshot recorded.
     pub(crate) fn from_parts(high: u64, bits: u64, seen: bool) -> ReplayWindow {
         ReplayWindow { high, bits, seen }

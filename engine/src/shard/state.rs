@@ -7,6 +7,9 @@ use std::sync::Arc;
 
 use settlegate_adapters::{AdapterError, AuthorizationRequest, DeclineReason, ProviderReply};
 
+use rkyv::with::Map;
+
+use super::archive::{CouponLeaf, Via};
 use super::idempotency::{Completes, IdemKey, IdemState, Idempotency, Seen};
 use super::replay::ReplayWindow;
 use crate::age::{
@@ -115,10 +118,12 @@ pub(crate) struct NewMeans {
 
 /// A card number as a means keeps it: its token, last four digits, and the number as the vault
 /// sealed it (shared with the vault, so a snapshot reads it from the shard's own state).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub(crate) struct StoredNumber {
+    #[rkyv(with = Via<[u8; 16]>)]
     pub(crate) token: CardToken,
     pub(crate) last4: [u8; 4],
+    #[rkyv(with = rkyv::with::Unshare)]
     pub(crate) sealed: Arc<SealedNumber>,
 }
 
@@ -136,9 +141,10 @@ impl StoredNumber {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub(crate) struct StoredMeans {
     pub(crate) means_id: u32,
+    #[rkyv(with = Via<u8>)]
     pub(crate) kind: MeansKind,
     pub(crate) label: String,
     pub(crate) number: Option<StoredNumber>,
@@ -151,16 +157,19 @@ pub(crate) struct StoredMeans {
 
 /// A stored-value balance: what is loaded, in which currency (fixed by the first top-up), and
 /// the holds of payments waiting for their provider.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(
+    Debug, Clone, Default, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
 pub(crate) struct Purse {
     pub(crate) balance_minor: u64,
+    #[rkyv(with = Map<Via<[u8; 3]>>)]
     pub(crate) currency: Option<Currency>,
     pub(crate) holds: Vec<PurseHold>,
 }
 
 /// An amount held on a purse: for a payment with its provider (no expiry), or behind an issued
 /// payment code (until the code expires).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub(crate) struct PurseHold {
     pub(crate) key: IdemKey,
     /// The digest of the payment's request, as its idempotency record holds it: a payment's
@@ -210,17 +219,18 @@ impl Purse {
 }
 
 /// A stored-value means' balance, as a client sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct Balance {
     /// Loaded and not yet spent, minor units.
     pub balance_minor: u64,
     /// The balance less the holds of payments in flight.
     pub available_minor: u64,
     /// The purse's currency (none before the first top-up).
+    #[rkyv(with = Map<Via<[u8; 3]>>)]
     pub currency: Option<Currency>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub(crate) struct Device {
     pub(crate) idm: Idm,
     pub(crate) key_version: u16,
@@ -230,7 +240,7 @@ pub(crate) struct Device {
     pub(crate) sealed: SealedKeys,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub(crate) struct User {
     pub(crate) password_phc: String,
     pub(crate) devices: Vec<Device>,
@@ -345,7 +355,7 @@ pub struct CodeSpec {
 }
 
 /// An issued payment code, as its holder receives it (C2).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct IssuedCode {
     /// The code's text (a QR code or Code 128 barcode of it is what the POS reads).
     pub text: String,
@@ -354,12 +364,14 @@ pub struct IssuedCode {
     /// The authorized (and held) amount.
     pub amount_minor: u64,
     /// Its currency.
+    #[rkyv(with = Via<[u8; 3]>)]
     pub currency: Currency,
     /// When it expires, ms since the epoch.
     pub expires_ms: i64,
     /// The device it is delivered to.
     pub deliver_to: Idm,
     /// The user.
+    #[rkyv(with = Via<(u8, String)>)]
     pub user: UserKey,
     /// The order it pays for (cash on delivery), if any.
     pub order_ref: String,
@@ -367,7 +379,7 @@ pub struct IssuedCode {
 
 /// A code's redemption: the capture, what was released, and the remittance due to the
 /// merchant (C3).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct Redemption {
     /// The code's issue number.
     pub number: u64,
@@ -378,12 +390,14 @@ pub struct Redemption {
     /// The coupon's discount, if a coupon was applied.
     pub coupon_discount_minor: u64,
     /// Currency.
+    #[rkyv(with = Via<[u8; 3]>)]
     pub currency: Currency,
     /// The store terminal (or courier handheld) that redeemed it: whose merchant is owed.
     pub terminal_id: String,
     /// The provider that authorized the hold.
     pub provider_code: u32,
     /// The provider's authorization code.
+    #[rkyv(with = Via<[u8; 6]>)]
     pub auth_code: AuthCode,
     /// The sale's date-time as the POS gave it.
     pub sale_at_ms: i64,
@@ -394,7 +408,7 @@ pub struct Redemption {
 }
 
 /// Where a payment code stands.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum CodeState {
     /// Issued; its hold stands until it is redeemed or expires.
     Issued,
@@ -405,14 +419,17 @@ pub enum CodeState {
 }
 
 /// A payment code's record, kept by the shard that issued it (the second tier, T1).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub(crate) struct CodeRecord {
+    #[rkyv(with = Via<(u8, String)>)]
     pub(crate) user: UserKey,
     pub(crate) means_id: u32,
     pub(crate) provider_code: u32,
     pub(crate) amount_minor: u64,
+    #[rkyv(with = Via<[u8; 3]>)]
     pub(crate) currency: Currency,
     pub(crate) expires_ms: i64,
+    #[rkyv(with = Via<[u8; 6]>)]
     pub(crate) auth_code: AuthCode,
     pub(crate) order_ref: String,
     pub(crate) deliver_to: Idm,
@@ -435,25 +452,29 @@ impl CodeRecord {
 }
 
 /// A coupon issued to a user (C5).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub(crate) struct CouponRecord {
+    #[rkyv(with = Via<(u8, String)>)]
     pub(crate) user: UserKey,
     pub(crate) provider_code: u32,
+    #[rkyv(with = Via<CouponLeaf>)]
     pub(crate) effect: CouponEffect,
     pub(crate) uses_left: u32,
     pub(crate) expires_ms: i64,
 }
 
 /// A coupon as its holder receives it (C5).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct IssuedCoupon {
     /// The coupon's text.
     pub text: String,
     /// Its issue number.
     pub number: u64,
     /// The user it was issued to.
+    #[rkyv(with = Via<(u8, String)>)]
     pub user: UserKey,
     /// Its effect.
+    #[rkyv(with = Via<CouponLeaf>)]
     pub effect: CouponEffect,
     /// How many times it can be used.
     pub uses: u32,

@@ -24,8 +24,8 @@ pub(crate) mod record;
 pub(crate) mod snapshot;
 
 #[cfg(feature = "test-hooks")]
-pub use snapshot::rewrite_as_version;
-pub use snapshot::shard_snapshot_path;
+pub use snapshot::rewrite_as_version_3;
+pub use snapshot::{shard_snapshot_path, SNAPSHOT_VERSION};
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Seek, SeekFrom, Write};
@@ -503,6 +503,9 @@ fn next_valid_record(bytes: &[u8], from: usize) -> Option<usize> {
     None
 }
 
+/// Encodes a snapshot's payload (on the writer's thread).
+pub(crate) type SnapshotPayload = Box<dyn FnOnce() -> rkyv::util::AlignedVec + Send>;
+
 /// Work for a shard's writer, done in the order queued.
 pub(crate) enum Job {
     /// Records to append; the replies are released once they are durable.
@@ -511,9 +514,9 @@ pub(crate) enum Job {
         reply: oneshot::Sender<Vec<Reply>>,
         replies: Vec<Reply>,
     },
-    /// A snapshot of everything queued before it: encoded here, on the writer's thread (not
-    /// the shard's), written, then the log starts afresh.
-    Snapshot { snapshot: Box<snapshot::Capture>, index: usize, count: usize, generation: u64 },
+    /// A snapshot of everything queued before it: its payload encoded here, on the writer's
+    /// thread (not the shard's), written, then the log starts afresh.
+    Snapshot { payload: SnapshotPayload, index: usize, count: usize, generation: u64 },
 }
 
 /// The sending side of a shard's log writer.
@@ -681,10 +684,9 @@ fn process(
     for job in jobs {
         match job {
             Job::Records { records, reply, replies } => group.push((records, reply, replies)),
-            Job::Snapshot { snapshot, index, count, generation } => {
+            Job::Snapshot { payload, index, count, generation } => {
                 commit(out, &mut group, sync)?;
-                let mut snapshot = snapshot.into_snapshot();
-                let bytes = snapshot::encode(&mut snapshot, index, count, generation);
+                let bytes = snapshot::encode(&payload(), index, count, generation);
                 rotate(out, files, &bytes, generation)?;
                 sync.unsynced = false;
             }

@@ -1,0 +1,350 @@
+//! A shard's state as a snapshot holds it (snapshot format version 7): the shard's own state
+//! types ([`User`] with its devices and means, [`CodeRecord`], [`CouponRecord`],
+//! [`AgeRegistration`], [`Store`], the idempotency records' [`IdemState`], the providers'
+//! [`TerminalEntry`] lists and [`AgePolicy`]s), archived with rkyv as they are, in one
+//! [`ShardImage`]. Nothing is copied into types of the storage's own: a field of a type the
+//! engine may not derive on is archived through its leaf (`shard/archive.rs`). Secrets stay
+//! sealed as the state holds them: device keys sealed to their IDm, card numbers as the vault
+//! sealed them, an enrollment's key in its idempotency record sealed to that record.
+//!
+//! Recovery reads the archive in place from the mapped file; each map is rebuilt from it in
+//! bulk, users, idempotency records and codes each on a thread of their own. Snapshots of
+//! format versions 1 to 6 are converted by `shard/legacy.rs`.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use rkyv::with::Unshare;
+use rkyv::{Archive, Deserialize, Serialize};
+
+use super::archive::Via;
+use super::idempotency::{FrozenRecords, IdemKey, IdemState, Idempotency};
+use super::state::{CodeRecord, CodeState, CouponRecord, ShardState, Shared, User};
+use crate::age::{AgePolicy, AgeRegistration};
+use crate::cow::{CowMap, Frozen};
+use crate::geo::Store;
+use crate::keys::open_device_key;
+use crate::providers::TerminalEntry;
+use crate::types::{Idm, UserKey};
+use crate::wal::snapshot::{Restore, SNAPSHOT_VERSION};
+
+/// One shard's whole state.
+#[derive(Archive, Serialize, Deserialize)]
+pub(crate) struct ShardImage {
+    dispatch_seq: u64,
+    /// The last code or coupon sequence number used.
+    code_seq: u64,
+    /// By user ID.
+    users: Vec<UserImage>,
+    /// Expiry, key, digest, state; in the order they are restored (by expiry).
+    idem: Vec<(i64, IdemKey, u64, IdemState)>,
+    /// The providers this shard owns, by code.
+    providers: Vec<ProviderImage>,
+    /// Age registrations, by card IDm.
+    ages: Vec<(Idm, AgeRegistration)>,
+    /// Stores and when each last changed, by that time.
+    stores: Vec<(Store, i64)>,
+    /// Payment codes, by issue number.
+    codes: Vec<CodeImage>,
+    /// Coupons, by issue number.
+    coupons: Vec<(u64, CouponRecord)>,
+}
+
+#[derive(Archive, Serialize, Deserialize)]
+struct UserImage {
+    #[rkyv(with = Via<(u8, String)>)]
+    key: UserKey,
+    /// Archived as the user itself (the map shares it with the running shard).
+    #[rkyv(with = Unshare)]
+    user: Arc<User>,
+}
+
+#[derive(Archive, Serialize, Deserialize)]
+struct CodeImage {
+    number: u64,
+    #[rkyv(with = Unshare)]
+    code: Arc<CodeRecord>,
+}
+
+/// A provider's terminal list and its terminals' own age policies.
+#[derive(Archive, Serialize, Deserialize)]
+struct ProviderImage {
+    code: u32,
+    terminals: Vec<TerminalEntry>,
+    age_policies: Vec<(String, AgePolicy)>,
+}
+
+/// A shard's state as its writer needs it for a snapshot, taken on the shard's thread between
+/// two batches. Every map of shard state is frozen ([`CowMap::freeze`]: a reference per chunk,
+/// whatever the map holds), so the shard pauses for microseconds and a change it makes
+/// afterwards copies only the chunk it touches; the writer's thread builds, sorts and encodes
+/// the image. Only the providers' terminal lists and age policies (held by the shared
+/// registry, small) are copied here.
+pub(crate) struct Capture {
+    users: Frozen<UserKey, Arc<User>>,
+    idem: FrozenRecords,
+    codes: Frozen<u64, Arc<CodeRecord>>,
+    ages: Frozen<Idm, AgeRegistration>,
+    coupons: Frozen<u64, CouponRecord>,
+    stores: Frozen<String, (Store, i64)>,
+    providers: Vec<ProviderImage>,
+    dispatch_seq: u64,
+    code_seq: u64,
+}
+
+impl Capture {
+    /// Takes the capture of `state` (and of its providers' lists in the shared registry).
+    pub(crate) fn take(state: &mut ShardState) -> Capture {
+        let providers = state
+            .owned_providers
+            .iter()
+            .filter_map(|code| state.shared.registry.provider(*code))
+            .map(|p| ProviderImage {
+                code: p.code,
+                terminals: p.export_terminals(),
+                age_policies: p
+                    .export_age_policies()
+                    .into_iter()
+                    .map(|(terminal, resolved)| (terminal, resolved.policy))
+                    .collect(),
+            })
+            .collect();
+        Capture {
+            users: state.users.freeze(),
+            idem: state.idem.freeze(),
+            codes: state.codes.freeze(),
+            ages: state.ages.freeze(),
+            coupons: state.coupons.freeze(),
+            stores: state.stores.freeze(),
+            providers,
+            dispatch_seq: state.dispatch_seq,
+            code_seq: state.code_seq,
+        }
+    }
+
+    /// The image (built on the writer's thread), every list in a fixed order, since the maps
+    /// it comes from have none.
+    pub(crate) fn into_image(self) -> ShardImage {
+        let Capture {
+            users,
+            idem,
+            codes,
+            ages,
+            coupons,
+            stores,
+            providers,
+            dispatch_seq,
+            code_seq,
+        } = self;
+        let mut users: Vec<UserImage> = users
+            .iter()
+            .map(|(key, user)| UserImage { key: key.clone(), user: Arc::clone(user) })
+            .collect();
+        users.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        let mut idem: Vec<(i64, IdemKey, u64, IdemState)> = idem
+            .iter()
+            .map(|(key, entry)| (entry.expires_ms, key, entry.digest, entry.state().into_owned()))
+            .collect();
+        // Stable: records of one expiry keep the order they were made in.
+        idem.sort_by_key(|(expires_ms, ..)| *expires_ms);
+        let mut ages: Vec<(Idm, AgeRegistration)> = ages.iter().map(|(k, v)| (*k, *v)).collect();
+        ages.sort_unstable_by_key(|(idm, _)| *idm);
+        let mut stores: Vec<(Store, i64)> = stores.iter().map(|(_, s)| s.clone()).collect();
+        stores.sort_by(|a, b| (a.1, &a.0.store_id).cmp(&(b.1, &b.0.store_id)));
+        let mut codes: Vec<CodeImage> = codes
+            .iter()
+            .map(|(&number, code)| CodeImage { number, code: Arc::clone(code) })
+            .collect();
+        codes.sort_unstable_by_key(|c| c.number);
+        let mut coupons: Vec<(u64, CouponRecord)> =
+            coupons.iter().map(|(&number, c)| (number, c.clone())).collect();
+        coupons.sort_unstable_by_key(|(number, _)| *number);
+        ShardImage { dispatch_seq, code_seq, users, idem, providers, ages, stores, codes, coupons }
+    }
+
+    /// The image, encoded.
+    pub(crate) fn encode(self) -> rkyv::util::AlignedVec {
+        rkyv::to_bytes::<rkyv::rancor::Error>(&self.into_image())
+            .expect("a shard's state always serializes")
+    }
+}
+
+/// Why a snapshot's image was refused.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ImageError {
+    /// The archive does not validate, or a value in it is not valid.
+    #[error("snapshot does not decode: {0}")]
+    Decode(String),
+    /// It decodes, but does not fit this engine.
+    #[error("{0}")]
+    Mismatch(&'static str),
+    /// A snapshot of an older format that does not convert.
+    #[error("{0}")]
+    Legacy(#[from] crate::wal::record::RecordError),
+}
+
+impl Restore for ShardState {
+    type Error = ImageError;
+
+    /// A snapshot of the current format is the image; an older one is converted.
+    fn restore_snapshot(&mut self, version: u16, payload: &[u8]) -> Result<(), ImageError> {
+        if version == SNAPSHOT_VERSION {
+            restore(payload, self)
+        } else {
+            Ok(super::legacy::restore(version, payload, self)?)
+        }
+    }
+}
+
+fn decode_error(error: rkyv::rancor::Error) -> ImageError {
+    ImageError::Decode(error.to_string())
+}
+
+/// Deserializes a part of the image.
+fn owned<T: Archive>(archived: &T::Archived) -> Result<T, ImageError>
+where
+    T::Archived: Deserialize<T, rkyv::api::high::HighDeserializer<rkyv::rancor::Error>>,
+{
+    rkyv::deserialize::<T, rkyv::rancor::Error>(archived).map_err(decode_error)
+}
+
+/// Restores the image in `payload` (a snapshot's, aligned) into a fresh `state` (and the shared
+/// indexes). The archive is validated first: a payload that passed its checksum but does not
+/// decode is refused, never trusted.
+fn restore(payload: &[u8], state: &mut ShardState) -> Result<(), ImageError> {
+    let image =
+        rkyv::access::<ArchivedShardImage, rkyv::rancor::Error>(payload).map_err(decode_error)?;
+    state.dispatch_seq = image.dispatch_seq.to_native();
+    state.code_seq = image.code_seq.to_native();
+    restore_maps(
+        state,
+        |users, shared| restore_users(image, users, shared),
+        |idem| restore_idem(image, idem),
+        |codes| restore_codes(image, codes.codes, codes.expiry, codes.coupons),
+    )?;
+    for p in image.providers.iter() {
+        let code = p.code.to_native();
+        let Some(provider) = state.shared.registry.provider(code) else { continue };
+        provider.restore_terminals(owned(&p.terminals)?);
+        for (terminal_id, policy) in owned::<Vec<(String, AgePolicy)>>(&p.age_policies)? {
+            let resolved = state.shared.age.config.resolve(&policy).map_err(|_| {
+                ImageError::Mismatch(
+                    "a stored store age policy names a jurisdiction or time zone the config \
+                     no longer has",
+                )
+            })?;
+            provider
+                .set_age_policy(&terminal_id, Some(resolved))
+                .map_err(|_| ImageError::Mismatch("age policy of an unlisted terminal"))?;
+        }
+        state.owned_providers.insert(code);
+    }
+    for (idm, registration) in owned::<Vec<(Idm, AgeRegistration)>>(&image.ages)? {
+        state.ages.insert(idm, registration);
+    }
+    for (store, updated_ms) in owned::<Vec<(Store, i64)>>(&image.stores)? {
+        state.stores.upsert(store, updated_ms);
+    }
+    Ok(())
+}
+
+/// A shard's codes, their expiry index and its coupons, as a restore fills them.
+pub(crate) struct CodeMaps<'a> {
+    pub(crate) codes: &'a mut CowMap<u64, Arc<CodeRecord>>,
+    pub(crate) expiry: &'a mut BTreeSet<(i64, u64)>,
+    pub(crate) coupons: &'a mut CowMap<u64, CouponRecord>,
+}
+
+/// Fills a fresh shard's users, idempotency records and codes from a snapshot. They are
+/// independent maps: each is built on its own thread, so a shard holding all three takes as
+/// long as its largest, not their sum.
+pub(crate) fn restore_maps<E: Send>(
+    state: &mut ShardState,
+    users: impl FnOnce(&mut CowMap<UserKey, Arc<User>>, &Shared) -> Result<(), E>,
+    idem: impl FnOnce(&mut Idempotency) -> Result<(), E> + Send,
+    codes: impl FnOnce(CodeMaps<'_>) -> Result<(), E> + Send,
+) -> Result<(), E> {
+    let ShardState {
+        users: user_map,
+        idem: records,
+        codes: code_map,
+        code_expiry,
+        coupons,
+        shared,
+        ..
+    } = state;
+    let shared: &Shared = shared;
+    std::thread::scope(|scope| {
+        let idem = scope.spawn(|| idem(records));
+        let codes =
+            scope.spawn(|| codes(CodeMaps { codes: code_map, expiry: code_expiry, coupons }));
+        let users = users(user_map, shared);
+        users?;
+        idem.join().expect("idempotency restore panicked")?;
+        codes.join().expect("code restore panicked")
+    })
+}
+
+/// Users with their devices and means; their sealed device keys go to the device index and
+/// their sealed card numbers to the vault (both keep them sealed until first used).
+fn restore_users(
+    image: &ArchivedShardImage,
+    users: &mut CowMap<UserKey, Arc<User>>,
+    shared: &Shared,
+) -> Result<(), ImageError> {
+    let mut restored = Vec::with_capacity(image.users.len());
+    let mut vault_checked = false;
+    for archived in image.users.iter() {
+        let UserImage { key, user } = owned::<UserImage>(archived)?;
+        for device in &user.devices {
+            if !vault_checked {
+                // One key opening proves the vault key is the one the data was written with;
+                // the others open on first use.
+                open_device_key(&shared.vault, &device.sealed.current.1, &device.idm).ok_or(
+                    ImageError::Mismatch(
+                        "a sealed device key does not open: is this the vault key the data \
+                         was written with?",
+                    ),
+                )?;
+                vault_checked = true;
+            }
+            shared.devices.import_sealed(device.idm, key.clone(), &device.sealed);
+        }
+        for number in user.means.iter().filter_map(|m| m.number.as_ref()) {
+            shared.vault.store(number.token, Arc::clone(&number.sealed));
+        }
+        restored.push((key, user));
+    }
+    users.insert_in_bulk(restored);
+    Ok(())
+}
+
+fn restore_idem(image: &ArchivedShardImage, idem: &mut Idempotency) -> Result<(), ImageError> {
+    idem.restore(owned(&image.idem)?);
+    Ok(())
+}
+
+fn restore_codes(
+    image: &ArchivedShardImage,
+    codes_out: &mut CowMap<u64, Arc<CodeRecord>>,
+    expiry_out: &mut BTreeSet<(i64, u64)>,
+    coupons: &mut CowMap<u64, CouponRecord>,
+) -> Result<(), ImageError> {
+    // Codes come in issue-number order: their expiry index is built in bulk.
+    let mut codes = Vec::with_capacity(image.codes.len());
+    let mut expiry = Vec::new();
+    for archived in image.codes.iter() {
+        let CodeImage { number, code } = owned::<CodeImage>(archived)?;
+        if code.state == CodeState::Issued {
+            expiry.push((code.expires_ms, number));
+        }
+        codes.push((number, code));
+    }
+    codes_out.insert_in_bulk(codes);
+    // A fresh state: collecting builds the tree in bulk, much faster than inserting.
+    *expiry_out = expiry.into_iter().collect();
+    for (number, coupon) in owned::<Vec<(u64, CouponRecord)>>(&image.coupons)? {
+        coupons.insert(number, coupon);
+    }
+    Ok(())
+}
