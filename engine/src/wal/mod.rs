@@ -8,7 +8,7 @@
 //! `LogEnvelope`, the log's own record type in `wal/record.rs`).
 //!
 //! The log and snapshot layer (this module and `snapshot.rs`) is generic over what it stores:
-//! it writes encoded records and snapshot payloads, reads records back through [`Record`]
+//! it writes encoded records and snapshot payloads, reads records back through `Record`
 //! (`read_records`; `read_log` for the engine's `LogEnvelope`) and snapshots through
 //! `snapshot::Restore`, and tells its caller when records are durable by sending the caller's
 //! own value `V` back on the caller's channel. It knows nothing of shards or their replies.
