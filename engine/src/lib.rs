@@ -26,6 +26,7 @@ pub mod cow;
 pub mod emvqr;
 pub mod engine;
 pub mod error;
+mod fail;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod geo;

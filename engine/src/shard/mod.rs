@@ -37,7 +37,7 @@ use crate::wal::{Job, WalHandle};
 
 /// A shard's side of durability: its writer and when to snapshot.
 pub(crate) struct ShardWal {
-    pub(crate) handle: WalHandle,
+    pub(crate) handle: WalHandle<Vec<Reply>>,
     /// Generation of the log being written (that of the last snapshot).
     pub(crate) generation: u64,
     /// Records since that snapshot.
@@ -46,6 +46,7 @@ pub(crate) struct ShardWal {
     pub(crate) snapshot_every: u64,
 }
 
+use crate::fail::fail_fast;
 use image::Capture;
 pub(crate) use state::{Command, Dispatch, Envelope, Query, Reply, ShardState};
 
@@ -271,27 +272,6 @@ impl ShardCore {
             }
         }
     }
-}
-
-/// Ends the process after a panic in a shard (or its log writer): the shard's state may be
-/// half-changed, with an invariant broken, so nothing more may be applied or acknowledged. The
-/// panic is logged at ERROR, then the process aborts (status: killed by `SIGABRT`); a
-/// supervisor restarts it and recovery rebuilds every shard from its snapshot and log. Nothing
-/// of the batch that panicked was logged or answered: its records are handed to the writer
-/// only after the whole batch is applied. (Keeping the process up with the shard stopped for
-/// good, as before, left a dead shard behind a ready server.)
-pub(crate) fn fail_fast(what: &str, panic: &(dyn std::any::Any + Send)) -> ! {
-    let message = panic
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("(a panic without a message)");
-    tracing::error!(
-        part = what,
-        panic = message,
-        "panicked; its state may be half-changed: aborting the process so that a restart recovers it from the log"
-    );
-    std::process::abort();
 }
 
 /// Test hook, only in debug builds with the `test-hooks` feature (the integration tests'

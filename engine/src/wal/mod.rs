@@ -7,18 +7,24 @@
 //! payload length, `u32` CRC-32 of the payload, the payload (an rkyv archive of
 //! `LogEnvelope`, the log's own record type in `wal/record.rs`).
 //!
-//! **Group commit.** Each shard hands its batch's records *and its replies* to a writer
-//! thread over a crossbeam channel. The writer takes everything queued, writes it, syncs once
-//! (policy `always`), and only then releases the replies, so many changes share one `fsync`
-//! and no reply can reveal a change that is not on disk. Replies of queries travel the same
-//! queue, so they cannot overtake a write they observed either.
+//! The log and snapshot layer (this module and `snapshot.rs`) is generic over what it stores:
+//! it writes encoded records and snapshot payloads, reads records back through `Record`
+//! (`read_records`; `read_log` for the engine's `LogEnvelope`) and snapshots through
+//! `snapshot::Restore`, and tells its caller when records are durable by sending the caller's
+//! own value `V` back on the caller's channel. It knows nothing of shards or their replies.
+//!
+//! **Group commit.** Each shard hands its batch's records *and its replies* (its `V`) to a
+//! writer thread over a crossbeam channel. The writer takes everything queued, writes it,
+//! syncs once (policy `always`), and only then sends each job's `V` back, so many changes
+//! share one `fsync` and no reply can reveal a change that is not on disk. Replies of queries
+//! travel the same queue, so they cannot overtake a write they observed either.
 //!
 //! **Recovery** reads every shard's log, keeps each shard's order, interleaves shards by the
 //! commands' timestamps, and applies the commands through the same pure `ShardState::apply`.
 //! A torn last record (a crash mid-write) is cut off, and its bytes kept in a side file
 //! beside the log; a record that fails its checksum or does not decode anywhere else, a length
 //! over the maximum, or a record that looks torn but has a whole record after it stops
-//! recovery with an error naming the file and offset (`parse_log`).
+//! recovery with an error naming the file and offset (`parse_records`).
 
 pub(crate) mod record;
 pub(crate) mod snapshot;
@@ -38,7 +44,6 @@ use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use crate::shard::Reply;
 use record::LogEnvelope;
 
 /// The log and snapshot format this build writes and the newest it reads. Version 2 added the
@@ -52,7 +57,8 @@ use record::LogEnvelope;
 /// holds keep that digest), version 7 the records of commands that carry what applying them
 /// once read outside their shard (an IDm or a store's signals free, a store terminal's
 /// registry entry), so that each shard replays from its own log alone. Older files are still
-/// read.
+/// read. Snapshots have had a version of their own since ([`SNAPSHOT_VERSION`], 7: the shard's
+/// state types archived as they are).
 pub const FORMAT_VERSION: u16 = 7;
 const MAGIC: [u8; 8] = *b"SGWAL\0\0\0";
 const FILE_HEADER_LEN: usize = 24;
@@ -335,10 +341,22 @@ pub(crate) fn recorded_shard_count(dir: &Path) -> Result<Option<usize>, StorageE
     Ok(None)
 }
 
-/// A shard log as read back.
+/// A log record as the reader decodes it from its payload.
+pub(crate) trait Record: Sized {
+    /// The record in `payload`, or why it is not one.
+    fn decode(payload: &[u8]) -> Result<Self, String>;
+}
+
+impl Record for LogEnvelope {
+    fn decode(payload: &[u8]) -> Result<LogEnvelope, String> {
+        LogEnvelope::from_bytes(payload).map_err(|e| e.to_string())
+    }
+}
+
+/// A shard log as read back: its records, decoded as `R` (the engine's `LogEnvelope`).
 #[derive(Debug)]
-pub(crate) struct ReadLog {
-    pub(crate) records: Vec<LogEnvelope>,
+pub(crate) struct ReadLog<R = LogEnvelope> {
+    pub(crate) records: Vec<R>,
     /// Bytes of the file that hold the header and whole records.
     pub(crate) valid_len: u64,
     /// Bytes of a torn last record, cut off.
@@ -390,14 +408,33 @@ fn check_file_header(
     Ok(())
 }
 
-/// Reads shard `index`'s log. A missing or empty file is an empty log.
+/// Reads shard `index`'s log of the engine's records. A missing or empty file is an empty log.
 pub(crate) fn read_log(path: &Path, index: usize, count: usize) -> Result<ReadLog, StorageError> {
+    read_records(path, index, count)
+}
+
+/// Reads shard `index`'s log of records `R`. A missing or empty file is an empty log.
+pub(crate) fn read_records<R: Record>(
+    path: &Path,
+    index: usize,
+    count: usize,
+) -> Result<ReadLog<R>, StorageError> {
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(error) => return Err(io_error(path)(error)),
     };
-    parse_log(path, &bytes, index, count)
+    parse_records(path, &bytes, index, count)
+}
+
+/// Reads a log of the engine's records from its bytes ([`parse_records`]).
+pub(crate) fn parse_log(
+    path: &Path,
+    bytes: &[u8],
+    index: usize,
+    count: usize,
+) -> Result<ReadLog, StorageError> {
+    parse_records(path, bytes, index, count)
 }
 
 /// Reads a log from its bytes (`path` only names it in errors).
@@ -408,12 +445,12 @@ pub(crate) fn read_log(path: &Path, index: usize, count: usize) -> Result<ReadLo
 /// a checksum mismatch or a record that does not decode before the last, and a "torn" record
 /// with a valid record after it are corruption: an error naming the file and the offset of
 /// the bad record, never a shorter log.
-pub(crate) fn parse_log(
+pub(crate) fn parse_records<R: Record>(
     path: &Path,
     bytes: &[u8],
     index: usize,
     count: usize,
-) -> Result<ReadLog, StorageError> {
+) -> Result<ReadLog<R>, StorageError> {
     if bytes.len() < FILE_HEADER_LEN {
         // Nothing, or a header torn while the file was created: nothing was ever acknowledged.
         return Ok(ReadLog {
@@ -459,14 +496,13 @@ pub(crate) fn parse_log(
             }
             return Err(corrupt(offset, "checksum mismatch".into()));
         }
-        let record =
-            LogEnvelope::from_bytes(payload).map_err(|e| corrupt(offset, e.to_string()))?;
+        let record = R::decode(payload).map_err(|e| corrupt(offset, e))?;
         records.push(record);
         offset += RECORD_HEADER_LEN + len;
     }
     if let Some(reason) = suspect {
         // A partial write leaves nothing whole after it.
-        if let Some(next) = next_valid_record(bytes, offset + 1) {
+        if let Some(next) = next_valid_record::<R>(bytes, offset + 1) {
             return Err(corrupt(
                 offset,
                 format!(
@@ -486,7 +522,7 @@ pub(crate) fn parse_log(
 
 /// The offset of the first whole, valid record starting at `from` or later: a length within
 /// the maximum, a payload inside the file whose checksum matches, and which decodes.
-fn next_valid_record(bytes: &[u8], from: usize) -> Option<usize> {
+fn next_valid_record<R: Record>(bytes: &[u8], from: usize) -> Option<usize> {
     let mut at = from;
     while at + RECORD_HEADER_LEN <= bytes.len() {
         let len = u32::from_be_bytes(bytes[at..at + 4].try_into().expect("4")) as usize;
@@ -494,7 +530,7 @@ fn next_valid_record(bytes: &[u8], from: usize) -> Option<usize> {
         let room = bytes.len() - at - RECORD_HEADER_LEN;
         if len <= RECORD_LEN_MAX && len <= room {
             let payload = &bytes[at + RECORD_HEADER_LEN..at + RECORD_HEADER_LEN + len];
-            if crc32fast::hash(payload) == crc && LogEnvelope::from_bytes(payload).is_ok() {
+            if crc32fast::hash(payload) == crc && R::decode(payload).is_ok() {
                 return Some(at);
             }
         }
@@ -506,47 +542,52 @@ fn next_valid_record(bytes: &[u8], from: usize) -> Option<usize> {
 /// Encodes a snapshot's payload (on the writer's thread).
 pub(crate) type SnapshotPayload = Box<dyn FnOnce() -> rkyv::util::AlignedVec + Send>;
 
-/// Work for a shard's writer, done in the order queued.
-pub(crate) enum Job {
-    /// Records to append; the replies are released once they are durable.
-    Records {
-        records: Vec<rkyv::util::AlignedVec>,
-        reply: oneshot::Sender<Vec<Reply>>,
-        replies: Vec<Reply>,
-    },
+/// Work for a shard's writer, done in the order queued. The writer knows nothing of what the
+/// records hold or what its caller answers: `V` is the caller's, handed back when durable.
+pub(crate) enum Job<V> {
+    /// Encoded records to append; once they are durable (as the sync policy says), `replies`
+    /// is sent on `reply`, and not before: the caller's answers that depend on the records
+    /// wait for them.
+    Records { records: Vec<rkyv::util::AlignedVec>, reply: oneshot::Sender<V>, replies: V },
     /// A snapshot of everything queued before it: its payload encoded here, on the writer's
     /// thread (not the shard's), written, then the log starts afresh.
     Snapshot { payload: SnapshotPayload, index: usize, count: usize, generation: u64 },
 }
 
 /// The sending side of a shard's log writer.
-#[derive(Clone)]
-pub(crate) struct WalHandle {
-    jobs: Sender<Job>,
+pub(crate) struct WalHandle<V> {
+    jobs: Sender<Job<V>>,
     /// Set once the writer has failed and stopped.
     pub(crate) failed: Arc<AtomicBool>,
     pub(crate) index: usize,
     pub(crate) count: usize,
 }
 
-impl WalHandle {
+impl<V> Clone for WalHandle<V> {
+    fn clone(&self) -> Self {
+        let (index, count) = (self.index, self.count);
+        WalHandle { jobs: self.jobs.clone(), failed: Arc::clone(&self.failed), index, count }
+    }
+}
+
+impl<V> WalHandle<V> {
     /// Queues a job; if the writer has failed, the job is dropped and its caller sees the
     /// engine as stopped (nothing unlogged is ever acknowledged).
-    pub(crate) fn submit(&self, job: Job) {
+    pub(crate) fn submit(&self, job: Job<V>) {
         let _ = self.jobs.send(job);
     }
 }
 
 /// Opens shard `index`'s log for appending after `valid_len` (cutting off a torn tail) and
-/// starts its writer thread.
-pub(crate) fn open_writer(
+/// starts its writer thread, which hands its callers' `V`s back as their records are durable.
+pub(crate) fn open_writer<V: Send + 'static>(
     dir: &Path,
     valid_len: u64,
     index: usize,
     count: usize,
     generation: u64,
     config: &DurabilityConfig,
-) -> Result<(WalHandle, std::thread::JoinHandle<()>), StorageError> {
+) -> Result<(WalHandle<V>, std::thread::JoinHandle<()>), StorageError> {
     let path = &shard_log_path(dir, index);
     let mut file =
         open_private(path, OpenOptions::new().create(true).read(true).write(true).truncate(false))
@@ -577,7 +618,7 @@ pub(crate) fn open_writer(
             let run = || write_loop(out, &files, &queue, policy, interval, &writer_failed);
             // A panic here (encoding a snapshot, say) is a broken invariant: fail fast.
             if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
-                crate::shard::fail_fast(&format!("log writer of shard {index}"), panic.as_ref());
+                crate::fail::fail_fast(&format!("log writer of shard {index}"), panic.as_ref());
             }
         })
         .map_err(|e| StorageError::Io { path: PathBuf::from("<thread>"), source: e })?;
@@ -623,10 +664,10 @@ fn rotate(
     Ok(())
 }
 
-fn write_loop(
+fn write_loop<V>(
     mut out: BufWriter<File>,
     files: &Files,
-    queue: &Receiver<Job>,
+    queue: &Receiver<Job<V>>,
     policy: FsyncPolicy,
     interval: Duration,
     failed: &AtomicBool,
@@ -644,7 +685,7 @@ fn write_loop(
                 Err(_) => break,
             },
         };
-        let mut jobs: Vec<Job> = first.into_iter().collect();
+        let mut jobs: Vec<Job<V>> = first.into_iter().collect();
         while jobs.len() < GROUP_JOBS_MAX {
             match queue.try_recv() {
                 Ok(job) => jobs.push(job),
@@ -671,16 +712,16 @@ struct SyncState {
     unsynced: bool,
 }
 
-type Pending = (Vec<rkyv::util::AlignedVec>, oneshot::Sender<Vec<Reply>>, Vec<Reply>);
+type Pending<V> = (Vec<rkyv::util::AlignedVec>, oneshot::Sender<V>, V);
 
 /// Runs of record jobs are group-committed; a snapshot job ends a run and rotates the files.
-fn process(
+fn process<V>(
     out: &mut BufWriter<File>,
     files: &Files,
-    jobs: Vec<Job>,
+    jobs: Vec<Job<V>>,
     sync: &mut SyncState,
 ) -> std::io::Result<()> {
-    let mut group: Vec<Pending> = Vec::new();
+    let mut group: Vec<Pending<V>> = Vec::new();
     for job in jobs {
         match job {
             Job::Records { records, reply, replies } => group.push((records, reply, replies)),
@@ -696,9 +737,9 @@ fn process(
 }
 
 /// Writes a group of record jobs, syncs as the policy says, then releases their replies.
-fn commit(
+fn commit<V>(
     out: &mut BufWriter<File>,
-    group: &mut Vec<Pending>,
+    group: &mut Vec<Pending<V>>,
     sync: &mut SyncState,
 ) -> std::io::Result<()> {
     if group.is_empty() {
