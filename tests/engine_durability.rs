@@ -997,6 +997,12 @@ async fn a_version_6_data_directory_is_read() {
         config.durability.snapshot_every_records = if restart_count == 1 { 1 } else { 0 };
         let expected_version = if restart_count < 2 { 6 } else { SNAPSHOT_VERSION };
         assert_eq!(snapshot_version(), expected_version, "restart {restart_count}");
+        // The log is rewritten in this build's format when first opened (its records are then
+        // the commands themselves), so nothing is appended under an older header.
+        let log = std::fs::read(settlegate_engine::wal::shard_log_path(dir.path(), 0)).unwrap();
+        let expected_log =
+            if restart_count == 0 { 6 } else { settlegate_engine::wal::FORMAT_VERSION };
+        assert_eq!(u16::from_be_bytes([log[8], log[9]]), expected_log, "restart {restart_count}");
         let h = Harness::with_config(config);
         assert_eq!(h.engine.shard_count(), 1);
         h.engine.login(&user(), PASSWORD).await.unwrap();

@@ -106,15 +106,17 @@ impl VerificationMethod {
 /// | 34+L | 8 | device counter (shares the inherent IDs' counter) |
 /// | 42+L | 8 | timestamp, ms since the UNIX epoch |
 /// | 50+L | 32 | HMAC-SHA256 by the device key over every byte before it |
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct AgeRecord {
     /// Version of the device key that signs it.
     pub key_version: u16,
     /// Card IDm of the terminal being registered.
     pub card_idm: Idm,
     /// The terminal's user.
+    #[rkyv(with = crate::shard::archive::Via<(u8, String)>)]
     pub user: UserKey,
     /// Birth date (a civil date, no time zone).
+    #[rkyv(with = crate::shard::archive::Via<(i16, i8, i8)>)]
     pub birth_date: Date,
     /// How it was verified.
     pub method: VerificationMethod,
@@ -347,6 +349,15 @@ pub struct ResolvedPolicy {
     tz: TimeZone,
 }
 
+impl ResolvedPolicy {
+    /// `policy` with its time zone found by name (a policy accepted before, read back from a
+    /// log: its jurisdiction was checked then); `None` if the name is unknown.
+    pub(crate) fn by_zone_name(policy: AgePolicy) -> Option<ResolvedPolicy> {
+        let tz = TimeZone::get(&policy.time_zone).ok()?;
+        Some(ResolvedPolicy { policy, tz })
+    }
+}
+
 /// The `[engine.age]` table: jurisdictions and the default store policy.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -489,7 +500,7 @@ pub fn item_id_valid(item_id: &str) -> bool {
 }
 
 /// One line of a basket.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct BasketItem {
     /// The store's item ID (1..=32 printable ASCII).
     pub item_id: String,
@@ -502,7 +513,9 @@ pub struct BasketItem {
 }
 
 /// The items of a payment, as the store terminal sends them (A2).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, Default, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
 pub struct Basket {
     /// The age-confirmation flag: the terminal says the basket holds age-restricted items.
     pub age_confirmation: bool,

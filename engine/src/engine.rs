@@ -20,7 +20,7 @@ use crate::codes::{self, CodeKey, CodeKind, CodePayload, CouponEffect};
 use crate::config::EngineConfig;
 use crate::error::EngineError;
 use crate::geo::{self, AcceptedMethod, Candidate, Signal, Store, StoreDirectory};
-use crate::keys::{DeviceIndex, DeviceKey, Verified};
+use crate::keys::{DeviceIndex, DeviceKey, NewDeviceKey, Verified};
 use crate::limits::STORE_RADIUS_MAX_M;
 use crate::limits::{BATCH_SIZE_MAX, VERIFY_PARALLEL_MIN};
 use crate::limits::{

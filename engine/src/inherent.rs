@@ -42,15 +42,17 @@ pub const RECORD_LEN_MIN: usize = FIXED_LEN + 2;
 pub const RECORD_LEN_MAX: usize = FIXED_LEN + USER_ID_LEN_MAX + TERMINAL_ID_LEN_MAX;
 
 /// The fields of an inherent ID.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct InherentId {
     /// Version of the device key that signs it.
     pub key_version: u16,
     /// Amount in minor units, 1..=10^15.
     pub amount_minor: u64,
     /// Currency.
+    #[rkyv(with = crate::shard::archive::Via<[u8; 3]>)]
     pub currency: Currency,
     /// Settlement means kind.
+    #[rkyv(with = crate::shard::archive::Via<u8>)]
     pub means: MeansKind,
     /// Which of the user's means (`0` = default).
     pub means_id: u32,
@@ -59,6 +61,7 @@ pub struct InherentId {
     /// Card IDm of the signing device.
     pub card_idm: Idm,
     /// The paying user.
+    #[rkyv(with = crate::shard::archive::Via<(u8, String)>)]
     pub user: UserKey,
     /// The store terminal.
     pub terminal_id: String,

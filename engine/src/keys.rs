@@ -118,10 +118,40 @@ pub(crate) struct SealedKeys {
     pub(crate) previous: Option<(u16, Arc<SealedNumber>, i64)>,
 }
 
+/// A device key on its way into its user's shard, in a command: sealed to the device's IDm
+/// under the vault key, as the command's log record keeps it (and, from then on, the shard's
+/// state and snapshots: the key is sealed once); in the clear only in memory, for the answer
+/// to the request that made it and the key index, and never archived.
+#[derive(Debug, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub(crate) struct NewDeviceKey {
+    #[rkyv(with = crate::shard::archive::Via<SealedNumber>)]
+    pub(crate) sealed: Arc<SealedNumber>,
+    /// None once read back from the log.
+    #[rkyv(with = rkyv::with::Skip)]
+    pub(crate) plain: Option<DeviceKey>,
+}
+
+impl NewDeviceKey {
+    /// A fresh random key for device `idm`, sealed to it.
+    pub(crate) fn random(vault: &Vault, idm: &Idm) -> NewDeviceKey {
+        let key = DeviceKey::random();
+        NewDeviceKey { sealed: Arc::new(vault.seal(key.expose(), idm)), plain: Some(key) }
+    }
+
+    /// The key in the clear: as made, or opened from its sealed form (a command read back from
+    /// the log). `None` if it does not open under this vault key.
+    pub(crate) fn open(&self, vault: &Vault, idm: &Idm) -> Option<DeviceKey> {
+        match &self.plain {
+            Some(key) => Some(key.clone()),
+            None => open_device_key(vault, &self.sealed, idm),
+        }
+    }
+}
+
 impl SealedKeys {
     /// A device's first key.
-    pub(crate) fn first(vault: &Vault, idm: &Idm, key: &DeviceKey) -> SealedKeys {
-        SealedKeys { current: (1, Arc::new(vault.seal(key.expose(), idm))), previous: None }
+    pub(crate) fn first(key: &NewDeviceKey) -> SealedKeys {
+        SealedKeys { current: (1, Arc::clone(&key.sealed)), previous: None }
     }
 
     /// Whether a record signed with key `version` may still be accepted: the current key, or
@@ -139,15 +169,13 @@ impl SealedKeys {
     /// After a rotation to `key` at `version`: the current key becomes the previous one.
     pub(crate) fn rotated(
         &self,
-        vault: &Vault,
-        idm: &Idm,
         version: u16,
-        key: &DeviceKey,
+        key: &NewDeviceKey,
         grace_until_ms: i64,
     ) -> SealedKeys {
         let (old_version, old) = &self.current;
         SealedKeys {
-            current: (version, Arc::new(vault.seal(key.expose(), idm))),
+            current: (version, Arc::clone(&key.sealed)),
             previous: Some((*old_version, Arc::clone(old), grace_until_ms)),
         }
     }
@@ -172,7 +200,7 @@ pub struct DeviceIndex {
 }
 
 /// A record whose tag verified: its fields and the body it was computed over.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct Verified {
     /// The decoded record.
     pub record: InherentId,

@@ -12,10 +12,10 @@ use crate::age::AgeRules;
 use crate::config::EngineConfig;
 use crate::error::EngineError;
 use crate::providers::{Provider, Registry};
+use crate::shard::logged::Logged;
 use crate::shard::state::{Shared, StateConfig};
 use crate::shard::{Envelope, ShardCore, ShardHandle, ShardState, ShardWal};
 use crate::vault::Vault;
-use crate::wal::record::LogEnvelope;
 use crate::wal::snapshot;
 use crate::wal::{self, StorageError};
 
@@ -118,10 +118,22 @@ pub(crate) fn recover_shards(
     let loaded_ms = started.elapsed().as_millis() as u64;
     // What each shard's log holds after its snapshot: where its count toward the next starts.
     let since_snapshot: Vec<u64> = envelopes.iter().map(|e| e.len() as u64).collect();
+    // A log of an older format is rewritten in this one before anything is appended to it
+    // (below): its records, encoded now, before the replay takes them.
+    let converted: Vec<Option<Vec<rkyv::util::AlignedVec>>> = logs
+        .iter()
+        .zip(&envelopes)
+        .map(|(log, envelopes)| {
+            let old = log.version.is_some_and(|v| v < wal::FORMAT_VERSION);
+            old.then(|| envelopes.iter().map(Envelope::to_bytes).collect())
+        })
+        .collect();
     let replayed = replay(&mut states, envelopes);
     rebuild_store_directory(shared, &mut states);
     let mut prepared = Prepared { states: Vec::with_capacity(count), wal_threads: Vec::new() };
-    for (index, (mut state, log)) in states.into_iter().zip(&logs).enumerate() {
+    for (index, ((mut state, log), converted)) in
+        states.into_iter().zip(&logs).zip(converted).enumerate()
+    {
         let path = wal::shard_log_path(dir, index);
         if log.torn_bytes > 0 {
             // Cut from the log, but never destroyed: kept beside it, for whoever looks.
@@ -137,8 +149,19 @@ pub(crate) fn recover_shards(
             }
         }
         let generation = generations[index];
+        let mut valid_len = log.valid_len;
+        if let Some(records) = converted {
+            valid_len =
+                wal::rewrite_log(dir, index, count, generation, &records).map_err(storage)?;
+            tracing::info!(
+                path = %path.display(),
+                from_version = log.version,
+                records = records.len(),
+                "log converted to this build's format"
+            );
+        }
         let (handle, thread) =
-            wal::open_writer(dir, log.valid_len, index, count, generation, &config.durability)
+            wal::open_writer(dir, valid_len, index, count, generation, &config.durability)
                 .map_err(storage)?;
         let resolved = state.resolve_pending(now_ms);
         if !resolved.is_empty() {
@@ -147,10 +170,7 @@ pub(crate) fn recover_shards(
                 count = resolved.len(),
                 "authorizations in flight at the crash declined as provider timeouts"
             );
-            let records = resolved
-                .iter()
-                .map(|e| LogEnvelope::from_envelope(e, &shared.vault).to_bytes())
-                .collect();
+            let records = resolved.iter().map(Envelope::to_bytes).collect();
             let (reply, durable) = oneshot::channel();
             handle.submit(wal::Job::Records { records, reply, replies: Vec::new() });
             // Engine::start may run inside a Tokio runtime; the writer is its own OS thread, so
@@ -189,7 +209,7 @@ fn rebuild_store_directory(shared: &Shared, states: &mut [ShardState]) {
 /// A shard's snapshot loaded, and the log after it read.
 struct LoadedShard {
     /// The log's extent (`valid_len` 0 when it must start afresh).
-    log: wal::ReadLog,
+    log: wal::ReadLog<Logged>,
     /// The log's records as commands, in order: what remains to replay.
     envelopes: Vec<Envelope>,
     /// The generation to keep writing.
@@ -260,16 +280,16 @@ fn read_commands(
     count: usize,
     vault: &Vault,
     age: &AgeRules,
-) -> Result<(wal::ReadLog, Vec<Envelope>), EngineError> {
-    let mut log =
-        wal::read_log(path, index, count).map_err(|e| EngineError::Storage(e.to_string()))?;
+) -> Result<(wal::ReadLog<Logged>, Vec<Envelope>), EngineError> {
+    let mut log = wal::read_records::<Logged>(path, index, count)
+        .map_err(|e| EngineError::Storage(e.to_string()))?;
     let records = std::mem::take(&mut log.records);
     let envelopes = records
-        .iter()
+        .into_iter()
         .enumerate()
         .map(|(i, record)| {
             record
-                .to_envelope(vault, age)
+                .into_envelope(vault, age)
                 .map_err(|e| EngineError::Storage(format!("{}: record {i}: {e}", path.display())))
         })
         .collect::<Result<Vec<_>, _>>()?;

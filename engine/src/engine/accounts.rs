@@ -73,7 +73,7 @@ impl Engine {
             user: request.user.clone(),
             password_phc,
             idm: request.card_idm,
-            key: DeviceKey::random(),
+            key: NewDeviceKey::random(&self.inner.shared.vault, &request.card_idm),
             device_free: Some(claim.won),
         };
         let reply =
@@ -95,7 +95,7 @@ impl Engine {
         let command = Command::ProvisionDevice {
             user: user.clone(),
             idm: card_idm,
-            key: DeviceKey::random(),
+            key: NewDeviceKey::random(&self.inner.shared.vault, &card_idm),
             device_free: Some(claim.won),
         };
         let reply = self.apply_for_user(user, Some(client_request_id), digest, command);
@@ -116,7 +116,7 @@ impl Engine {
         let command = Command::RotateDeviceKey {
             user: user.clone(),
             idm: card_idm,
-            key: DeviceKey::random(),
+            key: NewDeviceKey::random(&self.inner.shared.vault, &card_idm),
         };
         let reply = self.apply_for_user(user, Some(client_request_id), digest, command).await?;
         credential_from(reply, card_idm)
@@ -139,7 +139,7 @@ impl Engine {
         let command = Command::RevokeDeviceKey {
             user: user.clone(),
             idm: card_idm,
-            key: DeviceKey::random(),
+            key: NewDeviceKey::random(&self.inner.shared.vault, &card_idm),
         };
         match self.apply_for_user(user, Some(client_request_id), digest, command).await? {
             Reply::Ok => Ok(()),

@@ -216,21 +216,53 @@ pub(crate) struct ServiceLeaf {
 
 /// [`Discount`]'s leaf.
 #[derive(Archive, Serialize, Deserialize, Debug)]
-enum DiscountLeaf {
+pub(crate) enum DiscountLeaf {
+    /// [`Discount::Percent`]'s basis points.
     Percent(u16),
+    /// [`Discount::Fixed`]'s amount and currency.
     Fixed(u64, #[rkyv(with = Via<[u8; 3]>)] Currency),
 }
 
-impl Leaf<TerminalService> for ServiceLeaf {
-    fn leaf(service: &TerminalService) -> Self {
-        let discount = match service.discount {
+impl Leaf<Discount> for DiscountLeaf {
+    fn leaf(discount: &Discount) -> Self {
+        match *discount {
             Discount::Percent { bps } => DiscountLeaf::Percent(bps),
             Discount::Fixed { amount_minor, currency } => {
                 DiscountLeaf::Fixed(amount_minor, currency)
             }
-        };
+        }
+    }
+
+    fn value(archived: &ArchivedDiscountLeaf) -> Result<Discount, LeafError> {
+        Ok(match archived {
+            ArchivedDiscountLeaf::Percent(bps) => Discount::Percent { bps: bps.to_native() },
+            ArchivedDiscountLeaf::Fixed(amount, currency) => Discount::Fixed {
+                amount_minor: amount.to_native(),
+                currency: <[u8; 3]>::value(currency)?,
+            },
+        })
+    }
+}
+
+/// A store terminal's own age policy as a command carries it: the policy as given, its time
+/// zone found again by name when read back (the bundled time zone database has every name a
+/// policy was accepted with).
+impl Leaf<crate::age::ResolvedPolicy> for crate::age::AgePolicy {
+    fn leaf(resolved: &crate::age::ResolvedPolicy) -> Self {
+        resolved.policy.clone()
+    }
+
+    fn value(archived: &Self::Archived) -> Result<crate::age::ResolvedPolicy, LeafError> {
+        let policy: crate::age::AgePolicy = rkyv::deserialize::<_, rkyv::rancor::Error>(archived)
+            .map_err(|_| LeafError("age policy"))?;
+        crate::age::ResolvedPolicy::by_zone_name(policy).ok_or(LeafError("age policy time zone"))
+    }
+}
+
+impl Leaf<TerminalService> for ServiceLeaf {
+    fn leaf(service: &TerminalService) -> Self {
         ServiceLeaf {
-            discount,
+            discount: DiscountLeaf::leaf(&service.discount),
             valid_from_ms: service.valid_from_ms,
             valid_until_ms: service.valid_until_ms,
             description: service.description.clone(),
@@ -238,15 +270,8 @@ impl Leaf<TerminalService> for ServiceLeaf {
     }
 
     fn value(archived: &ArchivedServiceLeaf) -> Result<TerminalService, LeafError> {
-        let discount = match &archived.discount {
-            ArchivedDiscountLeaf::Percent(bps) => Discount::Percent { bps: bps.to_native() },
-            ArchivedDiscountLeaf::Fixed(amount, currency) => Discount::Fixed {
-                amount_minor: amount.to_native(),
-                currency: <[u8; 3]>::value(currency)?,
-            },
-        };
         Ok(TerminalService {
-            discount,
+            discount: DiscountLeaf::value(&archived.discount)?,
             valid_from_ms: archived.valid_from_ms.to_native(),
             valid_until_ms: archived.valid_until_ms.to_native(),
             description: archived.description.as_str().to_owned(),
@@ -298,6 +323,17 @@ impl Leaf<(u16, Arc<SealedNumber>)> for (u16, SealedNumber) {
     }
 }
 
+/// A sealed secret shared by `Arc` (a device key in a command), archived inline.
+impl Leaf<Arc<SealedNumber>> for SealedNumber {
+    fn leaf(sealed: &Arc<SealedNumber>) -> Self {
+        SealedNumber::clone(sealed)
+    }
+
+    fn value(archived: &Self::Archived) -> Result<Arc<SealedNumber>, LeafError> {
+        Ok(Arc::new(sealed_value(archived)))
+    }
+}
+
 /// A rotated-out sealed key and the instant it is refused after, archived inline.
 impl Leaf<(u16, Arc<SealedNumber>, i64)> for (u16, SealedNumber, i64) {
     fn leaf((version, sealed, until): &(u16, Arc<SealedNumber>, i64)) -> Self {
@@ -312,4 +348,29 @@ impl Leaf<(u16, Arc<SealedNumber>, i64)> for (u16, SealedNumber, i64) {
 
 fn sealed_value(archived: &ArchivedSealedNumber) -> SealedNumber {
     SealedNumber { nonce: archived.nonce, ciphertext: archived.ciphertext.to_vec() }
+}
+
+/// A card number as a new means carries it: its token, last four digits, and the number as
+/// the vault sealed it.
+impl Leaf<(CardToken, [u8; 4], SealedNumber)> for ([u8; 16], [u8; 4], SealedNumber) {
+    fn leaf((token, last4, sealed): &(CardToken, [u8; 4], SealedNumber)) -> Self {
+        (token.0, *last4, sealed.clone())
+    }
+
+    fn value(archived: &Self::Archived) -> Result<(CardToken, [u8; 4], SealedNumber), LeafError> {
+        Ok((CardToken(archived.0), archived.1, sealed_value(&archived.2)))
+    }
+}
+
+/// A store terminal's own age policy under a provider, as a redemption carries it.
+impl Leaf<(u32, crate::age::ResolvedPolicy)> for (u32, crate::age::AgePolicy) {
+    fn leaf((code, resolved): &(u32, crate::age::ResolvedPolicy)) -> Self {
+        (*code, resolved.policy.clone())
+    }
+
+    fn value(archived: &Self::Archived) -> Result<(u32, crate::age::ResolvedPolicy), LeafError> {
+        let policy =
+            <crate::age::AgePolicy as Leaf<crate::age::ResolvedPolicy>>::value(&archived.1)?;
+        Ok((archived.0.to_native(), policy))
+    }
 }

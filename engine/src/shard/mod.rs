@@ -21,6 +21,7 @@ mod digest;
 pub(crate) mod idempotency;
 pub(crate) mod image;
 pub(crate) mod legacy;
+pub(crate) mod logged;
 pub(crate) mod replay;
 pub(crate) mod state;
 
@@ -32,7 +33,6 @@ use actix::{Actor, Addr, Context, Handler, Message, MessageResult};
 use tokio::sync::oneshot;
 
 use crate::types::{AuthOutcome, ReasonCode};
-use crate::wal::record::LogEnvelope;
 use crate::wal::{Job, WalHandle};
 
 /// A shard's side of durability: its writer and when to snapshot.
@@ -178,7 +178,7 @@ impl ShardCore {
         #[cfg(all(feature = "test-hooks", debug_assertions))]
         test_hooks::panic_if_asked(&envelope);
         if self.wal.is_some() {
-            records.push(LogEnvelope::from_envelope(&envelope, self.state.vault()).to_bytes());
+            records.push(envelope.to_bytes());
         }
         self.state.apply(envelope)
     }

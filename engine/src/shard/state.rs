@@ -9,7 +9,7 @@ use settlegate_adapters::{AdapterError, AuthorizationRequest, DeclineReason, Pro
 
 use rkyv::with::Map;
 
-use super::archive::{CouponLeaf, Via};
+use super::archive::{CouponLeaf, DiscountLeaf, OutcomeLeaf, Via};
 use super::idempotency::{Completes, IdemKey, IdemState, Idempotency, Seen};
 use super::replay::ReplayWindow;
 use crate::age::{
@@ -18,7 +18,7 @@ use crate::age::{
 use crate::codes::{issue_number, CodeKey, CodeKind, CodePayload, CouponEffect};
 use crate::cow::{CowMap, CHUNK_BITS_LARGE, CHUNK_BITS_SMALL};
 use crate::geo::{Candidate, Store, StoreDirectory, StoreIndex};
-use crate::keys::{DeviceIndex, DeviceKey, SealedKeys, Verified, REVOKED};
+use crate::keys::{DeviceIndex, DeviceKey, NewDeviceKey, SealedKeys, Verified, REVOKED};
 use crate::limits::{
     BALANCE_MAX_MINOR, COUPON_USES_MAX, DEVICES_PER_USER_MAX, MEANS_PER_USER_MAX,
     STORES_PER_SHARD_MAX,
@@ -109,10 +109,12 @@ pub struct MeansView {
 }
 
 /// A means ready to store: validated and, for numbers, already sealed by the vault.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub(crate) struct NewMeans {
+    #[rkyv(with = Via<u8>)]
     pub(crate) kind: MeansKind,
     pub(crate) label: String,
+    #[rkyv(with = Map<Via<([u8; 16], [u8; 4], SealedNumber)>>)]
     pub(crate) sealed: Option<(CardToken, [u8; 4], SealedNumber)>,
 }
 
@@ -344,7 +346,7 @@ impl Dispatch {
 }
 
 /// How a payment code is to be issued (C2, C4).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct CodeSpec {
     /// How long the code (and its hold) stays valid, in ms.
     pub validity_ms: i64,
@@ -486,10 +488,11 @@ pub struct IssuedCoupon {
 pub(crate) type SaleLine = (String, u32, u64);
 
 /// A POS's redemption request, as the shard applies it (C3).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub(crate) struct RedeemSpec {
     pub(crate) number: u64,
     pub(crate) amount_minor: u64,
+    #[rkyv(with = Via<[u8; 3]>)]
     pub(crate) currency: Currency,
     pub(crate) terminal_id: String,
     pub(crate) sale_at_ms: i64,
@@ -503,13 +506,15 @@ pub(crate) struct RedeemSpec {
 /// What a payment needs to know of its store terminal, which lives in the registry of
 /// another shard's provider: resolved by the engine before submission and carried in the
 /// command and its log record, so that applying the command reads nothing outside its shard.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub(crate) struct TerminalContext {
     /// Whether the provider is configured.
     pub(crate) provider_known: bool,
     /// The terminal's own age policy (else the provider's or the default, from the config).
+    #[rkyv(with = Map<Via<AgePolicy>>)]
     pub(crate) policy: Option<ResolvedPolicy>,
     /// The discount of the terminal's service active when the command was made.
+    #[rkyv(with = Map<Via<DiscountLeaf>>)]
     pub(crate) discount: Option<Discount>,
 }
 
@@ -545,46 +550,53 @@ pub(crate) fn terminal_policies(
 }
 
 /// A state change. Applied only by the shard that owns it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub(crate) enum Command {
     /// `device_free`: whether the engine's claim of the IDm succeeded before submission
     /// ([`DeviceIndex::claim`]); none only in a record older than format version 7.
     Enroll {
+        #[rkyv(with = Via<(u8, String)>)]
         user: UserKey,
         password_phc: String,
         idm: Idm,
-        key: DeviceKey,
+        key: NewDeviceKey,
         device_free: Option<bool>,
     },
     /// As [`Command::Enroll`]'s `device_free`.
     ProvisionDevice {
+        #[rkyv(with = Via<(u8, String)>)]
         user: UserKey,
         idm: Idm,
-        key: DeviceKey,
+        key: NewDeviceKey,
         device_free: Option<bool>,
     },
     RotateDeviceKey {
+        #[rkyv(with = Via<(u8, String)>)]
         user: UserKey,
         idm: Idm,
-        key: DeviceKey,
+        key: NewDeviceKey,
     },
     /// Revokes a device's keys at once: `key` (given to nobody) replaces the current one,
     /// which is refused from then on, as is any rotated-out one.
     RevokeDeviceKey {
+        #[rkyv(with = Via<(u8, String)>)]
         user: UserKey,
         idm: Idm,
-        key: DeviceKey,
+        key: NewDeviceKey,
     },
     AddMeans {
+        #[rkyv(with = Via<(u8, String)>)]
         user: UserKey,
         means: NewMeans,
         make_default: bool,
     },
     SetDefaultMeans {
+        #[rkyv(with = Via<(u8, String)>)]
         user: UserKey,
         means_id: u32,
     },
     LoginAttempt {
+        #[rkyv(with = Via<(u8, String)>)]
         user: UserKey,
         success: bool,
     },
@@ -599,8 +611,10 @@ pub(crate) enum Command {
     AuthComplete {
         key: IdemKey,
         digest: Option<u64>,
+        #[rkyv(with = Via<(u8, String)>)]
         user: UserKey,
         means_id: u32,
+        #[rkyv(with = Via<OutcomeLeaf>)]
         outcome: AuthOutcome,
         verdict: Option<Box<AgeVerdict>>,
     },
@@ -624,9 +638,11 @@ pub(crate) enum Command {
     },
     /// Loads a stored-value means.
     TopUp {
+        #[rkyv(with = Via<(u8, String)>)]
         user: UserKey,
         means_id: u32,
         amount_minor: u64,
+        #[rkyv(with = Via<[u8; 3]>)]
         currency: Currency,
     },
     /// C1: checks a payment-code request like a payment and holds its amount.
@@ -641,8 +657,10 @@ pub(crate) enum Command {
         key: IdemKey,
         /// As [`Command::AuthComplete`]'s.
         digest: Option<u64>,
+        #[rkyv(with = Via<(u8, String)>)]
         user: UserKey,
         means_id: u32,
+        #[rkyv(with = Via<OutcomeLeaf>)]
         outcome: AuthOutcome,
         spec: Box<CodeSpec>,
         /// The store terminal of the request's inherent ID.
@@ -654,6 +672,7 @@ pub(crate) enum Command {
         /// The redeeming terminal's own age policies, by provider, as the registry had them
         /// when the command was made (the code's provider is known only here); none only in a
         /// record older than format version 7.
+        #[rkyv(with = Map<Map<Via<(u32, AgePolicy)>>>)]
         policies: Option<Vec<(u32, ResolvedPolicy)>>,
     },
     /// Releases the holds of codes expired unused.
@@ -661,13 +680,16 @@ pub(crate) enum Command {
     /// C4: a delivery notice accepted for `user`, then subscribed on `devices` of theirs (the
     /// engine publishes it on a first answer only: this command is what makes it idempotent).
     NotifyDelivery {
+        #[rkyv(with = Via<(u8, String)>)]
         user: UserKey,
         devices: u32,
     },
     /// C5: a coupon for a user.
     IssueCoupon {
+        #[rkyv(with = Via<(u8, String)>)]
         user: UserKey,
         provider_code: u32,
+        #[rkyv(with = Via<CouponLeaf>)]
         effect: CouponEffect,
         uses: u32,
         expires_ms: i64,
@@ -735,8 +757,9 @@ impl Command {
     }
 }
 
-/// A command with its routing, idempotency and time context.
-#[derive(Debug, Clone)]
+/// A command with its routing, idempotency and time context: the shard's log record, archived
+/// as it is (format version 8).
+#[derive(Debug, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub(crate) struct Envelope {
     /// Routing hash of the owning key (user or provider).
     pub(crate) owner_hash: u64,
@@ -1024,11 +1047,6 @@ impl ShardState {
                 }
             }
         }
-    }
-
-    /// The vault (to seal secrets on their way to the log).
-    pub(crate) fn vault(&self) -> &Vault {
-        &self.shared.vault
     }
 
     /// Users held, idempotency records held (for metrics and tests).

@@ -44,8 +44,6 @@ use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use record::LogEnvelope;
-
 /// The log and snapshot format this build writes and the newest it reads. Version 2 added the
 /// age registry, version 3 the stores (each appended log record kinds and a snapshot
 /// section), version 4 padded the snapshot header to 48 bytes so that the payload is aligned
@@ -59,7 +57,7 @@ use record::LogEnvelope;
 /// registry entry), so that each shard replays from its own log alone. Older files are still
 /// read. Snapshots have had a version of their own since ([`SNAPSHOT_VERSION`], 7: the shard's
 /// state types archived as they are).
-pub const FORMAT_VERSION: u16 = 7;
+pub const FORMAT_VERSION: u16 = 8;
 const MAGIC: [u8; 8] = *b"SGWAL\0\0\0";
 const FILE_HEADER_LEN: usize = 24;
 const RECORD_HEADER_LEN: usize = 8;
@@ -343,20 +341,16 @@ pub(crate) fn recorded_shard_count(dir: &Path) -> Result<Option<usize>, StorageE
 
 /// A log record as the reader decodes it from its payload.
 pub(crate) trait Record: Sized {
-    /// The record in `payload`, or why it is not one.
-    fn decode(payload: &[u8]) -> Result<Self, String>;
+    /// The record in `payload` of a log of format `version`, or why it is not one.
+    fn decode(payload: &[u8], version: u16) -> Result<Self, String>;
 }
 
-impl Record for LogEnvelope {
-    fn decode(payload: &[u8]) -> Result<LogEnvelope, String> {
-        LogEnvelope::from_bytes(payload).map_err(|e| e.to_string())
-    }
-}
-
-/// A shard log as read back: its records, decoded as `R` (the engine's `LogEnvelope`).
+/// A shard log as read back: its records, decoded as `R`.
 #[derive(Debug)]
-pub(crate) struct ReadLog<R = LogEnvelope> {
+pub(crate) struct ReadLog<R> {
     pub(crate) records: Vec<R>,
+    /// The format version in the file's header; none for a missing or empty file.
+    pub(crate) version: Option<u16>,
     /// Bytes of the file that hold the header and whole records.
     pub(crate) valid_len: u64,
     /// Bytes of a torn last record, cut off.
@@ -408,11 +402,6 @@ fn check_file_header(
     Ok(())
 }
 
-/// Reads shard `index`'s log of the engine's records. A missing or empty file is an empty log.
-pub(crate) fn read_log(path: &Path, index: usize, count: usize) -> Result<ReadLog, StorageError> {
-    read_records(path, index, count)
-}
-
 /// Reads shard `index`'s log of records `R`. A missing or empty file is an empty log.
 pub(crate) fn read_records<R: Record>(
     path: &Path,
@@ -425,16 +414,6 @@ pub(crate) fn read_records<R: Record>(
         Err(error) => return Err(io_error(path)(error)),
     };
     parse_records(path, &bytes, index, count)
-}
-
-/// Reads a log of the engine's records from its bytes ([`parse_records`]).
-pub(crate) fn parse_log(
-    path: &Path,
-    bytes: &[u8],
-    index: usize,
-    count: usize,
-) -> Result<ReadLog, StorageError> {
-    parse_records(path, bytes, index, count)
 }
 
 /// Reads a log from its bytes (`path` only names it in errors).
@@ -455,12 +434,14 @@ pub(crate) fn parse_records<R: Record>(
         // Nothing, or a header torn while the file was created: nothing was ever acknowledged.
         return Ok(ReadLog {
             records: Vec::new(),
+            version: None,
             valid_len: 0,
             torn_bytes: bytes.len() as u64,
             generation: None,
         });
     }
     check_file_header(path, bytes, index, count)?;
+    let version = u16::from_be_bytes([bytes[8], bytes[9]]);
     let generation = u64::from_be_bytes(bytes[16..24].try_into().expect("8"));
     let mut records = Vec::new();
     let mut offset = FILE_HEADER_LEN;
@@ -496,13 +477,13 @@ pub(crate) fn parse_records<R: Record>(
             }
             return Err(corrupt(offset, "checksum mismatch".into()));
         }
-        let record = R::decode(payload).map_err(|e| corrupt(offset, e))?;
+        let record = R::decode(payload, version).map_err(|e| corrupt(offset, e))?;
         records.push(record);
         offset += RECORD_HEADER_LEN + len;
     }
     if let Some(reason) = suspect {
         // A partial write leaves nothing whole after it.
-        if let Some(next) = next_valid_record::<R>(bytes, offset + 1) {
+        if let Some(next) = next_valid_record::<R>(bytes, offset + 1, version) {
             return Err(corrupt(
                 offset,
                 format!(
@@ -514,6 +495,7 @@ pub(crate) fn parse_records<R: Record>(
     }
     Ok(ReadLog {
         records,
+        version: Some(version),
         valid_len: offset as u64,
         torn_bytes: (bytes.len() - offset) as u64,
         generation: Some(generation),
@@ -522,7 +504,7 @@ pub(crate) fn parse_records<R: Record>(
 
 /// The offset of the first whole, valid record starting at `from` or later: a length within
 /// the maximum, a payload inside the file whose checksum matches, and which decodes.
-fn next_valid_record<R: Record>(bytes: &[u8], from: usize) -> Option<usize> {
+fn next_valid_record<R: Record>(bytes: &[u8], from: usize, version: u16) -> Option<usize> {
     let mut at = from;
     while at + RECORD_HEADER_LEN <= bytes.len() {
         let len = u32::from_be_bytes(bytes[at..at + 4].try_into().expect("4")) as usize;
@@ -530,7 +512,7 @@ fn next_valid_record<R: Record>(bytes: &[u8], from: usize) -> Option<usize> {
         let room = bytes.len() - at - RECORD_HEADER_LEN;
         if len <= RECORD_LEN_MAX && len <= room {
             let payload = &bytes[at + RECORD_HEADER_LEN..at + RECORD_HEADER_LEN + len];
-            if crc32fast::hash(payload) == crc && R::decode(payload).is_ok() {
+            if crc32fast::hash(payload) == crc && R::decode(payload, version).is_ok() {
                 return Some(at);
             }
         }
@@ -631,6 +613,29 @@ struct Files {
     snapshot: PathBuf,
     index: usize,
     count: usize,
+}
+
+/// Rewrites shard `index`'s log, of generation `generation`, in this build's format: a
+/// header of [`FORMAT_VERSION`] and `records` (the caller's, already encoded in it), replacing
+/// the file whole (a crash leaves the old log or the new). For a log of an older format, on
+/// first open: records are never appended to a file whose header names another format.
+/// Returns the new log's length.
+pub(crate) fn rewrite_log(
+    dir: &Path,
+    index: usize,
+    count: usize,
+    generation: u64,
+    records: &[rkyv::util::AlignedVec],
+) -> Result<u64, StorageError> {
+    let path = shard_log_path(dir, index);
+    let mut bytes = file_header(index, count, generation).to_vec();
+    for record in records {
+        bytes.extend_from_slice(&(record.len() as u32).to_be_bytes());
+        bytes.extend_from_slice(&crc32fast::hash(record).to_be_bytes());
+        bytes.extend_from_slice(record);
+    }
+    write_atomic(&path, &bytes).map_err(io_error(&path))?;
+    Ok(bytes.len() as u64)
 }
 
 /// Writes `bytes` to `path` so that a crash leaves the old file or the new, whole one.

@@ -8,7 +8,7 @@ impl ShardState {
         user: UserKey,
         password_phc: String,
         idm: Idm,
-        key: DeviceKey,
+        key: NewDeviceKey,
         device_free: bool,
     ) -> Reply {
         if self.users.contains_key(&user) {
@@ -17,8 +17,9 @@ impl ShardState {
         if !device_free {
             return Reply::Refused(ReasonCode::DeviceInUse);
         }
-        self.shared.devices.provision(idm, user.clone(), 1, &key);
-        let sealed = SealedKeys::first(&self.shared.vault, &idm, &key);
+        let Some(plain) = key.open(&self.shared.vault, &idm) else { return key_unopened() };
+        self.shared.devices.provision(idm, user.clone(), 1, &plain);
+        let sealed = SealedKeys::first(&key);
         let account = User {
             password_phc,
             devices: vec![Device { idm, key_version: 1, replay: ReplayWindow::default(), sealed }],
@@ -29,14 +30,14 @@ impl ShardState {
             locked_until_ms: i64::MIN,
         };
         self.users.insert(user, Arc::new(account));
-        Reply::KeyIssued { key_version: 1, key }
+        Reply::KeyIssued { key_version: 1, key: plain }
     }
 
     pub(super) fn provision_device(
         &mut self,
         user: UserKey,
         idm: Idm,
-        key: DeviceKey,
+        key: NewDeviceKey,
         device_free: bool,
     ) -> Reply {
         let Some(account) = self.users.get_mut(&user).map(Arc::make_mut) else {
@@ -48,15 +49,15 @@ impl ShardState {
         if !device_free {
             return Reply::Refused(ReasonCode::DeviceInUse);
         }
-        self.shared.devices.provision(idm, user, 1, &key);
-        let sealed = SealedKeys::first(&self.shared.vault, &idm, &key);
+        let Some(plain) = key.open(&self.shared.vault, &idm) else { return key_unopened() };
+        self.shared.devices.provision(idm, user, 1, &plain);
         account.devices.push(Device {
             idm,
             key_version: 1,
             replay: ReplayWindow::default(),
-            sealed,
+            sealed: SealedKeys::first(&key),
         });
-        Reply::KeyIssued { key_version: 1, key }
+        Reply::KeyIssued { key_version: 1, key: plain }
     }
 
     /// Replaces a device's key with `key`; the previous one is accepted until
@@ -65,7 +66,7 @@ impl ShardState {
         &mut self,
         user: &UserKey,
         idm: Idm,
-        key: DeviceKey,
+        key: NewDeviceKey,
         grace_until_ms: i64,
     ) -> Reply {
         let Some(account) = self.users.get_mut(user).map(Arc::make_mut) else {
@@ -77,11 +78,11 @@ impl ShardState {
         let Some(version) = device.key_version.checked_add(1) else {
             return Reply::Refused(ReasonCode::KeyVersionInvalid);
         };
+        let Some(plain) = key.open(&self.shared.vault, &idm) else { return key_unopened() };
         device.key_version = version;
-        device.sealed =
-            device.sealed.rotated(&self.shared.vault, &idm, version, &key, grace_until_ms);
-        self.shared.devices.rotate(&idm, version, &key, grace_until_ms);
-        Reply::KeyIssued { key_version: version, key }
+        device.sealed = device.sealed.rotated(version, &key, grace_until_ms);
+        self.shared.devices.rotate(&idm, version, &plain, grace_until_ms);
+        Reply::KeyIssued { key_version: version, key: plain }
     }
 
     pub(super) fn add_means(
@@ -148,4 +149,11 @@ impl ShardState {
         }
         Reply::Refused(ReasonCode::WrongPassword)
     }
+}
+
+/// A command's device key that does not open under the vault key. Not reached: a key made by
+/// the engine is in the clear, and recovery opens every key it reads back before applying it,
+/// refusing to start if one does not open (`startup::read_commands`).
+fn key_unopened() -> Reply {
+    Reply::Refused(ReasonCode::KeyVersionInvalid)
 }
