@@ -221,9 +221,9 @@ impl ToEngine for wire::BestBy {
 impl ToEngine for RedeemCode {
     type Engine = engine::RedeemRequest;
     fn to_engine(self) -> engine::RedeemRequest {
-        let (items, basket) = match self.lines {
-            wire::SaleLines::Items(items) => (items, None),
-            wire::SaleLines::Basket(basket) => (Vec::new(), Some(basket.to_engine())),
+        let lines = match self.lines {
+            wire::SaleLines::Items(items) => engine::SaleLines::Items(items),
+            wire::SaleLines::Basket(basket) => engine::SaleLines::Basket(basket.to_engine()),
         };
         engine::RedeemRequest {
             client_request_id: self.client_request_id,
@@ -234,8 +234,7 @@ impl ToEngine for RedeemCode {
             currency: self.currency,
             sale_at_ms: self.sale_at_ms,
             terminal_id: self.terminal_id,
-            items,
-            basket,
+            lines,
             coupon: self.coupon,
             order_ref: self.order_ref,
         }

@@ -8,7 +8,7 @@ use settlegate_engine::age::{Date, VerificationMethod};
 use settlegate_engine::{
     AgeCheck, AgePolicy, AgeRecord, AuthOutcome, AuthorizeRequest, Basket, BasketItem, CodeOutcome,
     CodeState, EngineError, IssueCodeRequest, IssuedCode, OnAgeFailure, ReasonCode, RedeemRequest,
-    Redemption, TerminalEntry,
+    Redemption, SaleLines, TerminalEntry,
 };
 
 use crate::support::*;
@@ -416,8 +416,7 @@ fn redeem_with(code: &IssuedCode, terminal: &str, basket: Basket) -> RedeemReque
         currency: jpy(),
         sale_at_ms: T0_MS,
         terminal_id: terminal.into(),
-        items: Vec::new(),
-        basket: Some(basket),
+        lines: SaleLines::Basket(basket),
         coupon: None,
         order_ref: String::new(),
     }
@@ -484,8 +483,7 @@ async fn a_strict_store_redeems_only_with_a_basket_and_checks_it_whatever_the_fl
     let (h, teen) = registered("teen", date(2010, 1, 1)).await;
     let code = code_for(&h, &teen).await;
     let mut plain = redeem_with(&code, "JP-STRICT", mixed_basket(false));
-    plain.basket = None;
-    plain.items = vec![("ANYTHING".into(), 1, 1_400)];
+    plain.lines = SaleLines::Items(vec![("ANYTHING".into(), 1, 1_400)]);
     assert_eq!(refusal(h.engine.redeem_code(plain).await), ReasonCode::BasketMismatch);
     // Without the flag a store that is not strict settles the basket as it is.
     let unflagged = h.engine.redeem_code(redeem_with(&code, "JP-REFUSE", mixed_basket(false)));
@@ -507,7 +505,8 @@ async fn a_redemption_basket_must_add_up_and_is_part_of_the_idempotency_key() {
     let first = h.engine.redeem_code(request.clone()).await.unwrap();
     assert_eq!(h.engine.redeem_code(request.clone()).await.unwrap(), first, "the same answer");
     let mut other = request;
-    other.basket = Some(Basket { age_confirmation: true, items: vec![item("BREAD", "", 1_400)] });
+    let bread = Basket { age_confirmation: true, items: vec![item("BREAD", "", 1_400)] };
+    other.lines = SaleLines::Basket(bread);
     assert_eq!(refusal(h.engine.redeem_code(other).await), ReasonCode::IdempotencyConflict);
 }
 

@@ -6,7 +6,7 @@ use settlegate_engine::codes::{issue_number, CodeKey, CodeKind, CodePayload, Cou
 use settlegate_engine::limits::ITEM_ID_LEN_MAX;
 use settlegate_engine::{
     CodeOutcome, CodeState, DeliveryNotice, DeviceMessage, EngineError, IssueCodeRequest,
-    IssuedCode, MeansInput, MeansKind, ReasonCode, RedeemRequest,
+    IssuedCode, MeansInput, MeansKind, ReasonCode, RedeemRequest, SaleLines,
 };
 
 use crate::support::*;
@@ -56,8 +56,7 @@ fn redeem(code: &IssuedCode, amount: u64, terminal: &str) -> RedeemRequest {
         currency: jpy(),
         sale_at_ms: T0_MS,
         terminal_id: terminal.into(),
-        items: vec![("ITEM-1".into(), 1, amount)],
-        basket: None,
+        lines: SaleLines::Items(vec![("ITEM-1".into(), 1, amount)]),
         coupon: None,
         order_ref: code.order_ref.clone(),
     }
@@ -128,7 +127,7 @@ async fn a_sale_line_whose_item_id_breaks_its_limit_is_refused() {
     let too_long = "I".repeat(ITEM_ID_LEN_MAX + 1);
     for bad in ["", "ITEM 1", "ITEM\u{e9}", too_long.as_str()] {
         let mut request = redeem(&code, 2_000, "POS-A");
-        request.items = vec![("ITEM-0".into(), 1, 1_000), (bad.into(), 1, 1_000)];
+        request.lines = SaleLines::Items(vec![("ITEM-0".into(), 1, 1_000), (bad.into(), 1, 1_000)]);
         assert_eq!(
             refusal(h.engine.redeem_code(request).await),
             ReasonCode::CodeMismatch,
@@ -139,7 +138,7 @@ async fn a_sale_line_whose_item_id_breaks_its_limit_is_refused() {
     // At the limit it redeems.
     let longest = "I".repeat(ITEM_ID_LEN_MAX);
     let mut request = redeem(&code, 2_000, "POS-A");
-    request.items = vec![(longest.clone(), 2, 1_000)];
+    request.lines = SaleLines::Items(vec![(longest.clone(), 2, 1_000)]);
     let redemption = h.engine.redeem_code(request).await.unwrap();
     assert_eq!(redemption.items, vec![(longest, 2, 1_000)]);
 }

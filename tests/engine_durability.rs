@@ -889,8 +889,7 @@ mod fixture_v6 {
             currency: jpy(),
             sale_at_ms: T0_MS,
             terminal_id: SHOP.into(),
-            items: vec![("ITEM-1".into(), 1, 1_400)],
-            basket: None,
+            lines: settlegate_engine::SaleLines::Items(vec![("ITEM-1".into(), 1, 1_400)]),
             coupon: None,
             order_ref: code.order_ref.clone(),
         }

@@ -49,7 +49,7 @@ mod stores;
 mod wallet;
 
 pub use accounts::{DeviceCredential, EnrollRequest, MeansAdded, MeansOrder};
-pub use payment_codes::{CodeOutcome, IssueCodeRequest, RedeemRequest};
+pub use payment_codes::{CodeOutcome, IssueCodeRequest, RedeemRequest, SaleLines};
 pub use settlement::{AuthorizeRequest, BasketOutcome};
 pub use stores::EnteredStore;
 pub use wallet::{BestBy, MethodAtStore, UsableMethods, UsableQuery};

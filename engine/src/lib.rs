@@ -57,7 +57,7 @@ pub use engine::replay_shard;
 pub use engine::{
     AuthorizeRequest, BasketOutcome, BestBy, CodeOutcome, DeviceCredential, Engine, EnrollRequest,
     EnteredStore, IssueCodeRequest, MeansAdded, MeansOrder, MethodAtStore, RedeemRequest,
-    ShardReplay, UsableMethods, UsableQuery,
+    SaleLines, ShardReplay, UsableMethods, UsableQuery,
 };
 pub use error::EngineError;
 pub use geo::{AcceptedMethod, Signal, Store};

@@ -328,8 +328,7 @@ fn code_requests(
         currency,
         sale_at_ms: now_ms(),
         terminal_id: store.clone(),
-        items: vec![("ITEM".into(), 1, 900)],
-        basket: None,
+        lines: settlegate_engine::SaleLines::Items(vec![("ITEM".into(), 1, 900)]),
         coupon: None,
         order_ref: String::new(),
     };
@@ -359,6 +358,9 @@ async fn code_remote(w: &Workload, slot: &mut SlotCursor, client: &Client) -> Ou
     match client.call_ok(&issue.into()).await {
         Ok(Reply::IssueCode(wire::CodeOutcome::Issued(code))) => {
             let redeem = redeem(&code.text, code.number, code.currency);
+            let settlegate_engine::SaleLines::Items(items) = redeem.lines else {
+                return Outcome::Error("the mix redeems plain lines only".into());
+            };
             let request: Request = RedeemCode {
                 client_request_id: redeem.client_request_id,
                 code: redeem.code,
@@ -368,7 +370,7 @@ async fn code_remote(w: &Workload, slot: &mut SlotCursor, client: &Client) -> Ou
                 currency: redeem.currency,
                 sale_at_ms: redeem.sale_at_ms,
                 terminal_id: redeem.terminal_id,
-                lines: wire::SaleLines::Items(redeem.items),
+                lines: wire::SaleLines::Items(items),
                 coupon: redeem.coupon,
                 order_ref: redeem.order_ref,
             }

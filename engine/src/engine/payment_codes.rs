@@ -28,6 +28,34 @@ pub enum CodeOutcome {
     Declined(ReasonCode),
 }
 
+/// A sale's lines: plain, or with their categories for the age check. One or the other, never
+/// both.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum SaleLines {
+    /// Lines sold: item ID (1..=32 bytes of 0x21–0x7E, as in a basket), quantity, unit
+    /// amount.
+    Items(Vec<(String, u32, u64)>),
+    /// The lines sold with their categories, for the age check of a code payment (A2,
+    /// `REDEEM_CODE_BASKET`): checked against the age registration of the device the code was
+    /// delivered to; the redemption's items are the lines settled (those the age check did not
+    /// remove).
+    Basket(Basket),
+}
+
+impl SaleLines {
+    /// Whether the lines are within bounds: at most [`SALE_ITEMS_MAX`] plain lines, each
+    /// item ID valid (a basket's lines are checked by the age check, `Basket::total`).
+    fn valid(&self) -> bool {
+        match self {
+            SaleLines::Items(items) => {
+                items.len() <= SALE_ITEMS_MAX
+                    && items.iter().all(|(item_id, _, _)| crate::age::item_id_valid(item_id))
+            }
+            SaleLines::Basket(_) => true,
+        }
+    }
+}
+
 /// A POS redeeming a code with its sales information (C3, C4).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedeemRequest {
@@ -47,14 +75,8 @@ pub struct RedeemRequest {
     pub sale_at_ms: i64,
     /// The store terminal (or courier handheld) redeeming it.
     pub terminal_id: String,
-    /// Lines sold: item ID (1..=32 bytes of 0x21–0x7E, as in a basket), quantity, unit
-    /// amount. Empty when `basket` carries them.
-    pub items: Vec<(String, u32, u64)>,
-    /// The lines sold with their categories, for the age check of a code payment (A2,
-    /// `REDEEM_CODE_BASKET`): checked against the age registration of the device the code was
-    /// delivered to. When set, `items` is empty and the redemption's items are the lines
-    /// settled (those the age check did not remove).
-    pub basket: Option<Basket>,
+    /// The lines sold: plain lines, or a basket to check for age.
+    pub lines: SaleLines,
     /// A coupon to apply in the same settlement (C5), as read.
     pub coupon: Option<String>,
     /// The order a cash-on-delivery code pays for.
@@ -162,9 +184,7 @@ impl Engine {
         let valid_sale = request.amount_minor > 0
             && request.amount_minor <= crate::limits::AMOUNT_MINOR_MAX
             && crate::types::terminal_id_valid(&request.terminal_id)
-            && request.items.len() <= SALE_ITEMS_MAX
-            && request.items.iter().all(|(item_id, _, _)| crate::age::item_id_valid(item_id))
-            && (request.basket.is_none() || request.items.is_empty())
+            && request.lines.valid()
             && request.order_ref.len() <= ORDER_REF_LEN_MAX;
         if !valid_sale {
             return Err(refused(ReasonCode::CodeMismatch));
@@ -179,8 +199,7 @@ impl Engine {
             currency: request.currency,
             terminal_id: request.terminal_id,
             sale_at_ms: request.sale_at_ms,
-            items: request.items,
-            basket: request.basket,
+            lines: request.lines,
             coupon,
             order_ref: request.order_ref,
         };

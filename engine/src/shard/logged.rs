@@ -183,8 +183,7 @@ mod tests {
             currency: jpy,
             terminal_id: "T-1".into(),
             sale_at_ms: 3,
-            items: vec![("x".into(), 1, 100)],
-            basket: Some(basket.clone()),
+            lines: crate::engine::SaleLines::Basket(basket.clone()),
             coupon: Some(7),
             order_ref: String::new(),
         };

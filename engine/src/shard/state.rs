@@ -17,6 +17,7 @@ use crate::age::{
 };
 use crate::codes::{issue_number, CodeKey, CodeKind, CodePayload, CouponEffect};
 use crate::cow::{CowMap, CHUNK_BITS_LARGE, CHUNK_BITS_SMALL};
+use crate::engine::SaleLines;
 use crate::geo::{Candidate, Store, StoreDirectory, StoreIndex};
 use crate::keys::{DeviceIndex, DeviceKey, NewDeviceKey, SealedKeys, Verified, REVOKED};
 use crate::limits::{
@@ -488,7 +489,7 @@ pub struct IssuedCoupon {
 pub(crate) type SaleLine = (String, u32, u64);
 
 /// A POS's redemption request, as the shard applies it (C3).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub(crate) struct RedeemSpec {
     pub(crate) number: u64,
     pub(crate) amount_minor: u64,
@@ -496,11 +497,30 @@ pub(crate) struct RedeemSpec {
     pub(crate) currency: Currency,
     pub(crate) terminal_id: String,
     pub(crate) sale_at_ms: i64,
-    pub(crate) items: Vec<SaleLine>,
-    /// The lines with their categories, for the age check (`items` is then empty).
-    pub(crate) basket: Option<Basket>,
+    pub(crate) lines: SaleLines,
     pub(crate) coupon: Option<u64>,
     pub(crate) order_ref: String,
+}
+
+/// Hashed as the request's idempotency digest, exactly as before the lines became one enum
+/// (items, then the optional basket): a retry of a redemption recorded by an older build must
+/// find its record, not a conflict.
+impl std::hash::Hash for RedeemSpec {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let (items, basket): (&[SaleLine], Option<&Basket>) = match &self.lines {
+            SaleLines::Items(items) => (items, None),
+            SaleLines::Basket(basket) => (&[], Some(basket)),
+        };
+        self.number.hash(state);
+        self.amount_minor.hash(state);
+        self.currency.hash(state);
+        self.terminal_id.hash(state);
+        self.sale_at_ms.hash(state);
+        items.hash(state);
+        basket.hash(state);
+        self.coupon.hash(state);
+        self.order_ref.hash(state);
+    }
 }
 
 /// What a payment needs to know of its store terminal, which lives in the registry of

@@ -301,8 +301,11 @@ impl LogSale {
             currency: currency_in(self.currency)?,
             terminal_id: self.terminal_id,
             sale_at_ms: self.sale_at_ms,
-            items,
-            basket,
+            // Recorded as one or the other, never both.
+            lines: match basket {
+                Some(basket) => crate::engine::SaleLines::Basket(basket),
+                None => crate::engine::SaleLines::Items(items),
+            },
             coupon: self.coupon,
             order_ref: self.order_ref,
         };

@@ -214,11 +214,10 @@ impl ShardState {
         now_ms: i64,
     ) -> Result<(u64, Vec<SaleLine>), ReasonCode> {
         let policy = self.shared.age.policy_for(code.provider_code, terminal_policy);
-        let Some(basket) = &spec.basket else {
-            if policy.policy.strict {
-                return Err(ReasonCode::BasketMismatch);
-            }
-            return Ok((spec.amount_minor, spec.items.clone()));
+        let basket = match &spec.lines {
+            SaleLines::Basket(basket) => basket,
+            SaleLines::Items(_) if policy.policy.strict => return Err(ReasonCode::BasketMismatch),
+            SaleLines::Items(items) => return Ok((spec.amount_minor, items.clone())),
         };
         let decision = age::decide(
             basket,
