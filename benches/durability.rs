@@ -7,6 +7,8 @@
 //! off, so recovery replays the whole log; unset: the engine's default, 1,000,000). Recovery
 //! reads whatever the directory holds, so the value matters only when the data set is written:
 //! with `SETTLEGATE_RECOVERY_DIR` (a data set kept between runs) use one directory per value.
+//! `SETTLEGATE_RECOVERY_SHARDS=N` likewise sets the shard count the data set is written with
+//! (unset: one shard per two cores, so one on a 2-core machine); recovery keeps that count.
 
 mod common;
 
@@ -151,6 +153,10 @@ fn write_data_set(runtime: &tokio::runtime::Runtime, dir: &std::path::Path, user
         config.durability.snapshot_every_records =
             every.parse().unwrap_or_else(|_| panic!("{SNAPSHOT_EVERY}={every}: not a number"));
     }
+    if let Ok(shards) = std::env::var(SHARDS) {
+        config.shards =
+            shards.parse().unwrap_or_else(|_| panic!("{SHARDS}={shards}: not a number"));
+    }
     let snapshot_every = config.durability.snapshot_every_records;
     let bench = common::Bench::with_config(runtime, users, config);
     // One payment code per user (issued, so held): the other half of the data set.
@@ -180,6 +186,10 @@ fn write_data_set(runtime: &tokio::runtime::Runtime, dir: &std::path::Path, user
 /// Environment variable that sets `durability.snapshot_every_records` while a recovery data set
 /// is written (0: no snapshots).
 const SNAPSHOT_EVERY: &str = "SETTLEGATE_RECOVERY_SNAPSHOT_EVERY";
+
+/// Environment variable that sets the engine's `shards` while a recovery data set is written
+/// (unset: one shard per two cores); recovery keeps the count the data set was written with.
+const SHARDS: &str = "SETTLEGATE_RECOVERY_SHARDS";
 
 /// Shows the engine's info lines (snapshot pauses, recovery times) on stderr.
 fn log_engine_info() {
