@@ -2,8 +2,15 @@
 //! without a log), and the time to recover a data directory of N users with one payment code each.
 //!
 //! `cargo bench --bench durability`. `SETTLEGATE_RECOVERY_USERS=1000000` sets the large
-//! recovery size (default 10,000; the test suite runs 200); `SETTLEGATE_RECOVERY_SNAPSHOTS_ONLY=1`
-//! writes the data set as snapshots alone, so that recovery restores them and replays nothing.
+//! recovery size (default 10,000; the test suite runs 200). `SETTLEGATE_RECOVERY_SNAPSHOT_EVERY=N`
+//! sets `durability.snapshot_every_records` while the recovery data set is written (0: snapshots
+//! off, so recovery replays the whole log; unset: the engine's default, 1,000,000). Recovery
+//! reads whatever the directory holds, so the value matters only when the data set is written:
+//! with `SETTLEGATE_RECOVERY_DIR` (a data set kept between runs) use one directory per value.
+//! `SETTLEGATE_RECOVERY_SHARDS=N` likewise sets the shard count the data set is written with
+//! (unset: one shard per two cores, so one on a 2-core machine); recovery keeps that count.
+//! `SETTLEGATE_RECOVERY_SNAPSHOTS_ONLY=1` writes the data set as snapshots alone, so that
+//! recovery restores them and replays nothing.
 
 mod common;
 
@@ -143,7 +150,17 @@ fn write_data_set(runtime: &tokio::runtime::Runtime, dir: &std::path::Path, user
     // The engine reports each snapshot's capture (the shard's pause) at info level.
     log_engine_info();
     let setup = Instant::now();
-    let bench = common::Bench::with_config(runtime, users, durable(dir, FsyncPolicy::Off));
+    let mut config = durable(dir, FsyncPolicy::Off);
+    if let Ok(every) = std::env::var(SNAPSHOT_EVERY) {
+        config.durability.snapshot_every_records =
+            every.parse().unwrap_or_else(|_| panic!("{SNAPSHOT_EVERY}={every}: not a number"));
+    }
+    if let Ok(shards) = std::env::var(SHARDS) {
+        config.shards =
+            shards.parse().unwrap_or_else(|_| panic!("{SHARDS}={shards}: not a number"));
+    }
+    let snapshot_every = config.durability.snapshot_every_records;
+    let bench = common::Bench::with_config(runtime, users, config);
     // One payment code per user (issued, so held): the other half of the data set.
     runtime.block_on(async {
         for chunk in (0..users).collect::<Vec<_>>().chunks(512) {
@@ -172,8 +189,18 @@ fn write_data_set(runtime: &tokio::runtime::Runtime, dir: &std::path::Path, user
         runtime.block_on(engine.sweep_codes()).expect("sweeps");
         engine.shutdown();
     }
-    eprintln!("recovery/{users}: data directory written in {:?}", setup.elapsed());
+    let elapsed = setup.elapsed();
+    let snapshots = format!("snapshot_every_records = {snapshot_every}");
+    eprintln!("recovery/{users}: data directory written in {elapsed:?} ({snapshots})");
 }
+
+/// Environment variable that sets `durability.snapshot_every_records` while a recovery data set
+/// is written (0: no snapshots).
+const SNAPSHOT_EVERY: &str = "SETTLEGATE_RECOVERY_SNAPSHOT_EVERY";
+
+/// Environment variable that sets the engine's `shards` while a recovery data set is written
+/// (unset: one shard per two cores); recovery keeps the count the data set was written with.
+const SHARDS: &str = "SETTLEGATE_RECOVERY_SHARDS";
 
 /// Environment variable that makes the recovery data set snapshots alone (no log after them).
 const SNAPSHOTS_ONLY: &str = "SETTLEGATE_RECOVERY_SNAPSHOTS_ONLY";
