@@ -466,3 +466,111 @@ fn unexpected(reply: Reply) -> EngineError {
         }
     }
 }
+
+/// The routing hashes and the idempotency digests are part of what a data directory holds: a
+/// user's shard is chosen by hashing their key, and a retry finds its record by the digest of
+/// its request. A change to a hashed type (a field added, a derive swapped for a hand-written
+/// `Hash`, a `Debug` form changed where the digest hashes it) would send users to other shards
+/// or turn every retry across an upgrade into a conflict. These values are pinned: a change
+/// that moves one must say how existing data is carried over.
+#[cfg(test)]
+mod pinned {
+    use super::*;
+    use crate::age::{AgePolicy, Basket, BasketItem};
+    use crate::codes::CouponEffect;
+    use crate::engine::SaleLines;
+    use crate::shard::state::{CodeSpec, RedeemSpec};
+    use crate::types::UserIdType;
+
+    fn values() -> Vec<(&'static str, u64)> {
+        let user = UserKey::new(UserIdType::Mail, "pinned@example.com").unwrap();
+        let jpy = Currency::try_from("JPY").unwrap();
+        let basket = Basket {
+            age_confirmation: true,
+            items: vec![BasketItem {
+                item_id: "BEER".into(),
+                category: "alcohol".into(),
+                quantity: 2,
+                unit_amount_minor: 300,
+            }],
+        };
+        let redeem = |lines| RedeemSpec {
+            number: 7,
+            amount_minor: 600,
+            currency: jpy,
+            terminal_id: "POS-1".into(),
+            sale_at_ms: 1_700_000_000_000,
+            lines,
+            coupon: Some(9),
+            order_ref: "ORDER-1".into(),
+        };
+        let store = Store {
+            store_id: "S-1".into(),
+            name: "Shop".into(),
+            industry: "5411".into(),
+            address: "1-1".into(),
+            latitude: 35.5,
+            longitude: 139.5,
+            beacons: vec!["B-1".into()],
+            wifi: vec!["W-1".into()],
+            qr_code: None,
+            accepts: vec![AcceptedMethod {
+                kind: crate::types::MeansKind::EMoney,
+                brand: "suica".into(),
+            }],
+        };
+        let terminals = vec![TerminalEntry { terminal_id: "T-1".into(), service: None }];
+        let spec =
+            CodeSpec { validity_ms: 60_000, deliver_to: Some([1; 8]), order_ref: "O".into() };
+        vec![
+            ("user routing", user_hash(&user)),
+            ("cell routing", cell_hash(12_345)),
+            ("provider routing", digest_of(&("provider", 42u32))),
+            ("code routing", digest_of(&("code", 7u64))),
+            ("enroll", digest_of(&("enroll", &user, [1u8; 8]))),
+            ("top-up", digest_of(&("top-up", &user, 2u32, 500u64, jpy))),
+            ("basket payment", digest_of(&([5u8; 32], &basket))),
+            ("code request", digest_of(&("code", [5u8; 32], &spec))),
+            (
+                "redemption of items",
+                digest_of(&redeem(SaleLines::Items(vec![("X".into(), 1, 600)]))),
+            ),
+            ("redemption of a basket", digest_of(&redeem(SaleLines::Basket(basket.clone())))),
+            ("store", digest_of(&("store", format!("{store:?}")))),
+            ("terminals", digest_of(&("terminals", 42u32, format!("{terminals:?}")))),
+            ("age policy", digest_of(&("age-policy", 42u32, "T-1", &Some(AgePolicy::default())))),
+            (
+                "coupon",
+                digest_of(&(
+                    "coupon",
+                    42u32,
+                    &user,
+                    CouponEffect::Percent { bps: 500 },
+                    1u32,
+                    9i64,
+                )),
+            ),
+        ]
+    }
+
+    #[test]
+    fn routing_hashes_and_request_digests_do_not_move() {
+        let pinned: &[(&str, u64)] = &[
+            ("user routing", 0xf834_901c_dd36_dfaa),
+            ("cell routing", 0xe96d_ecbc_e6ee_9021),
+            ("provider routing", 0x03d7_d926_1f95_7e6c),
+            ("code routing", 0x5f00_fcc2_e0e7_e3bd),
+            ("enroll", 0xcf85_cfe9_3262_1993),
+            ("top-up", 0xe5d1_33c6_0450_62ca),
+            ("basket payment", 0x6f9f_15ba_f364_02e4),
+            ("code request", 0x6ec2_b5a6_152f_7323),
+            ("redemption of items", 0x5ac8_2648_a1d7_2b5f),
+            ("redemption of a basket", 0x6f59_8d30_8180_3f18),
+            ("store", 0xb80b_6311_070d_bb0c),
+            ("terminals", 0x5e94_2b95_6352_0ee9),
+            ("age policy", 0x32f7_f107_c139_ed7b),
+            ("coupon", 0x14c5_eebd_d60c_b1aa),
+        ];
+        assert_eq!(values(), pinned);
+    }
+}
