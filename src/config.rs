@@ -123,7 +123,7 @@ impl ServerConfig {
     /// while their shard is busy, and the connection threads are the ones that need the
     /// cores. On two cores, one connection thread spends less CPU per request than two in the
     /// closed loop, but saturates in the open loop at half the closed loop's rate; two keep the
-    /// open loop's median and tail lower (`docs/BENCHMARKS.md`).
+    /// open loop's median and tail lower (`docs/BENCHMARKS-HISTORY.md`).
     pub fn io_thread_count(&self) -> usize {
         if self.io_threads > 0 {
             return self.io_threads;

@@ -6,7 +6,7 @@
 
 /// jemalloc: threads free what other threads allocated (a request's buffers cross from the
 /// connection's task to its shard and back), which glibc's malloc serves through arena locks.
-/// Measured against glibc's (`docs/BENCHMARKS.md`): server CPU per authorization about 15%
+/// Measured against glibc's (`docs/BENCHMARKS-HISTORY.md`): server CPU per authorization about 15%
 /// lower, recovery of 1,000,000 users and codes 3.6–4.1 s against 4.5–5.7 s.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

@@ -6,7 +6,7 @@
 //! and stays there, with its socket registered in that thread's poller and every task it
 //! spawns (its writer, its batches) on that thread. Nothing is stolen or woken across
 //! threads, as in the multi-threaded runtime it replaced, where each connection's wake-ups
-//! went to whichever worker was free (`docs/BENCHMARKS.md`). The accept loop, HTTP and the
+//! went to whichever worker was free (`docs/BENCHMARKS-HISTORY.md`). The accept loop, HTTP and the
 //! code sweeper run on the caller's runtime.
 
 use std::net::SocketAddr;

@@ -257,7 +257,7 @@ fn chosen_per_provider_in_toml_and_needs_the_vault() {
 /// ceiling with pyiso8583 decoding and encoding: what the adapter could at best reach).
 ///
 /// `CARGO_TARGET_DIR=/work/target-iso cargo test --release -p settlegate-adapters --test
-/// iso8583 -- --ignored --nocapture throughput` (docs/BENCHMARKS.md).
+/// iso8583 -- --ignored --nocapture throughput` (docs/BENCHMARKS-HISTORY.md).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: run explicitly, in release mode"]
 async fn throughput_against_python_host() {

@@ -7,7 +7,7 @@
 /// arena; with the default every few hundred of them grow the arena's heap by one `mprotect`
 /// call (6.5% of a recovery's profile, besides the page faults). Address space taken this
 /// way and not yet used costs no memory. Measured on recovery of 1,000,000 users and
-/// 1,000,000 codes: snapshot load 3.3–3.5 s → 2.4–2.9 s (`docs/BENCHMARKS.md`).
+/// 1,000,000 codes: snapshot load 3.3–3.5 s → 2.4–2.9 s (`docs/BENCHMARKS-HISTORY.md`).
 pub const ARENA_TOP_PAD: usize = 64 << 20;
 
 /// Tunes the allocator for an engine's process (see [`ARENA_TOP_PAD`]). Call once at process

@@ -112,8 +112,8 @@ impl EngineConfig {
     /// Shards are the units that apply state changes one at a time (on a caller's thread when
     /// idle, else on their own); more shards let more batches apply at once, but each shard a
     /// batch touches costs it a turn of its own. On two cores one shard served the same load
-    /// with 7–10% less CPU per request than two (`docs/BENCHMARKS.md`). An engine with a data
-    /// directory keeps the count its data was written with (the count must not change across
+    /// with 7–10% less CPU per request than two (`docs/BENCHMARKS-HISTORY.md`). An engine with a
+    /// data directory keeps the count its data was written with (the count must not change across
     /// restarts).
     pub fn shard_count(&self) -> usize {
         if self.shards == 0 {

@@ -17,7 +17,7 @@
 //! well, but a lookup among a million entries walks four or five nodes, each a dependent cache
 //! miss, and the shard's hot path is bound by exactly those misses. Here a lookup is one step
 //! to the chunk (whose array stays in cache) and then `FxHashMap`'s own probe.
-//! `docs/BENCHMARKS.md` has the comparison (`cargo bench --bench maps`).
+//! `docs/BENCHMARKS-HISTORY.md` has the comparison (`cargo bench --bench maps`).
 
 use std::borrow::Borrow;
 use std::hash::{BuildHasher, Hash};

@@ -6,7 +6,7 @@
 //! too. Nothing is stolen or woken across threads, as it is on a multi-threaded runtime, where
 //! a connection's wake-ups go to whichever worker is free; on a small machine that costs a
 //! tenth of the CPU per request when each read carries only a few requests
-//! (`docs/BENCHMARKS.md`).
+//! (`docs/BENCHMARKS-HISTORY.md`).
 
 use std::future::Future;
 
