@@ -4,11 +4,11 @@
 //! A shard's state and log writer (its [`ShardCore`]) sit behind a lock that says whose turn it
 //! is to apply. A caller that finds its shard idle takes the turn and applies its batch on its
 //! own thread, with no hand-over to the shard's thread and back: that hand-over cost two thread
-//! wake-ups per batch and about a quarter of the server's CPU
-//! (`docs/BENCHMARKS-HISTORY.md`). When the shard is busy, or the batch is large
-//! ([`APPLY_IN_PLACE_MAX`]), the batch goes to the actor's mailbox, and the actor applies it on
-//! its own arbiter thread when its turn comes. Either way commands are applied one at a time, and a caller never waits for another's batch: it
-//! queues. A batch applied at once may overtake batches queued in the mailbox; batches in
+//! wake-ups per batch and about a quarter of the server's CPU (`docs/BENCHMARKS-HISTORY.md`).
+//! When the shard is busy, or the batch is large ([`APPLY_IN_PLACE_MAX`]), the batch goes to the
+//! actor's mailbox, and the actor applies it on its own arbiter thread when its turn comes.
+//! Either way commands are applied one at a time, and a caller never waits for another's batch:
+//! it queues. A batch applied at once may overtake batches queued in the mailbox; batches in
 //! flight together were never ordered (pipelined requests are answered in any order).
 //!
 //! Admission into the mailbox uses `try_send` into a bounded mailbox: a full mailbox becomes an
