@@ -208,6 +208,11 @@ impl Registry {
         self.providers.get(&code)
     }
 
+    /// Every provider, in no particular order.
+    pub(crate) fn providers(&self) -> impl Iterator<Item = &Arc<Provider>> {
+        self.providers.values()
+    }
+
     /// Designation codes, sorted.
     pub fn codes(&self) -> Vec<u32> {
         let mut codes: Vec<u32> = self.providers.keys().copied().collect();

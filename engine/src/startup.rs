@@ -8,7 +8,6 @@ use actix::{Arbiter, System};
 use settlegate_adapters::Guarded;
 use tokio::sync::oneshot;
 
-use crate::age::AgeRules;
 use crate::config::EngineConfig;
 use crate::error::EngineError;
 use crate::providers::{Provider, Registry};
@@ -228,9 +227,9 @@ fn load_shard(
     let log_path = wal::shard_log_path(dir, index);
     // The log is read (and checked) on its own thread while the snapshot loads: for a shard
     // whose log is long, the two together take as long as the longer one.
-    let (vault, age) = (Arc::clone(&state.shared.vault), Arc::clone(&state.shared.age));
+    let vault = Arc::clone(&state.shared.vault);
     let (snapshot, restored, log) = std::thread::scope(|scope| {
-        let log_reader = scope.spawn(|| read_commands(&log_path, index, count, &vault, &age));
+        let log_reader = scope.spawn(|| read_commands(&log_path, index, count, &vault));
         let snapshot = snapshot::read(&snapshot_path, index, count).map_err(storage);
         let restored = match &snapshot {
             Ok(Some((_, snap))) => restore(snap, state, &snapshot_path),
@@ -279,7 +278,6 @@ fn read_commands(
     index: usize,
     count: usize,
     vault: &Vault,
-    age: &AgeRules,
 ) -> Result<(wal::ReadLog<Logged>, Vec<Envelope>), EngineError> {
     let mut log = wal::read_records::<Logged>(path, index, count)
         .map_err(|e| EngineError::Storage(e.to_string()))?;
@@ -289,7 +287,7 @@ fn read_commands(
         .enumerate()
         .map(|(i, record)| {
             record
-                .into_envelope(vault, age)
+                .into_envelope(vault)
                 .map_err(|e| EngineError::Storage(format!("{}: record {i}: {e}", path.display())))
         })
         .collect::<Result<Vec<_>, _>>()?;

@@ -2,31 +2,34 @@
 //! archived with rkyv as it is: the command is the record, with no second copy of the domain
 //! model to convert to and from. Secrets in it are sealed: a device key as a
 //! [`NewDeviceKey`](crate::keys::NewDeviceKey) (its clear form is never archived), a card
-//! number as the vault sealed it; passwords are Argon2id PHC strings. Logs of versions 1 to 7
+//! number as the vault sealed it; passwords are Argon2id PHC strings. Logs of versions 1 to 6
 //! hold the older record type of `wal/record.rs`, read and converted on first open
 //! (`startup::convert_log`).
 
 use super::state::{Command, Envelope};
-use crate::age::AgeRules;
 use crate::vault::Vault;
 use crate::wal::record::{open_key, LogEnvelope, RecordError};
 use crate::wal::{self, FORMAT_VERSION};
 
 /// The first log format whose records are [`Envelope`]s.
 const ENVELOPE_FORMAT: u16 = 8;
+/// A format of an interim build, never released.
+const INTERIM_FORMAT: u16 = 7;
 
 /// A record as read from a log of any version.
 #[derive(Debug)]
 pub(crate) enum Logged {
     /// Format version 8 on.
     Current(Envelope),
-    /// Versions 1 to 7.
+    /// Versions 1 to 6.
     Legacy(LogEnvelope),
 }
 
 impl wal::Record for Logged {
     fn decode(payload: &[u8], version: u16) -> Result<Logged, String> {
-        if version >= ENVELOPE_FORMAT {
+        if version == INTERIM_FORMAT {
+            Err("log format 7 was an unreleased interim and is not read".to_owned())
+        } else if version >= ENVELOPE_FORMAT {
             Envelope::from_bytes(payload).map(Logged::Current).map_err(|e| e.to_string())
         } else {
             LogEnvelope::from_bytes(payload).map(Logged::Legacy).map_err(|e| e.to_string())
@@ -36,19 +39,14 @@ impl wal::Record for Logged {
 
 impl Logged {
     /// The envelope, ready to apply: device keys opened with `vault` (a key that does not open
-    /// is refused: the data was written under another vault key), a legacy record converted
-    /// (its age policies resolved under `age`).
-    pub(crate) fn into_envelope(
-        self,
-        vault: &Vault,
-        age: &AgeRules,
-    ) -> Result<Envelope, RecordError> {
+    /// is refused: the data was written under another vault key), a legacy record converted.
+    pub(crate) fn into_envelope(self, vault: &Vault) -> Result<Envelope, RecordError> {
         match self {
             Logged::Current(mut envelope) => {
                 envelope.command.open_keys(vault)?;
                 Ok(envelope)
             }
-            Logged::Legacy(record) => record.to_envelope(vault, age),
+            Logged::Legacy(record) => record.to_envelope(vault),
         }
     }
 }
@@ -109,6 +107,7 @@ const _: () = assert!(FORMAT_VERSION >= ENVELOPE_FORMAT);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::age::AgeRules;
     use crate::age::VerificationMethod;
     use crate::age::{AgeCheck, AgeConfig, AgePolicy, AgeRecord, AgeVerdict, Basket, BasketItem};
     use crate::codes::CouponEffect;
@@ -317,11 +316,11 @@ mod tests {
                 let found = bytes.windows(32).any(|w| w == bytes_clear);
                 assert!(!found, "the record does not hold the key in the clear");
             }
-            let opened = read.into_envelope(&vault, &age).unwrap();
+            let opened = read.into_envelope(&vault).unwrap();
             assert_eq!(format!("{opened:?}"), format!("{envelope:?}"));
             assert_eq!(opened.command.is_resolved(), envelope.command.is_resolved());
             let other = Vault::new(&[8; 32]);
-            let with_other = Logged::decode_current(&bytes).into_envelope(&other, &age);
+            let with_other = Logged::decode_current(&bytes).into_envelope(&other);
             let has_key = envelope.command_key_bytes().is_some();
             assert_eq!(with_other.is_err(), has_key, "{:?}", envelope.command);
         }

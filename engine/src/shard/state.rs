@@ -562,18 +562,15 @@ pub(crate) fn terminal_policies(
     registry: &Registry,
     terminal_id: &str,
 ) -> Vec<(u32, ResolvedPolicy)> {
-    registry
-        .codes()
-        .into_iter()
-        .filter_map(|code| Some((code, registry.provider(code)?.age_policy(terminal_id)?)))
-        .collect()
+    // Per redemption: no list of codes built and sorted, one lookup per provider.
+    registry.providers().filter_map(|p| Some((p.code, p.age_policy(terminal_id)?))).collect()
 }
 
 /// A state change. Applied only by the shard that owns it.
 #[derive(Debug, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub(crate) enum Command {
     /// `device_free`: whether the engine's claim of the IDm succeeded before submission
-    /// ([`DeviceIndex::claim`]); none only in a record older than format version 7.
+    /// ([`DeviceIndex::claim`]); none only in a record older than format version 8.
     Enroll {
         #[rkyv(with = Via<(u8, String)>)]
         user: UserKey,
@@ -651,7 +648,7 @@ pub(crate) enum Command {
     },
     /// W1: adds or replaces a store in the shard owning its cell. `signals_free`: whether
     /// the store directory had its beacons, Wi-Fi and QR poster free (or the store's own) when
-    /// the command was made; none only in a record older than format version 7.
+    /// the command was made; none only in a record older than format version 8.
     UpsertStore {
         store: Box<Store>,
         signals_free: Option<bool>,
@@ -691,7 +688,7 @@ pub(crate) enum Command {
         spec: Box<RedeemSpec>,
         /// The redeeming terminal's own age policies, by provider, as the registry had them
         /// when the command was made (the code's provider is known only here); none only in a
-        /// record older than format version 7.
+        /// record older than format version 8.
         #[rkyv(with = Map<Map<Via<(u32, AgePolicy)>>>)]
         policies: Option<Vec<(u32, ResolvedPolicy)>>,
     },
@@ -731,7 +728,7 @@ pub(crate) enum Command {
 
 impl Command {
     /// Whether the command carries everything applying it reads outside its shard: always,
-    /// but for a command read from a log older than format version 7.
+    /// but for a command read from a log older than format version 8.
     pub(crate) fn is_resolved(&self) -> bool {
         match self {
             Command::Enroll { device_free, .. } | Command::ProvisionDevice { device_free, .. } => {
@@ -746,7 +743,7 @@ impl Command {
         }
     }
 
-    /// Fills in what a command read from a log older than format version 7 lacks, from the
+    /// Fills in what a command read from a log older than format version 8 lacks, from the
     /// registries as they stand (`now_ms`: the command's time), as the engine does before it
     /// submits a command. Recovery calls it with the shards replaying in time order.
     pub(crate) fn resolve(&mut self, shared: &Shared, now_ms: i64) {

@@ -52,11 +52,12 @@ use tokio::sync::oneshot;
 /// store terminal a payment code was requested for, the records of a device's keys revoked at
 /// once and of a delivery notice (and its answer in the snapshot's idempotency records), and
 /// the completion that names its idempotency record by key and digest (and a snapshot's purse
-/// holds keep that digest), version 7 the records of commands that carry what applying them
-/// once read outside their shard (an IDm or a store's signals free, a store terminal's
-/// registry entry), so that each shard replays from its own log alone. Older files are still
-/// read. Snapshots have had a version of their own since ([`SNAPSHOT_VERSION`], 7: the shard's
-/// state types archived as they are).
+/// holds keep that digest), version 8 the shard's commands themselves (`shard/logged.rs`),
+/// which carry what applying them once read outside their shard, so that each shard replays
+/// from its own log alone (version 7 was an interim of the same session, never released, and is
+/// not read). Older files are still read, and a log is rewritten in this version when first
+/// opened. Snapshots have had a version of their own since ([`SNAPSHOT_VERSION`], 7: the
+/// shard's state types archived as they are).
 pub const FORMAT_VERSION: u16 = 8;
 const MAGIC: [u8; 8] = *b"SGWAL\0\0\0";
 const FILE_HEADER_LEN: usize = 24;

@@ -1,4 +1,4 @@
-//! The log record format of versions 1 to 7, read only: rkyv-archived mirror types of the
+//! The log record format of versions 1 to 6, read only: rkyv-archived mirror types of the
 //! shard's commands, converted into the commands when an older log is opened (and the log
 //! rewritten in the current format, whose record is the shard's `Envelope` itself:
 //! `shard/logged.rs`). Secrets in them are sealed: device keys under the vault key, card
@@ -7,17 +7,14 @@
 
 use rkyv::{Archive, Deserialize, Serialize};
 
-use crate::age::{
-    AgeCheck, AgePolicy, AgeRecord, AgeRules, AgeVerdict, Basket, BasketItem, OnAgeFailure,
-    ResolvedPolicy,
-};
+use crate::age::{AgeCheck, AgePolicy, AgeRecord, AgeVerdict, Basket, BasketItem, OnAgeFailure};
 use crate::codes::CouponEffect;
 use crate::geo::{AcceptedMethod, Store};
 use crate::inherent::InherentId;
 use crate::keys::{DeviceKey, NewDeviceKey, Verified};
 use crate::providers::TerminalEntry;
 use crate::shard::state::NewMeans;
-use crate::shard::state::{CodeSpec, RedeemSpec, SaleLine, TerminalContext};
+use crate::shard::state::{CodeSpec, RedeemSpec, SaleLine};
 use crate::shard::{Command, Envelope};
 use crate::types::{
     Approval, AuthCode, AuthOutcome, CardToken, Currency, Discount, MeansKind, ReasonCode,
@@ -176,86 +173,6 @@ enum LogCommand {
     },
     /// A provider's answer to a payment or payment-code request.
     Completion(Box<LogCompletion>),
-    // Format version 7 appends the variants below: each carries what applying it used to read
-    // outside its shard (whether an IDm or a store's signals were free, the store terminal's
-    // registry entry), so that a shard replays from its own log alone. The older variants of
-    // these commands still read; recovery resolves what they lack from the registries.
-    /// An enrollment (with its password) or another device, and whether its IDm was free.
-    Device(Box<LogDevice>),
-    /// A payment (with its basket, or a payment-code request) and its terminal's context.
-    Reserve(Box<LogReserve>),
-    /// A store added or replaced, and whether its signals were free.
-    Store(Box<LogStoreChange>),
-    /// A redemption and the redeeming terminal's own age policies by provider.
-    Redeem(Box<LogRedeem>),
-}
-
-/// [`LogCommand::Device`].
-#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
-pub(crate) struct LogDevice {
-    user: LogUser,
-    /// An enrollment's password (PHC string); none: another device of the user.
-    password_phc: Option<String>,
-    idm: [u8; 8],
-    key: LogSealed,
-    free: bool,
-}
-
-/// [`LogCommand::Reserve`].
-#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
-pub(crate) struct LogReserve {
-    inherent_id: Vec<u8>,
-    basket: Option<LogBasket>,
-    /// A payment-code request: the code asked for.
-    code: Option<LogCodeSpec>,
-    provider_known: bool,
-    policy: Option<LogAgePolicy>,
-    discount: Option<LogDiscount>,
-}
-
-/// [`LogCommand::Store`].
-#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
-pub(crate) struct LogStoreChange {
-    store: LogStore,
-    signals_free: bool,
-}
-
-/// [`LogCommand::Redeem`].
-#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
-pub(crate) struct LogRedeem {
-    sale: LogSale,
-    items: Vec<(String, u32, u64)>,
-    basket: Option<LogBasket>,
-    policies: Vec<(u32, LogAgePolicy)>,
-}
-
-/// A terminal's discount: 1 percent (`value` = bps), 2 fixed (`value` = minor units in
-/// `currency`).
-#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
-pub(crate) struct LogDiscount {
-    kind: u8,
-    value: u64,
-    currency: [u8; 3],
-}
-
-fn discount_in(discount: &LogDiscount) -> Result<Discount, RecordError> {
-    Ok(match discount.kind {
-        1 => Discount::Percent {
-            bps: u16::try_from(discount.value).map_err(|_| RecordError("bps"))?,
-        },
-        2 => Discount::Fixed {
-            amount_minor: discount.value,
-            currency: currency_in(discount.currency)?,
-        },
-        _ => return Err(RecordError("discount kind")),
-    })
-}
-
-/// A terminal's own age policy as logged, resolved under this build's config.
-fn resolved_in(policy: &LogAgePolicy, age: &AgeRules) -> Result<ResolvedPolicy, RecordError> {
-    age.config.resolve(&policy_in(policy)?).map_err(|_| {
-        RecordError("a logged age policy does not resolve under the configured jurisdictions")
-    })
 }
 
 /// A provider's answer, and the idempotency record it is for: key and the request's digest.
@@ -289,12 +206,7 @@ pub(crate) struct LogSale {
 
 impl LogSale {
     /// The redemption of this sale of `items`, or of `basket`.
-    fn redeem(
-        self,
-        items: Vec<SaleLine>,
-        basket: Option<Basket>,
-        policies: Option<Vec<(u32, ResolvedPolicy)>>,
-    ) -> Result<Command, RecordError> {
+    fn redeem(self, items: Vec<SaleLine>, basket: Option<Basket>) -> Result<Command, RecordError> {
         let spec = RedeemSpec {
             number: self.number,
             amount_minor: self.amount_minor,
@@ -309,7 +221,8 @@ impl LogSale {
             coupon: self.coupon,
             order_ref: self.order_ref,
         };
-        Ok(Command::RedeemCode { spec: Box::new(spec), policies })
+        // Its terminal's policies are resolved at replay (`Command::resolve`).
+        Ok(Command::RedeemCode { spec: Box::new(spec), policies: None })
     }
 }
 
@@ -459,7 +372,7 @@ pub(crate) struct LogTerminal {
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
 struct LogService {
-    /// As [`LogDiscount`]'s fields.
+    /// 1 percent (`value` = bps), 2 fixed (`value` = minor units in `currency`).
     discount_kind: u8,
     value: u64,
     currency: [u8; 3],
@@ -552,9 +465,13 @@ pub(crate) fn terminal_in(entry: &LogTerminal) -> Result<TerminalEntry, RecordEr
     let service = match &entry.service {
         None => None,
         Some(s) => {
-            let logged =
-                LogDiscount { kind: s.discount_kind, value: s.value, currency: s.currency };
-            let discount = discount_in(&logged)?;
+            let discount = match s.discount_kind {
+                1 => Discount::Percent {
+                    bps: u16::try_from(s.value).map_err(|_| RecordError("bps"))?,
+                },
+                2 => Discount::Fixed { amount_minor: s.value, currency: currency_in(s.currency)? },
+                _ => return Err(RecordError("discount kind")),
+            };
             Some(TerminalService {
                 discount,
                 valid_from_ms: s.valid_from_ms,
@@ -607,19 +524,14 @@ fn inherent_in(inherent_id: &[u8]) -> Result<Verified, RecordError> {
 }
 
 impl LogEnvelope {
-    /// The envelope back, opening sealed device keys with `vault` and resolving logged age
-    /// policies under `age`.
-    pub(crate) fn to_envelope(
-        &self,
-        vault: &Vault,
-        age: &AgeRules,
-    ) -> Result<Envelope, RecordError> {
+    /// The envelope back, opening sealed device keys with `vault`.
+    pub(crate) fn to_envelope(&self, vault: &Vault) -> Result<Envelope, RecordError> {
         Ok(Envelope {
             owner_hash: self.owner_hash,
             client_request_id: self.client_request_id,
             digest: self.digest,
             now_ms: self.now_ms,
-            command: command_in(&self.command, vault, age)?,
+            command: command_in(&self.command, vault)?,
         })
     }
 
@@ -638,7 +550,7 @@ impl LogEnvelope {
     }
 }
 
-fn command_in(command: &LogCommand, vault: &Vault, age: &AgeRules) -> Result<Command, RecordError> {
+fn command_in(command: &LogCommand, vault: &Vault) -> Result<Command, RecordError> {
     Ok(match command {
         LogCommand::Enroll { user, password_phc, idm, key } => Command::Enroll {
             user: user_in(user)?,
@@ -653,45 +565,6 @@ fn command_in(command: &LogCommand, vault: &Vault, age: &AgeRules) -> Result<Com
             key: new_key_in(vault, key, idm)?,
             device_free: None,
         },
-        LogCommand::Device(d) => {
-            let (user, idm, key) = (user_in(&d.user)?, d.idm, new_key_in(vault, &d.key, &d.idm)?);
-            let device_free = Some(d.free);
-            match &d.password_phc {
-                Some(phc) => {
-                    Command::Enroll { user, password_phc: phc.clone(), idm, key, device_free }
-                }
-                None => Command::ProvisionDevice { user, idm, key, device_free },
-            }
-        }
-        LogCommand::Reserve(r) => {
-            let verified = inherent_in(&r.inherent_id)?;
-            let terminal = Some(Box::new(TerminalContext {
-                provider_known: r.provider_known,
-                policy: r.policy.as_ref().map(|p| resolved_in(p, age)).transpose()?,
-                discount: r.discount.as_ref().map(discount_in).transpose()?,
-            }));
-            match &r.code {
-                Some(spec) => Command::CodeReserve { verified, spec: code_spec_in(spec), terminal },
-                None => Command::AuthReserve {
-                    verified,
-                    basket: r.basket.as_ref().map(|b| Box::new(basket_in(b))),
-                    terminal,
-                },
-            }
-        }
-        LogCommand::Store(change) => Command::UpsertStore {
-            store: Box::new(store_in(&change.store)?),
-            signals_free: Some(change.signals_free),
-        },
-        LogCommand::Redeem(r) => {
-            let policies = r
-                .policies
-                .iter()
-                .map(|(code, p)| Ok((*code, resolved_in(p, age)?)))
-                .collect::<Result<Vec<_>, RecordError>>()?;
-            let basket = r.basket.as_ref().map(basket_in);
-            r.sale.clone().redeem(r.items.clone(), basket, Some(policies))?
-        }
         LogCommand::RotateDeviceKey { user, idm, key } => Command::RotateDeviceKey {
             user: user_in(user)?,
             idm: *idm,
@@ -804,10 +677,10 @@ fn command_in(command: &LogCommand, vault: &Vault, age: &AgeRules) -> Result<Com
                 coupon: *coupon,
                 order_ref: order_ref.clone(),
             };
-            sale.redeem(items.clone(), None, None)?
+            sale.redeem(items.clone(), None)?
         }
         LogCommand::RedeemCodeBasket { sale, basket } => {
-            sale.clone().redeem(Vec::new(), Some(basket_in(basket)), None)?
+            sale.clone().redeem(Vec::new(), Some(basket_in(basket)))?
         }
         LogCommand::SweepCodes => Command::SweepCodes,
         LogCommand::IssueCoupon { user, provider_code, effect, uses, expires_ms } => {
@@ -874,10 +747,6 @@ fn command_in(command: &LogCommand, vault: &Vault, age: &AgeRules) -> Result<Com
 mod layout {
     use super::*;
 
-    pub(super) fn age_rules() -> AgeRules {
-        AgeRules::new(crate::age::AgeConfig::default()).unwrap()
-    }
-
     #[test]
     fn the_archived_command_keeps_its_size() {
         assert_eq!(std::mem::size_of::<ArchivedLogCommand>(), 128);
@@ -920,7 +789,7 @@ mod layout {
         for (record, terminal) in [(v5, ""), (v6, "SHOP-A-1")] {
             let read = LogEnvelope::from_bytes(&record.to_bytes()).unwrap();
             let Command::CodeComplete { key, terminal_id, .. } =
-                read.to_envelope(&vault, &age_rules()).unwrap().command
+                read.to_envelope(&vault).unwrap().command
             else {
                 panic!("a code's completion")
             };
@@ -931,7 +800,6 @@ mod layout {
 
 #[cfg(test)]
 mod tests {
-    use super::layout::age_rules;
     use super::*;
 
     /// Records written by format version 5 (before completions named their record's digest),
@@ -974,12 +842,7 @@ mod tests {
         let vault = Vault::new(&[7; 32]);
         let commands: Vec<Command> = V5_COMPLETIONS
             .iter()
-            .map(|text| {
-                LogEnvelope::from_bytes(&hex(text))
-                    .unwrap()
-                    .to_envelope(&vault, &age_rules())
-                    .unwrap()
-            })
+            .map(|text| LogEnvelope::from_bytes(&hex(text)).unwrap().to_envelope(&vault).unwrap())
             .map(|envelope| envelope.command)
             .collect();
         let owner = 0x1122_3344_5566_7788;
