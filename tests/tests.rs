@@ -2,6 +2,7 @@
 
 mod support;
 
+mod cluster_nats;
 mod engine_accounts;
 mod engine_age;
 mod engine_codes;
