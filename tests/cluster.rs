@@ -195,7 +195,15 @@ async fn settled(nodes: &[Node], partitions: usize, limit: Duration) -> Vec<usiz
         if owners.iter().all(Option::is_some) && !views.is_empty() {
             return owners.into_iter().map(Option::unwrap).collect();
         }
-        assert!(started.elapsed() < limit, "partitions did not settle within {limit:?}: {views:?}");
+        if started.elapsed() >= limit {
+            for node in nodes {
+                let log =
+                    std::fs::read_to_string(node.config.with_extension("log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("--- {} (last lines, newest first):\n{}", node.name, tail.join("\n"));
+            }
+            panic!("partitions did not settle within {limit:?}: {views:?}");
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -273,6 +281,35 @@ fn payment(payer: &Payer, counter: u64, amount: u64) -> InherentId {
     }
 }
 
+/// A payment signed by `payers[index]`'s device, as an AUTHORIZE with a fresh client
+/// request ID.
+struct Signed {
+    payer: usize,
+    record: InherentId,
+    bytes: Vec<u8>,
+    id: u128,
+}
+
+impl Signed {
+    fn new(payers: &[Payer], index: usize, counter: u64, amount: u64) -> Signed {
+        let record = payment(&payers[index], counter, amount);
+        let bytes = record.sign(payers[index].credential.device_key.expose());
+        Signed { payer: index, record, bytes, id: rand::random() }
+    }
+
+    fn request(&self) -> Request {
+        Request::Authorize(Authorize {
+            client_request_id: self.id,
+            inherent_id: self.bytes.clone(),
+        })
+    }
+
+    fn acknowledged(self, outcome: AuthOutcome) -> Acknowledged {
+        let Signed { payer, record, bytes, id } = self;
+        Acknowledged { client_request_id: id, payer, record, bytes, outcome }
+    }
+}
+
 /// Each payer's last counter: every payment of a payer takes the next, across rounds.
 type Counters = Arc<Mutex<Vec<u64>>>;
 
@@ -297,19 +334,9 @@ async fn pay(
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         let index = mine[rng.gen_range(0..mine.len())];
         let counter = next(&counters, index).await;
-        let record = payment(&payers[index], counter, rng.gen_range(1..10_000));
-        let bytes = record.sign(payers[index].credential.device_key.expose());
-        let id: u128 = rng.gen();
-        let request =
-            Request::Authorize(Authorize { client_request_id: id, inherent_id: bytes.clone() });
-        if let Ok(Response::Ok(Reply::Authorize(outcome))) = client.call(&request).await {
-            ledger.lock().await.payments.push(Acknowledged {
-                client_request_id: id,
-                payer: index,
-                record,
-                bytes,
-                outcome,
-            });
+        let signed = Signed::new(&payers, index, counter, rng.gen_range(1..10_000));
+        if let Ok(Response::Ok(Reply::Authorize(outcome))) = client.call(&signed.request()).await {
+            ledger.lock().await.payments.push(signed.acknowledged(outcome));
         }
     }
 }
@@ -394,7 +421,7 @@ async fn verify(client: &ClusterClient, payers: &[Payer], ledger: &Ledger) {
             Request::Authorize(Authorize { client_request_id: id, inherent_id: ack.bytes.clone() });
         assert_eq!(
             client.call(&again).await.unwrap(),
-            Response::Ok(Reply::Authorize(ack.outcome.clone())),
+            Response::Ok(Reply::Authorize(ack.outcome)),
             "the acknowledged outcome of request {id} changed"
         );
         if timed_out {
@@ -604,38 +631,41 @@ async fn owner_and_stream_leader_kills_lose_nothing_acknowledged() {
 /// partition (no acknowledgement was sequenced after the fence).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_owner_is_fenced_and_never_acknowledges_after_the_takeover() {
-    let mut cluster = Cluster::start(2, 2);
+    let cluster = Cluster::start(2, 2);
     let owners = cluster.settled().await;
     let setup = patient(&cluster.addrs());
     let payers = Arc::new(enroll(&setup, 4, "pause").await);
-    // The zombie-to-be: the owner of partition 0. Payments go to it directly, pipelined, so
-    // that some are in flight while it is paused.
+    // The zombie-to-be: the owner of partition 0. Each payer pays through it directly, one
+    // payment after another, so that payments are in flight when it is paused.
     let zombie = owners[0];
     let direct = Arc::new(Client::connect(cluster.nodes[zombie].addr).await.unwrap());
     direct.authenticate(ADMIN_KEY).await.unwrap();
     let ledger: Shared = Arc::default();
-    let mut sent = Vec::new();
-    let mut counters = [5_000u64; 4];
-    for n in 0..200 {
-        let index = n % 4;
-        counters[index] += 1;
-        let record = payment(&payers[index], counters[index], 100);
-        let bytes = record.sign(payers[index].credential.device_key.expose());
-        let id: u128 = rand::random();
-        let client = Arc::clone(&direct);
-        let request =
-            Request::Authorize(Authorize { client_request_id: id, inherent_id: bytes.clone() });
-        sent.push((
-            index,
-            record,
-            bytes,
-            id,
-            tokio::spawn(async move { client.call(&request).await }),
-        ));
-        if n == 100 {
-            cluster.nodes[zombie].signal("-STOP");
-        }
-    }
+    let moved = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let workers: Vec<_> = (0..4)
+        .map(|index| {
+            let (direct, payers, ledger, moved) =
+                (direct.clone(), payers.clone(), ledger.clone(), moved.clone());
+            tokio::spawn(async move {
+                for counter in 1.. {
+                    let signed = Signed::new(&payers, index, counter, 100);
+                    match direct.call(&signed.request()).await {
+                        Ok(Response::Ok(Reply::Authorize(outcome))) => {
+                            ledger.lock().await.payments.push(signed.acknowledged(outcome))
+                        }
+                        Ok(Response::Moved { .. }) => {
+                            moved.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            return;
+                        }
+                        other => panic!("unexpected answer from the owner: {other:?}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.nodes[zombie].signal("-STOP");
+    let mut counters = [1_000_000u64; 4];
     // The standby takes over while the owner is paused.
     let paused_at = Instant::now();
     let other = 1 - zombie;
@@ -649,58 +679,45 @@ async fn a_paused_owner_is_fenced_and_never_acknowledges_after_the_takeover() {
     }
     // Payments through the new owner while the old one sleeps.
     let client = patient(&[cluster.nodes[other].addr]);
-    for index in 0..4 {
-        counters[index] += 1;
-        let record = payment(&payers[index], counters[index], 100);
-        let bytes = record.sign(payers[index].credential.device_key.expose());
-        let id = rand::random();
-        let request =
-            Request::Authorize(Authorize { client_request_id: id, inherent_id: bytes.clone() });
-        let Response::Ok(Reply::Authorize(outcome)) = client.call(&request).await.unwrap() else {
-            panic!()
-        };
-        ledger.lock().await.payments.push(Acknowledged {
-            client_request_id: id,
-            payer: index,
-            record,
-            bytes,
-            outcome,
-        });
+    for (index, counter) in counters.iter_mut().enumerate() {
+        *counter += 1;
+        let signed = Signed::new(&payers, index, *counter, 100);
+        let answer = client.call(&signed.request()).await.unwrap();
+        let Response::Ok(Reply::Authorize(outcome)) = answer else { panic!("{answer:?}") };
+        ledger.lock().await.payments.push(signed.acknowledged(outcome));
     }
     cluster.nodes[zombie].signal("-CONT");
-    let mut moved = 0;
-    for (index, record, bytes, id, answer) in sent {
-        match answer.await.unwrap() {
-            // Pipelined payments of one payer may overtake each other and be declined as
-            // replays; the approvals are what must not be lost.
-            Ok(Response::Ok(Reply::Authorize(outcome @ AuthOutcome::Approved(_)))) => ledger
-                .lock()
-                .await
-                .payments
-                .push(Acknowledged { client_request_id: id, payer: index, record, bytes, outcome }),
-            Ok(Response::Ok(Reply::Authorize(_))) => {}
-            Ok(Response::Moved { .. }) => moved += 1,
-            Ok(other) => panic!("unexpected answer from the fenced owner: {other:?}"),
-            Err(_) => {}
-        }
+    // Every worker ends on a MOVED: the zombie acknowledged nothing its fence refused.
+    for worker in workers {
+        tokio::time::timeout(Duration::from_secs(20), worker).await.expect("worker ends").unwrap();
     }
-    // The old owner now answers MOVED for what it owned, naming the new owner.
-    counters[0] += 1;
-    let late = payment(&payers[0], counters[0], 100).sign(payers[0].credential.device_key.expose());
-    let after = direct
-        .call(&Request::Authorize(Authorize {
-            client_request_id: rand::random(),
-            inherent_id: late,
-        }))
-        .await;
+    let moved = moved.load(std::sync::atomic::Ordering::Relaxed);
+    // The old owner now answers MOVED for what it owned: at first with no address (it knows
+    // only that it lost the partition), then, once it has read the table, naming the new owner.
     let other_addr = cluster.nodes[other].addr.to_string();
-    assert!(
-        matches!(&after, Ok(Response::Moved { address, .. }) if *address == other_addr),
-        "the fenced owner must answer MOVED to {other_addr}: {after:?}"
-    );
+    let resumed = Instant::now();
+    loop {
+        counters[0] += 1;
+        let late =
+            payment(&payers[0], counters[0], 100).sign(payers[0].credential.device_key.expose());
+        let request =
+            Request::Authorize(Authorize { client_request_id: rand::random(), inherent_id: late });
+        match direct.call(&request).await {
+            Ok(Response::Moved { address, .. }) if address == other_addr => break,
+            Ok(Response::Moved { address, .. }) if address.is_empty() => {}
+            other => panic!("the fenced owner must answer MOVED: {other:?}"),
+        }
+        assert!(
+            resumed.elapsed() < Duration::from_secs(5),
+            "the fenced owner never named the new one"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = std::fs::read_to_string(cluster.nodes[zombie].config.with_extension("log")).unwrap();
     eprintln!(
-        "split brain: {} acknowledged, {moved} answered MOVED by the fenced owner",
-        ledger.lock().await.payments.len()
+        "split brain: {} acknowledged, {moved} answered MOVED by the fenced owner; its appends refused after resuming: {}",
+        ledger.lock().await.payments.len(),
+        log.matches("append refused").count()
     );
     verify(&patient(&[cluster.nodes[other].addr]), &payers, &*ledger.lock().await).await;
 }

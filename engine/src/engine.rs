@@ -121,7 +121,7 @@ impl Engine {
     ) -> Result<Engine, EngineError> {
         let (shared, state_config, hasher) = prepare(&config, adapters)?;
         let mut prepared = recover_shards(&config, &shared, state_config, clock.now_ms())?;
-        let partitions = config.cluster.as_ref().map(|_| prepared.replicate());
+        let partitions = config.cluster.as_ref().map(|cluster| prepared.replicate(&cluster.node));
         let (shards, runtime) = start_shards(&config, prepared)?;
         let cluster = match (config.cluster.clone(), partitions) {
             (Some(cluster), Some(partitions)) => {

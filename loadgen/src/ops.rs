@@ -468,6 +468,7 @@ pub(crate) fn client_error(error: ClientError) -> Cow<'static, str> {
             Response::UnknownOpcode => "unknown opcode".into(),
             Response::ShuttingDown => "shutting down".into(),
             Response::Internal(_) => "internal".into(),
+            Response::Moved { .. } => "moved".into(),
             Response::FrameError { .. } => "frame error".into(),
             Response::Ok(_) => "unexpected reply".into(),
         },

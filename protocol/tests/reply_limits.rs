@@ -643,6 +643,7 @@ fn response_witnesses() -> Vec<Response> {
         Response::UnknownOpcode,
         Response::ShuttingDown,
         Response::Internal(String::new()),
+        Response::Moved { partition: 0, epoch: 0, address: String::new() },
         Response::FrameError { kind: 0, detail: String::new() },
     ]
 }
@@ -671,6 +672,10 @@ fn maximal_response(witness: &Response) -> Vec<Case> {
         Response::UnknownOpcode => case("empty", Response::UnknownOpcode),
         Response::ShuttingDown => case("empty", Response::ShuttingDown),
         Response::Internal(_) => case("detail at the str8 maximum", Response::Internal(detail())),
+        Response::Moved { .. } => case(
+            "partition, epoch, address at the str8 maximum",
+            Response::Moved { partition: u16::MAX, epoch: u64::MAX, address: detail() },
+        ),
         // Sent with opcode 0.
         Response::FrameError { .. } => vec![Case {
             opcode: 0,

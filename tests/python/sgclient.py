@@ -128,6 +128,7 @@ class Status(enum.IntEnum):
     UNKNOWN_OPCODE = 7
     SHUTTING_DOWN = 8
     INTERNAL = 9
+    MOVED = 10
     FRAME_ERROR = 16
 
 
@@ -649,6 +650,9 @@ class StatusReply:
     retry_after_ms: Optional[int] = None
     detail: Optional[str] = None
     frame_error_kind: Optional[int] = None
+    partition: Optional[int] = None
+    epoch: Optional[int] = None
+    address: Optional[str] = None
 
     def describe(self) -> str:
         """A one-line human description (never contains request data)."""
@@ -660,6 +664,8 @@ class StatusReply:
             parts.append(f"retry after {self.retry_after_ms} ms")
         if self.frame_error_kind is not None:
             parts.append(f"kind {int(self.frame_error_kind)}")
+        if self.partition is not None:
+            parts.append(f"partition {self.partition} epoch {self.epoch} at {self.address!r}")
         if self.detail:
             parts.append(repr(self.detail))
         return ", ".join(parts)
@@ -689,6 +695,9 @@ def decode_status_body(status: int, body: bytes) -> StatusReply:
         reply = StatusReply(status, retry_after_ms=reader.u32())
     elif status in _DETAIL_STATUSES:
         reply = StatusReply(status, detail=reader.str8())
+    elif status == Status.MOVED:
+        reply = StatusReply(status, partition=reader.u16(), epoch=reader.u64(),
+                            address=reader.str8())
     elif status == Status.FRAME_ERROR:
         kind = _maybe_enum(FrameErrorKind, reader.u16())
         reply = StatusReply(status, frame_error_kind=kind, detail=reader.str8())
@@ -708,6 +717,8 @@ def encode_status_body(reply: StatusReply) -> bytes:
         writer.u32(reply.retry_after_ms)
     elif status in _DETAIL_STATUSES:
         writer.str8(reply.detail or "")
+    elif status == Status.MOVED:
+        writer.u16(reply.partition).u64(reply.epoch).str8(reply.address or "")
     elif status == Status.FRAME_ERROR:
         writer.u16(reply.frame_error_kind).str8(reply.detail or "")
     return writer.getvalue()

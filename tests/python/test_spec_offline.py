@@ -451,6 +451,7 @@ class BodyCodecTest(unittest.TestCase):
             sg.StatusReply(sg.Status.UNKNOWN_OPCODE),
             sg.StatusReply(sg.Status.SHUTTING_DOWN),
             sg.StatusReply(sg.Status.INTERNAL, detail="oops"),
+            sg.StatusReply(sg.Status.MOVED, partition=3, epoch=7, address="127.0.0.1:7001"),
             sg.StatusReply(sg.Status.FRAME_ERROR,
                            frame_error_kind=sg.FrameErrorKind.READ_TIMEOUT, detail="slow"),
         ]

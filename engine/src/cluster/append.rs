@@ -89,7 +89,6 @@ impl Appender {
         match self.append(&mut jobs, last).await {
             Stop::Closed => {}
             Stop::Fenced(why) => {
-                self.partitions.set_role(partition, Role::Lost);
                 tracing::warn!(
                     partition,
                     epoch = self.epoch,
@@ -101,6 +100,13 @@ impl Appender {
                 while jobs.recv().await.is_some() {}
             }
         }
+    }
+
+    /// The partition is lost here: marked so before the replies held are dropped, so that
+    /// their callers answer `MOVED`.
+    fn fenced(&self, why: String) -> Stop {
+        self.partitions.set_role(self.partition, Role::Lost);
+        Stop::Fenced(why)
     }
 
     async fn append(
@@ -127,10 +133,10 @@ impl Appender {
                             }
                         }
                         Ok(ack) => {
-                            return Stop::Fenced(format!("acknowledged at sequence {} where {} was expected", ack.sequence, front.expected_last + 1));
+                            return self.fenced(format!("acknowledged at sequence {} where {} was expected", ack.sequence, front.expected_last + 1));
                         }
                         Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => {
-                            return Stop::Fenced(format!("append refused: {error}"));
+                            return self.fenced(format!("append refused: {error}"));
                         }
                         Err(error) => {
                             tracing::warn!(partition = self.partition, %error, in_flight = pending.len(), "append not acknowledged; sending again");
@@ -191,7 +197,7 @@ impl Appender {
         while let Some(front) = pending.front() {
             let expected_last = *last;
             if started.elapsed() > give_up {
-                return Err(Stop::Fenced(format!("no acknowledgement for {give_up:?}")));
+                return Err(self.fenced(format!("no acknowledgement for {give_up:?}")));
             }
             let publish = message(
                 &self.config,
@@ -217,13 +223,12 @@ impl Appender {
                     }
                 }
                 Ok(ack) => {
-                    return Err(Stop::Fenced(format!(
-                        "resend acknowledged at sequence {}",
-                        ack.sequence
-                    )))
+                    return Err(
+                        self.fenced(format!("resend acknowledged at sequence {}", ack.sequence))
+                    )
                 }
                 Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => {
-                    return Err(Stop::Fenced(format!("append refused: {error}")));
+                    return Err(self.fenced(format!("append refused: {error}")));
                 }
                 Err(error) => {
                     tracing::warn!(partition = self.partition, %error, "append not acknowledged; sending again");

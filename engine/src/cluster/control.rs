@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, kv, stream};
@@ -48,9 +48,14 @@ pub(super) struct Context {
     partitions: Arc<Partitions>,
     replicas: Vec<ReplicaCore>,
     vault: Arc<Vault>,
-    tails: Vec<Option<JoinHandle<()>>>,
+    /// Each partition's tail while it runs.
+    tails: Mutex<Vec<Option<JoinHandle<()>>>>,
+}
+
+/// What the control loop knows of the other nodes.
+struct Membership {
     started: Instant,
-    /// Per node: the heartbeat revision last seen, and when it was first seen.
+    /// Per node: the heartbeat revision last seen, when it was first seen, and the heartbeat.
     seen: HashMap<String, (u64, Instant, Heartbeat)>,
 }
 
@@ -113,7 +118,7 @@ impl Context {
             };
             let owners = key_value(&js, bucket(format!("{}-owners", config.name))).await?;
             let nodes = key_value(&js, bucket(format!("{}-nodes", config.name))).await?;
-            let tails = (0..partitions.slots.len()).map(|_| None).collect();
+            let tails = Mutex::new((0..partitions.slots.len()).map(|_| None).collect());
             Ok(Context {
                 config: Arc::new(config),
                 js,
@@ -124,8 +129,6 @@ impl Context {
                 replicas,
                 vault,
                 tails,
-                started: Instant::now(),
-                seen: HashMap::new(),
             })
         };
         std::thread::scope(|scope| {
@@ -152,17 +155,21 @@ async fn key_value(js: &jetstream::Context, config: kv::Config) -> Result<kv::St
     }
 }
 
-/// The control loop: tails every partition, then heartbeats and looks at the ownership table
-/// every `heartbeat_ms`.
-pub(super) async fn run(mut cx: Context) {
+/// The control loop: tails every partition, starts the heartbeat, then looks at the ownership
+/// table every `heartbeat_ms`. Takeovers run as tasks of their own, so that a slow one (a
+/// stream electing its leader) delays neither the heartbeat nor the other partitions.
+pub(super) async fn run(cx: Context) {
+    let cx = Arc::new(cx);
     for partition in 0..cx.partitions.slots.len() {
         cx.start_tail(partition);
     }
+    tokio::spawn(Arc::clone(&cx).heartbeat());
+    let mut membership = Membership { started: Instant::now(), seen: HashMap::new() };
     let mut tick = tokio::time::interval(Duration::from_millis(cx.config.heartbeat_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if let Err(error) = cx.round().await {
+        if let Err(error) = cx.round(&mut membership).await {
             tracing::warn!(%error, "cluster control round failed; retrying");
         }
     }
@@ -177,7 +184,24 @@ fn rendezvous(partition: usize, node: &str) -> u64 {
 }
 
 impl Context {
-    fn start_tail(&mut self, partition: usize) {
+    /// Writes this node's heartbeat every `heartbeat_ms`, whatever else the node is doing.
+    async fn heartbeat(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(self.config.heartbeat_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let lost: Vec<usize> = (0..self.partitions.slots.len())
+                .filter(|&p| self.partitions.role(p) == Role::Lost)
+                .collect();
+            let beat = Heartbeat { addr: self.config.advertise.clone(), lost };
+            let value = serde_json::to_vec(&beat).expect("a heartbeat serializes");
+            if let Err(error) = self.nodes.put(&self.config.node, value.into()).await {
+                tracing::warn!(%error, "heartbeat not written");
+            }
+        }
+    }
+
+    fn start_tail(&self, partition: usize) {
         let tail = Tail {
             stream: self.streams[partition].clone(),
             partitions: Arc::clone(&self.partitions),
@@ -185,26 +209,28 @@ impl Context {
             core: self.replicas[partition].clone(),
             vault: Arc::clone(&self.vault),
         };
-        self.tails[partition] = Some(tokio::spawn(tail.run()));
+        self.tails.lock().unwrap_or_else(|e| e.into_inner())[partition] =
+            Some(tokio::spawn(tail.run()));
     }
 
-    async fn stop_tail(&mut self, partition: usize) {
-        if let Some(tail) = self.tails[partition].take() {
+    fn tail_running(&self, partition: usize) -> bool {
+        let tails = self.tails.lock().unwrap_or_else(|e| e.into_inner());
+        tails[partition].as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    async fn stop_tail(&self, partition: usize) {
+        let tail = self.tails.lock().unwrap_or_else(|e| e.into_inner())[partition].take();
+        if let Some(tail) = tail {
             tail.abort();
             let _ = tail.await;
         }
     }
 
-    async fn round(&mut self) -> Result<(), async_nats::Error> {
-        let lost: Vec<usize> = (0..self.partitions.slots.len())
-            .filter(|&p| self.partitions.role(p) == Role::Lost)
-            .collect();
-        let beat = Heartbeat { addr: self.config.advertise.clone(), lost };
-        self.nodes.put(&self.config.node, serde_json::to_vec(&beat)?.into()).await?;
-        self.read_heartbeats().await?;
+    async fn round(self: &Arc<Self>, m: &mut Membership) -> Result<(), async_nats::Error> {
+        self.read_heartbeats(m).await?;
         let timeout = Duration::from_millis(self.config.owner_timeout_ms);
         let me = self.config.node.clone();
-        let live: Vec<(&String, &Heartbeat)> = self
+        let live: Vec<(&String, &Heartbeat)> = m
             .seen
             .iter()
             .filter(|(node, (_, at, _))| **node == me || at.elapsed() < timeout)
@@ -254,7 +280,7 @@ impl Context {
                         && owner_node != me
                         && live_names.iter().any(|n| n == owner_node);
                     if owner_live
-                        || self.started.elapsed() < Duration::from_millis(self.config.settle_ms)
+                        || m.started.elapsed() < Duration::from_millis(self.config.settle_ms)
                     {
                         continue;
                     }
@@ -274,20 +300,27 @@ impl Context {
             }
         }
         for (partition, revision, epoch) in to_take {
-            if let Err(error) = self.take(partition, revision, epoch).await {
-                tracing::warn!(partition, %error, "takeover failed");
-                if self.partitions.role(partition) == Role::Taking {
-                    self.partitions.set_role(partition, Role::Standby);
-                    if self.tails[partition].is_none() {
-                        self.start_tail(partition);
+            // Marked before the task starts, so the next round does not start another.
+            self.partitions.set_role(partition, Role::Taking);
+            let cx = Arc::clone(self);
+            tokio::spawn(async move {
+                if let Err(error) = cx.take(partition, revision, epoch).await {
+                    tracing::warn!(partition, %error, "takeover failed");
+                    if cx.partitions.role(partition) == Role::Taking {
+                        // Not fenced: still a standby (the table may name this node; the next
+                        // round then takes it again, at a new epoch).
+                        cx.partitions.set_role(partition, Role::Standby);
+                        if !cx.tail_running(partition) {
+                            cx.start_tail(partition);
+                        }
                     }
                 }
-            }
+            });
         }
         Ok(())
     }
 
-    async fn read_heartbeats(&mut self) -> Result<(), async_nats::Error> {
+    async fn read_heartbeats(&self, m: &mut Membership) -> Result<(), async_nats::Error> {
         let mut keys = self.nodes.keys().await?;
         let mut names = Vec::new();
         while let Some(key) = keys.next().await {
@@ -296,7 +329,7 @@ impl Context {
         for name in names {
             let Some(entry) = self.nodes.entry(&name).await? else { continue };
             let Ok(beat) = serde_json::from_slice::<Heartbeat>(&entry.value) else { continue };
-            match self.seen.get_mut(&name) {
+            match m.seen.get_mut(&name) {
                 Some(seen) if seen.0 == entry.revision => {}
                 Some(seen) => *seen = (entry.revision, Instant::now(), beat),
                 // First sight: judged live only once it changes, unless it is this node.
@@ -306,7 +339,7 @@ impl Context {
                     } else {
                         Instant::now() - Duration::from_millis(self.config.owner_timeout_ms)
                     };
-                    self.seen.insert(name, (entry.revision, at, beat));
+                    m.seen.insert(name, (entry.revision, at, beat));
                 }
             }
         }
@@ -317,7 +350,7 @@ impl Context {
     /// end, appends the fence at the sequence caught up to, resolves the payments the old owner
     /// left in flight, and only then admits requests.
     async fn take(
-        &mut self,
+        &self,
         partition: usize,
         revision: u64,
         epoch: u64,
@@ -332,18 +365,21 @@ impl Context {
         } else {
             self.owners.update(&key, value, revision).await?;
         }
-        self.partitions.set_role(partition, Role::Taking);
         let started = Instant::now();
-        let partitions = Arc::clone(&self.partitions);
-        let slot = &partitions.slots[partition];
+        let deadline = Duration::from_secs(30);
+        let slot = &self.partitions.slots[partition];
         let fenced = loop {
-            if started.elapsed() > Duration::from_secs(30) {
+            if started.elapsed() > deadline {
                 return Err("could not catch up and fence in 30 s".into());
             }
-            let last = self.streams[partition].info().await?.state.last_sequence;
+            let mut stream = self.streams[partition].clone();
+            let last = stream.info().await?.state.last_sequence;
             while slot.applied.load(Ordering::Acquire) < last {
-                if self.tails[partition].as_ref().is_none_or(|t| t.is_finished()) {
+                if !self.tail_running(partition) {
                     return Err("the partition's tail stopped".into());
+                }
+                if started.elapsed() > deadline {
+                    return Err("could not catch up in 30 s".into());
                 }
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
@@ -380,6 +416,12 @@ impl Context {
             epoch,
         };
         tokio::spawn(appender.run(jobs, fenced));
+        // Fenced: from here a failure cannot return the partition to a standby (its queue went
+        // to the appender), so it is lost here.
+        let lost = |why: &str| {
+            self.partitions.set_role(partition, Role::Lost);
+            async_nats::Error::from(why.to_owned())
+        };
         // Payments the old owner left at their providers end as a crash's do: declined, logged.
         let resolved: Vec<Envelope> = self.replicas[partition].resolve_pending(now_ms());
         if !resolved.is_empty() {
@@ -391,7 +433,9 @@ impl Context {
             let records = resolved.iter().map(Envelope::to_bytes).collect();
             let (reply, durable) = tokio::sync::oneshot::channel();
             self.replicas[partition].submit(Job::Records { records, reply, replies: Vec::new() });
-            durable.await.map_err(|_| "the resolution of in-flight payments was not appended")?;
+            durable
+                .await
+                .map_err(|_| lost("the resolution of in-flight payments was not appended"))?;
         }
         *slot.owner.write().unwrap_or_else(|e| e.into_inner()) = Some(claim);
         self.partitions.set_role(partition, Role::Owner);

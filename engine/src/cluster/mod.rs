@@ -171,6 +171,9 @@ pub struct Moved {
     pub addr: String,
 }
 
+/// The sending end of a partition's queue of log jobs.
+pub(crate) type JobQueue = tokio::sync::mpsc::UnboundedSender<Job<Vec<Reply>>>;
+
 /// One partition's standing on this node.
 struct Slot {
     role: AtomicU8,
@@ -184,6 +187,8 @@ struct Slot {
 /// Every partition's standing, shared by the engine (admission) and the cluster's tasks.
 pub(crate) struct Partitions {
     slots: Vec<Slot>,
+    /// This node's name: an owner entry naming it, once the partition is lost here, is stale.
+    node: String,
 }
 
 impl Partitions {
@@ -207,7 +212,9 @@ impl Partitions {
     pub(crate) fn moved(&self, partition: usize) -> Moved {
         let owner = self.slots[partition].owner.read().unwrap_or_else(|e| e.into_inner()).clone();
         let (epoch, addr) = match owner {
-            Some(owner) if !owner.node.is_empty() => (owner.epoch, owner.addr),
+            Some(owner) if !owner.node.is_empty() && owner.node != self.node => {
+                (owner.epoch, owner.addr)
+            }
             Some(owner) => (owner.epoch, String::new()),
             None => (0, String::new()),
         };
@@ -237,9 +244,7 @@ pub(crate) struct Cluster {
 impl Cluster {
     /// The queues the shards' log handles send to, one per partition, and the receivers the
     /// cluster keeps until it owns each partition.
-    pub(crate) fn queues(
-        count: usize,
-    ) -> (Vec<tokio::sync::mpsc::UnboundedSender<Job<Vec<Reply>>>>, Arc<Partitions>) {
+    pub(crate) fn queues(count: usize, node: &str) -> (Vec<JobQueue>, Arc<Partitions>) {
         let mut senders = Vec::with_capacity(count);
         let mut slots = Vec::with_capacity(count);
         for _ in 0..count {
@@ -252,7 +257,7 @@ impl Cluster {
                 jobs: Mutex::new(Some(rx)),
             });
         }
-        (senders, Arc::new(Partitions { slots }))
+        (senders, Arc::new(Partitions { slots, node: node.to_owned() }))
     }
 
     /// Joins the cluster: connects to NATS, makes sure the streams and buckets exist, starts a

@@ -57,12 +57,20 @@ impl Engine {
         let deadline =
             Instant::now() + Duration::from_millis(self.inner.config.request_deadline_ms);
         let (requests, baskets): (Vec<_>, Vec<_>) = requests.into_iter().unzip();
+        // A cluster node answers only for the partitions it owns: any other payment is MOVED
+        // before its tag is looked at (this node's copy of the devices may lag the owner's).
+        let moved: Vec<Option<EngineError>> =
+            requests.iter().map(|request| self.moved_payment(&request.inherent_id)).collect();
         let (ids, verified) = self.verify_batch(requests, now_ms).await;
         let mut results: Vec<Option<Result<BasketOutcome, EngineError>>> = vec![None; count];
         let mut per_shard: Vec<(Vec<usize>, Vec<Op>)> =
             (0..self.shard_count()).map(|_| Default::default()).collect();
         let requests = ids.into_iter().zip(verified).zip(baskets).enumerate();
         for (index, ((client_request_id, verified), basket)) in requests {
+            if let Some(moved) = &moved[index] {
+                results[index] = Some(Err(moved.clone()));
+                continue;
+            }
             match verified {
                 Err(reason) => results[index] = Some(Ok(declined(reason))),
                 Ok(verified) => {
@@ -90,6 +98,15 @@ impl Engine {
         let dispatches = self.reserve(per_shard, now_ms, &mut results).await;
         self.dispatch_all(dispatches, deadline, &mut results).await;
         results.into_iter().map(|r| r.expect("every request has a result")).collect()
+    }
+
+    /// For a cluster node: `MOVED` if the payment signed in `bytes` is for a partition this
+    /// node does not own (a record that does not decode is declined wherever it lands).
+    fn moved_payment(&self, bytes: &[u8]) -> Option<EngineError> {
+        let cluster = self.inner.cluster.as_ref()?;
+        let (record, _, _) = crate::inherent::InherentId::decode(bytes).ok()?;
+        let shard = self.shard_of(user_hash(&record.user));
+        cluster.partitions.admit(shard).err().map(EngineError::Moved)
     }
 
     async fn verify_batch(
