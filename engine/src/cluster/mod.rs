@@ -12,8 +12,9 @@
 //! - **Standbys** tail every partition they do not own and apply the same commands through the
 //!   same `ShardState::apply` ([`tail`]), so a takeover only catches up the last messages.
 //!
-//! The cluster runs on a Tokio runtime of its own (one worker thread): NATS traffic never
-//! competes with the shards' threads or with the server's runtime.
+//! The cluster runs on a Tokio runtime of its own (two worker threads; a standby's decoding and
+//! applying runs on its blocking pool): NATS traffic never competes with the server's runtime,
+//! and the heartbeat is never late because a standby is catching up.
 
 mod append;
 mod control;
@@ -269,7 +270,7 @@ impl Cluster {
         vault: Arc<crate::vault::Vault>,
     ) -> Result<Cluster, EngineError> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
+            .worker_threads(2)
             .thread_name("settlegate-cluster")
             .enable_all()
             .build()

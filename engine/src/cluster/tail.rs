@@ -49,6 +49,10 @@ impl Tail {
             .stream
             .create_consumer(pull::OrderedConfig {
                 deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: from },
+                // Pulls expire after 2 s, with a server heartbeat every second: a consumer lost
+                // with its server (the tail's consumer has one replica) is noticed and made again
+                // in about 2 s, where the client's defaults (30 s, 15 s) would take half a minute.
+                max_expires: std::time::Duration::from_secs(2),
                 ..Default::default()
             })
             .await?;
@@ -58,24 +62,32 @@ impl Tail {
             let sequence = message.info()?.stream_sequence;
             let fence = message.headers.as_ref().and_then(|h| h.get(FENCE_HEADER));
             if fence.is_none() {
-                let envelopes =
-                    wal::unframe_records::<Logged>(&message.payload).and_then(|records| {
-                        records
-                            .into_iter()
-                            .map(|record| {
-                                record.into_envelope(&self.vault).map_err(|e| e.to_string())
-                            })
-                            .collect::<Result<Vec<_>, _>>()
-                    });
-                match envelopes {
-                    Ok(envelopes) => self.core.apply_replicated(envelopes),
-                    Err(error) => {
-                        // A record this build cannot apply: the standby stops here rather than
-                        // diverge; it will not take the partition over.
-                        tracing::error!(partition, sequence, error, "replicated record cannot be applied; this node stops following the partition");
-                        self.partitions.set_role(partition, Role::Lost);
-                        return Ok(());
-                    }
+                // Decoding (opening the keys records carry) and applying are CPU work: done on
+                // the blocking pool, so that the cluster's runtime keeps its heartbeat on time
+                // however long a standby's catch-up is.
+                let (core, vault, payload) =
+                    (self.core.clone(), Arc::clone(&self.vault), message.payload.clone());
+                let applied = tokio::task::spawn_blocking(move || {
+                    let records = wal::unframe_records::<Logged>(&payload)?;
+                    let envelopes = records
+                        .into_iter()
+                        .map(|record| record.into_envelope(&vault).map_err(|e| e.to_string()))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    core.apply_replicated(envelopes);
+                    Ok::<(), String>(())
+                })
+                .await?;
+                if let Err(error) = applied {
+                    // A record this build cannot apply: the standby stops here rather than
+                    // diverge; it will not take the partition over.
+                    tracing::error!(
+                        partition,
+                        sequence,
+                        error,
+                        "replicated record cannot be applied; this node stops following the partition"
+                    );
+                    self.partitions.set_role(partition, Role::Lost);
+                    return Ok(());
                 }
             }
             self.partitions.slots[partition].applied.store(sequence, Ordering::Release);
