@@ -42,6 +42,7 @@ pub async fn serve(
         .route("/readyz", get(ready))
         .route("/digests", get(digests))
         .route("/cluster", get(cluster))
+        .route("/cluster/move", axum::routing::post(move_partition))
         .with_state(state);
     let stop = async move {
         let _ = shutdown.wait_for(|stopping| *stopping).await;
@@ -117,4 +118,30 @@ async fn cluster(State(state): State<Arc<HttpState>>) -> impl IntoResponse {
         .collect();
     let body = format!("{{\"node\":\"{}\",\"partitions\":[{}]}}\n", config.node, entries.join(","));
     (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body)
+}
+
+/// `POST /cluster/move?partition=N&to=NODE` on the partition's owner: a planned move (see
+/// `docs/CLUSTER.md`). Answers once the partition is handed over: 200, or 409 with why not.
+async fn move_partition(
+    State(state): State<Arc<HttpState>>,
+    uri: axum::http::Uri,
+) -> impl IntoResponse {
+    let query = uri.query().unwrap_or("");
+    let param = |name: &str| {
+        query
+            .split('&')
+            .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+            .map(str::to_owned)
+    };
+    let partition = param("partition").and_then(|p| p.parse::<usize>().ok());
+    let (Some(partition), Some(to)) = (partition, param("to")) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "usage: POST /cluster/move?partition=N&to=NODE\n".to_owned(),
+        );
+    };
+    match state.metrics.ctx.engine.move_partition(partition, &to).await {
+        Ok(()) => (StatusCode::OK, format!("partition {partition} handed to {to}\n")),
+        Err(why) => (StatusCode::CONFLICT, format!("{why}\n")),
+    }
 }

@@ -155,10 +155,17 @@ impl Drop for Node {
 
 /// The body of `GET path` on `addr`, if it answers 200.
 async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    http(addr, "GET", path).await
+}
+
+/// The body of `method path` on `addr`, if it answers 200.
+async fn http(addr: SocketAddr, method: &str, path: &str) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let fetch = async {
         let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
         stream.write_all(request.as_bytes()).await.ok()?;
         let mut response = String::new();
         stream.read_to_string(&mut response).await.ok()?;
@@ -720,4 +727,86 @@ async fn a_paused_owner_is_fenced_and_never_acknowledges_after_the_takeover() {
         log.matches("append refused").count()
     );
     verify(&patient(&[cluster.nodes[other].addr]), &payers, &*ledger.lock().await).await;
+}
+
+/// Planned moves of 4 partitions under load: each owner stops admitting (`BUSY`), drains,
+/// appends a hand-over, and the target fences and takes it. Clients see only `BUSY` and
+/// `MOVED` (which the cluster client follows): every call gets an answer, nothing
+/// acknowledged is lost, and each partition is unavailable only briefly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planned_moves_under_load_cost_only_busy_retries() {
+    let cluster = Cluster::start(3, 4);
+    let owners = cluster.settled().await;
+    let setup = patient(&cluster.addrs());
+    let payers = Arc::new(enroll(&setup, 8, "move").await);
+    let ledger: Shared = Arc::default();
+    let counters: Counters = Arc::new(Mutex::new(vec![0; payers.len()]));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let failures = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let workers: Vec<_> = (0..4usize)
+        .map(|w| {
+            let client = Arc::new(patient(&cluster.addrs()));
+            let (payers, counters, ledger, stop, failures) =
+                (payers.clone(), counters.clone(), ledger.clone(), stop.clone(), failures.clone());
+            tokio::spawn(async move {
+                let mine: Vec<usize> = (0..8).filter(|i| i % 4 == w).collect();
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    n += 1;
+                    let index = mine[n % mine.len()];
+                    let counter = next(&counters, index).await;
+                    let signed = Signed::new(&payers, index, counter, 100);
+                    match client.call(&signed.request()).await {
+                        Ok(Response::Ok(Reply::Authorize(outcome))) => {
+                            ledger.lock().await.payments.push(signed.acknowledged(outcome))
+                        }
+                        other => {
+                            eprintln!("a call failed during a planned move: {other:?}");
+                            failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut unavailable = Vec::new();
+    for (partition, &owner) in owners.iter().enumerate() {
+        let target = (owner + 1) % cluster.nodes.len();
+        let to = &cluster.nodes[target].name;
+        let started = Instant::now();
+        let path = format!("/cluster/move?partition={partition}&to={to}");
+        let answer = http(cluster.nodes[owner].http, "POST", &path).await;
+        assert!(answer.is_some(), "the move of partition {partition} to {to} failed");
+        loop {
+            let view = cluster.nodes[target].partitions().await.unwrap();
+            if view[partition].0 == "owner" {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(10), "{to} did not take {partition}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        unavailable.push(started.elapsed());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    assert_eq!(
+        failures.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "calls failed during the moves"
+    );
+    let ledger = ledger.lock().await;
+    assert!(!ledger.payments.is_empty());
+    verify(&patient(&cluster.addrs()), &payers, &ledger).await;
+    let moved = cluster.settled().await;
+    for (partition, &owner) in owners.iter().enumerate() {
+        assert_eq!(moved[partition], (owner + 1) % cluster.nodes.len(), "partition {partition}");
+    }
+    eprintln!(
+        "planned moves: {} payments acknowledged; per partition, from the move's start to the new owner's first turn: {unavailable:?}",
+        ledger.payments.len()
+    );
 }

@@ -228,12 +228,21 @@ impl Engine {
         self.inner.cluster.as_ref().map(Cluster::status)
     }
 
+    /// Hands `partition`, owned by this cluster node, to node `to` (a planned move): requests
+    /// for it are answered `BUSY` meanwhile, and `MOVED` to `to` after.
+    pub async fn move_partition(&self, partition: usize, to: &str) -> Result<(), String> {
+        match &self.inner.cluster {
+            Some(cluster) => cluster.move_partition(partition, to).await,
+            None => Err("not a cluster node".into()),
+        }
+    }
+
     /// Why a batch of `shard` got no replies: its partition moved to another node (its appends
     /// were refused, or it was never this node's), else the engine stopped.
     fn lost(&self, shard: usize) -> EngineError {
         match &self.inner.cluster {
             Some(cluster) => match cluster.partitions.admit(shard) {
-                Err(moved) => EngineError::Moved(moved),
+                Err(refused) => refused,
                 Ok(()) => EngineError::Stopped,
             },
             None => EngineError::Stopped,
@@ -246,11 +255,11 @@ impl Engine {
         ops: Vec<Op>,
     ) -> Result<oneshot::Receiver<Vec<Reply>>, EngineError> {
         if let Some(cluster) = &self.inner.cluster {
-            cluster.partitions.admit(shard).map_err(EngineError::Moved)?;
+            cluster.partitions.admit(shard)?;
         }
         let (reply, receiver) = oneshot::channel();
         let shard = &self.inner.shards[shard];
-        let batch = match shard.apply_if_idle(Batch { ops, reply }) {
+        let batch = match shard.apply_if_idle(Batch { ops, reply, completion: false }) {
             Turn::Applied => return Ok(receiver),
             Turn::Stopped => return Err(EngineError::Stopped),
             Turn::Queue(batch) => batch,
@@ -270,13 +279,13 @@ impl Engine {
             // A completion for a partition this node no longer owns is not applied here (a
             // standby's state changes only by its stream): its reply is dropped, and its caller
             // answers MOVED. The new owner declined it at takeover.
-            if cluster.partitions.admit(shard).is_err() {
+            if !cluster.partitions.applies(shard, true) {
                 return receiver;
             }
         }
         let shard = &self.inner.shards[shard];
         // A stopped shard drops the batch, and the receiver sees it closed.
-        if let Turn::Queue(batch) = shard.apply_if_idle(Batch { ops, reply }) {
+        if let Turn::Queue(batch) = shard.apply_if_idle(Batch { ops, reply, completion: true }) {
             shard.addr.do_send(batch);
         }
         receiver

@@ -72,6 +72,8 @@ pub(crate) fn build_registry(
 pub(crate) struct Prepared {
     states: Vec<(ShardState, Option<ShardWal>)>,
     wal_threads: Vec<std::thread::JoinHandle<()>>,
+    /// A cluster node's partitions, which say whether a batch may apply.
+    gate: Option<Arc<crate::cluster::Partitions>>,
 }
 
 impl Prepared {
@@ -81,6 +83,7 @@ impl Prepared {
     pub(crate) fn replicate(&mut self, node: &str) -> Arc<crate::cluster::Partitions> {
         let count = self.states.len();
         let (senders, partitions) = crate::cluster::Cluster::queues(count, node);
+        self.gate = Some(Arc::clone(&partitions));
         for (index, ((_, wal), jobs)) in self.states.iter_mut().zip(senders).enumerate() {
             let handle = wal::WalHandle::replicated(jobs, index, count);
             *wal = Some(ShardWal { handle, generation: 0, since_snapshot: 0, snapshot_every: 0 });
@@ -104,7 +107,7 @@ pub(crate) fn recover_shards(
         (0..count).map(|i| ShardState::new(i as u8, shared.clone(), state_config)).collect();
     let Some(dir) = &config.durability.data_dir else {
         let states = states.into_iter().map(|state| (state, None)).collect();
-        return Ok(Prepared { states, wal_threads: Vec::new() });
+        return Ok(Prepared { states, wal_threads: Vec::new(), gate: None });
     };
     // Created private (a warning if it is open to every user); stale temporary files removed.
     wal::prepare_dir(dir, count).map_err(storage)?;
@@ -144,7 +147,8 @@ pub(crate) fn recover_shards(
         .collect();
     let replayed = replay(&mut states, envelopes);
     rebuild_store_directory(shared, &mut states);
-    let mut prepared = Prepared { states: Vec::with_capacity(count), wal_threads: Vec::new() };
+    let mut prepared =
+        Prepared { states: Vec::with_capacity(count), wal_threads: Vec::new(), gate: None };
     for (index, ((mut state, log), converted)) in
         states.into_iter().zip(&logs).zip(converted).enumerate()
     {
@@ -380,6 +384,7 @@ pub(crate) fn start_shards(
 ) -> Result<(Vec<ShardHandle>, ActorRuntime), EngineError> {
     let mailbox_capacity = config.mailbox_capacity;
     let states = prepared.states;
+    let gate = prepared.gate;
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     let thread = std::thread::Builder::new()
         .name("settlegate-actors".into())
@@ -390,7 +395,7 @@ pub(crate) fn start_shards(
                     .into_iter()
                     .map(|(state, wal)| {
                         let arbiter = Arbiter::new();
-                        let core = ShardCore::new(state, wal);
+                        let core = ShardCore::new(state, wal, gate.clone());
                         let shard = ShardHandle::start(&arbiter.handle(), core, mailbox_capacity);
                         (arbiter, shard)
                     })

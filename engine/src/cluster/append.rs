@@ -79,15 +79,55 @@ enum Stop {
     Closed,
     /// Another node fenced the partition, or appends failed for too long.
     Fenced(String),
+    /// Everything queued is appended and acknowledged, and a hand-over was asked for.
+    HandOver(HandOver, u64),
+}
+
+/// A planned move's request to the append task: once everything queued is acknowledged,
+/// append the hand-over record and give the queue back.
+pub(super) struct HandOver {
+    /// The node the partition goes to.
+    pub(super) to: String,
+    /// The queue and the hand-over record's sequence; or why not.
+    pub(super) reply: oneshot::Sender<Result<Handed, String>>,
+}
+
+/// What a hand-over gives back: the partition's queue, and the stream sequence it ends at.
+pub(super) struct Handed {
+    pub(super) jobs: mpsc::UnboundedReceiver<Job<Vec<Reply>>>,
+    pub(super) sequence: u64,
 }
 
 impl Appender {
     /// Appends the partition's jobs from `jobs` after stream sequence `last` until the engine
     /// stops or the partition is lost.
-    pub(super) async fn run(self, mut jobs: mpsc::UnboundedReceiver<Job<Vec<Reply>>>, last: u64) {
+    pub(super) async fn run(
+        self,
+        mut jobs: mpsc::UnboundedReceiver<Job<Vec<Reply>>>,
+        mut handovers: mpsc::UnboundedReceiver<HandOver>,
+        last: u64,
+    ) {
         let partition = self.partition;
-        match self.append(&mut jobs, last).await {
+        match self.append(&mut jobs, &mut handovers, last).await {
             Stop::Closed => {}
+            Stop::HandOver(ask, last) => {
+                let handover = PublishMessage::build()
+                    .expected_last_sequence(last)
+                    .message_id(format!("{}-{partition}-handover-{}", self.config.name, self.epoch))
+                    .header(FENCE_HEADER, format!("handover {} {}", ask.to, self.epoch).as_str());
+                let acked =
+                    match self.js.send_publish(self.config.subject(partition), handover).await {
+                        Ok(ack) => ack.await.map_err(|e| e.to_string()),
+                        Err(error) => Err(error.to_string()),
+                    };
+                let handed = acked.map(|ack| Handed { jobs, sequence: ack.sequence });
+                if handed.is_err() {
+                    // Not appended (or not known to be): the partition is not this node's to
+                    // keep serving, nor to hand on.
+                    self.partitions.set_role(partition, Role::Lost);
+                }
+                let _ = ask.reply.send(handed);
+            }
             Stop::Fenced(why) => {
                 tracing::warn!(
                     partition,
@@ -112,15 +152,28 @@ impl Appender {
     async fn append(
         &self,
         jobs: &mut mpsc::UnboundedReceiver<Job<Vec<Reply>>>,
+        handovers: &mut mpsc::UnboundedReceiver<HandOver>,
         mut last: u64,
     ) -> Stop {
+        let mut handing: Option<HandOver> = None;
         let mut pending: VecDeque<Pending> = VecDeque::new();
         let mut acks: FuturesOrdered<AckFuture> = FuturesOrdered::new();
         // The sequence the next message expects the stream to end at.
         let mut next_last = last;
         loop {
+            // Asked to hand over (the shard applies nothing more by then): done once all that
+            // was queued is acknowledged.
+            if handing.is_some() && pending.is_empty() && jobs.is_empty() {
+                return Stop::HandOver(handing.take().expect("asked"), last);
+            }
             tokio::select! {
                 biased;
+                ask = handovers.recv(), if handing.is_none() => {
+                    match ask {
+                        Some(ask) => handing = Some(ask),
+                        None => return Stop::Closed,
+                    }
+                }
                 ack = acks.next(), if !acks.is_empty() => {
                     let front = pending.front().expect("an ack per pending message");
                     match ack.expect("not empty") {

@@ -22,7 +22,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
-use super::append::{Appender, FENCE_HEADER};
+use super::append::{self, Appender, FENCE_HEADER};
 use super::tail::Tail;
 use super::{ClusterConfig, Owner, Partitions, Role};
 use crate::error::EngineError;
@@ -155,10 +155,17 @@ async fn key_value(js: &jetstream::Context, config: kv::Config) -> Result<kv::St
     }
 }
 
+/// What the engine asks of the control loop.
+pub(crate) enum Command {
+    /// A planned move of `partition`, owned here, to node `to`.
+    Move { partition: usize, to: String, reply: tokio::sync::oneshot::Sender<Result<(), String>> },
+}
+
 /// The control loop: tails every partition, starts the heartbeat, then looks at the ownership
-/// table every `heartbeat_ms`. Takeovers run as tasks of their own, so that a slow one (a
-/// stream electing its leader) delays neither the heartbeat nor the other partitions.
-pub(super) async fn run(cx: Context) {
+/// table every `heartbeat_ms` and whenever it changes. Takeovers and hand-overs run as tasks of
+/// their own, so that a slow one (a stream electing its leader) delays neither the heartbeat
+/// nor the other partitions.
+pub(super) async fn run(cx: Context, mut commands: tokio::sync::mpsc::UnboundedReceiver<Command>) {
     let cx = Arc::new(cx);
     for partition in 0..cx.partitions.slots.len() {
         cx.start_tail(partition);
@@ -167,8 +174,25 @@ pub(super) async fn run(cx: Context) {
     let mut membership = Membership { started: Instant::now(), seen: HashMap::new() };
     let mut tick = tokio::time::interval(Duration::from_millis(cx.config.heartbeat_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A change of the table (a hand-over naming this node, say) is acted on at once.
+    let mut changes = cx.owners.watch_all().await.ok();
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            change = async { changes.as_mut()?.next().await }, if changes.is_some() => {
+                if change.is_none_or(|c| c.is_err()) {
+                    changes = cx.owners.watch_all().await.ok();
+                }
+            }
+            command = commands.recv() => match command {
+                Some(Command::Move { partition, to, reply }) => {
+                    let cx = Arc::clone(&cx);
+                    tokio::spawn(async move { _ = reply.send(cx.hand_over(partition, &to).await) });
+                    continue;
+                }
+                None => return,
+            },
+        }
         if let Err(error) = cx.round(&mut membership).await {
             tracing::warn!(%error, "cluster control round failed; retrying");
         }
@@ -346,6 +370,70 @@ impl Context {
         Ok(())
     }
 
+    /// Hands `partition`, owned here, to node `to`: new requests are answered `BUSY`; the
+    /// payments waiting for their providers finish (for up to the request deadline); then
+    /// nothing more applies, everything appended is acknowledged, the hand-over record is
+    /// appended, and the table names `to`, which fences and takes it at once. This node follows
+    /// the partition as a standby from there.
+    pub(super) async fn hand_over(&self, partition: usize, to: &str) -> Result<(), String> {
+        let started = Instant::now();
+        if self.partitions.role(partition) != Role::Owner {
+            return Err(format!("partition {partition} is not owned by this node"));
+        }
+        let beat = match self.nodes.entry(to).await.map_err(|e| e.to_string())? {
+            Some(entry) => {
+                serde_json::from_slice::<Heartbeat>(&entry.value).map_err(|e| e.to_string())?
+            }
+            None => return Err(format!("no node {to:?} in the cluster")),
+        };
+        if to == self.config.node || beat.lost.contains(&partition) {
+            return Err(format!("node {to:?} cannot take partition {partition}"));
+        }
+        let key = format!("p{partition}");
+        let entry = self.owners.entry(&key).await.map_err(|e| e.to_string())?;
+        let Some(entry) = entry else { return Err("the partition has no owner entry".into()) };
+        let owner: Owner = serde_json::from_slice(&entry.value).map_err(|e| e.to_string())?;
+        if owner.node != self.config.node {
+            return Err(format!("the table names {:?} as the owner", owner.node));
+        }
+        let slot = &self.partitions.slots[partition];
+        let core = self.replicas[partition].clone();
+        self.partitions.set_role(partition, Role::Draining);
+        let waited = Instant::now();
+        while tokio::task::block_in_place(|| core.has_pending())
+            && waited.elapsed() < Duration::from_secs(5)
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        self.partitions.set_role(partition, Role::HandingOver);
+        // From here no batch applies (the gate is checked under the shard's lock).
+        tokio::task::block_in_place(|| core.barrier());
+        let asks = slot.handover.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(asks) = asks else { return Err("the partition has no append task".into()) };
+        let (reply, handed) = tokio::sync::oneshot::channel();
+        let _ = asks.send(append::HandOver { to: to.to_owned(), reply });
+        let handed = handed.await.map_err(|_| "the append task stopped".to_owned())??;
+        let next = Owner { node: to.to_owned(), addr: beat.addr, epoch: owner.epoch };
+        let value = serde_json::to_vec(&next).map_err(|e| e.to_string())?;
+        if let Err(error) = self.owners.update(&key, value.into(), entry.revision).await {
+            self.partitions.set_role(partition, Role::Lost);
+            return Err(format!("the table could not name {to:?}: {error}"));
+        }
+        *slot.owner.write().unwrap_or_else(|e| e.into_inner()) = Some(next);
+        slot.applied.store(handed.sequence, Ordering::Release);
+        *slot.jobs.lock().unwrap_or_else(|e| e.into_inner()) = Some(handed.jobs);
+        self.partitions.set_role(partition, Role::Standby);
+        self.start_tail(partition);
+        tracing::info!(
+            partition,
+            to,
+            sequence = handed.sequence,
+            took_ms = started.elapsed().as_millis() as u64,
+            "partition handed over"
+        );
+        Ok(())
+    }
+
     /// Takes `partition`: claims it in the table (CAS on `revision`), catches up to the stream's
     /// end, appends the fence at the sequence caught up to, resolves the payments the old owner
     /// left in flight, and only then admits requests.
@@ -415,7 +503,9 @@ impl Context {
             partition,
             epoch,
         };
-        tokio::spawn(appender.run(jobs, fenced));
+        let (asks, handovers) = tokio::sync::mpsc::unbounded_channel();
+        *slot.handover.lock().unwrap_or_else(|e| e.into_inner()) = Some(asks);
+        tokio::spawn(appender.run(jobs, handovers, fenced));
         // Fenced: from here a failure cannot return the partition to a standby (its queue went
         // to the appender), so it is lost here.
         let lost = |why: &str| {

@@ -133,6 +133,12 @@ pub enum Role {
     Taking = 1,
     /// Owns it: admits requests and appends their records.
     Owner = 2,
+    /// Owns it and is handing it to another node: new requests are answered `BUSY` while what
+    /// was admitted finishes and is appended.
+    Draining = 4,
+    /// Handing it over: nothing more applies; what was appended is being acknowledged, then
+    /// the hand-over record is appended and the table names the new owner.
+    HandingOver = 5,
     /// Was the owner and was fenced (or could not append): its state here may hold changes
     /// never acknowledged, so this node neither serves nor takes the partition again until it
     /// restarts (and rebuilds it from the stream).
@@ -145,6 +151,8 @@ impl Role {
             1 => Role::Taking,
             2 => Role::Owner,
             3 => Role::Lost,
+            4 => Role::Draining,
+            5 => Role::HandingOver,
             _ => Role::Standby,
         }
     }
@@ -175,6 +183,9 @@ pub struct Moved {
 /// The sending end of a partition's queue of log jobs.
 pub(crate) type JobQueue = tokio::sync::mpsc::UnboundedSender<Job<Vec<Reply>>>;
 
+/// The retry-after hint of a request refused while its partition is handed over.
+const HANDOVER_RETRY_MS: u32 = 10;
+
 /// One partition's standing on this node.
 struct Slot {
     role: AtomicU8,
@@ -183,6 +194,8 @@ struct Slot {
     applied: AtomicU64,
     /// The queue the shard's records go to; taken by the append task at takeover.
     jobs: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Job<Vec<Reply>>>>>,
+    /// Asks the append task (while this node owns the partition) to hand it over.
+    handover: Mutex<Option<tokio::sync::mpsc::UnboundedSender<append::HandOver>>>,
 }
 
 /// Every partition's standing, shared by the engine (admission) and the cluster's tasks.
@@ -201,12 +214,26 @@ impl Partitions {
         self.slots[partition].role.store(role as u8, Ordering::Release);
     }
 
-    /// Whether requests for `partition` are taken here; else where to send them.
-    pub(crate) fn admit(&self, partition: usize) -> Result<(), Moved> {
-        if self.role(partition) == Role::Owner {
-            return Ok(());
+    /// Whether requests for `partition` are taken here; else `MOVED` (where to send them), or
+    /// `BUSY` while it is handed over.
+    pub(crate) fn admit(&self, partition: usize) -> Result<(), EngineError> {
+        match self.role(partition) {
+            Role::Owner => Ok(()),
+            Role::Draining | Role::HandingOver => {
+                Err(EngineError::Busy { retry_after_ms: HANDOVER_RETRY_MS })
+            }
+            _ => Err(EngineError::Moved(self.moved(partition))),
         }
-        Err(self.moved(partition))
+    }
+
+    /// Whether a batch may apply to `partition`'s state here: new work only while this node
+    /// owns it, completions of admitted work also while it is handed over.
+    pub(crate) fn applies(&self, partition: usize, completion: bool) -> bool {
+        match self.role(partition) {
+            Role::Owner => true,
+            Role::Draining => completion,
+            _ => false,
+        }
     }
 
     /// Where requests for `partition` go, as far as this node knows.
@@ -240,6 +267,7 @@ pub struct PartitionStatus {
 pub(crate) struct Cluster {
     pub(crate) partitions: Arc<Partitions>,
     runtime: Mutex<Option<tokio::runtime::Runtime>>,
+    commands: tokio::sync::mpsc::UnboundedSender<control::Command>,
 }
 
 impl Cluster {
@@ -256,6 +284,7 @@ impl Cluster {
                 owner: RwLock::new(None),
                 applied: AtomicU64::new(0),
                 jobs: Mutex::new(Some(rx)),
+                handover: Mutex::new(None),
             });
         }
         (senders, Arc::new(Partitions { slots, node: node.to_owned() }))
@@ -277,8 +306,20 @@ impl Cluster {
             .map_err(|e| EngineError::Config(format!("cannot start the cluster runtime: {e}")))?;
         let context =
             control::Context::connect(&runtime, config, partitions.clone(), replicas, vault)?;
-        runtime.spawn(control::run(context));
-        Ok(Cluster { partitions, runtime: Mutex::new(Some(runtime)) })
+        let (commands, queue) = tokio::sync::mpsc::unbounded_channel();
+        runtime.spawn(control::run(context, queue));
+        Ok(Cluster { partitions, runtime: Mutex::new(Some(runtime)), commands })
+    }
+
+    /// Hands `partition` (owned here) to node `to` (see `docs/CLUSTER.md`, "Planned moves").
+    pub(crate) async fn move_partition(&self, partition: usize, to: &str) -> Result<(), String> {
+        if partition >= self.partitions.slots.len() {
+            return Err(format!("no partition {partition}"));
+        }
+        let (reply, done) = tokio::sync::oneshot::channel();
+        let command = control::Command::Move { partition, to: to.to_owned(), reply };
+        self.commands.send(command).map_err(|_| "the cluster stopped".to_owned())?;
+        done.await.map_err(|_| "the cluster stopped".to_owned())?
     }
 
     /// Every partition's standing.

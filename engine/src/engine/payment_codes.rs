@@ -251,7 +251,7 @@ impl Engine {
     pub async fn sweep_codes(&self) -> Result<u32, EngineError> {
         let now_ms = self.now_ms();
         let owned = |shard: &usize| {
-            self.inner.cluster.as_ref().is_none_or(|c| c.partitions.admit(*shard).is_ok())
+            self.inner.cluster.as_ref().is_none_or(|c| c.partitions.applies(*shard, true))
         };
         let sweeps = (0..self.shard_count()).filter(owned).map(|shard| {
             let envelope = Envelope {

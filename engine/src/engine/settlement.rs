@@ -106,7 +106,7 @@ impl Engine {
         let cluster = self.inner.cluster.as_ref()?;
         let (record, _, _) = crate::inherent::InherentId::decode(bytes).ok()?;
         let shard = self.shard_of(user_hash(&record.user));
-        cluster.partitions.admit(shard).err().map(EngineError::Moved)
+        cluster.partitions.admit(shard).err()
     }
 
     async fn verify_batch(

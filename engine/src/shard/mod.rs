@@ -61,6 +61,9 @@ pub(crate) enum Op {
 pub(crate) struct Batch {
     pub(crate) ops: Vec<Op>,
     pub(crate) reply: oneshot::Sender<Vec<Reply>>,
+    /// Completions of work the shard admitted earlier (a provider's answer, a sweep), which
+    /// a cluster partition being handed over still takes; new work it does not.
+    pub(crate) completion: bool,
 }
 
 impl Message for Batch {
@@ -187,6 +190,17 @@ impl ReplicaCore {
         self.with(|core| core.state.resolve_pending(now_ms)).unwrap_or_default()
     }
 
+    /// Whether payments (or code requests) wait for their providers' answers here.
+    pub(crate) fn has_pending(&self) -> bool {
+        self.with(|core| !core.state.idem.pending().is_empty()).unwrap_or(false)
+    }
+
+    /// Returns once no batch is being applied: one that starts later sees whatever the caller
+    /// changed before (the shard's lock orders them).
+    pub(crate) fn barrier(&self) {
+        self.with(|_| ());
+    }
+
     /// Queues `job` on the shard's log (dropped, with its reply, if the shard has none).
     pub(crate) fn submit(&self, job: Job<Vec<Reply>>) {
         self.with(|core| {
@@ -202,11 +216,19 @@ pub(crate) struct ShardCore {
     state: ShardState,
     /// The shard's log writer; none when state is in memory only.
     wal: Option<ShardWal>,
+    /// A cluster partition's standing: checked under the shard's lock before a batch applies,
+    /// so nothing applies here once the partition is not this node's (a standby's state changes
+    /// only by its stream).
+    gate: Option<Arc<crate::cluster::Partitions>>,
 }
 
 impl ShardCore {
-    pub(crate) fn new(state: ShardState, wal: Option<ShardWal>) -> ShardCore {
-        ShardCore { state, wal }
+    pub(crate) fn new(
+        state: ShardState,
+        wal: Option<ShardWal>,
+        gate: Option<Arc<crate::cluster::Partitions>>,
+    ) -> ShardCore {
+        ShardCore { state, wal, gate }
     }
 
     /// Applies `batch` ([`ShardCore::run`]); a panic while doing so ends the process (see
@@ -264,6 +286,13 @@ impl ShardCore {
 
     /// Applies `batch` and sends its replies (through the log writer, when there is one).
     fn run(&mut self, batch: Batch) {
+        if let Some(gate) = &self.gate {
+            if !gate.applies(self.state.index as usize, batch.completion) {
+                // Dropped with its reply: the caller answers MOVED (or BUSY while the partition
+                // is handed over).
+                return;
+            }
+        }
         for op in &batch.ops {
             if let Op::Apply(Envelope { owner_hash, client_request_id: Some(id), .. }) = op {
                 self.state.idem.prefetch(&(*owner_hash, *id));
