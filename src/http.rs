@@ -111,8 +111,8 @@ async fn cluster(State(state): State<Arc<HttpState>>) -> impl IntoResponse {
             let (owner, epoch) =
                 p.owner.as_ref().map_or(("", 0), |o| (o.node.as_str(), o.epoch));
             format!(
-                "{{\"partition\":{},\"role\":\"{role}\",\"owner\":\"{owner}\",\"epoch\":{epoch},\"applied\":{}}}",
-                p.partition, p.applied
+                "{{\"partition\":{},\"role\":\"{role}\",\"owner\":\"{owner}\",\"epoch\":{epoch},\"applied\":{},\"lag\":{}}}",
+                p.partition, p.applied, p.lag
             )
         })
         .collect();

@@ -5,8 +5,9 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 /// A batch's counts by label set, added to their family once per label set: one lock and one
@@ -159,7 +160,34 @@ impl Collector for EngineCounters {
             None,
             dropped.metric_type(),
         )?;
-        dropped.encode(metric)
+        dropped.encode(metric)?;
+        let Some(partitions) = self.0.cluster_status() else { return Ok(()) };
+        let gauges: [(&str, &str, fn(&settlegate_engine::cluster::PartitionStatus) -> i64); 3] = [
+            (
+                "cluster_partition_owned",
+                "1 where this node owns the partition (admits its requests), else 0",
+                |p| i64::from(p.role == settlegate_engine::cluster::Role::Owner),
+            ),
+            (
+                "cluster_partition_applied",
+                "The last sequence of the partition's stream applied on this node",
+                |p| p.applied as i64,
+            ),
+            (
+                "cluster_standby_lag",
+                "A standby's lag behind its partition's stream, in messages (0 where this node owns it)",
+                |p| p.lag as i64,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for partition in &partitions {
+                let labels = [("partition", partition.partition.to_string())];
+                let metric = family.encode_family(&labels)?;
+                ConstGauge::new(value(partition)).encode(metric)?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -805,6 +805,19 @@ async fn planned_moves_under_load_cost_only_busy_retries() {
     for (partition, &owner) in owners.iter().enumerate() {
         assert_eq!(moved[partition], (owner + 1) % cluster.nodes.len(), "partition {partition}");
     }
+    // Each node's metrics say which partitions it owns, and how far its standbys lag.
+    for (n, node) in cluster.nodes.iter().enumerate() {
+        let metrics = http_get(node.http, "/metrics").await.expect("metrics");
+        for (partition, &owner) in moved.iter().enumerate() {
+            let owned = format!(
+                "settlegate_cluster_partition_owned{{partition=\"{partition}\"}} {}",
+                u8::from(owner == n)
+            );
+            assert!(metrics.contains(&owned), "{} lacks {owned}", node.name);
+            let lag = format!("settlegate_cluster_standby_lag{{partition=\"{partition}\"}} ");
+            assert!(metrics.contains(&lag), "{} lacks {lag}", node.name);
+        }
+    }
     eprintln!(
         "planned moves: {} payments acknowledged; per partition, from the move's start to the new owner's first turn: {unavailable:?}",
         ledger.payments.len()

@@ -192,6 +192,9 @@ struct Slot {
     owner: RwLock<Option<Owner>>,
     /// The last stream sequence applied here (by the tail, or appended as owner).
     applied: AtomicU64,
+    /// A standby's lag: messages in the stream after the last one it applied, as the stream
+    /// said when it delivered that one.
+    lag: AtomicU64,
     /// The queue the shard's records go to; taken by the append task at takeover.
     jobs: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Job<Vec<Reply>>>>>,
     /// Asks the append task (while this node owns the partition) to hand it over.
@@ -261,6 +264,8 @@ pub struct PartitionStatus {
     pub owner: Option<Owner>,
     /// The last stream sequence applied here.
     pub applied: u64,
+    /// A standby's lag behind the stream, in messages (0 for the owner).
+    pub lag: u64,
 }
 
 /// A running cluster membership: its runtime and the partitions' standing.
@@ -283,6 +288,7 @@ impl Cluster {
                 role: AtomicU8::new(Role::Standby as u8),
                 owner: RwLock::new(None),
                 applied: AtomicU64::new(0),
+                lag: AtomicU64::new(0),
                 jobs: Mutex::new(Some(rx)),
                 handover: Mutex::new(None),
             });
@@ -331,6 +337,10 @@ impl Cluster {
                 role: self.partitions.role(partition),
                 owner: slots[partition].owner.read().unwrap_or_else(|e| e.into_inner()).clone(),
                 applied: slots[partition].applied.load(Ordering::Acquire),
+                lag: match self.partitions.role(partition) {
+                    Role::Standby => slots[partition].lag.load(Ordering::Acquire),
+                    _ => 0,
+                },
             })
             .collect()
     }

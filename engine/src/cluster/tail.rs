@@ -59,7 +59,9 @@ impl Tail {
         let mut messages = consumer.messages().await?;
         while let Some(message) = messages.next().await {
             let message = message?;
-            let sequence = message.info()?.stream_sequence;
+            let info = message.info()?;
+            let (sequence, lag) = (info.stream_sequence, info.pending);
+            self.partitions.slots[partition].lag.store(lag, Ordering::Release);
             let fence = message.headers.as_ref().and_then(|h| h.get(FENCE_HEADER));
             if fence.is_none() {
                 // Decoding (opening the keys records carry) and applying are CPU work: done on
