@@ -69,7 +69,8 @@ impl NatsCluster {
     /// Starts `n` servers (one: a lone JetStream server; more: a cluster with routes between all
     /// of them) and waits, for up to [`READY_TIMEOUT`], until each answers
     /// `/healthz?js-enabled-only=true` and all agree on an elected JetStream meta leader with
-    /// every server as a current peer. Panics, with the servers' logs, when that does not happen.
+    /// every server as a current peer; then checks that each fsyncs before acknowledging
+    /// (`/varz` shows `sync_always`). Panics, with the servers' logs, when that does not happen.
     pub fn start(n: usize) -> NatsCluster {
         assert!(n > 0, "a cluster needs at least one server");
         let binary = binary();
@@ -81,7 +82,10 @@ impl NatsCluster {
                 cluster.spawn(binary, i);
             }
             match cluster.wait_ready(Instant::now() + READY_TIMEOUT) {
-                Ok(()) => return cluster,
+                Ok(()) => {
+                    cluster.check_sync_always();
+                    return cluster;
+                }
                 Err(StartFailure::PortInUse) if attempt < START_ATTEMPTS => {
                     eprintln!("nats cluster: a port was taken; starting again on other ports");
                     cluster.kill_all();
@@ -154,13 +158,14 @@ impl NatsCluster {
     }
 
     /// Starts server `i` again (killing it first if it runs), on its old ports and store, and
-    /// waits until it answers `/healthz?js-enabled-only=true` and, when a majority of the
-    /// cluster runs, until it knows the JetStream meta leader.
+    /// waits until it answers `/healthz?js-enabled-only=true` and, in a cluster of which a
+    /// majority runs, until it knows the JetStream meta leader.
     pub fn restart(&mut self, i: usize) {
         self.kill(i);
         self.spawn(binary(), i);
         let deadline = Instant::now() + READY_TIMEOUT;
-        let majority = self.servers.iter().filter(|s| s.child.is_some()).count() * 2 > self.len();
+        let running = self.servers.iter().filter(|s| s.child.is_some()).count();
+        let majority = self.len() > 1 && running * 2 > self.len();
         let result: Result<(), StartFailure> = self.poll(deadline, |cluster| {
             cluster.check_alive()?;
             let healthy = cluster.healthy(i);
@@ -361,6 +366,21 @@ impl NatsCluster {
             }
         }
         Ok(())
+    }
+
+    /// Fails unless every server reports, in `/varz`, that it fsyncs every write before
+    /// acknowledging it (`sync_interval: always`), which is what the cluster's durability rests on.
+    fn check_sync_always(&self) {
+        for i in 0..self.len() {
+            let varz = self.monitor(i, "/varz").unwrap_or_default();
+            if varz["jetstream"]["config"]["sync_always"] != true {
+                let config = &varz["jetstream"]["config"];
+                self.fail(&format!(
+                    "{} does not run with sync_interval: always: {config}",
+                    self.servers[i].name
+                ));
+            }
+        }
     }
 
     /// Every server healthy; with more than one, all agree on a meta leader that counts every
