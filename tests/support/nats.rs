@@ -69,8 +69,9 @@ impl NatsCluster {
     /// Starts `n` servers (one: a lone JetStream server; more: a cluster with routes between all
     /// of them) and waits, for up to [`READY_TIMEOUT`], until each answers
     /// `/healthz?js-enabled-only=true` and all agree on an elected JetStream meta leader with
-    /// every server as a current peer; then checks that each fsyncs before acknowledging
-    /// (`/varz` shows `sync_always`). Panics, with the servers' logs, when that does not happen.
+    /// every server as a current peer, and a stream replicated on every server can be created;
+    /// then checks that each fsyncs before acknowledging (`/varz` shows `sync_always`). Panics,
+    /// with the servers' logs, when that does not happen.
     pub fn start(n: usize) -> NatsCluster {
         assert!(n > 0, "a cluster needs at least one server");
         let binary = binary();
@@ -81,9 +82,13 @@ impl NatsCluster {
             for i in 0..n {
                 cluster.spawn(binary, i);
             }
-            match cluster.wait_ready(Instant::now() + READY_TIMEOUT) {
+            let deadline = Instant::now() + READY_TIMEOUT;
+            match cluster.wait_ready(deadline) {
                 Ok(()) => {
                     cluster.check_sync_always();
+                    if let Err(message) = cluster.probe_placement(deadline) {
+                        cluster.fail(&format!("no replicated stream can be created: {message}"));
+                    }
                     return cluster;
                 }
                 Err(StartFailure::PortInUse) if attempt < START_ATTEMPTS => {
@@ -381,6 +386,45 @@ impl NatsCluster {
                 ));
             }
         }
+    }
+
+    /// Creates and deletes a file stream with a replica on every server (at most 5), retrying
+    /// until `deadline`: the meta leader can refuse to place one for a moment after the meta
+    /// group is up (10005, "no suitable peers for placement, peer offline") while it has not yet
+    /// heard from every server. Runs the async client on a thread of its own, so it works
+    /// inside a test's runtime as well as outside one.
+    fn probe_placement(&self, deadline: Instant) -> Result<(), String> {
+        use async_nats::jetstream::{self, stream};
+        let urls = self.client_urls();
+        let config = stream::Config {
+            name: "SETTLEGATE_TEST_READY".into(),
+            subjects: vec!["settlegate-test-ready".into()],
+            num_replicas: self.len().min(5),
+            storage: stream::StorageType::File,
+            ..Default::default()
+        };
+        let probe = async move {
+            let client = async_nats::connect(urls).await.map_err(|e| e.to_string())?;
+            let js = jetstream::new(client);
+            loop {
+                match js.create_stream(config.clone()).await {
+                    Ok(_) => break,
+                    Err(error) if Instant::now() < deadline => {
+                        eprintln!("nats cluster: not ready for a replicated stream yet: {error}");
+                        tokio::time::sleep(POLL).await;
+                    }
+                    Err(error) => return Err(error.to_string()),
+                }
+            }
+            js.delete_stream(&config.name).await.map_err(|e| e.to_string())?;
+            Ok(())
+        };
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+            runtime.map_err(|e| e.to_string())?.block_on(probe)
+        })
+        .join()
+        .map_err(|_| "the probe panicked".to_owned())?
     }
 
     /// Every server healthy; with more than one, all agree on a meta leader that counts every
