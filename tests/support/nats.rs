@@ -285,10 +285,10 @@ impl NatsCluster {
                         .filter(|&j| j != i)
                         .map(|j| format!("\"nats-route://127.0.0.1:{}\"", ports[j][1]))
                         .collect();
+                    let routes = routes.join(", ");
                     text += &format!(
-                        "cluster {{\n  name: settlegate-test\n  listen: \"127.0.0.1:{route_port}\"\n  \
-                         routes: [{}]\n}}\n",
-                        routes.join(", ")
+                        "cluster {{\n  name: settlegate-test\n  \
+                         listen: \"127.0.0.1:{route_port}\"\n  routes: [{routes}]\n}}\n",
                     );
                 }
                 fs::write(&config, text).expect("write nats-server config");
