@@ -175,9 +175,9 @@ leader = json.load(sys.stdin).get("meta_cluster", {}).get("leader")
 print(leader) if leader else sys.exit(1)' 2>/dev/null
 }
 
-# Node $1's config (n1..n3): the embedded default config (demo identity, providers, demo
-# data) on the node's ports, with the partition count, the shared vault key, a data directory
-# of its own and the [cluster] section.
+# Node $1's config (n1..n3): the embedded default config (demo identity and providers) on the
+# node's ports, without demo data and with the partition count, the shared vault key and the
+# [cluster] section. A cluster node keeps its partitions in JetStream: no data directory.
 node_config() {
   local node=$1 text port http_port
   port=$(sg_port "${node#n}")
@@ -185,17 +185,16 @@ node_config() {
   text=$("$bin" default-config)
   text=$(sed -e "s|^listen = \"127.0.0.1:7878\"|listen = \"127.0.0.1:$port\"|" \
     -e "s|^http_listen = \"127.0.0.1:9898\"|http_listen = \"127.0.0.1:$http_port\"|" \
-    -e "s|^shards = 0.*|shards = $shards\\nvault = { key_hex = \"$vault_key\" }|" <<<"$text")
+    -e "s|^shards = 0.*|shards = $shards\\nvault = { key_hex = \"$vault_key\" }|" \
+    -e "s|^users = 3\$|users = 0|" -e "s|^stores = true .*|stores = false|" <<<"$text")
   if ! grep -q "^listen = \"127.0.0.1:$port\"" <<<"$text" ||
     ! grep -q "^http_listen = \"127.0.0.1:$http_port\"" <<<"$text" ||
-    ! grep -q "^shards = $shards" <<<"$text"; then
+    ! grep -q "^shards = $shards" <<<"$text" || ! grep -q "^users = 0$" <<<"$text" ||
+    ! grep -q "^stores = false$" <<<"$text"; then
     die "src/default.toml changed shape: update node_config in scripts/cluster.sh"
   fi
   cat <<TOML
 $text
-
-[engine.durability]
-data_dir = "$dir/$node-data"
 
 [cluster]
 node = "$node"
