@@ -23,12 +23,19 @@ pub struct Config {
     /// Demo data loaded at start.
     #[serde(default)]
     pub demo: DemoConfig,
+    /// Clustering on NATS JetStream (`docs/CLUSTER.md`); absent: a single node.
+    #[serde(default)]
+    pub cluster: Option<settlegate_engine::cluster::ClusterConfig>,
 }
 
 impl Config {
     /// Parses TOML and checks it.
     pub fn from_toml(text: &str) -> Result<Config, String> {
-        let config: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        let mut config: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        config.engine.cluster = config.cluster.clone();
+        if config.cluster.is_some() && (config.demo.users > 0 || config.demo.stores) {
+            return Err("demo data is for a single node: set [demo] users = 0 and stores = false in a cluster".into());
+        }
         config.server.validate()?;
         config.engine.validate()?;
         Ok(config)

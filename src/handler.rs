@@ -130,6 +130,9 @@ pub fn error_response(error: EngineError) -> Response {
         EngineError::Busy { retry_after_ms } => Response::Busy { retry_after_ms },
         EngineError::InFlight => Response::InFlight,
         EngineError::Stopped => Response::ShuttingDown,
+        EngineError::Moved(moved) => {
+            Response::Moved { partition: moved.partition, epoch: moved.epoch, address: moved.addr }
+        }
         other => Response::Internal(other.to_string()),
     }
 }
@@ -160,6 +163,7 @@ fn status_name(code: u16) -> &'static str {
         status::BAD_REQUEST => "bad_request",
         status::UNKNOWN_OPCODE => "unknown_opcode",
         status::SHUTTING_DOWN => "shutting_down",
+        status::MOVED => "moved",
         status::FRAME_ERROR => "frame_error",
         _ => "internal",
     }

@@ -41,6 +41,7 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/digests", get(digests))
+        .route("/cluster", get(cluster))
         .with_state(state);
     let stop = async move {
         let _ = shutdown.wait_for(|stopping| *stopping).await;
@@ -87,4 +88,33 @@ async fn digests(State(state): State<Arc<HttpState>>) -> impl IntoResponse {
         [(header::CONTENT_TYPE, "application/json")],
         format!("{{\"digests\":[{}]}}\n", entries.join(",")),
     )
+}
+
+/// Each partition's standing on this node, as JSON: `{"node":"n1","partitions":[{"partition":0,
+/// "role":"owner","owner":"n1","epoch":2,"applied":1234},...]}`; 404 when the server is not a
+/// cluster's node.
+async fn cluster(State(state): State<Arc<HttpState>>) -> impl IntoResponse {
+    let engine = &state.metrics.ctx.engine;
+    let (Some(partitions), Some(config)) = (engine.cluster_status(), &engine.config().cluster)
+    else {
+        return (
+            StatusCode::NOT_FOUND,
+            [(header::CONTENT_TYPE, "text/plain")],
+            "not a cluster node\n".to_owned(),
+        );
+    };
+    let entries: Vec<String> = partitions
+        .iter()
+        .map(|p| {
+            let role = format!("{:?}", p.role).to_lowercase();
+            let (owner, epoch) =
+                p.owner.as_ref().map_or(("", 0), |o| (o.node.as_str(), o.epoch));
+            format!(
+                "{{\"partition\":{},\"role\":\"{role}\",\"owner\":\"{owner}\",\"epoch\":{epoch},\"applied\":{}}}",
+                p.partition, p.applied
+            )
+        })
+        .collect();
+    let body = format!("{{\"node\":\"{}\",\"partitions\":[{}]}}\n", config.node, entries.join(","));
+    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body)
 }

@@ -2,6 +2,7 @@
 
 mod support;
 
+mod cluster;
 mod cluster_nats;
 mod engine_accounts;
 mod engine_age;

@@ -48,6 +48,10 @@ pub struct EngineConfig {
     pub age: AgeConfig,
     /// The issuer number payment codes and coupons carry (C2).
     pub code_issuer: u16,
+    /// Clustering on NATS JetStream (`docs/CLUSTER.md`): the server's top-level `[cluster]`
+    /// table, set by the server; none for a single node.
+    #[serde(skip)]
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 /// Vault key source. `SETTLEGATE_VAULT_KEY` in the environment overrides `key_hex`; with
@@ -98,6 +102,7 @@ impl Default for EngineConfig {
             durability: DurabilityConfig::default(),
             age: AgeConfig::default(),
             code_issuer: 1,
+            cluster: None,
         }
     }
 }
@@ -140,6 +145,17 @@ impl EngineConfig {
     pub fn validate(&self) -> Result<(), String> {
         let check = |ok: bool, what: &str| if ok { Ok(()) } else { Err(what.to_owned()) };
         check(self.shards <= SHARDS_MAX, "shards must be at most 256")?;
+        if let Some(cluster) = &self.cluster {
+            cluster.validate()?;
+            check(
+                self.shards > 0,
+                "a cluster's partition count is engine.shards, and must be set (the same on every node)",
+            )?;
+            check(
+                self.durability.data_dir.is_none(),
+                "a cluster node keeps its partitions in NATS JetStream: engine.durability.data_dir must not be set",
+            )?;
+        }
         check(
             (1..=MAILBOX_CAPACITY_MAX).contains(&self.mailbox_capacity),
             "mailbox_capacity must be 1..=65536",

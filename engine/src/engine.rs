@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 use crate::age::{AgePolicy, AgeRecord, AgeRules, AgeVerdict, Basket};
 use crate::clock::{Clock, SystemClock};
+use crate::cluster::{Cluster, PartitionStatus};
 use crate::codes::{self, CodeKey, CodeKind, CodePayload, CouponEffect};
 use crate::config::EngineConfig;
 use crate::error::EngineError;
@@ -65,11 +66,16 @@ struct Inner {
     dummy_phc: String,
     config: EngineConfig,
     runtime: Mutex<Option<ActorRuntime>>,
+    /// This node's membership of a cluster (`[cluster]`); none for a single node.
+    cluster: Option<Cluster>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         stop_runtime(&self.runtime, &self.shards);
+        if let Some(cluster) = &self.cluster {
+            cluster.stop();
+        }
     }
 }
 
@@ -114,8 +120,23 @@ impl Engine {
         adapters: Vec<(u32, Arc<dyn settlegate_adapters::ProviderAdapter>)>,
     ) -> Result<Engine, EngineError> {
         let (shared, state_config, hasher) = prepare(&config, adapters)?;
-        let prepared = recover_shards(&config, &shared, state_config, clock.now_ms())?;
+        let mut prepared = recover_shards(&config, &shared, state_config, clock.now_ms())?;
+        let partitions = config.cluster.as_ref().map(|_| prepared.replicate());
         let (shards, runtime) = start_shards(&config, prepared)?;
+        let cluster = match (config.cluster.clone(), partitions) {
+            (Some(cluster), Some(partitions)) => {
+                let replicas = shards.iter().map(ShardHandle::replica).collect();
+                let vault = Arc::clone(&shared.vault);
+                match Cluster::start(cluster, partitions, replicas, vault) {
+                    Ok(cluster) => Some(cluster),
+                    Err(error) => {
+                        stop_runtime(&Mutex::new(Some(runtime)), &shards);
+                        return Err(error);
+                    }
+                }
+            }
+            _ => None,
+        };
         let dummy_phc = hasher.hash("settlegate-timing-equalizer");
         Ok(Engine {
             inner: Arc::new(Inner {
@@ -127,6 +148,7 @@ impl Engine {
                 dummy_phc,
                 config,
                 runtime: Mutex::new(Some(runtime)),
+                cluster,
             }),
         })
     }
@@ -134,6 +156,9 @@ impl Engine {
     /// Stops the shard actors. Requests after this fail with [`EngineError::Stopped`].
     pub fn shutdown(&self) {
         stop_runtime(&self.inner.runtime, &self.inner.shards);
+        if let Some(cluster) = &self.inner.cluster {
+            cluster.stop();
+        }
     }
 
     /// The shards that take no more work: stopped (after [`Engine::shutdown`]), or whose log
@@ -198,11 +223,31 @@ impl Engine {
         ((owner_hash as u128 * self.inner.shards.len() as u128) >> 64) as usize
     }
 
+    /// Each partition's standing on this node, when it is a cluster's node.
+    pub fn cluster_status(&self) -> Option<Vec<PartitionStatus>> {
+        self.inner.cluster.as_ref().map(Cluster::status)
+    }
+
+    /// Why a batch of `shard` got no replies: its partition moved to another node (its appends
+    /// were refused, or it was never this node's), else the engine stopped.
+    fn lost(&self, shard: usize) -> EngineError {
+        match &self.inner.cluster {
+            Some(cluster) => match cluster.partitions.admit(shard) {
+                Err(moved) => EngineError::Moved(moved),
+                Ok(()) => EngineError::Stopped,
+            },
+            None => EngineError::Stopped,
+        }
+    }
+
     fn submit(
         &self,
         shard: usize,
         ops: Vec<Op>,
     ) -> Result<oneshot::Receiver<Vec<Reply>>, EngineError> {
+        if let Some(cluster) = &self.inner.cluster {
+            cluster.partitions.admit(shard).map_err(EngineError::Moved)?;
+        }
         let (reply, receiver) = oneshot::channel();
         let shard = &self.inner.shards[shard];
         let batch = match shard.apply_if_idle(Batch { ops, reply }) {
@@ -221,6 +266,14 @@ impl Engine {
 
     fn submit_always(&self, shard: usize, ops: Vec<Op>) -> oneshot::Receiver<Vec<Reply>> {
         let (reply, receiver) = oneshot::channel();
+        if let Some(cluster) = &self.inner.cluster {
+            // A completion for a partition this node no longer owns is not applied here (a
+            // standby's state changes only by its stream): its reply is dropped, and its caller
+            // answers MOVED. The new owner declined it at takeover.
+            if cluster.partitions.admit(shard).is_err() {
+                return receiver;
+            }
+        }
         let shard = &self.inner.shards[shard];
         // A stopped shard drops the batch, and the receiver sees it closed.
         if let Turn::Queue(batch) = shard.apply_if_idle(Batch { ops, reply }) {
@@ -231,7 +284,7 @@ impl Engine {
 
     async fn call(&self, shard: usize, op: Op) -> Result<Reply, EngineError> {
         let receiver = self.submit(shard, vec![op])?;
-        let mut replies = receiver.await.map_err(|_| EngineError::Stopped)?;
+        let mut replies = receiver.await.map_err(|_| self.lost(shard))?;
         let reply = replies.pop().expect("one reply per op");
         match reply {
             Reply::InFlight => Err(EngineError::InFlight),

@@ -33,6 +33,10 @@ pub enum EngineError {
     /// The data directory cannot be read or written; names the file and what is wrong.
     #[error("storage: {0}")]
     Storage(String),
+    /// The request's partition is owned by another node of the cluster (or, while no owner is
+    /// known, by none yet): send it there.
+    #[error("partition {} moved to {:?} (epoch {})", .0.partition, .0.addr, .0.epoch)]
+    Moved(crate::cluster::Moved),
     /// The engine is shutting down.
     #[error("engine stopped")]
     Stopped,

@@ -13,6 +13,7 @@
 //! - [`codes`]: payment codes and coupons, their format and tags (C1–C5, T1);
 //! - [`age`]: age registrations, rules per jurisdiction and the basket check (A1–A3);
 //! - [`vault`] and [`password`]: the only places a card number or password is handled;
+//! - [`cluster`]: partitions replicated on NATS JetStream, ownership and fencing;
 //! - [`engine`]: the facade that routes requests through all of the above;
 //! - [`alloc`]: allocator tuning for the process that holds the state.
 #![deny(missing_docs)]
@@ -20,6 +21,7 @@
 pub mod age;
 pub mod alloc;
 pub mod clock;
+pub mod cluster;
 pub mod codes;
 pub mod config;
 pub mod cow;

@@ -74,6 +74,21 @@ pub(crate) struct Prepared {
     wal_threads: Vec<std::thread::JoinHandle<()>>,
 }
 
+impl Prepared {
+    /// Gives every shard a log whose records go to its partition's replicated log (a cluster
+    /// node's shards start fresh and are filled by their streams), and returns the partitions'
+    /// standing, which holds the other end of each queue.
+    pub(crate) fn replicate(&mut self) -> Arc<crate::cluster::Partitions> {
+        let count = self.states.len();
+        let (senders, partitions) = crate::cluster::Cluster::queues(count);
+        for (index, ((_, wal), jobs)) in self.states.iter_mut().zip(senders).enumerate() {
+            let handle = wal::WalHandle::replicated(jobs, index, count);
+            *wal = Some(ShardWal { handle, generation: 0, since_snapshot: 0, snapshot_every: 0 });
+        }
+        partitions
+    }
+}
+
 /// Builds every shard's state: fresh, or replayed from the data directory's logs, with the
 /// authorizations a crash left at their providers resolved (and that resolution logged) before
 /// any new request is taken.

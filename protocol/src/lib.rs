@@ -15,6 +15,7 @@
 #![deny(missing_docs)]
 
 pub mod client;
+pub mod cluster_client;
 pub mod frame;
 pub mod messages;
 pub mod ops;
@@ -23,6 +24,7 @@ pub mod values;
 pub mod wire;
 
 pub use client::{Client, ClientError};
+pub use cluster_client::{ClusterClient, Patience};
 pub use frame::{Frame, FrameError};
 pub use messages::{opcode, status, DecodeError, Reply, Request, Response, ServerInfo};
 pub use ops::Operation;

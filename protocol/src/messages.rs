@@ -47,6 +47,9 @@ pub mod status {
     pub const SHUTTING_DOWN: u16 = 8;
     /// Server fault.
     pub const INTERNAL: u16 = 9;
+    /// The request's partition is owned by another node of the cluster; body `u16 partition`,
+    /// `u64 epoch`, `str8 address` (empty while no owner is known).
+    pub const MOVED: u16 = 10;
     /// Framing broken; the server closes.
     pub const FRAME_ERROR: u16 = 16;
 
@@ -62,6 +65,7 @@ pub mod status {
         UNKNOWN_OPCODE,
         SHUTTING_DOWN,
         INTERNAL,
+        MOVED,
         FRAME_ERROR,
     ];
 }
@@ -127,6 +131,7 @@ pub enum Response {
     UnknownOpcode,
     ShuttingDown,
     Internal(String),
+    Moved { partition: u16, epoch: u64, address: String },
     FrameError { kind: u16, detail: String },
 }
 
@@ -175,6 +180,7 @@ impl Response {
             Response::UnknownOpcode => status::UNKNOWN_OPCODE,
             Response::ShuttingDown => status::SHUTTING_DOWN,
             Response::Internal(_) => status::INTERNAL,
+            Response::Moved { .. } => status::MOVED,
             Response::FrameError { .. } => status::FRAME_ERROR,
         }
     }
@@ -194,6 +200,9 @@ impl Response {
             | Response::BadRequest(detail)
             | Response::Internal(detail) => {
                 w.str8(detail);
+            }
+            Response::Moved { partition, epoch, address } => {
+                w.u16(*partition).u64(*epoch).str8(address);
             }
             Response::FrameError { kind, detail } => {
                 w.u16(*kind).str8(detail);
@@ -221,6 +230,11 @@ impl Response {
             status::UNKNOWN_OPCODE => Response::UnknownOpcode,
             status::SHUTTING_DOWN => Response::ShuttingDown,
             status::INTERNAL => Response::Internal(r.str8("detail")?.to_owned()),
+            status::MOVED => Response::Moved {
+                partition: r.u16("partition")?,
+                epoch: r.u64("epoch")?,
+                address: r.str8("address")?.to_owned(),
+            },
             status::FRAME_ERROR => {
                 Response::FrameError { kind: r.u16("kind")?, detail: r.str8("detail")?.to_owned() }
             }

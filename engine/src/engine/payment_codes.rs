@@ -128,7 +128,7 @@ impl Engine {
         let mut replies = self
             .submit_always(shard, vec![Op::Apply(envelope)])
             .await
-            .map_err(|_| EngineError::Stopped)?;
+            .map_err(|_| self.lost(shard))?;
         match replies.pop() {
             Some(Reply::CodeIssued(issued)) => Ok(self.deliver_code(issued)),
             Some(Reply::Auth(AuthOutcome::Declined(reason))) => Ok(CodeOutcome::Declined(reason)),
@@ -245,11 +245,15 @@ impl Engine {
         }
     }
 
-    /// Expires every payment code past its expiry and releases its hold, in every shard;
-    /// returns how many. The server runs it periodically; an embedding application should too.
+    /// Expires every payment code past its expiry and releases its hold, in every shard (of a
+    /// cluster node: every partition it owns); returns how many. The server runs it
+    /// periodically; an embedding application should too.
     pub async fn sweep_codes(&self) -> Result<u32, EngineError> {
         let now_ms = self.now_ms();
-        let sweeps = (0..self.shard_count()).map(|shard| {
+        let owned = |shard: &usize| {
+            self.inner.cluster.as_ref().is_none_or(|c| c.partitions.admit(*shard).is_ok())
+        };
+        let sweeps = (0..self.shard_count()).filter(owned).map(|shard| {
             let envelope = Envelope {
                 owner_hash: 0,
                 client_request_id: None,

@@ -126,14 +126,14 @@ impl Engine {
                 continue;
             }
             match self.submit(shard, ops) {
-                Ok(receiver) => pending.push((indices, receiver)),
+                Ok(receiver) => pending.push((shard, indices, receiver)),
                 Err(error) => indices.iter().for_each(|&i| results[i] = Some(Err(error.clone()))),
             }
         }
         let mut dispatches = Vec::new();
-        for (indices, receiver) in pending {
+        for (shard, indices, receiver) in pending {
             let Ok(replies) = receiver.await else {
-                indices.iter().for_each(|&i| results[i] = Some(Err(EngineError::Stopped)));
+                indices.iter().for_each(|&i| results[i] = Some(Err(self.lost(shard))));
                 continue;
             };
             for (index, reply) in indices.into_iter().zip(replies) {
@@ -202,7 +202,7 @@ impl Engine {
         for ((index, dispatch), outcome) in dispatches.into_iter().zip(standing) {
             if !recorded {
                 // Not recorded, not acknowledged: no reply and no notice may claim it.
-                results[index] = Some(Err(EngineError::Stopped));
+                results[index] = Some(Err(self.lost(self.shard_of(dispatch.key.0))));
                 continue;
             }
             results[index] = Some(Ok(self.publish_outcome(*dispatch, outcome, now_ms)));

@@ -143,12 +143,57 @@ impl ShardHandle {
         }
     }
 
+    /// The shard's core as a standby applies to it (`cluster/tail.rs`).
+    pub(crate) fn replica(&self) -> ReplicaCore {
+        ReplicaCore(Arc::clone(&self.core))
+    }
+
     /// Stops the shard once the batch being applied is done: its state and log writer are
     /// dropped (the writer then finishes what was queued), and later batches are refused.
     pub(crate) fn stop(&self) {
         // Taken under the lock, dropped (closing the log writer) after it.
         let core = self.core.lock().unwrap_or_else(PoisonError::into_inner).take();
         drop(core);
+    }
+}
+
+/// A shard's core as a cluster's standby and takeover reach it: the records its partition's
+/// owner appended are applied here, under the same lock the shard's own batches take.
+#[derive(Clone)]
+pub(crate) struct ReplicaCore(CoreCell);
+
+impl ReplicaCore {
+    /// Runs `f` on the core once it is this caller's turn; `None` once the shard stopped. A
+    /// panic in `f` ends the process ([`fail_fast`]), as one in a batch does.
+    fn with<T>(&self, f: impl FnOnce(&mut ShardCore) -> T) -> Option<T> {
+        let mut core = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let core = core.as_mut()?;
+        let index = core.state.index;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| f(core))) {
+            Ok(value) => Some(value),
+            Err(panic) => fail_fast(&format!("shard {index}"), panic.as_ref()),
+        }
+    }
+
+    /// Applies commands another node appended to this partition's log; their replies were that
+    /// node's to give.
+    pub(crate) fn apply_replicated(&self, envelopes: Vec<Envelope>) {
+        self.with(|core| envelopes.into_iter().for_each(|envelope| _ = core.state.apply(envelope)));
+    }
+
+    /// Declines the payments left in flight at their providers, as recovery after a crash does
+    /// ([`ShardState::resolve_pending`]); returns the completions applied, to be logged.
+    pub(crate) fn resolve_pending(&self, now_ms: i64) -> Vec<Envelope> {
+        self.with(|core| core.state.resolve_pending(now_ms)).unwrap_or_default()
+    }
+
+    /// Queues `job` on the shard's log (dropped, with its reply, if the shard has none).
+    pub(crate) fn submit(&self, job: Job<Vec<Reply>>) {
+        self.with(|core| {
+            if let Some(wal) = &core.wal {
+                wal.handle.submit(job);
+            }
+        });
     }
 }
 

@@ -537,9 +537,27 @@ pub(crate) enum Job<V> {
     Snapshot { payload: SnapshotPayload, index: usize, count: usize, generation: u64 },
 }
 
+/// Where a shard's jobs go: its local writer thread, or (in a cluster) the task that appends
+/// them to the partition's replicated log (`cluster/append.rs`).
+pub(crate) enum JobSender<V> {
+    /// The local log writer's queue.
+    Local(Sender<Job<V>>),
+    /// The replicated log's queue.
+    Replicated(tokio::sync::mpsc::UnboundedSender<Job<V>>),
+}
+
+impl<V> Clone for JobSender<V> {
+    fn clone(&self) -> Self {
+        match self {
+            JobSender::Local(jobs) => JobSender::Local(jobs.clone()),
+            JobSender::Replicated(jobs) => JobSender::Replicated(jobs.clone()),
+        }
+    }
+}
+
 /// The sending side of a shard's log writer.
 pub(crate) struct WalHandle<V> {
-    jobs: Sender<Job<V>>,
+    jobs: JobSender<V>,
     /// Set once the writer has failed and stopped.
     pub(crate) failed: Arc<AtomicBool>,
     pub(crate) index: usize,
@@ -557,8 +575,59 @@ impl<V> WalHandle<V> {
     /// Queues a job; if the writer has failed, the job is dropped and its caller sees the
     /// engine as stopped (nothing unlogged is ever acknowledged).
     pub(crate) fn submit(&self, job: Job<V>) {
-        let _ = self.jobs.send(job);
+        match &self.jobs {
+            JobSender::Local(jobs) => _ = jobs.send(job),
+            JobSender::Replicated(jobs) => _ = jobs.send(job),
+        }
     }
+
+    /// A handle whose jobs go to `jobs`, the queue of a partition's replicated log; its
+    /// `failed` flag is never set (a partition whose appends are refused answers `MOVED`).
+    pub(crate) fn replicated(
+        jobs: tokio::sync::mpsc::UnboundedSender<Job<V>>,
+        index: usize,
+        count: usize,
+    ) -> WalHandle<V> {
+        let failed = Arc::new(AtomicBool::new(false));
+        WalHandle { jobs: JobSender::Replicated(jobs), failed, index, count }
+    }
+}
+
+/// Frames `records` as a log file holds them (`u32` length, `u32` CRC-32, payload), for a
+/// message of a partition's replicated log.
+pub(crate) fn frame_records<'a>(
+    records: impl Iterator<Item = &'a rkyv::util::AlignedVec>,
+    out: &mut Vec<u8>,
+) {
+    for record in records {
+        out.extend_from_slice(&(record.len() as u32).to_be_bytes());
+        out.extend_from_slice(&crc32fast::hash(record).to_be_bytes());
+        out.extend_from_slice(record);
+    }
+}
+
+/// The records of a message framed by [`frame_records`], decoded as `R` of this build's
+/// format; an error names the first record that is damaged (a replicated message is whole or
+/// absent, so any damage is corruption).
+pub(crate) fn unframe_records<R: Record>(mut bytes: &[u8]) -> Result<Vec<R>, String> {
+    let mut records = Vec::new();
+    while !bytes.is_empty() {
+        let Some(head) = bytes.get(..RECORD_HEADER_LEN) else {
+            return Err(format!("record {}: header cut short", records.len()));
+        };
+        let len = u32::from_be_bytes(head[..4].try_into().expect("4")) as usize;
+        let crc = u32::from_be_bytes(head[4..8].try_into().expect("4"));
+        let payload = bytes
+            .get(RECORD_HEADER_LEN..RECORD_HEADER_LEN + len)
+            .filter(|_| len <= RECORD_LEN_MAX)
+            .ok_or_else(|| format!("record {}: length {len} out of bounds", records.len()))?;
+        if crc32fast::hash(payload) != crc {
+            return Err(format!("record {}: checksum mismatch", records.len()));
+        }
+        records.push(R::decode(payload, FORMAT_VERSION)?);
+        bytes = &bytes[RECORD_HEADER_LEN + len..];
+    }
+    Ok(records)
 }
 
 /// Opens shard `index`'s log for appending after `valid_len` (cutting off a torn tail) and
@@ -605,7 +674,7 @@ pub(crate) fn open_writer<V: Send + 'static>(
             }
         })
         .map_err(|e| StorageError::Io { path: PathBuf::from("<thread>"), source: e })?;
-    Ok((WalHandle { jobs, failed, index, count }, thread))
+    Ok((WalHandle { jobs: JobSender::Local(jobs), failed, index, count }, thread))
 }
 
 /// A shard's files, for the writer.

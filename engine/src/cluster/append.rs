@@ -1,0 +1,267 @@
+//! The owner's side of a partition's replicated log: the shard's jobs become messages, one per
+//! group commit, each published with `Nats-Expected-Last-Sequence` (several in flight, the
+//! k-th expecting `last + k - 1`), and a job's replies are released only once the stream has
+//! acknowledged the message holding its last record, in order.
+//!
+//! A refused append (`wrong last sequence`, JetStream error 10071) means another node fenced
+//! the partition: every reply still held is dropped (its caller answers `MOVED`) and the
+//! partition is [`Role::Lost`] here. An acknowledgement that does not come (a stream leader's
+//! election, a lost connection) is not a refusal: the messages in flight are sent again, in
+//! order, with the same message IDs, which the stream's duplicate window recognises; after
+//! [`ClusterConfig::append_give_up_ms`] of that the partition is dropped as well.
+
+use std::collections::VecDeque;
+use std::future::IntoFuture;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
+use async_nats::jetstream::message::PublishMessage;
+use bytes::Bytes;
+use futures::stream::{FuturesOrdered, StreamExt};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{ClusterConfig, Partitions, Role};
+use crate::shard::Reply;
+use crate::wal::{self, Job};
+
+/// A message's payload stays below this (NATS's default `max_payload` is 1 MiB); a group commit
+/// larger than that becomes several messages.
+const MESSAGE_BYTES_MAX: usize = 512 * 1024;
+
+/// The header naming the epoch of the owner that appended a message.
+pub(super) const EPOCH_HEADER: &str = "Sg-Epoch";
+/// The header that makes a message a fence: the node and epoch taking the partition.
+pub(super) const FENCE_HEADER: &str = "Sg-Fence";
+
+/// An acknowledgement awaited.
+type AckFuture = <PublishAckFuture as std::future::IntoFuture>::IntoFuture;
+
+type Replies = Vec<(oneshot::Sender<Vec<Reply>>, Vec<Reply>)>;
+
+/// A message published and not yet acknowledged.
+struct Pending {
+    payload: Bytes,
+    /// The sequence it expects the stream to end at (it takes the next).
+    expected_last: u64,
+    /// Released once it is acknowledged.
+    replies: Replies,
+}
+
+/// What one append task needs.
+pub(super) struct Appender {
+    pub(super) js: async_nats::jetstream::Context,
+    pub(super) config: Arc<ClusterConfig>,
+    pub(super) partitions: Arc<Partitions>,
+    pub(super) partition: usize,
+    pub(super) epoch: u64,
+}
+
+/// A message for `partition` at `epoch` expecting the stream to end at `expected_last`: its ID
+/// makes a resend of the same message a duplicate the stream drops.
+fn message(
+    config: &ClusterConfig,
+    partition: usize,
+    epoch: u64,
+    expected_last: u64,
+    payload: Bytes,
+) -> PublishMessage {
+    PublishMessage::build()
+        .payload(payload)
+        .expected_last_sequence(expected_last)
+        .message_id(format!("{}-{partition}-{epoch}-{expected_last}", config.name))
+        .header(EPOCH_HEADER, epoch.to_string().as_str())
+}
+
+/// Why appends stopped.
+enum Stop {
+    /// The engine stopped (the queue closed).
+    Closed,
+    /// Another node fenced the partition, or appends failed for too long.
+    Fenced(String),
+}
+
+impl Appender {
+    /// Appends the partition's jobs from `jobs` after stream sequence `last` until the engine
+    /// stops or the partition is lost.
+    pub(super) async fn run(self, mut jobs: mpsc::UnboundedReceiver<Job<Vec<Reply>>>, last: u64) {
+        let partition = self.partition;
+        match self.append(&mut jobs, last).await {
+            Stop::Closed => {}
+            Stop::Fenced(why) => {
+                self.partitions.set_role(partition, Role::Lost);
+                tracing::warn!(
+                    partition,
+                    epoch = self.epoch,
+                    why,
+                    "partition lost: this node no longer appends to it"
+                );
+                // Jobs still queued are dropped with their replies: their callers answer MOVED.
+                jobs.close();
+                while jobs.recv().await.is_some() {}
+            }
+        }
+    }
+
+    async fn append(
+        &self,
+        jobs: &mut mpsc::UnboundedReceiver<Job<Vec<Reply>>>,
+        mut last: u64,
+    ) -> Stop {
+        let mut pending: VecDeque<Pending> = VecDeque::new();
+        let mut acks: FuturesOrdered<AckFuture> = FuturesOrdered::new();
+        // The sequence the next message expects the stream to end at.
+        let mut next_last = last;
+        loop {
+            tokio::select! {
+                biased;
+                ack = acks.next(), if !acks.is_empty() => {
+                    let front = pending.front().expect("an ack per pending message");
+                    match ack.expect("not empty") {
+                        Ok(ack) if ack.sequence == front.expected_last + 1 || ack.duplicate => {
+                            last = ack.sequence;
+                            let done = pending.pop_front().expect("front");
+                            self.partitions.slots[self.partition].applied.store(last, std::sync::atomic::Ordering::Release);
+                            for (reply, replies) in done.replies {
+                                let _ = reply.send(replies);
+                            }
+                        }
+                        Ok(ack) => {
+                            return Stop::Fenced(format!("acknowledged at sequence {} where {} was expected", ack.sequence, front.expected_last + 1));
+                        }
+                        Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => {
+                            return Stop::Fenced(format!("append refused: {error}"));
+                        }
+                        Err(error) => {
+                            tracing::warn!(partition = self.partition, %error, in_flight = pending.len(), "append not acknowledged; sending again");
+                            acks = FuturesOrdered::new();
+                            match self.resend(&mut pending, &mut last).await {
+                                Ok(()) => {}
+                                Err(stop) => return stop,
+                            }
+                            next_last = last;
+                        }
+                    }
+                }
+                job = jobs.recv(), if pending.len() < self.config.inflight_max => {
+                    let Some(job) = job else { return Stop::Closed };
+                    let mut group = vec![job];
+                    while let Ok(job) = jobs.try_recv() {
+                        group.push(job);
+                    }
+                    for (payload, replies) in messages(group) {
+                        if payload.is_empty() {
+                            // Replies with no records (queries, refusals) wait for the messages
+                            // before them, never overtaking a change they observed.
+                            match pending.back_mut() {
+                                Some(back) => back.replies.extend(replies),
+                                None => replies.into_iter().for_each(|(reply, replies)| _ = reply.send(replies)),
+                            }
+                            continue;
+                        }
+                        let publish = message(&self.config, self.partition, self.epoch, next_last, payload.clone());
+                        match self.js.send_publish(self.config.subject(self.partition), publish).await {
+                            Ok(ack) => acks.push_back(ack.into_future()),
+                            Err(error) => {
+                                // Not sent: the resend below sends it with the rest.
+                                tracing::warn!(partition = self.partition, %error, "append not sent");
+                                acks = FuturesOrdered::new();
+                                pending.push_back(Pending { payload, expected_last: next_last, replies });
+                                if let Err(stop) = self.resend(&mut pending, &mut last).await {
+                                    return stop;
+                                }
+                                next_last = last;
+                                continue;
+                            }
+                        }
+                        pending.push_back(Pending { payload, expected_last: next_last, replies });
+                        next_last += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends every pending message again, in order, one at a time, each awaited; the stream
+    /// drops one it already holds as a duplicate (same ID) and acknowledges it with its
+    /// sequence. Gives up after `append_give_up_ms`.
+    async fn resend(&self, pending: &mut VecDeque<Pending>, last: &mut u64) -> Result<(), Stop> {
+        let started = Instant::now();
+        let give_up = Duration::from_millis(self.config.append_give_up_ms);
+        while let Some(front) = pending.front() {
+            let expected_last = *last;
+            if started.elapsed() > give_up {
+                return Err(Stop::Fenced(format!("no acknowledgement for {give_up:?}")));
+            }
+            let publish = message(
+                &self.config,
+                self.partition,
+                self.epoch,
+                expected_last,
+                front.payload.clone(),
+            );
+            let sent = self.js.send_publish(self.config.subject(self.partition), publish).await;
+            let acked = match sent {
+                Ok(ack) => ack.await,
+                Err(error) => Err(error),
+            };
+            match acked {
+                Ok(ack) if ack.sequence == expected_last + 1 || ack.duplicate => {
+                    *last = ack.sequence;
+                    let done = pending.pop_front().expect("front");
+                    self.partitions.slots[self.partition]
+                        .applied
+                        .store(*last, std::sync::atomic::Ordering::Release);
+                    for (reply, replies) in done.replies {
+                        let _ = reply.send(replies);
+                    }
+                }
+                Ok(ack) => {
+                    return Err(Stop::Fenced(format!(
+                        "resend acknowledged at sequence {}",
+                        ack.sequence
+                    )))
+                }
+                Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => {
+                    return Err(Stop::Fenced(format!("append refused: {error}")));
+                }
+                Err(error) => {
+                    tracing::warn!(partition = self.partition, %error, "append not acknowledged; sending again");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Splits a group of jobs into message payloads of at most [`MESSAGE_BYTES_MAX`] (a job's own
+/// records may span messages), each with the replies of the jobs whose last record it holds.
+fn messages(group: Vec<Job<Vec<Reply>>>) -> Vec<(Bytes, Replies)> {
+    let mut out = Vec::new();
+    let mut payload = Vec::new();
+    let mut replies: Replies = Vec::new();
+    for job in group {
+        match job {
+            Job::Records { records, reply, replies: values } => {
+                for record in &records {
+                    if !payload.is_empty() && payload.len() + record.len() + 8 > MESSAGE_BYTES_MAX {
+                        out.push((
+                            Bytes::from(std::mem::take(&mut payload)),
+                            std::mem::take(&mut replies),
+                        ));
+                    }
+                    wal::frame_records(std::iter::once(record), &mut payload);
+                }
+                replies.push((reply, values));
+            }
+            // Snapshots of a replicated partition are not written locally (the stream is the
+            // log); none is asked for (`snapshot_every` is 0 in a cluster).
+            Job::Snapshot { .. } => {}
+        }
+    }
+    if !payload.is_empty() || !replies.is_empty() {
+        out.push((Bytes::from(payload), replies));
+    }
+    out
+}

@@ -1,0 +1,413 @@
+//! Membership and ownership: this node's heartbeat, the ownership table, and takeovers.
+//!
+//! Two KV buckets: `<name>-nodes` (each node's heartbeat, rewritten every `heartbeat_ms`) and
+//! `<name>-owners` (key `p<N>`: the owning node, its address and epoch). The table is changed
+//! only by compare-and-swap on the key's revision, so two nodes never both win a claim; but
+//! safety does not rest on the table: it rests on the fence a new owner appends to the stream.
+//!
+//! A heartbeat is judged by whether its revision changed within `owner_timeout_ms` of this
+//! node's own clock, so clocks of different machines never need to agree.
+//!
+//! A partition is taken over when it has no owner, or its owner's heartbeat is stale, by the
+//! first of the live nodes in rendezvous order (a hash of partition and node name) that can take
+//! it (not [`Role::Lost`] there): a node's partitions spread over the others when it dies.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, kv, stream};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
+
+use super::append::{Appender, FENCE_HEADER};
+use super::tail::Tail;
+use super::{ClusterConfig, Owner, Partitions, Role};
+use crate::error::EngineError;
+use crate::shard::{Envelope, ReplicaCore};
+use crate::vault::Vault;
+use crate::wal::Job;
+
+/// A node's heartbeat value.
+#[derive(Debug, Serialize, Deserialize)]
+struct Heartbeat {
+    addr: String,
+    /// Partitions this node cannot take ([`Role::Lost`] here).
+    lost: Vec<usize>,
+}
+
+/// Everything the control loop works with.
+pub(super) struct Context {
+    config: Arc<ClusterConfig>,
+    js: jetstream::Context,
+    streams: Vec<stream::Stream>,
+    owners: kv::Store,
+    nodes: kv::Store,
+    partitions: Arc<Partitions>,
+    replicas: Vec<ReplicaCore>,
+    vault: Arc<Vault>,
+    tails: Vec<Option<JoinHandle<()>>>,
+    started: Instant,
+    /// Per node: the heartbeat revision last seen, and when it was first seen.
+    seen: HashMap<String, (u64, Instant, Heartbeat)>,
+}
+
+fn nats_error(what: &str) -> impl FnOnce(async_nats::Error) -> EngineError + '_ {
+    move |e| EngineError::Config(format!("cluster: {what}: {e}"))
+}
+
+impl Context {
+    /// Connects, and creates what does not exist yet: a stream per partition (file storage,
+    /// `replicas` copies) and the two buckets.
+    pub(super) fn connect(
+        runtime: &tokio::runtime::Runtime,
+        config: ClusterConfig,
+        partitions: Arc<Partitions>,
+        replicas: Vec<ReplicaCore>,
+        vault: Arc<Vault>,
+    ) -> Result<Context, EngineError> {
+        // On a thread of its own: the caller may be inside another Tokio runtime, where
+        // blocking on this one is not allowed.
+        let handle = runtime.handle().clone();
+        let connecting = async move {
+            let options = async_nats::ConnectOptions::new()
+                .name(format!("settlegate-{}", config.node))
+                .connection_timeout(Duration::from_secs(5))
+                .retry_on_initial_connect();
+            let client =
+                tokio::time::timeout(Duration::from_secs(30), options.connect(config.nats.clone()))
+                    .await
+                    .map_err(|_| {
+                        EngineError::Config(format!(
+                            "cluster: cannot reach NATS at {:?} in 30 s",
+                            config.nats
+                        ))
+                    })?
+                    .map_err(|e| nats_error("connecting to NATS")(e.into()))?;
+            let mut js = jetstream::new(client);
+            js.set_timeout(Duration::from_millis(config.ack_timeout_ms));
+            let replicas_n = config.replicas;
+            let mut streams = Vec::with_capacity(partitions.slots.len());
+            for partition in 0..partitions.slots.len() {
+                let stream = js
+                    .get_or_create_stream(stream::Config {
+                        name: config.stream(partition),
+                        subjects: vec![config.subject(partition)],
+                        storage: stream::StorageType::File,
+                        num_replicas: replicas_n,
+                        duplicate_window: Duration::from_secs(120),
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| nats_error("creating a partition's stream")(e.into()))?;
+                streams.push(stream);
+            }
+            let bucket = |name: String| kv::Config {
+                bucket: name,
+                history: 1,
+                storage: stream::StorageType::File,
+                num_replicas: replicas_n,
+                ..Default::default()
+            };
+            let owners = key_value(&js, bucket(format!("{}-owners", config.name))).await?;
+            let nodes = key_value(&js, bucket(format!("{}-nodes", config.name))).await?;
+            let tails = (0..partitions.slots.len()).map(|_| None).collect();
+            Ok(Context {
+                config: Arc::new(config),
+                js,
+                streams,
+                owners,
+                nodes,
+                partitions,
+                replicas,
+                vault,
+                tails,
+                started: Instant::now(),
+                seen: HashMap::new(),
+            })
+        };
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| handle.block_on(connecting))
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+}
+
+/// Opens a bucket, creating it if no node has yet.
+async fn key_value(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, EngineError> {
+    let name = config.bucket.clone();
+    match js.get_key_value(&name).await {
+        Ok(store) => Ok(store),
+        Err(_) => match js.create_key_value(config).await {
+            Ok(store) => Ok(store),
+            // Another node created it meanwhile.
+            Err(_) => {
+                js.get_key_value(&name).await.map_err(|e| nats_error("opening a bucket")(e.into()))
+            }
+        },
+    }
+}
+
+/// The control loop: tails every partition, then heartbeats and looks at the ownership table
+/// every `heartbeat_ms`.
+pub(super) async fn run(mut cx: Context) {
+    for partition in 0..cx.partitions.slots.len() {
+        cx.start_tail(partition);
+    }
+    let mut tick = tokio::time::interval(Duration::from_millis(cx.config.heartbeat_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(error) = cx.round().await {
+            tracing::warn!(%error, "cluster control round failed; retrying");
+        }
+    }
+}
+
+/// Rendezvous order: the node of highest hash takes the partition.
+fn rendezvous(partition: usize, node: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (partition, node).hash(&mut hasher);
+    hasher.finish()
+}
+
+impl Context {
+    fn start_tail(&mut self, partition: usize) {
+        let tail = Tail {
+            stream: self.streams[partition].clone(),
+            partitions: Arc::clone(&self.partitions),
+            partition,
+            core: self.replicas[partition].clone(),
+            vault: Arc::clone(&self.vault),
+        };
+        self.tails[partition] = Some(tokio::spawn(tail.run()));
+    }
+
+    async fn stop_tail(&mut self, partition: usize) {
+        if let Some(tail) = self.tails[partition].take() {
+            tail.abort();
+            let _ = tail.await;
+        }
+    }
+
+    async fn round(&mut self) -> Result<(), async_nats::Error> {
+        let lost: Vec<usize> = (0..self.partitions.slots.len())
+            .filter(|&p| self.partitions.role(p) == Role::Lost)
+            .collect();
+        let beat = Heartbeat { addr: self.config.advertise.clone(), lost };
+        self.nodes.put(&self.config.node, serde_json::to_vec(&beat)?.into()).await?;
+        self.read_heartbeats().await?;
+        let timeout = Duration::from_millis(self.config.owner_timeout_ms);
+        let me = self.config.node.clone();
+        let live: Vec<(&String, &Heartbeat)> = self
+            .seen
+            .iter()
+            .filter(|(node, (_, at, _))| **node == me || at.elapsed() < timeout)
+            .map(|(node, (_, _, beat))| (node, beat))
+            .collect();
+        let live_names: Vec<String> = live.iter().map(|(n, _)| (*n).clone()).collect();
+        let mut to_take = Vec::new();
+        for partition in 0..self.partitions.slots.len() {
+            let key = format!("p{partition}");
+            let entry = self.owners.entry(&key).await?;
+            let (owner, revision) = match &entry {
+                Some(entry) if entry.operation == kv::Operation::Put => {
+                    (serde_json::from_slice::<Owner>(&entry.value).ok(), entry.revision)
+                }
+                Some(entry) => (None, entry.revision),
+                None => (None, 0),
+            };
+            *self.partitions.slots[partition].owner.write().unwrap_or_else(|e| e.into_inner()) =
+                owner.clone();
+            let role = self.partitions.role(partition);
+            let owner_node = owner.as_ref().map(|o| o.node.as_str()).unwrap_or("");
+            match role {
+                Role::Owner if owner_node != me => {
+                    // Taken over while this node was away (paused, partitioned): its next
+                    // append would be refused anyway; stop admitting now.
+                    tracing::warn!(
+                        partition,
+                        owner = owner_node,
+                        "partition taken over by another node"
+                    );
+                    self.partitions.set_role(partition, Role::Lost);
+                }
+                Role::Lost if owner_node == me => {
+                    // Hand it to a standby: released, epoch kept.
+                    let released = Owner {
+                        node: String::new(),
+                        addr: String::new(),
+                        epoch: owner.as_ref().map_or(0, |o| o.epoch),
+                    };
+                    let _ = self
+                        .owners
+                        .update(&key, serde_json::to_vec(&released)?.into(), revision)
+                        .await;
+                }
+                Role::Standby => {
+                    let owner_live = !owner_node.is_empty()
+                        && owner_node != me
+                        && live_names.iter().any(|n| n == owner_node);
+                    if owner_live
+                        || self.started.elapsed() < Duration::from_millis(self.config.settle_ms)
+                    {
+                        continue;
+                    }
+                    // This node was the owner before it restarted: take it back at once.
+                    let mine = owner_node == me;
+                    let first = live
+                        .iter()
+                        .filter(|(node, beat)| **node == me || !beat.lost.contains(&partition))
+                        .filter(|(node, _)| node.as_str() != owner_node || mine)
+                        .max_by_key(|(node, _)| rendezvous(partition, node))
+                        .map(|(node, _)| node.as_str());
+                    if mine || first == Some(me.as_str()) {
+                        to_take.push((partition, revision, owner.map_or(0, |o| o.epoch)));
+                    }
+                }
+                _ => {}
+            }
+        }
+        for (partition, revision, epoch) in to_take {
+            if let Err(error) = self.take(partition, revision, epoch).await {
+                tracing::warn!(partition, %error, "takeover failed");
+                if self.partitions.role(partition) == Role::Taking {
+                    self.partitions.set_role(partition, Role::Standby);
+                    if self.tails[partition].is_none() {
+                        self.start_tail(partition);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn read_heartbeats(&mut self) -> Result<(), async_nats::Error> {
+        let mut keys = self.nodes.keys().await?;
+        let mut names = Vec::new();
+        while let Some(key) = keys.next().await {
+            names.push(key?);
+        }
+        for name in names {
+            let Some(entry) = self.nodes.entry(&name).await? else { continue };
+            let Ok(beat) = serde_json::from_slice::<Heartbeat>(&entry.value) else { continue };
+            match self.seen.get_mut(&name) {
+                Some(seen) if seen.0 == entry.revision => {}
+                Some(seen) => *seen = (entry.revision, Instant::now(), beat),
+                // First sight: judged live only once it changes, unless it is this node.
+                None => {
+                    let at = if name == self.config.node {
+                        Instant::now()
+                    } else {
+                        Instant::now() - Duration::from_millis(self.config.owner_timeout_ms)
+                    };
+                    self.seen.insert(name, (entry.revision, at, beat));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes `partition`: claims it in the table (CAS on `revision`), catches up to the stream's
+    /// end, appends the fence at the sequence caught up to, resolves the payments the old owner
+    /// left in flight, and only then admits requests.
+    async fn take(
+        &mut self,
+        partition: usize,
+        revision: u64,
+        epoch: u64,
+    ) -> Result<(), async_nats::Error> {
+        let key = format!("p{partition}");
+        let epoch = epoch + 1;
+        let claim =
+            Owner { node: self.config.node.clone(), addr: self.config.advertise.clone(), epoch };
+        let value: bytes::Bytes = serde_json::to_vec(&claim)?.into();
+        if revision == 0 {
+            self.owners.create(&key, value).await?;
+        } else {
+            self.owners.update(&key, value, revision).await?;
+        }
+        self.partitions.set_role(partition, Role::Taking);
+        let started = Instant::now();
+        let partitions = Arc::clone(&self.partitions);
+        let slot = &partitions.slots[partition];
+        let fenced = loop {
+            if started.elapsed() > Duration::from_secs(30) {
+                return Err("could not catch up and fence in 30 s".into());
+            }
+            let last = self.streams[partition].info().await?.state.last_sequence;
+            while slot.applied.load(Ordering::Acquire) < last {
+                if self.tails[partition].as_ref().is_none_or(|t| t.is_finished()) {
+                    return Err("the partition's tail stopped".into());
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            self.stop_tail(partition).await;
+            let applied = slot.applied.load(Ordering::Acquire);
+            let fence = async_nats::jetstream::message::PublishMessage::build()
+                .expected_last_sequence(applied)
+                .message_id(format!("{}-{partition}-fence-{epoch}", self.config.name))
+                .header(FENCE_HEADER, format!("{} {epoch}", self.config.node).as_str());
+            let acked = match self.js.send_publish(self.config.subject(partition), fence).await {
+                Ok(ack) => ack.await,
+                Err(error) => Err(error),
+            };
+            match acked {
+                Ok(ack) => break ack.sequence,
+                Err(error) => {
+                    // Appended to meanwhile (a zombie owner's last appends), or no answer:
+                    // catch up again and fence at the new end.
+                    tracing::info!(partition, %error, "fence not appended; catching up again");
+                    self.start_tail(partition);
+                }
+            }
+        };
+        slot.applied.store(fenced, Ordering::Release);
+        let jobs = slot.jobs.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(jobs) = jobs else {
+            return Err("the partition's queue was taken already".into());
+        };
+        let appender = Appender {
+            js: self.js.clone(),
+            config: Arc::clone(&self.config),
+            partitions: Arc::clone(&self.partitions),
+            partition,
+            epoch,
+        };
+        tokio::spawn(appender.run(jobs, fenced));
+        // Payments the old owner left at their providers end as a crash's do: declined, logged.
+        let resolved: Vec<Envelope> = self.replicas[partition].resolve_pending(now_ms());
+        if !resolved.is_empty() {
+            tracing::warn!(
+                partition,
+                count = resolved.len(),
+                "authorizations in flight at the old owner declined as provider timeouts"
+            );
+            let records = resolved.iter().map(Envelope::to_bytes).collect();
+            let (reply, durable) = tokio::sync::oneshot::channel();
+            self.replicas[partition].submit(Job::Records { records, reply, replies: Vec::new() });
+            durable.await.map_err(|_| "the resolution of in-flight payments was not appended")?;
+        }
+        *slot.owner.write().unwrap_or_else(|e| e.into_inner()) = Some(claim);
+        self.partitions.set_role(partition, Role::Owner);
+        tracing::info!(
+            partition,
+            epoch,
+            sequence = fenced,
+            took_ms = started.elapsed().as_millis() as u64,
+            "partition taken"
+        );
+        Ok(())
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

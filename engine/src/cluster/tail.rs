@@ -1,0 +1,85 @@
+//! A standby's side of a partition: an ordered consumer of the partition's stream from the
+//! sequence after the last applied, whose records are applied to the shard's state through the
+//! same `ShardState::apply` the owner used. The records carry everything applying them reads
+//! outside the shard (`docs/ARCHITECTURE.md`, "A shard's state is a function of its own log"), so
+//! the standby's state, digest included, is the owner's at the same sequence.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+use futures::StreamExt;
+
+use super::append::FENCE_HEADER;
+use super::{Partitions, Role};
+use crate::shard::logged::Logged;
+use crate::shard::ReplicaCore;
+use crate::vault::Vault;
+use crate::wal;
+
+/// What one tail needs.
+pub(super) struct Tail {
+    pub(super) stream: async_nats::jetstream::stream::Stream,
+    pub(super) partitions: Arc<Partitions>,
+    pub(super) partition: usize,
+    pub(super) core: ReplicaCore,
+    pub(super) vault: Arc<Vault>,
+}
+
+impl Tail {
+    /// Applies the stream's messages after the last applied one, as they come, until the task is
+    /// aborted (at a takeover) or a message cannot be applied.
+    pub(super) async fn run(self) {
+        let partition = self.partition;
+        loop {
+            let from = self.partitions.slots[partition].applied.load(Ordering::Acquire) + 1;
+            match self.follow(from).await {
+                Ok(()) => return,
+                Err(error) => {
+                    tracing::warn!(partition, %error, "tail of the partition's stream interrupted; resuming");
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+
+    async fn follow(&self, from: u64) -> Result<(), async_nats::Error> {
+        let partition = self.partition;
+        let consumer = self
+            .stream
+            .create_consumer(pull::OrderedConfig {
+                deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: from },
+                ..Default::default()
+            })
+            .await?;
+        let mut messages = consumer.messages().await?;
+        while let Some(message) = messages.next().await {
+            let message = message?;
+            let sequence = message.info()?.stream_sequence;
+            let fence = message.headers.as_ref().and_then(|h| h.get(FENCE_HEADER));
+            if fence.is_none() {
+                let envelopes =
+                    wal::unframe_records::<Logged>(&message.payload).and_then(|records| {
+                        records
+                            .into_iter()
+                            .map(|record| {
+                                record.into_envelope(&self.vault).map_err(|e| e.to_string())
+                            })
+                            .collect::<Result<Vec<_>, _>>()
+                    });
+                match envelopes {
+                    Ok(envelopes) => self.core.apply_replicated(envelopes),
+                    Err(error) => {
+                        // A record this build cannot apply: the standby stops here rather than
+                        // diverge; it will not take the partition over.
+                        tracing::error!(partition, sequence, error, "replicated record cannot be applied; this node stops following the partition");
+                        self.partitions.set_role(partition, Role::Lost);
+                        return Ok(());
+                    }
+                }
+            }
+            self.partitions.slots[partition].applied.store(sequence, Ordering::Release);
+        }
+        Ok(())
+    }
+}
