@@ -230,7 +230,7 @@ TOML
 # for its /healthz on HTTP port $4.
 start_settlegate() {
   local command=$1 name=$2 config=$3 http_port=$4
-  nohup "$bin" "$command" --config "$config" >>"$dir/$name.log" 2>&1 &
+  NO_COLOR=1 nohup "$bin" "$command" --config "$config" >>"$dir/$name.log" 2>&1 &
   printf '%s\n' "$!" >"$dir/$name.pid"
   wait_for 60 "$dir/$name.pid" http_ok "http://127.0.0.1:$http_port/healthz" ||
     { show_log "$dir/$name.pid"; die "settlegate $command $name did not become healthy"; }
