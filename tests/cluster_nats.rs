@@ -24,12 +24,16 @@ fn partition_stream(name: &str) -> stream::Config {
     }
 }
 
-/// A JetStream context on `urls`, whose publishes give up after 2 s (failovers are retried).
+/// A JetStream context on `urls` (requests and acks time out after async-nats's 5 s).
 async fn jetstream_on(urls: Vec<String>) -> jetstream::Context {
-    let client = async_nats::connect(urls).await.expect("connect to nats");
-    let mut js = jetstream::new(client);
-    js.set_timeout(Duration::from_secs(2));
-    js
+    jetstream::new(async_nats::connect(urls).await.expect("connect to nats"))
+}
+
+/// Headers that make a publish append only if the stream's last sequence is `expected_last`.
+fn expecting(expected_last: u64) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(NATS_EXPECTED_LAST_SEQUENCE, expected_last.to_string().as_str());
+    headers
 }
 
 /// Publishes `payload` to `stream`'s subject, appended only if the stream's last sequence is
@@ -40,10 +44,10 @@ async fn append(
     expected_last: u64,
     payload: &str,
 ) -> Result<PublishAck, PublishError> {
-    let mut headers = HeaderMap::new();
-    headers.insert(NATS_EXPECTED_LAST_SEQUENCE, expected_last.to_string().as_str());
     let subject = format!("{stream}.log");
-    js.publish_with_headers(subject, headers, payload.to_owned().into()).await?.await
+    js.publish_with_headers(subject, expecting(expected_last), payload.to_owned().into())
+        .await?
+        .await
 }
 
 /// The JetStream error code a refused publish carries.
@@ -166,4 +170,29 @@ async fn a_paused_follower_does_not_stop_acks_and_catches_up_when_resumed() {
     assert_eq!(cluster.stream_leader(STREAM), Some(leader));
     cluster.resume(follower);
     wait_replica_caught_up(&cluster, follower, STREAM, 5);
+}
+
+/// An owner keeps several appends in flight, each expecting the sequence the one before it
+/// will get: the stream leader counts appends it has not yet committed, so all are acked in
+/// order; one expecting a sequence already taken is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_appends_each_expecting_the_previous_ones_sequence_are_all_acked() {
+    const STREAM: &str = "PIPELINE";
+    const IN_FLIGHT: u64 = 32;
+    let cluster = NatsCluster::start(3);
+    let js = jetstream_on(cluster.client_urls()).await;
+    js.create_stream(partition_stream(STREAM)).await.expect("create stream");
+
+    let mut pending = Vec::new();
+    for last in 0..IN_FLIGHT {
+        let payload = format!("m{}", last + 1).into();
+        let ack = js.publish_with_headers(format!("{STREAM}.log"), expecting(last), payload).await;
+        pending.push(ack.expect("sent"));
+    }
+    for (last, ack) in (0..IN_FLIGHT).zip(pending) {
+        assert_eq!(ack.await.expect("acked").sequence, last + 1);
+    }
+    assert_wrong_last_sequence(append(&js, STREAM, IN_FLIGHT - 1, "stale").await);
+    let expected: Vec<String> = (1..=IN_FLIGHT).map(|n| format!("m{n}")).collect();
+    assert_eq!(payloads(&js, STREAM, IN_FLIGHT).await, expected);
 }

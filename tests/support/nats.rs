@@ -69,7 +69,9 @@ impl NatsCluster {
     /// Starts `n` servers (one: a lone JetStream server; more: a cluster with routes between all
     /// of them) and waits, for up to [`READY_TIMEOUT`], until each answers
     /// `/healthz?js-enabled-only=true` and all agree on an elected JetStream meta leader with
-    /// every server as a current peer. Panics, with the servers' logs, when that does not happen.
+    /// every server as a current peer, and a stream replicated on every server can be created;
+    /// then checks that each fsyncs before acknowledging (`/varz` shows `sync_always`). Panics,
+    /// with the servers' logs, when that does not happen.
     pub fn start(n: usize) -> NatsCluster {
         assert!(n > 0, "a cluster needs at least one server");
         let binary = binary();
@@ -80,8 +82,15 @@ impl NatsCluster {
             for i in 0..n {
                 cluster.spawn(binary, i);
             }
-            match cluster.wait_ready(Instant::now() + READY_TIMEOUT) {
-                Ok(()) => return cluster,
+            let deadline = Instant::now() + READY_TIMEOUT;
+            match cluster.wait_ready(deadline) {
+                Ok(()) => {
+                    cluster.check_sync_always();
+                    if let Err(message) = cluster.probe_placement(deadline) {
+                        cluster.fail(&format!("no replicated stream can be created: {message}"));
+                    }
+                    return cluster;
+                }
                 Err(StartFailure::PortInUse) if attempt < START_ATTEMPTS => {
                     eprintln!("nats cluster: a port was taken; starting again on other ports");
                     cluster.kill_all();
@@ -154,13 +163,14 @@ impl NatsCluster {
     }
 
     /// Starts server `i` again (killing it first if it runs), on its old ports and store, and
-    /// waits until it answers `/healthz?js-enabled-only=true` and, when a majority of the
-    /// cluster runs, until it knows the JetStream meta leader.
+    /// waits until it answers `/healthz?js-enabled-only=true` and, in a cluster of which a
+    /// majority runs, until it knows the JetStream meta leader.
     pub fn restart(&mut self, i: usize) {
         self.kill(i);
         self.spawn(binary(), i);
         let deadline = Instant::now() + READY_TIMEOUT;
-        let majority = self.servers.iter().filter(|s| s.child.is_some()).count() * 2 > self.len();
+        let running = self.servers.iter().filter(|s| s.child.is_some()).count();
+        let majority = self.len() > 1 && running * 2 > self.len();
         let result: Result<(), StartFailure> = self.poll(deadline, |cluster| {
             cluster.check_alive()?;
             let healthy = cluster.healthy(i);
@@ -275,10 +285,10 @@ impl NatsCluster {
                         .filter(|&j| j != i)
                         .map(|j| format!("\"nats-route://127.0.0.1:{}\"", ports[j][1]))
                         .collect();
+                    let routes = routes.join(", ");
                     text += &format!(
-                        "cluster {{\n  name: settlegate-test\n  listen: \"127.0.0.1:{route_port}\"\n  \
-                         routes: [{}]\n}}\n",
-                        routes.join(", ")
+                        "cluster {{\n  name: settlegate-test\n  \
+                         listen: \"127.0.0.1:{route_port}\"\n  routes: [{routes}]\n}}\n",
                     );
                 }
                 fs::write(&config, text).expect("write nats-server config");
@@ -361,6 +371,60 @@ impl NatsCluster {
             }
         }
         Ok(())
+    }
+
+    /// Fails unless every server reports, in `/varz`, that it fsyncs every write before
+    /// acknowledging it (`sync_interval: always`), which is what the cluster's durability rests on.
+    fn check_sync_always(&self) {
+        for i in 0..self.len() {
+            let varz = self.monitor(i, "/varz").unwrap_or_default();
+            if varz["jetstream"]["config"]["sync_always"] != true {
+                let config = &varz["jetstream"]["config"];
+                self.fail(&format!(
+                    "{} does not run with sync_interval: always: {config}",
+                    self.servers[i].name
+                ));
+            }
+        }
+    }
+
+    /// Creates and deletes a file stream with a replica on every server (at most 5), retrying
+    /// until `deadline`: the meta leader can refuse to place one for a moment after the meta
+    /// group is up (10005, "no suitable peers for placement, peer offline") while it has not yet
+    /// heard from every server. Runs the async client on a thread of its own, so it works
+    /// inside a test's runtime as well as outside one.
+    fn probe_placement(&self, deadline: Instant) -> Result<(), String> {
+        use async_nats::jetstream::{self, stream};
+        let urls = self.client_urls();
+        let config = stream::Config {
+            name: "SETTLEGATE_TEST_READY".into(),
+            subjects: vec!["settlegate-test-ready".into()],
+            num_replicas: self.len().min(5),
+            storage: stream::StorageType::File,
+            ..Default::default()
+        };
+        let probe = async move {
+            let client = async_nats::connect(urls).await.map_err(|e| e.to_string())?;
+            let js = jetstream::new(client);
+            loop {
+                match js.create_stream(config.clone()).await {
+                    Ok(_) => break,
+                    Err(error) if Instant::now() < deadline => {
+                        eprintln!("nats cluster: not ready for a replicated stream yet: {error}");
+                        tokio::time::sleep(POLL).await;
+                    }
+                    Err(error) => return Err(error.to_string()),
+                }
+            }
+            js.delete_stream(&config.name).await.map_err(|e| e.to_string())?;
+            Ok(())
+        };
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+            runtime.map_err(|e| e.to_string())?.block_on(probe)
+        })
+        .join()
+        .map_err(|_| "the probe panicked".to_owned())?
     }
 
     /// Every server healthy; with more than one, all agree on a meta leader that counts every
