@@ -69,8 +69,14 @@ fn message(
     PublishMessage::build()
         .payload(payload)
         .expected_last_sequence(expected_last)
-        .message_id(format!("{}-{partition}-{epoch}-{expected_last}", config.name))
+        .message_id(message_id(config, partition, epoch, expected_last))
         .header(EPOCH_HEADER, epoch.to_string().as_str())
+}
+
+/// The ID of the message of `partition` at `epoch` that expects the stream to end at
+/// `expected_last`.
+fn message_id(config: &ClusterConfig, partition: usize, epoch: u64, expected_last: u64) -> String {
+    format!("{}-{partition}-{epoch}-{expected_last}", config.name)
 }
 
 /// Why appends stopped.
@@ -264,9 +270,29 @@ impl Appender {
                 Ok(ack) => ack.await,
                 Err(error) => Err(error),
             };
+            // The stream checks the expected sequence before it looks for duplicates: a resend of
+            // a message that landed (its acknowledgement lost) is refused as if fenced. So a
+            // refusal is checked against the stream: is the message after `last` this one?
+            let acked = match acked {
+                Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => {
+                    let id = message_id(&self.config, self.partition, self.epoch, expected_last);
+                    if self.landed(expected_last + 1, &id).await {
+                        Ok(expected_last + 1)
+                    } else {
+                        return Err(self.fenced(format!("append refused: {error}")));
+                    }
+                }
+                Ok(ack) if ack.sequence == expected_last + 1 || ack.duplicate => Ok(ack.sequence),
+                Ok(ack) => {
+                    return Err(
+                        self.fenced(format!("resend acknowledged at sequence {}", ack.sequence))
+                    )
+                }
+                Err(error) => Err(error),
+            };
             match acked {
-                Ok(ack) if ack.sequence == expected_last + 1 || ack.duplicate => {
-                    *last = ack.sequence;
+                Ok(sequence) => {
+                    *last = sequence;
                     let done = pending.pop_front().expect("front");
                     self.partitions.slots[self.partition]
                         .applied
@@ -275,14 +301,6 @@ impl Appender {
                         let _ = reply.send(replies);
                     }
                 }
-                Ok(ack) => {
-                    return Err(
-                        self.fenced(format!("resend acknowledged at sequence {}", ack.sequence))
-                    )
-                }
-                Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => {
-                    return Err(self.fenced(format!("append refused: {error}")));
-                }
                 Err(error) => {
                     tracing::warn!(partition = self.partition, %error, "append not acknowledged; sending again");
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -290,6 +308,18 @@ impl Appender {
             }
         }
         Ok(())
+    }
+}
+
+impl Appender {
+    /// Whether the stream holds, at `sequence`, the message with ID `id`.
+    async fn landed(&self, sequence: u64, id: &str) -> bool {
+        let Ok(stream) = self.js.get_stream(self.config.stream(self.partition)).await else {
+            return false;
+        };
+        let Ok(message) = stream.get_raw_message(sequence).await else { return false };
+        let header = message.headers.get(async_nats::header::NATS_MESSAGE_ID);
+        header.is_some_and(|value| value.as_str() == id)
     }
 }
 

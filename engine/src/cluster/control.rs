@@ -96,17 +96,29 @@ impl Context {
             let replicas_n = config.replicas;
             let mut streams = Vec::with_capacity(partitions.slots.len());
             for partition in 0..partitions.slots.len() {
-                let stream = js
-                    .get_or_create_stream(stream::Config {
-                        name: config.stream(partition),
-                        subjects: vec![config.subject(partition)],
-                        storage: stream::StorageType::File,
-                        num_replicas: replicas_n,
-                        duplicate_window: Duration::from_secs(120),
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(|e| nats_error("creating a partition's stream")(e.into()))?;
+                let config = stream::Config {
+                    name: config.stream(partition),
+                    subjects: vec![config.subject(partition)],
+                    storage: stream::StorageType::File,
+                    num_replicas: replicas_n,
+                    duplicate_window: Duration::from_secs(120),
+                    ..Default::default()
+                };
+                // A cluster just started may refuse a replicated stream for a moment (10005, no
+                // suitable peers): retried for up to 30 s.
+                let started = Instant::now();
+                let stream = loop {
+                    match js.get_or_create_stream(config.clone()).await {
+                        Ok(stream) => break stream,
+                        Err(error) if started.elapsed() < Duration::from_secs(30) => {
+                            tracing::info!(%error, "creating a partition's stream; retrying");
+                            tokio::time::sleep(Duration::from_millis(250)).await;
+                        }
+                        Err(error) => {
+                            return Err(nats_error("creating a partition's stream")(error.into()))
+                        }
+                    }
+                };
                 streams.push(stream);
             }
             let bucket = |name: String| kv::Config {
