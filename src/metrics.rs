@@ -141,6 +141,9 @@ impl Metrics {
     }
 }
 
+/// A gauge of a cluster partition's standing.
+type PartitionGauge = fn(&settlegate_engine::cluster::PartitionStatus) -> i64;
+
 /// The counters the engine keeps, read when scraped.
 struct EngineCounters(settlegate_engine::Engine);
 
@@ -162,7 +165,7 @@ impl Collector for EngineCounters {
         )?;
         dropped.encode(metric)?;
         let Some(partitions) = self.0.cluster_status() else { return Ok(()) };
-        let gauges: [(&str, &str, fn(&settlegate_engine::cluster::PartitionStatus) -> i64); 3] = [
+        let gauges: [(&str, &str, PartitionGauge); 3] = [
             (
                 "cluster_partition_owned",
                 "1 where this node owns the partition (admits its requests), else 0",
