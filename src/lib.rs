@@ -17,6 +17,7 @@ pub mod identity;
 pub mod metrics;
 pub mod ops;
 pub mod outbox;
+pub mod route;
 pub mod server;
 pub mod tls;
 pub mod wire_map;

@@ -34,6 +34,14 @@ enum Command {
     },
     /// Print the embedded default config.
     DefaultConfig,
+    /// Run a cluster's router (the first tier): partners connect here, and each request goes
+    /// to its partition's owner (`docs/CLUSTER.md`).
+    Route {
+        /// TOML config file: `[server] listen`, `[cluster]` (`nats`, `name`) and
+        /// `[engine] shards` (the partition count).
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Rebuild one shard of a data directory from its own snapshot and log alone, writing
     /// nothing, and print its state digest as JSON (compare with the server's `/digests`).
     ReplayShard {
@@ -54,6 +62,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve { config } => serve(config),
+        Command::Route { config } => route(config),
         Command::ReplayShard { config, shard } => {
             let (config, _) = load(&Some(config))?;
             let replay = settlegate_engine::replay_shard(&config.engine, shard)?;
@@ -121,6 +130,20 @@ fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
         server.shutdown().await;
         tracing::info!("stopped");
         Ok(())
+    })
+}
+
+fn route(path: PathBuf) -> anyhow::Result<()> {
+    let (config, source) = load(&Some(path))?;
+    init_logs(&config);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let router = settlegate::route::start(config).await?;
+        println!("settlegate {} router ({source})", env!("CARGO_PKG_VERSION"));
+        println!("  protocol  tcp://{}", router.addr);
+        println!("  http      none");
+        tracing::info!(addr = %router.addr, "routing");
+        wait_for_signal().await
     })
 }
 

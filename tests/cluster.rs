@@ -153,6 +153,51 @@ impl Drop for Node {
     }
 }
 
+/// A router (`settlegate route`) in front of the cluster, killed when dropped.
+struct Router {
+    addr: SocketAddr,
+    child: std::process::Child,
+}
+
+impl Router {
+    fn start(dir: &Path, name: &str, nats: &[String], partitions: usize) -> Router {
+        use std::io::{BufRead, BufReader};
+        let nats: Vec<String> = nats.iter().map(|url| format!("\"{url}\"")).collect();
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[engine]\nshards = {partitions}\n\n[cluster]\n\
+             node = \"{name}\"\nnats = [{}]\nname = \"sgtest\"\nadvertise = \"127.0.0.1:1\"\n",
+            nats.join(", ")
+        );
+        let config = dir.join(format!("{name}.toml"));
+        std::fs::write(&config, text).unwrap();
+        let log = std::fs::File::create(config.with_extension("log")).unwrap();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_settlegate"))
+            .args(["route", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn the router");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let addr = loop {
+            let line = lines.next().expect("the router printed its address").unwrap();
+            if let Some(rest) = line.trim().strip_prefix("protocol") {
+                break rest.trim().split("://").nth(1).unwrap().parse().unwrap();
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        Router { addr, child }
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// The body of `GET path` on `addr`, if it answers 200.
 async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     http(addr, "GET", path).await
@@ -515,7 +560,7 @@ impl Cluster {
 
 /// Kills the owner of a partition with SIGKILL under load, 5 times (the stream's leader with it
 /// on some rounds, the stream's leader alone on others), with redemptions of the same codes
-/// through two clients at once; then restarts everything. Nothing acknowledged is lost, no code
+/// through two routers at once (each partner's one address); then restarts everything. Nothing acknowledged is lost, no code
 /// is redeemed twice, and every partition's digest is the same on every node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn owner_and_stream_leader_kills_lose_nothing_acknowledged() {
@@ -526,15 +571,31 @@ async fn owner_and_stream_leader_kills_lose_nothing_acknowledged() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut cluster = Cluster::start(3, 4);
     cluster.settled().await;
+    let routers: Vec<Router> = (1..=2)
+        .map(|i| {
+            Router::start(cluster._dir.path(), &format!("r{i}"), &cluster.nats.client_urls(), 4)
+        })
+        .collect();
     let setup = patient(&cluster.addrs());
     let payers = Arc::new(enroll(&setup, 8, "kill").await);
+    // One probe payer in each partition, to time the first acknowledgement after a kill.
+    let mut probes: Vec<Option<(Payer, u64)>> = (0..4).map(|_| None).collect();
+    for payer in enroll(&setup, 32, "probe").await {
+        let slot = &mut probes[settlegate_engine::shard_of_user(&payer.user, 4)];
+        if slot.is_none() {
+            *slot = Some((payer, 0));
+        }
+    }
+    let mut probes: Vec<(Payer, u64)> =
+        probes.into_iter().map(|p| p.expect("a probe payer in every partition")).collect();
     let ledger: Shared = Arc::default();
     let counters: Counters = Arc::new(Mutex::new(vec![0; payers.len()]));
     let mut failovers = Vec::new();
     for round in 0..rounds {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Partners talk to the routers only.
         let clients: Vec<Arc<ClusterClient>> =
-            (0..2).map(|_| Arc::new(patient(&cluster.addrs()))).collect();
+            routers.iter().map(|router| Arc::new(patient(&[router.addr]))).collect();
         let mut workers = Vec::new();
         for w in 0..3u64 {
             let mine = (0..8).filter(|i| i % 4 == w as usize).collect();
@@ -584,14 +645,17 @@ async fn owner_and_stream_leader_kills_lose_nothing_acknowledged() {
                 }
             }
         }
-        // The first payment acknowledged for the partition after the kill.
-        let probe = patient(&cluster.addrs());
-        let owners_after = cluster.settled().await;
+        // The first payment of the partition acknowledged after the kill, through a router.
+        let (probe, counter) = &mut probes[partition];
+        *counter += 1;
+        let signed = Signed::new(std::slice::from_ref(probe), 0, *counter, 100);
+        let answer = patient(&[routers[round % 2].addr]).call(&signed.request()).await;
+        assert!(matches!(answer, Ok(Response::Ok(Reply::Authorize(_)))), "probe: {answer:?}");
         let took = killed_at.elapsed();
-        let _ = probe;
+        let owners_after = cluster.settled().await;
         failovers.push((round % 3, took));
         eprintln!(
-            "round {round}: partition {partition} owner {} -> {}, settled after {took:?}",
+            "round {round}: partition {partition} owner {} -> {}, first acknowledgement after {took:?}",
             cluster.nodes[victim].name, cluster.nodes[owners_after[partition]].name
         );
         tokio::time::sleep(Duration::from_millis(rng.gen_range(200..600))).await;
@@ -626,7 +690,7 @@ async fn owner_and_stream_leader_kills_lose_nothing_acknowledged() {
         );
     }
     eprintln!(
-        "cluster crash test: {} acknowledged payments, {} codes issued, {} redeemed; failovers {failovers:?}",
+        "cluster crash test: {} acknowledged payments, {} codes issued, {} redeemed; (round kind, first acknowledgement after the kill): {failovers:?}",
         ledger.payments.len(),
         ledger.issued.len(),
         ledger.redeemed.len()

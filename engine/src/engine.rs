@@ -219,8 +219,7 @@ impl Engine {
     }
 
     fn shard_of(&self, owner_hash: u64) -> usize {
-        // Multiply-shift: uses the hash's high bits, which FxHash mixes best.
-        ((owner_hash as u128 * self.inner.shards.len() as u128) >> 64) as usize
+        shard_of_hash(owner_hash, self.inner.shards.len())
     }
 
     /// Each partition's standing on this node, when it is a cluster's node.
@@ -492,6 +491,18 @@ fn declined(reason: ReasonCode) -> BasketOutcome {
 }
 
 /// The routing hash of a geographic cell.
+/// The shard, among `count`, of the requests of owner hash `hash`.
+fn shard_of_hash(hash: u64, count: usize) -> usize {
+    // Multiply-shift: uses the hash's high bits, which FxHash mixes best.
+    ((hash as u128 * count as u128) >> 64) as usize
+}
+
+/// The shard (a cluster's partition), among `count`, that serves `user`'s requests: what a
+/// router computes to send a request to its partition's owner (`docs/CLUSTER.md`).
+pub fn shard_of_user(user: &UserKey, count: usize) -> usize {
+    shard_of_hash(user_hash(user), count)
+}
+
 fn cell_hash(cell: u32) -> u64 {
     digest_of(&("cell", cell))
 }

@@ -55,7 +55,7 @@ pub(crate) type SharedMap<K, V> = dashmap::DashMap<K, V, foldhash::fast::RandomS
 pub use age::{AgeCheck, AgePolicy, AgeRecord, AgeVerdict, Basket, BasketItem, OnAgeFailure};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{EngineConfig, ProviderConfig};
-pub use engine::replay_shard;
+pub use engine::{replay_shard, shard_of_user};
 pub use engine::{
     AuthorizeRequest, BasketOutcome, BestBy, CodeOutcome, DeviceCredential, Engine, EnrollRequest,
     EnteredStore, IssueCodeRequest, MeansAdded, MeansOrder, MethodAtStore, RedeemRequest,

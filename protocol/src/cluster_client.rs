@@ -64,7 +64,16 @@ impl ClusterClient {
             Ok(Err(error)) => return Err(ClientError::Closed(error.to_string())),
             Err(_) => return Err(ClientError::Closed(format!("connecting to {addr} timed out"))),
         };
-        client.authenticate(&self.key).await?;
+        match client.authenticate(&self.key).await {
+            Ok(()) => {}
+            // A node (or a router) that cannot serve now: like a lost connection, try again.
+            Err(ClientError::Unexpected(response))
+                if matches!(*response, Response::ShuttingDown | Response::Busy { .. }) =>
+            {
+                return Err(ClientError::Closed(format!("{addr} answered AUTH {response:?}")))
+            }
+            Err(error) => return Err(error),
+        }
         let client = Arc::new(client);
         self.connections.lock().expect("connections lock").insert(addr, Arc::clone(&client));
         Ok(client)

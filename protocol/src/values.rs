@@ -197,6 +197,10 @@ macro_rules! device_request {
                     card_idm: r.array("card_idm")?,
                 })
             }
+
+            fn route(&self) -> $crate::ops::Route<'_> {
+                $crate::ops::Route::User(&self.user)
+            }
         }
     };
 }
@@ -229,6 +233,10 @@ macro_rules! password_request {
                 r: &mut $crate::wire::Reader<'_>,
             ) -> Result<$name, $crate::wire::BodyError> {
                 Ok($name { user: r.user()?, password: r.str8("password")?.to_owned() })
+            }
+
+            fn route(&self) -> $crate::ops::Route<'_> {
+                $crate::ops::Route::User(&self.user)
             }
         }
     };

@@ -131,4 +131,8 @@ impl Operation for AddMeans {
             means: MeansInput::decode(r)?,
         })
     }
+
+    fn route(&self) -> super::Route<'_> {
+        super::Route::User(&self.user)
+    }
 }

@@ -29,4 +29,8 @@ impl Operation for Authorize {
             inherent_id: r.bytes16("inherent_id")?.to_vec(),
         })
     }
+
+    fn route(&self) -> super::Route<'_> {
+        super::Route::Signed(&self.inherent_id)
+    }
 }

@@ -120,4 +120,8 @@ impl Operation for AuthorizeBasket {
             basket: Basket::decode(r)?,
         })
     }
+
+    fn route(&self) -> super::Route<'_> {
+        super::Route::Signed(&self.inherent_id)
+    }
 }

@@ -59,4 +59,8 @@ impl Operation for GetCodeState {
     fn decode(_: u16, r: &mut Reader<'_>) -> Result<GetCodeState, BodyError> {
         Ok(GetCodeState { number: r.u64("number")? })
     }
+
+    fn route(&self) -> super::Route<'_> {
+        super::Route::Code(self.number)
+    }
 }

@@ -79,4 +79,8 @@ impl Operation for IssueCode {
             order_ref: r.str8("order_ref")?.to_owned(),
         })
     }
+
+    fn route(&self) -> super::Route<'_> {
+        super::Route::Signed(&self.inherent_id)
+    }
 }

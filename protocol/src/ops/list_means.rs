@@ -73,4 +73,8 @@ impl Operation for ListMeans {
             },
         })
     }
+
+    fn route(&self) -> super::Route<'_> {
+        super::Route::User(&self.user)
+    }
 }

@@ -32,6 +32,25 @@ pub trait Operation: Sized {
     fn encode(&self, w: &mut Writer<'_>);
     /// Reads a body sent under `opcode` ([`Operation::OPCODE`] or one of [`Operation::ALSO`]).
     fn decode(opcode: u16, r: &mut Reader<'_>) -> Result<Self, BodyError>;
+    /// What decides the partition (the shard) a cluster serves it in: a router sends it to that
+    /// partition's owner (`docs/CLUSTER.md`). By default, any node (which answers `MOVED` if
+    /// need be).
+    fn route(&self) -> Route<'_> {
+        Route::Any
+    }
+}
+
+/// What decides the partition a request is served in (see [`Operation::route`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route<'a> {
+    /// The user's.
+    User(&'a settlegate_types::UserKey),
+    /// The user of a signed record (an inherent ID), as it names them.
+    Signed(&'a [u8]),
+    /// A payment code's, from its issue number.
+    Code(u64),
+    /// No one partition: any node.
+    Any,
 }
 
 /// A message the server pushes under a subscription, with no request of its own.
@@ -143,6 +162,14 @@ macro_rules! operations {
         })+
 
         impl Request {
+            /// What decides the partition a cluster serves it in ([`Operation::route`]).
+            pub fn route(&self) -> Route<'_> {
+                match self {
+                    $(Request::$variant(op) => op.route(),)+
+                    Request::MisfitUserId { .. } => Route::Any,
+                }
+            }
+
             /// The request's opcode.
             pub fn opcode(&self) -> u16 {
                 match self {

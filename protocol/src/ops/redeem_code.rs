@@ -98,4 +98,8 @@ impl Operation for RedeemCode {
             order_ref: r.str8("order_ref")?.to_owned(),
         })
     }
+
+    fn route(&self) -> super::Route<'_> {
+        super::Route::Code(self.number)
+    }
 }

@@ -32,4 +32,8 @@ impl Operation for SetDefaultMeans {
             means_id: r.u32("means_id")?,
         })
     }
+
+    fn route(&self) -> super::Route<'_> {
+        super::Route::User(&self.user)
+    }
 }

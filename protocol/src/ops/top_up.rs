@@ -58,4 +58,8 @@ impl Operation for TopUp {
             currency: r.currency()?,
         })
     }
+
+    fn route(&self) -> super::Route<'_> {
+        super::Route::User(&self.user)
+    }
 }

@@ -99,4 +99,8 @@ impl Operation for UsableMethods {
             },
         })
     }
+
+    fn route(&self) -> super::Route<'_> {
+        super::Route::User(&self.user)
+    }
 }

@@ -46,4 +46,8 @@ impl Operation for Wallet {
     fn decode(_: u16, r: &mut Reader<'_>) -> Result<Wallet, BodyError> {
         Ok(Wallet { user: r.user()? })
     }
+
+    fn route(&self) -> super::Route<'_> {
+        super::Route::User(&self.user)
+    }
 }
