@@ -220,9 +220,15 @@ permissions = ["authorize", "accounts", "providers", "stores"]
 terminals = ["*"]
 providers = [1, 2, 3]
 
+# The partition count, as the nodes have it.
+[engine]
+shards = $shards
+
 [cluster]
+node = "router"
 nats = [$nats_urls]
 name = "sg"
+advertise = "127.0.0.1:$(sg_port 0)"
 TOML
 }
 

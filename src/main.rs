@@ -141,7 +141,7 @@ fn route(path: PathBuf) -> anyhow::Result<()> {
         let router = settlegate::route::start(config).await?;
         println!("settlegate {} router ({source})", env!("CARGO_PKG_VERSION"));
         println!("  protocol  tcp://{}", router.addr);
-        println!("  http      none");
+        println!("  http      http://{}/healthz /readyz", router.http_addr);
         tracing::info!(addr = %router.addr, "routing");
         wait_for_signal().await
     })

@@ -67,6 +67,18 @@ impl Table {
         owners.iter().flatten().find(up).or_else(|| owners.iter().flatten().next()).copied()
     }
 
+    /// 200 once every partition has an owner; 503 naming those without.
+    fn readiness(&self) -> (axum::http::StatusCode, String) {
+        let owners = self.owners.read().unwrap_or_else(|e| e.into_inner());
+        let unowned: Vec<usize> = (0..owners.len()).filter(|&p| owners[p].is_none()).collect();
+        if unowned.is_empty() {
+            (axum::http::StatusCode::OK, "ready\n".into())
+        } else {
+            let status = axum::http::StatusCode::SERVICE_UNAVAILABLE;
+            (status, format!("not ready: partitions without an owner {unowned:?}\n"))
+        }
+    }
+
     fn mark_down(&self, node: SocketAddr) {
         self.down.lock().unwrap_or_else(|e| e.into_inner()).insert(node, std::time::Instant::now());
     }
@@ -91,6 +103,8 @@ impl Table {
 pub struct RunningRouter {
     /// The protocol address partners connect to.
     pub addr: SocketAddr,
+    /// `/healthz`, and `/readyz`: 503 until every partition has an owner.
+    pub http_addr: SocketAddr,
 }
 
 /// Starts a router: the config's `[server] listen`, `[cluster]` (its `nats` and `name`) and
@@ -105,6 +119,24 @@ pub async fn start(config: Config) -> anyhow::Result<RunningRouter> {
         .await
         .with_context(|| format!("binding {}", config.server.listen))?;
     let addr = listener.local_addr()?;
+    let http_listener = TcpListener::bind(config.server.http_listen)
+        .await
+        .with_context(|| format!("binding {}", config.server.http_listen))?;
+    let http_addr = http_listener.local_addr()?;
+    let health = Arc::clone(&table);
+    let router =
+        axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok\n" })).route(
+            "/readyz",
+            axum::routing::get(move || {
+                let table = Arc::clone(&health);
+                async move { table.readiness() }
+            }),
+        );
+    tokio::spawn(async move {
+        if let Err(error) = axum::serve(http_listener, router).await {
+            tracing::error!(%error, "the router's HTTP server failed");
+        }
+    });
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else { continue };
@@ -112,7 +144,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningRouter> {
             tokio::spawn(serve(stream, Arc::clone(&table)));
         }
     });
-    Ok(RunningRouter { addr })
+    Ok(RunningRouter { addr, http_addr })
 }
 
 /// Loads the ownership table and keeps it current.

@@ -81,6 +81,7 @@ advertise = "127.0.0.1:{port}"
 heartbeat_ms = 200
 owner_timeout_ms = 1200
 settle_ms = 600
+snapshot_every_records = 100
 "#,
             vault = "55".repeat(32),
             nats = nats.join(", "),
@@ -164,7 +165,7 @@ impl Router {
         use std::io::{BufRead, BufReader};
         let nats: Vec<String> = nats.iter().map(|url| format!("\"{url}\"")).collect();
         let text = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n\n[engine]\nshards = {partitions}\n\n[cluster]\n\
+            "[server]\nlisten = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\n\n[engine]\nshards = {partitions}\n\n[cluster]\n\
              node = \"{name}\"\nnats = [{}]\nname = \"sgtest\"\nadvertise = \"127.0.0.1:1\"\n",
             nats.join(", ")
         );
@@ -681,6 +682,19 @@ async fn owner_and_stream_leader_kills_lose_nothing_acknowledged() {
     }
     cluster.settled().await;
     verify(&patient(&cluster.addrs()), &payers, &ledger).await;
+    // Snapshots were stored, and streams purged below them: the restart restored from them.
+    let client = async_nats::connect(cluster.nats.url(0)).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let store = js.get_object_store("sgtest-snapshots").await.unwrap();
+    let objects = futures::StreamExt::count(store.list().await.unwrap()).await;
+    let mut firsts = Vec::new();
+    for p in 0..cluster.partitions {
+        let mut stream = js.get_stream(format!("sgtest-p{p}")).await.unwrap();
+        firsts.push(stream.info().await.unwrap().state.first_sequence);
+    }
+    assert!(objects > 0, "no snapshot was stored");
+    assert!(firsts.iter().any(|first| *first > 1), "no stream was purged: {firsts:?}");
+    eprintln!("snapshots: {objects} objects; the streams start at {firsts:?}");
     let digests = cluster.digests_when_caught_up().await;
     for p in 0..cluster.partitions {
         let first = &digests[0][p];

@@ -121,22 +121,19 @@ impl Engine {
     ) -> Result<Engine, EngineError> {
         let (shared, state_config, hasher) = prepare(&config, adapters)?;
         let mut prepared = recover_shards(&config, &shared, state_config, clock.now_ms())?;
-        let partitions = config.cluster.as_ref().map(|cluster| prepared.replicate(&cluster.node));
-        let (shards, runtime) = start_shards(&config, prepared)?;
-        let cluster = match (config.cluster.clone(), partitions) {
-            (Some(cluster), Some(partitions)) => {
-                let replicas = shards.iter().map(ShardHandle::replica).collect();
+        let joining = match &config.cluster {
+            Some(cluster) => {
+                let partitions = prepared.replicate(cluster);
                 let vault = Arc::clone(&shared.vault);
-                match Cluster::start(cluster, partitions, replicas, vault) {
-                    Ok(cluster) => Some(cluster),
-                    Err(error) => {
-                        stop_runtime(&Mutex::new(Some(runtime)), &shards);
-                        return Err(error);
-                    }
-                }
+                let mut joining = Cluster::connect(cluster.clone(), partitions, vault)?;
+                joining.restore(&mut prepared, &shared)?;
+                Some(joining)
             }
-            _ => None,
+            None => None,
         };
+        let (shards, runtime) = start_shards(&config, prepared)?;
+        let cluster =
+            joining.map(|joining| joining.run(shards.iter().map(ShardHandle::replica).collect()));
         let dummy_phc = hasher.hash("settlegate-timing-equalizer");
         Ok(Engine {
             inner: Arc::new(Inner {

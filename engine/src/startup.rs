@@ -80,15 +80,36 @@ impl Prepared {
     /// Gives every shard a log whose records go to its partition's replicated log (a cluster
     /// node's shards start fresh and are filled by their streams), and returns the partitions'
     /// standing, which holds the other end of each queue.
-    pub(crate) fn replicate(&mut self, node: &str) -> Arc<crate::cluster::Partitions> {
+    pub(crate) fn replicate(
+        &mut self,
+        cluster: &crate::cluster::ClusterConfig,
+    ) -> Arc<crate::cluster::Partitions> {
+        let node = &cluster.node;
         let count = self.states.len();
         let (senders, partitions) = crate::cluster::Cluster::queues(count, node);
         self.gate = Some(Arc::clone(&partitions));
         for (index, ((_, wal), jobs)) in self.states.iter_mut().zip(senders).enumerate() {
             let handle = wal::WalHandle::replicated(jobs, index, count);
-            *wal = Some(ShardWal { handle, generation: 0, since_snapshot: 0, snapshot_every: 0 });
+            let snapshot_every = cluster.snapshot_every_records;
+            *wal = Some(ShardWal { handle, generation: 0, since_snapshot: 0, snapshot_every });
         }
         partitions
+    }
+}
+
+impl Prepared {
+    /// Every shard's state, by index.
+    pub(crate) fn states_mut(&mut self) -> impl Iterator<Item = &mut ShardState> {
+        self.states.iter_mut().map(|(state, _)| state)
+    }
+
+    /// Rebuilds what is derived from every shard's state (the directory of stores), after
+    /// states were restored from snapshots.
+    pub(crate) fn rebuild_derived(&mut self, shared: &Shared) {
+        let mut states: Vec<&mut ShardState> = self.states_mut().collect();
+        let mut indexes: Vec<&mut crate::geo::StoreIndex> =
+            states.iter_mut().map(|state| &mut state.stores).collect();
+        crate::geo::rebuild_directory(&shared.stores, &mut indexes);
     }
 }
 

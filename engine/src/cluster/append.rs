@@ -55,6 +55,12 @@ pub(super) struct Appender {
     pub(super) partitions: Arc<Partitions>,
     pub(super) partition: usize,
     pub(super) epoch: u64,
+    /// The partitions' count (in a snapshot's header).
+    pub(super) count: usize,
+    /// Where snapshots go.
+    pub(super) store: async_nats::jetstream::object_store::ObjectStore,
+    /// The last sequence the stream acknowledged: snapshots wait for it.
+    pub(super) acked: tokio::sync::watch::Sender<u64>,
 }
 
 /// A message for `partition` at `epoch` expecting the stream to end at `expected_last`: its ID
@@ -148,6 +154,34 @@ impl Appender {
         }
     }
 
+    /// The front message is acknowledged at `sequence`: its replies leave.
+    fn release(&self, pending: &mut VecDeque<Pending>, sequence: u64) {
+        let done = pending.pop_front().expect("an acknowledged message is pending");
+        let slot = &self.partitions.slots[self.partition];
+        slot.applied.store(sequence, std::sync::atomic::Ordering::Release);
+        self.acked.send_replace(sequence);
+        for (reply, replies) in done.replies {
+            let _ = reply.send(replies);
+        }
+    }
+
+    /// Stores `payload`, a capture covering the stream up to `covered`, once the stream has
+    /// acknowledged that far (`cluster/snapshots.rs`); the stream is then purged below
+    /// `previous`, the snapshot before it.
+    fn snapshot(&self, payload: crate::wal::SnapshotPayload, covered: u64, previous: u64) {
+        let pending = super::snapshots::Pending {
+            js: self.js.clone(),
+            store: self.store.clone(),
+            config: Arc::clone(&self.config),
+            partition: self.partition,
+            count: self.count,
+            covered,
+            previous,
+            payload,
+        };
+        tokio::spawn(pending.store(self.acked.subscribe()));
+    }
+
     /// The partition is lost here: marked so before the replies held are dropped, so that
     /// their callers answer `MOVED`.
     fn fenced(&self, why: String) -> Stop {
@@ -162,6 +196,8 @@ impl Appender {
         mut last: u64,
     ) -> Stop {
         let mut handing: Option<HandOver> = None;
+        // The sequence of the last snapshot this owner took (0: none yet).
+        let mut previous = 0;
         let mut pending: VecDeque<Pending> = VecDeque::new();
         let mut acks: FuturesOrdered<AckFuture> = FuturesOrdered::new();
         // The sequence the next message expects the stream to end at.
@@ -185,11 +221,7 @@ impl Appender {
                     match ack.expect("not empty") {
                         Ok(ack) if ack.sequence == front.expected_last + 1 || ack.duplicate => {
                             last = ack.sequence;
-                            let done = pending.pop_front().expect("front");
-                            self.partitions.slots[self.partition].applied.store(last, std::sync::atomic::Ordering::Release);
-                            for (reply, replies) in done.replies {
-                                let _ = reply.send(replies);
-                            }
+                            self.release(&mut pending, last);
                         }
                         Ok(ack) => {
                             return self.fenced(format!("acknowledged at sequence {} where {} was expected", ack.sequence, front.expected_last + 1));
@@ -214,7 +246,16 @@ impl Appender {
                     while let Ok(job) = jobs.try_recv() {
                         group.push(job);
                     }
-                    for (payload, replies) in messages(group) {
+                    for piece in messages(group) {
+                        let (payload, replies) = match piece {
+                            Piece::Message(payload, replies) => (payload, replies),
+                            Piece::Snapshot(payload) => {
+                                // It covers every message published before it.
+                                self.snapshot(payload, next_last, previous);
+                                previous = next_last;
+                                continue;
+                            }
+                        };
                         if payload.is_empty() {
                             // Replies with no records (queries, refusals) wait for the messages
                             // before them, never overtaking a change they observed.
@@ -293,13 +334,7 @@ impl Appender {
             match acked {
                 Ok(sequence) => {
                     *last = sequence;
-                    let done = pending.pop_front().expect("front");
-                    self.partitions.slots[self.partition]
-                        .applied
-                        .store(*last, std::sync::atomic::Ordering::Release);
-                    for (reply, replies) in done.replies {
-                        let _ = reply.send(replies);
-                    }
+                    self.release(pending, sequence);
                 }
                 Err(error) => {
                     tracing::warn!(partition = self.partition, %error, "append not acknowledged; sending again");
@@ -325,7 +360,7 @@ impl Appender {
 
 /// Splits a group of jobs into message payloads of at most [`MESSAGE_BYTES_MAX`] (a job's own
 /// records may span messages), each with the replies of the jobs whose last record it holds.
-fn messages(group: Vec<Job<Vec<Reply>>>) -> Vec<(Bytes, Replies)> {
+fn messages(group: Vec<Job<Vec<Reply>>>) -> Vec<Piece> {
     let mut out = Vec::new();
     let mut payload = Vec::new();
     let mut replies: Replies = Vec::new();
@@ -334,7 +369,7 @@ fn messages(group: Vec<Job<Vec<Reply>>>) -> Vec<(Bytes, Replies)> {
             Job::Records { records, reply, replies: values } => {
                 for record in &records {
                     if !payload.is_empty() && payload.len() + record.len() + 8 > MESSAGE_BYTES_MAX {
-                        out.push((
+                        out.push(Piece::Message(
                             Bytes::from(std::mem::take(&mut payload)),
                             std::mem::take(&mut replies),
                         ));
@@ -343,13 +378,26 @@ fn messages(group: Vec<Job<Vec<Reply>>>) -> Vec<(Bytes, Replies)> {
                 }
                 replies.push((reply, values));
             }
-            // Snapshots of a replicated partition are not written locally (the stream is the
-            // log); none is asked for (`snapshot_every` is 0 in a cluster).
-            Job::Snapshot { .. } => {}
+            // A capture of the state after every record before it: what is queued so far goes
+            // out first.
+            Job::Snapshot { payload: capture, .. } => {
+                if !payload.is_empty() || !replies.is_empty() {
+                    let message = Bytes::from(std::mem::take(&mut payload));
+                    out.push(Piece::Message(message, std::mem::take(&mut replies)));
+                }
+                out.push(Piece::Snapshot(capture));
+            }
         }
     }
     if !payload.is_empty() || !replies.is_empty() {
-        out.push((Bytes::from(payload), replies));
+        out.push(Piece::Message(Bytes::from(payload), replies));
     }
     out
+}
+
+/// A message to append (its framed records, and the replies it releases), or a snapshot of the
+/// state after every message before it.
+enum Piece {
+    Message(Bytes, Replies),
+    Snapshot(crate::wal::SnapshotPayload),
 }

@@ -50,6 +50,8 @@ pub(super) struct Context {
     vault: Arc<Vault>,
     /// Each partition's tail while it runs.
     tails: Mutex<Vec<Option<JoinHandle<()>>>>,
+    /// The partitions' snapshots.
+    pub(super) store: async_nats::jetstream::object_store::ObjectStore,
 }
 
 /// What the control loop knows of the other nodes.
@@ -70,7 +72,6 @@ impl Context {
         runtime: &tokio::runtime::Runtime,
         config: ClusterConfig,
         partitions: Arc<Partitions>,
-        replicas: Vec<ReplicaCore>,
         vault: Arc<Vault>,
     ) -> Result<Context, EngineError> {
         // On a thread of its own: the caller may be inside another Tokio runtime, where
@@ -130,6 +131,7 @@ impl Context {
             };
             let owners = key_value(&js, bucket(format!("{}-owners", config.name))).await?;
             let nodes = key_value(&js, bucket(format!("{}-nodes", config.name))).await?;
+            let store = object_store(&js, &config).await?;
             let tails = Mutex::new((0..partitions.slots.len()).map(|_| None).collect());
             Ok(Context {
                 config: Arc::new(config),
@@ -138,14 +140,97 @@ impl Context {
                 owners,
                 nodes,
                 partitions,
-                replicas,
+                replicas: Vec::new(),
                 vault,
                 tails,
+                store,
             })
         };
         std::thread::scope(|scope| {
             scope
                 .spawn(|| handle.block_on(connecting))
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+}
+
+/// Opens the snapshots' object store, creating it if no node has yet.
+async fn object_store(
+    js: &jetstream::Context,
+    config: &ClusterConfig,
+) -> Result<async_nats::jetstream::object_store::ObjectStore, EngineError> {
+    let name = super::snapshots::bucket(config);
+    if let Ok(store) = js.get_object_store(&name).await {
+        return Ok(store);
+    }
+    let bucket = async_nats::jetstream::object_store::Config {
+        bucket: name.clone(),
+        storage: stream::StorageType::File,
+        num_replicas: config.replicas,
+        ..Default::default()
+    };
+    match js.create_object_store(bucket).await {
+        Ok(store) => Ok(store),
+        // Another node created it meanwhile.
+        Err(_) => js
+            .get_object_store(&name)
+            .await
+            .map_err(|e| nats_error("opening the snapshots' object store")(e.into())),
+    }
+}
+
+impl Context {
+    /// Restores each partition from its newest snapshot, if it has one, into `states` (before
+    /// the shards start): the tails then start after the sequence each covers. A stream purged
+    /// past a snapshot's sequence (a gap) is refused.
+    pub(super) async fn restore(
+        &self,
+        states: Vec<&mut crate::shard::ShardState>,
+    ) -> Result<(), EngineError> {
+        let count = states.len();
+        for (partition, state) in states.into_iter().enumerate() {
+            let failed = |what: &str, e: String| {
+                EngineError::Storage(format!("partition {partition}'s snapshot: {what}: {e}"))
+            };
+            let newest = super::snapshots::newest(&self.store, partition)
+                .await
+                .map_err(|e| failed("reading it", e.to_string()))?;
+            let Some((sequence, bytes)) = newest else { continue };
+            let label = std::path::PathBuf::from(format!("object p{partition}-{sequence}"));
+            let (_, snapshot) = crate::wal::snapshot::read_bytes(&label, &bytes, partition, count)
+                .map_err(|e| failed("decoding it", e.to_string()))?;
+            snapshot.restore(state).map_err(|e| failed("restoring it", e.to_string()))?;
+            let mut stream = self.streams[partition].clone();
+            let first = stream.info().await.map_err(|e| failed("its stream", e.to_string()))?;
+            let first = first.state.first_sequence;
+            if first > sequence + 1 {
+                return Err(failed(
+                    "its stream",
+                    format!("starts at {first}, past the snapshot's sequence {sequence}"),
+                ));
+            }
+            self.partitions.slots[partition].applied.store(sequence, Ordering::Release);
+            tracing::info!(
+                partition,
+                sequence,
+                bytes = bytes.len(),
+                "partition restored from its snapshot"
+            );
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on `runtime` from a thread of its own (the caller may be inside another Tokio
+    /// runtime, where blocking on this one is not allowed).
+    pub(super) fn block_on<T: Send>(
+        runtime: &tokio::runtime::Runtime,
+        f: impl std::future::Future<Output = T> + Send,
+    ) -> T {
+        let handle = runtime.handle().clone();
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| handle.block_on(f))
                 .join()
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         })
@@ -177,7 +262,12 @@ pub(crate) enum Command {
 /// table every `heartbeat_ms` and whenever it changes. Takeovers and hand-overs run as tasks of
 /// their own, so that a slow one (a stream electing its leader) delays neither the heartbeat
 /// nor the other partitions.
-pub(super) async fn run(cx: Context, mut commands: tokio::sync::mpsc::UnboundedReceiver<Command>) {
+pub(super) async fn run(
+    mut cx: Context,
+    replicas: Vec<ReplicaCore>,
+    mut commands: tokio::sync::mpsc::UnboundedReceiver<Command>,
+) {
+    cx.replicas = replicas;
     let cx = Arc::new(cx);
     for partition in 0..cx.partitions.slots.len() {
         cx.start_tail(partition);
@@ -514,6 +604,9 @@ impl Context {
             partitions: Arc::clone(&self.partitions),
             partition,
             epoch,
+            count: self.partitions.slots.len(),
+            store: self.store.clone(),
+            acked: tokio::sync::watch::Sender::new(fenced),
         };
         let (asks, handovers) = tokio::sync::mpsc::unbounded_channel();
         *slot.handover.lock().unwrap_or_else(|e| e.into_inner()) = Some(asks);

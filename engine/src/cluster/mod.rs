@@ -3,14 +3,14 @@
 //!
 //! - **The replicated log is the source of truth.** The owner appends a partition's records, one
 //!   message per group commit, each publish carrying `Nats-Expected-Last-Sequence`; a reply
-//!   leaves only after the stream acknowledged the records it depends on ([`append`]).
+//!   leaves only after the stream acknowledged the records it depends on (`cluster/append.rs`).
 //! - **Fencing rests on the stream's sequence check alone.** A node taking a partition appends a
 //!   fence record at the sequence it caught up to; the old owner's next append expects an older
 //!   last sequence and is refused, so it drops the partition and answers `MOVED`.
 //! - **Ownership** lives in a KV bucket changed only by compare-and-swap on its revision, and
-//!   every node heartbeats into another ([`control`]).
+//!   every node heartbeats into another (`cluster/control.rs`).
 //! - **Standbys** tail every partition they do not own and apply the same commands through the
-//!   same `ShardState::apply` ([`tail`]), so a takeover only catches up the last messages.
+//!   same `ShardState::apply` (`cluster/tail.rs`), so a takeover only catches up the last messages.
 //!
 //! The cluster runs on a Tokio runtime of its own (two worker threads; a standby's decoding and
 //! applying runs on its blocking pool): NATS traffic never competes with the server's runtime,
@@ -18,6 +18,7 @@
 
 mod append;
 mod control;
+mod snapshots;
 mod tail;
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -56,6 +57,10 @@ pub struct ClusterConfig {
     pub ack_timeout_ms: u64,
     /// See `ack_timeout_ms`.
     pub append_give_up_ms: u64,
+    /// The owner stores a snapshot of a partition in the object store after this many records,
+    /// and the stream is purged below the snapshot before it; 0: never (the stream keeps
+    /// everything, and a node starting replays it all).
+    pub snapshot_every_records: u64,
     /// After start, how long a node waits (heartbeating) before it claims unowned partitions,
     /// so that nodes started together share them.
     pub settle_ms: u64,
@@ -74,6 +79,7 @@ impl Default for ClusterConfig {
             inflight_max: 8,
             ack_timeout_ms: 2000,
             append_give_up_ms: 20_000,
+            snapshot_every_records: 100_000,
             settle_ms: 1000,
         }
     }
@@ -296,25 +302,22 @@ impl Cluster {
         (senders, Arc::new(Partitions { slots, node: node.to_owned() }))
     }
 
-    /// Joins the cluster: connects to NATS, makes sure the streams and buckets exist, starts a
-    /// tail of every partition, then the heartbeat and ownership loop.
-    pub(crate) fn start(
+    /// Joins the cluster, first step: connects to NATS and makes sure the streams, buckets and
+    /// the snapshots' object store exist. Then [`Joining::restore`] (before the shards start)
+    /// and [`Joining::run`] (after).
+    pub(crate) fn connect(
         config: ClusterConfig,
         partitions: Arc<Partitions>,
-        replicas: Vec<ReplicaCore>,
         vault: Arc<crate::vault::Vault>,
-    ) -> Result<Cluster, EngineError> {
+    ) -> Result<Joining, EngineError> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("settlegate-cluster")
             .enable_all()
             .build()
             .map_err(|e| EngineError::Config(format!("cannot start the cluster runtime: {e}")))?;
-        let context =
-            control::Context::connect(&runtime, config, partitions.clone(), replicas, vault)?;
-        let (commands, queue) = tokio::sync::mpsc::unbounded_channel();
-        runtime.spawn(control::run(context, queue));
-        Ok(Cluster { partitions, runtime: Mutex::new(Some(runtime)), commands })
+        let context = control::Context::connect(&runtime, config, Arc::clone(&partitions), vault)?;
+        Ok(Joining { runtime, context, partitions })
     }
 
     /// Hands `partition` (owned here) to node `to` (see `docs/CLUSTER.md`, "Planned moves").
@@ -351,6 +354,38 @@ impl Cluster {
         if let Some(runtime) = runtime {
             runtime.shutdown_background();
         }
+    }
+}
+
+/// A cluster joined but not yet running (see [`Cluster::connect`]).
+pub(crate) struct Joining {
+    runtime: tokio::runtime::Runtime,
+    context: control::Context,
+    partitions: Arc<Partitions>,
+}
+
+impl Joining {
+    /// Restores each partition of `prepared` from its newest snapshot in the object store (if
+    /// any), before the shards start; their tails start after the sequences restored.
+    pub(crate) fn restore(
+        &mut self,
+        prepared: &mut crate::startup::Prepared,
+        shared: &crate::shard::state::Shared,
+    ) -> Result<(), EngineError> {
+        let context = &self.context;
+        control::Context::block_on(
+            &self.runtime,
+            context.restore(prepared.states_mut().collect()),
+        )?;
+        prepared.rebuild_derived(shared);
+        Ok(())
+    }
+
+    /// Starts the tails, the heartbeat and the ownership loop, over the started shards.
+    pub(crate) fn run(self, replicas: Vec<ReplicaCore>) -> Cluster {
+        let (commands, queue) = tokio::sync::mpsc::unbounded_channel();
+        self.runtime.spawn(control::run(self.context, replicas, queue));
+        Cluster { partitions: self.partitions, runtime: Mutex::new(Some(self.runtime)), commands }
     }
 }
 

@@ -767,12 +767,11 @@ fn write_loop<V>(
                 Err(_) => break,
             }
         }
-        if let Err(error) = process(&mut out, files, jobs, &mut sync) {
-            // Without a log nothing more may be acknowledged: drop every queued reply (callers
-            // see the engine stopped) and stop.
-            // The flag is set first: from then on the engine reports the shard unavailable
-            // (and a server, not ready).
-            failed.store(true, Ordering::Release);
+        if let Err(error) = process(&mut out, files, jobs, &mut sync, failed) {
+            // Without a log nothing more may be acknowledged: every queued reply is dropped
+            // (callers see the engine stopped), and the writer stops. `process` set the flag
+            // before it dropped the replies it held: from then on the engine reports the shard
+            // unavailable (and a server, not ready).
             tracing::error!(path = %files.log.display(), %error, "write-ahead log failed; shard stops acknowledging");
             return;
         }
@@ -790,25 +789,38 @@ struct SyncState {
 type Pending<V> = (Vec<rkyv::util::AlignedVec>, oneshot::Sender<V>, V);
 
 /// Runs of record jobs are group-committed; a snapshot job ends a run and rotates the files.
+///
+/// On a failure `failed` is set *before* the replies still held are dropped: a caller that sees
+/// its reply dropped then always finds the shard reported unavailable.
 fn process<V>(
     out: &mut BufWriter<File>,
     files: &Files,
     jobs: Vec<Job<V>>,
     sync: &mut SyncState,
+    failed: &AtomicBool,
 ) -> std::io::Result<()> {
     let mut group: Vec<Pending<V>> = Vec::new();
-    for job in jobs {
-        match job {
-            Job::Records { records, reply, replies } => group.push((records, reply, replies)),
-            Job::Snapshot { payload, index, count, generation } => {
-                commit(out, &mut group, sync)?;
-                let bytes = snapshot::encode(&payload(), index, count, generation);
-                rotate(out, files, &bytes, generation)?;
-                sync.unsynced = false;
+    let mut jobs = jobs.into_iter();
+    let mut run = || {
+        for job in jobs.by_ref() {
+            match job {
+                Job::Records { records, reply, replies } => group.push((records, reply, replies)),
+                Job::Snapshot { payload, index, count, generation } => {
+                    commit(out, &mut group, sync)?;
+                    let bytes = snapshot::encode(&payload(), index, count, generation);
+                    rotate(out, files, &bytes, generation)?;
+                    sync.unsynced = false;
+                }
             }
         }
+        commit(out, &mut group, sync)
+    };
+    let result = run();
+    if result.is_err() {
+        failed.store(true, Ordering::Release);
     }
-    commit(out, &mut group, sync)
+    drop((group, jobs));
+    result
 }
 
 /// Writes a group of record jobs, syncs as the policy says, then releases their replies.
