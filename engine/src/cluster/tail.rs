@@ -57,10 +57,20 @@ impl Tail {
             })
             .await?;
         let mut messages = consumer.messages().await?;
+        let mut expected = from;
         while let Some(message) = messages.next().await {
             let message = message?;
             let info = message.info()?;
             let (sequence, lag) = (info.stream_sequence, info.pending);
+            if sequence != expected {
+                // Purged below a snapshot while this standby lagged behind it: what it missed is
+                // gone, so it stops following rather than diverge (a restart restores it from
+                // the snapshot).
+                tracing::error!(partition, expected, sequence, "the stream no longer holds what this standby needs next; it stops following the partition");
+                self.partitions.set_role(partition, Role::Lost);
+                return Ok(());
+            }
+            expected = sequence + 1;
             self.partitions.slots[partition].lag.store(lag, Ordering::Release);
             let fence = message.headers.as_ref().and_then(|h| h.get(FENCE_HEADER));
             if fence.is_none() {
