@@ -82,6 +82,7 @@ heartbeat_ms = 200
 owner_timeout_ms = 1200
 settle_ms = 600
 snapshot_every_records = 100
+purge_after_ms = 5000
 "#,
             vault = "55".repeat(32),
             nats = nats.join(", "),

@@ -166,9 +166,8 @@ impl Appender {
     }
 
     /// Stores `payload`, a capture covering the stream up to `covered`, once the stream has
-    /// acknowledged that far (`cluster/snapshots.rs`); the stream is then purged below
-    /// `previous`, the snapshot before it.
-    fn snapshot(&self, payload: crate::wal::SnapshotPayload, covered: u64, previous: u64) {
+    /// acknowledged that far, and purges the stream behind it (`cluster/snapshots.rs`).
+    fn snapshot(&self, payload: crate::wal::SnapshotPayload, covered: u64) {
         let pending = super::snapshots::Pending {
             js: self.js.clone(),
             store: self.store.clone(),
@@ -176,7 +175,6 @@ impl Appender {
             partition: self.partition,
             count: self.count,
             covered,
-            previous,
             payload,
         };
         tokio::spawn(pending.store(self.acked.subscribe()));
@@ -196,8 +194,6 @@ impl Appender {
         mut last: u64,
     ) -> Stop {
         let mut handing: Option<HandOver> = None;
-        // The sequence of the last snapshot this owner took (0: none yet).
-        let mut previous = 0;
         let mut pending: VecDeque<Pending> = VecDeque::new();
         let mut acks: FuturesOrdered<AckFuture> = FuturesOrdered::new();
         // The sequence the next message expects the stream to end at.
@@ -251,8 +247,7 @@ impl Appender {
                             Piece::Message(payload, replies) => (payload, replies),
                             Piece::Snapshot(payload) => {
                                 // It covers every message published before it.
-                                self.snapshot(payload, next_last, previous);
-                                previous = next_last;
+                                self.snapshot(payload, next_last);
                                 continue;
                             }
                         };

@@ -61,6 +61,9 @@ pub struct ClusterConfig {
     /// and the stream is purged below the snapshot before it; 0: never (the stream keeps
     /// everything, and a node starting replays it all).
     pub snapshot_every_records: u64,
+    /// A partition's stream is purged only below snapshots at least this old, so a standby
+    /// lagging by less than this never finds what it needs next purged.
+    pub purge_after_ms: u64,
     /// After start, how long a node waits (heartbeating) before it claims unowned partitions,
     /// so that nodes started together share them.
     pub settle_ms: u64,
@@ -80,6 +83,7 @@ impl Default for ClusterConfig {
             ack_timeout_ms: 2000,
             append_give_up_ms: 20_000,
             snapshot_every_records: 100_000,
+            purge_after_ms: 60_000,
             settle_ms: 1000,
         }
     }

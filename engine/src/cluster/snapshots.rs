@@ -7,9 +7,10 @@
 //! snapshot covers. The snapshot is stored only once the stream has acknowledged that far (a
 //! capture may hold changes an owner fenced meanwhile never got appended: then it is dropped),
 //! as the object `p<N>-<sequence>` of bucket `<name>-snapshots`, in the single node's snapshot
-//! format (`wal/snapshot.rs`). Then the stream is purged below the *previous* snapshot's
-//! sequence, so a standby lagging by less than one snapshot interval still finds every message
-//! it needs, and older objects of the partition are deleted.
+//! format (`wal/snapshot.rs`). Then the stream is purged below the newest *other* snapshot that
+//! is at least `purge_after_ms` old, and older objects of the partition are deleted: a standby
+//! lagging by less than that (a consumer being made again after a NATS server died, say) still
+//! finds every message it needs.
 //!
 //! A node starting restores each partition from its newest object and tails the stream from
 //! the sequence after it. Objects are named by sequence and never overwritten, so a fenced
@@ -40,24 +41,25 @@ fn sequence_of(name: &str, partition: usize) -> Option<u64> {
     name.strip_prefix(&format!("p{partition}-"))?.parse().ok()
 }
 
-/// The sequences of `partition`'s stored snapshots, ascending.
+/// `partition`'s stored snapshots, ascending by sequence: each one's sequence, and when it was
+/// stored (UNIX seconds).
 pub(super) async fn stored(
     store: &ObjectStore,
     partition: usize,
-) -> Result<Vec<u64>, async_nats::Error> {
+) -> Result<Vec<(u64, Option<i64>)>, async_nats::Error> {
     let mut list = store.list().await?;
-    let mut sequences = Vec::new();
+    let mut snapshots = Vec::new();
     while let Some(info) = list.next().await {
         let info = info?;
         if info.deleted {
             continue;
         }
         if let Some(sequence) = sequence_of(&info.name, partition) {
-            sequences.push(sequence);
+            snapshots.push((sequence, info.modified.map(|at| at.unix_timestamp())));
         }
     }
-    sequences.sort_unstable();
-    Ok(sequences)
+    snapshots.sort_unstable();
+    Ok(snapshots)
 }
 
 /// `partition`'s newest snapshot: the sequence it covers and its bytes (the single node's
@@ -66,7 +68,7 @@ pub(super) async fn newest(
     store: &ObjectStore,
     partition: usize,
 ) -> Result<Option<(u64, Vec<u8>)>, async_nats::Error> {
-    let Some(&sequence) = stored(store, partition).await?.last() else { return Ok(None) };
+    let Some(&(sequence, _)) = stored(store, partition).await?.last() else { return Ok(None) };
     let mut object = store.get(object_name(partition, sequence)).await?;
     let mut bytes = Vec::new();
     object.read_to_end(&mut bytes).await?;
@@ -82,8 +84,6 @@ pub(super) struct Pending {
     pub(super) count: usize,
     /// The stream sequence of the last message the capture covers.
     pub(super) covered: u64,
-    /// The previous snapshot's sequence (0: none): the stream is purged below it.
-    pub(super) previous: u64,
     pub(super) payload: SnapshotPayload,
 }
 
@@ -113,23 +113,29 @@ impl Pending {
             tracing::warn!(partition, covered, %error, "snapshot not stored");
             return;
         }
-        // Keep one interval of history for standbys that lag.
-        if self.previous > 0 {
+        // Purged below the newest other snapshot old enough that no standby still needs what
+        // precedes it.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let age_min = (self.config.purge_after_ms / 1000) as i64;
+        let snapshots = stored(&self.store, partition).await.unwrap_or_default();
+        let floor = snapshots
+            .iter()
+            .filter(|(sequence, at)| *sequence < covered && at.is_some_and(|at| now - at >= age_min))
+            .map(|(sequence, _)| *sequence)
+            .max();
+        if let Some(floor) = floor {
             let purged = match self.js.get_stream(self.config.stream(partition)).await {
-                Ok(stream) => stream
-                    .purge()
-                    .sequence(self.previous)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string()),
+                Ok(stream) => {
+                    stream.purge().sequence(floor).await.map(|_| ()).map_err(|e| e.to_string())
+                }
                 Err(error) => Err(error.to_string()),
             };
             if let Err(error) = purged {
-                tracing::warn!(partition, below = self.previous, error, "stream not purged");
+                tracing::warn!(partition, below = floor, error, "stream not purged");
             }
-        }
-        if let Ok(sequences) = stored(&self.store, partition).await {
-            for old in sequences.into_iter().filter(|s| *s < self.previous) {
+            for (old, _) in snapshots.into_iter().filter(|(sequence, _)| *sequence < floor) {
                 let _ = self.store.delete(object_name(partition, old)).await;
             }
         }
