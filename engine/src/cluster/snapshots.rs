@@ -122,7 +122,9 @@ impl Pending {
         let snapshots = stored(&self.store, partition).await.unwrap_or_default();
         let floor = snapshots
             .iter()
-            .filter(|(sequence, at)| *sequence < covered && at.is_some_and(|at| now - at >= age_min))
+            .filter(|(sequence, at)| {
+                *sequence < covered && at.is_some_and(|at| now - at >= age_min)
+            })
             .map(|(sequence, _)| *sequence)
             .max();
         if let Some(floor) = floor {
