@@ -902,3 +902,46 @@ async fn planned_moves_under_load_cost_only_busy_retries() {
         ledger.payments.len()
     );
 }
+
+/// A standby paused longer than the purge delay finds the messages it needs next purged from
+/// the stream: it reloads the partition's newest snapshot and catches up from there, to the
+/// owner's digest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_behind_the_purge_reloads_the_newest_snapshot() {
+    let cluster = Cluster::start(2, 2);
+    let owners = cluster.settled().await;
+    // n1 owns both partitions; n2 is only a standby.
+    for (partition, &owner) in owners.iter().enumerate() {
+        if owner == 1 {
+            let path = format!("/cluster/move?partition={partition}&to=n1");
+            assert!(http(cluster.nodes[1].http, "POST", &path).await.is_some());
+        }
+    }
+    let client = patient(&[cluster.nodes[0].addr]);
+    let payers = enroll(&client, 4, "lag").await;
+    cluster.nodes[1].signal("-STOP");
+    // Load for longer than the purge delay (5 s in the tests), with snapshots every 100
+    // records: the stream is purged past where the paused standby stopped.
+    let started = Instant::now();
+    let mut counter = 0;
+    while started.elapsed() < Duration::from_secs(8) {
+        counter += 1;
+        for index in 0..payers.len() {
+            let signed = Signed::new(&payers, index, counter, 100);
+            let answer = client.call(&signed.request()).await;
+            assert!(matches!(answer, Ok(Response::Ok(Reply::Authorize(_)))), "{answer:?}");
+        }
+    }
+    // A last snapshot and purge after the delay.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.nodes[1].signal("-CONT");
+    let digests = cluster.digests_when_caught_up().await;
+    assert_eq!(digests[0], digests[1], "the standby's partitions differ from the owner's");
+    let log = std::fs::read_to_string(cluster.nodes[1].config.with_extension("log")).unwrap();
+    assert!(
+        log.contains("reloading the newest snapshot"),
+        "the standby was never behind the purge: the test did not test it"
+    );
+    let view = cluster.nodes[1].partitions().await.unwrap();
+    assert!(view.iter().all(|p| p.0 == "standby"), "{view:?}");
+}

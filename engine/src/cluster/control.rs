@@ -334,6 +334,8 @@ impl Context {
             partition,
             core: self.replicas[partition].clone(),
             vault: Arc::clone(&self.vault),
+            store: self.store.clone(),
+            count: self.partitions.slots.len(),
         };
         self.tails.lock().unwrap_or_else(|e| e.into_inner())[partition] =
             Some(tokio::spawn(tail.run()));

@@ -24,6 +24,11 @@ pub(super) struct Tail {
     pub(super) partition: usize,
     pub(super) core: ReplicaCore,
     pub(super) vault: Arc<Vault>,
+    /// The partitions' snapshots, to start again from when the stream was purged past this
+    /// standby.
+    pub(super) store: async_nats::jetstream::object_store::ObjectStore,
+    /// The partitions' count (in a snapshot's header).
+    pub(super) count: usize,
 }
 
 impl Tail {
@@ -64,11 +69,19 @@ impl Tail {
             let (sequence, lag) = (info.stream_sequence, info.pending);
             if sequence != expected {
                 // Purged below a snapshot while this standby lagged behind it: what it missed is
-                // gone, so it stops following rather than diverge (a restart restores it from
-                // the snapshot).
-                tracing::error!(partition, expected, sequence, "the stream no longer holds what this standby needs next; it stops following the partition");
-                self.partitions.set_role(partition, Role::Lost);
-                return Ok(());
+                // gone. It starts again from the newest snapshot (the caller follows from there),
+                // or, failing that, stops following rather than diverge.
+                tracing::warn!(partition, expected, sequence, "the stream no longer holds what this standby needs next; reloading the newest snapshot");
+                if let Err(error) = self.reload().await {
+                    tracing::error!(
+                        partition,
+                        error,
+                        "no snapshot to reload; this node stops following the partition"
+                    );
+                    self.partitions.set_role(partition, Role::Lost);
+                    return Ok(());
+                }
+                return Err("reloaded from a snapshot".into());
             }
             expected = sequence + 1;
             self.partitions.slots[partition].lag.store(lag, Ordering::Release);
@@ -104,6 +117,27 @@ impl Tail {
             }
             self.partitions.slots[partition].applied.store(sequence, Ordering::Release);
         }
+        Ok(())
+    }
+
+    /// Replaces the partition's state with its newest snapshot's, and its applied sequence with
+    /// the snapshot's.
+    async fn reload(&self) -> Result<(), String> {
+        let newest = super::snapshots::newest(&self.store, self.partition).await;
+        let Some((sequence, bytes)) = newest.map_err(|e| e.to_string())? else {
+            return Err("no snapshot stored".into());
+        };
+        let (core, partition, count) = (self.core.clone(), self.partition, self.count);
+        tokio::task::spawn_blocking(move || {
+            let label = std::path::PathBuf::from(format!("object p{partition}-{sequence}"));
+            let (_, snapshot) = crate::wal::snapshot::read_bytes(&label, &bytes, partition, count)
+                .map_err(|e| e.to_string())?;
+            core.reload(&snapshot)
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        self.partitions.slots[self.partition].applied.store(sequence, Ordering::Release);
+        tracing::info!(partition, sequence, "standby reloaded from the newest snapshot");
         Ok(())
     }
 }

@@ -190,6 +190,23 @@ impl ReplicaCore {
         self.with(|core| core.state.resolve_pending(now_ms)).unwrap_or_default()
     }
 
+    /// Replaces the shard's state with `snapshot`'s (a standby that fell behind its stream's
+    /// purge). The stores it holds are set in the shared directory again; entries of the
+    /// registries that only the replaced state had stay until the node restarts.
+    pub(crate) fn reload(&self, snapshot: &crate::wal::snapshot::Snapshot) -> Result<(), String> {
+        self.with(|core| {
+            let state = &core.state;
+            let mut fresh = ShardState::new(state.index, state.shared.clone(), state.config);
+            snapshot.restore(&mut fresh).map_err(|e| e.to_string())?;
+            for (store, updated_ms) in fresh.stores.stores() {
+                fresh.shared.stores.set(store, updated_ms);
+            }
+            core.state = fresh;
+            Ok(())
+        })
+        .unwrap_or_else(|| Err("the shard stopped".into()))
+    }
+
     /// Whether payments (or code requests) wait for their providers' answers here.
     pub(crate) fn has_pending(&self) -> bool {
         self.with(|core| !core.state.idem.pending().is_empty()).unwrap_or(false)
