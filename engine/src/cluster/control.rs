@@ -381,7 +381,13 @@ impl Context {
             let role = self.partitions.role(partition);
             let owner_node = owner.as_ref().map(|o| o.node.as_str()).unwrap_or("");
             match role {
-                Role::Owner if owner_node != me => {
+                // A read older than this node's own claim (KV reads may come from a replica
+                // that lags) says nothing.
+                Role::Owner
+                    if owner_node != me
+                        && revision
+                            > self.partitions.slots[partition].claimed.load(Ordering::Acquire) =>
+                {
                     // Taken over while this node was away (paused, partitioned): its next
                     // append would be refused anyway; stop admitting now.
                     tracing::warn!(
@@ -552,11 +558,12 @@ impl Context {
         let claim =
             Owner { node: self.config.node.clone(), addr: self.config.advertise.clone(), epoch };
         let value: bytes::Bytes = serde_json::to_vec(&claim)?.into();
-        if revision == 0 {
-            self.owners.create(&key, value).await?;
+        let claimed = if revision == 0 {
+            self.owners.create(&key, value).await?
         } else {
-            self.owners.update(&key, value, revision).await?;
-        }
+            self.owners.update(&key, value, revision).await?
+        };
+        self.partitions.slots[partition].claimed.store(claimed, Ordering::Release);
         let started = Instant::now();
         let deadline = Duration::from_secs(30);
         let slot = &self.partitions.slots[partition];

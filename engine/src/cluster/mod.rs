@@ -205,6 +205,8 @@ struct Slot {
     /// A standby's lag: messages in the stream after the last one it applied, as the stream
     /// said when it delivered that one.
     lag: AtomicU64,
+    /// The ownership table's revision of this node's last claim of the partition.
+    claimed: AtomicU64,
     /// The queue the shard's records go to; taken by the append task at takeover.
     jobs: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Job<Vec<Reply>>>>>,
     /// Asks the append task (while this node owns the partition) to hand it over.
@@ -299,6 +301,7 @@ impl Cluster {
                 owner: RwLock::new(None),
                 applied: AtomicU64::new(0),
                 lag: AtomicU64::new(0),
+                claimed: AtomicU64::new(0),
                 jobs: Mutex::new(Some(rx)),
                 handover: Mutex::new(None),
             });
