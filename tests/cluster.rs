@@ -919,21 +919,33 @@ async fn a_standby_behind_the_purge_reloads_the_newest_snapshot() {
     }
     let client = patient(&[cluster.nodes[0].addr]);
     let payers = enroll(&client, 4, "lag").await;
+    let behind: Vec<u64> =
+        cluster.nodes[1].partitions().await.unwrap().iter().map(|p| p.3).collect();
     cluster.nodes[1].signal("-STOP");
-    // Load for longer than the purge delay (5 s in the tests), with snapshots every 100
-    // records: the stream is purged past where the paused standby stopped.
+    // Load until a stream is purged well past where the paused standby stopped (snapshots every
+    // 100 records, purged behind snapshots 5 s old in the tests).
+    let nats = async_nats::jetstream::new(async_nats::connect(cluster.nats.url(0)).await.unwrap());
     let started = Instant::now();
     let mut counter = 0;
-    while started.elapsed() < Duration::from_secs(8) {
+    loop {
         counter += 1;
         for index in 0..payers.len() {
             let signed = Signed::new(&payers, index, counter, 100);
             let answer = client.call(&signed.request()).await;
             assert!(matches!(answer, Ok(Response::Ok(Reply::Authorize(_)))), "{answer:?}");
         }
+        let mut purged = false;
+        for (partition, applied) in behind.iter().enumerate() {
+            let mut stream = nats.get_stream(format!("sgtest-p{partition}")).await.unwrap();
+            // Past what the paused standby may hold already delivered (a pull's batch is 500
+            // messages).
+            purged |= stream.info().await.unwrap().state.first_sequence > applied + 1_000;
+        }
+        if purged {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(90), "no stream was purged in 90 s");
     }
-    // A last snapshot and purge after the delay.
-    tokio::time::sleep(Duration::from_millis(500)).await;
     cluster.nodes[1].signal("-CONT");
     let digests = cluster.digests_when_caught_up().await;
     assert_eq!(digests[0], digests[1], "the standby's partitions differ from the owner's");
