@@ -14,6 +14,11 @@
 //! flight on it again; both at most [`ATTEMPTS_MAX`] times, after which the partner gets the
 //! last answer, or `SHUTTING_DOWN`. Resending is safe: every request that changes state carries
 //! a client request ID.
+//!
+//! Limits on the partner side: the server's `connections_max` (past it, a connection is closed
+//! at once), its `idle_timeout_ms` (a connection with nothing to read for that long is closed),
+//! and 1,024 requests in flight per connection (reading waits). The nodes enforce the rest of
+//! the protocol's limits on what the router forwards.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -137,11 +142,21 @@ pub async fn start(config: Config) -> anyhow::Result<RunningRouter> {
             tracing::error!(%error, "the router's HTTP server failed");
         }
     });
+    // The server's limits, for the partner side: connections at most, and a connection with no
+    // frame for the idle time is closed.
+    let slots = Arc::new(tokio::sync::Semaphore::new(config.server.connections_max));
+    let idle = Duration::from_millis(config.server.idle_timeout_ms);
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else { continue };
+            // Past the limit, closed at once.
+            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else { continue };
             let _ = stream.set_nodelay(true);
-            tokio::spawn(serve(stream, Arc::clone(&table)));
+            let table = Arc::clone(&table);
+            tokio::spawn(async move {
+                serve(stream, table, idle).await;
+                drop(slot);
+            });
         }
     });
     Ok(RunningRouter { addr, http_addr })
@@ -212,7 +227,7 @@ struct ConnState {
     auth: Option<Arc<Frame>>,
 }
 
-async fn serve(stream: TcpStream, table: Arc<Table>) {
+async fn serve(stream: TcpStream, table: Arc<Table>, idle: Duration) {
     let (mut reader, mut writer) = stream.into_split();
     let (to_partner, mut outgoing) = mpsc::channel::<Vec<u8>>(1024);
     tokio::spawn(async move {
@@ -248,9 +263,9 @@ async fn serve(stream: TcpStream, table: Arc<Table>) {
         {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        match reader.read_buf(&mut buffer).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
+        match tokio::time::timeout(idle, reader.read_buf(&mut buffer)).await {
+            Ok(Ok(0) | Err(_)) | Err(_) => return,
+            Ok(Ok(_)) => {}
         }
     }
 }
