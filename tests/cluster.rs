@@ -46,7 +46,7 @@ struct Node {
 }
 
 impl Node {
-    fn new(dir: &Path, name: &str, nats: &[String], partitions: usize) -> Node {
+    fn new(dir: &Path, name: &str, nats: &[String], partitions: usize, purge_ms: u64) -> Node {
         let (port, http_port) = (free_port(), free_port());
         let admin = hex::encode(Sha256::digest(ADMIN_KEY.as_bytes()));
         let nats: Vec<String> = nats.iter().map(|url| format!("\"{url}\"")).collect();
@@ -82,7 +82,7 @@ heartbeat_ms = 200
 owner_timeout_ms = 1200
 settle_ms = 600
 snapshot_every_records = 100
-purge_after_ms = 5000
+purge_after_ms = {purge_ms}
 "#,
             vault = "55".repeat(32),
             nats = nats.join(", "),
@@ -514,12 +514,18 @@ struct Cluster {
 }
 
 impl Cluster {
+    /// `nodes` nodes of `partitions` partitions; streams purged behind snapshots 15 s old (a
+    /// node of the tests may lag by seconds on a loaded 2-core machine).
     fn start(nodes: usize, partitions: usize) -> Cluster {
+        Cluster::start_purging_after(nodes, partitions, 15_000)
+    }
+
+    fn start_purging_after(nodes: usize, partitions: usize, purge_ms: u64) -> Cluster {
         let nats = NatsCluster::start(3);
         let dir = tempfile::tempdir().unwrap();
         let urls = nats.client_urls();
         let mut nodes: Vec<Node> = (1..=nodes)
-            .map(|i| Node::new(dir.path(), &format!("n{i}"), &urls, partitions))
+            .map(|i| Node::new(dir.path(), &format!("n{i}"), &urls, partitions, purge_ms))
             .collect();
         nodes.iter_mut().for_each(Node::start);
         Cluster { nats, nodes, partitions, _dir: dir }
@@ -908,7 +914,7 @@ async fn planned_moves_under_load_cost_only_busy_retries() {
 /// owner's digest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_behind_the_purge_reloads_the_newest_snapshot() {
-    let cluster = Cluster::start(2, 2);
+    let cluster = Cluster::start_purging_after(2, 2, 5_000);
     let owners = cluster.settled().await;
     // n1 owns both partitions; n2 is only a standby.
     for (partition, &owner) in owners.iter().enumerate() {

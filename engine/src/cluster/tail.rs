@@ -69,19 +69,14 @@ impl Tail {
             let (sequence, lag) = (info.stream_sequence, info.pending);
             if sequence != expected {
                 // Purged below a snapshot while this standby lagged behind it: what it missed is
-                // gone. It starts again from the newest snapshot (the caller follows from there),
-                // or, failing that, stops following rather than diverge.
+                // gone. It starts again from the newest snapshot; either way the caller follows
+                // again: from the snapshot's sequence once reloaded, else (the object store out
+                // of reach for a moment) from where it was, which finds the gap and tries again.
                 tracing::warn!(partition, expected, sequence, "the stream no longer holds what this standby needs next; reloading the newest snapshot");
-                if let Err(error) = self.reload().await {
-                    tracing::error!(
-                        partition,
-                        error,
-                        "no snapshot to reload; this node stops following the partition"
-                    );
-                    self.partitions.set_role(partition, Role::Lost);
-                    return Ok(());
-                }
-                return Err("reloaded from a snapshot".into());
+                return Err(match self.reload().await {
+                    Ok(()) => "reloaded from a snapshot".into(),
+                    Err(error) => format!("reloading a snapshot failed: {error}").into(),
+                });
             }
             expected = sequence + 1;
             self.partitions.slots[partition].lag.store(lag, Ordering::Release);
