@@ -222,6 +222,15 @@ async fn http(addr: SocketAddr, method: &str, path: &str) -> Option<String> {
     tokio::time::timeout(Duration::from_secs(5), fetch).await.ok().flatten()
 }
 
+/// Prints the last lines of each node's log (for a failing test).
+fn dump_logs(nodes: &[Node]) {
+    for node in nodes {
+        let log = std::fs::read_to_string(node.config.with_extension("log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        eprintln!("--- {} (last lines, newest first):\n{}", node.name, tail.join("\n"));
+    }
+}
+
 /// Waits until every partition has exactly one owner among the running `nodes`, all of them
 /// agreeing on who; returns the owner of each partition (an index into `nodes`).
 async fn settled(nodes: &[Node], partitions: usize, limit: Duration) -> Vec<usize> {
@@ -250,12 +259,7 @@ async fn settled(nodes: &[Node], partitions: usize, limit: Duration) -> Vec<usiz
             return owners.into_iter().map(Option::unwrap).collect();
         }
         if started.elapsed() >= limit {
-            for node in nodes {
-                let log =
-                    std::fs::read_to_string(node.config.with_extension("log")).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(40).collect();
-                eprintln!("--- {} (last lines, newest first):\n{}", node.name, tail.join("\n"));
-            }
+            dump_logs(nodes);
             panic!("partitions did not settle within {limit:?}: {views:?}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -557,10 +561,10 @@ impl Cluster {
                 }
                 return digests;
             }
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "standbys did not catch up: {views:?}"
-            );
+            if started.elapsed() >= Duration::from_secs(30) {
+                dump_logs(&self.nodes);
+                panic!("standbys did not catch up: {views:?}");
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }

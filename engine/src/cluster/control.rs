@@ -9,8 +9,9 @@
 //! node's own clock, so clocks of different machines never need to agree.
 //!
 //! A partition is taken over when it has no owner, or its owner's heartbeat is stale, by the
-//! first of the live nodes in rendezvous order (a hash of partition and node name) that can take
-//! it (not [`Role::Lost`] there): a node's partitions spread over the others when it dies.
+//! live node that can take it (not [`Role::Lost`] there) and has applied the most of its stream,
+//! ties broken in rendezvous order (a hash of partition and node name): a node just restarted
+//! and still replaying is passed over, and a dead node's partitions spread over the others.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -36,6 +37,10 @@ struct Heartbeat {
     addr: String,
     /// Partitions this node cannot take ([`Role::Lost`] here).
     lost: Vec<usize>,
+    /// The last sequence this node applied, per partition: the most caught-up standby takes a
+    /// partition over (a node just restarted, still replaying, is passed over).
+    #[serde(default)]
+    applied: Vec<u64>,
 }
 
 /// Everything the control loop works with.
@@ -238,18 +243,31 @@ impl Context {
 }
 
 /// Opens a bucket, creating it if no node has yet.
+///
+/// Its reads go to the bucket's stream leader: the client makes buckets with direct gets,
+/// which any replica answers, and a lagging replica's heartbeats would make a live node look
+/// dead (a node resuming from a pause took partitions from a live owner that way). The bucket
+/// is changed to `allow_direct: false` if need be, then opened again.
 async fn key_value(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, EngineError> {
     let name = config.bucket.clone();
-    match js.get_key_value(&name).await {
+    let opened = match js.get_key_value(&name).await {
         Ok(store) => Ok(store),
         Err(_) => match js.create_key_value(config).await {
             Ok(store) => Ok(store),
             // Another node created it meanwhile.
-            Err(_) => {
-                js.get_key_value(&name).await.map_err(|e| nats_error("opening a bucket")(e.into()))
-            }
+            Err(_) => js.get_key_value(&name).await,
         },
+    };
+    let failed = |e: async_nats::Error| nats_error("opening a bucket")(e);
+    let store = opened.map_err(|e| failed(e.into()))?;
+    let mut stream = js.get_stream(&store.stream_name).await.map_err(|e| failed(e.into()))?;
+    let mut stream_config = stream.info().await.map_err(|e| failed(e.into()))?.config.clone();
+    if !stream_config.allow_direct {
+        return Ok(store);
     }
+    stream_config.allow_direct = false;
+    js.update_stream(stream_config).await.map_err(|e| failed(e.into()))?;
+    js.get_key_value(&name).await.map_err(|e| failed(e.into()))
 }
 
 /// What the engine asks of the control loop.
@@ -319,7 +337,10 @@ impl Context {
             let lost: Vec<usize> = (0..self.partitions.slots.len())
                 .filter(|&p| self.partitions.role(p) == Role::Lost)
                 .collect();
-            let beat = Heartbeat { addr: self.config.advertise.clone(), lost };
+            let applied =
+                self.partitions.slots.iter().map(|slot| slot.applied.load(Ordering::Acquire));
+            let beat =
+                Heartbeat { addr: self.config.advertise.clone(), lost, applied: applied.collect() };
             let value = serde_json::to_vec(&beat).expect("a heartbeat serializes");
             if let Err(error) = self.nodes.put(&self.config.node, value.into()).await {
                 tracing::warn!(%error, "heartbeat not written");
@@ -424,7 +445,10 @@ impl Context {
                         .iter()
                         .filter(|(node, beat)| **node == me || !beat.lost.contains(&partition))
                         .filter(|(node, _)| node.as_str() != owner_node || mine)
-                        .max_by_key(|(node, _)| rendezvous(partition, node))
+                        .max_by_key(|(node, beat)| {
+                            let applied = beat.applied.get(partition).copied().unwrap_or(0);
+                            (applied, rendezvous(partition, node))
+                        })
                         .map(|(node, _)| node.as_str());
                     if mine || first == Some(me.as_str()) {
                         to_take.push((partition, revision, owner.map_or(0, |o| o.epoch)));
