@@ -36,8 +36,9 @@ echo "== cargo test: unit, integration, property, examples, benches once"
 # The cluster's tests run after the rest, one at a time: each runs 3 nats-server processes and
 # several nodes under load, and on 2 cores they measure failovers, not the machine's contention.
 cargo test --workspace --lib --bins --tests --examples -- --skip cluster:: 2>&1 | tee -a "$log"
-# The benches (criterion, each benchmark once) take no test filter.
-cargo test --workspace --benches 2>&1 | tee -a "$log"
+# The benches (criterion, each benchmark once) take no test filter; `--bench '*'` runs them
+# alone (`--benches` would run the libraries' unit tests a second time).
+cargo test --workspace --bench '*' 2>&1 | tee -a "$log"
 echo "== cargo test: the cluster (real nats-server processes), one test at a time"
 cargo test --test tests cluster:: -- --test-threads=1 2>&1 | tee -a "$log"
 
