@@ -11,17 +11,17 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use settlegate_engine::{AuthOutcome, InherentId, MeansKind, ReasonCode, UserIdType, UserKey};
-use settlegate_protocol::messages::{CodeOutcome, CodeState, MeansInput, SaleLines};
+use settlegate_protocol::messages::{CodeOutcome, CodeState, MeansInput};
 use settlegate_protocol::messages::{Reply, Request, Response};
 use settlegate_protocol::ops::code_state::GetCodeState;
-use settlegate_protocol::ops::{AddMeans, Authorize, Enroll, IssueCode, RedeemCode};
+use settlegate_protocol::ops::{AddMeans, Authorize, Enroll, IssueCode};
 use settlegate_protocol::values::{DeviceCredential, IssuedCode, Redemption};
 use settlegate_protocol::{Client, ClusterClient, Patience};
 use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 
 use crate::support::nats::NatsCluster;
-use crate::support::server::{now_ms, spawn_binary_serving, ADMIN_KEY};
+use crate::support::server::{now_ms, redeem_request, spawn_binary_serving, ADMIN_KEY};
 use crate::support::{jpy, PASSWORD};
 
 /// A free TCP port on loopback below the ephemeral range (so a restarted node gets its own
@@ -430,21 +430,7 @@ async fn redeem(
             _ => continue,
         };
         ledger.lock().await.issued.push(code.clone());
-        let request = |id: u128| {
-            Request::RedeemCode(RedeemCode {
-                client_request_id: id,
-                code: code.text.clone(),
-                issuer: 1,
-                number: code.number,
-                amount_minor: amount,
-                currency: jpy(),
-                sale_at_ms: now_ms(),
-                terminal_id: "CLUSTER-1".into(),
-                lines: SaleLines::Items(Vec::new()),
-                coupon: None,
-                order_ref: String::new(),
-            })
-        };
+        let request = |id: u128| redeem_request(&code, id, amount, now_ms(), "CLUSTER-1");
         let (a, b): (u128, u128) = (rng.gen(), rng.gen());
         let (ra, rb) = (request(a), request(b));
         let (first, second) = tokio::join!(clients[0].call(&ra), clients[1].call(&rb));

@@ -11,11 +11,9 @@
 //! `SETTLEGATE_CRASH_ROUNDS` (default 5) sets the number of kills; `scripts/crash.sh` runs a
 //! long version.
 
-use settlegate_protocol::messages::{MeansList, SaleLines};
+use settlegate_protocol::messages::MeansList;
 use settlegate_protocol::ops::code_state::GetCodeState;
-use settlegate_protocol::ops::{
-    AddMeans, Enroll, IssueCode, ListMeans, Login, ProvisionDevice, RedeemCode,
-};
+use settlegate_protocol::ops::{AddMeans, Enroll, IssueCode, ListMeans, Login, ProvisionDevice};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,7 +26,7 @@ use settlegate_protocol::values::{DeviceCredential, IssuedCode, Redemption};
 use settlegate_protocol::Client;
 use tokio::sync::Mutex;
 
-use crate::support::server::{binary_config, now_ms, spawn_binary, ADMIN_KEY};
+use crate::support::server::{binary_config, now_ms, redeem_request, spawn_binary, ADMIN_KEY};
 use crate::support::{jpy, PASSWORD};
 
 const USERS: usize = 8;
@@ -151,21 +149,7 @@ async fn load_codes(
             Err(_) => return,
         };
         codes.lock().await.issued.push(code.clone());
-        let redeem = |id: u128| {
-            Request::RedeemCode(RedeemCode {
-                client_request_id: id,
-                code: code.text.clone(),
-                issuer: 1,
-                number: code.number,
-                amount_minor: amount,
-                currency: jpy(),
-                sale_at_ms: now_ms(),
-                terminal_id: "CRASH-1".into(),
-                lines: SaleLines::Items(Vec::new()),
-                coupon: None,
-                order_ref: String::new(),
-            })
-        };
+        let redeem = |id: u128| redeem_request(&code, id, amount, now_ms(), "CRASH-1");
         let (a, b): (u128, u128) = (rng.gen(), rng.gen());
         let (request_a, request_b) = (redeem(a), redeem(b));
         let (first, second) = tokio::join!(client.call(&request_a), client.call(&request_b));
@@ -468,19 +452,8 @@ async fn verify_codes(addr: std::net::SocketAddr, codes: &Codes) {
             "an acknowledged redemption changed after a crash"
         );
         let code = seen.issued.iter().find(|c| c.number == *number).expect("issued");
-        let retry = Request::RedeemCode(RedeemCode {
-            client_request_id: *id,
-            code: code.text.clone(),
-            issuer: 1,
-            number: *number,
-            amount_minor: redemption.captured_minor,
-            currency: jpy(),
-            sale_at_ms: redemption.sale_at_ms,
-            terminal_id: "CRASH-1".into(),
-            lines: SaleLines::Items(Vec::new()),
-            coupon: None,
-            order_ref: String::new(),
-        });
+        let retry =
+            redeem_request(code, *id, redemption.captured_minor, redemption.sale_at_ms, "CRASH-1");
         assert_eq!(
             client.call_ok(&retry).await.unwrap(),
             Reply::RedeemCode(Box::new(redemption.clone()))

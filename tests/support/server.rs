@@ -280,3 +280,28 @@ pub async fn enroll(client: &Client, name: &str) -> Payer {
     assert_eq!(added.last4.as_deref(), Some("4444"));
     Payer { user, credential, counter: 0 }
 }
+
+/// A `REDEEM_CODE` of `code` (issuer 1) for `amount_minor` JPY with no sale lines, at
+/// `sale_at_ms`, from store terminal `terminal`, with client request ID `id`.
+pub fn redeem_request(
+    code: &settlegate_protocol::values::IssuedCode,
+    id: u128,
+    amount_minor: u64,
+    sale_at_ms: i64,
+    terminal: &str,
+) -> settlegate_protocol::messages::Request {
+    use settlegate_protocol::messages::{Request, SaleLines};
+    Request::RedeemCode(settlegate_protocol::ops::RedeemCode {
+        client_request_id: id,
+        code: code.text.clone(),
+        issuer: 1,
+        number: code.number,
+        amount_minor,
+        currency: super::jpy(),
+        sale_at_ms,
+        terminal_id: terminal.into(),
+        lines: SaleLines::Items(Vec::new()),
+        coupon: None,
+        order_ref: String::new(),
+    })
+}
