@@ -274,6 +274,18 @@ fn decode_request(frame: &FrameRef<'_>, authenticated: bool) -> Result<Request, 
     })
 }
 
+/// The frames of a group of `AUTHORIZE` answers, counted in the request metrics.
+fn encode_authorize_answers(ctx: &handler::Context, answers: Vec<(u64, u16, Response)>) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(answers.len() * 128);
+    let mut counts = BatchCounts::default();
+    for (request_id, op, response) in answers {
+        let status = response.encode_frame(op, request_id, &mut bytes);
+        counts.add(handler::request_labels(op, status));
+    }
+    counts.flush(&ctx.metrics.requests);
+    bytes
+}
+
 /// The detail of the answer to a request sent before authentication.
 const UNAUTHENTICATED_DETAIL: &str = "authenticate first (AUTH or a TLS client certificate)";
 
@@ -384,20 +396,34 @@ impl Connection {
         let mut closed = self.closed.clone();
         tokio::spawn(async move {
             let ctx = &shared.ctx;
-            let responses = handler::authorize_batch(ctx, &identity, authorizes).await;
-            let mut bytes = Vec::with_capacity(responses.len() * 128);
-            let mut counts = BatchCounts::default();
-            for (request_id, op, response) in responses {
-                let status = response.encode_frame(op, request_id, &mut bytes);
-                counts.add(handler::request_labels(op, status));
+            let mut answers = handler::authorize_start(ctx, &identity, authorizes).await;
+            let ready = answers.take_ready(ctx);
+            if answers.is_done() {
+                // The whole batch stood at once (no provider to wait for): written by this
+                // task, with no hand-over to the writer task.
+                let bytes = encode_authorize_answers(ctx, ready);
+                let _charge = out.charge(bytes.len());
+                // A failed write means the peer is gone; the read side sees it too. A write
+                // the peer never takes ends when the connection gives up on it.
+                tokio::select! {
+                    _ = write_all(&writer, &bytes) => {}
+                    _ = closed.changed() => {}
+                }
+                return;
             }
-            counts.flush(&ctx.metrics.requests);
-            // A failed write means the peer is gone; the read side sees it too. A write the
-            // peer never takes ends when the connection gives up on it.
-            let _charge = out.charge(bytes.len());
-            tokio::select! {
-                _ = write_all(&writer, &bytes) => {}
-                _ = closed.changed() => {}
+            // Some wait for a provider: each group goes to the writer as it stands, so that a
+            // slow provider holds back only its own answers, and its permits are given back.
+            let mut group = ready;
+            loop {
+                let answered = group.len();
+                if answered > 0 {
+                    out.push(encode_authorize_answers(ctx, group));
+                    drop(permit.split(answered));
+                }
+                match answers.next(ctx).await {
+                    Some(next) => group = next,
+                    None => break,
+                }
             }
             drop(permit);
         });

@@ -1,8 +1,10 @@
 //! What every operation's handling shares: the [`Context`], engine errors as responses,
 //! metrics labels; and `AUTHORIZE` and `AUTHORIZE_BASKET`, handled a batch at a time by
-//! [`authorize_batch`] so the engine can verify their tags together. Every other request goes
+//! [`authorize_start`] so the engine can verify their tags together, each answered as soon as
+//! its payment stands. Every other request goes
 //! through [`crate::ops::handle`].
 
+use settlegate_engine::engine::Authorizing;
 use settlegate_engine::engine::BasketOutcome;
 use settlegate_engine::inherent::peek_terminal_id;
 use settlegate_engine::{AuthOutcome, AuthorizeRequest, Basket, Engine, EngineError, ReasonCode};
@@ -45,15 +47,54 @@ impl PendingAuthorize {
     }
 }
 
-/// Authorizes a batch: records this identity may not act for are refused; records too broken
-/// to name a terminal are declined as malformed; the rest go to the engine together. Each
-/// response comes with its request ID and the opcode it answers.
-pub async fn authorize_batch(
+/// A batch of `AUTHORIZE`s and `AUTHORIZE_BASKET`s under way ([`authorize_start`]): each
+/// response comes with its request ID and the opcode it answers, a group at a time, as the
+/// payments stand.
+pub struct AuthorizeAnswers {
+    /// Responses that stand and have not been taken.
+    ready: Vec<(u64, u16, Response)>,
+    /// The request ID and opcode of each payment the engine has, by position.
+    ids: Vec<(u64, u16)>,
+    /// The engine's batch, when it has any payment.
+    authorizing: Option<Authorizing>,
+}
+
+impl AuthorizeAnswers {
+    /// The responses that stand and have not been taken yet.
+    pub fn take_ready(&mut self, ctx: &Context) -> Vec<(u64, u16, Response)> {
+        if let Some(authorizing) = &mut self.authorizing {
+            let group = authorizing.take_ready();
+            self.ready.extend(responses(ctx, &self.ids, group));
+        }
+        std::mem::take(&mut self.ready)
+    }
+
+    /// Whether every response has been taken.
+    pub fn is_done(&self) -> bool {
+        self.ready.is_empty() && self.authorizing.as_ref().is_none_or(Authorizing::is_done)
+    }
+
+    /// The next group of responses, as soon as their payments stand (a slow provider holds
+    /// back only its own), or `None` when all have been taken.
+    pub async fn next(&mut self, ctx: &Context) -> Option<Vec<(u64, u16, Response)>> {
+        if !self.ready.is_empty() {
+            return Some(std::mem::take(&mut self.ready));
+        }
+        let group = self.authorizing.as_mut()?.next().await?;
+        Some(responses(ctx, &self.ids, group))
+    }
+}
+
+/// Starts authorizing a batch: records this identity may not act for are refused; records too
+/// broken to name a terminal are declined as malformed; the rest go to the engine together.
+/// Returns once the engine has reserved them; what stands then is in
+/// [`AuthorizeAnswers::take_ready`], the rest follows from [`AuthorizeAnswers::next`].
+pub async fn authorize_start(
     ctx: &Context,
     identity: &Identity,
     batch: Vec<PendingAuthorize>,
-) -> Vec<(u64, u16, Response)> {
-    let mut responses = Vec::with_capacity(batch.len());
+) -> AuthorizeAnswers {
+    let mut ready = Vec::new();
     let mut ids = Vec::with_capacity(batch.len());
     let mut requests = Vec::with_capacity(batch.len());
     for pending in batch {
@@ -64,13 +105,13 @@ pub async fn authorize_batch(
                     outcome: AuthOutcome::Declined(ReasonCode::Malformed),
                     verdict: None,
                 };
-                responses.push((pending.request_id, op, outcome_response(op, malformed)))
+                ready.push((pending.request_id, op, outcome_response(op, malformed)))
             }
             Some(terminal)
                 if !(identity.may(permission::AUTHORIZE)
                     && identity.may_act_for_terminal(terminal)) =>
             {
-                responses.push((
+                ready.push((
                     pending.request_id,
                     op,
                     Response::Forbidden("identity may not act for this terminal".into()),
@@ -86,11 +127,25 @@ pub async fn authorize_batch(
             }
         }
     }
+    let mut authorizing = None;
     if !requests.is_empty() {
         ctx.metrics.authorize_batch_size.observe(requests.len() as f64);
-        let results = ctx.engine.authorize_baskets(requests).await;
-        let mut outcomes = BatchCounts::default();
-        for ((request_id, op), result) in ids.into_iter().zip(results) {
+        authorizing = Some(ctx.engine.authorize_start(requests).await);
+    }
+    AuthorizeAnswers { ready, ids, authorizing }
+}
+
+/// The responses of a group of the engine's results, counted in the outcome metrics.
+fn responses(
+    ctx: &Context,
+    ids: &[(u64, u16)],
+    group: Vec<(usize, Result<BasketOutcome, EngineError>)>,
+) -> Vec<(u64, u16, Response)> {
+    let mut outcomes = BatchCounts::default();
+    let responses = group
+        .into_iter()
+        .map(|(index, result)| {
+            let (request_id, op) = ids[index];
             let response = match result {
                 Ok(outcome) => {
                     outcomes.add(outcome_labels(&outcome.outcome));
@@ -98,10 +153,10 @@ pub async fn authorize_batch(
                 }
                 Err(error) => error_response(error),
             };
-            responses.push((request_id, op, response));
-        }
-        outcomes.flush(&ctx.metrics.outcomes);
-    }
+            (request_id, op, response)
+        })
+        .collect();
+    outcomes.flush(&ctx.metrics.outcomes);
     responses
 }
 

@@ -642,3 +642,75 @@ async fn payment_codes_over_the_wire() {
     }
     assert!(matches!(shop.call(&elsewhere).await.unwrap(), Response::Forbidden(_)));
 }
+
+/// No head-of-line blocking: of two `AUTHORIZE`s sent in one write, one to a provider that
+/// answers after 2 s and one to a faster provider, the faster one's answer arrives first,
+/// whether its provider decides in the shard (zero latency) or answers after 1 ms through the
+/// asynchronous provider path. The order of arrival is checked, not a time.
+#[tokio::test]
+async fn a_slow_provider_holds_back_only_its_own_answers() {
+    const PROVIDER_2S: u32 = 600;
+    const PROVIDER_1MS: u32 = 700;
+    let mut config = server_config();
+    config.engine.request_deadline_ms = 10_000;
+    for (code, name, latency_us) in
+        [(PROVIDER_2S, "two-seconds", 2_000_000), (PROVIDER_1MS, "one-ms", 1_000)]
+    {
+        config.engine.providers.push(settlegate_engine::ProviderConfig {
+            code,
+            name: name.into(),
+            adapter: simulated(code.into(), 0.0, latency_us),
+            limits: settlegate_adapters::GuardConfig { concurrency_max: 16, timeout_ms: 5_000 },
+            terminals: Vec::new(),
+        });
+    }
+    let server = start_with(config).await;
+    let admin = client(&server, ADMIN_KEY).await;
+    let mut slow_payer = enroll(&admin, "hol-slow").await;
+    let mut fast_payer = enroll(&admin, "hol-fast").await;
+    for fast_provider in [PROVIDER_OK, PROVIDER_1MS] {
+        let mut bytes = Vec::new();
+        Request::Auth(Auth { key: ADMIN_KEY.into() }).encode_frame(1, &mut bytes).unwrap();
+        let slow = Authorize {
+            client_request_id: request_id(),
+            inherent_id: slow_payer.sign(2_000, PROVIDER_2S, "T-1"),
+        };
+        let fast = Authorize {
+            client_request_id: request_id(),
+            inherent_id: fast_payer.sign(1_000, fast_provider, "T-1"),
+        };
+        Request::Authorize(slow).encode_frame(2, &mut bytes).unwrap();
+        Request::Authorize(fast).encode_frame(3, &mut bytes).unwrap();
+        let mut stream = raw(&server, &bytes).await;
+        let mut input = Vec::new();
+        let mut arrived = Vec::new();
+        while arrived.len() < 3 {
+            let mut chunk = [0u8; 4096];
+            let read = tokio::time::timeout(
+                Duration::from_secs(10),
+                tokio::io::AsyncReadExt::read(&mut stream, &mut chunk),
+            );
+            let n = read.await.expect("answered within 10 s").unwrap();
+            assert!(n > 0, "closed after {arrived:?}");
+            input.extend_from_slice(&chunk[..n]);
+            while let Some((frame, used)) = settlegate_protocol::frame::decode(&input).unwrap() {
+                input.drain(..used);
+                assert_eq!(frame.status, 0, "request {}", frame.request_id);
+                let response = Response::decode(frame.opcode, frame.status, &frame.body).unwrap();
+                if frame.request_id > 1 {
+                    let Response::Ok(Reply::Authorize(outcome)) = response else {
+                        panic!("request {}: {response:?}", frame.request_id)
+                    };
+                    assert!(matches!(outcome, AuthOutcome::Approved(_)), "{outcome:?}");
+                }
+                arrived.push(frame.request_id);
+            }
+        }
+        assert_eq!(
+            arrived,
+            [1, 3, 2],
+            "provider {fast_provider}: the fast payment's answer comes before the slow one's"
+        );
+    }
+    server.shutdown().await;
+}

@@ -51,7 +51,7 @@ mod wallet;
 
 pub use accounts::{DeviceCredential, EnrollRequest, MeansAdded, MeansOrder};
 pub use payment_codes::{CodeOutcome, IssueCodeRequest, RedeemRequest, SaleLines};
-pub use settlement::{AuthorizeRequest, BasketOutcome};
+pub use settlement::{AuthorizeRequest, Authorizing, BasketOutcome, Standing};
 pub use stores::EnteredStore;
 pub use wallet::{BestBy, MethodAtStore, UsableMethods, UsableQuery};
 

@@ -48,7 +48,7 @@ pub fn jpy() -> Currency {
     Currency::try_from("JPY").unwrap()
 }
 
-fn simulated(seed: u64, decline_rate: f64, latency_us: u64) -> AdapterConfig {
+pub fn simulated(seed: u64, decline_rate: f64, latency_us: u64) -> AdapterConfig {
     AdapterConfig::Simulated(SimulatedConfig {
         seed,
         decline_rate,

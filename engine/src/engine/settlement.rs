@@ -1,5 +1,9 @@
 //! G3 settlement: authorize payments in batches (verify, reserve, dispatch, complete, notify).
 
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt as _, StreamExt as _};
+
 use super::*;
 
 /// A settlement request: the signed inherent ID exactly as the user terminal built it.
@@ -43,36 +47,64 @@ impl Engine {
 
     /// Authorizes a batch of payments, each with its basket or without one (A2, A3). A basket
     /// must add up to the amount the user signed; its age-restricted items are checked against
-    /// the paying terminal's age registration under the store's age policy.
+    /// the paying terminal's age registration under the store's age policy. Results come back
+    /// in request order, once every payment of the batch stands; [`Engine::authorize_start`]
+    /// hands each out as soon as it stands instead.
     pub async fn authorize_baskets(
         &self,
         requests: Vec<(AuthorizeRequest, Option<Basket>)>,
     ) -> Vec<Result<BasketOutcome, EngineError>> {
-        let count = requests.len();
-        if count > BATCH_SIZE_MAX {
-            let error = EngineError::BatchTooLarge { len: count, max: BATCH_SIZE_MAX };
-            return vec![Err(error); count];
+        let mut results: Vec<Option<Result<BasketOutcome, EngineError>>> =
+            vec![None; requests.len()];
+        let mut authorizing = self.authorize_start(requests).await;
+        let mut group = authorizing.take_ready();
+        loop {
+            for (index, result) in group {
+                results[index] = Some(result);
+            }
+            match authorizing.next().await {
+                Some(next) => group = next,
+                None => break,
+            }
         }
-        let now_ms = self.now_ms();
+        results.into_iter().map(|r| r.expect("every request has a result")).collect()
+    }
+
+    /// Starts authorizing a batch as [`Engine::authorize_baskets`] does, and returns once every
+    /// payment has been reserved in its shard: the results that stand already (declines, and
+    /// outcomes the shard decided at once) are in [`Authorizing::take_ready`], and the payments
+    /// waiting for a provider come out of [`Authorizing::next`] as their outcomes are recorded,
+    /// so that a slow provider holds back only its own payments.
+    pub async fn authorize_start(
+        &self,
+        requests: Vec<(AuthorizeRequest, Option<Basket>)>,
+    ) -> Authorizing {
+        let count = requests.len();
         let deadline =
             Instant::now() + Duration::from_millis(self.inner.config.request_deadline_ms);
+        let mut authorizing = Authorizing::new(self.clone(), count);
+        if count > BATCH_SIZE_MAX {
+            let error = EngineError::BatchTooLarge { len: count, max: BATCH_SIZE_MAX };
+            authorizing.ready = (0..count).map(|index| (index, Err(error.clone()))).collect();
+            return authorizing;
+        }
+        let now_ms = self.now_ms();
         let (requests, baskets): (Vec<_>, Vec<_>) = requests.into_iter().unzip();
         // A cluster node answers only for the partitions it owns: any other payment is MOVED
         // before its tag is looked at (this node's copy of the devices may lag the owner's).
         let moved: Vec<Option<EngineError>> =
             requests.iter().map(|request| self.moved_payment(&request.inherent_id)).collect();
         let (ids, verified) = self.verify_batch(requests, now_ms).await;
-        let mut results: Vec<Option<Result<BasketOutcome, EngineError>>> = vec![None; count];
         let mut per_shard: Vec<(Vec<usize>, Vec<Op>)> =
             (0..self.shard_count()).map(|_| Default::default()).collect();
         let requests = ids.into_iter().zip(verified).zip(baskets).enumerate();
         for (index, ((client_request_id, verified), basket)) in requests {
             if let Some(moved) = &moved[index] {
-                results[index] = Some(Err(moved.clone()));
+                authorizing.ready.push((index, Err(moved.clone())));
                 continue;
             }
             match verified {
-                Err(reason) => results[index] = Some(Ok(declined(reason))),
+                Err(reason) => authorizing.ready.push((index, Ok(declined(reason)))),
                 Ok(verified) => {
                     let owner_hash = user_hash(&verified.record.user);
                     // The tag is a MAC over the record; the basket joins it in the digest so
@@ -95,9 +127,8 @@ impl Engine {
                 }
             }
         }
-        let dispatches = self.reserve(per_shard, now_ms, &mut results).await;
-        self.dispatch_all(dispatches, deadline, &mut results).await;
-        results.into_iter().map(|r| r.expect("every request has a result")).collect()
+        self.reserve(per_shard, now_ms, deadline, &mut authorizing).await;
+        authorizing
     }
 
     /// For a cluster node: `MOVED` if the payment signed in `bytes` is for a partition this
@@ -129,14 +160,16 @@ impl Engine {
         (ids, verified)
     }
 
-    /// Sends each shard its reservations and collects declines, outcomes the shard could
-    /// decide at once (`now_ms` is theirs), and work for providers.
+    /// Sends each shard its reservations and collects declines and outcomes the shard could
+    /// decide at once (`now_ms` is theirs) into `authorizing`, where the work for providers
+    /// is started.
     async fn reserve(
         &self,
         per_shard: Vec<(Vec<usize>, Vec<Op>)>,
         now_ms: i64,
-        results: &mut [Option<Result<BasketOutcome, EngineError>>],
-    ) -> Vec<(usize, Box<Dispatch>)> {
+        deadline: Instant,
+        authorizing: &mut Authorizing,
+    ) {
         let mut pending = Vec::new();
         for (shard, (indices, ops)) in per_shard.into_iter().enumerate() {
             if ops.is_empty() {
@@ -144,19 +177,20 @@ impl Engine {
             }
             match self.submit(shard, ops) {
                 Ok(receiver) => pending.push((shard, indices, receiver)),
-                Err(error) => indices.iter().for_each(|&i| results[i] = Some(Err(error.clone()))),
+                Err(error) => {
+                    authorizing.ready.extend(indices.iter().map(|&i| (i, Err(error.clone()))))
+                }
             }
         }
-        let mut dispatches = Vec::new();
         for (shard, indices, receiver) in pending {
             let Ok(replies) = receiver.await else {
-                indices.iter().for_each(|&i| results[i] = Some(Err(self.lost(shard))));
+                authorizing.ready.extend(indices.iter().map(|&i| (i, Err(self.lost(shard)))));
                 continue;
             };
             for (index, reply) in indices.into_iter().zip(replies) {
-                results[index] = Some(match reply {
+                let result = match reply {
                     Reply::Dispatch(dispatch) => {
-                        dispatches.push((index, dispatch));
+                        authorizing.call(index, dispatch, deadline);
                         continue;
                     }
                     Reply::Decided(dispatch, outcome) => {
@@ -169,60 +203,9 @@ impl Engine {
                     Reply::InFlight => Err(EngineError::InFlight),
                     Reply::Refused(reason) => Ok(declined(reason)),
                     other => Err(unexpected(other)),
-                });
+                };
+                authorizing.ready.push((index, result));
             }
-        }
-        dispatches
-    }
-
-    /// Calls the providers, records every outcome in its shard, then publishes notices.
-    async fn dispatch_all(
-        &self,
-        dispatches: Vec<(usize, Box<Dispatch>)>,
-        deadline: Instant,
-        results: &mut [Option<Result<BasketOutcome, EngineError>>],
-    ) {
-        if dispatches.is_empty() {
-            return;
-        }
-        let outcomes =
-            join_all(dispatches.iter().map(|(_, d)| self.call_provider(d, deadline))).await;
-        let now_ms = self.now_ms();
-        // Per shard: the dispatches (by position) whose completions it applies, and those.
-        let mut completions: Vec<(Vec<usize>, Vec<Op>)> =
-            (0..self.shard_count()).map(|_| Default::default()).collect();
-        for (at, ((_, dispatch), outcome)) in dispatches.iter().zip(&outcomes).enumerate() {
-            let (positions, ops) = &mut completions[self.shard_of(dispatch.key.0)];
-            positions.push(at);
-            ops.push(Op::Apply(dispatch.completion(*outcome, now_ms)));
-        }
-        // Completions are never refused as busy: dropping one would lose an outcome.
-        let (positions, receivers): (Vec<_>, Vec<_>) = completions
-            .into_iter()
-            .enumerate()
-            .filter(|(_, (_, ops))| !ops.is_empty())
-            .map(|(shard, (positions, ops))| (positions, self.submit_always(shard, ops)))
-            .unzip();
-        let answers = join_all(receivers).await;
-        let recorded = answers.iter().all(Result::is_ok);
-        // What stands of each outcome: the provider's, or a decline where the completion found
-        // its record gone or replaced.
-        let mut standing = outcomes;
-        for (positions, replies) in positions.into_iter().zip(answers) {
-            for (at, reply) in positions.into_iter().zip(replies.unwrap_or_default()) {
-                if let Reply::CompletionDropped = reply {
-                    self.inner.shared.completion_dropped(&dispatches[at].1, &standing[at]);
-                    standing[at] = AuthOutcome::Declined(ReasonCode::ProviderTimeout);
-                }
-            }
-        }
-        for ((index, dispatch), outcome) in dispatches.into_iter().zip(standing) {
-            if !recorded {
-                // Not recorded, not acknowledged: no reply and no notice may claim it.
-                results[index] = Some(Err(self.lost(self.shard_of(dispatch.key.0))));
-                continue;
-            }
-            results[index] = Some(Ok(self.publish_outcome(*dispatch, outcome, now_ms)));
         }
     }
 
@@ -253,5 +236,131 @@ impl Engine {
             .provider(dispatch.provider_code)
             .expect("shard checked the provider; the provider set is fixed");
         dispatch.outcome_of(provider.adapter.authorize(dispatch.provider_request(), deadline).await)
+    }
+}
+
+/// A payment's result, with its position in the batch.
+pub type Standing = (usize, Result<BasketOutcome, EngineError>);
+
+/// A payment whose provider answered: its position, its dispatch and the provider's outcome.
+type Answered = (usize, Box<Dispatch>, AuthOutcome);
+
+/// A batch of payments being authorized ([`Engine::authorize_start`]): its provider calls under
+/// way, and the completions being recorded. Its results come out a group at a time, as they
+/// stand: first those that stood at reservation ([`Authorizing::take_ready`]), then, from
+/// [`Authorizing::next`], those whose providers answered together, once their shard has
+/// recorded them (one shard message per shard and group, so that a burst of answers is
+/// recorded as one batch, not one message each).
+#[must_use = "payments waiting for a provider stand only once `next` has returned them"]
+pub struct Authorizing {
+    engine: Engine,
+    ready: Vec<Standing>,
+    /// Provider calls under way, each ending with its position, its dispatch and its outcome.
+    calls: FuturesUnordered<BoxFuture<'static, Answered>>,
+    /// Completions being recorded, each ending with the results of one shard's group.
+    recording: FuturesUnordered<BoxFuture<'static, Vec<Standing>>>,
+}
+
+impl Authorizing {
+    fn new(engine: Engine, count: usize) -> Authorizing {
+        Authorizing {
+            engine,
+            ready: Vec::with_capacity(count),
+            calls: FuturesUnordered::new(),
+            recording: FuturesUnordered::new(),
+        }
+    }
+
+    /// The results that stand and have not been taken yet.
+    pub fn take_ready(&mut self) -> Vec<Standing> {
+        std::mem::take(&mut self.ready)
+    }
+
+    /// Whether every result has been handed out.
+    pub fn is_done(&self) -> bool {
+        self.ready.is_empty() && self.calls.is_empty() && self.recording.is_empty()
+    }
+
+    /// The next group of results to stand, or `None` when every result has been handed out.
+    /// Provider calls make progress only while this is awaited.
+    pub async fn next(&mut self) -> Option<Vec<Standing>> {
+        loop {
+            if !self.ready.is_empty() {
+                return Some(self.take_ready());
+            }
+            if self.calls.is_empty() && self.recording.is_empty() {
+                return None;
+            }
+            tokio::select! {
+                biased;
+                Some(group) = self.recording.next(), if !self.recording.is_empty() => {
+                    return Some(group);
+                }
+                Some(first) = self.calls.next(), if !self.calls.is_empty() => {
+                    // Every answer that is in: recorded together.
+                    let mut answered = vec![first];
+                    while let Some(Some(more)) = self.calls.next().now_or_never() {
+                        answered.push(more);
+                    }
+                    self.record(answered);
+                }
+            }
+        }
+    }
+
+    /// Starts the provider call of a reserved payment.
+    fn call(&mut self, index: usize, dispatch: Box<Dispatch>, deadline: Instant) {
+        let engine = self.engine.clone();
+        self.calls.push(
+            async move {
+                let outcome = engine.call_provider(&dispatch, deadline).await;
+                (index, dispatch, outcome)
+            }
+            .boxed(),
+        );
+    }
+
+    /// Sends each shard the completions of `answered`, its payments whose providers answered.
+    fn record(&mut self, answered: Vec<Answered>) {
+        let engine = &self.engine;
+        let now_ms = engine.now_ms();
+        let mut per_shard: Vec<(Vec<Answered>, Vec<Op>)> =
+            (0..engine.shard_count()).map(|_| Default::default()).collect();
+        for (index, dispatch, outcome) in answered {
+            let (entries, ops) = &mut per_shard[engine.shard_of(dispatch.key.0)];
+            ops.push(Op::Apply(dispatch.completion(outcome, now_ms)));
+            entries.push((index, dispatch, outcome));
+        }
+        for (shard, (entries, ops)) in per_shard.into_iter().enumerate() {
+            if ops.is_empty() {
+                continue;
+            }
+            // Completions are never refused as busy: dropping one would lose an outcome.
+            let receiver = engine.submit_always(shard, ops);
+            let engine = engine.clone();
+            self.recording.push(
+                async move {
+                    let Ok(replies) = receiver.await else {
+                        // Not recorded, not acknowledged: no reply and no notice may claim it.
+                        let lost = engine.lost(shard);
+                        return entries.into_iter().map(|(i, ..)| (i, Err(lost.clone()))).collect();
+                    };
+                    entries
+                        .into_iter()
+                        .zip(replies)
+                        .map(|((index, dispatch, mut outcome), reply)| {
+                            // What stands: the provider's outcome, or a decline where the
+                            // completion found its record gone or replaced.
+                            if let Reply::CompletionDropped = reply {
+                                engine.inner.shared.completion_dropped(&dispatch, &outcome);
+                                outcome = AuthOutcome::Declined(ReasonCode::ProviderTimeout);
+                            }
+                            (index, Ok(engine.publish_outcome(*dispatch, outcome, now_ms)))
+                        })
+                        .collect()
+                }
+                .boxed(),
+            );
+        }
     }
 }
