@@ -1138,3 +1138,60 @@ async fn a_version_6_data_directory_is_read() {
         h.engine.shutdown();
     }
 }
+
+/// A snapshot is written beside the log, which goes on meanwhile (`wal::rotate`): the log it
+/// covers is kept as the previous log until the snapshot is in place. A crash before then (here:
+/// the snapshot cannot be put in place, its path taken by a directory) leaves the older
+/// snapshot (none), the previous log and the new one; recovery replays both, in order, and
+/// joins them into one log. A crash between the previous log's rename and the new log leaves
+/// the previous log alone; recovery replays it.
+#[tokio::test]
+async fn a_snapshot_cut_short_leaves_the_previous_log_replayed_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = durable_config(dir.path());
+    config.shards = 1;
+    config.durability.snapshot_every_records = 5;
+    let snapshot = settlegate_engine::wal::shard_snapshot_path(dir.path(), 0);
+    let prev = settlegate_engine::wal::shard_prev_log_path(dir.path(), 0);
+    let h = Harness::with_config(config.clone());
+    std::fs::create_dir_all(&snapshot).unwrap();
+    // Two users (4 records), a payment (2): the log restarts at generation 1 after it.
+    let s1 = h.user("prev-1").await;
+    let s2 = h.user("prev-2").await;
+    let mut done = Vec::new();
+    for (user, at) in [(&s1, 1), (&s2, 2), (&s1, 3)] {
+        let request = AuthorizeRequest {
+            client_request_id: request_id(),
+            inherent_id: user.signed(T0_MS + at, 700, PROVIDER_OK, "T-1"),
+        };
+        let outcome = h.engine.authorize(request.clone()).await.unwrap();
+        assert!(matches!(outcome, AuthOutcome::Approved(_)), "{outcome:?}");
+        done.push((request, outcome));
+    }
+    h.engine.shutdown();
+    assert!(prev.exists(), "the previous log is kept: its snapshot was not put in place");
+    std::fs::remove_dir(&snapshot).unwrap();
+    let check = |h: &Harness| {
+        let engine = h.engine.clone();
+        let done = done.clone();
+        let payer = s1.user.clone();
+        async move {
+            for (request, outcome) in &done {
+                let again = engine.authorize(request.clone()).await.unwrap();
+                assert_eq!(&again, outcome, "the first outcome, from the replayed record");
+            }
+            let means = engine.list_means(&payer, MeansOrder::Registration).await.unwrap();
+            assert_eq!(means[0].uses, 2, "both logs replayed, each record once");
+        }
+    };
+    let h = Harness::with_config(config.clone());
+    check(&h).await;
+    h.engine.shutdown();
+    assert!(!prev.exists(), "joined into the log, then removed");
+    // The crash between the rename and the new log: the previous log alone.
+    std::fs::rename(shard_log_path(dir.path(), 0), &prev).unwrap();
+    let h = Harness::with_config(config);
+    check(&h).await;
+    h.engine.shutdown();
+    assert!(!prev.exists());
+}

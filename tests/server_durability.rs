@@ -261,8 +261,10 @@ async fn the_data_directory_is_private_whatever_the_umask() {
     }
     let data = data(dir.path());
     let snapshot = shard_snapshot_path(&data, 0);
+    let prev = settlegate_engine::wal::shard_prev_log_path(&data, 0);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !snapshot.exists() {
+    // Written, and the log it covers removed (snapshots are written beside the log).
+    while !snapshot.exists() || prev.exists() {
         assert!(Instant::now() < deadline, "a snapshot is written");
         std::thread::sleep(Duration::from_millis(20));
     }

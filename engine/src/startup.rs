@@ -147,7 +147,9 @@ pub(crate) fn recover_shards(
     let mut logs = Vec::with_capacity(count);
     let mut generations = Vec::with_capacity(count);
     let mut envelopes = Vec::with_capacity(count);
+    let mut consolidate = Vec::with_capacity(count);
     for shard in loaded {
+        consolidate.push(shard.consolidate);
         logs.push(shard.log);
         generations.push(shard.generation);
         envelopes.push(shard.envelopes);
@@ -156,14 +158,16 @@ pub(crate) fn recover_shards(
     let loaded_ms = started.elapsed().as_millis() as u64;
     // What each shard's log holds after its snapshot: where its count toward the next starts.
     let since_snapshot: Vec<u64> = envelopes.iter().map(|e| e.len() as u64).collect();
-    // A log of an older format is rewritten in this one before anything is appended to it
-    // (below): its records, encoded now, before the replay takes them.
+    // A log of an older format, or one that follows a previous log (a snapshot cut short), is
+    // rewritten in this format, whole, before anything is appended to it (below): its records,
+    // encoded now, before the replay takes them.
     let converted: Vec<Option<Vec<rkyv::util::AlignedVec>>> = logs
         .iter()
         .zip(&envelopes)
-        .map(|(log, envelopes)| {
+        .zip(&consolidate)
+        .map(|((log, envelopes), &consolidate)| {
             let old = log.version.is_some_and(|v| v < wal::FORMAT_VERSION);
-            old.then(|| envelopes.iter().map(Envelope::to_bytes).collect())
+            (old || consolidate).then(|| envelopes.iter().map(Envelope::to_bytes).collect())
         })
         .collect();
     let replayed = replay(&mut states, envelopes);
@@ -192,6 +196,12 @@ pub(crate) fn recover_shards(
         if let Some(records) = converted {
             valid_len =
                 wal::rewrite_log(dir, index, count, generation, &records).map_err(storage)?;
+            if consolidate[index] {
+                // Its records are in the log now.
+                let prev = wal::shard_prev_log_path(dir, index);
+                std::fs::remove_file(&prev)
+                    .map_err(|e| EngineError::Storage(format!("{}: {e}", prev.display())))?;
+            }
             tracing::info!(
                 path = %path.display(),
                 from_version = log.version,
@@ -253,6 +263,9 @@ struct LoadedShard {
     envelopes: Vec<Envelope>,
     /// The generation to keep writing.
     generation: u64,
+    /// Whether `envelopes` joins the previous log and the log (a snapshot cut short): they are
+    /// rewritten as one log before anything is appended.
+    consolidate: bool,
 }
 
 /// Loads shard `index`'s snapshot into `state` and reads the log that follows it.
@@ -265,23 +278,63 @@ fn load_shard(
     let storage = |e: StorageError| EngineError::Storage(e.to_string());
     let snapshot_path = wal::shard_snapshot_path(dir, index);
     let log_path = wal::shard_log_path(dir, index);
+    let prev_path = wal::shard_prev_log_path(dir, index);
     // The log is read (and checked) on its own thread while the snapshot loads: for a shard
     // whose log is long, the two together take as long as the longer one.
     let vault = Arc::clone(&state.shared.vault);
-    let (snapshot, restored, log) = std::thread::scope(|scope| {
+    let (snapshot, restored, log, prev) = std::thread::scope(|scope| {
         let log_reader = scope.spawn(|| read_commands(&log_path, index, count, &vault));
+        let prev_reader = scope.spawn(|| read_commands(&prev_path, index, count, &vault));
         let snapshot = snapshot::read(&snapshot_path, index, count).map_err(storage);
         let restored = match &snapshot {
             Ok(Some((_, snap))) => restore(snap, state, &snapshot_path),
             _ => Ok(()),
         };
         let log = log_reader.join().expect("log reader panicked");
-        (snapshot, restored, log)
+        let prev = prev_reader.join().expect("log reader panicked");
+        (snapshot, restored, log, prev)
     });
     let (mut log, mut envelopes) = log?;
+    let (prev, prev_envelopes) = prev?;
+    // The previous log (`wal::rotate`) is needed when the snapshot that was to cover it is not
+    // in place: it follows the snapshot there is (or none), and the log is missing (a crash
+    // between the rename and the new log) or of the next generation. Otherwise it is older
+    // than the snapshot, and removed.
+    let base = snapshot.as_ref().ok().and_then(|s| s.as_ref()).map_or(0, |(g, _)| *g);
+    let prev_needed = prev.generation == Some(base)
+        && match log.generation {
+            None => true,
+            Some(generation) => generation == base + 1,
+        };
+    if prev.generation.is_some() && !prev_needed {
+        std::fs::remove_file(&prev_path)
+            .map_err(|e| EngineError::Storage(format!("{}: {e}", prev_path.display())))?;
+    }
+    if prev_needed {
+        if prev.torn_bytes > 0 {
+            // It was synced whole before its rename: a short one is not a torn write.
+            return Err(EngineError::Storage(format!(
+                "{}: the previous log ends in a torn record",
+                prev_path.display()
+            )));
+        }
+        tracing::warn!(
+            path = %prev_path.display(),
+            records = prev_envelopes.len(),
+            "a snapshot was cut short by a crash: the log it was to cover is replayed"
+        );
+        // Replayed first, then rewritten with the log's records as one log of the snapshot's
+        // generation (`recover_shards`), before the previous log is removed.
+        let mut all = prev_envelopes;
+        all.append(&mut envelopes);
+        envelopes = all;
+        log.generation = Some(base);
+    }
     let Some((snapshot_generation, snap)) = snapshot? else {
         return match log.generation {
-            None | Some(0) => Ok(LoadedShard { log, envelopes, generation: 0 }),
+            None | Some(0) => {
+                Ok(LoadedShard { log, envelopes, generation: 0, consolidate: prev_needed })
+            }
             Some(generation) => Err(EngineError::Storage(format!(
                 "{}: log generation {generation} follows a snapshot, but {} is missing",
                 log_path.display(),
@@ -308,7 +361,7 @@ fn load_shard(
             log.torn_bytes = 0;
         }
     }
-    Ok(LoadedShard { log, envelopes, generation: snapshot_generation })
+    Ok(LoadedShard { log, envelopes, generation: snapshot_generation, consolidate: prev_needed })
 }
 
 /// Reads a shard's log and turns its records into commands (opening the keys they carry

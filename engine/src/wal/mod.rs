@@ -155,6 +155,14 @@ pub fn shard_log_path(dir: &Path, index: usize) -> PathBuf {
     dir.join(format!("shard-{index:03}.wal"))
 }
 
+/// The log of shard `index` that a snapshot being written will cover: the log of the
+/// generation before, renamed when the log restarted at the snapshot's generation, and removed
+/// once the snapshot is in place. Recovery replays it before the log when the snapshot it waited
+/// for is not there (a crash while it was written).
+pub fn shard_prev_log_path(dir: &Path, index: usize) -> PathBuf {
+    dir.join(format!("shard-{index:03}.prev"))
+}
+
 /// The permissions of every file the engine creates in a data directory, whatever the umask:
 /// logs and snapshots hold sealed device keys and card numbers.
 pub const FILE_MODE: u32 = 0o600;
@@ -181,7 +189,12 @@ pub(crate) fn prepare_dir(dir: &Path, count: usize) -> Result<(), StorageError> 
         Err(error) => return Err(io_error(dir)(error)),
     }
     for index in 0..count {
-        for path in [shard_log_path(dir, index), shard_snapshot_path(dir, index)] {
+        let paths = [
+            shard_log_path(dir, index),
+            shard_prev_log_path(dir, index),
+            shard_snapshot_path(dir, index),
+        ];
+        for path in paths {
             restrict_existing(&path)?;
         }
         let tmp = shard_tmp_path(dir, index);
@@ -522,7 +535,7 @@ fn next_valid_record<R: Record>(bytes: &[u8], from: usize, version: u16) -> Opti
     None
 }
 
-/// Encodes a snapshot's payload (on the writer's thread).
+/// Encodes a snapshot's payload (on the snapshot's own thread, beside the log writer).
 pub(crate) type SnapshotPayload = Box<dyn FnOnce() -> rkyv::util::AlignedVec + Send>;
 
 /// Work for a shard's writer, done in the order queued. The writer knows nothing of what the
@@ -532,8 +545,8 @@ pub(crate) enum Job<V> {
     /// is sent on `reply`, and not before: the caller's answers that depend on the records
     /// wait for them.
     Records { records: Vec<rkyv::util::AlignedVec>, reply: oneshot::Sender<V>, replies: V },
-    /// A snapshot of everything queued before it: its payload encoded here, on the writer's
-    /// thread (not the shard's), written, then the log starts afresh.
+    /// A snapshot of everything queued before it: the log starts afresh, and the payload is
+    /// encoded and written on a thread of its own while the log goes on ([`rotate`]).
     Snapshot { payload: SnapshotPayload, index: usize, count: usize, generation: u64 },
 }
 
@@ -659,8 +672,13 @@ pub(crate) fn open_writer<V: Send + 'static>(
     let (jobs, queue) = channel::unbounded();
     let policy = config.fsync;
     let interval = Duration::from_millis(config.fsync_interval_ms.max(1));
-    let files =
-        Files { log: path.to_owned(), snapshot: shard_snapshot_path(dir, index), index, count };
+    let files = Files {
+        log: path.to_owned(),
+        prev: shard_prev_log_path(dir, index),
+        snapshot: shard_snapshot_path(dir, index),
+        index,
+        count,
+    };
     let failed = Arc::new(AtomicBool::new(false));
     let writer_failed = Arc::clone(&failed);
     let thread = std::thread::Builder::new()
@@ -680,6 +698,7 @@ pub(crate) fn open_writer<V: Send + 'static>(
 /// A shard's files, for the writer.
 struct Files {
     log: PathBuf,
+    prev: PathBuf,
     snapshot: PathBuf,
     index: usize,
     count: usize,
@@ -721,22 +740,65 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Everything before the snapshot is synced; the snapshot is put in place; the log restarts
-/// empty at the snapshot's generation (a crash between the two leaves an older log, which
-/// recovery recognises by its generation and ignores).
+/// Starts the log afresh at a snapshot's generation, and the snapshot's writing beside it, so
+/// that group commits go on while the snapshot is encoded and written:
+///
+/// 1. everything before the snapshot is synced;
+/// 2. the log is renamed to the previous log ([`shard_prev_log_path`]) and a new one, of the
+///    snapshot's generation, put in its place;
+/// 3. on a thread of its own, the snapshot is encoded and put in place, then the previous log
+///    removed.
+///
+/// A crash anywhere leaves a state recovery reads whole: before 2, the old log; between the
+/// rename and the new log, the previous log alone; before the snapshot is in place, the old
+/// snapshot, the previous log and the new log (replayed in that order); after it, the new
+/// snapshot and the new log (a previous log left then is older than the snapshot, and removed).
+/// The previous log is never replaced while a snapshot still needs it: a rotation first waits
+/// for the snapshot before it, and fails if that one failed.
 fn rotate(
     out: &mut BufWriter<File>,
     files: &Files,
-    bytes: &[u8],
-    generation: u64,
+    snapshot: SnapshotJob,
+    writing: &mut Option<SnapshotThread>,
 ) -> std::io::Result<()> {
     out.flush()?;
     out.get_ref().sync_data()?;
-    write_atomic(&files.snapshot, bytes)?;
-    write_atomic(&files.log, &file_header(files.index, files.count, generation))?;
+    finish_snapshot(writing)?;
+    std::fs::rename(&files.log, &files.prev)?;
+    write_atomic(&files.log, &file_header(files.index, files.count, snapshot.generation))?;
     let file = OpenOptions::new().append(true).open(&files.log)?;
     *out = BufWriter::with_capacity(1 << 20, file);
+    let (path, prev, index) = (files.snapshot.clone(), files.prev.clone(), files.index);
+    let thread =
+        std::thread::Builder::new().name(format!("settlegate-snap-{index}")).spawn(move || {
+            let SnapshotJob { payload, index, count, generation } = snapshot;
+            let bytes = snapshot::encode(&payload(), index, count, generation);
+            write_atomic(&path, &bytes)?;
+            std::fs::remove_file(&prev)
+        })?;
+    *writing = Some(thread);
     Ok(())
+}
+
+/// A snapshot being encoded and written beside the log ([`rotate`]).
+type SnapshotThread = std::thread::JoinHandle<std::io::Result<()>>;
+
+/// What a snapshot job carries.
+struct SnapshotJob {
+    payload: SnapshotPayload,
+    index: usize,
+    count: usize,
+    generation: u64,
+}
+
+/// Waits for the snapshot being written, if any: its failure is the writer's (the previous
+/// log it leaves must not be replaced), and a panic while encoding it a broken invariant.
+fn finish_snapshot(writing: &mut Option<SnapshotThread>) -> std::io::Result<()> {
+    let Some(thread) = writing.take() else { return Ok(()) };
+    match thread.join() {
+        Ok(result) => result,
+        Err(panic) => crate::fail::fail_fast("a shard's snapshot writer", panic.as_ref()),
+    }
 }
 
 fn write_loop<V>(
@@ -748,6 +810,7 @@ fn write_loop<V>(
     failed: &AtomicBool,
 ) {
     let mut sync = SyncState { policy, interval, last: Instant::now(), unsynced: false };
+    let mut writing: Option<SnapshotThread> = None;
     loop {
         let first = match policy {
             FsyncPolicy::Interval => match queue.recv_timeout(interval) {
@@ -767,7 +830,7 @@ fn write_loop<V>(
                 Err(_) => break,
             }
         }
-        if let Err(error) = process(&mut out, files, jobs, &mut sync, failed) {
+        if let Err(error) = process(&mut out, files, jobs, &mut sync, &mut writing, failed) {
             // Without a log nothing more may be acknowledged: every queued reply is dropped
             // (callers see the engine stopped), and the writer stops. `process` set the flag
             // before it dropped the replies it held: from then on the engine reports the shard
@@ -777,6 +840,10 @@ fn write_loop<V>(
         }
     }
     let _ = out.flush().and_then(|()| out.get_ref().sync_data());
+    if let Err(error) = finish_snapshot(&mut writing) {
+        // The previous log stays, and recovery replays it after the older snapshot.
+        tracing::error!(path = %files.snapshot.display(), %error, "snapshot failed");
+    }
 }
 
 struct SyncState {
@@ -797,6 +864,7 @@ fn process<V>(
     files: &Files,
     jobs: Vec<Job<V>>,
     sync: &mut SyncState,
+    writing: &mut Option<SnapshotThread>,
     failed: &AtomicBool,
 ) -> std::io::Result<()> {
     let mut group: Vec<Pending<V>> = Vec::new();
@@ -807,8 +875,8 @@ fn process<V>(
                 Job::Records { records, reply, replies } => group.push((records, reply, replies)),
                 Job::Snapshot { payload, index, count, generation } => {
                     commit(out, &mut group, sync)?;
-                    let bytes = snapshot::encode(&payload(), index, count, generation);
-                    rotate(out, files, &bytes, generation)?;
+                    let job = SnapshotJob { payload, index, count, generation };
+                    rotate(out, files, job, writing)?;
                     sync.unsynced = false;
                 }
             }
