@@ -191,6 +191,9 @@ lg_redis() {
   "${client_pin[@]}" "$BIN/loadgen" redis --target "127.0.0.1:$port" "${redis_args[@]}" \
     --connections "$CONNECTIONS" --pipeline "$PIPELINE" --warmup "$WARMUP" --duration "$seconds" "$@"
 }
+# Server CPU over the middle of a measured run (from 1 s after the warm-up until 1 s before the
+# end), read from /proc: "ticks_before ticks_after seconds ticks_per_second" into $2. CPU per
+# request is a steadier measure of a server's own cost than throughput on a shared machine.
 clk_tck=$(getconf CLK_TCK)
 # CPU ticks (user + system) process $1 has used.
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
