@@ -62,7 +62,9 @@
 #              set.
 #   SWEEP_DURATION  seconds measured at each sweep step, and for its closed-loop maximum
 #              (default DURATION); SWEEP_STEPS the per cents of the maximum (default
-#              "10 20 30 40 50 60 70 80 90"); SWEEP_MAX=N skips measuring the maximum.
+#              "10 20 30 40 50 60 70 80 90"); SWEEP_MAX=N skips measuring the maximum;
+#              SWEEP_FRESH=1 starts both servers afresh before each step (by default each step
+#              finds what the runs before it left: settlegate's idempotency records, Redis's keys).
 #   STEAL_MAX  a run (a Redis run and its settlegate run, or an open-loop pair) in which the
 #              hypervisor took more than this percentage of the machine (steal, as loadgen
 #              reports it) measured the host, not the servers: it is taken again, up to
@@ -79,7 +81,7 @@ server_pin=() client_pin=()
 if [ "$PIN" = 1 ]; then server_pin=(taskset -c 1) client_pin=(taskset -c 0); fi
 REDIS_OP="${REDIS_OP:-set}" DURABLE="${DURABLE:-0}" PROVIDER_LATENCY_US="${PROVIDER_LATENCY_US:-}"
 SWEEP_DURATION="${SWEEP_DURATION:-$DURATION}" SWEEP_STEPS="${SWEEP_STEPS:-10 20 30 40 50 60 70 80 90}"
-SWEEP_MAX="${SWEEP_MAX:-}"
+SWEEP_MAX="${SWEEP_MAX:-}" SWEEP_FRESH="${SWEEP_FRESH:-0}"
 OUT="${OUT:-target/bench}"
 # Ports below 32768, out of the ephemeral range: the main pair, then the comparisons' servers.
 REDIS_PORT=6399 SG_PORT=7979 SG_HTTP=9979
@@ -424,6 +426,13 @@ sweep_part() {
   echo "== sweep: maximum $max/s; steps of ${SWEEP_DURATION} s at $SWEEP_STEPS per cent"
   for pct in $SWEEP_STEPS; do
     rate=$((max * pct / 100))
+    if [ "$SWEEP_FRESH" = 1 ]; then
+      stop_settlegate "$sg_pid"
+      stop_redis "$REDIS_PORT"
+      start_redis redis "$REDIS_PORT" "$DURABLE"
+      start_settlegate sg "$SG_PORT" "$SG_HTTP" "$DURABLE" "$PROVIDER_LATENCY_US"
+      sg_pid=$started
+    fi
     echo "== sweep $pct% ($rate/s): settlegate authorize, then $redis_label, open loop," \
       "$PACING pacing"
     lg_settlegate "$SG_PORT" "$SWEEP_DURATION" --rate "$rate" --pacing "$PACING" \
