@@ -12,6 +12,7 @@ use settlegate_engine::limits::{
 use crate::dataset::Sizes;
 use crate::driver::{ClosedLoop, Pacing, Plan};
 use crate::mix::Mix;
+use crate::redis::RedisOp;
 use crate::slo::Slo;
 use crate::units::parse_duration;
 
@@ -25,8 +26,6 @@ pub const USERS_MAX: usize = 10_000_000;
 pub const STORES_MAX: usize = 1_000_000;
 /// Highest open-loop rate, requests per second.
 pub const RATE_MAX: f64 = 10_000_000.0;
-/// The operation name of the Redis baseline.
-pub const REDIS_OPERATION: &str = "redis_set";
 
 const _: () = assert!(STORES_MAX <= TERMINALS_PER_PROVIDER_MAX);
 
@@ -34,12 +33,18 @@ const _: () = assert!(STORES_MAX <= TERMINALS_PER_PROVIDER_MAX);
 #[derive(Parser, Debug, Clone)]
 #[command(name = "loadgen", about = "settlegate load generator", version)]
 pub struct Args {
-    /// `redis` for the Redis SET baseline; none for settlegate.
+    /// `redis` for the Redis baseline (see `--redis-op`); none for settlegate.
     #[arg(value_parser = ["redis"])]
     pub mode: Option<String>,
     /// A running server's protocol address (or Redis's, in `redis` mode).
     #[arg(long, conflicts_with = "embedded")]
     pub target: Option<String>,
+    /// The Redis baseline's operation: `set` (SET of a new 100-byte value) or `auth` (an
+    /// authorization's bookkeeping without the cryptography: a Lua script run by EVALSHA that
+    /// keeps an idempotency record, checks and stores the user's nonce, checks and debits the
+    /// balance and records the last payment, over `--users` users).
+    #[arg(long, value_enum, default_value_t = RedisOp::Set)]
+    pub redis_op: RedisOp,
     /// Run an engine in this process instead (zero-latency simulated providers).
     #[arg(long)]
     pub embedded: bool,
@@ -132,9 +137,15 @@ impl Args {
                 bail!("redis mode needs --target ADDR");
             }
             if self.mix != Mix::parse("authorize").expect("valid") {
-                bail!("--mix does not apply to redis mode (it runs {REDIS_OPERATION} only)");
+                bail!("--mix does not apply to redis mode (it runs --redis-op only)");
+            }
+            if self.redis_op == RedisOp::Auth && !(1..=USERS_MAX).contains(&self.users) {
+                bail!("--users must be 1..={USERS_MAX}");
             }
         } else {
+            if self.redis_op != RedisOp::Set {
+                bail!("--redis-op applies to redis mode only");
+            }
             if self.target.is_none() && !self.embedded {
                 bail!("give --target ADDR or --embedded");
             }
@@ -195,7 +206,7 @@ impl Args {
     /// The operations' names, in the mix's order.
     pub fn operation_names(&self) -> Vec<&'static str> {
         if self.redis() {
-            vec![REDIS_OPERATION]
+            vec![self.redis_op.name()]
         } else {
             self.mix.operations().iter().map(|op| op.name()).collect()
         }
@@ -273,11 +284,31 @@ mod tests {
         assert!(parse("loadgen redis --target x:1 --mix ping").check().is_err());
         assert!(parse("loadgen redis --target x:1 --slo redis_set:p99=1ms").check().is_ok());
         assert!(parse("loadgen --embedded --closed-loop batch").check().is_err());
+        assert!(parse("loadgen --embedded --redis-op auth").check().is_err(), "redis mode only");
+        assert!(parse("loadgen redis --target x:1 --redis-op auth --users 0").check().is_err());
         assert!(parse("loadgen --target x:1 --mix code --closed-loop batch").check().is_err());
         assert!(Args::try_parse_from(
             "loadgen --target x:1 --rate 5 --closed-loop batch".split(' ')
         )
         .is_err());
+    }
+
+    #[test]
+    fn the_redis_operation_is_chosen_and_named() {
+        let set = parse("loadgen redis --target x:1");
+        assert_eq!((set.redis_op, set.operation_names()), (RedisOp::Set, vec!["redis_set"]));
+        let auth = parse("loadgen redis --target x:1 --redis-op auth --users 50 --rate 100");
+        auth.check().unwrap();
+        assert_eq!(auth.redis_op, RedisOp::Auth);
+        assert_eq!(auth.operation_names(), ["redis_auth_lua"]);
+        assert_eq!(auth.closed_loop(), None);
+        assert!(parse("loadgen redis --target x:1 --redis-op auth --slo redis_auth_lua:p99=1ms")
+            .check()
+            .is_ok());
+        assert!(parse("loadgen redis --target x:1 --redis-op auth --slo redis_set:p99=1ms")
+            .check()
+            .is_err());
+        assert!(Args::try_parse_from(["loadgen", "redis", "--redis-op", "get"]).is_err());
     }
 
     #[test]

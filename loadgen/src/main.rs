@@ -6,6 +6,7 @@
 //! loadgen --target 127.0.0.1:7878 --rate 40000 --slo authorize:p99=1ms --html run.html
 //! taskset -c 0 loadgen --target 127.0.0.1:7878 --rate 40000 --pacing spin
 //! loadgen redis --target 127.0.0.1:6379 --connections 50 --pipeline 16   # the baseline
+//! loadgen redis --target 127.0.0.1:6379 --redis-op auth --users 1000      # the same work
 //! ```
 //!
 //! A run prepares its dataset first (providers, stores, users with device keys and means;
@@ -83,7 +84,7 @@ async fn run(args: Args) -> anyhow::Result<Vec<Verdict>> {
         let addr = args.target.as_deref().expect("checked");
         let line = progress(&live);
         let host = watch_host();
-        let tally = redis::baseline(addr, plan, live).await?;
+        let tally = redis::baseline(addr, args.redis_op, args.users, plan, live).await?;
         line.finish();
         (tally, format!("redis {addr}"), host)
     } else {
@@ -138,7 +139,7 @@ async fn run(args: Args) -> anyhow::Result<Vec<Verdict>> {
 fn settings(args: &Args, target: String) -> Settings {
     Settings {
         target,
-        mix: if args.redis() { args::REDIS_OPERATION.to_owned() } else { args.mix.to_string() },
+        mix: if args.redis() { args.redis_op.name().to_owned() } else { args.mix.to_string() },
         rate_per_s: args.rate,
         pacing: args.pacing,
         closed_loop: args.closed_loop(),
@@ -146,7 +147,7 @@ fn settings(args: &Args, target: String) -> Settings {
         pipeline: args.pipeline,
         warmup_s: args.warmup.as_secs_f64(),
         duration_s: args.duration.as_secs_f64(),
-        users: if args.redis() { 0 } else { args.users },
+        users: if args.redis() && args.redis_op == redis::RedisOp::Set { 0 } else { args.users },
         seed: args.seed,
     }
 }
