@@ -322,12 +322,13 @@ pub(crate) fn keep_cut_tail(
 }
 
 /// The shard count a data directory was written with: read from shard 0's log, or failing
-/// that its snapshot (both headers hold it at the same place); none for a directory with
+/// that its previous log or its snapshot (both headers hold it at the same place); none for a directory with
 /// neither. Lets an engine configured with `shards = 0` keep the layout its data has, since
 /// the count must not change across restarts.
 pub(crate) fn recorded_shard_count(dir: &Path) -> Result<Option<usize>, StorageError> {
     let paths = [
         (shard_log_path(dir, 0), &MAGIC),
+        (shard_prev_log_path(dir, 0), &MAGIC),
         (snapshot::shard_snapshot_path(dir, 0), &snapshot::MAGIC),
     ];
     for (path, magic) in paths {
