@@ -730,9 +730,16 @@ pub(crate) fn rewrite_log(
 
 /// Writes `bytes` to `path` so that a crash leaves the old file or the new, whole one.
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomic_parts(path, &[bytes])
+}
+
+/// [`write_atomic`] of `parts`, one after the other.
+fn write_atomic_parts(path: &Path, parts: &[&[u8]]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     let mut file = open_private(&tmp, OpenOptions::new().write(true).create(true).truncate(true))?;
-    file.write_all(bytes)?;
+    for part in parts {
+        file.write_all(part)?;
+    }
     file.sync_all()?;
     std::fs::rename(&tmp, path)?;
     if let Some(dir) = path.parent() {
@@ -773,8 +780,10 @@ fn rotate(
     let thread =
         std::thread::Builder::new().name(format!("settlegate-snap-{index}")).spawn(move || {
             let SnapshotJob { payload, index, count, generation } = snapshot;
-            let bytes = snapshot::encode(&payload(), index, count, generation);
-            write_atomic(&path, &bytes)?;
+            // Header and payload written as they are: a snapshot is not copied to join them.
+            let payload = payload();
+            let header = snapshot::header(&payload, index, count, generation);
+            write_atomic_parts(&path, &[&header, &payload])?;
             std::fs::remove_file(&prev)
         })?;
     *writing = Some(thread);

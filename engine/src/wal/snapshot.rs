@@ -45,6 +45,14 @@ pub fn shard_snapshot_path(dir: &Path, index: usize) -> PathBuf {
 /// Encodes a snapshot file of the current format: header and `payload`.
 pub(crate) fn encode(payload: &[u8], index: usize, count: usize, generation: u64) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.extend_from_slice(&header(payload, index, count, generation));
+    out.extend_from_slice(payload);
+    out
+}
+
+/// The header of a snapshot file of the current format holding `payload`, which follows it.
+pub(crate) fn header(payload: &[u8], index: usize, count: usize, generation: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN);
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&SNAPSHOT_VERSION.to_be_bytes());
     out.extend_from_slice(&(index as u16).to_be_bytes());
@@ -53,7 +61,6 @@ pub(crate) fn encode(payload: &[u8], index: usize, count: usize, generation: u64
     out.extend_from_slice(&(payload.len() as u64).to_be_bytes());
     out.extend_from_slice(&crc32fast::hash(payload).to_be_bytes());
     out.resize(HEADER_LEN, 0);
-    out.extend_from_slice(payload);
     out
 }
 
