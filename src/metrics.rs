@@ -65,6 +65,78 @@ pub struct FrameErrorLabels {
     pub kind: u16,
 }
 
+/// Labels of `settlegate_build_info`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    /// The crate's version.
+    pub version: &'static str,
+}
+
+/// The process's own figures, read from `/proc` on each scrape (Linux; nothing elsewhere):
+/// the usual `process_*` series.
+#[derive(Debug)]
+struct ProcessCollector;
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(process) = process_figures() else { return Ok(()) };
+        let figures: [(&str, &str, f64, MetricType); 4] = [
+            ("cpu_seconds", "User and system CPU time", process.cpu_seconds, MetricType::Counter),
+            ("resident_memory_bytes", "Resident memory", process.rss_bytes, MetricType::Gauge),
+            ("open_fds", "Open file descriptors", process.open_fds, MetricType::Gauge),
+            (
+                "start_time_seconds",
+                "Start time, seconds since the epoch",
+                process.start_time,
+                MetricType::Gauge,
+            ),
+        ];
+        for (name, help, value, kind) in figures {
+            // Unprefixed, as every exporter names them.
+            let name = format!("process_{name}");
+            match kind {
+                MetricType::Counter => {
+                    let metric = encoder.encode_descriptor(&name, help, None, kind)?;
+                    ConstCounter::new(value).encode(metric)?;
+                }
+                _ => {
+                    let metric = encoder.encode_descriptor(&name, help, None, kind)?;
+                    ConstGauge::new(value).encode(metric)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What `/proc/self` says of this process.
+struct ProcessFigures {
+    cpu_seconds: f64,
+    rss_bytes: f64,
+    open_fds: f64,
+    start_time: f64,
+}
+
+fn process_figures() -> Option<ProcessFigures> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The fields after the command name, which may hold spaces: it ends at the last ')'.
+    let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split_whitespace().collect();
+    let field = |n: usize| fields.get(n - 3)?.parse::<f64>().ok();
+    let ticks = 100.0; // USER_HZ on Linux
+    let page = 4096.0;
+    let boot = std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|line| line.strip_prefix("btime ")?.trim().parse::<f64>().ok())?;
+    let open_fds = std::fs::read_dir("/proc/self/fd").ok()?.count() as f64;
+    Some(ProcessFigures {
+        cpu_seconds: (field(14)? + field(15)?) / ticks,
+        rss_bytes: field(24)? * page,
+        open_fds,
+        start_time: boot + field(22)? / ticks,
+    })
+}
+
 /// Every metric the server exports.
 pub struct Metrics {
     registry: Registry,
@@ -113,6 +185,10 @@ impl Default for Metrics {
             "Authorize requests handed to the engine together",
             authorize_batch_size.clone(),
         );
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION") }).set(1);
+        registry.register("build_info", "The running build (always 1)", build_info);
+        registry.register_collector(Box::new(ProcessCollector));
         Metrics {
             registry,
             requests,

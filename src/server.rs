@@ -10,7 +10,6 @@
 //! code sweeper run on the caller's runtime.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,26 +41,60 @@ pub struct RunningServer {
     /// The engine (shared with in-process callers).
     pub engine: Engine,
     shutdown: watch::Sender<bool>,
+    /// Stops HTTP: after the drain, so that `/readyz` answers 503 through it.
+    http_shutdown: watch::Sender<bool>,
     accept_task: tokio::task::JoinHandle<()>,
     http_task: tokio::task::JoinHandle<()>,
     http_state: Arc<HttpState>,
 }
 
-/// Starts the engine and both listeners.
+/// Starts HTTP (answering 503 on `/readyz` meanwhile), the engine (its recovery), then the
+/// protocol listener. Returns once the server takes work.
 pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
+    start_observed(config, |_| {}).await
+}
+
+/// [`start`], telling `http_up` where HTTP listens as soon as it does, before the engine
+/// recovers (for tests and supervisors that watch the start).
+pub async fn start_observed(
+    config: Config,
+    http_up: impl FnOnce(SocketAddr),
+) -> anyhow::Result<RunningServer> {
     let server_config = config.server.clone();
-    let engine = Engine::start(config.engine.clone()).context("starting the engine")?;
-    crate::demo::load(&engine, config.demo.users).await.context("loading demo data")?;
-    if config.demo.stores {
-        crate::demo::load_stores(&engine).await.context("loading demo stores")?;
-    }
     let tls = server_config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
-    let listener = TcpListener::bind(server_config.listen)
-        .await
-        .with_context(|| format!("binding {}", server_config.listen))?;
     let http_listener = TcpListener::bind(server_config.http_listen)
         .await
         .with_context(|| format!("binding {}", server_config.http_listen))?;
+    let http_addr = http_listener.local_addr()?;
+    let http_state = Arc::new(HttpState::default());
+    let (http_shutdown, http_shutdown_rx) = watch::channel(false);
+    let http_task =
+        tokio::spawn(http::serve(http_listener, Arc::clone(&http_state), http_shutdown_rx));
+    http_up(http_addr);
+    let started = async {
+        // Recovery reads and applies the logs: blocking work, off the runtime HTTP runs on.
+        let engine_config = config.engine.clone();
+        let engine = tokio::task::spawn_blocking(move || Engine::start(engine_config))
+            .await
+            .context("starting the engine")?
+            .context("starting the engine")?;
+        crate::demo::load(&engine, config.demo.users).await.context("loading demo data")?;
+        if config.demo.stores {
+            crate::demo::load_stores(&engine).await.context("loading demo stores")?;
+        }
+        let listener = TcpListener::bind(server_config.listen)
+            .await
+            .with_context(|| format!("binding {}", server_config.listen))?;
+        anyhow::Ok((engine, listener))
+    };
+    let (engine, listener) = match started.await {
+        Ok(started) => started,
+        Err(error) => {
+            let _ = http_shutdown.send(true);
+            let _ = http_task.await;
+            return Err(error);
+        }
+    };
     let limits = ConnectionLimits {
         in_flight_max: server_config.in_flight_max,
         idle_timeout: Duration::from_millis(server_config.idle_timeout_ms),
@@ -93,10 +126,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     });
     let (shutdown, shutdown_rx) = watch::channel(false);
     let addr = listener.local_addr()?;
-    let http_addr = http_listener.local_addr()?;
-    let http_state = Arc::new(HttpState { metrics: Arc::clone(&shared), ready: true.into() });
-    let http_task =
-        tokio::spawn(http::serve(http_listener, Arc::clone(&http_state), shutdown_rx.clone()));
+    http_state.serving(Arc::clone(&shared));
     tokio::spawn(sweep_codes(
         engine.clone(),
         Duration::from_millis(server_config.code_sweep_interval_ms.max(10)),
@@ -122,6 +152,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         tls: tls.is_some(),
         engine,
         shutdown,
+        http_shutdown,
         accept_task,
         http_task,
         http_state,
@@ -130,13 +161,15 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
 
 impl RunningServer {
     /// Stops accepting, lets connections finish their in-flight requests (up to the grace
-    /// time), stops HTTP and the engine.
+    /// time) while `/readyz` answers 503 (draining), then stops the engine and HTTP.
     pub async fn shutdown(self) {
-        self.http_state.ready.store(false, Ordering::Release);
+        self.http_state.draining();
         let _ = self.shutdown.send(true);
         let _ = self.accept_task.await;
+        let engine = self.engine.clone();
+        let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
+        let _ = self.http_shutdown.send(true);
         let _ = self.http_task.await;
-        self.engine.shutdown();
     }
 }
 

@@ -20,5 +20,6 @@ mod server_hardening;
 mod server_lifecycle;
 mod server_malformed;
 mod server_ops;
+mod server_readiness;
 mod server_replay;
 mod server_review;

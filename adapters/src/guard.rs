@@ -33,6 +33,8 @@ impl Default for GuardConfig {
 pub struct Guarded {
     adapter: Arc<dyn ProviderAdapter>,
     permits: Arc<Semaphore>,
+    /// `concurrency_max`.
+    capacity: usize,
     timeout: Duration,
 }
 
@@ -43,6 +45,7 @@ impl Guarded {
         Guarded {
             adapter,
             permits: Arc::new(Semaphore::new(config.concurrency_max as usize)),
+            capacity: config.concurrency_max as usize,
             timeout: Duration::from_millis(config.timeout_ms),
         }
     }
@@ -50,6 +53,16 @@ impl Guarded {
     /// The wrapped adapter's name.
     pub fn name(&self) -> &str {
         self.adapter.name()
+    }
+
+    /// Calls in flight now (holding a permit).
+    pub fn in_flight(&self) -> usize {
+        self.capacity - self.permits.available_permits()
+    }
+
+    /// The wrapped adapter's link state ([`ProviderAdapter::health`]).
+    pub fn health(&self) -> Option<crate::ProviderHealth> {
+        self.adapter.health()
     }
 
     /// The adapter's immediate answer, if it decides in process

@@ -61,6 +61,25 @@ pub trait ProviderAdapter: Send + Sync + 'static {
     ) -> Option<Result<ProviderReply, AdapterError>> {
         None
     }
+
+    /// The state of the adapter's link to its provider, for readiness and metrics; `None` for
+    /// an adapter with no link to lose (the simulator, the default).
+    fn health(&self) -> Option<ProviderHealth> {
+        None
+    }
+}
+
+/// The state of an adapter's link to its provider ([`ProviderAdapter::health`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProviderHealth {
+    /// Whether requests reach the provider now (signed on, breaker closed).
+    pub link_up: bool,
+    /// Whether the circuit breaker is open: requests fail fast.
+    pub breaker_open: bool,
+    /// Requests that timed out since start.
+    pub timeouts: u64,
+    /// Reversals written and neither acknowledged nor given up yet.
+    pub reversals_pending: u64,
 }
 
 /// Which adapter serves a provider, as written in the engine's TOML config

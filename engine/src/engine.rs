@@ -79,6 +79,28 @@ impl Drop for Inner {
     }
 }
 
+/// A shard's load ([`Engine::shard_loads`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardLoad {
+    /// Batches waiting in its mailbox.
+    pub queued: usize,
+    /// Batches refused `BUSY` since start.
+    pub busy: u64,
+}
+
+/// A provider's standing ([`Engine::provider_states`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderState {
+    /// Its code.
+    pub code: u32,
+    /// Its name.
+    pub name: String,
+    /// Calls in flight now.
+    pub in_flight: usize,
+    /// Its adapter's link; none for an adapter without one (the simulator).
+    pub health: Option<settlegate_adapters::ProviderHealth>,
+}
+
 /// The embeddable engine. Cheap to clone; all clones share one set of shards.
 ///
 /// Its async methods need a Tokio runtime (timers bound provider calls; password hashing runs
@@ -164,6 +186,33 @@ impl Engine {
     /// aborts (see `docs/ARCHITECTURE.md`, "Failing fast").
     pub fn unavailable_shards(&self) -> Vec<usize> {
         (0..self.inner.shards.len()).filter(|&i| !self.inner.shards[i].is_available()).collect()
+    }
+
+    /// Each shard's load: batches waiting in its mailbox, and batches refused `BUSY` (its
+    /// mailbox full) since start.
+    pub fn shard_loads(&self) -> Vec<ShardLoad> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let load = |s: &ShardHandle| ShardLoad {
+            queued: s.queued.load(Relaxed),
+            busy: s.busy.load(Relaxed),
+        };
+        self.inner.shards.iter().map(load).collect()
+    }
+
+    /// Each provider's calls in flight and the state of its adapter's link, in code order.
+    pub fn provider_states(&self) -> Vec<ProviderState> {
+        let registry = self.registry();
+        let state = |p: &crate::providers::Provider| ProviderState {
+            code: p.code,
+            name: p.name.clone(),
+            in_flight: p.adapter.in_flight(),
+            health: p.adapter.health(),
+        };
+        registry
+            .codes()
+            .into_iter()
+            .filter_map(|c| registry.provider(c).map(|p| state(p)))
+            .collect()
     }
 
     /// Number of shards.
@@ -260,9 +309,12 @@ impl Engine {
             Turn::Stopped => return Err(EngineError::Stopped),
             Turn::Queue(batch) => batch,
         };
+        shard.queued.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match shard.addr.try_send(batch) {
             Ok(()) => Ok(receiver),
             Err(SendError::Full(_)) => {
+                shard.queued.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                shard.busy.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Err(EngineError::Busy { retry_after_ms: self.inner.config.busy_retry_after_ms })
             }
             Err(SendError::Closed(_)) => Err(EngineError::Stopped),
@@ -282,6 +334,7 @@ impl Engine {
         let shard = &self.inner.shards[shard];
         // A stopped shard drops the batch, and the receiver sees it closed.
         if let Turn::Queue(batch) = shard.apply_if_idle(Batch { ops, reply, completion: true }) {
+            shard.queued.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             shard.addr.do_send(batch);
         }
         receiver

@@ -58,8 +58,8 @@ pub use config::{EngineConfig, ProviderConfig};
 pub use engine::{replay_shard, shard_of_user};
 pub use engine::{
     AuthorizeRequest, BasketOutcome, BestBy, CodeOutcome, DeviceCredential, Engine, EnrollRequest,
-    EnteredStore, IssueCodeRequest, MeansAdded, MeansOrder, MethodAtStore, RedeemRequest,
-    SaleLines, ShardReplay, UsableMethods, UsableQuery,
+    EnteredStore, IssueCodeRequest, MeansAdded, MeansOrder, MethodAtStore, ProviderState,
+    RedeemRequest, SaleLines, ShardLoad, ShardReplay, UsableMethods, UsableQuery,
 };
 pub use error::EngineError;
 pub use geo::{AcceptedMethod, Signal, Store};

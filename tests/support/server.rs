@@ -99,7 +99,12 @@ pub async fn raw(server: &RunningServer, bytes: &[u8]) -> TcpStream {
 
 /// A plain HTTP/1.1 GET against the server's HTTP port: (status line, body).
 pub async fn http_get(server: &RunningServer, path: &str) -> (String, String) {
-    let mut stream = TcpStream::connect(server.http_addr).await.unwrap();
+    http_get_at(server.http_addr, path).await
+}
+
+/// A plain GET of `path` on the HTTP port at `addr`: (status line, body).
+pub async fn http_get_at(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
     let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     let (bytes, _) = read_until_close(&mut stream, Duration::from_secs(5)).await;

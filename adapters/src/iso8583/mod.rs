@@ -278,6 +278,17 @@ impl ProviderAdapter for Iso8583Adapter {
         &self.name
     }
 
+    fn health(&self) -> Option<crate::ProviderHealth> {
+        let (status, stats) = (self.status(), self.stats());
+        let settled = stats.reversals_acked + stats.reversals_failed;
+        Some(crate::ProviderHealth {
+            link_up: status == LinkStatus::Ready,
+            breaker_open: status == LinkStatus::BreakerOpen,
+            timeouts: stats.timeouts,
+            reversals_pending: stats.reversals_sent.saturating_sub(settled),
+        })
+    }
+
     fn authorize(
         &self,
         request: AuthorizationRequest,

@@ -26,7 +26,7 @@ pub(crate) mod replay;
 pub(crate) mod state;
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, TryLockError};
 
 use actix::{Actor, Addr, Context, Handler, Message, MessageResult};
@@ -77,6 +77,10 @@ type CoreCell = Arc<Mutex<Option<ShardCore>>>;
 pub(crate) struct ShardHandle {
     pub(crate) addr: Addr<Shard>,
     core: CoreCell,
+    /// Batches in the mailbox, not yet applied (for metrics).
+    pub(crate) queued: Arc<AtomicUsize>,
+    /// Batches refused as busy, the mailbox full (for metrics).
+    pub(crate) busy: Arc<AtomicU64>,
     /// Set by the shard's log writer if it fails (none without a log).
     wal_failed: Option<Arc<AtomicBool>>,
 }
@@ -109,9 +113,11 @@ impl ShardHandle {
     ) -> ShardHandle {
         let wal_failed = core.wal.as_ref().map(|wal| Arc::clone(&wal.handle.failed));
         let core = Arc::new(Mutex::new(Some(core)));
-        let actor = Shard { core: Arc::clone(&core), mailbox_capacity };
+        let queued = Arc::new(AtomicUsize::new(0));
+        let actor =
+            Shard { core: Arc::clone(&core), mailbox_capacity, queued: Arc::clone(&queued) };
         let addr = Shard::start_in_arbiter(arbiter, move |_| actor);
-        ShardHandle { addr, core, wal_failed }
+        ShardHandle { addr, core, queued, busy: Arc::default(), wal_failed }
     }
 
     /// Whether the shard takes work: not stopped, its lock not poisoned, its log writer (if
@@ -399,6 +405,8 @@ mod test_hooks {
 pub(crate) struct Shard {
     core: CoreCell,
     mailbox_capacity: usize,
+    /// As its handle's.
+    queued: Arc<AtomicUsize>,
 }
 
 impl Shard {
@@ -420,6 +428,7 @@ impl Handler<Batch> for Shard {
     type Result = ();
 
     fn handle(&mut self, batch: Batch, _ctx: &mut Context<Self>) {
+        self.queued.fetch_sub(1, Ordering::Relaxed);
         // A stopped shard drops the batch: its caller sees the engine as stopped.
         self.with_core(|core| core.run_or_abort(batch));
     }
