@@ -83,6 +83,42 @@ struct Connection {
     /// The connection's place among the unauthenticated ones (`unauthenticated_max`), given
     /// up when it authenticates.
     unauthenticated_slot: Option<OwnedSemaphorePermit>,
+    /// Its count in `settlegate_connections{state}`.
+    state: StateGauge,
+}
+
+/// A connection's count in the connections-by-state gauge, moved as its state changes and
+/// taken away when it closes.
+struct StateGauge {
+    family: prometheus_client::metrics::family::Family<
+        crate::metrics::ConnectionLabels,
+        prometheus_client::metrics::gauge::Gauge,
+    >,
+    state: &'static str,
+}
+
+impl StateGauge {
+    fn new(shared: &Shared, state: &'static str) -> StateGauge {
+        let family = shared.ctx.metrics.connections.clone();
+        family.get_or_create(&crate::metrics::ConnectionLabels { state }).inc();
+        StateGauge { family, state }
+    }
+
+    fn set(&mut self, state: &'static str) {
+        if state != self.state {
+            self.family
+                .get_or_create(&crate::metrics::ConnectionLabels { state: self.state })
+                .dec();
+            self.family.get_or_create(&crate::metrics::ConnectionLabels { state }).inc();
+            self.state = state;
+        }
+    }
+}
+
+impl Drop for StateGauge {
+    fn drop(&mut self) {
+        self.family.get_or_create(&crate::metrics::ConnectionLabels { state: self.state }).dec();
+    }
 }
 
 /// Serves one connection until the peer leaves, a limit or error closes it, or shutdown.
@@ -105,7 +141,12 @@ pub async fn serve<S>(
     let mut writer_task = tokio::spawn(write_loop(Arc::clone(&writer), queue, out.counter()));
     let (closed_tx, closed) = watch::channel(false);
     let permits = Arc::new(Semaphore::new(limits.in_flight_max));
+    let state = StateGauge::new(
+        &shared,
+        if identity.is_some() { "authenticated" } else { "unauthenticated" },
+    );
     let mut conn = Connection {
+        state,
         shared,
         identity,
         writer,
@@ -200,6 +241,9 @@ pub async fn serve<S>(
             },
         }
     }
+    if *shutdown.borrow() {
+        conn.state.set("draining");
+    }
     // Finish what was read: every admitted request gets its response before the close, unless
     // the peer has not taken its replies within the idle time. The signal then stops the
     // subscriptions and any write still waiting on the peer.
@@ -274,15 +318,33 @@ fn decode_request(frame: &FrameRef<'_>, authenticated: bool) -> Result<Request, 
     })
 }
 
-/// The frames of a group of `AUTHORIZE` answers, counted in the request metrics.
-fn encode_authorize_answers(ctx: &handler::Context, answers: Vec<(u64, u16, Response)>) -> Vec<u8> {
+/// The frames of a group of `AUTHORIZE` answers to requests read at `started`, counted in the
+/// request metrics.
+fn encode_authorize_answers(
+    ctx: &handler::Context,
+    answers: Vec<(u64, u16, Response)>,
+    started: Instant,
+) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(answers.len() * 128);
     let mut counts = BatchCounts::default();
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut per_op: Vec<(u16, u64)> = Vec::new();
     for (request_id, op, response) in answers {
         let status = response.encode_frame(op, request_id, &mut bytes);
         counts.add(handler::request_labels(op, status));
+        match per_op.iter_mut().find(|(known, _)| *known == op) {
+            Some((_, n)) => *n += 1,
+            None => per_op.push((op, 1)),
+        }
     }
     counts.flush(&ctx.metrics.requests);
+    // One lookup per operation; every answer of the group waited as long.
+    for (op, n) in per_op {
+        let histogram = ctx.metrics.request_duration.get_or_create(&handler::op_labels(op));
+        for _ in 0..n {
+            histogram.observe(elapsed);
+        }
+    }
     bytes
 }
 
@@ -359,6 +421,7 @@ impl Connection {
                 });
                 tracing::debug!(identity = %identity.name, "connection authenticated");
                 self.identity = Some(identity);
+                self.state.set("authenticated");
                 self.unauthenticated_slot = None;
                 Response::Ok(reply)
             }
@@ -390,6 +453,7 @@ impl Connection {
             return;
         }
         let shared = Arc::clone(&self.shared);
+        let started = Instant::now();
         let identity = self.identity.clone().expect("authorize admitted only when authenticated");
         let writer = Arc::clone(&self.writer);
         let out = self.out.clone();
@@ -401,7 +465,7 @@ impl Connection {
             if answers.is_done() {
                 // The whole batch stood at once (no provider to wait for): written by this
                 // task, with no hand-over to the writer task.
-                let bytes = encode_authorize_answers(ctx, ready);
+                let bytes = encode_authorize_answers(ctx, ready, started);
                 let _charge = out.charge(bytes.len());
                 // A failed write means the peer is gone; the read side sees it too. A write
                 // the peer never takes ends when the connection gives up on it.
@@ -417,7 +481,7 @@ impl Connection {
             loop {
                 let answered = group.len();
                 if answered > 0 {
-                    out.push(encode_authorize_answers(ctx, group));
+                    out.push(encode_authorize_answers(ctx, group, started));
                     drop(permit.split(answered));
                 }
                 match answers.next(ctx).await {
@@ -444,8 +508,13 @@ impl Connection {
                 async move {
                     let op = request.opcode();
                     let anonymous = Identity::anonymous();
+                    let started = Instant::now();
                     let response =
                         ops::handle(ctx, identity.as_ref().unwrap_or(&anonymous), request).await;
+                    ctx.metrics
+                        .request_duration
+                        .get_or_create(&handler::op_labels(op))
+                        .observe(started.elapsed().as_secs_f64());
                     let mut bytes = Vec::new();
                     encode_response(ctx, op, request_id, &response, &mut bytes);
                     out.push(bytes);

@@ -171,9 +171,9 @@ fn outcome_response(op: u16, outcome: BasketOutcome) -> Response {
 
 fn outcome_labels(outcome: &AuthOutcome) -> OutcomeLabels {
     match outcome {
-        AuthOutcome::Approved(_) => OutcomeLabels { result: "approved", reason: 0 },
+        AuthOutcome::Approved(_) => OutcomeLabels { result: "approved", reason: "none" },
         AuthOutcome::Declined(reason) => {
-            OutcomeLabels { result: "declined", reason: reason.code() }
+            OutcomeLabels { result: "declined", reason: crate::metrics::reason_name(*reason) }
         }
     }
 }
@@ -200,6 +200,11 @@ pub fn count_request(metrics: &Metrics, opcode: u16, status_code: u16) {
 /// The labels a response is counted under.
 pub fn request_labels(opcode: u16, status_code: u16) -> RequestLabels {
     RequestLabels { op: op_name(opcode), status: status_name(status_code) }
+}
+
+/// The labels a request's latency is recorded under.
+pub fn op_labels(opcode: u16) -> crate::metrics::OpLabels {
+    crate::metrics::OpLabels { op: op_name(opcode) }
 }
 
 /// A request's name (`unknown` for anything else, pushes included).

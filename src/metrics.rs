@@ -9,6 +9,7 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
+use settlegate_types::histogram::HistogramSnapshot;
 
 /// A batch's counts by label set, added to their family once per label set: one lock and one
 /// lookup in the family for each, instead of one per request.
@@ -54,8 +55,46 @@ pub struct RequestLabels {
 pub struct OutcomeLabels {
     /// `approved` or `declined`.
     pub result: &'static str,
-    /// Reason code number, `0` for approvals.
-    pub reason: u16,
+    /// The decline's reason by name (`replayed_nonce`), `none` for approvals.
+    pub reason: &'static str,
+}
+
+/// A reason code's name as a label value: its variant in snake case (`ReplayedNonce` →
+/// `replayed_nonce`).
+pub fn reason_name(reason: settlegate_engine::ReasonCode) -> &'static str {
+    use std::sync::OnceLock;
+    static NAMES: OnceLock<Vec<(u16, &'static str)>> = OnceLock::new();
+    let names = NAMES.get_or_init(|| {
+        settlegate_engine::ReasonCode::ALL
+            .iter()
+            .map(|reason| {
+                let mut name = String::new();
+                for (i, c) in format!("{reason:?}").chars().enumerate() {
+                    if c.is_ascii_uppercase() && i > 0 {
+                        name.push('_');
+                    }
+                    name.push(c.to_ascii_lowercase());
+                }
+                // Once per reason code, for the process's life.
+                (reason.code(), &*Box::leak(name.into_boxed_str()))
+            })
+            .collect()
+    });
+    names.iter().find(|(code, _)| *code == reason.code()).map_or("unknown", |(_, name)| name)
+}
+
+/// Labels of a request's latency.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabels {
+    /// Operation name.
+    pub op: &'static str,
+}
+
+/// Labels of the connections gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    /// `unauthenticated`, `authenticated` or `draining`.
+    pub state: &'static str,
 }
 
 /// Labels of a frame error counter.
@@ -92,7 +131,6 @@ impl Collector for ProcessCollector {
             ),
         ];
         for (name, help, value, kind) in figures {
-            // Unprefixed, as every exporter names them.
             let name = format!("process_{name}");
             match kind {
                 MetricType::Counter => {
@@ -152,11 +190,24 @@ pub struct Metrics {
     pub frame_errors: Family<FrameErrorLabels, Counter>,
     /// Authorize requests per engine batch.
     pub authorize_batch_size: Histogram,
+    /// Time from a request's read to its answer, by operation, in seconds.
+    pub request_duration: Family<OpLabels, Histogram, fn() -> Histogram>,
+    /// Open connections by state.
+    pub connections: Family<ConnectionLabels, Gauge>,
+}
+
+/// A latency histogram of `settlegate_types::histogram`'s buckets (50 µs to 6.55 s).
+fn latency_histogram() -> Histogram {
+    Histogram::new(settlegate_types::histogram::LATENCY_BOUNDS.iter().copied())
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("settlegate");
+        // The process's series go unprefixed (`process_*`, as every exporter names them),
+        // the server's under `settlegate_`.
+        let mut root = Registry::default();
+        root.register_collector(Box::new(ProcessCollector));
+        let registry = root.sub_registry_with_prefix("settlegate");
         let requests = Family::<RequestLabels, Counter>::default();
         let outcomes = Family::<OutcomeLabels, Counter>::default();
         let connections_open = Gauge::default();
@@ -185,18 +236,34 @@ impl Default for Metrics {
             "Authorize requests handed to the engine together",
             authorize_batch_size.clone(),
         );
+        let request_duration =
+            Family::<OpLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            );
+        registry.register(
+            "request_duration_seconds",
+            "Time from a request's read to its answer, by operation",
+            request_duration.clone(),
+        );
+        let connections = Family::<ConnectionLabels, Gauge>::default();
+        registry.register(
+            "connections",
+            "Open protocol connections by state (unauthenticated, authenticated, draining)",
+            connections.clone(),
+        );
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION") }).set(1);
         registry.register("build_info", "The running build (always 1)", build_info);
-        registry.register_collector(Box::new(ProcessCollector));
         Metrics {
-            registry,
+            registry: root,
             requests,
             outcomes,
             connections_open,
             connections_rejected,
             frame_errors,
             authorize_batch_size,
+            request_duration,
+            connections,
         }
     }
 }
@@ -205,7 +272,8 @@ impl Metrics {
     /// Every metric, with those `engine` keeps itself read on each scrape.
     pub fn for_engine(engine: &settlegate_engine::Engine) -> Metrics {
         let mut metrics = Metrics::default();
-        metrics.registry.register_collector(Box::new(EngineCounters(engine.clone())));
+        let registry = metrics.registry.sub_registry_with_prefix("settlegate");
+        registry.register_collector(Box::new(EngineCounters(engine.clone())));
         metrics
     }
 
@@ -229,6 +297,146 @@ impl std::fmt::Debug for EngineCounters {
     }
 }
 
+/// A gauge's or counter's series: labels and value.
+type Series = Vec<(Vec<(&'static str, String)>, f64)>;
+
+/// Encodes a family of gauges (or counters) `name`, one series each.
+fn encode_values(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    series: Series,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, kind)?;
+    for (labels, value) in series {
+        let metric = family.encode_family(&labels)?;
+        match kind {
+            MetricType::Counter => ConstCounter::new(value).encode(metric)?,
+            _ => ConstGauge::new(value).encode(metric)?,
+        }
+    }
+    Ok(())
+}
+
+/// Encodes a family of histograms `name`, one series each.
+fn encode_histograms(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: Vec<(Vec<(&'static str, String)>, HistogramSnapshot)>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
+    for (labels, snapshot) in series {
+        // The text encoder writes `+Inf` for the largest float.
+        let buckets: Vec<(f64, u64)> = snapshot
+            .buckets
+            .iter()
+            .map(|&(bound, n)| (if bound.is_infinite() { f64::MAX } else { bound }, n))
+            .collect();
+        family
+            .encode_family(&labels)?
+            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                snapshot.sum,
+                snapshot.count,
+                &buckets,
+                None,
+            )?;
+    }
+    Ok(())
+}
+
+impl EngineCounters {
+    /// Each provider's link, breaker, calls in flight, timeouts, reversals pending and call
+    /// latency. A provider whose adapter has no link (the simulator) is up, its breaker closed.
+    fn encode_providers(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let providers = self.0.provider_states();
+        let labels = |p: &settlegate_engine::ProviderState| {
+            vec![("provider", p.code.to_string()), ("name", p.name.clone())]
+        };
+        type Figure = fn(&settlegate_engine::ProviderState) -> f64;
+        let figures: [(&str, &str, MetricType, Figure); 5] = [
+            (
+                "provider_link_up",
+                "1 while requests reach the provider (signed on, breaker closed)",
+                MetricType::Gauge,
+                |p| f64::from(u8::from(p.health.is_none_or(|h| h.link_up))),
+            ),
+            (
+                "provider_breaker_open",
+                "1 while the provider's circuit breaker is open",
+                MetricType::Gauge,
+                |p| f64::from(u8::from(p.health.is_some_and(|h| h.breaker_open))),
+            ),
+            ("provider_in_flight", "Calls to the provider in flight", MetricType::Gauge, |p| {
+                p.in_flight as f64
+            }),
+            (
+                "provider_timeouts",
+                "Calls to the provider that timed out in its adapter",
+                MetricType::Counter,
+                |p| p.health.map_or(0.0, |h| h.timeouts as f64),
+            ),
+            (
+                "provider_reversals_pending",
+                "Reversals sent and neither acknowledged nor given up",
+                MetricType::Gauge,
+                |p| p.health.map_or(0.0, |h| h.reversals_pending as f64),
+            ),
+        ];
+        for (name, help, kind, figure) in figures {
+            let series = providers.iter().map(|p| (labels(p), figure(p))).collect();
+            encode_values(encoder, name, help, kind, series)?;
+        }
+        let latency = providers.iter().map(|p| (labels(p), p.latency.clone())).collect();
+        encode_histograms(
+            encoder,
+            "provider_call_duration_seconds",
+            "Time of a call to the provider, from its permit to the answer or the timeout",
+            latency,
+        )
+    }
+
+    /// Each shard's queue depth and `BUSY` answers, and its log writer's fsyncs and groups.
+    fn encode_shards(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let shards = self.0.shard_loads();
+        let label = |i: usize| vec![("shard", i.to_string())];
+        let queued = shards.iter().enumerate().map(|(i, s)| (label(i), s.queued as f64)).collect();
+        encode_values(
+            encoder,
+            "shard_queue_depth",
+            "Batches waiting in the shard's mailbox",
+            MetricType::Gauge,
+            queued,
+        )?;
+        let busy = shards.iter().enumerate().map(|(i, s)| (label(i), s.busy as f64)).collect();
+        encode_values(
+            encoder,
+            "shard_busy",
+            "Batches refused BUSY, the shard's mailbox full",
+            MetricType::Counter,
+            busy,
+        )?;
+        let fsync = shards
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| Some((label(i), s.fsync.clone()?)))
+            .collect();
+        encode_histograms(
+            encoder,
+            "wal_fsync_duration_seconds",
+            "Time of a log writer's fsync",
+            fsync,
+        )?;
+        let groups = shards
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| Some((label(i), s.group_records.clone()?)))
+            .collect();
+        encode_histograms(encoder, "wal_group_records", "Records written per group commit", groups)
+    }
+}
+
 impl Collector for EngineCounters {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let dropped = ConstCounter::new(self.0.completions_dropped());
@@ -240,6 +448,8 @@ impl Collector for EngineCounters {
             dropped.metric_type(),
         )?;
         dropped.encode(metric)?;
+        self.encode_providers(&mut encoder)?;
+        self.encode_shards(&mut encoder)?;
         let Some(partitions) = self.0.cluster_status() else { return Ok(()) };
         let gauges: [(&str, &str, PartitionGauge); 3] = [
             (

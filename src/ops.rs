@@ -6,7 +6,7 @@
 //!
 //! `AUTH`, `AUTHORIZE`, `AUTHORIZE_BASKET`, `SUBSCRIBE_NOTICES` and `SUBSCRIBE_DEVICE` need the
 //! connection's state: the connection handles them ([`crate::connection`], with
-//! [`crate::handler::authorize_batch`] for the authorizations), and they never reach
+//! [`crate::handler::authorize_start`] for the authorizations), and they never reach
 //! `Serve::serve`.
 
 use std::future::Future;
@@ -156,7 +156,7 @@ macro_rules! handled_by_the_connection {
 
 handled_by_the_connection! {
     Auth => Anyone;
-    // Checked per record, by `handler::authorize_batch`.
+    // Checked per record, by `handler::authorize_start`.
     Authorize => Anyone;
     AuthorizeBasket => Anyone;
     SubscribeNotices => Accounts;

@@ -656,13 +656,7 @@ async fn a_slow_provider_holds_back_only_its_own_answers() {
     for (code, name, latency_us) in
         [(PROVIDER_2S, "two-seconds", 2_000_000), (PROVIDER_1MS, "one-ms", 1_000)]
     {
-        config.engine.providers.push(settlegate_engine::ProviderConfig {
-            code,
-            name: name.into(),
-            adapter: simulated(code.into(), 0.0, latency_us),
-            limits: settlegate_adapters::GuardConfig { concurrency_max: 16, timeout_ms: 5_000 },
-            terminals: Vec::new(),
-        });
+        config.engine.providers.push(simulated_provider(code, name, latency_us));
     }
     let server = start_with(config).await;
     let admin = client(&server, ADMIN_KEY).await;

@@ -50,13 +50,7 @@ async fn readyz_is_503_while_the_server_drains() {
     let mut config = server_config();
     config.engine.request_deadline_ms = 10_000;
     config.server.shutdown_grace_ms = 10_000;
-    config.engine.providers.push(ProviderConfig {
-        code: SLOW,
-        name: "slow".into(),
-        adapter: simulated(SLOW.into(), 0.0, 1_500_000),
-        limits: GuardConfig { concurrency_max: 16, timeout_ms: 5_000 },
-        terminals: Vec::new(),
-    });
+    config.engine.providers.push(simulated_provider(SLOW, "slow", 1_500_000));
     let server = start_with(config).await;
     let http = server.http_addr;
     let admin = client(&server, ADMIN_KEY).await;

@@ -36,6 +36,8 @@ pub struct Guarded {
     /// `concurrency_max`.
     capacity: usize,
     timeout: Duration,
+    /// How long calls took, from the permit to the answer (or the timeout).
+    latency: Arc<settlegate_types::histogram::Histogram>,
 }
 
 impl Guarded {
@@ -46,6 +48,7 @@ impl Guarded {
             adapter,
             permits: Arc::new(Semaphore::new(config.concurrency_max as usize)),
             capacity: config.concurrency_max as usize,
+            latency: Arc::new(settlegate_types::histogram::Histogram::latency()),
             timeout: Duration::from_millis(config.timeout_ms),
         }
     }
@@ -53,6 +56,11 @@ impl Guarded {
     /// The wrapped adapter's name.
     pub fn name(&self) -> &str {
         self.adapter.name()
+    }
+
+    /// How long calls took, from the permit to the answer (or the timeout), in seconds.
+    pub fn latency(&self) -> settlegate_types::histogram::HistogramSnapshot {
+        self.latency.snapshot()
     }
 
     /// Calls in flight now (holding a permit).
@@ -96,6 +104,7 @@ impl Guarded {
                 }
             },
         };
+        let started = Instant::now();
         let mut reply = self.adapter.authorize(request);
         // A ready future (the zero-latency simulator) is answered without arming a timer.
         let result = match futures::FutureExt::now_or_never(&mut reply) {
@@ -105,6 +114,7 @@ impl Guarded {
             }
         };
         drop(permit);
+        self.latency.record_duration(started.elapsed());
         result
     }
 }

@@ -40,6 +40,7 @@ use crate::shard::{Batch, Command, Digest, Envelope, Op, Query, Reply, ShardHand
 use crate::startup::{build_registry, recover_shards, start_shards, stop_runtime, ActorRuntime};
 use crate::types::{AuthOutcome, ClientRequestId, Currency, Idm, ReasonCode, UserKey};
 use crate::vault::Vault;
+use settlegate_types::histogram::HistogramSnapshot;
 
 mod accounts;
 mod age;
@@ -80,16 +81,20 @@ impl Drop for Inner {
 }
 
 /// A shard's load ([`Engine::shard_loads`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ShardLoad {
     /// Batches waiting in its mailbox.
     pub queued: usize,
     /// Batches refused `BUSY` since start.
     pub busy: u64,
+    /// Its log writer's fsyncs, in seconds (none without a local log).
+    pub fsync: Option<HistogramSnapshot>,
+    /// Records per group commit of its log writer (none without a local log).
+    pub group_records: Option<HistogramSnapshot>,
 }
 
 /// A provider's standing ([`Engine::provider_states`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ProviderState {
     /// Its code.
     pub code: u32,
@@ -99,6 +104,8 @@ pub struct ProviderState {
     pub in_flight: usize,
     /// Its adapter's link; none for an adapter without one (the simulator).
     pub health: Option<settlegate_adapters::ProviderHealth>,
+    /// How long its calls took, in seconds.
+    pub latency: HistogramSnapshot,
 }
 
 /// The embeddable engine. Cheap to clone; all clones share one set of shards.
@@ -195,6 +202,8 @@ impl Engine {
         let load = |s: &ShardHandle| ShardLoad {
             queued: s.queued.load(Relaxed),
             busy: s.busy.load(Relaxed),
+            fsync: s.wal_stats.as_ref().map(|w| w.fsync.snapshot()),
+            group_records: s.wal_stats.as_ref().map(|w| w.group_records.snapshot()),
         };
         self.inner.shards.iter().map(load).collect()
     }
@@ -207,6 +216,7 @@ impl Engine {
             name: p.name.clone(),
             in_flight: p.adapter.in_flight(),
             health: p.adapter.health(),
+            latency: p.adapter.latency(),
         };
         registry
             .codes()

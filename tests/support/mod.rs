@@ -48,6 +48,18 @@ pub fn jpy() -> Currency {
     Currency::try_from("JPY").unwrap()
 }
 
+/// Provider `code`, named `name`, simulated and approving after `latency_us`, at most 64
+/// calls in flight and a 5 s timeout.
+pub fn simulated_provider(code: u32, name: &str, latency_us: u64) -> ProviderConfig {
+    ProviderConfig {
+        code,
+        name: name.into(),
+        adapter: simulated(code.into(), 0.0, latency_us),
+        limits: GuardConfig { concurrency_max: 64, timeout_ms: 5_000 },
+        terminals: Vec::new(),
+    }
+}
+
 pub fn simulated(seed: u64, decline_rate: f64, latency_us: u64) -> AdapterConfig {
     AdapterConfig::Simulated(SimulatedConfig {
         seed,

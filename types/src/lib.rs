@@ -9,6 +9,7 @@
 //! this crate; it depends on nothing heavier than `serde`.
 #![deny(missing_docs)]
 
+pub mod histogram;
 pub mod ids;
 pub mod limits;
 pub mod money;

@@ -83,6 +83,8 @@ pub(crate) struct ShardHandle {
     pub(crate) busy: Arc<AtomicU64>,
     /// Set by the shard's log writer if it fails (none without a log).
     wal_failed: Option<Arc<AtomicBool>>,
+    /// The log writer's figures (none without a log).
+    pub(crate) wal_stats: Option<Arc<crate::wal::WalStats>>,
 }
 
 /// The largest batch a caller applies on its own thread. A larger one goes to the shard's own
@@ -112,12 +114,13 @@ impl ShardHandle {
         mailbox_capacity: usize,
     ) -> ShardHandle {
         let wal_failed = core.wal.as_ref().map(|wal| Arc::clone(&wal.handle.failed));
+        let wal_stats = core.wal.as_ref().map(|wal| Arc::clone(&wal.handle.stats));
         let core = Arc::new(Mutex::new(Some(core)));
         let queued = Arc::new(AtomicUsize::new(0));
         let actor =
             Shard { core: Arc::clone(&core), mailbox_capacity, queued: Arc::clone(&queued) };
         let addr = Shard::start_in_arbiter(arbiter, move |_| actor);
-        ShardHandle { addr, core, queued, busy: Arc::default(), wal_failed }
+        ShardHandle { addr, core, queued, busy: Arc::default(), wal_failed, wal_stats }
     }
 
     /// Whether the shard takes work: not stopped, its lock not poisoned, its log writer (if

@@ -37,6 +37,8 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+
+use settlegate_types::histogram::{Histogram, COUNT_BOUNDS};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -569,9 +571,26 @@ impl<V> Clone for JobSender<V> {
     }
 }
 
+/// What a shard's log writer measures, read by `/metrics`.
+#[derive(Debug)]
+pub struct WalStats {
+    /// How long each fsync took, in seconds.
+    pub fsync: Histogram,
+    /// Records written per group commit.
+    pub group_records: Histogram,
+}
+
+impl Default for WalStats {
+    fn default() -> Self {
+        WalStats { fsync: Histogram::latency(), group_records: Histogram::new(&COUNT_BOUNDS) }
+    }
+}
+
 /// The sending side of a shard's log writer.
 pub(crate) struct WalHandle<V> {
     jobs: JobSender<V>,
+    /// The writer's figures (a replicated log's handle keeps none).
+    pub(crate) stats: Arc<WalStats>,
     /// Set once the writer has failed and stopped.
     pub(crate) failed: Arc<AtomicBool>,
     pub(crate) index: usize,
@@ -581,7 +600,13 @@ pub(crate) struct WalHandle<V> {
 impl<V> Clone for WalHandle<V> {
     fn clone(&self) -> Self {
         let (index, count) = (self.index, self.count);
-        WalHandle { jobs: self.jobs.clone(), failed: Arc::clone(&self.failed), index, count }
+        WalHandle {
+            jobs: self.jobs.clone(),
+            stats: Arc::clone(&self.stats),
+            failed: Arc::clone(&self.failed),
+            index,
+            count,
+        }
     }
 }
 
@@ -603,7 +628,8 @@ impl<V> WalHandle<V> {
         count: usize,
     ) -> WalHandle<V> {
         let failed = Arc::new(AtomicBool::new(false));
-        WalHandle { jobs: JobSender::Replicated(jobs), failed, index, count }
+        let stats = Arc::default();
+        WalHandle { jobs: JobSender::Replicated(jobs), stats, failed, index, count }
     }
 }
 
@@ -682,18 +708,21 @@ pub(crate) fn open_writer<V: Send + 'static>(
     };
     let failed = Arc::new(AtomicBool::new(false));
     let writer_failed = Arc::clone(&failed);
+    let stats = Arc::new(WalStats::default());
+    let writer_stats = Arc::clone(&stats);
     let thread = std::thread::Builder::new()
         .name(format!("settlegate-wal-{index}"))
         .spawn(move || {
             let out = BufWriter::with_capacity(1 << 20, file);
-            let run = || write_loop(out, &files, &queue, policy, interval, &writer_failed);
+            let run =
+                || write_loop(out, &files, &queue, policy, interval, &writer_failed, &writer_stats);
             // A panic here (encoding a snapshot, say) is a broken invariant: fail fast.
             if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
                 crate::fail::fail_fast(&format!("log writer of shard {index}"), panic.as_ref());
             }
         })
         .map_err(|e| StorageError::Io { path: PathBuf::from("<thread>"), source: e })?;
-    Ok((WalHandle { jobs: JobSender::Local(jobs), failed, index, count }, thread))
+    Ok((WalHandle { jobs: JobSender::Local(jobs), stats, failed, index, count }, thread))
 }
 
 /// A shard's files, for the writer.
@@ -818,8 +847,9 @@ fn write_loop<V>(
     policy: FsyncPolicy,
     interval: Duration,
     failed: &AtomicBool,
+    stats: &WalStats,
 ) {
-    let mut sync = SyncState { policy, interval, last: Instant::now(), unsynced: false };
+    let mut sync = SyncState { policy, interval, last: Instant::now(), unsynced: false, stats };
     let mut writing: Option<SnapshotThread> = None;
     loop {
         let first = match policy {
@@ -856,11 +886,12 @@ fn write_loop<V>(
     }
 }
 
-struct SyncState {
+struct SyncState<'a> {
     policy: FsyncPolicy,
     interval: Duration,
     last: Instant,
     unsynced: bool,
+    stats: &'a WalStats,
 }
 
 type Pending<V> = (Vec<rkyv::util::AlignedVec>, oneshot::Sender<V>, V);
@@ -873,7 +904,7 @@ fn process<V>(
     out: &mut BufWriter<File>,
     files: &Files,
     jobs: Vec<Job<V>>,
-    sync: &mut SyncState,
+    sync: &mut SyncState<'_>,
     writing: &mut Option<SnapshotThread>,
     failed: &AtomicBool,
 ) -> std::io::Result<()> {
@@ -905,10 +936,14 @@ fn process<V>(
 fn commit<V>(
     out: &mut BufWriter<File>,
     group: &mut Vec<Pending<V>>,
-    sync: &mut SyncState,
+    sync: &mut SyncState<'_>,
 ) -> std::io::Result<()> {
     if group.is_empty() {
         return Ok(());
+    }
+    let records: usize = group.iter().map(|(records, _, _)| records.len()).sum();
+    if records > 0 {
+        sync.stats.group_records.record(records as f64);
     }
     write_group(out, group.iter().flat_map(|(records, _, _)| records))?;
     sync.unsynced |= group.iter().any(|(records, _, _)| !records.is_empty());
@@ -918,7 +953,9 @@ fn commit<V>(
         FsyncPolicy::Off => false,
     };
     if due {
+        let started = Instant::now();
         out.get_ref().sync_data()?;
+        sync.stats.fsync.record_duration(started.elapsed());
         sync.last = Instant::now();
         sync.unsynced = false;
     }
