@@ -158,3 +158,185 @@ fn the_vault_key_file_is_read_from_the_credentials_directory() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("CREDENTIALS_DIRECTORY is not set"), "{stderr}");
 }
+
+// The files under deploy/, checked with the tools that check them here. A missing tool fails
+// its test with the command that installs it; nothing is skipped.
+
+const INSTALL_HINT: &str = "install the checkers with `python3 -m pip install -r \
+    deploy/requirements.txt` (scripts/test.sh does), and systemd-analyze with `apt-get install \
+    systemd`";
+
+fn repo_file(path: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(repo_file(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// `tool` on `PATH`, else in the directory where pip puts `python3`'s scripts (which need not
+/// be on `PATH`); panics with [`INSTALL_HINT`] when it is in neither.
+fn tool(name: &str) -> std::path::PathBuf {
+    let runs = |path: &Path| {
+        Command::new(path).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status()
+    };
+    if runs(Path::new(name)).is_ok_and(|status| status.success()) {
+        return name.into();
+    }
+    let scripts = Command::new("python3")
+        .args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"])
+        .output()
+        .ok()
+        .filter(|output| output.status.success())
+        .map(|output| String::from_utf8_lossy(&output.stdout).trim().to_owned());
+    if let Some(path) = scripts.map(|dir| Path::new(&dir).join(name)) {
+        if runs(&path).is_ok_and(|status| status.success()) {
+            return path;
+        }
+    }
+    panic!("{name} not found on PATH nor among python3's scripts; {INSTALL_HINT}");
+}
+
+/// Runs `command`; panics with its output unless it exits 0 having printed nothing on stderr
+/// (`systemd-analyze verify` exits 0 on a misspelt key, only saying so).
+fn run_clean(mut command: Command) -> String {
+    let output = command.output().unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && stderr.trim().is_empty(),
+        "{command:?}: {}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        output.status
+    );
+    stdout
+}
+
+/// The config at `path`, parsed and checked as `settlegate serve` does.
+fn deploy_config(path: &str) -> settlegate::config::Config {
+    settlegate::config::Config::from_toml(&read(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// `systemd-analyze verify` on the unit, its `ExecStart` pointed at the binary just built (it
+/// checks that the command exists); and the unit and its config agree: readiness, state
+/// directory, credential.
+#[test]
+fn the_systemd_unit_verifies_and_matches_its_config() {
+    let unit = read("deploy/systemd/settlegate.service");
+    for line in [
+        "Type=notify",
+        "ExecStart=/usr/local/bin/settlegate serve --config /etc/settlegate/settlegate.toml",
+        "StateDirectory=settlegate",
+        "StateDirectoryMode=0700",
+        "LoadCredential=vault-key:/etc/settlegate/vault-key",
+        "ProtectSystem=strict",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "the unit lacks {line}");
+    }
+    let config = deploy_config("deploy/systemd/settlegate.toml");
+    let durability = &config.engine.durability;
+    assert_eq!(durability.data_dir.as_deref(), Some(Path::new("/var/lib/settlegate")));
+    assert_eq!(
+        config.engine.vault_key_file.as_deref(),
+        Some(Path::new("${CREDENTIALS_DIRECTORY}/vault-key"))
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("settlegate.service");
+    let binary = env!("CARGO_BIN_EXE_settlegate");
+    std::fs::write(&copy, unit.replace("/usr/local/bin/settlegate", binary)).unwrap();
+    let mut verify = Command::new(tool("systemd-analyze"));
+    verify.args(["verify", "--man=no"]).arg(&copy);
+    run_clean(verify);
+}
+
+/// hadolint on the Dockerfile (every rule, at every level); the image runs as the fixed
+/// non-root user on the container config.
+#[test]
+fn the_dockerfile_passes_hadolint() {
+    let dockerfile = read("deploy/Dockerfile");
+    assert!(dockerfile.lines().any(|l| l == "USER 10001:10001"), "the image runs as 10001");
+    assert!(dockerfile.contains("COPY deploy/container/settlegate.toml /etc/settlegate/"));
+    assert_eq!(dockerfile.matches("\nFROM ").count(), 2, "a builder stage and a runtime stage");
+    let mut hadolint = Command::new(tool("hadolint"));
+    hadolint
+        .args(["--failure-threshold", "info", "--no-color"])
+        .arg(repo_file("deploy/Dockerfile"));
+    run_clean(hadolint);
+}
+
+/// The manifests against the Kubernetes schemas (strict: an unknown field fails), for the
+/// oldest release with native sidecars on by default (1.29) and for kubernetes-validate's
+/// newest; yamllint; and the manifests agree with the config they mount.
+#[test]
+fn the_kubernetes_manifests_validate_and_match_the_config() {
+    let path = repo_file("deploy/kubernetes/settlegate.yaml");
+    for version in ["1.29.0", "1.37.0"] {
+        let mut validate = Command::new(tool("kubernetes-validate"));
+        validate.args(["--strict", "--quiet", "-k", version]).arg(&path);
+        run_clean(validate);
+    }
+    let mut yamllint = Command::new(tool("yamllint"));
+    yamllint
+        .args(["--strict", "-d"])
+        .arg("{extends: default, rules: {line-length: {max: 100}, braces: {min-spaces-inside: 0}}}")
+        .arg(&path);
+    run_clean(yamllint);
+
+    let manifest = read("deploy/kubernetes/settlegate.yaml");
+    // The ConfigMap carries deploy/container/settlegate.toml (also the image's) word for word.
+    let marker = "  settlegate.toml: |\n";
+    let start = manifest.find(marker).expect("the ConfigMap's settlegate.toml") + marker.len();
+    let embedded: String = manifest[start..]
+        .lines()
+        .take_while(|line| line.is_empty() || line.starts_with("    "))
+        .map(|line| format!("{}\n", line.strip_prefix("    ").unwrap_or(line)))
+        .collect();
+    let container = read("deploy/container/settlegate.toml");
+    assert_eq!(embedded, container, "the ConfigMap and deploy/container/settlegate.toml differ");
+
+    let config = deploy_config("deploy/container/settlegate.toml");
+    // The probes reach the HTTP port through the pod's IP.
+    assert!(config.server.http_listen.ip().is_unspecified(), "http_listen must be 0.0.0.0");
+    let port = config.server.http_listen.port();
+    assert!(manifest.contains(&format!("- {{name: metrics, containerPort: {port}}}")));
+    for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+        assert!(manifest.contains(&format!("{probe}:\n            httpGet: {{path: /")), "{probe}");
+    }
+    // A native sidecar.
+    let sidecar = &manifest[manifest.find("initContainers:").expect("an init container")..];
+    assert!(sidecar.contains("          restartPolicy: Always\n"));
+    // CPU limit = io_threads.
+    let cpu = format!("limits: {{cpu: \"{}\"", config.server.io_threads);
+    assert!(config.server.io_threads > 0 && manifest.contains(&cpu), "io_threads and {cpu}");
+    // The data directory on the claim's mount, the key file on the Secret's.
+    let data_dir = config.engine.durability.data_dir.as_deref().expect("a data_dir");
+    assert!(data_dir.starts_with("/var/lib/settlegate"));
+    assert!(manifest.contains("- {name: settlegate-data, mountPath: /var/lib/settlegate}"));
+    assert!(
+        manifest.contains("volumeClaimTemplates:\n    - metadata:\n        name: settlegate-data")
+    );
+    let key_file = config.engine.vault_key_file.as_deref().expect("a vault_key_file");
+    assert_eq!(key_file, Path::new("/run/secrets/settlegate/vault-key"));
+    assert!(manifest.contains("- {name: settlegate-vault, mountPath: /run/secrets/settlegate,"));
+    assert!(manifest.contains("- {key: vault-key, path: vault-key}"));
+    for hardening in [
+        "readOnlyRootFilesystem: true",
+        "runAsNonRoot: true",
+        "capabilities: {drop: [\"ALL\"]}",
+        "seccompProfile: {type: RuntimeDefault}",
+        "allowPrivilegeEscalation: false",
+    ] {
+        assert!(sidecar.contains(hardening), "the sidecar lacks {hardening}");
+    }
+}
+
+/// The license the workspace declares is the one in LICENSE.
+#[test]
+fn the_declared_license_is_in_the_tree() {
+    assert!(read("Cargo.toml").contains("license = \"Apache-2.0\""));
+    let license = read("LICENSE");
+    assert!(
+        license.contains("Apache License\n                           Version 2.0, January 2004")
+    );
+    assert!(license.contains("END OF TERMS AND CONDITIONS"));
+}
