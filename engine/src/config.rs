@@ -40,6 +40,12 @@ pub struct EngineConfig {
     pub password: PasswordConfig,
     /// The card vault.
     pub vault: VaultConfig,
+    /// A file holding the vault key's 64 hex digits (surrounding whitespace ignored), read at
+    /// start: a Kubernetes Secret mounted as a file, or a systemd credential. A leading
+    /// `${CREDENTIALS_DIRECTORY}` is replaced by that environment variable (systemd's
+    /// `LoadCredential=`); a relative path is relative to the working directory. See
+    /// [`EngineConfig::resolve_vault_key`].
+    pub vault_key_file: Option<std::path::PathBuf>,
     /// Settlement providers.
     pub providers: Vec<ProviderConfig>,
     /// The write-ahead log.
@@ -54,14 +60,46 @@ pub struct EngineConfig {
     pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
-/// Vault key source. `SETTLEGATE_VAULT_KEY` in the environment overrides `key_hex`; with
-/// neither, an ephemeral random key is used and a warning logged (demo only: sealed numbers
-/// cannot be opened after a restart).
+/// Vault key source. `SETTLEGATE_VAULT_KEY` in the environment overrides the config; in the
+/// config, `[engine] vault_key_file` or this `key_hex` (not both); with none of them, an
+/// ephemeral random key is used and a warning logged (demo only: sealed numbers cannot be
+/// opened after a restart).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct VaultConfig {
     /// 64 hex digits.
     pub key_hex: Option<String>,
+}
+
+/// The variable systemd sets to the directory of a service's credentials (`LoadCredential=`);
+/// `${CREDENTIALS_DIRECTORY}` at the start of `vault_key_file` stands for it.
+pub const CREDENTIALS_DIRECTORY_ENV: &str = "CREDENTIALS_DIRECTORY";
+
+/// `file` with a leading `${CREDENTIALS_DIRECTORY}` replaced by `credentials_dir`.
+fn expand_credentials_dir(
+    file: &std::path::Path,
+    credentials_dir: Option<std::ffi::OsString>,
+) -> Result<std::path::PathBuf, String> {
+    const VARIABLE: &str = "${CREDENTIALS_DIRECTORY}";
+    let Some(rest) = file.to_str().and_then(|text| text.strip_prefix(VARIABLE)) else {
+        return Ok(file.to_owned());
+    };
+    let dir = credentials_dir.filter(|dir| !dir.is_empty()).ok_or_else(|| {
+        format!(
+            "engine.vault_key_file {}: {CREDENTIALS_DIRECTORY_ENV} is not set (systemd sets it \
+             for a service with LoadCredential=)",
+            file.display()
+        )
+    })?;
+    let mut path = std::path::PathBuf::from(dir);
+    path.push(rest.trim_start_matches('/'));
+    Ok(path)
+}
+
+/// 64 hex digits, surrounding whitespace ignored, as a 256-bit key.
+fn parse_key(text: &str) -> Result<[u8; 32], String> {
+    let bytes = hex::decode(text.trim()).map_err(|_| "the vault key is not hex".to_owned())?;
+    bytes.try_into().map_err(|_| "the vault key must be 32 bytes (64 hex digits)".to_owned())
 }
 
 /// One provider.
@@ -98,6 +136,7 @@ impl Default for EngineConfig {
             lockout_ms: 900_000,
             password: PasswordConfig::default(),
             vault: VaultConfig::default(),
+            vault_key_file: None,
             providers: Vec::new(),
             durability: DurabilityConfig::default(),
             age: AgeConfig::default(),
@@ -191,20 +230,140 @@ impl EngineConfig {
             )?;
         }
         self.age.validate()?;
+        check(
+            self.vault_key_file.is_none() || self.vault.key_hex.is_none(),
+            "set engine.vault_key_file or engine.vault.key_hex, not both",
+        )?;
         Ok(())
     }
 
-    /// The vault key: from the environment, then config, else `None`.
+    /// The vault key: from the environment, then config (`vault_key_file` or `vault.key_hex`),
+    /// else `None` (see [`EngineConfig::resolve_vault_key`]).
     pub fn vault_key(&self) -> Result<Option<[u8; 32]>, String> {
-        let text = match std::env::var(VAULT_KEY_ENV) {
-            Ok(text) => Some(text),
-            Err(_) => self.vault.key_hex.clone(),
+        self.resolve_vault_key(
+            std::env::var(VAULT_KEY_ENV).ok(),
+            std::env::var_os(CREDENTIALS_DIRECTORY_ENV),
+        )
+    }
+
+    /// The vault key in force given the value of `SETTLEGATE_VAULT_KEY` (`env_key`) and of
+    /// `CREDENTIALS_DIRECTORY` (`credentials_dir`): `env_key`, else `vault_key_file`'s
+    /// contents, else `vault.key_hex`, else `None`. Errors name where the key came from, never
+    /// its digits.
+    pub fn resolve_vault_key(
+        &self,
+        env_key: Option<String>,
+        credentials_dir: Option<std::ffi::OsString>,
+    ) -> Result<Option<[u8; 32]>, String> {
+        if let Some(text) = env_key {
+            return parse_key(&text).map(Some).map_err(|e| format!("{VAULT_KEY_ENV}: {e}"));
+        }
+        if let Some(file) = &self.vault_key_file {
+            let path = expand_credentials_dir(file, credentials_dir)?;
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                format!("engine.vault_key_file {}: cannot read it: {e}", path.display())
+            })?;
+            return parse_key(&text)
+                .map(Some)
+                .map_err(|e| format!("engine.vault_key_file {}: {e}", path.display()));
+        }
+        match &self.vault.key_hex {
+            Some(text) => {
+                parse_key(text).map(Some).map_err(|e| format!("engine.vault.key_hex: {e}"))
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod vault_key_tests {
+    use super::{EngineConfig, VaultConfig};
+
+    const KEY_HEX: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn key(hex_text: &str) -> [u8; 32] {
+        hex::decode(hex_text).unwrap().try_into().unwrap()
+    }
+
+    fn file_config(path: &std::path::Path) -> EngineConfig {
+        EngineConfig { vault_key_file: Some(path.to_owned()), ..EngineConfig::default() }
+    }
+
+    #[test]
+    fn key_file_is_read_with_surrounding_whitespace_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vault-key");
+        std::fs::write(&path, format!("  {KEY_HEX}\n\n")).unwrap();
+        let found = file_config(&path).resolve_vault_key(None, None).unwrap();
+        assert_eq!(found, Some(key(KEY_HEX)));
+    }
+
+    #[test]
+    fn the_environment_wins_over_the_key_file_and_the_file_over_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vault-key");
+        std::fs::write(&path, KEY_HEX).unwrap();
+        let env = "ff".repeat(32);
+        let found = file_config(&path).resolve_vault_key(Some(env.clone()), None).unwrap();
+        assert_eq!(found, Some(key(&env)));
+        // The environment wins even over a key file that is missing.
+        let missing = file_config(&dir.path().join("missing"));
+        assert_eq!(missing.resolve_vault_key(Some(env.clone()), None).unwrap(), Some(key(&env)));
+        let hex_only = EngineConfig {
+            vault: VaultConfig { key_hex: Some("11".repeat(32)) },
+            ..EngineConfig::default()
         };
-        let Some(text) = text else { return Ok(None) };
-        let bytes = hex::decode(text.trim()).map_err(|_| "vault key is not hex".to_owned())?;
-        let key: [u8; 32] = bytes
-            .try_into()
-            .map_err(|_| "vault key must be 32 bytes (64 hex digits)".to_owned())?;
-        Ok(Some(key))
+        assert_eq!(hex_only.resolve_vault_key(None, None).unwrap(), Some([0x11; 32]));
+        assert_eq!(EngineConfig::default().resolve_vault_key(None, None).unwrap(), None);
+    }
+
+    #[test]
+    fn credentials_directory_is_expanded() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("vault-key"), KEY_HEX).unwrap();
+        let config = file_config("${CREDENTIALS_DIRECTORY}/vault-key".as_ref());
+        let found =
+            config.resolve_vault_key(None, Some(dir.path().as_os_str().to_owned())).unwrap();
+        assert_eq!(found, Some(key(KEY_HEX)));
+        let unset = config.resolve_vault_key(None, None).unwrap_err();
+        assert!(unset.contains("CREDENTIALS_DIRECTORY is not set"), "{unset}");
+        assert!(unset.contains("${CREDENTIALS_DIRECTORY}/vault-key"), "{unset}");
+    }
+
+    #[test]
+    fn errors_name_the_file_and_never_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing");
+        let error = file_config(&missing).resolve_vault_key(None, None).unwrap_err();
+        assert!(error.contains(&missing.display().to_string()), "{error}");
+        assert!(error.contains("cannot read"), "{error}");
+
+        let short = dir.path().join("short");
+        std::fs::write(&short, &KEY_HEX[..62]).unwrap();
+        let error = file_config(&short).resolve_vault_key(None, None).unwrap_err();
+        assert!(error.contains(&short.display().to_string()), "{error}");
+        assert!(error.contains("64 hex digits"), "{error}");
+        assert!(!error.contains(&KEY_HEX[..62]), "{error}");
+
+        let not_hex = dir.path().join("not-hex");
+        std::fs::write(&not_hex, "zz".repeat(32)).unwrap();
+        let error = file_config(&not_hex).resolve_vault_key(None, None).unwrap_err();
+        assert!(error.contains(&not_hex.display().to_string()), "{error}");
+        assert!(error.contains("not hex"), "{error}");
+    }
+
+    #[test]
+    fn key_file_and_key_hex_together_are_refused() {
+        let config = EngineConfig {
+            vault: VaultConfig { key_hex: Some(KEY_HEX.into()) },
+            vault_key_file: Some("/k".into()),
+            ..EngineConfig::default()
+        };
+        let error = config.validate().unwrap_err();
+        assert_eq!(error, "set engine.vault_key_file or engine.vault.key_hex, not both");
+        let parsed =
+            EngineConfig::from_toml("vault_key_file = \"/run/secrets/vault-key\"").unwrap();
+        assert_eq!(parsed.vault_key_file.as_deref(), Some("/run/secrets/vault-key".as_ref()));
     }
 }

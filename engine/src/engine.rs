@@ -486,8 +486,8 @@ fn prepare(
         Some(key) => key,
         None if config.durability.data_dir.is_some() => {
             return Err(EngineError::Config(
-                "a data directory needs a lasting vault key (set SETTLEGATE_VAULT_KEY or \
-                 engine.vault.key_hex): what is logged is sealed with it"
+                "a data directory needs a lasting vault key (set SETTLEGATE_VAULT_KEY, \
+                 engine.vault_key_file or engine.vault.key_hex): what is logged is sealed with it"
                     .into(),
             ));
         }

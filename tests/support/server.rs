@@ -175,7 +175,6 @@ pub fn spawn_binary_serving(
     rust_log: &str,
     stderr: std::process::Stdio,
 ) -> (std::process::Child, std::net::SocketAddr, std::net::SocketAddr) {
-    use std::io::{BufRead, BufReader};
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_settlegate"))
         .args(["serve", "--config"])
         .arg(config)
@@ -184,6 +183,16 @@ pub fn spawn_binary_serving(
         .stderr(stderr)
         .spawn()
         .expect("spawn settlegate");
+    let (addr, http) = printed_addresses(&mut child);
+    (child, addr, http)
+}
+
+/// The protocol and HTTP addresses a `settlegate serve` started with piped stdout printed;
+/// its stdout is drained from then on, so the child never blocks on a full pipe.
+pub fn printed_addresses(
+    child: &mut std::process::Child,
+) -> (std::net::SocketAddr, std::net::SocketAddr) {
+    use std::io::{BufRead, BufReader};
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let (mut addr, mut http) = (None, None);
     while addr.is_none() || http.is_none() {
@@ -200,7 +209,7 @@ pub fn spawn_binary_serving(
     }
     // Keep draining stdout so the child never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
-    (child, addr.unwrap(), http.unwrap())
+    (addr.unwrap(), http.unwrap())
 }
 
 /// Decodes every complete frame in `bytes`.
