@@ -52,6 +52,7 @@ pub enum Pacing {
     #[default]
     Timer,
     /// Yield until due (microsecond spacing, a busy core); see the module docs.
+    #[value(help = "Yield until due (microsecond spacing, but loadgen keeps a core busy)")]
     Spin,
 }
 
@@ -82,9 +83,13 @@ impl Pacing {
 pub enum ClosedLoop {
     /// Each connection writes `--pipeline` requests in one write, waits for all their
     /// responses, then writes the next batch (`redis-benchmark -P`; [`crate::lanes`]).
+    #[value(help = "Each connection writes `--pipeline` requests in one write, waits for all \
+                    their answers, then writes the next batch (as `redis-benchmark -P`)")]
     Batch,
     /// Each connection keeps `--pipeline` requests in flight, sending one as each answer
     /// arrives (this module's per-request loop).
+    #[value(help = "Each connection keeps `--pipeline` requests in flight, sending one as \
+                    each answer arrives")]
     Window,
 }
 

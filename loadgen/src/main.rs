@@ -125,7 +125,7 @@ async fn run(args: Args) -> anyhow::Result<Vec<Verdict>> {
     };
     let mut summary = Summary::new(&args.operation_names(), &tally, settings(&args, target));
     summary.host = host.await.ok().flatten();
-    let verdicts = slo::check(&args.slo, &summary);
+    let verdicts = slo::check(&args.slos(), &summary);
     print!("{}", summary.text());
     for verdict in &verdicts {
         let actual = verdict.actual_us.map_or("nothing measured".into(), |us| format!("{us}us"));
