@@ -129,6 +129,12 @@ pub struct Args {
     /// page with the summary.
     #[arg(long)]
     pub html: Option<PathBuf>,
+    /// Write the latency histograms here, in HdrHistogram's percentile-distribution text
+    /// (`.hgrm`, values in ms), to compare runs with HdrHistogram's plotter or tools: one file
+    /// per operation (and `all` when the mix has several), `run.hgrm` giving
+    /// `run.authorize.hgrm`, and with `--rate` also `run.authorize.uncorrected.hgrm`.
+    #[arg(long, value_name = "FILE")]
+    pub hgrm: Option<PathBuf>,
     /// No live progress line (it is hidden anyway when stderr is not a terminal).
     #[arg(long)]
     pub no_progress: bool,

@@ -16,7 +16,7 @@
 //! the sends to the microsecond instead of the timer's millisecond bursts, for a loadgen
 //! pinned to its own core). Samples of the `--warmup`
 //! are discarded; `--duration` is measured. It prints a table per operation, can write JSON
-//! (`--json`) and a percentile plot (`--html`), and exits 1 when a `--slo` is missed (2 on
+//! (`--json`), an HTML report (`--html`) and the histograms as `.hgrm` text (`--hgrm`), and exits 1 when a `--slo` is missed (2 on
 //! an error). On Linux it also reports how busy the machine was over the measured window and
 //! how much of it the hypervisor took (steal), with a warning from 5%: a run in such a spell
 //! measures the host as much as the target ([`host`]).
@@ -24,12 +24,13 @@
 //! Layout: [`args`] the flags; [`mix`] the weighted, seeded operation choice; [`ops`] the
 //! operations; [`dataset`] the preparation; [`lanes`] the loops over raw sockets (open loop,
 //! closed loop in batches) and [`driver`] the per-request loop, with the schedule and the
-//! correction; [`tally`] the histograms; [`report`], [`plot`], [`slo`] the output; [`host`]
+//! correction; [`tally`] the histograms; [`report`], [`plot`], [`hgrm`], [`slo`] the output; [`host`]
 //! the machine's load; [`redis`] the baseline.
 
 mod args;
 mod dataset;
 mod driver;
+mod hgrm;
 mod host;
 mod lanes;
 mod mix;
@@ -161,6 +162,11 @@ fn write_reports(args: &Args, summary: &Summary, verdicts: &[Verdict]) -> anyhow
         let svg_only = path.extension().is_some_and(|ext| ext.eq_ignore_ascii_case("svg"));
         let page = if svg_only { plot::svg(summary)? } else { plot::html(summary)? };
         std::fs::write(path, page).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.hgrm {
+        for (path, text) in hgrm::files(path, summary) {
+            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        }
     }
     Ok(())
 }
