@@ -33,7 +33,9 @@ const _: () = assert!(STORES_MAX <= TERMINALS_PER_PROVIDER_MAX);
 #[derive(Parser, Debug, Clone)]
 #[command(name = "loadgen", about = "settlegate load generator", version)]
 pub struct Args {
-    /// `redis` for the Redis baseline (see `--redis-op`); none for settlegate.
+    /// `redis` for the Redis baseline (see `--redis-op`); none for settlegate. (`loadgen
+    /// compare A.json B.json` compares two `--json` reports instead: see `loadgen compare
+    /// --help`.)
     #[arg(value_parser = ["redis"])]
     pub mode: Option<String>,
     /// A running server's protocol address (or Redis's, in `redis` mode).

@@ -7,6 +7,7 @@
 //! taskset -c 0 loadgen --target 127.0.0.1:7878 --rate 40000 --pacing spin
 //! loadgen redis --target 127.0.0.1:6379 --connections 50 --pipeline 16   # the baseline
 //! loadgen redis --target 127.0.0.1:6379 --redis-op auth --users 1000      # the same work
+//! loadgen compare before.json after.json                                   # two --json runs
 //! ```
 //!
 //! A run prepares its dataset first (providers, stores, users with device keys and means;
@@ -28,6 +29,7 @@
 //! the machine's load; [`redis`] the baseline.
 
 mod args;
+mod compare;
 mod dataset;
 mod driver;
 mod hgrm;
@@ -59,9 +61,27 @@ use crate::report::{Settings, Summary};
 use crate::slo::Verdict;
 use crate::target::Target;
 
+fn main() -> ExitCode {
+    // `loadgen compare A.json B.json` has flags of its own.
+    if std::env::args_os().nth(1).is_some_and(|mode| mode == "compare") {
+        let args = compare::CompareArgs::parse_from(std::env::args_os().skip(1));
+        return match compare::run(&args) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("error: {error:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    load(Args::parse())
+}
+
 #[tokio::main]
-async fn main() -> ExitCode {
-    match run(Args::parse()).await {
+async fn load(args: Args) -> ExitCode {
+    match run(args).await {
         Ok(verdicts) if verdicts.iter().all(Verdict::met) => ExitCode::SUCCESS,
         Ok(_) => ExitCode::from(1),
         Err(error) => {
