@@ -180,7 +180,8 @@ fn write_reports(args: &Args, summary: &Summary, verdicts: &[Verdict]) -> anyhow
     }
     if let Some(path) = &args.html {
         let svg_only = path.extension().is_some_and(|ext| ext.eq_ignore_ascii_case("svg"));
-        let page = if svg_only { plot::svg(summary)? } else { plot::html(summary)? };
+        let page =
+            if svg_only { plot::svg(summary, verdicts)? } else { plot::html(summary, verdicts)? };
         std::fs::write(path, page).with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = &args.hgrm {
@@ -224,7 +225,11 @@ mod tests {
             assert!(op["requests"].as_u64().unwrap() > 0, "{name}: {op}");
         }
         let page = std::fs::read_to_string(&html).unwrap();
-        assert_eq!(page.matches("stroke-width=\"2\"").count(), 8, "a line (and key) per operation");
+        let percentiles = page.split("<figure id=\"percentiles\">").nth(1).unwrap();
+        let percentiles = percentiles.split("</figure>").next().unwrap();
+        let wide = percentiles.matches("stroke-width=\"2\"").count();
+        assert_eq!(wide, 8, "a line (and key) per operation");
+        assert!(report["series"].as_array().unwrap().len() == 1, "one second: {report:#}");
         std::fs::remove_dir_all(&dir).ok();
     }
 

@@ -77,6 +77,8 @@ pub struct Stats {
     pub errors: BTreeMap<String, u64>,
     /// The corrected percentile curve: (quantile, µs) points, for the plot.
     pub curve: Vec<(f64, u64)>,
+    /// The same from each request's send.
+    pub curve_uncorrected: Vec<(f64, u64)>,
     /// Mean latency from each request's send, in µs.
     pub mean_us_uncorrected: f64,
     /// Second by second over the measured window.
@@ -163,6 +165,7 @@ impl Stats {
             declines,
             errors: tally.errors.clone(),
             curve: curve(&tally.corrected_us),
+            curve_uncorrected: curve(&tally.uncorrected_us),
             mean_us_uncorrected: tally.uncorrected_us.mean(),
             series: series(&tally.seconds, duration_s),
             histograms: Some(Box::new([tally.corrected_us.clone(), tally.uncorrected_us.clone()])),
