@@ -35,6 +35,8 @@ python3 -m pip install -q -r tests/cluster/requirements.txt
 # a missing checker fails its test, none is skipped.
 echo "== checkers for deploy/ (hadolint, kubernetes-validate, yamllint)"
 python3 -m pip install -q -r deploy/requirements.txt
+echo "== chromium for loadgen's HTML report test (loadgen/tests/browser.rs)"
+command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }
 
 echo "== cargo test: doc tests"
 cargo test --workspace --doc 2>&1 | tee -a "$log"

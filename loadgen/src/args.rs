@@ -13,7 +13,7 @@ use crate::dataset::Sizes;
 use crate::driver::{ClosedLoop, Pacing, Plan};
 use crate::mix::Mix;
 use crate::redis::RedisOp;
-use crate::slo::Slo;
+use crate::slo::{Slo, Slos};
 use crate::units::parse_duration;
 
 /// Most connections (or embedded submitters).
@@ -33,7 +33,9 @@ const _: () = assert!(STORES_MAX <= TERMINALS_PER_PROVIDER_MAX);
 #[derive(Parser, Debug, Clone)]
 #[command(name = "loadgen", about = "settlegate load generator", version)]
 pub struct Args {
-    /// `redis` for the Redis baseline (see `--redis-op`); none for settlegate.
+    /// `redis` for the Redis baseline (see `--redis-op`); none for settlegate. (`loadgen
+    /// compare A.json B.json` compares two `--json` reports instead: see `loadgen compare
+    /// --help`.)
     #[arg(value_parser = ["redis"])]
     pub mode: Option<String>,
     /// A running server's protocol address (or Redis's, in `redis` mode).
@@ -51,7 +53,12 @@ pub struct Args {
     /// API key for `--target`.
     #[arg(long, default_value = "sg-demo-key")]
     pub api_key: String,
-    /// Operations and their weights, e.g. `authorize=70,list_means=20,ping=10`.
+    /// Operations and their weights, e.g. `authorize=70,list_means=20,ping=10` (a name alone
+    /// weighs 1). The operations: `authorize` (a payment signed with a user's device key),
+    /// `usable` (what a user can pay with at a store), `age` (an age-checked payment),
+    /// `list_means` (a user's means), `confirm_terminal` (a store terminal with a provider),
+    /// `ping` (the protocol round trip alone), `code` (a payment code issued, then redeemed:
+    /// two requests timed together).
     #[arg(long, default_value = "authorize")]
     pub mix: Mix,
     /// Seed of the operation, user and store choices (same seed, same sequence).
@@ -108,10 +115,15 @@ pub struct Args {
     /// A request unanswered after this counts as a `timeout` error.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub timeout: Duration,
-    /// Latency objective(s), e.g. `p99=1ms` or `authorize:p999=5ms,max=50ms` (repeatable);
-    /// exit status 1 when one is missed.
-    #[arg(long, value_delimiter = ',')]
-    pub slo: Vec<Slo>,
+    /// Latency objectives, `[OPERATION:]METRIC=LIMIT` separated by commas (repeatable); exit
+    /// status 1 when one is missed. Metrics: p50, p90, p99, p999, p9999, max; limits with a
+    /// unit (us, ms, s). Without an operation an objective bounds all operations together;
+    /// after `OPERATION:`, the objectives that follow in the same value without one apply to
+    /// that operation too (`all:` goes back to all together): `authorize:p99=1ms,max=50ms`
+    /// bounds authorize's p99 and authorize's max; `p99=2ms,authorize:max=50ms` the overall
+    /// p99 and authorize's max.
+    #[arg(long)]
+    pub slo: Vec<Slos>,
     /// Write a JSON report here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -119,6 +131,12 @@ pub struct Args {
     /// page with the summary.
     #[arg(long)]
     pub html: Option<PathBuf>,
+    /// Write the latency histograms here, in HdrHistogram's percentile-distribution text
+    /// (`.hgrm`, values in ms), to compare runs with HdrHistogram's plotter or tools: one file
+    /// per operation (and `all` when the mix has several), `run.hgrm` giving
+    /// `run.authorize.hgrm`, and with `--rate` also `run.authorize.uncorrected.hgrm`.
+    #[arg(long, value_name = "FILE")]
+    pub hgrm: Option<PathBuf>,
     /// No live progress line (it is hidden anyway when stderr is not a terminal).
     #[arg(long)]
     pub no_progress: bool,
@@ -169,7 +187,7 @@ impl Args {
             bail!("--closed-loop batch needs --target (or redis mode) and a mix of one-request operations (not code)");
         }
         let names = self.operation_names();
-        for slo in &self.slo {
+        for slo in &self.slos() {
             if let Some(operation) = &slo.operation {
                 if !names.contains(&operation.as_str()) {
                     bail!("--slo {slo}: `{operation}` is not in this run (it runs {names:?})");
@@ -201,6 +219,11 @@ impl Args {
             bail!("--providers must be 1..={PROVIDERS_MAX}, with codes that fit in 32 bits");
         }
         Ok(())
+    }
+
+    /// Every `--slo` objective, in the order given.
+    pub fn slos(&self) -> Vec<Slo> {
+        self.slo.iter().flat_map(|slos| slos.0.iter().cloned()).collect()
     }
 
     /// The operations' names, in the mix's order.
@@ -312,6 +335,31 @@ mod tests {
     }
 
     #[test]
+    fn help_names_every_operation_and_no_internal_docs() {
+        use clap::CommandFactory as _;
+        let help = Args::command().render_long_help().to_string();
+        for internal in ["[`", "crate::", "module", ".rs"] {
+            assert!(!help.contains(internal), "`{internal}` in --help:\n{help}");
+        }
+        let mix = Args::command()
+            .get_arguments()
+            .find(|arg| arg.get_id() == "mix")
+            .and_then(|arg| arg.get_long_help().or(arg.get_help()))
+            .map(|help| help.to_string())
+            .unwrap();
+        for operation in crate::ops::Operation::ALL {
+            assert!(mix.contains(&format!("`{}`", operation.name())), "{operation:?} in {mix}");
+        }
+    }
+
+    #[test]
+    fn a_bare_slo_after_an_operation_bounds_that_operation() {
+        let args = parse("loadgen --embedded --slo authorize:p99=1ms,max=50ms --slo p50=1ms");
+        let slos: Vec<String> = args.slos().iter().map(|slo| slo.to_string()).collect();
+        assert_eq!(slos, ["authorize:p99<=1000us", "authorize:max<=50000us", "p50<=1000us"]);
+    }
+
+    #[test]
     fn the_closed_loop_is_batch_where_it_can_be() {
         let closed = |line| parse(line).closed_loop();
         assert_eq!(closed("loadgen --target x:1"), Some(ClosedLoop::Batch));
@@ -333,7 +381,7 @@ mod tests {
             (args.duration, args.warmup),
             (Duration::from_secs(3), Duration::from_millis(500))
         );
-        assert_eq!(args.slo.len(), 3);
+        assert_eq!(args.slos().len(), 3);
         assert_eq!(args.plan().weights, [3, 1]);
         assert_eq!(args.operation_names(), ["authorize", "ping"]);
         assert_eq!(parse("loadgen --embedded --duration 10").duration, Duration::from_secs(10));

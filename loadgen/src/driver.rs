@@ -52,6 +52,7 @@ pub enum Pacing {
     #[default]
     Timer,
     /// Yield until due (microsecond spacing, a busy core); see the module docs.
+    #[value(help = "Yield until due (microsecond spacing, but loadgen keeps a core busy)")]
     Spin,
 }
 
@@ -82,9 +83,13 @@ impl Pacing {
 pub enum ClosedLoop {
     /// Each connection writes `--pipeline` requests in one write, waits for all their
     /// responses, then writes the next batch (`redis-benchmark -P`; [`crate::lanes`]).
+    #[value(help = "Each connection writes `--pipeline` requests in one write, waits for all \
+                    their answers, then writes the next batch (as `redis-benchmark -P`)")]
     Batch,
     /// Each connection keeps `--pipeline` requests in flight, sending one as each answer
     /// arrives (this module's per-request loop).
+    #[value(help = "Each connection keeps `--pipeline` requests in flight, sending one as \
+                    each answer arrives")]
     Window,
 }
 
@@ -242,6 +247,8 @@ pub(crate) struct Ticket {
     start: Instant,
     sent: Instant,
     measured: bool,
+    /// The start of the measured window: the answer's second counts from here.
+    measure_from: Instant,
 }
 
 impl<S> Cadence<S> {
@@ -287,7 +294,8 @@ impl<S> Cadence<S> {
             self.free_since = None;
         }
         self.next_k += 1;
-        Some((slot, Ticket { start, sent: now, measured }))
+        let measure_from = self.window.measure_from;
+        Some((slot, Ticket { start, sent: now, measured, measure_from }))
     }
 
     /// Until when to wait for the next request's due time, if one is still to come and a slot
@@ -328,7 +336,8 @@ impl Ticket {
         count_live(live, outcome);
         if self.measured {
             let micros = |from: Instant| finished.duration_since(from).as_micros() as u64;
-            tally.record(op, micros(self.start), micros(self.sent), outcome);
+            let second = finished.saturating_duration_since(self.measure_from).as_secs() as usize;
+            tally.record(op, second, micros(self.start), micros(self.sent), outcome);
         }
     }
 }

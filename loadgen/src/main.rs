@@ -7,6 +7,7 @@
 //! taskset -c 0 loadgen --target 127.0.0.1:7878 --rate 40000 --pacing spin
 //! loadgen redis --target 127.0.0.1:6379 --connections 50 --pipeline 16   # the baseline
 //! loadgen redis --target 127.0.0.1:6379 --redis-op auth --users 1000      # the same work
+//! loadgen compare before.json after.json                                   # two --json runs
 //! ```
 //!
 //! A run prepares its dataset first (providers, stores, users with device keys and means;
@@ -16,7 +17,7 @@
 //! the sends to the microsecond instead of the timer's millisecond bursts, for a loadgen
 //! pinned to its own core). Samples of the `--warmup`
 //! are discarded; `--duration` is measured. It prints a table per operation, can write JSON
-//! (`--json`) and a percentile plot (`--html`), and exits 1 when a `--slo` is missed (2 on
+//! (`--json`), an HTML report (`--html`) and the histograms as `.hgrm` text (`--hgrm`), and exits 1 when a `--slo` is missed (2 on
 //! an error). On Linux it also reports how busy the machine was over the measured window and
 //! how much of it the hypervisor took (steal), with a warning from 5%: a run in such a spell
 //! measures the host as much as the target ([`host`]).
@@ -24,12 +25,14 @@
 //! Layout: [`args`] the flags; [`mix`] the weighted, seeded operation choice; [`ops`] the
 //! operations; [`dataset`] the preparation; [`lanes`] the loops over raw sockets (open loop,
 //! closed loop in batches) and [`driver`] the per-request loop, with the schedule and the
-//! correction; [`tally`] the histograms; [`report`], [`plot`], [`slo`] the output; [`host`]
+//! correction; [`tally`] the histograms; [`report`], [`plot`], [`hgrm`], [`slo`] the output; [`host`]
 //! the machine's load; [`redis`] the baseline.
 
 mod args;
+mod compare;
 mod dataset;
 mod driver;
+mod hgrm;
 mod host;
 mod lanes;
 mod mix;
@@ -58,9 +61,27 @@ use crate::report::{Settings, Summary};
 use crate::slo::Verdict;
 use crate::target::Target;
 
+fn main() -> ExitCode {
+    // `loadgen compare A.json B.json` has flags of its own.
+    if std::env::args_os().nth(1).is_some_and(|mode| mode == "compare") {
+        let args = compare::CompareArgs::parse_from(std::env::args_os().skip(1));
+        return match compare::run(&args) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("error: {error:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    load(Args::parse())
+}
+
 #[tokio::main]
-async fn main() -> ExitCode {
-    match run(Args::parse()).await {
+async fn load(args: Args) -> ExitCode {
+    match run(args).await {
         Ok(verdicts) if verdicts.iter().all(Verdict::met) => ExitCode::SUCCESS,
         Ok(_) => ExitCode::from(1),
         Err(error) => {
@@ -125,7 +146,7 @@ async fn run(args: Args) -> anyhow::Result<Vec<Verdict>> {
     };
     let mut summary = Summary::new(&args.operation_names(), &tally, settings(&args, target));
     summary.host = host.await.ok().flatten();
-    let verdicts = slo::check(&args.slo, &summary);
+    let verdicts = slo::check(&args.slos(), &summary);
     print!("{}", summary.text());
     for verdict in &verdicts {
         let actual = verdict.actual_us.map_or("nothing measured".into(), |us| format!("{us}us"));
@@ -159,8 +180,14 @@ fn write_reports(args: &Args, summary: &Summary, verdicts: &[Verdict]) -> anyhow
     }
     if let Some(path) = &args.html {
         let svg_only = path.extension().is_some_and(|ext| ext.eq_ignore_ascii_case("svg"));
-        let page = if svg_only { plot::svg(summary)? } else { plot::html(summary)? };
+        let page =
+            if svg_only { plot::svg(summary, verdicts)? } else { plot::html(summary, verdicts)? };
         std::fs::write(path, page).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.hgrm {
+        for (path, text) in hgrm::files(path, summary) {
+            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        }
     }
     Ok(())
 }
@@ -198,7 +225,11 @@ mod tests {
             assert!(op["requests"].as_u64().unwrap() > 0, "{name}: {op}");
         }
         let page = std::fs::read_to_string(&html).unwrap();
-        assert_eq!(page.matches("stroke-width=\"2\"").count(), 8, "a line (and key) per operation");
+        let percentiles = page.split("<figure id=\"percentiles\">").nth(1).unwrap();
+        let percentiles = percentiles.split("</figure>").next().unwrap();
+        let wide = percentiles.matches("stroke-width=\"2\"").count();
+        assert_eq!(wide, 8, "a line (and key) per operation");
+        assert!(report["series"].as_array().unwrap().len() == 1, "one second: {report:#}");
         std::fs::remove_dir_all(&dir).ok();
     }
 

@@ -85,6 +85,7 @@ pub enum RedisOp {
     #[default]
     Set,
     /// An authorization's bookkeeping as a Lua script ([`AUTH_SCRIPT`]).
+    #[value(help = "An authorization's bookkeeping as one Lua script run by EVALSHA")]
     Auth,
 }
 

@@ -10,7 +10,7 @@ use settlegate_engine::ReasonCode;
 
 use crate::host::{HostLoad, STEAL_NOTICE_PERCENT};
 use crate::slo::{Metric, Verdict};
-use crate::tally::{OpTally, Tally};
+use crate::tally::{OpTally, Second, Tally};
 
 /// Latency percentiles, in µs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -20,6 +20,7 @@ pub struct Percentiles {
     pub p90: u64,
     pub p99: u64,
     pub p999: u64,
+    pub p9999: u64,
     pub max: u64,
 }
 
@@ -30,6 +31,7 @@ impl Percentiles {
             p90: h.value_at_quantile(0.90),
             p99: h.value_at_quantile(0.99),
             p999: h.value_at_quantile(0.999),
+            p9999: h.value_at_quantile(0.9999),
             max: h.max(),
         }
     }
@@ -41,12 +43,20 @@ impl Percentiles {
             Metric::P90 => self.p90,
             Metric::P99 => self.p99,
             Metric::P999 => self.p999,
+            Metric::P9999 => self.p9999,
             Metric::Max => self.max,
         }
     }
 
     fn json(&self) -> Value {
-        json!({"p50": self.p50, "p90": self.p90, "p99": self.p99, "p999": self.p999, "max": self.max})
+        json!({
+            "p50": self.p50,
+            "p90": self.p90,
+            "p99": self.p99,
+            "p999": self.p999,
+            "p9999": self.p9999,
+            "max": self.max,
+        })
     }
 }
 
@@ -67,6 +77,72 @@ pub struct Stats {
     pub errors: BTreeMap<String, u64>,
     /// The corrected percentile curve: (quantile, µs) points, for the plot.
     pub curve: Vec<(f64, u64)>,
+    /// The same from each request's send.
+    pub curve_uncorrected: Vec<(f64, u64)>,
+    /// Mean latency from each request's send, in µs.
+    pub mean_us_uncorrected: f64,
+    /// Second by second over the measured window.
+    pub series: Vec<SecondStats>,
+    /// The histograms, corrected and uncorrected, for `--hgrm` (none in summaries made up
+    /// by tests).
+    pub histograms: Option<Box<[Histogram<u64>; 2]>>,
+}
+
+/// One second of a run, of one operation or all.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SecondStats {
+    /// When the second starts, from the start of the measured window.
+    pub t_s: f64,
+    /// Answered requests (declines included, errors not).
+    pub requests: u64,
+    /// `requests` per second of it (the last second may be cut short by `--duration`).
+    pub throughput_per_s: f64,
+    /// Errors.
+    pub errors: u64,
+    /// Corrected latency percentiles of the requests answered in it, in µs (0 without any).
+    pub p50_us: u64,
+    #[allow(missing_docs)]
+    pub p99_us: u64,
+}
+
+impl SecondStats {
+    fn json(&self) -> Value {
+        json!({
+            "t_s": self.t_s,
+            "requests": self.requests,
+            "throughput_per_s": self.throughput_per_s,
+            "errors": self.errors,
+            "p50_us": self.p50_us,
+            "p99_us": self.p99_us,
+        })
+    }
+}
+
+/// The seconds of `seconds` in a window of `duration_s`: answers that came after its end (the
+/// last requests of a run) count in its last second.
+fn series(seconds: &[Second], duration_s: f64) -> Vec<SecondStats> {
+    let count = (duration_s.ceil() as usize).max(1);
+    let mut merged: Vec<Second> = seconds.iter().take(count).cloned().collect();
+    for late in seconds.iter().skip(count) {
+        merged.last_mut().expect("late seconds follow others").add(late);
+    }
+    merged
+        .iter()
+        .enumerate()
+        .map(|(i, second)| {
+            let h = &second.latency_us;
+            let length_s = (duration_s - i as f64).clamp(1e-3, 1.0);
+            let quantile = |q| if h.is_empty() { 0 } else { h.value_at_quantile(q) };
+            SecondStats {
+                t_s: i as f64,
+                requests: h.len(),
+                throughput_per_s: h.len() as f64 / length_s,
+                errors: second.errors,
+                p50_us: quantile(0.5),
+                p99_us: quantile(0.99),
+            }
+        })
+        .collect()
 }
 
 impl Stats {
@@ -89,6 +165,10 @@ impl Stats {
             declines,
             errors: tally.errors.clone(),
             curve: curve(&tally.corrected_us),
+            curve_uncorrected: curve(&tally.uncorrected_us),
+            mean_us_uncorrected: tally.uncorrected_us.mean(),
+            series: series(&tally.seconds, duration_s),
+            histograms: Some(Box::new([tally.corrected_us.clone(), tally.uncorrected_us.clone()])),
         }
     }
 
@@ -112,6 +192,7 @@ impl Stats {
             "errors_by_reason": self.errors,
             "declines": self.decline_count(),
             "declines_by_reason": self.declines,
+            "series": self.series.iter().map(SecondStats::json).collect::<Vec<_>>(),
         })
     }
 }
@@ -127,6 +208,9 @@ fn curve(h: &Histogram<u64>) -> Vec<(f64, u64)> {
     points.insert(0, (0.0, h.min()));
     points
 }
+
+/// The share of the in-flight slots from which [`Summary::rate_warning`] warns.
+const RATE_SLOTS_SHARE: f64 = 0.9;
 
 /// How the run was set up, as reports state it.
 #[derive(Debug, Clone, Default)]
@@ -192,6 +276,41 @@ impl Summary {
         self.operations.iter().find(|(n, _)| n == name).map(|(_, s)| s)
     }
 
+    /// Open loop: a warning when the in-flight slots (`--connections` × `--pipeline`) could not
+    /// carry `--rate` at the latency the run saw. By Little's law the rate needs
+    /// `rate × mean latency` requests in flight; from 90% of the slots on, requests wait for
+    /// a slot (and the corrected latency counts that wait), and beyond them the rate is
+    /// out of reach.
+    pub fn rate_warning(&self) -> Option<String> {
+        let s = &self.settings;
+        let rate = s.rate_per_s?;
+        let latency_s = self.overall.mean_us_uncorrected / 1e6;
+        if self.overall.requests == 0 || latency_s <= 0.0 {
+            return None;
+        }
+        let slots = (s.connections * s.pipeline) as f64;
+        let needed = rate * latency_s;
+        if needed <= slots * RATE_SLOTS_SHARE {
+            return None;
+        }
+        let capacity = slots / latency_s;
+        let wanted = (needed / RATE_SLOTS_SHARE).ceil() as u64;
+        Some(format!(
+            "--rate {}/s needs about {:.0} requests in flight at the mean latency seen ({:.0}us), \
+             near or beyond the {} slots of --connections {} x --pipeline {} (at most about {}/s \
+             at that latency): raise --pipeline or --connections to at least {} slots in all, \
+             or lower --rate",
+            thousands(rate.round() as u64),
+            needed,
+            latency_s * 1e6,
+            slots,
+            s.connections,
+            s.pipeline,
+            thousands(capacity.round() as u64),
+            thousands(wanted),
+        ))
+    }
+
     /// The run's label: the operation when there is one, else `mix`.
     pub fn label(&self) -> &str {
         match self.operations.as_slice() {
@@ -232,6 +351,7 @@ impl Summary {
             })),
             "operations": operations,
             "slo": slo,
+            "warnings": self.rate_warning().into_iter().collect::<Vec<_>>(),
             "settings": {
                 "target": s.target,
                 "mix": s.mix,
@@ -288,8 +408,8 @@ impl Summary {
             let l = &self.overall.latency_uncorrected;
             let _ = writeln!(
                 out,
-                "uncorrected (from actual send), all: p50 {} p90 {} p99 {} p99.9 {} max {}",
-                l.p50, l.p90, l.p99, l.p999, l.max
+                "uncorrected (from actual send), all: p50 {} p90 {} p99 {} p99.9 {} p99.99 {} max {}",
+                l.p50, l.p90, l.p99, l.p999, l.p9999, l.max
             );
             if self.unsent > 0 {
                 let _ = writeln!(
@@ -298,6 +418,9 @@ impl Summary {
                     thousands(self.unsent)
                 );
             }
+        }
+        if let Some(warning) = self.rate_warning() {
+            let _ = writeln!(out, "warning: {warning}");
         }
         if let Some(host) = &self.host {
             let _ = writeln!(
@@ -330,7 +453,7 @@ impl Summary {
     fn table(&self, out: &mut String) {
         let _ = writeln!(
             out,
-            "{:<18} {:>11} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8}",
+            "{:<18} {:>11} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8}",
             "operation",
             "requests",
             "per s",
@@ -338,6 +461,7 @@ impl Summary {
             "p90",
             "p99",
             "p99.9",
+            "p99.99",
             "max",
             "declines",
             "errors"
@@ -348,13 +472,14 @@ impl Summary {
             let l = &stats.latency;
             let _ = writeln!(
                 out,
-                "{name:<18} {:>11} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8}",
+                "{name:<18} {:>11} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8}",
                 thousands(stats.requests),
                 thousands(stats.throughput_per_s.round() as u64),
                 l.p50,
                 l.p90,
                 l.p99,
                 l.p999,
+                l.p9999,
                 l.max,
                 stats.decline_count(),
                 stats.error_count()
@@ -384,15 +509,17 @@ mod tests {
     fn summary() -> Summary {
         let mut tally = Tally::new(2);
         for micros in 1..=1_000 {
-            tally.record(0, micros * 2, micros, &Outcome::Ok);
+            tally.record(0, 0, micros * 2, micros, &Outcome::Ok);
         }
-        tally.record(0, 50, 50, &Outcome::Declined(8));
-        tally.record(1, 10, 10, &Outcome::Ok);
-        tally.record(1, 10, 10, &Outcome::Error("busy".into()));
+        tally.record(0, 1, 50, 50, &Outcome::Declined(8));
+        tally.record(1, 0, 10, 10, &Outcome::Ok);
+        tally.record(1, 2, 10, 10, &Outcome::Error("busy".into()));
         let settings = Settings {
             target: "embedded".into(),
             rate_per_s: Some(1_000.0),
-            duration_s: 2.0,
+            duration_s: 1.5,
+            connections: 2,
+            pipeline: 1,
             ..Settings::default()
         };
         Summary::new(&["authorize", "ping"], &tally, settings)
@@ -405,9 +532,9 @@ mod tests {
         let verdicts = crate::slo::check(&[slo], &summary);
         let report = summary.json(&verdicts);
         // The fields scripts/bench.sh reads, at the top level.
-        assert_eq!(report["throughput_per_s"], 1_002.0 / 2.0);
+        assert_eq!(report["throughput_per_s"], 1_002.0 / 1.5);
         assert_eq!(report["requests"], 1_002);
-        for key in ["p50", "p90", "p99", "p999", "max"] {
+        for key in ["p50", "p90", "p99", "p999", "p9999", "max"] {
             assert!(report["latency_us"][key].is_u64(), "latency_us.{key}");
             assert!(report["latency_us_uncorrected"][key].is_u64(), "uncorrected {key}");
         }
@@ -428,6 +555,55 @@ mod tests {
         assert_eq!(report["slo"][0]["met"], false);
         assert_eq!(report["slo"][0]["metric"], "p99");
         assert_eq!(report["settings"]["target"], "embedded");
+        assert_eq!(report["latency_us"]["p9999"], report["latency_us"]["max"]);
+    }
+
+    #[test]
+    fn series_go_second_by_second_the_late_answers_in_the_last() {
+        let summary = summary();
+        let report = summary.json(&[]);
+        // 1.5 s measured: two seconds, the second half a second long; the error of second 2
+        // (an answer after the window) is counted in the last.
+        let series = report["series"].as_array().unwrap();
+        assert_eq!(series.len(), 2, "{series:?}");
+        assert_eq!(series[0]["t_s"], 0.0);
+        assert_eq!(series[0]["requests"], 1_001);
+        assert_eq!(series[0]["throughput_per_s"], 1_001.0);
+        assert_eq!(
+            (series[1]["requests"].as_u64(), series[1]["errors"].as_u64()),
+            (Some(1), Some(1))
+        );
+        assert_eq!(series[1]["throughput_per_s"], 2.0, "1 answer in half a second");
+        let p50 = series[0]["p50_us"].as_u64().unwrap();
+        assert!((990..=1_010).contains(&p50), "the corrected median, 1% resolution: {p50}");
+        assert!(series[0]["p99_us"].as_u64().unwrap() >= 1_960);
+        let ping = report["operations"]["ping"]["series"].as_array().unwrap();
+        assert_eq!((ping[0]["requests"].as_u64(), ping[1]["errors"].as_u64()), (Some(1), Some(1)));
+        assert_eq!(report["operations"]["authorize"]["series"][1]["p50_us"], 50);
+    }
+
+    #[test]
+    fn a_rate_the_slots_cannot_carry_is_warned_of() {
+        // 2 slots, a mean latency (from the send) of about 0.5 ms: 2 slots carry about 4,000/s.
+        let mut summary = summary();
+        assert_eq!(summary.rate_warning(), None, "1,000/s needs 0.5 in flight");
+        assert_eq!(summary.json(&[])["warnings"], json!([]));
+        summary.settings.rate_per_s = Some(10_000.0);
+        let warning = summary.rate_warning().expect("10,000/s needs 5 in flight");
+        for says in [
+            "--rate 10,000/s",
+            "about 5 requests in flight",
+            "2 slots",
+            "--connections 2 x --pipeline 1",
+            "at least 6 slots",
+        ] {
+            assert!(warning.contains(says), "{says}: {warning}");
+        }
+        assert!(!warning.contains("  "), "one line: {warning}");
+        assert!(summary.text().contains(&format!("warning: {warning}")));
+        assert_eq!(summary.json(&[])["warnings"][0], warning.as_str());
+        summary.settings.rate_per_s = None;
+        assert_eq!(summary.rate_warning(), None, "a closed loop has no rate to reach");
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! Service-level objectives: `--slo p99=1ms`, `--slo authorize:p999=5ms,max=50ms`.
 //!
-//! Each names a latency percentile (`p50`, `p90`, `p99`, `p999`, `max`), optionally of one
-//! operation (overall otherwise), and its limit with a unit (`us`, `ms`, `s`). They are checked
+//! Each names a latency percentile (`p50`, `p90`, `p99`, `p999`, `p9999`, `max`), optionally
+//! of one operation (overall otherwise), and its limit with a unit (`us`, `ms`, `s`). In one
+//! `--slo` value, an objective without an operation after one with `OPERATION:` applies to
+//! that operation too (`authorize:p999=5ms,max=50ms`: both authorize's); `all:` names all
+//! operations together again ([`Slos`]). They are checked
 //! against the headline (coordinated-omission corrected) latencies; a missed one makes
 //! `loadgen` exit non-zero.
 
@@ -21,16 +24,19 @@ pub enum Metric {
     P99,
     /// 99.9th percentile.
     P999,
+    /// 99.99th percentile.
+    P9999,
     /// Largest.
     Max,
 }
 
 impl Metric {
-    const NAMES: [(&'static str, Metric); 5] = [
+    const NAMES: [(&'static str, Metric); 6] = [
         ("p50", Metric::P50),
         ("p90", Metric::P90),
         ("p99", Metric::P99),
         ("p999", Metric::P999),
+        ("p9999", Metric::P9999),
         ("max", Metric::Max),
     ];
 
@@ -65,22 +71,24 @@ impl std::str::FromStr for Slo {
 
     fn from_str(text: &str) -> Result<Slo, String> {
         let usage = "expected [OPERATION:]METRIC=LIMIT, e.g. p99=1ms or authorize:p999=5ms";
+        // `all:` is all operations together, as no operation is.
         let (left, limit) =
             text.split_once('=').ok_or_else(|| format!("bad SLO `{text}`: {usage}"))?;
         let (operation, metric) = match left.split_once(':') {
+            Some((operation, metric)) if operation.trim() == ALL => (None, metric.trim()),
             Some((operation, metric)) if !operation.trim().is_empty() => {
                 (Some(operation.trim().to_owned()), metric.trim())
             }
             Some(_) => return Err(format!("bad SLO `{text}`: empty operation; {usage}")),
             None => (None, left.trim()),
         };
-        let metric = Metric::NAMES
-            .iter()
-            .find(|(name, _)| *name == metric)
-            .map(|(_, m)| *m)
-            .ok_or_else(|| {
-                format!("bad SLO `{text}`: unknown metric `{metric}` (p50, p90, p99, p999, max)")
-            })?;
+        let metric =
+            Metric::NAMES.iter().find(|(name, _)| *name == metric).map(|(_, m)| *m).ok_or_else(
+                || {
+                    let names: Vec<&str> = Metric::NAMES.iter().map(|(name, _)| *name).collect();
+                    format!("bad SLO `{text}`: unknown metric `{metric}` ({})", names.join(", "))
+                },
+            )?;
         let limit =
             parse_duration_with(limit, None).map_err(|e| format!("bad SLO `{text}`: {e}"))?;
         let limit_us = u64::try_from(limit.as_micros()).unwrap_or(u64::MAX);
@@ -88,6 +96,35 @@ impl std::str::FromStr for Slo {
             return Err(format!("bad SLO `{text}`: the limit must be at least 1us"));
         }
         Ok(Slo { operation, metric, limit_us })
+    }
+}
+
+/// The operation prefix naming all operations together: `all:p99=1ms`.
+const ALL: &str = "all";
+
+/// The objectives of one `--slo` value, separated by commas. An objective without an
+/// operation takes the one named last before it in the same value, so that
+/// `authorize:p99=1ms,max=50ms` bounds authorize's max too (not every operation's); `all:`
+/// (or a value without any `OPERATION:`) bounds all operations together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slos(pub Vec<Slo>);
+
+impl std::str::FromStr for Slos {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Slos, String> {
+        let mut operation: Option<String> = None;
+        let mut slos = Vec::new();
+        for part in text.split(',') {
+            let mut slo: Slo = part.parse()?;
+            if part.contains(':') {
+                operation.clone_from(&slo.operation);
+            } else {
+                slo.operation.clone_from(&operation);
+            }
+            slos.push(slo);
+        }
+        Ok(Slos(slos))
     }
 }
 
@@ -141,6 +178,27 @@ mod tests {
         assert_eq!(parse("p50=750us").unwrap().limit_us, 750);
         assert_eq!(parse("p90 = 3ms").unwrap().metric, Metric::P90);
         assert_eq!(parse("authorize:p99=1ms").unwrap().to_string(), "authorize:p99<=1000us");
+        assert_eq!(parse("p9999=3ms").unwrap().metric, Metric::P9999);
+        assert_eq!(parse("all:p99=1ms").unwrap().operation, None);
+    }
+
+    #[test]
+    fn a_bare_objective_after_an_operation_applies_to_that_operation() {
+        let list = |text: &str| -> Vec<String> {
+            let slos: Slos = text.parse().unwrap();
+            slos.0.iter().map(Slo::to_string).collect()
+        };
+        assert_eq!(
+            list("authorize:p99=1ms,max=50ms"),
+            ["authorize:p99<=1000us", "authorize:max<=50000us"]
+        );
+        assert_eq!(list("p99=1ms,max=20ms"), ["p99<=1000us", "max<=20000us"]);
+        assert_eq!(
+            list("p50=1ms,ping:p99=2ms,max=3ms,all:max=4ms,p90=5ms"),
+            ["p50<=1000us", "ping:p99<=2000us", "ping:max<=3000us", "max<=4000us", "p90<=5000us"]
+        );
+        let error = "authorize:p99=1ms,p98=2ms".parse::<Slos>().unwrap_err();
+        assert!(error.contains("unknown metric `p98`"), "{error}");
     }
 
     #[test]
@@ -163,7 +221,7 @@ mod tests {
     fn slos_are_checked_against_the_summary() {
         let stats = |p99| Stats {
             requests: 100,
-            latency: Percentiles { p50: 100, p90: 200, p99, p999: 2_000, max: 9_000 },
+            latency: Percentiles { p50: 100, p90: 200, p99, p999: 2_000, p9999: 3_000, max: 9_000 },
             ..Stats::default()
         };
         let summary = Summary {
