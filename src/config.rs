@@ -41,10 +41,36 @@ impl Config {
         Ok(config)
     }
 
+    /// What is legal but probably a mistake, one line each (logged at start and printed by
+    /// `settlegate check-config`).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.server.identities.is_empty() {
+            warnings.push(
+                "server.identities is empty: no client can ever authenticate (add an \
+                 [[server.identities]] table with an api_key_sha256 or a cert_sha256)"
+                    .to_owned(),
+            );
+        }
+        warnings
+    }
+
     /// The embedded default.
     pub fn embedded() -> Config {
         Config::from_toml(DEFAULT_CONFIG).expect("the embedded config is valid")
     }
+}
+
+/// An `IP:port` to listen on, with an error that says what was given and what is wanted (a
+/// host name is not resolved: which of its addresses to listen on is the operator's choice).
+fn socket_addr<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    text.parse().map_err(|_| {
+        serde::de::Error::custom(format!(
+            "{text:?} is not an IP address and port (such as \"127.0.0.1:7878\" or \"[::1]:7878\"; \
+             a host name is not resolved: give the address to listen on)"
+        ))
+    })
 }
 
 /// `[server]`.
@@ -52,8 +78,10 @@ impl Config {
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
     /// Protocol listener.
+    #[serde(deserialize_with = "socket_addr")]
     pub listen: SocketAddr,
     /// HTTP listener (`/metrics`, `/healthz`, `/readyz`).
+    #[serde(deserialize_with = "socket_addr")]
     pub http_listen: SocketAddr,
     /// Open connections at most; more are closed at once.
     pub connections_max: usize,

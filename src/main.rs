@@ -34,6 +34,12 @@ enum Command {
     },
     /// Print the embedded default config.
     DefaultConfig,
+    /// Check a config file without starting anything: prints `ok` (and any warnings) and exits
+    /// 0, or prints what is wrong, naming the key and its value, and exits 1.
+    CheckConfig {
+        /// The TOML config file.
+        file: PathBuf,
+    },
     /// Run a cluster's router (the first tier): partners connect here, and each request goes
     /// to its partition's owner (`docs/CLUSTER.md`).
     Route {
@@ -62,6 +68,14 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve { config } => serve(config),
+        Command::CheckConfig { file } => {
+            let (config, source) = load(&Some(file))?;
+            for warning in config.warnings() {
+                println!("warning: {warning}");
+            }
+            println!("ok: {source}");
+            Ok(())
+        }
         Command::Route { config } => route(config),
         Command::ReplayShard { config, shard } => {
             let (config, _) = load(&Some(config))?;
@@ -93,7 +107,12 @@ fn init_logs(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.server.log_level));
     // Logs go to stderr; stdout carries only the start banner (addresses, data directory).
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only for a terminal: a file or a log collector gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     if config.server.log_format == "json" {
         builder.json().init();
     } else {
@@ -104,6 +123,14 @@ fn init_logs(config: &Config) {
 fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
     let (config, source) = load(&path)?;
     init_logs(&config);
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
+    // A fatal error goes to the log too (a JSON log's collector sees it), not only to stderr.
+    serve_logged(config, source).inspect_err(|error| tracing::error!("fatal: {error:#}"))
+}
+
+fn serve_logged(config: Config, source: String) -> anyhow::Result<()> {
     let io_threads = config.server.io_thread_count();
     // The connections have threads of their own (`server`); this runtime accepts them, serves
     // HTTP and sweeps codes.

@@ -2,6 +2,7 @@
 
 mod support;
 
+mod cli_config;
 mod cluster;
 mod cluster_nats;
 mod deploy;

@@ -228,6 +228,10 @@ impl EngineConfig {
                 !provider.name.is_empty() && provider.name.len() <= PROVIDER_NAME_LEN_MAX,
                 "provider name must be 1..=48 bytes",
             )?;
+            for (i, terminal) in provider.terminals.iter().enumerate() {
+                terminal
+                    .check(&format!("engine.providers[code {}].terminals[{i}]", provider.code))?;
+            }
         }
         self.age.validate()?;
         check(

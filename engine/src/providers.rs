@@ -41,6 +41,40 @@ pub struct TerminalEntry {
 }
 
 impl TerminalEntry {
+    /// What is wrong with this entry as a config file holds it, naming the key and its value;
+    /// `at` names the entry (`engine.providers[code 1].terminals[0]`).
+    pub fn check(&self, at: &str) -> Result<(), String> {
+        if !terminal_id_valid(&self.terminal_id) {
+            return Err(format!(
+                "{at}.terminal_id = {:?}: 1 to 16 printable ASCII characters",
+                self.terminal_id
+            ));
+        }
+        let Some(service) = &self.service else { return Ok(()) };
+        match service.discount {
+            Discount::Percent { bps } if !(1..=10_000).contains(&bps) => {
+                return Err(format!("{at}.service.discount.bps = {bps}: must be 1..=10000 (basis points; 10000 is 100%)"));
+            }
+            Discount::Fixed { amount_minor: 0, .. } => {
+                return Err(format!("{at}.service.discount.amount_minor = 0: must be positive"));
+            }
+            _ => {}
+        }
+        if service.valid_from_ms >= service.valid_until_ms {
+            return Err(format!(
+                "{at}.service: valid_from_ms = {} must be before valid_until_ms = {}",
+                service.valid_from_ms, service.valid_until_ms
+            ));
+        }
+        if service.description.len() > SERVICE_DESCRIPTION_LEN_MAX {
+            return Err(format!(
+                "{at}.service.description: {} bytes, at most {SERVICE_DESCRIPTION_LEN_MAX}",
+                service.description.len()
+            ));
+        }
+        Ok(())
+    }
+
     fn validate(&self) -> Result<(), ReasonCode> {
         if !terminal_id_valid(&self.terminal_id) {
             return Err(ReasonCode::InvalidTerminal);
