@@ -137,6 +137,7 @@ fn serve_logged(config: Config, source: String) -> anyhow::Result<()> {
     let runtime =
         tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     runtime.block_on(async move {
+        let stop = StopSignals::catch()?;
         let server = settlegate::server::start(config).await?;
         let scheme = if server.tls { "tls" } else { "tcp" };
         println!("settlegate {} ({source})", env!("CARGO_PKG_VERSION"));
@@ -155,7 +156,7 @@ fn serve_logged(config: Config, source: String) -> anyhow::Result<()> {
         // `server::start` has returned: recovery is done and both listeners are bound. Under
         // systemd's `Type=notify` this is when the units ordered after this one may start.
         notify_systemd(settlegate::notify::ready(&format!("listening on {}", server.addr)));
-        wait_for_signal().await?;
+        stop.wait().await;
         notify_systemd(settlegate::notify::stopping());
         tracing::info!("shutting down: no new connections, finishing in-flight requests");
         server.shutdown().await;
@@ -169,12 +170,14 @@ fn route(path: PathBuf) -> anyhow::Result<()> {
     init_logs(&config);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
+        let stop = StopSignals::catch()?;
         let router = settlegate::route::start(config).await?;
         println!("settlegate {} router ({source})", env!("CARGO_PKG_VERSION"));
         println!("  protocol  tcp://{}", router.addr);
         println!("  http      http://{}/healthz /readyz", router.http_addr);
         tracing::info!(addr = %router.addr, "routing");
-        wait_for_signal().await
+        stop.wait().await;
+        Ok(())
     })
 }
 
@@ -186,13 +189,27 @@ fn notify_systemd(sent: std::io::Result<bool>) {
     }
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = interrupt.recv() => {}
+/// SIGTERM and SIGINT, caught from the moment this is made: made before the server says it
+/// is ready, so that a stop sent right after readiness is a graceful one, never the default
+/// action's kill.
+struct StopSignals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn catch() -> anyhow::Result<StopSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(StopSignals {
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
     }
-    Ok(())
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
+    }
 }
