@@ -17,6 +17,12 @@ cargo clippy --workspace --all-targets -- -D warnings
 echo "== rustdoc -D warnings"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 
+# The crates an embedder depends on package and build from their packages alone (cargo packages
+# them together, each workspace dependency from its own package).
+echo "== cargo package: settlegate-types, -adapters, -protocol, -engine"
+cargo package --quiet --allow-dirty -p settlegate-types -p settlegate-adapters \
+  -p settlegate-protocol -p settlegate-engine
+
 echo "== fuzz targets compile (cargo-fuzz layout; fuzzing itself needs nightly)"
 # The workspace's target directory, so the dependencies already checked above are reused rather
 # than built a second time on CI's disk.
