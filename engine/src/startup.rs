@@ -91,7 +91,13 @@ impl Prepared {
         for (index, ((_, wal), jobs)) in self.states.iter_mut().zip(senders).enumerate() {
             let handle = wal::WalHandle::replicated(jobs, index, count);
             let snapshot_every = cluster.snapshot_every_records;
-            *wal = Some(ShardWal { handle, generation: 0, since_snapshot: 0, snapshot_every });
+            *wal = Some(ShardWal {
+                handle,
+                generation: 0,
+                since_snapshot: 0,
+                snapshot_every,
+                last_snapshot_bytes: Arc::default(),
+            });
         }
         partitions
     }
@@ -232,6 +238,7 @@ pub(crate) fn recover_shards(
             generation,
             since_snapshot: since_snapshot[index],
             snapshot_every: config.durability.snapshot_every_records,
+            last_snapshot_bytes: Arc::default(),
         };
         prepared.states.push((state, Some(shard_wal)));
         prepared.wal_threads.push(thread);

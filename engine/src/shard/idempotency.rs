@@ -421,6 +421,11 @@ pub(crate) struct FrozenRecords {
 }
 
 impl FrozenRecords {
+    /// At most how many records [`FrozenRecords::iter`] yields.
+    pub(crate) fn len_max(&self) -> usize {
+        self.chunks.iter().map(|chunk| chunk.len()).sum()
+    }
+
     /// The records within the count limit when frozen, oldest first. Those past their
     /// retention time are kept: a lookup after restore ignores them for the same reason a
     /// lookup before did.

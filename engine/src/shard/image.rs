@@ -141,10 +141,13 @@ impl Capture {
             .map(|(key, user)| UserImage { key: key.clone(), user: Arc::clone(user) })
             .collect();
         users.sort_unstable_by(|a, b| a.key.cmp(&b.key));
-        let mut idem: Vec<(i64, IdemKey, u64, IdemState)> = idem
-            .iter()
-            .map(|(key, entry)| (entry.expires_ms, key, entry.digest, entry.state().into_owned()))
-            .collect();
+        let mut records = Vec::with_capacity(idem.len_max());
+        records.extend(
+            idem.iter().map(|(key, entry)| {
+                (entry.expires_ms, key, entry.digest, entry.state().into_owned())
+            }),
+        );
+        let mut idem: Vec<(i64, IdemKey, u64, IdemState)> = records;
         // Stable: records of one expiry keep the order they were made in.
         idem.sort_by_key(|(expires_ms, ..)| *expires_ms);
         let mut ages: Vec<(Idm, AgeRegistration)> = ages.iter().map(|(k, v)| (*k, *v)).collect();
@@ -162,9 +165,11 @@ impl Capture {
         ShardImage { dispatch_seq, code_seq, users, idem, providers, ages, stores, codes, coupons }
     }
 
-    /// The image, encoded.
-    pub(crate) fn encode(self) -> rkyv::util::AlignedVec {
-        rkyv::to_bytes::<rkyv::rancor::Error>(&self.into_image())
+    /// The image, encoded into a buffer of `capacity` bytes to start with (the last
+    /// snapshot's size: a buffer grown by doubling copies itself each time).
+    pub(crate) fn encode(self, capacity: usize) -> rkyv::util::AlignedVec {
+        let buffer = rkyv::util::AlignedVec::with_capacity(capacity);
+        rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(&self.into_image(), buffer)
             .expect("a shard's state always serializes")
     }
 }

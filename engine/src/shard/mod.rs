@@ -44,6 +44,9 @@ pub(crate) struct ShardWal {
     pub(crate) since_snapshot: u64,
     /// Snapshot after this many records; 0: never.
     pub(crate) snapshot_every: u64,
+    /// The size of the last snapshot's payload: the next one's buffer is made that large at
+    /// once, not grown by doubling (each growth a copy, and fresh pages to fault in).
+    pub(crate) last_snapshot_bytes: Arc<AtomicUsize>,
 }
 
 use crate::fail::fail_fast;
@@ -370,7 +373,13 @@ impl ShardCore {
                         "snapshot captured; the shard paused for the capture only"
                     );
                     let (index, count) = (wal.handle.index, wal.handle.count);
-                    let payload = Box::new(move || capture.encode());
+                    let last = Arc::clone(&wal.last_snapshot_bytes);
+                    let payload = Box::new(move || {
+                        let hint = last.load(Ordering::Relaxed);
+                        let bytes = capture.encode(hint + hint / 16);
+                        last.store(bytes.len(), Ordering::Relaxed);
+                        bytes
+                    });
                     wal.handle.submit(Job::Snapshot { payload, index, count, generation });
                     wal.generation = generation;
                     wal.since_snapshot = 0;
