@@ -482,19 +482,20 @@ fn prepare(
     adapters: Vec<(u32, Arc<dyn settlegate_adapters::ProviderAdapter>)>,
 ) -> Result<(Shared, StateConfig, PasswordHasher), EngineError> {
     config.validate().map_err(EngineError::Config)?;
-    let vault_key = match config.vault_key().map_err(EngineError::Config)? {
-        Some(key) => key,
+    let vault_key = match config.resolve_vault_key(None).map_err(EngineError::Config)? {
+        Some(key) => *key.expose(),
         None if config.durability.data_dir.is_some() => {
             return Err(EngineError::Config(
                 "a data directory needs a lasting vault key (set SETTLEGATE_VAULT_KEY, \
-                 engine.vault_key_file or engine.vault.key_hex): what is logged is sealed with it"
+                 engine.vault_key_file or engine.vault.key_hex; embedded: \
+                 EngineConfig::vault_key): what is logged is sealed with it"
                     .into(),
             ));
         }
         None => {
             tracing::warn!(
                 "no vault key configured: using an ephemeral key; sealed card numbers \
-                 will not survive a restart (set SETTLEGATE_VAULT_KEY)"
+                 will not survive a restart (set SETTLEGATE_VAULT_KEY, or EngineConfig::vault_key)"
             );
             *DeviceKey::random().expose()
         }
