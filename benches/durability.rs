@@ -66,7 +66,7 @@ fn authorize_by_policy(c: &mut Criterion) {
                 total
             })
         });
-        bench.engine.shutdown();
+        bench.engine.shutdown_blocking();
     }
     group.finish();
 }
@@ -98,7 +98,7 @@ fn recovery(c: &mut Criterion) {
                     let engine =
                         Engine::start(durable(dir.path(), FsyncPolicy::Off)).expect("recovers");
                     total += started.elapsed();
-                    engine.shutdown();
+                    engine.shutdown_blocking();
                 }
                 total
             })
@@ -178,7 +178,7 @@ fn write_data_set(runtime: &tokio::runtime::Runtime, dir: &std::path::Path, user
             }
         }
     });
-    bench.engine.shutdown();
+    bench.engine.shutdown_blocking();
     drop(bench);
     if std::env::var_os(SNAPSHOTS_ONLY).is_some() {
         // A start that snapshots after every record, and a sweep (one record in each shard):
@@ -187,7 +187,7 @@ fn write_data_set(runtime: &tokio::runtime::Runtime, dir: &std::path::Path, user
         config.durability.snapshot_every_records = 1;
         let engine = Engine::start(config).expect("recovers");
         runtime.block_on(engine.sweep_codes()).expect("sweeps");
-        engine.shutdown();
+        engine.shutdown_blocking();
     }
     let elapsed = setup.elapsed();
     let snapshots = format!("snapshot_every_records = {snapshot_every}");
@@ -242,7 +242,7 @@ fn main() {
         let engine =
             Engine::start(durable(std::path::Path::new(&dir), FsyncPolicy::Off)).expect("recovers");
         println!("{}", started.elapsed().as_nanos());
-        engine.shutdown();
+        engine.shutdown_blocking();
         // Leave without freeing the recovered state: the parent timed the start only.
         std::process::exit(0);
     }

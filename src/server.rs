@@ -171,8 +171,7 @@ impl RunningServer {
         self.http_state.draining();
         let _ = self.shutdown.send(true);
         let _ = self.accept_task.await;
-        let engine = self.engine.clone();
-        let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
+        self.engine.shutdown().await;
         let _ = self.http_shutdown.send(true);
         let _ = self.http_task.await;
     }

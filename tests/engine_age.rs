@@ -351,7 +351,7 @@ async fn age_state_survives_a_restart() {
         let first = h.engine.authorize_baskets(vec![(request.clone(), Some(basket.clone()))]).await;
         let first = first.into_iter().next().unwrap().unwrap();
         assert_eq!(approved(first.outcome).amount_final_minor, 300);
-        h.engine.shutdown();
+        h.engine.shutdown().await;
         drop(h);
 
         let h = Harness::with_config(durable());
@@ -368,7 +368,7 @@ async fn age_state_survives_a_restart() {
         // And the strict store is still strict.
         let plain = h.authorize(teen.signed(T0_MS, 300, PROVIDER_OK, "JP-STRICT")).await;
         assert_eq!(plain, AuthOutcome::Declined(ReasonCode::BasketMismatch));
-        h.engine.shutdown();
+        h.engine.shutdown().await;
     }
 }
 
@@ -522,13 +522,13 @@ async fn a_basket_redemption_survives_a_restart() {
         let code = code_for(&h, &teen).await;
         let request = redeem_with(&code, "JP-REMOVE", mixed_basket(true));
         let first = h.engine.redeem_code(request.clone()).await.unwrap();
-        h.engine.shutdown();
+        h.engine.shutdown().await;
         drop(h);
 
         let h = Harness::with_config(durable());
         let state = h.engine.code_state(code.number).await.unwrap();
         assert_eq!(state, CodeState::Redeemed(Box::new(first.clone())), "{snapshot_every_records}");
         assert_eq!(h.engine.redeem_code(request).await.unwrap(), first, "the retry's answer");
-        h.engine.shutdown();
+        h.engine.shutdown().await;
     }
 }

@@ -348,7 +348,7 @@ async fn codes_survive_a_restart() {
         let coupon = coupons.into_iter().next().unwrap().unwrap();
         let request = redeem(&redeemed, 1_500, "POS-A");
         let first = h.engine.redeem_code(request.clone()).await.unwrap();
-        h.engine.shutdown();
+        h.engine.shutdown().await;
         drop(h);
 
         let h = Harness::with_config(durable());
@@ -366,7 +366,7 @@ async fn codes_survive_a_restart() {
         with_coupon.coupon = Some(coupon.text);
         assert_eq!(h.engine.redeem_code(with_coupon).await.unwrap().captured_minor, 3_000);
         assert_eq!(available(&h, &user).await, (4_500, 4_500));
-        h.engine.shutdown();
+        h.engine.shutdown().await;
     }
 }
 
@@ -458,7 +458,7 @@ async fn run_codes(ops: Vec<CodeOp>, provider_latency_us: u64) -> Result<(), Tes
     let (balance, available) = available(&h, &user).await;
     prop_assert_eq!(balance, 20_000 - captured, "every capture debited once");
     prop_assert_eq!(available, balance - still_held, "holds: only live codes'");
-    h.engine.shutdown();
+    h.engine.shutdown().await;
     Ok(())
 }
 

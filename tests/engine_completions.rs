@@ -133,7 +133,7 @@ async fn a_late_completion_does_not_land_on_a_newer_record_of_its_id() {
     complete_b(&h, run).await;
     assert_eq!(h.engine.completions_dropped(), 1);
     assert_eq!(gate.calls(), 2);
-    h.engine.shutdown();
+    h.engine.shutdown().await;
 }
 
 /// The same interleaving, then a restart: the log (and, every few records, a snapshot)
@@ -152,7 +152,7 @@ async fn a_late_completion_replays_as_it_was_applied() {
         let run = interleave(&h, &gate).await;
         let (alice, b, b_outcome) = complete_b(&h, run).await;
         let means_before = h.engine.list_means(&alice.user, MeansOrder::Registration).await;
-        h.engine.shutdown();
+        h.engine.shutdown().await;
         drop(h);
 
         let (h, gate) = durable();
@@ -162,7 +162,7 @@ async fn a_late_completion_replays_as_it_was_applied() {
             means_before.unwrap()
         );
         assert_eq!(gate.calls(), 0, "nothing was asked of the provider again");
-        h.engine.shutdown();
+        h.engine.shutdown().await;
     }
 }
 
@@ -179,7 +179,7 @@ async fn a_record_pending_at_a_restart_is_resolved_not_given_a_late_completion()
     };
     let (h, gate) = durable();
     let Interleaved { alice, b, b_call, b_asked } = interleave(&h, &gate).await;
-    h.engine.shutdown();
+    h.engine.shutdown().await;
     b_asked.approve(*b"BBBBBB");
     // Its completion is refused: the engine stopped, nothing acknowledged.
     assert!(matches!(b_call.await.unwrap(), Err(EngineError::Stopped)));
@@ -192,7 +192,7 @@ async fn a_record_pending_at_a_restart_is_resolved_not_given_a_late_completion()
     assert_eq!(balance(&view), (TOP_UP, TOP_UP), "every hold released, nothing debited");
     assert_eq!(view.uses, 0);
     assert_eq!(gate.calls(), 0);
-    h.engine.shutdown();
+    h.engine.shutdown().await;
 }
 
 /// A completion that finds its own record pending is not counted as dropped.
@@ -211,5 +211,5 @@ async fn no_completion_is_dropped_in_the_ordinary_course() {
     gate.next().await.approve(*b"CCCCCC");
     approved(paid.await.unwrap().unwrap());
     assert_eq!(h.engine.completions_dropped(), 0);
-    h.engine.shutdown();
+    h.engine.shutdown().await;
 }

@@ -61,7 +61,7 @@ async fn everything_acknowledged_survives_a_restart_with(provider_latency_us: u6
     let first = h.engine.authorize(request.clone()).await.unwrap();
     approved(first);
     let means_before = h.engine.list_means(&alice.user, MeansOrder::Registration).await.unwrap();
-    h.engine.shutdown();
+    h.engine.shutdown().await;
     drop(h);
 
     let h = durable(dir.path());
@@ -90,7 +90,7 @@ async fn everything_acknowledged_survives_a_restart_with(provider_latency_us: u6
     // The card number, sealed in the log, opens with the same vault key.
     let token = means_before[0].token.unwrap();
     assert_eq!(h.engine.vault().reveal(&token).unwrap().as_str(), "4111111111111111");
-    h.engine.shutdown();
+    h.engine.shutdown().await;
 }
 
 /// After shutdown no shard applies anything, on its own thread or on a caller's: every request
@@ -104,7 +104,7 @@ async fn after_shutdown_every_request_is_refused_as_stopped() {
         client_request_id: request_id(),
         inherent_id: alice.signed(T0_MS, 700, PROVIDER_OK, "T-1"),
     };
-    h.engine.shutdown();
+    h.engine.shutdown().await;
     assert!(matches!(h.engine.authorize(request.clone()).await, Err(EngineError::Stopped)));
     assert!(matches!(h.engine.login(&alice.user, PASSWORD).await, Err(EngineError::Stopped)));
     drop(h);
@@ -112,7 +112,7 @@ async fn after_shutdown_every_request_is_refused_as_stopped() {
     // The refused request was not recorded: on a restart it is approved as new.
     let h = restart(dir.path());
     approved(h.engine.authorize(request).await.unwrap());
-    h.engine.shutdown();
+    h.engine.shutdown().await;
 }
 
 /// A payment with its provider when the engine stops is resolved at restart from its logged
@@ -147,7 +147,7 @@ async fn an_authorization_cut_off_at_its_provider_is_resolved_at_restart() {
     let asked = gate.next().await;
     assert_eq!(asked.request.amount_minor, 1_200);
     assert_eq!(purse_of(&h, &bob).await, (5_000, 3_800), "the payment's amount is held");
-    h.engine.shutdown();
+    h.engine.shutdown().await;
     // The provider's answer comes too late: nothing more is recorded or acknowledged.
     asked.approve(*b"LATE01");
     assert!(matches!(in_flight.await.unwrap(), Err(EngineError::Stopped)));
@@ -178,7 +178,7 @@ async fn an_authorization_cut_off_at_its_provider_is_resolved_at_restart() {
     assert_eq!(purse_of(&h, &bob).await, (5_000, 5_000), "the hold is released, nothing debited");
     let means = h.engine.list_means(&bob.user, MeansOrder::Registration).await.unwrap();
     assert_eq!(means[1].uses, 0);
-    h.engine.shutdown();
+    h.engine.shutdown().await;
 }
 
 /// The e-money purse (means 2) of `user`: balance and available.
@@ -217,7 +217,7 @@ async fn two_users_requests_with_one_id_stay_apart() {
         for (request, outcome) in requests.iter().zip(&outcomes) {
             assert_eq!(h.engine.authorize(request.clone()).await.unwrap(), *outcome);
         }
-        h.engine.shutdown();
+        h.engine.shutdown().await;
         drop(h);
 
         for restart in 0..2 {
@@ -235,7 +235,7 @@ async fn two_users_requests_with_one_id_stay_apart() {
             }
             // A record written at this restart, so that the next one starts from a snapshot.
             h.engine.login(&alice.user, PASSWORD).await.unwrap();
-            h.engine.shutdown();
+            h.engine.shutdown().await;
         }
     }
 }
@@ -247,7 +247,7 @@ async fn populated(dir: &Path) -> std::path::PathBuf {
     for name in ["p1", "p2", "p3", "p4"] {
         h.user(name).await;
     }
-    h.engine.shutdown();
+    h.engine.shutdown().await;
     drop(h);
     let count = config().shard_count();
     (0..count)
@@ -279,7 +279,7 @@ async fn a_torn_last_record_is_discarded() {
         }
     }
     assert!(present >= 3, "only the last record may be lost, {present} of 4 users present");
-    h.engine.shutdown();
+    h.engine.shutdown().await;
 }
 
 #[tokio::test]
@@ -347,7 +347,7 @@ async fn shards_zero_keeps_the_count_the_data_was_written_with() {
         for name in names {
             h.user(name).await;
         }
-        h.engine.shutdown();
+        h.engine.shutdown().await;
         drop(h);
         let mut auto = durable_config(dir.path());
         auto.shards = 0;
@@ -357,7 +357,7 @@ async fn shards_zero_keeps_the_count_the_data_was_written_with() {
             let user = UserKey::new(UserIdType::Mail, format!("{name}@example.com")).unwrap();
             assert!(h.engine.devices_of(&user).await.is_ok(), "{name} recovered");
         }
-        h.engine.shutdown();
+        h.engine.shutdown().await;
     }
     // A fresh directory takes the default count.
     let dir = tempfile::tempdir().unwrap();
@@ -365,7 +365,7 @@ async fn shards_zero_keeps_the_count_the_data_was_written_with() {
     auto.shards = 0;
     let h = Harness::with_config(auto.clone());
     assert_eq!(h.engine.shard_count(), auto.shard_count());
-    h.engine.shutdown();
+    h.engine.shutdown().await;
 }
 
 #[tokio::test]
@@ -402,7 +402,7 @@ async fn with_snapshots(dir: &Path) -> Vec<(AuthorizeRequest, AuthOutcome)> {
     }
     let terminal = TerminalEntry { terminal_id: "SNAP-1".into(), service: None };
     h.engine.register_terminals(request_id(), PROVIDER_OK, vec![terminal]).await.unwrap();
-    h.engine.shutdown();
+    h.engine.shutdown().await;
     done
 }
 
@@ -450,7 +450,7 @@ async fn assert_restored(dir: &Path, done: &[(AuthorizeRequest, AuthOutcome)]) {
         h.engine.confirm_terminal(PROVIDER_OK, "SNAP-1").unwrap(),
         TerminalConfirmation::Listed { service: None }
     );
-    h.engine.shutdown();
+    h.engine.shutdown().await;
 }
 
 #[tokio::test]
@@ -470,7 +470,7 @@ async fn keys_restored_sealed_from_a_snapshot_open_when_first_used() {
     let credential = h.engine.enroll(enroll.clone()).await.unwrap();
     // Enough records after it that a snapshot holds the enrollment.
     with_more_records(&h).await;
-    h.engine.shutdown();
+    h.engine.shutdown().await;
     drop(h);
 
     let h = Harness::with_config(snapshotting_config(dir.path()));
@@ -488,7 +488,7 @@ async fn keys_restored_sealed_from_a_snapshot_open_when_first_used() {
     let mut forged = user.signed(T0_MS, 700, PROVIDER_OK, "T-1");
     *forged.last_mut().unwrap() ^= 1;
     assert_eq!(h.authorize(forged).await, AuthOutcome::Declined(ReasonCode::ForgedTag));
-    h.engine.shutdown();
+    h.engine.shutdown().await;
 }
 
 #[tokio::test]
@@ -498,7 +498,7 @@ async fn a_rotated_key_and_its_grace_window_survive_a_snapshot() {
     let rita = h.user("rita").await;
     let rotated = h.rotate_key(&rita).await;
     with_more_records(&h).await;
-    h.engine.shutdown();
+    h.engine.shutdown().await;
     drop(h);
 
     let h = Harness::with_config(snapshotting_config(dir.path()));
@@ -509,7 +509,7 @@ async fn a_rotated_key_and_its_grace_window_survive_a_snapshot() {
     assert!(matches!(outcome, AuthOutcome::Approved(_)), "{outcome:?}");
     let outcome = h.authorize(rita.signed(T0_MS, 500, PROVIDER_OK, "T-1")).await;
     assert!(matches!(outcome, AuthOutcome::Approved(_)), "{outcome:?}");
-    h.engine.shutdown();
+    h.engine.shutdown().await;
 }
 
 /// Enrolls a few more users so that every shard passes its snapshot threshold.
@@ -545,7 +545,7 @@ async fn a_crash_between_snapshot_and_new_log_does_not_apply_records_twice() {
     let h = restart(dir.path());
     let user = h.user("twice").await;
     approved(h.authorize(user.signed(T0_MS, 100, PROVIDER_OK, "T-1")).await);
-    h.engine.shutdown();
+    h.engine.shutdown().await;
     drop(h);
     let old_logs: Vec<_> = (0..config().shard_count())
         .map(|i| {
@@ -559,7 +559,7 @@ async fn a_crash_between_snapshot_and_new_log_does_not_apply_records_twice() {
     config.durability.snapshot_every_records = 1;
     let h = Harness::with_config(config.clone());
     h.engine.login(&user.user, PASSWORD).await.unwrap();
-    h.engine.shutdown();
+    h.engine.shutdown().await;
     drop(h);
     // Simulate the crash: the snapshot is in place but the old generation-0 log is back.
     for (path, bytes) in old_logs {
@@ -571,7 +571,7 @@ async fn a_crash_between_snapshot_and_new_log_does_not_apply_records_twice() {
     let means = h.engine.list_means(&user.user, MeansOrder::Registration).await.unwrap();
     assert_eq!(means.len(), 1, "the card was not added twice");
     assert_eq!(means[0].uses, 1, "the settlement was not counted twice");
-    h.engine.shutdown();
+    h.engine.shutdown().await;
 }
 
 /// A temporary copy of the checked-in data directory `tests/fixtures/<name>`.
@@ -649,7 +649,7 @@ async fn assert_the_version_5_fixture_reads(dir: &Path) {
             (8_000, 8_000, 1),
             "one debit, and the pending payment's hold released (restart {restart_count})"
         );
-        h.engine.shutdown();
+        h.engine.shutdown().await;
     }
 }
 
@@ -951,7 +951,7 @@ async fn write_the_version_6_fixture() {
         merchant: "Store six".into(),
     };
     h.engine.notify_delivery(60_017, notice).await.unwrap();
-    h.engine.shutdown();
+    h.engine.shutdown().await;
     drop(h);
 
     let h = engine(1);
@@ -959,7 +959,7 @@ async fn write_the_version_6_fixture() {
     let c2 = c.clone();
     let pending = tokio::spawn(async move { engine_handle.authorize(pending_payment(&c2)).await });
     tokio::time::sleep(Duration::from_millis(30)).await;
-    h.engine.shutdown();
+    h.engine.shutdown().await;
     drop(h);
     let _ = pending.await;
     assert!(dir.join("shard-000.snap").exists(), "a snapshot was taken");
@@ -967,7 +967,7 @@ async fn write_the_version_6_fixture() {
     let h = engine(0);
     h.engine.top_up(60_021, &user(), 2, 1_000, jpy()).await.unwrap();
     approved(h.engine.authorize(later_payment(&c)).await.unwrap());
-    h.engine.shutdown();
+    h.engine.shutdown().await;
 }
 
 /// A format-version-6 data directory (written by the build before the snapshots held the
@@ -1134,7 +1134,7 @@ async fn a_version_6_data_directory_is_read() {
                 assert_eq!(&answers, first, "the same answers at restart {restart_count}")
             }
         }
-        h.engine.shutdown();
+        h.engine.shutdown().await;
     }
 }
 
@@ -1167,7 +1167,7 @@ async fn a_snapshot_cut_short_leaves_the_previous_log_replayed_in_order() {
         assert!(matches!(outcome, AuthOutcome::Approved(_)), "{outcome:?}");
         done.push((request, outcome));
     }
-    h.engine.shutdown();
+    h.engine.shutdown().await;
     assert!(prev.exists(), "the previous log is kept: its snapshot was not put in place");
     std::fs::remove_dir(&snapshot).unwrap();
     let check = |h: &Harness| {
@@ -1185,12 +1185,12 @@ async fn a_snapshot_cut_short_leaves_the_previous_log_replayed_in_order() {
     };
     let h = Harness::with_config(config.clone());
     check(&h).await;
-    h.engine.shutdown();
+    h.engine.shutdown().await;
     assert!(!prev.exists(), "joined into the log, then removed");
     // The crash between the rename and the new log: the previous log alone.
     std::fs::rename(shard_log_path(dir.path(), 0), &prev).unwrap();
     let h = Harness::with_config(config);
     check(&h).await;
-    h.engine.shutdown();
+    h.engine.shutdown().await;
     assert!(!prev.exists());
 }

@@ -350,7 +350,7 @@ async fn run(ops: Vec<Op>, provider_latency_us: u64) -> Result<(), TestCaseError
             prop_assert_eq!(view.uses, m.uses.get(&view.means_id).copied().unwrap_or(0));
         }
     }
-    h.engine.shutdown();
+    h.engine.shutdown().await;
     Ok(())
 }
 

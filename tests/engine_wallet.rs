@@ -349,7 +349,7 @@ async fn stores_and_balances_survive_a_restart() {
         let user = wallet_user(&h, "restart", vec![suica()]).await;
         h.engine.top_up(request_id(), &user.user, 2, 2_000, jpy()).await.unwrap();
         approved(h.engine.authorize(pay(&user, MeansKind::EMoney, 2, 700)).await.unwrap());
-        h.engine.shutdown();
+        h.engine.shutdown().await;
         drop(h);
 
         let h = Harness::with_config(durable());
@@ -367,6 +367,6 @@ async fn stores_and_balances_survive_a_restart() {
             "snapshots: {snapshot_every_records}"
         );
         assert_eq!(usable.best, Some(2));
-        h.engine.shutdown();
+        h.engine.shutdown().await;
     }
 }

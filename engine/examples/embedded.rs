@@ -82,6 +82,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let notice = notices.recv().await?;
     println!("notice for {:?}: {:?}", notice.user, notice.outcome);
-    engine.shutdown();
+    engine.shutdown().await;
     Ok(())
 }

@@ -71,11 +71,41 @@ struct Inner {
     cluster: Option<Cluster>,
 }
 
-impl Drop for Inner {
-    fn drop(&mut self) {
+impl Inner {
+    /// Stops the shard actors (joining their threads: blocking), then the cluster's tasks.
+    fn stop(&self) {
         stop_runtime(&self.runtime, &self.shards);
         if let Some(cluster) = &self.cluster {
             cluster.stop();
+        }
+    }
+}
+
+impl Drop for Inner {
+    /// The last [`Engine`] dropped stops the engine. Stopping joins the shard threads, so
+    /// inside a Tokio runtime it is moved to the runtime's blocking pool (the executor's
+    /// thread is not held up); outside one it happens here.
+    fn drop(&mut self) {
+        let runtime =
+            self.runtime.get_mut().map(Option::take).unwrap_or_else(|e| e.into_inner().take());
+        let Some(runtime) = runtime else {
+            // Stopped already ([`Engine::shutdown`]).
+            if let Some(cluster) = &self.cluster {
+                cluster.stop();
+            }
+            return;
+        };
+        let shards = std::mem::take(&mut self.shards);
+        let cluster = self.cluster.take();
+        let stop = move || {
+            stop_runtime(&Mutex::new(Some(runtime)), &shards);
+            if let Some(cluster) = &cluster {
+                cluster.stop();
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => drop(handle.spawn_blocking(stop)),
+            Err(_) => stop(),
         }
     }
 }
@@ -179,12 +209,29 @@ impl Engine {
         })
     }
 
-    /// Stops the shard actors. Requests after this fail with [`EngineError::Stopped`].
-    pub fn shutdown(&self) {
-        stop_runtime(&self.inner.runtime, &self.inner.shards);
-        if let Some(cluster) = &self.inner.cluster {
-            cluster.stop();
+    /// Stops the engine: its shard actors finish the batch they are applying, their logs are
+    /// flushed, and their threads are joined. Requests after this fail with
+    /// [`EngineError::Stopped`]. The blocking part runs on Tokio's blocking pool, so awaiting
+    /// this does not hold up the executor. Calling it again does nothing.
+    ///
+    /// Dropping the last clone of an [`Engine`] also stops it (in the background when inside a
+    /// Tokio runtime); call this to know when it has stopped (before opening its data
+    /// directory again, say).
+    pub async fn shutdown(&self) {
+        let engine = self.clone();
+        if let Err(error) = tokio::task::spawn_blocking(move || engine.shutdown_blocking()).await {
+            if error.is_panic() {
+                std::panic::resume_unwind(error.into_panic());
+            }
+            // The runtime is shutting down and refused the task: stop here instead.
+            self.shutdown_blocking();
         }
+    }
+
+    /// [`Engine::shutdown`] for a caller outside an async context: blocks the calling thread
+    /// until the engine has stopped. Do not call it on an async executor's thread.
+    pub fn shutdown_blocking(&self) {
+        self.inner.stop();
     }
 
     /// The shards that take no more work: stopped (after [`Engine::shutdown`]), or whose log
