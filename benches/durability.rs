@@ -18,6 +18,7 @@ mod common;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+use settlegate_engine::RequestId;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
@@ -166,7 +167,7 @@ fn write_data_set(runtime: &tokio::runtime::Runtime, dir: &std::path::Path, user
         for chunk in (0..users).collect::<Vec<_>>().chunks(512) {
             let issues = chunk.iter().map(|&i| {
                 bench.engine.issue_code(IssueCodeRequest {
-                    client_request_id: (7 << 100) | i as u128,
+                    client_request_id: RequestId((7 << 100) | i as u128),
                     inherent_id: bench.signed(i),
                     validity_ms: 86_400_000,
                     deliver_to: None,

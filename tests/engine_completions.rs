@@ -6,6 +6,7 @@
 //! counted, and the payment stands declined as a provider timeout, its own purse hold released.
 //! The provider here answers when the test says, so every interleaving is exact.
 
+use settlegate_engine::{AddMeansOptions, RequestId};
 use settlegate_engine::{
     AuthOutcome, AuthorizeRequest, EngineConfig, EngineError, InherentId, MeansInput, MeansKind,
     MeansOrder, MeansView, ReasonCode,
@@ -35,7 +36,7 @@ fn pay(user: &TestUser, id: u128, amount: u64, provider: u32) -> AuthorizeReques
         ..user.record(T0_MS, amount, provider, "I-T1")
     };
     AuthorizeRequest {
-        client_request_id: id,
+        client_request_id: RequestId(id),
         inherent_id: record.sign(user.credential.device_key.expose()),
     }
 }
@@ -66,11 +67,14 @@ struct Interleaved {
 async fn interleave(h: &Harness, gate: &Gate) -> Interleaved {
     let alice = h.user("alice").await;
     let suica = MeansInput::EMoney { emoney_type: "suica".into() };
-    h.engine.add_means(request_id(), &alice.user, &suica, false).await.unwrap();
+    h.engine
+        .add_means(request_id(), &alice.user, &suica, AddMeansOptions::default())
+        .await
+        .unwrap();
     h.engine.top_up(request_id(), &alice.user, EMONEY, TOP_UP, jpy()).await.unwrap();
 
     let id = request_id();
-    let a = pay(&alice, id, AMOUNT_A, PROVIDER_GATED);
+    let a = pay(&alice, id.get(), AMOUNT_A, PROVIDER_GATED);
     let a_call = tokio::spawn({
         let engine = h.engine.clone();
         let a = a.clone();
@@ -86,7 +90,7 @@ async fn interleave(h: &Harness, gate: &Gate) -> Interleaved {
         approved(h.authorize(alice.signed(T0_MS, 10, PROVIDER_OK, "I-T1")).await);
     }
     // The ID is free again: B takes it, a new request (another inherent ID and amount).
-    let b = pay(&alice, id, AMOUNT_B, PROVIDER_GATED);
+    let b = pay(&alice, id.get(), AMOUNT_B, PROVIDER_GATED);
     let b_call = tokio::spawn({
         let engine = h.engine.clone();
         let b = b.clone();

@@ -1,6 +1,7 @@
 //! Durability: what an engine acknowledged is there after a restart; damaged logs are cut or
 //! refused exactly as docs/ARCHITECTURE.md says.
 
+use settlegate_engine::{AddMeansOptions, ProviderCode, RequestId};
 use std::path::Path;
 use std::time::Duration;
 
@@ -53,7 +54,10 @@ async fn everything_acknowledged_survives_a_restart_with(provider_latency_us: u6
     let h = durable(dir.path());
     let alice = h.user("alice").await;
     let terminal = TerminalEntry { terminal_id: "KEEP-1".into(), service: None };
-    h.engine.register_terminals(request_id(), PROVIDER_OK, vec![terminal]).await.unwrap();
+    h.engine
+        .register_terminals(request_id(), ProviderCode(PROVIDER_OK), vec![terminal])
+        .await
+        .unwrap();
     let request = AuthorizeRequest {
         client_request_id: request_id(),
         inherent_id: alice.signed(T0_MS, 4_321, PROVIDER_OK, "KEEP-1"),
@@ -84,7 +88,7 @@ async fn everything_acknowledged_survives_a_restart_with(provider_latency_us: u6
     approved(h.authorize(alice.signed(T0_MS, 10, PROVIDER_OK, "KEEP-1")).await);
     // The provider's terminal list.
     assert_eq!(
-        h.engine.confirm_terminal(PROVIDER_OK, "KEEP-1").unwrap(),
+        h.engine.confirm_terminal(ProviderCode(PROVIDER_OK), "KEEP-1").unwrap(),
         TerminalConfirmation::Listed { service: None }
     );
     // The card number, sealed in the log, opens with the same vault key.
@@ -127,7 +131,7 @@ async fn an_authorization_cut_off_at_its_provider_is_resolved_at_restart() {
     let (h, gate) = gated(dir.path());
     let bob = h.user("bob").await;
     let suica = MeansInput::EMoney { emoney_type: "suica".into() };
-    h.engine.add_means(request_id(), &bob.user, &suica, false).await.unwrap();
+    h.engine.add_means(request_id(), &bob.user, &suica, AddMeansOptions::default()).await.unwrap();
     h.engine.top_up(request_id(), &bob.user, 2, 5_000, jpy()).await.unwrap();
     let record = InherentId {
         means: MeansKind::EMoney,
@@ -401,7 +405,10 @@ async fn with_snapshots(dir: &Path) -> Vec<(AuthorizeRequest, AuthOutcome)> {
         done.push((request, outcome));
     }
     let terminal = TerminalEntry { terminal_id: "SNAP-1".into(), service: None };
-    h.engine.register_terminals(request_id(), PROVIDER_OK, vec![terminal]).await.unwrap();
+    h.engine
+        .register_terminals(request_id(), ProviderCode(PROVIDER_OK), vec![terminal])
+        .await
+        .unwrap();
     h.engine.shutdown().await;
     done
 }
@@ -447,7 +454,7 @@ async fn assert_restored(dir: &Path, done: &[(AuthorizeRequest, AuthOutcome)]) {
         assert_eq!(h.engine.vault().reveal(&token).unwrap().as_str(), "4111111111111111");
     }
     assert_eq!(
-        h.engine.confirm_terminal(PROVIDER_OK, "SNAP-1").unwrap(),
+        h.engine.confirm_terminal(ProviderCode(PROVIDER_OK), "SNAP-1").unwrap(),
         TerminalConfirmation::Listed { service: None }
     );
     h.engine.shutdown().await;
@@ -481,7 +488,10 @@ async fn keys_restored_sealed_from_a_snapshot_open_when_first_used() {
     // The device key, restored sealed, opens on the device's first request and verifies it.
     let user = TestUser { user: enroll.user.clone(), credential, counter: 1.into() };
     let card = settlegate_engine::MeansInput::CreditCard { pan: "4111111111111111".into() };
-    h.engine.add_means(request_id(), &user.user, &card, true).await.unwrap();
+    h.engine
+        .add_means(request_id(), &user.user, &card, AddMeansOptions { make_default: true })
+        .await
+        .unwrap();
     let outcome = h.authorize(user.signed(T0_MS, 700, PROVIDER_OK, "T-1")).await;
     assert!(matches!(outcome, AuthOutcome::Approved(_)), "{outcome:?}");
     // A forged tag is still refused by the opened key.
@@ -616,7 +626,7 @@ async fn a_data_directory_of_format_version_3_still_restores() {
 async fn assert_the_version_5_fixture_reads(dir: &Path) {
     let user = UserKey::new(UserIdType::Mail, "fixture@example.com").unwrap();
     let request = |id: u128, inherent_hex: &str| AuthorizeRequest {
-        client_request_id: id,
+        client_request_id: RequestId(id),
         inherent_id: hex::decode(inherent_hex).unwrap(),
     };
     // As the fixture's writer recorded them: a payment approved, one left with its provider.
@@ -722,7 +732,8 @@ mod fixture_v6 {
     use settlegate_engine::{
         AcceptedMethod, AgePolicy, AgeRecord, AuthorizeRequest, Basket, BasketItem,
         DeviceCredential, Discount, EnrollRequest, InherentId, IssueCodeRequest, MeansKind,
-        OnAgeFailure, RedeemRequest, Store, TerminalEntry, TerminalService, UserIdType, UserKey,
+        OnAgeFailure, RedeemRequest, RequestId, Store, TerminalEntry, TerminalService, UserIdType,
+        UserKey,
     };
 
     use crate::support::*;
@@ -739,7 +750,7 @@ mod fixture_v6 {
 
     pub fn enroll() -> EnrollRequest {
         EnrollRequest {
-            client_request_id: 60_001,
+            client_request_id: RequestId(60_001),
             user: user(),
             password: PASSWORD.into(),
             card_idm: IDM,
@@ -840,37 +851,37 @@ mod fixture_v6 {
     /// A card payment of 1,000 at the shop with the service (approved).
     pub fn card_payment(c: &DeviceCredential) -> AuthorizeRequest {
         let inherent_id = record(c, 10, 1_000, (MeansKind::CreditCard, 1), PROVIDER_OK, SHOP);
-        AuthorizeRequest { client_request_id: 60_010, inherent_id }
+        AuthorizeRequest { client_request_id: RequestId(60_010), inherent_id }
     }
 
     /// A payment its provider declines.
     pub fn declined_payment(c: &DeviceCredential) -> AuthorizeRequest {
         let inherent_id = record(c, 11, 500, (MeansKind::CreditCard, 1), PROVIDER_DECLINE, SHOP);
-        AuthorizeRequest { client_request_id: 60_011, inherent_id }
+        AuthorizeRequest { client_request_id: RequestId(60_011), inherent_id }
     }
 
     /// The basket payment at the age-policy terminal.
     pub fn basket_payment(c: &DeviceCredential) -> AuthorizeRequest {
         let inherent_id = record(c, 12, 900, (MeansKind::CreditCard, 1), PROVIDER_OK, AGE_SHOP);
-        AuthorizeRequest { client_request_id: 60_012, inherent_id }
+        AuthorizeRequest { client_request_id: RequestId(60_012), inherent_id }
     }
 
     /// An e-money payment of 2,000 with the slow provider: with it when the snapshot is taken.
     pub fn pending_payment(c: &DeviceCredential) -> AuthorizeRequest {
         let inherent_id = record(c, 20, 2_000, (MeansKind::EMoney, 2), PROVIDER_SLOW, SHOP);
-        AuthorizeRequest { client_request_id: 60_020, inherent_id }
+        AuthorizeRequest { client_request_id: RequestId(60_020), inherent_id }
     }
 
     /// An e-money payment of 300, logged after the snapshot.
     pub fn later_payment(c: &DeviceCredential) -> AuthorizeRequest {
         let inherent_id = record(c, 22, 300, (MeansKind::EMoney, 2), PROVIDER_OK, SHOP);
-        AuthorizeRequest { client_request_id: 60_022, inherent_id }
+        AuthorizeRequest { client_request_id: RequestId(60_022), inherent_id }
     }
 
     /// Code requests: `counter` 13 stays issued, 14 is redeemed.
     pub fn code_request(c: &DeviceCredential, counter: u64) -> IssueCodeRequest {
         IssueCodeRequest {
-            client_request_id: 60_000 + u128::from(counter),
+            client_request_id: RequestId(60_000 + u128::from(counter)),
             inherent_id: record(c, counter, 1_500, (MeansKind::CreditCard, 1), PROVIDER_OK, SHOP),
             validity_ms: 7 * DAY_MS,
             deliver_to: None,
@@ -880,7 +891,7 @@ mod fixture_v6 {
 
     pub fn redeem(code: &settlegate_engine::IssuedCode) -> RedeemRequest {
         RedeemRequest {
-            client_request_id: 60_015,
+            client_request_id: RequestId(60_015),
             code: code.text.clone(),
             issuer: 1,
             number: code.number,
@@ -919,16 +930,28 @@ async fn write_the_version_6_fixture() {
     let h = engine(0);
     let c = h.engine.enroll(enroll()).await.unwrap();
     let card = MeansInput::CreditCard { pan: "4111111111111111".into() };
-    h.engine.add_means(60_002, &user(), &card, true).await.unwrap();
+    h.engine
+        .add_means(RequestId(60_002), &user(), &card, AddMeansOptions { make_default: true })
+        .await
+        .unwrap();
     let purse = MeansInput::EMoney { emoney_type: "suica".into() };
-    h.engine.add_means(60_003, &user(), &purse, false).await.unwrap();
-    h.engine.top_up(60_004, &user(), 2, 5_000, jpy()).await.unwrap();
-    h.engine.register_terminals(60_005, PROVIDER_OK, terminals()).await.unwrap();
-    h.engine.set_age_policy(60_006, PROVIDER_OK, AGE_SHOP, Some(age_policy())).await.unwrap();
-    h.engine.register_age(60_007, &age_record(&c)).await.unwrap();
-    h.engine.upsert_store(60_008, store()).await.unwrap();
+    h.engine
+        .add_means(RequestId(60_003), &user(), &purse, AddMeansOptions::default())
+        .await
+        .unwrap();
+    h.engine.top_up(RequestId(60_004), &user(), 2, 5_000, jpy()).await.unwrap();
+    h.engine
+        .register_terminals(RequestId(60_005), ProviderCode(PROVIDER_OK), terminals())
+        .await
+        .unwrap();
+    h.engine
+        .set_age_policy(RequestId(60_006), ProviderCode(PROVIDER_OK), AGE_SHOP, Some(age_policy()))
+        .await
+        .unwrap();
+    h.engine.register_age(RequestId(60_007), &age_record(&c)).await.unwrap();
+    h.engine.upsert_store(RequestId(60_008), store()).await.unwrap();
     // A refusal kept as an answer: a card keeps no balance.
-    assert!(h.engine.top_up(60_009, &user(), 1, 100, jpy()).await.is_err());
+    assert!(h.engine.top_up(RequestId(60_009), &user(), 1, 100, jpy()).await.is_err());
     approved(h.engine.authorize(card_payment(&c)).await.unwrap());
     h.engine.authorize(declined_payment(&c)).await.unwrap();
     let basket = h.engine.authorize_baskets(vec![(basket_payment(&c), Some(basket()))]).await;
@@ -940,8 +963,14 @@ async fn write_the_version_6_fixture() {
         panic!("code 14 declined")
     };
     h.engine.redeem_code(redeem(&code)).await.unwrap();
-    let coupons =
-        h.engine.issue_coupons(60_016, PROVIDER_OK, vec![user()], COUPON, 2, COUPON_EXPIRES_MS);
+    let coupons = h.engine.issue_coupons(
+        RequestId(60_016),
+        ProviderCode(PROVIDER_OK),
+        vec![user()],
+        COUPON,
+        2,
+        COUPON_EXPIRES_MS,
+    );
     coupons.await.into_iter().next().unwrap().unwrap();
     let notice = DeliveryNotice {
         user: user(),
@@ -950,7 +979,7 @@ async fn write_the_version_6_fixture() {
         currency: jpy(),
         merchant: "Store six".into(),
     };
-    h.engine.notify_delivery(60_017, notice).await.unwrap();
+    h.engine.notify_delivery(RequestId(60_017), notice).await.unwrap();
     h.engine.shutdown().await;
     drop(h);
 
@@ -965,7 +994,7 @@ async fn write_the_version_6_fixture() {
     assert!(dir.join("shard-000.snap").exists(), "a snapshot was taken");
 
     let h = engine(0);
-    h.engine.top_up(60_021, &user(), 2, 1_000, jpy()).await.unwrap();
+    h.engine.top_up(RequestId(60_021), &user(), 2, 1_000, jpy()).await.unwrap();
     approved(h.engine.authorize(later_payment(&c)).await.unwrap());
     h.engine.shutdown().await;
 }
@@ -1009,10 +1038,21 @@ async fn a_version_6_data_directory_is_read() {
         assert_eq!((c.card_idm, c.key_version), (IDM, 1));
         // Means: the card (its number sealed) and the purse, with their answers.
         let card = MeansInput::CreditCard { pan: "4111111111111111".into() };
-        let added = h.engine.add_means(60_002, &user(), &card, true).await.unwrap();
+        let added = h
+            .engine
+            .add_means(RequestId(60_002), &user(), &card, AddMeansOptions { make_default: true })
+            .await
+            .unwrap();
         assert_eq!((added.means_id, added.last4.as_deref()), (1, Some("1111")));
         let purse = MeansInput::EMoney { emoney_type: "suica".into() };
-        assert_eq!(h.engine.add_means(60_003, &user(), &purse, false).await.unwrap().means_id, 2);
+        assert_eq!(
+            h.engine
+                .add_means(RequestId(60_003), &user(), &purse, AddMeansOptions::default())
+                .await
+                .unwrap()
+                .means_id,
+            2
+        );
         let means = h.engine.list_means(&user(), MeansOrder::Registration).await.unwrap();
         assert_eq!(means.len(), 2);
         // Three settlements (a payment, a basket, a code), and one more per earlier restart.
@@ -1031,10 +1071,10 @@ async fn a_version_6_data_directory_is_read() {
             (5_715, 5_715, 1),
             "restart {restart_count}"
         );
-        let top_up = h.engine.top_up(60_004, &user(), 2, 5_000, jpy()).await.unwrap();
+        let top_up = h.engine.top_up(RequestId(60_004), &user(), 2, 5_000, jpy()).await.unwrap();
         assert_eq!(top_up.balance_minor, 5_000, "the first top-up's own answer");
         assert_eq!(
-            h.engine.top_up(60_009, &user(), 1, 100, jpy()).await,
+            h.engine.top_up(RequestId(60_009), &user(), 1, 100, jpy()).await,
             Err(EngineError::Refused(ReasonCode::NotStoredValue))
         );
         // Payments: each retry gets its first answer; the one with its provider at the
@@ -1056,21 +1096,21 @@ async fn a_version_6_data_directory_is_read() {
         let basket_paid = basket_paid.into_iter().next().unwrap().unwrap();
         assert_eq!(approved(basket_paid.outcome).amount_final_minor, 900);
         // The replay window: a spent record under a new ID is a replay.
-        let replay = AuthorizeRequest { client_request_id: 61_000, ..card_payment(&c) };
+        let replay = AuthorizeRequest { client_request_id: RequestId(61_000), ..card_payment(&c) };
         assert_eq!(
             h.engine.authorize(replay).await.unwrap(),
             AuthOutcome::Declined(ReasonCode::ReplayedNonce)
         );
         // The terminal list with its service, and the age policy with the registration.
         let TerminalConfirmation::Listed { service: Some(service) } =
-            h.engine.confirm_terminal(PROVIDER_OK, SHOP).unwrap()
+            h.engine.confirm_terminal(ProviderCode(PROVIDER_OK), SHOP).unwrap()
         else {
             panic!("the shop's service")
         };
         assert_eq!(service.description, "5% off");
         let counter = 100 + restart_count;
         let request = AuthorizeRequest {
-            client_request_id: 61_001 + u128::from(counter),
+            client_request_id: RequestId(61_001 + u128::from(counter)),
             inherent_id: record(
                 &c,
                 counter,
@@ -1103,8 +1143,14 @@ async fn a_version_6_data_directory_is_read() {
             CodeState::Redeemed(Box::new(redemption.clone()))
         );
         // The coupon's answer.
-        let coupons =
-            h.engine.issue_coupons(60_016, PROVIDER_OK, vec![user()], COUPON, 2, COUPON_EXPIRES_MS);
+        let coupons = h.engine.issue_coupons(
+            RequestId(60_016),
+            ProviderCode(PROVIDER_OK),
+            vec![user()],
+            COUPON,
+            2,
+            COUPON_EXPIRES_MS,
+        );
         let coupon = coupons.await.into_iter().next().unwrap().unwrap();
         assert_eq!((coupon.uses, coupon.effect), (2, COUPON));
         // The delivery notice's answer (no device was listening).
@@ -1115,7 +1161,7 @@ async fn a_version_6_data_directory_is_read() {
             currency: jpy(),
             merchant: "Store six".into(),
         };
-        assert_eq!(h.engine.notify_delivery(60_017, notice).await.unwrap(), 0);
+        assert_eq!(h.engine.notify_delivery(RequestId(60_017), notice).await.unwrap(), 0);
         // As the fixture's writer recorded them.
         let auth_code = |outcome: &AuthOutcome| approved(*outcome).auth_code.0;
         assert_eq!(

@@ -2,6 +2,7 @@
 //! is usable where.
 
 use settlegate_engine::emvqr;
+use settlegate_engine::AddMeansOptions;
 use settlegate_engine::{
     AcceptedMethod, AuthOutcome, AuthorizeRequest, BestBy, EngineError, InherentId, MeansInput,
     MeansKind, ReasonCode, Signal, Store,
@@ -185,7 +186,10 @@ async fn moving_and_removing_a_store() {
 async fn wallet_user(h: &Harness, name: &str, extra: Vec<MeansInput>) -> TestUser {
     let user = h.user(name).await;
     for means in extra {
-        h.engine.add_means(request_id(), &user.user, &means, false).await.unwrap();
+        h.engine
+            .add_means(request_id(), &user.user, &means, AddMeansOptions::default())
+            .await
+            .unwrap();
     }
     user
 }
@@ -328,7 +332,10 @@ async fn nothing_usable_lists_what_the_store_takes() {
     assert_eq!(cash.best, None);
     assert!(cash.accepted.is_empty());
     // An empty purse is not usable.
-    h.engine.add_means(request_id(), &bare_user, &suica(), false).await.unwrap();
+    h.engine
+        .add_means(request_id(), &bare_user, &suica(), AddMeansOptions::default())
+        .await
+        .unwrap();
     let empty = h.engine.usable_methods(&bare_user, "KIOSK", BestBy::LargestBalance).await.unwrap();
     assert_eq!(empty.methods.iter().map(|m| m.usable).collect::<Vec<_>>(), vec![true, false]);
     assert_eq!(empty.best, Some(1), "no purse has a balance: the most used");

@@ -21,6 +21,7 @@ use crate::codes::{self, CodeKey, CodeKind, CodePayload, CouponEffect};
 use crate::config::EngineConfig;
 use crate::error::EngineError;
 use crate::geo::{self, AcceptedMethod, Candidate, Signal, Store, StoreDirectory};
+use crate::ids::{AddMeansOptions, ProviderCode, RequestId};
 use crate::keys::{DeviceIndex, DeviceKey, NewDeviceKey, Verified};
 use crate::limits::STORE_RADIUS_MAX_M;
 use crate::limits::{BATCH_SIZE_MAX, VERIFY_PARALLEL_MIN};
@@ -411,11 +412,12 @@ impl Engine {
     async fn apply_for_user(
         &self,
         user: &UserKey,
-        client_request_id: Option<ClientRequestId>,
+        client_request_id: Option<RequestId>,
         digest: u64,
         command: Command,
     ) -> Result<Reply, EngineError> {
         let owner_hash = user_hash(user);
+        let client_request_id = client_request_id.map(RequestId::get);
         let envelope =
             Envelope { owner_hash, client_request_id, digest, now_ms: self.now_ms(), command };
         self.call(self.shard_of(owner_hash), Op::Apply(envelope)).await
@@ -424,11 +426,12 @@ impl Engine {
     async fn apply_for_provider(
         &self,
         provider_code: u32,
-        client_request_id: Option<ClientRequestId>,
+        client_request_id: Option<RequestId>,
         digest: u64,
         command: Command,
     ) -> Result<Reply, EngineError> {
         let owner_hash = digest_of(&("provider", provider_code));
+        let client_request_id = client_request_id.map(RequestId::get);
         let envelope =
             Envelope { owner_hash, client_request_id, digest, now_ms: self.now_ms(), command };
         self.call(self.shard_of(owner_hash), Op::Apply(envelope)).await
@@ -438,7 +441,7 @@ impl Engine {
     async fn change_provider(
         &self,
         provider_code: u32,
-        client_request_id: ClientRequestId,
+        client_request_id: RequestId,
         digest: u64,
         command: Command,
     ) -> Result<(), EngineError> {

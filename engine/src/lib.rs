@@ -32,6 +32,7 @@ mod fail;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod geo;
+mod ids;
 pub mod inherent;
 pub mod keys;
 pub mod limits;
@@ -63,6 +64,7 @@ pub use engine::{
 };
 pub use error::EngineError;
 pub use geo::{AcceptedMethod, Signal, Store};
+pub use ids::{AddMeansOptions, ProviderCode, RequestId};
 pub use inherent::{InherentId, SigningKey};
 pub use keys::DeviceKey;
 pub use means::MeansInput;

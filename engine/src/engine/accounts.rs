@@ -5,8 +5,8 @@ use super::*;
 /// Enrollment of a new user with their first device (G1).
 #[derive(Clone)]
 pub struct EnrollRequest {
-    /// Idempotency key.
-    pub client_request_id: ClientRequestId,
+    /// Makes retries safe (see [`RequestId`]).
+    pub client_request_id: RequestId,
     /// The user.
     pub user: UserKey,
     /// The password; hashed with Argon2id, never stored or logged in the clear.
@@ -84,7 +84,7 @@ impl Engine {
     /// Provisions another device for a user, after checking their password.
     pub async fn provision_device(
         &self,
-        client_request_id: ClientRequestId,
+        client_request_id: RequestId,
         user: &UserKey,
         password: &str,
         card_idm: Idm,
@@ -106,7 +106,7 @@ impl Engine {
     /// valid for `key_grace_ms`.
     pub async fn rotate_device_key(
         &self,
-        client_request_id: ClientRequestId,
+        client_request_id: RequestId,
         user: &UserKey,
         password: &str,
         card_idm: Idm,
@@ -128,7 +128,7 @@ impl Engine {
     /// user's, and `rotate_device_key` gives it a new key if it is found again.
     pub async fn revoke_device_key(
         &self,
-        client_request_id: ClientRequestId,
+        client_request_id: RequestId,
         user: &UserKey,
         password: &str,
         card_idm: Idm,
@@ -181,11 +181,12 @@ impl Engine {
     /// Registers a settlement means; a card or account number goes to the vault.
     pub async fn add_means(
         &self,
-        client_request_id: ClientRequestId,
+        client_request_id: RequestId,
         user: &UserKey,
         means: &MeansInput,
-        make_default: bool,
+        options: AddMeansOptions,
     ) -> Result<MeansAdded, EngineError> {
+        let AddMeansOptions { make_default } = options;
         let prepared = means.prepare(&self.inner.shared.vault).map_err(EngineError::Refused)?;
         let digest = digest_of(&("means", user, means.public_parts(), make_default));
         let command = Command::AddMeans { user: user.clone(), means: prepared, make_default };
@@ -201,7 +202,7 @@ impl Engine {
     /// Makes a registered means the user's default.
     pub async fn set_default_means(
         &self,
-        client_request_id: ClientRequestId,
+        client_request_id: RequestId,
         user: &UserKey,
         means_id: u32,
     ) -> Result<(), EngineError> {

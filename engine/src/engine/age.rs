@@ -9,7 +9,7 @@ impl Engine {
     /// and the validity window, then keeps the registration (replacing an older one).
     pub async fn register_age(
         &self,
-        client_request_id: ClientRequestId,
+        client_request_id: RequestId,
         record: &[u8],
     ) -> Result<(), EngineError> {
         let now_ms = self.now_ms();
@@ -32,11 +32,12 @@ impl Engine {
     /// terminal follows its provider's policy, or the engine's default.
     pub async fn set_age_policy(
         &self,
-        client_request_id: ClientRequestId,
-        provider_code: u32,
+        client_request_id: RequestId,
+        provider_code: ProviderCode,
         terminal_id: &str,
         policy: Option<AgePolicy>,
     ) -> Result<(), EngineError> {
+        let provider_code = provider_code.get();
         if let Some(policy) = &policy {
             self.inner.shared.age.config.resolve(policy).map_err(EngineError::Refused)?;
         }

@@ -7,8 +7,8 @@ use super::*;
 /// valid; where to deliver it; and, for cash on delivery, the order it pays for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IssueCodeRequest {
-    /// Idempotency key.
-    pub client_request_id: ClientRequestId,
+    /// Makes retries safe (see [`RequestId`]).
+    pub client_request_id: RequestId,
     /// The signed inherent ID.
     pub inherent_id: Vec<u8>,
     /// Validity of the code and its hold, ms (10 s to 7 days).
@@ -59,8 +59,8 @@ impl SaleLines {
 /// A POS redeeming a code with its sales information (C3, C4).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedeemRequest {
-    /// Idempotency key.
-    pub client_request_id: ClientRequestId,
+    /// Makes retries safe (see [`RequestId`]).
+    pub client_request_id: RequestId,
     /// The code as read.
     pub code: String,
     /// The issuer the POS expects (the number printed beside the barcode).
@@ -206,7 +206,7 @@ impl Engine {
         let policies = Some(terminal_policies(&self.inner.shared.registry, &spec.terminal_id));
         let envelope = Envelope {
             owner_hash: digest_of(&("code", code.number)),
-            client_request_id: Some(request.client_request_id),
+            client_request_id: Some(request.client_request_id.get()),
             digest: digest_of(&spec),
             now_ms: self.now_ms(),
             command: Command::RedeemCode { spec: Box::new(spec), policies },
@@ -278,13 +278,14 @@ impl Engine {
     /// to the user's devices. Results come back in user order.
     pub async fn issue_coupons(
         &self,
-        client_request_id: ClientRequestId,
-        provider_code: u32,
+        client_request_id: RequestId,
+        provider_code: ProviderCode,
         users: Vec<UserKey>,
         effect: CouponEffect,
         uses: u32,
         expires_ms: i64,
     ) -> Vec<Result<IssuedCoupon, EngineError>> {
+        let provider_code = provider_code.get();
         if users.is_empty() || users.len() > COUPON_USERS_MAX {
             return vec![Err(EngineError::Refused(ReasonCode::InvalidCoupon)); users.len().max(1)];
         }
@@ -323,7 +324,7 @@ impl Engine {
     /// notice is `IdempotencyConflict`).
     pub async fn notify_delivery(
         &self,
-        client_request_id: ClientRequestId,
+        client_request_id: RequestId,
         notice: DeliveryNotice,
     ) -> Result<usize, EngineError> {
         let valid = notice.amount_minor > 0

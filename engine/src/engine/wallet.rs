@@ -84,7 +84,7 @@ impl Engine {
     /// Returns the new balance.
     pub async fn top_up(
         &self,
-        client_request_id: ClientRequestId,
+        client_request_id: RequestId,
         user: &UserKey,
         means_id: u32,
         amount_minor: u64,
