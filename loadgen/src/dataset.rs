@@ -290,14 +290,7 @@ async fn add_means(
                 0 => MeansInput::CreditCard { pan: CARD.into() },
                 _ => MeansInput::EMoney { emoney_type: purse },
             };
-            engine
-                .add_means(
-                    RequestId(id),
-                    user,
-                    &means,
-                    AddMeansOptions { make_default },
-                )
-                .await?;
+            engine.add_means(RequestId(id), user, &means, AddMeansOptions { make_default }).await?;
         }
         Target::Remote(clients) => {
             let means = match m {

@@ -60,6 +60,47 @@ pub enum MeansOrder {
 
 impl Engine {
     /// Enrolls a user with a password and their first device; returns the device key.
+    ///
+    /// # Example
+    ///
+    /// Enrolment, then a card as the default settlement means:
+    ///
+    /// ```
+    /// # use settlegate_engine::adapters::{simulated::SimulatedConfig, AdapterConfig};
+    /// # use settlegate_engine::*;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let engine = Engine::start(EngineConfig {
+    /// #     password: PasswordConfig { memory_kib: 64, iterations: 1, parallelism: 1 },
+    /// #     providers: vec![ProviderConfig {
+    /// #         code: 1,
+    /// #         name: "Demo Acquirer".into(),
+    /// #         adapter: AdapterConfig::Simulated(SimulatedConfig::default()),
+    /// #         limits: Default::default(),
+    /// #         terminals: Vec::new(),
+    /// #     }],
+    /// #     ..EngineConfig::default()
+    /// # })?;
+    /// let user = UserKey::new(UserIdType::Mail, "hanako@example.jp")?;
+    /// let device = engine
+    ///     .enroll(EnrollRequest {
+    ///         client_request_id: RequestId::random(),
+    ///         user: user.clone(),
+    ///         password: "a long passphrase".into(),
+    ///         card_idm: [1, 0x2e, 0, 0, 0, 0, 0, 1],
+    ///     })
+    ///     .await?;
+    /// let card = MeansInput::CreditCard { pan: "4111111111111111".into() };
+    /// let options = AddMeansOptions::default().make_default(true);
+    /// let added = engine.add_means(RequestId::random(), &user, &card, options).await?;
+    /// assert_eq!(added.last4.as_deref(), Some("1111"));
+    /// let means = engine.list_means(&user, MeansOrder::Registration).await?;
+    /// assert_eq!(means.len(), 1);
+    /// engine.login(&user, "a long passphrase").await?;
+    /// # engine.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn enroll(&self, request: EnrollRequest) -> Result<DeviceCredential, EngineError> {
         PasswordHasher::policy_check(&request.password).map_err(EngineError::Refused)?;
         let hasher = self.inner.hasher.clone();

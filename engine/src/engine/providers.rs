@@ -4,6 +4,46 @@ use super::*;
 
 impl Engine {
     /// Lists terminals (with their services) for a provider; the whole request or nothing.
+    ///
+    /// # Example
+    ///
+    /// Provider 1 lists a terminal with a 5% discount, which the confirmation query then finds:
+    ///
+    /// ```
+    /// # use settlegate_engine::adapters::{simulated::SimulatedConfig, AdapterConfig};
+    /// # use settlegate_engine::*;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let engine = Engine::start(EngineConfig {
+    /// #     password: PasswordConfig { memory_kib: 64, iterations: 1, parallelism: 1 },
+    /// #     providers: vec![ProviderConfig {
+    /// #         code: 1,
+    /// #         name: "Demo Acquirer".into(),
+    /// #         adapter: AdapterConfig::Simulated(SimulatedConfig::default()),
+    /// #         limits: Default::default(),
+    /// #         terminals: Vec::new(),
+    /// #     }],
+    /// #     ..EngineConfig::default()
+    /// # })?;
+    /// let now_ms = engine.now_ms();
+    /// let shop = TerminalEntry {
+    ///     terminal_id: "SHOP-0001".into(),
+    ///     service: Some(TerminalService {
+    ///         discount: Discount::Percent { bps: 500 },
+    ///         valid_from_ms: now_ms,
+    ///         valid_until_ms: now_ms + 3_600_000,
+    ///         description: "5% off in this area".into(),
+    ///     }),
+    /// };
+    /// engine.register_terminals(RequestId::random(), ProviderCode(1), vec![shop]).await?;
+    /// match engine.confirm_terminal(ProviderCode(1), "SHOP-0001")? {
+    ///     TerminalConfirmation::Listed { service } => assert!(service.is_some()),
+    ///     TerminalConfirmation::NotListed => unreachable!(),
+    /// }
+    /// # engine.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn register_terminals(
         &self,
         client_request_id: RequestId,
