@@ -2,6 +2,7 @@
 //! providers, and pre-signed inherent IDs (signing is the phone's work, not the engine's).
 #![allow(dead_code)] // each bench binary uses part of it
 
+use settlegate_engine::{AddMeansOptions, RequestId};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -93,7 +94,9 @@ impl Bench {
     pub fn requests(&self, count: usize) -> Vec<AuthorizeRequest> {
         (0..count)
             .map(|i| AuthorizeRequest {
-                client_request_id: u128::from(self.next_id.fetch_add(1, Ordering::Relaxed)) << 32,
+                client_request_id: RequestId(
+                    u128::from(self.next_id.fetch_add(1, Ordering::Relaxed)) << 32,
+                ),
                 inherent_id: self.signed(i),
             })
             .collect()
@@ -104,7 +107,7 @@ async fn enroll(engine: &Engine, i: usize) -> Payer {
     let user = UserKey::new(UserIdType::Mail, format!("user{i:07}@example.com")).unwrap();
     let credential = engine
         .enroll(EnrollRequest {
-            client_request_id: i as u128 + 1,
+            client_request_id: RequestId(i as u128 + 1),
             user: user.clone(),
             password: "bench password".into(),
             card_idm: (i as u64 + 1).to_be_bytes(),
@@ -112,6 +115,14 @@ async fn enroll(engine: &Engine, i: usize) -> Payer {
         .await
         .expect("enroll");
     let card = MeansInput::CreditCard { pan: "4111111111111111".into() };
-    engine.add_means(1 << 64 | i as u128, &user, &card, true).await.expect("card");
+    engine
+        .add_means(
+            RequestId(1 << 64 | i as u128),
+            &user,
+            &card,
+            AddMeansOptions { make_default: true },
+        )
+        .await
+        .expect("card");
     Payer { user, credential, counter: AtomicU64::new(1) }
 }

@@ -18,6 +18,7 @@ mod common;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+use settlegate_engine::RequestId;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
@@ -66,7 +67,7 @@ fn authorize_by_policy(c: &mut Criterion) {
                 total
             })
         });
-        bench.engine.shutdown();
+        bench.engine.shutdown_blocking();
     }
     group.finish();
 }
@@ -98,7 +99,7 @@ fn recovery(c: &mut Criterion) {
                     let engine =
                         Engine::start(durable(dir.path(), FsyncPolicy::Off)).expect("recovers");
                     total += started.elapsed();
-                    engine.shutdown();
+                    engine.shutdown_blocking();
                 }
                 total
             })
@@ -166,7 +167,7 @@ fn write_data_set(runtime: &tokio::runtime::Runtime, dir: &std::path::Path, user
         for chunk in (0..users).collect::<Vec<_>>().chunks(512) {
             let issues = chunk.iter().map(|&i| {
                 bench.engine.issue_code(IssueCodeRequest {
-                    client_request_id: (7 << 100) | i as u128,
+                    client_request_id: RequestId((7 << 100) | i as u128),
                     inherent_id: bench.signed(i),
                     validity_ms: 86_400_000,
                     deliver_to: None,
@@ -178,7 +179,7 @@ fn write_data_set(runtime: &tokio::runtime::Runtime, dir: &std::path::Path, user
             }
         }
     });
-    bench.engine.shutdown();
+    bench.engine.shutdown_blocking();
     drop(bench);
     if std::env::var_os(SNAPSHOTS_ONLY).is_some() {
         // A start that snapshots after every record, and a sweep (one record in each shard):
@@ -187,7 +188,7 @@ fn write_data_set(runtime: &tokio::runtime::Runtime, dir: &std::path::Path, user
         config.durability.snapshot_every_records = 1;
         let engine = Engine::start(config).expect("recovers");
         runtime.block_on(engine.sweep_codes()).expect("sweeps");
-        engine.shutdown();
+        engine.shutdown_blocking();
     }
     let elapsed = setup.elapsed();
     let snapshots = format!("snapshot_every_records = {snapshot_every}");
@@ -242,7 +243,7 @@ fn main() {
         let engine =
             Engine::start(durable(std::path::Path::new(&dir), FsyncPolicy::Off)).expect("recovers");
         println!("{}", started.elapsed().as_nanos());
-        engine.shutdown();
+        engine.shutdown_blocking();
         // Leave without freeing the recovered state: the parent timed the start only.
         std::process::exit(0);
     }

@@ -13,6 +13,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use settlegate_engine::geo;
 use settlegate_engine::{AcceptedMethod, BestBy, MeansInput, MeansKind, Store, UsableQuery};
+use settlegate_engine::{AddMeansOptions, RequestId};
 
 /// Whether criterion runs as a benchmark (`cargo bench`), not once as a test.
 fn full_size() -> bool {
@@ -82,7 +83,7 @@ fn engine_paths(c: &mut Criterion) {
         for chunk in (0..stores).collect::<Vec<_>>().chunks(512) {
             let upserts = chunk.iter().map(|&i| {
                 engine.upsert_store(
-                    1 << 100 | i as u128,
+                    RequestId(1 << 100 | i as u128),
                     store(i, &mut ChaCha8Rng::seed_from_u64(i as u64)),
                 )
             });
@@ -92,11 +93,18 @@ fn engine_paths(c: &mut Criterion) {
         }
         let suica = MeansInput::EMoney { emoney_type: "suica".into() };
         for (i, payer) in bench.payers.iter().enumerate() {
-            let added =
-                engine.add_means(1 << 90 | i as u128, &payer.user, &suica, false).await.unwrap();
+            let added = engine
+                .add_means(
+                    RequestId(1 << 90 | i as u128),
+                    &payer.user,
+                    &suica,
+                    AddMeansOptions::default(),
+                )
+                .await
+                .unwrap();
             engine
                 .top_up(
-                    1 << 80 | i as u128,
+                    RequestId(1 << 80 | i as u128),
                     &payer.user,
                     added.means_id,
                     10_000,

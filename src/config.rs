@@ -5,7 +5,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use serde::Deserialize;
+use settlegate_engine::config::{VaultKey, CREDENTIALS_DIRECTORY_ENV};
 use settlegate_engine::EngineConfig;
+
+/// The environment variable that carries the vault key (64 hex digits); it wins over the
+/// config's `vault_key_file` and `vault.key_hex` (`docs/CONFIG.md`). The binary reads it; the
+/// engine library reads no environment variable.
+pub const VAULT_KEY_ENV: &str = "SETTLEGATE_VAULT_KEY";
 
 /// The embedded default config (`src/default.toml`).
 pub const DEFAULT_CONFIG: &str = include_str!("default.toml");
@@ -59,6 +65,41 @@ impl Config {
     pub fn embedded() -> Config {
         Config::from_toml(DEFAULT_CONFIG).expect("the embedded config is valid")
     }
+
+    /// The engine's config as the binary starts it ([`engine_config_from_env`]).
+    pub fn engine_config(&self) -> Result<EngineConfig, String> {
+        engine_config_from_env(&self.engine)
+    }
+}
+
+/// The engine's config as the binary starts it: the vault key resolved from
+/// `SETTLEGATE_VAULT_KEY` when it is set, else from `vault_key_file` (a leading
+/// `${CREDENTIALS_DIRECTORY}` taken from the environment), else `vault.key_hex`, and put in
+/// [`EngineConfig::vault_key`] (see [`engine_with_vault_key`]). Reads files: blocking.
+pub fn engine_config_from_env(engine: &EngineConfig) -> Result<EngineConfig, String> {
+    engine_with_vault_key(
+        engine,
+        std::env::var(VAULT_KEY_ENV).ok(),
+        std::env::var_os(CREDENTIALS_DIRECTORY_ENV),
+    )
+}
+
+/// `engine` with its vault key resolved given the value of `SETTLEGATE_VAULT_KEY` (`env_key`)
+/// and of `CREDENTIALS_DIRECTORY` (`credentials_dir`): `env_key`, else `vault_key_file`'s
+/// contents, else `vault.key_hex`, else none. Errors name where the key came from, never its
+/// digits.
+pub fn engine_with_vault_key(
+    engine: &EngineConfig,
+    env_key: Option<String>,
+    credentials_dir: Option<std::ffi::OsString>,
+) -> Result<EngineConfig, String> {
+    let mut engine = engine.clone();
+    if let Some(text) = env_key {
+        let key = VaultKey::from_hex(&text).map_err(|e| format!("{VAULT_KEY_ENV}: {e}"))?;
+        engine.vault_key = Some(key);
+    }
+    engine.vault_key = engine.resolve_vault_key(credentials_dir)?;
+    Ok(engine)
 }
 
 /// An `IP:port` to listen on, with an error that says what was given and what is wanted (a
@@ -271,4 +312,43 @@ pub struct DemoConfig {
     /// Register the demo stores (`DEMO-SHIBUYA-01`, `DEMO-SHINJUKU-01`) with their beacons and
     /// QR posters.
     pub stores: bool,
+}
+
+#[cfg(test)]
+mod vault_key_tests {
+    use super::engine_with_vault_key;
+    use settlegate_engine::config::VaultKey;
+    use settlegate_engine::EngineConfig;
+
+    const KEY_HEX: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn file_config(path: &std::path::Path) -> EngineConfig {
+        EngineConfig { vault_key_file: Some(path.to_owned()), ..EngineConfig::default() }
+    }
+
+    #[test]
+    fn the_environment_wins_over_the_key_file_and_the_file_over_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vault-key");
+        std::fs::write(&path, KEY_HEX).unwrap();
+        let env = "ff".repeat(32);
+        let resolved = engine_with_vault_key(&file_config(&path), Some(env.clone()), None);
+        assert_eq!(resolved.unwrap().vault_key, Some(VaultKey::from_bytes([0xff; 32])));
+        // The environment wins even over a key file that is missing.
+        let missing = file_config(&dir.path().join("missing"));
+        let resolved = engine_with_vault_key(&missing, Some(env), None);
+        assert_eq!(resolved.unwrap().vault_key, Some(VaultKey::from_bytes([0xff; 32])));
+        let from_file = engine_with_vault_key(&file_config(&path), None, None).unwrap();
+        assert_eq!(from_file.vault_key, Some(VaultKey::from_hex(KEY_HEX).unwrap()));
+        let none = engine_with_vault_key(&EngineConfig::default(), None, None).unwrap();
+        assert_eq!(none.vault_key, None);
+    }
+
+    #[test]
+    fn a_bad_environment_key_is_named_and_not_repeated() {
+        let error = engine_with_vault_key(&EngineConfig::default(), Some("zz".repeat(32)), None)
+            .unwrap_err();
+        assert!(error.starts_with("SETTLEGATE_VAULT_KEY: "), "{error}");
+        assert!(!error.contains("zzzz"), "{error}");
+    }
 }

@@ -6,6 +6,7 @@ use settlegate_engine::{
     AcceptedMethod, Engine, EngineError, EnrollRequest, MeansInput, MeansKind, Store, UserIdType,
     UserKey,
 };
+use settlegate_engine::{AddMeansOptions, RequestId};
 
 /// The demo users' password (demo only).
 pub const DEMO_PASSWORD: &str = "demo password";
@@ -19,7 +20,7 @@ pub async fn load(engine: &Engine, count: usize) -> Result<(), EngineError> {
         let idm = (0xDE00_0000_0000_0000u64 + n as u64).to_be_bytes();
         let enrolled = engine
             .enroll(EnrollRequest {
-                client_request_id: u128::from(n as u64) | (1 << 100),
+                client_request_id: RequestId(u128::from(n as u64) | (1 << 100)),
                 user: user.clone(),
                 password: DEMO_PASSWORD.into(),
                 card_idm: idm,
@@ -30,7 +31,14 @@ pub async fn load(engine: &Engine, count: usize) -> Result<(), EngineError> {
             Err(error) => return Err(error),
         }
         let card = MeansInput::CreditCard { pan: "4111111111111111".into() };
-        engine.add_means(u128::from(n as u64) | (2 << 100), &user, &card, true).await?;
+        engine
+            .add_means(
+                RequestId(u128::from(n as u64) | (2 << 100)),
+                &user,
+                &card,
+                AddMeansOptions { make_default: true },
+            )
+            .await?;
     }
     Ok(())
 }
@@ -80,7 +88,7 @@ pub fn stores() -> Vec<Store> {
 /// Registers the demo stores (idempotent: fixed client request IDs).
 pub async fn load_stores(engine: &Engine) -> Result<(), EngineError> {
     for (n, store) in stores().into_iter().enumerate() {
-        engine.upsert_store(u128::from(n as u64) | (3 << 100), store).await?;
+        engine.upsert_store(RequestId(u128::from(n as u64) | (3 << 100)), store).await?;
     }
     Ok(())
 }

@@ -7,6 +7,7 @@
 use settlegate_engine::engine::Authorizing;
 use settlegate_engine::engine::BasketOutcome;
 use settlegate_engine::inherent::peek_terminal_id;
+use settlegate_engine::RequestId;
 use settlegate_engine::{AuthOutcome, AuthorizeRequest, Basket, Engine, EngineError, ReasonCode};
 use settlegate_protocol::messages::{opcode, status, Reply, Response, ServerInfo};
 
@@ -120,7 +121,7 @@ pub async fn authorize_start(
             Some(_) => {
                 ids.push((pending.request_id, op));
                 let request = AuthorizeRequest {
-                    client_request_id: pending.client_request_id,
+                    client_request_id: RequestId(pending.client_request_id),
                     inherent_id: pending.inherent_id,
                 };
                 requests.push((request, pending.basket));

@@ -79,7 +79,8 @@ fn main() -> anyhow::Result<()> {
         Command::Route { config } => route(config),
         Command::ReplayShard { config, shard } => {
             let (config, _) = load(&Some(config))?;
-            let replay = settlegate_engine::replay_shard(&config.engine, shard)?;
+            let engine = config.engine_config().map_err(anyhow::Error::msg)?;
+            let replay = settlegate_engine::replay_shard(&engine, shard)?;
             println!(
                 "{{\"shard\":{},\"records\":{},\"digest\":\"{:016x}\"}}",
                 replay.shard, replay.records, replay.digest

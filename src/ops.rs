@@ -9,6 +9,7 @@
 //! [`crate::handler::authorize_start`] for the authorizations), and they never reach
 //! `Serve::serve`.
 
+use settlegate_engine::{AddMeansOptions, ProviderCode, RequestId};
 use std::future::Future;
 
 use settlegate_engine::{EngineError, EnrollRequest, MeansOrder, ReasonCode};
@@ -187,7 +188,12 @@ impl Serve for Enroll {
     }
     async fn serve(self, ctx: &Context, _: &Identity) -> Result<DeviceCredential, Failure> {
         let Enroll { client_request_id, user, password, card_idm } = self;
-        let request = EnrollRequest { client_request_id, user, password, card_idm };
+        let request = EnrollRequest {
+            client_request_id: RequestId(client_request_id),
+            user,
+            password,
+            card_idm,
+        };
         Ok(ctx.engine.enroll(request).await?.to_wire())
     }
 }
@@ -209,7 +215,12 @@ impl Serve for AddMeans {
         let means = self.means.to_engine();
         let added = ctx
             .engine
-            .add_means(self.client_request_id, &self.user, &means, self.make_default)
+            .add_means(
+                RequestId(self.client_request_id),
+                &self.user,
+                &means,
+                AddMeansOptions { make_default: self.make_default },
+            )
             .await?;
         Ok(added.to_wire())
     }
@@ -221,7 +232,9 @@ impl Serve for SetDefaultMeans {
     }
     async fn serve(self, ctx: &Context, _: &Identity) -> Result<(), Failure> {
         let engine = &ctx.engine;
-        Ok(engine.set_default_means(self.client_request_id, &self.user, self.means_id).await?)
+        Ok(engine
+            .set_default_means(RequestId(self.client_request_id), &self.user, self.means_id)
+            .await?)
     }
 }
 
@@ -242,7 +255,10 @@ impl Serve for ProvisionDevice {
     async fn serve(self, ctx: &Context, _: &Identity) -> Result<DeviceCredential, Failure> {
         let ProvisionDevice { client_request_id, user, password, card_idm } = self;
         let engine = &ctx.engine;
-        Ok(engine.provision_device(client_request_id, &user, &password, card_idm).await?.to_wire())
+        Ok(engine
+            .provision_device(RequestId(client_request_id), &user, &password, card_idm)
+            .await?
+            .to_wire())
     }
 }
 
@@ -253,7 +269,10 @@ impl Serve for RotateDeviceKey {
     async fn serve(self, ctx: &Context, _: &Identity) -> Result<DeviceCredential, Failure> {
         let RotateDeviceKey { client_request_id, user, password, card_idm } = self;
         let engine = &ctx.engine;
-        Ok(engine.rotate_device_key(client_request_id, &user, &password, card_idm).await?.to_wire())
+        Ok(engine
+            .rotate_device_key(RequestId(client_request_id), &user, &password, card_idm)
+            .await?
+            .to_wire())
     }
 }
 
@@ -263,7 +282,10 @@ impl Serve for RevokeDeviceKey {
     }
     async fn serve(self, ctx: &Context, _: &Identity) -> Result<(), Failure> {
         let RevokeDeviceKey { client_request_id, user, password, card_idm } = self;
-        Ok(ctx.engine.revoke_device_key(client_request_id, &user, &password, card_idm).await?)
+        Ok(ctx
+            .engine
+            .revoke_device_key(RequestId(client_request_id), &user, &password, card_idm)
+            .await?)
     }
 }
 
@@ -274,7 +296,13 @@ impl Serve for RegisterTerminals {
     async fn serve(self, ctx: &Context, _: &Identity) -> Result<(), Failure> {
         let terminals = self.terminals.to_engine();
         let engine = &ctx.engine;
-        Ok(engine.register_terminals(self.client_request_id, self.provider_code, terminals).await?)
+        Ok(engine
+            .register_terminals(
+                RequestId(self.client_request_id),
+                ProviderCode(self.provider_code),
+                terminals,
+            )
+            .await?)
     }
 }
 
@@ -284,7 +312,14 @@ impl Serve for RemoveTerminals {
     }
     async fn serve(self, ctx: &Context, _: &Identity) -> Result<(), Failure> {
         let RemoveTerminals { client_request_id, provider_code, terminal_ids } = self;
-        Ok(ctx.engine.remove_terminals(client_request_id, provider_code, terminal_ids).await?)
+        Ok(ctx
+            .engine
+            .remove_terminals(
+                RequestId(client_request_id),
+                ProviderCode(provider_code),
+                terminal_ids,
+            )
+            .await?)
     }
 }
 
@@ -297,7 +332,10 @@ impl Serve for ConfirmTerminal {
         ctx: &Context,
         _: &Identity,
     ) -> Result<confirm_terminal::TerminalConfirmation, Failure> {
-        Ok(ctx.engine.confirm_terminal(self.provider_code, &self.terminal_id)?.to_wire())
+        Ok(ctx
+            .engine
+            .confirm_terminal(ProviderCode(self.provider_code), &self.terminal_id)?
+            .to_wire())
     }
 }
 
@@ -306,7 +344,7 @@ impl Serve for RegisterAge {
         Permit::Accounts
     }
     async fn serve(self, ctx: &Context, _: &Identity) -> Result<(), Failure> {
-        Ok(ctx.engine.register_age(self.client_request_id, &self.record).await?)
+        Ok(ctx.engine.register_age(RequestId(self.client_request_id), &self.record).await?)
     }
 }
 
@@ -318,7 +356,14 @@ impl Serve for SetAgePolicy {
         let SetAgePolicy { client_request_id, provider_code, terminal_id, policy } = self;
         let policy = policy.to_engine();
         let engine = &ctx.engine;
-        Ok(engine.set_age_policy(client_request_id, provider_code, &terminal_id, policy).await?)
+        Ok(engine
+            .set_age_policy(
+                RequestId(client_request_id),
+                ProviderCode(provider_code),
+                &terminal_id,
+                policy,
+            )
+            .await?)
     }
 }
 
@@ -327,7 +372,10 @@ impl Serve for UpsertStore {
         Permit::Stores
     }
     async fn serve(self, ctx: &Context, _: &Identity) -> Result<(), Failure> {
-        Ok(ctx.engine.upsert_store(self.client_request_id, self.store.to_engine()).await?)
+        Ok(ctx
+            .engine
+            .upsert_store(RequestId(self.client_request_id), self.store.to_engine())
+            .await?)
     }
 }
 
@@ -336,7 +384,7 @@ impl Serve for RemoveStore {
         Permit::Stores
     }
     async fn serve(self, ctx: &Context, _: &Identity) -> Result<(), Failure> {
-        Ok(ctx.engine.remove_store(self.client_request_id, &self.store_id).await?)
+        Ok(ctx.engine.remove_store(RequestId(self.client_request_id), &self.store_id).await?)
     }
 }
 
@@ -373,8 +421,9 @@ impl Serve for TopUp {
     ) -> Result<settlegate_protocol::values::Balance, Failure> {
         let TopUp { client_request_id, user, means_id, amount_minor, currency } = self;
         let engine = &ctx.engine;
-        let balance =
-            engine.top_up(client_request_id, &user, means_id, amount_minor, currency).await?;
+        let balance = engine
+            .top_up(RequestId(client_request_id), &user, means_id, amount_minor, currency)
+            .await?;
         Ok(balance.to_wire())
     }
 }
@@ -454,8 +503,8 @@ impl Serve for IssueCoupons {
         let results = ctx
             .engine
             .issue_coupons(
-                client_request_id,
-                provider_code,
+                RequestId(client_request_id),
+                ProviderCode(provider_code),
                 users,
                 effect.to_engine(),
                 uses,
@@ -484,7 +533,7 @@ impl Serve for NotifyDelivery {
         _: &Identity,
     ) -> Result<notify_delivery::Delivered, Failure> {
         let notice = self.notice.to_engine();
-        let devices = ctx.engine.notify_delivery(self.client_request_id, notice).await?;
+        let devices = ctx.engine.notify_delivery(RequestId(self.client_request_id), notice).await?;
         Ok(notify_delivery::Delivered { devices: devices as u32 })
     }
 }

@@ -73,11 +73,16 @@ pub async fn start_observed(
     http_up(http_addr);
     let started = async {
         // Recovery reads and applies the logs: blocking work, off the runtime HTTP runs on.
+        // The vault key from the environment or its file (`docs/CONFIG.md`), read here too.
         let engine_config = config.engine.clone();
-        let engine = tokio::task::spawn_blocking(move || Engine::start(engine_config))
-            .await
-            .context("starting the engine")?
-            .context("starting the engine")?;
+        let engine = tokio::task::spawn_blocking(move || {
+            let engine_config = crate::config::engine_config_from_env(&engine_config)
+                .map_err(settlegate_engine::EngineError::Config)?;
+            Engine::start(engine_config)
+        })
+        .await
+        .context("starting the engine")?
+        .context("starting the engine")?;
         crate::demo::load(&engine, config.demo.users).await.context("loading demo data")?;
         if config.demo.stores {
             crate::demo::load_stores(&engine).await.context("loading demo stores")?;
@@ -166,8 +171,7 @@ impl RunningServer {
         self.http_state.draining();
         let _ = self.shutdown.send(true);
         let _ = self.accept_task.await;
-        let engine = self.engine.clone();
-        let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
+        self.engine.shutdown().await;
         let _ = self.http_shutdown.send(true);
         let _ = self.http_task.await;
     }

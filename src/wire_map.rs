@@ -5,6 +5,7 @@
 
 use settlegate_engine as engine;
 use settlegate_engine::codes::CouponEffect;
+use settlegate_engine::RequestId;
 use settlegate_protocol::messages as wire;
 use settlegate_protocol::ops::issue_code::IssueCode;
 use settlegate_protocol::ops::redeem_code::RedeemCode;
@@ -117,7 +118,7 @@ impl ToEngine for IssueCode {
     fn to_engine(self) -> engine::IssueCodeRequest {
         let IssueCode { client_request_id, inherent_id, validity_ms, deliver_to, order_ref } = self;
         engine::IssueCodeRequest {
-            client_request_id,
+            client_request_id: RequestId(client_request_id),
             inherent_id,
             validity_ms,
             deliver_to,
@@ -226,7 +227,7 @@ impl ToEngine for RedeemCode {
             wire::SaleLines::Basket(basket) => engine::SaleLines::Basket(basket.to_engine()),
         };
         engine::RedeemRequest {
-            client_request_id: self.client_request_id,
+            client_request_id: RequestId(self.client_request_id),
             code: self.code,
             issuer: self.issuer,
             number: self.number,

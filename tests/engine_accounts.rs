@@ -1,5 +1,6 @@
 //! G1: enrollment, login, means, device keys and the vault.
 
+use settlegate_engine::{AddMeansOptions, RequestId};
 use settlegate_engine::{
     AuthOutcome, EngineError, EnrollRequest, MeansInput, MeansKind, MeansOrder, ReasonCode,
     UserIdType, UserKey,
@@ -117,10 +118,18 @@ async fn means_are_tokenized_and_one_is_default() {
     let h = Harness::new();
     let carol = h.user("carol").await;
     let emoney = MeansInput::EMoney { emoney_type: "Suica".into() };
-    let added = h.engine.add_means(request_id(), &carol.user, &emoney, false).await.unwrap();
+    let added = h
+        .engine
+        .add_means(request_id(), &carol.user, &emoney, AddMeansOptions::default())
+        .await
+        .unwrap();
     let bank =
         MeansInput::BankAccount { bank_code: "0001".into(), account_number: "1234567".into() };
-    let bank_added = h.engine.add_means(request_id(), &carol.user, &bank, false).await.unwrap();
+    let bank_added = h
+        .engine
+        .add_means(request_id(), &carol.user, &bank, AddMeansOptions::default())
+        .await
+        .unwrap();
     assert_eq!(bank_added.last4.as_deref(), Some("4567"));
     let means = h.engine.list_means(&carol.user, MeansOrder::Registration).await.unwrap();
     assert_eq!(means.len(), 3);
@@ -150,7 +159,7 @@ async fn invalid_card_numbers_are_refused_and_never_echoed() {
     let dave = h.user("dave").await;
     let bad = MeansInput::CreditCard { pan: "4111111111111112".into() };
     assert_eq!(
-        h.engine.add_means(request_id(), &dave.user, &bad, false).await,
+        h.engine.add_means(request_id(), &dave.user, &bad, AddMeansOptions::default()).await,
         Err(EngineError::Refused(ReasonCode::InvalidCardNumber))
     );
     assert!(!format!("{bad:?}").contains("4111111111111112"));
@@ -159,7 +168,7 @@ async fn invalid_card_numbers_are_refused_and_never_echoed() {
 #[tokio::test]
 async fn secrets_never_reach_debug_output() {
     let request = EnrollRequest {
-        client_request_id: 1,
+        client_request_id: RequestId(1),
         user: UserKey::new(UserIdType::Mail, "x@example.com").unwrap(),
         password: "hunter2hunter2".into(),
         card_idm: [0; 8],
@@ -196,7 +205,11 @@ async fn means_listing_orders() {
     let h = Harness::new();
     let gina = h.user("gina").await;
     let emoney = MeansInput::EMoney { emoney_type: "nanaco".into() };
-    let second = h.engine.add_means(request_id(), &gina.user, &emoney, false).await.unwrap();
+    let second = h
+        .engine
+        .add_means(request_id(), &gina.user, &emoney, AddMeansOptions::default())
+        .await
+        .unwrap();
     h.engine.top_up(request_id(), &gina.user, second.means_id, 1_000, jpy()).await.unwrap();
     // Use the e-money twice, the card once, later.
     for _ in 0..2 {

@@ -2,6 +2,7 @@
 //! mode. The clock is T0 = 2026-11-22T00:00:00Z: 09:00 on the 22nd in Tokyo, 19:00 on the 21st
 //! in New York.
 
+use settlegate_engine::ProviderCode;
 use std::sync::atomic::Ordering;
 
 use settlegate_engine::age::{Date, VerificationMethod};
@@ -32,7 +33,10 @@ fn policy(
 async fn stores(h: &Harness) {
     let ids = ["JP-REFUSE", "JP-REMOVE", "US-NY", "JP-STRICT", "JP-DEFAULT"];
     let entries = ids.iter().map(|id| TerminalEntry { terminal_id: (*id).into(), service: None });
-    h.engine.register_terminals(request_id(), PROVIDER_OK, entries.collect()).await.unwrap();
+    h.engine
+        .register_terminals(request_id(), ProviderCode(PROVIDER_OK), entries.collect())
+        .await
+        .unwrap();
     let set = [
         ("JP-REFUSE", policy("JP", "Asia/Tokyo", OnAgeFailure::Refuse, false)),
         ("JP-REMOVE", policy("JP", "Asia/Tokyo", OnAgeFailure::RemoveItems, false)),
@@ -40,7 +44,10 @@ async fn stores(h: &Harness) {
         ("JP-STRICT", policy("JP", "Asia/Tokyo", OnAgeFailure::RemoveItems, true)),
     ];
     for (terminal, policy) in set {
-        h.engine.set_age_policy(request_id(), PROVIDER_OK, terminal, Some(policy)).await.unwrap();
+        h.engine
+            .set_age_policy(request_id(), ProviderCode(PROVIDER_OK), terminal, Some(policy))
+            .await
+            .unwrap();
     }
 }
 
@@ -311,10 +318,16 @@ async fn registrations_are_checked() {
     );
     // A policy for a store terminal that is not listed, and one with an unknown time zone.
     let jp = policy("JP", "Asia/Tokyo", OnAgeFailure::Refuse, false);
-    let result = h.engine.set_age_policy(request_id(), PROVIDER_OK, "NOT-LISTED", Some(jp)).await;
+    let result = h
+        .engine
+        .set_age_policy(request_id(), ProviderCode(PROVIDER_OK), "NOT-LISTED", Some(jp))
+        .await;
     assert_eq!(refused(result), ReasonCode::InvalidTerminal);
     let bad = policy("JP", "Mars/Olympus_Mons", OnAgeFailure::Refuse, false);
-    let result = h.engine.set_age_policy(request_id(), PROVIDER_OK, "JP-REFUSE", Some(bad)).await;
+    let result = h
+        .engine
+        .set_age_policy(request_id(), ProviderCode(PROVIDER_OK), "JP-REFUSE", Some(bad))
+        .await;
     assert_eq!(refused(result), ReasonCode::InvalidAgePolicy);
 }
 
@@ -351,7 +364,7 @@ async fn age_state_survives_a_restart() {
         let first = h.engine.authorize_baskets(vec![(request.clone(), Some(basket.clone()))]).await;
         let first = first.into_iter().next().unwrap().unwrap();
         assert_eq!(approved(first.outcome).amount_final_minor, 300);
-        h.engine.shutdown();
+        h.engine.shutdown().await;
         drop(h);
 
         let h = Harness::with_config(durable());
@@ -368,7 +381,7 @@ async fn age_state_survives_a_restart() {
         // And the strict store is still strict.
         let plain = h.authorize(teen.signed(T0_MS, 300, PROVIDER_OK, "JP-STRICT")).await;
         assert_eq!(plain, AuthOutcome::Declined(ReasonCode::BasketMismatch));
-        h.engine.shutdown();
+        h.engine.shutdown().await;
     }
 }
 
@@ -383,7 +396,10 @@ async fn a_store_terminal_without_a_policy_follows_the_default() {
         assert_eq!(paid.verdict.unwrap().items.len(), 2);
     }
     // Clearing a terminal's own policy returns it to the default.
-    h.engine.set_age_policy(request_id(), PROVIDER_OK, "JP-REMOVE", None).await.unwrap();
+    h.engine
+        .set_age_policy(request_id(), ProviderCode(PROVIDER_OK), "JP-REMOVE", None)
+        .await
+        .unwrap();
     let paid = pay(&h, &teen, "JP-REMOVE", mixed_basket(true)).await;
     assert_eq!(paid.outcome, AuthOutcome::Declined(ReasonCode::AgeConditionNotMet));
 }
@@ -522,13 +538,13 @@ async fn a_basket_redemption_survives_a_restart() {
         let code = code_for(&h, &teen).await;
         let request = redeem_with(&code, "JP-REMOVE", mixed_basket(true));
         let first = h.engine.redeem_code(request.clone()).await.unwrap();
-        h.engine.shutdown();
+        h.engine.shutdown().await;
         drop(h);
 
         let h = Harness::with_config(durable());
         let state = h.engine.code_state(code.number).await.unwrap();
         assert_eq!(state, CodeState::Redeemed(Box::new(first.clone())), "{snapshot_every_records}");
         assert_eq!(h.engine.redeem_code(request).await.unwrap(), first, "the retry's answer");
-        h.engine.shutdown();
+        h.engine.shutdown().await;
     }
 }

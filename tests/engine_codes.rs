@@ -4,6 +4,7 @@
 use proptest::prelude::*;
 use settlegate_engine::codes::{issue_number, CodeKey, CodeKind, CodePayload, CouponEffect};
 use settlegate_engine::limits::ITEM_ID_LEN_MAX;
+use settlegate_engine::{AddMeansOptions, ProviderCode};
 use settlegate_engine::{
     CodeOutcome, CodeState, DeliveryNotice, DeviceMessage, EngineError, IssueCodeRequest,
     IssuedCode, MeansInput, MeansKind, ReasonCode, RedeemRequest, SaleLines,
@@ -66,7 +67,7 @@ fn redeem(code: &IssuedCode, amount: u64, terminal: &str) -> RedeemRequest {
 async fn purse_user(h: &Harness, name: &str, balance: u64) -> TestUser {
     let user = h.user(name).await;
     let purse = MeansInput::EMoney { emoney_type: "suica".into() };
-    h.engine.add_means(request_id(), &user.user, &purse, false).await.unwrap();
+    h.engine.add_means(request_id(), &user.user, &purse, AddMeansOptions::default()).await.unwrap();
     h.engine.top_up(request_id(), &user.user, 2, balance, jpy()).await.unwrap();
     user
 }
@@ -268,7 +269,14 @@ async fn a_coupon_applies_then_is_refused_when_used_up() {
     let expires = T0_MS + 86_400_000;
     let issued = h
         .engine
-        .issue_coupons(request_id(), PROVIDER_OK, vec![hana.user.clone()], effect, 1, expires)
+        .issue_coupons(
+            request_id(),
+            ProviderCode(PROVIDER_OK),
+            vec![hana.user.clone()],
+            effect,
+            1,
+            expires,
+        )
         .await;
     let coupon = issued.into_iter().next().unwrap().unwrap();
     let first = issue(&h, code_request(&h, &hana, 2_000, (MeansKind::CreditCard, 0))).await;
@@ -286,7 +294,14 @@ async fn a_coupon_applies_then_is_refused_when_used_up() {
     let percent = CouponEffect::Percent { bps: 1_000 };
     let issued = h
         .engine
-        .issue_coupons(request_id(), PROVIDER_OK, vec![hana.user.clone()], percent, 3, expires)
+        .issue_coupons(
+            request_id(),
+            ProviderCode(PROVIDER_OK),
+            vec![hana.user.clone()],
+            percent,
+            3,
+            expires,
+        )
         .await;
     let coupon = issued.into_iter().next().unwrap().unwrap();
     let mut with_percent = redeem(&second, 2_000, "POS-A");
@@ -338,7 +353,7 @@ async fn codes_survive_a_restart() {
             .engine
             .issue_coupons(
                 request_id(),
-                PROVIDER_OK,
+                ProviderCode(PROVIDER_OK),
                 vec![user.user.clone()],
                 effect,
                 2,
@@ -348,7 +363,7 @@ async fn codes_survive_a_restart() {
         let coupon = coupons.into_iter().next().unwrap().unwrap();
         let request = redeem(&redeemed, 1_500, "POS-A");
         let first = h.engine.redeem_code(request.clone()).await.unwrap();
-        h.engine.shutdown();
+        h.engine.shutdown().await;
         drop(h);
 
         let h = Harness::with_config(durable());
@@ -366,7 +381,7 @@ async fn codes_survive_a_restart() {
         with_coupon.coupon = Some(coupon.text);
         assert_eq!(h.engine.redeem_code(with_coupon).await.unwrap().captured_minor, 3_000);
         assert_eq!(available(&h, &user).await, (4_500, 4_500));
-        h.engine.shutdown();
+        h.engine.shutdown().await;
     }
 }
 
@@ -458,7 +473,7 @@ async fn run_codes(ops: Vec<CodeOp>, provider_latency_us: u64) -> Result<(), Tes
     let (balance, available) = available(&h, &user).await;
     prop_assert_eq!(balance, 20_000 - captured, "every capture debited once");
     prop_assert_eq!(available, balance - still_held, "holds: only live codes'");
-    h.engine.shutdown();
+    h.engine.shutdown().await;
     Ok(())
 }
 

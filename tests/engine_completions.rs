@@ -6,6 +6,7 @@
 //! counted, and the payment stands declined as a provider timeout, its own purse hold released.
 //! The provider here answers when the test says, so every interleaving is exact.
 
+use settlegate_engine::{AddMeansOptions, RequestId};
 use settlegate_engine::{
     AuthOutcome, AuthorizeRequest, EngineConfig, EngineError, InherentId, MeansInput, MeansKind,
     MeansOrder, MeansView, ReasonCode,
@@ -35,7 +36,7 @@ fn pay(user: &TestUser, id: u128, amount: u64, provider: u32) -> AuthorizeReques
         ..user.record(T0_MS, amount, provider, "I-T1")
     };
     AuthorizeRequest {
-        client_request_id: id,
+        client_request_id: RequestId(id),
         inherent_id: record.sign(user.credential.device_key.expose()),
     }
 }
@@ -66,11 +67,14 @@ struct Interleaved {
 async fn interleave(h: &Harness, gate: &Gate) -> Interleaved {
     let alice = h.user("alice").await;
     let suica = MeansInput::EMoney { emoney_type: "suica".into() };
-    h.engine.add_means(request_id(), &alice.user, &suica, false).await.unwrap();
+    h.engine
+        .add_means(request_id(), &alice.user, &suica, AddMeansOptions::default())
+        .await
+        .unwrap();
     h.engine.top_up(request_id(), &alice.user, EMONEY, TOP_UP, jpy()).await.unwrap();
 
     let id = request_id();
-    let a = pay(&alice, id, AMOUNT_A, PROVIDER_GATED);
+    let a = pay(&alice, id.get(), AMOUNT_A, PROVIDER_GATED);
     let a_call = tokio::spawn({
         let engine = h.engine.clone();
         let a = a.clone();
@@ -86,7 +90,7 @@ async fn interleave(h: &Harness, gate: &Gate) -> Interleaved {
         approved(h.authorize(alice.signed(T0_MS, 10, PROVIDER_OK, "I-T1")).await);
     }
     // The ID is free again: B takes it, a new request (another inherent ID and amount).
-    let b = pay(&alice, id, AMOUNT_B, PROVIDER_GATED);
+    let b = pay(&alice, id.get(), AMOUNT_B, PROVIDER_GATED);
     let b_call = tokio::spawn({
         let engine = h.engine.clone();
         let b = b.clone();
@@ -133,7 +137,7 @@ async fn a_late_completion_does_not_land_on_a_newer_record_of_its_id() {
     complete_b(&h, run).await;
     assert_eq!(h.engine.completions_dropped(), 1);
     assert_eq!(gate.calls(), 2);
-    h.engine.shutdown();
+    h.engine.shutdown().await;
 }
 
 /// The same interleaving, then a restart: the log (and, every few records, a snapshot)
@@ -152,7 +156,7 @@ async fn a_late_completion_replays_as_it_was_applied() {
         let run = interleave(&h, &gate).await;
         let (alice, b, b_outcome) = complete_b(&h, run).await;
         let means_before = h.engine.list_means(&alice.user, MeansOrder::Registration).await;
-        h.engine.shutdown();
+        h.engine.shutdown().await;
         drop(h);
 
         let (h, gate) = durable();
@@ -162,7 +166,7 @@ async fn a_late_completion_replays_as_it_was_applied() {
             means_before.unwrap()
         );
         assert_eq!(gate.calls(), 0, "nothing was asked of the provider again");
-        h.engine.shutdown();
+        h.engine.shutdown().await;
     }
 }
 
@@ -179,7 +183,7 @@ async fn a_record_pending_at_a_restart_is_resolved_not_given_a_late_completion()
     };
     let (h, gate) = durable();
     let Interleaved { alice, b, b_call, b_asked } = interleave(&h, &gate).await;
-    h.engine.shutdown();
+    h.engine.shutdown().await;
     b_asked.approve(*b"BBBBBB");
     // Its completion is refused: the engine stopped, nothing acknowledged.
     assert!(matches!(b_call.await.unwrap(), Err(EngineError::Stopped)));
@@ -192,7 +196,7 @@ async fn a_record_pending_at_a_restart_is_resolved_not_given_a_late_completion()
     assert_eq!(balance(&view), (TOP_UP, TOP_UP), "every hold released, nothing debited");
     assert_eq!(view.uses, 0);
     assert_eq!(gate.calls(), 0);
-    h.engine.shutdown();
+    h.engine.shutdown().await;
 }
 
 /// A completion that finds its own record pending is not counted as dropped.
@@ -211,5 +215,5 @@ async fn no_completion_is_dropped_in_the_ordinary_course() {
     gate.next().await.approve(*b"CCCCCC");
     approved(paid.await.unwrap().unwrap());
     assert_eq!(h.engine.completions_dropped(), 0);
-    h.engine.shutdown();
+    h.engine.shutdown().await;
 }

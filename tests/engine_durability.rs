@@ -1,6 +1,7 @@
 //! Durability: what an engine acknowledged is there after a restart; damaged logs are cut or
 //! refused exactly as docs/ARCHITECTURE.md says.
 
+use settlegate_engine::{AddMeansOptions, ProviderCode, RequestId};
 use std::path::Path;
 use std::time::Duration;
 
@@ -53,7 +54,10 @@ async fn everything_acknowledged_survives_a_restart_with(provider_latency_us: u6
     let h = durable(dir.path());
     let alice = h.user("alice").await;
     let terminal = TerminalEntry { terminal_id: "KEEP-1".into(), service: None };
-    h.engine.register_terminals(request_id(), PROVIDER_OK, vec![terminal]).await.unwrap();
+    h.engine
+        .register_terminals(request_id(), ProviderCode(PROVIDER_OK), vec![terminal])
+        .await
+        .unwrap();
     let request = AuthorizeRequest {
         client_request_id: request_id(),
         inherent_id: alice.signed(T0_MS, 4_321, PROVIDER_OK, "KEEP-1"),
@@ -61,7 +65,7 @@ async fn everything_acknowledged_survives_a_restart_with(provider_latency_us: u6
     let first = h.engine.authorize(request.clone()).await.unwrap();
     approved(first);
     let means_before = h.engine.list_means(&alice.user, MeansOrder::Registration).await.unwrap();
-    h.engine.shutdown();
+    h.engine.shutdown().await;
     drop(h);
 
     let h = durable(dir.path());
@@ -84,13 +88,13 @@ async fn everything_acknowledged_survives_a_restart_with(provider_latency_us: u6
     approved(h.authorize(alice.signed(T0_MS, 10, PROVIDER_OK, "KEEP-1")).await);
     // The provider's terminal list.
     assert_eq!(
-        h.engine.confirm_terminal(PROVIDER_OK, "KEEP-1").unwrap(),
+        h.engine.confirm_terminal(ProviderCode(PROVIDER_OK), "KEEP-1").unwrap(),
         TerminalConfirmation::Listed { service: None }
     );
     // The card number, sealed in the log, opens with the same vault key.
     let token = means_before[0].token.unwrap();
     assert_eq!(h.engine.vault().reveal(&token).unwrap().as_str(), "4111111111111111");
-    h.engine.shutdown();
+    h.engine.shutdown().await;
 }
 
 /// After shutdown no shard applies anything, on its own thread or on a caller's: every request
@@ -104,7 +108,7 @@ async fn after_shutdown_every_request_is_refused_as_stopped() {
         client_request_id: request_id(),
         inherent_id: alice.signed(T0_MS, 700, PROVIDER_OK, "T-1"),
     };
-    h.engine.shutdown();
+    h.engine.shutdown().await;
     assert!(matches!(h.engine.authorize(request.clone()).await, Err(EngineError::Stopped)));
     assert!(matches!(h.engine.login(&alice.user, PASSWORD).await, Err(EngineError::Stopped)));
     drop(h);
@@ -112,7 +116,7 @@ async fn after_shutdown_every_request_is_refused_as_stopped() {
     // The refused request was not recorded: on a restart it is approved as new.
     let h = restart(dir.path());
     approved(h.engine.authorize(request).await.unwrap());
-    h.engine.shutdown();
+    h.engine.shutdown().await;
 }
 
 /// A payment with its provider when the engine stops is resolved at restart from its logged
@@ -127,7 +131,7 @@ async fn an_authorization_cut_off_at_its_provider_is_resolved_at_restart() {
     let (h, gate) = gated(dir.path());
     let bob = h.user("bob").await;
     let suica = MeansInput::EMoney { emoney_type: "suica".into() };
-    h.engine.add_means(request_id(), &bob.user, &suica, false).await.unwrap();
+    h.engine.add_means(request_id(), &bob.user, &suica, AddMeansOptions::default()).await.unwrap();
     h.engine.top_up(request_id(), &bob.user, 2, 5_000, jpy()).await.unwrap();
     let record = InherentId {
         means: MeansKind::EMoney,
@@ -147,7 +151,7 @@ async fn an_authorization_cut_off_at_its_provider_is_resolved_at_restart() {
     let asked = gate.next().await;
     assert_eq!(asked.request.amount_minor, 1_200);
     assert_eq!(purse_of(&h, &bob).await, (5_000, 3_800), "the payment's amount is held");
-    h.engine.shutdown();
+    h.engine.shutdown().await;
     // The provider's answer comes too late: nothing more is recorded or acknowledged.
     asked.approve(*b"LATE01");
     assert!(matches!(in_flight.await.unwrap(), Err(EngineError::Stopped)));
@@ -178,7 +182,7 @@ async fn an_authorization_cut_off_at_its_provider_is_resolved_at_restart() {
     assert_eq!(purse_of(&h, &bob).await, (5_000, 5_000), "the hold is released, nothing debited");
     let means = h.engine.list_means(&bob.user, MeansOrder::Registration).await.unwrap();
     assert_eq!(means[1].uses, 0);
-    h.engine.shutdown();
+    h.engine.shutdown().await;
 }
 
 /// The e-money purse (means 2) of `user`: balance and available.
@@ -217,7 +221,7 @@ async fn two_users_requests_with_one_id_stay_apart() {
         for (request, outcome) in requests.iter().zip(&outcomes) {
             assert_eq!(h.engine.authorize(request.clone()).await.unwrap(), *outcome);
         }
-        h.engine.shutdown();
+        h.engine.shutdown().await;
         drop(h);
 
         for restart in 0..2 {
@@ -235,7 +239,7 @@ async fn two_users_requests_with_one_id_stay_apart() {
             }
             // A record written at this restart, so that the next one starts from a snapshot.
             h.engine.login(&alice.user, PASSWORD).await.unwrap();
-            h.engine.shutdown();
+            h.engine.shutdown().await;
         }
     }
 }
@@ -247,7 +251,7 @@ async fn populated(dir: &Path) -> std::path::PathBuf {
     for name in ["p1", "p2", "p3", "p4"] {
         h.user(name).await;
     }
-    h.engine.shutdown();
+    h.engine.shutdown().await;
     drop(h);
     let count = config().shard_count();
     (0..count)
@@ -279,7 +283,7 @@ async fn a_torn_last_record_is_discarded() {
         }
     }
     assert!(present >= 3, "only the last record may be lost, {present} of 4 users present");
-    h.engine.shutdown();
+    h.engine.shutdown().await;
 }
 
 #[tokio::test]
@@ -347,7 +351,7 @@ async fn shards_zero_keeps_the_count_the_data_was_written_with() {
         for name in names {
             h.user(name).await;
         }
-        h.engine.shutdown();
+        h.engine.shutdown().await;
         drop(h);
         let mut auto = durable_config(dir.path());
         auto.shards = 0;
@@ -357,7 +361,7 @@ async fn shards_zero_keeps_the_count_the_data_was_written_with() {
             let user = UserKey::new(UserIdType::Mail, format!("{name}@example.com")).unwrap();
             assert!(h.engine.devices_of(&user).await.is_ok(), "{name} recovered");
         }
-        h.engine.shutdown();
+        h.engine.shutdown().await;
     }
     // A fresh directory takes the default count.
     let dir = tempfile::tempdir().unwrap();
@@ -365,7 +369,7 @@ async fn shards_zero_keeps_the_count_the_data_was_written_with() {
     auto.shards = 0;
     let h = Harness::with_config(auto.clone());
     assert_eq!(h.engine.shard_count(), auto.shard_count());
-    h.engine.shutdown();
+    h.engine.shutdown().await;
 }
 
 #[tokio::test]
@@ -373,9 +377,8 @@ async fn a_data_directory_without_a_lasting_vault_key_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = durable_config(dir.path());
     config.vault.key_hex = None;
-    if std::env::var_os(settlegate_engine::config::VAULT_KEY_ENV).is_some() {
-        return; // The environment supplies a key: nothing to refuse.
-    }
+    // The engine reads no environment variable: `SETTLEGATE_VAULT_KEY` set or not, a config
+    // without a key is refused.
     match settlegate_engine::Engine::start(config) {
         Err(EngineError::Config(message)) => assert!(message.contains("vault key"), "{message}"),
         other => panic!("expected a config error, got {:?}", other.map(|_| ())),
@@ -402,8 +405,11 @@ async fn with_snapshots(dir: &Path) -> Vec<(AuthorizeRequest, AuthOutcome)> {
         done.push((request, outcome));
     }
     let terminal = TerminalEntry { terminal_id: "SNAP-1".into(), service: None };
-    h.engine.register_terminals(request_id(), PROVIDER_OK, vec![terminal]).await.unwrap();
-    h.engine.shutdown();
+    h.engine
+        .register_terminals(request_id(), ProviderCode(PROVIDER_OK), vec![terminal])
+        .await
+        .unwrap();
+    h.engine.shutdown().await;
     done
 }
 
@@ -448,10 +454,10 @@ async fn assert_restored(dir: &Path, done: &[(AuthorizeRequest, AuthOutcome)]) {
         assert_eq!(h.engine.vault().reveal(&token).unwrap().as_str(), "4111111111111111");
     }
     assert_eq!(
-        h.engine.confirm_terminal(PROVIDER_OK, "SNAP-1").unwrap(),
+        h.engine.confirm_terminal(ProviderCode(PROVIDER_OK), "SNAP-1").unwrap(),
         TerminalConfirmation::Listed { service: None }
     );
-    h.engine.shutdown();
+    h.engine.shutdown().await;
 }
 
 #[tokio::test]
@@ -471,7 +477,7 @@ async fn keys_restored_sealed_from_a_snapshot_open_when_first_used() {
     let credential = h.engine.enroll(enroll.clone()).await.unwrap();
     // Enough records after it that a snapshot holds the enrollment.
     with_more_records(&h).await;
-    h.engine.shutdown();
+    h.engine.shutdown().await;
     drop(h);
 
     let h = Harness::with_config(snapshotting_config(dir.path()));
@@ -482,14 +488,17 @@ async fn keys_restored_sealed_from_a_snapshot_open_when_first_used() {
     // The device key, restored sealed, opens on the device's first request and verifies it.
     let user = TestUser { user: enroll.user.clone(), credential, counter: 1.into() };
     let card = settlegate_engine::MeansInput::CreditCard { pan: "4111111111111111".into() };
-    h.engine.add_means(request_id(), &user.user, &card, true).await.unwrap();
+    h.engine
+        .add_means(request_id(), &user.user, &card, AddMeansOptions { make_default: true })
+        .await
+        .unwrap();
     let outcome = h.authorize(user.signed(T0_MS, 700, PROVIDER_OK, "T-1")).await;
     assert!(matches!(outcome, AuthOutcome::Approved(_)), "{outcome:?}");
     // A forged tag is still refused by the opened key.
     let mut forged = user.signed(T0_MS, 700, PROVIDER_OK, "T-1");
     *forged.last_mut().unwrap() ^= 1;
     assert_eq!(h.authorize(forged).await, AuthOutcome::Declined(ReasonCode::ForgedTag));
-    h.engine.shutdown();
+    h.engine.shutdown().await;
 }
 
 #[tokio::test]
@@ -499,7 +508,7 @@ async fn a_rotated_key_and_its_grace_window_survive_a_snapshot() {
     let rita = h.user("rita").await;
     let rotated = h.rotate_key(&rita).await;
     with_more_records(&h).await;
-    h.engine.shutdown();
+    h.engine.shutdown().await;
     drop(h);
 
     let h = Harness::with_config(snapshotting_config(dir.path()));
@@ -510,7 +519,7 @@ async fn a_rotated_key_and_its_grace_window_survive_a_snapshot() {
     assert!(matches!(outcome, AuthOutcome::Approved(_)), "{outcome:?}");
     let outcome = h.authorize(rita.signed(T0_MS, 500, PROVIDER_OK, "T-1")).await;
     assert!(matches!(outcome, AuthOutcome::Approved(_)), "{outcome:?}");
-    h.engine.shutdown();
+    h.engine.shutdown().await;
 }
 
 /// Enrolls a few more users so that every shard passes its snapshot threshold.
@@ -546,7 +555,7 @@ async fn a_crash_between_snapshot_and_new_log_does_not_apply_records_twice() {
     let h = restart(dir.path());
     let user = h.user("twice").await;
     approved(h.authorize(user.signed(T0_MS, 100, PROVIDER_OK, "T-1")).await);
-    h.engine.shutdown();
+    h.engine.shutdown().await;
     drop(h);
     let old_logs: Vec<_> = (0..config().shard_count())
         .map(|i| {
@@ -560,7 +569,7 @@ async fn a_crash_between_snapshot_and_new_log_does_not_apply_records_twice() {
     config.durability.snapshot_every_records = 1;
     let h = Harness::with_config(config.clone());
     h.engine.login(&user.user, PASSWORD).await.unwrap();
-    h.engine.shutdown();
+    h.engine.shutdown().await;
     drop(h);
     // Simulate the crash: the snapshot is in place but the old generation-0 log is back.
     for (path, bytes) in old_logs {
@@ -572,7 +581,7 @@ async fn a_crash_between_snapshot_and_new_log_does_not_apply_records_twice() {
     let means = h.engine.list_means(&user.user, MeansOrder::Registration).await.unwrap();
     assert_eq!(means.len(), 1, "the card was not added twice");
     assert_eq!(means[0].uses, 1, "the settlement was not counted twice");
-    h.engine.shutdown();
+    h.engine.shutdown().await;
 }
 
 /// A temporary copy of the checked-in data directory `tests/fixtures/<name>`.
@@ -617,7 +626,7 @@ async fn a_data_directory_of_format_version_3_still_restores() {
 async fn assert_the_version_5_fixture_reads(dir: &Path) {
     let user = UserKey::new(UserIdType::Mail, "fixture@example.com").unwrap();
     let request = |id: u128, inherent_hex: &str| AuthorizeRequest {
-        client_request_id: id,
+        client_request_id: RequestId(id),
         inherent_id: hex::decode(inherent_hex).unwrap(),
     };
     // As the fixture's writer recorded them: a payment approved, one left with its provider.
@@ -650,7 +659,7 @@ async fn assert_the_version_5_fixture_reads(dir: &Path) {
             (8_000, 8_000, 1),
             "one debit, and the pending payment's hold released (restart {restart_count})"
         );
-        h.engine.shutdown();
+        h.engine.shutdown().await;
     }
 }
 
@@ -723,7 +732,8 @@ mod fixture_v6 {
     use settlegate_engine::{
         AcceptedMethod, AgePolicy, AgeRecord, AuthorizeRequest, Basket, BasketItem,
         DeviceCredential, Discount, EnrollRequest, InherentId, IssueCodeRequest, MeansKind,
-        OnAgeFailure, RedeemRequest, Store, TerminalEntry, TerminalService, UserIdType, UserKey,
+        OnAgeFailure, RedeemRequest, RequestId, Store, TerminalEntry, TerminalService, UserIdType,
+        UserKey,
     };
 
     use crate::support::*;
@@ -740,7 +750,7 @@ mod fixture_v6 {
 
     pub fn enroll() -> EnrollRequest {
         EnrollRequest {
-            client_request_id: 60_001,
+            client_request_id: RequestId(60_001),
             user: user(),
             password: PASSWORD.into(),
             card_idm: IDM,
@@ -841,37 +851,37 @@ mod fixture_v6 {
     /// A card payment of 1,000 at the shop with the service (approved).
     pub fn card_payment(c: &DeviceCredential) -> AuthorizeRequest {
         let inherent_id = record(c, 10, 1_000, (MeansKind::CreditCard, 1), PROVIDER_OK, SHOP);
-        AuthorizeRequest { client_request_id: 60_010, inherent_id }
+        AuthorizeRequest { client_request_id: RequestId(60_010), inherent_id }
     }
 
     /// A payment its provider declines.
     pub fn declined_payment(c: &DeviceCredential) -> AuthorizeRequest {
         let inherent_id = record(c, 11, 500, (MeansKind::CreditCard, 1), PROVIDER_DECLINE, SHOP);
-        AuthorizeRequest { client_request_id: 60_011, inherent_id }
+        AuthorizeRequest { client_request_id: RequestId(60_011), inherent_id }
     }
 
     /// The basket payment at the age-policy terminal.
     pub fn basket_payment(c: &DeviceCredential) -> AuthorizeRequest {
         let inherent_id = record(c, 12, 900, (MeansKind::CreditCard, 1), PROVIDER_OK, AGE_SHOP);
-        AuthorizeRequest { client_request_id: 60_012, inherent_id }
+        AuthorizeRequest { client_request_id: RequestId(60_012), inherent_id }
     }
 
     /// An e-money payment of 2,000 with the slow provider: with it when the snapshot is taken.
     pub fn pending_payment(c: &DeviceCredential) -> AuthorizeRequest {
         let inherent_id = record(c, 20, 2_000, (MeansKind::EMoney, 2), PROVIDER_SLOW, SHOP);
-        AuthorizeRequest { client_request_id: 60_020, inherent_id }
+        AuthorizeRequest { client_request_id: RequestId(60_020), inherent_id }
     }
 
     /// An e-money payment of 300, logged after the snapshot.
     pub fn later_payment(c: &DeviceCredential) -> AuthorizeRequest {
         let inherent_id = record(c, 22, 300, (MeansKind::EMoney, 2), PROVIDER_OK, SHOP);
-        AuthorizeRequest { client_request_id: 60_022, inherent_id }
+        AuthorizeRequest { client_request_id: RequestId(60_022), inherent_id }
     }
 
     /// Code requests: `counter` 13 stays issued, 14 is redeemed.
     pub fn code_request(c: &DeviceCredential, counter: u64) -> IssueCodeRequest {
         IssueCodeRequest {
-            client_request_id: 60_000 + u128::from(counter),
+            client_request_id: RequestId(60_000 + u128::from(counter)),
             inherent_id: record(c, counter, 1_500, (MeansKind::CreditCard, 1), PROVIDER_OK, SHOP),
             validity_ms: 7 * DAY_MS,
             deliver_to: None,
@@ -881,7 +891,7 @@ mod fixture_v6 {
 
     pub fn redeem(code: &settlegate_engine::IssuedCode) -> RedeemRequest {
         RedeemRequest {
-            client_request_id: 60_015,
+            client_request_id: RequestId(60_015),
             code: code.text.clone(),
             issuer: 1,
             number: code.number,
@@ -920,16 +930,28 @@ async fn write_the_version_6_fixture() {
     let h = engine(0);
     let c = h.engine.enroll(enroll()).await.unwrap();
     let card = MeansInput::CreditCard { pan: "4111111111111111".into() };
-    h.engine.add_means(60_002, &user(), &card, true).await.unwrap();
+    h.engine
+        .add_means(RequestId(60_002), &user(), &card, AddMeansOptions { make_default: true })
+        .await
+        .unwrap();
     let purse = MeansInput::EMoney { emoney_type: "suica".into() };
-    h.engine.add_means(60_003, &user(), &purse, false).await.unwrap();
-    h.engine.top_up(60_004, &user(), 2, 5_000, jpy()).await.unwrap();
-    h.engine.register_terminals(60_005, PROVIDER_OK, terminals()).await.unwrap();
-    h.engine.set_age_policy(60_006, PROVIDER_OK, AGE_SHOP, Some(age_policy())).await.unwrap();
-    h.engine.register_age(60_007, &age_record(&c)).await.unwrap();
-    h.engine.upsert_store(60_008, store()).await.unwrap();
+    h.engine
+        .add_means(RequestId(60_003), &user(), &purse, AddMeansOptions::default())
+        .await
+        .unwrap();
+    h.engine.top_up(RequestId(60_004), &user(), 2, 5_000, jpy()).await.unwrap();
+    h.engine
+        .register_terminals(RequestId(60_005), ProviderCode(PROVIDER_OK), terminals())
+        .await
+        .unwrap();
+    h.engine
+        .set_age_policy(RequestId(60_006), ProviderCode(PROVIDER_OK), AGE_SHOP, Some(age_policy()))
+        .await
+        .unwrap();
+    h.engine.register_age(RequestId(60_007), &age_record(&c)).await.unwrap();
+    h.engine.upsert_store(RequestId(60_008), store()).await.unwrap();
     // A refusal kept as an answer: a card keeps no balance.
-    assert!(h.engine.top_up(60_009, &user(), 1, 100, jpy()).await.is_err());
+    assert!(h.engine.top_up(RequestId(60_009), &user(), 1, 100, jpy()).await.is_err());
     approved(h.engine.authorize(card_payment(&c)).await.unwrap());
     h.engine.authorize(declined_payment(&c)).await.unwrap();
     let basket = h.engine.authorize_baskets(vec![(basket_payment(&c), Some(basket()))]).await;
@@ -941,8 +963,14 @@ async fn write_the_version_6_fixture() {
         panic!("code 14 declined")
     };
     h.engine.redeem_code(redeem(&code)).await.unwrap();
-    let coupons =
-        h.engine.issue_coupons(60_016, PROVIDER_OK, vec![user()], COUPON, 2, COUPON_EXPIRES_MS);
+    let coupons = h.engine.issue_coupons(
+        RequestId(60_016),
+        ProviderCode(PROVIDER_OK),
+        vec![user()],
+        COUPON,
+        2,
+        COUPON_EXPIRES_MS,
+    );
     coupons.await.into_iter().next().unwrap().unwrap();
     let notice = DeliveryNotice {
         user: user(),
@@ -951,8 +979,8 @@ async fn write_the_version_6_fixture() {
         currency: jpy(),
         merchant: "Store six".into(),
     };
-    h.engine.notify_delivery(60_017, notice).await.unwrap();
-    h.engine.shutdown();
+    h.engine.notify_delivery(RequestId(60_017), notice).await.unwrap();
+    h.engine.shutdown().await;
     drop(h);
 
     let h = engine(1);
@@ -960,15 +988,15 @@ async fn write_the_version_6_fixture() {
     let c2 = c.clone();
     let pending = tokio::spawn(async move { engine_handle.authorize(pending_payment(&c2)).await });
     tokio::time::sleep(Duration::from_millis(30)).await;
-    h.engine.shutdown();
+    h.engine.shutdown().await;
     drop(h);
     let _ = pending.await;
     assert!(dir.join("shard-000.snap").exists(), "a snapshot was taken");
 
     let h = engine(0);
-    h.engine.top_up(60_021, &user(), 2, 1_000, jpy()).await.unwrap();
+    h.engine.top_up(RequestId(60_021), &user(), 2, 1_000, jpy()).await.unwrap();
     approved(h.engine.authorize(later_payment(&c)).await.unwrap());
-    h.engine.shutdown();
+    h.engine.shutdown().await;
 }
 
 /// A format-version-6 data directory (written by the build before the snapshots held the
@@ -1010,10 +1038,21 @@ async fn a_version_6_data_directory_is_read() {
         assert_eq!((c.card_idm, c.key_version), (IDM, 1));
         // Means: the card (its number sealed) and the purse, with their answers.
         let card = MeansInput::CreditCard { pan: "4111111111111111".into() };
-        let added = h.engine.add_means(60_002, &user(), &card, true).await.unwrap();
+        let added = h
+            .engine
+            .add_means(RequestId(60_002), &user(), &card, AddMeansOptions { make_default: true })
+            .await
+            .unwrap();
         assert_eq!((added.means_id, added.last4.as_deref()), (1, Some("1111")));
         let purse = MeansInput::EMoney { emoney_type: "suica".into() };
-        assert_eq!(h.engine.add_means(60_003, &user(), &purse, false).await.unwrap().means_id, 2);
+        assert_eq!(
+            h.engine
+                .add_means(RequestId(60_003), &user(), &purse, AddMeansOptions::default())
+                .await
+                .unwrap()
+                .means_id,
+            2
+        );
         let means = h.engine.list_means(&user(), MeansOrder::Registration).await.unwrap();
         assert_eq!(means.len(), 2);
         // Three settlements (a payment, a basket, a code), and one more per earlier restart.
@@ -1032,10 +1071,10 @@ async fn a_version_6_data_directory_is_read() {
             (5_715, 5_715, 1),
             "restart {restart_count}"
         );
-        let top_up = h.engine.top_up(60_004, &user(), 2, 5_000, jpy()).await.unwrap();
+        let top_up = h.engine.top_up(RequestId(60_004), &user(), 2, 5_000, jpy()).await.unwrap();
         assert_eq!(top_up.balance_minor, 5_000, "the first top-up's own answer");
         assert_eq!(
-            h.engine.top_up(60_009, &user(), 1, 100, jpy()).await,
+            h.engine.top_up(RequestId(60_009), &user(), 1, 100, jpy()).await,
             Err(EngineError::Refused(ReasonCode::NotStoredValue))
         );
         // Payments: each retry gets its first answer; the one with its provider at the
@@ -1057,21 +1096,21 @@ async fn a_version_6_data_directory_is_read() {
         let basket_paid = basket_paid.into_iter().next().unwrap().unwrap();
         assert_eq!(approved(basket_paid.outcome).amount_final_minor, 900);
         // The replay window: a spent record under a new ID is a replay.
-        let replay = AuthorizeRequest { client_request_id: 61_000, ..card_payment(&c) };
+        let replay = AuthorizeRequest { client_request_id: RequestId(61_000), ..card_payment(&c) };
         assert_eq!(
             h.engine.authorize(replay).await.unwrap(),
             AuthOutcome::Declined(ReasonCode::ReplayedNonce)
         );
         // The terminal list with its service, and the age policy with the registration.
         let TerminalConfirmation::Listed { service: Some(service) } =
-            h.engine.confirm_terminal(PROVIDER_OK, SHOP).unwrap()
+            h.engine.confirm_terminal(ProviderCode(PROVIDER_OK), SHOP).unwrap()
         else {
             panic!("the shop's service")
         };
         assert_eq!(service.description, "5% off");
         let counter = 100 + restart_count;
         let request = AuthorizeRequest {
-            client_request_id: 61_001 + u128::from(counter),
+            client_request_id: RequestId(61_001 + u128::from(counter)),
             inherent_id: record(
                 &c,
                 counter,
@@ -1104,8 +1143,14 @@ async fn a_version_6_data_directory_is_read() {
             CodeState::Redeemed(Box::new(redemption.clone()))
         );
         // The coupon's answer.
-        let coupons =
-            h.engine.issue_coupons(60_016, PROVIDER_OK, vec![user()], COUPON, 2, COUPON_EXPIRES_MS);
+        let coupons = h.engine.issue_coupons(
+            RequestId(60_016),
+            ProviderCode(PROVIDER_OK),
+            vec![user()],
+            COUPON,
+            2,
+            COUPON_EXPIRES_MS,
+        );
         let coupon = coupons.await.into_iter().next().unwrap().unwrap();
         assert_eq!((coupon.uses, coupon.effect), (2, COUPON));
         // The delivery notice's answer (no device was listening).
@@ -1116,7 +1161,7 @@ async fn a_version_6_data_directory_is_read() {
             currency: jpy(),
             merchant: "Store six".into(),
         };
-        assert_eq!(h.engine.notify_delivery(60_017, notice).await.unwrap(), 0);
+        assert_eq!(h.engine.notify_delivery(RequestId(60_017), notice).await.unwrap(), 0);
         // As the fixture's writer recorded them.
         let auth_code = |outcome: &AuthOutcome| approved(*outcome).auth_code.0;
         assert_eq!(
@@ -1135,7 +1180,7 @@ async fn a_version_6_data_directory_is_read() {
                 assert_eq!(&answers, first, "the same answers at restart {restart_count}")
             }
         }
-        h.engine.shutdown();
+        h.engine.shutdown().await;
     }
 }
 
@@ -1168,7 +1213,7 @@ async fn a_snapshot_cut_short_leaves_the_previous_log_replayed_in_order() {
         assert!(matches!(outcome, AuthOutcome::Approved(_)), "{outcome:?}");
         done.push((request, outcome));
     }
-    h.engine.shutdown();
+    h.engine.shutdown().await;
     assert!(prev.exists(), "the previous log is kept: its snapshot was not put in place");
     std::fs::remove_dir(&snapshot).unwrap();
     let check = |h: &Harness| {
@@ -1186,12 +1231,12 @@ async fn a_snapshot_cut_short_leaves_the_previous_log_replayed_in_order() {
     };
     let h = Harness::with_config(config.clone());
     check(&h).await;
-    h.engine.shutdown();
+    h.engine.shutdown().await;
     assert!(!prev.exists(), "joined into the log, then removed");
     // The crash between the rename and the new log: the previous log alone.
     std::fs::rename(shard_log_path(dir.path(), 0), &prev).unwrap();
     let h = Harness::with_config(config);
     check(&h).await;
-    h.engine.shutdown();
+    h.engine.shutdown().await;
     assert!(!prev.exists());
 }

@@ -87,5 +87,5 @@ async fn a_card_payment_through_an_iso8583_host() {
         .find(|l| l.contains("\"dir\": \"in\"") && l.contains("\"0100\"") && l.contains("1234"))
         .unwrap_or_else(|| panic!("no 0100 for 1,234 in the ledger:\n{ledger}"));
     assert!(request.contains("\"pan_last4\": \"1111\""), "{request}");
-    h.engine.shutdown();
+    h.engine.shutdown().await;
 }

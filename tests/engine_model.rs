@@ -2,6 +2,7 @@
 //! verification, providers) and a plain reference model; every outcome must agree, and at the
 //! end so must every user's means and usage counts.
 
+use settlegate_engine::{AddMeansOptions, ProviderCode, RequestId};
 use std::collections::{HashMap, HashSet};
 
 use proptest::prelude::*;
@@ -249,7 +250,7 @@ async fn run(ops: Vec<Op>, provider_latency_us: u64) -> Result<(), TestCaseError
                     "authorize: engine {got:?}, model {expected:?}"
                 );
                 model.sent.push(Sent {
-                    id,
+                    id: id.get(),
                     bytes,
                     timestamp_ms: ts,
                     tampered: tamper,
@@ -261,10 +262,13 @@ async fn run(ops: Vec<Op>, provider_latency_us: u64) -> Result<(), TestCaseError
                     continue;
                 }
                 let sent = model.sent[index % model.sent.len()].clone();
-                let id = if same_id { sent.id } else { request_id() };
+                let id = if same_id { sent.id } else { request_id().get() };
                 let got = h
                     .engine
-                    .authorize(AuthorizeRequest { client_request_id: id, inherent_id: sent.bytes })
+                    .authorize(AuthorizeRequest {
+                        client_request_id: RequestId(id),
+                        inherent_id: sent.bytes,
+                    })
                     .await
                     .unwrap();
                 // A retry gets the first outcome. A replay is checked like any request: the tag,
@@ -285,8 +289,15 @@ async fn run(ops: Vec<Op>, provider_latency_us: u64) -> Result<(), TestCaseError
             }
             Op::AddEMoney { user, make_default } => {
                 let means = MeansInput::EMoney { emoney_type: "Suica".into() };
-                let got =
-                    h.engine.add_means(request_id(), &users[user].user, &means, make_default).await;
+                let got = h
+                    .engine
+                    .add_means(
+                        request_id(),
+                        &users[user].user,
+                        &means,
+                        AddMeansOptions { make_default },
+                    )
+                    .await;
                 let m = &mut model.users[user];
                 if m.means.len() >= settlegate_engine::limits::MEANS_PER_USER_MAX {
                     prop_assert_eq!(got, Err(EngineError::Refused(ReasonCode::TooManyMeans)));
@@ -321,11 +332,15 @@ async fn run(ops: Vec<Op>, provider_latency_us: u64) -> Result<(), TestCaseError
                     }),
                 };
                 h.engine
-                    .register_terminals(request_id(), PROVIDER_OK, vec![entry.clone()])
+                    .register_terminals(
+                        request_id(),
+                        ProviderCode(PROVIDER_OK),
+                        vec![entry.clone()],
+                    )
                     .await
                     .unwrap();
                 h.engine
-                    .register_terminals(request_id(), PROVIDER_DECLINE, vec![entry])
+                    .register_terminals(request_id(), ProviderCode(PROVIDER_DECLINE), vec![entry])
                     .await
                     .unwrap();
                 model.discount_bps = Some(bps);
@@ -350,7 +365,7 @@ async fn run(ops: Vec<Op>, provider_latency_us: u64) -> Result<(), TestCaseError
             prop_assert_eq!(view.uses, m.uses.get(&view.means_id).copied().unwrap_or(0));
         }
     }
-    h.engine.shutdown();
+    h.engine.shutdown().await;
     Ok(())
 }
 

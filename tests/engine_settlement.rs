@@ -1,5 +1,6 @@
 //! G3: settlement authorization and every way it can fail.
 
+use settlegate_engine::{ProviderCode, RequestId};
 use std::time::Duration;
 
 use settlegate_engine::{
@@ -138,7 +139,10 @@ async fn list_terminal(h: &Harness, terminal: &str, discount: Discount) {
             description: "special".into(),
         }),
     };
-    h.engine.register_terminals(request_id(), PROVIDER_OK, vec![entry]).await.unwrap();
+    h.engine
+        .register_terminals(request_id(), ProviderCode(PROVIDER_OK), vec![entry])
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -300,10 +304,11 @@ async fn batch_of_many_verifies_in_parallel_and_keeps_order() {
 #[tokio::test]
 async fn oversized_batch_is_refused() {
     let h = Harness::new();
-    let requests = vec![
-        AuthorizeRequest { client_request_id: 1, inherent_id: Vec::new() };
-        settlegate_engine::limits::BATCH_SIZE_MAX + 1
-    ];
+    let requests =
+        vec![
+            AuthorizeRequest { client_request_id: RequestId(1), inherent_id: Vec::new() };
+            settlegate_engine::limits::BATCH_SIZE_MAX + 1
+        ];
     let results = h.engine.authorize_batch(requests).await;
     assert!(results.iter().all(|r| matches!(r, Err(EngineError::BatchTooLarge { .. }))));
 }
@@ -323,7 +328,7 @@ async fn completion_notice_reaches_the_subscriber() {
         .expect("a notice")
         .unwrap();
     assert_eq!(notice.user, alice.user);
-    assert_eq!(notice.client_request_id, request.client_request_id);
+    assert_eq!(notice.client_request_id, request.client_request_id.get());
     assert_eq!(notice.terminal_id, "T-9");
     assert_eq!(notice.outcome, outcome);
 }

@@ -2,6 +2,7 @@
 //! is usable where.
 
 use settlegate_engine::emvqr;
+use settlegate_engine::AddMeansOptions;
 use settlegate_engine::{
     AcceptedMethod, AuthOutcome, AuthorizeRequest, BestBy, EngineError, InherentId, MeansInput,
     MeansKind, ReasonCode, Signal, Store,
@@ -185,7 +186,10 @@ async fn moving_and_removing_a_store() {
 async fn wallet_user(h: &Harness, name: &str, extra: Vec<MeansInput>) -> TestUser {
     let user = h.user(name).await;
     for means in extra {
-        h.engine.add_means(request_id(), &user.user, &means, false).await.unwrap();
+        h.engine
+            .add_means(request_id(), &user.user, &means, AddMeansOptions::default())
+            .await
+            .unwrap();
     }
     user
 }
@@ -328,7 +332,10 @@ async fn nothing_usable_lists_what_the_store_takes() {
     assert_eq!(cash.best, None);
     assert!(cash.accepted.is_empty());
     // An empty purse is not usable.
-    h.engine.add_means(request_id(), &bare_user, &suica(), false).await.unwrap();
+    h.engine
+        .add_means(request_id(), &bare_user, &suica(), AddMeansOptions::default())
+        .await
+        .unwrap();
     let empty = h.engine.usable_methods(&bare_user, "KIOSK", BestBy::LargestBalance).await.unwrap();
     assert_eq!(empty.methods.iter().map(|m| m.usable).collect::<Vec<_>>(), vec![true, false]);
     assert_eq!(empty.best, Some(1), "no purse has a balance: the most used");
@@ -349,7 +356,7 @@ async fn stores_and_balances_survive_a_restart() {
         let user = wallet_user(&h, "restart", vec![suica()]).await;
         h.engine.top_up(request_id(), &user.user, 2, 2_000, jpy()).await.unwrap();
         approved(h.engine.authorize(pay(&user, MeansKind::EMoney, 2, 700)).await.unwrap());
-        h.engine.shutdown();
+        h.engine.shutdown().await;
         drop(h);
 
         let h = Harness::with_config(durable());
@@ -367,6 +374,6 @@ async fn stores_and_balances_survive_a_restart() {
             "snapshots: {snapshot_every_records}"
         );
         assert_eq!(usable.best, Some(2));
-        h.engine.shutdown();
+        h.engine.shutdown().await;
     }
 }

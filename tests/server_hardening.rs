@@ -166,12 +166,13 @@ async fn requests_before_auth_are_not_parsed() {
 
 /// A user whose mail address is the longest allowed (64 bytes), enrolled over the wire.
 async fn enroll_longest(client: &settlegate_protocol::Client) -> UserKey {
-    let local = format!("{}{:020}", "u".repeat(30), crate::support::request_id() % 10u128.pow(20));
+    let local =
+        format!("{}{:020}", "u".repeat(30), crate::support::request_id().get() % 10u128.pow(20));
     let id = format!("{local}@{}", "e".repeat(64 - local.len() - 1));
     let user = UserKey::new(UserIdType::Mail, id).unwrap();
     assert_eq!(user.id().len(), USER_ID_LEN_MAX);
     let request = Request::Enroll(Enroll {
-        client_request_id: crate::support::request_id(),
+        client_request_id: crate::support::request_id().get(),
         user: user.clone(),
         password: "a long enough password".into(),
         card_idm: crate::support::fresh_idm(),
@@ -182,7 +183,7 @@ async fn enroll_longest(client: &settlegate_protocol::Client) -> UserKey {
 
 fn issue_coupons(users: Vec<UserKey>) -> Request {
     Request::IssueCoupons(IssueCoupons {
-        client_request_id: crate::support::request_id(),
+        client_request_id: crate::support::request_id().get(),
         provider_code: 100,
         effect: CouponEffect::Fixed { amount_minor: u64::MAX / 2, currency: crate::support::jpy() },
         uses: COUPON_USES_MAX,

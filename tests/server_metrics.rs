@@ -43,7 +43,7 @@ async fn every_series_is_scraped_under_load() {
                     let amount = if i == 7 { APPROVE_LIMIT + 1 } else { 1_000 + round };
                     let bytes = payer.sign(amount, provider, "T-1");
                     let admin = Arc::clone(&admin);
-                    async move { admin.authorize(request_id(), bytes).await.unwrap() }
+                    async move { admin.authorize(request_id().get(), bytes).await.unwrap() }
                 });
                 futures::future::join_all(calls).await;
                 admin.call_ok(&Request::Ping(Ping { payload: vec![1] })).await.unwrap();

@@ -70,7 +70,7 @@ async fn account_operations() {
         Response::Refused(ReasonCode::WrongPassword)
     );
     let emoney = Request::AddMeans(AddMeans {
-        client_request_id: request_id(),
+        client_request_id: request_id().get(),
         user: payer.user.clone(),
         make_default: false,
         means: MeansInput::EMoney { emoney_type: "Suica".into() },
@@ -78,7 +78,7 @@ async fn account_operations() {
     let Reply::AddMeans(added) = client.call_ok(&emoney).await.unwrap() else { panic!() };
     assert_eq!(added.last4, None);
     let set_default = Request::SetDefaultMeans(SetDefaultMeans {
-        client_request_id: request_id(),
+        client_request_id: request_id().get(),
         user: payer.user.clone(),
         means_id: added.means_id,
     });
@@ -95,7 +95,7 @@ async fn account_operations() {
     let raw = listing.to_frame(1).to_bytes();
     assert!(!String::from_utf8_lossy(&raw).contains("5555555555554444"));
     let provision = Request::ProvisionDevice(ProvisionDevice {
-        client_request_id: request_id(),
+        client_request_id: request_id().get(),
         user: payer.user.clone(),
         password: PASSWORD.into(),
         card_idm: fresh_idm(),
@@ -105,7 +105,7 @@ async fn account_operations() {
     };
     assert_eq!(second.key_version, 1);
     let stolen = Request::RotateDeviceKey(RotateDeviceKey {
-        client_request_id: request_id(),
+        client_request_id: request_id().get(),
         user: payer.user.clone(),
         password: "not the password".into(),
         card_idm: payer.credential.card_idm,
@@ -116,7 +116,7 @@ async fn account_operations() {
         "a device key is rotated only for someone who knows the password"
     );
     let rotate = Request::RotateDeviceKey(RotateDeviceKey {
-        client_request_id: request_id(),
+        client_request_id: request_id().get(),
         user: payer.user.clone(),
         password: PASSWORD.into(),
         card_idm: payer.credential.card_idm,
@@ -138,7 +138,7 @@ async fn provider_terminals_and_confirmation() {
         description: "100 yen off".into(),
     };
     let register = Request::RegisterTerminals(RegisterTerminals {
-        client_request_id: request_id(),
+        client_request_id: request_id().get(),
         provider_code: PROVIDER_OK,
         terminals: vec![
             TerminalEntry { terminal_id: "SHOP-A-1".into(), service: Some(service.clone()) },
@@ -161,7 +161,7 @@ async fn provider_terminals_and_confirmation() {
         Reply::ConfirmTerminal(TerminalConfirmation::Listed { service: None })
     );
     let remove = Request::RemoveTerminals(RemoveTerminals {
-        client_request_id: request_id(),
+        client_request_id: request_id().get(),
         provider_code: PROVIDER_OK,
         terminal_ids: vec!["SHOP-A-2".into()],
     });
@@ -187,7 +187,7 @@ async fn authorize_with_discount_retry_replay_and_notice() {
     let client = client(&server, ADMIN_KEY).await;
     let mut payer = enroll(&client, "ops-authorize").await;
     let register = Request::RegisterTerminals(RegisterTerminals {
-        client_request_id: request_id(),
+        client_request_id: request_id().get(),
         provider_code: PROVIDER_OK,
         terminals: vec![TerminalEntry {
             terminal_id: "SHOP-A-9".into(),
@@ -206,17 +206,21 @@ async fn authorize_with_discount_retry_replay_and_notice() {
 
     let bytes = payer.sign(2_000, PROVIDER_OK, "SHOP-A-9");
     let id = request_id();
-    let outcome = client.authorize(id, bytes.clone()).await.unwrap();
+    let outcome = client.authorize(id.get(), bytes.clone()).await.unwrap();
     let approval = approved(outcome);
     assert_eq!((approval.discount_minor, approval.amount_final_minor), (200, 1_800));
-    assert_eq!(client.authorize(id, bytes.clone()).await.unwrap(), outcome, "retry: same outcome");
     assert_eq!(
-        client.authorize(request_id(), bytes).await.unwrap(),
+        client.authorize(id.get(), bytes.clone()).await.unwrap(),
+        outcome,
+        "retry: same outcome"
+    );
+    assert_eq!(
+        client.authorize(request_id().get(), bytes).await.unwrap(),
         AuthOutcome::Declined(ReasonCode::ReplayedNonce)
     );
     let notice =
         tokio::time::timeout(Duration::from_secs(5), notices.recv()).await.unwrap().unwrap();
-    assert_eq!((notice.client_request_id, notice.outcome), (id, outcome));
+    assert_eq!((notice.client_request_id, notice.outcome), (id.get(), outcome));
     // A wrong password does not subscribe.
     let refused = listener.subscribe_notices(&payer.user, "wrong password").await;
     assert!(refused.is_err());
@@ -238,7 +242,7 @@ async fn pipelined_requests_are_matched_by_id() {
         .collect();
     let calls = requests.into_iter().map(|(amount, bytes)| {
         let client = client.clone();
-        async move { (amount, client.authorize(request_id(), bytes).await.unwrap()) }
+        async move { (amount, client.authorize(request_id().get(), bytes).await.unwrap()) }
     });
     let results = futures::future::join_all(calls).await;
     for (amount, outcome) in results {
@@ -296,11 +300,13 @@ async fn identities_are_held_to_their_permissions_and_scopes() {
     let shop = client(&server, TERMINAL_KEY).await;
     // Its own terminals: fine.
     approved(
-        shop.authorize(request_id(), payer.sign(500, PROVIDER_OK, "SHOP-A-77")).await.unwrap(),
+        shop.authorize(request_id().get(), payer.sign(500, PROVIDER_OK, "SHOP-A-77"))
+            .await
+            .unwrap(),
     );
     // Another merchant's terminal: forbidden.
     let other = Request::Authorize(Authorize {
-        client_request_id: request_id(),
+        client_request_id: request_id().get(),
         inherent_id: payer.sign(500, PROVIDER_OK, "SHOP-B-1"),
     });
     assert!(matches!(shop.call(&other).await.unwrap(), Response::Forbidden(_)));
@@ -309,14 +315,14 @@ async fn identities_are_held_to_their_permissions_and_scopes() {
         Request::ListMeans(ListMeans { user: payer.user.clone(), order: MeansOrder::Registration });
     assert!(matches!(shop.call(&listing).await.unwrap(), Response::Forbidden(_)));
     let register = Request::RegisterTerminals(RegisterTerminals {
-        client_request_id: request_id(),
+        client_request_id: request_id().get(),
         provider_code: PROVIDER_OK,
         terminals: vec![TerminalEntry { terminal_id: "SHOP-A-1".into(), service: None }],
     });
     assert!(matches!(shop.call(&register).await.unwrap(), Response::Forbidden(_)));
     // The admin identity may not manage a provider outside its list either.
     let foreign = Request::RegisterTerminals(RegisterTerminals {
-        client_request_id: request_id(),
+        client_request_id: request_id().get(),
         provider_code: 4_242,
         terminals: vec![TerminalEntry { terminal_id: "X".into(), service: None }],
     });
@@ -344,7 +350,7 @@ async fn busy_engine_answers_busy_with_a_retry_hint() {
             tokio::spawn(async move {
                 client
                     .call(&Request::Authorize(Authorize {
-                        client_request_id: request_id(),
+                        client_request_id: request_id().get(),
                         inherent_id: bytes,
                     }))
                     .await
@@ -401,7 +407,7 @@ async fn age_registry_over_the_wire() {
     let admin = client(&server, ADMIN_KEY).await;
     let mut payer = enroll(&admin, "age-wire").await;
     let terminals = Request::RegisterTerminals(RegisterTerminals {
-        client_request_id: request_id(),
+        client_request_id: request_id().get(),
         provider_code: PROVIDER_OK,
         terminals: vec![TerminalEntry { terminal_id: "SHOP-A-AGE".into(), service: None }],
     });
@@ -414,7 +420,7 @@ async fn age_registry_over_the_wire() {
     };
     let set = |policy| {
         Request::SetAgePolicy(SetAgePolicy {
-            client_request_id: request_id(),
+            client_request_id: request_id().get(),
             provider_code: PROVIDER_OK,
             terminal_id: "SHOP-A-AGE".into(),
             policy,
@@ -441,7 +447,8 @@ async fn age_registry_over_the_wire() {
         timestamp_ms: now_ms(),
     }
     .sign(payer.credential.device_key.expose());
-    let register = Request::RegisterAge(RegisterAge { client_request_id: request_id(), record });
+    let register =
+        Request::RegisterAge(RegisterAge { client_request_id: request_id().get(), record });
     assert_eq!(admin.call_ok(&register).await.unwrap(), Reply::RegisterAge(()));
 
     // A2: a store terminal identity (authorize only) pays for beer and bread; the beer goes.
@@ -464,7 +471,7 @@ async fn age_registry_over_the_wire() {
         ],
     };
     let pay = Request::AuthorizeBasket(AuthorizeBasket {
-        client_request_id: request_id(),
+        client_request_id: request_id().get(),
         inherent_id: payer.sign(850, PROVIDER_OK, "SHOP-A-AGE"),
         basket: basket.clone(),
     });
@@ -482,7 +489,7 @@ async fn age_registry_over_the_wire() {
     assert!(matches!(shop.call(&set(None)).await.unwrap(), Response::Forbidden(_)));
     // A basket that does not add up to the signed amount: no verdict.
     let mismatch = Request::AuthorizeBasket(AuthorizeBasket {
-        client_request_id: request_id(),
+        client_request_id: request_id().get(),
         inherent_id: payer.sign(999, PROVIDER_OK, "SHOP-A-AGE"),
         basket,
     });
@@ -515,8 +522,10 @@ async fn stores_and_wallet_over_the_wire() {
         qr_code: None,
         accepts: vec![AcceptedMethod { kind: MeansKind::EMoney, brand: "suica".into() }],
     };
-    let upsert =
-        Request::UpsertStore(UpsertStore { client_request_id: request_id(), store: store.clone() });
+    let upsert = Request::UpsertStore(UpsertStore {
+        client_request_id: request_id().get(),
+        store: store.clone(),
+    });
     assert_eq!(admin.call_ok(&upsert).await.unwrap(), Reply::UpsertStore(()));
     // A terminal-only identity may not manage stores.
     let shop = client(&server, TERMINAL_KEY).await;
@@ -541,14 +550,14 @@ async fn stores_and_wallet_over_the_wire() {
     // A payer with a card (not accepted there) and a topped-up suica.
     let payer = enroll(&admin, "wallet-wire").await;
     let suica = Request::AddMeans(AddMeans {
-        client_request_id: request_id(),
+        client_request_id: request_id().get(),
         user: payer.user.clone(),
         make_default: false,
         means: MeansInput::EMoney { emoney_type: "Suica".into() },
     });
     let Reply::AddMeans(added) = admin.call_ok(&suica).await.unwrap() else { panic!() };
     let top_up = Request::TopUp(TopUp {
-        client_request_id: request_id(),
+        client_request_id: request_id().get(),
         user: payer.user.clone(),
         means_id: added.means_id,
         amount_minor: 3_000,
@@ -594,7 +603,7 @@ async fn payment_codes_over_the_wire() {
     assert_eq!(reply, Reply::SubscribeDevice(()));
 
     let issue = Request::IssueCode(IssueCode {
-        client_request_id: request_id(),
+        client_request_id: request_id().get(),
         inherent_id: payer.sign(6_000, PROVIDER_OK, "*"),
         validity_ms: 300_000,
         deliver_to: None,
@@ -624,19 +633,20 @@ async fn payment_codes_over_the_wire() {
             order_ref: String::new(),
         })
     };
-    let Reply::RedeemCode(redemption) = shop.call_ok(&redeem(request_id())).await.unwrap() else {
+    let Reply::RedeemCode(redemption) = shop.call_ok(&redeem(request_id().get())).await.unwrap()
+    else {
         panic!("redeemed")
     };
     assert_eq!((redemption.captured_minor, redemption.released_minor), (5_500, 500));
     assert_eq!(
-        shop.call(&redeem(request_id())).await.unwrap(),
+        shop.call(&redeem(request_id().get())).await.unwrap(),
         Response::Refused(ReasonCode::CodeRedeemed)
     );
     let state = Request::CodeState(GetCodeState { number: code.number });
     let Reply::CodeState(state) = shop.call_ok(&state).await.unwrap() else { panic!() };
     assert!(matches!(state, CodeState::Redeemed(_)));
     // The shop identity may act only for its own terminals.
-    let mut elsewhere = redeem(request_id());
+    let mut elsewhere = redeem(request_id().get());
     if let Request::RedeemCode(request) = &mut elsewhere {
         request.terminal_id = "OTHER-POS".into();
     }
@@ -666,11 +676,11 @@ async fn a_slow_provider_holds_back_only_its_own_answers() {
         let mut bytes = Vec::new();
         Request::Auth(Auth { key: ADMIN_KEY.into() }).encode_frame(1, &mut bytes).unwrap();
         let slow = Authorize {
-            client_request_id: request_id(),
+            client_request_id: request_id().get(),
             inherent_id: slow_payer.sign(2_000, PROVIDER_2S, "T-1"),
         };
         let fast = Authorize {
-            client_request_id: request_id(),
+            client_request_id: request_id().get(),
             inherent_id: fast_payer.sign(1_000, fast_provider, "T-1"),
         };
         Request::Authorize(slow).encode_frame(2, &mut bytes).unwrap();

@@ -55,8 +55,10 @@ async fn readyz_is_503_while_the_server_drains() {
     let http = server.http_addr;
     let admin = client(&server, ADMIN_KEY).await;
     let mut payer = enroll(&admin, "drain-1").await;
-    let payment =
-        Authorize { client_request_id: request_id(), inherent_id: payer.sign(1_000, SLOW, "T-1") };
+    let payment = Authorize {
+        client_request_id: request_id().get(),
+        inherent_id: payer.sign(1_000, SLOW, "T-1"),
+    };
     let in_flight = tokio::spawn(async move {
         admin.call(&settlegate_protocol::messages::Request::Authorize(payment)).await
     });

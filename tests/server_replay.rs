@@ -77,7 +77,7 @@ async fn workload(client: &Client) {
         description: "five percent".into(),
     };
     let terminals = Request::RegisterTerminals(RegisterTerminals {
-        client_request_id: request_id(),
+        client_request_id: request_id().get(),
         provider_code: 1,
         terminals: vec![
             TerminalEntry { terminal_id: "SHOP-1".into(), service: Some(service) },
@@ -90,7 +90,7 @@ async fn workload(client: &Client) {
         for (amount, terminal) in [(1_000, "SHOP-1"), (2_500, "SHOP-2"), (700, "SHOP-1")] {
             let id = request_id();
             let request = Request::Authorize(Authorize {
-                client_request_id: id,
+                client_request_id: id.get(),
                 inherent_id: payer.sign(amount, 1, terminal),
             });
             let first = client.call(&request).await.unwrap();
@@ -100,7 +100,7 @@ async fn workload(client: &Client) {
         }
         // A payment to a provider that does not exist is declined in its shard.
         let unknown = Request::Authorize(Authorize {
-            client_request_id: request_id(),
+            client_request_id: request_id().get(),
             inherent_id: payer.sign(100, 9, "SHOP-1"),
         });
         assert!(matches!(client.call(&unknown).await.unwrap(), Response::Ok(_)));
@@ -129,7 +129,7 @@ async fn digests_match_replays(snapshot_every: u64) {
     // The digest sees a change: one more payment moves its shard's digest.
     let mut payer = enroll(&client, &format!("replay-last-{}", now_ms())).await;
     let request = Request::Authorize(Authorize {
-        client_request_id: request_id(),
+        client_request_id: request_id().get(),
         inherent_id: payer.sign(10, 1, "SHOP-2"),
     });
     client.call(&request).await.unwrap();

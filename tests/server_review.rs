@@ -25,7 +25,7 @@ use crate::support::*;
 /// A payment code of `amount` for `payer`, requested for store terminal `terminal`.
 async fn issue_code(payer: &mut Payer, client: &Client, amount: u64, terminal: &str) -> IssuedCode {
     let issue = Request::IssueCode(IssueCode {
-        client_request_id: request_id(),
+        client_request_id: request_id().get(),
         inherent_id: payer.sign(amount, PROVIDER_OK, terminal),
         validity_ms: 300_000,
         deliver_to: None,
@@ -40,7 +40,7 @@ async fn issue_code(payer: &mut Payer, client: &Client, amount: u64, terminal: &
 /// The redemption of `code` for `amount` at `terminal`.
 fn redeem(code: &IssuedCode, amount: u64, terminal: &str) -> Request {
     Request::RedeemCode(RedeemCode {
-        client_request_id: request_id(),
+        client_request_id: request_id().get(),
         code: code.text.clone(),
         issuer: 1,
         number: code.number,
@@ -299,7 +299,7 @@ async fn a_user_id_that_does_not_fit_its_type_is_refused_with_51() {
     // The issue's example: ENROLL of the mail address `no-at.example.com`.
     let mail = UserKey::new(UserIdType::Mail, "no@at.example.com").unwrap();
     let enroll = Request::Enroll(Enroll {
-        client_request_id: request_id(),
+        client_request_id: request_id().get(),
         user: mail,
         password: PASSWORD.into(),
         card_idm: fresh_idm(),
@@ -455,7 +455,7 @@ async fn a_revoked_device_key_is_refused_at_once_and_after_a_restart() {
     let mut payer = enroll(&admin, "review-revoke").await;
     let pay = |payer: &mut Payer| {
         Request::Authorize(Authorize {
-            client_request_id: request_id(),
+            client_request_id: request_id().get(),
             inherent_id: payer.sign(100, PROVIDER_OK, "SHOP-A-1"),
         })
     };
@@ -468,7 +468,7 @@ async fn a_revoked_device_key_is_refused_at_once_and_after_a_restart() {
     let (user, card_idm) = (payer.user.clone(), payer.credential.card_idm);
     let rotate = |password: &str| {
         Request::RotateDeviceKey(RotateDeviceKey {
-            client_request_id: request_id(),
+            client_request_id: request_id().get(),
             user: user.clone(),
             password: password.into(),
             card_idm,
@@ -489,12 +489,18 @@ async fn a_revoked_device_key_is_refused_at_once_and_after_a_restart() {
         })
     };
     assert_eq!(
-        admin.call(&revoke(request_id(), "not the password")).await.unwrap(),
+        admin.call(&revoke(request_id().get(), "not the password")).await.unwrap(),
         Response::Refused(ReasonCode::WrongPassword)
     );
     let id = request_id();
-    assert_eq!(admin.call_ok(&revoke(id, PASSWORD)).await.unwrap(), Reply::RevokeDeviceKey(()));
-    assert_eq!(admin.call_ok(&revoke(id, PASSWORD)).await.unwrap(), Reply::RevokeDeviceKey(()));
+    assert_eq!(
+        admin.call_ok(&revoke(id.get(), PASSWORD)).await.unwrap(),
+        Reply::RevokeDeviceKey(())
+    );
+    assert_eq!(
+        admin.call_ok(&revoke(id.get(), PASSWORD)).await.unwrap(),
+        Reply::RevokeDeviceKey(())
+    );
     let refused = AuthOutcome::Declined(ReasonCode::KeyVersionInvalid);
     // Neither the rotated-out key (the thief's) nor the current one signs anything now.
     for credential in [&stolen, &rotated] {
@@ -569,14 +575,14 @@ async fn a_retried_delivery_notice_notifies_once() {
         Request::NotifyDelivery(NotifyDelivery { client_request_id, notice: notice.clone() })
     };
     assert_eq!(
-        admin.call_ok(&notify(id, &notice)).await.unwrap(),
+        admin.call_ok(&notify(id.get(), &notice)).await.unwrap(),
         Reply::NotifyDelivery(Delivered { devices: 1 })
     );
     let pushed = tokio::time::timeout(Duration::from_secs(5), pushes.recv()).await.unwrap();
     assert_eq!(pushed.unwrap(), Reply::DeviceMessage(DeviceMessage::Delivery(notice.clone())));
     // The retry: the first answer, and nothing pushed.
     assert_eq!(
-        admin.call_ok(&notify(id, &notice)).await.unwrap(),
+        admin.call_ok(&notify(id.get(), &notice)).await.unwrap(),
         Reply::NotifyDelivery(Delivered { devices: 1 })
     );
     let again = tokio::time::timeout(Duration::from_millis(500), pushes.recv()).await;
@@ -584,7 +590,7 @@ async fn a_retried_delivery_notice_notifies_once() {
     // The same ID for another notice.
     let other = DeliveryNotice { amount_minor: 1, ..notice.clone() };
     assert_eq!(
-        admin.call(&notify(id, &other)).await.unwrap(),
+        admin.call(&notify(id.get(), &other)).await.unwrap(),
         Response::Refused(ReasonCode::IdempotencyConflict)
     );
     server.shutdown().await;
@@ -595,14 +601,14 @@ async fn a_retried_delivery_notice_notifies_once() {
     let device = client(&server, ADMIN_KEY).await;
     let (_, mut pushes) = device.subscribe_device(&subscribe).await.unwrap();
     assert_eq!(
-        admin.call_ok(&notify(id, &notice)).await.unwrap(),
+        admin.call_ok(&notify(id.get(), &notice)).await.unwrap(),
         Reply::NotifyDelivery(Delivered { devices: 1 })
     );
     let again = tokio::time::timeout(Duration::from_millis(500), pushes.recv()).await;
     assert!(again.is_err(), "a retry after a restart notifies nobody: {again:?}");
     // A new ID is a new notice.
     assert_eq!(
-        admin.call_ok(&notify(request_id(), &notice)).await.unwrap(),
+        admin.call_ok(&notify(request_id().get(), &notice)).await.unwrap(),
         Reply::NotifyDelivery(Delivered { devices: 1 })
     );
     assert!(tokio::time::timeout(Duration::from_secs(5), pushes.recv()).await.is_ok());

@@ -12,6 +12,7 @@ mod engine_codes;
 mod engine_completions;
 mod engine_durability;
 mod engine_iso;
+mod engine_lifecycle;
 mod engine_model;
 mod engine_providers;
 mod engine_settlement;

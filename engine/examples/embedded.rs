@@ -4,6 +4,7 @@
 
 use settlegate_engine::adapters::simulated::SimulatedConfig;
 use settlegate_engine::adapters::AdapterConfig;
+use settlegate_engine::{AddMeansOptions, ProviderCode, RequestId};
 use settlegate_engine::{
     AuthOutcome, AuthorizeRequest, Currency, Discount, Engine, EngineConfig, EnrollRequest,
     InherentId, MeansInput, MeansKind, ProviderConfig, TerminalEntry, TerminalService, UserIdType,
@@ -35,20 +36,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             description: "5% off in this area".into(),
         }),
     };
-    engine.register_terminals(1, 1, vec![shop]).await?;
+    engine.register_terminals(RequestId(1), ProviderCode(1), vec![shop]).await?;
 
     // G1: enroll a user, provision their phone, register a card.
     let user = UserKey::new(UserIdType::Mail, "hanako@example.jp")?;
     let device = engine
         .enroll(EnrollRequest {
-            client_request_id: 2,
+            client_request_id: RequestId(2),
             user: user.clone(),
             password: "a long passphrase".into(),
             card_idm: *b"\x01\x2e\x00\x00\x00\x00\x00\x01",
         })
         .await?;
     let card = MeansInput::CreditCard { pan: "4111111111111111".into() };
-    engine.add_means(3, &user, &card, true).await?;
+    engine.add_means(RequestId(3), &user, &card, AddMeansOptions { make_default: true }).await?;
     let mut notices = engine.subscribe(&user);
 
     // G3: the phone signs an inherent ID; the store terminal passes it on unchanged.
@@ -66,7 +67,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         timestamp_ms: now_ms,
     };
     let request = AuthorizeRequest {
-        client_request_id: 4,
+        client_request_id: RequestId(4),
         inherent_id: record.sign(device.device_key.expose()),
     };
     match engine.authorize(request).await? {
@@ -82,6 +83,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let notice = notices.recv().await?;
     println!("notice for {:?}: {:?}", notice.user, notice.outcome);
-    engine.shutdown();
+    engine.shutdown().await;
     Ok(())
 }

@@ -9,9 +9,6 @@ use crate::password::PasswordConfig;
 use crate::providers::TerminalEntry;
 use crate::wal::DurabilityConfig;
 
-/// The environment variable that carries the vault key (64 hex digits); it wins over config.
-pub const VAULT_KEY_ENV: &str = "SETTLEGATE_VAULT_KEY";
-
 /// Engine configuration (the `[engine]` table of the server's TOML file).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -42,9 +39,11 @@ pub struct EngineConfig {
     pub vault: VaultConfig,
     /// A file holding the vault key's 64 hex digits (surrounding whitespace ignored), read at
     /// start: a Kubernetes Secret mounted as a file, or a systemd credential. A leading
-    /// `${CREDENTIALS_DIRECTORY}` is replaced by that environment variable (systemd's
-    /// `LoadCredential=`); a relative path is relative to the working directory. See
-    /// [`EngineConfig::resolve_vault_key`].
+    /// `${CREDENTIALS_DIRECTORY}` is replaced by the directory the caller of
+    /// [`EngineConfig::resolve_vault_key`] passes (the server binary passes that environment
+    /// variable, systemd's `LoadCredential=`; [`crate::Engine::start`] passes none, so an
+    /// embedding program resolves such a path itself and sets [`EngineConfig::vault_key`]); a
+    /// relative path is relative to the working directory.
     pub vault_key_file: Option<std::path::PathBuf>,
     /// Settlement providers.
     pub providers: Vec<ProviderConfig>,
@@ -58,12 +57,46 @@ pub struct EngineConfig {
     /// table, set by the server; none for a single node.
     #[serde(skip)]
     pub cluster: Option<crate::cluster::ClusterConfig>,
+    /// The vault key itself, given by the embedding program: it wins over `vault_key_file`
+    /// and `vault.key_hex`. Never read from or written to TOML, and never read from the
+    /// environment by the engine (the server binary puts `SETTLEGATE_VAULT_KEY` here).
+    #[serde(skip)]
+    pub vault_key: Option<VaultKey>,
 }
 
-/// Vault key source. `SETTLEGATE_VAULT_KEY` in the environment overrides the config; in the
-/// config, `[engine] vault_key_file` or this `key_hex` (not both); with none of them, an
-/// ephemeral random key is used and a warning logged (demo only: sealed numbers cannot be
-/// opened after a restart).
+/// A 256-bit vault key (see [`EngineConfig::vault_key`]). Its `Debug` form never shows it, and
+/// it is wiped from memory when dropped.
+#[derive(Clone, PartialEq, Eq)]
+pub struct VaultKey(zeroize::Zeroizing<[u8; 32]>);
+
+impl VaultKey {
+    /// The key from its 32 bytes.
+    pub fn from_bytes(bytes: [u8; 32]) -> VaultKey {
+        VaultKey(zeroize::Zeroizing::new(bytes))
+    }
+
+    /// The key from its 64 hex digits (surrounding whitespace ignored). The error never
+    /// repeats the digits.
+    pub fn from_hex(text: &str) -> Result<VaultKey, String> {
+        parse_key(text).map(VaultKey::from_bytes)
+    }
+
+    /// The key's bytes.
+    pub(crate) fn expose(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for VaultKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("VaultKey(<redacted>)")
+    }
+}
+
+/// Vault key source: [`EngineConfig::vault_key`] when set (the server binary sets it from
+/// `SETTLEGATE_VAULT_KEY`); else `[engine] vault_key_file` or this `key_hex` (not both); with
+/// none of them, an ephemeral random key is used and a warning logged (demo only: sealed
+/// numbers cannot be opened after a restart).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct VaultConfig {
@@ -142,6 +175,7 @@ impl Default for EngineConfig {
             age: AgeConfig::default(),
             code_issuer: 1,
             cluster: None,
+            vault_key: None,
         }
     }
 }
@@ -241,39 +275,29 @@ impl EngineConfig {
         Ok(())
     }
 
-    /// The vault key: from the environment, then config (`vault_key_file` or `vault.key_hex`),
-    /// else `None` (see [`EngineConfig::resolve_vault_key`]).
-    pub fn vault_key(&self) -> Result<Option<[u8; 32]>, String> {
-        self.resolve_vault_key(
-            std::env::var(VAULT_KEY_ENV).ok(),
-            std::env::var_os(CREDENTIALS_DIRECTORY_ENV),
-        )
-    }
-
-    /// The vault key in force given the value of `SETTLEGATE_VAULT_KEY` (`env_key`) and of
-    /// `CREDENTIALS_DIRECTORY` (`credentials_dir`): `env_key`, else `vault_key_file`'s
-    /// contents, else `vault.key_hex`, else `None`. Errors name where the key came from, never
-    /// its digits.
+    /// The vault key in force: [`EngineConfig::vault_key`], else `vault_key_file`'s contents
+    /// (a leading `${CREDENTIALS_DIRECTORY}` replaced by `credentials_dir`, which the caller
+    /// reads from wherever it likes: the engine reads no environment variable), else
+    /// `vault.key_hex`, else `None`. Errors name where the key came from, never its digits.
     pub fn resolve_vault_key(
         &self,
-        env_key: Option<String>,
         credentials_dir: Option<std::ffi::OsString>,
-    ) -> Result<Option<[u8; 32]>, String> {
-        if let Some(text) = env_key {
-            return parse_key(&text).map(Some).map_err(|e| format!("{VAULT_KEY_ENV}: {e}"));
+    ) -> Result<Option<VaultKey>, String> {
+        if let Some(key) = &self.vault_key {
+            return Ok(Some(key.clone()));
         }
         if let Some(file) = &self.vault_key_file {
             let path = expand_credentials_dir(file, credentials_dir)?;
             let text = std::fs::read_to_string(&path).map_err(|e| {
                 format!("engine.vault_key_file {}: cannot read it: {e}", path.display())
             })?;
-            return parse_key(&text)
+            return VaultKey::from_hex(&text)
                 .map(Some)
                 .map_err(|e| format!("engine.vault_key_file {}: {e}", path.display()));
         }
         match &self.vault.key_hex {
             Some(text) => {
-                parse_key(text).map(Some).map_err(|e| format!("engine.vault.key_hex: {e}"))
+                VaultKey::from_hex(text).map(Some).map_err(|e| format!("engine.vault.key_hex: {e}"))
             }
             None => Ok(None),
         }
@@ -282,12 +306,12 @@ impl EngineConfig {
 
 #[cfg(test)]
 mod vault_key_tests {
-    use super::{EngineConfig, VaultConfig};
+    use super::{EngineConfig, VaultConfig, VaultKey};
 
     const KEY_HEX: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
-    fn key(hex_text: &str) -> [u8; 32] {
-        hex::decode(hex_text).unwrap().try_into().unwrap()
+    fn key(hex_text: &str) -> VaultKey {
+        VaultKey::from_bytes(hex::decode(hex_text).unwrap().try_into().unwrap())
     }
 
     fn file_config(path: &std::path::Path) -> EngineConfig {
@@ -299,27 +323,35 @@ mod vault_key_tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vault-key");
         std::fs::write(&path, format!("  {KEY_HEX}\n\n")).unwrap();
-        let found = file_config(&path).resolve_vault_key(None, None).unwrap();
+        let found = file_config(&path).resolve_vault_key(None).unwrap();
         assert_eq!(found, Some(key(KEY_HEX)));
     }
 
     #[test]
-    fn the_environment_wins_over_the_key_file_and_the_file_over_nothing() {
+    fn the_given_key_wins_over_the_key_file_and_the_file_over_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vault-key");
         std::fs::write(&path, KEY_HEX).unwrap();
-        let env = "ff".repeat(32);
-        let found = file_config(&path).resolve_vault_key(Some(env.clone()), None).unwrap();
-        assert_eq!(found, Some(key(&env)));
-        // The environment wins even over a key file that is missing.
-        let missing = file_config(&dir.path().join("missing"));
-        assert_eq!(missing.resolve_vault_key(Some(env.clone()), None).unwrap(), Some(key(&env)));
+        let given = "ff".repeat(32);
+        let with_key = |mut config: EngineConfig| {
+            config.vault_key = Some(key(&given));
+            config
+        };
+        let found = with_key(file_config(&path)).resolve_vault_key(None).unwrap();
+        assert_eq!(found, Some(key(&given)));
+        // The given key wins even over a key file that is missing.
+        let missing = with_key(file_config(&dir.path().join("missing")));
+        assert_eq!(missing.resolve_vault_key(None).unwrap(), Some(key(&given)));
+        assert_eq!(format!("{:?}", key(&given)), "VaultKey(<redacted>)");
         let hex_only = EngineConfig {
             vault: VaultConfig { key_hex: Some("11".repeat(32)) },
             ..EngineConfig::default()
         };
-        assert_eq!(hex_only.resolve_vault_key(None, None).unwrap(), Some([0x11; 32]));
-        assert_eq!(EngineConfig::default().resolve_vault_key(None, None).unwrap(), None);
+        assert_eq!(
+            hex_only.resolve_vault_key(None).unwrap(),
+            Some(VaultKey::from_bytes([0x11; 32]))
+        );
+        assert_eq!(EngineConfig::default().resolve_vault_key(None).unwrap(), None);
     }
 
     #[test]
@@ -327,10 +359,9 @@ mod vault_key_tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("vault-key"), KEY_HEX).unwrap();
         let config = file_config("${CREDENTIALS_DIRECTORY}/vault-key".as_ref());
-        let found =
-            config.resolve_vault_key(None, Some(dir.path().as_os_str().to_owned())).unwrap();
+        let found = config.resolve_vault_key(Some(dir.path().as_os_str().to_owned())).unwrap();
         assert_eq!(found, Some(key(KEY_HEX)));
-        let unset = config.resolve_vault_key(None, None).unwrap_err();
+        let unset = config.resolve_vault_key(None).unwrap_err();
         assert!(unset.contains("CREDENTIALS_DIRECTORY is not set"), "{unset}");
         assert!(unset.contains("${CREDENTIALS_DIRECTORY}/vault-key"), "{unset}");
     }
@@ -339,20 +370,20 @@ mod vault_key_tests {
     fn errors_name_the_file_and_never_the_key() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("missing");
-        let error = file_config(&missing).resolve_vault_key(None, None).unwrap_err();
+        let error = file_config(&missing).resolve_vault_key(None).unwrap_err();
         assert!(error.contains(&missing.display().to_string()), "{error}");
         assert!(error.contains("cannot read"), "{error}");
 
         let short = dir.path().join("short");
         std::fs::write(&short, &KEY_HEX[..62]).unwrap();
-        let error = file_config(&short).resolve_vault_key(None, None).unwrap_err();
+        let error = file_config(&short).resolve_vault_key(None).unwrap_err();
         assert!(error.contains(&short.display().to_string()), "{error}");
         assert!(error.contains("64 hex digits"), "{error}");
         assert!(!error.contains(&KEY_HEX[..62]), "{error}");
 
         let not_hex = dir.path().join("not-hex");
         std::fs::write(&not_hex, "zz".repeat(32)).unwrap();
-        let error = file_config(&not_hex).resolve_vault_key(None, None).unwrap_err();
+        let error = file_config(&not_hex).resolve_vault_key(None).unwrap_err();
         assert!(error.contains(&not_hex.display().to_string()), "{error}");
         assert!(error.contains("not hex"), "{error}");
     }

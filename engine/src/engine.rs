@@ -21,6 +21,7 @@ use crate::codes::{self, CodeKey, CodeKind, CodePayload, CouponEffect};
 use crate::config::EngineConfig;
 use crate::error::EngineError;
 use crate::geo::{self, AcceptedMethod, Candidate, Signal, Store, StoreDirectory};
+use crate::ids::{AddMeansOptions, ProviderCode, RequestId};
 use crate::keys::{DeviceIndex, DeviceKey, NewDeviceKey, Verified};
 use crate::limits::STORE_RADIUS_MAX_M;
 use crate::limits::{BATCH_SIZE_MAX, VERIFY_PARALLEL_MIN};
@@ -71,11 +72,41 @@ struct Inner {
     cluster: Option<Cluster>,
 }
 
-impl Drop for Inner {
-    fn drop(&mut self) {
+impl Inner {
+    /// Stops the shard actors (joining their threads: blocking), then the cluster's tasks.
+    fn stop(&self) {
         stop_runtime(&self.runtime, &self.shards);
         if let Some(cluster) = &self.cluster {
             cluster.stop();
+        }
+    }
+}
+
+impl Drop for Inner {
+    /// The last [`Engine`] dropped stops the engine. Stopping joins the shard threads, so
+    /// inside a Tokio runtime it is moved to the runtime's blocking pool (the executor's
+    /// thread is not held up); outside one it happens here.
+    fn drop(&mut self) {
+        let runtime =
+            self.runtime.get_mut().map(Option::take).unwrap_or_else(|e| e.into_inner().take());
+        let Some(runtime) = runtime else {
+            // Stopped already ([`Engine::shutdown`]).
+            if let Some(cluster) = &self.cluster {
+                cluster.stop();
+            }
+            return;
+        };
+        let shards = std::mem::take(&mut self.shards);
+        let cluster = self.cluster.take();
+        let stop = move || {
+            stop_runtime(&Mutex::new(Some(runtime)), &shards);
+            if let Some(cluster) = &cluster {
+                cluster.stop();
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => drop(handle.spawn_blocking(stop)),
+            Err(_) => stop(),
         }
     }
 }
@@ -179,12 +210,29 @@ impl Engine {
         })
     }
 
-    /// Stops the shard actors. Requests after this fail with [`EngineError::Stopped`].
-    pub fn shutdown(&self) {
-        stop_runtime(&self.inner.runtime, &self.inner.shards);
-        if let Some(cluster) = &self.inner.cluster {
-            cluster.stop();
+    /// Stops the engine: its shard actors finish the batch they are applying, their logs are
+    /// flushed, and their threads are joined. Requests after this fail with
+    /// [`EngineError::Stopped`]. The blocking part runs on Tokio's blocking pool, so awaiting
+    /// this does not hold up the executor. Calling it again does nothing.
+    ///
+    /// Dropping the last clone of an [`Engine`] also stops it (in the background when inside a
+    /// Tokio runtime); call this to know when it has stopped (before opening its data
+    /// directory again, say).
+    pub async fn shutdown(&self) {
+        let engine = self.clone();
+        if let Err(error) = tokio::task::spawn_blocking(move || engine.shutdown_blocking()).await {
+            if error.is_panic() {
+                std::panic::resume_unwind(error.into_panic());
+            }
+            // The runtime is shutting down and refused the task: stop here instead.
+            self.shutdown_blocking();
         }
+    }
+
+    /// [`Engine::shutdown`] for a caller outside an async context: blocks the calling thread
+    /// until the engine has stopped. Do not call it on an async executor's thread.
+    pub fn shutdown_blocking(&self) {
+        self.inner.stop();
     }
 
     /// The shards that take no more work: stopped (after [`Engine::shutdown`]), or whose log
@@ -364,11 +412,12 @@ impl Engine {
     async fn apply_for_user(
         &self,
         user: &UserKey,
-        client_request_id: Option<ClientRequestId>,
+        client_request_id: Option<RequestId>,
         digest: u64,
         command: Command,
     ) -> Result<Reply, EngineError> {
         let owner_hash = user_hash(user);
+        let client_request_id = client_request_id.map(RequestId::get);
         let envelope =
             Envelope { owner_hash, client_request_id, digest, now_ms: self.now_ms(), command };
         self.call(self.shard_of(owner_hash), Op::Apply(envelope)).await
@@ -377,11 +426,12 @@ impl Engine {
     async fn apply_for_provider(
         &self,
         provider_code: u32,
-        client_request_id: Option<ClientRequestId>,
+        client_request_id: Option<RequestId>,
         digest: u64,
         command: Command,
     ) -> Result<Reply, EngineError> {
         let owner_hash = digest_of(&("provider", provider_code));
+        let client_request_id = client_request_id.map(RequestId::get);
         let envelope =
             Envelope { owner_hash, client_request_id, digest, now_ms: self.now_ms(), command };
         self.call(self.shard_of(owner_hash), Op::Apply(envelope)).await
@@ -391,7 +441,7 @@ impl Engine {
     async fn change_provider(
         &self,
         provider_code: u32,
-        client_request_id: ClientRequestId,
+        client_request_id: RequestId,
         digest: u64,
         command: Command,
     ) -> Result<(), EngineError> {
@@ -482,19 +532,20 @@ fn prepare(
     adapters: Vec<(u32, Arc<dyn settlegate_adapters::ProviderAdapter>)>,
 ) -> Result<(Shared, StateConfig, PasswordHasher), EngineError> {
     config.validate().map_err(EngineError::Config)?;
-    let vault_key = match config.vault_key().map_err(EngineError::Config)? {
-        Some(key) => key,
+    let vault_key = match config.resolve_vault_key(None).map_err(EngineError::Config)? {
+        Some(key) => *key.expose(),
         None if config.durability.data_dir.is_some() => {
             return Err(EngineError::Config(
                 "a data directory needs a lasting vault key (set SETTLEGATE_VAULT_KEY, \
-                 engine.vault_key_file or engine.vault.key_hex): what is logged is sealed with it"
+                 engine.vault_key_file or engine.vault.key_hex; embedded: \
+                 EngineConfig::vault_key): what is logged is sealed with it"
                     .into(),
             ));
         }
         None => {
             tracing::warn!(
                 "no vault key configured: using an ephemeral key; sealed card numbers \
-                 will not survive a restart (set SETTLEGATE_VAULT_KEY)"
+                 will not survive a restart (set SETTLEGATE_VAULT_KEY, or EngineConfig::vault_key)"
             );
             *DeviceKey::random().expose()
         }

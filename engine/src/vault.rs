@@ -1,7 +1,7 @@
 //! The card vault: account numbers in, tokens and last-four digits out.
 //!
 //! A card number (PAN) or bank account number is sealed with XChaCha20-Poly1305 under the
-//! vault key (from config or `SETTLEGATE_VAULT_KEY`), with the token as associated data so a
+//! vault key (from the engine's config: the server binary also takes `SETTLEGATE_VAULT_KEY`), with the token as associated data so a
 //! sealed number cannot be moved under another token. Everything outside this module sees only
 //! the token and the last four digits; [`Vault::reveal`] exists for adapters that must put the
 //! number on the wire to a provider.

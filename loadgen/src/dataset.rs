@@ -1,6 +1,7 @@
 //! The dataset, prepared before anything is measured: providers (checked to exist), stores
 //! (terminal IDs listed with every provider), and users, each with a device key and means.
 
+use settlegate_engine::{AddMeansOptions, ProviderCode, RequestId};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -124,7 +125,7 @@ async fn list_stores(
                         .map(|id| TerminalEntry { terminal_id: id.clone(), service: None })
                         .collect();
                     engine
-                        .register_terminals(id, provider, terminals)
+                        .register_terminals(RequestId(id), ProviderCode(provider), terminals)
                         .await
                         .map_err(anyhow::Error::new)
                 }
@@ -160,7 +161,7 @@ async fn enroll(target: &Target, run: u64, i: usize, means: usize) -> anyhow::Re
     let credential = match target {
         Target::Embedded(engine) => {
             let request = EnrollRequest {
-                client_request_id: base,
+                client_request_id: RequestId(base),
                 user: user.clone(),
                 password,
                 card_idm: idm,
@@ -209,7 +210,7 @@ async fn register_age(target: &Target, id: u128, payer: &Payer, i: usize) -> any
     }
     .sign(payer.credential.device_key.expose());
     match target {
-        Target::Embedded(engine) => engine.register_age(id, &record).await?,
+        Target::Embedded(engine) => engine.register_age(RequestId(id), &record).await?,
         Target::Remote(clients) => {
             let request = RegisterAge { client_request_id: id, record }.into();
             clients[i % clients.len()].call_ok(&request).await?;
@@ -242,7 +243,7 @@ async fn upsert_stores(target: &Target, run: u64, stores: &[String]) {
         let id = (u128::from(run) << 64) | (1 << 62) | n as u128;
         let result = match target {
             Target::Embedded(engine) => {
-                engine.upsert_store(id, store).await.map_err(anyhow::Error::new)
+                engine.upsert_store(RequestId(id), store).await.map_err(anyhow::Error::new)
             }
             Target::Remote(clients) => {
                 let store = values::Store {
@@ -289,7 +290,7 @@ async fn add_means(
                 0 => MeansInput::CreditCard { pan: CARD.into() },
                 _ => MeansInput::EMoney { emoney_type: purse },
             };
-            engine.add_means(id, user, &means, make_default).await?;
+            engine.add_means(RequestId(id), user, &means, AddMeansOptions { make_default }).await?;
         }
         Target::Remote(clients) => {
             let means = match m {

@@ -7,6 +7,7 @@
 //! per-request driver ([`crate::driver`], through the protocol client) or in whole batches
 //! ([`crate::lanes`]); both build and judge them with the same two functions.
 
+use settlegate_engine::{ProviderCode, RequestId};
 use std::borrow::Cow;
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -254,7 +255,7 @@ impl Operation {
                 }
                 Operation::ConfirmTerminal => {
                     let (provider_code, terminal_id) = random_terminal(w, slot);
-                    ok_or_error(engine.confirm_terminal(provider_code, terminal_id))
+                    ok_or_error(engine.confirm_terminal(ProviderCode(provider_code), terminal_id))
                 }
                 // Embedded, there is nothing to call: it measures the load generator itself.
                 Operation::Ping => Outcome::Ok,
@@ -266,7 +267,7 @@ impl Operation {
 
 async fn authorize(w: &Workload, slot: &mut SlotCursor, engine: &Engine) -> Outcome {
     let (client_request_id, inherent_id) = next_payment(w, slot);
-    let request = AuthorizeRequest { client_request_id, inherent_id };
+    let request = AuthorizeRequest { client_request_id: RequestId(client_request_id), inherent_id };
     auth_outcome(engine.authorize(request).await.map_err(engine_error))
 }
 
@@ -298,7 +299,7 @@ fn wire_basket() -> values::Basket {
 
 async fn age_checked(w: &Workload, slot: &mut SlotCursor, engine: &Engine) -> Outcome {
     let (client_request_id, inherent_id) = next_payment(w, slot);
-    let request = AuthorizeRequest { client_request_id, inherent_id };
+    let request = AuthorizeRequest { client_request_id: RequestId(client_request_id), inherent_id };
     let mut results = engine.authorize_baskets(vec![(request, Some(basket()))]).await;
     let result = results.pop().expect("one result");
     auth_outcome(result.map(|r| r.outcome).map_err(engine_error))
@@ -313,14 +314,14 @@ fn code_requests(
     let (id, inherent_id) = next_payment(w, slot);
     let store = w.dataset.stores[slot.below(w.dataset.stores.len())].clone();
     let issue = IssueCodeRequest {
-        client_request_id: id,
+        client_request_id: RequestId(id),
         inherent_id,
         validity_ms: 300_000,
         deliver_to: None,
         order_ref: String::new(),
     };
     let redeem = move |text: &str, number: u64, currency: Currency| RedeemRequest {
-        client_request_id: id | (1 << 31),
+        client_request_id: RequestId(id | (1 << 31)),
         code: text.to_owned(),
         issuer: 1,
         number,
@@ -349,7 +350,7 @@ async fn code_embedded(w: &Workload, slot: &mut SlotCursor, engine: &Engine) -> 
 async fn code_remote(w: &Workload, slot: &mut SlotCursor, client: &Client) -> Outcome {
     let (issue, redeem) = code_requests(w, slot);
     let issue = IssueCode {
-        client_request_id: issue.client_request_id,
+        client_request_id: issue.client_request_id.get(),
         inherent_id: issue.inherent_id,
         validity_ms: issue.validity_ms,
         deliver_to: issue.deliver_to,
@@ -362,7 +363,7 @@ async fn code_remote(w: &Workload, slot: &mut SlotCursor, client: &Client) -> Ou
                 return Outcome::Error("the mix redeems plain lines only".into());
             };
             let request: Request = RedeemCode {
-                client_request_id: redeem.client_request_id,
+                client_request_id: redeem.client_request_id.get(),
                 code: redeem.code,
                 issuer: redeem.issuer,
                 number: redeem.number,

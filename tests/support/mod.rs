@@ -13,8 +13,9 @@ use settlegate_engine::adapters::simulated::SimulatedConfig;
 use settlegate_engine::adapters::{AdapterConfig, GuardConfig};
 use settlegate_engine::password::PasswordConfig;
 use settlegate_engine::{
-    AuthOutcome, AuthorizeRequest, Currency, DeviceCredential, Engine, EngineConfig, EnrollRequest,
-    InherentId, ManualClock, MeansInput, MeansKind, ProviderConfig, UserIdType, UserKey,
+    AddMeansOptions, AuthOutcome, AuthorizeRequest, Currency, DeviceCredential, Engine,
+    EngineConfig, EnrollRequest, InherentId, ManualClock, MeansInput, MeansKind, ProviderConfig,
+    RequestId, UserIdType, UserKey,
 };
 
 /// 2026-11-22T00:00:00Z.
@@ -35,8 +36,8 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 static NEXT_IDM: AtomicU64 = AtomicU64::new(1);
 
 /// A fresh client request ID.
-pub fn request_id() -> u128 {
-    u128::from(NEXT_ID.fetch_add(1, Ordering::Relaxed))
+pub fn request_id() -> RequestId {
+    RequestId(u128::from(NEXT_ID.fetch_add(1, Ordering::Relaxed)))
 }
 
 /// A fresh card IDm.
@@ -170,7 +171,8 @@ impl Harness {
             .await
             .expect("enroll");
         let card = MeansInput::CreditCard { pan: "4111111111111111".into() };
-        self.engine.add_means(request_id(), &user, &card, true).await.expect("add card");
+        let options = AddMeansOptions { make_default: true };
+        self.engine.add_means(request_id(), &user, &card, options).await.expect("add card");
         TestUser { user, credential, counter: AtomicU64::new(1) }
     }
 

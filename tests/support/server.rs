@@ -268,7 +268,7 @@ pub async fn enroll(client: &Client, name: &str) -> Payer {
     )
     .unwrap();
     let request = settlegate_protocol::messages::Request::Enroll(Enroll {
-        client_request_id: super::request_id(),
+        client_request_id: super::request_id().get(),
         user: user.clone(),
         password: super::PASSWORD.into(),
         card_idm: super::fresh_idm(),
@@ -279,7 +279,7 @@ pub async fn enroll(client: &Client, name: &str) -> Payer {
         panic!()
     };
     let card = settlegate_protocol::messages::Request::AddMeans(AddMeans {
-        client_request_id: super::request_id(),
+        client_request_id: super::request_id().get(),
         user: user.clone(),
         make_default: true,
         means: settlegate_protocol::messages::MeansInput::CreditCard {

@@ -5,8 +5,8 @@ use super::*;
 /// Enrollment of a new user with their first device (G1).
 #[derive(Clone)]
 pub struct EnrollRequest {
-    /// Idempotency key.
-    pub client_request_id: ClientRequestId,
+    /// Makes retries safe (see [`RequestId`]).
+    pub client_request_id: RequestId,
     /// The user.
     pub user: UserKey,
     /// The password; hashed with Argon2id, never stored or logged in the clear.
@@ -60,6 +60,47 @@ pub enum MeansOrder {
 
 impl Engine {
     /// Enrolls a user with a password and their first device; returns the device key.
+    ///
+    /// # Example
+    ///
+    /// Enrolment, then a card as the default settlement means:
+    ///
+    /// ```
+    /// # use settlegate_engine::adapters::{simulated::SimulatedConfig, AdapterConfig};
+    /// # use settlegate_engine::*;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let engine = Engine::start(EngineConfig {
+    /// #     password: PasswordConfig { memory_kib: 64, iterations: 1, parallelism: 1 },
+    /// #     providers: vec![ProviderConfig {
+    /// #         code: 1,
+    /// #         name: "Demo Acquirer".into(),
+    /// #         adapter: AdapterConfig::Simulated(SimulatedConfig::default()),
+    /// #         limits: Default::default(),
+    /// #         terminals: Vec::new(),
+    /// #     }],
+    /// #     ..EngineConfig::default()
+    /// # })?;
+    /// let user = UserKey::new(UserIdType::Mail, "hanako@example.jp")?;
+    /// let device = engine
+    ///     .enroll(EnrollRequest {
+    ///         client_request_id: RequestId::random(),
+    ///         user: user.clone(),
+    ///         password: "a long passphrase".into(),
+    ///         card_idm: [1, 0x2e, 0, 0, 0, 0, 0, 1],
+    ///     })
+    ///     .await?;
+    /// let card = MeansInput::CreditCard { pan: "4111111111111111".into() };
+    /// let options = AddMeansOptions::default().make_default(true);
+    /// let added = engine.add_means(RequestId::random(), &user, &card, options).await?;
+    /// assert_eq!(added.last4.as_deref(), Some("1111"));
+    /// let means = engine.list_means(&user, MeansOrder::Registration).await?;
+    /// assert_eq!(means.len(), 1);
+    /// engine.login(&user, "a long passphrase").await?;
+    /// # engine.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn enroll(&self, request: EnrollRequest) -> Result<DeviceCredential, EngineError> {
         PasswordHasher::policy_check(&request.password).map_err(EngineError::Refused)?;
         let hasher = self.inner.hasher.clone();
@@ -84,7 +125,7 @@ impl Engine {
     /// Provisions another device for a user, after checking their password.
     pub async fn provision_device(
         &self,
-        client_request_id: ClientRequestId,
+        client_request_id: RequestId,
         user: &UserKey,
         password: &str,
         card_idm: Idm,
@@ -106,7 +147,7 @@ impl Engine {
     /// valid for `key_grace_ms`.
     pub async fn rotate_device_key(
         &self,
-        client_request_id: ClientRequestId,
+        client_request_id: RequestId,
         user: &UserKey,
         password: &str,
         card_idm: Idm,
@@ -128,7 +169,7 @@ impl Engine {
     /// user's, and `rotate_device_key` gives it a new key if it is found again.
     pub async fn revoke_device_key(
         &self,
-        client_request_id: ClientRequestId,
+        client_request_id: RequestId,
         user: &UserKey,
         password: &str,
         card_idm: Idm,
@@ -181,11 +222,12 @@ impl Engine {
     /// Registers a settlement means; a card or account number goes to the vault.
     pub async fn add_means(
         &self,
-        client_request_id: ClientRequestId,
+        client_request_id: RequestId,
         user: &UserKey,
         means: &MeansInput,
-        make_default: bool,
+        options: AddMeansOptions,
     ) -> Result<MeansAdded, EngineError> {
+        let AddMeansOptions { make_default } = options;
         let prepared = means.prepare(&self.inner.shared.vault).map_err(EngineError::Refused)?;
         let digest = digest_of(&("means", user, means.public_parts(), make_default));
         let command = Command::AddMeans { user: user.clone(), means: prepared, make_default };
@@ -201,7 +243,7 @@ impl Engine {
     /// Makes a registered means the user's default.
     pub async fn set_default_means(
         &self,
-        client_request_id: ClientRequestId,
+        client_request_id: RequestId,
         user: &UserKey,
         means_id: u32,
     ) -> Result<(), EngineError> {

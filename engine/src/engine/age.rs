@@ -9,7 +9,7 @@ impl Engine {
     /// and the validity window, then keeps the registration (replacing an older one).
     pub async fn register_age(
         &self,
-        client_request_id: ClientRequestId,
+        client_request_id: RequestId,
         record: &[u8],
     ) -> Result<(), EngineError> {
         let now_ms = self.now_ms();
@@ -30,13 +30,44 @@ impl Engine {
 
     /// Sets a listed store terminal's own age policy (A2, A3); `None` clears it, so the
     /// terminal follows its provider's policy, or the engine's default.
+    ///
+    /// # Example
+    ///
+    /// A listed terminal gets its own policy, then follows its provider's again:
+    ///
+    /// ```
+    /// # use settlegate_engine::adapters::{simulated::SimulatedConfig, AdapterConfig};
+    /// # use settlegate_engine::*;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let engine = Engine::start(EngineConfig {
+    /// #     password: PasswordConfig { memory_kib: 64, iterations: 1, parallelism: 1 },
+    /// #     providers: vec![ProviderConfig {
+    /// #         code: 1,
+    /// #         name: "Demo Acquirer".into(),
+    /// #         adapter: AdapterConfig::Simulated(SimulatedConfig::default()),
+    /// #         limits: Default::default(),
+    /// #         terminals: Vec::new(),
+    /// #     }],
+    /// #     ..EngineConfig::default()
+    /// # })?;
+    /// let till = TerminalEntry { terminal_id: "TILL-1".into(), service: None };
+    /// engine.register_terminals(RequestId::random(), ProviderCode(1), vec![till]).await?;
+    /// let policy = Some(AgePolicy::default());
+    /// engine.set_age_policy(RequestId::random(), ProviderCode(1), "TILL-1", policy).await?;
+    /// engine.set_age_policy(RequestId::random(), ProviderCode(1), "TILL-1", None).await?;
+    /// # engine.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn set_age_policy(
         &self,
-        client_request_id: ClientRequestId,
-        provider_code: u32,
+        client_request_id: RequestId,
+        provider_code: ProviderCode,
         terminal_id: &str,
         policy: Option<AgePolicy>,
     ) -> Result<(), EngineError> {
+        let provider_code = provider_code.get();
         if let Some(policy) = &policy {
             self.inner.shared.age.config.resolve(policy).map_err(EngineError::Refused)?;
         }

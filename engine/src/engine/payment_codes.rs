@@ -7,8 +7,8 @@ use super::*;
 /// valid; where to deliver it; and, for cash on delivery, the order it pays for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IssueCodeRequest {
-    /// Idempotency key.
-    pub client_request_id: ClientRequestId,
+    /// Makes retries safe (see [`RequestId`]).
+    pub client_request_id: RequestId,
     /// The signed inherent ID.
     pub inherent_id: Vec<u8>,
     /// Validity of the code and its hold, ms (10 s to 7 days).
@@ -59,8 +59,8 @@ impl SaleLines {
 /// A POS redeeming a code with its sales information (C3, C4).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedeemRequest {
-    /// Idempotency key.
-    pub client_request_id: ClientRequestId,
+    /// Makes retries safe (see [`RequestId`]).
+    pub client_request_id: RequestId,
     /// The code as read.
     pub code: String,
     /// The issuer the POS expects (the number printed beside the barcode).
@@ -88,6 +88,69 @@ impl Engine {
     /// asked for the authorization, which is held; on approval the code is issued by the
     /// user's shard (the second tier that will answer its redemption) and delivered to the
     /// designated device's stream.
+    ///
+    /// # Example
+    ///
+    /// A user terminal asks for a code valid at any store (`*`) for 1,000 JPY:
+    ///
+    /// ```
+    /// # use settlegate_engine::adapters::{simulated::SimulatedConfig, AdapterConfig};
+    /// # use settlegate_engine::*;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let engine = Engine::start(EngineConfig {
+    /// #     password: PasswordConfig { memory_kib: 64, iterations: 1, parallelism: 1 },
+    /// #     providers: vec![ProviderConfig {
+    /// #         code: 1,
+    /// #         name: "Demo Acquirer".into(),
+    /// #         adapter: AdapterConfig::Simulated(SimulatedConfig::default()),
+    /// #         limits: Default::default(),
+    /// #         terminals: Vec::new(),
+    /// #     }],
+    /// #     ..EngineConfig::default()
+    /// # })?;
+    /// let user = UserKey::new(UserIdType::Mail, "hanako@example.jp")?;
+    /// let device = engine
+    ///     .enroll(EnrollRequest {
+    ///         client_request_id: RequestId::random(),
+    ///         user: user.clone(),
+    ///         password: "a long passphrase".into(),
+    ///         card_idm: [1, 0x2e, 0, 0, 0, 0, 0, 1],
+    ///     })
+    ///     .await?;
+    /// let card = MeansInput::CreditCard { pan: "4111111111111111".into() };
+    /// engine.add_means(RequestId::random(), &user, &card, AddMeansOptions::default()).await?;
+    /// let record = InherentId {
+    ///     key_version: device.key_version,
+    ///     amount_minor: 1_000,
+    ///     currency: Currency::try_from("JPY")?,
+    ///     means: MeansKind::CreditCard,
+    ///     means_id: 0,
+    ///     provider_code: 1,
+    ///     card_idm: device.card_idm,
+    ///     user: user.clone(),
+    ///     terminal_id: "*".into(),
+    ///     counter: 1,
+    ///     timestamp_ms: engine.now_ms(),
+    /// };
+    /// let request = IssueCodeRequest {
+    ///     client_request_id: RequestId::random(),
+    ///     inherent_id: record.sign(device.device_key.expose()),
+    ///     validity_ms: 600_000,
+    ///     deliver_to: None,
+    ///     order_ref: String::new(),
+    /// };
+    /// match engine.issue_code(request).await? {
+    ///     CodeOutcome::Issued(code) => {
+    ///         let state = engine.code_state(code.number).await?;
+    ///         println!("{}: {state:?}", code.text);
+    ///     }
+    ///     CodeOutcome::Declined(reason) => println!("declined: {reason}"),
+    /// }
+    /// # engine.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn issue_code(&self, request: IssueCodeRequest) -> Result<CodeOutcome, EngineError> {
         let valid = (CODE_VALIDITY_MIN_MS..=CODE_VALIDITY_MAX_MS).contains(&request.validity_ms)
             && request.order_ref.len() <= ORDER_REF_LEN_MAX
@@ -206,7 +269,7 @@ impl Engine {
         let policies = Some(terminal_policies(&self.inner.shared.registry, &spec.terminal_id));
         let envelope = Envelope {
             owner_hash: digest_of(&("code", code.number)),
-            client_request_id: Some(request.client_request_id),
+            client_request_id: Some(request.client_request_id.get()),
             digest: digest_of(&spec),
             now_ms: self.now_ms(),
             command: Command::RedeemCode { spec: Box::new(spec), policies },
@@ -278,13 +341,14 @@ impl Engine {
     /// to the user's devices. Results come back in user order.
     pub async fn issue_coupons(
         &self,
-        client_request_id: ClientRequestId,
-        provider_code: u32,
+        client_request_id: RequestId,
+        provider_code: ProviderCode,
         users: Vec<UserKey>,
         effect: CouponEffect,
         uses: u32,
         expires_ms: i64,
     ) -> Vec<Result<IssuedCoupon, EngineError>> {
+        let provider_code = provider_code.get();
         if users.is_empty() || users.len() > COUPON_USERS_MAX {
             return vec![Err(EngineError::Refused(ReasonCode::InvalidCoupon)); users.len().max(1)];
         }
@@ -323,7 +387,7 @@ impl Engine {
     /// notice is `IdempotencyConflict`).
     pub async fn notify_delivery(
         &self,
-        client_request_id: ClientRequestId,
+        client_request_id: RequestId,
         notice: DeliveryNotice,
     ) -> Result<usize, EngineError> {
         let valid = notice.amount_minor > 0

@@ -10,7 +10,7 @@ use super::*;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuthorizeRequest {
     /// Makes retries safe: the same ID and bytes always get the first outcome.
-    pub client_request_id: ClientRequestId,
+    pub client_request_id: RequestId,
     /// The signed inherent ID (see [`crate::InherentId`]).
     pub inherent_id: Vec<u8>,
 }
@@ -146,7 +146,7 @@ impl Engine {
         now_ms: i64,
     ) -> (Vec<ClientRequestId>, Vec<Result<Verified, ReasonCode>>) {
         let (ids, records): (Vec<_>, Vec<_>) =
-            requests.into_iter().map(|r| (r.client_request_id, r.inherent_id)).unzip();
+            requests.into_iter().map(|r| (r.client_request_id.get(), r.inherent_id)).unzip();
         if records.len() < VERIFY_PARALLEL_MIN {
             return (ids, self.inner.shared.devices.verify_batch(&records, now_ms));
         }

@@ -21,7 +21,7 @@ impl Engine {
     /// there first and then removed from the old one.
     pub async fn upsert_store(
         &self,
-        client_request_id: ClientRequestId,
+        client_request_id: RequestId,
         store: Store,
     ) -> Result<(), EngineError> {
         store.validate().map_err(EngineError::Refused)?;
@@ -35,7 +35,7 @@ impl Engine {
         let command = Command::UpsertStore { store: Box::new(store), signals_free };
         let envelope = Envelope {
             owner_hash,
-            client_request_id: Some(client_request_id),
+            client_request_id: Some(client_request_id.get()),
             digest,
             now_ms: self.now_ms(),
             command,
@@ -68,7 +68,7 @@ impl Engine {
     /// Removes a store (W1).
     pub async fn remove_store(
         &self,
-        client_request_id: ClientRequestId,
+        client_request_id: RequestId,
         store_id: &str,
     ) -> Result<(), EngineError> {
         let (cell, _) = self
@@ -81,7 +81,7 @@ impl Engine {
         let command = Command::RemoveStore { store_id: store_id.to_owned(), moved: false };
         let envelope = Envelope {
             owner_hash,
-            client_request_id: Some(client_request_id),
+            client_request_id: Some(client_request_id.get()),
             digest: digest_of(&("remove-store", store_id)),
             now_ms: self.now_ms(),
             command,

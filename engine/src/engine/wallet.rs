@@ -84,7 +84,7 @@ impl Engine {
     /// Returns the new balance.
     pub async fn top_up(
         &self,
-        client_request_id: ClientRequestId,
+        client_request_id: RequestId,
         user: &UserKey,
         means_id: u32,
         amount_minor: u64,
@@ -103,6 +103,57 @@ impl Engine {
 
     /// Every method of the user at a store, marked usable or not, with balances; the best one
     /// by `best_by`; and, when none is usable, what the store accepts (W3).
+    ///
+    /// # Example
+    ///
+    /// A store that takes cards, and what a user with a card can pay with there:
+    ///
+    /// ```
+    /// # use settlegate_engine::adapters::{simulated::SimulatedConfig, AdapterConfig};
+    /// # use settlegate_engine::*;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let engine = Engine::start(EngineConfig {
+    /// #     password: PasswordConfig { memory_kib: 64, iterations: 1, parallelism: 1 },
+    /// #     providers: vec![ProviderConfig {
+    /// #         code: 1,
+    /// #         name: "Demo Acquirer".into(),
+    /// #         adapter: AdapterConfig::Simulated(SimulatedConfig::default()),
+    /// #         limits: Default::default(),
+    /// #         terminals: Vec::new(),
+    /// #     }],
+    /// #     ..EngineConfig::default()
+    /// # })?;
+    /// let user = UserKey::new(UserIdType::Mail, "hanako@example.jp")?;
+    /// let device = engine
+    ///     .enroll(EnrollRequest {
+    ///         client_request_id: RequestId::random(),
+    ///         user: user.clone(),
+    ///         password: "a long passphrase".into(),
+    ///         card_idm: [1, 0x2e, 0, 0, 0, 0, 0, 1],
+    ///     })
+    ///     .await?;
+    /// let card = MeansInput::CreditCard { pan: "4111111111111111".into() };
+    /// engine.add_means(RequestId::random(), &user, &card, AddMeansOptions::default()).await?;
+    /// let store = Store {
+    ///     store_id: "STORE-1".into(),
+    ///     name: "Corner Shop".into(),
+    ///     industry: "5411".into(),
+    ///     address: "1-1 Chiyoda".into(),
+    ///     latitude: 35.68,
+    ///     longitude: 139.76,
+    ///     beacons: Vec::new(),
+    ///     wifi: Vec::new(),
+    ///     qr_code: None,
+    ///     accepts: vec![AcceptedMethod { kind: MeansKind::CreditCard, brand: "*".into() }],
+    /// };
+    /// engine.upsert_store(RequestId::random(), store).await?;
+    /// let usable = engine.usable_methods(&user, "STORE-1", BestBy::MostUsed).await?;
+    /// assert_eq!(usable.methods.len(), 1);
+    /// # engine.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn usable_methods(
         &self,
         user: &UserKey,
