@@ -10,7 +10,7 @@
 /// 1,000,000 codes: snapshot load 3.3–3.5 s → 2.4–2.9 s (`docs/BENCHMARKS-HISTORY.md`).
 pub const ARENA_TOP_PAD: usize = 64 << 20;
 
-/// Tunes the allocator for an engine's process (see [`ARENA_TOP_PAD`]). Call once at process
+/// Tunes the allocator for an engine's process (glibc's `M_TOP_PAD` to 64 MiB). Call once at process
 /// start, before the engine starts, in a process that keeps glibc's allocator. (`settlegate
 /// serve` does not need it: it runs on jemalloc, which recovered and served faster still.)
 /// Does nothing where the allocator is not glibc's. It also fixes glibc's threshold for

@@ -6,16 +6,19 @@
 //!
 //! Layout, from the bytes inwards:
 //! - [`inherent`]: the signed binary record a user terminal builds;
-//! - [`keys`]: device keys and batch verification of their HMAC-SHA256 tags (rayon);
+//! - `keys` ([`DeviceIndex`], [`Verified`]): device keys and batch verification of their HMAC-SHA256 tags (rayon);
 //! - `shard`: actix actors, each owning a slice of users, applying commands in order;
-//! - [`providers`]: providers, terminal lists and services, and the adapters behind them;
+//! - `providers` ([`Registry`], [`Provider`]): providers, terminal lists and services, and the adapters behind them;
 //! - [`geo`] and [`emvqr`]: stores, the store-geo index and QR posters (W1–W2);
 //! - [`codes`]: payment codes and coupons, their format and tags (C1–C5, T1);
 //! - [`age`]: age registrations, rules per jurisdiction and the basket check (A1–A3);
-//! - [`vault`] and [`password`]: the only places a card number or password is handled;
+//! - `vault` ([`Vault`]) and [`password`]: the only places a card number or password is handled;
 //! - [`cluster`]: partitions replicated on NATS JetStream, ownership and fencing;
 //! - [`engine`]: the facade that routes requests through all of the above;
-//! - [`alloc`]: allocator tuning for the process that holds the state.
+//! - `alloc` ([`tune_allocator`]): allocator tuning for the process that holds the state.
+//!
+//! `wal`, `cow`, `limits` and `fuzzing` are internals, public only for the workspace's tests,
+//! benches and fuzz targets (hidden from these docs): not API, and they change without notice.
 //!
 //! # Example
 //!
@@ -93,11 +96,12 @@
 #![deny(missing_docs)]
 
 pub mod age;
-pub mod alloc;
-pub mod clock;
+mod alloc;
+mod clock;
 pub mod cluster;
 pub mod codes;
 pub mod config;
+#[doc(hidden)]
 pub mod cow;
 pub mod emvqr;
 pub mod engine;
@@ -108,16 +112,18 @@ pub mod fuzzing;
 pub mod geo;
 mod ids;
 pub mod inherent;
-pub mod keys;
+mod keys;
+#[doc(hidden)]
 pub mod limits;
-pub mod means;
-pub mod notices;
+mod means;
+mod notices;
 pub mod password;
-pub mod providers;
+mod providers;
 mod shard;
 mod startup;
 pub mod types;
-pub mod vault;
+mod vault;
+#[doc(hidden)]
 pub mod wal;
 
 /// The concurrent map the engine's shared tables use (devices, provider terminals, vault
@@ -128,6 +134,7 @@ pub mod wal;
 pub(crate) type SharedMap<K, V> = dashmap::DashMap<K, V, foldhash::fast::RandomState>;
 
 pub use age::{AgeCheck, AgePolicy, AgeRecord, AgeVerdict, Basket, BasketItem, OnAgeFailure};
+pub use alloc::tune_allocator;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{EngineConfig, ProviderConfig, VaultConfig, VaultKey};
 pub use engine::{replay_shard, shard_of_user};
@@ -140,13 +147,15 @@ pub use error::EngineError;
 pub use geo::{AcceptedMethod, Signal, Store};
 pub use ids::{AddMeansOptions, ProviderCode, RequestId};
 pub use inherent::{InherentId, SigningKey};
-pub use keys::DeviceKey;
+pub use keys::{DeviceIndex, DeviceKey, Verified};
 pub use means::MeansInput;
 pub use notices::{DeliveryNotice, DeviceMessage, Notice};
 pub use password::PasswordConfig;
+pub use providers::{Provider, Registry};
 pub use providers::{TerminalConfirmation, TerminalEntry};
 pub use settlegate_adapters as adapters;
 pub use shard::state::{
     Balance, CodeSpec, CodeState, IssuedCode, IssuedCoupon, MeansView, Redemption,
 };
 pub use types::*;
+pub use vault::Vault;
