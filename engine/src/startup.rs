@@ -154,6 +154,16 @@ pub(crate) fn recover_shards(
     let mut generations = Vec::with_capacity(count);
     let mut envelopes = Vec::with_capacity(count);
     let mut consolidate = Vec::with_capacity(count);
+    for (index, shard) in loaded.iter().enumerate() {
+        if shard.stale_prev {
+            let prev = wal::shard_prev_log_path(dir, index);
+            match std::fs::remove_file(&prev) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(EngineError::Storage(format!("{}: {e}", prev.display()))),
+            }
+        }
+    }
     for shard in loaded {
         consolidate.push(shard.consolidate);
         logs.push(shard.log);
@@ -273,6 +283,8 @@ struct LoadedShard {
     /// Whether `envelopes` joins the previous log and the log (a snapshot cut short): they are
     /// rewritten as one log before anything is appended.
     consolidate: bool,
+    /// Whether a previous log older than the snapshot is there, to remove.
+    stale_prev: bool,
 }
 
 /// Loads shard `index`'s snapshot into `state` and reads the log that follows it.
@@ -313,10 +325,9 @@ fn load_shard(
             None => true,
             Some(generation) => generation == base + 1,
         };
-    if prev.generation.is_some() && !prev_needed {
-        std::fs::remove_file(&prev_path)
-            .map_err(|e| EngineError::Storage(format!("{}: {e}", prev_path.display())))?;
-    }
+    // A previous log older than the snapshot is removed by recovery (`recover_shards`), never
+    // here: a replay of a live directory (`replay_shard`) writes nothing.
+    let stale_prev = prev.generation.is_some() && !prev_needed;
     if prev_needed {
         if prev.torn_bytes > 0 {
             // It was synced whole before its rename: a short one is not a torn write.
@@ -339,9 +350,13 @@ fn load_shard(
     }
     let Some((snapshot_generation, snap)) = snapshot? else {
         return match log.generation {
-            None | Some(0) => {
-                Ok(LoadedShard { log, envelopes, generation: 0, consolidate: prev_needed })
-            }
+            None | Some(0) => Ok(LoadedShard {
+                log,
+                envelopes,
+                generation: 0,
+                consolidate: prev_needed,
+                stale_prev,
+            }),
             Some(generation) => Err(EngineError::Storage(format!(
                 "{}: log generation {generation} follows a snapshot, but {} is missing",
                 log_path.display(),
@@ -368,7 +383,13 @@ fn load_shard(
             log.torn_bytes = 0;
         }
     }
-    Ok(LoadedShard { log, envelopes, generation: snapshot_generation, consolidate: prev_needed })
+    Ok(LoadedShard {
+        log,
+        envelopes,
+        generation: snapshot_generation,
+        consolidate: prev_needed,
+        stale_prev,
+    })
 }
 
 /// Reads a shard's log and turns its records into commands (opening the keys they carry
@@ -451,8 +472,21 @@ pub(crate) fn replay_one(
             "shard {index} does not exist: the data directory has {count} shards"
         )));
     }
-    let mut state = ShardState::new(index as u8, shared.clone(), state_config);
-    let loaded = load_shard(dir, index, count, &mut state)?;
+    // A running server may finish a snapshot while the files are read (its snapshot, previous
+    // log and log read at slightly different moments): a view that does not fit together is
+    // read again.
+    let mut attempts = 0;
+    let (state, loaded) = loop {
+        let mut state = ShardState::new(index as u8, shared.clone(), state_config);
+        match load_shard(dir, index, count, &mut state) {
+            Ok(loaded) => break (state, loaded),
+            Err(EngineError::Storage(_)) if attempts < 20 => {
+                attempts += 1;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err(error) => return Err(error),
+        }
+    };
     let mut states = [state];
     let applied = replay(&mut states, vec![loaded.envelopes]);
     let [state] = states;
