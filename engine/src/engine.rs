@@ -631,7 +631,7 @@ fn digest_of<T: Hash + ?Sized>(value: &T) -> u64 {
 
 fn credential_from(reply: Reply, card_idm: Idm) -> Result<DeviceCredential, EngineError> {
     match reply {
-        Reply::KeyIssued { key_version, key } => {
+        Reply::KeyIssued { key_version, key: NewDeviceKey { plain: Some(key), .. } } => {
             Ok(DeviceCredential { card_idm, key_version, device_key: key })
         }
         other => Err(unexpected(other)),

@@ -73,6 +73,15 @@ impl KeySlot {
         KeySlot { version, open: OnceLock::new(), sealed: Some(Arc::clone(sealed)) }
     }
 
+    /// The slot of a new key: ready at once when it is in the clear (made now), opened on first
+    /// use when it is sealed only (a command replayed from the log: recovery opens no key).
+    fn of(version: u16, key: &NewDeviceKey) -> KeySlot {
+        match &key.plain {
+            Some(plain) => KeySlot::new(version, plain),
+            None => KeySlot::sealed(version, &key.sealed),
+        }
+    }
+
     /// The HMAC state, opening the sealed key on first use (a key that does not open is
     /// reported once, when first tried).
     fn mac(&self, vault: &Vault, idm: &Idm) -> Option<&Hmac<Sha256>> {
@@ -82,7 +91,7 @@ impl KeySlot {
                     self.sealed.as_ref().and_then(|sealed| open_device_key(vault, sealed, idm));
                 if key.is_none() {
                     tracing::error!(
-                        "a device key from the snapshot does not open under the vault key"
+                        "a device key from the snapshot or log does not open under the vault key"
                     );
                 }
                 let mac =
@@ -136,15 +145,6 @@ impl NewDeviceKey {
     pub(crate) fn random(vault: &Vault, idm: &Idm) -> NewDeviceKey {
         let key = DeviceKey::random();
         NewDeviceKey { sealed: Arc::new(vault.seal(key.expose(), idm)), plain: Some(key) }
-    }
-
-    /// The key in the clear: as made, or opened from its sealed form (a command read back from
-    /// the log). `None` if it does not open under this vault key.
-    pub(crate) fn open(&self, vault: &Vault, idm: &Idm) -> Option<DeviceKey> {
-        match &self.plain {
-            Some(key) => Some(key.clone()),
-            None => open_device_key(vault, &self.sealed, idm),
-        }
     }
 }
 
@@ -245,20 +245,20 @@ impl DeviceIndex {
 
     /// Installs the first key of a device (applied by the owning user's shard, once the IDm
     /// was claimed for it). An IDm provisioned already is left as it is.
-    pub(crate) fn provision(&self, idm: Idm, user: UserKey, version: u16, key: &DeviceKey) {
+    pub(crate) fn provision(&self, idm: Idm, user: UserKey, version: u16, key: &NewDeviceKey) {
         if let dashmap::Entry::Vacant(vacant) = self.devices.entry(idm) {
             vacant.insert(Box::new(DeviceEntry {
                 user,
-                current: KeySlot::new(version, key),
+                current: KeySlot::of(version, key),
                 previous: None,
             }));
         }
     }
 
     /// Replaces a device's key; the previous key stays valid until `grace_until_ms`.
-    pub(crate) fn rotate(&self, idm: &Idm, version: u16, key: &DeviceKey, grace_until_ms: i64) {
+    pub(crate) fn rotate(&self, idm: &Idm, version: u16, key: &NewDeviceKey, grace_until_ms: i64) {
         if let Some(mut entry) = self.devices.get_mut(idm) {
-            let old = std::mem::replace(&mut entry.current, KeySlot::new(version, key));
+            let old = std::mem::replace(&mut entry.current, KeySlot::of(version, key));
             entry.previous = Some(Box::new((old, grace_until_ms)));
         }
     }

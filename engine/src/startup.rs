@@ -15,6 +15,7 @@ use crate::shard::logged::Logged;
 use crate::shard::state::{Shared, StateConfig};
 use crate::shard::{Envelope, ShardCore, ShardHandle, ShardState, ShardWal};
 use crate::vault::Vault;
+use crate::wal::record::RecordError;
 use crate::wal::snapshot;
 use crate::wal::{self, StorageError};
 
@@ -141,11 +142,14 @@ pub(crate) fn recover_shards(
     let started = std::time::Instant::now();
     // Snapshots load in parallel, one thread per shard: they share nothing but the
     // concurrent device and vault maps. The logs after them replay in order below.
+    let reading = reading_for(dir, count, true);
     let loaded: Vec<Result<LoadedShard, EngineError>> = std::thread::scope(|scope| {
         let loaders: Vec<_> = states
             .iter_mut()
             .enumerate()
-            .map(|(index, state)| scope.spawn(move || load_shard(dir, index, count, state)))
+            .map(|(index, state)| {
+                scope.spawn(move || load_shard(dir, index, count, state, reading))
+            })
             .collect();
         loaders.into_iter().map(|l| l.join().expect("snapshot loader panicked")).collect()
     });
@@ -154,6 +158,9 @@ pub(crate) fn recover_shards(
     let mut generations = Vec::with_capacity(count);
     let mut envelopes = Vec::with_capacity(count);
     let mut consolidate = Vec::with_capacity(count);
+    let mut rewrites = Vec::with_capacity(count);
+    let mut since_snapshot = Vec::with_capacity(count);
+    let mut streamed = 0;
     for (index, shard) in loaded.iter().enumerate() {
         if shard.stale_prev {
             let prev = wal::shard_prev_log_path(dir, index);
@@ -166,27 +173,31 @@ pub(crate) fn recover_shards(
     }
     for shard in loaded {
         consolidate.push(shard.consolidate);
+        // A log of an older format, or one that follows a previous log (a snapshot cut short),
+        // is rewritten in this format, whole, before anything is appended to it (below).
+        let old = shard.log.version.is_some_and(|v| v < wal::FORMAT_VERSION);
+        rewrites.push(shard.rewrite.or_else(|| (old || shard.consolidate).then(Vec::new)));
+        since_snapshot.push(shard.records);
+        streamed += shard.applied;
         logs.push(shard.log);
         generations.push(shard.generation);
         envelopes.push(shard.envelopes);
     }
+    // What an older record lacks is resolved against the registries, the stores' directory
+    // among them, as the snapshots left them.
     rebuild_store_directory(shared, &mut states);
     let loaded_ms = started.elapsed().as_millis() as u64;
-    // What each shard's log holds after its snapshot: where its count toward the next starts.
-    let since_snapshot: Vec<u64> = envelopes.iter().map(|e| e.len() as u64).collect();
-    // A log of an older format, or one that follows a previous log (a snapshot cut short), is
-    // rewritten in this format, whole, before anything is appended to it (below): its records,
-    // encoded now, before the replay takes them.
-    let converted: Vec<Option<Vec<rkyv::util::AlignedVec>>> = logs
-        .iter()
-        .zip(&envelopes)
-        .zip(&consolidate)
-        .map(|((log, envelopes), &consolidate)| {
-            let old = log.version.is_some_and(|v| v < wal::FORMAT_VERSION);
-            (old || consolidate).then(|| envelopes.iter().map(Envelope::to_bytes).collect())
-        })
+    // The logs read whole replay now; their records to rewrite are encoded as they are applied
+    // (what an older record lacked filled in), those streamed were encoded already.
+    let encode: Vec<bool> =
+        rewrites.iter().zip(&envelopes).map(|(r, e)| r.is_some() && !e.is_empty()).collect();
+    let (replayed, encoded) = replay(&mut states, envelopes, &encode);
+    let replayed = replayed + streamed;
+    let converted: Vec<Option<Vec<rkyv::util::AlignedVec>>> = rewrites
+        .into_iter()
+        .zip(encoded)
+        .map(|(rewrite, encoded)| rewrite.map(|records| encoded.unwrap_or(records)))
         .collect();
-    let replayed = replay(&mut states, envelopes);
     rebuild_store_directory(shared, &mut states);
     let mut prepared =
         Prepared { states: Vec::with_capacity(count), wal_threads: Vec::new(), gate: None };
@@ -276,8 +287,16 @@ fn rebuild_store_directory(shared: &Shared, states: &mut [ShardState]) {
 struct LoadedShard {
     /// The log's extent (`valid_len` 0 when it must start afresh).
     log: wal::ReadLog<Logged>,
-    /// The log's records as commands, in order: what remains to replay.
+    /// The log's records as commands, in order: what remains to replay (none once streamed).
     envelopes: Vec<Envelope>,
+    /// Commands applied already, while the log was read ([`Reading::Stream`]).
+    applied: usize,
+    /// The records the log holds after the snapshot (those of the previous log too, when the
+    /// two are rewritten as one): where the count toward the next snapshot starts.
+    records: u64,
+    /// The records to rewrite the log with, encoded while they were applied (a previous log
+    /// and the log joined, read as a stream).
+    rewrite: Option<Vec<rkyv::util::AlignedVec>>,
     /// The generation to keep writing.
     generation: u64,
     /// Whether `envelopes` joins the previous log and the log (a snapshot cut short): they are
@@ -287,33 +306,213 @@ struct LoadedShard {
     stale_prev: bool,
 }
 
-/// Loads shard `index`'s snapshot into `state` and reads the log that follows it.
+/// How recovery reads the shards' logs.
+#[derive(Debug, Clone, Copy)]
+enum Reading {
+    /// Every log is of a format whose commands all carry what they read outside their shard
+    /// ([`RESOLVED_FORMAT`] on): each shard applies its log while a thread of its own reads it,
+    /// mapped in place (`map`, recovery) or read into memory first (a reader beside a running
+    /// engine, which must not map a file it does not own).
+    Stream { map: bool },
+    /// Some log is older: every log is read whole first, then the shards replay in time order
+    /// ([`replay`]).
+    Whole,
+}
+
+/// The first log format whose every command carries what it reads outside its shard (format 8
+/// had such commands too, but a log converted from an older format could hold some without).
+const RESOLVED_FORMAT: u16 = 9;
+
+/// Commands handed from a log's reader to the shard applying them, at a time.
+const REPLAY_CHUNK: usize = 1024;
+
+/// How recovery reads the logs in `dir`: streamed if every log and previous log is missing or
+/// of [`RESOLVED_FORMAT`] on (a header that cannot be read is left for the reading to report).
+fn reading_for(dir: &std::path::Path, count: usize, map: bool) -> Reading {
+    let resolved = |path: std::path::PathBuf, index: usize| {
+        matches!(
+            wal::read_log_header(&path, index, count),
+            Ok(None) | Ok(Some((RESOLVED_FORMAT.., _)))
+        )
+    };
+    let all = (0..count).all(|index| {
+        resolved(wal::shard_log_path(dir, index), index)
+            && resolved(wal::shard_prev_log_path(dir, index), index)
+    });
+    if all {
+        Reading::Stream { map }
+    } else {
+        Reading::Whole
+    }
+}
+
+/// Loads shard `index`'s snapshot into `state` and reads the log that follows it: applied to
+/// `state` as it is read ([`Reading::Stream`]), or returned to replay ([`Reading::Whole`]).
 fn load_shard(
     dir: &std::path::Path,
     index: usize,
     count: usize,
     state: &mut ShardState,
+    reading: Reading,
 ) -> Result<LoadedShard, EngineError> {
     let storage = |e: StorageError| EngineError::Storage(e.to_string());
     let snapshot_path = wal::shard_snapshot_path(dir, index);
     let log_path = wal::shard_log_path(dir, index);
     let prev_path = wal::shard_prev_log_path(dir, index);
+    let header = match reading {
+        Reading::Stream { .. } => wal::read_log_header(&log_path, index, count).map_err(storage)?,
+        Reading::Whole => None,
+    };
     // The log is read (and checked) on its own thread while the snapshot loads: for a shard
-    // whose log is long, the two together take as long as the longer one.
+    // whose log is long, the two together take as long as the longer one. Streamed, its
+    // commands come in chunks, applied once the snapshot is in place while the rest is read.
     let vault = Arc::clone(&state.shared.vault);
-    let (snapshot, restored, log, prev) = std::thread::scope(|scope| {
-        let log_reader = scope.spawn(|| read_commands(&log_path, index, count, &vault));
-        let prev_reader = scope.spawn(|| read_commands(&prev_path, index, count, &vault));
+    let (chunks, applying) = crossbeam::channel::unbounded::<Vec<Envelope>>();
+    std::thread::scope(|scope| {
+        let (log_path, vault) = (&log_path, &vault);
+        let log_reader = scope.spawn(move || match reading {
+            Reading::Whole => read_commands(log_path, index, count, vault),
+            Reading::Stream { map } => stream_commands(log_path, index, count, vault, map, chunks)
+                .map(|log| (log, Vec::new())),
+        });
+        let prev_path = &prev_path;
+        let prev_reader = scope.spawn(move || read_commands(prev_path, index, count, vault));
         let snapshot = snapshot::read(&snapshot_path, index, count).map_err(storage);
         let restored = match &snapshot {
             Ok(Some((_, snap))) => restore(snap, state, &snapshot_path),
             _ => Ok(()),
         };
-        let log = log_reader.join().expect("log reader panicked");
         let prev = prev_reader.join().expect("log reader panicked");
-        (snapshot, restored, log, prev)
-    });
-    let (mut log, mut envelopes) = log?;
+        let mut log_reader = Some(log_reader);
+        let whole = match reading {
+            Reading::Whole => log_reader.take().map(|r| r.join().expect("log reader panicked")),
+            Reading::Stream { .. } => None,
+        };
+        let log_generation = match &whole {
+            Some(Ok((log, _))) => log.generation,
+            Some(Err(_)) => None,
+            None => header.map(|(_, generation)| generation),
+        };
+        let paths = (snapshot_path.as_path(), log_path.as_path(), prev_path.as_path());
+        let plan = plan_replay(paths, snapshot, restored, prev, log_generation);
+        match whole {
+            Some(log) => {
+                let plan = plan?;
+                let (mut log, mut envelopes) = log?;
+                let (generation, prev_envelopes) = (plan.generation, plan.prev_envelopes);
+                if plan.prev_needed {
+                    let mut all = prev_envelopes;
+                    all.append(&mut envelopes);
+                    envelopes = all;
+                    log.generation = Some(generation);
+                }
+                if !plan.keep_log {
+                    envelopes.clear();
+                    log.valid_len = 0;
+                    log.torn_bytes = 0;
+                }
+                Ok(LoadedShard {
+                    log,
+                    records: envelopes.len() as u64,
+                    envelopes,
+                    applied: 0,
+                    rewrite: None,
+                    generation,
+                    consolidate: plan.prev_needed,
+                    stale_prev: plan.stale_prev,
+                })
+            }
+            None => {
+                let plan = match plan {
+                    Ok(plan) => plan,
+                    Err(error) => {
+                        // Stops the reader at its next chunk.
+                        drop(applying);
+                        return Err(error);
+                    }
+                };
+                // Joined with the log, the previous one is rewritten with it (`recover_shards`).
+                let mut rewrite = plan.prev_needed.then(Vec::new);
+                let mut applied = apply_in_order(state, plan.prev_envelopes, &mut rewrite);
+                for chunk in applying {
+                    // A log older than the snapshot is still read whole (and checked), not
+                    // applied.
+                    if plan.keep_log {
+                        applied += apply_in_order(state, chunk, &mut rewrite);
+                    }
+                }
+                let reader = log_reader.expect("streamed, so not joined yet");
+                let (mut log, _) = reader.join().expect("log reader panicked")?;
+                if plan.prev_needed {
+                    log.generation = Some(plan.generation);
+                }
+                if !plan.keep_log {
+                    log.valid_len = 0;
+                    log.torn_bytes = 0;
+                }
+                Ok(LoadedShard {
+                    log,
+                    envelopes: Vec::new(),
+                    records: applied as u64,
+                    applied,
+                    rewrite,
+                    generation: plan.generation,
+                    consolidate: plan.prev_needed,
+                    stale_prev: plan.stale_prev,
+                })
+            }
+        }
+    })
+}
+
+/// Applies `envelopes` to `state` in order, each encoded into `rewrite` first if given, while
+/// the idempotency records of those a few ahead are brought into the cache. Returns how many.
+fn apply_in_order(
+    state: &mut ShardState,
+    envelopes: Vec<Envelope>,
+    rewrite: &mut Option<Vec<rkyv::util::AlignedVec>>,
+) -> usize {
+    /// How far ahead: enough for a miss to arrive before its command is applied.
+    const AHEAD: usize = 8;
+    let count = envelopes.len();
+    envelopes.iter().take(AHEAD).for_each(|envelope| state.prefetch(envelope));
+    let mut envelopes = envelopes.into_iter();
+    while let Some(envelope) = envelopes.next() {
+        if let Some(ahead) = envelopes.as_slice().get(AHEAD - 1) {
+            state.prefetch(ahead);
+        }
+        if let Some(rewrite) = rewrite {
+            rewrite.push(envelope.to_bytes());
+        }
+        let _ = state.apply(envelope);
+    }
+    count
+}
+
+/// What to replay after a shard's snapshot: decided from the snapshot, the previous log and
+/// the log's generation.
+struct ReplayPlan {
+    /// The generation to keep writing.
+    generation: u64,
+    /// Whether the previous log is replayed first (a snapshot cut short).
+    prev_needed: bool,
+    /// The previous log's commands (empty unless needed).
+    prev_envelopes: Vec<Envelope>,
+    /// Whether the log follows the snapshot; if not, it starts afresh.
+    keep_log: bool,
+    /// Whether a previous log older than the snapshot is there, to remove.
+    stale_prev: bool,
+}
+
+/// Decides what follows shard's `snapshot` (`restored` into its state, or why not): the
+/// previous log `prev` first or not, and the log of generation `log_generation` or not.
+fn plan_replay(
+    (snapshot_path, log_path, prev_path): (&std::path::Path, &std::path::Path, &std::path::Path),
+    snapshot: Result<Option<(u64, snapshot::Snapshot)>, EngineError>,
+    restored: Result<(), EngineError>,
+    prev: Result<(wal::ReadLog<Logged>, Vec<Envelope>), EngineError>,
+    log_generation: Option<u64>,
+) -> Result<ReplayPlan, EngineError> {
     let (prev, prev_envelopes) = prev?;
     // The previous log (`wal::rotate`) is needed when the snapshot that was to cover it is not
     // in place: it follows the snapshot there is (or none), and the log is missing (a crash
@@ -321,14 +520,14 @@ fn load_shard(
     // than the snapshot, and removed.
     let base = snapshot.as_ref().ok().and_then(|s| s.as_ref()).map_or(0, |(g, _)| *g);
     let prev_needed = prev.generation == Some(base)
-        && match log.generation {
+        && match log_generation {
             None => true,
             Some(generation) => generation == base + 1,
         };
     // A previous log older than the snapshot is removed by recovery (`recover_shards`), never
     // here: a replay of a live directory (`replay_shard`) writes nothing.
     let stale_prev = prev.generation.is_some() && !prev_needed;
-    if prev_needed {
+    let prev_envelopes = if prev_needed {
         if prev.torn_bytes > 0 {
             // It was synced whole before its rename: a short one is not a torn write.
             return Err(EngineError::Storage(format!(
@@ -343,20 +542,23 @@ fn load_shard(
         );
         // Replayed first, then rewritten with the log's records as one log of the snapshot's
         // generation (`recover_shards`), before the previous log is removed.
-        let mut all = prev_envelopes;
-        all.append(&mut envelopes);
-        envelopes = all;
-        log.generation = Some(base);
-    }
+        prev_envelopes
+    } else {
+        Vec::new()
+    };
+    // With the previous log replayed first, the log follows it as one log of the snapshot's
+    // generation.
+    let log_generation = if prev_needed { Some(base) } else { log_generation };
+    let plan = |generation, keep_log| ReplayPlan {
+        generation,
+        prev_needed,
+        prev_envelopes,
+        keep_log,
+        stale_prev,
+    };
     let Some((snapshot_generation, snap)) = snapshot? else {
-        return match log.generation {
-            None | Some(0) => Ok(LoadedShard {
-                log,
-                envelopes,
-                generation: 0,
-                consolidate: prev_needed,
-                stale_prev,
-            }),
+        return match log_generation {
+            None | Some(0) => Ok(plan(0, true)),
             Some(generation) => Err(EngineError::Storage(format!(
                 "{}: log generation {generation} follows a snapshot, but {} is missing",
                 log_path.display(),
@@ -367,29 +569,16 @@ fn load_shard(
     restored?;
     // The payload is no longer needed: free it before the replay allocates.
     drop(snap);
-    match log.generation {
-        Some(generation) if generation == snapshot_generation => {}
-        Some(generation) if generation > snapshot_generation => {
-            return Err(EngineError::Storage(format!(
-                "{}: log generation {generation} is newer than snapshot generation {snapshot_generation}: a newer snapshot is missing",
-                log_path.display()
-            )));
-        }
+    match log_generation {
+        Some(generation) if generation == snapshot_generation => Ok(plan(snapshot_generation, true)),
+        Some(generation) if generation > snapshot_generation => Err(EngineError::Storage(format!(
+            "{}: log generation {generation} is newer than snapshot generation {snapshot_generation}: a newer snapshot is missing",
+            log_path.display()
+        ))),
         // No log, or an older one that the snapshot already covers (a crash between writing
         // the snapshot and starting the new log): start the log afresh.
-        _ => {
-            envelopes.clear();
-            log.valid_len = 0;
-            log.torn_bytes = 0;
-        }
+        _ => Ok(plan(snapshot_generation, false)),
     }
-    Ok(LoadedShard {
-        log,
-        envelopes,
-        generation: snapshot_generation,
-        consolidate: prev_needed,
-        stale_prev,
-    })
 }
 
 /// Reads a shard's log and turns its records into commands (opening the keys they carry
@@ -403,16 +592,76 @@ fn read_commands(
     let mut log = wal::read_records::<Logged>(path, index, count)
         .map_err(|e| EngineError::Storage(e.to_string()))?;
     let records = std::mem::take(&mut log.records);
+    let mut key_checked = false;
     let envelopes = records
         .into_iter()
         .enumerate()
         .map(|(i, record)| {
-            record
-                .into_envelope(vault)
-                .map_err(|e| EngineError::Storage(format!("{}: record {i}: {e}", path.display())))
+            let error = |e: RecordError| {
+                EngineError::Storage(format!("{}: record {i}: {e}", path.display()))
+            };
+            let envelope = record.into_envelope(vault).map_err(error)?;
+            if !key_checked {
+                key_checked = envelope.command.check_key(vault).map_err(error)?;
+            }
+            Ok(envelope)
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok((log, envelopes))
+}
+
+/// Reads a shard's log of [`RESOLVED_FORMAT`] on, sending its commands (keys opened) to
+/// `chunks` [`REPLAY_CHUNK`] at a time; stops early once nobody receives them. Returns the
+/// log's extent (its `records` empty).
+fn stream_commands(
+    path: &std::path::Path,
+    index: usize,
+    count: usize,
+    vault: &Vault,
+    map: bool,
+    chunks: crossbeam::channel::Sender<Vec<Envelope>>,
+) -> Result<wal::ReadLog<Logged>, EngineError> {
+    let storage = |e: StorageError| EngineError::Storage(e.to_string());
+    let bytes =
+        if map { wal::map_log(path) } else { wal::read_log_bytes(path) }.map_err(storage)?;
+    let corrupt = |offset: u64, detail: String| StorageError::Corrupt {
+        path: path.to_owned(),
+        offset,
+        detail,
+    };
+    let mut chunk = Vec::with_capacity(REPLAY_CHUNK);
+    let (mut stopped, mut key_checked) = (false, false);
+    let log = wal::parse_records_with::<Logged>(path, &bytes, index, count, |offset, record| {
+        let envelope = record.into_envelope(vault).map_err(|e| corrupt(offset, e.to_string()))?;
+        if !key_checked {
+            key_checked =
+                envelope.command.check_key(vault).map_err(|e| corrupt(offset, e.to_string()))?;
+        }
+        if !envelope.command.is_resolved() {
+            let detail = "a command without what it read outside its shard, in a log whose \
+                          format promises it"
+                .to_owned();
+            return Err(corrupt(offset, detail));
+        }
+        chunk.push(envelope);
+        if chunk.len() == REPLAY_CHUNK {
+            let full = std::mem::replace(&mut chunk, Vec::with_capacity(REPLAY_CHUNK));
+            if chunks.send(full).is_err() {
+                stopped = true;
+                return Err(corrupt(offset, "recovery stopped".to_owned()));
+            }
+        }
+        Ok(())
+    });
+    if stopped {
+        // Nobody applies the rest: recovery failed on something else, and reports that.
+        return Err(EngineError::Storage(format!("{}: reading stopped", path.display())));
+    }
+    let log = log.map_err(storage)?;
+    if !chunk.is_empty() {
+        let _ = chunks.send(chunk);
+    }
+    Ok(log)
 }
 
 fn restore(
@@ -423,31 +672,42 @@ fn restore(
     snap.restore(state).map_err(|e| EngineError::Storage(format!("{}: {e}", path.display())))
 }
 
-/// Applies every shard's commands. A command of format version 7 or later carries all it
-/// reads outside its shard, so each shard replays its own log on a thread of its own, in
-/// parallel. Records older than that lack some of it (whether an IDm or a store's signals were
-/// free, a store terminal's registry entry); while any log holds one, the shards replay on one
-/// thread, interleaved by the commands' timestamps so that cross-shard effects (a device IDm
-/// claimed first) replay as they happened, and what such a command lacks is resolved from the
-/// registries just before it is applied. Returns the number of commands applied.
-fn replay(states: &mut [ShardState], logs: Vec<Vec<Envelope>>) -> usize {
+/// Applies every shard's commands read whole ([`Reading::Whole`]). A command of format
+/// version 8 or later carries all it reads outside its shard, so when every command does, each
+/// shard replays its own log on a thread of its own, in parallel. Records older than that lack
+/// some of it (whether an IDm or a store's signals were free, a store terminal's registry
+/// entry); while any log holds one, the shards replay on one thread, interleaved by the
+/// commands' timestamps so that cross-shard effects (a device IDm claimed first) replay as they
+/// happened, and what such a command lacks is resolved from the registries just before it is
+/// applied. The commands of each shard whose `encode` is set are encoded as they are applied,
+/// resolved (to rewrite its log in this build's format). Returns the number of commands
+/// applied, and the encoded records.
+fn replay(
+    states: &mut [ShardState],
+    logs: Vec<Vec<Envelope>>,
+    encode: &[bool],
+) -> (usize, Vec<Option<Vec<rkyv::util::AlignedVec>>>) {
     let applied = logs.iter().map(Vec::len).sum();
+    let mut encoded: Vec<_> = encode.iter().map(|&e| e.then(Vec::new)).collect();
     if logs.iter().flatten().all(|envelope| envelope.command.is_resolved()) {
         std::thread::scope(|scope| {
-            for (state, log) in states.iter_mut().zip(logs) {
-                scope.spawn(move || log.into_iter().for_each(|envelope| _ = state.apply(envelope)));
+            for ((state, log), encoded) in states.iter_mut().zip(logs).zip(&mut encoded) {
+                scope.spawn(move || apply_in_order(state, log, encoded));
             }
         });
-        return applied;
+        return (applied, encoded);
     }
     let mut logs: Vec<_> = logs.into_iter().map(|log| log.into_iter().peekable()).collect();
     loop {
         let next = (0..logs.len())
             .filter_map(|i| logs[i].peek().map(|envelope| (envelope.now_ms, i)))
             .min();
-        let Some((_, shard)) = next else { return applied };
+        let Some((_, shard)) = next else { return (applied, encoded) };
         let mut envelope = logs[shard].next().expect("peeked");
         envelope.command.resolve(&states[shard].shared, envelope.now_ms);
+        if let Some(encoded) = &mut encoded[shard] {
+            encoded.push(envelope.to_bytes());
+        }
         states[shard].apply(envelope);
     }
 }
@@ -475,10 +735,12 @@ pub(crate) fn replay_one(
     // A running server may finish a snapshot while the files are read (its snapshot, previous
     // log and log read at slightly different moments): a view that does not fit together is
     // read again.
+    // Read into memory, never mapped: the running engine owns the files.
+    let reading = reading_for(dir, count, false);
     let mut attempts = 0;
     let (state, loaded) = loop {
         let mut state = ShardState::new(index as u8, shared.clone(), state_config);
-        match load_shard(dir, index, count, &mut state) {
+        match load_shard(dir, index, count, &mut state, reading) {
             Ok(loaded) => break (state, loaded),
             Err(EngineError::Storage(_)) if attempts < 20 => {
                 attempts += 1;
@@ -488,9 +750,9 @@ pub(crate) fn replay_one(
         }
     };
     let mut states = [state];
-    let applied = replay(&mut states, vec![loaded.envelopes]);
+    let (applied, _) = replay(&mut states, vec![loaded.envelopes], &[false]);
     let [state] = states;
-    Ok((state, applied))
+    Ok((state, applied + loaded.applied))
 }
 
 pub(crate) fn start_shards(

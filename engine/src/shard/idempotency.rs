@@ -19,8 +19,8 @@ use super::archive::{OutcomeLeaf, Via};
 use super::state::{Balance, IssuedCode, IssuedCoupon, Redemption, Reply};
 use crate::age::AgeVerdict;
 use crate::cow::CowCell;
-use crate::keys::{open_device_key, DeviceKey};
-use crate::types::{AuthOutcome, ClientRequestId, ReasonCode, UserKey};
+use crate::keys::{open_device_key, NewDeviceKey};
+use crate::types::{AuthOutcome, ClientRequestId, Idm, ReasonCode, UserKey};
 use crate::vault::{SealedNumber, Vault};
 
 /// A record's key: the owner's routing hash and the client's request ID.
@@ -56,8 +56,10 @@ pub(crate) enum IdemState {
     },
     /// The request finished with this reply.
     Done(#[rkyv(with = Kept)] Reply),
-    /// A key issue's reply as a snapshot holds it: the key stays sealed (to the record's key)
-    /// until a retry asks for it, so recovery does not decrypt every enrollment's key.
+    /// A key issue's reply: the key stays sealed until a retry asks for it, so neither the
+    /// request nor recovery seals or opens it again. Sealed to the device's IDm, as the
+    /// command's log record and the device hold it (the same bytes); records written by builds
+    /// before log format 9 sealed it to the record's key instead (`idem_aad`), and both open.
     SealedKey {
         /// The issued key's version.
         key_version: u16,
@@ -67,26 +69,33 @@ pub(crate) enum IdemState {
 }
 
 impl IdemState {
-    /// How a finished request's `reply` is kept: an issued device key sealed to the record's
-    /// key (a retry opens it; a snapshot copies the sealed bytes), any other reply as it is.
-    pub(crate) fn done(vault: &Vault, key: IdemKey, reply: &Reply) -> IdemState {
+    /// How a finished request's `reply` is kept: an issued device key as sealed (a retry
+    /// opens it; a snapshot copies the sealed bytes), any other reply as it is.
+    pub(crate) fn done(reply: &Reply) -> IdemState {
         match reply {
-            Reply::KeyIssued { key_version, key: device_key } => IdemState::SealedKey {
+            Reply::KeyIssued { key_version, key } => IdemState::SealedKey {
                 key_version: *key_version,
-                sealed: seal_issued_key(vault, key, device_key),
+                sealed: SealedNumber::clone(&key.sealed),
             },
             done => IdemState::Done(done.clone()),
         }
     }
 
-    /// The answer to a retry of the request this record is for.
-    pub(crate) fn reply(&self, vault: &Vault, key: IdemKey) -> Reply {
+    /// The answer to a retry of the request this record is for; `idm`: the device whose key
+    /// the request issues, if it issues one.
+    pub(crate) fn reply(&self, vault: &Vault, key: IdemKey, idm: Option<Idm>) -> Reply {
         match self {
             IdemState::Pending { .. } => Reply::InFlight,
             IdemState::Done(reply) => reply.clone(),
             IdemState::SealedKey { key_version, sealed } => {
-                match open_device_key(vault, sealed, &idem_aad(key)) {
-                    Some(key) => Reply::KeyIssued { key_version: *key_version, key },
+                let opened = idm
+                    .and_then(|idm| open_device_key(vault, sealed, &idm))
+                    .or_else(|| open_device_key(vault, sealed, &idem_aad(key)));
+                match opened {
+                    Some(plain) => Reply::KeyIssued {
+                        key_version: *key_version,
+                        key: NewDeviceKey { sealed: Arc::new(sealed.clone()), plain: Some(plain) },
+                    },
                     None => {
                         tracing::error!("the sealed key of an enrollment record does not open");
                         Reply::Refused(ReasonCode::IdempotencyConflict)
@@ -215,12 +224,8 @@ where
     }
 }
 
-/// Seals an issued device key for the idempotency record `key` (bound to it).
-pub(crate) fn seal_issued_key(vault: &Vault, key: IdemKey, device_key: &DeviceKey) -> SealedNumber {
-    vault.seal(device_key.expose(), &idem_aad(key))
-}
-
-/// Associated data sealing a key kept in an idempotency record (no IDm at hand there).
+/// Associated data a key kept in an idempotency record was sealed to by builds before log
+/// format 9 (they sealed it again for the record; it is now the device's own sealed key).
 fn idem_aad((owner_hash, client_request_id): IdemKey) -> Vec<u8> {
     let mut aad = b"idem".to_vec();
     aad.extend_from_slice(&owner_hash.to_be_bytes());
@@ -263,11 +268,11 @@ impl Stored {
     }
 
     /// The answer to a retry.
-    fn reply(&self, vault: &Vault, key: IdemKey) -> Reply {
+    fn reply(&self, vault: &Vault, key: IdemKey, idm: Option<Idm>) -> Reply {
         match self {
             Stored::Pending { .. } => Reply::InFlight,
             Stored::Auth(outcome) => Reply::Auth(*outcome),
-            Stored::Shared(state) => state.reply(vault, key),
+            Stored::Shared(state) => state.reply(vault, key, idm),
         }
     }
 }
@@ -546,14 +551,23 @@ impl Idempotency {
         let _ = line;
     }
 
-    pub(crate) fn lookup(&self, vault: &Vault, key: &IdemKey, digest: u64, now_ms: i64) -> Seen {
+    /// Whether `key` has a live record, and if so, the answer to a retry (`idm`: the device
+    /// whose key the request issues, if it issues one).
+    pub(crate) fn lookup(
+        &self,
+        vault: &Vault,
+        key: &IdemKey,
+        idm: Option<Idm>,
+        digest: u64,
+        now_ms: i64,
+    ) -> Seen {
         let packed = PackedKey::pack(*key);
         let Some((_, seq)) = self.find(packed, self.hasher.hash_one(packed)) else {
             return Seen::New;
         };
         match self.entry(seq) {
             entry if entry.expires_ms <= now_ms => Seen::New,
-            entry if entry.digest == digest => Seen::Same(entry.state.reply(vault, *key)),
+            entry if entry.digest == digest => Seen::Same(entry.state.reply(vault, *key, idm)),
             _ => Seen::Conflict,
         }
     }
@@ -748,7 +762,7 @@ mod tests {
     }
 
     fn found(table: &Idempotency, n: u64, now_ms: i64) -> bool {
-        matches!(table.lookup(&vault(), &key(n), n, now_ms), Seen::Same(_))
+        matches!(table.lookup(&vault(), &key(n), None, n, now_ms), Seen::Same(_))
     }
 
     /// The count limit: exactly the newest `records_max` records answer, and the table never
@@ -762,7 +776,7 @@ mod tests {
             Idempotency::with_buckets(i64::MAX / 2, records_max, 1),
         ] {
             for n in 0..60_000u64 {
-                assert!(matches!(table.lookup(&vault(), &key(n), n, 0), Seen::New));
+                assert!(matches!(table.lookup(&vault(), &key(n), None, n, 0), Seen::New));
                 table.insert(key(n), n, done(n), 0);
                 assert!(table.len() <= records_max, "{} records held after {n}", table.len());
                 assert!(table.overflow.len() <= 2 * records_max + OVERFLOW_SWEEP_MIN);
@@ -785,12 +799,18 @@ mod tests {
         let mut table = Idempotency::new(1_000, 100);
         let user = crate::types::UserKey::new(crate::types::UserIdType::Mail, "a@b.c").unwrap();
         table.insert(key(1), 1, IdemState::Pending { user, means_id: 1 }, 0);
-        assert!(matches!(table.lookup(&vault(), &key(1), 1, 999), Seen::Same(Reply::InFlight)));
-        assert!(matches!(table.lookup(&vault(), &key(1), 2, 999), Seen::Conflict));
-        assert!(matches!(table.lookup(&vault(), &key(1), 1, 1_000), Seen::New));
-        assert!(matches!(table.lookup(&vault(), &key(1), 2, 1_000), Seen::New));
+        assert!(matches!(
+            table.lookup(&vault(), &key(1), None, 1, 999),
+            Seen::Same(Reply::InFlight)
+        ));
+        assert!(matches!(table.lookup(&vault(), &key(1), None, 2, 999), Seen::Conflict));
+        assert!(matches!(table.lookup(&vault(), &key(1), None, 1, 1_000), Seen::New));
+        assert!(matches!(table.lookup(&vault(), &key(1), None, 2, 1_000), Seen::New));
         table.insert(key(1), 2, done(2), 1_000);
-        assert!(matches!(table.lookup(&vault(), &key(1), 2, 1_500), Seen::Same(Reply::Swept(2))));
+        assert!(matches!(
+            table.lookup(&vault(), &key(1), None, 2, 1_500),
+            Seen::Same(Reply::Swept(2))
+        ));
         assert!(table.pending().is_empty(), "the replaced pending record is not recovery's");
         let frozen = table.freeze();
         let kept: Vec<_> = frozen.iter().map(|(k, e)| (k, e.digest)).collect();
@@ -868,6 +888,32 @@ mod tests {
         assert_eq!(std::mem::align_of::<Bucket>(), 64);
     }
 
+    /// An enrollment's record keeps the device's own sealed key (no second seal): a retry
+    /// opens it with the request's IDm. A record of an older build, sealed again to the
+    /// record's key, still opens; another device's IDm opens neither.
+    #[test]
+    fn an_issued_key_opens_sealed_to_its_device_or_to_its_record() {
+        let vault = vault();
+        let idm = [1, 2, 3, 4, 5, 6, 7, 8];
+        let issued = NewDeviceKey::random(&vault, &idm);
+        let plain = *issued.plain.as_ref().unwrap().expose();
+        let kept = IdemState::done(&Reply::KeyIssued { key_version: 1, key: issued.clone() });
+        let IdemState::SealedKey { sealed, .. } = &kept else { panic!("kept sealed") };
+        assert_eq!(sealed, &*issued.sealed, "the device's bytes, not sealed again");
+        let older =
+            IdemState::SealedKey { key_version: 1, sealed: vault.seal(&plain, &idem_aad(key(1))) };
+        for state in [&kept, &older] {
+            match state.reply(&vault, key(1), Some(idm)) {
+                Reply::KeyIssued { key_version: 1, key } => {
+                    assert_eq!(key.plain.unwrap().expose(), &plain)
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let other_device = kept.reply(&vault, key(1), Some([9; 8]));
+        assert!(matches!(other_device, Reply::Refused(ReasonCode::IdempotencyConflict)));
+    }
+
     /// A payment's record, kept inline, goes from pending to its outcome, answers a retry with
     /// it, and goes through a snapshot as any other record does.
     #[test]
@@ -877,7 +923,7 @@ mod tests {
         let outcome = AuthOutcome::Declined(ReasonCode::ProviderDoNotHonor);
         let mut table = Idempotency::new(1_000_000, 100);
         table.insert(key(1), 11, IdemState::Pending { user: user.clone(), means_id: 3 }, 0);
-        assert!(matches!(table.lookup(&vault, &key(1), 11, 1), Seen::Same(Reply::InFlight)));
+        assert!(matches!(table.lookup(&vault, &key(1), None, 11, 1), Seen::Same(Reply::InFlight)));
         assert_eq!(table.pending().len(), 1);
         // A completion for another request of the key, or from an older log for another means,
         // is not this record's.
@@ -890,12 +936,12 @@ mod tests {
         // Done: a second completion changes nothing.
         let timeout = Reply::Auth(AuthOutcome::Declined(ReasonCode::ProviderTimeout));
         assert!(!table.complete(&key(1), Completes::Record { digest: 11 }, timeout));
-        let answer = |table: &Idempotency| match table.lookup(&vault, &key(1), 11, 2) {
+        let answer = |table: &Idempotency| match table.lookup(&vault, &key(1), None, 11, 2) {
             Seen::Same(Reply::Auth(answered)) => Some(answered),
             _ => None,
         };
         assert_eq!(answer(&table), Some(outcome));
-        assert!(matches!(table.lookup(&vault, &key(1), 12, 2), Seen::Conflict));
+        assert!(matches!(table.lookup(&vault, &key(1), None, 12, 2), Seen::Conflict));
         let frozen = table.freeze();
         let records: Vec<_> = frozen
             .iter()
@@ -1001,7 +1047,7 @@ mod tests {
                                 next_digest
                             }
                         };
-                        let seen = table.lookup(&vault, &key(k), digest, now_ms);
+                        let seen = table.lookup(&vault, &key(k), None, digest, now_ms);
                         match held.filter(|&i| made[i].expires_ms > now_ms) {
                             Some(i) if made[i].digest != digest => {
                                 prop_assert!(matches!(seen, Seen::Conflict));
@@ -1083,7 +1129,7 @@ mod tests {
                         .map(|i| made[i])
                         .filter(|m| m.expires_ms > now_ms);
                     for digest in [answering.map_or(0, |m| m.digest), u64::MAX] {
-                        let seen = table.lookup(&vault, &key(k), digest, now_ms);
+                        let seen = table.lookup(&vault, &key(k), None, digest, now_ms);
                         match answering {
                             None => prop_assert!(matches!(seen, Seen::New), "key {} digest {}", k, digest),
                             Some(m) if m.digest != digest => prop_assert!(matches!(seen, Seen::Conflict)),

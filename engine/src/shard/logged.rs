@@ -38,14 +38,11 @@ impl wal::Record for Logged {
 }
 
 impl Logged {
-    /// The envelope, ready to apply: device keys opened with `vault` (a key that does not open
-    /// is refused: the data was written under another vault key), a legacy record converted.
+    /// The envelope, ready to apply: a legacy record converted. A device key it carries stays
+    /// sealed, opened on first use ([`Command::check_key`] checks the vault key).
     pub(crate) fn into_envelope(self, vault: &Vault) -> Result<Envelope, RecordError> {
         match self {
-            Logged::Current(mut envelope) => {
-                envelope.command.open_keys(vault)?;
-                Ok(envelope)
-            }
+            Logged::Current(envelope) => Ok(envelope),
             Logged::Legacy(record) => record.to_envelope(vault),
         }
     }
@@ -84,20 +81,22 @@ impl Envelope {
 }
 
 impl Command {
-    /// Opens the device key a command read back from the log carries (its clear form is not
-    /// archived).
-    fn open_keys(&mut self, vault: &Vault) -> Result<(), RecordError> {
+    /// Checks that the device key a command read back from the log carries (if any) opens
+    /// under `vault`; true if it carries one. Recovery opens no key (each opens on first use),
+    /// but checks the first of each log, so that data written under another vault key is
+    /// refused at start.
+    pub(crate) fn check_key(&self, vault: &Vault) -> Result<bool, RecordError> {
         match self {
             Command::Enroll { idm, key, .. }
             | Command::ProvisionDevice { idm, key, .. }
             | Command::RotateDeviceKey { idm, key, .. }
             | Command::RevokeDeviceKey { idm, key, .. } => {
                 if key.plain.is_none() {
-                    key.plain = Some(open_key(vault, &key.sealed, idm)?);
+                    open_key(vault, &key.sealed, idm)?;
                 }
-                Ok(())
+                Ok(true)
             }
-            _ => Ok(()),
+            _ => Ok(false),
         }
     }
 }
@@ -293,8 +292,8 @@ mod tests {
     }
 
     /// The command is the record: every kind of command is logged as it is and reads back the
-    /// same (a device key's clear form is not in the record, and is opened again from its
-    /// sealed form under the vault key; under another vault key the record is refused).
+    /// same (a device key's clear form is not in the record: it stays sealed, and the check of
+    /// the vault key that recovery makes refuses it under another vault key).
     #[test]
     fn every_command_reads_back_as_logged() {
         let vault = Vault::new(&[7; 32]);
@@ -316,13 +315,31 @@ mod tests {
                 let found = bytes.windows(32).any(|w| w == bytes_clear);
                 assert!(!found, "the record does not hold the key in the clear");
             }
-            let opened = read.into_envelope(&vault).unwrap();
-            assert_eq!(format!("{opened:?}"), format!("{envelope:?}"));
-            assert_eq!(opened.command.is_resolved(), envelope.command.is_resolved());
-            let other = Vault::new(&[8; 32]);
-            let with_other = Logged::decode_current(&bytes).into_envelope(&other);
+            let read = read.into_envelope(&vault).unwrap();
+            // The key stays sealed (opened on first use): the envelope as made, but for its
+            // key's clear form.
+            let mut sealed_only = envelope.clone();
+            sealed_only.command.forget_clear_key();
+            assert_eq!(format!("{read:?}"), format!("{sealed_only:?}"));
+            assert_eq!(read.command.is_resolved(), envelope.command.is_resolved());
             let has_key = envelope.command_key_bytes().is_some();
+            assert_eq!(read.command.check_key(&vault).unwrap(), has_key);
+            let other = Vault::new(&[8; 32]);
+            let with_other = read.command.check_key(&other);
             assert_eq!(with_other.is_err(), has_key, "{:?}", envelope.command);
+        }
+    }
+
+    impl Command {
+        /// Drops the clear form of the device key the command carries, as the log does.
+        fn forget_clear_key(&mut self) {
+            if let Command::Enroll { key, .. }
+            | Command::ProvisionDevice { key, .. }
+            | Command::RotateDeviceKey { key, .. }
+            | Command::RevokeDeviceKey { key, .. } = self
+            {
+                key.plain = None;
+            }
         }
     }
 
@@ -336,12 +353,6 @@ mod tests {
                 | Command::RevokeDeviceKey { key, .. } => key.plain.as_ref().map(|k| *k.expose()),
                 _ => None,
             }
-        }
-    }
-
-    impl Logged {
-        fn decode_current(bytes: &[u8]) -> Logged {
-            <Logged as wal::Record>::decode(bytes, FORMAT_VERSION).unwrap()
         }
     }
 }

@@ -323,19 +323,9 @@ impl ShardCore {
             }
         }
         for op in &batch.ops {
-            // Each command's idempotency record: a request's by its ID, a completion's by the
-            // key of the reservation it completes (long out of the cache by then).
-            let key = match op {
-                Op::Apply(Envelope { owner_hash, client_request_id: Some(id), .. }) => {
-                    (*owner_hash, *id)
-                }
-                Op::Apply(Envelope {
-                    command: Command::AuthComplete { key, .. } | Command::CodeComplete { key, .. },
-                    ..
-                }) => *key,
-                _ => continue,
-            };
-            self.state.idem.prefetch(&key);
+            if let Op::Apply(envelope) = op {
+                self.state.prefetch(envelope);
+            }
         }
         let mut records = Vec::new();
         let replies = batch

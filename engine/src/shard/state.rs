@@ -19,7 +19,7 @@ use crate::codes::{issue_number, CodeKey, CodeKind, CodePayload, CouponEffect};
 use crate::cow::{CowMap, CHUNK_BITS_LARGE, CHUNK_BITS_SMALL};
 use crate::engine::SaleLines;
 use crate::geo::{Candidate, Store, StoreDirectory, StoreIndex};
-use crate::keys::{DeviceIndex, DeviceKey, NewDeviceKey, SealedKeys, Verified, REVOKED};
+use crate::keys::{DeviceIndex, NewDeviceKey, SealedKeys, Verified, REVOKED};
 use crate::limits::{
     BALANCE_MAX_MINOR, COUPON_USES_MAX, DEVICES_PER_USER_MAX, MEANS_PER_USER_MAX,
     STORES_PER_SHARD_MAX,
@@ -727,6 +727,18 @@ pub(crate) enum Command {
 }
 
 impl Command {
+    /// The IDm of the device whose key this command issues, if it issues one: an enrollment
+    /// record keeps the key sealed to it ([`IdemState::SealedKey`]).
+    pub(crate) fn issued_key_idm(&self) -> Option<Idm> {
+        match self {
+            Command::Enroll { idm, .. }
+            | Command::ProvisionDevice { idm, .. }
+            | Command::RotateDeviceKey { idm, .. }
+            | Command::RevokeDeviceKey { idm, .. } => Some(*idm),
+            _ => None,
+        }
+    }
+
     /// Whether the command carries everything applying it reads outside its shard: always,
     /// but for a command read from a log older than format version 8.
     pub(crate) fn is_resolved(&self) -> bool {
@@ -824,9 +836,11 @@ pub(crate) enum Query {
 pub(crate) enum Reply {
     Ok,
     Refused(ReasonCode),
+    /// A device key issued: in the clear when the command made it now, sealed only when the
+    /// command was replayed from the log (nobody reads that answer; recovery opens no key).
     KeyIssued {
         key_version: u16,
-        key: DeviceKey,
+        key: NewDeviceKey,
     },
     MeansAdded {
         means_id: u32,
@@ -919,7 +933,8 @@ impl ShardState {
             return self.execute(envelope.command, envelope.now_ms, key, envelope.digest);
         };
         let key = (envelope.owner_hash, client_request_id);
-        match self.idem.lookup(&self.shared.vault, &key, envelope.digest, envelope.now_ms) {
+        let idm = envelope.command.issued_key_idm();
+        match self.idem.lookup(&self.shared.vault, &key, idm, envelope.digest, envelope.now_ms) {
             Seen::Same(reply) => return reply,
             Seen::Conflict => return Reply::Refused(ReasonCode::IdempotencyConflict),
             Seen::New => {}
@@ -931,10 +946,26 @@ impl ShardState {
             }
             // Kept as delivered, so that a retry does not publish the notice again.
             Reply::DeliveryAccepted(devices) => IdemState::Done(Reply::Delivered(*devices)),
-            done => IdemState::done(&self.shared.vault, key, done),
+            done => IdemState::done(done),
         };
         self.idem.insert(key, envelope.digest, state, envelope.now_ms);
         reply
+    }
+
+    /// Starts loading the idempotency record `envelope`'s command reads into the cache, without
+    /// waiting for it: a request's by its ID, a completion's by the key of the reservation it
+    /// completes (long out of the cache by then). Called for commands a few ahead of the one
+    /// being applied, so that their cache misses overlap.
+    pub(crate) fn prefetch(&self, envelope: &Envelope) {
+        let key = match envelope {
+            Envelope { owner_hash, client_request_id: Some(id), .. } => (*owner_hash, *id),
+            Envelope {
+                command: Command::AuthComplete { key, .. } | Command::CodeComplete { key, .. },
+                ..
+            } => *key,
+            _ => return,
+        };
+        self.idem.prefetch(&key);
     }
 
     /// Answers a query.

@@ -19,9 +19,9 @@
 //! share one `fsync` and no reply can reveal a change that is not on disk. Replies of queries
 //! travel the same queue, so they cannot overtake a write they observed either.
 //!
-//! **Recovery** reads every shard's log, keeps each shard's order, interleaves shards by the
-//! commands' timestamps, and applies the commands through the same pure `ShardState::apply`.
-//! A torn last record (a crash mid-write) is cut off, and its bytes kept in a side file
+//! **Recovery** (`startup.rs`) reads each shard's log on a thread of its own and applies its
+//! commands through the same `ShardState::apply` while it reads (logs of older formats are read
+//! whole first, and shards replayed interleaved by the commands' timestamps). A torn last record (a crash mid-write) is cut off, and its bytes kept in a side file
 //! beside the log; a record that fails its checksum or does not decode anywhere else, a length
 //! over the maximum, or a record that looks torn but has a whole record after it stops
 //! recovery with an error naming the file and offset (`parse_records`).
@@ -57,10 +57,13 @@ use tokio::sync::oneshot;
 /// holds keep that digest), version 8 the shard's commands themselves (`shard/logged.rs`),
 /// which carry what applying them once read outside their shard, so that each shard replays
 /// from its own log alone (version 7 was an interim of the same session, never released, and is
-/// not read). Older files are still read, and a log is rewritten in this version when first
-/// opened. Snapshots have had a version of their own since ([`SNAPSHOT_VERSION`], 7: the
-/// shard's state types archived as they are).
-pub const FORMAT_VERSION: u16 = 8;
+/// not read), version 9 the same records with the promise that every one of them carries what
+/// it reads outside its shard (a log of version 8 could hold commands converted from an older
+/// format without it), so that recovery applies each shard's log while it reads it. Older
+/// files are still read, and a log is rewritten in this version when first opened. Snapshots
+/// have had a version of their own since ([`SNAPSHOT_VERSION`], 7: the shard's state types
+/// archived as they are).
+pub const FORMAT_VERSION: u16 = 9;
 const MAGIC: [u8; 8] = *b"SGWAL\0\0\0";
 const FILE_HEADER_LEN: usize = 24;
 const RECORD_HEADER_LEN: usize = 8;
@@ -419,18 +422,92 @@ fn check_file_header(
     Ok(())
 }
 
+/// What shard `index`'s log header says: its format version and generation; none for a
+/// missing file or one shorter than a header (nothing was ever acknowledged in it). The header
+/// is checked as [`read_records`] checks it.
+pub(crate) fn read_log_header(
+    path: &Path,
+    index: usize,
+    count: usize,
+) -> Result<Option<(u16, u64)>, StorageError> {
+    use std::io::Read;
+    let mut header = [0u8; FILE_HEADER_LEN];
+    let mut file = match File::open(path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(io_error(path)(error)),
+    };
+    match file.read_exact(&mut header) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(error) => return Err(io_error(path)(error)),
+    }
+    check_file_header(path, &header, index, count)?;
+    let version = u16::from_be_bytes([header[8], header[9]]);
+    let generation = u64::from_be_bytes(header[16..24].try_into().expect("8"));
+    Ok(Some((version, generation)))
+}
+
+/// Shard `index`'s log, mapped in place for reading (no copy of a log of a gigabyte into
+/// memory first); an empty buffer for a missing file. For recovery only: a file mapped must not
+/// be cut short while it is read, and only recovery itself cuts a log short (a torn tail, once
+/// read), a data directory serving one engine at a time. A reader beside a running engine
+/// (`replay_shard`) reads with [`read_log_bytes`].
+pub(crate) fn map_log(path: &Path) -> Result<LogBytes, StorageError> {
+    let file = match File::open(path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(LogBytes::Read(Vec::new()))
+        }
+        Err(error) => return Err(io_error(path)(error)),
+    };
+    let len = file.metadata().map_err(io_error(path))?.len();
+    if len < FILE_HEADER_LEN as u64 {
+        return std::fs::read(path).map(LogBytes::Read).map_err(io_error(path));
+    }
+    // SAFETY: nothing cuts a log short while recovery reads it (above); the map is read only.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io_error(path))?;
+    let _ = map.advise(memmap2::Advice::Sequential);
+    Ok(LogBytes::Mapped(map))
+}
+
+/// Shard `index`'s log read into memory; empty for a missing file.
+pub(crate) fn read_log_bytes(path: &Path) -> Result<LogBytes, StorageError> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(LogBytes::Read(bytes)),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            Ok(LogBytes::Read(Vec::new()))
+        }
+        Err(error) => Err(io_error(path)(error)),
+    }
+}
+
+/// A log's bytes, mapped or read.
+pub(crate) enum LogBytes {
+    /// Mapped in place.
+    Mapped(memmap2::Mmap),
+    /// Read into memory (a file too short to map usefully, or none).
+    Read(Vec<u8>),
+}
+
+impl std::ops::Deref for LogBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            LogBytes::Mapped(map) => map,
+            LogBytes::Read(bytes) => bytes,
+        }
+    }
+}
+
 /// Reads shard `index`'s log of records `R`. A missing or empty file is an empty log.
 pub(crate) fn read_records<R: Record>(
     path: &Path,
     index: usize,
     count: usize,
 ) -> Result<ReadLog<R>, StorageError> {
-    let bytes = match std::fs::read(path) {
-        Ok(bytes) => bytes,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(error) => return Err(io_error(path)(error)),
-    };
-    parse_records(path, &bytes, index, count)
+    parse_records(path, &read_log_bytes(path)?, index, count)
 }
 
 /// Reads a log from its bytes (`path` only names it in errors).
@@ -447,6 +524,25 @@ pub(crate) fn parse_records<R: Record>(
     index: usize,
     count: usize,
 ) -> Result<ReadLog<R>, StorageError> {
+    let mut records = Vec::new();
+    let mut log = parse_records_with(path, bytes, index, count, |_, record| {
+        records.push(record);
+        Ok(())
+    })?;
+    log.records = records;
+    Ok(log)
+}
+
+/// [`parse_records`], handing each record to `each` (with its byte offset) as it is read,
+/// rather than collecting them: the returned log's `records` is empty. An error from `each`
+/// stops the reading and is returned.
+pub(crate) fn parse_records_with<R: Record>(
+    path: &Path,
+    bytes: &[u8],
+    index: usize,
+    count: usize,
+    mut each: impl FnMut(u64, R) -> Result<(), StorageError>,
+) -> Result<ReadLog<R>, StorageError> {
     if bytes.len() < FILE_HEADER_LEN {
         // Nothing, or a header torn while the file was created: nothing was ever acknowledged.
         return Ok(ReadLog {
@@ -460,7 +556,6 @@ pub(crate) fn parse_records<R: Record>(
     check_file_header(path, bytes, index, count)?;
     let version = u16::from_be_bytes([bytes[8], bytes[9]]);
     let generation = u64::from_be_bytes(bytes[16..24].try_into().expect("8"));
-    let mut records = Vec::new();
     let mut offset = FILE_HEADER_LEN;
     let corrupt = |offset: usize, detail: String| StorageError::Corrupt {
         path: path.to_owned(),
@@ -495,7 +590,7 @@ pub(crate) fn parse_records<R: Record>(
             return Err(corrupt(offset, "checksum mismatch".into()));
         }
         let record = R::decode(payload, version).map_err(|e| corrupt(offset, e))?;
-        records.push(record);
+        each(offset as u64, record)?;
         offset += RECORD_HEADER_LEN + len;
     }
     if let Some(reason) = suspect {
@@ -511,7 +606,7 @@ pub(crate) fn parse_records<R: Record>(
         }
     }
     Ok(ReadLog {
-        records,
+        records: Vec::new(),
         version: Some(version),
         valid_len: offset as u64,
         torn_bytes: (bytes.len() - offset) as u64,

@@ -17,8 +17,7 @@ impl ShardState {
         if !device_free {
             return Reply::Refused(ReasonCode::DeviceInUse);
         }
-        let Some(plain) = key.open(&self.shared.vault, &idm) else { return key_unopened() };
-        self.shared.devices.provision(idm, user.clone(), 1, &plain);
+        self.shared.devices.provision(idm, user.clone(), 1, &key);
         let sealed = SealedKeys::first(&key);
         let account = User {
             password_phc,
@@ -30,7 +29,7 @@ impl ShardState {
             locked_until_ms: i64::MIN,
         };
         self.users.insert(user, Arc::new(account));
-        Reply::KeyIssued { key_version: 1, key: plain }
+        Reply::KeyIssued { key_version: 1, key }
     }
 
     pub(super) fn provision_device(
@@ -49,15 +48,14 @@ impl ShardState {
         if !device_free {
             return Reply::Refused(ReasonCode::DeviceInUse);
         }
-        let Some(plain) = key.open(&self.shared.vault, &idm) else { return key_unopened() };
-        self.shared.devices.provision(idm, user, 1, &plain);
+        self.shared.devices.provision(idm, user, 1, &key);
         account.devices.push(Device {
             idm,
             key_version: 1,
             replay: ReplayWindow::default(),
             sealed: SealedKeys::first(&key),
         });
-        Reply::KeyIssued { key_version: 1, key: plain }
+        Reply::KeyIssued { key_version: 1, key }
     }
 
     /// Replaces a device's key with `key`; the previous one is accepted until
@@ -78,11 +76,10 @@ impl ShardState {
         let Some(version) = device.key_version.checked_add(1) else {
             return Reply::Refused(ReasonCode::KeyVersionInvalid);
         };
-        let Some(plain) = key.open(&self.shared.vault, &idm) else { return key_unopened() };
         device.key_version = version;
         device.sealed = device.sealed.rotated(version, &key, grace_until_ms);
-        self.shared.devices.rotate(&idm, version, &plain, grace_until_ms);
-        Reply::KeyIssued { key_version: version, key: plain }
+        self.shared.devices.rotate(&idm, version, &key, grace_until_ms);
+        Reply::KeyIssued { key_version: version, key }
     }
 
     pub(super) fn add_means(
@@ -149,11 +146,4 @@ impl ShardState {
         }
         Reply::Refused(ReasonCode::WrongPassword)
     }
-}
-
-/// A command's device key that does not open under the vault key. Not reached: a key made by
-/// the engine is in the clear, and recovery opens every key it reads back before applying it,
-/// refusing to start if one does not open (`startup::read_commands`).
-fn key_unopened() -> Reply {
-    Reply::Refused(ReasonCode::KeyVersionInvalid)
 }
