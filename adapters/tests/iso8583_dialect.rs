@@ -374,3 +374,24 @@ fn tls_files_are_checked_when_the_config_is() {
     .unwrap();
     assert_eq!(parsed.tls.unwrap().ca_file, ca);
 }
+
+/// The full example of `docs/ADAPTERS.md` ("Dialect") parses and, its TLS files aside, is valid.
+#[test]
+fn the_documented_dialect_example_is_a_valid_config() {
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/ADAPTERS.md"))
+            .unwrap();
+    let start = doc.find("A full example:").expect("the example") + "A full example:".len();
+    let block = &doc[start..];
+    let block = &block[block.find("```toml").unwrap() + 7..];
+    let block = &block[..block.find("```").unwrap()];
+    let mut value: toml::Value = toml::from_str(block).expect("the example is TOML");
+    let adapter = value["engine"]["providers"][0]["adapter"].as_table_mut().unwrap();
+    assert!(adapter.remove("tls").is_some(), "the example shows tls");
+    let config: settlegate_adapters::AdapterConfig =
+        toml::Value::Table(adapter.clone()).try_into().expect("an adapter config");
+    config.validate().expect("valid");
+    let settlegate_adapters::AdapterConfig::Iso8583(iso) = config else { panic!("iso8583") };
+    assert_eq!((iso.fields.len(), iso.rrn_format), (8, RrnFormat::YdddhhStan));
+    assert_eq!(iso.reversal_mti, ReversalMti::Advice);
+}

@@ -67,6 +67,8 @@ import iso8583
 from iso8583.specs import default as SPEC
 
 ECHOED_FIELDS = ("3", "4", "7", "11", "37", "41", "42", "49")
+# Reversal requests and advices (and their repeats), with the MTI that acknowledges them.
+REVERSAL_ACKS = {"0400": "0410", "0401": "0410", "0420": "0430", "0421": "0430"}
 # Fields written to the ledger as received, under "f<n>".
 LEDGER_FIELDS = ("3", "12", "13", "18", "22", "25", "32", "41", "42", "43", "48")
 
@@ -170,17 +172,10 @@ class Host(asyncio.Protocol):
             state.record("out", reply)
         elif mti in ("0100", "0200"):
             self.authorize(doc, out)
-        elif mti in ("0400", "0401"):
+        elif mti in REVERSAL_ACKS:
             original = doc.get("90", "")[4:10]
             state.reversed.add(original)
-            reply = {"t": "0410", "39": "00"}
-            reply.update({k: doc[k] for k in ECHOED_FIELDS if k in doc})
-            out.append(encode(reply))
-            state.record("out", reply, **self.peer)
-        elif mti in ("0420", "0421"):
-            original = doc.get("90", "")[4:10]
-            state.reversed.add(original)
-            reply = {"t": "0430", "39": "00"}
+            reply = {"t": REVERSAL_ACKS[mti], "39": "00"}
             reply.update({k: doc[k] for k in ECHOED_FIELDS if k in doc})
             out.append(encode(reply))
             state.record("out", reply, **self.peer)

@@ -1,11 +1,15 @@
 //! An ISO 8583 (1987) provider adapter: authorizations forwarded to a host over one TCP
-//! connection, binary bitmap, 2-byte length header.
+//! connection (optionally TLS), binary bitmap, 2-byte length header.
 //!
 //! Layers, each in its own file:
 //!
 //! - [`codec`]: bytes to [`codec::Message`] and back, no I/O; the field table.
-//! - `mapping`: settlegate requests to 0100/0200, 0400/0401 and 0800 messages, and response
-//!   codes back to outcomes ([`RESPONSE_CODES`]).
+//! - `mapping`: settlegate requests to 0100/0200, 0400/0401 (or 0420/0421) and 0800 messages,
+//!   and response codes back to outcomes ([`RESPONSE_CODES`]).
+//! - `dialect`: the configured dialect (the field table, field 41 mapping, RRN format,
+//!   response-code overrides, reversal MTI), checked and compiled; the 1987 layout by default,
+//!   pinned byte for byte by the `golden` test.
+//! - `tls`: [`TlsConfig`], TLS to the host with rustls.
 //! - `breaker`: the circuit breaker's pure state machine.
 //! - `conn`: the connection task: connect with backoff, sign-on, echo, the in-flight map,
 //!   timeouts and reversals.
@@ -25,11 +29,12 @@
 //! - Other means, no token, a token the vault does not know, or a PAN that is not 12 to 19
 //!   digits: declined [`DeclineReason::InvalidAccount`] without contacting the host.
 //! - An amount over twelve digits: declined [`DeclineReason::LimitExceeded`], locally.
-//! - A currency outside [`mapping::CURRENCY_NUMERIC`] or a terminal ID longer than 8
-//!   characters: [`AdapterError::Config`] (the provider is configured for terminals or
-//!   currencies this host cannot carry).
+//! - A currency outside [`mapping::CURRENCY_NUMERIC`], or a terminal ID longer than 8
+//!   characters that neither `terminal_ids` maps nor `long_terminal_ids = "derive"` derives:
+//!   [`AdapterError::Config`] (the provider is configured for terminals or currencies this
+//!   host cannot carry).
 //! - No reply within `response_timeout_ms`, or the connection lost with the request in flight:
-//!   [`AdapterError::Timeout`], and an 0400 reversal is sent (repeated as 0401 up to
+//!   [`AdapterError::Timeout`], and an 0400 (or 0420) reversal is sent (repeated as 0401 up to
 //!   `reversal_attempts_max` times; held until the next sign-on while disconnected). A late
 //!   reply finds no entry and is dropped. An approval that arrives after the caller gave up
 //!   (the engine's deadline dropped the future) is reversed too.

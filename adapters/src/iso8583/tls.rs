@@ -53,6 +53,9 @@ impl TlsConfig {
         if roots.is_empty() {
             return Err(fail(format!("ca_file {}: no certificate", self.ca_file.display())));
         }
+        // ring, the workspace's rustls provider (as for the server's TLS, `src/tls.rs`); rustls
+        // 0.23.48 (the fuzz crate's lockfile) deprecates it for lacking post-quantum key exchange.
+        #[allow(deprecated)]
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
