@@ -12,7 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use super::codec::{field_spec, Encoding, FieldSpec, LenKind};
+use super::codec::{field_spec, Encoding, FieldSpec, LenKind, SENSITIVE_FIELDS};
 use super::config::{Iso8583Config, MessageClass};
 use super::mapping::{self, ReplyMapping, RESPONSE_CODES, TERMINAL_ID_LEN};
 use crate::DeclineReason;
@@ -410,6 +410,9 @@ fn compile_field(entry: &FieldConfig, config: &Iso8583Config) -> Result<Option<V
     if ADAPTER_OWNED_FIELDS.contains(&entry.field) {
         return Err(format!("{} is filled by the adapter and cannot be configured", spec.name));
     }
+    if SENSITIVE_FIELDS.contains(&entry.field) {
+        return Err(format!("{} is card data and cannot be configured", spec.name));
+    }
     if spec.encoding == Encoding::Binary {
         return Err(format!("{} is binary; only text fields can be configured", spec.name));
     }
@@ -519,11 +522,12 @@ mod tests {
 
     #[test]
     fn each_bad_dialect_key_is_a_clear_error() {
-        let cases: [(&str, &[&str]); 16] = [
+        let cases: [(&str, &[&str]); 17] = [
             ("fields = [{ field = 200, source = \"constant\", value = \"1\" }]", &["field 200", "not a data element"]),
             ("fields = [{ field = 1, source = \"constant\", value = \"1\" }]", &["field 1", "not a data element"]),
             ("fields = [{ field = 11, source = \"constant\", value = \"000001\" }]", &["field 11", "filled by the adapter"]),
-            ("fields = [{ field = 52, source = \"constant\", value = \"x\" }]", &["field 52", "binary"]),
+            ("fields = [{ field = 64, source = \"constant\", value = \"x\" }]", &["field 64", "binary"]),
+            ("fields = [{ field = 35, source = \"constant\", value = \"x\" }]", &["field 35", "card data"]),
             ("fields = [{ field = 18, source = \"constant\", value = \"5411\", pad = \"zeroes\" }]", &["unknown variant `zeroes`", "zeros_left"]),
             ("fields = [{ field = 18, source = \"constant\", value = \"54111\" }]", &["field 18", "holds 4"]),
             ("fields = [{ field = 22, source = \"constant\", value = \"51\", pad = \"none\" }]", &["field 22", "exactly 3"]),

@@ -3,10 +3,11 @@
 //! adapter as it was before `dialect.rs` (commit fdf8cac) and must never be regenerated from the
 //! current code: a difference here is a change of the default wire format.
 
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::codec::encode;
 use super::config::{Iso8583Config, MessageClass};
+use super::dialect::Dialect;
 use super::mapping::{
     digits, network_message, pad, request_message, reversal_message, transmission_time, Network,
     Original,
@@ -95,6 +96,22 @@ fn plain(class: MessageClass) -> Iso8583Config {
     }
 }
 
+/// The authorization the dumps were taken of: STAN 123, RRN 42, 12,345 yen at `TERM01`.
+fn original(dialect: &Dialect, class: MessageClass, now: SystemTime) -> Original {
+    Original {
+        mti: class.request_mti(),
+        stan: 123,
+        rrn: *b"000000000042",
+        transmitted: transmission_time(now),
+        local: dialect.local_time(now),
+        amount: digits(12_345),
+        currency: *b"392",
+        terminal: dialect.terminal("TERM01").expect("fits field 41"),
+        terminal_full: "TERM01".into(),
+        token: None,
+    }
+}
+
 #[test]
 fn with_no_dialect_keys_every_message_is_the_original_byte_for_byte() {
     // 2024-02-29T13:05:09Z
@@ -120,18 +137,7 @@ fn with_no_dialect_keys_every_message_is_the_original_byte_for_byte() {
     for (class, [request, reversal, reversal_no_pan, repeat, repeat_no_pan]) in cases {
         let dialect = plain(class).dialect().expect("the default dialect");
         let dialect = &dialect;
-        let original = Original {
-            mti: class.request_mti(),
-            stan: 123,
-            rrn: *b"000000000042",
-            transmitted: transmission_time(now),
-            local: dialect.local_time(now),
-            amount: digits(12_345),
-            currency: *b"392",
-            terminal: dialect.terminal("TERM01").expect("fits field 41"),
-            terminal_full: "TERM01".into(),
-            token: None,
-        };
+        let original = original(dialect, class, now);
         assert_eq!(original.terminal, pad::<8>(b"TERM01"));
         let built = |repeat, pan| reversal_message(dialect, &original, 124, repeat, pan, later);
         assert_eq!(frame(&request_message(dialect, &original, pan).unwrap()), request, "{class:?}");
@@ -142,4 +148,25 @@ fn with_no_dialect_keys_every_message_is_the_original_byte_for_byte() {
     }
     assert_eq!(frame(&network_message(Network::SignOn, 7, now).unwrap()), SIGN_ON);
     assert_eq!(frame(&network_message(Network::Echo, 7, now).unwrap()), ECHO);
+}
+
+/// `reversal_mti = "0420"` changes the MTI of reversals (0420, repeats 0421) and nothing else.
+#[test]
+fn reversal_advice_differs_from_the_original_only_in_its_mti() {
+    let now = UNIX_EPOCH + Duration::from_secs(1_709_211_909);
+    let later = now + Duration::from_secs(3);
+    let config = Iso8583Config {
+        reversal_mti: super::dialect::ReversalMti::Advice,
+        ..plain(MessageClass::Authorization)
+    };
+    let dialect = config.dialect().unwrap();
+    let original = original(&dialect, MessageClass::Authorization, now);
+    let pan = Some("4111111111111111");
+    let advice = frame(&reversal_message(&dialect, &original, 124, false, pan, later).unwrap());
+    let repeat = frame(&reversal_message(&dialect, &original, 124, true, pan, later).unwrap());
+    // MTI bytes follow the 2-byte length header: hex characters 4..12.
+    let expected =
+        |original: &str, mti: &str| format!("{}{}{}", &original[..4], mti, &original[12..]);
+    assert_eq!(advice, expected(AUTH_REVERSAL_PAN, "30343230"));
+    assert_eq!(repeat, expected(AUTH_REPEAT_PAN, "30343231"));
 }
