@@ -311,6 +311,17 @@ async fn tls_with_a_client_certificate_to_a_python_ssl_host() {
     assert!(seen[0].is("tls", "true"), "{seen:?}");
     assert!(seen[0].is("client_cn", "settlegate-acquirer-link"), "{seen:?}");
     assert!(seen[0].is("pan_last4", "1111"), "{seen:?}");
+    // Many in flight at once on the one TLS connection, all matched.
+    let calls = (0..200u64).map(|i| {
+        let adapter = std::sync::Arc::clone(&adapter);
+        tokio::spawn(async move { (i, adapter.authorize(card(10 + i, 100_000 + i)).await) })
+    });
+    for call in futures::future::join_all(calls).await {
+        let (i, result) = call.unwrap();
+        let code = format!("{:06}", 100_000 + i);
+        let expected = AuthCode(code.as_bytes().try_into().unwrap());
+        assert_eq!(result, Ok(ProviderReply::Approved { auth_code: expected }), "request {i}");
+    }
 
     // The server name defaults to host_addr's host: 127.0.0.1, in the certificate too.
     let by_ip = TlsConfig { server_name: None, ..tls.clone() };

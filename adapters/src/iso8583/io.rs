@@ -97,7 +97,11 @@ pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
                 Err(_) => break,
             }
         }
-        let result = write.write_all(&batch).await;
+        // A TLS stream may hold the last record until flushed; a TCP flush does nothing.
+        let result = match write.write_all(&batch).await {
+            Ok(()) => write.flush().await,
+            Err(error) => Err(error),
+        };
         batch.zeroize();
         if let Err(error) = result {
             let _ = inbound.send(Inbound::Closed(format!("write: {error}"))).await;
