@@ -69,6 +69,45 @@ fn errors_name_the_key_and_its_value() {
     }
 }
 
+/// An ISO 8583 provider's dialect is checked with the rest of the config: an unknown field, a
+/// padding, an RRN format or an outcome that does not exist, a missing CA file, each named.
+#[test]
+fn check_config_names_a_wrong_iso8583_dialect_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let iso = |keys: &str| {
+        format!(
+            "adapter = {{ kind = \"iso8583\", host_addr = \"127.0.0.1:8583\", merchant_id = \"M1\", {keys} }}"
+        )
+    };
+    let cases = [
+        ("fields = [{ field = 18, source = \"constant\", value = \"5411\" }]", &[][..]),
+        (
+            "fields = [{ field = 129, source = \"constant\", value = \"1\" }]",
+            &["engine.providers[code 1].adapter", "field 129", "not a data element"][..],
+        ),
+        (
+            "fields = [{ field = 18, source = \"constant\", value = \"5411\", pad = \"left\" }]",
+            &["unknown variant `left`", "spaces_right"][..],
+        ),
+        ("rrn_format = \"yyddd\"", &["unknown variant `yyddd`", "ydddhh_stan"][..]),
+        ("response_codes = { \"55\" = \"declined\" }", &["unknown variant `declined`"][..]),
+        ("tls = { ca_file = \"/nonexistent/ca.pem\" }", &["tls.ca_file /nonexistent/ca.pem"][..]),
+    ];
+    for (keys, wanted) in cases {
+        let path = edited(dir.path(), "adapter = { kind = \"simulated\" }", &iso(keys));
+        let out = settlegate(&["check-config", path.to_str().unwrap()]);
+        let stderr = text(&out.stderr);
+        if wanted.is_empty() {
+            assert!(out.status.success(), "{keys}: {stderr}");
+            continue;
+        }
+        assert_eq!(out.status.code(), Some(1), "{keys}");
+        for want in wanted {
+            assert!(stderr.contains(want), "{keys}: {want:?} in {stderr}");
+        }
+    }
+}
+
 /// A start that fails (here: the protocol port is taken) logs its fatal error as a JSON line
 /// when the log is JSON; with stderr a pipe, the text log has no colour codes.
 #[test]

@@ -89,3 +89,72 @@ async fn a_card_payment_through_an_iso8583_host() {
     assert!(request.contains("\"pan_last4\": \"1111\""), "{request}");
     h.engine.shutdown().await;
 }
+
+/// A dialect from the TOML config reaches the host through the engine: a 16-character terminal
+/// ID, refused (reason 31) by the default dialect, goes out as its derived field 41 ID with the
+/// full ID in field 48, and the MCC in field 18.
+#[tokio::test]
+async fn a_long_terminal_id_through_a_configured_dialect() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("ledger.jsonl");
+    let (_host, port) = spawn_host(&ledger);
+    let provider = |code: u32, dialect: &str| {
+        let adapter: AdapterConfig = toml::from_str(&format!(
+            "kind = \"iso8583\"\nhost_addr = \"127.0.0.1:{port}\"\nmerchant_id = \"SGTEST01\"\n\
+             {dialect}"
+        ))
+        .unwrap();
+        ProviderConfig {
+            code,
+            name: format!("iso-{code}"),
+            adapter,
+            limits: GuardConfig { concurrency_max: 64, timeout_ms: 5_000 },
+            terminals: Vec::new(),
+        }
+    };
+    let mut config = config();
+    config.providers.push(provider(ISO_PROVIDER, ""));
+    config.providers.push(provider(
+        ISO_PROVIDER + 1,
+        "long_terminal_ids = \"derive\"\nfields = [{ field = 48, source = \"terminal_id_full\" }, \
+         { field = 18, source = \"constant\", value = \"5411\" }]",
+    ));
+    config.validate().expect("a valid config");
+    let h = Harness::with_config(config);
+    let alice = h.user("iso").await;
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let outcome =
+        |provider, amount, terminal| h.authorize(alice.signed(T0_MS, amount, provider, terminal));
+    let approved = |provider, amount, terminal| async move {
+        loop {
+            match outcome(provider, amount, terminal).await {
+                AuthOutcome::Approved(approval) => return approval,
+                AuthOutcome::Declined(ReasonCode::ProviderUnavailable)
+                    if Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                other => panic!("expected an approval, got {other:?}"),
+            }
+        }
+    };
+    let approval = approved(ISO_PROVIDER + 1, 2_345, "STORE-0042-TILL3").await;
+    assert_eq!(approval.auth_code.as_str(), "002345");
+    // The default dialect, signed on, refuses the long ID without contacting the host.
+    approved(ISO_PROVIDER, 1_111, "ISO-T1").await;
+    let refused = outcome(ISO_PROVIDER, 2_345, "STORE-0042-TILL3").await;
+    assert_eq!(refused, AuthOutcome::Declined(ReasonCode::ProviderUnavailable));
+
+    let ledger = std::fs::read_to_string(&ledger).unwrap();
+    let requests: Vec<&str> = ledger
+        .lines()
+        .filter(|l| l.contains("\"dir\": \"in\"") && l.contains("\"0100\""))
+        .filter(|l| l.contains("\"amount\": 2345"))
+        .collect();
+    assert_eq!(requests.len(), 1, "{ledger}");
+    for part in ["\"f41\": \"CVGX8JBM\"", "\"f48\": \"STORE-0042-TILL3\"", "\"f18\": \"5411\""] {
+        assert!(requests[0].contains(part), "{part} in {}", requests[0]);
+    }
+    h.engine.shutdown().await;
+}

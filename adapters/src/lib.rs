@@ -86,11 +86,24 @@ pub struct ProviderHealth {
 /// (`adapter = { kind = "simulated", ... }`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+// Read once at start, never moved on a hot path: the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum AdapterConfig {
     /// The seeded simulator.
     Simulated(simulated::SimulatedConfig),
     /// An ISO 8583 host over TCP.
     Iso8583(iso8583::Iso8583Config),
+}
+
+impl AdapterConfig {
+    /// Checks the config without starting anything (for a config check at startup and
+    /// `settlegate check-config`); reads the TLS files an ISO 8583 config names.
+    pub fn validate(&self) -> Result<(), AdapterError> {
+        match self {
+            AdapterConfig::Simulated(sim) => simulated::Simulated::new(sim.clone()).map(drop),
+            AdapterConfig::Iso8583(iso) => iso.validate(),
+        }
+    }
 }
 
 impl Default for AdapterConfig {

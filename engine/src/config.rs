@@ -262,6 +262,9 @@ impl EngineConfig {
                 !provider.name.is_empty() && provider.name.len() <= PROVIDER_NAME_LEN_MAX,
                 "provider name must be 1..=48 bytes",
             )?;
+            provider.adapter.validate().map_err(|error| {
+                format!("engine.providers[code {}].adapter: {error}", provider.code)
+            })?;
             for (i, terminal) in provider.terminals.iter().enumerate() {
                 terminal
                     .check(&format!("engine.providers[code {}].terminals[{i}]", provider.code))?;

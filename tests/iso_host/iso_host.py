@@ -6,6 +6,10 @@ independent implementation of the format. Used by `adapters/tests/iso8583.rs`.
 
 Usage:
     python3 iso_host.py [--host 127.0.0.1] [--port 0] [--ledger PATH] [--approve-limit N]
+                        [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]]
+
+With `--tls-cert` and `--tls-key` it speaks TLS (Python's `ssl` module); with
+`--tls-client-ca` it also requires a client certificate issued by that CA.
 
 Once listening it prints one line, `PORT <n>`, on stdout (`--port 0` picks a free port).
 
@@ -26,6 +30,8 @@ Behaviour, by message type:
   1400..=1499    decline `14` (invalid card number)
   6100..=6199    decline `61` (exceeds amount limit)
   9600..=9699    `96` (system malfunction)
+  3000..=3099    response code (amount - 3000) as two digits (3085: `85`), with field 38
+                 as for an approval: for the adapter's `response_codes` overrides
   7000..=7999    approve after a delay of (amount - 7000) * 10 ms: a late reply when the
                  delay exceeds the adapter's response timeout
   8000..=8099    drop: never answered
@@ -38,25 +44,33 @@ Behaviour, by message type:
   ============== ====================================================================
 
 - 0400 / 0401 reversal: answered 0410 `00`; the original (field 90's STAN) is noted reversed.
+- 0420 / 0421 reversal advice: answered 0430 `00`, likewise.
 - A frame whose body starts with `ECHO` is written back unchanged, without decoding: a raw
   round trip for benchmark baselines.
 
 Ledger (`--ledger PATH`): one JSON object per message received or sent, flushed after each
 batch of input, so a test can check what the host saw:
 `{"dir": "in"|"out", "mti", "stan", "rrn", "amount", "code", "nmi", "orig_stan",
-"pan_last4", "delay_ms", "reversed"}` (absent fields omitted). Only the last four digits of
-a PAN are written.
+"pan_last4", "delay_ms", "reversed", "f3", "f12", "f13", "f18", "f22", "f25", "f32", "f41",
+"f42", "f43", "f48", "tls", "client_cn"}` (absent fields omitted; `fN` is field N as
+received; `tls` and `client_cn` only on a TLS connection). Only the last four digits of a PAN
+are written.
 """
 
 import argparse
 import asyncio
 import json
+import ssl
 import sys
 
 import iso8583
 from iso8583.specs import default as SPEC
 
 ECHOED_FIELDS = ("3", "4", "7", "11", "37", "41", "42", "49")
+# Reversal requests and advices (and their repeats), with the MTI that acknowledges them.
+REVERSAL_ACKS = {"0400": "0410", "0401": "0410", "0420": "0430", "0421": "0430"}
+# Fields written to the ledger as received, under "f<n>".
+LEDGER_FIELDS = ("3", "12", "13", "18", "22", "25", "32", "41", "42", "43", "48")
 
 
 def frame(body):
@@ -87,6 +101,8 @@ def decide(amount, limit):
         return "61", 0.0
     if 9600 <= amount <= 9699:
         return "96", 0.0
+    if 3000 <= amount <= 3099:
+        return f"{amount - 3000:02d}", 0.0
     if 7000 <= amount <= 7999:
         return "00", (amount - 7000) * 0.010
     if 8000 <= amount <= 8099:
@@ -104,6 +120,14 @@ class Host(asyncio.Protocol):
 
     def connection_made(self, transport):
         self.transport = transport
+        self.peer = {}
+        if transport.get_extra_info("ssl_object") is not None:
+            self.peer["tls"] = True
+            cert = transport.get_extra_info("peercert") or {}
+            for rdn in cert.get("subject", ()):
+                for key, value in rdn:
+                    if key == "commonName":
+                        self.peer["client_cn"] = value
 
     def data_received(self, data):
         self.buf += data
@@ -131,7 +155,7 @@ class Host(asyncio.Protocol):
     def send_later(self, delay, frames, reply, **extra):
         def send():
             if not self.transport.is_closing():
-                self.state.record("out", reply, **extra)
+                self.state.record("out", reply, **self.peer, **extra)
                 self.state.flush()
                 self.transport.write(b"".join(frames))
 
@@ -140,7 +164,7 @@ class Host(asyncio.Protocol):
     def handle(self, doc, out):
         state = self.state
         mti = doc["t"]
-        state.record("in", doc)
+        state.record("in", doc, **self.peer)
         if mti == "0800":
             reply = {"t": "0810", "39": "00"}
             reply.update({k: doc[k] for k in ("7", "11", "70") if k in doc})
@@ -148,36 +172,36 @@ class Host(asyncio.Protocol):
             state.record("out", reply)
         elif mti in ("0100", "0200"):
             self.authorize(doc, out)
-        elif mti in ("0400", "0401"):
+        elif mti in REVERSAL_ACKS:
             original = doc.get("90", "")[4:10]
             state.reversed.add(original)
-            reply = {"t": "0410", "39": "00"}
+            reply = {"t": REVERSAL_ACKS[mti], "39": "00"}
             reply.update({k: doc[k] for k in ECHOED_FIELDS if k in doc})
             out.append(encode(reply))
-            state.record("out", reply)
+            state.record("out", reply, **self.peer)
 
     def authorize(self, doc, out):
         state = self.state
         amount = int(doc.get("4", "0"))
         decision = decide(amount, state.limit)
         if decision is None:
-            state.record("drop", doc)
+            state.record("drop", doc, **self.peer)
             return
         code, delay = decision
         reply = {"t": "0110" if doc["t"] == "0100" else "0210", "39": code}
         reply.update({k: doc[k] for k in ECHOED_FIELDS if k in doc})
-        if code == "00":
+        if code == "00" or 3000 <= amount <= 3099:
             reply["38"] = f"{amount % 1_000_000:06d}"
         frames = [encode(reply)]
         if 9000 <= amount <= 9099:
             out.extend(malformed_frames(doc))
-            state.record("malformed", doc)
+            state.record("malformed", doc, **self.peer)
             self.send_later(0.05, frames, reply)
         elif delay > 0:
             self.send_later(delay, frames, reply, delay_ms=int(delay * 1000))
         else:
             out.extend(frames)
-            state.record("out", reply)
+            state.record("out", reply, **self.peer)
 
 
 class State:
@@ -199,6 +223,9 @@ class State:
             entry["orig_stan"] = doc["90"][4:10]
         if "2" in doc:
             entry["pan_last4"] = doc["2"][-4:]
+        for key in LEDGER_FIELDS:
+            if key in doc:
+                entry["f" + key] = doc[key]
         if doc.get("11") in self.reversed and doc.get("t") in ("0110", "0210"):
             entry["reversed"] = True
         entry.update(extra)
@@ -215,11 +242,21 @@ async def main():
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--ledger")
     parser.add_argument("--approve-limit", type=int, default=1_000_000)
+    parser.add_argument("--tls-cert", help="PEM certificate chain: serve TLS")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-client-ca", help="PEM CA: require a client certificate")
     args = parser.parse_args()
     state = State(args.ledger, args.approve_limit)
+    context = None
+    if args.tls_cert:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+        if args.tls_client_ca:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(args.tls_client_ca)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: Host(state), args.host, args.port, reuse_address=True
+        lambda: Host(state), args.host, args.port, reuse_address=True, ssl=context
     )
     port = server.sockets[0].getsockname()[1]
     print(f"PORT {port}", flush=True)

@@ -230,7 +230,7 @@ const _: () = {
 };
 
 /// Fields whose values are card data: masked in `Debug` output.
-const SENSITIVE_FIELDS: [u8; 8] = [2, 14, 34, 35, 36, 45, 52, 55];
+pub(crate) const SENSITIVE_FIELDS: [u8; 8] = [2, 14, 34, 35, 36, 45, 52, 55];
 
 /// The format of field `number` (2..=128).
 pub fn field_spec(number: u8) -> Option<&'static FieldSpec> {

@@ -1,7 +1,13 @@
 //! The `kind = "iso8583"` adapter config: serde defaults and validation.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
+use super::dialect::{
+    Dialect, FieldConfig, LongTerminalIds, ResponseOutcome, ReversalMti, RrnFormat,
+};
+use super::tls::TlsConfig;
 use crate::AdapterError;
 
 /// Most authorizations in flight on the one connection that a config may ask for.
@@ -89,6 +95,27 @@ pub struct Iso8583Config {
     pub reversal_attempts_max: u32,
     /// Most reversals held while the host is unreachable; they are sent after the next sign-on.
     pub reversal_queue_max: u32,
+    /// Fields sent besides the adapter's own, or replacing the defaults of 3, 41 and 42
+    /// (`docs/ADAPTERS.md`, "Dialect"). Empty: the original 1987 layout.
+    pub fields: Vec<FieldConfig>,
+    /// Local time's offset from UTC in minutes (-720..=840), for the `local_time` and
+    /// `local_date` sources (fields 12, 13) and the `ydddhh_stan` RRN.
+    pub local_time_offset_minutes: i32,
+    /// Explicit field 41 IDs: settlegate terminal ID to the 1 to 8 character ID the acquirer
+    /// assigned. Consulted first, whatever the terminal ID's length.
+    pub terminal_ids: BTreeMap<String, String>,
+    /// Field 41 for a terminal ID over 8 characters that `terminal_ids` does not map:
+    /// `decline` (the default) or `derive`.
+    pub long_terminal_ids: LongTerminalIds,
+    /// Field 37's format: `counter` (the default) or `ydddhh_stan`.
+    pub rrn_format: RrnFormat,
+    /// Response codes (field 39) whose meaning differs from the default table, e.g.
+    /// `{ "85" = "approve", "55" = "invalid_account" }`.
+    pub response_codes: BTreeMap<String, ResponseOutcome>,
+    /// Reversals as `"0400"` requests (the default) or `"0420"` advices.
+    pub reversal_mti: ReversalMti,
+    /// TLS to the host; absent: plain TCP.
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for Iso8583Config {
@@ -109,6 +136,14 @@ impl Default for Iso8583Config {
             in_flight_max: 4_096,
             reversal_attempts_max: 3,
             reversal_queue_max: 10_000,
+            fields: Vec::new(),
+            local_time_offset_minutes: 0,
+            terminal_ids: BTreeMap::new(),
+            long_terminal_ids: LongTerminalIds::Decline,
+            rrn_format: RrnFormat::Counter,
+            response_codes: BTreeMap::new(),
+            reversal_mti: ReversalMti::Request,
+            tls: None,
         }
     }
 }
@@ -165,7 +200,16 @@ impl Iso8583Config {
                 return fail(format!("{name} must be within 1..={max}, got {value}"));
             }
         }
+        self.dialect()?;
+        if let Some(tls) = &self.tls {
+            tls.connector(&self.host_addr)?;
+        }
         Ok(())
+    }
+
+    /// The compiled dialect (field table, terminal IDs, RRN, response codes, reversal MTI).
+    pub(crate) fn dialect(&self) -> Result<Dialect, AdapterError> {
+        Dialect::new(self).map_err(|e| AdapterError::Config(format!("iso8583: {e}")))
     }
 }
 

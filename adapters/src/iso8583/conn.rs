@@ -19,16 +19,20 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rand::Rng;
+use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
 use zeroize::Zeroizing;
 
 use super::breaker::{Breaker, Transition};
 use super::codec::{self, Message};
 use super::config::{Iso8583Config, STAN_MAX};
+use super::dialect::{Dialect, RrnFormat};
 use super::io::{read_loop, write_loop, Inbound};
-use super::mapping::{self, Acceptor, Network, Original};
+use super::mapping::{self, Network, Original};
 use super::{bump, link_unavailable, pan_valid, LinkStatus, Shared, Submission};
 use crate::{AdapterError, Detokenizer, ProviderReply};
 
@@ -38,6 +42,15 @@ const INBOUND_QUEUE: usize = 1024;
 const RRN_MODULUS: u64 = 1_000_000_000_000;
 
 type Reply = oneshot::Sender<Result<ProviderReply, AdapterError>>;
+
+/// A connection to the host: plain TCP, or TLS over it.
+pub(crate) enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// The TLS connector and the name the host's certificate must carry.
+pub(crate) type Tls = (TlsConnector, ServerName<'static>);
 
 /// Why a connection ended.
 enum Flow {
@@ -110,7 +123,8 @@ fn far_future() -> Instant {
 /// The connection task's state.
 pub(crate) struct Session {
     config: Iso8583Config,
-    acceptor: Acceptor,
+    dialect: Arc<Dialect>,
+    tls: Option<Tls>,
     detokenizer: Arc<dyn Detokenizer>,
     shared: Arc<Shared>,
     breaker: Breaker,
@@ -118,6 +132,7 @@ pub(crate) struct Session {
     in_flight: HashMap<u32, Entry>,
     deadlines: VecDeque<(Instant, u32, u64)>,
     auths_in_flight: u32,
+    reversals_in_flight: u32,
     stan_last: u32,
     seq: u64,
     rrn_next: u64,
@@ -128,15 +143,16 @@ pub(crate) struct Session {
 impl Session {
     pub(crate) fn new(
         config: Iso8583Config,
+        dialect: Arc<Dialect>,
+        tls: Option<Tls>,
         detokenizer: Arc<dyn Detokenizer>,
         shared: Arc<Shared>,
     ) -> Session {
-        let acceptor =
-            Acceptor::new(config.message_class, &config.processing_code, &config.merchant_id);
         // RRNs continue from the wall clock so that a restarted adapter does not repeat them.
         let millis = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
         Session {
-            acceptor,
+            dialect,
+            tls,
             detokenizer,
             shared,
             breaker: Breaker::new(config.breaker_failures_to_open, config.breaker_echoes_to_close),
@@ -148,6 +164,7 @@ impl Session {
             in_flight: HashMap::new(),
             deadlines: VecDeque::new(),
             auths_in_flight: 0,
+            reversals_in_flight: 0,
             stan_last: 0,
             seq: 0,
             rrn_next: (millis % u128::from(RRN_MODULUS)) as u64,
@@ -207,7 +224,7 @@ impl Session {
         }
     }
 
-    async fn connect(&mut self, submissions: &mut mpsc::Receiver<Submission>) -> Option<TcpStream> {
+    async fn connect(&mut self, submissions: &mut mpsc::Receiver<Submission>) -> Option<Stream> {
         loop {
             let delay = self.backoff.next_delay();
             if !delay.is_zero() {
@@ -217,7 +234,22 @@ impl Session {
             let attempt =
                 tokio::time::timeout(timeout, TcpStream::connect(self.config.host_addr.clone()));
             match self.while_down(submissions, attempt).await? {
-                Ok(Ok(stream)) => return Some(stream),
+                Ok(Ok(stream)) => {
+                    let _ = stream.set_nodelay(true);
+                    let Some((connector, name)) = self.tls.clone() else {
+                        return Some(Stream::Plain(stream));
+                    };
+                    let handshake = tokio::time::timeout(timeout, connector.connect(name, stream));
+                    match self.while_down(submissions, handshake).await? {
+                        Ok(Ok(stream)) => return Some(Stream::Tls(Box::new(stream))),
+                        Ok(Err(error)) => tracing::warn!(
+                            host = %self.config.host_addr, %error, "iso8583: TLS handshake failed"
+                        ),
+                        Err(_) => tracing::warn!(
+                            host = %self.config.host_addr, "iso8583: TLS handshake timed out"
+                        ),
+                    }
+                }
                 Ok(Err(error)) => {
                     tracing::warn!(host = %self.config.host_addr, %error, "iso8583: connect failed");
                 }
@@ -231,15 +263,28 @@ impl Session {
 
     async fn serve(
         &mut self,
-        stream: TcpStream,
+        stream: Stream,
         submissions: &mut mpsc::Receiver<Submission>,
     ) -> Flow {
-        let _ = stream.set_nodelay(true);
-        let (read, write) = stream.into_split();
         let (out, out_rx) = mpsc::unbounded_channel();
         let (inbound_tx, mut inbound) = mpsc::channel(INBOUND_QUEUE);
-        let reader = tokio::spawn(read_loop(read, inbound_tx.clone(), Arc::clone(&self.shared)));
-        let writer = tokio::spawn(write_loop(write, out_rx, inbound_tx));
+        let shared = Arc::clone(&self.shared);
+        let (reader, writer) = match stream {
+            Stream::Plain(stream) => {
+                let (read, write) = stream.into_split();
+                (
+                    tokio::spawn(read_loop(read, inbound_tx.clone(), shared)),
+                    tokio::spawn(write_loop(write, out_rx, inbound_tx)),
+                )
+            }
+            Stream::Tls(stream) => {
+                let (read, write) = tokio::io::split(*stream);
+                (
+                    tokio::spawn(read_loop(read, inbound_tx.clone(), shared)),
+                    tokio::spawn(write_loop(write, out_rx, inbound_tx)),
+                )
+            }
+        };
         self.link = Some(Link {
             out,
             signed_on: false,
@@ -267,6 +312,7 @@ impl Session {
                     None => break Flow::Stop,
                 },
             }
+            self.publish_reversals();
             if let Some(reason) = self.link.as_mut().and_then(|l| l.close.take()) {
                 break Flow::Reconnect(reason);
             }
@@ -282,6 +328,7 @@ impl Session {
         self.link = None;
         self.deadlines.clear();
         self.auths_in_flight = 0;
+        self.reversals_in_flight = 0;
         let entries: Vec<Entry> = self.in_flight.drain().map(|(_, entry)| entry).collect();
         for entry in entries {
             match entry.pending {
@@ -294,7 +341,14 @@ impl Session {
                 Pending::Network(_) => {}
             }
         }
+        self.publish_reversals();
         self.failure();
+    }
+
+    /// Reversals owed to the host (in flight or queued), for `/metrics`.
+    fn publish_reversals(&self) {
+        let pending = self.reversals_queued.len() as u64 + u64::from(self.reversals_in_flight);
+        self.shared.reversals_pending.store(pending, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn failure(&mut self) {
@@ -342,15 +396,22 @@ impl Session {
         Some(stan)
     }
 
-    fn rrn_alloc(&mut self) -> [u8; 12] {
-        self.rrn_next = (self.rrn_next + 1) % RRN_MODULUS;
-        mapping::digits(self.rrn_next)
+    fn rrn_alloc(&mut self, now: SystemTime, stan: u32) -> [u8; 12] {
+        match self.dialect.rrn_format {
+            RrnFormat::Counter => {
+                self.rrn_next = (self.rrn_next + 1) % RRN_MODULUS;
+                mapping::digits(self.rrn_next)
+            }
+            RrnFormat::YdddhhStan => self.dialect.rrn_ydddhh_stan(now, stan),
+        }
     }
 
     fn insert(&mut self, stan: u32, expect_mti: [u8; 4], rrn: Option<[u8; 12]>, pending: Pending) {
         self.seq += 1;
-        if matches!(pending, Pending::Auth { .. }) {
-            self.auths_in_flight += 1;
+        match pending {
+            Pending::Auth { .. } => self.auths_in_flight += 1,
+            Pending::Reversal { .. } => self.reversals_in_flight += 1,
+            Pending::Network(_) => {}
         }
         let deadline = Instant::now() + Duration::from_millis(self.config.response_timeout_ms);
         self.deadlines.push_back((deadline, stan, self.seq));
@@ -361,8 +422,10 @@ impl Session {
 
     fn remove(&mut self, stan: u32) -> Option<Entry> {
         let entry = self.in_flight.remove(&stan)?;
-        if matches!(entry.pending, Pending::Auth { .. }) {
-            self.auths_in_flight -= 1;
+        match entry.pending {
+            Pending::Auth { .. } => self.auths_in_flight -= 1,
+            Pending::Reversal { .. } => self.reversals_in_flight -= 1,
+            Pending::Network(_) => {}
         }
         Some(entry)
     }
@@ -381,29 +444,37 @@ impl Session {
         let Some(currency) = mapping::currency_numeric(request.currency) else {
             return refuse(reply, "currency has no numeric code");
         };
+        let terminal = match self.dialect.terminal(&request.terminal_id) {
+            Ok(terminal) => terminal,
+            Err(error) => {
+                let _ = reply.send(Err(AdapterError::Config(error)));
+                return;
+            }
+        };
         let Some(stan) = self.stan_alloc() else { return refuse(reply, "no free STAN") };
+        let now = SystemTime::now();
         let original = Original {
-            mti: self.acceptor.class.request_mti(),
+            mti: self.dialect.class.request_mti(),
             stan,
-            rrn: self.rrn_alloc(),
-            transmitted: mapping::transmission_time(SystemTime::now()),
+            rrn: self.rrn_alloc(now, stan),
+            transmitted: mapping::transmission_time(now),
+            local: self.dialect.local_time(now),
             amount: mapping::digits(request.amount_minor),
             currency: mapping::pad(currency.as_bytes()),
-            terminal: mapping::pad(request.terminal_id.as_bytes()),
+            terminal,
+            terminal_full: request.terminal_id,
             token: request.card_token,
         };
-        let message = match mapping::request_message(&self.acceptor, &original, &pan) {
+        let message = match mapping::request_message(&self.dialect, &original, &pan) {
             Ok(message) => message,
             Err(error) => {
-                let error =
-                    AdapterError::Config(format!("iso8583: cannot encode request: {error}"));
                 let _ = reply.send(Err(error));
                 return;
             }
         };
         drop(pan);
         self.write(&message);
-        let (rrn, expect) = (original.rrn, self.acceptor.class.response_mti());
+        let (rrn, expect) = (original.rrn, self.dialect.class.response_mti());
         self.insert(stan, expect, Some(rrn), Pending::Auth { original, reply });
     }
 
@@ -458,7 +529,7 @@ impl Session {
         }
         match &entry.pending {
             Pending::Auth { .. } => {
-                let outcome = match mapping::reply_outcome(&message) {
+                let outcome = match mapping::reply_outcome(&self.dialect, &message) {
                     Ok(outcome) => outcome,
                     // Left in flight: it times out and is reversed, as if never answered.
                     Err(error) => return self.malformed(&message, &error.to_string()),
@@ -600,7 +671,7 @@ impl Session {
         let pan = original.token.as_ref().and_then(|token| self.detokenizer.reveal(token));
         let pan = pan.as_ref().map(|pan| pan.as_str()).filter(|pan| pan_valid(pan));
         let built = mapping::reversal_message(
-            &self.acceptor,
+            &self.dialect,
             &original,
             stan,
             attempt > 0,
@@ -618,8 +689,8 @@ impl Session {
         if self.write(&message) {
             bump(&self.shared.counters.reversals_sent);
         }
-        let rrn = original.rrn;
-        self.insert(stan, *b"0410", Some(rrn), Pending::Reversal { original, attempt });
+        let (rrn, expect) = (original.rrn, self.dialect.reversal_response_mti());
+        self.insert(stan, expect, Some(rrn), Pending::Reversal { original, attempt });
     }
 
     fn queue_reversal(&mut self, original: Original, attempt: u32) {

@@ -4,8 +4,7 @@
 
 use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use zeroize::{Zeroize, Zeroizing};
 
@@ -28,8 +27,8 @@ pub(crate) enum Inbound {
 /// Reads frames, decodes them and queues them for the session. A message that does not decode
 /// is logged (MTI and error only: never contents) and dropped; a bad length header loses the
 /// framing, so it ends the connection.
-pub(crate) async fn read_loop(
-    mut read: OwnedReadHalf,
+pub(crate) async fn read_loop<R: AsyncRead + Unpin>(
+    mut read: R,
     inbound: mpsc::Sender<Inbound>,
     shared: Arc<Shared>,
 ) {
@@ -83,8 +82,8 @@ pub(crate) async fn read_loop(
 }
 
 /// Writes queued frames, gathering whatever is queued into one write, and zeroizes them.
-pub(crate) async fn write_loop(
-    mut write: OwnedWriteHalf,
+pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
+    mut write: W,
     mut out: mpsc::UnboundedReceiver<Zeroizing<Vec<u8>>>,
     inbound: mpsc::Sender<Inbound>,
 ) {
@@ -98,7 +97,11 @@ pub(crate) async fn write_loop(
                 Err(_) => break,
             }
         }
-        let result = write.write_all(&batch).await;
+        // A TLS stream may hold the last record until flushed; a TCP flush does nothing.
+        let result = match write.write_all(&batch).await {
+            Ok(()) => write.flush().await,
+            Err(error) => Err(error),
+        };
         batch.zeroize();
         if let Err(error) = result {
             let _ = inbound.send(Inbound::Closed(format!("write: {error}"))).await;

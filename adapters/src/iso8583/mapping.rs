@@ -4,14 +4,13 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::codec::{CodecError, Message};
-use super::config::MessageClass;
+use super::dialect::{Dialect, Sources};
 use crate::{AdapterError, AuthCode, CardToken, Currency, DeclineReason, ProviderReply};
 
 /// Largest amount field 4 (twelve digits) can carry, in minor units.
 pub const AMOUNT_MINOR_MAX: u64 = 999_999_999_999;
 /// Field 41's fixed width; shorter terminal IDs are padded with spaces.
 pub const TERMINAL_ID_LEN: usize = 8;
-const MERCHANT_ID_LEN: usize = 15;
 
 /// ISO 4217 numeric codes (field 49) of the currencies this adapter can send.
 pub const CURRENCY_NUMERIC: [(&str, &str); 18] = [
@@ -53,8 +52,8 @@ pub enum ReplyMapping {
     Timeout,
 }
 
-/// The response code table. A code not listed is a decline with
-/// [`DeclineReason::DoNotHonor`].
+/// The default response code table (`response_codes` in the config overrides entries). A code
+/// not listed is a decline with [`DeclineReason::DoNotHonor`].
 pub const RESPONSE_CODES: [(&str, ReplyMapping); 20] = [
     ("00", ReplyMapping::Approve),
     ("08", ReplyMapping::Approve),
@@ -78,7 +77,7 @@ pub const RESPONSE_CODES: [(&str, ReplyMapping); 20] = [
     ("57", ReplyMapping::Decline(DeclineReason::DoNotHonor)),
 ];
 
-/// The mapping of response code `code`.
+/// The mapping of response code `code` in the default table.
 pub fn response_mapping(code: &str) -> ReplyMapping {
     RESPONSE_CODES
         .iter()
@@ -100,10 +99,11 @@ pub(crate) enum ReplyError {
 
 /// The engine outcome of a matched 0110/0210.
 pub(crate) fn reply_outcome(
+    dialect: &Dialect,
     message: &Message,
 ) -> Result<Result<ProviderReply, AdapterError>, ReplyError> {
     let code = message.get_str(39).filter(|c| c.len() == 2).ok_or(ReplyError::ResponseCode)?;
-    Ok(match response_mapping(code) {
+    Ok(match dialect.response(code) {
         ReplyMapping::Approve => {
             let auth = message.get(38).ok_or(ReplyError::AuthCode)?;
             let auth: [u8; 6] = auth.try_into().map_err(|_| ReplyError::AuthCode)?;
@@ -128,28 +128,15 @@ pub(crate) struct Original {
     pub(crate) stan: u32,
     pub(crate) rrn: [u8; 12],
     pub(crate) transmitted: [u8; 10],
+    /// `MMDDhhmmss` at the dialect's local offset (fields 12 and 13, when configured).
+    pub(crate) local: [u8; 10],
     pub(crate) amount: [u8; 12],
     pub(crate) currency: [u8; 3],
+    /// Field 41, mapped.
     pub(crate) terminal: [u8; TERMINAL_ID_LEN],
+    /// The settlegate terminal ID, unmapped.
+    pub(crate) terminal_full: String,
     pub(crate) token: Option<CardToken>,
-}
-
-/// The per-adapter constant fields.
-#[derive(Debug, Clone)]
-pub(crate) struct Acceptor {
-    pub(crate) class: MessageClass,
-    pub(crate) processing_code: String,
-    pub(crate) merchant_id: [u8; MERCHANT_ID_LEN],
-}
-
-impl Acceptor {
-    pub(crate) fn new(class: MessageClass, processing_code: &str, merchant_id: &str) -> Acceptor {
-        Acceptor {
-            class,
-            processing_code: processing_code.to_owned(),
-            merchant_id: pad(merchant_id.as_bytes()),
-        }
-    }
 }
 
 /// Left-aligns `text` in a space-padded field of `N` bytes (callers check the length).
@@ -198,8 +185,19 @@ pub(crate) fn transmission_time(now: SystemTime) -> [u8; 10] {
     out
 }
 
+/// Days since 1970-01-01 of a civil date (H. Hinnant's `days_from_civil`).
+pub(crate) fn days_from_civil(year: i64, month: u64, day: u64) -> i64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let yoe = year.rem_euclid(400);
+    let month = month as i64;
+    let doy = (153 * (if month > 2 { month - 3 } else { month + 9 }) + 2) / 5 + day as i64 - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
 /// Year, month, day of a day count since 1970-01-01 (H. Hinnant's `civil_from_days`).
-fn civil_from_days(days: i64) -> (i64, u64, u64) {
+pub(crate) fn civil_from_days(days: i64) -> (i64, u64, u64) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
@@ -214,32 +212,30 @@ fn civil_from_days(days: i64) -> (i64, u64, u64) {
 
 /// The 0100/0200 for `original`, carrying `pan` in field 2.
 pub(crate) fn request_message(
-    acceptor: &Acceptor,
+    dialect: &Dialect,
     original: &Original,
     pan: &str,
-) -> Result<Message, CodecError> {
-    let mut message = Message::new(acceptor.class.request_mti())?;
-    message.set(2, pan.as_bytes())?;
-    message.set(3, acceptor.processing_code.as_bytes())?;
-    common_fields(&mut message, acceptor, original, original.stan, original.transmitted)?;
+) -> Result<Message, AdapterError> {
+    let mut message = Message::new(dialect.class.request_mti()).map_err(encoding)?;
+    message.set(2, pan.as_bytes()).map_err(encoding)?;
+    common_fields(&mut message, dialect, original, original.stan, original.transmitted)?;
     Ok(message)
 }
 
-/// The 0400 (or repeated 0401) reversing `original`, under its own `stan`.
+/// The reversal (0400 or 0420, or a repeat: 0401, 0421) of `original`, under its own `stan`.
 pub(crate) fn reversal_message(
-    acceptor: &Acceptor,
+    dialect: &Dialect,
     original: &Original,
     stan: u32,
     repeat: bool,
     pan: Option<&str>,
     now: SystemTime,
-) -> Result<Message, CodecError> {
-    let mut message = Message::new(if repeat { *b"0401" } else { *b"0400" })?;
+) -> Result<Message, AdapterError> {
+    let mut message = Message::new(dialect.reversal_request_mti(repeat)).map_err(encoding)?;
     if let Some(pan) = pan {
-        message.set(2, pan.as_bytes())?;
+        message.set(2, pan.as_bytes()).map_err(encoding)?;
     }
-    message.set(3, acceptor.processing_code.as_bytes())?;
-    common_fields(&mut message, acceptor, original, stan, transmission_time(now))?;
+    common_fields(&mut message, dialect, original, stan, transmission_time(now))?;
     // Field 90: original MTI, STAN, transmission date-time, acquiring and forwarding
     // institution IDs (unused here: zeros).
     let mut data = Vec::with_capacity(42);
@@ -247,24 +243,38 @@ pub(crate) fn reversal_message(
     data.extend_from_slice(&stan_text(original.stan));
     data.extend_from_slice(&original.transmitted);
     data.extend_from_slice(&[b'0'; 22]);
-    message.set(90, data)?;
+    message.set(90, data).map_err(encoding)?;
     Ok(message)
 }
 
+fn encoding(error: CodecError) -> AdapterError {
+    AdapterError::Config(format!("iso8583: cannot encode: {error}"))
+}
+
+/// The adapter's own fields, then the dialect's (3, 41 and 42 by default).
 fn common_fields(
     message: &mut Message,
-    acceptor: &Acceptor,
+    dialect: &Dialect,
     original: &Original,
     stan: u32,
     transmitted: [u8; 10],
-) -> Result<(), CodecError> {
-    message.set(4, original.amount)?;
-    message.set(7, transmitted)?;
-    message.set(11, stan_text(stan))?;
-    message.set(37, original.rrn)?;
-    message.set(41, original.terminal)?;
-    message.set(42, acceptor.merchant_id)?;
-    message.set(49, original.currency)
+) -> Result<(), AdapterError> {
+    message.set(4, original.amount).map_err(encoding)?;
+    message.set(7, transmitted).map_err(encoding)?;
+    message.set(11, stan_text(stan)).map_err(encoding)?;
+    message.set(37, original.rrn).map_err(encoding)?;
+    message.set(49, original.currency).map_err(encoding)?;
+    let sources = Sources {
+        terminal: &original.terminal,
+        terminal_full: &original.terminal_full,
+        local: &original.local,
+    };
+    for (number, value) in dialect.field_values(&sources) {
+        let value = value
+            .map_err(|error| AdapterError::Config(format!("iso8583: field {number}: {error}")))?;
+        message.set(number, value).map_err(encoding)?;
+    }
+    Ok(())
 }
 
 /// Network management purposes (field 70).
@@ -340,6 +350,13 @@ mod tests {
 
     #[test]
     fn approval_needs_an_alphanumeric_auth_code() {
+        let config = super::super::Iso8583Config {
+            host_addr: "h:1".into(),
+            merchant_id: "M".into(),
+            ..Default::default()
+        };
+        let dialect = config.dialect().unwrap();
+        let reply_outcome = |reply: &Message| reply_outcome(&dialect, reply);
         let mut reply = Message::new(*b"0110").unwrap();
         reply.set(39, *b"00").unwrap();
         assert_eq!(reply_outcome(&reply), Err(ReplyError::AuthCode));

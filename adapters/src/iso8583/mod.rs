@@ -1,11 +1,15 @@
 //! An ISO 8583 (1987) provider adapter: authorizations forwarded to a host over one TCP
-//! connection, binary bitmap, 2-byte length header.
+//! connection (optionally TLS), binary bitmap, 2-byte length header.
 //!
 //! Layers, each in its own file:
 //!
 //! - [`codec`]: bytes to [`codec::Message`] and back, no I/O; the field table.
-//! - `mapping`: settlegate requests to 0100/0200, 0400/0401 and 0800 messages, and response
-//!   codes back to outcomes ([`RESPONSE_CODES`]).
+//! - `mapping`: settlegate requests to 0100/0200, 0400/0401 (or 0420/0421) and 0800 messages,
+//!   and response codes back to outcomes ([`RESPONSE_CODES`]).
+//! - `dialect`: the configured dialect (the field table, field 41 mapping, RRN format,
+//!   response-code overrides, reversal MTI), checked and compiled; the 1987 layout by default,
+//!   pinned byte for byte by the `golden` test.
+//! - `tls`: [`TlsConfig`], TLS to the host with rustls.
 //! - `breaker`: the circuit breaker's pure state machine.
 //! - `conn`: the connection task: connect with backoff, sign-on, echo, the in-flight map,
 //!   timeouts and reversals.
@@ -25,11 +29,12 @@
 //! - Other means, no token, a token the vault does not know, or a PAN that is not 12 to 19
 //!   digits: declined [`DeclineReason::InvalidAccount`] without contacting the host.
 //! - An amount over twelve digits: declined [`DeclineReason::LimitExceeded`], locally.
-//! - A currency outside [`mapping::CURRENCY_NUMERIC`] or a terminal ID longer than 8
-//!   characters: [`AdapterError::Config`] (the provider is configured for terminals or
-//!   currencies this host cannot carry).
+//! - A currency outside [`mapping::CURRENCY_NUMERIC`], or a terminal ID longer than 8
+//!   characters that neither `terminal_ids` maps nor `long_terminal_ids = "derive"` derives:
+//!   [`AdapterError::Config`] (the provider is configured for terminals or currencies this
+//!   host cannot carry).
 //! - No reply within `response_timeout_ms`, or the connection lost with the request in flight:
-//!   [`AdapterError::Timeout`], and an 0400 reversal is sent (repeated as 0401 up to
+//!   [`AdapterError::Timeout`], and an 0400 (or 0420) reversal is sent (repeated as 0401 up to
 //!   `reversal_attempts_max` times; held until the next sign-on while disconnected). A late
 //!   reply finds no entry and is dropped. An approval that arrives after the caller gave up
 //!   (the engine's deadline dropped the future) is reversed too.
@@ -44,8 +49,12 @@ mod breaker;
 pub mod codec;
 mod config;
 mod conn;
+mod dialect;
+#[cfg(test)]
+mod golden;
 mod io;
 mod mapping;
+mod tls;
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -58,10 +67,15 @@ use zeroize::Zeroizing;
 pub use config::{
     Iso8583Config, MessageClass, DURATION_MS_LIMIT, IN_FLIGHT_LIMIT, REVERSAL_QUEUE_LIMIT, STAN_MAX,
 };
+pub use dialect::{
+    derived_terminal_id, FieldConfig, FieldSource, LongTerminalIds, Padding, ResponseOutcome,
+    ReversalMti, RrnFormat, ADAPTER_OWNED_FIELDS, LOCAL_OFFSET_MINUTES, TERMINAL_ID_FULL_LEN_MAX,
+};
 pub use mapping::{
     currency_numeric, response_mapping, ReplyMapping, AMOUNT_MINOR_MAX, CURRENCY_NUMERIC,
     RESPONSE_CODES, TERMINAL_ID_LEN,
 };
+pub use tls::TlsConfig;
 
 use crate::{
     AdapterError, AuthorizationRequest, DeclineReason, Detokenizer, MeansKind, ProviderAdapter,
@@ -172,6 +186,8 @@ pub(crate) fn bump(counter: &AtomicU64) {
 pub(crate) struct Shared {
     status: AtomicU8,
     counters: Counters,
+    /// Reversals owed to the host now: written and unacknowledged, or queued for a link.
+    reversals_pending: AtomicU64,
 }
 
 /// An authorization handed to the connection task. Not `Debug`: it holds the PAN.
@@ -188,6 +204,7 @@ pub struct Iso8583Adapter {
     submissions: mpsc::Sender<Submission>,
     shared: Arc<Shared>,
     detokenizer: Arc<dyn Detokenizer>,
+    dialect: Arc<dialect::Dialect>,
 }
 
 impl Iso8583Adapter {
@@ -198,6 +215,8 @@ impl Iso8583Adapter {
         detokenizer: Arc<dyn Detokenizer>,
     ) -> Result<Iso8583Adapter, AdapterError> {
         config.validate()?;
+        let dialect = Arc::new(config.dialect()?);
+        let tls = config.tls.as_ref().map(|tls| tls.connector(&config.host_addr)).transpose()?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -206,12 +225,18 @@ impl Iso8583Adapter {
         let shared = Arc::new(Shared::default());
         let name = format!("iso8583({})", config.host_addr);
         let host_addr = config.host_addr.clone();
-        let session = conn::Session::new(config, Arc::clone(&detokenizer), Arc::clone(&shared));
+        let session = conn::Session::new(
+            config,
+            Arc::clone(&dialect),
+            tls,
+            Arc::clone(&detokenizer),
+            Arc::clone(&shared),
+        );
         std::thread::Builder::new()
             .name("iso8583-link".into())
             .spawn(move || runtime.block_on(session.run(receiver)))
             .map_err(|e| AdapterError::Config(format!("iso8583: thread: {e}")))?;
-        Ok(Iso8583Adapter { name, host_addr, submissions, shared, detokenizer })
+        Ok(Iso8583Adapter { name, host_addr, submissions, shared, detokenizer, dialect })
     }
 
     /// The link's state now.
@@ -222,6 +247,12 @@ impl Iso8583Adapter {
     /// Counters since start.
     pub fn stats(&self) -> Iso8583Stats {
         self.shared.counters.snapshot()
+    }
+
+    /// Reversals owed to the host now: written and not yet acknowledged (nor given up), or
+    /// queued until the link is back (`provider_reversals_pending` on `/metrics`).
+    pub fn reversals_pending(&self) -> u64 {
+        self.shared.reversals_pending.load(Ordering::Relaxed)
     }
 
     /// The outcome of a request that is answered without the host, if any.
@@ -242,13 +273,8 @@ impl Iso8583Adapter {
                 request.currency
             ))));
         }
-        if request.terminal_id.len() > TERMINAL_ID_LEN
-            || !request.terminal_id.bytes().all(|b| (0x20..=0x7e).contains(&b))
-        {
-            return Some(Err(AdapterError::Config(format!(
-                "iso8583: terminal ID {:?} does not fit field 41 (1 to 8 printable ASCII)",
-                request.terminal_id
-            ))));
+        if let Err(error) = self.dialect.terminal(&request.terminal_id) {
+            return Some(Err(AdapterError::Config(error)));
         }
         link_unavailable(self.status(), &self.host_addr).map(Err)
     }
@@ -280,12 +306,11 @@ impl ProviderAdapter for Iso8583Adapter {
 
     fn health(&self) -> Option<crate::ProviderHealth> {
         let (status, stats) = (self.status(), self.stats());
-        let settled = stats.reversals_acked + stats.reversals_failed;
         Some(crate::ProviderHealth {
             link_up: status == LinkStatus::Ready,
             breaker_open: status == LinkStatus::BreakerOpen,
             timeouts: stats.timeouts,
-            reversals_pending: stats.reversals_sent.saturating_sub(settled),
+            reversals_pending: self.reversals_pending(),
         })
     }
 

@@ -1,4 +1,5 @@
 //! Test support: the Python host simulator as a child process, its ledger, and a vault.
+#![allow(dead_code)] // shared by several test binaries, each using part of it
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -56,9 +57,14 @@ pub struct Host {
 impl Host {
     /// Starts the simulator on `port` (0: a free one), writing its ledger to `ledger`.
     pub fn spawn(port: u16, ledger: Option<&Path>) -> Host {
+        Host::spawn_with(port, ledger, &[])
+    }
+
+    /// [`Host::spawn`] with more command-line arguments (e.g. `--tls-cert`).
+    pub fn spawn_with(port: u16, ledger: Option<&Path>, args: &[&std::ffi::OsStr]) -> Host {
         require_python();
         let mut command = Command::new("python3");
-        command.arg(script()).args(["--port", &port.to_string()]);
+        command.arg(script()).args(["--port", &port.to_string()]).args(args);
         if let Some(ledger) = ledger {
             command.arg("--ledger").arg(ledger);
         }
