@@ -746,6 +746,40 @@ mod tests {
     use super::*;
     use crate::types::AuthOutcome;
 
+    /// Each kept reply answers a retry as its flow's reply, which is kept as it was: a record
+    /// restored from a snapshot answers as the record that was archived. A code request's
+    /// decline, kept as a payment's, answers a code request as a code request's decline.
+    #[test]
+    fn a_kept_reply_answers_as_its_flow_and_is_kept_again_unchanged() {
+        use crate::age::AgeCheck;
+        let verdict =
+            AgeVerdict { check: AgeCheck::NotHeld, items: vec!["7".into()], amount_minor: 5 };
+        let declined = AuthOutcome::Declined(ReasonCode::ProviderTimeout);
+        let kept = [
+            KeptReply::Ok,
+            KeptReply::Refused(ReasonCode::UnknownUser),
+            KeptReply::MeansAdded { means_id: 2, last4: Some(*b"1111") },
+            KeptReply::Auth(declined),
+            KeptReply::BasketAuth(declined, verdict),
+            KeptReply::Balance(Balance { balance_minor: 9, available_minor: 8, currency: None }),
+            KeptReply::Delivered(3),
+        ];
+        for code_request in [false, true] {
+            for kept in &kept {
+                let reply = kept.clone().into_reply(code_request);
+                let again = KeptReply::of(&reply).expect("kept");
+                assert_eq!(format!("{again:?}"), format!("{kept:?}"));
+            }
+        }
+        let reply = KeptReply::Auth(declined).into_reply(true);
+        let code_declined = reply.into_flow::<CodeRequest>().expect("a code request's answer");
+        assert!(matches!(code_declined, CodeRequest::Declined(ReasonCode::ProviderTimeout)));
+        let reply = KeptReply::Auth(declined).into_reply(false);
+        assert!(
+            matches!(reply.into_flow::<Payment>(), Ok(Payment::Auth(outcome)) if outcome == declined)
+        );
+    }
+
     fn done(n: u64) -> IdemState {
         IdemState::Done(KeptReply::Delivered(n as u32))
     }
