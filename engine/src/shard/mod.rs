@@ -304,30 +304,26 @@ impl ShardCore {
         };
         let outcome = dispatch.outcome_of(answer);
         let completed = self.apply(dispatch.completion(outcome, now_ms), records);
-        // Not expected (the record was made in this step), but a completion that found no
-        // record stands declined whatever the provider said.
-        let dropped = matches!(
-            completed,
-            Reply::Settlement(SettlementReply::Completion(Completion::Dropped))
-                | Reply::Codes(CodesReply::Completed(CodeCompletion::Dropped))
-        );
-        if dropped {
-            self.state.shared.completion_dropped(&dispatch, &outcome);
-        }
         let timeout = ReasonCode::ProviderTimeout;
+        // A completion that found no record (not expected: the record was made in this step)
+        // stands declined whatever the provider said.
         if dispatch.code.is_none() {
+            let dropped = matches!(completed.into_flow(), Ok(Completion::Dropped));
+            if dropped {
+                self.state.shared.completion_dropped(&dispatch, &outcome);
+            }
             let outcome = if dropped { AuthOutcome::Declined(timeout) } else { outcome };
             return Payment::Decided(dispatch, outcome).into();
         }
         // A code request is answered as its completion answers it.
-        match completed {
-            Reply::Codes(CodesReply::Completed(CodeCompletion::Issued(issued))) => {
-                CodeRequest::Decided(issued).into()
+        match completed.into_flow() {
+            Ok(CodeCompletion::Issued(issued)) => CodeRequest::Decided(issued).into(),
+            Ok(CodeCompletion::Declined(reason)) => CodeRequest::Declined(reason).into(),
+            Ok(CodeCompletion::Dropped) => {
+                self.state.shared.completion_dropped(&dispatch, &outcome);
+                CodeRequest::Declined(timeout).into()
             }
-            Reply::Codes(CodesReply::Completed(CodeCompletion::Declined(reason))) => {
-                CodeRequest::Declined(reason).into()
-            }
-            _ => CodeRequest::Declined(timeout).into(),
+            Err(_) => CodeRequest::Declined(timeout).into(),
         }
     }
 
