@@ -37,7 +37,11 @@ use crate::shard::state::{
     terminal_policies, Balance, CodeSpec, CodeState, Dispatch, IssuedCode, IssuedCoupon, MeansView,
     RedeemSpec, Redemption, Shared, StateConfig, TerminalContext,
 };
-use crate::shard::{Batch, Command, Digest, Envelope, Op, Query, Reply, ShardHandle, Sizes, Turn};
+use crate::shard::{
+    AddedMeans, Batch, CodeCompletion, CodeRequest, CodeView, Command, Completion, Credentials,
+    Delivery, Digest, Envelope, FlowReply, IssuedKey, Op, Payment, Query, Reply, ShardHandle,
+    Sizes, Swept, Turn,
+};
 use crate::startup::{build_registry, recover_shards, start_shards, stop_runtime, ActorRuntime};
 use crate::types::{AuthOutcome, ClientRequestId, Currency, Idm, ReasonCode, UserKey};
 use crate::vault::Vault;
@@ -398,46 +402,39 @@ impl Engine {
         receiver
     }
 
-    async fn call(&self, shard: usize, op: Op) -> Result<Reply, EngineError> {
+    /// Applies or answers one `op` in `shard`, and takes its answer of type `T` out of the
+    /// reply ([`Reply::into_flow`]).
+    async fn call<T: FlowReply>(&self, shard: usize, op: Op) -> Result<T, EngineError> {
         let receiver = self.submit(shard, vec![op])?;
         let mut replies = receiver.await.map_err(|_| self.lost(shard))?;
-        let reply = replies.pop().expect("one reply per op");
-        match reply {
-            Reply::InFlight => Err(EngineError::InFlight),
-            Reply::Refused(reason) => Err(EngineError::Refused(reason)),
-            reply => Ok(reply),
-        }
+        replies.pop().expect("one reply per op").into_flow()
     }
 
-    async fn apply_for_user(
+    /// Applies `command` in the shard of `owner_hash`, and takes its answer of type `T`.
+    async fn apply_for<T: FlowReply>(
+        &self,
+        owner_hash: u64,
+        client_request_id: Option<RequestId>,
+        digest: u64,
+        command: Command,
+    ) -> Result<T, EngineError> {
+        let client_request_id = client_request_id.map(RequestId::get);
+        let envelope =
+            Envelope { owner_hash, client_request_id, digest, now_ms: self.now_ms(), command };
+        self.call(self.shard_of(owner_hash), Op::Apply(envelope)).await
+    }
+
+    async fn apply_for_user<T: FlowReply>(
         &self,
         user: &UserKey,
         client_request_id: Option<RequestId>,
         digest: u64,
         command: Command,
-    ) -> Result<Reply, EngineError> {
-        let owner_hash = user_hash(user);
-        let client_request_id = client_request_id.map(RequestId::get);
-        let envelope =
-            Envelope { owner_hash, client_request_id, digest, now_ms: self.now_ms(), command };
-        self.call(self.shard_of(owner_hash), Op::Apply(envelope)).await
+    ) -> Result<T, EngineError> {
+        self.apply_for(user_hash(user), client_request_id, digest, command).await
     }
 
-    async fn apply_for_provider(
-        &self,
-        provider_code: u32,
-        client_request_id: Option<RequestId>,
-        digest: u64,
-        command: Command,
-    ) -> Result<Reply, EngineError> {
-        let owner_hash = digest_of(&("provider", provider_code));
-        let client_request_id = client_request_id.map(RequestId::get);
-        let envelope =
-            Envelope { owner_hash, client_request_id, digest, now_ms: self.now_ms(), command };
-        self.call(self.shard_of(owner_hash), Op::Apply(envelope)).await
-    }
-
-    /// Applies an idempotent change to a provider's state whose reply is `Ok` or a refusal.
+    /// Applies an idempotent change to a provider's state whose reply is done or a refusal.
     async fn change_provider(
         &self,
         provider_code: u32,
@@ -445,23 +442,16 @@ impl Engine {
         digest: u64,
         command: Command,
     ) -> Result<(), EngineError> {
-        let reply = self
-            .apply_for_provider(provider_code, Some(client_request_id), digest, command)
-            .await?;
-        match reply {
-            Reply::Ok => Ok(()),
-            other => Err(unexpected(other)),
-        }
+        let owner_hash = digest_of(&("provider", provider_code));
+        self.apply_for(owner_hash, Some(client_request_id), digest, command).await
     }
 
-    async fn query_for_user(&self, user: &UserKey, query: Query) -> Result<Reply, EngineError> {
-        let shard = self.shard_of(user_hash(user));
-        match self.call(shard, Op::Query(query)).await {
-            Err(EngineError::Refused(ReasonCode::UnknownUser)) => {
-                Ok(Reply::Refused(ReasonCode::UnknownUser))
-            }
-            other => other,
-        }
+    async fn query_for_user<T: FlowReply>(
+        &self,
+        user: &UserKey,
+        query: Query,
+    ) -> Result<T, EngineError> {
+        self.call(self.shard_of(user_hash(user)), Op::Query(query)).await
     }
 
     /// Providers' completions dropped since the engine started because the idempotency record
@@ -513,10 +503,10 @@ struct DeviceClaim<'a> {
 impl DeviceClaim<'_> {
     /// Awaits the command's reply, then releases the claim if it was won (by then the device
     /// is in the index, or its provisioning was refused).
-    async fn held_over(
+    async fn held_over<T>(
         self,
-        reply: impl std::future::Future<Output = Result<Reply, EngineError>>,
-    ) -> Result<Reply, EngineError> {
+        reply: impl std::future::Future<Output = Result<T, EngineError>>,
+    ) -> Result<T, EngineError> {
         let reply = reply.await;
         if self.won {
             self.devices.release(&self.idm);
@@ -629,26 +619,14 @@ fn digest_of<T: Hash + ?Sized>(value: &T) -> u64 {
     hasher.finish()
 }
 
-fn credential_from(reply: Reply, card_idm: Idm) -> Result<DeviceCredential, EngineError> {
-    match reply {
-        Reply::KeyIssued { key_version, key: NewDeviceKey { plain: Some(key), .. } } => {
-            Ok(DeviceCredential { card_idm, key_version, device_key: key })
-        }
-        other => Err(unexpected(other)),
-    }
-}
-
-/// A shard answered with a reply of the wrong kind: a bug. Logged, and surfaced as stopped
-/// rather than panicking the caller.
-fn unexpected(reply: Reply) -> EngineError {
-    match reply {
-        Reply::Refused(reason) => EngineError::Refused(reason),
-        Reply::InFlight => EngineError::InFlight,
-        other => {
-            tracing::error!(reply = ?std::mem::discriminant(&other), "unexpected shard reply");
-            EngineError::Stopped
-        }
-    }
+/// The credential of a key issued now (in the clear: only a command replayed from the log
+/// issues one sealed only, and nobody answers that).
+fn credential_from(issued: IssuedKey, card_idm: Idm) -> Result<DeviceCredential, EngineError> {
+    let Some(device_key) = issued.key.plain else {
+        tracing::error!("a key issued for a request came back sealed only");
+        return Err(EngineError::Stopped);
+    };
+    Ok(DeviceCredential { card_idm, key_version: issued.key_version, device_key })
 }
 
 /// The routing hashes and the idempotency digests are part of what a data directory holds: a

@@ -159,8 +159,8 @@ impl Engine {
             idm: card_idm,
             key: NewDeviceKey::random(&self.inner.shared.vault, &card_idm),
         };
-        let reply = self.apply_for_user(user, Some(client_request_id), digest, command).await?;
-        credential_from(reply, card_idm)
+        let issued = self.apply_for_user(user, Some(client_request_id), digest, command).await?;
+        credential_from(issued, card_idm)
     }
 
     /// Revokes every key of a user's device at once, after checking the user's password: for a
@@ -182,10 +182,7 @@ impl Engine {
             idm: card_idm,
             key: NewDeviceKey::random(&self.inner.shared.vault, &card_idm),
         };
-        match self.apply_for_user(user, Some(client_request_id), digest, command).await? {
-            Reply::Ok => Ok(()),
-            other => Err(unexpected(other)),
-        }
+        self.apply_for_user(user, Some(client_request_id), digest, command).await
     }
 
     /// Checks a password. Too many consecutive failures lock the account for `lockout_ms`.
@@ -197,10 +194,12 @@ impl Engine {
     pub async fn login(&self, user: &UserKey, password: &str) -> Result<(), EngineError> {
         let now_ms = self.now_ms();
         let query = Query::Credentials { user: user.clone(), now_ms };
-        let (phc, known) = match self.query_for_user(user, query).await? {
-            Reply::Credentials { password_phc } => (password_phc, true),
-            Reply::Refused(ReasonCode::UnknownUser) => (self.inner.dummy_phc.clone(), false),
-            other => return Err(unexpected(other)),
+        let (phc, known) = match self.query_for_user(user, query).await {
+            Ok(Credentials { password_phc }) => (password_phc, true),
+            Err(EngineError::Refused(ReasonCode::UnknownUser)) => {
+                (self.inner.dummy_phc.clone(), false)
+            }
+            Err(error) => return Err(error),
         };
         let hasher = self.inner.hasher.clone();
         let password = zeroize::Zeroizing::new(password.to_owned());
@@ -210,8 +209,7 @@ impl Engine {
         // The dummy hash's password never logs anyone in.
         let command = Command::LoginAttempt { user: user.clone(), success: verified && known };
         match self.apply_for_user(user, None, 0, command).await {
-            Ok(Reply::Ok) => Ok(()),
-            Ok(other) => Err(unexpected(other)),
+            Ok(()) => Ok(()),
             Err(EngineError::Refused(ReasonCode::UnknownUser)) => {
                 Err(EngineError::Refused(ReasonCode::WrongPassword))
             }
@@ -231,13 +229,9 @@ impl Engine {
         let prepared = means.prepare(&self.inner.shared.vault).map_err(EngineError::Refused)?;
         let digest = digest_of(&("means", user, means.public_parts(), make_default));
         let command = Command::AddMeans { user: user.clone(), means: prepared, make_default };
-        match self.apply_for_user(user, Some(client_request_id), digest, command).await? {
-            Reply::MeansAdded { means_id, last4 } => Ok(MeansAdded {
-                means_id,
-                last4: last4.map(|l| String::from_utf8_lossy(&l).into_owned()),
-            }),
-            other => Err(unexpected(other)),
-        }
+        let AddedMeans { means_id, last4 } =
+            self.apply_for_user(user, Some(client_request_id), digest, command).await?;
+        Ok(MeansAdded { means_id, last4: last4.map(|l| String::from_utf8_lossy(&l).into_owned()) })
     }
 
     /// Makes a registered means the user's default.
@@ -249,10 +243,7 @@ impl Engine {
     ) -> Result<(), EngineError> {
         let digest = digest_of(&("default", user, means_id));
         let command = Command::SetDefaultMeans { user: user.clone(), means_id };
-        match self.apply_for_user(user, Some(client_request_id), digest, command).await? {
-            Reply::Ok => Ok(()),
-            other => Err(unexpected(other)),
-        }
+        self.apply_for_user(user, Some(client_request_id), digest, command).await
     }
 
     /// The user's registered means, in the asked order.
@@ -262,10 +253,7 @@ impl Engine {
         order: MeansOrder,
     ) -> Result<Vec<MeansView>, EngineError> {
         let query = Query::Means { user: user.clone(), now_ms: self.now_ms() };
-        let mut means = match self.query_for_user(user, query).await? {
-            Reply::Means(means) => means,
-            other => return Err(unexpected(other)),
-        };
+        let mut means: Vec<MeansView> = self.query_for_user(user, query).await?;
         match order {
             MeansOrder::Registration => {}
             MeansOrder::Frequency => {

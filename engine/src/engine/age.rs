@@ -22,10 +22,7 @@ impl Engine {
         let digest = u64::from_be_bytes(tag[..8].try_into().expect("8"));
         let user = decoded.user.clone();
         let command = Command::RegisterAge { record: decoded, tag: *tag };
-        match self.apply_for_user(&user, Some(client_request_id), digest, command).await? {
-            Reply::Ok => Ok(()),
-            other => Err(unexpected(other)),
-        }
+        self.apply_for_user(&user, Some(client_request_id), digest, command).await
     }
 
     /// Sets a listed store terminal's own age policy (A2, A3); `None` clears it, so the

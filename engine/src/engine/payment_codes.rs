@@ -177,12 +177,11 @@ impl Engine {
         let reply =
             self.apply_for_user(&user, Some(request.client_request_id), digest, command).await?;
         let dispatch = match reply {
-            Reply::Dispatch(dispatch) => dispatch,
+            CodeRequest::Dispatch(dispatch) => dispatch,
             // Approved at once by an in-process provider: issued in the same shard step.
-            Reply::CodeDecided(issued) => return Ok(self.deliver_code(issued)),
-            Reply::CodeIssued(issued) => return Ok(CodeOutcome::Issued(issued)),
-            Reply::Auth(AuthOutcome::Declined(reason)) => return Ok(CodeOutcome::Declined(reason)),
-            other => return Err(unexpected(other)),
+            CodeRequest::Decided(issued) => return Ok(self.deliver_code(issued)),
+            CodeRequest::Issued(issued) => return Ok(CodeOutcome::Issued(issued)),
+            CodeRequest::Declined(reason) => return Ok(CodeOutcome::Declined(reason)),
         };
         let outcome = self.call_provider(&dispatch, deadline).await;
         let envelope = dispatch.completion(outcome, self.now_ms());
@@ -192,15 +191,13 @@ impl Engine {
             .submit_always(shard, vec![Op::Apply(envelope)])
             .await
             .map_err(|_| self.lost(shard))?;
-        match replies.pop() {
-            Some(Reply::CodeIssued(issued)) => Ok(self.deliver_code(issued)),
-            Some(Reply::Auth(AuthOutcome::Declined(reason))) => Ok(CodeOutcome::Declined(reason)),
-            Some(Reply::CompletionDropped) => {
+        match replies.pop().ok_or(EngineError::Stopped)?.into_flow()? {
+            CodeCompletion::Issued(issued) => Ok(self.deliver_code(issued)),
+            CodeCompletion::Declined(reason) => Ok(CodeOutcome::Declined(reason)),
+            CodeCompletion::Dropped => {
                 self.inner.shared.completion_dropped(&dispatch, &outcome);
                 Ok(CodeOutcome::Declined(ReasonCode::ProviderTimeout))
             }
-            Some(other) => Err(unexpected(other)),
-            None => Err(EngineError::Stopped),
         }
     }
 
@@ -274,10 +271,8 @@ impl Engine {
             now_ms: self.now_ms(),
             command: Command::RedeemCode { spec: Box::new(spec), policies },
         };
-        match self.call(shard, Op::Apply(envelope)).await? {
-            Reply::Redeemed(redemption) => Ok(*redemption),
-            other => Err(unexpected(other)),
-        }
+        let redemption: Box<Redemption> = self.call(shard, Op::Apply(envelope)).await?;
+        Ok(*redemption)
     }
 
     /// A payment code's state: issued, expired, or redeemed with its capture and the
@@ -301,10 +296,12 @@ impl Engine {
         if shard >= self.shard_count() {
             return Err(unknown);
         }
-        match self.call(shard, Op::Query(Query::Code { number })).await? {
-            Reply::CodeState(state, terminal_id) if may_see(&terminal_id) => Ok(*state),
-            Reply::CodeState(..) => Err(unknown),
-            other => Err(unexpected(other)),
+        let CodeView { state, terminal_id } =
+            self.call(shard, Op::Query(Query::Code { number })).await?;
+        if may_see(&terminal_id) {
+            Ok(*state)
+        } else {
+            Err(unknown)
         }
     }
 
@@ -328,11 +325,9 @@ impl Engine {
         });
         let mut swept = 0;
         for replies in join_all(sweeps).await {
-            match replies.map_err(|_| EngineError::Stopped)?.pop() {
-                Some(Reply::Swept(count)) => swept += count,
-                Some(other) => return Err(unexpected(other)),
-                None => return Err(EngineError::Stopped),
-            }
+            let reply = replies.map_err(|_| EngineError::Stopped)?.pop();
+            let Swept(count) = reply.ok_or(EngineError::Stopped)?.into_flow()?;
+            swept += count;
         }
         Ok(swept)
     }
@@ -367,11 +362,9 @@ impl Engine {
                 uses,
                 expires_ms,
             };
-            let coupon =
-                match self.apply_for_user(&user, Some(client_request_id), digest, command).await? {
-                    Reply::CouponIssued(coupon) => *coupon,
-                    other => return Err(unexpected(other)),
-                };
+            let coupon: Box<IssuedCoupon> =
+                self.apply_for_user(&user, Some(client_request_id), digest, command).await?;
+            let coupon = *coupon;
             for idm in self.devices_of(&user).await.unwrap_or_default() {
                 self.inner.notices.publish_device(idm, DeviceMessage::Coupon(coupon.clone()));
             }
@@ -414,15 +407,14 @@ impl Engine {
         let reply = self.apply_for_user(&notice.user, Some(client_request_id), digest, command);
         match reply.await? {
             // The first answer: the notice goes out now, once.
-            Reply::DeliveryAccepted(count) => {
+            Delivery::Accepted(count) => {
                 for idm in devices {
                     self.inner.notices.publish_device(idm, DeviceMessage::Delivery(notice.clone()));
                 }
                 Ok(count as usize)
             }
             // A retry: answered as the first was, nothing sent again.
-            Reply::Delivered(count) => Ok(count as usize),
-            other => Err(unexpected(other)),
+            Delivery::Delivered(count) => Ok(count as usize),
         }
     }
 
@@ -434,10 +426,6 @@ impl Engine {
 
     /// The card IDms of a user's devices.
     pub async fn devices_of(&self, user: &UserKey) -> Result<Vec<Idm>, EngineError> {
-        match self.query_for_user(user, Query::Devices { user: user.clone() }).await? {
-            Reply::Devices(devices) => Ok(devices),
-            Reply::Refused(reason) => Err(EngineError::Refused(reason)),
-            other => Err(unexpected(other)),
-        }
+        self.query_for_user(user, Query::Devices { user: user.clone() }).await
     }
 }

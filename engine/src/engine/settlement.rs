@@ -188,21 +188,20 @@ impl Engine {
                 continue;
             };
             for (index, reply) in indices.into_iter().zip(replies) {
-                let result = match reply {
-                    Reply::Dispatch(dispatch) => {
+                let result = match reply.into_flow() {
+                    Ok(Payment::Dispatch(dispatch)) => {
                         authorizing.call(index, dispatch, deadline);
                         continue;
                     }
-                    Reply::Decided(dispatch, outcome) => {
+                    Ok(Payment::Decided(dispatch, outcome)) => {
                         Ok(self.publish_outcome(*dispatch, outcome, now_ms))
                     }
-                    Reply::Auth(outcome) => Ok(BasketOutcome { outcome, verdict: None }),
-                    Reply::BasketAuth(outcome, verdict) => {
+                    Ok(Payment::Auth(outcome)) => Ok(BasketOutcome { outcome, verdict: None }),
+                    Ok(Payment::BasketAuth(outcome, verdict)) => {
                         Ok(BasketOutcome { outcome, verdict: Some(*verdict) })
                     }
-                    Reply::InFlight => Err(EngineError::InFlight),
-                    Reply::Refused(reason) => Ok(declined(reason)),
-                    other => Err(unexpected(other)),
+                    Err(EngineError::Refused(reason)) => Ok(declined(reason)),
+                    Err(error) => Err(error),
                 };
                 authorizing.ready.push((index, result));
             }
@@ -351,7 +350,7 @@ impl Authorizing {
                         .map(|((index, dispatch, mut outcome), reply)| {
                             // What stands: the provider's outcome, or a decline where the
                             // completion found its record gone or replaced.
-                            if let Reply::CompletionDropped = reply {
+                            if let Ok(Completion::Dropped) = reply.into_flow() {
                                 engine.inner.shared.completion_dropped(&dispatch, &outcome);
                                 outcome = AuthOutcome::Declined(ReasonCode::ProviderTimeout);
                             }

@@ -33,31 +33,14 @@ impl Engine {
         // nothing outside itself (two upserts racing for one signal can both pass, as before).
         let signals_free = Some(self.inner.shared.stores.signals_free(&store));
         let command = Command::UpsertStore { store: Box::new(store), signals_free };
-        let envelope = Envelope {
-            owner_hash,
-            client_request_id: Some(client_request_id.get()),
-            digest,
-            now_ms: self.now_ms(),
-            command,
-        };
+        self.apply_for::<()>(owner_hash, Some(client_request_id), digest, command).await?;
         let shard = self.shard_of(owner_hash);
-        match self.call(shard, Op::Apply(envelope)).await? {
-            Reply::Ok => {}
-            other => return Err(unexpected(other)),
-        }
         if let Some((old_cell, _)) = previous {
             let old_hash = cell_hash(old_cell);
             if self.shard_of(old_hash) != shard {
                 let command = Command::RemoveStore { store_id, moved: true };
-                let envelope = Envelope {
-                    owner_hash: old_hash,
-                    client_request_id: None,
-                    digest: 0,
-                    now_ms: self.now_ms(),
-                    command,
-                };
-                match self.call(self.shard_of(old_hash), Op::Apply(envelope)).await {
-                    Ok(_) | Err(EngineError::Refused(ReasonCode::UnknownStore)) => {}
+                match self.apply_for::<()>(old_hash, None, 0, command).await {
+                    Ok(()) | Err(EngineError::Refused(ReasonCode::UnknownStore)) => {}
                     Err(error) => return Err(error),
                 }
             }
@@ -79,17 +62,8 @@ impl Engine {
             .ok_or(EngineError::Refused(ReasonCode::UnknownStore))?;
         let owner_hash = cell_hash(cell);
         let command = Command::RemoveStore { store_id: store_id.to_owned(), moved: false };
-        let envelope = Envelope {
-            owner_hash,
-            client_request_id: Some(client_request_id.get()),
-            digest: digest_of(&("remove-store", store_id)),
-            now_ms: self.now_ms(),
-            command,
-        };
-        match self.call(self.shard_of(owner_hash), Op::Apply(envelope)).await? {
-            Reply::Ok => Ok(()),
-            other => Err(unexpected(other)),
-        }
+        let digest = digest_of(&("remove-store", store_id));
+        self.apply_for(owner_hash, Some(client_request_id), digest, command).await
     }
 
     /// The store a device at a GPS position is in (W2): the nearest store within `radius_m`
@@ -117,15 +91,13 @@ impl Engine {
         let position = geo::unit_vector(latitude, longitude);
         let max_chord = geo::metres_to_chord(f64::from(radius_m));
         let replies = join_all(shards.into_iter().map(|shard| {
-            self.call(shard, Op::Query(Query::NearestStores { position, max_chord }))
+            let query = Query::NearestStores { position, max_chord };
+            self.call::<Vec<Candidate>>(shard, Op::Query(query))
         }))
         .await;
         let mut candidates: Vec<Candidate> = Vec::new();
-        for reply in replies {
-            match reply? {
-                Reply::Stores(found) => candidates.extend(found),
-                other => return Err(unexpected(other)),
-            }
+        for found in replies {
+            candidates.extend(found?);
         }
         // Distances are compared as the protocol reports them, in whole millimetres, so that
         // stores placed symmetrically tie whatever the last bits of the arithmetic say.
@@ -181,9 +153,7 @@ impl Engine {
 
     async fn store_in_cell(&self, store_id: &str, cell: u32) -> Result<Store, EngineError> {
         let query = Query::Store { store_id: store_id.to_owned() };
-        match self.call(self.shard_of(cell_hash(cell)), Op::Query(query)).await? {
-            Reply::Stores(mut found) if !found.is_empty() => Ok(found.swap_remove(0).store),
-            other => Err(unexpected(other)),
-        }
+        let store: Box<Store> = self.call(self.shard_of(cell_hash(cell)), Op::Query(query)).await?;
+        Ok(*store)
     }
 }

@@ -95,10 +95,7 @@ impl Engine {
         }
         let digest = digest_of(&("top-up", user, means_id, amount_minor, currency));
         let command = Command::TopUp { user: user.clone(), means_id, amount_minor, currency };
-        match self.apply_for_user(user, Some(client_request_id), digest, command).await? {
-            Reply::Balance(balance) => Ok(balance),
-            other => Err(unexpected(other)),
-        }
+        self.apply_for_user(user, Some(client_request_id), digest, command).await
     }
 
     /// Every method of the user at a store, marked usable or not, with balances; the best one
@@ -222,17 +219,10 @@ impl Engine {
                     Err(error) => Err(error.clone()),
                 };
                 if is_means {
-                    means[index] = Some(reply.and_then(|reply| match reply {
-                        Reply::Means(found) => Ok(found),
-                        other => Err(unexpected(other)),
-                    }));
+                    means[index] = Some(reply.and_then(Reply::into_flow));
                 } else {
-                    stores[index] = Some(reply.and_then(|reply| match reply {
-                        Reply::Stores(mut found) if !found.is_empty() => {
-                            Ok(found.swap_remove(0).store)
-                        }
-                        other => Err(unexpected(other)),
-                    }));
+                    let store = reply.and_then(Reply::into_flow::<Box<Store>>);
+                    stores[index] = Some(store.map(|store| *store));
                 }
             }
         }

@@ -16,7 +16,10 @@ use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use super::archive::{OutcomeLeaf, Via};
-use super::state::{Balance, IssuedCode, IssuedCoupon, Redemption, Reply};
+use super::state::{
+    AccountsReply, AddedMeans, Balance, CodeRequest, CodesReply, Delivery, IssuedCode,
+    IssuedCoupon, IssuedKey, Payment, Redemption, Reply, SettlementReply, WalletReply,
+};
 use crate::age::AgeVerdict;
 use crate::cow::CowCell;
 use crate::keys::{open_device_key, NewDeviceKey};
@@ -55,7 +58,7 @@ pub(crate) enum IdemState {
         means_id: u32,
     },
     /// The request finished with this reply.
-    Done(#[rkyv(with = Kept)] Reply),
+    Done(KeptReply),
     /// A key issue's reply: the key stays sealed until a retry asks for it, so neither the
     /// request nor recovery seals or opens it again. Sealed to the device's IDm, as the
     /// command's log record and the device hold it (the same bytes); records written by builds
@@ -69,36 +72,37 @@ pub(crate) enum IdemState {
 }
 
 impl IdemState {
-    /// How a finished request's `reply` is kept: an issued device key as sealed (a retry
-    /// opens it; a snapshot copies the sealed bytes), any other reply as it is.
-    pub(crate) fn done(reply: &Reply) -> IdemState {
+    /// How a finished request's `reply` is kept: an issued device key as sealed (a retry opens
+    /// it; a snapshot copies the sealed bytes), any other reply as its [`KeptReply`]; none for a
+    /// reply no record keeps.
+    pub(crate) fn done(reply: &Reply) -> Option<IdemState> {
         match reply {
-            Reply::KeyIssued { key_version, key } => IdemState::SealedKey {
-                key_version: *key_version,
-                sealed: SealedNumber::clone(&key.sealed),
-            },
-            done => IdemState::Done(done.clone()),
+            Reply::Accounts(AccountsReply::KeyIssued(issued)) => Some(IdemState::SealedKey {
+                key_version: issued.key_version,
+                sealed: SealedNumber::clone(&issued.key.sealed),
+            }),
+            done => KeptReply::of(done).map(IdemState::Done),
         }
     }
 
     /// The answer to a retry of the request this record is for; `idm`: the device whose key
     /// the request issues, if it issues one.
-    pub(crate) fn reply(&self, vault: &Vault, key: IdemKey, idm: Option<Idm>) -> Reply {
+    pub(crate) fn reply(&self, vault: &Vault, key: IdemKey, idm: Option<Idm>) -> Retry {
         match self {
-            IdemState::Pending { .. } => Reply::InFlight,
-            IdemState::Done(reply) => reply.clone(),
+            IdemState::Pending { .. } => Retry::InFlight,
+            IdemState::Done(kept) => Retry::Kept(kept.clone()),
             IdemState::SealedKey { key_version, sealed } => {
                 let opened = idm
                     .and_then(|idm| open_device_key(vault, sealed, &idm))
                     .or_else(|| open_device_key(vault, sealed, &idem_aad(key)));
                 match opened {
-                    Some(plain) => Reply::KeyIssued {
+                    Some(plain) => Retry::Key(IssuedKey {
                         key_version: *key_version,
                         key: NewDeviceKey { sealed: Arc::new(sealed.clone()), plain: Some(plain) },
-                    },
+                    }),
                     None => {
                         tracing::error!("the sealed key of an enrollment record does not open");
-                        Reply::Refused(ReasonCode::IdempotencyConflict)
+                        Retry::Refused(ReasonCode::IdempotencyConflict)
                     }
                 }
             }
@@ -106,13 +110,40 @@ impl IdemState {
     }
 }
 
-/// The replies a finished request's record keeps, as a snapshot archives them: every reply
-/// [`IdemState::Done`] may hold, and no other. A reply of a kind no record keeps (an issued key
-/// is kept sealed, as [`IdemState::SealedKey`]; a dispatch, a query's answer...) is refused
-/// when a snapshot is written, never mapped to another: a new kind of answer must be added
-/// here before its records can be written.
-#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
-enum KeptReply {
+/// The answer a retry gets from its request's record, before it is typed as its flow's reply.
+#[derive(Debug)]
+pub(crate) enum Retry {
+    /// The request is still with its provider.
+    InFlight,
+    /// An issued device key, opened.
+    Key(IssuedKey),
+    /// The record does not answer after all.
+    Refused(ReasonCode),
+    /// The request's reply, as its record keeps it.
+    Kept(KeptReply),
+}
+
+impl Retry {
+    /// The reply of the retried request's flow; `code_request` says whether the request is a
+    /// payment-code request (whose decline is kept as a payment's is).
+    pub(crate) fn into_reply(self, code_request: bool) -> Reply {
+        match self {
+            Retry::InFlight => Reply::InFlight,
+            Retry::Key(issued) => issued.into(),
+            Retry::Refused(reason) => Reply::Refused(reason),
+            Retry::Kept(kept) => kept.into_reply(code_request),
+        }
+    }
+}
+
+/// The replies a finished request's record keeps, flow-neutral, as a snapshot archives them:
+/// every reply [`IdemState::Done`] may hold, and no other. A reply of a kind no record keeps
+/// (an issued key is kept sealed, as [`IdemState::SealedKey`]; a dispatch, a query's
+/// answer...) has no kept form: a new kind of answer must be added here before its records can
+/// be kept. Archived as it is: the variants, their order and their fields are part of the
+/// snapshot format.
+#[derive(Debug, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub(crate) enum KeptReply {
     Ok,
     Refused(#[rkyv(with = Via<u16>)] ReasonCode),
     MeansAdded { means_id: u32, last4: Option<[u8; 4]> },
@@ -128,99 +159,79 @@ enum KeptReply {
 impl KeptReply {
     /// The kept form of `reply`; none for a reply no record keeps.
     fn of(reply: &Reply) -> Option<KeptReply> {
+        use CodesReply as Codes;
+        use SettlementReply as Settlement;
         Some(match reply {
-            Reply::Ok => KeptReply::Ok,
+            Reply::Done => KeptReply::Ok,
             Reply::Refused(reason) => KeptReply::Refused(*reason),
-            Reply::MeansAdded { means_id, last4 } => {
+            Reply::Accounts(AccountsReply::MeansAdded(AddedMeans { means_id, last4 })) => {
                 KeptReply::MeansAdded { means_id: *means_id, last4: *last4 }
             }
-            Reply::Auth(outcome) => KeptReply::Auth(*outcome),
-            Reply::BasketAuth(outcome, verdict) => {
+            Reply::Settlement(Settlement::Payment(Payment::Auth(outcome))) => {
+                KeptReply::Auth(*outcome)
+            }
+            Reply::Settlement(Settlement::Payment(Payment::BasketAuth(outcome, verdict))) => {
                 KeptReply::BasketAuth(*outcome, (**verdict).clone())
             }
-            Reply::CodeIssued(code) => KeptReply::CodeIssued((**code).clone()),
-            Reply::Redeemed(redemption) => KeptReply::Redeemed((**redemption).clone()),
-            Reply::CouponIssued(coupon) => KeptReply::CouponIssued((**coupon).clone()),
-            Reply::Balance(balance) => KeptReply::Balance(*balance),
-            Reply::Delivered(devices) => KeptReply::Delivered(*devices),
-            Reply::KeyIssued { .. }
-            | Reply::Dispatch(_)
-            | Reply::Decided(..)
-            | Reply::CodeDecided(_)
-            | Reply::InFlight
-            | Reply::CompletionDropped
-            | Reply::Means(_)
-            | Reply::Credentials { .. }
-            | Reply::Stores(_)
-            | Reply::CodeState(..)
-            | Reply::Swept(_)
-            | Reply::Devices(_)
-            | Reply::DeliveryAccepted(_) => return None,
+            // A code request's decline is kept as a payment's is (retries tell them apart by
+            // their command).
+            Reply::Codes(Codes::Request(CodeRequest::Declined(reason))) => {
+                KeptReply::Auth(AuthOutcome::Declined(*reason))
+            }
+            Reply::Codes(Codes::Request(CodeRequest::Issued(code))) => {
+                KeptReply::CodeIssued((**code).clone())
+            }
+            Reply::Codes(Codes::Redeemed(redemption)) => {
+                KeptReply::Redeemed((**redemption).clone())
+            }
+            Reply::Codes(Codes::CouponIssued(coupon)) => {
+                KeptReply::CouponIssued((**coupon).clone())
+            }
+            // Kept as delivered, so that a retry does not publish the notice again.
+            Reply::Codes(Codes::Delivery(
+                Delivery::Accepted(devices) | Delivery::Delivered(devices),
+            )) => KeptReply::Delivered(*devices),
+            Reply::Wallet(WalletReply::Balance(balance)) => KeptReply::Balance(*balance),
+            Reply::InFlight
+            | Reply::Accounts(
+                AccountsReply::KeyIssued(_)
+                | AccountsReply::Means(_)
+                | AccountsReply::Credentials(_)
+                | AccountsReply::Devices(_),
+            )
+            | Reply::Settlement(
+                Settlement::Payment(Payment::Dispatch(_) | Payment::Decided(..))
+                | Settlement::Completion(_),
+            )
+            | Reply::Codes(
+                Codes::Request(CodeRequest::Dispatch(_) | CodeRequest::Decided(_))
+                | Codes::Completed(_)
+                | Codes::State(_)
+                | Codes::Swept(_),
+            )
+            | Reply::Stores(_) => return None,
         })
     }
 
-    fn into_reply(self) -> Reply {
+    /// The reply of the flow that kept this; `code_request` as in [`Retry::into_reply`].
+    fn into_reply(self, code_request: bool) -> Reply {
         match self {
-            KeptReply::Ok => Reply::Ok,
+            KeptReply::Ok => Reply::Done,
             KeptReply::Refused(reason) => Reply::Refused(reason),
-            KeptReply::MeansAdded { means_id, last4 } => Reply::MeansAdded { means_id, last4 },
-            KeptReply::Auth(outcome) => Reply::Auth(outcome),
-            KeptReply::BasketAuth(outcome, verdict) => {
-                Reply::BasketAuth(outcome, Box::new(verdict))
+            KeptReply::MeansAdded { means_id, last4 } => AddedMeans { means_id, last4 }.into(),
+            KeptReply::Auth(AuthOutcome::Declined(reason)) if code_request => {
+                CodeRequest::Declined(reason).into()
             }
-            KeptReply::CodeIssued(code) => Reply::CodeIssued(Box::new(code)),
-            KeptReply::Redeemed(redemption) => Reply::Redeemed(Box::new(redemption)),
-            KeptReply::CouponIssued(coupon) => Reply::CouponIssued(Box::new(coupon)),
-            KeptReply::Balance(balance) => Reply::Balance(balance),
-            KeptReply::Delivered(devices) => Reply::Delivered(devices),
+            KeptReply::Auth(outcome) => Payment::Auth(outcome).into(),
+            KeptReply::BasketAuth(outcome, verdict) => {
+                Payment::BasketAuth(outcome, Box::new(verdict)).into()
+            }
+            KeptReply::CodeIssued(code) => CodeRequest::Issued(Box::new(code)).into(),
+            KeptReply::Redeemed(redemption) => Box::new(redemption).into(),
+            KeptReply::CouponIssued(coupon) => Box::new(coupon).into(),
+            KeptReply::Balance(balance) => WalletReply::Balance(balance).into(),
+            KeptReply::Delivered(devices) => Delivery::Delivered(devices).into(),
         }
-    }
-}
-
-/// The rkyv wrapper that archives a record's [`Reply`] as its [`KeptReply`].
-struct Kept;
-
-/// A reply of a kind no idempotency record keeps, met while writing a snapshot.
-#[derive(Debug, thiserror::Error)]
-#[error("an idempotency record holds a reply of a kind no record keeps")]
-struct NotKept;
-
-impl rkyv::with::ArchiveWith<Reply> for Kept {
-    type Archived = ArchivedKeptReply;
-    type Resolver = KeptReplyResolver;
-
-    fn resolve_with(reply: &Reply, resolver: KeptReplyResolver, out: rkyv::Place<Self::Archived>) {
-        use rkyv::Archive;
-        // `serialize_with` made the same kept reply, or failed.
-        KeptReply::of(reply).expect("serialized first").resolve(resolver, out)
-    }
-}
-
-impl<S> rkyv::with::SerializeWith<Reply, S> for Kept
-where
-    S: rkyv::rancor::Fallible + rkyv::ser::Writer + rkyv::ser::Allocator + ?Sized,
-    S::Error: rkyv::rancor::Source,
-{
-    fn serialize_with(reply: &Reply, serializer: &mut S) -> Result<KeptReplyResolver, S::Error> {
-        use rkyv::rancor::Source;
-        match KeptReply::of(reply) {
-            Some(kept) => rkyv::Serialize::serialize(&kept, serializer),
-            None => Err(S::Error::new(NotKept)),
-        }
-    }
-}
-
-impl<D> rkyv::with::DeserializeWith<ArchivedKeptReply, Reply, D> for Kept
-where
-    D: rkyv::rancor::Fallible + ?Sized,
-    D::Error: rkyv::rancor::Source,
-{
-    fn deserialize_with(
-        archived: &ArchivedKeptReply,
-        deserializer: &mut D,
-    ) -> Result<Reply, D::Error> {
-        let kept: KeptReply = rkyv::Deserialize::deserialize(archived, deserializer)?;
-        Ok(kept.into_reply())
     }
 }
 
@@ -251,7 +262,7 @@ impl Stored {
     fn new(state: IdemState) -> Stored {
         match state {
             IdemState::Pending { user, means_id } => Stored::Pending { user, means_id },
-            IdemState::Done(Reply::Auth(outcome)) => Stored::Auth(outcome),
+            IdemState::Done(KeptReply::Auth(outcome)) => Stored::Auth(outcome),
             state => Stored::Shared(Arc::new(state)),
         }
     }
@@ -262,16 +273,16 @@ impl Stored {
             Stored::Pending { user, means_id } => {
                 Cow::Owned(IdemState::Pending { user: user.clone(), means_id: *means_id })
             }
-            Stored::Auth(outcome) => Cow::Owned(IdemState::Done(Reply::Auth(*outcome))),
+            Stored::Auth(outcome) => Cow::Owned(IdemState::Done(KeptReply::Auth(*outcome))),
             Stored::Shared(state) => Cow::Borrowed(state),
         }
     }
 
     /// The answer to a retry.
-    fn reply(&self, vault: &Vault, key: IdemKey, idm: Option<Idm>) -> Reply {
+    fn reply(&self, vault: &Vault, key: IdemKey, idm: Option<Idm>) -> Retry {
         match self {
-            Stored::Pending { .. } => Reply::InFlight,
-            Stored::Auth(outcome) => Reply::Auth(*outcome),
+            Stored::Pending { .. } => Retry::InFlight,
+            Stored::Auth(outcome) => Retry::Kept(KeptReply::Auth(*outcome)),
             Stored::Shared(state) => state.reply(vault, key, idm),
         }
     }
@@ -335,7 +346,7 @@ pub(crate) enum Seen {
     /// No record: process the request.
     New,
     /// Same request seen before: the answer its retry gets.
-    Same(Reply),
+    Same(Retry),
     /// The ID was used with a different request.
     Conflict,
 }
@@ -693,7 +704,7 @@ impl Idempotency {
     /// replaced, or that is no longer pending, changes nothing (the record is not recreated,
     /// and a newer request of the same ID is not given this one's outcome). Returns whether it
     /// landed.
-    pub(crate) fn complete(&mut self, key: &IdemKey, of: Completes<'_>, reply: Reply) -> bool {
+    pub(crate) fn complete(&mut self, key: &IdemKey, of: Completes<'_>, reply: KeptReply) -> bool {
         let Some(seq) = self.pending_record(key, of) else { return false };
         self.entry_mut(seq).state = Stored::new(IdemState::Done(reply));
         true
@@ -749,8 +760,42 @@ mod tests {
     use super::*;
     use crate::types::AuthOutcome;
 
+    /// Each kept reply answers a retry as its flow's reply, which is kept as it was: a record
+    /// restored from a snapshot answers as the record that was archived. A code request's
+    /// decline, kept as a payment's, answers a code request as a code request's decline.
+    #[test]
+    fn a_kept_reply_answers_as_its_flow_and_is_kept_again_unchanged() {
+        use crate::age::AgeCheck;
+        let verdict =
+            AgeVerdict { check: AgeCheck::NotHeld, items: vec!["7".into()], amount_minor: 5 };
+        let declined = AuthOutcome::Declined(ReasonCode::ProviderTimeout);
+        let kept = [
+            KeptReply::Ok,
+            KeptReply::Refused(ReasonCode::UnknownUser),
+            KeptReply::MeansAdded { means_id: 2, last4: Some(*b"1111") },
+            KeptReply::Auth(declined),
+            KeptReply::BasketAuth(declined, verdict),
+            KeptReply::Balance(Balance { balance_minor: 9, available_minor: 8, currency: None }),
+            KeptReply::Delivered(3),
+        ];
+        for code_request in [false, true] {
+            for kept in &kept {
+                let reply = kept.clone().into_reply(code_request);
+                let again = KeptReply::of(&reply).expect("kept");
+                assert_eq!(format!("{again:?}"), format!("{kept:?}"));
+            }
+        }
+        let reply = KeptReply::Auth(declined).into_reply(true);
+        let code_declined = reply.into_flow::<CodeRequest>().expect("a code request's answer");
+        assert!(matches!(code_declined, CodeRequest::Declined(ReasonCode::ProviderTimeout)));
+        let reply = KeptReply::Auth(declined).into_reply(false);
+        assert!(
+            matches!(reply.into_flow::<Payment>(), Ok(Payment::Auth(outcome)) if outcome == declined)
+        );
+    }
+
     fn done(n: u64) -> IdemState {
-        IdemState::Done(Reply::Swept(n as u32))
+        IdemState::Done(KeptReply::Delivered(n as u32))
     }
 
     fn vault() -> Vault {
@@ -801,7 +846,7 @@ mod tests {
         table.insert(key(1), 1, IdemState::Pending { user, means_id: 1 }, 0);
         assert!(matches!(
             table.lookup(&vault(), &key(1), None, 1, 999),
-            Seen::Same(Reply::InFlight)
+            Seen::Same(Retry::InFlight)
         ));
         assert!(matches!(table.lookup(&vault(), &key(1), None, 2, 999), Seen::Conflict));
         assert!(matches!(table.lookup(&vault(), &key(1), None, 1, 1_000), Seen::New));
@@ -809,7 +854,7 @@ mod tests {
         table.insert(key(1), 2, done(2), 1_000);
         assert!(matches!(
             table.lookup(&vault(), &key(1), None, 2, 1_500),
-            Seen::Same(Reply::Swept(2))
+            Seen::Same(Retry::Kept(KeptReply::Delivered(2)))
         ));
         assert!(table.pending().is_empty(), "the replaced pending record is not recovery's");
         let frozen = table.freeze();
@@ -869,7 +914,7 @@ mod tests {
         };
         restored.insert(key(6_000), 6_000, pending, 3_000);
         assert_eq!(restored.pending().len(), 1);
-        let timeout = Reply::Auth(AuthOutcome::Declined(ReasonCode::ProviderTimeout));
+        let timeout = KeptReply::Auth(AuthOutcome::Declined(ReasonCode::ProviderTimeout));
         assert!(restored.complete(&key(6_000), Completes::Record { digest: 6_000 }, timeout));
         assert!(restored.pending().is_empty());
     }
@@ -897,21 +942,25 @@ mod tests {
         let idm = [1, 2, 3, 4, 5, 6, 7, 8];
         let issued = NewDeviceKey::random(&vault, &idm);
         let plain = *issued.plain.as_ref().unwrap().expose();
-        let kept = IdemState::done(&Reply::KeyIssued { key_version: 1, key: issued.clone() });
+        let reply = Reply::Accounts(AccountsReply::KeyIssued(IssuedKey {
+            key_version: 1,
+            key: issued.clone(),
+        }));
+        let kept = IdemState::done(&reply).unwrap();
         let IdemState::SealedKey { sealed, .. } = &kept else { panic!("kept sealed") };
         assert_eq!(sealed, &*issued.sealed, "the device's bytes, not sealed again");
         let older =
             IdemState::SealedKey { key_version: 1, sealed: vault.seal(&plain, &idem_aad(key(1))) };
         for state in [&kept, &older] {
             match state.reply(&vault, key(1), Some(idm)) {
-                Reply::KeyIssued { key_version: 1, key } => {
+                Retry::Key(IssuedKey { key_version: 1, key }) => {
                     assert_eq!(key.plain.unwrap().expose(), &plain)
                 }
                 other => panic!("{other:?}"),
             }
         }
         let other_device = kept.reply(&vault, key(1), Some([9; 8]));
-        assert!(matches!(other_device, Reply::Refused(ReasonCode::IdempotencyConflict)));
+        assert!(matches!(other_device, Retry::Refused(ReasonCode::IdempotencyConflict)));
     }
 
     /// A payment's record, kept inline, goes from pending to its outcome, answers a retry with
@@ -923,21 +972,29 @@ mod tests {
         let outcome = AuthOutcome::Declined(ReasonCode::ProviderDoNotHonor);
         let mut table = Idempotency::new(1_000_000, 100);
         table.insert(key(1), 11, IdemState::Pending { user: user.clone(), means_id: 3 }, 0);
-        assert!(matches!(table.lookup(&vault, &key(1), None, 11, 1), Seen::Same(Reply::InFlight)));
+        assert!(matches!(table.lookup(&vault, &key(1), None, 11, 1), Seen::Same(Retry::InFlight)));
         assert_eq!(table.pending().len(), 1);
         // A completion for another request of the key, or from an older log for another means,
         // is not this record's.
-        assert!(!table.complete(&key(1), Completes::Record { digest: 12 }, Reply::Auth(outcome)));
+        assert!(!table.complete(
+            &key(1),
+            Completes::Record { digest: 12 },
+            KeptReply::Auth(outcome)
+        ));
         let other_means = Completes::Legacy { user: &user, means_id: 4 };
-        assert!(!table.complete(&key(1), other_means, Reply::Auth(outcome)));
+        assert!(!table.complete(&key(1), other_means, KeptReply::Auth(outcome)));
         assert_eq!(table.pending().len(), 1);
-        assert!(table.complete(&key(1), Completes::Record { digest: 11 }, Reply::Auth(outcome)));
+        assert!(table.complete(
+            &key(1),
+            Completes::Record { digest: 11 },
+            KeptReply::Auth(outcome)
+        ));
         assert!(table.pending().is_empty());
         // Done: a second completion changes nothing.
-        let timeout = Reply::Auth(AuthOutcome::Declined(ReasonCode::ProviderTimeout));
+        let timeout = KeptReply::Auth(AuthOutcome::Declined(ReasonCode::ProviderTimeout));
         assert!(!table.complete(&key(1), Completes::Record { digest: 11 }, timeout));
         let answer = |table: &Idempotency| match table.lookup(&vault, &key(1), None, 11, 2) {
-            Seen::Same(Reply::Auth(answered)) => Some(answered),
+            Seen::Same(Retry::Kept(KeptReply::Auth(answered))) => Some(answered),
             _ => None,
         };
         assert_eq!(answer(&table), Some(outcome));
@@ -947,7 +1004,9 @@ mod tests {
             .iter()
             .map(|(k, e)| (e.expires_ms, k, e.digest, e.state().into_owned()))
             .collect();
-        assert!(matches!(&records[0].3, IdemState::Done(Reply::Auth(kept)) if *kept == outcome));
+        assert!(
+            matches!(&records[0].3, IdemState::Done(KeptReply::Auth(kept)) if *kept == outcome)
+        );
         let mut restored = Idempotency::new(1_000_000, 100);
         restored.restore(records);
         assert_eq!(answer(&restored), Some(outcome));
@@ -1092,7 +1151,7 @@ mod tests {
                             // Its own record, and no other.
                             (Completes::Record { digest }, held.filter(|&i| i == named))
                         };
-                        let landed = table.complete(&key(k), of, Reply::Swept(answer));
+                        let landed = table.complete(&key(k), of, KeptReply::Delivered(answer));
                         prop_assert_eq!(landed, target.is_some(), "completion of record {}", named);
                         if let Some(i) = target {
                             made[i].pending = false;
@@ -1133,9 +1192,9 @@ mod tests {
                         match answering {
                             None => prop_assert!(matches!(seen, Seen::New), "key {} digest {}", k, digest),
                             Some(m) if m.digest != digest => prop_assert!(matches!(seen, Seen::Conflict)),
-                            Some(m) if m.pending => prop_assert!(matches!(seen, Seen::Same(Reply::InFlight))),
+                            Some(m) if m.pending => prop_assert!(matches!(seen, Seen::Same(Retry::InFlight))),
                             Some(m) => prop_assert!(
-                                matches!(seen, Seen::Same(Reply::Swept(n)) if n == m.answer),
+                                matches!(seen, Seen::Same(Retry::Kept(KeptReply::Delivered(n))) if n == m.answer),
                                 "key {} answers with another record's reply", k
                             ),
                         }

@@ -12,12 +12,12 @@ use std::collections::BTreeSet;
 
 use rkyv::{Archive, Deserialize, Serialize};
 
-use super::idempotency::{IdemState, Idempotency};
+use super::idempotency::{IdemState, Idempotency, KeptReply};
 use super::image::restore_maps;
 use super::replay::ReplayWindow;
 use super::state::{
     Balance, CodeRecord, CodeState, CouponRecord, Device, IssuedCode, IssuedCoupon, Purse,
-    PurseHold, Redemption, Reply, ShardState, Shared, StoredMeans, StoredNumber, User,
+    PurseHold, Redemption, ShardState, Shared, StoredMeans, StoredNumber, User,
 };
 use crate::age::{AgeRegistration, VerificationMethod};
 use crate::cow::CowMap;
@@ -690,8 +690,8 @@ fn restore_idem(i: &ArchivedSnapIdem) -> Result<IdemState, RecordError> {
         ArchivedSnapIdemState::Pending { user, means_id } => {
             IdemState::Pending { user: archived_user_in(user)?, means_id: means_id.to_native() }
         }
-        ArchivedSnapIdemState::Ok => IdemState::Done(Reply::Ok),
-        ArchivedSnapIdemState::Refused { reason } => IdemState::Done(Reply::Refused(
+        ArchivedSnapIdemState::Ok => IdemState::Done(KeptReply::Ok),
+        ArchivedSnapIdemState::Refused { reason } => IdemState::Done(KeptReply::Refused(
             ReasonCode::from_code(reason.to_native()).ok_or(RecordError("reason"))?,
         )),
         ArchivedSnapIdemState::KeyIssued { key_version, key } => IdemState::SealedKey {
@@ -699,13 +699,13 @@ fn restore_idem(i: &ArchivedSnapIdem) -> Result<IdemState, RecordError> {
             sealed: archived_sealed_in(key),
         },
         ArchivedSnapIdemState::MeansAdded { means_id, last4 } => {
-            IdemState::Done(Reply::MeansAdded {
+            IdemState::Done(KeptReply::MeansAdded {
                 means_id: means_id.to_native(),
                 last4: last4.as_ref().copied(),
             })
         }
         ArchivedSnapIdemState::Auth { outcome } => {
-            IdemState::Done(Reply::Auth(outcome_in(&owned(outcome)?)?))
+            IdemState::Done(KeptReply::Auth(outcome_in(&owned(outcome)?)?))
         }
         ArchivedSnapIdemState::CodeIssued {
             number,
@@ -716,7 +716,7 @@ fn restore_idem(i: &ArchivedSnapIdem) -> Result<IdemState, RecordError> {
             deliver_to,
             user,
             order_ref,
-        } => IdemState::Done(Reply::CodeIssued(Box::new(IssuedCode {
+        } => IdemState::Done(KeptReply::CodeIssued(IssuedCode {
             text: text.as_str().to_owned(),
             number: number.to_native(),
             amount_minor: amount_minor.to_native(),
@@ -725,7 +725,7 @@ fn restore_idem(i: &ArchivedSnapIdem) -> Result<IdemState, RecordError> {
             deliver_to: *deliver_to,
             user: archived_user_in(user)?,
             order_ref: order_ref.as_str().to_owned(),
-        }))),
+        })),
         ArchivedSnapIdemState::Redeemed {
             number,
             currency,
@@ -734,38 +734,35 @@ fn restore_idem(i: &ArchivedSnapIdem) -> Result<IdemState, RecordError> {
             redemption,
         } => {
             let r: SnapRedemption = owned(redemption)?;
-            IdemState::Done(Reply::Redeemed(Box::new(r.into_redemption(
+            IdemState::Done(KeptReply::Redeemed(r.into_redemption(
                 number.to_native(),
                 currency_in(*currency)?,
                 provider_code.to_native(),
                 AuthCode(*auth_code),
-            ))))
+            )))
         }
         ArchivedSnapIdemState::CouponIssued { number, text, user, effect, uses, expires_ms } => {
-            IdemState::Done(Reply::CouponIssued(Box::new(IssuedCoupon {
+            IdemState::Done(KeptReply::CouponIssued(IssuedCoupon {
                 text: text.as_str().to_owned(),
                 number: number.to_native(),
                 user: archived_user_in(user)?,
                 effect: coupon_in(&owned(effect)?)?,
                 uses: uses.to_native(),
                 expires_ms: expires_ms.to_native(),
-            })))
+            }))
         }
         ArchivedSnapIdemState::Balance { balance_minor, available_minor, currency } => {
-            IdemState::Done(Reply::Balance(Balance {
+            IdemState::Done(KeptReply::Balance(Balance {
                 balance_minor: balance_minor.to_native(),
                 available_minor: available_minor.to_native(),
                 currency: currency.as_ref().map(|c| currency_in(*c)).transpose()?,
             }))
         }
         ArchivedSnapIdemState::Delivered { devices } => {
-            IdemState::Done(Reply::Delivered(devices.to_native()))
+            IdemState::Done(KeptReply::Delivered(devices.to_native()))
         }
-        ArchivedSnapIdemState::BasketAuth { outcome, verdict } => {
-            IdemState::Done(Reply::BasketAuth(
-                outcome_in(&owned(outcome)?)?,
-                Box::new(verdict_in(&owned(verdict)?)?),
-            ))
-        }
+        ArchivedSnapIdemState::BasketAuth { outcome, verdict } => IdemState::Done(
+            KeptReply::BasketAuth(outcome_in(&owned(outcome)?)?, verdict_in(&owned(verdict)?)?),
+        ),
     })
 }

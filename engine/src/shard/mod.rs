@@ -51,7 +51,11 @@ pub(crate) struct ShardWal {
 
 use crate::fail::fail_fast;
 use image::Capture;
-pub(crate) use state::{Command, Dispatch, Envelope, Query, Reply, ShardState};
+pub(crate) use state::{
+    AddedMeans, CodeCompletion, CodeRequest, CodeView, CodesReply, Command, Completion,
+    Credentials, Delivery, Dispatch, Envelope, FlowReply, IssuedKey, Payment, Query, Reply,
+    SettlementReply, ShardState, Swept,
+};
 
 /// One unit of shard work.
 #[derive(Debug)]
@@ -292,24 +296,34 @@ impl ShardCore {
     ) -> Reply {
         let provider = self.state.shared.registry.provider(dispatch.provider_code);
         let answer = provider.and_then(|p| p.adapter.decide_now(&dispatch.provider_request()));
-        let Some(answer) = answer else { return Reply::Dispatch(dispatch) };
+        let Some(answer) = answer else {
+            return match dispatch.code {
+                Some(_) => CodeRequest::Dispatch(dispatch).into(),
+                None => Payment::Dispatch(dispatch).into(),
+            };
+        };
         let outcome = dispatch.outcome_of(answer);
         let completed = self.apply(dispatch.completion(outcome, now_ms), records);
-        match completed {
-            Reply::CodeIssued(issued) => Reply::CodeDecided(issued),
-            // Not expected (the record was made in this step), but a completion that found no
-            // record stands declined whatever the provider said.
-            Reply::CompletionDropped => {
+        let timeout = ReasonCode::ProviderTimeout;
+        // A completion that found no record (not expected: the record was made in this step)
+        // stands declined whatever the provider said.
+        if dispatch.code.is_none() {
+            let dropped = matches!(completed.into_flow(), Ok(Completion::Dropped));
+            if dropped {
                 self.state.shared.completion_dropped(&dispatch, &outcome);
-                let declined = AuthOutcome::Declined(ReasonCode::ProviderTimeout);
-                match dispatch.code {
-                    Some(_) => Reply::Auth(declined),
-                    None => Reply::Decided(dispatch, declined),
-                }
             }
-            // A declined code request is answered as its completion answers it.
-            other if dispatch.code.is_some() => other,
-            _ => Reply::Decided(dispatch, outcome),
+            let outcome = if dropped { AuthOutcome::Declined(timeout) } else { outcome };
+            return Payment::Decided(dispatch, outcome).into();
+        }
+        // A code request is answered as its completion answers it.
+        match completed.into_flow() {
+            Ok(CodeCompletion::Issued(issued)) => CodeRequest::Decided(issued).into(),
+            Ok(CodeCompletion::Declined(reason)) => CodeRequest::Declined(reason).into(),
+            Ok(CodeCompletion::Dropped) => {
+                self.state.shared.completion_dropped(&dispatch, &outcome);
+                CodeRequest::Declined(timeout).into()
+            }
+            Err(_) => CodeRequest::Declined(timeout).into(),
         }
     }
 
@@ -336,7 +350,10 @@ impl ShardCore {
                     let now_ms = envelope.now_ms;
                     // Only a payment's (or code request's) reservation dispatches.
                     match self.apply(envelope, &mut records) {
-                        Reply::Dispatch(dispatch) => {
+                        Reply::Settlement(SettlementReply::Payment(Payment::Dispatch(
+                            dispatch,
+                        )))
+                        | Reply::Codes(CodesReply::Request(CodeRequest::Dispatch(dispatch))) => {
                             self.decide_now(dispatch, now_ms, &mut records)
                         }
                         reply => reply,

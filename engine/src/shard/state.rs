@@ -10,7 +10,7 @@ use settlegate_adapters::{AdapterError, AuthorizationRequest, DeclineReason, Pro
 use rkyv::with::Map;
 
 use super::archive::{CouponLeaf, DiscountLeaf, OutcomeLeaf, Via};
-use super::idempotency::{Completes, IdemKey, IdemState, Idempotency, Seen};
+use super::idempotency::{Completes, IdemKey, IdemState, Idempotency, KeptReply, Seen};
 use super::replay::ReplayWindow;
 use crate::age::{
     self, AgePolicy, AgeRecord, AgeRegistration, AgeRules, AgeVerdict, Basket, ResolvedPolicy,
@@ -30,14 +30,6 @@ use crate::types::{
     MeansKind, ReasonCode, UserKey,
 };
 use crate::vault::{SealedNumber, Vault};
-
-mod accounts;
-mod age_registry;
-mod codes;
-mod providers;
-mod settlement;
-mod stores;
-mod wallet;
 
 /// State shared by all shards, written only by applying commands.
 #[derive(Clone)]
@@ -831,54 +823,138 @@ pub(crate) enum Query {
     },
 }
 
-/// What applying a command or answering a query gives.
+/// What applying a command or answering a query gives, as a shard's batch carries it back: the
+/// answers every flow shares, and one variant per flow holding that flow's own reply type
+/// (defined in the flow's module, under `state/`). A caller takes its flow's reply out with
+/// [`Reply::into_flow`]; it cannot be handed another flow's.
 #[derive(Debug, Clone)]
 pub(crate) enum Reply {
-    Ok,
+    /// Done, with nothing more to say: a change whose answer is that it was made.
+    Done,
+    /// Refused, for this reason.
     Refused(ReasonCode),
-    /// A device key issued: in the clear when the command made it now, sealed only when the
-    /// command was replayed from the log (nobody reads that answer; recovery opens no key).
-    KeyIssued {
-        key_version: u16,
-        key: NewDeviceKey,
-    },
-    MeansAdded {
-        means_id: u32,
-        last4: Option<[u8; 4]>,
-    },
-    Auth(AuthOutcome),
-    /// The outcome of a payment made with a basket, and what its age check found.
-    BasketAuth(AuthOutcome, Box<AgeVerdict>),
-    Dispatch(Box<Dispatch>),
-    /// A payment reserved and completed in one step, its provider having answered at once
-    /// (`Shard::decide_now`): the outcome is recorded; the caller publishes its notice.
-    Decided(Box<Dispatch>, AuthOutcome),
-    /// A payment code requested and issued in one step, its provider having approved at once:
-    /// the caller delivers it to its device.
-    CodeDecided(Box<IssuedCode>),
+    /// A retry of a request still with its provider.
     InFlight,
-    /// A provider's completion whose idempotency record was gone or replaced: nothing was
-    /// recorded but the release of its payment's hold; the payment stands declined as a
-    /// provider timeout ([`Shared::completion_dropped`]).
-    CompletionDropped,
-    Means(Vec<MeansView>),
-    Credentials {
-        password_phc: String,
-    },
-    Stores(Vec<Candidate>),
-    Balance(Balance),
-    CodeIssued(Box<IssuedCode>),
-    Redeemed(Box<Redemption>),
-    /// A code's state, and the store terminal it concerns (`CodeRecord::merchant_terminal`).
-    CodeState(Box<CodeState>, String),
-    CouponIssued(Box<IssuedCoupon>),
-    Swept(u32),
-    Devices(Vec<Idm>),
-    /// A delivery notice accepted now: publish it (it reached this many subscribed devices).
-    DeliveryAccepted(u32),
-    /// A delivery notice accepted before (a retry's answer): publish nothing.
-    Delivered(u32),
+    /// G1 accounts ([`AccountsReply`]).
+    Accounts(AccountsReply),
+    /// G3 settlement ([`SettlementReply`]).
+    Settlement(SettlementReply),
+    /// C1–C5 payment codes and coupons ([`CodesReply`]).
+    Codes(CodesReply),
+    /// W3 the wallet ([`WalletReply`]).
+    Wallet(WalletReply),
+    /// W1–W2 stores ([`StoresReply`]).
+    Stores(StoresReply),
 }
+
+/// A typed answer a [`Reply`] may carry: a flow's reply, or one of its variants' contents.
+pub(crate) trait FlowReply: Sized {
+    /// The answer, or (a bug: a reply of another kind) the reply as it came.
+    fn take(reply: Reply) -> Result<Self, Reply>;
+}
+
+/// A change answered [`Reply::Done`] (age policies, terminal lists, stores, ...).
+impl FlowReply for () {
+    fn take(reply: Reply) -> Result<(), Reply> {
+        match reply {
+            Reply::Done => Ok(()),
+            other => Err(other),
+        }
+    }
+}
+
+impl Reply {
+    /// The answer of type `T` the caller of a command or query expects: a refusal and a
+    /// retry's in-flight answer as the engine's errors. A reply of any other kind is a bug (a
+    /// flow handed another flow's answer): logged, and surfaced as stopped rather than
+    /// panicking the caller. The one place a reply's kind is checked.
+    pub(crate) fn into_flow<T: FlowReply>(self) -> Result<T, crate::EngineError> {
+        use crate::EngineError;
+        match self {
+            Reply::Refused(reason) => Err(EngineError::Refused(reason)),
+            Reply::InFlight => Err(EngineError::InFlight),
+            reply => T::take(reply).map_err(|other| {
+                tracing::error!(
+                    reply = ?std::mem::discriminant(&other),
+                    expected = std::any::type_name::<T>(),
+                    "unexpected shard reply"
+                );
+                EngineError::Stopped
+            }),
+        }
+    }
+}
+
+/// Defines a flow's reply enum, carried in the [`Reply`] variant named after `in`, with each
+/// variant holding one type of its own; and makes the enum and each variant's type a
+/// [`FlowReply`] that a [`Reply`] converts from, so that a flow's code builds and takes its
+/// answers by type alone.
+macro_rules! flow_reply {
+    (
+        $(#[$meta:meta])*
+        pub(crate) enum $name:ident in $flow:ident {
+            $( $(#[$vmeta:meta])* $variant:ident($payload:ty), )*
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone)]
+        pub(crate) enum $name {
+            $( $(#[$vmeta])* $variant($payload), )*
+        }
+
+        impl From<$name> for $crate::shard::state::Reply {
+            fn from(reply: $name) -> $crate::shard::state::Reply {
+                $crate::shard::state::Reply::$flow(reply)
+            }
+        }
+
+        impl $crate::shard::state::FlowReply for $name {
+            fn take(
+                reply: $crate::shard::state::Reply,
+            ) -> Result<$name, $crate::shard::state::Reply> {
+                match reply {
+                    $crate::shard::state::Reply::$flow(reply) => Ok(reply),
+                    other => Err(other),
+                }
+            }
+        }
+
+        $(
+            impl From<$payload> for $crate::shard::state::Reply {
+                fn from(payload: $payload) -> $crate::shard::state::Reply {
+                    $crate::shard::state::Reply::$flow($name::$variant(payload))
+                }
+            }
+
+            impl $crate::shard::state::FlowReply for $payload {
+                fn take(
+                    reply: $crate::shard::state::Reply,
+                ) -> Result<$payload, $crate::shard::state::Reply> {
+                    match reply {
+                        $crate::shard::state::Reply::$flow($name::$variant(payload)) => {
+                            Ok(payload)
+                        }
+                        other => Err(other),
+                    }
+                }
+            }
+        )*
+    };
+}
+
+mod accounts;
+mod age_registry;
+mod codes;
+mod providers;
+mod settlement;
+mod stores;
+mod wallet;
+
+pub(crate) use accounts::{AccountsReply, AddedMeans, Credentials, IssuedKey};
+pub(crate) use codes::{CodeCompletion, CodeRequest, CodeView, CodesReply, Delivery, Swept};
+pub(crate) use settlement::{Completion, Payment, SettlementReply};
+pub(crate) use stores::StoresReply;
+pub(crate) use wallet::WalletReply;
 
 /// One shard's users, devices' replay state and idempotency records. The maps are
 /// [`CowMap`]s, so that a snapshot takes them without stopping the shard for long.
@@ -935,18 +1011,28 @@ impl ShardState {
         let key = (envelope.owner_hash, client_request_id);
         let idm = envelope.command.issued_key_idm();
         match self.idem.lookup(&self.shared.vault, &key, idm, envelope.digest, envelope.now_ms) {
-            Seen::Same(reply) => return reply,
+            Seen::Same(retry) => {
+                let code_request = matches!(envelope.command, Command::CodeReserve { .. });
+                return retry.into_reply(code_request);
+            }
             Seen::Conflict => return Reply::Refused(ReasonCode::IdempotencyConflict),
             Seen::New => {}
         }
         let reply = self.execute(envelope.command, envelope.now_ms, key, envelope.digest);
         let state = match &reply {
-            Reply::Dispatch(dispatch) => {
+            Reply::Settlement(SettlementReply::Payment(Payment::Dispatch(dispatch)))
+            | Reply::Codes(CodesReply::Request(CodeRequest::Dispatch(dispatch))) => {
                 IdemState::Pending { user: dispatch.user.clone(), means_id: dispatch.means_id }
             }
-            // Kept as delivered, so that a retry does not publish the notice again.
-            Reply::DeliveryAccepted(devices) => IdemState::Done(Reply::Delivered(*devices)),
-            done => IdemState::done(done),
+            done => match IdemState::done(done) {
+                Some(state) => state,
+                None => {
+                    // Not reached: every reply of a command with a client request ID is kept.
+                    let kind = std::mem::discriminant(&reply);
+                    tracing::error!(?kind, "a request's reply of a kind no record keeps");
+                    return reply;
+                }
+            },
         };
         self.idem.insert(key, envelope.digest, state, envelope.now_ms);
         reply
@@ -970,34 +1056,39 @@ impl ShardState {
 
     /// Answers a query.
     pub(crate) fn query(&self, query: Query) -> Reply {
+        let unknown_user = Reply::Refused(ReasonCode::UnknownUser);
         match query {
             Query::Code { number } => match self.codes.get(&number) {
-                Some(record) => Reply::CodeState(
-                    Box::new(record.state.clone()),
-                    record.merchant_terminal().to_owned(),
-                ),
+                Some(record) => Reply::from(CodeView {
+                    state: Box::new(record.state.clone()),
+                    terminal_id: record.merchant_terminal().to_owned(),
+                }),
                 None => Reply::Refused(ReasonCode::UnknownCode),
             },
             Query::Devices { user } => match self.users.get(&user) {
-                Some(account) => Reply::Devices(account.devices.iter().map(|d| d.idm).collect()),
-                None => Reply::Refused(ReasonCode::UnknownUser),
+                Some(account) => {
+                    Reply::from(account.devices.iter().map(|d| d.idm).collect::<Vec<_>>())
+                }
+                None => unknown_user,
             },
             Query::Means { user, now_ms } => match self.users.get(&user) {
-                Some(account) => Reply::Means(means_views(account, now_ms)),
-                None => Reply::Refused(ReasonCode::UnknownUser),
+                Some(account) => Reply::from(means_views(account, now_ms)),
+                None => unknown_user,
             },
             Query::Credentials { user, now_ms } => match self.users.get(&user) {
-                None => Reply::Refused(ReasonCode::UnknownUser),
+                None => unknown_user,
                 Some(account) if now_ms < account.locked_until_ms => {
                     Reply::Refused(ReasonCode::UserLocked)
                 }
-                Some(account) => Reply::Credentials { password_phc: account.password_phc.clone() },
+                Some(account) => {
+                    Reply::from(Credentials { password_phc: account.password_phc.clone() })
+                }
             },
             Query::NearestStores { position, max_chord } => {
-                Reply::Stores(self.stores.nearest(position, max_chord))
+                Reply::from(StoresReply::Nearest(self.stores.nearest(position, max_chord)))
             }
             Query::Store { store_id } => match self.stores.get(&store_id) {
-                Some(store) => Reply::Stores(vec![Candidate { store: store.clone(), chord: 0.0 }]),
+                Some(store) => Reply::from(Box::new(store.clone())),
                 None => Reply::Refused(ReasonCode::UnknownStore),
             },
         }
@@ -1007,43 +1098,46 @@ impl ShardState {
     fn execute(&mut self, command: Command, now_ms: i64, key: IdemKey, digest: u64) -> Reply {
         match command {
             Command::Enroll { user, password_phc, idm, key: device_key, device_free } => {
-                self.enroll(user, password_phc, idm, device_key, device_free == Some(true))
+                answer(self.enroll(user, password_phc, idm, device_key, device_free == Some(true)))
             }
             Command::ProvisionDevice { user, idm, key: device_key, device_free } => {
-                self.provision_device(user, idm, device_key, device_free == Some(true))
+                answer(self.provision_device(user, idm, device_key, device_free == Some(true)))
             }
             Command::RotateDeviceKey { user, idm, key: device_key } => {
                 let grace_until_ms = now_ms.saturating_add(self.config.key_grace_ms);
-                self.rotate_device_key(&user, idm, device_key, grace_until_ms)
+                answer(self.rotate_device_key(&user, idm, device_key, grace_until_ms))
             }
             Command::RevokeDeviceKey { user, idm, key: device_key } => {
-                match self.rotate_device_key(&user, idm, device_key, REVOKED) {
-                    Reply::KeyIssued { .. } => Reply::Ok,
-                    refused => refused,
-                }
+                answer(self.rotate_device_key(&user, idm, device_key, REVOKED).map(|_| ()))
             }
             Command::AddMeans { user, means, make_default } => {
-                self.add_means(&user, means, make_default, now_ms)
+                answer(self.add_means(&user, means, make_default, now_ms))
             }
-            Command::SetDefaultMeans { user, means_id } => self.set_default_means(&user, means_id),
-            Command::LoginAttempt { user, success } => self.login_attempt(&user, success, now_ms),
+            Command::SetDefaultMeans { user, means_id } => {
+                answer(self.set_default_means(&user, means_id))
+            }
+            Command::LoginAttempt { user, success } => {
+                answer(self.login_attempt(&user, success, now_ms))
+            }
             Command::AuthReserve { verified, basket, terminal } => {
                 let terminal = terminal.unwrap_or_default();
-                self.auth_reserve(verified, basket.as_deref(), &terminal, now_ms, (key, digest))
+                let idem_record = (key, digest);
+                self.auth_reserve(verified, basket.as_deref(), &terminal, now_ms, idem_record)
+                    .into()
             }
             Command::AuthComplete { key, digest, user, means_id, outcome, verdict } => {
-                self.auth_complete(key, digest, &user, means_id, outcome, verdict, now_ms)
+                self.auth_complete(key, digest, &user, means_id, outcome, verdict, now_ms).into()
             }
-            Command::RegisterAge { record, tag: _ } => self.register_age(record, now_ms),
+            Command::RegisterAge { record, tag: _ } => answer(self.register_age(record, now_ms)),
             Command::SetAgePolicy { provider_code, terminal_id, policy } => {
-                self.set_age_policy(provider_code, &terminal_id, policy.as_ref())
+                answer(self.set_age_policy(provider_code, &terminal_id, policy.as_ref()))
             }
             Command::UpsertStore { store, signals_free } => {
-                self.upsert_store(*store, signals_free == Some(true), now_ms)
+                answer(self.upsert_store(*store, signals_free == Some(true), now_ms))
             }
             Command::CodeReserve { verified, spec, terminal } => {
                 let terminal = terminal.unwrap_or_default();
-                self.code_reserve(verified, spec, &terminal, now_ms, (key, digest))
+                self.code_reserve(verified, spec, &terminal, now_ms, (key, digest)).into()
             }
             Command::CodeComplete { key, digest, user, means_id, outcome, spec, terminal_id } => {
                 self.code_complete(
@@ -1056,40 +1150,41 @@ impl ShardState {
                     terminal_id,
                     now_ms,
                 )
+                .into()
             }
             Command::RedeemCode { spec, policies } => {
-                self.redeem_code(&spec, &policies.unwrap_or_default(), now_ms)
+                answer(self.redeem_code(&spec, &policies.unwrap_or_default(), now_ms))
             }
-            Command::SweepCodes => Reply::Swept(self.sweep_codes(now_ms)),
+            Command::SweepCodes => Swept(self.sweep_codes(now_ms)).into(),
             Command::NotifyDelivery { user, devices } => {
                 if self.users.contains_key(&user) {
-                    Reply::DeliveryAccepted(devices)
+                    Delivery::Accepted(devices).into()
                 } else {
                     Reply::Refused(ReasonCode::UnknownUser)
                 }
             }
             Command::IssueCoupon { user, provider_code, effect, uses, expires_ms } => {
-                self.issue_coupon(user, provider_code, effect, uses, expires_ms)
+                answer(self.issue_coupon(user, provider_code, effect, uses, expires_ms))
             }
             Command::TopUp { user, means_id, amount_minor, currency } => {
-                self.top_up(&user, means_id, amount_minor, currency, now_ms)
+                answer(self.top_up(&user, means_id, amount_minor, currency, now_ms))
             }
             Command::RemoveStore { store_id, moved } => match self.stores.remove(&store_id) {
                 Some(_) if !moved => {
                     self.shared.stores.remove(&store_id);
-                    Reply::Ok
+                    Reply::Done
                 }
-                Some(_) => Reply::Ok,
+                Some(_) => Reply::Done,
                 None => Reply::Refused(ReasonCode::UnknownStore),
             },
             Command::RegisterTerminals { provider_code, terminals } => {
-                self.register_terminals(provider_code, terminals)
+                answer(self.register_terminals(provider_code, terminals))
             }
             Command::RemoveTerminals { provider_code, terminal_ids } => {
                 match self.shared.registry.provider(provider_code) {
                     Some(provider) => {
                         provider.remove_terminals(&terminal_ids);
-                        Reply::Ok
+                        Reply::Done
                     }
                     None => Reply::Refused(ReasonCode::UnknownProvider),
                 }
@@ -1100,6 +1195,20 @@ impl ShardState {
     /// Users held, idempotency records held (for metrics and tests).
     pub(crate) fn sizes(&self) -> (usize, usize) {
         (self.users.len(), self.idem.len())
+    }
+}
+
+/// A flow's answer, or its refusal.
+fn answer<T: Into<Reply>>(result: Result<T, ReasonCode>) -> Reply {
+    match result {
+        Ok(answer) => answer.into(),
+        Err(reason) => Reply::Refused(reason),
+    }
+}
+
+impl From<()> for Reply {
+    fn from((): ()) -> Reply {
+        Reply::Done
     }
 }
 

@@ -2,6 +2,44 @@
 
 use super::*;
 
+flow_reply! {
+    /// What the accounts flow answers, besides [`Reply::Done`] and a refusal.
+    pub(crate) enum AccountsReply in Accounts {
+        /// A device's new key: enrollment, provisioning, rotation.
+        KeyIssued(IssuedKey),
+        /// A means registered.
+        MeansAdded(AddedMeans),
+        /// The user's means (a query).
+        Means(Vec<MeansView>),
+        /// The user's password hash, to check a login against (a query).
+        Credentials(Credentials),
+        /// The card IDms of the user's devices (a query).
+        Devices(Vec<Idm>),
+    }
+}
+
+/// A device key issued: its version and the key, in the clear when the command made it now,
+/// sealed only when the command was replayed from the log (nobody reads that answer; recovery
+/// opens no key).
+#[derive(Debug, Clone)]
+pub(crate) struct IssuedKey {
+    pub(crate) key_version: u16,
+    pub(crate) key: NewDeviceKey,
+}
+
+/// A means registered: its ID, and the last four digits of its number if it has one.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AddedMeans {
+    pub(crate) means_id: u32,
+    pub(crate) last4: Option<[u8; 4]>,
+}
+
+/// What a login is checked against.
+#[derive(Debug, Clone)]
+pub(crate) struct Credentials {
+    pub(crate) password_phc: String,
+}
+
 impl ShardState {
     pub(super) fn enroll(
         &mut self,
@@ -10,12 +48,12 @@ impl ShardState {
         idm: Idm,
         key: NewDeviceKey,
         device_free: bool,
-    ) -> Reply {
+    ) -> Result<IssuedKey, ReasonCode> {
         if self.users.contains_key(&user) {
-            return Reply::Refused(ReasonCode::UserExists);
+            return Err(ReasonCode::UserExists);
         }
         if !device_free {
-            return Reply::Refused(ReasonCode::DeviceInUse);
+            return Err(ReasonCode::DeviceInUse);
         }
         self.shared.devices.provision(idm, user.clone(), 1, &key);
         let sealed = SealedKeys::first(&key);
@@ -29,7 +67,7 @@ impl ShardState {
             locked_until_ms: i64::MIN,
         };
         self.users.insert(user, Arc::new(account));
-        Reply::KeyIssued { key_version: 1, key }
+        Ok(IssuedKey { key_version: 1, key })
     }
 
     pub(super) fn provision_device(
@@ -38,15 +76,15 @@ impl ShardState {
         idm: Idm,
         key: NewDeviceKey,
         device_free: bool,
-    ) -> Reply {
+    ) -> Result<IssuedKey, ReasonCode> {
         let Some(account) = self.users.get_mut(&user).map(Arc::make_mut) else {
-            return Reply::Refused(ReasonCode::UnknownUser);
+            return Err(ReasonCode::UnknownUser);
         };
         if account.devices.len() >= DEVICES_PER_USER_MAX {
-            return Reply::Refused(ReasonCode::TooManyDevices);
+            return Err(ReasonCode::TooManyDevices);
         }
         if !device_free {
-            return Reply::Refused(ReasonCode::DeviceInUse);
+            return Err(ReasonCode::DeviceInUse);
         }
         self.shared.devices.provision(idm, user, 1, &key);
         account.devices.push(Device {
@@ -55,7 +93,7 @@ impl ShardState {
             replay: ReplayWindow::default(),
             sealed: SealedKeys::first(&key),
         });
-        Reply::KeyIssued { key_version: 1, key }
+        Ok(IssuedKey { key_version: 1, key })
     }
 
     /// Replaces a device's key with `key`; the previous one is accepted until
@@ -66,20 +104,20 @@ impl ShardState {
         idm: Idm,
         key: NewDeviceKey,
         grace_until_ms: i64,
-    ) -> Reply {
+    ) -> Result<IssuedKey, ReasonCode> {
         let Some(account) = self.users.get_mut(user).map(Arc::make_mut) else {
-            return Reply::Refused(ReasonCode::UnknownUser);
+            return Err(ReasonCode::UnknownUser);
         };
         let Some(device) = account.devices.iter_mut().find(|d| d.idm == idm) else {
-            return Reply::Refused(ReasonCode::UnknownDevice);
+            return Err(ReasonCode::UnknownDevice);
         };
         let Some(version) = device.key_version.checked_add(1) else {
-            return Reply::Refused(ReasonCode::KeyVersionInvalid);
+            return Err(ReasonCode::KeyVersionInvalid);
         };
         device.key_version = version;
         device.sealed = device.sealed.rotated(version, &key, grace_until_ms);
         self.shared.devices.rotate(&idm, version, &key, grace_until_ms);
-        Reply::KeyIssued { key_version: version, key }
+        Ok(IssuedKey { key_version: version, key })
     }
 
     pub(super) fn add_means(
@@ -88,12 +126,12 @@ impl ShardState {
         means: NewMeans,
         make_default: bool,
         now_ms: i64,
-    ) -> Reply {
+    ) -> Result<AddedMeans, ReasonCode> {
         let Some(account) = self.users.get_mut(user).map(Arc::make_mut) else {
-            return Reply::Refused(ReasonCode::UnknownUser);
+            return Err(ReasonCode::UnknownUser);
         };
         if account.means.len() >= MEANS_PER_USER_MAX {
-            return Reply::Refused(ReasonCode::TooManyMeans);
+            return Err(ReasonCode::TooManyMeans);
         }
         let means_id = account.next_means_id;
         account.next_means_id += 1;
@@ -114,36 +152,45 @@ impl ShardState {
         if make_default || account.default_means.is_none() {
             account.default_means = Some(means_id);
         }
-        Reply::MeansAdded { means_id, last4 }
+        Ok(AddedMeans { means_id, last4 })
     }
 
-    pub(super) fn set_default_means(&mut self, user: &UserKey, means_id: u32) -> Reply {
+    pub(super) fn set_default_means(
+        &mut self,
+        user: &UserKey,
+        means_id: u32,
+    ) -> Result<(), ReasonCode> {
         let Some(account) = self.users.get_mut(user).map(Arc::make_mut) else {
-            return Reply::Refused(ReasonCode::UnknownUser);
+            return Err(ReasonCode::UnknownUser);
         };
         if !account.means.iter().any(|m| m.means_id == means_id) {
-            return Reply::Refused(ReasonCode::MeansNotRegistered);
+            return Err(ReasonCode::MeansNotRegistered);
         }
         account.default_means = Some(means_id);
-        Reply::Ok
+        Ok(())
     }
 
-    pub(super) fn login_attempt(&mut self, user: &UserKey, success: bool, now_ms: i64) -> Reply {
+    pub(super) fn login_attempt(
+        &mut self,
+        user: &UserKey,
+        success: bool,
+        now_ms: i64,
+    ) -> Result<(), ReasonCode> {
         let Some(account) = self.users.get_mut(user).map(Arc::make_mut) else {
-            return Reply::Refused(ReasonCode::UnknownUser);
+            return Err(ReasonCode::UnknownUser);
         };
         if now_ms < account.locked_until_ms {
-            return Reply::Refused(ReasonCode::UserLocked);
+            return Err(ReasonCode::UserLocked);
         }
         if success {
             account.failed_logins = 0;
-            return Reply::Ok;
+            return Ok(());
         }
         account.failed_logins += 1;
         if account.failed_logins >= self.config.login_failures_max {
             account.failed_logins = 0;
             account.locked_until_ms = now_ms.saturating_add(self.config.lockout_ms);
         }
-        Reply::Refused(ReasonCode::WrongPassword)
+        Err(ReasonCode::WrongPassword)
     }
 }

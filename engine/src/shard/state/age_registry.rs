@@ -5,28 +5,30 @@ use super::*;
 impl ShardState {
     /// A1: keeps a terminal's age registration, after the checks that need the user's state
     /// (the tag was verified before the command was made).
-    pub(super) fn register_age(&mut self, record: AgeRecord, now_ms: i64) -> Reply {
+    pub(super) fn register_age(
+        &mut self,
+        record: AgeRecord,
+        now_ms: i64,
+    ) -> Result<(), ReasonCode> {
         let Some(account) = self.users.get_mut(&record.user).map(Arc::make_mut) else {
-            return Reply::Refused(ReasonCode::UnknownUser);
+            return Err(ReasonCode::UnknownUser);
         };
         let Some(device) = account.devices.iter_mut().find(|d| d.idm == record.card_idm) else {
-            return Reply::Refused(ReasonCode::UserDeviceMismatch);
+            return Err(ReasonCode::UserDeviceMismatch);
         };
         if (now_ms - record.timestamp_ms).abs() > self.config.timestamp_window_ms {
-            return Reply::Refused(ReasonCode::StaleTimestamp);
+            return Err(ReasonCode::StaleTimestamp);
         }
         if !device.replay.fresh(record.counter) {
-            return Reply::Refused(ReasonCode::ReplayedNonce);
+            return Err(ReasonCode::ReplayedNonce);
         }
         device.replay.record(record.counter);
         let validity_max_ms = self.shared.age.config.validity_max_ms();
         let too_long = record.valid_until_ms.saturating_sub(now_ms) > validity_max_ms;
         if too_long {
-            return Reply::Refused(ReasonCode::InvalidAgeRegistration);
+            return Err(ReasonCode::InvalidAgeRegistration);
         }
-        if let Err(reason) = record.validate(now_ms, self.config.timestamp_window_ms) {
-            return Reply::Refused(reason);
-        }
+        record.validate(now_ms, self.config.timestamp_window_ms)?;
         self.ages.insert(
             record.card_idm,
             AgeRegistration {
@@ -36,7 +38,7 @@ impl ShardState {
                 valid_until_ms: record.valid_until_ms,
             },
         );
-        Reply::Ok
+        Ok(())
     }
 
     pub(super) fn set_age_policy(
@@ -44,18 +46,12 @@ impl ShardState {
         provider_code: u32,
         terminal_id: &str,
         policy: Option<&AgePolicy>,
-    ) -> Reply {
+    ) -> Result<(), ReasonCode> {
         let Some(provider) = self.shared.registry.provider(provider_code) else {
-            return Reply::Refused(ReasonCode::UnknownProvider);
+            return Err(ReasonCode::UnknownProvider);
         };
-        let resolved = match policy.map(|p| self.shared.age.config.resolve(p)).transpose() {
-            Ok(resolved) => resolved,
-            Err(reason) => return Reply::Refused(reason),
-        };
+        let resolved = policy.map(|p| self.shared.age.config.resolve(p)).transpose()?;
         self.owned_providers.insert(provider_code);
-        match provider.set_age_policy(terminal_id, resolved) {
-            Ok(()) => Reply::Ok,
-            Err(reason) => Reply::Refused(reason),
-        }
+        provider.set_age_policy(terminal_id, resolved)
     }
 }

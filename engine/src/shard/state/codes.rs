@@ -2,6 +2,73 @@
 
 use super::*;
 
+flow_reply! {
+    /// What the payment-codes and coupons flow answers, besides a refusal and a retry's
+    /// in-flight answer.
+    pub(crate) enum CodesReply in Codes {
+        /// A payment-code request: its reservation, or a retry's answer from its record (C1).
+        Request(CodeRequest),
+        /// A provider's completion of a payment-code request (C2).
+        Completed(CodeCompletion),
+        /// A code redeemed (C3).
+        Redeemed(Box<Redemption>),
+        /// A code's state (a query).
+        State(CodeView),
+        /// A coupon issued (C5).
+        CouponIssued(Box<IssuedCoupon>),
+        /// Codes expired by the sweeper.
+        Swept(Swept),
+        /// A delivery notice (C4).
+        Delivery(Delivery),
+    }
+}
+
+/// What a payment-code request is answered.
+#[derive(Debug, Clone)]
+pub(crate) enum CodeRequest {
+    /// Every check passed: the work for its provider.
+    Dispatch(Box<Dispatch>),
+    /// Requested and issued in one step, its provider having approved at once: the caller
+    /// delivers it to its device.
+    Decided(Box<IssuedCode>),
+    /// Issued before: a retry's answer (delivered then, not again).
+    Issued(Box<IssuedCode>),
+    /// Declined, at reservation or by its provider.
+    Declined(ReasonCode),
+}
+
+/// What a provider's completion of a payment-code request is answered.
+#[derive(Debug, Clone)]
+pub(crate) enum CodeCompletion {
+    /// The provider approved: the code is issued.
+    Issued(Box<IssuedCode>),
+    /// The provider declined (or failed): the hold is released.
+    Declined(ReasonCode),
+    /// The request's idempotency record was gone or replaced: no code is issued, and the
+    /// request stands declined as a provider timeout ([`Shared::completion_dropped`]).
+    Dropped,
+}
+
+/// A code's state, and the store terminal it concerns (`CodeRecord::merchant_terminal`).
+#[derive(Debug, Clone)]
+pub(crate) struct CodeView {
+    pub(crate) state: Box<CodeState>,
+    pub(crate) terminal_id: String,
+}
+
+/// How many codes a sweep expired.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Swept(pub(crate) u32);
+
+/// What a delivery notice is answered: how many subscribed devices it reached.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Delivery {
+    /// Accepted now: publish it.
+    Accepted(u32),
+    /// Accepted before (a retry's answer): publish nothing.
+    Delivered(u32),
+}
+
 impl ShardState {
     /// C1: a payment-code request is checked exactly like a payment (device, counter, means,
     /// provider; a purse's amount held); the code itself is issued on the provider's approval.
@@ -12,7 +79,7 @@ impl ShardState {
         terminal: &TerminalContext,
         now_ms: i64,
         idem_record: (IdemKey, u64),
-    ) -> Reply {
+    ) -> CodeRequest {
         let record = &verified.record;
         let requesting = record.card_idm;
         if let Some(target) = spec.deliver_to {
@@ -21,16 +88,16 @@ impl ShardState {
                 .get(&record.user)
                 .is_some_and(|account| account.devices.iter().any(|d| d.idm == target));
             if !owns {
-                return Reply::Auth(AuthOutcome::Declined(ReasonCode::UserDeviceMismatch));
+                return CodeRequest::Declined(ReasonCode::UserDeviceMismatch);
             }
         }
         spec.deliver_to = Some(spec.deliver_to.unwrap_or(requesting));
-        match self.auth_reserve(verified, None, terminal, now_ms, idem_record) {
-            Reply::Dispatch(mut dispatch) => {
+        match self.reserve(verified, None, terminal, now_ms, idem_record) {
+            Ok(mut dispatch) => {
                 dispatch.code = Some(spec);
-                Reply::Dispatch(dispatch)
+                CodeRequest::Dispatch(dispatch)
             }
-            other => other,
+            Err(declined) => CodeRequest::Declined(declined.reason),
         }
     }
 
@@ -48,7 +115,7 @@ impl ShardState {
         spec: &CodeSpec,
         terminal_id: String,
         now_ms: i64,
-    ) -> Reply {
+    ) -> CodeCompletion {
         let dropped =
             digest.is_some() && !self.idem.completes(&key, completes(digest, user, means_id));
         let approval = match outcome {
@@ -56,10 +123,16 @@ impl ShardState {
             // Released as a declined payment is, and answered the same way; no code is issued
             // for a completion whose record is gone.
             _ => {
-                return match self.auth_complete(key, digest, user, means_id, outcome, None, now_ms)
-                {
-                    Reply::CompletionDropped => Reply::CompletionDropped,
-                    _ => Reply::Auth(outcome),
+                let completion =
+                    self.auth_complete(key, digest, user, means_id, outcome, None, now_ms);
+                return match (completion, outcome) {
+                    (Completion::Recorded, AuthOutcome::Declined(reason)) => {
+                        CodeCompletion::Declined(reason)
+                    }
+                    // An approval reaches here only with its record gone.
+                    (Completion::Dropped, _) | (_, AuthOutcome::Approved(_)) => {
+                        CodeCompletion::Dropped
+                    }
                 };
             }
         };
@@ -114,9 +187,9 @@ impl ShardState {
         };
         self.code_expiry.insert((expires_ms, number));
         self.codes.insert(number, Arc::new(record));
-        let reply = Reply::CodeIssued(Box::new(issued));
-        self.idem.complete(&key, completes(digest, user, means_id), reply.clone());
-        reply
+        let kept = KeptReply::CodeIssued(issued.clone());
+        self.idem.complete(&key, completes(digest, user, means_id), kept);
+        CodeCompletion::Issued(Box::new(issued))
     }
 
     /// C3: redeems a code at most once: checks it, applies a coupon, captures the sale (at most
@@ -126,8 +199,8 @@ impl ShardState {
         spec: &RedeemSpec,
         policies: &[(u32, ResolvedPolicy)],
         now_ms: i64,
-    ) -> Reply {
-        let refuse = |reason| Reply::Refused(reason);
+    ) -> Result<Box<Redemption>, ReasonCode> {
+        let refuse = Err;
         let Some(record) = self.codes.get(&spec.number) else {
             return refuse(ReasonCode::UnknownCode);
         };
@@ -199,7 +272,7 @@ impl ShardState {
             means.uses += 1;
             means.last_used_ms = Some(now_ms);
         }
-        Reply::Redeemed(Box::new(redemption))
+        Ok(Box::new(redemption))
     }
 
     /// A2 on a code payment: the sale's amount and lines to settle, after the age check of its
@@ -280,12 +353,12 @@ impl ShardState {
         effect: CouponEffect,
         uses: u32,
         expires_ms: i64,
-    ) -> Reply {
+    ) -> Result<Box<IssuedCoupon>, ReasonCode> {
         if !self.users.contains_key(&user) {
-            return Reply::Refused(ReasonCode::UnknownUser);
+            return Err(ReasonCode::UnknownUser);
         }
         if !effect.valid() || !(1..=COUPON_USES_MAX).contains(&uses) {
-            return Reply::Refused(ReasonCode::InvalidCoupon);
+            return Err(ReasonCode::InvalidCoupon);
         }
         self.code_seq += 1;
         let number = issue_number(self.index, self.code_seq);
@@ -296,6 +369,6 @@ impl ShardState {
         let record =
             CouponRecord { user: user.clone(), provider_code, effect, uses_left: uses, expires_ms };
         self.coupons.insert(number, record);
-        Reply::CouponIssued(Box::new(IssuedCoupon { text, number, user, effect, uses, expires_ms }))
+        Ok(Box::new(IssuedCoupon { text, number, user, effect, uses, expires_ms }))
     }
 }

@@ -7,14 +7,11 @@ impl ShardState {
         &mut self,
         provider_code: u32,
         terminals: Vec<TerminalEntry>,
-    ) -> Reply {
+    ) -> Result<(), ReasonCode> {
         let Some(provider) = self.shared.registry.provider(provider_code) else {
-            return Reply::Refused(ReasonCode::UnknownProvider);
+            return Err(ReasonCode::UnknownProvider);
         };
         self.owned_providers.insert(provider_code);
-        match provider.register_terminals(terminals) {
-            Ok(()) => Reply::Ok,
-            Err(reason) => Reply::Refused(reason),
-        }
+        provider.register_terminals(terminals)
     }
 }

@@ -2,20 +2,80 @@
 
 use super::*;
 
+flow_reply! {
+    /// What the settlement flow answers, besides a refusal and a retry's in-flight answer.
+    pub(crate) enum SettlementReply in Settlement {
+        /// A payment's request: its reservation, or a retry's answer from its record.
+        Payment(Payment),
+        /// A provider's completion of a payment.
+        Completion(Completion),
+    }
+}
+
+/// What a payment's request is answered.
+#[derive(Debug, Clone)]
+pub(crate) enum Payment {
+    /// Every check passed: the work for its provider.
+    Dispatch(Box<Dispatch>),
+    /// Reserved and completed in one step, its provider having answered at once
+    /// (`Shard::decide_now`): the outcome is recorded; the caller publishes its notice.
+    Decided(Box<Dispatch>, AuthOutcome),
+    /// The outcome: a decline at reservation, or a retry's answer.
+    Auth(AuthOutcome),
+    /// The outcome of a payment made with a basket, and what its age check found.
+    BasketAuth(AuthOutcome, Box<AgeVerdict>),
+}
+
+/// What a provider's completion of a payment is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Completion {
+    /// The outcome is recorded on the payment's idempotency record.
+    Recorded,
+    /// The payment's idempotency record was gone or replaced: nothing was recorded but the
+    /// release of its hold; the payment stands declined as a provider timeout
+    /// ([`Shared::completion_dropped`]).
+    Dropped,
+}
+
+/// Why a reservation declined: the reason, with the basket's verdict when its age check
+/// declined it.
+pub(super) struct Declined {
+    pub(super) reason: ReasonCode,
+    pub(super) verdict: Option<Box<AgeVerdict>>,
+}
+
 impl ShardState {
-    /// Every check of an authorization that needs the user's state; on success, the nonce is
-    /// consumed and the work is handed back for dispatch to the provider, for the payment's
-    /// idempotency record: its key and its request's digest.
+    /// A payment's reservation ([`ShardState::reserve`]), answered.
     pub(super) fn auth_reserve(
         &mut self,
         verified: Verified,
         basket: Option<&Basket>,
         terminal: &TerminalContext,
         now_ms: i64,
+        idem_record: (IdemKey, u64),
+    ) -> Payment {
+        match self.reserve(verified, basket, terminal, now_ms, idem_record) {
+            Ok(dispatch) => Payment::Dispatch(dispatch),
+            Err(Declined { reason, verdict: None }) => Payment::Auth(AuthOutcome::Declined(reason)),
+            Err(Declined { reason, verdict: Some(verdict) }) => {
+                Payment::BasketAuth(AuthOutcome::Declined(reason), verdict)
+            }
+        }
+    }
+
+    /// Every check of an authorization that needs the user's state; on success, the nonce is
+    /// consumed and the work is handed back for dispatch to the provider, for the payment's
+    /// idempotency record: its key and its request's digest.
+    pub(super) fn reserve(
+        &mut self,
+        verified: Verified,
+        basket: Option<&Basket>,
+        terminal: &TerminalContext,
+        now_ms: i64,
         (key, digest): (IdemKey, u64),
-    ) -> Reply {
+    ) -> Result<Box<Dispatch>, Declined> {
         let record = verified.record;
-        let declined = |reason| Reply::Auth(AuthOutcome::Declined(reason));
+        let declined = |reason| Err(Declined { reason, verdict: None });
         let Some(account) = self.users.get_mut(&record.user).map(Arc::make_mut) else {
             return declined(ReasonCode::UnknownUser);
         };
@@ -67,8 +127,7 @@ impl ShardState {
                     Err(reason) => return declined(reason),
                 };
                 if let Some(reason) = decision.decline {
-                    let outcome = AuthOutcome::Declined(reason);
-                    return Reply::BasketAuth(outcome, Box::new(decision.verdict));
+                    return Err(Declined { reason, verdict: Some(Box::new(decision.verdict)) });
                 }
                 (decision.verdict.amount_minor, Some(Box::new(decision.verdict)))
             }
@@ -97,7 +156,7 @@ impl ShardState {
             purse.holds.push(hold);
         }
         self.dispatch_seq += 1;
-        Reply::Dispatch(Box::new(Dispatch {
+        Ok(Box::new(Dispatch {
             key,
             digest,
             user: record.user,
@@ -118,7 +177,7 @@ impl ShardState {
     /// Records a provider's answer on the payment's own idempotency record, and settles its
     /// hold and usage. A completion whose record is gone or replaced (see
     /// [`Idempotency::complete`]) records nothing but the release of its own hold: the payment
-    /// stands declined ([`Reply::CompletionDropped`]). One read from an older log, which names
+    /// stands declined ([`Completion::Dropped`]). One read from an older log, which names
     /// its record by key alone, settles the hold and usage as it did when it was written.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn auth_complete(
@@ -130,10 +189,10 @@ impl ShardState {
         outcome: AuthOutcome,
         verdict: Option<Box<AgeVerdict>>,
         now_ms: i64,
-    ) -> Reply {
+    ) -> Completion {
         let reply = match verdict {
-            Some(verdict) => Reply::BasketAuth(outcome, verdict),
-            None => Reply::Auth(outcome),
+            Some(verdict) => KeptReply::BasketAuth(outcome, *verdict),
+            None => KeptReply::Auth(outcome),
         };
         let of = completes(digest, user, means_id);
         let landed = self.idem.complete(&key, of, reply);
@@ -144,7 +203,7 @@ impl ShardState {
             .map(Arc::make_mut)
             .and_then(|account| account.means.iter_mut().find(|m| m.means_id == means_id));
         let Some(means) = means else {
-            return if dropped { Reply::CompletionDropped } else { Reply::Ok };
+            return if dropped { Completion::Dropped } else { Completion::Recorded };
         };
         let approved = !dropped && matches!(outcome, AuthOutcome::Approved(_));
         if let Some(purse) = &mut means.purse {
@@ -157,13 +216,13 @@ impl ShardState {
             }
         }
         if dropped {
-            return Reply::CompletionDropped;
+            return Completion::Dropped;
         }
         if approved {
             means.uses += 1;
             means.last_used_ms = Some(now_ms);
         }
-        Reply::Ok
+        Completion::Recorded
     }
 
     /// Completes every authorization left with its provider when the engine stopped: the

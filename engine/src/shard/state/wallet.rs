@@ -2,6 +2,14 @@
 
 use super::*;
 
+flow_reply! {
+    /// What the wallet flow answers.
+    pub(crate) enum WalletReply in Wallet {
+        /// A purse's balance after a top-up.
+        Balance(Balance),
+    }
+}
+
 impl ShardState {
     pub(super) fn top_up(
         &mut self,
@@ -10,26 +18,26 @@ impl ShardState {
         amount_minor: u64,
         currency: Currency,
         now_ms: i64,
-    ) -> Reply {
+    ) -> Result<Balance, ReasonCode> {
         let Some(account) = self.users.get_mut(user).map(Arc::make_mut) else {
-            return Reply::Refused(ReasonCode::UnknownUser);
+            return Err(ReasonCode::UnknownUser);
         };
         let Some(means) = account.means.iter_mut().find(|m| m.means_id == means_id) else {
-            return Reply::Refused(ReasonCode::MeansNotRegistered);
+            return Err(ReasonCode::MeansNotRegistered);
         };
         let Some(purse) = &mut means.purse else {
-            return Reply::Refused(ReasonCode::NotStoredValue);
+            return Err(ReasonCode::NotStoredValue);
         };
         if purse.currency.is_some_and(|c| c != currency) {
-            return Reply::Refused(ReasonCode::CurrencyMismatch);
+            return Err(ReasonCode::CurrencyMismatch);
         }
         let Some(balance) =
             purse.balance_minor.checked_add(amount_minor).filter(|b| *b <= BALANCE_MAX_MINOR)
         else {
-            return Reply::Refused(ReasonCode::BalanceLimit);
+            return Err(ReasonCode::BalanceLimit);
         };
         purse.balance_minor = balance;
         purse.currency = Some(currency);
-        Reply::Balance(balance_of(purse, now_ms))
+        Ok(balance_of(purse, now_ms))
     }
 }
