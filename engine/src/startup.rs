@@ -148,7 +148,9 @@ pub(crate) fn recover_shards(
             .iter_mut()
             .enumerate()
             .map(|(index, state)| {
-                scope.spawn(move || load_shard(dir, index, count, state, reading))
+                named(format!("sg-recover-{index}"))
+                    .spawn_scoped(scope, move || load_shard(dir, index, count, state, reading))
+                    .expect("a recovery thread starts")
             })
             .collect();
         loaders.into_iter().map(|l| l.join().expect("snapshot loader panicked")).collect()
@@ -306,6 +308,11 @@ struct LoadedShard {
     stale_prev: bool,
 }
 
+/// A thread builder with `name` (what a profiler or `top -H` shows).
+fn named(name: String) -> std::thread::Builder {
+    std::thread::Builder::new().name(name)
+}
+
 /// How recovery reads the shards' logs.
 #[derive(Debug, Clone, Copy)]
 enum Reading {
@@ -325,6 +332,10 @@ const RESOLVED_FORMAT: u16 = 9;
 
 /// Commands handed from a log's reader to the shard applying them, at a time.
 const REPLAY_CHUNK: usize = 1024;
+
+/// Chunks kept to be filled again at most (the reader runs ahead of the shard by more only
+/// while a snapshot loads, and then allocates).
+const CHUNKS_RECYCLED: usize = 64;
 
 /// How recovery reads the logs in `dir`: streamed if every log and previous log is missing or
 /// of [`RESOLVED_FORMAT`] on (a header that cannot be read is left for the reading to report).
@@ -368,13 +379,21 @@ fn load_shard(
     // commands come in chunks, applied once the snapshot is in place while the rest is read.
     let vault = Arc::clone(&state.shared.vault);
     let (chunks, applying) = crossbeam::channel::unbounded::<Vec<Envelope>>();
+    // Chunks applied go back to the reader to be filled again: a chunk is a large allocation,
+    // and freeing one makes the allocator hand its pages back to the system and fault them in
+    // again.
+    let (recycle, recycled) = crossbeam::channel::bounded::<Vec<Envelope>>(CHUNKS_RECYCLED);
     std::thread::scope(|scope| {
         let (log_path, vault) = (&log_path, &vault);
-        let log_reader = scope.spawn(move || match reading {
+        let log_reader = named(format!("sg-log-read-{index}"));
+        let log_reader = log_reader.spawn_scoped(scope, move || match reading {
             Reading::Whole => read_commands(log_path, index, count, vault),
-            Reading::Stream { map } => stream_commands(log_path, index, count, vault, map, chunks)
-                .map(|log| (log, Vec::new())),
+            Reading::Stream { map } => {
+                stream_commands(log_path, (index, count), vault, map, (chunks, recycled))
+                    .map(|log| (log, Vec::new()))
+            }
         });
+        let log_reader = log_reader.expect("a log reader thread starts");
         let prev_path = &prev_path;
         let prev_reader = scope.spawn(move || read_commands(prev_path, index, count, vault));
         let snapshot = snapshot::read(&snapshot_path, index, count).map_err(storage);
@@ -433,13 +452,16 @@ fn load_shard(
                 };
                 // Joined with the log, the previous one is rewritten with it (`recover_shards`).
                 let mut rewrite = plan.prev_needed.then(Vec::new);
-                let mut applied = apply_in_order(state, plan.prev_envelopes, &mut rewrite);
-                for chunk in applying {
+                let mut prev = plan.prev_envelopes;
+                let mut applied = apply_in_order(state, &mut prev, &mut rewrite);
+                for mut chunk in applying {
                     // A log older than the snapshot is still read whole (and checked), not
                     // applied.
                     if plan.keep_log {
-                        applied += apply_in_order(state, chunk, &mut rewrite);
+                        applied += apply_in_order(state, &mut chunk, &mut rewrite);
                     }
+                    chunk.clear();
+                    let _ = recycle.try_send(chunk);
                 }
                 let reader = log_reader.expect("streamed, so not joined yet");
                 let (mut log, _) = reader.join().expect("log reader panicked")?;
@@ -469,14 +491,14 @@ fn load_shard(
 /// the idempotency records of those a few ahead are brought into the cache. Returns how many.
 fn apply_in_order(
     state: &mut ShardState,
-    envelopes: Vec<Envelope>,
+    envelopes: &mut Vec<Envelope>,
     rewrite: &mut Option<Vec<rkyv::util::AlignedVec>>,
 ) -> usize {
     /// How far ahead: enough for a miss to arrive before its command is applied.
     const AHEAD: usize = 8;
     let count = envelopes.len();
     envelopes.iter().take(AHEAD).for_each(|envelope| state.prefetch(envelope));
-    let mut envelopes = envelopes.into_iter();
+    let mut envelopes = envelopes.drain(..);
     while let Some(envelope) = envelopes.next() {
         if let Some(ahead) = envelopes.as_slice().get(AHEAD - 1) {
             state.prefetch(ahead);
@@ -610,16 +632,18 @@ fn read_commands(
     Ok((log, envelopes))
 }
 
-/// Reads a shard's log of [`RESOLVED_FORMAT`] on, sending its commands (keys opened) to
-/// `chunks` [`REPLAY_CHUNK`] at a time; stops early once nobody receives them. Returns the
-/// log's extent (its `records` empty).
+/// Reads shard `index` of `count`'s log of [`RESOLVED_FORMAT`] on, sending its commands to
+/// `chunks` [`REPLAY_CHUNK`] at a time (filling again those that come back on `recycled`);
+/// stops early once nobody receives them. Returns the log's extent (its `records` empty).
 fn stream_commands(
     path: &std::path::Path,
-    index: usize,
-    count: usize,
+    (index, count): (usize, usize),
     vault: &Vault,
     map: bool,
-    chunks: crossbeam::channel::Sender<Vec<Envelope>>,
+    (chunks, recycled): (
+        crossbeam::channel::Sender<Vec<Envelope>>,
+        crossbeam::channel::Receiver<Vec<Envelope>>,
+    ),
 ) -> Result<wal::ReadLog<Logged>, EngineError> {
     let storage = |e: StorageError| EngineError::Storage(e.to_string());
     let bytes =
@@ -645,7 +669,8 @@ fn stream_commands(
         }
         chunk.push(envelope);
         if chunk.len() == REPLAY_CHUNK {
-            let full = std::mem::replace(&mut chunk, Vec::with_capacity(REPLAY_CHUNK));
+            let empty = recycled.try_recv().unwrap_or_else(|_| Vec::with_capacity(REPLAY_CHUNK));
+            let full = std::mem::replace(&mut chunk, empty);
             if chunks.send(full).is_err() {
                 stopped = true;
                 return Err(corrupt(offset, "recovery stopped".to_owned()));
@@ -692,7 +717,7 @@ fn replay(
     if logs.iter().flatten().all(|envelope| envelope.command.is_resolved()) {
         std::thread::scope(|scope| {
             for ((state, log), encoded) in states.iter_mut().zip(logs).zip(&mut encoded) {
-                scope.spawn(move || apply_in_order(state, log, encoded));
+                scope.spawn(move || apply_in_order(state, &mut { log }, encoded));
             }
         });
         return (applied, encoded);
