@@ -5,7 +5,8 @@
 //!
 //! - [`codec`]: bytes to [`codec::Message`] and back, no I/O; the field table.
 //! - `mapping`: settlegate requests to 0100/0200, 0400/0401 (or 0420/0421) and 0800 messages,
-//!   and response codes back to outcomes ([`RESPONSE_CODES`]).
+//!   lifecycle operations to 0220/0200/0400/0420 messages naming their original (field 90),
+//!   and response codes back to outcomes ([`RESPONSE_CODES`], [`LIFECYCLE_RESPONSE_CODES`]).
 //! - `dialect`: the configured dialect (the field table, field 41 mapping, RRN format,
 //!   response-code overrides, reversal MTI), checked and compiled; the 1987 layout by default,
 //!   pinned byte for byte by the `golden` test.
@@ -38,6 +39,12 @@
 //!   `reversal_attempts_max` times; held until the next sign-on while disconnected). A late
 //!   reply finds no entry and is dropped. An approval that arrives after the caller gave up
 //!   (the engine's deadline dropped the future) is reversed too.
+//!
+//! - A lifecycle operation ([`ProviderAdapter::lifecycle`]): a capture as 0220 (or 0200 with
+//!   `capture_mti = "0200"`), a void as 0400/0420 with field 39 `17`, a refund as 0200 with
+//!   processing code [`REFUND_PROCESSING_CODE`], a reversal as for a timeout; each under its
+//!   own STAN with the original's RRN and field 90. Answered once (no repeats): a timeout is
+//!   [`AdapterError::Timeout`], for the caller to ask again.
 //!
 //! The PAN is never logged, never part of an error, and masked in [`codec::Message`]'s
 //! `Debug`; the buffers that held it are zeroized once written.
