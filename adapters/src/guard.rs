@@ -3,11 +3,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use crate::{AdapterError, AuthorizationRequest, ProviderAdapter, ProviderReply};
+use crate::{
+    AdapterError, AuthorizationRequest, LifecycleReply, LifecycleRequest, ProviderAdapter,
+    ProviderReply,
+};
 
 /// Limits for one provider.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -27,9 +31,10 @@ impl Default for GuardConfig {
 
 /// An adapter behind its provider's concurrency limit and timeout.
 ///
-/// [`Guarded::authorize`] always finishes by `deadline` (or the provider timeout, whichever is
-/// sooner) with a definitive result: a reply, [`AdapterError::Timeout`] or
-/// [`AdapterError::Unavailable`]. No request is left "processing".
+/// [`Guarded::authorize`] and [`Guarded::lifecycle`] share the permits, and each always
+/// finishes by `deadline` (or the provider timeout, whichever is sooner) with a definitive
+/// result: a reply, [`AdapterError::Timeout`] or [`AdapterError::Unavailable`]. No request is
+/// left "processing".
 pub struct Guarded {
     adapter: Arc<dyn ProviderAdapter>,
     permits: Arc<Semaphore>,
@@ -88,6 +93,27 @@ impl Guarded {
         request: AuthorizationRequest,
         deadline: Instant,
     ) -> Result<ProviderReply, AdapterError> {
+        self.call(deadline, || self.adapter.authorize(request)).await
+    }
+
+    /// Carries a capture, void, refund or reversal ([`ProviderAdapter::lifecycle`]) under the
+    /// same limits as [`Guarded::authorize`]: the same permits, the provider timeout and
+    /// `deadline`, and a definitive result by then.
+    pub async fn lifecycle(
+        &self,
+        request: LifecycleRequest,
+        deadline: Instant,
+    ) -> Result<LifecycleReply, AdapterError> {
+        self.call(deadline, || self.adapter.lifecycle(request)).await
+    }
+
+    /// Takes a permit (waiting at most until `deadline`), then runs the call `start` begins,
+    /// bounded by `deadline` and the provider timeout.
+    async fn call<T>(
+        &self,
+        deadline: Instant,
+        start: impl FnOnce() -> BoxFuture<'static, Result<T, AdapterError>>,
+    ) -> Result<T, AdapterError> {
         let deadline = deadline.min(Instant::now() + self.timeout);
         // Fast path: a permit is free, so no timer is armed for the wait.
         let permit = match self.permits.try_acquire() {
@@ -105,7 +131,7 @@ impl Guarded {
             },
         };
         let started = Instant::now();
-        let mut reply = self.adapter.authorize(request);
+        let mut reply = start();
         // A ready future (the zero-latency simulator) is answered without arming a timer.
         let result = match futures::FutureExt::now_or_never(&mut reply) {
             Some(result) => result,
@@ -168,6 +194,33 @@ mod tests {
         // The permit is back: the next request goes through.
         let third = guarded.authorize(request(), Instant::now() + Duration::from_secs(5)).await;
         assert!(matches!(third, Ok(ProviderReply::Approved { .. })));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lifecycle_operations_share_the_permits_and_the_timeout() {
+        let guarded = Arc::new(Guarded::new(
+            slow(1_000),
+            GuardConfig { concurrency_max: 1, timeout_ms: 5_000 },
+        ));
+        let far = || Instant::now() + Duration::from_secs(60);
+        let reply = guarded.authorize(request(), far()).await.unwrap();
+        let reference = reply.reference().unwrap().clone();
+        let capture = crate::LifecycleRequest::capture(9, reference.clone(), 1);
+        let first = tokio::spawn({
+            let guarded = Arc::clone(&guarded);
+            async move { guarded.lifecycle(capture, far()).await }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(guarded.in_flight(), 1);
+        let void = crate::LifecycleRequest::void(10, reference);
+        let waited = guarded.lifecycle(void, Instant::now() + Duration::from_millis(100)).await;
+        assert!(matches!(waited, Err(AdapterError::Unavailable(_))), "{waited:?}");
+        let accepted = crate::LifecycleReply::Accepted { network: None };
+        assert_eq!(first.await.unwrap(), Ok(accepted));
+        let tight = Guarded::new(slow(10_000), GuardConfig { concurrency_max: 4, timeout_ms: 200 });
+        let reference = crate::AuthReference::of(&request(), None, None);
+        let reversal = crate::LifecycleRequest::reversal(11, reference);
+        assert_eq!(tight.lifecycle(reversal, far()).await, Err(AdapterError::Timeout));
     }
 
     #[tokio::test(start_paused = true)]

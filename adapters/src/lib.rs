@@ -11,6 +11,10 @@
 //!   reversals on timeout, reconnection, echo tests and a circuit breaker
 //!   (`docs/ADAPTERS.md`).
 //!
+//! Besides authorizations, every adapter carries the lifecycle of an approved one (capture,
+//! void, refund, reversal: [`ProviderAdapter::lifecycle`]), matched to it by the
+//! [`AuthReference`] its approval handed back.
+//!
 //! Adapters are built from configuration with [`build`] (or [`build_with`], which also hands
 //! them the [`Detokenizer`] that card adapters need), so that a provider's adapter is chosen
 //! per provider in the engine's TOML config.
@@ -29,8 +33,9 @@ use zeroize::Zeroizing;
 
 pub use guard::{GuardConfig, Guarded};
 pub use types::{
-    AdapterError, AuthCode, AuthorizationRequest, CardToken, Currency, CurrencyError,
-    DeclineReason, MeansKind, ProviderReply,
+    AdapterError, AuthCode, AuthReference, AuthorizationRequest, CardToken, Currency,
+    CurrencyError, DeclineReason, LifecycleReply, LifecycleRequest, MeansKind, NetworkReference,
+    Operation, ProviderReply, RefusalReason,
 };
 
 /// The contract between the engine and a settlement provider.
@@ -44,11 +49,29 @@ pub trait ProviderAdapter: Send + Sync + 'static {
     /// A short name for logs and metrics (never contains secrets).
     fn name(&self) -> &str;
 
-    /// Requests an authorization.
+    /// Requests an authorization. An approval carries the [`AuthReference`] that later
+    /// operations on it must hand back.
     fn authorize(
         &self,
         request: AuthorizationRequest,
     ) -> BoxFuture<'static, Result<ProviderReply, AdapterError>>;
+
+    /// Carries a capture, void, refund or reversal of an earlier authorization to the
+    /// provider ([`Operation`]). The rules (`docs/ADAPTERS.md`, "Lifecycle"):
+    ///
+    /// - capture: once per authorization, `1 ..=` the amount authorized; the rest is released;
+    /// - void: only before the capture;
+    /// - refund: only after the capture, any number, their total at most the amount captured;
+    /// - reversal: accepted when the provider does not hold the authorization (nothing to undo)
+    ///   or already voided or reversed it; refused once it is captured.
+    ///
+    /// A refusal is [`LifecycleReply::Refused`]; no answer is an [`AdapterError`], bounded by
+    /// [`Guarded`] as for `authorize`. There is no default: an adapter that cannot carry
+    /// these operations answers [`RefusalReason::Unsupported`] explicitly.
+    fn lifecycle(
+        &self,
+        request: LifecycleRequest,
+    ) -> BoxFuture<'static, Result<LifecycleReply, AdapterError>>;
 
     /// Answers at once, when this adapter decides in process with no I/O and no waiting (the
     /// zero-latency simulator); `None` otherwise (the default), and the engine calls

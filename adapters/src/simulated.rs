@@ -1,8 +1,17 @@
 //! A seeded simulated provider for the demo, the tests and load generation.
 //!
-//! Every outcome is a pure function of the configured seed and the request's `dispatch_id`:
-//! the same seed replays the same run whatever the interleaving of concurrent requests.
+//! Every authorization's outcome is a pure function of the configured seed and the request's
+//! `dispatch_id`: the same seed replays the same run whatever the interleaving of concurrent
+//! requests.
+//!
+//! The simulator also keeps a ledger of the authorizations it approved ([`SimulatedHold`], by
+//! dispatch ID, at most `ledger_max` of them, the oldest forgotten first) and carries their
+//! lifecycle ([`ProviderAdapter::lifecycle`]) by the same rules as a real provider
+//! ([`SimulatedHold::apply`]). A lifecycle operation's latency and failure are drawn from the
+//! seed and its `operation_id`; its answer otherwise depends only on what the ledger holds.
 
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -12,8 +21,15 @@ use rand_xoshiro::Xoshiro256PlusPlus;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    AdapterError, AuthCode, AuthorizationRequest, DeclineReason, ProviderAdapter, ProviderReply,
+    AdapterError, AuthCode, AuthorizationRequest, DeclineReason, LifecycleReply, LifecycleRequest,
+    Operation, ProviderAdapter, ProviderReply, RefusalReason,
 };
+
+/// Default of [`SimulatedConfig::ledger_max`].
+pub const LEDGER_MAX_DEFAULT: usize = 100_000;
+/// Salt of a lifecycle operation's draw, so that an operation and a dispatch with the same ID
+/// draw differently.
+const OPERATION_SALT: u64 = 0x9e37_79b9_7f4a_7c15;
 
 /// The simulator's behaviour.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -31,6 +47,9 @@ pub struct SimulatedConfig {
     pub failure_rate: f64,
     /// Amounts above this (minor units) are declined with `insufficient_funds`.
     pub approve_limit_minor: u64,
+    /// Most authorizations the ledger keeps for their lifecycle (at least 1); past it the
+    /// oldest is forgotten, and operations on it are refused as unknown.
+    pub ledger_max: usize,
 }
 
 impl Default for SimulatedConfig {
@@ -42,6 +61,7 @@ impl Default for SimulatedConfig {
             decline_rate: 0.0,
             failure_rate: 0.0,
             approve_limit_minor: u64::MAX,
+            ledger_max: LEDGER_MAX_DEFAULT,
         }
     }
 }
@@ -50,6 +70,146 @@ impl Default for SimulatedConfig {
 pub struct Simulated {
     config: SimulatedConfig,
     name: String,
+    ledger: Mutex<Ledger>,
+}
+
+/// Where an authorization the simulator approved stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HoldState {
+    /// Approved, neither captured nor voided nor reversed.
+    Authorized,
+    /// Captured (refunds may follow).
+    Captured,
+    /// Voided before capture.
+    Voided,
+    /// Reversed before capture.
+    Reversed,
+}
+
+/// What the simulated provider holds for one authorization it approved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SimulatedHold {
+    /// The authorization code it approved with.
+    pub auth_code: AuthCode,
+    /// The amount authorized.
+    pub authorized_minor: u64,
+    /// The amount captured (0 until the capture).
+    pub captured_minor: u64,
+    /// The total refunded so far (at most `captured_minor`).
+    pub refunded_minor: u64,
+    /// Its state.
+    pub state: HoldState,
+}
+
+impl SimulatedHold {
+    /// A fresh approval of `authorized_minor`.
+    pub fn new(auth_code: AuthCode, authorized_minor: u64) -> SimulatedHold {
+        SimulatedHold {
+            auth_code,
+            authorized_minor,
+            captured_minor: 0,
+            refunded_minor: 0,
+            state: HoldState::Authorized,
+        }
+    }
+
+    /// Applies `operation` by the provider's rules, or says why not (leaving it unchanged):
+    ///
+    /// | operation | accepted when | refused |
+    /// |---|---|---|
+    /// | capture of `a` | authorized, `1 <= a <= authorized` | `AmountInvalid` (amount), `InvalidState` (captured, voided, reversed) |
+    /// | void | authorized, voided or reversed (nothing changes then) | `InvalidState` (captured) |
+    /// | refund of `a` | captured, `1 <= a`, refunds `+ a <= captured` | `AmountInvalid` (amount), `InvalidState` (not captured) |
+    /// | reversal | as a void | `InvalidState` (captured) |
+    pub fn apply(&mut self, operation: Operation) -> Result<(), RefusalReason> {
+        use HoldState::*;
+        match (operation, self.state) {
+            (Operation::Capture { amount_minor }, Authorized) => {
+                if amount_minor == 0 || amount_minor > self.authorized_minor {
+                    return Err(RefusalReason::AmountInvalid);
+                }
+                self.captured_minor = amount_minor;
+                self.state = Captured;
+            }
+            (Operation::Capture { .. }, Captured | Voided | Reversed) => {
+                return Err(RefusalReason::InvalidState);
+            }
+            (Operation::Void, Authorized) => self.state = Voided,
+            (Operation::Reversal, Authorized) => self.state = Reversed,
+            (Operation::Void | Operation::Reversal, Voided | Reversed) => {}
+            (Operation::Void | Operation::Reversal, Captured) => {
+                return Err(RefusalReason::InvalidState);
+            }
+            (Operation::Refund { amount_minor }, Captured) => {
+                let left = self.captured_minor - self.refunded_minor;
+                if amount_minor == 0 || amount_minor > left {
+                    return Err(RefusalReason::AmountInvalid);
+                }
+                self.refunded_minor += amount_minor;
+            }
+            (Operation::Refund { .. }, Authorized | Voided | Reversed) => {
+                return Err(RefusalReason::InvalidState);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The simulator's authorizations, by dispatch ID, and the operations it accepted on each.
+struct Ledger {
+    holds: HashMap<u64, (SimulatedHold, Vec<(u64, Operation)>)>,
+    /// Dispatch IDs, oldest first, for forgetting past `ledger_max`.
+    order: VecDeque<u64>,
+    max: usize,
+}
+
+impl Ledger {
+    fn approve(&mut self, dispatch_id: u64, hold: SimulatedHold) {
+        // A repeated dispatch draws the same approval: the first one stands.
+        if self.holds.contains_key(&dispatch_id) {
+            return;
+        }
+        while self.order.len() >= self.max {
+            if let Some(oldest) = self.order.pop_front() {
+                self.holds.remove(&oldest);
+            }
+        }
+        self.holds.insert(dispatch_id, (hold, Vec::new()));
+        self.order.push_back(dispatch_id);
+    }
+
+    fn apply(&mut self, request: &LifecycleRequest) -> LifecycleReply {
+        let refused = |reason| LifecycleReply::Refused { reason };
+        let accepted = LifecycleReply::Accepted { network: None };
+        let authorization = &request.authorization;
+        // A reference without a code (an authorization whose answer never came) names the
+        // approval by dispatch ID and amount, for a reversal only.
+        let entry = self.holds.get_mut(&authorization.dispatch_id).filter(|(hold, _)| {
+            let code_ok = match authorization.auth_code {
+                Some(code) => code == hold.auth_code,
+                None => request.operation == Operation::Reversal,
+            };
+            code_ok && authorization.amount_minor == hold.authorized_minor
+        });
+        let Some((hold, done)) = entry else {
+            // Nothing held: a reversal has nothing to undo.
+            return match request.operation {
+                Operation::Reversal => accepted,
+                _ => refused(RefusalReason::UnknownAuthorization),
+            };
+        };
+        if done.contains(&(request.operation_id, request.operation)) {
+            return accepted; // a retry of an operation already applied
+        }
+        match hold.apply(request.operation) {
+            Ok(()) => {
+                done.push((request.operation_id, request.operation));
+                accepted
+            }
+            Err(reason) => refused(reason),
+        }
+    }
 }
 
 impl Simulated {
@@ -66,8 +226,72 @@ impl Simulated {
                 "latency_us_min must not exceed latency_us_max".into(),
             ));
         }
+        if config.ledger_max == 0 {
+            return Err(AdapterError::Config("ledger_max must be at least 1".into()));
+        }
         let name = format!("simulated(seed={})", config.seed);
-        Ok(Simulated { config, name })
+        let ledger =
+            Ledger { holds: HashMap::new(), order: VecDeque::new(), max: config.ledger_max };
+        Ok(Simulated { config, name, ledger: Mutex::new(ledger) })
+    }
+
+    /// What the simulator holds for the authorization of `dispatch_id`, if it approved it and
+    /// still keeps it.
+    pub fn hold(&self, dispatch_id: u64) -> Option<SimulatedHold> {
+        self.ledger().holds.get(&dispatch_id).map(|(hold, _)| *hold)
+    }
+
+    /// Every authorization the simulator keeps, by dispatch ID, ascending.
+    pub fn holds(&self) -> Vec<(u64, SimulatedHold)> {
+        let mut holds: Vec<_> = self.ledger().holds.iter().map(|(id, (h, _))| (*id, *h)).collect();
+        holds.sort_unstable_by_key(|(id, _)| *id);
+        holds
+    }
+
+    fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        // A panic while holding the lock leaves the ledger consistent (each change is one
+        // assignment after its checks): keep serving.
+        self.ledger.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// One draw's latency and its roll in `[0, 1)` (failure, then decline, by the rates).
+    fn draw(&self, rng: &mut Xoshiro256PlusPlus) -> (Duration, f64) {
+        let config = &self.config;
+        let latency_us = if config.latency_us_max == 0 {
+            0
+        } else {
+            rng.gen_range(config.latency_us_min..=config.latency_us_max)
+        };
+        (Duration::from_micros(latency_us), rng.gen())
+    }
+
+    /// [`Simulated::decide`], and an approval entered in the ledger.
+    fn answer(
+        &self,
+        request: &AuthorizationRequest,
+    ) -> (Duration, Result<ProviderReply, AdapterError>) {
+        let (latency, result) = self.decide(request);
+        if let Ok(ProviderReply::Approved { auth_code, .. }) = &result {
+            self.ledger()
+                .approve(request.dispatch_id, SimulatedHold::new(*auth_code, request.amount_minor));
+        }
+        (latency, result)
+    }
+
+    /// A lifecycle operation's latency and answer: the failure drawn from the seed and the
+    /// operation ID; otherwise the ledger's rules, applied now.
+    fn operate(
+        &self,
+        request: &LifecycleRequest,
+    ) -> (Duration, Result<LifecycleReply, AdapterError>) {
+        let seed = self.config.seed ^ OPERATION_SALT ^ request.operation_id.rotate_left(17);
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
+        let (latency, roll) = self.draw(&mut rng);
+        if roll < self.config.failure_rate {
+            let error = AdapterError::Unavailable("simulated provider failure".into());
+            return (latency, Err(error));
+        }
+        (latency, Ok(self.ledger().apply(request)))
     }
 
     /// The outcome and latency of one request: a pure function of seed and dispatch ID.
@@ -80,12 +304,7 @@ impl Simulated {
         // cheap enough to run in the shard's step for every payment.
         let mut rng =
             Xoshiro256PlusPlus::seed_from_u64(config.seed ^ request.dispatch_id.rotate_left(17));
-        let latency_us = if config.latency_us_max == 0 {
-            0
-        } else {
-            rng.gen_range(config.latency_us_min..=config.latency_us_max)
-        };
-        let roll: f64 = rng.gen();
+        let (latency, roll) = self.draw(&mut rng);
         let result = if roll < config.failure_rate {
             Err(AdapterError::Unavailable("simulated provider failure".into()))
         } else if request.amount_minor > config.approve_limit_minor {
@@ -93,9 +312,9 @@ impl Simulated {
         } else if roll < config.failure_rate + config.decline_rate {
             Ok(ProviderReply::Declined { reason: DeclineReason::DoNotHonor })
         } else {
-            Ok(ProviderReply::Approved { auth_code: auth_code_random(&mut rng) })
+            Ok(ProviderReply::approved(request, auth_code_random(&mut rng)))
         };
-        (Duration::from_micros(latency_us), result)
+        (latency, result)
     }
 }
 
@@ -121,30 +340,43 @@ impl ProviderAdapter for Simulated {
         request: &AuthorizationRequest,
     ) -> Option<Result<ProviderReply, AdapterError>> {
         // Only with no latency configured: a latency is what a test or bench wants to see.
-        (self.config.latency_us_max == 0).then(|| self.decide(request).1)
+        (self.config.latency_us_max == 0).then(|| self.answer(request).1)
     }
 
     fn authorize(
         &self,
         request: AuthorizationRequest,
     ) -> BoxFuture<'static, Result<ProviderReply, AdapterError>> {
-        let (latency, result) = self.decide(&request);
-        if latency.is_zero() {
-            futures::future::ready(result).boxed()
-        } else {
-            async move {
-                tokio::time::sleep(latency).await;
-                result
-            }
-            .boxed()
+        let (latency, result) = self.answer(&request);
+        after(latency, result)
+    }
+
+    fn lifecycle(
+        &self,
+        request: LifecycleRequest,
+    ) -> BoxFuture<'static, Result<LifecycleReply, AdapterError>> {
+        let (latency, result) = self.operate(&request);
+        after(latency, result)
+    }
+}
+
+/// `result`, after `latency` (at once when zero: no timer).
+fn after<T: Send + 'static>(latency: Duration, result: T) -> BoxFuture<'static, T> {
+    if latency.is_zero() {
+        futures::future::ready(result).boxed()
+    } else {
+        async move {
+            tokio::time::sleep(latency).await;
+            result
         }
+        .boxed()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Currency, MeansKind};
+    use crate::{AuthReference, Currency, MeansKind};
 
     fn request(dispatch_id: u64, amount_minor: u64) -> AuthorizationRequest {
         AuthorizationRequest {
@@ -208,6 +440,261 @@ mod tests {
         }
         let slow = Simulated::new(SimulatedConfig { latency_us_max: 10, ..config }).unwrap();
         assert_eq!(slow.decide_now(&request(1, 100)), None);
+    }
+
+    fn sim(config: SimulatedConfig) -> Simulated {
+        Simulated::new(config).unwrap()
+    }
+
+    /// Authorizes `amount_minor` as dispatch `dispatch_id` and hands back the reference.
+    fn approve(sim: &Simulated, dispatch_id: u64, amount_minor: u64) -> AuthReference {
+        let reply = futures::executor::block_on(sim.authorize(request(dispatch_id, amount_minor)));
+        reply.expect("answered").reference().expect("approved").clone()
+    }
+
+    fn run(sim: &Simulated, id: u64, auth: &AuthReference, operation: Operation) -> LifecycleReply {
+        let request = LifecycleRequest { operation_id: id, authorization: auth.clone(), operation };
+        futures::executor::block_on(sim.lifecycle(request)).expect("no failure configured")
+    }
+
+    const ACCEPTED: LifecycleReply = LifecycleReply::Accepted { network: None };
+
+    fn refused(reason: RefusalReason) -> LifecycleReply {
+        LifecycleReply::Refused { reason }
+    }
+
+    #[test]
+    fn capture_below_the_hold_then_refunds_up_to_the_captured_total() {
+        let sim = sim(SimulatedConfig::default());
+        let auth = approve(&sim, 1, 1_000);
+        assert_eq!(auth.auth_code, sim.hold(1).map(|h| h.auth_code));
+        assert_eq!((auth.dispatch_id, auth.amount_minor, auth.network), (1, 1_000, None));
+        let capture = |amount_minor| Operation::Capture { amount_minor };
+        let refund = |amount_minor| Operation::Refund { amount_minor };
+        assert_eq!(run(&sim, 10, &auth, refund(1)), refused(RefusalReason::InvalidState));
+        assert_eq!(run(&sim, 11, &auth, capture(0)), refused(RefusalReason::AmountInvalid));
+        assert_eq!(run(&sim, 12, &auth, capture(1_001)), refused(RefusalReason::AmountInvalid));
+        assert_eq!(run(&sim, 13, &auth, capture(700)), ACCEPTED);
+        assert_eq!(run(&sim, 14, &auth, capture(100)), refused(RefusalReason::InvalidState));
+        assert_eq!(run(&sim, 15, &auth, Operation::Void), refused(RefusalReason::InvalidState));
+        assert_eq!(run(&sim, 16, &auth, Operation::Reversal), refused(RefusalReason::InvalidState));
+        assert_eq!(run(&sim, 17, &auth, refund(400)), ACCEPTED);
+        assert_eq!(run(&sim, 18, &auth, refund(301)), refused(RefusalReason::AmountInvalid));
+        assert_eq!(run(&sim, 19, &auth, refund(300)), ACCEPTED);
+        assert_eq!(run(&sim, 20, &auth, refund(1)), refused(RefusalReason::AmountInvalid));
+        let hold = sim.hold(1).unwrap();
+        assert_eq!(
+            (hold.state, hold.authorized_minor, hold.captured_minor, hold.refunded_minor),
+            (HoldState::Captured, 1_000, 700, 700)
+        );
+    }
+
+    #[test]
+    fn void_before_capture_then_nothing_but_voids_and_reversals() {
+        let sim = sim(SimulatedConfig::default());
+        let auth = approve(&sim, 2, 500);
+        assert_eq!(run(&sim, 1, &auth, Operation::Void), ACCEPTED);
+        assert_eq!(sim.hold(2).unwrap().state, HoldState::Voided);
+        let capture = Operation::Capture { amount_minor: 500 };
+        assert_eq!(run(&sim, 2, &auth, capture), refused(RefusalReason::InvalidState));
+        let refund = Operation::Refund { amount_minor: 1 };
+        assert_eq!(run(&sim, 3, &auth, refund), refused(RefusalReason::InvalidState));
+        // Nothing left to release: accepted, and the state stays.
+        assert_eq!(run(&sim, 4, &auth, Operation::Void), ACCEPTED);
+        assert_eq!(run(&sim, 5, &auth, Operation::Reversal), ACCEPTED);
+        assert_eq!(sim.hold(2).unwrap().state, HoldState::Voided);
+        // A full capture of another authorization.
+        let other = approve(&sim, 3, 500);
+        assert_eq!(run(&sim, 6, &other, capture), ACCEPTED);
+        assert_eq!(sim.hold(3).unwrap().captured_minor, 500);
+    }
+
+    #[test]
+    fn unknown_authorizations_are_refused_but_a_reversal_is_accepted() {
+        let sim = sim(SimulatedConfig { approve_limit_minor: 1_000, ..Default::default() });
+        // Declined: never held.
+        let declined = futures::executor::block_on(sim.authorize(request(4, 5_000)));
+        assert!(matches!(declined, Ok(ProviderReply::Declined { .. })));
+        assert_eq!(sim.hold(4), None);
+        let never = AuthReference::of(&request(4, 5_000), Some(AuthCode(*b"ABC123")), None);
+        let capture = Operation::Capture { amount_minor: 1 };
+        assert_eq!(run(&sim, 1, &never, capture), refused(RefusalReason::UnknownAuthorization));
+        assert_eq!(
+            run(&sim, 2, &never, Operation::Void),
+            refused(RefusalReason::UnknownAuthorization)
+        );
+        assert_eq!(run(&sim, 3, &never, Operation::Reversal), ACCEPTED);
+        // A reference that does not match what the simulator holds (another code, amount).
+        let auth = approve(&sim, 5, 100);
+        let forged = AuthReference { auth_code: Some(AuthCode(*b"XXXXXX")), ..auth.clone() };
+        assert_eq!(run(&sim, 4, &forged, capture), refused(RefusalReason::UnknownAuthorization));
+        let bigger = AuthReference { amount_minor: 101, ..auth.clone() };
+        assert_eq!(run(&sim, 5, &bigger, capture), refused(RefusalReason::UnknownAuthorization));
+        // An unanswered authorization's reference (no code) names it for a reversal only.
+        let unanswered = AuthReference::of(&request(5, 100), None, None);
+        let void = run(&sim, 6, &unanswered, Operation::Void);
+        assert_eq!(void, refused(RefusalReason::UnknownAuthorization));
+        assert_eq!(run(&sim, 7, &unanswered, Operation::Reversal), ACCEPTED);
+        assert_eq!(sim.hold(5).unwrap().state, HoldState::Reversed);
+        assert_eq!(run(&sim, 8, &auth, Operation::Reversal), ACCEPTED, "again: nothing to undo");
+    }
+
+    #[test]
+    fn a_retried_operation_is_applied_once() {
+        let sim = sim(SimulatedConfig::default());
+        let auth = approve(&sim, 1, 1_000);
+        assert_eq!(run(&sim, 7, &auth, Operation::Capture { amount_minor: 1_000 }), ACCEPTED);
+        let refund = Operation::Refund { amount_minor: 600 };
+        assert_eq!(run(&sim, 8, &auth, refund), ACCEPTED);
+        assert_eq!(run(&sim, 8, &auth, refund), ACCEPTED, "the same operation again");
+        assert_eq!(sim.hold(1).unwrap().refunded_minor, 600);
+        assert_eq!(run(&sim, 9, &auth, refund), refused(RefusalReason::AmountInvalid));
+        assert_eq!(run(&sim, 7, &auth, Operation::Capture { amount_minor: 1_000 }), ACCEPTED);
+    }
+
+    #[test]
+    fn the_ledger_forgets_the_oldest_past_ledger_max_and_decide_now_enters_approvals() {
+        let sim = sim(SimulatedConfig { ledger_max: 2, ..Default::default() });
+        for id in 1..=3 {
+            assert!(matches!(sim.decide_now(&request(id, 10)), Some(Ok(_))));
+        }
+        let kept: Vec<u64> = sim.holds().iter().map(|(id, _)| *id).collect();
+        assert_eq!(kept, [2, 3]);
+        let first = AuthReference::of(
+            &request(1, 10),
+            sim.decide(&request(1, 10)).1.unwrap().auth_code(),
+            None,
+        );
+        let void = run(&sim, 1, &first, Operation::Void);
+        assert_eq!(void, refused(RefusalReason::UnknownAuthorization));
+        assert!(Simulated::new(SimulatedConfig { ledger_max: 0, ..Default::default() }).is_err());
+    }
+
+    #[test]
+    fn operations_fail_and_wait_as_seeded_and_a_failure_changes_nothing() {
+        let config = SimulatedConfig {
+            seed: 11,
+            failure_rate: 0.5,
+            latency_us_max: 300,
+            ..SimulatedConfig::default()
+        };
+        let (a, b) = (sim(config.clone()), sim(config));
+        let mut failures = 0;
+        for id in 0..200u64 {
+            let request = request(id, 100);
+            let (Ok(ProviderReply::Approved { reference, .. }), _) =
+                (a.answer(&request).1, b.answer(&request).1)
+            else {
+                continue;
+            };
+            let capture = LifecycleRequest::capture(1_000 + id, reference, 100);
+            let (first, second) = (a.operate(&capture), b.operate(&capture));
+            assert_eq!(first, second, "same seed, same operation: same draw");
+            if first.1.is_err() {
+                failures += 1;
+                assert_eq!(a.hold(id).unwrap().state, HoldState::Authorized);
+            } else {
+                assert_eq!(a.hold(id).unwrap().state, HoldState::Captured);
+            }
+        }
+        assert!((10..=80).contains(&failures), "failures {failures}");
+    }
+
+    mod lifecycles {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn operation() -> impl Strategy<Value = Operation> {
+            prop_oneof![
+                (0..1_500u64).prop_map(|amount_minor| Operation::Capture { amount_minor }),
+                Just(Operation::Void),
+                (0..800u64).prop_map(|amount_minor| Operation::Refund { amount_minor }),
+                Just(Operation::Reversal),
+            ]
+        }
+
+        proptest! {
+            /// Random operations on a few authorizations, some retried, some failing: never
+            /// captured more than authorized, never refunded more than captured, one capture
+            /// at most, and each authorization's state is the one its accepted operations
+            /// imply.
+            #[test]
+            fn random_lifecycles_keep_the_rules(
+                seed in any::<u64>(),
+                failing in any::<bool>(),
+                amounts in proptest::collection::vec(1..1_200u64, 1..4),
+                steps in proptest::collection::vec((0..4usize, operation(), any::<bool>()), 0..40),
+            ) {
+                let failure_rate = if failing { 0.3 } else { 0.0 };
+                let sim = sim(SimulatedConfig { seed, failure_rate, ..Default::default() });
+                let mut refs = Vec::new();
+                for (i, amount) in amounts.iter().enumerate() {
+                    let id = i as u64 + 1;
+                    if let (_, Ok(ProviderReply::Approved { reference, .. })) =
+                        sim.answer(&request(id, *amount))
+                    {
+                        refs.push(reference);
+                    }
+                }
+                prop_assume!(!refs.is_empty());
+                // The model: per authorization, accepted captures, refunds, and the first
+                // void or reversal before any capture.
+                let mut captured = vec![0u64; refs.len()];
+                let mut captures = vec![0u32; refs.len()];
+                let mut refunded = vec![0u64; refs.len()];
+                let mut cancelled: Vec<Option<HoldState>> = vec![None; refs.len()];
+                let mut last: Option<LifecycleRequest> = None;
+                for (n, (which, operation, retry)) in steps.into_iter().enumerate() {
+                    let request = match (&last, retry) {
+                        (Some(previous), true) => previous.clone(),
+                        _ => {
+                            let which = which % refs.len();
+                            let authorization = refs[which].clone();
+                            LifecycleRequest { operation_id: n as u64, authorization, operation }
+                        }
+                    };
+                    let which = refs.iter().position(|r| *r == request.authorization).unwrap();
+                    let before = sim.hold(request.authorization.dispatch_id).unwrap();
+                    let (_, answer) = sim.operate(&request);
+                    let after = sim.hold(request.authorization.dispatch_id).unwrap();
+                    match answer {
+                        Err(_) => prop_assert_eq!(before, after, "a failure changes nothing"),
+                        Ok(LifecycleReply::Refused { .. }) => prop_assert_eq!(before, after),
+                        Ok(LifecycleReply::Accepted { .. }) if before == after => {}
+                        Ok(LifecycleReply::Accepted { .. }) => match request.operation {
+                            Operation::Capture { amount_minor } => {
+                                captured[which] += amount_minor;
+                                captures[which] += 1;
+                            }
+                            Operation::Refund { amount_minor } => refunded[which] += amount_minor,
+                            Operation::Void => {
+                                cancelled[which].get_or_insert(HoldState::Voided);
+                            }
+                            Operation::Reversal => {
+                                cancelled[which].get_or_insert(HoldState::Reversed);
+                            }
+                        },
+                    }
+                    last = Some(request);
+                }
+                for (i, reference) in refs.iter().enumerate() {
+                    let hold = sim.hold(reference.dispatch_id).unwrap();
+                    prop_assert!(captures[i] <= 1, "captured once at most");
+                    prop_assert!(captured[i] <= reference.amount_minor, "captured above the hold");
+                    prop_assert!(refunded[i] <= captured[i], "refunded above the capture");
+                    prop_assert!(captures[i] == 0 || cancelled[i].is_none(), "captured and voided");
+                    prop_assert_eq!(hold.captured_minor, captured[i]);
+                    prop_assert_eq!(hold.refunded_minor, refunded[i]);
+                    let state = match (captures[i], cancelled[i]) {
+                        (1, _) => HoldState::Captured,
+                        (_, Some(state)) => state,
+                        _ => HoldState::Authorized,
+                    };
+                    prop_assert_eq!(hold.state, state);
+                }
+            }
+        }
     }
 
     #[test]

@@ -12,20 +12,13 @@ use std::time::Instant;
 
 use futures::FutureExt;
 use iso_support::{
-    captured_logs, card, config, eventually, ready_adapter, Host, TestVault, EVENTUALLY, PAN,
+    approved, captured_logs, card, config, declined, eventually, ready_adapter, Host, TestVault,
+    EVENTUALLY, PAN,
 };
 use settlegate_adapters::iso8583::{Iso8583Adapter, Iso8583Config, LinkStatus};
 use settlegate_adapters::{
-    AdapterConfig, AdapterError, AuthCode, DeclineReason, MeansKind, ProviderAdapter, ProviderReply,
+    AdapterConfig, AdapterError, DeclineReason, MeansKind, ProviderAdapter, ProviderReply,
 };
-
-fn approved(code: &[u8; 6]) -> Result<ProviderReply, AdapterError> {
-    Ok(ProviderReply::Approved { auth_code: AuthCode(*code) })
-}
-
-fn declined(reason: DeclineReason) -> Result<ProviderReply, AdapterError> {
-    Ok(ProviderReply::Declined { reason })
-}
 
 fn ledger_dir() -> tempfile::TempDir {
     tempfile::tempdir().expect("tempdir")

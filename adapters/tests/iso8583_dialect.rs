@@ -19,7 +19,7 @@ use settlegate_adapters::iso8583::{
     FieldConfig, FieldSource, Iso8583Adapter, Iso8583Config, LinkStatus, LongTerminalIds, Padding,
     ResponseOutcome, ReversalMti, RrnFormat, TlsConfig,
 };
-use settlegate_adapters::{AdapterError, AuthCode, DeclineReason, ProviderAdapter, ProviderReply};
+use settlegate_adapters::{AdapterError, DeclineReason, ProviderAdapter};
 
 fn ledger_dir() -> tempfile::TempDir {
     tempfile::tempdir().expect("tempdir")
@@ -68,7 +68,7 @@ async fn the_field_table_and_terminal_mapping_reach_the_host() {
     };
     let approved = |amount: u64| {
         let code = format!("{amount:06}");
-        Ok(ProviderReply::Approved { auth_code: AuthCode(code.as_bytes().try_into().unwrap()) })
+        iso_support::approved(code.as_bytes().try_into().unwrap())
     };
     assert_eq!(adapter.authorize(at(1, "STORE-0001-TILL1", 101)).await, approved(101));
     assert_eq!(adapter.authorize(at(2, "STORE-0042-TILL3", 102)).await, approved(102));
@@ -175,14 +175,14 @@ async fn response_code_overrides_change_the_outcome_and_the_default_table_stays(
         tuned.response_codes.insert(code.into(), outcome);
     }
     let tuned = ready_adapter(tuned).await;
-    let declined = |reason| Ok(ProviderReply::Declined { reason });
+    let declined = iso_support::declined;
 
     // The host answers 30xx with response code xx (and a field 38).
     for amount in [3_010, 3_085, 3_055, 3_094, 3_012, 3_030] {
         let outcome = default.authorize(card(amount, amount)).await;
         assert_eq!(outcome, declined(DeclineReason::DoNotHonor), "default, {amount}");
     }
-    let approved = Ok(ProviderReply::Approved { auth_code: AuthCode(*b"003085") });
+    let approved = iso_support::approved(b"003085");
     assert_eq!(tuned.authorize(card(1, 3_085)).await, approved);
     assert_eq!(tuned.authorize(card(2, 3_055)).await, declined(DeclineReason::InvalidAccount));
     let unavailable = tuned.authorize(card(3, 3_094)).await;
@@ -305,7 +305,7 @@ async fn tls_with_a_client_certificate_to_a_python_ssl_host() {
     };
     let adapter =
         ready_adapter(Iso8583Config { tls: Some(tls.clone()), ..config(host.port) }).await;
-    let approved = Ok(ProviderReply::Approved { auth_code: AuthCode(*b"000777") });
+    let approved = iso_support::approved(b"000777");
     assert_eq!(adapter.authorize(card(1, 777)).await, approved);
     let seen = requests(&host);
     assert!(seen[0].is("tls", "true"), "{seen:?}");
@@ -319,8 +319,11 @@ async fn tls_with_a_client_certificate_to_a_python_ssl_host() {
     for call in futures::future::join_all(calls).await {
         let (i, result) = call.unwrap();
         let code = format!("{:06}", 100_000 + i);
-        let expected = AuthCode(code.as_bytes().try_into().unwrap());
-        assert_eq!(result, Ok(ProviderReply::Approved { auth_code: expected }), "request {i}");
+        assert_eq!(
+            result,
+            iso_support::approved(code.as_bytes().try_into().unwrap()),
+            "request {i}"
+        );
     }
 
     // The server name defaults to host_addr's host: 127.0.0.1, in the certificate too.

@@ -5,8 +5,8 @@ binary bitmap), not against settlegate's Rust codec, so the adapter's tests exer
 independent implementation of the format. Used by `adapters/tests/iso8583.rs`.
 
 Usage:
-    python3 iso_host.py [--host 127.0.0.1] [--port 0] [--ledger PATH] [--approve-limit N]
-                        [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]]
+    python3 iso_host.py [--host 127.0.0.1] [--port 0] [--ledger PATH] [--tally-file PATH]
+                        [--approve-limit N] [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]]
 
 With `--tls-cert` and `--tls-key` it speaks TLS (Python's `ssl` module); with
 `--tls-client-ca` it also requires a client certificate issued by that CA.
@@ -43,23 +43,65 @@ Behaviour, by message type:
   otherwise      approve, authorization code (38) = the amount modulo 10^6 in six digits
   ============== ====================================================================
 
-- 0400 / 0401 reversal: answered 0410 `00`; the original (field 90's STAN) is noted reversed.
-- 0420 / 0421 reversal advice: answered 0430 `00`, likewise.
+  An approval (`00`), and an authorization it drops (8000..=8099: the reply is "lost", the
+  hold stands), is entered in the host's own account of authorizations (the tally, below).
+
+- Lifecycle messages, each matched to its authorization by field 37 (the authorization's RRN)
+  and field 90 (its STAN must be the original's: otherwise the authorization is unknown):
+
+  ================================ ===========================================================
+  message                          operation
+  ================================ ===========================================================
+  0220 / 0221 (answered 0230)      capture of the amount in field 4
+  0200 + field 90, field 3 `00…`   capture (the adapter's `capture_mti = "0200"`), 0210
+  0200 + field 90, field 3 `20…`   refund of the amount in field 4, 0210
+  0400 / 0401 (0410), 0420 / 0421  void when field 39 is `17` (customer cancellation),
+  (0430)                           otherwise reversal
+  ================================ ===========================================================
+
+  The host refuses what a real one would, with these response codes (field 39):
+
+  ==== ======================================================================================
+  code when
+  ==== ======================================================================================
+  00   done; also a void or reversal of one already voided or reversed (nothing to undo),
+       and a reversal of an authorization the host does not hold
+  12   invalid transaction: a capture of one captured, voided or reversed; a void or reversal
+       after the capture; a refund before it
+  13   invalid amount: zero, a capture above the amount authorized, a refund that would take
+       the refunds past the amount captured
+  25   unable to locate the original: a capture, void or refund of an authorization the host
+       does not hold (or whose field 90 STAN does not match)
+  ==== ======================================================================================
+
+  One capture per authorization; any number of refunds after it.
+- 0400 / 0401 reversal: answered 0410; the original (field 90's STAN) is noted reversed.
+- 0420 / 0421 reversal advice: answered 0430, likewise.
 - A frame whose body starts with `ECHO` is written back unchanged, without decoding: a raw
   round trip for benchmark baselines.
 
 Ledger (`--ledger PATH`): one JSON object per message received or sent, flushed after each
 batch of input, so a test can check what the host saw:
-`{"dir": "in"|"out", "mti", "stan", "rrn", "amount", "code", "nmi", "orig_stan",
-"pan_last4", "delay_ms", "reversed", "f3", "f12", "f13", "f18", "f22", "f25", "f32", "f41",
-"f42", "f43", "f48", "tls", "client_cn"}` (absent fields omitted; `fN` is field N as
+`{"dir": "in"|"out"|"op"|"drop"|"malformed", "mti", "stan", "rrn", "amount", "code",
+"nmi", "orig_stan", "pan_last4", "delay_ms", "reversed", "op", "f3", "f12", "f13", "f18",
+"f22", "f25", "f32", "f38", "f41", "f42", "f43", "f48", "f90", "tls", "client_cn"}` (absent fields omitted; `fN` is field N as
 received; `tls` and `client_cn` only on a TLS connection). Only the last four digits of a PAN
-are written.
+are written. Each lifecycle message also gets a line `"dir": "op"`, with `"op"` (capture,
+void, refund, reversal) and `"code"` the host's answer (its "in" line has field 39 as sent:
+`17` for a void).
+
+Tally (`--tally-file PATH`): the host's own account of every authorization it holds,
+rewritten whole (to a temporary file, then renamed) on each change, for reconciliation:
+`{"authorizations": [{"rrn", "stan", "mti", "transmitted", "auth_code", "authorized",
+"captured", "refunded", "voided", "reversed", "state"}, ...], "totals": {"count",
+"authorized", "captured", "refunded", "voided", "reversed"}}`, amounts in minor units,
+authorizations in RRN order, `state` one of authorized, captured, voided, reversed.
 """
 
 import argparse
 import asyncio
 import json
+import os
 import ssl
 import sys
 
@@ -69,8 +111,12 @@ from iso8583.specs import default as SPEC
 ECHOED_FIELDS = ("3", "4", "7", "11", "37", "41", "42", "49")
 # Reversal requests and advices (and their repeats), with the MTI that acknowledges them.
 REVERSAL_ACKS = {"0400": "0410", "0401": "0410", "0420": "0430", "0421": "0430"}
+# Capture advices (and repeats), with their answer.
+ADVICE_ACKS = {"0220": "0230", "0221": "0230"}
+# Field 39 of a reversal message that makes it a void: customer cancellation.
+VOID_REASON = "17"
 # Fields written to the ledger as received, under "f<n>".
-LEDGER_FIELDS = ("3", "12", "13", "18", "22", "25", "32", "41", "42", "43", "48")
+LEDGER_FIELDS = ("3", "12", "13", "18", "22", "25", "32", "38", "41", "42", "43", "48", "90")
 
 
 def frame(body):
@@ -170,15 +216,27 @@ class Host(asyncio.Protocol):
             reply.update({k: doc[k] for k in ("7", "11", "70") if k in doc})
             out.append(encode(reply))
             state.record("out", reply)
+        elif mti == "0200" and "90" in doc:
+            refund = doc.get("3", "").startswith("20")
+            self.lifecycle(doc, out, "0210", "refund" if refund else "capture")
         elif mti in ("0100", "0200"):
             self.authorize(doc, out)
+        elif mti in ADVICE_ACKS:
+            self.lifecycle(doc, out, ADVICE_ACKS[mti], "capture")
         elif mti in REVERSAL_ACKS:
             original = doc.get("90", "")[4:10]
             state.reversed.add(original)
-            reply = {"t": REVERSAL_ACKS[mti], "39": "00"}
-            reply.update({k: doc[k] for k in ECHOED_FIELDS if k in doc})
-            out.append(encode(reply))
-            state.record("out", reply, **self.peer)
+            void = doc.get("39") == VOID_REASON
+            self.lifecycle(doc, out, REVERSAL_ACKS[mti], "void" if void else "reversal")
+
+    def lifecycle(self, doc, out, reply_mti, op):
+        state = self.state
+        code = state.apply(op, doc)
+        state.record("op", doc, op=op, code=code, **self.peer)
+        reply = {"t": reply_mti, "39": code}
+        reply.update({k: doc[k] for k in ECHOED_FIELDS if k in doc})
+        out.append(encode(reply))
+        state.record("out", reply, **self.peer)
 
     def authorize(self, doc, out):
         state = self.state
@@ -186,8 +244,11 @@ class Host(asyncio.Protocol):
         decision = decide(amount, state.limit)
         if decision is None:
             state.record("drop", doc, **self.peer)
+            state.hold(doc, f"{amount % 1_000_000:06d}")
             return
         code, delay = decision
+        if code == "00":
+            state.hold(doc, f"{amount % 1_000_000:06d}")
         reply = {"t": "0110" if doc["t"] == "0100" else "0210", "39": code}
         reply.update({k: doc[k] for k in ECHOED_FIELDS if k in doc})
         if code == "00" or 3000 <= amount <= 3099:
@@ -205,10 +266,81 @@ class Host(asyncio.Protocol):
 
 
 class State:
-    def __init__(self, ledger_path, limit):
+    def __init__(self, ledger_path, limit, tally_path=None):
         self.ledger = open(ledger_path, "a", encoding="utf-8") if ledger_path else None
         self.limit = limit
         self.reversed = set()
+        self.tally_path = tally_path
+        # The host's authorizations by RRN (field 37).
+        self.holds = {}
+        self.write_tally()
+
+    def hold(self, doc, auth_code):
+        """Enters an approved authorization in the tally."""
+        rrn = doc.get("37", "")
+        self.holds[rrn] = {
+            "rrn": rrn,
+            "stan": doc.get("11"),
+            "mti": doc.get("t"),
+            "transmitted": doc.get("7"),
+            "auth_code": auth_code,
+            "authorized": int(doc.get("4", "0")),
+            "captured": 0,
+            "refunded": 0,
+            "voided": 0,
+            "reversed": 0,
+            "state": "authorized",
+        }
+        self.write_tally()
+
+    def apply(self, op, doc):
+        """Applies a lifecycle operation to the authorization it names; its response code."""
+        amount = int(doc.get("4", "0"))
+        hold = self.holds.get(doc.get("37", ""))
+        if hold is not None and doc.get("90", "")[4:10] != hold["stan"]:
+            hold = None
+        if hold is None:
+            return "00" if op == "reversal" else "25"
+        code = self.rule(op, hold, amount)
+        if code == "00":
+            self.write_tally()
+        return code
+
+    @staticmethod
+    def rule(op, hold, amount):
+        state = hold["state"]
+        if op == "capture":
+            if state != "authorized":
+                return "12"
+            if amount <= 0 or amount > hold["authorized"]:
+                return "13"
+            hold["captured"] = amount
+            hold["state"] = "captured"
+        elif op in ("void", "reversal"):
+            if state == "captured":
+                return "12"
+            if state == "authorized":
+                hold["voided" if op == "void" else "reversed"] = hold["authorized"]
+                hold["state"] = "voided" if op == "void" else "reversed"
+        elif op == "refund":
+            if state != "captured":
+                return "12"
+            if amount <= 0 or hold["refunded"] + amount > hold["captured"]:
+                return "13"
+            hold["refunded"] += amount
+        return "00"
+
+    def write_tally(self):
+        if self.tally_path is None:
+            return
+        holds = [self.holds[rrn] for rrn in sorted(self.holds)]
+        totals = {"count": len(holds)}
+        for key in ("authorized", "captured", "refunded", "voided", "reversed"):
+            totals[key] = sum(h[key] for h in holds)
+        temporary = self.tally_path + ".tmp"
+        with open(temporary, "w", encoding="utf-8") as tally:
+            json.dump({"authorizations": holds, "totals": totals}, tally)
+        os.replace(temporary, self.tally_path)
 
     def record(self, direction, doc, **extra):
         if self.ledger is None:
@@ -241,12 +373,13 @@ async def main():
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--ledger")
+    parser.add_argument("--tally-file", help="JSON account of authorizations, on each change")
     parser.add_argument("--approve-limit", type=int, default=1_000_000)
     parser.add_argument("--tls-cert", help="PEM certificate chain: serve TLS")
     parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
     parser.add_argument("--tls-client-ca", help="PEM CA: require a client certificate")
     args = parser.parse_args()
-    state = State(args.ledger, args.approve_limit)
+    state = State(args.ledger, args.approve_limit, args.tally_file)
     context = None
     if args.tls_cert:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

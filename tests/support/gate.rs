@@ -1,6 +1,9 @@
 //! A provider that answers when the test says: every request it is asked waits in a queue
 //! until the test approves or declines it, so a test can interleave providers' answers with
 //! other requests exactly as it wants, and count what the provider was asked.
+//!
+//! It gates authorizations only: a capture, void, refund or reversal is refused at once with
+//! [`RefusalReason::Unsupported`] (and not counted).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -9,7 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use settlegate_engine::adapters::{
-    AdapterError, AuthCode, AuthorizationRequest, DeclineReason, ProviderAdapter, ProviderReply,
+    AdapterError, AuthCode, AuthorizationRequest, DeclineReason, LifecycleReply, LifecycleRequest,
+    ProviderAdapter, ProviderReply, RefusalReason,
 };
 use tokio::sync::{mpsc, oneshot, Mutex};
 
@@ -25,7 +29,8 @@ pub struct Asked {
 impl Asked {
     /// Approves it with `auth_code`.
     pub fn approve(self, auth_code: [u8; 6]) {
-        let _ = self.answer.send(Ok(ProviderReply::Approved { auth_code: AuthCode(auth_code) }));
+        let reply = ProviderReply::approved(&self.request, AuthCode(auth_code));
+        let _ = self.answer.send(Ok(reply));
     }
 
     /// Declines it (do not honor).
@@ -84,5 +89,13 @@ impl ProviderAdapter for Gated {
         Box::pin(async move {
             answered.await.unwrap_or(Err(AdapterError::Unavailable("the test went away".into())))
         })
+    }
+
+    fn lifecycle(
+        &self,
+        _request: LifecycleRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<LifecycleReply, AdapterError>> + Send + 'static>> {
+        let refused = LifecycleReply::Refused { reason: RefusalReason::Unsupported };
+        Box::pin(std::future::ready(Ok(refused)))
     }
 }

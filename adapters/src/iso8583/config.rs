@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::dialect::{
-    Dialect, FieldConfig, LongTerminalIds, ResponseOutcome, ReversalMti, RrnFormat,
+    CaptureMti, Dialect, FieldConfig, LongTerminalIds, ResponseOutcome, ReversalMti, RrnFormat,
 };
 use super::tls::TlsConfig;
 use crate::AdapterError;
@@ -112,8 +112,10 @@ pub struct Iso8583Config {
     /// Response codes (field 39) whose meaning differs from the default table, e.g.
     /// `{ "85" = "approve", "55" = "invalid_account" }`.
     pub response_codes: BTreeMap<String, ResponseOutcome>,
-    /// Reversals as `"0400"` requests (the default) or `"0420"` advices.
+    /// Reversals (and voids) as `"0400"` requests (the default) or `"0420"` advices.
     pub reversal_mti: ReversalMti,
+    /// Captures as `"0220"` advices (the default) or `"0200"` financial requests.
+    pub capture_mti: CaptureMti,
     /// TLS to the host; absent: plain TCP.
     pub tls: Option<TlsConfig>,
 }
@@ -143,6 +145,7 @@ impl Default for Iso8583Config {
             rrn_format: RrnFormat::Counter,
             response_codes: BTreeMap::new(),
             reversal_mti: ReversalMti::Request,
+            capture_mti: CaptureMti::Advice,
             tls: None,
         }
     }

@@ -34,7 +34,9 @@ use super::dialect::{Dialect, RrnFormat};
 use super::io::{read_loop, write_loop, Inbound};
 use super::mapping::{self, Network, Original};
 use super::{bump, link_unavailable, pan_valid, LinkStatus, Shared, Submission};
-use crate::{AdapterError, Detokenizer, ProviderReply};
+use crate::{
+    AdapterError, AuthReference, Detokenizer, LifecycleReply, LifecycleRequest, ProviderReply,
+};
 
 /// Decoded messages queued from the reader to the session (back-pressure onto the socket).
 const INBOUND_QUEUE: usize = 1024;
@@ -42,6 +44,7 @@ const INBOUND_QUEUE: usize = 1024;
 const RRN_MODULUS: u64 = 1_000_000_000_000;
 
 type Reply = oneshot::Sender<Result<ProviderReply, AdapterError>>;
+type LifecycleTx = oneshot::Sender<Result<LifecycleReply, AdapterError>>;
 
 /// A connection to the host: plain TCP, or TLS over it.
 pub(crate) enum Stream {
@@ -60,8 +63,22 @@ enum Flow {
 
 /// What an in-flight STAN is waiting for.
 enum Pending {
-    Auth { original: Original, reply: Reply },
-    Reversal { original: Original, attempt: u32 },
+    /// An authorization; `reference` is its approval's, but for the code.
+    Auth {
+        original: Original,
+        reference: AuthReference,
+        reply: Reply,
+    },
+    /// A capture, void, refund or reversal asked for, sent as `sent`.
+    Lifecycle {
+        request: LifecycleRequest,
+        sent: crate::NetworkReference,
+        reply: LifecycleTx,
+    },
+    Reversal {
+        original: Original,
+        attempt: u32,
+    },
     Network(Network),
 }
 
@@ -131,7 +148,7 @@ pub(crate) struct Session {
     backoff: Backoff,
     in_flight: HashMap<u32, Entry>,
     deadlines: VecDeque<(Instant, u32, u64)>,
-    auths_in_flight: u32,
+    requests_in_flight: u32,
     reversals_in_flight: u32,
     stan_last: u32,
     seq: u64,
@@ -163,7 +180,7 @@ impl Session {
             },
             in_flight: HashMap::new(),
             deadlines: VecDeque::new(),
-            auths_in_flight: 0,
+            requests_in_flight: 0,
             reversals_in_flight: 0,
             stan_last: 0,
             seq: 0,
@@ -206,7 +223,7 @@ impl Session {
     fn reject(&self, submission: Submission) {
         let error = link_unavailable(self.status(), &self.config.host_addr)
             .unwrap_or_else(|| AdapterError::Unavailable("iso8583: link not ready".into()));
-        let _ = submission.reply.send(Err(error));
+        submission.fail(error);
     }
 
     /// Runs `work` while answering submissions as unavailable; `None` once the adapter is gone.
@@ -327,15 +344,19 @@ impl Session {
     fn link_lost(&mut self) {
         self.link = None;
         self.deadlines.clear();
-        self.auths_in_flight = 0;
+        self.requests_in_flight = 0;
         self.reversals_in_flight = 0;
         let entries: Vec<Entry> = self.in_flight.drain().map(|(_, entry)| entry).collect();
         for entry in entries {
             match entry.pending {
-                Pending::Auth { original, reply } => {
+                Pending::Auth { original, reply, .. } => {
                     bump(&self.shared.counters.timeouts);
                     let _ = reply.send(Err(AdapterError::Timeout));
                     self.queue_reversal(original, 0);
+                }
+                Pending::Lifecycle { reply, .. } => {
+                    bump(&self.shared.counters.timeouts);
+                    let _ = reply.send(Err(AdapterError::Timeout));
                 }
                 Pending::Reversal { original, attempt } => self.queue_reversal(original, attempt),
                 Pending::Network(_) => {}
@@ -409,7 +430,7 @@ impl Session {
     fn insert(&mut self, stan: u32, expect_mti: [u8; 4], rrn: Option<[u8; 12]>, pending: Pending) {
         self.seq += 1;
         match pending {
-            Pending::Auth { .. } => self.auths_in_flight += 1,
+            Pending::Auth { .. } | Pending::Lifecycle { .. } => self.requests_in_flight += 1,
             Pending::Reversal { .. } => self.reversals_in_flight += 1,
             Pending::Network(_) => {}
         }
@@ -423,7 +444,7 @@ impl Session {
     fn remove(&mut self, stan: u32) -> Option<Entry> {
         let entry = self.in_flight.remove(&stan)?;
         match entry.pending {
-            Pending::Auth { .. } => self.auths_in_flight -= 1,
+            Pending::Auth { .. } | Pending::Lifecycle { .. } => self.requests_in_flight -= 1,
             Pending::Reversal { .. } => self.reversals_in_flight -= 1,
             Pending::Network(_) => {}
         }
@@ -431,16 +452,66 @@ impl Session {
     }
 
     fn submit(&mut self, submission: Submission) {
-        let Submission { request, pan, reply } = submission;
         if self.status() != LinkStatus::Ready {
-            return self.reject(Submission { request, pan, reply });
+            return self.reject(submission);
         }
+        if self.requests_in_flight >= self.config.in_flight_max {
+            let error = AdapterError::Unavailable("iso8583: in-flight limit reached".into());
+            return submission.fail(error);
+        }
+        match submission {
+            Submission::Authorize { request, pan, reply } => self.submit_auth(request, pan, reply),
+            Submission::Lifecycle { request, original, pan, reply } => {
+                self.submit_lifecycle(request, original, pan, reply)
+            }
+        }
+    }
+
+    fn submit_lifecycle(
+        &mut self,
+        request: LifecycleRequest,
+        original: Original,
+        pan: Option<Zeroizing<String>>,
+        reply: LifecycleTx,
+    ) {
+        let Some(stan) = self.stan_alloc() else {
+            let _ = reply.send(Err(AdapterError::Unavailable("iso8583: no free STAN".into())));
+            return;
+        };
+        let authorization = &request.authorization;
+        let acquirer = authorization.network.map_or(self.dialect.acquirer(), |n| n.acquirer);
+        let built = mapping::lifecycle_message(
+            &self.dialect,
+            request.operation,
+            &original,
+            authorization.auth_code,
+            acquirer,
+            stan,
+            pan.as_ref().map(|pan| pan.as_str()),
+            SystemTime::now(),
+        );
+        drop(pan);
+        let (message, expect, sent) = match built {
+            Ok(built) => built,
+            Err(error) => {
+                let _ = reply.send(Err(error));
+                return;
+            }
+        };
+        self.write(&message);
+        let rrn = Some(original.rrn);
+        self.insert(stan, expect, rrn, Pending::Lifecycle { request, sent, reply });
+    }
+
+    fn submit_auth(
+        &mut self,
+        request: crate::AuthorizationRequest,
+        pan: Zeroizing<String>,
+        reply: Reply,
+    ) {
         let refuse = |reply: Reply, message: &str| {
             let _ = reply.send(Err(AdapterError::Unavailable(format!("iso8583: {message}"))));
         };
-        if self.auths_in_flight >= self.config.in_flight_max {
-            return refuse(reply, "in-flight limit reached");
-        }
         let Some(currency) = mapping::currency_numeric(request.currency) else {
             return refuse(reply, "currency has no numeric code");
         };
@@ -453,6 +524,7 @@ impl Session {
         };
         let Some(stan) = self.stan_alloc() else { return refuse(reply, "no free STAN") };
         let now = SystemTime::now();
+        let reference = AuthReference::of(&request, None, None);
         let original = Original {
             mti: self.dialect.class.request_mti(),
             stan,
@@ -475,7 +547,9 @@ impl Session {
         drop(pan);
         self.write(&message);
         let (rrn, expect) = (original.rrn, self.dialect.class.response_mti());
-        self.insert(stan, expect, Some(rrn), Pending::Auth { original, reply });
+        let network = Some(original.network(self.dialect.acquirer()));
+        let reference = AuthReference { network, ..reference };
+        self.insert(stan, expect, Some(rrn), Pending::Auth { original, reference, reply });
     }
 
     fn send_network(&mut self, purpose: Network) {
@@ -534,10 +608,31 @@ impl Session {
                     // Left in flight: it times out and is reversed, as if never answered.
                     Err(error) => return self.malformed(&message, &error.to_string()),
                 };
-                if let Some(Entry { pending: Pending::Auth { original, reply }, .. }) =
+                if let Some(Entry {
+                    pending: Pending::Auth { original, reference, reply }, ..
+                }) = self.remove(stan)
+                {
+                    let outcome = outcome.map(|answer| match answer {
+                        mapping::AuthAnswer::Approved(auth_code) => {
+                            let reference =
+                                AuthReference { auth_code: Some(auth_code), ..reference };
+                            ProviderReply::Approved { auth_code, reference }
+                        }
+                        mapping::AuthAnswer::Declined(reason) => ProviderReply::Declined { reason },
+                    });
+                    self.on_auth_reply(original, reply, outcome);
+                }
+            }
+            Pending::Lifecycle { sent, .. } => {
+                let outcome = match mapping::lifecycle_outcome(&self.dialect, &message, *sent) {
+                    Ok(outcome) => outcome,
+                    // Left in flight: it times out, as if never answered.
+                    Err(error) => return self.malformed(&message, &error.to_string()),
+                };
+                if let Some(Entry { pending: Pending::Lifecycle { request, reply, .. }, .. }) =
                     self.remove(stan)
                 {
-                    self.on_auth_reply(original, reply, outcome);
+                    self.on_lifecycle_reply(request, reply, outcome);
                 }
             }
             Pending::Reversal { .. } => {
@@ -577,6 +672,29 @@ impl Session {
             );
             self.reverse(original, 0);
         }
+    }
+
+    fn on_lifecycle_reply(
+        &mut self,
+        request: LifecycleRequest,
+        reply: LifecycleTx,
+        outcome: Result<LifecycleReply, AdapterError>,
+    ) {
+        match &outcome {
+            Ok(LifecycleReply::Accepted { .. }) => bump(&self.shared.counters.operations_accepted),
+            Ok(LifecycleReply::Refused { reason }) => {
+                bump(&self.shared.counters.operations_refused);
+                tracing::info!(
+                    operation = request.operation.name(),
+                    operation_id = request.operation_id,
+                    ?reason,
+                    "iso8583: operation refused by the host"
+                );
+            }
+            Err(_) => {}
+        }
+        self.breaker.success();
+        let _ = reply.send(outcome);
     }
 
     fn on_network_reply(&mut self, purpose: Network, ok: bool) {
@@ -630,12 +748,22 @@ impl Session {
             }
             let Some(entry) = self.remove(stan) else { continue };
             match entry.pending {
-                Pending::Auth { original, reply } => {
+                Pending::Auth { original, reply, .. } => {
                     bump(&self.shared.counters.timeouts);
                     tracing::warn!(stan, "iso8583: no reply in time; reversing");
                     let _ = reply.send(Err(AdapterError::Timeout));
                     self.failure();
                     self.reverse(original, 0);
+                }
+                Pending::Lifecycle { request, reply, .. } => {
+                    bump(&self.shared.counters.timeouts);
+                    tracing::warn!(
+                        stan,
+                        operation = request.operation.name(),
+                        "iso8583: no reply in time to an operation"
+                    );
+                    let _ = reply.send(Err(AdapterError::Timeout));
+                    self.failure();
                 }
                 Pending::Reversal { original, attempt } => self.reverse(original, attempt + 1),
                 Pending::Network(purpose) => {

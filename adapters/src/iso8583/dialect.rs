@@ -114,6 +114,18 @@ pub enum ReversalMti {
     Advice,
 }
 
+/// The message type of captures (completions of an authorization).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub enum CaptureMti {
+    /// `0220` financial transaction advice, answered `0230` (the default).
+    #[default]
+    #[serde(rename = "0220")]
+    Advice,
+    /// `0200` financial transaction request, answered `0210`.
+    #[serde(rename = "0200")]
+    Request,
+}
+
 /// What a response code means, as `response_codes` writes it.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -196,6 +208,9 @@ pub(crate) struct Dialect {
     long_terminal_ids: LongTerminalIds,
     pub(crate) rrn_format: RrnFormat,
     pub(crate) reversal_mti: ReversalMti,
+    capture_mti: CaptureMti,
+    /// Field 32 as field 90 carries it: eleven digits, zero-padded; zeros without one.
+    acquirer: [u8; 11],
     local_offset_secs: i64,
     responses: HashMap<[u8; 2], ReplyMapping>,
 }
@@ -269,6 +284,14 @@ impl Dialect {
             };
             responses.insert(key, outcome.mapping());
         }
+        let acquirer = match table.get(&32) {
+            Some(Value::Fixed(id)) if id.len() <= 11 && id.iter().all(u8::is_ascii_digit) => {
+                let mut padded = [b'0'; 11];
+                padded[11 - id.len()..].copy_from_slice(id);
+                padded
+            }
+            _ => [b'0'; 11],
+        };
         Ok(Dialect {
             class: config.message_class,
             fields: table.into_iter().collect(),
@@ -276,6 +299,8 @@ impl Dialect {
             long_terminal_ids: config.long_terminal_ids,
             rrn_format: config.rrn_format,
             reversal_mti: config.reversal_mti,
+            capture_mti: config.capture_mti,
+            acquirer,
             local_offset_secs: i64::from(config.local_time_offset_minutes) * 60,
             responses,
         })
@@ -357,6 +382,20 @@ impl Dialect {
             ReversalMti::Request => *b"0410",
             ReversalMti::Advice => *b"0430",
         }
+    }
+
+    /// The MTI of a capture and of its answer.
+    pub(crate) fn capture_mtis(&self) -> ([u8; 4], [u8; 4]) {
+        match self.capture_mti {
+            CaptureMti::Advice => (*b"0220", *b"0230"),
+            CaptureMti::Request => (*b"0200", *b"0210"),
+        }
+    }
+
+    /// The acquiring institution ID that field 90 carries: field 32's constant, when it is one
+    /// of 1 to 11 digits, zero-padded on the left to eleven; otherwise eleven zeros.
+    pub(crate) fn acquirer(&self) -> [u8; 11] {
+        self.acquirer
     }
 
     /// The configured fields' values for one message, ascending by field number.

@@ -5,7 +5,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::codec::{CodecError, Message};
 use super::dialect::{Dialect, Sources};
-use crate::{AdapterError, AuthCode, CardToken, Currency, DeclineReason, ProviderReply};
+use crate::{
+    AdapterError, AuthCode, AuthReference, CardToken, Currency, DeclineReason, LifecycleReply,
+    NetworkReference, Operation, RefusalReason,
+};
 
 /// Largest amount field 4 (twelve digits) can carry, in minor units.
 pub const AMOUNT_MINOR_MAX: u64 = 999_999_999_999;
@@ -97,12 +100,21 @@ pub(crate) enum ReplyError {
     AuthCode,
 }
 
+/// What a host answered an authorization: its approval code, or the decline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AuthAnswer {
+    /// Approved with this authorization code (field 38).
+    Approved(AuthCode),
+    /// Declined.
+    Declined(DeclineReason),
+}
+
 /// The engine outcome of a matched 0110/0210.
 pub(crate) fn reply_outcome(
     dialect: &Dialect,
     message: &Message,
-) -> Result<Result<ProviderReply, AdapterError>, ReplyError> {
-    let code = message.get_str(39).filter(|c| c.len() == 2).ok_or(ReplyError::ResponseCode)?;
+) -> Result<Result<AuthAnswer, AdapterError>, ReplyError> {
+    let code = response_code(message)?;
     Ok(match dialect.response(code) {
         ReplyMapping::Approve => {
             let auth = message.get(38).ok_or(ReplyError::AuthCode)?;
@@ -110,12 +122,48 @@ pub(crate) fn reply_outcome(
             if !auth.iter().all(u8::is_ascii_alphanumeric) {
                 return Err(ReplyError::AuthCode);
             }
-            Ok(ProviderReply::Approved { auth_code: AuthCode(auth) })
+            Ok(AuthAnswer::Approved(AuthCode(auth)))
         }
-        ReplyMapping::Decline(reason) => Ok(ProviderReply::Declined { reason }),
-        ReplyMapping::Unavailable => {
-            Err(AdapterError::Unavailable(format!("iso8583 host answered response code {code}")))
+        ReplyMapping::Decline(reason) => Ok(AuthAnswer::Declined(reason)),
+        ReplyMapping::Unavailable => Err(unavailable(code)),
+        ReplyMapping::Timeout => Err(AdapterError::Timeout),
+    })
+}
+
+fn response_code(message: &Message) -> Result<&str, ReplyError> {
+    message.get_str(39).filter(|c| c.len() == 2).ok_or(ReplyError::ResponseCode)
+}
+
+fn unavailable(code: &str) -> AdapterError {
+    AdapterError::Unavailable(format!("iso8583 host answered response code {code}"))
+}
+
+/// Response codes with a meaning of their own in answers to lifecycle messages (captures,
+/// voids, refunds, reversals), before the dialect's table: `docs/ADAPTERS.md`, "Lifecycle".
+pub const LIFECYCLE_RESPONSE_CODES: [(&str, RefusalReason); 3] = [
+    ("12", RefusalReason::InvalidState),
+    ("13", RefusalReason::AmountInvalid),
+    ("25", RefusalReason::UnknownAuthorization),
+];
+
+/// The engine outcome of a matched answer to a lifecycle message sent as `sent`: the codes
+/// of [`LIFECYCLE_RESPONSE_CODES`] first, then the dialect's table (an approval code accepts;
+/// field 38 is not required).
+pub(crate) fn lifecycle_outcome(
+    dialect: &Dialect,
+    message: &Message,
+    sent: NetworkReference,
+) -> Result<Result<LifecycleReply, AdapterError>, ReplyError> {
+    let code = response_code(message)?;
+    if let Some((_, reason)) = LIFECYCLE_RESPONSE_CODES.iter().find(|(c, _)| *c == code) {
+        return Ok(Ok(LifecycleReply::Refused { reason: *reason }));
+    }
+    Ok(match dialect.response(code) {
+        ReplyMapping::Approve => Ok(LifecycleReply::Accepted { network: Some(sent) }),
+        ReplyMapping::Decline(reason) => {
+            Ok(LifecycleReply::Refused { reason: RefusalReason::Declined(reason) })
         }
+        ReplyMapping::Unavailable => Err(unavailable(code)),
         ReplyMapping::Timeout => Err(AdapterError::Timeout),
     })
 }
@@ -137,6 +185,60 @@ pub(crate) struct Original {
     /// The settlegate terminal ID, unmapped.
     pub(crate) terminal_full: String,
     pub(crate) token: Option<CardToken>,
+}
+
+impl Original {
+    /// The authorization `reference` names, rebuilt for a message that refers to it: its
+    /// identifiers, amount, currency, terminal and card token.
+    pub(crate) fn of_reference(
+        dialect: &Dialect,
+        reference: &AuthReference,
+    ) -> Result<Original, OriginalError> {
+        let network = reference.network.ok_or(OriginalError::NoNetwork)?;
+        let currency = currency_numeric(reference.currency).ok_or_else(|| {
+            OriginalError::Config(format!(
+                "iso8583: currency {} has no ISO 4217 numeric code in the adapter's table",
+                reference.currency
+            ))
+        })?;
+        if reference.amount_minor > AMOUNT_MINOR_MAX {
+            return Err(OriginalError::NoNetwork);
+        }
+        Ok(Original {
+            mti: network.mti,
+            stan: network.stan,
+            rrn: network.rrn,
+            transmitted: network.transmitted,
+            local: network.local,
+            amount: digits(reference.amount_minor),
+            currency: pad(currency.as_bytes()),
+            terminal: dialect.terminal(&reference.terminal_id).map_err(OriginalError::Config)?,
+            terminal_full: reference.terminal_id.clone(),
+            token: reference.card_token,
+        })
+    }
+
+    /// The identifiers of this message as sent, with field 90's `acquirer`.
+    pub(crate) fn network(&self, acquirer: [u8; 11]) -> NetworkReference {
+        NetworkReference {
+            mti: self.mti,
+            stan: self.stan,
+            rrn: self.rrn,
+            transmitted: self.transmitted,
+            local: self.local,
+            acquirer,
+        }
+    }
+}
+
+/// Why a reference cannot be turned back into the message it names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum OriginalError {
+    /// No network identifiers (not an authorization this adapter sent), or an amount no
+    /// ISO 8583 message could have carried: the host cannot know it.
+    NoNetwork,
+    /// The currency or terminal cannot be carried (as for an authorization).
+    Config(String),
 }
 
 /// Left-aligns `text` in a space-padded field of `N` bytes (callers check the length).
@@ -231,20 +333,107 @@ pub(crate) fn reversal_message(
     pan: Option<&str>,
     now: SystemTime,
 ) -> Result<Message, AdapterError> {
-    let mut message = Message::new(dialect.reversal_request_mti(repeat)).map_err(encoding)?;
+    let mti = dialect.reversal_request_mti(repeat);
+    referring_message(dialect, mti, original, stan, pan, now, dialect.acquirer())
+}
+
+/// A message that refers to `original` (a reversal, or another lifecycle message): under its
+/// own `stan` and transmission time, with the original's RRN, amount, currency and dialect
+/// fields, and field 90 naming the original.
+fn referring_message(
+    dialect: &Dialect,
+    mti: [u8; 4],
+    original: &Original,
+    stan: u32,
+    pan: Option<&str>,
+    now: SystemTime,
+    acquirer: [u8; 11],
+) -> Result<Message, AdapterError> {
+    let mut message = Message::new(mti).map_err(encoding)?;
     if let Some(pan) = pan {
         message.set(2, pan.as_bytes()).map_err(encoding)?;
     }
     common_fields(&mut message, dialect, original, stan, transmission_time(now))?;
-    // Field 90: original MTI, STAN, transmission date-time, acquiring and forwarding
-    // institution IDs (unused here: zeros).
+    message.set(90, original_data(original, acquirer)).map_err(encoding)?;
+    Ok(message)
+}
+
+/// Field 90, original data elements (ISO 8583:1987, n 42): the original's MTI, STAN and
+/// transmission date-time, its acquiring institution ID (field 32, eleven digits) and the
+/// forwarding institution's (not used here: zeros).
+fn original_data(original: &Original, acquirer: [u8; 11]) -> Vec<u8> {
     let mut data = Vec::with_capacity(42);
     data.extend_from_slice(&original.mti);
     data.extend_from_slice(&stan_text(original.stan));
     data.extend_from_slice(&original.transmitted);
-    data.extend_from_slice(&[b'0'; 22]);
-    message.set(90, data).map_err(encoding)?;
-    Ok(message)
+    data.extend_from_slice(&acquirer);
+    data.extend_from_slice(&[b'0'; 11]);
+    data
+}
+
+/// Processing code (field 3) of a refund: `20` (refund, "returns"), default accounts.
+pub const REFUND_PROCESSING_CODE: &[u8; 6] = b"200000";
+/// Field 39 of a void's 0400/0420: `17`, customer cancellation (a reversal of a timeout
+/// carries none, as before).
+pub const VOID_REASON_CODE: &[u8; 2] = b"17";
+
+/// The message carrying lifecycle `operation` on `original` (approved with `auth_code`)
+/// under its own `stan`, the MTI its answer must have, and its identifiers as sent:
+///
+/// - capture: the dialect's `capture_mti` (0220 advice, or 0200), amount captured, field 38;
+/// - void: 0400 (or 0420), the amount authorized, field 38, field 39 `17`;
+/// - refund: 0200 with processing code `200000`, amount refunded, field 38;
+/// - reversal: exactly the reversal of a timeout (0400 or 0420).
+///
+/// Each carries field 90 naming the original (with `acquirer`) and the original's RRN. A
+/// capture or refund carries its own local time (fields 12/13, when configured); a void or
+/// reversal the original's.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn lifecycle_message(
+    dialect: &Dialect,
+    operation: Operation,
+    original: &Original,
+    auth_code: Option<AuthCode>,
+    acquirer: [u8; 11],
+    stan: u32,
+    pan: Option<&str>,
+    now: SystemTime,
+) -> Result<(Message, [u8; 4], NetworkReference), AdapterError> {
+    let mut at_now = original.clone();
+    let (mti, expect, amount) = match operation {
+        Operation::Capture { amount_minor } => {
+            let (mti, expect) = dialect.capture_mtis();
+            (mti, expect, Some(amount_minor))
+        }
+        Operation::Refund { amount_minor } => (*b"0200", *b"0210", Some(amount_minor)),
+        Operation::Void | Operation::Reversal => {
+            (dialect.reversal_request_mti(false), dialect.reversal_response_mti(), None)
+        }
+    };
+    if let Some(amount_minor) = amount {
+        at_now.amount = digits(amount_minor);
+        at_now.local = dialect.local_time(now);
+    }
+    let mut message = referring_message(dialect, mti, &at_now, stan, pan, now, acquirer)?;
+    if operation != Operation::Reversal {
+        if let Some(AuthCode(code)) = auth_code {
+            message.set(38, code).map_err(encoding)?;
+        }
+    }
+    match operation {
+        Operation::Refund { .. } => message.set(3, *REFUND_PROCESSING_CODE).map_err(encoding)?,
+        Operation::Void => message.set(39, *VOID_REASON_CODE).map_err(encoding)?,
+        Operation::Capture { .. } | Operation::Reversal => {}
+    }
+    let sent = NetworkReference {
+        mti,
+        stan,
+        rrn: original.rrn,
+        transmitted: transmission_time(now),
+        local: at_now.local,
+        acquirer,
+    };
+    Ok((message, expect, sent))
 }
 
 fn encoding(error: CodecError) -> AdapterError {
@@ -363,10 +552,7 @@ mod tests {
         reply.set(38, *b"AB 12C").unwrap();
         assert_eq!(reply_outcome(&reply), Err(ReplyError::AuthCode));
         reply.set(38, *b"AB012C").unwrap();
-        assert_eq!(
-            reply_outcome(&reply),
-            Ok(Ok(ProviderReply::Approved { auth_code: AuthCode(*b"AB012C") }))
-        );
+        assert_eq!(reply_outcome(&reply), Ok(Ok(AuthAnswer::Approved(AuthCode(*b"AB012C")))));
     }
 
     #[test]

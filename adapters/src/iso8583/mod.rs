@@ -5,7 +5,8 @@
 //!
 //! - [`codec`]: bytes to [`codec::Message`] and back, no I/O; the field table.
 //! - `mapping`: settlegate requests to 0100/0200, 0400/0401 (or 0420/0421) and 0800 messages,
-//!   and response codes back to outcomes ([`RESPONSE_CODES`]).
+//!   lifecycle operations to 0220/0200/0400/0420 messages naming their original (field 90),
+//!   and response codes back to outcomes ([`RESPONSE_CODES`], [`LIFECYCLE_RESPONSE_CODES`]).
 //! - `dialect`: the configured dialect (the field table, field 41 mapping, RRN format,
 //!   response-code overrides, reversal MTI), checked and compiled; the 1987 layout by default,
 //!   pinned byte for byte by the `golden` test.
@@ -39,6 +40,12 @@
 //!   reply finds no entry and is dropped. An approval that arrives after the caller gave up
 //!   (the engine's deadline dropped the future) is reversed too.
 //!
+//! - A lifecycle operation ([`ProviderAdapter::lifecycle`]): a capture as 0220 (or 0200 with
+//!   `capture_mti = "0200"`), a void as 0400/0420 with field 39 `17`, a refund as 0200 with
+//!   processing code [`REFUND_PROCESSING_CODE`], a reversal as for a timeout; each under its
+//!   own STAN with the original's RRN and field 90. Answered once (no repeats): a timeout is
+//!   [`AdapterError::Timeout`], for the caller to ask again.
+//!
 //! The PAN is never logged, never part of an error, and masked in [`codec::Message`]'s
 //! `Debug`; the buffers that held it are zeroized once written.
 //!
@@ -68,18 +75,20 @@ pub use config::{
     Iso8583Config, MessageClass, DURATION_MS_LIMIT, IN_FLIGHT_LIMIT, REVERSAL_QUEUE_LIMIT, STAN_MAX,
 };
 pub use dialect::{
-    derived_terminal_id, FieldConfig, FieldSource, LongTerminalIds, Padding, ResponseOutcome,
-    ReversalMti, RrnFormat, ADAPTER_OWNED_FIELDS, LOCAL_OFFSET_MINUTES, TERMINAL_ID_FULL_LEN_MAX,
+    derived_terminal_id, CaptureMti, FieldConfig, FieldSource, LongTerminalIds, Padding,
+    ResponseOutcome, ReversalMti, RrnFormat, ADAPTER_OWNED_FIELDS, LOCAL_OFFSET_MINUTES,
+    TERMINAL_ID_FULL_LEN_MAX,
 };
 pub use mapping::{
     currency_numeric, response_mapping, ReplyMapping, AMOUNT_MINOR_MAX, CURRENCY_NUMERIC,
-    RESPONSE_CODES, TERMINAL_ID_LEN,
+    LIFECYCLE_RESPONSE_CODES, REFUND_PROCESSING_CODE, RESPONSE_CODES, TERMINAL_ID_LEN,
+    VOID_REASON_CODE,
 };
 pub use tls::TlsConfig;
 
 use crate::{
-    AdapterError, AuthorizationRequest, DeclineReason, Detokenizer, MeansKind, ProviderAdapter,
-    ProviderReply,
+    AdapterError, AuthorizationRequest, DeclineReason, Detokenizer, LifecycleReply,
+    LifecycleRequest, MeansKind, Operation, ProviderAdapter, ProviderReply, RefusalReason,
 };
 
 /// The link's state as requests see it.
@@ -138,6 +147,10 @@ pub struct Iso8583Stats {
     pub breaker_opened: u64,
     /// Times the breaker closed again.
     pub breaker_closed: u64,
+    /// Lifecycle operations (captures, voids, refunds, reversals asked for) the host accepted.
+    pub operations_accepted: u64,
+    /// Lifecycle operations the host refused.
+    pub operations_refused: u64,
 }
 
 /// The counters, shared with the connection task.
@@ -155,6 +168,8 @@ pub(crate) struct Counters {
     echoes_ok: AtomicU64,
     breaker_opened: AtomicU64,
     breaker_closed: AtomicU64,
+    operations_accepted: AtomicU64,
+    operations_refused: AtomicU64,
 }
 
 impl Counters {
@@ -173,6 +188,8 @@ impl Counters {
             echoes_ok: get(&self.echoes_ok),
             breaker_opened: get(&self.breaker_opened),
             breaker_closed: get(&self.breaker_closed),
+            operations_accepted: get(&self.operations_accepted),
+            operations_refused: get(&self.operations_refused),
         }
     }
 }
@@ -190,11 +207,31 @@ pub(crate) struct Shared {
     reversals_pending: AtomicU64,
 }
 
-/// An authorization handed to the connection task. Not `Debug`: it holds the PAN.
-pub(crate) struct Submission {
-    pub(crate) request: AuthorizationRequest,
-    pub(crate) pan: Zeroizing<String>,
-    pub(crate) reply: oneshot::Sender<Result<ProviderReply, AdapterError>>,
+/// Work handed to the connection task. Not `Debug`: it holds the PAN.
+pub(crate) enum Submission {
+    /// An authorization.
+    Authorize {
+        request: AuthorizationRequest,
+        pan: Zeroizing<String>,
+        reply: oneshot::Sender<Result<ProviderReply, AdapterError>>,
+    },
+    /// A capture, void, refund or reversal of `original` (rebuilt from the request's reference).
+    Lifecycle {
+        request: LifecycleRequest,
+        original: mapping::Original,
+        pan: Option<Zeroizing<String>>,
+        reply: oneshot::Sender<Result<LifecycleReply, AdapterError>>,
+    },
+}
+
+impl Submission {
+    /// Answers it with `error`, unsent.
+    pub(crate) fn fail(self, error: AdapterError) {
+        match self {
+            Submission::Authorize { reply, .. } => drop(reply.send(Err(error))),
+            Submission::Lifecycle { reply, .. } => drop(reply.send(Err(error))),
+        }
+    }
 }
 
 /// The ISO 8583 adapter. Cheap to share; dropping the last handle stops its connection.
@@ -278,6 +315,61 @@ impl Iso8583Adapter {
         }
         link_unavailable(self.status(), &self.host_addr).map(Err)
     }
+
+    /// Queues `submission` for the connection task and waits for its answer.
+    fn submit<T: Send + 'static>(
+        &self,
+        submission: Submission,
+        answer: oneshot::Receiver<Result<T, AdapterError>>,
+    ) -> BoxFuture<'static, Result<T, AdapterError>> {
+        if let Err(error) = self.submissions.try_send(submission) {
+            let message = match error {
+                mpsc::error::TrySendError::Full(_) => "iso8583: submission queue full",
+                mpsc::error::TrySendError::Closed(_) => "iso8583: adapter stopped",
+            };
+            return futures::future::ready(Err(AdapterError::Unavailable(message.into()))).boxed();
+        }
+        async move {
+            answer.await.unwrap_or_else(|_| {
+                Err(AdapterError::Unavailable("iso8583: adapter stopped".into()))
+            })
+        }
+        .boxed()
+    }
+
+    /// A lifecycle request checked and rebuilt into the original it names, or its answer
+    /// without the host.
+    fn lifecycle_precheck(
+        &self,
+        request: &LifecycleRequest,
+    ) -> Result<mapping::Original, Result<LifecycleReply, AdapterError>> {
+        let refused = |reason| Err(Ok(LifecycleReply::Refused { reason }));
+        let authorization = &request.authorization;
+        // Captures, voids and refunds name an approval; a reversal may name an unanswered one.
+        if authorization.auth_code.is_none() && request.operation != Operation::Reversal {
+            return refused(RefusalReason::UnknownAuthorization);
+        }
+        if let Operation::Capture { amount_minor } | Operation::Refund { amount_minor } =
+            request.operation
+        {
+            if amount_minor > AMOUNT_MINOR_MAX {
+                return refused(RefusalReason::AmountInvalid);
+            }
+        }
+        let original = match mapping::Original::of_reference(&self.dialect, authorization) {
+            Ok(original) => original,
+            Err(mapping::OriginalError::NoNetwork) => {
+                return refused(RefusalReason::UnknownAuthorization);
+            }
+            Err(mapping::OriginalError::Config(error)) => {
+                return Err(Err(AdapterError::Config(error)))
+            }
+        };
+        match link_unavailable(self.status(), &self.host_addr) {
+            Some(error) => Err(Err(error)),
+            None => Ok(original),
+        }
+    }
 }
 
 /// The fail-fast error for a link in `status`, or `None` when it is ready.
@@ -327,19 +419,21 @@ impl ProviderAdapter for Iso8583Adapter {
             return futures::future::ready(Ok(ProviderReply::Declined { reason })).boxed();
         };
         let (reply, answer) = oneshot::channel();
-        let submission = Submission { request, pan, reply };
-        if let Err(error) = self.submissions.try_send(submission) {
-            let message = match error {
-                mpsc::error::TrySendError::Full(_) => "iso8583: submission queue full",
-                mpsc::error::TrySendError::Closed(_) => "iso8583: adapter stopped",
-            };
-            return futures::future::ready(Err(AdapterError::Unavailable(message.into()))).boxed();
-        }
-        async move {
-            answer.await.unwrap_or_else(|_| {
-                Err(AdapterError::Unavailable("iso8583: adapter stopped".into()))
-            })
-        }
-        .boxed()
+        self.submit(Submission::Authorize { request, pan, reply }, answer)
+    }
+
+    fn lifecycle(
+        &self,
+        request: LifecycleRequest,
+    ) -> BoxFuture<'static, Result<LifecycleReply, AdapterError>> {
+        let original = match self.lifecycle_precheck(&request) {
+            Ok(original) => original,
+            Err(outcome) => return futures::future::ready(outcome).boxed(),
+        };
+        // The PAN goes in field 2 when the vault still has it (as for a reversal).
+        let pan = original.token.as_ref().and_then(|token| self.detokenizer.reveal(token));
+        let pan = pan.filter(|pan| pan_valid(pan));
+        let (reply, answer) = oneshot::channel();
+        self.submit(Submission::Lifecycle { request, original, pan, reply }, answer)
     }
 }

@@ -9,7 +9,10 @@ use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use settlegate_adapters::iso8583::{Iso8583Adapter, Iso8583Config, LinkStatus};
-use settlegate_adapters::{AuthorizationRequest, CardToken, Currency, Detokenizer, MeansKind};
+use settlegate_adapters::{
+    AdapterError, AuthCode, AuthorizationRequest, CardToken, Currency, DeclineReason, Detokenizer,
+    MeansKind, ProviderReply,
+};
 use zeroize::Zeroizing;
 
 /// Generous bound for "eventually" conditions on a noisy shared machine.
@@ -86,6 +89,28 @@ impl Host {
             .and_then(|p| p.trim().parse().ok())
             .unwrap_or_else(|| panic!("simulator did not start: {line:?}"));
         Host { child, port, ledger: ledger.map(Path::to_path_buf) }
+    }
+
+    /// Starts the simulator on a free port in `dir`, with its ledger (`ledger.jsonl`) and its
+    /// tally (`tally.json`, [`Host::tally`]).
+    pub fn spawn_tallying(dir: &Path) -> Host {
+        let tally = dir.join("tally.json");
+        let args = [std::ffi::OsStr::new("--tally-file"), tally.as_os_str()];
+        Host::spawn_with(0, Some(&dir.join("ledger.jsonl")), &args)
+    }
+
+    /// The host's tally of authorizations (`--tally-file`, next to the ledger).
+    pub fn tally(&self) -> serde_json::Value {
+        let ledger = self.ledger.as_ref().expect("host started with a ledger");
+        let text = std::fs::read_to_string(ledger.with_file_name("tally.json")).expect("tally");
+        serde_json::from_str(&text).expect("tally is JSON")
+    }
+
+    /// The tally's entry for the authorization with RRN `rrn`.
+    pub fn held(&self, rrn: &str) -> Option<serde_json::Value> {
+        let tally = self.tally();
+        let holds = tally["authorizations"].as_array().expect("authorizations");
+        holds.iter().find(|h| h["rrn"] == rrn).cloned()
     }
 
     /// Kills the simulator at once (SIGKILL) and reaps it.
@@ -219,4 +244,30 @@ impl std::io::Write for Capture {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+}
+
+/// An expected authorization outcome, compared with an adapter's answer leaving out the
+/// approval's reference (its STAN, RRN and times differ per run; tests check them apart).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Expect(pub Result<Result<AuthCode, DeclineReason>, AdapterError>);
+
+impl PartialEq<Expect> for Result<ProviderReply, AdapterError> {
+    fn eq(&self, expected: &Expect) -> bool {
+        let actual = match self {
+            Ok(ProviderReply::Approved { auth_code, .. }) => Ok(Ok(*auth_code)),
+            Ok(ProviderReply::Declined { reason }) => Ok(Err(*reason)),
+            Err(error) => Err(error.clone()),
+        };
+        actual == expected.0
+    }
+}
+
+/// An approval with authorization code `code`.
+pub fn approved(code: &[u8; 6]) -> Expect {
+    Expect(Ok(Ok(AuthCode(*code))))
+}
+
+/// A decline for `reason`.
+pub fn declined(reason: DeclineReason) -> Expect {
+    Expect(Ok(Err(reason)))
 }
