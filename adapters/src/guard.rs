@@ -204,7 +204,7 @@ mod tests {
         ));
         let far = || Instant::now() + Duration::from_secs(60);
         let reply = guarded.authorize(request(), far()).await.unwrap();
-        let reference = reply.reference().unwrap().clone();
+        let reference = reply.reference(&request()).unwrap();
         let capture = crate::LifecycleRequest::capture(9, reference.clone(), 1);
         let first = tokio::spawn({
             let guarded = Arc::clone(&guarded);

@@ -49,8 +49,8 @@ pub trait ProviderAdapter: Send + Sync + 'static {
     /// A short name for logs and metrics (never contains secrets).
     fn name(&self) -> &str;
 
-    /// Requests an authorization. An approval carries the [`AuthReference`] that later
-    /// operations on it must hand back.
+    /// Requests an authorization. An approval, with its request, makes the [`AuthReference`]
+    /// that later operations on it must hand back ([`ProviderReply::reference`]).
     fn authorize(
         &self,
         request: AuthorizationRequest,

@@ -341,7 +341,7 @@ impl Simulated {
         } else if roll < config.failure_rate + config.decline_rate {
             Ok(ProviderReply::Declined { reason: DeclineReason::DoNotHonor })
         } else {
-            Ok(ProviderReply::approved(request, auth_code_random(&mut rng)))
+            Ok(ProviderReply::approved(auth_code_random(&mut rng)))
         };
         (latency, result)
     }
@@ -478,7 +478,8 @@ mod tests {
     /// Authorizes `amount_minor` as dispatch `dispatch_id` and hands back the reference.
     fn approve(sim: &Simulated, dispatch_id: u64, amount_minor: u64) -> AuthReference {
         let reply = futures::executor::block_on(sim.authorize(request(dispatch_id, amount_minor)));
-        reply.expect("answered").reference().expect("approved").clone()
+        let reply = reply.expect("answered");
+        reply.reference(&request(dispatch_id, amount_minor)).expect("approved")
     }
 
     fn run(sim: &Simulated, id: u64, auth: &AuthReference, operation: Operation) -> LifecycleReply {
@@ -611,11 +612,10 @@ mod tests {
         let mut failures = 0;
         for id in 0..200u64 {
             let request = request(id, 100);
-            let (Ok(ProviderReply::Approved { reference, .. }), _) =
-                (a.answer(&request).1, b.answer(&request).1)
-            else {
+            let (Ok(approved), _) = (a.answer(&request).1, b.answer(&request).1) else {
                 continue;
             };
+            let Some(reference) = approved.reference(&request) else { continue };
             let capture = LifecycleRequest::capture(1_000 + id, reference, 100);
             let (first, second) = (a.operate(&capture), b.operate(&capture));
             assert_eq!(first, second, "same seed, same operation: same draw");
@@ -660,10 +660,8 @@ mod tests {
                 let mut refs = Vec::new();
                 for (i, amount) in amounts.iter().enumerate() {
                     let id = i as u64 + 1;
-                    if let (_, Ok(ProviderReply::Approved { reference, .. })) =
-                        sim.answer(&request(id, *amount))
-                    {
-                        refs.push(reference);
+                    if let (_, Ok(reply)) = sim.answer(&request(id, *amount)) {
+                        refs.extend(reply.reference(&request(id, *amount)));
                     }
                 }
                 prop_assume!(!refs.is_empty());

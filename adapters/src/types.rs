@@ -33,9 +33,12 @@ pub enum ProviderReply {
     Approved {
         /// Authorization code.
         auth_code: AuthCode,
-        /// What the provider needs to match a later capture, void, refund or reversal to this
-        /// authorization ([`ProviderAdapter::lifecycle`](crate::ProviderAdapter::lifecycle)).
-        reference: AuthReference,
+        /// The identifiers a network adapter assigned the authorization (ISO 8583); `None`
+        /// for providers that need none. With the request, they make the reference a later
+        /// capture, void, refund or reversal names ([`ProviderReply::reference`]): built
+        /// only when wanted, so that an approval on the payment's path carries no copy of the
+        /// request (and boxed: an answer on that path stays a few bytes).
+        network: Option<Box<NetworkReference>>,
     },
     /// Declined by the provider, with its reason.
     Declined {
@@ -74,11 +77,10 @@ pub enum AdapterError {
 }
 
 impl ProviderReply {
-    /// An approval of `request` with `auth_code`, and no network identifiers: for adapters
-    /// whose provider identifies an authorization by the engine's dispatch ID alone.
-    pub fn approved(request: &AuthorizationRequest, auth_code: AuthCode) -> ProviderReply {
-        let reference = AuthReference::of(request, Some(auth_code), None);
-        ProviderReply::Approved { auth_code, reference }
+    /// An approval with `auth_code`, and no network identifiers: for adapters whose provider
+    /// identifies an authorization by the engine's dispatch ID alone.
+    pub fn approved(auth_code: AuthCode) -> ProviderReply {
+        ProviderReply::Approved { auth_code, network: None }
     }
 
     /// The authorization code of an approval.
@@ -89,10 +91,14 @@ impl ProviderReply {
         }
     }
 
-    /// The reference of an approval.
-    pub fn reference(&self) -> Option<&AuthReference> {
+    /// The reference of an approval of `request`: what the provider needs to match a later
+    /// capture, void, refund or reversal to it
+    /// ([`ProviderAdapter::lifecycle`](crate::ProviderAdapter::lifecycle)).
+    pub fn reference(&self, request: &AuthorizationRequest) -> Option<AuthReference> {
         match self {
-            ProviderReply::Approved { reference, .. } => Some(reference),
+            ProviderReply::Approved { auth_code, network } => {
+                Some(AuthReference::of(request, Some(*auth_code), network.as_deref().copied()))
+            }
             ProviderReply::Declined { .. } => None,
         }
     }
@@ -102,7 +108,7 @@ impl ProviderReply {
 /// reversal needs to be matched to it. A plain value (integers, byte arrays, one string),
 /// meant to be kept with the payment (in the engine's log) and handed back unchanged.
 ///
-/// Every approval carries one ([`ProviderReply::Approved`]). [`AuthReference::of`] builds one
+/// Every approval makes one ([`ProviderReply::reference`]). [`AuthReference::of`] builds one
 /// from the request alone, for reversing an authorization whose answer never came: enough for
 /// the simulator, which knows authorizations by dispatch ID; an ISO 8583 host also needs the
 /// [`network`](AuthReference::network) identifiers the adapter assigned.

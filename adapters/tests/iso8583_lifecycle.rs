@@ -35,8 +35,9 @@ async fn setup(tune: impl FnOnce(Iso8583Config) -> Iso8583Config) -> Setup {
 
 /// Authorizes `amount` (approved by the host) and hands back the reference.
 async fn approve(adapter: &dyn ProviderAdapter, dispatch_id: u64, amount: u64) -> AuthReference {
-    match adapter.authorize(card(dispatch_id, amount)).await {
-        Ok(ProviderReply::Approved { reference, .. }) => reference,
+    let request = card(dispatch_id, amount);
+    match adapter.authorize(request.clone()).await {
+        Ok(reply @ ProviderReply::Approved { .. }) => reply.reference(&request).expect("approved"),
         other => panic!("authorization of {amount}: {other:?}"),
     }
 }

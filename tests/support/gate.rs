@@ -29,7 +29,7 @@ pub struct Asked {
 impl Asked {
     /// Approves it with `auth_code`.
     pub fn approve(self, auth_code: [u8; 6]) {
-        let reply = ProviderReply::approved(&self.request, AuthCode(auth_code));
+        let reply = ProviderReply::approved(AuthCode(auth_code));
         let _ = self.answer.send(Ok(reply));
     }
 

@@ -614,9 +614,8 @@ impl Session {
                 {
                     let outcome = outcome.map(|answer| match answer {
                         mapping::AuthAnswer::Approved(auth_code) => {
-                            let reference =
-                                AuthReference { auth_code: Some(auth_code), ..reference };
-                            ProviderReply::Approved { auth_code, reference }
+                            let network = reference.network.map(Box::new);
+                            ProviderReply::Approved { auth_code, network }
                         }
                         mapping::AuthAnswer::Declined(reason) => ProviderReply::Declined { reason },
                     });

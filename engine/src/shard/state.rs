@@ -293,16 +293,14 @@ impl Dispatch {
         match answer {
             // The reference (for captures, voids, refunds and reversals at the provider) is not
             // kept yet: the engine records captures and releases without forwarding them.
-            Ok(ProviderReply::Approved { auth_code, reference: _ }) => {
-                AuthOutcome::Approved(Approval {
-                    auth_code,
-                    provider_code: self.provider_code,
-                    amount_requested_minor: self.amount_requested_minor,
-                    discount_minor: self.discount_minor,
-                    amount_final_minor: self.amount_final_minor(),
-                    currency: self.currency,
-                })
-            }
+            Ok(ProviderReply::Approved { auth_code, .. }) => AuthOutcome::Approved(Approval {
+                auth_code,
+                provider_code: self.provider_code,
+                amount_requested_minor: self.amount_requested_minor,
+                discount_minor: self.discount_minor,
+                amount_final_minor: self.amount_final_minor(),
+                currency: self.currency,
+            }),
             Ok(ProviderReply::Declined { reason }) => AuthOutcome::Declined(match reason {
                 DeclineReason::InsufficientFunds => ReasonCode::ProviderInsufficientFunds,
                 DeclineReason::DoNotHonor => ReasonCode::ProviderDoNotHonor,
