@@ -96,8 +96,17 @@ purge_after_ms = {purge_ms}
 
     fn start(&mut self) {
         assert!(self.child.is_none(), "{} runs already", self.name);
-        let log = std::fs::File::create(self.config.with_extension("log")).unwrap();
-        let (child, addr, http) = spawn_binary_serving(&self.config, "warn", log.into());
+        let log_path = self.config.with_extension("log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let spawned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            spawn_binary_serving(&self.config, "warn", log.into())
+        }));
+        // A node that did not come up says why in its log, which goes with the test's
+        // temporary directory: shown here.
+        let (child, addr, http) = spawned.unwrap_or_else(|_| {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            panic!("node {} did not start ({}); its log:\n{log}", self.name, self.addr)
+        });
         assert_eq!((addr, http), (self.addr, self.http));
         self.child = Some(child);
     }
