@@ -179,7 +179,7 @@ pub(crate) fn recover_shards(
         // is rewritten in this format, whole, before anything is appended to it (below).
         let old = shard.log.version.is_some_and(|v| v < wal::FORMAT_VERSION);
         rewrites.push(shard.rewrite.or_else(|| (old || shard.consolidate).then(Vec::new)));
-        since_snapshot.push(shard.records);
+        since_snapshot.push((shard.envelopes.len() + shard.applied) as u64);
         streamed += shard.applied;
         logs.push(shard.log);
         generations.push(shard.generation);
@@ -291,11 +291,10 @@ struct LoadedShard {
     log: wal::ReadLog<Logged>,
     /// The log's records as commands, in order: what remains to replay (none once streamed).
     envelopes: Vec<Envelope>,
-    /// Commands applied already, while the log was read ([`Reading::Stream`]).
+    /// Commands applied already, while the log was read ([`Reading::Stream`]). With
+    /// `envelopes`, the records the log holds after the snapshot (those of the previous log
+    /// too, when the two are rewritten as one): where the count toward the next snapshot starts.
     applied: usize,
-    /// The records the log holds after the snapshot (those of the previous log too, when the
-    /// two are rewritten as one): where the count toward the next snapshot starts.
-    records: u64,
     /// The records to rewrite the log with, encoded while they were applied (a previous log
     /// and the log joined, read as a stream).
     rewrite: Option<Vec<rkyv::util::AlignedVec>>,
@@ -418,22 +417,15 @@ fn load_shard(
             Some(log) => {
                 let plan = plan?;
                 let (mut log, mut envelopes) = log?;
-                let (generation, prev_envelopes) = (plan.generation, plan.prev_envelopes);
-                if plan.prev_needed {
-                    let mut all = prev_envelopes;
-                    all.append(&mut envelopes);
-                    envelopes = all;
-                    log.generation = Some(generation);
-                }
+                plan.settle(&mut log);
                 if !plan.keep_log {
                     envelopes.clear();
-                    log.valid_len = 0;
-                    log.torn_bytes = 0;
                 }
+                let (generation, mut all) = (plan.generation, plan.prev_envelopes);
+                all.append(&mut envelopes);
                 Ok(LoadedShard {
                     log,
-                    records: envelopes.len() as u64,
-                    envelopes,
+                    envelopes: all,
                     applied: 0,
                     rewrite: None,
                     generation,
@@ -442,7 +434,7 @@ fn load_shard(
                 })
             }
             None => {
-                let plan = match plan {
+                let mut plan = match plan {
                     Ok(plan) => plan,
                     Err(error) => {
                         // Stops the reader at its next chunk.
@@ -452,7 +444,7 @@ fn load_shard(
                 };
                 // Joined with the log, the previous one is rewritten with it (`recover_shards`).
                 let mut rewrite = plan.prev_needed.then(Vec::new);
-                let mut prev = plan.prev_envelopes;
+                let mut prev = std::mem::take(&mut plan.prev_envelopes);
                 let mut applied = apply_in_order(state, &mut prev, &mut rewrite);
                 for mut chunk in applying {
                     // A log older than the snapshot is still read whole (and checked), not
@@ -465,17 +457,10 @@ fn load_shard(
                 }
                 let reader = log_reader.expect("streamed, so not joined yet");
                 let (mut log, _) = reader.join().expect("log reader panicked")?;
-                if plan.prev_needed {
-                    log.generation = Some(plan.generation);
-                }
-                if !plan.keep_log {
-                    log.valid_len = 0;
-                    log.torn_bytes = 0;
-                }
+                plan.settle(&mut log);
                 Ok(LoadedShard {
                     log,
                     envelopes: Vec::new(),
-                    records: applied as u64,
                     applied,
                     rewrite,
                     generation: plan.generation,
@@ -524,6 +509,20 @@ struct ReplayPlan {
     keep_log: bool,
     /// Whether a previous log older than the snapshot is there, to remove.
     stale_prev: bool,
+}
+
+impl ReplayPlan {
+    /// The log's extent as the plan has it: of the snapshot's generation when the previous log
+    /// joins it, and empty (started afresh) when the snapshot covers it.
+    fn settle(&self, log: &mut wal::ReadLog<Logged>) {
+        if self.prev_needed {
+            log.generation = Some(self.generation);
+        }
+        if !self.keep_log {
+            log.valid_len = 0;
+            log.torn_bytes = 0;
+        }
+    }
 }
 
 /// Decides what follows shard's `snapshot` (`restored` into its state, or why not): the
@@ -614,22 +613,34 @@ fn read_commands(
     let mut log = wal::read_records::<Logged>(path, index, count)
         .map_err(|e| EngineError::Storage(e.to_string()))?;
     let records = std::mem::take(&mut log.records);
-    let mut key_checked = false;
+    let mut commands = Commands { vault, key_checked: false };
     let envelopes = records
         .into_iter()
         .enumerate()
         .map(|(i, record)| {
-            let error = |e: RecordError| {
-                EngineError::Storage(format!("{}: record {i}: {e}", path.display()))
-            };
-            let envelope = record.into_envelope(vault).map_err(error)?;
-            if !key_checked {
-                key_checked = envelope.command.check_key(vault).map_err(error)?;
-            }
-            Ok(envelope)
+            commands
+                .of(record)
+                .map_err(|e| EngineError::Storage(format!("{}: record {i}: {e}", path.display())))
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok((log, envelopes))
+}
+
+/// Turns a log's records into commands, and checks the first device key one carries against
+/// the vault key (`Command::check_key`).
+struct Commands<'a> {
+    vault: &'a Vault,
+    key_checked: bool,
+}
+
+impl Commands<'_> {
+    fn of(&mut self, record: Logged) -> Result<Envelope, RecordError> {
+        let envelope = record.into_envelope(self.vault)?;
+        if !self.key_checked {
+            self.key_checked = envelope.command.check_key(self.vault)?;
+        }
+        Ok(envelope)
+    }
 }
 
 /// Reads shard `index` of `count`'s log of [`RESOLVED_FORMAT`] on, sending its commands to
@@ -654,13 +665,10 @@ fn stream_commands(
         detail,
     };
     let mut chunk = Vec::with_capacity(REPLAY_CHUNK);
-    let (mut stopped, mut key_checked) = (false, false);
+    let mut stopped = false;
+    let mut commands = Commands { vault, key_checked: false };
     let log = wal::parse_records_with::<Logged>(path, &bytes, index, count, |offset, record| {
-        let envelope = record.into_envelope(vault).map_err(|e| corrupt(offset, e.to_string()))?;
-        if !key_checked {
-            key_checked =
-                envelope.command.check_key(vault).map_err(|e| corrupt(offset, e.to_string()))?;
-        }
+        let envelope = commands.of(record).map_err(|e| corrupt(offset, e.to_string()))?;
         if !envelope.command.is_resolved() {
             let detail = "a command without what it read outside its shard, in a log whose \
                           format promises it"

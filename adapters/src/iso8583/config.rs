@@ -216,17 +216,19 @@ impl Iso8583Config {
     }
 }
 
+/// A valid config for the unit tests: a host on loopback, the defaults otherwise.
+#[cfg(test)]
+pub(crate) fn valid() -> Iso8583Config {
+    Iso8583Config {
+        host_addr: "127.0.0.1:8583".into(),
+        merchant_id: "MERCHANT01".into(),
+        ..Iso8583Config::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn valid() -> Iso8583Config {
-        Iso8583Config {
-            host_addr: "127.0.0.1:8583".into(),
-            merchant_id: "MERCHANT01".into(),
-            ..Iso8583Config::default()
-        }
-    }
 
     #[test]
     fn defaults_need_only_host_and_merchant() {

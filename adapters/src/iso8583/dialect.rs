@@ -534,13 +534,7 @@ mod tests {
 
     use super::*;
 
-    fn base() -> Iso8583Config {
-        Iso8583Config {
-            host_addr: "127.0.0.1:8583".into(),
-            merchant_id: "MERCHANT01".into(),
-            ..Iso8583Config::default()
-        }
-    }
+    use crate::iso8583::config::valid as base;
 
     fn with(toml_keys: &str) -> Result<Dialect, String> {
         let text =

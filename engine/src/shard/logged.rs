@@ -86,18 +86,11 @@ impl Command {
     /// but checks the first of each log, so that data written under another vault key is
     /// refused at start.
     pub(crate) fn check_key(&self, vault: &Vault) -> Result<bool, RecordError> {
-        match self {
-            Command::Enroll { idm, key, .. }
-            | Command::ProvisionDevice { idm, key, .. }
-            | Command::RotateDeviceKey { idm, key, .. }
-            | Command::RevokeDeviceKey { idm, key, .. } => {
-                if key.plain.is_none() {
-                    open_key(vault, &key.sealed, idm)?;
-                }
-                Ok(true)
-            }
-            _ => Ok(false),
+        let Some((idm, key)) = self.issued_key() else { return Ok(false) };
+        if key.plain.is_none() {
+            open_key(vault, &key.sealed, &idm)?;
         }
+        Ok(true)
     }
 }
 

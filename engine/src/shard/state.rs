@@ -724,11 +724,16 @@ impl Command {
     /// The IDm of the device whose key this command issues, if it issues one: an enrollment
     /// record keeps the key sealed to it ([`IdemState::SealedKey`]).
     pub(crate) fn issued_key_idm(&self) -> Option<Idm> {
+        self.issued_key().map(|(idm, _)| idm)
+    }
+
+    /// The device key this command issues, and its device's IDm, if it issues one.
+    pub(crate) fn issued_key(&self) -> Option<(Idm, &NewDeviceKey)> {
         match self {
-            Command::Enroll { idm, .. }
-            | Command::ProvisionDevice { idm, .. }
-            | Command::RotateDeviceKey { idm, .. }
-            | Command::RevokeDeviceKey { idm, .. } => Some(*idm),
+            Command::Enroll { idm, key, .. }
+            | Command::ProvisionDevice { idm, key, .. }
+            | Command::RotateDeviceKey { idm, key, .. }
+            | Command::RevokeDeviceKey { idm, key, .. } => Some((*idm, key)),
             _ => None,
         }
     }

@@ -20,8 +20,9 @@
 //! travel the same queue, so they cannot overtake a write they observed either.
 //!
 //! **Recovery** (`startup.rs`) reads each shard's log on a thread of its own and applies its
-//! commands through the same `ShardState::apply` while it reads (logs of older formats are read
-//! whole first, and shards replayed interleaved by the commands' timestamps). A torn last record (a crash mid-write) is cut off, and its bytes kept in a side file
+//! commands through the same `ShardState::apply` while it reads (logs of older formats are
+//! read whole first, and shards replayed interleaved by the commands' timestamps). A torn last
+//! record (a crash mid-write) is cut off, and its bytes kept in a side file
 //! beside the log; a record that fails its checksum or does not decode anywhere else, a length
 //! over the maximum, or a record that looks torn but has a whole record after it stops
 //! recovery with an error naming the file and offset (`parse_records`).
@@ -463,7 +464,7 @@ pub(crate) fn map_log(path: &Path) -> Result<LogBytes, StorageError> {
     };
     let len = file.metadata().map_err(io_error(path))?.len();
     if len < FILE_HEADER_LEN as u64 {
-        return std::fs::read(path).map(LogBytes::Read).map_err(io_error(path));
+        return read_log_bytes(path);
     }
     // SAFETY: nothing cuts a log short while recovery reads it (above); the map is read only.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io_error(path))?;
