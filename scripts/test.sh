@@ -20,6 +20,10 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 # The crates an embedder depends on package and build from their packages alone (cargo packages
 # them together, each workspace dependency from its own package).
 echo "== cargo package: settlegate-types, -adapters, -protocol, -engine"
+# Cargo unpacks each sibling package into $CARGO_HOME/registry/src/-<hash>/, <hash> fixed by the
+# workspace's path, and never unpacks the same name and version there again: a machine that
+# packaged this checkout's path before would verify against the old sources. Drop them first.
+rm -rf "${CARGO_HOME:-$HOME/.cargo}"/registry/src/-*/settlegate-*
 cargo package --quiet --allow-dirty -p settlegate-types -p settlegate-adapters \
   -p settlegate-protocol -p settlegate-engine
 
