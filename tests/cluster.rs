@@ -98,8 +98,10 @@ purge_after_ms = {purge_ms}
         assert!(self.child.is_none(), "{} runs already", self.name);
         let log_path = self.config.with_extension("log");
         let log = std::fs::File::create(&log_path).unwrap();
+        // At `info`, the log says when each partition was handed over and taken, and how long
+        // each took (shown by the planned-move test, and by any failing test's dump).
         let spawned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            spawn_binary_serving(&self.config, "warn", log.into())
+            spawn_binary_serving(&self.config, "info", log.into())
         }));
         // A node that did not come up says why in its log, which goes with the test's
         // temporary directory: shown here.
@@ -906,6 +908,14 @@ async fn planned_moves_under_load_cost_only_busy_retries() {
         "planned moves: {} payments acknowledged; per partition, from the move's start to the new owner's first turn: {unavailable:?}",
         ledger.payments.len()
     );
+    for node in &cluster.nodes {
+        let log = std::fs::read_to_string(node.config.with_extension("log")).unwrap_or_default();
+        for line in
+            log.lines().filter(|l| l.contains("handed over") || l.contains("partition taken"))
+        {
+            eprintln!("{}: {line}", node.name);
+        }
+    }
 }
 
 /// A standby paused longer than the purge delay finds the messages it needs next purged from

@@ -300,8 +300,17 @@ pub(super) async fn run(
         tokio::select! {
             _ = tick.tick() => {}
             change = async { changes.as_mut()?.next().await }, if changes.is_some() => {
-                if change.is_none_or(|c| c.is_err()) {
-                    changes = cx.owners.watch_all().await.ok();
+                match change {
+                    Some(Ok(entry)) => {
+                        // A hand-over naming this node is taken from the change itself, without
+                        // waiting for a round to read every heartbeat and partition first.
+                        let settled = membership.started.elapsed()
+                            >= Duration::from_millis(cx.config.settle_ms);
+                        if settled && cx.take_if_named(&entry) {
+                            continue;
+                        }
+                    }
+                    _ => changes = cx.owners.watch_all().await.ok(),
                 }
             }
             command = commands.recv() => match command {
@@ -458,24 +467,53 @@ impl Context {
             }
         }
         for (partition, revision, epoch) in to_take {
-            // Marked before the task starts, so the next round does not start another.
-            self.partitions.set_role(partition, Role::Taking);
-            let cx = Arc::clone(self);
-            tokio::spawn(async move {
-                if let Err(error) = cx.take(partition, revision, epoch).await {
-                    tracing::warn!(partition, %error, "takeover failed");
-                    if cx.partitions.role(partition) == Role::Taking {
-                        // Not fenced: still a standby (the table may name this node; the next
-                        // round then takes it again, at a new epoch).
-                        cx.partitions.set_role(partition, Role::Standby);
-                        if !cx.tail_running(partition) {
-                            cx.start_tail(partition);
-                        }
-                    }
-                }
-            });
+            self.spawn_take(partition, revision, epoch);
         }
         Ok(())
+    }
+
+    /// Takes the partition a change of the table names this node the owner of, if this node
+    /// is its standby here (a planned hand-over to this node, or this node's own restart
+    /// claim); returns whether it did. The same decision a round makes for such an entry.
+    fn take_if_named(self: &Arc<Self>, entry: &kv::Entry) -> bool {
+        let Some(partition) = entry.key.strip_prefix('p').and_then(|n| n.parse::<usize>().ok())
+        else {
+            return false;
+        };
+        if partition >= self.partitions.slots.len()
+            || entry.operation != kv::Operation::Put
+            || self.partitions.role(partition) != Role::Standby
+        {
+            return false;
+        }
+        match serde_json::from_slice::<Owner>(&entry.value) {
+            Ok(owner) if owner.node == self.config.node => {
+                self.spawn_take(partition, entry.revision, owner.epoch);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Takes `partition` in a task of its own ([`Context::take`]); a takeover that fails
+    /// before its fence leaves this node its standby.
+    fn spawn_take(self: &Arc<Self>, partition: usize, revision: u64, epoch: u64) {
+        // Marked before the task starts, so the next round does not start another.
+        self.partitions.set_role(partition, Role::Taking);
+        let cx = Arc::clone(self);
+        tokio::spawn(async move {
+            if let Err(error) = cx.take(partition, revision, epoch).await {
+                tracing::warn!(partition, %error, "takeover failed");
+                if cx.partitions.role(partition) == Role::Taking {
+                    // Not fenced: still a standby (the table may name this node; the next
+                    // round then takes it again, at a new epoch).
+                    cx.partitions.set_role(partition, Role::Standby);
+                    if !cx.tail_running(partition) {
+                        cx.start_tail(partition);
+                    }
+                }
+            }
+        });
     }
 
     async fn read_heartbeats(&self, m: &mut Membership) -> Result<(), async_nats::Error> {
