@@ -65,7 +65,11 @@ durability = { data_dir = \"$work/data\", fsync = \"always\" }" > "$work/$kind.t
   "$BIN/settlegate" serve --config "$work/$kind.toml" > "$work/$kind.out" 2> "$work/$kind.err" &
   sg_pid=$!
   pids+=("$sg_pid")
-  for _ in $(seq 300); do curl -fs "127.0.0.1:$SG_HTTP/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
+  # /readyz, not /healthz: the HTTP port answers while the engine still recovers, before the
+  # protocol port listens.
+  for _ in $(seq 300); do curl -fs "127.0.0.1:$SG_HTTP/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
+  curl -fs "127.0.0.1:$SG_HTTP/readyz" >/dev/null 2>&1 || {
+    echo "the $kind server did not come up; its log:" >&2; tail -20 "$work/$kind.err" >&2; exit 1; }
   if [ "$kind" = cluster ]; then
     # Every partition owned.
     for _ in $(seq 300); do

@@ -202,6 +202,7 @@ nats = [$nats_urls]
 name = "sg"
 advertise = "127.0.0.1:$port"
 replicas = 3
+cache_dir = "$dir/$node-cache"
 TOML
 }
 

@@ -46,7 +46,14 @@ struct Node {
 }
 
 impl Node {
-    fn new(dir: &Path, name: &str, nats: &[String], partitions: usize, purge_ms: u64) -> Node {
+    fn new(
+        dir: &Path,
+        name: &str,
+        nats: &[String],
+        partitions: usize,
+        purge_ms: u64,
+        snapshot_every: u64,
+    ) -> Node {
         let (port, http_port) = (free_port(), free_port());
         let admin = hex::encode(Sha256::digest(ADMIN_KEY.as_bytes()));
         let nats: Vec<String> = nats.iter().map(|url| format!("\"{url}\"")).collect();
@@ -81,10 +88,12 @@ advertise = "127.0.0.1:{port}"
 heartbeat_ms = 200
 owner_timeout_ms = 1200
 settle_ms = 600
-snapshot_every_records = 100
+snapshot_every_records = {snapshot_every}
 purge_after_ms = {purge_ms}
+cache_dir = "{cache}"
 "#,
             vault = "55".repeat(32),
+            cache = dir.join(format!("{name}-cache")).display(),
             nats = nats.join(", "),
         );
         let config = dir.join(format!("{name}.toml"));
@@ -522,11 +531,20 @@ impl Cluster {
     }
 
     fn start_purging_after(nodes: usize, partitions: usize, purge_ms: u64) -> Cluster {
+        Cluster::start_with(nodes, partitions, purge_ms, 100)
+    }
+
+    /// As [`Cluster::start_purging_after`], with a snapshot every `snapshot_every` records (0:
+    /// none).
+    fn start_with(nodes: usize, partitions: usize, purge_ms: u64, snapshot_every: u64) -> Cluster {
         let nats = NatsCluster::start(3);
         let dir = tempfile::tempdir().unwrap();
         let urls = nats.client_urls();
         let mut nodes: Vec<Node> = (1..=nodes)
-            .map(|i| Node::new(dir.path(), &format!("n{i}"), &urls, partitions, purge_ms))
+            .map(|i| {
+                let name = format!("n{i}");
+                Node::new(dir.path(), &name, &urls, partitions, purge_ms, snapshot_every)
+            })
             .collect();
         nodes.iter_mut().for_each(Node::start);
         Cluster { nats, nodes, partitions, _dir: dir }
@@ -971,4 +989,72 @@ async fn a_standby_behind_the_purge_reloads_the_newest_snapshot() {
     );
     let view = cluster.nodes[1].partitions().await.unwrap();
     assert!(view.iter().all(|p| p.0 == "standby"), "{view:?}");
+}
+
+/// The value of `field` in a node's log line (tracing's `field=value`, colours stripped).
+fn log_field(line: &str, field: &str) -> Option<String> {
+    let plain: String = {
+        let mut out = String::new();
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' {
+                chars.by_ref().find(|c| c.is_ascii_alphabetic());
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    };
+    let key = format!(" {field}=");
+    let at = plain.find(&key)? + key.len();
+    Some(plain[at..].split(' ').next()?.trim_matches('"').to_owned())
+}
+
+/// The restart cache: a node killed and started again replays from its own disk every message
+/// it had applied (snapshots are off, so without the cache it would read the whole stream), and
+/// reads from the stream only what came after; its state then equals the owners'.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_replays_its_restart_cache_and_reads_only_the_rest_from_the_stream() {
+    let mut cluster = Cluster::start_with(3, 2, 15_000, 0);
+    cluster.settled().await;
+    let client = patient(&cluster.addrs());
+    let payers = enroll(&client, 4, "cache").await;
+    let mut counters = vec![0u64; payers.len()];
+    let mut pay_some = async |count: usize| {
+        for n in 0..count {
+            let index = n % payers.len();
+            counters[index] += 1;
+            let signed = Signed::new(&payers, index, counters[index], 100);
+            let answer = client.call(&signed.request()).await;
+            assert!(matches!(answer, Ok(Response::Ok(Reply::Authorize(_)))), "{answer:?}");
+        }
+    };
+    pay_some(40).await;
+    // Every node has applied everything: what the victim had is the stream's end.
+    cluster.digests_when_caught_up().await;
+    let victim = 2;
+    let had: Vec<u64> =
+        cluster.nodes[victim].partitions().await.unwrap().iter().map(|p| p.3).collect();
+    assert!(had.iter().all(|&sequence| sequence > 1), "every partition has messages: {had:?}");
+    cluster.nodes[victim].kill();
+    pay_some(20).await;
+    cluster.nodes[victim].start();
+    cluster.settled().await;
+    let digests = cluster.digests_when_caught_up().await;
+    for p in 0..cluster.partitions {
+        assert!(digests.iter().all(|d| d[p] == digests[0][p]), "partition {p}: {digests:?}");
+    }
+    let log = std::fs::read_to_string(cluster.nodes[victim].config.with_extension("log")).unwrap();
+    let replays: Vec<&str> =
+        log.lines().filter(|l| l.contains("partition replayed from its restart cache")).collect();
+    // The log is the second start's: from the first message to where the node was when it died.
+    assert_eq!(replays.len(), cluster.partitions, "one line a partition: {replays:?}");
+    for line in &replays {
+        let p: usize = log_field(line, "partition").unwrap().parse().unwrap();
+        let from: u64 = log_field(line, "from").unwrap().parse().unwrap();
+        let to: u64 = log_field(line, "to").unwrap().parse().unwrap();
+        assert_eq!((from, to), (1, had[p]), "partition {p}: {line}");
+        assert_eq!(log_field(line, "stopped").as_deref(), Some(""), "{line}");
+    }
+    eprintln!("restart cache: the victim had {had:?}; {}", replays.join(" | "));
 }

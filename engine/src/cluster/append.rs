@@ -132,6 +132,9 @@ impl Appender {
                         Ok(ack) => ack.await.map_err(|e| e.to_string()),
                         Err(error) => Err(error.to_string()),
                     };
+                if let Ok(ack) = &acked {
+                    self.partitions.cached(partition, ack.sequence, &[]);
+                }
                 let handed = acked.map(|ack| Handed { jobs, sequence: ack.sequence });
                 if handed.is_err() {
                     // Not appended (or not known to be): the partition is not this node's to
@@ -157,6 +160,7 @@ impl Appender {
     /// The front message is acknowledged at `sequence`: its replies leave.
     fn release(&self, pending: &mut VecDeque<Pending>, sequence: u64) {
         let done = pending.pop_front().expect("an acknowledged message is pending");
+        self.partitions.cached(self.partition, sequence, &done.payload);
         let slot = &self.partitions.slots[self.partition];
         slot.applied.store(sequence, std::sync::atomic::Ordering::Release);
         self.acked.send_replace(sequence);

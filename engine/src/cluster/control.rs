@@ -187,8 +187,9 @@ async fn object_store(
 
 impl Context {
     /// Restores each partition from its newest snapshot, if it has one, into `states` (before
-    /// the shards start): the tails then start after the sequence each covers. A stream purged
-    /// past a snapshot's sequence (a gap) is refused.
+    /// the shards start), then from its restart cache the messages after the snapshot that this
+    /// node kept (`cluster.cache_dir`): the tails then start after the sequence each reached. A
+    /// stream purged past a snapshot's sequence (a gap) is refused.
     pub(super) async fn restore(
         &self,
         states: Vec<&mut crate::shard::ShardState>,
@@ -198,32 +199,97 @@ impl Context {
             let failed = |what: &str, e: String| {
                 EngineError::Storage(format!("partition {partition}'s snapshot: {what}: {e}"))
             };
+            let mut stream = self.streams[partition].clone();
+            let info = stream.info().await.map_err(|e| failed("its stream", e.to_string()))?;
+            let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+            let created = info.created.unix_timestamp_nanos().to_string();
             let newest = super::snapshots::newest(&self.store, partition)
                 .await
                 .map_err(|e| failed("reading it", e.to_string()))?;
-            let Some((sequence, bytes)) = newest else { continue };
-            let label = std::path::PathBuf::from(format!("object p{partition}-{sequence}"));
-            let (_, snapshot) = crate::wal::snapshot::read_bytes(&label, &bytes, partition, count)
-                .map_err(|e| failed("decoding it", e.to_string()))?;
-            snapshot.restore(state).map_err(|e| failed("restoring it", e.to_string()))?;
-            let mut stream = self.streams[partition].clone();
-            let first = stream.info().await.map_err(|e| failed("its stream", e.to_string()))?;
-            let first = first.state.first_sequence;
-            if first > sequence + 1 {
-                return Err(failed(
-                    "its stream",
-                    format!("starts at {first}, past the snapshot's sequence {sequence}"),
-                ));
+            let mut applied = 0;
+            if let Some((sequence, bytes)) = newest {
+                let label = std::path::PathBuf::from(format!("object p{partition}-{sequence}"));
+                let (_, snapshot) =
+                    crate::wal::snapshot::read_bytes(&label, &bytes, partition, count)
+                        .map_err(|e| failed("decoding it", e.to_string()))?;
+                snapshot.restore(state).map_err(|e| failed("restoring it", e.to_string()))?;
+                if first > sequence + 1 {
+                    return Err(failed(
+                        "its stream",
+                        format!("starts at {first}, past the snapshot's sequence {sequence}"),
+                    ));
+                }
+                applied = sequence;
+                tracing::info!(
+                    partition,
+                    sequence,
+                    bytes = bytes.len(),
+                    "partition restored from its snapshot"
+                );
             }
-            self.partitions.slots[partition].applied.store(sequence, Ordering::Release);
-            tracing::info!(
-                partition,
-                sequence,
-                bytes = bytes.len(),
-                "partition restored from its snapshot"
-            );
+            if let Some(dir) = &self.config.cache_dir {
+                let read = super::cache::read(dir, partition, &created, applied, last);
+                let joined = !read.messages.is_empty();
+                let reached = self.replay_cached(state, read, partition, applied)?;
+                let writer = super::cache::Writer::new(
+                    dir,
+                    partition,
+                    &created,
+                    self.config.cache_max_bytes,
+                    reached,
+                    joined,
+                );
+                applied = reached;
+                *self.partitions.slots[partition].cache.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(writer);
+            }
+            self.partitions.slots[partition].applied.store(applied, Ordering::Release);
         }
         Ok(())
+    }
+
+    /// Applies the messages `read` from `partition`'s restart cache to `state`, whose last
+    /// applied sequence is `applied`; returns the last sequence applied then.
+    fn replay_cached(
+        &self,
+        state: &mut crate::shard::ShardState,
+        read: super::cache::Read,
+        partition: usize,
+        applied: u64,
+    ) -> Result<u64, EngineError> {
+        let mut reached = applied;
+        let mut records = 0usize;
+        for (sequence, payload) in &read.messages {
+            let decoded = crate::wal::unframe_records::<crate::shard::logged::Logged>(payload)
+                .and_then(|records| {
+                    records
+                        .into_iter()
+                        .map(|record| record.into_envelope(&self.vault).map_err(|e| e.to_string()))
+                        .collect::<Result<Vec<_>, _>>()
+                });
+            // The cache passed its checksums, so a record that does not decode is this
+            // build's to refuse, as the stream's copy would be.
+            let envelopes = decoded.map_err(|e| {
+                EngineError::Storage(format!(
+                    "partition {partition}'s restart cache, message {sequence}: {e}"
+                ))
+            })?;
+            records += envelopes.len();
+            for envelope in envelopes {
+                _ = state.apply(envelope);
+            }
+            reached = *sequence;
+        }
+        tracing::info!(
+            partition,
+            from = applied + 1,
+            to = reached,
+            messages = read.messages.len(),
+            records,
+            stopped = read.stopped.as_deref().unwrap_or(""),
+            "partition replayed from its restart cache; the rest comes from the stream"
+        );
+        Ok(reached)
     }
 
     /// Runs `f` on `runtime` from a thread of its own (the caller may be inside another Tokio
@@ -664,6 +730,7 @@ impl Context {
                 }
             }
         };
+        self.partitions.cached(partition, fenced, &[]);
         slot.applied.store(fenced, Ordering::Release);
         let jobs = slot.jobs.lock().unwrap_or_else(|e| e.into_inner()).take();
         let Some(jobs) = jobs else {

@@ -17,6 +17,7 @@
 //! and the heartbeat is never late because a standby is catching up.
 
 mod append;
+mod cache;
 mod control;
 mod snapshots;
 mod tail;
@@ -67,6 +68,12 @@ pub struct ClusterConfig {
     /// After start, how long a node waits (heartbeating) before it claims unowned partitions,
     /// so that nodes started together share them.
     pub settle_ms: u64,
+    /// The restart cache (`cluster/cache.rs`): a directory where this node keeps each
+    /// partition's stream as it saw it, so that on restart it reads from NATS only what came
+    /// after. None: off (a node starting reads everything after the newest snapshot from NATS).
+    pub cache_dir: Option<std::path::PathBuf>,
+    /// The restart cache's size per partition, at most (the newest half of it at least is kept).
+    pub cache_max_bytes: u64,
 }
 
 impl Default for ClusterConfig {
@@ -85,6 +92,8 @@ impl Default for ClusterConfig {
             snapshot_every_records: 100_000,
             purge_after_ms: 60_000,
             settle_ms: 1000,
+            cache_dir: None,
+            cache_max_bytes: 256 << 20,
         }
     }
 }
@@ -120,6 +129,9 @@ impl ClusterConfig {
         }
         if self.ack_timeout_ms == 0 || self.append_give_up_ms < self.ack_timeout_ms {
             return Err("cluster.append_give_up_ms: at least ack_timeout_ms".into());
+        }
+        if !(1 << 20..=1 << 40).contains(&self.cache_max_bytes) {
+            return Err("cluster.cache_max_bytes: 1 MiB to 1 TiB".into());
         }
         Ok(())
     }
@@ -211,6 +223,8 @@ struct Slot {
     jobs: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Job<Vec<Reply>>>>>,
     /// Asks the append task (while this node owns the partition) to hand it over.
     handover: Mutex<Option<tokio::sync::mpsc::UnboundedSender<append::HandOver>>>,
+    /// The partition's restart cache, when `cluster.cache_dir` is set.
+    cache: Mutex<Option<cache::Writer>>,
 }
 
 /// Every partition's standing, shared by the engine (admission) and the cluster's tasks.
@@ -227,6 +241,16 @@ impl Partitions {
 
     fn set_role(&self, partition: usize, role: Role) {
         self.slots[partition].role.store(role as u8, Ordering::Release);
+    }
+
+    /// Keeps the message at stream `sequence` of `partition` in its restart cache, if it has
+    /// one: a message this node appended and the stream acknowledged, or one its tail applied
+    /// (`payload` empty for a fence or hand-over).
+    fn cached(&self, partition: usize, sequence: u64, payload: &[u8]) {
+        let mut cache = self.slots[partition].cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(cache) = cache.as_mut() {
+            cache.record(sequence, payload);
+        }
     }
 
     /// Whether requests for `partition` are taken here; else `MOVED` (where to send them), or
@@ -304,6 +328,7 @@ impl Cluster {
                 claimed: AtomicU64::new(0),
                 jobs: Mutex::new(Some(rx)),
                 handover: Mutex::new(None),
+                cache: Mutex::new(None),
             });
         }
         (senders, Arc::new(Partitions { slots, node: node.to_owned() }))

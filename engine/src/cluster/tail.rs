@@ -110,6 +110,8 @@ impl Tail {
                     return Ok(());
                 }
             }
+            let payload: &[u8] = if fence.is_none() { &message.payload } else { &[] };
+            self.partitions.cached(partition, sequence, payload);
             self.partitions.slots[partition].applied.store(sequence, Ordering::Release);
         }
         Ok(())
