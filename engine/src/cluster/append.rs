@@ -33,6 +33,57 @@ const MESSAGE_BYTES_MAX: usize = 512 * 1024;
 pub(super) const EPOCH_HEADER: &str = "Sg-Epoch";
 /// The header that makes a message a fence: the node and epoch taking the partition.
 pub(super) const FENCE_HEADER: &str = "Sg-Fence";
+/// The header naming how a message's records are encoded: `lz4` (LZ4's block format, the
+/// records' length first, as little-endian `u32`); absent: the framed records as they are.
+pub(super) const ENCODING_HEADER: &str = "Sg-Encoding";
+const LZ4: &str = "lz4";
+/// A message's records, decompressed, are at most this long (a message holds up to
+/// [`MESSAGE_BYTES_MAX`] of them, or one record longer than that on its own).
+const RECORDS_BYTES_MAX: usize = 64 << 20;
+
+/// A message's records as they go to NATS: LZ4-compressed when that makes them shorter (the
+/// records of a group compress several times over: rkyv's padding, repeated IDs and names),
+/// so that the stream's servers replicate and sync fewer bytes.
+#[derive(Clone)]
+struct Wire {
+    bytes: Bytes,
+    lz4: bool,
+}
+
+impl Wire {
+    fn of(records: &[u8]) -> Wire {
+        let compressed = lz4_flex::block::compress_prepend_size(records);
+        if compressed.len() < records.len() {
+            Wire { bytes: Bytes::from(compressed), lz4: true }
+        } else {
+            Wire { bytes: Bytes::copy_from_slice(records), lz4: false }
+        }
+    }
+}
+
+/// The framed records of a message as the stream delivered it (`headers`, `payload`).
+pub(super) fn records_of(
+    headers: Option<&async_nats::HeaderMap>,
+    payload: &Bytes,
+) -> Result<Bytes, String> {
+    let encoding = headers.and_then(|h| h.get(ENCODING_HEADER)).map(|v| v.as_str());
+    match encoding {
+        None => Ok(payload.clone()),
+        Some(LZ4) => {
+            let len = payload
+                .get(..4)
+                .map(|n| u32::from_le_bytes(n.try_into().expect("4")) as usize)
+                .ok_or("an lz4 message shorter than its length")?;
+            if len > RECORDS_BYTES_MAX {
+                return Err(format!("an lz4 message of {len} bytes of records"));
+            }
+            lz4_flex::block::decompress_size_prepended(payload)
+                .map(Bytes::from)
+                .map_err(|e| format!("an lz4 message that does not decompress: {e}"))
+        }
+        Some(other) => Err(format!("a message encoded as {other:?}, unknown to this build")),
+    }
+}
 
 /// An acknowledgement awaited.
 type AckFuture = <PublishAckFuture as std::future::IntoFuture>::IntoFuture;
@@ -41,6 +92,9 @@ type Replies = Vec<(oneshot::Sender<Vec<Reply>>, Vec<Reply>)>;
 
 /// A message published and not yet acknowledged.
 struct Pending {
+    /// The records, as published.
+    wire: Wire,
+    /// The records, framed (for the restart cache).
     payload: Bytes,
     /// The sequence it expects the stream to end at (it takes the next).
     expected_last: u64,
@@ -70,13 +124,18 @@ fn message(
     partition: usize,
     epoch: u64,
     expected_last: u64,
-    payload: Bytes,
+    wire: &Wire,
 ) -> PublishMessage {
-    PublishMessage::build()
-        .payload(payload)
+    let message = PublishMessage::build()
+        .payload(wire.bytes.clone())
         .expected_last_sequence(expected_last)
         .message_id(message_id(config, partition, epoch, expected_last))
-        .header(EPOCH_HEADER, epoch.to_string().as_str())
+        .header(EPOCH_HEADER, epoch.to_string().as_str());
+    if wire.lz4 {
+        message.header(ENCODING_HEADER, LZ4)
+    } else {
+        message
+    }
 }
 
 /// The ID of the message of `partition` at `epoch` that expects the stream to end at
@@ -264,14 +323,15 @@ impl Appender {
                             }
                             continue;
                         }
-                        let publish = message(&self.config, self.partition, self.epoch, next_last, payload.clone());
+                        let wire = Wire::of(&payload);
+                        let publish = message(&self.config, self.partition, self.epoch, next_last, &wire);
                         match self.js.send_publish(self.config.subject(self.partition), publish).await {
                             Ok(ack) => acks.push_back(ack.into_future()),
                             Err(error) => {
                                 // Not sent: the resend below sends it with the rest.
                                 tracing::warn!(partition = self.partition, %error, "append not sent");
                                 acks = FuturesOrdered::new();
-                                pending.push_back(Pending { payload, expected_last: next_last, replies });
+                                pending.push_back(Pending { wire, payload, expected_last: next_last, replies });
                                 if let Err(stop) = self.resend(&mut pending, &mut last).await {
                                     return stop;
                                 }
@@ -279,7 +339,7 @@ impl Appender {
                                 continue;
                             }
                         }
-                        pending.push_back(Pending { payload, expected_last: next_last, replies });
+                        pending.push_back(Pending { wire, payload, expected_last: next_last, replies });
                         next_last += 1;
                     }
                 }
@@ -298,13 +358,8 @@ impl Appender {
             if started.elapsed() > give_up {
                 return Err(self.fenced(format!("no acknowledgement for {give_up:?}")));
             }
-            let publish = message(
-                &self.config,
-                self.partition,
-                self.epoch,
-                expected_last,
-                front.payload.clone(),
-            );
+            let publish =
+                message(&self.config, self.partition, self.epoch, expected_last, &front.wire);
             let sent = self.js.send_publish(self.config.subject(self.partition), publish).await;
             let acked = match sent {
                 Ok(ack) => ack.await,
@@ -399,4 +454,48 @@ fn messages(group: Vec<Job<Vec<Reply>>>) -> Vec<Piece> {
 enum Piece {
     Message(Bytes, Replies),
     Snapshot(crate::wal::SnapshotPayload),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(encoding: &str) -> async_nats::HeaderMap {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(ENCODING_HEADER, encoding);
+        headers
+    }
+
+    #[test]
+    fn records_compress_and_come_back_whole_and_a_message_without_the_header_is_taken_as_is() {
+        let mut framed = Vec::new();
+        for n in 0..200u32 {
+            let mut record = rkyv::util::AlignedVec::<16>::new();
+            record.extend_from_slice(format!("user-{} terminal-0001 JPY", n % 7).as_bytes());
+            wal::frame_records(std::iter::once(&record), &mut framed);
+        }
+        let wire = Wire::of(&framed);
+        assert!(wire.lz4 && wire.bytes.len() < framed.len() / 2, "{} bytes", wire.bytes.len());
+        let back = records_of(Some(&headers(LZ4)), &wire.bytes).unwrap();
+        assert_eq!(&back[..], &framed[..]);
+        let raw = Bytes::from(framed.clone());
+        assert_eq!(records_of(None, &raw).unwrap(), raw);
+        // Records that do not compress go as they are.
+        let noise: Vec<u8> =
+            (0..64u32).map(|n| (n.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        assert!(!Wire::of(&noise).lz4);
+    }
+
+    #[test]
+    fn a_message_claiming_too_much_or_damaged_or_of_an_unknown_encoding_is_refused() {
+        let mut huge = ((RECORDS_BYTES_MAX + 1) as u32).to_le_bytes().to_vec();
+        huge.extend_from_slice(&[0; 16]);
+        let error = records_of(Some(&headers(LZ4)), &Bytes::from(huge)).unwrap_err();
+        assert!(error.contains("bytes of records"), "{error}");
+        let cut = Wire::of(&[7u8; 4096]).bytes.slice(..8);
+        assert!(records_of(Some(&headers(LZ4)), &cut).is_err());
+        assert!(records_of(Some(&headers(LZ4)), &Bytes::from_static(b"ab")).is_err());
+        let error = records_of(Some(&headers("zstd")), &Bytes::from_static(b"x")).unwrap_err();
+        assert!(error.contains("unknown"), "{error}");
+    }
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use async_nats::jetstream::consumer::{pull, DeliverPolicy};
 use futures::StreamExt;
 
-use super::append::FENCE_HEADER;
+use super::append::{self, FENCE_HEADER};
 use super::{Partitions, Role};
 use crate::shard::logged::Logged;
 use crate::shard::ReplicaCore;
@@ -80,38 +80,46 @@ impl Tail {
             }
             expected = sequence + 1;
             self.partitions.slots[partition].lag.store(lag, Ordering::Release);
-            let fence = message.headers.as_ref().and_then(|h| h.get(FENCE_HEADER));
-            if fence.is_none() {
+            let fence = message.headers.as_ref().and_then(|h| h.get(FENCE_HEADER)).is_some();
+            let mut records = bytes::Bytes::new();
+            if !fence {
                 // Decoding (opening the keys records carry) and applying are CPU work: done on
                 // the blocking pool, so that the cluster's runtime keeps its heartbeat on time
                 // however long a standby's catch-up is.
-                let (core, vault, payload) =
-                    (self.core.clone(), Arc::clone(&self.vault), message.payload.clone());
+                let (core, vault, headers, payload) = (
+                    self.core.clone(),
+                    Arc::clone(&self.vault),
+                    message.headers.clone(),
+                    message.payload.clone(),
+                );
                 let applied = tokio::task::spawn_blocking(move || {
-                    let records = wal::unframe_records::<Logged>(&payload)?;
+                    let framed = append::records_of(headers.as_ref(), &payload)?;
+                    let records = wal::unframe_records::<Logged>(&framed)?;
                     let envelopes = records
                         .into_iter()
                         .map(|record| record.into_envelope(&vault).map_err(|e| e.to_string()))
                         .collect::<Result<Vec<_>, _>>()?;
                     core.apply_replicated(envelopes);
-                    Ok::<(), String>(())
+                    Ok::<bytes::Bytes, String>(framed)
                 })
                 .await?;
-                if let Err(error) = applied {
-                    // A record this build cannot apply: the standby stops here rather than
-                    // diverge; it will not take the partition over.
-                    tracing::error!(
-                        partition,
-                        sequence,
-                        error,
-                        "replicated record cannot be applied; this node stops following the partition"
-                    );
-                    self.partitions.set_role(partition, Role::Lost);
-                    return Ok(());
+                match applied {
+                    Ok(framed) => records = framed,
+                    Err(error) => {
+                        // A record this build cannot apply: the standby stops here rather than
+                        // diverge; it will not take the partition over.
+                        tracing::error!(
+                            partition,
+                            sequence,
+                            error,
+                            "replicated record cannot be applied; this node stops following the partition"
+                        );
+                        self.partitions.set_role(partition, Role::Lost);
+                        return Ok(());
+                    }
                 }
             }
-            let payload: &[u8] = if fence.is_none() { &message.payload } else { &[] };
-            self.partitions.cached(partition, sequence, payload);
+            self.partitions.cached(partition, sequence, &records);
             self.partitions.slots[partition].applied.store(sequence, Ordering::Release);
         }
         Ok(())
