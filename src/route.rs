@@ -57,9 +57,29 @@ struct Table {
     owners: RwLock<Vec<Option<SocketAddr>>>,
     /// Nodes the router lately could not reach, and when.
     down: Mutex<HashMap<SocketAddr, std::time::Instant>>,
+    /// Counts the table's changes: a request waiting to be sent again goes at once when the
+    /// table names a new owner, not at the end of its pause.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Table {
+    fn new(count: usize) -> Table {
+        Table {
+            owners: RwLock::new(vec![None; count]),
+            down: Mutex::default(),
+            changes: tokio::sync::watch::Sender::new(0),
+        }
+    }
+
+    /// Waits for `pause`, or less if the table changes meanwhile.
+    async fn pause(&self, pause: Duration) {
+        let mut changes = self.changes.subscribe();
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = changes.changed() => {}
+        }
+    }
+
     fn owner(&self, partition: usize) -> Option<SocketAddr> {
         self.owners.read().unwrap_or_else(|e| e.into_inner()).get(partition).copied().flatten()
     }
@@ -82,6 +102,12 @@ impl Table {
             let status = axum::http::StatusCode::SERVICE_UNAVAILABLE;
             (status, format!("not ready: partitions without an owner {unowned:?}\n"))
         }
+    }
+
+    /// Whether `node` was lately unreachable.
+    fn is_down(&self, node: SocketAddr) -> bool {
+        let down = self.down.lock().unwrap_or_else(|e| e.into_inner());
+        down.get(&node).is_some_and(|at| at.elapsed() <= DOWN_FOR)
     }
 
     fn mark_down(&self, node: SocketAddr) {
@@ -118,7 +144,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningRouter> {
     let cluster = config.cluster.clone().context("a router needs the cluster's [cluster] table")?;
     let count = config.engine.shards;
     anyhow::ensure!(count > 0, "a router needs the partition count: [engine] shards");
-    let table = Arc::new(Table { owners: RwLock::new(vec![None; count]), down: Mutex::default() });
+    let table = Arc::new(Table::new(count));
     watch_owners(&cluster, Arc::clone(&table)).await?;
     let listener = TcpListener::bind(config.server.listen)
         .await
@@ -195,10 +221,13 @@ async fn watch_owners(cluster: &ClusterConfig, table: Arc<Table>) -> anyhow::Res
             };
             let owner = serde_json::from_slice::<Owner>(&entry.value).ok();
             let addr = owner.filter(|o| !o.node.is_empty()).and_then(|o| o.addr.parse().ok());
-            let mut owners = table.owners.write().unwrap_or_else(|e| e.into_inner());
-            if let Some(slot) = owners.get_mut(partition) {
-                *slot = addr;
+            {
+                let mut owners = table.owners.write().unwrap_or_else(|e| e.into_inner());
+                if let Some(slot) = owners.get_mut(partition) {
+                    *slot = addr;
+                }
             }
+            table.changes.send_modify(|count| *count += 1);
         }
         tracing::error!("the ownership table's watch ended; the router routes by the last table");
     });
@@ -293,7 +322,7 @@ impl Conn {
                 if node.is_some() {
                     break;
                 }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                self.table.pause(Duration::from_millis(50)).await;
                 node = partition.and_then(|p| self.table.owner(p)).or_else(|| self.table.any());
             }
             let Some(node) = node else {
@@ -342,7 +371,7 @@ impl Conn {
             if attempt >= ATTEMPTS_MAX {
                 return self.answer(&frame, last).await;
             }
-            tokio::time::sleep(Duration::from_millis(25 << attempt.min(5)).min(PAUSE_MAX)).await;
+            self.table.pause(Duration::from_millis(25 << attempt.min(5)).min(PAUSE_MAX)).await;
             self.forward(frame, None, attempt + 1).await;
         })
     }
@@ -425,10 +454,13 @@ impl Conn {
                 let taken = self.take(frame.request_id);
                 if let (Some(request), true) = (&taken, frame.status == status::MOVED) {
                     let moved = Response::decode(frame.opcode, frame.status, &frame.body);
+                    // A node that names one lately unreachable (the owner it is taking the
+                    // partition from, say) is not followed there: the table says where.
                     let target = match &moved {
                         Ok(Response::Moved { address, .. }) => address.parse().ok(),
                         _ => None,
-                    };
+                    }
+                    .filter(|node| !self.table.is_down(*node));
                     if request.attempts < ATTEMPTS_MAX {
                         let (again, attempt) = (Arc::clone(&request.frame), request.attempts + 1);
                         tokio::spawn(async move {

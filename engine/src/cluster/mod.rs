@@ -279,6 +279,9 @@ impl Partitions {
     pub(crate) fn moved(&self, partition: usize) -> Moved {
         let owner = self.slots[partition].owner.read().unwrap_or_else(|e| e.into_inner()).clone();
         let (epoch, addr) = match owner {
+            // Taking it: the owner this node knew is the one it replaces (dead, say); no
+            // address, so the client asks again shortly, here or where the table says.
+            Some(owner) if self.role(partition) == Role::Taking => (owner.epoch, String::new()),
             Some(owner) if !owner.node.is_empty() && owner.node != self.node => {
                 (owner.epoch, owner.addr)
             }
