@@ -878,6 +878,7 @@ async fn planned_moves_under_load_cost_only_busy_retries() {
     for (partition, &owner) in owners.iter().enumerate() {
         let target = (owner + 1) % cluster.nodes.len();
         let to = &cluster.nodes[target].name;
+        let epoch = cluster.nodes[owner].partitions().await.unwrap()[partition].2;
         let started = Instant::now();
         let path = format!("/cluster/move?partition={partition}&to={to}");
         let answer = http(cluster.nodes[owner].http, "POST", &path).await;
@@ -885,6 +886,9 @@ async fn planned_moves_under_load_cost_only_busy_retries() {
         loop {
             let view = cluster.nodes[target].partitions().await.unwrap();
             if view[partition].0 == "owner" {
+                // The table named the target at the next epoch, and it took the partition
+                // there without a claim of its own (which would have raised it again).
+                assert_eq!(view[partition].2, epoch + 1, "partition {partition}'s epoch");
                 break;
             }
             assert!(started.elapsed() < Duration::from_secs(10), "{to} did not take {partition}");

@@ -57,6 +57,10 @@ pub(super) struct Context {
     tails: Mutex<Vec<Option<JoinHandle<()>>>>,
     /// The partitions' snapshots.
     pub(super) store: async_nats::jetstream::object_store::ObjectStore,
+    /// Drawn at start: in a fence's message ID, so that a fence of this process is never taken
+    /// for a duplicate of one an earlier run of this node appended at the same epoch (a planned
+    /// move's target fences at the epoch the table gives it, and may restart before it does).
+    incarnation: u64,
 }
 
 /// What the control loop knows of the other nodes.
@@ -149,6 +153,7 @@ impl Context {
                 vault,
                 tails,
                 store,
+                incarnation: rand::random(),
             })
         };
         std::thread::scope(|scope| {
@@ -499,6 +504,7 @@ impl Context {
                         node: String::new(),
                         addr: String::new(),
                         epoch: owner.as_ref().map_or(0, |o| o.epoch),
+                        handed_at: None,
                     };
                     let _ = self
                         .owners
@@ -526,14 +532,16 @@ impl Context {
                         })
                         .map(|(node, _)| node.as_str());
                     if mine || first == Some(me.as_str()) {
-                        to_take.push((partition, revision, owner.map_or(0, |o| o.epoch)));
+                        // Named by a planned move: the epoch is raised already.
+                        let handed = owner.as_ref().filter(|_| mine).and_then(|o| o.handed_at);
+                        to_take.push((partition, revision, owner.map_or(0, |o| o.epoch), handed));
                     }
                 }
                 _ => {}
             }
         }
-        for (partition, revision, epoch) in to_take {
-            self.spawn_take(partition, revision, epoch);
+        for (partition, revision, epoch, handed) in to_take {
+            self.spawn_take(partition, revision, epoch, handed);
         }
         Ok(())
     }
@@ -554,7 +562,7 @@ impl Context {
         }
         match serde_json::from_slice::<Owner>(&entry.value) {
             Ok(owner) if owner.node == self.config.node => {
-                self.spawn_take(partition, entry.revision, owner.epoch);
+                self.spawn_take(partition, entry.revision, owner.epoch, owner.handed_at);
                 true
             }
             _ => false,
@@ -563,12 +571,18 @@ impl Context {
 
     /// Takes `partition` in a task of its own ([`Context::take`]); a takeover that fails
     /// before its fence leaves this node its standby.
-    fn spawn_take(self: &Arc<Self>, partition: usize, revision: u64, epoch: u64) {
+    fn spawn_take(
+        self: &Arc<Self>,
+        partition: usize,
+        revision: u64,
+        epoch: u64,
+        handed: Option<u64>,
+    ) {
         // Marked before the task starts, so the next round does not start another.
         self.partitions.set_role(partition, Role::Taking);
         let cx = Arc::clone(self);
         tokio::spawn(async move {
-            if let Err(error) = cx.take(partition, revision, epoch).await {
+            if let Err(error) = cx.take(partition, revision, epoch, handed).await {
                 tracing::warn!(partition, %error, "takeover failed");
                 if cx.partitions.role(partition) == Role::Taking {
                     // Not fenced: still a standby (the table may name this node; the next
@@ -651,7 +665,14 @@ impl Context {
         let (reply, handed) = tokio::sync::oneshot::channel();
         let _ = asks.send(append::HandOver { to: to.to_owned(), reply });
         let handed = handed.await.map_err(|_| "the append task stopped".to_owned())??;
-        let next = Owner { node: to.to_owned(), addr: beat.addr, epoch: owner.epoch };
+        // The target at the raised epoch, with the hand-over record's sequence: it fences
+        // after that record without claiming the partition first.
+        let next = Owner {
+            node: to.to_owned(),
+            addr: beat.addr,
+            epoch: owner.epoch + 1,
+            handed_at: Some(handed.sequence),
+        };
         let value = serde_json::to_vec(&next).map_err(|e| e.to_string())?;
         if let Err(error) = self.owners.update(&key, value.into(), entry.revision).await {
             self.partitions.set_role(partition, Role::Lost);
@@ -672,26 +693,40 @@ impl Context {
         Ok(())
     }
 
-    /// Takes `partition`: claims it in the table (CAS on `revision`), catches up to the stream's
-    /// end, appends the fence at the sequence caught up to, resolves the payments the old owner
-    /// left in flight, and only then admits requests.
+    /// Takes `partition`: claims it in the table (CAS on `revision`) at `epoch + 1`, catches up
+    /// to the stream's end, appends the fence at the sequence caught up to, resolves the
+    /// payments the old owner left in flight, and only then admits requests. After a planned
+    /// move (`handed`: the hand-over record's sequence) the table names this node at `epoch`
+    /// already (entry `revision`): no claim, and the catch-up is to that record.
     async fn take(
         &self,
         partition: usize,
         revision: u64,
         epoch: u64,
+        handed: Option<u64>,
     ) -> Result<(), async_nats::Error> {
         let key = format!("p{partition}");
-        let epoch = epoch + 1;
-        let claim =
-            Owner { node: self.config.node.clone(), addr: self.config.advertise.clone(), epoch };
-        let value: bytes::Bytes = serde_json::to_vec(&claim)?.into();
-        let claimed = if revision == 0 {
-            self.owners.create(&key, value).await?
-        } else {
-            self.owners.update(&key, value, revision).await?
+        let epoch = if handed.is_some() { epoch } else { epoch + 1 };
+        let claim = Owner {
+            node: self.config.node.clone(),
+            addr: self.config.advertise.clone(),
+            epoch,
+            handed_at: None,
+        };
+        let claimed = match handed {
+            Some(_) => revision,
+            None => {
+                let value: bytes::Bytes = serde_json::to_vec(&claim)?.into();
+                if revision == 0 {
+                    self.owners.create(&key, value).await?
+                } else {
+                    self.owners.update(&key, value, revision).await?
+                }
+            }
         };
         self.partitions.slots[partition].claimed.store(claimed, Ordering::Release);
+        // Where the stream ends, as far as this node knows without asking it.
+        let mut known_end = handed;
         let started = Instant::now();
         let deadline = Duration::from_secs(30);
         let slot = &self.partitions.slots[partition];
@@ -699,8 +734,10 @@ impl Context {
             if started.elapsed() > deadline {
                 return Err("could not catch up and fence in 30 s".into());
             }
-            let mut stream = self.streams[partition].clone();
-            let last = stream.info().await?.state.last_sequence;
+            let last = match known_end.take() {
+                Some(sequence) => sequence,
+                None => self.streams[partition].clone().info().await?.state.last_sequence,
+            };
             while slot.applied.load(Ordering::Acquire) < last {
                 if !self.tail_running(partition) {
                     return Err("the partition's tail stopped".into());
@@ -714,7 +751,10 @@ impl Context {
             let applied = slot.applied.load(Ordering::Acquire);
             let fence = async_nats::jetstream::message::PublishMessage::build()
                 .expected_last_sequence(applied)
-                .message_id(format!("{}-{partition}-fence-{epoch}", self.config.name))
+                .message_id(format!(
+                    "{}-{partition}-fence-{epoch}-{:016x}",
+                    self.config.name, self.incarnation
+                ))
                 .header(FENCE_HEADER, format!("{} {epoch}", self.config.node).as_str());
             let acked = match self.js.send_publish(self.config.subject(partition), fence).await {
                 Ok(ack) => ack.await,

@@ -189,6 +189,11 @@ pub struct Owner {
     pub addr: String,
     /// Raised by every takeover.
     pub epoch: u64,
+    /// Set by a planned move: the stream sequence of the hand-over record. The old owner then
+    /// names the target at the raised epoch itself, so the target only catches up to that
+    /// record and fences, without a claim of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handed_at: Option<u64>,
 }
 
 /// A request for a partition this node does not own: where to send it instead.
