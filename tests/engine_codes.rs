@@ -461,7 +461,7 @@ async fn run_codes(ops: Vec<CodeOp>, provider_latency_us: u64) -> Result<(), Tes
                 prop_assert_eq!(Some(r.captured_minor), asked.get(&code.number).copied());
                 captured += r.captured_minor;
             }
-            CodeState::Expired => prop_assert_eq!(won, 0),
+            CodeState::Expired | CodeState::Voided => prop_assert_eq!(won, 0),
             CodeState::Issued => {
                 prop_assert_eq!(won, 0);
                 if code.expires_ms > now {

@@ -144,6 +144,7 @@ fn fresh_shard() -> ShardState {
         lockout_ms: 0,
         idempotency_ttl_ms: 86_400_000,
         idempotency_records_max: 1024,
+        owed_max: 1024,
     };
     ShardState::new(0, shared, config)
 }

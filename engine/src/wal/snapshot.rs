@@ -26,7 +26,7 @@ const HEADER_LEN_V3: usize = 36;
 /// the log's ([`super::FORMAT_VERSION`]) up to 6; version 7 archives the shard's state types
 /// themselves (`shard/image.rs`), its logs being as version 6's. Older snapshots are still
 /// read (`shard/legacy.rs`).
-pub const SNAPSHOT_VERSION: u16 = 7;
+pub const SNAPSHOT_VERSION: u16 = 8;
 
 /// What a snapshot restores into: given the payload (checked and aligned) and its format
 /// version, rebuilds the state it holds.
