@@ -47,7 +47,7 @@ async fn issue(h: &Harness, request: IssueCodeRequest) -> IssuedCode {
     }
 }
 
-fn redeem(code: &IssuedCode, amount: u64, terminal: &str) -> RedeemRequest {
+pub(crate) fn redeem(code: &IssuedCode, amount: u64, terminal: &str) -> RedeemRequest {
     RedeemRequest {
         client_request_id: request_id(),
         code: code.text.clone(),

@@ -14,6 +14,7 @@ mod engine_durability;
 mod engine_iso;
 mod engine_lifecycle;
 mod engine_model;
+mod engine_money;
 mod engine_providers;
 mod engine_settlement;
 mod engine_wallet;

@@ -1,0 +1,374 @@
+//! Money movement through the ISO 8583 host simulator (`tests/iso_host`, with its tally of
+//! authorizations): a code's capture below its hold at `REDEEM_CODE` (a `0220` advice), its
+//! `VOID`, `REFUND`s up to the capture and no further, the sweeper's void of an expired code, a
+//! reversal after a timeout, and a capture retried until the host acknowledges it, across a
+//! restart of the engine (the host cut off by a proxy the test controls, then back).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use settlegate_engine::adapters::{AdapterConfig, GuardConfig};
+use settlegate_engine::{
+    AuthOutcome, CodeOutcome, CodeRefunded, CodeState, CodeVoided, EngineError, IssueCodeRequest,
+    IssuedCode, ProviderConfig, ReasonCode,
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+use crate::engine_codes::redeem;
+use crate::engine_iso::{spawn_host_tallying, Host};
+use crate::support::*;
+
+const ISO: u32 = 900;
+const MINUTE_MS: i64 = 60_000;
+
+/// A host simulator with its ledger and tally.
+struct IsoHost {
+    _host: Host,
+    port: u16,
+    ledger: PathBuf,
+    tally: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn iso_host() -> IsoHost {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("ledger.jsonl");
+    let tally = dir.path().join("tally.json");
+    let (host, port) = spawn_host_tallying(&ledger, Some(&tally));
+    IsoHost { _host: host, port, ledger, tally, _dir: dir }
+}
+
+impl IsoHost {
+    /// The host's account of the authorization of `amount` (each test's amounts differ).
+    fn held(&self, amount: u64) -> Option<serde_json::Value> {
+        let text = std::fs::read_to_string(&self.tally).ok()?;
+        let tally: serde_json::Value = serde_json::from_str(&text).ok()?;
+        tally["authorizations"]
+            .as_array()?
+            .iter()
+            .find(|held| held["authorized"].as_u64() == Some(amount))
+            .cloned()
+    }
+
+    /// `(state, captured, refunded, voided, reversed)` of the authorization of `amount`.
+    fn account(&self, amount: u64) -> Option<(String, u64, u64, u64, u64)> {
+        let held = self.held(amount)?;
+        let figure = |key: &str| held[key].as_u64().unwrap_or(0);
+        let state = held["state"].as_str()?.to_owned();
+        Some((state, figure("captured"), figure("refunded"), figure("voided"), figure("reversed")))
+    }
+
+    /// The lifecycle operations `op` the host received, as (op, MTI as received, its answer).
+    fn operations(&self, op: &str) -> Vec<(String, String, String)> {
+        let text = std::fs::read_to_string(&self.ledger).unwrap_or_default();
+        text.lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|entry| entry["dir"] == "op" && entry["op"] == op)
+            .map(|entry| {
+                let field = |key: &str| entry[key].as_str().unwrap_or_default().to_owned();
+                (field("op"), field("mti"), field("code"))
+            })
+            .collect()
+    }
+}
+
+fn iso_provider(port: u16, timeout_ms: u64) -> ProviderConfig {
+    let adapter: AdapterConfig = toml::from_str(&format!(
+        "kind = \"iso8583\"\nhost_addr = \"127.0.0.1:{port}\"\nmerchant_id = \"SGTEST01\""
+    ))
+    .unwrap();
+    ProviderConfig {
+        code: ISO,
+        name: "iso-host".into(),
+        adapter,
+        limits: GuardConfig { concurrency_max: 64, timeout_ms },
+        terminals: Vec::new(),
+    }
+}
+
+fn harness(port: u16, data_dir: Option<&std::path::Path>) -> Harness {
+    let mut config = match data_dir {
+        Some(dir) => durable_config(dir, 0),
+        None => config(),
+    };
+    config.providers.push(iso_provider(port, 5_000));
+    config.forwarding.retry_initial_ms = 50;
+    config.forwarding.retry_max_ms = 200;
+    Harness::with_config(config)
+}
+
+/// Issues a card code of `amount` via the host, waiting for the adapter's sign-on.
+async fn issue_card_code(h: &Harness, user: &TestUser, amount: u64) -> IssuedCode {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let record = user.record(h.engine.now_ms(), amount, ISO, "*");
+        let request = IssueCodeRequest {
+            client_request_id: request_id(),
+            inherent_id: record.sign(user.credential.device_key.expose()),
+            validity_ms: 10 * MINUTE_MS,
+            deliver_to: None,
+            order_ref: String::new(),
+        };
+        match h.engine.issue_code(request).await.expect("an answer") {
+            CodeOutcome::Issued(code) => return *code,
+            CodeOutcome::Declined(ReasonCode::ProviderUnavailable)
+                if tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            other => panic!("expected a code, got {other:?}"),
+        }
+    }
+}
+
+/// Runs the forwarder until `condition` holds, failing the test after 30 s.
+async fn forward_until(h: &Harness, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let _ = h.engine.forward_owed().await;
+        if condition() {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A host, an engine on it, a user of `name` and a card code of `amount` the host holds.
+async fn card_code(name: &str, amount: u64) -> (IsoHost, Harness, IssuedCode) {
+    let host = iso_host();
+    let h = harness(host.port, None);
+    let user = h.user(name).await;
+    let code = issue_card_code(&h, &user, amount).await;
+    assert_eq!(host.account(amount), Some(("authorized".into(), 0, 0, 0, 0)));
+    (host, h, code)
+}
+
+fn refused(reason: ReasonCode) -> EngineError {
+    EngineError::Refused(reason)
+}
+
+#[tokio::test]
+async fn a_code_redeemed_below_its_hold_is_captured_at_the_host_by_an_advice() {
+    let (host, h, code) = card_code("capture", 12_000).await;
+
+    let redemption = h.engine.redeem_code(redeem(&code, 9_500, "POS-1")).await.unwrap();
+    assert_eq!((redemption.captured_minor, redemption.released_minor), (9_500, 2_500));
+    forward_until(&h, "the capture at the host", || {
+        host.account(12_000) == Some(("captured".into(), 9_500, 0, 0, 0))
+    })
+    .await;
+    let captures: Vec<_> = host.operations("capture");
+    assert_eq!(captures, vec![("capture".into(), "0220".into(), "00".into())], "one advice");
+    // Acknowledged: owed no more (the next round finds the queue empty).
+    h.engine.forward_owed().await.unwrap();
+    assert!(
+        h.engine.owed_by_provider().iter().all(|q| q.depth == 0),
+        "{:?}",
+        h.engine.owed_by_provider()
+    );
+    h.engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_voided_code_releases_its_hold_and_the_host_is_told() {
+    let (host, h, code) = card_code("void", 13_000).await;
+
+    // Only a terminal the code was requested for may void it ("*": the store was not known).
+    let other = h.engine.void_code(request_id(), code.number, "OTHER".into()).await;
+    assert_eq!(other, Err(refused(ReasonCode::UnknownCode)));
+    let id = request_id();
+    let voided = h.engine.void_code(id, code.number, "*".into()).await.unwrap();
+    assert_eq!(voided, CodeVoided { released_minor: 13_000 });
+    // A retry is answered the same; another void, and a redemption, are refused.
+    assert_eq!(h.engine.void_code(id, code.number, "*".into()).await.unwrap(), voided);
+    let again = h.engine.void_code(request_id(), code.number, "*".into()).await;
+    assert_eq!(again, Err(refused(ReasonCode::CodeVoided)));
+    let redeemed = h.engine.redeem_code(redeem(&code, 1_000, "POS-1")).await;
+    assert_eq!(redeemed.unwrap_err(), refused(ReasonCode::CodeVoided));
+    assert_eq!(h.engine.code_state(code.number).await.unwrap(), CodeState::Voided);
+
+    forward_until(&h, "the void at the host", || {
+        host.account(13_000) == Some(("voided".into(), 0, 0, 13_000, 0))
+    })
+    .await;
+    let voids: Vec<_> = host.operations("void");
+    assert_eq!(voids.len(), 1, "one void: {voids:?}");
+    h.engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn refunds_add_up_to_the_capture_and_no_further() {
+    let (host, h, code) = card_code("refund", 14_000).await;
+    // Before its redemption the code concerns the terminal it was requested for ("*").
+    let early = h.engine.refund_code(request_id(), code.number, 100, "*".into()).await;
+    assert_eq!(early, Err(refused(ReasonCode::NotRefundable)), "nothing captured yet");
+    h.engine.redeem_code(redeem(&code, 11_000, "POS-1")).await.unwrap();
+
+    let id = request_id();
+    let first = h.engine.refund_code(id, code.number, 4_000, "POS-1".into()).await.unwrap();
+    let expected =
+        CodeRefunded { amount_minor: 4_000, refunded_minor: 4_000, captured_minor: 11_000 };
+    assert_eq!(first, expected);
+    // Idempotent: a retry is answered the same and refunds nothing more.
+    assert_eq!(h.engine.refund_code(id, code.number, 4_000, "POS-1".into()).await.unwrap(), first);
+    // Past the capture: refused. Another terminal: no such code.
+    let over = h.engine.refund_code(request_id(), code.number, 7_001, "POS-1".into()).await;
+    assert_eq!(over, Err(refused(ReasonCode::RefundAboveCaptured)));
+    let zero = h.engine.refund_code(request_id(), code.number, 0, "POS-1".into()).await;
+    assert_eq!(zero, Err(refused(ReasonCode::RefundAboveCaptured)));
+    let elsewhere = h.engine.refund_code(request_id(), code.number, 1, "POS-2".into()).await;
+    assert_eq!(elsewhere, Err(refused(ReasonCode::UnknownCode)));
+
+    forward_until(&h, "the capture and the refund at the host", || {
+        host.account(14_000) == Some(("captured".into(), 11_000, 4_000, 0, 0))
+    })
+    .await;
+    let rest = h.engine.refund_code(request_id(), code.number, 7_000, "POS-1".into()).await;
+    assert_eq!(rest.unwrap().refunded_minor, 11_000);
+    forward_until(&h, "the second refund at the host", || {
+        host.account(14_000) == Some(("captured".into(), 11_000, 11_000, 0, 0))
+    })
+    .await;
+    let refunds: Vec<_> = host.operations("refund");
+    assert_eq!(refunds.len(), 2, "two refunds, none refused: {refunds:?}");
+    assert!(refunds.iter().all(|(_, mti, code)| mti == "0200" && code == "00"), "{refunds:?}");
+    h.engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_sweeper_voids_an_expired_code_at_the_host() {
+    let host = iso_host();
+    let h = harness(host.port, None);
+    let dan = h.user("expiry").await;
+    issue_card_code(&h, &dan, 15_000).await;
+    h.clock.advance(10 * MINUTE_MS + 1_000);
+    assert_eq!(h.engine.sweep_codes().await.unwrap(), 1);
+    forward_until(&h, "the expired code's void at the host", || {
+        host.account(15_000) == Some(("voided".into(), 0, 0, 15_000, 0))
+    })
+    .await;
+    h.engine.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_authorization_that_timed_out_is_reversed_at_the_host() {
+    let host = iso_host();
+    let mut config = config();
+    // The host never answers 8,000..=8,099: the engine's provider timeout declines it.
+    config.providers.push(iso_provider(host.port, 1_000));
+    let h = Harness::with_config(config);
+    let erin = h.user("timeout").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match h.authorize(erin.signed(T0_MS, 8_042, ISO, "ISO-T1")).await {
+            AuthOutcome::Declined(ReasonCode::ProviderTimeout) => break,
+            AuthOutcome::Declined(ReasonCode::ProviderUnavailable)
+                if tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+    }
+    forward_until(&h, "the reversal at the host", || {
+        host.account(8_042) == Some(("reversed".into(), 0, 0, 0, 8_042))
+    })
+    .await;
+    h.engine.shutdown().await;
+}
+
+/// A TCP proxy to the host that the test can cut (its connections closed, new ones refused)
+/// and restore.
+struct Proxy {
+    port: u16,
+    open: Arc<AtomicBool>,
+    connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    accepting: JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn to(port: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let own_port = listener.local_addr().unwrap().port();
+        let open = Arc::new(AtomicBool::new(true));
+        let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let (is_open, held) = (Arc::clone(&open), Arc::clone(&connections));
+        let accepting = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !is_open.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let relay = tokio::spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", port)).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                held.lock().unwrap().push(relay);
+            }
+        });
+        Proxy { port: own_port, open, connections, accepting }
+    }
+
+    /// Closes every relayed connection and refuses new ones.
+    fn cut(&self) {
+        self.open.store(false, Ordering::SeqCst);
+        for relay in self.connections.lock().unwrap().drain(..) {
+            relay.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.accepting.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_capture_is_retried_until_the_host_acknowledges_it_across_a_restart() {
+    let host = iso_host();
+    let proxy = Proxy::to(host.port).await;
+    let data = tempfile::tempdir().unwrap();
+    let h = harness(proxy.port, Some(data.path()));
+    let fay = h.user("retry").await;
+    let code = issue_card_code(&h, &fay, 16_000).await;
+
+    // The host out of reach: the redemption is recorded, its capture owed and not sent.
+    proxy.cut();
+    let redemption = h.engine.redeem_code(redeem(&code, 10_000, "POS-1")).await.unwrap();
+    assert_eq!(redemption.captured_minor, 10_000);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut failed = 0;
+    while failed < 3 {
+        failed += h.engine.forward_owed().await.unwrap().failed;
+        assert!(tokio::time::Instant::now() < deadline, "sends to a host out of reach fail");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let owed = h.engine.owed_by_provider();
+    assert_eq!(owed.iter().map(|q| (q.provider_code, q.depth)).collect::<Vec<_>>(), [(ISO, 1)]);
+    assert_eq!(host.account(16_000), Some(("authorized".into(), 0, 0, 0, 0)), "not captured");
+    h.engine.shutdown().await;
+    drop(h);
+
+    // Restarted on the same data, the host back: the capture still owed is sent.
+    proxy.restore();
+    let h = harness(proxy.port, Some(data.path()));
+    forward_until(&h, "the capture at the host after the restart", || {
+        host.account(16_000) == Some(("captured".into(), 10_000, 0, 0, 0))
+    })
+    .await;
+    let captures: Vec<_> = host.operations("capture");
+    assert_eq!(captures.len(), 1, "acknowledged once: {captures:?}");
+    h.engine.forward_owed().await.unwrap();
+    assert!(h.engine.owed_by_provider().iter().all(|q| q.depth == 0));
+    h.engine.shutdown().await;
+}
