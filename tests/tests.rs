@@ -24,6 +24,7 @@ mod server_hardening;
 mod server_lifecycle;
 mod server_malformed;
 mod server_metrics;
+mod server_money;
 mod server_ops;
 mod server_readiness;
 mod server_replay;
