@@ -198,7 +198,7 @@ impl Engine {
                 return false;
             }
         };
-        tracing::info!(
+        tracing::debug!(
             operation_id,
             provider = provider_code,
             dispatch_id = obligation.reference.dispatch_id,
