@@ -28,7 +28,18 @@ fn code_request(
     amount: u64,
     means: (MeansKind, u32),
 ) -> IssueCodeRequest {
-    let mut record = user.record(h.engine.now_ms(), amount, PROVIDER_OK, "*");
+    code_request_via(h, user, amount, means, PROVIDER_OK)
+}
+
+/// [`code_request`] via `provider`, valid 10 minutes, requested for the terminal "*".
+pub(crate) fn code_request_via(
+    h: &Harness,
+    user: &TestUser,
+    amount: u64,
+    means: (MeansKind, u32),
+    provider: u32,
+) -> IssueCodeRequest {
+    let mut record = user.record(h.engine.now_ms(), amount, provider, "*");
     record.means = means.0;
     record.means_id = means.1;
     IssueCodeRequest {

@@ -9,15 +9,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use proptest::prelude::*;
 use settlegate_engine::adapters::{AdapterConfig, GuardConfig};
 use settlegate_engine::{
     AuthOutcome, CodeOutcome, CodeRefunded, CodeState, CodeVoided, EngineError, IssueCodeRequest,
-    IssuedCode, ProviderConfig, ReasonCode,
+    IssuedCode, MeansKind, ProviderConfig, ReasonCode,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
-use crate::engine_codes::redeem;
+use crate::engine_codes::{code_request_via, redeem};
 use crate::engine_iso::{spawn_host_tallying, Host};
 use crate::support::*;
 
@@ -100,18 +101,16 @@ fn harness(port: u16, data_dir: Option<&std::path::Path>) -> Harness {
     Harness::with_config(config)
 }
 
+/// A request for a card code of `amount` via `provider`.
+fn card_code_request(h: &Harness, user: &TestUser, amount: u64, provider: u32) -> IssueCodeRequest {
+    code_request_via(h, user, amount, (MeansKind::CreditCard, 0), provider)
+}
+
 /// Issues a card code of `amount` via the host, waiting for the adapter's sign-on.
 async fn issue_card_code(h: &Harness, user: &TestUser, amount: u64) -> IssuedCode {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let record = user.record(h.engine.now_ms(), amount, ISO, "*");
-        let request = IssueCodeRequest {
-            client_request_id: request_id(),
-            inherent_id: record.sign(user.credential.device_key.expose()),
-            validity_ms: 10 * MINUTE_MS,
-            deliver_to: None,
-            order_ref: String::new(),
-        };
+        let request = card_code_request(h, user, amount, ISO);
         match h.engine.issue_code(request).await.expect("an answer") {
             CodeOutcome::Issued(code) => return *code,
             CodeOutcome::Declined(ReasonCode::ProviderUnavailable)
@@ -371,4 +370,207 @@ async fn a_capture_is_retried_until_the_host_acknowledges_it_across_a_restart() 
     h.engine.forward_owed().await.unwrap();
     assert!(h.engine.owed_by_provider().iter().all(|q| q.depth == 0));
     h.engine.shutdown().await;
+}
+
+// ---- a property test over random lifecycles, against a reference model ----------------------
+
+#[derive(Debug, Clone)]
+enum Step {
+    /// A card code for `10_000 × (its index + 1) + extra`: each code's amount is its own.
+    Issue {
+        extra: u64,
+    },
+    Redeem {
+        code: usize,
+        amount: u64,
+    },
+    Void {
+        code: usize,
+    },
+    Refund {
+        code: usize,
+        amount: u64,
+    },
+    /// Past every code's expiry, then the sweeper.
+    Expire,
+    /// One round of the forwarder.
+    Forward,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        3 => (0u64..9_000).prop_map(|extra| Step::Issue { extra }),
+        3 => (0usize..8, 1u64..12_000).prop_map(|(code, amount)| Step::Redeem { code, amount }),
+        1 => (0usize..8).prop_map(|code| Step::Void { code }),
+        3 => (0usize..8, 0u64..8_000).prop_map(|(code, amount)| Step::Refund { code, amount }),
+        1 => Just(Step::Expire),
+        2 => Just(Step::Forward),
+    ]
+}
+
+/// A code as the reference model has it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Modelled {
+    Issued,
+    Redeemed { captured: u64, refunded: u64 },
+    Voided,
+    Expired,
+}
+
+/// Random interleavings of issue, redemption, void, refunds, expiry and forwarder rounds, with
+/// the simulated provider (whose ledger enforces the lifecycle's rules) behind the engine.
+/// The engine answers as the model does; once everything owed is forwarded, the provider holds
+/// what the model says: never more captured than authorized, never more refunded than
+/// captured, and every authorization in exactly one final state (captured, or voided).
+async fn run_lifecycles(steps: Vec<Step>) -> Result<(), TestCaseError> {
+    use settlegate_engine::adapters::simulated::{HoldState, Simulated, SimulatedConfig};
+    const SIM: u32 = 700;
+    let simulator = Arc::new(Simulated::new(SimulatedConfig::default()).unwrap());
+    let mut config = config();
+    config.providers.push(ProviderConfig {
+        code: SIM,
+        name: "model".into(),
+        adapter: AdapterConfig::default(),
+        limits: GuardConfig::default(),
+        terminals: Vec::new(),
+    });
+    let adapter: Arc<dyn settlegate_engine::adapters::ProviderAdapter> = simulator.clone();
+    let clock = Arc::new(settlegate_engine::ManualClock::new(T0_MS));
+    let engine =
+        settlegate_engine::Engine::start_with_adapters(config, clock.clone(), vec![(SIM, adapter)])
+            .unwrap();
+    let h = Harness { engine, clock };
+    let user = h.user("model").await;
+    let mut codes: Vec<(IssuedCode, Modelled)> = Vec::new();
+    let pick = |codes: &Vec<(IssuedCode, Modelled)>, i: usize| {
+        (!codes.is_empty()).then(|| i % codes.len())
+    };
+    for step in steps {
+        match step {
+            Step::Issue { extra } => {
+                let amount = 10_000 * (codes.len() as u64 + 1) + extra;
+                let request = card_code_request(&h, &user, amount, SIM);
+                match h.engine.issue_code(request).await.unwrap() {
+                    CodeOutcome::Issued(code) => codes.push((*code, Modelled::Issued)),
+                    other => prop_assert!(false, "the simulator approves: {other:?}"),
+                }
+            }
+            Step::Redeem { code, amount } => {
+                let Some(i) = pick(&codes, code) else { continue };
+                let (issued, model) = &mut codes[i];
+                let answer = h.engine.redeem_code(redeem(issued, amount, "POS-M")).await;
+                let expected = match *model {
+                    Modelled::Issued if amount <= issued.amount_minor => Ok(amount),
+                    Modelled::Issued => Err(refused(ReasonCode::AmountAboveAuthorized)),
+                    Modelled::Redeemed { .. } => Err(refused(ReasonCode::CodeRedeemed)),
+                    Modelled::Voided => Err(refused(ReasonCode::CodeVoided)),
+                    Modelled::Expired => Err(refused(ReasonCode::CodeExpired)),
+                };
+                prop_assert_eq!(answer.map(|r| r.captured_minor), expected.clone());
+                if let Ok(captured) = expected {
+                    *model = Modelled::Redeemed { captured, refunded: 0 };
+                }
+            }
+            Step::Void { code } => {
+                let Some(i) = pick(&codes, code) else { continue };
+                let (issued, model) = &mut codes[i];
+                let answer = h.engine.void_code(request_id(), issued.number, "*".into()).await;
+                let expected = match *model {
+                    Modelled::Issued => Ok(issued.amount_minor),
+                    Modelled::Redeemed { .. } => Err(refused(ReasonCode::CodeRedeemed)),
+                    Modelled::Voided => Err(refused(ReasonCode::CodeVoided)),
+                    Modelled::Expired => Err(refused(ReasonCode::CodeExpired)),
+                };
+                prop_assert_eq!(answer.map(|v| v.released_minor), expected.clone());
+                if expected.is_ok() {
+                    *model = Modelled::Voided;
+                }
+            }
+            Step::Refund { code, amount } => {
+                let Some(i) = pick(&codes, code) else { continue };
+                let (issued, model) = &mut codes[i];
+                let terminal = match model {
+                    Modelled::Redeemed { .. } => "POS-M",
+                    _ => "*",
+                };
+                let answer = h
+                    .engine
+                    .refund_code(request_id(), issued.number, amount, terminal.into())
+                    .await;
+                match model {
+                    Modelled::Redeemed { captured, refunded } => {
+                        if amount == 0 || *refunded + amount > *captured {
+                            let reason = ReasonCode::RefundAboveCaptured;
+                            prop_assert_eq!(answer, Err(refused(reason)));
+                        } else {
+                            *refunded += amount;
+                            let expected = CodeRefunded {
+                                amount_minor: amount,
+                                refunded_minor: *refunded,
+                                captured_minor: *captured,
+                            };
+                            prop_assert_eq!(answer, Ok(expected));
+                        }
+                    }
+                    _ => prop_assert_eq!(answer, Err(refused(ReasonCode::NotRefundable))),
+                }
+            }
+            Step::Expire => {
+                h.clock.advance(10 * MINUTE_MS + 1_000);
+                let due = codes.iter().filter(|(_, m)| *m == Modelled::Issued).count();
+                prop_assert_eq!(h.engine.sweep_codes().await.unwrap() as usize, due);
+                for (_, model) in codes.iter_mut().filter(|(_, m)| *m == Modelled::Issued) {
+                    *model = Modelled::Expired;
+                }
+            }
+            Step::Forward => {
+                h.engine.forward_owed().await.unwrap();
+            }
+        }
+    }
+    // The end of the day: whatever is still issued expires, and everything owed is sent.
+    h.clock.advance(10 * MINUTE_MS + 1_000);
+    h.engine.sweep_codes().await.unwrap();
+    for (_, model) in codes.iter_mut().filter(|(_, m)| *m == Modelled::Issued) {
+        *model = Modelled::Expired;
+    }
+    let mut rounds = 0;
+    loop {
+        let round = h.engine.forward_owed().await.unwrap();
+        if round.owed == 0 && round.failed == 0 {
+            break;
+        }
+        rounds += 1;
+        prop_assert!(rounds < 100, "the queue drains: {round:?}");
+    }
+    let holds = simulator.holds();
+    prop_assert_eq!(holds.len(), codes.len(), "one authorization per code");
+    for (issued, model) in &codes {
+        let found = holds.iter().find(|(_, hold)| hold.authorized_minor == issued.amount_minor);
+        let Some((_, hold)) = found else {
+            return Err(TestCaseError::fail(format!("no hold for {issued:?}")));
+        };
+        prop_assert!(hold.captured_minor <= hold.authorized_minor);
+        prop_assert!(hold.refunded_minor <= hold.captured_minor);
+        let expected = match *model {
+            Modelled::Redeemed { captured, refunded } => (HoldState::Captured, captured, refunded),
+            Modelled::Voided | Modelled::Expired => (HoldState::Voided, 0, 0),
+            Modelled::Issued => unreachable!("every code ended"),
+        };
+        prop_assert_eq!((hold.state, hold.captured_minor, hold.refunded_minor), expected);
+    }
+    h.engine.shutdown().await;
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_lifecycles_agree_with_the_model_and_the_provider(
+        steps in prop::collection::vec(step(), 1..40),
+    ) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(run_lifecycles(steps))?;
+    }
 }
