@@ -574,3 +574,34 @@ proptest! {
         runtime.block_on(run_lifecycles(steps))?;
     }
 }
+
+/// What is owed survives a restart from snapshots (one after every record: the log after the
+/// last one is all but empty), and is sent then.
+#[tokio::test]
+async fn owed_operations_survive_snapshots_and_a_restart() {
+    let data = tempfile::tempdir().unwrap();
+    let mut config = durable_config(data.path(), 1);
+    config.forwarding.retry_initial_ms = 50;
+    let h = Harness::with_config(config.clone());
+    let gil = h.user("snapshot").await;
+    let issue = |amount| card_code_request(&h, &gil, amount, PROVIDER_OK);
+    let CodeOutcome::Issued(first) = h.engine.issue_code(issue(2_000)).await.unwrap() else {
+        panic!("issued")
+    };
+    let CodeOutcome::Issued(second) = h.engine.issue_code(issue(3_000)).await.unwrap() else {
+        panic!("issued")
+    };
+    h.engine.redeem_code(redeem(&first, 1_500, "POS-1")).await.unwrap();
+    h.engine.void_code(request_id(), second.number, "*".into()).await.unwrap();
+    h.engine.shutdown().await;
+    drop(h);
+    let snapshots = (0..config.shard_count())
+        .filter(|i| settlegate_engine::wal::shard_snapshot_path(data.path(), *i).exists())
+        .count();
+    assert!(snapshots > 0, "snapshots were written");
+
+    let h = Harness::with_config(config);
+    let round = h.engine.forward_owed().await.unwrap();
+    assert_eq!((round.acknowledged, round.failed, round.owed), (2, 0, 0), "{round:?}");
+    h.engine.shutdown().await;
+}

@@ -125,7 +125,8 @@ pub fn snapshot_file(version: u16, generation: u64, payload: &[u8]) -> Vec<u8> {
     out
 }
 
-fn fresh_shard() -> ShardState {
+/// A fresh shard 0, with no provider, under the fuzzing vault key.
+pub(crate) fn fresh_shard() -> ShardState {
     let vault = Arc::new(Vault::new(&VAULT_KEY));
     let shared = Shared {
         devices: Arc::new(DeviceIndex::new(Arc::clone(&vault))),

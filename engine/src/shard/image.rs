@@ -1,4 +1,5 @@
-//! A shard's state as a snapshot holds it (snapshot format version 7): the shard's own state
+//! A shard's state as a snapshot holds it (snapshot format version 8; 7 is the same without
+//! what the shard owes its providers, [`MoneyImage`], and is still read): the shard's own state
 //! types ([`User`] with its devices and means, [`CodeRecord`], [`CouponRecord`],
 //! [`AgeRegistration`], [`Store`], the idempotency records' [`IdemState`], the providers'
 //! [`TerminalEntry`] lists and [`AgePolicy`]s), archived with rkyv as they are, in one
@@ -416,4 +417,67 @@ fn restore_codes(
         coupons.insert(number, coupon);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fuzzing::fresh_shard;
+    use crate::shard::state::Owed;
+    use crate::types::{AuthCode, Currency};
+    use crate::wal::snapshot::Restore;
+
+    /// A shard owing one capture, with its code's reference kept.
+    fn owing() -> ShardState {
+        let mut state = fresh_shard();
+        state.dispatch_seq = 5;
+        state.code_seq = 3;
+        let reference = Reference {
+            dispatch_id: 5,
+            provider_code: 7,
+            auth_code: Some(AuthCode(*b"123456")),
+            amount_minor: 1_000,
+            currency: Currency::try_from("JPY").unwrap(),
+            terminal_id: "T-1".into(),
+            card_token: None,
+            at_ms: 1_700_000_000_000,
+        };
+        let obligation =
+            Obligation { reference: reference.clone(), operation: Owed::Capture(600), since_ms: 9 };
+        state.money.op_seq = 1;
+        state.money.owed.insert(1, obligation);
+        state.money.codes.insert(3, CodeMoney { reference: reference.clone(), refunds: vec![] });
+        state.money.in_flight.insert(((1, 2), 3), reference);
+        state
+    }
+
+    fn restored(version: u16, payload: &[u8]) -> ShardState {
+        let mut state = fresh_shard();
+        state.restore_snapshot(version, payload).expect("the snapshot restores");
+        state
+    }
+
+    /// A snapshot carries what the shard owes its providers, and the references it keeps.
+    #[test]
+    fn a_snapshot_carries_the_ledger() {
+        let payload = Capture::take(&mut owing()).encode(0);
+        let state = restored(SNAPSHOT_VERSION, &payload);
+        let (owed, kept) = (&state.money, &owing().money);
+        assert_eq!(owed.owed, kept.owed);
+        assert_eq!(owed.codes, kept.codes);
+        assert_eq!(owed.in_flight, kept.in_flight);
+        assert_eq!((owed.op_seq, state.dispatch_seq, state.code_seq), (1, 5, 3));
+    }
+
+    /// A snapshot of format 7 (the state alone, written by a build before the ledger) still
+    /// restores: the state as it was, nothing owed.
+    #[test]
+    fn a_format_7_snapshot_restores_with_nothing_owed() {
+        let image = Capture::take(&mut owing()).into_image();
+        let payload = rkyv::to_bytes::<rkyv::rancor::Error>(&image.state).unwrap();
+        let state = restored(STATE_ONLY_VERSION, &payload);
+        assert_eq!((state.dispatch_seq, state.code_seq), (5, 3));
+        assert!(state.money.owed.is_empty() && state.money.codes.is_empty());
+        assert!(state.money.in_flight.is_empty());
+    }
 }
