@@ -282,15 +282,15 @@ async fn an_authorization_that_timed_out_is_reversed_at_the_host() {
 
 /// A TCP proxy to the host that the test can cut (its connections closed, new ones refused)
 /// and restore.
-struct Proxy {
-    port: u16,
+pub(crate) struct Proxy {
+    pub(crate) port: u16,
     open: Arc<AtomicBool>,
     connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
     accepting: JoinHandle<()>,
 }
 
 impl Proxy {
-    async fn to(port: u16) -> Proxy {
+    pub(crate) async fn to(port: u16) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let own_port = listener.local_addr().unwrap().port();
         let open = Arc::new(AtomicBool::new(true));
@@ -313,7 +313,7 @@ impl Proxy {
     }
 
     /// Closes every relayed connection and refuses new ones.
-    fn cut(&self) {
+    pub(crate) fn cut(&self) {
         self.open.store(false, Ordering::SeqCst);
         for relay in self.connections.lock().unwrap().drain(..) {
             relay.abort();

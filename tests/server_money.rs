@@ -9,8 +9,12 @@ use settlegate_engine::{AuthOutcome, ReasonCode};
 use settlegate_protocol::Client;
 
 use crate::engine_iso::spawn_host_tallying;
+use crate::engine_money::Proxy;
 use crate::support::request_id;
-use crate::support::server::{binary_config, enroll, spawn_binary, ADMIN_KEY};
+use crate::support::server::{
+    binary_config, enroll, http_get_at, now_ms, redeem_request, spawn_binary, spawn_binary_serving,
+    ADMIN_KEY,
+};
 
 /// The server process, killed when the test ends, also when a check fails.
 struct Server(std::process::Child);
@@ -123,4 +127,83 @@ async fn authorizations_in_flight_at_a_kill_are_reversed_at_the_host_after_the_r
         .filter(|line| line.contains("\"dir\": \"op\"") && line.contains("\"op\": \"reversal\""))
         .count();
     assert_eq!(reversals, amounts.len(), "one reversal each");
+}
+
+/// A capture owed to a host out of reach (a proxy the test cuts): `/metrics` shows the queue's
+/// depth and its oldest's age, and the server logs an ERROR with that age.
+#[tokio::test]
+async fn a_queue_that_cannot_drain_shows_in_metrics_and_an_error_with_its_age() {
+    use settlegate_protocol::messages::{CodeOutcome, Reply, Request};
+    use settlegate_protocol::ops::IssueCode;
+    let host_dir = tempfile::tempdir().unwrap();
+    let (_host, port) = spawn_host_tallying(&host_dir.path().join("ledger.jsonl"), None);
+    let proxy = Proxy::to(port).await;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = "forwarding = { interval_ms = 50, retry_initial_ms = 50, retry_max_ms = 200, \
+                  alarm_after_ms = 500 }";
+    let adapter = format!(
+        "{{ kind = \"iso8583\", host_addr = \"127.0.0.1:{}\", merchant_id = \"SGTEST01\" }}",
+        proxy.port
+    );
+    let config = binary_config(dir.path(), &adapter, engine);
+    let (child, addr, http) = spawn_binary_serving(&config, "error", std::process::Stdio::piped());
+    let mut server = Server(child);
+    let stderr = server.0.stderr.take().unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+
+    let client = connect(addr).await;
+    let mut payer = enroll(&client, "undrained").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let code = loop {
+        let issue = Request::IssueCode(IssueCode {
+            client_request_id: request_id().get(),
+            inherent_id: payer.sign(5_000, 1, "*"),
+            validity_ms: 3_600_000,
+            deliver_to: None,
+            order_ref: String::new(),
+        });
+        match client.call_ok(&issue).await.unwrap() {
+            Reply::IssueCode(CodeOutcome::Issued(code)) => break *code,
+            Reply::IssueCode(CodeOutcome::Declined(ReasonCode::ProviderUnavailable))
+                if tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            other => panic!("expected a code, got {other:?}"),
+        }
+    };
+    proxy.cut();
+    let redeem = redeem_request(&code, request_id().get(), 4_000, now_ms(), "POS-1");
+    client.call_ok(&redeem).await.unwrap();
+
+    let mut logged = Vec::new();
+    wait_for("an ERROR naming the undrained queue's age", || {
+        logged.extend(lines.try_iter());
+        logged
+            .iter()
+            .any(|l| l.contains("ERROR") && l.contains("not draining: the oldest has waited"))
+    })
+    .await;
+    let sample = |text: &str, name: &str| -> Option<f64> {
+        text.lines()
+            .find(|l| l.starts_with(name) && l.contains("provider=\"1\""))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let scraped = http_get_at(http, "/metrics").await.1;
+        let depth = sample(&scraped, "settlegate_provider_owed_operations");
+        let age = sample(&scraped, "settlegate_provider_owed_oldest_age_seconds");
+        if depth == Some(1.0) && age.is_some_and(|age| age >= 0.5) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "owed gauges: {scraped}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
