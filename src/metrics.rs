@@ -466,7 +466,7 @@ impl Collector for EngineCounters {
         let metric = encoder.encode_descriptor(
             "completions_dropped",
             "Providers' completions dropped because their idempotency record was gone or \
-             replaced (each payment declined as a provider timeout; an approval must be reversed)",
+             replaced (each payment declined as a provider timeout; an approval is reversed)",
             None,
             dropped.metric_type(),
         )?;

@@ -605,3 +605,42 @@ async fn owed_operations_survive_snapshots_and_a_restart() {
     assert_eq!((round.acknowledged, round.failed, round.owed), (2, 0, 0), "{round:?}");
     h.engine.shutdown().await;
 }
+
+/// At the bound of a shard's queue of owed operations, what would add one by choice waits:
+/// an issue is declined, a redemption, a void and a refund are refused, all with reason 31;
+/// nothing is lost, and once the queue drains they go through.
+#[tokio::test]
+async fn the_owed_queue_is_bounded() {
+    let mut config = config();
+    config.shards = 1;
+    config.forwarding.owed_max_per_shard = 1;
+    let h = Harness::with_config(config);
+    let hal = h.user("bounded").await;
+    let issue = |amount| card_code_request(&h, &hal, amount, PROVIDER_OK);
+    let CodeOutcome::Issued(first) = h.engine.issue_code(issue(2_000)).await.unwrap() else {
+        panic!("issued")
+    };
+    let CodeOutcome::Issued(second) = h.engine.issue_code(issue(3_000)).await.unwrap() else {
+        panic!("issued")
+    };
+    h.engine.redeem_code(redeem(&first, 1_000, "POS-1")).await.unwrap();
+    // One capture owed: the queue is full.
+    let unavailable = refused(ReasonCode::ProviderUnavailable);
+    let declined = h.engine.issue_code(issue(4_000)).await.unwrap();
+    assert_eq!(declined, CodeOutcome::Declined(ReasonCode::ProviderUnavailable));
+    assert_eq!(
+        h.engine.redeem_code(redeem(&second, 1_000, "POS-1")).await,
+        Err(unavailable.clone())
+    );
+    let void = h.engine.void_code(request_id(), second.number, "*".into()).await;
+    assert_eq!(void, Err(unavailable.clone()));
+    let refund = h.engine.refund_code(request_id(), first.number, 100, "POS-1".into()).await;
+    assert_eq!(refund, Err(unavailable));
+    assert_eq!(h.engine.code_state(second.number).await.unwrap(), CodeState::Issued);
+    // Drained: the same requests go through.
+    assert_eq!(h.engine.forward_owed().await.unwrap().acknowledged, 1);
+    h.engine.refund_code(request_id(), first.number, 100, "POS-1".into()).await.unwrap();
+    h.engine.forward_owed().await.unwrap();
+    h.engine.void_code(request_id(), second.number, "*".into()).await.unwrap();
+    h.engine.shutdown().await;
+}

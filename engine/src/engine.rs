@@ -462,8 +462,8 @@ impl Engine {
     /// Providers' completions dropped since the engine started because the idempotency record
     /// they were for was gone (the count limit dropped it while its provider answered) or
     /// replaced (its client request ID used again after that): each such payment stands
-    /// declined as a provider timeout, and an approval among them must be reversed, as after a
-    /// crash. Each is also logged as a warning.
+    /// declined as a provider timeout, and a reversal of an approval among them is owed to its
+    /// provider (store and forward), as after a crash. Each is also logged as a warning.
     pub fn completions_dropped(&self) -> u64 {
         self.inner.shared.completions_dropped.load(std::sync::atomic::Ordering::Relaxed)
     }

@@ -50,7 +50,7 @@ impl Shared {
     /// Counts and reports a completion of `dispatch` that found its idempotency record gone
     /// (the count limit dropped it) or replaced (its client request ID used again): its outcome
     /// was not recorded, and the payment stands declined as a provider timeout, as one cut off
-    /// by a crash does (an approval there must be reversed).
+    /// by a crash does (an approval there is reversed: `state/money.rs` owes the reversal).
     pub(crate) fn completion_dropped(&self, dispatch: &Dispatch, outcome: &AuthOutcome) {
         self.completions_dropped.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
@@ -59,8 +59,8 @@ impl Shared {
             client_request_id = %dispatch.key.1,
             approved = matches!(outcome, AuthOutcome::Approved(_)),
             "a provider's completion found its idempotency record gone or replaced; its outcome \
-             is dropped and the payment declined as a provider timeout (an approval must be \
-             reversed, as after a crash)"
+             is dropped and the payment declined as a provider timeout (an approval is \
+             reversed at the provider, as after a crash)"
         );
     }
 }
