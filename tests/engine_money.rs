@@ -575,6 +575,21 @@ proptest! {
     }
 }
 
+/// A user of `name` with two card codes via the simulated provider, of 2,000 and 3,000.
+async fn two_codes(h: &Harness, name: &str) -> (TestUser, IssuedCode, IssuedCode) {
+    let user = h.user(name).await;
+    let mut codes = Vec::new();
+    for amount in [2_000, 3_000] {
+        let request = card_code_request(h, &user, amount, PROVIDER_OK);
+        match h.engine.issue_code(request).await.unwrap() {
+            CodeOutcome::Issued(code) => codes.push(*code),
+            other => panic!("expected a code, got {other:?}"),
+        }
+    }
+    let second = codes.pop().unwrap();
+    (user, codes.pop().unwrap(), second)
+}
+
 /// What is owed survives a restart from snapshots (one after every record: the log after the
 /// last one is all but empty), and is sent then.
 #[tokio::test]
@@ -583,14 +598,7 @@ async fn owed_operations_survive_snapshots_and_a_restart() {
     let mut config = durable_config(data.path(), 1);
     config.forwarding.retry_initial_ms = 50;
     let h = Harness::with_config(config.clone());
-    let gil = h.user("snapshot").await;
-    let issue = |amount| card_code_request(&h, &gil, amount, PROVIDER_OK);
-    let CodeOutcome::Issued(first) = h.engine.issue_code(issue(2_000)).await.unwrap() else {
-        panic!("issued")
-    };
-    let CodeOutcome::Issued(second) = h.engine.issue_code(issue(3_000)).await.unwrap() else {
-        panic!("issued")
-    };
+    let (_, first, second) = two_codes(&h, "snapshot").await;
     h.engine.redeem_code(redeem(&first, 1_500, "POS-1")).await.unwrap();
     h.engine.void_code(request_id(), second.number, "*".into()).await.unwrap();
     h.engine.shutdown().await;
@@ -615,14 +623,8 @@ async fn the_owed_queue_is_bounded() {
     config.shards = 1;
     config.forwarding.owed_max_per_shard = 1;
     let h = Harness::with_config(config);
-    let hal = h.user("bounded").await;
+    let (hal, first, second) = two_codes(&h, "bounded").await;
     let issue = |amount| card_code_request(&h, &hal, amount, PROVIDER_OK);
-    let CodeOutcome::Issued(first) = h.engine.issue_code(issue(2_000)).await.unwrap() else {
-        panic!("issued")
-    };
-    let CodeOutcome::Issued(second) = h.engine.issue_code(issue(3_000)).await.unwrap() else {
-        panic!("issued")
-    };
     h.engine.redeem_code(redeem(&first, 1_000, "POS-1")).await.unwrap();
     // One capture owed: the queue is full.
     let unavailable = refused(ReasonCode::ProviderUnavailable);
