@@ -646,3 +646,40 @@ async fn the_owed_queue_is_bounded() {
     h.engine.void_code(request_id(), second.number, "*".into()).await.unwrap();
     h.engine.shutdown().await;
 }
+
+/// An authorization still with its provider at a stop, whose idempotency record the count
+/// limit dropped meanwhile (so recovery finds no pending record to decline), is abandoned at
+/// recovery: its reversal is owed and sent all the same.
+#[tokio::test]
+async fn an_in_flight_authorization_whose_record_was_dropped_is_reversed_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let durable = || {
+        let mut config = durable_config(dir.path(), 0);
+        config.shards = 1;
+        config.idempotency_records_max = 1;
+        Harness::gated(config)
+    };
+    let (h, gate) = durable();
+    let ivy = h.user("abandoned").await;
+    let request = settlegate_engine::AuthorizeRequest {
+        client_request_id: request_id(),
+        inherent_id: ivy.signed(T0_MS, 1_200, PROVIDER_GATED, "T-1"),
+    };
+    let in_flight = tokio::spawn({
+        let engine = h.engine.clone();
+        async move { engine.authorize(request).await }
+    });
+    let asked = gate.next().await;
+    // Another request takes the shard's only record: the payment's is dropped.
+    approved(h.authorize(ivy.signed(T0_MS, 100, PROVIDER_OK, "T-1")).await);
+    h.engine.shutdown().await;
+    drop(asked);
+    assert!(in_flight.await.unwrap().is_err(), "stopped before its answer");
+    drop(h);
+
+    let (h, _gate) = durable();
+    let round = h.engine.forward_owed().await.unwrap();
+    // The gated provider refuses lifecycle operations (unsupported): an answer all the same.
+    assert_eq!((round.acknowledged, round.failed, round.owed), (1, 0, 0), "{round:?}");
+    h.engine.shutdown().await;
+}

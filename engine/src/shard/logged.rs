@@ -286,6 +286,7 @@ mod tests {
                 operation_id: 8,
                 answer: Acknowledged::Refused("InvalidState".into()),
             },
+            Command::Abandoned { key: (9, 12), digest: 78 },
             Command::VoidCode { number: 12, terminal_id: "T-1".into() },
             Command::RefundCode { number: 12, amount_minor: 300, terminal_id: "T-1".into() },
         ]

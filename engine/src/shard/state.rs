@@ -742,6 +742,12 @@ pub(crate) enum Command {
         operation_id: u64,
         answer: Acknowledged,
     },
+    /// Recovery's end of an authorization still with its provider whose idempotency record is
+    /// gone: its outcome unknown, its reversal owed.
+    Abandoned {
+        key: IdemKey,
+        digest: u64,
+    },
     /// `VOID` of a payment code before redemption, by a store terminal it was requested for.
     VoidCode {
         number: u64,
@@ -1239,6 +1245,12 @@ impl ShardState {
             }
             Command::Forwarded { operation_id, answer } => {
                 self.forwarded(operation_id, &answer);
+                Reply::Done
+            }
+            Command::Abandoned { key, digest } => {
+                let reference = self.answered(key, Some(digest));
+                let timeout = AuthOutcome::Declined(ReasonCode::ProviderTimeout);
+                self.reverse_unrecorded(reference, &timeout, false, now_ms);
                 Reply::Done
             }
             Command::VoidCode { number, terminal_id } => {

@@ -254,6 +254,20 @@ impl ShardState {
             self.apply(envelope.clone());
             applied.push(envelope);
         }
+        // An authorization still with its provider whose idempotency record the count limit
+        // dropped has no pending record to complete: it is abandoned, and reversed likewise.
+        let abandoned: Vec<(IdemKey, u64)> = self.money.in_flight.keys().copied().collect();
+        for (key, digest) in abandoned {
+            let envelope = Envelope {
+                owner_hash: key.0,
+                client_request_id: None,
+                digest: 0,
+                now_ms,
+                command: Command::Abandoned { key, digest },
+            };
+            self.apply(envelope.clone());
+            applied.push(envelope);
+        }
         applied
     }
 }
