@@ -683,3 +683,33 @@ async fn an_in_flight_authorization_whose_record_was_dropped_is_reversed_after_a
     assert_eq!((round.acknowledged, round.failed, round.owed), (1, 0, 0), "{round:?}");
     h.engine.shutdown().await;
 }
+
+/// A provider out of reach holds up no other: with one operation sent per shard and provider
+/// and round, a capture owed to a reachable provider goes out behind one owed to a host that
+/// cannot be reached.
+#[tokio::test]
+async fn a_provider_out_of_reach_holds_up_no_other() {
+    let host = iso_host();
+    let proxy = Proxy::to(host.port).await;
+    let mut config = config();
+    config.shards = 1;
+    config.providers.push(iso_provider(proxy.port, 5_000));
+    config.forwarding.batch_max = 1;
+    let h = Harness::with_config(config);
+    let jo = h.user("blocked").await;
+    let stuck = issue_card_code(&h, &jo, 17_000).await;
+    let request = card_code_request(&h, &jo, 2_000, PROVIDER_OK);
+    let CodeOutcome::Issued(free) = h.engine.issue_code(request).await.unwrap() else {
+        panic!("issued")
+    };
+    proxy.cut();
+    h.engine.redeem_code(redeem(&stuck, 1_000, "POS-1")).await.unwrap();
+    h.engine.redeem_code(redeem(&free, 1_000, "POS-1")).await.unwrap();
+    let round = h.engine.forward_owed().await.unwrap();
+    assert_eq!((round.acknowledged, round.failed), (1, 1), "{round:?}");
+    // The queues as the next round finds them (the host's capture backing off meanwhile).
+    h.engine.forward_owed().await.unwrap();
+    let owed = h.engine.owed_by_provider();
+    assert_eq!(owed.iter().map(|q| (q.provider_code, q.depth)).collect::<Vec<_>>(), [(ISO, 1)]);
+    h.engine.shutdown().await;
+}

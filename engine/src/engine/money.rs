@@ -72,7 +72,7 @@ pub(super) struct Forwarding {
 impl Engine {
     /// One round of store and forward: in every shard (of a cluster node: every partition it
     /// owns), sends the operations owed to providers that are due, at most
-    /// `[engine.forwarding] batch_max` per shard, and records each answer. Logs an ERROR with
+    /// `[engine.forwarding] batch_max` per shard and provider, and records each answer. Logs an ERROR with
     /// the age of a provider's oldest operation once it is older than `alarm_after_ms`. The
     /// server runs it every `interval_ms`; an embedding application should too.
     pub async fn forward_owed(&self) -> Result<ForwardRound, EngineError> {
@@ -175,6 +175,11 @@ impl Engine {
         let acknowledged = match answer {
             Ok(LifecycleReply::Accepted { .. }) => Acknowledged::Accepted,
             Ok(LifecycleReply::Refused { reason }) => Acknowledged::Refused(format!("{reason:?}")),
+            // What the adapter cannot carry at all (a currency or terminal it has no mapping
+            // for) will not go any better later: refused for good, with its reason.
+            Err(settlegate_adapters::AdapterError::Config(reason)) => {
+                Acknowledged::Refused(format!("Config: {reason}"))
+            }
             Err(error) => {
                 let config = &self.inner.config.forwarding;
                 let mut forwarding = self.forwarding();

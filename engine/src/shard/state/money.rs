@@ -168,7 +168,8 @@ pub(crate) struct Ledger {
 /// A shard's owed operations, as the forwarder reads them.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct OwedView {
-    /// The first ones (by operation ID), at most the query's limit.
+    /// The first ones of each provider (by operation ID), at most the query's limit per
+    /// provider: a provider out of reach does not hold up another's.
     pub(crate) first: Vec<(u64, Obligation)>,
     /// By provider: how many are owed, and since when the oldest.
     pub(crate) by_provider: BTreeMap<u32, (u64, i64)>,
@@ -266,18 +267,18 @@ impl ShardState {
         }
     }
 
-    /// The operations owed, for the forwarder: the first `limit`, and the count and oldest by
-    /// provider.
+    /// The operations owed, for the forwarder: the first `limit` of each provider, and the
+    /// count and oldest by provider.
     pub(crate) fn owed_view(&self, limit: usize) -> OwedView {
         let mut view = OwedView::default();
         for (&id, obligation) in &self.money.owed {
-            if view.first.len() < limit {
-                view.first.push((id, obligation.clone()));
-            }
             let entry = view
                 .by_provider
                 .entry(obligation.reference.provider_code)
                 .or_insert((0, obligation.since_ms));
+            if entry.0 < limit as u64 {
+                view.first.push((id, obligation.clone()));
+            }
             entry.0 += 1;
             entry.1 = entry.1.min(obligation.since_ms);
         }
