@@ -388,6 +388,29 @@ impl EngineCounters {
             let series = providers.iter().map(|p| (labels(p), figure(p))).collect();
             encode_values(encoder, name, help, kind, series)?;
         }
+        // Store and forward: what each provider is owed, as the forwarder's last round found.
+        let owed = self.0.owed_by_provider();
+        let queue = |p: &settlegate_engine::ProviderState| {
+            owed.iter()
+                .find(|q| q.provider_code == p.code)
+                .map_or((0, 0), |q| (q.depth, q.oldest_age_ms))
+        };
+        let depth = providers.iter().map(|p| (labels(p), queue(p).0 as f64)).collect();
+        encode_values(
+            encoder,
+            "provider_owed_operations",
+            "Captures, voids, refunds and reversals owed to the provider, not yet acknowledged",
+            MetricType::Gauge,
+            depth,
+        )?;
+        let age = providers.iter().map(|p| (labels(p), queue(p).1 as f64 / 1000.0)).collect();
+        encode_values(
+            encoder,
+            "provider_owed_oldest_age_seconds",
+            "How long the oldest operation owed to the provider has waited (0: none owed)",
+            MetricType::Gauge,
+            age,
+        )?;
         let latency = providers.iter().map(|p| (labels(p), p.latency.clone())).collect();
         encode_histograms(
             encoder,
@@ -443,7 +466,7 @@ impl Collector for EngineCounters {
         let metric = encoder.encode_descriptor(
             "completions_dropped",
             "Providers' completions dropped because their idempotency record was gone or \
-             replaced (each payment declined as a provider timeout; an approval must be reversed)",
+             replaced (each payment declined as a provider timeout; an approval is reversed)",
             None,
             dropped.metric_type(),
         )?;

@@ -471,6 +471,40 @@ impl Serve for RedeemCode {
     }
 }
 
+impl Serve for void::Void {
+    fn permit(&self) -> Permit<'_> {
+        Permit::Terminal(&self.terminal_id)
+    }
+    async fn serve(self, ctx: &Context, _: &Identity) -> Result<void::Voided, Failure> {
+        let void::Void { client_request_id, target: void::Target::Code(number), terminal_id } =
+            self;
+        let voided =
+            ctx.engine.void_code(RequestId(client_request_id), number, terminal_id).await?;
+        Ok(void::Voided { released_minor: voided.released_minor })
+    }
+}
+
+impl Serve for refund::Refund {
+    fn permit(&self) -> Permit<'_> {
+        Permit::Terminal(&self.terminal_id)
+    }
+    async fn serve(self, ctx: &Context, _: &Identity) -> Result<refund::Refunded, Failure> {
+        let refund::Refund {
+            client_request_id,
+            target: void::Target::Code(number),
+            amount_minor,
+            terminal_id,
+        } = self;
+        let id = RequestId(client_request_id);
+        let refunded = ctx.engine.refund_code(id, number, amount_minor, terminal_id).await?;
+        Ok(refund::Refunded {
+            amount_minor: refunded.amount_minor,
+            refunded_minor: refunded.refunded_minor,
+            captured_minor: refunded.captured_minor,
+        })
+    }
+}
+
 impl Serve for code_state::GetCodeState {
     fn permit(&self) -> Permit<'_> {
         Permit::ReadCodes

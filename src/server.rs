@@ -10,6 +10,7 @@
 //! code sweeper run on the caller's runtime.
 
 use std::net::SocketAddr;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -132,11 +133,14 @@ pub async fn start_observed(
     let (shutdown, shutdown_rx) = watch::channel(false);
     let addr = listener.local_addr()?;
     http_state.serving(Arc::clone(&shared));
-    tokio::spawn(sweep_codes(
-        engine.clone(),
-        Duration::from_millis(server_config.code_sweep_interval_ms.max(10)),
-        shutdown_rx.clone(),
-    ));
+    let sweep_interval = Duration::from_millis(server_config.code_sweep_interval_ms.max(10));
+    let sweeper = engine.clone();
+    tokio::spawn(every(sweep_interval, shutdown_rx.clone(), move || sweep_codes(sweeper.clone())));
+    let forward_interval = Duration::from_millis(engine.config().forwarding.interval_ms);
+    let forwarder = engine.clone();
+    tokio::spawn(every(forward_interval, shutdown_rx.clone(), move || {
+        forward_owed(forwarder.clone())
+    }));
     let threads = RuntimeThreads::start("sg-conn", server_config.io_thread_count())
         .context("starting the connection threads")?;
     let accept_task = tokio::spawn(accept_loop(
@@ -281,26 +285,47 @@ async fn open_connection(
     connection::serve(stream, shared, identity, Some(unauthenticated), shutdown).await;
 }
 
-/// Expires payment codes past their expiry and releases their holds, every `interval`, until
-/// shutdown.
-async fn sweep_codes(
-    engine: settlegate_engine::Engine,
+/// Runs `round` every `interval` until shutdown, or until a round says to stop.
+async fn every<F: std::future::Future<Output = ControlFlow<()>>>(
     interval: Duration,
     mut shutdown: watch::Receiver<bool>,
+    mut round: impl FnMut() -> F,
 ) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
-            _ = ticker.tick() => match engine.sweep_codes().await {
-                Ok(0) => {}
-                Ok(count) => tracing::info!(count, "payment codes expired; holds released"),
-                Err(error) => {
-                    tracing::debug!(%error, "code sweep stopped");
-                    return;
-                }
+            _ = ticker.tick() => if round().await.is_break() {
+                return;
             },
         }
     }
+}
+
+/// The forwarder: sends the operations owed to providers (captures, voids, refunds,
+/// reversals), one round per tick (`docs/ARCHITECTURE.md`, "Store and forward").
+async fn forward_owed(engine: settlegate_engine::Engine) -> ControlFlow<()> {
+    match engine.forward_owed().await {
+        Ok(round) if round.acknowledged > 0 || round.failed > 0 => {
+            tracing::debug!(?round, "forwarder round");
+        }
+        Ok(_) => {}
+        Err(settlegate_engine::EngineError::Stopped) => return ControlFlow::Break(()),
+        Err(error) => tracing::debug!(%error, "forwarder round cut short"),
+    }
+    ControlFlow::Continue(())
+}
+
+/// Expires payment codes past their expiry and releases their holds.
+async fn sweep_codes(engine: settlegate_engine::Engine) -> ControlFlow<()> {
+    match engine.sweep_codes().await {
+        Ok(0) => {}
+        Ok(count) => tracing::info!(count, "payment codes expired; holds released"),
+        Err(error) => {
+            tracing::debug!(%error, "code sweep stopped");
+            return ControlFlow::Break(());
+        }
+    }
+    ControlFlow::Continue(())
 }

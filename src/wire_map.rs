@@ -345,6 +345,7 @@ impl ToWire for engine::CodeState {
             engine::CodeState::Issued => wire::CodeState::Issued,
             engine::CodeState::Redeemed(x) => wire::CodeState::Redeemed(x.to_wire()),
             engine::CodeState::Expired => wire::CodeState::Expired,
+            engine::CodeState::Voided => wire::CodeState::Voided,
         }
     }
 }

@@ -28,7 +28,18 @@ fn code_request(
     amount: u64,
     means: (MeansKind, u32),
 ) -> IssueCodeRequest {
-    let mut record = user.record(h.engine.now_ms(), amount, PROVIDER_OK, "*");
+    code_request_via(h, user, amount, means, PROVIDER_OK)
+}
+
+/// [`code_request`] via `provider`, valid 10 minutes, requested for the terminal "*".
+pub(crate) fn code_request_via(
+    h: &Harness,
+    user: &TestUser,
+    amount: u64,
+    means: (MeansKind, u32),
+    provider: u32,
+) -> IssueCodeRequest {
+    let mut record = user.record(h.engine.now_ms(), amount, provider, "*");
     record.means = means.0;
     record.means_id = means.1;
     IssueCodeRequest {
@@ -47,7 +58,7 @@ async fn issue(h: &Harness, request: IssueCodeRequest) -> IssuedCode {
     }
 }
 
-fn redeem(code: &IssuedCode, amount: u64, terminal: &str) -> RedeemRequest {
+pub(crate) fn redeem(code: &IssuedCode, amount: u64, terminal: &str) -> RedeemRequest {
     RedeemRequest {
         client_request_id: request_id(),
         code: code.text.clone(),
@@ -461,7 +472,7 @@ async fn run_codes(ops: Vec<CodeOp>, provider_latency_us: u64) -> Result<(), Tes
                 prop_assert_eq!(Some(r.captured_minor), asked.get(&code.number).copied());
                 captured += r.captured_minor;
             }
-            CodeState::Expired => prop_assert_eq!(won, 0),
+            CodeState::Expired | CodeState::Voided => prop_assert_eq!(won, 0),
             CodeState::Issued => {
                 prop_assert_eq!(won, 0);
                 if code.expires_ms > now {

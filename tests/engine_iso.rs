@@ -13,7 +13,8 @@ use crate::support::*;
 
 const ISO_PROVIDER: u32 = 900;
 
-struct Host(Child);
+/// The host simulator's process, killed when dropped.
+pub struct Host(pub Child);
 
 impl Drop for Host {
     fn drop(&mut self) {
@@ -25,11 +26,21 @@ impl Drop for Host {
 /// Starts the simulator on a free port with a ledger; fails (never skips) without python3
 /// and pyiso8583.
 fn spawn_host(ledger: &std::path::Path) -> (Host, u16) {
+    spawn_host_tallying(ledger, None)
+}
+
+/// [`spawn_host`], also keeping the host's tally of authorizations in `tally` when given.
+pub fn spawn_host_tallying(
+    ledger: &std::path::Path,
+    tally: Option<&std::path::Path>,
+) -> (Host, u16) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/iso_host/iso_host.py");
-    let mut child = Command::new("python3")
-        .arg(script)
-        .args(["--port", "0", "--ledger"])
-        .arg(ledger)
+    let mut command = Command::new("python3");
+    command.arg(script).args(["--port", "0", "--ledger"]).arg(ledger);
+    if let Some(tally) = tally {
+        command.arg("--tally-file").arg(tally);
+    }
+    let mut child = command
         .stdout(Stdio::piped())
         .spawn()
         .expect("python3 runs (the test command installs tests/iso_host/requirements.txt)");

@@ -219,3 +219,36 @@ async fn connections_over_the_cap_are_closed_at_once() {
     bystander_still_served(&first).await;
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn malformed_void_and_refund_bodies_are_bad_requests_and_the_connection_stays_open() {
+    use settlegate_protocol::opcode::{REFUND, VOID};
+    let server = start().await;
+    let mut bytes = Request::Auth(Auth { key: ADMIN_KEY.into() }).to_frame(1).to_bytes();
+    let mut void = vec![0u8; 16];
+    void.extend_from_slice(&[2]); // a reserved target
+    void.extend_from_slice(&42u64.to_be_bytes());
+    void.extend_from_slice(&[1, b'T']);
+    bytes.extend_from_slice(&Frame::request(VOID, 2, void.clone()).to_bytes());
+    void[16] = 1;
+    bytes.extend_from_slice(&Frame::request(VOID, 3, void[..20].to_vec()).to_bytes());
+    let mut refund = void.clone();
+    refund.splice(25..25, 400u64.to_be_bytes());
+    let mut trailing = refund.clone();
+    trailing.push(0);
+    bytes.extend_from_slice(&Frame::request(REFUND, 4, trailing).to_bytes());
+    // Well formed: a code this server never issued is refused (102), not a bad request.
+    bytes.extend_from_slice(&Frame::request(REFUND, 5, refund).to_bytes());
+    bytes.extend_from_slice(&ping(6));
+    let frames = exchange(&server, &bytes).await;
+    let status_of = |id| frames.iter().find(|f| f.request_id == id).map(|f| f.status);
+    assert_eq!(status_of(1), Some(status::OK));
+    for id in [2, 3, 4] {
+        assert_eq!(status_of(id), Some(status::BAD_REQUEST), "request {id}");
+    }
+    assert_eq!(status_of(5), Some(status::REFUSED));
+    let refused = frames.iter().find(|f| f.request_id == 5).unwrap();
+    assert_eq!(u16::from_be_bytes([refused.body[0], refused.body[1]]), 102);
+    assert_eq!(status_of(6), Some(status::OK), "the connection stays open");
+    server.shutdown().await;
+}

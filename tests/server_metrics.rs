@@ -94,6 +94,8 @@ async fn every_series_is_scraped_under_load() {
         ("settlegate_provider_in_flight", &[("provider", "710")]),
         ("settlegate_provider_timeouts_total", &[("provider", "100")]),
         ("settlegate_provider_reversals_pending", &[("provider", "100")]),
+        ("settlegate_provider_owed_operations", &[("provider", "100")]),
+        ("settlegate_provider_owed_oldest_age_seconds", &[("provider", "710")]),
         ("settlegate_shard_queue_depth", &[("shard", "0")]),
         ("settlegate_shard_busy_total", &[("shard", "1")]),
         ("settlegate_connections", &[("state", "authenticated")]),

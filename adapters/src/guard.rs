@@ -162,6 +162,7 @@ mod tests {
             terminal_id: "T".into(),
             amount_minor: 1,
             currency: Currency::try_from("JPY").unwrap(),
+            at_ms: 1_700_000_000_000,
         }
     }
 

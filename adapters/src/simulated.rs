@@ -416,6 +416,7 @@ mod tests {
             terminal_id: "T1".into(),
             amount_minor,
             currency: Currency::try_from("JPY").unwrap(),
+            at_ms: 1_700_000_000_000,
         }
     }
 

@@ -24,6 +24,11 @@ pub struct AuthorizationRequest {
     pub amount_minor: u64,
     /// The currency of `amount_minor`.
     pub currency: Currency,
+    /// When the engine made the request (its reservation's time, ms since the epoch, from the
+    /// engine's log). A network adapter dates its message by it and derives its identifiers
+    /// from it and `dispatch_id`, so that they can be rebuilt from the log alone (to reverse
+    /// an authorization whose answer a crash cut off).
+    pub at_ms: i64,
 }
 
 /// A provider's answer to an authorization.
@@ -128,8 +133,12 @@ pub struct AuthReference {
     pub terminal_id: String,
     /// The vault token of the card, for card means (never a PAN).
     pub card_token: Option<CardToken>,
+    /// The request's [`at_ms`](AuthorizationRequest::at_ms).
+    pub at_ms: i64,
     /// The identifiers a network adapter assigned the authorization (ISO 8583); `None` for
-    /// providers that need none (the simulator).
+    /// providers that need none (the simulator), and in a reference the engine rebuilt from
+    /// its log: an adapter that derives its identifiers from the dispatch ID and
+    /// [`at_ms`](AuthReference::at_ms) (ISO 8583, `docs/ADAPTERS.md`) derives them again.
     pub network: Option<NetworkReference>,
 }
 
@@ -148,6 +157,7 @@ impl AuthReference {
             currency: request.currency,
             terminal_id: request.terminal_id.clone(),
             card_token: request.card_token,
+            at_ms: request.at_ms,
             network,
         }
     }

@@ -53,6 +53,8 @@ pub struct EngineConfig {
     pub age: AgeConfig,
     /// The issuer number payment codes and coupons carry (C2).
     pub code_issuer: u16,
+    /// Store and forward of the captures, voids, refunds and reversals owed to providers.
+    pub forwarding: ForwardingConfig,
     /// Clustering on NATS JetStream (`docs/CLUSTER.md`): the server's top-level `[cluster]`
     /// table, set by the server; none for a single node.
     #[serde(skip)]
@@ -154,6 +156,57 @@ pub struct ProviderConfig {
     pub terminals: Vec<TerminalEntry>,
 }
 
+/// `[engine.forwarding]`: store and forward of the operations owed to providers
+/// (`docs/CONFIG.md`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ForwardingConfig {
+    /// Operations owed a shard keeps at most: at the bound, what would add one by choice
+    /// (`ISSUE_CODE`, `REDEEM_CODE` of a code with a provider reference, `VOID`, `REFUND`) is
+    /// refused `ProviderUnavailable` until the queue drains. Expiries and reversals are owed
+    /// whatever the count (they cannot wait).
+    pub owed_max_per_shard: usize,
+    /// How often the forwarder looks for owed operations, in ms.
+    pub interval_ms: u64,
+    /// The first retry's delay after a failed send, in ms; doubled per failure.
+    pub retry_initial_ms: u64,
+    /// The longest delay between retries, in ms.
+    pub retry_max_ms: u64,
+    /// An owed operation older than this makes the forwarder log an ERROR with its age (at
+    /// most once per this period and provider), in ms.
+    pub alarm_after_ms: u64,
+    /// Operations the forwarder sends at once per shard at most.
+    pub batch_max: usize,
+}
+
+impl Default for ForwardingConfig {
+    fn default() -> Self {
+        ForwardingConfig {
+            owed_max_per_shard: 100_000,
+            interval_ms: 200,
+            retry_initial_ms: 500,
+            retry_max_ms: 60_000,
+            alarm_after_ms: 300_000,
+            batch_max: 256,
+        }
+    }
+}
+
+impl ForwardingConfig {
+    fn validate(&self) -> Result<(), String> {
+        let check = |ok: bool, message: &str| if ok { Ok(()) } else { Err(message.to_owned()) };
+        check(self.owed_max_per_shard > 0, "forwarding.owed_max_per_shard must be positive")?;
+        check(self.interval_ms > 0, "forwarding.interval_ms must be positive")?;
+        check(self.retry_initial_ms > 0, "forwarding.retry_initial_ms must be positive")?;
+        check(
+            self.retry_max_ms >= self.retry_initial_ms,
+            "forwarding.retry_max_ms must be at least retry_initial_ms",
+        )?;
+        check(self.alarm_after_ms > 0, "forwarding.alarm_after_ms must be positive")?;
+        check((1..=4096).contains(&self.batch_max), "forwarding.batch_max must be 1..=4096")
+    }
+}
+
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
@@ -174,6 +227,7 @@ impl Default for EngineConfig {
             durability: DurabilityConfig::default(),
             age: AgeConfig::default(),
             code_issuer: 1,
+            forwarding: ForwardingConfig::default(),
             cluster: None,
             vault_key: None,
         }
@@ -243,6 +297,7 @@ impl EngineConfig {
             "idempotency_records_max must be 1..=4294967296",
         )?;
         check(self.login_failures_max > 0, "login_failures_max must be positive")?;
+        self.forwarding.validate()?;
         check(self.lockout_ms >= 0, "lockout_ms must not be negative")?;
         check(
             self.durability.fsync_interval_ms > 0,

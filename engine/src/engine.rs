@@ -49,6 +49,7 @@ use settlegate_types::histogram::HistogramSnapshot;
 
 mod accounts;
 mod age;
+mod money;
 mod payment_codes;
 mod providers;
 mod settlement;
@@ -56,6 +57,7 @@ mod stores;
 mod wallet;
 
 pub use accounts::{DeviceCredential, EnrollRequest, MeansAdded, MeansOrder};
+pub use money::{CodeRefunded, CodeVoided, ForwardRound, OwedQueue};
 pub use payment_codes::{CodeOutcome, IssueCodeRequest, RedeemRequest, SaleLines};
 pub use settlement::{AuthorizeRequest, Authorizing, BasketOutcome, Standing};
 pub use stores::EnteredStore;
@@ -74,6 +76,8 @@ struct Inner {
     runtime: Mutex<Option<ActorRuntime>>,
     /// This node's membership of a cluster (`[cluster]`); none for a single node.
     cluster: Option<Cluster>,
+    /// The forwarder's memory between rounds ([`Engine::forward_owed`]).
+    forwarding: Mutex<money::Forwarding>,
 }
 
 impl Inner {
@@ -210,6 +214,7 @@ impl Engine {
                 config,
                 runtime: Mutex::new(Some(runtime)),
                 cluster,
+                forwarding: Mutex::default(),
             }),
         })
     }
@@ -457,8 +462,8 @@ impl Engine {
     /// Providers' completions dropped since the engine started because the idempotency record
     /// they were for was gone (the count limit dropped it while its provider answered) or
     /// replaced (its client request ID used again after that): each such payment stands
-    /// declined as a provider timeout, and an approval among them must be reversed, as after a
-    /// crash. Each is also logged as a warning.
+    /// declined as a provider timeout, and a reversal of an approval among them is owed to its
+    /// provider (store and forward), as after a crash. Each is also logged as a warning.
     pub fn completions_dropped(&self) -> u64 {
         self.inner.shared.completions_dropped.load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -559,6 +564,7 @@ fn prepare(
         lockout_ms: config.lockout_ms,
         idempotency_ttl_ms: config.idempotency_ttl_ms,
         idempotency_records_max: config.idempotency_records_max,
+        owed_max: config.forwarding.owed_max_per_shard,
     };
     let hasher = PasswordHasher::new(config.password).map_err(EngineError::Config)?;
     Ok((shared, state_config, hasher))

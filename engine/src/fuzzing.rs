@@ -125,7 +125,8 @@ pub fn snapshot_file(version: u16, generation: u64, payload: &[u8]) -> Vec<u8> {
     out
 }
 
-fn fresh_shard() -> ShardState {
+/// A fresh shard 0, with no provider, under the fuzzing vault key.
+pub(crate) fn fresh_shard() -> ShardState {
     let vault = Arc::new(Vault::new(&VAULT_KEY));
     let shared = Shared {
         devices: Arc::new(DeviceIndex::new(Arc::clone(&vault))),
@@ -144,6 +145,7 @@ fn fresh_shard() -> ShardState {
         lockout_ms: 0,
         idempotency_ttl_ms: 86_400_000,
         idempotency_records_max: 1024,
+        owed_max: 1024,
     };
     ShardState::new(0, shared, config)
 }

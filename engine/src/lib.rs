@@ -139,9 +139,10 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{EngineConfig, ProviderConfig, VaultConfig, VaultKey};
 pub use engine::{replay_shard, shard_of_user};
 pub use engine::{
-    AuthorizeRequest, BasketOutcome, BestBy, CodeOutcome, DeviceCredential, Engine, EnrollRequest,
-    EnteredStore, IssueCodeRequest, MeansAdded, MeansOrder, MethodAtStore, ProviderState,
-    RedeemRequest, SaleLines, ShardLoad, ShardReplay, UsableMethods, UsableQuery,
+    AuthorizeRequest, BasketOutcome, BestBy, CodeOutcome, CodeRefunded, CodeVoided,
+    DeviceCredential, Engine, EnrollRequest, EnteredStore, ForwardRound, IssueCodeRequest,
+    MeansAdded, MeansOrder, MethodAtStore, OwedQueue, ProviderState, RedeemRequest, SaleLines,
+    ShardLoad, ShardReplay, UsableMethods, UsableQuery,
 };
 pub use error::EngineError;
 pub use geo::{AcceptedMethod, Signal, Store};

@@ -71,6 +71,12 @@ operations! {
     /// A payment code issued (held authorization) and then redeemed by a store terminal for
     /// less: two requests, timed together (C1–C3).
     Code => "code";
+    /// A payment code issued, then voided by the store terminal it was requested for (its hold
+    /// released, a void owed to its provider): two requests, timed together.
+    Void => "void";
+    /// `code`, then a partial refund of the capture by the redeeming terminal (owed to the
+    /// provider): three requests, timed together.
+    Refund => "refund";
 }
 
 /// The settlegate workload: a target, its dataset and the mix's operations.
@@ -163,6 +169,12 @@ impl Execute for Workload {
 /// The slot's next payment: a fresh client request ID and an inherent ID of the slot's next
 /// payer's, for 1,000 JPY at a random store.
 fn next_payment(w: &Workload, slot: &mut SlotCursor) -> (u128, Vec<u8>) {
+    let (id, inherent_id, _) = next_payment_at(w, slot);
+    (id, inherent_id)
+}
+
+/// [`next_payment`], and the store terminal it names.
+fn next_payment_at<'w>(w: &'w Workload, slot: &mut SlotCursor) -> (u128, Vec<u8>, &'w String) {
     let index = slot.next_payer(w.dataset.payers.len());
     let provider = w.dataset.providers[index % w.dataset.providers.len()];
     let store = &w.dataset.stores[slot.below(w.dataset.stores.len())];
@@ -170,7 +182,7 @@ fn next_payment(w: &Workload, slot: &mut SlotCursor) -> (u128, Vec<u8>) {
     slot.sequence += 1;
     let id =
         (u128::from(w.run_ms) << 64) | ((slot.global as u128) << 32) | u128::from(slot.sequence);
-    (id, inherent_id)
+    (id, inherent_id, store)
 }
 
 impl Operation {
@@ -178,7 +190,7 @@ impl Operation {
     /// go out in one write ([`crate::lanes`]); `code` is two requests, the second built from
     /// the first's answer.
     pub fn is_single(self) -> bool {
-        self != Operation::Code
+        !matches!(self, Operation::Code | Operation::Void | Operation::Refund)
     }
 
     /// The one request a single-request operation sends to a server (`None` for `code`).
@@ -209,7 +221,7 @@ impl Operation {
                 ConfirmTerminal { provider_code, terminal_id: terminal_id.clone() }.into()
             }
             Operation::Ping => Ping { payload: Vec::new() }.into(),
-            Operation::Code => return None,
+            Operation::Code | Operation::Void | Operation::Refund => return None,
         })
     }
 
@@ -242,7 +254,7 @@ impl Operation {
                 let client = &clients[slot.connection];
                 match self.request(w, slot) {
                     Some(request) => self.judge(client.call(&request).await),
-                    None => code_remote(w, slot, client).await,
+                    None => code_remote(w, slot, client, self).await,
                 }
             }
             Target::Embedded(engine) => match self {
@@ -259,7 +271,9 @@ impl Operation {
                 }
                 // Embedded, there is nothing to call: it measures the load generator itself.
                 Operation::Ping => Outcome::Ok,
-                Operation::Code => code_embedded(w, slot, engine).await,
+                Operation::Code | Operation::Void | Operation::Refund => {
+                    code_embedded(w, slot, engine, self).await
+                }
             },
         }
     }
@@ -310,9 +324,14 @@ async fn age_checked(w: &Workload, slot: &mut SlotCursor, engine: &Engine) -> Ou
 fn code_requests(
     w: &Workload,
     slot: &mut SlotCursor,
-) -> (IssueCodeRequest, impl Fn(&str, u64, Currency) -> RedeemRequest) {
-    let (id, inherent_id) = next_payment(w, slot);
+) -> (IssueCodeRequest, impl Fn(&str, u64, Currency) -> RedeemRequest, CodeAfter) {
+    let (id, inherent_id, requested_at) = next_payment_at(w, slot);
     let store = w.dataset.stores[slot.below(w.dataset.stores.len())].clone();
+    let after = CodeAfter {
+        id: RequestId(id | (1 << 30)),
+        requested_at: requested_at.clone(),
+        redeemed_at: store.clone(),
+    };
     let issue = IssueCodeRequest {
         client_request_id: RequestId(id),
         inherent_id,
@@ -333,22 +352,54 @@ fn code_requests(
         coupon: None,
         order_ref: String::new(),
     };
-    (issue, redeem)
+    (issue, redeem, after)
 }
 
-async fn code_embedded(w: &Workload, slot: &mut SlotCursor, engine: &Engine) -> Outcome {
-    let (issue, redeem) = code_requests(w, slot);
+/// What follows a code's issue in the `void` and `refund` operations: their request's ID, and
+/// the terminals the code was requested for and redeemed at.
+struct CodeAfter {
+    id: RequestId,
+    requested_at: String,
+    redeemed_at: String,
+}
+
+/// The amount the `refund` operation returns of the 900 JPY captured.
+const REFUND_MINOR: u64 = 300;
+
+async fn code_embedded(
+    w: &Workload,
+    slot: &mut SlotCursor,
+    engine: &Engine,
+    op: Operation,
+) -> Outcome {
+    let (issue, redeem, after) = code_requests(w, slot);
     match engine.issue_code(issue).await {
+        Ok(CodeOutcome::Issued(code)) if op == Operation::Void => {
+            ok_or_error(engine.void_code(after.id, code.number, after.requested_at).await)
+        }
         Ok(CodeOutcome::Issued(code)) => {
-            ok_or_error(engine.redeem_code(redeem(&code.text, code.number, code.currency)).await)
+            let redeemed = engine.redeem_code(redeem(&code.text, code.number, code.currency)).await;
+            match (op, redeemed) {
+                (Operation::Refund, Ok(_)) => ok_or_error(
+                    engine
+                        .refund_code(after.id, code.number, REFUND_MINOR, after.redeemed_at)
+                        .await,
+                ),
+                (_, redeemed) => ok_or_error(redeemed),
+            }
         }
         Ok(CodeOutcome::Declined(reason)) => Outcome::Declined(reason.code()),
         Err(error) => Outcome::Error(engine_error(error)),
     }
 }
 
-async fn code_remote(w: &Workload, slot: &mut SlotCursor, client: &Client) -> Outcome {
-    let (issue, redeem) = code_requests(w, slot);
+async fn code_remote(
+    w: &Workload,
+    slot: &mut SlotCursor,
+    client: &Client,
+    op: Operation,
+) -> Outcome {
+    let (issue, redeem, after) = code_requests(w, slot);
     let issue = IssueCode {
         client_request_id: issue.client_request_id.get(),
         inherent_id: issue.inherent_id,
@@ -357,6 +408,15 @@ async fn code_remote(w: &Workload, slot: &mut SlotCursor, client: &Client) -> Ou
         order_ref: issue.order_ref,
     };
     match client.call_ok(&issue.into()).await {
+        Ok(Reply::IssueCode(wire::CodeOutcome::Issued(code))) if op == Operation::Void => {
+            let void: Request = settlegate_protocol::ops::void::Void {
+                client_request_id: after.id.get(),
+                target: settlegate_protocol::ops::void::Target::Code(code.number),
+                terminal_id: after.requested_at,
+            }
+            .into();
+            Operation::Void.judge(client.call(&void).await)
+        }
         Ok(Reply::IssueCode(wire::CodeOutcome::Issued(code))) => {
             let redeem = redeem(&code.text, code.number, code.currency);
             let settlegate_engine::SaleLines::Items(items) = redeem.lines else {
@@ -376,7 +436,18 @@ async fn code_remote(w: &Workload, slot: &mut SlotCursor, client: &Client) -> Ou
                 order_ref: redeem.order_ref,
             }
             .into();
-            Operation::Code.judge(client.call(&request).await)
+            let redeemed = Operation::Code.judge(client.call(&request).await);
+            if op != Operation::Refund || redeemed != Outcome::Ok {
+                return redeemed;
+            }
+            let refund: Request = settlegate_protocol::ops::refund::Refund {
+                client_request_id: after.id.get(),
+                target: settlegate_protocol::ops::void::Target::Code(code.number),
+                amount_minor: REFUND_MINOR,
+                terminal_id: after.redeemed_at,
+            }
+            .into();
+            Operation::Refund.judge(client.call(&refund).await)
         }
         Ok(Reply::IssueCode(wire::CodeOutcome::Declined(reason))) => {
             Outcome::Declined(reason.code())

@@ -17,9 +17,25 @@ pub enum Target {
 }
 
 impl Target {
-    /// Starts an engine with zero-latency simulated providers `provider_codes`.
+    /// Starts an engine with zero-latency simulated providers `provider_codes`, and its
+    /// forwarder (as the server runs it: the captures, voids and refunds the `code`, `void`
+    /// and `refund` operations owe the providers are sent, and their queue drains). Must be
+    /// called inside a Tokio runtime.
     pub fn embedded(provider_codes: &[u32]) -> anyhow::Result<Target> {
-        Ok(Target::Embedded(Engine::start(embedded_config(provider_codes))?))
+        let engine = Engine::start(embedded_config(provider_codes))?;
+        let forwarder = engine.clone();
+        let interval = std::time::Duration::from_millis(engine.config().forwarding.interval_ms);
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            loop {
+                ticker.tick().await;
+                if let Err(settlegate_engine::EngineError::Stopped) = forwarder.forward_owed().await
+                {
+                    return;
+                }
+            }
+        });
+        Ok(Target::Embedded(engine))
     }
 
     /// Opens and authenticates `connections` connections to `addr`.

@@ -211,3 +211,29 @@ fn confirm_terminal_not_listed_has_no_service() {
     response_round_trips(opcode::CONFIRM_TERMINAL, &hex(&format!("01 {service}")));
     response_refused(opcode::CONFIRM_TERMINAL, &hex(&format!("00 {service}")), "has_service");
 }
+
+/// `VOID` and `REFUND`: their bodies and answers round-trip; a target other than 1 (a payment
+/// code; the others are reserved), a truncated body and trailing bytes are refused.
+#[test]
+fn void_and_refund_bodies_round_trip_and_name_a_code() {
+    let id = "00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 07";
+    let number = "01 00 00 00 00 00 00 2a";
+    let void = |target: &str| hex(&format!("{id} {target} {number} 05 50 4f 53 2d 31"));
+    request_round_trips(opcode::VOID, &void("01"));
+    request_refused(opcode::VOID, &void("02"), "target");
+    request_refused(opcode::VOID, &void("01")[..20], "number");
+    let mut trailing = void("01");
+    trailing.push(0);
+    assert!(Request::decode(opcode::VOID, &trailing).is_err(), "trailing bytes are refused");
+    let refund = |target: &str| {
+        hex(&format!("{id} {target} {number} 00 00 00 00 00 00 01 90 05 50 4f 53 2d 31"))
+    };
+    request_round_trips(opcode::REFUND, &refund("01"));
+    request_refused(opcode::REFUND, &refund("00"), "target");
+    request_refused(opcode::REFUND, &refund("01")[..30], "amount_minor");
+    response_round_trips(opcode::VOID, &hex("00 00 00 00 00 00 01 90"));
+    response_refused(opcode::VOID, &hex("00 00 00 00 00 01 90"), "released_minor");
+    let refunded = "00 00 00 00 00 00 01 90 00 00 00 00 00 00 01 90 00 00 00 00 00 00 03 e8";
+    response_round_trips(opcode::REFUND, &hex(refunded));
+    response_refused(opcode::REFUND, &hex(&refunded[..60]), "captured_minor");
+}

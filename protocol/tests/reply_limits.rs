@@ -38,6 +38,13 @@ use settlegate_protocol::messages::{
 use settlegate_protocol::ops::auth::Authenticated;
 use settlegate_protocol::ops::notify_delivery::Delivered;
 use settlegate_protocol::ops::ping::Pong;
+use settlegate_protocol::ops::refund::Refunded;
+use settlegate_protocol::ops::void::Voided;
+
+/// A refund's answer (fixed-width).
+fn refunded() -> Refunded {
+    Refunded { amount_minor: u64::MAX, refunded_minor: u64::MAX, captured_minor: u64::MAX }
+}
 use settlegate_protocol::values::{
     AcceptedMethod, Balance, CouponEffect, DeliveryNotice, DeviceCredential, DeviceKey, Discount,
     EnteredStore, IssuedCode, IssuedCoupon, MeansView, Redemption, Store, TerminalService,
@@ -369,6 +376,8 @@ fn reply_witnesses() -> Vec<Reply> {
         Reply::IssueCode(CodeOutcome::Declined(ReasonCode::Malformed)),
         Reply::RedeemCode(Box::new(redemption())),
         Reply::CodeState(CodeState::Issued),
+        Reply::Void(Voided { released_minor: 0 }),
+        Reply::Refund(refunded()),
         Reply::IssueCoupons(Vec::new()),
         Reply::NotifyDelivery(Delivered { devices: 0 }),
         Reply::DeviceMessage(DeviceMessage::Delivery(delivery())),
@@ -560,6 +569,10 @@ fn maximal_reply(witness: &Reply) -> Vec<Case> {
         }
         // Fixed-width.
         Reply::TopUp(_) => vec![ok(TOP_UP, "fixed-width balance", Reply::TopUp(purse()))],
+        Reply::Void(_) => {
+            vec![ok(VOID, "fixed-width", Reply::Void(Voided { released_minor: u64::MAX }))]
+        }
+        Reply::Refund(_) => vec![ok(REFUND, "fixed-width", Reply::Refund(refunded()))],
         // The store's ID (STORE_TEXT_LEN_MAX), every means of the user with its balance, a
         // best method, and ACCEPTED_METHODS_MAX accepted methods (listed only when nothing is
         // usable, so never with a best: both are here).

@@ -113,6 +113,8 @@ class Op(enum.IntEnum):
     SUBSCRIBE_DEVICE = 0x0065
     DEVICE_MESSAGE = 0x0066
     REDEEM_CODE_BASKET = 0x0067
+    VOID = 0x0068
+    REFUND = 0x0069
 
 
 class Status(enum.IntEnum):
@@ -205,6 +207,9 @@ class Reason(enum.IntEnum):
     COUPON_NOT_APPLICABLE = 108
     INVALID_COUPON = 109
     INVALID_CODE_REQUEST = 110
+    NOT_REFUNDABLE = 111
+    REFUND_ABOVE_CAPTURED = 112
+    CODE_VOIDED = 113
 
 
 class AgeCheck(enum.IntEnum):
@@ -2057,6 +2062,50 @@ def decode_entered(body: bytes) -> Entered:
     return Entered(store, distance if has_distance else None, tied, networks)
 
 
+# VOID / REFUND -----------------------------------------------------------------
+
+TARGET_CODE = 1
+"""``target`` of ``VOID`` and ``REFUND``: a payment code by issue number."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Refunded:
+    """A ``REFUND`` reply."""
+    amount_minor: int
+    refunded_minor: int
+    captured_minor: int
+
+
+def encode_void(client_request_id: int, number: int, terminal_id: str) -> bytes:
+    """``VOID`` request body: ``u128``, ``u8 target`` (1), ``u64 number``, ``str8``."""
+    return (BodyWriter().u128(client_request_id).u8(TARGET_CODE).u64(number)
+            .str8(terminal_id).getvalue())
+
+
+def decode_voided(body: bytes) -> int:
+    """``VOID`` reply body: ``u64 released_minor``."""
+    reader = BodyReader(body)
+    released = reader.u64()
+    reader.finish()
+    return released
+
+
+def encode_refund(client_request_id: int, number: int, amount_minor: int,
+                  terminal_id: str) -> bytes:
+    """``REFUND`` request body: ``u128``, ``u8 target`` (1), ``u64 number``,
+    ``u64 amount_minor``, ``str8 terminal_id``."""
+    return (BodyWriter().u128(client_request_id).u8(TARGET_CODE).u64(number)
+            .u64(amount_minor).str8(terminal_id).getvalue())
+
+
+def decode_refunded(body: bytes) -> Refunded:
+    """``REFUND`` reply body: three ``u64``."""
+    reader = BodyReader(body)
+    refunded = Refunded(reader.u64(), reader.u64(), reader.u64())
+    reader.finish()
+    return refunded
+
+
 # TOP_UP / balance ------------------------------------------------------------
 
 def encode_top_up(client_request_id: int, user: User, means_id: int, amount_minor: int,
@@ -2516,6 +2565,17 @@ class SettlegateClient:
         return decode_entered(self.call(Op.STORE_BY_SIGNAL,
                                          encode_store_by_signal(signal, signal_id)))
 
+    def void(self, client_request_id: int, number: int, terminal_id: str) -> int:
+        """``VOID`` of payment code ``number``: the amount released."""
+        body = encode_void(client_request_id, number, terminal_id)
+        return decode_voided(self.call(Op.VOID, body))
+
+    def refund(self, client_request_id: int, number: int, amount_minor: int,
+               terminal_id: str) -> "Refunded":
+        """``REFUND`` of ``amount_minor`` of redeemed payment code ``number``'s capture."""
+        body = encode_refund(client_request_id, number, amount_minor, terminal_id)
+        return decode_refunded(self.call(Op.REFUND, body))
+
     def top_up(self, client_request_id: int, user: User, means_id: int, amount_minor: int,
                currency: str) -> "Balance":
         """``TOP_UP`` a stored-value means."""
@@ -2855,7 +2915,7 @@ def decode_code_state(body: bytes) -> Tuple[int, Optional[Redemption]]:
     reader = BodyReader(body)
     state = reader.u8()
     redemption = _read_redemption(reader) if state == 1 else None
-    if state not in (0, 1, 2):
+    if state not in (0, 1, 2, 3):
         raise DecodeError(f"code state {state}")
     reader.finish()
     return state, redemption

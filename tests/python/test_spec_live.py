@@ -1710,6 +1710,30 @@ class PaymentCodeTest(LiveTestCase):
             sg.Op.CODE_STATE, sg.BodyWriter().u64(code.number).getvalue()))
         self.assertEqual((state, record), (1, redemption))
 
+    def test_void_then_refunds_up_to_the_capture(self):
+        """0x0068 VOID and 0x0069 REFUND: a code voided before redemption (then refused
+        113), and a redeemed code refunded in parts, never past its capture (112)."""
+        account = Account(self.client)
+        code = self.issue(account, 3_000)
+        self.assertEqual(self.client.void(sg.new_client_request_id(), code.number, "*"), 3_000)
+        state, _ = sg.decode_code_state(self.client.call(
+            sg.Op.CODE_STATE, sg.BodyWriter().u64(code.number).getvalue()))
+        self.assertEqual(state, 3)
+        self.assert_refused(self.redeem(code, 1_000), sg.Reason.CODE_VOIDED)
+        code = self.issue(account, 4_000)
+        refund = lambda amount, terminal="PY-POS-1": self.client.request(  # noqa: E731
+            sg.Op.REFUND, sg.encode_refund(sg.new_client_request_id(), code.number, amount,
+                                           terminal))
+        self.assert_refused(refund(1, "*"), sg.Reason.NOT_REFUNDABLE)
+        redemption = sg.decode_redemption(sg.ok_body(self.redeem(code, 3_500)))
+        self.assertEqual(redemption.captured_minor, 3_500)
+        self.assertEqual(self.client.refund(sg.new_client_request_id(), code.number, 1_000,
+                                            "PY-POS-1"), sg.Refunded(1_000, 1_000, 3_500))
+        self.assert_refused(refund(2_501), sg.Reason.REFUND_ABOVE_CAPTURED)
+        self.assert_refused(refund(1, "PY-POS-2"), sg.Reason.UNKNOWN_CODE)
+        self.assertEqual(self.client.refund(sg.new_client_request_id(), code.number, 2_500,
+                                            "PY-POS-1"), sg.Refunded(2_500, 3_500, 3_500))
+
     def test_forged_malformed_and_over_amount(self):
         account = Account(self.client)
         code = self.issue(account, 2_000)

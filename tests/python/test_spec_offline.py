@@ -468,7 +468,25 @@ class BodyCodecTest(unittest.TestCase):
         self.assertEqual(sorted(int(r) for r in sg.Reason),
                          list(range(1, 13)) + [20, 21, 22, 23, 30, 31, 40]
                          + list(range(50, 63)) + [70, 71, 72, 73]
-                         + list(range(80, 91)) + list(range(100, 111)))
+                         + list(range(80, 91)) + list(range(100, 114)))
+
+    def test_void_and_refund_layouts(self):
+        """Section 5, 0x0068 VOID and 0x0069 REFUND: target 1 (a code), the bodies and
+        their replies, as the section lays them out."""
+        self.assertEqual((int(sg.Op.VOID), int(sg.Op.REFUND)), (0x0068, 0x0069))
+        body = sg.encode_void(5, 0x0100000000000007, "POS-1")
+        self.assertEqual(body, bytes.fromhex("00000000000000000000000000000005 01"
+                                             "0100000000000007 05") + b"POS-1")
+        body = sg.encode_refund(5, 7, 400, "POS-1")
+        self.assertEqual(body, bytes.fromhex("00000000000000000000000000000005 01"
+                                             "0000000000000007 0000000000000190 05")
+                         + b"POS-1")
+        self.assertEqual(sg.decode_voided(bytes.fromhex("0000000000000190")), 400)
+        refunded = sg.decode_refunded(bytes.fromhex("0000000000000190" * 2 + "00000000000003e8"))
+        self.assertEqual(refunded, sg.Refunded(400, 400, 1000))
+        with self.assertRaises(sg.DecodeError):
+            sg.decode_refunded(bytes(16))
+        self.assertEqual(sg.decode_code_state(b"\x03"), (3, None))
 
     def test_reason_codes_match_section_6_table(self):
         text = PROTOCOL_MD.read_text(encoding="utf-8")

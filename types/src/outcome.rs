@@ -130,11 +130,18 @@ pub enum ReasonCode {
     InvalidCoupon = 109,
     /// A code's validity is out of range (10 s to 7 days), or its order reference too long.
     InvalidCodeRequest = 110,
+    /// A refund of a code not redeemed (nothing captured), or of one whose provider
+    /// reference the engine does not hold (redeemed before the engine kept them).
+    NotRefundable = 111,
+    /// A refund of zero, or one that would take the refunds past the amount captured.
+    RefundAboveCaptured = 112,
+    /// The code was voided (`VOID`).
+    CodeVoided = 113,
 }
 
 impl ReasonCode {
     /// Every reason code, in numeric order.
-    pub const ALL: [ReasonCode; 58] = [
+    pub const ALL: [ReasonCode; 61] = [
         ReasonCode::Malformed,
         ReasonCode::UnknownDevice,
         ReasonCode::ForgedTag,
@@ -193,6 +200,9 @@ impl ReasonCode {
         ReasonCode::CouponNotApplicable,
         ReasonCode::InvalidCoupon,
         ReasonCode::InvalidCodeRequest,
+        ReasonCode::NotRefundable,
+        ReasonCode::RefundAboveCaptured,
+        ReasonCode::CodeVoided,
     ];
 
     /// The wire value.

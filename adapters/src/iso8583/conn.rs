@@ -16,7 +16,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use rand::Rng;
 use rustls_pki_types::ServerName;
@@ -30,7 +30,7 @@ use zeroize::Zeroizing;
 use super::breaker::{Breaker, Transition};
 use super::codec::{self, Message};
 use super::config::{Iso8583Config, STAN_MAX};
-use super::dialect::{Dialect, RrnFormat};
+use super::dialect::Dialect;
 use super::io::{read_loop, write_loop, Inbound};
 use super::mapping::{self, Network, Original};
 use super::{bump, link_unavailable, pan_valid, LinkStatus, Shared, Submission};
@@ -40,8 +40,6 @@ use crate::{
 
 /// Decoded messages queued from the reader to the session (back-pressure onto the socket).
 const INBOUND_QUEUE: usize = 1024;
-/// RRNs are twelve digits.
-const RRN_MODULUS: u64 = 1_000_000_000_000;
 
 type Reply = oneshot::Sender<Result<ProviderReply, AdapterError>>;
 type LifecycleTx = oneshot::Sender<Result<LifecycleReply, AdapterError>>;
@@ -152,7 +150,6 @@ pub(crate) struct Session {
     reversals_in_flight: u32,
     stan_last: u32,
     seq: u64,
-    rrn_next: u64,
     reversals_queued: VecDeque<(Original, u32)>,
     link: Option<Link>,
 }
@@ -165,8 +162,6 @@ impl Session {
         detokenizer: Arc<dyn Detokenizer>,
         shared: Arc<Shared>,
     ) -> Session {
-        // RRNs continue from the wall clock so that a restarted adapter does not repeat them.
-        let millis = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
         Session {
             dialect,
             tls,
@@ -184,7 +179,6 @@ impl Session {
             reversals_in_flight: 0,
             stan_last: 0,
             seq: 0,
-            rrn_next: (millis % u128::from(RRN_MODULUS)) as u64,
             reversals_queued: VecDeque::new(),
             link: None,
             config,
@@ -417,16 +411,6 @@ impl Session {
         Some(stan)
     }
 
-    fn rrn_alloc(&mut self, now: SystemTime, stan: u32) -> [u8; 12] {
-        match self.dialect.rrn_format {
-            RrnFormat::Counter => {
-                self.rrn_next = (self.rrn_next + 1) % RRN_MODULUS;
-                mapping::digits(self.rrn_next)
-            }
-            RrnFormat::YdddhhStan => self.dialect.rrn_ydddhh_stan(now, stan),
-        }
-    }
-
     fn insert(&mut self, stan: u32, expect_mti: [u8; 4], rrn: Option<[u8; 12]>, pending: Pending) {
         self.seq += 1;
         match pending {
@@ -522,15 +506,19 @@ impl Session {
                 return;
             }
         };
-        let Some(stan) = self.stan_alloc() else { return refuse(reply, "no free STAN") };
-        let now = SystemTime::now();
+        // Identifiers derived from the dispatch, so that the engine can rebuild them from its
+        // log (`Dialect::assigned`).
+        let network = self.dialect.assigned(request.dispatch_id, request.at_ms);
+        if self.in_flight.contains_key(&network.stan) {
+            return refuse(reply, "the dispatch's STAN is in flight");
+        }
         let reference = AuthReference::of(&request, None, None);
         let original = Original {
-            mti: self.dialect.class.request_mti(),
-            stan,
-            rrn: self.rrn_alloc(now, stan),
-            transmitted: mapping::transmission_time(now),
-            local: self.dialect.local_time(now),
+            mti: network.mti,
+            stan: network.stan,
+            rrn: network.rrn,
+            transmitted: network.transmitted,
+            local: network.local,
             amount: mapping::digits(request.amount_minor),
             currency: mapping::pad(currency.as_bytes()),
             terminal,
@@ -547,9 +535,8 @@ impl Session {
         drop(pan);
         self.write(&message);
         let (rrn, expect) = (original.rrn, self.dialect.class.response_mti());
-        let network = Some(original.network(self.dialect.acquirer()));
-        let reference = AuthReference { network, ..reference };
-        self.insert(stan, expect, Some(rrn), Pending::Auth { original, reference, reply });
+        let reference = AuthReference { network: Some(network), ..reference };
+        self.insert(network.stan, expect, Some(rrn), Pending::Auth { original, reference, reply });
     }
 
     fn send_network(&mut self, purpose: Network) {

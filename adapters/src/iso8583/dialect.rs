@@ -198,6 +198,23 @@ pub(crate) struct Sources<'a> {
     pub(crate) local: &'a [u8; 10],
 }
 
+/// The STAN (1..=999999) of engine dispatch `dispatch_id` (its shard in the top 8 bits, its
+/// sequence number below): the shard's sequence number, offset by shard and by half the range
+/// so that the adapter's own messages (sign-on, echo tests, lifecycle), numbered from 1, meet
+/// it rarely. An authorization whose STAN is in flight on the link is refused unsent.
+pub(crate) fn dispatch_stan(dispatch_id: u64) -> u32 {
+    let (shard, seq) = (dispatch_id >> 56, dispatch_id & ((1 << 56) - 1));
+    let offset = 500_000 + shard * 131_071;
+    (1 + (seq.wrapping_add(offset) % 999_999)) as u32
+}
+
+/// The `counter` RRN of engine dispatch `dispatch_id`: its shard (three digits) then its
+/// sequence number (nine digits, modulo 10^9).
+pub(crate) fn dispatch_rrn(dispatch_id: u64) -> [u8; 12] {
+    let (shard, seq) = (dispatch_id >> 56, dispatch_id & ((1 << 56) - 1));
+    mapping::digits(shard % 1_000 * 1_000_000_000 + seq % 1_000_000_000)
+}
+
 /// The checked, compiled dialect.
 #[derive(Debug, Clone)]
 pub(crate) struct Dialect {
@@ -389,6 +406,28 @@ impl Dialect {
         match self.capture_mti {
             CaptureMti::Advice => (*b"0220", *b"0230"),
             CaptureMti::Request => (*b"0200", *b"0210"),
+        }
+    }
+
+    /// The identifiers of the authorization of engine dispatch `dispatch_id` made at `at_ms`
+    /// (ms since the epoch): its MTI, STAN ([`dispatch_stan`]), RRN (`counter`: the dispatch's
+    /// shard and sequence number, [`dispatch_rrn`]; `ydddhh_stan`: from `at_ms` and the STAN),
+    /// and fields 7 and 12/13 from `at_ms`. A function of the engine's log alone: the engine
+    /// rebuilds them to reverse an authorization a crash left unanswered.
+    pub(crate) fn assigned(&self, dispatch_id: u64, at_ms: i64) -> crate::NetworkReference {
+        let at = UNIX_EPOCH + std::time::Duration::from_millis(at_ms.max(0).unsigned_abs());
+        let stan = dispatch_stan(dispatch_id);
+        let rrn = match self.rrn_format {
+            RrnFormat::Counter => dispatch_rrn(dispatch_id),
+            RrnFormat::YdddhhStan => self.rrn_ydddhh_stan(at, stan),
+        };
+        crate::NetworkReference {
+            mti: self.class.request_mti(),
+            stan,
+            rrn,
+            transmitted: mapping::transmission_time(at),
+            local: self.local_time(at),
+            acquirer: self.acquirer,
         }
     }
 

@@ -194,7 +194,10 @@ impl Original {
         dialect: &Dialect,
         reference: &AuthReference,
     ) -> Result<Original, OriginalError> {
-        let network = reference.network.ok_or(OriginalError::NoNetwork)?;
+        // A reference the engine rebuilt from its log has none: derived again, as sent.
+        let network = reference
+            .network
+            .unwrap_or_else(|| dialect.assigned(reference.dispatch_id, reference.at_ms));
         let currency = currency_numeric(reference.currency).ok_or_else(|| {
             OriginalError::Config(format!(
                 "iso8583: currency {} has no ISO 4217 numeric code in the adapter's table",
@@ -217,25 +220,12 @@ impl Original {
             token: reference.card_token,
         })
     }
-
-    /// The identifiers of this message as sent, with field 90's `acquirer`.
-    pub(crate) fn network(&self, acquirer: [u8; 11]) -> NetworkReference {
-        NetworkReference {
-            mti: self.mti,
-            stan: self.stan,
-            rrn: self.rrn,
-            transmitted: self.transmitted,
-            local: self.local,
-            acquirer,
-        }
-    }
 }
 
 /// Why a reference cannot be turned back into the message it names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum OriginalError {
-    /// No network identifiers (not an authorization this adapter sent), or an amount no
-    /// ISO 8583 message could have carried: the host cannot know it.
+    /// An amount no ISO 8583 message could have carried: the host cannot know it.
     NoNetwork,
     /// The currency or terminal cannot be carried (as for an authorization).
     Config(String),

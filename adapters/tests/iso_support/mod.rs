@@ -205,6 +205,9 @@ pub fn card(dispatch_id: u64, amount_minor: u64) -> AuthorizationRequest {
         terminal_id: "TERM0001".into(),
         amount_minor,
         currency: Currency::try_from("JPY").expect("currency"),
+        at_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64),
     }
 }
 

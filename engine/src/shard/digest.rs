@@ -52,6 +52,11 @@ impl ShardState {
             unordered("code", self.codes.iter()),
             unordered("coupon", self.coupons.iter()),
             hash_of("sequences", (self.code_seq, self.dispatch_seq)),
+            // What the shard owes providers, and the references it keeps for it.
+            unordered("in flight", self.money.in_flight.iter()),
+            unordered("code money", self.money.codes.iter()),
+            unordered("owed", self.money.owed.iter()),
+            hash_of("operations", self.money.op_seq),
         ];
         let mut ring = HashWriter(FxHasher::default());
         for entry in self.idem.records() {

@@ -18,7 +18,8 @@ use std::sync::Arc;
 use super::archive::{OutcomeLeaf, Via};
 use super::state::{
     AccountsReply, AddedMeans, Balance, CodeRequest, CodesReply, Delivery, IssuedCode,
-    IssuedCoupon, IssuedKey, Payment, Redemption, Reply, SettlementReply, WalletReply,
+    IssuedCoupon, IssuedKey, MoneyReply, Payment, Redemption, RefundedCode, Reply, SettlementReply,
+    VoidedCode, WalletReply,
 };
 use crate::age::AgeVerdict;
 use crate::cow::CowCell;
@@ -146,7 +147,10 @@ impl Retry {
 pub(crate) enum KeptReply {
     Ok,
     Refused(#[rkyv(with = Via<u16>)] ReasonCode),
-    MeansAdded { means_id: u32, last4: Option<[u8; 4]> },
+    MeansAdded {
+        means_id: u32,
+        last4: Option<[u8; 4]>,
+    },
     Auth(#[rkyv(with = Via<OutcomeLeaf>)] AuthOutcome),
     BasketAuth(#[rkyv(with = Via<OutcomeLeaf>)] AuthOutcome, AgeVerdict),
     CodeIssued(IssuedCode),
@@ -154,6 +158,10 @@ pub(crate) enum KeptReply {
     CouponIssued(IssuedCoupon),
     Balance(Balance),
     Delivered(u32),
+    /// A code voided: the amount released.
+    Voided(u64),
+    /// A refund: its amount, the refunds' total, the capture.
+    Refunded(u64, u64, u64),
 }
 
 impl KeptReply {
@@ -192,7 +200,12 @@ impl KeptReply {
                 Delivery::Accepted(devices) | Delivery::Delivered(devices),
             )) => KeptReply::Delivered(*devices),
             Reply::Wallet(WalletReply::Balance(balance)) => KeptReply::Balance(*balance),
+            Reply::Money(MoneyReply::Voided(voided)) => KeptReply::Voided(voided.released_minor),
+            Reply::Money(MoneyReply::Refunded(r)) => {
+                KeptReply::Refunded(r.amount_minor, r.refunded_minor, r.captured_minor)
+            }
             Reply::InFlight
+            | Reply::Money(MoneyReply::Owed(_))
             | Reply::Accounts(
                 AccountsReply::KeyIssued(_)
                 | AccountsReply::Means(_)
@@ -231,6 +244,10 @@ impl KeptReply {
             KeptReply::CouponIssued(coupon) => Box::new(coupon).into(),
             KeptReply::Balance(balance) => WalletReply::Balance(balance).into(),
             KeptReply::Delivered(devices) => Delivery::Delivered(devices).into(),
+            KeptReply::Voided(released_minor) => VoidedCode { released_minor }.into(),
+            KeptReply::Refunded(amount_minor, refunded_minor, captured_minor) => {
+                RefundedCode { amount_minor, refunded_minor, captured_minor }.into()
+            }
         }
     }
 }

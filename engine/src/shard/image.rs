@@ -1,4 +1,5 @@
-//! A shard's state as a snapshot holds it (snapshot format version 7): the shard's own state
+//! A shard's state as a snapshot holds it (snapshot format version 8; 7 is the same without
+//! what the shard owes its providers, [`MoneyImage`], and is still read): the shard's own state
 //! types ([`User`] with its devices and means, [`CodeRecord`], [`CouponRecord`],
 //! [`AgeRegistration`], [`Store`], the idempotency records' [`IdemState`], the providers'
 //! [`TerminalEntry`] lists and [`AgePolicy`]s), archived with rkyv as they are, in one
@@ -19,7 +20,10 @@ use rkyv::{Archive, Deserialize, Serialize};
 
 use super::archive::Via;
 use super::idempotency::{FrozenRecords, IdemKey, IdemState, Idempotency};
-use super::state::{CodeRecord, CodeState, CouponRecord, ShardState, Shared, User};
+use super::state::{
+    CodeMoney, CodeRecord, CodeState, CouponRecord, Ledger, Obligation, Reference, ShardState,
+    Shared, User,
+};
 use crate::age::{AgePolicy, AgeRegistration};
 use crate::cow::{CowMap, Frozen};
 use crate::geo::Store;
@@ -28,9 +32,30 @@ use crate::providers::TerminalEntry;
 use crate::types::{Idm, UserKey};
 use crate::wal::snapshot::{Restore, SNAPSHOT_VERSION};
 
-/// One shard's whole state.
+/// One shard's whole state (snapshot format version 8): the state of version 7, and what the
+/// shard owes its providers.
 #[derive(Archive, Serialize, Deserialize)]
 pub(crate) struct ShardImage {
+    state: StateImage,
+    money: MoneyImage,
+}
+
+/// The authorizations' references and the operations owed to providers (`state/money.rs`),
+/// since snapshot format version 8.
+#[derive(Archive, Serialize, Deserialize)]
+struct MoneyImage {
+    op_seq: u64,
+    /// By idempotency key and digest.
+    in_flight: Vec<(IdemKey, u64, Reference)>,
+    /// By code number.
+    codes: Vec<(u64, CodeMoney)>,
+    /// By operation ID.
+    owed: Vec<(u64, Obligation)>,
+}
+
+/// A shard's state but for [`MoneyImage`]: the whole of a snapshot of format version 7.
+#[derive(Archive, Serialize, Deserialize)]
+pub(crate) struct StateImage {
     dispatch_seq: u64,
     /// The last code or coupon sequence number used.
     code_seq: u64,
@@ -90,6 +115,8 @@ pub(crate) struct Capture {
     providers: Vec<ProviderImage>,
     dispatch_seq: u64,
     code_seq: u64,
+    /// A copy: references of codes and operations owed (small next to the maps above).
+    money: Ledger,
 }
 
 impl Capture {
@@ -119,6 +146,7 @@ impl Capture {
             providers,
             dispatch_seq: state.dispatch_seq,
             code_seq: state.code_seq,
+            money: state.money.clone(),
         }
     }
 
@@ -135,6 +163,7 @@ impl Capture {
             providers,
             dispatch_seq,
             code_seq,
+            money,
         } = self;
         let mut users: Vec<UserImage> = users
             .iter()
@@ -162,7 +191,24 @@ impl Capture {
         let mut coupons: Vec<(u64, CouponRecord)> =
             coupons.iter().map(|(&number, c)| (number, c.clone())).collect();
         coupons.sort_unstable_by_key(|(number, _)| *number);
-        ShardImage { dispatch_seq, code_seq, users, idem, providers, ages, stores, codes, coupons }
+        let state = StateImage {
+            dispatch_seq,
+            code_seq,
+            users,
+            idem,
+            providers,
+            ages,
+            stores,
+            codes,
+            coupons,
+        };
+        let money = MoneyImage {
+            op_seq: money.op_seq,
+            in_flight: money.in_flight.into_iter().map(|((k, d), r)| (k, d, r)).collect(),
+            codes: money.codes.into_iter().collect(),
+            owed: money.owed.into_iter().collect(),
+        };
+        ShardImage { state, money }
     }
 
     /// The image, encoded into a buffer of `capacity` bytes to start with (the last
@@ -194,7 +240,14 @@ impl Restore for ShardState {
     /// A snapshot of the current format is the image; an older one is converted.
     fn restore_snapshot(&mut self, version: u16, payload: &[u8]) -> Result<(), ImageError> {
         if version == SNAPSHOT_VERSION {
-            restore(payload, self)
+            let image = rkyv::access::<ArchivedShardImage, rkyv::rancor::Error>(payload)
+                .map_err(decode_error)?;
+            restore(&image.state, self)?;
+            restore_money(&image.money, self)
+        } else if version == STATE_ONLY_VERSION {
+            let image = rkyv::access::<ArchivedStateImage, rkyv::rancor::Error>(payload)
+                .map_err(decode_error)?;
+            restore(image, self)
         } else {
             Ok(super::legacy::restore(version, payload, self)?)
         }
@@ -213,12 +266,24 @@ where
     rkyv::deserialize::<T, rkyv::rancor::Error>(archived).map_err(decode_error)
 }
 
-/// Restores the image in `payload` (a snapshot's, aligned) into a fresh `state` (and the shared
-/// indexes). The archive is validated first: a payload that passed its checksum but does not
-/// decode is refused, never trusted.
-fn restore(payload: &[u8], state: &mut ShardState) -> Result<(), ImageError> {
-    let image =
-        rkyv::access::<ArchivedShardImage, rkyv::rancor::Error>(payload).map_err(decode_error)?;
+/// The snapshot format whose image is a [`StateImage`] alone (no [`MoneyImage`]).
+const STATE_ONLY_VERSION: u16 = 7;
+
+/// Restores what the shard owes its providers.
+fn restore_money(image: &ArchivedMoneyImage, state: &mut ShardState) -> Result<(), ImageError> {
+    let money = &mut state.money;
+    money.op_seq = image.op_seq.to_native();
+    let in_flight: Vec<(IdemKey, u64, Reference)> = owned(&image.in_flight)?;
+    money.in_flight = in_flight.into_iter().map(|(k, d, r)| ((k, d), r)).collect();
+    money.codes = owned::<Vec<(u64, CodeMoney)>>(&image.codes)?.into_iter().collect();
+    money.owed = owned::<Vec<(u64, Obligation)>>(&image.owed)?.into_iter().collect();
+    Ok(())
+}
+
+/// Restores the state image `image` (a snapshot's, validated: a payload that passed its
+/// checksum but does not decode is refused, never trusted) into a fresh `state` (and the
+/// shared indexes).
+fn restore(image: &ArchivedStateImage, state: &mut ShardState) -> Result<(), ImageError> {
     state.dispatch_seq = image.dispatch_seq.to_native();
     state.code_seq = image.code_seq.to_native();
     restore_maps(
@@ -293,7 +358,7 @@ pub(crate) fn restore_maps<E: Send>(
 /// Users with their devices and means; their sealed device keys go to the device index and
 /// their sealed card numbers to the vault (both keep them sealed until first used).
 fn restore_users(
-    image: &ArchivedShardImage,
+    image: &ArchivedStateImage,
     users: &mut CowMap<UserKey, Arc<User>>,
     shared: &Shared,
 ) -> Result<(), ImageError> {
@@ -324,13 +389,13 @@ fn restore_users(
     Ok(())
 }
 
-fn restore_idem(image: &ArchivedShardImage, idem: &mut Idempotency) -> Result<(), ImageError> {
+fn restore_idem(image: &ArchivedStateImage, idem: &mut Idempotency) -> Result<(), ImageError> {
     idem.restore(owned(&image.idem)?);
     Ok(())
 }
 
 fn restore_codes(
-    image: &ArchivedShardImage,
+    image: &ArchivedStateImage,
     codes_out: &mut CowMap<u64, Arc<CodeRecord>>,
     expiry_out: &mut BTreeSet<(i64, u64)>,
     coupons: &mut CowMap<u64, CouponRecord>,
@@ -352,4 +417,67 @@ fn restore_codes(
         coupons.insert(number, coupon);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fuzzing::fresh_shard;
+    use crate::shard::state::Owed;
+    use crate::types::{AuthCode, Currency};
+    use crate::wal::snapshot::Restore;
+
+    /// A shard owing one capture, with its code's reference kept.
+    fn owing() -> ShardState {
+        let mut state = fresh_shard();
+        state.dispatch_seq = 5;
+        state.code_seq = 3;
+        let reference = Reference {
+            dispatch_id: 5,
+            provider_code: 7,
+            auth_code: Some(AuthCode(*b"123456")),
+            amount_minor: 1_000,
+            currency: Currency::try_from("JPY").unwrap(),
+            terminal_id: "T-1".into(),
+            card_token: None,
+            at_ms: 1_700_000_000_000,
+        };
+        let obligation =
+            Obligation { reference: reference.clone(), operation: Owed::Capture(600), since_ms: 9 };
+        state.money.op_seq = 1;
+        state.money.owed.insert(1, obligation);
+        state.money.codes.insert(3, CodeMoney { reference: reference.clone(), refunds: vec![] });
+        state.money.in_flight.insert(((1, 2), 3), reference);
+        state
+    }
+
+    fn restored(version: u16, payload: &[u8]) -> ShardState {
+        let mut state = fresh_shard();
+        state.restore_snapshot(version, payload).expect("the snapshot restores");
+        state
+    }
+
+    /// A snapshot carries what the shard owes its providers, and the references it keeps.
+    #[test]
+    fn a_snapshot_carries_the_ledger() {
+        let payload = Capture::take(&mut owing()).encode(0);
+        let state = restored(SNAPSHOT_VERSION, &payload);
+        let (owed, kept) = (&state.money, &owing().money);
+        assert_eq!(owed.owed, kept.owed);
+        assert_eq!(owed.codes, kept.codes);
+        assert_eq!(owed.in_flight, kept.in_flight);
+        assert_eq!((owed.op_seq, state.dispatch_seq, state.code_seq), (1, 5, 3));
+    }
+
+    /// A snapshot of format 7 (the state alone, written by a build before the ledger) still
+    /// restores: the state as it was, nothing owed.
+    #[test]
+    fn a_format_7_snapshot_restores_with_nothing_owed() {
+        let image = Capture::take(&mut owing()).into_image();
+        let payload = rkyv::to_bytes::<rkyv::rancor::Error>(&image.state).unwrap();
+        let state = restored(STATE_ONLY_VERSION, &payload);
+        assert_eq!((state.dispatch_seq, state.code_seq), (5, 3));
+        assert!(state.money.owed.is_empty() && state.money.codes.is_empty());
+        assert!(state.money.in_flight.is_empty());
+    }
 }

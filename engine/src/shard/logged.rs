@@ -106,7 +106,7 @@ mod tests {
     use crate::inherent::InherentId;
     use crate::keys::{NewDeviceKey, Verified};
     use crate::providers::TerminalEntry;
-    use crate::shard::state::{CodeSpec, NewMeans, RedeemSpec, TerminalContext};
+    use crate::shard::state::{Acknowledged, CodeSpec, NewMeans, RedeemSpec, TerminalContext};
     use crate::types::{
         Approval, AuthCode, AuthOutcome, CardToken, Currency, Discount, MeansKind, ReasonCode,
         TerminalService, UserIdType, UserKey,
@@ -281,6 +281,14 @@ mod tests {
                 }],
             },
             Command::RemoveTerminals { provider_code: 42, terminal_ids: vec!["T-1".into()] },
+            Command::Forwarded { operation_id: 7, answer: Acknowledged::Accepted },
+            Command::Forwarded {
+                operation_id: 8,
+                answer: Acknowledged::Refused("InvalidState".into()),
+            },
+            Command::Abandoned { key: (9, 12), digest: 78 },
+            Command::VoidCode { number: 12, terminal_id: "T-1".into() },
+            Command::RefundCode { number: 12, amount_minor: 300, terminal_id: "T-1".into() },
         ]
     }
 

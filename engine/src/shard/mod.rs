@@ -52,9 +52,9 @@ pub(crate) struct ShardWal {
 use crate::fail::fail_fast;
 use image::Capture;
 pub(crate) use state::{
-    AddedMeans, CodeCompletion, CodeRequest, CodeView, CodesReply, Command, Completion,
-    Credentials, Delivery, Dispatch, Envelope, FlowReply, IssuedKey, Payment, Query, Reply,
-    SettlementReply, ShardState, Swept,
+    Acknowledged, AddedMeans, CodeCompletion, CodeRequest, CodeView, CodesReply, Command,
+    Completion, Credentials, Delivery, Dispatch, Envelope, FlowReply, IssuedKey, Obligation,
+    OwedView, Payment, Query, RefundedCode, Reply, SettlementReply, ShardState, Swept, VoidedCode,
 };
 
 /// One unit of shard work.

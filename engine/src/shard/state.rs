@@ -50,7 +50,7 @@ impl Shared {
     /// Counts and reports a completion of `dispatch` that found its idempotency record gone
     /// (the count limit dropped it) or replaced (its client request ID used again): its outcome
     /// was not recorded, and the payment stands declined as a provider timeout, as one cut off
-    /// by a crash does (an approval there must be reversed).
+    /// by a crash does (an approval there is reversed: `state/money.rs` owes the reversal).
     pub(crate) fn completion_dropped(&self, dispatch: &Dispatch, outcome: &AuthOutcome) {
         self.completions_dropped.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
@@ -59,8 +59,8 @@ impl Shared {
             client_request_id = %dispatch.key.1,
             approved = matches!(outcome, AuthOutcome::Approved(_)),
             "a provider's completion found its idempotency record gone or replaced; its outcome \
-             is dropped and the payment declined as a provider timeout (an approval must be \
-             reversed, as after a crash)"
+             is dropped and the payment declined as a provider timeout (an approval is \
+             reversed at the provider, as after a crash)"
         );
     }
 }
@@ -74,6 +74,9 @@ pub(crate) struct StateConfig {
     pub(crate) lockout_ms: i64,
     pub(crate) idempotency_ttl_ms: i64,
     pub(crate) idempotency_records_max: usize,
+    /// Operations owed to providers a shard keeps at most before it refuses what would add
+    /// one by choice (`[engine.forwarding] owed_max_per_shard`).
+    pub(crate) owed_max: usize,
 }
 
 /// One registered settlement means, as a client sees it (never a card number).
@@ -267,6 +270,9 @@ pub(crate) struct Dispatch {
     pub(crate) verdict: Option<Box<AgeVerdict>>,
     /// What to issue once the provider approves, for a payment-code authorization (C1–C2).
     pub(crate) code: Option<Box<CodeSpec>>,
+    /// When its reservation was made: the request's time for the provider
+    /// ([`AuthorizationRequest::at_ms`]).
+    pub(crate) at_ms: i64,
 }
 
 impl Dispatch {
@@ -285,14 +291,15 @@ impl Dispatch {
             terminal_id: self.terminal_id.clone(),
             amount_minor: self.amount_final_minor(),
             currency: self.currency,
+            at_ms: self.at_ms,
         }
     }
 
     /// The payment's outcome from the adapter's answer (a timeout or failure is a decline).
     pub(crate) fn outcome_of(&self, answer: Result<ProviderReply, AdapterError>) -> AuthOutcome {
         match answer {
-            // The reference (for captures, voids, refunds and reversals at the provider) is not
-            // kept yet: the engine records captures and releases without forwarding them.
+            // The reference is kept by the shard from the reservation (`state/money.rs`): an
+            // adapter's network identifiers are derived from it again when needed.
             Ok(ProviderReply::Approved { auth_code, .. }) => AuthOutcome::Approved(Approval {
                 auth_code,
                 provider_code: self.provider_code,
@@ -413,6 +420,8 @@ pub enum CodeState {
     Redeemed(Box<Redemption>),
     /// Expired unused: its hold released.
     Expired,
+    /// Voided before redemption (`VOID`): its hold released.
+    Voided,
 }
 
 /// A payment code's record, kept by the shard that issued it (the second tier, T1).
@@ -438,12 +447,22 @@ pub(crate) struct CodeRecord {
 }
 
 impl CodeRecord {
+    /// Whether the code is still issued (may be redeemed or voided); else why not.
+    pub(crate) fn still_issued(&self) -> Result<(), ReasonCode> {
+        match self.state {
+            CodeState::Issued => Ok(()),
+            CodeState::Redeemed(_) => Err(ReasonCode::CodeRedeemed),
+            CodeState::Expired => Err(ReasonCode::CodeExpired),
+            CodeState::Voided => Err(ReasonCode::CodeVoided),
+        }
+    }
+
     /// The store terminal whose merchant the code's state concerns: the one that redeemed it,
     /// or before that the one it was requested for.
     pub(crate) fn merchant_terminal(&self) -> &str {
         match &self.state {
             CodeState::Redeemed(redemption) => &redemption.terminal_id,
-            CodeState::Issued | CodeState::Expired => &self.terminal_id,
+            CodeState::Issued | CodeState::Expired | CodeState::Voided => &self.terminal_id,
         }
     }
 }
@@ -718,6 +737,28 @@ pub(crate) enum Command {
         provider_code: u32,
         terminal_ids: Vec<String>,
     },
+    /// A provider's answer to an operation owed to it (store and forward): owed no more.
+    Forwarded {
+        operation_id: u64,
+        answer: Acknowledged,
+    },
+    /// Recovery's end of an authorization still with its provider whose idempotency record is
+    /// gone: its outcome unknown, its reversal owed.
+    Abandoned {
+        key: IdemKey,
+        digest: u64,
+    },
+    /// `VOID` of a payment code before redemption, by a store terminal it was requested for.
+    VoidCode {
+        number: u64,
+        terminal_id: String,
+    },
+    /// `REFUND` of part of a redeemed code's capture, by the store terminal that redeemed it.
+    RefundCode {
+        number: u64,
+        amount_minor: u64,
+        terminal_id: String,
+    },
 }
 
 impl Command {
@@ -828,6 +869,10 @@ pub(crate) enum Query {
     Store {
         store_id: String,
     },
+    /// The operations owed to providers: the first `limit`, and counts by provider.
+    Owed {
+        limit: usize,
+    },
 }
 
 /// What applying a command or answering a query gives, as a shard's batch carries it back: the
@@ -852,6 +897,8 @@ pub(crate) enum Reply {
     Wallet(WalletReply),
     /// W1–W2 stores ([`StoresReply`]).
     Stores(StoresReply),
+    /// Store and forward, `VOID` and `REFUND` ([`MoneyReply`]).
+    Money(MoneyReply),
 }
 
 /// A typed answer a [`Reply`] may carry: a flow's reply, or one of its variants' contents.
@@ -952,6 +999,7 @@ macro_rules! flow_reply {
 mod accounts;
 mod age_registry;
 mod codes;
+mod money;
 mod providers;
 mod settlement;
 mod stores;
@@ -959,6 +1007,10 @@ mod wallet;
 
 pub(crate) use accounts::{AccountsReply, AddedMeans, Credentials, IssuedKey};
 pub(crate) use codes::{CodeCompletion, CodeRequest, CodeView, CodesReply, Delivery, Swept};
+pub(crate) use money::{
+    Acknowledged, CodeMoney, Ledger, MoneyReply, Obligation, Owed, OwedView, Reference,
+    RefundedCode, VoidedCode,
+};
 pub(crate) use settlement::{Completion, Payment, SettlementReply};
 pub(crate) use stores::StoresReply;
 pub(crate) use wallet::WalletReply;
@@ -988,6 +1040,8 @@ pub(crate) struct ShardState {
     pub(crate) config: StateConfig,
     /// Providers whose terminal lists this shard changes (their snapshot lives here).
     pub(crate) owned_providers: std::collections::BTreeSet<u32>,
+    /// Authorizations' references and the operations owed to providers (`state/money.rs`).
+    pub(crate) money: Ledger,
 }
 
 impl ShardState {
@@ -1006,6 +1060,7 @@ impl ShardState {
             shared,
             config,
             owned_providers: std::collections::BTreeSet::new(),
+            money: Ledger::default(),
         }
     }
 
@@ -1098,6 +1153,7 @@ impl ShardState {
                 Some(store) => Reply::from(Box::new(store.clone())),
                 None => Reply::Refused(ReasonCode::UnknownStore),
             },
+            Query::Owed { limit } => Reply::from(self.owed_view(limit)),
         }
     }
 
@@ -1186,6 +1242,23 @@ impl ShardState {
             },
             Command::RegisterTerminals { provider_code, terminals } => {
                 answer(self.register_terminals(provider_code, terminals))
+            }
+            Command::Forwarded { operation_id, answer } => {
+                self.forwarded(operation_id, &answer);
+                Reply::Done
+            }
+            Command::Abandoned { key, digest } => {
+                let reference = self.answered(key, Some(digest));
+                let timeout = AuthOutcome::Declined(ReasonCode::ProviderTimeout);
+                self.reverse_unrecorded(reference, &timeout, false, now_ms);
+                Reply::Done
+            }
+            Command::VoidCode { number, terminal_id } => {
+                answer(self.void_code(number, |t| t == terminal_id, now_ms))
+            }
+            Command::RefundCode { number, amount_minor, terminal_id } => {
+                let terminal = |t: &str| t == terminal_id;
+                answer(self.refund_code(number, amount_minor, terminal, key, now_ms))
             }
             Command::RemoveTerminals { provider_code, terminal_ids } => {
                 match self.shared.registry.provider(provider_code) {

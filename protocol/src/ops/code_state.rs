@@ -20,6 +20,8 @@ pub enum CodeState {
     Redeemed(Box<Redemption>),
     /// Expired unredeemed (2).
     Expired,
+    /// Voided before redemption (3, `VOID`).
+    Voided,
 }
 
 impl Codec for CodeState {
@@ -35,6 +37,9 @@ impl Codec for CodeState {
             CodeState::Expired => {
                 w.u8(2);
             }
+            CodeState::Voided => {
+                w.u8(3);
+            }
         }
     }
     fn decode(r: &mut Reader<'_>) -> Result<CodeState, BodyError> {
@@ -42,6 +47,7 @@ impl Codec for CodeState {
             0 => CodeState::Issued,
             1 => CodeState::Redeemed(Box::new(Redemption::decode(r)?)),
             2 => CodeState::Expired,
+            3 => CodeState::Voided,
             _ => return Err(BodyError::Invalid("state")),
         })
     }

@@ -314,6 +314,10 @@ macro_rules! with_operations {
                 RedeemCode(redeem_code::RedeemCode) = REDEEM_CODE, also REDEEM_CODE_BASKET;
                 /// A payment code's state and remittance record.
                 CodeState(code_state::GetCodeState) = CODE_STATE;
+                /// Void a payment code before its redemption: hold released, provider told.
+                Void(void::Void) = VOID;
+                /// Refund part or all of a redeemed code's capture.
+                Refund(refund::Refund) = REFUND;
                 /// Issue coupons or service codes to users (C5).
                 IssueCoupons(issue_coupons::IssueCoupons) = ISSUE_COUPONS;
                 /// Tell a user a cash-on-delivery parcel is coming (C4).

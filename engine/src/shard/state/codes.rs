@@ -92,6 +92,10 @@ impl ShardState {
             }
         }
         spec.deliver_to = Some(spec.deliver_to.unwrap_or(requesting));
+        // A code owes its provider a capture or a void later: not while that queue is full.
+        if self.owed_full() {
+            return CodeRequest::Declined(ReasonCode::ProviderUnavailable);
+        }
         match self.reserve(verified, None, terminal, now_ms, idem_record) {
             Ok(mut dispatch) => {
                 dispatch.code = Some(spec);
@@ -187,6 +191,10 @@ impl ShardState {
         };
         self.code_expiry.insert((expires_ms, number));
         self.codes.insert(number, Arc::new(record));
+        if let Some(mut reference) = self.answered(key, digest) {
+            reference.auth_code = Some(approval.auth_code);
+            self.money.codes.insert(number, CodeMoney { reference, refunds: Vec::new() });
+        }
         let kept = KeptReply::CodeIssued(issued.clone());
         self.idem.complete(&key, completes(digest, user, means_id), kept);
         CodeCompletion::Issued(Box::new(issued))
@@ -204,13 +212,9 @@ impl ShardState {
         let Some(record) = self.codes.get(&spec.number) else {
             return refuse(ReasonCode::UnknownCode);
         };
-        match record.state {
-            CodeState::Redeemed(_) => return refuse(ReasonCode::CodeRedeemed),
-            CodeState::Expired => return refuse(ReasonCode::CodeExpired),
-            CodeState::Issued => {}
-        }
+        record.still_issued()?;
         if now_ms >= record.expires_ms {
-            self.expire_code(spec.number);
+            self.release_code(spec.number, CodeState::Expired, now_ms);
             return refuse(ReasonCode::CodeExpired);
         }
         let order_ok = record.order_ref.is_empty() || record.order_ref == spec.order_ref;
@@ -237,6 +241,10 @@ impl ShardState {
         if captured_minor > record.amount_minor {
             return refuse(ReasonCode::AmountAboveAuthorized);
         }
+        // The capture is owed to the provider: not while that queue is full.
+        if self.owed_full() && self.money.codes.contains_key(&spec.number) {
+            return refuse(ReasonCode::ProviderUnavailable);
+        }
         // Every check passed: commit.
         if let Some(coupon) = spec.coupon.and_then(|c| self.coupons.get_mut(&c)) {
             coupon.uses_left -= 1;
@@ -259,6 +267,12 @@ impl ShardState {
         let (user, means_id, expires_ms) =
             (record.user.clone(), record.means_id, record.expires_ms);
         self.code_expiry.remove(&(expires_ms, spec.number));
+        // The provider is told: the capture (a partial one releases the rest), or a void when
+        // nothing is captured (a coupon paid it all).
+        if let Some(money) = self.money.codes.get(&spec.number) {
+            let owed = if captured_minor > 0 { Owed::Capture(captured_minor) } else { Owed::Void };
+            self.owe(money.reference.clone(), owed, now_ms);
+        }
         let means = self
             .users
             .get_mut(&user)
@@ -314,13 +328,18 @@ impl ShardState {
         Ok((decision.verdict.amount_minor, items))
     }
 
-    /// Marks an issued code expired and releases its hold.
-    pub(super) fn expire_code(&mut self, number: u64) {
+    /// Marks an issued code `state` (expired or voided), releases its hold, and owes its
+    /// provider the void of its authorization.
+    pub(super) fn release_code(&mut self, number: u64, state: CodeState, now_ms: i64) {
         let Some(record) = self.codes.get_mut(&number).map(Arc::make_mut) else { return };
         if record.state != CodeState::Issued {
             return;
         }
-        record.state = CodeState::Expired;
+        record.state = state;
+        if let Some(money) = self.money.codes.get(&number) {
+            self.owe(money.reference.clone(), Owed::Void, now_ms);
+        }
+        let Some(record) = self.codes.get(&number) else { return };
         self.code_expiry.remove(&(record.expires_ms, number));
         let (user, means_id) = (record.user.clone(), record.means_id);
         let purse = self
@@ -339,7 +358,7 @@ impl ShardState {
         let due: Vec<u64> =
             self.code_expiry.range(..=(now_ms, u64::MAX)).map(|&(_, number)| number).collect();
         for &number in &due {
-            self.expire_code(number);
+            self.release_code(number, CodeState::Expired, now_ms);
         }
         due.len() as u32
     }

@@ -156,7 +156,7 @@ impl ShardState {
             purse.holds.push(hold);
         }
         self.dispatch_seq += 1;
-        Ok(Box::new(Dispatch {
+        let dispatch = Box::new(Dispatch {
             key,
             digest,
             user: record.user,
@@ -171,7 +171,10 @@ impl ShardState {
             currency: record.currency,
             verdict,
             code: None,
-        }))
+            at_ms: now_ms,
+        });
+        self.sent(key, digest, &dispatch);
+        Ok(dispatch)
     }
 
     /// Records a provider's answer on the payment's own idempotency record, and settles its
@@ -197,6 +200,8 @@ impl ShardState {
         let of = completes(digest, user, means_id);
         let landed = self.idem.complete(&key, of, reply);
         let dropped = !landed && digest.is_some();
+        let reference = self.answered(key, digest);
+        self.reverse_unrecorded(reference, &outcome, dropped, now_ms);
         let means = self
             .users
             .get_mut(user)
@@ -226,8 +231,9 @@ impl ShardState {
     }
 
     /// Completes every authorization left with its provider when the engine stopped: the
-    /// outcome is unknown, so it is declined as a provider timeout (an adapter that can reverse
-    /// must reverse these dispatches). Returns the applied completions, for the log.
+    /// outcome is unknown, so it is declined as a provider timeout, and (as any timeout) a
+    /// reversal of it is owed to its provider, with the reference its reservation left in the
+    /// log (`state/money.rs`). Returns the applied completions, for the log.
     pub(crate) fn resolve_pending(&mut self, now_ms: i64) -> Vec<Envelope> {
         let mut applied = Vec::new();
         for (key, digest, user, means_id) in self.idem.pending() {
@@ -244,6 +250,20 @@ impl ShardState {
                     outcome: AuthOutcome::Declined(ReasonCode::ProviderTimeout),
                     verdict: None,
                 },
+            };
+            self.apply(envelope.clone());
+            applied.push(envelope);
+        }
+        // An authorization still with its provider whose idempotency record the count limit
+        // dropped has no pending record to complete: it is abandoned, and reversed likewise.
+        let abandoned: Vec<(IdemKey, u64)> = self.money.in_flight.keys().copied().collect();
+        for (key, digest) in abandoned {
+            let envelope = Envelope {
+                owner_hash: key.0,
+                client_request_id: None,
+                digest: 0,
+                now_ms,
+                command: Command::Abandoned { key, digest },
             };
             self.apply(envelope.clone());
             applied.push(envelope);

@@ -1,0 +1,346 @@
+//! Money owed to providers (store and forward, `docs/ARCHITECTURE.md`, "Forwarding"): the
+//! reference of every authorization a provider may hold, kept with its payment code, and the
+//! captures, voids, refunds and reversals owed to providers, until each is acknowledged.
+//!
+//! Everything here is state the shard's commands make: an obligation is created by the command
+//! that causes it (a code's redemption, the sweeper's expiry of a code, a provider timeout, the
+//! completion recovery makes for a payment a crash left in flight), so that it is in the log
+//! with it and comes back on replay. The forwarder (`engine/forward.rs`) sends each one and
+//! records the provider's answer with [`Command::Forwarded`]; until then it stays owed, and is
+//! sent again after a restart.
+
+use std::collections::BTreeMap;
+
+use settlegate_adapters::{AuthReference, LifecycleRequest};
+
+use super::*;
+
+flow_reply! {
+    /// What the forwarding flow answers, besides a refusal.
+    pub(crate) enum MoneyReply in Money {
+        /// What a shard owes its providers (a query).
+        Owed(OwedView),
+        /// A code's hold voided (`VOID`).
+        Voided(VoidedCode),
+        /// A refund of a code's capture (`REFUND`).
+        Refunded(RefundedCode),
+    }
+}
+
+/// The authorization a provider holds (or may hold), as the engine keeps it: the parts of
+/// [`AuthReference`] the engine knows without the adapter. A network adapter's identifiers are
+/// not kept: it derives them from the dispatch ID and `at_ms` ([`AuthReference::network`]).
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub(crate) struct Reference {
+    pub(crate) dispatch_id: u64,
+    pub(crate) provider_code: u32,
+    /// The provider's authorization code; none while (or if never) answered.
+    #[rkyv(with = Map<Via<[u8; 6]>>)]
+    pub(crate) auth_code: Option<AuthCode>,
+    pub(crate) amount_minor: u64,
+    #[rkyv(with = Via<[u8; 3]>)]
+    pub(crate) currency: Currency,
+    pub(crate) terminal_id: String,
+    #[rkyv(with = Map<Via<[u8; 16]>>)]
+    pub(crate) card_token: Option<CardToken>,
+    pub(crate) at_ms: i64,
+}
+
+impl Reference {
+    /// The reference of `dispatch`, before its answer.
+    pub(crate) fn of(dispatch: &Dispatch) -> Reference {
+        Reference {
+            dispatch_id: dispatch.dispatch_id,
+            provider_code: dispatch.provider_code,
+            auth_code: None,
+            amount_minor: dispatch.amount_final_minor(),
+            currency: dispatch.currency,
+            terminal_id: dispatch.terminal_id.clone(),
+            card_token: dispatch.card_token,
+            at_ms: dispatch.at_ms,
+        }
+    }
+
+    /// As the adapter takes it.
+    pub(crate) fn to_adapter(&self) -> AuthReference {
+        AuthReference {
+            dispatch_id: self.dispatch_id,
+            provider_code: self.provider_code,
+            auth_code: self.auth_code,
+            amount_minor: self.amount_minor,
+            currency: self.currency,
+            terminal_id: self.terminal_id.clone(),
+            card_token: self.card_token,
+            at_ms: self.at_ms,
+            network: None,
+        }
+    }
+}
+
+/// An operation owed to a provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub(crate) enum Owed {
+    /// Capture this much of the authorization (a code's redemption).
+    Capture(u64),
+    /// Release the whole hold (a code expired unused, or voided).
+    Void,
+    /// Return this much of the capture.
+    Refund(u64),
+    /// Undo an authorization whose answer the engine could not record.
+    Reversal,
+}
+
+impl Owed {
+    /// A short lower-case name, as the adapter's [`settlegate_adapters::Operation::name`].
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Owed::Capture(_) => "capture",
+            Owed::Void => "void",
+            Owed::Refund(_) => "refund",
+            Owed::Reversal => "reversal",
+        }
+    }
+}
+
+/// One operation owed to a provider, until it acknowledges it.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub(crate) struct Obligation {
+    pub(crate) reference: Reference,
+    pub(crate) operation: Owed,
+    /// When the command that created it was made.
+    pub(crate) since_ms: i64,
+}
+
+impl Obligation {
+    /// The request that carries it, under `operation_id`.
+    pub(crate) fn request(&self, operation_id: u64) -> LifecycleRequest {
+        let authorization = self.reference.to_adapter();
+        match self.operation {
+            Owed::Capture(amount) => LifecycleRequest::capture(operation_id, authorization, amount),
+            Owed::Void => LifecycleRequest::void(operation_id, authorization),
+            Owed::Refund(amount) => LifecycleRequest::refund(operation_id, authorization, amount),
+            Owed::Reversal => LifecycleRequest::reversal(operation_id, authorization),
+        }
+    }
+}
+
+/// The provider's last word on an owed operation ([`Command::Forwarded`]).
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub(crate) enum Acknowledged {
+    /// Done.
+    Accepted,
+    /// Refused for good, for this reason (`settlegate_adapters::RefusalReason`, in words): not
+    /// sent again.
+    Refused(String),
+}
+
+/// A code's authorization, as kept for the operations that follow it.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub(crate) struct CodeMoney {
+    pub(crate) reference: Reference,
+    /// Refunds of its capture, by the refund's idempotency key (a client request ID under
+    /// the refunding terminal's hash): its amount.
+    pub(crate) refunds: Vec<(IdemKey, u64)>,
+}
+
+impl CodeMoney {
+    /// The total refunded.
+    pub(crate) fn refunded_minor(&self) -> u64 {
+        self.refunds.iter().map(|(_, amount)| amount).sum()
+    }
+}
+
+/// What a shard owes its providers and what it keeps to owe them more.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Ledger {
+    /// Authorizations sent to their provider and not answered yet, by their idempotency
+    /// record's key and digest.
+    pub(crate) in_flight: BTreeMap<(IdemKey, u64), Reference>,
+    /// The approved authorization of each payment code, by issue number.
+    pub(crate) codes: BTreeMap<u64, CodeMoney>,
+    /// Operations owed to providers and not acknowledged, by operation ID (the order they
+    /// were created in).
+    pub(crate) owed: BTreeMap<u64, Obligation>,
+    /// The last operation ID used (in the shard's top 8 bits, as a dispatch ID).
+    pub(crate) op_seq: u64,
+}
+
+/// A shard's owed operations, as the forwarder reads them.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct OwedView {
+    /// The first ones of each provider (by operation ID), at most the query's limit per
+    /// provider: a provider out of reach does not hold up another's.
+    pub(crate) first: Vec<(u64, Obligation)>,
+    /// By provider: how many are owed, and since when the oldest.
+    pub(crate) by_provider: BTreeMap<u32, (u64, i64)>,
+}
+
+/// A code's hold voided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct VoidedCode {
+    /// The amount released.
+    pub(crate) released_minor: u64,
+}
+
+/// A refund of a code's capture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RefundedCode {
+    /// This refund's amount.
+    pub(crate) amount_minor: u64,
+    /// Every refund of the capture, this one included.
+    pub(crate) refunded_minor: u64,
+    /// The capture.
+    pub(crate) captured_minor: u64,
+}
+
+impl ShardState {
+    /// Whether the queue of owed operations is at its bound: what would add to it by choice
+    /// (a redemption, an expiry, a void, a refund) waits.
+    pub(crate) fn owed_full(&self) -> bool {
+        self.money.owed.len() >= self.config.owed_max
+    }
+
+    /// Owes `operation` on `reference` to its provider, from a command made at `now_ms`.
+    pub(super) fn owe(&mut self, reference: Reference, operation: Owed, now_ms: i64) {
+        self.money.op_seq += 1;
+        let operation_id = (u64::from(self.index) << 56) | self.money.op_seq;
+        tracing::debug!(
+            operation_id,
+            dispatch_id = reference.dispatch_id,
+            provider = reference.provider_code,
+            operation = operation.name(),
+            "owed to the provider"
+        );
+        self.money.owed.insert(operation_id, Obligation { reference, operation, since_ms: now_ms });
+    }
+
+    /// The provider's answer to owed operation `operation_id`: it is owed no more.
+    pub(super) fn forwarded(&mut self, operation_id: u64, answer: &Acknowledged) {
+        let Some(obligation) = self.money.owed.remove(&operation_id) else { return };
+        if let Acknowledged::Refused(reason) = answer {
+            tracing::warn!(
+                operation_id,
+                dispatch_id = obligation.reference.dispatch_id,
+                provider = obligation.reference.provider_code,
+                operation = obligation.operation.name(),
+                reason = reason.as_str(),
+                "the provider refused an owed operation; it is not sent again"
+            );
+        }
+    }
+
+    /// An authorization sent to its provider: its reference, until its answer.
+    pub(super) fn sent(&mut self, key: IdemKey, digest: u64, dispatch: &Dispatch) {
+        self.money.in_flight.insert((key, digest), Reference::of(dispatch));
+    }
+
+    /// The reference of the authorization of record `key` (with `digest`; none: the first of
+    /// the key, for a completion read from an older log), answered now.
+    pub(super) fn answered(&mut self, key: IdemKey, digest: Option<u64>) -> Option<Reference> {
+        let at = match digest {
+            Some(digest) => (key, digest),
+            None => *self.money.in_flight.range((key, 0)..=(key, u64::MAX)).next()?.0,
+        };
+        self.money.in_flight.remove(&at)
+    }
+
+    /// A payment's (or code request's) answer that leaves the provider holding what the
+    /// engine does not record: reversed. A timeout (the provider may have approved), and an
+    /// approval whose record was gone.
+    pub(super) fn reverse_unrecorded(
+        &mut self,
+        reference: Option<Reference>,
+        outcome: &AuthOutcome,
+        dropped: bool,
+        now_ms: i64,
+    ) {
+        let Some(mut reference) = reference else { return };
+        let unrecorded = match outcome {
+            AuthOutcome::Approved(approval) => {
+                reference.auth_code = Some(approval.auth_code);
+                dropped
+            }
+            AuthOutcome::Declined(reason) => *reason == ReasonCode::ProviderTimeout,
+        };
+        if unrecorded {
+            self.owe(reference, Owed::Reversal, now_ms);
+        }
+    }
+
+    /// The operations owed, for the forwarder: the first `limit` of each provider, and the
+    /// count and oldest by provider.
+    pub(crate) fn owed_view(&self, limit: usize) -> OwedView {
+        let mut view = OwedView::default();
+        for (&id, obligation) in &self.money.owed {
+            let entry = view
+                .by_provider
+                .entry(obligation.reference.provider_code)
+                .or_insert((0, obligation.since_ms));
+            if entry.0 < limit as u64 {
+                view.first.push((id, obligation.clone()));
+            }
+            entry.0 += 1;
+            entry.1 = entry.1.min(obligation.since_ms);
+        }
+        view
+    }
+
+    /// `VOID` of payment code `number` by `terminal_id` (one its code request was made for):
+    /// its hold released and its provider told, before any redemption.
+    pub(super) fn void_code(
+        &mut self,
+        number: u64,
+        may_void: impl Fn(&str) -> bool,
+        now_ms: i64,
+    ) -> Result<VoidedCode, ReasonCode> {
+        let Some(record) = self.codes.get(&number) else { return Err(ReasonCode::UnknownCode) };
+        if !may_void(&record.terminal_id) {
+            return Err(ReasonCode::UnknownCode);
+        }
+        record.still_issued()?;
+        if self.owed_full() {
+            return Err(ReasonCode::ProviderUnavailable);
+        }
+        let released_minor = record.amount_minor;
+        self.release_code(number, CodeState::Voided, now_ms);
+        Ok(VoidedCode { released_minor })
+    }
+
+    /// `REFUND` of `amount_minor` of redeemed code `number`'s capture by `terminal_id` (one
+    /// its redemption or request was made at), for idempotency record `key`: the refunds'
+    /// total never passes the capture.
+    pub(super) fn refund_code(
+        &mut self,
+        number: u64,
+        amount_minor: u64,
+        may_refund: impl Fn(&str) -> bool,
+        key: IdemKey,
+        now_ms: i64,
+    ) -> Result<RefundedCode, ReasonCode> {
+        let Some(record) = self.codes.get(&number) else { return Err(ReasonCode::UnknownCode) };
+        if !may_refund(record.merchant_terminal()) {
+            return Err(ReasonCode::UnknownCode);
+        }
+        let CodeState::Redeemed(redemption) = &record.state else {
+            return Err(ReasonCode::NotRefundable);
+        };
+        let captured_minor = redemption.captured_minor;
+        let Some(money) = self.money.codes.get(&number) else {
+            // Issued before this build kept references: its provider cannot be reached.
+            return Err(ReasonCode::NotRefundable);
+        };
+        let refunded_minor = money.refunded_minor();
+        if amount_minor == 0 || refunded_minor.saturating_add(amount_minor) > captured_minor {
+            return Err(ReasonCode::RefundAboveCaptured);
+        }
+        if self.owed_full() {
+            return Err(ReasonCode::ProviderUnavailable);
+        }
+        let money = self.money.codes.get_mut(&number).expect("checked above");
+        money.refunds.push((key, amount_minor));
+        let reference = money.reference.clone();
+        let refunded_minor = refunded_minor + amount_minor;
+        self.owe(reference, Owed::Refund(amount_minor), now_ms);
+        Ok(RefundedCode { amount_minor, refunded_minor, captured_minor })
+    }
+}
