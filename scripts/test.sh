@@ -24,6 +24,14 @@ echo "== cargo package: settlegate-types, -adapters, -protocol, -engine"
 # workspace's path, and never unpacks the same name and version there again: a machine that
 # packaged this checkout's path before would verify against the old sources. Drop them first.
 rm -rf "${CARGO_HOME:-$HOME/.cargo}"/registry/src/-*/settlegate-*
+# And cargo takes what it built from a registry for fresh as long as the version is the same: a
+# tree that packaged before would build the engine against its old settlegate-types. Forget
+# those builds (their dep-info names the registry's sources), not the workspace's own.
+for depinfo in "${CARGO_TARGET_DIR:-target}"/debug/deps/settlegate_*.d; do
+  [ -e "$depinfo" ] && grep -q "/registry/src/" "$depinfo" || continue
+  unit=$(basename "$depinfo" .d)
+  rm -rf "${CARGO_TARGET_DIR:-target}/debug/.fingerprint/$(echo "${unit%-*}" | tr _ -)-${unit##*-}"
+done
 cargo package --quiet --allow-dirty -p settlegate-types -p settlegate-adapters \
   -p settlegate-protocol -p settlegate-engine
 

@@ -17,7 +17,8 @@ use iso_support::{
 };
 use settlegate_adapters::iso8583::{Iso8583Adapter, Iso8583Config, LinkStatus};
 use settlegate_adapters::{
-    AdapterConfig, AdapterError, DeclineReason, MeansKind, ProviderAdapter, ProviderReply,
+    AdapterConfig, AdapterError, DeclineReason, LifecycleReply, LifecycleRequest, MeansKind,
+    ProviderAdapter, ProviderReply,
 };
 
 fn ledger_dir() -> tempfile::TempDir {
@@ -288,6 +289,72 @@ async fn throughput_against_python_host() {
         adapter_rate / iso_rate,
         adapter_rate / echo_rate
     );
+}
+
+/// The lifecycle's throughput (#22): authorize + capture pairs through the adapter (an 0100,
+/// then an 0220 advice of part of the amount naming it in field 90), against the adapter's own
+/// authorizations alone in the same run, alternating, median of rounds.
+///
+/// `cargo test --release -p settlegate-adapters --test iso8583 -- --ignored --nocapture
+/// lifecycle_throughput`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run explicitly, in release mode"]
+async fn lifecycle_throughput_against_python_host() {
+    const PAIRS: usize = 10_000;
+    const WINDOW: usize = 256;
+    const ROUNDS: usize = 5;
+    let host = Host::spawn(0, None);
+    let adapter = ready_adapter(Iso8583Config { in_flight_max: 4_096, ..config(host.port) }).await;
+    lifecycle_round(&adapter, 1 << 40, 1_000, WINDOW).await;
+    let (mut pairs, mut auths) = (Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        // Dispatch IDs of their own each round: the host keeps every authorization it approved.
+        let base = (round as u64 + 2) << 40;
+        let pair_rate = lifecycle_round(&adapter, base, PAIRS, WINDOW).await;
+        let auth_rate = adapter_round(&adapter, PAIRS, WINDOW).await;
+        println!("round {round}: {pair_rate:.0} authorize + capture pairs/s, {auth_rate:.0} authorizations/s");
+        pairs.push(pair_rate);
+        auths.push(auth_rate);
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (pairs, auths) = (median(pairs), median(auths));
+    println!(
+        "median of {ROUNDS}: {pairs:.0} pairs/s ({:.0} messages/s), {auths:.0} authorizations/s \
+         alone: a pair at {:.2}x an authorization's rate",
+        2.0 * pairs,
+        pairs / auths
+    );
+}
+
+/// `requests` authorizations from dispatch ID `base` on, each captured (all but one minor
+/// unit) as soon as it is approved, `window` pairs at a time; pairs per second.
+async fn lifecycle_round(
+    adapter: &Arc<Iso8583Adapter>,
+    base: u64,
+    requests: usize,
+    window: usize,
+) -> f64 {
+    let started = Instant::now();
+    let workers = (0..window).map(|w| {
+        let adapter = Arc::clone(adapter);
+        tokio::spawn(async move {
+            for i in (w..requests).step_by(window) {
+                let request = card(base + i as u64, 100_000 + i as u64);
+                let reply = adapter.authorize(request.clone()).await.expect("answered");
+                let reference = reply.reference(&request).expect("approved");
+                let capture = LifecycleRequest::capture(base + i as u64, reference, 99_999);
+                let answer = adapter.lifecycle(capture).await;
+                assert!(matches!(answer, Ok(LifecycleReply::Accepted { .. })), "{answer:?}");
+            }
+        })
+    });
+    for worker in futures::future::join_all(workers).await {
+        worker.expect("worker");
+    }
+    requests as f64 / started.elapsed().as_secs_f64()
 }
 
 fn echo_frame() -> Vec<u8> {
