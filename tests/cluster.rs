@@ -53,6 +53,7 @@ impl Node {
         partitions: usize,
         purge_ms: u64,
         snapshot_every: u64,
+        extra: &str,
     ) -> Node {
         let (port, http_port) = (free_port(), free_port());
         let admin = hex::encode(Sha256::digest(ADMIN_KEY.as_bytes()));
@@ -91,6 +92,7 @@ settle_ms = 600
 snapshot_every_records = {snapshot_every}
 purge_after_ms = {purge_ms}
 cache_dir = "{cache}"
+{extra}
 "#,
             vault = "55".repeat(32),
             cache = dir.join(format!("{name}-cache")).display(),
@@ -531,19 +533,25 @@ impl Cluster {
     }
 
     fn start_purging_after(nodes: usize, partitions: usize, purge_ms: u64) -> Cluster {
-        Cluster::start_with(nodes, partitions, purge_ms, 100)
+        Cluster::start_with(nodes, partitions, purge_ms, 100, "")
     }
 
     /// As [`Cluster::start_purging_after`], with a snapshot every `snapshot_every` records (0:
-    /// none).
-    fn start_with(nodes: usize, partitions: usize, purge_ms: u64, snapshot_every: u64) -> Cluster {
+    /// none), and `extra` tables at the end of each node's config.
+    fn start_with(
+        nodes: usize,
+        partitions: usize,
+        purge_ms: u64,
+        snapshot_every: u64,
+        extra: &str,
+    ) -> Cluster {
         let nats = NatsCluster::start(3);
         let dir = tempfile::tempdir().unwrap();
         let urls = nats.client_urls();
         let mut nodes: Vec<Node> = (1..=nodes)
             .map(|i| {
                 let name = format!("n{i}");
-                Node::new(dir.path(), &name, &urls, partitions, purge_ms, snapshot_every)
+                Node::new(dir.path(), &name, &urls, partitions, purge_ms, snapshot_every, extra)
             })
             .collect();
         nodes.iter_mut().for_each(Node::start);
@@ -1019,7 +1027,7 @@ fn log_field(line: &str, field: &str) -> Option<String> {
 /// reads from the stream only what came after; its state then equals the owners'.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_node_replays_its_restart_cache_and_reads_only_the_rest_from_the_stream() {
-    let mut cluster = Cluster::start_with(3, 2, 15_000, 0);
+    let mut cluster = Cluster::start_with(3, 2, 15_000, 0, "");
     cluster.settled().await;
     let client = patient(&cluster.addrs());
     let payers = enroll(&client, 4, "cache").await;
@@ -1061,4 +1069,79 @@ async fn a_restarted_node_replays_its_restart_cache_and_reads_only_the_rest_from
         assert_eq!(log_field(line, "stopped").as_deref(), Some(""), "{line}");
     }
     eprintln!("restart cache: the victim had {had:?}; {}", replays.join(" | "));
+}
+
+/// A dead owner's payments in flight at their provider end as a crash's do (#21): the standby
+/// that takes the partition declines them, and its forwarder sends the ISO 8583 host their
+/// reversals, with the identifiers rebuilt from the partition's stream. A payment the dead
+/// owner settled stands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_owners_authorizations_in_flight_are_reversed_at_the_host_by_the_new_owner() {
+    use crate::server_money::{tally, wait_for};
+    let host_dir = tempfile::tempdir().unwrap();
+    let ledger = host_dir.path().join("ledger.jsonl");
+    let tally_path = host_dir.path().join("tally.json");
+    let (_host, port) = crate::engine_iso::spawn_host_tallying(&ledger, Some(&tally_path));
+    // Nothing times out before the kill: the adapter would reverse on its own.
+    let extra = format!(
+        r#"
+[[engine.providers]]
+code = 2
+name = "iso"
+adapter = {{ kind = "iso8583", host_addr = "127.0.0.1:{port}", merchant_id = "SGTEST01", response_timeout_ms = 600000 }}
+limits = {{ concurrency_max = 64, timeout_ms = 600000 }}
+
+[engine.forwarding]
+interval_ms = 50
+retry_initial_ms = 50
+retry_max_ms = 500
+"#
+    );
+    let mut cluster = Cluster::start_with(2, 2, 15_000, 100, &extra);
+    let owners = cluster.settled().await;
+    let client = Arc::new(patient(&cluster.addrs()));
+    let payer = enroll(&client, 1, "rev").await.remove(0);
+    let victim = owners[settlegate_engine::shard_of_user(&payer.user, cluster.partitions)];
+    let mut counter = 0;
+    let mut signed = |amount: u64| {
+        counter += 1;
+        let record = InherentId {
+            provider_code: 2,
+            terminal_id: "ISO-T1".into(),
+            ..payment(&payer, counter, amount)
+        };
+        let bytes = record.sign(payer.credential.device_key.expose());
+        Request::Authorize(Authorize { client_request_id: rand::random(), inherent_id: bytes })
+    };
+    // Once both nodes' adapters are signed on, the host approves 1,234: settled, never reversed.
+    let started = Instant::now();
+    loop {
+        match client.call(&signed(1_234)).await {
+            Ok(Response::Ok(Reply::Authorize(AuthOutcome::Approved(_)))) => break,
+            Ok(Response::Ok(Reply::Authorize(AuthOutcome::Declined(
+                ReasonCode::ProviderUnavailable,
+            )))) if started.elapsed() < Duration::from_secs(30) => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            other => panic!("expected an approval, got {other:?}"),
+        }
+    }
+    // Three the host holds and never answers (8,000..=8,099): in flight at the kill.
+    let amounts = [8_011u64, 8_022, 8_033];
+    for amount in amounts {
+        let (client, request) = (Arc::clone(&client), signed(amount));
+        tokio::spawn(async move { client.call(&request).await });
+    }
+    let held = |state: &str| {
+        let tally = tally(&tally_path);
+        amounts.iter().all(|a| tally.iter().any(|(s, held, _)| s == state && held == a))
+    };
+    wait_for("the host holding the three authorizations", || held("authorized")).await;
+    cluster.nodes[victim].kill();
+    assert!(held("authorized"), "nothing reversed before the kill: {:?}", tally(&tally_path));
+    wait_for("the reversals at the host, sent by the new owner", || held("reversed")).await;
+    let moved = cluster.settled().await;
+    let partition = settlegate_engine::shard_of_user(&payer.user, cluster.partitions);
+    assert_ne!(moved[partition], victim, "the partition moved");
+    crate::server_money::assert_reversed_once(&tally_path, &ledger, &amounts);
 }

@@ -27,7 +27,7 @@ impl Drop for Server {
 }
 
 /// The host's tally: `(state, authorized, reversed)` by amount.
-fn tally(path: &std::path::Path) -> Vec<(String, u64, u64)> {
+pub(crate) fn tally(path: &std::path::Path) -> Vec<(String, u64, u64)> {
     let Ok(text) = std::fs::read_to_string(path) else { return Vec::new() };
     let Ok(tally) = serde_json::from_str::<serde_json::Value>(&text) else { return Vec::new() };
     let held = tally["authorizations"].as_array().cloned().unwrap_or_default();
@@ -40,7 +40,7 @@ fn tally(path: &std::path::Path) -> Vec<(String, u64, u64)> {
 }
 
 /// Polls `condition` every 50 ms, failing the test after 60 s.
-async fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
+pub(crate) async fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while !condition() {
         assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
@@ -116,12 +116,22 @@ async fn authorizations_in_flight_at_a_kill_are_reversed_at_the_host_after_the_r
     let (child, _addr) = spawn_binary(&config);
     let _server = Server(child);
     wait_for("the reversals at the host", || held("reversed")).await;
-    let tally = tally(&tally_path);
-    for amount in amounts {
+    assert_reversed_once(&tally_path, &ledger, &amounts);
+}
+
+/// The host's account once `amounts` were reversed: each in full, by one reversal message
+/// each (its `ledger`), and the approval of 1,234 standing.
+pub(crate) fn assert_reversed_once(
+    tally_path: &std::path::Path,
+    ledger: &std::path::Path,
+    amounts: &[u64],
+) {
+    let tally = tally(tally_path);
+    for &amount in amounts {
         assert!(tally.contains(&("reversed".into(), amount, amount)), "{tally:?}");
     }
     assert!(tally.contains(&("authorized".into(), 1_234, 0)), "the approval stands: {tally:?}");
-    let reversals = std::fs::read_to_string(&ledger)
+    let reversals = std::fs::read_to_string(ledger)
         .unwrap()
         .lines()
         .filter(|line| line.contains("\"dir\": \"op\"") && line.contains("\"op\": \"reversal\""))
