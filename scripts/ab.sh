@@ -34,7 +34,7 @@ for pair in $(seq "$pairs"); do
     # shellcheck disable=SC2086
     env ${envs[$side]} "${bins[$side]}" serve --config "$work/bench.toml" > "$work/sg.out" 2>&1 &
     sg_pid=$!
-    for _ in $(seq 100); do curl -fs "127.0.0.1:$HTTP/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
+    for _ in $(seq 300); do curl -fs "127.0.0.1:$HTTP/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
     t0=$(ticks "$sg_pid")
     # loadgen's CPU time from its rusage, as its parent sees it.
     python3 -c 'import resource, subprocess, sys

@@ -149,7 +149,9 @@ start_settlegate() {
     2> "$work/$name.err" &
   started=$!
   sg_pids+=("$started")
-  for _ in $(seq 100); do curl -fs "127.0.0.1:$http/healthz" >/dev/null 2>&1 && return 0; sleep 0.1; done
+  # /readyz: the HTTP port answers /healthz while the engine still recovers, before the protocol
+  # port listens.
+  for _ in $(seq 300); do curl -fs "127.0.0.1:$http/readyz" >/dev/null 2>&1 && return 0; sleep 0.1; done
   echo "settlegate $name did not come up:" >&2
   cat "$work/$name.err" >&2
   exit 1
