@@ -415,7 +415,7 @@ fn complete_from_state(
     // The log holds the last refunds; the first ones are older than it.
     let earlier = refunds.len().saturating_sub(logged);
     for (index, &(_, amount)) in refunds[..earlier].iter().enumerate() {
-        ops.insert(1 + index, answered(Owed::Refund(amount), at_ms));
+        ops.insert((1 + index).min(ops.len()), answered(Owed::Refund(amount), at_ms));
     }
 }
 
