@@ -271,10 +271,10 @@ async fn the_report_of_a_mixed_day_agrees_with_the_hosts_tally_line_by_line() {
     // Per authorization, and every operation acknowledged by the host.
     let tally = host.tally();
     agree_per_authorization(&items, &tally, &["acknowledged"]);
-    assert!(items
-        .iter()
-        .filter(|i| i["kind"] != "authorization")
-        .all(|i| i["provider_ack"] == "yes"));
+    for item in items.iter().filter(|i| i["kind"] != "authorization") {
+        assert_eq!(item["provider_ack"], "yes", "{item:?}");
+        assert!(item["answered_utc"] >= item["at_utc"], "answered after it was owed: {item:?}");
+    }
     let kinds = |kind: &str| items.iter().filter(|i| i["kind"] == kind).count();
     assert_eq!(
         [kinds("capture"), kinds("void"), kinds("expiry"), kinds("refund"), kinds("reversal")],

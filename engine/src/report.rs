@@ -91,6 +91,9 @@ pub struct ReportItem {
     /// Whether the provider acknowledged it: `yes` or `no` (an authorization: whether it
     /// approved with an authorization code the engine recorded).
     pub provider_ack: &'static str,
+    /// When the engine recorded the provider's answer to an operation (milliseconds since the
+    /// epoch, UTC); none while it is owed, and for an answer older than the log.
+    pub answered_ms: Option<i64>,
     /// A refusal's reason (empty otherwise).
     pub detail: String,
 }
@@ -188,6 +191,7 @@ impl Report {
                 item.amount_minor.to_string(),
                 item.state.to_owned(),
                 item.provider_ack.to_owned(),
+                item.answered_ms.map(utc_text).unwrap_or_default(),
                 csv_field(&item.detail),
             ];
             out.push_str(&fields.join(","));
@@ -204,7 +208,7 @@ refunded_count,refunded_minor,reversed_count,reversed_minor,expired_count,expire
 
 /// The item list's header.
 pub const ITEMS_HEADER: &str = "kind,provider,merchant,business_day,time_zone,at_utc,dispatch_id,\
-code_number,operation_id,auth_code,currency,amount_minor,state,provider_ack,detail";
+code_number,operation_id,auth_code,currency,amount_minor,state,provider_ack,answered_utc,detail";
 
 /// Whether `day` is a date as the report writes business days (`YYYY-MM-DD`).
 pub fn valid_day(day: &str) -> bool {
@@ -290,6 +294,7 @@ struct Operation {
     id: Option<u64>,
     obligation: Obligation,
     state: &'static str,
+    answered_ms: Option<i64>,
     detail: String,
 }
 
@@ -303,12 +308,14 @@ fn shard_items(state: &ShardState, items: &mut Vec<ReportItem>) {
                     id: Some(*id),
                     obligation: obligation.clone(),
                     state: "owed",
+                    answered_ms: None,
                     detail: String::new(),
                 };
                 operations.insert(*id, operation);
             }
-            Journaled::Answered(id, answer, _) => {
+            Journaled::Answered(id, answer, at_ms) => {
                 if let Some(operation) = operations.get_mut(id) {
+                    operation.answered_ms = Some(*at_ms);
                     match answer {
                         Acknowledged::Accepted => operation.state = "acknowledged",
                         Acknowledged::Refused(reason) => {
@@ -325,6 +332,7 @@ fn shard_items(state: &ShardState, items: &mut Vec<ReportItem>) {
             id: Some(*id),
             obligation: obligation.clone(),
             state: "owed",
+            answered_ms: None,
             detail: String::new(),
         });
     }
@@ -375,6 +383,7 @@ fn complete_from_state(
         id: None,
         obligation: Obligation { reference: reference.clone(), operation, since_ms },
         state: "answered",
+        answered_ms: None,
         detail: String::new(),
     };
     let has = |ops: &Vec<Operation>, pick: fn(&Owed) -> bool| {
@@ -443,6 +452,7 @@ fn authorization(
         amount_minor: reference.amount_minor,
         state: final_state,
         provider_ack: if reference.auth_code.is_some() { "yes" } else { "no" },
+        answered_ms: None,
         detail: String::new(),
     }
 }
@@ -453,7 +463,7 @@ fn operation_item(
     code_number: Option<u64>,
     operation: Operation,
 ) -> ReportItem {
-    let Operation { id, obligation, state: op_state, detail } = operation;
+    let Operation { id, obligation, state: op_state, answered_ms, detail } = operation;
     let reference = &obligation.reference;
     let (kind, amount_minor) = match obligation.operation {
         Owed::Capture(amount) => (ItemKind::Capture, amount),
@@ -487,6 +497,7 @@ fn operation_item(
         amount_minor,
         state: op_state,
         provider_ack: if op_state == "acknowledged" { "yes" } else { "no" },
+        answered_ms,
         detail,
     }
 }
