@@ -58,6 +58,26 @@ enum Command {
         #[arg(long)]
         shard: usize,
     },
+    /// Write the reconciliation report of a data directory as CSV (`docs/RECONCILIATION.md`):
+    /// per provider, merchant, business day and currency, the counts and totals authorized,
+    /// captured, voided, refunded, reversed and expired; and the item list. Reads the data
+    /// directory as `replay-shard` does, writing nothing to it.
+    Report {
+        /// TOML config file naming the data directory (`engine.durability.data_dir`).
+        #[arg(long)]
+        config: PathBuf,
+        /// Only this business day (`YYYY-MM-DD`, in each merchant's time zone).
+        #[arg(long)]
+        date: Option<String>,
+        /// Only this provider (its designation code).
+        #[arg(long)]
+        provider: Option<u32>,
+        /// The summary's file; the item list goes beside it, its name ending `.items.csv`
+        /// instead of `.csv`. Without it both go to stdout, the summary first, then a blank
+        /// line.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -87,7 +107,49 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Report { config, date, provider, out } => report(config, date, provider, out),
     }
+}
+
+fn report(
+    config: PathBuf,
+    date: Option<String>,
+    provider: Option<u32>,
+    out: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let (config, _) = load(&Some(config))?;
+    let engine = config.engine_config().map_err(anyhow::Error::msg)?;
+    if let Some(date) = &date {
+        anyhow::ensure!(
+            settlegate_engine::report::valid_day(date),
+            "--date {date:?} is not a date (YYYY-MM-DD)"
+        );
+    }
+    let mut report = settlegate_engine::report::report(&engine)?;
+    if let Some(date) = &date {
+        report = report.on_day(date);
+    }
+    if let Some(provider) = provider {
+        report = report.of_provider(provider);
+    }
+    match out {
+        Some(summary_path) => {
+            let items_path = items_path(&summary_path);
+            std::fs::write(&summary_path, report.summary_csv())
+                .with_context(|| format!("writing {}", summary_path.display()))?;
+            std::fs::write(&items_path, report.items_csv())
+                .with_context(|| format!("writing {}", items_path.display()))?;
+        }
+        None => print!("{}\n{}", report.summary_csv(), report.items_csv()),
+    }
+    Ok(())
+}
+
+/// `x.csv` → `x.items.csv` (any other name: `.items.csv` added).
+fn items_path(summary: &std::path::Path) -> PathBuf {
+    let text = summary.display().to_string();
+    let stem = text.strip_suffix(".csv").unwrap_or(&text);
+    PathBuf::from(format!("{stem}.items.csv"))
 }
 
 fn load(path: &Option<PathBuf>) -> anyhow::Result<(Config, String)> {

@@ -26,15 +26,15 @@ const ISO: u32 = 900;
 const MINUTE_MS: i64 = 60_000;
 
 /// A host simulator with its ledger and tally.
-struct IsoHost {
+pub(crate) struct IsoHost {
     _host: Host,
-    port: u16,
-    ledger: PathBuf,
+    pub(crate) port: u16,
+    pub(crate) ledger: PathBuf,
     tally: PathBuf,
     _dir: tempfile::TempDir,
 }
 
-fn iso_host() -> IsoHost {
+pub(crate) fn iso_host() -> IsoHost {
     let dir = tempfile::tempdir().unwrap();
     let ledger = dir.path().join("ledger.jsonl");
     let tally = dir.path().join("tally.json");
@@ -43,6 +43,12 @@ fn iso_host() -> IsoHost {
 }
 
 impl IsoHost {
+    /// The host's whole tally (`null` before it is written).
+    pub(crate) fn tally(&self) -> serde_json::Value {
+        let text = std::fs::read_to_string(&self.tally).unwrap_or_default();
+        serde_json::from_str(&text).unwrap_or_default()
+    }
+
     /// The host's account of the authorization of `amount` (each test's amounts differ).
     fn held(&self, amount: u64) -> Option<serde_json::Value> {
         let text = std::fs::read_to_string(&self.tally).ok()?;
@@ -55,7 +61,7 @@ impl IsoHost {
     }
 
     /// `(state, captured, refunded, voided, reversed)` of the authorization of `amount`.
-    fn account(&self, amount: u64) -> Option<(String, u64, u64, u64, u64)> {
+    pub(crate) fn account(&self, amount: u64) -> Option<(String, u64, u64, u64, u64)> {
         let held = self.held(amount)?;
         let figure = |key: &str| held[key].as_u64().unwrap_or(0);
         let state = held["state"].as_str()?.to_owned();
@@ -76,7 +82,7 @@ impl IsoHost {
     }
 }
 
-fn iso_provider(port: u16, timeout_ms: u64) -> ProviderConfig {
+pub(crate) fn iso_provider(port: u16, timeout_ms: u64) -> ProviderConfig {
     let adapter: AdapterConfig = toml::from_str(&format!(
         "kind = \"iso8583\"\nhost_addr = \"127.0.0.1:{port}\"\nmerchant_id = \"SGTEST01\""
     ))
@@ -108,9 +114,17 @@ fn card_code_request(h: &Harness, user: &TestUser, amount: u64, provider: u32) -
 
 /// Issues a card code of `amount` via the host, waiting for the adapter's sign-on.
 async fn issue_card_code(h: &Harness, user: &TestUser, amount: u64) -> IssuedCode {
+    issue_signed_on(h, || card_code_request(h, user, amount, ISO)).await
+}
+
+/// Issues the code of `request()`, made again until the adapter has signed on.
+pub(crate) async fn issue_signed_on(
+    h: &Harness,
+    request: impl Fn() -> IssueCodeRequest,
+) -> IssuedCode {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let request = card_code_request(h, user, amount, ISO);
+        let request = request();
         match h.engine.issue_code(request).await.expect("an answer") {
             CodeOutcome::Issued(code) => return *code,
             CodeOutcome::Declined(ReasonCode::ProviderUnavailable)

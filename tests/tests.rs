@@ -16,6 +16,7 @@ mod engine_lifecycle;
 mod engine_model;
 mod engine_money;
 mod engine_providers;
+mod engine_reconcile;
 mod engine_settlement;
 mod engine_wallet;
 mod server_crash;

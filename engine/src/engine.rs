@@ -522,7 +522,7 @@ impl DeviceClaim<'_> {
 
 /// Checks `config` and builds what the shards share (registry, indexes, vault) and the part of
 /// the config they apply.
-fn prepare(
+pub(crate) fn prepare(
     config: &EngineConfig,
     adapters: Vec<(u32, Arc<dyn settlegate_adapters::ProviderAdapter>)>,
 ) -> Result<(Shared, StateConfig, PasswordHasher), EngineError> {
@@ -589,7 +589,7 @@ pub struct ShardReplay {
 /// fills, so its digest may then differ from the engine's.
 pub fn replay_shard(config: &EngineConfig, index: usize) -> Result<ShardReplay, EngineError> {
     let (shared, state_config, _) = prepare(config, Vec::new())?;
-    let (state, records) = crate::startup::replay_one(config, &shared, state_config, index)?;
+    let (state, records) = crate::startup::replay_one(config, &shared, state_config, index, false)?;
     Ok(ShardReplay { shard: index, records, digest: state.digest() })
 }
 

@@ -119,6 +119,7 @@ mod means;
 mod notices;
 pub mod password;
 mod providers;
+pub mod report;
 mod shard;
 mod startup;
 pub mod types;

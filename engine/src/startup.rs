@@ -752,6 +752,7 @@ pub(crate) fn replay_one(
     shared: &Shared,
     state_config: StateConfig,
     index: usize,
+    journaled: bool,
 ) -> Result<(ShardState, usize), EngineError> {
     let storage = |e: StorageError| EngineError::Storage(e.to_string());
     let Some(dir) = &config.durability.data_dir else {
@@ -773,6 +774,7 @@ pub(crate) fn replay_one(
     let mut attempts = 0;
     let (state, loaded) = loop {
         let mut state = ShardState::new(index as u8, shared.clone(), state_config);
+        state.money.journal = journaled.then(Vec::new);
         match load_shard(dir, index, count, &mut state, reading) {
             Ok(loaded) => break (state, loaded),
             Err(EngineError::Storage(_)) if attempts < 20 => {

@@ -1008,7 +1008,7 @@ mod wallet;
 pub(crate) use accounts::{AccountsReply, AddedMeans, Credentials, IssuedKey};
 pub(crate) use codes::{CodeCompletion, CodeRequest, CodeView, CodesReply, Delivery, Swept};
 pub(crate) use money::{
-    Acknowledged, CodeMoney, Ledger, MoneyReply, Obligation, Owed, OwedView, Reference,
+    Acknowledged, CodeMoney, Journaled, Ledger, MoneyReply, Obligation, Owed, OwedView, Reference,
     RefundedCode, VoidedCode,
 };
 pub(crate) use settlement::{Completion, Payment, SettlementReply};
@@ -1244,7 +1244,7 @@ impl ShardState {
                 answer(self.register_terminals(provider_code, terminals))
             }
             Command::Forwarded { operation_id, answer } => {
-                self.forwarded(operation_id, &answer);
+                self.forwarded(operation_id, &answer, now_ms);
                 Reply::Done
             }
             Command::Abandoned { key, digest } => {

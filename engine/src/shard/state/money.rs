@@ -163,6 +163,18 @@ pub(crate) struct Ledger {
     pub(crate) owed: BTreeMap<u64, Obligation>,
     /// The last operation ID used (in the shard's top 8 bits, as a dispatch ID).
     pub(crate) op_seq: u64,
+    /// What the commands applied owed and what the providers answered, in order, when kept:
+    /// only a report's replay keeps it (`report.rs`); never in a snapshot or a digest.
+    pub(crate) journal: Option<Vec<Journaled>>,
+}
+
+/// An entry of [`Ledger::journal`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Journaled {
+    /// An operation owed, by operation ID.
+    Owed(u64, Obligation),
+    /// The provider's answer to an owed operation, at this time.
+    Answered(u64, Acknowledged, i64),
 }
 
 /// A shard's owed operations, as the forwarder reads them.
@@ -211,12 +223,20 @@ impl ShardState {
             operation = operation.name(),
             "owed to the provider"
         );
-        self.money.owed.insert(operation_id, Obligation { reference, operation, since_ms: now_ms });
+        let obligation = Obligation { reference, operation, since_ms: now_ms };
+        if let Some(journal) = &mut self.money.journal {
+            journal.push(Journaled::Owed(operation_id, obligation.clone()));
+        }
+        self.money.owed.insert(operation_id, obligation);
     }
 
-    /// The provider's answer to owed operation `operation_id`: it is owed no more.
-    pub(super) fn forwarded(&mut self, operation_id: u64, answer: &Acknowledged) {
+    /// The provider's answer to owed operation `operation_id`, recorded at `now_ms`: it is owed
+    /// no more.
+    pub(super) fn forwarded(&mut self, operation_id: u64, answer: &Acknowledged, now_ms: i64) {
         let Some(obligation) = self.money.owed.remove(&operation_id) else { return };
+        if let Some(journal) = &mut self.money.journal {
+            journal.push(Journaled::Answered(operation_id, answer.clone(), now_ms));
+        }
         if let Acknowledged::Refused(reason) = answer {
             tracing::warn!(
                 operation_id,
