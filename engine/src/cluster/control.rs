@@ -265,13 +265,7 @@ impl Context {
         let mut reached = applied;
         let mut records = 0usize;
         for (sequence, payload) in &read.messages {
-            let decoded = crate::wal::unframe_records::<crate::shard::logged::Logged>(payload)
-                .and_then(|records| {
-                    records
-                        .into_iter()
-                        .map(|record| record.into_envelope(&self.vault).map_err(|e| e.to_string()))
-                        .collect::<Result<Vec<_>, _>>()
-                });
+            let decoded = super::tail::envelopes_of(payload, &self.vault);
             // The cache passed its checksums, so a record that does not decode is this
             // build's to refuse, as the stream's copy would be.
             let envelopes = decoded.map_err(|e| {

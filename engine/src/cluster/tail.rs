@@ -31,6 +31,18 @@ pub(super) struct Tail {
     pub(super) count: usize,
 }
 
+/// The commands of a message's framed records (as the owner appended them), their keys
+/// opened with `vault`: what a standby's tail and a node's restart cache apply.
+pub(super) fn envelopes_of(
+    framed: &[u8],
+    vault: &Vault,
+) -> Result<Vec<crate::shard::Envelope>, String> {
+    wal::unframe_records::<Logged>(framed)?
+        .into_iter()
+        .map(|record| record.into_envelope(vault).map_err(|e| e.to_string()))
+        .collect()
+}
+
 impl Tail {
     /// Applies the stream's messages after the last applied one, as they come, until the task is
     /// aborted (at a takeover) or a message cannot be applied.
@@ -94,12 +106,7 @@ impl Tail {
                 );
                 let applied = tokio::task::spawn_blocking(move || {
                     let framed = append::records_of(headers.as_ref(), &payload)?;
-                    let records = wal::unframe_records::<Logged>(&framed)?;
-                    let envelopes = records
-                        .into_iter()
-                        .map(|record| record.into_envelope(&vault).map_err(|e| e.to_string()))
-                        .collect::<Result<Vec<_>, _>>()?;
-                    core.apply_replicated(envelopes);
+                    core.apply_replicated(envelopes_of(&framed, &vault)?);
                     Ok::<bytes::Bytes, String>(framed)
                 })
                 .await?;
