@@ -79,13 +79,48 @@ durability = { data_dir = \"$work/data\", fsync = \"always\" }" > "$work/$kind.t
   fi
 }
 
+# CPU ticks (user + system) of each pid, space-separated.
+cpu_ticks() {
+  local pid
+  for pid in "$@"; do awk '{printf "%d ", $14 + $15}' "/proc/$pid/stat"; done
+}
+# One line from a node's /metrics after a run: the append path's means over every partition,
+# and the share of a core the node and each NATS server used.
+append_summary() {
+  python3 - "$@" "$(getconf CLK_TCK)" <<'PY'
+import re, sys
+path, before, after, seconds, tck = sys.argv[1], sys.argv[2].split(), sys.argv[3].split(), float(sys.argv[4]), int(sys.argv[5])
+sums, counts = {}, {}
+for line in open(path):
+    m = re.match(r"(?:settlegate_)?(cluster_append_\w+?)_(sum|count)\{[^}]*\} (\S+)", line)
+    if m:
+        (sums if m.group(2) == "sum" else counts).setdefault(m.group(1), 0.0)
+        (sums if m.group(2) == "sum" else counts)[m.group(1)] += float(m.group(3))
+mean = lambda k: sums.get(k, 0) / counts[k] if counts.get(k) else float("nan")
+msgs = counts.get("cluster_append_records", 0)
+cpu = [(int(a) - int(b)) / tck / seconds * 100 for b, a in zip(before, after)]
+print(f"   appends: {msgs / seconds:,.0f} messages/s, {mean('cluster_append_records'):.1f} records and "
+      f"{mean('cluster_append_kib'):.1f} KiB each, acknowledged in {mean('cluster_append_ack_seconds') * 1e3:.2f} ms "
+      f"(mean), {mean('cluster_append_in_flight'):.1f} in flight at publish; CPU: node {cpu[0]:.0f}%, "
+      f"nats {' / '.join(f'{c:.0f}%' for c in cpu[1:])}")
+PY
+}
+
 for run in $(seq "$RUNS"); do
   for kind in single cluster; do
     echo "== run $run: $kind"
     run_server "$kind"
+    cpu0=$(cpu_ticks "$sg_pid" "${pids[@]:0:3}")
     "$BIN/loadgen" --target "127.0.0.1:$SG_PORT" --users "$USERS" --connections "$CONNECTIONS" \
       --pipeline "$PIPELINE" --warmup "$WARMUP" --duration "$DURATION" --closed-loop batch \
       --json "$OUT/$kind-$run.json" > "$work/loadgen.out" 2>&1 || { tail "$work/loadgen.out"; exit 1; }
+    cpu1=$(cpu_ticks "$sg_pid" "${pids[@]:0:3}")
+    if [ "$kind" = cluster ]; then
+      # Where a replicated write's time goes: the append path's histograms, and the CPU of the
+      # node and of each NATS server over the run (warm-up included).
+      curl -fs "127.0.0.1:$SG_HTTP/metrics" > "$OUT/cluster-$run.metrics"
+      append_summary "$OUT/cluster-$run.metrics" "$cpu0" "$cpu1" $((WARMUP + DURATION))
+    fi
     kill "$sg_pid"; wait "$sg_pid" 2>/dev/null || true
   done
 done

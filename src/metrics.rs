@@ -287,6 +287,8 @@ impl Metrics {
 
 /// A gauge of a cluster partition's standing.
 type PartitionGauge = fn(&settlegate_engine::cluster::PartitionStatus) -> i64;
+/// Picks one of a partition's append histograms.
+type AppendHistogram = fn(&settlegate_engine::cluster::AppendFigures) -> &HistogramSnapshot;
 
 /// The counters the engine keeps, read when scraped.
 struct EngineCounters(settlegate_engine::Engine);
@@ -328,11 +330,17 @@ fn encode_histograms(
 ) -> Result<(), std::fmt::Error> {
     let mut family = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
     for (labels, snapshot) in series {
-        // The text encoder writes `+Inf` for the largest float.
+        // The encoder takes each bucket's own count and adds them up itself, where a snapshot's
+        // are cumulative already; and it writes `+Inf` for the largest float.
+        let mut below = 0;
         let buckets: Vec<(f64, u64)> = snapshot
             .buckets
             .iter()
-            .map(|&(bound, n)| (if bound.is_infinite() { f64::MAX } else { bound }, n))
+            .map(|&(bound, cumulative)| {
+                let own = cumulative - below;
+                below = cumulative;
+                (if bound.is_infinite() { f64::MAX } else { bound }, own)
+            })
             .collect();
         family
             .encode_family(&labels)?
@@ -499,6 +507,27 @@ impl Collector for EngineCounters {
                 ConstGauge::new(value(partition)).encode(metric)?;
             }
         }
+        let histograms: [(&str, &str, AppendHistogram); 4] = [
+            (
+                "cluster_append_ack_seconds",
+                "From an append's publish to the stream's acknowledgement (replicated and synced)",
+                |a| &a.ack,
+            ),
+            ("cluster_append_records", "Records per message appended", |a| &a.records),
+            ("cluster_append_kib", "A message's size as published, in KiB", |a| &a.kib),
+            (
+                "cluster_append_in_flight",
+                "Messages of the partition already in flight when one is published",
+                |a| &a.in_flight,
+            ),
+        ];
+        for (name, help, of) in histograms {
+            let series = partitions
+                .iter()
+                .map(|p| (vec![("partition", p.partition.to_string())], of(&p.appends).clone()))
+                .collect();
+            encode_histograms(&mut encoder, name, help, series)?;
+        }
         Ok(())
     }
 }
@@ -506,6 +535,38 @@ impl Collector for EngineCounters {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_histogram_is_exposed_with_cumulative_buckets_that_end_at_its_count() {
+        let histogram = settlegate_types::histogram::Histogram::new(&[1.0, 2.0, 4.0]);
+        for value in [0.5, 1.5, 1.5, 3.0, 9.0] {
+            histogram.record(value);
+        }
+        struct One(HistogramSnapshot);
+        impl std::fmt::Debug for One {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("One")
+            }
+        }
+        impl Collector for One {
+            fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+                let series = vec![(vec![("partition", "0".to_owned())], self.0.clone())];
+                encode_histograms(&mut encoder, "h", "a histogram", series)
+            }
+        }
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(One(histogram.snapshot())));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let bucket = |le: &str| {
+            let prefix = format!("h_bucket{{le=\"{le}\",partition=\"0\"}} ");
+            let line =
+                text.lines().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("{text}"));
+            line[prefix.len()..].parse::<u64>().unwrap()
+        };
+        assert_eq!([bucket("1.0"), bucket("2.0"), bucket("4.0"), bucket("+Inf")], [1, 3, 4, 5]);
+        assert!(text.contains("h_count{partition=\"0\"} 5"), "{text}");
+    }
 
     #[test]
     fn batch_counts_add_up_per_label_set() {

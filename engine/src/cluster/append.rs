@@ -100,6 +100,8 @@ struct Pending {
     expected_last: u64,
     /// Released once it is acknowledged.
     replies: Replies,
+    /// When it was (last) published.
+    sent: Instant,
 }
 
 /// What one append task needs.
@@ -219,6 +221,7 @@ impl Appender {
     /// The front message is acknowledged at `sequence`: its replies leave.
     fn release(&self, pending: &mut VecDeque<Pending>, sequence: u64) {
         let done = pending.pop_front().expect("an acknowledged message is pending");
+        self.partitions.slots[self.partition].appends.ack.record_duration(done.sent.elapsed());
         self.partitions.cached(self.partition, sequence, &done.payload);
         let slot = &self.partitions.slots[self.partition];
         slot.applied.store(sequence, std::sync::atomic::Ordering::Release);
@@ -306,8 +309,8 @@ impl Appender {
                         group.push(job);
                     }
                     for piece in messages(group) {
-                        let (payload, replies) = match piece {
-                            Piece::Message(payload, replies) => (payload, replies),
+                        let (payload, replies, records) = match piece {
+                            Piece::Message(payload, replies, records) => (payload, replies, records),
                             Piece::Snapshot(payload) => {
                                 // It covers every message published before it.
                                 self.snapshot(payload, next_last);
@@ -324,6 +327,10 @@ impl Appender {
                             continue;
                         }
                         let wire = Wire::of(&payload);
+                        let stats = &self.partitions.slots[self.partition].appends;
+                        stats.records.record(records as f64);
+                        stats.kib.record(wire.bytes.len() as f64 / 1024.0);
+                        stats.in_flight.record(pending.len() as f64);
                         let publish = message(&self.config, self.partition, self.epoch, next_last, &wire);
                         match self.js.send_publish(self.config.subject(self.partition), publish).await {
                             Ok(ack) => acks.push_back(ack.into_future()),
@@ -331,7 +338,7 @@ impl Appender {
                                 // Not sent: the resend below sends it with the rest.
                                 tracing::warn!(partition = self.partition, %error, "append not sent");
                                 acks = FuturesOrdered::new();
-                                pending.push_back(Pending { wire, payload, expected_last: next_last, replies });
+                                pending.push_back(Pending { wire, payload, expected_last: next_last, replies, sent: Instant::now() });
                                 if let Err(stop) = self.resend(&mut pending, &mut last).await {
                                     return stop;
                                 }
@@ -339,7 +346,7 @@ impl Appender {
                                 continue;
                             }
                         }
-                        pending.push_back(Pending { wire, payload, expected_last: next_last, replies });
+                        pending.push_back(Pending { wire, payload, expected_last: next_last, replies, sent: Instant::now() });
                         next_last += 1;
                     }
                 }
@@ -418,6 +425,7 @@ fn messages(group: Vec<Job<Vec<Reply>>>) -> Vec<Piece> {
     let mut out = Vec::new();
     let mut payload = Vec::new();
     let mut replies: Replies = Vec::new();
+    let mut records_in = 0;
     for job in group {
         match job {
             Job::Records { records, reply, replies: values } => {
@@ -426,9 +434,11 @@ fn messages(group: Vec<Job<Vec<Reply>>>) -> Vec<Piece> {
                         out.push(Piece::Message(
                             Bytes::from(std::mem::take(&mut payload)),
                             std::mem::take(&mut replies),
+                            std::mem::take(&mut records_in),
                         ));
                     }
                     wal::frame_records(std::iter::once(record), &mut payload);
+                    records_in += 1;
                 }
                 replies.push((reply, values));
             }
@@ -437,22 +447,23 @@ fn messages(group: Vec<Job<Vec<Reply>>>) -> Vec<Piece> {
             Job::Snapshot { payload: capture, .. } => {
                 if !payload.is_empty() || !replies.is_empty() {
                     let message = Bytes::from(std::mem::take(&mut payload));
-                    out.push(Piece::Message(message, std::mem::take(&mut replies)));
+                    let records = std::mem::take(&mut records_in);
+                    out.push(Piece::Message(message, std::mem::take(&mut replies), records));
                 }
                 out.push(Piece::Snapshot(capture));
             }
         }
     }
     if !payload.is_empty() || !replies.is_empty() {
-        out.push(Piece::Message(Bytes::from(payload), replies));
+        out.push(Piece::Message(Bytes::from(payload), replies, records_in));
     }
     out
 }
 
-/// A message to append (its framed records, and the replies it releases), or a snapshot of the
-/// state after every message before it.
+/// A message to append (its framed records, the replies it releases, and how many records it
+/// holds), or a snapshot of the state after every message before it.
 enum Piece {
-    Message(Bytes, Replies),
+    Message(Bytes, Replies, usize),
     Snapshot(crate::wal::SnapshotPayload),
 }
 

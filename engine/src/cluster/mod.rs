@@ -27,6 +27,8 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
 
+use settlegate_types::histogram::{Histogram, HistogramSnapshot, COUNT_BOUNDS};
+
 use crate::error::EngineError;
 use crate::shard::{ReplicaCore, Reply};
 use crate::wal::Job;
@@ -230,6 +232,8 @@ struct Slot {
     handover: Mutex<Option<tokio::sync::mpsc::UnboundedSender<append::HandOver>>>,
     /// The partition's restart cache, when `cluster.cache_dir` is set.
     cache: Mutex<Option<cache::Writer>>,
+    /// What this node's appends measured.
+    appends: AppendStats,
 }
 
 /// Every partition's standing, shared by the engine (admission) and the cluster's tasks.
@@ -298,7 +302,7 @@ impl Partitions {
 }
 
 /// A partition's standing, for metrics and tests.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PartitionStatus {
     /// The partition.
     pub partition: usize,
@@ -310,6 +314,53 @@ pub struct PartitionStatus {
     pub applied: u64,
     /// A standby's lag behind the stream, in messages (0 for the owner).
     pub lag: u64,
+    /// What this node's appends to the partition's stream measured, while it owned it.
+    pub appends: AppendFigures,
+}
+
+/// The append path's figures of one partition (`cluster/append.rs`), as `/metrics` shows them:
+/// where a replicated write's time goes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppendFigures {
+    /// From a message's publish to its acknowledgement by the stream, in seconds.
+    pub ack: HistogramSnapshot,
+    /// Records per message.
+    pub records: HistogramSnapshot,
+    /// A message's size as published (compressed or not), in KiB.
+    pub kib: HistogramSnapshot,
+    /// Messages already in flight when one is published.
+    pub in_flight: HistogramSnapshot,
+}
+
+/// The histograms behind [`AppendFigures`].
+#[derive(Debug)]
+pub(crate) struct AppendStats {
+    pub(crate) ack: Histogram,
+    pub(crate) records: Histogram,
+    pub(crate) kib: Histogram,
+    pub(crate) in_flight: Histogram,
+}
+
+impl Default for AppendStats {
+    fn default() -> Self {
+        AppendStats {
+            ack: Histogram::latency(),
+            records: Histogram::new(&COUNT_BOUNDS),
+            kib: Histogram::new(&COUNT_BOUNDS),
+            in_flight: Histogram::new(&COUNT_BOUNDS),
+        }
+    }
+}
+
+impl AppendStats {
+    fn figures(&self) -> AppendFigures {
+        AppendFigures {
+            ack: self.ack.snapshot(),
+            records: self.records.snapshot(),
+            kib: self.kib.snapshot(),
+            in_flight: self.in_flight.snapshot(),
+        }
+    }
 }
 
 /// A running cluster membership: its runtime and the partitions' standing.
@@ -337,6 +388,7 @@ impl Cluster {
                 jobs: Mutex::new(Some(rx)),
                 handover: Mutex::new(None),
                 cache: Mutex::new(None),
+                appends: AppendStats::default(),
             });
         }
         (senders, Arc::new(Partitions { slots, node: node.to_owned() }))
@@ -384,6 +436,7 @@ impl Cluster {
                     Role::Standby => slots[partition].lag.load(Ordering::Acquire),
                     _ => 0,
                 },
+                appends: slots[partition].appends.figures(),
             })
             .collect()
     }

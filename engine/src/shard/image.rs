@@ -204,7 +204,12 @@ impl Capture {
         };
         let money = MoneyImage {
             op_seq: money.op_seq,
-            in_flight: money.in_flight.into_iter().map(|((k, d), r)| (k, d, r)).collect(),
+            in_flight: {
+                let mut in_flight: Vec<_> =
+                    money.in_flight.into_iter().map(|((k, d), r)| (k, d, r)).collect();
+                in_flight.sort_unstable_by_key(|(k, d, _)| (*k, *d));
+                in_flight
+            },
             codes: money.codes.into_iter().collect(),
             owed: money.owed.into_iter().collect(),
         };

@@ -11,6 +11,8 @@
 
 use std::collections::BTreeMap;
 
+use rustc_hash::FxHashMap;
+
 use settlegate_adapters::{AuthReference, LifecycleRequest};
 
 use super::*;
@@ -154,8 +156,9 @@ impl CodeMoney {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Ledger {
     /// Authorizations sent to their provider and not answered yet, by their idempotency
-    /// record's key and digest.
-    pub(crate) in_flight: BTreeMap<(IdemKey, u64), Reference>,
+    /// record's key and digest: a hash map, as every payment sent to a provider enters and
+    /// leaves it; whatever reads it in order (a snapshot, recovery's abandoned payments) sorts.
+    pub(crate) in_flight: FxHashMap<(IdemKey, u64), Reference>,
     /// The approved authorization of each payment code, by issue number.
     pub(crate) codes: BTreeMap<u64, CodeMoney>,
     /// Operations owed to providers and not acknowledged, by operation ID (the order they
@@ -259,7 +262,8 @@ impl ShardState {
     pub(super) fn answered(&mut self, key: IdemKey, digest: Option<u64>) -> Option<Reference> {
         let at = match digest {
             Some(digest) => (key, digest),
-            None => *self.money.in_flight.range((key, 0)..=(key, u64::MAX)).next()?.0,
+            // The key's first digest, as the log's order had it (rare: older logs only).
+            None => self.money.in_flight.keys().filter(|(k, _)| *k == key).min().copied()?,
         };
         self.money.in_flight.remove(&at)
     }

@@ -256,7 +256,8 @@ impl ShardState {
         }
         // An authorization still with its provider whose idempotency record the count limit
         // dropped has no pending record to complete: it is abandoned, and reversed likewise.
-        let abandoned: Vec<(IdemKey, u64)> = self.money.in_flight.keys().copied().collect();
+        let mut abandoned: Vec<(IdemKey, u64)> = self.money.in_flight.keys().copied().collect();
+        abandoned.sort_unstable();
         for (key, digest) in abandoned {
             let envelope = Envelope {
                 owner_hash: key.0,
