@@ -132,8 +132,12 @@ impl Reports {
         let day = request.business_day.clone();
         let task = tokio::task::spawn_blocking(move || {
             let building = building;
+            let started = Instant::now();
             let report = build()?.on_day(&day);
+            let items = report.items.len();
             let built = Arc::new(Built::new(day, now_ms, report));
+            let elapsed_ms = started.elapsed().as_millis() as u64;
+            tracing::info!(day = %built.day, items, elapsed_ms, "reconciliation report built");
             lock(&building.0).last = Some(Arc::clone(&built));
             Ok::<_, EngineError>(built)
         });
