@@ -59,6 +59,8 @@ pub struct ReportPage {
     pub lines: Vec<String>,
 }
 
+const _: () = assert!(REPORT_ROWS_MAX == 1_000, "the BAD_REQUEST detail of rows_max names 1000");
+
 /// Bytes of a page's body before its lines: `i64`, `u32`, the header's `u16` length, the
 /// `u16` count.
 const PAGE_FIXED_LEN: usize = 8 + 4 + 2 + 2;
