@@ -256,13 +256,14 @@ pub struct IdentityConfig {
     /// SHA-256 (hex) of the DER of the TLS client certificate that authenticates as it.
     #[serde(default)]
     pub cert_sha256: Option<String>,
-    /// `authorize`, `accounts`, `providers`.
+    /// `authorize`, `accounts`, `providers`, `stores`, `report`.
     #[serde(default)]
     pub permissions: Vec<String>,
     /// Store-terminal IDs it may act for: exact IDs, or prefixes ending in `*`.
     #[serde(default)]
     pub terminals: Vec<String>,
-    /// Provider codes whose terminal lists it may change.
+    /// Provider codes whose terminal lists it may change (`providers`) and whose report it
+    /// may read (`report`).
     #[serde(default)]
     pub providers: Vec<u32>,
 }
@@ -279,7 +280,9 @@ impl IdentityConfig {
             return Err(format!("identity {}: needs api_key_sha256 or cert_sha256", self.name));
         }
         for permission in &self.permissions {
-            if !["authorize", "accounts", "providers", "stores"].contains(&permission.as_str()) {
+            if !["authorize", "accounts", "providers", "stores", "report"]
+                .contains(&permission.as_str())
+            {
                 return Err(format!("identity {}: unknown permission {permission}", self.name));
             }
         }

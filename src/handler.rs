@@ -23,6 +23,8 @@ pub struct Context {
     pub metrics: Metrics,
     /// The `SERVER_INFO` reply.
     pub info: ServerInfo,
+    /// The reconciliation reports `REPORT` pages through.
+    pub reports: crate::report::Reports,
 }
 
 /// An `AUTHORIZE` or `AUTHORIZE_BASKET` waiting for its batch.

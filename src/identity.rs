@@ -15,6 +15,8 @@ pub mod permission {
     pub const PROVIDERS: u32 = 0x4;
     /// Store registration and removal (W1).
     pub const STORES: u32 = 0x8;
+    /// The reconciliation report (`REPORT`) of the identity's providers.
+    pub const REPORT: u32 = 0x10;
 }
 
 /// An authenticated identity.
@@ -53,7 +55,8 @@ impl Identity {
         })
     }
 
-    /// Whether it may change `provider_code`'s terminal list.
+    /// Whether `provider_code` is in its `providers` list: the providers whose terminal lists
+    /// it may change (with `providers`) and whose report it may read (with `report`).
     pub fn may_manage_provider(&self, provider_code: u32) -> bool {
         self.providers.contains(&provider_code)
     }
@@ -87,6 +90,7 @@ impl Identities {
                         "authorize" => permission::AUTHORIZE,
                         "accounts" => permission::ACCOUNTS,
                         "stores" => permission::STORES,
+                        "report" => permission::REPORT,
                         _ => permission::PROVIDERS,
                     })
                     .fold(0, |bits, bit| bits | bit);

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod notify;
 pub mod ops;
 pub mod outbox;
+pub mod report;
 pub mod route;
 pub mod server;
 pub mod tls;

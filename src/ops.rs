@@ -38,6 +38,8 @@ pub(crate) enum Permit<'a> {
     ReadCodes,
     /// The store permission.
     Stores,
+    /// The report permission, for this provider.
+    Report(u32),
 }
 
 impl Permit<'_> {
@@ -56,6 +58,10 @@ impl Permit<'_> {
             ),
             Permit::ReadCodes => (identity.may(permission::AUTHORIZE), "read codes"),
             Permit::Stores => (identity.may(permission::STORES), "manage stores"),
+            Permit::Report(provider_code) => (
+                identity.may(permission::REPORT) && identity.may_manage_provider(provider_code),
+                "read this provider's report",
+            ),
         };
         (!allowed).then(|| Response::Forbidden(format!("identity may not {what}")))
     }
@@ -569,5 +575,19 @@ impl Serve for NotifyDelivery {
         let notice = self.notice.to_engine();
         let devices = ctx.engine.notify_delivery(RequestId(self.client_request_id), notice).await?;
         Ok(notify_delivery::Delivered { devices: devices as u32 })
+    }
+}
+
+impl Serve for report::GetReport {
+    fn permit(&self) -> Permit<'_> {
+        Permit::Report(self.provider_code)
+    }
+    /// Only the rows of the provider asked for, which the identity's scope holds.
+    async fn serve(self, ctx: &Context, _: &Identity) -> Result<report::ReportPage, Failure> {
+        let config = ctx.engine.config();
+        crate::report::available(config)?;
+        let config = config.clone();
+        let build = move || settlegate_engine::report::report(&config);
+        Ok(ctx.reports.page(&self, ctx.engine.now_ms(), build).await?)
     }
 }

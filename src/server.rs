@@ -125,7 +125,12 @@ pub async fn start_observed(
             .collect(),
     };
     let shared = Arc::new(Shared {
-        ctx: Context { engine: engine.clone(), metrics: Metrics::for_engine(&engine), info },
+        ctx: Context {
+            engine: engine.clone(),
+            metrics: Metrics::for_engine(&engine),
+            info,
+            reports: Default::default(),
+        },
         identities: Identities::new(&server_config.identities),
         limits,
         replies: Arc::default(),

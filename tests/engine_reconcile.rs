@@ -45,6 +45,17 @@ fn run_report(
     out_dir: &std::path::Path,
     extra: &[&str],
 ) -> (Vec<Row>, Vec<Row>) {
+    let (summary, items) = report_files(config, out_dir, extra);
+    (read_csv(&summary), read_csv(&items))
+}
+
+/// Runs `settlegate report` (the real binary) on `config`, with `extra` arguments, writing
+/// into `out_dir`; the summary's file and the item list's.
+pub(crate) fn report_files(
+    config: &std::path::Path,
+    out_dir: &std::path::Path,
+    extra: &[&str],
+) -> (std::path::PathBuf, std::path::PathBuf) {
     let out = out_dir.join(format!("report{}.csv", extra.join("")));
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_settlegate"))
         .arg("report")
@@ -57,7 +68,7 @@ fn run_report(
         .unwrap();
     assert!(status.success(), "settlegate report: {status}");
     let items = std::path::PathBuf::from(out.display().to_string().replace(".csv", ".items.csv"));
-    (read_csv(&out), read_csv(&items))
+    (out, items)
 }
 
 /// The files of a data directory with their contents, to show the report wrote nothing.

@@ -4,7 +4,7 @@
 use settlegate_protocol::messages::SaleLines;
 use settlegate_protocol::ops::notify_delivery::Delivered;
 use settlegate_protocol::ops::{
-    AddMeans, Auth, Authorize, Enroll, IssueCode, IssueCoupons, ListMeans, Login, NotifyDelivery,
+    AddMeans, Auth, Authorize, Enroll, IssueCoupons, ListMeans, Login, NotifyDelivery,
     ProvisionDevice, RedeemCode, RevokeDeviceKey, RotateDeviceKey, SetDefaultMeans,
     SubscribeDevice, SubscribeNotices, TopUp, UsableMethods, Wallet,
 };
@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use settlegate_engine::{ReasonCode, UserIdType, UserKey};
 use settlegate_protocol::frame::{self, Frame};
-use settlegate_protocol::messages::{CodeOutcome, CodeState, MeansInput};
+use settlegate_protocol::messages::{CodeState, MeansInput};
 use settlegate_protocol::messages::{Reply, Request, Response};
 use settlegate_protocol::values::IssuedCode;
 use settlegate_protocol::Client;
@@ -24,17 +24,7 @@ use crate::support::*;
 
 /// A payment code of `amount` for `payer`, requested for store terminal `terminal`.
 async fn issue_code(payer: &mut Payer, client: &Client, amount: u64, terminal: &str) -> IssuedCode {
-    let issue = Request::IssueCode(IssueCode {
-        client_request_id: request_id().get(),
-        inherent_id: payer.sign(amount, PROVIDER_OK, terminal),
-        validity_ms: 300_000,
-        deliver_to: None,
-        order_ref: String::new(),
-    });
-    match client.call_ok(&issue).await.unwrap() {
-        Reply::IssueCode(CodeOutcome::Issued(code)) => *code,
-        other => panic!("no code: {other:?}"),
-    }
+    crate::support::server::issue_code(client, payer, amount, PROVIDER_OK, terminal, 300_000).await
 }
 
 /// The redemption of `code` for `amount` at `terminal`.

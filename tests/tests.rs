@@ -29,4 +29,5 @@ mod server_money;
 mod server_ops;
 mod server_readiness;
 mod server_replay;
+mod server_report;
 mod server_review;

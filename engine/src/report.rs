@@ -154,8 +154,18 @@ impl Report {
 
     /// The summary as CSV, with its header (`docs/RECONCILIATION.md`).
     pub fn summary_csv(&self) -> String {
-        let mut out = String::from(SUMMARY_HEADER);
-        out.push('\n');
+        csv(SUMMARY_HEADER, self.summary_lines())
+    }
+
+    /// The item list as CSV, with its header (`docs/RECONCILIATION.md`).
+    pub fn items_csv(&self) -> String {
+        csv(ITEMS_HEADER, self.items_lines())
+    }
+
+    /// The summary's lines, without the header or line ends (a field may hold a quoted line
+    /// break).
+    pub fn summary_lines(&self) -> Vec<String> {
+        let mut lines = Vec::new();
         for ((provider, merchant, day, zone, currency), row) in self.summary() {
             let [authorized, captured, voided, expired, refunded, reversed] = row.by_kind;
             let mut fields =
@@ -165,16 +175,14 @@ impl Report {
                 fields.push(total.to_string());
             }
             fields.push(row.owed.to_string());
-            out.push_str(&fields.join(","));
-            out.push('\n');
+            lines.push(fields.join(","));
         }
-        out
+        lines
     }
 
-    /// The item list as CSV, with its header (`docs/RECONCILIATION.md`).
-    pub fn items_csv(&self) -> String {
-        let mut out = String::from(ITEMS_HEADER);
-        out.push('\n');
+    /// The item list's lines, without the header or line ends.
+    pub fn items_lines(&self) -> Vec<String> {
+        let mut lines = Vec::with_capacity(self.items.len());
         for item in &self.items {
             let fields = [
                 item.kind.name().to_owned(),
@@ -194,11 +202,21 @@ impl Report {
                 item.answered_ms.map(utc_text).unwrap_or_default(),
                 csv_field(&item.detail),
             ];
-            out.push_str(&fields.join(","));
-            out.push('\n');
+            lines.push(fields.join(","));
         }
-        out
+        lines
     }
+}
+
+/// A CSV file: `header`, then `lines`, each ended by a line feed.
+fn csv(header: &str, lines: Vec<String>) -> String {
+    let mut out = String::from(header);
+    out.push('\n');
+    for line in lines {
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out
 }
 
 /// The summary section's header.
@@ -212,7 +230,7 @@ code_number,operation_id,auth_code,currency,amount_minor,state,provider_ack,answ
 
 /// Whether `day` is a date as the report writes business days (`YYYY-MM-DD`).
 pub fn valid_day(day: &str) -> bool {
-    day.len() == 10 && day.parse::<jiff::civil::Date>().is_ok()
+    settlegate_types::limits::business_day_valid(day)
 }
 
 /// A text field quoted when it must be (RFC 4180).

@@ -41,6 +41,14 @@ use settlegate_protocol::ops::ping::Pong;
 use settlegate_protocol::ops::refund::Refunded;
 use settlegate_protocol::ops::void::Voided;
 
+/// The page of a report the server fills from `REPORT_ROWS_MAX` rows of `row_len` bytes.
+fn report_page(row_len: usize) -> settlegate_protocol::ops::report::ReportPage {
+    let rows_max = settlegate_types::limits::REPORT_ROWS_MAX;
+    let rows: Vec<String> = (0..rows_max).map(|_| "r".repeat(row_len)).collect();
+    let header = settlegate_engine::report::ITEMS_HEADER;
+    settlegate_protocol::ops::report::ReportPage::fill(i64::MAX, u32::MAX, header, &rows, rows_max)
+}
+
 /// A refund's answer (fixed-width).
 fn refunded() -> Refunded {
     Refunded { amount_minor: u64::MAX, refunded_minor: u64::MAX, captured_minor: u64::MAX }
@@ -378,6 +386,7 @@ fn reply_witnesses() -> Vec<Reply> {
         Reply::CodeState(CodeState::Issued),
         Reply::Void(Voided { released_minor: 0 }),
         Reply::Refund(refunded()),
+        Reply::Report(report_page(0)),
         Reply::IssueCoupons(Vec::new()),
         Reply::NotifyDelivery(Delivered { devices: 0 }),
         Reply::DeviceMessage(DeviceMessage::Delivery(delivery())),
@@ -573,6 +582,13 @@ fn maximal_reply(witness: &Reply) -> Vec<Case> {
             vec![ok(VOID, "fixed-width", Reply::Void(Voided { released_minor: u64::MAX }))]
         }
         Reply::Refund(_) => vec![ok(REFUND, "fixed-width", Reply::Refund(refunded()))],
+        // A page is filled (`ReportPage::fill`) with REPORT_ROWS_MAX rows at most, fewer when
+        // the next would take the body past a frame: here rows of 300 bytes, and rows as short
+        // as can be (the count's limit).
+        Reply::Report(_) => vec![
+            ok(REPORT, "rows of 300 bytes, as many as fit", Reply::Report(report_page(300))),
+            ok(REPORT, "REPORT_ROWS_MAX empty rows", Reply::Report(report_page(0))),
+        ],
         // The store's ID (STORE_TEXT_LEN_MAX), every means of the user with its balance, a
         // best method, and ACCEPTED_METHODS_MAX accepted methods (listed only when nothing is
         // usable, so never with a best: both are here).

@@ -9,6 +9,7 @@ use settlegate_protocol::messages::{
     opcode, AgeCheck, AgeVerdict, BasketOutcome, Reply, Request, Response, SaleLines,
 };
 use settlegate_protocol::ops::ping::Pong;
+use settlegate_protocol::ops::report::{GetReport, ReportPage, ReportPart};
 use settlegate_protocol::ops::{
     Auth, Authorize, AuthorizeBasket, Ping, RedeemCode, RegisterAge, StoreAt, UpsertStore,
 };
@@ -19,6 +20,9 @@ use settlegate_types::{
 };
 
 const DOC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/PROTOCOL.md");
+/// The row of the `REPORT` example: the capture of a code redeemed at `POS-7`, acknowledged.
+const REPORT_LINE: &str = "capture,1,POS-7,2026-11-22,Asia/Tokyo,2026-11-22T00:05:00Z,42,\
+72057594037927978,7,A1B2C3,JPY,4200,acknowledged,yes,2026-11-22T00:05:01Z,";
 const START: &str = "<!-- examples:start -->";
 const END: &str = "<!-- examples:end -->";
 
@@ -306,6 +310,38 @@ fn examples() -> Vec<(&'static str, String, Vec<u8>)> {
             })
             .to_frame(11)
             .to_bytes(),
+        ),
+        (
+            "report-request",
+            "`REPORT`, request ID 12: provider 1's item list (part 2) of business day \
+             `2026-11-22`, from offset 0, at most 100 rows."
+                .into(),
+            Request::Report(GetReport {
+                business_day: "2026-11-22".into(),
+                provider_code: 1,
+                part: ReportPart::Items,
+                offset: 0,
+                rows_max: 100,
+            })
+            .to_frame(12)
+            .to_bytes(),
+        ),
+        (
+            "report-response",
+            format!(
+                "Its answer: built at 1795305900000, 1 row in all, the item list's header \
+                 (`docs/RECONCILIATION.md`) and the row `{REPORT_LINE}`."
+            ),
+            response(
+                Response::Ok(Reply::Report(ReportPage {
+                    generated_ms: 1_795_305_900_000,
+                    total: 1,
+                    header: settlegate_engine::report::ITEMS_HEADER.into(),
+                    lines: vec![REPORT_LINE.into()],
+                })),
+                opcode::REPORT,
+                12,
+            ),
         ),
         (
             "login-refused",

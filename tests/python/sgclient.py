@@ -70,6 +70,7 @@ CATEGORY_MAX = 16
 QUANTITY_MAX = 1_000_000
 BASKET_FLAG_AGE_CONFIRMATION = 0x01
 KNOWN_BASKET_FLAGS = BASKET_FLAG_AGE_CONFIRMATION
+REPORT_ROWS_MAX = 1_000
 
 # magic, version, flags, opcode, status, request ID, body length, body CRC
 _HEADER_PREFIX = struct.Struct(">2sBBHHQII")
@@ -115,6 +116,7 @@ class Op(enum.IntEnum):
     REDEEM_CODE_BASKET = 0x0067
     VOID = 0x0068
     REFUND = 0x0069
+    REPORT = 0x0070
 
 
 class Status(enum.IntEnum):
@@ -210,6 +212,7 @@ class Reason(enum.IntEnum):
     NOT_REFUNDABLE = 111
     REFUND_ABOVE_CAPTURED = 112
     CODE_VOIDED = 113
+    REPORT_UNAVAILABLE = 120
 
 
 class AgeCheck(enum.IntEnum):
@@ -243,6 +246,7 @@ class Permission(enum.IntFlag):
     ACCOUNTS = 0x2
     PROVIDERS = 0x4
     STORES = 0x8
+    REPORT = 0x10
 
 
 class AuthMethod(enum.IntEnum):
@@ -2576,6 +2580,30 @@ class SettlegateClient:
         body = encode_refund(client_request_id, number, amount_minor, terminal_id)
         return decode_refunded(self.call(Op.REFUND, body))
 
+    def report(self, business_day: str, provider_code: int, part: int, offset: int = 0,
+               rows_max: int = REPORT_ROWS_MAX) -> "ReportPage":
+        """``REPORT``: one page of a provider's reconciliation report of a business day."""
+        body = encode_report(business_day, provider_code, part, offset, rows_max)
+        return decode_report_page(self.call(Op.REPORT, body))
+
+    def report_part(self, business_day: str, provider_code: int, part: int,
+                    rows_max: int = REPORT_ROWS_MAX) -> List[str]:
+        """A whole part of the report, page by page (``BUSY`` waited out by :meth:`call`):
+        the header line, then the rows. Read again from offset 0 when a page comes from
+        another build (another ``generated_ms``) than the first."""
+        while True:
+            first = self.report(business_day, provider_code, part, 0, rows_max)
+            lines = list(first.lines)
+            while len(lines) < first.total:
+                page = self.report(business_day, provider_code, part, len(lines), rows_max)
+                if page.generated_ms != first.generated_ms:
+                    break
+                if not page.lines:
+                    raise ProtocolError("an empty page short of the total")
+                lines.extend(page.lines)
+            else:
+                return [first.header] + lines
+
     def top_up(self, client_request_id: int, user: User, means_id: int, amount_minor: int,
                currency: str) -> "Balance":
         """``TOP_UP`` a stored-value means."""
@@ -2953,3 +2981,87 @@ def decode_device_message(body: bytes) -> Tuple[int, object]:
     reader.finish()
     return kind, value
 
+
+
+# --------------------------------------------------------------------------
+# REPORT (section 5, Reconciliation; docs/RECONCILIATION.md)
+# --------------------------------------------------------------------------
+
+class ReportPart(enum.IntEnum):
+    """``REPORT`` ``part``."""
+
+    SUMMARY = 1
+    ITEMS = 2
+
+
+SUMMARY_HEADER = (
+    "provider,merchant,business_day,time_zone,currency,authorized_count,authorized_minor,"
+    "captured_count,captured_minor,voided_count,voided_minor,refunded_count,refunded_minor,"
+    "reversed_count,reversed_minor,expired_count,expired_minor,owed_count")
+"""The summary's CSV header (docs/RECONCILIATION.md, "The summary")."""
+
+ITEMS_HEADER = (
+    "kind,provider,merchant,business_day,time_zone,at_utc,dispatch_id,code_number,"
+    "operation_id,auth_code,currency,amount_minor,state,provider_ack,answered_utc,detail")
+"""The item list's CSV header (docs/RECONCILIATION.md, "The item list")."""
+
+
+def business_day_valid(text: str) -> bool:
+    """Whether ``text`` is a ``YYYY-MM-DD`` date (years 0000-9999, Gregorian)."""
+    if len(text) != 10 or text[4] != "-" or text[7] != "-":
+        return False
+    parts = (text[0:4], text[5:7], text[8:10])
+    if not all(len(p) == len(p.encode()) and p.isdigit() for p in parts):
+        return False
+    year, month, day = (int(p) for p in parts)
+    leap = year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
+    days = {2: 29 if leap else 28, 4: 30, 6: 30, 9: 30, 11: 30}
+    return 1 <= month <= 12 and 1 <= day <= days.get(month, 31)
+
+
+@dataclass(frozen=True)
+class ReportPage:
+    """A ``REPORT`` reply: a page of CSV lines (without line ends)."""
+    generated_ms: int
+    total: int
+    header: str
+    lines: Tuple[str, ...]
+
+
+def encode_report(business_day: str, provider_code: int, part: int, offset: int = 0,
+                  rows_max: int = REPORT_ROWS_MAX, *, validate: bool = True) -> bytes:
+    """``REPORT`` request body: ``str8 business_day``, ``u32 provider_code``, ``u8 part``,
+    ``u32 offset``, ``u16 rows_max``. ``validate=False`` lets a test send what the server
+    refuses (``BAD_REQUEST``)."""
+    if validate:
+        if not business_day_valid(business_day):
+            raise ValueError(f"business_day {business_day!r} is not YYYY-MM-DD")
+        if part not in (ReportPart.SUMMARY, ReportPart.ITEMS):
+            raise ValueError(f"part {part}")
+        if not 1 <= rows_max <= REPORT_ROWS_MAX:
+            raise ValueError(f"rows_max {rows_max} not 1-{REPORT_ROWS_MAX}")
+    return (BodyWriter().str8(business_day).u32(provider_code).u8(part).u32(offset)
+            .u16(rows_max).getvalue())
+
+
+def encode_report_page(page: ReportPage) -> bytes:
+    """``REPORT`` reply body: ``i64 generated_ms``, ``u32 total``, ``bytes16 header``,
+    ``u16 count``, ``count`` x ``bytes16 line`` (UTF-8)."""
+    writer = (BodyWriter().i64(page.generated_ms).u32(page.total)
+              .bytes16(page.header.encode("utf-8")).u16(len(page.lines)))
+    for line in page.lines:
+        writer.bytes16(line.encode("utf-8"))
+    return writer.getvalue()
+
+
+def decode_report_page(body: bytes) -> ReportPage:
+    """``REPORT`` reply body (see :func:`encode_report_page`)."""
+    reader = BodyReader(body)
+    generated_ms, total = reader.i64(), reader.u32()
+    try:
+        header = reader.bytes16().decode("utf-8")
+        lines = tuple(reader.bytes16().decode("utf-8") for _ in range(reader.u16()))
+    except UnicodeDecodeError as error:
+        raise DecodeError(f"a report line is not UTF-8: {error}") from error
+    reader.finish()
+    return ReportPage(generated_ms, total, header, lines)

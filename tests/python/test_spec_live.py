@@ -2185,5 +2185,46 @@ class RedeemCodeBasketTest(LiveTestCase):
                              sg.Status.UNAUTHENTICATED)
 
 
+
+class ReportTest(LiveTestCase):
+    """0x0070 REPORT against the default server, which keeps no data directory."""
+
+    def status_of(self, body):
+        frame = self.client.request(sg.Op.REPORT, body)
+        return frame.status, sg.decode_status_body(frame.status, frame.body)
+
+    def test_a_server_in_memory_refuses_with_120(self):
+        """Section 5, REPORT: no data directory, reason 120, for either part."""
+        for part in (sg.ReportPart.SUMMARY, sg.ReportPart.ITEMS):
+            with self.assertRaises(sg.StatusError) as caught:
+                self.client.report("2026-11-22", 1, part, 0, 100)
+            self.assertEqual(caught.exception.status, sg.Status.REFUSED)
+            self.assertEqual(caught.exception.reason, sg.Reason.REPORT_UNAVAILABLE)
+
+    def test_another_providers_report_is_forbidden(self):
+        """The demo identity's providers are 1, 2 and 3: 4 (which no provider has) is
+        refused before anything else, with the detail the section gives."""
+        status, reply = self.status_of(sg.encode_report("2026-11-22", 4, sg.ReportPart.ITEMS))
+        self.assertEqual((status, reply.detail),
+                         (sg.Status.FORBIDDEN, "identity may not read this provider's report"))
+
+    def test_bad_requests(self):
+        """A date that is not one, a part other than 1 and 2, a page size of 0 or above
+        1,000: BAD_REQUEST with the section's details; the connection stays open."""
+        cases = [
+            (("2026-13-01", 1, 2, 0, 10), "invalid business_day: not a date (YYYY-MM-DD)"),
+            (("2026-1-01", 1, 2, 0, 10), "invalid business_day: not a date (YYYY-MM-DD)"),
+            (("2026-11-22", 1, 3, 0, 10), "invalid part: 1 (summary) or 2 (items)"),
+            (("2026-11-22", 1, 1, 0, 0), "invalid rows_max: 1 to 1000"),
+            (("2026-11-22", 1, 1, 0, 1_001), "invalid rows_max: 1 to 1000"),
+            (("2026-11-22", 1, 1, 0, 65_535), "invalid rows_max: 1 to 1000"),
+        ]
+        for args, detail in cases:
+            with self.subTest(args):
+                status, reply = self.status_of(sg.encode_report(*args, validate=False))
+                self.assertEqual((status, reply.detail), (sg.Status.BAD_REQUEST, detail))
+        self.assertEqual(self.client.ping(b"still open"), b"still open")
+
+
 if __name__ == "__main__":
     unittest.main()

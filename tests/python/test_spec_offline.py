@@ -103,6 +103,11 @@ def response(opcode, request_id, body, status=sg.Status.OK):
     return sg.encode_frame(opcode, request_id, body, status=status, flags=sg.FLAG_RESPONSE)
 
 
+# The report-response example's row, as its description states it.
+EXAMPLE_REPORT_LINE = ("capture,1,POS-7,2026-11-22,Asia/Tokyo,2026-11-22T00:05:00Z,42,"
+                       "72057594037927978,7,A1B2C3,JPY,4200,acknowledged,yes,"
+                       "2026-11-22T00:05:01Z,")
+
 # name -> builder of the example from the values in its description
 BUILDERS = {
     "ping-request": lambda: sg.encode_frame(sg.Op.PING, 1, sg.encode_ping(b"hi")),
@@ -139,6 +144,10 @@ BUILDERS = {
         sg.Op.REDEEM_CODE_BASKET, 11, sg.encode_redeem_code_basket(
             12, example_code_text(), 1, (1 << 56) | 42, 1980, "JPY", 1795305900000, "POS-7",
             EXAMPLE_BASKET, age_confirmation=True)),
+    "report-request": lambda: sg.encode_frame(
+        sg.Op.REPORT, 12, sg.encode_report("2026-11-22", 1, sg.ReportPart.ITEMS, 0, 100)),
+    "report-response": lambda: response(sg.Op.REPORT, 12, sg.encode_report_page(sg.ReportPage(
+        1795305900000, 1, sg.ITEMS_HEADER, (EXAMPLE_REPORT_LINE,)))),
     "login-refused": lambda: response(
         sg.Op.LOGIN, 4, sg.encode_status_body(sg.StatusReply(
             sg.Status.REFUSED, reason=sg.Reason.WRONG_PASSWORD)), sg.Status.REFUSED),
@@ -468,7 +477,7 @@ class BodyCodecTest(unittest.TestCase):
         self.assertEqual(sorted(int(r) for r in sg.Reason),
                          list(range(1, 13)) + [20, 21, 22, 23, 30, 31, 40]
                          + list(range(50, 63)) + [70, 71, 72, 73]
-                         + list(range(80, 91)) + list(range(100, 114)))
+                         + list(range(80, 91)) + list(range(100, 114)) + [120])
 
     def test_void_and_refund_layouts(self):
         """Section 5, 0x0068 VOID and 0x0069 REFUND: target 1 (a code), the bodies and
@@ -487,6 +496,46 @@ class BodyCodecTest(unittest.TestCase):
         with self.assertRaises(sg.DecodeError):
             sg.decode_refunded(bytes(16))
         self.assertEqual(sg.decode_code_state(b"\x03"), (3, None))
+
+    def test_report_layout(self):
+        """Section 5, 0x0070 REPORT: the request and the page as the section lays them out;
+        what the section refuses, the encoder refuses too unless told not to check."""
+        self.assertEqual(int(sg.Op.REPORT), 0x0070)
+        self.assertEqual(int(sg.Permission.REPORT), 0x10)
+        body = sg.encode_report("2026-11-22", 7, sg.ReportPart.SUMMARY, 3, 250)
+        self.assertEqual(body, b"\x0a2026-11-22" + bytes.fromhex("00000007 01 00000003 00fa"))
+        for day in ("2026-13-01", "2026-02-29", "2026-1-01", "2026-11-2x", "２０２６-11-22"):
+            with self.assertRaises(ValueError, msg=day):
+                sg.encode_report(day, 7, sg.ReportPart.ITEMS)
+        self.assertTrue(sg.business_day_valid("2024-02-29"))
+        for rows_max in (0, 1_001):
+            with self.assertRaises(ValueError):
+                sg.encode_report("2026-11-22", 7, sg.ReportPart.ITEMS, 0, rows_max)
+        with self.assertRaises(ValueError):
+            sg.encode_report("2026-11-22", 7, 3)
+        sg.encode_report("2026-13-01", 7, 3, 0, 0, validate=False)
+        page = sg.ReportPage(5, 2, "h,eader", ("a,1", "\"b\nc\",2"))
+        body = sg.encode_report_page(page)
+        self.assertEqual(body[:16], bytes.fromhex("0000000000000005 00000002 0007")
+                         + b"h,")
+        self.assertEqual(sg.decode_report_page(body), page)
+        with self.assertRaises(sg.DecodeError):
+            sg.decode_report_page(body[:-1])
+
+    def test_report_headers_match_reconciliation_md(self):
+        """The headers of the summary and the item list are the column tables of
+        docs/RECONCILIATION.md, in order (a `x_count`, `x_minor` pair is one row there)."""
+        text = (REPO_ROOT / "docs" / "RECONCILIATION.md").read_text(encoding="utf-8")
+
+        def columns(title):
+            section = text.split(title, 1)[1].split("\n## ", 1)[0]
+            names = []
+            for cell in re.findall(r"^\| ([^|]+) \|", section, re.M):
+                names += re.findall(r"`(\w+)`", cell)
+            return ",".join(names)
+
+        self.assertEqual(columns("## The summary"), sg.SUMMARY_HEADER)
+        self.assertEqual(columns("## The item list"), sg.ITEMS_HEADER)
 
     def test_reason_codes_match_section_6_table(self):
         text = PROTOCOL_MD.read_text(encoding="utf-8")

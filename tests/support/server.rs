@@ -92,7 +92,12 @@ pub async fn read_until_close(stream: &mut TcpStream, limit: Duration) -> (Vec<u
 
 /// A raw connection that sent `bytes`.
 pub async fn raw(server: &RunningServer, bytes: &[u8]) -> TcpStream {
-    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    raw_at(server.addr, bytes).await
+}
+
+/// A raw connection to `addr` that sent `bytes`.
+pub async fn raw_at(addr: std::net::SocketAddr, bytes: &[u8]) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
     stream.write_all(bytes).await.unwrap();
     stream
 }
@@ -318,4 +323,28 @@ pub fn redeem_request(
         coupon: None,
         order_ref: String::new(),
     })
+}
+
+/// A payment code of `amount_minor` JPY for `payer`, authorized by `provider`, requested for
+/// store terminal `terminal` (`*`: not known yet), valid `validity_ms`.
+pub async fn issue_code(
+    client: &Client,
+    payer: &mut Payer,
+    amount_minor: u64,
+    provider: u32,
+    terminal: &str,
+    validity_ms: i64,
+) -> settlegate_protocol::values::IssuedCode {
+    use settlegate_protocol::messages::{CodeOutcome, Reply, Request};
+    let issue = Request::IssueCode(settlegate_protocol::ops::IssueCode {
+        client_request_id: super::request_id().get(),
+        inherent_id: payer.sign(amount_minor, provider, terminal),
+        validity_ms,
+        deliver_to: None,
+        order_ref: String::new(),
+    });
+    match client.call_ok(&issue).await.unwrap() {
+        Reply::IssueCode(CodeOutcome::Issued(code)) => *code,
+        other => panic!("no code: {other:?}"),
+    }
 }

@@ -68,8 +68,65 @@ pub const CODE_VALIDITY_MAX_MS: i64 = 7 * 86_400_000;
 pub const ORDER_REF_LEN_MAX: usize = 32;
 /// Items in a redemption's sales information.
 pub const SALE_ITEMS_MAX: usize = 256;
+/// Rows of a reconciliation report one `REPORT` page may ask for: a page holds at most this
+/// many, and fewer when the next would take the reply past a frame's body.
+pub const REPORT_ROWS_MAX: u16 = 1_000;
+
+/// Whether `text` is a business day as the reconciliation report writes them: `YYYY-MM-DD`,
+/// a date of the (proleptic) Gregorian calendar, years 0000 to 9999.
+pub fn business_day_valid(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let digits = |range: std::ops::Range<usize>| -> Option<u32> {
+        bytes[range].iter().try_fold(0u32, |value, &b| {
+            b.is_ascii_digit().then(|| value * 10 + u32::from(b - b'0'))
+        })
+    };
+    if bytes.len() != 10 || bytes[4] != b'-' || bytes[7] != b'-' {
+        return false;
+    }
+    let (Some(year), Some(month), Some(day)) = (digits(0..4), digits(5..7), digits(8..10)) else {
+        return false;
+    };
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let days = match month {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if leap => 29,
+        2 => 28,
+        _ => return false,
+    };
+    (1..=days).contains(&day)
+}
 
 const _: () =
     assert!(USER_ID_LEN_MAX <= u8::MAX as usize, "user ID length is one byte on the wire");
 const _: () = assert!(TERMINAL_ID_LEN_MAX <= u8::MAX as usize, "terminal ID length is one byte");
 const _: () = assert!(PASSWORD_LEN_MIN < PASSWORD_LEN_MAX);
+
+#[cfg(test)]
+mod tests {
+    use super::business_day_valid;
+
+    #[test]
+    fn business_days() {
+        for day in ["2026-11-22", "2024-02-29", "2000-02-29", "0000-01-01", "9999-12-31"] {
+            assert!(business_day_valid(day), "{day}");
+        }
+        for day in [
+            "",
+            "2026-13-01",
+            "2026-00-10",
+            "2026-11-31",
+            "2026-02-29",
+            "1900-02-29",
+            "2026-1-01",
+            "2026/11/22",
+            "2026-11-22 ",
+            "+026-11-22",
+            "2026-11-2x",
+            "２０２６-11-22",
+        ] {
+            assert!(!business_day_valid(day), "{day}");
+        }
+    }
+}

@@ -137,11 +137,14 @@ pub enum ReasonCode {
     RefundAboveCaptured = 112,
     /// The code was voided (`VOID`).
     CodeVoided = 113,
+    /// The server cannot make a reconciliation report (`REPORT`): it keeps no data directory
+    /// (in memory only, or a cluster node).
+    ReportUnavailable = 120,
 }
 
 impl ReasonCode {
     /// Every reason code, in numeric order.
-    pub const ALL: [ReasonCode; 61] = [
+    pub const ALL: [ReasonCode; 62] = [
         ReasonCode::Malformed,
         ReasonCode::UnknownDevice,
         ReasonCode::ForgedTag,
@@ -203,6 +206,7 @@ impl ReasonCode {
         ReasonCode::NotRefundable,
         ReasonCode::RefundAboveCaptured,
         ReasonCode::CodeVoided,
+        ReasonCode::ReportUnavailable,
     ];
 
     /// The wire value.

@@ -324,6 +324,8 @@ macro_rules! with_operations {
                 NotifyDelivery(notify_delivery::NotifyDelivery) = NOTIFY_DELIVERY;
                 /// Subscribe to one device's messages.
                 SubscribeDevice(subscribe_device::SubscribeDevice) = SUBSCRIBE_DEVICE;
+                /// A page of a provider's reconciliation report of a business day.
+                Report(report::GetReport) = REPORT;
             }
             pushes {
                 /// A pushed completion notice.
