@@ -137,11 +137,16 @@ pub enum ReasonCode {
     RefundAboveCaptured = 112,
     /// The code was voided (`VOID`).
     CodeVoided = 113,
+    /// No settled payment of this user under this client request ID can be refunded here:
+    /// never made or declined, made at another store terminal, at a provider that takes no
+    /// refunds of sales, or past its refund window (one answer for all, so that it tells
+    /// another terminal nothing).
+    UnknownPayment = 114,
 }
 
 impl ReasonCode {
     /// Every reason code, in numeric order.
-    pub const ALL: [ReasonCode; 61] = [
+    pub const ALL: [ReasonCode; 62] = [
         ReasonCode::Malformed,
         ReasonCode::UnknownDevice,
         ReasonCode::ForgedTag,
@@ -203,6 +208,7 @@ impl ReasonCode {
         ReasonCode::NotRefundable,
         ReasonCode::RefundAboveCaptured,
         ReasonCode::CodeVoided,
+        ReasonCode::UnknownPayment,
     ];
 
     /// The wire value.
