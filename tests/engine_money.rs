@@ -477,6 +477,58 @@ async fn a_settled_payment_is_refunded_at_the_host_by_an_0200_with_processing_co
     h.engine.shutdown().await;
 }
 
+/// A settled payment is kept for its refunds across a restart (restored from a snapshot, or
+/// replayed from the log) until its refund window ends, then refused as unknown (114); at
+/// `settled_max_per_shard`, the payment whose window ends first is dropped for a new one.
+#[tokio::test]
+async fn a_settled_payment_is_refundable_until_its_window_ends_across_a_restart() {
+    use settlegate_engine::Clock as _;
+    for snapshot_every in [0, 1] {
+        let data = tempfile::tempdir().unwrap();
+        let mut config = durable_config(data.path(), snapshot_every);
+        config.forwarding.refund_window_ms = 3_600_000;
+        config.forwarding.settled_max_per_shard = 2;
+        let h = Harness::with_config(config.clone());
+        let hal = h.user("window").await;
+        let mut sales = Vec::new();
+        for amount in [1_000, 2_000, 3_000] {
+            let id = request_id();
+            let inherent_id = hal.signed(h.clock.now_ms(), amount, PROVIDER_OK, "POS-W");
+            let outcome =
+                h.engine.authorize(AuthorizeRequest { client_request_id: id, inherent_id }).await;
+            assert!(matches!(outcome.unwrap(), AuthOutcome::Approved(_)));
+            sales.push(id);
+            h.clock.advance(MINUTE_MS);
+        }
+        let refund = |h: &Harness, id: RequestId, sale: usize, amount: u64| {
+            let (engine, user, payment) = (h.engine.clone(), hal.user.clone(), sales[sale].get());
+            async move { engine.refund_payment(id, &user, payment, amount, "POS-W".into()).await }
+        };
+        let unknown = Err(refused(ReasonCode::UnknownPayment));
+        assert_eq!(refund(&h, request_id(), 0, 100).await, unknown, "dropped at the bound");
+        let first = request_id();
+        let answer = refund(&h, first, 1, 500).await.unwrap();
+        assert_eq!((answer.refunded_minor, answer.captured_minor), (500, 2_000));
+        let now_ms = h.clock.now_ms();
+        h.engine.shutdown().await;
+        drop(h);
+
+        let h = Harness::with_config(config);
+        h.clock.set(now_ms);
+        assert_eq!(refund(&h, first, 1, 500).await.unwrap(), answer, "the retry, as the first");
+        let over = refund(&h, request_id(), 1, 1_501).await;
+        assert_eq!(over, Err(refused(ReasonCode::RefundAboveCaptured)), "500 refunded already");
+        // The second sale's window ends an hour after it; the third's a minute later.
+        h.clock.set(T0_MS + MINUTE_MS + 3_600_000);
+        h.engine.sweep_codes().await.unwrap();
+        assert_eq!(refund(&h, request_id(), 1, 100).await, unknown, "past its window");
+        assert_eq!(refund(&h, request_id(), 2, 3_000).await.unwrap().refunded_minor, 3_000);
+        h.clock.advance(MINUTE_MS);
+        assert_eq!(refund(&h, request_id(), 2, 1).await, unknown, "past its window too");
+        h.engine.shutdown().await;
+    }
+}
+
 // ---- a property test over random lifecycles, against a reference model ----------------------
 
 #[derive(Debug, Clone)]
