@@ -139,6 +139,11 @@ BUILDERS = {
         sg.Op.REDEEM_CODE_BASKET, 11, sg.encode_redeem_code_basket(
             12, example_code_text(), 1, (1 << 56) | 42, 1980, "JPY", 1795305900000, "POS-7",
             EXAMPLE_BASKET, age_confirmation=True)),
+    "refund-settled-request": lambda: sg.encode_frame(
+        sg.Op.REFUND, 12, sg.encode_refund_payment(
+            13, sg.User.mail("hanako@example.jp"), 7, 500, "DEMO-SHIBUYA-01")),
+    "refund-settled-response": lambda: response(
+        sg.Op.REFUND, 12, sg.BodyWriter().u64(500).u64(500).u64(1881).getvalue()),
     "login-refused": lambda: response(
         sg.Op.LOGIN, 4, sg.encode_status_body(sg.StatusReply(
             sg.Status.REFUSED, reason=sg.Reason.WRONG_PASSWORD)), sg.Status.REFUSED),
