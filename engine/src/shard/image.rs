@@ -520,6 +520,26 @@ mod tests {
         assert!(state.settled.is_empty() && state.settled_expiry.is_empty());
     }
 
+    /// The operations owed, as a format 8 snapshot archived them (before
+    /// [`Owed::RefundSettled`] was added at the end), read back as this build's: the same
+    /// values, the archived type's size unchanged.
+    #[test]
+    fn format_8_obligations_read_as_they_were_written() {
+        #[derive(rkyv::Archive, rkyv::Serialize)]
+        enum OwedV8 {
+            Capture(u64),
+            Void,
+            Refund(u64),
+            Reversal,
+        }
+        let size = std::mem::size_of::<<Owed as rkyv::Archive>::Archived>();
+        assert_eq!(std::mem::size_of::<ArchivedOwedV8>(), size);
+        let written = vec![OwedV8::Capture(5), OwedV8::Void, OwedV8::Refund(7), OwedV8::Reversal];
+        let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(&written).unwrap();
+        let read = rkyv::from_bytes::<Vec<Owed>, rkyv::rancor::Error>(&bytes).unwrap();
+        assert_eq!(read, [Owed::Capture(5), Owed::Void, Owed::Refund(7), Owed::Reversal]);
+    }
+
     /// A snapshot of format 7 (the state alone, written by a build before the ledger) still
     /// restores: the state as it was, nothing owed.
     #[test]
