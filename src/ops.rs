@@ -482,8 +482,11 @@ impl Serve for void::Void {
         Permit::Terminal(&self.terminal_id)
     }
     async fn serve(self, ctx: &Context, _: &Identity) -> Result<void::Voided, Failure> {
-        let void::Void { client_request_id, target: void::Target::Code(number), terminal_id } =
-            self;
+        let void::Void { client_request_id, target, terminal_id } = self;
+        let void::Target::Code(number) = target else {
+            // Not reached: a `VOID` naming anything but a code does not parse.
+            return Err(EngineError::Refused(ReasonCode::UnknownCode).into());
+        };
         let voided =
             ctx.engine.void_code(RequestId(client_request_id), number, terminal_id).await?;
         Ok(void::Voided { released_minor: voided.released_minor })
@@ -495,14 +498,19 @@ impl Serve for refund::Refund {
         Permit::Terminal(&self.terminal_id)
     }
     async fn serve(self, ctx: &Context, _: &Identity) -> Result<refund::Refunded, Failure> {
-        let refund::Refund {
-            client_request_id,
-            target: void::Target::Code(number),
-            amount_minor,
-            terminal_id,
-        } = self;
+        let refund::Refund { client_request_id, target, amount_minor, terminal_id } = self;
         let id = RequestId(client_request_id);
-        let refunded = ctx.engine.refund_code(id, number, amount_minor, terminal_id).await?;
+        let engine = &ctx.engine;
+        let refunded = match target {
+            void::Target::Code(number) => {
+                engine.refund_code(id, number, amount_minor, terminal_id).await?
+            }
+            void::Target::Payment { user, payment_request_id } => {
+                engine
+                    .refund_payment(id, &user, payment_request_id, amount_minor, terminal_id)
+                    .await?
+            }
+        };
         Ok(refund::Refunded {
             amount_minor: refunded.amount_minor,
             refunded_minor: refunded.refunded_minor,

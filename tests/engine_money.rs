@@ -12,8 +12,8 @@ use std::time::Duration;
 use proptest::prelude::*;
 use settlegate_engine::adapters::{AdapterConfig, GuardConfig};
 use settlegate_engine::{
-    AuthOutcome, CodeOutcome, CodeRefunded, CodeState, CodeVoided, EngineError, IssueCodeRequest,
-    IssuedCode, MeansKind, ProviderConfig, ReasonCode,
+    AuthOutcome, AuthorizeRequest, CodeOutcome, CodeRefunded, CodeState, CodeVoided, EngineError,
+    IssueCodeRequest, IssuedCode, MeansKind, ProviderConfig, ReasonCode, RequestId,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -334,7 +334,7 @@ impl Proxy {
         }
     }
 
-    fn restore(&self) {
+    pub(crate) fn restore(&self) {
         self.open.store(true, Ordering::SeqCst);
     }
 }
@@ -386,6 +386,149 @@ async fn a_capture_is_retried_until_the_host_acknowledges_it_across_a_restart() 
     h.engine.shutdown().await;
 }
 
+/// An ISO 8583 provider on a single-message host (`message_class = "financial"`): a payment is
+/// a `0200`, settled with its approval, which refunds may follow.
+pub(crate) fn iso_sale_provider(port: u16) -> ProviderConfig {
+    let mut provider = iso_provider(port, 5_000);
+    provider.adapter = toml::from_str(&format!(
+        "kind = \"iso8583\"\nhost_addr = \"127.0.0.1:{port}\"\nmerchant_id = \"SGTEST01\"\n\
+         message_class = \"financial\""
+    ))
+    .unwrap();
+    provider
+}
+
+/// Authorizes `amount` for `user` at the host's provider and terminal `ISO-T1`, made again
+/// until the adapter has signed on; the approved payment's client request ID.
+async fn settle_signed_on(h: &Harness, user: &TestUser, amount: u64) -> RequestId {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let id = request_id();
+        let inherent_id = user.signed(T0_MS, amount, ISO, "ISO-T1");
+        let request = AuthorizeRequest { client_request_id: id, inherent_id };
+        match h.engine.authorize(request).await.expect("an outcome") {
+            AuthOutcome::Approved(_) => return id,
+            AuthOutcome::Declined(ReasonCode::ProviderUnavailable)
+                if tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            other => panic!("expected an approval, got {other:?}"),
+        }
+    }
+}
+
+/// The refunds the host received: `(field 3, amount, field 90's STAN, its answer)` of each
+/// `0200` naming an original.
+pub(crate) fn refund_messages(ledger: &std::path::Path) -> Vec<(String, u64, String, String)> {
+    let text = std::fs::read_to_string(ledger).unwrap_or_default();
+    text.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|entry| entry["dir"] == "op" && entry["op"] == "refund")
+        .map(|entry| {
+            let field = |key: &str| entry[key].as_str().unwrap_or_default().to_owned();
+            let amount = entry["amount"].as_u64().unwrap_or(0);
+            (field("f3"), amount, field("orig_stan"), field("code"))
+        })
+        .collect()
+}
+
+/// A payment settled at once by a single-message host (`0200`) is refunded there in parts: each
+/// an `0200` with processing code `20` and the amount refunded, naming the payment (field 90);
+/// one that would pass the amount settled is refused by the engine and never sent.
+#[tokio::test]
+async fn a_settled_payment_is_refunded_at_the_host_by_an_0200_with_processing_code_20() {
+    let host = iso_host();
+    let mut config = config();
+    config.providers.push(iso_sale_provider(host.port));
+    config.forwarding.retry_initial_ms = 50;
+    config.forwarding.retry_max_ms = 200;
+    let h = Harness::with_config(config);
+    let gus = h.user("sale").await;
+    let payment = settle_signed_on(&h, &gus, 17_000).await;
+    assert_eq!(host.account(17_000), Some(("captured".into(), 17_000, 0, 0, 0)), "a sale");
+
+    let refund = |id, amount: u64| {
+        h.engine.refund_payment(id, &gus.user, payment.get(), amount, "ISO-T1".into())
+    };
+    let id = request_id();
+    let first = refund(id, 5_000).await.unwrap();
+    let expected =
+        CodeRefunded { amount_minor: 5_000, refunded_minor: 5_000, captured_minor: 17_000 };
+    assert_eq!(first, expected);
+    assert_eq!(refund(id, 5_000).await.unwrap(), first, "a retry refunds nothing more");
+    let over = refund(request_id(), 12_001).await;
+    assert_eq!(over, Err(refused(ReasonCode::RefundAboveCaptured)));
+    forward_until(&h, "the refund at the host", || {
+        host.account(17_000) == Some(("captured".into(), 17_000, 5_000, 0, 0))
+    })
+    .await;
+    let rest = refund(request_id(), 12_000).await.unwrap();
+    assert_eq!(rest.refunded_minor, 17_000);
+    forward_until(&h, "the second refund at the host", || {
+        host.account(17_000) == Some(("captured".into(), 17_000, 17_000, 0, 0))
+    })
+    .await;
+    let stan = host.held(17_000).unwrap()["stan"].as_str().unwrap().to_owned();
+    let sent = refund_messages(&host.ledger);
+    let expected =
+        [5_000, 12_000].map(|amount| ("200000".to_owned(), amount, stan.clone(), "00".into()));
+    assert_eq!(sent, expected, "two refunds, each an 0200 with processing code 20");
+    h.engine.shutdown().await;
+}
+
+/// A settled payment is kept for its refunds across a restart (restored from a snapshot, or
+/// replayed from the log) until its refund window ends, then refused as unknown (114); at
+/// `settled_max_per_shard`, the payment whose window ends first is dropped for a new one.
+#[tokio::test]
+async fn a_settled_payment_is_refundable_until_its_window_ends_across_a_restart() {
+    use settlegate_engine::Clock as _;
+    for snapshot_every in [0, 1] {
+        let data = tempfile::tempdir().unwrap();
+        let mut config = durable_config(data.path(), snapshot_every);
+        config.forwarding.refund_window_ms = 3_600_000;
+        config.forwarding.settled_max_per_shard = 2;
+        let h = Harness::with_config(config.clone());
+        let hal = h.user("window").await;
+        let mut sales = Vec::new();
+        for amount in [1_000, 2_000, 3_000] {
+            let id = request_id();
+            let inherent_id = hal.signed(h.clock.now_ms(), amount, PROVIDER_OK, "POS-W");
+            let outcome =
+                h.engine.authorize(AuthorizeRequest { client_request_id: id, inherent_id }).await;
+            assert!(matches!(outcome.unwrap(), AuthOutcome::Approved(_)));
+            sales.push(id);
+            h.clock.advance(MINUTE_MS);
+        }
+        let refund = |h: &Harness, id: RequestId, sale: usize, amount: u64| {
+            let (engine, user, payment) = (h.engine.clone(), hal.user.clone(), sales[sale].get());
+            async move { engine.refund_payment(id, &user, payment, amount, "POS-W".into()).await }
+        };
+        let unknown = Err(refused(ReasonCode::UnknownPayment));
+        assert_eq!(refund(&h, request_id(), 0, 100).await, unknown, "dropped at the bound");
+        let first = request_id();
+        let answer = refund(&h, first, 1, 500).await.unwrap();
+        assert_eq!((answer.refunded_minor, answer.captured_minor), (500, 2_000));
+        let now_ms = h.clock.now_ms();
+        h.engine.shutdown().await;
+        drop(h);
+
+        let h = Harness::with_config(config);
+        h.clock.set(now_ms);
+        assert_eq!(refund(&h, first, 1, 500).await.unwrap(), answer, "the retry, as the first");
+        let over = refund(&h, request_id(), 1, 1_501).await;
+        assert_eq!(over, Err(refused(ReasonCode::RefundAboveCaptured)), "500 refunded already");
+        // The second sale's window ends an hour after it; the third's a minute later.
+        h.clock.set(T0_MS + MINUTE_MS + 3_600_000);
+        h.engine.sweep_codes().await.unwrap();
+        assert_eq!(refund(&h, request_id(), 1, 100).await, unknown, "past its window");
+        assert_eq!(refund(&h, request_id(), 2, 3_000).await.unwrap().refunded_minor, 3_000);
+        h.clock.advance(MINUTE_MS);
+        assert_eq!(refund(&h, request_id(), 2, 1).await, unknown, "past its window too");
+        h.engine.shutdown().await;
+    }
+}
+
 // ---- a property test over random lifecycles, against a reference model ----------------------
 
 #[derive(Debug, Clone)]
@@ -409,6 +552,16 @@ enum Step {
     Expire,
     /// One round of the forwarder.
     Forward,
+    /// A payment (`AUTHORIZE`) of `1_000_000 × (its index + 1) + extra`, settled at once.
+    Sale {
+        extra: u64,
+    },
+    /// A refund of a settled payment (`REFUND` target 2); `elsewhere`: by another terminal.
+    RefundSale {
+        sale: usize,
+        amount: u64,
+        elsewhere: bool,
+    },
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -419,7 +572,24 @@ fn step() -> impl Strategy<Value = Step> {
         3 => (0usize..8, 0u64..8_000).prop_map(|(code, amount)| Step::Refund { code, amount }),
         1 => Just(Step::Expire),
         2 => Just(Step::Forward),
+        2 => (0u64..9_000).prop_map(|extra| Step::Sale { extra }),
+        3 => (0usize..8, 0u64..800_000, prop::bool::weighted(0.1))
+            .prop_map(|(sale, amount, elsewhere)| Step::RefundSale { sale, amount, elsewhere }),
     ]
+}
+
+/// The model's answer to a refund of `amount` of a capture of `captured` with `refunded`
+/// refunded so far, which it updates: never past the capture.
+fn modelled_refund(
+    captured: u64,
+    refunded: &mut u64,
+    amount: u64,
+) -> Result<CodeRefunded, EngineError> {
+    if amount == 0 || *refunded + amount > captured {
+        return Err(refused(ReasonCode::RefundAboveCaptured));
+    }
+    *refunded += amount;
+    Ok(CodeRefunded { amount_minor: amount, refunded_minor: *refunded, captured_minor: captured })
 }
 
 /// A code as the reference model has it.
@@ -431,11 +601,12 @@ enum Modelled {
     Expired,
 }
 
-/// Random interleavings of issue, redemption, void, refunds, expiry and forwarder rounds, with
-/// the simulated provider (whose ledger enforces the lifecycle's rules) behind the engine.
-/// The engine answers as the model does; once everything owed is forwarded, the provider holds
-/// what the model says: never more captured than authorized, never more refunded than
-/// captured, and every authorization in exactly one final state (captured, or voided).
+/// Random interleavings of issue, redemption, void, refunds, expiry and forwarder rounds, and
+/// of settled payments and their refunds, with the simulated provider (whose ledger enforces
+/// the lifecycle's rules) behind the engine. The engine answers as the model does; once
+/// everything owed is forwarded, the provider holds what the model says: never more captured
+/// than authorized, never more refunded than captured, and every authorization in exactly one
+/// final state (captured, or voided).
 async fn run_lifecycles(steps: Vec<Step>) -> Result<(), TestCaseError> {
     use settlegate_engine::adapters::simulated::{HoldState, Simulated, SimulatedConfig};
     const SIM: u32 = 700;
@@ -456,6 +627,8 @@ async fn run_lifecycles(steps: Vec<Step>) -> Result<(), TestCaseError> {
     let h = Harness { engine, clock };
     let user = h.user("model").await;
     let mut codes: Vec<(IssuedCode, Modelled)> = Vec::new();
+    // Settled payments: client request ID, amount, refunded so far.
+    let mut sales: Vec<(RequestId, u64, u64)> = Vec::new();
     let pick = |codes: &Vec<(IssuedCode, Modelled)>, i: usize| {
         (!codes.is_empty()).then(|| i % codes.len())
     };
@@ -513,18 +686,7 @@ async fn run_lifecycles(steps: Vec<Step>) -> Result<(), TestCaseError> {
                     .await;
                 match model {
                     Modelled::Redeemed { captured, refunded } => {
-                        if amount == 0 || *refunded + amount > *captured {
-                            let reason = ReasonCode::RefundAboveCaptured;
-                            prop_assert_eq!(answer, Err(refused(reason)));
-                        } else {
-                            *refunded += amount;
-                            let expected = CodeRefunded {
-                                amount_minor: amount,
-                                refunded_minor: *refunded,
-                                captured_minor: *captured,
-                            };
-                            prop_assert_eq!(answer, Ok(expected));
-                        }
+                        prop_assert_eq!(answer, modelled_refund(*captured, refunded, amount));
                     }
                     _ => prop_assert_eq!(answer, Err(refused(ReasonCode::NotRefundable))),
                 }
@@ -539,6 +701,33 @@ async fn run_lifecycles(steps: Vec<Step>) -> Result<(), TestCaseError> {
             }
             Step::Forward => {
                 h.engine.forward_owed().await.unwrap();
+            }
+            Step::Sale { extra } => {
+                use settlegate_engine::Clock as _;
+                let amount = 1_000_000 * (sales.len() as u64 + 1) + extra;
+                let id = request_id();
+                let inherent_id = user.signed(h.clock.now_ms(), amount, SIM, "POS-S");
+                let request = AuthorizeRequest { client_request_id: id, inherent_id };
+                let outcome = h.engine.authorize(request).await.unwrap();
+                prop_assert!(matches!(outcome, AuthOutcome::Approved(_)), "{outcome:?}");
+                sales.push((id, amount, 0));
+            }
+            Step::RefundSale { sale, amount, elsewhere } => {
+                if sales.is_empty() {
+                    continue;
+                }
+                let count = sales.len();
+                let (id, captured, refunded) = &mut sales[sale % count];
+                let terminal = if elsewhere { "POS-T" } else { "POS-S" };
+                let answer = h
+                    .engine
+                    .refund_payment(request_id(), &user.user, id.get(), amount, terminal.into())
+                    .await;
+                if elsewhere {
+                    prop_assert_eq!(answer, Err(refused(ReasonCode::UnknownPayment)));
+                } else {
+                    prop_assert_eq!(answer, modelled_refund(*captured, refunded, amount));
+                }
             }
         }
     }
@@ -558,7 +747,16 @@ async fn run_lifecycles(steps: Vec<Step>) -> Result<(), TestCaseError> {
         prop_assert!(rounds < 100, "the queue drains: {round:?}");
     }
     let holds = simulator.holds();
-    prop_assert_eq!(holds.len(), codes.len(), "one authorization per code");
+    prop_assert_eq!(holds.len(), codes.len() + sales.len(), "one authorization per code or sale");
+    for (_, amount, refunded) in &sales {
+        let found = holds.iter().find(|(_, hold)| hold.authorized_minor == *amount);
+        let Some((_, hold)) = found else {
+            return Err(TestCaseError::fail(format!("no hold for the sale of {amount}")));
+        };
+        prop_assert!(hold.sale && hold.refunded_minor <= hold.captured_minor);
+        let expected = (HoldState::Captured, *amount, *refunded);
+        prop_assert_eq!((hold.state, hold.captured_minor, hold.refunded_minor), expected);
+    }
     for (issued, model) in &codes {
         let found = holds.iter().find(|(_, hold)| hold.authorized_minor == issued.amount_minor);
         let Some((_, hold)) = found else {

@@ -372,3 +372,71 @@ async fn the_report_agrees_with_the_host_across_snapshots() {
     let answered = items.iter().filter(|i| i["state"] == "answered").count();
     assert!(answered > 0, "some operations are older than the log: {items:?}");
 }
+
+/// A settled payment's refunds are in the report (each with its provider and its merchant, the
+/// terminal the payment was made at), the payment itself not (a sale, settled with its
+/// approval): from the log, and made again from the state once a snapshot took them out of it.
+#[tokio::test]
+async fn a_settled_payments_refunds_are_in_the_report_with_their_provider_and_merchant() {
+    use settlegate_engine::{AuthorizeRequest, Clock as _};
+    for snapshot_every in [0, 2] {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let h = Harness::with_config(durable_config(&data, snapshot_every));
+        let user = h.user("report-sale").await;
+        let id = request_id();
+        let inherent_id = user.signed(h.clock.now_ms(), 31_000, PROVIDER_OK, "SHOP-R1");
+        let request = AuthorizeRequest { client_request_id: id, inherent_id };
+        let outcome = h.engine.authorize(request).await.unwrap();
+        assert!(matches!(outcome, AuthOutcome::Approved(_)), "{outcome:?}");
+        for amount in [1_000, 2_500] {
+            let refund = h.engine.refund_payment(
+                request_id(),
+                &user.user,
+                id.get(),
+                amount,
+                "SHOP-R1".into(),
+            );
+            refund.await.unwrap();
+        }
+        while h.engine.forward_owed().await.unwrap().owed > 0 {}
+        h.engine.forward_owed().await.unwrap();
+        h.engine.shutdown().await;
+        drop(h);
+
+        let toml = dir.path().join("report.toml");
+        std::fs::write(
+            &toml,
+            format!(
+                "[engine]\nshards = 2\nvault = {{ key_hex = \"{}\" }}\n\
+                 durability = {{ data_dir = \"{}\" }}\n\n[[engine.providers]]\n\
+                 code = {PROVIDER_OK}\nname = \"ok\"\nadapter = {{ kind = \"simulated\" }}\n",
+                "11".repeat(32),
+                data.display(),
+            ),
+        )
+        .unwrap();
+        let (summary, items) = run_report(&toml, dir.path(), &[]);
+        let refunds: Vec<_> = items
+            .iter()
+            .map(|i| (i["kind"].as_str(), number(i, "provider"), i["merchant"].as_str()))
+            .collect();
+        let refund = ("refund", u64::from(PROVIDER_OK), "SHOP-R1");
+        assert_eq!(refunds, [refund, refund], "the refunds alone: {items:?}");
+        let amounts: Vec<u64> = items.iter().map(|i| number(i, "amount_minor")).collect();
+        assert_eq!(amounts, [1_000, 2_500]);
+        let states =
+            ["acknowledged", if snapshot_every == 0 { "acknowledged" } else { "answered" }];
+        for item in &items {
+            assert!(states.contains(&item["state"].as_str()), "{item:?}");
+            assert!(item["code_number"].is_empty() && !item["auth_code"].is_empty(), "{item:?}");
+        }
+        let answered = items.iter().any(|i| i["state"] == "answered");
+        assert_eq!(answered, snapshot_every > 0, "made again from the state: {items:?}");
+        assert_eq!(summary.len(), 1, "{summary:?}");
+        let line = &summary[0];
+        assert_eq!((line["merchant"].as_str(), number(line, "provider")), ("SHOP-R1", 100));
+        assert_eq!((number(line, "refunded_count"), number(line, "refunded_minor")), (2, 3_500));
+        assert_eq!((number(line, "authorized_count"), number(line, "captured_count")), (0, 0));
+    }
+}

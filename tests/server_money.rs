@@ -217,3 +217,90 @@ async fn a_queue_that_cannot_drain_shows_in_metrics_and_an_error_with_its_age() 
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A refund of a settled payment owed to a single-message host out of reach (a proxy the test
+/// cuts) when the server is killed with SIGKILL: after the restart on the same data directory,
+/// the host back, the forwarder sends it, once, as an `0200` with processing code `20`.
+#[tokio::test]
+async fn a_settled_payments_refund_owed_at_a_kill_reaches_the_host_after_the_restart() {
+    use settlegate_protocol::messages::{Reply, Request};
+    use settlegate_protocol::ops::refund::{Refund, Refunded};
+    use settlegate_protocol::ops::void::Target;
+    let host_dir = tempfile::tempdir().unwrap();
+    let ledger = host_dir.path().join("ledger.jsonl");
+    let tally_path = host_dir.path().join("tally.json");
+    let (_host, port) = spawn_host_tallying(&ledger, Some(&tally_path));
+    let proxy = Proxy::to(port).await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let engine = format!(
+        "shards = 2\n\
+         durability = {{ data_dir = \"{}\", fsync = \"always\" }}\n\
+         forwarding = {{ interval_ms = 50, retry_initial_ms = 50, retry_max_ms = 200 }}",
+        data.display()
+    );
+    let adapter = format!(
+        "{{ kind = \"iso8583\", host_addr = \"127.0.0.1:{}\", merchant_id = \"SGTEST01\", \
+         message_class = \"financial\" }}",
+        proxy.port
+    );
+    let config = binary_config(dir.path(), &adapter, &engine);
+    let (child, addr) = spawn_binary(&config);
+    let mut server = Server(child);
+
+    let client = connect(addr).await;
+    let mut payer = enroll(&client, "sale-refund-kill").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let payment_id = loop {
+        let id = request_id().get();
+        match client.authorize(id, payer.sign(2_345, 1, "ISO-T1")).await.unwrap() {
+            AuthOutcome::Approved(_) => break id,
+            AuthOutcome::Declined(ReasonCode::ProviderUnavailable)
+                if tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            other => panic!("expected an approval, got {other:?}"),
+        }
+    };
+    let settled = |refunded: u64| {
+        let text = std::fs::read_to_string(&tally_path).unwrap_or_default();
+        let tally: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        let held = tally["authorizations"].as_array().cloned().unwrap_or_default();
+        held.iter().any(|h| {
+            h["authorized"] == 2_345 && h["state"] == "captured" && h["refunded"] == refunded
+        })
+    };
+    wait_for("the sale captured at the host", || settled(0)).await;
+
+    // The host out of reach: the refund is answered, owed, and not sent.
+    proxy.cut();
+    let refund = Request::Refund(Refund {
+        client_request_id: request_id().get(),
+        target: Target::Payment { user: payer.user.clone(), payment_request_id: payment_id },
+        amount_minor: 1_000,
+        terminal_id: "ISO-T1".into(),
+    });
+    let answer = client.call_ok(&refund).await.unwrap();
+    let expected = Refunded { amount_minor: 1_000, refunded_minor: 1_000, captured_minor: 2_345 };
+    assert_eq!(answer, Reply::Refund(expected));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.0.kill().unwrap();
+    server.0.wait().unwrap();
+    drop(client);
+    assert!(settled(0), "nothing refunded before the restart");
+
+    proxy.restore();
+    let (child, addr) = spawn_binary(&config);
+    let _server = Server(child);
+    wait_for("the refund at the host after the restart", || settled(1_000)).await;
+    let refunds: Vec<_> = crate::engine_money::refund_messages(&ledger);
+    assert_eq!(refunds.len(), 1, "sent once: {refunds:?}");
+    assert_eq!(
+        (refunds[0].0.as_str(), refunds[0].1, refunds[0].3.as_str()),
+        ("200000", 1_000, "00")
+    );
+    // The refund's retry after the restart is answered as the first time.
+    let client = connect(addr).await;
+    assert_eq!(client.call_ok(&refund).await.unwrap(), Reply::Refund(expected));
+}

@@ -28,6 +28,7 @@ mod server_metrics;
 mod server_money;
 mod server_ops;
 mod server_readiness;
+mod server_refunds;
 mod server_replay;
 mod server_report;
 mod server_review;

@@ -78,6 +78,11 @@ impl Guarded {
         self.adapter.health()
     }
 
+    /// Whether the wrapped adapter's sales may be refunded ([`ProviderAdapter::refunds_sales`]).
+    pub fn refunds_sales(&self) -> bool {
+        self.adapter.refunds_sales()
+    }
+
     /// The adapter's immediate answer, if it decides in process
     /// ([`ProviderAdapter::decide_now`]). No permit is taken: nothing stays in flight.
     pub fn decide_now(
@@ -163,6 +168,7 @@ mod tests {
             amount_minor: 1,
             currency: Currency::try_from("JPY").unwrap(),
             at_ms: 1_700_000_000_000,
+            sale: false,
         }
     }
 

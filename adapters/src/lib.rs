@@ -85,6 +85,15 @@ pub trait ProviderAdapter: Send + Sync + 'static {
         None
     }
 
+    /// Whether a sale this adapter approved ([`AuthorizationRequest::sale`]) is settled at its
+    /// provider with the approval, so that refunds of it ([`Operation::Refund`]) may follow.
+    /// The engine keeps what such a refund needs only for payments at providers that say so.
+    /// `false` by default: a provider that holds an approval until a capture (a dual-message
+    /// host) has nothing to refund.
+    fn refunds_sales(&self) -> bool {
+        false
+    }
+
     /// The state of the adapter's link to its provider, for readiness and metrics; `None` for
     /// an adapter with no link to lose (the simulator, the default).
     fn health(&self) -> Option<ProviderHealth> {

@@ -104,6 +104,8 @@ pub struct SimulatedHold {
     pub refunded_minor: u64,
     /// Its state.
     pub state: HoldState,
+    /// A sale ([`AuthorizationRequest::sale`]): captured in full with its approval.
+    pub sale: bool,
 }
 
 impl SimulatedHold {
@@ -115,6 +117,17 @@ impl SimulatedHold {
             captured_minor: 0,
             refunded_minor: 0,
             state: HoldState::Authorized,
+            sale: false,
+        }
+    }
+
+    /// A fresh approval of a sale of `amount_minor`: captured in full at once.
+    pub fn sale(auth_code: AuthCode, amount_minor: u64) -> SimulatedHold {
+        SimulatedHold {
+            captured_minor: amount_minor,
+            state: HoldState::Captured,
+            sale: true,
+            ..SimulatedHold::new(auth_code, amount_minor)
         }
     }
 
@@ -125,7 +138,7 @@ impl SimulatedHold {
     /// | capture of `a` | authorized, `1 <= a <= authorized` | `AmountInvalid` (amount), `InvalidState` (captured, voided, reversed) |
     /// | void | authorized, voided or reversed (nothing changes then) | `InvalidState` (captured) |
     /// | refund of `a` | captured, `1 <= a`, refunds `+ a <= captured` | `AmountInvalid` (amount), `InvalidState` (not captured) |
-    /// | reversal | as a void | `InvalidState` (captured) |
+    /// | reversal | as a void; a sale also while captured and not refunded (the sale undone) | `InvalidState` (captured) |
     pub fn apply(&mut self, operation: Operation) -> Result<(), RefusalReason> {
         use HoldState::*;
         match (operation, self.state) {
@@ -142,6 +155,10 @@ impl SimulatedHold {
             (Operation::Void, Authorized) => self.state = Voided,
             (Operation::Reversal, Authorized) => self.state = Reversed,
             (Operation::Void | Operation::Reversal, Voided | Reversed) => {}
+            // A sale whose answer the engine could not record is undone whole, until refunds.
+            (Operation::Reversal, Captured) if self.sale && self.refunded_minor == 0 => {
+                self.state = Reversed;
+            }
             (Operation::Void | Operation::Reversal, Captured) => {
                 return Err(RefusalReason::InvalidState);
             }
@@ -301,8 +318,11 @@ impl Simulated {
     ) -> (Duration, Result<ProviderReply, AdapterError>) {
         let (latency, result) = self.decide(request);
         if let Ok(ProviderReply::Approved { auth_code, .. }) = &result {
-            self.ledger
-                .approve(request.dispatch_id, SimulatedHold::new(*auth_code, request.amount_minor));
+            let hold = match request.sale {
+                true => SimulatedHold::sale(*auth_code, request.amount_minor),
+                false => SimulatedHold::new(*auth_code, request.amount_minor),
+            };
+            self.ledger.approve(request.dispatch_id, hold);
         }
         (latency, result)
     }
@@ -364,6 +384,11 @@ impl ProviderAdapter for Simulated {
         &self.name
     }
 
+    /// A sale is captured with its approval ([`SimulatedHold::sale`]): refunds may follow.
+    fn refunds_sales(&self) -> bool {
+        true
+    }
+
     fn decide_now(
         &self,
         request: &AuthorizationRequest,
@@ -417,6 +442,7 @@ mod tests {
             amount_minor,
             currency: Currency::try_from("JPY").unwrap(),
             at_ms: 1_700_000_000_000,
+            sale: false,
         }
     }
 
@@ -518,6 +544,35 @@ mod tests {
             (hold.state, hold.authorized_minor, hold.captured_minor, hold.refunded_minor),
             (HoldState::Captured, 1_000, 700, 700)
         );
+    }
+
+    /// A sale is captured with its approval: refunds up to it follow, and nothing else but a
+    /// reversal before any refund (the sale undone whole).
+    #[test]
+    fn a_sale_is_captured_at_once_and_refunded_up_to_its_amount() {
+        let sim = sim(SimulatedConfig::default());
+        let sale = |id| AuthorizationRequest { sale: true, ..request(id, 1_000) };
+        let reply = futures::executor::block_on(sim.authorize(sale(3))).expect("answered");
+        let auth = reply.reference(&sale(3)).expect("approved");
+        let hold = sim.hold(3).unwrap();
+        assert_eq!(
+            (hold.state, hold.captured_minor, hold.sale),
+            (HoldState::Captured, 1_000, true)
+        );
+        let refund = |amount_minor| Operation::Refund { amount_minor };
+        let capture = Operation::Capture { amount_minor: 1 };
+        assert_eq!(run(&sim, 1, &auth, capture), refused(RefusalReason::InvalidState));
+        assert_eq!(run(&sim, 2, &auth, Operation::Void), refused(RefusalReason::InvalidState));
+        assert_eq!(run(&sim, 3, &auth, refund(600)), ACCEPTED);
+        assert_eq!(run(&sim, 4, &auth, refund(401)), refused(RefusalReason::AmountInvalid));
+        assert_eq!(run(&sim, 5, &auth, Operation::Reversal), refused(RefusalReason::InvalidState));
+        assert_eq!(run(&sim, 6, &auth, refund(400)), ACCEPTED);
+        assert_eq!(sim.hold(3).unwrap().refunded_minor, 1_000);
+        // Another sale, never refunded: its reversal undoes it.
+        let reply = futures::executor::block_on(sim.authorize(sale(4))).expect("answered");
+        let auth = reply.reference(&sale(4)).expect("approved");
+        assert_eq!(run(&sim, 7, &auth, Operation::Reversal), ACCEPTED);
+        assert_eq!(sim.hold(4).unwrap().state, HoldState::Reversed);
     }
 
     #[test]

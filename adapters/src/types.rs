@@ -29,6 +29,11 @@ pub struct AuthorizationRequest {
     /// from it and `dispatch_id`, so that they can be rebuilt from the log alone (to reverse
     /// an authorization whose answer a crash cut off).
     pub at_ms: i64,
+    /// Whether it is a sale: a single-message payment (the engine's `AUTHORIZE`), settled
+    /// (captured in full) with its approval, so that refunds of it may follow
+    /// ([`ProviderAdapter::refunds_sales`](crate::ProviderAdapter::refunds_sales)); false for
+    /// a hold captured or voided later (a payment code's authorization).
+    pub sale: bool,
 }
 
 /// A provider's answer to an authorization.

@@ -177,6 +177,13 @@ pub struct ForwardingConfig {
     pub alarm_after_ms: u64,
     /// Operations the forwarder sends at once per shard at most.
     pub batch_max: usize,
+    /// How long a settled payment (`AUTHORIZE`, at a provider whose sales may be refunded)
+    /// can be refunded (`REFUND` target 2), in ms from its authorization: until then its shard
+    /// keeps what a refund needs; then the sweeper drops it.
+    pub refund_window_ms: u64,
+    /// Settled payments a shard keeps for refunds at most: at the bound, the one whose window
+    /// ends first is dropped for the new one (it can no longer be refunded).
+    pub settled_max_per_shard: usize,
 }
 
 impl Default for ForwardingConfig {
@@ -188,6 +195,8 @@ impl Default for ForwardingConfig {
             retry_max_ms: 60_000,
             alarm_after_ms: 300_000,
             batch_max: 256,
+            refund_window_ms: 30 * 24 * 3_600_000,
+            settled_max_per_shard: 1_000_000,
         }
     }
 }
@@ -203,7 +212,15 @@ impl ForwardingConfig {
             "forwarding.retry_max_ms must be at least retry_initial_ms",
         )?;
         check(self.alarm_after_ms > 0, "forwarding.alarm_after_ms must be positive")?;
-        check((1..=4096).contains(&self.batch_max), "forwarding.batch_max must be 1..=4096")
+        check((1..=4096).contains(&self.batch_max), "forwarding.batch_max must be 1..=4096")?;
+        check(
+            self.refund_window_ms <= 366 * 24 * 3_600_000,
+            "forwarding.refund_window_ms must be at most 366 days",
+        )?;
+        check(
+            self.settled_max_per_shard <= 100_000_000,
+            "forwarding.settled_max_per_shard must be at most 100000000",
+        )
     }
 }
 

@@ -565,6 +565,8 @@ pub(crate) fn prepare(
         idempotency_ttl_ms: config.idempotency_ttl_ms,
         idempotency_records_max: config.idempotency_records_max,
         owed_max: config.forwarding.owed_max_per_shard,
+        refund_window_ms: config.forwarding.refund_window_ms.min(i64::MAX as u64) as i64,
+        settled_max: config.forwarding.settled_max_per_shard,
     };
     let hasher = PasswordHasher::new(config.password).map_err(EngineError::Config)?;
     Ok((shared, state_config, hasher))

@@ -146,6 +146,8 @@ pub(crate) fn fresh_shard() -> ShardState {
         idempotency_ttl_ms: 86_400_000,
         idempotency_records_max: 1024,
         owed_max: 1024,
+        refund_window_ms: 86_400_000,
+        settled_max: 1024,
     };
     ShardState::new(0, shared, config)
 }

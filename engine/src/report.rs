@@ -376,13 +376,24 @@ fn shard_items(state: &ShardState, items: &mut Vec<ReportItem>) {
             items.push(operation_item(state, Some(record), Some(number), operation));
         }
     }
-    // Authorizations no code keeps: reversed ones.
+    // Settled payments still kept: their refunds older than the log, made again from their
+    // state (a refund in the log is in `by_dispatch`, below).
+    for (_, money) in state.settled.iter() {
+        let reference = &money.reference;
+        let ops = by_dispatch.entry(reference.dispatch_id).or_default();
+        earlier_refunds(reference, &money.refunds, reference.at_ms, Owed::RefundSettled, ops);
+    }
+    // Authorizations no code keeps: reversed ones; and settled payments' refunds, whose
+    // payment (a sale, settled with its approval) is not an item of its own.
     for (_, ops) in by_dispatch {
         let Some(first) = ops.first() else { continue };
         let reference = first.obligation.reference.clone();
         let reversed = ops.iter().any(|op| op.obligation.operation == Owed::Reversal);
+        let sale = ops.iter().all(|op| matches!(op.obligation.operation, Owed::RefundSettled(_)));
         let final_state = if reversed { "reversed" } else { "authorized" };
-        items.push(authorization(state, &reference, None, final_state));
+        if !sale {
+            items.push(authorization(state, &reference, None, final_state));
+        }
         for operation in ops {
             items.push(operation_item(state, None, None, operation));
         }
@@ -434,15 +445,43 @@ fn complete_from_state(
         }
         CodeState::Issued => {}
     }
-    let logged = ops.iter().filter(|op| matches!(op.obligation.operation, Owed::Refund(_))).count();
     let at_ms = match &record.state {
         CodeState::Redeemed(redemption) => redemption.redeemed_at_ms,
         _ => reference.at_ms,
     };
-    // The log holds the last refunds; the first ones are older than it.
+    earlier_refunds(reference, refunds, at_ms, Owed::Refund, ops);
+}
+
+/// Adds to `ops` (after its first, a capture's place) the refunds of `refunds` the log no
+/// longer holds, as `owed` operations answered before the log, at `at_ms`: the log holds the
+/// last refunds; the first ones are older than it.
+fn earlier_refunds(
+    reference: &Reference,
+    refunds: &[(crate::shard::idempotency::IdemKey, u64)],
+    at_ms: i64,
+    owed: fn(u64) -> Owed,
+    ops: &mut Vec<Operation>,
+) {
+    let is_refund = |op: &Operation| {
+        matches!(op.obligation.operation, Owed::Refund(_) | Owed::RefundSettled(_))
+    };
+    let logged = ops.iter().filter(|op| is_refund(op)).count();
     let earlier = refunds.len().saturating_sub(logged);
+    // A code's capture (or void) comes first; a settled payment has none.
+    let first = usize::from(ops.first().is_some_and(|op| !is_refund(op)));
     for (index, &(_, amount)) in refunds[..earlier].iter().enumerate() {
-        ops.insert((1 + index).min(ops.len()), answered(Owed::Refund(amount), at_ms));
+        let operation = Operation {
+            id: None,
+            obligation: Obligation {
+                reference: reference.clone(),
+                operation: owed(amount),
+                since_ms: at_ms,
+            },
+            state: "answered",
+            answered_ms: None,
+            detail: String::new(),
+        };
+        ops.insert((first + index).min(ops.len()), operation);
     }
 }
 
@@ -485,7 +524,7 @@ fn operation_item(
     let reference = &obligation.reference;
     let (kind, amount_minor) = match obligation.operation {
         Owed::Capture(amount) => (ItemKind::Capture, amount),
-        Owed::Refund(amount) => (ItemKind::Refund, amount),
+        Owed::Refund(amount) | Owed::RefundSettled(amount) => (ItemKind::Refund, amount),
         Owed::Reversal => (ItemKind::Reversal, reference.amount_minor),
         Owed::Void if record.is_some_and(|r| r.state == CodeState::Expired) => {
             (ItemKind::Expiry, reference.amount_minor)

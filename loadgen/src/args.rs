@@ -59,7 +59,8 @@ pub struct Args {
     /// `list_means` (a user's means), `confirm_terminal` (a store terminal with a provider),
     /// `ping` (the protocol round trip alone), `code` (a payment code issued, then redeemed:
     /// two requests timed together), `void` (a code issued, then voided), `refund` (`code`,
-    /// then a partial refund: three requests).
+    /// then a partial refund: three requests), `refund_sale` (a payment, then a partial
+    /// refund of it: two requests).
     #[arg(long, default_value = "authorize")]
     pub mix: Mix,
     /// Seed of the operation, user and store choices (same seed, same sequence).

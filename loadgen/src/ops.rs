@@ -77,6 +77,9 @@ operations! {
     /// `code`, then a partial refund of the capture by the redeeming terminal (owed to the
     /// provider): three requests, timed together.
     Refund => "refund";
+    /// A payment (`authorize`, settled at once), then a partial refund of it by its store
+    /// terminal (`REFUND` target 2, owed to the provider): two requests, timed together.
+    RefundSale => "refund_sale";
 }
 
 /// The settlegate workload: a target, its dataset and the mix's operations.
@@ -169,12 +172,15 @@ impl Execute for Workload {
 /// The slot's next payment: a fresh client request ID and an inherent ID of the slot's next
 /// payer's, for 1,000 JPY at a random store.
 fn next_payment(w: &Workload, slot: &mut SlotCursor) -> (u128, Vec<u8>) {
-    let (id, inherent_id, _) = next_payment_at(w, slot);
+    let (id, inherent_id, _, _) = next_payment_at(w, slot);
     (id, inherent_id)
 }
 
-/// [`next_payment`], and the store terminal it names.
-fn next_payment_at<'w>(w: &'w Workload, slot: &mut SlotCursor) -> (u128, Vec<u8>, &'w String) {
+/// [`next_payment`], the store terminal it names and the payer.
+fn next_payment_at<'w>(
+    w: &'w Workload,
+    slot: &mut SlotCursor,
+) -> (u128, Vec<u8>, &'w String, &'w UserKey) {
     let index = slot.next_payer(w.dataset.payers.len());
     let provider = w.dataset.providers[index % w.dataset.providers.len()];
     let store = &w.dataset.stores[slot.below(w.dataset.stores.len())];
@@ -182,7 +188,7 @@ fn next_payment_at<'w>(w: &'w Workload, slot: &mut SlotCursor) -> (u128, Vec<u8>
     slot.sequence += 1;
     let id =
         (u128::from(w.run_ms) << 64) | ((slot.global as u128) << 32) | u128::from(slot.sequence);
-    (id, inherent_id, store)
+    (id, inherent_id, store, &w.dataset.payers[index].user)
 }
 
 impl Operation {
@@ -190,7 +196,10 @@ impl Operation {
     /// go out in one write ([`crate::lanes`]); `code` is two requests, the second built from
     /// the first's answer.
     pub fn is_single(self) -> bool {
-        !matches!(self, Operation::Code | Operation::Void | Operation::Refund)
+        !matches!(
+            self,
+            Operation::Code | Operation::Void | Operation::Refund | Operation::RefundSale
+        )
     }
 
     /// The one request a single-request operation sends to a server (`None` for `code`).
@@ -221,7 +230,9 @@ impl Operation {
                 ConfirmTerminal { provider_code, terminal_id: terminal_id.clone() }.into()
             }
             Operation::Ping => Ping { payload: Vec::new() }.into(),
-            Operation::Code | Operation::Void | Operation::Refund => return None,
+            Operation::Code | Operation::Void | Operation::Refund | Operation::RefundSale => {
+                return None
+            }
         })
     }
 
@@ -254,6 +265,7 @@ impl Operation {
                 let client = &clients[slot.connection];
                 match self.request(w, slot) {
                     Some(request) => self.judge(client.call(&request).await),
+                    None if self == Operation::RefundSale => sale_remote(w, slot, client).await,
                     None => code_remote(w, slot, client, self).await,
                 }
             }
@@ -274,6 +286,7 @@ impl Operation {
                 Operation::Code | Operation::Void | Operation::Refund => {
                     code_embedded(w, slot, engine, self).await
                 }
+                Operation::RefundSale => sale_embedded(w, slot, engine).await,
             },
         }
     }
@@ -325,7 +338,7 @@ fn code_requests(
     w: &Workload,
     slot: &mut SlotCursor,
 ) -> (IssueCodeRequest, impl Fn(&str, u64, Currency) -> RedeemRequest, CodeAfter) {
-    let (id, inherent_id, requested_at) = next_payment_at(w, slot);
+    let (id, inherent_id, requested_at, _) = next_payment_at(w, slot);
     let store = w.dataset.stores[slot.below(w.dataset.stores.len())].clone();
     let after = CodeAfter {
         id: RequestId(id | (1 << 30)),
@@ -455,6 +468,46 @@ async fn code_remote(
         Ok(_) => Outcome::Error("unexpected reply".into()),
         Err(error) => Outcome::Error(client_error(error)),
     }
+}
+
+/// The `refund_sale` operation's payment (its client request ID and inherent ID), its store
+/// terminal and payer, and its refund's client request ID.
+fn sale_requests<'w>(
+    w: &'w Workload,
+    slot: &mut SlotCursor,
+) -> (u128, Vec<u8>, &'w String, &'w UserKey, RequestId) {
+    let (id, inherent_id, store, user) = next_payment_at(w, slot);
+    (id, inherent_id, store, user, RequestId(id | (1 << 30)))
+}
+
+async fn sale_embedded(w: &Workload, slot: &mut SlotCursor, engine: &Engine) -> Outcome {
+    let (id, inherent_id, store, user, refund_id) = sale_requests(w, slot);
+    let request = AuthorizeRequest { client_request_id: RequestId(id), inherent_id };
+    match engine.authorize(request).await {
+        Ok(AuthOutcome::Approved(_)) => ok_or_error(
+            engine.refund_payment(refund_id, user, id, REFUND_MINOR, store.clone()).await,
+        ),
+        paid => auth_outcome(paid.map_err(engine_error)),
+    }
+}
+
+async fn sale_remote(w: &Workload, slot: &mut SlotCursor, client: &Client) -> Outcome {
+    let (id, inherent_id, store, user, refund_id) = sale_requests(w, slot);
+    let paid = client.authorize(id, inherent_id).await;
+    if !matches!(paid, Ok(AuthOutcome::Approved(_))) {
+        return auth_outcome(paid.map_err(client_error));
+    }
+    let refund: Request = settlegate_protocol::ops::refund::Refund {
+        client_request_id: refund_id.get(),
+        target: settlegate_protocol::ops::void::Target::Payment {
+            user: user.clone(),
+            payment_request_id: id,
+        },
+        amount_minor: REFUND_MINOR,
+        terminal_id: store.clone(),
+    }
+    .into();
+    Operation::RefundSale.judge(client.call(&refund).await)
 }
 
 /// A random user, store and ranking: what a usable-methods query asks (W3).

@@ -5,6 +5,7 @@
 //! found.
 
 use settlegate_protocol::messages::{opcode, status, Request, Response};
+use settlegate_protocol::ops::void::Target;
 use settlegate_protocol::DecodeError;
 
 /// Parses space-separated hex.
@@ -213,7 +214,8 @@ fn confirm_terminal_not_listed_has_no_service() {
 }
 
 /// `VOID` and `REFUND`: their bodies and answers round-trip; a target other than 1 (a payment
-/// code; the others are reserved), a truncated body and trailing bytes are refused.
+/// code) or, for `REFUND`, 2 (a settled payment), a truncated body and trailing bytes are
+/// refused.
 #[test]
 fn void_and_refund_bodies_round_trip_and_name_a_code() {
     let id = "00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 07";
@@ -231,6 +233,25 @@ fn void_and_refund_bodies_round_trip_and_name_a_code() {
     request_round_trips(opcode::REFUND, &refund("01"));
     request_refused(opcode::REFUND, &refund("00"), "target");
     request_refused(opcode::REFUND, &refund("01")[..30], "amount_minor");
+    // Target 2, a settled payment: a user (mail `a@b.c`) and its payment's request ID.
+    let user = "01 05 61 40 62 2e 63";
+    let payment = "00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 09";
+    let tail = "00 00 00 00 00 00 01 90 05 50 4f 53 2d 31";
+    let settled = hex(&format!("{id} 02 {user} {payment} {tail}"));
+    request_round_trips(opcode::REFUND, &settled);
+    let Ok(Request::Refund(refund)) = Request::decode(opcode::REFUND, &settled) else {
+        panic!("a refund")
+    };
+    assert!(matches!(refund.target, Target::Payment { payment_request_id: 9, .. }));
+    request_refused(opcode::REFUND, &hex(&format!("{id} 03 {user} {payment} {tail}")), "target");
+    request_refused(opcode::REFUND, &hex(&format!("{id} 02 09 {user} {payment}")), "user_id_type");
+    request_refused(opcode::REFUND, &settled[..30], "payment_request_id");
+    // A settled payment has no hold to void.
+    request_refused(
+        opcode::VOID,
+        &hex(&format!("{id} 02 {user} {payment} 05 50 4f 53 2d 31")),
+        "target",
+    );
     response_round_trips(opcode::VOID, &hex("00 00 00 00 00 00 01 90"));
     response_refused(opcode::VOID, &hex("00 00 00 00 00 01 90"), "released_minor");
     let refunded = "00 00 00 00 00 00 01 90 00 00 00 00 00 00 01 90 00 00 00 00 00 00 03 e8";

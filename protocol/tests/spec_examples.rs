@@ -9,7 +9,9 @@ use settlegate_protocol::messages::{
     opcode, AgeCheck, AgeVerdict, BasketOutcome, Reply, Request, Response, SaleLines,
 };
 use settlegate_protocol::ops::ping::Pong;
+use settlegate_protocol::ops::refund::{Refund, Refunded};
 use settlegate_protocol::ops::report::{GetReport, ReportPage, ReportPart};
+use settlegate_protocol::ops::void::Target;
 use settlegate_protocol::ops::{
     Auth, Authorize, AuthorizeBasket, Ping, RedeemCode, RegisterAge, StoreAt, UpsertStore,
 };
@@ -310,6 +312,37 @@ fn examples() -> Vec<(&'static str, String, Vec<u8>)> {
             })
             .to_frame(11)
             .to_bytes(),
+        ),
+        (
+            "refund-settled-request",
+            "`REFUND` of 500 JPY of the payment approved above (target 2: user \
+             `hanako@example.jp`, its `AUTHORIZE`'s client request ID 7), client request ID 13, \
+             request ID 12, by its terminal `DEMO-SHIBUYA-01`."
+                .into(),
+            Request::Refund(Refund {
+                client_request_id: 13,
+                target: Target::Payment {
+                    user: UserKey::new(UserIdType::Mail, "hanako@example.jp").unwrap(),
+                    payment_request_id: 7,
+                },
+                amount_minor: 500,
+                terminal_id: "DEMO-SHIBUYA-01".into(),
+            })
+            .to_frame(12)
+            .to_bytes(),
+        ),
+        (
+            "refund-settled-response",
+            "Its answer: 500 refunded now, 500 in all, of the 1,881 settled.".into(),
+            response(
+                Response::Ok(Reply::Refund(Refunded {
+                    amount_minor: 500,
+                    refunded_minor: 500,
+                    captured_minor: 1_881,
+                })),
+                opcode::REFUND,
+                12,
+            ),
         ),
         (
             "report-request",

@@ -45,6 +45,9 @@ Behaviour, by message type:
 
   An approval (`00`), and an authorization it drops (8000..=8099: the reply is "lost", the
   hold stands), is entered in the host's own account of authorizations (the tally, below).
+  A 0100 is a hold (state authorized, until a capture); a 0200 is a sale, settled with its
+  approval (state captured, captured = the amount), which refunds may follow, and which a
+  reversal undoes whole until the first refund.
 
 - Lifecycle messages, each matched to its authorization by field 37 (the authorization's RRN)
   and field 90 (its STAN must be the original's: otherwise the authorization is unknown):
@@ -67,7 +70,7 @@ Behaviour, by message type:
   00   done; also a void or reversal of one already voided or reversed (nothing to undo),
        and a reversal of an authorization the host does not hold
   12   invalid transaction: a capture of one captured, voided or reversed; a void or reversal
-       after the capture; a refund before it
+       after the capture (a reversal of a sale: after a refund of it); a refund before it
   13   invalid amount: zero, a capture above the amount authorized, a refund that would take
        the refunds past the amount captured
   25   unable to locate the original: a capture, void or refund of an authorization the host
@@ -273,6 +276,8 @@ class State:
         self.tally_path = tally_path
         # The host's authorizations by RRN (field 37).
         self.holds = {}
+        # The RRNs of sales (0200 originals): settled with their approval.
+        self.sales = set()
         self.write_tally()
 
     def hold(self, doc, auth_code):
@@ -291,6 +296,10 @@ class State:
             "reversed": 0,
             "state": "authorized",
         }
+        if doc.get("t") == "0200":
+            self.sales.add(rrn)
+            self.holds[rrn]["captured"] = self.holds[rrn]["authorized"]
+            self.holds[rrn]["state"] = "captured"
         self.write_tally()
 
     def apply(self, op, doc):
@@ -301,14 +310,20 @@ class State:
             hold = None
         if hold is None:
             return "00" if op == "reversal" else "25"
-        code = self.rule(op, hold, amount)
+        code = self.rule(op, hold, amount, hold["rrn"] in self.sales)
         if code == "00":
             self.write_tally()
         return code
 
     @staticmethod
-    def rule(op, hold, amount):
+    def rule(op, hold, amount, sale=False):
         state = hold["state"]
+        if op == "reversal" and sale and state == "captured" and hold["refunded"] == 0:
+            # A sale whose answer the acquirer could not record: undone whole.
+            hold["captured"] = 0
+            hold["reversed"] = hold["authorized"]
+            hold["state"] = "reversed"
+            return "00"
         if op == "capture":
             if state != "authorized":
                 return "12"

@@ -212,6 +212,7 @@ class Reason(enum.IntEnum):
     NOT_REFUNDABLE = 111
     REFUND_ABOVE_CAPTURED = 112
     CODE_VOIDED = 113
+    UNKNOWN_PAYMENT = 114
     REPORT_UNAVAILABLE = 120
 
 
@@ -2070,6 +2071,9 @@ def decode_entered(body: bytes) -> Entered:
 
 TARGET_CODE = 1
 """``target`` of ``VOID`` and ``REFUND``: a payment code by issue number."""
+TARGET_PAYMENT = 2
+"""``target`` of ``REFUND``: a settled payment, by its user and its ``AUTHORIZE``'s client
+request ID."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2100,6 +2104,14 @@ def encode_refund(client_request_id: int, number: int, amount_minor: int,
     ``u64 amount_minor``, ``str8 terminal_id``."""
     return (BodyWriter().u128(client_request_id).u8(TARGET_CODE).u64(number)
             .u64(amount_minor).str8(terminal_id).getvalue())
+
+
+def encode_refund_payment(client_request_id: int, user: User, payment_request_id: int,
+                          amount_minor: int, terminal_id: str) -> bytes:
+    """``REFUND`` of a settled payment: ``u128``, ``u8 target`` (2), ``user``,
+    ``u128 payment_request_id``, ``u64 amount_minor``, ``str8 terminal_id``."""
+    return (BodyWriter().u128(client_request_id).u8(TARGET_PAYMENT).user(user)
+            .u128(payment_request_id).u64(amount_minor).str8(terminal_id).getvalue())
 
 
 def decode_refunded(body: bytes) -> Refunded:
@@ -2578,6 +2590,14 @@ class SettlegateClient:
                terminal_id: str) -> "Refunded":
         """``REFUND`` of ``amount_minor`` of redeemed payment code ``number``'s capture."""
         body = encode_refund(client_request_id, number, amount_minor, terminal_id)
+        return decode_refunded(self.call(Op.REFUND, body))
+
+    def refund_payment(self, client_request_id: int, user: User, payment_request_id: int,
+                       amount_minor: int, terminal_id: str) -> "Refunded":
+        """``REFUND`` of ``amount_minor`` of the settled payment ``user`` made with
+        ``AUTHORIZE`` client request ID ``payment_request_id``."""
+        body = encode_refund_payment(client_request_id, user, payment_request_id, amount_minor,
+                                     terminal_id)
         return decode_refunded(self.call(Op.REFUND, body))
 
     def report(self, business_day: str, provider_code: int, part: int, offset: int = 0,

@@ -1734,6 +1734,34 @@ class PaymentCodeTest(LiveTestCase):
         self.assertEqual(self.client.refund(sg.new_client_request_id(), code.number, 2_500,
                                             "PY-POS-1"), sg.Refunded(2_500, 3_500, 3_500))
 
+    def test_refunds_of_a_settled_payment(self):
+        """0x0069 REFUND target 2: a payment settled at once by ``AUTHORIZE``, named by its
+        user and client request ID, refunded in parts (a retry refunds nothing more), never
+        past its amount (112); an unknown payment or another terminal's is 114."""
+        account = Account(self.client)
+        payment_id = sg.new_client_request_id()
+        record = account.device.sign(amount_minor=5_000, provider_code=self.PROVIDER,
+                                     terminal_id="PY-POS-1")
+        self.assertIsInstance(self.client.authorize(payment_id, record), sg.Approved)
+        refund_id = sg.new_client_request_id()
+        refund = lambda amount, terminal="PY-POS-1", payment=payment_id, \
+            request_id=None: self.client.request(  # noqa: E731
+                sg.Op.REFUND, sg.encode_refund_payment(
+                    request_id or sg.new_client_request_id(), account.user, payment, amount,
+                    terminal))
+        first = self.client.refund_payment(refund_id, account.user, payment_id, 2_000,
+                                           "PY-POS-1")
+        self.assertEqual(first, sg.Refunded(2_000, 2_000, 5_000))
+        self.assertEqual(self.client.refund_payment(refund_id, account.user, payment_id, 2_000,
+                                                    "PY-POS-1"), first)
+        self.assert_refused(refund(3_001), sg.Reason.REFUND_ABOVE_CAPTURED)
+        self.assert_refused(refund(1, "PY-POS-2"), sg.Reason.UNKNOWN_PAYMENT)
+        self.assert_refused(refund(1, payment=sg.new_client_request_id()),
+                            sg.Reason.UNKNOWN_PAYMENT)
+        self.assertEqual(sg.decode_refunded(sg.ok_body(refund(3_000))),
+                         sg.Refunded(3_000, 5_000, 5_000))
+        self.assert_refused(refund(1), sg.Reason.REFUND_ABOVE_CAPTURED)
+
     def test_forged_malformed_and_over_amount(self):
         account = Account(self.client)
         code = self.issue(account, 2_000)

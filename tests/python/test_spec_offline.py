@@ -144,6 +144,11 @@ BUILDERS = {
         sg.Op.REDEEM_CODE_BASKET, 11, sg.encode_redeem_code_basket(
             12, example_code_text(), 1, (1 << 56) | 42, 1980, "JPY", 1795305900000, "POS-7",
             EXAMPLE_BASKET, age_confirmation=True)),
+    "refund-settled-request": lambda: sg.encode_frame(
+        sg.Op.REFUND, 12, sg.encode_refund_payment(
+            13, sg.User.mail("hanako@example.jp"), 7, 500, "DEMO-SHIBUYA-01")),
+    "refund-settled-response": lambda: response(
+        sg.Op.REFUND, 12, sg.BodyWriter().u64(500).u64(500).u64(1881).getvalue()),
     "report-request": lambda: sg.encode_frame(
         sg.Op.REPORT, 12, sg.encode_report("2026-11-22", 1, sg.ReportPart.ITEMS, 0, 100)),
     "report-response": lambda: response(sg.Op.REPORT, 12, sg.encode_report_page(sg.ReportPage(
@@ -477,11 +482,11 @@ class BodyCodecTest(unittest.TestCase):
         self.assertEqual(sorted(int(r) for r in sg.Reason),
                          list(range(1, 13)) + [20, 21, 22, 23, 30, 31, 40]
                          + list(range(50, 63)) + [70, 71, 72, 73]
-                         + list(range(80, 91)) + list(range(100, 114)) + [120])
+                         + list(range(80, 91)) + list(range(100, 115)) + [120])
 
     def test_void_and_refund_layouts(self):
-        """Section 5, 0x0068 VOID and 0x0069 REFUND: target 1 (a code), the bodies and
-        their replies, as the section lays them out."""
+        """Section 5, 0x0068 VOID and 0x0069 REFUND: target 1 (a code) and 2 (a settled
+        payment), the bodies and their replies, as the section lays them out."""
         self.assertEqual((int(sg.Op.VOID), int(sg.Op.REFUND)), (0x0068, 0x0069))
         body = sg.encode_void(5, 0x0100000000000007, "POS-1")
         self.assertEqual(body, bytes.fromhex("00000000000000000000000000000005 01"
@@ -490,6 +495,11 @@ class BodyCodecTest(unittest.TestCase):
         self.assertEqual(body, bytes.fromhex("00000000000000000000000000000005 01"
                                              "0000000000000007 0000000000000190 05")
                          + b"POS-1")
+        user = sg.User.mail("a@b.c")
+        body = sg.encode_refund_payment(5, user, 9, 400, "POS-1")
+        self.assertEqual(body, bytes.fromhex("00000000000000000000000000000005 02 01 05")
+                         + b"a@b.c" + bytes.fromhex("00000000000000000000000000000009"
+                                                    "0000000000000190 05") + b"POS-1")
         self.assertEqual(sg.decode_voided(bytes.fromhex("0000000000000190")), 400)
         refunded = sg.decode_refunded(bytes.fromhex("0000000000000190" * 2 + "00000000000003e8"))
         self.assertEqual(refunded, sg.Refunded(400, 400, 1000))

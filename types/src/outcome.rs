@@ -137,6 +137,11 @@ pub enum ReasonCode {
     RefundAboveCaptured = 112,
     /// The code was voided (`VOID`).
     CodeVoided = 113,
+    /// No settled payment of this user under this client request ID can be refunded here:
+    /// never made or declined, made at another store terminal, at a provider that takes no
+    /// refunds of sales, or past its refund window (one answer for all, so that it tells
+    /// another terminal nothing).
+    UnknownPayment = 114,
     /// The server cannot make a reconciliation report (`REPORT`): it keeps no data directory
     /// (in memory only, or a cluster node).
     ReportUnavailable = 120,
@@ -144,7 +149,7 @@ pub enum ReasonCode {
 
 impl ReasonCode {
     /// Every reason code, in numeric order.
-    pub const ALL: [ReasonCode; 62] = [
+    pub const ALL: [ReasonCode; 63] = [
         ReasonCode::Malformed,
         ReasonCode::UnknownDevice,
         ReasonCode::ForgedTag,
@@ -206,6 +211,7 @@ impl ReasonCode {
         ReasonCode::NotRefundable,
         ReasonCode::RefundAboveCaptured,
         ReasonCode::CodeVoided,
+        ReasonCode::UnknownPayment,
         ReasonCode::ReportUnavailable,
     ];
 

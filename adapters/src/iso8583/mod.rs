@@ -396,6 +396,13 @@ impl ProviderAdapter for Iso8583Adapter {
         &self.name
     }
 
+    /// A single-message host (`message_class = "financial"`, `0200`) settles what it approves:
+    /// its sales may be refunded. A dual-message host (`0100`) holds an authorization until a
+    /// capture, which the engine does not send for a payment: nothing to refund there.
+    fn refunds_sales(&self) -> bool {
+        self.dialect.class == config::MessageClass::Financial
+    }
+
     fn health(&self) -> Option<crate::ProviderHealth> {
         let (status, stats) = (self.status(), self.stats());
         Some(crate::ProviderHealth {

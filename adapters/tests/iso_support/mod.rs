@@ -208,6 +208,7 @@ pub fn card(dispatch_id: u64, amount_minor: u64) -> AuthorizationRequest {
         at_ms: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64),
+        sale: false,
     }
 }
 

@@ -1,5 +1,6 @@
 //! Money movement: the forwarder that carries the operations owed to providers (captures,
-//! voids, refunds, reversals: store and forward), and `VOID` and `REFUND` of payment codes.
+//! voids, refunds, reversals: store and forward), `VOID` and `REFUND` of payment codes, and
+//! `REFUND` of settled payments.
 //!
 //! An operation is owed from the command that caused it (`shard/state/money.rs`); the forwarder
 //! ([`Engine::forward_owed`], run every `[engine.forwarding] interval_ms` by the server) reads
@@ -44,7 +45,8 @@ pub struct CodeVoided {
     pub released_minor: u64,
 }
 
-/// A refund of a code's capture ([`Engine::refund_code`]).
+/// A refund of a code's capture ([`Engine::refund_code`]), or of a settled payment
+/// ([`Engine::refund_payment`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CodeRefunded {
     /// This refund's amount.
@@ -260,16 +262,56 @@ impl Engine {
         terminal_id: String,
     ) -> Result<CodeRefunded, EngineError> {
         let shard = self.code_shard(number, &terminal_id)?;
+        let owner_hash = digest_of(&("code", number));
+        let digest = digest_of(&("refund", number, amount_minor, &terminal_id));
+        let command = Command::RefundCode { number, amount_minor, terminal_id };
+        self.refund(shard, owner_hash, client_request_id, digest, amount_minor, command).await
+    }
+
+    /// `REFUND` of `amount_minor` of a settled payment: the payment `user` made with
+    /// `payment_request_id` (its `AUTHORIZE`'s client request ID), approved and settled at
+    /// once by a provider that takes refunds of sales, refunded by store terminal
+    /// `terminal_id` (the one it was made at) within the refund window
+    /// (`[engine.forwarding] refund_window_ms`): owed to its provider, then forwarded.
+    /// Partial refunds add up to the amount settled at most. Idempotent by
+    /// `client_request_id`.
+    pub async fn refund_payment(
+        &self,
+        client_request_id: RequestId,
+        user: &UserKey,
+        payment_request_id: ClientRequestId,
+        amount_minor: u64,
+        terminal_id: String,
+    ) -> Result<CodeRefunded, EngineError> {
+        if !crate::types::terminal_id_valid(&terminal_id) {
+            return Err(EngineError::Refused(ReasonCode::InvalidTerminal));
+        }
+        let owner = user_hash(user);
+        let payment = (owner, payment_request_id);
+        let owner_hash = digest_of(&("payment", payment));
+        let digest = digest_of(&("refund", payment, amount_minor, &terminal_id));
+        let command = Command::RefundPayment { payment, amount_minor, terminal_id };
+        let shard = self.shard_of(owner);
+        self.refund(shard, owner_hash, client_request_id, digest, amount_minor, command).await
+    }
+
+    /// Applies a refund of `amount_minor` (`command`) in `shard`, its idempotency record under
+    /// `owner_hash` (what it refunds) and `client_request_id`, and answers it.
+    async fn refund(
+        &self,
+        shard: usize,
+        owner_hash: u64,
+        client_request_id: RequestId,
+        digest: u64,
+        amount_minor: u64,
+        command: Command,
+    ) -> Result<CodeRefunded, EngineError> {
         if amount_minor > crate::limits::AMOUNT_MINOR_MAX {
             return Err(EngineError::Refused(ReasonCode::RefundAboveCaptured));
         }
-        let envelope = Envelope {
-            owner_hash: digest_of(&("code", number)),
-            client_request_id: Some(client_request_id.get()),
-            digest: digest_of(&("refund", number, amount_minor, &terminal_id)),
-            now_ms: self.now_ms(),
-            command: Command::RefundCode { number, amount_minor, terminal_id },
-        };
+        let client_request_id = Some(client_request_id.get());
+        let now_ms = self.now_ms();
+        let envelope = Envelope { owner_hash, client_request_id, digest, now_ms, command };
         let RefundedCode { amount_minor, refunded_minor, captured_minor } =
             self.call(shard, Op::Apply(envelope)).await?;
         Ok(CodeRefunded { amount_minor, refunded_minor, captured_minor })

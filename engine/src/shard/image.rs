@@ -1,5 +1,6 @@
-//! A shard's state as a snapshot holds it (snapshot format version 8; 7 is the same without
-//! what the shard owes its providers, [`MoneyImage`], and is still read): the shard's own state
+//! A shard's state as a snapshot holds it (snapshot format version 9; 8 is the same without
+//! the settled payments kept for their refunds, and 7 without what the shard owes its
+//! providers, [`MoneyImage`]; both are still read): the shard's own state
 //! types ([`User`] with its devices and means, [`CodeRecord`], [`CouponRecord`],
 //! [`AgeRegistration`], [`Store`], the idempotency records' [`IdemState`], the providers'
 //! [`TerminalEntry`] lists and [`AgePolicy`]s), archived with rkyv as they are, in one
@@ -32,10 +33,21 @@ use crate::providers::TerminalEntry;
 use crate::types::{Idm, UserKey};
 use crate::wal::snapshot::{Restore, SNAPSHOT_VERSION};
 
-/// One shard's whole state (snapshot format version 8): the state of version 7, and what the
-/// shard owes its providers.
+/// One shard's whole state (snapshot format version 9): the state of version 7, what the
+/// shard owes its providers (since version 8), and the settled payments it keeps for their
+/// refunds (since version 9).
 #[derive(Archive, Serialize, Deserialize)]
 pub(crate) struct ShardImage {
+    state: StateImage,
+    money: MoneyImage,
+    /// By idempotency key.
+    settled: Vec<(IdemKey, CodeMoney)>,
+}
+
+/// One shard's whole state as snapshot format version 8 held it: [`ShardImage`] without the
+/// settled payments.
+#[derive(Archive, Serialize, Deserialize)]
+pub(crate) struct ShardImageV8 {
     state: StateImage,
     money: MoneyImage,
 }
@@ -117,6 +129,7 @@ pub(crate) struct Capture {
     code_seq: u64,
     /// A copy: references of codes and operations owed (small next to the maps above).
     money: Ledger,
+    settled: Frozen<IdemKey, CodeMoney>,
 }
 
 impl Capture {
@@ -147,6 +160,7 @@ impl Capture {
             dispatch_seq: state.dispatch_seq,
             code_seq: state.code_seq,
             money: state.money.clone(),
+            settled: state.settled.freeze(),
         }
     }
 
@@ -164,6 +178,7 @@ impl Capture {
             dispatch_seq,
             code_seq,
             money,
+            settled,
         } = self;
         let mut users: Vec<UserImage> = users
             .iter()
@@ -213,7 +228,10 @@ impl Capture {
             codes: money.codes.into_iter().collect(),
             owed: money.owed.into_iter().collect(),
         };
-        ShardImage { state, money }
+        let mut settled: Vec<(IdemKey, CodeMoney)> =
+            settled.iter().map(|(key, kept)| (*key, kept.clone())).collect();
+        settled.sort_unstable_by_key(|(key, _)| *key);
+        ShardImage { state, money, settled }
     }
 
     /// The image, encoded into a buffer of `capacity` bytes to start with (the last
@@ -248,6 +266,18 @@ impl Restore for ShardState {
             let image = rkyv::access::<ArchivedShardImage, rkyv::rancor::Error>(payload)
                 .map_err(decode_error)?;
             restore(&image.state, self)?;
+            restore_money(&image.money, self)?;
+            let settled: Vec<(IdemKey, CodeMoney)> = owned(&image.settled)?;
+            self.settled_expiry = settled
+                .iter()
+                .map(|(key, kept)| (self.refundable_until(kept.reference.at_ms), *key))
+                .collect();
+            self.settled.insert_in_bulk(settled);
+            Ok(())
+        } else if version == LEDGER_VERSION {
+            let image = rkyv::access::<ArchivedShardImageV8, rkyv::rancor::Error>(payload)
+                .map_err(decode_error)?;
+            restore(&image.state, self)?;
             restore_money(&image.money, self)
         } else if version == STATE_ONLY_VERSION {
             let image = rkyv::access::<ArchivedStateImage, rkyv::rancor::Error>(payload)
@@ -273,6 +303,8 @@ where
 
 /// The snapshot format whose image is a [`StateImage`] alone (no [`MoneyImage`]).
 const STATE_ONLY_VERSION: u16 = 7;
+/// The snapshot format whose image is a [`ShardImageV8`] (no settled payments).
+const LEDGER_VERSION: u16 = 8;
 
 /// Restores what the shard owes its providers.
 fn restore_money(image: &ArchivedMoneyImage, state: &mut ShardState) -> Result<(), ImageError> {
@@ -452,7 +484,11 @@ mod tests {
         state.money.op_seq = 1;
         state.money.owed.insert(1, obligation);
         state.money.codes.insert(3, CodeMoney { reference: reference.clone(), refunds: vec![] });
-        state.money.in_flight.insert(((1, 2), 3), reference);
+        state.money.in_flight.insert(((1, 2), 3), reference.clone());
+        let sale = CodeMoney { reference, refunds: vec![((4, 5), 300)] };
+        state.settled.insert((6, 7), sale);
+        let until_ms = state.refundable_until(1_700_000_000_000);
+        state.settled_expiry.insert((until_ms, (6, 7)));
         state
     }
 
@@ -472,6 +508,41 @@ mod tests {
         assert_eq!(owed.codes, kept.codes);
         assert_eq!(owed.in_flight, kept.in_flight);
         assert_eq!((owed.op_seq, state.dispatch_seq, state.code_seq), (1, 5, 3));
+        assert_eq!(state.settled.get(&(6, 7)), owing().settled.get(&(6, 7)));
+        assert_eq!(state.settled_expiry, owing().settled_expiry);
+        assert_eq!(state.digest(), owing().digest());
+    }
+
+    /// A snapshot of format 8 (the state and the ledger, written by a build before settled
+    /// payments were kept) still restores: the ledger as it was, no settled payment.
+    #[test]
+    fn a_format_8_snapshot_restores_with_no_settled_payment() {
+        let ShardImage { state, money, .. } = Capture::take(&mut owing()).into_image();
+        let payload = rkyv::to_bytes::<rkyv::rancor::Error>(&ShardImageV8 { state, money });
+        let state = restored(LEDGER_VERSION, &payload.unwrap());
+        assert_eq!(state.money.owed, owing().money.owed);
+        assert_eq!(state.money.codes, owing().money.codes);
+        assert!(state.settled.is_empty() && state.settled_expiry.is_empty());
+    }
+
+    /// The operations owed, as a format 8 snapshot archived them (before
+    /// [`Owed::RefundSettled`] was added at the end), read back as this build's: the same
+    /// values, the archived type's size unchanged.
+    #[test]
+    fn format_8_obligations_read_as_they_were_written() {
+        #[derive(rkyv::Archive, rkyv::Serialize)]
+        enum OwedV8 {
+            Capture(u64),
+            Void,
+            Refund(u64),
+            Reversal,
+        }
+        let size = std::mem::size_of::<<Owed as rkyv::Archive>::Archived>();
+        assert_eq!(std::mem::size_of::<ArchivedOwedV8>(), size);
+        let written = vec![OwedV8::Capture(5), OwedV8::Void, OwedV8::Refund(7), OwedV8::Reversal];
+        let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(&written).unwrap();
+        let read = rkyv::from_bytes::<Vec<Owed>, rkyv::rancor::Error>(&bytes).unwrap();
+        assert_eq!(read, [Owed::Capture(5), Owed::Void, Owed::Refund(7), Owed::Reversal]);
     }
 
     /// A snapshot of format 7 (the state alone, written by a build before the ledger) still

@@ -289,12 +289,25 @@ mod tests {
             Command::Abandoned { key: (9, 12), digest: 78 },
             Command::VoidCode { number: 12, terminal_id: "T-1".into() },
             Command::RefundCode { number: 12, amount_minor: 300, terminal_id: "T-1".into() },
+            Command::RefundPayment {
+                payment: (9, 1 << 100),
+                amount_minor: 300,
+                terminal_id: "T-1".into(),
+            },
         ]
     }
 
     /// The command is the record: every kind of command is logged as it is and reads back the
     /// same (a device key's clear form is not in the record: it stays sealed, and the check of
     /// the vault key that recovery makes refuses it under another vault key).
+    /// A log record's root is found from its end: the archived envelope's size must not move
+    /// when a command is added, or every older record would be read at the wrong place.
+    #[test]
+    fn the_archived_envelope_keeps_its_size() {
+        assert_eq!(std::mem::size_of::<super::super::state::ArchivedEnvelope>(), 208);
+        assert_eq!(std::mem::size_of::<super::super::state::ArchivedCommand>(), 144);
+    }
+
     #[test]
     fn every_command_reads_back_as_logged() {
         let vault = Vault::new(&[7; 32]);

@@ -77,6 +77,11 @@ pub(crate) struct StateConfig {
     /// Operations owed to providers a shard keeps at most before it refuses what would add
     /// one by choice (`[engine.forwarding] owed_max_per_shard`).
     pub(crate) owed_max: usize,
+    /// How long a settled payment may be refunded, from its authorization
+    /// (`[engine.forwarding] refund_window_ms`).
+    pub(crate) refund_window_ms: i64,
+    /// Settled payments kept for refunds at most (`settled_max_per_shard`).
+    pub(crate) settled_max: usize,
 }
 
 /// One registered settlement means, as a client sees it (never a card number).
@@ -292,6 +297,8 @@ impl Dispatch {
             amount_minor: self.amount_final_minor(),
             currency: self.currency,
             at_ms: self.at_ms,
+            // A payment is settled with its approval; a code's authorization is a hold.
+            sale: self.code.is_none(),
         }
     }
 
@@ -759,6 +766,13 @@ pub(crate) enum Command {
         amount_minor: u64,
         terminal_id: String,
     },
+    /// `REFUND` of part of a settled payment, named by its idempotency key (the paying user's
+    /// hash and its client request ID), by the store terminal it was made at.
+    RefundPayment {
+        payment: IdemKey,
+        amount_minor: u64,
+        terminal_id: String,
+    },
 }
 
 impl Command {
@@ -1042,6 +1056,12 @@ pub(crate) struct ShardState {
     pub(crate) owned_providers: std::collections::BTreeSet<u32>,
     /// Authorizations' references and the operations owed to providers (`state/money.rs`).
     pub(crate) money: Ledger,
+    /// Settled payments that may be refunded (`REFUND` target 2), by their idempotency key
+    /// (the paying user's hash and the payment's client request ID), until their refund
+    /// window ends (`state/money.rs`). Shared with a snapshot being written, as the codes.
+    pub(crate) settled: CowMap<IdemKey, CodeMoney>,
+    /// The same, by the end of their refund window, for the sweeper.
+    pub(crate) settled_expiry: std::collections::BTreeSet<(i64, IdemKey)>,
 }
 
 impl ShardState {
@@ -1061,6 +1081,8 @@ impl ShardState {
             config,
             owned_providers: std::collections::BTreeSet::new(),
             money: Ledger::default(),
+            settled: CowMap::new(CHUNK_BITS_LARGE),
+            settled_expiry: std::collections::BTreeSet::new(),
         }
     }
 
@@ -1218,7 +1240,10 @@ impl ShardState {
             Command::RedeemCode { spec, policies } => {
                 answer(self.redeem_code(&spec, &policies.unwrap_or_default(), now_ms))
             }
-            Command::SweepCodes => Swept(self.sweep_codes(now_ms)).into(),
+            Command::SweepCodes => {
+                self.sweep_settled(now_ms);
+                Swept(self.sweep_codes(now_ms)).into()
+            }
             Command::NotifyDelivery { user, devices } => {
                 if self.users.contains_key(&user) {
                     Delivery::Accepted(devices).into()
@@ -1259,6 +1284,10 @@ impl ShardState {
             Command::RefundCode { number, amount_minor, terminal_id } => {
                 let terminal = |t: &str| t == terminal_id;
                 answer(self.refund_code(number, amount_minor, terminal, key, now_ms))
+            }
+            Command::RefundPayment { payment, amount_minor, terminal_id } => {
+                let terminal = |t: &str| t == terminal_id;
+                answer(self.refund_payment(payment, amount_minor, terminal, key, now_ms))
             }
             Command::RemoveTerminals { provider_code, terminal_ids } => {
                 match self.shared.registry.provider(provider_code) {

@@ -26,8 +26,10 @@ const HEADER_LEN_V3: usize = 36;
 /// the log's ([`super::FORMAT_VERSION`]) up to 6; version 7 archives the shard's state types
 /// themselves (`shard/image.rs`), its logs being as version 6's; version 8 adds what the shard
 /// owes its providers and the references it keeps (`shard/state/money.rs`; a version 7
-/// snapshot restores with nothing owed). Older snapshots are still read (`shard/legacy.rs`).
-pub const SNAPSHOT_VERSION: u16 = 8;
+/// snapshot restores with nothing owed); version 9 adds the settled payments kept for their
+/// refunds (a version 8 snapshot restores with none). Older snapshots are still read
+/// (`shard/legacy.rs`).
+pub const SNAPSHOT_VERSION: u16 = 9;
 
 /// What a snapshot restores into: given the payload (checked and aligned) and its format
 /// version, rebuilds the state it holds.

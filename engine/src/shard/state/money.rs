@@ -90,6 +90,9 @@ pub(crate) enum Owed {
     Refund(u64),
     /// Undo an authorization whose answer the engine could not record.
     Reversal,
+    /// Return this much of a settled payment (a sale, captured with its approval: `REFUND`
+    /// target 2). Carried to the provider as [`Owed::Refund`] is; told apart for the report.
+    RefundSettled(u64),
 }
 
 impl Owed {
@@ -98,7 +101,7 @@ impl Owed {
         match self {
             Owed::Capture(_) => "capture",
             Owed::Void => "void",
-            Owed::Refund(_) => "refund",
+            Owed::Refund(_) | Owed::RefundSettled(_) => "refund",
             Owed::Reversal => "reversal",
         }
     }
@@ -120,7 +123,9 @@ impl Obligation {
         match self.operation {
             Owed::Capture(amount) => LifecycleRequest::capture(operation_id, authorization, amount),
             Owed::Void => LifecycleRequest::void(operation_id, authorization),
-            Owed::Refund(amount) => LifecycleRequest::refund(operation_id, authorization, amount),
+            Owed::Refund(amount) | Owed::RefundSettled(amount) => {
+                LifecycleRequest::refund(operation_id, authorization, amount)
+            }
             Owed::Reversal => LifecycleRequest::reversal(operation_id, authorization),
         }
     }
@@ -136,12 +141,12 @@ pub(crate) enum Acknowledged {
     Refused(String),
 }
 
-/// A code's authorization, as kept for the operations that follow it.
+/// A code's authorization, or a settled payment's, as kept for the operations that follow it.
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub(crate) struct CodeMoney {
     pub(crate) reference: Reference,
     /// Refunds of its capture, by the refund's idempotency key (a client request ID under
-    /// the refunding terminal's hash): its amount.
+    /// the hash of what it refunds): its amount.
     pub(crate) refunds: Vec<(IdemKey, u64)>,
 }
 
@@ -149,6 +154,29 @@ impl CodeMoney {
     /// The total refunded.
     pub(crate) fn refunded_minor(&self) -> u64 {
         self.refunds.iter().map(|(_, amount)| amount).sum()
+    }
+
+    /// Records a refund of `amount_minor` of a capture of `captured_minor`, for idempotency
+    /// record `key`, if the refunds' total stays within the capture and the queue of owed
+    /// operations is not `full`: the reference to owe it on, and the answer.
+    fn refund(
+        &mut self,
+        captured_minor: u64,
+        amount_minor: u64,
+        key: IdemKey,
+        full: bool,
+    ) -> Result<(Reference, RefundedCode), ReasonCode> {
+        let refunded_minor = self.refunded_minor();
+        if amount_minor == 0 || refunded_minor.saturating_add(amount_minor) > captured_minor {
+            return Err(ReasonCode::RefundAboveCaptured);
+        }
+        if full {
+            return Err(ReasonCode::ProviderUnavailable);
+        }
+        self.refunds.push((key, amount_minor));
+        let refunded_minor = refunded_minor + amount_minor;
+        let answer = RefundedCode { amount_minor, refunded_minor, captured_minor };
+        Ok((self.reference.clone(), answer))
     }
 }
 
@@ -349,22 +377,90 @@ impl ShardState {
             return Err(ReasonCode::NotRefundable);
         };
         let captured_minor = redemption.captured_minor;
-        let Some(money) = self.money.codes.get(&number) else {
+        let full = self.owed_full();
+        let Some(money) = self.money.codes.get_mut(&number) else {
             // Issued before this build kept references: its provider cannot be reached.
             return Err(ReasonCode::NotRefundable);
         };
-        let refunded_minor = money.refunded_minor();
-        if amount_minor == 0 || refunded_minor.saturating_add(amount_minor) > captured_minor {
-            return Err(ReasonCode::RefundAboveCaptured);
-        }
-        if self.owed_full() {
-            return Err(ReasonCode::ProviderUnavailable);
-        }
-        let money = self.money.codes.get_mut(&number).expect("checked above");
-        money.refunds.push((key, amount_minor));
-        let reference = money.reference.clone();
-        let refunded_minor = refunded_minor + amount_minor;
+        let (reference, refunded) = money.refund(captured_minor, amount_minor, key, full)?;
         self.owe(reference, Owed::Refund(amount_minor), now_ms);
-        Ok(RefundedCode { amount_minor, refunded_minor, captured_minor })
+        Ok(refunded)
+    }
+
+    /// The end of the refund window of a settled payment authorized at `at_ms`.
+    pub(crate) fn refundable_until(&self, at_ms: i64) -> i64 {
+        at_ms.saturating_add(self.config.refund_window_ms)
+    }
+
+    /// A payment approved and recorded on its idempotency record `key` (a sale: `AUTHORIZE`,
+    /// settled with its approval under `auth_code`): kept for its refunds, with `reference`,
+    /// when its provider takes refunds of sales, until its refund window ends. At the bound
+    /// (`settled_max`) the one whose window ends first makes room.
+    pub(super) fn keep_settled(
+        &mut self,
+        key: IdemKey,
+        reference: &Reference,
+        auth_code: AuthCode,
+    ) {
+        let provider = self.shared.registry.provider(reference.provider_code);
+        if !provider.is_some_and(|provider| provider.adapter.refunds_sales())
+            || self.config.settled_max == 0
+            || self.config.refund_window_ms <= 0
+        {
+            return;
+        }
+        while self.settled.len() >= self.config.settled_max {
+            let Some((_, oldest)) = self.settled_expiry.pop_first() else { break };
+            self.settled.remove(&oldest);
+        }
+        let mut reference = reference.clone();
+        reference.auth_code = Some(auth_code);
+        let until_ms = self.refundable_until(reference.at_ms);
+        let kept = CodeMoney { reference, refunds: Vec::new() };
+        // The same key again (its client request ID reused once its record was dropped): the
+        // later payment replaces the earlier.
+        if let Some(earlier) = self.settled.insert(key, kept) {
+            let earlier_until = self.refundable_until(earlier.reference.at_ms);
+            self.settled_expiry.remove(&(earlier_until, key));
+        }
+        self.settled_expiry.insert((until_ms, key));
+    }
+
+    /// The sweeper: settled payments past their refund window are no longer kept.
+    pub(super) fn sweep_settled(&mut self, now_ms: i64) {
+        while let Some(&(until_ms, key)) = self.settled_expiry.first() {
+            if until_ms > now_ms {
+                break;
+            }
+            self.settled_expiry.pop_first();
+            self.settled.remove(&key);
+        }
+    }
+
+    /// `REFUND` of `amount_minor` of settled payment `payment` (its idempotency key) by
+    /// `terminal_id` (the one it was made at), for idempotency record `key`: the refunds' total
+    /// never passes the amount settled.
+    pub(super) fn refund_payment(
+        &mut self,
+        payment: IdemKey,
+        amount_minor: u64,
+        may_refund: impl Fn(&str) -> bool,
+        key: IdemKey,
+        now_ms: i64,
+    ) -> Result<RefundedCode, ReasonCode> {
+        let Some(kept) = self.settled.get(&payment) else {
+            return Err(ReasonCode::UnknownPayment);
+        };
+        // Another terminal's payment, and one past its window not swept yet, are not found.
+        let until_ms = self.refundable_until(kept.reference.at_ms);
+        if !may_refund(&kept.reference.terminal_id) || now_ms >= until_ms {
+            return Err(ReasonCode::UnknownPayment);
+        }
+        let captured_minor = kept.reference.amount_minor;
+        let full = self.owed_full();
+        let kept = self.settled.get_mut(&payment).expect("checked above");
+        let (reference, refunded) = kept.refund(captured_minor, amount_minor, key, full)?;
+        self.owe(reference, Owed::RefundSettled(amount_minor), now_ms);
+        Ok(refunded)
     }
 }

@@ -201,6 +201,11 @@ impl ShardState {
         let landed = self.idem.complete(&key, of, reply);
         let dropped = !landed && digest.is_some();
         let reference = self.answered(key, digest);
+        if let (true, AuthOutcome::Approved(approval), Some(reference)) =
+            (landed, &outcome, &reference)
+        {
+            self.keep_settled(key, reference, approval.auth_code);
+        }
         self.reverse_unrecorded(reference, &outcome, dropped, now_ms);
         let means = self
             .users
