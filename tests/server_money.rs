@@ -294,6 +294,11 @@ async fn a_settled_payments_refund_owed_at_a_kill_reaches_the_host_after_the_res
     let (child, addr) = spawn_binary(&config);
     let _server = Server(child);
     wait_for("the refund at the host after the restart", || settled(1_000)).await;
+    // The host writes its tally and its message ledger one after the other: both, then.
+    wait_for("the refund in the host's ledger", || {
+        !crate::engine_money::refund_messages(&ledger).is_empty()
+    })
+    .await;
     let refunds: Vec<_> = crate::engine_money::refund_messages(&ledger);
     assert_eq!(refunds.len(), 1, "sent once: {refunds:?}");
     assert_eq!(
