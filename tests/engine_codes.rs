@@ -500,3 +500,53 @@ proptest! {
         runtime.block_on(run_codes(ops, provider_latency_us))?;
     }
 }
+
+/// A refund of what a purse the engine keeps paid, a settled payment's or a redeemed code's,
+/// is credited back to that purse as it is owed to the provider; a retry credits nothing more.
+#[tokio::test]
+async fn a_refund_goes_back_to_the_purse_it_was_paid_from() {
+    let h = Harness::new();
+    let payer = purse_user(&h, "purse-refund", 10_000).await;
+
+    // A payment of 3,000 from the purse, settled at once.
+    let mut record = payer.record(h.engine.now_ms(), 3_000, PROVIDER_OK, "POS-1");
+    record.means = MeansKind::EMoney;
+    record.means_id = 2;
+    let payment_id = request_id();
+    let outcome = h
+        .engine
+        .authorize(settlegate_engine::AuthorizeRequest {
+            client_request_id: payment_id,
+            inherent_id: record.sign(payer.credential.device_key.expose()),
+        })
+        .await
+        .unwrap();
+    approved(outcome);
+    assert_eq!(available(&h, &payer).await, (7_000, 7_000));
+    let refund_id = request_id();
+    let refund =
+        || h.engine.refund_payment(refund_id, &payer.user, payment_id.get(), 1_200, "POS-1".into());
+    refund().await.unwrap();
+    assert_eq!(available(&h, &payer).await, (8_200, 8_200));
+    refund().await.unwrap();
+    assert_eq!(available(&h, &payer).await, (8_200, 8_200), "a retry credits nothing more");
+
+    // A code of 2,000 paid from the purse, redeemed for all of it, then refunded in part.
+    let code = issue(&h, code_request(&h, &payer, 2_000, (MeansKind::EMoney, 2))).await;
+    h.engine.redeem_code(redeem(&code, 2_000, "POS-1")).await.unwrap();
+    assert_eq!(available(&h, &payer).await, (6_200, 6_200));
+    h.engine.refund_code(request_id(), code.number, 500, "POS-1".into()).await.unwrap();
+    assert_eq!(available(&h, &payer).await, (6_700, 6_700));
+
+    // A card's payment refunded: no purse moves.
+    let card_id = request_id();
+    let card = payer.signed(h.engine.now_ms(), 1_000, PROVIDER_OK, "POS-1");
+    let request =
+        settlegate_engine::AuthorizeRequest { client_request_id: card_id, inherent_id: card };
+    approved(h.engine.authorize(request).await.unwrap());
+    h.engine
+        .refund_payment(request_id(), &payer.user, card_id.get(), 1_000, "POS-1".into())
+        .await
+        .unwrap();
+    assert_eq!(available(&h, &payer).await, (6_700, 6_700));
+}

@@ -22,8 +22,8 @@ use rkyv::{Archive, Deserialize, Serialize};
 use super::archive::Via;
 use super::idempotency::{FrozenRecords, IdemKey, IdemState, Idempotency};
 use super::state::{
-    CodeMoney, CodeRecord, CodeState, CouponRecord, Ledger, Obligation, Reference, ShardState,
-    Shared, User,
+    CodeMoney, CodeRecord, CodeState, CouponRecord, Ledger, Obligation, Reference, SettledPayment,
+    ShardState, Shared, User,
 };
 use crate::age::{AgePolicy, AgeRegistration};
 use crate::cow::{CowMap, Frozen};
@@ -41,7 +41,7 @@ pub(crate) struct ShardImage {
     state: StateImage,
     money: MoneyImage,
     /// By idempotency key.
-    settled: Vec<(IdemKey, CodeMoney)>,
+    settled: Vec<(IdemKey, SettledPayment)>,
 }
 
 /// One shard's whole state as snapshot format version 8 held it: [`ShardImage`] without the
@@ -129,7 +129,7 @@ pub(crate) struct Capture {
     code_seq: u64,
     /// A copy: references of codes and operations owed (small next to the maps above).
     money: Ledger,
-    settled: Frozen<IdemKey, CodeMoney>,
+    settled: Frozen<IdemKey, SettledPayment>,
 }
 
 impl Capture {
@@ -228,7 +228,7 @@ impl Capture {
             codes: money.codes.into_iter().collect(),
             owed: money.owed.into_iter().collect(),
         };
-        let mut settled: Vec<(IdemKey, CodeMoney)> =
+        let mut settled: Vec<(IdemKey, SettledPayment)> =
             settled.iter().map(|(key, kept)| (*key, kept.clone())).collect();
         settled.sort_unstable_by_key(|(key, _)| *key);
         ShardImage { state, money, settled }
@@ -267,10 +267,10 @@ impl Restore for ShardState {
                 .map_err(decode_error)?;
             restore(&image.state, self)?;
             restore_money(&image.money, self)?;
-            let settled: Vec<(IdemKey, CodeMoney)> = owned(&image.settled)?;
+            let settled: Vec<(IdemKey, SettledPayment)> = owned(&image.settled)?;
             self.settled_expiry = settled
                 .iter()
-                .map(|(key, kept)| (self.refundable_until(kept.reference.at_ms), *key))
+                .map(|(key, kept)| (self.refundable_until(kept.money.reference.at_ms), *key))
                 .collect();
             self.settled.insert_in_bulk(settled);
             Ok(())
@@ -485,7 +485,10 @@ mod tests {
         state.money.owed.insert(1, obligation);
         state.money.codes.insert(3, CodeMoney { reference: reference.clone(), refunds: vec![] });
         state.money.in_flight.insert(((1, 2), 3), reference.clone());
-        let sale = CodeMoney { reference, refunds: vec![((4, 5), 300)] };
+        let sale = SettledPayment {
+            money: CodeMoney { reference, refunds: vec![((4, 5), 300)] },
+            purse: None,
+        };
         state.settled.insert((6, 7), sale);
         let until_ms = state.refundable_until(1_700_000_000_000);
         state.settled_expiry.insert((until_ms, (6, 7)));

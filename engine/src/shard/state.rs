@@ -1022,8 +1022,8 @@ mod wallet;
 pub(crate) use accounts::{AccountsReply, AddedMeans, Credentials, IssuedKey};
 pub(crate) use codes::{CodeCompletion, CodeRequest, CodeView, CodesReply, Delivery, Swept};
 pub(crate) use money::{
-    Acknowledged, CodeMoney, Journaled, Ledger, MoneyReply, Obligation, Owed, OwedView, Reference,
-    RefundedCode, VoidedCode,
+    Acknowledged, CodeMoney, Journaled, Ledger, MoneyReply, Obligation, Owed, OwedView, PurseOf,
+    Reference, RefundedCode, SettledPayment, VoidedCode,
 };
 pub(crate) use settlement::{Completion, Payment, SettlementReply};
 pub(crate) use stores::StoresReply;
@@ -1059,7 +1059,7 @@ pub(crate) struct ShardState {
     /// Settled payments that may be refunded (`REFUND` target 2), by their idempotency key
     /// (the paying user's hash and the payment's client request ID), until their refund
     /// window ends (`state/money.rs`). Shared with a snapshot being written, as the codes.
-    pub(crate) settled: CowMap<IdemKey, CodeMoney>,
+    pub(crate) settled: CowMap<IdemKey, SettledPayment>,
     /// The same, by the end of their refund window, for the sweeper.
     pub(crate) settled_expiry: std::collections::BTreeSet<(i64, IdemKey)>,
 }

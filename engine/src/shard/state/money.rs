@@ -180,6 +180,24 @@ impl CodeMoney {
     }
 }
 
+/// A settled payment, as kept for its refunds (`REFUND` target 2).
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub(crate) struct SettledPayment {
+    /// Its reference and its refunds.
+    pub(crate) money: CodeMoney,
+    /// The stored-value means it was paid from, when the engine keeps that balance: each
+    /// refund is credited back to it as it is owed to the provider.
+    pub(crate) purse: Option<PurseOf>,
+}
+
+/// A user's stored-value means, by its ID.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub(crate) struct PurseOf {
+    #[rkyv(with = Via<(u8, String)>)]
+    pub(crate) user: UserKey,
+    pub(crate) means_id: u32,
+}
+
 /// What a shard owes its providers and what it keeps to owe them more.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Ledger {
@@ -377,12 +395,16 @@ impl ShardState {
             return Err(ReasonCode::NotRefundable);
         };
         let captured_minor = redemption.captured_minor;
+        let paid_from = PurseOf { user: record.user.clone(), means_id: record.means_id };
         let full = self.owed_full();
         let Some(money) = self.money.codes.get_mut(&number) else {
             // Issued before this build kept references: its provider cannot be reached.
             return Err(ReasonCode::NotRefundable);
         };
         let (reference, refunded) = money.refund(captured_minor, amount_minor, key, full)?;
+        // A code paid from a purse the engine keeps: the refund goes back to it (a card's
+        // money goes back through its provider alone).
+        self.credit_purse(&paid_from, amount_minor);
         self.owe(reference, Owed::Refund(amount_minor), now_ms);
         Ok(refunded)
     }
@@ -401,6 +423,7 @@ impl ShardState {
         key: IdemKey,
         reference: &Reference,
         auth_code: AuthCode,
+        purse: Option<PurseOf>,
     ) {
         let provider = self.shared.registry.provider(reference.provider_code);
         if !provider.is_some_and(|provider| provider.adapter.refunds_sales())
@@ -416,11 +439,11 @@ impl ShardState {
         let mut reference = reference.clone();
         reference.auth_code = Some(auth_code);
         let until_ms = self.refundable_until(reference.at_ms);
-        let kept = CodeMoney { reference, refunds: Vec::new() };
+        let kept = SettledPayment { money: CodeMoney { reference, refunds: Vec::new() }, purse };
         // The same key again (its client request ID reused once its record was dropped): the
         // later payment replaces the earlier.
         if let Some(earlier) = self.settled.insert(key, kept) {
-            let earlier_until = self.refundable_until(earlier.reference.at_ms);
+            let earlier_until = self.refundable_until(earlier.money.reference.at_ms);
             self.settled_expiry.remove(&(earlier_until, key));
         }
         self.settled_expiry.insert((until_ms, key));
@@ -452,15 +475,29 @@ impl ShardState {
             return Err(ReasonCode::UnknownPayment);
         };
         // Another terminal's payment, and one past its window not swept yet, are not found.
-        let until_ms = self.refundable_until(kept.reference.at_ms);
-        if !may_refund(&kept.reference.terminal_id) || now_ms >= until_ms {
+        let until_ms = self.refundable_until(kept.money.reference.at_ms);
+        if !may_refund(&kept.money.reference.terminal_id) || now_ms >= until_ms {
             return Err(ReasonCode::UnknownPayment);
         }
-        let captured_minor = kept.reference.amount_minor;
+        let captured_minor = kept.money.reference.amount_minor;
         let full = self.owed_full();
         let kept = self.settled.get_mut(&payment).expect("checked above");
-        let (reference, refunded) = kept.refund(captured_minor, amount_minor, key, full)?;
+        let (reference, refunded) = kept.money.refund(captured_minor, amount_minor, key, full)?;
+        if let Some(purse) = kept.purse.clone() {
+            self.credit_purse(&purse, amount_minor);
+        }
         self.owe(reference, Owed::RefundSettled(amount_minor), now_ms);
         Ok(refunded)
+    }
+
+    /// Credits `amount_minor` refunded back to the purse it was paid from, if that means is a
+    /// stored-value one the engine keeps (and is still registered). Money returned is never
+    /// refused: the balance may pass the top-up limit.
+    fn credit_purse(&mut self, of: &PurseOf, amount_minor: u64) {
+        let Some(account) = self.users.get_mut(&of.user).map(Arc::make_mut) else { return };
+        let means = account.means.iter_mut().find(|m| m.means_id == of.means_id);
+        if let Some(purse) = means.and_then(|m| m.purse.as_mut()) {
+            purse.balance_minor = purse.balance_minor.saturating_add(amount_minor);
+        }
     }
 }
