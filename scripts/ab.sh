@@ -9,14 +9,17 @@
 #   scripts/ab.sh BIN_A BIN_B [PAIRS]                  (PAIRS: 3)
 #   A_ENGINE="shards = 2" B_ENGINE="shards = 1" scripts/ab.sh BIN BIN
 #   A_ENV="RUST_LOG=debug" scripts/ab.sh BIN BIN              (environment of A's server)
+#   B_ADAPTER="refunds_sales = true" scripts/ab.sh BIN BIN   (fields of B's simulated provider;
+#                                      "default": none, for a build older than refunds_sales)
 #
 # BIN is a `settlegate` binary (for example a copy of target/release/settlegate built at another
 # commit); loadgen is this tree's, built here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ $# -ge 2 ] || { sed -n '2,14p' "$0" >&2; exit 2; }
+[ $# -ge 2 ] || { sed -n '2,16p' "$0" >&2; exit 2; }
 bins=("$1" "$2") pairs=${3:-3}
 envs=("${A_ENV:-}" "${B_ENV:-}") engines=("${A_ENGINE:-}" "${B_ENGINE:-}")
+adapters=("${A_ADAPTER:-}" "${B_ADAPTER:-}")
 PORT=7989 HTTP=9989
 # shellcheck source=scripts/bench-config.sh
 . scripts/bench-config.sh
@@ -30,7 +33,7 @@ ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 for pair in $(seq "$pairs"); do
   for side in 0 1; do
     name=$([ $side = 0 ] && echo A || echo B)
-    bench_config "$PORT" "$HTTP" "${engines[$side]}" > "$work/bench.toml"
+    bench_config "$PORT" "$HTTP" "${engines[$side]}" "${adapters[$side]}" > "$work/bench.toml"
     # shellcheck disable=SC2086
     env ${envs[$side]} "${bins[$side]}" serve --config "$work/bench.toml" > "$work/sg.out" 2>&1 &
     sg_pid=$!

@@ -3,13 +3,22 @@
 #
 #   bench_config PORT HTTP_PORT [ENGINE_LINES] [ADAPTER_FIELDS] > bench.toml
 #
-# A zero-latency simulated provider, so the engine is what is measured (as Redis is), and Argon2
+# A zero-latency simulated provider, so the engine is what is measured (as Redis is), that
+# settles no sales for refunds (refunds_sales = false: the engine keeps no payment for a later
+# REFUND; what keeping them costs is measured on its own, docs/BENCHMARKS.md), and Argon2
 # costs lowered, because enrolling the dataset is setup, not measurement (bench only).
 # ENGINE_LINES (e.g. "shards = 2", or 'durability = { data_dir = "/tmp/x", fsync = "always" }')
 # go into [engine]; ADAPTER_FIELDS (e.g. "latency_us_min = 500, latency_us_max = 1000") into the
 # simulated provider's adapter table; the rest is the embedded default.
 bench_config() {
-  local port=$1 http=$2 engine_lines=${3:-} adapter_fields=${4:+, $4} key_sha
+  local port=$1 http=$2 engine_lines=${3:-} adapter_fields=${4:+, $4} key_sha refunds
+  # No sales kept for refunds, unless ADAPTER_FIELDS says otherwise; ADAPTER_FIELDS "default"
+  # leaves the field out (the build's own default: a build older than the field refuses it).
+  case "${4:-}" in
+    *refunds_sales*) refunds="" ;;
+    default) refunds="" adapter_fields="" ;;
+    *) refunds=", refunds_sales = false" ;;
+  esac
   key_sha=$(printf %s sg-demo-key | sha256sum | cut -d' ' -f1)
   cat <<TOML
 [server]
@@ -29,7 +38,7 @@ vault = { key_hex = "$(printf '77%.0s' $(seq 32))" }
 [[engine.providers]]
 code = 1
 name = "zero-latency"
-adapter = { kind = "simulated"$adapter_fields }
+adapter = { kind = "simulated"$refunds$adapter_fields }
 limits = { concurrency_max = 1000000, timeout_ms = 5000 }
 TOML
 }

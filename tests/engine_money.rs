@@ -925,3 +925,23 @@ async fn a_provider_out_of_reach_holds_up_no_other() {
     assert_eq!(owed.iter().map(|q| (q.provider_code, q.depth)).collect::<Vec<_>>(), [(ISO, 1)]);
     h.engine.shutdown().await;
 }
+
+/// A provider configured to take no refunds of sales (`refunds_sales = false`): the engine
+/// keeps none of its payments, and a `REFUND` of one is answered 114, as for a payment unknown.
+#[tokio::test]
+async fn a_provider_that_takes_no_sale_refunds_keeps_nothing_to_refund() {
+    let mut config = config();
+    for provider in &mut config.providers {
+        if let AdapterConfig::Simulated(simulated) = &mut provider.adapter {
+            simulated.refunds_sales = provider.code != PROVIDER_OK;
+        }
+    }
+    let h = Harness::with_config(config);
+    let ida = h.user("no-sale-refunds").await;
+    let id = request_id();
+    let inherent_id = ida.signed(h.engine.now_ms(), 1_000, PROVIDER_OK, "POS-N");
+    let outcome = h.engine.authorize(AuthorizeRequest { client_request_id: id, inherent_id });
+    assert!(matches!(outcome.await.unwrap(), AuthOutcome::Approved(_)));
+    let refund = h.engine.refund_payment(request_id(), &ida.user, id.get(), 100, "POS-N".into());
+    assert_eq!(refund.await, Err(refused(ReasonCode::UnknownPayment)));
+}

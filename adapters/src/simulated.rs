@@ -54,6 +54,12 @@ pub struct SimulatedConfig {
     /// (the oldest first), and operations on it are then refused as unknown. The table is
     /// made at start: about 64 bytes a slot.
     pub ledger_max: usize,
+    /// Whether it settles sales with their approval for the engine to refund later
+    /// ([`ProviderAdapter::refunds_sales`]): the engine then keeps each approved payment for
+    /// its refund window, which costs every payment an index entry (`docs/CONFIG.md`,
+    /// `settled_max_per_shard`). `true` by default; `false` for a provider whose sales are
+    /// never refunded through the engine.
+    pub refunds_sales: bool,
 }
 
 impl Default for SimulatedConfig {
@@ -66,6 +72,7 @@ impl Default for SimulatedConfig {
             failure_rate: 0.0,
             approve_limit_minor: u64::MAX,
             ledger_max: LEDGER_MAX_DEFAULT,
+            refunds_sales: true,
         }
     }
 }
@@ -386,7 +393,7 @@ impl ProviderAdapter for Simulated {
 
     /// A sale is captured with its approval ([`SimulatedHold::sale`]): refunds may follow.
     fn refunds_sales(&self) -> bool {
-        true
+        self.config.refunds_sales
     }
 
     fn decide_now(
