@@ -378,7 +378,7 @@ fn shard_items(state: &ShardState, items: &mut Vec<ReportItem>) {
     }
     // Settled payments still kept: their refunds older than the log, made again from their
     // state (a refund in the log is in `by_dispatch`, below).
-    for (_, kept) in state.settled.iter() {
+    for (_, kept) in state.settled.entries() {
         let money = &kept.money;
         let reference = &money.reference;
         let ops = by_dispatch.entry(reference.dispatch_id).or_default();

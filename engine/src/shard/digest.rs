@@ -56,7 +56,7 @@ impl ShardState {
             unordered("in flight", self.money.in_flight.iter()),
             unordered("code money", self.money.codes.iter()),
             unordered("owed", self.money.owed.iter()),
-            unordered("settled", self.settled.iter()),
+            unordered("settled", self.settled.entries()),
             hash_of("operations", self.money.op_seq),
         ];
         let mut ring = HashWriter(FxHasher::default());

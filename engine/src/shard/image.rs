@@ -23,7 +23,7 @@ use super::archive::Via;
 use super::idempotency::{FrozenRecords, IdemKey, IdemState, Idempotency};
 use super::state::{
     CodeMoney, CodeRecord, CodeState, CouponRecord, Ledger, Obligation, Reference, SettledPayment,
-    ShardState, Shared, User,
+    SettledStore, ShardState, Shared, User,
 };
 use crate::age::{AgePolicy, AgeRegistration};
 use crate::cow::{CowMap, Frozen};
@@ -129,7 +129,7 @@ pub(crate) struct Capture {
     code_seq: u64,
     /// A copy: references of codes and operations owed (small next to the maps above).
     money: Ledger,
-    settled: Frozen<IdemKey, SettledPayment>,
+    settled: SettledStore,
 }
 
 impl Capture {
@@ -160,7 +160,7 @@ impl Capture {
             dispatch_seq: state.dispatch_seq,
             code_seq: state.code_seq,
             money: state.money.clone(),
-            settled: state.settled.freeze(),
+            settled: state.settled.clone(),
         }
     }
 
@@ -228,9 +228,8 @@ impl Capture {
             codes: money.codes.into_iter().collect(),
             owed: money.owed.into_iter().collect(),
         };
-        let mut settled: Vec<(IdemKey, SettledPayment)> =
-            settled.iter().map(|(key, kept)| (*key, kept.clone())).collect();
-        settled.sort_unstable_by_key(|(key, _)| *key);
+        // In the order kept: the store is a function of that order (`state/settled.rs`).
+        let settled: Vec<(IdemKey, SettledPayment)> = settled.entries().collect();
         ShardImage { state, money, settled }
     }
 
@@ -268,11 +267,18 @@ impl Restore for ShardState {
             restore(&image.state, self)?;
             restore_money(&image.money, self)?;
             let settled: Vec<(IdemKey, SettledPayment)> = owned(&image.settled)?;
-            self.settled_expiry = settled
-                .iter()
-                .map(|(key, kept)| (self.refundable_until(kept.money.reference.at_ms), *key))
-                .collect();
-            self.settled.insert_in_bulk(settled);
+            // None kept under a bound of 0: as the commands' replay would keep none.
+            let settled =
+                settled.into_iter().take(if self.config.settled_max == 0 { 0 } else { usize::MAX });
+            for (key, mut kept) in settled {
+                let until_ms = self.refundable_until(kept.money.reference.at_ms);
+                let refunds = std::mem::take(&mut kept.money.refunds);
+                let dispatch_id = kept.money.reference.dispatch_id;
+                self.settled.push(key, kept, until_ms, self.config.settled_max);
+                if !refunds.is_empty() {
+                    self.settled.set_refunds(dispatch_id, refunds);
+                }
+            }
             Ok(())
         } else if version == LEDGER_VERSION {
             let image = rkyv::access::<ArchivedShardImageV8, rkyv::rancor::Error>(payload)
@@ -485,13 +491,11 @@ mod tests {
         state.money.owed.insert(1, obligation);
         state.money.codes.insert(3, CodeMoney { reference: reference.clone(), refunds: vec![] });
         state.money.in_flight.insert(((1, 2), 3), reference.clone());
-        let sale = SettledPayment {
-            money: CodeMoney { reference, refunds: vec![((4, 5), 300)] },
-            purse: None,
-        };
-        state.settled.insert((6, 7), sale);
+        let dispatch_id = reference.dispatch_id;
+        let sale = SettledPayment { money: CodeMoney { reference, refunds: vec![] }, purse: None };
         let until_ms = state.refundable_until(1_700_000_000_000);
-        state.settled_expiry.insert((until_ms, (6, 7)));
+        state.settled.push((6, 7), sale, until_ms, 10);
+        state.settled.set_refunds(dispatch_id, vec![((4, 5), 300)]);
         state
     }
 
@@ -511,8 +515,9 @@ mod tests {
         assert_eq!(owed.codes, kept.codes);
         assert_eq!(owed.in_flight, kept.in_flight);
         assert_eq!((owed.op_seq, state.dispatch_seq, state.code_seq), (1, 5, 3));
-        assert_eq!(state.settled.get(&(6, 7)), owing().settled.get(&(6, 7)));
-        assert_eq!(state.settled_expiry, owing().settled_expiry);
+        let entries = |s: &ShardState| s.settled.entries().collect::<Vec<_>>();
+        assert_eq!(entries(&state), entries(&owing()));
+        assert_eq!(state.settled.refunds(5), [((4, 5), 300)]);
         assert_eq!(state.digest(), owing().digest());
     }
 
@@ -525,7 +530,7 @@ mod tests {
         let state = restored(LEDGER_VERSION, &payload.unwrap());
         assert_eq!(state.money.owed, owing().money.owed);
         assert_eq!(state.money.codes, owing().money.codes);
-        assert!(state.settled.is_empty() && state.settled_expiry.is_empty());
+        assert!(state.settled.is_empty());
     }
 
     /// The operations owed, as a format 8 snapshot archived them (before

@@ -1015,6 +1015,7 @@ mod age_registry;
 mod codes;
 mod money;
 mod providers;
+mod settled;
 mod settlement;
 mod stores;
 mod wallet;
@@ -1025,6 +1026,7 @@ pub(crate) use money::{
     Acknowledged, CodeMoney, Journaled, Ledger, MoneyReply, Obligation, Owed, OwedView, PurseOf,
     Reference, RefundedCode, SettledPayment, VoidedCode,
 };
+pub(crate) use settled::SettledStore;
 pub(crate) use settlement::{Completion, Payment, SettlementReply};
 pub(crate) use stores::StoresReply;
 pub(crate) use wallet::WalletReply;
@@ -1058,10 +1060,8 @@ pub(crate) struct ShardState {
     pub(crate) money: Ledger,
     /// Settled payments that may be refunded (`REFUND` target 2), by their idempotency key
     /// (the paying user's hash and the payment's client request ID), until their refund
-    /// window ends (`state/money.rs`). Shared with a snapshot being written, as the codes.
-    pub(crate) settled: CowMap<IdemKey, SettledPayment>,
-    /// The same, by the end of their refund window, for the sweeper.
-    pub(crate) settled_expiry: std::collections::BTreeSet<(i64, IdemKey)>,
+    /// window ends (`state/money.rs`, `state/settled.rs`).
+    pub(crate) settled: SettledStore,
 }
 
 impl ShardState {
@@ -1081,8 +1081,7 @@ impl ShardState {
             config,
             owned_providers: std::collections::BTreeSet::new(),
             money: Ledger::default(),
-            settled: CowMap::new(CHUNK_BITS_LARGE),
-            settled_expiry: std::collections::BTreeSet::new(),
+            settled: SettledStore::default(),
         }
     }
 

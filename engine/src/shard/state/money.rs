@@ -417,7 +417,7 @@ impl ShardState {
     /// A payment approved and recorded on its idempotency record `key` (a sale: `AUTHORIZE`,
     /// settled with its approval under `auth_code`): kept for its refunds, with `reference`,
     /// when its provider takes refunds of sales, until its refund window ends. At the bound
-    /// (`settled_max`) the one whose window ends first makes room.
+    /// (`settled_max`) the oldest kept make room (`state/settled.rs`).
     pub(super) fn keep_settled(
         &mut self,
         key: IdemKey,
@@ -432,32 +432,18 @@ impl ShardState {
         {
             return;
         }
-        while self.settled.len() >= self.config.settled_max {
-            let Some((_, oldest)) = self.settled_expiry.pop_first() else { break };
-            self.settled.remove(&oldest);
-        }
         let mut reference = reference.clone();
         reference.auth_code = Some(auth_code);
         let until_ms = self.refundable_until(reference.at_ms);
         let kept = SettledPayment { money: CodeMoney { reference, refunds: Vec::new() }, purse };
         // The same key again (its client request ID reused once its record was dropped): the
-        // later payment replaces the earlier.
-        if let Some(earlier) = self.settled.insert(key, kept) {
-            let earlier_until = self.refundable_until(earlier.money.reference.at_ms);
-            self.settled_expiry.remove(&(earlier_until, key));
-        }
-        self.settled_expiry.insert((until_ms, key));
+        // later payment is the one found from now on.
+        self.settled.push(key, kept, until_ms, self.config.settled_max);
     }
 
     /// The sweeper: settled payments past their refund window are no longer kept.
     pub(super) fn sweep_settled(&mut self, now_ms: i64) {
-        while let Some(&(until_ms, key)) = self.settled_expiry.first() {
-            if until_ms > now_ms {
-                break;
-            }
-            self.settled_expiry.pop_first();
-            self.settled.remove(&key);
-        }
+        self.settled.sweep(now_ms);
     }
 
     /// `REFUND` of `amount_minor` of settled payment `payment` (its idempotency key) by
@@ -480,10 +466,14 @@ impl ShardState {
             return Err(ReasonCode::UnknownPayment);
         }
         let captured_minor = kept.money.reference.amount_minor;
+        let dispatch_id = kept.money.reference.dispatch_id;
+        let purse = kept.purse.clone();
+        let refunds = self.settled.refunds(dispatch_id).to_vec();
+        let mut money = CodeMoney { reference: kept.money.reference.clone(), refunds };
         let full = self.owed_full();
-        let kept = self.settled.get_mut(&payment).expect("checked above");
-        let (reference, refunded) = kept.money.refund(captured_minor, amount_minor, key, full)?;
-        if let Some(purse) = kept.purse.clone() {
+        let (reference, refunded) = money.refund(captured_minor, amount_minor, key, full)?;
+        self.settled.set_refunds(dispatch_id, money.refunds);
+        if let Some(purse) = purse {
             self.credit_purse(&purse, amount_minor);
         }
         self.owe(reference, Owed::RefundSettled(amount_minor), now_ms);
