@@ -22,8 +22,8 @@ use rkyv::{Archive, Deserialize, Serialize};
 use super::archive::Via;
 use super::idempotency::{FrozenRecords, IdemKey, IdemState, Idempotency};
 use super::state::{
-    CodeMoney, CodeRecord, CodeState, CouponRecord, Ledger, Obligation, Reference, SettledPayment,
-    SettledStore, ShardState, Shared, User,
+    CodeMoney, CodeRecord, CodeState, CouponRecord, Kept, Ledger, Obligation, Reference,
+    SettledPayment, SettledStore, ShardState, Shared, User,
 };
 use crate::age::{AgePolicy, AgeRegistration};
 use crate::cow::{CowMap, Frozen};
@@ -270,10 +270,11 @@ impl Restore for ShardState {
             // None kept under a bound of 0: as the commands' replay would keep none.
             let settled =
                 settled.into_iter().take(if self.config.settled_max == 0 { 0 } else { usize::MAX });
-            for (key, mut kept) in settled {
-                let until_ms = self.refundable_until(kept.money.reference.at_ms);
-                let refunds = std::mem::take(&mut kept.money.refunds);
-                let dispatch_id = kept.money.reference.dispatch_id;
+            for (key, SettledPayment { money, purse }) in settled {
+                let CodeMoney { reference, refunds } = money;
+                let until_ms = self.refundable_until(reference.at_ms);
+                let dispatch_id = reference.dispatch_id;
+                let kept = Kept { reference, purse };
                 self.settled.push(key, kept, until_ms, self.config.settled_max);
                 if !refunds.is_empty() {
                     self.settled.set_refunds(dispatch_id, refunds);
@@ -492,9 +493,8 @@ mod tests {
         state.money.codes.insert(3, CodeMoney { reference: reference.clone(), refunds: vec![] });
         state.money.in_flight.insert(((1, 2), 3), reference.clone());
         let dispatch_id = reference.dispatch_id;
-        let sale = SettledPayment { money: CodeMoney { reference, refunds: vec![] }, purse: None };
         let until_ms = state.refundable_until(1_700_000_000_000);
-        state.settled.push((6, 7), sale, until_ms, 10);
+        state.settled.push((6, 7), Kept { reference, purse: None }, until_ms, 10);
         state.settled.set_refunds(dispatch_id, vec![((4, 5), 300)]);
         state
     }

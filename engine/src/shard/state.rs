@@ -1026,7 +1026,7 @@ pub(crate) use money::{
     Acknowledged, CodeMoney, Journaled, Ledger, MoneyReply, Obligation, Owed, OwedView, PurseOf,
     Reference, RefundedCode, SettledPayment, VoidedCode,
 };
-pub(crate) use settled::SettledStore;
+pub(crate) use settled::{Kept, SettledStore};
 pub(crate) use settlement::{Completion, Payment, SettlementReply};
 pub(crate) use stores::StoresReply;
 pub(crate) use wallet::WalletReply;

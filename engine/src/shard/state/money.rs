@@ -180,7 +180,8 @@ impl CodeMoney {
     }
 }
 
-/// A settled payment, as kept for its refunds (`REFUND` target 2).
+/// A settled payment with its refunds (`REFUND` target 2), as a snapshot and a report hold it
+/// (the store keeps a [`super::Kept`] and the refunds beside it, `state/settled.rs`).
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub(crate) struct SettledPayment {
     /// Its reference and its refunds.
@@ -416,14 +417,15 @@ impl ShardState {
 
     /// A payment approved and recorded on its idempotency record `key` (a sale: `AUTHORIZE`,
     /// settled with its approval under `auth_code`): kept for its refunds, with `reference`,
-    /// when its provider takes refunds of sales, until its refund window ends. At the bound
+    /// when its provider takes refunds of sales, until its refund window ends; and the purse
+    /// (`user`'s means `means_id`) it was paid from, if the engine keeps that balance. At the bound
     /// (`settled_max`) the oldest kept make room (`state/settled.rs`).
     pub(super) fn keep_settled(
         &mut self,
         key: IdemKey,
         reference: &Reference,
         auth_code: AuthCode,
-        purse: Option<PurseOf>,
+        (user, means_id): (&UserKey, u32),
     ) {
         let provider = self.shared.registry.provider(reference.provider_code);
         if !provider.is_some_and(|provider| provider.adapter.refunds_sales())
@@ -432,13 +434,17 @@ impl ShardState {
         {
             return;
         }
+        // Paid from a purse the engine keeps: a refund is credited back there.
+        let paid_from_purse = self.users.get(user).is_some_and(|account| {
+            account.means.iter().any(|m| m.means_id == means_id && m.purse.is_some())
+        });
+        let purse = paid_from_purse.then(|| PurseOf { user: user.clone(), means_id });
         let mut reference = reference.clone();
         reference.auth_code = Some(auth_code);
         let until_ms = self.refundable_until(reference.at_ms);
-        let kept = SettledPayment { money: CodeMoney { reference, refunds: Vec::new() }, purse };
         // The same key again (its client request ID reused once its record was dropped): the
         // later payment is the one found from now on.
-        self.settled.push(key, kept, until_ms, self.config.settled_max);
+        self.settled.push(key, Kept { reference, purse }, until_ms, self.config.settled_max);
     }
 
     /// The sweeper: settled payments past their refund window are no longer kept.
@@ -461,15 +467,15 @@ impl ShardState {
             return Err(ReasonCode::UnknownPayment);
         };
         // Another terminal's payment, and one past its window not swept yet, are not found.
-        let until_ms = self.refundable_until(kept.money.reference.at_ms);
-        if !may_refund(&kept.money.reference.terminal_id) || now_ms >= until_ms {
+        let until_ms = self.refundable_until(kept.reference.at_ms);
+        if !may_refund(&kept.reference.terminal_id) || now_ms >= until_ms {
             return Err(ReasonCode::UnknownPayment);
         }
-        let captured_minor = kept.money.reference.amount_minor;
-        let dispatch_id = kept.money.reference.dispatch_id;
+        let captured_minor = kept.reference.amount_minor;
+        let dispatch_id = kept.reference.dispatch_id;
         let purse = kept.purse.clone();
         let refunds = self.settled.refunds(dispatch_id).to_vec();
-        let mut money = CodeMoney { reference: kept.money.reference.clone(), refunds };
+        let mut money = CodeMoney { reference: kept.reference.clone(), refunds };
         let full = self.owed_full();
         let (reference, refunded) = money.refund(captured_minor, amount_minor, key, full)?;
         self.settled.set_refunds(dispatch_id, money.refunds);

@@ -18,15 +18,24 @@ use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 
-use super::{CodeMoney, IdemKey, SettledPayment};
+use super::{CodeMoney, IdemKey, PurseOf, Reference, SettledPayment};
 
 /// The most payments a block holds.
 const BLOCK_MAX: usize = 8_192;
 
+/// A settled payment as the store keeps it: what a refund needs, its refunds beside it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Kept {
+    /// The payment's reference, with its auth code.
+    pub(crate) reference: Reference,
+    /// The purse it was paid from, if the engine keeps that balance.
+    pub(crate) purse: Option<PurseOf>,
+}
+
 /// A sealed block: its payments in the order they were kept, and its keys sorted.
 #[derive(Debug)]
 struct Block {
-    entries: Vec<(IdemKey, SettledPayment)>,
+    entries: Vec<(IdemKey, Kept)>,
     /// Each key with its entry's position, sorted by key then position.
     sorted: Vec<(IdemKey, u32)>,
     /// The latest end of a refund window among its payments.
@@ -35,7 +44,7 @@ struct Block {
 
 impl Block {
     /// The last entry kept under `key`, if any.
-    fn find(&self, key: &IdemKey) -> Option<&SettledPayment> {
+    fn find(&self, key: &IdemKey) -> Option<&Kept> {
         let after = self.sorted.partition_point(|(k, _)| k <= key);
         let (k, at) = self.sorted.get(after.checked_sub(1)?)?;
         (k == key).then(|| &self.entries[*at as usize].1)
@@ -48,7 +57,7 @@ impl Block {
 pub(crate) struct SettledStore {
     sealed: VecDeque<Arc<Block>>,
     /// The block being filled, and its keys' positions in it.
-    open: Vec<(IdemKey, SettledPayment)>,
+    open: Vec<(IdemKey, Kept)>,
     open_index: FxHashMap<IdemKey, u32>,
     open_until_max_ms: i64,
     /// Refunds made of each payment, by its dispatch ID: (the refund's idempotency key, its
@@ -76,16 +85,10 @@ impl SettledStore {
         (max / 16).clamp(1, BLOCK_MAX)
     }
 
-    /// Keeps `payment` under `key` (its refunds empty), its refund window ending at
+    /// Keeps `payment` under `key`, its refund window ending at
     /// `until_ms`, in a store of at most `max` payments: at the bound, the oldest block makes
     /// room. A key kept before is found as this payment from now on.
-    pub(crate) fn push(
-        &mut self,
-        key: IdemKey,
-        payment: SettledPayment,
-        until_ms: i64,
-        max: usize,
-    ) {
+    pub(crate) fn push(&mut self, key: IdemKey, payment: Kept, until_ms: i64, max: usize) {
         if self.open.len() >= Self::block_len(max) {
             self.seal();
         }
@@ -113,7 +116,7 @@ impl SettledStore {
         let Some(block) = self.sealed.pop_front() else { return };
         self.len -= block.entries.len();
         for (_, payment) in &block.entries {
-            self.refunds.remove(&payment.money.reference.dispatch_id);
+            self.refunds.remove(&payment.reference.dispatch_id);
         }
     }
 
@@ -126,8 +129,8 @@ impl SettledStore {
         }
     }
 
-    /// The payment last kept under `key`, its refunds not filled in (see [`Self::refunds`]).
-    pub(crate) fn get(&self, key: &IdemKey) -> Option<&SettledPayment> {
+    /// The payment last kept under `key` (its refunds: [`Self::refunds`]).
+    pub(crate) fn get(&self, key: &IdemKey) -> Option<&Kept> {
         if let Some(&at) = self.open_index.get(key) {
             return Some(&self.open[at as usize].1);
         }
@@ -147,11 +150,11 @@ impl SettledStore {
     /// Every payment kept, in the order kept, with its refunds filled in.
     pub(crate) fn entries(&self) -> impl Iterator<Item = (IdemKey, SettledPayment)> + '_ {
         let sealed = self.sealed.iter().flat_map(|block| block.entries.iter());
-        sealed.chain(self.open.iter()).map(|(key, payment)| {
-            let reference = payment.money.reference.clone();
+        sealed.chain(self.open.iter()).map(|(key, kept)| {
+            let reference = kept.reference.clone();
             let refunds = self.refunds(reference.dispatch_id).to_vec();
             let money = CodeMoney { reference, refunds };
-            (*key, SettledPayment { money, purse: payment.purse.clone() })
+            (*key, SettledPayment { money, purse: kept.purse.clone() })
         })
     }
 }
@@ -159,10 +162,9 @@ impl SettledStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shard::state::Reference;
     use crate::types::Currency;
 
-    fn payment(dispatch_id: u64) -> SettledPayment {
+    fn payment(dispatch_id: u64) -> Kept {
         let reference = Reference {
             dispatch_id,
             provider_code: 1,
@@ -173,7 +175,7 @@ mod tests {
             card_token: None,
             at_ms: dispatch_id as i64,
         };
-        SettledPayment { money: CodeMoney { reference, refunds: Vec::new() }, purse: None }
+        Kept { reference, purse: None }
     }
 
     fn ids(store: &SettledStore) -> Vec<u64> {
@@ -189,14 +191,14 @@ mod tests {
         }
         assert!(store.len() <= max && store.len() > max - 4, "{}", store.len());
         // Key 5 was kept as payments 5, 45 and 85: the last is found.
-        assert_eq!(store.get(&(5, 5)).unwrap().money.reference.dispatch_id, 85);
+        assert_eq!(store.get(&(5, 5)).unwrap().reference.dispatch_id, 85);
         // The oldest left: what stays is a run of the newest.
         let kept = ids(&store);
         assert_eq!(kept, ((100 - kept.len() as u64)..100).collect::<Vec<_>>());
         // Every key of the last 40 payments is found as its latest.
         for id in 60..100u64 {
             let key = (id % 40, u128::from(id % 40));
-            assert_eq!(store.get(&key).unwrap().money.reference.dispatch_id, id);
+            assert_eq!(store.get(&key).unwrap().reference.dispatch_id, id);
         }
         assert!(store.get(&(99, 99)).is_none());
     }

@@ -204,12 +204,7 @@ impl ShardState {
         if let (true, AuthOutcome::Approved(approval), Some(reference)) =
             (landed, &outcome, &reference)
         {
-            // Paid from a purse the engine keeps: a refund is credited back there.
-            let paid_from_purse = self.users.get(user).is_some_and(|account| {
-                account.means.iter().any(|m| m.means_id == means_id && m.purse.is_some())
-            });
-            let purse = paid_from_purse.then(|| PurseOf { user: user.clone(), means_id });
-            self.keep_settled(key, reference, approval.auth_code, purse);
+            self.keep_settled(key, reference, approval.auth_code, (user, means_id));
         }
         self.reverse_unrecorded(reference, &outcome, dropped, now_ms);
         let means = self
