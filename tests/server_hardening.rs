@@ -209,7 +209,7 @@ async fn the_largest_issue_coupons_is_answered_and_a_larger_one_refused() {
     // The same again is a retry: the same reply, replayed, and still a frame.
     assert!(client.call_ok(&request).await.is_ok());
     // Past the limit (the review sent 1,000): refused as a bad request, the connection lives.
-    let short = UserKey::new(UserIdType::Mail, "a@b.example".to_owned()).unwrap();
+    let short = UserKey::new(UserIdType::Mail, "a@b.example").unwrap();
     let over = client.call(&issue_coupons(vec![short; 1_000])).await.unwrap();
     assert!(matches!(over, Response::BadRequest(_)), "{over:?}");
     assert!(client.call_ok(&Request::Ping(Ping { payload: vec![] })).await.is_ok());

@@ -179,7 +179,7 @@ impl AgeRecord {
             return Err(BAD);
         }
         let user_id = std::str::from_utf8(&body[13..13 + user_len]).map_err(|_| BAD)?;
-        let user = UserKey::new(id_type, user_id.to_owned()).map_err(|_| BAD)?;
+        let user = UserKey::new(id_type, user_id).map_err(|_| BAD)?;
         let rest = &body[13 + user_len..];
         let be_i64 = |at: usize| i64::from_be_bytes(rest[at..at + 8].try_into().expect("8"));
         let year = i16::from_be_bytes([rest[0], rest[1]]);

@@ -62,6 +62,19 @@ struct KeySlot {
     sealed: Option<Arc<SealedNumber>>,
 }
 
+/// A device key version as the index holds it, prepared by whoever installs it (a shard
+/// replaying its log prepares it and leaves the installing to another thread:
+/// `shard::state::RegistryWrite`).
+pub(crate) struct PreparedKey(KeySlot);
+
+impl PreparedKey {
+    /// Version `version` of a device's key `key`: open at once if `key` is in the clear,
+    /// else opened on first use.
+    pub(crate) fn of(version: u16, key: &NewDeviceKey) -> PreparedKey {
+        PreparedKey(KeySlot::of(version, key))
+    }
+}
+
 impl KeySlot {
     fn new(version: u16, key: &DeviceKey) -> KeySlot {
         let mac = Hmac::<Sha256>::new_from_slice(key.expose()).expect("HMAC takes any key");
@@ -245,20 +258,16 @@ impl DeviceIndex {
 
     /// Installs the first key of a device (applied by the owning user's shard, once the IDm
     /// was claimed for it). An IDm provisioned already is left as it is.
-    pub(crate) fn provision(&self, idm: Idm, user: UserKey, version: u16, key: &NewDeviceKey) {
+    pub(crate) fn provision_prepared(&self, idm: Idm, user: UserKey, key: PreparedKey) {
         if let dashmap::Entry::Vacant(vacant) = self.devices.entry(idm) {
-            vacant.insert(Box::new(DeviceEntry {
-                user,
-                current: KeySlot::of(version, key),
-                previous: None,
-            }));
+            vacant.insert(Box::new(DeviceEntry { user, current: key.0, previous: None }));
         }
     }
 
     /// Replaces a device's key; the previous key stays valid until `grace_until_ms`.
-    pub(crate) fn rotate(&self, idm: &Idm, version: u16, key: &NewDeviceKey, grace_until_ms: i64) {
+    pub(crate) fn rotate_prepared(&self, idm: &Idm, key: PreparedKey, grace_until_ms: i64) {
         if let Some(mut entry) = self.devices.get_mut(idm) {
-            let old = std::mem::replace(&mut entry.current, KeySlot::of(version, key));
+            let old = std::mem::replace(&mut entry.current, key.0);
             entry.previous = Some(Box::new((old, grace_until_ms)));
         }
     }

@@ -12,7 +12,7 @@ use crate::config::EngineConfig;
 use crate::error::EngineError;
 use crate::providers::{Provider, Registry};
 use crate::shard::logged::Logged;
-use crate::shard::state::{Shared, StateConfig};
+use crate::shard::state::{RegistryWrite, Reply, Shared, StateConfig};
 use crate::shard::{Envelope, ShardCore, ShardHandle, ShardState, ShardWal};
 use crate::vault::Vault;
 use crate::wal::record::RecordError;
@@ -163,6 +163,7 @@ pub(crate) fn recover_shards(
     let mut rewrites = Vec::with_capacity(count);
     let mut since_snapshot = Vec::with_capacity(count);
     let mut streamed = 0;
+    let apply_cpu_ms = loaded.iter().map(|shard| shard.apply_cpu.as_millis()).max().unwrap_or(0);
     for (index, shard) in loaded.iter().enumerate() {
         if shard.stale_prev {
             let prev = wal::shard_prev_log_path(dir, index);
@@ -270,6 +271,7 @@ pub(crate) fn recover_shards(
     tracing::info!(
         records = replayed,
         snapshots_loaded_ms = loaded_ms,
+        apply_cpu_ms,
         elapsed_ms,
         dir = %dir.display(),
         "recovered"
@@ -295,6 +297,10 @@ struct LoadedShard {
     /// `envelopes`, the records the log holds after the snapshot (those of the previous log
     /// too, when the two are rewritten as one): where the count toward the next snapshot starts.
     applied: usize,
+    /// The CPU time the shard's thread spent applying commands while the log was read (zero
+    /// when read whole): the replay's own cost, apart from waiting for the reader or the
+    /// machine's other load.
+    apply_cpu: std::time::Duration,
     /// The records to rewrite the log with, encoded while they were applied (a previous log
     /// and the log joined, read as a stream).
     rewrite: Option<Vec<rkyv::util::AlignedVec>>,
@@ -305,6 +311,32 @@ struct LoadedShard {
     consolidate: bool,
     /// Whether a previous log older than the snapshot is there, to remove.
     stale_prev: bool,
+}
+
+/// The CPU time the calling thread has used (zero where the system does not tell).
+fn thread_cpu() -> std::time::Duration {
+    #[cfg(target_os = "linux")]
+    {
+        let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: `now` is a valid timespec to write; the clock ID is a constant Linux has.
+        if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) } == 0 {
+            return std::time::Duration::new(now.tv_sec as u64, now.tv_nsec as u32);
+        }
+    }
+    std::time::Duration::ZERO
+}
+
+/// Lowers the calling thread's priority below the shards' (nice 10, on Linux): a replay's
+/// helpers (its log's reader, its registry writer) need less than a core between them, and
+/// must not take the shard's, whose thread is the replay's critical path.
+fn yield_to_shards() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: `gettid` has no preconditions; `setpriority` on this thread only lowers its own
+    // priority, which any thread may do (a refusal is harmless: the thread keeps its own).
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10);
+    }
 }
 
 /// A thread builder with `name` (what a profiler or `top -H` shows).
@@ -388,6 +420,8 @@ fn load_shard(
         let log_reader = log_reader.spawn_scoped(scope, move || match reading {
             Reading::Whole => read_commands(log_path, index, count, vault),
             Reading::Stream { map } => {
+                // It runs beside the shard applying what it reads.
+                yield_to_shards();
                 stream_commands(log_path, (index, count), vault, map, (chunks, recycled))
                     .map(|log| (log, Vec::new()))
             }
@@ -427,6 +461,7 @@ fn load_shard(
                     log,
                     envelopes: all,
                     applied: 0,
+                    apply_cpu: std::time::Duration::ZERO,
                     rewrite: None,
                     generation,
                     consolidate: plan.prev_needed,
@@ -445,16 +480,54 @@ fn load_shard(
                 // Joined with the log, the previous one is rewritten with it (`recover_shards`).
                 let mut rewrite = plan.prev_needed.then(Vec::new);
                 let mut prev = std::mem::take(&mut plan.prev_envelopes);
-                let mut applied = apply_in_order(state, &mut prev, &mut rewrite);
+                let cpu_before = thread_cpu();
+                // The commands' writes to the shared registries (device keys, sealed card
+                // numbers) are made in order by a thread of their own while the shard applies
+                // the commands that follow (nothing a command does reads them back), and the
+                // replies nobody reads are dropped there, their memory freed off the shard's
+                // thread. It is not joined: it says when it is done, then ends (handing what it
+                // freed back to the system) while recovery goes on.
+                let (writes, to_write) =
+                    crossbeam::channel::unbounded::<(Vec<RegistryWrite>, Vec<Reply>)>();
+                let (done, written) = crossbeam::channel::bounded::<()>(1);
+                let shared = state.shared.clone();
+                let writer = named(format!("sg-registry-{index}")).spawn(move || {
+                    yield_to_shards();
+                    for (batch, replies) in to_write {
+                        batch.into_iter().for_each(|write| write.apply(&shared));
+                        drop(replies);
+                    }
+                    let _ = done.send(());
+                });
+                writer.expect("a registry writer thread starts");
+                state.defer_registry(true);
+                let mut replies = Vec::with_capacity(REPLAY_CHUNK);
+                let mut apply = |state: &mut ShardState, envelopes: &mut Vec<Envelope>| {
+                    let keep = |reply| replies.push(reply);
+                    let applied = apply_keeping(state, envelopes, &mut rewrite, keep);
+                    let batch = std::mem::take(state.deferred.as_mut().expect("deferred"));
+                    let replies = std::mem::replace(&mut replies, Vec::with_capacity(REPLAY_CHUNK));
+                    let sent = writes.send((batch, replies));
+                    sent.expect("the registry writer runs until told to stop");
+                    applied
+                };
+                let mut applied = apply(state, &mut prev);
                 for mut chunk in applying {
                     // A log older than the snapshot is still read whole (and checked), not
                     // applied.
                     if plan.keep_log {
-                        applied += apply_in_order(state, &mut chunk, &mut rewrite);
+                        applied += apply(state, &mut chunk);
                     }
                     chunk.clear();
                     let _ = recycle.try_send(chunk);
                 }
+                state.defer_registry(false);
+                drop(writes);
+                // An error: the writer panicked, and its panic is reported.
+                written.recv().map_err(|_| {
+                    EngineError::Storage("the registry writer of a replay failed".to_owned())
+                })?;
+                let apply_cpu = thread_cpu().saturating_sub(cpu_before);
                 let reader = log_reader.expect("streamed, so not joined yet");
                 let (mut log, _) = reader.join().expect("log reader panicked")?;
                 plan.settle(&mut log);
@@ -462,6 +535,7 @@ fn load_shard(
                     log,
                     envelopes: Vec::new(),
                     applied,
+                    apply_cpu,
                     rewrite,
                     generation: plan.generation,
                     consolidate: plan.prev_needed,
@@ -479,6 +553,17 @@ fn apply_in_order(
     envelopes: &mut Vec<Envelope>,
     rewrite: &mut Option<Vec<rkyv::util::AlignedVec>>,
 ) -> usize {
+    apply_keeping(state, envelopes, rewrite, drop)
+}
+
+/// [`apply_in_order`], each command's reply handed to `discard` (nobody reads a replay's
+/// replies: a caller may drop them elsewhere).
+fn apply_keeping(
+    state: &mut ShardState,
+    envelopes: &mut Vec<Envelope>,
+    rewrite: &mut Option<Vec<rkyv::util::AlignedVec>>,
+    mut discard: impl FnMut(Reply),
+) -> usize {
     /// How far ahead: enough for a miss to arrive before its command is applied.
     const AHEAD: usize = 8;
     let count = envelopes.len();
@@ -491,7 +576,7 @@ fn apply_in_order(
         if let Some(rewrite) = rewrite {
             rewrite.push(envelope.to_bytes());
         }
-        let _ = state.apply(envelope);
+        discard(state.apply(envelope));
     }
     count
 }

@@ -2,6 +2,7 @@
 
 use std::fmt;
 
+use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 
 use crate::limits::USER_ID_LEN_MAX;
@@ -53,7 +54,9 @@ fn mail_shape_ok(id: &str) -> bool {
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct UserKey {
     id_type: UserIdType,
-    id: String,
+    /// Inline up to 24 bytes (most mail addresses and every inherent number): a map of users
+    /// compares keys without following a pointer to the heap.
+    id: CompactString,
 }
 
 impl UserKey {
@@ -61,7 +64,7 @@ impl UserKey {
     /// both sides and no whitespace; an inherent number is ASCII digits.
     pub fn new<S>(id_type: UserIdType, id: S) -> Result<UserKey, ReasonCode>
     where
-        S: AsRef<str> + Into<String>,
+        S: AsRef<str>,
     {
         // Checked before it is copied: a key is built from every request's record.
         let text = id.as_ref();
@@ -71,7 +74,7 @@ impl UserKey {
             UserIdType::InherentNumber => text.bytes().all(|b| b.is_ascii_digit()),
         };
         if len_ok && shape_ok {
-            Ok(UserKey { id_type, id: id.into() })
+            Ok(UserKey { id_type, id: CompactString::new(text) })
         } else {
             Err(ReasonCode::InvalidUserId)
         }

@@ -264,28 +264,29 @@ impl Restore for ShardState {
         if version == SNAPSHOT_VERSION {
             let image = rkyv::access::<ArchivedShardImage, rkyv::rancor::Error>(payload)
                 .map_err(decode_error)?;
-            restore(&image.state, self)?;
-            restore_money(&image.money, self)?;
-            let settled: Vec<(IdemKey, SettledPayment)> = owned(&image.settled)?;
-            // None kept under a bound of 0: as the commands' replay would keep none.
-            let settled =
-                settled.into_iter().take(if self.config.settled_max == 0 { 0 } else { usize::MAX });
-            for (key, SettledPayment { money, purse }) in settled {
-                let CodeMoney { reference, refunds } = money;
-                let until_ms = self.refundable_until(reference.at_ms);
-                let dispatch_id = reference.dispatch_id;
-                let kept = Kept { reference, purse };
-                self.settled.push(key, kept, until_ms, self.config.settled_max);
-                if !refunds.is_empty() {
-                    self.settled.set_refunds(dispatch_id, refunds);
-                }
-            }
-            Ok(())
+            // What the shard owes and the payments it keeps for their refunds are its own: built
+            // on a thread of their own beside the maps (`restore_maps`), not after them.
+            let (settled_max, refund_window_ms) =
+                (self.config.settled_max, self.config.refund_window_ms);
+            std::thread::scope(|scope| {
+                let books = scope.spawn(|| -> Result<(Ledger, SettledStore), ImageError> {
+                    let mut ledger = Ledger::default();
+                    restore_money(&image.money, &mut ledger)?;
+                    let settled = restore_settled(&image.settled, settled_max, refund_window_ms)?;
+                    Ok((ledger, settled))
+                });
+                restore(&image.state, self)?;
+                let (ledger, settled) = books.join().expect("ledger restore panicked")?;
+                let journal = self.money.journal.take();
+                self.money = Ledger { journal, ..ledger };
+                self.settled = settled;
+                Ok(())
+            })
         } else if version == LEDGER_VERSION {
             let image = rkyv::access::<ArchivedShardImageV8, rkyv::rancor::Error>(payload)
                 .map_err(decode_error)?;
             restore(&image.state, self)?;
-            restore_money(&image.money, self)
+            restore_money(&image.money, &mut self.money)
         } else if version == STATE_ONLY_VERSION {
             let image = rkyv::access::<ArchivedStateImage, rkyv::rancor::Error>(payload)
                 .map_err(decode_error)?;
@@ -313,15 +314,37 @@ const STATE_ONLY_VERSION: u16 = 7;
 /// The snapshot format whose image is a [`ShardImageV8`] (no settled payments).
 const LEDGER_VERSION: u16 = 8;
 
-/// Restores what the shard owes its providers.
-fn restore_money(image: &ArchivedMoneyImage, state: &mut ShardState) -> Result<(), ImageError> {
-    let money = &mut state.money;
+/// Restores what the shard owes its providers into `money` (its journal left as it is).
+fn restore_money(image: &ArchivedMoneyImage, money: &mut Ledger) -> Result<(), ImageError> {
     money.op_seq = image.op_seq.to_native();
     let in_flight: Vec<(IdemKey, u64, Reference)> = owned(&image.in_flight)?;
     money.in_flight = in_flight.into_iter().map(|(k, d, r)| ((k, d), r)).collect();
     money.codes = owned::<Vec<(u64, CodeMoney)>>(&image.codes)?.into_iter().collect();
     money.owed = owned::<Vec<(u64, Obligation)>>(&image.owed)?.into_iter().collect();
     Ok(())
+}
+
+/// The settled payments kept for their refunds, under the bound `settled_max` (none under a
+/// bound of 0, as the commands' replay would keep none), each until `refund_window_ms` after
+/// it was approved.
+fn restore_settled(
+    image: &<Vec<(IdemKey, SettledPayment)> as Archive>::Archived,
+    settled_max: usize,
+    refund_window_ms: i64,
+) -> Result<SettledStore, ImageError> {
+    let mut store = SettledStore::default();
+    let settled: Vec<(IdemKey, SettledPayment)> = owned(image)?;
+    let settled = settled.into_iter().take(if settled_max == 0 { 0 } else { usize::MAX });
+    for (key, SettledPayment { money, purse }) in settled {
+        let CodeMoney { reference, refunds } = money;
+        let until_ms = reference.at_ms.saturating_add(refund_window_ms);
+        let dispatch_id = reference.dispatch_id;
+        store.push(key, Kept { reference, purse }, until_ms, settled_max);
+        if !refunds.is_empty() {
+            store.set_refunds(dispatch_id, refunds);
+        }
+    }
+    Ok(store)
 }
 
 /// Restores the state image `image` (a snapshot's, validated: a payload that passed its

@@ -138,9 +138,9 @@ impl StoredNumber {
         last4: [u8; 4],
         sealed: SealedNumber,
     ) -> StoredNumber {
-        let sealed = Arc::new(sealed);
-        vault.store(token, Arc::clone(&sealed));
-        StoredNumber { token, last4, sealed }
+        let number = StoredNumber { token, last4, sealed: Arc::new(sealed) };
+        vault.store(token, Arc::clone(&number.sealed));
+        number
     }
 }
 
@@ -1062,6 +1062,46 @@ pub(crate) struct ShardState {
     /// (the paying user's hash and the payment's client request ID), until their refund
     /// window ends (`state/money.rs`, `state/settled.rs`).
     pub(crate) settled: SettledStore,
+    /// The writes to the shared registries made by commands applied since they were last
+    /// taken, while a replay hands them to a thread of its own ([`ShardState::defer_registry`]);
+    /// `None` (the rule): each is made at once.
+    pub(crate) deferred: Option<Vec<RegistryWrite>>,
+}
+
+/// A write a shard's command makes to a registry the shards share (the device index, the
+/// vault). Nothing a command does reads them back (a command carries what it reads outside
+/// its shard), so a replay may make them on another thread, in order, while it applies the
+/// commands that follow.
+pub(crate) enum RegistryWrite {
+    /// A device's first key ([`DeviceIndex::provision_prepared`]).
+    Provision { idm: Idm, user: UserKey, key: crate::keys::PreparedKey },
+    /// A device's new key ([`DeviceIndex::rotate_prepared`]).
+    Rotate { idm: Idm, key: crate::keys::PreparedKey, grace_until_ms: i64 },
+    /// A card number sealed ([`Vault::store`]).
+    Store { token: CardToken, sealed: Arc<SealedNumber> },
+}
+
+impl RegistryWrite {
+    /// Makes the write.
+    pub(crate) fn apply(self, shared: &Shared) {
+        match self {
+            RegistryWrite::Provision { idm, user, key } => {
+                shared.devices.provision_prepared(idm, user, key)
+            }
+            RegistryWrite::Rotate { idm, key, grace_until_ms } => {
+                shared.devices.rotate_prepared(&idm, key, grace_until_ms)
+            }
+            RegistryWrite::Store { token, sealed } => shared.vault.store(token, sealed),
+        }
+    }
+
+    /// Makes the write now, or leaves it in `deferred` for whoever takes them.
+    pub(crate) fn make(self, deferred: &mut Option<Vec<RegistryWrite>>, shared: &Shared) {
+        match deferred {
+            Some(writes) => writes.push(self),
+            None => self.apply(shared),
+        }
+    }
 }
 
 impl ShardState {
@@ -1082,7 +1122,15 @@ impl ShardState {
             owned_providers: std::collections::BTreeSet::new(),
             money: Ledger::default(),
             settled: SettledStore::default(),
+            deferred: None,
         }
+    }
+
+    /// From now on, leaves the writes to the shared registries in [`ShardState::deferred`]
+    /// (`true`), or makes them at once (`false`; none may be left).
+    pub(crate) fn defer_registry(&mut self, defer: bool) {
+        debug_assert!(self.deferred.as_ref().is_none_or(Vec::is_empty), "writes left behind");
+        self.deferred = defer.then(Vec::new);
     }
 
     /// Applies a command, answering a retry from its idempotency record.

@@ -1,6 +1,7 @@
 //! G1 accounts, applied in the user's shard: enrollment, devices and their keys, settlement means, login attempts.
 
 use super::*;
+use crate::keys::PreparedKey;
 
 flow_reply! {
     /// What the accounts flow answers, besides [`Reply::Done`] and a refusal.
@@ -55,7 +56,9 @@ impl ShardState {
         if !device_free {
             return Err(ReasonCode::DeviceInUse);
         }
-        self.shared.devices.provision(idm, user.clone(), 1, &key);
+        let prepared = PreparedKey::of(1, &key);
+        RegistryWrite::Provision { idm, user: user.clone(), key: prepared }
+            .make(&mut self.deferred, &self.shared);
         let sealed = SealedKeys::first(&key);
         let account = User {
             password_phc,
@@ -86,7 +89,9 @@ impl ShardState {
         if !device_free {
             return Err(ReasonCode::DeviceInUse);
         }
-        self.shared.devices.provision(idm, user, 1, &key);
+        let prepared = PreparedKey::of(1, &key);
+        RegistryWrite::Provision { idm, user, key: prepared }
+            .make(&mut self.deferred, &self.shared);
         account.devices.push(Device {
             idm,
             key_version: 1,
@@ -116,7 +121,9 @@ impl ShardState {
         };
         device.key_version = version;
         device.sealed = device.sealed.rotated(version, &key, grace_until_ms);
-        self.shared.devices.rotate(&idm, version, &key, grace_until_ms);
+        let key_prepared = PreparedKey::of(version, &key);
+        RegistryWrite::Rotate { idm, key: key_prepared, grace_until_ms }
+            .make(&mut self.deferred, &self.shared);
         Ok(IssuedKey { key_version: version, key })
     }
 
@@ -136,7 +143,10 @@ impl ShardState {
         let means_id = account.next_means_id;
         account.next_means_id += 1;
         let number = means.sealed.map(|(token, last4, sealed)| {
-            StoredNumber::kept(&self.shared.vault, token, last4, sealed)
+            let number = StoredNumber { token, last4, sealed: Arc::new(sealed) };
+            let sealed = Arc::clone(&number.sealed);
+            RegistryWrite::Store { token, sealed }.make(&mut self.deferred, &self.shared);
+            number
         });
         let last4 = number.as_ref().map(|n| n.last4);
         // Grown one at a time (a user has a few means at most, `MEANS_PER_USER_MAX`): a first
