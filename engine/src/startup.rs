@@ -501,6 +501,7 @@ fn load_shard(
                 });
                 writer.expect("a registry writer thread starts");
                 state.defer_registry(true);
+                state.idem.prefault();
                 let mut replies = Vec::with_capacity(REPLAY_CHUNK);
                 let mut apply = |state: &mut ShardState, envelopes: &mut Vec<Envelope>| {
                     let keep = |reply| replies.push(reply);

@@ -514,6 +514,25 @@ impl Idempotency {
         }
     }
 
+    /// Writes every page of a fresh table's index once, before a replay that will touch most
+    /// of it. The index is allocated zeroed and left untouched until used, and a command's
+    /// first touch of a page is a read (the lookup): it maps the shared zero page, and the
+    /// insert's write after it faults again, copies, and flushes the TLB of every core running
+    /// the process. A table that holds records already is left as it is.
+    pub(crate) fn prefault(&mut self) {
+        const PAGE: usize = 4096;
+        if self.next_seq != 0 {
+            return;
+        }
+        advise_huge_pages(&self.index);
+        let step = (PAGE / std::mem::size_of::<Bucket>()).max(1);
+        for bucket in self.index.iter_mut().step_by(step) {
+            // SAFETY: the pointer comes from an exclusive reference into the index, so it is
+            // valid and aligned; the write stores the zero a fresh index holds.
+            unsafe { std::ptr::write_volatile(&mut bucket.overflowed, 0) };
+        }
+    }
+
     /// The bucket and fingerprint of a key's hash.
     fn locate(&self, hash: u64) -> (usize, u64) {
         let fingerprint = (hash & FINGERPRINT_MASK).max(1);
@@ -770,6 +789,26 @@ impl Idempotency {
             .last()
             .map_or(0, |last| ((self.ring.len() - 1) << RING_CHUNK_BITS) + last.get().len())
     }
+}
+
+/// Asks the kernel to back `index` with huge pages where it can (Linux's transparent huge
+/// pages, in `madvise` mode on most systems): a replay touches its buckets at random, and with
+/// 4 KiB pages nearly every touch also misses the TLB. A refusal changes nothing but speed.
+fn advise_huge_pages(index: &[Bucket]) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = index.as_ptr() as usize;
+        let end = start + std::mem::size_of_val(index);
+        let (from, to) = (start.next_multiple_of(HUGE), end / HUGE * HUGE);
+        if from < to {
+            // SAFETY: the range lies inside `index`'s allocation; the advice changes how the
+            // kernel backs the pages, never their contents.
+            unsafe { libc::madvise(from as *mut libc::c_void, to - from, libc::MADV_HUGEPAGE) };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = index;
 }
 
 #[cfg(test)]
