@@ -373,6 +373,37 @@ async fn the_wrong_vault_key_or_shard_count_is_refused() {
     assert!(start_error(more_shards).contains("shard count"));
 }
 
+/// Users restored from a snapshot (in two halves, on two threads) are all there, each with
+/// the device key and card number it had; and the snapshot is refused under another vault key
+/// (one device key is opened at start to check it).
+#[tokio::test]
+async fn a_snapshot_restores_every_user_and_is_refused_under_another_vault_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = durable_config(dir.path());
+    config.durability.snapshot_every_records = 1;
+    let h = Harness::with_config(config.clone());
+    let mut users = Vec::new();
+    for name in ["s1", "s2", "s3", "s4", "s5"] {
+        users.push(h.user(name).await);
+    }
+    let digests = h.engine.shard_digests().await;
+    h.engine.shutdown().await;
+    drop(h);
+    assert!(first_snapshot(dir.path()).exists());
+    let h = Harness::with_config(config.clone());
+    assert_eq!(h.engine.shard_digests().await, digests, "the same state after the restore");
+    for user in &users {
+        h.engine.login(&user.user, PASSWORD).await.unwrap();
+        let means = h.engine.list_means(&user.user, MeansOrder::Registration).await.unwrap();
+        assert_eq!(means.len(), 1, "{:?}", user.user);
+    }
+    h.engine.shutdown().await;
+    drop(h);
+    let mut wrong_key = config;
+    wrong_key.vault.key_hex = Some("44".repeat(32));
+    assert!(start_error(wrong_key).contains("vault key"));
+}
+
 /// `shards = 0` (the default: one per two cores) opens a data directory with the count it was
 /// written with, whatever the machine's core count says, and its data is all there.
 #[tokio::test]

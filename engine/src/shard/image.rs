@@ -423,28 +423,49 @@ pub(crate) fn restore_maps<E: Send>(
 }
 
 /// Users with their devices and means; their sealed device keys go to the device index and
-/// their sealed card numbers to the vault (both keep them sealed until first used).
+/// their sealed card numbers to the vault (both keep them sealed until first used). The
+/// largest part of a snapshot, and the longest of the restore's threads: its two halves are
+/// restored on two threads (the registries are concurrent maps).
 fn restore_users(
     image: &ArchivedStateImage,
     users: &mut CowMap<UserKey, Arc<User>>,
     shared: &Shared,
 ) -> Result<(), ImageError> {
-    let mut restored = Vec::with_capacity(image.users.len());
-    let mut vault_checked = false;
-    for archived in image.users.iter() {
+    let all = image.users.as_slice();
+    // One key opening proves the vault key is the one the data was written with; the others
+    // open on first use.
+    let with_device = all.iter().find(|archived| !archived.user.devices.is_empty());
+    if let Some(archived) = with_device {
+        let UserImage { user, .. } = owned::<UserImage>(archived)?;
+        let device = &user.devices[0];
+        open_device_key(&shared.vault, &device.sealed.current.1, &device.idm).ok_or(
+            ImageError::Mismatch(
+                "a sealed device key does not open: is this the vault key the data was \
+                 written with?",
+            ),
+        )?;
+    }
+    let (first, second) = all.split_at(all.len() / 2);
+    let (restored, rest) = std::thread::scope(|scope| {
+        let rest = scope.spawn(|| restore_user_range(second, shared));
+        let restored = restore_user_range(first, shared);
+        (restored, rest.join().expect("user restore panicked"))
+    });
+    let mut restored = restored?;
+    restored.extend(rest?);
+    users.insert_in_bulk(restored);
+    Ok(())
+}
+
+/// Restores `users` (part of a snapshot's), their keys and card numbers into the registries.
+fn restore_user_range(
+    users: &[ArchivedUserImage],
+    shared: &Shared,
+) -> Result<Vec<(UserKey, Arc<User>)>, ImageError> {
+    let mut restored = Vec::with_capacity(users.len());
+    for archived in users {
         let UserImage { key, user } = owned::<UserImage>(archived)?;
         for device in &user.devices {
-            if !vault_checked {
-                // One key opening proves the vault key is the one the data was written with;
-                // the others open on first use.
-                open_device_key(&shared.vault, &device.sealed.current.1, &device.idm).ok_or(
-                    ImageError::Mismatch(
-                        "a sealed device key does not open: is this the vault key the data \
-                         was written with?",
-                    ),
-                )?;
-                vault_checked = true;
-            }
             shared.devices.import_sealed(device.idm, key.clone(), &device.sealed);
         }
         for number in user.means.iter().filter_map(|m| m.number.as_ref()) {
@@ -452,8 +473,7 @@ fn restore_users(
         }
         restored.push((key, user));
     }
-    users.insert_in_bulk(restored);
-    Ok(())
+    Ok(restored)
 }
 
 fn restore_idem(image: &ArchivedStateImage, idem: &mut Idempotency) -> Result<(), ImageError> {
