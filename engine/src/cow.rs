@@ -34,6 +34,9 @@ pub const CHUNK_BITS_LARGE: u32 = 10;
 /// Chunk bits for a map that stays smaller (age registrations, coupons).
 pub const CHUNK_BITS_SMALL: u32 = 8;
 
+/// Entries from which [`CowMap::insert_in_bulk`] fills its chunks on two threads.
+const BULK_PARALLEL_MIN: usize = 65_536;
+
 /// A chunked copy-on-write hash map. See the module docs.
 pub struct CowMap<K, V> {
     chunks: Box<[CowCell<FxHashMap<K, V>>]>,
@@ -221,9 +224,14 @@ impl<K: Hash + Eq + Clone, V: Clone> CowMap<K, V> {
     /// earlier one). They are first sorted into their chunks, so each chunk's table is filled
     /// while it is in cache, instead of one random write to memory per entry; restoring a
     /// snapshot uses this.
-    pub fn insert_in_bulk(&mut self, entries: Vec<(K, V)>) {
+    pub fn insert_in_bulk(&mut self, entries: Vec<(K, V)>)
+    where
+        K: Send + Sync,
+        V: Send + Sync,
+    {
         let indexes: Vec<u16> =
             entries.iter().map(|(key, _)| self.chunk_index(key) as u16).collect();
+        let total = indexes.len();
         let mut counts = vec![0usize; self.chunks.len()];
         for &index in &indexes {
             counts[usize::from(index)] += 1;
@@ -233,17 +241,32 @@ impl<K: Hash + Eq + Clone, V: Clone> CowMap<K, V> {
         for (entry, index) in entries.into_iter().zip(indexes) {
             by_chunk[usize::from(index)].push(entry);
         }
-        let mut added = 0;
-        for (chunk, entries) in self.chunks.iter_mut().zip(by_chunk) {
-            if entries.is_empty() {
-                continue;
+        // Chunks are independent tables: a large load fills the two halves on two threads.
+        let fill = |chunks: &mut [CowCell<FxHashMap<K, V>>], by_chunk: Vec<Vec<(K, V)>>| {
+            let mut added = 0;
+            for (chunk, entries) in chunks.iter_mut().zip(by_chunk) {
+                if entries.is_empty() {
+                    continue;
+                }
+                let map = chunk.get_mut();
+                map.reserve(entries.len());
+                for (key, value) in entries {
+                    added += usize::from(map.insert(key, value).is_none());
+                }
             }
-            let map = chunk.get_mut();
-            map.reserve(entries.len());
-            for (key, value) in entries {
-                added += usize::from(map.insert(key, value).is_none());
-            }
-        }
+            added
+        };
+        let added = if total < BULK_PARALLEL_MIN {
+            fill(&mut self.chunks, by_chunk)
+        } else {
+            let half = self.chunks.len() / 2;
+            let (low, high) = self.chunks.split_at_mut(half);
+            let high_entries = by_chunk.split_off(half);
+            std::thread::scope(|scope| {
+                let other = scope.spawn(|| fill(high, high_entries));
+                fill(low, by_chunk) + other.join().expect("a bulk insert panicked")
+            })
+        };
         self.len += added;
     }
 
@@ -346,9 +369,16 @@ mod tests {
         }
     }
 
+    /// On one thread, and on two (a load of `BULK_PARALLEL_MIN` entries or more).
     #[test]
     fn bulk_insert_matches_inserting_one_by_one() {
-        let entries: Vec<(u64, u64)> = (0..5_000u64).map(|i| (i * 7 % 3_001, i)).collect();
+        for (count, keys) in [(5_000u64, 3_001), (BULK_PARALLEL_MIN as u64 + 10_000, 60_013)] {
+            bulk_insert_matches_inserting_one_by_one_with(count, keys);
+        }
+    }
+
+    fn bulk_insert_matches_inserting_one_by_one_with(count: u64, keys: u64) {
+        let entries: Vec<(u64, u64)> = (0..count).map(|i| (i * 7 % keys, i)).collect();
         let mut one_by_one: CowMap<u64, u64> = CowMap::new(6);
         let mut bulk: CowMap<u64, u64> = CowMap::new(6);
         one_by_one.insert(5, 99);
