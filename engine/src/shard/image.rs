@@ -23,7 +23,7 @@ use super::archive::Via;
 use super::idempotency::{FrozenRecords, IdemKey, IdemState, Idempotency};
 use super::state::{
     CodeMoney, CodeRecord, CodeState, CouponRecord, Kept, Ledger, Obligation, Reference,
-    SettledPayment, SettledStore, ShardState, Shared, User,
+    SettledPayment, SettledStore, ShardState, Shared, StateConfig, User,
 };
 use crate::age::{AgePolicy, AgeRegistration};
 use crate::cow::{CowMap, Frozen};
@@ -266,13 +266,12 @@ impl Restore for ShardState {
                 .map_err(decode_error)?;
             // What the shard owes and the payments it keeps for their refunds are its own: built
             // on a thread of their own beside the maps (`restore_maps`), not after them.
-            let (settled_max, refund_window_ms) =
-                (self.config.settled_max, self.config.refund_window_ms);
+            let config = self.config;
             std::thread::scope(|scope| {
                 let books = scope.spawn(|| -> Result<(Ledger, SettledStore), ImageError> {
                     let mut ledger = Ledger::default();
                     restore_money(&image.money, &mut ledger)?;
-                    let settled = restore_settled(&image.settled, settled_max, refund_window_ms)?;
+                    let settled = restore_settled(&image.settled, config)?;
                     Ok((ledger, settled))
                 });
                 restore(&image.state, self)?;
@@ -324,20 +323,20 @@ fn restore_money(image: &ArchivedMoneyImage, money: &mut Ledger) -> Result<(), I
     Ok(())
 }
 
-/// The settled payments kept for their refunds, under the bound `settled_max` (none under a
-/// bound of 0, as the commands' replay would keep none), each until `refund_window_ms` after
-/// it was approved.
+/// The settled payments kept for their refunds, under `config`'s bound `settled_max` (none
+/// under a bound of 0, as the commands' replay would keep none), each until its refund window
+/// ends.
 fn restore_settled(
     image: &<Vec<(IdemKey, SettledPayment)> as Archive>::Archived,
-    settled_max: usize,
-    refund_window_ms: i64,
+    config: StateConfig,
 ) -> Result<SettledStore, ImageError> {
+    let settled_max = config.settled_max;
     let mut store = SettledStore::default();
     let settled: Vec<(IdemKey, SettledPayment)> = owned(image)?;
     let settled = settled.into_iter().take(if settled_max == 0 { 0 } else { usize::MAX });
     for (key, SettledPayment { money, purse }) in settled {
         let CodeMoney { reference, refunds } = money;
-        let until_ms = reference.at_ms.saturating_add(refund_window_ms);
+        let until_ms = config.refundable_until(reference.at_ms);
         let dispatch_id = reference.dispatch_id;
         store.push(key, Kept { reference, purse }, until_ms, settled_max);
         if !refunds.is_empty() {
@@ -536,7 +535,7 @@ mod tests {
         state.money.codes.insert(3, CodeMoney { reference: reference.clone(), refunds: vec![] });
         state.money.in_flight.insert(((1, 2), 3), reference.clone());
         let dispatch_id = reference.dispatch_id;
-        let until_ms = state.refundable_until(1_700_000_000_000);
+        let until_ms = state.config.refundable_until(1_700_000_000_000);
         state.settled.push((6, 7), Kept { reference, purse: None }, until_ms, 10);
         state.settled.set_refunds(dispatch_id, vec![((4, 5), 300)]);
         state

@@ -84,6 +84,13 @@ pub(crate) struct StateConfig {
     pub(crate) settled_max: usize,
 }
 
+impl StateConfig {
+    /// The end of the refund window of a settled payment authorized at `at_ms`.
+    pub(crate) fn refundable_until(&self, at_ms: i64) -> i64 {
+        at_ms.saturating_add(self.refund_window_ms)
+    }
+}
+
 /// One registered settlement means, as a client sees it (never a card number).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MeansView {

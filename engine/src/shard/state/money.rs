@@ -410,11 +410,6 @@ impl ShardState {
         Ok(refunded)
     }
 
-    /// The end of the refund window of a settled payment authorized at `at_ms`.
-    pub(crate) fn refundable_until(&self, at_ms: i64) -> i64 {
-        at_ms.saturating_add(self.config.refund_window_ms)
-    }
-
     /// A payment approved and recorded on its idempotency record `key` (a sale: `AUTHORIZE`,
     /// settled with its approval under `auth_code`): kept for its refunds, with `reference`,
     /// when its provider takes refunds of sales, until its refund window ends; and the purse
@@ -441,7 +436,7 @@ impl ShardState {
         let purse = paid_from_purse.then(|| PurseOf { user: user.clone(), means_id });
         let mut reference = reference.clone();
         reference.auth_code = Some(auth_code);
-        let until_ms = self.refundable_until(reference.at_ms);
+        let until_ms = self.config.refundable_until(reference.at_ms);
         // The same key again (its client request ID reused once its record was dropped): the
         // later payment is the one found from now on.
         self.settled.push(key, Kept { reference, purse }, until_ms, self.config.settled_max);
@@ -467,7 +462,7 @@ impl ShardState {
             return Err(ReasonCode::UnknownPayment);
         };
         // Another terminal's payment, and one past its window not swept yet, are not found.
-        let until_ms = self.refundable_until(kept.reference.at_ms);
+        let until_ms = self.config.refundable_until(kept.reference.at_ms);
         if !may_refund(&kept.reference.terminal_id) || now_ms >= until_ms {
             return Err(ReasonCode::UnknownPayment);
         }
