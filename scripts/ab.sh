@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Compares two settlegate builds, or two settings of one, on this shared machine: alternating,
-# each run on a fresh server under bench.sh's closed loop (50 connections x 16 in batches,
+# each run on a fresh server under bench.sh's closed loop (CONNECTIONS, 50 unless set, x 16 in batches,
 # 1,000 users, 2 s warm-up + 10 s), it prints each run's throughput, the server's and loadgen's
 # CPU per request over the whole run (from /proc), and their ratio. A slow spell of the host
 # moves throughput by tens of percent and both CPU figures with it; the ratio of the two (same
@@ -44,7 +44,7 @@ for pair in $(seq "$pairs"); do
 subprocess.run(sys.argv[2:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
 r = resource.getrusage(resource.RUSAGE_CHILDREN)
 open(sys.argv[1], "w").write(f"{r.ru_utime} {r.ru_stime}")' "$work/time" \
-      "$loadgen" --target "127.0.0.1:$PORT" --users 1000 --connections 50 --pipeline 16 \
+      "$loadgen" --target "127.0.0.1:$PORT" --users 1000 --connections "${CONNECTIONS:-50}" --pipeline 16 \
       --warmup 2 --duration 10 --closed-loop batch --no-progress --json "$work/run.json"
     t1=$(ticks "$sg_pid")
     kill "$sg_pid"; wait "$sg_pid" 2>/dev/null || true; sg_pid=""

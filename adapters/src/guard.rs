@@ -1,15 +1,19 @@
 //! A per-provider concurrency limit and timeout around any adapter.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{Future as _, Stream, StreamExt as _};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use crate::{
-    AdapterError, AuthorizationRequest, LifecycleReply, LifecycleRequest, ProviderAdapter,
+    AdapterError, Answers, AuthorizationRequest, LifecycleReply, LifecycleRequest, ProviderAdapter,
     ProviderReply,
 };
 
@@ -35,6 +39,7 @@ impl Default for GuardConfig {
 /// finishes by `deadline` (or the provider timeout, whichever is sooner) with a definitive
 /// result: a reply, [`AdapterError::Timeout`] or [`AdapterError::Unavailable`]. No request is
 /// left "processing".
+#[derive(Clone)]
 pub struct Guarded {
     adapter: Arc<dyn ProviderAdapter>,
     permits: Arc<Semaphore>,
@@ -101,6 +106,44 @@ impl Guarded {
         self.call(deadline, || self.adapter.authorize(request)).await
     }
 
+    /// Requests the authorizations of `requests` together
+    /// ([`ProviderAdapter::authorize_batch`]), under the same limits as
+    /// [`authorize`](Guarded::authorize) each: a permit each, and every answer not in by
+    /// `deadline` (or the provider's timeout) a [`AdapterError::Timeout`]. When the permits for
+    /// the whole batch are there, they are taken at once and the batch shares one timer;
+    /// otherwise each request waits for its own permit, as alone.
+    pub fn authorize_batch(
+        &self,
+        requests: Vec<AuthorizationRequest>,
+        deadline: Instant,
+    ) -> Answers {
+        let count = requests.len();
+        let deadline = deadline.min(Instant::now() + self.timeout);
+        let permits = u32::try_from(count).ok().and_then(|n| self.permits.try_acquire_many(n).ok());
+        let Some(permits) = permits else {
+            let calls: FuturesUnordered<_> = (requests.into_iter().enumerate())
+                .map(|(at, request)| {
+                    let guarded = self.clone();
+                    async move { (at, guarded.authorize(request, deadline).await) }
+                })
+                .collect();
+            return calls.boxed();
+        };
+        // Given back one by one as the answers come in (the rest when the batch is dropped).
+        permits.forget();
+        Bounded {
+            answers: self.adapter.authorize_batch(requests).fuse(),
+            deadline,
+            timer: None,
+            waiting: vec![true; count],
+            left: count,
+            permits: Arc::clone(&self.permits),
+            latency: Arc::clone(&self.latency),
+            started: Instant::now(),
+        }
+        .boxed()
+    }
+
     /// Carries a capture, void, refund or reversal ([`ProviderAdapter::lifecycle`]) under the
     /// same limits as [`Guarded::authorize`]: the same permits, the provider timeout and
     /// `deadline`, and a definitive result by then.
@@ -150,6 +193,85 @@ impl Guarded {
     }
 }
 
+/// A batch's answers under its deadline: each request answered once, its permit given back
+/// and its latency recorded as it is; at the deadline, every request still waiting answered
+/// [`AdapterError::Timeout`].
+struct Bounded {
+    answers: futures::stream::Fuse<Answers>,
+    deadline: Instant,
+    timer: Option<Pin<Box<Sleep>>>,
+    /// By position: whether the request still waits for its answer.
+    waiting: Vec<bool>,
+    left: usize,
+    permits: Arc<Semaphore>,
+    latency: Arc<settlegate_types::histogram::Histogram>,
+    started: Instant,
+}
+
+impl Bounded {
+    /// The first request still waiting, answered `error`.
+    fn give_up(
+        &mut self,
+        error: fn() -> AdapterError,
+    ) -> Option<(usize, Result<ProviderReply, AdapterError>)> {
+        let at = self.waiting.iter().position(|&waiting| waiting)?;
+        self.answered(at);
+        Some((at, Err(error())))
+    }
+
+    fn answered(&mut self, at: usize) {
+        self.waiting[at] = false;
+        self.left -= 1;
+        self.permits.add_permits(1);
+        self.latency.record_duration(self.started.elapsed());
+    }
+}
+
+impl Stream for Bounded {
+    type Item = (usize, Result<ProviderReply, AdapterError>);
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.left == 0 {
+            return Poll::Ready(None);
+        }
+        if this.timer.as_ref().is_none_or(|timer| !timer.is_elapsed()) {
+            loop {
+                match this.answers.poll_next_unpin(cx) {
+                    Poll::Ready(Some((at, answer))) => {
+                        // An adapter's stray or repeated answer is not a second answer.
+                        if this.waiting.get(at).copied().unwrap_or(false) {
+                            this.answered(at);
+                            return Poll::Ready(Some((at, answer)));
+                        }
+                    }
+                    Poll::Ready(None) => {
+                        // The adapter ended without answering some: they never will be.
+                        let unanswered = || {
+                            AdapterError::Unavailable("the adapter ended without an answer".into())
+                        };
+                        return Poll::Ready(this.give_up(unanswered));
+                    }
+                    Poll::Pending => break,
+                }
+            }
+            let deadline = this.deadline;
+            let timer =
+                this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+        Poll::Ready(this.give_up(|| AdapterError::Timeout))
+    }
+}
+
+impl Drop for Bounded {
+    fn drop(&mut self) {
+        self.permits.add_permits(self.left);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -180,6 +302,69 @@ mod tests {
             ..SimulatedConfig::default()
         };
         Arc::new(Simulated::new(config).unwrap())
+    }
+
+    fn requests(count: u64) -> Vec<AuthorizationRequest> {
+        (1..=count).map(|dispatch_id| AuthorizationRequest { dispatch_id, ..request() }).collect()
+    }
+
+    /// A batch under one deadline: the answers in by then stand, the rest are timeouts, each
+    /// request answered once, and every permit given back.
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_answers_what_is_in_by_its_deadline_and_times_out_the_rest() {
+        let config = SimulatedConfig {
+            latency_us_min: 1_000,
+            latency_us_max: 100_000,
+            ..SimulatedConfig::default()
+        };
+        let simulated = Arc::new(Simulated::new(config).unwrap());
+        let guarded =
+            Guarded::new(simulated.clone(), GuardConfig { concurrency_max: 64, timeout_ms: 5_000 });
+        let batch = requests(40);
+        let start = Instant::now();
+        let mut answers = guarded.authorize_batch(batch.clone(), start + Duration::from_millis(50));
+        assert_eq!(guarded.in_flight(), 40, "a permit each, taken at once");
+        let mut seen = vec![false; batch.len()];
+        let (mut approved, mut timed_out) = (0, 0);
+        while let Some((at, answer)) = answers.next().await {
+            assert!(!std::mem::replace(&mut seen[at], true), "request {at} answered twice");
+            let latency = Duration::from_micros(simulated.latency_of(&batch[at]));
+            match answer {
+                Ok(ProviderReply::Approved { .. }) => {
+                    assert!(latency <= Duration::from_millis(50), "{at}: {latency:?}");
+                    approved += 1;
+                }
+                Err(AdapterError::Timeout) => {
+                    assert!(latency > Duration::from_millis(50), "{at}: {latency:?}");
+                    assert_eq!(start.elapsed(), Duration::from_millis(50), "at the deadline");
+                    timed_out += 1;
+                }
+                other => panic!("{at}: {other:?}"),
+            }
+        }
+        assert!(approved > 0 && timed_out > 0, "{approved} approved, {timed_out} timed out");
+        assert!(seen.iter().all(|&s| s), "every request answered");
+        assert_eq!(guarded.in_flight(), 0, "every permit given back");
+        assert_eq!(guarded.latency().count, 40, "a latency recorded each");
+    }
+
+    /// Without the permits for a whole batch, each request waits for its own, as alone; a batch
+    /// dropped before its answers gives its permits back.
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_without_room_waits_request_by_request_and_a_dropped_one_frees_its_permits() {
+        let guarded = Guarded::new(slow(10), GuardConfig { concurrency_max: 4, timeout_ms: 5_000 });
+        let far = Instant::now() + Duration::from_secs(5);
+        let start = Instant::now();
+        let answers: Vec<_> = guarded.authorize_batch(requests(10), far).collect().await;
+        assert_eq!(answers.len(), 10);
+        assert!(answers.iter().all(|(_, a)| matches!(a, Ok(ProviderReply::Approved { .. }))));
+        // Four at a time, 10 ms each: three rounds.
+        assert_eq!(start.elapsed(), Duration::from_millis(30));
+        let mut dropped = guarded.authorize_batch(requests(3), far);
+        assert!(futures::poll!(dropped.next()).is_pending());
+        assert_eq!(guarded.in_flight(), 3);
+        drop(dropped);
+        assert_eq!(guarded.in_flight(), 0, "the dropped batch's permits given back");
     }
 
     #[tokio::test(start_paused = true)]

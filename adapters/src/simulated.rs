@@ -11,18 +11,22 @@
 //! ([`SimulatedHold::apply`]). A lifecycle operation's latency and failure are drawn from the
 //! seed and its `operation_id`; its answer otherwise depends only on what the ledger holds.
 
+use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::Mutex;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use futures::FutureExt;
+use futures::{Future as _, FutureExt, Stream, StreamExt as _};
 use rand::{Rng, RngCore, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 use serde::{Deserialize, Serialize};
+use tokio::time::{Instant, Sleep};
 
 use crate::{
-    AdapterError, AuthCode, AuthorizationRequest, DeclineReason, LifecycleReply, LifecycleRequest,
-    Operation, ProviderAdapter, ProviderReply, RefusalReason,
+    AdapterError, Answers, AuthCode, AuthorizationRequest, DeclineReason, LifecycleReply,
+    LifecycleRequest, Operation, ProviderAdapter, ProviderReply, RefusalReason,
 };
 
 /// Default of [`SimulatedConfig::ledger_max`].
@@ -307,6 +311,12 @@ impl Simulated {
         holds
     }
 
+    /// The latency of `request`'s authorization, in microseconds (for the guard's tests).
+    #[cfg(test)]
+    pub(crate) fn latency_of(&self, request: &AuthorizationRequest) -> u64 {
+        self.decide(request).0.as_micros() as u64
+    }
+
     /// One draw's latency and its roll in `[0, 1)` (failure, then decline, by the rates).
     fn draw(&self, rng: &mut Xoshiro256PlusPlus) -> (Duration, f64) {
         let config = &self.config;
@@ -412,12 +422,66 @@ impl ProviderAdapter for Simulated {
         after(latency, result)
     }
 
+    /// The same answers as [`authorize`](ProviderAdapter::authorize) each, after the same
+    /// latencies, from one timer for the whole batch ([`InTurn`]).
+    fn authorize_batch(&self, requests: Vec<AuthorizationRequest>) -> Answers {
+        let mut answers: Vec<_> = (requests.iter().enumerate())
+            .map(|(at, request)| {
+                let (latency, answer) = self.answer(request);
+                (latency, at, answer)
+            })
+            .collect();
+        answers.sort_by_key(|(latency, at, _)| (*latency, *at));
+        InTurn { start: Instant::now(), answers: answers.into(), past: Duration::ZERO, timer: None }
+            .boxed()
+    }
+
     fn lifecycle(
         &self,
         request: LifecycleRequest,
     ) -> BoxFuture<'static, Result<LifecycleReply, AdapterError>> {
         let (latency, result) = self.operate(&request);
         after(latency, result)
+    }
+}
+
+/// A batch's answers, each yielded once its latency from `start` has passed, from one timer
+/// set to the next one due.
+struct InTurn<T> {
+    start: Instant,
+    /// The answers not yielded yet, by latency: (latency, position, answer).
+    answers: VecDeque<(Duration, usize, T)>,
+    /// How long after `start` the timer last found it: every answer with a latency up to
+    /// this is due.
+    past: Duration,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl<T: Unpin> Stream for InTurn<T> {
+    type Item = (usize, T);
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            let Some(&(latency, ..)) = this.answers.front() else { return Poll::Ready(None) };
+            if latency <= this.past {
+                let (_, at, answer) = this.answers.pop_front().expect("a front");
+                return Poll::Ready(Some((at, answer)));
+            }
+            let due = this.start + latency;
+            let timer = match &mut this.timer {
+                Some(timer) => {
+                    if timer.deadline() != due {
+                        timer.as_mut().reset(due);
+                    }
+                    timer
+                }
+                None => this.timer.insert(Box::pin(tokio::time::sleep_until(due))),
+            };
+            ready!(timer.as_mut().poll(cx));
+            // The timer fires on its driver's tick: whatever else fell due by now goes too.
+            this.past = this.start.elapsed().max(latency);
+        }
     }
 }
 
@@ -503,6 +567,48 @@ mod tests {
         }
         let slow = Simulated::new(SimulatedConfig { latency_us_max: 10, ..config }).unwrap();
         assert_eq!(slow.decide_now(&request(1, 100)), None);
+    }
+
+    /// A batch is answered exactly as its requests one by one (same seed, same answers), each
+    /// after its own latency, in the order of the latencies (time paused: the test's clock).
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_answers_as_its_requests_alone_each_after_its_own_latency() {
+        let config = SimulatedConfig {
+            latency_us_min: 500,
+            latency_us_max: 30_000,
+            decline_rate: 0.2,
+            failure_rate: 0.1,
+            ..SimulatedConfig::default()
+        };
+        let requests: Vec<_> = (1..=64).map(|id| request(id, 100 * id)).collect();
+        let alone = sim(config.clone());
+        let mut expected = Vec::new();
+        for request in &requests {
+            let (latency, _) = alone.decide(request);
+            expected.push((latency, alone.authorize(request.clone()).await));
+        }
+        let batched = sim(config);
+        let start = tokio::time::Instant::now();
+        let mut answers = batched.authorize_batch(requests.clone());
+        let mut seen = vec![false; requests.len()];
+        let mut last = Duration::ZERO;
+        while let Some((at, answer)) = answers.next().await {
+            let (latency, want) = &expected[at];
+            assert_eq!(&answer, want, "request {at}");
+            let waited = start.elapsed();
+            assert!(
+                waited >= *latency,
+                "request {at} answered after {waited:?}, before {latency:?}"
+            );
+            assert!(*latency >= last, "out of the latencies' order");
+            last = *latency;
+            assert!(!std::mem::replace(&mut seen[at], true), "request {at} answered twice");
+        }
+        assert!(seen.iter().all(|&s| s), "every request answered");
+        // The batch's approvals entered the ledger as each one's would.
+        for (id, request) in (1..).zip(&requests) {
+            assert_eq!(batched.hold(id), alone.hold(id), "{request:?}");
+        }
     }
 
     fn sim(config: SimulatedConfig) -> Simulated {

@@ -1,7 +1,7 @@
 //! G3 settlement: authorize payments in batches (verify, reserve, dispatch, complete, notify).
 
 use futures::future::BoxFuture;
-use futures::stream::FuturesUnordered;
+use futures::stream::{BoxStream, FuturesUnordered, SelectAll};
 use futures::{FutureExt as _, StreamExt as _};
 
 use super::*;
@@ -187,10 +187,16 @@ impl Engine {
                 authorizing.ready.extend(indices.iter().map(|&i| (i, Err(self.lost(shard)))));
                 continue;
             };
+            // This shard's payments for providers, a batch per provider.
+            let mut calls: Vec<(u32, Vec<Reserved>)> = Vec::new();
             for (index, reply) in indices.into_iter().zip(replies) {
                 let result = match reply.into_flow() {
                     Ok(Payment::Dispatch(dispatch)) => {
-                        authorizing.call(index, dispatch, deadline);
+                        let code = dispatch.provider_code;
+                        match calls.iter_mut().find(|(c, _)| *c == code) {
+                            Some((_, batch)) => batch.push((index, dispatch)),
+                            None => calls.push((code, vec![(index, dispatch)])),
+                        }
                         continue;
                     }
                     Ok(Payment::Decided(dispatch, outcome)) => {
@@ -204,6 +210,9 @@ impl Engine {
                     Err(error) => Err(error),
                 };
                 authorizing.ready.push((index, result));
+            }
+            for (code, batch) in calls {
+                authorizing.call(code, batch, deadline);
             }
         }
     }
@@ -241,6 +250,9 @@ impl Engine {
 /// A payment's result, with its position in the batch.
 pub type Standing = (usize, Result<BasketOutcome, EngineError>);
 
+/// A payment reserved for its provider's call: its position and its dispatch.
+type Reserved = (usize, Box<Dispatch>);
+
 /// A payment whose provider answered: its position, its dispatch and the provider's outcome.
 type Answered = (usize, Box<Dispatch>, AuthOutcome);
 
@@ -254,8 +266,9 @@ type Answered = (usize, Box<Dispatch>, AuthOutcome);
 pub struct Authorizing {
     engine: Engine,
     ready: Vec<Standing>,
-    /// Provider calls under way, each ending with its position, its dispatch and its outcome.
-    calls: FuturesUnordered<BoxFuture<'static, Answered>>,
+    /// Provider calls under way, a batch per provider and shard, each call ending with its
+    /// position, its dispatch and its outcome.
+    calls: SelectAll<BoxStream<'static, Answered>>,
     /// Completions being recorded, each ending with the results of one shard's group.
     recording: FuturesUnordered<BoxFuture<'static, Vec<Standing>>>,
 }
@@ -265,7 +278,7 @@ impl Authorizing {
         Authorizing {
             engine,
             ready: Vec::with_capacity(count),
-            calls: FuturesUnordered::new(),
+            calls: SelectAll::new(),
             recording: FuturesUnordered::new(),
         }
     }
@@ -307,15 +320,25 @@ impl Authorizing {
         }
     }
 
-    /// Starts the provider call of a reserved payment.
-    fn call(&mut self, index: usize, dispatch: Box<Dispatch>, deadline: Instant) {
-        let engine = self.engine.clone();
+    /// Starts the provider calls of reserved payments for provider `code`, as one batch
+    /// ([`Guarded::authorize_batch`](settlegate_adapters::Guarded::authorize_batch)).
+    fn call(&mut self, code: u32, batch: Vec<Reserved>, deadline: Instant) {
+        let provider = (self.engine.registry().provider(code))
+            .expect("shard checked the provider; the provider set is fixed");
+        let requests = batch.iter().map(|(_, dispatch)| dispatch.provider_request()).collect();
+        let answers = provider.adapter.authorize_batch(requests, deadline);
+        let mut batch: Vec<Option<Reserved>> = batch.into_iter().map(Some).collect();
         self.calls.push(
-            async move {
-                let outcome = engine.call_provider(&dispatch, deadline).await;
-                (index, dispatch, outcome)
-            }
-            .boxed(),
+            answers
+                .filter_map(move |(at, answer)| {
+                    let answered =
+                        batch.get_mut(at).and_then(Option::take).map(|(index, dispatch)| {
+                            let outcome = dispatch.outcome_of(answer);
+                            (index, dispatch, outcome)
+                        });
+                    std::future::ready(answered)
+                })
+                .boxed(),
         );
     }
 
