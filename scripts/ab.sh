@@ -11,12 +11,14 @@
 #   A_ENV="RUST_LOG=debug" scripts/ab.sh BIN BIN              (environment of A's server)
 #   B_ADAPTER="refunds_sales = true" scripts/ab.sh BIN BIN   (fields of B's simulated provider;
 #                                      "default": none, for a build older than refunds_sales)
+#   A_ENGINE='durability = { data_dir = "@DATA@", fsync = "always" }' B_ENGINE="$A_ENGINE" \
+#     scripts/ab.sh BIN_A BIN_B             (@DATA@: a fresh data directory for each run)
 #
 # BIN is a `settlegate` binary (for example a copy of target/release/settlegate built at another
 # commit); loadgen is this tree's, built here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ $# -ge 2 ] || { sed -n '2,16p' "$0" >&2; exit 2; }
+[ $# -ge 2 ] || { sed -n '2,18p' "$0" >&2; exit 2; }
 bins=("$1" "$2") pairs=${3:-3}
 envs=("${A_ENV:-}" "${B_ENV:-}") engines=("${A_ENGINE:-}" "${B_ENGINE:-}")
 adapters=("${A_ADAPTER:-}" "${B_ADAPTER:-}")
@@ -33,7 +35,9 @@ ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 for pair in $(seq "$pairs"); do
   for side in 0 1; do
     name=$([ $side = 0 ] && echo A || echo B)
-    bench_config "$PORT" "$HTTP" "${engines[$side]}" "${adapters[$side]}" > "$work/bench.toml"
+    data="$work/data-$pair-$name"
+    mkdir -m 700 "$data"
+    bench_config "$PORT" "$HTTP" "${engines[$side]//@DATA@/$data}" "${adapters[$side]}" > "$work/bench.toml"
     # shellcheck disable=SC2086
     env ${envs[$side]} "${bins[$side]}" serve --config "$work/bench.toml" > "$work/sg.out" 2>&1 &
     sg_pid=$!
@@ -48,6 +52,7 @@ open(sys.argv[1], "w").write(f"{r.ru_utime} {r.ru_stime}")' "$work/time" \
       --warmup 2 --duration 10 --closed-loop batch --no-progress --json "$work/run.json"
     t1=$(ticks "$sg_pid")
     kill "$sg_pid"; wait "$sg_pid" 2>/dev/null || true; sg_pid=""
+    rm -rf "$data"
     python3 - "$name" "$pair" "$t0" "$t1" "$(getconf CLK_TCK)" "$work" <<'PY'
 import json, sys
 name, pair, t0, t1, tck, work = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6]), sys.argv[6]

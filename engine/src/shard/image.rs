@@ -169,7 +169,7 @@ impl Capture {
     pub(crate) fn into_image(self) -> ShardImage {
         let Capture {
             users,
-            idem,
+            idem: idem_frozen,
             codes,
             ages,
             coupons,
@@ -185,15 +185,18 @@ impl Capture {
             .map(|(key, user)| UserImage { key: key.clone(), user: Arc::clone(user) })
             .collect();
         users.sort_unstable_by(|a, b| a.key.cmp(&b.key));
-        let mut records = Vec::with_capacity(idem.len_max());
-        records.extend(
-            idem.iter().map(|(key, entry)| {
+        // In the ring's order, the order they were made in, which a restore keeps: it is
+        // state (the count limit drops the oldest first, and the digest hashes that order).
+        // Not by expiry: a batch's time is taken by its caller, so two callers' batches can
+        // reach the shard in the other order, and the order of their expiries is not the
+        // ring's.
+        let mut idem: Vec<(i64, IdemKey, u64, IdemState)> =
+            Vec::with_capacity(idem_frozen.len_max());
+        idem.extend(
+            (idem_frozen.iter()).map(|(key, entry)| {
                 (entry.expires_ms, key, entry.digest, entry.state().into_owned())
             }),
         );
-        let mut idem: Vec<(i64, IdemKey, u64, IdemState)> = records;
-        // Stable: records of one expiry keep the order they were made in.
-        idem.sort_by_key(|(expires_ms, ..)| *expires_ms);
         let mut ages: Vec<(Idm, AgeRegistration)> = ages.iter().map(|(k, v)| (*k, *v)).collect();
         ages.sort_unstable_by_key(|(idm, _)| *idm);
         let mut stores: Vec<(Store, i64)> = stores.iter().map(|(_, s)| s.clone()).collect();
@@ -561,6 +564,32 @@ mod tests {
         assert_eq!(entries(&state), entries(&owing()));
         assert_eq!(state.settled.refunds(5), [((4, 5), 300)]);
         assert_eq!(state.digest(), owing().digest());
+    }
+
+    /// A snapshot keeps the idempotency records in the order they were made in, whatever the
+    /// order of their expiries (two callers' batches can reach a shard in the other order of
+    /// their times): the restored ring, its count limit and its digest are the shard's.
+    #[test]
+    fn a_snapshot_keeps_the_records_in_the_order_they_were_made() {
+        let with_records = || {
+            let mut state = fresh_shard();
+            let records =
+                [(5_000, 1), (4_000, 2), (6_000, 3), (4_500, 4)].map(|(expires_ms, id)| {
+                    (
+                        expires_ms,
+                        (id, u128::from(id)),
+                        id,
+                        IdemState::Done(crate::shard::idempotency::KeptReply::Delivered(id as u32)),
+                    )
+                });
+            state.idem.restore(records.to_vec());
+            state
+        };
+        let payload = Capture::take(&mut with_records()).encode(0);
+        let state = restored(SNAPSHOT_VERSION, &payload);
+        let order = |s: &ShardState| s.idem.records().map(|e| e.digest).collect::<Vec<_>>();
+        assert_eq!(order(&state), [1, 2, 3, 4]);
+        assert_eq!(state.digest(), with_records().digest());
     }
 
     /// A snapshot of format 8 (the state and the ledger, written by a build before settled
