@@ -48,10 +48,16 @@ impl Logged {
     }
 }
 
+/// A log record's buffer to start with: a payment's records fit in it.
+const RECORD_CAPACITY: usize = 512;
+
 impl Envelope {
-    /// The log record of this envelope.
+    /// The log record of this envelope, in a buffer allocated once: a payment's records are
+    /// 240 and 320 bytes, and a buffer grown from empty would be reallocated on the way there.
     pub(crate) fn to_bytes(&self) -> rkyv::util::AlignedVec {
-        rkyv::to_bytes::<rkyv::rancor::Error>(self).expect("commands always serialize")
+        let buffer = rkyv::util::AlignedVec::with_capacity(RECORD_CAPACITY);
+        rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(self, buffer)
+            .expect("commands always serialize")
     }
 
     /// A record's payload, validated and deserialized.
