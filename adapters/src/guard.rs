@@ -137,6 +137,7 @@ impl Guarded {
             timer: None,
             waiting: vec![true; count],
             left: count,
+            given_up: 0,
             permits: Arc::clone(&self.permits),
             latency: Arc::clone(&self.latency),
             started: Instant::now(),
@@ -203,6 +204,8 @@ struct Bounded {
     /// By position: whether the request still waits for its answer.
     waiting: Vec<bool>,
     left: usize,
+    /// No request before this position waits: where the next one given up is looked for.
+    given_up: usize,
     permits: Arc<Semaphore>,
     latency: Arc<settlegate_types::histogram::Histogram>,
     started: Instant,
@@ -214,7 +217,8 @@ impl Bounded {
         &mut self,
         error: fn() -> AdapterError,
     ) -> Option<(usize, Result<ProviderReply, AdapterError>)> {
-        let at = self.waiting.iter().position(|&waiting| waiting)?;
+        let at = self.given_up + self.waiting[self.given_up..].iter().position(|&w| w)?;
+        self.given_up = at + 1;
         self.answered(at);
         Some((at, Err(error())))
     }
