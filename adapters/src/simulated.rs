@@ -423,7 +423,7 @@ impl ProviderAdapter for Simulated {
     }
 
     /// The same answers as [`authorize`](ProviderAdapter::authorize) each, after the same
-    /// latencies, from one timer for the whole batch ([`InTurn`]).
+    /// latencies, from one timer for the whole batch, set to the next answer due.
     fn authorize_batch(&self, requests: Vec<AuthorizationRequest>) -> Answers {
         let mut answers: Vec<_> = (requests.iter().enumerate())
             .map(|(at, request)| {
