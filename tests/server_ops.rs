@@ -653,6 +653,67 @@ async fn payment_codes_over_the_wire() {
     assert!(matches!(shop.call(&elsewhere).await.unwrap(), Response::Forbidden(_)));
 }
 
+/// A read's payments for one provider go to it as one batch under one deadline: over the wire,
+/// every payment is answered once, those the provider answered by its timeout as it said,
+/// the rest declined as timed out (a provider answering in 1 to 800 ms, a timeout of 300 ms).
+#[tokio::test]
+async fn a_batch_for_one_provider_stands_as_answered_by_its_deadline_and_times_out_the_rest() {
+    const SPREAD: u32 = 800;
+    let mut config = server_config();
+    config.engine.request_deadline_ms = 10_000;
+    let mut provider = simulated_provider(SPREAD, "spread", 1_000);
+    if let settlegate_engine::adapters::AdapterConfig::Simulated(simulated) = &mut provider.adapter
+    {
+        simulated.latency_us_max = 800_000;
+    }
+    provider.limits.timeout_ms = 300;
+    config.engine.providers.push(provider);
+    let server = start_with(config).await;
+    let admin = client(&server, ADMIN_KEY).await;
+    let mut payer = enroll(&admin, "batch-deadline").await;
+    let mut bytes = Vec::new();
+    Request::Auth(Auth { key: ADMIN_KEY.into() }).encode_frame(1, &mut bytes).unwrap();
+    const PAYMENTS: u64 = 24;
+    for id in 2..2 + PAYMENTS {
+        let payment = Authorize {
+            client_request_id: request_id().get(),
+            inherent_id: payer.sign(100, SPREAD, "T-1"),
+        };
+        Request::Authorize(payment).encode_frame(id, &mut bytes).unwrap();
+    }
+    let mut stream = raw(&server, &bytes).await;
+    let (mut input, mut answered) = (Vec::new(), std::collections::BTreeMap::new());
+    while answered.len() < PAYMENTS as usize + 1 {
+        let mut chunk = [0u8; 4096];
+        let read = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::io::AsyncReadExt::read(&mut stream, &mut chunk),
+        );
+        let n = read.await.expect("answered within 10 s").unwrap();
+        assert!(n > 0, "closed after {answered:?}");
+        input.extend_from_slice(&chunk[..n]);
+        while let Some((frame, used)) = settlegate_protocol::frame::decode(&input).unwrap() {
+            input.drain(..used);
+            assert_eq!(frame.status, 0, "request {}", frame.request_id);
+            let response = Response::decode(frame.opcode, frame.status, &frame.body).unwrap();
+            let outcome = match response {
+                Response::Ok(Reply::Authorize(outcome)) => Some(outcome),
+                _ if frame.request_id == 1 => None,
+                other => panic!("request {}: {other:?}", frame.request_id),
+            };
+            assert!(answered.insert(frame.request_id, outcome).is_none(), "answered twice");
+        }
+    }
+    let outcomes: Vec<AuthOutcome> = answered.into_values().flatten().collect();
+    let approved = outcomes.iter().filter(|o| matches!(o, AuthOutcome::Approved(_))).count();
+    let timed_out = (outcomes.iter())
+        .filter(|o| **o == AuthOutcome::Declined(ReasonCode::ProviderTimeout))
+        .count();
+    assert_eq!(approved + timed_out, PAYMENTS as usize, "{outcomes:?}");
+    assert!(approved > 0 && timed_out > 0, "{approved} approved, {timed_out} timed out");
+    server.shutdown().await;
+}
+
 /// No head-of-line blocking: of two `AUTHORIZE`s sent in one write, one to a provider that
 /// answers after 2 s and one to a faster provider, the faster one's answer arrives first,
 /// whether its provider decides in the shard (zero latency) or answers after 1 ms through the
