@@ -451,29 +451,59 @@ pub(crate) struct FrozenRecords {
     chunks: Vec<Arc<Vec<Entry>>>,
     /// The ring position of the oldest record.
     start: usize,
+    /// How many records [`FrozenRecords::iter`] yields, counted by the first to ask (the
+    /// snapshot's writer, not the shard).
+    len: std::cell::OnceCell<usize>,
 }
 
 impl FrozenRecords {
-    /// At most how many records [`FrozenRecords::iter`] yields.
-    pub(crate) fn len_max(&self) -> usize {
-        self.chunks.iter().map(|chunk| chunk.len()).sum()
+    /// How many records [`FrozenRecords::iter`] yields.
+    pub(crate) fn len(&self) -> usize {
+        *self.len.get_or_init(|| self.records().count())
     }
 
     /// The records within the count limit when frozen, oldest first. Those past their
     /// retention time are kept: a lookup after restore ignores them for the same reason a
     /// lookup before did.
-    pub(crate) fn iter(&self) -> impl Iterator<Item = (IdemKey, &Entry)> {
+    pub(crate) fn iter(&self) -> impl ExactSizeIterator<Item = (IdemKey, &Entry)> + Clone {
+        let records = self.records().map(|entry| (entry.key.unpack(), entry));
+        Counted { records, left: self.len() }
+    }
+
+    fn records(&self) -> impl Iterator<Item = &Entry> + Clone {
         oldest_first(self.chunks.iter().map(|chunk| &**chunk), self.start)
-            .map(|entry| (entry.key.unpack(), entry))
     }
 }
+
+/// An iterator whose length is known: `left` items are still to come.
+#[derive(Clone)]
+struct Counted<I> {
+    records: I,
+    left: usize,
+}
+
+impl<I: Iterator> Iterator for Counted<I> {
+    type Item = I::Item;
+
+    fn next(&mut self) -> Option<I::Item> {
+        let next = self.records.next()?;
+        self.left -= 1;
+        Some(next)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left, Some(self.left))
+    }
+}
+
+impl<I: Iterator> ExactSizeIterator for Counted<I> {}
 
 /// A ring's records (its chunks in order, the oldest at `start`), oldest first, but for those a
 /// later record of the same key replaced.
 fn oldest_first<'a>(
     chunks: impl Iterator<Item = &'a Vec<Entry>> + Clone,
     start: usize,
-) -> impl Iterator<Item = &'a Entry> {
+) -> impl Iterator<Item = &'a Entry> + Clone {
     let all = chunks.flat_map(|chunk| chunk.iter());
     all.clone().skip(start).chain(all.take(start)).filter(|entry| entry.expires_ms != REPLACED)
 }
@@ -749,7 +779,8 @@ impl Idempotency {
     /// The records within the count limit, frozen for a snapshot.
     pub(crate) fn freeze(&mut self) -> FrozenRecords {
         let start = self.ring_pos(self.live_from_seq());
-        FrozenRecords { chunks: self.ring.iter_mut().map(CowCell::freeze).collect(), start }
+        let chunks = self.ring.iter_mut().map(CowCell::freeze).collect();
+        FrozenRecords { chunks, start, len: std::cell::OnceCell::new() }
     }
 
     /// Restores a snapshot's records (expires at, key, digest, state) into an empty table, in

@@ -36,7 +36,7 @@ use crate::wal::snapshot::{Restore, SNAPSHOT_VERSION};
 /// One shard's whole state (snapshot format version 9): the state of version 7, what the
 /// shard owes its providers (since version 8), and the settled payments it keeps for their
 /// refunds (since version 9).
-#[derive(Archive, Serialize, Deserialize)]
+#[derive(Archive, Serialize)]
 pub(crate) struct ShardImage {
     state: StateImage,
     money: MoneyImage,
@@ -46,7 +46,8 @@ pub(crate) struct ShardImage {
 
 /// One shard's whole state as snapshot format version 8 held it: [`ShardImage`] without the
 /// settled payments.
-#[derive(Archive, Serialize, Deserialize)]
+#[derive(Archive, Serialize)]
+#[cfg_attr(not(test), expect(dead_code, reason = "read in place; only the tests write format 8"))]
 pub(crate) struct ShardImageV8 {
     state: StateImage,
     money: MoneyImage,
@@ -66,15 +67,18 @@ struct MoneyImage {
 }
 
 /// A shard's state but for [`MoneyImage`]: the whole of a snapshot of format version 7.
-#[derive(Archive, Serialize, Deserialize)]
+/// Written only (a restore reads its archive in place, a field at a time).
+#[derive(Archive, Serialize)]
 pub(crate) struct StateImage {
     dispatch_seq: u64,
     /// The last code or coupon sequence number used.
     code_seq: u64,
     /// By user ID.
     users: Vec<UserImage>,
-    /// Expiry, key, digest, state; in the order they are restored (by expiry).
-    idem: Vec<(i64, IdemKey, u64, IdemState)>,
+    /// Expiry, key, digest, state ([`IdemRecord`]), archived from the frozen ring itself
+    /// ([`RingRecords`]).
+    #[rkyv(with = RingRecords)]
+    idem: FrozenRecords,
     /// The providers this shard owns, by code.
     providers: Vec<ProviderImage>,
     /// Age registrations, by card IDm.
@@ -85,6 +89,47 @@ pub(crate) struct StateImage {
     codes: Vec<CodeImage>,
     /// Coupons, by issue number.
     coupons: Vec<(u64, CouponRecord)>,
+}
+
+/// A snapshot's idempotency record: expiry, key, digest, state.
+pub(crate) type IdemRecord = (i64, IdemKey, u64, IdemState);
+
+/// Archives a frozen ring's records as the `Vec<IdemRecord>` a snapshot holds, straight from
+/// the ring: no copy of its million records is made first. In the ring's order, the order they
+/// were made in, which a restore keeps: it is state (the count limit drops the oldest first,
+/// and the digest hashes that order). Not by expiry: a batch's time is taken by its caller, so
+/// two callers' batches can reach a shard in the other order of their times.
+struct RingRecords;
+
+impl rkyv::with::ArchiveWith<FrozenRecords> for RingRecords {
+    type Archived = rkyv::vec::ArchivedVec<rkyv::Archived<IdemRecord>>;
+    type Resolver = rkyv::vec::VecResolver;
+
+    fn resolve_with(
+        records: &FrozenRecords,
+        resolver: Self::Resolver,
+        out: rkyv::Place<Self::Archived>,
+    ) {
+        rkyv::vec::ArchivedVec::resolve_from_len(records.len(), resolver, out);
+    }
+}
+
+impl<S> rkyv::with::SerializeWith<FrozenRecords, S> for RingRecords
+where
+    S: rkyv::rancor::Fallible + rkyv::ser::Allocator + rkyv::ser::Writer + ?Sized,
+    IdemRecord: Serialize<S>,
+{
+    fn serialize_with(
+        records: &FrozenRecords,
+        serializer: &mut S,
+    ) -> Result<Self::Resolver, S::Error> {
+        let records = records
+            .iter()
+            .map(|(key, entry)| (entry.expires_ms, key, entry.digest, entry.state().into_owned()));
+        rkyv::vec::ArchivedVec::<rkyv::Archived<IdemRecord>>::serialize_from_iter::<IdemRecord, _, _>(
+            records, serializer,
+        )
+    }
 }
 
 #[derive(Archive, Serialize, Deserialize)]
@@ -169,7 +214,7 @@ impl Capture {
     pub(crate) fn into_image(self) -> ShardImage {
         let Capture {
             users,
-            idem: idem_frozen,
+            idem,
             codes,
             ages,
             coupons,
@@ -185,18 +230,6 @@ impl Capture {
             .map(|(key, user)| UserImage { key: key.clone(), user: Arc::clone(user) })
             .collect();
         users.sort_unstable_by(|a, b| a.key.cmp(&b.key));
-        // In the ring's order, the order they were made in, which a restore keeps: it is
-        // state (the count limit drops the oldest first, and the digest hashes that order).
-        // Not by expiry: a batch's time is taken by its caller, so two callers' batches can
-        // reach the shard in the other order, and the order of their expiries is not the
-        // ring's.
-        let mut idem: Vec<(i64, IdemKey, u64, IdemState)> =
-            Vec::with_capacity(idem_frozen.len_max());
-        idem.extend(
-            (idem_frozen.iter()).map(|(key, entry)| {
-                (entry.expires_ms, key, entry.digest, entry.state().into_owned())
-            }),
-        );
         let mut ages: Vec<(Idm, AgeRegistration)> = ages.iter().map(|(k, v)| (*k, *v)).collect();
         ages.sort_unstable_by_key(|(idm, _)| *idm);
         let mut stores: Vec<(Store, i64)> = stores.iter().map(|(_, s)| s.clone()).collect();
@@ -590,6 +623,30 @@ mod tests {
         let order = |s: &ShardState| s.idem.records().map(|e| e.digest).collect::<Vec<_>>();
         assert_eq!(order(&state), [1, 2, 3, 4]);
         assert_eq!(state.digest(), with_records().digest());
+    }
+
+    #[derive(Archive, Serialize)]
+    struct Ring {
+        #[rkyv(with = RingRecords)]
+        records: FrozenRecords,
+    }
+
+    /// A frozen ring archives as the vector of its records would, byte for byte (the format
+    /// is the same), the oldest first and only those within the count limit.
+    #[test]
+    fn a_ring_archives_as_the_vector_of_its_records() {
+        let mut idem = Idempotency::new(60_000, 8);
+        let records: Vec<IdemRecord> = (1..=12u64)
+            .map(|id| {
+                let state =
+                    IdemState::Done(crate::shard::idempotency::KeptReply::Delivered(id as u32));
+                (5_000 - id as i64, (id, u128::from(id) << 70), id, state)
+            })
+            .collect();
+        idem.restore(records.clone());
+        let ring = rkyv::to_bytes::<rkyv::rancor::Error>(&Ring { records: idem.freeze() }).unwrap();
+        let newest = rkyv::to_bytes::<rkyv::rancor::Error>(&records[4..].to_vec()).unwrap();
+        assert_eq!(&ring[..], &newest[..]);
     }
 
     /// A snapshot of format 8 (the state and the ledger, written by a build before settled
