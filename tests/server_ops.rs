@@ -653,6 +653,32 @@ async fn payment_codes_over_the_wire() {
     assert!(matches!(shop.call(&elsewhere).await.unwrap(), Response::Forbidden(_)));
 }
 
+/// The first `count` answers on `stream`, by request ID, in the order they arrived (each
+/// within 10 s; every one with status 0).
+async fn answers_in_arrival(
+    stream: &mut tokio::net::TcpStream,
+    count: usize,
+) -> Vec<(u64, Response)> {
+    let (mut input, mut answers) = (Vec::new(), Vec::new());
+    while answers.len() < count {
+        let mut chunk = [0u8; 4096];
+        let read = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::io::AsyncReadExt::read(stream, &mut chunk),
+        );
+        let n = read.await.expect("answered within 10 s").unwrap();
+        assert!(n > 0, "closed after {answers:?}");
+        input.extend_from_slice(&chunk[..n]);
+        while let Some((frame, used)) = settlegate_protocol::frame::decode(&input).unwrap() {
+            input.drain(..used);
+            assert_eq!(frame.status, 0, "request {}", frame.request_id);
+            let response = Response::decode(frame.opcode, frame.status, &frame.body).unwrap();
+            answers.push((frame.request_id, response));
+        }
+    }
+    answers
+}
+
 /// A read's payments for one provider go to it as one batch under one deadline: over the wire,
 /// every payment is answered once, those the provider answered by its timeout as it said,
 /// the rest declined as timed out (a provider answering in 1 to 800 ms, a timeout of 300 ms).
@@ -682,27 +708,14 @@ async fn a_batch_for_one_provider_stands_as_answered_by_its_deadline_and_times_o
         Request::Authorize(payment).encode_frame(id, &mut bytes).unwrap();
     }
     let mut stream = raw(&server, &bytes).await;
-    let (mut input, mut answered) = (Vec::new(), std::collections::BTreeMap::new());
-    while answered.len() < PAYMENTS as usize + 1 {
-        let mut chunk = [0u8; 4096];
-        let read = tokio::time::timeout(
-            Duration::from_secs(10),
-            tokio::io::AsyncReadExt::read(&mut stream, &mut chunk),
-        );
-        let n = read.await.expect("answered within 10 s").unwrap();
-        assert!(n > 0, "closed after {answered:?}");
-        input.extend_from_slice(&chunk[..n]);
-        while let Some((frame, used)) = settlegate_protocol::frame::decode(&input).unwrap() {
-            input.drain(..used);
-            assert_eq!(frame.status, 0, "request {}", frame.request_id);
-            let response = Response::decode(frame.opcode, frame.status, &frame.body).unwrap();
-            let outcome = match response {
-                Response::Ok(Reply::Authorize(outcome)) => Some(outcome),
-                _ if frame.request_id == 1 => None,
-                other => panic!("request {}: {other:?}", frame.request_id),
-            };
-            assert!(answered.insert(frame.request_id, outcome).is_none(), "answered twice");
-        }
+    let mut answered = std::collections::BTreeMap::new();
+    for (request_id, response) in answers_in_arrival(&mut stream, PAYMENTS as usize + 1).await {
+        let outcome = match response {
+            Response::Ok(Reply::Authorize(outcome)) => Some(outcome),
+            _ if request_id == 1 => None,
+            other => panic!("request {request_id}: {other:?}"),
+        };
+        assert!(answered.insert(request_id, outcome).is_none(), "answered twice");
     }
     let outcomes: Vec<AuthOutcome> = answered.into_values().flatten().collect();
     let approved = outcomes.iter().filter(|o| matches!(o, AuthOutcome::Approved(_))).count();
@@ -747,29 +760,15 @@ async fn a_slow_provider_holds_back_only_its_own_answers() {
         Request::Authorize(slow).encode_frame(2, &mut bytes).unwrap();
         Request::Authorize(fast).encode_frame(3, &mut bytes).unwrap();
         let mut stream = raw(&server, &bytes).await;
-        let mut input = Vec::new();
         let mut arrived = Vec::new();
-        while arrived.len() < 3 {
-            let mut chunk = [0u8; 4096];
-            let read = tokio::time::timeout(
-                Duration::from_secs(10),
-                tokio::io::AsyncReadExt::read(&mut stream, &mut chunk),
-            );
-            let n = read.await.expect("answered within 10 s").unwrap();
-            assert!(n > 0, "closed after {arrived:?}");
-            input.extend_from_slice(&chunk[..n]);
-            while let Some((frame, used)) = settlegate_protocol::frame::decode(&input).unwrap() {
-                input.drain(..used);
-                assert_eq!(frame.status, 0, "request {}", frame.request_id);
-                let response = Response::decode(frame.opcode, frame.status, &frame.body).unwrap();
-                if frame.request_id > 1 {
-                    let Response::Ok(Reply::Authorize(outcome)) = response else {
-                        panic!("request {}: {response:?}", frame.request_id)
-                    };
-                    assert!(matches!(outcome, AuthOutcome::Approved(_)), "{outcome:?}");
-                }
-                arrived.push(frame.request_id);
+        for (request_id, response) in answers_in_arrival(&mut stream, 3).await {
+            if request_id > 1 {
+                let Response::Ok(Reply::Authorize(outcome)) = response else {
+                    panic!("request {request_id}: {response:?}")
+                };
+                assert!(matches!(outcome, AuthOutcome::Approved(_)), "{outcome:?}");
             }
+            arrived.push(request_id);
         }
         assert_eq!(
             arrived,

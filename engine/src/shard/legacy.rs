@@ -459,10 +459,10 @@ fn restore_users(
         for m in snap_user.means.iter() {
             let number = m.number.as_ref().map(|n| {
                 StoredNumber::kept(
-                    vault,
                     CardToken(n.token),
                     n.last4,
                     archived_sealed_in(&n.sealed),
+                    |token, sealed| vault.store(token, sealed),
                 )
             });
             means.push(StoredMeans {

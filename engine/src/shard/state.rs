@@ -138,15 +138,16 @@ pub(crate) struct StoredNumber {
 }
 
 impl StoredNumber {
-    /// Keeps a sealed number, registering it with the vault (which opens it for adapters).
+    /// Keeps a sealed number, handing it to `register` for the vault (which opens it for
+    /// adapters): [`Vault::store`] at once, or a [`RegistryWrite::Store`] a replay defers.
     pub(crate) fn kept(
-        vault: &Vault,
         token: CardToken,
         last4: [u8; 4],
         sealed: SealedNumber,
+        register: impl FnOnce(CardToken, Arc<SealedNumber>),
     ) -> StoredNumber {
         let number = StoredNumber { token, last4, sealed: Arc::new(sealed) };
-        vault.store(token, Arc::clone(&number.sealed));
+        register(token, Arc::clone(&number.sealed));
         number
     }
 }

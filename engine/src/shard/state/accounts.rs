@@ -143,10 +143,9 @@ impl ShardState {
         let means_id = account.next_means_id;
         account.next_means_id += 1;
         let number = means.sealed.map(|(token, last4, sealed)| {
-            let number = StoredNumber { token, last4, sealed: Arc::new(sealed) };
-            let sealed = Arc::clone(&number.sealed);
-            RegistryWrite::Store { token, sealed }.make(&mut self.deferred, &self.shared);
-            number
+            StoredNumber::kept(token, last4, sealed, |token, sealed| {
+                RegistryWrite::Store { token, sealed }.make(&mut self.deferred, &self.shared)
+            })
         });
         let last4 = number.as_ref().map(|n| n.last4);
         // Grown one at a time (a user has a few means at most, `MEANS_PER_USER_MAX`): a first
