@@ -372,6 +372,12 @@ providers_part() {
       quiet_host "$OUT/providers-zero-$run.json" "$OUT/providers-latency-$run.json" && break
     done
   done
+  # What the simulated provider took, as the guard measured each call: that the provider
+  # was simulated at the latency asked for, not at a timer's coarser tick.
+  curl -fs 127.0.0.1:9981/metrics | awk -v asked="$latency" '
+    /^settlegate_provider_call_duration_seconds_sum/ { sum = $2 }
+    /^settlegate_provider_call_duration_seconds_count/ { count = $2 }
+    END { if (count) printf "== providers: the simulated provider (%s us asked) answered %d calls in %.0f us on average\n", asked, count, sum / count * 1e6 }'
   stop_settlegate "$zero" "$latent"
   echo "== providers: settlegate authorize, closed loop, zero-latency provider against $latency us"
   python3 scripts/bench-report.py compare --out "$OUT" --runs "$RUNS" --steal-max "$STEAL_MAX" \

@@ -20,6 +20,7 @@
 //! per provider in the engine's TOML config.
 #![deny(missing_docs)]
 
+mod fine_timer;
 mod guard;
 pub mod iso8583;
 pub mod simulated;

@@ -22,7 +22,9 @@ use futures::{Future as _, FutureExt, Stream, StreamExt as _};
 use rand::{Rng, RngCore, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 use serde::{Deserialize, Serialize};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
+
+use crate::fine_timer::FineSleep;
 
 use crate::{
     AdapterError, Answers, AuthCode, AuthorizationRequest, DeclineReason, LifecycleReply,
@@ -454,7 +456,7 @@ struct InTurn<T> {
     /// How long after `start` the timer last found it: every answer with a latency up to
     /// this is due.
     past: Duration,
-    timer: Option<Pin<Box<Sleep>>>,
+    timer: Option<FineSleep>,
 }
 
 impl<T: Unpin> Stream for InTurn<T> {
@@ -471,15 +473,13 @@ impl<T: Unpin> Stream for InTurn<T> {
             let due = this.start + latency;
             let timer = match &mut this.timer {
                 Some(timer) => {
-                    if timer.deadline() != due {
-                        timer.as_mut().reset(due);
-                    }
+                    timer.reset(due);
                     timer
                 }
-                None => this.timer.insert(Box::pin(tokio::time::sleep_until(due))),
+                None => this.timer.insert(FineSleep::until(due)),
             };
-            ready!(timer.as_mut().poll(cx));
-            // The timer fires on its driver's tick: whatever else fell due by now goes too.
+            ready!(Pin::new(timer).poll(cx));
+            // Whatever else fell due by now goes too.
             this.past = this.start.elapsed().max(latency);
         }
     }
@@ -490,8 +490,9 @@ fn after<T: Send + 'static>(latency: Duration, result: T) -> BoxFuture<'static, 
     if latency.is_zero() {
         futures::future::ready(result).boxed()
     } else {
+        let deadline = Instant::now() + latency;
         async move {
-            tokio::time::sleep(latency).await;
+            FineSleep::until(deadline).await;
             result
         }
         .boxed()
