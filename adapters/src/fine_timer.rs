@@ -84,7 +84,7 @@ impl Future for FineSleep {
 /// first of them.
 struct Timers {
     waiting: Mutex<Waiting>,
-    fd: Arc<AsyncFd<OwnedFd>>,
+    fd: AsyncFd<OwnedFd>,
     /// False once the task reading the `timerfd` is gone (its runtime shut down).
     alive: AtomicBool,
 }
@@ -154,13 +154,13 @@ impl Timers {
         let flags = TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC;
         let fd = rustix::time::timerfd_create(TimerfdClockId::Monotonic, flags).ok()?;
         // SAFETY: the `AsyncFd` owns the descriptor, open until it is dropped with it.
-        let fd = Arc::new(unsafe { AsyncFd::register(fd) }.ok()?);
+        let fd = unsafe { AsyncFd::register(fd) }.ok()?;
         let timers = Arc::new(Timers {
             waiting: Mutex::new(Waiting::default()),
-            fd: Arc::clone(&fd),
+            fd,
             alive: AtomicBool::new(true),
         });
-        tokio::spawn(read_loop(Arc::clone(&timers), fd));
+        tokio::spawn(read_loop(Arc::clone(&timers)));
         Some(timers)
     }
 
@@ -208,8 +208,9 @@ impl Timers {
     }
 }
 
-/// Marks its timers dead when dropped: the task reading them is gone, so a sleep must not
-/// count on them, and the wakers left are woken (each sleep then registers anew).
+/// Marks its timers dead when dropped: the task reading them is gone (its runtime shut down),
+/// so the next sleep on this thread starts timers of its own; the wakers left are woken, so
+/// that nothing waits on a timer no one reads.
 struct Reader(Arc<Timers>);
 
 impl Drop for Reader {
@@ -223,8 +224,9 @@ impl Drop for Reader {
 }
 
 /// Reads the `timerfd` each time it fires and wakes what is due.
-async fn read_loop(timers: Arc<Timers>, fd: Arc<AsyncFd<OwnedFd>>) {
+async fn read_loop(timers: Arc<Timers>) {
     let reader = Reader(timers);
+    let fd = &reader.0.fd;
     loop {
         let Ok(mut ready) = fd.readable().await else { return };
         let mut expirations = [0u8; 8];
