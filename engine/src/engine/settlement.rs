@@ -1,8 +1,11 @@
 //! G3 settlement: authorize payments in batches (verify, reserve, dispatch, complete, notify).
 
-use futures::future::BoxFuture;
-use futures::stream::{BoxStream, FuturesUnordered, SelectAll};
-use futures::{FutureExt as _, StreamExt as _};
+use std::future::Future as _;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures::StreamExt as _;
+use settlegate_adapters::Answers;
 
 use super::*;
 
@@ -262,15 +265,37 @@ type Answered = (usize, Box<Dispatch>, AuthOutcome);
 /// [`Authorizing::next`], those whose providers answered together, once their shard has
 /// recorded them (one shard message per shard and group, so that a burst of answers is
 /// recorded as one batch, not one message each).
+///
+/// Its calls and recordings are polled here, each registering the caller's waker: a batch has
+/// a call per provider and shard and a recording per shard, a few at most, where a `SelectAll`
+/// of boxed streams and a `FuturesUnordered` of boxed futures cost a task of their own per
+/// stream and per future, and a wake-up through it per answer (`docs/BENCHMARKS.md`).
 #[must_use = "payments waiting for a provider stand only once `next` has returned them"]
 pub struct Authorizing {
     engine: Engine,
     ready: Vec<Standing>,
-    /// Provider calls under way, a batch per provider and shard, each call ending with its
-    /// position, its dispatch and its outcome.
-    calls: SelectAll<BoxStream<'static, Answered>>,
-    /// Completions being recorded, each ending with the results of one shard's group.
-    recording: FuturesUnordered<BoxFuture<'static, Vec<Standing>>>,
+    /// Provider calls under way, a batch per provider and shard.
+    calls: Vec<Call>,
+    /// Completions being recorded, a group per shard.
+    recording: Vec<Recording>,
+}
+
+/// A batch's call to one provider, for one shard's payments.
+struct Call {
+    /// The answers, each with its position in `batch`, as they come in.
+    answers: Answers,
+    /// The payments not answered yet, by position.
+    batch: Vec<Option<Reserved>>,
+}
+
+/// The completions of a group of answered payments, sent to their shard.
+struct Recording {
+    shard: usize,
+    /// The shard's replies, one per completion, once it has recorded them.
+    recorded: oneshot::Receiver<Vec<Reply>>,
+    entries: Vec<Answered>,
+    /// When the answers were recorded: the time their notices carry.
+    now_ms: i64,
 }
 
 impl Authorizing {
@@ -278,8 +303,8 @@ impl Authorizing {
         Authorizing {
             engine,
             ready: Vec::with_capacity(count),
-            calls: SelectAll::new(),
-            recording: FuturesUnordered::new(),
+            calls: Vec::new(),
+            recording: Vec::new(),
         }
     }
 
@@ -296,27 +321,38 @@ impl Authorizing {
     /// The next group of results to stand, or `None` when every result has been handed out.
     /// Provider calls make progress only while this is awaited.
     pub async fn next(&mut self) -> Option<Vec<Standing>> {
+        std::future::poll_fn(|cx| self.poll_group(cx)).await
+    }
+
+    fn poll_group(&mut self, cx: &mut Context<'_>) -> Poll<Option<Vec<Standing>>> {
         loop {
             if !self.ready.is_empty() {
-                return Some(self.take_ready());
+                return Poll::Ready(Some(self.take_ready()));
             }
-            if self.calls.is_empty() && self.recording.is_empty() {
-                return None;
-            }
-            tokio::select! {
-                biased;
-                Some(group) = self.recording.next(), if !self.recording.is_empty() => {
-                    return Some(group);
-                }
-                Some(first) = self.calls.next(), if !self.calls.is_empty() => {
-                    // Every answer that is in: recorded together.
-                    let mut answered = vec![first];
-                    while let Some(Some(more)) = self.calls.next().now_or_never() {
-                        answered.push(more);
-                    }
-                    self.record(answered);
+            // What a shard has recorded first: it stands.
+            for at in 0..self.recording.len() {
+                if let Poll::Ready(recorded) = Pin::new(&mut self.recording[at].recorded).poll(cx) {
+                    let recording = self.recording.swap_remove(at);
+                    return Poll::Ready(Some(self.stood(recording, recorded.ok())));
                 }
             }
+            // Every answer that is in: recorded together.
+            let mut answered = Vec::new();
+            let mut at = 0;
+            while at < self.calls.len() {
+                if self.calls[at].poll_answers(cx, &mut answered) {
+                    self.calls.swap_remove(at);
+                } else {
+                    at += 1;
+                }
+            }
+            if answered.is_empty() {
+                if self.calls.is_empty() && self.recording.is_empty() {
+                    return Poll::Ready(None);
+                }
+                return Poll::Pending;
+            }
+            self.record(answered);
         }
     }
 
@@ -327,19 +363,7 @@ impl Authorizing {
             .expect("shard checked the provider; the provider set is fixed");
         let requests = batch.iter().map(|(_, dispatch)| dispatch.provider_request()).collect();
         let answers = provider.adapter.authorize_batch(requests, deadline);
-        let mut batch: Vec<Option<Reserved>> = batch.into_iter().map(Some).collect();
-        self.calls.push(
-            answers
-                .filter_map(move |(at, answer)| {
-                    let answered =
-                        batch.get_mut(at).and_then(Option::take).map(|(index, dispatch)| {
-                            let outcome = dispatch.outcome_of(answer);
-                            (index, dispatch, outcome)
-                        });
-                    std::future::ready(answered)
-                })
-                .boxed(),
-        );
+        self.calls.push(Call { answers, batch: batch.into_iter().map(Some).collect() });
     }
 
     /// Sends each shard the completions of `answered`, its payments whose providers answered.
@@ -358,31 +382,51 @@ impl Authorizing {
                 continue;
             }
             // Completions are never refused as busy: dropping one would lose an outcome.
-            let receiver = engine.submit_always(shard, ops);
-            let engine = engine.clone();
-            self.recording.push(
-                async move {
-                    let Ok(replies) = receiver.await else {
-                        // Not recorded, not acknowledged: no reply and no notice may claim it.
-                        let lost = engine.lost(shard);
-                        return entries.into_iter().map(|(i, ..)| (i, Err(lost.clone()))).collect();
-                    };
-                    entries
-                        .into_iter()
-                        .zip(replies)
-                        .map(|((index, dispatch, mut outcome), reply)| {
-                            // What stands: the provider's outcome, or a decline where the
-                            // completion found its record gone or replaced.
-                            if let Ok(Completion::Dropped) = reply.into_flow() {
-                                engine.inner.shared.completion_dropped(&dispatch, &outcome);
-                                outcome = AuthOutcome::Declined(ReasonCode::ProviderTimeout);
-                            }
-                            (index, Ok(engine.publish_outcome(*dispatch, outcome, now_ms)))
-                        })
-                        .collect()
+            let recorded = engine.submit_always(shard, ops);
+            self.recording.push(Recording { shard, recorded, entries, now_ms });
+        }
+    }
+
+    /// The results of a recorded group (`None`: its shard is gone, and nothing was recorded).
+    fn stood(&self, recording: Recording, replies: Option<Vec<Reply>>) -> Vec<Standing> {
+        let Recording { shard, entries, now_ms, .. } = recording;
+        let engine = &self.engine;
+        let Some(replies) = replies else {
+            // Not recorded, not acknowledged: no reply and no notice may claim it.
+            let lost = engine.lost(shard);
+            return entries.into_iter().map(|(i, ..)| (i, Err(lost.clone()))).collect();
+        };
+        entries
+            .into_iter()
+            .zip(replies)
+            .map(|((index, dispatch, mut outcome), reply)| {
+                // What stands: the provider's outcome, or a decline where the completion found
+                // its record gone or replaced.
+                if let Ok(Completion::Dropped) = reply.into_flow() {
+                    engine.inner.shared.completion_dropped(&dispatch, &outcome);
+                    outcome = AuthOutcome::Declined(ReasonCode::ProviderTimeout);
                 }
-                .boxed(),
-            );
+                (index, Ok(engine.publish_outcome(*dispatch, outcome, now_ms)))
+            })
+            .collect()
+    }
+}
+
+impl Call {
+    /// Adds the answers that are in to `answered`; true once every answer has come.
+    fn poll_answers(&mut self, cx: &mut Context<'_>, answered: &mut Vec<Answered>) -> bool {
+        loop {
+            match self.answers.poll_next_unpin(cx) {
+                Poll::Ready(Some((at, answer))) => {
+                    // An answer for a position answered before is not a second answer.
+                    if let Some((index, dispatch)) = self.batch.get_mut(at).and_then(Option::take) {
+                        let outcome = dispatch.outcome_of(answer);
+                        answered.push((index, dispatch, outcome));
+                    }
+                }
+                Poll::Ready(None) => return true,
+                Poll::Pending => return false,
+            }
         }
     }
 }
