@@ -262,9 +262,10 @@ type Answered = (usize, Box<Dispatch>, AuthOutcome);
 /// A batch of payments being authorized ([`Engine::authorize_start`]): its provider calls under
 /// way, and the completions being recorded. Its results come out a group at a time, as they
 /// stand: first those that stood at reservation ([`Authorizing::take_ready`]), then, from
-/// [`Authorizing::next`], those whose providers answered together, once their shard has
+/// [`Authorizing::next`], those whose providers answered together, once their shards have
 /// recorded them (one shard message per shard and group, so that a burst of answers is
-/// recorded as one batch, not one message each).
+/// recorded as one batch, not one message each; what several shards have recorded by then
+/// stands as one group, written together).
 ///
 /// Its calls and recordings are polled here, each registering the caller's waker: a batch has
 /// a call per provider and shard and a recording per shard, a few at most, where a `SelectAll`
@@ -329,12 +330,20 @@ impl Authorizing {
             if !self.ready.is_empty() {
                 return Poll::Ready(Some(self.take_ready()));
             }
-            // What a shard has recorded first: it stands.
-            for at in 0..self.recording.len() {
-                if let Poll::Ready(recorded) = Pin::new(&mut self.recording[at].recorded).poll(cx) {
-                    let recording = self.recording.swap_remove(at);
-                    return Poll::Ready(Some(self.stood(recording, recorded.ok())));
+            // What the shards have recorded first: it stands, as one group.
+            let mut group = Vec::new();
+            let mut at = 0;
+            while at < self.recording.len() {
+                match Pin::new(&mut self.recording[at].recorded).poll(cx) {
+                    Poll::Ready(recorded) => {
+                        let recording = self.recording.swap_remove(at);
+                        self.stood(recording, recorded.ok(), &mut group);
+                    }
+                    Poll::Pending => at += 1,
                 }
+            }
+            if !group.is_empty() {
+                return Poll::Ready(Some(group));
             }
             // Every answer that is in: recorded together.
             let mut answered = Vec::new();
@@ -387,19 +396,19 @@ impl Authorizing {
         }
     }
 
-    /// The results of a recorded group (`None`: its shard is gone, and nothing was recorded).
-    fn stood(&self, recording: Recording, replies: Option<Vec<Reply>>) -> Vec<Standing> {
+    /// Adds the results of a recorded group to `group` (`replies` `None`: its shard is gone,
+    /// and nothing was recorded).
+    fn stood(&self, recording: Recording, replies: Option<Vec<Reply>>, group: &mut Vec<Standing>) {
         let Recording { shard, entries, now_ms, .. } = recording;
         let engine = &self.engine;
         let Some(replies) = replies else {
             // Not recorded, not acknowledged: no reply and no notice may claim it.
             let lost = engine.lost(shard);
-            return entries.into_iter().map(|(i, ..)| (i, Err(lost.clone()))).collect();
+            group.extend(entries.into_iter().map(|(i, ..)| (i, Err(lost.clone()))));
+            return;
         };
-        entries
-            .into_iter()
-            .zip(replies)
-            .map(|((index, dispatch, mut outcome), reply)| {
+        group.extend(entries.into_iter().zip(replies).map(
+            |((index, dispatch, mut outcome), reply)| {
                 // What stands: the provider's outcome, or a decline where the completion found
                 // its record gone or replaced.
                 if let Ok(Completion::Dropped) = reply.into_flow() {
@@ -407,8 +416,8 @@ impl Authorizing {
                     outcome = AuthOutcome::Declined(ReasonCode::ProviderTimeout);
                 }
                 (index, Ok(engine.publish_outcome(*dispatch, outcome, now_ms)))
-            })
-            .collect()
+            },
+        ));
     }
 }
 
