@@ -475,13 +475,14 @@ impl Connection {
                 }
                 return;
             }
-            // Some wait for a provider: each group goes to the writer as it stands, so that a
-            // slow provider holds back only its own answers, and its permits are given back.
+            // Some wait for a provider: each group is written as it stands, so that a slow
+            // provider holds back only its own answers, and its permits are given back.
             let mut group = ready;
             loop {
                 let answered = group.len();
                 if answered > 0 {
-                    out.push(encode_authorize_answers(ctx, group, started));
+                    let bytes = encode_authorize_answers(ctx, group, started);
+                    write_or_queue(&writer, &out, &mut closed, bytes).await;
                     drop(permit.split(answered));
                 }
                 match answers.next(ctx).await {
@@ -705,6 +706,33 @@ async fn write_loop(
         }
     }
     let _ = writer.lock().await.shutdown().await;
+}
+
+/// Writes `bytes` on the calling task when nothing waits for the writer task and the writing
+/// half is free, with no hand-over to the writer task (a wake-up and a copy); otherwise queues
+/// them for the writer task, which writes whatever is queued by then together. A write the peer
+/// never takes ends when the connection gives up on it.
+async fn write_or_queue(
+    writer: &SharedWriter,
+    out: &Outbox,
+    closed: &mut watch::Receiver<bool>,
+    bytes: Vec<u8>,
+) {
+    if out.idle() {
+        if let Ok(mut writing) = writer.try_lock() {
+            let _charge = out.charge(bytes.len());
+            // A failed write means the peer is gone; the read side sees it too.
+            tokio::select! {
+                _ = async {
+                    writing.write_all(&bytes).await?;
+                    writing.flush().await
+                } => {}
+                _ = closed.changed() => {}
+            }
+            return;
+        }
+    }
+    out.push(bytes);
 }
 
 /// Writes `bytes` and flushes, holding the writing half for both.

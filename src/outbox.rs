@@ -115,6 +115,11 @@ impl Outbox {
         self.queue.send(Queued { bytes, _charge: charge }).is_ok()
     }
 
+    /// Whether nothing is queued for this connection's writer or being written by it.
+    pub fn idle(&self) -> bool {
+        self.counter.own.bytes() == 0
+    }
+
     /// Whether this connection must stop reading until its replies drain.
     pub fn over(&self) -> bool {
         let own = self.counter.own.bytes();
