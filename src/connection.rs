@@ -67,7 +67,8 @@ pub struct Shared {
 }
 
 /// The socket's writing half, shared by the writer task (responses to other requests, pushes,
-/// errors) and the connection's own task (a batch of `AUTHORIZE` answers, written at once).
+/// errors, and what is queued while it writes) and the tasks of `AUTHORIZE` batches (a batch's
+/// answers, or a group of them, written at once).
 type SharedWriter = Arc<tokio::sync::Mutex<Pin<Box<dyn AsyncWrite + Send>>>>;
 
 struct Connection {
@@ -436,7 +437,8 @@ impl Connection {
     /// the connection is at its limit), then runs it on tasks of its own, so that the
     /// connection reads on meanwhile (a slow provider must not hold up the next batch). The
     /// batch's `AUTHORIZE`s go to the engine together and their answers are written by their
-    /// task at once, with no hand-over to the writer task.
+    /// task, with no hand-over to the writer task (a group that stands while others wait for
+    /// the writer is queued behind them: `write_or_queue`).
     async fn run_work(&mut self, authorizes: Vec<PendingAuthorize>, others: Vec<(u64, Request)>) {
         let admitted = (authorizes.len() + others.len()) as u32;
         if admitted == 0 {
