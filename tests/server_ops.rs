@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use settlegate_engine::{AuthOutcome, MeansKind, ReasonCode, UserIdType, UserKey};
 use settlegate_protocol::messages::{MeansInput, MeansOrder, TerminalConfirmation, TerminalEntry};
-use settlegate_protocol::messages::{Reply, Request, Response};
+use settlegate_protocol::messages::{Reply, Request, Response, PING_PAYLOAD_MAX};
 use settlegate_protocol::values::{Discount, TerminalService};
 use settlegate_protocol::Client;
 
@@ -724,6 +724,70 @@ async fn a_batch_for_one_provider_stands_as_answered_by_its_deadline_and_times_o
         .count();
     assert_eq!(approved + timed_out, PAYMENTS as usize, "{outcomes:?}");
     assert!(approved > 0 && timed_out > 0, "{approved} approved, {timed_out} timed out");
+    server.shutdown().await;
+}
+
+/// A batch's groups of answers are written by the batch's own task when the writer task has
+/// nothing queued, and queued for it otherwise: with several pipelined batches answered by a
+/// provider at 0-2 ms and `PING`s (answered through the writer task) between them, every frame
+/// arrives whole and every request is answered once.
+#[tokio::test]
+async fn answers_written_by_their_batches_and_by_the_writer_arrive_whole_and_once() {
+    const SPREAD: u32 = 810;
+    const BATCHES: u64 = 8;
+    const PAYMENTS: u64 = 40;
+    const PINGS: u64 = 20;
+    let mut config = server_config();
+    let mut provider = simulated_provider(SPREAD, "zero-to-two-ms", 0);
+    if let settlegate_engine::adapters::AdapterConfig::Simulated(simulated) = &mut provider.adapter
+    {
+        simulated.latency_us_max = 2_000;
+    }
+    provider.limits.concurrency_max = 1_000;
+    config.engine.providers.push(provider);
+    let server = start_with(config).await;
+    let admin = client(&server, ADMIN_KEY).await;
+    let mut stream =
+        raw(&server, &Request::Auth(Auth { key: ADMIN_KEY.into() }).to_frame(1).to_bytes()).await;
+    let mut next_id = 2;
+    let (mut payments, mut pings) = (Vec::new(), Vec::new());
+    for batch in 0..BATCHES {
+        let mut payer = enroll(&admin, &format!("writers-{batch}")).await;
+        let mut bytes = Vec::new();
+        for n in 0..PAYMENTS {
+            let payment = Authorize {
+                client_request_id: request_id().get(),
+                inherent_id: payer.sign(100, SPREAD, "T-1"),
+            };
+            Request::Authorize(payment).encode_frame(next_id, &mut bytes).unwrap();
+            payments.push(next_id);
+            next_id += 1;
+            if n % (PAYMENTS / PINGS) == 0 {
+                let ping = Ping { payload: vec![b'p'; PING_PAYLOAD_MAX] };
+                Request::Ping(ping).encode_frame(next_id, &mut bytes).unwrap();
+                pings.push(next_id);
+                next_id += 1;
+            }
+        }
+        tokio::io::AsyncWriteExt::write_all(&mut stream, &bytes).await.unwrap();
+    }
+    let mut answered = std::collections::BTreeSet::new();
+    let count = 1 + payments.len() + pings.len();
+    for (request_id, response) in answers_in_arrival(&mut stream, count).await {
+        match response {
+            Response::Ok(Reply::Authorize(AuthOutcome::Approved(_))) => {
+                assert!(payments.contains(&request_id), "request {request_id}")
+            }
+            Response::Ok(Reply::Ping(Pong(payload))) => {
+                assert!(pings.contains(&request_id), "request {request_id}");
+                assert_eq!(payload, vec![b'p'; PING_PAYLOAD_MAX]);
+            }
+            _ if request_id == 1 => {}
+            other => panic!("request {request_id}: {other:?}"),
+        }
+        assert!(answered.insert(request_id), "request {request_id} answered twice");
+    }
+    assert_eq!(answered.len(), count);
     server.shutdown().await;
 }
 
