@@ -5,7 +5,10 @@
       --series KEY=LABEL ... --ratio NUM/DEN ...
       Each run's throughput of each series (DIR/KEY-RUN.json) and each ratio NUM/DEN of two
       series' throughputs, then the medians over the runs whose steal was at most S (all runs,
-      with a warning, when none was); written to DIR/NAME.json too.
+      with a warning, when none was); written to DIR/NAME.json too. Where bench.sh sampled the
+      server's CPU over a run (DIR/KEY-RUN.cpu, see its sample_cpu), the server's CPU per
+      request too, and each ratio's NUM/DEN of it: a steadier measure of what a server costs
+      than its throughput on a shared machine.
 
   bench-report.py sweep --out DIR --max RATE --steps "10 20 ..." --steal-max S \
       --redis-label LABEL
@@ -41,6 +44,17 @@ def steal(report):
     return (report.get("host") or {}).get("steal_percent", 0.0)
 
 
+def cpu_us(out, key, run, throughput):
+    """The server's CPU per request over the run's sampled window, in microseconds, or None
+    where it was not sampled."""
+    try:
+        with open(f"{out}/{key}-{run}.cpu") as f:
+            t0, t1, window, tck = (float(x) for x in f.read().split())
+    except (OSError, ValueError):
+        return None
+    return (t1 - t0) / tck / window / throughput * 1e6 if throughput and window else None
+
+
 def compare(args):
     series = [s.split("=", 1) for s in args.series]
     labels = dict(series)
@@ -53,7 +67,12 @@ def compare(args):
         runs.append({"run": run, "counted": quiet, "throughput_per_s": tp,
                      "errors": {key: r["errors"] for key, r in reports.items()},
                      "steal_percent": {key: steal(r) for key, r in reports.items()},
-                     "ratios": {f"{n}/{d}": tp[n] / tp[d] if tp[d] else None for n, d in ratios}})
+                     "ratios": {f"{n}/{d}": tp[n] / tp[d] if tp[d] else None for n, d in ratios},
+                     "cpu_us_per_request": {key: cpu_us(args.out, key, run, tp[key])
+                                            for key, _ in series}})
+        cpu = runs[-1]["cpu_us_per_request"]
+        runs[-1]["cpu_ratios"] = {f"{n}/{d}": cpu[n] / cpu[d] for n, d in ratios
+                                  if cpu[n] is not None and cpu[d]}
     width = max(len(label) for label in labels.values())
     for row in runs:
         note = "" if row["counted"] else f"  (steal over {args.steal_max:.0f}%: not counted)"
@@ -61,12 +80,17 @@ def compare(args):
         for key, label in series:
             errors = row["errors"][key]
             extra = f"  ERRORS {errors}" if errors else ""
+            cpu = row["cpu_us_per_request"][key]
+            cpu = "" if cpu is None else f"  server CPU {cpu:.2f} us/request"
             print(f"  {label:<{width}} {row['throughput_per_s'][key]:>10.0f}/s  "
-                  f"(steal {row['steal_percent'][key]:.0f}%){extra}")
+                  f"(steal {row['steal_percent'][key]:.0f}%){cpu}{extra}")
         for n, d in ratios:
             value = row["ratios"][f"{n}/{d}"]
             print(f"  ratio {labels[n]} / {labels[d]}: "
                   + ("n/a" if value is None else f"{value:.3f}"))
+            value = row["cpu_ratios"].get(f"{n}/{d}")
+            if value is not None:
+                print(f"  server CPU per request, {labels[n]} / {labels[d]}: {value:.3f}")
     counted = [row for row in runs if row["counted"]]
     if not counted:
         print(f"warning: every run had steal over {args.steal_max:.0f}%: the medians are of runs "
@@ -77,15 +101,28 @@ def compare(args):
                              for key, _ in series},
         "ratios": {},
     }
+    medians["cpu_us_per_request"] = {}
+    for key, _ in series:
+        values = [r["cpu_us_per_request"][key] for r in counted
+                  if r["cpu_us_per_request"][key] is not None]
+        medians["cpu_us_per_request"][key] = statistics.median(values) if values else None
+    medians["cpu_ratios"] = {}
     for n, d in ratios:
         values = [r["ratios"][f"{n}/{d}"] for r in counted if r["ratios"][f"{n}/{d}"] is not None]
         medians["ratios"][f"{n}/{d}"] = statistics.median(values) if values else None
+        values = [r["cpu_ratios"][f"{n}/{d}"] for r in counted if f"{n}/{d}" in r["cpu_ratios"]]
+        medians["cpu_ratios"][f"{n}/{d}"] = statistics.median(values) if values else None
     print(f"median of {len(counted)} run(s):")
     for key, label in series:
-        print(f"  {label:<{width}} {medians['throughput_per_s'][key]:>10.0f}/s")
+        cpu = medians["cpu_us_per_request"][key]
+        cpu = "" if cpu is None else f"  server CPU {cpu:.2f} us/request"
+        print(f"  {label:<{width}} {medians['throughput_per_s'][key]:>10.0f}/s{cpu}")
     for n, d in ratios:
         value = medians["ratios"][f"{n}/{d}"]
         print(f"  ratio {labels[n]} / {labels[d]}: " + ("n/a" if value is None else f"{value:.3f}"))
+        value = medians["cpu_ratios"][f"{n}/{d}"]
+        if value is not None:
+            print(f"  server CPU per request, {labels[n]} / {labels[d]}: {value:.3f}")
     summary = {"part": args.name, "labels": labels, "runs": runs, "medians": medians,
                "steal_max_percent": args.steal_max}
     with open(f"{args.out}/{args.name}.json", "w") as f:

@@ -23,7 +23,8 @@
 #   providers  two settlegate servers side by side (ports 7980, 7981), one with the zero-latency
 #              provider and one with PROVIDER_LATENCY_US (500-1000 unless set); per run, the
 #              closed loop against each, and the ratio of their throughputs (latency / zero),
-#              then the medians over RUNS.
+#              and of each server's CPU per request over the run (steadier than throughput
+#              when the host is noisy), then the medians over RUNS.
 #   durable    settlegate in memory and with a data directory (fsync = "always"), and Redis
 #              (REDIS_OP) in memory and with appendfsync always, four servers side by side
 #              (ports 7982, 7983, 6401, 6402); per run, the closed loop against each, and the
@@ -366,9 +367,13 @@ providers_part() {
   for run in $(seq "$RUNS"); do
     for attempt in $(seq "$ATTEMPTS"); do
       echo "== providers, run $run (attempt $attempt): settlegate, zero-latency provider"
+      sample_cpu "$zero" "$OUT/providers-zero-$run.cpu" & sampler=$!
       lg_settlegate 7980 "$DURATION" "${closed[@]}" --json "$OUT/providers-zero-$run.json"
+      wait "$sampler"
       echo "== providers, run $run (attempt $attempt): settlegate, provider latency $latency us"
+      sample_cpu "$latent" "$OUT/providers-latency-$run.cpu" & sampler=$!
       lg_settlegate 7981 "$DURATION" "${closed[@]}" --json "$OUT/providers-latency-$run.json"
+      wait "$sampler"
       quiet_host "$OUT/providers-zero-$run.json" "$OUT/providers-latency-$run.json" && break
     done
   done
