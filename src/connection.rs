@@ -463,23 +463,10 @@ impl Connection {
         tokio::spawn(async move {
             let ctx = &shared.ctx;
             let mut answers = handler::authorize_start(ctx, &identity, authorizes).await;
-            let ready = answers.take_ready(ctx);
-            if answers.is_done() {
-                // The whole batch stood at once (no provider to wait for): written by this
-                // task, with no hand-over to the writer task.
-                let bytes = encode_authorize_answers(ctx, ready, started);
-                let _charge = out.charge(bytes.len());
-                // A failed write means the peer is gone; the read side sees it too. A write
-                // the peer never takes ends when the connection gives up on it.
-                tokio::select! {
-                    _ = write_all(&writer, &bytes) => {}
-                    _ = closed.changed() => {}
-                }
-                return;
-            }
-            // Some wait for a provider: each group is written as it stands, so that a slow
-            // provider holds back only its own answers, and its permits are given back.
-            let mut group = ready;
+            // Each group is written as it stands (the whole batch at once when no provider
+            // keeps any of it), so that a slow provider holds back only its own answers, and
+            // its permits are given back.
+            let mut group = answers.take_ready(ctx);
             loop {
                 let answered = group.len();
                 if answered > 0 {

@@ -72,11 +72,6 @@ impl AuthorizeAnswers {
         std::mem::take(&mut self.ready)
     }
 
-    /// Whether every response has been taken.
-    pub fn is_done(&self) -> bool {
-        self.ready.is_empty() && self.authorizing.as_ref().is_none_or(Authorizing::is_done)
-    }
-
     /// The next group of responses, as soon as their payments stand (a slow provider holds
     /// back only its own), or `None` when all have been taken.
     pub async fn next(&mut self, ctx: &Context) -> Option<Vec<(u64, u16, Response)>> {

@@ -687,11 +687,7 @@ async fn a_batch_for_one_provider_stands_as_answered_by_its_deadline_and_times_o
     const SPREAD: u32 = 800;
     let mut config = server_config();
     config.engine.request_deadline_ms = 10_000;
-    let mut provider = simulated_provider(SPREAD, "spread", 1_000);
-    if let settlegate_engine::adapters::AdapterConfig::Simulated(simulated) = &mut provider.adapter
-    {
-        simulated.latency_us_max = 800_000;
-    }
+    let mut provider = simulated_provider_between(SPREAD, "spread", 1_000, 800_000);
     provider.limits.timeout_ms = 300;
     config.engine.providers.push(provider);
     let server = start_with(config).await;
@@ -738,11 +734,7 @@ async fn answers_written_by_their_batches_and_by_the_writer_arrive_whole_and_onc
     const PAYMENTS: u64 = 40;
     const PINGS: u64 = 20;
     let mut config = server_config();
-    let mut provider = simulated_provider(SPREAD, "zero-to-two-ms", 0);
-    if let settlegate_engine::adapters::AdapterConfig::Simulated(simulated) = &mut provider.adapter
-    {
-        simulated.latency_us_max = 2_000;
-    }
+    let mut provider = simulated_provider_between(SPREAD, "zero-to-two-ms", 0, 2_000);
     provider.limits.concurrency_max = 1_000;
     config.engine.providers.push(provider);
     let server = start_with(config).await;

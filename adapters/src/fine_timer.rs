@@ -94,19 +94,17 @@ struct Waiting {
     wakers: BinaryHeap<Reverse<Due>>,
     /// When the `timerfd` is armed to fire, if it is.
     armed: Option<std::time::Instant>,
-    seq: u64,
 }
 
-/// A waker and when to wake it, ordered by that time (then by arrival).
+/// A waker and when to wake it, ordered by that time.
 struct Due {
     at: std::time::Instant,
-    seq: u64,
     waker: Waker,
 }
 
 impl PartialEq for Due {
     fn eq(&self, other: &Due) -> bool {
-        (self.at, self.seq) == (other.at, other.seq)
+        self.at == other.at
     }
 }
 impl Eq for Due {}
@@ -117,7 +115,7 @@ impl PartialOrd for Due {
 }
 impl Ord for Due {
     fn cmp(&self, other: &Due) -> std::cmp::Ordering {
-        (self.at, self.seq).cmp(&(other.at, other.seq))
+        self.at.cmp(&other.at)
     }
 }
 
@@ -167,9 +165,7 @@ impl Timers {
     /// Wakes `waker` once `at` has passed: at most [`SLACK`] later, never before.
     fn wake_at(&self, at: std::time::Instant, waker: Waker) {
         let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
-        let seq = waiting.seq;
-        waiting.seq += 1;
-        waiting.wakers.push(Reverse(Due { at, seq, waker }));
+        waiting.wakers.push(Reverse(Due { at, waker }));
         let fire = at + SLACK;
         if waiting.armed.is_none_or(|armed| fire < armed) {
             self.arm(&mut waiting, fire);

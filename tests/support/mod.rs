@@ -61,6 +61,20 @@ pub fn simulated_provider(code: u32, name: &str, latency_us: u64) -> ProviderCon
     }
 }
 
+/// As [`simulated_provider`], approving after a latency drawn from `min_us` to `max_us`.
+pub fn simulated_provider_between(
+    code: u32,
+    name: &str,
+    min_us: u64,
+    max_us: u64,
+) -> ProviderConfig {
+    let mut provider = simulated_provider(code, name, min_us);
+    if let AdapterConfig::Simulated(simulated) = &mut provider.adapter {
+        simulated.latency_us_max = max_us;
+    }
+    provider
+}
+
 pub fn simulated(seed: u64, decline_rate: f64, latency_us: u64) -> AdapterConfig {
     AdapterConfig::Simulated(SimulatedConfig {
         seed,
