@@ -180,6 +180,12 @@ fn shard_tmp_path(dir: &Path, index: usize) -> PathBuf {
     dir.join(format!("shard-{index:03}.tmp"))
 }
 
+/// The file the snapshot before shard `index`'s current one was, kept so that the next
+/// snapshot is written over it in place ([`replace_in_place`]); nothing reads it.
+pub(crate) fn shard_spare_path(dir: &Path, index: usize) -> PathBuf {
+    dir.join(format!("shard-{index:03}.spare"))
+}
+
 /// Makes a data directory ready for a start with `count` shards: creates it (mode
 /// [`DIR_MODE`]) if it does not exist; warns about one that every user may read, write or
 /// enter; sets the shard files it holds to [`FILE_MODE`]; removes the temporary files a crash
@@ -199,6 +205,7 @@ pub(crate) fn prepare_dir(dir: &Path, count: usize) -> Result<(), StorageError> 
             shard_log_path(dir, index),
             shard_prev_log_path(dir, index),
             shard_snapshot_path(dir, index),
+            shard_spare_path(dir, index),
         ];
         for path in paths {
             restrict_existing(&path)?;
@@ -799,6 +806,8 @@ pub(crate) fn open_writer<V: Send + 'static>(
         log: path.to_owned(),
         prev: shard_prev_log_path(dir, index),
         snapshot: shard_snapshot_path(dir, index),
+        spare: shard_spare_path(dir, index),
+        tmp: shard_tmp_path(dir, index),
         index,
         count,
     };
@@ -826,6 +835,8 @@ struct Files {
     log: PathBuf,
     prev: PathBuf,
     snapshot: PathBuf,
+    spare: PathBuf,
+    tmp: PathBuf,
     index: usize,
     count: usize,
 }
@@ -873,6 +884,76 @@ fn write_atomic_parts(path: &Path, parts: &[&[u8]]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Puts `parts`, one after the other, in place of `path`'s file as [`write_atomic_parts`]
+/// does (a crash leaves the old file or the new, whole one), but written over the file `path`
+/// held before (`spare`), which then keeps the file it replaces for the next time.
+///
+/// Why: a new file's bytes go to newly allocated pages of the page cache, and on a VM whose
+/// host takes back the guest's free memory (virtio-balloon free page reporting, as Firecracker
+/// has) a page allocated afresh costs about ten times the copy into a page already there: a
+/// snapshot of 160 MB took 0.4 s of CPU to write into a new file, 0.04 s over an old one. The
+/// price is a second snapshot's room on disk (and, while the memory is free, in the cache).
+///
+/// The steps, and what a crash at each leaves (recovery reads `path` alone, and
+/// [`prepare_dir`] removes `tmp`):
+/// 1. `parts` written over `spare` from its start, cut to their length and synced. `spare` is
+///    first checked to be no other name of `path`'s file (a crash between 3 and 4 leaves it
+///    so), and made afresh if it is. A crash: `path` untouched.
+/// 2. `spare` renamed to `tmp`. A crash: `path` untouched.
+/// 3. `path`'s file linked as `spare`. A crash: `path` untouched.
+/// 4. `tmp` renamed to `path`, and the directory synced: `path` is the new file.
+fn replace_in_place(path: &Path, spare: &Path, tmp: &Path, parts: &[&[u8]]) -> std::io::Result<()> {
+    let mut options = OpenOptions::new();
+    options.write(true).create(true).truncate(false);
+    let mut file = open_private(spare, &mut options)?;
+    if is_other_name_of(&file, path)? {
+        drop(file);
+        std::fs::remove_file(spare)?;
+        file = open_private(spare, &mut options)?;
+    }
+    let mut len = 0;
+    for part in parts {
+        file.write_all(part)?;
+        len += part.len() as u64;
+    }
+    file.set_len(len)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(spare, tmp)?;
+    match std::fs::hard_link(path, spare) {
+        Ok(()) => {}
+        // No file to keep (the first snapshot), or a file system without hard links: the
+        // next snapshot makes its file afresh.
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => {
+            tracing::debug!(path = %spare.display(), %error, "snapshot file not kept for reuse")
+        }
+    }
+    std::fs::rename(tmp, path)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Whether `file` is also `path`'s file (the same inode).
+#[cfg(unix)]
+fn is_other_name_of(file: &File, path: &Path) -> std::io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = file.metadata()?;
+    match std::fs::metadata(path) {
+        Ok(other) => Ok(meta.dev() == other.dev() && meta.ino() == other.ino()),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(error) => Err(error),
+    }
+}
+
+/// Without inode numbers to compare, the file is treated as shared: made afresh every time.
+#[cfg(not(unix))]
+fn is_other_name_of(_: &File, _: &Path) -> std::io::Result<bool> {
+    Ok(true)
+}
+
 /// Starts the log afresh at a snapshot's generation, and the snapshot's writing beside it, so
 /// that group commits go on while the snapshot is encoded and written:
 ///
@@ -902,13 +983,14 @@ fn rotate(
     let file = OpenOptions::new().append(true).open(&files.log)?;
     *out = BufWriter::with_capacity(1 << 20, file);
     let (path, prev, index) = (files.snapshot.clone(), files.prev.clone(), files.index);
+    let (spare, tmp) = (files.spare.clone(), files.tmp.clone());
     let thread =
         std::thread::Builder::new().name(format!("settlegate-snap-{index}")).spawn(move || {
             let SnapshotJob { payload, index, count, generation } = snapshot;
             // Header and payload written as they are: a snapshot is not copied to join them.
             let payload = payload();
             let header = snapshot::header(&payload, index, count, generation);
-            write_atomic_parts(&path, &[&header, &payload])?;
+            replace_in_place(&path, &spare, &tmp, &[&header, &payload])?;
             std::fs::remove_file(&prev)
         })?;
     *writing = Some(thread);
@@ -1071,4 +1153,51 @@ fn write_group<'a>(
         out.write_all(record)?;
     }
     out.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inode(path: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).unwrap().ino()
+    }
+
+    #[test]
+    fn a_snapshot_is_written_over_the_one_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, spare, tmp) =
+            (dir.path().join("s.snap"), dir.path().join("s.spare"), dir.path().join("s.tmp"));
+        replace_in_place(&path, &spare, &tmp, &[b"the first, ", b"the longest of three"]).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"the first, the longest of three");
+        let first = inode(&path);
+        replace_in_place(&path, &spare, &tmp, &[b"second"]).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"second");
+        // The file it replaced is kept, whole, to be written over next time.
+        assert_eq!(std::fs::read(&spare).unwrap(), b"the first, the longest of three");
+        assert_eq!(inode(&spare), first);
+        replace_in_place(&path, &spare, &tmp, &[b"third"]).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"third", "cut to its own length");
+        assert_eq!(inode(&path), first, "written over the first snapshot's file");
+        assert_eq!(std::fs::read(&spare).unwrap(), b"second");
+        assert!(!tmp.exists());
+    }
+
+    #[test]
+    fn a_spare_that_is_the_snapshot_itself_is_made_afresh_not_written_over() {
+        // A crash after the snapshot's file was linked as the spare, before the new one was
+        // renamed in place, leaves both names on one file (and the new one as `tmp`, which
+        // the next start removes). Writing over the spare then would write over the snapshot.
+        let dir = tempfile::tempdir().unwrap();
+        let (path, spare, tmp) =
+            (dir.path().join("s.snap"), dir.path().join("s.spare"), dir.path().join("s.tmp"));
+        std::fs::write(&path, b"the snapshot recovery reads").unwrap();
+        std::fs::hard_link(&path, &spare).unwrap();
+        replace_in_place(&path, &spare, &tmp, &[b"the next"]).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"the next");
+        assert_eq!(std::fs::read(&spare).unwrap(), b"the snapshot recovery reads");
+        assert_ne!(inode(&path), inode(&spare));
+        assert!(!tmp.exists());
+    }
 }
