@@ -113,7 +113,7 @@ pub struct AgeRecord {
     /// Card IDm of the terminal being registered.
     pub card_idm: Idm,
     /// The terminal's user.
-    #[rkyv(with = crate::shard::archive::Via<(u8, String)>)]
+    #[rkyv(with = crate::shard::archive::UserKeyVia)]
     pub user: UserKey,
     /// Birth date (a civil date, no time zone).
     #[rkyv(with = crate::shard::archive::Via<(i16, i8, i8)>)]

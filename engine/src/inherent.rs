@@ -61,7 +61,7 @@ pub struct InherentId {
     /// Card IDm of the signing device.
     pub card_idm: Idm,
     /// The paying user.
-    #[rkyv(with = crate::shard::archive::Via<(u8, String)>)]
+    #[rkyv(with = crate::shard::archive::UserKeyVia)]
     pub user: UserKey,
     /// The store terminal.
     pub terminal_id: String,

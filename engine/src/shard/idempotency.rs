@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::Arc;
 
-use super::archive::{OutcomeLeaf, Via};
+use super::archive::{OutcomeLeaf, UserKeyVia, Via};
 use super::state::{
     AccountsReply, AddedMeans, Balance, CodeRequest, CodesReply, Delivery, IssuedCode,
     IssuedCoupon, IssuedKey, MoneyReply, Payment, Redemption, RefundedCode, Reply, SettlementReply,
@@ -53,7 +53,7 @@ pub(crate) enum IdemState {
     /// The request is with its provider.
     Pending {
         /// Who pays (to record the outcome if recovery must resolve it).
-        #[rkyv(with = Via<(u8, String)>)]
+        #[rkyv(with = UserKeyVia)]
         user: UserKey,
         /// With which means.
         means_id: u32,

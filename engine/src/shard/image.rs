@@ -19,7 +19,7 @@ use std::sync::Arc;
 use rkyv::with::Unshare;
 use rkyv::{Archive, Deserialize, Serialize};
 
-use super::archive::Via;
+use super::archive::UserKeyVia;
 use super::idempotency::{FrozenRecords, IdemKey, IdemState, Idempotency};
 use super::state::{
     CodeMoney, CodeRecord, CodeState, CouponRecord, Kept, Ledger, Obligation, Reference,
@@ -134,7 +134,7 @@ where
 
 #[derive(Archive, Serialize, Deserialize)]
 struct UserImage {
-    #[rkyv(with = Via<(u8, String)>)]
+    #[rkyv(with = UserKeyVia)]
     key: UserKey,
     /// Archived as the user itself (the map shares it with the running shard).
     #[rkyv(with = Unshare)]

@@ -9,7 +9,7 @@ use settlegate_adapters::{AdapterError, AuthorizationRequest, DeclineReason, Pro
 
 use rkyv::with::Map;
 
-use super::archive::{CouponLeaf, DiscountLeaf, OutcomeLeaf, Via};
+use super::archive::{CouponLeaf, DiscountLeaf, OutcomeLeaf, UserKeyVia, Via};
 use super::idempotency::{Completes, IdemKey, IdemState, Idempotency, KeptReply, Seen};
 use super::replay::ReplayWindow;
 use crate::age::{
@@ -390,7 +390,7 @@ pub struct IssuedCode {
     /// The device it is delivered to.
     pub deliver_to: Idm,
     /// The user.
-    #[rkyv(with = Via<(u8, String)>)]
+    #[rkyv(with = UserKeyVia)]
     pub user: UserKey,
     /// The order it pays for (cash on delivery), if any.
     pub order_ref: String,
@@ -442,7 +442,7 @@ pub enum CodeState {
 /// A payment code's record, kept by the shard that issued it (the second tier, T1).
 #[derive(Debug, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub(crate) struct CodeRecord {
-    #[rkyv(with = Via<(u8, String)>)]
+    #[rkyv(with = UserKeyVia)]
     pub(crate) user: UserKey,
     pub(crate) means_id: u32,
     pub(crate) provider_code: u32,
@@ -485,7 +485,7 @@ impl CodeRecord {
 /// A coupon issued to a user (C5).
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub(crate) struct CouponRecord {
-    #[rkyv(with = Via<(u8, String)>)]
+    #[rkyv(with = UserKeyVia)]
     pub(crate) user: UserKey,
     pub(crate) provider_code: u32,
     #[rkyv(with = Via<CouponLeaf>)]
@@ -502,7 +502,7 @@ pub struct IssuedCoupon {
     /// Its issue number.
     pub number: u64,
     /// The user it was issued to.
-    #[rkyv(with = Via<(u8, String)>)]
+    #[rkyv(with = UserKeyVia)]
     pub user: UserKey,
     /// Its effect.
     #[rkyv(with = Via<CouponLeaf>)]
@@ -600,7 +600,7 @@ pub(crate) enum Command {
     /// `device_free`: whether the engine's claim of the IDm succeeded before submission
     /// ([`DeviceIndex::claim`]); none only in a record older than format version 8.
     Enroll {
-        #[rkyv(with = Via<(u8, String)>)]
+        #[rkyv(with = UserKeyVia)]
         user: UserKey,
         password_phc: String,
         idm: Idm,
@@ -609,14 +609,14 @@ pub(crate) enum Command {
     },
     /// As [`Command::Enroll`]'s `device_free`.
     ProvisionDevice {
-        #[rkyv(with = Via<(u8, String)>)]
+        #[rkyv(with = UserKeyVia)]
         user: UserKey,
         idm: Idm,
         key: NewDeviceKey,
         device_free: Option<bool>,
     },
     RotateDeviceKey {
-        #[rkyv(with = Via<(u8, String)>)]
+        #[rkyv(with = UserKeyVia)]
         user: UserKey,
         idm: Idm,
         key: NewDeviceKey,
@@ -624,24 +624,24 @@ pub(crate) enum Command {
     /// Revokes a device's keys at once: `key` (given to nobody) replaces the current one,
     /// which is refused from then on, as is any rotated-out one.
     RevokeDeviceKey {
-        #[rkyv(with = Via<(u8, String)>)]
+        #[rkyv(with = UserKeyVia)]
         user: UserKey,
         idm: Idm,
         key: NewDeviceKey,
     },
     AddMeans {
-        #[rkyv(with = Via<(u8, String)>)]
+        #[rkyv(with = UserKeyVia)]
         user: UserKey,
         means: NewMeans,
         make_default: bool,
     },
     SetDefaultMeans {
-        #[rkyv(with = Via<(u8, String)>)]
+        #[rkyv(with = UserKeyVia)]
         user: UserKey,
         means_id: u32,
     },
     LoginAttempt {
-        #[rkyv(with = Via<(u8, String)>)]
+        #[rkyv(with = UserKeyVia)]
         user: UserKey,
         success: bool,
     },
@@ -656,7 +656,7 @@ pub(crate) enum Command {
     AuthComplete {
         key: IdemKey,
         digest: Option<u64>,
-        #[rkyv(with = Via<(u8, String)>)]
+        #[rkyv(with = UserKeyVia)]
         user: UserKey,
         means_id: u32,
         #[rkyv(with = Via<OutcomeLeaf>)]
@@ -683,7 +683,7 @@ pub(crate) enum Command {
     },
     /// Loads a stored-value means.
     TopUp {
-        #[rkyv(with = Via<(u8, String)>)]
+        #[rkyv(with = UserKeyVia)]
         user: UserKey,
         means_id: u32,
         amount_minor: u64,
@@ -702,7 +702,7 @@ pub(crate) enum Command {
         key: IdemKey,
         /// As [`Command::AuthComplete`]'s.
         digest: Option<u64>,
-        #[rkyv(with = Via<(u8, String)>)]
+        #[rkyv(with = UserKeyVia)]
         user: UserKey,
         means_id: u32,
         #[rkyv(with = Via<OutcomeLeaf>)]
@@ -725,13 +725,13 @@ pub(crate) enum Command {
     /// C4: a delivery notice accepted for `user`, then subscribed on `devices` of theirs (the
     /// engine publishes it on a first answer only: this command is what makes it idempotent).
     NotifyDelivery {
-        #[rkyv(with = Via<(u8, String)>)]
+        #[rkyv(with = UserKeyVia)]
         user: UserKey,
         devices: u32,
     },
     /// C5: a coupon for a user.
     IssueCoupon {
-        #[rkyv(with = Via<(u8, String)>)]
+        #[rkyv(with = UserKeyVia)]
         user: UserKey,
         provider_code: u32,
         #[rkyv(with = Via<CouponLeaf>)]

@@ -194,7 +194,7 @@ pub(crate) struct SettledPayment {
 /// A user's stored-value means, by its ID.
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub(crate) struct PurseOf {
-    #[rkyv(with = Via<(u8, String)>)]
+    #[rkyv(with = UserKeyVia)]
     pub(crate) user: UserKey,
     pub(crate) means_id: u32,
 }
