@@ -103,7 +103,7 @@ impl Pending {
         let started = std::time::Instant::now();
         let (payload, count) = (self.payload, self.count);
         let encoded = tokio::task::spawn_blocking(move || {
-            snapshot::encode(&payload(), partition, count, covered)
+            snapshot::encode(&payload(rkyv::util::AlignedVec::new()), partition, count, covered)
         })
         .await;
         let Ok(bytes) = encoded else { return };

@@ -269,10 +269,16 @@ impl Capture {
         ShardImage { state, money, settled }
     }
 
-    /// The image, encoded into a buffer of `capacity` bytes to start with (the last
-    /// snapshot's size: a buffer grown by doubling copies itself each time).
-    pub(crate) fn encode(self, capacity: usize) -> rkyv::util::AlignedVec {
-        let buffer = rkyv::util::AlignedVec::with_capacity(capacity);
+    /// The image, encoded into `buffer` (emptied first), given room for `capacity` bytes to
+    /// start with (the last snapshot's size: a buffer grown by doubling copies itself each
+    /// time).
+    pub(crate) fn encode(
+        self,
+        mut buffer: rkyv::util::AlignedVec,
+        capacity: usize,
+    ) -> rkyv::util::AlignedVec {
+        buffer.clear();
+        buffer.reserve(capacity);
         rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(&self.into_image(), buffer)
             .expect("a shard's state always serializes")
     }
@@ -548,6 +554,7 @@ mod tests {
     use crate::shard::state::Owed;
     use crate::types::{AuthCode, Currency};
     use crate::wal::snapshot::Restore;
+    use rkyv::util::AlignedVec;
 
     /// A shard owing one capture, with its code's reference kept.
     fn owing() -> ShardState {
@@ -586,7 +593,7 @@ mod tests {
     /// A snapshot carries what the shard owes its providers, and the references it keeps.
     #[test]
     fn a_snapshot_carries_the_ledger() {
-        let payload = Capture::take(&mut owing()).encode(0);
+        let payload = Capture::take(&mut owing()).encode(AlignedVec::new(), 0);
         let state = restored(SNAPSHOT_VERSION, &payload);
         let (owed, kept) = (&state.money, &owing().money);
         assert_eq!(owed.owed, kept.owed);
@@ -597,6 +604,18 @@ mod tests {
         assert_eq!(entries(&state), entries(&owing()));
         assert_eq!(state.settled.refunds(5), [((4, 5), 300)]);
         assert_eq!(state.digest(), owing().digest());
+    }
+
+    /// A snapshot encoded into the buffer an earlier one left (the writer keeps it) is the
+    /// same bytes as one encoded into a new buffer: nothing of the earlier one stays.
+    #[test]
+    fn a_snapshot_in_a_kept_buffer_is_the_snapshot_in_a_new_one() {
+        let fresh = Capture::take(&mut owing()).encode(AlignedVec::new(), 0);
+        let mut kept = AlignedVec::new();
+        kept.extend_from_slice(&[0xa5; 1 << 16]);
+        let again = Capture::take(&mut owing()).encode(kept, 0);
+        assert_eq!(again.as_slice(), fresh.as_slice());
+        assert!(again.capacity() >= 1 << 16, "the kept buffer's room is reused");
     }
 
     /// A snapshot keeps the idempotency records in the order they were made in, whatever the
@@ -618,7 +637,7 @@ mod tests {
             state.idem.restore(records.to_vec());
             state
         };
-        let payload = Capture::take(&mut with_records()).encode(0);
+        let payload = Capture::take(&mut with_records()).encode(AlignedVec::new(), 0);
         let state = restored(SNAPSHOT_VERSION, &payload);
         let order = |s: &ShardState| s.idem.records().map(|e| e.digest).collect::<Vec<_>>();
         assert_eq!(order(&state), [1, 2, 3, 4]);

@@ -381,9 +381,9 @@ impl ShardCore {
                     );
                     let (index, count) = (wal.handle.index, wal.handle.count);
                     let last = Arc::clone(&wal.last_snapshot_bytes);
-                    let payload = Box::new(move || {
+                    let payload = Box::new(move |buffer| {
                         let hint = last.load(Ordering::Relaxed);
-                        let bytes = capture.encode(hint + hint / 16);
+                        let bytes = capture.encode(buffer, hint + hint / 16);
                         last.store(bytes.len(), Ordering::Relaxed);
                         bytes
                     });

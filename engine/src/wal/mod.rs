@@ -641,8 +641,10 @@ fn next_valid_record<R: Record>(bytes: &[u8], from: usize, version: u16) -> Opti
     None
 }
 
-/// Encodes a snapshot's payload (on the snapshot's own thread, beside the log writer).
-pub(crate) type SnapshotPayload = Box<dyn FnOnce() -> rkyv::util::AlignedVec + Send>;
+/// Encodes a snapshot's payload (on the snapshot's own thread, beside the log writer) into the
+/// buffer it is given: empty, with the capacity the snapshot before it left (see [`Snapshots`]).
+pub(crate) type SnapshotPayload =
+    Box<dyn FnOnce(rkyv::util::AlignedVec) -> rkyv::util::AlignedVec + Send>;
 
 /// Work for a shard's writer, done in the order queued. The writer knows nothing of what the
 /// records hold or what its caller answers: `V` is the caller's, handed back when durable.
@@ -973,11 +975,12 @@ fn rotate(
     out: &mut BufWriter<File>,
     files: &Files,
     snapshot: SnapshotJob,
-    writing: &mut Option<SnapshotThread>,
+    snapshots: &mut Snapshots,
 ) -> std::io::Result<()> {
     out.flush()?;
     out.get_ref().sync_data()?;
-    finish_snapshot(writing)?;
+    finish_snapshot(snapshots)?;
+    let buffer = std::mem::take(&mut snapshots.buffer);
     std::fs::rename(&files.log, &files.prev)?;
     write_atomic(&files.log, &file_header(files.index, files.count, snapshot.generation))?;
     let file = OpenOptions::new().append(true).open(&files.log)?;
@@ -988,17 +991,29 @@ fn rotate(
         std::thread::Builder::new().name(format!("settlegate-snap-{index}")).spawn(move || {
             let SnapshotJob { payload, index, count, generation } = snapshot;
             // Header and payload written as they are: a snapshot is not copied to join them.
-            let payload = payload();
+            let payload = payload(buffer);
             let header = snapshot::header(&payload, index, count, generation);
             replace_in_place(&path, &spare, &tmp, &[&header, &payload])?;
-            std::fs::remove_file(&prev)
+            std::fs::remove_file(&prev)?;
+            Ok(payload)
         })?;
-    *writing = Some(thread);
+    snapshots.writing = Some(thread);
     Ok(())
 }
 
-/// A snapshot being encoded and written beside the log ([`rotate`]).
-type SnapshotThread = std::thread::JoinHandle<std::io::Result<()>>;
+/// A snapshot being encoded and written beside the log ([`rotate`]); it hands its buffer back.
+type SnapshotThread = std::thread::JoinHandle<std::io::Result<rkyv::util::AlignedVec>>;
+
+/// A shard's snapshots, for its writer: the one being written, if any, and the buffer the last
+/// one was encoded into, kept (emptied) for the next. A snapshot is as large as the shard's
+/// state (160 MB for a million idempotency records), and memory allocated afresh for each was
+/// paid for again in page faults (on this project's VM, where freed memory goes back to the
+/// host, dearly): the price is that much memory held between snapshots.
+#[derive(Default)]
+struct Snapshots {
+    writing: Option<SnapshotThread>,
+    buffer: rkyv::util::AlignedVec,
+}
 
 /// What a snapshot job carries.
 struct SnapshotJob {
@@ -1010,10 +1025,14 @@ struct SnapshotJob {
 
 /// Waits for the snapshot being written, if any: its failure is the writer's (the previous
 /// log it leaves must not be replaced), and a panic while encoding it a broken invariant.
-fn finish_snapshot(writing: &mut Option<SnapshotThread>) -> std::io::Result<()> {
-    let Some(thread) = writing.take() else { return Ok(()) };
+fn finish_snapshot(snapshots: &mut Snapshots) -> std::io::Result<()> {
+    let Some(thread) = snapshots.writing.take() else { return Ok(()) };
     match thread.join() {
-        Ok(result) => result,
+        Ok(result) => {
+            snapshots.buffer = result?;
+            snapshots.buffer.clear();
+            Ok(())
+        }
         Err(panic) => crate::fail::fail_fast("a shard's snapshot writer", panic.as_ref()),
     }
 }
@@ -1028,7 +1047,7 @@ fn write_loop<V>(
     stats: &WalStats,
 ) {
     let mut sync = SyncState { policy, interval, last: Instant::now(), unsynced: false, stats };
-    let mut writing: Option<SnapshotThread> = None;
+    let mut snapshots = Snapshots::default();
     loop {
         let first = match policy {
             FsyncPolicy::Interval => match queue.recv_timeout(interval) {
@@ -1048,7 +1067,7 @@ fn write_loop<V>(
                 Err(_) => break,
             }
         }
-        if let Err(error) = process(&mut out, files, jobs, &mut sync, &mut writing, failed) {
+        if let Err(error) = process(&mut out, files, jobs, &mut sync, &mut snapshots, failed) {
             // Without a log nothing more may be acknowledged: every queued reply is dropped
             // (callers see the engine stopped), and the writer stops. `process` set the flag
             // before it dropped the replies it held: from then on the engine reports the shard
@@ -1058,7 +1077,7 @@ fn write_loop<V>(
         }
     }
     let _ = out.flush().and_then(|()| out.get_ref().sync_data());
-    if let Err(error) = finish_snapshot(&mut writing) {
+    if let Err(error) = finish_snapshot(&mut snapshots) {
         // The previous log stays, and recovery replays it after the older snapshot.
         tracing::error!(path = %files.snapshot.display(), %error, "snapshot failed");
     }
@@ -1083,7 +1102,7 @@ fn process<V>(
     files: &Files,
     jobs: Vec<Job<V>>,
     sync: &mut SyncState<'_>,
-    writing: &mut Option<SnapshotThread>,
+    snapshots: &mut Snapshots,
     failed: &AtomicBool,
 ) -> std::io::Result<()> {
     let mut group: Vec<Pending<V>> = Vec::new();
@@ -1095,7 +1114,7 @@ fn process<V>(
                 Job::Snapshot { payload, index, count, generation } => {
                     commit(out, &mut group, sync)?;
                     let job = SnapshotJob { payload, index, count, generation };
-                    rotate(out, files, job, writing)?;
+                    rotate(out, files, job, snapshots)?;
                     sync.unsynced = false;
                 }
             }
