@@ -24,6 +24,18 @@ fn partition_stream(name: &str) -> stream::Config {
     }
 }
 
+/// Creates partition stream `name` and waits until it has a leader: a publish before that can
+/// find no stream to take it (`StreamNotFound`: no responder on its subject yet). Returns the
+/// leader.
+async fn create_partition_stream(
+    js: &jetstream::Context,
+    cluster: &NatsCluster,
+    name: &str,
+) -> usize {
+    js.create_stream(partition_stream(name)).await.expect("create stream");
+    cluster.wait_stream_leader(name, None, Duration::from_secs(10))
+}
+
 /// A JetStream context on `urls` (requests and acks time out after async-nats's 5 s).
 async fn jetstream_on(urls: Vec<String>) -> jetstream::Context {
     jetstream::new(async_nats::connect(urls).await.expect("connect to nats"))
@@ -101,7 +113,7 @@ async fn a_stale_expected_sequence_is_refused_and_acks_survive_killing_the_strea
     const ACKED: u64 = 10;
     let mut cluster = NatsCluster::start(3);
     let js = jetstream_on(cluster.client_urls()).await;
-    js.create_stream(partition_stream(STREAM)).await.expect("create stream");
+    create_partition_stream(&js, &cluster, STREAM).await;
 
     let mut written = Vec::new();
     for last in 0..ACKED {
@@ -156,8 +168,7 @@ async fn a_paused_follower_does_not_stop_acks_and_catches_up_when_resumed() {
     const STREAM: &str = "PAUSE";
     let mut cluster = NatsCluster::start(3);
     let js = jetstream_on(cluster.client_urls()).await;
-    js.create_stream(partition_stream(STREAM)).await.expect("create stream");
-    let leader = cluster.wait_stream_leader(STREAM, None, Duration::from_secs(10));
+    let leader = create_partition_stream(&js, &cluster, STREAM).await;
 
     // A client on the leader's server, so the paused server carries none of its traffic.
     let js = jetstream_on(vec![cluster.url(leader)]).await;
@@ -181,7 +192,7 @@ async fn pipelined_appends_each_expecting_the_previous_ones_sequence_are_all_ack
     const IN_FLIGHT: u64 = 32;
     let cluster = NatsCluster::start(3);
     let js = jetstream_on(cluster.client_urls()).await;
-    js.create_stream(partition_stream(STREAM)).await.expect("create stream");
+    create_partition_stream(&js, &cluster, STREAM).await;
 
     let mut pending = Vec::new();
     for last in 0..IN_FLIGHT {
