@@ -280,9 +280,8 @@ async fn a_version_8_log_is_rewritten_in_this_format_and_replays_the_same() {
     };
     for log in &logs {
         assert_eq!(version(log), FORMAT_VERSION);
-        let mut bytes = std::fs::read(log).unwrap();
-        bytes[8..10].copy_from_slice(&8u16.to_be_bytes());
-        std::fs::write(log, bytes).unwrap();
+        let bytes = std::fs::read(log).unwrap();
+        std::fs::write(log, reframed_as_version_8(&bytes)).unwrap();
     }
     for start in 0..2 {
         let h = restart(dir.path());
@@ -293,6 +292,24 @@ async fn a_version_8_log_is_rewritten_in_this_format_and_replays_the_same() {
             assert_eq!(version(log), FORMAT_VERSION, "start {start}");
         }
     }
+}
+
+/// A log of this format (version 10: a 32-byte checksummed header, records framed by length,
+/// header check and payload CRC) framed as version 8 wrote it (a 24-byte header, records
+/// framed by length and payload CRC); the payloads are the same in both.
+fn reframed_as_version_8(bytes: &[u8]) -> Vec<u8> {
+    let mut out = b"SGWAL\0\0\0".to_vec();
+    out.extend_from_slice(&8u16.to_be_bytes());
+    out.extend_from_slice(&bytes[10..24]);
+    let mut at = 32;
+    while at < bytes.len() {
+        let len = u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        out.extend_from_slice(&bytes[at..at + 4]);
+        out.extend_from_slice(&bytes[at + 8..at + 12 + len]);
+        at += 12 + len;
+    }
+    assert_eq!(at, bytes.len(), "a whole log");
+    out
 }
 
 #[tokio::test]
@@ -326,12 +343,12 @@ async fn a_corrupt_middle_record_stops_recovery_naming_file_and_offset() {
     let dir = tempfile::tempdir().unwrap();
     let log = populated(dir.path()).await;
     let mut bytes = std::fs::read(&log).unwrap();
-    // Inside the first record's payload: file header 24 bytes, record header 8.
-    bytes[24 + 8 + 20] ^= 0xff;
+    // Inside the first record's payload: file header 32 bytes, record header 12.
+    bytes[32 + 12 + 20] ^= 0xff;
     std::fs::write(&log, &bytes).unwrap();
     let message = start_error(durable_config(dir.path()));
     assert!(message.contains(&log.display().to_string()), "{message}");
-    assert!(message.contains("offset 24"), "{message}");
+    assert!(message.contains("offset 32"), "{message}");
 }
 
 /// Stamps `file` (a log or a snapshot: both keep their format version at bytes 8..10) with a
@@ -737,14 +754,14 @@ async fn a_length_running_past_the_end_with_records_after_it_is_corruption() {
     let dir = tempfile::tempdir().unwrap();
     let log = populated(dir.path()).await;
     let mut bytes = std::fs::read(&log).unwrap();
-    let first_len = u32::from_be_bytes(bytes[24..28].try_into().unwrap()) as usize;
-    assert!(24 + 8 + first_len < bytes.len(), "more than one record");
-    let past_the_end = (bytes.len() - 24) as u32; // Under RECORD_LEN_MAX for a test log.
-    bytes[24..28].copy_from_slice(&past_the_end.to_be_bytes());
+    let first_len = u32::from_be_bytes(bytes[32..36].try_into().unwrap()) as usize;
+    assert!(32 + 12 + first_len < bytes.len(), "more than one record");
+    let past_the_end = (bytes.len() - 32) as u32; // Under RECORD_LEN_MAX for a test log.
+    bytes[32..36].copy_from_slice(&past_the_end.to_be_bytes());
     std::fs::write(&log, &bytes).unwrap();
     let message = start_error(durable_config(dir.path()));
     assert!(message.contains(&log.display().to_string()), "{message}");
-    assert!(message.contains("offset 24"), "{message}");
+    assert!(message.contains("offset 32"), "{message}");
     assert_eq!(std::fs::read(&log).unwrap(), bytes, "the log is left as it was");
 }
 
@@ -760,13 +777,13 @@ fn the_log_reader_is_never_silently_shorter() {
     let b = &log.boundaries;
     let whole = read_log(&log.bytes).unwrap();
     assert_eq!((whole.records, whole.torn_bytes), (texts.len(), 0));
-    for cut in 24..log.bytes.len() {
+    for cut in 32..log.bytes.len() {
         let read = read_log(&log.bytes[..cut]).unwrap();
         let kept = b.iter().skip(1).filter(|&&end| end <= cut as u64).count();
         assert_eq!((read.records, read.valid_len), (kept, b[kept]), "cut at {cut}");
     }
     let last = b[texts.len() - 1] as usize;
-    for at in 24..log.bytes.len() {
+    for at in 32..log.bytes.len() {
         for bit in 0..8 {
             let mut bytes = log.bytes.clone();
             bytes[at] ^= 1 << bit;
@@ -783,10 +800,68 @@ fn the_log_reader_is_never_silently_shorter() {
         }
     }
     // The reviewer's case at the tail: bit 30 of the last record's length runs past the end of
-    // the file, yet a length over the maximum is never a torn write.
+    // the file, yet a length over the maximum is never a torn write. Its header, checked against
+    // the log's generation (the CRC-32 of the generation, the length and the payload's CRC),
+    // must say so: a header that does not check is where the log ends (a log may be followed by
+    // an older one's bytes).
     let mut bytes = log.bytes.clone();
     bytes[last] |= 0x40;
+    assert!(matches!(read_log(&bytes), Ok(read) if read.records == texts.len() - 1));
+    let mut checked = [0u8; 16];
+    checked[..8].copy_from_slice(&2u64.to_be_bytes());
+    checked[8..12].copy_from_slice(&bytes[last..last + 4]);
+    checked[12..].copy_from_slice(&bytes[last + 8..last + 12]);
+    bytes[last + 4..last + 8]
+        .copy_from_slice(&settlegate_protocol::frame::crc32(&checked).to_be_bytes());
     assert_eq!(read_log(&bytes), Err(Refusal::Corrupt { offset: last as u64 }));
+    // The file's header is checksummed: its generation, which each record's header is checked
+    // against, damaged is a refusal, not an empty log.
+    let mut bytes = log.bytes.clone();
+    bytes[23] ^= 1;
+    assert_eq!(read_log(&bytes), Err(Refusal::Header));
+}
+
+/// A log is written over the file of the log before the last (`wal::start_log`): whatever a
+/// crash leaves, it reads as its own records alone. The older log's records after them are
+/// whole and valid in their own generation, but their headers do not check against this
+/// log's: cut as a torn tail is, never replayed. Damage to one of its own records before them
+/// is still corruption.
+#[test]
+fn a_log_written_over_an_older_ones_file_reads_as_its_own_records_alone() {
+    use settlegate_engine::fuzzing::{read_log, sample_log, Refusal};
+    let text = |n: usize| format!("terminal {n}");
+    let older = sample_log(1, &(0..16).map(text).collect::<Vec<_>>());
+    let newer = sample_log(3, &(100..104).map(text).collect::<Vec<_>>());
+    assert!(older.bytes.len() > newer.bytes.len() + 100);
+    let b = &newer.boundaries;
+    // Written up to `end` (a record's end, or inside one: a torn write), the older log's bytes
+    // after it.
+    let over = |end: usize| [&newer.bytes[..end], &older.bytes[end..]].concat();
+    for end in 32..=newer.bytes.len() {
+        let bytes = over(end);
+        let read = read_log(&bytes).unwrap();
+        // The newer log's records whose bytes the file holds: those written whole before
+        // `end`, and one the older log's bytes happen to complete byte for byte (the records
+        // differ only in their first bytes).
+        let kept = (1..b.len())
+            .take_while(|&r| bytes.get(..b[r] as usize) == Some(&newer.bytes[..b[r] as usize]))
+            .count();
+        assert_eq!((read.records, read.valid_len), (kept, b[kept]), "written to {end}");
+        assert_eq!(read.torn_bytes, older.bytes.len() as u64 - b[kept], "written to {end}");
+    }
+    // The older log alone, at its own generation, reads whole: its records are valid ones.
+    assert_eq!(read_log(&older.bytes).unwrap().records, 16);
+    // A damaged record of the newer log's own, with its records after it: corruption, as in a
+    // log of a file of its own.
+    for record in 0..3 {
+        let mut bytes = over(newer.bytes.len());
+        bytes[b[record] as usize + 12 + 2] ^= 0x10;
+        assert_eq!(
+            read_log(&bytes),
+            Err(Refusal::Corrupt { offset: b[record] }),
+            "record {record}"
+        );
+    }
 }
 
 /// The requests of the format-version-6 fixture (`tests/fixtures/data-v6`), rebuilt the same

@@ -314,6 +314,7 @@ async fn acknowledged_operations_survive_sigkill() {
     let acked: Acked = Arc::default();
     let codes: Codes = Arc::default();
     let means_at_enrollment = accounts.lock().await.means.len();
+    let mut recycled = Recycled::default();
     for round in 0..rounds {
         let client = Arc::new(connect(addr).await.expect("server up"));
         let workers: Vec<_> = (0..4u64)
@@ -345,6 +346,7 @@ async fn acknowledged_operations_survive_sigkill() {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(50..400))).await;
         child.0.kill().expect("SIGKILL");
         let _ = child.0.wait();
+        recycled.observe(&dir.path().join("data"));
         for worker in workers {
             let _ = worker.await;
         }
@@ -361,6 +363,11 @@ async fn acknowledged_operations_survive_sigkill() {
         verify_codes(addr, &codes).await;
     }
     drop(child);
+    // The claim covers logs written over an older log's file (`wal::start_log`): some kill
+    // must have found one.
+    if rounds >= 3 {
+        assert!(recycled.kills > 0, "no kill found a log written over an older log's file");
+    }
     let total = acked.lock().await.len();
     assert!(total > 0, "the load produced acknowledged operations");
     let seen = codes.lock().await;
@@ -376,9 +383,37 @@ async fn acknowledged_operations_survive_sigkill() {
     eprintln!(
         "crash test: {total} acknowledged authorizations (all approved), {} codes issued and \
          {redeemed} redeemed, {means_added} means added and {devices} devices provisioned under \
-         load, verified across {rounds} restarts",
-        seen.issued.len()
+         load, verified across {rounds} restarts ({} of them of a log written over an older \
+         log's file)",
+        seen.issued.len(),
+        recycled.kills
     );
+}
+
+/// Which kills found a log written over the file of an older log (`wal::start_log`): one whose
+/// file was an earlier kill's `shard-NNN.free` (the log kept to be written over), that is.
+#[derive(Default)]
+struct Recycled {
+    /// The files (device, inode) seen as a shard's kept older log.
+    free: std::collections::HashSet<(u64, u64)>,
+    /// Kills that found a log in one of them.
+    kills: usize,
+}
+
+impl Recycled {
+    fn observe(&mut self, data: &std::path::Path) {
+        use std::os::unix::fs::MetadataExt;
+        let file = |name: String| {
+            std::fs::metadata(data.join(name)).ok().map(|meta| (meta.dev(), meta.ino()))
+        };
+        let mut found = false;
+        for shard in 0..2 {
+            let log = file(format!("shard-{shard:03}.wal"));
+            found |= log.is_some_and(|log| self.free.contains(&log));
+            self.free.extend(file(format!("shard-{shard:03}.free")));
+        }
+        self.kills += usize::from(found);
+    }
 }
 
 /// Every acknowledged means is still listed, and every acknowledged device key (each

@@ -169,10 +169,11 @@ async fn readyz(http: SocketAddr) -> (String, String) {
 /// Where each record of a log starts, and the file's length.
 fn record_offsets(bytes: &[u8]) -> Vec<usize> {
     let mut offsets = Vec::new();
-    let mut at = 24;
-    while at + 8 <= bytes.len() {
+    // File header 32 bytes; record header 12 (length, header check, payload CRC).
+    let mut at = 32;
+    while at + 12 <= bytes.len() {
         offsets.push(at);
-        at += 8 + u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        at += 12 + u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
     }
     assert_eq!(at, bytes.len(), "a whole log");
     offsets
@@ -294,6 +295,101 @@ async fn the_data_directory_is_private_whatever_the_umask() {
     );
     assert_eq!(mode(&snapshot), 0o600, "the snapshot, made private at start");
     assert_eq!(mode(&log), 0o600);
+}
+
+fn inode(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().ino()
+}
+
+/// The side files recovery has kept a log's cut tail in.
+fn cut_files(data: &Path) -> usize {
+    let cut = |name: &str| name.starts_with("shard-000.wal.cut-");
+    std::fs::read_dir(data)
+        .unwrap()
+        .filter(|e| cut(&e.as_ref().unwrap().file_name().to_string_lossy()))
+        .count()
+}
+
+/// Registers terminals `ids` (one record each) and waits until the snapshot their last record
+/// may have started is in place (no previous log left).
+async fn register_and_settle(client: &Client, data: &Path, ids: std::ops::RangeInclusive<u128>) {
+    for id in ids {
+        client.call_ok(&register(id, &format!("T-{id}"))).await.unwrap();
+    }
+    let prev = settlegate_engine::wal::shard_prev_log_path(data, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while prev.exists() {
+        assert!(Instant::now() < deadline, "the snapshot is written");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Issue #24: a log is written over the file of the log before the last (`wal::start_log`,
+/// which makes its syncs cheaper). Killed with that older log's records after its own, the
+/// restart recovers everything acknowledged and cuts those bytes (not this log's records)
+/// into a side file; stopped cleanly, the log is cut at its last record, so the restart cuts
+/// nothing.
+#[tokio::test]
+async fn a_log_written_over_an_older_ones_file_recovers_its_own_records_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_file(dir.path(), 2);
+    let data = data(dir.path());
+    let (log, free) = (shard_log_path(&data, 0), data.join("shard-000.free"));
+    let (server, addrs) = spawn(&config, &[]);
+    let client = admin(addrs.expect("started").0).await;
+    // A snapshot every 2 records: after the second, the log before the last is kept.
+    register_and_settle(&client, &data, 1..=4).await;
+    assert!(free.exists(), "the log before the last is kept for the next");
+    let (older, older_bytes) = (inode(&free), std::fs::read(&free).unwrap());
+    // The next snapshot starts the log over that file: its header, its own records, then the
+    // older log's.
+    register_and_settle(&client, &data, 5..=6).await;
+    assert_eq!(inode(&log), older, "the log is written over the older log's file");
+    server.kill();
+    let killed = std::fs::read(&log).unwrap();
+    assert_eq!(killed.len(), older_bytes.len(), "the older log's bytes follow");
+    assert_eq!(cut_files(&data), 0);
+
+    let (server, addrs) = spawn(&config, &[]);
+    // Cut where the log's own records end, and only the older log's bytes.
+    let own = std::fs::metadata(&log).unwrap().len() as usize;
+    assert!(own < killed.len(), "the older log's bytes are cut");
+    assert_eq!(killed[own..], older_bytes[own..], "and nothing else");
+    let side = std::fs::read_dir(&data).unwrap().map(|e| e.unwrap().path());
+    let side: Vec<_> = side.filter(|p| p.to_string_lossy().contains(".wal.cut-")).collect();
+    assert_eq!(side.len(), 1, "kept in a side file");
+    assert_eq!(std::fs::read(&side[0]).unwrap(), &killed[own..]);
+    let client = admin(addrs.expect("restarted").0).await;
+    for id in 1..=6 {
+        assert!(listed(&client, &format!("T-{id}")).await, "T-{id}");
+    }
+
+    // Over another older log's file, with that log's bytes after its own records, a clean
+    // stop (SIGTERM).
+    register_and_settle(&client, &data, 7..=10).await;
+    let before = std::fs::metadata(&log).unwrap().len();
+    assert!(before > 32, "an older log's bytes follow the header");
+    client.call_ok(&register(11, "T-11")).await.unwrap();
+    let (log_inode, written) = (inode(&log), std::fs::read(&log).unwrap());
+    let pid = server.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let (status, stderr) = server.wait();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        stderr.lines().any(|l| l.contains("WARN") && l.contains("an older log's bytes")),
+        "the cut at the restart told for what it was: {stderr}"
+    );
+    let after = std::fs::read(&log).unwrap();
+    assert_eq!(inode(&log), log_inode);
+    assert!(after.len() < written.len() && written.starts_with(&after), "cut at its last record");
+    let (server, addrs) = spawn(&config, &[]);
+    let client = admin(addrs.expect("restarted").0).await;
+    for id in 1..=11 {
+        assert!(listed(&client, &format!("T-{id}")).await, "T-{id}");
+    }
+    let stderr = server.kill();
+    assert_eq!(cut_files(&data), 1, "nothing cut after a clean stop: {stderr}");
 }
 
 /// Issue #19, item 11: a snapshot's temporary file left by a SIGKILL is removed at start.

@@ -41,13 +41,14 @@ pub enum Refusal {
         /// The offset the error names.
         offset: u64,
     },
-    /// Not a settlegate file, another shard layout, or a newer format.
+    /// Not a settlegate file, another shard layout, a newer format, or a damaged header.
     Header,
 }
 
 fn refusal(error: StorageError) -> Refusal {
     match error {
-        StorageError::Corrupt { offset, .. } => Refusal::Corrupt { offset },
+        // Offset 0: the file's header is damaged.
+        StorageError::Corrupt { offset, .. } if offset > 0 => Refusal::Corrupt { offset },
         _ => Refusal::Header,
     }
 }
@@ -90,8 +91,7 @@ pub fn sample_log(generation: u64, texts: &[String]) -> SampleLog {
     for (n, text) in texts.iter().enumerate() {
         boundaries.push(bytes.len() as u64);
         let payload = Envelope::sample(n as u64, text).to_bytes();
-        bytes.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-        bytes.extend_from_slice(&crc32fast::hash(&payload).to_be_bytes());
+        bytes.extend_from_slice(&wal::log_record_header(generation, &payload));
         bytes.extend_from_slice(&payload);
     }
     boundaries.push(bytes.len() as u64);

@@ -211,14 +211,24 @@ pub(crate) fn recover_shards(
         if log.torn_bytes > 0 {
             // Cut from the log, but never destroyed: kept beside it, for whoever looks.
             let kept = wal::keep_cut_tail(dir, index, log.valid_len, now_ms).map_err(storage)?;
-            if let Some((side, bytes)) = kept {
-                tracing::error!(
+            match kept {
+                Some((side, bytes)) if log.older_bytes => tracing::warn!(
                     path = %path.display(),
                     offset = log.valid_len,
+                    cut = log.torn_bytes,
+                    bytes,
+                    kept_in = %side.display(),
+                    "the log's file held an older log's bytes after its last record (a log is written over the file of the log before the last); they were cut, and the first of them kept in a side file"
+                ),
+                Some((side, bytes)) => tracing::error!(
+                    path = %path.display(),
+                    offset = log.valid_len,
+                    cut = log.torn_bytes,
                     bytes,
                     kept_in = %side.display(),
                     "a torn last record was cut off the log (a write the crash interrupted, never acknowledged); its bytes are kept in a side file"
-                );
+                ),
+                None => {}
             }
         }
         let generation = generations[index];
