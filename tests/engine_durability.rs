@@ -814,11 +814,15 @@ fn the_log_reader_is_never_silently_shorter() {
     bytes[last + 4..last + 8]
         .copy_from_slice(&settlegate_protocol::frame::crc32(&checked).to_be_bytes());
     assert_eq!(read_log(&bytes), Err(Refusal::Corrupt { offset: last as u64 }));
-    // The file's header is checksummed: its generation, which each record's header is checked
-    // against, damaged is a refusal, not an empty log.
-    let mut bytes = log.bytes.clone();
-    bytes[23] ^= 1;
-    assert_eq!(read_log(&bytes), Err(Refusal::Header));
+    // The file's header is checksummed: any bit of it flipped (the generation, which each
+    // record's header is checked against, among them) is a refusal, not an empty log.
+    for at in 0..32 {
+        for bit in 0..8 {
+            let mut bytes = log.bytes.clone();
+            bytes[at] ^= 1 << bit;
+            assert_eq!(read_log(&bytes), Err(Refusal::Header), "flip at {at}, bit {bit}");
+        }
+    }
 }
 
 /// A log is written over the file of the log before the last (`wal::start_log`): whatever a
