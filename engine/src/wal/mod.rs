@@ -1418,6 +1418,69 @@ mod tests {
         assert!(!tmp.exists());
     }
 
+    fn files(dir: &Path) -> Files {
+        Files {
+            log: shard_log_path(dir, 0),
+            prev: shard_prev_log_path(dir, 0),
+            snapshot: shard_snapshot_path(dir, 0),
+            spare: shard_spare_path(dir, 0),
+            free: shard_free_log_path(dir, 0),
+            tmp: shard_tmp_path(dir, 0),
+            index: 0,
+            count: 1,
+        }
+    }
+
+    /// A log of `generation` holding `records` records of 100 bytes.
+    fn log_file(path: &Path, generation: u64, records: usize) -> Vec<u8> {
+        let mut bytes = file_header(0, 1, generation).to_vec();
+        for n in 0..records {
+            let record = vec![n as u8; 100];
+            bytes.extend_from_slice(&log_record_header(generation, &record));
+            bytes.extend_from_slice(&record);
+        }
+        std::fs::write(path, &bytes).unwrap();
+        bytes
+    }
+
+    #[test]
+    fn a_log_is_started_over_the_kept_older_log_only_where_that_is_safe() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = files(dir.path());
+        // The kept older log (generation 1), and the previous log (2): the log of generation
+        // 3 is written over the older one, its header first, its records left after it.
+        let older = log_file(&files.free, 1, 3);
+        log_file(&files.prev, 2, 1);
+        let free_inode = inode(&files.free);
+        let mut log = start_log(&files, 3).unwrap();
+        assert_eq!(inode(&files.log), free_inode);
+        assert!(!files.free.exists());
+        log.write_all(b"next").unwrap();
+        let bytes = std::fs::read(&files.log).unwrap();
+        assert_eq!(bytes[..FILE_HEADER_LEN], file_header(0, 1, 3));
+        assert_eq!(&bytes[FILE_HEADER_LEN..FILE_HEADER_LEN + 4], b"next", "written after it");
+        assert_eq!(bytes[FILE_HEADER_LEN + 4..], older[FILE_HEADER_LEN + 4..]);
+        std::fs::remove_file(&files.log).unwrap();
+
+        // Kept files that are not safe to write over are removed, and the log made afresh: one
+        // whose generation is not older (a crash after its header was written, before its
+        // rename, then a recovery back to an older generation), one that is another name of the
+        // previous log, one that is not a log.
+        let not_older = |files: &Files| _ = log_file(&files.free, 3, 2);
+        let linked = |files: &Files| std::fs::hard_link(&files.prev, &files.free).unwrap();
+        let not_a_log = |files: &Files| std::fs::write(&files.free, b"short").unwrap();
+        let cases: [&dyn Fn(&Files); 3] = [&not_older, &linked, &not_a_log];
+        for (case, make) in cases.iter().enumerate() {
+            make(&files);
+            let prev = std::fs::read(&files.prev).unwrap();
+            start_log(&files, 3).unwrap();
+            assert!(!files.free.exists(), "case {case}");
+            assert_eq!(std::fs::read(&files.log).unwrap(), file_header(0, 1, 3), "case {case}");
+            assert_eq!(std::fs::read(&files.prev).unwrap(), prev, "case {case}: untouched");
+            std::fs::remove_file(&files.log).unwrap();
+        }
+    }
+
     #[test]
     fn a_spare_that_is_the_snapshot_itself_is_made_afresh_not_written_over() {
         // A crash after the snapshot's file was linked as the spare, before the new one was
