@@ -302,13 +302,12 @@ fn inode(path: &Path) -> u64 {
     std::fs::metadata(path).unwrap().ino()
 }
 
-/// The side files recovery has kept a log's cut tail in.
-fn cut_files(data: &Path) -> usize {
-    let cut = |name: &str| name.starts_with("shard-000.wal.cut-");
-    std::fs::read_dir(data)
-        .unwrap()
-        .filter(|e| cut(&e.as_ref().unwrap().file_name().to_string_lossy()))
-        .count()
+/// The side files recovery has kept shard 0's cut log tails in.
+fn side_files(data: &Path) -> Vec<PathBuf> {
+    let cut = |path: &PathBuf| {
+        path.file_name().unwrap().to_string_lossy().starts_with("shard-000.wal.cut-")
+    };
+    std::fs::read_dir(data).unwrap().map(|e| e.unwrap().path()).filter(cut).collect()
 }
 
 /// Registers terminals `ids` (one record each) and waits until the snapshot their last record
@@ -349,15 +348,14 @@ async fn a_log_written_over_an_older_ones_file_recovers_its_own_records_alone() 
     server.kill();
     let killed = std::fs::read(&log).unwrap();
     assert_eq!(killed.len(), older_bytes.len(), "the older log's bytes follow");
-    assert_eq!(cut_files(&data), 0);
+    assert_eq!(side_files(&data).len(), 0);
 
     let (server, addrs) = spawn(&config, &[]);
     // Cut where the log's own records end, and only the older log's bytes.
     let own = std::fs::metadata(&log).unwrap().len() as usize;
     assert!(own < killed.len(), "the older log's bytes are cut");
     assert_eq!(killed[own..], older_bytes[own..], "and nothing else");
-    let side = std::fs::read_dir(&data).unwrap().map(|e| e.unwrap().path());
-    let side: Vec<_> = side.filter(|p| p.to_string_lossy().contains(".wal.cut-")).collect();
+    let side = side_files(&data);
     assert_eq!(side.len(), 1, "kept in a side file");
     assert_eq!(std::fs::read(&side[0]).unwrap(), &killed[own..]);
     let client = admin(addrs.expect("restarted").0).await;
@@ -389,7 +387,7 @@ async fn a_log_written_over_an_older_ones_file_recovers_its_own_records_alone() 
         assert!(listed(&client, &format!("T-{id}")).await, "T-{id}");
     }
     let stderr = server.kill();
-    assert_eq!(cut_files(&data), 1, "nothing cut after a clean stop: {stderr}");
+    assert_eq!(side_files(&data).len(), 1, "nothing cut after a clean stop: {stderr}");
 }
 
 /// Issue #19, item 11: a snapshot's temporary file left by a SIGKILL is removed at start.
@@ -461,11 +459,7 @@ async fn a_torn_tail_is_cut_into_a_side_file() {
     let (addr, _) = addrs.expect("a torn tail does not stop the start");
     assert!(listed(&admin(addr).await, "T-4").await);
     let stderr = server.kill();
-    let side: Vec<PathBuf> = std::fs::read_dir(data(dir.path()))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("shard-000.wal.cut-"))
-        .collect();
+    let side = side_files(&data(dir.path()));
     assert_eq!(side.len(), 1, "one side file: {side:?}");
     assert_eq!(std::fs::read(&side[0]).unwrap(), &torn[last..], "it holds the cut bytes");
     assert_eq!(mode(&side[0]), 0o600);

@@ -69,7 +69,7 @@ where
 }
 
 /// The rkyv wrapper that archives a `UserKey` as the tuple `(u8, String)` archives: its ID
-/// type's byte and its ID. Written from the key itself: a leaf (`UserKeyVia`, as the
+/// type's byte and its ID. Written from the key itself: a leaf (`Via<(u8, String)>`, as the
 /// field was archived before) would make a `String` for each of `serialize` and `resolve`, four
 /// allocations per payment in its two log records and two per idempotency record in a
 /// snapshot. The bytes are the same.

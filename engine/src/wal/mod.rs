@@ -640,8 +640,7 @@ pub(crate) fn parse_records_with<R: Record>(
     };
     let version = u16::from_be_bytes([bytes[8], bytes[9]]);
     let generation = u64::from_be_bytes(bytes[16..24].try_into().expect("8"));
-    let checked = version >= CHECKED_FORMAT;
-    let head_len = if checked { CHECKED_HEADER_LEN } else { RECORD_HEADER_LEN };
+    let framing = Framing::of(version, generation);
     let mut offset = header_len;
     let corrupt = |offset: usize, detail: String| StorageError::Corrupt {
         path: path.to_owned(),
@@ -650,21 +649,20 @@ pub(crate) fn parse_records_with<R: Record>(
     };
     // Why the record at `offset` may be where the log ends, if it may be.
     let mut suspect = None;
+    // Whether it ends at a header that does not check against the log's generation.
+    let mut foreign = false;
+    let head_len = framing.head_len;
     while offset < bytes.len() {
         let rest = &bytes[offset..];
-        let Some(head) = rest.get(..head_len) else {
+        let Some((len, crc, checks)) = framing.header(rest) else {
             suspect = Some("its header is cut short by the end of the file");
             break;
         };
-        let len = u32::from_be_bytes(head[..4].try_into().expect("4")) as usize;
-        let crc = u32::from_be_bytes(head[head_len - 4..].try_into().expect("4"));
-        if checked
-            && u32::from_be_bytes(head[4..8].try_into().expect("4"))
-                != header_check(generation, len as u32, crc)
-        {
+        if !checks {
             // Not a header of this log: a torn write, or the bytes of the older log whose file
             // this one was written over (`start_log`).
-            suspect = Some(NOT_THIS_LOGS);
+            suspect = Some("its header does not check against the log's generation");
+            foreign = true;
             break;
         }
         // Checked first: a partial write never leaves a wrong length, so a length over the
@@ -679,7 +677,7 @@ pub(crate) fn parse_records_with<R: Record>(
         let is_last = offset + head_len + len == bytes.len();
         if crc32fast::hash(payload) != crc {
             // In a checked log, what follows a torn record may be an older log's bytes.
-            if is_last || checked {
+            if is_last || framing.generation.is_some() {
                 suspect = Some("the record fails its checksum");
                 break;
             }
@@ -691,7 +689,7 @@ pub(crate) fn parse_records_with<R: Record>(
     }
     if let Some(reason) = suspect {
         // A partial write leaves nothing whole after it.
-        if let Some(next) = next_valid_record::<R>(bytes, offset, version, generation) {
+        if let Some(next) = next_valid_record::<R>(bytes, offset, version, framing) {
             return Err(corrupt(
                 offset,
                 format!(
@@ -706,13 +704,41 @@ pub(crate) fn parse_records_with<R: Record>(
         version: Some(version),
         valid_len: offset as u64,
         torn_bytes: (bytes.len() - offset) as u64,
-        older_bytes: suspect == Some(NOT_THIS_LOGS),
+        older_bytes: foreign,
         generation: Some(generation),
     })
 }
 
-/// Why a log ends where a header does not check against its generation.
-const NOT_THIS_LOGS: &str = "its header does not check against the log's generation";
+/// How a log of one format frames its records.
+#[derive(Clone, Copy)]
+struct Framing {
+    /// A record header's length.
+    head_len: usize,
+    /// The generation each record's header is checked against ([`CHECKED_FORMAT`] on); none
+    /// before.
+    generation: Option<u64>,
+}
+
+impl Framing {
+    /// The framing of a log of format `version` and `generation`.
+    fn of(version: u16, generation: u64) -> Framing {
+        match version >= CHECKED_FORMAT {
+            true => Framing { head_len: CHECKED_HEADER_LEN, generation: Some(generation) },
+            false => Framing { head_len: RECORD_HEADER_LEN, generation: None },
+        }
+    }
+
+    /// The record header at the start of `bytes`: its payload's length and CRC-32, and whether
+    /// it checks against the log's generation (always, before [`CHECKED_FORMAT`]); none where
+    /// `bytes` are shorter than a header.
+    fn header(self, bytes: &[u8]) -> Option<(usize, u32, bool)> {
+        let head = bytes.get(..self.head_len)?;
+        let word = |at: usize| u32::from_be_bytes(head[at..at + 4].try_into().expect("4"));
+        let (len, crc) = (word(0), word(self.head_len - 4));
+        let checks = self.generation.is_none_or(|g| word(4) == header_check(g, len, crc));
+        Some((len as usize, crc, checks))
+    }
+}
 
 /// The header check of a record of `len` bytes whose payload's CRC-32 is `crc`, in a log of
 /// `generation` (from [`CHECKED_FORMAT`] on): the CRC-32 of the three, big-endian. It covers
@@ -737,22 +763,18 @@ fn next_valid_record<R: Record>(
     bytes: &[u8],
     suspect: usize,
     version: u16,
-    generation: u64,
+    framing: Framing,
 ) -> Option<usize> {
-    let checked = version >= CHECKED_FORMAT;
-    let head_len = if checked { CHECKED_HEADER_LEN } else { RECORD_HEADER_LEN };
-    let last_start =
-        if checked { (suspect + head_len + RECORD_LEN_MAX).min(bytes.len()) } else { bytes.len() };
+    let head_len = framing.head_len;
+    let last_start = match framing.generation {
+        Some(_) => (suspect + head_len + RECORD_LEN_MAX).min(bytes.len()),
+        None => bytes.len(),
+    };
     let mut at = suspect + 1;
-    while at <= last_start && at + head_len <= bytes.len() {
-        let head = &bytes[at..at + head_len];
-        let len = u32::from_be_bytes(head[..4].try_into().expect("4")) as usize;
-        let crc = u32::from_be_bytes(head[head_len - 4..].try_into().expect("4"));
+    while at <= last_start {
+        let Some((len, crc, checks)) = framing.header(&bytes[at..]) else { break };
         let room = bytes.len() - at - head_len;
-        let header_checks = !checked
-            || u32::from_be_bytes(head[4..8].try_into().expect("4"))
-                == header_check(generation, len as u32, crc);
-        if header_checks && len <= RECORD_LEN_MAX && len <= room {
+        if checks && len <= RECORD_LEN_MAX && len <= room {
             let payload = &bytes[at + head_len..at + head_len + len];
             if crc32fast::hash(payload) == crc && R::decode(payload, version).is_ok() {
                 return Some(at);
@@ -885,17 +907,18 @@ pub(crate) fn frame_records<'a>(
     }
 }
 
+/// How [`frame_records`] frames a message's records: as a log of format 9, no header check.
+const MESSAGE_FRAMING: Framing = Framing { head_len: RECORD_HEADER_LEN, generation: None };
+
 /// The records of a message framed by [`frame_records`], decoded as `R` of this build's
 /// format; an error names the first record that is damaged (a replicated message is whole or
 /// absent, so any damage is corruption).
 pub(crate) fn unframe_records<R: Record>(mut bytes: &[u8]) -> Result<Vec<R>, String> {
     let mut records = Vec::new();
     while !bytes.is_empty() {
-        let Some(head) = bytes.get(..RECORD_HEADER_LEN) else {
+        let Some((len, crc, _)) = MESSAGE_FRAMING.header(bytes) else {
             return Err(format!("record {}: header cut short", records.len()));
         };
-        let len = u32::from_be_bytes(head[..4].try_into().expect("4")) as usize;
-        let crc = u32::from_be_bytes(head[4..8].try_into().expect("4"));
         let payload = bytes
             .get(RECORD_HEADER_LEN..RECORD_HEADER_LEN + len)
             .filter(|_| len <= RECORD_LEN_MAX)
