@@ -98,6 +98,7 @@ impl Prepared {
                 since_snapshot: 0,
                 snapshot_every,
                 last_snapshot_bytes: Arc::default(),
+                scratch: Default::default(),
             });
         }
         partitions
@@ -259,7 +260,8 @@ pub(crate) fn recover_shards(
                 count = resolved.len(),
                 "authorizations in flight at the crash declined as provider timeouts"
             );
-            let records = resolved.iter().map(Envelope::to_bytes).collect();
+            let mut records = wal::Records::with_capacity(generation, 0);
+            resolved.iter().for_each(|envelope| records.push(&envelope.to_bytes()));
             let (reply, durable) = oneshot::channel();
             handle.submit(wal::Job::Records { records, reply, replies: Vec::new() });
             // Engine::start may run inside a Tokio runtime; the writer is its own OS thread, so
@@ -273,6 +275,7 @@ pub(crate) fn recover_shards(
             since_snapshot: since_snapshot[index],
             snapshot_every: config.durability.snapshot_every_records,
             last_snapshot_bytes: Arc::default(),
+            scratch: Default::default(),
         };
         prepared.states.push((state, Some(shard_wal)));
         prepared.wal_threads.push(thread);

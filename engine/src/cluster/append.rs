@@ -429,7 +429,7 @@ fn messages(group: Vec<Job<Vec<Reply>>>) -> Vec<Piece> {
     for job in group {
         match job {
             Job::Records { records, reply, replies: values } => {
-                for record in &records {
+                for (record, crc) in records.iter() {
                     if !payload.is_empty() && payload.len() + record.len() + 8 > MESSAGE_BYTES_MAX {
                         out.push(Piece::Message(
                             Bytes::from(std::mem::take(&mut payload)),
@@ -437,7 +437,7 @@ fn messages(group: Vec<Job<Vec<Reply>>>) -> Vec<Piece> {
                             std::mem::take(&mut records_in),
                         ));
                     }
-                    wal::frame_records(std::iter::once(record), &mut payload);
+                    wal::frame_records(std::iter::once((record, crc)), &mut payload);
                     records_in += 1;
                 }
                 replies.push((reply, values));
@@ -483,7 +483,10 @@ mod tests {
         for n in 0..200u32 {
             let mut record = rkyv::util::AlignedVec::<16>::new();
             record.extend_from_slice(format!("user-{} terminal-0001 JPY", n % 7).as_bytes());
-            wal::frame_records(std::iter::once(&record), &mut framed);
+            wal::frame_records(
+                std::iter::once((&record[..], crc32fast::hash(&record))),
+                &mut framed,
+            );
         }
         let wire = Wire::of(&framed);
         assert!(wire.lz4 && wire.bytes.len() < framed.len() / 2, "{} bytes", wire.bytes.len());

@@ -797,7 +797,8 @@ impl Context {
                 count = resolved.len(),
                 "authorizations in flight at the old owner declined as provider timeouts"
             );
-            let records = resolved.iter().map(Envelope::to_bytes).collect();
+            let mut records = crate::wal::Records::with_capacity(0, 0);
+            resolved.iter().for_each(|envelope| records.push(&envelope.to_bytes()));
             let (reply, durable) = tokio::sync::oneshot::channel();
             self.replicas[partition].submit(Job::Records { records, reply, replies: Vec::new() });
             durable

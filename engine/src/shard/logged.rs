@@ -55,7 +55,13 @@ impl Envelope {
     /// The log record of this envelope, in a buffer allocated once: a payment's records are
     /// 240 and 320 bytes, and a buffer grown from empty would be reallocated on the way there.
     pub(crate) fn to_bytes(&self) -> rkyv::util::AlignedVec {
-        let buffer = rkyv::util::AlignedVec::with_capacity(RECORD_CAPACITY);
+        self.encode_in(rkyv::util::AlignedVec::with_capacity(RECORD_CAPACITY))
+    }
+
+    /// The log record of this envelope, in `buffer` (emptied first): a shard encodes every
+    /// record in the one buffer it keeps.
+    pub(crate) fn encode_in(&self, mut buffer: rkyv::util::AlignedVec) -> rkyv::util::AlignedVec {
+        buffer.clear();
         rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(self, buffer)
             .expect("commands always serialize")
     }
