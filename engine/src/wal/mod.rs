@@ -1139,11 +1139,7 @@ fn replace_in_place(path: &Path, spare: &Path, tmp: &Path, parts: &[&[u8]]) -> s
         std::fs::remove_file(spare)?;
         file = open_private(spare, &mut options)?;
     }
-    let mut len = 0;
-    for part in parts {
-        file.write_all(part)?;
-        len += part.len() as u64;
-    }
+    let len = write_paced(&mut file, parts)?;
     file.set_len(len)?;
     file.sync_all()?;
     drop(file);
@@ -1161,6 +1157,66 @@ fn replace_in_place(path: &Path, spare: &Path, tmp: &Path, parts: &[&[u8]]) -> s
     if let Some(dir) = path.parent() {
         File::open(dir)?.sync_all()?;
     }
+    Ok(())
+}
+
+/// How much of a snapshot's bytes [`write_paced`] lets the disk have queued at once.
+const WRITEBACK_CHUNK: u64 = 1 << 20;
+
+/// Writes `parts`, one after the other, from `file`'s start, and returns their length; on
+/// Linux, each [`WRITEBACK_CHUNK`] is handed to the disk as soon as it is written
+/// (`sync_file_range`), and the chunk before it waited for, so the disk never has more than
+/// two chunks of the file queued. The caller still syncs the file: this orders no write and
+/// makes nothing durable, it only spreads the writeback over the writing.
+///
+/// Why: written whole and then synced, a snapshot of 160 MB reached the disk as one burst, and
+/// the log's `fdatasync`s issued meanwhile waited behind all of it: 100–400 ms each, about one
+/// for each snapshot, during which no reply of the shard could leave (the durable closed loop's
+/// p99.9 was 128–183 ms). Paced, a log's sync waits behind at most two chunks (RocksDB's
+/// `bytes_per_sync` and PostgreSQL's `checkpoint_flush_after` do the same for the same reason).
+fn write_paced(file: &mut File, parts: &[&[u8]]) -> std::io::Result<u64> {
+    let (mut len, mut started, mut waited) = (0u64, 0u64, 0u64);
+    for part in parts {
+        for piece in part.chunks(WRITEBACK_CHUNK as usize) {
+            file.write_all(piece)?;
+            len += piece.len() as u64;
+            if len - started >= WRITEBACK_CHUNK {
+                start_writeback(file, started, len, false)?;
+                start_writeback(file, waited, started, true)?;
+                (waited, started) = (started, len);
+            }
+        }
+    }
+    Ok(len)
+}
+
+/// Starts the writeback of `file`'s bytes from `from` to `to` (and with `wait`, waits for it
+/// to end); nothing where the system has no `sync_file_range`.
+#[cfg(target_os = "linux")]
+fn start_writeback(file: &File, from: u64, to: u64, wait: bool) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    if to <= from {
+        return Ok(());
+    }
+    let flags = match wait {
+        false => libc::SYNC_FILE_RANGE_WRITE,
+        true => {
+            libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                | libc::SYNC_FILE_RANGE_WRITE
+                | libc::SYNC_FILE_RANGE_WAIT_AFTER
+        }
+    };
+    // SAFETY: a plain system call on a file descriptor this function borrows for its duration.
+    let done =
+        unsafe { libc::sync_file_range(file.as_raw_fd(), from as i64, (to - from) as i64, flags) };
+    match done {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_: &File, _: u64, _: u64, _: bool) -> std::io::Result<()> {
     Ok(())
 }
 
@@ -1570,6 +1626,27 @@ mod tests {
             assert_eq!(std::fs::read(&files.prev).unwrap(), prev, "case {case}: untouched");
             std::fs::remove_file(&files.log).unwrap();
         }
+    }
+
+    #[test]
+    fn a_paced_write_holds_its_parts_whole_across_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("paced");
+        // Parts whose ends fall inside chunks, across several chunks, over a longer file.
+        let chunk = WRITEBACK_CHUNK as usize;
+        let parts: Vec<Vec<u8>> = [40, 3 * chunk + 17, chunk - 40, 5]
+            .iter()
+            .enumerate()
+            .map(|(n, &len)| (0..len).map(|i| (i * 31 + n) as u8).collect())
+            .collect();
+        std::fs::write(&path, vec![0xee; 6 * chunk]).unwrap();
+        let mut file = OpenOptions::new().write(true).open(&path).unwrap();
+        let slices: Vec<&[u8]> = parts.iter().map(|part| &part[..]).collect();
+        let len = write_paced(&mut file, &slices).unwrap();
+        assert_eq!(len as usize, parts.iter().map(Vec::len).sum::<usize>());
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes[..len as usize], parts.concat()[..]);
+        assert!(bytes[len as usize..].iter().all(|&b| b == 0xee), "left for the caller to cut");
     }
 
     #[test]
