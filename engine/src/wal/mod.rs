@@ -1039,7 +1039,7 @@ pub(crate) fn open_writer<V: Send + 'static>(
     let thread = std::thread::Builder::new()
         .name(format!("settlegate-wal-{index}"))
         .spawn(move || {
-            let log = Log { out: BufWriter::with_capacity(1 << 20, file), generation };
+            let log = Log::new(file, generation);
             let run =
                 || write_loop(log, &files, &queue, policy, interval, &writer_failed, &writer_stats);
             // A panic here (encoding a snapshot, say) is a broken invariant: fail fast.
@@ -1056,6 +1056,15 @@ pub(crate) fn open_writer<V: Send + 'static>(
 struct Log {
     out: BufWriter<File>,
     generation: u64,
+    /// Where the bytes whose writeback the writer has not started begin (see [`commit`]).
+    unstarted: u64,
+}
+
+impl Log {
+    /// A log of `generation` written through `file`, from its current position.
+    fn new(file: File, generation: u64) -> Log {
+        Log { out: BufWriter::with_capacity(1 << 20, file), generation, unstarted: 0 }
+    }
 }
 
 /// A shard's files, for the writer.
@@ -1264,7 +1273,7 @@ fn rotate(
     let buffer = std::mem::take(&mut snapshots.buffer);
     std::fs::rename(&files.log, &files.prev)?;
     let file = start_log(files, snapshot.generation)?;
-    *log = Log { out: BufWriter::with_capacity(1 << 20, file), generation: snapshot.generation };
+    *log = Log::new(file, snapshot.generation);
     let (path, prev, index) = (files.snapshot.clone(), files.prev.clone(), files.index);
     let (spare, tmp, free) = (files.spare.clone(), files.tmp.clone(), files.free.clone());
     let thread =
@@ -1497,6 +1506,17 @@ fn commit<V>(
         sync.stats.fsync.record_duration(started.elapsed());
         sync.last = Instant::now();
         sync.unsynced = false;
+    } else if sync.policy != FsyncPolicy::Always {
+        // Unsynced bytes are handed to the disk a chunk at a time, not left for the sync that
+        // ends the log at its rotation: with `fsync = "off"` that sync found up to a log's
+        // worth (300 MB) not yet written, and held back every reply of the shard behind it
+        // (the closed loop's p99.9 was 489 ms). As `write_paced` does for a snapshot, but
+        // with no wait: the writer's replies do not wait for the disk under this policy.
+        let end = log.out.get_mut().stream_position()?;
+        if end >= log.unstarted + WRITEBACK_CHUNK {
+            start_writeback(log.out.get_ref(), log.unstarted, end, false)?;
+            log.unstarted = end;
+        }
     }
     for (_, reply, replies) in group.drain(..) {
         let _ = reply.send(replies);
@@ -1629,6 +1649,42 @@ mod tests {
     }
 
     #[test]
+    fn an_unsynced_log_is_handed_to_the_disk_a_chunk_at_a_time_and_written_whole() {
+        for policy in [FsyncPolicy::Off, FsyncPolicy::Interval] {
+            let dir = tempfile::tempdir().unwrap();
+            let files = files(dir.path());
+            let mut log = Log::new(start_log(&files, 3).unwrap(), 3);
+            let stats = WalStats::default();
+            let interval = Duration::from_secs(3600);
+            let last = Instant::now();
+            let mut sync = SyncState { policy, interval, last, unsynced: false, stats: &stats };
+            let payload = vec![5u8; 100_000];
+            let mut expected = file_header(0, 1, 3).to_vec();
+            for _ in 0..30 {
+                let mut records = Records::with_capacity(3, 0);
+                (0..4).for_each(|_| records.push(&payload));
+                let (reply, answered) = oneshot::channel();
+                let mut group = vec![(records, reply, 7)];
+                commit(&mut log, &mut group, &mut sync).unwrap();
+                assert_eq!(answered.blocking_recv(), Ok(7), "{policy:?}: answered unsynced");
+                for _ in 0..4 {
+                    expected.extend_from_slice(&log_record_header(3, &payload));
+                    expected.extend_from_slice(&payload);
+                }
+            }
+            assert_eq!(
+                stats.fsync.snapshot().count,
+                0,
+                "{policy:?}: not synced within its interval"
+            );
+            // Started up to the last whole chunk's end, not left for the sync that ends the log.
+            let len = expected.len() as u64;
+            assert!(log.unstarted > len - WRITEBACK_CHUNK, "{policy:?}: {}", log.unstarted);
+            assert_eq!(std::fs::read(&files.log).unwrap(), expected, "{policy:?}");
+        }
+    }
+
+    #[test]
     fn a_paced_write_holds_its_parts_whole_across_chunks() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("paced");
@@ -1665,7 +1721,7 @@ mod tests {
         let expected: Vec<_> = payloads.iter().map(|p| (&p[..], crc32fast::hash(p))).collect();
         assert_eq!(read, expected);
 
-        let mut log = Log { out: BufWriter::new(start_log(&files, 3).unwrap()), generation: 3 };
+        let mut log = Log::new(start_log(&files, 3).unwrap(), 3);
         write_group(&mut log, [&records, &batch(3)].into_iter()).unwrap();
         let mut framed = file_header(0, 1, 3).to_vec();
         for payload in payloads.iter().chain(&payloads) {
