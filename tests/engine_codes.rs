@@ -210,6 +210,43 @@ async fn the_sweeper_releases_expired_holds_which_never_count_after_expiry() {
     assert_eq!(available(&h, &dan).await, (3_000, 3_000));
 }
 
+/// A sweep with nothing due changes nothing and is not logged: an idle shard writes (and
+/// syncs) nothing however often the server sweeps. One that expires a code is logged, and the
+/// expiry is there after a restart (whose clock has not reached it).
+#[tokio::test]
+async fn a_sweep_is_logged_only_when_it_has_something_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let durable = || {
+        let mut config = config();
+        config.durability.data_dir = Some(dir.path().to_owned());
+        config.durability.fsync = settlegate_engine::wal::FsyncPolicy::Always;
+        Harness::with_config(config)
+    };
+    let logged = |h: &Harness| -> u64 {
+        (0..h.engine.shard_count())
+            .map(|shard| settlegate_engine::wal::shard_log_path(dir.path(), shard))
+            .map(|log| std::fs::metadata(log).unwrap().len())
+            .sum()
+    };
+    let h = durable();
+    let dan = purse_user(&h, "dan", 3_000).await;
+    let code = issue(&h, code_request(&h, &dan, 2_000, (MeansKind::EMoney, 2))).await;
+    let before = logged(&h);
+    for _ in 0..3 {
+        assert_eq!(h.engine.sweep_codes().await.unwrap(), 0);
+    }
+    assert_eq!(logged(&h), before, "nothing due, nothing logged");
+    h.clock.advance(10 * MINUTE_MS + 1);
+    assert_eq!(h.engine.sweep_codes().await.unwrap(), 1);
+    assert!(logged(&h) > before, "the expiry logged");
+    h.engine.shutdown().await;
+    drop(h);
+
+    let h = durable();
+    assert_eq!(h.engine.code_state(code.number).await.unwrap(), CodeState::Expired);
+    assert_eq!(available(&h, &dan).await, (3_000, 3_000), "its hold released");
+}
+
 #[tokio::test]
 async fn a_code_reaches_the_device_the_user_designates() {
     a_code_reaches_the_device_the_user_designates_with(0).await;

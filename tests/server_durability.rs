@@ -310,17 +310,44 @@ fn side_files(data: &Path) -> Vec<PathBuf> {
     std::fs::read_dir(data).unwrap().map(|e| e.unwrap().path()).filter(cut).collect()
 }
 
-/// Registers terminals `ids` (one record each) and waits until the snapshot their last record
-/// may have started is in place (no previous log left).
+/// The generation in shard 0's log header (big-endian, bytes 16..24); none while the file is
+/// shorter (being made) or absent (being renamed).
+fn log_generation(data: &Path) -> Option<u64> {
+    let bytes = std::fs::read(shard_log_path(data, 0)).ok()?;
+    Some(u64::from_be_bytes(bytes.get(16..24)?.try_into().unwrap()))
+}
+
+/// Shard 0's log generation once no rotation is under way: the log there, no previous log
+/// left (its snapshot is in place), and both so across 50 ms.
+async fn settled_generation(data: &Path) -> u64 {
+    let prev = settlegate_engine::wal::shard_prev_log_path(data, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = None;
+    loop {
+        let now = log_generation(data).filter(|_| !prev.exists());
+        if let Some(generation) = now.filter(|_| now == seen) {
+            return generation;
+        }
+        assert!(Instant::now() < deadline, "the log settles");
+        seen = now;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Registers terminals `ids` (one record each; an even count, from a snapshot's boundary, with
+/// a snapshot every 2 records) and waits until the log has been started afresh at least once
+/// for each pair and the last snapshot is in place. The reply to a snapshot's last record may
+/// come before the writer starts the next log: waiting for the previous log to be gone alone
+/// found the one before it already gone, and read files mid-rotation.
 async fn register_and_settle(client: &Client, data: &Path, ids: std::ops::RangeInclusive<u128>) {
+    let before = settled_generation(data).await;
+    let rotations = (ids.end() - ids.start() + 1) as u64 / 2;
     for id in ids {
         client.call_ok(&register(id, &format!("T-{id}"))).await.unwrap();
     }
-    let prev = settlegate_engine::wal::shard_prev_log_path(data, 0);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while prev.exists() {
+    while settled_generation(data).await < before + rotations {
         assert!(Instant::now() < deadline, "the snapshot is written");
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -351,14 +378,17 @@ async fn a_log_written_over_an_older_ones_file_recovers_its_own_records_alone() 
     assert_eq!(side_files(&data).len(), 0);
 
     let (server, addrs) = spawn(&config, &[]);
-    // Cut where the log's own records end, and only the older log's bytes.
-    let own = std::fs::metadata(&log).unwrap().len() as usize;
-    assert!(own < killed.len(), "the older log's bytes are cut");
-    assert_eq!(killed[own..], older_bytes[own..], "and nothing else");
+    let client = admin(addrs.expect("restarted").0).await;
+    // Cut where the log's own records end (none: its snapshot's records were the last), and
+    // only the older log's bytes, kept in a side file.
     let side = side_files(&data);
     assert_eq!(side.len(), 1, "kept in a side file");
-    assert_eq!(std::fs::read(&side[0]).unwrap(), &killed[own..]);
-    let client = admin(addrs.expect("restarted").0).await;
+    let cut = std::fs::read(&side[0]).unwrap();
+    let own = killed.len() - cut.len();
+    assert_eq!(own, 32, "the log's header (32 bytes) alone stays");
+    assert_eq!(cut, &killed[own..]);
+    assert_eq!(killed[own..], older_bytes[own..], "and nothing else");
+    assert_eq!(std::fs::read(&log).unwrap()[..own], killed[..own]);
     for id in 1..=6 {
         assert!(listed(&client, &format!("T-{id}")).await, "T-{id}");
     }

@@ -276,11 +276,15 @@ impl ShardCore {
         }
     }
 
-    /// Applies one command, first encoding its log record when the shard has a log.
+    /// Applies one command, first encoding its log record when the shard has a log. A sweep
+    /// with nothing due is not logged: replayed, it would change nothing, and logged it would
+    /// have an idle shard write (and, under `fsync = always`, sync) a record every sweep.
     fn apply(&mut self, envelope: Envelope, records: &mut Records) -> Reply {
         #[cfg(all(feature = "test-hooks", debug_assertions))]
         test_hooks::panic_if_asked(&envelope);
-        if let Some(wal) = &mut self.wal {
+        let idle_sweep = matches!(envelope.command, Command::SweepCodes)
+            && !self.state.sweep_due(envelope.now_ms);
+        if let Some(wal) = self.wal.as_mut().filter(|_| !idle_sweep) {
             wal.scratch = envelope.encode_in(std::mem::take(&mut wal.scratch));
             records.push(&wal.scratch);
         }

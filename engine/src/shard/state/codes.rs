@@ -353,6 +353,13 @@ impl ShardState {
         }
     }
 
+    /// Whether a sweep at `now_ms` has anything to do: a code past its expiry, or a block of
+    /// settled payments all past their refund window.
+    pub(crate) fn sweep_due(&self, now_ms: i64) -> bool {
+        self.code_expiry.first().is_some_and(|&(expires_ms, _)| expires_ms <= now_ms)
+            || self.settled.sweep_due(now_ms)
+    }
+
     /// Expires every code past its expiry at `now_ms`, releasing its hold; returns how many.
     pub(super) fn sweep_codes(&mut self, now_ms: i64) -> u32 {
         let due: Vec<u64> =

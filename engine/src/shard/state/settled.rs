@@ -124,9 +124,14 @@ impl SettledStore {
     /// window at `now_ms`. (A payment past its window in a block that stays is refused when
     /// asked for: its window is checked then.)
     pub(crate) fn sweep(&mut self, now_ms: i64) {
-        while self.sealed.front().is_some_and(|block| block.until_max_ms <= now_ms) {
+        while self.sweep_due(now_ms) {
             self.drop_oldest();
         }
+    }
+
+    /// Whether [`Self::sweep`] at `now_ms` would drop a block.
+    pub(crate) fn sweep_due(&self, now_ms: i64) -> bool {
+        self.sealed.front().is_some_and(|block| block.until_max_ms <= now_ms)
     }
 
     /// The payment last kept under `key` (its refunds: [`Self::refunds`]).
