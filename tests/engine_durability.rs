@@ -44,6 +44,76 @@ async fn everything_acknowledged_survives_a_restart_when_the_provider_answers_la
     everything_acknowledged_survives_a_restart_with(300).await;
 }
 
+/// Log format 11: a payment whose provider decides in the shard is logged as its reservation
+/// and a compact record of the provider's outcome, not a second envelope; a replay of each
+/// shard's log alone reaches the live shard's state, approved and declined payments alike, and
+/// after a restart a retry gets the first outcome.
+#[tokio::test]
+async fn a_payment_decided_in_the_shard_is_logged_compact_and_replays_to_the_same_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = durable_config(dir.path());
+    let h = Harness::with_config(config.clone());
+    let users = [h.user("alice").await, h.user("bob").await];
+    for provider in [PROVIDER_OK, PROVIDER_DECLINE] {
+        let terminal = TerminalEntry { terminal_id: "KEEP-1".into(), service: None };
+        h.engine
+            .register_terminals(request_id(), ProviderCode(provider), vec![terminal])
+            .await
+            .unwrap();
+    }
+    let mut paid = Vec::new();
+    for (i, provider) in
+        [PROVIDER_OK, PROVIDER_DECLINE, PROVIDER_OK, PROVIDER_OK].into_iter().enumerate()
+    {
+        for user in &users {
+            let request = AuthorizeRequest {
+                client_request_id: request_id(),
+                inherent_id: user.signed(T0_MS + i as i64, 100 + i as u64, provider, "KEEP-1"),
+            };
+            let outcome = h.engine.authorize(request.clone()).await.unwrap();
+            assert_eq!(matches!(outcome, AuthOutcome::Approved(_)), provider == PROVIDER_OK);
+            paid.push((request, outcome));
+        }
+    }
+    let live = h.engine.shard_digests().await;
+    for (shard, digest) in live.iter().enumerate() {
+        let replayed = settlegate_engine::replay_shard(&config, shard).unwrap();
+        assert_eq!(
+            Some(replayed.digest),
+            *digest,
+            "shard {shard}: the replay's state is the live one's"
+        );
+    }
+    // Records shorter than an envelope's archive (208 bytes) are the compact ones: one per payment.
+    let compact: usize = (0..live.len())
+        .map(|shard| payload_lengths(&shard_log_path(dir.path(), shard)))
+        .map(|lengths| lengths.into_iter().filter(|&len| len < 208).count())
+        .sum();
+    assert_eq!(compact, paid.len());
+    h.engine.shutdown().await;
+    drop(h);
+
+    let h = restart(dir.path());
+    assert_eq!(h.engine.shard_digests().await, live, "the same state after a restart");
+    for (request, outcome) in paid {
+        assert_eq!(h.engine.authorize(request).await.unwrap(), outcome, "a retry's answer");
+    }
+}
+
+/// The payload lengths of a log's records (format 10 on: a 32-byte file header, then each record
+/// a `u32` length, a `u32` header check and a `u32` CRC before its payload, big-endian).
+fn payload_lengths(log: &Path) -> Vec<usize> {
+    let bytes = std::fs::read(log).unwrap();
+    let (mut at, mut lengths) = (32, Vec::new());
+    while at + 12 <= bytes.len() {
+        let len = u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        lengths.push(len);
+        at += 12 + len;
+    }
+    assert_eq!(at, bytes.len(), "the log ends at a record's end");
+    lengths
+}
+
 async fn everything_acknowledged_survives_a_restart_with(provider_latency_us: u64) {
     let dir = tempfile::tempdir().unwrap();
     let durable = |dir: &Path| {

@@ -590,7 +590,7 @@ fn apply_keeping(
         if let Some(rewrite) = rewrite {
             rewrite.push(envelope.to_bytes());
         }
-        discard(state.apply(envelope));
+        discard(state.replay(envelope));
     }
     count
 }
@@ -840,7 +840,7 @@ fn replay(
         if let Some(encoded) = &mut encoded[shard] {
             encoded.push(envelope.to_bytes());
         }
-        states[shard].apply(envelope);
+        states[shard].replay(envelope);
     }
 }
 

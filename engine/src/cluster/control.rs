@@ -275,7 +275,7 @@ impl Context {
             })?;
             records += envelopes.len();
             for envelope in envelopes {
-                _ = state.apply(envelope);
+                _ = state.replay(envelope);
             }
             reached = *sequence;
         }

@@ -200,7 +200,9 @@ impl ReplicaCore {
     /// Applies commands another node appended to this partition's log; their replies were that
     /// node's to give.
     pub(crate) fn apply_replicated(&self, envelopes: Vec<Envelope>) {
-        self.with(|core| envelopes.into_iter().for_each(|envelope| _ = core.state.apply(envelope)));
+        self.with(|core| {
+            envelopes.into_iter().for_each(|envelope| _ = core.state.replay(envelope))
+        });
     }
 
     /// Declines the payments left in flight at their providers, as recovery after a crash does
@@ -291,6 +293,25 @@ impl ShardCore {
         self.state.apply(envelope)
     }
 
+    /// Completes `dispatch`, reserved by the record just logged, with its provider's `outcome`,
+    /// and logs that as [`Command::Decided`]: the outcome alone, from which a replay rebuilds
+    /// the same completion ([`ShardState::replay`]).
+    fn complete_decided(
+        &mut self,
+        dispatch: &Dispatch,
+        outcome: AuthOutcome,
+        now_ms: i64,
+        records: &mut Records,
+    ) -> Reply {
+        let completion = dispatch.completion(outcome, now_ms);
+        if let Some(wal) = &mut self.wal {
+            let decided = Envelope { command: Command::Decided { outcome }, ..completion };
+            wal.scratch = decided.encode_in(std::mem::take(&mut wal.scratch));
+            records.push(&wal.scratch);
+        }
+        self.state.apply(completion)
+    }
+
     /// A payment (or payment-code request) whose provider answers at once (an adapter that
     /// decides in process, such as the zero-latency simulator) is completed here, in the same
     /// step as its reservation: no trip back to the caller and into this shard again. Both
@@ -306,7 +327,7 @@ impl ShardCore {
             };
         };
         let outcome = dispatch.outcome_of(answer);
-        let completed = self.apply(dispatch.completion(outcome, now_ms), records);
+        let completed = self.complete_decided(&dispatch, outcome, now_ms, records);
         let timeout = ReasonCode::ProviderTimeout;
         // A completion that found no record (not expected: the record was made in this step)
         // stands declined whatever the provider said.

@@ -781,6 +781,16 @@ pub(crate) enum Command {
         amount_minor: u64,
         terminal_id: String,
     },
+    /// The provider's answer to the payment (or code request) that the command before it in
+    /// the shard's log reserved, given in the same step by a provider that decides in process
+    /// (`ShardCore::decide_now`). It is logged in place of that completion's command, which
+    /// applying it rebuilds from the reservation's dispatch ([`ShardState::replay`] keeps it).
+    /// Its record is the compact one of `shard/logged.rs`: 56 bytes where the completion's was
+    /// about 240.
+    Decided {
+        #[rkyv(with = Via<OutcomeLeaf>)]
+        outcome: AuthOutcome,
+    },
 }
 
 impl Command {
@@ -1074,6 +1084,9 @@ pub(crate) struct ShardState {
     /// taken, while a replay hands them to a thread of its own ([`ShardState::defer_registry`]);
     /// `None` (the rule): each is made at once.
     pub(crate) deferred: Option<Vec<RegistryWrite>>,
+    /// In a replay ([`ShardState::replay`]), the dispatch of the payment (or code request) the
+    /// last command reserved, for a [`Command::Decided`] after it; none otherwise.
+    pub(crate) dispatched: Option<Box<Dispatch>>,
 }
 
 /// A write a shard's command makes to a registry the shards share (the device index, the
@@ -1131,6 +1144,7 @@ impl ShardState {
             money: Ledger::default(),
             settled: SettledStore::default(),
             deferred: None,
+            dispatched: None,
         }
     }
 
@@ -1352,6 +1366,36 @@ impl ShardState {
                     }
                     None => Reply::Refused(ReasonCode::UnknownProvider),
                 }
+            }
+            // Only a replay holds a dispatch here: a live shard applies the completion itself.
+            // A record with no reservation before it (not written by any build) changes nothing.
+            Command::Decided { outcome } => match self.dispatched.take() {
+                Some(dispatch) => self.apply(dispatch.completion(outcome, now_ms)),
+                None => {
+                    tracing::error!(
+                        shard = self.index,
+                        "a decided record with no reservation before it"
+                    );
+                    Reply::Refused(ReasonCode::ProviderTimeout)
+                }
+            },
+        }
+    }
+
+    /// Applies a command read back from a log (recovery, a standby's stream, a restart cache):
+    /// as [`Self::apply`], but the dispatch of a payment (or code request) it reserves is kept
+    /// for a [`Command::Decided`] that may follow, as the live shard completed it in the same
+    /// step, and not handed back.
+    pub(crate) fn replay(&mut self, envelope: Envelope) -> Reply {
+        match self.apply(envelope) {
+            Reply::Settlement(SettlementReply::Payment(Payment::Dispatch(dispatch)))
+            | Reply::Codes(CodesReply::Request(CodeRequest::Dispatch(dispatch))) => {
+                self.dispatched = Some(dispatch);
+                Reply::Done
+            }
+            reply => {
+                self.dispatched = None;
+                reply
             }
         }
     }

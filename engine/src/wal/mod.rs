@@ -5,7 +5,8 @@
 //! format version, `u16` shard index, `u32` shard count, `u64` generation, big-endian), then
 //! records: `u32` payload length, `u32` header check (CRC-32 of the generation, the length and
 //! the payload's CRC), `u32` CRC-32 of the payload, the payload (an rkyv archive of the shard's command envelope,
-//! `shard/logged.rs`; formats before 10 had no header check). A log may be written over the
+//! or from format 11 of a payment's decided outcome, `shard/logged.rs`; formats before 10 had
+//! no header check). A log may be written over the
 //! file of an older one (`start_log`): its last record may be followed by that log's bytes,
 //! whose headers do not check against this log's generation.
 //!
@@ -71,7 +72,12 @@ use tokio::sync::oneshot;
 /// (`CHECKED_HEADER_LEN`), so that a log may be written over the file of an older one
 /// (`start_log`): the older log's records after the last of this one are not this one's.
 /// Its records' payloads are as version 9's.
-pub const FORMAT_VERSION: u16 = 10;
+///
+/// Version 11 adds one record kind: a payment whose provider decided in the step that
+/// reserved it is logged as its reservation and a compact record of the provider's answer
+/// (`shard/logged.rs`'s `DecidedRecord`, told from an envelope by its length), not a second
+/// envelope for its completion. Its framing is version 10's.
+pub const FORMAT_VERSION: u16 = 11;
 /// The first format whose records carry a header check ([`CHECKED_HEADER_LEN`]).
 const CHECKED_FORMAT: u16 = 10;
 /// The magic of a log before [`CHECKED_FORMAT`].
