@@ -55,9 +55,9 @@ pub(crate) struct ShardWal {
 use crate::fail::fail_fast;
 use image::Capture;
 pub(crate) use state::{
-    Acknowledged, AddedMeans, CodeCompletion, CodeRequest, CodeView, CodesReply, Command,
-    Completion, Credentials, Delivery, Dispatch, Envelope, FlowReply, IssuedKey, Obligation,
-    OwedView, Payment, Query, RefundedCode, Reply, SettlementReply, ShardState, Swept, VoidedCode,
+    Acknowledged, AddedMeans, CodeCompletion, CodeRequest, CodeView, Command, Completion,
+    Credentials, Delivery, Dispatch, Envelope, FlowReply, IssuedKey, Obligation, OwedView, Payment,
+    Query, RefundedCode, Reply, ShardState, Swept, VoidedCode,
 };
 
 /// One unit of shard work.
@@ -286,11 +286,19 @@ impl ShardCore {
         test_hooks::panic_if_asked(&envelope);
         let idle_sweep = matches!(envelope.command, Command::SweepCodes)
             && !self.state.sweep_due(envelope.now_ms);
-        if let Some(wal) = self.wal.as_mut().filter(|_| !idle_sweep) {
+        if !idle_sweep {
+            self.log(&envelope, records);
+        }
+        self.state.apply(envelope)
+    }
+
+    /// Encodes `envelope`'s record into the shard's one encoding buffer and frames it into
+    /// `records`, when the shard has a log.
+    fn log(&mut self, envelope: &Envelope, records: &mut Records) {
+        if let Some(wal) = &mut self.wal {
             wal.scratch = envelope.encode_in(std::mem::take(&mut wal.scratch));
             records.push(&wal.scratch);
         }
-        self.state.apply(envelope)
     }
 
     /// Completes `dispatch`, reserved by the record just logged, with its provider's `outcome`,
@@ -304,11 +312,7 @@ impl ShardCore {
         records: &mut Records,
     ) -> Reply {
         let completion = dispatch.completion(outcome, now_ms);
-        if let Some(wal) = &mut self.wal {
-            let decided = Envelope { command: Command::Decided { outcome }, ..completion };
-            wal.scratch = decided.encode_in(std::mem::take(&mut wal.scratch));
-            records.push(&wal.scratch);
-        }
+        self.log(&Envelope { command: Command::Decided { outcome }, ..completion }, records);
         self.state.apply(completion)
     }
 
@@ -377,14 +381,9 @@ impl ShardCore {
                 Op::Apply(envelope) => {
                     let now_ms = envelope.now_ms;
                     // Only a payment's (or code request's) reservation dispatches.
-                    match self.apply(envelope, &mut records) {
-                        Reply::Settlement(SettlementReply::Payment(Payment::Dispatch(
-                            dispatch,
-                        )))
-                        | Reply::Codes(CodesReply::Request(CodeRequest::Dispatch(dispatch))) => {
-                            self.decide_now(dispatch, now_ms, &mut records)
-                        }
-                        reply => reply,
+                    match self.apply(envelope, &mut records).into_dispatch() {
+                        Ok(dispatch) => self.decide_now(dispatch, now_ms, &mut records),
+                        Err(reply) => reply,
                     }
                 }
                 Op::Query(query) => self.state.query(query),

@@ -950,6 +950,25 @@ impl FlowReply for () {
 }
 
 impl Reply {
+    /// The dispatch of a payment (or code request) this reply sends to its provider, if it is
+    /// one: what a reservation answers.
+    pub(crate) fn as_dispatch(&self) -> Option<&Dispatch> {
+        match self {
+            Reply::Settlement(SettlementReply::Payment(Payment::Dispatch(dispatch)))
+            | Reply::Codes(CodesReply::Request(CodeRequest::Dispatch(dispatch))) => Some(dispatch),
+            _ => None,
+        }
+    }
+
+    /// [`Self::as_dispatch`], taken out; any other reply handed back as it is.
+    pub(crate) fn into_dispatch(self) -> Result<Box<Dispatch>, Reply> {
+        match self {
+            Reply::Settlement(SettlementReply::Payment(Payment::Dispatch(dispatch)))
+            | Reply::Codes(CodesReply::Request(CodeRequest::Dispatch(dispatch))) => Ok(dispatch),
+            other => Err(other),
+        }
+    }
+
     /// The answer of type `T` the caller of a command or query expects: a refusal and a
     /// retry's in-flight answer as the engine's errors. A reply of any other kind is a bug (a
     /// flow handed another flow's answer): logged, and surfaced as stopped rather than
@@ -1172,12 +1191,11 @@ impl ShardState {
             Seen::New => {}
         }
         let reply = self.execute(envelope.command, envelope.now_ms, key, envelope.digest);
-        let state = match &reply {
-            Reply::Settlement(SettlementReply::Payment(Payment::Dispatch(dispatch)))
-            | Reply::Codes(CodesReply::Request(CodeRequest::Dispatch(dispatch))) => {
+        let state = match reply.as_dispatch() {
+            Some(dispatch) => {
                 IdemState::Pending { user: dispatch.user.clone(), means_id: dispatch.means_id }
             }
-            done => match IdemState::done(done) {
+            None => match IdemState::done(&reply) {
                 Some(state) => state,
                 None => {
                     // Not reached: every reply of a command with a client request ID is kept.
@@ -1387,17 +1405,12 @@ impl ShardState {
     /// for a [`Command::Decided`] that may follow, as the live shard completed it in the same
     /// step, and not handed back.
     pub(crate) fn replay(&mut self, envelope: Envelope) -> Reply {
-        match self.apply(envelope) {
-            Reply::Settlement(SettlementReply::Payment(Payment::Dispatch(dispatch)))
-            | Reply::Codes(CodesReply::Request(CodeRequest::Dispatch(dispatch))) => {
-                self.dispatched = Some(dispatch);
-                Reply::Done
-            }
-            reply => {
-                self.dispatched = None;
-                reply
-            }
-        }
+        let (dispatched, reply) = match self.apply(envelope).into_dispatch() {
+            Ok(dispatch) => (Some(dispatch), Reply::Done),
+            Err(reply) => (None, reply),
+        };
+        self.dispatched = dispatched;
+        reply
     }
 
     /// Users held, idempotency records held (for metrics and tests).
