@@ -369,7 +369,8 @@ impl ShardCore {
                 self.state.prefetch(envelope);
             }
         }
-        // A payment's two records are about 600 bytes framed; a shard without a log frames none.
+        // A payment's records are at most about 600 bytes framed (400 when decided here); a
+        // shard without a log frames none.
         let mut records = match &self.wal {
             Some(wal) => Records::with_capacity(wal.generation, batch.ops.len() * 640),
             None => Records::with_capacity(0, 0),
