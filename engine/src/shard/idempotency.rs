@@ -442,6 +442,9 @@ pub(crate) struct Idempotency {
     hasher: foldhash::fast::RandomState,
     /// The sequence number the next record gets.
     next_seq: u64,
+    /// How many records in the ring a later record of the same key replaced: a snapshot holds
+    /// the others ([`FrozenRecords::len`]).
+    replaced: usize,
     ttl_ms: i64,
     records_max: usize,
 }
@@ -451,23 +454,24 @@ pub(crate) struct FrozenRecords {
     chunks: Vec<Arc<Vec<Entry>>>,
     /// The ring position of the oldest record.
     start: usize,
-    /// How many records [`FrozenRecords::iter`] yields, counted by the first to ask (the
-    /// snapshot's writer, not the shard).
-    len: std::cell::OnceCell<usize>,
+    /// How many records [`FrozenRecords::iter`] yields: the table keeps the count, so a
+    /// snapshot makes no pass over a million records to learn it.
+    len: usize,
 }
 
 impl FrozenRecords {
     /// How many records [`FrozenRecords::iter`] yields.
     pub(crate) fn len(&self) -> usize {
-        *self.len.get_or_init(|| self.records().count())
+        self.len
     }
 
     /// The records within the count limit when frozen, oldest first. Those past their
     /// retention time are kept: a lookup after restore ignores them for the same reason a
     /// lookup before did.
     pub(crate) fn iter(&self) -> impl ExactSizeIterator<Item = (IdemKey, &Entry)> + Clone {
+        debug_assert_eq!(self.records().count(), self.len, "the table's count of its records");
         let records = self.records().map(|entry| (entry.key.unpack(), entry));
-        Counted { records, left: self.len() }
+        Counted { records, left: self.len }
     }
 
     fn records(&self) -> impl Iterator<Item = &Entry> + Clone {
@@ -539,6 +543,7 @@ impl Idempotency {
             overflow_sweep_at: OVERFLOW_SWEEP_MIN,
             hasher: foldhash::fast::RandomState::default(),
             next_seq: 0,
+            replaced: 0,
             ttl_ms,
             records_max,
         }
@@ -669,7 +674,10 @@ impl Idempotency {
         let found = self.find(key, hash);
         let replaced = found.map(|(_, old)| {
             let entry = self.entry_mut(old);
-            std::mem::replace(&mut entry.expires_ms, REPLACED)
+            let expires_ms = std::mem::replace(&mut entry.expires_ms, REPLACED);
+            debug_assert_ne!(expires_ms, REPLACED, "the index names a key's newest record");
+            self.replaced += 1;
+            expires_ms
         });
         let seq = self.next_seq;
         self.push(Entry { key, expires_ms, seq, digest, state });
@@ -710,7 +718,11 @@ impl Idempotency {
         let len = self.len();
         debug_assert!(pos <= len, "the ring fills in order");
         if pos < len {
+            // The record the count limit drops: no longer counted if it was replaced.
             let seq = entry.seq;
+            if self.entry(seq).expires_ms == REPLACED {
+                self.replaced -= 1;
+            }
             *self.entry_mut(seq) = entry;
             return;
         }
@@ -779,8 +791,9 @@ impl Idempotency {
     /// The records within the count limit, frozen for a snapshot.
     pub(crate) fn freeze(&mut self) -> FrozenRecords {
         let start = self.ring_pos(self.live_from_seq());
+        let len = self.len() - self.replaced;
         let chunks = self.ring.iter_mut().map(CowCell::freeze).collect();
-        FrozenRecords { chunks, start, len: std::cell::OnceCell::new() }
+        FrozenRecords { chunks, start, len }
     }
 
     /// Restores a snapshot's records (expires at, key, digest, state) into an empty table, in
@@ -1004,6 +1017,30 @@ mod tests {
         let timeout = KeptReply::Auth(AuthOutcome::Declined(ReasonCode::ProviderTimeout));
         assert!(restored.complete(&key(6_000), Completes::Record { digest: 6_000 }, timeout));
         assert!(restored.pending().is_empty());
+    }
+
+    /// The table's own count of its records, which a snapshot takes for the number it holds, is
+    /// the number a pass over the ring finds, as IDs are used again once their records expire
+    /// and the ring drops replaced records and answering ones alike.
+    #[test]
+    fn a_frozen_table_holds_as_many_records_as_a_pass_over_it_finds() {
+        let mut table = Idempotency::new(10, 64);
+        let vault = vault();
+        let mut state = 7u64;
+        for now_ms in 0..2_000i64 {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            let n = (state >> 33) % 100;
+            if matches!(table.lookup(&vault, &key(n), None, n, now_ms), Seen::New) {
+                table.insert(key(n), n, done(n), now_ms);
+            }
+            if now_ms % 50 == 0 {
+                let frozen = table.freeze();
+                assert_eq!(frozen.len(), frozen.records().count(), "at {now_ms} ms");
+            }
+        }
+        assert!(table.replaced > 0, "IDs were used again within the ring");
     }
 
     /// A packed key unpacks to the key it was packed from, a record is the 96 bytes the packing

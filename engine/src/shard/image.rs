@@ -279,9 +279,37 @@ impl Capture {
     ) -> rkyv::util::AlignedVec {
         buffer.clear();
         buffer.reserve(capacity);
-        rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(&self.into_image(), buffer)
-            .expect("a shard's state always serializes")
+        let image = self.into_image();
+        with_scratch(|arena| {
+            rkyv::api::high::to_bytes_in_with_alloc::<_, _, rkyv::rancor::Error>(
+                &image,
+                buffer,
+                arena.acquire(),
+            )
+        })
+        .expect("a shard's state always serializes")
     }
+}
+
+/// The encoders' scratch space, kept between snapshots: each snapshot borrows one arena, and
+/// gives it back for the next.
+///
+/// Encoding a list (a million idempotency records) first holds each element's resolver in
+/// scratch space: tens of megabytes. rkyv's own arena is per thread, and each snapshot is
+/// encoded on a thread of its own, so that space was allocated afresh for every snapshot and
+/// paid for again in page faults, as the snapshot's buffer once was ([`crate::wal`] keeps that
+/// buffer for the same reason). As many arenas are kept as snapshots were ever encoded at once
+/// (one per shard at most), each as large as the largest it served.
+static SCRATCH: std::sync::Mutex<Vec<rkyv::ser::allocator::Arena>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Runs `encode` with an arena of [`SCRATCH`]'s (a new one if all are in use).
+fn with_scratch<T>(encode: impl FnOnce(&mut rkyv::ser::allocator::Arena) -> T) -> T {
+    let scratch = || SCRATCH.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut arena = scratch().pop().unwrap_or_default();
+    let encoded = encode(&mut arena);
+    scratch().push(arena);
+    encoded
 }
 
 /// Why a snapshot's image was refused.
