@@ -5,10 +5,12 @@
 //! is to apply. A caller that finds its shard idle takes the turn and applies its batch on its
 //! own thread, with no hand-over to the shard's thread and back: that hand-over cost two thread
 //! wake-ups per batch and about a quarter of the server's CPU (`docs/BENCHMARKS-HISTORY.md`).
-//! When the shard is busy, or the batch is large ([`APPLY_IN_PLACE_MAX`]), the batch goes to the
-//! actor's mailbox, and the actor applies it on its own arbiter thread when its turn comes.
-//! Either way commands are applied one at a time, and a caller never waits for another's batch:
-//! it queues. A batch applied at once may overtake batches queued in the mailbox; batches in
+//! A caller that finds a shard without a log busy waits a little for its turn ([`BUSY_WAIT`],
+//! about a small batch's time in the shard). When the shard stays busy (at once, for a shard
+//! with a log), or the batch is large ([`APPLY_IN_PLACE_MAX`]), the batch goes to the actor's
+//! mailbox, and the actor applies it on its own arbiter thread when its turn comes. Either way
+//! commands are applied one at a time, and a caller never waits longer than [`BUSY_WAIT`] for
+//! another's batch: then it queues. A batch applied at once may overtake batches queued in the mailbox; batches in
 //! flight together were never ordered (pipelined requests are answered in any order).
 //!
 //! Admission into the mailbox uses `try_send` into a bounded mailbox: a full mailbox becomes an
@@ -95,6 +97,9 @@ pub(crate) struct ShardHandle {
     wal_failed: Option<Arc<AtomicBool>>,
     /// The log writer's figures (none without a log).
     pub(crate) wal_stats: Option<Arc<crate::wal::WalStats>>,
+    /// How long a caller waits for the shard when it finds it busy: [`BUSY_WAIT`] for a shard
+    /// in memory only, none for one with a log (its own, or a cluster partition's stream).
+    busy_wait: std::time::Duration,
 }
 
 /// The largest batch a caller applies on its own thread. A larger one goes to the shard's own
@@ -104,12 +109,24 @@ pub(crate) struct ShardHandle {
 /// their threads at the same time rather than one shard after another on the caller's.
 pub(crate) const APPLY_IN_PLACE_MAX: usize = 64;
 
+/// How long a caller that finds its shard busy waits for its turn (spinning) before it hands
+/// its batch to the shard's own thread, for a shard in memory only. A small batch, such as a
+/// group of provider answers' completions, takes the shard a few microseconds; handing it over
+/// costs two thread wake-ups and, on a machine whose cores are all busy, a wait for the shard's
+/// thread to be scheduled. With a provider answering after 0.5–1 ms, each payment comes to its
+/// shard twice (reserved, then completed), and waiting up to this long took 7–10% more
+/// payments a second through the same machine; with the zero-latency provider it changed
+/// nothing measurable, and waiting up to 200 µs took CPU the load's other threads needed. A
+/// shard with a log does not wait: there the time spun is taken from its log writer, whose
+/// syncs then answer later (`docs/BENCHMARKS.md`).
+pub(crate) const BUSY_WAIT: std::time::Duration = std::time::Duration::from_micros(20);
+
 /// What became of a batch offered to a shard.
 pub(crate) enum Turn {
     /// Applied on the caller's thread; its replies are in its reply channel.
     Applied,
-    /// For the mailbox: the shard is applying another batch, or this one is larger than
-    /// [`APPLY_IN_PLACE_MAX`].
+    /// For the mailbox: the shard stayed busy with another batch for [`BUSY_WAIT`], or this
+    /// one is larger than [`APPLY_IN_PLACE_MAX`].
     Queue(Batch),
     /// The engine stopped: the shard takes no more work. (A batch that panics while being
     /// applied ends the process, [`fail_fast`]; a poisoned lock is refused the same way.)
@@ -125,12 +142,14 @@ impl ShardHandle {
     ) -> ShardHandle {
         let wal_failed = core.wal.as_ref().map(|wal| Arc::clone(&wal.handle.failed));
         let wal_stats = core.wal.as_ref().map(|wal| Arc::clone(&wal.handle.stats));
+        let in_memory = core.wal.is_none() && core.gate.is_none();
+        let busy_wait = if in_memory { BUSY_WAIT } else { std::time::Duration::ZERO };
         let core = Arc::new(Mutex::new(Some(core)));
         let queued = Arc::new(AtomicUsize::new(0));
         let actor =
             Shard { core: Arc::clone(&core), mailbox_capacity, queued: Arc::clone(&queued) };
         let addr = Shard::start_in_arbiter(arbiter, move |_| actor);
-        ShardHandle { addr, core, queued, busy: Arc::default(), wal_failed, wal_stats }
+        ShardHandle { addr, core, queued, busy: Arc::default(), wal_failed, wal_stats, busy_wait }
     }
 
     /// Whether the shard takes work: not stopped, its lock not poisoned, its log writer (if
@@ -147,21 +166,37 @@ impl ShardHandle {
         }
     }
 
-    /// Applies `batch` on the calling thread if the shard is idle and the batch is small.
+    /// Applies `batch` on the calling thread if the batch is small and the shard is idle, or
+    /// (in memory only) becomes idle within [`BUSY_WAIT`].
     pub(crate) fn apply_if_idle(&self, batch: Batch) -> Turn {
         if batch.ops.len() > APPLY_IN_PLACE_MAX {
             return Turn::Queue(batch);
         }
-        match self.core.try_lock() {
-            Ok(mut core) => match core.as_mut() {
-                Some(core) => {
-                    core.run_or_abort(batch);
-                    Turn::Applied
+        let mut waiting_until = None;
+        loop {
+            match self.core.try_lock() {
+                Ok(mut core) => {
+                    return match core.as_mut() {
+                        Some(core) => {
+                            core.run_or_abort(batch);
+                            Turn::Applied
+                        }
+                        None => Turn::Stopped,
+                    };
                 }
-                None => Turn::Stopped,
-            },
-            Err(TryLockError::WouldBlock) => Turn::Queue(batch),
-            Err(TryLockError::Poisoned(_)) => Turn::Stopped,
+                Err(TryLockError::WouldBlock) => {
+                    let now = std::time::Instant::now();
+                    if now >= *waiting_until.get_or_insert(now + self.busy_wait) {
+                        return Turn::Queue(batch);
+                    }
+                    // A few pauses between looks at the lock and the clock: the other thread's
+                    // batch is microseconds long.
+                    for _ in 0..16 {
+                        std::hint::spin_loop();
+                    }
+                }
+                Err(TryLockError::Poisoned(_)) => return Turn::Stopped,
+            }
         }
     }
 
