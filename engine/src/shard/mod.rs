@@ -98,7 +98,9 @@ pub(crate) struct ShardHandle {
     /// The log writer's figures (none without a log).
     pub(crate) wal_stats: Option<Arc<crate::wal::WalStats>>,
     /// How long a caller waits for the shard when it finds it busy: [`BUSY_WAIT`] for a shard
-    /// in memory only, none for one with a log (its own, or a cluster partition's stream).
+    /// in memory only on a machine of more than one core; none for one with a log (its own, or
+    /// a cluster partition's stream), nor on a single core, where the batch being applied
+    /// cannot go on while the caller spins.
     busy_wait: std::time::Duration,
 }
 
@@ -142,8 +144,10 @@ impl ShardHandle {
     ) -> ShardHandle {
         let wal_failed = core.wal.as_ref().map(|wal| Arc::clone(&wal.handle.failed));
         let wal_stats = core.wal.as_ref().map(|wal| Arc::clone(&wal.handle.stats));
+        // Spinning only helps while the shard's holder runs on another core.
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
         let in_memory = core.wal.is_none() && core.gate.is_none();
-        let busy_wait = if in_memory { BUSY_WAIT } else { std::time::Duration::ZERO };
+        let busy_wait = if in_memory && cores > 1 { BUSY_WAIT } else { std::time::Duration::ZERO };
         let core = Arc::new(Mutex::new(Some(core)));
         let queued = Arc::new(AtomicUsize::new(0));
         let actor =
