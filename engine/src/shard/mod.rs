@@ -10,8 +10,9 @@
 //! with a log), or the batch is large ([`APPLY_IN_PLACE_MAX`]), the batch goes to the actor's
 //! mailbox, and the actor applies it on its own arbiter thread when its turn comes. Either way
 //! commands are applied one at a time, and a caller never waits longer than [`BUSY_WAIT`] for
-//! another's batch: then it queues. A batch applied at once may overtake batches queued in the mailbox; batches in
-//! flight together were never ordered (pipelined requests are answered in any order).
+//! another's batch: then it queues. A batch applied at once may overtake batches queued in the
+//! mailbox; batches in flight together were never ordered (pipelined requests are answered in
+//! any order).
 //!
 //! Admission into the mailbox uses `try_send` into a bounded mailbox: a full mailbox becomes an
 //! explicit busy answer, never an unbounded queue. Completions of already-admitted work use
@@ -187,6 +188,9 @@ impl ShardHandle {
                         }
                         None => Turn::Stopped,
                     };
+                }
+                Err(TryLockError::WouldBlock) if self.busy_wait.is_zero() => {
+                    return Turn::Queue(batch);
                 }
                 Err(TryLockError::WouldBlock) => {
                     let now = std::time::Instant::now();
