@@ -1045,6 +1045,11 @@ pub(crate) fn open_writer<V: Send + 'static>(
     let thread = std::thread::Builder::new()
         .name(format!("settlegate-wal-{index}"))
         .spawn(move || {
+            if let Err(error) = ask_for_short_slices() {
+                // An older kernel, or a policy the scheduler refuses to change: the writer runs
+                // with the default slice, its replies later under load.
+                tracing::debug!(shard = index, %error, "the log writer keeps the default slice");
+            }
             let log = Log::new(file, generation);
             let run =
                 || write_loop(log, &files, &queue, policy, interval, &writer_failed, &writer_stats);
@@ -1232,6 +1237,76 @@ fn start_writeback(file: &File, from: u64, to: u64, wait: bool) -> std::io::Resu
 
 #[cfg(not(target_os = "linux"))]
 fn start_writeback(_: &File, _: u64, _: u64, _: bool) -> std::io::Result<()> {
+    Ok(())
+}
+
+/// The slice the log writer asks the scheduler for (`sched_setattr`'s `sched_runtime` for the
+/// default policy, Linux 6.12 and later; the shortest it grants). The writer runs for
+/// microseconds at a time: from a job's arrival to its sync, and from a sync's end to its
+/// replies. With the default slice (1.4 ms on a 2-core machine), once every core was busy a
+/// woken writer waited for one: under the closed loop's durable load, one cycle in seven found
+/// no job queued and the writer then took 0.8–1.2 ms to run after the next arrived, and a sync
+/// took 0.35 ms from the call to its return where the disk needed about 0.2. A short slice lets
+/// the woken writer preempt the task running: alternating, 1–6% more payments a second, 3–5%
+/// less server CPU per payment, syncs of 0.21 ms (`docs/BENCHMARKS.md`).
+#[cfg(target_os = "linux")]
+const WRITER_SLICE_NS: u64 = 100_000;
+
+/// `struct sched_attr` (`SCHED_ATTR_SIZE_VER1`), as `sched_getattr` and `sched_setattr` take it.
+#[cfg(target_os = "linux")]
+#[repr(C)]
+#[derive(Debug, Default)]
+struct SchedAttr {
+    size: u32,
+    policy: u32,
+    flags: u64,
+    nice: i32,
+    priority: u32,
+    runtime: u64,
+    deadline: u64,
+    period: u64,
+    util_min: u32,
+    util_max: u32,
+}
+
+/// The calling thread's scheduling attributes.
+#[cfg(target_os = "linux")]
+fn sched_attr() -> std::io::Result<SchedAttr> {
+    let mut attr = SchedAttr::default();
+    let size = std::mem::size_of::<SchedAttr>() as libc::c_uint;
+    // SAFETY: the kernel writes at most `size` bytes into `attr`, borrowed for the call.
+    let done = unsafe {
+        libc::syscall(libc::SYS_sched_getattr, 0, std::ptr::from_mut(&mut attr), size, 0)
+    };
+    match done {
+        0 => Ok(attr),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+/// Asks the scheduler for [`WRITER_SLICE_NS`] slices for the calling thread, when it runs under
+/// the default policy (one an operator set, real-time or batch, stays); its nice value stays.
+#[cfg(target_os = "linux")]
+fn ask_for_short_slices() -> std::io::Result<()> {
+    const SCHED_OTHER: u32 = 0;
+    let mut attr = sched_attr()?;
+    if attr.policy != SCHED_OTHER {
+        return Ok(());
+    }
+    attr.size = std::mem::size_of::<SchedAttr>() as u32;
+    // No flags: the utilisation clamps are left as they are.
+    attr.flags = 0;
+    attr.runtime = WRITER_SLICE_NS;
+    // SAFETY: the kernel reads `attr.size` bytes from `attr`, borrowed for the call.
+    let done = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, std::ptr::from_ref(&attr), 0) };
+    match done {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn ask_for_short_slices() -> std::io::Result<()> {
     Ok(())
 }
 
@@ -1565,6 +1640,30 @@ fn write_group<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The writer's short slices keep the thread's nice value (an operator's `nice` stays), and
+    /// are granted as asked where the kernel takes a slice at all (6.12 and later).
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_writer_asks_for_short_slices_and_keeps_its_nice_value() {
+        std::thread::spawn(|| {
+            // Raising one's own nice value needs no privilege.
+            // SAFETY: plain system calls on the calling thread.
+            let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::id_t;
+            // SAFETY: as above.
+            assert_eq!(unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, 7) }, 0);
+            let before = sched_attr().unwrap();
+            assert_eq!(before.nice, 7);
+            ask_for_short_slices().unwrap();
+            let after = sched_attr().unwrap();
+            assert_eq!((after.policy, after.nice), (before.policy, 7));
+            if before.runtime != 0 {
+                assert_eq!(after.runtime, WRITER_SLICE_NS, "{after:?}");
+            }
+        })
+        .join()
+        .unwrap();
+    }
 
     fn inode(path: &Path) -> u64 {
         use std::os::unix::fs::MetadataExt;
