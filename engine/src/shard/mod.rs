@@ -117,7 +117,7 @@ pub(crate) const APPLY_IN_PLACE_MAX: usize = 64;
 /// group of provider answers' completions, takes the shard a few microseconds; handing it over
 /// costs two thread wake-ups and, on a machine whose cores are all busy, a wait for the shard's
 /// thread to be scheduled. With a provider answering after 0.5–1 ms, each payment comes to its
-/// shard twice (reserved, then completed), and waiting up to this long took 7–10% more
+/// shard twice (reserved, then completed), and waiting up to this long took 7–17% more
 /// payments a second through the same machine; with the zero-latency provider it changed
 /// nothing measurable, and waiting up to 200 µs took CPU the load's other threads needed. A
 /// shard with a log does not wait: there the time spun is taken from its log writer, whose
