@@ -41,6 +41,18 @@ fn pay(user: &TestUser, id: u128, amount: u64, provider: u32) -> AuthorizeReques
     }
 }
 
+/// Alice, with an e-money purse topped up with [`TOP_UP`].
+async fn funded(h: &Harness) -> TestUser {
+    let alice = h.user("alice").await;
+    let suica = MeansInput::EMoney { emoney_type: "suica".into() };
+    h.engine
+        .add_means(request_id(), &alice.user, &suica, AddMeansOptions::default())
+        .await
+        .unwrap();
+    h.engine.top_up(request_id(), &alice.user, EMONEY, TOP_UP, jpy()).await.unwrap();
+    alice
+}
+
 async fn purse(h: &Harness, user: &TestUser) -> MeansView {
     let means = h.engine.list_means(&user.user, MeansOrder::Registration).await.unwrap();
     means.into_iter().find(|m| m.means_id == EMONEY).unwrap()
@@ -65,13 +77,7 @@ struct Interleaved {
 /// too; then A's provider approves. A's caller is told it stands declined, B's record is still
 /// pending, and A's hold alone is released.
 async fn interleave(h: &Harness, gate: &Gate) -> Interleaved {
-    let alice = h.user("alice").await;
-    let suica = MeansInput::EMoney { emoney_type: "suica".into() };
-    h.engine
-        .add_means(request_id(), &alice.user, &suica, AddMeansOptions::default())
-        .await
-        .unwrap();
-    h.engine.top_up(request_id(), &alice.user, EMONEY, TOP_UP, jpy()).await.unwrap();
+    let alice = funded(h).await;
 
     let id = request_id();
     let a = pay(&alice, id.get(), AMOUNT_A, PROVIDER_GATED);
@@ -215,5 +221,43 @@ async fn no_completion_is_dropped_in_the_ordinary_course() {
     gate.next().await.approve(*b"CCCCCC");
     approved(paid.await.unwrap().unwrap());
     assert_eq!(h.engine.completions_dropped(), 0);
+    h.engine.shutdown().await;
+}
+
+/// A completion that finds its shard busy is kept back for one more look at the shard before
+/// it goes to the shard's mailbox. Its caller gone before that look (the connection closed),
+/// it is recorded all the same: the payment completes with its provider's outcome and the purse
+/// is debited, as when a busy shard's batch went to the mailbox at once. Dropped, it would leave
+/// the payment in flight and its hold taken.
+#[tokio::test]
+async fn a_completion_kept_back_from_a_busy_shard_is_recorded_though_its_caller_went_away() {
+    let (h, gate) = Harness::gated(config());
+    let alice = funded(&h).await;
+
+    let a = pay(&alice, request_id().get(), AMOUNT_A, PROVIDER_GATED);
+    // Polled by hand, so that the test says when the caller takes each step.
+    let mut call = Box::pin(h.engine.authorize(a.clone()));
+    assert!(futures::poll!(&mut call).is_pending(), "reserved, with its provider");
+    let asked = gate.next().await;
+    let release = h.engine.stall_shard_of(&alice.user);
+    asked.approve(*b"AAAAAA");
+    // The caller takes the answer and finds the shard busy: its completion is kept back.
+    assert!(futures::poll!(&mut call).is_pending(), "the shard is held");
+    drop(call);
+    drop(release);
+
+    let mut retried = h.engine.authorize(a.clone()).await;
+    for _ in 0..500 {
+        if !matches!(retried, Err(EngineError::InFlight)) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        retried = h.engine.authorize(a.clone()).await;
+    }
+    let approval = approved(retried.expect("the payment completed"));
+    assert_eq!((approval.auth_code.0, approval.amount_final_minor), (*b"AAAAAA", AMOUNT_A));
+    let view = purse(&h, &alice).await;
+    assert_eq!(balance(&view), (TOP_UP - AMOUNT_A, TOP_UP - AMOUNT_A));
+    assert_eq!(view.uses, 1);
     h.engine.shutdown().await;
 }

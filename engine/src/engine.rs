@@ -361,57 +361,67 @@ impl Engine {
         }
     }
 
-    fn submit(
-        &self,
-        shard: usize,
-        ops: Vec<Op>,
-    ) -> Result<oneshot::Receiver<Vec<Reply>>, EngineError> {
+    /// Admits `ops` to `shard` as one batch: applied on this thread if the shard is free, else
+    /// kept back once and then queued ([`Submitted`]); refused as busy when the shard's mailbox
+    /// is full.
+    fn submit(&self, shard: usize, ops: Vec<Op>) -> Result<Submitted, EngineError> {
         if let Some(cluster) = &self.inner.cluster {
             cluster.partitions.admit(shard)?;
         }
         let (reply, receiver) = oneshot::channel();
-        let shard = &self.inner.shards[shard];
-        let batch = match shard.apply_if_idle(Batch { ops, reply, completion: false }) {
-            Turn::Applied => return Ok(receiver),
+        let handle = &self.inner.shards[shard];
+        let batch = match handle.apply_if_idle(Batch { ops, reply, completion: false }) {
+            Turn::Applied => return Ok(Submitted::applied(receiver)),
             Turn::Stopped => return Err(EngineError::Stopped),
             Turn::Queue(batch) => batch,
         };
-        shard.queued.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        match shard.addr.try_send(batch) {
-            Ok(()) => Ok(receiver),
+        Ok(Submitted::deferred(self.clone(), shard, batch, receiver))
+    }
+
+    /// Hands `batch` to `shard`'s mailbox: refused as busy when it is full, unless the batch
+    /// is a completion (those are never refused: dropping one would lose an outcome).
+    fn enqueue(&self, shard: usize, batch: Batch) -> Result<(), EngineError> {
+        let handle = &self.inner.shards[shard];
+        handle.queued.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if batch.completion {
+            handle.addr.do_send(batch);
+            return Ok(());
+        }
+        match handle.addr.try_send(batch) {
+            Ok(()) => Ok(()),
             Err(SendError::Full(_)) => {
-                shard.queued.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                shard.busy.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                handle.queued.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                handle.busy.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Err(EngineError::Busy { retry_after_ms: self.inner.config.busy_retry_after_ms })
             }
             Err(SendError::Closed(_)) => Err(EngineError::Stopped),
         }
     }
 
-    fn submit_always(&self, shard: usize, ops: Vec<Op>) -> oneshot::Receiver<Vec<Reply>> {
+    /// As [`Engine::submit`], for work already admitted (completions, sweeps): never refused.
+    fn submit_always(&self, shard: usize, ops: Vec<Op>) -> Submitted {
         let (reply, receiver) = oneshot::channel();
         if let Some(cluster) = &self.inner.cluster {
             // A completion for a partition this node no longer owns is not applied here (a
             // standby's state changes only by its stream): its reply is dropped, and its caller
             // answers MOVED. The new owner declined it at takeover.
             if !cluster.partitions.applies(shard, true) {
-                return receiver;
+                return Submitted::applied(receiver);
             }
         }
-        let shard = &self.inner.shards[shard];
+        let handle = &self.inner.shards[shard];
         // A stopped shard drops the batch, and the receiver sees it closed.
-        if let Turn::Queue(batch) = shard.apply_if_idle(Batch { ops, reply, completion: true }) {
-            shard.queued.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            shard.addr.do_send(batch);
+        if let Turn::Queue(batch) = handle.apply_if_idle(Batch { ops, reply, completion: true }) {
+            return Submitted::deferred(self.clone(), shard, batch, receiver);
         }
-        receiver
+        Submitted::applied(receiver)
     }
 
     /// Applies or answers one `op` in `shard`, and takes its answer of type `T` out of the
     /// reply ([`Reply::into_flow`]).
     async fn call<T: FlowReply>(&self, shard: usize, op: Op) -> Result<T, EngineError> {
         let receiver = self.submit(shard, vec![op])?;
-        let mut replies = receiver.await.map_err(|_| self.lost(shard))?;
+        let mut replies = receiver.await.map_err(|e| e.or_lost(self, shard))?;
         replies.pop().expect("one reply per op").into_flow()
     }
 
@@ -742,5 +752,113 @@ mod pinned {
             ("coupon", 0x14c5_eebd_d60c_b1aa),
         ];
         assert_eq!(values(), pinned);
+    }
+}
+
+/// A batch handed to its shard, as a future of its replies.
+///
+/// A batch that found its shard busy is not handed to the shard's thread at once. It is
+/// offered once more after its caller's thread has run what else it had queued (other
+/// connections' reads, other batches' answers): by then the batch that held the shard is
+/// usually done, and this one applies on the caller's thread too. Only if the shard is still
+/// busy does it go to the mailbox, whose hand-over costs two thread wake-ups. On the durable
+/// path this halved the batches handed over (`docs/BENCHMARKS.md`).
+///
+/// A `Submitted` dropped before its batch was offered again hands the batch to the mailbox
+/// then: a batch once submitted is applied (or refused as busy) whether or not its caller
+/// still waits, as it was when every busy shard's batch went to the mailbox at once. A
+/// completion dropped would lose its provider's outcome.
+pub(crate) struct Submitted {
+    receiver: oneshot::Receiver<Vec<Reply>>,
+    deferred: Option<Deferred>,
+}
+
+/// A batch kept back for one more look at its shard.
+struct Deferred {
+    engine: Engine,
+    shard: usize,
+    batch: Batch,
+    /// Whether the caller's thread has had its turn at other work since the batch was kept.
+    yielded: bool,
+}
+
+/// Why a submitted batch has no replies.
+#[derive(Debug)]
+pub(crate) enum Unanswered {
+    /// The shard stopped, or dropped the batch unanswered.
+    Lost,
+    /// Refused when it was offered again: the shard's mailbox was full.
+    Refused(EngineError),
+}
+
+impl Unanswered {
+    /// The error a caller answers: a refusal as it is, a lost batch as [`Engine::lost`] says.
+    pub(crate) fn or_lost(self, engine: &Engine, shard: usize) -> EngineError {
+        match self {
+            Unanswered::Lost => engine.lost(shard),
+            Unanswered::Refused(error) => error,
+        }
+    }
+}
+
+impl Submitted {
+    /// A batch applied or queued already: its replies come on `receiver`.
+    fn applied(receiver: oneshot::Receiver<Vec<Reply>>) -> Submitted {
+        Submitted { receiver, deferred: None }
+    }
+
+    /// A batch that found `shard` busy, kept for one more look.
+    fn deferred(
+        engine: Engine,
+        shard: usize,
+        batch: Batch,
+        receiver: oneshot::Receiver<Vec<Reply>>,
+    ) -> Submitted {
+        Submitted { receiver, deferred: Some(Deferred { engine, shard, batch, yielded: false }) }
+    }
+}
+
+impl Deferred {
+    /// Offers the batch to its shard again, and hands it to the mailbox if the shard is busy.
+    fn offer(self) -> Result<(), Unanswered> {
+        let Deferred { engine, shard, batch, .. } = self;
+        match engine.inner.shards[shard].apply_if_idle(batch) {
+            Turn::Applied => Ok(()),
+            Turn::Stopped => Err(Unanswered::Lost),
+            Turn::Queue(batch) => engine.enqueue(shard, batch).map_err(Unanswered::Refused),
+        }
+    }
+}
+
+impl std::future::Future for Submitted {
+    type Output = Result<Vec<Reply>, Unanswered>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = &mut *self;
+        if let Some(deferred) = &mut this.deferred {
+            if !deferred.yielded {
+                // The caller's thread runs what else is queued first, then polls this again.
+                deferred.yielded = true;
+                cx.waker().wake_by_ref();
+                return std::task::Poll::Pending;
+            }
+            let deferred = this.deferred.take().expect("checked above");
+            if let Err(unanswered) = deferred.offer() {
+                return std::task::Poll::Ready(Err(unanswered));
+            }
+        }
+        std::pin::Pin::new(&mut this.receiver).poll(cx).map_err(|_| Unanswered::Lost)
+    }
+}
+
+impl Drop for Submitted {
+    fn drop(&mut self) {
+        if let Some(deferred) = self.deferred.take() {
+            // Applied or queued all the same; nobody waits for the replies.
+            let _ = deferred.offer();
+        }
     }
 }

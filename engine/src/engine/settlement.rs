@@ -186,9 +186,13 @@ impl Engine {
             }
         }
         for (shard, indices, receiver) in pending {
-            let Ok(replies) = receiver.await else {
-                authorizing.ready.extend(indices.iter().map(|&i| (i, Err(self.lost(shard)))));
-                continue;
+            let replies = match receiver.await {
+                Ok(replies) => replies,
+                Err(unanswered) => {
+                    let error = unanswered.or_lost(self, shard);
+                    authorizing.ready.extend(indices.iter().map(|&i| (i, Err(error.clone()))));
+                    continue;
+                }
             };
             // This shard's payments for providers, a batch per provider.
             let mut calls: Vec<(u32, Vec<Reserved>)> = Vec::new();
@@ -293,7 +297,7 @@ struct Call {
 struct Recording {
     shard: usize,
     /// The shard's replies, one per completion, once it has recorded them.
-    recorded: oneshot::Receiver<Vec<Reply>>,
+    recorded: crate::engine::Submitted,
     entries: Vec<Answered>,
     /// When the answers were recorded: the time their notices carry.
     now_ms: i64,

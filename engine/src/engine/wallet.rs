@@ -199,7 +199,7 @@ impl Engine {
                 continue;
             }
             match self.submit(shard, ops) {
-                Ok(receiver) => pending.push((slots, receiver)),
+                Ok(receiver) => pending.push((shard, slots, receiver)),
                 Err(error) => {
                     for (index, is_means) in slots {
                         if is_means {
@@ -211,8 +211,8 @@ impl Engine {
                 }
             }
         }
-        for (slots, receiver) in pending {
-            let replies = receiver.await.map_err(|_| EngineError::Stopped);
+        for (shard, slots, receiver) in pending {
+            let replies = receiver.await.map_err(|unanswered| unanswered.or_lost(self, shard));
             for (position, (index, is_means)) in slots.into_iter().enumerate() {
                 let reply = match &replies {
                     Ok(replies) => Ok(replies[position].clone()),

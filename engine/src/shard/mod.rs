@@ -7,12 +7,14 @@
 //! wake-ups per batch and about a quarter of the server's CPU (`docs/BENCHMARKS-HISTORY.md`).
 //! A caller that finds a shard without a log busy waits a little for its turn ([`BUSY_WAIT`],
 //! about a small batch's time in the shard). When the shard stays busy (at once, for a shard
-//! with a log), or the batch is large ([`APPLY_IN_PLACE_MAX`]), the batch goes to the actor's
-//! mailbox, and the actor applies it on its own arbiter thread when its turn comes. Either way
-//! commands are applied one at a time, and a caller never waits longer than [`BUSY_WAIT`] for
-//! another's batch: then it queues. A batch applied at once may overtake batches queued in the
-//! mailbox; batches in flight together were never ordered (pipelined requests are answered in
-//! any order).
+//! with a log), the engine keeps the batch back once: its caller's thread runs what else it has
+//! ready, then offers the batch again (`engine::Submitted`). When the shard is busy still, or
+//! the batch is large ([`APPLY_IN_PLACE_MAX`]), the batch goes to the actor's mailbox, and the
+//! actor applies it on its own arbiter thread when its turn comes. Either way commands are
+//! applied one at a time, and a caller never waits longer than [`BUSY_WAIT`] for another's
+//! batch: then it queues. A batch applied at once may overtake batches kept back or queued in
+//! the mailbox; batches in flight together were never ordered (pipelined requests are answered
+//! in any order).
 //!
 //! Admission into the mailbox uses `try_send` into a bounded mailbox: a full mailbox becomes an
 //! explicit busy answer, never an unbounded queue. Completions of already-admitted work use
