@@ -141,6 +141,7 @@ impl Guarded {
             permits: Arc::clone(&self.permits),
             latency: Arc::clone(&self.latency),
             started: Instant::now(),
+            unsettled: 0,
         }
         .boxed()
     }
@@ -195,8 +196,9 @@ impl Guarded {
 }
 
 /// A batch's answers under its deadline: each request answered once, its permit given back
-/// and its latency recorded as it is; at the deadline, every request still waiting answered
-/// [`AdapterError::Timeout`].
+/// and its latency recorded once the answers that came with it are taken (when the stream has
+/// no more for now: one look at the shared permits and histogram for them all); at the
+/// deadline, every request still waiting answered [`AdapterError::Timeout`].
 struct Bounded {
     answers: futures::stream::Fuse<Answers>,
     deadline: Instant,
@@ -209,6 +211,8 @@ struct Bounded {
     permits: Arc<Semaphore>,
     latency: Arc<settlegate_types::histogram::Histogram>,
     started: Instant,
+    /// Answered since the permits and the histogram were last told ([`Bounded::settle`]).
+    unsettled: usize,
 }
 
 impl Bounded {
@@ -226,8 +230,17 @@ impl Bounded {
     fn answered(&mut self, at: usize) {
         self.waiting[at] = false;
         self.left -= 1;
-        self.permits.add_permits(1);
-        self.latency.record_duration(self.started.elapsed());
+        self.unsettled += 1;
+    }
+
+    /// Gives back the permits of the requests answered since the last call, and records their
+    /// latency: now, for they were taken together.
+    fn settle(&mut self) {
+        if self.unsettled > 0 {
+            self.permits.add_permits(self.unsettled);
+            self.latency.record_durations(self.started.elapsed(), self.unsettled as u64);
+            self.unsettled = 0;
+        }
     }
 }
 
@@ -235,7 +248,22 @@ impl Stream for Bounded {
     type Item = (usize, Result<ProviderReply, AdapterError>);
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = &mut *self;
+        let polled = self.poll_answer(cx);
+        if !matches!(polled, Poll::Ready(Some(_))) {
+            // Nothing more for now: what was taken since the last look is settled at once.
+            self.settle();
+        }
+        polled
+    }
+}
+
+impl Bounded {
+    /// The next answer, a request given up at the deadline, or nothing more.
+    fn poll_answer(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<(usize, Result<ProviderReply, AdapterError>)>> {
+        let this = self;
         if this.left == 0 {
             return Poll::Ready(None);
         }
@@ -272,6 +300,7 @@ impl Stream for Bounded {
 
 impl Drop for Bounded {
     fn drop(&mut self) {
+        self.settle();
         self.permits.add_permits(self.left);
     }
 }
@@ -348,6 +377,43 @@ mod tests {
         }
         assert!(approved > 0 && timed_out > 0, "{approved} approved, {timed_out} timed out");
         assert!(seen.iter().all(|&s| s), "every request answered");
+        assert_eq!(guarded.in_flight(), 0, "every permit given back");
+        assert_eq!(guarded.latency().count, 40, "a latency recorded each");
+    }
+
+    /// Answers taken together give their permits back and record their latency when the batch
+    /// has nothing more for now: a caller waiting for the rest holds no answered request's
+    /// permit.
+    #[tokio::test(start_paused = true)]
+    async fn an_answered_request_holds_no_permit_once_its_batch_waits_for_more() {
+        let config = SimulatedConfig {
+            latency_us_min: 1_000,
+            latency_us_max: 20_000,
+            ..SimulatedConfig::default()
+        };
+        let simulated = Arc::new(Simulated::new(config).unwrap());
+        let guarded =
+            Guarded::new(simulated, GuardConfig { concurrency_max: 64, timeout_ms: 5_000 });
+        let far = Instant::now() + Duration::from_secs(1);
+        let mut answers = guarded.authorize_batch(requests(40), far);
+        let (mut taken, mut waits) = (0, 0);
+        while taken < 40 {
+            match futures::poll!(answers.next()) {
+                Poll::Ready(Some((_, answer))) => {
+                    assert!(matches!(answer, Ok(ProviderReply::Approved { .. })), "{answer:?}");
+                    taken += 1;
+                }
+                Poll::Ready(None) => panic!("the batch ended after {taken} answers"),
+                Poll::Pending => {
+                    assert_eq!(guarded.in_flight(), 40 - taken, "after {taken} answers");
+                    assert_eq!(guarded.latency().count, taken as u64, "after {taken} answers");
+                    waits += 1;
+                    tokio::time::sleep(Duration::from_micros(500)).await;
+                }
+            }
+        }
+        assert!(waits > 1, "the answers came at several times");
+        assert!(futures::poll!(answers.next()).is_ready());
         assert_eq!(guarded.in_flight(), 0, "every permit given back");
         assert_eq!(guarded.latency().count, 40, "a latency recorded each");
     }

@@ -52,14 +52,27 @@ impl Histogram {
 
     /// Records `value`.
     pub fn record(&self, value: f64) {
+        self.record_n(value, 1);
+    }
+
+    /// Records `value` `n` times (values that came together: one look at the shared counts).
+    pub fn record_n(&self, value: f64, n: u64) {
+        if n == 0 {
+            return;
+        }
         let bucket = self.bounds.partition_point(|bound| *bound < value);
-        self.counts[bucket].fetch_add(1, Relaxed);
-        self.sum_micros.fetch_add((value * 1e6) as u64, Relaxed);
+        self.counts[bucket].fetch_add(n, Relaxed);
+        self.sum_micros.fetch_add((value * 1e6) as u64 * n, Relaxed);
     }
 
     /// Records a duration, in seconds.
     pub fn record_duration(&self, duration: Duration) {
         self.record(duration.as_secs_f64());
+    }
+
+    /// Records a duration, in seconds, `n` times.
+    pub fn record_durations(&self, duration: Duration, n: u64) {
+        self.record_n(duration.as_secs_f64(), n);
     }
 
     /// The figures now.
@@ -93,6 +106,18 @@ mod tests {
         assert_eq!(s.buckets[2], (4.0, 4));
         assert_eq!(s.buckets.last().unwrap(), &(f64::INFINITY, 5));
         assert_eq!(s.buckets[s.buckets.len() - 2].1, 4, "past the last bound: only +Inf");
+    }
+
+    #[test]
+    fn a_value_recorded_n_times_counts_as_n_values() {
+        let (once, together) = (Histogram::new(&COUNT_BOUNDS), Histogram::new(&COUNT_BOUNDS));
+        for _ in 0..3 {
+            once.record(3.0);
+        }
+        together.record_n(3.0, 3);
+        together.record_n(5.0, 0);
+        assert_eq!(together.snapshot(), once.snapshot());
+        assert_eq!(together.snapshot().sum, 9.0);
     }
 
     #[test]
