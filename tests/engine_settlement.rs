@@ -274,6 +274,29 @@ async fn busy_shard_answers_busy_and_recovers() {
     }
 }
 
+/// A payment that finds its shard busy is kept back for the shard's turn, and applied when the
+/// holder lets go: the release wakes it (nothing else touches the shard here to wake it later).
+#[tokio::test]
+async fn a_payment_kept_back_from_a_busy_shard_goes_through_when_the_shard_is_let_go() {
+    let h = Harness::new();
+    let alice = h.user("alice").await;
+    let release = h.engine.stall_shard_of(&alice.user);
+    let request = AuthorizeRequest {
+        client_request_id: request_id(),
+        inherent_id: alice.signed(T0_MS, 100, PROVIDER_OK, "T-1"),
+    };
+    let engine = h.engine.clone();
+    let call = tokio::spawn(async move { engine.authorize(request).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!call.is_finished(), "the shard is held");
+    drop(release);
+    let outcome = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("applied once the shard was let go")
+        .unwrap();
+    approved(outcome.unwrap());
+}
+
 #[tokio::test]
 async fn batch_of_many_verifies_in_parallel_and_keeps_order() {
     let h = Harness::new();

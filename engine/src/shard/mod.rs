@@ -7,10 +7,12 @@
 //! wake-ups per batch and about a quarter of the server's CPU (`docs/BENCHMARKS-HISTORY.md`).
 //! A caller that finds a shard without a log busy waits a little for its turn ([`BUSY_WAIT`],
 //! about a small batch's time in the shard). When the shard stays busy (at once, for a shard
-//! with a log), the engine keeps the batch back once: its caller's thread runs what else it has
-//! ready, then offers the batch again (`engine::Submitted`). When the shard is busy still, or
-//! the batch is large ([`APPLY_IN_PLACE_MAX`]), the batch goes to the actor's mailbox, and the
-//! actor applies it on its own arbiter thread when its turn comes. Either way commands are
+//! with a log), the engine keeps the batch back (`engine::Submitted`): it waits for the shard's
+//! turn, woken when the holder lets go ([`CoreLock`]), and applies on its caller's thread. When
+//! another caller took the turn first each time it looked, or the batch is large
+//! ([`APPLY_IN_PLACE_MAX`]), or as many admissions are kept back as the mailbox holds, the batch
+//! goes to the actor's mailbox, and the actor applies it on its own arbiter thread when its turn
+//! comes. Either way commands are
 //! applied one at a time, and a caller never waits longer than [`BUSY_WAIT`] for another's
 //! batch: then it queues. A batch applied at once may overtake batches kept back or queued in
 //! the mailbox; batches in flight together were never ordered (pipelined requests are answered
@@ -85,8 +87,116 @@ impl Message for Batch {
     type Result = ();
 }
 
-/// A shard's core behind the lock that says whose turn it is; `None` once the engine stopped.
-type CoreCell = Arc<Mutex<Option<ShardCore>>>;
+/// A shard's core behind the lock that says whose turn it is (`None` once the engine
+/// stopped), and the tasks waiting for a turn ([`ShardHandle::apply_or_wait`]), woken whenever
+/// a holder lets go.
+pub(crate) struct CoreLock {
+    core: Mutex<Option<ShardCore>>,
+    /// Whether `wakers` may hold a task: a holder letting go looks at this alone when none does.
+    waiting: AtomicBool,
+    wakers: Mutex<Vec<std::task::Waker>>,
+    /// Admissions kept back waiting for a turn: no more than the mailbox holds may wait
+    /// ([`ShardHandle::keep_back`]), so a shard held long answers busy as a full mailbox does.
+    kept: Arc<AtomicUsize>,
+}
+
+/// An admission's place among those kept back for a shard's turn, given up when dropped.
+pub(crate) struct KeptPlace(Arc<AtomicUsize>);
+
+impl Drop for KeptPlace {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+type CoreCell = Arc<CoreLock>;
+
+/// A turn at the shard: its core, until dropped; then the tasks waiting for a turn are woken.
+pub(crate) struct Held<'a> {
+    guard: Option<std::sync::MutexGuard<'a, Option<ShardCore>>>,
+    lock: &'a CoreLock,
+}
+
+impl std::ops::Deref for Held<'_> {
+    type Target = Option<ShardCore>;
+
+    fn deref(&self) -> &Option<ShardCore> {
+        self.guard.as_ref().expect("held until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Held<'_> {
+    fn deref_mut(&mut self) -> &mut Option<ShardCore> {
+        self.guard.as_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        // Let go first: a task woken finds the shard free.
+        drop(self.guard.take());
+        self.lock.wake_waiting();
+    }
+}
+
+impl CoreLock {
+    fn new(core: ShardCore) -> CoreLock {
+        CoreLock {
+            core: Mutex::new(Some(core)),
+            waiting: AtomicBool::new(false),
+            wakers: Mutex::new(Vec::new()),
+            kept: Arc::default(),
+        }
+    }
+
+    fn held<'a>(&'a self, guard: std::sync::MutexGuard<'a, Option<ShardCore>>) -> Held<'a> {
+        Held { guard: Some(guard), lock: self }
+    }
+
+    /// Waits for the turn, as [`Mutex::lock`].
+    fn lock(&self) -> std::sync::LockResult<Held<'_>> {
+        match self.core.lock() {
+            Ok(guard) => Ok(self.held(guard)),
+            Err(poisoned) => Err(PoisonError::new(self.held(poisoned.into_inner()))),
+        }
+    }
+
+    /// Takes the turn if it is free, as [`Mutex::try_lock`].
+    fn try_lock(&self) -> std::sync::TryLockResult<Held<'_>> {
+        match self.core.try_lock() {
+            Ok(guard) => Ok(self.held(guard)),
+            Err(TryLockError::WouldBlock) => Err(TryLockError::WouldBlock),
+            Err(TryLockError::Poisoned(poisoned)) => {
+                Err(TryLockError::Poisoned(PoisonError::new(self.held(poisoned.into_inner()))))
+            }
+        }
+    }
+
+    /// Has `waker` woken when the turn is next let go of. The caller looks at the lock again
+    /// after this: a holder that let go before it found nobody waiting.
+    fn wait_for_turn(&self, waker: &std::task::Waker) {
+        let mut wakers = self.wakers.lock().unwrap_or_else(PoisonError::into_inner);
+        if !wakers.iter().any(|w| w.will_wake(waker)) {
+            wakers.push(waker.clone());
+        }
+        self.waiting.store(true, Ordering::SeqCst);
+        drop(wakers);
+        // Orders the store above before the caller's next look at the lock, against the
+        // holder's fence in `wake_waiting`: either that look finds the turn free, or the holder
+        // finds the task waiting.
+        std::sync::atomic::fence(Ordering::SeqCst);
+    }
+
+    /// Wakes the tasks waiting for a turn (a holder has just let go).
+    fn wake_waiting(&self) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.waiting.load(Ordering::Relaxed) && self.waiting.swap(false, Ordering::SeqCst) {
+            let wakers =
+                std::mem::take(&mut *self.wakers.lock().unwrap_or_else(PoisonError::into_inner));
+            wakers.into_iter().for_each(std::task::Waker::wake);
+        }
+    }
+}
 
 /// A shard as the engine holds it: its actor's address and its core.
 pub(crate) struct ShardHandle {
@@ -151,7 +261,7 @@ impl ShardHandle {
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
         let in_memory = core.wal.is_none() && core.gate.is_none();
         let busy_wait = if in_memory && cores > 1 { BUSY_WAIT } else { std::time::Duration::ZERO };
-        let core = Arc::new(Mutex::new(Some(core)));
+        let core = Arc::new(CoreLock::new(core));
         let queued = Arc::new(AtomicUsize::new(0));
         let actor =
             Shard { core: Arc::clone(&core), mailbox_capacity, queued: Arc::clone(&queued) };
@@ -207,6 +317,49 @@ impl ShardHandle {
                 }
                 Err(TryLockError::Poisoned(_)) => return Turn::Stopped,
             }
+        }
+    }
+
+    /// A place among the admissions kept back for this shard's turn, if fewer than `limit` (the
+    /// mailbox's capacity) hold one.
+    pub(crate) fn keep_back(&self, limit: usize) -> Option<KeptPlace> {
+        let kept = &self.core.kept;
+        if kept.fetch_add(1, Ordering::Relaxed) >= limit {
+            kept.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(KeptPlace(Arc::clone(kept)))
+    }
+
+    /// Whether `batch` is small enough to apply on a caller's thread ([`APPLY_IN_PLACE_MAX`]).
+    pub(crate) fn applies_in_place(batch: &Batch) -> bool {
+        batch.ops.len() <= APPLY_IN_PLACE_MAX
+    }
+
+    /// Applies `batch` on the calling thread if the shard is free. If it is busy, the batch is
+    /// handed back, and `waker` is woken once the shard's holder lets go.
+    pub(crate) fn apply_or_wait(&self, batch: Batch, waker: &std::task::Waker) -> Turn {
+        match self.try_apply(batch) {
+            Turn::Queue(batch) => {
+                self.core.wait_for_turn(waker);
+                self.try_apply(batch)
+            }
+            turn => turn,
+        }
+    }
+
+    /// Applies `batch` on the calling thread if the shard is free, without waiting.
+    fn try_apply(&self, batch: Batch) -> Turn {
+        match self.core.try_lock() {
+            Ok(mut core) => match core.as_mut() {
+                Some(core) => {
+                    core.run_or_abort(batch);
+                    Turn::Applied
+                }
+                None => Turn::Stopped,
+            },
+            Err(TryLockError::WouldBlock) => Turn::Queue(batch),
+            Err(TryLockError::Poisoned(_)) => Turn::Stopped,
         }
     }
 
