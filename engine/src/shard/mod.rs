@@ -290,32 +290,23 @@ impl ShardHandle {
             return Turn::Queue(batch);
         }
         let mut waiting_until = None;
+        let mut batch = batch;
         loop {
-            match self.core.try_lock() {
-                Ok(mut core) => {
-                    return match core.as_mut() {
-                        Some(core) => {
-                            core.run_or_abort(batch);
-                            Turn::Applied
-                        }
-                        None => Turn::Stopped,
-                    };
-                }
-                Err(TryLockError::WouldBlock) if self.busy_wait.is_zero() => {
-                    return Turn::Queue(batch);
-                }
-                Err(TryLockError::WouldBlock) => {
-                    let now = std::time::Instant::now();
-                    if now >= *waiting_until.get_or_insert(now + self.busy_wait) {
-                        return Turn::Queue(batch);
-                    }
-                    // A few pauses between looks at the lock and the clock: the other thread's
-                    // batch is microseconds long.
-                    for _ in 0..16 {
-                        std::hint::spin_loop();
-                    }
-                }
-                Err(TryLockError::Poisoned(_)) => return Turn::Stopped,
+            batch = match self.try_apply(batch) {
+                Turn::Queue(batch) => batch,
+                turn => return turn,
+            };
+            if self.busy_wait.is_zero() {
+                return Turn::Queue(batch);
+            }
+            let now = std::time::Instant::now();
+            if now >= *waiting_until.get_or_insert(now + self.busy_wait) {
+                return Turn::Queue(batch);
+            }
+            // A few pauses between looks at the lock and the clock: the other thread's batch is
+            // microseconds long.
+            for _ in 0..16 {
+                std::hint::spin_loop();
             }
         }
     }
