@@ -1003,6 +1003,70 @@ async fn a_standby_behind_the_purge_reloads_the_newest_snapshot() {
     assert!(view.iter().all(|p| p.0 == "standby"), "{view:?}");
 }
 
+/// Every message an owner appends names its records' format (`Sg-Format`: this build's log
+/// format), and a standby does not apply a message of a newer format, though its records are
+/// ones it could decode: it stops following the partition (its role there `lost`, its log
+/// saying why) rather than read another build's records as its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appended_records_name_their_format_and_a_standby_refuses_a_newer_one() {
+    use settlegate_engine::wal::FORMAT_VERSION;
+    let cluster = Cluster::start(2, 1);
+    let owners = cluster.settled().await;
+    let standby = &cluster.nodes[1 - owners[0]];
+    let client = patient(&cluster.addrs());
+    let payers = enroll(&client, 2, "format").await;
+    for index in 0..payers.len() {
+        let signed = Signed::new(&payers, index, 1, 100);
+        let answer = client.call(&signed.request()).await;
+        assert!(matches!(answer, Ok(Response::Ok(Reply::Authorize(_)))), "{answer:?}");
+    }
+    let js = async_nats::jetstream::new(async_nats::connect(cluster.nats.url(0)).await.unwrap());
+    let stream = js.get_stream("sgtest-p0").await.unwrap();
+    let last = stream.get_info().await.unwrap().state.last_sequence;
+    let first = stream.get_info().await.unwrap().state.first_sequence;
+    let (mut named, mut newest) = (0, None);
+    for sequence in first..=last {
+        let message = stream.get_raw_message(sequence).await.unwrap();
+        if message.headers.get("Sg-Fence").is_some() {
+            continue;
+        }
+        let format = message.headers.get("Sg-Format").map(|v| v.as_str().to_owned());
+        assert_eq!(format, Some(FORMAT_VERSION.to_string()), "message {sequence}'s format");
+        named += 1;
+        newest = Some(message);
+    }
+    assert!(named >= 2, "the enrolments and payments were appended: {named} messages");
+    let applied = || async { standby.partitions().await.map(|view| view[0].clone()) };
+    let started = Instant::now();
+    while applied().await.map(|p| p.3) != Some(last) {
+        assert!(started.elapsed() < Duration::from_secs(20), "the standby did not catch up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The newest message again, the same records, as if a newer build had appended them.
+    let newest = newest.unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    if let Some(encoding) = newest.headers.get("Sg-Encoding") {
+        headers.insert("Sg-Encoding", encoding.as_str());
+    }
+    headers.insert("Sg-Format", (FORMAT_VERSION + 1).to_string().as_str());
+    headers.insert(async_nats::header::NATS_EXPECTED_LAST_SEQUENCE, last.to_string().as_str());
+    let publish = js.publish_with_headers("sgtest.p.0", headers, newest.payload.clone());
+    assert_eq!(publish.await.unwrap().await.unwrap().sequence, last + 1);
+    let started = Instant::now();
+    let view = loop {
+        let view = applied().await.unwrap();
+        if view.0 == "lost" {
+            break view;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "the standby still follows: {view:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(view.3, last, "the standby applied the message of a newer format");
+    let log = std::fs::read_to_string(standby.config.with_extension("log")).unwrap();
+    let why = format!("records of format {}, newer than this build's", FORMAT_VERSION + 1);
+    assert!(log.contains(&why), "the standby's log does not say why");
+}
+
 /// The value of `field` in a node's log line (tracing's `field=value`, colours stripped).
 fn log_field(line: &str, field: &str) -> Option<String> {
     let plain: String = {

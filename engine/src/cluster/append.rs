@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{ClusterConfig, Partitions, Role};
 use crate::shard::Reply;
-use crate::wal::{self, Job};
+use crate::wal::{self, Job, FORMAT_VERSION};
 
 /// A message's payload stays below this (NATS's default `max_payload` is 1 MiB); a group commit
 /// larger than that becomes several messages.
@@ -37,6 +37,14 @@ pub(super) const FENCE_HEADER: &str = "Sg-Fence";
 /// records' length first, as little-endian `u32`); absent: the framed records as they are.
 pub(super) const ENCODING_HEADER: &str = "Sg-Encoding";
 const LZ4: &str = "lz4";
+/// The header naming the record format of a message's records: the appending build's
+/// [`FORMAT_VERSION`], in decimal. A node refuses (does not apply) records of a format newer
+/// than its own, rather than read them as if they were of its own.
+pub(super) const FORMAT_HEADER: &str = "Sg-Format";
+/// The record format of a message without [`FORMAT_HEADER`] (appended by a build before the
+/// header): such builds wrote formats 9 to 11, whose records all read as format 11's (10
+/// changed only the log's framing, 11 added a record kind).
+const UNVERSIONED_FORMAT: u16 = 11;
 /// A message's records, decompressed, are at most this long (a message holds up to
 /// [`MESSAGE_BYTES_MAX`] of them, or one record longer than that on its own).
 const RECORDS_BYTES_MAX: usize = 64 << 20;
@@ -61,11 +69,51 @@ impl Wire {
     }
 }
 
-/// The framed records of a message as the stream delivered it (`headers`, `payload`).
+/// A message's records: framed as a log frames them, in the record format they were written
+/// in (empty for a fence or a hand-over, which hold none).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct Records {
+    /// Their format ([`FORMAT_VERSION`] of the build that appended them).
+    pub(super) format: u16,
+    /// The framed records.
+    pub(super) framed: Bytes,
+}
+
+impl Records {
+    /// Records this build framed.
+    pub(super) fn current(framed: Bytes) -> Records {
+        Records { format: FORMAT_VERSION, framed }
+    }
+
+    /// Records of `format`, if this build reads it: not one newer than its own.
+    pub(super) fn of_format(format: u16, framed: Bytes) -> Result<Records, String> {
+        if format > FORMAT_VERSION {
+            return Err(format!(
+                "records of format {format}, newer than this build's {FORMAT_VERSION}: this \
+                 node must be upgraded to apply them"
+            ));
+        }
+        Ok(Records { format, framed })
+    }
+}
+
+/// The records of a message as the stream delivered it (`headers`, `payload`): decompressed,
+/// in the format its header names. Refused if that format is newer than this build's.
 pub(super) fn records_of(
     headers: Option<&async_nats::HeaderMap>,
     payload: &Bytes,
-) -> Result<Bytes, String> {
+) -> Result<Records, String> {
+    let format = match headers.and_then(|h| h.get(FORMAT_HEADER)) {
+        None => UNVERSIONED_FORMAT,
+        Some(value) => value.as_str().parse::<u16>().map_err(|_| {
+            format!("a message of record format {:?}, not a number", value.as_str())
+        })?,
+    };
+    Records::of_format(format, framed_of(headers, payload)?)
+}
+
+/// The framed records of a message's `payload`, decompressed as its `headers` say.
+fn framed_of(headers: Option<&async_nats::HeaderMap>, payload: &Bytes) -> Result<Bytes, String> {
     let encoding = headers.and_then(|h| h.get(ENCODING_HEADER)).map(|v| v.as_str());
     match encoding {
         None => Ok(payload.clone()),
@@ -132,7 +180,8 @@ fn message(
         .payload(wire.bytes.clone())
         .expected_last_sequence(expected_last)
         .message_id(message_id(config, partition, epoch, expected_last))
-        .header(EPOCH_HEADER, epoch.to_string().as_str());
+        .header(EPOCH_HEADER, epoch.to_string().as_str())
+        .header(FORMAT_HEADER, FORMAT_VERSION.to_string().as_str());
     if wire.lz4 {
         message.header(ENCODING_HEADER, LZ4)
     } else {
@@ -194,7 +243,7 @@ impl Appender {
                         Err(error) => Err(error.to_string()),
                     };
                 if let Ok(ack) = &acked {
-                    self.partitions.cached(partition, ack.sequence, &[]);
+                    self.partitions.cached(partition, ack.sequence, &Records::default());
                 }
                 let handed = acked.map(|ack| Handed { jobs, sequence: ack.sequence });
                 if handed.is_err() {
@@ -222,7 +271,7 @@ impl Appender {
     fn release(&self, pending: &mut VecDeque<Pending>, sequence: u64) {
         let done = pending.pop_front().expect("an acknowledged message is pending");
         self.partitions.slots[self.partition].appends.ack.record_duration(done.sent.elapsed());
-        self.partitions.cached(self.partition, sequence, &done.payload);
+        self.partitions.cached(self.partition, sequence, &Records::current(done.payload));
         let slot = &self.partitions.slots[self.partition];
         slot.applied.store(sequence, std::sync::atomic::Ordering::Release);
         self.acked.send_replace(sequence);
@@ -491,9 +540,9 @@ mod tests {
         let wire = Wire::of(&framed);
         assert!(wire.lz4 && wire.bytes.len() < framed.len() / 2, "{} bytes", wire.bytes.len());
         let back = records_of(Some(&headers(LZ4)), &wire.bytes).unwrap();
-        assert_eq!(&back[..], &framed[..]);
+        assert_eq!(&back.framed[..], &framed[..]);
         let raw = Bytes::from(framed.clone());
-        assert_eq!(records_of(None, &raw).unwrap(), raw);
+        assert_eq!(records_of(None, &raw).unwrap().framed, raw);
         // Records that do not compress go as they are.
         let noise: Vec<u8> =
             (0..64u32).map(|n| (n.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
@@ -511,5 +560,31 @@ mod tests {
         assert!(records_of(Some(&headers(LZ4)), &Bytes::from_static(b"ab")).is_err());
         let error = records_of(Some(&headers("zstd")), &Bytes::from_static(b"x")).unwrap_err();
         assert!(error.contains("unknown"), "{error}");
+    }
+
+    /// What the stream delivered with `format` (a header value) as its record format.
+    fn of_format(format: Option<&str>) -> Result<Records, String> {
+        let mut headers = async_nats::HeaderMap::new();
+        if let Some(format) = format {
+            headers.insert(FORMAT_HEADER, format);
+        }
+        records_of(Some(&headers), &Bytes::from_static(b"records"))
+    }
+
+    /// A node reads records of its own format and older ones (a message without the header as
+    /// format 11, what builds before the header wrote), and refuses a newer one or a header
+    /// that is not a number, rather than read it as its own. (That every appended message
+    /// names its format is shown on the wire: `tests/cluster.rs`.)
+    #[test]
+    fn a_newer_record_format_is_refused() {
+        let own = of_format(Some(&FORMAT_VERSION.to_string())).unwrap();
+        assert_eq!((own.format, &own.framed[..]), (FORMAT_VERSION, &b"records"[..]));
+        assert_eq!(of_format(Some("9")).unwrap().format, 9);
+        assert_eq!(of_format(None).unwrap().format, UNVERSIONED_FORMAT);
+        let newer = (FORMAT_VERSION + 1).to_string();
+        let error = of_format(Some(&newer)).unwrap_err();
+        assert!(error.contains(&format!("format {newer}, newer than this build's")), "{error}");
+        let error = of_format(Some("eleven")).unwrap_err();
+        assert!(error.contains("not a number"), "{error}");
     }
 }

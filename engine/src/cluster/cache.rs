@@ -15,17 +15,23 @@
 //! covers at least half that many bytes of the newest messages. A gap (a standby that reloaded
 //! a snapshot past what it missed) starts the cache again from the message after it.
 //!
-//! File layout: the header (`SGRCACHE`, `u16` format 1, `u32` partition, `u16` length and the
-//! stream's creation time, in nanoseconds since the epoch, as decimal text), then entries: `u64` sequence, `u32` length, `u32`
-//! CRC-32 of the sequence's eight bytes and the payload, the payload (the message's framed
-//! records; empty for a fence or hand-over message).
+//! File layout: the header (`SGRCACHE`, `u16` format 2, `u32` partition, `u16` length and the
+//! stream's creation time, in nanoseconds since the epoch, as decimal text), then entries:
+//! `u64` sequence, `u32` length, `u32` CRC-32 of the sequence's eight bytes and the payload,
+//! the payload: empty for a fence or hand-over message, else the records' format (`u16`, the
+//! message's `Sg-Format`) and the message's framed records. Format 1 (before entries named
+//! their records' format) is not read: the stream has those messages.
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
+use bytes::Bytes;
+
+use super::append::Records;
+
 const MAGIC: &[u8; 8] = b"SGRCACHE";
-const FORMAT: u16 = 1;
+const FORMAT: u16 = 2;
 const ENTRY_HEADER_LEN: usize = 16;
 /// An entry's payload is one message: NATS's `max_payload` bounds it far below this.
 const PAYLOAD_MAX: usize = 64 << 20;
@@ -74,11 +80,11 @@ impl Writer {
     /// Records the message at stream `sequence`. One already written is skipped; one after a
     /// gap starts the cache again from it. A write that fails turns the cache off for this
     /// partition until the node restarts (logged): the stream has everything anyway.
-    pub(super) fn record(&mut self, sequence: u64, payload: &[u8]) {
+    pub(super) fn record(&mut self, sequence: u64, records: &Records) {
         if sequence <= self.last {
             return;
         }
-        let result = self.write(sequence, payload);
+        let result = self.write(sequence, records);
         if let Err(error) = result {
             tracing::warn!(
                 partition = self.partition,
@@ -90,7 +96,7 @@ impl Writer {
         }
     }
 
-    fn write(&mut self, sequence: u64, payload: &[u8]) -> io::Result<()> {
+    fn write(&mut self, sequence: u64, records: &Records) -> io::Result<()> {
         if self.max_bytes == 0 {
             return Ok(());
         }
@@ -100,15 +106,23 @@ impl Writer {
             self.joined = true;
         }
         let file = self.file.as_mut().expect("begun");
+        // The payload: nothing for a message without records, else their format and them.
+        let format = records.format.to_be_bytes();
+        let payload: [&[u8]; 2] = match records.framed.is_empty() {
+            true => [&[], &[]],
+            false => [&format, &records.framed],
+        };
+        let len = payload[0].len() + payload[1].len();
         let mut head = [0u8; ENTRY_HEADER_LEN];
         head[..8].copy_from_slice(&sequence.to_be_bytes());
-        head[8..12].copy_from_slice(&(payload.len() as u32).to_be_bytes());
-        head[12..].copy_from_slice(&entry_crc(sequence, payload).to_be_bytes());
+        head[8..12].copy_from_slice(&(len as u32).to_be_bytes());
+        head[12..].copy_from_slice(&entry_crc(sequence, &payload).to_be_bytes());
         file.write_all(&head)?;
-        file.write_all(payload)?;
+        file.write_all(payload[0])?;
+        file.write_all(payload[1])?;
         // One write per message: a crash loses at most the entry being written.
         file.flush()?;
-        self.bytes += (ENTRY_HEADER_LEN + payload.len()) as u64;
+        self.bytes += (ENTRY_HEADER_LEN + len) as u64;
         self.last = sequence;
         Ok(())
     }
@@ -139,10 +153,11 @@ impl Writer {
     }
 }
 
-fn entry_crc(sequence: u64, payload: &[u8]) -> u32 {
+/// The checksum of an entry: its sequence and its payload (given in parts).
+fn entry_crc(sequence: u64, payload: &[&[u8]]) -> u32 {
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(&sequence.to_be_bytes());
-    hasher.update(payload);
+    payload.iter().for_each(|part| hasher.update(part));
     hasher.finalize()
 }
 
@@ -173,8 +188,8 @@ fn files(dir: &Path, partition: usize) -> io::Result<Vec<(u64, PathBuf)>> {
 /// What reading a partition's cache gave.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(super) struct Read {
-    /// The messages after the one asked for, in order, with no gap: (sequence, payload).
-    pub(super) messages: Vec<(u64, Vec<u8>)>,
+    /// The messages after the one asked for, in order, with no gap: (sequence, records).
+    pub(super) messages: Vec<(u64, Records)>,
     /// Why the cache was not used, or stopped short, if it was not read to its end.
     pub(super) stopped: Option<String>,
 }
@@ -222,7 +237,7 @@ fn read_file(
     stream: &str,
     next: &mut u64,
     last: u64,
-    out: &mut Vec<(u64, Vec<u8>)>,
+    out: &mut Vec<(u64, Records)>,
 ) -> Result<(), String> {
     let mut rest = bytes.strip_prefix(MAGIC.as_slice()).ok_or("not a restart cache file")?;
     let take = |rest: &mut &[u8], n: usize| -> Result<Vec<u8>, String> {
@@ -256,7 +271,7 @@ fn read_file(
         let Some(payload) = tail.get(..len).filter(|_| len <= PAYLOAD_MAX) else {
             return Err(format!("entry {sequence} cut short"));
         };
-        if entry_crc(sequence, payload) != crc {
+        if entry_crc(sequence, &[payload]) != crc {
             return Err(format!("entry {sequence} damaged"));
         }
         rest = &tail[len..];
@@ -269,7 +284,18 @@ fn read_file(
         if sequence != *next {
             return Err(format!("gap: {} expected, {sequence} found", *next));
         }
-        out.push((sequence, payload.to_vec()));
+        // Records of a newer format than this build's end the reading as a damaged entry
+        // would: the stream's copy is refused the same way.
+        let records = match payload.split_first_chunk::<2>() {
+            None if payload.is_empty() => Records::default(),
+            None => return Err(format!("entry {sequence}: records without their format")),
+            Some((format, framed)) => {
+                let framed = Bytes::copy_from_slice(framed);
+                Records::of_format(u16::from_be_bytes(*format), framed)
+                    .map_err(|why| format!("entry {sequence}: {why}"))?
+            }
+        };
+        out.push((sequence, records));
         *next += 1;
     }
     Ok(())
@@ -279,10 +305,15 @@ fn read_file(
 mod tests {
     use super::*;
 
+    /// Records of this build's format.
+    fn records(framed: &str) -> Records {
+        Records::current(Bytes::from(framed.to_owned()))
+    }
+
     fn write(dir: &Path, max: u64, last: u64, entries: impl IntoIterator<Item = u64>) -> Writer {
         let mut writer = Writer::new(dir, 3, "t1", max, last, true);
         for sequence in entries {
-            writer.record(sequence, format!("m{sequence}").as_bytes());
+            writer.record(sequence, &records(&format!("m{sequence}")));
         }
         writer
     }
@@ -297,7 +328,7 @@ mod tests {
         write(dir.path(), 1 << 20, 0, 1..=10);
         let read = read(dir.path(), 3, "t1", 4, 10);
         assert_eq!(sequences(&read), (5..=10).collect::<Vec<_>>());
-        assert_eq!(read.messages[0].1, b"m5");
+        assert_eq!(read.messages[0].1, records("m5"));
         assert_eq!(read.stopped, None);
         // Past the stream's end: not this stream's cache; what joined up before it is kept.
         let ahead = super::read(dir.path(), 3, "t1", 4, 7);
@@ -339,7 +370,7 @@ mod tests {
     #[test]
     fn rotation_keeps_the_newest_two_files_and_a_gap_starts_again() {
         let dir = tempfile::tempdir().unwrap();
-        // Each entry is 16 + 3 or 4 bytes: a file is closed past 100 bytes, about every 4.
+        // Each entry is 16 + 2 + 3 or 4 bytes: a file is closed past 100 bytes, about every 4.
         let mut writer = write(dir.path(), 200, 0, 1..=40);
         let kept = files(dir.path(), 3).unwrap();
         assert_eq!(kept.len(), 2, "{kept:?}");
@@ -347,14 +378,14 @@ mod tests {
         let read = read(dir.path(), 3, "t1", first - 1, 40);
         assert_eq!(sequences(&read), (first..=40).collect::<Vec<_>>());
         // A gap: only what follows it is kept.
-        writer.record(45, b"m45");
-        writer.record(46, b"m46");
+        writer.record(45, &records("m45"));
+        writer.record(46, &records("m46"));
         let kept = files(dir.path(), 3).unwrap();
         assert_eq!(kept.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![45]);
         assert_eq!(sequences(&super::read(dir.path(), 3, "t1", 44, 46)), vec![45, 46]);
         // Written already: skipped.
-        writer.record(46, b"other");
-        assert_eq!(super::read(dir.path(), 3, "t1", 45, 46).messages[0].1, b"m46");
+        writer.record(46, &records("other"));
+        assert_eq!(super::read(dir.path(), 3, "t1", 45, 46).messages[0].1, records("m46"));
     }
 
     #[test]
@@ -363,8 +394,44 @@ mod tests {
         write(dir.path(), 1 << 20, 0, 1..=5);
         // The stream was made again: its sequences start over, the old files are not its.
         let mut writer = Writer::new(dir.path(), 3, "t2", 1 << 20, 0, false);
-        writer.record(1, b"n1");
+        writer.record(1, &records("n1"));
         assert_eq!(files(dir.path(), 3).unwrap().len(), 1);
-        assert_eq!(super::read(dir.path(), 3, "t2", 0, 1).messages, vec![(1, b"n1".to_vec())]);
+        assert_eq!(super::read(dir.path(), 3, "t2", 0, 1).messages, vec![(1, records("n1"))]);
+    }
+
+    /// Each entry keeps its records' format (a message without records, none); an entry of a
+    /// format newer than this build's ends the reading there, as the stream's copy of it is
+    /// refused.
+    #[test]
+    fn an_entry_keeps_its_record_format_and_a_newer_one_ends_the_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = Writer::new(dir.path(), 3, "t1", 1 << 20, 0, true);
+        let older = Records { format: 9, framed: Bytes::from_static(b"m1") };
+        writer.record(1, &older);
+        writer.record(2, &Records::default());
+        writer.record(3, &records("m3"));
+        let newer = Records { format: crate::wal::FORMAT_VERSION + 1, ..records("m4") };
+        writer.record(4, &newer);
+        writer.record(5, &records("m5"));
+        let read = read(dir.path(), 3, "t1", 0, 5);
+        let expected = vec![(1, older), (2, Records::default()), (3, records("m3"))];
+        assert_eq!(read.messages, expected);
+        let stopped = read.stopped.unwrap();
+        assert!(stopped.contains("entry 4: records of format"), "{stopped}");
+    }
+
+    /// A file of format 1 (entries without their records' format) is not read: the stream has
+    /// its messages.
+    #[test]
+    fn a_file_of_format_1_is_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), 1 << 20, 0, 1..=3);
+        let (_, path) = files(dir.path(), 3).unwrap().pop().unwrap();
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[MAGIC.len()..MAGIC.len() + 2].copy_from_slice(&1u16.to_be_bytes());
+        fs::write(&path, &bytes).unwrap();
+        let read = read(dir.path(), 3, "t1", 0, 3);
+        assert!(read.messages.is_empty());
+        assert!(read.stopped.unwrap().contains("format 1, not 2"));
     }
 }

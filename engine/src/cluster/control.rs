@@ -264,8 +264,8 @@ impl Context {
     ) -> Result<u64, EngineError> {
         let mut reached = applied;
         let mut records = 0usize;
-        for (sequence, payload) in &read.messages {
-            let decoded = super::tail::envelopes_of(payload, &self.vault);
+        for (sequence, message) in &read.messages {
+            let decoded = super::tail::envelopes_of(message, &self.vault);
             // The cache passed its checksums, so a record that does not decode is this
             // build's to refuse, as the stream's copy would be.
             let envelopes = decoded.map_err(|e| {
@@ -764,7 +764,7 @@ impl Context {
                 }
             }
         };
-        self.partitions.cached(partition, fenced, &[]);
+        self.partitions.cached(partition, fenced, &super::append::Records::default());
         slot.applied.store(fenced, Ordering::Release);
         let jobs = slot.jobs.lock().unwrap_or_else(|e| e.into_inner()).take();
         let Some(jobs) = jobs else {

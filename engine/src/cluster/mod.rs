@@ -254,11 +254,11 @@ impl Partitions {
 
     /// Keeps the message at stream `sequence` of `partition` in its restart cache, if it has
     /// one: a message this node appended and the stream acknowledged, or one its tail applied
-    /// (`payload` empty for a fence or hand-over).
-    fn cached(&self, partition: usize, sequence: u64, payload: &[u8]) {
+    /// (`records` empty for a fence or hand-over).
+    fn cached(&self, partition: usize, sequence: u64, records: &append::Records) {
         let mut cache = self.slots[partition].cache.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(cache) = cache.as_mut() {
-            cache.record(sequence, payload);
+            cache.record(sequence, records);
         }
     }
 

@@ -31,13 +31,13 @@ pub(super) struct Tail {
     pub(super) count: usize,
 }
 
-/// The commands of a message's framed records (as the owner appended them), their keys
-/// opened with `vault`: what a standby's tail and a node's restart cache apply.
+/// The commands of a message's records (as the owner appended them, read in their format),
+/// their keys opened with `vault`: what a standby's tail and a node's restart cache apply.
 pub(super) fn envelopes_of(
-    framed: &[u8],
+    records: &append::Records,
     vault: &Vault,
 ) -> Result<Vec<crate::shard::Envelope>, String> {
-    wal::unframe_records::<Logged>(framed)?
+    wal::unframe_records::<Logged>(&records.framed, records.format)?
         .into_iter()
         .map(|record| record.into_envelope(vault).map_err(|e| e.to_string()))
         .collect()
@@ -93,7 +93,7 @@ impl Tail {
             expected = sequence + 1;
             self.partitions.slots[partition].lag.store(lag, Ordering::Release);
             let fence = message.headers.as_ref().and_then(|h| h.get(FENCE_HEADER)).is_some();
-            let mut records = bytes::Bytes::new();
+            let mut records = append::Records::default();
             if !fence {
                 // Decoding (opening the keys records carry) and applying are CPU work: done on
                 // the blocking pool, so that the cluster's runtime keeps its heartbeat on time
@@ -105,13 +105,13 @@ impl Tail {
                     message.payload.clone(),
                 );
                 let applied = tokio::task::spawn_blocking(move || {
-                    let framed = append::records_of(headers.as_ref(), &payload)?;
-                    core.apply_replicated(envelopes_of(&framed, &vault)?);
-                    Ok::<bytes::Bytes, String>(framed)
+                    let records = append::records_of(headers.as_ref(), &payload)?;
+                    core.apply_replicated(envelopes_of(&records, &vault)?);
+                    Ok::<append::Records, String>(records)
                 })
                 .await?;
                 match applied {
-                    Ok(framed) => records = framed,
+                    Ok(applied) => records = applied,
                     Err(error) => {
                         // A record this build cannot apply: the standby stops here rather than
                         // diverge; it will not take the partition over.

@@ -963,10 +963,10 @@ pub(crate) fn frame_records<'a>(records: impl Iterator<Item = (&'a [u8], u32)>, 
 /// How [`frame_records`] frames a message's records: as a log of format 9, no header check.
 const MESSAGE_FRAMING: Framing = Framing { head_len: RECORD_HEADER_LEN, generation: None };
 
-/// The records of a message framed by [`frame_records`], decoded as `R` of this build's
-/// format; an error names the first record that is damaged (a replicated message is whole or
+/// The records of a message framed by [`frame_records`], decoded as `R` of record format
+/// `version` (the appending build's); an error names the first record that is damaged (a replicated message is whole or
 /// absent, so any damage is corruption).
-pub(crate) fn unframe_records<R: Record>(mut bytes: &[u8]) -> Result<Vec<R>, String> {
+pub(crate) fn unframe_records<R: Record>(mut bytes: &[u8], version: u16) -> Result<Vec<R>, String> {
     let mut records = Vec::new();
     while !bytes.is_empty() {
         let Some((len, crc, _)) = MESSAGE_FRAMING.header(bytes) else {
@@ -979,7 +979,7 @@ pub(crate) fn unframe_records<R: Record>(mut bytes: &[u8]) -> Result<Vec<R>, Str
         if crc32fast::hash(payload) != crc {
             return Err(format!("record {}: checksum mismatch", records.len()));
         }
-        records.push(R::decode(payload, FORMAT_VERSION)?);
+        records.push(R::decode(payload, version)?);
         bytes = &bytes[RECORD_HEADER_LEN + len..];
     }
     Ok(records)
