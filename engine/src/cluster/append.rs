@@ -42,8 +42,9 @@ const LZ4: &str = "lz4";
 /// than its own, rather than read them as if they were of its own.
 pub(super) const FORMAT_HEADER: &str = "Sg-Format";
 /// The record format of a message without [`FORMAT_HEADER`] (appended by a build before the
-/// header): such builds wrote formats 9 to 11, whose records all read as format 11's (10
-/// changed only the log's framing, 11 added a record kind).
+/// header): such builds wrote formats 8 to 11, whose records all read as format 11's (9 only
+/// promised what a command made afresh, as an owner appends them, always carries; 10 changed
+/// the log file's framing; 11 added a record kind).
 const UNVERSIONED_FORMAT: u16 = 11;
 /// A message's records, decompressed, are at most this long (a message holds up to
 /// [`MESSAGE_BYTES_MAX`] of them, or one record longer than that on its own).
