@@ -27,12 +27,7 @@ adapters=("${A_ADAPTER:-}" "${B_ADAPTER:-}")
 PORT=7989 HTTP=9989
 # shellcheck source=scripts/bench-config.sh
 . scripts/bench-config.sh
-cargo build --release --quiet -p settlegate-loadgen
-loadgen="${CARGO_TARGET_DIR:-target}/release/loadgen"
-work=$(mktemp -d)
-sg_pid=""
-cleanup() { [ -n "$sg_pid" ] && kill "$sg_pid" 2>/dev/null; rm -rf "$work"; }
-trap cleanup EXIT
+bench_workspace
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 for pair in $(seq "$pairs"); do
   for side in 0 1; do
@@ -43,7 +38,7 @@ for pair in $(seq "$pairs"); do
     # shellcheck disable=SC2086
     env ${envs[$side]} "${bins[$side]}" serve --config "$work/bench.toml" > "$work/sg.out" 2>&1 &
     sg_pid=$!
-    for _ in $(seq 300); do curl -fs "127.0.0.1:$HTTP/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
+    bench_ready "$HTTP"
     t0=$(ticks "$sg_pid")
     # loadgen's CPU time from its rusage, as its parent sees it.
     python3 -c 'import resource, subprocess, sys

@@ -1,5 +1,6 @@
 # shellcheck shell=bash
-# Sourced by bench.sh and ab.sh: the settlegate config both benchmark with.
+# Sourced by bench.sh, ab.sh and syscalls.sh: the settlegate config they benchmark with, and (at
+# the end) the set-up of a script that runs one server at a time.
 #
 #   bench_config PORT HTTP_PORT [ENGINE_LINES] [ADAPTER_FIELDS] > bench.toml
 #
@@ -41,4 +42,28 @@ name = "zero-latency"
 adapter = { kind = "simulated"$refunds$adapter_fields }
 limits = { concurrency_max = 1000000, timeout_ms = 5000 }
 TOML
+}
+
+# For a script that runs one settlegate server at a time under the loadgen (ab.sh,
+# syscalls.sh): builds the loadgen ($loadgen), makes a work directory ($work), and at exit
+# stops the server whose PID is in $sg_pid (if any) and removes the directory.
+bench_workspace() {
+  cargo build --release --quiet -p settlegate-loadgen
+  loadgen="${CARGO_TARGET_DIR:-target}/release/loadgen"
+  work=$(mktemp -d)
+  sg_pid=""
+  trap bench_cleanup EXIT
+}
+
+bench_cleanup() {
+  if [ -n "$sg_pid" ]; then kill "$sg_pid" 2>/dev/null || true; fi
+  rm -rf "$work"
+}
+
+# Waits (up to 30 s) until the server whose HTTP port is $1 answers /readyz.
+bench_ready() {
+  for _ in $(seq 300); do
+    curl -fs "127.0.0.1:$1/readyz" >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
 }

@@ -18,17 +18,12 @@ bin=$1 engine=${2:-} adapter=${3:-}
 PORT=7987 HTTP=9987
 # shellcheck source=scripts/bench-config.sh
 . scripts/bench-config.sh
-cargo build --release --quiet -p settlegate-loadgen
-loadgen="${CARGO_TARGET_DIR:-target}/release/loadgen"
-work=$(mktemp -d)
-sg_pid=""
-cleanup() { [ -n "$sg_pid" ] && kill "$sg_pid" 2>/dev/null; rm -rf "$work"; }
-trap cleanup EXIT
+bench_workspace
 mkdir -m 700 "$work/data"
 bench_config "$PORT" "$HTTP" "${engine//@DATA@/$work/data}" "$adapter" > "$work/bench.toml"
 "$bin" serve --config "$work/bench.toml" > "$work/sg.out" 2>&1 &
 sg_pid=$!
-for _ in $(seq 300); do curl -fs "127.0.0.1:$HTTP/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
+bench_ready "$HTTP"
 # Per thread name: voluntary and involuntary context switches so far.
 switches() {
   for t in /proc/"$sg_pid"/task/*; do
