@@ -15,12 +15,13 @@
 #                                      "default": none, for a build older than refunds_sales)
 #   A_ENGINE='durability = { data_dir = "@DATA@", fsync = "always" }' B_ENGINE="$A_ENGINE" \
 #     scripts/ab.sh BIN_A BIN_B             (@DATA@: a fresh data directory for each run)
+#   CLOSED_LOOP=window scripts/ab.sh BIN BIN  (loadgen's --closed-loop mode: batch unless set)
 #
 # BIN is a `settlegate` binary (for example a copy of target/release/settlegate built at another
 # commit); loadgen is this tree's, built here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ $# -ge 2 ] || { sed -n '2,20p' "$0" >&2; exit 2; }
+[ $# -ge 2 ] || { sed -n '2,21p' "$0" >&2; exit 2; }
 bins=("$1" "$2") pairs=${3:-3}
 envs=("${A_ENV:-}" "${B_ENV:-}") engines=("${A_ENGINE:-}" "${B_ENGINE:-}")
 adapters=("${A_ADAPTER:-}" "${B_ADAPTER:-}")
@@ -46,7 +47,7 @@ subprocess.run(sys.argv[2:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNUL
 r = resource.getrusage(resource.RUSAGE_CHILDREN)
 open(sys.argv[1], "w").write(f"{r.ru_utime} {r.ru_stime}")' "$work/time" \
       "$loadgen" --target "127.0.0.1:$PORT" --users 1000 --connections "${CONNECTIONS:-50}" --pipeline 16 \
-      --warmup 2 --duration "${DURATION:-10}" --closed-loop batch --no-progress --json "$work/run.json"
+      --warmup 2 --duration "${DURATION:-10}" --closed-loop "${CLOSED_LOOP:-batch}" --no-progress --json "$work/run.json"
     t1=$(ticks "$sg_pid")
     # The log writers' fsyncs over the run, where the server has a data directory.
     curl -fs "127.0.0.1:$HTTP/metrics" | awk '/^settlegate_wal_fsync_duration_seconds_sum/ {s += $2}

@@ -10,10 +10,11 @@
 #   scripts/syscalls.sh target/release/settlegate "" "latency_us_min = 500, latency_us_max = 1000"
 #   scripts/syscalls.sh target/release/settlegate 'durability = { data_dir = "@DATA@", fsync = "always" }'
 #
+# CONNECTIONS (50) and CLOSED_LOOP (batch: loadgen's --closed-loop mode) as in ab.sh.
 # Needs `perf` with access to the tracepoints (root, or kernel.perf_event_paranoid <= 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ $# -ge 1 ] || { sed -n '2,13p' "$0" >&2; exit 2; }
+[ $# -ge 1 ] || { sed -n '2,14p' "$0" >&2; exit 2; }
 bin=$1 engine=${2:-} adapter=${3:-}
 PORT=7987 HTTP=9987
 # shellcheck source=scripts/bench-config.sh
@@ -33,7 +34,7 @@ switches() {
 }
 interrupts() { awk '/^ *(LOC|RES):/ {print $1, $2 + $3}' /proc/interrupts; }
 "$loadgen" --target "127.0.0.1:$PORT" --users 1000 --connections "${CONNECTIONS:-50}" --pipeline 16 \
-  --warmup 2 --duration 10 --closed-loop batch --no-progress --json "$work/run.json" > /dev/null 2>&1 &
+  --warmup 2 --duration 10 --closed-loop "${CLOSED_LOOP:-batch}" --no-progress --json "$work/run.json" > /dev/null 2>&1 &
 lg_pid=$!
 sleep 4
 switches > "$work/s0"; interrupts > "$work/i0"
