@@ -328,10 +328,14 @@ mod tests {
     }
 
     fn slow(latency_ms: u64) -> Arc<dyn ProviderAdapter> {
-        let us = latency_ms * 1000;
+        simulated(latency_ms * 1000, latency_ms * 1000)
+    }
+
+    /// A simulated provider answering after a uniform latency of `min_us` to `max_us`.
+    fn simulated(min_us: u64, max_us: u64) -> Arc<Simulated> {
         let config = SimulatedConfig {
-            latency_us_min: us,
-            latency_us_max: us,
+            latency_us_min: min_us,
+            latency_us_max: max_us,
             ..SimulatedConfig::default()
         };
         Arc::new(Simulated::new(config).unwrap())
@@ -345,12 +349,7 @@ mod tests {
     /// request answered once, and every permit given back.
     #[tokio::test(start_paused = true)]
     async fn a_batch_answers_what_is_in_by_its_deadline_and_times_out_the_rest() {
-        let config = SimulatedConfig {
-            latency_us_min: 1_000,
-            latency_us_max: 100_000,
-            ..SimulatedConfig::default()
-        };
-        let simulated = Arc::new(Simulated::new(config).unwrap());
+        let simulated = simulated(1_000, 100_000);
         let guarded =
             Guarded::new(simulated.clone(), GuardConfig { concurrency_max: 64, timeout_ms: 5_000 });
         let batch = requests(40);
@@ -386,14 +385,10 @@ mod tests {
     /// permit.
     #[tokio::test(start_paused = true)]
     async fn an_answered_request_holds_no_permit_once_its_batch_waits_for_more() {
-        let config = SimulatedConfig {
-            latency_us_min: 1_000,
-            latency_us_max: 20_000,
-            ..SimulatedConfig::default()
-        };
-        let simulated = Arc::new(Simulated::new(config).unwrap());
-        let guarded =
-            Guarded::new(simulated, GuardConfig { concurrency_max: 64, timeout_ms: 5_000 });
+        let guarded = Guarded::new(
+            simulated(1_000, 20_000),
+            GuardConfig { concurrency_max: 64, timeout_ms: 5_000 },
+        );
         let far = Instant::now() + Duration::from_secs(1);
         let mut answers = guarded.authorize_batch(requests(40), far);
         let (mut taken, mut waits) = (0, 0);

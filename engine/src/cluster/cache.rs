@@ -108,10 +108,8 @@ impl Writer {
         let file = self.file.as_mut().expect("begun");
         // The payload: nothing for a message without records, else their format and them.
         let format = records.format.to_be_bytes();
-        let payload: [&[u8]; 2] = match records.framed.is_empty() {
-            true => [&[], &[]],
-            false => [&format, &records.framed],
-        };
+        let payload: [&[u8]; 2] =
+            if records.framed.is_empty() { [&[], &[]] } else { [&format, &records.framed] };
         let len = payload[0].len() + payload[1].len();
         let mut head = [0u8; ENTRY_HEADER_LEN];
         head[..8].copy_from_slice(&sequence.to_be_bytes());

@@ -285,12 +285,11 @@ impl ShardHandle {
 
     /// Applies `batch` on the calling thread if the batch is small and the shard is idle, or
     /// (in memory only) becomes idle within [`BUSY_WAIT`].
-    pub(crate) fn apply_if_idle(&self, batch: Batch) -> Turn {
-        if batch.ops.len() > APPLY_IN_PLACE_MAX {
+    pub(crate) fn apply_if_idle(&self, mut batch: Batch) -> Turn {
+        if !Self::applies_in_place(&batch) {
             return Turn::Queue(batch);
         }
         let mut waiting_until = None;
-        let mut batch = batch;
         loop {
             batch = match self.try_apply(batch) {
                 Turn::Queue(batch) => batch,

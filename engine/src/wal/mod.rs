@@ -964,8 +964,8 @@ pub(crate) fn frame_records<'a>(records: impl Iterator<Item = (&'a [u8], u32)>, 
 const MESSAGE_FRAMING: Framing = Framing { head_len: RECORD_HEADER_LEN, generation: None };
 
 /// The records of a message framed by [`frame_records`], decoded as `R` of record format
-/// `version` (the appending build's); an error names the first record that is damaged (a replicated message is whole or
-/// absent, so any damage is corruption).
+/// `version` (the appending build's); an error names the first record that is damaged (a
+/// replicated message is whole or absent, so any damage is corruption).
 pub(crate) fn unframe_records<R: Record>(mut bytes: &[u8], version: u16) -> Result<Vec<R>, String> {
     let mut records = Vec::new();
     while !bytes.is_empty() {
